@@ -1,0 +1,685 @@
+//! Validated frames: what the server acts on and what clients receive.
+//!
+//! `decode_*` take the raw bytes of one WebSocket message, check the version
+//! byte and the size, decode the protobuf and validate every field; `encode_*`
+//! go the other way. Limits on counts and sizes live here so that both sides
+//! agree on them.
+
+use prost::Message;
+
+use crate::ids::{AccountId, ActivationCode, GroupId, IdentityKey, Nonce, Signature};
+use crate::wire::{self, client_frame, push, response, server_frame};
+use crate::{DecodeError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+
+pub use crate::wire::ErrorCode;
+
+/// Most KeyPackages accepted in one upload.
+pub const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
+/// Largest single KeyPackage accepted, in bytes.
+pub const MAX_KEY_PACKAGE_BYTES: usize = 16 * 1024;
+/// Most delivery IDs in one Ack.
+pub const MAX_ACK_IDS: usize = 1024;
+/// Most accounts added or removed by one commit.
+pub const MAX_MEMBERSHIP_CHANGES: usize = 1000;
+
+/// One request from a device, with the id its response will carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientFrame {
+    pub id: u64,
+    pub request: Request,
+}
+
+/// A commit submitted to the delivery service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommitSubmission {
+    pub group_id: GroupId,
+    /// The epoch the commit was made in.
+    pub epoch: u64,
+    pub commit: Vec<u8>,
+    pub welcome: Option<Vec<u8>>,
+    pub added: Vec<AccountId>,
+    pub removed: Vec<AccountId>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Request {
+    Register {
+        activation_code: ActivationCode,
+        identity_key: IdentityKey,
+        signature: Signature,
+    },
+    Login {
+        account_id: AccountId,
+        signature: Signature,
+    },
+    UploadKeyPackages {
+        key_packages: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    },
+    FetchKeyPackage {
+        account_id: AccountId,
+    },
+    SendContactRequest {
+        to: AccountId,
+    },
+    AcceptContact {
+        from: AccountId,
+    },
+    CreateGroup {
+        group_id: GroupId,
+    },
+    SendCommit(CommitSubmission),
+    SendMessage {
+        group_id: GroupId,
+        message: Vec<u8>,
+        kind: DeliveryKind,
+    },
+    Ack {
+        delivery_ids: Vec<u64>,
+    },
+    LookupAccount {
+        account_id: AccountId,
+    },
+    Ping,
+}
+
+/// What a mailbox item is.
+pub use crate::wire::DeliveryKind;
+
+/// One stored item pushed from a mailbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub id: u64,
+    pub sender: AccountId,
+    pub kind: DeliveryKind,
+    pub group_id: Option<GroupId>,
+    pub payload: Vec<u8>,
+    pub sent_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Push {
+    Hello {
+        protocol_version: u32,
+        nonce: Nonce,
+        server_time: u64,
+        max_frame_bytes: u32,
+    },
+    Delivery(Delivery),
+    Synced,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Reply {
+    Registered {
+        account_id: AccountId,
+        subscription_expires_at: u64,
+    },
+    LoggedIn {
+        subscription_expires_at: u64,
+        key_packages_remaining: u32,
+        has_last_resort: bool,
+        key_package_low_water: u32,
+    },
+    KeyPackageCount {
+        remaining: u32,
+    },
+    KeyPackage {
+        key_package: Vec<u8>,
+        last_resort: bool,
+    },
+    Done,
+    CommitAccepted {
+        epoch: u64,
+    },
+    AccountInfo {
+        account_id: AccountId,
+        identity_key: IdentityKey,
+    },
+    Accepted {
+        accepted_at: u64,
+    },
+}
+
+/// A typed refusal. `message` is for people; programs match on `code`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} ({code:?})")]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Set for [`ErrorCode::StaleEpoch`]: the group's epoch at the server.
+    pub current_epoch: u64,
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorReply {
+            code,
+            message: message.into(),
+            current_epoch: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerMessage {
+    Response {
+        id: u64,
+        result: Result<Reply, ErrorReply>,
+    },
+    Push(Push),
+}
+
+fn frame_body(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            max: MAX_FRAME_BYTES,
+        });
+    }
+    match bytes.split_first() {
+        None => Err(DecodeError::Empty),
+        Some((&PROTOCOL_VERSION, body)) => Ok(body),
+        Some((&got, _)) => Err(DecodeError::UnsupportedVersion { got }),
+    }
+}
+
+fn with_version(message: &impl Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + message.encoded_len());
+    out.push(PROTOCOL_VERSION);
+    message.encode_raw(&mut out);
+    out
+}
+
+fn protobuf(error: prost::DecodeError) -> DecodeError {
+    DecodeError::Protobuf(error.to_string())
+}
+
+fn account(field: &'static str, text: &str) -> Result<AccountId, DecodeError> {
+    AccountId::parse(text).map_err(|e| match e {
+        DecodeError::Invalid { reason, .. } => DecodeError::Invalid { field, reason },
+        other => other,
+    })
+}
+
+fn accounts(field: &'static str, texts: &[String]) -> Result<Vec<AccountId>, DecodeError> {
+    if texts.len() > MAX_MEMBERSHIP_CHANGES {
+        return Err(DecodeError::invalid(
+            field,
+            format!("at most {MAX_MEMBERSHIP_CHANGES} accounts per commit"),
+        ));
+    }
+    texts.iter().map(|t| account(field, t)).collect()
+}
+
+fn non_empty(field: &'static str, bytes: Vec<u8>) -> Result<Vec<u8>, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Missing(field));
+    }
+    Ok(bytes)
+}
+
+fn key_package(field: &'static str, bytes: Vec<u8>) -> Result<Vec<u8>, DecodeError> {
+    let bytes = non_empty(field, bytes)?;
+    if bytes.len() > MAX_KEY_PACKAGE_BYTES {
+        return Err(DecodeError::invalid(
+            field,
+            format!("{} bytes exceeds {MAX_KEY_PACKAGE_BYTES}", bytes.len()),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn delivery_kind(field: &'static str, value: i32) -> Result<DeliveryKind, DecodeError> {
+    match DeliveryKind::try_from(value) {
+        Ok(DeliveryKind::Unspecified) | Err(_) => Err(DecodeError::invalid(
+            field,
+            format!("unknown delivery kind {value}"),
+        )),
+        Ok(kind) => Ok(kind),
+    }
+}
+
+/// Decodes and validates one client frame.
+pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
+    let raw = wire::ClientFrame::decode(frame_body(bytes)?).map_err(protobuf)?;
+    if raw.id == 0 {
+        return Err(DecodeError::Missing("id"));
+    }
+    let request = match raw.request.ok_or(DecodeError::Missing("request"))? {
+        client_frame::Request::Register(r) => Request::Register {
+            activation_code: ActivationCode::parse(&r.activation_code)?,
+            identity_key: IdentityKey::from_slice(&r.identity_key)?,
+            signature: Signature::from_slice(&r.signature)?,
+        },
+        client_frame::Request::Login(r) => Request::Login {
+            account_id: account("account_id", &r.account_id)?,
+            signature: Signature::from_slice(&r.signature)?,
+        },
+        client_frame::Request::UploadKeyPackages(r) => {
+            if r.key_packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
+                return Err(DecodeError::invalid(
+                    "key_packages",
+                    format!("at most {MAX_KEY_PACKAGES_PER_UPLOAD} per upload"),
+                ));
+            }
+            Request::UploadKeyPackages {
+                key_packages: r
+                    .key_packages
+                    .into_iter()
+                    .map(|kp| key_package("key_packages", kp))
+                    .collect::<Result<_, _>>()?,
+                last_resort: if r.last_resort.is_empty() {
+                    None
+                } else {
+                    Some(key_package("last_resort", r.last_resort)?)
+                },
+            }
+        }
+        client_frame::Request::FetchKeyPackage(r) => Request::FetchKeyPackage {
+            account_id: account("account_id", &r.account_id)?,
+        },
+        client_frame::Request::SendContactRequest(r) => Request::SendContactRequest {
+            to: account("account_id", &r.account_id)?,
+        },
+        client_frame::Request::AcceptContact(r) => Request::AcceptContact {
+            from: account("account_id", &r.account_id)?,
+        },
+        client_frame::Request::CreateGroup(r) => Request::CreateGroup {
+            group_id: GroupId::new(r.group_id)?,
+        },
+        client_frame::Request::SendCommit(r) => Request::SendCommit(CommitSubmission {
+            group_id: GroupId::new(r.group_id)?,
+            epoch: r.epoch,
+            commit: non_empty("commit", r.commit)?,
+            welcome: (!r.welcome.is_empty()).then_some(r.welcome),
+            added: accounts("added", &r.added)?,
+            removed: accounts("removed", &r.removed)?,
+        }),
+        client_frame::Request::SendMessage(r) => {
+            let kind = delivery_kind("kind", r.kind)?;
+            if !matches!(kind, DeliveryKind::Application | DeliveryKind::Proposal) {
+                return Err(DecodeError::invalid(
+                    "kind",
+                    "SendMessage carries only APPLICATION or PROPOSAL messages",
+                ));
+            }
+            Request::SendMessage {
+                group_id: GroupId::new(r.group_id)?,
+                message: non_empty("message", r.message)?,
+                kind,
+            }
+        }
+        client_frame::Request::Ack(r) => {
+            if r.delivery_ids.len() > MAX_ACK_IDS {
+                return Err(DecodeError::invalid(
+                    "delivery_ids",
+                    format!("at most {MAX_ACK_IDS} per Ack"),
+                ));
+            }
+            Request::Ack {
+                delivery_ids: r.delivery_ids,
+            }
+        }
+        client_frame::Request::LookupAccount(r) => Request::LookupAccount {
+            account_id: account("account_id", &r.account_id)?,
+        },
+        client_frame::Request::Ping(_) => Request::Ping,
+    };
+    Ok(ClientFrame {
+        id: raw.id,
+        request,
+    })
+}
+
+/// Encodes one client frame, version byte included.
+pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
+    let request = match &frame.request {
+        Request::Register {
+            activation_code,
+            identity_key,
+            signature,
+        } => client_frame::Request::Register(wire::Register {
+            activation_code: activation_code.canonical().to_owned(),
+            identity_key: identity_key.as_bytes().to_vec(),
+            signature: signature.as_bytes().to_vec(),
+        }),
+        Request::Login {
+            account_id,
+            signature,
+        } => client_frame::Request::Login(wire::Login {
+            account_id: account_id.to_string(),
+            signature: signature.as_bytes().to_vec(),
+        }),
+        Request::UploadKeyPackages {
+            key_packages,
+            last_resort,
+        } => client_frame::Request::UploadKeyPackages(wire::UploadKeyPackages {
+            key_packages: key_packages.clone(),
+            last_resort: last_resort.clone().unwrap_or_default(),
+        }),
+        Request::FetchKeyPackage { account_id } => {
+            client_frame::Request::FetchKeyPackage(wire::FetchKeyPackage {
+                account_id: account_id.to_string(),
+            })
+        }
+        Request::SendContactRequest { to } => {
+            client_frame::Request::SendContactRequest(wire::SendContactRequest {
+                account_id: to.to_string(),
+            })
+        }
+        Request::AcceptContact { from } => {
+            client_frame::Request::AcceptContact(wire::AcceptContact {
+                account_id: from.to_string(),
+            })
+        }
+        Request::CreateGroup { group_id } => {
+            client_frame::Request::CreateGroup(wire::CreateGroup {
+                group_id: group_id.as_bytes().to_vec(),
+            })
+        }
+        Request::SendCommit(c) => client_frame::Request::SendCommit(wire::SendCommit {
+            group_id: c.group_id.as_bytes().to_vec(),
+            epoch: c.epoch,
+            commit: c.commit.clone(),
+            welcome: c.welcome.clone().unwrap_or_default(),
+            added: c.added.iter().map(ToString::to_string).collect(),
+            removed: c.removed.iter().map(ToString::to_string).collect(),
+        }),
+        Request::SendMessage {
+            group_id,
+            message,
+            kind,
+        } => client_frame::Request::SendMessage(wire::SendMessage {
+            group_id: group_id.as_bytes().to_vec(),
+            message: message.clone(),
+            kind: *kind as i32,
+        }),
+        Request::Ack { delivery_ids } => client_frame::Request::Ack(wire::Ack {
+            delivery_ids: delivery_ids.clone(),
+        }),
+        Request::LookupAccount { account_id } => {
+            client_frame::Request::LookupAccount(wire::LookupAccount {
+                account_id: account_id.to_string(),
+            })
+        }
+        Request::Ping => client_frame::Request::Ping(wire::Ping {}),
+    };
+    with_version(&wire::ClientFrame {
+        id: frame.id,
+        request: Some(request),
+    })
+}
+
+/// Encodes one server frame, version byte included.
+pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
+    let body = match message {
+        ServerMessage::Response { id, result } => {
+            let result = match result {
+                Err(e) => response::Result::Error(wire::Error {
+                    code: e.code as i32,
+                    message: e.message.clone(),
+                    current_epoch: e.current_epoch,
+                }),
+                Ok(Reply::Registered {
+                    account_id,
+                    subscription_expires_at,
+                }) => response::Result::Registered(wire::Registered {
+                    account_id: account_id.to_string(),
+                    subscription_expires_at: *subscription_expires_at,
+                }),
+                Ok(Reply::LoggedIn {
+                    subscription_expires_at,
+                    key_packages_remaining,
+                    has_last_resort,
+                    key_package_low_water,
+                }) => response::Result::LoggedIn(wire::LoggedIn {
+                    subscription_expires_at: *subscription_expires_at,
+                    key_packages_remaining: *key_packages_remaining,
+                    has_last_resort: *has_last_resort,
+                    key_package_low_water: *key_package_low_water,
+                }),
+                Ok(Reply::KeyPackageCount { remaining }) => {
+                    response::Result::KeyPackageCount(wire::KeyPackageCount {
+                        remaining: *remaining,
+                    })
+                }
+                Ok(Reply::KeyPackage {
+                    key_package,
+                    last_resort,
+                }) => response::Result::KeyPackage(wire::KeyPackage {
+                    key_package: key_package.clone(),
+                    last_resort: *last_resort,
+                }),
+                Ok(Reply::Done) => response::Result::Done(wire::Done {}),
+                Ok(Reply::CommitAccepted { epoch }) => {
+                    response::Result::CommitAccepted(wire::CommitAccepted { epoch: *epoch })
+                }
+                Ok(Reply::AccountInfo {
+                    account_id,
+                    identity_key,
+                }) => response::Result::AccountInfo(wire::AccountInfo {
+                    account_id: account_id.to_string(),
+                    identity_key: identity_key.as_bytes().to_vec(),
+                }),
+                Ok(Reply::Accepted { accepted_at }) => response::Result::Accepted(wire::Accepted {
+                    accepted_at: *accepted_at,
+                }),
+            };
+            server_frame::Body::Response(wire::Response {
+                id: *id,
+                result: Some(result),
+            })
+        }
+        ServerMessage::Push(p) => {
+            let body = match p {
+                Push::Hello {
+                    protocol_version,
+                    nonce,
+                    server_time,
+                    max_frame_bytes,
+                } => push::Body::Hello(wire::Hello {
+                    protocol_version: *protocol_version,
+                    nonce: nonce.as_bytes().to_vec(),
+                    server_time: *server_time,
+                    max_frame_bytes: *max_frame_bytes,
+                }),
+                Push::Delivery(d) => push::Body::Delivery(wire::Delivery {
+                    id: d.id,
+                    sender: d.sender.to_string(),
+                    kind: d.kind as i32,
+                    group_id: d
+                        .group_id
+                        .as_ref()
+                        .map(|g| g.as_bytes().to_vec())
+                        .unwrap_or_default(),
+                    payload: d.payload.clone(),
+                    sent_at: d.sent_at,
+                }),
+                Push::Synced => push::Body::Synced(wire::Synced {}),
+            };
+            server_frame::Body::Push(wire::Push { body: Some(body) })
+        }
+    };
+    with_version(&wire::ServerFrame { body: Some(body) })
+}
+
+/// Decodes and validates one server frame.
+pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
+    let raw = wire::ServerFrame::decode(frame_body(bytes)?).map_err(protobuf)?;
+    Ok(match raw.body.ok_or(DecodeError::Missing("body"))? {
+        server_frame::Body::Response(r) => {
+            let result = match r.result.ok_or(DecodeError::Missing("result"))? {
+                response::Result::Error(e) => Err(ErrorReply {
+                    code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
+                    message: e.message,
+                    current_epoch: e.current_epoch,
+                }),
+                response::Result::Registered(x) => Ok(Reply::Registered {
+                    account_id: account("account_id", &x.account_id)?,
+                    subscription_expires_at: x.subscription_expires_at,
+                }),
+                response::Result::LoggedIn(x) => Ok(Reply::LoggedIn {
+                    subscription_expires_at: x.subscription_expires_at,
+                    key_packages_remaining: x.key_packages_remaining,
+                    has_last_resort: x.has_last_resort,
+                    key_package_low_water: x.key_package_low_water,
+                }),
+                response::Result::KeyPackageCount(x) => Ok(Reply::KeyPackageCount {
+                    remaining: x.remaining,
+                }),
+                response::Result::KeyPackage(x) => Ok(Reply::KeyPackage {
+                    key_package: key_package("key_package", x.key_package)?,
+                    last_resort: x.last_resort,
+                }),
+                response::Result::Done(_) => Ok(Reply::Done),
+                response::Result::CommitAccepted(x) => Ok(Reply::CommitAccepted { epoch: x.epoch }),
+                response::Result::AccountInfo(x) => Ok(Reply::AccountInfo {
+                    account_id: account("account_id", &x.account_id)?,
+                    identity_key: IdentityKey::from_slice(&x.identity_key)?,
+                }),
+                response::Result::Accepted(x) => Ok(Reply::Accepted {
+                    accepted_at: x.accepted_at,
+                }),
+            };
+            ServerMessage::Response { id: r.id, result }
+        }
+        server_frame::Body::Push(p) => {
+            ServerMessage::Push(match p.body.ok_or(DecodeError::Missing("push"))? {
+                push::Body::Hello(h) => Push::Hello {
+                    protocol_version: h.protocol_version,
+                    nonce: Nonce::from_slice(&h.nonce)?,
+                    server_time: h.server_time,
+                    max_frame_bytes: h.max_frame_bytes,
+                },
+                push::Body::Delivery(d) => Push::Delivery(Delivery {
+                    id: d.id,
+                    sender: account("sender", &d.sender)?,
+                    kind: delivery_kind("kind", d.kind)?,
+                    group_id: if d.group_id.is_empty() {
+                        None
+                    } else {
+                        Some(GroupId::new(d.group_id)?)
+                    },
+                    payload: d.payload,
+                    sent_at: d.sent_at,
+                }),
+                push::Body::Synced(_) => Push::Synced,
+            })
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alice() -> AccountId {
+        AccountId::parse("ACE23456").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn check_client(bytes: &[u8], expected: Result<(), &str>) {
+        match (decode_client(bytes), expected) {
+            (Ok(_), Ok(())) => {}
+            (Err(e), Err(fragment)) => assert!(e.to_string().contains(fragment), "{e}"),
+            (got, want) => panic!("got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn client_frames_round_trip() {
+        let frames = vec![
+            Request::Login {
+                account_id: alice(),
+                signature: Signature::from_bytes([7; 64]),
+            },
+            Request::SendCommit(CommitSubmission {
+                group_id: GroupId::new(vec![1, 2, 3]).unwrap_or_else(|e| panic!("{e}")),
+                epoch: 4,
+                commit: vec![9; 10],
+                welcome: Some(vec![8; 5]),
+                added: vec![alice()],
+                removed: vec![],
+            }),
+            Request::Ack {
+                delivery_ids: vec![1, 2, 3],
+            },
+            Request::Ping,
+        ];
+        for (n, request) in frames.into_iter().enumerate() {
+            let frame = ClientFrame {
+                id: n as u64 + 1,
+                request,
+            };
+            assert_eq!(decode_client(&encode_client(&frame)), Ok(frame));
+        }
+    }
+
+    #[test]
+    fn hostile_client_frames_get_typed_errors() {
+        check_client(&[], Err("empty frame"));
+        check_client(&[2, 0], Err("unsupported protocol version 2"));
+        check_client(&[1, 0xff, 0xff, 0xff], Err("malformed protobuf"));
+        check_client(&[1], Err("`id` is missing"));
+        check_client(&vec![1; MAX_FRAME_BYTES + 1], Err("exceeds the maximum"));
+        let bad_account = wire::ClientFrame {
+            id: 1,
+            request: Some(client_frame::Request::FetchKeyPackage(
+                wire::FetchKeyPackage {
+                    account_id: "nope".into(),
+                },
+            )),
+        };
+        check_client(&with_version(&bad_account), Err("account_id"));
+        let bad_kind = wire::ClientFrame {
+            id: 1,
+            request: Some(client_frame::Request::SendMessage(wire::SendMessage {
+                group_id: vec![1],
+                message: vec![1],
+                kind: DeliveryKind::Welcome as i32,
+            })),
+        };
+        check_client(
+            &with_version(&bad_kind),
+            Err("only APPLICATION or PROPOSAL"),
+        );
+    }
+
+    #[test]
+    fn server_frames_round_trip() {
+        let messages = vec![
+            ServerMessage::Push(Push::Hello {
+                protocol_version: 1,
+                nonce: Nonce::from_bytes([3; 32]),
+                server_time: 10,
+                max_frame_bytes: 100,
+            }),
+            ServerMessage::Push(Push::Delivery(Delivery {
+                id: 5,
+                sender: alice(),
+                kind: DeliveryKind::Application,
+                group_id: GroupId::new(vec![1]).ok(),
+                payload: vec![1, 2],
+                sent_at: 9,
+            })),
+            ServerMessage::Response {
+                id: 3,
+                result: Err(ErrorReply {
+                    code: ErrorCode::StaleEpoch,
+                    message: "stale".into(),
+                    current_epoch: 7,
+                }),
+            },
+            ServerMessage::Response {
+                id: 4,
+                result: Ok(Reply::CommitAccepted { epoch: 8 }),
+            },
+        ];
+        for message in messages {
+            assert_eq!(decode_server(&encode_server(&message)), Ok(message));
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Umbra wire protocol: the bytes that travel between devices and the server.
+//!
+//! Layers, each parsing fully so the next never sees a malformed value:
+//! bytes → [`wire`] (prost messages, as in `proto/umbra.proto`) → [`frame`]
+//! (validated requests, responses and pushes). This crate does no IO and
+//! holds no state; every decoder returns a typed [`DecodeError`], never a
+//! panic, whatever bytes it is given.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+pub mod activation;
+pub mod frame;
+pub mod ids;
+pub mod wire;
+
+pub use activation::{ActivationString, CertFingerprint};
+pub use frame::{
+    ClientFrame, Delivery, DeliveryKind, ErrorCode, ErrorReply, Push, Reply, Request,
+    ServerMessage, decode_client, decode_server, encode_client, encode_server,
+};
+pub use ids::{AccountId, ActivationCode, GroupId, IdentityKey, Nonce, Signature};
+
+/// The protocol version carried in the first byte of every frame.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Largest frame either side accepts, version byte included.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// Why a frame could not be decoded. Every variant names what was wrong so
+/// that a peer (or its developer) can act on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("empty frame: expected a version byte followed by a protobuf message")]
+    Empty,
+    #[error("unsupported protocol version {got}; this side speaks version {PROTOCOL_VERSION}")]
+    UnsupportedVersion { got: u8 },
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed protobuf: {0}")]
+    Protobuf(String),
+    #[error("required field `{0}` is missing")]
+    Missing(&'static str),
+    #[error("field `{field}` is invalid: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl DecodeError {
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        DecodeError::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The bytes a device signs to register: binds its identity key to this
+/// connection's nonce so a captured registration cannot be replayed.
+pub fn register_signing_payload(nonce: &Nonce, identity_key: &IdentityKey) -> Vec<u8> {
+    let mut payload = b"umbra-register-v1".to_vec();
+    payload.extend_from_slice(nonce.as_bytes());
+    payload.extend_from_slice(identity_key.as_bytes());
+    payload
+}
+
+/// The bytes a device signs to log in as `account_id` on this connection.
+pub fn login_signing_payload(nonce: &Nonce, account_id: &AccountId) -> Vec<u8> {
+    let mut payload = b"umbra-login-v1".to_vec();
+    payload.extend_from_slice(nonce.as_bytes());
+    payload.extend_from_slice(account_id.as_str().as_bytes());
+    payload
+}

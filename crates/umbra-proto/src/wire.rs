@@ -1,0 +1,339 @@
+//! Raw protobuf messages, mirroring `proto/umbra.proto` field for field.
+//!
+//! These are what travels; nothing outside this crate should build or match
+//! on them directly. [`crate::frame`] turns them into validated domain types.
+#![allow(missing_docs)]
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ClientFrame {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(
+        oneof = "client_frame::Request",
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21"
+    )]
+    pub request: Option<client_frame::Request>,
+}
+
+pub mod client_frame {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Request {
+        #[prost(message, tag = "10")]
+        Register(super::Register),
+        #[prost(message, tag = "11")]
+        Login(super::Login),
+        #[prost(message, tag = "12")]
+        UploadKeyPackages(super::UploadKeyPackages),
+        #[prost(message, tag = "13")]
+        FetchKeyPackage(super::FetchKeyPackage),
+        #[prost(message, tag = "14")]
+        SendContactRequest(super::SendContactRequest),
+        #[prost(message, tag = "15")]
+        AcceptContact(super::AcceptContact),
+        #[prost(message, tag = "16")]
+        CreateGroup(super::CreateGroup),
+        #[prost(message, tag = "17")]
+        SendCommit(super::SendCommit),
+        #[prost(message, tag = "18")]
+        SendMessage(super::SendMessage),
+        #[prost(message, tag = "19")]
+        Ack(super::Ack),
+        #[prost(message, tag = "20")]
+        LookupAccount(super::LookupAccount),
+        #[prost(message, tag = "21")]
+        Ping(super::Ping),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Register {
+    #[prost(string, tag = "1")]
+    pub activation_code: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub identity_key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub signature: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Login {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UploadKeyPackages {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub key_packages: Vec<Vec<u8>>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub last_resort: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FetchKeyPackage {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SendContactRequest {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AcceptContact {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateGroup {
+    #[prost(bytes = "vec", tag = "1")]
+    pub group_id: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SendCommit {
+    #[prost(bytes = "vec", tag = "1")]
+    pub group_id: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub epoch: u64,
+    #[prost(bytes = "vec", tag = "3")]
+    pub commit: Vec<u8>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub welcome: Vec<u8>,
+    #[prost(string, repeated, tag = "5")]
+    pub added: Vec<String>,
+    #[prost(string, repeated, tag = "6")]
+    pub removed: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SendMessage {
+    #[prost(bytes = "vec", tag = "1")]
+    pub group_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub message: Vec<u8>,
+    #[prost(enumeration = "DeliveryKind", tag = "3")]
+    pub kind: i32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Ack {
+    #[prost(uint64, repeated, tag = "1")]
+    pub delivery_ids: Vec<u64>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LookupAccount {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Ping {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ServerFrame {
+    #[prost(oneof = "server_frame::Body", tags = "1, 2")]
+    pub body: Option<server_frame::Body>,
+}
+
+pub mod server_frame {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Body {
+        #[prost(message, tag = "1")]
+        Response(super::Response),
+        #[prost(message, tag = "2")]
+        Push(super::Push),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Response {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(oneof = "response::Result", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    pub result: Option<response::Result>,
+}
+
+pub mod response {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Result {
+        #[prost(message, tag = "2")]
+        Error(super::Error),
+        #[prost(message, tag = "3")]
+        Registered(super::Registered),
+        #[prost(message, tag = "4")]
+        LoggedIn(super::LoggedIn),
+        #[prost(message, tag = "5")]
+        KeyPackageCount(super::KeyPackageCount),
+        #[prost(message, tag = "6")]
+        KeyPackage(super::KeyPackage),
+        #[prost(message, tag = "7")]
+        Done(super::Done),
+        #[prost(message, tag = "8")]
+        CommitAccepted(super::CommitAccepted),
+        #[prost(message, tag = "9")]
+        AccountInfo(super::AccountInfo),
+        #[prost(message, tag = "10")]
+        Accepted(super::Accepted),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Error {
+    #[prost(enumeration = "ErrorCode", tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+    #[prost(uint64, tag = "3")]
+    pub current_epoch: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ErrorCode {
+    Unspecified = 0,
+    MalformedFrame = 1,
+    FrameTooLarge = 2,
+    UnsupportedVersion = 3,
+    NotAuthenticated = 4,
+    AlreadyAuthenticated = 5,
+    BadSignature = 6,
+    UnknownActivationCode = 7,
+    ActivationCodeUsed = 8,
+    UnknownAccount = 9,
+    InvalidKeyPackage = 10,
+    NoKeyPackage = 11,
+    NotAContact = 12,
+    NotAMember = 13,
+    StaleEpoch = 14,
+    UnknownGroup = 15,
+    GroupExists = 16,
+    SubscriptionExpired = 17,
+    InvalidRequest = 18,
+    Internal = 19,
+    ServerBusy = 20,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Registered {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+    #[prost(uint64, tag = "2")]
+    pub subscription_expires_at: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LoggedIn {
+    #[prost(uint64, tag = "1")]
+    pub subscription_expires_at: u64,
+    #[prost(uint32, tag = "2")]
+    pub key_packages_remaining: u32,
+    #[prost(bool, tag = "3")]
+    pub has_last_resort: bool,
+    #[prost(uint32, tag = "4")]
+    pub key_package_low_water: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeyPackageCount {
+    #[prost(uint32, tag = "1")]
+    pub remaining: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeyPackage {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key_package: Vec<u8>,
+    #[prost(bool, tag = "2")]
+    pub last_resort: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Done {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommitAccepted {
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AccountInfo {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub identity_key: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Accepted {
+    #[prost(uint64, tag = "1")]
+    pub accepted_at: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Push {
+    #[prost(oneof = "push::Body", tags = "1, 2, 3")]
+    pub body: Option<push::Body>,
+}
+
+pub mod push {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Body {
+        #[prost(message, tag = "1")]
+        Hello(super::Hello),
+        #[prost(message, tag = "2")]
+        Delivery(super::Delivery),
+        #[prost(message, tag = "3")]
+        Synced(super::Synced),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Hello {
+    #[prost(uint32, tag = "1")]
+    pub protocol_version: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub nonce: Vec<u8>,
+    #[prost(uint64, tag = "3")]
+    pub server_time: u64,
+    #[prost(uint32, tag = "4")]
+    pub max_frame_bytes: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum DeliveryKind {
+    Unspecified = 0,
+    Application = 1,
+    Commit = 2,
+    Welcome = 3,
+    Proposal = 4,
+    ContactRequest = 5,
+    ContactAccepted = 6,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Delivery {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(string, tag = "2")]
+    pub sender: String,
+    #[prost(enumeration = "DeliveryKind", tag = "3")]
+    pub kind: i32,
+    #[prost(bytes = "vec", tag = "4")]
+    pub group_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub payload: Vec<u8>,
+    #[prost(uint64, tag = "6")]
+    pub sent_at: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Synced {}
