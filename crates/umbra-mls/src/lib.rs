@@ -1,1 +1,116 @@
-//! placeholder
+//! The one place Umbra talks to openmls.
+//!
+//! Everything MLS goes through this crate: the device signer, the provider
+//! that binds openmls to an SQLite connection, groups (create, join, add,
+//! remove, update, encrypt, process) and the checks the server makes on MLS
+//! bytes it relays (KeyPackage validation, message headers). Callers never
+//! import openmls types; they get Umbra types and typed [`MlsError`]s.
+//!
+//! Transactions are the caller's job: every operation here writes through the
+//! connection the [`Provider`] borrows, so a caller that opens a transaction
+//! first and commits after makes the operation atomic (openmls's storage trait
+//! has no transaction boundary of its own).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod group;
+mod provider;
+mod relay;
+mod signer;
+
+pub use group::{CommitOutput, Group, GroupConfig, Incoming, MemberInfo, new_key_package};
+pub use provider::{Provider, init_storage};
+pub use relay::{
+    MessageHeader, MessageKind, ValidKeyPackage, message_header, validate_key_package,
+};
+pub use signer::{DeviceSigner, verify};
+
+use std::fmt;
+use std::str::FromStr;
+
+use openmls::prelude::Ciphersuite;
+
+/// The MLS ciphersuites Umbra offers. Both use Ed25519 signatures, because a
+/// device's MLS signature key is its Ed25519 identity key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum Suite {
+    /// MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519 (the default).
+    #[default]
+    X25519ChaCha20Ed25519,
+    /// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
+    X25519Aes128GcmEd25519,
+}
+
+impl Suite {
+    pub const ALL: [Suite; 2] = [Suite::X25519ChaCha20Ed25519, Suite::X25519Aes128GcmEd25519];
+
+    pub(crate) fn ciphersuite(self) -> Ciphersuite {
+        match self {
+            Suite::X25519ChaCha20Ed25519 => {
+                Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519
+            }
+            Suite::X25519Aes128GcmEd25519 => {
+                Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519
+            }
+        }
+    }
+
+    pub(crate) fn from_ciphersuite(ciphersuite: Ciphersuite) -> Option<Suite> {
+        Suite::ALL
+            .into_iter()
+            .find(|suite| suite.ciphersuite() == ciphersuite)
+    }
+
+    /// The RFC 9420 name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Suite::X25519ChaCha20Ed25519 => "MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519",
+            Suite::X25519Aes128GcmEd25519 => "MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519",
+        }
+    }
+}
+
+impl fmt::Display for Suite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Suite {
+    type Err = MlsError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Suite::ALL
+            .into_iter()
+            .find(|suite| suite.name().eq_ignore_ascii_case(text.trim()))
+            .ok_or_else(|| MlsError::UnsupportedCiphersuite(text.to_owned()))
+    }
+}
+
+/// Why an MLS operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MlsError {
+    #[error("malformed MLS message: {0}")]
+    Malformed(String),
+    #[error("invalid KeyPackage: {0}")]
+    InvalidKeyPackage(String),
+    #[error("ciphersuite {0} is not supported; Umbra supports {names}", names = Suite::ALL.map(Suite::name).join(", "))]
+    UnsupportedCiphersuite(String),
+    #[error("message is for epoch {message} but the group is at epoch {group}")]
+    WrongEpoch { message: u64, group: u64 },
+    #[error("this device is no longer a member of the group")]
+    NotActive,
+    #[error("{0} is not a member of the group")]
+    NotAMember(String),
+    #[error("the MLS protocol rejected the operation: {0}")]
+    Protocol(String),
+    #[error("local MLS storage failed: {0}")]
+    Storage(String),
+}
+
+pub type Result<T, E = MlsError> = std::result::Result<T, E>;
+
+pub(crate) fn protocol(context: &str, error: impl fmt::Debug) -> MlsError {
+    MlsError::Protocol(format!("{context}: {error:?}"))
+}

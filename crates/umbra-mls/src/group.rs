@@ -1,0 +1,462 @@
+//! MLS groups as Umbra uses them: a conversation is a group, a one-to-one
+//! conversation a group of two. Every state change is written through the
+//! [`Provider`]'s connection; the caller brackets it in a transaction.
+
+use openmls::prelude::{
+    BasicCredential, Credential, CredentialWithKey, GroupId, KeyPackage, KeyPackageIn,
+    LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig,
+    MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessedMessageContent, ProtocolVersion,
+    StagedWelcome,
+};
+use openmls_traits::{OpenMlsProvider, random::OpenMlsRand};
+use tls_codec::Deserialize as _;
+use umbra_proto::{AccountId, IdentityKey};
+
+use crate::{DeviceSigner, MlsError, Provider, Result, Suite, protocol};
+
+/// How groups are created and joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub suite: Suite,
+    /// Past epochs whose secrets are kept, so that an application message
+    /// sent just before a commit still decrypts after it.
+    pub max_past_epochs: usize,
+}
+
+impl GroupConfig {
+    pub const DEFAULT_MAX_PAST_EPOCHS: usize = 5;
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        GroupConfig {
+            suite: Suite::default(),
+            max_past_epochs: Self::DEFAULT_MAX_PAST_EPOCHS,
+        }
+    }
+}
+
+/// A member as the group's ratchet tree states it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub account: AccountId,
+    pub identity_key: IdentityKey,
+}
+
+/// A commit waiting for the delivery service's verdict, and the Welcome for
+/// the members it adds.
+#[derive(Debug, Clone)]
+pub struct CommitOutput {
+    /// The epoch the commit was made in.
+    pub epoch: u64,
+    pub commit: Vec<u8>,
+    pub welcome: Option<Vec<u8>>,
+}
+
+/// What an incoming group message turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Incoming {
+    Application {
+        sender: AccountId,
+        plaintext: Vec<u8>,
+    },
+    /// A proposal, stored until someone commits it.
+    Proposal {
+        sender: AccountId,
+        /// The sender proposes to remove itself (it is leaving).
+        leaving: bool,
+    },
+    /// A commit, merged: the group is now at `epoch`.
+    Commit {
+        sender: AccountId,
+        epoch: u64,
+        /// This device was removed and can no longer read the group.
+        removed_self: bool,
+    },
+}
+
+/// One MLS group held by this device.
+#[derive(Debug)]
+pub struct Group {
+    inner: MlsGroup,
+}
+
+fn credential(signer: &DeviceSigner, account: &AccountId) -> CredentialWithKey {
+    CredentialWithKey {
+        credential: BasicCredential::new(account.as_str().as_bytes().to_vec()).into(),
+        signature_key: signer.identity_key().as_bytes().to_vec().into(),
+    }
+}
+
+fn account_of(credential: &Credential) -> Result<AccountId> {
+    let basic = BasicCredential::try_from(credential.clone())
+        .map_err(|_| MlsError::Malformed("credential is not a basic credential".into()))?;
+    std::str::from_utf8(basic.identity())
+        .ok()
+        .and_then(|text| AccountId::parse(text).ok())
+        .ok_or_else(|| MlsError::Malformed("credential is not an Umbra account ID".into()))
+}
+
+fn to_bytes(message: &MlsMessageOut) -> Result<Vec<u8>> {
+    message
+        .to_bytes()
+        .map_err(|e| protocol("serialising an MLS message", e))
+}
+
+fn parse_message(bytes: &[u8]) -> Result<MlsMessageIn> {
+    MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError::Malformed(e.to_string()))
+}
+
+/// Creates a KeyPackage for this device, ready to upload. Its private keys
+/// are written to the provider's storage, where a Welcome will find them.
+pub fn new_key_package(
+    provider: &Provider<'_>,
+    signer: &DeviceSigner,
+    account: &AccountId,
+    suite: Suite,
+    last_resort: bool,
+) -> Result<Vec<u8>> {
+    let mut builder = KeyPackage::builder();
+    if last_resort {
+        builder = builder.mark_as_last_resort();
+    }
+    let bundle = builder
+        .build(
+            suite.ciphersuite(),
+            provider,
+            signer,
+            credential(signer, account),
+        )
+        .map_err(|e| protocol("creating a KeyPackage", e))?;
+    to_bytes(&MlsMessageOut::from(bundle.key_package().clone()))
+}
+
+impl Group {
+    fn join_config(config: &GroupConfig) -> MlsGroupJoinConfig {
+        MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .max_past_epochs(config.max_past_epochs)
+            .build()
+    }
+
+    /// Creates a group with this device as its only member, under a random
+    /// 16-byte group ID.
+    pub fn create(
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        account: &AccountId,
+        config: &GroupConfig,
+    ) -> Result<Group> {
+        let create_config = MlsGroupCreateConfig::builder()
+            .ciphersuite(config.suite.ciphersuite())
+            .use_ratchet_tree_extension(true)
+            .max_past_epochs(config.max_past_epochs)
+            .build();
+        let id = provider
+            .rand()
+            .random_vec(16)
+            .map_err(|e| protocol("drawing a group ID", e))?;
+        let inner = MlsGroup::new_with_group_id(
+            provider,
+            signer,
+            &create_config,
+            GroupId::from_slice(&id),
+            credential(signer, account),
+        )
+        .map_err(|e| protocol("creating a group", e))?;
+        Ok(Group { inner })
+    }
+
+    /// Loads a group from the provider's storage.
+    pub fn load(provider: &Provider<'_>, group_id: &[u8]) -> Result<Option<Group>> {
+        MlsGroup::load(provider.storage(), &GroupId::from_slice(group_id))
+            .map(|inner| inner.map(|inner| Group { inner }))
+            .map_err(|e| MlsError::Storage(e.to_string()))
+    }
+
+    /// Joins a group from a Welcome addressed to one of this device's
+    /// KeyPackages. Returns the group and who added us.
+    pub fn join(
+        provider: &Provider<'_>,
+        welcome: &[u8],
+        config: &GroupConfig,
+    ) -> Result<(Group, AccountId)> {
+        let MlsMessageBodyIn::Welcome(welcome) = parse_message(welcome)?.extract() else {
+            return Err(MlsError::Malformed("expected a Welcome".into()));
+        };
+        let staged =
+            StagedWelcome::new_from_welcome(provider, &Self::join_config(config), welcome, None)
+                .map_err(|e| protocol("processing a Welcome", e))?;
+        let inviter = account_of(
+            staged
+                .welcome_sender()
+                .map_err(|e| protocol("reading the Welcome's sender", e))?
+                .credential(),
+        )?;
+        let inner = staged
+            .into_group(provider)
+            .map_err(|e| protocol("joining from a Welcome", e))?;
+        Ok((Group { inner }, inviter))
+    }
+
+    pub fn id(&self) -> Vec<u8> {
+        self.inner.group_id().as_slice().to_vec()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch().as_u64()
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.inner.is_active()
+    }
+
+    pub fn suite(&self) -> Option<Suite> {
+        Suite::from_ciphersuite(self.inner.ciphersuite())
+    }
+
+    /// Members as the ratchet tree states them, in leaf order.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        self.inner
+            .members()
+            .filter_map(|member| {
+                Some(MemberInfo {
+                    account: account_of(&member.credential).ok()?,
+                    identity_key: IdentityKey::from_slice(&member.signature_key).ok()?,
+                })
+            })
+            .collect()
+    }
+
+    fn leaf_of(&self, account: &AccountId) -> Option<LeafNodeIndex> {
+        self.inner
+            .members()
+            .find(|member| account_of(&member.credential).ok().as_ref() == Some(account))
+            .map(|member| member.index)
+    }
+
+    pub fn has_pending_commit(&self) -> bool {
+        self.inner.pending_commit().is_some()
+    }
+
+    /// Adds the owners of these KeyPackages. The commit stays pending until
+    /// [`Group::merge_pending_commit`] (the server accepted it) or
+    /// [`Group::clear_pending_commit`] (it did not).
+    pub fn add_members(
+        &mut self,
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        key_packages: &[Vec<u8>],
+    ) -> Result<CommitOutput> {
+        let mut validated = Vec::with_capacity(key_packages.len());
+        for bytes in key_packages {
+            let MlsMessageBodyIn::KeyPackage(key_package) = parse_message(bytes)?.extract() else {
+                return Err(MlsError::InvalidKeyPackage("expected a KeyPackage".into()));
+            };
+            let key_package: KeyPackageIn = key_package;
+            let key_package = key_package
+                .validate(provider.crypto(), ProtocolVersion::Mls10)
+                .map_err(|e| MlsError::InvalidKeyPackage(format!("{e:?}")))?;
+            if key_package.ciphersuite() != self.inner.ciphersuite() {
+                return Err(MlsError::UnsupportedCiphersuite(format!(
+                    "{:?} (the group uses {:?})",
+                    key_package.ciphersuite(),
+                    self.inner.ciphersuite()
+                )));
+            }
+            validated.push(key_package);
+        }
+        let epoch = self.epoch();
+        let (commit, welcome, _) = self
+            .inner
+            .add_members(provider, signer, &validated)
+            .map_err(|e| protocol("adding members", e))?;
+        Ok(CommitOutput {
+            epoch,
+            commit: to_bytes(&commit)?,
+            welcome: Some(to_bytes(&welcome)?),
+        })
+    }
+
+    /// Removes these accounts from the group (pending, as for adds).
+    pub fn remove_members(
+        &mut self,
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        accounts: &[AccountId],
+    ) -> Result<CommitOutput> {
+        let leaves = accounts
+            .iter()
+            .map(|account| {
+                self.leaf_of(account)
+                    .ok_or_else(|| MlsError::NotAMember(account.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let epoch = self.epoch();
+        let (commit, welcome, _) = self
+            .inner
+            .remove_members(provider, signer, &leaves)
+            .map_err(|e| protocol("removing members", e))?;
+        Ok(CommitOutput {
+            epoch,
+            commit: to_bytes(&commit)?,
+            welcome: welcome.as_ref().map(to_bytes).transpose()?,
+        })
+    }
+
+    /// Replaces this device's leaf keys (post-compromise security); also
+    /// commits any proposals received so far.
+    pub fn self_update(
+        &mut self,
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+    ) -> Result<CommitOutput> {
+        let epoch = self.epoch();
+        let bundle = self
+            .inner
+            .self_update(provider, signer, LeafNodeParameters::default())
+            .map_err(|e| protocol("updating own keys", e))?;
+        let (commit, welcome, _) = bundle.into_messages();
+        Ok(CommitOutput {
+            epoch,
+            commit: to_bytes(&commit)?,
+            welcome: welcome.as_ref().map(to_bytes).transpose()?,
+        })
+    }
+
+    pub fn has_pending_proposals(&self) -> bool {
+        self.inner.has_pending_proposals()
+    }
+
+    /// Commits the proposals received so far (for example a member leaving).
+    pub fn commit_pending_proposals(
+        &mut self,
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+    ) -> Result<CommitOutput> {
+        let epoch = self.epoch();
+        let (commit, welcome, _) = self
+            .inner
+            .commit_to_pending_proposals(provider, signer)
+            .map_err(|e| protocol("committing pending proposals", e))?;
+        Ok(CommitOutput {
+            epoch,
+            commit: to_bytes(&commit)?,
+            welcome: welcome.as_ref().map(to_bytes).transpose()?,
+        })
+    }
+
+    /// Proposes to remove this device; another member commits it.
+    pub fn leave(&mut self, provider: &Provider<'_>, signer: &DeviceSigner) -> Result<Vec<u8>> {
+        let proposal = self
+            .inner
+            .leave_group(provider, signer)
+            .map_err(|e| protocol("leaving the group", e))?;
+        to_bytes(&proposal)
+    }
+
+    /// The delivery service accepted our commit: move to the next epoch.
+    pub fn merge_pending_commit(&mut self, provider: &Provider<'_>) -> Result<()> {
+        self.inner
+            .merge_pending_commit(provider)
+            .map_err(|e| protocol("merging our commit", e))
+    }
+
+    /// The delivery service rejected our commit: forget it.
+    pub fn clear_pending_commit(&mut self, provider: &Provider<'_>) -> Result<()> {
+        self.inner
+            .clear_pending_commit(provider.storage())
+            .map_err(|e| MlsError::Storage(e.to_string()))
+    }
+
+    /// Encrypts an application message for the group.
+    pub fn encrypt(
+        &mut self,
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>> {
+        if !self.is_active() {
+            return Err(MlsError::NotActive);
+        }
+        let message = self
+            .inner
+            .create_message(provider, signer, plaintext)
+            .map_err(|e| protocol("encrypting", e))?;
+        to_bytes(&message)
+    }
+
+    /// Decrypts and applies one message from the group: returns the
+    /// plaintext of an application message, stores a proposal, merges a
+    /// commit. A commit from another member supersedes any commit of ours
+    /// still pending: the delivery service accepts one per epoch.
+    pub fn process(&mut self, provider: &Provider<'_>, bytes: &[u8]) -> Result<Incoming> {
+        if !self.is_active() {
+            return Err(MlsError::NotActive);
+        }
+        let protocol_message = parse_message(bytes)?
+            .try_into_protocol_message()
+            .map_err(|_| MlsError::Malformed("not a protocol message".into()))?;
+        if protocol_message.is_handshake_message() && self.has_pending_commit() {
+            self.clear_pending_commit(provider)?;
+        }
+        let message_epoch = protocol_message.epoch().as_u64();
+        let processed = self
+            .inner
+            .process_message(provider, protocol_message)
+            .map_err(|e| {
+                if message_epoch > self.epoch() {
+                    MlsError::WrongEpoch {
+                        message: message_epoch,
+                        group: self.epoch(),
+                    }
+                } else {
+                    protocol("processing a message", e)
+                }
+            })?;
+        let sender = account_of(processed.credential())?;
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(message) => Ok(Incoming::Application {
+                sender,
+                plaintext: message.into_bytes(),
+            }),
+            ProcessedMessageContent::ProposalMessage(proposal) => {
+                let leaving = matches!(
+                    proposal.proposal(),
+                    openmls::prelude::Proposal::Remove(remove)
+                        if self.inner.member_at(remove.removed()).map(|m| account_of(&m.credential).ok()) == Some(Some(sender.clone()))
+                );
+                self.inner
+                    .store_pending_proposal(provider.storage(), *proposal)
+                    .map_err(|e| MlsError::Storage(e.to_string()))?;
+                Ok(Incoming::Proposal { sender, leaving })
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let removed_self = staged.self_removed();
+                self.inner
+                    .merge_staged_commit(provider, *staged)
+                    .map_err(|e| protocol("merging a commit", e))?;
+                Ok(Incoming::Commit {
+                    sender,
+                    epoch: self.epoch(),
+                    removed_self,
+                })
+            }
+            ProcessedMessageContent::ExternalJoinProposalMessage(_) => Err(MlsError::Protocol(
+                "external join proposals are not accepted".into(),
+            )),
+            // The delivery service never echoes a device's own messages.
+            _ => Err(MlsError::Protocol(
+                "received this device's own message back".into(),
+            )),
+        }
+    }
+
+    /// Deletes the group's state from storage.
+    pub fn delete(mut self, provider: &Provider<'_>) -> Result<()> {
+        self.inner
+            .delete(provider.storage())
+            .map_err(|e| MlsError::Storage(e.to_string()))
+    }
+}

@@ -1,0 +1,91 @@
+//! What the server may check on the MLS bytes it relays, without any key:
+//! that an uploaded KeyPackage is well formed, signed by the uploading
+//! device's identity key and names its account; and the public header
+//! (group, epoch, content type) of a handshake or application message.
+
+use openmls::prelude::{
+    BasicCredential, ContentType, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion,
+};
+use openmls_rust_crypto::RustCrypto;
+use tls_codec::Deserialize as _;
+use umbra_proto::{AccountId, IdentityKey};
+
+use crate::{MlsError, Result, Suite};
+
+/// A KeyPackage whose signature has been verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidKeyPackage {
+    pub account: AccountId,
+    pub identity_key: IdentityKey,
+    pub last_resort: bool,
+    pub suite: Suite,
+}
+
+/// Parses and verifies a KeyPackage (an MLSMessage carrying one).
+pub fn validate_key_package(bytes: &[u8]) -> Result<ValidKeyPackage> {
+    let message = MlsMessageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| MlsError::InvalidKeyPackage(format!("not an MLS message: {e}")))?;
+    let MlsMessageBodyIn::KeyPackage(key_package) = message.extract() else {
+        return Err(MlsError::InvalidKeyPackage(
+            "the MLS message does not carry a KeyPackage".into(),
+        ));
+    };
+    let key_package = key_package
+        .validate(&RustCrypto::default(), ProtocolVersion::Mls10)
+        .map_err(|e| MlsError::InvalidKeyPackage(format!("{e:?}")))?;
+    let suite = Suite::from_ciphersuite(key_package.ciphersuite()).ok_or_else(|| {
+        MlsError::UnsupportedCiphersuite(format!("{:?}", key_package.ciphersuite()))
+    })?;
+    let leaf = key_package.leaf_node();
+    let credential = BasicCredential::try_from(leaf.credential().clone())
+        .map_err(|_| MlsError::InvalidKeyPackage("credential is not a basic credential".into()))?;
+    let account = std::str::from_utf8(credential.identity())
+        .ok()
+        .and_then(|text| AccountId::parse(text).ok())
+        .ok_or_else(|| {
+            MlsError::InvalidKeyPackage("credential is not an Umbra account ID".into())
+        })?;
+    let identity_key = IdentityKey::from_slice(leaf.signature_key().as_slice())
+        .map_err(|e| MlsError::InvalidKeyPackage(e.to_string()))?;
+    Ok(ValidKeyPackage {
+        account,
+        identity_key,
+        last_resort: key_package.last_resort(),
+        suite,
+    })
+}
+
+/// What kind of MLS message a relayed message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    Application,
+    Proposal,
+    Commit,
+}
+
+/// The cleartext header of an MLS PublicMessage or PrivateMessage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageHeader {
+    pub group_id: Vec<u8>,
+    pub epoch: u64,
+    pub kind: MessageKind,
+}
+
+/// Reads the header of an MLS protocol message without decrypting it.
+pub fn message_header(bytes: &[u8]) -> Result<MessageHeader> {
+    let message = MlsMessageIn::tls_deserialize_exact(bytes)
+        .map_err(|e| MlsError::Malformed(e.to_string()))?;
+    let protocol = message
+        .try_into_protocol_message()
+        .map_err(|_| MlsError::Malformed("not a protocol message (public or private)".into()))?;
+    let kind = match protocol.content_type() {
+        ContentType::Application => MessageKind::Application,
+        ContentType::Proposal => MessageKind::Proposal,
+        ContentType::Commit => MessageKind::Commit,
+    };
+    Ok(MessageHeader {
+        group_id: protocol.group_id().as_slice().to_vec(),
+        epoch: protocol.epoch().as_u64(),
+        kind,
+    })
+}

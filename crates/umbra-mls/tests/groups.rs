@@ -1,0 +1,188 @@
+//! Group behaviour through umbra-mls alone: each device has its own SQLite
+//! storage, and messages move between them as bytes, as the server moves them.
+
+use openmls_rust_crypto::RustCrypto;
+use rusqlite::Connection;
+use umbra_mls::{DeviceSigner, Group, GroupConfig, Incoming, MlsError, Provider, new_key_package};
+use umbra_proto::AccountId;
+
+struct Device {
+    account: AccountId,
+    signer: DeviceSigner,
+    crypto: RustCrypto,
+    db: Connection,
+}
+
+impl Device {
+    fn new(id: &str, seed: u8) -> Device {
+        let mut db = Connection::open_in_memory().unwrap();
+        umbra_mls::init_storage(&mut db).unwrap();
+        Device {
+            account: AccountId::parse(id).unwrap(),
+            signer: DeviceSigner::from_secret(&[seed; 32]),
+            crypto: RustCrypto::default(),
+            db,
+        }
+    }
+
+    fn provider(&self) -> Provider<'_> {
+        Provider::new(&self.crypto, &self.db)
+    }
+
+    fn key_package(&self) -> Vec<u8> {
+        new_key_package(
+            &self.provider(),
+            &self.signer,
+            &self.account,
+            Default::default(),
+            false,
+        )
+        .unwrap()
+    }
+
+    fn group(&self, id: &[u8]) -> Group {
+        Group::load(&self.provider(), id).unwrap().unwrap()
+    }
+}
+
+fn text(incoming: Incoming) -> Vec<u8> {
+    match incoming {
+        Incoming::Application { plaintext, .. } => plaintext,
+        other => panic!("expected an application message, got {other:?}"),
+    }
+}
+
+#[test]
+fn add_message_remove_and_late_messages() {
+    let alice = Device::new("AAAAAAAA", 1);
+    let bob = Device::new("BBBBBBBB", 2);
+    let carol = Device::new("CCCCCCCC", 3);
+    let config = GroupConfig::default();
+
+    let mut group =
+        Group::create(&alice.provider(), &alice.signer, &alice.account, &config).unwrap();
+    let id = group.id();
+    let kp = umbra_mls::validate_key_package(&bob.key_package()).unwrap();
+    assert_eq!(kp.account, bob.account);
+    assert_eq!(kp.identity_key, bob.signer.identity_key());
+
+    let out = group
+        .add_members(
+            &alice.provider(),
+            &alice.signer,
+            &[bob.key_package(), carol.key_package()],
+        )
+        .unwrap();
+    assert_eq!(out.epoch, 0);
+    let header = umbra_mls::message_header(&out.commit).unwrap();
+    assert_eq!((header.group_id.clone(), header.epoch), (id.clone(), 0));
+    group.merge_pending_commit(&alice.provider()).unwrap();
+    let welcome = out.welcome.unwrap();
+    let (_, inviter) = Group::join(&bob.provider(), &welcome, &config).unwrap();
+    assert_eq!(inviter, alice.account);
+    Group::join(&carol.provider(), &welcome, &config).unwrap();
+    assert_eq!(bob.group(&id).members().len(), 3);
+
+    // A message encrypted in epoch 1 arrives only after the removal commit.
+    let late = group
+        .encrypt(&alice.provider(), &alice.signer, b"late but readable")
+        .unwrap();
+    let removal = group
+        .remove_members(
+            &alice.provider(),
+            &alice.signer,
+            std::slice::from_ref(&carol.account),
+        )
+        .unwrap();
+    group.merge_pending_commit(&alice.provider()).unwrap();
+    let after = group
+        .encrypt(&alice.provider(), &alice.signer, b"after removal")
+        .unwrap();
+
+    let mut bobs = bob.group(&id);
+    let commit = bobs.process(&bob.provider(), &removal.commit).unwrap();
+    assert!(matches!(
+        commit,
+        Incoming::Commit {
+            epoch: 2,
+            removed_self: false,
+            ..
+        }
+    ));
+    assert_eq!(
+        text(bobs.process(&bob.provider(), &late).unwrap()),
+        b"late but readable"
+    );
+    assert_eq!(
+        text(bobs.process(&bob.provider(), &after).unwrap()),
+        b"after removal"
+    );
+
+    let mut carols = carol.group(&id);
+    let commit = carols.process(&carol.provider(), &removal.commit).unwrap();
+    assert!(matches!(
+        commit,
+        Incoming::Commit {
+            removed_self: true,
+            ..
+        }
+    ));
+    assert!(!carols.is_active());
+    assert!(matches!(
+        carols.process(&carol.provider(), &after),
+        Err(MlsError::NotActive)
+    ));
+    // Even a fresh copy of the removed member's state (as if she ignored the
+    // removal) cannot read epoch-2 traffic: she never got its secrets.
+    let carol_again = Device::new("CCCCCCCC", 3);
+    assert!(Group::load(&carol_again.provider(), &id).unwrap().is_none());
+}
+
+#[test]
+fn competing_commits_one_wins_the_other_is_cleared() {
+    let alice = Device::new("AAAAAAAA", 1);
+    let bob = Device::new("BBBBBBBB", 2);
+    let config = GroupConfig::default();
+    let mut alices =
+        Group::create(&alice.provider(), &alice.signer, &alice.account, &config).unwrap();
+    let id = alices.id();
+    let out = alices
+        .add_members(&alice.provider(), &alice.signer, &[bob.key_package()])
+        .unwrap();
+    alices.merge_pending_commit(&alice.provider()).unwrap();
+    Group::join(&bob.provider(), &out.welcome.unwrap(), &config).unwrap();
+
+    let mut bobs = bob.group(&id);
+    let alice_update = alices
+        .self_update(&alice.provider(), &alice.signer)
+        .unwrap();
+    let bob_update = bobs.self_update(&bob.provider(), &bob.signer).unwrap();
+    assert_eq!(alice_update.epoch, bob_update.epoch);
+    // The delivery service took Alice's; Bob processes it, dropping his own.
+    alices.merge_pending_commit(&alice.provider()).unwrap();
+    bobs.process(&bob.provider(), &alice_update.commit).unwrap();
+    assert!(!bobs.has_pending_commit());
+    assert_eq!(bobs.epoch(), alices.epoch());
+    let retry = bobs.self_update(&bob.provider(), &bob.signer).unwrap();
+    bobs.merge_pending_commit(&bob.provider()).unwrap();
+    alices.process(&alice.provider(), &retry.commit).unwrap();
+    let hello = bobs
+        .encrypt(&bob.provider(), &bob.signer, b"converged")
+        .unwrap();
+    assert_eq!(
+        text(alices.process(&alice.provider(), &hello).unwrap()),
+        b"converged"
+    );
+}
+
+#[test]
+fn garbage_is_a_typed_error() {
+    assert!(matches!(
+        umbra_mls::message_header(b"\x00\x01garbage"),
+        Err(MlsError::Malformed(_))
+    ));
+    assert!(matches!(
+        umbra_mls::validate_key_package(&[0u8; 40]),
+        Err(MlsError::InvalidKeyPackage(_))
+    ));
+}
