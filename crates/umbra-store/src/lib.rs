@@ -1,1 +1,262 @@
-//! placeholder
+//! Server storage: what the relay remembers, behind domain-level traits.
+//!
+//! The traits speak Umbra (accounts, contacts, key packages, groups,
+//! mailboxes), never SQL. Operations that must be atomic from the protocol's
+//! point of view are single trait methods: accepting a commit moves the group's
+//! epoch, updates its membership and stores the fan-out in one step, so a
+//! backend can make it one transaction. Every backend must pass
+//! [`conformance`]; [`sqlite::SqliteStore`] is the embedded default.
+//!
+//! **Invariant:** the store holds ciphertext, public keys and routing
+//! metadata only. It has no column for a private key or a plaintext.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod conformance;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use umbra_proto::{AccountId, ActivationCode, DeliveryKind, GroupId, IdentityKey};
+
+/// Unix seconds. Passed in by the caller so that time is controllable.
+pub type Timestamp = u64;
+
+/// Seconds in a day, for subscription arithmetic.
+pub const DAY: u64 = 86_400;
+
+/// A storage backend failed; the request cannot be completed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("storage backend failed: {0}")]
+    Backend(String),
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// SHA-256 of an activation code's canonical form. Codes are stored hashed,
+/// so a copy of the database does not hand out unused codes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CodeHash(pub [u8; 32]);
+
+impl CodeHash {
+    pub fn of(code: &ActivationCode) -> Self {
+        CodeHash(Sha256::digest(code.canonical().as_bytes()).into())
+    }
+}
+
+impl std::fmt::Debug for CodeHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CodeHash(..)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub id: AccountId,
+    pub identity_key: IdentityKey,
+    pub created_at: Timestamp,
+    pub subscription_expires_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    Registered(Account),
+    UnknownCode,
+    CodeUsed,
+    /// The randomly drawn account ID exists already: draw another.
+    IdTaken,
+    /// This identity key already has an account.
+    KeyTaken,
+}
+
+#[async_trait]
+pub trait Accounts: Send + Sync {
+    /// Stores new activation codes, each granting `days` of subscription.
+    async fn issue_codes(&self, codes: &[CodeHash], days: u32, now: Timestamp) -> Result<()>;
+    /// Redeems a code and creates the account, atomically.
+    async fn register(
+        &self,
+        code: CodeHash,
+        id: &AccountId,
+        identity_key: &IdentityKey,
+        now: Timestamp,
+    ) -> Result<Registration>;
+    async fn account(&self, id: &AccountId) -> Result<Option<Account>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContactRequestOutcome {
+    Sent,
+    /// A request was already pending; it was not sent again.
+    AlreadyRequested,
+    AlreadyContacts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContactAcceptOutcome {
+    Accepted,
+    NoRequest,
+    AlreadyContacts,
+}
+
+#[async_trait]
+pub trait Contacts: Send + Sync {
+    /// Records a request from `from` to `to` and puts a contact-request
+    /// delivery in `to`'s mailbox, atomically.
+    async fn request_contact(
+        &self,
+        from: &AccountId,
+        to: &AccountId,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<(ContactRequestOutcome, Option<u64>)>;
+    /// `acceptor` accepts `requester`'s pending request; a contact-accepted
+    /// delivery goes to `requester`'s mailbox in the same step.
+    async fn accept_contact(
+        &self,
+        acceptor: &AccountId,
+        requester: &AccountId,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<(ContactAcceptOutcome, Option<u64>)>;
+    async fn are_contacts(&self, a: &AccountId, b: &AccountId) -> Result<bool>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPackageStock {
+    pub one_time: u32,
+    pub has_last_resort: bool,
+}
+
+#[async_trait]
+pub trait KeyPackages: Send + Sync {
+    /// Adds one-time KeyPackages and, if given, replaces the last-resort one.
+    async fn add_key_packages(
+        &self,
+        account: &AccountId,
+        one_time: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    ) -> Result<KeyPackageStock>;
+    /// Hands out one KeyPackage: a one-time one (deleted as it is handed
+    /// out, so never twice), or the last-resort one when none is left.
+    /// Returns the package and whether it is the last-resort one.
+    async fn take_key_package(&self, account: &AccountId) -> Result<Option<(Vec<u8>, bool)>>;
+    async fn key_package_stock(&self, account: &AccountId) -> Result<KeyPackageStock>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    pub epoch: u64,
+    pub members: Vec<AccountId>,
+}
+
+/// A commit as the delivery service records it.
+#[derive(Debug, Clone)]
+pub struct CommitRecord {
+    pub group_id: GroupId,
+    pub epoch: u64,
+    pub sender: AccountId,
+    pub commit: Vec<u8>,
+    pub welcome: Option<Vec<u8>>,
+    pub added: Vec<AccountId>,
+    pub removed: Vec<AccountId>,
+}
+
+impl CommitRecord {
+    pub fn hash(&self) -> [u8; 32] {
+        Sha256::digest(&self.commit).into()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The group moved to `epoch`; these accounts got deliveries.
+    Accepted {
+        epoch: u64,
+        recipients: Vec<AccountId>,
+    },
+    /// The same commit was accepted before (a retry after a lost response).
+    Duplicate {
+        epoch: u64,
+    },
+    /// Another commit won this epoch.
+    Stale {
+        current_epoch: u64,
+    },
+    UnknownGroup,
+    NotAMember,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FanOutOutcome {
+    Stored { recipients: Vec<AccountId> },
+    UnknownGroup,
+    NotAMember,
+}
+
+#[async_trait]
+pub trait Groups: Send + Sync {
+    /// Registers a group at epoch 0 with `creator` as its only member.
+    /// Returns false if the group ID exists.
+    async fn create_group(
+        &self,
+        group: &GroupId,
+        creator: &AccountId,
+        now: Timestamp,
+    ) -> Result<bool>;
+    async fn group(&self, group: &GroupId) -> Result<Option<GroupState>>;
+    /// Accepts `commit` if the group is still at `commit.epoch` and the
+    /// sender is a member: moves to the next epoch, applies the membership
+    /// change and stores the commit for every other member (removed ones
+    /// included, so they learn of it) and the Welcome for every added one.
+    async fn accept_commit(
+        &self,
+        commit: &CommitRecord,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<CommitOutcome>;
+    /// Stores an application message or proposal for every other member.
+    async fn fan_out(
+        &self,
+        group: &GroupId,
+        sender: &AccountId,
+        kind: DeliveryKind,
+        payload: &[u8],
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<FanOutOutcome>;
+}
+
+/// One stored mailbox item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDelivery {
+    pub id: u64,
+    pub sender: AccountId,
+    pub kind: DeliveryKind,
+    pub group_id: Option<GroupId>,
+    pub payload: Vec<u8>,
+    pub sent_at: Timestamp,
+}
+
+#[async_trait]
+pub trait Mailboxes: Send + Sync {
+    /// Deliveries for `recipient` with an ID above `after`, oldest first.
+    async fn pending(
+        &self,
+        recipient: &AccountId,
+        after: u64,
+        limit: usize,
+        now: Timestamp,
+    ) -> Result<Vec<StoredDelivery>>;
+    /// Deletes acknowledged deliveries; returns how many existed.
+    async fn ack(&self, recipient: &AccountId, ids: &[u64]) -> Result<usize>;
+    /// Deletes deliveries whose time to live has passed.
+    async fn expire(&self, now: Timestamp) -> Result<usize>;
+}
+
+/// Everything the server needs from storage.
+pub trait Store: Accounts + Contacts + KeyPackages + Groups + Mailboxes + 'static {}
+impl<T: Accounts + Contacts + KeyPackages + Groups + Mailboxes + 'static> Store for T {}

@@ -1,0 +1,454 @@
+//! The behaviour every storage backend must show. A backend's tests call
+//! [`run_all`] with a function that makes a fresh, empty store; each check
+//! gets its own. Checks panic with a description of what differed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+
+use umbra_proto::{AccountId, ActivationCode, DeliveryKind, GroupId, IdentityKey};
+
+use crate::{
+    CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome, ContactRequestOutcome, DAY,
+    FanOutOutcome, Registration, Store,
+};
+
+const NOW: u64 = 1_800_000_000;
+const TTL: u64 = 7 * DAY;
+
+/// Runs every check, each against a fresh store from `make`.
+pub async fn run_all<S, F, Fut>(make: F)
+where
+    S: Store,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    registration(&make().await).await;
+    key_packages(&make().await).await;
+    contacts(&make().await).await;
+    commits_one_per_epoch(&make().await).await;
+    fan_out_and_mailboxes(&make().await).await;
+    expiry(&make().await).await;
+}
+
+fn account(text: &str) -> AccountId {
+    AccountId::parse(text).unwrap()
+}
+
+fn code(n: u8) -> CodeHash {
+    let digits = AccountId::ALPHABET;
+    let text: String = (0..16)
+        .map(|i| char::from(digits[(usize::from(n) * 7 + i) % digits.len()]))
+        .collect();
+    CodeHash::of(&ActivationCode::parse(&text).unwrap())
+}
+
+fn key(n: u8) -> IdentityKey {
+    IdentityKey::from_bytes([n; 32])
+}
+
+fn group(n: u8) -> GroupId {
+    GroupId::new(vec![n; 16]).unwrap()
+}
+
+async fn registered(store: &impl Store, id: &str, n: u8) -> AccountId {
+    store.issue_codes(&[code(n)], 30, NOW).await.unwrap();
+    let id = account(id);
+    let outcome = store.register(code(n), &id, &key(n), NOW).await.unwrap();
+    assert!(
+        matches!(outcome, Registration::Registered(_)),
+        "{outcome:?}"
+    );
+    id
+}
+
+async fn befriend(store: &impl Store, a: &AccountId, b: &AccountId) {
+    store.request_contact(a, b, NOW, NOW + TTL).await.unwrap();
+    store.accept_contact(b, a, NOW, NOW + TTL).await.unwrap();
+}
+
+async fn registration(store: &impl Store) {
+    store
+        .issue_codes(&[code(1), code(2)], 180, NOW)
+        .await
+        .unwrap();
+    let alice = account("AAAAAAAA");
+    let bob = account("BBBBBBBB");
+    assert_eq!(
+        store.register(code(9), &alice, &key(1), NOW).await.unwrap(),
+        Registration::UnknownCode
+    );
+    let Registration::Registered(account_row) =
+        store.register(code(1), &alice, &key(1), NOW).await.unwrap()
+    else {
+        panic!("a fresh code must register");
+    };
+    assert_eq!(account_row.subscription_expires_at, NOW + 180 * DAY);
+    assert_eq!(store.account(&alice).await.unwrap(), Some(account_row));
+    assert_eq!(
+        store.register(code(1), &bob, &key(2), NOW).await.unwrap(),
+        Registration::CodeUsed
+    );
+    assert_eq!(
+        store.register(code(2), &alice, &key(2), NOW).await.unwrap(),
+        Registration::IdTaken
+    );
+    assert_eq!(
+        store.register(code(2), &bob, &key(1), NOW).await.unwrap(),
+        Registration::KeyTaken
+    );
+    // The failed attempts did not burn the code.
+    assert!(matches!(
+        store.register(code(2), &bob, &key(2), NOW).await.unwrap(),
+        Registration::Registered(_)
+    ));
+    assert_eq!(store.account(&account("CCCCCCCC")).await.unwrap(), None);
+}
+
+async fn key_packages(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    assert_eq!(store.take_key_package(&alice).await.unwrap(), None);
+    let stock = store
+        .add_key_packages(
+            &alice,
+            vec![b"kp1".to_vec(), b"kp2".to_vec()],
+            Some(b"last".to_vec()),
+        )
+        .await
+        .unwrap();
+    assert_eq!((stock.one_time, stock.has_last_resort), (2, true));
+    let first = store.take_key_package(&alice).await.unwrap();
+    let second = store.take_key_package(&alice).await.unwrap();
+    assert_eq!(first, Some((b"kp1".to_vec(), false)), "oldest first");
+    assert_eq!(
+        second,
+        Some((b"kp2".to_vec(), false)),
+        "each handed out once"
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            store.take_key_package(&alice).await.unwrap(),
+            Some((b"last".to_vec(), true)),
+            "the last-resort package stays"
+        );
+    }
+    let stock = store
+        .add_key_packages(&alice, vec![], Some(b"newer".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!((stock.one_time, stock.has_last_resort), (0, true));
+    assert_eq!(
+        store.take_key_package(&alice).await.unwrap(),
+        Some((b"newer".to_vec(), true)),
+        "uploading a last-resort package replaces the old one"
+    );
+}
+
+async fn contacts(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    assert!(!store.are_contacts(&alice, &bob).await.unwrap());
+    assert_eq!(
+        store
+            .accept_contact(&bob, &alice, NOW, NOW + TTL)
+            .await
+            .unwrap()
+            .0,
+        ContactAcceptOutcome::NoRequest
+    );
+    let (outcome, id) = store
+        .request_contact(&alice, &bob, NOW, NOW + TTL)
+        .await
+        .unwrap();
+    assert_eq!(outcome, ContactRequestOutcome::Sent);
+    assert!(id.is_some());
+    assert_eq!(
+        store
+            .request_contact(&alice, &bob, NOW, NOW + TTL)
+            .await
+            .unwrap()
+            .0,
+        ContactRequestOutcome::AlreadyRequested
+    );
+    assert!(
+        !store.are_contacts(&alice, &bob).await.unwrap(),
+        "not before acceptance"
+    );
+    assert_eq!(
+        store
+            .accept_contact(&alice, &bob, NOW, NOW + TTL)
+            .await
+            .unwrap()
+            .0,
+        ContactAcceptOutcome::NoRequest,
+        "the requester cannot accept its own request"
+    );
+    let inbox = store.pending(&bob, 0, 10, NOW).await.unwrap();
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(
+        (inbox[0].kind, &inbox[0].sender),
+        (DeliveryKind::ContactRequest, &alice)
+    );
+    assert_eq!(
+        store
+            .accept_contact(&bob, &alice, NOW, NOW + TTL)
+            .await
+            .unwrap()
+            .0,
+        ContactAcceptOutcome::Accepted
+    );
+    assert!(store.are_contacts(&alice, &bob).await.unwrap());
+    assert!(store.are_contacts(&bob, &alice).await.unwrap());
+    let inbox = store.pending(&alice, 0, 10, NOW).await.unwrap();
+    assert_eq!(
+        (inbox[0].kind, &inbox[0].sender),
+        (DeliveryKind::ContactAccepted, &bob)
+    );
+    assert_eq!(
+        store
+            .request_contact(&bob, &alice, NOW, NOW + TTL)
+            .await
+            .unwrap()
+            .0,
+        ContactRequestOutcome::AlreadyContacts
+    );
+}
+
+fn commit(
+    group_id: &GroupId,
+    epoch: u64,
+    sender: &AccountId,
+    body: &[u8],
+    added: &[&AccountId],
+    removed: &[&AccountId],
+) -> CommitRecord {
+    CommitRecord {
+        group_id: group_id.clone(),
+        epoch,
+        sender: sender.clone(),
+        commit: body.to_vec(),
+        welcome: (!added.is_empty()).then(|| b"welcome".to_vec()),
+        added: added.iter().map(|a| (*a).clone()).collect(),
+        removed: removed.iter().map(|a| (*a).clone()).collect(),
+    }
+}
+
+async fn commits_one_per_epoch(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    let carol = registered(store, "CCCCCCCC", 3).await;
+    let g = group(1);
+    assert!(store.create_group(&g, &alice, NOW).await.unwrap());
+    assert!(
+        !store.create_group(&g, &bob, NOW).await.unwrap(),
+        "IDs are unique"
+    );
+    assert_eq!(
+        store
+            .accept_commit(
+                &commit(&group(2), 0, &alice, b"c", &[], &[]),
+                NOW,
+                NOW + TTL
+            )
+            .await
+            .unwrap(),
+        CommitOutcome::UnknownGroup
+    );
+    assert_eq!(
+        store
+            .accept_commit(&commit(&g, 0, &bob, b"c", &[&bob], &[]), NOW, NOW + TTL)
+            .await
+            .unwrap(),
+        CommitOutcome::NotAMember
+    );
+    let add = commit(&g, 0, &alice, b"add bob and carol", &[&bob, &carol], &[]);
+    let outcome = store.accept_commit(&add, NOW, NOW + TTL).await.unwrap();
+    let CommitOutcome::Accepted {
+        epoch: 1,
+        mut recipients,
+    } = outcome
+    else {
+        panic!("{outcome:?}");
+    };
+    recipients.sort();
+    assert_eq!(
+        recipients,
+        vec![bob.clone(), carol.clone()],
+        "welcomes to the added"
+    );
+    assert_eq!(
+        store.accept_commit(&add, NOW, NOW + TTL).await.unwrap(),
+        CommitOutcome::Duplicate { epoch: 1 },
+        "a retried commit is recognised, not applied twice"
+    );
+    let welcome = store.pending(&bob, 0, 10, NOW).await.unwrap();
+    assert_eq!(welcome.len(), 1);
+    assert_eq!(welcome[0].kind, DeliveryKind::Welcome);
+    assert_eq!(welcome[0].group_id.as_ref(), Some(&g));
+
+    // Bob and Carol both commit in epoch 1: exactly one wins.
+    let by_bob = commit(&g, 1, &bob, b"bob's update", &[], &[]);
+    let by_carol = commit(&g, 1, &carol, b"carol's update", &[], &[]);
+    assert!(matches!(
+        store.accept_commit(&by_bob, NOW, NOW + TTL).await.unwrap(),
+        CommitOutcome::Accepted { epoch: 2, .. }
+    ));
+    assert_eq!(
+        store
+            .accept_commit(&by_carol, NOW, NOW + TTL)
+            .await
+            .unwrap(),
+        CommitOutcome::Stale { current_epoch: 2 }
+    );
+    let carols = store.pending(&carol, 0, 10, NOW).await.unwrap();
+    assert_eq!(
+        carols
+            .iter()
+            .map(|d| d.payload.as_slice())
+            .collect::<Vec<_>>(),
+        vec![&b"welcome"[..], &b"bob's update"[..]],
+        "the loser receives the winner's commit to process"
+    );
+
+    // Removing Carol: she still gets that commit, then nothing more.
+    let remove = commit(&g, 2, &alice, b"remove carol", &[], &[&carol]);
+    assert!(matches!(
+        store.accept_commit(&remove, NOW, NOW + TTL).await.unwrap(),
+        CommitOutcome::Accepted { epoch: 3, .. }
+    ));
+    let state = store.group(&g).await.unwrap().unwrap();
+    assert_eq!(
+        (state.epoch, state.members),
+        (3, vec![alice.clone(), bob.clone()])
+    );
+    let last = store.pending(&carol, 0, 10, NOW).await.unwrap();
+    assert_eq!(
+        last.last().map(|d| d.payload.as_slice()),
+        Some(&b"remove carol"[..])
+    );
+    assert_eq!(
+        store
+            .fan_out(&g, &carol, DeliveryKind::Application, b"x", NOW, NOW + TTL)
+            .await
+            .unwrap(),
+        FanOutOutcome::NotAMember
+    );
+}
+
+async fn fan_out_and_mailboxes(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    befriend(store, &alice, &bob).await;
+    let skip = store.pending(&alice, 0, 100, NOW).await.unwrap();
+    store
+        .ack(&alice, &skip.iter().map(|d| d.id).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let g = group(7);
+    store.create_group(&g, &alice, NOW).await.unwrap();
+    store
+        .accept_commit(&commit(&g, 0, &alice, b"add", &[&bob], &[]), NOW, NOW + TTL)
+        .await
+        .unwrap();
+    for n in 0..5u8 {
+        let outcome = store
+            .fan_out(
+                &g,
+                &bob,
+                DeliveryKind::Application,
+                &[n],
+                NOW + u64::from(n),
+                NOW + TTL,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome,
+            FanOutOutcome::Stored {
+                recipients: vec![alice.clone()]
+            }
+        );
+    }
+    assert_eq!(
+        store
+            .fan_out(
+                &group(8),
+                &bob,
+                DeliveryKind::Application,
+                b"x",
+                NOW,
+                NOW + TTL
+            )
+            .await
+            .unwrap(),
+        FanOutOutcome::UnknownGroup
+    );
+    let page = store.pending(&alice, 0, 3, NOW).await.unwrap();
+    assert_eq!(
+        page.iter().map(|d| d.payload[0]).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert!(
+        page.windows(2).all(|w| w[0].id < w[1].id),
+        "in acceptance order"
+    );
+    let rest = store.pending(&alice, page[2].id, 10, NOW).await.unwrap();
+    assert_eq!(
+        rest.iter().map(|d| d.payload[0]).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    assert_eq!(rest[0].sender, bob);
+    assert_eq!(rest[0].sent_at, NOW + 3);
+
+    // Bob cannot delete Alice's mail; Alice can.
+    assert_eq!(store.ack(&bob, &[page[0].id]).await.unwrap(), 0);
+    assert_eq!(
+        store.ack(&alice, &[page[0].id, page[1].id]).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        store.ack(&alice, &[page[0].id]).await.unwrap(),
+        0,
+        "acks are idempotent"
+    );
+    let left = store.pending(&alice, 0, 10, NOW).await.unwrap();
+    assert_eq!(left.len(), 3);
+}
+
+async fn expiry(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    store
+        .request_contact(&alice, &bob, NOW, NOW + 10)
+        .await
+        .unwrap();
+    assert_eq!(store.pending(&bob, 0, 10, NOW + 9).await.unwrap().len(), 1);
+    assert!(
+        store
+            .pending(&bob, 0, 10, NOW + 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "an expired delivery is never handed out, even before it is swept"
+    );
+    assert_eq!(store.expire(NOW + 9).await.unwrap(), 0);
+    assert_eq!(store.expire(NOW + 10).await.unwrap(), 1);
+}
+
+/// First half of a durability check: write state a restart must keep.
+pub async fn survives_reopen_part_one(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    store
+        .request_contact(&alice, &bob, NOW, NOW + TTL)
+        .await
+        .unwrap();
+}
+
+/// Second half, on the reopened store.
+pub async fn survives_reopen_part_two(store: &impl Store) {
+    let bob = account("BBBBBBBB");
+    assert!(store.account(&bob).await.unwrap().is_some());
+    let inbox = store.pending(&bob, 0, 10, NOW).await.unwrap();
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(inbox[0].kind, DeliveryKind::ContactRequest);
+}
