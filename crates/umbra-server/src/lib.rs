@@ -1,1 +1,273 @@
-//! placeholder
+//! The Umbra relay. It authenticates devices, keeps the KeyPackage directory,
+//! orders each group's commits (one per epoch), and stores ciphertext in
+//! per-device mailboxes until the device acknowledges it.
+//!
+//! Entry point: [`run`] serves a bound listener until a cancellation token
+//! fires, then drains its connections. [`init`] prepares a data directory;
+//! [`admin`] holds the operator's commands.
+//!
+//! **Invariant:** the server never holds a private key of a device or a
+//! plaintext message; it cannot decrypt what it relays.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+pub mod admin;
+pub mod clock;
+pub mod config;
+mod connection;
+mod registry;
+pub mod service;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use umbra_proto::CertFingerprint;
+use umbra_store::Store;
+use umbra_store::sqlite::SqliteStore;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::Config;
+pub use connection::websocket_config;
+
+use crate::connection::Connection;
+use crate::registry::Registry;
+use crate::service::{Limits, Services};
+
+/// Which way a frame went, for a [`FrameTap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+/// Sees every WebSocket frame the server receives or sends (after TLS).
+/// Used by audits and tests that check what crosses the wire.
+pub type FrameTap = Arc<dyn Fn(Direction, &[u8]) + Send + Sync>;
+
+/// How long a new connection may take to finish its TLS and WebSocket
+/// handshakes before it is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot open the database: {0}")]
+    Store(#[from] umbra_store::StoreError),
+    #[error(
+        "refusing to serve plain ws:// on {0}: without TLS the server may listen on a loopback address only"
+    )]
+    PlaintextOffLoopback(SocketAddr),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+/// Extra wiring for [`run`]; the defaults are right for production.
+#[derive(Clone)]
+pub struct ServerOptions {
+    pub clock: Arc<dyn Clock>,
+    pub tap: Option<FrameTap>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            clock: Arc::new(SystemClock),
+            tap: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("clock", &self.clock)
+            .field("tap", &self.tap.is_some())
+            .finish()
+    }
+}
+
+/// Creates `data_dir` with a documented configuration file and a fresh
+/// self-signed certificate for `public_address`. Returns the certificate's
+/// fingerprint, which activation strings carry.
+pub fn init(data_dir: &Path, public_address: &str) -> Result<CertFingerprint, ServerError> {
+    let io = |context: String| move |source| ServerError::Io { context, source };
+    std::fs::create_dir_all(data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
+    let config_path = data_dir.join(config::CONFIG_FILE);
+    if !config_path.exists() {
+        let text = config::DEFAULT_CONFIG_TEXT.replace(
+            "public_address = \"127.0.0.1:7443\"",
+            &format!("public_address = {public_address:?}"),
+        );
+        std::fs::write(&config_path, text)
+            .map_err(io(format!("writing {}", config_path.display())))?;
+    }
+    let config = Config::load(data_dir)?;
+    let cert = data_dir.join(&config.cert);
+    if cert.exists() {
+        return Ok(tls::fingerprint(&cert)?);
+    }
+    let host = public_address
+        .rsplit_once(':')
+        .map(|(host, _)| host.trim_matches(['[', ']']).to_owned())
+        .unwrap_or_else(|| public_address.to_owned());
+    let mut names = vec![host, "localhost".to_owned()];
+    names.dedup();
+    Ok(tls::generate(&cert, &data_dir.join(&config.key), names)?)
+}
+
+/// Opens the data directory's SQLite store.
+pub fn open_store(data_dir: &Path, config: &Config) -> Result<SqliteStore, ServerError> {
+    Ok(SqliteStore::open(&data_dir.join(&config.database))?)
+}
+
+/// Serves `listener` until `shutdown` is cancelled, then stops accepting,
+/// lets every connection finish the request it is handling, and returns.
+/// Every message acknowledged to a sender was stored before the
+/// acknowledgement, so none is lost by stopping.
+pub async fn run(
+    config: Config,
+    data_dir: PathBuf,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    options: ServerOptions,
+) -> Result<(), ServerError> {
+    let local = listener.local_addr().map_err(|source| ServerError::Io {
+        context: "reading the listening address".into(),
+        source,
+    })?;
+    if !config.tls && !local.ip().is_loopback() {
+        return Err(ServerError::PlaintextOffLoopback(local));
+    }
+    let acceptor = if config.tls {
+        let server_config =
+            tls::server_config(&data_dir.join(&config.cert), &data_dir.join(&config.key))?;
+        Some(tokio_rustls::TlsAcceptor::from(server_config))
+    } else {
+        None
+    };
+    let store: Arc<dyn Store> = Arc::new(open_store(&data_dir, &config)?);
+    let services = Arc::new(Services {
+        store,
+        registry: Registry::default(),
+        clock: options.clock,
+        limits: Limits {
+            mailbox_ttl_secs: config.mailbox_ttl.as_secs(),
+            key_package_low_water: config.key_package_low_water,
+        },
+    });
+    info!(%local, tls = config.tls, "umbra-server listening");
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(sweep_expired(
+        Arc::clone(&services),
+        config.expiry_sweep_interval,
+        shutdown.clone(),
+    ));
+    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let next_id = AtomicU64::new(1);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Typically EMFILE: back off briefly instead of spinning.
+                warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = Connection {
+            services: Arc::clone(&services),
+            id: next_id.fetch_add(1, Ordering::Relaxed),
+            shutdown: shutdown.clone(),
+            tap: options.tap.clone(),
+            max_malformed_frames: config.max_malformed_frames,
+        };
+        let acceptor = acceptor.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            match acceptor {
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => connection.serve(tls).await,
+                        Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+                None => connection.serve(stream).await,
+            }
+        });
+    }
+    drop(listener);
+    tracker.close();
+    info!(
+        connections = tracker.len(),
+        "shutting down: draining connections"
+    );
+    tracker.wait().await;
+    info!("umbra-server stopped");
+    Ok(())
+}
+
+/// Draws `len` characters uniformly from the account-ID alphabet (used for
+/// account IDs and activation codes).
+pub(crate) fn random_string(len: usize) -> Result<String, getrandom::Error> {
+    let alphabet = umbra_proto::AccountId::ALPHABET;
+    let mut out = String::with_capacity(len);
+    let mut bytes = [0u8; 32];
+    while out.len() < len {
+        getrandom::getrandom(&mut bytes)?;
+        // Rejection sampling: 248 is the largest multiple of 31 below 256,
+        // so every character is equally likely.
+        for byte in bytes.iter().filter(|b| **b < 248) {
+            if out.len() == len {
+                break;
+            }
+            if let Some(c) = alphabet.get(usize::from(*byte) % alphabet.len()) {
+                out.push(char::from(*c));
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn sweep_expired(services: Arc<Services>, every: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(every.max(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match services.store.expire(services.clock.now()).await {
+            Ok(0) => {}
+            Ok(removed) => info!(removed, "expired undelivered messages"),
+            Err(error) => warn!(%error, "expiring mailboxes failed"),
+        }
+    }
+}

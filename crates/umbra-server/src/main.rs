@@ -1,1 +1,179 @@
-fn main() {}
+//! `umbra-server`: run the relay, prepare its data directory, and the
+//! operator's administration commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use umbra_server::{Clock, Config, ServerOptions, SystemClock, admin};
+
+/// The Umbra relay: stores and forwards end-to-end-encrypted messages
+/// between devices. It never sees a private key or a plaintext.
+#[derive(Debug, Parser)]
+#[command(name = "umbra-server", version, about, long_about = None)]
+struct Cli {
+    /// Data directory: configuration, TLS certificate and database.
+    #[arg(long, global = true, env = "UMBRA_DATA", default_value = "umbra-data")]
+    data: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the data directory: a documented configuration file and a
+    /// self-signed TLS certificate whose fingerprint devices will pin.
+    Init {
+        /// host:port that devices will connect to.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        public_address: String,
+    },
+    /// Run the server (initialising the data directory first if it is new).
+    Run,
+    /// Operator commands.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Activation codes for new lines.
+    Codes {
+        #[command(subcommand)]
+        command: CodesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CodesCommand {
+    /// Issue one-time activation codes. Prints one activation string per
+    /// code (and a QR code for a single one) to hand to the new user, who
+    /// runs `umbra activate STRING`.
+    Issue {
+        /// Subscription length each code grants, in days.
+        #[arg(long, default_value_t = 180)]
+        days: u32,
+        /// How many codes to issue.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Print a QR code under every activation string.
+        #[arg(long)]
+        qr: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("UMBRA_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { public_address } => {
+            let pin = umbra_server::init(&cli.data, &public_address)?;
+            println!("Initialised {}", cli.data.display());
+            println!("Certificate fingerprint (devices pin it): {pin}");
+            println!(
+                "Next: umbra-server --data {} admin codes issue --days 180",
+                cli.data.display()
+            );
+        }
+        Command::Run => {
+            if !cli.data.join(umbra_server::config::CONFIG_FILE).exists() {
+                let pin = umbra_server::init(&cli.data, "127.0.0.1:7443")?;
+                eprintln!(
+                    "Initialised a new data directory {} (certificate fingerprint {pin})",
+                    cli.data.display()
+                );
+            }
+            let config = Config::load(&cli.data)?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            let shutdown = CancellationToken::new();
+            let on_signal = shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                on_signal.cancel();
+            });
+            umbra_server::run(
+                config,
+                cli.data.clone(),
+                listener,
+                shutdown,
+                ServerOptions::default(),
+            )
+            .await?;
+        }
+        Command::Admin {
+            command:
+                AdminCommand::Codes {
+                    command: CodesCommand::Issue { days, count, qr },
+                },
+        } => {
+            anyhow::ensure!(
+                cli.data.join(umbra_server::config::CONFIG_FILE).exists(),
+                "{} is not an Umbra data directory; run `umbra-server init` first",
+                cli.data.display()
+            );
+            anyhow::ensure!(
+                (1..=100_000).contains(&count),
+                "--count must be 1 to 100000"
+            );
+            let config = Config::load(&cli.data)?;
+            let strings =
+                admin::issue_codes(&cli.data, &config, days, count, SystemClock.now()).await?;
+            for string in &strings {
+                println!("{string}");
+                if (qr || count == 1)
+                    && let Some(code) = admin::qr_text(&string.to_string())
+                {
+                    println!("{code}");
+                }
+            }
+            eprintln!(
+                "Issued {count} activation code(s), {days} days each. Each works once: hand each string to one user, who runs `umbra activate STRING`."
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,58 @@
+//! Operator commands that work on the data directory directly, whether or
+//! not the server is running (SQLite's WAL lets both use the database).
+
+use std::path::Path;
+
+use umbra_proto::{ActivationCode, ActivationString};
+use umbra_store::{Accounts, CodeHash};
+
+use crate::{Config, ServerError, open_store, tls};
+
+/// Draws `count` one-time activation codes, each granting `days` of
+/// subscription, stores their hashes and returns the activation strings to
+/// hand out (the only place the codes themselves ever appear).
+pub async fn issue_codes(
+    data_dir: &Path,
+    config: &Config,
+    days: u32,
+    count: usize,
+    now: u64,
+) -> Result<Vec<ActivationString>, ServerError> {
+    let pin = tls::fingerprint(&data_dir.join(&config.cert))?;
+    let mut codes = Vec::with_capacity(count);
+    for _ in 0..count {
+        codes.push(random_code()?);
+    }
+    let store = open_store(data_dir, config)?;
+    let hashes: Vec<CodeHash> = codes.iter().map(CodeHash::of).collect();
+    store.issue_codes(&hashes, days, now).await?;
+    Ok(codes
+        .into_iter()
+        .map(|code| ActivationString {
+            address: config.public_address.clone(),
+            pin,
+            code,
+        })
+        .collect())
+}
+
+/// 16 characters from a 31-letter alphabet: about 79 bits of randomness.
+fn random_code() -> Result<ActivationCode, ServerError> {
+    let error = |reason: String| ServerError::Io {
+        context: "drawing an activation code".into(),
+        source: std::io::Error::other(reason),
+    };
+    let text = crate::random_string(ActivationCode::LEN).map_err(|e| error(e.to_string()))?;
+    ActivationCode::parse(&text).map_err(|e| error(e.to_string()))
+}
+
+/// Renders text as a QR code made of Unicode half blocks, for a terminal.
+pub fn qr_text(text: &str) -> Option<String> {
+    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
+    Some(
+        code.render::<qrcode::render::unicode::Dense1x2>()
+            .dark_color(qrcode::render::unicode::Dense1x2::Light)
+            .light_color(qrcode::render::unicode::Dense1x2::Dark)
+            .build(),
+    )
+}

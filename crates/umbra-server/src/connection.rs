@@ -1,0 +1,261 @@
+//! One device connection: the WebSocket handshake, the request loop, and the
+//! pump that pushes the device's mailbox to it.
+//!
+//! Three tasks per authenticated connection: this reader (requests are
+//! handled one at a time, in order), a writer that owns the socket's sending
+//! half, and the pump. They talk through a bounded queue of outgoing frames,
+//! so a slow device slows only itself.
+
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use umbra_proto::frame::Delivery;
+use umbra_proto::{
+    AccountId, DecodeError, ErrorCode, ErrorReply, MAX_FRAME_BYTES, Nonce, PROTOCOL_VERSION, Push,
+    ServerMessage, decode_client, encode_server,
+};
+
+use crate::service::{Services, Session};
+use crate::{Direction, FrameTap};
+
+/// Outgoing frames queued per connection before the reader or pump waits.
+const OUTBOUND_QUEUE: usize = 256;
+/// Deliveries read from the store per pump round.
+const PUMP_BATCH: usize = 128;
+
+/// WebSocket settings: a small read buffer (tungstenite allocates it up
+/// front for every connection) and the protocol's frame limit.
+pub fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+}
+
+pub(crate) struct Connection {
+    pub services: Arc<Services>,
+    pub id: u64,
+    pub shutdown: CancellationToken,
+    pub tap: Option<FrameTap>,
+    pub max_malformed_frames: u32,
+}
+
+fn error_frame(id: u64, error: ErrorReply) -> Vec<u8> {
+    encode_server(&ServerMessage::Response {
+        id,
+        result: Err(error),
+    })
+}
+
+fn decode_error_reply(error: &DecodeError) -> ErrorReply {
+    let code = match error {
+        DecodeError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+        DecodeError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+        _ => ErrorCode::MalformedFrame,
+    };
+    ErrorReply::new(code, error.to_string())
+}
+
+impl Connection {
+    /// Serves one accepted stream (TLS or plain) until the device leaves,
+    /// misbehaves, or the server shuts down.
+    pub async fn serve<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let ws = match tokio_tungstenite::accept_async_with_config(stream, Some(websocket_config()))
+            .await
+        {
+            Ok(ws) => ws,
+            Err(error) => {
+                debug!(connection = self.id, %error, "WebSocket handshake failed");
+                return;
+            }
+        };
+        let (mut sink, mut source) = ws.split();
+        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(OUTBOUND_QUEUE);
+        let tap = self.tap.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(bytes) = out_rx.recv().await {
+                if let Some(tap) = &tap {
+                    tap(Direction::Outbound, &bytes);
+                }
+                if sink.send(Message::Binary(bytes.into())).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+
+        let mut nonce = [0u8; 32];
+        if getrandom::getrandom(&mut nonce).is_err() {
+            warn!("no randomness for a connection nonce; dropping the connection");
+            return;
+        }
+        let nonce = Nonce::from_bytes(nonce);
+        let hello = ServerMessage::Push(Push::Hello {
+            protocol_version: u32::from(PROTOCOL_VERSION),
+            nonce,
+            server_time: self.services.clock.now(),
+            max_frame_bytes: MAX_FRAME_BYTES as u32,
+        });
+        let _ = out_tx.send(encode_server(&hello)).await;
+
+        let mut session = Session::AwaitingAuth { nonce };
+        let mut online: Option<(AccountId, CancellationToken)> = None;
+        let mut malformed = 0u32;
+        loop {
+            let next = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                next = source.next() => next,
+            };
+            let bytes = match next {
+                None | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(Message::Binary(bytes))) => bytes,
+                Some(Ok(Message::Text(_))) => {
+                    malformed += 1;
+                    let error = ErrorReply::new(
+                        ErrorCode::MalformedFrame,
+                        "text frames are not part of the protocol; send binary frames",
+                    );
+                    if out_tx.send(error_frame(0, error)).await.is_err()
+                        || malformed >= self.max_malformed_frames
+                    {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Ok(_)) => continue, // ping, pong: tungstenite answers pings itself
+                Some(Err(WsError::Capacity(error))) => {
+                    let error = ErrorReply::new(
+                        ErrorCode::FrameTooLarge,
+                        format!("{error}; the limit is {MAX_FRAME_BYTES} bytes"),
+                    );
+                    let _ = out_tx.send(error_frame(0, error)).await;
+                    break;
+                }
+                Some(Err(error)) => {
+                    debug!(connection = self.id, %error, "connection error");
+                    break;
+                }
+            };
+            if let Some(tap) = &self.tap {
+                tap(Direction::Inbound, &bytes);
+            }
+            let frame = match decode_client(&bytes) {
+                Ok(frame) => frame,
+                Err(error) => {
+                    malformed += 1;
+                    debug!(connection = self.id, %error, "malformed frame");
+                    if out_tx
+                        .send(error_frame(0, decode_error_reply(&error)))
+                        .await
+                        .is_err()
+                        || malformed >= self.max_malformed_frames
+                    {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let result = self.services.handle(&mut session, frame.request).await;
+            let response = ServerMessage::Response {
+                id: frame.id,
+                result,
+            };
+            if out_tx.send(encode_server(&response)).await.is_err() {
+                break;
+            }
+            if let (None, Session::Authenticated { account, .. }) = (&online, &session) {
+                let notify = self.services.registry.register(account, self.id);
+                let stop = self.shutdown.child_token();
+                tokio::spawn(pump(
+                    Arc::clone(&self.services),
+                    account.clone(),
+                    notify,
+                    out_tx.clone(),
+                    stop.clone(),
+                ));
+                online = Some((account.clone(), stop));
+            }
+        }
+        if let Some((account, stop)) = online {
+            stop.cancel();
+            self.services.registry.unregister(&account, self.id);
+        }
+        drop(out_tx);
+        let _ = writer.await;
+    }
+}
+
+/// Pushes `account`'s mailbox to this connection: the stored backlog first,
+/// then `Synced`, then each new delivery as it is stored. Everything is read
+/// back from the store, so what is pushed was durable before it was pushed.
+async fn pump(
+    services: Arc<Services>,
+    account: AccountId,
+    notify: Arc<Notify>,
+    out: mpsc::Sender<Vec<u8>>,
+    stop: CancellationToken,
+) {
+    let mut after = 0u64;
+    let mut synced = false;
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        // Register interest before reading, so a delivery stored between the
+        // read and the wait still wakes us.
+        notified.as_mut().enable();
+        let batch = tokio::select! {
+            _ = stop.cancelled() => return,
+            batch = services.store.pending(&account, after, PUMP_BATCH, services.clock.now()) => batch,
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(error) => {
+                warn!(%error, "reading a mailbox failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        if batch.is_empty() {
+            if !synced {
+                synced = true;
+                if out
+                    .send(encode_server(&ServerMessage::Push(Push::Synced)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = notified => continue,
+            }
+        }
+        for stored in batch {
+            after = stored.id;
+            let push = ServerMessage::Push(Push::Delivery(Delivery {
+                id: stored.id,
+                sender: stored.sender,
+                kind: stored.kind,
+                group_id: stored.group_id,
+                payload: stored.payload,
+                sent_at: stored.sent_at,
+            }));
+            if out.send(encode_server(&push)).await.is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! The services behind the protocol: authentication, the KeyPackage
+//! directory, contacts and the MLS delivery service. One call per request;
+//! the connection handler owns the socket, this owns the rules.
+
+use std::sync::Arc;
+
+use tracing::{debug, info, warn};
+use umbra_proto::frame::CommitSubmission;
+use umbra_proto::{
+    AccountId, DeliveryKind, ErrorCode, ErrorReply, GroupId, Nonce, Reply, Request,
+    login_signing_payload, register_signing_payload,
+};
+use umbra_store::{
+    CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome, ContactRequestOutcome,
+    FanOutOutcome, Registration, Store, StoreError,
+};
+
+use crate::clock::Clock;
+use crate::registry::Registry;
+
+/// Where a connection stands in authentication.
+#[derive(Debug, Clone)]
+pub enum Session {
+    /// Waiting for Register or Login signed over this nonce.
+    AwaitingAuth { nonce: Nonce },
+    Authenticated {
+        account: AccountId,
+        subscription_expires_at: u64,
+    },
+}
+
+/// Rules that the services apply, from the configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub mailbox_ttl_secs: u64,
+    pub key_package_low_water: u32,
+}
+
+/// Shared by every connection.
+pub struct Services {
+    pub store: Arc<dyn Store>,
+    pub registry: Registry,
+    pub clock: Arc<dyn Clock>,
+    pub limits: Limits,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+type Outcome = Result<Reply, ErrorReply>;
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
+    ErrorReply::new(code, message)
+}
+
+fn internal(error: StoreError) -> ErrorReply {
+    warn!(%error, "storage failure");
+    refuse(
+        ErrorCode::Internal,
+        "the server could not complete the request; try again",
+    )
+}
+
+/// Formats Unix seconds as a UTC date for people.
+pub fn date(unix: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix);
+    humantime::format_rfc3339_seconds(time)
+        .to_string()
+        .split('T')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Draws a random account ID, uniformly over the alphabet.
+fn random_account_id() -> Result<AccountId, ErrorReply> {
+    crate::random_string(AccountId::LEN)
+        .ok()
+        .and_then(|text| AccountId::parse(&text).ok())
+        .ok_or_else(|| refuse(ErrorCode::Internal, "no randomness available"))
+}
+
+impl Services {
+    fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    fn expires_at(&self, now: u64) -> u64 {
+        now.saturating_add(self.limits.mailbox_ttl_secs)
+    }
+
+    /// Handles one request, updating `session` on successful authentication.
+    pub async fn handle(&self, session: &mut Session, request: Request) -> Outcome {
+        match (&*session, request) {
+            (
+                Session::AwaitingAuth { nonce },
+                Request::Register {
+                    activation_code,
+                    identity_key,
+                    signature,
+                },
+            ) => {
+                let payload = register_signing_payload(nonce, &identity_key);
+                if !umbra_mls::verify(&identity_key, &payload, &signature) {
+                    return Err(refuse(
+                        ErrorCode::BadSignature,
+                        "registration signature does not verify with the identity key",
+                    ));
+                }
+                let now = self.now();
+                let code = CodeHash::of(&activation_code);
+                for _ in 0..8 {
+                    let id = random_account_id()?;
+                    match self
+                        .store
+                        .register(code, &id, &identity_key, now)
+                        .await
+                        .map_err(internal)?
+                    {
+                        Registration::Registered(account) => {
+                            info!(account = %account.id, "account registered");
+                            *session = Session::Authenticated {
+                                account: account.id.clone(),
+                                subscription_expires_at: account.subscription_expires_at,
+                            };
+                            return Ok(Reply::Registered {
+                                account_id: account.id,
+                                subscription_expires_at: account.subscription_expires_at,
+                            });
+                        }
+                        Registration::IdTaken => continue,
+                        Registration::UnknownCode => {
+                            return Err(refuse(
+                                ErrorCode::UnknownActivationCode,
+                                "activation code is not known to this server",
+                            ));
+                        }
+                        Registration::CodeUsed => {
+                            return Err(refuse(
+                                ErrorCode::ActivationCodeUsed,
+                                "activation code already used",
+                            ));
+                        }
+                        Registration::KeyTaken => {
+                            return Err(refuse(
+                                ErrorCode::InvalidRequest,
+                                "this identity key already has an account",
+                            ));
+                        }
+                    }
+                }
+                Err(refuse(
+                    ErrorCode::Internal,
+                    "could not draw a free account ID",
+                ))
+            }
+            (
+                Session::AwaitingAuth { nonce },
+                Request::Login {
+                    account_id,
+                    signature,
+                },
+            ) => {
+                let Some(account) = self.store.account(&account_id).await.map_err(internal)? else {
+                    return Err(refuse(
+                        ErrorCode::UnknownAccount,
+                        format!("no account {account_id} on this server"),
+                    ));
+                };
+                let payload = login_signing_payload(nonce, &account_id);
+                if !umbra_mls::verify(&account.identity_key, &payload, &signature) {
+                    return Err(refuse(
+                        ErrorCode::BadSignature,
+                        "login signature does not verify with the account's identity key",
+                    ));
+                }
+                let stock = self
+                    .store
+                    .key_package_stock(&account_id)
+                    .await
+                    .map_err(internal)?;
+                debug!(account = %account_id, "logged in");
+                *session = Session::Authenticated {
+                    account: account_id,
+                    subscription_expires_at: account.subscription_expires_at,
+                };
+                Ok(Reply::LoggedIn {
+                    subscription_expires_at: account.subscription_expires_at,
+                    key_packages_remaining: stock.one_time,
+                    has_last_resort: stock.has_last_resort,
+                    key_package_low_water: self.limits.key_package_low_water,
+                })
+            }
+            (Session::Authenticated { .. }, Request::Register { .. } | Request::Login { .. }) => {
+                Err(refuse(
+                    ErrorCode::AlreadyAuthenticated,
+                    "this connection is already authenticated",
+                ))
+            }
+            (Session::AwaitingAuth { .. }, Request::Ping) => Ok(Reply::Done),
+            (Session::AwaitingAuth { .. }, _) => Err(refuse(
+                ErrorCode::NotAuthenticated,
+                "authenticate with Register or Login first",
+            )),
+            (
+                Session::Authenticated {
+                    account,
+                    subscription_expires_at,
+                },
+                request,
+            ) => {
+                let account = account.clone();
+                let expires = *subscription_expires_at;
+                self.authenticated(&account, expires, request).await
+            }
+        }
+    }
+
+    fn require_subscription(&self, expires: u64) -> Result<(), ErrorReply> {
+        if self.now() >= expires {
+            return Err(refuse(
+                ErrorCode::SubscriptionExpired,
+                format!(
+                    "subscription expired on {}, enter a renewal code",
+                    date(expires)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn authenticated(&self, me: &AccountId, expires: u64, request: Request) -> Outcome {
+        match request {
+            Request::UploadKeyPackages {
+                key_packages,
+                last_resort,
+            } => {
+                self.upload_key_packages(me, key_packages, last_resort)
+                    .await
+            }
+            Request::FetchKeyPackage { account_id } => {
+                if !self
+                    .store
+                    .are_contacts(me, &account_id)
+                    .await
+                    .map_err(internal)?
+                {
+                    return Err(refuse(
+                        ErrorCode::NotAContact,
+                        format!("{account_id} has not accepted a contact request from you"),
+                    ));
+                }
+                match self
+                    .store
+                    .take_key_package(&account_id)
+                    .await
+                    .map_err(internal)?
+                {
+                    Some((key_package, last_resort)) => Ok(Reply::KeyPackage {
+                        key_package,
+                        last_resort,
+                    }),
+                    None => Err(refuse(
+                        ErrorCode::NoKeyPackage,
+                        format!(
+                            "{account_id} has no KeyPackage available; ask them to come online"
+                        ),
+                    )),
+                }
+            }
+            Request::SendContactRequest { to } => {
+                self.require_subscription(expires)?;
+                if &to == me {
+                    return Err(refuse(ErrorCode::InvalidRequest, "you cannot add yourself"));
+                }
+                if self.store.account(&to).await.map_err(internal)?.is_none() {
+                    return Err(refuse(
+                        ErrorCode::UnknownAccount,
+                        format!("no account {to} on this server"),
+                    ));
+                }
+                let now = self.now();
+                let (outcome, _) = self
+                    .store
+                    .request_contact(me, &to, now, self.expires_at(now))
+                    .await
+                    .map_err(internal)?;
+                match outcome {
+                    ContactRequestOutcome::Sent => {
+                        self.registry.notify([&to]);
+                        Ok(Reply::Done)
+                    }
+                    ContactRequestOutcome::AlreadyRequested => Ok(Reply::Done),
+                    ContactRequestOutcome::AlreadyContacts => Err(refuse(
+                        ErrorCode::InvalidRequest,
+                        format!("{to} is already a contact"),
+                    )),
+                }
+            }
+            Request::AcceptContact { from } => {
+                let now = self.now();
+                let (outcome, _) = self
+                    .store
+                    .accept_contact(me, &from, now, self.expires_at(now))
+                    .await
+                    .map_err(internal)?;
+                match outcome {
+                    ContactAcceptOutcome::Accepted => {
+                        self.registry.notify([&from]);
+                        Ok(Reply::Done)
+                    }
+                    ContactAcceptOutcome::AlreadyContacts => Ok(Reply::Done),
+                    ContactAcceptOutcome::NoRequest => Err(refuse(
+                        ErrorCode::InvalidRequest,
+                        format!("there is no pending contact request from {from}"),
+                    )),
+                }
+            }
+            Request::CreateGroup { group_id } => {
+                self.require_subscription(expires)?;
+                if self
+                    .store
+                    .create_group(&group_id, me, self.now())
+                    .await
+                    .map_err(internal)?
+                {
+                    Ok(Reply::Done)
+                } else {
+                    Err(refuse(
+                        ErrorCode::GroupExists,
+                        "a group with this ID exists",
+                    ))
+                }
+            }
+            Request::SendCommit(commit) => {
+                self.require_subscription(expires)?;
+                self.send_commit(me, commit).await
+            }
+            Request::SendMessage {
+                group_id,
+                message,
+                kind,
+            } => {
+                self.require_subscription(expires)?;
+                self.send_message(me, group_id, message, kind).await
+            }
+            Request::Ack { delivery_ids } => {
+                self.store.ack(me, &delivery_ids).await.map_err(internal)?;
+                Ok(Reply::Done)
+            }
+            Request::LookupAccount { account_id } => {
+                match self.store.account(&account_id).await.map_err(internal)? {
+                    Some(account) => Ok(Reply::AccountInfo {
+                        account_id: account.id,
+                        identity_key: account.identity_key,
+                    }),
+                    None => Err(refuse(
+                        ErrorCode::UnknownAccount,
+                        format!("no account {account_id} on this server"),
+                    )),
+                }
+            }
+            Request::Ping => Ok(Reply::Done),
+            _ => Err(refuse(ErrorCode::InvalidRequest, "unsupported request")),
+        }
+    }
+
+    async fn upload_key_packages(
+        &self,
+        me: &AccountId,
+        key_packages: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    ) -> Outcome {
+        let Some(account) = self.store.account(me).await.map_err(internal)? else {
+            return Err(refuse(
+                ErrorCode::UnknownAccount,
+                "account no longer exists",
+            ));
+        };
+        let check = |bytes: &[u8], want_last_resort: bool| -> Result<(), ErrorReply> {
+            let valid = umbra_mls::validate_key_package(bytes)
+                .map_err(|e| refuse(ErrorCode::InvalidKeyPackage, e.to_string()))?;
+            if valid.account != *me || valid.identity_key != account.identity_key {
+                return Err(refuse(
+                    ErrorCode::InvalidKeyPackage,
+                    "KeyPackage credential does not match this account and its identity key",
+                ));
+            }
+            if valid.last_resort != want_last_resort {
+                return Err(refuse(
+                    ErrorCode::InvalidKeyPackage,
+                    if want_last_resort {
+                        "the last-resort slot needs a KeyPackage marked last-resort"
+                    } else {
+                        "one-time KeyPackages must not be marked last-resort"
+                    },
+                ));
+            }
+            Ok(())
+        };
+        for key_package in &key_packages {
+            check(key_package, false)?;
+        }
+        if let Some(key_package) = &last_resort {
+            check(key_package, true)?;
+        }
+        let stock = self
+            .store
+            .add_key_packages(me, key_packages, last_resort)
+            .await
+            .map_err(internal)?;
+        Ok(Reply::KeyPackageCount {
+            remaining: stock.one_time,
+        })
+    }
+
+    async fn send_commit(&self, me: &AccountId, commit: CommitSubmission) -> Outcome {
+        let header = umbra_mls::message_header(&commit.commit)
+            .map_err(|e| refuse(ErrorCode::InvalidRequest, e.to_string()))?;
+        if header.kind != umbra_mls::MessageKind::Commit
+            || header.group_id != commit.group_id.as_bytes()
+            || header.epoch != commit.epoch
+        {
+            return Err(refuse(
+                ErrorCode::InvalidRequest,
+                "the commit's MLS header does not match the declared group, epoch or type",
+            ));
+        }
+        if commit.added.is_empty() == commit.welcome.is_some() {
+            return Err(refuse(
+                ErrorCode::InvalidRequest,
+                "a commit that adds members carries a Welcome, and only then",
+            ));
+        }
+        for added in &commit.added {
+            if !self.store.are_contacts(me, added).await.map_err(internal)? {
+                return Err(refuse(
+                    ErrorCode::NotAContact,
+                    format!("{added} has not accepted a contact request from you"),
+                ));
+            }
+        }
+        let now = self.now();
+        let record = CommitRecord {
+            group_id: commit.group_id,
+            epoch: commit.epoch,
+            sender: me.clone(),
+            commit: commit.commit,
+            welcome: commit.welcome,
+            added: commit.added,
+            removed: commit.removed,
+        };
+        match self
+            .store
+            .accept_commit(&record, now, self.expires_at(now))
+            .await
+            .map_err(internal)?
+        {
+            CommitOutcome::Accepted { epoch, recipients } => {
+                self.registry.notify(&recipients);
+                Ok(Reply::CommitAccepted { epoch })
+            }
+            CommitOutcome::Duplicate { epoch } => Ok(Reply::CommitAccepted { epoch }),
+            CommitOutcome::Stale { current_epoch } => Err(ErrorReply {
+                code: ErrorCode::StaleEpoch,
+                message: format!(
+                    "another commit was accepted for epoch {}; the group is at epoch {current_epoch}: process it and retry",
+                    record.epoch
+                ),
+                current_epoch,
+            }),
+            CommitOutcome::UnknownGroup => Err(unknown_group(&record.group_id)),
+            CommitOutcome::NotAMember => Err(not_a_member()),
+        }
+    }
+
+    async fn send_message(
+        &self,
+        me: &AccountId,
+        group_id: GroupId,
+        message: Vec<u8>,
+        kind: DeliveryKind,
+    ) -> Outcome {
+        let header = umbra_mls::message_header(&message)
+            .map_err(|e| refuse(ErrorCode::InvalidRequest, e.to_string()))?;
+        let expected = match kind {
+            DeliveryKind::Proposal => umbra_mls::MessageKind::Proposal,
+            _ => umbra_mls::MessageKind::Application,
+        };
+        if header.kind != expected || header.group_id != group_id.as_bytes() {
+            return Err(refuse(
+                ErrorCode::InvalidRequest,
+                "the message's MLS header does not match the declared group or kind",
+            ));
+        }
+        let now = self.now();
+        match self
+            .store
+            .fan_out(&group_id, me, kind, &message, now, self.expires_at(now))
+            .await
+            .map_err(internal)?
+        {
+            FanOutOutcome::Stored { recipients } => {
+                self.registry.notify(&recipients);
+                Ok(Reply::Accepted { accepted_at: now })
+            }
+            FanOutOutcome::UnknownGroup => Err(unknown_group(&group_id)),
+            FanOutOutcome::NotAMember => Err(not_a_member()),
+        }
+    }
+}
+
+fn unknown_group(group: &GroupId) -> ErrorReply {
+    refuse(
+        ErrorCode::UnknownGroup,
+        format!("no group {} on this server", group.to_hex()),
+    )
+}
+
+fn not_a_member() -> ErrorReply {
+    refuse(ErrorCode::NotAMember, "you are not a member of this group")
+}
