@@ -1,1 +1,33 @@
-//! placeholder
+//! The Umbra device library: everything a front end needs, and all of the
+//! cryptography, on the device.
+//!
+//! A [`Client`] owns one device: its Ed25519 identity key, its encrypted
+//! store (SQLCipher, keyed by Argon2id of the passphrase), its MLS groups
+//! (through `umbra-mls`) and its connection to the server. Front ends call
+//! the async methods and consume one stream of [`Event`]s; this crate has no
+//! terminal code.
+//!
+//! **Invariants:** private keys and plaintext never leave the device; every
+//! MLS state change and the messages it produced are written in one
+//! transaction; a commit is merged only after the server accepted it.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+mod client;
+mod error;
+mod link;
+mod safety;
+mod secret;
+mod store;
+mod types;
+
+pub use client::{Client, ClientOptions};
+pub use error::{ClientError, Result};
+pub use safety::SafetyNumber;
+pub use secret::{KdfParams, Passphrase};
+pub use store::exists as device_exists;
+pub use types::{
+    ConnectionState, Contact, ContactState, Conversation, ConversationId, ConversationKind,
+    DeliveryState, Direction, Event, Message,
+};
+pub use umbra_mls::Suite;
+pub use umbra_proto::{AccountId, ActivationString, CertFingerprint, ErrorCode};

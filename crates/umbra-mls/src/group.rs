@@ -3,10 +3,10 @@
 //! [`Provider`]'s connection; the caller brackets it in a transaction.
 
 use openmls::prelude::{
-    BasicCredential, Credential, CredentialWithKey, GroupId, KeyPackage, KeyPackageIn,
-    LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig,
-    MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessedMessageContent, ProtocolVersion,
-    StagedWelcome,
+    BasicCredential, Capabilities, Credential, CredentialWithKey, ExtensionType, GroupId,
+    KeyPackage, KeyPackageIn, LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig,
+    MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessedMessageContent,
+    ProtocolVersion, StagedWelcome,
 };
 use openmls_traits::{OpenMlsProvider, random::OpenMlsRand};
 use tls_codec::Deserialize as _;
@@ -98,6 +98,15 @@ fn account_of(credential: &Credential) -> Result<AccountId> {
         .ok_or_else(|| MlsError::Malformed("credential is not an Umbra account ID".into()))
 }
 
+/// What every Umbra leaf declares it supports: the last-resort KeyPackage
+/// extension on top of openmls's defaults (an extension a KeyPackage carries
+/// must be listed in its leaf's capabilities).
+fn capabilities() -> Capabilities {
+    Capabilities::builder()
+        .extensions(vec![ExtensionType::LastResort])
+        .build()
+}
+
 fn to_bytes(message: &MlsMessageOut) -> Result<Vec<u8>> {
     message
         .to_bytes()
@@ -117,7 +126,7 @@ pub fn new_key_package(
     suite: Suite,
     last_resort: bool,
 ) -> Result<Vec<u8>> {
-    let mut builder = KeyPackage::builder();
+    let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities());
     if last_resort {
         builder = builder.mark_as_last_resort();
     }
@@ -152,6 +161,7 @@ impl Group {
             .ciphersuite(config.suite.ciphersuite())
             .use_ratchet_tree_extension(true)
             .max_past_epochs(config.max_past_epochs)
+            .capabilities(capabilities())
             .build();
         let id = provider
             .rand()
@@ -323,6 +333,19 @@ impl Group {
             commit: to_bytes(&commit)?,
             welcome: welcome.as_ref().map(to_bytes).transpose()?,
         })
+    }
+
+    /// Accounts that the pending commit removes (for the delivery service's
+    /// routing table).
+    pub fn pending_removals(&self) -> Vec<AccountId> {
+        let Some(staged) = self.inner.pending_commit() else {
+            return Vec::new();
+        };
+        staged
+            .remove_proposals()
+            .filter_map(|proposal| self.inner.member_at(proposal.remove_proposal().removed()))
+            .filter_map(|member| account_of(&member.credential).ok())
+            .collect()
     }
 
     pub fn has_pending_proposals(&self) -> bool {

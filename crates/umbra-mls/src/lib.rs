@@ -18,6 +18,8 @@ mod relay;
 mod signer;
 
 pub use group::{CommitOutput, Group, GroupConfig, Incoming, MemberInfo, new_key_package};
+/// The cryptography and randomness provider (RustCrypto); one per device.
+pub use openmls_rust_crypto::RustCrypto as Crypto;
 pub use provider::{Provider, init_storage};
 pub use relay::{
     MessageHeader, MessageKind, ValidKeyPackage, message_header, validate_key_package,

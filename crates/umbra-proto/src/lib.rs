@@ -8,6 +8,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod activation;
+pub mod content;
 pub mod frame;
 pub mod ids;
 pub mod wire;

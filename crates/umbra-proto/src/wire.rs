@@ -337,3 +337,33 @@ pub struct Delivery {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Synced {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Content {
+    #[prost(oneof = "content::Body", tags = "1, 2")]
+    pub body: Option<content::Body>,
+    #[prost(uint64, tag = "15")]
+    pub sent_at_ms: u64,
+}
+
+pub mod content {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Body {
+        #[prost(message, tag = "1")]
+        Text(super::Text),
+        #[prost(message, tag = "2")]
+        GroupName(super::GroupName),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Text {
+    #[prost(string, tag = "1")]
+    pub body: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GroupName {
+    #[prost(string, tag = "1")]
+    pub name: String,
+}

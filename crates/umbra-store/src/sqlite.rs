@@ -52,22 +52,27 @@ impl SqliteStore {
     fn setup(mut connection: Connection) -> Result<Self> {
         connection
             .execute_batch(
-                "PRAGMA journal_mode = WAL;
+                "PRAGMA busy_timeout = 5000;
+                 PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
-                 PRAGMA foreign_keys = ON;
-                 PRAGMA busy_timeout = 5000;",
+                 PRAGMA foreign_keys = ON;",
             )
             .map_err(backend)?;
-        let applied: u32 = connection
+        // Migrate under the write lock, so that two processes opening a new
+        // database at once (the server and an admin command) do not both
+        // apply the same migration.
+        let tx = connection
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let applied: u32 = tx
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .map_err(backend)?;
         for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
-            let tx = connection.transaction().map_err(backend)?;
             tx.execute_batch(sql).map_err(backend)?;
             tx.pragma_update(None, "user_version", version)
                 .map_err(backend)?;
-            tx.commit().map_err(backend)?;
         }
+        tx.commit().map_err(backend)?;
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
         })

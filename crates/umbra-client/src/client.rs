@@ -1,0 +1,1620 @@
+//! The device: activation, connection, contacts, conversations and the
+//! processing of everything the server delivers.
+//!
+//! Concurrency: one `ops` lock serialises every MLS state change (a commit
+//! in flight, a delivery being applied), so a group is never changed by two
+//! hands at once. Pushes are applied by one task, in the order the server
+//! accepted them; each is applied in one database transaction together with
+//! the record that it was applied, then acknowledged.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tracing::{debug, info, warn};
+use umbra_mls::{CommitOutput, Crypto, DeviceSigner, Group, GroupConfig, Incoming, Provider};
+use umbra_proto::content::{Body, Content, MAX_GROUP_NAME_BYTES};
+use umbra_proto::frame::{CommitSubmission, Delivery};
+use umbra_proto::{
+    AccountId, ActivationString, CertFingerprint, DeliveryKind, ErrorCode, GroupId, IdentityKey,
+    Push, Reply, Request, login_signing_payload, register_signing_payload,
+};
+use zeroize::Zeroizing;
+
+use crate::error::{ClientError, Result};
+use crate::link::{Link, REQUEST_TIMEOUT};
+use crate::safety::SafetyNumber;
+use crate::secret::{KdfParams, Passphrase};
+use crate::store;
+use crate::types::{
+    ConnectionState, Contact, ContactState, Conversation, ConversationId, ConversationKind,
+    DeliveryState, Direction, Event, Message,
+};
+
+/// How many times a commit is retried after losing its epoch to another.
+const COMMIT_ATTEMPTS: usize = 5;
+/// Events buffered for slow subscribers before they start missing some.
+const EVENT_BUFFER: usize = 1024;
+
+/// Choices a device makes once, at activation or when opening.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Ciphersuite and past-epoch window for groups this device creates.
+    pub group: GroupConfig,
+    /// Argon2id cost for a new store (an existing store keeps its own).
+    pub kdf: KdfParams,
+    /// One-time KeyPackages uploaded per refill.
+    pub key_package_batch: usize,
+    /// A device updates its own keys in each group at least this often
+    /// (post-compromise security). Zero turns the periodic update off.
+    pub self_update_interval: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            group: GroupConfig::default(),
+            kdf: KdfParams::default(),
+            key_package_batch: 20,
+            self_update_interval: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+/// One Umbra device. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("account", &self.inner.account)
+            .field("home", &self.inner.home)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    home: PathBuf,
+    account: AccountId,
+    signer: DeviceSigner,
+    server_address: String,
+    server_pin: CertFingerprint,
+    options: ClientOptions,
+    crypto: Crypto,
+    db: Mutex<Connection>,
+    ops: tokio::sync::Mutex<()>,
+    link: Mutex<Option<Arc<Link>>>,
+    events: broadcast::Sender<Event>,
+    /// Signalled after every batch of applied deliveries.
+    progress: Notify,
+    /// Counts `Synced` pushes applied on the current connection.
+    synced: watch::Sender<u64>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn parse_account(text: &str) -> rusqlite::Result<AccountId> {
+    AccountId::parse(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn accounts_text(accounts: &[AccountId]) -> String {
+    accounts
+        .iter()
+        .map(AccountId::as_str)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn parse_accounts(text: &str) -> Vec<AccountId> {
+    text.split_whitespace()
+        .filter_map(|a| AccountId::parse(a).ok())
+        .collect()
+}
+
+fn list(accounts: &[AccountId]) -> String {
+    accounts
+        .iter()
+        .map(AccountId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A commit made locally and about to be submitted.
+struct Planned {
+    output: CommitOutput,
+    added: Vec<AccountId>,
+    removed: Vec<AccountId>,
+}
+
+impl Client {
+    // ----- opening ---------------------------------------------------------
+
+    /// Creates a new device in `home` from an activation string: checks the
+    /// server against the pinned fingerprint, registers a fresh identity key
+    /// with the one-time code, creates the encrypted store and connects.
+    pub async fn activate(
+        home: &Path,
+        passphrase: &Passphrase,
+        activation: &ActivationString,
+        options: ClientOptions,
+    ) -> Result<Client> {
+        if store::exists(home) {
+            return Err(ClientError::AlreadyActivated(home.display().to_string()));
+        }
+        let mut secret = Zeroizing::new([0u8; 32]);
+        getrandom::getrandom(secret.as_mut()).map_err(|e| ClientError::Store(e.to_string()))?;
+        let signer = DeviceSigner::from_secret(&secret);
+        let (link, hello, _pushes) = Link::connect(&activation.address, activation.pin).await?;
+        let Push::Hello { nonce, .. } = hello else {
+            return Err(ClientError::ConnectionLost);
+        };
+        let identity_key = signer.identity_key();
+        let reply = link
+            .request(Request::Register {
+                activation_code: activation.code.clone(),
+                identity_key,
+                signature: signer.sign_payload(&register_signing_payload(&nonce, &identity_key)),
+            })
+            .await?;
+        let Reply::Registered {
+            account_id,
+            subscription_expires_at,
+        } = reply
+        else {
+            return Err(ClientError::Invalid("unexpected reply to Register".into()));
+        };
+        drop(link);
+        let connection = store::create(home, passphrase, options.kdf)?;
+        connection.execute(
+            "INSERT INTO device (singleton, account_id, identity_secret, server_address, server_pin,
+                                 subscription_expires_at, created_at)
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                account_id.as_str(),
+                &signer.secret_bytes()[..],
+                activation.address,
+                activation.pin.to_hex(),
+                subscription_expires_at,
+                now()
+            ],
+        )?;
+        info!(account = %account_id, "device activated");
+        let client = Client::from_parts(home, connection, options)?;
+        client.connect().await?;
+        Ok(client)
+    }
+
+    /// Opens the device in `home`. Does not connect.
+    pub fn open(home: &Path, passphrase: &Passphrase, options: ClientOptions) -> Result<Client> {
+        let connection = store::open(home, passphrase)?;
+        Client::from_parts(home, connection, options)
+    }
+
+    fn from_parts(home: &Path, connection: Connection, options: ClientOptions) -> Result<Client> {
+        let (account, secret, address, pin): (String, Vec<u8>, String, String) = connection
+            .query_row(
+                "SELECT account_id, identity_secret, server_address, server_pin FROM device",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            )
+            .optional()?
+            .ok_or_else(|| ClientError::NotActivated(home.display().to_string()))?;
+        let secret = Zeroizing::new(secret);
+        let secret: &[u8; 32] = secret
+            .as_slice()
+            .try_into()
+            .map_err(|_| ClientError::Store("identity key has the wrong length".into()))?;
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                home: home.to_owned(),
+                account: AccountId::parse(&account)?,
+                signer: DeviceSigner::from_secret(secret),
+                server_address: address,
+                server_pin: CertFingerprint::from_hex(&pin)?,
+                options,
+                crypto: Crypto::default(),
+                db: Mutex::new(connection),
+                ops: tokio::sync::Mutex::new(()),
+                link: Mutex::new(None),
+                events,
+                progress: Notify::new(),
+                synced: watch::channel(0).0,
+            }),
+        })
+    }
+
+    pub fn account(&self) -> &AccountId {
+        &self.inner.account
+    }
+
+    pub fn identity_key(&self) -> IdentityKey {
+        self.inner.signer.identity_key()
+    }
+
+    pub fn server_address(&self) -> &str {
+        &self.inner.server_address
+    }
+
+    pub fn home(&self) -> &Path {
+        &self.inner.home
+    }
+
+    /// Unix seconds at which the subscription ends, as last told by the server.
+    pub fn subscription_expires_at(&self) -> Result<u64> {
+        Ok(self
+            .db()
+            .query_row("SELECT subscription_expires_at FROM device", [], |row| {
+                row.get(0)
+            })?)
+    }
+
+    /// Every event from now on. Subscribe before [`Client::connect`] to see
+    /// what arrives while offline.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.inner.events.send(event);
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // SQLite rolls back a transaction left open by a panicking holder,
+        // so the connection is usable after poisoning.
+        self.inner.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `work` in one database transaction with an MLS provider bound
+    /// to it: all of its writes land together or not at all.
+    fn with_tx<T>(
+        &self,
+        work: impl FnOnce(&Transaction<'_>, &Provider<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let value = {
+            let provider = Provider::new(&self.inner.crypto, &tx);
+            work(&tx, &provider)?
+        };
+        tx.commit()?;
+        Ok(value)
+    }
+
+    // ----- connection ------------------------------------------------------
+
+    fn link(&self) -> Result<Arc<Link>> {
+        self.inner
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|link| link.is_alive())
+            .ok_or(ClientError::NotConnected)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.link().is_ok()
+    }
+
+    async fn request(&self, request: Request) -> Result<Reply> {
+        self.link()?.request(request).await
+    }
+
+    /// Connects and authenticates, then applies what the server stored while
+    /// this device was away (in the background: see [`Client::sync`]).
+    pub async fn connect(&self) -> Result<()> {
+        let (link, hello, pushes) =
+            Link::connect(&self.inner.server_address, self.inner.server_pin).await?;
+        let Push::Hello { nonce, .. } = hello else {
+            return Err(ClientError::ConnectionLost);
+        };
+        let account = &self.inner.account;
+        let reply = link
+            .request(Request::Login {
+                account_id: account.clone(),
+                signature: self
+                    .inner
+                    .signer
+                    .sign_payload(&login_signing_payload(&nonce, account)),
+            })
+            .await?;
+        let Reply::LoggedIn {
+            subscription_expires_at,
+            key_packages_remaining,
+            has_last_resort,
+            key_package_low_water,
+        } = reply
+        else {
+            return Err(ClientError::Invalid("unexpected reply to Login".into()));
+        };
+        self.db().execute(
+            "UPDATE device SET subscription_expires_at = ?1",
+            [subscription_expires_at],
+        )?;
+        let link = Arc::new(link);
+        self.inner.synced.send_replace(0);
+        let previous = self
+            .inner
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(Arc::clone(&link));
+        if let Some(previous) = previous {
+            previous.close();
+        }
+        tokio::spawn(self.clone().apply_pushes(pushes, Arc::clone(&link)));
+        self.emit(Event::Connection {
+            state: ConnectionState::Connected,
+        });
+        self.resubmit_pending_commits().await?;
+        if key_packages_remaining < key_package_low_water || !has_last_resort {
+            self.upload_key_packages(!has_last_resort || key_packages_remaining == 0)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the connection.
+    pub fn disconnect(&self) {
+        let link = self
+            .inner
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(link) = link {
+            link.close();
+        }
+    }
+
+    /// Waits until everything the server held for this device when it
+    /// connected has been applied and acknowledged.
+    pub async fn sync(&self) -> Result<()> {
+        let mut synced = self.inner.synced.subscribe();
+        let wait = synced.wait_for(|count| *count > 0);
+        match tokio::time::timeout(REQUEST_TIMEOUT, wait).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(ClientError::ConnectionLost),
+            Err(_) => return Err(ClientError::Timeout(REQUEST_TIMEOUT.as_secs())),
+        }
+        if self.is_connected() {
+            Ok(())
+        } else {
+            Err(ClientError::ConnectionLost)
+        }
+    }
+
+    async fn upload_key_packages(&self, with_last_resort: bool) -> Result<()> {
+        let batch = self.inner.options.key_package_batch;
+        let suite = self.inner.options.group.suite;
+        let (one_time, last_resort) = self.with_tx(|_, provider| {
+            let make = |last| {
+                umbra_mls::new_key_package(
+                    provider,
+                    &self.inner.signer,
+                    &self.inner.account,
+                    suite,
+                    last,
+                )
+            };
+            let one_time = (0..batch)
+                .map(|_| make(false))
+                .collect::<Result<Vec<_>, _>>()?;
+            let last_resort = with_last_resort.then(|| make(true)).transpose()?;
+            Ok((one_time, last_resort))
+        })?;
+        self.request(Request::UploadKeyPackages {
+            key_packages: one_time,
+            last_resort,
+        })
+        .await?;
+        debug!(batch, with_last_resort, "uploaded KeyPackages");
+        Ok(())
+    }
+
+    /// Replaces the last-resort KeyPackage and tops up the one-time pool, as
+    /// an audit of openmls users advised (a reused last-resort package
+    /// weakens forward secrecy for new conversations).
+    pub async fn rotate_key_packages(&self) -> Result<()> {
+        self.upload_key_packages(true).await
+    }
+
+    // ----- applying deliveries ---------------------------------------------
+
+    async fn apply_pushes(self, mut pushes: mpsc::UnboundedReceiver<Push>, link: Arc<Link>) {
+        while let Some(first) = pushes.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = pushes.try_recv() {
+                batch.push(more);
+            }
+            let mut acks = Vec::new();
+            let mut synced = 0;
+            for push in batch {
+                match push {
+                    Push::Delivery(delivery) => {
+                        let id = delivery.id;
+                        match self.apply_delivery(delivery).await {
+                            Ok(()) => acks.push(id),
+                            Err(error) => {
+                                warn!(%error, id, "could not apply a delivery; will retry")
+                            }
+                        }
+                    }
+                    Push::Synced => synced += 1,
+                    _ => {}
+                }
+            }
+            for chunk in acks.chunks(umbra_proto::frame::MAX_ACK_IDS) {
+                if let Err(error) = link
+                    .request(Request::Ack {
+                        delivery_ids: chunk.to_vec(),
+                    })
+                    .await
+                {
+                    debug!(%error, "acknowledgement not sent; the server will redeliver");
+                }
+            }
+            self.inner.progress.notify_waiters();
+            if synced > 0 {
+                self.inner.synced.send_modify(|count| *count += synced);
+                self.emit(Event::Synced);
+            }
+        }
+        self.emit(Event::Connection {
+            state: ConnectionState::Disconnected,
+        });
+        self.inner.progress.notify_waiters();
+    }
+
+    /// Applies one delivery exactly once: the record that it was applied is
+    /// written in the same transaction as its effects.
+    async fn apply_delivery(&self, delivery: Delivery) -> Result<()> {
+        let _ops = self.inner.ops.lock().await;
+        let mut events = Vec::new();
+        let mut follow_up = None;
+        let outcome = self.with_tx(|tx, provider| {
+            let seen = tx
+                .prepare_cached("SELECT 1 FROM processed_deliveries WHERE delivery_id = ?1")?
+                .exists([delivery.id])?;
+            if !seen {
+                follow_up = self.apply_in_tx(tx, provider, &delivery, &mut events)?;
+                tx.execute(
+                    "INSERT INTO processed_deliveries (delivery_id, processed_at) VALUES (?1, ?2)",
+                    params![delivery.id, now()],
+                )?;
+            }
+            Ok(())
+        });
+        if let Err(error) = outcome {
+            // The transaction rolled back. A delivery that cannot be applied
+            // now never will be (it is not for a state we can reach): record
+            // it as seen so that it is acknowledged rather than retried.
+            warn!(%error, id = delivery.id, kind = ?delivery.kind, sender = %delivery.sender, me = %self.inner.account, "discarding a delivery that cannot be applied");
+            events.clear();
+            follow_up = None;
+            self.db().execute(
+                "INSERT OR IGNORE INTO processed_deliveries (delivery_id, processed_at) VALUES (?1, ?2)",
+                params![delivery.id, now()],
+            )?;
+        }
+        for event in events {
+            self.emit(event);
+        }
+        if let Some(group_id) = follow_up {
+            // A member asked to leave: commit its removal, outside the lock.
+            let client = self.clone();
+            tokio::spawn(async move {
+                if let Err(error) = client.commit_pending_proposals(&group_id).await {
+                    debug!(%error, "committing a leave proposal");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Returns a group ID when a follow-up commit is needed.
+    fn apply_in_tx(
+        &self,
+        tx: &Transaction<'_>,
+        provider: &Provider<'_>,
+        delivery: &Delivery,
+        events: &mut Vec<Event>,
+    ) -> Result<Option<Vec<u8>>> {
+        let sender = &delivery.sender;
+        match delivery.kind {
+            DeliveryKind::ContactRequest => {
+                let state = contact_state(tx, sender)?;
+                if state.is_none() {
+                    tx.execute(
+                        "INSERT INTO contacts (account_id, state, updated_at) VALUES (?1, 'incoming', ?2)",
+                        params![sender.as_str(), now()],
+                    )?;
+                    events.push(Event::ContactRequest {
+                        from: sender.clone(),
+                    });
+                }
+            }
+            DeliveryKind::ContactAccepted => {
+                tx.execute(
+                    "UPDATE contacts SET state = 'accepted', updated_at = ?2 WHERE account_id = ?1",
+                    params![sender.as_str(), now()],
+                )?;
+                events.push(Event::ContactAccepted { by: sender.clone() });
+            }
+            DeliveryKind::Welcome => self.apply_welcome(tx, provider, delivery, events)?,
+            DeliveryKind::Commit | DeliveryKind::Application | DeliveryKind::Proposal => {
+                let group_id = delivery
+                    .group_id
+                    .as_ref()
+                    .ok_or_else(|| ClientError::Invalid("group message without a group".into()))?;
+                return self.apply_group_message(tx, provider, group_id, delivery, events);
+            }
+            DeliveryKind::Unspecified => {}
+        }
+        Ok(None)
+    }
+
+    fn apply_welcome(
+        &self,
+        tx: &Transaction<'_>,
+        provider: &Provider<'_>,
+        delivery: &Delivery,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        let (group, inviter) = Group::join(provider, &delivery.payload, &self.inner.options.group)?;
+        if inviter != delivery.sender
+            || contact_state(tx, &inviter)? != Some(ContactState::Accepted)
+        {
+            // Not from a contact we accepted: leave no trace of the group.
+            warn!(inviter = %inviter, "ignoring a Welcome from someone who is not a contact");
+            group.delete(provider)?;
+            return Ok(());
+        }
+        let members: Vec<AccountId> = group.members().into_iter().map(|m| m.account).collect();
+        self.check_keys(tx, &group, events)?;
+        let has_direct: bool = tx
+            .prepare_cached("SELECT 1 FROM conversations WHERE peer = ?1")?
+            .exists([inviter.as_str()])?;
+        let direct = members.len() == 2 && !has_direct;
+        tx.execute(
+            "INSERT INTO conversations (group_id, kind, peer, name, created_at, last_self_update)
+             VALUES (?1, ?2, ?3, '', ?4, ?4)",
+            params![
+                group.id(),
+                if direct { "direct" } else { "group" },
+                direct.then(|| inviter.as_str()),
+                now()
+            ],
+        )?;
+        if !direct {
+            self.system_line(tx, &group.id(), &format!("{inviter} added you"))?;
+        }
+        events.push(Event::ConversationStarted {
+            conversation: self.conversation_in(tx, provider, &group.id())?,
+        });
+        Ok(())
+    }
+
+    fn apply_group_message(
+        &self,
+        tx: &Transaction<'_>,
+        provider: &Provider<'_>,
+        group_id: &GroupId,
+        delivery: &Delivery,
+        events: &mut Vec<Event>,
+    ) -> Result<Option<Vec<u8>>> {
+        let id = group_id.as_bytes().to_vec();
+        let Some(mut group) = Group::load(provider, &id)? else {
+            return Err(ClientError::UnknownConversation(group_id.to_hex()));
+        };
+        let before: Vec<AccountId> = group.members().into_iter().map(|m| m.account).collect();
+        let incoming = group.process(provider, &delivery.payload)?;
+        let conversation = ConversationId::from_group(&id);
+        match incoming {
+            Incoming::Application { sender, plaintext } => {
+                let content = Content::decode(&plaintext)?;
+                match content.body {
+                    Body::Text(body) => {
+                        let timestamp = now();
+                        tx.execute(
+                            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp)
+                             VALUES (?1, ?2, 'in', ?3, 'received', ?4)",
+                            params![id, sender.as_str(), body, timestamp],
+                        )?;
+                        events.push(Event::MessageReceived {
+                            message: Message {
+                                id: tx.last_insert_rowid(),
+                                conversation,
+                                sender,
+                                direction: Direction::In,
+                                body,
+                                state: DeliveryState::Received,
+                                timestamp,
+                            },
+                        });
+                    }
+                    Body::GroupName(name) => {
+                        tx.execute(
+                            "UPDATE conversations SET name = ?2 WHERE group_id = ?1",
+                            params![id, name],
+                        )?;
+                        self.system_line(
+                            tx,
+                            &id,
+                            &format!("{sender} named the group \u{201c}{name}\u{201d}"),
+                        )?;
+                        events.push(Event::ConversationChanged {
+                            conversation: self.conversation_in(tx, provider, &id)?,
+                        });
+                    }
+                    _ => {}
+                }
+                Ok(None)
+            }
+            Incoming::Proposal { sender, leaving } => {
+                if leaving {
+                    self.system_line(tx, &id, &format!("{sender} is leaving"))?;
+                    return Ok(Some(id));
+                }
+                Ok(None)
+            }
+            Incoming::Commit {
+                sender,
+                removed_self,
+                ..
+            } => {
+                tx.execute("DELETE FROM pending_commits WHERE group_id = ?1", [&id])?;
+                if removed_self {
+                    tx.execute(
+                        "UPDATE conversations SET active = 0 WHERE group_id = ?1",
+                        [&id],
+                    )?;
+                    self.system_line(tx, &id, &format!("{sender} removed you"))?;
+                } else {
+                    let after: Vec<AccountId> =
+                        group.members().into_iter().map(|m| m.account).collect();
+                    self.membership_lines(tx, &id, &sender, &before, &after)?;
+                    self.check_keys(tx, &group, events)?;
+                }
+                events.push(Event::ConversationChanged {
+                    conversation: self.conversation_in(tx, provider, &id)?,
+                });
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn membership_lines(
+        &self,
+        tx: &Transaction<'_>,
+        group_id: &[u8],
+        by: &AccountId,
+        before: &[AccountId],
+        after: &[AccountId],
+    ) -> Result<()> {
+        let added: Vec<AccountId> = after
+            .iter()
+            .filter(|a| !before.contains(a))
+            .cloned()
+            .collect();
+        let removed: Vec<AccountId> = before
+            .iter()
+            .filter(|a| !after.contains(a))
+            .cloned()
+            .collect();
+        if !added.is_empty() {
+            self.system_line(tx, group_id, &format!("{by} added {}", list(&added)))?;
+        }
+        if !removed.is_empty() {
+            self.system_line(tx, group_id, &format!("{by} removed {}", list(&removed)))?;
+        }
+        Ok(())
+    }
+
+    fn system_line(&self, tx: &Transaction<'_>, group_id: &[u8], text: &str) -> Result<()> {
+        tx.execute(
+            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp)
+             VALUES (?1, ?2, 'system', ?3, 'received', ?4)",
+            params![group_id, self.inner.account.as_str(), text, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Compares the identity keys in `group` with the ones first seen for
+    /// each contact, remembering new ones and flagging changed ones.
+    fn check_keys(
+        &self,
+        tx: &Transaction<'_>,
+        group: &Group,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        for member in group.members() {
+            if member.account == self.inner.account {
+                continue;
+            }
+            self.check_key(tx, &member.account, &member.identity_key, events)?;
+        }
+        Ok(())
+    }
+
+    fn check_key(
+        &self,
+        tx: &Transaction<'_>,
+        account: &AccountId,
+        key: &IdentityKey,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        let known: Option<Option<Vec<u8>>> = tx
+            .query_row(
+                "SELECT identity_key FROM contacts WHERE account_id = ?1",
+                [account.as_str()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        match known {
+            Some(None) => {
+                tx.execute(
+                    "UPDATE contacts SET identity_key = ?2 WHERE account_id = ?1",
+                    params![account.as_str(), &key.as_bytes()[..]],
+                )?;
+            }
+            Some(Some(old)) if old != key.as_bytes() => {
+                tx.execute(
+                    "UPDATE contacts SET identity_key = ?2, key_changed = 1, verified = 0 WHERE account_id = ?1",
+                    params![account.as_str(), &key.as_bytes()[..]],
+                )?;
+                warn!(account = %account, "identity key changed");
+                events.push(Event::KeyChanged {
+                    account: account.clone(),
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    // ----- commits ---------------------------------------------------------
+
+    /// Makes a commit with `plan`, submits it, and merges it once the server
+    /// accepted it. When another member's commit won the epoch, forgets ours,
+    /// waits until the winner has been applied, and plans again. `plan`
+    /// returning `None` means there is nothing (left) to commit.
+    async fn commit(
+        &self,
+        group_id: &[u8],
+        mut plan: impl FnMut(&mut Group, &Provider<'_>) -> Result<Option<Planned>>,
+    ) -> Result<Option<u64>> {
+        let gid = GroupId::new(group_id.to_vec())?;
+        for _ in 0..COMMIT_ATTEMPTS {
+            let ops = self.inner.ops.lock().await;
+            let planned = self.with_tx(|tx, provider| {
+                let mut group = load_group(provider, group_id)?;
+                if !group.is_active() {
+                    return Err(ClientError::NotAMember);
+                }
+                let Some(planned) = plan(&mut group, provider)? else {
+                    return Ok(None);
+                };
+                tx.execute(
+                    "INSERT OR REPLACE INTO pending_commits (group_id, epoch, commit_, welcome, added, removed)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        group_id,
+                        planned.output.epoch,
+                        planned.output.commit,
+                        planned.output.welcome,
+                        accounts_text(&planned.added),
+                        accounts_text(&planned.removed)
+                    ],
+                )?;
+                Ok(Some(planned))
+            })?;
+            let Some(planned) = planned else {
+                return Ok(None);
+            };
+            let submitted = self
+                .request(Request::SendCommit(CommitSubmission {
+                    group_id: gid.clone(),
+                    epoch: planned.output.epoch,
+                    commit: planned.output.commit.clone(),
+                    welcome: planned.output.welcome.clone(),
+                    added: planned.added.clone(),
+                    removed: planned.removed.clone(),
+                }))
+                .await;
+            match submitted {
+                Ok(Reply::CommitAccepted { epoch }) => {
+                    self.finish_commit(group_id, true)?;
+                    return Ok(Some(epoch));
+                }
+                Ok(_) => return Err(ClientError::Invalid("unexpected reply to a commit".into())),
+                Err(ClientError::Server {
+                    code: ErrorCode::StaleEpoch,
+                    current_epoch,
+                    ..
+                }) => {
+                    self.finish_commit(group_id, false)?;
+                    drop(ops);
+                    debug!(current_epoch, "our commit lost its epoch; catching up");
+                    self.wait_for_epoch(group_id, current_epoch).await?;
+                }
+                Err(error @ (ClientError::ConnectionLost | ClientError::Timeout(_))) => {
+                    // The verdict is unknown: the commit stays pending and
+                    // is resubmitted on the next connection.
+                    return Err(error);
+                }
+                Err(error) => {
+                    self.finish_commit(group_id, false)?;
+                    return Err(error);
+                }
+            }
+        }
+        Err(ClientError::CommitContention)
+    }
+
+    /// Merges (accepted) or discards (rejected) the pending commit.
+    fn finish_commit(&self, group_id: &[u8], accepted: bool) -> Result<()> {
+        self.with_tx(|tx, provider| {
+            let mut group = load_group(provider, group_id)?;
+            if group.has_pending_commit() {
+                if accepted {
+                    let before: Vec<AccountId> =
+                        group.members().into_iter().map(|m| m.account).collect();
+                    group.merge_pending_commit(provider)?;
+                    let after: Vec<AccountId> =
+                        group.members().into_iter().map(|m| m.account).collect();
+                    self.membership_lines(
+                        tx,
+                        group_id,
+                        &self.inner.account.clone(),
+                        &before,
+                        &after,
+                    )?;
+                    tx.execute(
+                        "UPDATE conversations SET last_self_update = ?2 WHERE group_id = ?1",
+                        params![group_id, now()],
+                    )?;
+                } else {
+                    group.clear_pending_commit(provider)?;
+                }
+            }
+            tx.execute(
+                "DELETE FROM pending_commits WHERE group_id = ?1",
+                [group_id],
+            )?;
+            Ok(())
+        })
+    }
+
+    async fn wait_for_epoch(&self, group_id: &[u8], epoch: u64) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            let progressed = self.inner.progress.notified();
+            tokio::pin!(progressed);
+            progressed.as_mut().enable();
+            let current =
+                self.with_tx(|_, provider| Ok(load_group(provider, group_id)?.epoch()))?;
+            if current >= epoch {
+                return Ok(());
+            }
+            if !self.is_connected() {
+                return Err(ClientError::ConnectionLost);
+            }
+            if tokio::time::timeout_at(deadline, progressed).await.is_err() {
+                return Err(ClientError::Timeout(REQUEST_TIMEOUT.as_secs()));
+            }
+        }
+    }
+
+    /// After a crash or a lost connection: resubmit commits whose verdict
+    /// was never seen. The server answers a duplicate as accepted.
+    async fn resubmit_pending_commits(&self) -> Result<()> {
+        type Row = (Vec<u8>, u64, Vec<u8>, Option<Vec<u8>>, String, String);
+        let pending: Vec<Row> = {
+            let db = self.db();
+            let mut statement = db.prepare(
+                "SELECT group_id, epoch, commit_, welcome, added, removed FROM pending_commits",
+            )?;
+            let rows = statement.query_map([], |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                    row.get(5)?,
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for (group_id, epoch, commit, welcome, added, removed) in pending {
+            let _ops = self.inner.ops.lock().await;
+            let outcome = self
+                .request(Request::SendCommit(CommitSubmission {
+                    group_id: GroupId::new(group_id.clone())?,
+                    epoch,
+                    commit,
+                    welcome,
+                    added: parse_accounts(&added),
+                    removed: parse_accounts(&removed),
+                }))
+                .await;
+            match outcome {
+                Ok(Reply::CommitAccepted { .. }) => self.finish_commit(&group_id, true)?,
+                Err(ClientError::ConnectionLost | ClientError::Timeout(_)) => {}
+                _ => self.finish_commit(&group_id, false)?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit_pending_proposals(&self, group_id: &[u8]) -> Result<()> {
+        let signer = &self.inner.signer;
+        self.commit(group_id, |group, provider| {
+            if !group.has_pending_proposals() {
+                return Ok(None);
+            }
+            let output = group.commit_pending_proposals(provider, signer)?;
+            // The delivery service needs the removed members for routing.
+            let removed = group.pending_removals();
+            Ok(Some(Planned {
+                output,
+                added: vec![],
+                removed,
+            }))
+        })
+        .await?;
+        Ok(())
+    }
+
+    // ----- contacts --------------------------------------------------------
+
+    /// Sends a contact request. Nothing can be exchanged until they accept.
+    /// If they had asked first, this accepts their request instead.
+    pub async fn add_contact(&self, account: &AccountId) -> Result<()> {
+        if account == &self.inner.account {
+            return Err(ClientError::Invalid("you cannot add yourself".into()));
+        }
+        let state = contact_state(&self.db(), account)?;
+        match state {
+            Some(ContactState::Incoming) => return self.accept_contact(account).await.map(drop),
+            Some(ContactState::Accepted) => return Ok(()),
+            _ => {}
+        }
+        self.request(Request::SendContactRequest {
+            to: account.clone(),
+        })
+        .await?;
+        self.db().execute(
+            "INSERT INTO contacts (account_id, state, updated_at) VALUES (?1, 'outgoing', ?2)
+             ON CONFLICT (account_id) DO NOTHING",
+            params![account.as_str(), now()],
+        )?;
+        Ok(())
+    }
+
+    /// Accepts a contact request and opens the one-to-one conversation.
+    pub async fn accept_contact(&self, account: &AccountId) -> Result<ConversationId> {
+        match contact_state(&self.db(), account)? {
+            Some(ContactState::Incoming) => {}
+            Some(ContactState::Accepted) => {
+                if let Some(existing) = self.direct_conversation(account)? {
+                    return Ok(existing);
+                }
+            }
+            _ => return Err(ClientError::NoRequest(account.clone())),
+        }
+        self.request(Request::AcceptContact {
+            from: account.clone(),
+        })
+        .await?;
+        self.db().execute(
+            "UPDATE contacts SET state = 'accepted', updated_at = ?2 WHERE account_id = ?1",
+            params![account.as_str(), now()],
+        )?;
+        let conversation = self
+            .new_conversation(None, std::slice::from_ref(account))
+            .await?;
+        Ok(conversation)
+    }
+
+    pub fn contacts(&self) -> Result<Vec<Contact>> {
+        let db = self.db();
+        let mut statement = db.prepare(
+            "SELECT c.account_id, c.state, c.verified, c.key_changed, v.group_id
+             FROM contacts c LEFT JOIN conversations v ON v.peer = c.account_id
+             ORDER BY c.account_id",
+        )?;
+        let rows = statement.query_map([], |row| {
+            Ok(Contact {
+                account: parse_account(&row.get::<_, String>(0)?)?,
+                state: ContactState::parse(&row.get::<_, String>(1)?)
+                    .unwrap_or(ContactState::Outgoing),
+                verified: row.get(2)?,
+                key_changed: row.get(3)?,
+                conversation: row
+                    .get::<_, Option<Vec<u8>>>(4)?
+                    .map(|g| ConversationId::from_group(&g)),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The safety number for this device and `account`.
+    pub fn safety_number(&self, account: &AccountId) -> Result<SafetyNumber> {
+        let key: Option<Option<Vec<u8>>> = self
+            .db()
+            .query_row(
+                "SELECT identity_key FROM contacts WHERE account_id = ?1",
+                [account.as_str()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let key = match key {
+            None => return Err(ClientError::NotAContact(account.clone())),
+            Some(None) => {
+                return Err(ClientError::NotAccepted(account.clone()));
+            }
+            Some(Some(key)) => IdentityKey::from_slice(&key)?,
+        };
+        Ok(SafetyNumber::new(
+            (&self.inner.account, &self.identity_key()),
+            (account, &key),
+        ))
+    }
+
+    /// Marks a contact verified after comparing safety numbers; clears a
+    /// key-changed warning.
+    pub fn verify_contact(&self, account: &AccountId) -> Result<()> {
+        self.safety_number(account)?;
+        self.db().execute(
+            "UPDATE contacts SET verified = 1, key_changed = 0 WHERE account_id = ?1",
+            [account.as_str()],
+        )?;
+        Ok(())
+    }
+
+    // ----- conversations ---------------------------------------------------
+
+    fn direct_conversation(&self, peer: &AccountId) -> Result<Option<ConversationId>> {
+        let id: Option<Vec<u8>> = self
+            .db()
+            .query_row(
+                "SELECT group_id FROM conversations WHERE peer = ?1",
+                [peer.as_str()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(id.map(|g| ConversationId::from_group(&g)))
+    }
+
+    /// The one-to-one conversation with `account`, or why there is none.
+    pub fn conversation_with(&self, account: &AccountId) -> Result<ConversationId> {
+        if let Some(id) = self.direct_conversation(account)? {
+            return Ok(id);
+        }
+        match contact_state(&self.db(), account)? {
+            None => Err(ClientError::NotAContact(account.clone())),
+            Some(ContactState::Incoming) => Err(ClientError::Invalid(format!(
+                "{account} asked to be your contact; accept with `contacts accept {account}` first"
+            ))),
+            Some(_) => Err(ClientError::NotAccepted(account.clone())),
+        }
+    }
+
+    async fn fetch_key_packages(&self, accounts: &[AccountId]) -> Result<Vec<Vec<u8>>> {
+        let mut key_packages = Vec::with_capacity(accounts.len());
+        for account in accounts {
+            if contact_state(&self.db(), account)? != Some(ContactState::Accepted) {
+                return Err(match contact_state(&self.db(), account)? {
+                    None => ClientError::NotAContact(account.clone()),
+                    Some(_) => ClientError::NotAccepted(account.clone()),
+                });
+            }
+            let Reply::KeyPackage { key_package, .. } = self
+                .request(Request::FetchKeyPackage {
+                    account_id: account.clone(),
+                })
+                .await?
+            else {
+                return Err(ClientError::Invalid(
+                    "unexpected reply to FetchKeyPackage".into(),
+                ));
+            };
+            let valid = umbra_mls::validate_key_package(&key_package)?;
+            if &valid.account != account {
+                return Err(ClientError::Invalid(format!(
+                    "the server returned a KeyPackage for {} when asked for {account}",
+                    valid.account
+                )));
+            }
+            key_packages.push(key_package);
+        }
+        Ok(key_packages)
+    }
+
+    /// Creates a conversation with `members` (all accepted contacts): a
+    /// direct one when `name` is None and there is one member.
+    async fn new_conversation(
+        &self,
+        name: Option<&str>,
+        members: &[AccountId],
+    ) -> Result<ConversationId> {
+        let key_packages = self.fetch_key_packages(members).await?;
+        let group_id = {
+            let _ops = self.inner.ops.lock().await;
+            let group = self.with_tx(|_, provider| {
+                Group::create(
+                    provider,
+                    &self.inner.signer,
+                    &self.inner.account,
+                    &self.inner.options.group,
+                )
+                .map_err(ClientError::from)
+            })?;
+            let group_id = group.id();
+            let registered = self
+                .request(Request::CreateGroup {
+                    group_id: GroupId::new(group_id.clone())?,
+                })
+                .await;
+            if let Err(error) = registered {
+                self.with_tx(|_, provider| Ok(group.delete(provider)?))?;
+                return Err(error);
+            }
+            let direct = name.is_none() && members.len() == 1;
+            self.db().execute(
+                "INSERT INTO conversations (group_id, kind, peer, name, created_at, last_self_update)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                params![
+                    group_id,
+                    if direct { "direct" } else { "group" },
+                    direct.then(|| members.first().map(AccountId::as_str)).flatten(),
+                    name.unwrap_or_default(),
+                    now()
+                ],
+            )?;
+            group_id
+        };
+        self.add_to_group(&group_id, members, key_packages).await?;
+        let conversation = ConversationId::from_group(&group_id);
+        if let Some(name) = name.filter(|n| !n.is_empty()) {
+            self.send_content(&conversation, Body::GroupName(name.to_owned()))
+                .await?;
+        }
+        let started = self.conversation(&conversation)?;
+        self.emit(Event::ConversationStarted {
+            conversation: started,
+        });
+        Ok(conversation)
+    }
+
+    async fn add_to_group(
+        &self,
+        group_id: &[u8],
+        members: &[AccountId],
+        key_packages: Vec<Vec<u8>>,
+    ) -> Result<()> {
+        let signer = &self.inner.signer;
+        let mut events = Vec::new();
+        self.commit(group_id, |group, provider| {
+            let present: Vec<AccountId> = group.members().into_iter().map(|m| m.account).collect();
+            let fresh: Vec<usize> = (0..members.len())
+                .filter(|i| members.get(*i).is_some_and(|m| !present.contains(m)))
+                .collect();
+            if fresh.is_empty() {
+                return Ok(None);
+            }
+            let kps: Vec<Vec<u8>> = fresh
+                .iter()
+                .filter_map(|i| key_packages.get(*i).cloned())
+                .collect();
+            let added: Vec<AccountId> = fresh
+                .iter()
+                .filter_map(|i| members.get(*i).cloned())
+                .collect();
+            let output = group.add_members(provider, signer, &kps)?;
+            Ok(Some(Planned {
+                output,
+                added,
+                removed: vec![],
+            }))
+        })
+        .await?;
+        self.with_tx(|tx, provider| {
+            let group = load_group(provider, group_id)?;
+            self.check_keys(tx, &group, &mut events)
+        })?;
+        for event in events {
+            self.emit(event);
+        }
+        Ok(())
+    }
+
+    /// Creates a group conversation with accepted contacts.
+    pub async fn create_group(&self, name: &str, members: &[AccountId]) -> Result<ConversationId> {
+        check_group_name(name)?;
+        if members.is_empty() {
+            return Err(ClientError::Invalid(
+                "a group needs at least one other member".into(),
+            ));
+        }
+        self.new_conversation(Some(name), members).await
+    }
+
+    fn group_id_of(&self, conversation: &ConversationId) -> Result<Vec<u8>> {
+        let group_id = conversation
+            .group_id()
+            .ok_or_else(|| ClientError::UnknownConversation(conversation.to_string()))?;
+        let exists = self
+            .db()
+            .prepare_cached("SELECT 1 FROM conversations WHERE group_id = ?1")?
+            .exists([&group_id])?;
+        if !exists {
+            return Err(ClientError::UnknownConversation(conversation.to_string()));
+        }
+        Ok(group_id)
+    }
+
+    /// Adds accepted contacts to a group conversation.
+    pub async fn add_members(
+        &self,
+        conversation: &ConversationId,
+        members: &[AccountId],
+    ) -> Result<()> {
+        let group_id = self.group_id_of(conversation)?;
+        let key_packages = self.fetch_key_packages(members).await?;
+        self.add_to_group(&group_id, members, key_packages).await?;
+        self.emit_changed(conversation)
+    }
+
+    /// Removes members; they cannot read anything sent afterwards.
+    pub async fn remove_members(
+        &self,
+        conversation: &ConversationId,
+        members: &[AccountId],
+    ) -> Result<()> {
+        let group_id = self.group_id_of(conversation)?;
+        let signer = &self.inner.signer;
+        self.commit(&group_id, |group, provider| {
+            let present: Vec<AccountId> = group.members().into_iter().map(|m| m.account).collect();
+            let removed: Vec<AccountId> = members
+                .iter()
+                .filter(|m| present.contains(m))
+                .cloned()
+                .collect();
+            if removed.is_empty() {
+                return Ok(None);
+            }
+            let output = group.remove_members(provider, signer, &removed)?;
+            Ok(Some(Planned {
+                output,
+                added: vec![],
+                removed,
+            }))
+        })
+        .await?;
+        self.emit_changed(conversation)
+    }
+
+    /// Renames a group; every member sees the new name.
+    pub async fn rename_group(&self, conversation: &ConversationId, name: &str) -> Result<()> {
+        check_group_name(name)?;
+        self.send_content(conversation, Body::GroupName(name.to_owned()))
+            .await?;
+        self.db().execute(
+            "UPDATE conversations SET name = ?2 WHERE group_id = ?1",
+            params![self.group_id_of(conversation)?, name],
+        )?;
+        self.emit_changed(conversation)
+    }
+
+    /// Leaves a group: proposes our removal, which the next member online
+    /// commits. Nothing sent after that commit can be read here.
+    pub async fn leave_group(&self, conversation: &ConversationId) -> Result<()> {
+        let group_id = self.group_id_of(conversation)?;
+        let _ops = self.inner.ops.lock().await;
+        let proposal = self.with_tx(|tx, provider| {
+            let mut group = load_group(provider, &group_id)?;
+            let proposal = group.leave(provider, &self.inner.signer)?;
+            self.system_line(tx, &group_id, "You left")?;
+            Ok(proposal)
+        })?;
+        self.request(Request::SendMessage {
+            group_id: GroupId::new(group_id.clone())?,
+            message: proposal,
+            kind: DeliveryKind::Proposal,
+        })
+        .await?;
+        self.db().execute(
+            "UPDATE conversations SET active = 0 WHERE group_id = ?1",
+            [&group_id],
+        )?;
+        drop(_ops);
+        self.emit_changed(conversation)
+    }
+
+    /// Replaces this device's keys in every active conversation (also the
+    /// "recreate keys" action): a key stolen before no longer opens what is
+    /// sent after.
+    pub async fn update_keys(&self) -> Result<usize> {
+        let groups: Vec<Vec<u8>> = {
+            let db = self.db();
+            let mut statement =
+                db.prepare("SELECT group_id FROM conversations WHERE active = 1")?;
+            let rows = statement.query_map([], |row| row.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut updated = 0;
+        for group_id in groups {
+            self.self_update(&group_id).await?;
+            updated += 1;
+        }
+        Ok(updated)
+    }
+
+    /// Runs the periodic self-update in conversations that are due.
+    pub async fn update_keys_if_due(&self) -> Result<usize> {
+        let interval = self.inner.options.self_update_interval.as_secs();
+        if interval == 0 {
+            return Ok(0);
+        }
+        let due: Vec<Vec<u8>> = {
+            let db = self.db();
+            let mut statement = db.prepare(
+                "SELECT group_id FROM conversations WHERE active = 1 AND last_self_update <= ?1",
+            )?;
+            let rows = statement.query_map([now().saturating_sub(interval)], |row| row.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for group_id in &due {
+            self.self_update(group_id).await?;
+        }
+        Ok(due.len())
+    }
+
+    async fn self_update(&self, group_id: &[u8]) -> Result<()> {
+        let signer = &self.inner.signer;
+        self.commit(group_id, |group, provider| {
+            Ok(Some(Planned {
+                output: group.self_update(provider, signer)?,
+                added: vec![],
+                removed: vec![],
+            }))
+        })
+        .await?;
+        Ok(())
+    }
+
+    fn emit_changed(&self, conversation: &ConversationId) -> Result<()> {
+        let conversation = self.conversation(conversation)?;
+        self.emit(Event::ConversationChanged { conversation });
+        Ok(())
+    }
+
+    fn conversation_in(
+        &self,
+        tx: &Connection,
+        provider: &Provider<'_>,
+        group_id: &[u8],
+    ) -> Result<Conversation> {
+        let (kind, peer, name, active): (String, Option<String>, String, bool) = tx
+            .query_row(
+                "SELECT kind, peer, name, active FROM conversations WHERE group_id = ?1",
+                [group_id],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            )
+            .optional()?
+            .ok_or_else(|| ClientError::UnknownConversation(hex::encode(group_id)))?;
+        let members = match Group::load(provider, group_id)? {
+            Some(group) if group.is_active() => {
+                group.members().into_iter().map(|m| m.account).collect()
+            }
+            _ => vec![],
+        };
+        let kind = match (kind.as_str(), peer) {
+            ("direct", Some(peer)) => ConversationKind::Direct {
+                peer: AccountId::parse(&peer)?,
+            },
+            _ => ConversationKind::Group,
+        };
+        Ok(Conversation {
+            id: ConversationId::from_group(group_id),
+            kind,
+            name,
+            active,
+            members,
+        })
+    }
+
+    pub fn conversation(&self, conversation: &ConversationId) -> Result<Conversation> {
+        let group_id = self.group_id_of(conversation)?;
+        let db = self.db();
+        let provider = Provider::new(&self.inner.crypto, &db);
+        self.conversation_in(&db, &provider, &group_id)
+    }
+
+    pub fn conversations(&self) -> Result<Vec<Conversation>> {
+        let db = self.db();
+        let ids: Vec<Vec<u8>> = {
+            let mut statement =
+                db.prepare("SELECT group_id FROM conversations ORDER BY created_at, group_id")?;
+            let rows = statement.query_map([], |row| row.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let provider = Provider::new(&self.inner.crypto, &db);
+        ids.iter()
+            .map(|id| self.conversation_in(&db, &provider, id))
+            .collect()
+    }
+
+    /// The last `limit` messages of a conversation, oldest first.
+    pub fn history(&self, conversation: &ConversationId, limit: usize) -> Result<Vec<Message>> {
+        let group_id = self.group_id_of(conversation)?;
+        let db = self.db();
+        let mut statement = db.prepare(
+            "SELECT id, sender, direction, body, state, timestamp FROM (
+                 SELECT * FROM messages WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2
+             ) ORDER BY id",
+        )?;
+        let rows = statement.query_map(params![group_id, limit as i64], |row| {
+            let direction = match row.get::<_, String>(2)?.as_str() {
+                "in" => Direction::In,
+                "out" => Direction::Out,
+                _ => Direction::System,
+            };
+            Ok(Message {
+                id: row.get(0)?,
+                conversation: conversation.clone(),
+                sender: parse_account(&row.get::<_, String>(1)?)?,
+                direction,
+                body: row.get(3)?,
+                state: DeliveryState::parse(&row.get::<_, String>(4)?),
+                timestamp: row.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ----- sending ---------------------------------------------------------
+
+    /// Sends a text message. Returns it once the server has stored it for
+    /// every recipient (state `Sent`); on failure it stays in the history as
+    /// `Failed`.
+    pub async fn send_text(&self, conversation: &ConversationId, text: &str) -> Result<Message> {
+        if text.trim().is_empty() {
+            return Err(ClientError::Invalid("empty message".into()));
+        }
+        let (id, accepted) = self
+            .send_content(conversation, Body::Text(text.to_owned()))
+            .await?;
+        let state = if accepted {
+            DeliveryState::Sent
+        } else {
+            DeliveryState::Failed
+        };
+        self.emit(Event::DeliveryStateChanged {
+            message_id: id,
+            state,
+        });
+        let message = self
+            .history(conversation, usize::MAX >> 1)?
+            .into_iter()
+            .rev()
+            .find(|m| m.id == id)
+            .ok_or_else(|| ClientError::Store("sent message vanished".into()))?;
+        Ok(message)
+    }
+
+    /// Encrypts and sends one application message. Text is recorded locally
+    /// (MLS cannot decrypt one's own messages) in the same transaction as the
+    /// ratchet step. Returns the local message ID and whether it was accepted.
+    async fn send_content(&self, conversation: &ConversationId, body: Body) -> Result<(i64, bool)> {
+        let group_id = self.group_id_of(conversation)?;
+        let ops = self.inner.ops.lock().await;
+        let text = match &body {
+            Body::Text(text) => Some(text.clone()),
+            _ => None,
+        };
+        let content = Content {
+            body,
+            sent_at_ms: now_ms(),
+        };
+        let (message_id, ciphertext) = self.with_tx(|tx, provider| {
+            let mut group = load_group(provider, &group_id)?;
+            if !group.is_active() {
+                return Err(ClientError::NotAMember);
+            }
+            let ciphertext = group.encrypt(provider, &self.inner.signer, &content.encode())?;
+            let mut message_id = 0;
+            if let Some(text) = &text {
+                tx.execute(
+                    "INSERT INTO messages (group_id, sender, direction, body, state, timestamp)
+                     VALUES (?1, ?2, 'out', ?3, 'sending', ?4)",
+                    params![group_id, self.inner.account.as_str(), text, now()],
+                )?;
+                message_id = tx.last_insert_rowid();
+            }
+            Ok((message_id, ciphertext))
+        })?;
+        drop(ops);
+        let sent = self
+            .request(Request::SendMessage {
+                group_id: GroupId::new(group_id)?,
+                message: ciphertext,
+                kind: DeliveryKind::Application,
+            })
+            .await;
+        let state = if sent.is_ok() {
+            DeliveryState::Sent
+        } else {
+            DeliveryState::Failed
+        };
+        if message_id != 0 {
+            self.db().execute(
+                "UPDATE messages SET state = ?2 WHERE id = ?1",
+                params![message_id, state.as_str()],
+            )?;
+        }
+        match sent {
+            Ok(_) => Ok((message_id, true)),
+            Err(error) if message_id == 0 => Err(error),
+            Err(
+                error @ ClientError::Server {
+                    code: ErrorCode::SubscriptionExpired,
+                    ..
+                },
+            ) => Err(error),
+            Err(error) => {
+                warn!(%error, "message not accepted by the server");
+                Err(error)
+            }
+        }
+    }
+}
+
+fn load_group(provider: &Provider<'_>, group_id: &[u8]) -> Result<Group> {
+    Group::load(provider, group_id)?
+        .ok_or_else(|| ClientError::UnknownConversation(hex::encode(group_id)))
+}
+
+fn contact_state(db: &Connection, account: &AccountId) -> Result<Option<ContactState>> {
+    let state: Option<String> = db
+        .query_row(
+            "SELECT state FROM contacts WHERE account_id = ?1",
+            [account.as_str()],
+            |row| row.get(0),
+        )
+        .optional()?;
+    Ok(state.as_deref().and_then(ContactState::parse))
+}
+
+fn check_group_name(name: &str) -> Result<()> {
+    if name.trim().is_empty() || name.len() > MAX_GROUP_NAME_BYTES {
+        return Err(ClientError::Invalid(format!(
+            "a group name has 1 to {MAX_GROUP_NAME_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! What can go wrong on a device, in words a person can act on.
+
+use umbra_proto::{AccountId, ErrorCode, ErrorReply};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("wrong passphrase")]
+    WrongPassphrase,
+    #[error("no Umbra device in {0}; run `umbra activate` first")]
+    NotActivated(String),
+    #[error("{0} already holds an Umbra device")]
+    AlreadyActivated(String),
+    #[error("server certificate does not match the pinned fingerprint; refusing to connect")]
+    CertificateMismatch,
+    #[error("cannot reach the server at {address}: {reason}")]
+    Unreachable { address: String, reason: String },
+    #[error("the connection to the server was lost")]
+    ConnectionLost,
+    #[error("not connected to the server")]
+    NotConnected,
+    #[error("the server did not answer within {0} seconds")]
+    Timeout(u64),
+    #[error("{message}")]
+    Server {
+        code: ErrorCode,
+        message: String,
+        current_epoch: u64,
+    },
+    #[error("{0} is not a contact; add them with `contacts add` first")]
+    NotAContact(AccountId),
+    #[error("contact {0} has not accepted your request yet")]
+    NotAccepted(AccountId),
+    #[error("no pending contact request from {0}")]
+    NoRequest(AccountId),
+    #[error("no conversation {0}")]
+    UnknownConversation(String),
+    #[error("you are no longer a member of this conversation")]
+    NotAMember,
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("group commit kept losing to other members' commits; try again")]
+    CommitContention,
+    #[error(transparent)]
+    Mls(#[from] umbra_mls::MlsError),
+    #[error("local store: {0}")]
+    Store(String),
+    #[error("protocol error from the server: {0}")]
+    Protocol(#[from] umbra_proto::DecodeError),
+}
+
+impl From<ErrorReply> for ClientError {
+    fn from(reply: ErrorReply) -> Self {
+        ClientError::Server {
+            code: reply.code,
+            message: reply.message,
+            current_epoch: reply.current_epoch,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for ClientError {
+    fn from(error: rusqlite::Error) -> Self {
+        ClientError::Store(error.to_string())
+    }
+}
+
+impl ClientError {
+    /// The server's error code, when the server refused the request.
+    pub fn server_code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

@@ -1,0 +1,289 @@
+//! The device's connection to its server: TLS with a pinned certificate,
+//! WebSocket, requests matched to responses by id, and pushes handed on in
+//! order.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tracing::debug;
+use umbra_proto::{
+    CertFingerprint, ClientFrame, ErrorReply, MAX_FRAME_BYTES, Push, Reply, Request, ServerMessage,
+    decode_server, encode_client,
+};
+
+use crate::error::{ClientError, Result};
+
+/// How long a request waits for its response.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts exactly one certificate: the one whose SHA-256 was pinned at
+/// activation. Names and CAs play no part; the handshake signature is still
+/// checked against that certificate's key.
+#[derive(Debug)]
+struct PinnedCertificate {
+    pin: CertFingerprint,
+    mismatch: Arc<AtomicBool>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if CertFingerprint::of_der(end_entity) == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            self.mismatch.store(true, Ordering::SeqCst);
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ErrorReply>>>>>;
+
+/// An open connection. Dropping it closes the socket.
+#[derive(Debug)]
+pub(crate) struct Link {
+    out: mpsc::Sender<Vec<u8>>,
+    pending: Pending,
+    next_id: AtomicU64,
+    alive: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn unreachable_error(address: &str, reason: impl std::fmt::Display) -> ClientError {
+    ClientError::Unreachable {
+        address: address.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+impl Link {
+    /// Connects to `address`, checks the certificate against `pin`, and
+    /// returns the link, the server's Hello, and the stream of later pushes.
+    pub async fn connect(
+        address: &str,
+        pin: CertFingerprint,
+    ) -> Result<(Link, Push, mpsc::UnboundedReceiver<Push>)> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mismatch = Arc::new(AtomicBool::new(false));
+        let tls_config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| unreachable_error(address, e))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
+                pin,
+                mismatch: Arc::clone(&mismatch),
+                provider,
+            }))
+            .with_no_client_auth();
+        let host = address
+            .rsplit_once(':')
+            .map(|(host, _)| host.trim_matches(['[', ']']))
+            .unwrap_or(address);
+        // The name plays no part in verification (the pin does); it only
+        // has to be syntactically valid for the TLS handshake.
+        let server_name = ServerName::try_from(host.to_owned())
+            .or_else(|_| ServerName::try_from("umbra.invalid".to_owned()))
+            .map_err(|e| unreachable_error(address, e))?;
+        let tcp = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(address))
+            .await
+            .map_err(|_| unreachable_error(address, "connection timed out"))?
+            .map_err(|e| unreachable_error(address, e))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config))
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| {
+                if mismatch.load(Ordering::SeqCst) {
+                    ClientError::CertificateMismatch
+                } else {
+                    unreachable_error(address, e)
+                }
+            })?;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        let (ws, _) = tokio_tungstenite::client_async_with_config(
+            format!("wss://{address}/"),
+            tls,
+            Some(ws_config),
+        )
+        .await
+        .map_err(|e| unreachable_error(address, e))?;
+        let (mut sink, mut source) = ws.split();
+
+        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(256);
+        let writer = tokio::spawn(async move {
+            while let Some(bytes) = out_rx.recv().await {
+                if sink.send(Message::Binary(bytes.into())).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+
+        let pending: Pending = Arc::default();
+        let alive = Arc::new(AtomicBool::new(true));
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
+        let (hello_tx, hello_rx) = oneshot::channel();
+        let reader = {
+            let pending = Arc::clone(&pending);
+            let alive = Arc::clone(&alive);
+            tokio::spawn(async move {
+                let mut hello_tx = Some(hello_tx);
+                while let Some(Ok(message)) = source.next().await {
+                    let Message::Binary(bytes) = message else {
+                        continue;
+                    };
+                    match decode_server(&bytes) {
+                        Ok(ServerMessage::Response { id, result }) => {
+                            let waiter = pending
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&id);
+                            match waiter {
+                                Some(waiter) => {
+                                    let _ = waiter.send(result);
+                                }
+                                None => debug!(id, ?result, "response to no pending request"),
+                            }
+                        }
+                        Ok(ServerMessage::Push(push @ Push::Hello { .. })) => {
+                            if let Some(tx) = hello_tx.take() {
+                                let _ = tx.send(push);
+                            }
+                        }
+                        Ok(ServerMessage::Push(push)) => {
+                            if push_tx.send(push).is_err() {
+                                break;
+                            }
+                        }
+                        Err(error) => debug!(%error, "undecodable frame from the server"),
+                    }
+                }
+                alive.store(false, Ordering::SeqCst);
+                // Fail every request still waiting.
+                pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            })
+        };
+        let hello = tokio::time::timeout(REQUEST_TIMEOUT, hello_rx)
+            .await
+            .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT.as_secs()))?
+            .map_err(|_| ClientError::ConnectionLost)?;
+        Ok((
+            Link {
+                out: out_tx,
+                pending,
+                next_id: AtomicU64::new(1),
+                alive,
+                tasks: vec![reader, writer],
+            },
+            hello,
+            push_rx,
+        ))
+    }
+
+    /// Closes the connection now: stops reading (which ends the push
+    /// stream) and writing; requests in flight fail.
+    pub fn close(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst) && !self.out.is_closed()
+    }
+
+    /// Sends a request and waits for its response.
+    pub async fn request(&self, request: Request) -> Result<Reply> {
+        if !self.is_alive() {
+            return Err(ClientError::ConnectionLost);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let bytes = encode_client(&ClientFrame { id, request });
+        if self.out.send(bytes).await.is_err() {
+            return Err(ClientError::ConnectionLost);
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Err(_) => {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                Err(ClientError::Timeout(REQUEST_TIMEOUT.as_secs()))
+            }
+            Ok(Err(_)) => Err(ClientError::ConnectionLost),
+            Ok(Ok(result)) => result.map_err(ClientError::from),
+        }
+    }
+}

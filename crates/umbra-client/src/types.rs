@@ -1,0 +1,174 @@
+//! The values front ends see: contacts, conversations, messages, events.
+
+use std::fmt;
+
+use serde::Serialize;
+use umbra_proto::AccountId;
+
+/// A conversation, named by its MLS group ID in hex.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct ConversationId(pub String);
+
+impl ConversationId {
+    pub fn from_group(group_id: &[u8]) -> Self {
+        ConversationId(hex::encode(group_id))
+    }
+
+    pub fn group_id(&self) -> Option<Vec<u8>> {
+        hex::decode(&self.0).ok()
+    }
+}
+
+impl fmt::Display for ConversationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContactState {
+    /// We asked; they have not accepted yet.
+    Outgoing,
+    /// They asked; we have not accepted yet.
+    Incoming,
+    Accepted,
+}
+
+impl ContactState {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        match text {
+            "outgoing" => Some(ContactState::Outgoing),
+            "incoming" => Some(ContactState::Incoming),
+            "accepted" => Some(ContactState::Accepted),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Contact {
+    pub account: AccountId,
+    pub state: ContactState,
+    /// The user compared safety numbers and marked them verified.
+    pub verified: bool,
+    /// The contact's identity key differs from the one first seen.
+    pub key_changed: bool,
+    /// The one-to-one conversation, once it exists.
+    pub conversation: Option<ConversationId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ConversationKind {
+    Direct { peer: AccountId },
+    Group,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Conversation {
+    pub id: ConversationId,
+    #[serde(flatten)]
+    pub kind: ConversationKind,
+    pub name: String,
+    /// False once this device was removed or left.
+    pub active: bool,
+    pub members: Vec<AccountId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    In,
+    Out,
+    /// A line the client wrote itself: "X added Y".
+    System,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// Encrypted, not yet accepted by the server.
+    Sending,
+    /// Stored by the server for every recipient.
+    Sent,
+    /// The server refused it or could not be reached.
+    Failed,
+    Received,
+}
+
+impl DeliveryState {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Sending => "sending",
+            DeliveryState::Sent => "sent",
+            DeliveryState::Failed => "failed",
+            DeliveryState::Received => "received",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> DeliveryState {
+        match text {
+            "sending" => DeliveryState::Sending,
+            "sent" => DeliveryState::Sent,
+            "received" => DeliveryState::Received,
+            _ => DeliveryState::Failed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    pub id: i64,
+    pub conversation: ConversationId,
+    pub sender: AccountId,
+    pub direction: Direction,
+    pub body: String,
+    pub state: DeliveryState,
+    /// Unix seconds: when sent (ours) or received (theirs).
+    pub timestamp: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionState {
+    Connected,
+    Disconnected,
+}
+
+/// Everything a front end needs to redraw, in the order it happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    MessageReceived {
+        message: Message,
+    },
+    DeliveryStateChanged {
+        message_id: i64,
+        state: DeliveryState,
+    },
+    ContactRequest {
+        from: AccountId,
+    },
+    ContactAccepted {
+        by: AccountId,
+    },
+    ConversationStarted {
+        conversation: Conversation,
+    },
+    ConversationChanged {
+        conversation: Conversation,
+    },
+    /// A contact's identity key is not the one seen before: compare safety
+    /// numbers again before trusting the conversation.
+    KeyChanged {
+        account: AccountId,
+    },
+    Connection {
+        state: ConnectionState,
+    },
+    /// Everything stored at the server while offline has been processed.
+    Synced,
+}

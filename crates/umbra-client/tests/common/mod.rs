@@ -1,0 +1,242 @@
+//! A real server on 127.0.0.1 and real devices, for integration tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use umbra_client::{
+    AccountId, ActivationString, Client, ClientOptions, ConversationId, Event, KdfParams,
+    Passphrase,
+};
+use umbra_server::{Config, Direction, ServerOptions};
+
+/// How long a test waits for something that should happen promptly.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Frames the server received or sent, in order.
+pub type Frames = Arc<Mutex<Vec<(Direction, Vec<u8>)>>>;
+
+/// A server running on its own runtime and thread, so that a test can kill
+/// it abruptly (dropping every task mid-flight) as well as stop it cleanly.
+pub struct TestServer {
+    pub data: PathBuf,
+    pub address: SocketAddr,
+    pub frames: Frames,
+    shutdown: CancellationToken,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: Option<TempDir>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("server");
+        let mut server = TestServer::start_in(&data, "127.0.0.1:0".parse().unwrap()).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    /// Starts a server on `data` (initialised if new) at `address`.
+    pub async fn start_in(data: &Path, address: SocketAddr) -> TestServer {
+        umbra_server::init(data, "127.0.0.1:0").unwrap();
+        let mut config = Config::load(data).unwrap();
+        // Create and migrate the database before anything else opens it.
+        drop(umbra_server::open_store(data, &config).unwrap());
+        let listener = std::net::TcpListener::bind(address).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let address = listener.local_addr().unwrap();
+        config.public_address = address.to_string();
+        let frames: Frames = Arc::default();
+        let tap_frames = Arc::clone(&frames);
+        let options = ServerOptions {
+            tap: Some(Arc::new(move |direction, bytes: &[u8]| {
+                tap_frames.lock().unwrap().push((direction, bytes.to_vec()));
+            })),
+            ..ServerOptions::default()
+        };
+        let shutdown = CancellationToken::new();
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let (token, data_dir) = (shutdown.clone(), data.to_owned());
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                tokio::select! {
+                    result = umbra_server::run(config, data_dir, listener, token, options) => result.unwrap(),
+                    _ = killed => {}
+                }
+            });
+            // Dropping the runtime drops every connection task wherever it is.
+            runtime.shutdown_background();
+        });
+        TestServer {
+            data: data.to_owned(),
+            address,
+            frames,
+            shutdown,
+            kill: Some(kill),
+            thread: Some(thread),
+            _dir: None,
+        }
+    }
+
+    pub async fn activation(&self) -> ActivationString {
+        let mut config = Config::load(&self.data).unwrap();
+        config.public_address = self.address.to_string();
+        let mut strings = umbra_server::admin::issue_codes(&self.data, &config, 30, 1, now())
+            .await
+            .unwrap();
+        strings.pop().unwrap()
+    }
+
+    /// Stops abruptly: every task is dropped wherever it is, as in a crash.
+    pub fn kill(mut self) -> (PathBuf, SocketAddr, Option<TempDir>) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+        (self.data.clone(), self.address, self._dir.take())
+    }
+
+    /// Stops cleanly: connections finish their request and close.
+    pub fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+
+    /// Every frame the server received or sent so far.
+    pub fn frames(&self) -> Vec<(Direction, Vec<u8>)> {
+        self.frames.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub fn options() -> ClientOptions {
+    ClientOptions {
+        kdf: KdfParams::insecure_for_tests(),
+        key_package_batch: 5,
+        ..ClientOptions::default()
+    }
+}
+
+pub fn passphrase() -> Passphrase {
+    Passphrase::new("correct horse battery staple")
+}
+
+/// A device with its event stream, subscribed before it connected.
+pub struct Device {
+    pub home: TempDir,
+    pub client: Client,
+    pub events: broadcast::Receiver<Event>,
+}
+
+impl Device {
+    pub async fn activate(server: &TestServer) -> Device {
+        let home = tempfile::tempdir().unwrap();
+        let activation = server.activation().await;
+        let client = Client::activate(home.path(), &passphrase(), &activation, options())
+            .await
+            .unwrap();
+        let events = client.subscribe();
+        client.sync().await.unwrap();
+        Device {
+            home,
+            client,
+            events,
+        }
+    }
+
+    pub fn id(&self) -> AccountId {
+        self.client.account().clone()
+    }
+
+    /// Waits for the first event that `pick` maps to a value.
+    pub async fn wait_for<T>(&mut self, mut pick: impl FnMut(&Event) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .expect("timed out waiting for an event")
+                .expect("event stream closed");
+            if let Some(value) = pick(&event) {
+                return value;
+            }
+        }
+    }
+
+    /// Waits for the next text message and returns (sender, body).
+    pub async fn next_text(&mut self) -> (AccountId, String) {
+        self.wait_for(|event| match event {
+            Event::MessageReceived { message } => {
+                Some((message.sender.clone(), message.body.clone()))
+            }
+            _ => None,
+        })
+        .await
+    }
+
+    /// Closes this device and opens it again from its store, connected.
+    pub async fn reopen(self) -> Device {
+        let Device { home, client, .. } = self;
+        client.disconnect();
+        drop(client);
+        let client = Client::open(home.path(), &passphrase(), options()).unwrap();
+        let events = client.subscribe();
+        client.connect().await.unwrap();
+        Device {
+            home,
+            client,
+            events,
+        }
+    }
+}
+
+/// Makes `a` and `b` contacts; returns the conversation as each sees it.
+pub async fn befriend(a: &mut Device, b: &mut Device) -> (ConversationId, ConversationId) {
+    a.client.add_contact(&b.id()).await.unwrap();
+    let from = b
+        .wait_for(|e| match e {
+            Event::ContactRequest { from } => Some(from.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(from, a.id());
+    let b_side = b.client.accept_contact(&a.id()).await.unwrap();
+    let a_side = a
+        .wait_for(|e| match e {
+            Event::ConversationStarted { conversation } => Some(conversation.id.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(a_side, b_side, "both see the same group");
+    (a_side, b_side)
+}

@@ -1,0 +1,313 @@
+//! One-to-one and group conversations through a real server.
+
+mod common;
+
+use common::{Device, TestServer, befriend};
+use umbra_client::{ClientError, ConversationKind, Direction, ErrorCode, Event};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_to_one_both_ways_online_and_offline() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+
+    // Nothing can be exchanged before the contact accepts.
+    alice.client.add_contact(&bob.id()).await.unwrap();
+    let refused = alice.client.conversation_with(&bob.id()).unwrap_err();
+    assert!(matches!(refused, ClientError::NotAccepted(_)), "{refused}");
+    assert_eq!(
+        refused.to_string(),
+        format!("contact {} has not accepted your request yet", bob.id())
+    );
+    bob.wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+    let conversation = bob.client.accept_contact(&alice.id()).await.unwrap();
+    alice
+        .wait_for(|e| matches!(e, Event::ConversationStarted { .. }).then_some(()))
+        .await;
+    let seen_by_alice = alice.client.conversation_with(&bob.id()).unwrap();
+    assert_eq!(seen_by_alice, conversation);
+    let view = alice.client.conversation(&seen_by_alice).unwrap();
+    assert_eq!(view.kind, ConversationKind::Direct { peer: bob.id() });
+
+    // Both online, both ways.
+    let sent = alice
+        .client
+        .send_text(&seen_by_alice, "hello bob")
+        .await
+        .unwrap();
+    assert_eq!(sent.state, umbra_client::DeliveryState::Sent);
+    assert_eq!(bob.next_text().await, (alice.id(), "hello bob".into()));
+    bob.client
+        .send_text(&conversation, "hi alice ✓")
+        .await
+        .unwrap();
+    assert_eq!(alice.next_text().await, (bob.id(), "hi alice ✓".into()));
+
+    // Bob offline: messages wait at the server and arrive on reconnect.
+    bob.client.disconnect();
+    for n in 0..3 {
+        alice
+            .client
+            .send_text(&seen_by_alice, &format!("while you were out {n}"))
+            .await
+            .unwrap();
+    }
+    let mut bob = bob.reopen().await;
+    bob.client.sync().await.unwrap();
+    for n in 0..3 {
+        assert_eq!(bob.next_text().await.1, format!("while you were out {n}"));
+    }
+
+    // The sender keeps its own plaintext; the history shows both sides.
+    let history = alice.client.history(&seen_by_alice, 100).unwrap();
+    let lines: Vec<(Direction, &str)> = history
+        .iter()
+        .map(|m| (m.direction, m.body.as_str()))
+        .collect();
+    assert_eq!(lines[0], (Direction::Out, "hello bob"));
+    assert_eq!(lines[1], (Direction::In, "hi alice ✓"));
+    assert_eq!(lines.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_of_five_add_and_remove() {
+    let server = TestServer::start().await;
+    let mut owner = Device::activate(&server).await;
+    let mut others = Vec::new();
+    for _ in 0..5 {
+        let mut device = Device::activate(&server).await;
+        befriend(&mut owner, &mut device).await;
+        others.push(device);
+    }
+    let first_four: Vec<_> = others[..4].iter().map(Device::id).collect();
+    let group = owner
+        .client
+        .create_group("Night shift", &first_four)
+        .await
+        .unwrap();
+    for member in &mut others[..4] {
+        let started = member
+            .wait_for(|e| match e {
+                Event::ConversationStarted { conversation }
+                    if conversation.kind == ConversationKind::Group =>
+                {
+                    Some(conversation.id.clone())
+                }
+                _ => None,
+            })
+            .await;
+        assert_eq!(started, group);
+    }
+    owner.client.send_text(&group, "first").await.unwrap();
+    for member in &mut others[..4] {
+        assert_eq!(member.next_text().await.1, "first");
+        let view = member.client.conversation(&group).unwrap();
+        assert_eq!(view.members.len(), 5);
+        assert_eq!(view.name, "Night shift");
+    }
+
+    // Add the fifth contact: a group of five others plus the owner.
+    let fifth = others[4].id();
+    owner
+        .client
+        .add_members(&group, std::slice::from_ref(&fifth))
+        .await
+        .unwrap();
+    others[4]
+        .wait_for(|e| matches!(e, Event::ConversationStarted { .. }).then_some(()))
+        .await;
+    // A member who has not yet applied the add would still encrypt for the
+    // old membership; wait until the sender has seen it.
+    others[0]
+        .wait_for(|e| match e {
+            Event::ConversationChanged { conversation }
+                if conversation.members.contains(&fifth) =>
+            {
+                Some(())
+            }
+            _ => None,
+        })
+        .await;
+    others[0].client.send_text(&group, "welcome").await.unwrap();
+    assert_eq!(
+        others[4].next_text().await,
+        (others[0].id(), "welcome".into())
+    );
+
+    // Remove the second member: it sees the removal, then nothing more.
+    let removed = others[1].id();
+    owner
+        .client
+        .remove_members(&group, std::slice::from_ref(&removed))
+        .await
+        .unwrap();
+    others[1]
+        .wait_for(|e| match e {
+            Event::ConversationChanged { conversation } if !conversation.active => Some(()),
+            _ => None,
+        })
+        .await;
+    owner
+        .client
+        .send_text(&group, "after the removal")
+        .await
+        .unwrap();
+    for (n, member) in others.iter_mut().enumerate() {
+        if n == 1 {
+            continue;
+        }
+        let (_, body) = member
+            .wait_for(|e| match e {
+                Event::MessageReceived { message } if message.body == "after the removal" => {
+                    Some((message.sender.clone(), message.body.clone()))
+                }
+                _ => None,
+            })
+            .await;
+        assert_eq!(body, "after the removal");
+    }
+    let removed_history = others[1].client.history(&group, 100).unwrap();
+    assert!(
+        removed_history
+            .iter()
+            .all(|m| m.body != "after the removal")
+    );
+    let refused = others[1]
+        .client
+        .send_text(&group, "still here?")
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, ClientError::NotAMember), "{refused}");
+    let view = owner.client.conversation(&group).unwrap();
+    assert_eq!(view.members.len(), 5);
+    assert!(!view.members.contains(&removed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_commits_in_one_epoch_one_wins_and_everyone_converges() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let mut carol = Device::activate(&server).await;
+    befriend(&mut alice, &mut bob).await;
+    befriend(&mut alice, &mut carol).await;
+    let group = alice
+        .client
+        .create_group("race", &[bob.id(), carol.id()])
+        .await
+        .unwrap();
+    for device in [&mut bob, &mut carol] {
+        device
+            .wait_for(|e| matches!(e, Event::ConversationStarted { .. }).then_some(()))
+            .await;
+    }
+    // Bob and Carol both commit at the same epoch, at the same time.
+    let (b, c) = tokio::join!(bob.client.update_keys(), carol.client.update_keys());
+    assert_eq!(b.unwrap(), 2, "bob updated in both conversations");
+    assert_eq!(c.unwrap(), 2);
+    // Whoever lost retried after applying the winner; all can still talk.
+    bob.client.send_text(&group, "from bob").await.unwrap();
+    carol.client.send_text(&group, "from carol").await.unwrap();
+    alice.client.send_text(&group, "from alice").await.unwrap();
+    let mut at_alice = vec![alice.next_text().await.1, alice.next_text().await.1];
+    at_alice.sort();
+    assert_eq!(at_alice, vec!["from bob", "from carol"]);
+    let mut at_bob = vec![bob.next_text().await.1, bob.next_text().await.1];
+    at_bob.sort();
+    assert_eq!(at_bob, vec!["from alice", "from carol"]);
+    let mut at_carol = vec![carol.next_text().await.1, carol.next_text().await.1];
+    at_carol.sort();
+    assert_eq!(at_carol, vec!["from alice", "from bob"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_loses_no_acknowledged_message() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    bob.client.disconnect();
+    for n in 0..20 {
+        let sent = alice
+            .client
+            .send_text(&conversation, &format!("durable {n}"))
+            .await
+            .unwrap();
+        assert_eq!(sent.state, umbra_client::DeliveryState::Sent);
+    }
+    let (data, address, dir) = server.kill();
+    let restarted = TestServer::start_in(&data, address).await;
+    let mut bob = bob.reopen().await;
+    bob.client.sync().await.unwrap();
+    for n in 0..20 {
+        assert_eq!(bob.next_text().await.1, format!("durable {n}"));
+    }
+    drop(restarted);
+    drop(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_a_person_can_act_on() {
+    let server = TestServer::start().await;
+    let activation = server.activation().await;
+    let home = tempfile::tempdir().unwrap();
+    umbra_client::Client::activate(
+        home.path(),
+        &common::passphrase(),
+        &activation,
+        common::options(),
+    )
+    .await
+    .unwrap();
+    // The same code a second time.
+    let other = tempfile::tempdir().unwrap();
+    let reused = umbra_client::Client::activate(
+        other.path(),
+        &common::passphrase(),
+        &activation,
+        common::options(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(reused.server_code(), Some(ErrorCode::ActivationCodeUsed));
+    assert_eq!(reused.to_string(), "activation code already used");
+    assert!(
+        !umbra_client::device_exists(other.path()),
+        "nothing left behind"
+    );
+
+    // A server whose certificate is not the pinned one.
+    let mut wrong_pin = server.activation().await;
+    wrong_pin.pin = umbra_proto_pin();
+    let third = tempfile::tempdir().unwrap();
+    let mismatch = umbra_client::Client::activate(
+        third.path(),
+        &common::passphrase(),
+        &wrong_pin,
+        common::options(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(mismatch, ClientError::CertificateMismatch),
+        "{mismatch}"
+    );
+    assert_eq!(
+        mismatch.to_string(),
+        "server certificate does not match the pinned fingerprint; refusing to connect"
+    );
+
+    // The wrong passphrase.
+    let wrong = umbra_client::Client::open(
+        home.path(),
+        &umbra_client::Passphrase::new("nope"),
+        common::options(),
+    )
+    .unwrap_err();
+    assert!(matches!(wrong, ClientError::WrongPassphrase));
+}
+
+fn umbra_proto_pin() -> umbra_client::CertFingerprint {
+    umbra_client::CertFingerprint([7; 32])
+}
