@@ -110,12 +110,14 @@ impl TestServer {
         (self.data.clone(), self.address, self._dir.take())
     }
 
-    /// Stops cleanly: connections finish their request and close.
-    pub fn stop(mut self) {
+    /// Stops cleanly: connections finish their request and close. Returns
+    /// the temporary directory holding the data, if the server made one.
+    pub fn stop(mut self) -> Option<TempDir> {
         self.shutdown.cancel();
         if let Some(thread) = self.thread.take() {
             thread.join().unwrap();
         }
+        self._dir.take()
     }
 
     /// Every frame the server received or sent so far.
