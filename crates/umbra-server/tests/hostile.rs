@@ -1,0 +1,412 @@
+//! Hostile input against the real server: every bad frame or request gets a
+//! clear, typed error, and the server goes on serving everyone else.
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Provider};
+use umbra_proto::frame::CommitSubmission;
+use umbra_proto::{
+    AccountId, ActivationCode, ClientFrame, ErrorCode, ErrorReply, GroupId, MAX_FRAME_BYTES, Nonce,
+    Push, Reply, Request, ServerMessage, Signature, decode_server, encode_client,
+    login_signing_payload, register_signing_payload,
+};
+use umbra_server::{Config, ServerOptions};
+
+type Ws = WebSocketStream<TcpStream>;
+
+struct Server {
+    address: std::net::SocketAddr,
+    data: tempfile::TempDir,
+    shutdown: CancellationToken,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let data = tempfile::tempdir().unwrap();
+        umbra_server::init(data.path(), "127.0.0.1:0").unwrap();
+        let mut config = Config::load(data.path()).unwrap();
+        config.tls = false; // loopback only: lets the test speak raw WebSocket
+        drop(umbra_server::open_store(data.path(), &config).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(umbra_server::run(
+            config,
+            data.path().to_owned(),
+            listener,
+            shutdown.clone(),
+            ServerOptions::default(),
+        ));
+        Server {
+            address,
+            data,
+            shutdown,
+        }
+    }
+
+    async fn code(&self) -> ActivationCode {
+        let config = Config::load(self.data.path()).unwrap();
+        let mut strings =
+            umbra_server::admin::issue_codes(self.data.path(), &config, 30, 1, 1_800_000_000)
+                .await
+                .unwrap();
+        strings.pop().unwrap().code
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+struct Raw {
+    ws: Ws,
+    nonce: Nonce,
+    next_id: u64,
+}
+
+impl Raw {
+    async fn connect(server: &Server) -> Raw {
+        let tcp = TcpStream::connect(server.address).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(format!("ws://{}/", server.address), tcp)
+            .await
+            .unwrap();
+        let mut raw = Raw {
+            ws,
+            nonce: Nonce::from_bytes([0; 32]),
+            next_id: 1,
+        };
+        match raw.next().await {
+            Some(ServerMessage::Push(Push::Hello { nonce, .. })) => raw.nonce = nonce,
+            other => panic!("expected Hello, got {other:?}"),
+        }
+        raw
+    }
+
+    async fn next(&mut self) -> Option<ServerMessage> {
+        loop {
+            match self.ws.next().await? {
+                Ok(Message::Binary(bytes)) => return Some(decode_server(&bytes).unwrap()),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    /// The next response (skipping pushes).
+    async fn response(&mut self) -> Option<(u64, Result<Reply, ErrorReply>)> {
+        loop {
+            match self.next().await? {
+                ServerMessage::Response { id, result } => return Some((id, result)),
+                ServerMessage::Push(_) => continue,
+            }
+        }
+    }
+
+    async fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).await.unwrap();
+    }
+
+    async fn call(&mut self, request: Request) -> Result<Reply, ErrorReply> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = encode_client(&ClientFrame { id, request });
+        self.send_raw(Message::Binary(bytes.into())).await;
+        let (got, result) = self.response().await.expect("connection closed");
+        assert_eq!(got, id);
+        result
+    }
+
+    async fn expect_error(&mut self, request: Request, code: ErrorCode) -> String {
+        match self.call(request).await {
+            Err(error) => {
+                assert_eq!(error.code, code, "{}", error.message);
+                error.message
+            }
+            Ok(reply) => panic!("expected {code:?}, got {reply:?}"),
+        }
+    }
+
+    async fn register(
+        &mut self,
+        code: ActivationCode,
+        signer: &DeviceSigner,
+    ) -> Result<Reply, ErrorReply> {
+        let identity_key = signer.identity_key();
+        let signature = signer.sign_payload(&register_signing_payload(&self.nonce, &identity_key));
+        self.call(Request::Register {
+            activation_code: code,
+            identity_key,
+            signature,
+        })
+        .await
+    }
+
+    /// The server still answers on this connection.
+    async fn alive(&mut self) {
+        assert_eq!(self.call(Request::Ping).await, Ok(Reply::Done));
+    }
+}
+
+#[tokio::test]
+async fn malformed_frames_get_typed_errors_and_the_server_keeps_serving() {
+    let server = Server::start().await;
+    let mut bystander = Raw::connect(&server).await;
+    let mut attacker = Raw::connect(&server).await;
+
+    for (bytes, code) in [
+        (vec![1, 0xff, 0xff, 0xff, 0x0f], ErrorCode::MalformedFrame),
+        (vec![9, 1, 2], ErrorCode::UnsupportedVersion),
+        (vec![], ErrorCode::MalformedFrame),
+        (vec![1], ErrorCode::MalformedFrame),
+    ] {
+        attacker.send_raw(Message::Binary(bytes.into())).await;
+        let (id, result) = attacker.response().await.unwrap();
+        assert_eq!((id, result.unwrap_err().code), (0, code));
+    }
+    attacker.send_raw(Message::Text("hello".into())).await;
+    let (_, result) = attacker.response().await.unwrap();
+    assert!(result.unwrap_err().message.contains("text frames"));
+    attacker.alive().await;
+    bystander.alive().await;
+
+    // Oversized: refused with FRAME_TOO_LARGE, then that connection closes.
+    attacker
+        .send_raw(Message::Binary(vec![1u8; MAX_FRAME_BYTES + 1].into()))
+        .await;
+    let (_, result) = attacker
+        .response()
+        .await
+        .expect("an error frame before closing");
+    assert_eq!(result.unwrap_err().code, ErrorCode::FrameTooLarge);
+    assert!(attacker.next().await.is_none(), "connection closed");
+    bystander.alive().await;
+
+    // A flood of garbage is cut off after the configured number of frames.
+    let mut flooder = Raw::connect(&server).await;
+    for _ in 0..Config::default().max_malformed_frames {
+        flooder
+            .send_raw(Message::Binary(vec![1, 0xff].into()))
+            .await;
+    }
+    let mut errors = 0;
+    while let Some(message) = flooder.next().await {
+        if let ServerMessage::Response { result: Err(_), .. } = message {
+            errors += 1;
+        }
+    }
+    assert_eq!(errors, Config::default().max_malformed_frames);
+    bystander.alive().await;
+    Raw::connect(&server).await.alive().await;
+}
+
+#[tokio::test]
+async fn authentication_refusals() {
+    let server = Server::start().await;
+    let mut raw = Raw::connect(&server).await;
+    let signer = DeviceSigner::from_secret(&[1; 32]);
+
+    raw.expect_error(
+        Request::FetchKeyPackage {
+            account_id: AccountId::parse("AAAAAAAA").unwrap(),
+        },
+        ErrorCode::NotAuthenticated,
+    )
+    .await;
+    let unknown = ActivationCode::parse("2222-3333-4444-5555").unwrap();
+    let message = raw
+        .expect_error(
+            Request::Register {
+                activation_code: unknown,
+                identity_key: signer.identity_key(),
+                signature: signer.sign_payload(&register_signing_payload(
+                    &raw.nonce,
+                    &signer.identity_key(),
+                )),
+            },
+            ErrorCode::UnknownActivationCode,
+        )
+        .await;
+    assert_eq!(message, "activation code is not known to this server");
+
+    // A signature over the wrong nonce (a replayed registration).
+    let code = server.code().await;
+    let replayed = signer.sign_payload(&register_signing_payload(
+        &Nonce::from_bytes([9; 32]),
+        &signer.identity_key(),
+    ));
+    raw.expect_error(
+        Request::Register {
+            activation_code: code.clone(),
+            identity_key: signer.identity_key(),
+            signature: replayed,
+        },
+        ErrorCode::BadSignature,
+    )
+    .await;
+    let Reply::Registered { account_id, .. } = raw.register(code.clone(), &signer).await.unwrap()
+    else {
+        panic!("registration failed");
+    };
+    raw.expect_error(
+        Request::Login {
+            account_id: account_id.clone(),
+            signature: Signature::from_bytes([0; 64]),
+        },
+        ErrorCode::AlreadyAuthenticated,
+    )
+    .await;
+
+    // The code is spent.
+    let mut second = Raw::connect(&server).await;
+    let other = DeviceSigner::from_secret(&[2; 32]);
+    let error = second.register(code, &other).await.unwrap_err();
+    assert_eq!(
+        (error.code, error.message.as_str()),
+        (
+            ErrorCode::ActivationCodeUsed,
+            "activation code already used"
+        )
+    );
+
+    // Claims for an unknown account, and a forged login.
+    second
+        .expect_error(
+            Request::Login {
+                account_id: AccountId::parse("ZZZZZZZZ").unwrap(),
+                signature: Signature::from_bytes([0; 64]),
+            },
+            ErrorCode::UnknownAccount,
+        )
+        .await;
+    let forged = other.sign_payload(&login_signing_payload(&second.nonce, &account_id));
+    second
+        .expect_error(
+            Request::Login {
+                account_id: account_id.clone(),
+                signature: forged,
+            },
+            ErrorCode::BadSignature,
+        )
+        .await;
+    let genuine = signer.sign_payload(&login_signing_payload(&second.nonce, &account_id));
+    assert!(matches!(
+        second
+            .call(Request::Login {
+                account_id,
+                signature: genuine,
+            })
+            .await,
+        Ok(Reply::LoggedIn { .. })
+    ));
+}
+
+#[tokio::test]
+async fn stale_and_forged_commits_and_foreign_key_packages() {
+    let server = Server::start().await;
+    let mut raw = Raw::connect(&server).await;
+    let signer = DeviceSigner::from_secret(&[3; 32]);
+    let Reply::Registered { account_id, .. } =
+        raw.register(server.code().await, &signer).await.unwrap()
+    else {
+        panic!("registration failed");
+    };
+
+    let crypto = Crypto::default();
+    let mut db = rusqlite::Connection::open_in_memory().unwrap();
+    umbra_mls::init_storage(&mut db).unwrap();
+    let provider = Provider::new(&crypto, &db);
+
+    // A KeyPackage naming another account is refused.
+    let stranger = AccountId::parse("SSSSSSSS").unwrap();
+    let foreign =
+        umbra_mls::new_key_package(&provider, &signer, &stranger, Default::default(), false)
+            .unwrap();
+    raw.expect_error(
+        Request::UploadKeyPackages {
+            key_packages: vec![foreign],
+            last_resort: None,
+        },
+        ErrorCode::InvalidKeyPackage,
+    )
+    .await;
+    raw.expect_error(
+        Request::UploadKeyPackages {
+            key_packages: vec![b"not a key package".to_vec()],
+            last_resort: None,
+        },
+        ErrorCode::InvalidKeyPackage,
+    )
+    .await;
+
+    let mut group =
+        Group::create(&provider, &signer, &account_id, &GroupConfig::default()).unwrap();
+    let group_id = GroupId::new(group.id()).unwrap();
+    assert_eq!(
+        raw.call(Request::CreateGroup {
+            group_id: group_id.clone()
+        })
+        .await,
+        Ok(Reply::Done)
+    );
+    raw.expect_error(
+        Request::CreateGroup {
+            group_id: group_id.clone(),
+        },
+        ErrorCode::GroupExists,
+    )
+    .await;
+    let submission = |epoch, commit: Vec<u8>| {
+        Request::SendCommit(CommitSubmission {
+            group_id: group_id.clone(),
+            epoch,
+            commit,
+            welcome: None,
+            added: vec![],
+            removed: vec![],
+        })
+    };
+    let first = group.self_update(&provider, &signer).unwrap();
+    // Declared epoch that does not match the MLS header.
+    raw.expect_error(
+        submission(5, first.commit.clone()),
+        ErrorCode::InvalidRequest,
+    )
+    .await;
+    assert_eq!(
+        raw.call(submission(0, first.commit.clone())).await,
+        Ok(Reply::CommitAccepted { epoch: 1 })
+    );
+    // Retrying the same commit is answered as accepted, not applied twice.
+    assert_eq!(
+        raw.call(submission(0, first.commit)).await,
+        Ok(Reply::CommitAccepted { epoch: 1 })
+    );
+    // A different commit for the epoch already taken.
+    group.clear_pending_commit(&provider).unwrap();
+    let second = group.self_update(&provider, &signer).unwrap();
+    let error = raw.call(submission(0, second.commit)).await.unwrap_err();
+    assert_eq!(
+        (error.code, error.current_epoch),
+        (ErrorCode::StaleEpoch, 1)
+    );
+    raw.alive().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_and_stops() {
+    let server = Server::start().await;
+    let mut raw = Raw::connect(&server).await;
+    raw.alive().await;
+    server.shutdown.cancel();
+    assert!(
+        raw.next().await.is_none(),
+        "the server closed the connection"
+    );
+    let refused = TcpStream::connect(server.address).await;
+    assert!(refused.is_err(), "nothing listens after shutdown");
+}
