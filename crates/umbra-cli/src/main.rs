@@ -1,1 +1,593 @@
-fn main() {}
+//! `umbra`: the terminal client. Scriptable subcommands over the
+//! `umbra-client` library; every command can print JSON for scripts.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use umbra_client::{
+    AccountId, ActivationString, Client, ClientError, ClientOptions, ConversationId,
+    ConversationKind, Direction, Event, Message, Passphrase,
+};
+
+/// Exit codes, so scripts can tell failures apart.
+mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const WRONG_PASSPHRASE: u8 = 3;
+    pub const NETWORK: u8 = 4;
+    pub const REFUSED: u8 = 5;
+    pub const NOT_ACTIVATED: u8 = 6;
+}
+
+const AFTER_HELP: &str = "\
+Getting started:
+  umbra activate 'umbra://HOST:PORT/CODE?pin=...'   (from your operator)
+  umbra whoami                     your account ID, to give to contacts
+  umbra contacts add K7QD9XPM      ask someone to be your contact
+  umbra recv                       fetch what arrived (requests, messages)
+  umbra contacts accept K7QD9XPM   accept a request; opens the conversation
+  umbra send K7QD9XPM 'hello'      send a message
+  umbra listen                     stay connected and print as things arrive
+
+The passphrase is asked at a prompt, or read from UMBRA_PASSPHRASE.
+
+Exit codes: 0 success, 1 failure, 2 usage error, 3 wrong passphrase,
+4 server unreachable or not authentic, 5 refused by the server,
+6 no device in --home.";
+
+/// Umbra: end-to-end-encrypted messaging. All cryptography happens on
+/// this device; the server only relays ciphertext.
+#[derive(Debug, Parser)]
+#[command(name = "umbra", version, about, after_help = AFTER_HELP)]
+struct Cli {
+    /// Device directory (encrypted store and key-derivation parameters).
+    #[arg(long, global = true, env = "UMBRA_HOME", default_value_os_t = default_home())]
+    home: PathBuf,
+    /// Print JSON (one object per line) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+fn default_home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".umbra")
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create this device from an activation string: pins the server's
+    /// certificate, opens an account and sets the store's passphrase.
+    Activate {
+        /// The `umbra://…` string from your operator or distributor.
+        activation: String,
+    },
+    /// Show this device's account ID and subscription.
+    Whoami,
+    /// Contacts: nothing can be exchanged until both sides agree.
+    #[command(subcommand)]
+    Contacts(ContactsCommand),
+    /// Send a text message to a contact (account ID) or a group
+    /// (conversation ID from `groups list`).
+    Send {
+        target: String,
+        /// The message; several words are joined with spaces.
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Fetch and print everything that arrived while away, then exit.
+    Recv,
+    /// Stay connected and print events as they arrive (Ctrl-C to stop).
+    Listen,
+    /// Group conversations.
+    #[command(subcommand)]
+    Groups(GroupsCommand),
+    /// Show a conversation's messages.
+    History {
+        /// Account ID (one-to-one) or conversation ID (group).
+        target: String,
+        /// How many of the latest messages.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Replace this device's keys in every conversation ("recreate keys"):
+    /// keys taken from this device before no longer open new messages.
+    UpdateKeys,
+}
+
+#[derive(Debug, Subcommand)]
+enum ContactsCommand {
+    /// Send a contact request.
+    Add { account: String },
+    /// Accept a contact request and open the conversation.
+    Accept { account: String },
+    /// List contacts and their state.
+    List,
+    /// Show the safety number (digits and QR code) to compare with the
+    /// contact in person; with --mark, record that they matched.
+    Verify {
+        account: String,
+        /// The numbers matched: mark the contact verified.
+        #[arg(long)]
+        mark: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupsCommand {
+    /// Create a group with accepted contacts.
+    Create {
+        name: String,
+        #[command(flatten)]
+        members: Members,
+    },
+    /// Add accepted contacts to a group.
+    Add {
+        conversation: String,
+        #[command(flatten)]
+        members: Members,
+    },
+    /// Remove members: they cannot read anything sent afterwards.
+    Remove {
+        conversation: String,
+        #[command(flatten)]
+        members: Members,
+    },
+    /// Rename a group.
+    Rename { conversation: String, name: String },
+    /// Leave a group.
+    Leave { conversation: String },
+    /// List conversations.
+    List,
+}
+
+#[derive(Debug, Args)]
+struct Members {
+    /// Account IDs, comma-separated or repeated.
+    #[arg(long = "member", short = 'm', value_delimiter = ',', required = true)]
+    members: Vec<String>,
+}
+
+impl Members {
+    fn parse(&self) -> anyhow::Result<Vec<AccountId>> {
+        self.members.iter().map(|m| account(m)).collect()
+    }
+}
+
+fn account(text: &str) -> anyhow::Result<AccountId> {
+    AccountId::parse(text).with_context(|| format!("{text:?} is not an account ID"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("UMBRA_LOG")
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = cli.json;
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let code = exit_code(&error);
+            if json {
+                println!(
+                    "{}",
+                    json!({ "error": format!("{error:#}"), "exit_code": code })
+                );
+            } else {
+                eprintln!("error: {error:#}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn exit_code(error: &anyhow::Error) -> u8 {
+    match error.downcast_ref::<ClientError>() {
+        Some(ClientError::WrongPassphrase) => exit::WRONG_PASSPHRASE,
+        Some(ClientError::NotActivated(_)) => exit::NOT_ACTIVATED,
+        Some(
+            ClientError::CertificateMismatch
+            | ClientError::Unreachable { .. }
+            | ClientError::ConnectionLost
+            | ClientError::NotConnected
+            | ClientError::Timeout(_),
+        ) => exit::NETWORK,
+        Some(
+            ClientError::Server { .. }
+            | ClientError::NotAContact(_)
+            | ClientError::NotAccepted(_)
+            | ClientError::NoRequest(_)
+            | ClientError::NotAMember,
+        ) => exit::REFUSED,
+        _ => exit::FAILURE,
+    }
+}
+
+fn passphrase(confirm: bool) -> anyhow::Result<Passphrase> {
+    if let Ok(text) = std::env::var("UMBRA_PASSPHRASE") {
+        return Ok(Passphrase::new(text));
+    }
+    let first = rpassword::prompt_password(if confirm {
+        "Choose a passphrase for this device: "
+    } else {
+        "Passphrase: "
+    })
+    .context("cannot read the passphrase (set UMBRA_PASSPHRASE when there is no terminal)")?;
+    if confirm {
+        if first.chars().count() < 8 {
+            bail!("choose a passphrase of at least 8 characters");
+        }
+        let again = rpassword::prompt_password("Repeat it: ")?;
+        if again != first {
+            bail!("the passphrases differ");
+        }
+    }
+    Ok(Passphrase::new(first))
+}
+
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn value(&self, value: serde_json::Value, text: impl FnOnce() -> String) {
+        if self.json {
+            println!("{value}");
+        } else {
+            println!("{}", text());
+        }
+    }
+
+    fn message(&self, message: &Message) {
+        self.value(json!(message), || format_message(message));
+    }
+
+    fn event(&self, event: &Event) {
+        if self.json {
+            println!("{}", json!(event));
+            return;
+        }
+        match event {
+            Event::MessageReceived { message } => println!("{}", format_message(message)),
+            Event::ContactRequest { from } => println!(
+                "{from} wants to be your contact: `umbra contacts accept {from}` to accept"
+            ),
+            Event::ContactAccepted { by } => println!("{by} accepted your contact request"),
+            Event::ConversationStarted { conversation } => match &conversation.kind {
+                ConversationKind::Direct { peer } => {
+                    println!("conversation with {peer} is ready")
+                }
+                ConversationKind::Group => println!(
+                    "you are in group \u{201c}{}\u{201d} ({})",
+                    conversation.name, conversation.id
+                ),
+            },
+            Event::KeyChanged { account } => println!(
+                "WARNING: the identity key of {account} CHANGED. Compare safety numbers again: `umbra contacts verify {account}`"
+            ),
+            _ => {}
+        }
+    }
+}
+
+fn format_message(message: &Message) -> String {
+    let time = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(message.timestamp),
+    );
+    match message.direction {
+        Direction::System => format!("[{time}] * {}", message.body),
+        Direction::Out => format!("[{time}] you: {} ({:?})", message.body, message.state),
+        Direction::In => format!("[{time}] {}: {}", message.sender, message.body),
+    }
+}
+
+/// Opens the device in --home.
+fn open(cli: &Cli) -> anyhow::Result<Client> {
+    if !umbra_client::device_exists(&cli.home) {
+        return Err(ClientError::NotActivated(cli.home.display().to_string()).into());
+    }
+    Ok(Client::open(
+        &cli.home,
+        &passphrase(false)?,
+        ClientOptions::default(),
+    )?)
+}
+
+/// Opens, connects and applies what the server held.
+async fn online(cli: &Cli) -> anyhow::Result<Client> {
+    let client = open(cli)?;
+    client.connect().await?;
+    client.sync().await?;
+    Ok(client)
+}
+
+fn conversation(client: &Client, target: &str) -> anyhow::Result<ConversationId> {
+    if let Ok(account) = AccountId::parse(target) {
+        return Ok(client.conversation_with(&account)?);
+    }
+    let id = ConversationId(target.to_ascii_lowercase());
+    client.conversation(&id)?;
+    Ok(id)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = Out { json: cli.json };
+    match &cli.command {
+        Command::Activate { activation } => {
+            let activation: ActivationString = activation
+                .parse()
+                .context("this is not a valid activation string")?;
+            let passphrase = passphrase(true)?;
+            let client = Client::activate(
+                &cli.home,
+                &passphrase,
+                &activation,
+                ClientOptions::default(),
+            )
+            .await?;
+            let expires = client.subscription_expires_at()?;
+            out.value(
+                json!({ "account_id": client.account(), "subscription_expires_at": expires, "home": cli.home }),
+                || {
+                    format!(
+                        "Activated. Your account ID is {}. Give it to the people you want to talk to.\nSubscription until {}.",
+                        client.account(),
+                        date(expires)
+                    )
+                },
+            );
+        }
+        Command::Whoami => {
+            let client = open(&cli)?;
+            let expires = client.subscription_expires_at()?;
+            out.value(
+                json!({
+                    "account_id": client.account(),
+                    "identity_key": hex(client.identity_key().as_bytes()),
+                    "server": client.server_address(),
+                    "subscription_expires_at": expires,
+                }),
+                || {
+                    format!(
+                        "{}\nserver {}\nsubscription until {}",
+                        client.account(),
+                        client.server_address(),
+                        date(expires)
+                    )
+                },
+            );
+        }
+        Command::Contacts(command) => contacts(&cli, &out, command).await?,
+        Command::Send { target, text } => {
+            let client = online(&cli).await?;
+            let id = conversation(&client, target)?;
+            let message = client.send_text(&id, &text.join(" ")).await?;
+            out.message(&message);
+        }
+        Command::Recv => {
+            let client = open(&cli)?;
+            let mut events = client.subscribe();
+            client.connect().await?;
+            client.sync().await?;
+            while let Ok(event) = events.try_recv() {
+                out.event(&event);
+            }
+        }
+        Command::Listen => {
+            let client = open(&cli)?;
+            let mut events = client.subscribe();
+            client.connect().await?;
+            if !cli.json {
+                eprintln!("listening as {} (Ctrl-C to stop)", client.account());
+            }
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    event = events.recv() => match event {
+                        Ok(Event::Connection { state: umbra_client::ConnectionState::Disconnected }) => {
+                            bail!(ClientError::ConnectionLost);
+                        }
+                        Ok(event) => out.event(&event),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            eprintln!("({n} events skipped: output too slow)");
+                        }
+                        Err(_) => break,
+                    },
+                }
+            }
+        }
+        Command::Groups(command) => groups(&cli, &out, command).await?,
+        Command::History { target, limit } => {
+            let client = open(&cli)?;
+            let id = conversation(&client, target)?;
+            for message in client.history(&id, *limit)? {
+                out.message(&message);
+            }
+        }
+        Command::UpdateKeys => {
+            let client = online(&cli).await?;
+            let updated = client.update_keys().await?;
+            client.rotate_key_packages().await?;
+            out.value(json!({ "conversations_updated": updated }), || {
+                format!("New keys in {updated} conversation(s); KeyPackages replaced.")
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn contacts(cli: &Cli, out: &Out, command: &ContactsCommand) -> anyhow::Result<()> {
+    match command {
+        ContactsCommand::Add { account: id } => {
+            let id = account(id)?;
+            let client = online(cli).await?;
+            client.add_contact(&id).await?;
+            out.value(json!({ "requested": id }), || {
+                format!("Contact request sent to {id}. You can talk once they accept.")
+            });
+        }
+        ContactsCommand::Accept { account: id } => {
+            let id = account(id)?;
+            let client = online(cli).await?;
+            let conversation = client.accept_contact(&id).await?;
+            out.value(
+                json!({ "accepted": id, "conversation": conversation }),
+                || format!("{id} is now a contact. `umbra send {id} ...` to write."),
+            );
+        }
+        ContactsCommand::List => {
+            let client = open(cli)?;
+            let contacts = client.contacts()?;
+            if out.json {
+                for contact in &contacts {
+                    println!("{}", json!(contact));
+                }
+            } else if contacts.is_empty() {
+                println!("No contacts yet: `umbra contacts add ID`.");
+            } else {
+                for contact in contacts {
+                    let mut marks = vec![format!("{:?}", contact.state).to_lowercase()];
+                    if contact.verified {
+                        marks.push("verified".into());
+                    }
+                    if contact.key_changed {
+                        marks.push("KEY CHANGED".into());
+                    }
+                    println!("{}  {}", contact.account, marks.join(", "));
+                }
+            }
+        }
+        ContactsCommand::Verify { account: id, mark } => {
+            let id = account(id)?;
+            let client = open(cli)?;
+            let number = client.safety_number(&id)?;
+            if *mark {
+                client.verify_contact(&id)?;
+            }
+            out.value(
+                json!({ "account": id, "safety_number": number.digits, "verified": mark }),
+                || {
+                    let mut text = format!(
+                        "Safety number with {id}:\n\n  {}\n",
+                        number.digits
+                    );
+                    if let Some(qr) = number.qr() {
+                        text.push_str(&format!("\n{qr}\n"));
+                    }
+                    text.push_str(if *mark {
+                        "Marked verified."
+                    } else {
+                        "Compare it with theirs in person. If it matches: `umbra contacts verify ID --mark`."
+                    });
+                    text
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn groups(cli: &Cli, out: &Out, command: &GroupsCommand) -> anyhow::Result<()> {
+    match command {
+        GroupsCommand::Create { name, members } => {
+            let members = members.parse()?;
+            let client = online(cli).await?;
+            let id = client.create_group(name, &members).await?;
+            out.value(json!({ "conversation": id, "name": name }), || {
+                format!("Group \u{201c}{name}\u{201d} created: {id}")
+            });
+        }
+        GroupsCommand::Add {
+            conversation: target,
+            members,
+        } => {
+            let members = members.parse()?;
+            let client = online(cli).await?;
+            let id = conversation(&client, target)?;
+            client.add_members(&id, &members).await?;
+            out.value(json!({ "conversation": id, "added": members }), || {
+                "Added.".into()
+            });
+        }
+        GroupsCommand::Remove {
+            conversation: target,
+            members,
+        } => {
+            let members = members.parse()?;
+            let client = online(cli).await?;
+            let id = conversation(&client, target)?;
+            client.remove_members(&id, &members).await?;
+            out.value(json!({ "conversation": id, "removed": members }), || {
+                "Removed. They cannot read anything sent from now on.".into()
+            });
+        }
+        GroupsCommand::Rename {
+            conversation: target,
+            name,
+        } => {
+            let client = online(cli).await?;
+            let id = conversation(&client, target)?;
+            client.rename_group(&id, name).await?;
+            out.value(json!({ "conversation": id, "name": name }), || {
+                "Renamed.".into()
+            });
+        }
+        GroupsCommand::Leave {
+            conversation: target,
+        } => {
+            let client = online(cli).await?;
+            let id = conversation(&client, target)?;
+            client.leave_group(&id).await?;
+            out.value(json!({ "conversation": id, "left": true }), || {
+                "Left the group.".into()
+            });
+        }
+        GroupsCommand::List => {
+            let client = open(cli)?;
+            for conversation in client.conversations()? {
+                out.value(json!(conversation), || {
+                    let what = match &conversation.kind {
+                        ConversationKind::Direct { peer } => format!("with {peer}"),
+                        ConversationKind::Group => format!(
+                            "\u{201c}{}\u{201d}, {} members",
+                            conversation.name,
+                            conversation.members.len()
+                        ),
+                    };
+                    let state = if conversation.active { "" } else { " (left)" };
+                    format!("{}  {what}{state}", conversation.id)
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn date(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
+        .to_string()
+        .split('T')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
