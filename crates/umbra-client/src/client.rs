@@ -138,6 +138,14 @@ fn list(accounts: &[AccountId]) -> String {
         .join(", ")
 }
 
+/// Work that applying a delivery calls for, done after the transaction.
+enum FollowUp {
+    /// A member asked to leave: commit its removal.
+    CommitProposals(Vec<u8>),
+    /// The server says our one-time KeyPackages are running out.
+    ReplenishKeyPackages,
+}
+
 /// A commit made locally and about to be submitted.
 struct Planned {
     output: CommitOutput,
@@ -371,6 +379,15 @@ impl Client {
             self.upload_key_packages(!has_last_resort || key_packages_remaining == 0)
                 .await?;
         }
+        // Once the backlog is applied, refresh our keys where they are due.
+        let client = self.clone();
+        tokio::spawn(async move {
+            if client.sync().await.is_ok()
+                && let Err(error) = client.update_keys_if_due().await
+            {
+                debug!(%error, "periodic key update");
+            }
+        });
         Ok(())
     }
 
@@ -509,7 +526,7 @@ impl Client {
             // The transaction rolled back. A delivery that cannot be applied
             // now never will be (it is not for a state we can reach): record
             // it as seen so that it is acknowledged rather than retried.
-            warn!(%error, id = delivery.id, kind = ?delivery.kind, sender = %delivery.sender, me = %self.inner.account, "discarding a delivery that cannot be applied");
+            warn!(%error, id = delivery.id, kind = ?delivery.kind, "discarding a delivery that cannot be applied");
             events.clear();
             follow_up = None;
             self.db().execute(
@@ -520,26 +537,36 @@ impl Client {
         for event in events {
             self.emit(event);
         }
-        if let Some(group_id) = follow_up {
-            // A member asked to leave: commit its removal, outside the lock.
-            let client = self.clone();
-            tokio::spawn(async move {
-                if let Err(error) = client.commit_pending_proposals(&group_id).await {
-                    debug!(%error, "committing a leave proposal");
+        drop(_ops);
+        match follow_up {
+            // Spawned: the commit may have to wait for this very task to
+            // apply a competing commit.
+            Some(FollowUp::CommitProposals(group_id)) => {
+                let client = self.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = client.commit_pending_proposals(&group_id).await {
+                        debug!(%error, "committing a leave proposal");
+                    }
+                });
+            }
+            // Before the next delivery: a contact may be about to fetch one.
+            Some(FollowUp::ReplenishKeyPackages) => {
+                if let Err(error) = self.upload_key_packages(false).await {
+                    warn!(%error, "replenishing KeyPackages");
                 }
-            });
+            }
+            None => {}
         }
         Ok(())
     }
 
-    /// Returns a group ID when a follow-up commit is needed.
     fn apply_in_tx(
         &self,
         tx: &Transaction<'_>,
         provider: &Provider<'_>,
         delivery: &Delivery,
         events: &mut Vec<Event>,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<Option<FollowUp>> {
         let sender = &delivery.sender;
         match delivery.kind {
             DeliveryKind::ContactRequest => {
@@ -569,6 +596,7 @@ impl Client {
                     .ok_or_else(|| ClientError::Invalid("group message without a group".into()))?;
                 return self.apply_group_message(tx, provider, group_id, delivery, events);
             }
+            DeliveryKind::KeyPackagesLow => return Ok(Some(FollowUp::ReplenishKeyPackages)),
             DeliveryKind::Unspecified => {}
         }
         Ok(None)
@@ -622,7 +650,7 @@ impl Client {
         group_id: &GroupId,
         delivery: &Delivery,
         events: &mut Vec<Event>,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<Option<FollowUp>> {
         let id = group_id.as_bytes().to_vec();
         let Some(mut group) = Group::load(provider, &id)? else {
             return Err(ClientError::UnknownConversation(group_id.to_hex()));
@@ -674,7 +702,7 @@ impl Client {
             Incoming::Proposal { sender, leaving } => {
                 if leaving {
                     self.system_line(tx, &id, &format!("{sender} is leaving"))?;
-                    return Ok(Some(id));
+                    return Ok(Some(FollowUp::CommitProposals(id)));
                 }
                 Ok(None)
             }
@@ -846,6 +874,9 @@ impl Client {
             match submitted {
                 Ok(Reply::CommitAccepted { epoch }) => {
                     self.finish_commit(group_id, true)?;
+                    drop(ops);
+                    // Membership or keys changed: front ends redraw.
+                    self.emit_changed(&ConversationId::from_group(group_id))?;
                     return Ok(Some(epoch));
                 }
                 Ok(_) => return Err(ClientError::Invalid("unexpected reply to a commit".into())),
@@ -1016,7 +1047,8 @@ impl Client {
 
     /// Accepts a contact request and opens the one-to-one conversation.
     pub async fn accept_contact(&self, account: &AccountId) -> Result<ConversationId> {
-        match contact_state(&self.db(), account)? {
+        let state = contact_state(&self.db(), account)?;
+        match state {
             Some(ContactState::Incoming) => {}
             Some(ContactState::Accepted) => {
                 if let Some(existing) = self.direct_conversation(account)? {
@@ -1114,7 +1146,8 @@ impl Client {
         if let Some(id) = self.direct_conversation(account)? {
             return Ok(id);
         }
-        match contact_state(&self.db(), account)? {
+        let state = contact_state(&self.db(), account)?;
+        match state {
             None => Err(ClientError::NotAContact(account.clone())),
             Some(ContactState::Incoming) => Err(ClientError::Invalid(format!(
                 "{account} asked to be your contact; accept with `contacts accept {account}` first"
@@ -1126,11 +1159,11 @@ impl Client {
     async fn fetch_key_packages(&self, accounts: &[AccountId]) -> Result<Vec<Vec<u8>>> {
         let mut key_packages = Vec::with_capacity(accounts.len());
         for account in accounts {
-            if contact_state(&self.db(), account)? != Some(ContactState::Accepted) {
-                return Err(match contact_state(&self.db(), account)? {
-                    None => ClientError::NotAContact(account.clone()),
-                    Some(_) => ClientError::NotAccepted(account.clone()),
-                });
+            let state = contact_state(&self.db(), account)?;
+            match state {
+                Some(ContactState::Accepted) => {}
+                None => return Err(ClientError::NotAContact(account.clone())),
+                Some(_) => return Err(ClientError::NotAccepted(account.clone())),
             }
             let Reply::KeyPackage { key_package, .. } = self
                 .request(Request::FetchKeyPackage {
@@ -1285,8 +1318,7 @@ impl Client {
     ) -> Result<()> {
         let group_id = self.group_id_of(conversation)?;
         let key_packages = self.fetch_key_packages(members).await?;
-        self.add_to_group(&group_id, members, key_packages).await?;
-        self.emit_changed(conversation)
+        self.add_to_group(&group_id, members, key_packages).await
     }
 
     /// Removes members; they cannot read anything sent afterwards.
@@ -1315,7 +1347,7 @@ impl Client {
             }))
         })
         .await?;
-        self.emit_changed(conversation)
+        Ok(())
     }
 
     /// Renames a group; every member sees the new name.
@@ -1323,9 +1355,10 @@ impl Client {
         check_group_name(name)?;
         self.send_content(conversation, Body::GroupName(name.to_owned()))
             .await?;
+        let group_id = self.group_id_of(conversation)?;
         self.db().execute(
             "UPDATE conversations SET name = ?2 WHERE group_id = ?1",
-            params![self.group_id_of(conversation)?, name],
+            params![group_id, name],
         )?;
         self.emit_changed(conversation)
     }

@@ -222,6 +222,103 @@ async fn two_commits_in_one_epoch_one_wins_and_everyone_converges() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_and_renaming_a_group() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let mut carol = Device::activate(&server).await;
+    befriend(&mut alice, &mut bob).await;
+    befriend(&mut alice, &mut carol).await;
+    let group = alice
+        .client
+        .create_group("before", &[bob.id(), carol.id()])
+        .await
+        .unwrap();
+    for device in [&mut bob, &mut carol] {
+        device
+            .wait_for(|e| matches!(e, Event::ConversationStarted { .. }).then_some(()))
+            .await;
+    }
+    bob.client.rename_group(&group, "after").await.unwrap();
+    for device in [&mut alice, &mut carol] {
+        device
+            .wait_for(|e| match e {
+                Event::ConversationChanged { conversation } if conversation.name == "after" => {
+                    Some(())
+                }
+                _ => None,
+            })
+            .await;
+    }
+
+    // Carol leaves; a member still there commits her removal by itself.
+    carol.client.leave_group(&group).await.unwrap();
+    assert!(!carol.client.conversation(&group).unwrap().active);
+    for device in [&mut alice, &mut bob] {
+        device
+            .wait_for(|e| match e {
+                Event::ConversationChanged { conversation } if conversation.members.len() == 2 => {
+                    Some(())
+                }
+                _ => None,
+            })
+            .await;
+    }
+    alice.client.send_text(&group, "just us").await.unwrap();
+    assert_eq!(bob.next_text().await.1, "just us");
+    let refused = carol.client.send_text(&group, "hello?").await.unwrap_err();
+    assert!(matches!(refused, ClientError::NotAMember), "{refused}");
+    assert!(
+        carol
+            .client
+            .history(&group, 50)
+            .unwrap()
+            .iter()
+            .all(|m| m.body != "just us")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_packages_are_replenished_when_they_run_low() {
+    use umbra_store::KeyPackages;
+    let server = TestServer::start().await;
+    let mut hub = Device::activate(&server).await;
+    // Each contact that accepts the hub takes one of the hub's KeyPackages.
+    // Test devices upload 5 at a time; when the last is taken, the server
+    // leaves a notice in the hub's mailbox and the hub uploads 5 more before
+    // it applies anything else.
+    let mut friends = Vec::new();
+    for _ in 0..7 {
+        let mut friend = Device::activate(&server).await;
+        hub.client.add_contact(&friend.id()).await.unwrap();
+        friend
+            .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+            .await;
+        friend.client.accept_contact(&hub.id()).await.unwrap();
+        hub.wait_for(|e| matches!(e, Event::ConversationStarted { .. }).then_some(()))
+            .await;
+        friends.push(friend);
+    }
+    let config = umbra_server::Config::load(&server.data).unwrap();
+    let store = umbra_server::open_store(&server.data, &config).unwrap();
+    let stock = store.key_package_stock(&hub.id()).await.unwrap();
+    assert_eq!(
+        (stock.one_time, stock.has_last_resort),
+        (3, true),
+        "5 uploaded, 5 taken, 5 more uploaded, 2 taken"
+    );
+    for friend in &mut friends {
+        let conversation = friend.client.conversation_with(&hub.id()).unwrap();
+        friend
+            .client
+            .send_text(&conversation, "ping")
+            .await
+            .unwrap();
+        assert_eq!(hub.next_text().await.1, "ping");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_loses_no_acknowledged_message() {
     let server = TestServer::start().await;
     let mut alice = Device::activate(&server).await;

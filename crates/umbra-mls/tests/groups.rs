@@ -118,6 +118,11 @@ fn add_message_remove_and_late_messages() {
         b"after removal"
     );
 
+    // A removed member who ignores her removal still holds epoch-1 secrets
+    // only: the epoch-2 message is beyond her reach.
+    let mut carols = carol.group(&id);
+    assert_eq!(carols.epoch(), 1);
+    assert!(carols.process(&carol.provider(), &after).is_err());
     let mut carols = carol.group(&id);
     let commit = carols.process(&carol.provider(), &removal.commit).unwrap();
     assert!(matches!(

@@ -317,6 +317,7 @@ pub enum DeliveryKind {
     Proposal = 4,
     ContactRequest = 5,
     ContactAccepted = 6,
+    KeyPackagesLow = 7,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

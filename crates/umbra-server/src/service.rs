@@ -261,10 +261,13 @@ impl Services {
                     .await
                     .map_err(internal)?
                 {
-                    Some((key_package, last_resort)) => Ok(Reply::KeyPackage {
-                        key_package,
-                        last_resort,
-                    }),
+                    Some((key_package, last_resort)) => {
+                        self.warn_if_low(&account_id).await?;
+                        Ok(Reply::KeyPackage {
+                            key_package,
+                            last_resort,
+                        })
+                    }
                     None => Err(refuse(
                         ErrorCode::NoKeyPackage,
                         format!(
@@ -368,6 +371,32 @@ impl Services {
             Request::Ping => Ok(Reply::Done),
             _ => Err(refuse(ErrorCode::InvalidRequest, "unsupported request")),
         }
+    }
+
+    /// Tells a device, through its mailbox, that its one-time KeyPackages
+    /// ran below the low-water mark: once as the stock crosses the mark and
+    /// once more when it is empty, not on every fetch.
+    async fn warn_if_low(&self, account: &AccountId) -> Result<(), ErrorReply> {
+        let stock = self
+            .store
+            .key_package_stock(account)
+            .await
+            .map_err(internal)?;
+        let mark = self.limits.key_package_low_water;
+        if stock.one_time + 1 == mark || (stock.one_time == 0 && mark > 1) {
+            let now = self.now();
+            self.store
+                .notice(
+                    account,
+                    DeliveryKind::KeyPackagesLow,
+                    now,
+                    self.expires_at(now),
+                )
+                .await
+                .map_err(internal)?;
+            self.registry.notify([account]);
+        }
+        Ok(())
     }
 
     async fn upload_key_packages(

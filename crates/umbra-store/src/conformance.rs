@@ -27,6 +27,7 @@ where
     contacts(&make().await).await;
     commits_one_per_epoch(&make().await).await;
     fan_out_and_mailboxes(&make().await).await;
+    notices(&make().await).await;
     expiry(&make().await).await;
 }
 
@@ -412,6 +413,24 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
     );
     let left = store.pending(&alice, 0, 10, NOW).await.unwrap();
     assert_eq!(left.len(), 3);
+}
+
+async fn notices(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let id = store
+        .notice(&alice, DeliveryKind::KeyPackagesLow, NOW, NOW + TTL)
+        .await
+        .unwrap();
+    let inbox = store.pending(&alice, 0, 10, NOW).await.unwrap();
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(
+        (inbox[0].id, inbox[0].kind),
+        (id, DeliveryKind::KeyPackagesLow)
+    );
+    assert_eq!(
+        (&inbox[0].sender, inbox[0].group_id.as_ref()),
+        (&alice, None)
+    );
 }
 
 async fn expiry(store: &impl Store) {

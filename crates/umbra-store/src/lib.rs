@@ -251,6 +251,14 @@ pub trait Mailboxes: Send + Sync {
         limit: usize,
         now: Timestamp,
     ) -> Result<Vec<StoredDelivery>>;
+    /// Stores a notice from the server itself (no group, empty payload).
+    async fn notice(
+        &self,
+        recipient: &AccountId,
+        kind: DeliveryKind,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<u64>;
     /// Deletes acknowledged deliveries; returns how many existed.
     async fn ack(&self, recipient: &AccountId, ids: &[u64]) -> Result<usize>;
     /// Deletes deliveries whose time to live has passed.

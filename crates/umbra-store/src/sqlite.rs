@@ -681,6 +681,18 @@ impl Mailboxes for SqliteStore {
         .await
     }
 
+    async fn notice(
+        &self,
+        recipient: &AccountId,
+        kind: DeliveryKind,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<u64> {
+        let recipient = recipient.clone();
+        self.write(move |tx| enqueue(tx, &recipient, &recipient, kind, None, &[], now, expires_at))
+            .await
+    }
+
     async fn ack(&self, recipient: &AccountId, ids: &[u64]) -> Result<usize> {
         let (recipient, ids) = (recipient.clone(), ids.to_vec());
         self.write(move |tx| {
