@@ -15,6 +15,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 use umbra_mls::{CommitOutput, Crypto, DeviceSigner, Group, GroupConfig, Incoming, Provider};
+use umbra_proto::clock::{Clock, SystemClock};
 use umbra_proto::content::{Body, Content, MAX_GROUP_NAME_BYTES};
 use umbra_proto::frame::{CommitSubmission, Delivery};
 use umbra_proto::{
@@ -50,6 +51,8 @@ pub struct ClientOptions {
     /// A device updates its own keys in each group at least this often
     /// (post-compromise security). Zero turns the periodic update off.
     pub self_update_interval: Duration,
+    /// Where time comes from (tests use a `ManualClock`).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for ClientOptions {
@@ -59,6 +62,7 @@ impl Default for ClientOptions {
             kdf: KdfParams::default(),
             key_package_batch: 20,
             self_update_interval: Duration::from_secs(7 * 86_400),
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -94,13 +98,6 @@ struct Inner {
     progress: Notify,
     /// Counts `Synced` pushes applied on the current connection.
     synced: watch::Sender<u64>,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn now_ms() -> u64 {
@@ -202,7 +199,7 @@ impl Client {
                 activation.address,
                 activation.pin.to_hex(),
                 subscription_expires_at,
-                now()
+                options.clock.now()
             ],
         )?;
         info!(account = %account_id, "device activated");
@@ -282,11 +279,15 @@ impl Client {
         self.inner.events.subscribe()
     }
 
+    pub(crate) fn now(&self) -> u64 {
+        self.inner.options.clock.now()
+    }
+
     fn emit(&self, event: Event) {
         let _ = self.inner.events.send(event);
     }
 
-    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         // SQLite rolls back a transaction left open by a panicking holder,
         // so the connection is usable after poisoning.
         self.inner.db.lock().unwrap_or_else(|p| p.into_inner())
@@ -517,7 +518,7 @@ impl Client {
                 follow_up = self.apply_in_tx(tx, provider, &delivery, &mut events)?;
                 tx.execute(
                     "INSERT INTO processed_deliveries (delivery_id, processed_at) VALUES (?1, ?2)",
-                    params![delivery.id, now()],
+                    params![delivery.id, self.now()],
                 )?;
             }
             Ok(())
@@ -531,7 +532,7 @@ impl Client {
             follow_up = None;
             self.db().execute(
                 "INSERT OR IGNORE INTO processed_deliveries (delivery_id, processed_at) VALUES (?1, ?2)",
-                params![delivery.id, now()],
+                params![delivery.id, self.now()],
             )?;
         }
         for event in events {
@@ -574,7 +575,7 @@ impl Client {
                 if state.is_none() {
                     tx.execute(
                         "INSERT INTO contacts (account_id, state, updated_at) VALUES (?1, 'incoming', ?2)",
-                        params![sender.as_str(), now()],
+                        params![sender.as_str(), self.now()],
                     )?;
                     events.push(Event::ContactRequest {
                         from: sender.clone(),
@@ -584,7 +585,7 @@ impl Client {
             DeliveryKind::ContactAccepted => {
                 tx.execute(
                     "UPDATE contacts SET state = 'accepted', updated_at = ?2 WHERE account_id = ?1",
-                    params![sender.as_str(), now()],
+                    params![sender.as_str(), self.now()],
                 )?;
                 events.push(Event::ContactAccepted { by: sender.clone() });
             }
@@ -597,6 +598,7 @@ impl Client {
                 return self.apply_group_message(tx, provider, group_id, delivery, events);
             }
             DeliveryKind::KeyPackagesLow => return Ok(Some(FollowUp::ReplenishKeyPackages)),
+            DeliveryKind::Wipe | DeliveryKind::MemberRevoked => {}
             DeliveryKind::Unspecified => {}
         }
         Ok(None)
@@ -631,7 +633,7 @@ impl Client {
                 group.id(),
                 if direct { "direct" } else { "group" },
                 direct.then(|| inviter.as_str()),
-                now()
+                self.now()
             ],
         )?;
         if !direct {
@@ -663,7 +665,7 @@ impl Client {
                 let content = Content::decode(&plaintext)?;
                 match content.body {
                     Body::Text(body) => {
-                        let timestamp = now();
+                        let timestamp = self.now();
                         tx.execute(
                             "INSERT INTO messages (group_id, sender, direction, body, state, timestamp)
                              VALUES (?1, ?2, 'in', ?3, 'received', ?4)",
@@ -764,7 +766,7 @@ impl Client {
         tx.execute(
             "INSERT INTO messages (group_id, sender, direction, body, state, timestamp)
              VALUES (?1, ?2, 'system', ?3, 'received', ?4)",
-            params![group_id, self.inner.account.as_str(), text, now()],
+            params![group_id, self.inner.account.as_str(), text, self.now()],
         )?;
         Ok(())
     }
@@ -924,7 +926,7 @@ impl Client {
                     )?;
                     tx.execute(
                         "UPDATE conversations SET last_self_update = ?2 WHERE group_id = ?1",
-                        params![group_id, now()],
+                        params![group_id, self.now()],
                     )?;
                 } else {
                     group.clear_pending_commit(provider)?;
@@ -1040,7 +1042,7 @@ impl Client {
         self.db().execute(
             "INSERT INTO contacts (account_id, state, updated_at) VALUES (?1, 'outgoing', ?2)
              ON CONFLICT (account_id) DO NOTHING",
-            params![account.as_str(), now()],
+            params![account.as_str(), self.now()],
         )?;
         Ok(())
     }
@@ -1063,7 +1065,7 @@ impl Client {
         .await?;
         self.db().execute(
             "UPDATE contacts SET state = 'accepted', updated_at = ?2 WHERE account_id = ?1",
-            params![account.as_str(), now()],
+            params![account.as_str(), self.now()],
         )?;
         let conversation = self
             .new_conversation(None, std::slice::from_ref(account))
@@ -1225,7 +1227,7 @@ impl Client {
                     if direct { "direct" } else { "group" },
                     direct.then(|| members.first().map(AccountId::as_str)).flatten(),
                     name.unwrap_or_default(),
-                    now()
+                    self.now()
                 ],
             )?;
             group_id
@@ -1418,7 +1420,8 @@ impl Client {
             let mut statement = db.prepare(
                 "SELECT group_id FROM conversations WHERE active = 1 AND last_self_update <= ?1",
             )?;
-            let rows = statement.query_map([now().saturating_sub(interval)], |row| row.get(0))?;
+            let rows =
+                statement.query_map([self.now().saturating_sub(interval)], |row| row.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
         for group_id in &due {
@@ -1585,7 +1588,7 @@ impl Client {
                 tx.execute(
                     "INSERT INTO messages (group_id, sender, direction, body, state, timestamp)
                      VALUES (?1, ?2, 'out', ?3, 'sending', ?4)",
-                    params![group_id, self.inner.account.as_str(), text, now()],
+                    params![group_id, self.inner.account.as_str(), text, self.now()],
                 )?;
                 message_id = tx.last_insert_rowid();
             }

@@ -19,6 +19,7 @@ mod safety;
 mod secret;
 mod store;
 mod types;
+mod vault;
 
 pub use client::{Client, ClientOptions};
 pub use error::{ClientError, Result};
@@ -31,3 +32,4 @@ pub use types::{
 };
 pub use umbra_mls::Suite;
 pub use umbra_proto::{AccountId, ActivationString, CertFingerprint, ErrorCode};
+pub use vault::Note;

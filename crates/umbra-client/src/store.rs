@@ -14,7 +14,10 @@ use crate::secret::{KdfFile, KdfParams, Passphrase};
 
 pub(crate) const STORE_FILE: &str = "device.db";
 
-const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_secure_phone.sql")),
+];
 
 pub(crate) fn store_path(home: &Path) -> PathBuf {
     home.join(STORE_FILE)

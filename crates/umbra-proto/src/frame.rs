@@ -11,7 +11,12 @@ use crate::ids::{AccountId, ActivationCode, GroupId, IdentityKey, Nonce, Signatu
 use crate::wire::{self, client_frame, push, response, server_frame};
 use crate::{DecodeError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 
-pub use crate::wire::ErrorCode;
+pub use crate::wire::{CodeKind, ErrorCode, LineAction};
+
+/// Most codes one IssueCodes request may ask for.
+pub const MAX_CODES_PER_REQUEST: u32 = 1000;
+/// Longest subscription a code may grant, in days.
+pub const MAX_CODE_DAYS: u32 = 3650;
 
 /// Most KeyPackages accepted in one upload.
 pub const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
@@ -82,6 +87,46 @@ pub enum Request {
         account_id: AccountId,
     },
     Ping,
+    /// The Ed25519 public key that verifies this line's wipe commands.
+    SetWipeKey {
+        wipe_key: IdentityKey,
+    },
+    Wipe {
+        account_id: AccountId,
+        issued_at: u64,
+        signature: Signature,
+    },
+    Revoke {
+        account_id: AccountId,
+        signature: Signature,
+    },
+    RedeemRenewal {
+        code: ActivationCode,
+    },
+    DistributorLogin {
+        distributor_id: u64,
+        signature: Signature,
+    },
+    IssueCodes {
+        kind: CodeKind,
+        days: u32,
+        count: u32,
+    },
+    ListLines,
+    SetLineStatus {
+        account_id: AccountId,
+        action: LineAction,
+    },
+}
+
+/// One line as its distributor sees it: never contacts, groups or messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineInfo {
+    pub account_id: AccountId,
+    pub subscription_expires_at: u64,
+    /// Unix day of the last login; 0 if never.
+    pub last_seen_day: u64,
+    pub status: String,
 }
 
 /// What a mailbox item is.
@@ -141,6 +186,16 @@ pub enum Reply {
     },
     Accepted {
         accepted_at: u64,
+    },
+    /// Activation strings, or bare renewal codes.
+    Codes {
+        codes: Vec<String>,
+    },
+    Lines {
+        lines: Vec<LineInfo>,
+    },
+    Renewed {
+        subscription_expires_at: u64,
     },
 }
 
@@ -328,6 +383,58 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
             account_id: account("account_id", &r.account_id)?,
         },
         client_frame::Request::Ping(_) => Request::Ping,
+        client_frame::Request::SetWipeKey(r) => Request::SetWipeKey {
+            wipe_key: IdentityKey::from_slice(&r.wipe_key)?,
+        },
+        client_frame::Request::Wipe(r) => Request::Wipe {
+            account_id: account("account_id", &r.account_id)?,
+            issued_at: r.issued_at,
+            signature: Signature::from_slice(&r.signature)?,
+        },
+        client_frame::Request::Revoke(r) => Request::Revoke {
+            account_id: account("account_id", &r.account_id)?,
+            signature: Signature::from_slice(&r.signature)?,
+        },
+        client_frame::Request::RedeemRenewal(r) => Request::RedeemRenewal {
+            code: ActivationCode::parse(&r.code)?,
+        },
+        client_frame::Request::DistributorLogin(r) => Request::DistributorLogin {
+            distributor_id: r.distributor_id,
+            signature: Signature::from_slice(&r.signature)?,
+        },
+        client_frame::Request::IssueCodes(r) => {
+            let kind = match CodeKind::try_from(r.kind) {
+                Ok(kind @ (CodeKind::Activation | CodeKind::Renewal)) => kind,
+                _ => return Err(DecodeError::invalid("kind", "ACTIVATION or RENEWAL")),
+            };
+            if !(1..=MAX_CODE_DAYS).contains(&r.days) {
+                return Err(DecodeError::invalid(
+                    "days",
+                    format!("1 to {MAX_CODE_DAYS}"),
+                ));
+            }
+            if !(1..=MAX_CODES_PER_REQUEST).contains(&r.count) {
+                return Err(DecodeError::invalid(
+                    "count",
+                    format!("1 to {MAX_CODES_PER_REQUEST}"),
+                ));
+            }
+            Request::IssueCodes {
+                kind,
+                days: r.days,
+                count: r.count,
+            }
+        }
+        client_frame::Request::ListLines(_) => Request::ListLines,
+        client_frame::Request::SetLineStatus(r) => Request::SetLineStatus {
+            account_id: account("account_id", &r.account_id)?,
+            action: match LineAction::try_from(r.action) {
+                Ok(LineAction::Unspecified) | Err(_) => {
+                    return Err(DecodeError::invalid("action", "SUSPEND, RESUME or REVOKE"));
+                }
+                Ok(action) => action,
+            },
+        },
     };
     Ok(ClientFrame {
         id: raw.id,
@@ -407,6 +514,51 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             })
         }
         Request::Ping => client_frame::Request::Ping(wire::Ping {}),
+        Request::SetWipeKey { wipe_key } => client_frame::Request::SetWipeKey(wire::SetWipeKey {
+            wipe_key: wipe_key.as_bytes().to_vec(),
+        }),
+        Request::Wipe {
+            account_id,
+            issued_at,
+            signature,
+        } => client_frame::Request::Wipe(wire::Wipe {
+            account_id: account_id.to_string(),
+            issued_at: *issued_at,
+            signature: signature.as_bytes().to_vec(),
+        }),
+        Request::Revoke {
+            account_id,
+            signature,
+        } => client_frame::Request::Revoke(wire::Revoke {
+            account_id: account_id.to_string(),
+            signature: signature.as_bytes().to_vec(),
+        }),
+        Request::RedeemRenewal { code } => {
+            client_frame::Request::RedeemRenewal(wire::RedeemRenewal {
+                code: code.canonical().to_owned(),
+            })
+        }
+        Request::DistributorLogin {
+            distributor_id,
+            signature,
+        } => client_frame::Request::DistributorLogin(wire::DistributorLogin {
+            distributor_id: *distributor_id,
+            signature: signature.as_bytes().to_vec(),
+        }),
+        Request::IssueCodes { kind, days, count } => {
+            client_frame::Request::IssueCodes(wire::IssueCodes {
+                kind: *kind as i32,
+                days: *days,
+                count: *count,
+            })
+        }
+        Request::ListLines => client_frame::Request::ListLines(wire::ListLines {}),
+        Request::SetLineStatus { account_id, action } => {
+            client_frame::Request::SetLineStatus(wire::SetLineStatus {
+                account_id: account_id.to_string(),
+                action: *action as i32,
+            })
+        }
     };
     with_version(&wire::ClientFrame {
         id: frame.id,
@@ -467,6 +619,25 @@ pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
                 }),
                 Ok(Reply::Accepted { accepted_at }) => response::Result::Accepted(wire::Accepted {
                     accepted_at: *accepted_at,
+                }),
+                Ok(Reply::Codes { codes }) => response::Result::Codes(wire::Codes {
+                    codes: codes.clone(),
+                }),
+                Ok(Reply::Lines { lines }) => response::Result::Lines(wire::Lines {
+                    lines: lines
+                        .iter()
+                        .map(|line| wire::Line {
+                            account_id: line.account_id.to_string(),
+                            subscription_expires_at: line.subscription_expires_at,
+                            last_seen_day: line.last_seen_day,
+                            status: line.status.clone(),
+                        })
+                        .collect(),
+                }),
+                Ok(Reply::Renewed {
+                    subscription_expires_at,
+                }) => response::Result::Renewed(wire::Renewed {
+                    subscription_expires_at: *subscription_expires_at,
                 }),
             };
             server_frame::Body::Response(wire::Response {
@@ -543,6 +714,24 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
                 }),
                 response::Result::Accepted(x) => Ok(Reply::Accepted {
                     accepted_at: x.accepted_at,
+                }),
+                response::Result::Codes(x) => Ok(Reply::Codes { codes: x.codes }),
+                response::Result::Lines(x) => Ok(Reply::Lines {
+                    lines: x
+                        .lines
+                        .into_iter()
+                        .map(|line| {
+                            Ok(LineInfo {
+                                account_id: account("account_id", &line.account_id)?,
+                                subscription_expires_at: line.subscription_expires_at,
+                                last_seen_day: line.last_seen_day,
+                                status: line.status,
+                            })
+                        })
+                        .collect::<Result<_, DecodeError>>()?,
+                }),
+                response::Result::Renewed(x) => Ok(Reply::Renewed {
+                    subscription_expires_at: x.subscription_expires_at,
                 }),
             };
             ServerMessage::Response { id: r.id, result }

@@ -8,6 +8,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod activation;
+pub mod clock;
 pub mod content;
 pub mod frame;
 pub mod ids;
@@ -60,6 +61,29 @@ pub fn register_signing_payload(nonce: &Nonce, identity_key: &IdentityKey) -> Ve
     let mut payload = b"umbra-register-v1".to_vec();
     payload.extend_from_slice(nonce.as_bytes());
     payload.extend_from_slice(identity_key.as_bytes());
+    payload
+}
+
+/// What the holder of a line's wipe code signs to have the device wiped.
+pub fn wipe_signing_payload(account_id: &AccountId, issued_at: u64) -> Vec<u8> {
+    let mut payload = b"umbra-wipe-v1".to_vec();
+    payload.extend_from_slice(account_id.as_str().as_bytes());
+    payload.extend_from_slice(&issued_at.to_be_bytes());
+    payload
+}
+
+/// What a device signs, with its identity key, to end its line for good.
+pub fn revoke_signing_payload(account_id: &AccountId) -> Vec<u8> {
+    let mut payload = b"umbra-revoke-v1".to_vec();
+    payload.extend_from_slice(account_id.as_str().as_bytes());
+    payload
+}
+
+/// What a distributor signs to log in on this connection.
+pub fn distributor_login_payload(nonce: &Nonce, distributor_id: u64) -> Vec<u8> {
+    let mut payload = b"umbra-distributor-login-v1".to_vec();
+    payload.extend_from_slice(nonce.as_bytes());
+    payload.extend_from_slice(&distributor_id.to_be_bytes());
     payload
 }
 

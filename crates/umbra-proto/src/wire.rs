@@ -10,7 +10,7 @@ pub struct ClientFrame {
     pub id: u64,
     #[prost(
         oneof = "client_frame::Request",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29"
     )]
     pub request: Option<client_frame::Request>,
 }
@@ -42,6 +42,22 @@ pub mod client_frame {
         LookupAccount(super::LookupAccount),
         #[prost(message, tag = "21")]
         Ping(super::Ping),
+        #[prost(message, tag = "22")]
+        SetWipeKey(super::SetWipeKey),
+        #[prost(message, tag = "23")]
+        Wipe(super::Wipe),
+        #[prost(message, tag = "24")]
+        Revoke(super::Revoke),
+        #[prost(message, tag = "25")]
+        RedeemRenewal(super::RedeemRenewal),
+        #[prost(message, tag = "26")]
+        DistributorLogin(super::DistributorLogin),
+        #[prost(message, tag = "27")]
+        IssueCodes(super::IssueCodes),
+        #[prost(message, tag = "28")]
+        ListLines(super::ListLines),
+        #[prost(message, tag = "29")]
+        SetLineStatus(super::SetLineStatus),
     }
 }
 
@@ -137,6 +153,82 @@ pub struct LookupAccount {
 pub struct Ping {}
 
 #[derive(Clone, PartialEq, prost::Message)]
+pub struct SetWipeKey {
+    #[prost(bytes = "vec", tag = "1")]
+    pub wipe_key: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Wipe {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+    #[prost(uint64, tag = "2")]
+    pub issued_at: u64,
+    #[prost(bytes = "vec", tag = "3")]
+    pub signature: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Revoke {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RedeemRenewal {
+    #[prost(string, tag = "1")]
+    pub code: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DistributorLogin {
+    #[prost(uint64, tag = "1")]
+    pub distributor_id: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum CodeKind {
+    Unspecified = 0,
+    Activation = 1,
+    Renewal = 2,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IssueCodes {
+    #[prost(enumeration = "CodeKind", tag = "1")]
+    pub kind: i32,
+    #[prost(uint32, tag = "2")]
+    pub days: u32,
+    #[prost(uint32, tag = "3")]
+    pub count: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListLines {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum LineAction {
+    Unspecified = 0,
+    Suspend = 1,
+    Resume = 2,
+    Revoke = 3,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SetLineStatus {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+    #[prost(enumeration = "LineAction", tag = "2")]
+    pub action: i32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
 pub struct ServerFrame {
     #[prost(oneof = "server_frame::Body", tags = "1, 2")]
     pub body: Option<server_frame::Body>,
@@ -156,7 +248,10 @@ pub mod server_frame {
 pub struct Response {
     #[prost(uint64, tag = "1")]
     pub id: u64,
-    #[prost(oneof = "response::Result", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    #[prost(
+        oneof = "response::Result",
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
+    )]
     pub result: Option<response::Result>,
 }
 
@@ -181,6 +276,12 @@ pub mod response {
         AccountInfo(super::AccountInfo),
         #[prost(message, tag = "10")]
         Accepted(super::Accepted),
+        #[prost(message, tag = "11")]
+        Codes(super::Codes),
+        #[prost(message, tag = "12")]
+        Lines(super::Lines),
+        #[prost(message, tag = "13")]
+        Renewed(super::Renewed),
     }
 }
 
@@ -218,6 +319,10 @@ pub enum ErrorCode {
     InvalidRequest = 18,
     Internal = 19,
     ServerBusy = 20,
+    LineRevoked = 21,
+    LineSuspended = 22,
+    QuotaExceeded = 23,
+    NotYourLine = 24,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -278,6 +383,36 @@ pub struct Accepted {
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
+pub struct Codes {
+    #[prost(string, repeated, tag = "1")]
+    pub codes: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Line {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+    #[prost(uint64, tag = "2")]
+    pub subscription_expires_at: u64,
+    #[prost(uint64, tag = "3")]
+    pub last_seen_day: u64,
+    #[prost(string, tag = "4")]
+    pub status: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Lines {
+    #[prost(message, repeated, tag = "1")]
+    pub lines: Vec<Line>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Renewed {
+    #[prost(uint64, tag = "1")]
+    pub subscription_expires_at: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
 pub struct Push {
     #[prost(oneof = "push::Body", tags = "1, 2, 3")]
     pub body: Option<push::Body>,
@@ -318,6 +453,8 @@ pub enum DeliveryKind {
     ContactRequest = 5,
     ContactAccepted = 6,
     KeyPackagesLow = 7,
+    Wipe = 8,
+    MemberRevoked = 9,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -11,7 +11,6 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod admin;
-pub mod clock;
 pub mod config;
 mod connection;
 mod registry;
@@ -33,9 +32,9 @@ use umbra_proto::CertFingerprint;
 use umbra_store::Store;
 use umbra_store::sqlite::SqliteStore;
 
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Config;
 pub use connection::websocket_config;
+pub use umbra_proto::clock::{Clock, ManualClock, SystemClock};
 
 use crate::connection::Connection;
 use crate::registry::Registry;

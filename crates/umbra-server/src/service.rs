@@ -12,11 +12,11 @@ use umbra_proto::{
 };
 use umbra_store::{
     CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome, ContactRequestOutcome,
-    FanOutOutcome, Registration, Store, StoreError,
+    FanOutOutcome, Notice, Registration, Store, StoreError,
 };
 
-use crate::clock::Clock;
 use crate::registry::Registry;
+use umbra_proto::clock::Clock;
 
 /// Where a connection stands in authentication.
 #[derive(Debug, Clone)]
@@ -262,7 +262,9 @@ impl Services {
                     .map_err(internal)?
                 {
                     Some((key_package, last_resort)) => {
-                        self.warn_if_low(&account_id).await?;
+                        if !last_resort {
+                            self.warn_if_low(&account_id).await?;
+                        }
                         Ok(Reply::KeyPackage {
                             key_package,
                             last_resort,
@@ -374,8 +376,9 @@ impl Services {
     }
 
     /// Tells a device, through its mailbox, that its one-time KeyPackages
-    /// ran below the low-water mark: once as the stock crosses the mark and
-    /// once more when it is empty, not on every fetch.
+    /// ran below the low-water mark: once as a fetch takes the stock across
+    /// the mark and once more as a fetch takes the last one; fetches served
+    /// by the last-resort package tell nothing (the caller checks).
     async fn warn_if_low(&self, account: &AccountId) -> Result<(), ErrorReply> {
         let stock = self
             .store
@@ -385,13 +388,15 @@ impl Services {
         let mark = self.limits.key_package_low_water;
         if stock.one_time + 1 == mark || (stock.one_time == 0 && mark > 1) {
             let now = self.now();
+            let notice = Notice {
+                recipient: account.clone(),
+                sender: account.clone(),
+                kind: DeliveryKind::KeyPackagesLow,
+                group_id: None,
+                payload: Vec::new(),
+            };
             self.store
-                .notice(
-                    account,
-                    DeliveryKind::KeyPackagesLow,
-                    now,
-                    self.expires_at(now),
-                )
+                .notice(notice, now, self.expires_at(now))
                 .await
                 .map_err(internal)?;
             self.registry.notify([account]);

@@ -9,7 +9,7 @@ use umbra_proto::{AccountId, ActivationCode, DeliveryKind, GroupId, IdentityKey}
 
 use crate::{
     CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome, ContactRequestOutcome, DAY,
-    FanOutOutcome, Registration, Store,
+    FanOutOutcome, LineStatus, Notice, Registration, Store,
 };
 
 const NOW: u64 = 1_800_000_000;
@@ -28,6 +28,7 @@ where
     commits_one_per_epoch(&make().await).await;
     fan_out_and_mailboxes(&make().await).await;
     notices(&make().await).await;
+    revocation(&make().await).await;
     expiry(&make().await).await;
 }
 
@@ -417,10 +418,14 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
 
 async fn notices(store: &impl Store) {
     let alice = registered(store, "AAAAAAAA", 1).await;
-    let id = store
-        .notice(&alice, DeliveryKind::KeyPackagesLow, NOW, NOW + TTL)
-        .await
-        .unwrap();
+    let notice = Notice {
+        recipient: alice.clone(),
+        sender: alice.clone(),
+        kind: DeliveryKind::KeyPackagesLow,
+        group_id: None,
+        payload: vec![],
+    };
+    let id = store.notice(notice, NOW, NOW + TTL).await.unwrap();
     let inbox = store.pending(&alice, 0, 10, NOW).await.unwrap();
     assert_eq!(inbox.len(), 1);
     assert_eq!(
@@ -430,6 +435,69 @@ async fn notices(store: &impl Store) {
     assert_eq!(
         (&inbox[0].sender, inbox[0].group_id.as_ref()),
         (&alice, None)
+    );
+}
+
+async fn revocation(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    let carol = registered(store, "CCCCCCCC", 3).await;
+    befriend(store, &alice, &bob).await;
+    store.set_wipe_key(&alice, &key(9)).await.unwrap();
+    store.touch(&alice, 20_000).await.unwrap();
+    let row = store.account(&alice).await.unwrap().unwrap();
+    assert_eq!(
+        (row.wipe_key, row.last_seen_day, row.status),
+        (Some(key(9)), Some(20_000), LineStatus::Active)
+    );
+    store
+        .add_key_packages(&alice, vec![b"kp".to_vec()], Some(b"last".to_vec()))
+        .await
+        .unwrap();
+    let g = group(3);
+    store.create_group(&g, &bob, NOW).await.unwrap();
+    store
+        .accept_commit(
+            &commit(&g, 0, &bob, b"add", &[&alice, &carol], &[]),
+            NOW,
+            NOW + TTL,
+        )
+        .await
+        .unwrap();
+
+    let told = store.revoke(&alice, NOW, NOW + TTL).await.unwrap();
+    assert_eq!(told, vec![bob.clone(), carol.clone()]);
+    let row = store.account(&alice).await.unwrap().unwrap();
+    assert_eq!((row.status, row.wipe_key), (LineStatus::Revoked, None));
+    assert_eq!(
+        store.take_key_package(&alice).await.unwrap(),
+        None,
+        "KeyPackages withdrawn"
+    );
+    assert!(
+        store.pending(&alice, 0, 10, NOW).await.unwrap().is_empty(),
+        "mailbox dropped"
+    );
+    assert!(!store.are_contacts(&alice, &bob).await.unwrap());
+    let state = store.group(&g).await.unwrap().unwrap();
+    assert_eq!(state.members, vec![bob.clone(), carol.clone()]);
+    let notice = store
+        .pending(&carol, 0, 10, NOW)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (
+            notice.kind,
+            notice.group_id.as_ref(),
+            notice.payload.as_slice()
+        ),
+        (
+            DeliveryKind::MemberRevoked,
+            Some(&g),
+            alice.as_str().as_bytes()
+        )
     );
 }
 

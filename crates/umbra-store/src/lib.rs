@@ -53,12 +53,49 @@ impl std::fmt::Debug for CodeHash {
     }
 }
 
+/// Whether a line may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineStatus {
+    Active,
+    /// Paused by its distributor: it can log in but not send.
+    Suspended,
+    /// Ended for good (revoked by its distributor, or the device wiped
+    /// itself): nothing is kept but the row that says so.
+    Revoked,
+}
+
+impl LineStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LineStatus::Active => "active",
+            LineStatus::Suspended => "suspended",
+            LineStatus::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "active" => Some(LineStatus::Active),
+            "suspended" => Some(LineStatus::Suspended),
+            "revoked" => Some(LineStatus::Revoked),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     pub id: AccountId,
     pub identity_key: IdentityKey,
     pub created_at: Timestamp,
     pub subscription_expires_at: Timestamp,
+    /// Public key that verifies remote-wipe commands for this line.
+    pub wipe_key: Option<IdentityKey>,
+    pub status: LineStatus,
+    /// The distributor that sold the line, if not the operator.
+    pub distributor: Option<u64>,
+    /// Unix day (seconds / 86400) of the last login.
+    pub last_seen_day: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +122,20 @@ pub trait Accounts: Send + Sync {
         now: Timestamp,
     ) -> Result<Registration>;
     async fn account(&self, id: &AccountId) -> Result<Option<Account>>;
+    /// Records the public key that verifies this line's wipe commands.
+    async fn set_wipe_key(&self, id: &AccountId, key: &IdentityKey) -> Result<()>;
+    /// Records a login on `day` (Unix day).
+    async fn touch(&self, id: &AccountId, day: u64) -> Result<()>;
+    /// Ends a line: withdraws its KeyPackages, drops its mailbox and its
+    /// contacts, takes it out of every group and tells each remaining member
+    /// (a `MemberRevoked` delivery per group), atomically. Returns the
+    /// members told.
+    async fn revoke(
+        &self,
+        id: &AccountId,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<Vec<AccountId>>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,6 +281,16 @@ pub trait Groups: Send + Sync {
     ) -> Result<FanOutOutcome>;
 }
 
+/// A delivery the server originates rather than fans out.
+#[derive(Debug, Clone)]
+pub struct Notice {
+    pub recipient: AccountId,
+    pub sender: AccountId,
+    pub kind: DeliveryKind,
+    pub group_id: Option<GroupId>,
+    pub payload: Vec<u8>,
+}
+
 /// One stored mailbox item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredDelivery {
@@ -251,14 +312,9 @@ pub trait Mailboxes: Send + Sync {
         limit: usize,
         now: Timestamp,
     ) -> Result<Vec<StoredDelivery>>;
-    /// Stores a notice from the server itself (no group, empty payload).
-    async fn notice(
-        &self,
-        recipient: &AccountId,
-        kind: DeliveryKind,
-        now: Timestamp,
-        expires_at: Timestamp,
-    ) -> Result<u64>;
+    /// Stores one delivery that the server itself originates (a notice, or
+    /// a wipe command it relays).
+    async fn notice(&self, notice: Notice, now: Timestamp, expires_at: Timestamp) -> Result<u64>;
     /// Deletes acknowledged deliveries; returns how many existed.
     async fn ack(&self, recipient: &AccountId, ids: &[u64]) -> Result<usize>;
     /// Deletes deliveries whose time to live has passed.

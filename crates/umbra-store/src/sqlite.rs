@@ -15,12 +15,16 @@ use umbra_proto::{AccountId, DeliveryKind, GroupId, IdentityKey};
 use crate::{
     Account, Accounts, CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome,
     ContactRequestOutcome, Contacts, DAY, FanOutOutcome, GroupState, Groups, KeyPackageStock,
-    KeyPackages, Mailboxes, Registration, Result, StoreError, StoredDelivery, Timestamp,
+    KeyPackages, LineStatus, Mailboxes, Notice, Registration, Result, StoreError, StoredDelivery,
+    Timestamp,
 };
 
 /// Numbered migrations, applied in order; `PRAGMA user_version` records the
 /// last one applied.
-const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_lines.sql")),
+];
 
 /// Server storage in one SQLite database file.
 #[derive(Clone)]
@@ -238,6 +242,10 @@ impl Accounts for SqliteStore {
                 identity_key,
                 created_at: now,
                 subscription_expires_at: expires,
+                wipe_key: None,
+                status: LineStatus::Active,
+                distributor: None,
+                last_seen_day: None,
             }))
         })
         .await
@@ -245,32 +253,140 @@ impl Accounts for SqliteStore {
 
     async fn account(&self, id: &AccountId) -> Result<Option<Account>> {
         let id = id.clone();
-        self.run(move |connection| {
-            let row = connection
-                .prepare_cached(
-                    "SELECT identity_key, created_at, subscription_expires_at
-                     FROM accounts WHERE account_id = ?1",
-                )
-                .and_then(|mut s| {
-                    s.query_row([id.as_str()], |row| {
-                        Ok((row.get::<_, Vec<u8>>(0)?, row.get(1)?, row.get(2)?))
-                    })
-                    .optional()
-                })
-                .map_err(backend)?;
-            row.map(|(key, created_at, subscription_expires_at)| {
-                Ok(Account {
-                    identity_key: IdentityKey::from_slice(&key)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                    id: id.clone(),
-                    created_at,
-                    subscription_expires_at,
-                })
-            })
-            .transpose()
+        self.run(move |connection| account_row(connection, &id))
+            .await
+    }
+
+    async fn set_wipe_key(&self, id: &AccountId, key: &IdentityKey) -> Result<()> {
+        let (id, key) = (id.clone(), *key);
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE accounts SET wipe_key = ?2 WHERE account_id = ?1",
+                params![id.as_str(), &key.as_bytes()[..]],
+            )
+            .map_err(backend)?;
+            Ok(())
         })
         .await
     }
+
+    async fn touch(&self, id: &AccountId, day: u64) -> Result<()> {
+        let id = id.clone();
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE accounts SET last_seen_day = ?2 WHERE account_id = ?1",
+                params![id.as_str(), day],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn revoke(
+        &self,
+        id: &AccountId,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<Vec<AccountId>> {
+        let id = id.clone();
+        self.write(move |tx| {
+            let groups: Vec<Vec<u8>> = tx
+                .prepare("SELECT group_id FROM group_members WHERE account_id = ?1")
+                .and_then(|mut s| {
+                    s.query_map([id.as_str()], |row| row.get(0))?
+                        .collect::<rusqlite::Result<_>>()
+                })
+                .map_err(backend)?;
+            let mut told = Vec::new();
+            for group in groups {
+                let group = GroupId::new(group).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                tx.execute(
+                    "DELETE FROM group_members WHERE group_id = ?1 AND account_id = ?2",
+                    params![group.as_bytes(), id.as_str()],
+                )
+                .map_err(backend)?;
+                for member in members(tx, &group)? {
+                    enqueue(
+                        tx,
+                        &member,
+                        &id,
+                        DeliveryKind::MemberRevoked,
+                        Some(&group),
+                        id.as_str().as_bytes(),
+                        now,
+                        expires_at,
+                    )?;
+                    told.push(member);
+                }
+            }
+            for sql in [
+                "DELETE FROM key_packages WHERE account_id = ?1",
+                "DELETE FROM last_resort_key_packages WHERE account_id = ?1",
+                "DELETE FROM mailbox WHERE recipient = ?1",
+                "DELETE FROM contacts WHERE requester = ?1 OR addressee = ?1",
+                "UPDATE accounts SET status = 'revoked', wipe_key = NULL WHERE account_id = ?1",
+            ] {
+                tx.execute(sql, [id.as_str()]).map_err(backend)?;
+            }
+            told.sort();
+            told.dedup();
+            Ok(told)
+        })
+        .await
+    }
+}
+
+fn account_row(connection: &Connection, id: &AccountId) -> Result<Option<Account>> {
+    type Row = (
+        Vec<u8>,
+        u64,
+        u64,
+        Option<Vec<u8>>,
+        String,
+        Option<u64>,
+        Option<u64>,
+    );
+    let row: Option<Row> = connection
+        .prepare_cached(
+            "SELECT identity_key, created_at, subscription_expires_at, wipe_key, status,
+                    distributor_id, last_seen_day
+             FROM accounts WHERE account_id = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_row([id.as_str()], |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                    row.get(5)?,
+                    row.get(6)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(backend)?;
+    let corrupt = |e: umbra_proto::DecodeError| StoreError::Corrupt(e.to_string());
+    row.map(
+        |(key, created_at, expires, wipe_key, status, distributor, last_seen_day)| {
+            Ok(Account {
+                id: id.clone(),
+                identity_key: IdentityKey::from_slice(&key).map_err(corrupt)?,
+                created_at,
+                subscription_expires_at: expires,
+                wipe_key: wipe_key
+                    .map(|k| IdentityKey::from_slice(&k).map_err(corrupt))
+                    .transpose()?,
+                status: LineStatus::parse(&status)
+                    .ok_or_else(|| StoreError::Corrupt(format!("line status {status:?}")))?,
+                distributor,
+                last_seen_day,
+            })
+        },
+    )
+    .transpose()
 }
 
 /// (accepted?) for the contact row between a and b in either direction,
@@ -681,16 +797,20 @@ impl Mailboxes for SqliteStore {
         .await
     }
 
-    async fn notice(
-        &self,
-        recipient: &AccountId,
-        kind: DeliveryKind,
-        now: Timestamp,
-        expires_at: Timestamp,
-    ) -> Result<u64> {
-        let recipient = recipient.clone();
-        self.write(move |tx| enqueue(tx, &recipient, &recipient, kind, None, &[], now, expires_at))
-            .await
+    async fn notice(&self, notice: Notice, now: Timestamp, expires_at: Timestamp) -> Result<u64> {
+        self.write(move |tx| {
+            enqueue(
+                tx,
+                &notice.recipient,
+                &notice.sender,
+                notice.kind,
+                notice.group_id.as_ref(),
+                &notice.payload,
+                now,
+                expires_at,
+            )
+        })
+        .await
     }
 
     async fn ack(&self, recipient: &AccountId, ids: &[u64]) -> Result<usize> {

@@ -1,4 +1,6 @@
-//! Time as the server sees it, injectable so that tests can move it.
+//! Time as Umbra sees it (Unix seconds), injectable so that tests of
+//! expiry, timers and subscriptions move it instead of sleeping. Shared by
+//! the server and the device library.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
