@@ -143,6 +143,17 @@ enum FollowUp {
     ReplenishKeyPackages,
 }
 
+/// What the delivery service said of a commit.
+enum Verdict {
+    Accepted(u64),
+    /// Another commit took the epoch; the group is now at this one.
+    Stale(u64),
+    /// Refused for good (not a member, not a contact, malformed).
+    Refused(ClientError),
+    /// No verdict reached us.
+    Unknown(ClientError),
+}
+
 /// A commit made locally and about to be submitted.
 struct Planned {
     output: CommitOutput,
@@ -321,6 +332,15 @@ impl Client {
             .ok_or(ClientError::NotConnected)
     }
 
+    fn is_current(&self, link: &Arc<Link>) -> bool {
+        self.inner
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, link))
+    }
+
     pub fn is_connected(&self) -> bool {
         self.link().is_ok()
     }
@@ -371,11 +391,13 @@ impl Client {
         if let Some(previous) = previous {
             previous.close();
         }
+        // Settle commits whose verdict was lost before applying anything:
+        // the backlog may hold messages from the epoch after them.
+        self.resubmit_pending_commits().await?;
         tokio::spawn(self.clone().apply_pushes(pushes, Arc::clone(&link)));
         self.emit(Event::Connection {
             state: ConnectionState::Connected,
         });
-        self.resubmit_pending_commits().await?;
         if key_packages_remaining < key_package_low_water || !has_last_resort {
             self.upload_key_packages(!has_last_resort || key_packages_remaining == 0)
                 .await?;
@@ -467,6 +489,7 @@ impl Client {
             }
             let mut acks = Vec::new();
             let mut synced = 0;
+            let mut stalled = false;
             for push in batch {
                 match push {
                     Push::Delivery(delivery) => {
@@ -474,7 +497,13 @@ impl Client {
                         match self.apply_delivery(delivery).await {
                             Ok(()) => acks.push(id),
                             Err(error) => {
-                                warn!(%error, id, "could not apply a delivery; will retry")
+                                // Transient (the local store failed): stop
+                                // here, unacknowledged, so that this delivery
+                                // and everything after it come again in order
+                                // on the next connection.
+                                warn!(%error, id, "could not apply a delivery; disconnecting to retry");
+                                stalled = true;
+                                break;
                             }
                         }
                     }
@@ -493,7 +522,13 @@ impl Client {
                 }
             }
             self.inner.progress.notify_waiters();
-            if synced > 0 {
+            if stalled {
+                link.close();
+                break;
+            }
+            // A push task outliving its connection must not speak for the
+            // new one.
+            if synced > 0 && self.is_current(&link) {
                 self.inner.synced.send_modify(|count| *count += synced);
                 self.emit(Event::Synced);
             }
@@ -523,17 +558,27 @@ impl Client {
             }
             Ok(())
         });
-        if let Err(error) = outcome {
-            // The transaction rolled back. A delivery that cannot be applied
-            // now never will be (it is not for a state we can reach): record
+        match outcome {
+            Ok(()) => {}
+            // The transaction rolled back. A failing local store is
+            // transient: retry later, in order.
+            Err(
+                error @ (ClientError::Store(_) | ClientError::Mls(umbra_mls::MlsError::Storage(_))),
+            ) => {
+                return Err(error);
+            }
+            // Anything else is about the message itself (malformed, not
+            // decryptable, not from a contact) and will never apply: record
             // it as seen so that it is acknowledged rather than retried.
-            warn!(%error, id = delivery.id, kind = ?delivery.kind, "discarding a delivery that cannot be applied");
-            events.clear();
-            follow_up = None;
-            self.db().execute(
-                "INSERT OR IGNORE INTO processed_deliveries (delivery_id, processed_at) VALUES (?1, ?2)",
-                params![delivery.id, self.now()],
-            )?;
+            Err(error) => {
+                warn!(%error, id = delivery.id, kind = ?delivery.kind, "discarding a delivery that cannot be applied");
+                events.clear();
+                follow_up = None;
+                self.db().execute(
+                    "INSERT OR IGNORE INTO processed_deliveries (delivery_id, processed_at) VALUES (?1, ?2)",
+                    params![delivery.id, self.now()],
+                )?;
+            }
         }
         for event in events {
             self.emit(event);
@@ -571,10 +616,13 @@ impl Client {
         let sender = &delivery.sender;
         match delivery.kind {
             DeliveryKind::ContactRequest => {
+                // If we had asked them too, theirs is the request the server
+                // keeps: accepting it makes us contacts.
                 let state = contact_state(tx, sender)?;
-                if state.is_none() {
+                if state != Some(ContactState::Accepted) {
                     tx.execute(
-                        "INSERT INTO contacts (account_id, state, updated_at) VALUES (?1, 'incoming', ?2)",
+                        "INSERT INTO contacts (account_id, state, updated_at) VALUES (?1, 'incoming', ?2)
+                         ON CONFLICT (account_id) DO UPDATE SET state = 'incoming', updated_at = ?2",
                         params![sender.as_str(), self.now()],
                     )?;
                     events.push(Event::ContactRequest {
@@ -658,7 +706,12 @@ impl Client {
             return Err(ClientError::UnknownConversation(group_id.to_hex()));
         };
         let before: Vec<AccountId> = group.members().into_iter().map(|m| m.account).collect();
+        let had_pending = group.has_pending_commit();
         let incoming = group.process(provider, &delivery.payload)?;
+        if had_pending && !group.has_pending_commit() {
+            // Processing settled our own commit (merged or superseded).
+            tx.execute("DELETE FROM pending_commits WHERE group_id = ?1", [&id])?;
+        }
         let conversation = ConversationId::from_group(&id);
         match incoming {
             Incoming::Application { sender, plaintext } => {
@@ -843,9 +896,17 @@ impl Client {
                 if !group.is_active() {
                     return Err(ClientError::NotAMember);
                 }
-                let Some(planned) = plan(&mut group, provider)? else {
+                let Some(mut planned) = plan(&mut group, provider)? else {
                     return Ok(None);
                 };
+                // openmls folds queued proposals (a member leaving) into
+                // every commit: the delivery service must hear of those
+                // removals too, or it would keep routing to the leaver.
+                for removed in group.pending_removals() {
+                    if !planned.removed.contains(&removed) {
+                        planned.removed.push(removed);
+                    }
+                }
                 tx.execute(
                     "INSERT OR REPLACE INTO pending_commits (group_id, epoch, commit_, welcome, added, removed)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -863,47 +924,76 @@ impl Client {
             let Some(planned) = planned else {
                 return Ok(None);
             };
-            let submitted = self
-                .request(Request::SendCommit(CommitSubmission {
-                    group_id: gid.clone(),
-                    epoch: planned.output.epoch,
-                    commit: planned.output.commit.clone(),
-                    welcome: planned.output.welcome.clone(),
-                    added: planned.added.clone(),
-                    removed: planned.removed.clone(),
-                }))
-                .await;
-            match submitted {
-                Ok(Reply::CommitAccepted { epoch }) => {
+            let submission = CommitSubmission {
+                group_id: gid.clone(),
+                epoch: planned.output.epoch,
+                commit: planned.output.commit.clone(),
+                welcome: planned.output.welcome.clone(),
+                added: planned.added.clone(),
+                removed: planned.removed.clone(),
+            };
+            match self.submit_commit(submission).await {
+                Verdict::Accepted(epoch) => {
                     self.finish_commit(group_id, true)?;
                     drop(ops);
                     // Membership or keys changed: front ends redraw.
                     self.emit_changed(&ConversationId::from_group(group_id))?;
                     return Ok(Some(epoch));
                 }
-                Ok(_) => return Err(ClientError::Invalid("unexpected reply to a commit".into())),
-                Err(ClientError::Server {
-                    code: ErrorCode::StaleEpoch,
-                    current_epoch,
-                    ..
-                }) => {
+                Verdict::Stale(current_epoch) => {
                     self.finish_commit(group_id, false)?;
                     drop(ops);
                     debug!(current_epoch, "our commit lost its epoch; catching up");
                     self.wait_for_epoch(group_id, current_epoch).await?;
                 }
-                Err(error @ (ClientError::ConnectionLost | ClientError::Timeout(_))) => {
-                    // The verdict is unknown: the commit stays pending and
-                    // is resubmitted on the next connection.
+                Verdict::Refused(error) => {
+                    self.finish_commit(group_id, false)?;
                     return Err(error);
                 }
-                Err(error) => {
-                    self.finish_commit(group_id, false)?;
+                Verdict::Unknown(error) => {
+                    // The server may or may not have it: the commit stays
+                    // pending, and is resubmitted on the next connection
+                    // (or settled by the next message in this group).
                     return Err(error);
                 }
             }
         }
         Err(ClientError::CommitContention)
+    }
+
+    /// Submits a commit, resubmitting it if the reply is lost on a live
+    /// connection (the server recognises a commit it accepted already).
+    async fn submit_commit(&self, submission: CommitSubmission) -> Verdict {
+        let mut last_error = ClientError::NotConnected;
+        for _ in 0..COMMIT_ATTEMPTS {
+            match self.request(Request::SendCommit(submission.clone())).await {
+                Ok(Reply::CommitAccepted { epoch }) => return Verdict::Accepted(epoch),
+                Ok(_) => {
+                    return Verdict::Unknown(ClientError::Invalid(
+                        "unexpected reply to a commit".into(),
+                    ));
+                }
+                Err(ClientError::Server {
+                    code: ErrorCode::StaleEpoch,
+                    current_epoch,
+                    ..
+                }) => return Verdict::Stale(current_epoch),
+                // The server could not decide; nothing is known.
+                Err(
+                    error @ ClientError::Server {
+                        code: ErrorCode::Internal | ErrorCode::ServerBusy,
+                        ..
+                    },
+                ) => return Verdict::Unknown(error),
+                Err(error @ ClientError::Server { .. }) => return Verdict::Refused(error),
+                Err(error @ ClientError::Timeout(_)) if self.is_connected() => {
+                    last_error = error;
+                    continue;
+                }
+                Err(error) => return Verdict::Unknown(error),
+            }
+        }
+        Verdict::Unknown(last_error)
     }
 
     /// Merges (accepted) or discards (rejected) the pending commit.
@@ -983,20 +1073,20 @@ impl Client {
         };
         for (group_id, epoch, commit, welcome, added, removed) in pending {
             let _ops = self.inner.ops.lock().await;
-            let outcome = self
-                .request(Request::SendCommit(CommitSubmission {
+            let verdict = self
+                .submit_commit(CommitSubmission {
                     group_id: GroupId::new(group_id.clone())?,
                     epoch,
                     commit,
                     welcome,
                     added: parse_accounts(&added),
                     removed: parse_accounts(&removed),
-                }))
+                })
                 .await;
-            match outcome {
-                Ok(Reply::CommitAccepted { .. }) => self.finish_commit(&group_id, true)?,
-                Err(ClientError::ConnectionLost | ClientError::Timeout(_)) => {}
-                _ => self.finish_commit(&group_id, false)?,
+            match verdict {
+                Verdict::Accepted(_) => self.finish_commit(&group_id, true)?,
+                Verdict::Stale(_) | Verdict::Refused(_) => self.finish_commit(&group_id, false)?,
+                Verdict::Unknown(error) => return Err(error),
             }
         }
         Ok(())
@@ -1370,22 +1460,32 @@ impl Client {
     pub async fn leave_group(&self, conversation: &ConversationId) -> Result<()> {
         let group_id = self.group_id_of(conversation)?;
         let _ops = self.inner.ops.lock().await;
-        let proposal = self.with_tx(|tx, provider| {
+        let proposal = self.with_tx(|_, provider| {
             let mut group = load_group(provider, &group_id)?;
-            let proposal = group.leave(provider, &self.inner.signer)?;
-            self.system_line(tx, &group_id, "You left")?;
-            Ok(proposal)
+            Ok(group.leave(provider, &self.inner.signer)?)
         })?;
-        self.request(Request::SendMessage {
-            group_id: GroupId::new(group_id.clone())?,
-            message: proposal,
-            kind: DeliveryKind::Proposal,
-        })
-        .await?;
-        self.db().execute(
-            "UPDATE conversations SET active = 0 WHERE group_id = ?1",
-            [&group_id],
-        )?;
+        let sent = self
+            .request(Request::SendMessage {
+                group_id: GroupId::new(group_id.clone())?,
+                message: proposal,
+                kind: DeliveryKind::Proposal,
+            })
+            .await;
+        self.with_tx(|tx, provider| {
+            if sent.is_ok() {
+                tx.execute(
+                    "UPDATE conversations SET active = 0 WHERE group_id = ?1",
+                    [&group_id],
+                )?;
+                self.system_line(tx, &group_id, "You left")?;
+            } else {
+                // Not sent: forget the proposal, or the group would stay
+                // blocked on it.
+                load_group(provider, &group_id)?.clear_pending_proposals(provider)?;
+            }
+            Ok(())
+        })?;
+        sent?;
         drop(_ops);
         self.emit_changed(conversation)
     }
@@ -1615,15 +1715,13 @@ impl Client {
         }
         match sent {
             Ok(_) => Ok((message_id, true)),
-            Err(error) if message_id == 0 => Err(error),
-            Err(
-                error @ ClientError::Server {
-                    code: ErrorCode::SubscriptionExpired,
-                    ..
-                },
-            ) => Err(error),
             Err(error) => {
-                warn!(%error, "message not accepted by the server");
+                if message_id != 0 {
+                    self.emit(Event::DeliveryStateChanged {
+                        message_id,
+                        state: DeliveryState::Failed,
+                    });
+                }
                 Err(error)
             }
         }

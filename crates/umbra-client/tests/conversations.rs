@@ -319,6 +319,29 @@ async fn key_packages_are_replenished_when_they_run_low() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_ask_at_once_and_still_become_contacts() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    alice.client.add_contact(&bob.id()).await.unwrap();
+    bob.client.add_contact(&alice.id()).await.unwrap();
+    // The server keeps Alice's request (it came first); Bob sees it and
+    // accepting it makes them contacts.
+    bob.wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+    let conversation = bob.client.accept_contact(&alice.id()).await.unwrap();
+    alice
+        .wait_for(|e| matches!(e, Event::ConversationStarted { .. }).then_some(()))
+        .await;
+    alice
+        .client
+        .send_text(&conversation, "finally")
+        .await
+        .unwrap();
+    assert_eq!(bob.next_text().await.1, "finally");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_loses_no_acknowledged_message() {
     let server = TestServer::start().await;
     let mut alice = Device::activate(&server).await;

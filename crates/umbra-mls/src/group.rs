@@ -3,10 +3,10 @@
 //! [`Provider`]'s connection; the caller brackets it in a transaction.
 
 use openmls::prelude::{
-    BasicCredential, Capabilities, Credential, CredentialWithKey, ExtensionType, GroupId,
-    KeyPackage, KeyPackageIn, LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig,
-    MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, ProcessedMessageContent,
-    ProtocolVersion, StagedWelcome,
+    BasicCredential, Capabilities, ContentType, Credential, CredentialWithKey, ExtensionType,
+    GroupId, KeyPackage, KeyPackageIn, LeafNodeIndex, LeafNodeParameters, MlsGroup,
+    MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
+    ProcessedMessageContent, ProtocolVersion, StagedWelcome,
 };
 use openmls_traits::{OpenMlsProvider, random::OpenMlsRand};
 use tls_codec::Deserialize as _;
@@ -348,6 +348,13 @@ impl Group {
             .collect()
     }
 
+    /// Forgets proposals received or made but not committed.
+    pub fn clear_pending_proposals(&mut self, provider: &Provider<'_>) -> Result<()> {
+        self.inner
+            .clear_pending_proposals(provider.storage())
+            .map_err(|e| MlsError::Storage(e.to_string()))
+    }
+
     pub fn has_pending_proposals(&self) -> bool {
         self.inner.has_pending_proposals()
     }
@@ -421,10 +428,20 @@ impl Group {
         let protocol_message = parse_message(bytes)?
             .try_into_protocol_message()
             .map_err(|_| MlsError::Malformed("not a protocol message".into()))?;
-        if protocol_message.is_handshake_message() && self.has_pending_commit() {
-            self.clear_pending_commit(provider)?;
-        }
         let message_epoch = protocol_message.epoch().as_u64();
+        if self.has_pending_commit() {
+            // The delivery service orders each group's traffic and never
+            // echoes our own messages. So a message from the next epoch
+            // proves that our pending commit was the one accepted, and a
+            // commit from this epoch proves that another one was.
+            if Some(message_epoch) == self.epoch().checked_add(1) {
+                self.merge_pending_commit(provider)?;
+            } else if message_epoch == self.epoch()
+                && protocol_message.content_type() == ContentType::Commit
+            {
+                self.clear_pending_commit(provider)?;
+            }
+        }
         let processed = self
             .inner
             .process_message(provider, protocol_message)

@@ -7,6 +7,7 @@
 //! so a slow device slows only itself.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,6 +29,11 @@ use crate::{Direction, FrameTap};
 const OUTBOUND_QUEUE: usize = 256;
 /// Deliveries read from the store per pump round.
 const PUMP_BATCH: usize = 128;
+/// How long the WebSocket upgrade may take once TLS is up.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may stay unauthenticated before it is closed, so
+/// idle sockets cannot hold connection slots.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// WebSocket settings: a small read buffer (tungstenite allocates it up
 /// front for every connection) and the protocol's frame limit.
@@ -70,12 +76,15 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let ws = match tokio_tungstenite::accept_async_with_config(stream, Some(websocket_config()))
-            .await
-        {
-            Ok(ws) => ws,
-            Err(error) => {
+        let upgrade = tokio_tungstenite::accept_async_with_config(stream, Some(websocket_config()));
+        let ws = match tokio::time::timeout(UPGRADE_TIMEOUT, upgrade).await {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(error)) => {
                 debug!(connection = self.id, %error, "WebSocket handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!(connection = self.id, "WebSocket handshake timed out");
                 return;
             }
         };
@@ -111,9 +120,18 @@ impl Connection {
         let mut session = Session::AwaitingAuth { nonce };
         let mut online: Option<(AccountId, CancellationToken)> = None;
         let mut malformed = 0u32;
+        let auth_deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
         loop {
             let next = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(auth_deadline), if online.is_none() => {
+                    let error = ErrorReply::new(
+                        ErrorCode::NotAuthenticated,
+                        format!("not authenticated within {} seconds", AUTH_TIMEOUT.as_secs()),
+                    );
+                    let _ = out_tx.send(error_frame(0, error)).await;
+                    break;
+                }
                 next = source.next() => next,
             };
             let bytes = match next {

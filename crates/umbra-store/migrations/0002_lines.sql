@@ -17,3 +17,12 @@ CREATE TABLE distributors (
 -- Codes are for activation (a new line) or renewal (more days on a line).
 ALTER TABLE activation_codes ADD COLUMN kind TEXT NOT NULL DEFAULT 'activation';
 ALTER TABLE activation_codes ADD COLUMN distributor_id INTEGER;
+
+-- The hash of every accepted commit, by epoch, so that a commit resubmitted
+-- after a lost reply is recognised as accepted however many epochs later.
+CREATE TABLE group_commits (
+    group_id  BLOB NOT NULL REFERENCES groups(group_id) ON DELETE CASCADE,
+    epoch     INTEGER NOT NULL,              -- the epoch the commit was made in
+    hash      BLOB NOT NULL,
+    PRIMARY KEY (group_id, epoch)
+) WITHOUT ROWID;

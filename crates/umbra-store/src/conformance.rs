@@ -317,6 +317,16 @@ async fn commits_one_per_epoch(store: &impl Store) {
         store.accept_commit(&remove, NOW, NOW + TTL).await.unwrap(),
         CommitOutcome::Accepted { epoch: 3, .. }
     ));
+    assert_eq!(
+        store.accept_commit(&by_bob, NOW, NOW + TTL).await.unwrap(),
+        CommitOutcome::Duplicate { epoch: 2 },
+        "a commit resubmitted epochs later is still recognised"
+    );
+    let absurd = commit(&g, u64::MAX, &alice, b"far future", &[], &[]);
+    assert_eq!(
+        store.accept_commit(&absurd, NOW, NOW + TTL).await.unwrap(),
+        CommitOutcome::Stale { current_epoch: 3 }
+    );
     let state = store.group(&g).await.unwrap().unwrap();
     assert_eq!(
         (state.epoch, state.members),
@@ -411,6 +421,11 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
         store.ack(&alice, &[page[0].id]).await.unwrap(),
         0,
         "acks are idempotent"
+    );
+    assert_eq!(
+        store.ack(&alice, &[u64::MAX]).await.unwrap(),
+        0,
+        "absurd IDs are ignored"
     );
     let left = store.pending(&alice, 0, 10, NOW).await.unwrap();
     assert_eq!(left.len(), 3);

@@ -623,20 +623,36 @@ impl Groups for SqliteStore {
     ) -> Result<CommitOutcome> {
         let commit = commit.clone();
         self.write(move |tx| {
-            let row: Option<(u64, Option<Vec<u8>>)> = tx
+            let epoch: Option<u64> = tx
                 .query_row(
-                    "SELECT epoch, last_commit_hash FROM groups WHERE group_id = ?1",
+                    "SELECT epoch FROM groups WHERE group_id = ?1",
                     [commit.group_id.as_bytes()],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
+                    |row| row.get(0),
                 )
                 .optional()
                 .map_err(backend)?;
-            let Some((epoch, last_hash)) = row else {
+            let Some(epoch) = epoch else {
                 return Ok(CommitOutcome::UnknownGroup);
             };
+            if i64::try_from(commit.epoch).is_err() {
+                // No group ever gets there; SQLite integers stop at i64::MAX.
+                return Ok(CommitOutcome::Stale {
+                    current_epoch: epoch,
+                });
+            }
             let hash = commit.hash();
-            if epoch == commit.epoch + 1 && last_hash.as_deref() == Some(&hash[..]) {
-                return Ok(CommitOutcome::Duplicate { epoch });
+            let accepted: Option<Vec<u8>> = tx
+                .query_row(
+                    "SELECT hash FROM group_commits WHERE group_id = ?1 AND epoch = ?2",
+                    params![commit.group_id.as_bytes(), commit.epoch],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            if accepted.as_deref() == Some(&hash[..]) {
+                return Ok(CommitOutcome::Duplicate {
+                    epoch: commit.epoch.saturating_add(1),
+                });
             }
             if !is_member(tx, &commit.group_id, &commit.sender)? {
                 return Ok(CommitOutcome::NotAMember);
@@ -663,8 +679,13 @@ impl Groups for SqliteStore {
                 .map_err(backend)?;
             }
             tx.execute(
-                "UPDATE groups SET epoch = ?1, last_commit_hash = ?2 WHERE group_id = ?3",
-                params![epoch + 1, &hash[..], commit.group_id.as_bytes()],
+                "UPDATE groups SET epoch = ?1 WHERE group_id = ?2",
+                params![epoch + 1, commit.group_id.as_bytes()],
+            )
+            .map_err(backend)?;
+            tx.execute(
+                "INSERT INTO group_commits (group_id, epoch, hash) VALUES (?1, ?2, ?3)",
+                params![commit.group_id.as_bytes(), epoch, &hash[..]],
             )
             .map_err(backend)?;
             let mut recipients = Vec::new();
@@ -820,7 +841,8 @@ impl Mailboxes for SqliteStore {
                 .prepare_cached("DELETE FROM mailbox WHERE id = ?1 AND recipient = ?2")
                 .map_err(backend)?;
             let mut removed = 0;
-            for id in ids {
+            // IDs beyond SQLite's integer range name nothing stored.
+            for id in ids.into_iter().filter(|id| i64::try_from(*id).is_ok()) {
                 removed += delete
                     .execute(params![id, recipient.as_str()])
                     .map_err(backend)?;
