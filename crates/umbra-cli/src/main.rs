@@ -98,6 +98,38 @@ enum Command {
     /// Replace this device's keys in every conversation ("recreate keys"):
     /// keys taken from this device before no longer open new messages.
     UpdateKeys,
+    /// Encrypted notes that never leave this device.
+    #[command(subcommand)]
+    Vault(VaultCommand),
+    /// Erase a device: another one with its wipe code (from any machine,
+    /// no --home needed), or this one with --self.
+    Wipe(WipeArgs),
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct WipeArgs {
+    /// The `umbra-wipe://…` code shown when the device was activated.
+    #[arg(long)]
+    code: Option<String>,
+    /// Erase this device and end its line at the server. Cannot be undone.
+    #[arg(long = "self")]
+    this_device: bool,
+    /// With --self: do not ask for confirmation.
+    #[arg(long, requires = "this_device")]
+    yes: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum VaultCommand {
+    /// Store a note. The body is the remaining words, or standard input.
+    Add { title: String, body: Vec<String> },
+    /// List notes (titles only).
+    List,
+    /// Show one note.
+    Show { id: i64 },
+    /// Delete one note.
+    Delete { id: i64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -334,7 +366,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .parse()
                 .context("this is not a valid activation string")?;
             let passphrase = passphrase(true)?;
-            let client = Client::activate(
+            let (client, wipe_code) = Client::activate(
                 &cli.home,
                 &passphrase,
                 &activation,
@@ -342,14 +374,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             let expires = client.subscription_expires_at()?;
+            let wipe_code = wipe_code.to_string();
             out.value(
-                json!({ "account_id": client.account(), "subscription_expires_at": expires, "home": cli.home }),
+                json!({
+                    "account_id": client.account(),
+                    "subscription_expires_at": expires,
+                    "home": cli.home,
+                    "wipe_code": wipe_code,
+                }),
                 || {
-                    format!(
-                        "Activated. Your account ID is {}. Give it to the people you want to talk to.\nSubscription until {}.",
+                    let mut text = format!(
+                        "Activated. Your account ID is {}. Give it to the people you want to talk to.\nSubscription until {}.\n\n\
+                         Your WIPE CODE (shown once, write it down or give it to someone you trust):\n\n  {wipe_code}\n\n\
+                         Whoever holds it can erase this device from anywhere with `umbra wipe --code CODE`.\n\
+                         Nobody else can, not even the server's operator.",
                         client.account(),
                         date(expires)
-                    )
+                    );
+                    if let Some(qr) = qr(&wipe_code) {
+                        text.push_str(&format!("\n\n{qr}"));
+                    }
+                    text
                 },
             );
         }
@@ -418,6 +463,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = conversation(&client, target)?;
             for message in client.history(&id, *limit)? {
                 out.message(&message);
+            }
+        }
+        Command::Vault(command) => vault(&cli, &out, command)?,
+        Command::Wipe(args) => {
+            if let Some(code) = &args.code {
+                let code: umbra_client::WipeCode =
+                    code.parse().context("this is not a valid wipe code")?;
+                umbra_client::send_wipe(&code, &umbra_client::SystemClock).await?;
+                out.value(json!({ "wipe_sent": code.account }), || {
+                    format!(
+                        "Wipe command for {} accepted by the server. The device erases itself when it next connects.",
+                        code.account
+                    )
+                });
+            } else {
+                if !args.yes {
+                    eprint!(
+                        "Erase this device and end its line for good? Type 'erase' to confirm: "
+                    );
+                    let mut answer = String::new();
+                    std::io::stdin().read_line(&mut answer)?;
+                    if answer.trim() != "erase" {
+                        bail!("not confirmed; nothing was erased");
+                    }
+                }
+                let client = open(&cli)?;
+                if let Err(error) = client.connect().await {
+                    eprintln!("warning: cannot reach the server ({error}); erasing locally only");
+                }
+                client.wipe_self().await?;
+                out.value(json!({ "wiped": true }), || {
+                    "This device was erased.".into()
+                });
             }
         }
         Command::UpdateKeys => {
@@ -498,6 +576,40 @@ async fn contacts(cli: &Cli, out: &Out, command: &ContactsCommand) -> anyhow::Re
                     text
                 },
             );
+        }
+    }
+    Ok(())
+}
+
+fn vault(cli: &Cli, out: &Out, command: &VaultCommand) -> anyhow::Result<()> {
+    let client = open(cli)?;
+    match command {
+        VaultCommand::Add { title, body } => {
+            let body = if body.is_empty() {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+                text
+            } else {
+                body.join(" ")
+            };
+            let id = client.vault_add(title, &body)?;
+            out.value(json!({ "id": id }), || format!("Stored note {id}."));
+        }
+        VaultCommand::List => {
+            for note in client.vault_list()? {
+                out.value(
+                    json!({ "id": note.id, "title": note.title, "updated_at": note.updated_at }),
+                    || format!("{:>4}  {}", note.id, note.title),
+                );
+            }
+        }
+        VaultCommand::Show { id } => {
+            let note = client.vault_get(*id)?;
+            out.value(json!(note), || format!("{}\n\n{}", note.title, note.body));
+        }
+        VaultCommand::Delete { id } => {
+            client.vault_delete(*id)?;
+            out.value(json!({ "deleted": id }), || format!("Deleted note {id}."));
         }
     }
     Ok(())
@@ -586,6 +698,16 @@ fn date(unix: u64) -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
+}
+
+fn qr(text: &str) -> Option<String> {
+    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
+    Some(
+        code.render::<qrcode::render::unicode::Dense1x2>()
+            .dark_color(qrcode::render::unicode::Dense1x2::Light)
+            .light_color(qrcode::render::unicode::Dense1x2::Dark)
+            .build(),
+    )
 }
 
 fn hex(bytes: &[u8]) -> String {

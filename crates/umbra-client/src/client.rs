@@ -20,7 +20,7 @@ use umbra_proto::content::{Body, Content, MAX_GROUP_NAME_BYTES};
 use umbra_proto::frame::{CommitSubmission, Delivery};
 use umbra_proto::{
     AccountId, ActivationString, CertFingerprint, DeliveryKind, ErrorCode, GroupId, IdentityKey,
-    Push, Reply, Request, login_signing_payload, register_signing_payload,
+    Push, Reply, Request, Signature, WipeCode, login_signing_payload, register_signing_payload,
 };
 use zeroize::Zeroizing;
 
@@ -141,6 +141,10 @@ enum FollowUp {
     CommitProposals(Vec<u8>),
     /// The server says our one-time KeyPackages are running out.
     ReplenishKeyPackages,
+    /// A member's line was revoked: commit its removal.
+    RemoveMember(Vec<u8>, AccountId),
+    /// A genuine wipe command arrived.
+    Wipe,
 }
 
 /// What the delivery service said of a commit.
@@ -172,7 +176,7 @@ impl Client {
         passphrase: &Passphrase,
         activation: &ActivationString,
         options: ClientOptions,
-    ) -> Result<Client> {
+    ) -> Result<(Client, WipeCode)> {
         if store::exists(home) {
             return Err(ClientError::AlreadyActivated(home.display().to_string()));
         }
@@ -199,6 +203,9 @@ impl Client {
             return Err(ClientError::Invalid("unexpected reply to Register".into()));
         };
         drop(link);
+        let mut wipe_seed = Zeroizing::new([0u8; 16]);
+        getrandom::getrandom(wipe_seed.as_mut()).map_err(|e| ClientError::Store(e.to_string()))?;
+        let wipe_key = DeviceSigner::from_wipe_seed(&wipe_seed).identity_key();
         let connection = store::create(home, passphrase, options.kdf)?;
         connection.execute(
             "INSERT INTO device (singleton, account_id, identity_secret, server_address, server_pin,
@@ -213,10 +220,21 @@ impl Client {
                 options.clock.now()
             ],
         )?;
+        connection.execute(
+            "UPDATE device SET wipe_public_key = ?1",
+            [&wipe_key.as_bytes()[..]],
+        )?;
         info!(account = %account_id, "device activated");
         let client = Client::from_parts(home, connection, options)?;
         client.connect().await?;
-        Ok(client)
+        client.request(Request::SetWipeKey { wipe_key }).await?;
+        let wipe_code = WipeCode {
+            address: activation.address.clone(),
+            pin: activation.pin,
+            account: account_id,
+            seed: *wipe_seed,
+        };
+        Ok((client, wipe_code))
     }
 
     /// Opens the device in `home`. Does not connect.
@@ -330,6 +348,26 @@ impl Client {
             .clone()
             .filter(|link| link.is_alive())
             .ok_or(ClientError::NotConnected)
+    }
+
+    pub(crate) fn current_link(&self) -> Result<Arc<Link>> {
+        self.link()
+    }
+
+    pub(crate) fn sign(&self, payload: &[u8]) -> Signature {
+        self.inner.signer.sign_payload(payload)
+    }
+
+    pub(crate) fn emit_event(&self, event: Event) {
+        self.emit(event);
+    }
+
+    /// Closes the store file (replacing the connection with an empty
+    /// in-memory one), so that it can be overwritten and removed.
+    pub(crate) fn close_store(&self) {
+        if let Ok(empty) = Connection::open_in_memory() {
+            *self.db() = empty;
+        }
     }
 
     fn is_current(&self, link: &Arc<Link>) -> bool {
@@ -601,6 +639,17 @@ impl Client {
                     warn!(%error, "replenishing KeyPackages");
                 }
             }
+            Some(FollowUp::RemoveMember(group_id, account)) => {
+                let client = self.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = client.remove_from_group(&group_id, &[account]).await {
+                        debug!(%error, "removing a revoked member");
+                    }
+                });
+            }
+            Some(FollowUp::Wipe) => {
+                self.wipe_now("remote wipe").await?;
+            }
             None => {}
         }
         Ok(())
@@ -646,7 +695,34 @@ impl Client {
                 return self.apply_group_message(tx, provider, group_id, delivery, events);
             }
             DeliveryKind::KeyPackagesLow => return Ok(Some(FollowUp::ReplenishKeyPackages)),
-            DeliveryKind::Wipe | DeliveryKind::MemberRevoked => {}
+            DeliveryKind::Wipe => {
+                let wipe_key: Option<Vec<u8>> =
+                    tx.query_row("SELECT wipe_public_key FROM device", [], |row| row.get(0))?;
+                let genuine = wipe_key
+                    .and_then(|key| IdentityKey::from_slice(&key).ok())
+                    .is_some_and(|key| {
+                        crate::wipe::verify_command(&key, &self.inner.account, &delivery.payload)
+                    });
+                if genuine {
+                    return Ok(Some(FollowUp::Wipe));
+                }
+                warn!("refusing a wipe command that is not signed with this device's wipe code");
+                events.push(Event::WipeRefused);
+            }
+            DeliveryKind::MemberRevoked => {
+                let group_id = delivery
+                    .group_id
+                    .as_ref()
+                    .ok_or_else(|| ClientError::Invalid("revocation without a group".into()))?;
+                let revoked = std::str::from_utf8(&delivery.payload)
+                    .ok()
+                    .and_then(|text| AccountId::parse(text).ok())
+                    .ok_or_else(|| ClientError::Invalid("revocation without an account".into()))?;
+                return Ok(Some(FollowUp::RemoveMember(
+                    group_id.as_bytes().to_vec(),
+                    revoked,
+                )));
+            }
             DeliveryKind::Unspecified => {}
         }
         Ok(None)
@@ -1420,8 +1496,12 @@ impl Client {
         members: &[AccountId],
     ) -> Result<()> {
         let group_id = self.group_id_of(conversation)?;
+        self.remove_from_group(&group_id, members).await
+    }
+
+    async fn remove_from_group(&self, group_id: &[u8], members: &[AccountId]) -> Result<()> {
         let signer = &self.inner.signer;
-        self.commit(&group_id, |group, provider| {
+        self.commit(group_id, |group, provider| {
             let present: Vec<AccountId> = group.members().into_iter().map(|m| m.account).collect();
             let removed: Vec<AccountId> = members
                 .iter()

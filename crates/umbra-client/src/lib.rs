@@ -20,6 +20,7 @@ mod secret;
 mod store;
 mod types;
 mod vault;
+mod wipe;
 
 pub use client::{Client, ClientOptions};
 pub use error::{ClientError, Result};
@@ -31,5 +32,7 @@ pub use types::{
     DeliveryState, Direction, Event, Message,
 };
 pub use umbra_mls::Suite;
-pub use umbra_proto::{AccountId, ActivationString, CertFingerprint, ErrorCode};
+pub use umbra_proto::clock::{Clock, ManualClock, SystemClock};
+pub use umbra_proto::{AccountId, ActivationString, CertFingerprint, ErrorCode, WipeCode};
 pub use vault::Note;
+pub use wipe::send_wipe;

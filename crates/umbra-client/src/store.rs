@@ -10,7 +10,7 @@ use rusqlite::Connection;
 use zeroize::Zeroizing;
 
 use crate::error::{ClientError, Result};
-use crate::secret::{KdfFile, KdfParams, Passphrase};
+use crate::secret::{KDF_FILE, KdfFile, KdfParams, Passphrase};
 
 pub(crate) const STORE_FILE: &str = "device.db";
 
@@ -94,6 +94,61 @@ pub(crate) fn open(home: &Path, passphrase: &Passphrase) -> Result<Connection> {
     }
     configure(&mut connection)?;
     Ok(connection)
+}
+
+/// Files that make up a device, the key-derivation file first: removing it
+/// alone makes the store unreadable (crypto-shredding), and it goes first so
+/// that an interrupted wipe still leaves nothing that opens.
+fn device_files(home: &Path) -> Vec<PathBuf> {
+    [
+        KDF_FILE,
+        STORE_FILE,
+        "device.db-wal",
+        "device.db-shm",
+        "device.db-journal",
+    ]
+    .iter()
+    .map(|name| home.join(name))
+    .collect()
+}
+
+/// Destroys the device in `home`: each file is overwritten with random bytes,
+/// flushed to disk and removed. Afterwards `home` looks like a fresh install.
+pub(crate) fn shred(home: &Path) -> Result<()> {
+    let mut first_error = None;
+    for path in device_files(home) {
+        if let Err(error) = overwrite_and_remove(&path)
+            && first_error.is_none()
+        {
+            first_error = Some(ClientError::Store(format!(
+                "wiping {}: {error}",
+                path.display()
+            )));
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn overwrite_and_remove(path: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let len = match std::fs::metadata(path) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    {
+        let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+        let mut noise = vec![0u8; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(noise.len() as u64) as usize;
+            getrandom::getrandom(&mut noise[..n]).map_err(std::io::Error::other)?;
+            file.write_all(&noise[..n])?;
+            left -= n as u64;
+        }
+        file.sync_all()?;
+    }
+    std::fs::remove_file(path)
 }
 
 #[cfg(unix)]

@@ -171,4 +171,10 @@ pub enum Event {
     },
     /// Everything stored at the server while offline has been processed.
     Synced,
+    /// This device was wiped (remote wipe, or at the user's request): its
+    /// store is gone and this client can do nothing more.
+    Wiped,
+    /// A wipe command arrived that is not signed with this device's wipe
+    /// code (for example one forged by the server); it was ignored.
+    WipeRefused,
 }

@@ -24,6 +24,21 @@ impl DeviceSigner {
         }
     }
 
+    /// The key a remote-wipe code stands for: Ed25519 from
+    /// SHA-256("umbra-wipe-key-v1" || seed). The device keeps only its
+    /// public half; the seed is what the user writes down.
+    pub fn from_wipe_seed(seed: &[u8; 16]) -> Self {
+        use sha2::{Digest, Sha256};
+        let secret: Zeroizing<[u8; 32]> = Zeroizing::new(
+            Sha256::new()
+                .chain_update(b"umbra-wipe-key-v1")
+                .chain_update(seed)
+                .finalize()
+                .into(),
+        );
+        DeviceSigner::from_secret(&secret)
+    }
+
     /// The secret bytes, for the device's encrypted store only.
     pub fn secret_bytes(&self) -> Zeroizing<[u8; 32]> {
         Zeroizing::new(self.key.to_bytes())

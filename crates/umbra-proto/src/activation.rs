@@ -98,6 +98,85 @@ impl FromStr for ActivationString {
     }
 }
 
+/// The remote-wipe code shown once at activation: whoever holds it can have
+/// the device wiped, from any machine, and nobody else can (the device checks
+/// the command's signature by the key derived from `seed`).
+///
+/// Format: `umbra-wipe://HOST:PORT/ACCOUNT/SEED?pin=SHA256HEX`, the 16-byte
+/// seed in hex, grouped by four with dashes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WipeCode {
+    pub address: String,
+    pub pin: CertFingerprint,
+    pub account: crate::AccountId,
+    pub seed: [u8; 16],
+}
+
+const WIPE_SCHEME: &str = "umbra-wipe://";
+
+impl fmt::Debug for WipeCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WipeCode")
+            .field("address", &self.address)
+            .field("account", &self.account)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for WipeCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seed = hex::encode(self.seed);
+        let grouped: Vec<&str> = seed
+            .as_bytes()
+            .chunks(4)
+            .filter_map(|chunk| std::str::from_utf8(chunk).ok())
+            .collect();
+        write!(
+            f,
+            "{WIPE_SCHEME}{}/{}/{}?pin={}",
+            self.address,
+            self.account,
+            grouped.join("-"),
+            self.pin
+        )
+    }
+}
+
+impl FromStr for WipeCode {
+    type Err = DecodeError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let invalid = |reason: &str| DecodeError::invalid("wipe_code", reason);
+        let rest = text
+            .trim()
+            .strip_prefix(WIPE_SCHEME)
+            .ok_or_else(|| invalid("must start with umbra-wipe://"))?;
+        let (path, pin) = rest
+            .split_once("?pin=")
+            .ok_or_else(|| invalid("missing ?pin=FINGERPRINT"))?;
+        let mut parts = path.splitn(3, '/');
+        let (Some(address), Some(account), Some(seed)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid(
+                "expected umbra-wipe://HOST:PORT/ACCOUNT/CODE?pin=...",
+            ));
+        };
+        if address.is_empty() || !address.contains(':') {
+            return Err(invalid("address must be HOST:PORT"));
+        }
+        let seed = hex::decode(seed.replace('-', "").trim())
+            .ok()
+            .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
+            .ok_or_else(|| invalid("the code is 32 hex digits"))?;
+        Ok(WipeCode {
+            address: address.to_owned(),
+            pin: CertFingerprint::from_hex(pin)?,
+            account: crate::AccountId::parse(account)?,
+            seed,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +192,25 @@ mod tests {
             (Err(e), Err(fragment)) => assert!(e.to_string().contains(fragment), "{e}"),
             (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
         }
+    }
+
+    #[test]
+    fn wipe_codes_round_trip_and_hide_the_seed() {
+        let code = WipeCode {
+            address: "[::1]:7443".into(),
+            pin: CertFingerprint([5; 32]),
+            account: crate::AccountId::parse("K7QD9XPM").unwrap_or_else(|e| panic!("{e}")),
+            seed: [0xab; 16],
+        };
+        let text = code.to_string();
+        assert!(text.starts_with("umbra-wipe://[::1]:7443/K7QD9XPM/abab-abab-"));
+        assert_eq!(text.parse::<WipeCode>(), Ok(code.clone()));
+        assert!(!format!("{code:?}").contains("abab"));
+        assert!(
+            "umbra-wipe://x:1/K7QD9XPM/00?pin=00"
+                .parse::<WipeCode>()
+                .is_err()
+        );
     }
 
     #[test]

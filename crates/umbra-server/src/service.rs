@@ -7,12 +7,12 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 use umbra_proto::frame::CommitSubmission;
 use umbra_proto::{
-    AccountId, DeliveryKind, ErrorCode, ErrorReply, GroupId, Nonce, Reply, Request,
-    login_signing_payload, register_signing_payload,
+    AccountId, DeliveryKind, ErrorCode, ErrorReply, GroupId, Nonce, Reply, Request, Signature,
+    login_signing_payload, register_signing_payload, revoke_signing_payload, wipe_signing_payload,
 };
 use umbra_store::{
-    CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome, ContactRequestOutcome,
-    FanOutOutcome, Notice, Registration, Store, StoreError,
+    Account, CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome, ContactRequestOutcome,
+    FanOutOutcome, LineStatus, Notice, Registration, Store, StoreError,
 };
 
 use crate::registry::Registry;
@@ -179,6 +179,13 @@ impl Services {
                         "login signature does not verify with the account's identity key",
                     ));
                 }
+                if account.status == LineStatus::Revoked {
+                    return Err(refuse(ErrorCode::LineRevoked, "this line was revoked"));
+                }
+                self.store
+                    .touch(&account_id, self.now() / umbra_store::DAY)
+                    .await
+                    .map_err(internal)?;
                 let stock = self
                     .store
                     .key_package_stock(&account_id)
@@ -202,22 +209,49 @@ impl Services {
                     "this connection is already authenticated",
                 ))
             }
+            (
+                _,
+                Request::Wipe {
+                    account_id,
+                    issued_at,
+                    signature,
+                },
+            ) => self.relay_wipe(&account_id, issued_at, &signature).await,
+            (
+                _,
+                Request::Revoke {
+                    account_id,
+                    signature,
+                },
+            ) => self.revoke(&account_id, &signature).await,
             (Session::AwaitingAuth { .. }, Request::Ping) => Ok(Reply::Done),
             (Session::AwaitingAuth { .. }, _) => Err(refuse(
                 ErrorCode::NotAuthenticated,
                 "authenticate with Register or Login first",
             )),
-            (
-                Session::Authenticated {
-                    account,
-                    subscription_expires_at,
-                },
-                request,
-            ) => {
+            (Session::Authenticated { account, .. }, request) => {
                 let account = account.clone();
-                let expires = *subscription_expires_at;
-                self.authenticated(&account, expires, request).await
+                self.authenticated(&account, request).await
             }
+        }
+    }
+
+    /// Sending needs a line that is active and paid for. Read from the store
+    /// each time, so a suspension or renewal takes effect at once.
+    async fn require_active(&self, me: &AccountId) -> Result<(), ErrorReply> {
+        let account = self
+            .store
+            .account(me)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| refuse(ErrorCode::LineRevoked, "this line no longer exists"))?;
+        match account.status {
+            LineStatus::Revoked => Err(refuse(ErrorCode::LineRevoked, "this line was revoked")),
+            LineStatus::Suspended => Err(refuse(
+                ErrorCode::LineSuspended,
+                "this line is suspended; contact your distributor",
+            )),
+            LineStatus::Active => self.require_subscription(account.subscription_expires_at),
         }
     }
 
@@ -234,7 +268,7 @@ impl Services {
         Ok(())
     }
 
-    async fn authenticated(&self, me: &AccountId, expires: u64, request: Request) -> Outcome {
+    async fn authenticated(&self, me: &AccountId, request: Request) -> Outcome {
         match request {
             Request::UploadKeyPackages {
                 key_packages,
@@ -279,7 +313,7 @@ impl Services {
                 }
             }
             Request::SendContactRequest { to } => {
-                self.require_subscription(expires)?;
+                self.require_active(me).await?;
                 if &to == me {
                     return Err(refuse(ErrorCode::InvalidRequest, "you cannot add yourself"));
                 }
@@ -327,7 +361,7 @@ impl Services {
                 }
             }
             Request::CreateGroup { group_id } => {
-                self.require_subscription(expires)?;
+                self.require_active(me).await?;
                 if self
                     .store
                     .create_group(&group_id, me, self.now())
@@ -343,7 +377,7 @@ impl Services {
                 }
             }
             Request::SendCommit(commit) => {
-                self.require_subscription(expires)?;
+                self.require_active(me).await?;
                 self.send_commit(me, commit).await
             }
             Request::SendMessage {
@@ -351,7 +385,7 @@ impl Services {
                 message,
                 kind,
             } => {
-                self.require_subscription(expires)?;
+                self.require_active(me).await?;
                 self.send_message(me, group_id, message, kind).await
             }
             Request::Ack { delivery_ids } => {
@@ -371,6 +405,13 @@ impl Services {
                 }
             }
             Request::Ping => Ok(Reply::Done),
+            Request::SetWipeKey { wipe_key } => {
+                self.store
+                    .set_wipe_key(me, &wipe_key)
+                    .await
+                    .map_err(internal)?;
+                Ok(Reply::Done)
+            }
             _ => Err(refuse(ErrorCode::InvalidRequest, "unsupported request")),
         }
     }
@@ -402,6 +443,89 @@ impl Services {
             self.registry.notify([account]);
         }
         Ok(())
+    }
+
+    /// Checks a wipe command against the line's wipe key and puts it in the
+    /// line's mailbox. The device checks the signature again itself: this
+    /// check only keeps forgeries from reaching it.
+    async fn relay_wipe(
+        &self,
+        account_id: &AccountId,
+        issued_at: u64,
+        signature: &Signature,
+    ) -> Outcome {
+        let account = self.live_account(account_id).await?;
+        let Some(wipe_key) = account.wipe_key else {
+            return Err(refuse(
+                ErrorCode::InvalidRequest,
+                format!("{account_id} has no wipe code"),
+            ));
+        };
+        let payload = wipe_signing_payload(account_id, issued_at);
+        if !umbra_mls::verify(&wipe_key, &payload, signature) {
+            return Err(refuse(
+                ErrorCode::BadSignature,
+                "the wipe command is not signed with this line's wipe code",
+            ));
+        }
+        let mut command = issued_at.to_be_bytes().to_vec();
+        command.extend_from_slice(signature.as_bytes());
+        let now = self.now();
+        let notice = Notice {
+            recipient: account_id.clone(),
+            sender: account_id.clone(),
+            kind: DeliveryKind::Wipe,
+            group_id: None,
+            payload: command,
+        };
+        self.store
+            .notice(notice, now, self.expires_at(now))
+            .await
+            .map_err(internal)?;
+        self.registry.notify([account_id]);
+        info!(account = %account_id, "wipe command relayed");
+        Ok(Reply::Done)
+    }
+
+    /// Ends a line at the request of its own device (signed with the
+    /// identity key): after a wipe, a duress unlock, or on purpose.
+    async fn revoke(&self, account_id: &AccountId, signature: &Signature) -> Outcome {
+        let account = self.live_account(account_id).await?;
+        let payload = revoke_signing_payload(account_id);
+        if !umbra_mls::verify(&account.identity_key, &payload, signature) {
+            return Err(refuse(
+                ErrorCode::BadSignature,
+                "the revocation is not signed with the line's identity key",
+            ));
+        }
+        self.end_line(account_id).await?;
+        Ok(Reply::Done)
+    }
+
+    /// Revokes a line and tells its groups, so nobody keeps encrypting to it.
+    async fn end_line(&self, account_id: &AccountId) -> Result<(), ErrorReply> {
+        let now = self.now();
+        let told = self
+            .store
+            .revoke(account_id, now, self.expires_at(now))
+            .await
+            .map_err(internal)?;
+        self.registry.notify(&told);
+        info!(account = %account_id, groups_told = told.len(), "line revoked");
+        Ok(())
+    }
+
+    async fn live_account(&self, account_id: &AccountId) -> Result<Account, ErrorReply> {
+        match self.store.account(account_id).await.map_err(internal)? {
+            None => Err(refuse(
+                ErrorCode::UnknownAccount,
+                format!("no account {account_id} on this server"),
+            )),
+            Some(account) if account.status == LineStatus::Revoked => {
+                Err(refuse(ErrorCode::LineRevoked, "this line was revoked"))
+            }
+            Some(account) => Ok(account),
+        }
     }
 
     async fn upload_key_packages(

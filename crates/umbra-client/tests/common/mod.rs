@@ -159,21 +159,24 @@ pub struct Device {
     pub home: TempDir,
     pub client: Client,
     pub events: broadcast::Receiver<Event>,
+    pub wipe_code: Option<umbra_client::WipeCode>,
 }
 
 impl Device {
     pub async fn activate(server: &TestServer) -> Device {
         let home = tempfile::tempdir().unwrap();
         let activation = server.activation().await;
-        let client = Client::activate(home.path(), &passphrase(), &activation, options())
-            .await
-            .unwrap();
+        let (client, wipe_code) =
+            Client::activate(home.path(), &passphrase(), &activation, options())
+                .await
+                .unwrap();
         let events = client.subscribe();
         client.sync().await.unwrap();
         Device {
             home,
             client,
             events,
+            wipe_code: Some(wipe_code),
         }
     }
 
@@ -208,7 +211,12 @@ impl Device {
 
     /// Closes this device and opens it again from its store, connected.
     pub async fn reopen(self) -> Device {
-        let Device { home, client, .. } = self;
+        let Device {
+            home,
+            client,
+            wipe_code,
+            ..
+        } = self;
         client.disconnect();
         drop(client);
         let client = Client::open(home.path(), &passphrase(), options()).unwrap();
@@ -218,6 +226,7 @@ impl Device {
             home,
             client,
             events,
+            wipe_code,
         }
     }
 }

@@ -1,0 +1,167 @@
+//! The secure-phone features against the real server: remote wipe that the
+//! operator cannot forge, self-wipe, revocation, and the vault.
+
+mod common;
+
+use common::{Device, TestServer, befriend};
+use umbra_client::{ClientError, ErrorCode, Event, SystemClock};
+use umbra_store::{Accounts, KeyPackages, LineStatus, Mailboxes, Notice};
+
+fn device_files_gone(device: &Device) {
+    assert!(!umbra_client::device_exists(device.home.path()));
+    let left: Vec<_> = std::fs::read_dir(device.home.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "nothing may remain, found {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_wipe_with_the_code_erases_the_device_and_ends_its_line() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let mut carol = Device::activate(&server).await;
+    befriend(&mut bob, &mut alice).await;
+    befriend(&mut bob, &mut carol).await;
+    let group = bob
+        .client
+        .create_group("cell", &[alice.id(), carol.id()])
+        .await
+        .unwrap();
+    for device in [&mut alice, &mut carol] {
+        device
+            .wait_for(|e| matches!(e, Event::ConversationStarted { conversation } if conversation.members.len() == 3).then_some(()))
+            .await;
+    }
+    alice
+        .client
+        .vault_add("safe", "combination 12-34-56")
+        .unwrap();
+
+    // From another machine: only the wipe code is needed.
+    let code = alice.wipe_code.clone().unwrap();
+    umbra_client::send_wipe(&code, &SystemClock).await.unwrap();
+    alice
+        .wait_for(|e| matches!(e, Event::Wiped).then_some(()))
+        .await;
+    device_files_gone(&alice);
+
+    // The server withdrew the line: no KeyPackages, no login.
+    let config = umbra_server::Config::load(&server.data).unwrap();
+    let store = umbra_server::open_store(&server.data, &config).unwrap();
+    let line = store.account(&alice.id()).await.unwrap().unwrap();
+    assert_eq!(line.status, LineStatus::Revoked);
+    assert_eq!(store.take_key_package(&alice.id()).await.unwrap(), None);
+
+    // Its groups were told, and a remaining member committed its removal.
+    for device in [&mut bob, &mut carol] {
+        device
+            .wait_for(|e| match e {
+                Event::ConversationChanged { conversation }
+                    if conversation.id == group && conversation.members.len() == 2 =>
+                {
+                    Some(())
+                }
+                _ => None,
+            })
+            .await;
+    }
+    bob.client.send_text(&group, "still here").await.unwrap();
+    assert_eq!(carol.next_text().await.1, "still here");
+
+    // The code cannot be replayed against the revoked line.
+    let again = umbra_client::send_wipe(&code, &SystemClock)
+        .await
+        .unwrap_err();
+    assert_eq!(again.server_code(), Some(ErrorCode::LineRevoked));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wipe_forged_by_the_server_or_without_the_code_is_refused() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+
+    // Without the code: a different seed does not verify at the server.
+    let mut guessed = alice.wipe_code.clone().unwrap();
+    guessed.seed[0] ^= 1;
+    let refused = umbra_client::send_wipe(&guessed, &SystemClock)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.server_code(), Some(ErrorCode::BadSignature));
+
+    // A malicious operator writes a wipe command straight into the mailbox,
+    // signed with a key of its own.
+    let operator_key = umbra_mls::DeviceSigner::from_secret(&[66; 32]);
+    let issued_at = common::now();
+    let mut payload = issued_at.to_be_bytes().to_vec();
+    payload.extend_from_slice(
+        operator_key
+            .sign_payload(&umbra_proto::wipe_signing_payload(&alice.id(), issued_at))
+            .as_bytes(),
+    );
+    let config = umbra_server::Config::load(&server.data).unwrap();
+    let store = umbra_server::open_store(&server.data, &config).unwrap();
+    let notice = Notice {
+        recipient: alice.id(),
+        sender: alice.id(),
+        kind: umbra_proto::DeliveryKind::Wipe,
+        group_id: None,
+        payload,
+    };
+    store
+        .notice(notice, issued_at, issued_at + 3600)
+        .await
+        .unwrap();
+    let mut alice = alice.reopen().await;
+    alice
+        .wait_for(|e| matches!(e, Event::WipeRefused).then_some(()))
+        .await;
+    assert!(umbra_client::device_exists(alice.home.path()));
+    alice
+        .client
+        .send_text(&conversation, "still alive")
+        .await
+        .unwrap();
+    assert_eq!(bob.next_text().await.1, "still alive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_wipes_their_own_device_and_the_vault_goes_with_it() {
+    let server = TestServer::start().await;
+    let alice = Device::activate(&server).await;
+    let id = alice.client.vault_add("first", "one").unwrap();
+    alice.client.vault_add("second", "two").unwrap();
+    assert_eq!(alice.client.vault_get(id).unwrap().body, "one");
+    let titles: Vec<String> = alice
+        .client
+        .vault_list()
+        .unwrap()
+        .into_iter()
+        .map(|n| n.title)
+        .collect();
+    assert_eq!(titles, vec!["second", "first"]);
+    alice.client.vault_delete(id).unwrap();
+    assert!(matches!(
+        alice.client.vault_get(id),
+        Err(ClientError::Invalid(_))
+    ));
+
+    alice.client.wipe_self().await.unwrap();
+    device_files_gone(&alice);
+    let config = umbra_server::Config::load(&server.data).unwrap();
+    let store = umbra_server::open_store(&server.data, &config).unwrap();
+    assert_eq!(
+        store.account(&alice.id()).await.unwrap().unwrap().status,
+        LineStatus::Revoked
+    );
+    assert!(
+        store
+            .pending(&alice.id(), 0, 10, common::now())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
