@@ -104,6 +104,21 @@ enum Command {
     /// Erase a device: another one with its wipe code (from any machine,
     /// no --home needed), or this one with --self.
     Wipe(WipeArgs),
+    /// Protection of this device against coercion and guessing.
+    #[command(subcommand)]
+    Security(SecurityCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SecurityCommand {
+    /// Set a duress passphrase. Entered instead of the real one, at any
+    /// prompt, it silently destroys this device and ends its line; the
+    /// device then looks like a fresh install. Read from
+    /// UMBRA_DURESS_PASSPHRASE, or asked twice.
+    Duress,
+    /// Wipe this device after this many wrong passphrases in a row
+    /// (default 10).
+    WipeAfter { attempts: u32 },
 }
 
 #[derive(Debug, Args)]
@@ -224,6 +239,14 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("error: {error:#}");
             }
+            // After a duress unlock: end the line at the server, quietly.
+            if let Some(ClientError::Erased {
+                revocation: Some(revocation),
+                ..
+            }) = error.downcast_ref::<ClientError>()
+            {
+                let _ = runtime.block_on(revocation.send());
+            }
             ExitCode::from(code)
         }
     }
@@ -232,7 +255,7 @@ fn main() -> ExitCode {
 fn exit_code(error: &anyhow::Error) -> u8 {
     match error.downcast_ref::<ClientError>() {
         Some(ClientError::WrongPassphrase) => exit::WRONG_PASSPHRASE,
-        Some(ClientError::NotActivated(_)) => exit::NOT_ACTIVATED,
+        Some(ClientError::NotActivated(_) | ClientError::Erased { .. }) => exit::NOT_ACTIVATED,
         Some(
             ClientError::CertificateMismatch
             | ClientError::Unreachable { .. }
@@ -496,6 +519,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.value(json!({ "wiped": true }), || {
                     "This device was erased.".into()
                 });
+            }
+        }
+        Command::Security(command) => {
+            let client = open(&cli)?;
+            let current = passphrase(false)?;
+            match command {
+                SecurityCommand::Duress => {
+                    let duress = match std::env::var("UMBRA_DURESS_PASSPHRASE") {
+                        Ok(text) => Passphrase::new(text),
+                        Err(_) => {
+                            let first = rpassword::prompt_password("Duress passphrase: ")?;
+                            let again = rpassword::prompt_password("Repeat it: ")?;
+                            if first != again {
+                                bail!("the passphrases differ");
+                            }
+                            Passphrase::new(first)
+                        }
+                    };
+                    client.set_duress_passphrase(&current, &duress)?;
+                    out.value(json!({ "duress_set": true }), || {
+                        "Duress passphrase set. Entering it at any prompt erases this device."
+                            .into()
+                    });
+                }
+                SecurityCommand::WipeAfter { attempts } => {
+                    client.set_max_failed_unlocks(&current, *attempts)?;
+                    out.value(json!({ "wipe_after": attempts }), || {
+                        format!(
+                            "This device erases itself after {attempts} wrong passphrases in a row."
+                        )
+                    });
+                }
             }
         }
         Command::UpdateKeys => {

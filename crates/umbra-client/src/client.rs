@@ -239,8 +239,16 @@ impl Client {
 
     /// Opens the device in `home`. Does not connect.
     pub fn open(home: &Path, passphrase: &Passphrase, options: ClientOptions) -> Result<Client> {
-        let connection = store::open(home, passphrase)?;
-        Client::from_parts(home, connection, options)
+        match store::open(home, passphrase)? {
+            store::Unlocked::Open(connection) => Client::from_parts(home, connection, options),
+            // Looks exactly like a device that was never activated.
+            store::Unlocked::Duress(sealed) => Err(ClientError::Erased {
+                home: home.display().to_string(),
+                revocation: sealed
+                    .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                    .map(Box::new),
+            }),
+        }
     }
 
     fn from_parts(home: &Path, connection: Connection, options: ClientOptions) -> Result<Client> {
@@ -287,6 +295,10 @@ impl Client {
 
     pub fn server_address(&self) -> &str {
         &self.inner.server_address
+    }
+
+    pub fn server_pin(&self) -> CertFingerprint {
+        self.inner.server_pin
     }
 
     pub fn home(&self) -> &Path {

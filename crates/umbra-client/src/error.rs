@@ -9,6 +9,14 @@ pub enum ClientError {
     WrongPassphrase,
     #[error("no Umbra device in {0}; run `umbra activate` first")]
     NotActivated(String),
+    /// The duress passphrase was entered: the device is destroyed. Shown
+    /// exactly as [`ClientError::NotActivated`]; a front end should then send
+    /// the revocation (quietly) if there is one.
+    #[error("no Umbra device in {home}; run `umbra activate` first")]
+    Erased {
+        home: String,
+        revocation: Option<Box<crate::wipe::Revocation>>,
+    },
     #[error("{0} already holds an Umbra device")]
     AlreadyActivated(String),
     #[error("server certificate does not match the pinned fingerprint; refusing to connect")]

@@ -35,4 +35,4 @@ pub use umbra_mls::Suite;
 pub use umbra_proto::clock::{Clock, ManualClock, SystemClock};
 pub use umbra_proto::{AccountId, ActivationString, CertFingerprint, ErrorCode, WipeCode};
 pub use vault::Note;
-pub use wipe::send_wipe;
+pub use wipe::{Revocation, send_wipe};

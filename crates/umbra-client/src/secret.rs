@@ -65,13 +65,64 @@ impl KdfParams {
     }
 }
 
+fn random_hex(len: usize) -> Result<String> {
+    let mut bytes = vec![0u8; len];
+    getrandom::getrandom(&mut bytes).map_err(|e| ClientError::Store(e.to_string()))?;
+    Ok(hex::encode(bytes))
+}
+
+fn duress_check(key: &[u8; 32]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::new()
+        .chain_update(b"umbra-duress-v1")
+        .chain_update(key)
+        .finalize()
+        .into()
+}
+
+fn seal_key(key: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    Zeroizing::new(
+        Sha256::new()
+            .chain_update(b"umbra-duress-seal-v1")
+            .chain_update(key)
+            .finalize()
+            .into(),
+    )
+}
+
 /// What `kdf.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct KdfFile {
     pub version: u32,
     pub salt: String,
     pub params: KdfParams,
+    /// SHA-256("umbra-duress-v1" || key) for the duress passphrase's key;
+    /// random bytes while none is set, so the file does not tell.
+    #[serde(default)]
+    pub duress_check: String,
+    /// A revocation of this line, sealed (ChaCha20-Poly1305) under a key
+    /// derived from the duress passphrase's key; random bytes while unset.
+    #[serde(default)]
+    pub duress_seal: String,
+    /// Wrong passphrases in a row; kept here so that it survives restarts.
+    #[serde(default)]
+    pub failed_unlocks: u32,
+    /// The device wipes itself when `failed_unlocks` reaches this.
+    #[serde(default = "default_max_failed_unlocks")]
+    pub max_failed_unlocks: u32,
 }
+
+/// Wrong passphrases in a row before the device wipes itself.
+pub const DEFAULT_MAX_FAILED_UNLOCKS: u32 = 10;
+
+fn default_max_failed_unlocks() -> u32 {
+    DEFAULT_MAX_FAILED_UNLOCKS
+}
+
+/// Bytes of sealed revocation (nonce, JSON, tag), padded so that a real seal
+/// and the random filler have the same length.
+const SEAL_LEN: usize = 12 + 320 + 16;
 
 pub(crate) const KDF_FILE: &str = "kdf.json";
 
@@ -83,7 +134,54 @@ impl KdfFile {
             version: 1,
             salt: hex::encode(salt),
             params,
+            duress_check: random_hex(32)?,
+            duress_seal: random_hex(SEAL_LEN)?,
+            failed_unlocks: 0,
+            max_failed_unlocks: DEFAULT_MAX_FAILED_UNLOCKS,
         })
+    }
+
+    /// Whether `key` is the duress passphrase's key (constant-time compare).
+    pub fn is_duress(&self, key: &[u8; 32]) -> bool {
+        let Ok(check) = hex::decode(&self.duress_check) else {
+            return false;
+        };
+        let ours = duress_check(key);
+        check.len() == ours.len()
+            && check
+                .iter()
+                .zip(ours.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    /// Makes `key` the duress passphrase's key, sealing `revocation` under it.
+    pub fn set_duress(&mut self, key: &[u8; 32], revocation: &[u8]) -> Result<()> {
+        use chacha20poly1305::aead::{Aead, KeyInit};
+        let mut padded = revocation.to_vec();
+        if padded.len() > SEAL_LEN - 28 {
+            return Err(ClientError::Store("revocation too long to seal".into()));
+        }
+        padded.resize(SEAL_LEN - 28, b' ');
+        let mut nonce = [0u8; 12];
+        getrandom::getrandom(&mut nonce).map_err(|e| ClientError::Store(e.to_string()))?;
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new((&*seal_key(key)).into());
+        let sealed = cipher
+            .encrypt((&nonce).into(), padded.as_slice())
+            .map_err(|_| ClientError::Store("sealing the revocation failed".into()))?;
+        self.duress_check = hex::encode(duress_check(key));
+        self.duress_seal = hex::encode([&nonce[..], &sealed].concat());
+        Ok(())
+    }
+
+    /// Opens the sealed revocation with the duress passphrase's key.
+    pub fn unseal(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
+        use chacha20poly1305::aead::{Aead, KeyInit};
+        let bytes = hex::decode(&self.duress_seal).ok()?;
+        let (nonce, sealed) = bytes.split_first_chunk::<12>()?;
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new((&*seal_key(key)).into());
+        let plain = cipher.decrypt(nonce.into(), sealed).ok()?;
+        Some(plain.trim_ascii_end().to_vec())
     }
 
     pub fn read(home: &Path) -> Result<Option<Self>> {
@@ -96,10 +194,18 @@ impl KdfFile {
         }
     }
 
+    /// Writes the file durably and atomically (temporary file, fsync,
+    /// rename), so a counter update survives a crash or a pulled battery.
     pub fn write(&self, home: &Path) -> Result<()> {
+        use std::io::Write;
+        let store = |e: std::io::Error| ClientError::Store(e.to_string());
         let text =
             serde_json::to_vec_pretty(self).map_err(|e| ClientError::Store(e.to_string()))?;
-        std::fs::write(home.join(KDF_FILE), text).map_err(|e| ClientError::Store(e.to_string()))
+        let temporary = home.join(format!("{KDF_FILE}.new"));
+        let mut file = std::fs::File::create(&temporary).map_err(store)?;
+        file.write_all(&text).map_err(store)?;
+        file.sync_all().map_err(store)?;
+        std::fs::rename(&temporary, home.join(KDF_FILE)).map_err(store)
     }
 
     /// Derives the 32-byte store key from `passphrase`.

@@ -29,6 +29,9 @@ pub fn exists(home: &Path) -> bool {
 }
 
 fn apply_key(connection: &Connection, key: &[u8; 32]) -> Result<()> {
+    // SQLCipher logs a failed key check to stderr; that would tell a
+    // watcher a wrong or duress passphrase from the real one.
+    connection.execute_batch("PRAGMA cipher_log_level = NONE;")?;
     // The raw-key form: SQLCipher uses these 32 bytes directly.
     let statement = Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex::encode(key)));
     connection.execute_batch(&statement)?;
@@ -74,26 +77,74 @@ pub(crate) fn create(
     Ok(connection)
 }
 
-/// Opens the store in `home` with `passphrase`.
-pub(crate) fn open(home: &Path, passphrase: &Passphrase) -> Result<Connection> {
+/// What a passphrase opened.
+pub(crate) enum Unlocked {
+    Open(Connection),
+    /// It was the duress passphrase: the device is already destroyed. The
+    /// sealed revocation it opened, if any, lets the caller tell the server.
+    Duress(Option<Vec<u8>>),
+}
+
+/// Unlocks the store in `home` with `passphrase`. Every attempt costs the
+/// same Argon2id work and tries the store; the duress passphrase shreds the
+/// device, and so does the wrong passphrase `max_failed_unlocks` times in a
+/// row (the count lives in `kdf.json`, so it survives restarts).
+pub(crate) fn open(home: &Path, passphrase: &Passphrase) -> Result<Unlocked> {
     let kdf = KdfFile::read(home)?;
-    let (Some(kdf), true) = (kdf, exists(home)) else {
+    let (Some(mut kdf), true) = (kdf, exists(home)) else {
         return Err(ClientError::NotActivated(home.display().to_string()));
     };
     let key = kdf.derive(passphrase)?;
+    let duress = kdf.is_duress(&key);
     let mut connection = Connection::open(store_path(home))?;
     apply_key(&connection, &key)?;
     // With the wrong key SQLCipher cannot read the first page.
-    if connection
+    let readable = connection
         .query_row("SELECT count(*) FROM sqlite_master", [], |row| {
             row.get::<_, i64>(0)
         })
-        .is_err()
-    {
-        return Err(ClientError::WrongPassphrase);
+        .is_ok();
+    if readable {
+        if kdf.failed_unlocks != 0 {
+            kdf.failed_unlocks = 0;
+            kdf.write(home)?;
+        }
+        configure(&mut connection)?;
+        return Ok(Unlocked::Open(connection));
     }
-    configure(&mut connection)?;
-    Ok(connection)
+    drop(connection);
+    if duress {
+        let revocation = kdf.unseal(&key);
+        shred(home)?;
+        return Ok(Unlocked::Duress(revocation));
+    }
+    kdf.failed_unlocks = kdf.failed_unlocks.saturating_add(1);
+    if kdf.failed_unlocks >= kdf.max_failed_unlocks {
+        tracing::warn!("too many wrong passphrases: wiping the device");
+        shred(home)?;
+    } else {
+        kdf.write(home)?;
+    }
+    Err(ClientError::WrongPassphrase)
+}
+
+/// Checks `passphrase` against the store without touching the failure
+/// count (for confirming settings changes on an unlocked device).
+pub(crate) fn derive_checked(
+    home: &Path,
+    passphrase: &Passphrase,
+) -> Result<(KdfFile, Zeroizing<[u8; 32]>)> {
+    let kdf = KdfFile::read(home)?
+        .ok_or_else(|| ClientError::NotActivated(home.display().to_string()))?;
+    let key = kdf.derive(passphrase)?;
+    let connection = Connection::open(store_path(home))?;
+    apply_key(&connection, &key)?;
+    connection
+        .query_row("SELECT count(*) FROM sqlite_master", [], |row| {
+            row.get::<_, i64>(0)
+        })
+        .map_err(|_| ClientError::WrongPassphrase)?;
+    Ok((kdf, key))
 }
 
 /// Files that make up a device, the key-derivation file first: removing it
@@ -112,12 +163,27 @@ fn device_files(home: &Path) -> Vec<PathBuf> {
     .collect()
 }
 
-/// Destroys the device in `home`: each file is overwritten with random bytes,
-/// flushed to disk and removed. Afterwards `home` looks like a fresh install.
+/// Destroys the device in `home`. The key-derivation file is overwritten,
+/// flushed and removed first: from then on no passphrase opens anything
+/// (crypto-shredding). The store files are then removed at once, so `home`
+/// looks like a fresh install, and overwritten with random bytes through
+/// handles kept open, on a background thread (best effort: defence in
+/// depth, since without the salt their contents are noise anyway).
 pub(crate) fn shred(home: &Path) -> Result<()> {
+    let files = device_files(home);
+    let mut handles = Vec::new();
     let mut first_error = None;
-    for path in device_files(home) {
-        if let Err(error) = overwrite_and_remove(&path)
+    for (n, path) in files.iter().enumerate() {
+        let result = if n == 0 {
+            overwrite(path).and_then(|()| remove(path))
+        } else {
+            open_for_overwrite(path).and_then(|handle| {
+                remove(path)?;
+                handles.extend(handle);
+                Ok(())
+            })
+        };
+        if let Err(error) = result
             && first_error.is_none()
         {
             first_error = Some(ClientError::Store(format!(
@@ -126,29 +192,53 @@ pub(crate) fn shred(home: &Path) -> Result<()> {
             )));
         }
     }
+    if !handles.is_empty() {
+        std::thread::spawn(move || {
+            for (mut file, len) in handles {
+                let _ = fill_with_noise(&mut file, len);
+            }
+        });
+    }
     first_error.map_or(Ok(()), Err)
 }
 
-fn overwrite_and_remove(path: &Path) -> std::io::Result<()> {
-    use std::io::Write;
-    let len = match std::fs::metadata(path) {
-        Ok(meta) => meta.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    {
-        let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
-        let mut noise = vec![0u8; 64 * 1024];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(noise.len() as u64) as usize;
-            getrandom::getrandom(&mut noise[..n]).map_err(std::io::Error::other)?;
-            file.write_all(&noise[..n])?;
-            left -= n as u64;
-        }
-        file.sync_all()?;
+fn remove(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
-    std::fs::remove_file(path)
+}
+
+fn open_for_overwrite(path: &Path) -> std::io::Result<Option<(std::fs::File, u64)>> {
+    match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(file) => {
+            let len = file.metadata()?.len();
+            Ok(Some((file, len)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn overwrite(path: &Path) -> std::io::Result<()> {
+    match open_for_overwrite(path)? {
+        Some((mut file, len)) => fill_with_noise(&mut file, len),
+        None => Ok(()),
+    }
+}
+
+fn fill_with_noise(file: &mut std::fs::File, len: u64) -> std::io::Result<()> {
+    use std::io::{Seek, Write};
+    file.seek(std::io::SeekFrom::Start(0))?;
+    let mut noise = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(noise.len() as u64) as usize;
+        getrandom::getrandom(&mut noise[..n]).map_err(std::io::Error::other)?;
+        file.write_all(&noise[..n])?;
+        left -= n as u64;
+    }
+    file.sync_all()
 }
 
 #[cfg(unix)]
@@ -159,3 +249,67 @@ fn restrict_permissions(home: &Path) {
 
 #[cfg(not(unix))]
 fn restrict_permissions(_home: &Path) {}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn median(samples: &mut [Duration]) -> Duration {
+        samples.sort();
+        samples[samples.len() / 2]
+    }
+
+    /// A duress unlock must not be told apart from a normal one by timing.
+    /// Both derive the key with the same Argon2id work and try the store;
+    /// the duress path then shreds the key file and unlinks the rest (their
+    /// overwrite runs in the background). Measured with the same Argon2id
+    /// cost on both paths, over repeated unlocks.
+    #[test]
+    fn a_duress_unlock_takes_as_long_as_a_normal_one() {
+        let params = KdfParams {
+            memory_kib: 16 * 1024,
+            iterations: 2,
+            parallelism: 1,
+        };
+        let real = Passphrase::new("the real one");
+        let duress = Passphrase::new("the duress one");
+        let (mut normal, mut under_duress) = (Vec::new(), Vec::new());
+        for _ in 0..9 {
+            let dir = tempfile::tempdir().unwrap();
+            drop(create(dir.path(), &real, params).unwrap());
+            let mut kdf = KdfFile::read(dir.path()).unwrap().unwrap();
+            let key = kdf.derive(&duress).unwrap();
+            kdf.set_duress(&key, b"{}").unwrap();
+            kdf.write(dir.path()).unwrap();
+
+            let start = Instant::now();
+            let opened = open(dir.path(), &real).unwrap();
+            normal.push(start.elapsed());
+            assert!(matches!(opened, Unlocked::Open(_)));
+            drop(opened);
+
+            let start = Instant::now();
+            let opened = open(dir.path(), &duress).unwrap();
+            under_duress.push(start.elapsed());
+            assert!(matches!(opened, Unlocked::Duress(Some(_))));
+            assert!(!exists(dir.path()));
+        }
+        let (normal_median, duress_median) = (median(&mut normal), median(&mut under_duress));
+        let spread = normal[normal.len() - 1] - normal[0];
+        eprintln!(
+            "unlock: normal median {normal_median:?} (range {:?}..{:?}), duress median {duress_median:?} (range {:?}..{:?})",
+            normal[0],
+            normal[normal.len() - 1],
+            under_duress[0],
+            under_duress[under_duress.len() - 1]
+        );
+        let gap = normal_median.abs_diff(duress_median);
+        assert!(
+            gap <= spread.max(normal_median / 5),
+            "duress unlock differs by {gap:?}, more than the normal spread {spread:?}"
+        );
+    }
+}

@@ -88,3 +88,88 @@ impl Client {
         Ok(())
     }
 }
+
+/// A revocation of a line signed in advance with its identity key, kept
+/// sealed under the duress passphrase so that a duress unlock can end the
+/// line at the server even though it cannot open the store.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Revocation {
+    pub address: String,
+    pub pin: String,
+    pub account: String,
+    pub signature: String,
+}
+
+impl std::fmt::Debug for Revocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Revocation")
+            .field("account", &self.account)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Revocation {
+    /// Sends the revocation to the server.
+    pub async fn send(&self) -> Result<()> {
+        let pin = umbra_proto::CertFingerprint::from_hex(&self.pin)?;
+        let account_id = umbra_proto::AccountId::parse(&self.account)?;
+        let signature = hex::decode(&self.signature)
+            .ok()
+            .and_then(|bytes| Signature::from_slice(&bytes).ok())
+            .ok_or_else(|| ClientError::Invalid("damaged revocation".into()))?;
+        let (link, _, _) = Link::connect(&self.address, pin).await?;
+        tokio::time::timeout(
+            REVOKE_TIMEOUT,
+            link.request(Request::Revoke {
+                account_id,
+                signature,
+            }),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(REVOKE_TIMEOUT.as_secs()))??;
+        Ok(())
+    }
+}
+
+impl Client {
+    /// Sets a duress passphrase: entered instead of the real one, it
+    /// destroys this device (and ends its line at the server when reachable)
+    /// with the same work and the same outward behaviour as an unlock.
+    /// `passphrase` is the real one, to confirm.
+    pub fn set_duress_passphrase(
+        &self,
+        passphrase: &crate::Passphrase,
+        duress: &crate::Passphrase,
+    ) -> Result<()> {
+        let (mut kdf, real_key) = store::derive_checked(self.home(), passphrase)?;
+        let duress_key = kdf.derive(duress)?;
+        if *duress_key == *real_key {
+            return Err(ClientError::Invalid(
+                "the duress passphrase must differ from the real one".into(),
+            ));
+        }
+        let revocation = Revocation {
+            address: self.server_address().to_owned(),
+            pin: self.server_pin().to_hex(),
+            account: self.account().to_string(),
+            signature: hex::encode(
+                self.sign(&revoke_signing_payload(self.account()))
+                    .as_bytes(),
+            ),
+        };
+        let sealed =
+            serde_json::to_vec(&revocation).map_err(|e| ClientError::Store(e.to_string()))?;
+        kdf.set_duress(&duress_key, &sealed)?;
+        kdf.write(self.home())
+    }
+
+    /// How many wrong passphrases in a row wipe the device (default 10).
+    pub fn set_max_failed_unlocks(&self, passphrase: &crate::Passphrase, max: u32) -> Result<()> {
+        if max == 0 {
+            return Err(ClientError::Invalid("the limit must be at least 1".into()));
+        }
+        let (mut kdf, _) = store::derive_checked(self.home(), passphrase)?;
+        kdf.max_failed_unlocks = max;
+        kdf.write(self.home())
+    }
+}

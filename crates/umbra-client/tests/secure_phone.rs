@@ -165,3 +165,85 @@ async fn a_user_wipes_their_own_device_and_the_vault_goes_with_it() {
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_duress_passphrase_destroys_the_device_and_ends_its_line() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    befriend(&mut alice, &mut bob).await;
+    let duress = umbra_client::Passphrase::new("open sesame, they are watching");
+    let same = alice
+        .client
+        .set_duress_passphrase(&common::passphrase(), &common::passphrase())
+        .unwrap_err();
+    assert!(matches!(same, ClientError::Invalid(_)), "{same}");
+    alice
+        .client
+        .set_duress_passphrase(&common::passphrase(), &duress)
+        .unwrap();
+    let account = alice.id();
+    alice.client.disconnect();
+    let Device { home, client, .. } = alice;
+    drop(client);
+
+    let erased = umbra_client::Client::open(home.path(), &duress, common::options()).unwrap_err();
+    let never = umbra_client::ClientError::NotActivated(home.path().display().to_string());
+    assert_eq!(
+        erased.to_string(),
+        never.to_string(),
+        "looks like a fresh install"
+    );
+    let ClientError::Erased {
+        revocation: Some(revocation),
+        ..
+    } = erased
+    else {
+        panic!("expected the sealed revocation, got {erased:?}");
+    };
+    assert!(!umbra_client::device_exists(home.path()));
+    assert_eq!(std::fs::read_dir(home.path()).unwrap().count(), 0);
+    revocation.send().await.unwrap();
+    let config = umbra_server::Config::load(&server.data).unwrap();
+    let store = umbra_server::open_store(&server.data, &config).unwrap();
+    assert_eq!(
+        store.account(&account).await.unwrap().unwrap().status,
+        LineStatus::Revoked
+    );
+    let real = umbra_client::Client::open(home.path(), &common::passphrase(), common::options());
+    assert!(matches!(real, Err(ClientError::NotActivated(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passphrases_wipe_the_device_and_the_count_survives_restarts() {
+    let server = TestServer::start().await;
+    let alice = Device::activate(&server).await;
+    alice
+        .client
+        .set_max_failed_unlocks(&common::passphrase(), 3)
+        .unwrap();
+    alice.client.disconnect();
+    let Device { home, client, .. } = alice;
+    drop(client);
+    let wrong = umbra_client::Passphrase::new("guess");
+    let open = |passphrase: &umbra_client::Passphrase| {
+        umbra_client::Client::open(home.path(), passphrase, common::options())
+    };
+    // Two wrong, then the right one: the count starts again.
+    for _ in 0..2 {
+        assert!(matches!(open(&wrong), Err(ClientError::WrongPassphrase)));
+    }
+    drop(open(&common::passphrase()).unwrap());
+    // Each attempt is a fresh open, as after a restart: the count is on disk.
+    for _ in 0..2 {
+        assert!(matches!(open(&wrong), Err(ClientError::WrongPassphrase)));
+        assert!(umbra_client::device_exists(home.path()));
+    }
+    assert!(matches!(open(&wrong), Err(ClientError::WrongPassphrase)));
+    assert!(!umbra_client::device_exists(home.path()), "the third wipes");
+    assert_eq!(std::fs::read_dir(home.path()).unwrap().count(), 0);
+    assert!(matches!(
+        open(&common::passphrase()),
+        Err(ClientError::NotActivated(_))
+    ));
+}
