@@ -107,6 +107,19 @@ enum Command {
     /// Protection of this device against coercion and guessing.
     #[command(subcommand)]
     Security(SecurityCommand),
+    /// Disappearing messages: set a conversation's timer for everyone in it
+    /// (5s to 4w, or off), or with --default the timer new conversations
+    /// start with (30s unless changed).
+    Disappear {
+        /// Account ID or conversation ID; omit with --default.
+        #[arg(required_unless_present = "default")]
+        target: Option<String>,
+        /// e.g. 30s, 5m, 1h, 1d, 4w, or off.
+        timer: String,
+        /// Change the default for new conversations instead.
+        #[arg(long)]
+        default: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -453,9 +466,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut events = client.subscribe();
             client.connect().await?;
             client.sync().await?;
+            let mut shown = Vec::new();
             while let Ok(event) = events.try_recv() {
+                if let Event::MessageReceived { message } = &event {
+                    shown.push(message.id);
+                }
                 out.event(&event);
             }
+            client.mark_shown(&shown)?;
         }
         Command::Listen => {
             let client = open(&cli)?;
@@ -484,9 +502,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::History { target, limit } => {
             let client = open(&cli)?;
             let id = conversation(&client, target)?;
-            for message in client.history(&id, *limit)? {
-                out.message(&message);
+            let messages = client.history(&id, *limit)?;
+            for message in &messages {
+                out.message(message);
             }
+            client.mark_shown(&messages.iter().map(|m| m.id).collect::<Vec<_>>())?;
         }
         Command::Vault(command) => vault(&cli, &out, command)?,
         Command::Wipe(args) => {
@@ -519,6 +539,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.value(json!({ "wiped": true }), || {
                     "This device was erased.".into()
                 });
+            }
+        }
+        Command::Disappear {
+            target,
+            timer,
+            default,
+        } => {
+            let seconds =
+                match timer.as_str() {
+                    "off" | "0" => None,
+                    text => Some(humantime::parse_duration(text).with_context(|| {
+                        format!("{text:?} is not a duration like 30s, 1h or 4w")
+                    })?),
+                };
+            if *default {
+                let client = open(&cli)?;
+                client.set_default_disappearing(seconds)?;
+                out.value(
+                    json!({ "default_disappear_after": seconds.map(|d| d.as_secs()) }),
+                    || "New conversations will use this timer.".into(),
+                );
+            } else {
+                let client = online(&cli).await?;
+                let id = conversation(&client, target.as_deref().unwrap_or_default())?;
+                client.set_disappearing(&id, seconds).await?;
+                out.value(
+                    json!({ "conversation": id, "disappear_after": seconds.map(|d| d.as_secs()) }),
+                    || match seconds {
+                        None => "Disappearing messages are off.".into(),
+                        Some(d) => format!(
+                            "Messages now disappear after {}.",
+                            umbra_client::describe_timer(d.as_secs() as u32)
+                        ),
+                    },
+                );
             }
         }
         Command::Security(command) => {

@@ -18,6 +18,7 @@ CREATE TABLE settings (
 -- Disappearing messages: the timer agreed in the group context (seconds,
 -- 0 = off), and per message the moment it was first shown and when it goes.
 ALTER TABLE conversations ADD COLUMN disappear_after INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN ttl INTEGER NOT NULL DEFAULT 0;  -- the timer in force
 ALTER TABLE messages ADD COLUMN shown_at INTEGER;
 ALTER TABLE messages ADD COLUMN expires_at INTEGER;
 CREATE INDEX messages_by_expiry ON messages(expires_at) WHERE expires_at IS NOT NULL;

@@ -82,7 +82,7 @@ impl std::fmt::Debug for Client {
     }
 }
 
-struct Inner {
+pub(crate) struct Inner {
     home: PathBuf,
     account: AccountId,
     signer: DeviceSigner,
@@ -98,6 +98,8 @@ struct Inner {
     progress: Notify,
     /// Counts `Synced` pushes applied on the current connection.
     synced: watch::Sender<u64>,
+    /// Whether the expiry ticker runs.
+    ticking: std::sync::atomic::AtomicBool,
 }
 
 fn now_ms() -> u64 {
@@ -159,10 +161,10 @@ enum Verdict {
 }
 
 /// A commit made locally and about to be submitted.
-struct Planned {
-    output: CommitOutput,
-    added: Vec<AccountId>,
-    removed: Vec<AccountId>,
+pub(crate) struct Planned {
+    pub(crate) output: CommitOutput,
+    pub(crate) added: Vec<AccountId>,
+    pub(crate) removed: Vec<AccountId>,
 }
 
 impl Client {
@@ -240,7 +242,12 @@ impl Client {
     /// Opens the device in `home`. Does not connect.
     pub fn open(home: &Path, passphrase: &Passphrase, options: ClientOptions) -> Result<Client> {
         match store::open(home, passphrase)? {
-            store::Unlocked::Open(connection) => Client::from_parts(home, connection, options),
+            store::Unlocked::Open(connection) => {
+                let client = Client::from_parts(home, connection, options)?;
+                // Whatever came due while the device was closed goes first.
+                client.expire_messages()?;
+                Ok(client)
+            }
             // Looks exactly like a device that was never activated.
             store::Unlocked::Duress(sealed) => Err(ClientError::Erased {
                 home: home.display().to_string(),
@@ -281,6 +288,7 @@ impl Client {
                 events,
                 progress: Notify::new(),
                 synced: watch::channel(0).0,
+                ticking: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -360,6 +368,14 @@ impl Client {
             .clone()
             .filter(|link| link.is_alive())
             .ok_or(ClientError::NotConnected)
+    }
+
+    pub(crate) fn signer(&self) -> &DeviceSigner {
+        &self.inner.signer
+    }
+
+    pub(crate) fn from_weak(inner: &std::sync::Weak<Inner>) -> Option<Client> {
+        inner.upgrade().map(|inner| Client { inner })
     }
 
     pub(crate) fn current_link(&self) -> Result<Arc<Link>> {
@@ -451,6 +467,15 @@ impl Client {
         if key_packages_remaining < key_package_low_water || !has_last_resort {
             self.upload_key_packages(!has_last_resort || key_packages_remaining == 0)
                 .await?;
+        }
+        if !self
+            .inner
+            .ticking
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tokio::spawn(crate::disappearing::expiry_ticker(Arc::downgrade(
+                &self.inner,
+            )));
         }
         // Once the backlog is applied, refresh our keys where they are due.
         let client = self.clone();
@@ -763,13 +788,14 @@ impl Client {
             .exists([inviter.as_str()])?;
         let direct = members.len() == 2 && !has_direct;
         tx.execute(
-            "INSERT INTO conversations (group_id, kind, peer, name, created_at, last_self_update)
-             VALUES (?1, ?2, ?3, '', ?4, ?4)",
+            "INSERT INTO conversations (group_id, kind, peer, name, created_at, last_self_update, disappear_after)
+             VALUES (?1, ?2, ?3, '', ?4, ?4, ?5)",
             params![
                 group.id(),
                 if direct { "direct" } else { "group" },
                 direct.then(|| inviter.as_str()),
-                self.now()
+                self.now(),
+                group.disappear_after()
             ],
         )?;
         if !direct {
@@ -807,10 +833,11 @@ impl Client {
                 match content.body {
                     Body::Text(body) => {
                         let timestamp = self.now();
+                        let ttl = group.disappear_after();
                         tx.execute(
-                            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp)
-                             VALUES (?1, ?2, 'in', ?3, 'received', ?4)",
-                            params![id, sender.as_str(), body, timestamp],
+                            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl)
+                             VALUES (?1, ?2, 'in', ?3, 'received', ?4, ?5)",
+                            params![id, sender.as_str(), body, timestamp, ttl],
                         )?;
                         events.push(Event::MessageReceived {
                             message: Message {
@@ -821,6 +848,8 @@ impl Client {
                                 body,
                                 state: DeliveryState::Received,
                                 timestamp,
+                                expires_at: None,
+                                disappear_after: ttl,
                             },
                         });
                     }
@@ -866,6 +895,7 @@ impl Client {
                         group.members().into_iter().map(|m| m.account).collect();
                     self.membership_lines(tx, &id, &sender, &before, &after)?;
                     self.check_keys(tx, &group, events)?;
+                    self.record_timer(tx, &id, sender.as_str(), group.disappear_after())?;
                 }
                 events.push(Event::ConversationChanged {
                     conversation: self.conversation_in(tx, provider, &id)?,
@@ -903,7 +933,12 @@ impl Client {
         Ok(())
     }
 
-    fn system_line(&self, tx: &Transaction<'_>, group_id: &[u8], text: &str) -> Result<()> {
+    pub(crate) fn system_line(
+        &self,
+        tx: &Transaction<'_>,
+        group_id: &[u8],
+        text: &str,
+    ) -> Result<()> {
         tx.execute(
             "INSERT INTO messages (group_id, sender, direction, body, state, timestamp)
              VALUES (?1, ?2, 'system', ?3, 'received', ?4)",
@@ -971,7 +1006,7 @@ impl Client {
     /// accepted it. When another member's commit won the epoch, forgets ours,
     /// waits until the winner has been applied, and plans again. `plan`
     /// returning `None` means there is nothing (left) to commit.
-    async fn commit(
+    pub(crate) async fn commit(
         &self,
         group_id: &[u8],
         mut plan: impl FnMut(&mut Group, &Provider<'_>) -> Result<Option<Planned>>,
@@ -1377,12 +1412,14 @@ impl Client {
         let key_packages = self.fetch_key_packages(members).await?;
         let group_id = {
             let _ops = self.inner.ops.lock().await;
+            let timer = self.default_disappearing()?;
             let group = self.with_tx(|_, provider| {
                 Group::create(
                     provider,
                     &self.inner.signer,
                     &self.inner.account,
                     &self.inner.options.group,
+                    timer,
                 )
                 .map_err(ClientError::from)
             })?;
@@ -1398,14 +1435,15 @@ impl Client {
             }
             let direct = name.is_none() && members.len() == 1;
             self.db().execute(
-                "INSERT INTO conversations (group_id, kind, peer, name, created_at, last_self_update)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                "INSERT INTO conversations (group_id, kind, peer, name, created_at, last_self_update, disappear_after)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
                 params![
                     group_id,
                     if direct { "direct" } else { "group" },
                     direct.then(|| members.first().map(AccountId::as_str)).flatten(),
                     name.unwrap_or_default(),
-                    self.now()
+                    self.now(),
+                    timer
                 ],
             )?;
             group_id
@@ -1476,7 +1514,7 @@ impl Client {
         self.new_conversation(Some(name), members).await
     }
 
-    fn group_id_of(&self, conversation: &ConversationId) -> Result<Vec<u8>> {
+    pub(crate) fn group_id_of(&self, conversation: &ConversationId) -> Result<Vec<u8>> {
         let group_id = conversation
             .group_id()
             .ok_or_else(|| ClientError::UnknownConversation(conversation.to_string()))?;
@@ -1561,6 +1599,7 @@ impl Client {
                 group_id: GroupId::new(group_id.clone())?,
                 message: proposal,
                 kind: DeliveryKind::Proposal,
+                ttl_seconds: 0,
             })
             .await;
         self.with_tx(|tx, provider| {
@@ -1635,7 +1674,7 @@ impl Client {
         Ok(())
     }
 
-    fn emit_changed(&self, conversation: &ConversationId) -> Result<()> {
+    pub(crate) fn emit_changed(&self, conversation: &ConversationId) -> Result<()> {
         let conversation = self.conversation(conversation)?;
         self.emit(Event::ConversationChanged { conversation });
         Ok(())
@@ -1647,11 +1686,11 @@ impl Client {
         provider: &Provider<'_>,
         group_id: &[u8],
     ) -> Result<Conversation> {
-        let (kind, peer, name, active): (String, Option<String>, String, bool) = tx
+        let (kind, peer, name, active, disappear_after): (String, Option<String>, String, bool, u32) = tx
             .query_row(
-                "SELECT kind, peer, name, active FROM conversations WHERE group_id = ?1",
+                "SELECT kind, peer, name, active, disappear_after FROM conversations WHERE group_id = ?1",
                 [group_id],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
             )
             .optional()?
             .ok_or_else(|| ClientError::UnknownConversation(hex::encode(group_id)))?;
@@ -1672,6 +1711,7 @@ impl Client {
             kind,
             name,
             active,
+            disappear_after,
             members,
         })
     }
@@ -1702,7 +1742,7 @@ impl Client {
         let group_id = self.group_id_of(conversation)?;
         let db = self.db();
         let mut statement = db.prepare(
-            "SELECT id, sender, direction, body, state, timestamp FROM (
+            "SELECT id, sender, direction, body, state, timestamp, expires_at, ttl FROM (
                  SELECT * FROM messages WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2
              ) ORDER BY id",
         )?;
@@ -1720,6 +1760,8 @@ impl Client {
                 body: row.get(3)?,
                 state: DeliveryState::parse(&row.get::<_, String>(4)?),
                 timestamp: row.get(5)?,
+                expires_at: row.get(6)?,
+                disappear_after: row.get(7)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -1769,22 +1811,31 @@ impl Client {
             body,
             sent_at_ms: now_ms(),
         };
-        let (message_id, ciphertext) = self.with_tx(|tx, provider| {
+        let (message_id, ciphertext, ttl) = self.with_tx(|tx, provider| {
             let mut group = load_group(provider, &group_id)?;
             if !group.is_active() {
                 return Err(ClientError::NotAMember);
             }
             let ciphertext = group.encrypt(provider, &self.inner.signer, &content.encode())?;
             let mut message_id = 0;
+            let ttl = group.disappear_after();
             if let Some(text) = &text {
+                let now = self.now();
                 tx.execute(
-                    "INSERT INTO messages (group_id, sender, direction, body, state, timestamp)
-                     VALUES (?1, ?2, 'out', ?3, 'sending', ?4)",
-                    params![group_id, self.inner.account.as_str(), text, self.now()],
+                    "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at)
+                     VALUES (?1, ?2, 'out', ?3, 'sending', ?4, ?5, ?6)",
+                    params![
+                        group_id,
+                        self.inner.account.as_str(),
+                        text,
+                        now,
+                        ttl,
+                        (ttl > 0).then(|| now + u64::from(ttl))
+                    ],
                 )?;
                 message_id = tx.last_insert_rowid();
             }
-            Ok((message_id, ciphertext))
+            Ok((message_id, ciphertext, ttl))
         })?;
         drop(ops);
         let sent = self
@@ -1792,6 +1843,7 @@ impl Client {
                 group_id: GroupId::new(group_id)?,
                 message: ciphertext,
                 kind: DeliveryKind::Application,
+                ttl_seconds: transit_ttl(ttl),
             })
             .await;
         let state = if sent.is_ok() {
@@ -1818,6 +1870,14 @@ impl Client {
             }
         }
     }
+}
+
+/// How long the server may hold a message of a conversation whose timer is
+/// `timer` seconds: the timer lowers the server's TTL, but not below a day,
+/// so that a device offline overnight still gets what was sent to it.
+fn transit_ttl(timer: u32) -> u32 {
+    const FLOOR: u32 = 86_400;
+    if timer == 0 { 0 } else { timer.max(FLOOR) }
 }
 
 fn load_group(provider: &Provider<'_>, group_id: &[u8]) -> Result<Group> {

@@ -13,6 +13,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 mod client;
+mod disappearing;
 mod error;
 mod link;
 mod safety;
@@ -23,6 +24,7 @@ mod vault;
 mod wipe;
 
 pub use client::{Client, ClientOptions};
+pub use disappearing::{DEFAULT_TIMER, MAX_TIMER, MIN_TIMER, describe as describe_timer};
 pub use error::{ClientError, Result};
 pub use safety::SafetyNumber;
 pub use secret::{KdfParams, Passphrase};

@@ -74,6 +74,8 @@ pub struct Conversation {
     pub name: String,
     /// False once this device was removed or left.
     pub active: bool,
+    /// The disappearing timer every member enforces, in seconds; 0 is off.
+    pub disappear_after: u32,
     pub members: Vec<AccountId>,
 }
 
@@ -128,6 +130,11 @@ pub struct Message {
     pub state: DeliveryState,
     /// Unix seconds: when sent (ours) or received (theirs).
     pub timestamp: u64,
+    /// When this copy disappears (Unix seconds), if it does: ours from when
+    /// they were sent, theirs from when first shown.
+    pub expires_at: Option<u64>,
+    /// The conversation's timer when the message was sent, in seconds.
+    pub disappear_after: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -171,6 +178,10 @@ pub enum Event {
     },
     /// Everything stored at the server while offline has been processed.
     Synced,
+    /// Disappearing messages reached their time and were erased.
+    MessagesExpired {
+        message_ids: Vec<i64>,
+    },
     /// This device was wiped (remote wipe, or at the user's request): its
     /// store is gone and this client can do nothing more.
     Wiped,

@@ -3,10 +3,11 @@
 //! [`Provider`]'s connection; the caller brackets it in a transaction.
 
 use openmls::prelude::{
-    BasicCredential, Capabilities, ContentType, Credential, CredentialWithKey, ExtensionType,
-    GroupId, KeyPackage, KeyPackageIn, LeafNodeIndex, LeafNodeParameters, MlsGroup,
-    MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut,
-    ProcessedMessageContent, ProtocolVersion, StagedWelcome,
+    BasicCredential, Capabilities, ContentType, Credential, CredentialWithKey, Extension,
+    ExtensionType, Extensions, GroupContext, GroupId, KeyPackage, KeyPackageIn, LeafNodeIndex,
+    LeafNodeParameters, MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn,
+    MlsMessageIn, MlsMessageOut, ProcessedMessageContent, ProtocolVersion,
+    RequiredCapabilitiesExtension, StagedWelcome, UnknownExtension,
 };
 use openmls_traits::{OpenMlsProvider, random::OpenMlsRand};
 use tls_codec::Deserialize as _;
@@ -103,8 +104,34 @@ fn account_of(credential: &Credential) -> Result<AccountId> {
 /// must be listed in its leaf's capabilities).
 fn capabilities() -> Capabilities {
     Capabilities::builder()
-        .extensions(vec![ExtensionType::LastResort])
+        .extensions(vec![
+            ExtensionType::LastResort,
+            ExtensionType::Unknown(DISAPPEARING_EXTENSION),
+        ])
         .build()
+}
+
+/// Umbra's group-context extension (private-use range): the disappearing
+/// timer every member enforces, 4 bytes big endian, in seconds; 0 is off.
+/// Changed only by a commit, so every change is authenticated and ordered.
+pub const DISAPPEARING_EXTENSION: u16 = 0xF0D5;
+
+/// The group-context extensions that carry a timer: the timer itself, and
+/// the requirement that every member support it (which openmls demands of
+/// any non-default group-context extension).
+fn timer_extensions(seconds: u32) -> Result<Extensions<GroupContext>> {
+    Extensions::from_vec(vec![
+        Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
+            &[ExtensionType::Unknown(DISAPPEARING_EXTENSION)],
+            &[],
+            &[],
+        )),
+        Extension::Unknown(
+            DISAPPEARING_EXTENSION,
+            UnknownExtension(seconds.to_be_bytes().to_vec()),
+        ),
+    ])
+    .map_err(|e| protocol("building the timer extension", e))
 }
 
 fn to_bytes(message: &MlsMessageOut) -> Result<Vec<u8>> {
@@ -156,12 +183,14 @@ impl Group {
         signer: &DeviceSigner,
         account: &AccountId,
         config: &GroupConfig,
+        disappear_after: u32,
     ) -> Result<Group> {
         let create_config = MlsGroupCreateConfig::builder()
             .ciphersuite(config.suite.ciphersuite())
             .use_ratchet_tree_extension(true)
             .max_past_epochs(config.max_past_epochs)
             .capabilities(capabilities())
+            .with_group_context_extensions(timer_extensions(disappear_after)?)
             .build();
         let id = provider
             .rand()
@@ -220,6 +249,41 @@ impl Group {
 
     pub fn is_active(&self) -> bool {
         self.inner.is_active()
+    }
+
+    /// The disappearing timer in the group context, in seconds (0 = off).
+    pub fn disappear_after(&self) -> u32 {
+        self.inner
+            .extensions()
+            .unknown(DISAPPEARING_EXTENSION)
+            .and_then(|extension| extension.0.as_slice().try_into().ok())
+            .map(u32::from_be_bytes)
+            .unwrap_or(0)
+    }
+
+    /// Commits a new disappearing timer (pending, as any commit).
+    pub fn set_disappear_after(
+        &mut self,
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        seconds: u32,
+    ) -> Result<CommitOutput> {
+        let epoch = self.epoch();
+        let mut extensions = self.inner.extensions().clone();
+        for extension in timer_extensions(seconds)?.iter() {
+            extensions
+                .add_or_replace(extension.clone())
+                .map_err(|e| protocol("setting the timer", e))?;
+        }
+        let (commit, welcome, _) = self
+            .inner
+            .update_group_context_extensions(provider, extensions, signer)
+            .map_err(|e| protocol("changing the timer", e))?;
+        Ok(CommitOutput {
+            epoch,
+            commit: to_bytes(&commit)?,
+            welcome: welcome.as_ref().map(to_bytes).transpose()?,
+        })
     }
 
     pub fn suite(&self) -> Option<Suite> {

@@ -17,7 +17,9 @@ mod provider;
 mod relay;
 mod signer;
 
-pub use group::{CommitOutput, Group, GroupConfig, Incoming, MemberInfo, new_key_package};
+pub use group::{
+    CommitOutput, DISAPPEARING_EXTENSION, Group, GroupConfig, Incoming, MemberInfo, new_key_package,
+};
 /// The cryptography and randomness provider (RustCrypto); one per device.
 pub use openmls_rust_crypto::RustCrypto as Crypto;
 pub use provider::{Provider, init_storage};

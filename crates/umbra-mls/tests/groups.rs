@@ -59,8 +59,14 @@ fn add_message_remove_and_late_messages() {
     let carol = Device::new("CCCCCCCC", 3);
     let config = GroupConfig::default();
 
-    let mut group =
-        Group::create(&alice.provider(), &alice.signer, &alice.account, &config).unwrap();
+    let mut group = Group::create(
+        &alice.provider(),
+        &alice.signer,
+        &alice.account,
+        &config,
+        30,
+    )
+    .unwrap();
     let id = group.id();
     let kp = umbra_mls::validate_key_package(&bob.key_package()).unwrap();
     assert_eq!(kp.account, bob.account);
@@ -148,8 +154,14 @@ fn competing_commits_one_wins_the_other_is_cleared() {
     let alice = Device::new("AAAAAAAA", 1);
     let bob = Device::new("BBBBBBBB", 2);
     let config = GroupConfig::default();
-    let mut alices =
-        Group::create(&alice.provider(), &alice.signer, &alice.account, &config).unwrap();
+    let mut alices = Group::create(
+        &alice.provider(),
+        &alice.signer,
+        &alice.account,
+        &config,
+        30,
+    )
+    .unwrap();
     let id = alices.id();
     let out = alices
         .add_members(&alice.provider(), &alice.signer, &[bob.key_package()])
@@ -157,7 +169,20 @@ fn competing_commits_one_wins_the_other_is_cleared() {
     alices.merge_pending_commit(&alice.provider()).unwrap();
     Group::join(&bob.provider(), &out.welcome.unwrap(), &config).unwrap();
 
+    // The disappearing timer lives in the group context: the joiner sees
+    // the creator's, and a commit changes it for everyone.
     let mut bobs = bob.group(&id);
+    assert_eq!(bobs.disappear_after(), 30);
+    let timer = alices
+        .set_disappear_after(&alice.provider(), &alice.signer, 3600)
+        .unwrap();
+    alices.merge_pending_commit(&alice.provider()).unwrap();
+    bobs.process(&bob.provider(), &timer.commit).unwrap();
+    assert_eq!(
+        (alices.disappear_after(), bobs.disappear_after()),
+        (3600, 3600)
+    );
+
     let alice_update = alices
         .self_update(&alice.provider(), &alice.signer)
         .unwrap();

@@ -79,6 +79,8 @@ pub enum Request {
         group_id: GroupId,
         message: Vec<u8>,
         kind: DeliveryKind,
+        /// Hold undelivered copies at most this long (0: the server's TTL).
+        ttl_seconds: u32,
     },
     Ack {
         delivery_ids: Vec<u64>,
@@ -366,6 +368,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
                 group_id: GroupId::new(r.group_id)?,
                 message: non_empty("message", r.message)?,
                 kind,
+                ttl_seconds: r.ttl_seconds,
             }
         }
         client_frame::Request::Ack(r) => {
@@ -500,10 +503,12 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             group_id,
             message,
             kind,
+            ttl_seconds,
         } => client_frame::Request::SendMessage(wire::SendMessage {
             group_id: group_id.as_bytes().to_vec(),
             message: message.clone(),
             kind: *kind as i32,
+            ttl_seconds: *ttl_seconds,
         }),
         Request::Ack { delivery_ids } => client_frame::Request::Ack(wire::Ack {
             delivery_ids: delivery_ids.clone(),
@@ -829,6 +834,7 @@ mod tests {
                 group_id: vec![1],
                 message: vec![1],
                 kind: DeliveryKind::Welcome as i32,
+                ttl_seconds: 0,
             })),
         };
         check_client(

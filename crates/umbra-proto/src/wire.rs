@@ -135,6 +135,8 @@ pub struct SendMessage {
     pub message: Vec<u8>,
     #[prost(enumeration = "DeliveryKind", tag = "3")]
     pub kind: i32,
+    #[prost(uint32, tag = "4")]
+    pub ttl_seconds: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -384,9 +384,11 @@ impl Services {
                 group_id,
                 message,
                 kind,
+                ttl_seconds,
             } => {
                 self.require_active(me).await?;
-                self.send_message(me, group_id, message, kind).await
+                self.send_message(me, group_id, message, kind, ttl_seconds)
+                    .await
             }
             Request::Ack { delivery_ids } => {
                 self.store.ack(me, &delivery_ids).await.map_err(internal)?;
@@ -643,6 +645,7 @@ impl Services {
         group_id: GroupId,
         message: Vec<u8>,
         kind: DeliveryKind,
+        ttl_seconds: u32,
     ) -> Outcome {
         let header = umbra_mls::message_header(&message)
             .map_err(|e| refuse(ErrorCode::InvalidRequest, e.to_string()))?;
@@ -657,9 +660,14 @@ impl Services {
             ));
         }
         let now = self.now();
+        // A disappearing conversation may ask for less than the server's TTL.
+        let expires_at = match ttl_seconds {
+            0 => self.expires_at(now),
+            ttl => self.expires_at(now).min(now.saturating_add(u64::from(ttl))),
+        };
         match self
             .store
-            .fan_out(&group_id, me, kind, &message, now, self.expires_at(now))
+            .fan_out(&group_id, me, kind, &message, now, expires_at)
             .await
             .map_err(internal)?
         {

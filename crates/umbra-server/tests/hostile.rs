@@ -344,7 +344,7 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
     .await;
 
     let mut group =
-        Group::create(&provider, &signer, &account_id, &GroupConfig::default()).unwrap();
+        Group::create(&provider, &signer, &account_id, &GroupConfig::default(), 0).unwrap();
     let group_id = GroupId::new(group.id()).unwrap();
     assert_eq!(
         raw.call(Request::CreateGroup {
