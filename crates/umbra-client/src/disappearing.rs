@@ -33,7 +33,7 @@ pub fn describe(seconds: u32) -> String {
         (60, "minute"),
     ];
     for (size, name) in units {
-        if seconds >= size && seconds % size == 0 {
+        if seconds >= size && seconds.is_multiple_of(size) {
             let n = seconds / size;
             return format!("{n} {name}{}", if n == 1 { "" } else { "s" });
         }
