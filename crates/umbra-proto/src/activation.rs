@@ -177,6 +177,73 @@ impl FromStr for WipeCode {
     }
 }
 
+/// What the operator hands a distributor: where the server is, how to pin
+/// it, the distributor's number and its secret key (Ed25519 seed).
+///
+/// Format: `umbra-distributor://HOST:PORT/ID/SECRETHEX?pin=SHA256HEX`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DistributorCredential {
+    pub address: String,
+    pub pin: CertFingerprint,
+    pub id: u64,
+    pub secret: [u8; 32],
+}
+
+const DISTRIBUTOR_SCHEME: &str = "umbra-distributor://";
+
+impl fmt::Debug for DistributorCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DistributorCredential")
+            .field("address", &self.address)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for DistributorCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{DISTRIBUTOR_SCHEME}{}/{}/{}?pin={}",
+            self.address,
+            self.id,
+            hex::encode(self.secret),
+            self.pin
+        )
+    }
+}
+
+impl FromStr for DistributorCredential {
+    type Err = DecodeError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let invalid = |reason: &str| DecodeError::invalid("distributor_credential", reason);
+        let rest = text
+            .trim()
+            .strip_prefix(DISTRIBUTOR_SCHEME)
+            .ok_or_else(|| invalid("must start with umbra-distributor://"))?;
+        let (path, pin) = rest
+            .split_once("?pin=")
+            .ok_or_else(|| invalid("missing ?pin=FINGERPRINT"))?;
+        let mut parts = path.splitn(3, '/');
+        let (Some(address), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid(
+                "expected umbra-distributor://HOST:PORT/ID/SECRET?pin=...",
+            ));
+        };
+        Ok(DistributorCredential {
+            address: address.to_owned(),
+            pin: CertFingerprint::from_hex(pin)?,
+            id: id.parse().map_err(|_| invalid("the ID is a number"))?,
+            secret: hex::decode(secret)
+                .ok()
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                .ok_or_else(|| invalid("the secret is 64 hex digits"))?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +278,21 @@ mod tests {
                 .parse::<WipeCode>()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn distributor_credentials_round_trip_and_hide_the_secret() {
+        let credential = DistributorCredential {
+            address: "host:1".into(),
+            pin: CertFingerprint([1; 32]),
+            id: 7,
+            secret: [0xcd; 32],
+        };
+        assert_eq!(
+            credential.to_string().parse::<DistributorCredential>(),
+            Ok(credential.clone())
+        );
+        assert!(!format!("{credential:?}").contains("cdcd"));
     }
 
     #[test]

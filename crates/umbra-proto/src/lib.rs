@@ -14,7 +14,7 @@ pub mod frame;
 pub mod ids;
 pub mod wire;
 
-pub use activation::{ActivationString, CertFingerprint, WipeCode};
+pub use activation::{ActivationString, CertFingerprint, DistributorCredential, WipeCode};
 pub use frame::{
     ClientFrame, Delivery, DeliveryKind, ErrorCode, ErrorReply, Push, Reply, Request,
     ServerMessage, decode_client, decode_server, encode_client, encode_server,

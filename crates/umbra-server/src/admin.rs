@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use umbra_proto::{ActivationCode, ActivationString};
-use umbra_store::{Accounts, CodeHash};
+use umbra_proto::{ActivationCode, ActivationString, DistributorCredential};
+use umbra_store::{Accounts, CodeHash, Distributors};
 
 use crate::{Config, ServerError, open_store, tls};
 
@@ -55,4 +55,62 @@ pub fn qr_text(text: &str) -> Option<String> {
             .light_color(qrcode::render::unicode::Dense1x2::Dark)
             .build(),
     )
+}
+
+/// Draws renewal codes (days added to an existing line) issued by the
+/// operator, valid on any line.
+pub async fn issue_renewal_codes(
+    data_dir: &Path,
+    config: &Config,
+    days: u32,
+    count: usize,
+    now: u64,
+) -> Result<Vec<ActivationCode>, ServerError> {
+    let mut codes = Vec::with_capacity(count);
+    for _ in 0..count {
+        codes.push(random_code()?);
+    }
+    let store = open_store(data_dir, config)?;
+    let hashes: Vec<CodeHash> = codes.iter().map(CodeHash::of).collect();
+    store.issue_renewal_codes(&hashes, days, now).await?;
+    Ok(codes)
+}
+
+/// Creates a distributor with a fresh key and returns the credential to
+/// hand it (the only place its secret key ever appears).
+pub async fn add_distributor(
+    data_dir: &Path,
+    config: &Config,
+    name: &str,
+    quota: u32,
+    now: u64,
+) -> Result<DistributorCredential, ServerError> {
+    let mut secret = [0u8; 32];
+    getrandom::getrandom(&mut secret).map_err(|e| ServerError::Io {
+        context: "drawing a distributor key".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let public_key = umbra_mls::DeviceSigner::from_secret(&secret).identity_key();
+    let store = open_store(data_dir, config)?;
+    let id = store
+        .add_distributor(name, &public_key, quota, now)
+        .await?
+        .ok_or_else(|| ServerError::Io {
+            context: format!("adding distributor {name:?}"),
+            source: std::io::Error::other("the name is taken"),
+        })?;
+    Ok(DistributorCredential {
+        address: config.public_address.clone(),
+        pin: tls::fingerprint(&data_dir.join(&config.cert))?,
+        id,
+        secret,
+    })
+}
+
+/// Every distributor, with its remaining quota.
+pub async fn distributors(
+    data_dir: &Path,
+    config: &Config,
+) -> Result<Vec<umbra_store::Distributor>, ServerError> {
+    Ok(open_store(data_dir, config)?.distributors().await?)
 }

@@ -40,6 +40,10 @@ pub struct Config {
     pub key_package_low_water: u32,
     /// Close a connection that sends this many malformed frames. Default 16.
     pub max_malformed_frames: u32,
+    /// A line whose subscription ended can still redeem a renewal code for
+    /// this long; then its server-side state is deleted. Default `30d`.
+    #[serde(with = "humantime_serde_compat")]
+    pub subscription_grace: Duration,
 }
 
 impl Default for Config {
@@ -56,6 +60,7 @@ impl Default for Config {
             max_connections: 20_000,
             key_package_low_water: 10,
             max_malformed_frames: 16,
+            subscription_grace: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -96,6 +101,11 @@ key_package_low_water = 10
 
 # Close a connection after this many malformed frames.
 max_malformed_frames = 16
+
+# A line whose subscription ended can still redeem a renewal code for this
+# long; after that its server-side state (KeyPackages, mailbox, contacts,
+# group memberships) is deleted.
+subscription_grace = "30days"
 "#;
 
 #[derive(Debug, thiserror::Error)]

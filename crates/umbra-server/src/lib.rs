@@ -167,6 +167,9 @@ pub async fn run(
         limits: Limits {
             mailbox_ttl_secs: config.mailbox_ttl.as_secs(),
             key_package_low_water: config.key_package_low_water,
+            subscription_grace_secs: config.subscription_grace.as_secs(),
+            public_address: config.public_address.clone(),
+            pin: tls::fingerprint(&data_dir.join(&config.cert)).unwrap_or(CertFingerprint([0; 32])),
         },
     });
     info!(%local, tls = config.tls, "umbra-server listening");
@@ -267,6 +270,11 @@ async fn sweep_expired(services: Arc<Services>, every: Duration, shutdown: Cance
             Ok(0) => {}
             Ok(removed) => info!(removed, "expired undelivered messages"),
             Err(error) => warn!(%error, "expiring mailboxes failed"),
+        }
+        match services.purge_lapsed_lines().await {
+            Ok(0) => {}
+            Ok(ended) => info!(ended, "ended lines whose subscription lapsed"),
+            Err(error) => warn!(%error, "ending lapsed lines failed"),
         }
     }
 }

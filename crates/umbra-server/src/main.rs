@@ -41,11 +41,31 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum AdminCommand {
-    /// Activation codes for new lines.
+    /// Activation codes for new lines, and renewal codes.
     Codes {
         #[command(subcommand)]
         command: CodesCommand,
     },
+    /// Distributors: resellers who issue codes within a quota and manage
+    /// their own lines (never content, contacts or groups).
+    Distributors {
+        #[command(subcommand)]
+        command: DistributorsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DistributorsCommand {
+    /// Add a distributor. Prints its credential once: hand it over securely;
+    /// it runs `umbra distributor --credential ...`.
+    Add {
+        name: String,
+        /// How many codes (activation or renewal) it may issue.
+        #[arg(long)]
+        quota: u32,
+    },
+    /// List distributors and their remaining quota.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +83,9 @@ enum CodesCommand {
         /// Print a QR code under every activation string.
         #[arg(long)]
         qr: bool,
+        /// Issue renewal codes (days added to an existing line) instead.
+        #[arg(long)]
+        renewal: bool,
     },
 }
 
@@ -129,24 +152,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
         }
-        Command::Admin {
-            command:
-                AdminCommand::Codes {
-                    command: CodesCommand::Issue { days, count, qr },
-                },
-        } => {
+        Command::Admin { command } => {
             anyhow::ensure!(
                 cli.data.join(umbra_server::config::CONFIG_FILE).exists(),
                 "{} is not an Umbra data directory; run `umbra-server init` first",
                 cli.data.display()
             );
+            let config = Config::load(&cli.data)?;
+            admin_command(&cli.data, &config, command).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn admin_command(
+    data: &std::path::Path,
+    config: &Config,
+    command: AdminCommand,
+) -> anyhow::Result<()> {
+    match command {
+        AdminCommand::Distributors { command } => match command {
+            DistributorsCommand::Add { name, quota } => {
+                let credential =
+                    admin::add_distributor(data, config, &name, quota, SystemClock.now()).await?;
+                println!("{credential}");
+                eprintln!(
+                    "Distributor {name:?} added (ID {}, quota {quota}). Hand it the line above, once, securely.",
+                    credential.id
+                );
+            }
+            DistributorsCommand::List => {
+                for distributor in admin::distributors(data, config).await? {
+                    println!(
+                        "{:>4}  {}  quota {}",
+                        distributor.id, distributor.name, distributor.quota
+                    );
+                }
+            }
+        },
+        AdminCommand::Codes {
+            command:
+                CodesCommand::Issue {
+                    days,
+                    count,
+                    qr,
+                    renewal,
+                },
+        } => {
             anyhow::ensure!(
                 (1..=100_000).contains(&count),
                 "--count must be 1 to 100000"
             );
-            let config = Config::load(&cli.data)?;
-            let strings =
-                admin::issue_codes(&cli.data, &config, days, count, SystemClock.now()).await?;
+            if renewal {
+                for code in
+                    admin::issue_renewal_codes(data, config, days, count, SystemClock.now()).await?
+                {
+                    println!("{}", code.grouped());
+                }
+                eprintln!(
+                    "Issued {count} renewal code(s), {days} days each: `umbra renew CODE` on the device."
+                );
+                return Ok(());
+            }
+
+            let strings = admin::issue_codes(data, config, days, count, SystemClock.now()).await?;
             for string in &strings {
                 println!("{string}");
                 if (qr || count == 1)

@@ -6,13 +6,15 @@ use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 use umbra_proto::frame::CommitSubmission;
+use umbra_proto::frame::{CodeKind, LineAction, LineInfo};
 use umbra_proto::{
-    AccountId, DeliveryKind, ErrorCode, ErrorReply, GroupId, Nonce, Reply, Request, Signature,
-    login_signing_payload, register_signing_payload, revoke_signing_payload, wipe_signing_payload,
+    AccountId, ActivationCode, ActivationString, DeliveryKind, ErrorCode, ErrorReply, GroupId,
+    Nonce, Reply, Request, Signature, distributor_login_payload, login_signing_payload,
+    register_signing_payload, revoke_signing_payload, wipe_signing_payload,
 };
 use umbra_store::{
     Account, CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome, ContactRequestOutcome,
-    FanOutOutcome, LineStatus, Notice, Registration, Store, StoreError,
+    FanOutOutcome, LineStatus, Notice, Registration, Renewal, Store, StoreError,
 };
 
 use crate::registry::Registry;
@@ -27,6 +29,8 @@ pub enum Session {
         account: AccountId,
         subscription_expires_at: u64,
     },
+    /// A distributor: manages its own lines, never sees content.
+    Distributor { id: u64 },
 }
 
 /// Rules that the services apply, from the configuration.
@@ -34,6 +38,11 @@ pub enum Session {
 pub struct Limits {
     pub mailbox_ttl_secs: u64,
     pub key_package_low_water: u32,
+    /// How long after its subscription ended a line's state is kept.
+    pub subscription_grace_secs: u64,
+    /// What activation strings carry: where devices connect, and the pin.
+    pub public_address: String,
+    pub pin: umbra_proto::CertFingerprint,
 }
 
 /// Shared by every connection.
@@ -224,6 +233,32 @@ impl Services {
                     signature,
                 },
             ) => self.revoke(&account_id, &signature).await,
+            (
+                Session::AwaitingAuth { nonce },
+                Request::DistributorLogin {
+                    distributor_id,
+                    signature,
+                },
+            ) => {
+                let distributors = self.store.distributors().await.map_err(internal)?;
+                let Some(distributor) = distributors.iter().find(|d| d.id == distributor_id) else {
+                    return Err(refuse(ErrorCode::UnknownAccount, "no such distributor"));
+                };
+                let payload = distributor_login_payload(nonce, distributor_id);
+                if !umbra_mls::verify(&distributor.public_key, &payload, &signature) {
+                    return Err(refuse(
+                        ErrorCode::BadSignature,
+                        "distributor login signature does not verify",
+                    ));
+                }
+                info!(distributor = distributor_id, "distributor logged in");
+                *session = Session::Distributor { id: distributor_id };
+                Ok(Reply::Done)
+            }
+            (Session::Distributor { id }, request) => {
+                let id = *id;
+                self.distributor(id, request).await
+            }
             (Session::AwaitingAuth { .. }, Request::Ping) => Ok(Reply::Done),
             (Session::AwaitingAuth { .. }, _) => Err(refuse(
                 ErrorCode::NotAuthenticated,
@@ -407,6 +442,32 @@ impl Services {
                 }
             }
             Request::Ping => Ok(Reply::Done),
+            Request::RedeemRenewal { code } => {
+                match self
+                    .store
+                    .redeem_renewal(me, CodeHash::of(&code), self.now())
+                    .await
+                    .map_err(internal)?
+                {
+                    Renewal::Renewed {
+                        subscription_expires_at,
+                    } => Ok(Reply::Renewed {
+                        subscription_expires_at,
+                    }),
+                    Renewal::UnknownCode => Err(refuse(
+                        ErrorCode::UnknownActivationCode,
+                        "renewal code is not known to this server",
+                    )),
+                    Renewal::CodeUsed => Err(refuse(
+                        ErrorCode::ActivationCodeUsed,
+                        "renewal code already used",
+                    )),
+                    Renewal::WrongDistributor => Err(refuse(
+                        ErrorCode::NotYourLine,
+                        "this renewal code was sold for another distributor's lines",
+                    )),
+                }
+            }
             Request::SetWipeKey { wipe_key } => {
                 self.store
                     .set_wipe_key(me, &wipe_key)
@@ -528,6 +589,115 @@ impl Services {
             }
             Some(account) => Ok(account),
         }
+    }
+
+    /// What a distributor may do: codes within its quota, and its own lines.
+    async fn distributor(&self, id: u64, request: Request) -> Outcome {
+        match request {
+            Request::IssueCodes { kind, days, count } => {
+                let mut codes = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    let text = crate::random_string(ActivationCode::LEN)
+                        .map_err(|_| refuse(ErrorCode::Internal, "no randomness available"))?;
+                    codes.push(
+                        ActivationCode::parse(&text)
+                            .map_err(|_| refuse(ErrorCode::Internal, "code generation"))?,
+                    );
+                }
+                let hashes: Vec<CodeHash> = codes.iter().map(CodeHash::of).collect();
+                let store_kind = match kind {
+                    CodeKind::Renewal => umbra_store::CodeKind::Renewal,
+                    _ => umbra_store::CodeKind::Activation,
+                };
+                let issued = self
+                    .store
+                    .issue_distributor_codes(id, &hashes, store_kind, days, self.now())
+                    .await
+                    .map_err(internal)?;
+                if !issued {
+                    return Err(refuse(
+                        ErrorCode::QuotaExceeded,
+                        format!("your quota does not cover {count} more code(s); ask the operator"),
+                    ));
+                }
+                info!(distributor = id, count, ?kind, "codes issued");
+                let codes = codes
+                    .into_iter()
+                    .map(|code| match store_kind {
+                        umbra_store::CodeKind::Activation => ActivationString {
+                            address: self.limits.public_address.clone(),
+                            pin: self.limits.pin,
+                            code,
+                        }
+                        .to_string(),
+                        umbra_store::CodeKind::Renewal => code.grouped(),
+                    })
+                    .collect();
+                Ok(Reply::Codes { codes })
+            }
+            Request::ListLines => {
+                let lines = self.store.lines(id).await.map_err(internal)?;
+                Ok(Reply::Lines {
+                    lines: lines
+                        .into_iter()
+                        .map(|line| LineInfo {
+                            account_id: line.id,
+                            subscription_expires_at: line.subscription_expires_at,
+                            last_seen_day: line.last_seen_day.unwrap_or(0),
+                            status: line.status.as_str().to_owned(),
+                        })
+                        .collect(),
+                })
+            }
+            Request::SetLineStatus { account_id, action } => {
+                let line = self.store.account(&account_id).await.map_err(internal)?;
+                // The same answer for a line that does not exist and one that
+                // belongs to someone else: a distributor learns nothing of
+                // other distributors' lines.
+                let Some(line) = line.filter(|line| line.distributor == Some(id)) else {
+                    return Err(refuse(
+                        ErrorCode::NotYourLine,
+                        format!("{account_id} is not one of your lines"),
+                    ));
+                };
+                if line.status == LineStatus::Revoked {
+                    return Err(refuse(ErrorCode::LineRevoked, "this line was revoked"));
+                }
+                match action {
+                    LineAction::Suspend => self
+                        .store
+                        .set_line_status(&account_id, LineStatus::Suspended)
+                        .await
+                        .map_err(internal)?,
+                    LineAction::Resume => self
+                        .store
+                        .set_line_status(&account_id, LineStatus::Active)
+                        .await
+                        .map_err(internal)?,
+                    _ => self.end_line(&account_id).await?,
+                }
+                info!(distributor = id, line = %account_id, ?action, "line status changed");
+                Ok(Reply::Done)
+            }
+            Request::Ping => Ok(Reply::Done),
+            _ => Err(refuse(
+                ErrorCode::InvalidRequest,
+                "a distributor session takes IssueCodes, ListLines and SetLineStatus",
+            )),
+        }
+    }
+
+    /// Ends lines whose subscription lapsed longer ago than the grace
+    /// period: their KeyPackages, mailbox, contacts and memberships go.
+    pub async fn purge_lapsed_lines(&self) -> Result<usize, ErrorReply> {
+        let cutoff = self
+            .now()
+            .saturating_sub(self.limits.subscription_grace_secs);
+        let lapsed = self.store.lapsed_lines(cutoff).await.map_err(internal)?;
+        for line in &lapsed {
+            self.end_line(line).await?;
+        }
+        Ok(lapsed.len())
     }
 
     async fn upload_key_packages(

@@ -8,8 +8,8 @@ use std::future::Future;
 use umbra_proto::{AccountId, ActivationCode, DeliveryKind, GroupId, IdentityKey};
 
 use crate::{
-    CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome, ContactRequestOutcome, DAY,
-    FanOutOutcome, LineStatus, Notice, Registration, Store,
+    Account, CodeHash, CodeKind, CommitOutcome, CommitRecord, ContactAcceptOutcome,
+    ContactRequestOutcome, DAY, FanOutOutcome, LineStatus, Notice, Registration, Renewal, Store,
 };
 
 const NOW: u64 = 1_800_000_000;
@@ -29,6 +29,7 @@ where
     fan_out_and_mailboxes(&make().await).await;
     notices(&make().await).await;
     revocation(&make().await).await;
+    distributors(&make().await).await;
     expiry(&make().await).await;
 }
 
@@ -513,6 +514,131 @@ async fn revocation(store: &impl Store) {
             Some(&g),
             alice.as_str().as_bytes()
         )
+    );
+}
+
+async fn distributors(store: &impl Store) {
+    let a = store
+        .add_distributor("north", &key(40), 2, NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    let b = store
+        .add_distributor("south", &key(41), 5, NOW)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store
+            .add_distributor("north", &key(42), 1, NOW)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(store.distributors().await.unwrap().len(), 2);
+
+    // The quota is checked and taken in one step.
+    assert!(
+        store
+            .issue_distributor_codes(a, &[code(1)], CodeKind::Activation, 30, NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .issue_distributor_codes(a, &[code(2), code(3)], CodeKind::Activation, 30, NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .issue_distributor_codes(a, &[code(2)], CodeKind::Activation, 30, NOW)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.distributors().await.unwrap()[0].quota, 0);
+
+    let line = account("NNNNNNNN");
+    assert!(matches!(
+        store.register(code(1), &line, &key(1), NOW).await.unwrap(),
+        Registration::Registered(Account { distributor: Some(d), .. }) if d == a
+    ));
+    assert_eq!(store.lines(a).await.unwrap().len(), 1);
+    assert!(
+        store.lines(b).await.unwrap().is_empty(),
+        "a distributor sees only its own lines"
+    );
+
+    // Renewals: from the line's own distributor or the operator, once.
+    assert!(
+        store
+            .issue_distributor_codes(b, &[code(5)], CodeKind::Renewal, 10, NOW)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.redeem_renewal(&line, code(5), NOW).await.unwrap(),
+        Renewal::WrongDistributor
+    );
+    store
+        .issue_renewal_codes(&[code(6)], 10, NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .register(code(6), &account("MMMMMMMM"), &key(2), NOW)
+            .await
+            .unwrap(),
+        Registration::UnknownCode,
+        "a renewal code opens no line"
+    );
+    assert_eq!(
+        store.redeem_renewal(&line, code(6), NOW).await.unwrap(),
+        Renewal::Renewed {
+            subscription_expires_at: NOW + 40 * DAY
+        }
+    );
+    assert_eq!(
+        store.redeem_renewal(&line, code(6), NOW).await.unwrap(),
+        Renewal::CodeUsed
+    );
+    // After it ended, days count from now.
+    store.issue_renewal_codes(&[code(7)], 5, NOW).await.unwrap();
+    let later = NOW + 100 * DAY;
+    assert_eq!(
+        store.redeem_renewal(&line, code(7), later).await.unwrap(),
+        Renewal::Renewed {
+            subscription_expires_at: later + 5 * DAY
+        }
+    );
+
+    store
+        .set_line_status(&line, LineStatus::Suspended)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.account(&line).await.unwrap().unwrap().status,
+        LineStatus::Suspended
+    );
+    assert!(
+        store
+            .lapsed_lines(later + 5 * DAY)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.lapsed_lines(later + 6 * DAY).await.unwrap(),
+        vec![line.clone()]
+    );
+    store.revoke(&line, NOW, NOW + TTL).await.unwrap();
+    assert!(
+        store
+            .lapsed_lines(later + 6 * DAY)
+            .await
+            .unwrap()
+            .is_empty(),
+        "revoked lines are done"
     );
 }
 

@@ -321,6 +321,96 @@ pub trait Mailboxes: Send + Sync {
     async fn expire(&self, now: Timestamp) -> Result<usize>;
 }
 
+/// A reseller of lines, authenticated by its own Ed25519 key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Distributor {
+    pub id: u64,
+    pub name: String,
+    pub public_key: IdentityKey,
+    /// Codes it may still issue.
+    pub quota: u32,
+}
+
+/// What a code is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeKind {
+    /// Opens a new line.
+    Activation,
+    /// Adds days to an existing line.
+    Renewal,
+}
+
+impl CodeKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            CodeKind::Activation => "activation",
+            CodeKind::Renewal => "renewal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// The subscription now ends at this time.
+    Renewed {
+        subscription_expires_at: Timestamp,
+    },
+    UnknownCode,
+    CodeUsed,
+    /// The code was sold by another distributor than the line's.
+    WrongDistributor,
+}
+
+#[async_trait]
+pub trait Distributors: Send + Sync {
+    /// Adds a distributor; `None` if the name or key is taken.
+    async fn add_distributor(
+        &self,
+        name: &str,
+        public_key: &IdentityKey,
+        quota: u32,
+        now: Timestamp,
+    ) -> Result<Option<u64>>;
+    async fn distributors(&self) -> Result<Vec<Distributor>>;
+    /// Stores codes sold by `distributor`, taking them from its quota, in
+    /// one step. `false` (and nothing stored) if the quota is too small.
+    async fn issue_distributor_codes(
+        &self,
+        distributor: u64,
+        codes: &[CodeHash],
+        kind: CodeKind,
+        days: u32,
+        now: Timestamp,
+    ) -> Result<bool>;
+    /// Stores renewal codes issued by the operator.
+    async fn issue_renewal_codes(
+        &self,
+        codes: &[CodeHash],
+        days: u32,
+        now: Timestamp,
+    ) -> Result<()>;
+    /// The lines a distributor sold.
+    async fn lines(&self, distributor: u64) -> Result<Vec<Account>>;
+    /// Suspends or resumes a line (not for revocation: see `Accounts::revoke`).
+    async fn set_line_status(&self, account: &AccountId, status: LineStatus) -> Result<()>;
+    /// Redeems a renewal code for `account`: the days count from the later
+    /// of now and the current end.
+    async fn redeem_renewal(
+        &self,
+        account: &AccountId,
+        code: CodeHash,
+        now: Timestamp,
+    ) -> Result<Renewal>;
+    /// Lines whose subscription ended before `cutoff` and are not revoked.
+    async fn lapsed_lines(&self, cutoff: Timestamp) -> Result<Vec<AccountId>>;
+}
+
 /// Everything the server needs from storage.
-pub trait Store: Accounts + Contacts + KeyPackages + Groups + Mailboxes + 'static {}
-impl<T: Accounts + Contacts + KeyPackages + Groups + Mailboxes + 'static> Store for T {}
+pub trait Store:
+    Accounts + Contacts + KeyPackages + Groups + Mailboxes + Distributors + 'static
+{
+}
+impl<T: Accounts + Contacts + KeyPackages + Groups + Mailboxes + Distributors + 'static> Store
+    for T
+{
+}

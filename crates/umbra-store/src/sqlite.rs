@@ -13,10 +13,10 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use umbra_proto::{AccountId, DeliveryKind, GroupId, IdentityKey};
 
 use crate::{
-    Account, Accounts, CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome,
-    ContactRequestOutcome, Contacts, DAY, FanOutOutcome, GroupState, Groups, KeyPackageStock,
-    KeyPackages, LineStatus, Mailboxes, Notice, Registration, Result, StoreError, StoredDelivery,
-    Timestamp,
+    Account, Accounts, CodeHash, CodeKind, CommitOutcome, CommitRecord, ContactAcceptOutcome,
+    ContactRequestOutcome, Contacts, DAY, Distributor, Distributors, FanOutOutcome, GroupState,
+    Groups, KeyPackageStock, KeyPackages, LineStatus, Mailboxes, Notice, Registration, Renewal,
+    Result, StoreError, StoredDelivery, Timestamp,
 };
 
 /// Numbered migrations, applied in order; `PRAGMA user_version` records the
@@ -198,18 +198,19 @@ impl Accounts for SqliteStore {
     ) -> Result<Registration> {
         let (id, identity_key) = (id.clone(), *identity_key);
         self.write(move |tx| {
-            let row: Option<(u32, Option<String>)> = tx
+            let row: Option<(u32, Option<String>, Option<u64>)> = tx
                 .query_row(
-                    "SELECT days, used_by FROM activation_codes WHERE code_hash = ?1",
+                    "SELECT days, used_by, distributor_id FROM activation_codes
+                     WHERE code_hash = ?1 AND kind = 'activation'",
                     [&code.0[..]],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
                 )
                 .optional()
                 .map_err(backend)?;
-            let days = match row {
+            let (days, distributor) = match row {
                 None => return Ok(Registration::UnknownCode),
-                Some((_, Some(_))) => return Ok(Registration::CodeUsed),
-                Some((days, None)) => days,
+                Some((_, Some(_), _)) => return Ok(Registration::CodeUsed),
+                Some((days, None, distributor)) => (days, distributor),
             };
             let exists = |sql: &str, value: &dyn rusqlite::ToSql| {
                 tx.prepare(sql)
@@ -227,9 +228,9 @@ impl Accounts for SqliteStore {
             }
             let expires = now + u64::from(days) * DAY;
             tx.execute(
-                "INSERT INTO accounts (account_id, identity_key, created_at, subscription_expires_at)
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![id.as_str(), &identity_key.as_bytes()[..], now, expires],
+                "INSERT INTO accounts (account_id, identity_key, created_at, subscription_expires_at, distributor_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id.as_str(), &identity_key.as_bytes()[..], now, expires, distributor],
             )
             .map_err(backend)?;
             tx.execute(
@@ -244,7 +245,7 @@ impl Accounts for SqliteStore {
                 subscription_expires_at: expires,
                 wipe_key: None,
                 status: LineStatus::Active,
-                distributor: None,
+                distributor,
                 last_seen_day: None,
             }))
         })
@@ -882,5 +883,209 @@ mod tests {
         drop(store);
         let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
         crate::conformance::survives_reopen_part_two(&store).await;
+    }
+}
+
+fn insert_codes(
+    tx: &Transaction<'_>,
+    codes: &[CodeHash],
+    kind: CodeKind,
+    days: u32,
+    distributor: Option<u64>,
+    now: Timestamp,
+) -> Result<()> {
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT INTO activation_codes (code_hash, days, issued_at, kind, distributor_id)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(backend)?;
+    for code in codes {
+        insert
+            .execute(params![&code.0[..], days, now, kind.as_str(), distributor])
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Distributors for SqliteStore {
+    async fn add_distributor(
+        &self,
+        name: &str,
+        public_key: &IdentityKey,
+        quota: u32,
+        now: Timestamp,
+    ) -> Result<Option<u64>> {
+        let (name, key) = (name.to_owned(), *public_key);
+        self.write(move |tx| {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO distributors (name, public_key, quota, created_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT DO NOTHING",
+                    params![name, &key.as_bytes()[..], quota, now],
+                )
+                .map_err(backend)?;
+            Ok((inserted == 1).then(|| tx.last_insert_rowid() as u64))
+        })
+        .await
+    }
+
+    async fn distributors(&self) -> Result<Vec<Distributor>> {
+        self.run(|connection| {
+            let mut statement = connection
+                .prepare("SELECT id, name, public_key, quota FROM distributors ORDER BY id")
+                .map_err(backend)?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, u64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Vec<u8>>(2)?,
+                        row.get::<_, u32>(3)?,
+                    ))
+                })
+                .map_err(backend)?;
+            rows.map(|row| {
+                let (id, name, key, quota) = row.map_err(backend)?;
+                Ok(Distributor {
+                    id,
+                    name,
+                    public_key: IdentityKey::from_slice(&key)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    quota,
+                })
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn issue_distributor_codes(
+        &self,
+        distributor: u64,
+        codes: &[CodeHash],
+        kind: CodeKind,
+        days: u32,
+        now: Timestamp,
+    ) -> Result<bool> {
+        let codes = codes.to_vec();
+        self.write(move |tx| {
+            let taken = tx
+                .execute(
+                    "UPDATE distributors SET quota = quota - ?2 WHERE id = ?1 AND quota >= ?2",
+                    params![distributor, codes.len() as u64],
+                )
+                .map_err(backend)?;
+            if taken == 0 {
+                return Ok(false);
+            }
+            insert_codes(tx, &codes, kind, days, Some(distributor), now)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn issue_renewal_codes(
+        &self,
+        codes: &[CodeHash],
+        days: u32,
+        now: Timestamp,
+    ) -> Result<()> {
+        let codes = codes.to_vec();
+        self.write(move |tx| insert_codes(tx, &codes, CodeKind::Renewal, days, None, now))
+            .await
+    }
+
+    async fn lines(&self, distributor: u64) -> Result<Vec<Account>> {
+        self.run(move |connection| {
+            let ids: Vec<String> = connection
+                .prepare(
+                    "SELECT account_id FROM accounts WHERE distributor_id = ?1 ORDER BY account_id",
+                )
+                .and_then(|mut s| s.query_map([distributor], |row| row.get(0))?.collect())
+                .map_err(backend)?;
+            let mut lines = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(account) = account_row(connection, &account_id(id)?)? {
+                    lines.push(account);
+                }
+            }
+            Ok(lines)
+        })
+        .await
+    }
+
+    async fn set_line_status(&self, account: &AccountId, status: LineStatus) -> Result<()> {
+        let account = account.clone();
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE accounts SET status = ?2 WHERE account_id = ?1 AND status != 'revoked'",
+                params![account.as_str(), status.as_str()],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn redeem_renewal(
+        &self,
+        account: &AccountId,
+        code: CodeHash,
+        now: Timestamp,
+    ) -> Result<Renewal> {
+        let account = account.clone();
+        self.write(move |tx| {
+            let row: Option<(u32, Option<String>, Option<u64>)> = tx
+                .query_row(
+                    "SELECT days, used_by, distributor_id FROM activation_codes
+                     WHERE code_hash = ?1 AND kind = 'renewal'",
+                    [&code.0[..]],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                )
+                .optional()
+                .map_err(backend)?;
+            let (days, code_distributor) = match row {
+                None => return Ok(Renewal::UnknownCode),
+                Some((_, Some(_), _)) => return Ok(Renewal::CodeUsed),
+                Some((days, None, distributor)) => (days, distributor),
+            };
+            let Some(line) = account_row(tx, &account)? else {
+                return Ok(Renewal::UnknownCode);
+            };
+            if code_distributor.is_some() && code_distributor != line.distributor {
+                return Ok(Renewal::WrongDistributor);
+            }
+            let expires = line.subscription_expires_at.max(now) + u64::from(days) * DAY;
+            tx.execute(
+                "UPDATE accounts SET subscription_expires_at = ?2 WHERE account_id = ?1",
+                params![account.as_str(), expires],
+            )
+            .map_err(backend)?;
+            tx.execute(
+                "UPDATE activation_codes SET used_by = ?1, used_at = ?2 WHERE code_hash = ?3",
+                params![account.as_str(), now, &code.0[..]],
+            )
+            .map_err(backend)?;
+            Ok(Renewal::Renewed {
+                subscription_expires_at: expires,
+            })
+        })
+        .await
+    }
+
+    async fn lapsed_lines(&self, cutoff: Timestamp) -> Result<Vec<AccountId>> {
+        self.run(move |connection| {
+            let ids: Vec<String> = connection
+                .prepare(
+                    "SELECT account_id FROM accounts
+                     WHERE subscription_expires_at < ?1 AND status != 'revoked' ORDER BY account_id",
+                )
+                .and_then(|mut s| s.query_map([cutoff], |row| row.get(0))?.collect())
+                .map_err(backend)?;
+            ids.into_iter().map(account_id).collect()
+        })
+        .await
     }
 }
