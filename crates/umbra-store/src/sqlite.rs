@@ -862,30 +862,6 @@ impl Mailboxes for SqliteStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn sqlite_passes_the_conformance_suite() {
-        crate::conformance::run_all(|| async {
-            SqliteStore::open_in_memory().unwrap_or_else(|e| panic!("{e}"))
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn a_file_database_survives_reopening() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.path().join("umbra.db");
-        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
-        crate::conformance::survives_reopen_part_one(&store).await;
-        drop(store);
-        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
-        crate::conformance::survives_reopen_part_two(&store).await;
-    }
-}
-
 fn insert_codes(
     tx: &Transaction<'_>,
     codes: &[CodeHash],
@@ -1087,5 +1063,29 @@ impl Distributors for SqliteStore {
             ids.into_iter().map(account_id).collect()
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_passes_the_conformance_suite() {
+        crate::conformance::run_all(|| async {
+            SqliteStore::open_in_memory().unwrap_or_else(|e| panic!("{e}"))
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_file_database_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("umbra.db");
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        crate::conformance::survives_reopen_part_one(&store).await;
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        crate::conformance::survives_reopen_part_two(&store).await;
     }
 }
