@@ -107,6 +107,18 @@ enum Command {
     /// Protection of this device against coercion and guessing.
     #[command(subcommand)]
     Security(SecurityCommand),
+    /// Add the days of a renewal code to this line's subscription (works
+    /// after it ended, too).
+    Renew { code: String },
+    /// For distributors: issue codes within your quota and manage the lines
+    /// you sold. Needs no device (--home is ignored).
+    Distributor {
+        /// The `umbra-distributor://…` credential from the operator.
+        #[arg(long, env = "UMBRA_DISTRIBUTOR", hide_env_values = true)]
+        credential: String,
+        #[command(subcommand)]
+        command: DistributorCommand,
+    },
     /// Disappearing messages: set a conversation's timer for everyone in it
     /// (5s to 4w, or off), or with --default the timer new conversations
     /// start with (30s unless changed).
@@ -120,6 +132,27 @@ enum Command {
         #[arg(long)]
         default: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DistributorCommand {
+    /// Issue activation strings (or, with --renewal, renewal codes).
+    Codes {
+        #[arg(long, default_value_t = 180)]
+        days: u32,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long)]
+        renewal: bool,
+    },
+    /// Your lines: ID, subscription end, last-seen day, status.
+    Lines,
+    /// Stop a line from sending until resumed.
+    Suspend { account: String },
+    /// Let a suspended line send again.
+    Resume { account: String },
+    /// End a line for good.
+    Revoke { account: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -574,6 +607,72 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         ),
                     },
                 );
+            }
+        }
+        Command::Renew { code } => {
+            let client = online(&cli).await?;
+            let until = client.redeem_renewal(code).await?;
+            out.value(json!({ "subscription_expires_at": until }), || {
+                format!("Renewed: subscription until {}.", date(until))
+            });
+        }
+        Command::Distributor {
+            credential,
+            command,
+        } => {
+            let credential: umbra_client::DistributorCredential = credential
+                .parse()
+                .context("this is not a valid distributor credential")?;
+            let session = umbra_client::DistributorSession::connect(&credential).await?;
+            match command {
+                DistributorCommand::Codes {
+                    days,
+                    count,
+                    renewal,
+                } => {
+                    for code in session.issue_codes(*renewal, *days, *count).await? {
+                        out.value(json!({ "code": code }), || code.clone());
+                    }
+                }
+                DistributorCommand::Lines => {
+                    for line in session.lines().await? {
+                        out.value(
+                            json!({
+                                "account_id": line.account_id,
+                                "subscription_expires_at": line.subscription_expires_at,
+                                "last_seen_day": line.last_seen_day,
+                                "status": line.status,
+                            }),
+                            || {
+                                let seen = if line.last_seen_day == 0 {
+                                    "never".to_owned()
+                                } else {
+                                    date(line.last_seen_day * 86_400)
+                                };
+                                format!(
+                                    "{}  until {}  last seen {seen}  {}",
+                                    line.account_id,
+                                    date(line.subscription_expires_at),
+                                    line.status
+                                )
+                            },
+                        );
+                    }
+                }
+                DistributorCommand::Suspend { account: id } => {
+                    session.suspend(&account(id)?).await?;
+                    out.value(json!({ "suspended": id }), || format!("{id} suspended."));
+                }
+                DistributorCommand::Resume { account: id } => {
+                    session.resume(&account(id)?).await?;
+                    out.value(json!({ "resumed": id }), || format!("{id} resumed."));
+                }
+                DistributorCommand::Revoke { account: id } => {
+                    session.revoke(&account(id)?).await?;
+                    out.value(json!({ "revoked": id }), || {
+                        format!("{id} revoked for good.")
+                    });
+                }
             }
         }
         Command::Security(command) => {

@@ -411,7 +411,7 @@ impl Client {
         self.link().is_ok()
     }
 
-    async fn request(&self, request: Request) -> Result<Reply> {
+    pub(crate) async fn request(&self, request: Request) -> Result<Reply> {
         self.link()?.request(request).await
     }
 

@@ -14,6 +14,7 @@
 
 mod client;
 mod disappearing;
+mod distributor;
 mod error;
 mod link;
 mod safety;
@@ -25,6 +26,7 @@ mod wipe;
 
 pub use client::{Client, ClientOptions};
 pub use disappearing::{DEFAULT_TIMER, MAX_TIMER, MIN_TIMER, describe as describe_timer};
+pub use distributor::DistributorSession;
 pub use error::{ClientError, Result};
 pub use safety::SafetyNumber;
 pub use secret::{KdfParams, Passphrase};
@@ -34,7 +36,9 @@ pub use types::{
     DeliveryState, Direction, Event, Message,
 };
 pub use umbra_mls::Suite;
+pub use umbra_proto::DistributorCredential;
 pub use umbra_proto::clock::{Clock, ManualClock, SystemClock};
+pub use umbra_proto::frame::LineInfo;
 pub use umbra_proto::{AccountId, ActivationString, CertFingerprint, ErrorCode, WipeCode};
 pub use vault::Note;
 pub use wipe::{Revocation, send_wipe};

@@ -114,3 +114,22 @@ pub async fn distributors(
 ) -> Result<Vec<umbra_store::Distributor>, ServerError> {
     Ok(open_store(data_dir, config)?.distributors().await?)
 }
+
+/// Ends the lines whose subscription lapsed more than the grace period ago
+/// (what the server's sweeper does every minute). Returns them.
+pub async fn purge_lapsed_lines(
+    data_dir: &Path,
+    config: &Config,
+    now: u64,
+) -> Result<Vec<umbra_proto::AccountId>, ServerError> {
+    let store = open_store(data_dir, config)?;
+    let lapsed = store
+        .lapsed_lines(now.saturating_sub(config.subscription_grace.as_secs()))
+        .await?;
+    for line in &lapsed {
+        store
+            .revoke(line, now, now.saturating_add(config.mailbox_ttl.as_secs()))
+            .await?;
+    }
+    Ok(lapsed)
+}

@@ -42,8 +42,26 @@ impl TestServer {
         server
     }
 
+    /// A server whose clock the test moves.
+    pub async fn start_with_clock(clock: umbra_client::ManualClock) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("server");
+        let mut server =
+            TestServer::start_full(&data, "127.0.0.1:0".parse().unwrap(), Arc::new(clock)).await;
+        server._dir = Some(dir);
+        server
+    }
+
     /// Starts a server on `data` (initialised if new) at `address`.
     pub async fn start_in(data: &Path, address: SocketAddr) -> TestServer {
+        TestServer::start_full(data, address, Arc::new(umbra_server::SystemClock)).await
+    }
+
+    async fn start_full(
+        data: &Path,
+        address: SocketAddr,
+        clock: Arc<dyn umbra_server::Clock>,
+    ) -> TestServer {
         umbra_server::init(data, "127.0.0.1:0").unwrap();
         let mut config = Config::load(data).unwrap();
         // Create and migrate the database before anything else opens it.
@@ -58,7 +76,7 @@ impl TestServer {
             tap: Some(Arc::new(move |direction, bytes: &[u8]| {
                 tap_frames.lock().unwrap().push((direction, bytes.to_vec()));
             })),
-            ..ServerOptions::default()
+            clock,
         };
         let shutdown = CancellationToken::new();
         let (kill, killed) = tokio::sync::oneshot::channel::<()>();
