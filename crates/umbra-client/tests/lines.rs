@@ -9,7 +9,7 @@ use umbra_client::{Client, DistributorSession, ErrorCode, ManualClock};
 
 const DAY: u64 = 86_400;
 
-async fn activate_with(server: &TestServer, activation: &str) -> Device {
+async fn activate_with(activation: &str) -> Device {
     let home = tempfile::tempdir().unwrap();
     let (client, wipe_code) = Client::activate(
         home.path(),
@@ -55,8 +55,8 @@ async fn a_distributor_manages_its_own_lines_and_no_others() {
     assert_eq!(over.server_code(), Some(ErrorCode::QuotaExceeded));
     let south_codes = south.issue_codes(false, 180, 1).await.unwrap();
 
-    let mut mine = activate_with(&server, &north_codes.pop().unwrap()).await;
-    let mut theirs = activate_with(&server, &south_codes[0]).await;
+    let mut mine = activate_with(&north_codes.pop().unwrap()).await;
+    let mut theirs = activate_with(&south_codes[0]).await;
     befriend(&mut mine, &mut theirs).await;
 
     // Each sees only its own lines: ID, end of subscription, last seen.
