@@ -1,5 +1,8 @@
-//! `umbra`: the terminal client. Scriptable subcommands over the
-//! `umbra-client` library; every command can print JSON for scripts.
+//! `umbra`: the terminal client. Without a subcommand, the full-screen
+//! messenger ([`tui`]); with one, a scriptable command over the
+//! `umbra-client` library, every one of which can print JSON.
+
+mod tui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,8 +51,9 @@ struct Cli {
     /// Print JSON (one object per line) instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Without a command: the full-screen messenger.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 fn default_home() -> PathBuf {
@@ -429,7 +433,13 @@ fn conversation(client: &Client, target: &str) -> anyhow::Result<ConversationId>
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = Out { json: cli.json };
-    match &cli.command {
+    let Some(command) = &cli.command else {
+        if !umbra_client::device_exists(&cli.home) {
+            return Err(ClientError::NotActivated(cli.home.display().to_string()).into());
+        }
+        return tui::run(cli.home.clone(), ClientOptions::default()).await;
+    };
+    match command {
         Command::Activate { activation } => {
             let activation: ActivationString = activation
                 .parse()

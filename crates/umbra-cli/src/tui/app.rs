@@ -1,0 +1,506 @@
+//! The full-screen app's state and how keys change it. Pure: no terminal,
+//! no network. A key either changes the state or asks for an [`Action`],
+//! which the run loop performs off the drawing loop.
+
+use std::time::Duration;
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use umbra_client::{AccountId, Contact, Conversation, ConversationId, ConversationKind, Message};
+
+/// Conversations pane narrower than this many columns: one pane at a time.
+pub const NARROW: u16 = 80;
+
+/// Timer choices in the picker, in seconds (0 = off).
+pub const TIMERS: [u32; 9] = [0, 5, 30, 60, 300, 3600, 86_400, 604_800, 2_419_200];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    Connecting,
+    Connected,
+    Reconnecting,
+    CertificateMismatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Screen {
+    Unlock { input: String, error: Option<String> },
+    Main,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Focus {
+    Conversations,
+    Compose,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Overlay {
+    None,
+    Help,
+    Requests { selected: usize },
+    NewContact { input: String },
+    NewGroup { name: String, members: String, on_members: bool },
+    Members { input: String },
+    Timer { selected: usize },
+    Safety { account: AccountId, digits: String, qr: String },
+}
+
+/// Work for the run loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Unlock(String),
+    Send(ConversationId, String),
+    Open(ConversationId),
+    Accept(AccountId),
+    AddContact(AccountId),
+    CreateGroup(String, Vec<AccountId>),
+    AddMembers(ConversationId, Vec<AccountId>),
+    RemoveMembers(ConversationId, Vec<AccountId>),
+    SetTimer(ConversationId, Option<Duration>),
+    ShowSafety(AccountId),
+    MarkVerified(AccountId),
+    Quit,
+}
+
+#[derive(Debug)]
+pub struct App {
+    pub screen: Screen,
+    pub focus: Focus,
+    pub overlay: Overlay,
+    pub account: String,
+    pub link: Link,
+    pub conversations: Vec<Conversation>,
+    pub contacts: Vec<Contact>,
+    pub unread: Vec<(ConversationId, usize)>,
+    pub previews: Vec<(ConversationId, String)>,
+    pub selected: usize,
+    /// The open conversation's messages, oldest first.
+    pub messages: Vec<Message>,
+    /// Lines scrolled up from the bottom of the conversation.
+    pub scroll: u16,
+    pub compose: String,
+    /// A key-change warning, shown until dismissed.
+    pub banner: Option<String>,
+    /// The last error or notice, in the status bar.
+    pub status: Option<String>,
+    /// Work in flight: the status bar shows a spinner.
+    pub busy: usize,
+    pub tick: u64,
+    pub now: u64,
+    /// In a narrow terminal: whether the conversation (not the list) shows.
+    pub showing_conversation: bool,
+}
+
+impl Default for App {
+    fn default() -> Self {
+        App {
+            screen: Screen::Unlock {
+                input: String::new(),
+                error: None,
+            },
+            focus: Focus::Conversations,
+            overlay: Overlay::None,
+            account: String::new(),
+            link: Link::Connecting,
+            conversations: Vec::new(),
+            contacts: Vec::new(),
+            unread: Vec::new(),
+            previews: Vec::new(),
+            selected: 0,
+            messages: Vec::new(),
+            scroll: 0,
+            compose: String::new(),
+            banner: None,
+            status: None,
+            busy: 0,
+            tick: 0,
+            now: 0,
+            showing_conversation: false,
+        }
+    }
+}
+
+fn parse_accounts(text: &str) -> Result<Vec<AccountId>, String> {
+    text.split([',', ' '])
+        .filter(|part| !part.is_empty())
+        .map(|part| AccountId::parse(part).map_err(|_| format!("{part:?} is not an account ID")))
+        .collect()
+}
+
+impl App {
+    pub fn current(&self) -> Option<&Conversation> {
+        self.conversations.get(self.selected)
+    }
+
+    /// What a conversation is called in the list and the title bar.
+    pub fn title(conversation: &Conversation) -> String {
+        match &conversation.kind {
+            ConversationKind::Direct { peer } => peer.to_string(),
+            ConversationKind::Group if conversation.name.is_empty() => "(group)".into(),
+            ConversationKind::Group => conversation.name.clone(),
+        }
+    }
+
+    pub fn unread(&self, id: &ConversationId) -> usize {
+        self.unread
+            .iter()
+            .find(|(c, _)| c == id)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    pub fn requests(&self) -> Vec<&Contact> {
+        self.contacts
+            .iter()
+            .filter(|c| c.state == umbra_client::ContactState::Incoming)
+            .collect()
+    }
+
+    fn open_selected(&mut self) -> Option<Action> {
+        let id = self.current()?.id.clone();
+        self.unread.retain(|(c, _)| *c != id);
+        self.scroll = 0;
+        self.showing_conversation = true;
+        self.focus = Focus::Compose;
+        Some(Action::Open(id))
+    }
+
+    /// Handles one key; returns work for the run loop, if any.
+    pub fn on_key(&mut self, key: KeyEvent) -> Option<Action> {
+        if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
+            return Some(Action::Quit);
+        }
+        if let Screen::Unlock { input, error } = &mut self.screen {
+            match key.code {
+                KeyCode::Enter if !input.is_empty() => {
+                    *error = None;
+                    return Some(Action::Unlock(std::mem::take(input)));
+                }
+                KeyCode::Backspace => {
+                    input.pop();
+                }
+                KeyCode::Esc => return Some(Action::Quit),
+                KeyCode::Char(c) => input.push(c),
+                _ => {}
+            }
+            return None;
+        }
+        match std::mem::replace(&mut self.overlay, Overlay::None) {
+            Overlay::None => {}
+            overlay => return self.on_overlay_key(overlay, key),
+        }
+        if self.banner.is_some() && key.code == KeyCode::Esc {
+            self.banner = None;
+            return None;
+        }
+        match self.focus {
+            Focus::Conversations => self.on_list_key(key),
+            Focus::Compose => self.on_compose_key(key),
+        }
+    }
+
+    fn on_list_key(&mut self, key: KeyEvent) -> Option<Action> {
+        match key.code {
+            KeyCode::Char('q') => return Some(Action::Quit),
+            KeyCode::Char('?') => self.overlay = Overlay::Help,
+            KeyCode::Down | KeyCode::Char('j') => {
+                if self.selected + 1 < self.conversations.len() {
+                    self.selected += 1;
+                    return self.open_selected().map(|_| self.reopen());
+                }
+            }
+            KeyCode::Up | KeyCode::Char('k') => {
+                if self.selected > 0 {
+                    self.selected -= 1;
+                    return self.open_selected().map(|_| self.reopen());
+                }
+            }
+            KeyCode::Enter | KeyCode::Tab | KeyCode::Right | KeyCode::Char('l') => {
+                return self.open_selected();
+            }
+            KeyCode::Char('r') => self.overlay = Overlay::Requests { selected: 0 },
+            KeyCode::Char('n') => {
+                self.overlay = Overlay::NewContact {
+                    input: String::new(),
+                }
+            }
+            KeyCode::Char('g') => {
+                self.overlay = Overlay::NewGroup {
+                    name: String::new(),
+                    members: String::new(),
+                    on_members: false,
+                }
+            }
+            KeyCode::Char('m') if self.current().is_some() => {
+                self.overlay = Overlay::Members {
+                    input: String::new(),
+                }
+            }
+            KeyCode::Char('t') => {
+                if let Some(current) = self.current() {
+                    let selected = TIMERS
+                        .iter()
+                        .position(|t| *t == current.disappear_after)
+                        .unwrap_or(0);
+                    self.overlay = Overlay::Timer { selected };
+                }
+            }
+            KeyCode::Char('s') => {
+                if let Some(ConversationKind::Direct { peer }) = self.current().map(|c| &c.kind) {
+                    return Some(Action::ShowSafety(peer.clone()));
+                }
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// Moving the selection in the list opens that conversation too, but
+    /// keeps the focus on the list.
+    fn reopen(&mut self) -> Action {
+        self.focus = Focus::Conversations;
+        self.showing_conversation = false;
+        Action::Open(self.current().map(|c| c.id.clone()).unwrap_or(ConversationId(String::new())))
+    }
+
+    fn on_compose_key(&mut self, key: KeyEvent) -> Option<Action> {
+        match key.code {
+            KeyCode::Esc | KeyCode::Tab => {
+                self.focus = Focus::Conversations;
+                self.showing_conversation = false;
+            }
+            KeyCode::Enter => {
+                let text = self.compose.trim().to_owned();
+                if text.is_empty() {
+                    return None;
+                }
+                let id = self.current()?.id.clone();
+                self.compose.clear();
+                self.scroll = 0;
+                return Some(Action::Send(id, text));
+            }
+            KeyCode::Backspace => {
+                self.compose.pop();
+            }
+            KeyCode::PageUp | KeyCode::Up => self.scroll = self.scroll.saturating_add(3),
+            KeyCode::PageDown | KeyCode::Down => self.scroll = self.scroll.saturating_sub(3),
+            KeyCode::Char(c) => self.compose.push(c),
+            _ => {}
+        }
+        None
+    }
+
+    fn on_overlay_key(&mut self, overlay: Overlay, key: KeyEvent) -> Option<Action> {
+        if key.code == KeyCode::Esc {
+            return None;
+        }
+        match overlay {
+            Overlay::None | Overlay::Help => None,
+            Overlay::Requests { selected } => {
+                let count = self.requests().len();
+                match key.code {
+                    KeyCode::Down | KeyCode::Char('j') => {
+                        self.overlay = Overlay::Requests {
+                            selected: (selected + 1).min(count.saturating_sub(1)),
+                        }
+                    }
+                    KeyCode::Up | KeyCode::Char('k') => {
+                        self.overlay = Overlay::Requests {
+                            selected: selected.saturating_sub(1),
+                        }
+                    }
+                    KeyCode::Enter | KeyCode::Char('a') => {
+                        let account = self.requests().get(selected)?.account.clone();
+                        return Some(Action::Accept(account));
+                    }
+                    _ => self.overlay = Overlay::Requests { selected },
+                }
+                None
+            }
+            Overlay::NewContact { mut input } => match key.code {
+                KeyCode::Enter => match AccountId::parse(&input) {
+                    Ok(account) => Some(Action::AddContact(account)),
+                    Err(_) => {
+                        self.status = Some(format!("{input:?} is not an account ID"));
+                        None
+                    }
+                },
+                KeyCode::Backspace => {
+                    input.pop();
+                    self.overlay = Overlay::NewContact { input };
+                    None
+                }
+                KeyCode::Char(c) => {
+                    input.push(c);
+                    self.overlay = Overlay::NewContact { input };
+                    None
+                }
+                _ => {
+                    self.overlay = Overlay::NewContact { input };
+                    None
+                }
+            },
+            Overlay::NewGroup {
+                mut name,
+                mut members,
+                on_members,
+            } => {
+                let field = if on_members { &mut members } else { &mut name };
+                match key.code {
+                    KeyCode::Tab => {
+                        self.overlay = Overlay::NewGroup {
+                            name,
+                            members,
+                            on_members: !on_members,
+                        };
+                        return None;
+                    }
+                    KeyCode::Enter if on_members => {
+                        return match parse_accounts(&members) {
+                            Ok(accounts) => Some(Action::CreateGroup(name, accounts)),
+                            Err(error) => {
+                                self.status = Some(error);
+                                None
+                            }
+                        };
+                    }
+                    KeyCode::Enter => {
+                        self.overlay = Overlay::NewGroup {
+                            name,
+                            members,
+                            on_members: true,
+                        };
+                        return None;
+                    }
+                    KeyCode::Backspace => {
+                        field.pop();
+                    }
+                    KeyCode::Char(c) => field.push(c),
+                    _ => {}
+                }
+                self.overlay = Overlay::NewGroup {
+                    name,
+                    members,
+                    on_members,
+                };
+                None
+            }
+            Overlay::Members { mut input } => {
+                let id = self.current()?.id.clone();
+                match key.code {
+                    KeyCode::Enter => {
+                        let (remove, list) = match input.strip_prefix('-') {
+                            Some(rest) => (true, rest.to_owned()),
+                            None => (false, input.trim_start_matches('+').to_owned()),
+                        };
+                        return match parse_accounts(&list) {
+                            Ok(accounts) if remove => Some(Action::RemoveMembers(id, accounts)),
+                            Ok(accounts) => Some(Action::AddMembers(id, accounts)),
+                            Err(error) => {
+                                self.status = Some(error);
+                                None
+                            }
+                        };
+                    }
+                    KeyCode::Backspace => {
+                        input.pop();
+                    }
+                    KeyCode::Char(c) => input.push(c),
+                    _ => {}
+                }
+                self.overlay = Overlay::Members { input };
+                None
+            }
+            Overlay::Timer { selected } => match key.code {
+                KeyCode::Down | KeyCode::Char('j') => {
+                    self.overlay = Overlay::Timer {
+                        selected: (selected + 1).min(TIMERS.len() - 1),
+                    };
+                    None
+                }
+                KeyCode::Up | KeyCode::Char('k') => {
+                    self.overlay = Overlay::Timer {
+                        selected: selected.saturating_sub(1),
+                    };
+                    None
+                }
+                KeyCode::Enter => {
+                    let id = self.current()?.id.clone();
+                    let seconds = *TIMERS.get(selected)?;
+                    Some(Action::SetTimer(
+                        id,
+                        (seconds > 0).then(|| Duration::from_secs(u64::from(seconds))),
+                    ))
+                }
+                _ => {
+                    self.overlay = Overlay::Timer { selected };
+                    None
+                }
+            },
+            Overlay::Safety {
+                account,
+                digits,
+                qr,
+            } => match key.code {
+                KeyCode::Char('v') => Some(Action::MarkVerified(account)),
+                _ => {
+                    self.overlay = Overlay::Safety {
+                        account,
+                        digits,
+                        qr,
+                    };
+                    None
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(code: KeyCode) -> KeyEvent {
+        KeyEvent::new(code, KeyModifiers::NONE)
+    }
+
+    fn typed(app: &mut App, text: &str) {
+        for c in text.chars() {
+            app.on_key(key(KeyCode::Char(c)));
+        }
+    }
+
+    #[test]
+    fn unlock_collects_the_passphrase_and_hands_it_on() {
+        let mut app = App::default();
+        typed(&mut app, "secret");
+        app.on_key(key(KeyCode::Backspace));
+        assert_eq!(
+            app.on_key(key(KeyCode::Enter)),
+            Some(Action::Unlock("secre".into()))
+        );
+    }
+
+    #[test]
+    fn help_and_dialogs_open_and_close() {
+        let mut app = App {
+            screen: Screen::Main,
+            ..App::default()
+        };
+        app.on_key(key(KeyCode::Char('?')));
+        assert_eq!(app.overlay, Overlay::Help);
+        app.on_key(key(KeyCode::Esc));
+        assert_eq!(app.overlay, Overlay::None);
+        app.on_key(key(KeyCode::Char('n')));
+        typed(&mut app, "k7qd9xpm");
+        assert_eq!(
+            app.on_key(key(KeyCode::Enter)),
+            Some(Action::AddContact(AccountId::parse("K7QD9XPM").unwrap_or_else(|e| panic!("{e}"))))
+        );
+        app.on_key(key(KeyCode::Char('g')));
+        typed(&mut app, "Crew");
+        app.on_key(key(KeyCode::Tab));
+        typed(&mut app, "K7QD9XPM,nope");
+        assert_eq!(app.on_key(key(KeyCode::Enter)), None);
+        assert!(app.status.as_deref().is_some_and(|s| s.contains("nope")));
+    }
+}

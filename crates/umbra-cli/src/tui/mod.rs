@@ -1,0 +1,379 @@
+//! `umbra` with no subcommand: the full-screen messenger (ratatui +
+//! crossterm). The drawing loop never waits on the network or on crypto:
+//! keys become [`app::Action`]s, which run as tasks and report back as
+//! [`Note`]s; the loop redraws on every key, note and tick.
+
+pub mod app;
+pub mod ui;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crossterm::event::{Event as TermEvent, EventStream, KeyEventKind};
+use futures_util::StreamExt;
+use tokio::sync::{broadcast, mpsc};
+use umbra_client::{Client, ClientError, ClientOptions, ConnectionState, Event, SystemClock};
+
+use app::{Action, App, Link, Overlay, Screen};
+
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What background work reports to the drawing loop.
+enum Note {
+    Unlocked(Box<Client>),
+    UnlockFailed(String),
+    Erased(String),
+    Client(Event),
+    Link(Link),
+    /// A finished action: a notice for the status bar, or an error.
+    Done(Result<String, String>),
+}
+
+/// Runs the app until the user quits.
+pub async fn run(home: PathBuf, options: ClientOptions) -> anyhow::Result<()> {
+    let mut terminal = ratatui::try_init()?;
+    let result = event_loop(&mut terminal, home, options).await;
+    ratatui::restore();
+    // Said after the screen is restored, so that it stays visible.
+    if let Ok(Some(farewell)) = &result {
+        eprintln!("{farewell}");
+    }
+    result.map(drop)
+}
+
+async fn event_loop(
+    terminal: &mut ratatui::DefaultTerminal,
+    home: PathBuf,
+    options: ClientOptions,
+) -> anyhow::Result<Option<String>> {
+    let mut app = App::default();
+    let (notes, mut inbox) = mpsc::unbounded_channel::<Note>();
+    let mut keys = EventStream::new();
+    let mut ticks = tokio::time::interval(Duration::from_millis(250));
+    let mut client: Option<Client> = None;
+    let mut farewell: Option<String> = None;
+    loop {
+        app.now = umbra_client::Clock::now(&SystemClock);
+        terminal.draw(|frame| ui::draw(frame, &app))?;
+        let action = tokio::select! {
+            key = keys.next() => match key {
+                Some(Ok(TermEvent::Key(key))) if key.kind != KeyEventKind::Release => app.on_key(key),
+                Some(Ok(_)) => None, // resize and the rest: just redraw
+                Some(Err(error)) => return Err(error.into()),
+                None => Some(Action::Quit),
+            },
+            note = inbox.recv() => {
+                if let Some(note) = note {
+                    on_note(&mut app, &mut client, &notes, note, &mut farewell);
+                }
+                None
+            }
+            _ = ticks.tick() => {
+                app.tick += 1;
+                None
+            }
+        };
+        if farewell.is_some() {
+            break;
+        }
+        match action {
+            None => {}
+            Some(Action::Quit) => break,
+            Some(Action::Unlock(passphrase)) => {
+                app.busy += 1;
+                let (home, options, notes) = (home.clone(), options.clone(), notes.clone());
+                tokio::task::spawn_blocking(move || {
+                    let passphrase = umbra_client::Passphrase::new(passphrase);
+                    let note = match Client::open(&home, &passphrase, options) {
+                        Ok(client) => Note::Unlocked(Box::new(client)),
+                        Err(error @ ClientError::Erased { .. }) => {
+                            if let ClientError::Erased {
+                                revocation: Some(revocation),
+                                ..
+                            } = &error
+                            {
+                                let revocation = revocation.clone();
+                                tokio::runtime::Handle::current()
+                                    .spawn(async move { revocation.send().await });
+                            }
+                            Note::Erased(error.to_string())
+                        }
+                        Err(error @ ClientError::NotActivated(_)) => Note::Erased(error.to_string()),
+                        Err(error) => Note::UnlockFailed(error.to_string()),
+                    };
+                    let _ = notes.send(note);
+                });
+            }
+            Some(action) => {
+                if let Some(client) = &client {
+                    perform(&mut app, client, &notes, action);
+                }
+            }
+        }
+    }
+    Ok(farewell)
+}
+
+fn on_note(
+    app: &mut App,
+    client: &mut Option<Client>,
+    notes: &mpsc::UnboundedSender<Note>,
+    note: Note,
+    farewell: &mut Option<String>,
+) {
+    match note {
+        Note::Unlocked(unlocked) => {
+            app.busy = app.busy.saturating_sub(1);
+            let unlocked = *unlocked;
+            app.screen = Screen::Main;
+            app.account = unlocked.account().to_string();
+            forward_events(unlocked.subscribe(), notes.clone());
+            tokio::spawn(supervise(unlocked.clone(), notes.clone()));
+            refresh(app, &unlocked);
+            *client = Some(unlocked);
+        }
+        Note::UnlockFailed(error) => {
+            app.busy = app.busy.saturating_sub(1);
+            app.screen = Screen::Unlock {
+                input: String::new(),
+                error: Some(error),
+            };
+        }
+        Note::Erased(message) => *farewell = Some(message),
+        Note::Link(link) => app.link = link,
+        Note::Done(result) => {
+            app.busy = app.busy.saturating_sub(1);
+            app.status = Some(match result {
+                Ok(notice) => notice,
+                Err(error) => error,
+            });
+            if let Some(client) = client {
+                refresh(app, client);
+            }
+        }
+        Note::Client(event) => {
+            let Some(client) = client else { return };
+            match &event {
+                Event::MessageReceived { message } => {
+                    let open = app.current().map(|c| &c.id) == Some(&message.conversation)
+                        && (app.showing_conversation || app.focus == app::Focus::Compose);
+                    if open {
+                        let _ = client.mark_shown(&[message.id]);
+                    } else if let Some((_, n)) =
+                        app.unread.iter_mut().find(|(c, _)| *c == message.conversation)
+                    {
+                        *n += 1;
+                    } else {
+                        app.unread.push((message.conversation.clone(), 1));
+                    }
+                }
+                Event::KeyChanged { account } => {
+                    app.banner = Some(format!(
+                        "The identity key of {account} CHANGED: compare safety numbers again (s)"
+                    ));
+                }
+                Event::ContactRequest { from } => {
+                    app.status = Some(format!("{from} wants to be your contact: r"));
+                }
+                Event::Wiped => {
+                    *farewell = Some("This device was wiped.".into());
+                    return;
+                }
+                Event::Connection {
+                    state: ConnectionState::Disconnected,
+                } => app.link = Link::Reconnecting,
+                _ => {}
+            }
+            refresh(app, client);
+        }
+    }
+}
+
+/// Reloads what the screen shows from the local store (cheap, no network).
+fn refresh(app: &mut App, client: &Client) {
+    let current = app.current().map(|c| c.id.clone());
+    if let Ok(conversations) = client.conversations() {
+        app.conversations = conversations;
+    }
+    if let Ok(contacts) = client.contacts() {
+        app.contacts = contacts;
+    }
+    if let Some(current) = current
+        && let Some(index) = app.conversations.iter().position(|c| c.id == current)
+    {
+        app.selected = index;
+    }
+    app.selected = app.selected.min(app.conversations.len().saturating_sub(1));
+    app.previews = app
+        .conversations
+        .iter()
+        .filter_map(|c| {
+            let last = client.history(&c.id, 1).ok()?.pop()?;
+            Some((c.id.clone(), last.body))
+        })
+        .collect();
+    if let Some(id) = app.current().map(|c| c.id.clone())
+        && let Ok(messages) = client.history(&id, 500)
+    {
+        app.messages = messages;
+    }
+}
+
+fn forward_events(mut events: broadcast::Receiver<Event>, notes: mpsc::UnboundedSender<Note>) {
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(event) => {
+                    if notes.send(Note::Client(event)).is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
+/// Keeps the connection up: connects, waits for it to drop, and tries
+/// again with exponential backoff (1 s doubling to 30 s).
+async fn supervise(client: Client, notes: mpsc::UnboundedSender<Note>) {
+    let mut backoff = Duration::from_secs(1);
+    let mut first = true;
+    loop {
+        let _ = notes.send(Note::Link(if first {
+            Link::Connecting
+        } else {
+            Link::Reconnecting
+        }));
+        first = false;
+        let mut events = client.subscribe();
+        match client.connect().await {
+            Ok(()) => {
+                let _ = notes.send(Note::Link(Link::Connected));
+                backoff = Duration::from_secs(1);
+                loop {
+                    match events.recv().await {
+                        Ok(Event::Connection {
+                            state: ConnectionState::Disconnected,
+                        }) => break,
+                        Ok(Event::Wiped) | Err(broadcast::error::RecvError::Closed) => return,
+                        _ => {}
+                    }
+                }
+            }
+            Err(ClientError::CertificateMismatch) => {
+                let _ = notes.send(Note::Link(Link::CertificateMismatch));
+            }
+            Err(_) => {}
+        }
+        if notes.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Runs an action: local ones at once, network ones as tasks.
+fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, action: Action) {
+    let spawn = |app: &mut App, work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>| {
+        app.busy += 1;
+        let notes = notes.clone();
+        tokio::spawn(async move {
+            let _ = notes.send(Note::Done(work.await));
+        });
+    };
+    let c = client.clone();
+    match action {
+        Action::Open(id) => {
+            if let Ok(messages) = client.history(&id, 500) {
+                let _ = client.mark_shown(&messages.iter().map(|m| m.id).collect::<Vec<_>>());
+                app.messages = messages;
+            }
+        }
+        Action::Send(id, text) => spawn(
+            app,
+            Box::pin(async move {
+                c.send_text(&id, &text)
+                    .await
+                    .map(|_| String::new())
+                    .map_err(|e| e.to_string())
+            }),
+        ),
+        Action::Accept(account) => spawn(
+            app,
+            Box::pin(async move {
+                c.accept_contact(&account)
+                    .await
+                    .map(|_| format!("{account} is now a contact"))
+                    .map_err(|e| e.to_string())
+            }),
+        ),
+        Action::AddContact(account) => spawn(
+            app,
+            Box::pin(async move {
+                c.add_contact(&account)
+                    .await
+                    .map(|_| format!("request sent to {account}"))
+                    .map_err(|e| e.to_string())
+            }),
+        ),
+        Action::CreateGroup(name, members) => spawn(
+            app,
+            Box::pin(async move {
+                c.create_group(&name, &members)
+                    .await
+                    .map(|_| format!("group {name} created"))
+                    .map_err(|e| e.to_string())
+            }),
+        ),
+        Action::AddMembers(id, members) => spawn(
+            app,
+            Box::pin(async move {
+                c.add_members(&id, &members)
+                    .await
+                    .map(|_| "added".to_owned())
+                    .map_err(|e| e.to_string())
+            }),
+        ),
+        Action::RemoveMembers(id, members) => spawn(
+            app,
+            Box::pin(async move {
+                c.remove_members(&id, &members)
+                    .await
+                    .map(|_| "removed".to_owned())
+                    .map_err(|e| e.to_string())
+            }),
+        ),
+        Action::SetTimer(id, timer) => spawn(
+            app,
+            Box::pin(async move {
+                c.set_disappearing(&id, timer)
+                    .await
+                    .map(|_| "timer set".to_owned())
+                    .map_err(|e| e.to_string())
+            }),
+        ),
+        Action::ShowSafety(account) => match client.safety_number(&account) {
+            Ok(number) => {
+                app.overlay = Overlay::Safety {
+                    account,
+                    digits: number.digits.clone(),
+                    qr: number.qr().unwrap_or_default(),
+                }
+            }
+            Err(error) => app.status = Some(error.to_string()),
+        },
+        Action::MarkVerified(account) => {
+            app.status = Some(match client.verify_contact(&account) {
+                Ok(()) => format!("{account} marked verified"),
+                Err(error) => error.to_string(),
+            });
+            app.banner = None;
+            refresh(app, client);
+        }
+        Action::Unlock(_) | Action::Quit => {}
+    }
+}
