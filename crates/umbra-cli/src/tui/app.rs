@@ -23,7 +23,10 @@ pub enum Link {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Screen {
-    Unlock { input: String, error: Option<String> },
+    Unlock {
+        input: String,
+        error: Option<String>,
+    },
     Main,
 }
 
@@ -37,12 +40,28 @@ pub enum Focus {
 pub enum Overlay {
     None,
     Help,
-    Requests { selected: usize },
-    NewContact { input: String },
-    NewGroup { name: String, members: String, on_members: bool },
-    Members { input: String },
-    Timer { selected: usize },
-    Safety { account: AccountId, digits: String, qr: String },
+    Requests {
+        selected: usize,
+    },
+    NewContact {
+        input: String,
+    },
+    NewGroup {
+        name: String,
+        members: String,
+        on_members: bool,
+    },
+    Members {
+        input: String,
+    },
+    Timer {
+        selected: usize,
+    },
+    Safety {
+        account: AccountId,
+        digits: String,
+        qr: String,
+    },
 }
 
 /// Work for the run loop.
@@ -89,6 +108,8 @@ pub struct App {
     pub now: u64,
     /// In a narrow terminal: whether the conversation (not the list) shows.
     pub showing_conversation: bool,
+    /// Wide enough for both panes: the selected conversation is on screen.
+    pub wide: bool,
 }
 
 impl Default for App {
@@ -116,6 +137,7 @@ impl Default for App {
             tick: 0,
             now: 0,
             showing_conversation: false,
+            wide: true,
         }
     }
 }
@@ -139,6 +161,11 @@ impl App {
             ConversationKind::Group if conversation.name.is_empty() => "(group)".into(),
             ConversationKind::Group => conversation.name.clone(),
         }
+    }
+
+    /// Whether the selected conversation is on screen now.
+    pub fn conversation_visible(&self) -> bool {
+        self.wide || self.showing_conversation
     }
 
     pub fn unread(&self, id: &ConversationId) -> usize {
@@ -202,17 +229,13 @@ impl App {
         match key.code {
             KeyCode::Char('q') => return Some(Action::Quit),
             KeyCode::Char('?') => self.overlay = Overlay::Help,
-            KeyCode::Down | KeyCode::Char('j') => {
-                if self.selected + 1 < self.conversations.len() {
-                    self.selected += 1;
-                    return self.open_selected().map(|_| self.reopen());
-                }
+            KeyCode::Down | KeyCode::Char('j') if self.selected + 1 < self.conversations.len() => {
+                self.selected += 1;
+                return self.open_selected().map(|_| self.reopen());
             }
-            KeyCode::Up | KeyCode::Char('k') => {
-                if self.selected > 0 {
-                    self.selected -= 1;
-                    return self.open_selected().map(|_| self.reopen());
-                }
+            KeyCode::Up | KeyCode::Char('k') if self.selected > 0 => {
+                self.selected -= 1;
+                return self.open_selected().map(|_| self.reopen());
             }
             KeyCode::Enter | KeyCode::Tab | KeyCode::Right | KeyCode::Char('l') => {
                 return self.open_selected();
@@ -259,7 +282,11 @@ impl App {
     fn reopen(&mut self) -> Action {
         self.focus = Focus::Conversations;
         self.showing_conversation = false;
-        Action::Open(self.current().map(|c| c.id.clone()).unwrap_or(ConversationId(String::new())))
+        Action::Open(
+            self.current()
+                .map(|c| c.id.clone())
+                .unwrap_or(ConversationId(String::new())),
+        )
     }
 
     fn on_compose_key(&mut self, key: KeyEvent) -> Option<Action> {
@@ -494,7 +521,9 @@ mod tests {
         typed(&mut app, "k7qd9xpm");
         assert_eq!(
             app.on_key(key(KeyCode::Enter)),
-            Some(Action::AddContact(AccountId::parse("K7QD9XPM").unwrap_or_else(|e| panic!("{e}"))))
+            Some(Action::AddContact(
+                AccountId::parse("K7QD9XPM").unwrap_or_else(|e| panic!("{e}"))
+            ))
         );
         app.on_key(key(KeyCode::Char('g')));
         typed(&mut app, "Crew");

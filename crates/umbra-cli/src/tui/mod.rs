@@ -55,6 +55,7 @@ async fn event_loop(
     let mut farewell: Option<String> = None;
     loop {
         app.now = umbra_client::Clock::now(&SystemClock);
+        app.wide = terminal.size()?.width >= app::NARROW;
         terminal.draw(|frame| ui::draw(frame, &app))?;
         let action = tokio::select! {
             key = keys.next() => match key {
@@ -99,7 +100,9 @@ async fn event_loop(
                             }
                             Note::Erased(error.to_string())
                         }
-                        Err(error @ ClientError::NotActivated(_)) => Note::Erased(error.to_string()),
+                        Err(error @ ClientError::NotActivated(_)) => {
+                            Note::Erased(error.to_string())
+                        }
                         Err(error) => Note::UnlockFailed(error.to_string()),
                     };
                     let _ = notes.send(note);
@@ -157,11 +160,13 @@ fn on_note(
             match &event {
                 Event::MessageReceived { message } => {
                     let open = app.current().map(|c| &c.id) == Some(&message.conversation)
-                        && (app.showing_conversation || app.focus == app::Focus::Compose);
+                        && app.conversation_visible();
                     if open {
                         let _ = client.mark_shown(&[message.id]);
-                    } else if let Some((_, n)) =
-                        app.unread.iter_mut().find(|(c, _)| *c == message.conversation)
+                    } else if let Some((_, n)) = app
+                        .unread
+                        .iter_mut()
+                        .find(|(c, _)| *c == message.conversation)
                     {
                         *n += 1;
                     } else {
@@ -216,6 +221,20 @@ fn refresh(app: &mut App, client: &Client) {
     if let Some(id) = app.current().map(|c| c.id.clone())
         && let Ok(messages) = client.history(&id, 500)
     {
+        // On screen means shown: in a disappearing conversation, their
+        // countdowns start now.
+        if app.conversation_visible() {
+            let unseen: Vec<i64> = messages
+                .iter()
+                .filter(|m| m.direction == umbra_client::Direction::In && m.expires_at.is_none())
+                .map(|m| m.id)
+                .collect();
+            if !unseen.is_empty() && client.mark_shown(&unseen).is_ok() {
+                app.unread.retain(|(c, _)| *c != id);
+                app.messages = client.history(&id, 500).unwrap_or(messages);
+                return;
+            }
+        }
         app.messages = messages;
     }
 }
@@ -278,7 +297,10 @@ async fn supervise(client: Client, notes: mpsc::UnboundedSender<Note>) {
 
 /// Runs an action: local ones at once, network ones as tasks.
 fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, action: Action) {
-    let spawn = |app: &mut App, work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>| {
+    let spawn = |app: &mut App,
+                 work: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<String, String>> + Send>,
+    >| {
         app.busy += 1;
         let notes = notes.clone();
         tokio::spawn(async move {

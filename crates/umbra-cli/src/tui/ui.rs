@@ -46,7 +46,10 @@ fn unlock(frame: &mut Frame<'_>, input: &str, error: Option<&str>) {
         Line::from(""),
     ];
     if let Some(error) = error {
-        lines.push(Line::from(Span::styled(error, Style::default().fg(Color::Red))));
+        lines.push(Line::from(Span::styled(
+            error,
+            Style::default().fg(Color::Red),
+        )));
     } else {
         lines.push(Line::from("Enter to unlock, Esc to quit"));
     }
@@ -161,10 +164,16 @@ fn conversations(frame: &mut Frame<'_>, app: &App, area: Rect) {
     } else {
         Style::default()
     };
-    let mut state = ListState::default().with_selected((!app.conversations.is_empty()).then_some(app.selected));
+    let mut state =
+        ListState::default().with_selected((!app.conversations.is_empty()).then_some(app.selected));
     frame.render_stateful_widget(
         List::new(items)
-            .block(Block::default().borders(Borders::ALL).title(title).border_style(border))
+            .block(
+                Block::default()
+                    .borders(Borders::ALL)
+                    .title(title)
+                    .border_style(border),
+            )
             .highlight_style(Style::default().add_modifier(Modifier::REVERSED)),
         area,
         &mut state,
@@ -215,7 +224,10 @@ fn conversation(frame: &mut Frame<'_>, app: &App, area: Rect) {
                     Style::default().fg(Color::DarkGray),
                 )),
                 Direction::Out => Line::from(vec![
-                    Span::styled(format!("{} you: ", clock(message.timestamp)), Style::default().fg(Color::Green)),
+                    Span::styled(
+                        format!("{} you: ", clock(message.timestamp)),
+                        Style::default().fg(Color::Green),
+                    ),
                     Span::raw(message.body.clone()),
                     Span::styled(
                         format!(" {}{countdown}", state_mark(message.state)),
@@ -238,7 +250,9 @@ fn conversation(frame: &mut Frame<'_>, app: &App, area: Rect) {
     let paragraph = Paragraph::new(lines).wrap(Wrap { trim: false });
     // Keep the newest line at the bottom, then scroll up by `scroll`.
     let total = paragraph.line_count(messages.width.saturating_sub(2)) as u16;
-    let offset = total.saturating_sub(inner_height).saturating_sub(app.scroll);
+    let offset = total
+        .saturating_sub(inner_height)
+        .saturating_sub(app.scroll);
     frame.render_widget(paragraph.block(block).scroll((offset, 0)), messages);
     let border = if app.focus == Focus::Compose {
         Style::default().fg(Color::Cyan)
@@ -295,9 +309,11 @@ fn dialog(frame: &mut Frame<'_>, title: &str, lines: Vec<Line<'_>>, width: u16) 
     let area = centered(frame.area(), width, height);
     frame.render_widget(Clear, area);
     frame.render_widget(
-        Paragraph::new(lines)
-            .wrap(Wrap { trim: false })
-            .block(Block::default().borders(Borders::ALL).title(format!(" {title} "))),
+        Paragraph::new(lines).wrap(Wrap { trim: false }).block(
+            Block::default()
+                .borders(Borders::ALL)
+                .title(format!(" {title} ")),
+        ),
         area,
     );
 }
@@ -321,7 +337,11 @@ fn overlay(frame: &mut Frame<'_>, app: &App) {
                     .iter()
                     .enumerate()
                     .map(|(n, contact)| {
-                        let line = format!("{} {}", if n == *selected { ">" } else { " " }, contact.account);
+                        let line = format!(
+                            "{} {}",
+                            if n == *selected { ">" } else { " " },
+                            contact.account
+                        );
                         Line::from(line)
                     })
                     .collect()
@@ -349,8 +369,14 @@ fn overlay(frame: &mut Frame<'_>, app: &App) {
             frame,
             "new group",
             vec![
-                Line::from(format!("{} Name:    {name}", if *on_members { " " } else { ">" })),
-                Line::from(format!("{} Members: {members}", if *on_members { ">" } else { " " })),
+                Line::from(format!(
+                    "{} Name:    {name}",
+                    if *on_members { " " } else { ">" }
+                )),
+                Line::from(format!(
+                    "{} Members: {members}",
+                    if *on_members { ">" } else { " " }
+                )),
                 Line::from(""),
                 Line::from("Members are account IDs, comma-separated"),
                 Line::from("Tab switches field · Enter creates · Esc cancels"),
@@ -360,7 +386,12 @@ fn overlay(frame: &mut Frame<'_>, app: &App) {
         Overlay::Members { input } => {
             let mut lines: Vec<Line<'_>> = app
                 .current()
-                .map(|c| c.members.iter().map(|m| Line::from(format!("  {m}"))).collect())
+                .map(|c| {
+                    c.members
+                        .iter()
+                        .map(|m| Line::from(format!("  {m}")))
+                        .collect()
+                })
                 .unwrap_or_default();
             lines.push(Line::from(""));
             lines.push(Line::from(format!("> {input}")));
@@ -377,7 +408,10 @@ fn overlay(frame: &mut Frame<'_>, app: &App) {
                     } else {
                         umbra_client::describe_timer(*seconds)
                     };
-                    Line::from(format!("{} {label}", if n == *selected { ">" } else { " " }))
+                    Line::from(format!(
+                        "{} {label}",
+                        if n == *selected { ">" } else { " " }
+                    ))
                 })
                 .collect();
             lines.push(Line::from(""));
@@ -400,5 +434,230 @@ fn overlay(frame: &mut Frame<'_>, app: &App) {
             lines.push(Line::from("Compare with theirs · v: mark verified · Esc"));
             dialog(frame, "verify", lines, 76);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Golden snapshots of every screen, rendered with ratatui's TestBackend.
+    //! `UPDATE_SNAPSHOTS=1 cargo test -p umbra-cli` rewrites them; review the
+    //! diff before committing.
+    #![allow(clippy::unwrap_used)]
+
+    use ratatui::Terminal;
+    use ratatui::backend::TestBackend;
+    use umbra_client::{
+        AccountId, Contact, ContactState, Conversation, ConversationId, ConversationKind,
+        DeliveryState, Direction, Message,
+    };
+
+    use super::super::app::{App, Focus, Link, Overlay, Screen};
+    use super::draw;
+
+    const NOW: u64 = 1_795_300_000;
+
+    fn id(text: &str) -> AccountId {
+        AccountId::parse(text).unwrap()
+    }
+
+    fn message(
+        n: i64,
+        direction: Direction,
+        sender: &str,
+        body: &str,
+        expires_in: Option<u64>,
+    ) -> Message {
+        Message {
+            id: n,
+            conversation: ConversationId("aa".into()),
+            sender: id(sender),
+            direction,
+            body: body.into(),
+            state: match direction {
+                Direction::Out => DeliveryState::Sent,
+                _ => DeliveryState::Received,
+            },
+            timestamp: NOW - 600 + n as u64 * 60,
+            expires_at: expires_in.map(|s| NOW + s),
+            disappear_after: 30,
+        }
+    }
+
+    fn sample() -> App {
+        let direct = Conversation {
+            id: ConversationId("aa".into()),
+            kind: ConversationKind::Direct {
+                peer: id("GUF8EA6B"),
+            },
+            name: String::new(),
+            active: true,
+            disappear_after: 30,
+            members: vec![id("XX4H6VEU"), id("GUF8EA6B")],
+        };
+        let group = Conversation {
+            id: ConversationId("bb".into()),
+            kind: ConversationKind::Group,
+            name: "Night shift".into(),
+            active: true,
+            disappear_after: 0,
+            members: vec![id("XX4H6VEU"), id("GUF8EA6B"), id("K7QD9XPM")],
+        };
+        App {
+            screen: Screen::Main,
+            account: "XX4H6VEU".into(),
+            link: Link::Connected,
+            conversations: vec![direct, group],
+            contacts: vec![
+                Contact {
+                    account: id("GUF8EA6B"),
+                    state: ContactState::Accepted,
+                    verified: true,
+                    key_changed: false,
+                    conversation: Some(ConversationId("aa".into())),
+                },
+                Contact {
+                    account: id("K7QD9XPM"),
+                    state: ContactState::Incoming,
+                    verified: false,
+                    key_changed: false,
+                    conversation: None,
+                },
+            ],
+            unread: vec![(ConversationId("bb".into()), 2)],
+            previews: vec![
+                (ConversationId("aa".into()), "see you at nine".into()),
+                (ConversationId("bb".into()), "who has the keys?".into()),
+            ],
+            messages: vec![
+                message(
+                    1,
+                    Direction::System,
+                    "XX4H6VEU",
+                    "GUF8EA6B set messages to disappear after 30 seconds",
+                    None,
+                ),
+                message(
+                    2,
+                    Direction::In,
+                    "GUF8EA6B",
+                    "are we still on for tonight? this line is long enough to wrap across the pane, with ünïcödé and 漢字 too",
+                    Some(21),
+                ),
+                message(3, Direction::Out, "XX4H6VEU", "see you at nine", Some(28)),
+            ],
+            now: NOW,
+            ..App::default()
+        }
+    }
+
+    fn render(app: &App, width: u16, height: u16) -> String {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+        terminal.draw(|frame| draw(frame, app)).unwrap();
+        let buffer = terminal.backend().buffer();
+        (0..height)
+            .map(|y| {
+                (0..width)
+                    .map(|x| buffer[(x, y)].symbol())
+                    .collect::<String>()
+                    .trim_end()
+                    .to_owned()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn check(name: &str, actual: String) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/tui/snapshots")
+            .join(format!("{name}.txt"));
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(&path, format!("{actual}\n")).unwrap();
+            return;
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+            panic!(
+                "no snapshot {}; run with UPDATE_SNAPSHOTS=1",
+                path.display()
+            )
+        });
+        assert_eq!(
+            actual,
+            expected.trim_end_matches('\n'),
+            "screen {name} changed; if intended, rerun with UPDATE_SNAPSHOTS=1 and review the diff"
+        );
+    }
+
+    #[test]
+    fn unlock_screen_masks_the_passphrase() {
+        let app = App {
+            screen: Screen::Unlock {
+                input: "secret".into(),
+                error: None,
+            },
+            ..App::default()
+        };
+        check("unlock", render(&app, 80, 24));
+        let app = App {
+            screen: Screen::Unlock {
+                input: String::new(),
+                error: Some("wrong passphrase".into()),
+            },
+            ..App::default()
+        };
+        check("unlock_error", render(&app, 80, 24));
+    }
+
+    #[test]
+    fn two_panes() {
+        check("main", render(&sample(), 100, 20));
+    }
+
+    #[test]
+    fn narrow_terminals_show_one_pane() {
+        let mut app = sample();
+        app.wide = false;
+        check("narrow_list", render(&app, 60, 16));
+        app.showing_conversation = true;
+        app.focus = Focus::Compose;
+        app.compose = "on my way".into();
+        check("narrow_conversation", render(&app, 60, 16));
+    }
+
+    #[test]
+    fn overlays() {
+        let mut app = sample();
+        app.overlay = Overlay::Help;
+        check("help", render(&app, 100, 24));
+        app.overlay = Overlay::Requests { selected: 0 };
+        check("requests", render(&app, 100, 20));
+        app.overlay = Overlay::Timer { selected: 2 };
+        check("timer", render(&app, 100, 20));
+        app.overlay = Overlay::NewGroup {
+            name: "Crew".into(),
+            members: "GUF8EA6B,K7QD9XPM".into(),
+            on_members: true,
+        };
+        check("new_group", render(&app, 100, 20));
+        app.overlay = Overlay::Safety {
+            account: id("GUF8EA6B"),
+            digits: "25006 17974 24090 77942 09045 01518 48966 88725 80398 30090 53996 97296"
+                .into(),
+            qr: "█▀▀▀█\n█ █ █\n▀▀▀▀▀".into(),
+        };
+        check("safety", render(&app, 100, 24));
+    }
+
+    #[test]
+    fn key_change_banner_and_reconnecting_status() {
+        let mut app = sample();
+        app.banner =
+            Some("The identity key of GUF8EA6B CHANGED: compare safety numbers again (s)".into());
+        app.link = Link::Reconnecting;
+        app.busy = 1;
+        app.tick = 1;
+        check("banner_reconnecting", render(&app, 100, 20));
+        app.banner = None;
+        app.link = Link::CertificateMismatch;
+        check("certificate_mismatch", render(&app, 100, 20));
     }
 }
