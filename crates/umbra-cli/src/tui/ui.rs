@@ -581,7 +581,7 @@ mod tests {
             )
         });
         assert_eq!(
-            actual,
+            actual.trim_end_matches('\n'),
             expected.trim_end_matches('\n'),
             "screen {name} changed; if intended, rerun with UPDATE_SNAPSHOTS=1 and review the diff"
         );
