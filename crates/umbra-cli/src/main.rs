@@ -304,8 +304,9 @@ fn main() -> ExitCode {
 
 fn exit_code(error: &anyhow::Error) -> u8 {
     match error.downcast_ref::<ClientError>() {
-        Some(ClientError::WrongPassphrase) => exit::WRONG_PASSPHRASE,
-        Some(ClientError::NotActivated(_) | ClientError::Erased { .. }) => exit::NOT_ACTIVATED,
+        // A duress unlock looks exactly like a wrong passphrase.
+        Some(ClientError::WrongPassphrase | ClientError::Erased { .. }) => exit::WRONG_PASSPHRASE,
+        Some(ClientError::NotActivated(_)) => exit::NOT_ACTIVATED,
         Some(
             ClientError::CertificateMismatch
             | ClientError::Unreachable { .. }

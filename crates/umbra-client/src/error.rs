@@ -10,9 +10,9 @@ pub enum ClientError {
     #[error("no Umbra device in {0}; run `umbra activate` first")]
     NotActivated(String),
     /// The duress passphrase was entered: the device is destroyed. Shown
-    /// exactly as [`ClientError::NotActivated`]; a front end should then send
-    /// the revocation (quietly) if there is one.
-    #[error("no Umbra device in {home}; run `umbra activate` first")]
+    /// exactly as a wrong passphrase; a front end should then send the
+    /// revocation (quietly) if there is one. The next attempt finds no device.
+    #[error("wrong passphrase")]
     Erased {
         home: String,
         revocation: Option<Box<crate::wipe::Revocation>>,

@@ -105,24 +105,57 @@ pub(crate) struct KdfFile {
     /// derived from the duress passphrase's key; random bytes while unset.
     #[serde(default)]
     pub duress_seal: String,
-    /// Wrong passphrases in a row; kept here so that it survives restarts.
-    #[serde(default)]
-    pub failed_unlocks: u32,
-    /// The device wipes itself when `failed_unlocks` reaches this.
-    #[serde(default = "default_max_failed_unlocks")]
-    pub max_failed_unlocks: u32,
+}
+
+/// The unlock-attempt counter, in its own file so that `kdf.json` (and its
+/// salt) is written once and never copied around by rewrites.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Attempts {
+    /// Attempts begun since the last successful unlock.
+    pub failed: u32,
+    /// The device wipes itself when `failed` reaches this.
+    pub max: u32,
+}
+
+pub(crate) const ATTEMPTS_FILE: &str = "attempts.json";
+
+impl Attempts {
+    pub fn read(home: &Path) -> Result<Attempts> {
+        match std::fs::read(home.join(ATTEMPTS_FILE)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| ClientError::Store(format!("{ATTEMPTS_FILE} is damaged: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Attempts {
+                failed: 0,
+                max: DEFAULT_MAX_FAILED_UNLOCKS,
+            }),
+            Err(e) => Err(ClientError::Store(e.to_string())),
+        }
+    }
+
+    pub fn write(&self, home: &Path) -> Result<()> {
+        let text = serde_json::to_vec(self).map_err(|e| ClientError::Store(e.to_string()))?;
+        write_durably(home, ATTEMPTS_FILE, &text)
+    }
+}
+
+/// Writes a file durably and atomically (temporary file, fsync, rename), so
+/// an update survives a crash or a pulled battery.
+fn write_durably(home: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let store = |e: std::io::Error| ClientError::Store(e.to_string());
+    let temporary = home.join(format!("{name}.new"));
+    let mut file = std::fs::File::create(&temporary).map_err(store)?;
+    file.write_all(bytes).map_err(store)?;
+    file.sync_all().map_err(store)?;
+    std::fs::rename(&temporary, home.join(name)).map_err(store)
 }
 
 /// Wrong passphrases in a row before the device wipes itself.
 pub const DEFAULT_MAX_FAILED_UNLOCKS: u32 = 10;
 
-fn default_max_failed_unlocks() -> u32 {
-    DEFAULT_MAX_FAILED_UNLOCKS
-}
-
 /// Bytes of sealed revocation (nonce, JSON, tag), padded so that a real seal
 /// and the random filler have the same length.
-const SEAL_LEN: usize = 12 + 320 + 16;
+const SEAL_LEN: usize = 12 + 600 + 16;
 
 pub(crate) const KDF_FILE: &str = "kdf.json";
 
@@ -136,8 +169,6 @@ impl KdfFile {
             params,
             duress_check: random_hex(32)?,
             duress_seal: random_hex(SEAL_LEN)?,
-            failed_unlocks: 0,
-            max_failed_unlocks: DEFAULT_MAX_FAILED_UNLOCKS,
         })
     }
 
@@ -194,18 +225,11 @@ impl KdfFile {
         }
     }
 
-    /// Writes the file durably and atomically (temporary file, fsync,
-    /// rename), so a counter update survives a crash or a pulled battery.
+    /// Writes the file durably and atomically.
     pub fn write(&self, home: &Path) -> Result<()> {
-        use std::io::Write;
-        let store = |e: std::io::Error| ClientError::Store(e.to_string());
         let text =
             serde_json::to_vec_pretty(self).map_err(|e| ClientError::Store(e.to_string()))?;
-        let temporary = home.join(format!("{KDF_FILE}.new"));
-        let mut file = std::fs::File::create(&temporary).map_err(store)?;
-        file.write_all(&text).map_err(store)?;
-        file.sync_all().map_err(store)?;
-        std::fs::rename(&temporary, home.join(KDF_FILE)).map_err(store)
+        write_durably(home, KDF_FILE, &text)
     }
 
     /// Derives the 32-byte store key from `passphrase`.

@@ -10,7 +10,9 @@ use rusqlite::Connection;
 use zeroize::Zeroizing;
 
 use crate::error::{ClientError, Result};
-use crate::secret::{KDF_FILE, KdfFile, KdfParams, Passphrase};
+use crate::secret::{ATTEMPTS_FILE, Attempts, KDF_FILE, KdfFile, KdfParams, Passphrase};
+
+const LOCK_FILE: &str = "lock";
 
 pub(crate) const STORE_FILE: &str = "device.db";
 
@@ -85,15 +87,33 @@ pub(crate) enum Unlocked {
     Duress(Option<Vec<u8>>),
 }
 
-/// Unlocks the store in `home` with `passphrase`. Every attempt costs the
-/// same Argon2id work and tries the store; the duress passphrase shreds the
-/// device, and so does the wrong passphrase `max_failed_unlocks` times in a
-/// row (the count lives in `kdf.json`, so it survives restarts).
+/// Holds the device's lock file: one unlock at a time, so that parallel
+/// attempts cannot share one count.
+fn lock(home: &Path) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(home.join(LOCK_FILE))
+        .map_err(|e| ClientError::Store(e.to_string()))?;
+    file.lock().map_err(|e| ClientError::Store(e.to_string()))?;
+    Ok(file)
+}
+
+/// Unlocks the store in `home` with `passphrase`. Every attempt is counted
+/// on disk before it is tried (an attempt that cannot be counted is not
+/// tried), costs the same Argon2id work and tries the store. The duress
+/// passphrase shreds the device, and so does the wrong passphrase `max`
+/// times in a row.
 pub(crate) fn open(home: &Path, passphrase: &Passphrase) -> Result<Unlocked> {
     let kdf = KdfFile::read(home)?;
-    let (Some(mut kdf), true) = (kdf, exists(home)) else {
+    let (Some(kdf), true) = (kdf, exists(home)) else {
         return Err(ClientError::NotActivated(home.display().to_string()));
     };
+    let _lock = lock(home)?;
+    let mut attempts = Attempts::read(home)?;
+    attempts.failed = attempts.failed.saturating_add(1);
+    attempts.write(home)?;
     let key = kdf.derive(passphrase)?;
     let duress = kdf.is_duress(&key);
     let mut connection = Connection::open(store_path(home))?;
@@ -105,10 +125,8 @@ pub(crate) fn open(home: &Path, passphrase: &Passphrase) -> Result<Unlocked> {
         })
         .is_ok();
     if readable {
-        if kdf.failed_unlocks != 0 {
-            kdf.failed_unlocks = 0;
-            kdf.write(home)?;
-        }
+        attempts.failed = 0;
+        attempts.write(home)?;
         configure(&mut connection)?;
         return Ok(Unlocked::Open(connection));
     }
@@ -118,12 +136,9 @@ pub(crate) fn open(home: &Path, passphrase: &Passphrase) -> Result<Unlocked> {
         shred(home)?;
         return Ok(Unlocked::Duress(revocation));
     }
-    kdf.failed_unlocks = kdf.failed_unlocks.saturating_add(1);
-    if kdf.failed_unlocks >= kdf.max_failed_unlocks {
+    if attempts.failed >= attempts.max {
         tracing::warn!("too many wrong passphrases: wiping the device");
         shred(home)?;
-    } else {
-        kdf.write(home)?;
     }
     Err(ClientError::WrongPassphrase)
 }
@@ -153,37 +168,28 @@ pub(crate) fn derive_checked(
 fn device_files(home: &Path) -> Vec<PathBuf> {
     [
         KDF_FILE,
+        "kdf.json.new",
         STORE_FILE,
         "device.db-wal",
         "device.db-shm",
         "device.db-journal",
+        ATTEMPTS_FILE,
+        "attempts.json.new",
+        LOCK_FILE,
     ]
     .iter()
     .map(|name| home.join(name))
     .collect()
 }
 
-/// Destroys the device in `home`. The key-derivation file is overwritten,
-/// flushed and removed first: from then on no passphrase opens anything
-/// (crypto-shredding). The store files are then removed at once, so `home`
-/// looks like a fresh install, and overwritten with random bytes through
-/// handles kept open, on a background thread (best effort: defence in
-/// depth, since without the salt their contents are noise anyway).
+/// Destroys the device in `home`: each file is overwritten with random
+/// bytes, flushed and removed, the key-derivation file first (without its
+/// salt no passphrase opens anything, so an interrupted wipe still leaves
+/// nothing that opens). Afterwards `home` looks like a fresh install.
 pub(crate) fn shred(home: &Path) -> Result<()> {
-    let files = device_files(home);
-    let mut handles = Vec::new();
     let mut first_error = None;
-    for (n, path) in files.iter().enumerate() {
-        let result = if n == 0 {
-            overwrite(path).and_then(|()| remove(path))
-        } else {
-            open_for_overwrite(path).and_then(|handle| {
-                remove(path)?;
-                handles.extend(handle);
-                Ok(())
-            })
-        };
-        if let Err(error) = result
+    for path in device_files(home) {
+        if let Err(error) = overwrite(&path).and_then(|()| remove(&path))
             && first_error.is_none()
         {
             first_error = Some(ClientError::Store(format!(
@@ -191,13 +197,6 @@ pub(crate) fn shred(home: &Path) -> Result<()> {
                 path.display()
             )));
         }
-    }
-    if !handles.is_empty() {
-        std::thread::spawn(move || {
-            for (mut file, len) in handles {
-                let _ = fill_with_noise(&mut file, len);
-            }
-        });
     }
     first_error.map_or(Ok(()), Err)
 }
@@ -270,14 +269,14 @@ mod tests {
     #[test]
     fn a_duress_unlock_takes_as_long_as_a_normal_one() {
         let params = KdfParams {
-            memory_kib: 16 * 1024,
+            memory_kib: 64 * 1024,
             iterations: 2,
             parallelism: 1,
         };
         let real = Passphrase::new("the real one");
         let duress = Passphrase::new("the duress one");
         let (mut normal, mut under_duress) = (Vec::new(), Vec::new());
-        for _ in 0..9 {
+        for _ in 0..7 {
             let dir = tempfile::tempdir().unwrap();
             drop(create(dir.path(), &real, params).unwrap());
             let mut kdf = KdfFile::read(dir.path()).unwrap().unwrap();

@@ -168,8 +168,9 @@ impl Client {
         if max == 0 {
             return Err(ClientError::Invalid("the limit must be at least 1".into()));
         }
-        let (mut kdf, _) = store::derive_checked(self.home(), passphrase)?;
-        kdf.max_failed_unlocks = max;
-        kdf.write(self.home())
+        store::derive_checked(self.home(), passphrase)?;
+        let mut attempts = crate::secret::Attempts::read(self.home())?;
+        attempts.max = max;
+        attempts.write(self.home())
     }
 }

@@ -188,11 +188,10 @@ async fn the_duress_passphrase_destroys_the_device_and_ends_its_line() {
     drop(client);
 
     let erased = umbra_client::Client::open(home.path(), &duress, common::options()).unwrap_err();
-    let never = umbra_client::ClientError::NotActivated(home.path().display().to_string());
     assert_eq!(
         erased.to_string(),
-        never.to_string(),
-        "looks like a fresh install"
+        ClientError::WrongPassphrase.to_string(),
+        "looks exactly like a typo"
     );
     let ClientError::Erased {
         revocation: Some(revocation),

@@ -98,7 +98,8 @@ async fn event_loop(
                                 tokio::runtime::Handle::current()
                                     .spawn(async move { revocation.send().await });
                             }
-                            Note::Erased(error.to_string())
+                            // On screen, exactly a wrong passphrase.
+                            Note::UnlockFailed(error.to_string())
                         }
                         Err(error @ ClientError::NotActivated(_)) => {
                             Note::Erased(error.to_string())
