@@ -658,7 +658,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                 let seen = if line.last_seen_day == 0 {
                                     "never".to_owned()
                                 } else {
-                                    date(line.last_seen_day * 86_400)
+                                    date(line.last_seen_day.saturating_mul(86_400))
                                 };
                                 format!(
                                     "{}  until {}  last seen {seen}  {}",
@@ -911,13 +911,20 @@ async fn groups(cli: &Cli, out: &Out, command: &GroupsCommand) -> anyhow::Result
     Ok(())
 }
 
+/// A UTC date for people. Times from the server are not trusted to be sane:
+/// anything past the year 9999 reads as such rather than failing.
 fn date(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
-        .to_string()
-        .split('T')
-        .next()
-        .unwrap_or_default()
-        .to_owned()
+    const YEAR_9999_END: u64 = 253_402_300_799;
+    if unix > YEAR_9999_END {
+        return "after 9999".into();
+    }
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix);
+    let mut text = String::new();
+    use std::fmt::Write;
+    if write!(text, "{}", humantime::format_rfc3339_seconds(time)).is_err() {
+        return "an unreadable date".into();
+    }
+    text.split('T').next().unwrap_or_default().to_owned()
 }
 
 fn qr(text: &str) -> Option<String> {

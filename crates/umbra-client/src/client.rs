@@ -229,7 +229,6 @@ impl Client {
         info!(account = %account_id, "device activated");
         let client = Client::from_parts(home, connection, options)?;
         client.connect().await?;
-        client.request(Request::SetWipeKey { wipe_key }).await?;
         let wipe_code = WipeCode {
             address: activation.address.clone(),
             pin: activation.pin,
@@ -246,6 +245,7 @@ impl Client {
                 let client = Client::from_parts(home, connection, options)?;
                 // Whatever came due while the device was closed goes first.
                 client.expire_messages()?;
+                client.start_expiry_ticker();
                 Ok(client)
             }
             // Looks exactly like a device that was never activated.
@@ -370,6 +370,21 @@ impl Client {
             .ok_or(ClientError::NotConnected)
     }
 
+    /// Starts erasing messages as they expire, once per client, when an
+    /// async runtime is there to run it.
+    pub(crate) fn start_expiry_ticker(&self) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && !self
+                .inner
+                .ticking
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            runtime.spawn(crate::disappearing::expiry_ticker(Arc::downgrade(
+                &self.inner,
+            )));
+        }
+    }
+
     pub(crate) fn signer(&self) -> &DeviceSigner {
         &self.inner.signer
     }
@@ -457,6 +472,14 @@ impl Client {
         if let Some(previous) = previous {
             previous.close();
         }
+        // Register the wipe key again on every connection: cheap, and it
+        // repairs an activation whose first registration did not arrive.
+        let wipe_key: Option<Vec<u8>> =
+            self.db()
+                .query_row("SELECT wipe_public_key FROM device", [], |row| row.get(0))?;
+        if let Some(wipe_key) = wipe_key.and_then(|key| IdentityKey::from_slice(&key).ok()) {
+            link.request(Request::SetWipeKey { wipe_key }).await?;
+        }
         // Settle commits whose verdict was lost before applying anything:
         // the backlog may hold messages from the epoch after them.
         self.resubmit_pending_commits().await?;
@@ -468,15 +491,7 @@ impl Client {
             self.upload_key_packages(!has_last_resort || key_packages_remaining == 0)
                 .await?;
         }
-        if !self
-            .inner
-            .ticking
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            tokio::spawn(crate::disappearing::expiry_ticker(Arc::downgrade(
-                &self.inner,
-            )));
-        }
+        self.start_expiry_ticker();
         // Once the backlog is applied, refresh our keys where they are due.
         let client = self.clone();
         tokio::spawn(async move {
@@ -626,10 +641,14 @@ impl Client {
                 .exists([delivery.id])?;
             if !seen {
                 follow_up = self.apply_in_tx(tx, provider, &delivery, &mut events)?;
-                tx.execute(
-                    "INSERT INTO processed_deliveries (delivery_id, processed_at) VALUES (?1, ?2)",
-                    params![delivery.id, self.now()],
-                )?;
+                // A genuine wipe is not marked as done until it is: if the
+                // wipe is interrupted, the command comes again.
+                if !matches!(follow_up, Some(FollowUp::Wipe)) {
+                    tx.execute(
+                        "INSERT INTO processed_deliveries (delivery_id, processed_at) VALUES (?1, ?2)",
+                        params![delivery.id, self.now()],
+                    )?;
+                }
             }
             Ok(())
         });
@@ -834,10 +853,15 @@ impl Client {
                     Body::Text(body) => {
                         let timestamp = self.now();
                         let ttl = group.disappear_after();
+                        // Counting starts when it is shown; one never shown
+                        // still goes after a backstop, not never.
+                        let backstop = (ttl > 0).then(|| {
+                            timestamp + crate::disappearing::UNSHOWN_BACKSTOP + u64::from(ttl)
+                        });
                         tx.execute(
-                            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl)
-                             VALUES (?1, ?2, 'in', ?3, 'received', ?4, ?5)",
-                            params![id, sender.as_str(), body, timestamp, ttl],
+                            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at)
+                             VALUES (?1, ?2, 'in', ?3, 'received', ?4, ?5, ?6)",
+                            params![id, sender.as_str(), body, timestamp, ttl, backstop],
                         )?;
                         events.push(Event::MessageReceived {
                             message: Message {
@@ -848,7 +872,11 @@ impl Client {
                                 body,
                                 state: DeliveryState::Received,
                                 timestamp,
-                                expires_at: None,
+                                expires_at: (ttl > 0).then(|| {
+                                    timestamp
+                                        + crate::disappearing::UNSHOWN_BACKSTOP
+                                        + u64::from(ttl)
+                                }),
                                 disappear_after: ttl,
                             },
                         });

@@ -24,6 +24,10 @@ pub const DEFAULT_TIMER: u32 = 30;
 
 const DEFAULT_TIMER_KEY: &str = "default_disappear_after";
 
+/// A received message in a disappearing conversation that is never shown
+/// still goes this long (plus its timer) after it arrived.
+pub const UNSHOWN_BACKSTOP: u64 = 7 * 86_400;
+
 /// "30 seconds", "2 hours", "4 weeks": how a timer reads in a conversation.
 pub fn describe(seconds: u32) -> String {
     let units = [
@@ -154,7 +158,7 @@ impl Client {
         for id in message_ids {
             tx.execute(
                 "UPDATE messages SET shown_at = ?2,
-                        expires_at = CASE WHEN ttl > 0 THEN ?2 + ttl END
+                        expires_at = CASE WHEN ttl > 0 THEN MIN(?2 + ttl, expires_at) END
                  WHERE id = ?1 AND direction = 'in' AND shown_at IS NULL",
                 params![id, now],
             )?;
@@ -205,26 +209,23 @@ impl Client {
     }
 }
 
-/// Erases messages as they expire, for as long as the client lives. Holds
-/// the client weakly: dropping the last handle stops it.
+/// Erases messages as they expire, for as long as the client lives: checks
+/// every second (one indexed lookup), so a 5-second message goes on time.
+/// Holds the client weakly: dropping the last handle stops it. A failing
+/// store is retried; a wiped one ends it.
 pub(crate) async fn expiry_ticker(inner: Weak<Inner>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let wait = {
-            let Some(client) = Client::from_weak(&inner) else {
-                return;
-            };
-            if client.expire_messages().is_err() {
-                // The store is gone (wiped) or failing: stop quietly.
-                return;
-            }
-            client
-                .next_expiry_in()
-                .ok()
-                .flatten()
-                .unwrap_or(60)
-                .clamp(1, 60)
+        ticks.tick().await;
+        let Some(client) = Client::from_weak(&inner) else {
+            return;
         };
-        tokio::time::sleep(Duration::from_secs(wait)).await;
+        if !crate::store::exists(client.home()) {
+            return;
+        }
+        if matches!(client.next_expiry_in(), Ok(Some(0))) {
+            let _ = client.expire_messages();
+        }
     }
 }
 

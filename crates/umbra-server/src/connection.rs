@@ -124,7 +124,7 @@ impl Connection {
         loop {
             let next = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
-                _ = tokio::time::sleep_until(auth_deadline), if online.is_none() => {
+                _ = tokio::time::sleep_until(auth_deadline), if matches!(session, Session::AwaitingAuth { .. }) => {
                     let error = ErrorReply::new(
                         ErrorCode::NotAuthenticated,
                         format!("not authenticated within {} seconds", AUTH_TIMEOUT.as_secs()),

@@ -313,6 +313,7 @@ impl Services {
                     .await
             }
             Request::FetchKeyPackage { account_id } => {
+                self.require_active(me).await?;
                 if !self
                     .store
                     .are_contacts(me, &account_id)
@@ -377,6 +378,7 @@ impl Services {
                 }
             }
             Request::AcceptContact { from } => {
+                self.require_active(me).await?;
                 let now = self.now();
                 let (outcome, _) = self
                     .store
@@ -443,6 +445,7 @@ impl Services {
             }
             Request::Ping => Ok(Reply::Done),
             Request::RedeemRenewal { code } => {
+                self.live_account(me).await?;
                 match self
                     .store
                     .redeem_renewal(me, CodeHash::of(&code), self.now())
