@@ -66,23 +66,27 @@ impl Client {
         self.wipe_now("requested on this device").await
     }
 
-    /// Revokes the line at the server (best effort, briefly), then destroys
-    /// the local store. Afterwards this client can do nothing more.
+    /// Destroys the local store first (nothing may stand between a genuine
+    /// wipe and the shredding), then revokes the line at the server with the
+    /// key still in memory (best effort, briefly). Afterwards this client can
+    /// do nothing more.
     pub(crate) async fn wipe_now(&self, reason: &str) -> Result<()> {
-        if let Ok(link) = self.current_link() {
-            let request = Request::Revoke {
-                account_id: self.account().clone(),
-                signature: self.sign(&revoke_signing_payload(self.account())),
-            };
-            match tokio::time::timeout(REVOKE_TIMEOUT, link.request(request)).await {
+        let link = self.current_link().ok();
+        let revocation = Request::Revoke {
+            account_id: self.account().clone(),
+            signature: self.sign(&revoke_signing_payload(self.account())),
+        };
+        self.close_store();
+        let shredded = store::shred(self.home());
+        if let Some(link) = link {
+            match tokio::time::timeout(REVOKE_TIMEOUT, link.request(revocation)).await {
                 Ok(Ok(_)) => info!("line revoked at the server"),
                 Ok(Err(error)) => warn!(%error, "the server did not revoke the line"),
                 Err(_) => warn!("the server did not confirm the revocation in time"),
             }
         }
         self.disconnect();
-        self.close_store();
-        store::shred(self.home())?;
+        shredded?;
         info!(reason, "device wiped");
         self.emit_event(Event::Wiped);
         Ok(())
