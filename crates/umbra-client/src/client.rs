@@ -770,14 +770,40 @@ impl Client {
                     .group_id
                     .as_ref()
                     .ok_or_else(|| ClientError::Invalid("revocation without a group".into()))?;
-                let revoked = std::str::from_utf8(&delivery.payload)
+                let (account, proof) = delivery
+                    .payload
+                    .split_at(AccountId::LEN.min(delivery.payload.len()));
+                let revoked = std::str::from_utf8(account)
                     .ok()
                     .and_then(|text| AccountId::parse(text).ok())
                     .ok_or_else(|| ClientError::Invalid("revocation without an account".into()))?;
-                return Ok(Some(FollowUp::RemoveMember(
-                    group_id.as_bytes().to_vec(),
-                    revoked,
-                )));
+                let gid = group_id.as_bytes().to_vec();
+                let Some(group) = Group::load(provider, &gid)? else {
+                    return Ok(None);
+                };
+                // Only the member's own signed revocation makes us remove it:
+                // the server alone must not be able to have members removed.
+                let signed = Signature::from_slice(proof).ok().is_some_and(|signature| {
+                    group.members().iter().any(|member| {
+                        member.account == revoked
+                            && umbra_mls::verify(
+                                &member.identity_key,
+                                &umbra_proto::revoke_signing_payload(&revoked),
+                                &signature,
+                            )
+                    })
+                });
+                if signed {
+                    return Ok(Some(FollowUp::RemoveMember(gid, revoked)));
+                }
+                self.system_line(
+                    tx,
+                    &gid,
+                    &format!("The server reports that {revoked}'s line has ended"),
+                )?;
+                events.push(Event::ConversationChanged {
+                    conversation: self.conversation_in(tx, provider, &gid)?,
+                });
             }
             DeliveryKind::Unspecified => {}
         }

@@ -95,9 +95,32 @@ async fn a_distributor_manages_its_own_lines_and_no_others() {
     mine.client.send_text(&conversation, "back").await.unwrap();
     assert_eq!(theirs.next_text().await.1, "back");
 
-    // Revoked: gone for good.
+    // Revoked: gone for good. Its contact is told, but an unsigned notice
+    // from the server does not make anyone remove a member.
     north.revoke(&mine.id()).await.unwrap();
     assert_eq!(north.lines().await.unwrap()[0].status, "revoked");
+    let view = theirs
+        .wait_for(|e| match e {
+            umbra_client::Event::ConversationChanged { conversation } => Some(conversation.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        view.members.len(),
+        2,
+        "no removal on the server's word alone"
+    );
+    let lines: Vec<String> = theirs
+        .client
+        .history(&view.id, 20)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
+    assert!(lines.contains(&format!(
+        "The server reports that {}'s line has ended",
+        mine.id()
+    )));
     mine.client.disconnect();
     let refused = mine.client.connect().await.unwrap_err();
     assert_eq!(refused.server_code(), Some(ErrorCode::LineRevoked));

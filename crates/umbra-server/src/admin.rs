@@ -128,7 +128,12 @@ pub async fn purge_lapsed_lines(
         .await?;
     for line in &lapsed {
         store
-            .revoke(line, now, now.saturating_add(config.mailbox_ttl.as_secs()))
+            .revoke(
+                line,
+                None,
+                now,
+                now.saturating_add(config.mailbox_ttl.as_secs()),
+            )
             .await?;
     }
     Ok(lapsed)

@@ -564,16 +564,20 @@ impl Services {
                 "the revocation is not signed with the line's identity key",
             ));
         }
-        self.end_line(account_id).await?;
+        self.end_line(account_id, Some(signature)).await?;
         Ok(Reply::Done)
     }
 
     /// Revokes a line and tells its groups, so nobody keeps encrypting to it.
-    async fn end_line(&self, account_id: &AccountId) -> Result<(), ErrorReply> {
+    async fn end_line(
+        &self,
+        account_id: &AccountId,
+        proof: Option<&Signature>,
+    ) -> Result<(), ErrorReply> {
         let now = self.now();
         let told = self
             .store
-            .revoke(account_id, now, self.expires_at(now))
+            .revoke(account_id, proof, now, self.expires_at(now))
             .await
             .map_err(internal)?;
         self.registry.notify(&told);
@@ -677,7 +681,7 @@ impl Services {
                         .set_line_status(&account_id, LineStatus::Active)
                         .await
                         .map_err(internal)?,
-                    _ => self.end_line(&account_id).await?,
+                    _ => self.end_line(&account_id, None).await?,
                 }
                 info!(distributor = id, line = %account_id, ?action, "line status changed");
                 Ok(Reply::Done)
@@ -698,7 +702,7 @@ impl Services {
             .saturating_sub(self.limits.subscription_grace_secs);
         let lapsed = self.store.lapsed_lines(cutoff).await.map_err(internal)?;
         for line in &lapsed {
-            self.end_line(line).await?;
+            self.end_line(line, None).await?;
         }
         Ok(lapsed.len())
     }

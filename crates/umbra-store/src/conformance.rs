@@ -481,7 +481,7 @@ async fn revocation(store: &impl Store) {
         .await
         .unwrap();
 
-    let told = store.revoke(&alice, NOW, NOW + TTL).await.unwrap();
+    let told = store.revoke(&alice, None, NOW, NOW + TTL).await.unwrap();
     assert_eq!(told, vec![bob.clone(), carol.clone()]);
     let row = store.account(&alice).await.unwrap().unwrap();
     assert_eq!((row.status, row.wipe_key), (LineStatus::Revoked, None));
@@ -631,7 +631,7 @@ async fn distributors(store: &impl Store) {
         store.lapsed_lines(later + 6 * DAY).await.unwrap(),
         vec![line.clone()]
     );
-    store.revoke(&line, NOW, NOW + TTL).await.unwrap();
+    store.revoke(&line, None, NOW, NOW + TTL).await.unwrap();
     assert!(
         store
             .lapsed_lines(later + 6 * DAY)

@@ -128,11 +128,13 @@ pub trait Accounts: Send + Sync {
     async fn touch(&self, id: &AccountId, day: u64) -> Result<()>;
     /// Ends a line: withdraws its KeyPackages, drops its mailbox and its
     /// contacts, takes it out of every group and tells each remaining member
-    /// (a `MemberRevoked` delivery per group), atomically. Returns the
-    /// members told.
+    /// (a `MemberRevoked` delivery per group, carrying the line's own signed
+    /// revocation when it revoked itself), atomically. Returns the members
+    /// told.
     async fn revoke(
         &self,
         id: &AccountId,
+        proof: Option<&umbra_proto::Signature>,
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<Vec<AccountId>>;

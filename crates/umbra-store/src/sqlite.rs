@@ -287,10 +287,15 @@ impl Accounts for SqliteStore {
     async fn revoke(
         &self,
         id: &AccountId,
+        proof: Option<&umbra_proto::Signature>,
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<Vec<AccountId>> {
         let id = id.clone();
+        let mut notice = id.as_str().as_bytes().to_vec();
+        if let Some(proof) = proof {
+            notice.extend_from_slice(proof.as_bytes());
+        }
         self.write(move |tx| {
             let groups: Vec<Vec<u8>> = tx
                 .prepare("SELECT group_id FROM group_members WHERE account_id = ?1")
@@ -314,7 +319,7 @@ impl Accounts for SqliteStore {
                         &id,
                         DeliveryKind::MemberRevoked,
                         Some(&group),
-                        id.as_str().as_bytes(),
+                        &notice,
                         now,
                         expires_at,
                     )?;
