@@ -212,3 +212,129 @@ fn help_is_there_for_a_newcomer() {
         assert!(text.contains(needle), "--help lacks {needle}");
     }
 }
+
+/// A tmux session on a private socket, killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let output = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("tmux must be installed for the terminal test (.ci/run installs it)");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "chat"])
+    }
+
+    /// Waits (bounded) until the screen shows `text`.
+    async fn wait_for(&self, text: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let screen = self.screen();
+            if screen.contains(text) {
+                return screen;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the screen never showed {text:?}; it shows:\n{screen}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .arg("kill-server")
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_full_screen_chat_in_a_real_terminal() {
+    let server = Server::start().await;
+    let (alice, bob) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = ok(alice.path(), &["activate", &server.activation().await]).await[0]["account_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = ok(bob.path(), &["activate", &server.activation().await]).await[0]["account_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ok(alice.path(), &["contacts", "add", &b]).await;
+    ok(bob.path(), &["recv"]).await;
+    ok(bob.path(), &["contacts", "accept", &a]).await;
+    ok(bob.path(), &["send", &a, "are you there?"]).await;
+
+    // Alice opens the app in a real terminal (tmux), 100x30.
+    let tmux = Tmux {
+        socket: format!("umbra-test-{}", std::process::id()),
+    };
+    let command = format!(
+        "env -u UMBRA_PASSPHRASE {} --home {}",
+        env!("CARGO_BIN_EXE_umbra"),
+        alice.path().display()
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "chat",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &command,
+    ]);
+    tmux.wait_for("Passphrase:").await;
+    tmux.run(&["send-keys", "-t", "chat", "a long test passphrase"]);
+    let masked = tmux.screen();
+    assert!(
+        !masked.contains("a long test"),
+        "the passphrase is masked:\n{masked}"
+    );
+    assert!(masked.contains("> ******"));
+    tmux.run(&["send-keys", "-t", "chat", "Enter"]);
+    let screen = tmux.wait_for("are you there?").await;
+    assert!(
+        screen.contains(&b),
+        "the conversation list names Bob:\n{screen}"
+    );
+    tmux.wait_for("connected").await;
+
+    // Open the conversation, write, send.
+    tmux.run(&["send-keys", "-t", "chat", "Enter"]);
+    tmux.run(&["send-keys", "-t", "chat", "-l", "hello from the terminal ✓"]);
+    tmux.run(&["send-keys", "-t", "chat", "Enter"]);
+    tmux.wait_for("you: hello from the terminal ✓").await;
+    let mut received = Vec::new();
+    for _ in 0..50 {
+        received.extend(messages(&ok(bob.path(), &["recv"]).await));
+        if !received.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(received, vec!["hello from the terminal ✓"]);
+
+    // Bob's reply appears live.
+    ok(bob.path(), &["send", &a, "loud and clear"]).await;
+    tmux.wait_for("loud and clear").await;
+
+    // The help overlay lists every key.
+    tmux.run(&["send-keys", "-t", "chat", "Escape"]);
+    tmux.run(&["send-keys", "-t", "chat", "?"]);
+    tmux.wait_for("keys (Esc closes)").await;
+    tmux.run(&["send-keys", "-t", "chat", "Escape"]);
+    tmux.run(&["send-keys", "-t", "chat", "q"]);
+}
