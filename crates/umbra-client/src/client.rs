@@ -1340,6 +1340,19 @@ impl Client {
         Ok(conversation)
     }
 
+    /// Declines a contact request: it is forgotten on this device, and
+    /// nothing is sent (the requester is not told).
+    pub fn decline_contact(&self, account: &AccountId) -> Result<()> {
+        let removed = self.db().execute(
+            "DELETE FROM contacts WHERE account_id = ?1 AND state = 'incoming'",
+            [account.as_str()],
+        )?;
+        if removed == 0 {
+            return Err(ClientError::NoRequest(account.clone()));
+        }
+        Ok(())
+    }
+
     pub fn contacts(&self) -> Result<Vec<Contact>> {
         let db = self.db();
         let mut statement = db.prepare(

@@ -71,6 +71,7 @@ pub enum Action {
     Send(ConversationId, String),
     Open(ConversationId),
     Accept(AccountId),
+    Decline(AccountId),
     AddContact(AccountId),
     CreateGroup(String, Vec<AccountId>),
     AddMembers(ConversationId, Vec<AccountId>),
@@ -338,6 +339,10 @@ impl App {
                     KeyCode::Enter | KeyCode::Char('a') => {
                         let account = self.requests().get(selected)?.account.clone();
                         return Some(Action::Accept(account));
+                    }
+                    KeyCode::Char('d') => {
+                        let account = self.requests().get(selected)?.account.clone();
+                        return Some(Action::Decline(account));
                     }
                     _ => self.overlay = Overlay::Requests { selected },
                 }

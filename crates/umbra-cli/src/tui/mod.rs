@@ -379,6 +379,13 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
                     .map_err(|e| e.to_string())
             }),
         ),
+        Action::Decline(account) => {
+            app.status = Some(match client.decline_contact(&account) {
+                Ok(()) => format!("declined {account}"),
+                Err(error) => error.to_string(),
+            });
+            refresh(app, client);
+        }
         Action::ShowSafety(account) => match client.safety_number(&account) {
             Ok(number) => {
                 app.overlay = Overlay::Safety {

@@ -18,7 +18,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("Enter (writing)", "send"),
     ("Up/Down, PgUp/PgDn (writing)", "scroll the conversation"),
     ("Esc, Tab (writing)", "back to the list"),
-    ("r", "contact requests (Enter accepts)"),
+    ("r", "contact requests (Enter accepts, d declines)"),
     ("n", "new contact (by account ID)"),
     ("g", "new group (name, Tab, members)"),
     ("m", "members: IDs to add, -IDs to remove"),
@@ -347,7 +347,7 @@ fn overlay(frame: &mut Frame<'_>, app: &App) {
                     .collect()
             };
             lines.push(Line::from(""));
-            lines.push(Line::from("Enter accepts · Esc closes"));
+            lines.push(Line::from("Enter accepts · d declines · Esc closes"));
             dialog(frame, "contact requests", lines, 40);
         }
         Overlay::NewContact { input } => dialog(
