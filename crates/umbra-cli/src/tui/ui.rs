@@ -638,6 +638,16 @@ mod tests {
             on_members: true,
         };
         check("new_group", render(&app, 100, 20));
+        app.overlay = Overlay::NewContact {
+            input: "K7QD9XPM".into(),
+        };
+        check("new_contact", render(&app, 100, 20));
+        app.overlay = Overlay::Members {
+            input: "-K7QD9XPM".into(),
+        };
+        app.selected = 1;
+        check("members", render(&app, 100, 20));
+        app.selected = 0;
         app.overlay = Overlay::Safety {
             account: id("GUF8EA6B"),
             digits: "25006 17974 24090 77942 09045 01518 48966 88725 80398 30090 53996 97296"
