@@ -878,7 +878,13 @@ impl Client {
                 match content.body {
                     Body::Text(body) => {
                         let timestamp = self.now();
-                        let ttl = group.disappear_after();
+                        // The shorter of the sender's timer and ours: a message
+                        // never outlives the timer it was sent under.
+                        let ttl = match (content.disappear_after, group.disappear_after()) {
+                            (0, ours) => ours,
+                            (theirs, 0) => theirs.min(crate::disappearing::MAX_TIMER),
+                            (theirs, ours) => theirs.min(ours),
+                        };
                         // Counting starts when it is shown; one never shown
                         // still goes after a backstop, not never.
                         let backstop = (ttl > 0).then(|| {
@@ -1876,6 +1882,7 @@ impl Client {
         };
         let content = Content {
             body,
+            disappear_after: 0,
             sent_at_ms: now_ms(),
         };
         let (message_id, ciphertext, ttl) = self.with_tx(|tx, provider| {
@@ -1883,6 +1890,10 @@ impl Client {
             if !group.is_active() {
                 return Err(ClientError::NotAMember);
             }
+            let content = Content {
+                disappear_after: group.disappear_after(),
+                ..content.clone()
+            };
             let ciphertext = group.encrypt(provider, &self.inner.signer, &content.encode())?;
             let mut message_id = 0;
             let ttl = group.disappear_after();

@@ -20,6 +20,8 @@ pub enum Body {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Content {
     pub body: Body,
+    /// The disappearing timer the sender saw, in seconds (0 = off).
+    pub disappear_after: u32,
     /// Sender's clock, Unix milliseconds (informational: it is not trusted
     /// for ordering or expiry).
     pub sent_at_ms: u64,
@@ -35,6 +37,7 @@ impl Content {
         };
         wire::Content {
             body: Some(body),
+            disappear_after: self.disappear_after,
             sent_at_ms: self.sent_at_ms,
         }
         .encode_to_vec()
@@ -62,6 +65,7 @@ impl Content {
         };
         Ok(Content {
             body,
+            disappear_after: raw.disappear_after,
             sent_at_ms: raw.sent_at_ms,
         })
     }
@@ -75,6 +79,7 @@ mod tests {
     fn content_round_trips_and_rejects_garbage() {
         let content = Content {
             body: Body::Text("héllo ✓".into()),
+            disappear_after: 30,
             sent_at_ms: 42,
         };
         assert_eq!(Content::decode(&content.encode()), Ok(content));

@@ -482,6 +482,8 @@ pub struct Synced {}
 pub struct Content {
     #[prost(oneof = "content::Body", tags = "1, 2")]
     pub body: Option<content::Body>,
+    #[prost(uint32, tag = "3")]
+    pub disappear_after: u32,
     #[prost(uint64, tag = "15")]
     pub sent_at_ms: u64,
 }
