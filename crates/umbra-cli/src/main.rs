@@ -517,7 +517,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 out.event(&event);
             }
-            client.mark_shown(&shown)?;
+            client.mark_read(&shown).await?;
         }
         Command::Listen => {
             let client = open(&cli)?;
@@ -550,7 +550,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for message in &messages {
                 out.message(message);
             }
-            client.mark_shown(&messages.iter().map(|m| m.id).collect::<Vec<_>>())?;
+            // Read receipts need the server; without it the history still shows.
+            let shown: Vec<i64> = messages.iter().map(|m| m.id).collect();
+            if client.connect().await.is_ok() {
+                client.mark_read(&shown).await?;
+            } else {
+                client.mark_shown(&shown)?;
+            }
         }
         Command::Vault(command) => vault(&cli, &out, command)?,
         Command::Wipe(args) => {

@@ -331,10 +331,12 @@ async fn the_full_screen_chat_in_a_real_terminal() {
     ok(bob.path(), &["send", &a, "loud and clear"]).await;
     tmux.wait_for("loud and clear").await;
 
-    // The help overlay lists every key.
-    tmux.run(&["send-keys", "-t", "chat", "Escape"]);
+    // The help overlay lists every key. (Tab back to the list: a bare Escape
+    // followed at once by another key reads as Alt plus that key.)
+    tmux.run(&["send-keys", "-t", "chat", "Tab"]);
     tmux.run(&["send-keys", "-t", "chat", "?"]);
     tmux.wait_for("keys (Esc closes)").await;
     tmux.run(&["send-keys", "-t", "chat", "Escape"]);
+    tmux.wait_for("loud and clear").await;
     tmux.run(&["send-keys", "-t", "chat", "q"]);
 }

@@ -23,6 +23,10 @@ ALTER TABLE messages ADD COLUMN shown_at INTEGER;
 ALTER TABLE messages ADD COLUMN expires_at INTEGER;
 CREATE INDEX messages_by_expiry ON messages(expires_at) WHERE expires_at IS NOT NULL;
 
+-- Receipts: each text's own 16-byte ID, shared by sender and recipients.
+ALTER TABLE messages ADD COLUMN uid BLOB;
+CREATE INDEX messages_by_uid ON messages(uid) WHERE uid IS NOT NULL;
+
 -- The public half of the remote-wipe key (its secret is the wipe code the
 -- user wrote down), and a revocation signed in advance.
 ALTER TABLE device ADD COLUMN wipe_public_key BLOB;

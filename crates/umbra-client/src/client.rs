@@ -147,6 +147,8 @@ enum FollowUp {
     RemoveMember(Vec<u8>, AccountId),
     /// A genuine wipe command arrived.
     Wipe,
+    /// Tell the sender of these texts that they arrived.
+    Receipt(Vec<u8>, Vec<[u8; 16]>),
 }
 
 /// What the delivery service said of a commit.
@@ -706,6 +708,21 @@ impl Client {
             Some(FollowUp::Wipe) => {
                 self.wipe_now("remote wipe").await?;
             }
+            // Inline, before the next delivery: `recv` and `sync` then know
+            // that the receipts for what they applied have gone out.
+            Some(FollowUp::Receipt(group_id, uids)) => {
+                let conversation = ConversationId::from_group(&group_id);
+                if let Err(error) = self
+                    .send_receipt(
+                        &conversation,
+                        umbra_proto::content::ReceiptKind::Delivered,
+                        uids,
+                    )
+                    .await
+                {
+                    debug!(%error, "delivery receipt not sent");
+                }
+            }
             None => {}
         }
         Ok(())
@@ -891,9 +908,17 @@ impl Client {
                             timestamp + crate::disappearing::UNSHOWN_BACKSTOP + u64::from(ttl)
                         });
                         tx.execute(
-                            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at)
-                             VALUES (?1, ?2, 'in', ?3, 'received', ?4, ?5, ?6)",
-                            params![id, sender.as_str(), body, timestamp, ttl, backstop],
+                            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at, uid)
+                             VALUES (?1, ?2, 'in', ?3, 'received', ?4, ?5, ?6, ?7)",
+                            params![
+                                id,
+                                sender.as_str(),
+                                body,
+                                timestamp,
+                                ttl,
+                                backstop,
+                                content.message_id.map(|uid| uid.to_vec())
+                            ],
                         )?;
                         events.push(Event::MessageReceived {
                             message: Message {
@@ -912,6 +937,12 @@ impl Client {
                                 disappear_after: ttl,
                             },
                         });
+                        if let Some(uid) = content.message_id {
+                            return Ok(Some(FollowUp::Receipt(id.clone(), vec![uid])));
+                        }
+                    }
+                    Body::Receipt { kind, message_ids } => {
+                        self.apply_receipt(tx, &id, kind, &message_ids, events)?;
                     }
                     Body::GroupName(name) => {
                         tx.execute(
@@ -1873,14 +1904,21 @@ impl Client {
     /// Encrypts and sends one application message. Text is recorded locally
     /// (MLS cannot decrypt one's own messages) in the same transaction as the
     /// ratchet step. Returns the local message ID and whether it was accepted.
-    async fn send_content(&self, conversation: &ConversationId, body: Body) -> Result<(i64, bool)> {
+    pub(crate) async fn send_content(
+        &self,
+        conversation: &ConversationId,
+        body: Body,
+    ) -> Result<(i64, bool)> {
         let group_id = self.group_id_of(conversation)?;
         let ops = self.inner.ops.lock().await;
         let text = match &body {
             Body::Text(text) => Some(text.clone()),
             _ => None,
         };
+        let mut uid = [0u8; 16];
+        getrandom::getrandom(&mut uid).map_err(|e| ClientError::Store(e.to_string()))?;
         let content = Content {
+            message_id: text.is_some().then_some(uid),
             body,
             disappear_after: 0,
             sent_at_ms: now_ms(),
@@ -1900,15 +1938,16 @@ impl Client {
             if let Some(text) = &text {
                 let now = self.now();
                 tx.execute(
-                    "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at)
-                     VALUES (?1, ?2, 'out', ?3, 'sending', ?4, ?5, ?6)",
+                    "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at, uid)
+                     VALUES (?1, ?2, 'out', ?3, 'sending', ?4, ?5, ?6, ?7)",
                     params![
                         group_id,
                         self.inner.account.as_str(),
                         text,
                         now,
                         ttl,
-                        (ttl > 0).then(|| now + u64::from(ttl))
+                        (ttl > 0).then(|| now + u64::from(ttl)),
+                        &uid[..]
                     ],
                 )?;
                 message_id = tx.last_insert_rowid();

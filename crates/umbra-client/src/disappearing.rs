@@ -150,20 +150,22 @@ impl Client {
     }
 
     /// Records that these messages were shown to the user: in a
-    /// disappearing conversation, their countdown starts now.
+    /// disappearing conversation their countdown starts now, and their
+    /// senders are told they were read (in the background).
     pub fn mark_shown(&self, message_ids: &[i64]) -> Result<()> {
-        let now = self.now();
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        for id in message_ids {
-            tx.execute(
-                "UPDATE messages SET shown_at = ?2,
-                        expires_at = CASE WHEN ttl > 0 THEN MIN(?2 + ttl, expires_at) END
-                 WHERE id = ?1 AND direction = 'in' AND shown_at IS NULL",
-                params![id, now],
-            )?;
+        let read = self.mark_shown_only(message_ids)?;
+        if !read.is_empty()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let client = self.clone();
+            runtime.spawn(async move {
+                for (conversation, uids) in read {
+                    let _ = client
+                        .send_receipt(&conversation, umbra_proto::content::ReceiptKind::Read, uids)
+                        .await;
+                }
+            });
         }
-        tx.commit()?;
         Ok(())
     }
 

@@ -17,6 +17,7 @@ mod disappearing;
 mod distributor;
 mod error;
 mod link;
+mod receipts;
 mod safety;
 mod secret;
 mod store;

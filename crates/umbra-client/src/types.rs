@@ -95,6 +95,10 @@ pub enum DeliveryState {
     Sending,
     /// Stored by the server for every recipient.
     Sent,
+    /// A recipient's device has it.
+    Delivered,
+    /// A recipient has seen it.
+    Read,
     /// The server refused it or could not be reached.
     Failed,
     Received,
@@ -105,6 +109,8 @@ impl DeliveryState {
         match self {
             DeliveryState::Sending => "sending",
             DeliveryState::Sent => "sent",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Read => "read",
             DeliveryState::Failed => "failed",
             DeliveryState::Received => "received",
         }
@@ -114,6 +120,8 @@ impl DeliveryState {
         match text {
             "sending" => DeliveryState::Sending,
             "sent" => DeliveryState::Sent,
+            "delivered" => DeliveryState::Delivered,
+            "read" => DeliveryState::Read,
             "received" => DeliveryState::Received,
             _ => DeliveryState::Failed,
         }

@@ -71,6 +71,65 @@ async fn one_to_one_both_ways_online_and_offline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_and_read_receipts() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    let sent = alice
+        .client
+        .send_text(&conversation, "did you get this?")
+        .await
+        .unwrap();
+    assert_eq!(sent.state, umbra_client::DeliveryState::Sent);
+    // Bob's device applies it and answers "delivered" by itself.
+    let received = bob
+        .wait_for(|e| match e {
+            Event::MessageReceived { message } => Some(message.clone()),
+            _ => None,
+        })
+        .await;
+    let id = sent.id;
+    let delivered = alice
+        .wait_for(|e| match e {
+            Event::DeliveryStateChanged { message_id, state }
+                if *message_id == id && *state != umbra_client::DeliveryState::Sent =>
+            {
+                Some(*state)
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(delivered, umbra_client::DeliveryState::Delivered);
+    // Shown on Bob's screen: "read".
+    bob.client.mark_read(&[received.id]).await.unwrap();
+    let read = alice
+        .wait_for(|e| match e {
+            Event::DeliveryStateChanged { message_id, state }
+                if *message_id == id && *state != umbra_client::DeliveryState::Sent =>
+            {
+                Some(*state)
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(read, umbra_client::DeliveryState::Read);
+    let history = alice.client.history(&conversation, 10).unwrap();
+    let mine = history.iter().find(|m| m.id == sent.id).unwrap();
+    assert_eq!(mine.state, umbra_client::DeliveryState::Read);
+    // Receipts are not messages: Bob's history has just the one text.
+    assert_eq!(
+        bob.client
+            .history(&conversation, 10)
+            .unwrap()
+            .iter()
+            .filter(|m| m.direction == Direction::In)
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_of_five_add_and_remove() {
     let server = TestServer::start().await;
     let mut owner = Device::activate(&server).await;

@@ -480,8 +480,10 @@ pub struct Synced {}
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Content {
-    #[prost(oneof = "content::Body", tags = "1, 2")]
+    #[prost(oneof = "content::Body", tags = "1, 2, 5")]
     pub body: Option<content::Body>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub message_id: Vec<u8>,
     #[prost(uint32, tag = "3")]
     pub disappear_after: u32,
     #[prost(uint64, tag = "15")]
@@ -495,7 +497,25 @@ pub mod content {
         Text(super::Text),
         #[prost(message, tag = "2")]
         GroupName(super::GroupName),
+        #[prost(message, tag = "5")]
+        Receipt(super::Receipt),
     }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Receipt {
+    #[prost(enumeration = "ReceiptKind", tag = "1")]
+    pub kind: i32,
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub message_ids: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ReceiptKind {
+    Unspecified = 0,
+    Delivered = 1,
+    Read = 2,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -184,6 +184,8 @@ fn state_mark(state: DeliveryState) -> &'static str {
     match state {
         DeliveryState::Sending => "…",
         DeliveryState::Sent => "✓",
+        DeliveryState::Delivered => "✓✓",
+        DeliveryState::Read => "✓✓ read",
         DeliveryState::Failed => "✗ not sent",
         DeliveryState::Received => "",
     }
