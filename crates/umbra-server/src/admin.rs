@@ -123,18 +123,12 @@ pub async fn purge_lapsed_lines(
     now: u64,
 ) -> Result<Vec<umbra_proto::AccountId>, ServerError> {
     let store = open_store(data_dir, config)?;
-    let lapsed = store
-        .lapsed_lines(now.saturating_sub(config.subscription_grace.as_secs()))
+    let ended = store
+        .revoke_lapsed(
+            now.saturating_sub(config.subscription_grace.as_secs()),
+            now,
+            now.saturating_add(config.mailbox_ttl.as_secs()),
+        )
         .await?;
-    for line in &lapsed {
-        store
-            .revoke(
-                line,
-                None,
-                now,
-                now.saturating_add(config.mailbox_ttl.as_secs()),
-            )
-            .await?;
-    }
-    Ok(lapsed)
+    Ok(ended.into_iter().map(|(line, _)| line).collect())
 }

@@ -700,11 +700,17 @@ impl Services {
         let cutoff = self
             .now()
             .saturating_sub(self.limits.subscription_grace_secs);
-        let lapsed = self.store.lapsed_lines(cutoff).await.map_err(internal)?;
-        for line in &lapsed {
-            self.end_line(line, None).await?;
+        let now = self.now();
+        let ended = self
+            .store
+            .revoke_lapsed(cutoff, now, self.expires_at(now))
+            .await
+            .map_err(internal)?;
+        for (line, told) in &ended {
+            self.registry.notify(told);
+            info!(account = %line, "lapsed line ended");
         }
-        Ok(lapsed.len())
+        Ok(ended.len())
     }
 
     async fn upload_key_packages(

@@ -631,7 +631,16 @@ async fn distributors(store: &impl Store) {
         store.lapsed_lines(later + 6 * DAY).await.unwrap(),
         vec![line.clone()]
     );
-    store.revoke(&line, None, NOW, NOW + TTL).await.unwrap();
+    let ended = store
+        .revoke_lapsed(later + 6 * DAY, NOW, NOW + TTL)
+        .await
+        .unwrap();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].0, line);
+    assert_eq!(
+        store.account(&line).await.unwrap().unwrap().status,
+        LineStatus::Revoked
+    );
     assert!(
         store
             .lapsed_lines(later + 6 * DAY)
@@ -639,6 +648,13 @@ async fn distributors(store: &impl Store) {
             .unwrap()
             .is_empty(),
         "revoked lines are done"
+    );
+    assert!(
+        store
+            .revoke_lapsed(later + 6 * DAY, NOW, NOW + TTL)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 

@@ -405,6 +405,15 @@ pub trait Distributors: Send + Sync {
     ) -> Result<Renewal>;
     /// Lines whose subscription ended before `cutoff` and are not revoked.
     async fn lapsed_lines(&self, cutoff: Timestamp) -> Result<Vec<AccountId>>;
+    /// Revokes every line that lapsed before `cutoff`, choosing and revoking
+    /// in one transaction (so a renewal cannot slip in between). Returns
+    /// each line with the members told.
+    async fn revoke_lapsed(
+        &self,
+        cutoff: Timestamp,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<Vec<(AccountId, Vec<AccountId>)>>;
 }
 
 /// Everything the server needs from storage.

@@ -296,51 +296,60 @@ impl Accounts for SqliteStore {
         if let Some(proof) = proof {
             notice.extend_from_slice(proof.as_bytes());
         }
-        self.write(move |tx| {
-            let groups: Vec<Vec<u8>> = tx
-                .prepare("SELECT group_id FROM group_members WHERE account_id = ?1")
-                .and_then(|mut s| {
-                    s.query_map([id.as_str()], |row| row.get(0))?
-                        .collect::<rusqlite::Result<_>>()
-                })
-                .map_err(backend)?;
-            let mut told = Vec::new();
-            for group in groups {
-                let group = GroupId::new(group).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                tx.execute(
-                    "DELETE FROM group_members WHERE group_id = ?1 AND account_id = ?2",
-                    params![group.as_bytes(), id.as_str()],
-                )
-                .map_err(backend)?;
-                for member in members(tx, &group)? {
-                    enqueue(
-                        tx,
-                        &member,
-                        &id,
-                        DeliveryKind::MemberRevoked,
-                        Some(&group),
-                        &notice,
-                        now,
-                        expires_at,
-                    )?;
-                    told.push(member);
-                }
-            }
-            for sql in [
-                "DELETE FROM key_packages WHERE account_id = ?1",
-                "DELETE FROM last_resort_key_packages WHERE account_id = ?1",
-                "DELETE FROM mailbox WHERE recipient = ?1",
-                "DELETE FROM contacts WHERE requester = ?1 OR addressee = ?1",
-                "UPDATE accounts SET status = 'revoked', wipe_key = NULL WHERE account_id = ?1",
-            ] {
-                tx.execute(sql, [id.as_str()]).map_err(backend)?;
-            }
-            told.sort();
-            told.dedup();
-            Ok(told)
-        })
-        .await
+        self.write(move |tx| revoke_in(tx, &id, &notice, now, expires_at))
+            .await
     }
+}
+
+/// Ends a line inside an open transaction (see [`Accounts::revoke`]).
+fn revoke_in(
+    tx: &Transaction<'_>,
+    id: &AccountId,
+    notice: &[u8],
+    now: Timestamp,
+    expires_at: Timestamp,
+) -> Result<Vec<AccountId>> {
+    let groups: Vec<Vec<u8>> = tx
+        .prepare("SELECT group_id FROM group_members WHERE account_id = ?1")
+        .and_then(|mut s| {
+            s.query_map([id.as_str()], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()
+        })
+        .map_err(backend)?;
+    let mut told = Vec::new();
+    for group in groups {
+        let group = GroupId::new(group).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        tx.execute(
+            "DELETE FROM group_members WHERE group_id = ?1 AND account_id = ?2",
+            params![group.as_bytes(), id.as_str()],
+        )
+        .map_err(backend)?;
+        for member in members(tx, &group)? {
+            enqueue(
+                tx,
+                &member,
+                id,
+                DeliveryKind::MemberRevoked,
+                Some(&group),
+                notice,
+                now,
+                expires_at,
+            )?;
+            told.push(member);
+        }
+    }
+    for sql in [
+        "DELETE FROM key_packages WHERE account_id = ?1",
+        "DELETE FROM last_resort_key_packages WHERE account_id = ?1",
+        "DELETE FROM mailbox WHERE recipient = ?1",
+        "DELETE FROM contacts WHERE requester = ?1 OR addressee = ?1",
+        "UPDATE accounts SET status = 'revoked', wipe_key = NULL WHERE account_id = ?1",
+    ] {
+        tx.execute(sql, [id.as_str()]).map_err(backend)?;
+    }
+    told.sort();
+    told.dedup();
+    Ok(told)
 }
 
 fn account_row(connection: &Connection, id: &AccountId) -> Result<Option<Account>> {
@@ -1052,6 +1061,31 @@ impl Distributors for SqliteStore {
             Ok(Renewal::Renewed {
                 subscription_expires_at: expires,
             })
+        })
+        .await
+    }
+
+    async fn revoke_lapsed(
+        &self,
+        cutoff: Timestamp,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<Vec<(AccountId, Vec<AccountId>)>> {
+        self.write(move |tx| {
+            let ids: Vec<String> = tx
+                .prepare(
+                    "SELECT account_id FROM accounts
+                     WHERE subscription_expires_at < ?1 AND status != 'revoked' ORDER BY account_id",
+                )
+                .and_then(|mut s| s.query_map([cutoff], |row| row.get(0))?.collect())
+                .map_err(backend)?;
+            let mut ended = Vec::with_capacity(ids.len());
+            for id in ids {
+                let id = account_id(id)?;
+                let told = revoke_in(tx, &id, id.as_str().as_bytes(), now, expires_at)?;
+                ended.push((id, told));
+            }
+            Ok(ended)
         })
         .await
     }
