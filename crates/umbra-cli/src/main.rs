@@ -934,13 +934,7 @@ fn date(unix: u64) -> String {
 }
 
 fn qr(text: &str) -> Option<String> {
-    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
-    Some(
-        code.render::<qrcode::render::unicode::Dense1x2>()
-            .dark_color(qrcode::render::unicode::Dense1x2::Light)
-            .light_color(qrcode::render::unicode::Dense1x2::Dark)
-            .build(),
-    )
+    umbra_client::qr_text(text)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -51,15 +51,19 @@ impl SafetyNumber {
 
     /// The digits as a QR code of Unicode half blocks, for a terminal.
     pub fn qr(&self) -> Option<String> {
-        let code =
-            qrcode::QrCode::new(format!("umbra-safety:{}", self.digits.replace(' ', ""))).ok()?;
-        Some(
-            code.render::<qrcode::render::unicode::Dense1x2>()
-                .dark_color(qrcode::render::unicode::Dense1x2::Light)
-                .light_color(qrcode::render::unicode::Dense1x2::Dark)
-                .build(),
-        )
+        qr_text(&format!("umbra-safety:{}", self.digits.replace(' ', "")))
     }
+}
+
+/// Renders `text` as a QR code of Unicode half blocks, for a terminal.
+pub fn qr_text(text: &str) -> Option<String> {
+    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
+    Some(
+        code.render::<qrcode::render::unicode::Dense1x2>()
+            .dark_color(qrcode::render::unicode::Dense1x2::Light)
+            .light_color(qrcode::render::unicode::Dense1x2::Dark)
+            .build(),
+    )
 }
 
 #[cfg(test)]

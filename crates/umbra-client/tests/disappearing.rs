@@ -75,27 +75,11 @@ fn readable(home: &std::path::Path, text: &str) -> bool {
 }
 
 async fn device(server: &TestServer, clock: &ManualClock) -> Device {
-    let home = tempfile::tempdir().unwrap();
     let options = ClientOptions {
         clock: Arc::new(clock.clone()),
         ..common::options()
     };
-    let (client, wipe_code) = umbra_client::Client::activate(
-        home.path(),
-        &common::passphrase(),
-        &server.activation().await,
-        options,
-    )
-    .await
-    .unwrap();
-    let events = client.subscribe();
-    client.sync().await.unwrap();
-    Device {
-        home,
-        client,
-        events,
-        wipe_code: Some(wipe_code),
-    }
+    Device::activate_with(&server.activation().await, options).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

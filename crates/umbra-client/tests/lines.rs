@@ -5,28 +5,12 @@
 mod common;
 
 use common::{Device, TestServer, befriend};
-use umbra_client::{Client, DistributorSession, ErrorCode, ManualClock};
+use umbra_client::{DistributorSession, ErrorCode, ManualClock};
 
 const DAY: u64 = 86_400;
 
 async fn activate_with(activation: &str) -> Device {
-    let home = tempfile::tempdir().unwrap();
-    let (client, wipe_code) = Client::activate(
-        home.path(),
-        &common::passphrase(),
-        &activation.parse().unwrap(),
-        common::options(),
-    )
-    .await
-    .unwrap();
-    let events = client.subscribe();
-    client.sync().await.unwrap();
-    Device {
-        home,
-        client,
-        events,
-        wipe_code: Some(wipe_code),
-    }
+    Device::activate_with(&activation.parse().unwrap(), common::options()).await
 }
 
 fn config(server: &TestServer) -> umbra_server::Config {

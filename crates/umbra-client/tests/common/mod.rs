@@ -182,12 +182,15 @@ pub struct Device {
 
 impl Device {
     pub async fn activate(server: &TestServer) -> Device {
+        Device::activate_with(&server.activation().await, options()).await
+    }
+
+    /// Activates a device from an activation string with these options.
+    pub async fn activate_with(activation: &ActivationString, options: ClientOptions) -> Device {
         let home = tempfile::tempdir().unwrap();
-        let activation = server.activation().await;
-        let (client, wipe_code) =
-            Client::activate(home.path(), &passphrase(), &activation, options())
-                .await
-                .unwrap();
+        let (client, wipe_code) = Client::activate(home.path(), &passphrase(), activation, options)
+            .await
+            .unwrap();
         let events = client.subscribe();
         client.sync().await.unwrap();
         Device {
