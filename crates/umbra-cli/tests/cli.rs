@@ -11,6 +11,7 @@ struct Server {
     data: tempfile::TempDir,
     config: Config,
     shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), umbra_server::ServerError>>>,
 }
 
 impl Server {
@@ -21,19 +22,41 @@ impl Server {
         drop(umbra_server::open_store(data.path(), &config).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         config.public_address = listener.local_addr().unwrap().to_string();
-        let shutdown = CancellationToken::new();
-        tokio::spawn(umbra_server::run(
-            config.clone(),
-            data.path().to_owned(),
-            listener,
-            shutdown.clone(),
-            ServerOptions::default(),
-        ));
-        Server {
+        let mut server = Server {
             data,
             config,
-            shutdown,
+            shutdown: CancellationToken::new(),
+            task: None,
+        };
+        server.serve(listener);
+        server
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        self.shutdown = CancellationToken::new();
+        self.task = Some(tokio::spawn(umbra_server::run(
+            self.config.clone(),
+            self.data.path().to_owned(),
+            listener,
+            self.shutdown.clone(),
+            ServerOptions::default(),
+        )));
+    }
+
+    /// Stops the server and waits until it has.
+    async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
         }
+    }
+
+    /// Starts it again on the same address and data.
+    async fn restart(&mut self) {
+        let listener = tokio::net::TcpListener::bind(&self.config.public_address)
+            .await
+            .unwrap();
+        self.serve(listener);
     }
 
     async fn activation(&self) -> String {
@@ -262,7 +285,7 @@ impl Drop for Tmux {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_full_screen_chat_in_a_real_terminal() {
-    let server = Server::start().await;
+    let mut server = Server::start().await;
     let (alice, bob) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = ok(alice.path(), &["activate", &server.activation().await]).await[0]["account_id"]
         .as_str()
@@ -330,6 +353,15 @@ async fn the_full_screen_chat_in_a_real_terminal() {
     // Bob's reply appears live.
     ok(bob.path(), &["send", &a, "loud and clear"]).await;
     tmux.wait_for("loud and clear").await;
+
+    // The server goes away and comes back: the app says so, reconnects by
+    // itself, and what was sent meanwhile arrives.
+    server.stop().await;
+    tmux.wait_for("reconnecting").await;
+    server.restart().await;
+    tmux.wait_for(" · connected").await;
+    ok(bob.path(), &["send", &a, "after the outage"]).await;
+    tmux.wait_for("after the outage").await;
 
     // The help overlay lists every key. (Tab back to the list: a bare Escape
     // followed at once by another key reads as Alt plus that key.)
