@@ -26,6 +26,7 @@ mod exit {
 
 const AFTER_HELP: &str = "\
 Getting started:
+  umbra                            the full-screen chat (? lists its keys)
   umbra activate 'umbra://HOST:PORT/CODE?pin=...'   (from your operator)
   umbra whoami                     your account ID, to give to contacts
   umbra contacts add K7QD9XPM      ask someone to be your contact
@@ -43,7 +44,12 @@ Exit codes: 0 success, 1 failure, 2 usage error, 3 wrong passphrase,
 /// Umbra: end-to-end-encrypted messaging. All cryptography happens on
 /// this device; the server only relays ciphertext.
 #[derive(Debug, Parser)]
-#[command(name = "umbra", version, about, after_help = AFTER_HELP)]
+#[command(
+    name = "umbra",
+    version,
+    about = "Umbra: end-to-end-encrypted messaging. All cryptography happens on this device;\nthe server only relays ciphertext. Without a command, `umbra` opens the full-screen chat.",
+    after_help = AFTER_HELP
+)]
 struct Cli {
     /// Device directory (encrypted store and key-derivation parameters).
     #[arg(long, global = true, env = "UMBRA_HOME", default_value_os_t = default_home())]
