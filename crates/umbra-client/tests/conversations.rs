@@ -36,7 +36,13 @@ async fn one_to_one_both_ways_online_and_offline() {
         .send_text(&seen_by_alice, "hello bob")
         .await
         .unwrap();
-    assert_eq!(sent.state, umbra_client::DeliveryState::Sent);
+    // Accepted by the server; a receipt may already have moved it on.
+    assert!(matches!(
+        sent.state,
+        umbra_client::DeliveryState::Sent
+            | umbra_client::DeliveryState::Delivered
+            | umbra_client::DeliveryState::Read
+    ));
     assert_eq!(bob.next_text().await, (alice.id(), "hello bob".into()));
     bob.client
         .send_text(&conversation, "hi alice ✓")
@@ -81,7 +87,13 @@ async fn delivery_and_read_receipts() {
         .send_text(&conversation, "did you get this?")
         .await
         .unwrap();
-    assert_eq!(sent.state, umbra_client::DeliveryState::Sent);
+    // Accepted by the server; a receipt may already have moved it on.
+    assert!(matches!(
+        sent.state,
+        umbra_client::DeliveryState::Sent
+            | umbra_client::DeliveryState::Delivered
+            | umbra_client::DeliveryState::Read
+    ));
     // Bob's device applies it and answers "delivered" by itself.
     let received = bob
         .wait_for(|e| match e {
