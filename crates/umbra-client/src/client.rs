@@ -843,7 +843,7 @@ impl Client {
             group.delete(provider)?;
             return Ok(());
         }
-        let members: Vec<AccountId> = group.members().into_iter().map(|m| m.account).collect();
+        let members: Vec<AccountId> = group.accounts();
         self.check_keys(tx, &group, events)?;
         let has_direct: bool = tx
             .prepare_cached("SELECT 1 FROM conversations WHERE peer = ?1")?
@@ -881,7 +881,7 @@ impl Client {
         let Some(mut group) = Group::load(provider, &id)? else {
             return Err(ClientError::UnknownConversation(group_id.to_hex()));
         };
-        let before: Vec<AccountId> = group.members().into_iter().map(|m| m.account).collect();
+        let before: Vec<AccountId> = group.accounts();
         let had_pending = group.has_pending_commit();
         let incoming = group.process(provider, &delivery.payload)?;
         if had_pending && !group.has_pending_commit() {
@@ -982,8 +982,7 @@ impl Client {
                     )?;
                     self.system_line(tx, &id, &format!("{sender} removed you"))?;
                 } else {
-                    let after: Vec<AccountId> =
-                        group.members().into_iter().map(|m| m.account).collect();
+                    let after: Vec<AccountId> = group.accounts();
                     self.membership_lines(tx, &id, &sender, &before, &after)?;
                     self.check_keys(tx, &group, events)?;
                     self.record_timer(tx, &id, sender.as_str(), group.disappear_after())?;
@@ -1216,11 +1215,9 @@ impl Client {
             let mut group = load_group(provider, group_id)?;
             if group.has_pending_commit() {
                 if accepted {
-                    let before: Vec<AccountId> =
-                        group.members().into_iter().map(|m| m.account).collect();
+                    let before: Vec<AccountId> = group.accounts();
                     group.merge_pending_commit(provider)?;
-                    let after: Vec<AccountId> =
-                        group.members().into_iter().map(|m| m.account).collect();
+                    let after: Vec<AccountId> = group.accounts();
                     self.membership_lines(
                         tx,
                         group_id,
@@ -1574,7 +1571,7 @@ impl Client {
         let signer = &self.inner.signer;
         let mut events = Vec::new();
         self.commit(group_id, |group, provider| {
-            let present: Vec<AccountId> = group.members().into_iter().map(|m| m.account).collect();
+            let present: Vec<AccountId> = group.accounts();
             let fresh: Vec<usize> = (0..members.len())
                 .filter(|i| members.get(*i).is_some_and(|m| !present.contains(m)))
                 .collect();
@@ -1656,7 +1653,7 @@ impl Client {
     async fn remove_from_group(&self, group_id: &[u8], members: &[AccountId]) -> Result<()> {
         let signer = &self.inner.signer;
         self.commit(group_id, |group, provider| {
-            let present: Vec<AccountId> = group.members().into_iter().map(|m| m.account).collect();
+            let present: Vec<AccountId> = group.accounts();
             let removed: Vec<AccountId> = members
                 .iter()
                 .filter(|m| present.contains(m))
@@ -1799,9 +1796,7 @@ impl Client {
             .optional()?
             .ok_or_else(|| ClientError::UnknownConversation(hex::encode(group_id)))?;
         let members = match Group::load(provider, group_id)? {
-            Some(group) if group.is_active() => {
-                group.members().into_iter().map(|m| m.account).collect()
-            }
+            Some(group) if group.is_active() => group.accounts(),
             _ => vec![],
         };
         let kind = match (kind.as_str(), peer) {

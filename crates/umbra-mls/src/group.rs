@@ -303,6 +303,11 @@ impl Group {
             .collect()
     }
 
+    /// The members' account IDs, in leaf order.
+    pub fn accounts(&self) -> Vec<AccountId> {
+        self.members().into_iter().map(|m| m.account).collect()
+    }
+
     fn leaf_of(&self, account: &AccountId) -> Option<LeafNodeIndex> {
         self.inner
             .members()
