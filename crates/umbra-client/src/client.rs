@@ -1846,24 +1846,22 @@ impl Client {
              ) ORDER BY id",
         )?;
         let rows = statement.query_map(params![group_id, limit as i64], |row| {
-            let direction = match row.get::<_, String>(2)?.as_str() {
-                "in" => Direction::In,
-                "out" => Direction::Out,
-                _ => Direction::System,
-            };
-            Ok(Message {
-                id: row.get(0)?,
-                conversation: conversation.clone(),
-                sender: parse_account(&row.get::<_, String>(1)?)?,
-                direction,
-                body: row.get(3)?,
-                state: DeliveryState::parse(&row.get::<_, String>(4)?),
-                timestamp: row.get(5)?,
-                expires_at: row.get(6)?,
-                disappear_after: row.get(7)?,
-            })
+            message_row(row, conversation)
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// One message of a conversation, by its local ID.
+    fn message(&self, conversation: &ConversationId, id: i64) -> Result<Message> {
+        self.db()
+            .query_row(
+                "SELECT id, sender, direction, body, state, timestamp, expires_at, ttl
+                 FROM messages WHERE id = ?1",
+                [id],
+                |row| message_row(row, conversation),
+            )
+            .optional()?
+            .ok_or_else(|| ClientError::Store("sent message vanished".into()))
     }
 
     // ----- sending ---------------------------------------------------------
@@ -1875,25 +1873,14 @@ impl Client {
         if text.trim().is_empty() {
             return Err(ClientError::Invalid("empty message".into()));
         }
-        let (id, accepted) = self
+        let id = self
             .send_content(conversation, Body::Text(text.to_owned()))
             .await?;
-        let state = if accepted {
-            DeliveryState::Sent
-        } else {
-            DeliveryState::Failed
-        };
         self.emit(Event::DeliveryStateChanged {
             message_id: id,
-            state,
+            state: DeliveryState::Sent,
         });
-        let message = self
-            .history(conversation, usize::MAX >> 1)?
-            .into_iter()
-            .rev()
-            .find(|m| m.id == id)
-            .ok_or_else(|| ClientError::Store("sent message vanished".into()))?;
-        Ok(message)
+        self.message(conversation, id)
     }
 
     /// Encrypts and sends one application message. Text is recorded locally
@@ -1903,7 +1890,7 @@ impl Client {
         &self,
         conversation: &ConversationId,
         body: Body,
-    ) -> Result<(i64, bool)> {
+    ) -> Result<i64> {
         let group_id = self.group_id_of(conversation)?;
         let ops = self.inner.ops.lock().await;
         let text = match &body {
@@ -1970,7 +1957,7 @@ impl Client {
             )?;
         }
         match sent {
-            Ok(_) => Ok((message_id, true)),
+            Ok(_) => Ok(message_id),
             Err(error) => {
                 if message_id != 0 {
                     self.emit(Event::DeliveryStateChanged {
@@ -1990,6 +1977,28 @@ impl Client {
 fn transit_ttl(timer: u32) -> u32 {
     const FLOOR: u32 = 86_400;
     if timer == 0 { 0 } else { timer.max(FLOOR) }
+}
+
+fn message_row(
+    row: &rusqlite::Row<'_>,
+    conversation: &ConversationId,
+) -> rusqlite::Result<Message> {
+    let direction = match row.get::<_, String>(2)?.as_str() {
+        "in" => Direction::In,
+        "out" => Direction::Out,
+        _ => Direction::System,
+    };
+    Ok(Message {
+        id: row.get(0)?,
+        conversation: conversation.clone(),
+        sender: parse_account(&row.get::<_, String>(1)?)?,
+        direction,
+        body: row.get(3)?,
+        state: DeliveryState::parse(&row.get::<_, String>(4)?),
+        timestamp: row.get(5)?,
+        expires_at: row.get(6)?,
+        disappear_after: row.get(7)?,
+    })
 }
 
 fn load_group(provider: &Provider<'_>, group_id: &[u8]) -> Result<Group> {

@@ -49,10 +49,6 @@ impl Registry {
         }
     }
 
-    pub fn online_accounts(&self) -> usize {
-        self.lock().len()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountId, Connections>> {
         // The map stays consistent even if a holder panicked mid-operation:
         // every mutation is a single push, retain or remove.

@@ -25,10 +25,9 @@ use umbra_proto::clock::Clock;
 pub enum Session {
     /// Waiting for Register or Login signed over this nonce.
     AwaitingAuth { nonce: Nonce },
-    Authenticated {
-        account: AccountId,
-        subscription_expires_at: u64,
-    },
+    /// Line status and subscription are read from the store on each send,
+    /// so a suspension or renewal takes effect at once.
+    Authenticated { account: AccountId },
     /// A distributor: manages its own lines, never sees content.
     Distributor { id: u64 },
 }
@@ -135,7 +134,6 @@ impl Services {
                             info!(account = %account.id, "account registered");
                             *session = Session::Authenticated {
                                 account: account.id.clone(),
-                                subscription_expires_at: account.subscription_expires_at,
                             };
                             return Ok(Reply::Registered {
                                 account_id: account.id,
@@ -203,7 +201,6 @@ impl Services {
                 debug!(account = %account_id, "logged in");
                 *session = Session::Authenticated {
                     account: account_id,
-                    subscription_expires_at: account.subscription_expires_at,
                 };
                 Ok(Reply::LoggedIn {
                     subscription_expires_at: account.subscription_expires_at,

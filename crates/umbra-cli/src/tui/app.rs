@@ -232,11 +232,11 @@ impl App {
             KeyCode::Char('?') => self.overlay = Overlay::Help,
             KeyCode::Down | KeyCode::Char('j') if self.selected + 1 < self.conversations.len() => {
                 self.selected += 1;
-                return self.open_selected().map(|_| self.reopen());
+                return self.preview_selected();
             }
             KeyCode::Up | KeyCode::Char('k') if self.selected > 0 => {
                 self.selected -= 1;
-                return self.open_selected().map(|_| self.reopen());
+                return self.preview_selected();
             }
             KeyCode::Enter | KeyCode::Tab | KeyCode::Right | KeyCode::Char('l') => {
                 return self.open_selected();
@@ -278,16 +278,13 @@ impl App {
         None
     }
 
-    /// Moving the selection in the list opens that conversation too, but
+    /// Moving the selection in the list shows that conversation too, but
     /// keeps the focus on the list.
-    fn reopen(&mut self) -> Action {
-        self.focus = Focus::Conversations;
-        self.showing_conversation = false;
-        Action::Open(
-            self.current()
-                .map(|c| c.id.clone())
-                .unwrap_or(ConversationId(String::new())),
-        )
+    fn preview_selected(&mut self) -> Option<Action> {
+        let id = self.current()?.id.clone();
+        self.unread.retain(|(c, _)| *c != id);
+        self.scroll = 0;
+        Some(Action::Open(id))
     }
 
     fn on_compose_key(&mut self, key: KeyEvent) -> Option<Action> {
