@@ -29,6 +29,7 @@ pub use client::{Client, ClientOptions};
 pub use disappearing::{DEFAULT_TIMER, MAX_TIMER, MIN_TIMER, describe as describe_timer};
 pub use distributor::DistributorSession;
 pub use error::{ClientError, Result};
+pub use link::pinned_tls_config;
 pub use safety::{SafetyNumber, qr_text};
 pub use secret::{KdfParams, Passphrase};
 pub use store::exists as device_exists;

@@ -90,6 +90,33 @@ impl ServerCertVerifier for PinnedCertificate {
     }
 }
 
+/// A TLS 1.3 client configuration that accepts only the certificate whose
+/// SHA-256 is `pin`; `mismatch` is set when the server shows another one.
+fn pinned_config(
+    pin: CertFingerprint,
+    mismatch: Arc<AtomicBool>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(
+        rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
+                pin,
+                mismatch,
+                provider,
+            }))
+            .with_no_client_auth(),
+    )
+}
+
+/// The TLS configuration devices use: TLS 1.3, and only the pinned
+/// certificate is accepted. Public so that other programs speaking the
+/// protocol (the load generator) connect exactly as devices do.
+pub fn pinned_tls_config(pin: CertFingerprint) -> Result<rustls::ClientConfig, rustls::Error> {
+    pinned_config(pin, Arc::new(AtomicBool::new(false)))
+}
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ErrorReply>>>>>;
 
 /// An open connection. Dropping it closes the socket.
@@ -122,18 +149,9 @@ impl Link {
         address: &str,
         pin: CertFingerprint,
     ) -> Result<(Link, Push, mpsc::UnboundedReceiver<Push>)> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mismatch = Arc::new(AtomicBool::new(false));
-        let tls_config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| unreachable_error(address, e))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
-                pin,
-                mismatch: Arc::clone(&mismatch),
-                provider,
-            }))
-            .with_no_client_auth();
+        let tls_config =
+            pinned_config(pin, Arc::clone(&mismatch)).map_err(|e| unreachable_error(address, e))?;
         let host = address
             .rsplit_once(':')
             .map(|(host, _)| host.trim_matches(['[', ']']))

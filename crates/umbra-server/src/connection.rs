@@ -92,11 +92,20 @@ impl Connection {
         let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(OUTBOUND_QUEUE);
         let tap = self.tap.clone();
         let writer = tokio::spawn(async move {
-            while let Some(bytes) = out_rx.recv().await {
-                if let Some(tap) = &tap {
-                    tap(Direction::Outbound, &bytes);
+            // Everything queued goes out before one flush: one write
+            // system call (and TLS record run) per burst, not per frame.
+            'writing: while let Some(bytes) = out_rx.recv().await {
+                let mut next = Some(bytes);
+                while let Some(bytes) = next.take() {
+                    if let Some(tap) = &tap {
+                        tap(Direction::Outbound, &bytes);
+                    }
+                    if sink.feed(Message::Binary(bytes.into())).await.is_err() {
+                        break 'writing;
+                    }
+                    next = out_rx.try_recv().ok();
                 }
-                if sink.send(Message::Binary(bytes.into())).await.is_err() {
+                if sink.flush().await.is_err() {
                     break;
                 }
             }

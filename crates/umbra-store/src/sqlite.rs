@@ -26,10 +26,28 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (2, include_str!("../migrations/0002_lines.sql")),
 ];
 
+/// Most writes committed together by one fsync.
+const MAX_GROUP_COMMIT: usize = 1024;
+
+/// One write, run inside the group's transaction. It returns what to do
+/// once the transaction's fate is known: hand its result to the caller if
+/// the commit succeeded, or the commit's error if it did not.
+type Job = Box<dyn FnOnce(&Transaction<'_>) -> Completion + Send>;
+type Completion = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
+
 /// Server storage in one SQLite database file.
+///
+/// Writes are group-committed: a dedicated thread takes every write queued
+/// while the previous commit was syncing, runs each in its own savepoint
+/// inside one transaction, commits once (one fsync for the lot), and only
+/// then answers each caller. So a caller is told "done" only when its write
+/// is durable, and a thousand concurrent senders cost one fsync, not a
+/// thousand. A write that fails rolls back to its savepoint without
+/// touching the others.
 #[derive(Clone)]
 pub struct SqliteStore {
     connection: Arc<Mutex<Connection>>,
+    writes: std::sync::mpsc::Sender<Job>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -77,9 +95,14 @@ impl SqliteStore {
                 .map_err(backend)?;
         }
         tx.commit().map_err(backend)?;
-        Ok(SqliteStore {
-            connection: Arc::new(Mutex::new(connection)),
-        })
+        let connection = Arc::new(Mutex::new(connection));
+        let (writes, queue) = std::sync::mpsc::channel();
+        let writer = Arc::clone(&connection);
+        std::thread::Builder::new()
+            .name("umbra-store-writer".into())
+            .spawn(move || group_commit(&writer, &queue))
+            .map_err(backend)?;
+        Ok(SqliteStore { connection, writes })
     }
 
     async fn run<T, F>(&self, work: F) -> Result<T>
@@ -99,21 +122,76 @@ impl SqliteStore {
         .map_err(|e| StoreError::Backend(format!("storage task failed: {e}")))?
     }
 
-    /// Runs `work` in one immediate (write-locking) transaction.
+    /// Runs `work` atomically (in its own savepoint) within the next group
+    /// commit, and returns its result once that commit is durable.
     async fn write<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
     {
-        self.run(move |connection| {
-            let tx = connection
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(backend)?;
-            let value = work(&tx)?;
-            tx.commit().map_err(backend)?;
-            Ok(value)
-        })
-        .await
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |tx| {
+            let value = in_savepoint(tx, work);
+            Box::new(move |committed| {
+                let _ = answer.send(match committed {
+                    Ok(()) => value,
+                    Err(error) => Err(StoreError::Backend(error)),
+                });
+            })
+        });
+        self.writes
+            .send(job)
+            .map_err(|_| StoreError::Backend("the storage writer stopped".into()))?;
+        answered.await.map_err(|_| {
+            StoreError::Backend("the write could not be run (see the server log)".into())
+        })?
+    }
+}
+
+/// Runs `work` between SAVEPOINT and RELEASE, rolling back to the savepoint
+/// if it fails, so one failed write leaves the rest of its group intact.
+fn in_savepoint<T>(
+    tx: &Transaction<'_>,
+    work: impl FnOnce(&Transaction<'_>) -> Result<T>,
+) -> Result<T> {
+    tx.execute_batch("SAVEPOINT job").map_err(backend)?;
+    let value = work(tx);
+    let end = if value.is_ok() {
+        "RELEASE job"
+    } else {
+        "ROLLBACK TO job; RELEASE job"
+    };
+    tx.execute_batch(end).map_err(backend)?;
+    value
+}
+
+/// The writer thread: one transaction and one commit per batch of queued
+/// writes, until every [`SqliteStore`] handle is gone.
+fn group_commit(connection: &Mutex<Connection>, queue: &std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = queue.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP_COMMIT {
+            match queue.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut guard = connection.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = match guard.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(error) => {
+                // Nothing ran; dropping the jobs fails each caller's write.
+                tracing::warn!(%error, "cannot begin a write transaction");
+                drop(jobs);
+                continue;
+            }
+        };
+        let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&tx)).collect();
+        let committed = tx.commit().map_err(|e| e.to_string());
+        drop(guard);
+        for completion in completions {
+            completion(committed.clone());
+        }
     }
 }
 

@@ -1,0 +1,21 @@
+//! `umbra-bench`: a load generator that drives a real `umbra-server` (and
+//! the peer servers it is compared with) over their real protocols, and the
+//! report that puts the figures side by side.
+//!
+//! - [`system`]: what a system under test offers: devices that connect,
+//!   send on a channel and report what they receive.
+//! - [`umbra`]: Umbra as one, [`peers`]: nats-server, mosquitto, ejabberd.
+//! - [`workload`]: idle, relay, offline, fanout, storm, soak.
+//! - [`recorder`], [`stamp`], [`sampler`]: latency, loss, duplicates, and
+//!   the server's CPU and memory from `/proc`.
+//! - [`report`]: `docs/benchmarks.md` and its plot from the JSON results.
+
+pub mod conn;
+pub mod peers;
+pub mod recorder;
+pub mod report;
+pub mod sampler;
+pub mod stamp;
+pub mod system;
+pub mod umbra;
+pub mod workload;

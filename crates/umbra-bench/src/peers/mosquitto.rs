@@ -1,0 +1,17 @@
+//! mosquitto as a peer (being written).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+
+use crate::system::{System, Topology};
+
+/// Starts mosquitto under `work`, ready for `topology`.
+pub async fn start(
+    _work: &Path,
+    _cpu: Option<u32>,
+    _topology: &Topology,
+) -> Result<Arc<dyn System>> {
+    bail!("mosquitto is not supported yet")
+}

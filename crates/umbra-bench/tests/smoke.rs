@@ -1,0 +1,132 @@
+//! Every workload at its `--quick` size against the real `umbra-server`
+//! binary: the run completes and nothing accepted is lost or duplicated.
+//! A smoke test, not a measurement: no speed is asserted.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn server_bin() -> PathBuf {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_umbra-bench"));
+    let server = bench.with_file_name("umbra-server");
+    assert!(
+        server.exists(),
+        "{} is missing: build the workspace (`cargo build --workspace`) or run ./scripts/test",
+        server.display()
+    );
+    server
+}
+
+fn run(args: &[&str]) -> Value {
+    let work = tempfile::tempdir().expect("temporary directory");
+    let results = work.path().join("results");
+    let output = Command::new(env!("CARGO_BIN_EXE_umbra-bench"))
+        .arg("--quick")
+        .arg("--server-bin")
+        .arg(server_bin())
+        .arg("--work")
+        .arg(work.path())
+        .arg("--results")
+        .arg(&results)
+        .args(args)
+        .output()
+        .expect("umbra-bench runs");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "umbra-bench {args:?} failed:\n{log}"
+    );
+    let path = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let text = std::fs::read_to_string(&path).expect("the result file it printed");
+    serde_json::from_str(&text).expect("JSON result")
+}
+
+fn number(value: &Value, pointer: &str) -> f64 {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("no number at {pointer} in {value:#}"))
+}
+
+/// Nothing accepted went missing or arrived twice, and something was sent.
+fn assert_exact(result: &Value, at: &str) {
+    assert_eq!(
+        number(result, &format!("{at}/lost")),
+        0.0,
+        "lost: {result:#}"
+    );
+    let duplicates = result
+        .pointer(&format!("{at}/duplicates"))
+        .or_else(|| result.pointer(&format!("{at}/observed/duplicates")))
+        .and_then(Value::as_f64)
+        .expect("a duplicate count");
+    assert_eq!(duplicates, 0.0, "duplicates: {result:#}");
+}
+
+#[test]
+fn relay_delivers_every_accepted_message_once_with_and_without_tls() {
+    for tls in [false, true] {
+        let mut args = vec!["relay"];
+        if tls {
+            args.insert(0, "--tls");
+        }
+        let result = run(&args);
+        let point = result.pointer("/points/0").expect("one rate point");
+        assert_exact(point, "");
+        let accepted = number(point, "/observed/accepted");
+        assert!(accepted >= 1000.0, "500/s for 3 s: {point:#}");
+        assert_eq!(number(point, "/observed/delivered"), accepted);
+        assert_eq!(number(point, "/observed/refused"), 0.0);
+        assert!(number(point, "/observed/p99_ms") > 0.0);
+    }
+}
+
+#[test]
+fn offline_messages_survive_a_sigkill_and_drain() {
+    let result = run(&["offline"]);
+    let outcome = result.pointer("/result").expect("result");
+    assert_eq!(outcome.pointer("/killed"), Some(&Value::Bool(true)));
+    assert_eq!(number(outcome, "/accepted"), 500.0, "10 senders x 50");
+    assert_exact(outcome, "");
+}
+
+#[test]
+fn fanout_reaches_every_member() {
+    let result = run(&["fanout"]);
+    for point in result["points"].as_array().expect("points") {
+        assert_exact(point, "");
+        let recipients = number(point, "/recipients_per_message");
+        let accepted = number(point, "/observed/accepted");
+        assert!(accepted > 0.0);
+        assert_eq!(number(point, "/observed/delivered"), accepted * recipients);
+    }
+}
+
+#[test]
+fn idle_devices_stay_connected_and_cost_memory() {
+    let result = run(&["idle"]);
+    assert_eq!(number(&result, "/result/devices"), 200.0);
+    assert!(number(&result, "/result/kib_per_connection") > 0.0);
+}
+
+#[test]
+fn a_storm_of_tls_reconnects_drains_every_backlog() {
+    let result = run(&["--tls", "storm"]);
+    let outcome = result.pointer("/result").expect("result");
+    assert_eq!(
+        number(outcome, "/delivered"),
+        50.0 * 5.0,
+        "50 receivers x 5"
+    );
+    assert_exact(outcome, "");
+}
+
+#[test]
+fn soak_with_churn_loses_nothing() {
+    let result = run(&["soak"]);
+    let outcome = result.pointer("/result").expect("result");
+    assert!(number(outcome, "/observed/accepted") > 500.0);
+    assert_eq!(number(outcome, "/errors"), 0.0);
+    assert_exact(outcome, "");
+}
