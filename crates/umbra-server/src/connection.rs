@@ -6,12 +6,14 @@
 //! half, and the pump. They talk through a bounded queue of outgoing frames,
 //! so a slow device slows only itself.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
@@ -22,13 +24,18 @@ use umbra_proto::{
     ServerMessage, decode_client, encode_server,
 };
 
+use crate::registry::Inbox;
 use crate::service::{Services, Session};
 use crate::{Direction, FrameTap};
+use umbra_store::StoredDelivery;
 
 /// Outgoing frames queued per connection before the reader or pump waits.
 const OUTBOUND_QUEUE: usize = 256;
 /// Deliveries read from the store per pump round.
 const PUMP_BATCH: usize = 128;
+/// Deliveries pushed from memory before the pump reads its mailbox to
+/// move its high-water mark (bounds the set of IDs it remembers).
+const MAX_PUSHED_AHEAD: usize = 4096;
 /// How long the WebSocket upgrade may take once TLS is up.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection may stay unauthenticated before it is closed, so
@@ -201,12 +208,13 @@ impl Connection {
                 break;
             }
             if let (None, Session::Authenticated { account, .. }) = (&online, &session) {
-                let notify = self.services.registry.register(account, self.id);
+                let (inbox, overflowed) = self.services.registry.register(account, self.id);
                 let stop = self.shutdown.child_token();
                 tokio::spawn(pump(
                     Arc::clone(&self.services),
                     account.clone(),
-                    notify,
+                    inbox,
+                    overflowed,
                     out_tx.clone(),
                     stop.clone(),
                 ));
@@ -223,38 +231,79 @@ impl Connection {
 }
 
 /// Pushes `account`'s mailbox to this connection: the stored backlog first,
-/// then `Synced`, then each new delivery as it is stored. Everything is read
-/// back from the store, so what is pushed was durable before it was pushed.
+/// then `Synced`, then each new delivery as it is committed. Fresh
+/// fan-out copies arrive in memory (already durable: they are handed over
+/// only after their commit); anything else, or anything that did not fit
+/// in memory, is read back from the mailbox.
 async fn pump(
     services: Arc<Services>,
     account: AccountId,
-    notify: Arc<Notify>,
+    mut inbox: Inbox,
+    overflowed: Arc<AtomicBool>,
     out: mpsc::Sender<Vec<u8>>,
     stop: CancellationToken,
 ) {
+    // Every delivery up to `after` has been pushed (or acknowledged), as a
+    // mailbox read established; `pushed` holds IDs above it pushed from
+    // memory, so a later read does not push them twice.
     let mut after = 0u64;
+    let mut pushed: BTreeSet<u64> = BTreeSet::new();
+    let mut read = true;
     let mut synced = false;
+    let push = |stored: StoredDelivery| {
+        encode_server(&ServerMessage::Push(Push::Delivery(Delivery {
+            id: stored.id,
+            sender: stored.sender,
+            kind: stored.kind,
+            group_id: stored.group_id,
+            payload: stored.payload,
+            sent_at: stored.sent_at,
+        })))
+    };
     loop {
-        let notified = notify.notified();
-        tokio::pin!(notified);
-        // Register interest before reading, so a delivery stored between the
-        // read and the wait still wakes us.
-        notified.as_mut().enable();
-        let batch = tokio::select! {
-            _ = stop.cancelled() => return,
-            batch = services.store.pending(&account, after, PUMP_BATCH, services.clock.now()) => batch,
-        };
-        let batch = match batch {
-            Ok(batch) => batch,
-            Err(error) => {
-                warn!(%error, "reading a mailbox failed; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+        let woken = inbox.wake.notified();
+        tokio::pin!(woken);
+        // Register interest before reading, so a delivery stored between
+        // the read and the wait still wakes us.
+        woken.as_mut().enable();
+        if read || pushed.len() >= MAX_PUSHED_AHEAD {
+            // Cleared before the read: whatever could not be queued from
+            // now on wakes us again, and everything before is in the read.
+            overflowed.store(false, Ordering::SeqCst);
+            let batch = tokio::select! {
+                _ = stop.cancelled() => return,
+                batch = services.store.pending(&account, after, PUMP_BATCH, services.clock.now()) => batch,
+            };
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(error) => {
+                    warn!(%error, "reading a mailbox failed; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            let full = batch.len() == PUMP_BATCH;
+            let highest = batch.last().map(|d| d.id);
+            for stored in batch {
+                if !pushed.contains(&stored.id) && out.send(push(stored)).await.is_err() {
+                    return;
                 }
             }
-        };
-        if batch.is_empty() {
+            if full {
+                after = highest.unwrap_or(after).max(after);
+                pushed = pushed.split_off(&(after + 1));
+                continue;
+            }
+            // The read saw everything committed before it began, which
+            // includes everything pushed from memory so far.
+            after = highest
+                .into_iter()
+                .chain(pushed.last().copied())
+                .fold(after, u64::max);
+            pushed.clear();
+            read = false;
             if !synced {
                 synced = true;
                 if out
@@ -265,23 +314,22 @@ async fn pump(
                     return;
                 }
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = notified => continue,
-            }
         }
-        for stored in batch {
-            after = stored.id;
-            let push = ServerMessage::Push(Push::Delivery(Delivery {
-                id: stored.id,
-                sender: stored.sender,
-                kind: stored.kind,
-                group_id: stored.group_id,
-                payload: stored.payload,
-                sent_at: stored.sent_at,
-            }));
-            if out.send(encode_server(&push)).await.is_err() {
-                return;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = &mut woken => read = true,
+            delivery = inbox.deliveries.recv() => {
+                let Some(delivery) = delivery else { return };
+                let mut next = Some(delivery);
+                while let Some(delivery) = next.take() {
+                    if delivery.id > after
+                        && pushed.insert(delivery.id)
+                        && out.send(push(delivery)).await.is_err()
+                    {
+                        return;
+                    }
+                    next = inbox.deliveries.try_recv().ok();
+                }
             }
         }
     }

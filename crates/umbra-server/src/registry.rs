@@ -1,37 +1,75 @@
-//! Which accounts have a connection open, so that a stored delivery wakes
+//! Which accounts have a connection open, and how a stored delivery reaches
 //! the connection that will push it.
+//!
+//! A fan-out hands each online recipient's connection its copy directly
+//! (the row exactly as committed), so the common case never reads the
+//! mailbox back. Everything else (notices, commits, a full queue) only
+//! wakes the connection, which then reads the mailbox: the store stays the
+//! source of truth and nothing depends on the in-memory copy arriving.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use umbra_proto::AccountId;
+use umbra_store::StoredDelivery;
 
-/// The wake-up signals of one account's open connections, by connection ID.
-type Connections = Vec<(u64, Arc<Notify>)>;
+/// Deliveries queued in memory per connection before it falls back to
+/// reading its mailbox.
+const INBOX: usize = 1024;
 
-/// Maps online accounts to the wake-up signals of their connections.
+/// What one connection's pump listens to.
+#[derive(Debug)]
+pub struct Inbox {
+    /// "New mail is stored": read the mailbox.
+    pub wake: Arc<Notify>,
+    /// Fresh deliveries, in the order they were committed.
+    pub deliveries: mpsc::Receiver<StoredDelivery>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    connection: u64,
+    wake: Arc<Notify>,
+    deliveries: mpsc::Sender<StoredDelivery>,
+    /// Set when a copy could not be queued: no more copies are queued (so
+    /// the pump never sees a later one before a missing earlier one) until
+    /// the pump has read its mailbox.
+    overflowed: Arc<AtomicBool>,
+}
+
+/// Maps online accounts to their connections.
 #[derive(Debug, Default)]
 pub struct Registry {
-    online: Mutex<HashMap<AccountId, Connections>>,
+    online: Mutex<HashMap<AccountId, Vec<Entry>>>,
 }
 
 impl Registry {
-    /// Registers connection `connection` for `account`; its pump waits on
-    /// the returned signal.
-    pub fn register(&self, account: &AccountId, connection: u64) -> Arc<Notify> {
-        let notify = Arc::new(Notify::new());
-        self.lock()
-            .entry(account.clone())
-            .or_default()
-            .push((connection, Arc::clone(&notify)));
-        notify
+    /// Registers connection `connection` for `account`.
+    pub fn register(&self, account: &AccountId, connection: u64) -> (Inbox, Arc<AtomicBool>) {
+        let wake = Arc::new(Notify::new());
+        let (sender, receiver) = mpsc::channel(INBOX);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        self.lock().entry(account.clone()).or_default().push(Entry {
+            connection,
+            wake: Arc::clone(&wake),
+            deliveries: sender,
+            overflowed: Arc::clone(&overflowed),
+        });
+        (
+            Inbox {
+                wake,
+                deliveries: receiver,
+            },
+            overflowed,
+        )
     }
 
     pub fn unregister(&self, account: &AccountId, connection: u64) {
         let mut online = self.lock();
         if let Some(entries) = online.get_mut(account) {
-            entries.retain(|(id, _)| *id != connection);
+            entries.retain(|entry| entry.connection != connection);
             if entries.is_empty() {
                 online.remove(account);
             }
@@ -42,14 +80,29 @@ impl Registry {
     pub fn notify<'a>(&self, accounts: impl IntoIterator<Item = &'a AccountId>) {
         let online = self.lock();
         for account in accounts {
-            for (_, notify) in online.get(account).into_iter().flatten() {
+            for entry in online.get(account).into_iter().flatten() {
                 // Stores a permit if the pump is busy, so no wake-up is lost.
-                notify.notify_one();
+                entry.wake.notify_one();
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountId, Connections>> {
+    /// Hands freshly committed deliveries to their recipients' connections.
+    pub fn deliver(&self, deliveries: Vec<(AccountId, StoredDelivery)>) {
+        let online = self.lock();
+        for (account, delivery) in deliveries {
+            for entry in online.get(&account).into_iter().flatten() {
+                if entry.overflowed.load(Ordering::SeqCst)
+                    || entry.deliveries.try_send(delivery.clone()).is_err()
+                {
+                    entry.overflowed.store(true, Ordering::SeqCst);
+                    entry.wake.notify_one();
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountId, Vec<Entry>>> {
         // The map stays consistent even if a holder panicked mid-operation:
         // every mutation is a single push, retain or remove.
         self.online.lock().unwrap_or_else(|p| p.into_inner())

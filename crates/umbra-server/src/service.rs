@@ -277,13 +277,17 @@ impl Services {
             .await
             .map_err(internal)?
             .ok_or_else(|| refuse(ErrorCode::LineRevoked, "this line no longer exists"))?;
-        match account.status {
+        self.line_may_send(account.status, account.subscription_expires_at)
+    }
+
+    fn line_may_send(&self, status: LineStatus, expires: u64) -> Result<(), ErrorReply> {
+        match status {
             LineStatus::Revoked => Err(refuse(ErrorCode::LineRevoked, "this line was revoked")),
             LineStatus::Suspended => Err(refuse(
                 ErrorCode::LineSuspended,
                 "this line is suspended; contact your distributor",
             )),
-            LineStatus::Active => self.require_subscription(account.subscription_expires_at),
+            LineStatus::Active => self.require_subscription(expires),
         }
     }
 
@@ -420,7 +424,7 @@ impl Services {
                 kind,
                 ttl_seconds,
             } => {
-                self.require_active(me).await?;
+                // The line is checked inside the store's transaction.
                 self.send_message(me, group_id, message, kind, ttl_seconds)
                     .await
             }
@@ -851,10 +855,16 @@ impl Services {
             .await
             .map_err(internal)?
         {
-            FanOutOutcome::Stored { recipients } => {
-                self.registry.notify(&recipients);
+            FanOutOutcome::Stored { deliveries } => {
+                self.registry.deliver(deliveries);
                 Ok(Reply::Accepted { accepted_at: now })
             }
+            FanOutOutcome::LineInactive {
+                status,
+                subscription_expires_at,
+            } => self
+                .line_may_send(status, subscription_expires_at)
+                .and(Err(refuse(ErrorCode::Internal, "line check disagrees"))),
             FanOutOutcome::UnknownGroup => Err(unknown_group(&group_id)),
             FanOutOutcome::NotAMember => Err(not_a_member()),
         }

@@ -374,11 +374,17 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
             )
             .await
             .unwrap();
+        let FanOutOutcome::Stored { deliveries } = outcome else {
+            panic!("not stored: {outcome:?}");
+        };
+        let recipients: Vec<_> = deliveries.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(recipients, vec![alice.clone()]);
+        let stored = store.pending(&alice, 0, 100, NOW).await.unwrap();
+        let (_, handed) = &deliveries[0];
         assert_eq!(
-            outcome,
-            FanOutOutcome::Stored {
-                recipients: vec![alice.clone()]
-            }
+            stored.last(),
+            Some(handed),
+            "the copy handed back is the stored row"
         );
     }
     assert_eq!(

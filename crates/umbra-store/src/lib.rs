@@ -245,9 +245,19 @@ pub enum CommitOutcome {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FanOutOutcome {
-    Stored { recipients: Vec<AccountId> },
+    /// Stored for each recipient: the rows as stored, so a recipient that
+    /// is online can be handed its copy without reading it back.
+    Stored {
+        deliveries: Vec<(AccountId, StoredDelivery)>,
+    },
     UnknownGroup,
     NotAMember,
+    /// The sender's line may not send (checked in the same transaction as
+    /// the insert, so a suspension is never raced past).
+    LineInactive {
+        status: LineStatus,
+        subscription_expires_at: Timestamp,
+    },
 }
 
 #[async_trait]

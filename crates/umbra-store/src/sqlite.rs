@@ -840,11 +840,28 @@ impl Groups for SqliteStore {
             if !members.contains(&sender) {
                 return Ok(FanOutOutcome::NotAMember);
             }
-            let recipients: Vec<AccountId> = members.into_iter().filter(|m| *m != sender).collect();
-            for recipient in &recipients {
-                enqueue(
+            match account_row(tx, &sender)? {
+                Some(account)
+                    if account.status == LineStatus::Active
+                        && now < account.subscription_expires_at => {}
+                Some(account) => {
+                    return Ok(FanOutOutcome::LineInactive {
+                        status: account.status,
+                        subscription_expires_at: account.subscription_expires_at,
+                    });
+                }
+                None => {
+                    return Ok(FanOutOutcome::LineInactive {
+                        status: LineStatus::Revoked,
+                        subscription_expires_at: 0,
+                    });
+                }
+            }
+            let mut deliveries = Vec::with_capacity(members.len());
+            for recipient in members.into_iter().filter(|m| *m != sender) {
+                let id = enqueue(
                     tx,
-                    recipient,
+                    &recipient,
                     &sender,
                     kind,
                     Some(&group),
@@ -852,8 +869,17 @@ impl Groups for SqliteStore {
                     now,
                     expires_at,
                 )?;
+                let delivery = StoredDelivery {
+                    id,
+                    sender: sender.clone(),
+                    kind,
+                    group_id: Some(group.clone()),
+                    payload: payload.clone(),
+                    sent_at: now,
+                };
+                deliveries.push((recipient, delivery));
             }
-            Ok(FanOutOutcome::Stored { recipients })
+            Ok(FanOutOutcome::Stored { deliveries })
         })
         .await
     }
