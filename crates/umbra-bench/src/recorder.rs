@@ -42,8 +42,6 @@ pub struct Recorder {
     pub answered: AtomicU64,
     pub accepted: AtomicU64,
     pub refused: AtomicU64,
-    /// Frames received that carried no stamp of this run (backlog, Welcomes).
-    pub other: AtomicU64,
     first_error: Mutex<Option<String>>,
 }
 
@@ -94,7 +92,6 @@ impl Recorder {
             answered: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
-            other: AtomicU64::new(0),
             first_error: Mutex::new(None),
         }
     }
@@ -118,13 +115,7 @@ impl Recorder {
         inner.first_ns = 0;
         inner.last_ns = 0;
         drop(inner);
-        for counter in [
-            &self.sent,
-            &self.answered,
-            &self.accepted,
-            &self.refused,
-            &self.other,
-        ] {
+        for counter in [&self.sent, &self.answered, &self.accepted, &self.refused] {
             counter.store(0, Ordering::SeqCst);
         }
         *self.first_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -157,9 +148,8 @@ impl Recorder {
     pub fn delivered(&self, receiver: u32, payload: &[u8]) -> bool {
         let now = now_ns();
         let mut inner = self.lock();
+        // Unstamped frames (backlog, Welcomes) and other runs' are not ours.
         let Some(stamp) = Stamp::read(payload).filter(|s| s.run & !DEFERRED == inner.run) else {
-            drop(inner);
-            self.other.fetch_add(1, Ordering::Relaxed);
             return false;
         };
         let bits = inner.seen.entry((receiver, stamp.sender)).or_default();

@@ -133,12 +133,6 @@ impl ServerProcess {
         }
         self.kill9()
     }
-
-    /// Starts the server again on the same data and address.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.child = ServerProcess::spawn(&self.spec, &self.data_dir, self.address)?;
-        wait_listening(self.address, Duration::from_secs(60)).await
-    }
 }
 
 impl Drop for ServerProcess {
@@ -168,7 +162,6 @@ pub struct FixtureChannel {
 
 struct SetupDevice {
     signer: DeviceSigner,
-    secret: [u8; 32],
     account: AccountId,
     conn: Conn,
 }
@@ -293,7 +286,6 @@ pub async fn build_fixture(
                 }
                 let device = SetupDevice {
                     signer,
-                    secret,
                     account: account_id,
                     conn,
                 };
@@ -381,7 +373,7 @@ pub async fn build_fixture(
         .context("a channel was not built")?;
     let devices_out = devices
         .iter()
-        .map(|d| (hex::encode(d.secret), d.account.to_string()))
+        .map(|d| (hex::encode(*d.signer.secret_bytes()), d.account.to_string()))
         .collect();
     drop(devices);
     server.stop()?;

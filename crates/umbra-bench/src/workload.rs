@@ -19,8 +19,11 @@ use crate::system::{Endpoint, System, Topology};
 /// Connection attempts in flight at once: about a listen backlog's worth,
 /// so a storm measures the server, not SYN retransmission timers.
 pub const CONNECT_PARALLELISM: usize = 1000;
-/// How long after the sending window deliveries may still arrive.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for stragglers and drains (they normally end as soon as
+/// everything arrived, or after [`QUIET`] without progress).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+/// No progress for this long means the rest is not coming.
+const QUIET: Duration = Duration::from_secs(10);
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 /// Connects the given devices, `parallelism` at a time.
@@ -146,7 +149,8 @@ async fn open_loop(
 }
 
 /// Waits until every send was answered and every accepted message arrived
-/// at each of its recipients, or [`DRAIN_TIMEOUT`] passed.
+/// at each of its recipients, or nothing has moved for a while (a system
+/// that lost messages), or [`DRAIN_TIMEOUT`] passed.
 async fn wait_for_stragglers(system: &dyn System, recorder: &Recorder, recipients: u32) {
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     let mut last = (u64::MAX, u64::MAX);
@@ -154,22 +158,18 @@ async fn wait_for_stragglers(system: &dyn System, recorder: &Recorder, recipient
     while Instant::now() < deadline {
         let sent = recorder.sent.load(Ordering::SeqCst);
         let answered = recorder.answered.load(Ordering::SeqCst);
-        let accepted = if system.acknowledges() {
-            recorder.accepted.load(Ordering::SeqCst)
-        } else {
-            sent
-        };
+        let accepted = accepted(system, recorder);
         let delivered = recorder.delivered_count();
         let answers_done = !system.acknowledges() || answered >= sent;
         if answers_done && delivered >= accepted * u64::from(recipients) {
             return;
         }
-        // Without acknowledgements nothing says a message was dropped:
-        // stop once nothing has arrived for a few seconds.
+        // Nothing says a message was dropped: stop once nothing has been
+        // answered or has arrived for a while.
         if (answered, delivered) != last {
             last = (answered, delivered);
             quiet_since = Instant::now();
-        } else if quiet_since.elapsed() > Duration::from_secs(10) {
+        } else if quiet_since.elapsed() > QUIET {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -183,6 +183,8 @@ fn senders_for<'a>(
     size: usize,
     only_first: bool,
 ) -> Vec<Sender<'a>> {
+    let by_device: std::collections::HashMap<u32, &'a dyn Endpoint> =
+        endpoints.iter().map(|(d, e)| (*d, e.as_ref())).collect();
     let mut senders = Vec::new();
     for (channel, members) in topology.channels.iter().enumerate() {
         let channel = channel as u32;
@@ -193,11 +195,11 @@ fn senders_for<'a>(
             members
         };
         for &member in members {
-            if let Some((_, endpoint)) = endpoints.iter().find(|(d, _)| *d == member) {
+            if let Some(endpoint) = by_device.get(&member) {
                 senders.push(Sender {
                     device: member,
                     channel,
-                    endpoint: endpoint.as_ref(),
+                    endpoint: *endpoint,
                     template: template.clone(),
                     seq: 0,
                 });
@@ -205,6 +207,58 @@ fn senders_for<'a>(
         }
     }
     senders
+}
+
+/// Sends `per_sender` messages from each sender as fast as they can be
+/// queued (all due now), for workloads that measure storage, not latency.
+fn send_backlog(senders: &mut [Sender<'_>], per_sender: u64, recorder: &Recorder) {
+    let due_ns = now_ns();
+    for _ in 0..per_sender {
+        for sender in senders.iter_mut() {
+            let mut payload = sender.template.clone();
+            Stamp {
+                run: 1,
+                sender: sender.device,
+                seq: sender.seq,
+                due_ns,
+            }
+            .write(&mut payload);
+            sender.seq += 1;
+            sender.endpoint.send(sender.channel, payload);
+            recorder.note_sent();
+        }
+    }
+}
+
+/// Messages the system took responsibility for: acknowledged ones, or all
+/// that were written when it does not acknowledge.
+fn accepted(system: &dyn System, recorder: &Recorder) -> u64 {
+    if system.acknowledges() {
+        recorder.accepted.load(Ordering::SeqCst)
+    } else {
+        recorder.sent.load(Ordering::SeqCst)
+    }
+}
+
+/// Waits until the server answered every send (at once for systems that
+/// do not acknowledge), or [`DRAIN_TIMEOUT`] passed.
+async fn wait_for_answers(system: &dyn System, recorder: &Recorder) {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while system.acknowledges()
+        && recorder.answered.load(Ordering::SeqCst) < recorder.sent.load(Ordering::SeqCst)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Seconds from `start_ns` to the last delivery of the run (0 if none).
+fn seconds_to_last_delivery(recorder: &Recorder, start_ns: u64) -> f64 {
+    recorder
+        .observed()
+        .last_delivery_ns
+        .saturating_sub(start_ns) as f64
+        / 1e9
 }
 
 /// relay: `pairs` 1:1 conversations, both sides sending, at each rate.
@@ -342,51 +396,22 @@ pub async fn offline(
     let pid = system.server_pid();
     let cpu_start = sample(pid)?.cpu_us;
     let start = Instant::now();
-    let start_ns = now_ns();
-    for _ in 0..per_sender {
-        for sender in senders.iter_mut() {
-            let mut payload = sender.template.clone();
-            Stamp {
-                run: 1,
-                sender: sender.device,
-                seq: sender.seq,
-                due_ns: start_ns,
-            }
-            .write(&mut payload);
-            sender.seq += 1;
-            sender.endpoint.send(sender.channel, payload);
-            recorder.note_sent();
-        }
-    }
+    send_backlog(&mut senders, per_sender, &recorder);
     let sent = recorder.sent.load(Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while recorder.answered.load(Ordering::SeqCst) < sent && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        if system.acknowledges() {
-            continue;
-        }
-        break;
-    }
+    wait_for_answers(system.as_ref(), &recorder).await;
     let accept_seconds = start.elapsed().as_secs_f64();
     let cpu = sample(pid)?.cpu_us.saturating_sub(cpu_start);
-    let accepted = if system.acknowledges() {
-        recorder.accepted.load(Ordering::SeqCst)
-    } else {
-        sent
-    };
+    let accepted = accepted(system.as_ref(), &recorder);
     drop(senders);
     drop(endpoints);
     if kill {
         system.kill9_and_restart().await?;
     }
     let killed = kill;
-    let drain_start = Instant::now();
+    let drain_start = now_ns();
     let receiving = connect_all(system, &receivers, &recorder, CONNECT_PARALLELISM).await?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while recorder.delivered_count() < accepted && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let drain_seconds = drain_start.elapsed().as_secs_f64();
+    wait_for_stragglers(system.as_ref(), &recorder, 1).await;
+    let drain_seconds = seconds_to_last_delivery(&recorder, drain_start).max(1e-3);
     drop(receiving);
     let observed = recorder.observed();
     Ok(OfflineResult {
@@ -481,47 +506,20 @@ pub async fn storm(
     {
         let endpoints = connect_all(system, &senders, &recorder, CONNECT_PARALLELISM).await?;
         let mut senders = senders_for(system, topology, &endpoints, size, true);
-        let start_ns = now_ns();
-        for _ in 0..backlog {
-            for sender in senders.iter_mut() {
-                let mut payload = sender.template.clone();
-                Stamp {
-                    run: 1,
-                    sender: sender.device,
-                    seq: sender.seq,
-                    due_ns: start_ns,
-                }
-                .write(&mut payload);
-                sender.seq += 1;
-                sender.endpoint.send(sender.channel, payload);
-                recorder.note_sent();
-            }
-        }
-        let sent = recorder.sent.load(Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while system.acknowledges()
-            && recorder.answered.load(Ordering::SeqCst) < sent
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        send_backlog(&mut senders, backlog, &recorder);
+        wait_for_answers(system.as_ref(), &recorder).await;
     }
-    let accepted = if system.acknowledges() {
-        recorder.accepted.load(Ordering::SeqCst)
-    } else {
-        recorder.sent.load(Ordering::SeqCst)
-    };
+    let accepted = accepted(system.as_ref(), &recorder);
     // Let the server notice the senders are gone.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let start = Instant::now();
+    let start_ns = now_ns();
     let all: Vec<u32> = (0..topology.devices).collect();
     let endpoints = connect_all(system, &all, &recorder, CONNECT_PARALLELISM).await?;
     let seconds_to_connected = start.elapsed().as_secs_f64();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while recorder.delivered_count() < accepted && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let seconds_to_drained = start.elapsed().as_secs_f64();
+    wait_for_stragglers(system.as_ref(), &recorder, 1).await;
+    let seconds_to_drained =
+        seconds_to_last_delivery(&recorder, start_ns).max(seconds_to_connected);
     drop(endpoints);
     let observed = recorder.observed();
     Ok(StormResult {
@@ -707,12 +705,8 @@ pub async fn soak(
     }
     let _back = connect_all(system, &missing, &recorder, CONNECT_PARALLELISM).await?;
     wait_for_stragglers(system.as_ref(), &recorder, 1).await;
+    let accepted = accepted(system.as_ref(), &recorder);
     let observed = recorder.observed();
-    let accepted = if system.acknowledges() {
-        observed.accepted
-    } else {
-        observed.sent
-    };
     Ok(SoakResult {
         seconds,
         rate_per_s: observed.sent as f64 / seconds,

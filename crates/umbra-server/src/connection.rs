@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -208,13 +208,12 @@ impl Connection {
                 break;
             }
             if let (None, Session::Authenticated { account, .. }) = (&online, &session) {
-                let (inbox, overflowed) = self.services.registry.register(account, self.id);
+                let inbox = self.services.registry.register(account, self.id);
                 let stop = self.shutdown.child_token();
                 tokio::spawn(pump(
                     Arc::clone(&self.services),
                     account.clone(),
                     inbox,
-                    overflowed,
                     out_tx.clone(),
                     stop.clone(),
                 ));
@@ -239,7 +238,6 @@ async fn pump(
     services: Arc<Services>,
     account: AccountId,
     mut inbox: Inbox,
-    overflowed: Arc<AtomicBool>,
     out: mpsc::Sender<Vec<u8>>,
     stop: CancellationToken,
 ) {
@@ -269,7 +267,7 @@ async fn pump(
         if read || pushed.len() >= MAX_PUSHED_AHEAD {
             // Cleared before the read: whatever could not be queued from
             // now on wakes us again, and everything before is in the read.
-            overflowed.store(false, Ordering::SeqCst);
+            inbox.overflowed.store(false, Ordering::SeqCst);
             let batch = tokio::select! {
                 _ = stop.cancelled() => return,
                 batch = services.store.pending(&account, after, PUMP_BATCH, services.clock.now()) => batch,

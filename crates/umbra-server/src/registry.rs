@@ -26,6 +26,9 @@ pub struct Inbox {
     pub wake: Arc<Notify>,
     /// Fresh deliveries, in the order they were committed.
     pub deliveries: mpsc::Receiver<StoredDelivery>,
+    /// Set when a delivery could not be queued; the pump clears it before
+    /// reading its mailbox.
+    pub overflowed: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -47,7 +50,7 @@ pub struct Registry {
 
 impl Registry {
     /// Registers connection `connection` for `account`.
-    pub fn register(&self, account: &AccountId, connection: u64) -> (Inbox, Arc<AtomicBool>) {
+    pub fn register(&self, account: &AccountId, connection: u64) -> Inbox {
         let wake = Arc::new(Notify::new());
         let (sender, receiver) = mpsc::channel(INBOX);
         let overflowed = Arc::new(AtomicBool::new(false));
@@ -57,13 +60,11 @@ impl Registry {
             deliveries: sender,
             overflowed: Arc::clone(&overflowed),
         });
-        (
-            Inbox {
-                wake,
-                deliveries: receiver,
-            },
+        Inbox {
+            wake,
+            deliveries: receiver,
             overflowed,
-        )
+        }
     }
 
     pub fn unregister(&self, account: &AccountId, connection: u64) {

@@ -277,31 +277,10 @@ impl Services {
             .await
             .map_err(internal)?
             .ok_or_else(|| refuse(ErrorCode::LineRevoked, "this line no longer exists"))?;
-        self.line_may_send(account.status, account.subscription_expires_at)
-    }
-
-    fn line_may_send(&self, status: LineStatus, expires: u64) -> Result<(), ErrorReply> {
-        match status {
-            LineStatus::Revoked => Err(refuse(ErrorCode::LineRevoked, "this line was revoked")),
-            LineStatus::Suspended => Err(refuse(
-                ErrorCode::LineSuspended,
-                "this line is suspended; contact your distributor",
-            )),
-            LineStatus::Active => self.require_subscription(expires),
+        match line_refusal(account.status, account.subscription_expires_at, self.now()) {
+            Some(refusal) => Err(refusal),
+            None => Ok(()),
         }
-    }
-
-    fn require_subscription(&self, expires: u64) -> Result<(), ErrorReply> {
-        if self.now() >= expires {
-            return Err(refuse(
-                ErrorCode::SubscriptionExpired,
-                format!(
-                    "subscription expired on {}, enter a renewal code",
-                    date(expires)
-                ),
-            ));
-        }
-        Ok(())
     }
 
     async fn authenticated(&self, me: &AccountId, request: Request) -> Outcome {
@@ -862,12 +841,37 @@ impl Services {
             FanOutOutcome::LineInactive {
                 status,
                 subscription_expires_at,
-            } => self
-                .line_may_send(status, subscription_expires_at)
-                .and(Err(refuse(ErrorCode::Internal, "line check disagrees"))),
+            } => Err(
+                line_refusal(status, subscription_expires_at, now).unwrap_or_else(|| {
+                    refuse(
+                        ErrorCode::Internal,
+                        "the line check disagreed with the store",
+                    )
+                }),
+            ),
             FanOutOutcome::UnknownGroup => Err(unknown_group(&group_id)),
             FanOutOutcome::NotAMember => Err(not_a_member()),
         }
+    }
+}
+
+/// Why a line may not send at `now`, if it may not: the same rule the
+/// store applies inside a fan-out's transaction.
+fn line_refusal(status: LineStatus, expires: u64, now: u64) -> Option<ErrorReply> {
+    match status {
+        LineStatus::Revoked => Some(refuse(ErrorCode::LineRevoked, "this line was revoked")),
+        LineStatus::Suspended => Some(refuse(
+            ErrorCode::LineSuspended,
+            "this line is suspended; contact your distributor",
+        )),
+        LineStatus::Active if now >= expires => Some(refuse(
+            ErrorCode::SubscriptionExpired,
+            format!(
+                "subscription expired on {}, enter a renewal code",
+                date(expires)
+            ),
+        )),
+        LineStatus::Active => None,
     }
 }
 

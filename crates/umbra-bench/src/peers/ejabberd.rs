@@ -936,8 +936,6 @@ impl Reader {
             "message" if self.shared.received() && attribute(element, "type") != Some("error") => {
                 if let Some(payload) = body(element) {
                     self.recorder.delivered(self.index, &payload);
-                } else {
-                    self.recorder.other.fetch_add(1, Ordering::Relaxed);
                 }
             }
             "message" => {}
