@@ -1,19 +1,21 @@
-//! One device connection: the WebSocket handshake, the request loop, and the
-//! pump that pushes the device's mailbox to it.
+//! One device connection: the WebSocket handshake, the request loop, and
+//! the writer that sends responses and pushes the device's mailbox.
 //!
-//! Three tasks per authenticated connection: this reader (requests are
-//! handled one at a time, in order), a writer that owns the socket's sending
-//! half, and the pump. They talk through a bounded queue of outgoing frames,
-//! so a slow device slows only itself.
+//! Two tasks per connection: the reader (requests are handled one at a
+//! time, in order) and the writer, which owns the socket's sending half.
+//! The reader hands responses to the writer through a bounded queue; once
+//! the device is authenticated, the writer also empties the account's
+//! [`Inbox`] and reads its mailbox. A slow device slows only itself.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
@@ -29,11 +31,11 @@ use crate::service::{Services, Session};
 use crate::{Direction, FrameTap};
 use umbra_store::StoredDelivery;
 
-/// Outgoing frames queued per connection before the reader or pump waits.
-const OUTBOUND_QUEUE: usize = 256;
-/// Deliveries read from the store per pump round.
-const PUMP_BATCH: usize = 128;
-/// Deliveries pushed from memory before the pump reads its mailbox to
+/// Responses queued per connection before the reader waits.
+const OUTBOUND_QUEUE: usize = 64;
+/// Deliveries read from the store per mailbox read.
+const MAILBOX_BATCH: usize = 128;
+/// Deliveries pushed from memory before the writer reads its mailbox to
 /// move its high-water mark (bounds the set of IDs it remembers).
 const MAX_PUSHED_AHEAD: usize = 4096;
 /// How long the WebSocket upgrade may take once TLS is up.
@@ -60,6 +62,14 @@ pub(crate) struct Connection {
     pub max_malformed_frames: u32,
 }
 
+/// What the reader hands the writer.
+enum Outbound {
+    Frame(Vec<u8>),
+    /// The device authenticated as this account: from now on, push its
+    /// mailbox (after the responses queued before this).
+    Online(Box<(AccountId, Arc<Inbox>)>),
+}
+
 fn error_frame(id: u64, error: ErrorReply) -> Vec<u8> {
     encode_server(&ServerMessage::Response {
         id,
@@ -83,7 +93,12 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let upgrade = tokio_tungstenite::accept_async_with_config(stream, Some(websocket_config()));
+        // Boxed, like the request handler below: the handshake's state is
+        // large and needed once, not for the connection's whole life.
+        let upgrade = Box::pin(tokio_tungstenite::accept_async_with_config(
+            stream,
+            Some(websocket_config()),
+        ));
         let ws = match tokio::time::timeout(UPGRADE_TIMEOUT, upgrade).await {
             Ok(Ok(ws)) => ws,
             Ok(Err(error)) => {
@@ -95,29 +110,21 @@ impl Connection {
                 return;
             }
         };
-        let (mut sink, mut source) = ws.split();
-        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(OUTBOUND_QUEUE);
-        let tap = self.tap.clone();
-        let writer = tokio::spawn(async move {
-            // Everything queued goes out before one flush: one write
-            // system call (and TLS record run) per burst, not per frame.
-            'writing: while let Some(bytes) = out_rx.recv().await {
-                let mut next = Some(bytes);
-                while let Some(bytes) = next.take() {
-                    if let Some(tap) = &tap {
-                        tap(Direction::Outbound, &bytes);
-                    }
-                    if sink.feed(Message::Binary(bytes.into())).await.is_err() {
-                        break 'writing;
-                    }
-                    next = out_rx.try_recv().ok();
-                }
-                if sink.flush().await.is_err() {
-                    break;
-                }
+        let (sink, mut source) = ws.split();
+        let (out_tx, out_rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
+        // Cancelled when the reader stops, so a writer waiting out a store
+        // failure does not outlive its connection.
+        let stop = self.shutdown.child_token();
+        let writer = tokio::spawn(
+            Writer {
+                sink,
+                tap: self.tap.clone(),
+                services: Arc::clone(&self.services),
+                stop: stop.clone(),
             }
-            let _ = sink.close().await;
-        });
+            .run(out_rx),
+        );
+        let send = |bytes: Vec<u8>| out_tx.send(Outbound::Frame(bytes));
 
         let mut nonce = [0u8; 32];
         if getrandom::getrandom(&mut nonce).is_err() {
@@ -131,10 +138,10 @@ impl Connection {
             server_time: self.services.clock.now(),
             max_frame_bytes: MAX_FRAME_BYTES as u32,
         });
-        let _ = out_tx.send(encode_server(&hello)).await;
+        let _ = send(encode_server(&hello)).await;
 
         let mut session = Session::AwaitingAuth { nonce };
-        let mut online: Option<(AccountId, CancellationToken)> = None;
+        let mut online: Option<AccountId> = None;
         let mut malformed = 0u32;
         let auth_deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
         loop {
@@ -145,7 +152,7 @@ impl Connection {
                         ErrorCode::NotAuthenticated,
                         format!("not authenticated within {} seconds", AUTH_TIMEOUT.as_secs()),
                     );
-                    let _ = out_tx.send(error_frame(0, error)).await;
+                    let _ = send(error_frame(0, error)).await;
                     break;
                 }
                 next = source.next() => next,
@@ -159,7 +166,7 @@ impl Connection {
                         ErrorCode::MalformedFrame,
                         "text frames are not part of the protocol; send binary frames",
                     );
-                    if out_tx.send(error_frame(0, error)).await.is_err()
+                    if send(error_frame(0, error)).await.is_err()
                         || malformed >= self.max_malformed_frames
                     {
                         break;
@@ -172,7 +179,7 @@ impl Connection {
                         ErrorCode::FrameTooLarge,
                         format!("{error}; the limit is {MAX_FRAME_BYTES} bytes"),
                     );
-                    let _ = out_tx.send(error_frame(0, error)).await;
+                    let _ = send(error_frame(0, error)).await;
                     break;
                 }
                 Some(Err(error)) => {
@@ -188,8 +195,7 @@ impl Connection {
                 Err(error) => {
                     malformed += 1;
                     debug!(connection = self.id, %error, "malformed frame");
-                    if out_tx
-                        .send(error_frame(0, decode_error_reply(&error)))
+                    if send(error_frame(0, decode_error_reply(&error)))
                         .await
                         .is_err()
                         || malformed >= self.max_malformed_frames
@@ -199,136 +205,230 @@ impl Connection {
                     continue;
                 }
             };
-            let result = self.services.handle(&mut session, frame.request).await;
+            // Boxed: the handler's state is large and lives only while a
+            // request is in flight, not in every idle connection's task.
+            let result = Box::pin(self.services.handle(&mut session, frame.request)).await;
             let response = ServerMessage::Response {
                 id: frame.id,
                 result,
             };
-            if out_tx.send(encode_server(&response)).await.is_err() {
+            if send(encode_server(&response)).await.is_err() {
                 break;
             }
             if let (None, Session::Authenticated { account, .. }) = (&online, &session) {
                 let inbox = self.services.registry.register(account, self.id);
-                let stop = self.shutdown.child_token();
-                tokio::spawn(pump(
-                    Arc::clone(&self.services),
-                    account.clone(),
-                    inbox,
-                    out_tx.clone(),
-                    stop.clone(),
-                ));
-                online = Some((account.clone(), stop));
+                let online_now = Outbound::Online(Box::new((account.clone(), inbox)));
+                online = Some(account.clone());
+                if out_tx.send(online_now).await.is_err() {
+                    break;
+                }
             }
         }
-        if let Some((account, stop)) = online {
-            stop.cancel();
+        if let Some(account) = online {
             self.services.registry.unregister(&account, self.id);
         }
+        stop.cancel();
         drop(out_tx);
         let _ = writer.await;
     }
 }
 
-/// Pushes `account`'s mailbox to this connection: the stored backlog first,
-/// then `Synced`, then each new delivery as it is committed. Fresh
-/// fan-out copies arrive in memory (already durable: they are handed over
-/// only after their commit); anything else, or anything that did not fit
-/// in memory, is read back from the mailbox.
-async fn pump(
+/// The socket's sending half, and (once the device is authenticated) the
+/// account's mailbox: the stored backlog first, then `Synced`, then each
+/// new delivery as it is committed. Fresh fan-out copies arrive in the
+/// [`Inbox`] (already durable: they are handed over only after their
+/// commit); anything else, or anything that did not fit, is read back from
+/// the mailbox.
+struct Writer<S> {
+    sink: SplitSink<WebSocketStream<S>, Message>,
+    tap: Option<FrameTap>,
     services: Arc<Services>,
-    account: AccountId,
-    mut inbox: Inbox,
-    out: mpsc::Sender<Vec<u8>>,
     stop: CancellationToken,
-) {
-    // Every delivery up to `after` has been pushed (or acknowledged), as a
-    // mailbox read established; `pushed` holds IDs above it pushed from
-    // memory, so a later read does not push them twice.
-    let mut after = 0u64;
-    let mut pushed: BTreeSet<u64> = BTreeSet::new();
-    let mut read = true;
-    let mut synced = false;
-    let push = |stored: StoredDelivery| {
-        encode_server(&ServerMessage::Push(Push::Delivery(Delivery {
-            id: stored.id,
-            sender: stored.sender,
-            kind: stored.kind,
-            group_id: stored.group_id,
-            payload: stored.payload,
-            sent_at: stored.sent_at,
-        })))
-    };
-    loop {
-        let woken = inbox.wake.notified();
-        tokio::pin!(woken);
-        // Register interest before reading, so a delivery stored between
-        // the read and the wait still wakes us.
-        woken.as_mut().enable();
-        if read || pushed.len() >= MAX_PUSHED_AHEAD {
-            // Cleared before the read: whatever could not be queued from
-            // now on wakes us again, and everything before is in the read.
-            inbox.overflowed.store(false, Ordering::SeqCst);
-            let batch = tokio::select! {
-                _ = stop.cancelled() => return,
-                batch = services.store.pending(&account, after, PUMP_BATCH, services.clock.now()) => batch,
+}
+
+/// Where the writer stands in pushing one account's mailbox.
+struct Mailbox {
+    account: AccountId,
+    inbox: Arc<Inbox>,
+    /// Every delivery up to `after` has been pushed (or acknowledged), as
+    /// a mailbox read established.
+    after: u64,
+    /// IDs above `after` pushed from memory, so a later read does not push
+    /// them twice.
+    pushed: BTreeSet<u64>,
+    /// The mailbox must be read before waiting again.
+    read: bool,
+    synced: bool,
+}
+
+/// Why the writer stopped.
+struct Closed;
+
+impl<S> Writer<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn run(mut self, mut out: mpsc::Receiver<Outbound>) {
+        let mut mailbox: Option<Mailbox> = None;
+        loop {
+            if let Some(mailbox) = mailbox.as_mut().filter(|m| m.read) {
+                // Boxed: a read's state is only needed while it runs.
+                if Box::pin(self.read_mailbox(mailbox)).await.is_err()
+                    || self.sink.flush().await.is_err()
+                {
+                    break;
+                }
+            }
+            let inbox = mailbox.as_ref().map(|m| Arc::clone(&m.inbox));
+            let signalled = async {
+                match &inbox {
+                    Some(inbox) => inbox.signalled().await,
+                    None => std::future::pending().await,
+                }
             };
-            let batch = match batch {
+            // Ends when the reader drops its queue, after everything it
+            // queued (the response to its last request included) is sent.
+            let result = tokio::select! {
+                next = out.recv() => match next {
+                    None => break,
+                    Some(next) => self.outbound(next, &mut out, &mut mailbox).await,
+                },
+                () = signalled => match mailbox.as_mut() {
+                    Some(mailbox) => self.push_inbox(mailbox).await,
+                    None => Ok(()),
+                },
+            };
+            if result.is_err() || self.sink.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = self.sink.close().await;
+    }
+
+    /// Sends `next` and everything else the reader queued meanwhile.
+    async fn outbound(
+        &mut self,
+        next: Outbound,
+        out: &mut mpsc::Receiver<Outbound>,
+        mailbox: &mut Option<Mailbox>,
+    ) -> Result<(), Closed> {
+        let mut next = Some(next);
+        while let Some(item) = next.take() {
+            match item {
+                Outbound::Frame(bytes) => self.feed(bytes).await?,
+                Outbound::Online(online) => {
+                    let (account, inbox) = *online;
+                    *mailbox = Some(Mailbox {
+                        account,
+                        inbox,
+                        after: 0,
+                        pushed: BTreeSet::new(),
+                        read: true,
+                        synced: false,
+                    });
+                }
+            }
+            next = out.try_recv().ok();
+        }
+        Ok(())
+    }
+
+    /// Pushes the copies waiting in the inbox.
+    async fn push_inbox(&mut self, mailbox: &mut Mailbox) -> Result<(), Closed> {
+        let taken = mailbox.inbox.take();
+        mailbox.read |= taken.read_mailbox;
+        for delivery in taken.deliveries {
+            if delivery.id > mailbox.after && mailbox.pushed.insert(delivery.id) {
+                self.feed(push_frame(delivery)).await?;
+            }
+        }
+        if mailbox.pushed.len() >= MAX_PUSHED_AHEAD {
+            mailbox.read = true;
+        }
+        Ok(())
+    }
+
+    /// Reads the mailbox until it has pushed everything stored, then tells
+    /// the device it is synced (once).
+    async fn read_mailbox(&mut self, mailbox: &mut Mailbox) -> Result<(), Closed> {
+        let services = Arc::clone(&self.services);
+        loop {
+            // Copies queued before this point were committed before the
+            // read begins, so the read finds them; copies queued after it
+            // are pushed later unless the read already covered them.
+            let taken = mailbox.inbox.take();
+            for delivery in taken.deliveries {
+                if delivery.id > mailbox.after && mailbox.pushed.insert(delivery.id) {
+                    self.feed(push_frame(delivery)).await?;
+                }
+            }
+            let now = services.clock.now();
+            let batch = match services
+                .store
+                .pending(&mailbox.account, mailbox.after, MAILBOX_BATCH, now)
+                .await
+            {
                 Ok(batch) => batch,
                 Err(error) => {
                     warn!(%error, "reading a mailbox failed; retrying");
+                    self.sink.flush().await.map_err(|_| Closed)?;
                     tokio::select! {
-                        _ = stop.cancelled() => return,
+                        _ = self.stop.cancelled() => return Err(Closed),
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                     }
                 }
             };
-            let full = batch.len() == PUMP_BATCH;
+            let full = batch.len() == MAILBOX_BATCH;
             let highest = batch.last().map(|d| d.id);
             for stored in batch {
-                if !pushed.contains(&stored.id) && out.send(push(stored)).await.is_err() {
-                    return;
+                if !mailbox.pushed.contains(&stored.id) {
+                    self.feed(push_frame(stored)).await?;
                 }
             }
             if full {
-                after = highest.unwrap_or(after).max(after);
-                pushed = pushed.split_off(&(after + 1));
+                mailbox.after = highest.unwrap_or(mailbox.after).max(mailbox.after);
+                mailbox.pushed = mailbox.pushed.split_off(&(mailbox.after + 1));
+                self.sink.flush().await.map_err(|_| Closed)?;
                 continue;
             }
             // The read saw everything committed before it began, which
             // includes everything pushed from memory so far.
-            after = highest
+            mailbox.after = highest
                 .into_iter()
-                .chain(pushed.last().copied())
-                .fold(after, u64::max);
-            pushed.clear();
-            read = false;
-            if !synced {
-                synced = true;
-                if out
-                    .send(encode_server(&ServerMessage::Push(Push::Synced)))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+                .chain(mailbox.pushed.last().copied())
+                .fold(mailbox.after, u64::max);
+            mailbox.pushed.clear();
+            mailbox.read = false;
+            if !mailbox.synced {
+                mailbox.synced = true;
+                self.feed(encode_server(&ServerMessage::Push(Push::Synced)))
+                    .await?;
             }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = &mut woken => read = true,
-            delivery = inbox.deliveries.recv() => {
-                let Some(delivery) = delivery else { return };
-                let mut next = Some(delivery);
-                while let Some(delivery) = next.take() {
-                    if delivery.id > after
-                        && pushed.insert(delivery.id)
-                        && out.send(push(delivery)).await.is_err()
-                    {
-                        return;
-                    }
-                    next = inbox.deliveries.try_recv().ok();
-                }
-            }
+            return Ok(());
         }
     }
+
+    /// Queues one frame on the socket; [`Writer::run`] flushes once per
+    /// burst: one write system call (and TLS record run) per burst, not per
+    /// frame.
+    async fn feed(&mut self, bytes: Vec<u8>) -> Result<(), Closed> {
+        if let Some(tap) = &self.tap {
+            tap(Direction::Outbound, &bytes);
+        }
+        self.sink
+            .feed(Message::Binary(bytes.into()))
+            .await
+            .map_err(|_| Closed)
+    }
+}
+
+fn push_frame(stored: StoredDelivery) -> Vec<u8> {
+    encode_server(&ServerMessage::Push(Push::Delivery(Delivery {
+        id: stored.id,
+        sender: stored.sender,
+        kind: stored.kind,
+        group_id: stored.group_id,
+        payload: stored.payload,
+        sent_at: stored.sent_at,
+    })))
 }

@@ -215,9 +215,12 @@ pub async fn run(
         tracker.spawn(async move {
             let _permit = permit;
             match acceptor {
+                // The TLS state is boxed once and kept on the heap for the
+                // connection's life, rather than sized into its task.
                 Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => connection.serve(tls).await,
+                    let accept = Box::pin(acceptor.accept(stream));
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                        Ok(Ok(tls)) => connection.serve(Box::new(tls)).await,
                         Ok(Err(error)) => debug!(%peer, %error, "TLS handshake failed"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
                     }

@@ -6,12 +6,15 @@
 //! mailbox back. Everything else (notices, commits, a full queue) only
 //! wakes the connection, which then reads the mailbox: the store stays the
 //! source of truth and nothing depends on the in-memory copy arriving.
+//!
+//! An idle connection's inbox holds no buffer at all: the queue is a
+//! `VecDeque` that allocates on the first copy and is taken whole by the
+//! connection, so memory follows traffic, not connection count.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use umbra_proto::AccountId;
 use umbra_store::StoredDelivery;
 
@@ -19,27 +22,83 @@ use umbra_store::StoredDelivery;
 /// reading its mailbox.
 const INBOX: usize = 1024;
 
-/// What one connection's pump listens to.
-#[derive(Debug)]
+/// One connection's inbox, shared by the registry (which fills it) and the
+/// connection (which empties it).
+#[derive(Debug, Default)]
 pub struct Inbox {
-    /// "New mail is stored": read the mailbox.
-    pub wake: Arc<Notify>,
+    state: Mutex<InboxState>,
+    /// Signalled whenever `state` gained something; stores a permit when
+    /// the connection is busy, so no signal is lost.
+    signal: Notify,
+}
+
+/// What the connection takes out of its inbox in one go.
+#[derive(Debug, Default)]
+pub struct Taken {
     /// Fresh deliveries, in the order they were committed.
-    pub deliveries: mpsc::Receiver<StoredDelivery>,
-    /// Set when a delivery could not be queued; the pump clears it before
-    /// reading its mailbox.
-    pub overflowed: Arc<AtomicBool>,
+    pub deliveries: VecDeque<StoredDelivery>,
+    /// The mailbox must be read: new mail was stored that is not in
+    /// `deliveries` (a notice, a commit, or a copy that did not fit).
+    pub read_mailbox: bool,
+}
+
+#[derive(Debug, Default)]
+struct InboxState {
+    deliveries: VecDeque<StoredDelivery>,
+    /// A copy could not be queued: no more copies are queued (so the
+    /// connection never sees a later one before a missing earlier one)
+    /// until it has taken this flag and so will read its mailbox.
+    overflowed: bool,
+    wake: bool,
+}
+
+impl Inbox {
+    /// Waits until something arrived; pair with [`Inbox::take`].
+    pub async fn signalled(&self) {
+        self.signal.notified().await;
+    }
+
+    /// Everything queued so far. Taking the overflow flag re-opens the
+    /// queue: copies queued from now on were committed after the mailbox
+    /// read the connection is about to make began, or are found by it and
+    /// skipped as already pushed.
+    pub fn take(&self) -> Taken {
+        let mut state = self.lock();
+        let read_mailbox = std::mem::take(&mut state.overflowed) | std::mem::take(&mut state.wake);
+        Taken {
+            deliveries: std::mem::take(&mut state.deliveries),
+            read_mailbox,
+        }
+    }
+
+    fn wake(&self) {
+        self.lock().wake = true;
+        self.signal.notify_one();
+    }
+
+    fn push(&self, delivery: StoredDelivery) {
+        {
+            let mut state = self.lock();
+            if state.overflowed || state.deliveries.len() >= INBOX {
+                state.overflowed = true;
+            } else {
+                state.deliveries.push_back(delivery);
+            }
+        }
+        self.signal.notify_one();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        // Every mutation is a single push or take: a panicking holder
+        // cannot leave the state half-changed.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[derive(Debug)]
 struct Entry {
     connection: u64,
-    wake: Arc<Notify>,
-    deliveries: mpsc::Sender<StoredDelivery>,
-    /// Set when a copy could not be queued: no more copies are queued (so
-    /// the pump never sees a later one before a missing earlier one) until
-    /// the pump has read its mailbox.
-    overflowed: Arc<AtomicBool>,
+    inbox: Arc<Inbox>,
 }
 
 /// Maps online accounts to their connections.
@@ -50,21 +109,13 @@ pub struct Registry {
 
 impl Registry {
     /// Registers connection `connection` for `account`.
-    pub fn register(&self, account: &AccountId, connection: u64) -> Inbox {
-        let wake = Arc::new(Notify::new());
-        let (sender, receiver) = mpsc::channel(INBOX);
-        let overflowed = Arc::new(AtomicBool::new(false));
+    pub fn register(&self, account: &AccountId, connection: u64) -> Arc<Inbox> {
+        let inbox = Arc::new(Inbox::default());
         self.lock().entry(account.clone()).or_default().push(Entry {
             connection,
-            wake: Arc::clone(&wake),
-            deliveries: sender,
-            overflowed: Arc::clone(&overflowed),
+            inbox: Arc::clone(&inbox),
         });
-        Inbox {
-            wake,
-            deliveries: receiver,
-            overflowed,
-        }
+        inbox
     }
 
     pub fn unregister(&self, account: &AccountId, connection: u64) {
@@ -82,8 +133,7 @@ impl Registry {
         let online = self.lock();
         for account in accounts {
             for entry in online.get(account).into_iter().flatten() {
-                // Stores a permit if the pump is busy, so no wake-up is lost.
-                entry.wake.notify_one();
+                entry.inbox.wake();
             }
         }
     }
@@ -92,20 +142,82 @@ impl Registry {
     pub fn deliver(&self, deliveries: Vec<(AccountId, StoredDelivery)>) {
         let online = self.lock();
         for (account, delivery) in deliveries {
-            for entry in online.get(&account).into_iter().flatten() {
-                if entry.overflowed.load(Ordering::SeqCst)
-                    || entry.deliveries.try_send(delivery.clone()).is_err()
-                {
-                    entry.overflowed.store(true, Ordering::SeqCst);
-                    entry.wake.notify_one();
+            let entries = online.get(&account).map(Vec::as_slice).unwrap_or(&[]);
+            if let Some((last, rest)) = entries.split_last() {
+                for entry in rest {
+                    entry.inbox.push(delivery.clone());
                 }
+                last.inbox.push(delivery);
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountId, Vec<Entry>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<AccountId, Vec<Entry>>> {
         // The map stays consistent even if a holder panicked mid-operation:
         // every mutation is a single push, retain or remove.
         self.online.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use umbra_proto::DeliveryKind;
+
+    fn account(id: &str) -> AccountId {
+        AccountId::parse(id).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn delivery(id: u64) -> StoredDelivery {
+        StoredDelivery {
+            id,
+            sender: account("ABCDEFGH"),
+            kind: DeliveryKind::Application,
+            group_id: None,
+            payload: vec![0; 8],
+            sent_at: 0,
+        }
+    }
+
+    #[test]
+    fn copies_arrive_in_order_until_the_queue_overflows_then_only_the_flag() {
+        let registry = Registry::default();
+        let account = account("ABCDEFGH");
+        let inbox = registry.register(&account, 1);
+        registry.deliver(
+            (1..=INBOX as u64 + 2)
+                .map(|id| (account.clone(), delivery(id)))
+                .collect(),
+        );
+        let taken = inbox.take();
+        assert!(
+            taken.read_mailbox,
+            "the overflow must send the connection to its mailbox"
+        );
+        let ids: Vec<u64> = taken.deliveries.iter().map(|d| d.id).collect();
+        assert_eq!(ids, (1..=INBOX as u64).collect::<Vec<_>>());
+        // Taken: the queue is open again and empty, with no buffer held.
+        registry.deliver(vec![(account.clone(), delivery(9999))]);
+        let taken = inbox.take();
+        assert!(!taken.read_mailbox);
+        assert_eq!(taken.deliveries.len(), 1);
+        let idle = inbox.take();
+        assert_eq!(idle.deliveries.capacity(), 0);
+    }
+
+    #[test]
+    fn a_notice_wakes_only_that_account_and_unregistered_connections_get_nothing() {
+        let registry = Registry::default();
+        let a = account("ABCDEFGH");
+        let b = account("HGFEDCBA");
+        let (ia, ib) = (registry.register(&a, 1), registry.register(&b, 2));
+        registry.notify([&a]);
+        assert!(ia.take().read_mailbox);
+        assert!(!ib.take().read_mailbox);
+        registry.unregister(&a, 1);
+        registry.deliver(vec![(a.clone(), delivery(1))]);
+        registry.notify([&a]);
+        let taken = ia.take();
+        assert!(!taken.read_mailbox && taken.deliveries.is_empty());
     }
 }
