@@ -335,15 +335,22 @@ where
 
     /// Pushes the copies waiting in the inbox.
     async fn push_inbox(&mut self, mailbox: &mut Mailbox) -> Result<(), Closed> {
+        self.push_taken(mailbox).await?;
+        if mailbox.pushed.len() >= MAX_PUSHED_AHEAD {
+            mailbox.read = true;
+        }
+        Ok(())
+    }
+
+    /// Takes what the inbox holds and pushes every copy not pushed yet;
+    /// remembers whether the mailbox must be read.
+    async fn push_taken(&mut self, mailbox: &mut Mailbox) -> Result<(), Closed> {
         let taken = mailbox.inbox.take();
         mailbox.read |= taken.read_mailbox;
         for delivery in taken.deliveries {
             if delivery.id > mailbox.after && mailbox.pushed.insert(delivery.id) {
                 self.feed(push_frame(delivery)).await?;
             }
-        }
-        if mailbox.pushed.len() >= MAX_PUSHED_AHEAD {
-            mailbox.read = true;
         }
         Ok(())
     }
@@ -356,12 +363,7 @@ where
             // Copies queued before this point were committed before the
             // read begins, so the read finds them; copies queued after it
             // are pushed later unless the read already covered them.
-            let taken = mailbox.inbox.take();
-            for delivery in taken.deliveries {
-                if delivery.id > mailbox.after && mailbox.pushed.insert(delivery.id) {
-                    self.feed(push_frame(delivery)).await?;
-                }
-            }
+            self.push_taken(mailbox).await?;
             let now = services.clock.now();
             let batch = match services
                 .store
