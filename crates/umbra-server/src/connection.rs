@@ -333,18 +333,10 @@ where
         Ok(())
     }
 
-    /// Pushes the copies waiting in the inbox.
-    async fn push_inbox(&mut self, mailbox: &mut Mailbox) -> Result<(), Closed> {
-        self.push_taken(mailbox).await?;
-        if mailbox.pushed.len() >= MAX_PUSHED_AHEAD {
-            mailbox.read = true;
-        }
-        Ok(())
-    }
-
     /// Takes what the inbox holds and pushes every copy not pushed yet;
-    /// remembers whether the mailbox must be read.
-    async fn push_taken(&mut self, mailbox: &mut Mailbox) -> Result<(), Closed> {
+    /// remembers whether the mailbox must be read (asked for, or too many
+    /// IDs remembered above the high-water mark).
+    async fn push_inbox(&mut self, mailbox: &mut Mailbox) -> Result<(), Closed> {
         let taken = mailbox.inbox.take();
         mailbox.read |= taken.read_mailbox;
         for delivery in taken.deliveries {
@@ -352,20 +344,21 @@ where
                 self.feed(push_frame(delivery)).await?;
             }
         }
+        mailbox.read |= mailbox.pushed.len() >= MAX_PUSHED_AHEAD;
         Ok(())
     }
 
     /// Reads the mailbox until it has pushed everything stored, then tells
     /// the device it is synced (once).
     async fn read_mailbox(&mut self, mailbox: &mut Mailbox) -> Result<(), Closed> {
-        let services = Arc::clone(&self.services);
         loop {
             // Copies queued before this point were committed before the
             // read begins, so the read finds them; copies queued after it
             // are pushed later unless the read already covered them.
-            self.push_taken(mailbox).await?;
-            let now = services.clock.now();
-            let batch = match services
+            self.push_inbox(mailbox).await?;
+            let now = self.services.clock.now();
+            let batch = match self
+                .services
                 .store
                 .pending(&mailbox.account, mailbox.after, MAILBOX_BATCH, now)
                 .await

@@ -855,23 +855,26 @@ impl Services {
     }
 }
 
-/// Why a line may not send at `now`, if it may not: the same rule the
-/// store applies inside a fan-out's transaction.
+/// Why a line may not send at `now`, if it may not
+/// ([`LineStatus::may_send`], the rule the store applies inside a
+/// fan-out's transaction).
 fn line_refusal(status: LineStatus, expires: u64, now: u64) -> Option<ErrorReply> {
+    if status.may_send(expires, now) {
+        return None;
+    }
     match status {
         LineStatus::Revoked => Some(refuse(ErrorCode::LineRevoked, "this line was revoked")),
         LineStatus::Suspended => Some(refuse(
             ErrorCode::LineSuspended,
             "this line is suspended; contact your distributor",
         )),
-        LineStatus::Active if now >= expires => Some(refuse(
+        LineStatus::Active => Some(refuse(
             ErrorCode::SubscriptionExpired,
             format!(
                 "subscription expired on {}, enter a renewal code",
                 date(expires)
             ),
         )),
-        LineStatus::Active => None,
     }
 }
 

@@ -65,6 +65,13 @@ pub enum LineStatus {
 }
 
 impl LineStatus {
+    /// Whether a line in this state, with a subscription running until
+    /// `subscription_expires_at`, may send at `now`: the one rule that the
+    /// fan-out's transaction and the server's refusals both apply.
+    pub fn may_send(self, subscription_expires_at: Timestamp, now: Timestamp) -> bool {
+        self == LineStatus::Active && now < subscription_expires_at
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             LineStatus::Active => "active",

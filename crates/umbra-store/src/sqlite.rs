@@ -842,8 +842,9 @@ impl Groups for SqliteStore {
             }
             match account_row(tx, &sender)? {
                 Some(account)
-                    if account.status == LineStatus::Active
-                        && now < account.subscription_expires_at => {}
+                    if account
+                        .status
+                        .may_send(account.subscription_expires_at, now) => {}
                 Some(account) => {
                     return Ok(FanOutOutcome::LineInactive {
                         status: account.status,
