@@ -71,7 +71,9 @@ impl Conn {
         tcp.set_nodelay(true)?;
         let config = WebSocketConfig::default()
             .read_buffer_size(4096)
-            .write_buffer_size(0)
+            // Frames go out together at the writer's flush, not one
+            // `send` each (0 would write every frame at once).
+            .write_buffer_size(16 * 1024)
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES));
         let url = format!("ws://{}/", dial.address);

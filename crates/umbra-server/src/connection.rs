@@ -8,10 +8,12 @@
 //! [`Inbox`] and reads its mailbox. A slow device slows only itself.
 
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::SplitSink;
+use futures_util::stream::{FuturesOrdered, SplitSink};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -27,7 +29,7 @@ use umbra_proto::{
 };
 
 use crate::registry::Inbox;
-use crate::service::{Services, Session};
+use crate::service::{Answer, Services, Session};
 use crate::{Direction, FrameTap};
 use umbra_store::StoredDelivery;
 
@@ -44,12 +46,20 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 /// idle sockets cannot hold connection slots.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Frames collected before tungstenite writes them to the socket (it also
+/// writes on every flush, which the writer does once per burst). With 0
+/// every frame was its own `send` (and, with TLS, its own record); 4 KiB
+/// lets a burst of pushes and answers go out in one. The buffer keeps its
+/// capacity, so this also bounds what a busy connection holds afterwards.
+const WRITE_BUFFER: usize = 4096;
+
 /// WebSocket settings: a small read buffer (tungstenite allocates it up
-/// front for every connection) and the protocol's frame limit.
+/// front for every connection), a small write buffer, and the protocol's
+/// frame limit.
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4096)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES))
 }
@@ -65,6 +75,8 @@ pub(crate) struct Connection {
 /// What the reader hands the writer.
 enum Outbound {
     Frame(Vec<u8>),
+    /// A response to send once its request's effects are durable.
+    Later(LaterResponse),
     /// The device authenticated as this account: from now on, push its
     /// mailbox (after the responses queued before this).
     Online(Box<(AccountId, Arc<Inbox>)>),
@@ -207,12 +219,23 @@ impl Connection {
             };
             // Boxed: the handler's state is large and lives only while a
             // request is in flight, not in every idle connection's task.
-            let result = Box::pin(self.services.handle(&mut session, frame.request)).await;
-            let response = ServerMessage::Response {
-                id: frame.id,
-                result,
+            let answer = Box::pin(self.services.answer(&mut session, frame.request)).await;
+            let queued = match answer {
+                Answer::Now(result) => {
+                    let response = ServerMessage::Response {
+                        id: frame.id,
+                        result,
+                    };
+                    send(encode_server(&response)).await
+                }
+                // Answered by the writer when durable; meanwhile the next
+                // request (perhaps the acknowledgement it waits for) runs.
+                Answer::WhenDurable(durable, reply) => {
+                    let response = Answer::response(durable, reply, frame.id);
+                    out_tx.send(Outbound::Later(Box::pin(response))).await
+                }
             };
-            if send(encode_server(&response)).await.is_err() {
+            if queued.is_err() {
                 break;
             }
             if let (None, Session::Authenticated { account, .. }) = (&online, &session) {
@@ -264,12 +287,18 @@ struct Mailbox {
 /// Why the writer stopped.
 struct Closed;
 
+/// A response frame that is ready once its request's effects are durable.
+type LaterResponse = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+
 impl<S> Writer<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async fn run(mut self, mut out: mpsc::Receiver<Outbound>) {
         let mut mailbox: Option<Mailbox> = None;
+        // Responses waiting for durability, answered in request order.
+        // Created on first use: most connections never have one waiting.
+        let mut later: Option<FuturesOrdered<LaterResponse>> = None;
         loop {
             if let Some(mailbox) = mailbox.as_mut().filter(|m| m.read) {
                 // Boxed: a read's state is only needed while it runs.
@@ -288,11 +317,20 @@ where
             };
             // Ends when the reader drops its queue, after everything it
             // queued (the response to its last request included) is sent.
+            let waiting = later.as_mut().filter(|l| !l.is_empty());
+            let has_later = waiting.is_some();
+            let answered = async {
+                match waiting {
+                    Some(later) => later.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             let result = tokio::select! {
                 next = out.recv() => match next {
                     None => break,
-                    Some(next) => self.outbound(next, &mut out, &mut mailbox).await,
+                    Some(next) => self.outbound(next, &mut out, &mut mailbox, &mut later).await,
                 },
+                Some(frame) = answered, if has_later => self.feed(frame).await,
                 () = signalled => match mailbox.as_mut() {
                     Some(mailbox) => self.push_inbox(mailbox).await,
                     None => Ok(()),
@@ -301,6 +339,15 @@ where
             if result.is_err() || self.sink.flush().await.is_err() {
                 break;
             }
+        }
+        // The reader is gone; answer what is still waiting, then close.
+        if let Some(mut later) = later {
+            while let Some(frame) = later.next().await {
+                if self.feed(frame).await.is_err() {
+                    break;
+                }
+            }
+            let _ = self.sink.flush().await;
         }
         let _ = self.sink.close().await;
     }
@@ -311,11 +358,15 @@ where
         next: Outbound,
         out: &mut mpsc::Receiver<Outbound>,
         mailbox: &mut Option<Mailbox>,
+        later: &mut Option<FuturesOrdered<LaterResponse>>,
     ) -> Result<(), Closed> {
         let mut next = Some(next);
         while let Some(item) = next.take() {
             match item {
                 Outbound::Frame(bytes) => self.feed(bytes).await?,
+                Outbound::Later(response) => later
+                    .get_or_insert_with(FuturesOrdered::new)
+                    .push_back(response),
                 Outbound::Online(online) => {
                     let (account, inbox) = *online;
                     *mailbox = Some(Mailbox {

@@ -14,7 +14,7 @@ use umbra_proto::{
 };
 use umbra_store::{
     Account, CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome, ContactRequestOutcome,
-    FanOutOutcome, LineStatus, Notice, Registration, Renewal, Store, StoreError,
+    Durable, FanOutOutcome, LineStatus, Notice, Registration, Renewal, Store, StoreError,
 };
 
 use crate::registry::Registry;
@@ -62,6 +62,30 @@ impl std::fmt::Debug for Services {
 
 type Outcome = Result<Reply, ErrorReply>;
 
+/// When a request's answer may be sent.
+#[derive(Debug)]
+pub enum Answer {
+    /// At once.
+    Now(Outcome),
+    /// Once `durable` resolves: the reply if it does, else an internal
+    /// error. The request's effects are already visible (a sent message's
+    /// copies are in the mailboxes and on their way), so the connection
+    /// can go on to the next request meanwhile, which matters for the
+    /// recipient's acknowledgement that may be what `durable` waits for.
+    WhenDurable(Durable, Reply),
+}
+
+impl Answer {
+    /// The response frame for request `id`, once it may be sent.
+    pub async fn response(durable: Durable, reply: Reply, id: u64) -> Vec<u8> {
+        let result = match durable.wait().await {
+            Ok(()) => Ok(reply),
+            Err(error) => Err(internal(error)),
+        };
+        umbra_proto::encode_server(&umbra_proto::ServerMessage::Response { id, result })
+    }
+}
+
 fn refuse(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
     ErrorReply::new(code, message)
 }
@@ -103,6 +127,33 @@ impl Services {
     }
 
     /// Handles one request, updating `session` on successful authentication.
+    /// Handles one request; see [`Answer`] for when to send the reply.
+    pub async fn answer(&self, session: &mut Session, request: Request) -> Answer {
+        match (&*session, request) {
+            (
+                Session::Authenticated { account },
+                Request::SendMessage {
+                    group_id,
+                    message,
+                    kind,
+                    ttl_seconds,
+                },
+            ) => {
+                // The line is checked inside the store's transaction.
+                let account = account.clone();
+                match self
+                    .send_message(&account, group_id, message, kind, ttl_seconds)
+                    .await
+                {
+                    Ok((durable, reply)) => Answer::WhenDurable(durable, reply),
+                    Err(error) => Answer::Now(Err(error)),
+                }
+            }
+            (_, request) => Answer::Now(self.handle(session, request).await),
+        }
+    }
+
+    /// Handles one request and waits for its reply.
     pub async fn handle(&self, session: &mut Session, request: Request) -> Outcome {
         match (&*session, request) {
             (
@@ -404,8 +455,11 @@ impl Services {
                 ttl_seconds,
             } => {
                 // The line is checked inside the store's transaction.
-                self.send_message(me, group_id, message, kind, ttl_seconds)
-                    .await
+                let (durable, reply) = self
+                    .send_message(me, group_id, message, kind, ttl_seconds)
+                    .await?;
+                durable.wait().await.map_err(internal)?;
+                Ok(reply)
             }
             Request::Ack { delivery_ids } => {
                 self.store.ack(me, &delivery_ids).await.map_err(internal)?;
@@ -809,7 +863,7 @@ impl Services {
         message: Vec<u8>,
         kind: DeliveryKind,
         ttl_seconds: u32,
-    ) -> Outcome {
+    ) -> Result<(Durable, Reply), ErrorReply> {
         let header = umbra_mls::message_header(&message)
             .map_err(|e| refuse(ErrorCode::InvalidRequest, e.to_string()))?;
         let expected = match kind {
@@ -834,9 +888,14 @@ impl Services {
             .await
             .map_err(internal)?
         {
-            FanOutOutcome::Stored { deliveries } => {
+            FanOutOutcome::Stored {
+                deliveries,
+                durable,
+            } => {
+                // Online recipients get their copies now; the sender hears
+                // "accepted" once each copy is on disk or acknowledged.
                 self.registry.deliver(deliveries);
-                Ok(Reply::Accepted { accepted_at: now })
+                Ok((durable, Reply::Accepted { accepted_at: now }))
             }
             FanOutOutcome::LineInactive {
                 status,

@@ -338,13 +338,13 @@ async fn commits_one_per_epoch(store: &impl Store) {
         last.last().map(|d| d.payload.as_slice()),
         Some(&b"remove carol"[..])
     );
-    assert_eq!(
+    assert!(matches!(
         store
             .fan_out(&g, &carol, DeliveryKind::Application, b"x", NOW, NOW + TTL)
             .await
             .unwrap(),
         FanOutOutcome::NotAMember
-    );
+    ));
 }
 
 async fn fan_out_and_mailboxes(store: &impl Store) {
@@ -374,7 +374,11 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
             )
             .await
             .unwrap();
-        let FanOutOutcome::Stored { deliveries } = outcome else {
+        let FanOutOutcome::Stored {
+            deliveries,
+            durable,
+        } = outcome
+        else {
             panic!("not stored: {outcome:?}");
         };
         let recipients: Vec<_> = deliveries.iter().map(|(r, _)| r.clone()).collect();
@@ -384,10 +388,13 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
         assert_eq!(
             stored.last(),
             Some(handed),
-            "the copy handed back is the stored row"
+            "the copy handed back is in the mailbox, before it is durable"
         );
+        durable.wait().await.unwrap();
+        let stored = store.pending(&alice, 0, 100, NOW).await.unwrap();
+        assert_eq!(stored.last(), Some(handed), "and after");
     }
-    assert_eq!(
+    assert!(matches!(
         store
             .fan_out(
                 &group(8),
@@ -400,7 +407,7 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
             .await
             .unwrap(),
         FanOutOutcome::UnknownGroup
-    );
+    ));
     let page = store.pending(&alice, 0, 3, NOW).await.unwrap();
     assert_eq!(
         page.iter().map(|d| d.payload[0]).collect::<Vec<_>>(),
@@ -436,6 +443,40 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
     );
     let left = store.pending(&alice, 0, 10, NOW).await.unwrap();
     assert_eq!(left.len(), 3);
+
+    // A copy acknowledged before it is durable: the sender's answer still
+    // comes, and the copy is gone for good.
+    let Ok(FanOutOutcome::Stored {
+        deliveries,
+        durable,
+    }) = store
+        .fan_out(
+            &g,
+            &bob,
+            DeliveryKind::Application,
+            b"quick",
+            NOW,
+            NOW + TTL,
+        )
+        .await
+    else {
+        panic!("not stored");
+    };
+    let quick = deliveries[0].1.id;
+    assert_eq!(store.ack(&alice, &[quick]).await.unwrap(), 1);
+    assert_eq!(store.ack(&alice, &[quick]).await.unwrap(), 0);
+    durable.wait().await.unwrap();
+    let left = store.pending(&alice, 0, 10, NOW).await.unwrap();
+    assert_eq!(left.len(), 3, "the acknowledged copy does not come back");
+    // Whatever is stored next sorts after it.
+    let notice = Notice {
+        recipient: alice.clone(),
+        sender: bob.clone(),
+        kind: DeliveryKind::KeyPackagesLow,
+        group_id: None,
+        payload: vec![],
+    };
+    assert!(store.notice(notice, NOW, NOW + TTL).await.unwrap() > quick);
 }
 
 async fn notices(store: &impl Store) {
@@ -685,20 +726,73 @@ async fn expiry(store: &impl Store) {
 }
 
 /// First half of a durability check: write state a restart must keep.
-pub async fn survives_reopen_part_one(store: &impl Store) {
+pub async fn survives_reopen_part_one(store: &impl Store) -> u64 {
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
     store
         .request_contact(&alice, &bob, NOW, NOW + TTL)
         .await
         .unwrap();
+    let g = group(1);
+    store.create_group(&g, &alice, NOW).await.unwrap();
+    store
+        .accept_commit(&commit(&g, 0, &alice, b"add", &[&bob], &[]), NOW, NOW + TTL)
+        .await
+        .unwrap();
+    let mut highest = 0;
+    // One copy the recipient acknowledges at once, one it does not: once
+    // the sender's answer came, the first is gone and the second is kept.
+    for (payload, acknowledged) in [(&b"acked"[..], true), (&b"kept"[..], false)] {
+        let Ok(FanOutOutcome::Stored {
+            deliveries,
+            durable,
+        }) = store
+            .fan_out(
+                &g,
+                &alice,
+                DeliveryKind::Application,
+                payload,
+                NOW,
+                NOW + TTL,
+            )
+            .await
+        else {
+            panic!("not stored");
+        };
+        let id = deliveries[0].1.id;
+        if acknowledged {
+            store.ack(&bob, &[id]).await.unwrap();
+        }
+        durable.wait().await.unwrap();
+        highest = highest.max(id);
+    }
+    highest
 }
 
 /// Second half, on the reopened store.
-pub async fn survives_reopen_part_two(store: &impl Store) {
+/// `highest` is the largest delivery ID part one was handed.
+pub async fn survives_reopen_part_two(store: &impl Store, highest: u64) {
     let bob = account("BBBBBBBB");
     assert!(store.account(&bob).await.unwrap().is_some());
     let inbox = store.pending(&bob, 0, 10, NOW).await.unwrap();
-    assert_eq!(inbox.len(), 1);
-    assert_eq!(inbox[0].kind, DeliveryKind::ContactRequest);
+    let kinds: Vec<_> = inbox.iter().map(|d| d.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            DeliveryKind::ContactRequest,
+            DeliveryKind::Welcome,
+            DeliveryKind::Application
+        ]
+    );
+    assert_eq!(inbox[2].payload, b"kept", "the acknowledged copy is gone");
+    // No delivery ID is handed out twice, written or not: a device that
+    // applied an ID would take a new delivery under it for a repeat.
+    let notice = Notice {
+        recipient: bob.clone(),
+        sender: bob,
+        kind: DeliveryKind::KeyPackagesLow,
+        group_id: None,
+        payload: vec![],
+    };
+    assert!(store.notice(notice, NOW, NOW + TTL).await.unwrap() > highest);
 }

@@ -13,6 +13,9 @@
 
 pub mod conformance;
 pub mod sqlite;
+mod staging;
+
+pub use staging::ACK_WINDOW;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
@@ -250,12 +253,17 @@ pub enum CommitOutcome {
     NotAMember,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum FanOutOutcome {
-    /// Stored for each recipient: the rows as stored, so a recipient that
-    /// is online can be handed its copy without reading it back.
+    /// Accepted for each recipient: the copies as the mailbox holds them,
+    /// so a recipient that is online can be handed its copy without
+    /// reading it back. Hand them over at once, but tell the sender
+    /// "accepted" only after `durable` resolves: a backend may keep copies
+    /// in memory for a moment in case they are acknowledged first (see
+    /// [`Durable`]).
     Stored {
         deliveries: Vec<(AccountId, StoredDelivery)>,
+        durable: Durable,
     },
     UnknownGroup,
     NotAMember,
@@ -265,6 +273,47 @@ pub enum FanOutOutcome {
         status: LineStatus,
         subscription_expires_at: Timestamp,
     },
+}
+
+/// Resolves once each copy of a fan-out is safe: written durably, or
+/// acknowledged by its recipient (which then holds it, so it need never be
+/// written). Until then the copies are readable from the mailbox and may
+/// be delivered, but a crash can lose those that are not yet acknowledged;
+/// so the sender is told "accepted" only after this.
+#[must_use = "the sender may be told \"accepted\" only after the copies are durable"]
+pub struct Durable(Option<tokio::sync::oneshot::Receiver<Result<()>>>);
+
+impl Durable {
+    /// Already durable (the copies were written with the check).
+    pub fn ready() -> Self {
+        Durable(None)
+    }
+
+    pub(crate) fn waiting(answer: tokio::sync::oneshot::Receiver<Result<()>>) -> Self {
+        Durable(Some(answer))
+    }
+
+    /// Waits until every copy is written or acknowledged.
+    pub async fn wait(self) -> Result<()> {
+        match self.0 {
+            None => Ok(()),
+            Some(answer) => answer.await.unwrap_or_else(|_| {
+                Err(StoreError::Backend(
+                    "the storage writer stopped before the copies were written".into(),
+                ))
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Durable(waiting)"
+        } else {
+            "Durable(ready)"
+        })
+    }
 }
 
 #[async_trait]

@@ -6,17 +6,20 @@
 //! can come when a benchmark shows it matters.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use umbra_proto::{AccountId, DeliveryKind, GroupId, IdentityKey};
 
+use crate::staging::{Staged, Staging};
 use crate::{
     Account, Accounts, CodeHash, CodeKind, CommitOutcome, CommitRecord, ContactAcceptOutcome,
-    ContactRequestOutcome, Contacts, DAY, Distributor, Distributors, FanOutOutcome, GroupState,
-    Groups, KeyPackageStock, KeyPackages, LineStatus, Mailboxes, Notice, Registration, Renewal,
-    Result, StoreError, StoredDelivery, Timestamp,
+    ContactRequestOutcome, Contacts, DAY, Distributor, Distributors, Durable, FanOutOutcome,
+    GroupState, Groups, KeyPackageStock, KeyPackages, LineStatus, Mailboxes, Notice, Registration,
+    Renewal, Result, StoreError, StoredDelivery, Timestamp,
 };
 
 /// Numbered migrations, applied in order; `PRAGMA user_version` records the
@@ -24,6 +27,7 @@ use crate::{
 const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_lines.sql")),
+    (3, include_str!("../migrations/0003_delivery_ids.sql")),
 ];
 
 /// Most writes committed together by one fsync.
@@ -32,7 +36,7 @@ const MAX_GROUP_COMMIT: usize = 1024;
 /// One write, run inside the group's transaction. It returns what to do
 /// once the transaction's fate is known: hand its result to the caller if
 /// the commit succeeded, or the commit's error if it did not.
-type Job = Box<dyn FnOnce(&Transaction<'_>) -> Completion + Send>;
+type Job = Box<dyn FnOnce(&Tx<'_>) -> Completion + Send>;
 type Completion = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
 
 /// Server storage in one SQLite database file.
@@ -44,10 +48,23 @@ type Completion = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
 /// is durable, and a thousand concurrent senders cost one fsync, not a
 /// thousand. A write that fails rolls back to its savepoint without
 /// touching the others.
+///
+/// Fan-out copies take a shortcut (see the `staging` module): their checks
+/// and IDs are committed like any write, but the rows wait in memory for
+/// [`crate::ACK_WINDOW`], so a copy its recipient acknowledges in time is
+/// never written at all.
 #[derive(Clone)]
 pub struct SqliteStore {
     connection: Arc<Mutex<Connection>>,
     writes: std::sync::mpsc::Sender<Job>,
+    staging: Arc<Mutex<Staging>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock would poison it; the data is still
+    // consistent (SQLite rolls back an open transaction, and the staging
+    // map is changed in single steps), so carry on with it.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -96,13 +113,19 @@ impl SqliteStore {
         }
         tx.commit().map_err(backend)?;
         let connection = Arc::new(Mutex::new(connection));
+        let staging = Arc::new(Mutex::new(Staging::default()));
         let (writes, queue) = std::sync::mpsc::channel();
         let writer = Arc::clone(&connection);
+        let staged = Arc::clone(&staging);
         std::thread::Builder::new()
             .name("umbra-store-writer".into())
-            .spawn(move || group_commit(&writer, &queue))
+            .spawn(move || group_commit(&writer, &queue, &staged))
             .map_err(backend)?;
-        Ok(SqliteStore { connection, writes })
+        Ok(SqliteStore {
+            connection,
+            writes,
+            staging,
+        })
     }
 
     async fn run<T, F>(&self, work: F) -> Result<T>
@@ -111,15 +134,9 @@ impl SqliteStore {
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
         let connection = Arc::clone(&self.connection);
-        tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock would poison it; the connection
-            // itself is still consistent (SQLite rolls back the open
-            // transaction), so carry on with it.
-            let mut guard = connection.lock().unwrap_or_else(|p| p.into_inner());
-            work(&mut guard)
-        })
-        .await
-        .map_err(|e| StoreError::Backend(format!("storage task failed: {e}")))?
+        tokio::task::spawn_blocking(move || work(&mut lock(&connection)))
+            .await
+            .map_err(|e| StoreError::Backend(format!("storage task failed: {e}")))?
     }
 
     /// Runs `work` atomically (in its own savepoint) within the next group
@@ -127,14 +144,27 @@ impl SqliteStore {
     async fn write<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<T> + Send + 'static,
+    {
+        self.write_then(work, |value| value).await
+    }
+
+    /// Like [`SqliteStore::write`], and then, on the writer thread once the
+    /// commit is durable (so before any later write runs), turns the
+    /// result into the answer with `committed`.
+    async fn write_then<T, U, F, C>(&self, work: F, committed: C) -> Result<U>
+    where
+        T: Send + 'static,
+        U: Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<T> + Send + 'static,
+        C: FnOnce(T) -> U + Send + 'static,
     {
         let (answer, answered) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |tx| {
             let value = in_savepoint(tx, work);
-            Box::new(move |committed| {
-                let _ = answer.send(match committed {
-                    Ok(()) => value,
+            Box::new(move |outcome| {
+                let _ = answer.send(match outcome {
+                    Ok(()) => value.map(committed),
                     Err(error) => Err(StoreError::Backend(error)),
                 });
             })
@@ -150,49 +180,232 @@ impl SqliteStore {
 
 /// Runs `work` between SAVEPOINT and RELEASE, rolling back to the savepoint
 /// if it fails, so one failed write leaves the rest of its group intact.
-fn in_savepoint<T>(
-    tx: &Transaction<'_>,
-    work: impl FnOnce(&Transaction<'_>) -> Result<T>,
-) -> Result<T> {
-    tx.execute_batch("SAVEPOINT job").map_err(backend)?;
-    let value = work(tx);
-    let end = if value.is_ok() {
-        "RELEASE job"
-    } else {
-        "ROLLBACK TO job; RELEASE job"
+fn in_savepoint<T>(tx: &Tx<'_>, work: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+    let run = |sql: &str| {
+        tx.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map_err(backend)
     };
-    tx.execute_batch(end).map_err(backend)?;
+    run("SAVEPOINT job")?;
+    let reservations = tx.ids.borrow().reservations;
+    let value = work(tx);
+    if value.is_ok() {
+        run("RELEASE job")?;
+    } else {
+        run("ROLLBACK TO job")?;
+        run("RELEASE job")?;
+        if tx.ids.borrow().reservations != reservations {
+            // The block reserved in the rolled-back savepoint is not
+            // reserved any more.
+            tx.ids.borrow_mut().forget();
+        }
+    }
     value
 }
 
+/// A group commit's transaction, with the delivery IDs it may hand out.
+struct Tx<'c> {
+    tx: Transaction<'c>,
+    ids: std::cell::RefCell<IdBlock>,
+}
+
+impl<'c> std::ops::Deref for Tx<'c> {
+    type Target = Transaction<'c>;
+    fn deref(&self) -> &Transaction<'c> {
+        &self.tx
+    }
+}
+
+/// Delivery IDs reserved in the mailbox's AUTOINCREMENT sequence and not
+/// handed out yet. Every delivery ID comes from here, so IDs follow the
+/// order writes ran in (which is each mailbox's order), and an ID is never
+/// used twice, even for a staged copy that was never written: the
+/// reservation commits before any ID from it leaves the writer.
+/// Reserving a block at a time keeps a batch of staged copies free of
+/// writes, so it needs no fsync.
+#[derive(Default)]
+struct IdBlock {
+    next: u64,
+    end: u64,
+    /// Blocks reserved so far (to notice one inside a failed savepoint).
+    reservations: u64,
+}
+
+/// Delivery IDs reserved at a time; a restart skips what was left.
+const ID_BLOCK: u64 = 1 << 16;
+
+impl IdBlock {
+    /// The first of `count` consecutive IDs.
+    fn take(&mut self, tx: &Transaction<'_>, count: usize) -> Result<u64> {
+        let count = count as u64;
+        if self.end - self.next < count {
+            let size = count.max(ID_BLOCK);
+            let last: i64 = tx
+                .prepare_cached(
+                    "UPDATE sqlite_sequence SET seq = seq + ?1 WHERE name = 'mailbox' RETURNING seq",
+                )
+                .and_then(|mut s| s.query_row([size as i64], |row| row.get(0)))
+                .map_err(backend)?;
+            self.end = last as u64 + 1;
+            self.next = self.end - size;
+            self.reservations += 1;
+        }
+        let first = self.next;
+        self.next += count;
+        Ok(first)
+    }
+
+    /// Drops the block (its reservation did not commit).
+    fn forget(&mut self) {
+        self.next = self.end;
+    }
+}
+
 /// The writer thread: one transaction and one commit per batch of queued
-/// writes, until every [`SqliteStore`] handle is gone.
-fn group_commit(connection: &Mutex<Connection>, queue: &std::sync::mpsc::Receiver<Job>) {
-    while let Ok(first) = queue.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP_COMMIT {
+/// writes, until every [`SqliteStore`] handle is gone. Each batch first
+/// writes the staged copies whose ack window has ended, then runs the
+/// queued writes; when nothing is queued it still wakes to write copies
+/// whose window ended.
+fn group_commit(
+    connection: &Mutex<Connection>,
+    queue: &std::sync::mpsc::Receiver<Job>,
+    staging: &Mutex<Staging>,
+) {
+    let mut ids = IdBlock::default();
+    let mut open = true;
+    while open {
+        let next_due = lock(staging).next_due();
+        let first = match next_due {
+            None => match queue.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            },
+            Some(due) => match queue.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                Ok(job) => Some(job),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    open = false;
+                    None
+                }
+            },
+        };
+        let mut jobs: Vec<Job> = first.into_iter().collect();
+        while open && jobs.len() < MAX_GROUP_COMMIT {
             match queue.try_recv() {
                 Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
         }
-        let mut guard = connection.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = match guard.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
-            Ok(tx) => tx,
-            Err(error) => {
-                // Nothing ran; dropping the jobs fails each caller's write.
-                tracing::warn!(%error, "cannot begin a write transaction");
-                drop(jobs);
-                continue;
-            }
+        let Some((committed, written, failed, completions)) =
+            run_batch(connection, staging, &mut ids, jobs, open)
+        else {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
         };
-        let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&tx)).collect();
-        let committed = tx.commit().map_err(|e| e.to_string());
-        drop(guard);
+        if let Err(error) = &committed {
+            tracing::warn!(%error, "a group commit failed");
+            // A block reserved in this batch was not reserved after all.
+            ids.forget();
+        }
+        {
+            let mut staging = lock(staging);
+            staging.written(&written, &committed);
+            staging.written(&failed, &Err("a staged copy could not be written".into()));
+        }
         for completion in completions {
             completion(committed.clone());
         }
     }
+}
+
+type Batch = (
+    std::result::Result<(), String>,
+    Vec<u64>,
+    Vec<u64>,
+    Vec<Completion>,
+);
+
+/// Runs one batch in one transaction: the staged copies that are due,
+/// then `jobs`. Returns the commit's outcome, the copies written and
+/// failed, and each job's completion; `None` if no transaction could be
+/// begun (nothing ran; dropping the jobs fails each caller's write, and
+/// staged copies stay staged for the next attempt).
+fn run_batch(
+    connection: &Mutex<Connection>,
+    staging: &Mutex<Staging>,
+    ids: &mut IdBlock,
+    jobs: Vec<Job>,
+    open: bool,
+) -> Option<Batch> {
+    let mut guard = lock(connection);
+    let tx = match guard.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => Tx {
+            tx,
+            ids: std::cell::RefCell::new(std::mem::take(ids)),
+        },
+        Err(error) => {
+            tracing::warn!(%error, "cannot begin a write transaction");
+            return None;
+        }
+    };
+    // Copies first, so that an acknowledgement queued meanwhile (which
+    // found its copy being written, and so went to the database) runs
+    // after the insert it deletes.
+    let (written, failed) = {
+        let mut staging = lock(staging);
+        let due = if open {
+            staging.take_due(Instant::now())
+        } else {
+            staging.take_all()
+        };
+        write_staged(&tx, &staging, due)
+    };
+    let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&tx)).collect();
+    let Tx { tx, ids: block } = tx;
+    *ids = block.into_inner();
+    let committed = tx.commit().map_err(|e| e.to_string());
+    Some((committed, written, failed, completions))
+}
+
+/// Inserts the staged copies `due` inside the batch's transaction; returns
+/// the IDs written and those that failed (which fail their sender's write,
+/// like a failed commit would).
+fn write_staged(tx: &Transaction<'_>, staging: &Staging, due: Vec<u64>) -> (Vec<u64>, Vec<u64>) {
+    let mut written = Vec::with_capacity(due.len());
+    let mut failed = Vec::new();
+    for id in due {
+        let Some(row) = staging.get(id) else { continue };
+        match insert_staged(tx, row) {
+            Ok(()) => written.push(id),
+            Err(error) => {
+                tracing::warn!(%error, "writing a staged copy failed");
+                failed.push(id);
+            }
+        }
+    }
+    (written, failed)
+}
+
+fn insert_staged(tx: &Transaction<'_>, row: &Staged) -> Result<()> {
+    let delivery = &row.delivery;
+    tx.prepare_cached(
+        "INSERT INTO mailbox (id, recipient, sender, kind, group_id, payload, sent_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .and_then(|mut statement| {
+        statement.execute(params![
+            delivery.id,
+            row.recipient.as_str(),
+            delivery.sender.as_str(),
+            delivery.kind as i32,
+            delivery.group_id.as_ref().map(GroupId::as_bytes),
+            delivery.payload,
+            delivery.sent_at,
+            row.expires_at
+        ])
+    })
+    .map(drop)
+    .map_err(backend)
 }
 
 fn account_id(text: String) -> Result<AccountId> {
@@ -201,7 +414,7 @@ fn account_id(text: String) -> Result<AccountId> {
 
 #[allow(clippy::too_many_arguments)] // one row of the mailbox table, named field by field
 fn enqueue(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     recipient: &AccountId,
     sender: &AccountId,
     kind: DeliveryKind,
@@ -210,12 +423,14 @@ fn enqueue(
     now: Timestamp,
     expires_at: Timestamp,
 ) -> Result<u64> {
+    let id = tx.ids.borrow_mut().take(tx, 1)?;
     tx.prepare_cached(
-        "INSERT INTO mailbox (recipient, sender, kind, group_id, payload, sent_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO mailbox (id, recipient, sender, kind, group_id, payload, sent_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
     .and_then(|mut statement| {
         statement.execute(params![
+            id,
             recipient.as_str(),
             sender.as_str(),
             kind as i32,
@@ -226,7 +441,7 @@ fn enqueue(
         ])
     })
     .map_err(backend)?;
-    Ok(tx.last_insert_rowid() as u64)
+    Ok(id)
 }
 
 fn members(tx: &Connection, group: &GroupId) -> Result<Vec<AccountId>> {
@@ -374,14 +589,22 @@ impl Accounts for SqliteStore {
         if let Some(proof) = proof {
             notice.extend_from_slice(proof.as_bytes());
         }
-        self.write(move |tx| revoke_in(tx, &id, &notice, now, expires_at))
-            .await
+        let staging = Arc::clone(&self.staging);
+        let revoked = id.clone();
+        self.write_then(
+            move |tx| revoke_in(tx, &id, &notice, now, expires_at),
+            move |told| {
+                lock(&staging).drop_recipient(&revoked);
+                told
+            },
+        )
+        .await
     }
 }
 
 /// Ends a line inside an open transaction (see [`Accounts::revoke`]).
 fn revoke_in(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     id: &AccountId,
     notice: &[u8],
     now: Timestamp,
@@ -828,60 +1051,74 @@ impl Groups for SqliteStore {
         expires_at: Timestamp,
     ) -> Result<FanOutOutcome> {
         let (group, sender, payload) = (group.clone(), sender.clone(), payload.to_vec());
-        self.write(move |tx| {
-            let exists = tx
-                .prepare_cached("SELECT 1 FROM groups WHERE group_id = ?1")
-                .and_then(|mut s| s.exists([group.as_bytes()]))
-                .map_err(backend)?;
-            if !exists {
-                return Ok(FanOutOutcome::UnknownGroup);
-            }
-            let members = members(tx, &group)?;
-            if !members.contains(&sender) {
-                return Ok(FanOutOutcome::NotAMember);
-            }
-            match account_row(tx, &sender)? {
-                Some(account)
-                    if account
-                        .status
-                        .may_send(account.subscription_expires_at, now) => {}
-                Some(account) => {
-                    return Ok(FanOutOutcome::LineInactive {
-                        status: account.status,
-                        subscription_expires_at: account.subscription_expires_at,
-                    });
+        let staging = Arc::clone(&self.staging);
+        self.write_then(
+            move |tx| {
+                let exists = tx
+                    .prepare_cached("SELECT 1 FROM groups WHERE group_id = ?1")
+                    .and_then(|mut s| s.exists([group.as_bytes()]))
+                    .map_err(backend)?;
+                if !exists {
+                    return Ok(FanOutOutcome::UnknownGroup);
                 }
-                None => {
-                    return Ok(FanOutOutcome::LineInactive {
-                        status: LineStatus::Revoked,
-                        subscription_expires_at: 0,
-                    });
+                let members = members(tx, &group)?;
+                if !members.contains(&sender) {
+                    return Ok(FanOutOutcome::NotAMember);
                 }
-            }
-            let mut deliveries = Vec::with_capacity(members.len());
-            for recipient in members.into_iter().filter(|m| *m != sender) {
-                let id = enqueue(
-                    tx,
-                    &recipient,
-                    &sender,
-                    kind,
-                    Some(&group),
-                    &payload,
-                    now,
-                    expires_at,
-                )?;
-                let delivery = StoredDelivery {
-                    id,
-                    sender: sender.clone(),
-                    kind,
-                    group_id: Some(group.clone()),
-                    payload: payload.clone(),
-                    sent_at: now,
-                };
-                deliveries.push((recipient, delivery));
-            }
-            Ok(FanOutOutcome::Stored { deliveries })
-        })
+                match account_row(tx, &sender)? {
+                    Some(account)
+                        if account
+                            .status
+                            .may_send(account.subscription_expires_at, now) => {}
+                    Some(account) => {
+                        return Ok(FanOutOutcome::LineInactive {
+                            status: account.status,
+                            subscription_expires_at: account.subscription_expires_at,
+                        });
+                    }
+                    None => {
+                        return Ok(FanOutOutcome::LineInactive {
+                            status: LineStatus::Revoked,
+                            subscription_expires_at: 0,
+                        });
+                    }
+                }
+                let recipients: Vec<AccountId> =
+                    members.into_iter().filter(|m| *m != sender).collect();
+                // The copies are staged after the commit, not inserted; their
+                // IDs are taken from the mailbox's sequence now, so they sort
+                // with everything else stored and are never handed out twice.
+                let first = tx.ids.borrow_mut().take(tx, recipients.len())?;
+                let deliveries = (first..)
+                    .zip(recipients)
+                    .map(|(id, recipient)| {
+                        let delivery = StoredDelivery {
+                            id,
+                            sender: sender.clone(),
+                            kind,
+                            group_id: Some(group.clone()),
+                            payload: payload.clone(),
+                            sent_at: now,
+                        };
+                        (recipient, delivery)
+                    })
+                    .collect();
+                Ok(FanOutOutcome::Stored {
+                    deliveries,
+                    durable: Durable::ready(),
+                })
+            },
+            move |outcome| match outcome {
+                FanOutOutcome::Stored { deliveries, .. } => {
+                    let durable = lock(&staging).stage(&deliveries, expires_at, Instant::now());
+                    FanOutOutcome::Stored {
+                        deliveries,
+                        durable,
+                    }
+                }
+                other => other,
+            },
+        )
         .await
     }
 }
@@ -896,46 +1133,60 @@ impl Mailboxes for SqliteStore {
         now: Timestamp,
     ) -> Result<Vec<StoredDelivery>> {
         let recipient = recipient.clone();
-        self.run(move |connection| {
-            let mut statement = connection
-                .prepare_cached(
-                    "SELECT id, sender, kind, group_id, payload, sent_at FROM mailbox
+        // Staged copies first: one that leaves staging meanwhile was
+        // written (and committed) before it left, so the read below finds
+        // it; the merge drops the copy seen twice.
+        let staged = lock(&self.staging).pending(&recipient, after, now);
+        let mut stored = self
+            .run(move |connection| {
+                let mut statement = connection
+                    .prepare_cached(
+                        "SELECT id, sender, kind, group_id, payload, sent_at FROM mailbox
                      WHERE recipient = ?1 AND id > ?2 AND expires_at > ?3
                      ORDER BY id LIMIT ?4",
-                )
-                .map_err(backend)?;
-            let rows = statement
-                .query_map(
-                    params![recipient.as_str(), after, now, limit as i64],
-                    |row| {
-                        Ok((
-                            row.get::<_, u64>(0)?,
-                            row.get::<_, String>(1)?,
-                            row.get::<_, i32>(2)?,
-                            row.get::<_, Option<Vec<u8>>>(3)?,
-                            row.get::<_, Vec<u8>>(4)?,
-                            row.get::<_, u64>(5)?,
-                        ))
-                    },
-                )
-                .map_err(backend)?;
-            rows.map(|row| {
-                let (id, sender, kind, group, payload, sent_at) = row.map_err(backend)?;
-                Ok(StoredDelivery {
-                    id,
-                    sender: account_id(sender)?,
-                    kind: DeliveryKind::try_from(kind)
-                        .map_err(|_| StoreError::Corrupt(format!("delivery kind {kind}")))?,
-                    group_id: group
-                        .map(|g| GroupId::new(g).map_err(|e| StoreError::Corrupt(e.to_string())))
-                        .transpose()?,
-                    payload,
-                    sent_at,
+                    )
+                    .map_err(backend)?;
+                let rows = statement
+                    .query_map(
+                        params![recipient.as_str(), after, now, limit as i64],
+                        |row| {
+                            Ok((
+                                row.get::<_, u64>(0)?,
+                                row.get::<_, String>(1)?,
+                                row.get::<_, i32>(2)?,
+                                row.get::<_, Option<Vec<u8>>>(3)?,
+                                row.get::<_, Vec<u8>>(4)?,
+                                row.get::<_, u64>(5)?,
+                            ))
+                        },
+                    )
+                    .map_err(backend)?;
+                rows.map(|row| {
+                    let (id, sender, kind, group, payload, sent_at) = row.map_err(backend)?;
+                    Ok(StoredDelivery {
+                        id,
+                        sender: account_id(sender)?,
+                        kind: DeliveryKind::try_from(kind)
+                            .map_err(|_| StoreError::Corrupt(format!("delivery kind {kind}")))?,
+                        group_id: group
+                            .map(|g| {
+                                GroupId::new(g).map_err(|e| StoreError::Corrupt(e.to_string()))
+                            })
+                            .transpose()?,
+                        payload,
+                        sent_at,
+                    })
                 })
+                .collect::<Result<Vec<_>>>()
             })
-            .collect()
-        })
-        .await
+            .await?;
+        if !staged.is_empty() {
+            stored.extend(staged);
+            stored.sort_by_key(|d| d.id);
+            stored.dedup_by_key(|d| d.id);
+            stored.truncate(limit);
+        }
+        Ok(stored)
     }
 
     async fn notice(&self, notice: Notice, now: Timestamp, expires_at: Timestamp) -> Result<u64> {
@@ -955,21 +1206,29 @@ impl Mailboxes for SqliteStore {
     }
 
     async fn ack(&self, recipient: &AccountId, ids: &[u64]) -> Result<usize> {
-        let (recipient, ids) = (recipient.clone(), ids.to_vec());
-        self.write(move |tx| {
-            let mut delete = tx
-                .prepare_cached("DELETE FROM mailbox WHERE id = ?1 AND recipient = ?2")
-                .map_err(backend)?;
-            let mut removed = 0;
-            // IDs beyond SQLite's integer range name nothing stored.
-            for id in ids.into_iter().filter(|id| i64::try_from(*id).is_ok()) {
-                removed += delete
-                    .execute(params![id, recipient.as_str()])
+        // A staged copy acknowledged in its window is simply forgotten:
+        // never written, so nothing to delete.
+        let (forgotten, ids) = lock(&self.staging).ack(recipient, ids);
+        if ids.is_empty() {
+            return Ok(forgotten);
+        }
+        let recipient = recipient.clone();
+        let deleted = self
+            .write(move |tx| {
+                let mut delete = tx
+                    .prepare_cached("DELETE FROM mailbox WHERE id = ?1 AND recipient = ?2")
                     .map_err(backend)?;
-            }
-            Ok(removed)
-        })
-        .await
+                let mut removed = 0;
+                // IDs beyond SQLite's integer range name nothing stored.
+                for id in ids.into_iter().filter(|id| i64::try_from(*id).is_ok()) {
+                    removed += delete
+                        .execute(params![id, recipient.as_str()])
+                        .map_err(backend)?;
+                }
+                Ok(removed)
+            })
+            .await?;
+        Ok(forgotten + deleted)
     }
 
     async fn expire(&self, now: Timestamp) -> Result<usize> {
@@ -1176,7 +1435,8 @@ impl Distributors for SqliteStore {
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<Vec<(AccountId, Vec<AccountId>)>> {
-        self.write(move |tx| {
+        let staging = Arc::clone(&self.staging);
+        self.write_then(move |tx| {
             let ids: Vec<String> = tx
                 .prepare(
                     "SELECT account_id FROM accounts
@@ -1191,6 +1451,12 @@ impl Distributors for SqliteStore {
                 ended.push((id, told));
             }
             Ok(ended)
+        }, move |ended: Vec<(AccountId, Vec<AccountId>)>| {
+            let mut staging = lock(&staging);
+            for (id, _) in &ended {
+                staging.drop_recipient(id);
+            }
+            ended
         })
         .await
     }
@@ -1227,9 +1493,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("umbra.db");
         let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
-        crate::conformance::survives_reopen_part_one(&store).await;
+        let highest = crate::conformance::survives_reopen_part_one(&store).await;
         drop(store);
         let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
-        crate::conformance::survives_reopen_part_two(&store).await;
+        crate::conformance::survives_reopen_part_two(&store, highest).await;
     }
 }
