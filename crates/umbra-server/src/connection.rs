@@ -46,12 +46,13 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 /// idle sockets cannot hold connection slots.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Frames collected before tungstenite writes them to the socket (it also
-/// writes on every flush, which the writer does once per burst). With 0
-/// every frame was its own `send` (and, with TLS, its own record); 4 KiB
-/// lets a burst of pushes and answers go out in one. The buffer keeps its
-/// capacity, so this also bounds what a busy connection holds afterwards.
-const WRITE_BUFFER: usize = 4096;
+/// Frames collected before tungstenite writes them to the socket. 0 writes
+/// each frame as it is fed (a `send` each; with TLS, a record each). A
+/// 4 KiB buffer was tried: it helped relay near saturation a little (within
+/// run-to-run noise) but halved the offline drain rate (41k against 96k
+/// msgs/s, 2 runs each, docs/benchmarks.md's machine), so frames go out at
+/// once.
+const WRITE_BUFFER: usize = 0;
 
 /// WebSocket settings: a small read buffer (tungstenite allocates it up
 /// front for every connection), a small write buffer, and the protocol's
@@ -454,9 +455,8 @@ where
         }
     }
 
-    /// Queues one frame on the socket; [`Writer::run`] flushes once per
-    /// burst: one write system call (and TLS record run) per burst, not per
-    /// frame.
+    /// Hands one frame to the socket (written at once: see
+    /// [`WRITE_BUFFER`]); [`Writer::run`] flushes after each burst.
     async fn feed(&mut self, bytes: Vec<u8>) -> Result<(), Closed> {
         if let Some(tap) = &self.tap {
             tap(Direction::Outbound, &bytes);
