@@ -1,9 +1,11 @@
 //! The embedded backend: SQLite in WAL mode with `synchronous=FULL`, so a
 //! delivery is on disk before the sender is told it was accepted.
 //!
-//! One connection behind a mutex, used from tokio's blocking pool. SQLite
-//! allows one writer at a time anyway; readers would gain from a pool, which
-//! can come when a benchmark shows it matters.
+//! Two connections, each behind a mutex: the writer thread's (SQLite
+//! allows one writer at a time anyway) and one for reads, used from
+//! tokio's blocking pool, which WAL lets read while the writer commits (an
+//! in-memory database has just the one). Readers might gain from a pool;
+//! that can come when a benchmark shows it matters.
 
 use std::path::Path;
 use std::sync::mpsc::RecvTimeoutError;
@@ -55,7 +57,10 @@ type Completion = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
 /// never written at all.
 #[derive(Clone)]
 pub struct SqliteStore {
-    connection: Arc<Mutex<Connection>>,
+    /// Reads: a second connection to a database file (WAL lets it read
+    /// while the writer commits), the writer thread's own for an in-memory
+    /// one.
+    reader: Arc<Mutex<Connection>>,
     writes: std::sync::mpsc::Sender<Job>,
     staging: Arc<Mutex<Staging>>,
 }
@@ -80,7 +85,15 @@ fn backend(error: impl std::fmt::Display) -> StoreError {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::setup(Connection::open(path).map_err(backend)?)
+        let store = Self::setup(Connection::open(path).map_err(backend)?)?;
+        let reader = Connection::open(path).map_err(backend)?;
+        reader
+            .execute_batch("PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;")
+            .map_err(backend)?;
+        Ok(SqliteStore {
+            reader: Arc::new(Mutex::new(reader)),
+            ..store
+        })
     }
 
     /// A private in-memory database, for tests.
@@ -122,7 +135,7 @@ impl SqliteStore {
             .spawn(move || group_commit(&writer, &queue, &staged))
             .map_err(backend)?;
         Ok(SqliteStore {
-            connection,
+            reader: connection,
             writes,
             staging,
         })
@@ -133,7 +146,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
-        let connection = Arc::clone(&self.connection);
+        let connection = Arc::clone(&self.reader);
         tokio::task::spawn_blocking(move || work(&mut lock(&connection)))
             .await
             .map_err(|e| StoreError::Backend(format!("storage task failed: {e}")))?
