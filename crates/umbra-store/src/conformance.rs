@@ -312,6 +312,20 @@ async fn commits_one_per_epoch(store: &impl Store) {
         "the loser receives the winner's commit to process"
     );
 
+    // Messages reach the members of the moment (a backend that remembers
+    // memberships must notice each change).
+    let recipients = |outcome: FanOutOutcome| match outcome {
+        FanOutOutcome::Stored { deliveries, .. } => {
+            deliveries.into_iter().map(|(r, _)| r).collect::<Vec<_>>()
+        }
+        other => panic!("not stored: {other:?}"),
+    };
+    let before = store
+        .fan_out(&g, &carol, DeliveryKind::Application, b"hi", NOW, NOW + TTL)
+        .await
+        .unwrap();
+    assert_eq!(recipients(before), vec![alice.clone(), bob.clone()]);
+
     // Removing Carol: she still gets that commit, then nothing more.
     let remove = commit(&g, 2, &alice, b"remove carol", &[], &[&carol]);
     assert!(matches!(
@@ -333,6 +347,18 @@ async fn commits_one_per_epoch(store: &impl Store) {
         (state.epoch, state.members),
         (3, vec![alice.clone(), bob.clone()])
     );
+    let after = store
+        .fan_out(
+            &g,
+            &alice,
+            DeliveryKind::Application,
+            b"bye",
+            NOW,
+            NOW + TTL,
+        )
+        .await
+        .unwrap();
+    assert_eq!(recipients(after), vec![bob.clone()]);
     let last = store.pending(&carol, 0, 10, NOW).await.unwrap();
     assert_eq!(
         last.last().map(|d| d.payload.as_slice()),

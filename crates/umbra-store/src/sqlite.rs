@@ -207,6 +207,8 @@ fn in_savepoint<T>(tx: &Tx<'_>, work: impl FnOnce(&Tx<'_>) -> Result<T>) -> Resu
     } else {
         run("ROLLBACK TO job")?;
         run("RELEASE job")?;
+        // What the failed write changed is undone: forget what it read.
+        tx.members.borrow_mut().0.clear();
         if tx.ids.borrow().reservations != reservations {
             // The block reserved in the rolled-back savepoint is not
             // reserved any more.
@@ -220,6 +222,47 @@ fn in_savepoint<T>(tx: &Tx<'_>, work: impl FnOnce(&Tx<'_>) -> Result<T>) -> Resu
 struct Tx<'c> {
     tx: Transaction<'c>,
     ids: std::cell::RefCell<IdBlock>,
+    members: std::cell::RefCell<Members>,
+}
+
+/// Group memberships as the writer last read them, so a fan-out need not
+/// read and parse every member's row for every message. Only the writer
+/// thread changes memberships, and every change forgets the group's entry
+/// (a failed write or commit forgets them all), so an entry is always what
+/// the transaction would read.
+#[derive(Default)]
+struct Members(std::collections::HashMap<GroupId, Arc<[AccountId]>>);
+
+/// Groups whose membership is remembered at most; past that the cache
+/// starts again empty.
+const MEMBERS_CACHED: usize = 1 << 16;
+
+impl Tx<'_> {
+    /// `group`'s members, or `None` if there is no such group.
+    fn members_of(&self, group: &GroupId) -> Result<Option<Arc<[AccountId]>>> {
+        if let Some(members) = self.members.borrow().0.get(group) {
+            return Ok(Some(Arc::clone(members)));
+        }
+        let exists = self
+            .prepare_cached("SELECT 1 FROM groups WHERE group_id = ?1")
+            .and_then(|mut s| s.exists([group.as_bytes()]))
+            .map_err(backend)?;
+        if !exists {
+            return Ok(None);
+        }
+        let members: Arc<[AccountId]> = members(self, group)?.into();
+        let mut cache = self.members.borrow_mut();
+        if cache.0.len() >= MEMBERS_CACHED {
+            cache.0.clear();
+        }
+        cache.0.insert(group.clone(), Arc::clone(&members));
+        Ok(Some(members))
+    }
+
+    /// `group`'s membership is about to change.
+    fn forget_members(&self, group: &GroupId) {
+        self.members.borrow_mut().0.remove(group);
+    }
 }
 
 impl<'c> std::ops::Deref for Tx<'c> {
@@ -285,6 +328,7 @@ fn group_commit(
     staging: &Mutex<Staging>,
 ) {
     let mut ids = IdBlock::default();
+    let mut members = Members::default();
     let mut open = true;
     while open {
         let next_due = lock(staging).next_due();
@@ -310,15 +354,17 @@ fn group_commit(
             }
         }
         let Some((committed, written, failed, completions)) =
-            run_batch(connection, staging, &mut ids, jobs, open)
+            run_batch(connection, staging, (&mut ids, &mut members), jobs, open)
         else {
             std::thread::sleep(std::time::Duration::from_millis(10));
             continue;
         };
         if let Err(error) = &committed {
             tracing::warn!(%error, "a group commit failed");
-            // A block reserved in this batch was not reserved after all.
+            // A block reserved in this batch was not reserved after all,
+            // and memberships read in it may be undone.
             ids.forget();
+            members.0.clear();
         }
         {
             let mut staging = lock(staging);
@@ -346,7 +392,7 @@ type Batch = (
 fn run_batch(
     connection: &Mutex<Connection>,
     staging: &Mutex<Staging>,
-    ids: &mut IdBlock,
+    (ids, members): (&mut IdBlock, &mut Members),
     jobs: Vec<Job>,
     open: bool,
 ) -> Option<Batch> {
@@ -355,6 +401,7 @@ fn run_batch(
         Ok(tx) => Tx {
             tx,
             ids: std::cell::RefCell::new(std::mem::take(ids)),
+            members: std::cell::RefCell::new(std::mem::take(members)),
         },
         Err(error) => {
             tracing::warn!(%error, "cannot begin a write transaction");
@@ -374,8 +421,13 @@ fn run_batch(
         write_staged(&tx, &staging, due)
     };
     let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&tx)).collect();
-    let Tx { tx, ids: block } = tx;
+    let Tx {
+        tx,
+        ids: block,
+        members: cache,
+    } = tx;
     *ids = block.into_inner();
+    *members = cache.into_inner();
     let committed = tx.commit().map_err(|e| e.to_string());
     Some((committed, written, failed, completions))
 }
@@ -633,6 +685,7 @@ fn revoke_in(
     let mut told = Vec::new();
     for group in groups {
         let group = GroupId::new(group).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        tx.forget_members(&group);
         tx.execute(
             "DELETE FROM group_members WHERE group_id = ?1 AND account_id = ?2",
             params![group.as_bytes(), id.as_str()],
@@ -911,6 +964,7 @@ impl Groups for SqliteStore {
             if inserted == 0 {
                 return Ok(false);
             }
+            tx.forget_members(&group);
             tx.execute(
                 "INSERT INTO group_members (group_id, account_id) VALUES (?1, ?2)",
                 params![group.as_bytes(), creator.as_str()],
@@ -992,6 +1046,7 @@ impl Groups for SqliteStore {
                 });
             }
             let before = members(tx, &commit.group_id)?;
+            tx.forget_members(&commit.group_id);
             for account in &commit.removed {
                 tx.execute(
                     "DELETE FROM group_members WHERE group_id = ?1 AND account_id = ?2",
@@ -1067,14 +1122,9 @@ impl Groups for SqliteStore {
         let staging = Arc::clone(&self.staging);
         self.write_then(
             move |tx| {
-                let exists = tx
-                    .prepare_cached("SELECT 1 FROM groups WHERE group_id = ?1")
-                    .and_then(|mut s| s.exists([group.as_bytes()]))
-                    .map_err(backend)?;
-                if !exists {
+                let Some(members) = tx.members_of(&group)? else {
                     return Ok(FanOutOutcome::UnknownGroup);
-                }
-                let members = members(tx, &group)?;
+                };
                 if !members.contains(&sender) {
                     return Ok(FanOutOutcome::NotAMember);
                 }
@@ -1097,7 +1147,7 @@ impl Groups for SqliteStore {
                     }
                 }
                 let recipients: Vec<AccountId> =
-                    members.into_iter().filter(|m| *m != sender).collect();
+                    members.iter().filter(|m| **m != sender).cloned().collect();
                 // The copies are staged after the commit, not inserted; their
                 // IDs are taken from the mailbox's sequence now, so they sort
                 // with everything else stored and are never handed out twice.
