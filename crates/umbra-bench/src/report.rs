@@ -375,7 +375,9 @@ impl<'a> Report<'a> {
             md,
             "1:1 pairs, open loop. A rate is *held* when p99 ≤ {P99_BAR_MS} ms and at least \
              {:.0} % of what was sent arrived. `server µs/delivery` is the server's CPU time \
-             divided by the deliveries in the sending window.\n",
+             divided by the deliveries in the sending window; it is left out (–) where fewer \
+             than half of the offered messages were delivered in the window (the server was \
+             still working through an earlier rate's backlog, so the quotient means nothing).\n",
             HELD_DELIVERED * 100.0
         );
         md.push_str(
@@ -1195,7 +1197,10 @@ fn soak_latency(record: &Value, key: &str) -> Option<f64> {
 
 fn server_us(point: &Value) -> Option<f64> {
     let in_window = num(point, &["observed", "delivered_in_window"]).unwrap_or(1.0);
-    (in_window > 0.0)
+    let offered = num(point, &["offered_per_s"])
+        .zip(num(point, &["seconds"]))
+        .map_or(0.0, |(rate, seconds)| rate * seconds);
+    (in_window > 0.0 && in_window >= offered / 2.0)
         .then(|| num(point, &["server_cpu_us_per_delivery"]))
         .flatten()
 }

@@ -677,6 +677,9 @@ impl System for UmbraSystem {
     }
 
     fn durability(&self) -> String {
-        "stored in SQLite (WAL, synchronous=FULL: fsync per commit) before Accepted".into()
+        "each copy stored in SQLite (WAL, synchronous=FULL: fsync per group commit) or \
+         acknowledged by its recipient before Accepted (a copy acknowledged within the 10 ms \
+         ack window is never written)"
+            .into()
     }
 }
