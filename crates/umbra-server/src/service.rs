@@ -126,8 +126,8 @@ impl Services {
         now.saturating_add(self.limits.mailbox_ttl_secs)
     }
 
-    /// Handles one request, updating `session` on successful authentication.
-    /// Handles one request; see [`Answer`] for when to send the reply.
+    /// Handles one request, updating `session` on successful authentication;
+    /// see [`Answer`] for when to send the reply.
     pub async fn answer(&self, session: &mut Session, request: Request) -> Answer {
         match (&*session, request) {
             (
@@ -153,8 +153,9 @@ impl Services {
         }
     }
 
-    /// Handles one request and waits for its reply.
-    pub async fn handle(&self, session: &mut Session, request: Request) -> Outcome {
+    /// Handles every request but an authenticated `SendMessage` (which
+    /// [`Services::answer`] takes, as its reply waits for durability).
+    async fn handle(&self, session: &mut Session, request: Request) -> Outcome {
         match (&*session, request) {
             (
                 Session::AwaitingAuth { nonce },
@@ -447,19 +448,6 @@ impl Services {
             Request::SendCommit(commit) => {
                 self.require_active(me).await?;
                 self.send_commit(me, commit).await
-            }
-            Request::SendMessage {
-                group_id,
-                message,
-                kind,
-                ttl_seconds,
-            } => {
-                // The line is checked inside the store's transaction.
-                let (durable, reply) = self
-                    .send_message(me, group_id, message, kind, ttl_seconds)
-                    .await?;
-                durable.wait().await.map_err(internal)?;
-                Ok(reply)
             }
             Request::Ack { delivery_ids } => {
                 self.store.ack(me, &delivery_ids).await.map_err(internal)?;

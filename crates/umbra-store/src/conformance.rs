@@ -495,26 +495,32 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
     let left = store.pending(&alice, 0, 10, NOW).await.unwrap();
     assert_eq!(left.len(), 3, "the acknowledged copy does not come back");
     // Whatever is stored next sorts after it.
-    let notice = Notice {
-        recipient: alice.clone(),
-        sender: bob.clone(),
+    assert!(
+        store
+            .notice(low_water(&alice, &bob), NOW, NOW + TTL)
+            .await
+            .unwrap()
+            > quick
+    );
+}
+
+/// A "KeyPackages low" notice for `recipient`.
+fn low_water(recipient: &AccountId, sender: &AccountId) -> Notice {
+    Notice {
+        recipient: recipient.clone(),
+        sender: sender.clone(),
         kind: DeliveryKind::KeyPackagesLow,
         group_id: None,
         payload: vec![],
-    };
-    assert!(store.notice(notice, NOW, NOW + TTL).await.unwrap() > quick);
+    }
 }
 
 async fn notices(store: &impl Store) {
     let alice = registered(store, "AAAAAAAA", 1).await;
-    let notice = Notice {
-        recipient: alice.clone(),
-        sender: alice.clone(),
-        kind: DeliveryKind::KeyPackagesLow,
-        group_id: None,
-        payload: vec![],
-    };
-    let id = store.notice(notice, NOW, NOW + TTL).await.unwrap();
+    let id = store
+        .notice(low_water(&alice, &alice), NOW, NOW + TTL)
+        .await
+        .unwrap();
     let inbox = store.pending(&alice, 0, 10, NOW).await.unwrap();
     assert_eq!(inbox.len(), 1);
     assert_eq!(
@@ -813,12 +819,6 @@ pub async fn survives_reopen_part_two(store: &impl Store, highest: u64) {
     assert_eq!(inbox[2].payload, b"kept", "the acknowledged copy is gone");
     // No delivery ID is handed out twice, written or not: a device that
     // applied an ID would take a new delivery under it for a repeat.
-    let notice = Notice {
-        recipient: bob.clone(),
-        sender: bob,
-        kind: DeliveryKind::KeyPackagesLow,
-        group_id: None,
-        payload: vec![],
-    };
+    let notice = low_water(&bob, &bob);
     assert!(store.notice(notice, NOW, NOW + TTL).await.unwrap() > highest);
 }
