@@ -9,7 +9,7 @@
 
 use std::path::Path;
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -63,6 +63,11 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     writes: std::sync::mpsc::Sender<Job>,
     staging: Arc<Mutex<Staging>>,
+    /// Held (for writing) by the writer from just before a commit until
+    /// that commit's copies are staged, and (for reading) by a mailbox
+    /// read: so a read never sees a committed delivery without the staged
+    /// copies that took lower IDs in the same commit.
+    visible: Arc<RwLock<()>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -130,14 +135,17 @@ impl SqliteStore {
         let (writes, queue) = std::sync::mpsc::channel();
         let writer = Arc::clone(&connection);
         let staged = Arc::clone(&staging);
+        let visible = Arc::new(RwLock::new(()));
+        let gate = Arc::clone(&visible);
         std::thread::Builder::new()
             .name("umbra-store-writer".into())
-            .spawn(move || group_commit(&writer, &queue, &staged))
+            .spawn(move || group_commit(&writer, &queue, &staged, &gate))
             .map_err(backend)?;
         Ok(SqliteStore {
             reader: connection,
             writes,
             staging,
+            visible,
         })
     }
 
@@ -326,6 +334,7 @@ fn group_commit(
     connection: &Mutex<Connection>,
     queue: &std::sync::mpsc::Receiver<Job>,
     staging: &Mutex<Staging>,
+    visible: &RwLock<()>,
 ) {
     let mut ids = IdBlock::default();
     let mut members = Members::default();
@@ -353,9 +362,14 @@ fn group_commit(
                 Err(_) => break,
             }
         }
-        let Some((committed, written, failed, completions)) =
-            run_batch(connection, staging, (&mut ids, &mut members), jobs, open)
-        else {
+        let Some((committed, written, failed, completions, visibility)) = run_batch(
+            connection,
+            staging,
+            visible,
+            (&mut ids, &mut members),
+            jobs,
+            open,
+        ) else {
             std::thread::sleep(std::time::Duration::from_millis(10));
             continue;
         };
@@ -374,14 +388,17 @@ fn group_commit(
         for completion in completions {
             completion(committed.clone());
         }
+        // The commit's copies are staged: mailbox reads may look again.
+        drop(visibility);
     }
 }
 
-type Batch = (
+type Batch<'g> = (
     std::result::Result<(), String>,
     Vec<u64>,
     Vec<u64>,
     Vec<Completion>,
+    RwLockWriteGuard<'g, ()>,
 );
 
 /// Runs one batch in one transaction: the staged copies that are due,
@@ -389,13 +406,14 @@ type Batch = (
 /// failed, and each job's completion; `None` if no transaction could be
 /// begun (nothing ran; dropping the jobs fails each caller's write, and
 /// staged copies stay staged for the next attempt).
-fn run_batch(
+fn run_batch<'g>(
     connection: &Mutex<Connection>,
     staging: &Mutex<Staging>,
+    visible: &'g RwLock<()>,
     (ids, members): (&mut IdBlock, &mut Members),
     jobs: Vec<Job>,
     open: bool,
-) -> Option<Batch> {
+) -> Option<Batch<'g>> {
     let mut guard = lock(connection);
     let tx = match guard.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => Tx {
@@ -428,8 +446,11 @@ fn run_batch(
     } = tx;
     *ids = block.into_inner();
     *members = cache.into_inner();
+    // Taken after the connection (as mailbox reads do), before the commit
+    // makes anything visible; released once the completions have staged.
+    let visibility = visible.write().unwrap_or_else(|p| p.into_inner());
     let committed = tx.commit().map_err(|e| e.to_string());
-    Some((committed, written, failed, completions))
+    Some((committed, written, failed, completions, visibility))
 }
 
 /// Inserts the staged copies `due` inside the batch's transaction; returns
@@ -1196,12 +1217,16 @@ impl Mailboxes for SqliteStore {
         now: Timestamp,
     ) -> Result<Vec<StoredDelivery>> {
         let recipient = recipient.clone();
-        // Staged copies first: one that leaves staging meanwhile was
-        // written (and committed) before it left, so the read below finds
-        // it; the merge drops the copy seen twice.
-        let staged = lock(&self.staging).pending(&recipient, after, now);
-        let mut stored = self
+        let (staging, visible) = (Arc::clone(&self.staging), Arc::clone(&self.visible));
+        let (staged, mut stored) = self
             .run(move |connection| {
+                // Not between a commit and the staging of its copies (the
+                // connection first, as the writer takes them). Staged
+                // copies first: one that leaves staging meanwhile was
+                // written (and committed) before it left, so the read below
+                // finds it; the merge drops the copy seen twice.
+                let _visible = visible.read().unwrap_or_else(|p| p.into_inner());
+                let staged = lock(&staging).pending(&recipient, after, now);
                 let mut statement = connection
                     .prepare_cached(
                         "SELECT id, sender, kind, group_id, payload, sent_at FROM mailbox
@@ -1241,6 +1266,7 @@ impl Mailboxes for SqliteStore {
                     })
                 })
                 .collect::<Result<Vec<_>>>()
+                .map(|stored| (staged, stored))
             })
             .await?;
         if !staged.is_empty() {
