@@ -55,8 +55,8 @@ pub const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 const WRITE_BUFFER: usize = 0;
 
 /// WebSocket settings: a small read buffer (tungstenite allocates it up
-/// front for every connection), a small write buffer, and the protocol's
-/// frame limit.
+/// front for every connection), no write buffering ([`WRITE_BUFFER`]), and
+/// the protocol's frame limit.
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4096)
