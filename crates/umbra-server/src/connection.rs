@@ -259,10 +259,11 @@ impl Connection {
 
 /// The socket's sending half, and (once the device is authenticated) the
 /// account's mailbox: the stored backlog first, then `Synced`, then each
-/// new delivery as it is committed. Fresh fan-out copies arrive in the
-/// [`Inbox`] (already durable: they are handed over only after their
-/// commit); anything else, or anything that did not fit, is read back from
-/// the mailbox.
+/// new delivery as it enters the mailbox. Fresh fan-out copies arrive in
+/// the [`Inbox`] (handed over once the mailbox holds them: after the commit
+/// that checked them, possibly before they are written, see
+/// `umbra_store::ACK_WINDOW`); anything else, or anything that did not
+/// fit, is read back from the mailbox.
 struct Writer<S> {
     sink: SplitSink<WebSocketStream<S>, Message>,
     tap: Option<FrameTap>,
@@ -404,9 +405,10 @@ where
     /// the device it is synced (once).
     async fn read_mailbox(&mut self, mailbox: &mut Mailbox) -> Result<(), Closed> {
         loop {
-            // Copies queued before this point were committed before the
-            // read begins, so the read finds them; copies queued after it
-            // are pushed later unless the read already covered them.
+            // Copies queued before this point were in the mailbox (written
+            // or staged) before the read begins, so it finds them; copies
+            // queued after it are pushed later unless the read already
+            // covered them.
             self.push_inbox(mailbox).await?;
             let now = self.services.clock.now();
             let batch = match self
@@ -438,7 +440,7 @@ where
                 self.sink.flush().await.map_err(|_| Closed)?;
                 continue;
             }
-            // The read saw everything committed before it began, which
+            // The read saw everything in the mailbox before it began, which
             // includes everything pushed from memory so far.
             mailbox.after = highest
                 .into_iter()

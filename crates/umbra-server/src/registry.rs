@@ -2,8 +2,8 @@
 //! the connection that will push it.
 //!
 //! A fan-out hands each online recipient's connection its copy directly
-//! (the row exactly as committed), so the common case never reads the
-//! mailbox back. Everything else (notices, commits, a full queue) only
+//! (the copy exactly as the mailbox holds it, staged or written), so the
+//! common case never reads the mailbox back. Everything else (notices, commits, a full queue) only
 //! wakes the connection, which then reads the mailbox: the store stays the
 //! source of truth and nothing depends on the in-memory copy arriving.
 //!
@@ -35,7 +35,7 @@ pub struct Inbox {
 /// What the connection takes out of its inbox in one go.
 #[derive(Debug, Default)]
 pub struct Taken {
-    /// Fresh deliveries, in the order they were committed.
+    /// Fresh deliveries, in the order they entered the mailbox.
     pub deliveries: VecDeque<StoredDelivery>,
     /// The mailbox must be read: new mail was stored that is not in
     /// `deliveries` (a notice, a commit, or a copy that did not fit).
@@ -59,8 +59,8 @@ impl Inbox {
     }
 
     /// Everything queued so far. Taking the overflow flag re-opens the
-    /// queue: copies queued from now on were committed after the mailbox
-    /// read the connection is about to make began, or are found by it and
+    /// queue: copies queued from now on entered the mailbox after the
+    /// mailbox read the connection is about to make began, or are found by it and
     /// skipped as already pushed.
     pub fn take(&self) -> Taken {
         let mut state = self.lock();
@@ -138,7 +138,8 @@ impl Registry {
         }
     }
 
-    /// Hands freshly committed deliveries to their recipients' connections.
+    /// Hands deliveries fresh in the mailbox to their recipients'
+    /// connections.
     pub fn deliver(&self, deliveries: Vec<(AccountId, StoredDelivery)>) {
         let online = self.lock();
         for (account, delivery) in deliveries {

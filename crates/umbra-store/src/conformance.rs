@@ -9,7 +9,8 @@ use umbra_proto::{AccountId, ActivationCode, DeliveryKind, GroupId, IdentityKey}
 
 use crate::{
     Account, CodeHash, CodeKind, CommitOutcome, CommitRecord, ContactAcceptOutcome,
-    ContactRequestOutcome, DAY, FanOutOutcome, LineStatus, Notice, Registration, Renewal, Store,
+    ContactRequestOutcome, DAY, Durable, FanOutOutcome, LineStatus, Notice, Registration, Renewal,
+    Result, Store, StoredDelivery,
 };
 
 const NOW: u64 = 1_800_000_000;
@@ -216,6 +217,17 @@ async fn contacts(store: &impl Store) {
     );
 }
 
+/// The copies of a fan-out that was stored, and its durability.
+fn stored(outcome: Result<FanOutOutcome>) -> (Vec<(AccountId, StoredDelivery)>, Durable) {
+    match outcome.unwrap() {
+        FanOutOutcome::Stored {
+            deliveries,
+            durable,
+        } => (deliveries, durable),
+        other => panic!("not stored: {other:?}"),
+    }
+}
+
 fn commit(
     group_id: &GroupId,
     epoch: u64,
@@ -314,16 +326,13 @@ async fn commits_one_per_epoch(store: &impl Store) {
 
     // Messages reach the members of the moment (a backend that remembers
     // memberships must notice each change).
-    let recipients = |outcome: FanOutOutcome| match outcome {
-        FanOutOutcome::Stored { deliveries, .. } => {
-            deliveries.into_iter().map(|(r, _)| r).collect::<Vec<_>>()
-        }
-        other => panic!("not stored: {other:?}"),
+    let recipients = |outcome| {
+        let (deliveries, _) = stored(outcome);
+        deliveries.into_iter().map(|(r, _)| r).collect::<Vec<_>>()
     };
     let before = store
         .fan_out(&g, &carol, DeliveryKind::Application, b"hi", NOW, NOW + TTL)
-        .await
-        .unwrap();
+        .await;
     assert_eq!(recipients(before), vec![alice.clone(), bob.clone()]);
 
     // Removing Carol: she still gets that commit, then nothing more.
@@ -356,8 +365,7 @@ async fn commits_one_per_epoch(store: &impl Store) {
             NOW,
             NOW + TTL,
         )
-        .await
-        .unwrap();
+        .await;
     assert_eq!(recipients(after), vec![bob.clone()]);
     let last = store.pending(&carol, 0, 10, NOW).await.unwrap();
     assert_eq!(
@@ -389,24 +397,18 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
         .await
         .unwrap();
     for n in 0..5u8 {
-        let outcome = store
-            .fan_out(
-                &g,
-                &bob,
-                DeliveryKind::Application,
-                &[n],
-                NOW + u64::from(n),
-                NOW + TTL,
-            )
-            .await
-            .unwrap();
-        let FanOutOutcome::Stored {
-            deliveries,
-            durable,
-        } = outcome
-        else {
-            panic!("not stored: {outcome:?}");
-        };
+        let (deliveries, durable) = stored(
+            store
+                .fan_out(
+                    &g,
+                    &bob,
+                    DeliveryKind::Application,
+                    &[n],
+                    NOW + u64::from(n),
+                    NOW + TTL,
+                )
+                .await,
+        );
         let recipients: Vec<_> = deliveries.iter().map(|(r, _)| r.clone()).collect();
         assert_eq!(recipients, vec![alice.clone()]);
         let stored = store.pending(&alice, 0, 100, NOW).await.unwrap();
@@ -472,22 +474,18 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
 
     // A copy acknowledged before it is durable: the sender's answer still
     // comes, and the copy is gone for good.
-    let Ok(FanOutOutcome::Stored {
-        deliveries,
-        durable,
-    }) = store
-        .fan_out(
-            &g,
-            &bob,
-            DeliveryKind::Application,
-            b"quick",
-            NOW,
-            NOW + TTL,
-        )
-        .await
-    else {
-        panic!("not stored");
-    };
+    let (deliveries, durable) = stored(
+        store
+            .fan_out(
+                &g,
+                &bob,
+                DeliveryKind::Application,
+                b"quick",
+                NOW,
+                NOW + TTL,
+            )
+            .await,
+    );
     let quick = deliveries[0].1.id;
     assert_eq!(store.ack(&alice, &[quick]).await.unwrap(), 1);
     assert_eq!(store.ack(&alice, &[quick]).await.unwrap(), 0);
@@ -775,22 +773,18 @@ pub async fn survives_reopen_part_one(store: &impl Store) -> u64 {
     // One copy the recipient acknowledges at once, one it does not: once
     // the sender's answer came, the first is gone and the second is kept.
     for (payload, acknowledged) in [(&b"acked"[..], true), (&b"kept"[..], false)] {
-        let Ok(FanOutOutcome::Stored {
-            deliveries,
-            durable,
-        }) = store
-            .fan_out(
-                &g,
-                &alice,
-                DeliveryKind::Application,
-                payload,
-                NOW,
-                NOW + TTL,
-            )
-            .await
-        else {
-            panic!("not stored");
-        };
+        let (deliveries, durable) = stored(
+            store
+                .fan_out(
+                    &g,
+                    &alice,
+                    DeliveryKind::Application,
+                    payload,
+                    NOW,
+                    NOW + TTL,
+                )
+                .await,
+        );
         let id = deliveries[0].1.id;
         if acknowledged {
             store.ack(&bob, &[id]).await.unwrap();

@@ -19,9 +19,9 @@ use umbra_proto::{AccountId, DeliveryKind, GroupId, IdentityKey};
 use crate::staging::{Staged, Staging};
 use crate::{
     Account, Accounts, CodeHash, CodeKind, CommitOutcome, CommitRecord, ContactAcceptOutcome,
-    ContactRequestOutcome, Contacts, DAY, Distributor, Distributors, Durable, FanOutOutcome,
-    GroupState, Groups, KeyPackageStock, KeyPackages, LineStatus, Mailboxes, Notice, Registration,
-    Renewal, Result, StoreError, StoredDelivery, Timestamp,
+    ContactRequestOutcome, Contacts, DAY, Distributor, Distributors, FanOutOutcome, GroupState,
+    Groups, KeyPackageStock, KeyPackages, LineStatus, Mailboxes, Notice, Registration, Renewal,
+    Result, StoreError, StoredDelivery, Timestamp,
 };
 
 /// Numbered migrations, applied in order; `PRAGMA user_version` records the
@@ -474,42 +474,32 @@ fn write_staged(tx: &Transaction<'_>, staging: &Staging, due: Vec<u64>) -> (Vec<
 
 fn insert_staged(tx: &Transaction<'_>, row: &Staged) -> Result<()> {
     let delivery = &row.delivery;
-    tx.prepare_cached(
-        "INSERT INTO mailbox (id, recipient, sender, kind, group_id, payload, sent_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    insert_row(
+        tx,
+        delivery.id,
+        &row.recipient,
+        &delivery.sender,
+        delivery.kind,
+        delivery.group_id.as_ref(),
+        &delivery.payload,
+        delivery.sent_at,
+        row.expires_at,
     )
-    .and_then(|mut statement| {
-        statement.execute(params![
-            delivery.id,
-            row.recipient.as_str(),
-            delivery.sender.as_str(),
-            delivery.kind as i32,
-            delivery.group_id.as_ref().map(GroupId::as_bytes),
-            delivery.payload,
-            delivery.sent_at,
-            row.expires_at
-        ])
-    })
-    .map(drop)
-    .map_err(backend)
 }
 
-fn account_id(text: String) -> Result<AccountId> {
-    AccountId::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
+/// The mailbox's one INSERT: a delivery row under a given ID.
 #[allow(clippy::too_many_arguments)] // one row of the mailbox table, named field by field
-fn enqueue(
-    tx: &Tx<'_>,
+fn insert_row(
+    tx: &Transaction<'_>,
+    id: u64,
     recipient: &AccountId,
     sender: &AccountId,
     kind: DeliveryKind,
     group: Option<&GroupId>,
     payload: &[u8],
-    now: Timestamp,
+    sent_at: Timestamp,
     expires_at: Timestamp,
-) -> Result<u64> {
-    let id = tx.ids.borrow_mut().take(tx, 1)?;
+) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO mailbox (id, recipient, sender, kind, group_id, payload, sent_at, expires_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -522,11 +512,34 @@ fn enqueue(
             kind as i32,
             group.map(GroupId::as_bytes),
             payload,
-            now,
+            sent_at,
             expires_at
         ])
     })
-    .map_err(backend)?;
+    .map(drop)
+    .map_err(backend)
+}
+
+fn account_id(text: String) -> Result<AccountId> {
+    AccountId::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Stores one delivery, with the next delivery ID, and returns that ID.
+#[allow(clippy::too_many_arguments)] // one row of the mailbox table, named field by field
+fn enqueue(
+    tx: &Tx<'_>,
+    recipient: &AccountId,
+    sender: &AccountId,
+    kind: DeliveryKind,
+    group: Option<&GroupId>,
+    payload: &[u8],
+    now: Timestamp,
+    expires_at: Timestamp,
+) -> Result<u64> {
+    let id = tx.ids.borrow_mut().take(tx, 1)?;
+    insert_row(
+        tx, id, recipient, sender, kind, group, payload, now, expires_at,
+    )?;
     Ok(id)
 }
 
@@ -1143,11 +1156,13 @@ impl Groups for SqliteStore {
         let staging = Arc::clone(&self.staging);
         self.write_then(
             move |tx| {
+                // Ok(Err(..)): refused; the copies are staged only after
+                // the commit (below).
                 let Some(members) = tx.members_of(&group)? else {
-                    return Ok(FanOutOutcome::UnknownGroup);
+                    return Ok(Err(FanOutOutcome::UnknownGroup));
                 };
                 if !members.contains(&sender) {
-                    return Ok(FanOutOutcome::NotAMember);
+                    return Ok(Err(FanOutOutcome::NotAMember));
                 }
                 match account_row(tx, &sender)? {
                     Some(account)
@@ -1155,16 +1170,16 @@ impl Groups for SqliteStore {
                             .status
                             .may_send(account.subscription_expires_at, now) => {}
                     Some(account) => {
-                        return Ok(FanOutOutcome::LineInactive {
+                        return Ok(Err(FanOutOutcome::LineInactive {
                             status: account.status,
                             subscription_expires_at: account.subscription_expires_at,
-                        });
+                        }));
                     }
                     None => {
-                        return Ok(FanOutOutcome::LineInactive {
+                        return Ok(Err(FanOutOutcome::LineInactive {
                             status: LineStatus::Revoked,
                             subscription_expires_at: 0,
-                        });
+                        }));
                     }
                 }
                 let recipients: Vec<AccountId> =
@@ -1173,7 +1188,7 @@ impl Groups for SqliteStore {
                 // IDs are taken from the mailbox's sequence now, so they sort
                 // with everything else stored and are never handed out twice.
                 let first = tx.ids.borrow_mut().take(tx, recipients.len())?;
-                let deliveries = (first..)
+                let deliveries: Vec<_> = (first..)
                     .zip(recipients)
                     .map(|(id, recipient)| {
                         let delivery = StoredDelivery {
@@ -1187,20 +1202,17 @@ impl Groups for SqliteStore {
                         (recipient, delivery)
                     })
                     .collect();
-                Ok(FanOutOutcome::Stored {
-                    deliveries,
-                    durable: Durable::ready(),
-                })
+                Ok(Ok(deliveries))
             },
-            move |outcome| match outcome {
-                FanOutOutcome::Stored { deliveries, .. } => {
+            move |checked| match checked {
+                Ok(deliveries) => {
                     let durable = lock(&staging).stage(&deliveries, expires_at, Instant::now());
                     FanOutOutcome::Stored {
                         deliveries,
                         durable,
                     }
                 }
-                other => other,
+                Err(refused) => refused,
             },
         )
         .await

@@ -195,8 +195,9 @@ impl Staging {
         }
     }
 
-    /// Every copy still staged, for a last write at shutdown.
+    /// Every copy still staged, for a last write at shutdown (no window
+    /// ends later than [`ACK_WINDOW`] from now).
     pub fn take_all(&mut self) -> Vec<u64> {
-        self.take_due(Instant::now() + ACK_WINDOW + Duration::from_secs(1))
+        self.take_due(Instant::now() + ACK_WINDOW)
     }
 }
