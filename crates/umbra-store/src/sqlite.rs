@@ -340,7 +340,7 @@ fn group_commit(
     let mut members = Members::default();
     let mut open = true;
     while open {
-        let next_due = lock(staging).next_due();
+        let next_due = lock(staging).next_sweep();
         let first = match next_due {
             None => match queue.recv() {
                 Ok(job) => Some(job),
@@ -432,7 +432,7 @@ fn run_batch<'g>(
     let (written, failed) = {
         let mut staging = lock(staging);
         let due = if open {
-            staging.take_due(Instant::now())
+            staging.sweep(Instant::now())
         } else {
             staging.take_all()
         };

@@ -27,6 +27,14 @@ use crate::{Durable, StoreError, StoredDelivery, Timestamp};
 /// acknowledge, short enough that a sender hears "accepted" promptly.
 pub const ACK_WINDOW: Duration = Duration::from_millis(10);
 
+/// How long past the end of the oldest open window the writer waits before
+/// it writes: one commit then carries every copy whose window ended
+/// meanwhile. A commit rewrites each mailbox index page it touches, about
+/// one per recipient, so a few large commits write far less than many
+/// small ones. A copy waits at most `ACK_WINDOW + SWEEP` (and may still be
+/// acknowledged, and never written, until its sweep).
+pub const SWEEP: Duration = Duration::from_millis(10);
+
 /// One staged copy.
 pub(crate) struct Staged {
     pub recipient: AccountId,
@@ -145,6 +153,22 @@ impl Staging {
             .map(|row| row.due)
     }
 
+    /// When the next sweep is due: [`SWEEP`] after the earliest open
+    /// window ends.
+    pub fn next_sweep(&self) -> Option<Instant> {
+        self.next_due().map(|due| due + SWEEP)
+    }
+
+    /// If a sweep is due at `now`, marks every copy whose window ended by
+    /// `now` as being written and returns their IDs (in order); otherwise
+    /// none.
+    pub fn sweep(&mut self, now: Instant) -> Vec<u64> {
+        match self.next_sweep() {
+            Some(at) if at <= now => self.take_due(now),
+            _ => Vec::new(),
+        }
+    }
+
     /// Marks every copy whose window ended by `now` as being written, and
     /// returns their IDs (in order).
     pub fn take_due(&mut self, now: Instant) -> Vec<u64> {
@@ -199,5 +223,49 @@ impl Staging {
     /// ends later than [`ACK_WINDOW`] from now).
     pub fn take_all(&mut self) -> Vec<u64> {
         self.take_due(Instant::now() + ACK_WINDOW)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used)] // a test fails loudly
+mod tests {
+    use super::*;
+    use umbra_proto::DeliveryKind;
+
+    fn copy(id: u64) -> (AccountId, StoredDelivery) {
+        let account = |text: &str| AccountId::parse(text).expect("a valid account ID");
+        let delivery = StoredDelivery {
+            id,
+            sender: account("AAAAAAAA"),
+            kind: DeliveryKind::Application,
+            group_id: None,
+            payload: vec![7; 16],
+            sent_at: 0,
+        };
+        (account("BBBBBBBB"), delivery)
+    }
+
+    #[test]
+    fn a_sweep_waits_past_the_oldest_window_and_takes_every_ended_one() {
+        let mut staging = Staging::default();
+        let start = Instant::now();
+        let _first = staging.stage(&[copy(1)], 100, start);
+        let later = start + ACK_WINDOW / 2;
+        let _second = staging.stage(&[copy(2)], 100, later);
+        let _third = staging.stage(&[copy(3)], 100, start + ACK_WINDOW + SWEEP);
+
+        // Windows that ended are not written before the sweep is due.
+        assert_eq!(staging.next_sweep(), Some(start + ACK_WINDOW + SWEEP));
+        assert!(staging.sweep(start + ACK_WINDOW).is_empty());
+        assert!(staging.sweep(start + ACK_WINDOW + SWEEP / 2).is_empty());
+        // Once it is, it takes both ended windows and leaves the open one.
+        assert_eq!(staging.sweep(start + ACK_WINDOW + SWEEP), vec![1, 2]);
+        assert_eq!(
+            staging.next_sweep(),
+            Some(start + 2 * ACK_WINDOW + 2 * SWEEP)
+        );
+        // A copy being written is not acknowledged from memory.
+        let (forgotten, rest) = staging.ack(&copy(1).0, &[1, 3]);
+        assert_eq!((forgotten, rest), (1, vec![1]));
     }
 }
