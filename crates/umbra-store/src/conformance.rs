@@ -30,6 +30,7 @@ where
     fan_out_and_mailboxes(&make().await).await;
     notices(&make().await).await;
     revocation(&make().await).await;
+    lines_decide_each_send(&make().await).await;
     distributors(&make().await).await;
     expiry(&make().await).await;
 }
@@ -226,6 +227,11 @@ fn stored(outcome: Result<FanOutOutcome>) -> (Vec<(AccountId, StoredDelivery)>, 
         } => (deliveries, durable),
         other => panic!("not stored: {other:?}"),
     }
+}
+
+/// Waits until a stored fan-out's copies are written or acknowledged.
+async fn settled(outcome: Result<FanOutOutcome>) {
+    stored(outcome).1.wait().await.unwrap();
 }
 
 fn commit(
@@ -592,6 +598,106 @@ async fn revocation(store: &impl Store) {
             alice.as_str().as_bytes()
         )
     );
+}
+
+/// Alice and Bob, registered, in a new group `g` that Alice created.
+async fn pair_in_group(store: &impl Store, g: &GroupId) -> (AccountId, AccountId) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    store.create_group(g, &alice, NOW).await.unwrap();
+    store
+        .accept_commit(&commit(g, 0, &alice, b"add", &[&bob], &[]), NOW, NOW + TTL)
+        .await
+        .unwrap();
+    (alice, bob)
+}
+
+/// A line's status and subscription decide each send when it is made,
+/// however many sends came before (a backend may remember lines).
+async fn lines_decide_each_send(store: &impl Store) {
+    let g = group(9);
+    let (alice, _bob) = pair_in_group(store, &g).await;
+    let send = |at: u64| store.fan_out(&g, &alice, DeliveryKind::Application, b"m", at, at + TTL);
+    for _ in 0..3 {
+        settled(send(NOW).await).await;
+    }
+    store
+        .set_line_status(&alice, LineStatus::Suspended)
+        .await
+        .unwrap();
+    assert!(matches!(
+        send(NOW).await.unwrap(),
+        FanOutOutcome::LineInactive {
+            status: LineStatus::Suspended,
+            ..
+        }
+    ));
+    store
+        .set_line_status(&alice, LineStatus::Active)
+        .await
+        .unwrap();
+    settled(send(NOW).await).await;
+    settled(send(NOW).await).await;
+    // The 30-day subscription lapses, and a renewal brings the line back.
+    let lapsed = NOW + 31 * DAY;
+    assert!(matches!(
+        send(lapsed).await.unwrap(),
+        FanOutOutcome::LineInactive {
+            status: LineStatus::Active,
+            subscription_expires_at,
+        } if subscription_expires_at == NOW + 30 * DAY
+    ));
+    store
+        .issue_renewal_codes(&[code(20)], 30, NOW)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .redeem_renewal(&alice, code(20), lapsed)
+            .await
+            .unwrap(),
+        Renewal::Renewed { .. }
+    ));
+    settled(send(lapsed).await).await;
+    settled(send(lapsed).await).await;
+    store
+        .revoke(&alice, None, lapsed, lapsed + TTL)
+        .await
+        .unwrap();
+    assert!(!matches!(
+        send(lapsed).await.unwrap(),
+        FanOutOutcome::Stored { .. }
+    ));
+}
+
+/// Two stores on one database, as the server and an admin command are: a
+/// line suspended through one stops its sends through the other within a
+/// few seconds, though the other has just let it send.
+pub async fn sees_another_writer(server: &impl Store, admin: &impl Store) {
+    let g = group(2);
+    let (alice, _bob) = pair_in_group(server, &g).await;
+    let send = || server.fan_out(&g, &alice, DeliveryKind::Application, b"m", NOW, NOW + TTL);
+    for _ in 0..3 {
+        settled(send().await).await;
+    }
+    admin
+        .set_line_status(&alice, LineStatus::Suspended)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !matches!(
+        send().await.unwrap(),
+        FanOutOutcome::LineInactive {
+            status: LineStatus::Suspended,
+            ..
+        }
+    ) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other writer's change was never seen"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 async fn distributors(store: &impl Store) {

@@ -7,10 +7,11 @@
 //! in-memory database has just the one). Readers might gain from a pool;
 //! that can come when a benchmark shows it matters.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -41,6 +42,14 @@ const MAX_GROUP_COMMIT: usize = 1024;
 type Job = Box<dyn FnOnce(&Tx<'_>) -> Completion + Send>;
 type Completion = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
 
+/// What the writer thread is sent.
+enum Work {
+    Job(Job),
+    /// Copies were staged outside the writer and their sweep is due before
+    /// it planned to look: look again.
+    Wake,
+}
+
 /// Server storage in one SQLite database file.
 ///
 /// Writes are group-committed: a dedicated thread takes every write queued
@@ -51,23 +60,27 @@ type Completion = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
 /// thousand. A write that fails rolls back to its savepoint without
 /// touching the others.
 ///
-/// Fan-out copies take a shortcut (see the `staging` module): their checks
-/// and IDs are committed like any write, but the rows wait in memory for
-/// [`crate::ACK_WINDOW`], so a copy its recipient acknowledges in time is
-/// never written at all.
+/// Fan-out copies take a shortcut (see the `staging` module): their rows
+/// wait in memory for [`crate::ACK_WINDOW`], so a copy its recipient
+/// acknowledges in time is never written at all. Their check (membership,
+/// the sender's line) and IDs need no write either: when the writer has
+/// what they need in memory ([`Checked`]) and no batch open, a fan-out is
+/// checked and staged on the caller's thread without waiting for it.
 #[derive(Clone)]
 pub struct SqliteStore {
     /// Reads: a second connection to a database file (WAL lets it read
     /// while the writer commits), the writer thread's own for an in-memory
     /// one.
     reader: Arc<Mutex<Connection>>,
-    writes: std::sync::mpsc::Sender<Job>,
+    writes: std::sync::mpsc::Sender<Work>,
     staging: Arc<Mutex<Staging>>,
     /// Held (for writing) by the writer from just before a commit until
     /// that commit's copies are staged, and (for reading) by a mailbox
     /// read: so a read never sees a committed delivery without the staged
     /// copies that took lower IDs in the same commit.
     visible: Arc<RwLock<()>>,
+    /// What the writer knows that lets a fan-out skip it.
+    checked: Arc<Mutex<Checked>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,15 +150,18 @@ impl SqliteStore {
         let staged = Arc::clone(&staging);
         let visible = Arc::new(RwLock::new(()));
         let gate = Arc::clone(&visible);
+        let checked = Arc::new(Mutex::new(Checked::default()));
+        let known = Arc::clone(&checked);
         std::thread::Builder::new()
             .name("umbra-store-writer".into())
-            .spawn(move || group_commit(&writer, &queue, &staged, &gate))
+            .spawn(move || group_commit(&writer, &queue, &staged, &gate, &known))
             .map_err(backend)?;
         Ok(SqliteStore {
             reader: connection,
             writes,
             staging,
             visible,
+            checked,
         })
     }
 
@@ -191,7 +207,7 @@ impl SqliteStore {
             })
         });
         self.writes
-            .send(job)
+            .send(Work::Job(job))
             .map_err(|_| StoreError::Backend("the storage writer stopped".into()))?;
         answered.await.map_err(|_| {
             StoreError::Backend("the write could not be run (see the server log)".into())
@@ -208,7 +224,7 @@ fn in_savepoint<T>(tx: &Tx<'_>, work: impl FnOnce(&Tx<'_>) -> Result<T>) -> Resu
             .map_err(backend)
     };
     run("SAVEPOINT job")?;
-    let reservations = tx.ids.borrow().reservations;
+    let reservations = tx.checked().ids.reservations;
     let value = work(tx);
     if value.is_ok() {
         run("RELEASE job")?;
@@ -216,39 +232,88 @@ fn in_savepoint<T>(tx: &Tx<'_>, work: impl FnOnce(&Tx<'_>) -> Result<T>) -> Resu
         run("ROLLBACK TO job")?;
         run("RELEASE job")?;
         // What the failed write changed is undone: forget what it read.
-        tx.members.borrow_mut().0.clear();
-        if tx.ids.borrow().reservations != reservations {
+        let mut checked = tx.checked();
+        checked.forget_all();
+        if checked.ids.reservations != reservations {
             // The block reserved in the rolled-back savepoint is not
             // reserved any more.
-            tx.ids.borrow_mut().forget();
+            checked.ids.forget();
         }
     }
     value
 }
 
-/// A group commit's transaction, with the delivery IDs it may hand out.
+/// A group commit's transaction, and what the writer knows beside it.
 struct Tx<'c> {
     tx: Transaction<'c>,
-    ids: std::cell::RefCell<IdBlock>,
-    members: std::cell::RefCell<Members>,
+    checked: &'c Mutex<Checked>,
 }
 
-/// Group memberships as the writer last read them, so a fan-out need not
-/// read and parse every member's row for every message. Only the writer
-/// thread changes memberships, and every change forgets the group's entry
-/// (a failed write or commit forgets them all), so an entry is always what
-/// the transaction would read.
+/// What a fan-out's check needs, as the writer last read it: group
+/// memberships, senders' lines, and delivery IDs reserved and not handed
+/// out. The writer keeps it; [`SqliteStore::fan_out`] uses it to check and
+/// stage a fan-out on the caller's thread, without a round trip through
+/// the writer, when everything it needs is here and no batch is open.
+///
+/// Outside an open batch, an entry is what the committed database holds:
+/// only the writer changes memberships and lines, and every change forgets
+/// the entry; a failed write or commit forgets everything. The exception
+/// is another process's commit (an admin command), which the writer
+/// notices through `PRAGMA data_version` at its next batch, at most
+/// [`EXTERNAL_CHECK`] later, and then forgets everything.
 #[derive(Default)]
-struct Members(std::collections::HashMap<GroupId, Arc<[AccountId]>>);
+struct Checked {
+    members: HashMap<GroupId, Arc<[AccountId]>>,
+    lines: HashMap<AccountId, Line>,
+    ids: IdBlock,
+    /// The writer has a batch open, from before it begins until its
+    /// copies are staged: entries it read may still roll back, and IDs it
+    /// took are not in the mailbox yet (a fan-out staged now could make a
+    /// higher ID visible before them). Fan-outs go through the writer
+    /// meanwhile.
+    writing: bool,
+    /// The database's `data_version` when the writer last looked.
+    data_version: Option<i64>,
+}
 
-/// Groups whose membership is remembered at most; past that the cache
-/// starts again empty.
-const MEMBERS_CACHED: usize = 1 << 16;
+/// What decides whether a line may send.
+#[derive(Clone, Copy)]
+struct Line {
+    status: LineStatus,
+    subscription_expires_at: Timestamp,
+}
+
+/// Entries remembered per map at most; past that the map starts again
+/// empty.
+const CACHED: usize = 1 << 16;
+
+/// How long the writer goes without checking for another process's
+/// commit (an admin command) when it has nothing else to do.
+const EXTERNAL_CHECK: Duration = Duration::from_secs(1);
+
+impl Checked {
+    fn forget_all(&mut self) {
+        self.members.clear();
+        self.lines.clear();
+    }
+}
+
+/// Remembers `value` under `key`, starting the map afresh when it is full.
+fn remember<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, value: V) {
+    if map.len() >= CACHED {
+        map.clear();
+    }
+    map.insert(key, value);
+}
 
 impl Tx<'_> {
+    fn checked(&self) -> MutexGuard<'_, Checked> {
+        lock(self.checked)
+    }
+
     /// `group`'s members, or `None` if there is no such group.
     fn members_of(&self, group: &GroupId) -> Result<Option<Arc<[AccountId]>>> {
-        if let Some(members) = self.members.borrow().0.get(group) {
+        if let Some(members) = self.checked().members.get(group) {
             return Ok(Some(Arc::clone(members)));
         }
         let exists = self
@@ -259,17 +324,43 @@ impl Tx<'_> {
             return Ok(None);
         }
         let members: Arc<[AccountId]> = members(self, group)?.into();
-        let mut cache = self.members.borrow_mut();
-        if cache.0.len() >= MEMBERS_CACHED {
-            cache.0.clear();
-        }
-        cache.0.insert(group.clone(), Arc::clone(&members));
+        remember(
+            &mut self.checked().members,
+            group.clone(),
+            Arc::clone(&members),
+        );
         Ok(Some(members))
     }
 
     /// `group`'s membership is about to change.
     fn forget_members(&self, group: &GroupId) {
-        self.members.borrow_mut().0.remove(group);
+        self.checked().members.remove(group);
+    }
+
+    /// `account`'s line, or `None` if there is no such account.
+    fn line(&self, account: &AccountId) -> Result<Option<Line>> {
+        if let Some(line) = self.checked().lines.get(account) {
+            return Ok(Some(*line));
+        }
+        let Some(row) = account_row(self, account)? else {
+            return Ok(None);
+        };
+        let line = Line {
+            status: row.status,
+            subscription_expires_at: row.subscription_expires_at,
+        };
+        remember(&mut self.checked().lines, account.clone(), line);
+        Ok(Some(line))
+    }
+
+    /// `account`'s line is about to change.
+    fn forget_line(&self, account: &AccountId) {
+        self.checked().lines.remove(account);
+    }
+
+    /// The first of `count` consecutive delivery IDs.
+    fn take_ids(&self, count: usize) -> Result<u64> {
+        self.checked().ids.take(self, count)
     }
 }
 
@@ -319,6 +410,18 @@ impl IdBlock {
         Ok(first)
     }
 
+    /// The first of `count` consecutive IDs if the block has them, without
+    /// reserving another.
+    fn take_reserved(&mut self, count: usize) -> Option<u64> {
+        let count = count as u64;
+        if self.end - self.next < count {
+            return None;
+        }
+        let first = self.next;
+        self.next += count;
+        Some(first)
+    }
+
     /// Drops the block (its reservation did not commit).
     fn forget(&mut self) {
         self.next = self.end;
@@ -327,58 +430,59 @@ impl IdBlock {
 
 /// The writer thread: one transaction and one commit per batch of queued
 /// writes, until every [`SqliteStore`] handle is gone. Each batch first
-/// writes the staged copies whose ack window has ended, then runs the
-/// queued writes; when nothing is queued it still wakes to write copies
-/// whose window ended.
+/// writes the staged copies whose sweep is due, then runs the queued
+/// writes; when nothing is queued it still wakes for a sweep, and at
+/// least every [`EXTERNAL_CHECK`] to notice another process's commit.
 fn group_commit(
     connection: &Mutex<Connection>,
-    queue: &std::sync::mpsc::Receiver<Job>,
+    queue: &std::sync::mpsc::Receiver<Work>,
     staging: &Mutex<Staging>,
     visible: &RwLock<()>,
+    checked: &Mutex<Checked>,
 ) {
-    let mut ids = IdBlock::default();
-    let mut members = Members::default();
     let mut open = true;
     while open {
-        let next_due = lock(staging).next_sweep();
-        let first = match next_due {
-            None => match queue.recv() {
-                Ok(job) => Some(job),
-                Err(_) => break,
-            },
-            Some(due) => match queue.recv_timeout(due.saturating_duration_since(Instant::now())) {
-                Ok(job) => Some(job),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => {
-                    open = false;
-                    None
-                }
-            },
+        let wait = {
+            let mut staging = lock(staging);
+            let now = Instant::now();
+            let wait = staging.next_sweep().map_or(EXTERNAL_CHECK, |at| {
+                at.saturating_duration_since(now).min(EXTERNAL_CHECK)
+            });
+            staging.writer_wakes_at(now + wait);
+            wait
+        };
+        let first = match queue.recv_timeout(wait) {
+            Ok(Work::Job(job)) => Some(job),
+            Ok(Work::Wake) => continue,
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                open = false;
+                None
+            }
         };
         let mut jobs: Vec<Job> = first.into_iter().collect();
         while open && jobs.len() < MAX_GROUP_COMMIT {
             match queue.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(Work::Job(job)) => jobs.push(job),
+                Ok(Work::Wake) => {}
                 Err(_) => break,
             }
         }
-        let Some((committed, written, failed, completions, visibility)) = run_batch(
-            connection,
-            staging,
-            visible,
-            (&mut ids, &mut members),
-            jobs,
-            open,
-        ) else {
+        lock(checked).writing = true;
+        let Some((committed, written, failed, completions, visibility)) =
+            run_batch(connection, staging, visible, checked, jobs, open)
+        else {
+            lock(checked).writing = false;
             std::thread::sleep(std::time::Duration::from_millis(10));
             continue;
         };
         if let Err(error) = &committed {
             tracing::warn!(%error, "a group commit failed");
             // A block reserved in this batch was not reserved after all,
-            // and memberships read in it may be undone.
-            ids.forget();
-            members.0.clear();
+            // and what was read in it may be undone.
+            let mut checked = lock(checked);
+            checked.ids.forget();
+            checked.forget_all();
         }
         {
             let mut staging = lock(staging);
@@ -388,7 +492,9 @@ fn group_commit(
         for completion in completions {
             completion(committed.clone());
         }
-        // The commit's copies are staged: mailbox reads may look again.
+        // The commit's copies are staged: mailbox reads may look again,
+        // and fan-outs may be checked outside the writer.
+        lock(checked).writing = false;
         drop(visibility);
     }
 }
@@ -401,8 +507,8 @@ type Batch<'g> = (
     RwLockWriteGuard<'g, ()>,
 );
 
-/// Runs one batch in one transaction: the staged copies that are due,
-/// then `jobs`. Returns the commit's outcome, the copies written and
+/// Runs one batch in one transaction: the staged copies whose sweep is
+/// due, then `jobs`. Returns the commit's outcome, the copies written and
 /// failed, and each job's completion; `None` if no transaction could be
 /// begun (nothing ran; dropping the jobs fails each caller's write, and
 /// staged copies stay staged for the next attempt).
@@ -410,22 +516,30 @@ fn run_batch<'g>(
     connection: &Mutex<Connection>,
     staging: &Mutex<Staging>,
     visible: &'g RwLock<()>,
-    (ids, members): (&mut IdBlock, &mut Members),
+    checked: &Mutex<Checked>,
     jobs: Vec<Job>,
     open: bool,
 ) -> Option<Batch<'g>> {
     let mut guard = lock(connection);
     let tx = match guard.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
-        Ok(tx) => Tx {
-            tx,
-            ids: std::cell::RefCell::new(std::mem::take(ids)),
-            members: std::cell::RefCell::new(std::mem::take(members)),
-        },
+        Ok(tx) => Tx { tx, checked },
         Err(error) => {
             tracing::warn!(%error, "cannot begin a write transaction");
             return None;
         }
     };
+    // Another process (an admin command) committed since the last batch:
+    // what the writer remembers may be stale.
+    let version = tx
+        .query_row("PRAGMA data_version", [], |row| row.get::<_, i64>(0))
+        .ok();
+    {
+        let mut checked = tx.checked();
+        if version.is_none() || checked.data_version != version {
+            checked.forget_all();
+            checked.data_version = version;
+        }
+    }
     // Copies first, so that an acknowledgement queued meanwhile (which
     // found its copy being written, and so went to the database) runs
     // after the insert it deletes.
@@ -439,17 +553,10 @@ fn run_batch<'g>(
         write_staged(&tx, &staging, due)
     };
     let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&tx)).collect();
-    let Tx {
-        tx,
-        ids: block,
-        members: cache,
-    } = tx;
-    *ids = block.into_inner();
-    *members = cache.into_inner();
     // Taken after the connection (as mailbox reads do), before the commit
     // makes anything visible; released once the completions have staged.
     let visibility = visible.write().unwrap_or_else(|p| p.into_inner());
-    let committed = tx.commit().map_err(|e| e.to_string());
+    let committed = tx.tx.commit().map_err(|e| e.to_string());
     Some((committed, written, failed, completions, visibility))
 }
 
@@ -536,7 +643,7 @@ fn enqueue(
     now: Timestamp,
     expires_at: Timestamp,
 ) -> Result<u64> {
-    let id = tx.ids.borrow_mut().take(tx, 1)?;
+    let id = tx.take_ids(1)?;
     insert_row(
         tx, id, recipient, sender, kind, group, payload, now, expires_at,
     )?;
@@ -619,6 +726,7 @@ impl Accounts for SqliteStore {
                 return Ok(Registration::KeyTaken);
             }
             let expires = now + u64::from(days) * DAY;
+            tx.forget_line(&id);
             tx.execute(
                 "INSERT INTO accounts (account_id, identity_key, created_at, subscription_expires_at, distributor_id)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -746,6 +854,7 @@ fn revoke_in(
         "DELETE FROM contacts WHERE requester = ?1 OR addressee = ?1",
         "UPDATE accounts SET status = 'revoked', wipe_key = NULL WHERE account_id = ?1",
     ] {
+        tx.forget_line(id);
         tx.execute(sql, [id.as_str()]).map_err(backend)?;
     }
     told.sort();
@@ -1152,57 +1261,31 @@ impl Groups for SqliteStore {
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<FanOutOutcome> {
-        let (group, sender, payload) = (group.clone(), sender.clone(), payload.to_vec());
+        let message = Message {
+            group: group.clone(),
+            sender: sender.clone(),
+            kind,
+            payload: payload.to_vec(),
+            now,
+        };
+        let message = match self.fan_out_now(message, expires_at) {
+            Ok(outcome) => return Ok(outcome),
+            Err(message) => message,
+        };
         let staging = Arc::clone(&self.staging);
         self.write_then(
             move |tx| {
                 // Ok(Err(..)): refused; the copies are staged only after
                 // the commit (below).
-                let Some(members) = tx.members_of(&group)? else {
+                let Some(members) = tx.members_of(&message.group)? else {
                     return Ok(Err(FanOutOutcome::UnknownGroup));
                 };
-                if !members.contains(&sender) {
-                    return Ok(Err(FanOutOutcome::NotAMember));
+                if let Err(refused) = check(&members, &message, tx.line(&message.sender)?) {
+                    return Ok(Err(refused));
                 }
-                match account_row(tx, &sender)? {
-                    Some(account)
-                        if account
-                            .status
-                            .may_send(account.subscription_expires_at, now) => {}
-                    Some(account) => {
-                        return Ok(Err(FanOutOutcome::LineInactive {
-                            status: account.status,
-                            subscription_expires_at: account.subscription_expires_at,
-                        }));
-                    }
-                    None => {
-                        return Ok(Err(FanOutOutcome::LineInactive {
-                            status: LineStatus::Revoked,
-                            subscription_expires_at: 0,
-                        }));
-                    }
-                }
-                let recipients: Vec<AccountId> =
-                    members.iter().filter(|m| **m != sender).cloned().collect();
-                // The copies are staged after the commit, not inserted; their
-                // IDs are taken from the mailbox's sequence now, so they sort
-                // with everything else stored and are never handed out twice.
-                let first = tx.ids.borrow_mut().take(tx, recipients.len())?;
-                let deliveries: Vec<_> = (first..)
-                    .zip(recipients)
-                    .map(|(id, recipient)| {
-                        let delivery = StoredDelivery {
-                            id,
-                            sender: sender.clone(),
-                            kind,
-                            group_id: Some(group.clone()),
-                            payload: payload.clone(),
-                            sent_at: now,
-                        };
-                        (recipient, delivery)
-                    })
-                    .collect();
-                Ok(Ok(deliveries))
+                let count = members.len().saturating_sub(1);
+                let first = tx.take_ids(count)?;
+                Ok(Ok(message.copies(&members, first)))
             },
             move |checked| match checked {
                 Ok(deliveries) => {
@@ -1216,6 +1299,116 @@ impl Groups for SqliteStore {
             },
         )
         .await
+    }
+}
+
+/// A message to fan out.
+struct Message {
+    group: GroupId,
+    sender: AccountId,
+    kind: DeliveryKind,
+    payload: Vec<u8>,
+    now: Timestamp,
+}
+
+impl Message {
+    /// A copy for each member but the sender, with consecutive IDs from
+    /// `first`. The copies are staged, not inserted; their IDs come from
+    /// the mailbox's sequence, so they sort with everything else stored
+    /// and are never handed out twice.
+    fn copies(self, members: &[AccountId], first: u64) -> Vec<(AccountId, StoredDelivery)> {
+        (first..)
+            .zip(members.iter().filter(|m| **m != self.sender))
+            .map(|(id, recipient)| {
+                let delivery = StoredDelivery {
+                    id,
+                    sender: self.sender.clone(),
+                    kind: self.kind,
+                    group_id: Some(self.group.clone()),
+                    payload: self.payload.clone(),
+                    sent_at: self.now,
+                };
+                (recipient.clone(), delivery)
+            })
+            .collect()
+    }
+}
+
+/// Whether the sender may send to the group (`line` is `None` for an
+/// account that does not exist).
+fn check(
+    members: &[AccountId],
+    message: &Message,
+    line: Option<Line>,
+) -> std::result::Result<(), FanOutOutcome> {
+    if !members.contains(&message.sender) {
+        return Err(FanOutOutcome::NotAMember);
+    }
+    match line {
+        Some(line)
+            if line
+                .status
+                .may_send(line.subscription_expires_at, message.now) =>
+        {
+            Ok(())
+        }
+        Some(line) => Err(FanOutOutcome::LineInactive {
+            status: line.status,
+            subscription_expires_at: line.subscription_expires_at,
+        }),
+        None => Err(FanOutOutcome::LineInactive {
+            status: LineStatus::Revoked,
+            subscription_expires_at: 0,
+        }),
+    }
+}
+
+impl SqliteStore {
+    /// Checks and stages a fan-out on the caller's thread, without the
+    /// writer: only when no batch is open, the group's members and the
+    /// sender's line are remembered, and the reserved block has the IDs
+    /// (nothing is written, so nothing waits for a commit). Otherwise
+    /// hands the message back for the writer.
+    fn fan_out_now(
+        &self,
+        message: Message,
+        expires_at: Timestamp,
+    ) -> std::result::Result<FanOutOutcome, Message> {
+        let mut checked = lock(&self.checked);
+        if checked.writing {
+            return Err(message);
+        }
+        let (Some(members), Some(line)) = (
+            checked.members.get(&message.group).cloned(),
+            checked.lines.get(&message.sender).copied(),
+        ) else {
+            return Err(message);
+        };
+        if let Err(refused) = check(&members, &message, Some(line)) {
+            return Ok(refused);
+        }
+        let count = members.len().saturating_sub(1);
+        let Some(first) = checked.ids.take_reserved(count) else {
+            return Err(message);
+        };
+        let deliveries = message.copies(&members, first);
+        // Staged before the writer can take a higher ID, which it does
+        // only with this lock.
+        let (durable, wake) = {
+            let mut staging = lock(&self.staging);
+            let durable = staging.stage(&deliveries, expires_at, Instant::now());
+            (durable, staging.wake_writer())
+        };
+        drop(checked);
+        if wake {
+            // The writer may be gone only when the store is: then nothing
+            // is left to sweep for.
+            let _ = self.writes.send(Work::Wake);
+        }
+        Ok(FanOutOutcome::Stored {
+            deliveries,
+            durable,
+        })
     }
 }
 
@@ -1474,6 +1667,7 @@ impl Distributors for SqliteStore {
     async fn set_line_status(&self, account: &AccountId, status: LineStatus) -> Result<()> {
         let account = account.clone();
         self.write(move |tx| {
+            tx.forget_line(&account);
             tx.execute(
                 "UPDATE accounts SET status = ?2 WHERE account_id = ?1 AND status != 'revoked'",
                 params![account.as_str(), status.as_str()],
@@ -1513,6 +1707,7 @@ impl Distributors for SqliteStore {
                 return Ok(Renewal::WrongDistributor);
             }
             let expires = line.subscription_expires_at.max(now) + u64::from(days) * DAY;
+            tx.forget_line(&account);
             tx.execute(
                 "UPDATE accounts SET subscription_expires_at = ?2 WHERE account_id = ?1",
                 params![account.as_str(), expires],
@@ -1598,5 +1793,14 @@ mod tests {
         drop(store);
         let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
         crate::conformance::survives_reopen_part_two(&store, highest).await;
+    }
+
+    #[tokio::test]
+    async fn another_process_commit_is_seen() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("umbra.db");
+        let server = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let admin = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        crate::conformance::sees_another_writer(&server, &admin).await;
     }
 }

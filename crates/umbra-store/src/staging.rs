@@ -75,6 +75,8 @@ impl Settlement {
 #[derive(Default)]
 pub(crate) struct Staging {
     rows: BTreeMap<u64, Staged>,
+    /// When the writer next looks at the staged copies by itself.
+    writer_wakes: Option<Instant>,
 }
 
 impl Staging {
@@ -157,6 +159,27 @@ impl Staging {
     /// window ends.
     pub fn next_sweep(&self) -> Option<Instant> {
         self.next_due().map(|due| due + SWEEP)
+    }
+
+    /// The writer is going to sleep until `at` unless a write arrives.
+    pub fn writer_wakes_at(&mut self, at: Instant) {
+        self.writer_wakes = Some(at);
+    }
+
+    /// Copies were staged outside the writer: whether it must be woken to
+    /// sweep them in time (if so, it is taken as woken, so the copies
+    /// staged after these do not wake it again).
+    pub fn wake_writer(&mut self) -> bool {
+        let Some(sweep) = self.next_sweep() else {
+            return false;
+        };
+        match self.writer_wakes {
+            Some(at) if at <= sweep => false,
+            _ => {
+                self.writer_wakes = Some(sweep);
+                true
+            }
+        }
     }
 
     /// If a sweep is due at `now`, marks every copy whose window ended by
