@@ -64,8 +64,9 @@ enum Work {
 /// wait in memory for [`crate::ACK_WINDOW`], so a copy its recipient
 /// acknowledges in time is never written at all. Their check (membership,
 /// the sender's line) and IDs need no write either: when the writer has
-/// what they need in memory ([`Checked`]) and no batch open, a fan-out is
-/// checked and staged on the caller's thread without waiting for it.
+/// what they need in memory ([`Checked`]) and no open batch is using it, a
+/// fan-out is checked and staged on the caller's thread without waiting
+/// for it.
 #[derive(Clone)]
 pub struct SqliteStore {
     /// Reads: a second connection to a database file (WAL lets it read
@@ -224,7 +225,7 @@ fn in_savepoint<T>(tx: &Tx<'_>, work: impl FnOnce(&Tx<'_>) -> Result<T>) -> Resu
             .map_err(backend)
     };
     run("SAVEPOINT job")?;
-    let reservations = tx.checked().ids.reservations;
+    let reservations = lock(tx.checked).ids.reservations;
     let value = work(tx);
     if value.is_ok() {
         run("RELEASE job")?;
@@ -232,7 +233,7 @@ fn in_savepoint<T>(tx: &Tx<'_>, work: impl FnOnce(&Tx<'_>) -> Result<T>) -> Resu
         run("ROLLBACK TO job")?;
         run("RELEASE job")?;
         // What the failed write changed is undone: forget what it read.
-        let mut checked = tx.checked();
+        let mut checked = lock(tx.checked);
         checked.forget_all();
         if checked.ids.reservations != reservations {
             // The block reserved in the rolled-back savepoint is not
@@ -253,7 +254,8 @@ struct Tx<'c> {
 /// memberships, senders' lines, and delivery IDs reserved and not handed
 /// out. The writer keeps it; [`SqliteStore::fan_out`] uses it to check and
 /// stage a fan-out on the caller's thread, without a round trip through
-/// the writer, when everything it needs is here and no batch is open.
+/// the writer, when everything it needs is here and no open batch is
+/// using it.
 ///
 /// Outside an open batch, an entry is what the committed database holds:
 /// only the writer changes memberships and lines, and every change forgets
@@ -266,11 +268,11 @@ struct Checked {
     members: HashMap<GroupId, Arc<[AccountId]>>,
     lines: HashMap<AccountId, Line>,
     ids: IdBlock,
-    /// The writer has a batch open, from before it begins until its
-    /// copies are staged: entries it read may still roll back, and IDs it
-    /// took are not in the mailbox yet (a fan-out staged now could make a
-    /// higher ID visible before them). Fan-outs go through the writer
-    /// meanwhile.
+    /// The writer's open batch has used this (see [`Tx::checked`]), from
+    /// then until its copies are staged: entries it read may still roll
+    /// back, and IDs it took are not in the mailbox yet (a fan-out staged
+    /// now could make a higher ID visible before them). Fan-outs go
+    /// through the writer meanwhile.
     writing: bool,
     /// The database's `data_version` when the writer last looked.
     data_version: Option<i64>,
@@ -307,8 +309,14 @@ fn remember<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, value: 
 }
 
 impl Tx<'_> {
+    /// The shared state, for a job that reads or changes it, or takes IDs:
+    /// from now until the batch's copies are staged, fan-outs go through
+    /// the writer. (A batch that only writes staged copies and deletes
+    /// acknowledged ones never calls this, so fan-outs go on meanwhile.)
     fn checked(&self) -> MutexGuard<'_, Checked> {
-        lock(self.checked)
+        let mut checked = lock(self.checked);
+        checked.writing = true;
+        checked
     }
 
     /// `group`'s members, or `None` if there is no such group.
@@ -468,7 +476,6 @@ fn group_commit(
                 Err(_) => break,
             }
         }
-        lock(checked).writing = true;
         let Some((committed, written, failed, completions, visibility)) =
             run_batch(connection, staging, visible, checked, jobs, open)
         else {
@@ -534,7 +541,7 @@ fn run_batch<'g>(
         .query_row("PRAGMA data_version", [], |row| row.get::<_, i64>(0))
         .ok();
     {
-        let mut checked = tx.checked();
+        let mut checked = lock(checked);
         if version.is_none() || checked.data_version != version {
             checked.forget_all();
             checked.data_version = version;
@@ -1365,7 +1372,7 @@ fn check(
 
 impl SqliteStore {
     /// Checks and stages a fan-out on the caller's thread, without the
-    /// writer: only when no batch is open, the group's members and the
+    /// writer: only when no open batch uses [`Checked`], the group's members and the
     /// sender's line are remembered, and the reserved block has the IDs
     /// (nothing is written, so nothing waits for a commit). Otherwise
     /// hands the message back for the writer.
