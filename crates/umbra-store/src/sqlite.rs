@@ -400,22 +400,21 @@ const ID_BLOCK: u64 = 1 << 16;
 impl IdBlock {
     /// The first of `count` consecutive IDs.
     fn take(&mut self, tx: &Transaction<'_>, count: usize) -> Result<u64> {
-        let count = count as u64;
-        if self.end - self.next < count {
-            let size = count.max(ID_BLOCK);
-            let last: i64 = tx
-                .prepare_cached(
-                    "UPDATE sqlite_sequence SET seq = seq + ?1 WHERE name = 'mailbox' RETURNING seq",
-                )
-                .and_then(|mut s| s.query_row([size as i64], |row| row.get(0)))
-                .map_err(backend)?;
-            self.end = last as u64 + 1;
-            self.next = self.end - size;
-            self.reservations += 1;
+        if let Some(first) = self.take_reserved(count) {
+            return Ok(first);
         }
-        let first = self.next;
-        self.next += count;
-        Ok(first)
+        let size = (count as u64).max(ID_BLOCK);
+        let last: i64 = tx
+            .prepare_cached(
+                "UPDATE sqlite_sequence SET seq = seq + ?1 WHERE name = 'mailbox' RETURNING seq",
+            )
+            .and_then(|mut s| s.query_row([size as i64], |row| row.get(0)))
+            .map_err(backend)?;
+        self.end = last as u64 + 1;
+        self.next = self.end - size;
+        self.reservations += 1;
+        self.take_reserved(count)
+            .ok_or_else(|| StoreError::Backend("a reserved ID block was too small".into()))
     }
 
     /// The first of `count` consecutive IDs if the block has them, without
