@@ -229,6 +229,20 @@ fn stored(outcome: Result<FanOutOutcome>) -> (Vec<(AccountId, StoredDelivery)>, 
     }
 }
 
+/// An application message from `sender` to `g`, sent at `at` and kept
+/// for the TTL.
+async fn send(
+    store: &impl Store,
+    g: &GroupId,
+    sender: &AccountId,
+    payload: &[u8],
+    at: u64,
+) -> Result<FanOutOutcome> {
+    store
+        .fan_out(g, sender, DeliveryKind::Application, payload, at, at + TTL)
+        .await
+}
+
 /// Waits until a stored fan-out's copies are written or acknowledged.
 async fn settled(outcome: Result<FanOutOutcome>) {
     stored(outcome).1.wait().await.unwrap();
@@ -336,9 +350,7 @@ async fn commits_one_per_epoch(store: &impl Store) {
         let (deliveries, _) = stored(outcome);
         deliveries.into_iter().map(|(r, _)| r).collect::<Vec<_>>()
     };
-    let before = store
-        .fan_out(&g, &carol, DeliveryKind::Application, b"hi", NOW, NOW + TTL)
-        .await;
+    let before = send(store, &g, &carol, b"hi", NOW).await;
     assert_eq!(recipients(before), vec![alice.clone(), bob.clone()]);
 
     // Removing Carol: she still gets that commit, then nothing more.
@@ -362,16 +374,7 @@ async fn commits_one_per_epoch(store: &impl Store) {
         (state.epoch, state.members),
         (3, vec![alice.clone(), bob.clone()])
     );
-    let after = store
-        .fan_out(
-            &g,
-            &alice,
-            DeliveryKind::Application,
-            b"bye",
-            NOW,
-            NOW + TTL,
-        )
-        .await;
+    let after = send(store, &g, &alice, b"bye", NOW).await;
     assert_eq!(recipients(after), vec![bob.clone()]);
     let last = store.pending(&carol, 0, 10, NOW).await.unwrap();
     assert_eq!(
@@ -379,10 +382,7 @@ async fn commits_one_per_epoch(store: &impl Store) {
         Some(&b"remove carol"[..])
     );
     assert!(matches!(
-        store
-            .fan_out(&g, &carol, DeliveryKind::Application, b"x", NOW, NOW + TTL)
-            .await
-            .unwrap(),
+        send(store, &g, &carol, b"x", NOW).await.unwrap(),
         FanOutOutcome::NotAMember
     ));
 }
@@ -403,18 +403,7 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
         .await
         .unwrap();
     for n in 0..5u8 {
-        let (deliveries, durable) = stored(
-            store
-                .fan_out(
-                    &g,
-                    &bob,
-                    DeliveryKind::Application,
-                    &[n],
-                    NOW + u64::from(n),
-                    NOW + TTL,
-                )
-                .await,
-        );
+        let (deliveries, durable) = stored(send(store, &g, &bob, &[n], NOW + u64::from(n)).await);
         let recipients: Vec<_> = deliveries.iter().map(|(r, _)| r.clone()).collect();
         assert_eq!(recipients, vec![alice.clone()]);
         let stored = store.pending(&alice, 0, 100, NOW).await.unwrap();
@@ -429,17 +418,7 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
         assert_eq!(stored.last(), Some(handed), "and after");
     }
     assert!(matches!(
-        store
-            .fan_out(
-                &group(8),
-                &bob,
-                DeliveryKind::Application,
-                b"x",
-                NOW,
-                NOW + TTL
-            )
-            .await
-            .unwrap(),
+        send(store, &group(8), &bob, b"x", NOW).await.unwrap(),
         FanOutOutcome::UnknownGroup
     ));
     let page = store.pending(&alice, 0, 3, NOW).await.unwrap();
@@ -480,18 +459,7 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
 
     // A copy acknowledged before it is durable: the sender's answer still
     // comes, and the copy is gone for good.
-    let (deliveries, durable) = stored(
-        store
-            .fan_out(
-                &g,
-                &bob,
-                DeliveryKind::Application,
-                b"quick",
-                NOW,
-                NOW + TTL,
-            )
-            .await,
-    );
+    let (deliveries, durable) = stored(send(store, &g, &bob, b"quick", NOW).await);
     let quick = deliveries[0].1.id;
     assert_eq!(store.ack(&alice, &[quick]).await.unwrap(), 1);
     assert_eq!(store.ack(&alice, &[quick]).await.unwrap(), 0);
@@ -617,7 +585,7 @@ async fn pair_in_group(store: &impl Store, g: &GroupId) -> (AccountId, AccountId
 async fn lines_decide_each_send(store: &impl Store) {
     let g = group(9);
     let (alice, _bob) = pair_in_group(store, &g).await;
-    let send = |at: u64| store.fan_out(&g, &alice, DeliveryKind::Application, b"m", at, at + TTL);
+    let send = |at: u64| send(store, &g, &alice, b"m", at);
     for _ in 0..3 {
         settled(send(NOW).await).await;
     }
@@ -676,7 +644,7 @@ async fn lines_decide_each_send(store: &impl Store) {
 pub async fn sees_another_writer(server: &impl Store, admin: &impl Store) {
     let g = group(2);
     let (alice, _bob) = pair_in_group(server, &g).await;
-    let send = || server.fan_out(&g, &alice, DeliveryKind::Application, b"m", NOW, NOW + TTL);
+    let send = || send(server, &g, &alice, b"m", NOW);
     for _ in 0..3 {
         settled(send().await).await;
     }
@@ -879,18 +847,7 @@ pub async fn survives_reopen_part_one(store: &impl Store) -> u64 {
     // One copy the recipient acknowledges at once, one it does not: once
     // the sender's answer came, the first is gone and the second is kept.
     for (payload, acknowledged) in [(&b"acked"[..], true), (&b"kept"[..], false)] {
-        let (deliveries, durable) = stored(
-            store
-                .fan_out(
-                    &g,
-                    &alice,
-                    DeliveryKind::Application,
-                    payload,
-                    NOW,
-                    NOW + TTL,
-                )
-                .await,
-        );
+        let (deliveries, durable) = stored(send(store, &g, &alice, payload, NOW).await);
         let id = deliveries[0].1.id;
         if acknowledged {
             store.ack(&bob, &[id]).await.unwrap();
