@@ -151,7 +151,7 @@ impl Conn {
                         None => {
                             if !acks.is_empty() {
                                 ack_id += 1;
-                                let _ = out.send(ack_frame(ack_id, &mut acks));
+                                let _ = out.send(ack_frame(ack_id, &mut acks, true));
                             }
                             tokio::select! {
                                 _ = &mut closed => break,
@@ -191,7 +191,7 @@ impl Conn {
                             acks.push(delivery.id);
                             if acks.len() >= ACK_BATCH {
                                 ack_id += 1;
-                                let _ = out.send(ack_frame(ack_id, &mut acks));
+                                let _ = out.send(ack_frame(ack_id, &mut acks, true));
                             }
                         }
                         Ok(ServerMessage::Push(Push::Synced)) => {
@@ -210,7 +210,7 @@ impl Conn {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(ack_id, tx);
-                    let _ = out.send(ack_frame(ack_id, &mut acks));
+                    let _ = out.send(ack_frame(ack_id, &mut acks, false));
                     let confirm = async {
                         while let Some(Ok(Message::Binary(bytes))) = source.next().await {
                             if let Ok(ServerMessage::Response { id, .. }) = decode_server(&bytes)
@@ -286,11 +286,15 @@ impl Conn {
     }
 }
 
-fn ack_frame(id: u64, acks: &mut Vec<u64>) -> Vec<u8> {
+/// An Ack of everything in `acks`. Quiet ones, like a device's while it
+/// reads, get no answer; the last one before leaving is confirmed (and so
+/// confirms every quiet one before it, as requests are handled in order).
+fn ack_frame(id: u64, acks: &mut Vec<u64>, quiet: bool) -> Vec<u8> {
     encode_client(&ClientFrame {
         id,
         request: Request::Ack {
             delivery_ids: std::mem::take(acks),
+            quiet,
         },
     })
 }

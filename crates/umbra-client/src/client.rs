@@ -603,15 +603,25 @@ impl Client {
                     _ => {}
                 }
             }
+            // Quiet: the server answers an Ack only if it fails, so reading
+            // never waits a round trip. An Ack lost with its connection costs
+            // a redelivery, which `processed_deliveries` recognises.
             for chunk in acks.chunks(umbra_proto::frame::MAX_ACK_IDS) {
-                if let Err(error) = link
-                    .request(Request::Ack {
-                        delivery_ids: chunk.to_vec(),
-                    })
-                    .await
-                {
+                let ack = Request::Ack {
+                    delivery_ids: chunk.to_vec(),
+                    quiet: true,
+                };
+                if let Err(error) = link.notify(ack).await {
                     debug!(%error, "acknowledgement not sent; the server will redeliver");
                 }
+            }
+            // `sync` promises the backlog is acknowledged, not only applied:
+            // the server handles a connection's requests in order, so the
+            // answer to this Ping means every Ack before it was applied.
+            if synced > 0
+                && let Err(error) = link.request(Request::Ping).await
+            {
+                debug!(%error, "acknowledgements not confirmed; the server will redeliver");
             }
             self.inner.progress.notify_waiters();
             if stalled {

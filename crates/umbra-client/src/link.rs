@@ -304,4 +304,19 @@ impl Link {
             Ok(Ok(result)) => result.map_err(ClientError::from),
         }
     }
+
+    /// Sends a request that expects no answer (a quiet `Ack`) without
+    /// waiting. Should it fail, the server's error arrives as a response to
+    /// no pending request and is logged at debug level.
+    pub async fn notify(&self, request: Request) -> Result<()> {
+        if !self.is_alive() {
+            return Err(ClientError::ConnectionLost);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = encode_client(&ClientFrame { id, request });
+        self.out
+            .send(bytes)
+            .await
+            .map_err(|_| ClientError::ConnectionLost)
+    }
 }

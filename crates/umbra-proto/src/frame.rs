@@ -84,6 +84,9 @@ pub enum Request {
     },
     Ack {
         delivery_ids: Vec<u64>,
+        /// Answer only if it fails: the device learns that it was applied
+        /// from the answer to a later request (they are handled in order).
+        quiet: bool,
     },
     LookupAccount {
         account_id: AccountId,
@@ -380,6 +383,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
             }
             Request::Ack {
                 delivery_ids: r.delivery_ids,
+                quiet: r.quiet,
             }
         }
         client_frame::Request::LookupAccount(r) => Request::LookupAccount {
@@ -510,8 +514,12 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             kind: *kind as i32,
             ttl_seconds: *ttl_seconds,
         }),
-        Request::Ack { delivery_ids } => client_frame::Request::Ack(wire::Ack {
+        Request::Ack {
+            delivery_ids,
+            quiet,
+        } => client_frame::Request::Ack(wire::Ack {
             delivery_ids: delivery_ids.clone(),
+            quiet: *quiet,
         }),
         Request::LookupAccount { account_id } => {
             client_frame::Request::LookupAccount(wire::LookupAccount {
@@ -800,6 +808,11 @@ mod tests {
             }),
             Request::Ack {
                 delivery_ids: vec![1, 2, 3],
+                quiet: false,
+            },
+            Request::Ack {
+                delivery_ids: vec![4],
+                quiet: true,
             },
             Request::Ping,
         ];

@@ -143,6 +143,8 @@ pub struct SendMessage {
 pub struct Ack {
     #[prost(uint64, repeated, tag = "1")]
     pub delivery_ids: Vec<u64>,
+    #[prost(bool, tag = "2")]
+    pub quiet: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -241,6 +241,7 @@ impl Connection {
                     let response = Answer::response(durable, reply, frame.id);
                     out_tx.send(Outbound::Later(Box::pin(response))).await
                 }
+                Answer::Quiet => Ok(()),
             };
             if queued.is_err() {
                 break;

@@ -73,6 +73,8 @@ pub enum Answer {
     /// can go on to the next request meanwhile, which matters for the
     /// recipient's acknowledgement that may be what `durable` waits for.
     WhenDurable(Durable, Reply),
+    /// Never: a quiet request (an `Ack` with `quiet`) that succeeded.
+    Quiet,
 }
 
 impl Answer {
@@ -146,6 +148,12 @@ impl Services {
                     .await
                 {
                     Ok((durable, reply)) => Answer::WhenDurable(durable, reply),
+                    Err(error) => Answer::Now(Err(error)),
+                }
+            }
+            (_, request @ Request::Ack { quiet: true, .. }) => {
+                match self.handle(session, request).await {
+                    Ok(_) => Answer::Quiet,
                     Err(error) => Answer::Now(Err(error)),
                 }
             }
@@ -449,7 +457,7 @@ impl Services {
                 self.require_active(me).await?;
                 self.send_commit(me, commit).await
             }
-            Request::Ack { delivery_ids } => {
+            Request::Ack { delivery_ids, .. } => {
                 self.store.ack(me, &delivery_ids).await.map_err(internal)?;
                 Ok(Reply::Done)
             }

@@ -11,7 +11,7 @@ use umbra_proto::frame::CommitSubmission;
 use umbra_proto::{
     AccountId, ActivationCode, ClientFrame, ErrorCode, ErrorReply, GroupId, MAX_FRAME_BYTES, Nonce,
     Push, Reply, Request, ServerMessage, Signature, decode_server, encode_client,
-    login_signing_payload, register_signing_payload,
+    login_signing_payload, register_signing_payload, wipe_signing_payload,
 };
 use umbra_server::{Config, ServerOptions};
 
@@ -144,6 +144,34 @@ impl Raw {
             signature,
         })
         .await
+    }
+
+    /// Registers with a fresh code; the new account's ID.
+    async fn registered(&mut self, server: &Server, signer: &DeviceSigner) -> AccountId {
+        match self.register(server.code().await, signer).await {
+            Ok(Reply::Registered { account_id, .. }) => account_id,
+            other => panic!("registration failed: {other:?}"),
+        }
+    }
+
+    /// Sends a request without waiting for an answer; returns its id.
+    async fn send(&mut self, request: Request) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = encode_client(&ClientFrame { id, request });
+        self.send_raw(Message::Binary(bytes.into())).await;
+        id
+    }
+
+    async fn login(&mut self, account_id: &AccountId, signer: &DeviceSigner) {
+        let signature = signer.sign_payload(&login_signing_payload(&self.nonce, account_id));
+        let reply = self
+            .call(Request::Login {
+                account_id: account_id.clone(),
+                signature,
+            })
+            .await;
+        assert!(matches!(reply, Ok(Reply::LoggedIn { .. })), "{reply:?}");
     }
 
     /// The server still answers on this connection.
@@ -310,11 +338,7 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
     let server = Server::start().await;
     let mut raw = Raw::connect(&server).await;
     let signer = DeviceSigner::from_secret(&[3; 32]);
-    let Reply::Registered { account_id, .. } =
-        raw.register(server.code().await, &signer).await.unwrap()
-    else {
-        panic!("registration failed");
-    };
+    let account_id = raw.registered(&server, &signer).await;
 
     let crypto = Crypto::default();
     let mut db = rusqlite::Connection::open_in_memory().unwrap();
@@ -409,4 +433,70 @@ async fn shutdown_drains_and_stops() {
     );
     let refused = TcpStream::connect(server.address).await;
     assert!(refused.is_err(), "nothing listens after shutdown");
+}
+
+#[tokio::test]
+async fn a_quiet_ack_is_answered_only_when_it_fails() {
+    let server = Server::start().await;
+
+    // Quiet does not silence a refusal.
+    let mut stranger = Raw::connect(&server).await;
+    let quiet_ack = |delivery_ids| Request::Ack {
+        delivery_ids,
+        quiet: true,
+    };
+    stranger
+        .expect_error(quiet_ack(vec![1]), ErrorCode::NotAuthenticated)
+        .await;
+
+    let mut device = Raw::connect(&server).await;
+    let signer = DeviceSigner::from_secret(&[5; 32]);
+    let account_id = device.registered(&server, &signer).await;
+    // A wipe command is the simplest delivery to put in a mailbox.
+    let wiper = DeviceSigner::from_secret(&[6; 32]);
+    let set_key = Request::SetWipeKey {
+        wipe_key: wiper.identity_key(),
+    };
+    assert_eq!(device.call(set_key).await, Ok(Reply::Done));
+    let wipe = |issued_at| Request::Wipe {
+        account_id: account_id.clone(),
+        issued_at,
+        signature: wiper.sign_payload(&wipe_signing_payload(&account_id, issued_at)),
+    };
+    assert_eq!(stranger.call(wipe(1)).await, Ok(Reply::Done));
+    assert_eq!(stranger.call(wipe(2)).await, Ok(Reply::Done));
+    let mut delivered = Vec::new();
+    while delivered.len() < 2 {
+        match device.next().await.expect("connection closed") {
+            ServerMessage::Push(Push::Delivery(delivery)) => delivered.push(delivery.id),
+            ServerMessage::Push(_) => {}
+            other => panic!("expected deliveries, got {other:?}"),
+        }
+    }
+
+    // Acknowledged quietly: the next response is the Ping's, so the Ack
+    // had none, and (requests being handled in order) it was applied.
+    device.send(quiet_ack(vec![delivered[0]])).await;
+    let ping = device.send(Request::Ping).await;
+    assert_eq!(device.response().await, Some((ping, Ok(Reply::Done))));
+
+    // The loud kind is still answered.
+    assert_eq!(
+        device
+            .call(Request::Ack {
+                delivery_ids: vec![delivered[1]],
+                quiet: false,
+            })
+            .await,
+        Ok(Reply::Done)
+    );
+
+    // Both are gone: the next login pushes an empty backlog.
+    drop(device);
+    let mut again = Raw::connect(&server).await;
+    again.login(&account_id, &signer).await;
+    match again.next().await {
+        Some(ServerMessage::Push(Push::Synced)) => {}
+        other => panic!("expected an empty backlog, got {other:?}"),
+    }
 }
