@@ -678,8 +678,9 @@ impl System for UmbraSystem {
 
     fn durability(&self) -> String {
         "each copy stored in SQLite (WAL, synchronous=FULL: fsync per group commit) or \
-         acknowledged by its recipient before Accepted (a copy acknowledged within the 10 ms \
-         ack window is never written)"
+         acknowledged by its recipient before Accepted (a copy acknowledged within 10 to 20 ms, \
+         its ack window and the wait for the next sweep, is never written; devices acknowledge \
+         with quiet Acks)"
             .into()
     }
 }
