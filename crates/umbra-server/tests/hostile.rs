@@ -112,10 +112,7 @@ impl Raw {
     }
 
     async fn call(&mut self, request: Request) -> Result<Reply, ErrorReply> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let bytes = encode_client(&ClientFrame { id, request });
-        self.send_raw(Message::Binary(bytes.into())).await;
+        let id = self.send(request).await;
         let (got, result) = self.response().await.expect("connection closed");
         assert_eq!(got, id);
         result
