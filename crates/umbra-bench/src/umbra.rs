@@ -678,9 +678,10 @@ impl System for UmbraSystem {
 
     fn durability(&self) -> String {
         "each copy stored in SQLite (WAL, synchronous=FULL: fsync per group commit) or \
-         acknowledged by its recipient before Accepted (a copy acknowledged within 10 to 20 ms, \
-         its ack window and the wait for the next sweep, is never written; devices acknowledge \
-         with quiet Acks)"
+         acknowledged by its recipient before Accepted (a copy acknowledged within its ack \
+         window, 10 ms, widening to at most 320 ms while acknowledgements come late, plus the \
+         wait for the next sweep, is never written; a copy for a recipient with no connection \
+         is written at the next sweep; devices acknowledge with quiet Acks)"
             .into()
     }
 }

@@ -139,18 +139,23 @@ impl Registry {
     }
 
     /// Hands deliveries fresh in the mailbox to their recipients'
-    /// connections.
-    pub fn deliver(&self, deliveries: Vec<(AccountId, StoredDelivery)>) {
+    /// connections; returns the IDs of those whose recipient has none.
+    pub fn deliver(&self, deliveries: Vec<(AccountId, StoredDelivery)>) -> Vec<u64> {
         let online = self.lock();
+        let mut unread = Vec::new();
         for (account, delivery) in deliveries {
             let entries = online.get(&account).map(Vec::as_slice).unwrap_or(&[]);
-            if let Some((last, rest)) = entries.split_last() {
-                for entry in rest {
-                    entry.inbox.push(delivery.clone());
+            match entries.split_last() {
+                Some((last, rest)) => {
+                    for entry in rest {
+                        entry.inbox.push(delivery.clone());
+                    }
+                    last.inbox.push(delivery);
                 }
-                last.inbox.push(delivery);
+                None => unread.push(delivery.id),
             }
         }
+        unread
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<AccountId, Vec<Entry>>> {
@@ -216,7 +221,11 @@ mod tests {
         assert!(ia.take().read_mailbox);
         assert!(!ib.take().read_mailbox);
         registry.unregister(&a, 1);
-        registry.deliver(vec![(a.clone(), delivery(1))]);
+        assert_eq!(
+            registry.deliver(vec![(a.clone(), delivery(1)), (b.clone(), delivery(2))]),
+            vec![1],
+            "only the copy for the account with no connection is unread"
+        );
         registry.notify([&a]);
         let taken = ia.take();
         assert!(!taken.read_mailbox && taken.deliveries.is_empty());

@@ -889,8 +889,13 @@ impl Services {
                 durable,
             } => {
                 // Online recipients get their copies now; the sender hears
-                // "accepted" once each copy is on disk or acknowledged.
-                self.registry.deliver(deliveries);
+                // "accepted" once each copy is on disk or acknowledged, and
+                // the copies no connection will acknowledge go to disk
+                // without waiting out the ack window.
+                let unread = self.registry.deliver(deliveries);
+                if !unread.is_empty() {
+                    self.store.no_reader(&unread);
+                }
                 Ok((durable, Reply::Accepted { accepted_at: now }))
             }
             FanOutOutcome::LineInactive {

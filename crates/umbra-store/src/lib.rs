@@ -15,7 +15,7 @@ pub mod conformance;
 pub mod sqlite;
 mod staging;
 
-pub use staging::ACK_WINDOW;
+pub use staging::{ACK_WINDOW, MAX_ACK_WINDOW};
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
@@ -385,6 +385,13 @@ pub trait Mailboxes: Send + Sync {
     async fn notice(&self, notice: Notice, now: Timestamp, expires_at: Timestamp) -> Result<u64>;
     /// Deletes acknowledged deliveries; returns how many existed.
     async fn ack(&self, recipient: &AccountId, ids: &[u64]) -> Result<usize>;
+    /// The fan-out copies `ids` went to recipients with no connection open,
+    /// so no acknowledgement will come for them soon: a backend that holds
+    /// copies back for one (the SQLite store's ack window) writes these
+    /// without waiting. A hint; it changes no outcome.
+    fn no_reader(&self, ids: &[u64]) {
+        let _ = ids;
+    }
     /// Deletes deliveries whose time to live has passed.
     async fn expire(&self, now: Timestamp) -> Result<usize>;
 }

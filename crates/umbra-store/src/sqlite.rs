@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use umbra_proto::{AccountId, DeliveryKind, GroupId, IdentityKey};
 
-use crate::staging::{Staged, Staging};
+use crate::staging::{DueCopy, Staging};
 use crate::{
     Account, Accounts, CodeHash, CodeKind, CommitOutcome, CommitRecord, ContactAcceptOutcome,
     ContactRequestOutcome, Contacts, DAY, Distributor, Distributors, FanOutOutcome, GroupState,
@@ -549,15 +549,17 @@ fn run_batch<'g>(
     // Copies first, so that an acknowledgement queued meanwhile (which
     // found its copy being written, and so went to the database) runs
     // after the insert it deletes.
-    let (written, failed) = {
+    // Taken under the staging lock, inserted without it: connections
+    // stage, acknowledge and read meanwhile.
+    let due = {
         let mut staging = lock(staging);
-        let due = if open {
+        if open {
             staging.sweep(Instant::now())
         } else {
             staging.take_all()
-        };
-        write_staged(&tx, &staging, due)
+        }
     };
+    let (written, failed) = write_staged(&tx, due);
     let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&tx)).collect();
     // Taken after the connection (as mailbox reads do), before the commit
     // makes anything visible; released once the completions have staged.
@@ -569,12 +571,12 @@ fn run_batch<'g>(
 /// Inserts the staged copies `due` inside the batch's transaction; returns
 /// the IDs written and those that failed (which fail their sender's write,
 /// like a failed commit would).
-fn write_staged(tx: &Transaction<'_>, staging: &Staging, due: Vec<u64>) -> (Vec<u64>, Vec<u64>) {
+fn write_staged(tx: &Transaction<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<u64>) {
     let mut written = Vec::with_capacity(due.len());
     let mut failed = Vec::new();
-    for id in due {
-        let Some(row) = staging.get(id) else { continue };
-        match insert_staged(tx, row) {
+    for copy in due {
+        let id = copy.delivery.id;
+        match insert_staged(tx, &copy) {
             Ok(()) => written.push(id),
             Err(error) => {
                 tracing::warn!(%error, "writing a staged copy failed");
@@ -585,7 +587,7 @@ fn write_staged(tx: &Transaction<'_>, staging: &Staging, due: Vec<u64>) -> (Vec<
     (written, failed)
 }
 
-fn insert_staged(tx: &Transaction<'_>, row: &Staged) -> Result<()> {
+fn insert_staged(tx: &Transaction<'_>, row: &DueCopy) -> Result<()> {
     let delivery = &row.delivery;
     insert_row(
         tx,
@@ -1529,6 +1531,17 @@ impl Mailboxes for SqliteStore {
             })
             .await?;
         Ok(forgotten + deleted)
+    }
+
+    fn no_reader(&self, ids: &[u64]) {
+        let wake = {
+            let mut staging = lock(&self.staging);
+            staging.no_reader(ids, Instant::now());
+            staging.wake_writer()
+        };
+        if wake {
+            let _ = self.writes.send(Work::Wake);
+        }
     }
 
     async fn expire(&self, now: Timestamp) -> Result<usize> {

@@ -11,6 +11,13 @@
 //! its copies is either on disk or acknowledged, so nothing that was
 //! acknowledged to a sender can be lost; a crash loses only copies whose
 //! sender was never answered (and that some recipients may have received).
+//!
+//! The window widens while acknowledgements come late (see [`Window`]): a
+//! server that fell behind for a moment, and so sees acknowledgements
+//! after their window, would otherwise write (and then delete) every copy
+//! in the meantime, which is more work exactly when it has the least time,
+//! and stay behind. A copy whose recipient has no connection open skips the
+//! window ([`Staging::no_reader`]): no acknowledgement can come in time.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,9 +30,25 @@ use umbra_proto::AccountId;
 use crate::{Durable, StoreError, StoredDelivery, Timestamp};
 
 /// How long a staged copy waits for its acknowledgement before it is
-/// written. Long enough for a device on a fast link to receive and
-/// acknowledge, short enough that a sender hears "accepted" promptly.
+/// written, while acknowledgements come in time. Long enough for a device
+/// on a fast link to receive and acknowledge, short enough that a sender
+/// whose recipient does not answer hears "accepted" promptly.
 pub const ACK_WINDOW: Duration = Duration::from_millis(10);
+
+/// The widest the window grows while acknowledgements come late: how long
+/// a sender may wait for "accepted" on an overloaded server.
+pub const MAX_ACK_WINDOW: Duration = Duration::from_millis(320);
+
+/// How often the window is reconsidered.
+const ADJUST_EVERY: Duration = Duration::from_millis(100);
+
+/// Copies swept unacknowledged, out of every 1,000 whose recipient was
+/// connected, above which the window doubles.
+const LATE_PER_MILLE: u64 = 20;
+
+/// Periods in a row without a late copy before the window halves: it
+/// widens at once and narrows slowly, so it does not flap.
+const CALM_PERIODS: u32 = 10;
 
 /// How long past the end of the oldest open window the writer waits before
 /// it writes: one commit then carries every copy whose window ended
@@ -36,16 +59,91 @@ pub const ACK_WINDOW: Duration = Duration::from_millis(10);
 pub const SWEEP: Duration = Duration::from_millis(10);
 
 /// One staged copy.
-pub(crate) struct Staged {
-    pub recipient: AccountId,
-    pub delivery: StoredDelivery,
-    pub expires_at: Timestamp,
+struct Staged {
+    recipient: AccountId,
+    delivery: StoredDelivery,
+    expires_at: Timestamp,
     /// When its window ends.
     due: Instant,
     /// Taken by a group commit that is writing it: an acknowledgement now
     /// goes to the database, after that commit.
     persisting: bool,
+    /// Its recipient had a connection open when it was staged, so an
+    /// acknowledgement may come in the window.
+    watched: bool,
     sender: Arc<Settlement>,
+}
+
+/// A copy a sweep took, as the writer inserts it (cloned, so the insert
+/// runs without the staging lock).
+pub(crate) struct DueCopy {
+    pub recipient: AccountId,
+    pub delivery: StoredDelivery,
+    pub expires_at: Timestamp,
+}
+
+/// The ack window's current length, and what decides it: of the copies
+/// whose recipient was connected, how many were acknowledged in their
+/// window and how many were swept (written) without an acknowledgement.
+/// More than [`LATE_PER_MILLE`] swept in an [`ADJUST_EVERY`] period
+/// doubles the window (up to [`MAX_ACK_WINDOW`]); [`CALM_PERIODS`] periods
+/// with none halve it (down to [`ACK_WINDOW`]).
+struct Window {
+    length: Duration,
+    in_time: u64,
+    late: u64,
+    period_ends: Option<Instant>,
+    calm: u32,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            length: ACK_WINDOW,
+            in_time: 0,
+            late: 0,
+            period_ends: None,
+            calm: 0,
+        }
+    }
+}
+
+impl Window {
+    /// Ends the period if it is over, adjusting the length.
+    fn observe(&mut self, now: Instant) {
+        let ends = *self.period_ends.get_or_insert(now + ADJUST_EVERY);
+        if now < ends {
+            return;
+        }
+        let seen = self.in_time + self.late;
+        let was = self.length;
+        if self.late * 1000 > seen * LATE_PER_MILLE {
+            self.length = (self.length * 2).min(MAX_ACK_WINDOW);
+            self.calm = 0;
+        } else if self.late == 0 {
+            self.calm += 1;
+            if self.calm >= CALM_PERIODS {
+                self.length = (self.length / 2).max(ACK_WINDOW);
+                self.calm = 0;
+            }
+        }
+        if self.length > was {
+            tracing::info!(
+                window_ms = self.length.as_millis() as u64,
+                late = self.late,
+                in_time = self.in_time,
+                "ack window widened: acknowledgements are arriving after their window"
+            );
+        } else if self.length < was {
+            tracing::info!(
+                window_ms = self.length.as_millis() as u64,
+                "ack window narrowed"
+            );
+        }
+        self.in_time = 0;
+        self.late = 0;
+        self.period_ends = Some(now + ADJUST_EVERY);
+    }
 }
 
 /// A sender's answer, given when the last of its copies is settled
@@ -77,6 +175,7 @@ pub(crate) struct Staging {
     rows: BTreeMap<u64, Staged>,
     /// When the writer next looks at the staged copies by itself.
     writer_wakes: Option<Instant>,
+    window: Window,
 }
 
 impl Staging {
@@ -103,8 +202,9 @@ impl Staging {
                     recipient: recipient.clone(),
                     delivery: delivery.clone(),
                     expires_at,
-                    due: now + ACK_WINDOW,
+                    due: now + self.window.length,
                     persisting: false,
+                    watched: true,
                     sender: Arc::clone(&sender),
                 },
             );
@@ -124,12 +224,35 @@ impl Staging {
                     if let Some(row) = self.rows.remove(&id) {
                         row.sender.settle_one();
                         removed += 1;
+                        self.window.in_time += u64::from(row.watched);
                     }
                 }
                 _ => rest.push(id),
             }
         }
+        if removed > 0 {
+            self.window.observe(Instant::now());
+        }
         (removed, rest)
+    }
+
+    /// These copies' recipients have no connection open: nothing will
+    /// acknowledge them in the window, so they are written at the next
+    /// sweep (a copy staged before them that is still in its window holds
+    /// them back until it is due, as sweeps take copies in ID order).
+    pub fn no_reader(&mut self, ids: &[u64], now: Instant) {
+        for id in ids {
+            if let Some(row) = self.rows.get_mut(id) {
+                row.watched = false;
+                row.due = row.due.min(now);
+            }
+        }
+    }
+
+    /// The current ack window.
+    #[cfg(test)]
+    pub fn window(&self) -> Duration {
+        self.window.length
     }
 
     /// `recipient`'s staged copies above `after` that have not expired at
@@ -183,9 +306,10 @@ impl Staging {
     }
 
     /// If a sweep is due at `now`, marks every copy whose window ended by
-    /// `now` as being written and returns their IDs (in order); otherwise
+    /// `now` as being written and returns them (in ID order); otherwise
     /// none.
-    pub fn sweep(&mut self, now: Instant) -> Vec<u64> {
+    pub fn sweep(&mut self, now: Instant) -> Vec<DueCopy> {
+        self.window.observe(now);
         match self.next_sweep() {
             Some(at) if at <= now => self.take_due(now),
             _ => Vec::new(),
@@ -193,23 +317,27 @@ impl Staging {
     }
 
     /// Marks every copy whose window ended by `now` as being written, and
-    /// returns their IDs (in order).
-    pub fn take_due(&mut self, now: Instant) -> Vec<u64> {
+    /// returns them (in ID order), stopping at the first copy still in its
+    /// window.
+    fn take_due(&mut self, now: Instant) -> Vec<DueCopy> {
         let mut due = Vec::new();
-        for (id, row) in self.rows.iter_mut() {
+        let mut late = 0;
+        for row in self.rows.values_mut() {
             if row.due > now {
                 break;
             }
             if !row.persisting {
                 row.persisting = true;
-                due.push(*id);
+                late += u64::from(row.watched);
+                due.push(DueCopy {
+                    recipient: row.recipient.clone(),
+                    delivery: row.delivery.clone(),
+                    expires_at: row.expires_at,
+                });
             }
         }
+        self.window.late += late;
         due
-    }
-
-    pub fn get(&self, id: u64) -> Option<&Staged> {
-        self.rows.get(&id)
     }
 
     /// The commit that wrote `ids` is durable (or, with an error, failed:
@@ -243,9 +371,9 @@ impl Staging {
     }
 
     /// Every copy still staged, for a last write at shutdown (no window
-    /// ends later than [`ACK_WINDOW`] from now).
-    pub fn take_all(&mut self) -> Vec<u64> {
-        self.take_due(Instant::now() + ACK_WINDOW)
+    /// ends later than [`MAX_ACK_WINDOW`] from now).
+    pub fn take_all(&mut self) -> Vec<DueCopy> {
+        self.take_due(Instant::now() + MAX_ACK_WINDOW)
     }
 }
 
@@ -282,7 +410,12 @@ mod tests {
         assert!(staging.sweep(start + ACK_WINDOW).is_empty());
         assert!(staging.sweep(start + ACK_WINDOW + SWEEP / 2).is_empty());
         // Once it is, it takes both ended windows and leaves the open one.
-        assert_eq!(staging.sweep(start + ACK_WINDOW + SWEEP), vec![1, 2]);
+        let swept: Vec<u64> = staging
+            .sweep(start + ACK_WINDOW + SWEEP)
+            .iter()
+            .map(|copy| copy.delivery.id)
+            .collect();
+        assert_eq!(swept, vec![1, 2]);
         assert_eq!(
             staging.next_sweep(),
             Some(start + 2 * ACK_WINDOW + 2 * SWEEP)
@@ -290,5 +423,57 @@ mod tests {
         // A copy being written is not acknowledged from memory.
         let (forgotten, rest) = staging.ack(&copy(1).0, &[1, 3]);
         assert_eq!((forgotten, rest), (1, vec![1]));
+    }
+
+    fn swept(staging: &mut Staging, at: Instant) -> Vec<u64> {
+        staging
+            .sweep(at)
+            .iter()
+            .map(|copy| copy.delivery.id)
+            .collect()
+    }
+
+    #[test]
+    fn the_window_doubles_when_copies_are_swept_unacknowledged_and_halves_when_calm() {
+        let mut staging = Staging::default();
+        let start = Instant::now();
+        let _late = staging.stage(&[copy(1)], 100, start);
+        let first_sweep = start + ACK_WINDOW + SWEEP;
+        assert_eq!(swept(&mut staging, first_sweep), vec![1]);
+        assert_eq!(
+            staging.window(),
+            ACK_WINDOW,
+            "adjusted only once a period ends"
+        );
+
+        // The period in which a watched copy was swept unacknowledged ends.
+        let period = first_sweep + ADJUST_EVERY;
+        assert!(swept(&mut staging, period).is_empty());
+        assert_eq!(staging.window(), 2 * ACK_WINDOW);
+        let _next = staging.stage(&[copy(2)], 100, period);
+        assert_eq!(staging.next_due(), Some(period + 2 * ACK_WINDOW));
+        let (acknowledged, _) = staging.ack(&copy(2).0, &[2]);
+        assert_eq!(acknowledged, 1);
+
+        // It narrows only after CALM_PERIODS periods in a row with none.
+        let calm = |n: u32| period + ADJUST_EVERY * n;
+        for n in 1..CALM_PERIODS {
+            assert!(swept(&mut staging, calm(n)).is_empty());
+            assert_eq!(staging.window(), 2 * ACK_WINDOW, "after {n} calm periods");
+        }
+        assert!(swept(&mut staging, calm(CALM_PERIODS)).is_empty());
+        assert_eq!(staging.window(), ACK_WINDOW);
+    }
+
+    #[test]
+    fn a_copy_with_no_reader_skips_the_window_and_is_not_counted_late() {
+        let mut staging = Staging::default();
+        let start = Instant::now();
+        let _unread = staging.stage(&[copy(1)], 100, start);
+        staging.no_reader(&[1], start);
+        assert_eq!(staging.next_sweep(), Some(start + SWEEP));
+        assert_eq!(swept(&mut staging, start + SWEEP), vec![1]);
+        assert!(swept(&mut staging, start + SWEEP + ADJUST_EVERY).is_empty());
+        assert_eq!(staging.window(), ACK_WINDOW);
     }
 }
