@@ -73,6 +73,11 @@ pub struct SqliteStore {
     /// while the writer commits), the writer thread's own for an in-memory
     /// one.
     reader: Arc<Mutex<Connection>>,
+    /// One turn at the reader: a read waits for it as a task, before it
+    /// takes a blocking thread, so concurrent reads (a reconnect storm's
+    /// mailbox reads) queue here instead of each holding a thread blocked
+    /// on the connection's lock.
+    read_turn: Arc<tokio::sync::Semaphore>,
     writes: std::sync::mpsc::Sender<Work>,
     staging: Arc<Mutex<Staging>>,
     /// Held (for writing) by the writer from just before a commit until
@@ -159,6 +164,7 @@ impl SqliteStore {
             .map_err(backend)?;
         Ok(SqliteStore {
             reader: connection,
+            read_turn: Arc::new(tokio::sync::Semaphore::new(1)),
             writes,
             staging,
             visible,
@@ -172,9 +178,19 @@ impl SqliteStore {
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
         let connection = Arc::clone(&self.reader);
-        tokio::task::spawn_blocking(move || work(&mut lock(&connection)))
+        let failed =
+            |e: &dyn std::fmt::Display| StoreError::Backend(format!("storage task failed: {e}"));
+        // Held until the read is done, even if its caller stops waiting.
+        let turn = Arc::clone(&self.read_turn)
+            .acquire_owned()
             .await
-            .map_err(|e| StoreError::Backend(format!("storage task failed: {e}")))?
+            .map_err(|e| failed(&e))?;
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            work(&mut lock(&connection))
+        })
+        .await
+        .map_err(|e| failed(&e))?
     }
 
     /// Runs `work` atomically (in its own savepoint) within the next group
