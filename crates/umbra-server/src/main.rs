@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use umbra_server::{Clock, Config, ServerOptions, SystemClock, admin};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Umbra relay: stores and forwards end-to-end-encrypted messages
 /// between devices. It never sees a private key or a plaintext.
 #[derive(Debug, Parser)]
