@@ -508,8 +508,13 @@ fn group_commit(
         }
         {
             let mut staging = lock(staging);
-            staging.written(&written, &committed);
-            staging.written(&failed, &Err("a staged copy could not be written".into()));
+            let now = Instant::now();
+            staging.written(&written, &committed, now);
+            staging.written(
+                &failed,
+                &Err("a staged copy could not be written".into()),
+                now,
+            );
         }
         for completion in completions {
             completion(committed.clone());
@@ -1526,7 +1531,7 @@ impl Mailboxes for SqliteStore {
     async fn ack(&self, recipient: &AccountId, ids: &[u64]) -> Result<usize> {
         // A staged copy acknowledged in its window is simply forgotten:
         // never written, so nothing to delete.
-        let (forgotten, ids) = lock(&self.staging).ack(recipient, ids);
+        let (forgotten, ids) = lock(&self.staging).ack(recipient, ids, Instant::now());
         if ids.is_empty() {
             return Ok(forgotten);
         }

@@ -16,10 +16,11 @@
 //! server that fell behind for a moment, and so sees acknowledgements
 //! after their window, would otherwise write (and then delete) every copy
 //! in the meantime, which is more work exactly when it has the least time,
-//! and stay behind. A copy whose recipient has no connection open skips the
-//! window ([`Staging::no_reader`]): no acknowledgement can come in time.
+//! and stay behind. A copy whose recipient has no connection open does not
+//! wait out its own window ([`Staging::no_reader`]): no acknowledgement can
+//! come in time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,13 +43,18 @@ pub const MAX_ACK_WINDOW: Duration = Duration::from_millis(320);
 /// How often the window is reconsidered.
 const ADJUST_EVERY: Duration = Duration::from_millis(100);
 
-/// Copies swept unacknowledged, out of every 1,000 whose recipient was
-/// connected, above which the window doubles.
+/// Late acknowledgements, out of every 1,000 from a connected recipient,
+/// above which the window doubles.
 const LATE_PER_MILLE: u64 = 20;
 
-/// Periods in a row without a late copy before the window halves: it
-/// widens at once and narrows slowly, so it does not flap.
+/// Periods in a row without a late acknowledgement before the window
+/// halves: it widens at once and narrows slowly, so it does not flap.
 const CALM_PERIODS: u32 = 10;
+
+/// How long after a watched copy was written its acknowledgement still
+/// counts as late (the recipient was connected, and answered, just not in
+/// time); later than that it is a device that was away.
+const LATE_HORIZON: Duration = Duration::from_secs(1);
 
 /// How long past the end of the oldest open window the writer waits before
 /// it writes: one commit then carries every copy whose window ended
@@ -82,18 +88,26 @@ pub(crate) struct DueCopy {
     pub expires_at: Timestamp,
 }
 
-/// The ack window's current length, and what decides it: of the copies
-/// whose recipient was connected, how many were acknowledged in their
-/// window and how many were swept (written) without an acknowledgement.
-/// More than [`LATE_PER_MILLE`] swept in an [`ADJUST_EVERY`] period
-/// doubles the window (up to [`MAX_ACK_WINDOW`]); [`CALM_PERIODS`] periods
-/// with none halve it (down to [`ACK_WINDOW`]).
+/// The ack window's current length, and what decides it: of the
+/// acknowledgements for copies whose recipient was connected, how many
+/// came in their window and how many came *late*, for a copy already being
+/// written or written less than [`LATE_HORIZON`] ago (each of those cost
+/// an insert and a delete the window was there to save). More than
+/// [`LATE_PER_MILLE`] late in an [`ADJUST_EVERY`] period doubles the
+/// window (up to [`MAX_ACK_WINDOW`]); [`CALM_PERIODS`] periods in a row
+/// with none halve it (down to [`ACK_WINDOW`]). A connected device that
+/// never acknowledges adds nothing either way: its copies are written
+/// after the window, as they must be, without widening it for everyone.
 struct Window {
     length: Duration,
     in_time: u64,
     late: u64,
     period_ends: Option<Instant>,
     calm: u32,
+    /// Watched copies written in the last [`LATE_HORIZON`], by commit.
+    written: VecDeque<(Instant, Vec<u64>)>,
+    /// The same IDs, to look up.
+    written_ids: HashSet<u64>,
 }
 
 impl Default for Window {
@@ -104,28 +118,68 @@ impl Default for Window {
             late: 0,
             period_ends: None,
             calm: 0,
+            written: VecDeque::new(),
+            written_ids: HashSet::new(),
         }
     }
 }
 
 impl Window {
-    /// Ends the period if it is over, adjusting the length.
+    /// Watched copies `ids` were written at `now`: an acknowledgement for
+    /// one of them soon is late.
+    fn written(&mut self, ids: Vec<u64>, now: Instant) {
+        self.forget_written(now);
+        if !ids.is_empty() {
+            self.written_ids.extend(ids.iter().copied());
+            self.written.push_back((now, ids));
+        }
+    }
+
+    fn forget_written(&mut self, now: Instant) {
+        while let Some((at, _)) = self.written.front() {
+            if now.saturating_duration_since(*at) < LATE_HORIZON {
+                break;
+            }
+            if let Some((_, ids)) = self.written.pop_front() {
+                for id in ids {
+                    self.written_ids.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Whether an acknowledgement for `id`, not found staged, is late.
+    fn acknowledged_after_writing(&mut self, id: u64) -> bool {
+        self.written_ids.remove(&id)
+    }
+
+    /// Ends the period if it is over (crediting an idle stretch with the
+    /// calm periods it spanned), adjusting the length.
     fn observe(&mut self, now: Instant) {
         let ends = *self.period_ends.get_or_insert(now + ADJUST_EVERY);
         if now < ends {
             return;
         }
+        self.forget_written(now);
+        let periods =
+            1 + now.saturating_duration_since(ends).as_millis() / ADJUST_EVERY.as_millis().max(1);
+        let periods = u32::try_from(periods).unwrap_or(u32::MAX);
         let seen = self.in_time + self.late;
         let was = self.length;
-        if self.late * 1000 > seen * LATE_PER_MILLE {
+        if self.late.saturating_mul(1000) > seen.saturating_mul(LATE_PER_MILLE) {
             self.length = (self.length * 2).min(MAX_ACK_WINDOW);
             self.calm = 0;
         } else if self.late == 0 {
-            self.calm += 1;
-            if self.calm >= CALM_PERIODS {
+            self.calm = self.calm.saturating_add(periods);
+            while self.calm >= CALM_PERIODS && self.length > ACK_WINDOW {
                 self.length = (self.length / 2).max(ACK_WINDOW);
+                self.calm -= CALM_PERIODS;
+            }
+            if self.length == ACK_WINDOW {
                 self.calm = 0;
             }
+        } else {
+            self.calm = 0;
         }
         if self.length > was {
             tracing::info!(
@@ -169,7 +223,9 @@ impl Settlement {
 }
 
 /// The staged copies, by delivery ID (so in the order they were
-/// committed, and so also in the order their windows end).
+/// committed; their windows end in that order too, except after the
+/// window narrowed or a copy lost its reader, and a sweep takes copies in
+/// ID order, stopping at the first whose window is still open).
 #[derive(Default)]
 pub(crate) struct Staging {
     rows: BTreeMap<u64, Staged>,
@@ -215,7 +271,7 @@ impl Staging {
     /// Removes the staged copies among `ids` that belong to `recipient`
     /// (and are not being written); returns how many, and the IDs left
     /// for the database.
-    pub fn ack(&mut self, recipient: &AccountId, ids: &[u64]) -> (usize, Vec<u64>) {
+    pub fn ack(&mut self, recipient: &AccountId, ids: &[u64], now: Instant) -> (usize, Vec<u64>) {
         let mut removed = 0;
         let mut rest = Vec::new();
         for &id in ids {
@@ -227,12 +283,20 @@ impl Staging {
                         self.window.in_time += u64::from(row.watched);
                     }
                 }
-                _ => rest.push(id),
+                Some(row) => {
+                    // Being written: late, if it is this recipient's.
+                    if row.persisting && row.watched && row.recipient == *recipient {
+                        self.window.late += 1;
+                    }
+                    rest.push(id);
+                }
+                None => {
+                    self.window.late += u64::from(self.window.acknowledged_after_writing(id));
+                    rest.push(id);
+                }
             }
         }
-        if removed > 0 {
-            self.window.observe(Instant::now());
-        }
+        self.window.observe(now);
         (removed, rest)
     }
 
@@ -270,7 +334,9 @@ impl Staging {
             .collect()
     }
 
-    /// When the earliest window that is still open ends.
+    /// When the window of the lowest-ID copy not being written ends (the
+    /// earliest, unless the window narrowed or a copy lost its reader
+    /// since: sweeps take copies in ID order).
     pub fn next_due(&self) -> Option<Instant> {
         self.rows
             .values()
@@ -278,8 +344,7 @@ impl Staging {
             .map(|row| row.due)
     }
 
-    /// When the next sweep is due: [`SWEEP`] after the earliest open
-    /// window ends.
+    /// When the next sweep is due: [`SWEEP`] after [`Staging::next_due`].
     pub fn next_sweep(&self) -> Option<Instant> {
         self.next_due().map(|due| due + SWEEP)
     }
@@ -321,14 +386,12 @@ impl Staging {
     /// window.
     fn take_due(&mut self, now: Instant) -> Vec<DueCopy> {
         let mut due = Vec::new();
-        let mut late = 0;
         for row in self.rows.values_mut() {
             if row.due > now {
                 break;
             }
             if !row.persisting {
                 row.persisting = true;
-                late += u64::from(row.watched);
                 due.push(DueCopy {
                     recipient: row.recipient.clone(),
                     delivery: row.delivery.clone(),
@@ -336,21 +399,32 @@ impl Staging {
                 });
             }
         }
-        self.window.late += late;
         due
     }
 
-    /// The commit that wrote `ids` is durable (or, with an error, failed:
-    /// those senders are told so and the copies dropped).
-    pub fn written(&mut self, ids: &[u64], outcome: &std::result::Result<(), String>) {
+    /// The commit that wrote `ids` is durable at `now` (or, with an error,
+    /// failed: those senders are told so and the copies dropped).
+    pub fn written(
+        &mut self,
+        ids: &[u64],
+        outcome: &std::result::Result<(), String>,
+        now: Instant,
+    ) {
+        let mut watched = Vec::new();
         for id in ids {
             if let Some(row) = self.rows.remove(id) {
                 match outcome {
-                    Ok(()) => row.sender.settle_one(),
+                    Ok(()) => {
+                        row.sender.settle_one();
+                        if row.watched {
+                            watched.push(*id);
+                        }
+                    }
                     Err(error) => row.sender.answer(Err(StoreError::Backend(error.clone()))),
                 }
             }
         }
+        self.window.written(watched, now);
     }
 
     /// Drops `recipient`'s staged copies (the line was revoked), settling
@@ -421,7 +495,7 @@ mod tests {
             Some(start + 2 * ACK_WINDOW + 2 * SWEEP)
         );
         // A copy being written is not acknowledged from memory.
-        let (forgotten, rest) = staging.ack(&copy(1).0, &[1, 3]);
+        let (forgotten, rest) = staging.ack(&copy(1).0, &[1, 3], start);
         assert_eq!((forgotten, rest), (1, vec![1]));
     }
 
@@ -434,25 +508,28 @@ mod tests {
     }
 
     #[test]
-    fn the_window_doubles_when_copies_are_swept_unacknowledged_and_halves_when_calm() {
+    fn the_window_doubles_on_late_acknowledgements_and_halves_when_calm() {
         let mut staging = Staging::default();
         let start = Instant::now();
         let _late = staging.stage(&[copy(1)], 100, start);
         let first_sweep = start + ACK_WINDOW + SWEEP;
         assert_eq!(swept(&mut staging, first_sweep), vec![1]);
+        staging.written(&[1], &Ok(()), first_sweep);
+        // Acknowledged after it was written: late.
+        let (forgotten, rest) = staging.ack(&copy(1).0, &[1], first_sweep);
+        assert_eq!((forgotten, rest), (0, vec![1]));
         assert_eq!(
             staging.window(),
             ACK_WINDOW,
             "adjusted only once a period ends"
         );
 
-        // The period in which a watched copy was swept unacknowledged ends.
         let period = first_sweep + ADJUST_EVERY;
         assert!(swept(&mut staging, period).is_empty());
         assert_eq!(staging.window(), 2 * ACK_WINDOW);
         let _next = staging.stage(&[copy(2)], 100, period);
         assert_eq!(staging.next_due(), Some(period + 2 * ACK_WINDOW));
-        let (acknowledged, _) = staging.ack(&copy(2).0, &[2]);
+        let (acknowledged, _) = staging.ack(&copy(2).0, &[2], period);
         assert_eq!(acknowledged, 1);
 
         // It narrows only after CALM_PERIODS periods in a row with none.
@@ -466,6 +543,36 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_reader_does_not_widen_the_window_and_idle_time_narrows_it() {
+        let mut staging = Staging::default();
+        let start = Instant::now();
+        // Written unacknowledged, and never acknowledged: no sign that the
+        // server is behind.
+        let _silent = staging.stage(&[copy(1)], 100, start);
+        let first_sweep = start + ACK_WINDOW + SWEEP;
+        assert_eq!(swept(&mut staging, first_sweep), vec![1]);
+        staging.written(&[1], &Ok(()), first_sweep);
+        assert!(swept(&mut staging, first_sweep + ADJUST_EVERY).is_empty());
+        assert_eq!(staging.window(), ACK_WINDOW);
+
+        // Late acknowledgements widen it twice...
+        let mut at = first_sweep + ADJUST_EVERY;
+        for id in [2, 3] {
+            let _late = staging.stage(&[copy(id)], 100, at);
+            at += MAX_ACK_WINDOW + SWEEP;
+            assert_eq!(swept(&mut staging, at), vec![id]);
+            staging.written(&[id], &Ok(()), at);
+            let _ = staging.ack(&copy(id).0, &[id], at);
+            at += ADJUST_EVERY;
+            assert!(swept(&mut staging, at).is_empty());
+        }
+        assert_eq!(staging.window(), 4 * ACK_WINDOW);
+        // ...and an idle stretch counts as the calm periods it spans.
+        assert!(swept(&mut staging, at + ADJUST_EVERY * (2 * CALM_PERIODS)).is_empty());
+        assert_eq!(staging.window(), ACK_WINDOW);
+    }
+
+    #[test]
     fn a_copy_with_no_reader_skips_the_window_and_is_not_counted_late() {
         let mut staging = Staging::default();
         let start = Instant::now();
@@ -473,6 +580,9 @@ mod tests {
         staging.no_reader(&[1], start);
         assert_eq!(staging.next_sweep(), Some(start + SWEEP));
         assert_eq!(swept(&mut staging, start + SWEEP), vec![1]);
+        staging.written(&[1], &Ok(()), start + SWEEP);
+        // Its recipient comes back and acknowledges it at once.
+        let _ = staging.ack(&copy(1).0, &[1], start + SWEEP);
         assert!(swept(&mut staging, start + SWEEP + ADJUST_EVERY).is_empty());
         assert_eq!(staging.window(), ACK_WINDOW);
     }
