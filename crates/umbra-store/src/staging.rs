@@ -507,14 +507,20 @@ mod tests {
             .collect()
     }
 
+    /// Stages copy `id` at `staged`, and has the sweep at `swept_at` take
+    /// it and its commit succeed.
+    fn stage_and_write(staging: &mut Staging, id: u64, staged: Instant, swept_at: Instant) {
+        let _answer = staging.stage(&[copy(id)], 100, staged);
+        assert_eq!(swept(staging, swept_at), vec![id]);
+        staging.written(&[id], &Ok(()), swept_at);
+    }
+
     #[test]
     fn the_window_doubles_on_late_acknowledgements_and_halves_when_calm() {
         let mut staging = Staging::default();
         let start = Instant::now();
-        let _late = staging.stage(&[copy(1)], 100, start);
         let first_sweep = start + ACK_WINDOW + SWEEP;
-        assert_eq!(swept(&mut staging, first_sweep), vec![1]);
-        staging.written(&[1], &Ok(()), first_sweep);
+        stage_and_write(&mut staging, 1, start, first_sweep);
         // Acknowledged after it was written: late.
         let (forgotten, rest) = staging.ack(&copy(1).0, &[1], first_sweep);
         assert_eq!((forgotten, rest), (0, vec![1]));
@@ -548,20 +554,17 @@ mod tests {
         let start = Instant::now();
         // Written unacknowledged, and never acknowledged: no sign that the
         // server is behind.
-        let _silent = staging.stage(&[copy(1)], 100, start);
         let first_sweep = start + ACK_WINDOW + SWEEP;
-        assert_eq!(swept(&mut staging, first_sweep), vec![1]);
-        staging.written(&[1], &Ok(()), first_sweep);
+        stage_and_write(&mut staging, 1, start, first_sweep);
         assert!(swept(&mut staging, first_sweep + ADJUST_EVERY).is_empty());
         assert_eq!(staging.window(), ACK_WINDOW);
 
         // Late acknowledgements widen it twice...
         let mut at = first_sweep + ADJUST_EVERY;
         for id in [2, 3] {
-            let _late = staging.stage(&[copy(id)], 100, at);
+            let staged = at;
             at += MAX_ACK_WINDOW + SWEEP;
-            assert_eq!(swept(&mut staging, at), vec![id]);
-            staging.written(&[id], &Ok(()), at);
+            stage_and_write(&mut staging, id, staged, at);
             let _ = staging.ack(&copy(id).0, &[id], at);
             at += ADJUST_EVERY;
             assert!(swept(&mut staging, at).is_empty());
