@@ -20,7 +20,7 @@
 //! wait out its own window ([`Staging::no_reader`]): no acknowledgement can
 //! come in time.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,8 +106,9 @@ struct Window {
     calm: u32,
     /// Watched copies written in the last [`LATE_HORIZON`], by commit.
     written: VecDeque<(Instant, Vec<u64>)>,
-    /// The same IDs, to look up.
-    written_ids: HashSet<u64>,
+    /// The same copies' recipients, by ID: only the recipient's own
+    /// acknowledgement counts (anyone may send an Ack with any ID).
+    written_ids: HashMap<u64, AccountId>,
 }
 
 impl Default for Window {
@@ -119,7 +120,7 @@ impl Default for Window {
             period_ends: None,
             calm: 0,
             written: VecDeque::new(),
-            written_ids: HashSet::new(),
+            written_ids: HashMap::new(),
         }
     }
 }
@@ -127,10 +128,11 @@ impl Default for Window {
 impl Window {
     /// Watched copies `ids` were written at `now`: an acknowledgement for
     /// one of them soon is late.
-    fn written(&mut self, ids: Vec<u64>, now: Instant) {
+    fn written(&mut self, copies: Vec<(u64, AccountId)>, now: Instant) {
         self.forget_written(now);
-        if !ids.is_empty() {
-            self.written_ids.extend(ids.iter().copied());
+        if !copies.is_empty() {
+            let ids = copies.iter().map(|(id, _)| *id).collect();
+            self.written_ids.extend(copies);
             self.written.push_back((now, ids));
         }
     }
@@ -148,9 +150,15 @@ impl Window {
         }
     }
 
-    /// Whether an acknowledgement for `id`, not found staged, is late.
-    fn acknowledged_after_writing(&mut self, id: u64) -> bool {
-        self.written_ids.remove(&id)
+    /// Whether `recipient`'s acknowledgement for `id`, not found staged,
+    /// is late.
+    fn acknowledged_after_writing(&mut self, id: u64, recipient: &AccountId) -> bool {
+        if self.written_ids.get(&id) == Some(recipient) {
+            self.written_ids.remove(&id);
+            true
+        } else {
+            false
+        }
     }
 
     /// Ends the period if it is over (crediting an idle stretch with the
@@ -291,7 +299,8 @@ impl Staging {
                     rest.push(id);
                 }
                 None => {
-                    self.window.late += u64::from(self.window.acknowledged_after_writing(id));
+                    let late = self.window.acknowledged_after_writing(id, recipient);
+                    self.window.late += u64::from(late);
                     rest.push(id);
                 }
             }
@@ -417,7 +426,7 @@ impl Staging {
                     Ok(()) => {
                         row.sender.settle_one();
                         if row.watched {
-                            watched.push(*id);
+                            watched.push((*id, row.recipient));
                         }
                     }
                     Err(error) => row.sender.answer(Err(StoreError::Backend(error.clone()))),
@@ -556,6 +565,9 @@ mod tests {
         // server is behind.
         let first_sweep = start + ACK_WINDOW + SWEEP;
         stage_and_write(&mut staging, 1, start, first_sweep);
+        // Nor is someone else's Ack naming its ID.
+        let someone_else = copy(1).1.sender;
+        let _ = staging.ack(&someone_else, &[1], first_sweep);
         assert!(swept(&mut staging, first_sweep + ADJUST_EVERY).is_empty());
         assert_eq!(staging.window(), ACK_WINDOW);
 
