@@ -15,7 +15,7 @@ pub mod conformance;
 pub mod sqlite;
 mod staging;
 
-pub use staging::{ACK_WINDOW, MAX_ACK_WINDOW};
+pub use staging::ACK_WINDOW;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};

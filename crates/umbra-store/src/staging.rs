@@ -516,6 +516,16 @@ mod tests {
             .collect()
     }
 
+    /// A fresh staging where copy 1, staged now, was swept and written at
+    /// the first sweep (returned).
+    fn first_copy_written() -> (Staging, Instant) {
+        let mut staging = Staging::default();
+        let start = Instant::now();
+        let first_sweep = start + ACK_WINDOW + SWEEP;
+        stage_and_write(&mut staging, 1, start, first_sweep);
+        (staging, first_sweep)
+    }
+
     /// Stages copy `id` at `staged`, and has the sweep at `swept_at` take
     /// it and its commit succeed.
     fn stage_and_write(staging: &mut Staging, id: u64, staged: Instant, swept_at: Instant) {
@@ -526,10 +536,7 @@ mod tests {
 
     #[test]
     fn the_window_doubles_on_late_acknowledgements_and_halves_when_calm() {
-        let mut staging = Staging::default();
-        let start = Instant::now();
-        let first_sweep = start + ACK_WINDOW + SWEEP;
-        stage_and_write(&mut staging, 1, start, first_sweep);
+        let (mut staging, first_sweep) = first_copy_written();
         // Acknowledged after it was written: late.
         let (forgotten, rest) = staging.ack(&copy(1).0, &[1], first_sweep);
         assert_eq!((forgotten, rest), (0, vec![1]));
@@ -559,12 +566,9 @@ mod tests {
 
     #[test]
     fn a_silent_reader_does_not_widen_the_window_and_idle_time_narrows_it() {
-        let mut staging = Staging::default();
-        let start = Instant::now();
         // Written unacknowledged, and never acknowledged: no sign that the
         // server is behind.
-        let first_sweep = start + ACK_WINDOW + SWEEP;
-        stage_and_write(&mut staging, 1, start, first_sweep);
+        let (mut staging, first_sweep) = first_copy_written();
         // Nor is someone else's Ack naming its ID.
         let someone_else = copy(1).1.sender;
         let _ = staging.ack(&someone_else, &[1], first_sweep);
