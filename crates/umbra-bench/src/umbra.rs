@@ -404,15 +404,19 @@ async fn build_group(
         Group::create(&provider, &creator.signer, &creator.account, &config, 0)?
     };
     let group_id = GroupId::new(group.id())?;
+    let group_info = {
+        let provider = Provider::new(&crypto, &storage);
+        group.group_info(&provider, &creator.signer)?
+    };
     creator
         .conn
         .request(Request::CreateGroup {
             group_id: group_id.clone(),
+            group_info,
         })
         .await?;
     for batch in rest.chunks(ADD_BATCH) {
         let mut key_packages = Vec::with_capacity(batch.len());
-        let mut added = Vec::with_capacity(batch.len());
         for &member in batch {
             let account = device(member)?.account.clone();
             let Reply::KeyPackage { key_package, .. } = creator
@@ -425,7 +429,6 @@ async fn build_group(
                 bail!("unexpected reply to FetchKeyPackage");
             };
             key_packages.push(key_package);
-            added.push(account);
         }
         let output = {
             let provider = Provider::new(&crypto, &storage);
@@ -438,8 +441,6 @@ async fn build_group(
                 epoch: output.epoch,
                 commit: output.commit,
                 welcome: output.welcome,
-                added,
-                removed: Vec::new(),
             }))
             .await?;
         let provider = Provider::new(&crypto, &storage);

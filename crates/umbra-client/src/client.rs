@@ -115,20 +115,6 @@ fn parse_account(text: &str) -> rusqlite::Result<AccountId> {
     })
 }
 
-fn accounts_text(accounts: &[AccountId]) -> String {
-    accounts
-        .iter()
-        .map(AccountId::as_str)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn parse_accounts(text: &str) -> Vec<AccountId> {
-    text.split_whitespace()
-        .filter_map(|a| AccountId::parse(a).ok())
-        .collect()
-}
-
 fn list(accounts: &[AccountId]) -> String {
     accounts
         .iter()
@@ -165,8 +151,6 @@ enum Verdict {
 /// A commit made locally and about to be submitted.
 pub(crate) struct Planned {
     pub(crate) output: CommitOutput,
-    pub(crate) added: Vec<AccountId>,
-    pub(crate) removed: Vec<AccountId>,
 }
 
 impl Client {
@@ -972,11 +956,19 @@ impl Client {
                 }
                 Ok(None)
             }
-            Incoming::Proposal { sender, leaving } => {
-                if leaving {
-                    self.system_line(tx, &id, &format!("{sender} is leaving"))?;
-                    return Ok(Some(FollowUp::CommitProposals(id)));
-                }
+            Incoming::Leaving { sender } => {
+                self.system_line(tx, &id, &format!("{sender} is leaving"))?;
+                Ok(Some(FollowUp::CommitProposals(id)))
+            }
+            Incoming::RefusedProposal { sender } => {
+                // Only the author of a change commits it, so the group
+                // always shows who made it; a proposal for anyone else's
+                // change is dropped (the server refuses them too).
+                self.system_line(
+                    tx,
+                    &id,
+                    &format!("{sender} proposed a change only they can make; ignored"),
+                )?;
                 Ok(None)
             }
             Incoming::Commit {
@@ -1119,17 +1111,12 @@ impl Client {
                 if !group.is_active() {
                     return Err(ClientError::NotAMember);
                 }
-                let Some(mut planned) = plan(&mut group, provider)? else {
+                let Some(planned) = plan(&mut group, provider)? else {
                     return Ok(None);
                 };
-                // openmls folds queued proposals (a member leaving) into
-                // every commit: the delivery service must hear of those
-                // removals too, or it would keep routing to the leaver.
-                for removed in group.pending_removals() {
-                    if !planned.removed.contains(&removed) {
-                        planned.removed.push(removed);
-                    }
-                }
+                // The delivery service derives who is added and removed
+                // from the commit itself (members leaving, whose proposals
+                // openmls folds into every commit, included).
                 tx.execute(
                     "INSERT OR REPLACE INTO pending_commits (group_id, epoch, commit_, welcome, added, removed)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -1138,8 +1125,8 @@ impl Client {
                         planned.output.epoch,
                         planned.output.commit,
                         planned.output.welcome,
-                        accounts_text(&planned.added),
-                        accounts_text(&planned.removed)
+                        "",
+                        ""
                     ],
                 )?;
                 Ok(Some(planned))
@@ -1152,8 +1139,6 @@ impl Client {
                 epoch: planned.output.epoch,
                 commit: planned.output.commit.clone(),
                 welcome: planned.output.welcome.clone(),
-                added: planned.added.clone(),
-                removed: planned.removed.clone(),
             };
             match self.submit_commit(submission).await {
                 Verdict::Accepted(epoch) => {
@@ -1274,25 +1259,17 @@ impl Client {
     /// After a crash or a lost connection: resubmit commits whose verdict
     /// was never seen. The server answers a duplicate as accepted.
     async fn resubmit_pending_commits(&self) -> Result<()> {
-        type Row = (Vec<u8>, u64, Vec<u8>, Option<Vec<u8>>, String, String);
+        type Row = (Vec<u8>, u64, Vec<u8>, Option<Vec<u8>>);
         let pending: Vec<Row> = {
             let db = self.db();
-            let mut statement = db.prepare(
-                "SELECT group_id, epoch, commit_, welcome, added, removed FROM pending_commits",
-            )?;
+            let mut statement =
+                db.prepare("SELECT group_id, epoch, commit_, welcome FROM pending_commits")?;
             let rows = statement.query_map([], |row| {
-                Ok((
-                    row.get(0)?,
-                    row.get(1)?,
-                    row.get(2)?,
-                    row.get(3)?,
-                    row.get(4)?,
-                    row.get(5)?,
-                ))
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
             })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        for (group_id, epoch, commit, welcome, added, removed) in pending {
+        for (group_id, epoch, commit, welcome) in pending {
             let _ops = self.inner.ops.lock().await;
             let verdict = self
                 .submit_commit(CommitSubmission {
@@ -1300,8 +1277,6 @@ impl Client {
                     epoch,
                     commit,
                     welcome,
-                    added: parse_accounts(&added),
-                    removed: parse_accounts(&removed),
                 })
                 .await;
             match verdict {
@@ -1320,13 +1295,7 @@ impl Client {
                 return Ok(None);
             }
             let output = group.commit_pending_proposals(provider, signer)?;
-            // The delivery service needs the removed members for routing.
-            let removed = group.pending_removals();
-            Ok(Some(Planned {
-                output,
-                added: vec![],
-                removed,
-            }))
+            Ok(Some(Planned { output }))
         })
         .await?;
         Ok(())
@@ -1535,9 +1504,12 @@ impl Client {
                 .map_err(ClientError::from)
             })?;
             let group_id = group.id();
+            let group_info =
+                self.with_tx(|_, provider| Ok(group.group_info(provider, &self.inner.signer)?))?;
             let registered = self
                 .request(Request::CreateGroup {
                     group_id: GroupId::new(group_id.clone())?,
+                    group_info,
                 })
                 .await;
             if let Err(error) = registered {
@@ -1592,16 +1564,8 @@ impl Client {
                 .iter()
                 .filter_map(|i| key_packages.get(*i).cloned())
                 .collect();
-            let added: Vec<AccountId> = fresh
-                .iter()
-                .filter_map(|i| members.get(*i).cloned())
-                .collect();
             let output = group.add_members(provider, signer, &kps)?;
-            Ok(Some(Planned {
-                output,
-                added,
-                removed: vec![],
-            }))
+            Ok(Some(Planned { output }))
         })
         .await?;
         self.with_tx(|tx, provider| {
@@ -1673,11 +1637,7 @@ impl Client {
                 return Ok(None);
             }
             let output = group.remove_members(provider, signer, &removed)?;
-            Ok(Some(Planned {
-                output,
-                added: vec![],
-                removed,
-            }))
+            Ok(Some(Planned { output }))
         })
         .await?;
         Ok(())
@@ -1777,8 +1737,6 @@ impl Client {
         self.commit(group_id, |group, provider| {
             Ok(Some(Planned {
                 output: group.self_update(provider, signer)?,
-                added: vec![],
-                removed: vec![],
             }))
         })
         .await?;

@@ -105,8 +105,6 @@ impl Client {
             }
             Ok(Some(crate::client::Planned {
                 output: group.set_disappear_after(provider, signer, seconds)?,
-                added: vec![],
-                removed: vec![],
             }))
         })
         .await?;

@@ -6,8 +6,8 @@ use openmls::prelude::{
     BasicCredential, Capabilities, ContentType, Credential, CredentialWithKey, Extension,
     ExtensionType, Extensions, GroupContext, GroupId, KeyPackage, KeyPackageIn, LeafNodeIndex,
     LeafNodeParameters, MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn,
-    MlsMessageIn, MlsMessageOut, ProcessedMessageContent, ProtocolVersion,
-    RequiredCapabilitiesExtension, StagedWelcome, UnknownExtension,
+    MlsMessageIn, MlsMessageOut, PURE_PLAINTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent,
+    ProtocolVersion, RequiredCapabilitiesExtension, StagedWelcome, UnknownExtension,
 };
 use openmls_traits::{OpenMlsProvider, random::OpenMlsRand};
 use tls_codec::Deserialize as _;
@@ -62,12 +62,13 @@ pub enum Incoming {
         sender: AccountId,
         plaintext: Vec<u8>,
     },
-    /// A proposal, stored until someone commits it.
-    Proposal {
-        sender: AccountId,
-        /// The sender proposes to remove itself (it is leaving).
-        leaving: bool,
-    },
+    /// A member proposes to remove itself (it is leaving); stored until
+    /// someone commits it.
+    Leaving { sender: AccountId },
+    /// Any other proposal: refused and not stored, because a device commits
+    /// only its own changes and members' departures, so that every change
+    /// is shown as the act of whoever made it.
+    RefusedProposal { sender: AccountId },
     /// A commit, merged: the group is now at `epoch`.
     Commit {
         sender: AccountId,
@@ -80,7 +81,7 @@ pub enum Incoming {
 /// One MLS group held by this device.
 #[derive(Debug)]
 pub struct Group {
-    inner: MlsGroup,
+    pub(crate) inner: MlsGroup,
 }
 
 fn credential(signer: &DeviceSigner, account: &AccountId) -> CredentialWithKey {
@@ -119,7 +120,7 @@ pub const DISAPPEARING_EXTENSION: u16 = 0xF0D5;
 /// The group-context extensions that carry a timer: the timer itself, and
 /// the requirement that every member support it (which openmls demands of
 /// any non-default group-context extension).
-fn timer_extensions(seconds: u32) -> Result<Extensions<GroupContext>> {
+pub(crate) fn timer_extensions(seconds: u32) -> Result<Extensions<GroupContext>> {
     Extensions::from_vec(vec![
         Extension::RequiredCapabilities(RequiredCapabilitiesExtension::new(
             &[ExtensionType::Unknown(DISAPPEARING_EXTENSION)],
@@ -134,7 +135,7 @@ fn timer_extensions(seconds: u32) -> Result<Extensions<GroupContext>> {
     .map_err(|e| protocol("building the timer extension", e))
 }
 
-fn to_bytes(message: &MlsMessageOut) -> Result<Vec<u8>> {
+pub(crate) fn to_bytes(message: &MlsMessageOut) -> Result<Vec<u8>> {
     message
         .to_bytes()
         .map_err(|e| protocol("serialising an MLS message", e))
@@ -172,6 +173,7 @@ impl Group {
     fn join_config(config: &GroupConfig) -> MlsGroupJoinConfig {
         MlsGroupJoinConfig::builder()
             .use_ratchet_tree_extension(true)
+            .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(config.max_past_epochs)
             .build()
     }
@@ -188,6 +190,10 @@ impl Group {
         let create_config = MlsGroupCreateConfig::builder()
             .ciphersuite(config.suite.ciphersuite())
             .use_ratchet_tree_extension(true)
+            // Commits and proposals go out as signed PublicMessages, so the
+            // delivery service can validate them (`public.rs`); application
+            // messages are always encrypted.
+            .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(config.max_past_epochs)
             .capabilities(capabilities())
             .with_group_context_extensions(timer_extensions(disappear_after)?)
@@ -205,6 +211,16 @@ impl Group {
         )
         .map_err(|e| protocol("creating a group", e))?;
         Ok(Group { inner })
+    }
+
+    /// The group's signed GroupInfo with its ratchet tree, for the delivery
+    /// service: it starts tracking a new group from it.
+    pub fn group_info(&self, provider: &Provider<'_>, signer: &DeviceSigner) -> Result<Vec<u8>> {
+        let info = self
+            .inner
+            .export_group_info(provider.crypto(), signer, true)
+            .map_err(|e| protocol("exporting the GroupInfo", e))?;
+        to_bytes(&info)
     }
 
     /// Loads a group from the provider's storage.
@@ -308,7 +324,7 @@ impl Group {
         self.members().into_iter().map(|m| m.account).collect()
     }
 
-    fn leaf_of(&self, account: &AccountId) -> Option<LeafNodeIndex> {
+    pub(crate) fn leaf(&self, account: &AccountId) -> Option<LeafNodeIndex> {
         self.inner
             .members()
             .find(|member| account_of(&member.credential).ok().as_ref() == Some(account))
@@ -368,7 +384,7 @@ impl Group {
         let leaves = accounts
             .iter()
             .map(|account| {
-                self.leaf_of(account)
+                self.leaf(account)
                     .ok_or_else(|| MlsError::NotAMember(account.to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -402,19 +418,6 @@ impl Group {
             commit: to_bytes(&commit)?,
             welcome: welcome.as_ref().map(to_bytes).transpose()?,
         })
-    }
-
-    /// Accounts that the pending commit removes (for the delivery service's
-    /// routing table).
-    pub fn pending_removals(&self) -> Vec<AccountId> {
-        let Some(staged) = self.inner.pending_commit() else {
-            return Vec::new();
-        };
-        staged
-            .remove_proposals()
-            .filter_map(|proposal| self.inner.member_at(proposal.remove_proposal().removed()))
-            .filter_map(|member| account_of(&member.credential).ok())
-            .collect()
     }
 
     /// Forgets proposals received or made but not committed.
@@ -531,15 +534,22 @@ impl Group {
                 plaintext: message.into_bytes(),
             }),
             ProcessedMessageContent::ProposalMessage(proposal) => {
+                let sender_leaf = match proposal.sender() {
+                    openmls::prelude::Sender::Member(leaf) => Some(*leaf),
+                    _ => None,
+                };
                 let leaving = matches!(
                     proposal.proposal(),
                     openmls::prelude::Proposal::Remove(remove)
-                        if self.inner.member_at(remove.removed()).map(|m| account_of(&m.credential).ok()) == Some(Some(sender.clone()))
+                        if Some(remove.removed()) == sender_leaf
                 );
+                if !leaving {
+                    return Ok(Incoming::RefusedProposal { sender });
+                }
                 self.inner
                     .store_pending_proposal(provider.storage(), *proposal)
                     .map_err(|e| MlsError::Storage(e.to_string()))?;
-                Ok(Incoming::Proposal { sender, leaving })
+                Ok(Incoming::Leaving { sender })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let removed_self = staged.self_removed();

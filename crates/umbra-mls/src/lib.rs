@@ -13,7 +13,10 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod group;
+#[cfg(feature = "hostile")]
+mod hostile;
 mod provider;
+mod public;
 mod relay;
 mod signer;
 
@@ -23,6 +26,9 @@ pub use group::{
 /// The cryptography and randomness provider (RustCrypto); one per device.
 pub use openmls_rust_crypto::RustCrypto as Crypto;
 pub use provider::{Provider, init_storage};
+pub use public::{
+    AddedMember, HandshakeError, PublicState, ValidCommit, ValidProposal, fuzz_group_info,
+};
 pub use relay::{
     MessageHeader, MessageKind, ValidKeyPackage, message_header, validate_key_package,
 };

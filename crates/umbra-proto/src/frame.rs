@@ -24,8 +24,6 @@ pub const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
 pub const MAX_KEY_PACKAGE_BYTES: usize = 16 * 1024;
 /// Most delivery IDs in one Ack.
 pub const MAX_ACK_IDS: usize = 1024;
-/// Most accounts added or removed by one commit.
-pub const MAX_MEMBERSHIP_CHANGES: usize = 1000;
 
 /// One request from a device, with the id its response will carry.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,8 +40,6 @@ pub struct CommitSubmission {
     pub epoch: u64,
     pub commit: Vec<u8>,
     pub welcome: Option<Vec<u8>>,
-    pub added: Vec<AccountId>,
-    pub removed: Vec<AccountId>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +69,8 @@ pub enum Request {
     },
     CreateGroup {
         group_id: GroupId,
+        /// The group's signed GroupInfo at epoch 0, with its ratchet tree.
+        group_info: Vec<u8>,
     },
     SendCommit(CommitSubmission),
     SendMessage {
@@ -265,16 +263,6 @@ fn account(field: &'static str, text: &str) -> Result<AccountId, DecodeError> {
     })
 }
 
-fn accounts(field: &'static str, texts: &[String]) -> Result<Vec<AccountId>, DecodeError> {
-    if texts.len() > MAX_MEMBERSHIP_CHANGES {
-        return Err(DecodeError::invalid(
-            field,
-            format!("at most {MAX_MEMBERSHIP_CHANGES} accounts per commit"),
-        ));
-    }
-    texts.iter().map(|t| account(field, t)).collect()
-}
-
 fn non_empty(field: &'static str, bytes: Vec<u8>) -> Result<Vec<u8>, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Missing(field));
@@ -350,14 +338,13 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
         },
         client_frame::Request::CreateGroup(r) => Request::CreateGroup {
             group_id: GroupId::new(r.group_id)?,
+            group_info: non_empty("group_info", r.group_info)?,
         },
         client_frame::Request::SendCommit(r) => Request::SendCommit(CommitSubmission {
             group_id: GroupId::new(r.group_id)?,
             epoch: r.epoch,
             commit: non_empty("commit", r.commit)?,
             welcome: (!r.welcome.is_empty()).then_some(r.welcome),
-            added: accounts("added", &r.added)?,
-            removed: accounts("removed", &r.removed)?,
         }),
         client_frame::Request::SendMessage(r) => {
             let kind = delivery_kind("kind", r.kind)?;
@@ -490,18 +477,18 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
                 account_id: from.to_string(),
             })
         }
-        Request::CreateGroup { group_id } => {
-            client_frame::Request::CreateGroup(wire::CreateGroup {
-                group_id: group_id.as_bytes().to_vec(),
-            })
-        }
+        Request::CreateGroup {
+            group_id,
+            group_info,
+        } => client_frame::Request::CreateGroup(wire::CreateGroup {
+            group_id: group_id.as_bytes().to_vec(),
+            group_info: group_info.clone(),
+        }),
         Request::SendCommit(c) => client_frame::Request::SendCommit(wire::SendCommit {
             group_id: c.group_id.as_bytes().to_vec(),
             epoch: c.epoch,
             commit: c.commit.clone(),
             welcome: c.welcome.clone().unwrap_or_default(),
-            added: c.added.iter().map(ToString::to_string).collect(),
-            removed: c.removed.iter().map(ToString::to_string).collect(),
         }),
         Request::SendMessage {
             group_id,
@@ -803,8 +790,6 @@ mod tests {
                 epoch: 4,
                 commit: vec![9; 10],
                 welcome: Some(vec![8; 5]),
-                added: vec![alice()],
-                removed: vec![],
             }),
             Request::Ack {
                 delivery_ids: vec![1, 2, 3],

@@ -109,6 +109,8 @@ pub struct AcceptContact {
 pub struct CreateGroup {
     #[prost(bytes = "vec", tag = "1")]
     pub group_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub group_info: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -121,10 +123,8 @@ pub struct SendCommit {
     pub commit: Vec<u8>,
     #[prost(bytes = "vec", tag = "4")]
     pub welcome: Vec<u8>,
-    #[prost(string, repeated, tag = "5")]
-    pub added: Vec<String>,
-    #[prost(string, repeated, tag = "6")]
-    pub removed: Vec<String>,
+    // Tags 5 and 6 (declared `added` and `removed` accounts) are retired:
+    // the server derives membership from the validated commit.
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -327,6 +327,8 @@ pub enum ErrorCode {
     LineSuspended = 22,
     QuotaExceeded = 23,
     NotYourLine = 24,
+    InvalidCommit = 25,
+    InvalidProposal = 26,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

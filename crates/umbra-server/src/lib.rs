@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod config;
 mod connection;
+mod handshake;
 mod registry;
 pub mod service;
 pub mod tls;

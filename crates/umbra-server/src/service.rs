@@ -437,11 +437,28 @@ impl Services {
                     )),
                 }
             }
-            Request::CreateGroup { group_id } => {
+            Request::CreateGroup {
+                group_id,
+                group_info,
+            } => {
                 self.require_active(me).await?;
+                let account = self
+                    .store
+                    .account(me)
+                    .await
+                    .map_err(internal)?
+                    .ok_or_else(not_a_member)?;
+                let public_state = umbra_mls::PublicState::from_group_info(
+                    group_id.as_bytes(),
+                    &group_info,
+                    me,
+                    &account.identity_key,
+                )
+                .map_err(|e| refuse(ErrorCode::InvalidRequest, e.to_string()))?
+                .to_bytes();
                 if self
                     .store
-                    .create_group(&group_id, me, self.now())
+                    .create_group(&group_id, me, &public_state, self.now())
                     .await
                     .map_err(internal)?
                 {
@@ -794,30 +811,90 @@ impl Services {
 
     async fn send_commit(&self, me: &AccountId, commit: CommitSubmission) -> Outcome {
         let header = umbra_mls::message_header(&commit.commit)
-            .map_err(|e| refuse(ErrorCode::InvalidRequest, e.to_string()))?;
+            .map_err(|e| refuse(ErrorCode::InvalidCommit, e.to_string()))?;
         if header.kind != umbra_mls::MessageKind::Commit
             || header.group_id != commit.group_id.as_bytes()
             || header.epoch != commit.epoch
         {
             return Err(refuse(
-                ErrorCode::InvalidRequest,
+                ErrorCode::InvalidCommit,
                 "the commit's MLS header does not match the declared group, epoch or type",
             ));
         }
-        if commit.added.is_empty() == commit.welcome.is_some() {
-            return Err(refuse(
-                ErrorCode::InvalidRequest,
-                "a commit that adds members carries a Welcome, and only then",
-            ));
+        let group = self
+            .store
+            .group(&commit.group_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| unknown_group(&commit.group_id))?;
+        if commit.epoch > group.epoch {
+            return Err(stale(commit.epoch, group.epoch));
         }
-        for added in &commit.added {
-            if !self.store.are_contacts(me, added).await.map_err(internal)? {
+        let (added, removed, public_state) = if commit.epoch < group.epoch {
+            // Too old to validate: the store answers a resubmission of the
+            // commit it accepted for that epoch as accepted, anything else
+            // as stale, and never applies it (the epoch only moves on).
+            (Vec::new(), Vec::new(), Vec::new())
+        } else {
+            let before = group.members.clone();
+            let (valid, public_state) = crate::handshake::validate_commit(
+                commit.group_id.clone(),
+                group,
+                commit.commit.clone(),
+                commit.welcome.clone(),
+            )
+            .await?;
+            if valid.sender != *me {
                 return Err(refuse(
-                    ErrorCode::NotAContact,
-                    format!("{added} has not accepted a contact request from you"),
+                    ErrorCode::InvalidCommit,
+                    "the commit is signed by another member's leaf",
                 ));
             }
-        }
+            for member in &valid.added {
+                if !self
+                    .store
+                    .are_contacts(me, &member.account)
+                    .await
+                    .map_err(internal)?
+                {
+                    return Err(refuse(
+                        ErrorCode::NotAContact,
+                        format!(
+                            "{} has not accepted a contact request from you",
+                            member.account
+                        ),
+                    ));
+                }
+                let registered = self
+                    .store
+                    .account(&member.account)
+                    .await
+                    .map_err(internal)?;
+                if registered.map(|a| a.identity_key) != Some(member.identity_key) {
+                    return Err(refuse(
+                        ErrorCode::InvalidCommit,
+                        format!(
+                            "the KeyPackage added for {} is not that account's key",
+                            member.account
+                        ),
+                    ));
+                }
+            }
+            // Routing follows the tree: who is in it now and was not, and
+            // who was and is not (a rejoin replaces a leaf, not a member).
+            let added = valid
+                .members
+                .iter()
+                .filter(|account| !before.contains(account))
+                .cloned()
+                .collect();
+            let removed = before
+                .iter()
+                .filter(|account| !valid.members.contains(account))
+                .cloned()
+                .collect();
+            (added, removed, public_state)
+        };
         let now = self.now();
         let record = CommitRecord {
             group_id: commit.group_id,
@@ -825,8 +902,9 @@ impl Services {
             sender: me.clone(),
             commit: commit.commit,
             welcome: commit.welcome,
-            added: commit.added,
-            removed: commit.removed,
+            added,
+            removed,
+            public_state,
         };
         match self
             .store
@@ -839,14 +917,7 @@ impl Services {
                 Ok(Reply::CommitAccepted { epoch })
             }
             CommitOutcome::Duplicate { epoch } => Ok(Reply::CommitAccepted { epoch }),
-            CommitOutcome::Stale { current_epoch } => Err(ErrorReply {
-                code: ErrorCode::StaleEpoch,
-                message: format!(
-                    "another commit was accepted for epoch {}; the group is at epoch {current_epoch}: process it and retry",
-                    record.epoch
-                ),
-                current_epoch,
-            }),
+            CommitOutcome::Stale { current_epoch } => Err(stale(record.epoch, current_epoch)),
             CommitOutcome::UnknownGroup => Err(unknown_group(&record.group_id)),
             CommitOutcome::NotAMember => Err(not_a_member()),
         }
@@ -871,6 +942,9 @@ impl Services {
                 ErrorCode::InvalidRequest,
                 "the message's MLS header does not match the declared group or kind",
             ));
+        }
+        if kind == DeliveryKind::Proposal {
+            self.record_proposal(me, &group_id, &message).await?;
         }
         let now = self.now();
         // A disappearing conversation may ask for less than the server's TTL.
@@ -915,6 +989,46 @@ impl Services {
     }
 }
 
+impl Services {
+    /// A standalone proposal is validated against the group's state (only
+    /// a member's own leaving is accepted) and recorded for the epoch, so
+    /// that the commit which applies it can be validated too.
+    async fn record_proposal(
+        &self,
+        me: &AccountId,
+        group_id: &GroupId,
+        message: &[u8],
+    ) -> Result<(), ErrorReply> {
+        let group = self
+            .store
+            .group(group_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| unknown_group(group_id))?;
+        if !group.members.contains(me) {
+            return Err(not_a_member());
+        }
+        let epoch = group.epoch;
+        let valid =
+            crate::handshake::validate_proposal(group_id.clone(), group, message.to_vec()).await?;
+        if valid.sender != *me {
+            return Err(refuse(
+                ErrorCode::InvalidProposal,
+                "the proposal is signed by another member's leaf",
+            ));
+        }
+        if !self
+            .store
+            .add_proposal(group_id, epoch, message)
+            .await
+            .map_err(internal)?
+        {
+            return Err(stale(epoch, epoch.saturating_add(1)));
+        }
+        Ok(())
+    }
+}
+
 /// Why a line may not send at `now`, if it may not
 /// ([`LineStatus::may_send`], the rule the store applies inside a
 /// fan-out's transaction).
@@ -935,6 +1049,16 @@ fn line_refusal(status: LineStatus, expires: u64, now: u64) -> Option<ErrorReply
                 date(expires)
             ),
         )),
+    }
+}
+
+fn stale(epoch: u64, current_epoch: u64) -> ErrorReply {
+    ErrorReply {
+        code: ErrorCode::StaleEpoch,
+        message: format!(
+            "the commit was made in epoch {epoch}; the group is at epoch {current_epoch}: process what came before and retry"
+        ),
+        current_epoch,
     }
 }
 

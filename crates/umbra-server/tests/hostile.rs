@@ -367,9 +367,11 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
     let mut group =
         Group::create(&provider, &signer, &account_id, &GroupConfig::default(), 0).unwrap();
     let group_id = GroupId::new(group.id()).unwrap();
+    let group_info = group.group_info(&provider, &signer).unwrap();
     assert_eq!(
         raw.call(Request::CreateGroup {
-            group_id: group_id.clone()
+            group_id: group_id.clone(),
+            group_info: group_info.clone(),
         })
         .await,
         Ok(Reply::Done)
@@ -377,6 +379,7 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
     raw.expect_error(
         Request::CreateGroup {
             group_id: group_id.clone(),
+            group_info,
         },
         ErrorCode::GroupExists,
     )
@@ -387,15 +390,13 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
             epoch,
             commit,
             welcome: None,
-            added: vec![],
-            removed: vec![],
         })
     };
     let first = group.self_update(&provider, &signer).unwrap();
     // Declared epoch that does not match the MLS header.
     raw.expect_error(
         submission(5, first.commit.clone()),
-        ErrorCode::InvalidRequest,
+        ErrorCode::InvalidCommit,
     )
     .await;
     assert_eq!(

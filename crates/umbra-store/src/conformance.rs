@@ -264,7 +264,13 @@ fn commit(
         welcome: (!added.is_empty()).then(|| b"welcome".to_vec()),
         added: added.iter().map(|a| (*a).clone()).collect(),
         removed: removed.iter().map(|a| (*a).clone()).collect(),
+        public_state: state_at(epoch.saturating_add(1)),
     }
+}
+
+/// Stands for a group's public state at `epoch` (opaque to the store).
+fn state_at(epoch: u64) -> Vec<u8> {
+    format!("public state at epoch {epoch}").into_bytes()
 }
 
 async fn commits_one_per_epoch(store: &impl Store) {
@@ -272,9 +278,17 @@ async fn commits_one_per_epoch(store: &impl Store) {
     let bob = registered(store, "BBBBBBBB", 2).await;
     let carol = registered(store, "CCCCCCCC", 3).await;
     let g = group(1);
-    assert!(store.create_group(&g, &alice, NOW).await.unwrap());
     assert!(
-        !store.create_group(&g, &bob, NOW).await.unwrap(),
+        store
+            .create_group(&g, &alice, &state_at(0), NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .create_group(&g, &bob, &state_at(0), NOW)
+            .await
+            .unwrap(),
         "IDs are unique"
     );
     assert_eq!(
@@ -353,6 +367,23 @@ async fn commits_one_per_epoch(store: &impl Store) {
     let before = send(store, &g, &carol, b"hi", NOW).await;
     assert_eq!(recipients(before), vec![alice.clone(), bob.clone()]);
 
+    // Standalone proposals are kept for their epoch only, in order.
+    assert!(store.add_proposal(&g, 2, b"carol leaves").await.unwrap());
+    assert!(store.add_proposal(&g, 2, b"again").await.unwrap());
+    assert!(
+        !store.add_proposal(&g, 1, b"late").await.unwrap(),
+        "a proposal for a past epoch is not kept"
+    );
+    assert!(!store.add_proposal(&group(9), 0, b"x").await.unwrap());
+    let state = store.group(&g).await.unwrap().unwrap();
+    assert_eq!(
+        (state.public_state, state.proposals),
+        (
+            Some(state_at(2)),
+            vec![b"carol leaves".to_vec(), b"again".to_vec()]
+        )
+    );
+
     // Removing Carol: she still gets that commit, then nothing more.
     let remove = commit(&g, 2, &alice, b"remove carol", &[], &[&carol]);
     assert!(matches!(
@@ -373,6 +404,11 @@ async fn commits_one_per_epoch(store: &impl Store) {
     assert_eq!(
         (state.epoch, state.members),
         (3, vec![alice.clone(), bob.clone()])
+    );
+    assert_eq!(
+        (state.public_state, state.proposals),
+        (Some(state_at(3)), vec![]),
+        "a commit stores its state and ends the epoch's proposals"
     );
     let after = send(store, &g, &alice, b"bye", NOW).await;
     assert_eq!(recipients(after), vec![bob.clone()]);
@@ -397,7 +433,10 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
         .await
         .unwrap();
     let g = group(7);
-    store.create_group(&g, &alice, NOW).await.unwrap();
+    store
+        .create_group(&g, &alice, &state_at(0), NOW)
+        .await
+        .unwrap();
     store
         .accept_commit(&commit(&g, 0, &alice, b"add", &[&bob], &[]), NOW, NOW + TTL)
         .await
@@ -522,7 +561,10 @@ async fn revocation(store: &impl Store) {
         .await
         .unwrap();
     let g = group(3);
-    store.create_group(&g, &bob, NOW).await.unwrap();
+    store
+        .create_group(&g, &bob, &state_at(0), NOW)
+        .await
+        .unwrap();
     store
         .accept_commit(
             &commit(&g, 0, &bob, b"add", &[&alice, &carol], &[]),
@@ -572,7 +614,10 @@ async fn revocation(store: &impl Store) {
 async fn pair_in_group(store: &impl Store, g: &GroupId) -> (AccountId, AccountId) {
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
-    store.create_group(g, &alice, NOW).await.unwrap();
+    store
+        .create_group(g, &alice, &state_at(0), NOW)
+        .await
+        .unwrap();
     store
         .accept_commit(&commit(g, 0, &alice, b"add", &[&bob], &[]), NOW, NOW + TTL)
         .await
@@ -838,7 +883,10 @@ pub async fn survives_reopen_part_one(store: &impl Store) -> u64 {
         .await
         .unwrap();
     let g = group(1);
-    store.create_group(&g, &alice, NOW).await.unwrap();
+    store
+        .create_group(&g, &alice, &state_at(0), NOW)
+        .await
+        .unwrap();
     store
         .accept_commit(&commit(&g, 0, &alice, b"add", &[&bob], &[]), NOW, NOW + TTL)
         .await

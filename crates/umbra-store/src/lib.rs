@@ -214,6 +214,12 @@ pub trait KeyPackages: Send + Sync {
 pub struct GroupState {
     pub epoch: u64,
     pub members: Vec<AccountId>,
+    /// The group's public MLS state (opaque to the store), against which
+    /// the delivery service validates handshake messages; `None` for a
+    /// group registered before validation existed.
+    pub public_state: Option<Vec<u8>>,
+    /// Standalone proposals accepted in the current epoch, in order.
+    pub proposals: Vec<Vec<u8>>,
 }
 
 /// A commit as the delivery service records it.
@@ -224,8 +230,12 @@ pub struct CommitRecord {
     pub sender: AccountId,
     pub commit: Vec<u8>,
     pub welcome: Option<Vec<u8>>,
+    /// Membership changes, as the delivery service derived them from the
+    /// validated commit (never as a client declared them).
     pub added: Vec<AccountId>,
     pub removed: Vec<AccountId>,
+    /// The group's public state after the commit.
+    pub public_state: Vec<u8>,
 }
 
 impl CommitRecord {
@@ -318,25 +328,31 @@ impl std::fmt::Debug for Durable {
 
 #[async_trait]
 pub trait Groups: Send + Sync {
-    /// Registers a group at epoch 0 with `creator` as its only member.
-    /// Returns false if the group ID exists.
+    /// Registers a group at epoch 0 with `creator` as its only member and
+    /// its validated public state. Returns false if the group ID exists.
     async fn create_group(
         &self,
         group: &GroupId,
         creator: &AccountId,
+        public_state: &[u8],
         now: Timestamp,
     ) -> Result<bool>;
     async fn group(&self, group: &GroupId) -> Result<Option<GroupState>>;
     /// Accepts `commit` if the group is still at `commit.epoch` and the
-    /// sender is a member: moves to the next epoch, applies the membership
-    /// change and stores the commit for every other member (removed ones
-    /// included, so they learn of it) and the Welcome for every added one.
+    /// sender is a member: moves to the next epoch, stores its public state,
+    /// forgets the epoch's proposals, applies the membership change and
+    /// stores the commit for every other member (removed ones included, so
+    /// they learn of it) and the Welcome for every added one.
     async fn accept_commit(
         &self,
         commit: &CommitRecord,
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<CommitOutcome>;
+    /// Records a validated standalone proposal for the group's `epoch`, so a
+    /// commit may reference it. False if the group is no longer at `epoch`
+    /// (or does not exist).
+    async fn add_proposal(&self, group: &GroupId, epoch: u64, message: &[u8]) -> Result<bool>;
     /// Stores an application message or proposal for every other member.
     async fn fan_out(
         &self,

@@ -31,6 +31,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_lines.sql")),
     (3, include_str!("../migrations/0003_delivery_ids.sql")),
+    (4, include_str!("../migrations/0004_public_state.sql")),
 ];
 
 /// Most writes committed together by one fsync.
@@ -1122,15 +1123,18 @@ impl Groups for SqliteStore {
         &self,
         group: &GroupId,
         creator: &AccountId,
+        public_state: &[u8],
         now: Timestamp,
     ) -> Result<bool> {
         let (group, creator) = (group.clone(), creator.clone());
+        let public_state = public_state.to_vec();
         self.write(move |tx| {
             let inserted = tx
                 .execute(
-                    "INSERT INTO groups (group_id, epoch, created_at) VALUES (?1, 0, ?2)
+                    "INSERT INTO groups (group_id, epoch, created_at, public_state)
+                     VALUES (?1, 0, ?2, ?3)
                      ON CONFLICT DO NOTHING",
-                    params![group.as_bytes(), now],
+                    params![group.as_bytes(), now, public_state],
                 )
                 .map_err(backend)?;
             if inserted == 0 {
@@ -1150,22 +1154,34 @@ impl Groups for SqliteStore {
     async fn group(&self, group: &GroupId) -> Result<Option<GroupState>> {
         let group = group.clone();
         self.run(move |connection| {
-            let epoch: Option<u64> = connection
+            let row: Option<(u64, Option<Vec<u8>>)> = connection
                 .query_row(
-                    "SELECT epoch FROM groups WHERE group_id = ?1",
+                    "SELECT epoch, public_state FROM groups WHERE group_id = ?1",
                     [group.as_bytes()],
-                    |row| row.get(0),
+                    |row| Ok((row.get(0)?, row.get(1)?)),
                 )
                 .optional()
                 .map_err(backend)?;
-            epoch
-                .map(|epoch| {
-                    Ok(GroupState {
-                        epoch,
-                        members: members(connection, &group)?,
+            row.map(|(epoch, public_state)| {
+                let proposals = connection
+                    .prepare_cached(
+                        "SELECT message FROM group_proposals
+                         WHERE group_id = ?1 AND epoch = ?2 ORDER BY seq",
+                    )
+                    .and_then(|mut statement| {
+                        statement
+                            .query_map(params![group.as_bytes(), epoch], |row| row.get(0))?
+                            .collect::<rusqlite::Result<Vec<Vec<u8>>>>()
                     })
+                    .map_err(backend)?;
+                Ok(GroupState {
+                    epoch,
+                    members: members(connection, &group)?,
+                    public_state,
+                    proposals,
                 })
-                .transpose()
+            })
+            .transpose()
         })
         .await
     }
@@ -1235,8 +1251,13 @@ impl Groups for SqliteStore {
                 .map_err(backend)?;
             }
             tx.execute(
-                "UPDATE groups SET epoch = ?1 WHERE group_id = ?2",
-                params![epoch + 1, commit.group_id.as_bytes()],
+                "UPDATE groups SET epoch = ?1, public_state = ?3 WHERE group_id = ?2",
+                params![epoch + 1, commit.group_id.as_bytes(), commit.public_state],
+            )
+            .map_err(backend)?;
+            tx.execute(
+                "DELETE FROM group_proposals WHERE group_id = ?1",
+                [commit.group_id.as_bytes()],
             )
             .map_err(backend)?;
             tx.execute(
@@ -1277,6 +1298,33 @@ impl Groups for SqliteStore {
                 epoch: epoch + 1,
                 recipients,
             })
+        })
+        .await
+    }
+
+    async fn add_proposal(&self, group: &GroupId, epoch: u64, message: &[u8]) -> Result<bool> {
+        let group = group.clone();
+        let message = message.to_vec();
+        self.write(move |tx| {
+            let current: Option<u64> = tx
+                .query_row(
+                    "SELECT epoch FROM groups WHERE group_id = ?1",
+                    [group.as_bytes()],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            if current != Some(epoch) {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO group_proposals (group_id, seq, epoch, message)
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM group_proposals
+                              WHERE group_id = ?1), ?2, ?3)",
+                params![group.as_bytes(), epoch, message],
+            )
+            .map_err(backend)?;
+            Ok(true)
         })
         .await
     }

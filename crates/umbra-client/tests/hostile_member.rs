@@ -1,0 +1,449 @@
+//! A hostile group member against the real server and honest devices.
+//!
+//! Mallory is a test-only device that speaks the protocol directly (its own
+//! TLS connection, its own MLS state through umbra-mls with the `hostile`
+//! feature) and sends what an honest Umbra device never would. Alice and
+//! Bob are real `Client`s. After each attack the group must go on working
+//! for them, and each must see the truth.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Device, TestServer};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use umbra_client::{AccountId, ConversationId, ErrorCode, Event};
+use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Provider};
+use umbra_proto::frame::CommitSubmission;
+use umbra_proto::{
+    ClientFrame, ErrorReply, GroupId, Nonce, Push, Reply, Request, ServerMessage, decode_server,
+    encode_client, register_signing_payload,
+};
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// The misbehaving device: a raw connection and its own MLS state.
+struct Mallory {
+    ws: Ws,
+    next_id: u64,
+    account: AccountId,
+    signer: DeviceSigner,
+    crypto: Crypto,
+    db: rusqlite::Connection,
+}
+
+impl Mallory {
+    async fn activate(server: &TestServer) -> Mallory {
+        let activation = server.activation().await;
+        let tls = umbra_client::pinned_tls_config(activation.pin).unwrap();
+        let tcp = tokio::net::TcpStream::connect(&activation.address)
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("umbra.invalid").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (ws, _) =
+            tokio_tungstenite::client_async(format!("wss://{}/", activation.address), tls)
+                .await
+                .unwrap();
+        let mut db = rusqlite::Connection::open_in_memory().unwrap();
+        umbra_mls::init_storage(&mut db).unwrap();
+        let mut mallory = Mallory {
+            ws,
+            next_id: 1,
+            account: AccountId::parse("AAAAAAAA").unwrap(),
+            signer: DeviceSigner::from_secret(&[66; 32]),
+            crypto: Crypto::default(),
+            db,
+        };
+        let nonce = loop {
+            if let ServerMessage::Push(Push::Hello { nonce, .. }) = mallory.next().await {
+                break nonce;
+            }
+        };
+        mallory.account = mallory.register(activation.code, &nonce).await;
+        let key_packages = (0..4)
+            .map(|_| {
+                umbra_mls::new_key_package(
+                    &mallory.provider(),
+                    &mallory.signer,
+                    &mallory.account,
+                    Default::default(),
+                    false,
+                )
+                .unwrap()
+            })
+            .collect();
+        mallory
+            .call(Request::UploadKeyPackages {
+                key_packages,
+                last_resort: None,
+            })
+            .await
+            .unwrap();
+        mallory
+    }
+
+    fn provider(&self) -> Provider<'_> {
+        Provider::new(&self.crypto, &self.db)
+    }
+
+    async fn register(&mut self, code: umbra_proto::ActivationCode, nonce: &Nonce) -> AccountId {
+        let identity_key = self.signer.identity_key();
+        let signature = self
+            .signer
+            .sign_payload(&register_signing_payload(nonce, &identity_key));
+        match self
+            .call(Request::Register {
+                activation_code: code,
+                identity_key,
+                signature,
+            })
+            .await
+        {
+            Ok(Reply::Registered { account_id, .. }) => account_id,
+            other => panic!("registration failed: {other:?}"),
+        }
+    }
+
+    async fn next(&mut self) -> ServerMessage {
+        loop {
+            match self.ws.next().await.expect("connection closed").unwrap() {
+                Message::Binary(bytes) => return decode_server(&bytes).unwrap(),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends raw frame bytes and returns the answer to request `id`.
+    async fn exchange(&mut self, id: u64, bytes: Vec<u8>) -> Result<Reply, ErrorReply> {
+        self.ws.send(Message::Binary(bytes.into())).await.unwrap();
+        loop {
+            if let ServerMessage::Response { id: got, result } = self.next().await
+                && got == id
+            {
+                return result;
+            }
+        }
+    }
+
+    fn frame(&mut self, request: Request) -> (u64, Vec<u8>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        (id, encode_client(&ClientFrame { id, request }))
+    }
+
+    async fn call(&mut self, request: Request) -> Result<Reply, ErrorReply> {
+        let (id, bytes) = self.frame(request);
+        self.exchange(id, bytes).await
+    }
+
+    async fn key_package(&mut self, account: &AccountId) -> Vec<u8> {
+        match self
+            .call(Request::FetchKeyPackage {
+                account_id: account.clone(),
+            })
+            .await
+        {
+            Ok(Reply::KeyPackage { key_package, .. }) => key_package,
+            other => panic!("no KeyPackage for {account}: {other:?}"),
+        }
+    }
+
+    /// Creates a group (timer off) with these honest members in it.
+    async fn create_group(&mut self, members: &[AccountId]) -> Group {
+        let mut group = Group::create(
+            &self.provider(),
+            &self.signer,
+            &self.account,
+            &GroupConfig::default(),
+            0,
+        )
+        .unwrap();
+        let group_info = group.group_info(&self.provider(), &self.signer).unwrap();
+        let group_id = GroupId::new(group.id()).unwrap();
+        self.call(Request::CreateGroup {
+            group_id,
+            group_info,
+        })
+        .await
+        .unwrap();
+        let mut key_packages = Vec::new();
+        for member in members {
+            key_packages.push(self.key_package(member).await);
+        }
+        let output = group
+            .add_members(&self.provider(), &self.signer, &key_packages)
+            .unwrap();
+        let accepted = self
+            .submit(&group, output.epoch, output.commit, output.welcome)
+            .await;
+        assert_eq!(accepted, Ok(Reply::CommitAccepted { epoch: 1 }));
+        group.merge_pending_commit(&self.provider()).unwrap();
+        group
+    }
+
+    async fn submit(
+        &mut self,
+        group: &Group,
+        epoch: u64,
+        commit: Vec<u8>,
+        welcome: Option<Vec<u8>>,
+    ) -> Result<Reply, ErrorReply> {
+        self.call(Request::SendCommit(CommitSubmission {
+            group_id: GroupId::new(group.id()).unwrap(),
+            epoch,
+            commit,
+            welcome,
+        }))
+        .await
+    }
+
+    async fn propose(&mut self, group: &Group, proposal: Vec<u8>) -> Result<Reply, ErrorReply> {
+        self.call(Request::SendMessage {
+            group_id: GroupId::new(group.id()).unwrap(),
+            message: proposal,
+            kind: umbra_proto::DeliveryKind::Proposal,
+            ttl_seconds: 0,
+        })
+        .await
+    }
+}
+
+/// Mallory, and Alice and Bob in a group Mallory made.
+struct Scene {
+    _server: TestServer,
+    mallory: Mallory,
+    group: Group,
+    alice: Device,
+    bob: Device,
+    conversation: ConversationId,
+}
+
+async fn scene() -> Scene {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let mut mallory = Mallory::activate(&server).await;
+    for device in [&mut alice, &mut bob] {
+        mallory
+            .call(Request::SendContactRequest { to: device.id() })
+            .await
+            .unwrap();
+        device
+            .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+            .await;
+        device
+            .client
+            .accept_contact(&mallory.account)
+            .await
+            .unwrap();
+    }
+    let group = mallory.create_group(&[alice.id(), bob.id()]).await;
+    let conversation = ConversationId::from_group(&group.id());
+    for device in [&mut alice, &mut bob] {
+        let wanted = conversation.clone();
+        device
+            .wait_for(|e| match e {
+                Event::ConversationStarted { conversation } if conversation.id == wanted => {
+                    Some(())
+                }
+                _ => None,
+            })
+            .await;
+    }
+    Scene {
+        _server: server,
+        mallory,
+        group,
+        alice,
+        bob,
+        conversation,
+    }
+}
+
+impl Scene {
+    /// The group still works for the honest members: Alice commits (a key
+    /// update), and a message from each reaches the other.
+    async fn honest_members_carry_on(&mut self, label: &str) {
+        // Alice's key update in every conversation (this group and her
+        // one-to-one with Mallory) is accepted.
+        self.alice.client.update_keys().await.unwrap();
+        let text = format!("{label}: from alice");
+        self.alice
+            .client
+            .send_text(&self.conversation, &text)
+            .await
+            .unwrap();
+        assert_eq!(self.bob.next_text().await, (self.alice.id(), text));
+        let text = format!("{label}: from bob");
+        self.bob
+            .client
+            .send_text(&self.conversation, &text)
+            .await
+            .unwrap();
+        assert_eq!(self.alice.next_text().await, (self.bob.id(), text));
+        for device in [&self.alice, &self.bob] {
+            let seen = device.client.conversation(&self.conversation).unwrap();
+            let mut members = seen.members.clone();
+            members.sort();
+            let mut expected = vec![self.alice.id(), self.bob.id(), self.mallory.account.clone()];
+            expected.sort();
+            assert_eq!(members, expected, "{label}: everyone is still in the group");
+            assert_eq!(seen.disappear_after, 0, "{label}: the timer is unchanged");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_garbage_commit_with_a_valid_header_is_refused_and_changes_nothing() {
+    let mut scene = scene().await;
+    let provider = scene.mallory.provider();
+    let output = scene
+        .group
+        .self_update(&provider, &scene.mallory.signer)
+        .unwrap();
+    scene.group.clear_pending_commit(&provider).unwrap();
+    let mut garbage = output.commit.clone();
+    // Inside the signed content: the header (group, epoch, type) still
+    // parses, the body no longer matches its signature.
+    let middle = garbage.len() / 2;
+    garbage[middle] ^= 0x55;
+    assert_eq!(
+        umbra_mls::message_header(&garbage).unwrap().epoch,
+        output.epoch,
+        "the header is intact"
+    );
+    let refused = scene
+        .mallory
+        .submit(&scene.group, output.epoch, garbage, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code,
+        ErrorCode::InvalidCommit,
+        "{}",
+        refused.message
+    );
+    scene
+        .honest_members_carry_on("after a garbage commit")
+        .await;
+}
+
+#[tokio::test]
+async fn membership_declared_by_the_committer_is_not_believed() {
+    let mut scene = scene().await;
+    // A valid key update, with the retired `removed` field (tag 6 of
+    // SendCommit) naming Bob appended to the frame: protobuf merges a
+    // repeated embedded message, so a server that still read the field
+    // would stop routing the group's traffic to Bob.
+    let provider = scene.mallory.provider();
+    let output = scene
+        .group
+        .self_update(&provider, &scene.mallory.signer)
+        .unwrap();
+    let (id, mut bytes) = scene.mallory.frame(Request::SendCommit(CommitSubmission {
+        group_id: GroupId::new(scene.group.id()).unwrap(),
+        epoch: output.epoch,
+        commit: output.commit,
+        welcome: None,
+    }));
+    let mut lie = Vec::new();
+    prost::encoding::string::encode(6, &scene.bob.id().to_string(), &mut lie);
+    let mut field = Vec::new();
+    prost::encoding::bytes::encode(17, &lie, &mut field);
+    bytes.extend_from_slice(&field);
+    assert_eq!(
+        scene.mallory.exchange(id, bytes).await,
+        Ok(Reply::CommitAccepted { epoch: 2 })
+    );
+    scene
+        .group
+        .merge_pending_commit(&scene.mallory.provider())
+        .unwrap();
+    scene.honest_members_carry_on("after a lying commit").await;
+}
+
+/// Mallory sends the proposal `make` builds; the server refuses it with
+/// `INVALID_PROPOSAL`, and the group goes on unchanged.
+async fn proposal_is_refused(
+    label: &str,
+    make: impl FnOnce(&mut Group, &Provider<'_>, &DeviceSigner, &AccountId) -> Vec<u8>,
+) {
+    let mut scene = scene().await;
+    let bob = scene.bob.id();
+    let provider = scene.mallory.provider();
+    let proposal = make(&mut scene.group, &provider, &scene.mallory.signer, &bob);
+    scene.group.clear_pending_proposals(&provider).unwrap();
+    let refused = scene
+        .mallory
+        .propose(&scene.group, proposal)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code,
+        ErrorCode::InvalidProposal,
+        "{}",
+        refused.message
+    );
+    scene.honest_members_carry_on(label).await;
+}
+
+#[tokio::test]
+async fn a_proposal_to_remove_another_member_is_refused() {
+    proposal_is_refused(
+        "after a proposal to remove Bob",
+        |group, provider, signer, bob| group.propose_removal(provider, signer, bob).unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_proposal_to_change_the_timer_is_refused() {
+    proposal_is_refused("after a timer proposal", |group, provider, signer, _| {
+        group
+            .propose_disappear_after(provider, signer, 3600)
+            .unwrap()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_resubmitted_old_commit_changes_nothing() {
+    let mut scene = scene().await;
+    // Alice moves the group on; Mallory then replays an update made for
+    // the epoch Alice's commit took, and its own first commit again.
+    scene.alice.client.update_keys().await.unwrap();
+    let provider = scene.mallory.provider();
+    let old = scene
+        .group
+        .self_update(&provider, &scene.mallory.signer)
+        .unwrap();
+    scene.group.clear_pending_commit(&provider).unwrap();
+    let refused = scene
+        .mallory
+        .submit(&scene.group, old.epoch, old.commit.clone(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code, refused.current_epoch),
+        (ErrorCode::StaleEpoch, 2)
+    );
+    assert_eq!(
+        scene
+            .mallory
+            .submit(&scene.group, old.epoch, old.commit, None)
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::StaleEpoch,
+        "a replay is refused every time"
+    );
+    scene
+        .honest_members_carry_on("after a replayed commit")
+        .await;
+}

@@ -1,0 +1,43 @@
+//! What a misbehaving member sends and an honest Umbra device never does,
+//! so the tests of the delivery service's policy can send it for real.
+//! Compiled only with the `hostile` feature (tests).
+
+use openmls::prelude::LeafNodeIndex;
+
+use crate::group::{Group, timer_extensions, to_bytes};
+use crate::{DeviceSigner, MlsError, Provider, Result, protocol};
+use umbra_proto::AccountId;
+
+impl Group {
+    /// A standalone proposal to remove another member (Umbra devices
+    /// remove by their own commit, never by proposal).
+    pub fn propose_removal(
+        &mut self,
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        account: &AccountId,
+    ) -> Result<Vec<u8>> {
+        let leaf: LeafNodeIndex = self
+            .leaf(account)
+            .ok_or_else(|| MlsError::NotAMember(account.to_string()))?;
+        let (message, _) = self
+            .inner
+            .propose_remove_member(provider, signer, leaf)
+            .map_err(|e| protocol("proposing a removal", e))?;
+        to_bytes(&message)
+    }
+
+    /// A standalone proposal to change the disappearing timer.
+    pub fn propose_disappear_after(
+        &mut self,
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        seconds: u32,
+    ) -> Result<Vec<u8>> {
+        let (message, _) = self
+            .inner
+            .propose_group_context_extensions(provider, timer_extensions(seconds)?, signer)
+            .map_err(|e| protocol("proposing a timer", e))?;
+        to_bytes(&message)
+    }
+}
