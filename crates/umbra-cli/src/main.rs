@@ -2,6 +2,7 @@
 //! messenger ([`tui`]); with one, a scriptable command over the
 //! `umbra-client` library, every one of which can print JSON.
 
+mod escape;
 mod tui;
 
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use escape::printable;
 use serde_json::json;
 use umbra_client::{
     AccountId, ActivationString, Client, ClientError, ClientOptions, ConversationId,
@@ -293,7 +295,8 @@ fn main() -> ExitCode {
                     json!({ "error": format!("{error:#}"), "exit_code": code })
                 );
             } else {
-                eprintln!("error: {error:#}");
+                // A server's refusal carries its own text: escaped like a message.
+                eprintln!("error: {}", printable(&format!("{error:#}")));
             }
             // After a duress unlock: end the line at the server, quietly.
             if let Some(ClientError::Erased {
@@ -387,7 +390,8 @@ impl Out {
                 }
                 ConversationKind::Group => println!(
                     "you are in group \u{201c}{}\u{201d} ({})",
-                    conversation.name, conversation.id
+                    printable(&conversation.name),
+                    conversation.id
                 ),
             },
             Event::KeyChanged { account } => println!(
@@ -398,14 +402,17 @@ impl Out {
     }
 }
 
+/// One message on one line. The body is escaped whoever wrote it: theirs
+/// is someone else's text, and system lines quote group names.
 fn format_message(message: &Message) -> String {
     let time = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(message.timestamp),
     );
+    let body = printable(&message.body);
     match message.direction {
-        Direction::System => format!("[{time}] * {}", message.body),
-        Direction::Out => format!("[{time}] you: {} ({:?})", message.body, message.state),
-        Direction::In => format!("[{time}] {}: {}", message.sender, message.body),
+        Direction::System => format!("[{time}] * {body}"),
+        Direction::Out => format!("[{time}] you: {body} ({:?})", message.state),
+        Direction::In => format!("[{time}] {}: {body}", message.sender),
     }
 }
 
@@ -589,7 +596,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let client = open(&cli)?;
                 if let Err(error) = client.connect().await {
-                    eprintln!("warning: cannot reach the server ({error}); erasing locally only");
+                    eprintln!(
+                        "warning: cannot reach the server ({}); erasing locally only",
+                        printable(&error.to_string())
+                    );
                 }
                 client.wipe_self().await?;
                 out.value(json!({ "wiped": true }), || {
@@ -654,7 +664,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     renewal,
                 } => {
                     for code in session.issue_codes(*renewal, *days, *count).await? {
-                        out.value(json!({ "code": code }), || code.clone());
+                        out.value(json!({ "code": code }), || printable(&code).into_owned());
                     }
                 }
                 DistributorCommand::Lines => {
@@ -676,7 +686,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                                     "{}  until {}  last seen {seen}  {}",
                                     line.account_id,
                                     date(line.subscription_expires_at),
-                                    line.status
+                                    printable(&line.status)
                                 )
                             },
                         );
@@ -910,7 +920,7 @@ async fn groups(cli: &Cli, out: &Out, command: &GroupsCommand) -> anyhow::Result
                         ConversationKind::Direct { peer } => format!("with {peer}"),
                         ConversationKind::Group => format!(
                             "\u{201c}{}\u{201d}, {} members",
-                            conversation.name,
+                            printable(&conversation.name),
                             conversation.members.len()
                         ),
                     };

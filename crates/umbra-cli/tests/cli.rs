@@ -1,7 +1,8 @@
 //! The `umbra` binary against a real server: what a script would do.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -76,16 +77,62 @@ impl Drop for Server {
 
 /// Runs `umbra --json --home HOME ARGS` off the async runtime's threads.
 async fn umbra(home: &Path, args: &[&str]) -> Output {
+    run_umbra(home, true, args).await
+}
+
+/// `umbra --home HOME ARGS` as a person at a terminal reads it: the text
+/// output (not JSON), which must succeed.
+async fn text(home: &Path, args: &[&str]) -> String {
+    let output = run_umbra(home, false, args).await;
+    assert!(
+        output.status.success(),
+        "umbra {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+async fn run_umbra(home: &Path, json: bool, args: &[&str]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_umbra"));
+    if json {
+        command.arg("--json");
+    }
     command
-        .arg("--json")
         .arg("--home")
         .arg(home)
         .args(args)
         .env("UMBRA_PASSPHRASE", "a long test passphrase");
-    tokio::task::spawn_blocking(move || command.output().unwrap())
+    tokio::task::spawn_blocking(move || bounded(command))
         .await
         .unwrap()
+}
+
+/// Runs `command` to its end like `Command::output`, but kills it and fails
+/// the test if it takes over a minute (a hung child would otherwise hang the
+/// test: the runtime waits for its blocking threads). The outputs here are
+/// small enough for the pipes' buffers.
+fn bounded(mut command: Command) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "{command:?} did not finish within a minute: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
 }
 
 fn lines(output: &Output) -> Vec<Value> {
@@ -212,6 +259,92 @@ async fn two_people_talk_through_the_cli() {
     assert_eq!(wrong.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong passphrase"));
     ok(alice.path(), &["whoami"]).await;
+}
+
+/// Issue 14: what a contact writes cannot steer the terminal of whoever
+/// reads it in text mode. An escape sequence that erases the line and moves
+/// the cursor up (as would hide a key-change warning) and a newline followed
+/// by a forged line, in a message body and in a group name, come out as
+/// visible escapes on the one line they belong to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_output_escapes_what_contacts_write() {
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let server = Server::start().await;
+        let (alice, bob) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut ids = Vec::new();
+        for home in [&alice, &bob] {
+            let activated = ok(home.path(), &["activate", &server.activation().await]).await;
+            ids.push(activated[0]["account_id"].as_str().unwrap().to_owned());
+            // Nothing may disappear while the test reads it back. (Through
+            // the library: `umbra disappear` trips a clap debug assertion.)
+            umbra_client::Client::open(
+                home.path(),
+                &umbra_client::Passphrase::new("a long test passphrase"),
+                umbra_client::ClientOptions::default(),
+            )
+            .unwrap()
+            .set_default_disappearing(None)
+            .unwrap();
+        }
+        let (a, b) = (ids[0].as_str(), ids[1].as_str());
+        ok(alice.path(), &["contacts", "add", b]).await;
+        ok(bob.path(), &["recv"]).await;
+        ok(bob.path(), &["contacts", "accept", a]).await;
+
+        // Bob, hostile, forges a line that seems to come from someone else.
+        let forged = "[2001-01-01T00:00:00Z] ZZZZZZZZ: forged";
+        let body = format!("hi\x1b[2K\x1b[1A\r\n{forged}");
+        let shown_body = format!(r"hi\u{{1b}}[2K\u{{1b}}[1A\r\n{forged}");
+        ok(bob.path(), &["send", a, &body]).await;
+        let name = format!("Crew\x1b[2K\r\n{forged}\u{202e}");
+        let shown_name = format!(r"Crew\u{{1b}}[2K\r\n{forged}\u{{202e}}");
+        let created = ok(bob.path(), &["groups", "create", &name, "--member", a]).await;
+        let group = created[0]["conversation"].as_str().unwrap().to_owned();
+
+        let received = text(alice.path(), &["recv"]).await;
+        let history = text(alice.path(), &["history", b]).await;
+        let groups = text(alice.path(), &["groups", "list"]).await;
+        let group_history = text(alice.path(), &["history", &group]).await;
+        for (what, output) in [
+            ("recv", &received),
+            ("history", &history),
+            ("groups list", &groups),
+            ("group history", &group_history),
+        ] {
+            assert!(
+                !output.contains(['\x1b', '\r', '\u{202e}']),
+                "{what} printed a raw control character: {output:?}"
+            );
+            assert!(
+                !output.lines().any(|line| line.starts_with(forged)),
+                "{what} printed a forged line: {output:?}"
+            );
+        }
+        let line = |output: &str, needle: &str| {
+            output
+                .lines()
+                .find(|line| line.contains(needle))
+                .unwrap_or_else(|| panic!("no line shows {needle:?} in {output:?}"))
+                .to_owned()
+        };
+        assert!(line(&received, &shown_body).contains(&format!("] {b}: hi")));
+        assert!(line(&history, &shown_body).contains(&format!("] {b}: hi")));
+        assert!(line(&groups, &shown_name).starts_with(&format!("{group}  \u{201c}Crew")));
+        assert!(line(&group_history, &shown_name).contains(&format!("* {b} named the group")));
+
+        // JSON keeps the text exactly as written (serde_json escapes it).
+        let bodies: Vec<Value> = ok(alice.path(), &["history", b]).await;
+        assert_eq!(bodies[0]["body"], body.as_str(), "{bodies:?}");
+        let listed = ok(alice.path(), &["groups", "list"]).await;
+        assert!(
+            listed
+                .iter()
+                .any(|g| g["id"] == group.as_str() && g["name"] == name.as_str()),
+            "{listed:?}"
+        );
+    })
+    .await
+    .expect("the test took over five minutes");
 }
 
 #[test]
