@@ -747,11 +747,18 @@ impl Client {
                 }
             }
             DeliveryKind::ContactAccepted => {
-                tx.execute(
-                    "UPDATE contacts SET state = 'accepted', updated_at = ?2 WHERE account_id = ?1",
+                // Only an answer to a request this device sent: the server
+                // alone must not be able to make someone a contact.
+                let accepted = tx.execute(
+                    "UPDATE contacts SET state = 'accepted', updated_at = ?2
+                     WHERE account_id = ?1 AND state = 'outgoing'",
                     params![sender.as_str(), self.now()],
                 )?;
-                events.push(Event::ContactAccepted { by: sender.clone() });
+                if accepted == 1 {
+                    events.push(Event::ContactAccepted { by: sender.clone() });
+                } else {
+                    warn!(%sender, "refusing an acceptance of a contact request this device did not send");
+                }
             }
             DeliveryKind::Welcome => self.apply_welcome(tx, provider, delivery, events)?,
             DeliveryKind::Commit | DeliveryKind::Application | DeliveryKind::Proposal => {
@@ -834,6 +841,28 @@ impl Client {
         {
             // Not from a contact we accepted: leave no trace of the group.
             warn!(inviter = %inviter, "ignoring a Welcome from someone who is not a contact");
+            group.delete(provider)?;
+            return Ok(());
+        }
+        let pinned: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT identity_key FROM contacts WHERE account_id = ?1",
+                [inviter.as_str()],
+                |row| row.get(0),
+            )
+            .optional()?
+            .flatten();
+        let inviter_key = group
+            .members()
+            .into_iter()
+            .find(|member| member.account == inviter)
+            .map(|member| member.identity_key);
+        if let Some(pinned) = pinned
+            && inviter_key.is_none_or(|key| key.as_bytes()[..] != pinned[..])
+        {
+            // A Welcome signed by another key than the one we know for
+            // this contact: someone (a server) stands in for them.
+            warn!(inviter = %inviter, "ignoring a Welcome whose inviter's key is not the one pinned");
             group.delete(provider)?;
             return Ok(());
         }
