@@ -329,6 +329,7 @@ pub enum ErrorCode {
     NotYourLine = 24,
     InvalidCommit = 25,
     InvalidProposal = 26,
+    StaleWipe = 27,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

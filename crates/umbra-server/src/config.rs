@@ -44,6 +44,11 @@ pub struct Config {
     /// this long; then its server-side state is deleted. Default `30d`.
     #[serde(with = "humantime_serde_compat")]
     pub subscription_grace: Duration,
+    /// A remote-wipe command signed longer ago than this is refused, so one
+    /// that someone saw cannot be replayed later (each is also relayed only
+    /// once). Default `1d`.
+    #[serde(with = "humantime_serde_compat")]
+    pub wipe_max_age: Duration,
 }
 
 impl Default for Config {
@@ -61,6 +66,7 @@ impl Default for Config {
             key_package_low_water: 10,
             max_malformed_frames: 16,
             subscription_grace: Duration::from_secs(30 * 86_400),
+            wipe_max_age: Duration::from_secs(86_400),
         }
     }
 }
@@ -106,6 +112,11 @@ max_malformed_frames = 16
 # long; after that its server-side state (KeyPackages, mailbox, contacts,
 # group memberships) is deleted.
 subscription_grace = "30days"
+
+# A remote-wipe command signed longer ago than this is refused (and each is
+# relayed only once), so a command someone saw cannot be replayed. A relayed
+# command waits for its device until the line ends, not just mailbox_ttl.
+wipe_max_age = "1day"
 "#;
 
 #[derive(Debug, thiserror::Error)]

@@ -169,6 +169,7 @@ pub async fn run(
             mailbox_ttl_secs: config.mailbox_ttl.as_secs(),
             key_package_low_water: config.key_package_low_water,
             subscription_grace_secs: config.subscription_grace.as_secs(),
+            wipe_max_age_secs: config.wipe_max_age.as_secs(),
             public_address: config.public_address.clone(),
             pin: tls::fingerprint(&data_dir.join(&config.cert)).unwrap_or(CertFingerprint([0; 32])),
         },

@@ -39,6 +39,8 @@ pub struct Limits {
     pub key_package_low_water: u32,
     /// How long after its subscription ended a line's state is kept.
     pub subscription_grace_secs: u64,
+    /// Oldest signed age of a wipe command that is still relayed.
+    pub wipe_max_age_secs: u64,
     /// What activation strings carry: where devices connect, and the pin.
     pub public_address: String,
     pub pin: umbra_proto::CertFingerprint,
@@ -87,6 +89,9 @@ impl Answer {
         umbra_proto::encode_server(&umbra_proto::ServerMessage::Response { id, result })
     }
 }
+
+/// How far in the future a wipe command's signed time may be (clocks differ).
+const WIPE_CLOCK_SKEW_SECS: u64 = 300;
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
     ErrorReply::new(code, message)
@@ -581,9 +586,31 @@ impl Services {
                 "the wipe command is not signed with this line's wipe code",
             ));
         }
+        let now = self.now();
+        if issued_at.saturating_add(self.limits.wipe_max_age_secs) < now
+            || issued_at > now.saturating_add(WIPE_CLOCK_SKEW_SECS)
+        {
+            return Err(refuse(
+                ErrorCode::StaleWipe,
+                format!(
+                    "the wipe command was signed at {issued_at} (Unix seconds); this server relays only commands signed in the last {} seconds",
+                    self.limits.wipe_max_age_secs
+                ),
+            ));
+        }
+        if !self
+            .store
+            .use_wipe_command(account_id, issued_at)
+            .await
+            .map_err(internal)?
+        {
+            return Err(refuse(
+                ErrorCode::StaleWipe,
+                "this wipe command, or a newer one, was relayed already",
+            ));
+        }
         let mut command = issued_at.to_be_bytes().to_vec();
         command.extend_from_slice(signature.as_bytes());
-        let now = self.now();
         let notice = Notice {
             recipient: account_id.clone(),
             sender: account_id.clone(),
@@ -591,8 +618,11 @@ impl Services {
             group_id: None,
             payload: command,
         };
+        // Kept until its device takes it or the line ends, however long
+        // the device stays offline.
+        let expires_at = self.expires_at(now).max(account.subscription_expires_at);
         self.store
-            .notice(notice, now, self.expires_at(now))
+            .notice(notice, now, expires_at)
             .await
             .map_err(internal)?;
         self.registry.notify([account_id]);

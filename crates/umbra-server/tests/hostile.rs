@@ -461,8 +461,18 @@ async fn a_quiet_ack_is_answered_only_when_it_fails() {
         issued_at,
         signature: wiper.sign_payload(&wipe_signing_payload(&account_id, issued_at)),
     };
-    assert_eq!(stranger.call(wipe(1)).await, Ok(Reply::Done));
-    assert_eq!(stranger.call(wipe(2)).await, Ok(Reply::Done));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(stranger.call(wipe(now)).await, Ok(Reply::Done));
+    assert_eq!(stranger.call(wipe(now + 1)).await, Ok(Reply::Done));
+    // A command seen once cannot be replayed, nor an older or stale one.
+    for replayed in [now + 1, now, now - 2 * 86_400] {
+        stranger
+            .expect_error(wipe(replayed), ErrorCode::StaleWipe)
+            .await;
+    }
     let mut delivered = Vec::new();
     while delivered.len() < 2 {
         match device.next().await.expect("connection closed") {

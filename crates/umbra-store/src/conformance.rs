@@ -550,6 +550,13 @@ async fn revocation(store: &impl Store) {
     let carol = registered(store, "CCCCCCCC", 3).await;
     befriend(store, &alice, &bob).await;
     store.set_wipe_key(&alice, &key(9)).await.unwrap();
+    assert!(store.use_wipe_command(&alice, 100).await.unwrap());
+    assert!(
+        !store.use_wipe_command(&alice, 100).await.unwrap(),
+        "a wipe command is relayed once"
+    );
+    assert!(!store.use_wipe_command(&alice, 99).await.unwrap());
+    assert!(store.use_wipe_command(&alice, 101).await.unwrap());
     store.touch(&alice, 20_000).await.unwrap();
     let row = store.account(&alice).await.unwrap().unwrap();
     assert_eq!(

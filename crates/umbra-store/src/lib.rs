@@ -134,6 +134,10 @@ pub trait Accounts: Send + Sync {
     async fn account(&self, id: &AccountId) -> Result<Option<Account>>;
     /// Records the public key that verifies this line's wipe commands.
     async fn set_wipe_key(&self, id: &AccountId, key: &IdentityKey) -> Result<()>;
+    /// Records a wipe command for the line by its signed issue time: true
+    /// if it is newer than every one recorded before (so it may be
+    /// relayed), false if it is a replay or older.
+    async fn use_wipe_command(&self, id: &AccountId, issued_at: u64) -> Result<bool>;
     /// Records a login on `day` (Unix day).
     async fn touch(&self, id: &AccountId, day: u64) -> Result<()>;
     /// Ends a line: withdraws its KeyPackages, drops its mailbox and its

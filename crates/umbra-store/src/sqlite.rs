@@ -32,6 +32,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (2, include_str!("../migrations/0002_lines.sql")),
     (3, include_str!("../migrations/0003_delivery_ids.sql")),
     (4, include_str!("../migrations/0004_public_state.sql")),
+    (5, include_str!("../migrations/0005_wipe_replay.sql")),
 ];
 
 /// Most writes committed together by one fsync.
@@ -797,6 +798,25 @@ impl Accounts for SqliteStore {
             )
             .map_err(backend)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn use_wipe_command(&self, id: &AccountId, issued_at: u64) -> Result<bool> {
+        let id = id.clone();
+        self.write(move |tx| {
+            let Ok(issued_at) = i64::try_from(issued_at) else {
+                return Ok(false);
+            };
+            let changed = tx
+                .execute(
+                    "UPDATE accounts SET last_wipe_issued_at = ?2
+                     WHERE account_id = ?1
+                       AND (last_wipe_issued_at IS NULL OR last_wipe_issued_at < ?2)",
+                    params![id.as_str(), issued_at],
+                )
+                .map_err(backend)?;
+            Ok(changed == 1)
         })
         .await
     }
