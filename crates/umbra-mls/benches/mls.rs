@@ -1,6 +1,10 @@
 //! What MLS costs a device, per operation, at group sizes 2, 100 and 1000:
 //! encrypting and decrypting one application message, creating a
-//! self-update commit, and processing another member's commit. Run with
+//! self-update commit, and processing another member's commit; and what a
+//! commit costs the delivery service at group sizes 10, 100 and 1000:
+//! validating it against the group's public state (`commit_validate`: load
+//! the stored state, process and merge the commit, store the state), next
+//! to the header check that was all it did before (`commit_header`). Run with
 //! `cargo bench -p umbra-mls --bench mls`; criterion compares each run with
 //! the last, so a regression shows as a change in these figures.
 //!
@@ -21,10 +25,14 @@ use criterion::{
     criterion_main,
 };
 use rusqlite::Connection;
-use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Incoming, Provider, new_key_package};
+use umbra_mls::{
+    Crypto, DeviceSigner, Group, GroupConfig, Incoming, Provider, PublicState, new_key_package,
+};
 use umbra_proto::AccountId;
 
 const GROUP_SIZES: [usize; 3] = [2, 100, 1000];
+/// Group sizes for the delivery service's cost per commit.
+const SERVER_GROUP_SIZES: [usize; 3] = [10, 100, 1000];
 /// Group sizes from which a benchmark is too slow for criterion's default
 /// 100 samples.
 const LARGE_GROUP: usize = 1000;
@@ -382,12 +390,74 @@ fn commit_process(c: &mut Criterion, fixtures: &mut Fixtures) {
     group.finish();
 }
 
+/// The delivery service's work for one self-update commit from the sender:
+/// load the group's stored public state, validate and merge the commit,
+/// serialise the new state (`commit_validate`); and, for comparison, the
+/// cleartext header check that was all it did before (`commit_header`).
+/// Commits are made, merged and processed by the other real members outside
+/// the timing, so the state stays in step with the group.
+fn commit_validate(c: &mut Criterion, fixtures: &mut Fixtures) {
+    for (name, full) in [("commit_validate", true), ("commit_header", false)] {
+        let mut group = c.benchmark_group(name);
+        for size in SERVER_GROUP_SIZES {
+            bench_size(&mut group, fixtures, size, |bencher, fixture| {
+                let (sender, receiver, mut bystander) = fixture.roles();
+                let sender_provider = sender.device.provider();
+                let group_id = sender.group.id();
+                let info = sender
+                    .group
+                    .group_info(&sender_provider, &sender.device.signer)
+                    .expect("exporting the GroupInfo");
+                let mut state = PublicState::observe(&group_id, &info)
+                    .expect("tracking the group")
+                    .to_bytes();
+                bencher.iter_custom(|iterations| {
+                    let mut timed = Duration::ZERO;
+                    for _ in 0..iterations {
+                        let commit = sender
+                            .group
+                            .self_update(&sender_provider, &sender.device.signer)
+                            .expect("the sender's self-update");
+                        sender
+                            .group
+                            .merge_pending_commit(&sender_provider)
+                            .expect("merging the sender's self-update");
+                        receiver.process_commit(&commit.commit);
+                        if let Some(bystander) = bystander.as_deref_mut() {
+                            bystander.process_commit(&commit.commit);
+                        }
+                        let start = Instant::now();
+                        if full {
+                            let mut public =
+                                PublicState::from_bytes(&group_id, &state).expect("loading");
+                            let valid = public
+                                .process_commit(black_box(&commit.commit), &[], None)
+                                .expect("validating the commit");
+                            state = public.to_bytes();
+                            black_box(valid);
+                        } else {
+                            black_box(
+                                umbra_mls::message_header(black_box(&commit.commit))
+                                    .expect("reading the header"),
+                            );
+                        }
+                        timed += start.elapsed();
+                    }
+                    timed
+                });
+            });
+        }
+        group.finish();
+    }
+}
+
 fn mls(c: &mut Criterion) {
     let mut fixtures = Fixtures::default();
     encrypt(c, &mut fixtures);
     decrypt(c, &mut fixtures);
     commit_create(c, &mut fixtures);
     commit_process(c, &mut fixtures);
+    commit_validate(c, &mut fixtures);
 }
 
 criterion_group!(benches, mls);

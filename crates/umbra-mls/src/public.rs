@@ -114,15 +114,31 @@ impl PublicState {
         creator: &AccountId,
         creator_key: &IdentityKey,
     ) -> Result<PublicState, HandshakeError> {
+        let state = PublicState::observe(group_id, group_info)?;
+        if state.epoch() != 0 {
+            return Err(HandshakeError::InvalidGroupInfo(
+                "a new group starts at epoch 0".into(),
+            ));
+        }
+        match state.members().as_slice() {
+            [only] if only.account == *creator && only.identity_key == *creator_key => Ok(state),
+            _ => Err(HandshakeError::InvalidGroupInfo(
+                "a new group has its creator (this account and its identity key) as only member"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Starts tracking a group, at any epoch, from a member's signed
+    /// GroupInfo with the ratchet tree extension: the signature, the tree
+    /// and its hash against the group context are verified.
+    pub fn observe(group_id: &[u8], group_info: &[u8]) -> Result<PublicState, HandshakeError> {
         let refuse = |why: &str| HandshakeError::InvalidGroupInfo(why.to_owned());
         let MlsMessageBodyIn::GroupInfo(info) = parse(group_info)?.extract() else {
             return Err(refuse("the MLS message does not carry a GroupInfo"));
         };
         if info.group_id().as_slice() != group_id {
             return Err(refuse("it is for another group"));
-        }
-        if info.epoch().as_u64() != 0 {
-            return Err(refuse("a new group starts at epoch 0"));
         }
         let tree = info
             .extensions()
@@ -141,14 +157,7 @@ impl PublicState {
         .map_err(|e| HandshakeError::InvalidGroupInfo(format!("{e:?}")))?;
         crate::Suite::from_ciphersuite(group.ciphersuite())
             .ok_or_else(|| refuse("its ciphersuite is not one Umbra offers"))?;
-        let state = PublicState { group, storage };
-        let members = state.members();
-        match members.as_slice() {
-            [only] if only.account == *creator && only.identity_key == *creator_key => Ok(state),
-            _ => Err(refuse(
-                "a new group has its creator (this account and its identity key) as only member",
-            )),
-        }
+        Ok(PublicState { group, storage })
     }
 
     /// Loads a state written by [`PublicState::to_bytes`].
