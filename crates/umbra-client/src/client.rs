@@ -148,11 +148,6 @@ enum Verdict {
     Unknown(ClientError),
 }
 
-/// A commit made locally and about to be submitted.
-pub(crate) struct Planned {
-    pub(crate) output: CommitOutput,
-}
-
 impl Client {
     // ----- opening ---------------------------------------------------------
 
@@ -1130,7 +1125,7 @@ impl Client {
     pub(crate) async fn commit(
         &self,
         group_id: &[u8],
-        mut plan: impl FnMut(&mut Group, &Provider<'_>) -> Result<Option<Planned>>,
+        mut plan: impl FnMut(&mut Group, &Provider<'_>) -> Result<Option<CommitOutput>>,
     ) -> Result<Option<u64>> {
         let gid = GroupId::new(group_id.to_vec())?;
         for _ in 0..COMMIT_ATTEMPTS {
@@ -1143,20 +1138,10 @@ impl Client {
                 let Some(planned) = plan(&mut group, provider)? else {
                     return Ok(None);
                 };
-                // The delivery service derives who is added and removed
-                // from the commit itself (members leaving, whose proposals
-                // openmls folds into every commit, included).
                 tx.execute(
-                    "INSERT OR REPLACE INTO pending_commits (group_id, epoch, commit_, welcome, added, removed)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![
-                        group_id,
-                        planned.output.epoch,
-                        planned.output.commit,
-                        planned.output.welcome,
-                        "",
-                        ""
-                    ],
+                    "INSERT OR REPLACE INTO pending_commits (group_id, epoch, commit_, welcome)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![group_id, planned.epoch, planned.commit, planned.welcome],
                 )?;
                 Ok(Some(planned))
             })?;
@@ -1165,9 +1150,9 @@ impl Client {
             };
             let submission = CommitSubmission {
                 group_id: gid.clone(),
-                epoch: planned.output.epoch,
-                commit: planned.output.commit.clone(),
-                welcome: planned.output.welcome.clone(),
+                epoch: planned.epoch,
+                commit: planned.commit.clone(),
+                welcome: planned.welcome.clone(),
             };
             match self.submit_commit(submission).await {
                 Verdict::Accepted(epoch) => {
@@ -1324,7 +1309,7 @@ impl Client {
                 return Ok(None);
             }
             let output = group.commit_pending_proposals(provider, signer)?;
-            Ok(Some(Planned { output }))
+            Ok(Some(output))
         })
         .await?;
         Ok(())
@@ -1594,7 +1579,7 @@ impl Client {
                 .filter_map(|i| key_packages.get(*i).cloned())
                 .collect();
             let output = group.add_members(provider, signer, &kps)?;
-            Ok(Some(Planned { output }))
+            Ok(Some(output))
         })
         .await?;
         self.with_tx(|tx, provider| {
@@ -1666,7 +1651,7 @@ impl Client {
                 return Ok(None);
             }
             let output = group.remove_members(provider, signer, &removed)?;
-            Ok(Some(Planned { output }))
+            Ok(Some(output))
         })
         .await?;
         Ok(())
@@ -1764,9 +1749,7 @@ impl Client {
     async fn self_update(&self, group_id: &[u8]) -> Result<()> {
         let signer = &self.inner.signer;
         self.commit(group_id, |group, provider| {
-            Ok(Some(Planned {
-                output: group.self_update(provider, signer)?,
-            }))
+            Ok(Some(group.self_update(provider, signer)?))
         })
         .await?;
         Ok(())

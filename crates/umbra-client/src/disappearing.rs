@@ -103,9 +103,7 @@ impl Client {
             if group.disappear_after() == seconds {
                 return Ok(None);
             }
-            Ok(Some(crate::client::Planned {
-                output: group.set_disappear_after(provider, signer, seconds)?,
-            }))
+            Ok(Some(group.set_disappear_after(provider, signer, seconds)?))
         })
         .await?;
         let mut db = self.db();

@@ -154,8 +154,9 @@ impl Mallory {
         }
     }
 
-    /// Creates a group (timer off) with these honest members in it.
-    async fn create_group(&mut self, members: &[AccountId]) -> Group {
+    /// Creates a group (timer off) with these honest members in it;
+    /// returns it and the commit that added them.
+    async fn create_group(&mut self, members: &[AccountId]) -> (Group, Vec<u8>) {
         let mut group = Group::create(
             &self.provider(),
             &self.signer,
@@ -180,11 +181,11 @@ impl Mallory {
             .add_members(&self.provider(), &self.signer, &key_packages)
             .unwrap();
         let accepted = self
-            .submit(&group, output.epoch, output.commit, output.welcome)
+            .submit(&group, output.epoch, output.commit.clone(), output.welcome)
             .await;
         assert_eq!(accepted, Ok(Reply::CommitAccepted { epoch: 1 }));
         group.merge_pending_commit(&self.provider()).unwrap();
-        group
+        (group, output.commit)
     }
 
     async fn submit(
@@ -219,6 +220,8 @@ struct Scene {
     _server: TestServer,
     mallory: Mallory,
     group: Group,
+    /// Mallory's commit that added Alice and Bob (epoch 0).
+    first_commit: Vec<u8>,
     alice: Device,
     bob: Device,
     conversation: ConversationId,
@@ -243,7 +246,7 @@ async fn scene() -> Scene {
             .await
             .unwrap();
     }
-    let group = mallory.create_group(&[alice.id(), bob.id()]).await;
+    let (group, first_commit) = mallory.create_group(&[alice.id(), bob.id()]).await;
     let conversation = ConversationId::from_group(&group.id());
     for device in [&mut alice, &mut bob] {
         let wanted = conversation.clone();
@@ -260,6 +263,7 @@ async fn scene() -> Scene {
         _server: server,
         mallory,
         group,
+        first_commit,
         alice,
         bob,
         conversation,
@@ -267,6 +271,18 @@ async fn scene() -> Scene {
 }
 
 impl Scene {
+    /// A valid key update from Mallory for the group's epoch as Mallory
+    /// knows it, forgotten locally (Mallory only ever sends it).
+    fn mallory_update(&mut self) -> umbra_mls::CommitOutput {
+        let provider = self.mallory.provider();
+        let output = self
+            .group
+            .self_update(&provider, &self.mallory.signer)
+            .unwrap();
+        self.group.clear_pending_commit(&provider).unwrap();
+        output
+    }
+
     /// The group still works for the honest members: Alice commits (a key
     /// update), and a message from each reaches the other.
     async fn honest_members_carry_on(&mut self, label: &str) {
@@ -302,12 +318,7 @@ impl Scene {
 #[tokio::test]
 async fn a_garbage_commit_with_a_valid_header_is_refused_and_changes_nothing() {
     let mut scene = scene().await;
-    let provider = scene.mallory.provider();
-    let output = scene
-        .group
-        .self_update(&provider, &scene.mallory.signer)
-        .unwrap();
-    scene.group.clear_pending_commit(&provider).unwrap();
+    let output = scene.mallory_update();
     let mut garbage = output.commit.clone();
     // Inside the signed content: the header (group, epoch, type) still
     // parses, the body no longer matches its signature.
@@ -341,11 +352,7 @@ async fn membership_declared_by_the_committer_is_not_believed() {
     // SendCommit) naming Bob appended to the frame: protobuf merges a
     // repeated embedded message, so a server that still read the field
     // would stop routing the group's traffic to Bob.
-    let provider = scene.mallory.provider();
-    let output = scene
-        .group
-        .self_update(&provider, &scene.mallory.signer)
-        .unwrap();
+    let output = scene.mallory_update();
     let (id, mut bytes) = scene.mallory.frame(Request::SendCommit(CommitSubmission {
         group_id: GroupId::new(scene.group.id()).unwrap(),
         epoch: output.epoch,
@@ -361,10 +368,6 @@ async fn membership_declared_by_the_committer_is_not_believed() {
         scene.mallory.exchange(id, bytes).await,
         Ok(Reply::CommitAccepted { epoch: 2 })
     );
-    scene
-        .group
-        .merge_pending_commit(&scene.mallory.provider())
-        .unwrap();
     scene.honest_members_carry_on("after a lying commit").await;
 }
 
@@ -418,12 +421,13 @@ async fn a_resubmitted_old_commit_changes_nothing() {
     // Alice moves the group on; Mallory then replays an update made for
     // the epoch Alice's commit took, and its own first commit again.
     scene.alice.client.update_keys().await.unwrap();
-    let provider = scene.mallory.provider();
-    let old = scene
-        .group
-        .self_update(&provider, &scene.mallory.signer)
-        .unwrap();
-    scene.group.clear_pending_commit(&provider).unwrap();
+    let old = scene.mallory_update();
+    let first = scene.first_commit.clone();
+    assert_eq!(
+        scene.mallory.submit(&scene.group, 0, first, None).await,
+        Ok(Reply::CommitAccepted { epoch: 1 }),
+        "the commit accepted for epoch 0 is recognised, not applied again"
+    );
     let refused = scene
         .mallory
         .submit(&scene.group, old.epoch, old.commit.clone(), None)
@@ -446,4 +450,100 @@ async fn a_resubmitted_old_commit_changes_nothing() {
     scene
         .honest_members_carry_on("after a replayed commit")
         .await;
+}
+
+#[tokio::test]
+async fn a_commit_that_gives_a_leaf_another_account_is_refused() {
+    let mut scene = scene().await;
+    // Carol is Mallory's contact but not in the group. Mallory's key
+    // update renames its own leaf to Carol: a server that believed the
+    // tree's credentials unchecked would route the group's traffic to her.
+    let mut carol = Device::activate(&scene._server).await;
+    scene
+        .mallory
+        .call(Request::SendContactRequest { to: carol.id() })
+        .await
+        .unwrap();
+    carol
+        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+    carol
+        .client
+        .accept_contact(&scene.mallory.account)
+        .await
+        .unwrap();
+    let provider = scene.mallory.provider();
+    let output = scene
+        .group
+        .update_as(&provider, &scene.mallory.signer, &carol.id())
+        .unwrap();
+    scene.group.clear_pending_commit(&provider).unwrap();
+    let refused = scene
+        .mallory
+        .submit(&scene.group, output.epoch, output.commit, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code,
+        ErrorCode::InvalidCommit,
+        "{}",
+        refused.message
+    );
+    scene.honest_members_carry_on("after a renamed leaf").await;
+}
+
+#[tokio::test]
+async fn a_member_proposes_leaving_once_per_epoch_and_is_removed() {
+    let mut scene = scene().await;
+    // Alice and Bob are offline, so no commit can end the epoch between
+    // Mallory's two proposals.
+    scene.alice.client.disconnect();
+    scene.bob.client.disconnect();
+    let provider = scene.mallory.provider();
+    let leaving = scene.group.leave(&provider, &scene.mallory.signer).unwrap();
+    assert!(matches!(
+        scene.mallory.propose(&scene.group, leaving.clone()).await,
+        Ok(Reply::Accepted { .. })
+    ));
+    // Each proposal stored is replayed into every commit's validation in
+    // that epoch, so one member gets one.
+    let again = scene
+        .mallory
+        .propose(&scene.group, leaving)
+        .await
+        .unwrap_err();
+    assert_eq!(again.code, ErrorCode::InvalidProposal, "{}", again.message);
+    // Back online, an honest device commits the departure; both see
+    // Mallory gone and go on talking.
+    scene.alice.client.connect().await.unwrap();
+    scene.bob.client.connect().await.unwrap();
+    let mut remaining = vec![scene.alice.id(), scene.bob.id()];
+    remaining.sort();
+    for device in [&mut scene.alice, &mut scene.bob] {
+        let (wanted, members) = (scene.conversation.clone(), remaining.clone());
+        device
+            .wait_for(|e| match e {
+                Event::ConversationChanged { conversation }
+                    if conversation.id == wanted && {
+                        let mut seen = conversation.members.clone();
+                        seen.sort();
+                        seen == members
+                    } =>
+                {
+                    Some(())
+                }
+                _ => None,
+            })
+            .await;
+    }
+    scene
+        .alice
+        .client
+        .send_text(&scene.conversation, "mallory left")
+        .await
+        .unwrap();
+    assert_eq!(
+        scene.bob.next_text().await,
+        (scene.alice.id(), "mallory left".to_owned())
+    );
 }

@@ -99,6 +99,23 @@ struct Member {
 }
 
 impl Member {
+    /// Makes a self-update commit and merges it as the delivery service
+    /// had accepted it; `others` process it. Returns the commit.
+    fn update_for<'a>(&mut self, others: impl IntoIterator<Item = &'a mut Member>) -> Vec<u8> {
+        let provider = self.device.provider();
+        let commit = self
+            .group
+            .self_update(&provider, &self.device.signer)
+            .expect("a self-update");
+        self.group
+            .merge_pending_commit(&provider)
+            .expect("merging the self-update");
+        for other in others {
+            other.process_commit(&commit.commit);
+        }
+        commit.commit
+    }
+
     fn process_commit(&mut self, commit: &[u8]) {
         let incoming = self
             .group
@@ -202,19 +219,7 @@ impl Fixture {
     /// ratchet advanced by commits it cleared.
     fn new_epoch(&mut self) {
         let (sender, receiver, bystander) = self.roles();
-        let provider = receiver.device.provider();
-        let commit = receiver
-            .group
-            .self_update(&provider, &receiver.device.signer)
-            .expect("the receiver's self-update");
-        receiver
-            .group
-            .merge_pending_commit(&provider)
-            .expect("merging the receiver's self-update");
-        sender.process_commit(&commit.commit);
-        if let Some(bystander) = bystander {
-            bystander.process_commit(&commit.commit);
-        }
+        receiver.update_for(std::iter::once(sender).chain(bystander));
     }
 }
 
@@ -358,23 +363,9 @@ fn commit_process(c: &mut Criterion, fixtures: &mut Fixtures) {
     for size in GROUP_SIZES {
         bench_size(&mut group, fixtures, size, |bencher, fixture| {
             let (sender, receiver, mut bystander) = fixture.roles();
-            let sender_provider = sender.device.provider();
             let receiver_provider = receiver.device.provider();
             bencher.iter_batched(
-                || {
-                    let commit = sender
-                        .group
-                        .self_update(&sender_provider, &sender.device.signer)
-                        .expect("the sender's self-update");
-                    sender
-                        .group
-                        .merge_pending_commit(&sender_provider)
-                        .expect("merging the sender's self-update");
-                    if let Some(bystander) = bystander.as_deref_mut() {
-                        bystander.process_commit(&commit.commit);
-                    }
-                    commit.commit
-                },
+                || sender.update_for(bystander.as_deref_mut()),
                 |commit| {
                     let incoming = receiver
                         .group
@@ -414,30 +405,20 @@ fn commit_validate(c: &mut Criterion, fixtures: &mut Fixtures) {
                 bencher.iter_custom(|iterations| {
                     let mut timed = Duration::ZERO;
                     for _ in 0..iterations {
-                        let commit = sender
-                            .group
-                            .self_update(&sender_provider, &sender.device.signer)
-                            .expect("the sender's self-update");
-                        sender
-                            .group
-                            .merge_pending_commit(&sender_provider)
-                            .expect("merging the sender's self-update");
-                        receiver.process_commit(&commit.commit);
-                        if let Some(bystander) = bystander.as_deref_mut() {
-                            bystander.process_commit(&commit.commit);
-                        }
+                        let commit = sender.update_for(
+                            std::iter::once(&mut *receiver).chain(bystander.as_deref_mut()),
+                        );
                         let start = Instant::now();
                         if full {
-                            let mut public =
-                                PublicState::from_bytes(&group_id, &state).expect("loading");
-                            let valid = public
-                                .process_commit(black_box(&commit.commit), &[], None)
+                            let (valid, after) = PublicState::from_bytes(&group_id, &state)
+                                .expect("loading")
+                                .process_commit(black_box(&commit), &[], None)
                                 .expect("validating the commit");
-                            state = public.to_bytes();
+                            state = after.to_bytes();
                             black_box(valid);
                         } else {
                             black_box(
-                                umbra_mls::message_header(black_box(&commit.commit))
+                                umbra_mls::message_header(black_box(&commit))
                                     .expect("reading the header"),
                             );
                         }

@@ -84,20 +84,28 @@ pub struct Group {
     pub(crate) inner: MlsGroup,
 }
 
-fn credential(signer: &DeviceSigner, account: &AccountId) -> CredentialWithKey {
+pub(crate) fn credential(signer: &DeviceSigner, account: &AccountId) -> CredentialWithKey {
     CredentialWithKey {
         credential: BasicCredential::new(account.as_str().as_bytes().to_vec()).into(),
         signature_key: signer.identity_key().as_bytes().to_vec().into(),
     }
 }
 
-fn account_of(credential: &Credential) -> Result<AccountId> {
+pub(crate) fn account_of(credential: &Credential) -> Result<AccountId> {
     let basic = BasicCredential::try_from(credential.clone())
         .map_err(|_| MlsError::Malformed("credential is not a basic credential".into()))?;
     std::str::from_utf8(basic.identity())
         .ok()
         .and_then(|text| AccountId::parse(text).ok())
         .ok_or_else(|| MlsError::Malformed("credential is not an Umbra account ID".into()))
+}
+
+/// A leaf's account and identity key, if it is an Umbra leaf.
+pub(crate) fn member_info(credential: &Credential, signature_key: &[u8]) -> Option<MemberInfo> {
+    Some(MemberInfo {
+        account: account_of(credential).ok()?,
+        identity_key: IdentityKey::from_slice(signature_key).ok()?,
+    })
 }
 
 /// What every Umbra leaf declares it supports: the last-resort KeyPackage
@@ -310,12 +318,7 @@ impl Group {
     pub fn members(&self) -> Vec<MemberInfo> {
         self.inner
             .members()
-            .filter_map(|member| {
-                Some(MemberInfo {
-                    account: account_of(&member.credential).ok()?,
-                    identity_key: IdentityKey::from_slice(&member.signature_key).ok()?,
-                })
-            })
+            .filter_map(|member| member_info(&member.credential, &member.signature_key))
             .collect()
     }
 

@@ -2,9 +2,10 @@
 //! so the tests of the delivery service's policy can send it for real.
 //! Compiled only with the `hostile` feature (tests).
 
-use openmls::prelude::LeafNodeIndex;
+use openmls::prelude::{LeafNodeIndex, LeafNodeParameters};
 
-use crate::group::{Group, timer_extensions, to_bytes};
+use crate::CommitOutput;
+use crate::group::{Group, credential, timer_extensions, to_bytes};
 use crate::{DeviceSigner, MlsError, Provider, Result, protocol};
 use umbra_proto::AccountId;
 
@@ -39,5 +40,29 @@ impl Group {
             .propose_group_context_extensions(provider, timer_extensions(seconds)?, signer)
             .map_err(|e| protocol("proposing a timer", e))?;
         to_bytes(&message)
+    }
+
+    /// A key update whose new leaf names another account (with this
+    /// device's key): an impersonation no honest device attempts.
+    pub fn update_as(
+        &mut self,
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        account: &AccountId,
+    ) -> Result<CommitOutput> {
+        let epoch = self.epoch();
+        let parameters = LeafNodeParameters::builder()
+            .with_credential_with_key(credential(signer, account))
+            .build();
+        let bundle = self
+            .inner
+            .self_update(provider, signer, parameters)
+            .map_err(|e| protocol("updating as another account", e))?;
+        let (commit, _, _) = bundle.into_messages();
+        Ok(CommitOutput {
+            epoch,
+            commit: to_bytes(&commit)?,
+            welcome: None,
+        })
     }
 }

@@ -26,9 +26,7 @@ pub use group::{
 /// The cryptography and randomness provider (RustCrypto); one per device.
 pub use openmls_rust_crypto::RustCrypto as Crypto;
 pub use provider::{Provider, init_storage};
-pub use public::{
-    AddedMember, HandshakeError, PublicState, ValidCommit, ValidProposal, fuzz_group_info,
-};
+pub use public::{HandshakeError, PublicState, ValidCommit, fuzz_group_info};
 pub use relay::{
     MessageHeader, MessageKind, ValidKeyPackage, message_header, validate_key_package,
 };

@@ -22,15 +22,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use openmls::prelude::{
-    BasicCredential, Credential, GroupId, MlsMessageBodyIn, MlsMessageIn, ProcessedMessage,
-    ProcessedMessageContent, Proposal, ProposalOrRefType, ProposalStore, ProtocolMessage,
-    PublicGroup, QueuedProposal, Sender,
+    GroupId, MlsMessageBodyIn, MlsMessageIn, ProcessedMessage, ProcessedMessageContent, Proposal,
+    ProposalOrRefType, ProposalStore, ProtocolMessage, PublicGroup, QueuedProposal, Sender,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 use tls_codec::Deserialize as _;
 use umbra_proto::{AccountId, IdentityKey};
 
+use crate::group::{account_of, member_info};
 use crate::{MemberInfo, MlsError, Result};
 
 /// Why the delivery service refused a handshake message.
@@ -53,34 +53,16 @@ pub enum HandshakeError {
     State(String),
 }
 
-/// A member added by a validated commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AddedMember {
-    pub account: AccountId,
-    pub identity_key: IdentityKey,
-}
-
 /// What a validated commit does, as the server derived it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidCommit {
     /// The committer, from its leaf's credential (or the joiner's, for an
     /// external commit).
     pub sender: AccountId,
-    /// The committer joined by external commit (a rejoin).
-    pub external: bool,
-    /// The epoch the commit was made in; the group is now at `epoch + 1`.
-    pub epoch: u64,
-    pub added: Vec<AddedMember>,
-    pub removed: Vec<AccountId>,
+    /// The members its Add proposals add, with the keys their leaves carry.
+    pub added: Vec<MemberInfo>,
     /// Every member after the commit, in leaf order.
     pub members: Vec<AccountId>,
-}
-
-/// A validated standalone proposal: always a member leaving.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ValidProposal {
-    pub sender: AccountId,
-    pub epoch: u64,
 }
 
 /// The public state of one group, as the delivery service keeps it.
@@ -92,13 +74,6 @@ pub struct PublicState {
 
 /// Format version of [`PublicState::to_bytes`].
 const STATE_FORMAT: u8 = 1;
-
-fn account_of(credential: &Credential) -> Option<AccountId> {
-    let basic = BasicCredential::try_from(credential.clone()).ok()?;
-    std::str::from_utf8(basic.identity())
-        .ok()
-        .and_then(|text| AccountId::parse(text).ok())
-}
 
 fn parse(bytes: &[u8]) -> Result<MlsMessageIn, HandshakeError> {
     MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| HandshakeError::Malformed(e.to_string()))
@@ -120,7 +95,7 @@ impl PublicState {
                 "a new group starts at epoch 0".into(),
             ));
         }
-        match state.members().as_slice() {
+        match state.leaves()?.as_slice() {
             [only] if only.account == *creator && only.identity_key == *creator_key => Ok(state),
             _ => Err(HandshakeError::InvalidGroupInfo(
                 "a new group has its creator (this account and its identity key) as only member"
@@ -212,20 +187,22 @@ impl PublicState {
         self.group.group_context().epoch().as_u64()
     }
 
-    /// Members as the ratchet tree states them, in leaf order.
-    pub fn members(&self) -> Vec<MemberInfo> {
+    /// Every leaf of the tree, in leaf order; a leaf whose credential is
+    /// not an Umbra account makes the state invalid for Umbra.
+    fn leaves(&self) -> Result<Vec<MemberInfo>, HandshakeError> {
         self.group
             .members()
-            .filter_map(|member| {
-                Some(MemberInfo {
-                    account: account_of(&member.credential)?,
-                    identity_key: IdentityKey::from_slice(&member.signature_key).ok()?,
+            .map(|member| {
+                member_info(&member.credential, &member.signature_key).ok_or_else(|| {
+                    HandshakeError::InvalidCommit(
+                        "a leaf's credential is not an Umbra account and its key".into(),
+                    )
                 })
             })
             .collect()
     }
 
-    fn process(&self, bytes: &[u8]) -> Result<(ProcessedMessage, u64), HandshakeError> {
+    fn process(&self, bytes: &[u8]) -> Result<ProcessedMessage, HandshakeError> {
         let message = parse(bytes)?
             .try_into_protocol_message()
             .map_err(|_| HandshakeError::Malformed("not a protocol message".into()))?;
@@ -241,15 +218,13 @@ impl PublicState {
                 group: self.epoch(),
             });
         }
-        let processed = self
-            .group
+        self.group
             .process_message(&RustCrypto::default(), message)
-            .map_err(|e| HandshakeError::InvalidCommit(format!("{e:?}")))?;
-        Ok((processed, epoch))
+            .map_err(|e| HandshakeError::InvalidCommit(format!("{e:?}")))
     }
 
-    fn sender_account(&self, processed: &ProcessedMessage) -> Result<AccountId, HandshakeError> {
-        account_of(processed.credential()).ok_or_else(|| {
+    fn sender_account(processed: &ProcessedMessage) -> Result<AccountId, HandshakeError> {
+        account_of(processed.credential()).map_err(|_| {
             HandshakeError::Malformed("the sender's credential is not an Umbra account ID".into())
         })
     }
@@ -257,56 +232,72 @@ impl PublicState {
     fn member_account(&self, leaf: openmls::prelude::LeafNodeIndex) -> Option<AccountId> {
         self.group
             .leaf(leaf)
-            .and_then(|leaf| account_of(leaf.credential()))
+            .and_then(|leaf| account_of(leaf.credential()).ok())
     }
 
     /// Validates a standalone proposal for the current epoch: it must be
-    /// signed by a member and propose that member's own removal.
-    pub fn check_proposal(&self, bytes: &[u8]) -> Result<ValidProposal, HandshakeError> {
+    /// signed by a member, propose that member's own removal, and be its
+    /// first in this epoch (`stored` are the epoch's accepted proposals), so
+    /// the proposals a commit replays stay at most one per member. Returns
+    /// the leaving member.
+    pub fn check_proposal(
+        &self,
+        bytes: &[u8],
+        stored: &[Vec<u8>],
+    ) -> Result<AccountId, HandshakeError> {
         let refuse = |why: &str| HandshakeError::InvalidProposal(why.to_owned());
-        let (processed, epoch) = self.process(bytes).map_err(|error| match error {
+        let processed = self.process(bytes).map_err(|error| match error {
             HandshakeError::InvalidCommit(why) => HandshakeError::InvalidProposal(why),
             other => other,
         })?;
-        let sender = self.sender_account(&processed)?;
+        let sender = Self::sender_account(&processed)?;
         let Sender::Member(sender_leaf) = *processed.sender() else {
             return Err(refuse("only a member may propose"));
         };
         let ProcessedMessageContent::ProposalMessage(queued) = processed.into_content() else {
             return Err(refuse("not a proposal"));
         };
-        match queued.proposal() {
-            Proposal::Remove(remove) if remove.removed() == sender_leaf => {
-                Ok(ValidProposal { sender, epoch })
-            }
-            _ => Err(refuse(
+        if !matches!(queued.proposal(), Proposal::Remove(remove) if remove.removed() == sender_leaf)
+        {
+            return Err(refuse(
                 "a proposal on its own may only be a member leaving; other changes are made by their author's own commit",
-            )),
+            ));
         }
+        let proposed_before = stored.iter().any(|earlier| {
+            self.process(earlier)
+                .is_ok_and(|earlier| *earlier.sender() == Sender::Member(sender_leaf))
+        });
+        if proposed_before {
+            return Err(refuse("this member already proposed leaving in this epoch"));
+        }
+        Ok(sender)
     }
 
-    /// Validates a commit for the current epoch and, if it holds, moves
-    /// this state to the next epoch. `proposals` are the standalone
+    /// Validates a commit for the current epoch and returns what it does
+    /// with the state of the next epoch. `proposals` are the standalone
     /// proposals accepted in this epoch (in order), which the commit may
     /// reference; `welcome` must go to exactly the members it adds.
     ///
     /// Checked: the MLS validation openmls does without the group's
     /// secrets (signature by the sender's leaf, every proposal against the
-    /// tree, the update path's shape and leaf), then Umbra's policy: by
-    /// reference only members' own removals; an external commit only by a
-    /// joiner whose account is not already a member unless it removes that
-    /// account's old leaf (a rejoin).
+    /// tree, the update path's shape and leaf), then Umbra's policy: inline
+    /// only the committer's own adds, removals and timer; by reference only
+    /// members' own removals; every leaf after it is one that was there
+    /// with the same account and key, or one the commit adds (so nobody
+    /// changes a credential, and an external commit is only a member
+    /// rejoining with its own key, replacing its old leaf); no account
+    /// holds two leaves.
     pub fn process_commit(
-        &mut self,
+        mut self,
         bytes: &[u8],
         proposals: &[Vec<u8>],
         welcome: Option<&[u8]>,
-    ) -> Result<ValidCommit, HandshakeError> {
+    ) -> Result<(ValidCommit, PublicState), HandshakeError> {
         let crypto = RustCrypto::default();
         for proposal in proposals {
             // Accepted in this epoch already; one that no longer applies
             // is simply not available to the commit.
-            let Ok((processed, _)) = self.process(proposal) else {
+            let Ok(processed) = self.process(proposal) else {
                 continue;
             };
             if let ProcessedMessageContent::ProposalMessage(queued) = processed.into_content() {
@@ -315,8 +306,8 @@ impl PublicState {
                     .map_err(|e| HandshakeError::State(format!("{e:?}")))?;
             }
         }
-        let (processed, epoch) = self.process(bytes)?;
-        let sender = self.sender_account(&processed)?;
+        let processed = self.process(bytes)?;
+        let sender = Self::sender_account(&processed)?;
         let external = matches!(processed.sender(), Sender::NewMemberCommit);
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(HandshakeError::InvalidCommit("not a commit".into()));
@@ -326,62 +317,49 @@ impl PublicState {
             check_policy(queued, &sender, external, |leaf| self.member_account(leaf))
                 .map_err(refuse)?;
         }
-        let mut removed = Vec::new();
-        for remove in staged.remove_proposals() {
-            let leaf = remove.remove_proposal().removed();
-            let account = self
-                .member_account(leaf)
-                .ok_or_else(|| refuse("it removes an empty leaf".into()))?;
-            removed.push(account);
-        }
         let mut added = Vec::new();
         let mut added_refs = BTreeSet::new();
         for add in staged.add_proposals() {
             let key_package = add.add_proposal().key_package();
             let leaf = key_package.leaf_node();
-            let account = account_of(leaf.credential()).ok_or_else(|| {
-                refuse("it adds a credential that is not an Umbra account".into())
-            })?;
-            let identity_key = IdentityKey::from_slice(leaf.signature_key().as_slice())
-                .map_err(|e| refuse(e.to_string()))?;
+            let member = member_info(leaf.credential(), leaf.signature_key().as_slice())
+                .ok_or_else(|| refuse("it adds a leaf that is not an Umbra account".into()))?;
             let reference = key_package
                 .hash_ref(&crypto)
                 .map_err(|e| HandshakeError::State(format!("{e:?}")))?;
             added_refs.insert(reference.as_slice().to_vec());
-            added.push(AddedMember {
-                account,
-                identity_key,
-            });
+            added.push(member);
         }
         check_welcome(welcome, &added_refs)?;
-        let before: BTreeSet<AccountId> = self.members().into_iter().map(|m| m.account).collect();
-        if external && !(before.contains(&sender) && removed.contains(&sender)) {
-            // Joining by external commit is only a member's way back in
-            // (its state fell behind): it replaces its own old leaf.
-            return Err(refuse(
-                "an external commit is accepted only from a member rejoining, replacing its old leaf"
-                    .into(),
-            ));
-        }
+        let before = self.leaves()?;
         self.group
             .merge_commit(&self.storage, *staged)
             .map_err(|e| HandshakeError::State(format!("{e:?}")))?;
-        let members: Vec<AccountId> = self.members().into_iter().map(|m| m.account).collect();
+        let after = self.leaves()?;
         let mut seen = BTreeSet::new();
-        if !members.iter().all(|account| seen.insert(account.clone())) {
-            return Err(refuse("after it an account would hold two leaves".into()));
+        for member in &after {
+            if !seen.insert(&member.account) {
+                return Err(refuse(format!(
+                    "after it {} would hold two leaves",
+                    member.account
+                )));
+            }
+            if !before.contains(member) && !added.contains(member) {
+                return Err(refuse(format!(
+                    "it gives {} a leaf with another credential or key than it had",
+                    member.account
+                )));
+            }
         }
-        if external {
-            added.retain(|member| member.account != sender);
-        }
-        Ok(ValidCommit {
-            sender,
-            external,
-            epoch,
-            added,
-            removed,
-            members,
-        })
+        let members = after.into_iter().map(|member| member.account).collect();
+        Ok((
+            ValidCommit {
+                sender,
+                added,
+                members,
+            },
+            self,
+        ))
     }
 }
 

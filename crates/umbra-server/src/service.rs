@@ -335,7 +335,8 @@ impl Services {
 
     /// Sending needs a line that is active and paid for. Read from the store
     /// each time, so a suspension or renewal takes effect at once.
-    async fn require_active(&self, me: &AccountId) -> Result<(), ErrorReply> {
+    /// The caller's account, if its line may act now.
+    async fn require_active(&self, me: &AccountId) -> Result<Account, ErrorReply> {
         let account = self
             .store
             .account(me)
@@ -344,7 +345,7 @@ impl Services {
             .ok_or_else(|| refuse(ErrorCode::LineRevoked, "this line no longer exists"))?;
         match line_refusal(account.status, account.subscription_expires_at, self.now()) {
             Some(refusal) => Err(refusal),
-            None => Ok(()),
+            None => Ok(account),
         }
     }
 
@@ -446,21 +447,14 @@ impl Services {
                 group_id,
                 group_info,
             } => {
-                self.require_active(me).await?;
-                let account = self
-                    .store
-                    .account(me)
-                    .await
-                    .map_err(internal)?
-                    .ok_or_else(not_a_member)?;
-                let public_state = umbra_mls::PublicState::from_group_info(
-                    group_id.as_bytes(),
-                    &group_info,
-                    me,
-                    &account.identity_key,
+                let account = self.require_active(me).await?;
+                let public_state = crate::handshake::validate_group_info(
+                    group_id.clone(),
+                    group_info,
+                    me.clone(),
+                    account.identity_key,
                 )
-                .map_err(|e| refuse(ErrorCode::InvalidRequest, e.to_string()))?
-                .to_bytes();
+                .await?;
                 if self
                     .store
                     .create_group(&group_id, me, &public_state, self.now())
@@ -1039,9 +1033,9 @@ impl Services {
             return Err(not_a_member());
         }
         let epoch = group.epoch;
-        let valid =
+        let leaving =
             crate::handshake::validate_proposal(group_id.clone(), group, message.to_vec()).await?;
-        if valid.sender != *me {
+        if leaving != *me {
             return Err(refuse(
                 ErrorCode::InvalidProposal,
                 "the proposal is signed by another member's leaf",

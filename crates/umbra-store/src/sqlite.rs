@@ -693,6 +693,17 @@ fn members(tx: &Connection, group: &GroupId) -> Result<Vec<AccountId>> {
     rows.map(|row| account_id(row.map_err(backend)?)).collect()
 }
 
+/// The group's current epoch, if the group exists.
+fn group_epoch(tx: &Connection, group: &GroupId) -> Result<Option<u64>> {
+    tx.query_row(
+        "SELECT epoch FROM groups WHERE group_id = ?1",
+        [group.as_bytes()],
+        |row| row.get(0),
+    )
+    .optional()
+    .map_err(backend)
+}
+
 fn is_member(tx: &Connection, group: &GroupId, account: &AccountId) -> Result<bool> {
     tx.prepare_cached("SELECT 1 FROM group_members WHERE group_id = ?1 AND account_id = ?2")
         .and_then(|mut s| s.exists(params![group.as_bytes(), account.as_str()]))
@@ -1214,15 +1225,7 @@ impl Groups for SqliteStore {
     ) -> Result<CommitOutcome> {
         let commit = commit.clone();
         self.write(move |tx| {
-            let epoch: Option<u64> = tx
-                .query_row(
-                    "SELECT epoch FROM groups WHERE group_id = ?1",
-                    [commit.group_id.as_bytes()],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(backend)?;
-            let Some(epoch) = epoch else {
+            let Some(epoch) = group_epoch(tx, &commit.group_id)? else {
                 return Ok(CommitOutcome::UnknownGroup);
             };
             if i64::try_from(commit.epoch).is_err() {
@@ -1326,15 +1329,7 @@ impl Groups for SqliteStore {
         let group = group.clone();
         let message = message.to_vec();
         self.write(move |tx| {
-            let current: Option<u64> = tx
-                .query_row(
-                    "SELECT epoch FROM groups WHERE group_id = ?1",
-                    [group.as_bytes()],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(backend)?;
-            if current != Some(epoch) {
+            if group_epoch(tx, &group)? != Some(epoch) {
                 return Ok(false);
             }
             tx.execute(
