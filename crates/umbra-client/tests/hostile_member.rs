@@ -547,3 +547,32 @@ async fn a_member_proposes_leaving_once_per_epoch_and_is_removed() {
         (scene.alice.id(), "mallory left".to_owned())
     );
 }
+
+#[tokio::test]
+async fn removing_and_adding_a_member_in_one_commit_is_refused() {
+    let mut scene = scene().await;
+    // Bob would be cut off (his device is told it was removed) while the
+    // routing and everyone else still counted him in.
+    let bob = scene.bob.id();
+    let key_package = scene.mallory.key_package(&bob).await;
+    let provider = scene.mallory.provider();
+    let output = scene
+        .group
+        .remove_and_add(&provider, &scene.mallory.signer, &bob, &key_package)
+        .unwrap();
+    scene.group.clear_pending_commit(&provider).unwrap();
+    let refused = scene
+        .mallory
+        .submit(&scene.group, output.epoch, output.commit, output.welcome)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code,
+        ErrorCode::InvalidCommit,
+        "{}",
+        refused.message
+    );
+    scene
+        .honest_members_carry_on("after a remove-and-add")
+        .await;
+}

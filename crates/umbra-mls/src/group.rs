@@ -555,6 +555,20 @@ impl Group {
                 Ok(Incoming::Leaving { sender })
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
+                // The delivery service refuses these too; a device does not
+                // take its word for it. Every credential a commit brings in
+                // must be an Umbra account (a leaf that is not would be a
+                // member nobody sees), and the committer keeps its own.
+                for credential in staged.credentials_to_verify() {
+                    account_of(credential)?;
+                }
+                if let Some(leaf) = staged.update_path_leaf_node()
+                    && account_of(leaf.credential())? != sender
+                {
+                    return Err(MlsError::Protocol(format!(
+                        "{sender}'s commit gives its leaf another account"
+                    )));
+                }
                 let removed_self = staged.self_removed();
                 self.inner
                     .merge_staged_commit(provider, *staged)

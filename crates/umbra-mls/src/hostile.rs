@@ -2,7 +2,12 @@
 //! so the tests of the delivery service's policy can send it for real.
 //! Compiled only with the `hostile` feature (tests).
 
-use openmls::prelude::{LeafNodeIndex, LeafNodeParameters};
+use openmls::prelude::{
+    KeyPackageIn, LeafNodeIndex, LeafNodeParameters, MlsMessageBodyIn, MlsMessageIn,
+    ProtocolVersion,
+};
+use openmls_traits::OpenMlsProvider as _;
+use tls_codec::Deserialize as _;
 
 use crate::CommitOutput;
 use crate::group::{Group, credential, timer_extensions, to_bytes};
@@ -63,6 +68,46 @@ impl Group {
             epoch,
             commit: to_bytes(&commit)?,
             welcome: None,
+        })
+    }
+
+    /// One commit that removes a member and adds it again from a fresh
+    /// KeyPackage: the member is cut off while the others see no change.
+    pub fn remove_and_add(
+        &mut self,
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        account: &AccountId,
+        key_package: &[u8],
+    ) -> Result<CommitOutput> {
+        let leaf = self
+            .leaf(account)
+            .ok_or_else(|| MlsError::NotAMember(account.to_string()))?;
+        let message = MlsMessageIn::tls_deserialize_exact(key_package)
+            .map_err(|e| MlsError::Malformed(e.to_string()))?;
+        let MlsMessageBodyIn::KeyPackage(key_package) = message.extract() else {
+            return Err(MlsError::InvalidKeyPackage("expected a KeyPackage".into()));
+        };
+        let key_package =
+            KeyPackageIn::validate(key_package, provider.crypto(), ProtocolVersion::Mls10)
+                .map_err(|e| MlsError::InvalidKeyPackage(format!("{e:?}")))?;
+        let epoch = self.epoch();
+        let bundle = self
+            .inner
+            .commit_builder()
+            .propose_removals([leaf])
+            .propose_adds([key_package])
+            .load_psks(provider.storage())
+            .map_err(|e| protocol("loading PSKs", e))?
+            .build(provider.rand(), provider.crypto(), signer, |_| true)
+            .map_err(|e| protocol("building a commit", e))?
+            .stage_commit(provider)
+            .map_err(|e| protocol("staging a commit", e))?;
+        let (commit, welcome, _) = bundle.into_messages();
+        Ok(CommitOutput {
+            epoch,
+            commit: to_bytes(&commit)?,
+            welcome: welcome.as_ref().map(to_bytes).transpose()?,
         })
     }
 }

@@ -22,12 +22,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use openmls::prelude::{
-    GroupId, MlsMessageBodyIn, MlsMessageIn, ProcessedMessage, ProcessedMessageContent, Proposal,
-    ProposalOrRefType, ProposalStore, ProtocolMessage, PublicGroup, QueuedProposal, Sender,
+    GroupId, LeafNode, MlsMessageBodyIn, MlsMessageIn, ProcessedMessage, ProcessedMessageContent,
+    Proposal, ProposalOrRefType, ProposalStore, ProtocolMessage, PublicGroup, QueuedProposal,
+    Sender,
 };
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
-use tls_codec::Deserialize as _;
+use tls_codec::{Deserialize as _, Size as _};
 use umbra_proto::{AccountId, IdentityKey};
 
 use crate::group::{account_of, member_info};
@@ -75,6 +76,26 @@ pub struct PublicState {
 /// Format version of [`PublicState::to_bytes`].
 const STATE_FORMAT: u8 = 1;
 
+/// Largest GroupInfo accepted for a new group: its creator's leaf alone
+/// (about 1 KiB) with room to spare, so a tree padded with blank nodes is
+/// refused before it is parsed.
+const MAX_NEW_GROUP_INFO_BYTES: usize = 2 * umbra_proto::frame::MAX_KEY_PACKAGE_BYTES;
+
+/// Largest leaf a commit may bring into the tree (an added KeyPackage's or
+/// the committer's new one): what a KeyPackage upload may be, so no member
+/// can grow the state every commit loads and stores.
+const MAX_LEAF_BYTES: usize = umbra_proto::frame::MAX_KEY_PACKAGE_BYTES;
+
+fn check_leaf_size(leaf: &LeafNode) -> Result<(), HandshakeError> {
+    let size = leaf.tls_serialized_len();
+    if size > MAX_LEAF_BYTES {
+        return Err(HandshakeError::InvalidCommit(format!(
+            "it brings a leaf of {size} bytes into the tree; at most {MAX_LEAF_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
 fn parse(bytes: &[u8]) -> Result<MlsMessageIn, HandshakeError> {
     MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| HandshakeError::Malformed(e.to_string()))
 }
@@ -89,10 +110,17 @@ impl PublicState {
         creator: &AccountId,
         creator_key: &IdentityKey,
     ) -> Result<PublicState, HandshakeError> {
+        if group_info.len() > MAX_NEW_GROUP_INFO_BYTES {
+            return Err(HandshakeError::InvalidGroupInfo(format!(
+                "a new group's GroupInfo is {} bytes; with its creator alone it fits in {MAX_NEW_GROUP_INFO_BYTES}",
+                group_info.len()
+            )));
+        }
         let state = PublicState::observe(group_id, group_info)?;
-        if state.epoch() != 0 {
+        let only_leaf_first = state.group.members().all(|member| member.index.u32() == 0);
+        if state.epoch() != 0 || !only_leaf_first {
             return Err(HandshakeError::InvalidGroupInfo(
-                "a new group starts at epoch 0".into(),
+                "a new group starts at epoch 0 with a tree of its creator's leaf alone".into(),
             ));
         }
         match state.leaves()?.as_slice() {
@@ -317,21 +345,34 @@ impl PublicState {
             check_policy(queued, &sender, external, |leaf| self.member_account(leaf))
                 .map_err(refuse)?;
         }
+        if let Some(leaf) = staged.update_path_leaf_node() {
+            check_leaf_size(leaf)?;
+        }
+        let before = self.leaves()?;
         let mut added = Vec::new();
         let mut added_refs = BTreeSet::new();
         for add in staged.add_proposals() {
             let key_package = add.add_proposal().key_package();
             let leaf = key_package.leaf_node();
+            check_leaf_size(leaf)?;
             let member = member_info(leaf.credential(), leaf.signature_key().as_slice())
                 .ok_or_else(|| refuse("it adds a leaf that is not an Umbra account".into()))?;
             let reference = key_package
                 .hash_ref(&crypto)
                 .map_err(|e| HandshakeError::State(format!("{e:?}")))?;
+            if before.iter().any(|old| old.account == member.account) {
+                // Removed and added in one commit, its Welcome would go to
+                // an account the routing still counts as a member; the
+                // others would see no change at all.
+                return Err(refuse(format!(
+                    "it adds {}, who is a member: remove first, add in a later commit",
+                    member.account
+                )));
+            }
             added_refs.insert(reference.as_slice().to_vec());
             added.push(member);
         }
         check_welcome(welcome, &added_refs)?;
-        let before = self.leaves()?;
         self.group
             .merge_commit(&self.storage, *staged)
             .map_err(|e| HandshakeError::State(format!("{e:?}")))?;

@@ -15,7 +15,7 @@ fn refusal(error: HandshakeError, refused: ErrorCode) -> ErrorReply {
     let code = match &error {
         HandshakeError::WrongEpoch { .. } => ErrorCode::StaleEpoch,
         HandshakeError::State(_) => {
-            tracing::error!(%error, "a group's stored public state is unreadable");
+            tracing::error!(%error, "validating against a group's stored public state failed");
             ErrorCode::Internal
         }
         _ => refused,

@@ -592,17 +592,6 @@ impl Services {
                 ),
             ));
         }
-        if !self
-            .store
-            .use_wipe_command(account_id, issued_at)
-            .await
-            .map_err(internal)?
-        {
-            return Err(refuse(
-                ErrorCode::StaleWipe,
-                "this wipe command, or a newer one, was relayed already",
-            ));
-        }
         let mut command = issued_at.to_be_bytes().to_vec();
         command.extend_from_slice(signature.as_bytes());
         let notice = Notice {
@@ -612,13 +601,21 @@ impl Services {
             group_id: None,
             payload: command,
         };
-        // Kept until its device takes it or the line ends, however long
-        // the device stays offline.
+        // Kept until its device takes it or the subscription (as it stands
+        // now) ends, however long the device stays offline.
         let expires_at = self.expires_at(now).max(account.subscription_expires_at);
-        self.store
-            .notice(notice, now, expires_at)
+        if self
+            .store
+            .queue_wipe_command(notice, issued_at, now, expires_at)
             .await
-            .map_err(internal)?;
+            .map_err(internal)?
+            .is_none()
+        {
+            return Err(refuse(
+                ErrorCode::StaleWipe,
+                "this wipe command, or a newer one, was relayed already",
+            ));
+        }
         self.registry.notify([account_id]);
         info!(account = %account_id, "wipe command relayed");
         Ok(Reply::Done)
@@ -851,6 +848,11 @@ impl Services {
             .await
             .map_err(internal)?
             .ok_or_else(|| unknown_group(&commit.group_id))?;
+        // Only members may have a commit validated (a rejoining member is
+        // still one here): anyone else learns nothing and costs nothing.
+        if !group.members.contains(me) {
+            return Err(not_a_member());
+        }
         if commit.epoch > group.epoch {
             return Err(stale(commit.epoch, group.epoch));
         }
@@ -1032,6 +1034,8 @@ impl Services {
         if !group.members.contains(me) {
             return Err(not_a_member());
         }
+        // A line that may not send has nothing recorded either.
+        self.require_active(me).await?;
         let epoch = group.epoch;
         let leaving =
             crate::handshake::validate_proposal(group_id.clone(), group, message.to_vec()).await?;
@@ -1047,7 +1051,17 @@ impl Services {
             .await
             .map_err(internal)?
         {
-            return Err(stale(epoch, epoch.saturating_add(1)));
+            let current_epoch = match self.store.group(group_id).await.map_err(internal)? {
+                Some(group) => group.epoch,
+                None => return Err(unknown_group(group_id)),
+            };
+            return Err(ErrorReply {
+                code: ErrorCode::StaleEpoch,
+                message: format!(
+                    "the proposal was made in epoch {epoch}; the group is at epoch {current_epoch}: process what came before and propose again"
+                ),
+                current_epoch,
+            });
         }
         Ok(())
     }

@@ -392,7 +392,28 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
             welcome: None,
         })
     };
+    // Someone outside the group is refused before anything is validated.
+    let mut outsider = Raw::connect(&server).await;
+    outsider
+        .registered(&server, &DeviceSigner::from_secret(&[4; 32]))
+        .await;
     let first = group.self_update(&provider, &signer).unwrap();
+    outsider
+        .expect_error(submission(0, first.commit.clone()), ErrorCode::NotAMember)
+        .await;
+    // A new group's GroupInfo carries its creator's leaf alone: anything
+    // much larger (a tree padded with blank nodes) is refused unparsed.
+    let padded = GroupId::new(vec![7; 16]).unwrap();
+    let message = raw
+        .expect_error(
+            Request::CreateGroup {
+                group_id: padded,
+                group_info: vec![0; 64 * 1024],
+            },
+            ErrorCode::InvalidRequest,
+        )
+        .await;
+    assert!(message.contains("fits in"), "{message}");
     // Declared epoch that does not match the MLS header.
     raw.expect_error(
         submission(5, first.commit.clone()),

@@ -30,6 +30,7 @@ where
     fan_out_and_mailboxes(&make().await).await;
     notices(&make().await).await;
     revocation(&make().await).await;
+    wipe_commands(&make().await).await;
     lines_decide_each_send(&make().await).await;
     distributors(&make().await).await;
     expiry(&make().await).await;
@@ -544,19 +545,43 @@ async fn notices(store: &impl Store) {
     );
 }
 
+async fn wipe_commands(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let queue = |issued_at: u64| {
+        let notice = Notice {
+            recipient: alice.clone(),
+            sender: alice.clone(),
+            kind: DeliveryKind::Wipe,
+            group_id: None,
+            payload: issued_at.to_be_bytes().to_vec(),
+        };
+        store.queue_wipe_command(notice, issued_at, NOW, NOW + TTL)
+    };
+    assert!(queue(100).await.unwrap().is_some());
+    assert_eq!(queue(100).await.unwrap(), None, "a command is queued once");
+    assert_eq!(queue(99).await.unwrap(), None, "nor an older one");
+    assert_eq!(queue(u64::MAX).await.unwrap(), None);
+    assert!(queue(101).await.unwrap().is_some());
+    let queued: Vec<Vec<u8>> = store
+        .pending(&alice, 0, 10, NOW)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|delivery| delivery.payload)
+        .collect();
+    assert_eq!(
+        queued,
+        vec![100u64.to_be_bytes().to_vec(), 101u64.to_be_bytes().to_vec()],
+        "only the commands accepted are in the mailbox"
+    );
+}
+
 async fn revocation(store: &impl Store) {
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
     let carol = registered(store, "CCCCCCCC", 3).await;
     befriend(store, &alice, &bob).await;
     store.set_wipe_key(&alice, &key(9)).await.unwrap();
-    assert!(store.use_wipe_command(&alice, 100).await.unwrap());
-    assert!(
-        !store.use_wipe_command(&alice, 100).await.unwrap(),
-        "a wipe command is relayed once"
-    );
-    assert!(!store.use_wipe_command(&alice, 99).await.unwrap());
-    assert!(store.use_wipe_command(&alice, 101).await.unwrap());
     store.touch(&alice, 20_000).await.unwrap();
     let row = store.account(&alice).await.unwrap().unwrap();
     assert_eq!(

@@ -134,10 +134,17 @@ pub trait Accounts: Send + Sync {
     async fn account(&self, id: &AccountId) -> Result<Option<Account>>;
     /// Records the public key that verifies this line's wipe commands.
     async fn set_wipe_key(&self, id: &AccountId, key: &IdentityKey) -> Result<()>;
-    /// Records a wipe command for the line by its signed issue time: true
-    /// if it is newer than every one recorded before (so it may be
-    /// relayed), false if it is a replay or older.
-    async fn use_wipe_command(&self, id: &AccountId, issued_at: u64) -> Result<bool>;
+    /// Queues a wipe command (`notice`, for the line it names) if its
+    /// signed issue time is later than every one queued for the line
+    /// before, recording that time in the same step: the delivery ID, or
+    /// `None` for a replay or an older command (nothing is stored).
+    async fn queue_wipe_command(
+        &self,
+        notice: Notice,
+        issued_at: u64,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<Option<u64>>;
     /// Records a login on `day` (Unix day).
     async fn touch(&self, id: &AccountId, day: u64) -> Result<()>;
     /// Ends a line: withdraws its KeyPackages, drops its mailbox and its

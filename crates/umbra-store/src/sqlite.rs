@@ -813,21 +813,39 @@ impl Accounts for SqliteStore {
         .await
     }
 
-    async fn use_wipe_command(&self, id: &AccountId, issued_at: u64) -> Result<bool> {
-        let id = id.clone();
+    async fn queue_wipe_command(
+        &self,
+        notice: Notice,
+        issued_at: u64,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<Option<u64>> {
         self.write(move |tx| {
             let Ok(issued_at) = i64::try_from(issued_at) else {
-                return Ok(false);
+                return Ok(None);
             };
-            let changed = tx
+            let newer = tx
                 .execute(
                     "UPDATE accounts SET last_wipe_issued_at = ?2
                      WHERE account_id = ?1
                        AND (last_wipe_issued_at IS NULL OR last_wipe_issued_at < ?2)",
-                    params![id.as_str(), issued_at],
+                    params![notice.recipient.as_str(), issued_at],
                 )
                 .map_err(backend)?;
-            Ok(changed == 1)
+            if newer != 1 {
+                return Ok(None);
+            }
+            enqueue(
+                tx,
+                &notice.recipient,
+                &notice.sender,
+                notice.kind,
+                notice.group_id.as_ref(),
+                &notice.payload,
+                now,
+                expires_at,
+            )
+            .map(Some)
         })
         .await
     }
