@@ -214,12 +214,18 @@ enum ContactsCommand {
     /// List contacts and their state.
     List,
     /// Show the safety number (digits and QR code) to compare with the
-    /// contact in person; with --mark, record that they matched.
+    /// contact in person; with --mark, record that they matched. When a
+    /// verified contact's key changed, nothing is sent to them until you
+    /// run this with --mark (numbers compared) or --accept.
     Verify {
         account: String,
         /// The numbers matched: mark the contact verified.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "accept")]
         mark: bool,
+        /// Accept a changed key without comparing numbers: messages go to
+        /// the contact again and the contact stays unverified.
+        #[arg(long)]
+        accept: bool,
     },
 }
 
@@ -394,9 +400,22 @@ impl Out {
                     conversation.id
                 ),
             },
-            Event::KeyChanged { account } => println!(
-                "WARNING: the identity key of {account} CHANGED. Compare safety numbers again: `umbra contacts verify {account}`"
-            ),
+            Event::KeyChanged {
+                account,
+                sending_stopped,
+            } => {
+                println!(
+                    "WARNING: the identity key of {account} CHANGED. Compare safety numbers again: `umbra contacts verify {account}`"
+                );
+                if *sending_stopped {
+                    println!(
+                        "You had verified {account}: nothing is sent to them until you confirm the new number (`umbra contacts verify {account} --mark`) or accept the new key unverified (`--accept`)."
+                    );
+                }
+            }
+            Event::Refused { from, reason } => {
+                println!("REFUSED {reason}, \"from\" {from}: nothing of it was applied")
+            }
             _ => {}
         }
     }
@@ -789,16 +808,25 @@ async fn contacts(cli: &Cli, out: &Out, command: &ContactsCommand) -> anyhow::Re
                     if contact.key_changed {
                         marks.push("KEY CHANGED".into());
                     }
+                    if contact.key_unconfirmed {
+                        marks.push("sending stopped until you confirm the new key".into());
+                    }
                     println!("{}  {}", contact.account, marks.join(", "));
                 }
             }
         }
-        ContactsCommand::Verify { account: id, mark } => {
+        ContactsCommand::Verify {
+            account: id,
+            mark,
+            accept,
+        } => {
             let id = account(id)?;
             let client = open(cli)?;
             let number = client.safety_number(&id)?;
             if *mark {
                 client.verify_contact(&id)?;
+            } else if *accept {
+                client.accept_key_change(&id)?;
             }
             out.value(
                 json!({ "account": id, "safety_number": number.digits, "verified": mark }),
@@ -812,6 +840,8 @@ async fn contacts(cli: &Cli, out: &Out, command: &ContactsCommand) -> anyhow::Re
                     }
                     text.push_str(if *mark {
                         "Marked verified."
+                    } else if *accept {
+                        "New key accepted, unverified: messages go to them again."
                     } else {
                         "Compare it with theirs in person. If it matches: `umbra contacts verify ID --mark`."
                     });

@@ -31,7 +31,7 @@ use crate::secret::{KdfParams, Passphrase};
 use crate::store;
 use crate::types::{
     ConnectionState, Contact, ContactState, Conversation, ConversationId, ConversationKind,
-    DeliveryState, Direction, Event, Message,
+    DeliveryState, Direction, Event, Message, Refusal,
 };
 
 /// How many times a commit is retried after losing its epoch to another.
@@ -751,8 +751,13 @@ impl Client {
                 )?;
                 if accepted == 1 {
                     events.push(Event::ContactAccepted { by: sender.clone() });
-                } else {
+                } else if contact_state(tx, sender)? != Some(ContactState::Accepted) {
+                    // (An acceptance crossing our own is no news.)
                     warn!(%sender, "refusing an acceptance of a contact request this device did not send");
+                    events.push(Event::Refused {
+                        from: sender.clone(),
+                        reason: Refusal::UnaskedAcceptance,
+                    });
                 }
             }
             DeliveryKind::Welcome => self.apply_welcome(tx, provider, delivery, events)?,
@@ -837,6 +842,10 @@ impl Client {
             // Not from a contact we accepted: leave no trace of the group.
             warn!(inviter = %inviter, "ignoring a Welcome from someone who is not a contact");
             group.delete(provider)?;
+            events.push(Event::Refused {
+                from: delivery.sender.clone(),
+                reason: Refusal::InvitationFromStranger,
+            });
             return Ok(());
         }
         let pinned: Option<Vec<u8>> = tx
@@ -859,6 +868,10 @@ impl Client {
             // this contact: someone (a server) stands in for them.
             warn!(inviter = %inviter, "ignoring a Welcome whose inviter's key is not the one pinned");
             group.delete(provider)?;
+            events.push(Event::Refused {
+                from: inviter,
+                reason: Refusal::InvitationUnderAnotherKey,
+            });
             return Ok(());
         }
         let members: Vec<AccountId> = group.accounts();
@@ -1102,13 +1115,20 @@ impl Client {
                 )?;
             }
             Some(Some(old)) if old != key.as_bytes() => {
-                tx.execute(
-                    "UPDATE contacts SET identity_key = ?2, key_changed = 1, verified = 0 WHERE account_id = ?1",
+                // A verified contact's new key is not written to until the
+                // user confirms it (Signal's rule); an unverified one's is,
+                // with a warning.
+                let sending_stopped: bool = tx.query_row(
+                    "UPDATE contacts SET identity_key = ?2, key_changed = 1,
+                         key_unconfirmed = (verified OR key_unconfirmed), verified = 0
+                     WHERE account_id = ?1 RETURNING key_unconfirmed",
                     params![account.as_str(), &key.as_bytes()[..]],
+                    |row| row.get(0),
                 )?;
-                warn!(account = %account, "identity key changed");
+                warn!(account = %account, sending_stopped, "identity key changed");
                 events.push(Event::KeyChanged {
                     account: account.clone(),
+                    sending_stopped,
                 });
             }
             _ => {}
@@ -1383,7 +1403,7 @@ impl Client {
     pub fn contacts(&self) -> Result<Vec<Contact>> {
         let db = self.db();
         let mut statement = db.prepare(
-            "SELECT c.account_id, c.state, c.verified, c.key_changed, v.group_id
+            "SELECT c.account_id, c.state, c.verified, c.key_changed, v.group_id, c.key_unconfirmed
              FROM contacts c LEFT JOIN conversations v ON v.peer = c.account_id
              ORDER BY c.account_id",
         )?;
@@ -1394,6 +1414,7 @@ impl Client {
                     .unwrap_or(ContactState::Outgoing),
                 verified: row.get(2)?,
                 key_changed: row.get(3)?,
+                key_unconfirmed: row.get(5)?,
                 conversation: row
                     .get::<_, Option<Vec<u8>>>(4)?
                     .map(|g| ConversationId::from_group(&g)),
@@ -1426,11 +1447,22 @@ impl Client {
     }
 
     /// Marks a contact verified after comparing safety numbers; clears a
-    /// key-changed warning.
+    /// key-changed warning and lets messages go to them again.
     pub fn verify_contact(&self, account: &AccountId) -> Result<()> {
         self.safety_number(account)?;
         self.db().execute(
-            "UPDATE contacts SET verified = 1, key_changed = 0 WHERE account_id = ?1",
+            "UPDATE contacts SET verified = 1, key_changed = 0, key_unconfirmed = 0 WHERE account_id = ?1",
+            [account.as_str()],
+        )?;
+        Ok(())
+    }
+
+    /// Accepts a contact's changed identity key without verifying it:
+    /// messages go to them again, and the contact stays unverified.
+    pub fn accept_key_change(&self, account: &AccountId) -> Result<()> {
+        self.safety_number(account)?;
+        self.db().execute(
+            "UPDATE contacts SET key_changed = 0, key_unconfirmed = 0 WHERE account_id = ?1",
             [account.as_str()],
         )?;
         Ok(())
@@ -1490,6 +1522,24 @@ impl Client {
                     "the server returned a KeyPackage for {} when asked for {account}",
                     valid.account
                 )));
+            }
+            // A KeyPackage under another key than the one known for this
+            // contact is a key change like one seen in a group: recorded,
+            // shown, and for a verified contact not used until confirmed.
+            let mut events = Vec::new();
+            let stopped = self.with_tx(|tx, _| {
+                self.check_key(tx, account, &valid.identity_key, &mut events)?;
+                Ok(tx.query_row(
+                    "SELECT key_unconfirmed FROM contacts WHERE account_id = ?1",
+                    [account.as_str()],
+                    |row| row.get::<_, bool>(0),
+                )?)
+            })?;
+            for event in events {
+                self.emit(event);
+            }
+            if stopped {
+                return Err(ClientError::KeyUnconfirmed(account.clone()));
             }
             key_packages.push(key_package);
         }
@@ -1890,6 +1940,9 @@ impl Client {
             if !group.is_active() {
                 return Err(ClientError::NotAMember);
             }
+            if let Some(account) = unconfirmed_member(tx, &group)? {
+                return Err(ClientError::KeyUnconfirmed(account));
+            }
             let content = Content {
                 disappear_after: group.disappear_after(),
                 ..content.clone()
@@ -1984,6 +2037,18 @@ fn message_row(
 fn load_group(provider: &Provider<'_>, group_id: &[u8]) -> Result<Group> {
     Group::load(provider, group_id)?
         .ok_or_else(|| ClientError::UnknownConversation(hex::encode(group_id)))
+}
+
+/// A member of `group` whose changed key the user has not confirmed yet.
+fn unconfirmed_member(db: &Connection, group: &Group) -> Result<Option<AccountId>> {
+    let mut statement =
+        db.prepare_cached("SELECT 1 FROM contacts WHERE account_id = ?1 AND key_unconfirmed = 1")?;
+    for account in group.accounts() {
+        if statement.exists([account.as_str()])? {
+            return Ok(Some(account));
+        }
+    }
+    Ok(None)
 }
 
 fn contact_state(db: &Connection, account: &AccountId) -> Result<Option<ContactState>> {

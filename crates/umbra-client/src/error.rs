@@ -43,6 +43,12 @@ pub enum ClientError {
     NoRequest(AccountId),
     #[error("no conversation {0}")]
     UnknownConversation(String),
+    #[error(
+        "the identity key of {0} changed since you verified it; nothing is sent to them until you \
+         compare the new safety number (`umbra contacts verify {0}`) and confirm it (`--mark`), \
+         or accept the new key unverified (`--accept`)"
+    )]
+    KeyUnconfirmed(AccountId),
     #[error("you are no longer a member of this conversation")]
     NotAMember,
     #[error("invalid input: {0}")]

@@ -35,7 +35,7 @@ pub use secret::{KdfParams, Passphrase};
 pub use store::exists as device_exists;
 pub use types::{
     ConnectionState, Contact, ContactState, Conversation, ConversationId, ConversationKind,
-    DeliveryState, Direction, Event, Message,
+    DeliveryState, Direction, Event, Message, Refusal,
 };
 pub use umbra_mls::Suite;
 pub use umbra_proto::DistributorCredential;

@@ -55,6 +55,11 @@ pub struct Contact {
     pub verified: bool,
     /// The contact's identity key differs from the one first seen.
     pub key_changed: bool,
+    /// The key changed while the contact was verified: nothing is sent to
+    /// any conversation they are in until the user confirms the new
+    /// safety number ([`crate::Client::verify_contact`]) or accepts the new
+    /// key unverified ([`crate::Client::accept_key_change`]).
+    pub key_unconfirmed: bool,
     /// The one-to-one conversation, once it exists.
     pub conversation: Option<ConversationId>,
 }
@@ -177,9 +182,12 @@ pub enum Event {
         conversation: Conversation,
     },
     /// A contact's identity key is not the one seen before: compare safety
-    /// numbers again before trusting the conversation.
+    /// numbers again before trusting the conversation. `sending_stopped`
+    /// when the contact was verified: nothing goes to them until the user
+    /// confirms (see [`Contact::key_unconfirmed`]).
     KeyChanged {
         account: AccountId,
+        sending_stopped: bool,
     },
     Connection {
         state: ConnectionState,
@@ -196,4 +204,36 @@ pub enum Event {
     /// A wipe command arrived that is not signed with this device's wipe
     /// code (for example one forged by the server); it was ignored.
     WipeRefused,
+    /// Something arrived "from" `from` that this device did not ask for or
+    /// that is not under the key it pinned for them (what a server standing
+    /// in for a contact would send); nothing of it was applied.
+    Refused {
+        from: AccountId,
+        reason: Refusal,
+    },
+}
+
+/// Why a delivery was refused (see [`Event::Refused`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// A contact acceptance for a request this device never sent.
+    UnaskedAcceptance,
+    /// A group invitation from someone who is not an accepted contact.
+    InvitationFromStranger,
+    /// A group invitation signed under another key than the contact's
+    /// pinned one.
+    InvitationUnderAnotherKey,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::UnaskedAcceptance => "an acceptance of a contact request you never sent",
+            Refusal::InvitationFromStranger => "a group invitation from someone not your contact",
+            Refusal::InvitationUnderAnotherKey => {
+                "a group invitation signed with another key than the one you know for them"
+            }
+        })
+    }
 }

@@ -4,9 +4,83 @@
 
 mod common;
 
-use common::{Device, TestServer};
-use umbra_client::{ContactState, Event};
-use umbra_store::{Mailboxes, Notice};
+use std::path::PathBuf;
+
+use common::{Device, TestServer, befriend};
+use umbra_client::{AccountId, ClientError, ContactState, Event, Refusal};
+use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Provider};
+use umbra_proto::{DeliveryKind, GroupId};
+use umbra_store::sqlite::SqliteStore;
+use umbra_store::{KeyPackages, Mailboxes, Notice};
+
+/// An MLS identity the operator makes up: its own signing key, under
+/// whatever account ID it chooses to claim.
+struct Forger {
+    signer: DeviceSigner,
+    crypto: Crypto,
+    db: rusqlite::Connection,
+}
+
+impl Forger {
+    fn new(seed: u8) -> Forger {
+        let mut db = rusqlite::Connection::open_in_memory().unwrap();
+        umbra_mls::init_storage(&mut db).unwrap();
+        Forger {
+            signer: DeviceSigner::from_secret(&[seed; 32]),
+            crypto: Crypto::default(),
+            db,
+        }
+    }
+
+    fn provider(&self) -> Provider<'_> {
+        Provider::new(&self.crypto, &self.db)
+    }
+
+    fn key_package(&self, claimed: &AccountId, last_resort: bool) -> Vec<u8> {
+        umbra_mls::new_key_package(
+            &self.provider(),
+            &self.signer,
+            claimed,
+            Default::default(),
+            last_resort,
+        )
+        .unwrap()
+    }
+
+    /// A group "created by" `claimed` that invites the holder of
+    /// `key_package`; returns its ID and the Welcome.
+    fn invite(&self, claimed: &AccountId, key_package: &[u8]) -> (GroupId, Vec<u8>) {
+        let mut group = Group::create(
+            &self.provider(),
+            &self.signer,
+            claimed,
+            &GroupConfig::default(),
+            0,
+        )
+        .unwrap();
+        let output = group
+            .add_members(&self.provider(), &self.signer, &[key_package.to_vec()])
+            .unwrap();
+        (GroupId::new(group.id()).unwrap(), output.welcome.unwrap())
+    }
+}
+
+/// Stops `server` and opens its store, as an operator with the disk would.
+/// The server is started again on the same address by [`restart`].
+fn seize(
+    server: TestServer,
+) -> (
+    PathBuf,
+    std::net::SocketAddr,
+    SqliteStore,
+    Option<tempfile::TempDir>,
+) {
+    let (data, address) = (server.data.clone(), server.address);
+    let dir = server.stop();
+    let config = umbra_server::Config::load(&data).unwrap();
+    let store = umbra_server::open_store(&data, &config).unwrap();
+    (data, address, store, dir)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_contact_acceptance_is_refused() {
@@ -24,15 +98,12 @@ async fn a_forged_contact_acceptance_is_refused() {
     // Bob and Carol accepted requests from her: she never sent one to
     // either. (Written while the server is down, so the forged deliveries
     // take their IDs in order with everything the server writes later.)
-    let (data, address) = (server.data.clone(), server.address);
-    let _dir = server.stop();
-    let config = umbra_server::Config::load(&data).unwrap();
-    let store = umbra_server::open_store(&data, &config).unwrap();
+    let (data, address, store, _dir) = seize(server);
     for sender in [bob.id(), carol.id()] {
         let notice = Notice {
             recipient: alice.id(),
             sender,
-            kind: umbra_proto::DeliveryKind::ContactAccepted,
+            kind: DeliveryKind::ContactAccepted,
             group_id: None,
             payload: Vec::new(),
         };
@@ -41,8 +112,17 @@ async fn a_forged_contact_acceptance_is_refused() {
     }
     drop(store);
     let _server = TestServer::start_in(&data, address).await;
-    let alice = alice.reopen().await;
+    let mut alice = alice.reopen().await;
     alice.client.sync().await.unwrap();
+    for expected in [bob.id(), carol.id()] {
+        let (from, reason) = alice
+            .wait_for(|e| match e {
+                Event::Refused { from, reason } => Some((from.clone(), *reason)),
+                _ => None,
+            })
+            .await;
+        assert_eq!((from, reason), (expected, Refusal::UnaskedAcceptance));
+    }
     let contacts = alice.client.contacts().unwrap();
     let state_of = |account| {
         contacts
@@ -64,7 +144,6 @@ async fn a_forged_contact_acceptance_is_refused() {
         .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
         .await;
     carol.client.accept_contact(&alice.id()).await.unwrap();
-    let mut alice = alice;
     alice
         .wait_for(|e| matches!(e, Event::ContactAccepted { .. }).then_some(()))
         .await;
@@ -74,4 +153,163 @@ async fn a_forged_contact_acceptance_is_refused() {
             .iter()
             .any(|c| c.account == carol.id() && c.state == ContactState::Accepted)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_key_for_a_verified_contact_stops_sending_until_confirmed() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let mut carol = Device::activate(&server).await;
+    let (with_bob, _) = befriend(&mut alice, &mut bob).await;
+    let (with_carol, _) = befriend(&mut alice, &mut carol).await;
+    alice.client.verify_contact(&bob.id()).unwrap();
+
+    // The operator hands out KeyPackages "from Bob" under its own key.
+    let (data, address, store, _dir) = seize(server);
+    while let Some((_, last_resort)) = store.take_key_package(&bob.id()).await.unwrap() {
+        if last_resort {
+            break;
+        }
+    }
+    let forger = Forger::new(99);
+    let forged = (0..3)
+        .map(|_| forger.key_package(&bob.id(), false))
+        .collect();
+    store
+        .add_key_packages(&bob.id(), forged, Some(forger.key_package(&bob.id(), true)))
+        .await
+        .unwrap();
+    drop(store);
+    let _server = TestServer::start_in(&data, address).await;
+    let mut alice = alice.reopen().await;
+    let mut bob = bob.reopen().await;
+    let mut carol = carol.reopen().await;
+
+    // Alice's device sees the new key and will not use it.
+    let refused = alice
+        .client
+        .create_group("plans", &[bob.id(), carol.id()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::KeyUnconfirmed(account) if *account == bob.id()),
+        "{refused}"
+    );
+    let stopped = alice
+        .wait_for(|e| match e {
+            Event::KeyChanged {
+                account,
+                sending_stopped,
+            } if *account == bob.id() => Some(*sending_stopped),
+            _ => None,
+        })
+        .await;
+    assert!(stopped, "the event says that sending stopped");
+    let contact = |alice: &Device| {
+        alice
+            .client
+            .contacts()
+            .unwrap()
+            .into_iter()
+            .find(|c| c.account == bob.id())
+            .unwrap()
+    };
+    let bob_contact = contact(&alice);
+    assert!(bob_contact.key_changed && bob_contact.key_unconfirmed && !bob_contact.verified);
+    assert_eq!(
+        alice.client.conversations().unwrap().len(),
+        2,
+        "no group was made"
+    );
+
+    // Nothing goes to Bob until Alice confirms; Carol is not affected.
+    let refused = alice.client.send_text(&with_bob, "still there?").await;
+    assert!(
+        matches!(&refused, Err(ClientError::KeyUnconfirmed(account)) if *account == bob.id()),
+        "{refused:?}"
+    );
+    alice
+        .client
+        .send_text(&with_carol, "hi Carol")
+        .await
+        .unwrap();
+    assert_eq!(carol.next_text().await.1, "hi Carol");
+
+    // Alice accepts the new key without verifying it: sending resumes,
+    // and the contact is no longer marked verified.
+    alice.client.accept_key_change(&bob.id()).unwrap();
+    let bob_contact = contact(&alice);
+    assert!(!bob_contact.key_unconfirmed && !bob_contact.verified);
+    alice
+        .client
+        .send_text(&with_bob, "still there?")
+        .await
+        .unwrap();
+    assert_eq!(bob.next_text().await.1, "still there?");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_from_a_stranger_or_under_another_key_is_refused() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let stranger = Device::activate(&server).await;
+    befriend(&mut alice, &mut bob).await;
+    let before = alice.client.conversations().unwrap().len();
+
+    // The operator invites Alice to two groups of its own making: one "from"
+    // an account she never accepted, one "from" Bob under its own key.
+    let (data, address, store, _dir) = seize(server);
+    let forger = Forger::new(77);
+    for inviter in [stranger.id(), bob.id()] {
+        let (key_package, _) = store.take_key_package(&alice.id()).await.unwrap().unwrap();
+        let (group_id, welcome) = forger.invite(&inviter, &key_package);
+        let notice = Notice {
+            recipient: alice.id(),
+            sender: inviter,
+            kind: DeliveryKind::Welcome,
+            group_id: Some(group_id),
+            payload: welcome,
+        };
+        let now = common::now();
+        store.notice(notice, now, now + 3600).await.unwrap();
+    }
+    drop(store);
+    let _server = TestServer::start_in(&data, address).await;
+    let mut alice = alice.reopen().await;
+    alice.client.sync().await.unwrap();
+
+    let mut refusals = Vec::new();
+    while refusals.len() < 2 {
+        refusals.push(
+            alice
+                .wait_for(|e| match e {
+                    Event::Refused { from, reason } => Some((from.clone(), *reason)),
+                    _ => None,
+                })
+                .await,
+        );
+    }
+    assert_eq!(
+        refusals,
+        vec![
+            (stranger.id(), Refusal::InvitationFromStranger),
+            (bob.id(), Refusal::InvitationUnderAnotherKey),
+        ]
+    );
+    assert_eq!(
+        alice.client.conversations().unwrap().len(),
+        before,
+        "no conversation was joined"
+    );
+    // Bob's real key is still the one Alice knows.
+    let bob_contact = alice
+        .client
+        .contacts()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.account == bob.id())
+        .unwrap();
+    assert!(!bob_contact.key_changed);
 }

@@ -174,9 +174,23 @@ fn on_note(
                         app.unread.push((message.conversation.clone(), 1));
                     }
                 }
-                Event::KeyChanged { account } => {
+                Event::KeyChanged {
+                    account,
+                    sending_stopped,
+                } => {
+                    app.banner = Some(if *sending_stopped {
+                        format!(
+                            "The identity key of {account}, whom you verified, CHANGED: nothing is sent to them until you compare the new safety number (s) and confirm it"
+                        )
+                    } else {
+                        format!(
+                            "The identity key of {account} CHANGED: compare safety numbers again (s)"
+                        )
+                    });
+                }
+                Event::Refused { from, reason } => {
                     app.banner = Some(format!(
-                        "The identity key of {account} CHANGED: compare safety numbers again (s)"
+                        "Refused {reason}, \"from\" {from}: nothing of it was applied"
                     ));
                 }
                 Event::ContactRequest { from } => {
@@ -322,7 +336,12 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
                 c.send_text(&id, &text)
                     .await
                     .map(|_| String::new())
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| match e {
+                        ClientError::KeyUnconfirmed(account) => format!(
+                            "Not sent: the identity key of {account}, whom you verified, changed. Compare the new safety number (s) and mark it (v) to send again."
+                        ),
+                        e => e.to_string(),
+                    })
             }),
         ),
         Action::Accept(account) => spawn(

@@ -124,10 +124,19 @@ fn conversations(frame: &mut Frame<'_>, app: &App, area: Rect) {
                     .any(|c| &c.account == peer && c.verified),
                 ConversationKind::Group => false,
             };
+            // A member whose changed key is not confirmed: nothing is sent
+            // here until it is.
+            let stopped = app
+                .contacts
+                .iter()
+                .any(|c| c.key_unconfirmed && conversation.members.contains(&c.account));
             let unread = app.unread(&conversation.id);
             let mut title = App::title(conversation);
             if verified {
                 title.push_str(" ✓");
+            }
+            if stopped {
+                title.push_str(" ⚠ key changed");
             }
             title.push_str(&timer_mark(conversation.disappear_after));
             if unread > 0 {
@@ -515,6 +524,7 @@ mod tests {
                     state: ContactState::Accepted,
                     verified: true,
                     key_changed: false,
+                    key_unconfirmed: false,
                     conversation: Some(ConversationId("aa".into())),
                 },
                 Contact {
@@ -522,6 +532,7 @@ mod tests {
                     state: ContactState::Incoming,
                     verified: false,
                     key_changed: false,
+                    key_unconfirmed: false,
                     conversation: None,
                 },
             ],
