@@ -144,6 +144,11 @@ enum Command {
         #[arg(long)]
         default: bool,
     },
+    /// Internal: finishes destroying a device after a duress passphrase (or
+    /// too many wrong ones), reading the sealed revocation, if any, from
+    /// stdin. `umbra` starts it by itself, detached, once it has answered.
+    #[command(hide = true)]
+    FinishErasure,
 }
 
 #[derive(Debug, Subcommand)]
@@ -304,17 +309,63 @@ fn main() -> ExitCode {
                 // A server's refusal carries its own text: escaped like a message.
                 eprintln!("error: {}", printable(&format!("{error:#}")));
             }
-            // After a duress unlock: end the line at the server, quietly.
-            if let Some(ClientError::Erased {
-                revocation: Some(revocation),
-                ..
-            }) = error.downcast_ref::<ClientError>()
+            // After a duress unlock (or one wrong passphrase too many), the
+            // answer above is out; overwriting the store and ending the line
+            // at the server happen in a detached process, so that the
+            // caller sees the same answer, exit code and timing as for a
+            // wrong passphrase.
+            if let Some(ClientError::Erased { home, revocation }) =
+                error.downcast_ref::<ClientError>()
             {
-                let _ = runtime.block_on(revocation.send());
+                finish_erasure_detached(home, revocation.as_deref());
             }
             ExitCode::from(code)
         }
     }
+}
+
+/// Starts `umbra finish-erasure` for `home` in its own process group (a
+/// Ctrl-C or hang-up at the terminal does not reach it), with no output,
+/// handing it the revocation on stdin, and does not wait for it.
+fn finish_erasure_detached(home: &str, revocation: Option<&umbra_client::Revocation>) {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let spawned = Command::new(exe)
+        .arg("--home")
+        .arg(home)
+        .arg("finish-erasure")
+        .env_remove("UMBRA_PASSPHRASE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn();
+    // Not waited for: it outlives this process, which exits now.
+    #[allow(clippy::zombie_processes)]
+    if let Ok(mut child) = spawned
+        && let (Some(stdin), Some(revocation)) = (child.stdin.take(), revocation)
+    {
+        let _ = serde_json::to_writer(stdin, revocation);
+    }
+}
+
+/// The detached second half of an erasure (see `finish_erasure_detached`):
+/// overwrites what is left of the device and sends the revocation, both at
+/// once.
+async fn finish_erasure(cli: &Cli) -> anyhow::Result<()> {
+    let mut sealed = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut sealed)?;
+    let revocation: Option<umbra_client::Revocation> = serde_json::from_str(&sealed).ok();
+    let home = cli.home.clone();
+    let shred = tokio::task::spawn_blocking(move || Client::finish_erasure(&home));
+    if let Some(revocation) = revocation {
+        let _ = revocation.send().await;
+    }
+    shred.await??;
+    Ok(())
 }
 
 fn exit_code(error: &anyhow::Error) -> u8 {
@@ -473,6 +524,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return tui::run(cli.home.clone(), ClientOptions::default()).await;
     };
     match command {
+        Command::FinishErasure => finish_erasure(&cli).await?,
         Command::Activate { activation } => {
             let activation: ActivationString = activation
                 .parse()

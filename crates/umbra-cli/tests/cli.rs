@@ -153,6 +153,12 @@ async fn ok(home: &Path, args: &[&str]) -> Vec<Value> {
     lines(&output)
 }
 
+/// `umbra activate` in `home` with a fresh code; returns the account ID.
+async fn activate(server: &Server, home: &Path) -> String {
+    let activated = ok(home, &["activate", &server.activation().await]).await;
+    activated[0]["account_id"].as_str().unwrap().to_owned()
+}
+
 fn messages(events: &[Value]) -> Vec<String> {
     events
         .iter()
@@ -171,8 +177,7 @@ async fn two_people_talk_through_the_cli() {
     );
     let mut ids = Vec::new();
     for home in [&alice, &bob, &carol] {
-        let activated = ok(home.path(), &["activate", &server.activation().await]).await;
-        ids.push(activated[0]["account_id"].as_str().unwrap().to_owned());
+        ids.push(activate(&server, home.path()).await);
     }
     let (a, b, c) = (ids[0].as_str(), ids[1].as_str(), ids[2].as_str());
     assert_eq!(ok(alice.path(), &["whoami"]).await[0]["account_id"], a);
@@ -273,8 +278,7 @@ async fn text_output_escapes_what_contacts_write() {
         let (alice, bob) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let mut ids = Vec::new();
         for home in [&alice, &bob] {
-            let activated = ok(home.path(), &["activate", &server.activation().await]).await;
-            ids.push(activated[0]["account_id"].as_str().unwrap().to_owned());
+            ids.push(activate(&server, home.path()).await);
             // Nothing may disappear while the test reads it back. (Through
             // the library: `umbra disappear` trips a clap debug assertion.)
             umbra_client::Client::open(
@@ -504,4 +508,149 @@ async fn the_full_screen_chat_in_a_real_terminal() {
     tmux.run(&["send-keys", "-t", "chat", "Escape"]);
     tmux.wait_for("loud and clear").await;
     tmux.run(&["send-keys", "-t", "chat", "q"]);
+}
+
+/// Copies the device in `from` into a fresh directory.
+fn copy_device(from: &Path) -> tempfile::TempDir {
+    let to = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.path().join(entry.file_name())).unwrap();
+    }
+    to
+}
+
+/// How long `umbra whoami` with `passphrase` takes to answer, and what it
+/// answered (exit code, stdout, stderr).
+fn unlock_attempt(home: &Path, passphrase: &str) -> (Duration, Option<i32>, Vec<u8>, Vec<u8>) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_umbra"));
+    command
+        .arg("--home")
+        .arg(home)
+        .arg("whoami")
+        .env("UMBRA_PASSPHRASE", passphrase);
+    let started = Instant::now();
+    let output = bounded(command);
+    (
+        started.elapsed(),
+        output.status.code(),
+        output.stdout,
+        output.stderr,
+    )
+}
+
+fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duress_answers_like_a_wrong_passphrase_on_a_large_store() {
+    const MESSAGES: usize = 30_000;
+    const RUNS: usize = 7;
+    let server = Server::start().await;
+    let (alice, bob) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut ids = Vec::new();
+    for home in [&alice, &bob] {
+        ids.push(activate(&server, home.path()).await);
+    }
+    let (a, b) = (ids[0].clone(), ids[1].clone());
+    ok(alice.path(), &["contacts", "add", &b]).await;
+    ok(bob.path(), &["recv"]).await;
+    ok(bob.path(), &["contacts", "accept", &a]).await;
+    ok(alice.path(), &["recv"]).await;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_umbra"));
+    command
+        .args(["--home"])
+        .arg(alice.path())
+        .args(["security", "duress"])
+        .env("UMBRA_PASSPHRASE", "a long test passphrase")
+        .env("UMBRA_DURESS_PASSPHRASE", "they are watching me");
+    let set = tokio::task::spawn_blocking(move || bounded(command))
+        .await
+        .unwrap();
+    assert!(set.status.success(), "{set:?}");
+
+    // Tens of thousands of messages, tens of MB.
+    let home = alice.path().to_owned();
+    let peer = umbra_client::AccountId::parse(&b).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let passphrase = umbra_client::Passphrase::new("a long test passphrase");
+        let client = umbra_client::Client::open(&home, &passphrase, Default::default()).unwrap();
+        let conversation = client.conversation_with(&peer).unwrap();
+        client
+            .fill_history_for_tests(&conversation, MESSAGES, 800)
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    // The store is closed (its last connection gone, which checkpoints and
+    // removes the write-ahead log) before it is copied.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alice.path().join("device.db-wal").exists() {
+        assert!(Instant::now() < deadline, "the store was never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let size: u64 = std::fs::read_dir(alice.path())
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(size > 20_000_000, "the store holds {size} bytes");
+
+    // Interleaved, each on its own copy of the store: a wrong passphrase,
+    // and the duress one.
+    let (mut wrong, mut duress) = (Vec::new(), Vec::new());
+    let mut erased = Vec::new();
+    for round in 0..RUNS {
+        for kind in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+            let copy = copy_device(alice.path());
+            let passphrase = ["not my passphrase", "they are watching me"][kind];
+            let path = copy.path().to_owned();
+            let (took, code, stdout, stderr) =
+                tokio::task::spawn_blocking(move || unlock_attempt(&path, passphrase))
+                    .await
+                    .unwrap();
+            assert_eq!(code, Some(3), "exit code for a wrong passphrase");
+            assert_eq!(stdout, b"");
+            assert_eq!(
+                String::from_utf8_lossy(&stderr),
+                "error: wrong passphrase\n"
+            );
+            if kind == 0 {
+                wrong.push(took);
+                assert!(copy.path().join("device.db").exists());
+            } else {
+                duress.push(took);
+                // The rest of the erasure runs detached; let it finish
+                // before the next measurement.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while std::fs::read_dir(copy.path()).unwrap().next().is_some() {
+                    assert!(Instant::now() < deadline, "the erasure never finished");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                erased.push(copy);
+            }
+        }
+    }
+    let spread = |samples: &[Duration]| {
+        samples
+            .iter()
+            .max()
+            .unwrap()
+            .saturating_sub(*samples.iter().min().unwrap())
+    };
+    let spread = spread(&wrong).max(spread(&duress));
+    let (wrong, duress) = (median(&mut wrong), median(&mut duress));
+    eprintln!(
+        "store {size} bytes: median wrong {wrong:?}, median duress {duress:?}, spread {spread:?}"
+    );
+    assert!(
+        duress.abs_diff(wrong) <= spread,
+        "duress answers in {duress:?}, a wrong passphrase in {wrong:?} (spread {spread:?})"
+    );
+
+    // The detached half ended the line at the server: the real passphrase
+    // opens the original device, but the server no longer lets it in.
+    let refused = umbra(alice.path(), &["recv"]).await;
+    assert_eq!(refused.status.code(), Some(5), "{refused:?}");
 }

@@ -229,14 +229,24 @@ impl Client {
                 client.start_expiry_ticker();
                 Ok(client)
             }
-            // Looks exactly like a device that was never activated.
-            store::Unlocked::Duress(sealed) => Err(ClientError::Erased {
+            // Answered exactly like a wrong passphrase.
+            store::Unlocked::Erased(sealed) => Err(ClientError::Erased {
                 home: home.display().to_string(),
                 revocation: sealed
                     .and_then(|bytes| serde_json::from_slice(&bytes).ok())
                     .map(Box::new),
             }),
         }
+    }
+
+    /// Finishes destroying a device after [`ClientError::Erased`]: `open`
+    /// destroyed only its key file (so that it answered as fast as for a
+    /// wrong passphrase); this overwrites and removes the rest. Call it after
+    /// the person has been answered (the CLI does it in a detached process).
+    /// Does nothing to a device that still has its key file. If it never
+    /// runs, the next `open` or `activate` in `home` does it.
+    pub fn finish_erasure(home: &Path) -> Result<()> {
+        store::clear_leftovers(home)
     }
 
     fn from_parts(home: &Path, connection: Connection, options: ClientOptions) -> Result<Client> {

@@ -9,9 +9,11 @@ pub enum ClientError {
     WrongPassphrase,
     #[error("no Umbra device in {0}; run `umbra activate` first")]
     NotActivated(String),
-    /// The duress passphrase was entered: the device is destroyed. Shown
-    /// exactly as a wrong passphrase; a front end should then send the
-    /// revocation (quietly) if there is one. The next attempt finds no device.
+    /// The duress passphrase (or one wrong passphrase too many) was
+    /// entered: the device is destroyed, nothing opens it any more. Shown
+    /// exactly as a wrong passphrase; after answering, a front end should,
+    /// unseen, call [`crate::Client::finish_erasure`] and send the revocation
+    /// if there is one. The next attempt finds no device.
     #[error("wrong passphrase")]
     Erased {
         home: String,

@@ -16,6 +16,8 @@ mod client;
 mod disappearing;
 mod distributor;
 mod error;
+#[cfg(feature = "test-fixtures")]
+mod fixtures;
 mod link;
 mod receipts;
 mod safety;

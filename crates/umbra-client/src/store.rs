@@ -27,18 +27,22 @@ pub(crate) fn store_path(home: &Path) -> PathBuf {
     home.join(STORE_FILE)
 }
 
-/// Whether `home` holds a device.
+/// Whether `home` holds a device: its store and the key file that opens it
+/// (without which what is left is the debris of an erasure).
 pub fn exists(home: &Path) -> bool {
-    store_path(home).exists()
+    store_path(home).exists() && home.join(KDF_FILE).exists()
 }
 
 fn apply_key(connection: &Connection, key: &[u8; 32]) -> Result<()> {
-    // SQLCipher logs a failed key check to stderr; that would tell a
-    // watcher a wrong or duress passphrase from the real one.
-    connection.execute_batch("PRAGMA cipher_log_level = NONE;")?;
     // The raw-key form: SQLCipher uses these 32 bytes directly.
     let statement = Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex::encode(key)));
     connection.execute_batch(&statement)?;
+    // SQLCipher logs a failed key check to stderr, which would show the
+    // person at the terminal its internals on every wrong passphrase. Its
+    // first `PRAGMA key` in a process sets the level to WARN unless a log
+    // was configured, so this must come after the key (and before the first
+    // page is read).
+    connection.execute_batch("PRAGMA cipher_log_level = NONE; PRAGMA cipher_log = off;")?;
     Ok(())
 }
 
@@ -68,6 +72,7 @@ pub(crate) fn create(
     params: KdfParams,
 ) -> Result<Connection> {
     std::fs::create_dir_all(home).map_err(|e| ClientError::Store(e.to_string()))?;
+    clear_leftovers(home)?;
     if exists(home) {
         return Err(ClientError::AlreadyActivated(home.display().to_string()));
     }
@@ -84,9 +89,12 @@ pub(crate) fn create(
 /// What a passphrase opened.
 pub(crate) enum Unlocked {
     Open(Connection),
-    /// It was the duress passphrase: the device is already destroyed. The
-    /// sealed revocation it opened, if any, lets the caller tell the server.
-    Duress(Option<Vec<u8>>),
+    /// The device is destroyed: its key file is gone, so nothing opens it
+    /// any more; [`shred`] overwrites the rest later (see
+    /// [`crate::Client::finish_erasure`]). It was the duress passphrase (with
+    /// the sealed revocation it opened, if any, so the caller can tell the
+    /// server) or one wrong passphrase too many (no revocation).
+    Erased(Option<Vec<u8>>),
 }
 
 /// Holds the device's lock file: one unlock at a time, so that parallel
@@ -108,6 +116,7 @@ fn lock(home: &Path) -> Result<std::fs::File> {
 /// passphrase shreds the device, and so does the wrong passphrase `max`
 /// times in a row.
 pub(crate) fn open(home: &Path, passphrase: &Passphrase) -> Result<Unlocked> {
+    clear_leftovers(home)?;
     let kdf = KdfFile::read(home)?;
     let (Some(kdf), true) = (kdf, exists(home)) else {
         return Err(ClientError::NotActivated(home.display().to_string()));
@@ -133,16 +142,44 @@ pub(crate) fn open(home: &Path, passphrase: &Passphrase) -> Result<Unlocked> {
         return Ok(Unlocked::Open(connection));
     }
     drop(connection);
+    // Only the key file goes before answering: its size is fixed, so the
+    // answer takes as long for a large store as for an empty one and as
+    // long as a wrong passphrase's; the store itself, tens of MB perhaps,
+    // is overwritten after the caller has been answered.
     if duress {
         let revocation = kdf.unseal(&key);
-        shred(home)?;
-        return Ok(Unlocked::Duress(revocation));
+        shred_key(home)?;
+        return Ok(Unlocked::Erased(revocation));
     }
     if attempts.failed >= attempts.max {
         tracing::warn!("too many wrong passphrases: wiping the device");
-        shred(home)?;
+        shred_key(home)?;
+        return Ok(Unlocked::Erased(None));
     }
     Err(ClientError::WrongPassphrase)
+}
+
+/// Destroys the device's key-derivation file: without its salt no
+/// passphrase opens the store, so from here on the device is gone.
+fn shred_key(home: &Path) -> Result<()> {
+    for name in [KDF_FILE, "kdf.json.new"] {
+        let path = home.join(name);
+        overwrite(&path)
+            .and_then(|()| remove(&path))
+            .map_err(|e| ClientError::Store(format!("wiping {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Overwrites and removes what is left of a device whose key file is gone
+/// (an erasure whose second half was interrupted); a no-op for a device
+/// that still has its key file, or for an empty `home`.
+pub(crate) fn clear_leftovers(home: &Path) -> Result<()> {
+    let keyless = !home.join(KDF_FILE).exists();
+    if keyless && device_files(home).iter().any(|path| path.exists()) {
+        shred(home)?;
+    }
+    Ok(())
 }
 
 /// Checks `passphrase` against the store without touching the failure
@@ -265,8 +302,8 @@ mod tests {
 
     /// A duress unlock must not be told apart from a normal one by timing.
     /// Both derive the key with the same Argon2id work and try the store;
-    /// the duress path then shreds the key file and unlinks the rest (their
-    /// overwrite runs in the background). Measured with the same Argon2id
+    /// the duress path then shreds the key file only (the rest is
+    /// overwritten after answering, see `Client::finish_erasure`). Measured with the same Argon2id
     /// cost on both paths, over repeated unlocks.
     #[test]
     fn a_duress_unlock_takes_as_long_as_a_normal_one() {
@@ -295,8 +332,16 @@ mod tests {
             let start = Instant::now();
             let opened = open(dir.path(), &duress).unwrap();
             under_duress.push(start.elapsed());
-            assert!(matches!(opened, Unlocked::Duress(Some(_))));
-            assert!(!exists(dir.path()));
+            assert!(matches!(opened, Unlocked::Erased(Some(_))));
+            // Only the key file went before answering; the next unlock
+            // finds no device and clears what is left.
+            assert!(!dir.path().join(KDF_FILE).exists());
+            assert!(store_path(dir.path()).exists() && !exists(dir.path()));
+            assert!(matches!(
+                open(dir.path(), &real),
+                Err(ClientError::NotActivated(_))
+            ));
+            assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
         }
         let (normal_median, duress_median) = (median(&mut normal), median(&mut under_duress));
         let spread = normal[normal.len() - 1] - normal[0];

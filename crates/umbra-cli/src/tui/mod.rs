@@ -89,6 +89,8 @@ async fn event_loop(
                     let note = match Client::open(&home, &passphrase, options) {
                         Ok(client) => Note::Unlocked(Box::new(client)),
                         Err(error @ ClientError::Erased { .. }) => {
+                            // Behind the answer: end the line at the server
+                            // and overwrite what is left of the device.
                             if let ClientError::Erased {
                                 revocation: Some(revocation),
                                 ..
@@ -98,6 +100,9 @@ async fn event_loop(
                                 tokio::runtime::Handle::current()
                                     .spawn(async move { revocation.send().await });
                             }
+                            let leftovers = home.clone();
+                            tokio::runtime::Handle::current()
+                                .spawn_blocking(move || Client::finish_erasure(&leftovers));
                             // On screen, exactly a wrong passphrase.
                             Note::UnlockFailed(error.to_string())
                         }
