@@ -464,6 +464,9 @@ impl Out {
                     );
                 }
             }
+            Event::ServerMisbehaved { what } => {
+                println!("WARNING: the server misbehaved: {what}")
+            }
             Event::Refused { from, reason } => {
                 println!("REFUSED {reason}, \"from\" {from}: nothing of it was applied")
             }

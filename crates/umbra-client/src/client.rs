@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tracing::{debug, info, warn};
 use umbra_mls::{CommitOutput, Crypto, DeviceSigner, Group, GroupConfig, Incoming, Provider};
 use umbra_proto::clock::{Clock, SystemClock};
@@ -426,6 +426,31 @@ impl Client {
     pub async fn connect(&self) -> Result<()> {
         let (link, hello, pushes) =
             Link::connect(&self.inner.server_address, self.inner.server_pin).await?;
+        let link = Arc::new(link);
+        let started = self.start_session(&link, hello, pushes).await;
+        if started.is_err() {
+            self.report_flood(&link);
+        }
+        started
+    }
+
+    /// Tells the front end if `link` was dropped because the server flooded
+    /// it with pushes.
+    fn report_flood(&self, link: &Link) {
+        if link.flooded() {
+            self.emit(Event::ServerMisbehaved {
+                what: "it pushed far more than the protocol's flow control allows; the connection was dropped".into(),
+            });
+        }
+    }
+
+    /// Logs in on a new link, then starts applying its pushes.
+    async fn start_session(
+        &self,
+        link: &Arc<Link>,
+        hello: Push,
+        pushes: crate::link::Pushes,
+    ) -> Result<()> {
         let Push::Hello { nonce, .. } = hello else {
             return Err(ClientError::ConnectionLost);
         };
@@ -452,14 +477,13 @@ impl Client {
             "UPDATE device SET subscription_expires_at = ?1",
             [subscription_expires_at],
         )?;
-        let link = Arc::new(link);
         self.inner.synced.send_replace(0);
         let previous = self
             .inner
             .link
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .replace(Arc::clone(&link));
+            .replace(Arc::clone(link));
         if let Some(previous) = previous {
             previous.close();
         }
@@ -474,7 +498,7 @@ impl Client {
         // Settle commits whose verdict was lost before applying anything:
         // the backlog may hold messages from the epoch after them.
         self.resubmit_pending_commits().await?;
-        tokio::spawn(self.clone().apply_pushes(pushes, Arc::clone(&link)));
+        tokio::spawn(self.clone().apply_pushes(pushes, Arc::clone(link)));
         self.emit(Event::Connection {
             state: ConnectionState::Connected,
         });
@@ -562,7 +586,7 @@ impl Client {
 
     // ----- applying deliveries ---------------------------------------------
 
-    async fn apply_pushes(self, mut pushes: mpsc::UnboundedReceiver<Push>, link: Arc<Link>) {
+    async fn apply_pushes(self, mut pushes: crate::link::Pushes, link: Arc<Link>) {
         while let Some(first) = pushes.recv().await {
             let mut batch = vec![first];
             while let Ok(more) = pushes.try_recv() {
@@ -571,11 +595,13 @@ impl Client {
             let mut acks = Vec::new();
             let mut synced = 0;
             let mut stalled = false;
-            for push in batch {
+            for (push, size) in batch {
                 match push {
                     Push::Delivery(delivery) => {
                         let id = delivery.id;
-                        match self.apply_delivery(delivery).await {
+                        let applied = self.apply_delivery(delivery).await;
+                        link.applied(size);
+                        match applied {
                             Ok(()) => acks.push(id),
                             Err(error) => {
                                 // Transient (the local store failed): stop
@@ -624,6 +650,7 @@ impl Client {
                 self.emit(Event::Synced);
             }
         }
+        self.report_flood(&link);
         self.emit(Event::Connection {
             state: ConnectionState::Disconnected,
         });

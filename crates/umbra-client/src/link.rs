@@ -3,7 +3,7 @@
 //! order.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tracing::debug;
+use tracing::{debug, warn};
 use umbra_proto::{
     CertFingerprint, ClientFrame, ErrorReply, MAX_FRAME_BYTES, Push, Reply, Request, ServerMessage,
     decode_server, encode_client,
@@ -119,6 +119,32 @@ pub fn pinned_tls_config(pin: CertFingerprint) -> Result<rustls::ClientConfig, r
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ErrorReply>>>>>;
 
+/// Pushes as the reader received them, each with its frame's size.
+pub(crate) type Pushes = mpsc::UnboundedReceiver<(Push, usize)>;
+
+/// Deliveries read from the socket and not yet applied. The server may
+/// have at most a push window of them unacknowledged (the protocol's flow
+/// control); a server that sends far more (twice the window) is cut off,
+/// so what waits here stays bounded whatever the server does.
+#[derive(Debug, Default)]
+struct Backlog {
+    deliveries: AtomicUsize,
+    bytes: AtomicUsize,
+    flooded: AtomicBool,
+}
+
+impl Backlog {
+    const MAX_DELIVERIES: usize = 2 * umbra_proto::frame::PUSH_WINDOW_DELIVERIES;
+    const MAX_BYTES: usize = 2 * umbra_proto::frame::PUSH_WINDOW_BYTES + MAX_FRAME_BYTES;
+
+    /// Counts one more delivery; false if that overflows the backlog.
+    fn received(&self, size: usize) -> bool {
+        let deliveries = self.deliveries.fetch_add(1, Ordering::SeqCst) + 1;
+        let bytes = self.bytes.fetch_add(size, Ordering::SeqCst) + size;
+        deliveries <= Self::MAX_DELIVERIES && bytes <= Self::MAX_BYTES
+    }
+}
+
 /// An open connection. Dropping it closes the socket.
 #[derive(Debug)]
 pub(crate) struct Link {
@@ -126,6 +152,7 @@ pub(crate) struct Link {
     pending: Pending,
     next_id: AtomicU64,
     alive: Arc<AtomicBool>,
+    backlog: Arc<Backlog>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -145,10 +172,7 @@ fn unreachable_error(address: &str, reason: impl std::fmt::Display) -> ClientErr
 impl Link {
     /// Connects to `address`, checks the certificate against `pin`, and
     /// returns the link, the server's Hello, and the stream of later pushes.
-    pub async fn connect(
-        address: &str,
-        pin: CertFingerprint,
-    ) -> Result<(Link, Push, mpsc::UnboundedReceiver<Push>)> {
+    pub async fn connect(address: &str, pin: CertFingerprint) -> Result<(Link, Push, Pushes)> {
         let mismatch = Arc::new(AtomicBool::new(false));
         let tls_config =
             pinned_config(pin, Arc::clone(&mismatch)).map_err(|e| unreachable_error(address, e))?;
@@ -203,9 +227,11 @@ impl Link {
         let alive = Arc::new(AtomicBool::new(true));
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let (hello_tx, hello_rx) = oneshot::channel();
+        let backlog = Arc::new(Backlog::default());
         let reader = {
             let pending = Arc::clone(&pending);
             let alive = Arc::clone(&alive);
+            let backlog = Arc::clone(&backlog);
             tokio::spawn(async move {
                 let mut hello_tx = Some(hello_tx);
                 while let Some(Ok(message)) = source.next().await {
@@ -231,7 +257,14 @@ impl Link {
                             }
                         }
                         Ok(ServerMessage::Push(push)) => {
-                            if push_tx.send(push).is_err() {
+                            if matches!(push, Push::Delivery(_)) && !backlog.received(bytes.len()) {
+                                warn!(
+                                    "the server pushed far beyond its flow-control window; dropping the connection"
+                                );
+                                backlog.flooded.store(true, Ordering::SeqCst);
+                                break;
+                            }
+                            if push_tx.send((push, bytes.len())).is_err() {
                                 break;
                             }
                         }
@@ -253,6 +286,7 @@ impl Link {
                 pending,
                 next_id: AtomicU64::new(1),
                 alive,
+                backlog,
                 tasks: vec![reader, writer],
             },
             hello,
@@ -271,6 +305,17 @@ impl Link {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+
+    /// One delivery of `size` bytes was applied (or set aside for good).
+    pub fn applied(&self, size: usize) {
+        self.backlog.deliveries.fetch_sub(1, Ordering::SeqCst);
+        self.backlog.bytes.fetch_sub(size, Ordering::SeqCst);
+    }
+
+    /// Whether the connection was dropped because the server flooded it.
+    pub fn flooded(&self) -> bool {
+        self.backlog.flooded.load(Ordering::SeqCst)
     }
 
     pub fn is_alive(&self) -> bool {

@@ -211,6 +211,12 @@ pub enum Event {
         from: AccountId,
         reason: Refusal,
     },
+    /// The server broke the protocol in a way that could exhaust this
+    /// device (`what` says how); the connection was dropped. Nothing that
+    /// was not applied was acknowledged, so reconnecting loses nothing.
+    ServerMisbehaved {
+        what: String,
+    },
 }
 
 /// Why a delivery was refused (see [`Event::Refused`]).

@@ -313,3 +313,94 @@ async fn a_welcome_from_a_stranger_or_under_another_key_is_refused() {
         .unwrap();
     assert!(!bob_contact.key_changed);
 }
+
+/// More deliveries than twice the push window.
+const BACKLOG: usize = 3 * umbra_proto::frame::PUSH_WINDOW_DELIVERIES;
+
+/// A made-up account ID for each `n`.
+fn made_up_account(n: usize) -> AccountId {
+    let alphabet = AccountId::ALPHABET;
+    let text: String = (0..AccountId::LEN)
+        .map(|i| alphabet[(n / alphabet.len().pow(i as u32)) % alphabet.len()] as char)
+        .collect();
+    AccountId::parse(&text).unwrap()
+}
+
+/// Writes [`BACKLOG`] contact requests from made-up accounts into
+/// `recipient`'s mailbox.
+async fn fill_mailbox(store: &SqliteStore, recipient: &AccountId) {
+    let now = common::now();
+    for n in 0..BACKLOG {
+        let notice = Notice {
+            recipient: recipient.clone(),
+            sender: made_up_account(n),
+            kind: DeliveryKind::ContactRequest,
+            group_id: None,
+            payload: Vec::new(),
+        };
+        store.notice(notice, now, now + 3600).await.unwrap();
+    }
+}
+
+fn incoming_requests(device: &Device) -> usize {
+    device
+        .client
+        .contacts()
+        .unwrap()
+        .iter()
+        .filter(|c| c.state == ContactState::Incoming)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_beyond_the_push_window_arrives_whole() {
+    let server = TestServer::start().await;
+    let alice = Device::activate(&server).await;
+    let (data, address, store, _dir) = seize(server);
+    fill_mailbox(&store, &alice.id()).await;
+    drop(store);
+    let _server = TestServer::start_in(&data, address).await;
+    let mut alice = alice.reopen().await;
+    alice.client.sync().await.unwrap();
+    assert_eq!(incoming_requests(&alice), BACKLOG);
+    // Nothing was taken for a flood.
+    assert!(alice.client.is_connected());
+    while let Ok(event) = alice.events.try_recv() {
+        assert!(
+            !matches!(event, Event::ServerMisbehaved { .. }),
+            "{event:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_floods_its_device_is_cut_off() {
+    let server = TestServer::start().await;
+    let alice = Device::activate(&server).await;
+    let (data, address, store, _dir) = seize(server);
+    fill_mailbox(&store, &alice.id()).await;
+    drop(store);
+    // This server pushes the whole backlog without waiting for any
+    // acknowledgement.
+    let flood =
+        TestServer::start_with_window(&data, address, umbra_server::PushWindow::UNBOUNDED).await;
+    let mut alice = alice.reopen_offline();
+    // (Connecting may already fail: the flood cuts the link under it.)
+    let _ = alice.client.connect().await;
+    alice
+        .wait_for(|e| matches!(e, Event::ServerMisbehaved { .. }).then_some(()))
+        .await;
+    assert!(!alice.client.is_connected());
+    assert!(
+        incoming_requests(&alice) < BACKLOG,
+        "cut off before the end"
+    );
+
+    // What was not applied was not acknowledged: from an honest server
+    // it all arrives.
+    drop(flood.stop());
+    let _server = TestServer::start_in(&data, address).await;
+    let alice = alice.reopen().await;
+    alice.client.sync().await.unwrap();
+    assert_eq!(incoming_requests(&alice), BACKLOG);
+}

@@ -24,6 +24,13 @@ pub const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
 pub const MAX_KEY_PACKAGE_BYTES: usize = 16 * 1024;
 /// Most delivery IDs in one Ack.
 pub const MAX_ACK_IDS: usize = 1024;
+/// Flow control of pushes: a server has at most this many deliveries
+/// pushed on one connection and not yet acknowledged on it...
+pub const PUSH_WINDOW_DELIVERIES: usize = 1024;
+/// ...and at most this many bytes of them (frames as sent; always at least
+/// one delivery, however large). A device may drop a connection on which
+/// the server exceeds either, so what it holds unapplied stays bounded.
+pub const PUSH_WINDOW_BYTES: usize = 8 << 20;
 
 /// One request from a device, with the id its response will carry.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,7 +7,7 @@
 //! the device is authenticated, the writer also empties the account's
 //! [`Inbox`] and reads its mailbox. A slow device slows only itself.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,11 +25,11 @@ use tracing::{debug, warn};
 use umbra_proto::frame::Delivery;
 use umbra_proto::{
     AccountId, DecodeError, ErrorCode, ErrorReply, MAX_FRAME_BYTES, Nonce, PROTOCOL_VERSION, Push,
-    ServerMessage, decode_client, encode_server,
+    Request, ServerMessage, decode_client, encode_server,
 };
 
 use crate::registry::Inbox;
-use crate::service::{Answer, Services, Session};
+use crate::service::{Answer, PushWindow, Services, Session};
 use crate::{Direction, FrameTap};
 use umbra_store::StoredDelivery;
 
@@ -87,6 +87,8 @@ enum Outbound {
     /// The device authenticated as this account: from now on, push its
     /// mailbox (after the responses queued before this).
     Online(Box<(AccountId, Arc<Inbox>)>),
+    /// The device acknowledged these deliveries: room in the push window.
+    Acked(Vec<u64>),
 }
 
 fn error_frame(id: u64, error: ErrorReply) -> Vec<u8> {
@@ -224,9 +226,18 @@ impl Connection {
                     continue;
                 }
             };
+            let acked = match &frame.request {
+                Request::Ack { delivery_ids, .. } => Some(delivery_ids.clone()),
+                _ => None,
+            };
             // Boxed: the handler's state is large and lives only while a
             // request is in flight, not in every idle connection's task.
             let answer = Box::pin(self.services.answer(&mut session, frame.request)).await;
+            if let Some(ids) = acked
+                && out_tx.send(Outbound::Acked(ids)).await.is_err()
+            {
+                break;
+            }
             let queued = match answer {
                 Answer::Now(result) => {
                     let response = ServerMessage::Response {
@@ -288,9 +299,31 @@ struct Mailbox {
     /// IDs above `after` pushed from memory, so a later read does not push
     /// them twice.
     pushed: BTreeSet<u64>,
+    /// Deliveries pushed on this connection and not acknowledged yet, with
+    /// their frame sizes (the push window, [`PushWindow`]).
+    unacked: BTreeMap<u64, usize>,
+    unacked_bytes: usize,
+    window: PushWindow,
     /// The mailbox must be read before waiting again.
     read: bool,
     synced: bool,
+}
+
+impl Mailbox {
+    /// Whether another delivery may be pushed now.
+    fn has_room(&self) -> bool {
+        self.unacked.is_empty()
+            || (self.unacked.len() < self.window.deliveries
+                && self.unacked_bytes < self.window.bytes)
+    }
+
+    fn acked(&mut self, ids: &[u64]) {
+        for id in ids {
+            if let Some(size) = self.unacked.remove(id) {
+                self.unacked_bytes -= size;
+            }
+        }
+    }
 }
 
 /// Why the writer stopped.
@@ -309,7 +342,8 @@ where
         // Created on first use: most connections never have one waiting.
         let mut later: Option<FuturesOrdered<LaterResponse>> = None;
         loop {
-            if let Some(mailbox) = mailbox.as_mut().filter(|m| m.read) {
+            // (A full push window waits for acknowledgements first.)
+            if let Some(mailbox) = mailbox.as_mut().filter(|m| m.read && m.has_room()) {
                 // Boxed: a read's state is only needed while it runs.
                 if Box::pin(self.read_mailbox(mailbox)).await.is_err()
                     || self.sink.flush().await.is_err()
@@ -383,9 +417,17 @@ where
                         inbox,
                         after: 0,
                         pushed: BTreeSet::new(),
+                        unacked: BTreeMap::new(),
+                        unacked_bytes: 0,
+                        window: self.services.limits.push_window,
                         read: true,
                         synced: false,
                     });
+                }
+                Outbound::Acked(ids) => {
+                    if let Some(mailbox) = mailbox.as_mut() {
+                        mailbox.acked(&ids);
+                    }
                 }
             }
             next = out.try_recv().ok();
@@ -416,12 +458,35 @@ where
         let taken = mailbox.inbox.take();
         mailbox.read |= taken.read_mailbox;
         for delivery in taken.deliveries {
-            if delivery.id > mailbox.after && mailbox.pushed.insert(delivery.id) {
-                self.feed(push_frame(delivery)).await?;
+            if delivery.id > mailbox.after && !mailbox.pushed.contains(&delivery.id) {
+                if !mailbox.has_room() {
+                    // The window is full: what is left waits in the
+                    // mailbox, read once the device has caught up.
+                    mailbox.read = true;
+                    break;
+                }
+                mailbox.pushed.insert(delivery.id);
+                self.push(mailbox, delivery).await?;
             }
         }
         mailbox.read |= mailbox.pushed.len() >= MAX_PUSHED_AHEAD;
         Ok(())
+    }
+
+    /// Pushes one delivery, counting it in the window until acknowledged.
+    async fn push(
+        &mut self,
+        mailbox: &mut Mailbox,
+        delivery: StoredDelivery,
+    ) -> Result<(), Closed> {
+        let id = delivery.id;
+        let frame = push_frame(delivery);
+        let size = frame.len();
+        if let Some(old) = mailbox.unacked.insert(id, size) {
+            mailbox.unacked_bytes -= old;
+        }
+        mailbox.unacked_bytes += size;
+        self.feed(frame).await
     }
 
     /// Reads the mailbox until it has pushed everything stored, then tells
@@ -433,6 +498,10 @@ where
             // queued after it are pushed later unless the read already
             // covered them.
             self.push_inbox(mailbox).await?;
+            if !mailbox.has_room() {
+                mailbox.read = true;
+                return Ok(());
+            }
             let now = self.services.clock.now();
             let batch = match self
                 .services
@@ -452,10 +521,29 @@ where
             };
             let full = batch.len() == MAILBOX_BATCH;
             let highest = batch.last().map(|d| d.id);
+            // The last ID of this batch dealt with (pushed, or pushed
+            // before), when the window fills before its end.
+            let mut stopped_after = None;
+            let mut handled = mailbox.after;
             for stored in batch {
                 if !mailbox.pushed.contains(&stored.id) {
-                    self.feed(push_frame(stored)).await?;
+                    if !mailbox.has_room() {
+                        stopped_after = Some(handled);
+                        break;
+                    }
+                    let id = stored.id;
+                    self.push(mailbox, stored).await?;
+                    handled = id;
+                } else {
+                    handled = stored.id;
                 }
+            }
+            if let Some(handled) = stopped_after {
+                // Resumed from here once acknowledgements make room.
+                mailbox.after = handled.max(mailbox.after);
+                mailbox.pushed = mailbox.pushed.split_off(&(mailbox.after + 1));
+                mailbox.read = true;
+                return Ok(());
             }
             if full {
                 mailbox.after = highest.unwrap_or(mailbox.after).max(mailbox.after);

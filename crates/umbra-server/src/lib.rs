@@ -39,6 +39,7 @@ pub use umbra_proto::clock::{Clock, ManualClock, SystemClock};
 
 use crate::connection::Connection;
 use crate::registry::Registry;
+pub use crate::service::PushWindow;
 use crate::service::{Limits, Services};
 
 /// Which way a frame went, for a [`FrameTap`].
@@ -81,6 +82,9 @@ pub enum ServerError {
 pub struct ServerOptions {
     pub clock: Arc<dyn Clock>,
     pub tap: Option<FrameTap>,
+    /// The protocol's push flow control; tests of devices against a
+    /// misbehaving server lift it.
+    pub push_window: PushWindow,
 }
 
 impl Default for ServerOptions {
@@ -88,6 +92,7 @@ impl Default for ServerOptions {
         ServerOptions {
             clock: Arc::new(SystemClock),
             tap: None,
+            push_window: PushWindow::default(),
         }
     }
 }
@@ -172,6 +177,7 @@ pub async fn run(
             wipe_max_age_secs: config.wipe_max_age.as_secs(),
             public_address: config.public_address.clone(),
             pin: tls::fingerprint(&data_dir.join(&config.cert)).unwrap_or(CertFingerprint([0; 32])),
+            push_window: options.push_window,
         },
     });
     info!(%local, tls = config.tls, "umbra-server listening");

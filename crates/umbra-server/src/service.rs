@@ -44,6 +44,35 @@ pub struct Limits {
     /// What activation strings carry: where devices connect, and the pin.
     pub public_address: String,
     pub pin: umbra_proto::CertFingerprint,
+    /// How far a connection's pushes may run ahead of its acknowledgements.
+    pub push_window: PushWindow,
+}
+
+/// Flow control of one connection's pushes: deliveries pushed and not yet
+/// acknowledged on it, in number and in bytes (at least one is always let
+/// through). The protocol's values are the default; devices may drop a
+/// connection that exceeds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushWindow {
+    pub deliveries: usize,
+    pub bytes: usize,
+}
+
+impl Default for PushWindow {
+    fn default() -> Self {
+        PushWindow {
+            deliveries: umbra_proto::frame::PUSH_WINDOW_DELIVERIES,
+            bytes: umbra_proto::frame::PUSH_WINDOW_BYTES,
+        }
+    }
+}
+
+impl PushWindow {
+    /// No flow control: what a broken or hostile server does (tests only).
+    pub const UNBOUNDED: PushWindow = PushWindow {
+        deliveries: usize::MAX,
+        bytes: usize::MAX,
+    };
 }
 
 /// Shared by every connection.

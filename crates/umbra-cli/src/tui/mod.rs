@@ -193,6 +193,9 @@ fn on_note(
                         )
                     });
                 }
+                Event::ServerMisbehaved { what } => {
+                    app.banner = Some(format!("The server misbehaved: {what}"));
+                }
                 Event::Refused { from, reason } => {
                     app.banner = Some(format!(
                         "Refused {reason}, \"from\" {from}: nothing of it was applied"

@@ -13,7 +13,7 @@ use umbra_client::{
     AccountId, ActivationString, Client, ClientOptions, ConversationId, Event, KdfParams,
     Passphrase,
 };
-use umbra_server::{Config, Direction, ServerOptions};
+use umbra_server::{Config, Direction, PushWindow, ServerOptions};
 
 /// How long a test waits for something that should happen promptly.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -46,21 +46,37 @@ impl TestServer {
     pub async fn start_with_clock(clock: umbra_client::ManualClock) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("server");
-        let mut server =
-            TestServer::start_full(&data, "127.0.0.1:0".parse().unwrap(), Arc::new(clock)).await;
+        let mut server = TestServer::start_full(
+            &data,
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(clock),
+            PushWindow::default(),
+        )
+        .await;
         server._dir = Some(dir);
         server
     }
 
     /// Starts a server on `data` (initialised if new) at `address`.
     pub async fn start_in(data: &Path, address: SocketAddr) -> TestServer {
-        TestServer::start_full(data, address, Arc::new(umbra_server::SystemClock)).await
+        TestServer::start_with_window(data, address, PushWindow::default()).await
+    }
+
+    /// Starts a server on `data` at `address` with this push window
+    /// ([`PushWindow::UNBOUNDED`]: one that floods its devices).
+    pub async fn start_with_window(
+        data: &Path,
+        address: SocketAddr,
+        window: PushWindow,
+    ) -> TestServer {
+        TestServer::start_full(data, address, Arc::new(umbra_server::SystemClock), window).await
     }
 
     async fn start_full(
         data: &Path,
         address: SocketAddr,
         clock: Arc<dyn umbra_server::Clock>,
+        push_window: PushWindow,
     ) -> TestServer {
         umbra_server::init(data, "127.0.0.1:0").unwrap();
         let mut config = Config::load(data).unwrap();
@@ -77,6 +93,7 @@ impl TestServer {
                 tap_frames.lock().unwrap().push((direction, bytes.to_vec()));
             })),
             clock,
+            push_window,
         };
         let shutdown = CancellationToken::new();
         let (kill, killed) = tokio::sync::oneshot::channel::<()>();
@@ -232,6 +249,13 @@ impl Device {
 
     /// Closes this device and opens it again from its store, connected.
     pub async fn reopen(self) -> Device {
+        let device = self.reopen_offline();
+        device.client.connect().await.unwrap();
+        device
+    }
+
+    /// Closes this device and opens it again from its store, not connected.
+    pub fn reopen_offline(self) -> Device {
         let Device {
             home,
             client,
@@ -242,7 +266,6 @@ impl Device {
         drop(client);
         let client = Client::open(home.path(), &passphrase(), options()).unwrap();
         let events = client.subscribe();
-        client.connect().await.unwrap();
         Device {
             home,
             client,
