@@ -327,22 +327,26 @@ fn main() -> ExitCode {
 /// Starts `umbra finish-erasure` for `home` in its own process group (a
 /// Ctrl-C or hang-up at the terminal does not reach it), with no output,
 /// handing it the revocation on stdin, and does not wait for it.
-fn finish_erasure_detached(home: &str, revocation: Option<&umbra_client::Revocation>) {
-    use std::os::unix::process::CommandExt;
+pub(crate) fn finish_erasure_detached(
+    home: &std::path::Path,
+    revocation: Option<&umbra_client::Revocation>,
+) {
     use std::process::{Command, Stdio};
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
-    let spawned = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .arg("--home")
         .arg(home)
         .arg("finish-erasure")
         .env_remove("UMBRA_PASSPHRASE")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn();
+        .stderr(Stdio::null());
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let spawned = command.spawn();
     // Not waited for: it outlives this process, which exits now.
     #[allow(clippy::zombie_processes)]
     if let Ok(mut child) = spawned
@@ -492,6 +496,8 @@ fn format_message(message: &Message) -> String {
 /// Opens the device in --home.
 fn open(cli: &Cli) -> anyhow::Result<Client> {
     if !umbra_client::device_exists(&cli.home) {
+        // What an interrupted erasure left goes now.
+        let _ = Client::finish_erasure(&cli.home);
         return Err(ClientError::NotActivated(cli.home.display().to_string()).into());
     }
     Ok(Client::open(

@@ -231,7 +231,7 @@ impl Client {
             }
             // Answered exactly like a wrong passphrase.
             store::Unlocked::Erased(sealed) => Err(ClientError::Erased {
-                home: home.display().to_string(),
+                home: home.to_owned(),
                 revocation: sealed
                     .and_then(|bytes| serde_json::from_slice(&bytes).ok())
                     .map(Box::new),
@@ -1560,23 +1560,39 @@ impl Client {
                     valid.account
                 )));
             }
-            // A KeyPackage under another key than the one known for this
-            // contact is a key change like one seen in a group: recorded,
-            // shown, and for a verified contact not used until confirmed.
+            // An account's identity key does not change: a KeyPackage
+            // under another key than the one pinned for this contact is the
+            // server's own, and is refused without touching the pin (so a
+            // forged one cannot displace the real key or block the real
+            // conversation). The first one seen pins the key.
             let mut events = Vec::new();
-            let stopped = self.with_tx(|tx, _| {
-                self.check_key(tx, account, &valid.identity_key, &mut events)?;
-                Ok(tx.query_row(
-                    "SELECT key_unconfirmed FROM contacts WHERE account_id = ?1",
-                    [account.as_str()],
-                    |row| row.get::<_, bool>(0),
-                )?)
+            let foreign = self.with_tx(|tx, _| {
+                let pinned: Option<Vec<u8>> = tx
+                    .query_row(
+                        "SELECT identity_key FROM contacts WHERE account_id = ?1",
+                        [account.as_str()],
+                        |row| row.get(0),
+                    )
+                    .optional()?
+                    .flatten();
+                match pinned {
+                    Some(pinned) => Ok(pinned[..] != valid.identity_key.as_bytes()[..]),
+                    None => {
+                        self.check_key(tx, account, &valid.identity_key, &mut events)?;
+                        Ok(false)
+                    }
+                }
             })?;
+            if foreign {
+                warn!(%account, "refusing a KeyPackage under another key than the pinned one");
+                self.emit(Event::Refused {
+                    from: account.clone(),
+                    reason: Refusal::KeyPackageUnderAnotherKey,
+                });
+                return Err(ClientError::ForeignKeyPackage(account.clone()));
+            }
             for event in events {
                 self.emit(event);
-            }
-            if stopped {
-                return Err(ClientError::KeyUnconfirmed(account.clone()));
             }
             key_packages.push(key_package);
         }

@@ -16,7 +16,7 @@ pub enum ClientError {
     /// if there is one. The next attempt finds no device.
     #[error("wrong passphrase")]
     Erased {
-        home: String,
+        home: std::path::PathBuf,
         revocation: Option<Box<crate::wipe::Revocation>>,
     },
     #[error("{0} already holds an Umbra device")]
@@ -51,6 +51,11 @@ pub enum ClientError {
          or accept the new key unverified (`--accept`)"
     )]
     KeyUnconfirmed(AccountId),
+    #[error(
+        "the server handed out a key for {0} that is not the one you know for them; refusing to \
+         add it (compare safety numbers with them)"
+    )]
+    ForeignKeyPackage(AccountId),
     #[error("you are no longer a member of this conversation")]
     NotAMember,
     #[error("invalid input: {0}")]

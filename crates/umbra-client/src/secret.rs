@@ -147,7 +147,23 @@ fn write_durably(home: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let mut file = std::fs::File::create(&temporary).map_err(store)?;
     file.write_all(bytes).map_err(store)?;
     file.sync_all().map_err(store)?;
-    std::fs::rename(&temporary, home.join(name)).map_err(store)
+    // The file replaced keeps its bytes in a freed inode; for the
+    // key-derivation file (its salt) they are overwritten through a handle
+    // kept across the rename, once the new one is in place.
+    let replaced = (name == KDF_FILE)
+        .then(|| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(home.join(name))
+                .ok()
+        })
+        .flatten();
+    std::fs::rename(&temporary, home.join(name)).map_err(store)?;
+    if let Some(mut old) = replaced {
+        let len = old.metadata().map_err(store)?.len();
+        crate::store::fill_with_noise(&mut old, len).map_err(store)?;
+    }
+    Ok(())
 }
 
 /// Wrong passphrases in a row before the device wipes itself.

@@ -148,35 +148,59 @@ pub(crate) fn open(home: &Path, passphrase: &Passphrase) -> Result<Unlocked> {
     // is overwritten after the caller has been answered.
     if duress {
         let revocation = kdf.unseal(&key);
-        shred_key(home)?;
+        destroy_key(home);
         return Ok(Unlocked::Erased(revocation));
     }
     if attempts.failed >= attempts.max {
         tracing::warn!("too many wrong passphrases: wiping the device");
-        shred_key(home)?;
+        destroy_key(home);
         return Ok(Unlocked::Erased(None));
     }
     Err(ClientError::WrongPassphrase)
 }
 
 /// Destroys the device's key-derivation file: without its salt no
-/// passphrase opens the store, so from here on the device is gone.
-fn shred_key(home: &Path) -> Result<()> {
-    for name in [KDF_FILE, "kdf.json.new"] {
+/// passphrase opens the store, so from here on the device is gone. Never
+/// fails, whatever was done to the files: an error here would tell the
+/// person watching that this was no ordinary wrong passphrase. If the key
+/// file cannot be removed (made immutable, say), the store itself is
+/// shredded at once instead, the answer's timing notwithstanding.
+fn destroy_key(home: &Path) {
+    for name in ["kdf.json.new", KDF_FILE] {
         let path = home.join(name);
-        overwrite(&path)
-            .and_then(|()| remove(&path))
-            .map_err(|e| ClientError::Store(format!("wiping {}: {e}", path.display())))?;
+        let _ = overwrite(&path);
+        let _ = remove(&path);
     }
-    Ok(())
+    if !matches!(present(&home.join(KDF_FILE)), Ok(false)) {
+        tracing::warn!("the key file survived its erasure; shredding the store now");
+        let _ = shred(home);
+    }
+}
+
+/// Whether `path` exists (as a file, a directory or a link, dangling or
+/// not); an error unless that is known.
+fn present(path: &Path) -> std::io::Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Overwrites and removes what is left of a device whose key file is gone
 /// (an erasure whose second half was interrupted); a no-op for a device
-/// that still has its key file, or for an empty `home`.
+/// that still has its key file, or for an empty `home`. Only a key file
+/// known to be absent counts: one that cannot be looked at (an I/O error,
+/// a dangling link to removed media) leaves everything as it is.
 pub(crate) fn clear_leftovers(home: &Path) -> Result<()> {
-    let keyless = !home.join(KDF_FILE).exists();
-    if keyless && device_files(home).iter().any(|path| path.exists()) {
+    let missing = |e: std::io::Error| ClientError::Store(format!("{KDF_FILE}: {e}"));
+    if present(&home.join(KDF_FILE)).map_err(missing)? {
+        return Ok(());
+    }
+    if device_files(home)
+        .iter()
+        .any(|path| present(path).unwrap_or(true))
+    {
         shred(home)?;
     }
     Ok(())
@@ -265,7 +289,7 @@ fn overwrite(path: &Path) -> std::io::Result<()> {
     }
 }
 
-fn fill_with_noise(file: &mut std::fs::File, len: u64) -> std::io::Result<()> {
+pub(crate) fn fill_with_noise(file: &mut std::fs::File, len: u64) -> std::io::Result<()> {
     use std::io::{Seek, Write};
     file.seek(std::io::SeekFrom::Start(0))?;
     let mut noise = vec![0u8; 64 * 1024];
@@ -298,6 +322,68 @@ mod tests {
     fn median(samples: &mut [Duration]) -> Duration {
         samples.sort();
         samples[samples.len() / 2]
+    }
+
+    /// A device with a duress passphrase, under cheap test parameters.
+    fn device_with_duress(real: &Passphrase, duress: &Passphrase) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        drop(create(dir.path(), real, KdfParams::insecure_for_tests()).unwrap());
+        let mut kdf = KdfFile::read(dir.path()).unwrap().unwrap();
+        let key = kdf.derive(duress).unwrap();
+        kdf.set_duress(&key, b"{}").unwrap();
+        kdf.write(dir.path()).unwrap();
+        dir
+    }
+
+    /// The one who holds the device makes its key file immutable, hoping
+    /// that a duress unlock then fails loudly and leaves the store openable.
+    #[test]
+    fn a_key_file_that_cannot_be_removed_still_erases_the_store() {
+        let (real, duress) = (Passphrase::new("the real one"), Passphrase::new("duress"));
+        let dir = device_with_duress(&real, &duress);
+        let key_file = dir.path().join(KDF_FILE);
+        let chattr = |flag: &str| {
+            std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(&key_file)
+                .status()
+                .is_ok_and(|status| status.success())
+        };
+        if !chattr("+i") {
+            eprintln!("skipped: chattr +i is not available here");
+            return;
+        }
+        let opened = open(dir.path(), &duress);
+        let reopened = open(dir.path(), &real);
+        chattr("-i");
+        assert!(
+            matches!(opened, Ok(Unlocked::Erased(Some(_)))),
+            "answered as a wrong passphrase"
+        );
+        assert!(
+            matches!(reopened, Err(ClientError::NotActivated(_))),
+            "the store is gone"
+        );
+    }
+
+    /// A key file that cannot be looked at (a link to media that was
+    /// removed) is not an erased device: nothing is shredded.
+    #[test]
+    fn a_key_file_out_of_sight_is_not_taken_for_an_erasure() {
+        let real = Passphrase::new("the real one");
+        let dir = device_with_duress(&real, &Passphrase::new("duress"));
+        let key_file = dir.path().join(KDF_FILE);
+        let away = tempfile::tempdir().unwrap();
+        std::fs::rename(&key_file, away.path().join(KDF_FILE)).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/media/kdf.json", &key_file).unwrap();
+        assert!(matches!(
+            open(dir.path(), &real),
+            Err(ClientError::NotActivated(_))
+        ));
+        assert!(store_path(dir.path()).exists(), "the store is untouched");
+        std::fs::remove_file(&key_file).unwrap();
+        std::fs::rename(away.path().join(KDF_FILE), &key_file).unwrap();
+        assert!(matches!(open(dir.path(), &real), Ok(Unlocked::Open(_))));
     }
 
     /// A duress unlock must not be told apart from a normal one by timing.

@@ -230,6 +230,9 @@ pub enum Refusal {
     /// A group invitation signed under another key than the contact's
     /// pinned one.
     InvitationUnderAnotherKey,
+    /// A KeyPackage for the contact under another key than the pinned one
+    /// (the server handing out a key of its own to be added instead).
+    KeyPackageUnderAnotherKey,
 }
 
 impl std::fmt::Display for Refusal {
@@ -239,6 +242,9 @@ impl std::fmt::Display for Refusal {
             Refusal::InvitationFromStranger => "a group invitation from someone not your contact",
             Refusal::InvitationUnderAnotherKey => {
                 "a group invitation signed with another key than the one you know for them"
+            }
+            Refusal::KeyPackageUnderAnotherKey => {
+                "a KeyPackage (the key to add them to a conversation) under another key than the one you know for them"
             }
         })
     }

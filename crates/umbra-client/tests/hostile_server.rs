@@ -156,14 +156,15 @@ async fn a_forged_contact_acceptance_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_swapped_key_for_a_verified_contact_stops_sending_until_confirmed() {
+async fn a_key_package_under_a_swapped_key_is_refused_and_the_pin_kept() {
     let server = TestServer::start().await;
     let mut alice = Device::activate(&server).await;
     let mut bob = Device::activate(&server).await;
     let mut carol = Device::activate(&server).await;
     let (with_bob, _) = befriend(&mut alice, &mut bob).await;
-    let (with_carol, _) = befriend(&mut alice, &mut carol).await;
+    befriend(&mut alice, &mut carol).await;
     alice.client.verify_contact(&bob.id()).unwrap();
+    let number = alice.client.safety_number(&bob.id()).unwrap();
 
     // The operator hands out KeyPackages "from Bob" under its own key.
     let (data, address, store, _dir) = seize(server);
@@ -184,63 +185,45 @@ async fn a_swapped_key_for_a_verified_contact_stops_sending_until_confirmed() {
     let _server = TestServer::start_in(&data, address).await;
     let mut alice = alice.reopen().await;
     let mut bob = bob.reopen().await;
-    let mut carol = carol.reopen().await;
+    let carol = carol.reopen().await;
 
-    // Alice's device sees the new key and will not use it.
+    // Alice's device will not add that key, and says why.
     let refused = alice
         .client
         .create_group("plans", &[bob.id(), carol.id()])
         .await
         .unwrap_err();
     assert!(
-        matches!(&refused, ClientError::KeyUnconfirmed(account) if *account == bob.id()),
+        matches!(&refused, ClientError::ForeignKeyPackage(account) if *account == bob.id()),
         "{refused}"
     );
-    let stopped = alice
+    let (from, reason) = alice
         .wait_for(|e| match e {
-            Event::KeyChanged {
-                account,
-                sending_stopped,
-            } if *account == bob.id() => Some(*sending_stopped),
+            Event::Refused { from, reason } => Some((from.clone(), *reason)),
             _ => None,
         })
         .await;
-    assert!(stopped, "the event says that sending stopped");
-    let contact = |alice: &Device| {
-        alice
-            .client
-            .contacts()
-            .unwrap()
-            .into_iter()
-            .find(|c| c.account == bob.id())
-            .unwrap()
-    };
-    let bob_contact = contact(&alice);
-    assert!(bob_contact.key_changed && bob_contact.key_unconfirmed && !bob_contact.verified);
+    assert_eq!(
+        (from, reason),
+        (bob.id(), Refusal::KeyPackageUnderAnotherKey)
+    );
     assert_eq!(
         alice.client.conversations().unwrap().len(),
         2,
         "no group was made"
     );
 
-    // Nothing goes to Bob until Alice confirms; Carol is not affected.
-    let refused = alice.client.send_text(&with_bob, "still there?").await;
-    assert!(
-        matches!(&refused, Err(ClientError::KeyUnconfirmed(account)) if *account == bob.id()),
-        "{refused:?}"
-    );
-    alice
+    // The forged key displaced nothing: Bob is still verified under his
+    // real key, and the conversation with him goes on.
+    let bob_contact = alice
         .client
-        .send_text(&with_carol, "hi Carol")
-        .await
+        .contacts()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.account == bob.id())
         .unwrap();
-    assert_eq!(carol.next_text().await.1, "hi Carol");
-
-    // Alice accepts the new key without verifying it: sending resumes,
-    // and the contact is no longer marked verified.
-    alice.client.accept_key_change(&bob.id()).unwrap();
-    let bob_contact = contact(&alice);
-    assert!(!bob_contact.key_unconfirmed && !bob_contact.verified);
+    assert!(bob_contact.verified && !bob_contact.key_changed && !bob_contact.key_unconfirmed);
+    assert_eq!(alice.client.safety_number(&bob.id()).unwrap(), number);
     alice
         .client
         .send_text(&with_bob, "still there?")

@@ -89,20 +89,13 @@ async fn event_loop(
                     let note = match Client::open(&home, &passphrase, options) {
                         Ok(client) => Note::Unlocked(Box::new(client)),
                         Err(error @ ClientError::Erased { .. }) => {
-                            // Behind the answer: end the line at the server
-                            // and overwrite what is left of the device.
-                            if let ClientError::Erased {
-                                revocation: Some(revocation),
-                                ..
-                            } = &error
-                            {
-                                let revocation = revocation.clone();
-                                tokio::runtime::Handle::current()
-                                    .spawn(async move { revocation.send().await });
+                            // Behind the answer, in a detached process like
+                            // the CLI's (quitting does not wait for it): end
+                            // the line at the server and overwrite what is
+                            // left of the device.
+                            if let ClientError::Erased { home, revocation } = &error {
+                                crate::finish_erasure_detached(home, revocation.as_deref());
                             }
-                            let leftovers = home.clone();
-                            tokio::runtime::Handle::current()
-                                .spawn_blocking(move || Client::finish_erasure(&leftovers));
                             // On screen, exactly a wrong passphrase.
                             Note::UnlockFailed(error.to_string())
                         }
