@@ -885,14 +885,7 @@ impl Client {
             });
             return Ok(());
         }
-        let pinned: Option<Vec<u8>> = tx
-            .query_row(
-                "SELECT identity_key FROM contacts WHERE account_id = ?1",
-                [inviter.as_str()],
-                |row| row.get(0),
-            )
-            .optional()?
-            .flatten();
+        let pinned = pinned_key(tx, &inviter)?;
         let inviter_key = group
             .members()
             .into_iter()
@@ -1566,21 +1559,11 @@ impl Client {
             // forged one cannot displace the real key or block the real
             // conversation). The first one seen pins the key.
             let mut events = Vec::new();
-            let foreign = self.with_tx(|tx, _| {
-                let pinned: Option<Vec<u8>> = tx
-                    .query_row(
-                        "SELECT identity_key FROM contacts WHERE account_id = ?1",
-                        [account.as_str()],
-                        |row| row.get(0),
-                    )
-                    .optional()?
-                    .flatten();
-                match pinned {
-                    Some(pinned) => Ok(pinned[..] != valid.identity_key.as_bytes()[..]),
-                    None => {
-                        self.check_key(tx, account, &valid.identity_key, &mut events)?;
-                        Ok(false)
-                    }
+            let foreign = self.with_tx(|tx, _| match pinned_key(tx, account)? {
+                Some(pinned) => Ok(pinned[..] != valid.identity_key.as_bytes()[..]),
+                None => {
+                    self.check_key(tx, account, &valid.identity_key, &mut events)?;
+                    Ok(false)
                 }
             })?;
             if foreign {
@@ -2090,6 +2073,18 @@ fn message_row(
 fn load_group(provider: &Provider<'_>, group_id: &[u8]) -> Result<Group> {
     Group::load(provider, group_id)?
         .ok_or_else(|| ClientError::UnknownConversation(hex::encode(group_id)))
+}
+
+/// The identity key pinned for a contact (the first one seen), if any.
+fn pinned_key(db: &Connection, account: &AccountId) -> Result<Option<Vec<u8>>> {
+    Ok(db
+        .query_row(
+            "SELECT identity_key FROM contacts WHERE account_id = ?1",
+            [account.as_str()],
+            |row| row.get(0),
+        )
+        .optional()?
+        .flatten())
 }
 
 /// A member of `group` whose changed key the user has not confirmed yet.
