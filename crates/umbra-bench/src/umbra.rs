@@ -441,6 +441,7 @@ async fn build_group(
                 epoch: output.epoch,
                 commit: output.commit,
                 welcome: output.welcome,
+                group_info: output.group_info,
             }))
             .await?;
         let provider = Provider::new(&crypto, &storage);

@@ -1189,9 +1189,15 @@ impl Client {
                     return Ok(None);
                 };
                 tx.execute(
-                    "INSERT OR REPLACE INTO pending_commits (group_id, epoch, commit_, welcome)
-                     VALUES (?1, ?2, ?3, ?4)",
-                    params![group_id, planned.epoch, planned.commit, planned.welcome],
+                    "INSERT OR REPLACE INTO pending_commits (group_id, epoch, commit_, welcome, group_info)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        group_id,
+                        planned.epoch,
+                        planned.commit,
+                        planned.welcome,
+                        planned.group_info
+                    ],
                 )?;
                 Ok(Some(planned))
             })?;
@@ -1203,6 +1209,7 @@ impl Client {
                 epoch: planned.epoch,
                 commit: planned.commit.clone(),
                 welcome: planned.welcome.clone(),
+                group_info: planned.group_info.clone(),
             };
             match self.submit_commit(submission).await {
                 Verdict::Accepted(epoch) => {
@@ -1323,17 +1330,24 @@ impl Client {
     /// After a crash or a lost connection: resubmit commits whose verdict
     /// was never seen. The server answers a duplicate as accepted.
     async fn resubmit_pending_commits(&self) -> Result<()> {
-        type Row = (Vec<u8>, u64, Vec<u8>, Option<Vec<u8>>);
+        type Row = (Vec<u8>, u64, Vec<u8>, Option<Vec<u8>>, Vec<u8>);
         let pending: Vec<Row> = {
             let db = self.db();
-            let mut statement =
-                db.prepare("SELECT group_id, epoch, commit_, welcome FROM pending_commits")?;
+            let mut statement = db.prepare(
+                "SELECT group_id, epoch, commit_, welcome, group_info FROM pending_commits",
+            )?;
             let rows = statement.query_map([], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
             })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        for (group_id, epoch, commit, welcome) in pending {
+        for (group_id, epoch, commit, welcome, group_info) in pending {
             let _ops = self.inner.ops.lock().await;
             let verdict = self
                 .submit_commit(CommitSubmission {
@@ -1341,6 +1355,7 @@ impl Client {
                     epoch,
                     commit,
                     welcome,
+                    group_info,
                 })
                 .await;
             match verdict {

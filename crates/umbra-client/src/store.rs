@@ -21,6 +21,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (2, include_str!("../migrations/0002_secure_phone.sql")),
     (3, include_str!("../migrations/0003_derived_membership.sql")),
     (4, include_str!("../migrations/0004_key_confirmation.sql")),
+    (5, include_str!("../migrations/0005_group_info.sql")),
 ];
 
 pub(crate) fn store_path(home: &Path) -> PathBuf {

@@ -181,7 +181,13 @@ impl Mallory {
             .add_members(&self.provider(), &self.signer, &key_packages)
             .unwrap();
         let accepted = self
-            .submit(&group, output.epoch, output.commit.clone(), output.welcome)
+            .submit(
+                &group,
+                output.epoch,
+                output.commit.clone(),
+                output.welcome,
+                output.group_info,
+            )
             .await;
         assert_eq!(accepted, Ok(Reply::CommitAccepted { epoch: 1 }));
         group.merge_pending_commit(&self.provider()).unwrap();
@@ -194,12 +200,14 @@ impl Mallory {
         epoch: u64,
         commit: Vec<u8>,
         welcome: Option<Vec<u8>>,
+        group_info: Vec<u8>,
     ) -> Result<Reply, ErrorReply> {
         self.call(Request::SendCommit(CommitSubmission {
             group_id: GroupId::new(group.id()).unwrap(),
             epoch,
             commit,
             welcome,
+            group_info,
         }))
         .await
     }
@@ -331,7 +339,7 @@ async fn a_garbage_commit_with_a_valid_header_is_refused_and_changes_nothing() {
     );
     let refused = scene
         .mallory
-        .submit(&scene.group, output.epoch, garbage, None)
+        .submit(&scene.group, output.epoch, garbage, None, output.group_info)
         .await
         .unwrap_err();
     assert_eq!(
@@ -358,6 +366,7 @@ async fn membership_declared_by_the_committer_is_not_believed() {
         epoch: output.epoch,
         commit: output.commit,
         welcome: None,
+        group_info: output.group_info,
     }));
     let mut lie = Vec::new();
     prost::encoding::string::encode(6, &scene.bob.id().to_string(), &mut lie);
@@ -424,13 +433,22 @@ async fn a_resubmitted_old_commit_changes_nothing() {
     let old = scene.mallory_update();
     let first = scene.first_commit.clone();
     assert_eq!(
-        scene.mallory.submit(&scene.group, 0, first, None).await,
+        scene
+            .mallory
+            .submit(&scene.group, 0, first, None, Vec::new())
+            .await,
         Ok(Reply::CommitAccepted { epoch: 1 }),
         "the commit accepted for epoch 0 is recognised, not applied again"
     );
     let refused = scene
         .mallory
-        .submit(&scene.group, old.epoch, old.commit.clone(), None)
+        .submit(
+            &scene.group,
+            old.epoch,
+            old.commit.clone(),
+            None,
+            old.group_info.clone(),
+        )
         .await
         .unwrap_err();
     assert_eq!(
@@ -440,7 +458,7 @@ async fn a_resubmitted_old_commit_changes_nothing() {
     assert_eq!(
         scene
             .mallory
-            .submit(&scene.group, old.epoch, old.commit, None)
+            .submit(&scene.group, old.epoch, old.commit, None, old.group_info)
             .await
             .unwrap_err()
             .code,
@@ -480,7 +498,13 @@ async fn a_commit_that_gives_a_leaf_another_account_is_refused() {
     scene.group.clear_pending_commit(&provider).unwrap();
     let refused = scene
         .mallory
-        .submit(&scene.group, output.epoch, output.commit, None)
+        .submit(
+            &scene.group,
+            output.epoch,
+            output.commit,
+            None,
+            output.group_info,
+        )
         .await
         .unwrap_err();
     assert_eq!(
@@ -563,7 +587,13 @@ async fn removing_and_adding_a_member_in_one_commit_is_refused() {
     scene.group.clear_pending_commit(&provider).unwrap();
     let refused = scene
         .mallory
-        .submit(&scene.group, output.epoch, output.commit, output.welcome)
+        .submit(
+            &scene.group,
+            output.epoch,
+            output.commit,
+            output.welcome,
+            output.group_info,
+        )
         .await
         .unwrap_err();
     assert_eq!(

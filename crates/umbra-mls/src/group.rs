@@ -52,6 +52,29 @@ pub struct CommitOutput {
     pub epoch: u64,
     pub commit: Vec<u8>,
     pub welcome: Option<Vec<u8>>,
+    /// MLSMessage(GroupInfo) of the epoch the commit starts, signed by this
+    /// device, with the ratchet tree and the external public key: the
+    /// server keeps it so that a member who fell behind can rejoin.
+    pub group_info: Vec<u8>,
+}
+
+impl CommitOutput {
+    pub(crate) fn new(
+        epoch: u64,
+        commit: MlsMessageOut,
+        welcome: Option<MlsMessageOut>,
+        group_info: Option<MlsMessageOut>,
+    ) -> Result<CommitOutput> {
+        let group_info = group_info.ok_or_else(|| {
+            MlsError::Protocol("a commit came without the group's next GroupInfo".into())
+        })?;
+        Ok(CommitOutput {
+            epoch,
+            commit: to_bytes(&commit)?,
+            welcome: welcome.as_ref().map(to_bytes).transpose()?,
+            group_info: to_bytes(&group_info)?,
+        })
+    }
 }
 
 /// What an incoming group message turned out to be.
@@ -299,15 +322,11 @@ impl Group {
                 .add_or_replace(extension.clone())
                 .map_err(|e| protocol("setting the timer", e))?;
         }
-        let (commit, welcome, _) = self
+        let (commit, welcome, group_info) = self
             .inner
             .update_group_context_extensions(provider, extensions, signer)
             .map_err(|e| protocol("changing the timer", e))?;
-        Ok(CommitOutput {
-            epoch,
-            commit: to_bytes(&commit)?,
-            welcome: welcome.as_ref().map(to_bytes).transpose()?,
-        })
+        CommitOutput::new(epoch, commit, welcome, group_info.map(MlsMessageOut::from))
     }
 
     pub fn suite(&self) -> Option<Suite> {
@@ -366,15 +385,16 @@ impl Group {
             validated.push(key_package);
         }
         let epoch = self.epoch();
-        let (commit, welcome, _) = self
+        let (commit, welcome, group_info) = self
             .inner
             .add_members(provider, signer, &validated)
             .map_err(|e| protocol("adding members", e))?;
-        Ok(CommitOutput {
+        CommitOutput::new(
             epoch,
-            commit: to_bytes(&commit)?,
-            welcome: Some(to_bytes(&welcome)?),
-        })
+            commit,
+            Some(welcome),
+            group_info.map(MlsMessageOut::from),
+        )
     }
 
     /// Removes these accounts from the group (pending, as for adds).
@@ -392,15 +412,11 @@ impl Group {
             })
             .collect::<Result<Vec<_>>>()?;
         let epoch = self.epoch();
-        let (commit, welcome, _) = self
+        let (commit, welcome, group_info) = self
             .inner
             .remove_members(provider, signer, &leaves)
             .map_err(|e| protocol("removing members", e))?;
-        Ok(CommitOutput {
-            epoch,
-            commit: to_bytes(&commit)?,
-            welcome: welcome.as_ref().map(to_bytes).transpose()?,
-        })
+        CommitOutput::new(epoch, commit, welcome, group_info.map(MlsMessageOut::from))
     }
 
     /// Replaces this device's leaf keys (post-compromise security); also
@@ -415,12 +431,8 @@ impl Group {
             .inner
             .self_update(provider, signer, LeafNodeParameters::default())
             .map_err(|e| protocol("updating own keys", e))?;
-        let (commit, welcome, _) = bundle.into_messages();
-        Ok(CommitOutput {
-            epoch,
-            commit: to_bytes(&commit)?,
-            welcome: welcome.as_ref().map(to_bytes).transpose()?,
-        })
+        let (commit, welcome, group_info) = bundle.into_messages();
+        CommitOutput::new(epoch, commit, welcome, group_info)
     }
 
     /// Forgets proposals received or made but not committed.
@@ -441,15 +453,11 @@ impl Group {
         signer: &DeviceSigner,
     ) -> Result<CommitOutput> {
         let epoch = self.epoch();
-        let (commit, welcome, _) = self
+        let (commit, welcome, group_info) = self
             .inner
             .commit_to_pending_proposals(provider, signer)
             .map_err(|e| protocol("committing pending proposals", e))?;
-        Ok(CommitOutput {
-            epoch,
-            commit: to_bytes(&commit)?,
-            welcome: welcome.as_ref().map(to_bytes).transpose()?,
-        })
+        CommitOutput::new(epoch, commit, welcome, group_info.map(MlsMessageOut::from))
     }
 
     /// Proposes to remove this device; another member commits it.

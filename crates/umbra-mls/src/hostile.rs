@@ -63,12 +63,8 @@ impl Group {
             .inner
             .self_update(provider, signer, parameters)
             .map_err(|e| protocol("updating as another account", e))?;
-        let (commit, _, _) = bundle.into_messages();
-        Ok(CommitOutput {
-            epoch,
-            commit: to_bytes(&commit)?,
-            welcome: None,
-        })
+        let (commit, _, group_info) = bundle.into_messages();
+        CommitOutput::new(epoch, commit, None, group_info)
     }
 
     /// One commit that removes a member and adds it again from a fresh
@@ -103,11 +99,7 @@ impl Group {
             .map_err(|e| protocol("building a commit", e))?
             .stage_commit(provider)
             .map_err(|e| protocol("staging a commit", e))?;
-        let (commit, welcome, _) = bundle.into_messages();
-        Ok(CommitOutput {
-            epoch,
-            commit: to_bytes(&commit)?,
-            welcome: welcome.as_ref().map(to_bytes).transpose()?,
-        })
+        let (commit, welcome, group_info) = bundle.into_messages();
+        CommitOutput::new(epoch, commit, welcome, group_info)
     }
 }

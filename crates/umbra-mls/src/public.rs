@@ -163,6 +163,28 @@ impl PublicState {
         Ok(PublicState { group, storage })
     }
 
+    /// Checks that `group_info` is a member's signed GroupInfo of exactly
+    /// this state (same group context: epoch, tree hash, transcript), with
+    /// the ratchet tree and the external public key a rejoining member
+    /// needs.
+    pub fn check_group_info(&self, group_info: &[u8]) -> Result<(), HandshakeError> {
+        let refuse = |why: &str| HandshakeError::InvalidCommit(why.to_owned());
+        let MlsMessageBodyIn::GroupInfo(info) = parse(group_info)?.extract() else {
+            return Err(refuse("its GroupInfo is not an MLS GroupInfo"));
+        };
+        if info.extensions().external_pub().is_none() {
+            return Err(refuse("its GroupInfo carries no external public key"));
+        }
+        let observed = PublicState::observe(self.group.group_id().as_slice(), group_info)
+            .map_err(|e| refuse(&format!("its GroupInfo does not verify: {e}")))?;
+        if observed.group.group_context() != self.group.group_context() {
+            return Err(refuse(
+                "its GroupInfo is not the group's state after the commit",
+            ));
+        }
+        Ok(())
+    }
+
     /// Loads a state written by [`PublicState::to_bytes`].
     pub fn from_bytes(group_id: &[u8], bytes: &[u8]) -> Result<PublicState, HandshakeError> {
         let corrupt = || HandshakeError::State("truncated or corrupt".into());

@@ -47,6 +47,8 @@ pub struct CommitSubmission {
     pub epoch: u64,
     pub commit: Vec<u8>,
     pub welcome: Option<Vec<u8>>,
+    /// The group's signed GroupInfo for the epoch the commit starts.
+    pub group_info: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +69,11 @@ pub enum Request {
     },
     FetchKeyPackage {
         account_id: AccountId,
+    },
+    /// The current GroupInfo of a group this account is a member of, to
+    /// rejoin it by external commit.
+    FetchGroupInfo {
+        group_id: GroupId,
     },
     SendContactRequest {
         to: AccountId,
@@ -185,6 +192,9 @@ pub enum Reply {
     KeyPackage {
         key_package: Vec<u8>,
         last_resort: bool,
+    },
+    GroupInfo {
+        group_info: Vec<u8>,
     },
     Done,
     CommitAccepted {
@@ -352,6 +362,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
             epoch: r.epoch,
             commit: non_empty("commit", r.commit)?,
             welcome: (!r.welcome.is_empty()).then_some(r.welcome),
+            group_info: r.group_info,
         }),
         client_frame::Request::SendMessage(r) => {
             let kind = delivery_kind("kind", r.kind)?;
@@ -384,6 +395,9 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
             account_id: account("account_id", &r.account_id)?,
         },
         client_frame::Request::Ping(_) => Request::Ping,
+        client_frame::Request::FetchGroupInfo(r) => Request::FetchGroupInfo {
+            group_id: GroupId::new(r.group_id)?,
+        },
         client_frame::Request::SetWipeKey(r) => Request::SetWipeKey {
             wipe_key: IdentityKey::from_slice(&r.wipe_key)?,
         },
@@ -496,6 +510,7 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             epoch: c.epoch,
             commit: c.commit.clone(),
             welcome: c.welcome.clone().unwrap_or_default(),
+            group_info: c.group_info.clone(),
         }),
         Request::SendMessage {
             group_id,
@@ -521,6 +536,11 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             })
         }
         Request::Ping => client_frame::Request::Ping(wire::Ping {}),
+        Request::FetchGroupInfo { group_id } => {
+            client_frame::Request::FetchGroupInfo(wire::FetchGroupInfo {
+                group_id: group_id.as_bytes().to_vec(),
+            })
+        }
         Request::SetWipeKey { wipe_key } => client_frame::Request::SetWipeKey(wire::SetWipeKey {
             wipe_key: wipe_key.as_bytes().to_vec(),
         }),
@@ -614,6 +634,11 @@ pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
                     last_resort: *last_resort,
                 }),
                 Ok(Reply::Done) => response::Result::Done(wire::Done {}),
+                Ok(Reply::GroupInfo { group_info }) => {
+                    response::Result::GroupInfo(wire::GroupInfo {
+                        group_info: group_info.clone(),
+                    })
+                }
                 Ok(Reply::CommitAccepted { epoch }) => {
                     response::Result::CommitAccepted(wire::CommitAccepted { epoch: *epoch })
                 }
@@ -714,6 +739,9 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
                     last_resort: x.last_resort,
                 }),
                 response::Result::Done(_) => Ok(Reply::Done),
+                response::Result::GroupInfo(x) => Ok(Reply::GroupInfo {
+                    group_info: x.group_info,
+                }),
                 response::Result::CommitAccepted(x) => Ok(Reply::CommitAccepted { epoch: x.epoch }),
                 response::Result::AccountInfo(x) => Ok(Reply::AccountInfo {
                     account_id: account("account_id", &x.account_id)?,
@@ -797,7 +825,11 @@ mod tests {
                 epoch: 4,
                 commit: vec![9; 10],
                 welcome: Some(vec![8; 5]),
+                group_info: vec![7; 6],
             }),
+            Request::FetchGroupInfo {
+                group_id: GroupId::new(vec![1, 2, 3]).unwrap_or_else(|e| panic!("{e}")),
+            },
             Request::Ack {
                 delivery_ids: vec![1, 2, 3],
                 quiet: false,

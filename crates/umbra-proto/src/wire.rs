@@ -10,7 +10,7 @@ pub struct ClientFrame {
     pub id: u64,
     #[prost(
         oneof = "client_frame::Request",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30"
     )]
     pub request: Option<client_frame::Request>,
 }
@@ -58,6 +58,8 @@ pub mod client_frame {
         ListLines(super::ListLines),
         #[prost(message, tag = "29")]
         SetLineStatus(super::SetLineStatus),
+        #[prost(message, tag = "30")]
+        FetchGroupInfo(super::FetchGroupInfo),
     }
 }
 
@@ -125,6 +127,14 @@ pub struct SendCommit {
     pub welcome: Vec<u8>,
     // Tags 5 and 6 (declared `added` and `removed` accounts) are retired:
     // the server derives membership from the validated commit.
+    #[prost(bytes = "vec", tag = "7")]
+    pub group_info: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FetchGroupInfo {
+    #[prost(bytes = "vec", tag = "1")]
+    pub group_id: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -254,7 +264,7 @@ pub struct Response {
     pub id: u64,
     #[prost(
         oneof = "response::Result",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
     )]
     pub result: Option<response::Result>,
 }
@@ -286,6 +296,8 @@ pub mod response {
         Lines(super::Lines),
         #[prost(message, tag = "13")]
         Renewed(super::Renewed),
+        #[prost(message, tag = "14")]
+        GroupInfo(super::GroupInfo),
     }
 }
 
@@ -368,6 +380,12 @@ pub struct KeyPackage {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Done {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GroupInfo {
+    #[prost(bytes = "vec", tag = "1")]
+    pub group_info: Vec<u8>,
+}
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct CommitAccepted {

@@ -59,16 +59,22 @@ pub async fn validate_group_info(
 
 /// Validates a commit against the group's state; returns what it does and
 /// the state after it.
+/// The commit must come with the GroupInfo of the epoch it starts (kept
+/// for members who must rejoin), which must be exactly that state.
 pub async fn validate_commit(
     group_id: GroupId,
     state: GroupState,
     commit: Vec<u8>,
     welcome: Option<Vec<u8>>,
+    group_info: Vec<u8>,
 ) -> Result<(ValidCommit, Vec<u8>), ErrorReply> {
     let refused = ErrorCode::InvalidCommit;
     blocking(move || {
         let (valid, after) = load(&group_id, &state, refused)?
             .process_commit(&commit, &state.proposals, welcome.as_deref())
+            .map_err(|e| refusal(e, refused))?;
+        after
+            .check_group_info(&group_info)
             .map_err(|e| refusal(e, refused))?;
         Ok((valid, after.to_bytes()))
     })

@@ -479,14 +479,14 @@ impl Services {
                 let account = self.require_active(me).await?;
                 let public_state = crate::handshake::validate_group_info(
                     group_id.clone(),
-                    group_info,
+                    group_info.clone(),
                     me.clone(),
                     account.identity_key,
                 )
                 .await?;
                 if self
                     .store
-                    .create_group(&group_id, me, &public_state, self.now())
+                    .create_group(&group_id, me, &public_state, &group_info, self.now())
                     .await
                     .map_err(internal)?
                 {
@@ -501,6 +501,27 @@ impl Services {
             Request::SendCommit(commit) => {
                 self.require_active(me).await?;
                 self.send_commit(me, commit).await
+            }
+            Request::FetchGroupInfo { group_id } => {
+                self.require_active(me).await?;
+                let group = self
+                    .store
+                    .group(&group_id)
+                    .await
+                    .map_err(internal)?
+                    .ok_or_else(|| unknown_group(&group_id))?;
+                if !group.members.contains(me) {
+                    return Err(not_a_member());
+                }
+                match self.store.group_info(&group_id).await.map_err(internal)? {
+                    Some(group_info) if !group_info.is_empty() => {
+                        Ok(Reply::GroupInfo { group_info })
+                    }
+                    _ => Err(refuse(
+                        ErrorCode::UnknownGroup,
+                        "no GroupInfo is kept for this group (it predates rejoining); ask a member to add you again",
+                    )),
+                }
             }
             Request::Ack { delivery_ids, .. } => {
                 self.store.ack(me, &delivery_ids).await.map_err(internal)?;
@@ -885,11 +906,11 @@ impl Services {
         if commit.epoch > group.epoch {
             return Err(stale(commit.epoch, group.epoch));
         }
-        let (added, removed, public_state) = if commit.epoch < group.epoch {
+        let (added, removed, public_state, group_info) = if commit.epoch < group.epoch {
             // Too old to validate: the store answers a resubmission of the
             // commit it accepted for that epoch as accepted, anything else
             // as stale, and never applies it (the epoch only moves on).
-            (Vec::new(), Vec::new(), Vec::new())
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new())
         } else {
             let before = group.members.clone();
             let (valid, public_state) = crate::handshake::validate_commit(
@@ -897,6 +918,7 @@ impl Services {
                 group,
                 commit.commit.clone(),
                 commit.welcome.clone(),
+                commit.group_info.clone(),
             )
             .await?;
             if valid.sender != *me {
@@ -948,7 +970,7 @@ impl Services {
                 .filter(|account| !valid.members.contains(account))
                 .cloned()
                 .collect();
-            (added, removed, public_state)
+            (added, removed, public_state, commit.group_info)
         };
         let now = self.now();
         let record = CommitRecord {
@@ -960,6 +982,7 @@ impl Services {
             added,
             removed,
             public_state,
+            group_info,
         };
         match self
             .store

@@ -384,12 +384,13 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
         ErrorCode::GroupExists,
     )
     .await;
-    let submission = |epoch, commit: Vec<u8>| {
+    let submission = |epoch, output: &umbra_mls::CommitOutput| {
         Request::SendCommit(CommitSubmission {
             group_id: group_id.clone(),
             epoch,
-            commit,
+            commit: output.commit.clone(),
             welcome: None,
+            group_info: output.group_info.clone(),
         })
     };
     // Someone outside the group is refused before anything is validated.
@@ -399,7 +400,7 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
         .await;
     let first = group.self_update(&provider, &signer).unwrap();
     outsider
-        .expect_error(submission(0, first.commit.clone()), ErrorCode::NotAMember)
+        .expect_error(submission(0, &first), ErrorCode::NotAMember)
         .await;
     // A new group's GroupInfo carries its creator's leaf alone: anything
     // much larger (a tree padded with blank nodes) is refused unparsed.
@@ -415,24 +416,21 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
         .await;
     assert!(message.contains("fits in"), "{message}");
     // Declared epoch that does not match the MLS header.
-    raw.expect_error(
-        submission(5, first.commit.clone()),
-        ErrorCode::InvalidCommit,
-    )
-    .await;
+    raw.expect_error(submission(5, &first), ErrorCode::InvalidCommit)
+        .await;
     assert_eq!(
-        raw.call(submission(0, first.commit.clone())).await,
+        raw.call(submission(0, &first)).await,
         Ok(Reply::CommitAccepted { epoch: 1 })
     );
     // Retrying the same commit is answered as accepted, not applied twice.
     assert_eq!(
-        raw.call(submission(0, first.commit)).await,
+        raw.call(submission(0, &first)).await,
         Ok(Reply::CommitAccepted { epoch: 1 })
     );
     // A different commit for the epoch already taken.
     group.clear_pending_commit(&provider).unwrap();
     let second = group.self_update(&provider, &signer).unwrap();
-    let error = raw.call(submission(0, second.commit)).await.unwrap_err();
+    let error = raw.call(submission(0, &second)).await.unwrap_err();
     assert_eq!(
         (error.code, error.current_epoch),
         (ErrorCode::StaleEpoch, 1)

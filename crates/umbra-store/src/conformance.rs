@@ -266,12 +266,17 @@ fn commit(
         added: added.iter().map(|a| (*a).clone()).collect(),
         removed: removed.iter().map(|a| (*a).clone()).collect(),
         public_state: state_at(epoch.saturating_add(1)),
+        group_info: info_at(epoch.saturating_add(1)),
     }
 }
 
 /// Stands for a group's public state at `epoch` (opaque to the store).
 fn state_at(epoch: u64) -> Vec<u8> {
     format!("public state at epoch {epoch}").into_bytes()
+}
+
+fn info_at(epoch: u64) -> Vec<u8> {
+    format!("group info at epoch {epoch}").into_bytes()
 }
 
 async fn commits_one_per_epoch(store: &impl Store) {
@@ -281,13 +286,13 @@ async fn commits_one_per_epoch(store: &impl Store) {
     let g = group(1);
     assert!(
         store
-            .create_group(&g, &alice, &state_at(0), NOW)
+            .create_group(&g, &alice, &state_at(0), &info_at(0), NOW)
             .await
             .unwrap()
     );
     assert!(
         !store
-            .create_group(&g, &bob, &state_at(0), NOW)
+            .create_group(&g, &bob, &state_at(0), &info_at(0), NOW)
             .await
             .unwrap(),
         "IDs are unique"
@@ -411,6 +416,12 @@ async fn commits_one_per_epoch(store: &impl Store) {
         (Some(state_at(3)), vec![]),
         "a commit stores its state and ends the epoch's proposals"
     );
+    assert_eq!(
+        store.group_info(&g).await.unwrap(),
+        Some(info_at(3)),
+        "and the GroupInfo of the epoch it started"
+    );
+    assert_eq!(store.group_info(&group(9)).await.unwrap(), None);
     let after = send(store, &g, &alice, b"bye", NOW).await;
     assert_eq!(recipients(after), vec![bob.clone()]);
     let last = store.pending(&carol, 0, 10, NOW).await.unwrap();
@@ -435,7 +446,7 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
         .unwrap();
     let g = group(7);
     store
-        .create_group(&g, &alice, &state_at(0), NOW)
+        .create_group(&g, &alice, &state_at(0), &info_at(0), NOW)
         .await
         .unwrap();
     store
@@ -594,7 +605,7 @@ async fn revocation(store: &impl Store) {
         .unwrap();
     let g = group(3);
     store
-        .create_group(&g, &bob, &state_at(0), NOW)
+        .create_group(&g, &bob, &state_at(0), &info_at(0), NOW)
         .await
         .unwrap();
     store
@@ -647,7 +658,7 @@ async fn pair_in_group(store: &impl Store, g: &GroupId) -> (AccountId, AccountId
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
     store
-        .create_group(g, &alice, &state_at(0), NOW)
+        .create_group(g, &alice, &state_at(0), &info_at(0), NOW)
         .await
         .unwrap();
     store
@@ -916,7 +927,7 @@ pub async fn survives_reopen_part_one(store: &impl Store) -> u64 {
         .unwrap();
     let g = group(1);
     store
-        .create_group(&g, &alice, &state_at(0), NOW)
+        .create_group(&g, &alice, &state_at(0), &info_at(0), NOW)
         .await
         .unwrap();
     store

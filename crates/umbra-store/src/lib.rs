@@ -247,6 +247,8 @@ pub struct CommitRecord {
     pub removed: Vec<AccountId>,
     /// The group's public state after the commit.
     pub public_state: Vec<u8>,
+    /// The GroupInfo of the epoch it starts, checked against that state.
+    pub group_info: Vec<u8>,
 }
 
 impl CommitRecord {
@@ -339,16 +341,20 @@ impl std::fmt::Debug for Durable {
 
 #[async_trait]
 pub trait Groups: Send + Sync {
-    /// Registers a group at epoch 0 with `creator` as its only member and
-    /// its validated public state. Returns false if the group ID exists.
+    /// Registers a group at epoch 0 with `creator` as its only member, its
+    /// validated public state and its creator's GroupInfo. Returns false if
+    /// the group ID exists.
     async fn create_group(
         &self,
         group: &GroupId,
         creator: &AccountId,
         public_state: &[u8],
+        group_info: &[u8],
         now: Timestamp,
     ) -> Result<bool>;
     async fn group(&self, group: &GroupId) -> Result<Option<GroupState>>;
+    /// The GroupInfo of the group's current epoch (empty if none was kept).
+    async fn group_info(&self, group: &GroupId) -> Result<Option<Vec<u8>>>;
     /// Accepts `commit` if the group is still at `commit.epoch` and the
     /// sender is a member: moves to the next epoch, stores its public state,
     /// forgets the epoch's proposals, applies the membership change and

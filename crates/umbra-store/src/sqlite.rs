@@ -33,6 +33,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (3, include_str!("../migrations/0003_delivery_ids.sql")),
     (4, include_str!("../migrations/0004_public_state.sql")),
     (5, include_str!("../migrations/0005_wipe_replay.sql")),
+    (6, include_str!("../migrations/0006_group_info.sql")),
 ];
 
 /// Most writes committed together by one fsync.
@@ -1173,17 +1174,18 @@ impl Groups for SqliteStore {
         group: &GroupId,
         creator: &AccountId,
         public_state: &[u8],
+        group_info: &[u8],
         now: Timestamp,
     ) -> Result<bool> {
         let (group, creator) = (group.clone(), creator.clone());
-        let public_state = public_state.to_vec();
+        let (public_state, group_info) = (public_state.to_vec(), group_info.to_vec());
         self.write(move |tx| {
             let inserted = tx
                 .execute(
-                    "INSERT INTO groups (group_id, epoch, created_at, public_state)
-                     VALUES (?1, 0, ?2, ?3)
+                    "INSERT INTO groups (group_id, epoch, created_at, public_state, group_info)
+                     VALUES (?1, 0, ?2, ?3, ?4)
                      ON CONFLICT DO NOTHING",
-                    params![group.as_bytes(), now, public_state],
+                    params![group.as_bytes(), now, public_state, group_info],
                 )
                 .map_err(backend)?;
             if inserted == 0 {
@@ -1231,6 +1233,21 @@ impl Groups for SqliteStore {
                 })
             })
             .transpose()
+        })
+        .await
+    }
+
+    async fn group_info(&self, group: &GroupId) -> Result<Option<Vec<u8>>> {
+        let group = group.clone();
+        self.run(move |connection| {
+            connection
+                .query_row(
+                    "SELECT group_info FROM groups WHERE group_id = ?1",
+                    [group.as_bytes()],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(backend)
         })
         .await
     }
@@ -1292,8 +1309,13 @@ impl Groups for SqliteStore {
                 .map_err(backend)?;
             }
             tx.execute(
-                "UPDATE groups SET epoch = ?1, public_state = ?3 WHERE group_id = ?2",
-                params![epoch + 1, commit.group_id.as_bytes(), commit.public_state],
+                "UPDATE groups SET epoch = ?1, public_state = ?3, group_info = ?4 WHERE group_id = ?2",
+                params![
+                    epoch + 1,
+                    commit.group_id.as_bytes(),
+                    commit.public_state,
+                    commit.group_info
+                ],
             )
             .map_err(backend)?;
             tx.execute(
