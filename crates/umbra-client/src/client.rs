@@ -26,6 +26,8 @@ use zeroize::Zeroizing;
 
 use crate::error::{ClientError, Result};
 use crate::link::{Link, REQUEST_TIMEOUT};
+
+mod rejoin;
 use crate::safety::SafetyNumber;
 use crate::secret::{KdfParams, Passphrase};
 use crate::store;
@@ -100,6 +102,8 @@ pub(crate) struct Inner {
     synced: watch::Sender<u64>,
     /// Whether the expiry ticker runs.
     ticking: std::sync::atomic::AtomicBool,
+    /// Groups this device is rejoining (see `rejoin.rs`).
+    rejoining: Mutex<std::collections::HashSet<Vec<u8>>>,
 }
 
 fn now_ms() -> u64 {
@@ -135,6 +139,8 @@ enum FollowUp {
     Wipe,
     /// Tell the sender of these texts that they arrived.
     Receipt(Vec<u8>, Vec<[u8; 16]>),
+    /// This device fell behind in this group: rejoin it.
+    Rejoin(Vec<u8>),
 }
 
 /// What the delivery service said of a commit.
@@ -280,6 +286,7 @@ impl Client {
                 progress: Notify::new(),
                 synced: watch::channel(0).0,
                 ticking: std::sync::atomic::AtomicBool::new(false),
+                rejoining: Mutex::default(),
             }),
         })
     }
@@ -731,6 +738,7 @@ impl Client {
                     }
                 });
             }
+            Some(FollowUp::Rejoin(group_id)) => self.spawn_rejoin(group_id),
             Some(FollowUp::Wipe) => {
                 self.wipe_now("remote wipe").await?;
             }
@@ -906,6 +914,19 @@ impl Client {
         }
         let members: Vec<AccountId> = group.accounts();
         self.check_keys(tx, &group, events)?;
+        // A conversation this device was removed from, and is now added to
+        // again: the same conversation goes on, history and all.
+        let again = tx.execute(
+            "UPDATE conversations SET active = 1, disappear_after = ?2 WHERE group_id = ?1 AND active = 0",
+            params![group.id(), group.disappear_after()],
+        )? == 1;
+        if again {
+            self.system_line(tx, &group.id(), &format!("{inviter} added you again"))?;
+            events.push(Event::ConversationChanged {
+                conversation: self.conversation_in(tx, provider, &group.id())?,
+            });
+            return Ok(());
+        }
         let has_direct: bool = tx
             .prepare_cached("SELECT 1 FROM conversations WHERE peer = ?1")?
             .exists([inviter.as_str()])?;
@@ -944,7 +965,27 @@ impl Client {
         };
         let before: Vec<AccountId> = group.accounts();
         let had_pending = group.has_pending_commit();
-        let incoming = group.process(provider, &delivery.payload)?;
+        let incoming = match group.process(provider, &delivery.payload) {
+            Ok(incoming) => incoming,
+            // From an epoch this device never reached (the commits that
+            // lead there expired, or were lost), or a commit of our own
+            // epoch that cannot be processed: the device is behind.
+            Err(error @ umbra_mls::MlsError::WrongEpoch { .. }) => {
+                warn!(%error, "this device is behind in a group; rejoining");
+                return Ok(Some(FollowUp::Rejoin(id)));
+            }
+            Err(error @ umbra_mls::MlsError::Protocol(_))
+                if group.is_active()
+                    && umbra_mls::message_header(&delivery.payload).is_ok_and(|header| {
+                        header.kind == umbra_mls::MessageKind::Commit
+                            && header.epoch == group.epoch()
+                    }) =>
+            {
+                warn!(%error, "a commit of this device's epoch cannot be processed; rejoining");
+                return Ok(Some(FollowUp::Rejoin(id)));
+            }
+            Err(error) => return Err(error.into()),
+        };
         if had_pending && !group.has_pending_commit() {
             // Processing settled our own commit (merged or superseded).
             tx.execute("DELETE FROM pending_commits WHERE group_id = ?1", [&id])?;
@@ -1041,10 +1082,14 @@ impl Client {
             Incoming::Commit {
                 sender,
                 removed_self,
+                rejoined,
                 ..
             } => {
                 tx.execute("DELETE FROM pending_commits WHERE group_id = ?1", [&id])?;
-                if removed_self {
+                if rejoined {
+                    self.system_line(tx, &id, &format!("{sender} rejoined"))?;
+                    self.check_keys(tx, &group, events)?;
+                } else if removed_self {
                     tx.execute(
                         "UPDATE conversations SET active = 0 WHERE group_id = ?1",
                         [&id],

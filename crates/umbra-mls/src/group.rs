@@ -98,6 +98,9 @@ pub enum Incoming {
         epoch: u64,
         /// This device was removed and can no longer read the group.
         removed_self: bool,
+        /// An external commit: `sender`, a member who fell behind, rejoined
+        /// (replacing its old leaf with its own key).
+        rejoined: bool,
     },
 }
 
@@ -271,9 +274,26 @@ impl Group {
         let MlsMessageBodyIn::Welcome(welcome) = parse_message(welcome)?.extract() else {
             return Err(MlsError::Malformed("expected a Welcome".into()));
         };
-        let staged =
-            StagedWelcome::new_from_welcome(provider, &Self::join_config(config), welcome, None)
+        let mut builder =
+            StagedWelcome::build_from_welcome(provider, &Self::join_config(config), welcome)
                 .map_err(|e| protocol("processing a Welcome", e))?;
+        let group_id = builder
+            .processed_welcome()
+            .unverified_group_info()
+            .group_id()
+            .clone();
+        if let Some(existing) = Self::load(provider, group_id.as_slice())? {
+            if existing.is_active() {
+                return Err(MlsError::Protocol(
+                    "a Welcome to a group this device is in already".into(),
+                ));
+            }
+            // Removed from it before: a new Welcome adds this device again.
+            builder = builder.replace_old_group();
+        }
+        let staged = builder
+            .build()
+            .map_err(|e| protocol("processing a Welcome", e))?;
         let inviter = account_of(
             staged
                 .welcome_sender()
@@ -284,6 +304,49 @@ impl Group {
             .into_group(provider)
             .map_err(|e| protocol("joining from a Welcome", e))?;
         Ok((Group { inner }, inviter))
+    }
+
+    /// Rejoins a group this device fell behind in (its commits expired or
+    /// could not be processed) by an external commit from the group's
+    /// current GroupInfo, with this device's own key: the commit replaces
+    /// our old leaf. The group returned is already at the next epoch
+    /// (openmls merges an external commit at once); the commit must still
+    /// be accepted by the delivery service, and if it is not, rejoining
+    /// starts again from a fresh GroupInfo. Whatever was sent while we were
+    /// behind stays unreadable.
+    pub fn rejoin(
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        account: &AccountId,
+        config: &GroupConfig,
+        group_info: &[u8],
+    ) -> Result<(Group, CommitOutput)> {
+        let MlsMessageBodyIn::GroupInfo(info) = parse_message(group_info)?.extract() else {
+            return Err(MlsError::Malformed("expected a GroupInfo".into()));
+        };
+        if let Some(old) = Self::load(provider, info.group_id().as_slice())? {
+            old.delete(provider)?;
+        }
+        let (inner, bundle) = MlsGroup::external_commit_builder()
+            .with_config(Self::join_config(config))
+            .build_group(provider, info, credential(signer, account))
+            .map_err(|e| protocol("rejoining from the GroupInfo", e))?
+            .leaf_node_parameters(
+                LeafNodeParameters::builder()
+                    .with_capabilities(capabilities())
+                    .build(),
+            )
+            .load_psks(provider.storage())
+            .map_err(|e| protocol("loading PSKs", e))?
+            .build(provider.rand(), provider.crypto(), signer, |_| true)
+            .map_err(|e| protocol("building the external commit", e))?
+            .finalize(provider)
+            .map_err(|e| protocol("finishing the external commit", e))?;
+        let group = Group { inner };
+        let epoch = group.epoch().saturating_sub(1);
+        let (commit, _, group_info) = bundle.into_messages();
+        let output = CommitOutput::new(epoch, commit, None, group_info)?;
+        Ok((group, output))
     }
 
     pub fn id(&self) -> Vec<u8> {
@@ -539,6 +602,7 @@ impl Group {
                 }
             })?;
         let sender = account_of(processed.credential())?;
+        let sender_kind = processed.sender().clone();
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(message) => Ok(Incoming::Application {
                 sender,
@@ -578,6 +642,7 @@ impl Group {
                     )));
                 }
                 let removed_self = staged.self_removed();
+                let rejoined = matches!(sender_kind, openmls::prelude::Sender::NewMemberCommit);
                 self.inner
                     .merge_staged_commit(provider, *staged)
                     .map_err(|e| protocol("merging a commit", e))?;
@@ -585,6 +650,7 @@ impl Group {
                     sender,
                     epoch: self.epoch(),
                     removed_self,
+                    rejoined,
                 })
             }
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => Err(MlsError::Protocol(

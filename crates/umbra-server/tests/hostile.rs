@@ -402,6 +402,15 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
     outsider
         .expect_error(submission(0, &first), ErrorCode::NotAMember)
         .await;
+    // Nor may it fetch the group's GroupInfo (to rejoin what it never was in).
+    outsider
+        .expect_error(
+            Request::FetchGroupInfo {
+                group_id: group_id.clone(),
+            },
+            ErrorCode::NotAMember,
+        )
+        .await;
     // A new group's GroupInfo carries its creator's leaf alone: anything
     // much larger (a tree padded with blank nodes) is refused unparsed.
     let padded = GroupId::new(vec![7; 16]).unwrap();

@@ -1,0 +1,159 @@
+//! Getting back in: a device that fell behind in a group (its commits
+//! expired while it was offline) rejoins by itself, and a removed member can
+//! be added again.
+
+mod common;
+
+use common::{Device, TestServer, befriend};
+use umbra_client::{ConversationId, ConversationKind, Direction, Event, ManualClock};
+
+const DAY: u64 = 86_400;
+
+/// Alice's group with Bob and Carol, with everyone in it.
+async fn group_of_three(
+    alice: &mut Device,
+    bob: &mut Device,
+    carol: &mut Device,
+) -> ConversationId {
+    befriend(alice, bob).await;
+    befriend(alice, carol).await;
+    // Nothing may disappear while the test looks (the server's clock jumps).
+    alice.client.set_default_disappearing(None).unwrap();
+    let group = alice
+        .client
+        .create_group("crew", &[bob.id(), carol.id()])
+        .await
+        .unwrap();
+    for member in [bob, carol] {
+        member
+            .wait_for(|e| match e {
+                Event::ConversationStarted { conversation }
+                    if conversation.kind == ConversationKind::Group =>
+                {
+                    Some(())
+                }
+                _ => None,
+            })
+            .await;
+    }
+    group
+}
+
+/// Whether `device` shows a system line containing `text` in `group`.
+fn shows(device: &Device, group: &ConversationId, text: &str) -> bool {
+    device
+        .client
+        .history(group, 100)
+        .unwrap()
+        .iter()
+        .any(|m| m.direction == Direction::System && m.body.contains(text))
+}
+
+/// Waits until `device` has applied a change to `group` that `done` sees.
+async fn wait_until(device: &mut Device, group: &ConversationId, done: impl Fn(&Device) -> bool) {
+    let group = group.clone();
+    while !done(device) {
+        device
+            .wait_for(|e| match e {
+                Event::ConversationChanged { conversation } if conversation.id == group => Some(()),
+                _ => None,
+            })
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_offline_beyond_the_mailbox_ttl_rejoins_by_itself() {
+    let clock = ManualClock::new(common::now());
+    let server = TestServer::start_with_clock(clock.clone()).await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let mut carol = Device::activate(&server).await;
+    let group = group_of_three(&mut alice, &mut bob, &mut carol).await;
+
+    // Carol goes offline; Alice updates her keys (a commit), and Carol's
+    // copy of that commit expires with the mailbox TTL.
+    let carol = carol.reopen_offline();
+    alice.client.update_keys().await.unwrap();
+    clock.advance(8 * DAY);
+    alice
+        .client
+        .send_text(&group, "while you were away")
+        .await
+        .unwrap();
+    assert_eq!(bob.next_text().await.1, "while you were away");
+
+    // Back online, Carol's device finds itself behind and rejoins.
+    let mut carol = carol;
+    carol.client.connect().await.unwrap();
+    wait_until(&mut carol, &group, |carol| shows(carol, &group, "rejoined")).await;
+    wait_until(&mut alice, &group, |alice| {
+        shows(alice, &group, &format!("{} rejoined", carol.id()))
+    })
+    .await;
+    wait_until(&mut bob, &group, |bob| shows(bob, &group, "rejoined")).await;
+
+    // The group works for everyone again.
+    alice
+        .client
+        .send_text(&group, "welcome back")
+        .await
+        .unwrap();
+    assert_eq!(carol.next_text().await.1, "welcome back");
+    assert_eq!(bob.next_text().await.1, "welcome back");
+    carol.client.send_text(&group, "thanks").await.unwrap();
+    assert_eq!(alice.next_text().await.1, "thanks");
+    assert_eq!(bob.next_text().await.1, "thanks");
+    assert_eq!(
+        carol.client.conversation(&group).unwrap().members.len(),
+        3,
+        "one leaf each, Carol's old one replaced"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_can_be_added_again() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let mut carol = Device::activate(&server).await;
+    let group = group_of_three(&mut alice, &mut bob, &mut carol).await;
+
+    alice
+        .client
+        .remove_members(&group, &[carol.id()])
+        .await
+        .unwrap();
+    wait_until(&mut carol, &group, |carol| {
+        !carol.client.conversation(&group).unwrap().active
+    })
+    .await;
+
+    alice
+        .client
+        .add_members(&group, &[carol.id()])
+        .await
+        .unwrap();
+    wait_until(&mut carol, &group, |carol| {
+        carol.client.conversation(&group).unwrap().active
+    })
+    .await;
+    assert!(shows(&carol, &group, "added you again"));
+    wait_until(&mut bob, &group, |bob| {
+        bob.client.conversation(&group).unwrap().members.len() == 3
+    })
+    .await;
+    alice
+        .client
+        .send_text(&group, "welcome back")
+        .await
+        .unwrap();
+    assert_eq!(carol.next_text().await.1, "welcome back");
+    assert_eq!(bob.next_text().await.1, "welcome back");
+    carol
+        .client
+        .send_text(&group, "glad to be back")
+        .await
+        .unwrap();
+    assert_eq!(alice.next_text().await.1, "glad to be back");
+}
