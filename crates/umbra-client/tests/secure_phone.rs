@@ -265,3 +265,27 @@ async fn wrong_passphrases_wipe_the_device_and_the_count_survives_restarts() {
         Err(ClientError::NotActivated(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wipe_waits_for_its_device_past_the_mailbox_ttl_and_the_subscription() {
+    const DAY: u64 = 86_400;
+    let clock = umbra_client::ManualClock::new(common::now());
+    let server = TestServer::start_with_clock(clock.clone()).await;
+    let alice = Device::activate(&server).await;
+    // The activation codes in these tests grant 30 days. On day 25, with
+    // the phone switched off, its owner sends the wipe from elsewhere.
+    let alice = alice.reopen_offline();
+    clock.advance(25 * DAY);
+    let code = alice.wipe_code.clone().unwrap();
+    umbra_client::send_wipe(&code, &clock).await.unwrap();
+
+    // The phone comes back on day 36: past the mailbox TTL (7 days) and
+    // the subscription's end, within its grace, so the line has not ended.
+    clock.advance(11 * DAY);
+    let mut alice = alice;
+    let _ = alice.client.connect().await;
+    alice
+        .wait_for(|e| matches!(e, Event::Wiped).then_some(()))
+        .await;
+    device_files_gone(&alice);
+}

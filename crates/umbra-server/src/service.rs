@@ -651,9 +651,10 @@ impl Services {
             group_id: None,
             payload: command,
         };
-        // Kept until its device takes it or the subscription (as it stands
-        // now) ends, however long the device stays offline.
-        let expires_at = self.expires_at(now).max(account.subscription_expires_at);
+        // Kept until its device takes it or the line ends (revoked, or
+        // lapsed past its grace: either deletes the mailbox), however long
+        // the device stays offline: no expiry of its own.
+        let expires_at = i64::MAX as u64;
         if self
             .store
             .queue_wipe_command(notice, issued_at, now, expires_at)
