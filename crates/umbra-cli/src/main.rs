@@ -133,13 +133,13 @@ enum Command {
     },
     /// Disappearing messages: set a conversation's timer for everyone in it
     /// (5s to 4w, or off), or with --default the timer new conversations
-    /// start with (30s unless changed).
+    /// start with (30s unless changed). For example `umbra disappear
+    /// D2ZZNXWZ 1h`, or `umbra disappear --default off`.
     Disappear {
-        /// Account ID or conversation ID; omit with --default.
-        #[arg(required_unless_present = "default")]
-        target: Option<String>,
-        /// e.g. 30s, 5m, 1h, 1d, 4w, or off.
-        timer: String,
+        /// TARGET TIMER: the account ID or conversation ID, then the timer
+        /// (e.g. 30s, 5m, 1h, 1d, 4w, or off); with --default, TIMER alone.
+        #[arg(required = true, num_args = 1..=2, value_names = ["TARGET", "TIMER"])]
+        args: Vec<String>,
         /// Change the default for new conversations instead.
         #[arg(long)]
         default: bool,
@@ -687,11 +687,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 });
             }
         }
-        Command::Disappear {
-            target,
-            timer,
-            default,
-        } => {
+        Command::Disappear { args, default } => {
+            let (target, timer) = match (args.as_slice(), *default) {
+                ([timer], true) => (None, timer),
+                ([target, timer], false) => (Some(target), timer),
+                (_, true) => {
+                    bail!("with --default give the timer alone: `umbra disappear --default 1h`")
+                }
+                (_, false) => bail!(
+                    "give the conversation and the timer: `umbra disappear ACCOUNT_OR_GROUP 1h` (or --default TIMER)"
+                ),
+            };
             let seconds =
                 match timer.as_str() {
                     "off" | "0" => None,
@@ -708,7 +714,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 let client = online(&cli).await?;
-                let id = conversation(&client, target.as_deref().unwrap_or_default())?;
+                let id = conversation(&client, target.map(String::as_str).unwrap_or_default())?;
                 client.set_disappearing(&id, seconds).await?;
                 out.value(
                     json!({ "conversation": id, "disappear_after": seconds.map(|d| d.as_secs()) }),

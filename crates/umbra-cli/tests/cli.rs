@@ -279,16 +279,9 @@ async fn text_output_escapes_what_contacts_write() {
         let mut ids = Vec::new();
         for home in [&alice, &bob] {
             ids.push(activate(&server, home.path()).await);
-            // Nothing may disappear while the test reads it back. (Through
-            // the library: `umbra disappear` trips a clap debug assertion.)
-            umbra_client::Client::open(
-                home.path(),
-                &umbra_client::Passphrase::new("a long test passphrase"),
-                umbra_client::ClientOptions::default(),
-            )
-            .unwrap()
-            .set_default_disappearing(None)
-            .unwrap();
+            // Nothing may disappear while the test reads it back.
+            let set = ok(home.path(), &["disappear", "--default", "off"]).await;
+            assert_eq!(set[0]["default_disappear_after"], Value::Null);
         }
         let (a, b) = (ids[0].as_str(), ids[1].as_str());
         ok(alice.path(), &["contacts", "add", b]).await;
