@@ -100,8 +100,12 @@ struct Member {
 
 impl Member {
     /// Makes a self-update commit and merges it as the delivery service
-    /// had accepted it; `others` process it. Returns the commit.
-    fn update_for<'a>(&mut self, others: impl IntoIterator<Item = &'a mut Member>) -> Vec<u8> {
+    /// had accepted it; `others` process it. Returns the commit (with the
+    /// GroupInfo it is submitted with).
+    fn update_for<'a>(
+        &mut self,
+        others: impl IntoIterator<Item = &'a mut Member>,
+    ) -> umbra_mls::CommitOutput {
         let provider = self.device.provider();
         let commit = self
             .group
@@ -113,7 +117,7 @@ impl Member {
         for other in others {
             other.process_commit(&commit.commit);
         }
-        commit.commit
+        commit
     }
 
     fn process_commit(&mut self, commit: &[u8]) {
@@ -219,7 +223,7 @@ impl Fixture {
     /// ratchet advanced by commits it cleared.
     fn new_epoch(&mut self) {
         let (sender, receiver, bystander) = self.roles();
-        receiver.update_for(std::iter::once(sender).chain(bystander));
+        drop(receiver.update_for(std::iter::once(sender).chain(bystander)));
     }
 }
 
@@ -365,7 +369,7 @@ fn commit_process(c: &mut Criterion, fixtures: &mut Fixtures) {
             let (sender, receiver, mut bystander) = fixture.roles();
             let receiver_provider = receiver.device.provider();
             bencher.iter_batched(
-                || sender.update_for(bystander.as_deref_mut()),
+                || sender.update_for(bystander.as_deref_mut()).commit,
                 |commit| {
                     let incoming = receiver
                         .group
@@ -383,7 +387,9 @@ fn commit_process(c: &mut Criterion, fixtures: &mut Fixtures) {
 
 /// The delivery service's work for one self-update commit from the sender:
 /// load the group's stored public state, validate and merge the commit,
-/// serialise the new state (`commit_validate`); and, for comparison, the
+/// check the GroupInfo it comes with against the new state (kept for
+/// members who must rejoin), serialise the new state (`commit_validate`);
+/// and, for comparison, the
 /// cleartext header check that was all it did before (`commit_header`).
 /// Commits are made, merged and processed by the other real members outside
 /// the timing, so the state stays in step with the group.
@@ -405,20 +411,23 @@ fn commit_validate(c: &mut Criterion, fixtures: &mut Fixtures) {
                 bencher.iter_custom(|iterations| {
                     let mut timed = Duration::ZERO;
                     for _ in 0..iterations {
-                        let commit = sender.update_for(
+                        let output = sender.update_for(
                             std::iter::once(&mut *receiver).chain(bystander.as_deref_mut()),
                         );
                         let start = Instant::now();
                         if full {
                             let (valid, after) = PublicState::from_bytes(&group_id, &state)
                                 .expect("loading")
-                                .process_commit(black_box(&commit), &[], None)
+                                .process_commit(black_box(&output.commit), &[], None)
                                 .expect("validating the commit");
+                            after
+                                .check_group_info(black_box(&output.group_info), &valid.sender)
+                                .expect("checking the GroupInfo");
                             state = after.to_bytes();
                             black_box(valid);
                         } else {
                             black_box(
-                                umbra_mls::message_header(black_box(&commit))
+                                umbra_mls::message_header(black_box(&output.commit))
                                     .expect("reading the header"),
                             );
                         }

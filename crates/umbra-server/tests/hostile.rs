@@ -379,7 +379,7 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
     raw.expect_error(
         Request::CreateGroup {
             group_id: group_id.clone(),
-            group_info,
+            group_info: group_info.clone(),
         },
         ErrorCode::GroupExists,
     )
@@ -427,6 +427,19 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
     // Declared epoch that does not match the MLS header.
     raw.expect_error(submission(5, &first), ErrorCode::InvalidCommit)
         .await;
+    // A valid commit with a GroupInfo that is not the state it starts (the
+    // group's epoch-0 one, or none): the GroupInfo kept for members who
+    // must rejoin is always the group's current one.
+    for wrong in [group_info.clone(), Vec::new()] {
+        let stale = umbra_mls::CommitOutput {
+            group_info: wrong,
+            ..first.clone()
+        };
+        let message = raw
+            .expect_error(submission(0, &stale), ErrorCode::InvalidCommit)
+            .await;
+        assert!(message.contains("GroupInfo"), "{message}");
+    }
     assert_eq!(
         raw.call(submission(0, &first)).await,
         Ok(Reply::CommitAccepted { epoch: 1 })
