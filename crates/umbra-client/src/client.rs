@@ -505,6 +505,7 @@ impl Client {
         // Settle commits whose verdict was lost before applying anything:
         // the backlog may hold messages from the epoch after them.
         self.resubmit_pending_commits().await?;
+        self.resume_rejoins()?;
         tokio::spawn(self.clone().apply_pushes(pushes, Arc::clone(link)));
         self.emit(Event::Connection {
             state: ConnectionState::Connected,
@@ -2038,6 +2039,9 @@ impl Client {
             }
             if let Some(account) = unconfirmed_member(tx, &group)? {
                 return Err(ClientError::KeyUnconfirmed(account));
+            }
+            if Self::is_rejoining(tx, &group_id)? {
+                return Err(ClientError::Rejoining);
             }
             let content = Content {
                 disappear_after: group.disappear_after(),

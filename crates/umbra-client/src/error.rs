@@ -56,6 +56,10 @@ pub enum ClientError {
          add it (compare safety numbers with them)"
     )]
     ForeignKeyPackage(AccountId),
+    #[error(
+        "this device fell behind in this conversation and is getting back in; try again in a moment"
+    )]
+    Rejoining,
     #[error("you are no longer a member of this conversation")]
     NotAMember,
     #[error("invalid input: {0}")]

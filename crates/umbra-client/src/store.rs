@@ -22,6 +22,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (3, include_str!("../migrations/0003_derived_membership.sql")),
     (4, include_str!("../migrations/0004_key_confirmation.sql")),
     (5, include_str!("../migrations/0005_group_info.sql")),
+    (6, include_str!("../migrations/0006_rejoins.sql")),
 ];
 
 pub(crate) fn store_path(home: &Path) -> PathBuf {

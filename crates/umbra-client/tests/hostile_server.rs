@@ -11,7 +11,7 @@ use umbra_client::{AccountId, ClientError, ContactState, Event, Refusal};
 use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Provider};
 use umbra_proto::{DeliveryKind, GroupId};
 use umbra_store::sqlite::SqliteStore;
-use umbra_store::{KeyPackages, Mailboxes, Notice};
+use umbra_store::{Groups, KeyPackages, Mailboxes, Notice};
 
 /// An MLS identity the operator makes up: its own signing key, under
 /// whatever account ID it chooses to claim.
@@ -386,4 +386,88 @@ async fn a_server_that_floods_its_device_is_cut_off() {
     let alice = alice.reopen().await;
     alice.client.sync().await.unwrap();
     assert_eq!(incoming_requests(&alice), BACKLOG);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cannot_stand_in_for_a_member_by_external_commit() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (with_bob, with_alice) = befriend(&mut alice, &mut bob).await;
+    let group_id = GroupId::new(with_alice.group_id().unwrap()).unwrap();
+
+    // The operator joins the conversation by external commit from the
+    // GroupInfo it keeps, under Alice's name with a key of its own; sends
+    // Bob that commit, and a message from the epoch after it; and keeps a
+    // GroupInfo of its group as the conversation's, for Bob to rejoin from.
+    let (data, address, store, _dir) = seize(server);
+    let real = store.group_info(&group_id).await.unwrap().unwrap();
+    let eve = Forger::new(55);
+    let (mut eves, commit) =
+        Group::join_externally_unchecked(&eve.provider(), &eve.signer, &alice.id(), &real).unwrap();
+    let lure = eves
+        .encrypt(&eve.provider(), &eve.signer, b"not a Content")
+        .unwrap();
+    let forged = eves.group_info(&eve.provider(), &eve.signer).unwrap();
+    let now = common::now();
+    for (kind, payload) in [
+        (DeliveryKind::Commit, commit),
+        (DeliveryKind::Application, lure),
+    ] {
+        let notice = Notice {
+            recipient: bob.id(),
+            sender: alice.id(),
+            kind,
+            group_id: Some(group_id.clone()),
+            payload,
+        };
+        store.notice(notice, now, now + 3600).await.unwrap();
+    }
+    drop(store);
+    let config = umbra_server::Config::load(&data).unwrap();
+    rusqlite::Connection::open(data.join(&config.database))
+        .unwrap()
+        .execute(
+            "UPDATE groups SET group_info = ?1 WHERE group_id = ?2",
+            rusqlite::params![forged, group_id.as_bytes()],
+        )
+        .unwrap();
+    let _server = TestServer::start_in(&data, address).await;
+    let alice = alice.reopen().await;
+    let mut bob = bob.reopen().await;
+    bob.client.sync().await.unwrap();
+    let what = bob
+        .wait_for(|e| match e {
+            Event::ServerMisbehaved { what } => Some(what.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(what.contains("did not rejoin"), "{what}");
+
+    // Bob's device took neither: the conversation is still Alice and Bob
+    // under their own keys, and what he sends reaches only Alice.
+    alice
+        .client
+        .send_text(&with_bob, "still us?")
+        .await
+        .unwrap();
+    assert_eq!(bob.next_text().await.1, "still us?");
+    let view = bob.client.conversation(&with_alice).unwrap();
+    assert_eq!(view.members.len(), 2, "{:?}", view.members);
+    assert!(
+        !bob.client
+            .history(&with_alice, 50)
+            .unwrap()
+            .iter()
+            .any(|m| m.body.contains("rejoined")),
+        "no rejoin happened"
+    );
+    let contact = bob
+        .client
+        .contacts()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.account == alice.id())
+        .unwrap();
+    assert!(!contact.key_changed, "Alice's pinned key stands");
 }

@@ -137,7 +137,7 @@ pub(crate) fn member_info(credential: &Credential, signature_key: &[u8]) -> Opti
 /// What every Umbra leaf declares it supports: the last-resort KeyPackage
 /// extension on top of openmls's defaults (an extension a KeyPackage carries
 /// must be listed in its leaf's capabilities).
-fn capabilities() -> Capabilities {
+pub(crate) fn capabilities() -> Capabilities {
     Capabilities::builder()
         .extensions(vec![
             ExtensionType::LastResort,
@@ -204,7 +204,7 @@ pub fn new_key_package(
 }
 
 impl Group {
-    fn join_config(config: &GroupConfig) -> MlsGroupJoinConfig {
+    pub(crate) fn join_config(config: &GroupConfig) -> MlsGroupJoinConfig {
         MlsGroupJoinConfig::builder()
             .use_ratchet_tree_extension(true)
             .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
@@ -282,13 +282,24 @@ impl Group {
             .unverified_group_info()
             .group_id()
             .clone();
+        let epoch = builder
+            .processed_welcome()
+            .unverified_group_info()
+            .epoch()
+            .as_u64();
         if let Some(existing) = Self::load(provider, group_id.as_slice())? {
             if existing.is_active() {
                 return Err(MlsError::Protocol(
                     "a Welcome to a group this device is in already".into(),
                 ));
             }
-            // Removed from it before: a new Welcome adds this device again.
+            // Removed from it before: a new Welcome, from after the
+            // removal, adds this device again (an old one replayed does not).
+            if epoch <= existing.epoch() {
+                return Err(MlsError::Protocol(
+                    "a Welcome older than this device's removal from the group".into(),
+                ));
+            }
             builder = builder.replace_old_group();
         }
         let staged = builder
@@ -314,19 +325,48 @@ impl Group {
     /// be accepted by the delivery service, and if it is not, rejoining
     /// starts again from a fresh GroupInfo. Whatever was sent while we were
     /// behind stays unreadable.
+    ///
+    /// The GroupInfo comes from the server, so it is trusted only as far as
+    /// this device can check it: it must be for `group_id`, at an epoch
+    /// later than `behind` (the last epoch this device really reached; a
+    /// device that is not behind does not rejoin), and signed by a member
+    /// this device already had in the group, with the key it had; and the
+    /// group it leads to may hold no other leaf under our account.
     pub fn rejoin(
         provider: &Provider<'_>,
         signer: &DeviceSigner,
         account: &AccountId,
         config: &GroupConfig,
+        (group_id, behind): (&[u8], u64),
         group_info: &[u8],
     ) -> Result<(Group, CommitOutput)> {
+        use openmls::prelude::{OpenMlsSignaturePublicKey, Verifiable as _};
+        let refuse = |why: &str| MlsError::UntrustedGroupInfo(why.to_owned());
         let MlsMessageBodyIn::GroupInfo(info) = parse_message(group_info)?.extract() else {
             return Err(MlsError::Malformed("expected a GroupInfo".into()));
         };
-        if let Some(old) = Self::load(provider, info.group_id().as_slice())? {
-            old.delete(provider)?;
+        if info.group_id().as_slice() != group_id {
+            return Err(refuse("the GroupInfo is for another group"));
         }
+        if info.epoch().as_u64() <= behind {
+            return Err(MlsError::NotBehind);
+        }
+        let old = Self::load(provider, group_id)?
+            .ok_or_else(|| refuse("this device holds no state of the group"))?;
+        let known = old.inner.members().any(|member| {
+            account_of(&member.credential).is_ok()
+                && OpenMlsSignaturePublicKey::new(
+                    member.signature_key.clone().into(),
+                    old.inner.ciphersuite().signature_algorithm(),
+                )
+                .is_ok_and(|key| info.verify_no_out(provider.crypto(), &key).is_ok())
+        });
+        if !known {
+            return Err(refuse(
+                "the GroupInfo is not signed by a member this device knew in the group",
+            ));
+        }
+        old.delete(provider)?;
         let (inner, bundle) = MlsGroup::external_commit_builder()
             .with_config(Self::join_config(config))
             .build_group(provider, info, credential(signer, account))
@@ -343,6 +383,14 @@ impl Group {
             .finalize(provider)
             .map_err(|e| protocol("finishing the external commit", e))?;
         let group = Group { inner };
+        let own_key = signer.identity_key();
+        if group
+            .members()
+            .iter()
+            .any(|member| member.account == *account && member.identity_key != own_key)
+        {
+            return Err(refuse("the group holds another leaf under this account"));
+        }
         let epoch = group.epoch().saturating_sub(1);
         let (commit, _, group_info) = bundle.into_messages();
         let output = CommitOutput::new(epoch, commit, None, group_info)?;
@@ -641,8 +689,37 @@ impl Group {
                         "{sender}'s commit gives its leaf another account"
                     )));
                 }
-                let removed_self = staged.self_removed();
                 let rejoined = matches!(sender_kind, openmls::prelude::Sender::NewMemberCommit);
+                // An external commit is only a member rejoining with its
+                // own key (its new leaf replaces its old one); and nobody
+                // is added who is a member already, so no account holds two
+                // leaves. Otherwise a server could slip in a leaf of its own
+                // under a member's name.
+                if rejoined {
+                    let own_key = staged
+                        .update_path_leaf_node()
+                        .map(|leaf| leaf.signature_key().as_slice().to_vec());
+                    let was_member = self.inner.members().any(|member| {
+                        Some(&member.signature_key) == own_key.as_ref()
+                            && account_of(&member.credential).is_ok_and(|a| a == sender)
+                    });
+                    if !was_member {
+                        return Err(MlsError::Protocol(format!(
+                            "an external commit under {sender}'s name from a key that was not theirs"
+                        )));
+                    }
+                }
+                let members = self.accounts();
+                for add in staged.add_proposals() {
+                    let added =
+                        account_of(add.add_proposal().key_package().leaf_node().credential())?;
+                    if members.contains(&added) {
+                        return Err(MlsError::Protocol(format!(
+                            "a commit that adds {added}, a member already"
+                        )));
+                    }
+                }
+                let removed_self = staged.self_removed();
                 self.inner
                     .merge_staged_commit(provider, *staged)
                     .map_err(|e| protocol("merging a commit", e))?;

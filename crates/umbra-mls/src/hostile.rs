@@ -3,14 +3,14 @@
 //! Compiled only with the `hostile` feature (tests).
 
 use openmls::prelude::{
-    KeyPackageIn, LeafNodeIndex, LeafNodeParameters, MlsMessageBodyIn, MlsMessageIn,
+    KeyPackageIn, LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsMessageBodyIn, MlsMessageIn,
     ProtocolVersion,
 };
 use openmls_traits::OpenMlsProvider as _;
 use tls_codec::Deserialize as _;
 
 use crate::CommitOutput;
-use crate::group::{Group, credential, timer_extensions, to_bytes};
+use crate::group::{Group, capabilities, credential, timer_extensions, to_bytes};
 use crate::{DeviceSigner, MlsError, Provider, Result, protocol};
 use umbra_proto::AccountId;
 
@@ -101,5 +101,39 @@ impl Group {
             .map_err(|e| protocol("staging a commit", e))?;
         let (commit, welcome, group_info) = bundle.into_messages();
         CommitOutput::new(epoch, commit, welcome, group_info)
+    }
+
+    /// Joins a group by external commit from any GroupInfo, under any
+    /// account, with none of the checks an Umbra device makes first: what a
+    /// server holding a group's GroupInfo could do to stand in for a member.
+    /// Returns the group (already at the next epoch) and the commit.
+    pub fn join_externally_unchecked(
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        claimed: &AccountId,
+        group_info: &[u8],
+    ) -> Result<(Group, Vec<u8>)> {
+        let message = MlsMessageIn::tls_deserialize_exact(group_info)
+            .map_err(|e| MlsError::Malformed(e.to_string()))?;
+        let MlsMessageBodyIn::GroupInfo(info) = message.extract() else {
+            return Err(MlsError::Malformed("expected a GroupInfo".into()));
+        };
+        let (inner, bundle) = MlsGroup::external_commit_builder()
+            .with_config(Group::join_config(&crate::GroupConfig::default()))
+            .build_group(provider, info, credential(signer, claimed))
+            .map_err(|e| protocol("joining externally", e))?
+            .leaf_node_parameters(
+                LeafNodeParameters::builder()
+                    .with_capabilities(capabilities())
+                    .build(),
+            )
+            .load_psks(provider.storage())
+            .map_err(|e| protocol("loading PSKs", e))?
+            .build(provider.rand(), provider.crypto(), signer, |_| true)
+            .map_err(|e| protocol("building an external commit", e))?
+            .finalize(provider)
+            .map_err(|e| protocol("finishing an external commit", e))?;
+        let (commit, _, _) = bundle.into_messages();
+        Ok((Group { inner }, to_bytes(&commit)?))
     }
 }

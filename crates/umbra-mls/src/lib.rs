@@ -111,6 +111,14 @@ pub enum MlsError {
     NotActive,
     #[error("{0} is not a member of the group")]
     NotAMember(String),
+    /// A GroupInfo offered to rejoin from fails this device's checks (not
+    /// signed by a member it knew, another group, a second leaf under its
+    /// own account): the server offered a group of its own making.
+    #[error("refusing to rejoin: {0}")]
+    UntrustedGroupInfo(String),
+    /// A rejoin was asked for, but the group is not ahead of this device.
+    #[error("this device is not behind in the group")]
+    NotBehind,
     #[error("the MLS protocol rejected the operation: {0}")]
     Protocol(String),
     #[error("local MLS storage failed: {0}")]
