@@ -6,6 +6,8 @@ mod common;
 
 use common::{Device, TestServer, befriend};
 use umbra_client::{ConversationId, ConversationKind, Direction, Event, ManualClock};
+use umbra_proto::{DeliveryKind, GroupId, Push, ServerMessage};
+use umbra_store::{KeyPackages, Mailboxes, Notice};
 
 const DAY: u64 = 86_400;
 
@@ -156,4 +158,92 @@ async fn a_removed_member_can_be_added_again() {
         .await
         .unwrap();
     assert_eq!(alice.next_text().await.1, "glad to be back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_welcome_does_not_bring_back_a_removed_member() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let mut carol = Device::activate(&server).await;
+    befriend(&mut alice, &mut bob).await;
+    befriend(&mut alice, &mut carol).await;
+    // Carol's one-time KeyPackages are used up, so the Welcome is for her
+    // last-resort one, which stays usable: a replay can be opened.
+    let (data, address) = (server.data.clone(), server.address);
+    let dir = server.stop();
+    {
+        let config = umbra_server::Config::load(&data).unwrap();
+        let store = umbra_server::open_store(&data, &config).unwrap();
+        while let Some((_, last_resort)) = store.take_key_package(&carol.id()).await.unwrap() {
+            if last_resort {
+                break;
+            }
+        }
+    }
+    let server = TestServer::start_in(&data, address).await;
+    let mut alice = alice.reopen().await;
+    let mut bob = bob.reopen().await;
+    alice.client.set_default_disappearing(None).unwrap();
+    let group = alice
+        .client
+        .create_group("crew", &[bob.id(), carol.id()])
+        .await
+        .unwrap();
+    // (Carol comes back online only now: connecting, she would have
+    // uploaded fresh one-time KeyPackages.)
+    let mut carol = carol.reopen().await;
+    for member in [&mut bob, &mut carol] {
+        wait_until(member, &group, |m| m.client.conversation(&group).is_ok()).await;
+    }
+    let group_id = GroupId::new(group.group_id().unwrap()).unwrap();
+    // The operator kept the Welcome it relayed.
+    let welcome = server
+        .frames()
+        .into_iter()
+        .filter(|(direction, _)| *direction == umbra_server::Direction::Outbound)
+        .find_map(|(_, bytes)| match umbra_proto::decode_server(&bytes) {
+            Ok(ServerMessage::Push(Push::Delivery(d)))
+                if d.kind == DeliveryKind::Welcome && d.group_id.as_ref() == Some(&group_id) =>
+            {
+                Some(d.payload)
+            }
+            _ => None,
+        })
+        .unwrap();
+
+    alice
+        .client
+        .remove_members(&group, &[carol.id()])
+        .await
+        .unwrap();
+    wait_until(&mut carol, &group, |carol| {
+        !carol.client.conversation(&group).unwrap().active
+    })
+    .await;
+
+    // It delivers the old Welcome again.
+    let dir2 = server.stop();
+    {
+        let config = umbra_server::Config::load(&data).unwrap();
+        let store = umbra_server::open_store(&data, &config).unwrap();
+        let notice = Notice {
+            recipient: carol.id(),
+            sender: alice.id(),
+            kind: DeliveryKind::Welcome,
+            group_id: Some(group_id),
+            payload: welcome,
+        };
+        let now = common::now();
+        store.notice(notice, now, now + 3600).await.unwrap();
+    }
+    let _server = TestServer::start_in(&data, address).await;
+    let carol = carol.reopen().await;
+    carol.client.sync().await.unwrap();
+    assert!(
+        !carol.client.conversation(&group).unwrap().active,
+        "the conversation stays ended"
+    );
+    assert!(!shows(&carol, &group, "added you again"));
+    drop((dir, dir2));
 }
