@@ -182,7 +182,7 @@ async fn a_replayed_welcome_does_not_bring_back_a_removed_member() {
         }
     }
     let server = TestServer::start_in(&data, address).await;
-    let mut alice = alice.reopen().await;
+    let alice = alice.reopen().await;
     let mut bob = bob.reopen().await;
     alice.client.set_default_disappearing(None).unwrap();
     let group = alice
