@@ -471,3 +471,94 @@ async fn a_server_cannot_stand_in_for_a_member_by_external_commit() {
         .unwrap();
     assert!(!contact.key_changed, "Alice's pinned key stands");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_contact_under_a_new_key_in_a_group_gets_nothing_until_confirmed() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let mut carol = Device::activate(&server).await;
+    let (with_bob, _) = befriend(&mut alice, &mut bob).await;
+    alice.client.verify_contact(&bob.id()).unwrap();
+
+    // Alice asks Carol and goes offline; Carol accepts, which opens their
+    // conversation with a Welcome.
+    alice.client.add_contact(&carol.id()).await.unwrap();
+    carol
+        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+    let alice = alice.reopen_offline();
+    carol.client.accept_contact(&alice.id()).await.unwrap();
+
+    // The operator swaps that Welcome for one of its own "from Carol", of a
+    // group where "Bob" has a key of the operator's.
+    let (data, address, store, _dir) = seize(server);
+    let (alice_kp, _) = store.take_key_package(&alice.id()).await.unwrap().unwrap();
+    let eve = Forger::new(44);
+    let fake_bob = Forger::new(45);
+    let mut group = Group::create(
+        &eve.provider(),
+        &eve.signer,
+        &carol.id(),
+        &GroupConfig::default(),
+        0,
+    )
+    .unwrap();
+    let output = group
+        .add_members(
+            &eve.provider(),
+            &eve.signer,
+            &[alice_kp, fake_bob.key_package(&bob.id(), false)],
+        )
+        .unwrap();
+    let welcome = output.welcome.unwrap();
+    drop(store);
+    let config = umbra_server::Config::load(&data).unwrap();
+    rusqlite::Connection::open(data.join(&config.database))
+        .unwrap()
+        .execute(
+            "UPDATE mailbox SET payload = ?1 WHERE recipient = ?2 AND kind = ?3",
+            rusqlite::params![welcome, alice.id().as_str(), DeliveryKind::Welcome as i32],
+        )
+        .unwrap();
+    let _server = TestServer::start_in(&data, address).await;
+    let mut alice = alice;
+    alice.client.connect().await.unwrap();
+    alice.client.sync().await.unwrap();
+
+    // Alice's device sees Bob under another key: since she had verified
+    // him, nothing goes to him, in any conversation, until she confirms.
+    let stopped = alice
+        .wait_for(|e| match e {
+            Event::KeyChanged {
+                account,
+                sending_stopped,
+            } if *account == bob.id() => Some(*sending_stopped),
+            _ => None,
+        })
+        .await;
+    assert!(stopped);
+    let refused = alice.client.send_text(&with_bob, "are you there?").await;
+    assert!(
+        matches!(&refused, Err(ClientError::KeyUnconfirmed(account)) if *account == bob.id()),
+        "{refused:?}"
+    );
+    let contact = alice
+        .client
+        .contacts()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.account == bob.id())
+        .unwrap();
+    assert!(contact.key_changed && contact.key_unconfirmed && !contact.verified);
+
+    // Confirming (here: accepting the key unverified) lets messages go again.
+    alice.client.accept_key_change(&bob.id()).unwrap();
+    let mut bob = bob.reopen().await;
+    alice
+        .client
+        .send_text(&with_bob, "are you there?")
+        .await
+        .unwrap();
+    assert_eq!(bob.next_text().await.1, "are you there?");
+}
