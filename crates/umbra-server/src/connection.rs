@@ -7,7 +7,7 @@
 //! the device is authenticated, the writer also empties the account's
 //! [`Inbox`] and reads its mailbox. A slow device slows only itself.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -87,8 +87,6 @@ enum Outbound {
     /// The device authenticated as this account: from now on, push its
     /// mailbox (after the responses queued before this).
     Online(Box<(AccountId, Arc<Inbox>)>),
-    /// The device acknowledged these deliveries: room in the push window.
-    Acked(Vec<u64>),
 }
 
 fn error_frame(id: u64, error: ErrorReply) -> Vec<u8> {
@@ -136,12 +134,14 @@ impl Connection {
         // Cancelled when the reader stops, so a writer waiting out a store
         // failure does not outlive its connection.
         let stop = self.shutdown.child_token();
+        let unacked = Arc::new(Unacked::new(self.services.limits.push_window));
         let writer = tokio::spawn(
             Writer {
                 sink,
                 tap: self.tap.clone(),
                 services: Arc::clone(&self.services),
                 stop: stop.clone(),
+                unacked: Arc::clone(&unacked),
             }
             .run(out_rx),
         );
@@ -227,17 +227,16 @@ impl Connection {
                 }
             };
             let acked = match &frame.request {
-                Request::Ack { delivery_ids, .. } => Some(delivery_ids.clone()),
+                Request::Ack { delivery_ids, .. } => Some(delivery_ids.as_slice()),
                 _ => None,
             };
+            if let Some(ids) = acked {
+                unacked.acked(ids);
+            }
             // Boxed: the handler's state is large and lives only while a
             // request is in flight, not in every idle connection's task.
             let answer = Box::pin(self.services.answer(&mut session, frame.request)).await;
-            if let Some(ids) = acked
-                && out_tx.send(Outbound::Acked(ids)).await.is_err()
-            {
-                break;
-            }
+
             let queued = match answer {
                 Answer::Now(result) => {
                     let response = ServerMessage::Response {
@@ -287,6 +286,7 @@ struct Writer<S> {
     tap: Option<FrameTap>,
     services: Arc<Services>,
     stop: CancellationToken,
+    unacked: Arc<Unacked>,
 }
 
 /// Where the writer stands in pushing one account's mailbox.
@@ -299,11 +299,9 @@ struct Mailbox {
     /// IDs above `after` pushed from memory, so a later read does not push
     /// them twice.
     pushed: BTreeSet<u64>,
-    /// Deliveries pushed on this connection and not acknowledged yet, with
-    /// their frame sizes (the push window, [`PushWindow`]).
-    unacked: BTreeMap<u64, usize>,
-    unacked_bytes: usize,
-    window: PushWindow,
+    /// Deliveries pushed on this connection and not acknowledged yet (the
+    /// push window, [`PushWindow`]).
+    unacked: Arc<Unacked>,
     /// The mailbox must be read before waiting again.
     read: bool,
     synced: bool,
@@ -312,16 +310,77 @@ struct Mailbox {
 impl Mailbox {
     /// Whether another delivery may be pushed now.
     fn has_room(&self) -> bool {
-        self.unacked.is_empty()
-            || (self.unacked.len() < self.window.deliveries
-                && self.unacked_bytes < self.window.bytes)
+        self.unacked.has_room()
+    }
+}
+
+/// A connection's deliveries pushed and not acknowledged yet, with their
+/// frame sizes: the writer adds what it pushes, the reader takes off what
+/// the device acknowledges (directly, without a message to the writer, so a
+/// quiet Ack stays nearly free), and wakes the writer only when it was
+/// waiting for room.
+struct Unacked {
+    window: PushWindow,
+    state: std::sync::Mutex<UnackedState>,
+    room: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct UnackedState {
+    sizes: HashMap<u64, usize>,
+    bytes: usize,
+    /// The writer found the window full and waits for room.
+    waiting: bool,
+}
+
+impl UnackedState {
+    fn has_room(&self, window: PushWindow) -> bool {
+        self.sizes.is_empty() || (self.sizes.len() < window.deliveries && self.bytes < window.bytes)
+    }
+}
+
+impl Unacked {
+    fn new(window: PushWindow) -> Unacked {
+        Unacked {
+            window,
+            state: std::sync::Mutex::default(),
+            room: tokio::sync::Notify::new(),
+        }
     }
 
-    fn acked(&mut self, ids: &[u64]) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, UnackedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether another delivery may be pushed now; if not, the next
+    /// acknowledgement that makes room wakes the writer.
+    fn has_room(&self) -> bool {
+        let mut state = self.lock();
+        let room = state.has_room(self.window);
+        state.waiting = !room;
+        room
+    }
+
+    fn pushed(&self, id: u64, size: usize) {
+        let mut state = self.lock();
+        if let Some(old) = state.sizes.insert(id, size) {
+            state.bytes -= old;
+        }
+        state.bytes += size;
+    }
+
+    /// The device acknowledged `ids` (any it was not pushed are ignored).
+    fn acked(&self, ids: &[u64]) {
+        let mut state = self.lock();
         for id in ids {
-            if let Some(size) = self.unacked.remove(id) {
-                self.unacked_bytes -= size;
+            if let Some(size) = state.sizes.remove(id) {
+                state.bytes -= size;
             }
+        }
+        if state.waiting && state.has_room(self.window) {
+            state.waiting = false;
+            drop(state);
+            self.room.notify_one();
         }
     }
 }
@@ -378,6 +437,9 @@ where
                     Some(mailbox) => self.push_inbox(mailbox).await,
                     None => Ok(()),
                 },
+                // Acknowledgements made room in a full window: the loop
+                // reads the mailbox on.
+                () = self.unacked.room.notified() => Ok(()),
             };
             if result.is_err() || self.sink.flush().await.is_err() {
                 break;
@@ -417,17 +479,10 @@ where
                         inbox,
                         after: 0,
                         pushed: BTreeSet::new(),
-                        unacked: BTreeMap::new(),
-                        unacked_bytes: 0,
-                        window: self.services.limits.push_window,
+                        unacked: Arc::clone(&self.unacked),
                         read: true,
                         synced: false,
                     });
-                }
-                Outbound::Acked(ids) => {
-                    if let Some(mailbox) = mailbox.as_mut() {
-                        mailbox.acked(&ids);
-                    }
                 }
             }
             next = out.try_recv().ok();
@@ -481,11 +536,7 @@ where
     ) -> Result<(), Closed> {
         let id = delivery.id;
         let frame = push_frame(delivery);
-        let size = frame.len();
-        if let Some(old) = mailbox.unacked.insert(id, size) {
-            mailbox.unacked_bytes -= old;
-        }
-        mailbox.unacked_bytes += size;
+        mailbox.unacked.pushed(id, frame.len());
         self.feed(frame).await
     }
 
