@@ -219,9 +219,10 @@ enum ContactsCommand {
     /// List contacts and their state.
     List,
     /// Show the safety number (digits and QR code) to compare with the
-    /// contact in person; with --mark, record that they matched. When a
-    /// verified contact's key changed, nothing is sent to them until you
-    /// run this with --mark (numbers compared) or --accept.
+    /// contact in person; then, with --mark, record that the number shown
+    /// matched (refused if their key changed since). When a verified
+    /// contact's key changed, nothing is sent to them until you compare the
+    /// new number and --mark it, or --accept the new key unverified.
     Verify {
         account: String,
         /// The numbers matched: mark the contact verified.
@@ -464,7 +465,7 @@ impl Out {
                 );
                 if *sending_stopped {
                     println!(
-                        "You had verified {account}: nothing is sent to them until you confirm the new number (`umbra contacts verify {account} --mark`) or accept the new key unverified (`--accept`)."
+                        "You had verified {account}: nothing is sent to them until you compare the new number (`umbra contacts verify {account}`) and confirm it (`--mark`), or accept the new key unverified (`--accept`)."
                     );
                 }
             }
@@ -889,12 +890,16 @@ async fn contacts(cli: &Cli, out: &Out, command: &ContactsCommand) -> anyhow::Re
         } => {
             let id = account(id)?;
             let client = open(cli)?;
-            let number = client.safety_number(&id)?;
-            if *mark {
+            // Marking applies to the number shown by an earlier `verify`.
+            let number = if *mark {
                 client.verify_contact(&id)?;
+                client.safety_number(&id)?
             } else if *accept {
                 client.accept_key_change(&id)?;
-            }
+                client.safety_number(&id)?
+            } else {
+                client.show_safety_number(&id)?
+            };
             out.value(
                 json!({ "account": id, "safety_number": number.digits, "verified": mark }),
                 || {

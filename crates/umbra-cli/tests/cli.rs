@@ -206,6 +206,17 @@ async fn two_people_talk_through_the_cli() {
     assert_eq!(messages(&ok(bob.path(), &["recv"]).await), vec!["hi bob"]);
 
     // Safety numbers agree on both sides.
+    // Marking without having been shown the number is refused.
+    let unseen = umbra(alice.path(), &["contacts", "verify", b, "--mark"]).await;
+    assert!(!unseen.status.success());
+    assert!(
+        lines(&unseen)[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("was not shown"),
+        "{unseen:?}"
+    );
+    ok(alice.path(), &["contacts", "verify", b]).await;
     let from_alice = ok(alice.path(), &["contacts", "verify", b, "--mark"]).await;
     let from_bob = ok(bob.path(), &["contacts", "verify", a]).await;
     assert_eq!(from_alice[0]["safety_number"], from_bob[0]["safety_number"]);

@@ -1537,25 +1537,48 @@ impl Client {
         ))
     }
 
-    /// Marks a contact verified after comparing safety numbers; clears a
-    /// key-changed warning and lets messages go to them again.
-    pub fn verify_contact(&self, account: &AccountId) -> Result<()> {
-        self.safety_number(account)?;
+    /// The safety number to show the user for comparison; remembers that
+    /// it was shown, so that [`Client::verify_contact`] marks exactly the
+    /// key it stands for.
+    pub fn show_safety_number(&self, account: &AccountId) -> Result<SafetyNumber> {
+        let number = self.safety_number(account)?;
         self.db().execute(
-            "UPDATE contacts SET verified = 1, key_changed = 0, key_unconfirmed = 0 WHERE account_id = ?1",
+            "UPDATE contacts SET shown_key = identity_key WHERE account_id = ?1",
             [account.as_str()],
         )?;
-        Ok(())
+        Ok(number)
     }
 
-    /// Accepts a contact's changed identity key without verifying it:
-    /// messages go to them again, and the contact stays unverified.
+    /// Marks a contact verified after the user compared the safety number
+    /// last shown ([`Client::show_safety_number`]); clears a key-changed
+    /// warning and lets messages go to them again. Refused if the key
+    /// changed since that number was shown (or none was).
+    pub fn verify_contact(&self, account: &AccountId) -> Result<()> {
+        self.confirm_shown_key(
+            account,
+            "verified = 1, key_changed = 0, key_unconfirmed = 0",
+        )
+    }
+
+    /// Accepts a contact's changed identity key, as last shown, without
+    /// verifying it: messages go to them again, and the contact stays
+    /// unverified.
     pub fn accept_key_change(&self, account: &AccountId) -> Result<()> {
+        self.confirm_shown_key(account, "key_changed = 0, key_unconfirmed = 0")
+    }
+
+    /// Applies `set` to the contact if its key is still the one last shown.
+    fn confirm_shown_key(&self, account: &AccountId, set: &str) -> Result<()> {
         self.safety_number(account)?;
-        self.db().execute(
-            "UPDATE contacts SET key_changed = 0, key_unconfirmed = 0 WHERE account_id = ?1",
+        let marked = self.db().execute(
+            &format!(
+                "UPDATE contacts SET {set} WHERE account_id = ?1 AND shown_key = identity_key"
+            ),
             [account.as_str()],
         )?;
+        if marked == 0 {
+            return Err(ClientError::SafetyNumberNotShown(account.clone()));
+        }
         Ok(())
     }
 

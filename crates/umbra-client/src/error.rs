@@ -57,6 +57,11 @@ pub enum ClientError {
     )]
     ForeignKeyPackage(AccountId),
     #[error(
+        "the safety number with {0} was not shown, or changed since it was; compare it \
+         (again) first: `umbra contacts verify {0}`"
+    )]
+    SafetyNumberNotShown(AccountId),
+    #[error(
         "this device fell behind in this conversation and is getting back in; try again in a moment"
     )]
     Rejoining,

@@ -23,6 +23,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (4, include_str!("../migrations/0004_key_confirmation.sql")),
     (5, include_str!("../migrations/0005_group_info.sql")),
     (6, include_str!("../migrations/0006_rejoins.sql")),
+    (7, include_str!("../migrations/0007_shown_key.sql")),
 ];
 
 pub(crate) fn store_path(home: &Path) -> PathBuf {

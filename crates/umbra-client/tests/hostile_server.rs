@@ -163,6 +163,7 @@ async fn a_key_package_under_a_swapped_key_is_refused_and_the_pin_kept() {
     let mut carol = Device::activate(&server).await;
     let (with_bob, _) = befriend(&mut alice, &mut bob).await;
     befriend(&mut alice, &mut carol).await;
+    alice.client.show_safety_number(&bob.id()).unwrap();
     alice.client.verify_contact(&bob.id()).unwrap();
     let number = alice.client.safety_number(&bob.id()).unwrap();
 
@@ -479,6 +480,7 @@ async fn a_verified_contact_under_a_new_key_in_a_group_gets_nothing_until_confir
     let mut bob = Device::activate(&server).await;
     let mut carol = Device::activate(&server).await;
     let (with_bob, _) = befriend(&mut alice, &mut bob).await;
+    alice.client.show_safety_number(&bob.id()).unwrap();
     alice.client.verify_contact(&bob.id()).unwrap();
 
     // Alice asks Carol and goes offline; Carol accepts, which opens their
@@ -552,7 +554,14 @@ async fn a_verified_contact_under_a_new_key_in_a_group_gets_nothing_until_confir
         .unwrap();
     assert!(contact.key_changed && contact.key_unconfirmed && !contact.verified);
 
-    // Confirming (here: accepting the key unverified) lets messages go again.
+    // Confirming what was shown (here: accepting the key unverified) lets
+    // messages go again; the number shown before the change does not count.
+    let unseen = alice.client.accept_key_change(&bob.id()).unwrap_err();
+    assert!(
+        matches!(&unseen, ClientError::SafetyNumberNotShown(account) if *account == bob.id()),
+        "{unseen}"
+    );
+    alice.client.show_safety_number(&bob.id()).unwrap();
     alice.client.accept_key_change(&bob.id()).unwrap();
     let mut bob = bob.reopen().await;
     alice

@@ -406,7 +406,7 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
             });
             refresh(app, client);
         }
-        Action::ShowSafety(account) => match client.safety_number(&account) {
+        Action::ShowSafety(account) => match client.show_safety_number(&account) {
             Ok(number) => {
                 app.overlay = Overlay::Safety {
                     account,
