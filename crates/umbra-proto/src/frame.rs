@@ -856,6 +856,24 @@ mod tests {
         check_client(&[1, 0xff, 0xff, 0xff], Err("malformed protobuf"));
         check_client(&[1], Err("`id` is missing"));
         check_client(&vec![1; MAX_FRAME_BYTES + 1], Err("exceeds the maximum"));
+    }
+
+    /// The largest deliverable message, in the largest envelope, still fits
+    /// in a frame a device accepts.
+    #[test]
+    fn the_largest_delivery_fits_in_a_frame() {
+        let frame = encode_server(&ServerMessage::Push(Push::Delivery(Delivery {
+            id: u64::MAX,
+            sender: AccountId::parse("ZZZZZZZZ").unwrap_or_else(|e| panic!("{e}")),
+            kind: DeliveryKind::Application,
+            group_id: Some(
+                GroupId::new(vec![0xff; GroupId::MAX_LEN]).unwrap_or_else(|e| panic!("{e}")),
+            ),
+            payload: vec![0xff; crate::MAX_DELIVERY_PAYLOAD],
+            sent_at: u64::MAX,
+        })));
+        assert!(frame.len() <= MAX_FRAME_BYTES, "{} bytes", frame.len());
+        assert!(decode_server(&frame).is_ok());
         let bad_account = wire::ClientFrame {
             id: 1,
             request: Some(client_frame::Request::FetchKeyPackage(

@@ -27,6 +27,12 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// Largest frame either side accepts, version byte included.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 
+/// Largest MLS message (application message, proposal, commit or Welcome)
+/// the server accepts to deliver: its `Delivery` envelope (ID, sender, kind,
+/// group ID, time) must still fit in a frame the recipient accepts, or the
+/// message would block the recipient's mailbox.
+pub const MAX_DELIVERY_PAYLOAD: usize = MAX_FRAME_BYTES - 512;
+
 /// Why a frame could not be decoded. Every variant names what was wrong so
 /// that a peer (or its developer) can act on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -882,6 +882,10 @@ impl Services {
     }
 
     async fn send_commit(&self, me: &AccountId, commit: CommitSubmission) -> Outcome {
+        check_deliverable("the commit", &commit.commit)?;
+        if let Some(welcome) = &commit.welcome {
+            check_deliverable("the Welcome", welcome)?;
+        }
         let header = umbra_mls::message_header(&commit.commit)
             .map_err(|e| refuse(ErrorCode::InvalidCommit, e.to_string()))?;
         if header.kind != umbra_mls::MessageKind::Commit
@@ -1010,6 +1014,7 @@ impl Services {
         kind: DeliveryKind,
         ttl_seconds: u32,
     ) -> Result<(Durable, Reply), ErrorReply> {
+        check_deliverable("the message", &message)?;
         let header = umbra_mls::message_header(&message)
             .map_err(|e| refuse(ErrorCode::InvalidRequest, e.to_string()))?;
         let expected = match kind {
@@ -1162,4 +1167,21 @@ fn unknown_group(group: &GroupId) -> ErrorReply {
 
 fn not_a_member() -> ErrorReply {
     refuse(ErrorCode::NotAMember, "you are not a member of this group")
+}
+
+/// Refuses a message whose delivery would not fit in a frame a device
+/// accepts (it would block the recipient's mailbox for good).
+fn check_deliverable(what: &str, message: &[u8]) -> Result<(), ErrorReply> {
+    if message.len() > umbra_proto::MAX_DELIVERY_PAYLOAD {
+        return Err(refuse(
+            ErrorCode::FrameTooLarge,
+            format!(
+                "{what} is {} bytes; at most {} can be delivered (a delivery carries it in a frame of at most {} bytes)",
+                message.len(),
+                umbra_proto::MAX_DELIVERY_PAYLOAD,
+                umbra_proto::MAX_FRAME_BYTES
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -549,3 +549,28 @@ async fn a_quiet_ack_is_answered_only_when_it_fails() {
         other => panic!("expected an empty backlog, got {other:?}"),
     }
 }
+
+/// A message whose delivery would not fit in a frame the recipient accepts
+/// (a frame of exactly the limit used to be accepted, and its delivery then
+/// blocked the recipient's mailbox) is refused when sent.
+#[tokio::test]
+async fn a_message_too_large_to_deliver_is_refused() {
+    let server = Server::start().await;
+    let mut raw = Raw::connect(&server).await;
+    raw.registered(&server, &DeviceSigner::from_secret(&[6; 32]))
+        .await;
+    let group_id = GroupId::new(vec![5; 16]).unwrap();
+    let message = raw
+        .expect_error(
+            Request::SendMessage {
+                group_id,
+                message: vec![1; umbra_proto::MAX_DELIVERY_PAYLOAD + 1],
+                kind: umbra_proto::DeliveryKind::Application,
+                ttl_seconds: 0,
+            },
+            ErrorCode::FrameTooLarge,
+        )
+        .await;
+    assert!(message.contains("can be delivered"), "{message}");
+    raw.alive().await;
+}
