@@ -305,9 +305,24 @@ async fn authentication_refusals() {
                 account_id: AccountId::parse("ZZZZZZZZ").unwrap(),
                 signature: Signature::from_bytes([0; 64]),
             },
-            ErrorCode::UnknownAccount,
+            // The same answer as a forged login: nobody learns from it
+            // whether an account exists.
+            ErrorCode::BadSignature,
         )
         .await;
+    for unknown in [
+        Request::Revoke {
+            account_id: AccountId::parse("ZZZZZZZZ").unwrap(),
+            signature: Signature::from_bytes([0; 64]),
+        },
+        Request::Wipe {
+            account_id: AccountId::parse("ZZZZZZZZ").unwrap(),
+            issued_at: 1,
+            signature: Signature::from_bytes([0; 64]),
+        },
+    ] {
+        second.expect_error(unknown, ErrorCode::BadSignature).await;
+    }
     let forged = other.sign_payload(&login_signing_payload(&second.nonce, &account_id));
     second
         .expect_error(
