@@ -2175,15 +2175,21 @@ fn pinned_key(db: &Connection, account: &AccountId) -> Result<Option<Vec<u8>>> {
 }
 
 /// A member of `group` whose changed key the user has not confirmed yet.
+/// (On every send: one query for the few such contacts, usually none, not
+/// one per member.)
 fn unconfirmed_member(db: &Connection, group: &Group) -> Result<Option<AccountId>> {
     let mut statement =
-        db.prepare_cached("SELECT 1 FROM contacts WHERE account_id = ?1 AND key_unconfirmed = 1")?;
-    for account in group.accounts() {
-        if statement.exists([account.as_str()])? {
-            return Ok(Some(account));
-        }
+        db.prepare_cached("SELECT account_id FROM contacts WHERE key_unconfirmed = 1")?;
+    let unconfirmed = statement
+        .query_map([], |row| parse_account(&row.get::<_, String>(0)?))?
+        .collect::<rusqlite::Result<Vec<AccountId>>>()?;
+    if unconfirmed.is_empty() {
+        return Ok(None);
     }
-    Ok(None)
+    Ok(group
+        .accounts()
+        .into_iter()
+        .find(|a| unconfirmed.contains(a)))
 }
 
 fn contact_state(db: &Connection, account: &AccountId) -> Result<Option<ContactState>> {

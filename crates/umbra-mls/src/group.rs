@@ -137,7 +137,7 @@ pub(crate) fn member_info(credential: &Credential, signature_key: &[u8]) -> Opti
 /// What every Umbra leaf declares it supports: the last-resort KeyPackage
 /// extension on top of openmls's defaults (an extension a KeyPackage carries
 /// must be listed in its leaf's capabilities).
-pub(crate) fn capabilities() -> Capabilities {
+fn capabilities() -> Capabilities {
     Capabilities::builder()
         .extensions(vec![
             ExtensionType::LastResort,
@@ -175,7 +175,7 @@ pub(crate) fn to_bytes(message: &MlsMessageOut) -> Result<Vec<u8>> {
         .map_err(|e| protocol("serialising an MLS message", e))
 }
 
-fn parse_message(bytes: &[u8]) -> Result<MlsMessageIn> {
+pub(crate) fn parse_message(bytes: &[u8]) -> Result<MlsMessageIn> {
     MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError::Malformed(e.to_string()))
 }
 
@@ -204,7 +204,7 @@ pub fn new_key_package(
 }
 
 impl Group {
-    pub(crate) fn join_config(config: &GroupConfig) -> MlsGroupJoinConfig {
+    fn join_config(config: &GroupConfig) -> MlsGroupJoinConfig {
         MlsGroupJoinConfig::builder()
             .use_ratchet_tree_extension(true)
             .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
@@ -367,22 +367,7 @@ impl Group {
             ));
         }
         old.delete(provider)?;
-        let (inner, bundle) = MlsGroup::external_commit_builder()
-            .with_config(Self::join_config(config))
-            .build_group(provider, info, credential(signer, account))
-            .map_err(|e| protocol("rejoining from the GroupInfo", e))?
-            .leaf_node_parameters(
-                LeafNodeParameters::builder()
-                    .with_capabilities(capabilities())
-                    .build(),
-            )
-            .load_psks(provider.storage())
-            .map_err(|e| protocol("loading PSKs", e))?
-            .build(provider.rand(), provider.crypto(), signer, |_| true)
-            .map_err(|e| protocol("building the external commit", e))?
-            .finalize(provider)
-            .map_err(|e| protocol("finishing the external commit", e))?;
-        let group = Group { inner };
+        let (group, bundle) = Self::external_commit(provider, signer, account, config, info)?;
         let own_key = signer.identity_key();
         if group
             .members()
@@ -395,6 +380,35 @@ impl Group {
         let (commit, _, group_info) = bundle.into_messages();
         let output = CommitOutput::new(epoch, commit, None, group_info)?;
         Ok((group, output))
+    }
+
+    /// Joins the group `info` describes by an external commit under
+    /// `account` with this device's key, checking nothing beyond what
+    /// openmls does (callers check first). The group is already at the next
+    /// epoch (openmls merges an external commit at once).
+    pub(crate) fn external_commit(
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        account: &AccountId,
+        config: &GroupConfig,
+        info: openmls::messages::group_info::VerifiableGroupInfo,
+    ) -> Result<(Group, openmls::prelude::CommitMessageBundle)> {
+        let (inner, bundle) = MlsGroup::external_commit_builder()
+            .with_config(Self::join_config(config))
+            .build_group(provider, info, credential(signer, account))
+            .map_err(|e| protocol("joining by external commit", e))?
+            .leaf_node_parameters(
+                LeafNodeParameters::builder()
+                    .with_capabilities(capabilities())
+                    .build(),
+            )
+            .load_psks(provider.storage())
+            .map_err(|e| protocol("loading PSKs", e))?
+            .build(provider.rand(), provider.crypto(), signer, |_| true)
+            .map_err(|e| protocol("building the external commit", e))?
+            .finalize(provider)
+            .map_err(|e| protocol("finishing the external commit", e))?;
+        Ok((Group { inner }, bundle))
     }
 
     pub fn id(&self) -> Vec<u8> {

@@ -3,14 +3,14 @@
 //! Compiled only with the `hostile` feature (tests).
 
 use openmls::prelude::{
-    KeyPackageIn, LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsMessageBodyIn, MlsMessageIn,
+    KeyPackageIn, LeafNodeIndex, LeafNodeParameters, MlsMessageBodyIn, MlsMessageIn,
     ProtocolVersion,
 };
 use openmls_traits::OpenMlsProvider as _;
 use tls_codec::Deserialize as _;
 
 use crate::CommitOutput;
-use crate::group::{Group, capabilities, credential, timer_extensions, to_bytes};
+use crate::group::{Group, credential, parse_message, timer_extensions, to_bytes};
 use crate::{DeviceSigner, MlsError, Provider, Result, protocol};
 use umbra_proto::AccountId;
 
@@ -113,27 +113,17 @@ impl Group {
         claimed: &AccountId,
         group_info: &[u8],
     ) -> Result<(Group, Vec<u8>)> {
-        let message = MlsMessageIn::tls_deserialize_exact(group_info)
-            .map_err(|e| MlsError::Malformed(e.to_string()))?;
-        let MlsMessageBodyIn::GroupInfo(info) = message.extract() else {
+        let MlsMessageBodyIn::GroupInfo(info) = parse_message(group_info)?.extract() else {
             return Err(MlsError::Malformed("expected a GroupInfo".into()));
         };
-        let (inner, bundle) = MlsGroup::external_commit_builder()
-            .with_config(Group::join_config(&crate::GroupConfig::default()))
-            .build_group(provider, info, credential(signer, claimed))
-            .map_err(|e| protocol("joining externally", e))?
-            .leaf_node_parameters(
-                LeafNodeParameters::builder()
-                    .with_capabilities(capabilities())
-                    .build(),
-            )
-            .load_psks(provider.storage())
-            .map_err(|e| protocol("loading PSKs", e))?
-            .build(provider.rand(), provider.crypto(), signer, |_| true)
-            .map_err(|e| protocol("building an external commit", e))?
-            .finalize(provider)
-            .map_err(|e| protocol("finishing an external commit", e))?;
+        let (group, bundle) = Group::external_commit(
+            provider,
+            signer,
+            claimed,
+            &crate::GroupConfig::default(),
+            info,
+        )?;
         let (commit, _, _) = bundle.into_messages();
-        Ok((Group { inner }, to_bytes(&commit)?))
+        Ok((group, to_bytes(&commit)?))
     }
 }
