@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::{Device, TestServer, befriend};
 use umbra_client::{AccountId, ClientError, ContactState, Event, Refusal};
 use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Provider};
@@ -65,23 +63,6 @@ impl Forger {
     }
 }
 
-/// Stops `server` and opens its store, as an operator with the disk would.
-/// The server is started again on the same address by [`restart`].
-fn seize(
-    server: TestServer,
-) -> (
-    PathBuf,
-    std::net::SocketAddr,
-    SqliteStore,
-    Option<tempfile::TempDir>,
-) {
-    let (data, address) = (server.data.clone(), server.address);
-    let dir = server.stop();
-    let config = umbra_server::Config::load(&data).unwrap();
-    let store = umbra_server::open_store(&data, &config).unwrap();
-    (data, address, store, dir)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_contact_acceptance_is_refused() {
     let server = TestServer::start().await;
@@ -98,7 +79,7 @@ async fn a_forged_contact_acceptance_is_refused() {
     // Bob and Carol accepted requests from her: she never sent one to
     // either. (Written while the server is down, so the forged deliveries
     // take their IDs in order with everything the server writes later.)
-    let (data, address, store, _dir) = seize(server);
+    let (data, address, store, _dir) = server.seize();
     for sender in [bob.id(), carol.id()] {
         let notice = Notice {
             recipient: alice.id(),
@@ -168,7 +149,7 @@ async fn a_key_package_under_a_swapped_key_is_refused_and_the_pin_kept() {
     let number = alice.client.safety_number(&bob.id()).unwrap();
 
     // The operator hands out KeyPackages "from Bob" under its own key.
-    let (data, address, store, _dir) = seize(server);
+    let (data, address, store, _dir) = server.seize();
     while let Some((_, last_resort)) = store.take_key_package(&bob.id()).await.unwrap() {
         if last_resort {
             break;
@@ -244,7 +225,7 @@ async fn a_welcome_from_a_stranger_or_under_another_key_is_refused() {
 
     // The operator invites Alice to two groups of its own making: one "from"
     // an account she never accepted, one "from" Bob under its own key.
-    let (data, address, store, _dir) = seize(server);
+    let (data, address, store, _dir) = server.seize();
     let forger = Forger::new(77);
     for inviter in [stranger.id(), bob.id()] {
         let (key_package, _) = store.take_key_package(&alice.id()).await.unwrap().unwrap();
@@ -340,7 +321,7 @@ fn incoming_requests(device: &Device) -> usize {
 async fn a_backlog_beyond_the_push_window_arrives_whole() {
     let server = TestServer::start().await;
     let alice = Device::activate(&server).await;
-    let (data, address, store, _dir) = seize(server);
+    let (data, address, store, _dir) = server.seize();
     fill_mailbox(&store, &alice.id()).await;
     drop(store);
     let _server = TestServer::start_in(&data, address).await;
@@ -361,7 +342,7 @@ async fn a_backlog_beyond_the_push_window_arrives_whole() {
 async fn a_server_that_floods_its_device_is_cut_off() {
     let server = TestServer::start().await;
     let alice = Device::activate(&server).await;
-    let (data, address, store, _dir) = seize(server);
+    let (data, address, store, _dir) = server.seize();
     fill_mailbox(&store, &alice.id()).await;
     drop(store);
     // This server pushes the whole backlog without waiting for any
@@ -401,7 +382,7 @@ async fn a_server_cannot_stand_in_for_a_member_by_external_commit() {
     // GroupInfo it keeps, under Alice's name with a key of its own; sends
     // Bob that commit, and a message from the epoch after it; and keeps a
     // GroupInfo of its group as the conversation's, for Bob to rejoin from.
-    let (data, address, store, _dir) = seize(server);
+    let (data, address, store, _dir) = server.seize();
     let real = store.group_info(&group_id).await.unwrap().unwrap();
     let eve = Forger::new(55);
     let (mut eves, commit) =
@@ -494,7 +475,7 @@ async fn a_verified_contact_under_a_new_key_in_a_group_gets_nothing_until_confir
 
     // The operator swaps that Welcome for one of its own "from Carol", of a
     // group where "Bob" has a key of the operator's.
-    let (data, address, store, _dir) = seize(server);
+    let (data, address, store, _dir) = server.seize();
     let (alice_kp, _) = store.take_key_package(&alice.id()).await.unwrap().unwrap();
     let eve = Forger::new(44);
     let fake_bob = Forger::new(45);

@@ -64,6 +64,18 @@ async fn wait_until(device: &mut Device, group: &ConversationId, done: impl Fn(&
     }
 }
 
+/// `by` removes `member` from `group`, and `member`'s device sees it.
+async fn remove(by: &Device, member: &mut Device, group: &ConversationId) {
+    by.client
+        .remove_members(group, &[member.id()])
+        .await
+        .unwrap();
+    wait_until(member, group, |member| {
+        !member.client.conversation(group).unwrap().active
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_offline_beyond_the_mailbox_ttl_rejoins_by_itself() {
     let clock = ManualClock::new(common::now());
@@ -121,15 +133,7 @@ async fn a_removed_member_can_be_added_again() {
     let mut carol = Device::activate(&server).await;
     let group = group_of_three(&mut alice, &mut bob, &mut carol).await;
 
-    alice
-        .client
-        .remove_members(&group, &[carol.id()])
-        .await
-        .unwrap();
-    wait_until(&mut carol, &group, |carol| {
-        !carol.client.conversation(&group).unwrap().active
-    })
-    .await;
+    remove(&alice, &mut carol, &group).await;
 
     alice
         .client
@@ -170,17 +174,13 @@ async fn a_replayed_welcome_does_not_bring_back_a_removed_member() {
     befriend(&mut alice, &mut carol).await;
     // Carol's one-time KeyPackages are used up, so the Welcome is for her
     // last-resort one, which stays usable: a replay can be opened.
-    let (data, address) = (server.data.clone(), server.address);
-    let dir = server.stop();
-    {
-        let config = umbra_server::Config::load(&data).unwrap();
-        let store = umbra_server::open_store(&data, &config).unwrap();
-        while let Some((_, last_resort)) = store.take_key_package(&carol.id()).await.unwrap() {
-            if last_resort {
-                break;
-            }
+    let (data, address, store, dir) = server.seize();
+    while let Some((_, last_resort)) = store.take_key_package(&carol.id()).await.unwrap() {
+        if last_resort {
+            break;
         }
     }
+    drop(store);
     let server = TestServer::start_in(&data, address).await;
     let alice = alice.reopen().await;
     let mut bob = bob.reopen().await;
@@ -212,31 +212,20 @@ async fn a_replayed_welcome_does_not_bring_back_a_removed_member() {
         })
         .unwrap();
 
-    alice
-        .client
-        .remove_members(&group, &[carol.id()])
-        .await
-        .unwrap();
-    wait_until(&mut carol, &group, |carol| {
-        !carol.client.conversation(&group).unwrap().active
-    })
-    .await;
+    remove(&alice, &mut carol, &group).await;
 
     // It delivers the old Welcome again.
-    let dir2 = server.stop();
-    {
-        let config = umbra_server::Config::load(&data).unwrap();
-        let store = umbra_server::open_store(&data, &config).unwrap();
-        let notice = Notice {
-            recipient: carol.id(),
-            sender: alice.id(),
-            kind: DeliveryKind::Welcome,
-            group_id: Some(group_id),
-            payload: welcome,
-        };
-        let now = common::now();
-        store.notice(notice, now, now + 3600).await.unwrap();
-    }
+    let (_, _, store, dir2) = server.seize();
+    let notice = Notice {
+        recipient: carol.id(),
+        sender: alice.id(),
+        kind: DeliveryKind::Welcome,
+        group_id: Some(group_id),
+        payload: welcome,
+    };
+    let now = common::now();
+    store.notice(notice, now, now + 3600).await.unwrap();
+    drop(store);
     let _server = TestServer::start_in(&data, address).await;
     let carol = carol.reopen().await;
     carol.client.sync().await.unwrap();

@@ -156,6 +156,24 @@ impl TestServer {
     }
 
     /// Every frame the server received or sent so far.
+    /// Stops the server and opens its store, as an operator with the disk
+    /// would (a hostile server's tests write into it); start it again with
+    /// [`TestServer::start_in`] on the data directory and address returned.
+    pub fn seize(
+        self,
+    ) -> (
+        PathBuf,
+        SocketAddr,
+        umbra_store::sqlite::SqliteStore,
+        Option<TempDir>,
+    ) {
+        let (data, address) = (self.data.clone(), self.address);
+        let dir = self.stop();
+        let config = Config::load(&data).unwrap();
+        let store = umbra_server::open_store(&data, &config).unwrap();
+        (data, address, store, dir)
+    }
+
     pub fn frames(&self) -> Vec<(Direction, Vec<u8>)> {
         self.frames.lock().unwrap().clone()
     }
