@@ -512,11 +512,19 @@ where
     async fn push_inbox(&mut self, mailbox: &mut Mailbox) -> Result<(), Closed> {
         let taken = mailbox.inbox.take();
         mailbox.read |= taken.read_mailbox;
+        // While a read of the mailbox is pending (asked for, or a full
+        // window left deliveries behind), nothing is pushed from memory:
+        // the read finds these copies too, and pushes everything in order.
+        // Pushing them now would let them overtake what the read has yet
+        // to push (a message of an epoch before its commit).
+        if mailbox.read {
+            return Ok(());
+        }
         for delivery in taken.deliveries {
             if delivery.id > mailbox.after && !mailbox.pushed.contains(&delivery.id) {
                 if !mailbox.has_room() {
-                    // The window is full: what is left waits in the
-                    // mailbox, read once the device has caught up.
+                    // The window is full: this and what follows wait in
+                    // the mailbox, read once the device has caught up.
                     mailbox.read = true;
                     break;
                 }
