@@ -99,6 +99,11 @@ impl ServerProcess {
             .env("UMBRA_LISTEN", address.to_string())
             .env("UMBRA_TLS", spec.tls.to_string())
             .env("UMBRA_MAX_CONNECTIONS", "60000")
+            // Every simulated device connects from loopback, and one
+            // sender offers the whole fan-out rate: the per-address and
+            // per-connection limits meant for real clients are lifted.
+            .env("UMBRA_MAX_CONNECTIONS_PER_ADDRESS", "60000")
+            .env("UMBRA_REQUESTS_PER_SECOND", "10000000")
             .env("UMBRA_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -511,8 +511,11 @@ impl Client {
             state: ConnectionState::Connected,
         });
         if key_packages_remaining < key_package_low_water || !has_last_resort {
-            self.upload_key_packages(!has_last_resort || key_packages_remaining == 0)
-                .await?;
+            self.upload_key_packages(
+                self.inner.options.key_package_batch,
+                !has_last_resort || key_packages_remaining == 0,
+            )
+            .await?;
         }
         self.start_expiry_ticker();
         // Once the backlog is applied, refresh our keys where they are due.
@@ -557,8 +560,9 @@ impl Client {
         }
     }
 
-    async fn upload_key_packages(&self, with_last_resort: bool) -> Result<()> {
-        let batch = self.inner.options.key_package_batch;
+    /// Uploads `batch` one-time KeyPackages and, if asked, a new
+    /// last-resort one.
+    async fn upload_key_packages(&self, batch: usize, with_last_resort: bool) -> Result<()> {
         let suite = self.inner.options.group.suite;
         let (one_time, last_resort) = self.with_tx(|_, provider| {
             let make = |last| {
@@ -585,11 +589,12 @@ impl Client {
         Ok(())
     }
 
-    /// Replaces the last-resort KeyPackage and tops up the one-time pool, as
-    /// an audit of openmls users advised (a reused last-resort package
-    /// weakens forward secrecy for new conversations).
+    /// Replaces the last-resort KeyPackage, as an audit of openmls users
+    /// advised (a reused last-resort package weakens forward secrecy for
+    /// new conversations). The one-time pool is topped up when the server
+    /// says it runs low (it caps how many may wait there).
     pub async fn rotate_key_packages(&self) -> Result<()> {
-        self.upload_key_packages(true).await
+        self.upload_key_packages(0, true).await
     }
 
     // ----- applying deliveries ---------------------------------------------
@@ -727,7 +732,10 @@ impl Client {
             }
             // Before the next delivery: a contact may be about to fetch one.
             Some(FollowUp::ReplenishKeyPackages) => {
-                if let Err(error) = self.upload_key_packages(false).await {
+                if let Err(error) = self
+                    .upload_key_packages(self.inner.options.key_package_batch, false)
+                    .await
+                {
                     warn!(%error, "replenishing KeyPackages");
                 }
             }

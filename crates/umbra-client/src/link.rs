@@ -25,6 +25,9 @@ use crate::error::{ClientError, Result};
 
 /// How long a request waits for its response.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// After this long without sending anything the device sends a WebSocket
+/// ping; servers close connections idle for longer (3 minutes by default).
+pub const KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// Accepts exactly one certificate: the one whose SHA-256 was pinned at
 /// activation. Names and CAs play no part; the handshake signature is still
@@ -215,8 +218,15 @@ impl Link {
 
         let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(256);
         let writer = tokio::spawn(async move {
-            while let Some(bytes) = out_rx.recv().await {
-                if sink.send(Message::Binary(bytes.into())).await.is_err() {
+            loop {
+                let message = match tokio::time::timeout(KEEPALIVE, out_rx.recv()).await {
+                    Ok(Some(bytes)) => Message::Binary(bytes.into()),
+                    Ok(None) => break,
+                    // Quiet for a while: a WebSocket ping keeps the server
+                    // from closing the connection as idle.
+                    Err(_) => Message::Ping(Vec::new().into()),
+                };
+                if sink.send(message).await.is_err() {
                     break;
                 }
             }

@@ -342,6 +342,11 @@ pub enum ErrorCode {
     InvalidCommit = 25,
     InvalidProposal = 26,
     StaleWipe = 27,
+    RateLimited = 28,
+    StorageFull = 29,
+    TooManyConnections = 30,
+    SessionReplaced = 31,
+    IdleTimeout = 32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -35,6 +35,37 @@ pub struct Config {
     pub expiry_sweep_interval: Duration,
     /// Most simultaneous connections; more wait to be accepted. Default 20000.
     pub max_connections: usize,
+    /// Most simultaneous connections from one IP address; more are told
+    /// `TOO_MANY_CONNECTIONS` and closed. Default 256 (raise it when many
+    /// devices share an address, as behind carrier-grade NAT).
+    pub max_connections_per_address: usize,
+    /// Most authenticated sessions of one account at once; a login beyond
+    /// it closes the account's oldest session (`SESSION_REPLACED`).
+    /// Default 8.
+    pub max_sessions_per_account: usize,
+    /// How long a connection may take to authenticate. Default `10s`.
+    #[serde(with = "humantime_serde_compat")]
+    pub auth_timeout: Duration,
+    /// Most requests a connection may send before it authenticates; the
+    /// next one closes it (`NOT_AUTHENTICATED`). Default 8.
+    pub max_requests_before_auth: u32,
+    /// An authenticated connection that sends nothing (not even a `Ping` or
+    /// a WebSocket ping) for this long is closed (`IDLE_TIMEOUT`).
+    /// Default `3m`; devices ping after 60 s of quiet.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Requests per second one connection may sustain, and the burst it may
+    /// send at once; a request over the rate is refused (`RATE_LIMITED`).
+    /// Defaults 500 and 2000.
+    pub requests_per_second: u32,
+    pub request_burst: u32,
+    /// Most one-time KeyPackages one device may keep at the server; an
+    /// upload beyond it is refused (`QUOTA_EXCEEDED`). Default 200.
+    pub max_key_packages: u32,
+    /// Most groups one account may create. Default 1000.
+    pub max_groups_per_account: u32,
+    /// Most contact requests one account may send per hour. Default 60.
+    pub contact_requests_per_hour: u32,
     /// Devices are told to upload KeyPackages when fewer than this many
     /// one-time ones remain at the server. Default 10.
     pub key_package_low_water: u32,
@@ -63,6 +94,16 @@ impl Default for Config {
             mailbox_ttl: Duration::from_secs(7 * 86_400),
             expiry_sweep_interval: Duration::from_secs(60),
             max_connections: 20_000,
+            max_connections_per_address: 256,
+            max_sessions_per_account: 8,
+            auth_timeout: Duration::from_secs(10),
+            max_requests_before_auth: 8,
+            idle_timeout: Duration::from_secs(180),
+            requests_per_second: 500,
+            request_burst: 2000,
+            max_key_packages: 200,
+            max_groups_per_account: 1000,
+            contact_requests_per_hour: 60,
             key_package_low_water: 10,
             max_malformed_frames: 16,
             subscription_grace: Duration::from_secs(30 * 86_400),
@@ -75,7 +116,8 @@ impl Default for Config {
 /// default and what it means.
 pub const DEFAULT_CONFIG_TEXT: &str = r#"# Umbra server configuration. Every field is optional; shown are the defaults.
 # Environment variables override the file: UMBRA_LISTEN, UMBRA_PUBLIC_ADDRESS,
-# UMBRA_TLS, UMBRA_MAILBOX_TTL, UMBRA_MAX_CONNECTIONS.
+# UMBRA_TLS, UMBRA_MAILBOX_TTL, UMBRA_MAX_CONNECTIONS,
+# UMBRA_MAX_CONNECTIONS_PER_ADDRESS, UMBRA_REQUESTS_PER_SECOND.
 
 # Address and port to listen on.
 listen = "0.0.0.0:7443"
@@ -99,8 +141,32 @@ database = "umbra.db"
 mailbox_ttl = "7days"
 expiry_sweep_interval = "1m"
 
-# Most simultaneous connections.
+# Most simultaneous connections, and most from one IP address (raise the
+# second when many devices share an address, as behind carrier-grade NAT).
 max_connections = 20000
+max_connections_per_address = 256
+
+# Most authenticated sessions of one account at once; a login beyond this
+# closes the account's oldest session.
+max_sessions_per_account = 8
+
+# A connection must authenticate within auth_timeout and after at most
+# max_requests_before_auth requests; an authenticated one that sends nothing
+# for idle_timeout is closed (devices ping after 60 seconds of quiet).
+auth_timeout = "10s"
+max_requests_before_auth = 8
+idle_timeout = "3m"
+
+# Requests per second one connection may sustain, and the burst it may send
+# at once; more are refused with RATE_LIMITED.
+requests_per_second = 500
+request_burst = 2000
+
+# Per-account quotas: one-time KeyPackages kept at the server, groups
+# created, contact requests sent per hour. Beyond them: QUOTA_EXCEEDED.
+max_key_packages = 200
+max_groups_per_account = 1000
+contact_requests_per_hour = 60
 
 # Devices are asked to upload KeyPackages below this many one-time ones.
 key_package_low_water = 10
@@ -185,6 +251,13 @@ impl Config {
         }
         if let Some(v) = get("UMBRA_MAX_CONNECTIONS") {
             self.max_connections = parse("UMBRA_MAX_CONNECTIONS", v)?;
+        }
+        if let Some(v) = get("UMBRA_MAX_CONNECTIONS_PER_ADDRESS") {
+            self.max_connections_per_address = parse("UMBRA_MAX_CONNECTIONS_PER_ADDRESS", v)?;
+        }
+        if let Some(v) = get("UMBRA_REQUESTS_PER_SECOND") {
+            self.requests_per_second = parse("UMBRA_REQUESTS_PER_SECOND", v)?;
+            self.request_burst = self.request_burst.max(self.requests_per_second);
         }
         Ok(())
     }

@@ -28,6 +28,7 @@ use umbra_proto::{
     Request, ServerMessage, decode_client, encode_server,
 };
 
+use crate::limits::RateLimit;
 use crate::registry::Inbox;
 use crate::service::{Answer, PushWindow, Services, Session};
 use crate::{Direction, FrameTap};
@@ -42,9 +43,6 @@ const MAILBOX_BATCH: usize = 128;
 const MAX_PUSHED_AHEAD: usize = 4096;
 /// How long the WebSocket upgrade may take once TLS is up.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a connection may stay unauthenticated before it is closed, so
-/// idle sockets cannot hold connection slots.
-pub const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bytes of frames tungstenite collects before it writes them to the
 /// socket. The writer feeds everything that is ready (queued responses,
@@ -77,6 +75,9 @@ pub(crate) struct Connection {
     pub shutdown: CancellationToken,
     pub tap: Option<FrameTap>,
     pub max_malformed_frames: u32,
+    /// Set when the connection must be refused (its address has too many
+    /// open): the device is told why instead of Hello, and it is closed.
+    pub refused: Option<ErrorReply>,
 }
 
 /// What the reader hands the writer.
@@ -129,6 +130,14 @@ impl Connection {
                 return;
             }
         };
+        if let Some(refusal) = self.refused {
+            let mut ws = ws;
+            let _ = ws
+                .send(Message::Binary(error_frame(0, refusal).into()))
+                .await;
+            let _ = ws.close(None).await;
+            return;
+        }
         let (sink, mut source) = ws.split();
         let (out_tx, out_rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
         // Cancelled when the reader stops, so a writer waiting out a store
@@ -161,23 +170,66 @@ impl Connection {
         });
         let _ = send(encode_server(&hello)).await;
 
+        let limits = &self.services.limits;
         let mut session = Session::AwaitingAuth { nonce };
-        let mut online: Option<AccountId> = None;
+        let mut online: Option<(AccountId, Arc<Inbox>)> = None;
         let mut malformed = 0u32;
-        let auth_deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+        let mut before_auth = 0u32;
+        let mut rate = RateLimit::new(limits.requests_per_second, limits.request_burst);
+        let auth_deadline = tokio::time::Instant::now() + limits.auth_timeout;
+        let mut last_heard = tokio::time::Instant::now();
         loop {
+            let authenticated = !matches!(session, Session::AwaitingAuth { .. });
+            let deadline = if authenticated {
+                last_heard + limits.idle_timeout
+            } else {
+                auth_deadline
+            };
+            let ended = async {
+                match &online {
+                    Some((_, inbox)) => inbox.ended().await,
+                    None => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
-                _ = tokio::time::sleep_until(auth_deadline), if matches!(session, Session::AwaitingAuth { .. }) => {
-                    let error = ErrorReply::new(
-                        ErrorCode::NotAuthenticated,
-                        format!("not authenticated within {} seconds", AUTH_TIMEOUT.as_secs()),
-                    );
+                reason = ended => {
+                    debug!(connection = self.id, code = ?reason.code, "session ended by the server");
+                    let _ = send(error_frame(0, reason)).await;
+                    break;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let error = if authenticated {
+                        ErrorReply::new(
+                            ErrorCode::IdleTimeout,
+                            format!("nothing received for {} seconds; send Ping to keep a connection open", limits.idle_timeout.as_secs()),
+                        )
+                    } else {
+                        ErrorReply::new(
+                            ErrorCode::NotAuthenticated,
+                            format!("not authenticated within {} seconds", limits.auth_timeout.as_secs()),
+                        )
+                    };
                     let _ = send(error_frame(0, error)).await;
                     break;
                 }
                 next = source.next() => next,
             };
+            last_heard = tokio::time::Instant::now();
+            if !authenticated && matches!(next, Some(Ok(Message::Binary(_) | Message::Text(_)))) {
+                before_auth += 1;
+                if before_auth > limits.max_requests_before_auth {
+                    let error = ErrorReply::new(
+                        ErrorCode::NotAuthenticated,
+                        format!(
+                            "more than {} requests without authenticating",
+                            limits.max_requests_before_auth
+                        ),
+                    );
+                    let _ = send(error_frame(0, error)).await;
+                    break;
+                }
+            }
             let bytes = match next {
                 None | Some(Ok(Message::Close(_))) => break,
                 Some(Ok(Message::Binary(bytes))) => bytes,
@@ -226,6 +278,19 @@ impl Connection {
                     continue;
                 }
             };
+            if !rate.allow(last_heard) {
+                let error = ErrorReply::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "more than {} requests per second on this connection; slow down",
+                        limits.requests_per_second
+                    ),
+                );
+                if send(error_frame(frame.id, error)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             let acked = match &frame.request {
                 Request::Ack { delivery_ids, .. } => Some(delivery_ids.as_slice()),
                 _ => None,
@@ -257,15 +322,23 @@ impl Connection {
                 break;
             }
             if let (None, Session::Authenticated { account, .. }) = (&online, &session) {
-                let inbox = self.services.registry.register(account, self.id);
-                let online_now = Outbound::Online(Box::new((account.clone(), inbox)));
-                online = Some(account.clone());
+                let inbox = self.services.registry.register(
+                    account,
+                    self.id,
+                    limits.max_sessions_per_account,
+                );
+                // A revocation that raced this login (read the line as live,
+                // then registered after the revocation ended the account's
+                // sessions) is caught here.
+                self.services.end_if_revoked(account, &inbox).await;
+                let online_now = Outbound::Online(Box::new((account.clone(), Arc::clone(&inbox))));
+                online = Some((account.clone(), inbox));
                 if out_tx.send(online_now).await.is_err() {
                     break;
                 }
             }
         }
-        if let Some(account) = online {
+        if let Some((account, _)) = online {
             self.services.registry.unregister(&account, self.id);
         }
         stop.cancel();

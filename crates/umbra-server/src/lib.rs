@@ -14,6 +14,7 @@ pub mod admin;
 pub mod config;
 mod connection;
 mod handshake;
+mod limits;
 mod registry;
 pub mod service;
 pub mod tls;
@@ -170,15 +171,11 @@ pub async fn run(
         store,
         registry: Registry::default(),
         clock: options.clock,
-        limits: Limits {
-            mailbox_ttl_secs: config.mailbox_ttl.as_secs(),
-            key_package_low_water: config.key_package_low_water,
-            subscription_grace_secs: config.subscription_grace.as_secs(),
-            wipe_max_age_secs: config.wipe_max_age.as_secs(),
-            public_address: config.public_address.clone(),
-            pin: tls::fingerprint(&data_dir.join(&config.cert)).unwrap_or(CertFingerprint([0; 32])),
-            push_window: options.push_window,
-        },
+        limits: Limits::from_config(
+            &config,
+            tls::fingerprint(&data_dir.join(&config.cert)).unwrap_or(CertFingerprint([0; 32])),
+            options.push_window,
+        ),
     });
     info!(%local, tls = config.tls, "umbra-server listening");
 
@@ -189,6 +186,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let per_address = limits::AddressSlots::new(config.max_connections_per_address);
     let next_id = AtomicU64::new(1);
     loop {
         let permit = tokio::select! {
@@ -212,7 +210,18 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
+        let slot = per_address.take(peer.ip());
+        let refused = slot.is_none().then(|| {
+            umbra_proto::ErrorReply::new(
+                umbra_proto::ErrorCode::TooManyConnections,
+                format!(
+                    "this address has {} connections open, the most allowed",
+                    config.max_connections_per_address
+                ),
+            )
+        });
         let connection = Connection {
+            refused,
             services: Arc::clone(&services),
             id: next_id.fetch_add(1, Ordering::Relaxed),
             shutdown: shutdown.clone(),
@@ -222,6 +231,7 @@ pub async fn run(
         let acceptor = acceptor.clone();
         tracker.spawn(async move {
             let _permit = permit;
+            let _slot = slot;
             match acceptor {
                 // The TLS state is boxed once and kept on the heap for the
                 // connection's life, rather than sized into its task.

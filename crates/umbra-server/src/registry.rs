@@ -15,12 +15,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
-use umbra_proto::AccountId;
+use tokio_util::sync::CancellationToken;
+use umbra_proto::{AccountId, ErrorCode, ErrorReply};
 use umbra_store::StoredDelivery;
 
-/// Deliveries queued in memory per connection before it falls back to
-/// reading its mailbox.
+/// Deliveries, and bytes of their payloads, queued in memory per
+/// connection before it falls back to reading its mailbox.
 const INBOX: usize = 1024;
+const INBOX_BYTES: usize = 4 * 1024 * 1024;
 
 /// One connection's inbox, shared by the registry (which fills it) and the
 /// connection (which empties it).
@@ -30,6 +32,9 @@ pub struct Inbox {
     /// Signalled whenever `state` gained something; stores a permit when
     /// the connection is busy, so no signal is lost.
     signal: Notify,
+    /// Cancelled when the session must end at once (its line was revoked,
+    /// or a newer login displaced it); the reason is in `state.ended`.
+    end: CancellationToken,
 }
 
 /// What the connection takes out of its inbox in one go.
@@ -50,6 +55,10 @@ struct InboxState {
     /// until it has taken this flag and so will read its mailbox.
     overflowed: bool,
     wake: bool,
+    /// Bytes of payload in `deliveries`.
+    bytes: usize,
+    /// Why the session was ended, if it was.
+    ended: Option<ErrorReply>,
 }
 
 impl Inbox {
@@ -65,10 +74,25 @@ impl Inbox {
     pub fn take(&self) -> Taken {
         let mut state = self.lock();
         let read_mailbox = std::mem::take(&mut state.overflowed) | std::mem::take(&mut state.wake);
+        state.bytes = 0;
         Taken {
             deliveries: std::mem::take(&mut state.deliveries),
             read_mailbox,
         }
+    }
+
+    /// Resolves once the session has been ended, with the reason to give
+    /// the device.
+    pub async fn ended(&self) -> ErrorReply {
+        self.end.cancelled().await;
+        self.lock().ended.clone().unwrap_or_else(|| {
+            ErrorReply::new(ErrorCode::SessionReplaced, "this session was closed")
+        })
+    }
+
+    pub(crate) fn end(&self, reason: ErrorReply) {
+        self.lock().ended.get_or_insert(reason);
+        self.end.cancel();
     }
 
     fn wake(&self) {
@@ -79,9 +103,14 @@ impl Inbox {
     fn push(&self, delivery: StoredDelivery) {
         {
             let mut state = self.lock();
-            if state.overflowed || state.deliveries.len() >= INBOX {
+            let size = delivery.payload.len();
+            if state.overflowed
+                || state.deliveries.len() >= INBOX
+                || state.bytes + size > INBOX_BYTES
+            {
                 state.overflowed = true;
             } else {
+                state.bytes += size;
                 state.deliveries.push_back(delivery);
             }
         }
@@ -108,14 +137,40 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Registers connection `connection` for `account`.
-    pub fn register(&self, account: &AccountId, connection: u64) -> Arc<Inbox> {
+    /// Registers connection `connection` for `account`. An account has at
+    /// most `max_sessions`: registering one more ends the oldest.
+    pub fn register(
+        &self,
+        account: &AccountId,
+        connection: u64,
+        max_sessions: usize,
+    ) -> Arc<Inbox> {
         let inbox = Arc::new(Inbox::default());
-        self.lock().entry(account.clone()).or_default().push(Entry {
+        let mut online = self.lock();
+        let entries = online.entry(account.clone()).or_default();
+        let excess = (entries.len() + 1).saturating_sub(max_sessions.max(1));
+        for old in entries.drain(..excess) {
+            old.inbox.end(ErrorReply::new(
+                ErrorCode::SessionReplaced,
+                format!(
+                    "a newer login of this account replaced this session (at most {max_sessions} at once)"
+                ),
+            ));
+        }
+        entries.push(Entry {
             connection,
             inbox: Arc::clone(&inbox),
         });
         inbox
+    }
+
+    /// Ends every session of `account` at once, telling each `reason`.
+    pub fn end_sessions(&self, account: &AccountId, reason: &ErrorReply) {
+        if let Some(entries) = self.lock().remove(account) {
+            for entry in entries {
+                entry.inbox.end(reason.clone());
+            }
+        }
     }
 
     pub fn unregister(&self, account: &AccountId, connection: u64) {
@@ -189,7 +244,7 @@ mod tests {
     fn copies_arrive_in_order_until_the_queue_overflows_then_only_the_flag() {
         let registry = Registry::default();
         let account = account("ABCDEFGH");
-        let inbox = registry.register(&account, 1);
+        let inbox = registry.register(&account, 1, 8);
         registry.deliver(
             (1..=INBOX as u64 + 2)
                 .map(|id| (account.clone(), delivery(id)))
@@ -216,7 +271,7 @@ mod tests {
         let registry = Registry::default();
         let a = account("ABCDEFGH");
         let b = account("HGFEDCBA");
-        let (ia, ib) = (registry.register(&a, 1), registry.register(&b, 2));
+        let (ia, ib) = (registry.register(&a, 1, 8), registry.register(&b, 2, 8));
         registry.notify([&a]);
         assert!(ia.take().read_mailbox);
         assert!(!ib.take().read_mailbox);

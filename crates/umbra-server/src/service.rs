@@ -46,6 +46,53 @@ pub struct Limits {
     pub pin: umbra_proto::CertFingerprint,
     /// How far a connection's pushes may run ahead of its acknowledgements.
     pub push_window: PushWindow,
+    /// Connection limits (see [`crate::Config`] for each).
+    pub max_sessions_per_account: usize,
+    pub auth_timeout: std::time::Duration,
+    pub max_requests_before_auth: u32,
+    pub idle_timeout: std::time::Duration,
+    pub requests_per_second: u32,
+    pub request_burst: u32,
+    /// Per-account quotas.
+    pub max_key_packages: u32,
+    pub max_groups_per_account: u32,
+    pub contact_requests_per_hour: u32,
+}
+
+impl Limits {
+    /// The limits a configuration sets, with the activation details.
+    pub fn from_config(
+        config: &crate::Config,
+        pin: umbra_proto::CertFingerprint,
+        push_window: PushWindow,
+    ) -> Limits {
+        Limits {
+            mailbox_ttl_secs: config.mailbox_ttl.as_secs(),
+            key_package_low_water: config.key_package_low_water,
+            subscription_grace_secs: config.subscription_grace.as_secs(),
+            wipe_max_age_secs: config.wipe_max_age.as_secs(),
+            public_address: config.public_address.clone(),
+            pin,
+            push_window,
+            max_sessions_per_account: config.max_sessions_per_account,
+            auth_timeout: config.auth_timeout,
+            max_requests_before_auth: config.max_requests_before_auth,
+            idle_timeout: config.idle_timeout,
+            requests_per_second: config.requests_per_second,
+            request_burst: config.request_burst,
+            max_key_packages: config.max_key_packages,
+            max_groups_per_account: config.max_groups_per_account,
+            contact_requests_per_hour: config.contact_requests_per_hour,
+        }
+    }
+}
+
+/// What a session of a revoked line is told as it is closed.
+fn revoked_session() -> ErrorReply {
+    refuse(
+        ErrorCode::LineRevoked,
+        "this line was revoked; its sessions are closed",
+    )
 }
 
 /// Flow control of one connection's pushes: deliveries pushed and not yet
@@ -432,6 +479,18 @@ impl Services {
                     ));
                 }
                 let now = self.now();
+                let limit = self.limits.contact_requests_per_hour;
+                let recent = self
+                    .store
+                    .contact_requests_since(me, now.saturating_sub(3600))
+                    .await
+                    .map_err(internal)?;
+                if recent >= u64::from(limit) {
+                    return Err(refuse(
+                        ErrorCode::QuotaExceeded,
+                        format!("at most {limit} contact requests an hour; try again later"),
+                    ));
+                }
                 let (outcome, _) = self
                     .store
                     .request_contact(me, &to, now, self.expires_at(now))
@@ -474,6 +533,13 @@ impl Services {
                 group_info,
             } => {
                 let account = self.require_active(me).await?;
+                let limit = self.limits.max_groups_per_account;
+                if self.store.groups_created(me).await.map_err(internal)? >= u64::from(limit) {
+                    return Err(refuse(
+                        ErrorCode::QuotaExceeded,
+                        format!("an account may create at most {limit} groups"),
+                    ));
+                }
                 let public_state = crate::handshake::validate_group_info(
                     group_id.clone(),
                     group_info.clone(),
@@ -525,12 +591,16 @@ impl Services {
                 Ok(Reply::Done)
             }
             Request::LookupAccount { account_id } => {
+                self.live_account(me).await?;
+                // A revoked line is gone: answered like one that never was.
                 match self.store.account(&account_id).await.map_err(internal)? {
-                    Some(account) => Ok(Reply::AccountInfo {
-                        account_id: account.id,
-                        identity_key: account.identity_key,
-                    }),
-                    None => Err(refuse(
+                    Some(account) if account.status != LineStatus::Revoked => {
+                        Ok(Reply::AccountInfo {
+                            account_id: account.id,
+                            identity_key: account.identity_key,
+                        })
+                    }
+                    _ => Err(refuse(
                         ErrorCode::UnknownAccount,
                         format!("no account {account_id} on this server"),
                     )),
@@ -565,6 +635,7 @@ impl Services {
                 }
             }
             Request::SetWipeKey { wipe_key } => {
+                self.live_account(me).await?;
                 self.store
                     .set_wipe_key(me, &wipe_key)
                     .await
@@ -699,8 +770,20 @@ impl Services {
             .await
             .map_err(internal)?;
         self.registry.notify(&told);
+        self.registry.end_sessions(account_id, &revoked_session());
         info!(account = %account_id, groups_told = told.len(), "line revoked");
         Ok(())
+    }
+
+    /// Ends the session behind `inbox` if `account`'s line is gone or
+    /// revoked (checked after the session registered, so a revocation
+    /// racing a login cannot leave the session open).
+    pub(crate) async fn end_if_revoked(&self, account: &AccountId, inbox: &crate::registry::Inbox) {
+        if let Ok(found) = self.store.account(account).await
+            && found.is_none_or(|line| line.status == LineStatus::Revoked)
+        {
+            inbox.end(revoked_session());
+        }
     }
 
     /// Checks an unauthenticated request's `signature` over `payload` with
@@ -851,6 +934,7 @@ impl Services {
             .map_err(internal)?;
         for (line, told) in &ended {
             self.registry.notify(told);
+            self.registry.end_sessions(line, &revoked_session());
             info!(account = %line, "lapsed line ended");
         }
         Ok(ended.len())
@@ -862,12 +946,18 @@ impl Services {
         key_packages: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
     ) -> Outcome {
-        let Some(account) = self.store.account(me).await.map_err(internal)? else {
+        let account = self.live_account(me).await?;
+        let limit = self.limits.max_key_packages;
+        let stock = self.store.key_package_stock(me).await.map_err(internal)?;
+        if u64::from(stock.one_time) + key_packages.len() as u64 > u64::from(limit) {
             return Err(refuse(
-                ErrorCode::UnknownAccount,
-                "account no longer exists",
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "at most {limit} one-time KeyPackages may wait at the server ({} do)",
+                    stock.one_time
+                ),
             ));
-        };
+        }
         let check = |bytes: &[u8], want_last_resort: bool| -> Result<(), ErrorReply> {
             let valid = umbra_mls::validate_key_package(bytes)
                 .map_err(|e| refuse(ErrorCode::InvalidKeyPackage, e.to_string()))?;

@@ -1,181 +1,19 @@
 //! Hostile input against the real server: every bad frame or request gets a
 //! clear, typed error, and the server goes on serving everyone else.
 
-use futures_util::{SinkExt, StreamExt};
+mod common;
+
+use common::{Raw, Server};
 use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Provider};
 use umbra_proto::frame::CommitSubmission;
 use umbra_proto::{
-    AccountId, ActivationCode, ClientFrame, ErrorCode, ErrorReply, GroupId, MAX_FRAME_BYTES, Nonce,
-    Push, Reply, Request, ServerMessage, Signature, decode_server, encode_client,
-    login_signing_payload, register_signing_payload, wipe_signing_payload,
+    AccountId, ActivationCode, ErrorCode, GroupId, MAX_FRAME_BYTES, Nonce, Push, Reply, Request,
+    ServerMessage, Signature, login_signing_payload, register_signing_payload,
+    wipe_signing_payload,
 };
-use umbra_server::{Config, ServerOptions};
-
-type Ws = WebSocketStream<TcpStream>;
-
-struct Server {
-    address: std::net::SocketAddr,
-    data: tempfile::TempDir,
-    shutdown: CancellationToken,
-}
-
-impl Server {
-    async fn start() -> Server {
-        let data = tempfile::tempdir().unwrap();
-        umbra_server::init(data.path(), "127.0.0.1:0").unwrap();
-        let mut config = Config::load(data.path()).unwrap();
-        config.tls = false; // loopback only: lets the test speak raw WebSocket
-        drop(umbra_server::open_store(data.path(), &config).unwrap());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        tokio::spawn(umbra_server::run(
-            config,
-            data.path().to_owned(),
-            listener,
-            shutdown.clone(),
-            ServerOptions::default(),
-        ));
-        Server {
-            address,
-            data,
-            shutdown,
-        }
-    }
-
-    async fn code(&self) -> ActivationCode {
-        let config = Config::load(self.data.path()).unwrap();
-        let mut strings =
-            umbra_server::admin::issue_codes(self.data.path(), &config, 30, 1, 1_800_000_000)
-                .await
-                .unwrap();
-        strings.pop().unwrap().code
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-struct Raw {
-    ws: Ws,
-    nonce: Nonce,
-    next_id: u64,
-}
-
-impl Raw {
-    async fn connect(server: &Server) -> Raw {
-        let tcp = TcpStream::connect(server.address).await.unwrap();
-        let (ws, _) = tokio_tungstenite::client_async(format!("ws://{}/", server.address), tcp)
-            .await
-            .unwrap();
-        let mut raw = Raw {
-            ws,
-            nonce: Nonce::from_bytes([0; 32]),
-            next_id: 1,
-        };
-        match raw.next().await {
-            Some(ServerMessage::Push(Push::Hello { nonce, .. })) => raw.nonce = nonce,
-            other => panic!("expected Hello, got {other:?}"),
-        }
-        raw
-    }
-
-    async fn next(&mut self) -> Option<ServerMessage> {
-        loop {
-            match self.ws.next().await? {
-                Ok(Message::Binary(bytes)) => return Some(decode_server(&bytes).unwrap()),
-                Ok(Message::Close(_)) | Err(_) => return None,
-                Ok(_) => continue,
-            }
-        }
-    }
-
-    /// The next response (skipping pushes).
-    async fn response(&mut self) -> Option<(u64, Result<Reply, ErrorReply>)> {
-        loop {
-            match self.next().await? {
-                ServerMessage::Response { id, result } => return Some((id, result)),
-                ServerMessage::Push(_) => continue,
-            }
-        }
-    }
-
-    async fn send_raw(&mut self, message: Message) {
-        self.ws.send(message).await.unwrap();
-    }
-
-    async fn call(&mut self, request: Request) -> Result<Reply, ErrorReply> {
-        let id = self.send(request).await;
-        let (got, result) = self.response().await.expect("connection closed");
-        assert_eq!(got, id);
-        result
-    }
-
-    async fn expect_error(&mut self, request: Request, code: ErrorCode) -> String {
-        match self.call(request).await {
-            Err(error) => {
-                assert_eq!(error.code, code, "{}", error.message);
-                error.message
-            }
-            Ok(reply) => panic!("expected {code:?}, got {reply:?}"),
-        }
-    }
-
-    async fn register(
-        &mut self,
-        code: ActivationCode,
-        signer: &DeviceSigner,
-    ) -> Result<Reply, ErrorReply> {
-        let identity_key = signer.identity_key();
-        let signature = signer.sign_payload(&register_signing_payload(&self.nonce, &identity_key));
-        self.call(Request::Register {
-            activation_code: code,
-            identity_key,
-            signature,
-        })
-        .await
-    }
-
-    /// Registers with a fresh code; the new account's ID.
-    async fn registered(&mut self, server: &Server, signer: &DeviceSigner) -> AccountId {
-        match self.register(server.code().await, signer).await {
-            Ok(Reply::Registered { account_id, .. }) => account_id,
-            other => panic!("registration failed: {other:?}"),
-        }
-    }
-
-    /// Sends a request without waiting for an answer; returns its id.
-    async fn send(&mut self, request: Request) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        let bytes = encode_client(&ClientFrame { id, request });
-        self.send_raw(Message::Binary(bytes.into())).await;
-        id
-    }
-
-    async fn login(&mut self, account_id: &AccountId, signer: &DeviceSigner) {
-        let signature = signer.sign_payload(&login_signing_payload(&self.nonce, account_id));
-        let reply = self
-            .call(Request::Login {
-                account_id: account_id.clone(),
-                signature,
-            })
-            .await;
-        assert!(matches!(reply, Ok(Reply::LoggedIn { .. })), "{reply:?}");
-    }
-
-    /// The server still answers on this connection.
-    async fn alive(&mut self) {
-        assert_eq!(self.call(Request::Ping).await, Ok(Reply::Done));
-    }
-}
+use umbra_server::Config;
 
 #[tokio::test]
 async fn malformed_frames_get_typed_errors_and_the_server_keeps_serving() {
@@ -211,8 +49,13 @@ async fn malformed_frames_get_typed_errors_and_the_server_keeps_serving() {
     assert!(attacker.next().await.is_none(), "connection closed");
     bystander.alive().await;
 
-    // A flood of garbage is cut off after the configured number of frames.
+    // A flood of garbage is cut off after the configured number of frames
+    // (on an authenticated connection: before authentication, fewer
+    // requests of any kind are allowed).
     let mut flooder = Raw::connect(&server).await;
+    flooder
+        .registered(&server, &DeviceSigner::from_secret(&[9; 32]))
+        .await;
     for _ in 0..Config::default().max_malformed_frames {
         flooder
             .send_raw(Message::Binary(vec![1, 0xff].into()))

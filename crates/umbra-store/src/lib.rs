@@ -197,6 +197,9 @@ pub trait Contacts: Send + Sync {
         expires_at: Timestamp,
     ) -> Result<(ContactAcceptOutcome, Option<u64>)>;
     async fn are_contacts(&self, a: &AccountId, b: &AccountId) -> Result<bool>;
+    /// How many contact requests `from` sent at or after `since` that are
+    /// still recorded (pending or accepted).
+    async fn contact_requests_since(&self, from: &AccountId, since: Timestamp) -> Result<u64>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -353,6 +356,8 @@ pub trait Groups: Send + Sync {
         now: Timestamp,
     ) -> Result<bool>;
     async fn group(&self, group: &GroupId) -> Result<Option<GroupState>>;
+    /// How many existing groups `creator` created.
+    async fn groups_created(&self, creator: &AccountId) -> Result<u64>;
     /// The GroupInfo of the group's current epoch (empty if none was kept).
     async fn group_info(&self, group: &GroupId) -> Result<Option<Vec<u8>>>;
     /// Accepts `commit` if the group is still at `commit.epoch` and the

@@ -34,6 +34,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (4, include_str!("../migrations/0004_public_state.sql")),
     (5, include_str!("../migrations/0005_wipe_replay.sql")),
     (6, include_str!("../migrations/0006_group_info.sql")),
+    (7, include_str!("../migrations/0007_quotas.sql")),
 ];
 
 /// Most writes committed together by one fsync.
@@ -1076,6 +1077,19 @@ impl Contacts for SqliteStore {
         .await
     }
 
+    async fn contact_requests_since(&self, from: &AccountId, since: Timestamp) -> Result<u64> {
+        let from = from.clone();
+        self.run(move |connection| {
+            connection
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM contacts WHERE requester = ?1 AND created_at >= ?2",
+                )
+                .and_then(|mut s| s.query_row(params![from.as_str(), since], |row| row.get(0)))
+                .map_err(backend)
+        })
+        .await
+    }
+
     async fn are_contacts(&self, a: &AccountId, b: &AccountId) -> Result<bool> {
         let (a, b) = (a.clone(), b.clone());
         self.run(move |connection| Ok(matches!(contact_row(connection, &a, &b)?, Some((_, true)))))
@@ -1182,10 +1196,10 @@ impl Groups for SqliteStore {
         self.write(move |tx| {
             let inserted = tx
                 .execute(
-                    "INSERT INTO groups (group_id, epoch, created_at, public_state, group_info)
-                     VALUES (?1, 0, ?2, ?3, ?4)
+                    "INSERT INTO groups (group_id, epoch, created_at, public_state, group_info, created_by)
+                     VALUES (?1, 0, ?2, ?3, ?4, ?5)
                      ON CONFLICT DO NOTHING",
-                    params![group.as_bytes(), now, public_state, group_info],
+                    params![group.as_bytes(), now, public_state, group_info, creator.as_str()],
                 )
                 .map_err(backend)?;
             if inserted == 0 {
@@ -1233,6 +1247,17 @@ impl Groups for SqliteStore {
                 })
             })
             .transpose()
+        })
+        .await
+    }
+
+    async fn groups_created(&self, creator: &AccountId) -> Result<u64> {
+        let creator = creator.clone();
+        self.run(move |connection| {
+            connection
+                .prepare_cached("SELECT COUNT(*) FROM groups WHERE created_by = ?1")
+                .and_then(|mut s| s.query_row([creator.as_str()], |row| row.get(0)))
+                .map_err(backend)
         })
         .await
     }
