@@ -475,6 +475,12 @@ impl Out {
             Event::Refused { from, reason } => {
                 println!("REFUSED {reason}, \"from\" {from}: nothing of it was applied")
             }
+            Event::Discarded { from, reason } => {
+                println!(
+                    "A message from {from} could not be read and was set aside: {}",
+                    printable(reason)
+                )
+            }
             _ => {}
         }
     }

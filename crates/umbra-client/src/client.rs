@@ -708,6 +708,10 @@ impl Client {
             Err(error) => {
                 warn!(%error, id = delivery.id, kind = ?delivery.kind, "discarding a delivery that cannot be applied");
                 events.clear();
+                events.push(Event::Discarded {
+                    from: delivery.sender.clone(),
+                    reason: error.to_string(),
+                });
                 follow_up = None;
                 self.db().execute(
                     "INSERT OR IGNORE INTO processed_deliveries (delivery_id, processed_at) VALUES (?1, ?2)",

@@ -203,10 +203,15 @@ impl Link {
                     unreachable_error(address, e)
                 }
             })?;
+        // The server never sends more than MAX_FRAME_BYTES; a little more
+        // is read anyway, so that a delivery an older server accepted
+        // (whose envelope took it just past the limit) arrives and is set
+        // aside like any message that cannot be applied, instead of
+        // failing every connection while it waits in the mailbox.
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(4096)
-            .max_message_size(Some(MAX_FRAME_BYTES))
-            .max_frame_size(Some(MAX_FRAME_BYTES));
+            .max_message_size(Some(MAX_FRAME_BYTES + umbra_proto::SERVER_FRAME_SLACK))
+            .max_frame_size(Some(MAX_FRAME_BYTES + umbra_proto::SERVER_FRAME_SLACK));
         let (ws, _) = tokio_tungstenite::client_async_with_config(
             format!("wss://{address}/"),
             tls,

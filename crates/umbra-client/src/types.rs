@@ -211,6 +211,14 @@ pub enum Event {
         from: AccountId,
         reason: Refusal,
     },
+    /// A delivery from `from` could never be applied (malformed, not
+    /// decryptable, from an epoch that is gone); it was set aside and
+    /// acknowledged, so it does not hold up the ones after it. `reason`
+    /// says what was wrong with it.
+    Discarded {
+        from: AccountId,
+        reason: String,
+    },
     /// The server broke the protocol in a way that could exhaust this
     /// device (`what` says how); the connection was dropped. Nothing that
     /// was not applied was acknowledged, so reconnecting loses nothing.

@@ -502,3 +502,57 @@ async fn errors_a_person_can_act_on() {
 fn umbra_proto_pin() -> umbra_client::CertFingerprint {
     umbra_client::CertFingerprint([7; 32])
 }
+
+/// A full store (here: the database at its configured size) refuses
+/// writes with STORAGE_FULL, goes on serving reads (a login, the mailbox),
+/// loses nothing it acknowledged, and takes writes again once delivered
+/// messages made room, by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_refuses_writes_serves_reads_and_recovers() {
+    let server = TestServer::start_configured(|c| c.max_database_bytes = 1024 * 1024).await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (to_bob, _) = befriend(&mut alice, &mut bob).await;
+    bob.client.disconnect();
+
+    // Alice writes to Bob, offline, until the server is full.
+    let filler = "x".repeat(32 * 1024);
+    let mut accepted = Vec::new();
+    let refusal = loop {
+        let text = format!("{} {filler}", accepted.len());
+        match alice.client.send_text(&to_bob, &text).await {
+            Ok(_) => accepted.push(text),
+            Err(error) => break error,
+        }
+        assert!(accepted.len() < 200, "the store never filled up");
+    };
+    assert_eq!(
+        refusal.server_code(),
+        Some(ErrorCode::StorageFull),
+        "{refusal}"
+    );
+    assert!(!accepted.is_empty());
+
+    // Reads go on: Bob logs in and gets every message that was accepted.
+    let mut bob = bob.reopen().await;
+    for expected in &accepted {
+        let (from, body) = bob.next_text().await;
+        assert_eq!((&from, &body), (&alice.id(), expected));
+    }
+    // Bob's acknowledgements deleted them: there is room again.
+    bob.client.sync().await.unwrap();
+    let again = tokio::time::timeout(common::PATIENCE, async {
+        loop {
+            match alice.client.send_text(&to_bob, "room again").await {
+                Ok(_) => return,
+                Err(error) if error.server_code() == Some(ErrorCode::StorageFull) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(error) => panic!("{error}"),
+            }
+        }
+    })
+    .await;
+    assert!(again.is_ok(), "the server never took writes again");
+    assert_eq!(bob.next_text().await, (alice.id(), "room again".into()));
+}

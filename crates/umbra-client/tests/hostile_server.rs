@@ -585,3 +585,58 @@ async fn a_verified_contact_under_a_new_key_in_a_group_gets_nothing_until_confir
         .unwrap();
     assert_eq!(bob.next_text().await.1, "are you there?");
 }
+
+/// A delivery just over the frame limit (what a server before the size
+/// check accepted: a 1 MiB message in a 1,048,594-byte envelope) is read,
+/// reported, set aside and acknowledged, and what comes after it arrives.
+/// It used to fail every connection of its recipient until it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_delivery_is_set_aside_and_the_mailbox_goes_on() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (to_bob, _) = befriend(&mut alice, &mut bob).await;
+    bob.client.disconnect();
+
+    let (data, address, store, _dir) = server.seize();
+    let now = common::now();
+    let poison = Notice {
+        recipient: bob.id(),
+        sender: alice.id(),
+        kind: DeliveryKind::Application,
+        group_id: None,
+        payload: vec![7; umbra_proto::MAX_FRAME_BYTES - 1],
+    };
+    store.notice(poison, now, now + 3600).await.unwrap();
+    drop(store);
+    let _server = TestServer::start_in(&data, address).await;
+
+    let mut bob = bob.reopen().await;
+    let from = bob
+        .wait_for(|e| match e {
+            Event::Discarded { from, .. } => Some(from.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(from, alice.id());
+    let alice = alice.reopen().await;
+    alice
+        .client
+        .send_text(&to_bob, "after the big one")
+        .await
+        .unwrap();
+    assert_eq!(
+        bob.next_text().await,
+        (alice.id(), "after the big one".into())
+    );
+    // Acknowledged: the next connection does not meet it again.
+    bob.client.sync().await.unwrap();
+    let mut bob = bob.reopen().await;
+    bob.client.sync().await.unwrap();
+    let again = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        bob.wait_for(|e| matches!(e, Event::Discarded { .. }).then_some(()))
+            .await
+    })
+    .await;
+    assert!(again.is_err(), "the set-aside delivery came back");
+}

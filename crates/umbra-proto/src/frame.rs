@@ -248,11 +248,11 @@ pub enum ServerMessage {
     Push(Push),
 }
 
-fn frame_body(bytes: &[u8]) -> Result<&[u8], DecodeError> {
-    if bytes.len() > MAX_FRAME_BYTES {
+fn frame_body(bytes: &[u8], max: usize) -> Result<&[u8], DecodeError> {
+    if bytes.len() > max {
         return Err(DecodeError::TooLarge {
             len: bytes.len(),
-            max: MAX_FRAME_BYTES,
+            max,
         });
     }
     match bytes.split_first() {
@@ -310,7 +310,7 @@ fn delivery_kind(field: &'static str, value: i32) -> Result<DeliveryKind, Decode
 
 /// Decodes and validates one client frame.
 pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
-    let raw = wire::ClientFrame::decode(frame_body(bytes)?).map_err(protobuf)?;
+    let raw = wire::ClientFrame::decode(frame_body(bytes, MAX_FRAME_BYTES)?).map_err(protobuf)?;
     if raw.id == 0 {
         return Err(DecodeError::Missing("id"));
     }
@@ -712,7 +712,11 @@ pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
 
 /// Decodes and validates one server frame.
 pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
-    let raw = wire::ServerFrame::decode(frame_body(bytes)?).map_err(protobuf)?;
+    let raw = wire::ServerFrame::decode(frame_body(
+        bytes,
+        MAX_FRAME_BYTES + crate::SERVER_FRAME_SLACK,
+    )?)
+    .map_err(protobuf)?;
     Ok(match raw.body.ok_or(DecodeError::Missing("body"))? {
         server_frame::Body::Response(r) => {
             let result = match r.result.ok_or(DecodeError::Missing("result"))? {

@@ -33,6 +33,12 @@ pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// message would block the recipient's mailbox.
 pub const MAX_DELIVERY_PAYLOAD: usize = MAX_FRAME_BYTES - 512;
 
+/// How far past [`MAX_FRAME_BYTES`] a client still reads a server frame.
+/// The server never sends one that large; the slack lets a delivery that an
+/// older server accepted (its envelope just over the limit) arrive, so the
+/// device can set it aside instead of failing every connection on it.
+pub const SERVER_FRAME_SLACK: usize = 4096;
+
 /// Why a frame could not be decoded. Every variant names what was wrong so
 /// that a peer (or its developer) can act on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -27,6 +27,11 @@ pub struct Config {
     pub key: PathBuf,
     /// SQLite database file, relative to the data directory. Default `umbra.db`.
     pub database: PathBuf,
+    /// Largest size the database may grow to, in bytes (0: as far as the
+    /// disk allows). Writes beyond it, like writes on a full disk, are
+    /// refused with `STORAGE_FULL` while reads go on; they succeed again
+    /// once delivered messages made room. Default 0.
+    pub max_database_bytes: u64,
     /// How long an undelivered message waits in a mailbox. Default `7d`.
     #[serde(with = "humantime_serde_compat")]
     pub mailbox_ttl: Duration,
@@ -91,6 +96,7 @@ impl Default for Config {
             cert: PathBuf::from("tls/cert.pem"),
             key: PathBuf::from("tls/key.pem"),
             database: PathBuf::from("umbra.db"),
+            max_database_bytes: 0,
             mailbox_ttl: Duration::from_secs(7 * 86_400),
             expiry_sweep_interval: Duration::from_secs(60),
             max_connections: 20_000,
@@ -132,8 +138,12 @@ tls = true
 cert = "tls/cert.pem"
 key = "tls/key.pem"
 
-# SQLite database (relative to this directory).
+# SQLite database (relative to this directory), and the largest size it may
+# grow to in bytes (0: as far as the disk allows). When it is full, or the
+# disk is, writes are refused with STORAGE_FULL while reads and deliveries go
+# on; writes succeed again once delivered messages made room.
 database = "umbra.db"
+max_database_bytes = 0
 
 # How long an undelivered message waits in a mailbox, and how often expired
 # ones are swept away. Delivered messages are deleted as soon as the device

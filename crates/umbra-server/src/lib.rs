@@ -138,7 +138,10 @@ pub fn init(data_dir: &Path, public_address: &str) -> Result<CertFingerprint, Se
 
 /// Opens the data directory's SQLite store.
 pub fn open_store(data_dir: &Path, config: &Config) -> Result<SqliteStore, ServerError> {
-    Ok(SqliteStore::open(&data_dir.join(&config.database))?)
+    Ok(SqliteStore::open_limited(
+        &data_dir.join(&config.database),
+        config.max_database_bytes,
+    )?)
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then stops accepting,

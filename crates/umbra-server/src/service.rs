@@ -174,6 +174,13 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
 }
 
 fn internal(error: StoreError) -> ErrorReply {
+    if let StoreError::Full = error {
+        warn!("storage is full: refusing writes until there is room");
+        return refuse(
+            ErrorCode::StorageFull,
+            "the server's storage is full; nothing was stored, try again later",
+        );
+    }
     warn!(%error, "storage failure");
     refuse(
         ErrorCode::Internal,
@@ -327,10 +334,15 @@ impl Services {
                 if account.status == LineStatus::Revoked {
                     return Err(refuse(ErrorCode::LineRevoked, "this line was revoked"));
                 }
-                self.store
+                // Best effort: a device logs in (and reads its mailbox) even
+                // while the storage is full.
+                if let Err(error) = self
+                    .store
                     .touch(&account_id, self.now() / umbra_store::DAY)
                     .await
-                    .map_err(internal)?;
+                {
+                    debug!(%error, "recording the login day failed");
+                }
                 let stock = self
                     .store
                     .key_package_stock(&account_id)

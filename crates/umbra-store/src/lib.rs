@@ -28,11 +28,15 @@ pub type Timestamp = u64;
 pub const DAY: u64 = 86_400;
 
 /// A storage backend failed; the request cannot be completed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     #[error("storage backend failed: {0}")]
     Backend(String),
+    /// The disk (or the configured database size) is full: nothing was
+    /// written. Writes succeed again once space returns.
+    #[error("storage is full")]
+    Full,
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
 }

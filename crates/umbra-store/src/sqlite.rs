@@ -44,7 +44,7 @@ const MAX_GROUP_COMMIT: usize = 1024;
 /// once the transaction's fate is known: hand its result to the caller if
 /// the commit succeeded, or the commit's error if it did not.
 type Job = Box<dyn FnOnce(&Tx<'_>) -> Completion + Send>;
-type Completion = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
+type Completion = Box<dyn FnOnce(Result<()>) + Send>;
 
 /// What the writer thread is sent.
 enum Work {
@@ -106,14 +106,38 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-fn backend(error: impl std::fmt::Display) -> StoreError {
+/// A backend error as the store reports it: a full disk (or database at
+/// its configured size) is [`StoreError::Full`], so callers can say so.
+fn backend<E: std::fmt::Display + 'static>(error: E) -> StoreError {
+    let sqlite = (&error as &dyn std::any::Any).downcast_ref::<rusqlite::Error>();
+    if sqlite.and_then(rusqlite::Error::sqlite_error_code) == Some(rusqlite::ErrorCode::DiskFull) {
+        return StoreError::Full;
+    }
     StoreError::Backend(error.to_string())
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self> {
-        let store = Self::setup(Connection::open(path).map_err(backend)?)?;
+        Self::open_limited(path, 0)
+    }
+
+    /// Like [`SqliteStore::open`], with the database file allowed to grow
+    /// to at most about `max_bytes` (0: as far as the disk allows); a write
+    /// beyond it fails with [`StoreError::Full`], as on a full disk, and
+    /// succeeds again once deletions made room.
+    pub fn open_limited(path: &Path, max_bytes: u64) -> Result<Self> {
+        let writer = Connection::open(path).map_err(backend)?;
+        if max_bytes > 0 {
+            let page_size: u64 = writer
+                .query_row("PRAGMA page_size", [], |row| row.get(0))
+                .map_err(backend)?;
+            let pages = (max_bytes / page_size.max(1)).max(1);
+            writer
+                .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+                .map_err(backend)?;
+        }
+        let store = Self::setup(writer)?;
         let reader = Connection::open(path).map_err(backend)?;
         reader
             .execute_batch("PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;")
@@ -223,7 +247,7 @@ impl SqliteStore {
             Box::new(move |outcome| {
                 let _ = answer.send(match outcome {
                     Ok(()) => value.map(committed),
-                    Err(error) => Err(StoreError::Backend(error)),
+                    Err(error) => Err(error),
                 });
             })
         });
@@ -250,8 +274,15 @@ fn in_savepoint<T>(tx: &Tx<'_>, work: impl FnOnce(&Tx<'_>) -> Result<T>) -> Resu
     if value.is_ok() {
         run("RELEASE job")?;
     } else {
-        run("ROLLBACK TO job")?;
-        run("RELEASE job")?;
+        if let Err(error) = &value {
+            tx.failure.replace(Some(error.clone()));
+        }
+        // After a disk-full or I/O error SQLite may have rolled the whole
+        // transaction back, savepoint included: the batch notices (see
+        // `run_batch`); this write failed either way.
+        if run("ROLLBACK TO job").is_ok() {
+            run("RELEASE job")?;
+        }
         // What the failed write changed is undone: forget what it read.
         let mut checked = lock(tx.checked);
         checked.forget_all();
@@ -268,6 +299,8 @@ fn in_savepoint<T>(tx: &Tx<'_>, work: impl FnOnce(&Tx<'_>) -> Result<T>) -> Resu
 struct Tx<'c> {
     tx: Transaction<'c>,
     checked: &'c Mutex<Checked>,
+    /// The error of the batch's last failed write.
+    failure: std::cell::RefCell<Option<StoreError>>,
 }
 
 /// What a fan-out's check needs, as the writer last read it: group
@@ -468,7 +501,9 @@ fn group_commit(
     checked: &Mutex<Checked>,
 ) {
     let mut open = true;
-    while open {
+    // Writes a rolled-back batch did not run: first in the next one.
+    let mut carried: Vec<Job> = Vec::new();
+    while open || !carried.is_empty() {
         let wait = {
             let mut staging = lock(staging);
             let now = Instant::now();
@@ -478,16 +513,21 @@ fn group_commit(
             staging.writer_wakes_at(now + wait);
             wait
         };
-        let first = match queue.recv_timeout(wait) {
-            Ok(Work::Job(job)) => Some(job),
-            Ok(Work::Wake) => continue,
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => {
-                open = false;
-                None
+        let first = if !carried.is_empty() || !open {
+            None
+        } else {
+            match queue.recv_timeout(wait) {
+                Ok(Work::Job(job)) => Some(job),
+                Ok(Work::Wake) => continue,
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    open = false;
+                    None
+                }
             }
         };
-        let mut jobs: Vec<Job> = first.into_iter().collect();
+        let mut jobs: Vec<Job> = std::mem::take(&mut carried);
+        jobs.extend(first);
         while open && jobs.len() < MAX_GROUP_COMMIT {
             match queue.try_recv() {
                 Ok(Work::Job(job)) => jobs.push(job),
@@ -495,9 +535,15 @@ fn group_commit(
                 Err(_) => break,
             }
         }
-        let Some((committed, written, failed, completions, visibility)) =
-            run_batch(connection, staging, visible, checked, jobs, open)
-        else {
+        let Some((committed, written, failed, completions, visibility)) = run_batch(
+            connection,
+            staging,
+            visible,
+            checked,
+            jobs,
+            &mut carried,
+            open,
+        ) else {
             lock(checked).writing = false;
             std::thread::sleep(std::time::Duration::from_millis(10));
             continue;
@@ -514,11 +560,9 @@ fn group_commit(
             let mut staging = lock(staging);
             let now = Instant::now();
             staging.written(&written, &committed, now);
-            staging.written(
-                &failed,
-                &Err("a staged copy could not be written".into()),
-                now,
-            );
+            for (id, error) in failed {
+                staging.written(&[id], &Err(error), now);
+            }
         }
         for completion in completions {
             completion(committed.clone());
@@ -531,9 +575,9 @@ fn group_commit(
 }
 
 type Batch<'g> = (
-    std::result::Result<(), String>,
+    Result<()>,
     Vec<u64>,
-    Vec<u64>,
+    Vec<(u64, StoreError)>,
     Vec<Completion>,
     RwLockWriteGuard<'g, ()>,
 );
@@ -549,11 +593,16 @@ fn run_batch<'g>(
     visible: &'g RwLock<()>,
     checked: &Mutex<Checked>,
     jobs: Vec<Job>,
+    carried: &mut Vec<Job>,
     open: bool,
 ) -> Option<Batch<'g>> {
     let mut guard = lock(connection);
     let tx = match guard.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
-        Ok(tx) => Tx { tx, checked },
+        Ok(tx) => Tx {
+            tx,
+            checked,
+            failure: std::cell::RefCell::new(None),
+        },
         Err(error) => {
             tracing::warn!(%error, "cannot begin a write transaction");
             return None;
@@ -585,18 +634,44 @@ fn run_batch<'g>(
         }
     };
     let (written, failed) = write_staged(&tx, due);
-    let completions: Vec<Completion> = jobs.into_iter().map(|job| job(&tx)).collect();
+    // SQLite may roll the whole transaction back on its own (SQLITE_FULL,
+    // IOERR, NOMEM, some BUSY cases), savepoints and all. A write run after
+    // that would run outside the batch, committed by its own RELEASE while
+    // the batch's COMMIT fails: so none is run, and the rest wait for the
+    // next batch, while every write already run here shares the batch's
+    // true outcome (nothing of it was written).
+    let mut completions: Vec<Completion> = Vec::with_capacity(jobs.len());
+    let mut jobs = jobs.into_iter();
+    for job in jobs.by_ref() {
+        if tx.tx.is_autocommit() {
+            carried.push(job);
+            break;
+        }
+        completions.push(job(&tx));
+    }
+    carried.extend(jobs);
     // Taken after the connection (as mailbox reads do), before the commit
     // makes anything visible; released once the completions have staged.
     let visibility = visible.write().unwrap_or_else(|p| p.into_inner());
-    let committed = tx.tx.commit().map_err(|e| e.to_string());
+    let committed = if tx.tx.is_autocommit() {
+        let cause = tx.failure.take();
+        tracing::warn!(?cause, "SQLite rolled back a group commit's transaction");
+        Err(match cause {
+            Some(StoreError::Full) => StoreError::Full,
+            _ => StoreError::Backend(
+                "the database rolled the write back (I/O error); nothing of it was written".into(),
+            ),
+        })
+    } else {
+        tx.tx.commit().map_err(backend)
+    };
     Some((committed, written, failed, completions, visibility))
 }
 
 /// Inserts the staged copies `due` inside the batch's transaction; returns
 /// the IDs written and those that failed (which fail their sender's write,
 /// like a failed commit would).
-fn write_staged(tx: &Transaction<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<u64>) {
+fn write_staged(tx: &Transaction<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<(u64, StoreError)>) {
     let mut written = Vec::with_capacity(due.len());
     let mut failed = Vec::new();
     for copy in due {
@@ -605,7 +680,7 @@ fn write_staged(tx: &Transaction<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<u64>)
             Ok(()) => written.push(id),
             Err(error) => {
                 tracing::warn!(%error, "writing a staged copy failed");
-                failed.push(id);
+                failed.push((id, error));
             }
         }
     }
@@ -1950,6 +2025,85 @@ mod tests {
             SqliteStore::open_in_memory().unwrap_or_else(|e| panic!("{e}"))
         })
         .await;
+    }
+
+    /// SQLite may roll a whole transaction back on its own (disk full, I/O
+    /// error), savepoints and all. Writes of the batch run before it must
+    /// be told they failed, and one queued after it must not run outside
+    /// the batch (committed by its own RELEASE while its caller is told the
+    /// batch failed): it runs in the next batch, and is told the truth.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_automatic_rollback_fails_its_batch_and_later_writes_run_in_the_next() {
+        use std::future::Future;
+        use std::task::Poll;
+        let store = SqliteStore::open_in_memory().unwrap_or_else(|e| panic!("{e}"));
+        store
+            .write(|tx| {
+                tx.execute_batch("CREATE TABLE t (v INTEGER)")
+                    .map_err(backend)
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let insert = |v: i64| {
+            store.write(move |tx| {
+                tx.execute("INSERT INTO t VALUES (?1)", [v])
+                    .map(drop)
+                    .map_err(backend)
+            })
+        };
+        // Hold the writer, so the next three writes share one batch.
+        let (started, running) = std::sync::mpsc::channel();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let holder = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |_| {
+                        let _ = started.send(());
+                        let _ = held.recv();
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        running.recv().unwrap_or_else(|e| panic!("{e}"));
+        let mut first = Box::pin(insert(1));
+        // What SQLite does on SQLITE_FULL or IOERR in some cases.
+        let mut rollback = Box::pin(store.write(|tx| {
+            tx.execute_batch("ROLLBACK").map_err(backend)?;
+            Err::<(), _>(StoreError::Full)
+        }));
+        let mut after = Box::pin(insert(3));
+        // Queue the three, in this order (each is queued on its first poll).
+        std::future::poll_fn(|cx| {
+            let _ = first.as_mut().poll(cx);
+            let _ = rollback.as_mut().poll(cx);
+            let _ = after.as_mut().poll(cx);
+            Poll::Ready(())
+        })
+        .await;
+        release.send(()).unwrap_or_else(|e| panic!("{e}"));
+        holder
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (first, rollback, after) = (first.await, rollback.await, after.await);
+        let rows: Vec<i64> = store
+            .run(|c| {
+                let mut statement = c.prepare("SELECT v FROM t ORDER BY v").map_err(backend)?;
+                let rows = statement.query_map([], |row| row.get(0)).map_err(backend)?;
+                rows.collect::<std::result::Result<_, _>>().map_err(backend)
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(first, Err(StoreError::Full)), "{first:?}");
+        assert!(matches!(rollback, Err(StoreError::Full)), "{rollback:?}");
+        assert!(after.is_ok(), "{after:?}");
+        assert_eq!(
+            rows,
+            vec![3],
+            "each caller is told what happened to its write"
+        );
     }
 
     #[tokio::test]

@@ -413,12 +413,7 @@ impl Staging {
 
     /// The commit that wrote `ids` is durable at `now` (or, with an error,
     /// failed: those senders are told so and the copies dropped).
-    pub fn written(
-        &mut self,
-        ids: &[u64],
-        outcome: &std::result::Result<(), String>,
-        now: Instant,
-    ) {
+    pub fn written(&mut self, ids: &[u64], outcome: &Result<(), StoreError>, now: Instant) {
         let mut watched = Vec::new();
         for id in ids {
             if let Some(row) = self.rows.remove(id) {
@@ -429,7 +424,7 @@ impl Staging {
                             watched.push((*id, row.recipient));
                         }
                     }
-                    Err(error) => row.sender.answer(Err(StoreError::Backend(error.clone()))),
+                    Err(error) => row.sender.answer(Err(error.clone())),
                 }
             }
         }

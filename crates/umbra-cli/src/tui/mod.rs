@@ -194,6 +194,12 @@ fn on_note(
                         "Refused {reason}, \"from\" {from}: nothing of it was applied"
                     ));
                 }
+                Event::Discarded { from, reason } => {
+                    app.banner = Some(format!(
+                        "A message from {from} could not be read and was set aside: {}",
+                        crate::escape::printable(reason)
+                    ));
+                }
                 Event::ContactRequest { from } => {
                     app.status = Some(format!("{from} wants to be your contact: r"));
                 }

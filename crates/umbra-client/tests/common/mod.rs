@@ -42,6 +42,22 @@ impl TestServer {
         server
     }
 
+    /// A server whose configuration `adjust` changed first.
+    pub async fn start_configured(adjust: impl FnOnce(&mut Config) + Send + 'static) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("server");
+        let mut server = TestServer::start_full(
+            &data,
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(umbra_server::SystemClock),
+            PushWindow::default(),
+            Box::new(adjust),
+        )
+        .await;
+        server._dir = Some(dir);
+        server
+    }
+
     /// A server whose clock the test moves.
     pub async fn start_with_clock(clock: umbra_client::ManualClock) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
@@ -51,6 +67,7 @@ impl TestServer {
             "127.0.0.1:0".parse().unwrap(),
             Arc::new(clock),
             PushWindow::default(),
+            Box::new(|_| {}),
         )
         .await;
         server._dir = Some(dir);
@@ -69,7 +86,14 @@ impl TestServer {
         address: SocketAddr,
         window: PushWindow,
     ) -> TestServer {
-        TestServer::start_full(data, address, Arc::new(umbra_server::SystemClock), window).await
+        TestServer::start_full(
+            data,
+            address,
+            Arc::new(umbra_server::SystemClock),
+            window,
+            Box::new(|_| {}),
+        )
+        .await
     }
 
     async fn start_full(
@@ -77,9 +101,11 @@ impl TestServer {
         address: SocketAddr,
         clock: Arc<dyn umbra_server::Clock>,
         push_window: PushWindow,
+        adjust: Box<dyn FnOnce(&mut Config) + Send>,
     ) -> TestServer {
         umbra_server::init(data, "127.0.0.1:0").unwrap();
         let mut config = Config::load(data).unwrap();
+        adjust(&mut config);
         // Create and migrate the database before anything else opens it.
         drop(umbra_server::open_store(data, &config).unwrap());
         let listener = std::net::TcpListener::bind(address).unwrap();
