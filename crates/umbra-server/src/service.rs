@@ -87,6 +87,14 @@ impl Limits {
     }
 }
 
+/// A fixed key nobody holds: what an unauthenticated request's signature is
+/// checked against when the account or distributor it names does not exist,
+/// so that the answer and the work are the same as for a bad signature.
+fn nobody() -> umbra_proto::IdentityKey {
+    static NOBODY: std::sync::OnceLock<umbra_proto::IdentityKey> = std::sync::OnceLock::new();
+    *NOBODY.get_or_init(|| umbra_mls::DeviceSigner::from_secret(&[0x5a; 32]).identity_key())
+}
+
 /// What a session of a revoked line is told as it is closed.
 fn revoked_session() -> ErrorReply {
     refuse(
@@ -388,11 +396,16 @@ impl Services {
                 },
             ) => {
                 let distributors = self.store.distributors().await.map_err(internal)?;
-                let Some(distributor) = distributors.iter().find(|d| d.id == distributor_id) else {
-                    return Err(refuse(ErrorCode::UnknownAccount, "no such distributor"));
-                };
+                let key = distributors
+                    .iter()
+                    .find(|d| d.id == distributor_id)
+                    .map(|d| d.public_key);
+                // One answer, after the same work, for an unknown distributor
+                // and a bad signature: the caller learns nothing about which
+                // distributor numbers exist.
                 let payload = distributor_login_payload(nonce, distributor_id);
-                if !umbra_mls::verify(&distributor.public_key, &payload, &signature) {
+                let verified = umbra_mls::verify(&key.unwrap_or_else(nobody), &payload, &signature);
+                if !(verified && key.is_some()) {
                     return Err(refuse(
                         ErrorCode::BadSignature,
                         "distributor login signature does not verify",
@@ -811,12 +824,9 @@ impl Services {
         signature: &Signature,
         refusal: &str,
     ) -> Result<Account, ErrorReply> {
-        static NOBODY: std::sync::OnceLock<umbra_proto::IdentityKey> = std::sync::OnceLock::new();
         let account = self.store.account(account_id).await.map_err(internal)?;
         let key = account.as_ref().and_then(key_of);
-        let nobody = *NOBODY
-            .get_or_init(|| umbra_mls::DeviceSigner::from_secret(&[0x5a; 32]).identity_key());
-        let verified = umbra_mls::verify(&key.unwrap_or(nobody), payload, signature);
+        let verified = umbra_mls::verify(&key.unwrap_or_else(nobody), payload, signature);
         match account {
             Some(account) if verified && key.is_some() => Ok(account),
             _ => Err(refuse(ErrorCode::BadSignature, refusal)),

@@ -432,3 +432,29 @@ async fn a_message_too_large_to_deliver_is_refused() {
     assert!(message.contains("can be delivered"), "{message}");
     raw.alive().await;
 }
+
+/// An unknown distributor number gets the answer a bad signature gets, so
+/// an unauthenticated caller cannot list which distributors exist (it got
+/// UNKNOWN_ACCOUNT before).
+#[tokio::test]
+async fn an_unknown_distributor_looks_like_a_bad_signature() {
+    let server = Server::start().await;
+    let mut raw = Raw::connect(&server).await;
+    let signer = DeviceSigner::from_secret(&[11; 32]);
+    let distributor_id = 4242;
+    let signature = signer.sign_payload(&umbra_proto::distributor_login_payload(
+        &raw.nonce,
+        distributor_id,
+    ));
+    let message = raw
+        .expect_error(
+            Request::DistributorLogin {
+                distributor_id,
+                signature,
+            },
+            ErrorCode::BadSignature,
+        )
+        .await;
+    assert_eq!(message, "distributor login signature does not verify");
+    raw.alive().await;
+}
