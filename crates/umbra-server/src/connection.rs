@@ -291,16 +291,15 @@ impl Connection {
                 }
                 continue;
             }
-            let acked = match &frame.request {
-                Request::Ack { delivery_ids, .. } => Some(delivery_ids.as_slice()),
-                _ => None,
-            };
-            if let Some(ids) = acked {
-                unacked.acked(ids);
+            let mut request = frame.request;
+            if let Request::Ack { delivery_ids, .. } = &mut request {
+                // Public IDs of deliveries pushed here become the internal
+                // ones they stand for; any other is ignored.
+                *delivery_ids = unacked.acked(delivery_ids);
             }
             // Boxed: the handler's state is large and lives only while a
             // request is in flight, not in every idle connection's task.
-            let answer = Box::pin(self.services.answer(&mut session, frame.request)).await;
+            let answer = Box::pin(self.services.answer(&mut session, request)).await;
 
             let queued = match answer {
                 Answer::Now(result) => {
@@ -400,7 +399,8 @@ struct Unacked {
 
 #[derive(Default)]
 struct UnackedState {
-    sizes: HashMap<u64, usize>,
+    /// By public delivery ID: the internal ID and the frame's size.
+    sizes: HashMap<u64, (u64, usize)>,
     bytes: usize,
     /// The writer found the window full and waits for room.
     waiting: bool,
@@ -434,20 +434,23 @@ impl Unacked {
         room
     }
 
-    fn pushed(&self, id: u64, size: usize) {
+    fn pushed(&self, public: u64, id: u64, size: usize) {
         let mut state = self.lock();
-        if let Some(old) = state.sizes.insert(id, size) {
+        if let Some((_, old)) = state.sizes.insert(public, (id, size)) {
             state.bytes -= old;
         }
         state.bytes += size;
     }
 
-    /// The device acknowledged `ids` (any it was not pushed are ignored).
-    fn acked(&self, ids: &[u64]) {
+    /// The device acknowledged the deliveries with these public IDs; returns
+    /// their internal IDs (public IDs not pushed here are ignored).
+    fn acked(&self, public: &[u64]) -> Vec<u64> {
         let mut state = self.lock();
-        for id in ids {
-            if let Some(size) = state.sizes.remove(id) {
+        let mut ids = Vec::with_capacity(public.len());
+        for public in public {
+            if let Some((id, size)) = state.sizes.remove(public) {
                 state.bytes -= size;
+                ids.push(id);
             }
         }
         if state.waiting && state.has_room(self.window) {
@@ -455,6 +458,7 @@ impl Unacked {
             drop(state);
             self.room.notify_one();
         }
+        ids
     }
 }
 
@@ -616,8 +620,9 @@ where
         delivery: StoredDelivery,
     ) -> Result<(), Closed> {
         let id = delivery.id;
-        let frame = push_frame(delivery);
-        mailbox.unacked.pushed(id, frame.len());
+        let public = self.services.delivery_ids.public(id);
+        let frame = push_frame(public, delivery);
+        mailbox.unacked.pushed(public, id, frame.len());
         self.feed(frame).await
     }
 
@@ -713,9 +718,10 @@ where
     }
 }
 
-fn push_frame(stored: StoredDelivery) -> Vec<u8> {
+/// The push of `stored` under its public ID.
+fn push_frame(public: u64, stored: StoredDelivery) -> Vec<u8> {
     encode_server(&ServerMessage::Push(Push::Delivery(Delivery {
-        id: stored.id,
+        id: public,
         sender: stored.sender,
         kind: stored.kind,
         group_id: stored.group_id,

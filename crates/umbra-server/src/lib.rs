@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod config;
 mod connection;
+pub mod delivery_ids;
 mod handshake;
 mod limits;
 mod registry;
@@ -170,9 +171,18 @@ pub async fn run(
         None
     };
     let store: Arc<dyn Store> = Arc::new(open_store(&data_dir, &config)?);
+    let delivery_ids =
+        delivery_ids::PublicIds::load_or_create(&data_dir).map_err(|source| ServerError::Io {
+            context: format!(
+                "reading or making {}",
+                data_dir.join(delivery_ids::KEY_FILE).display()
+            ),
+            source,
+        })?;
     let services = Arc::new(Services {
         store,
         registry: Registry::default(),
+        delivery_ids,
         clock: options.clock,
         limits: Limits::from_config(
             &config,

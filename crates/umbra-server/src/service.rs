@@ -134,6 +134,8 @@ impl PushWindow {
 pub struct Services {
     pub store: Arc<dyn Store>,
     pub registry: Registry,
+    /// What devices see of delivery IDs.
+    pub delivery_ids: crate::delivery_ids::PublicIds,
     pub clock: Arc<dyn Clock>,
     pub limits: Limits,
 }

@@ -458,3 +458,83 @@ async fn an_unknown_distributor_looks_like_a_bad_signature() {
     assert_eq!(message, "distributor login signature does not verify");
     raw.alive().await;
 }
+
+/// The delivery IDs a device sees do not count what the server delivered
+/// to others in between (they were one global sequence, so two IDs told a
+/// device the server's traffic volume), and still acknowledge what they
+/// stand for.
+#[tokio::test]
+async fn delivery_ids_do_not_reveal_other_accounts_traffic() {
+    let server = Server::start().await;
+    let wiper = DeviceSigner::from_secret(&[12; 32]);
+    let mut watcher = Raw::connect(&server).await;
+    let watcher_id = watcher
+        .registered(&server, &DeviceSigner::from_secret(&[13; 32]))
+        .await;
+    let mut busy = Raw::connect(&server).await;
+    let busy_id = busy
+        .registered(&server, &DeviceSigner::from_secret(&[14; 32]))
+        .await;
+    for raw in [&mut watcher, &mut busy] {
+        let set_key = Request::SetWipeKey {
+            wipe_key: wiper.identity_key(),
+        };
+        assert_eq!(raw.call(set_key).await, Ok(Reply::Done));
+    }
+    // A wipe command is the simplest delivery to put in a mailbox.
+    let wipe = |account_id: &AccountId, issued_at| Request::Wipe {
+        account_id: account_id.clone(),
+        issued_at,
+        signature: wiper.sign_payload(&wipe_signing_payload(account_id, issued_at)),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // (Authenticated: before that, a connection has only a few requests.)
+    let mut sender = Raw::connect(&server).await;
+    sender
+        .registered(&server, &DeviceSigner::from_secret(&[15; 32]))
+        .await;
+    let mut seen = Vec::new();
+    for round in 0..2 {
+        assert_eq!(
+            sender.call(wipe(&watcher_id, now + round)).await,
+            Ok(Reply::Done)
+        );
+        let id = loop {
+            match watcher.next().await.expect("connection closed") {
+                ServerMessage::Push(Push::Delivery(delivery)) => break delivery.id,
+                _ => continue,
+            }
+        };
+        seen.push(id);
+        // Meanwhile the server delivers to someone else.
+        for n in 0..5 {
+            let issued_at = now + 10 * round + n;
+            assert_eq!(
+                sender.call(wipe(&busy_id, issued_at)).await,
+                Ok(Reply::Done)
+            );
+        }
+    }
+    assert!(
+        seen[0].abs_diff(seen[1]) > 1 << 40,
+        "consecutive IDs {seen:?} count the deliveries in between"
+    );
+    // They acknowledge what they stand for: the next login pushes nothing.
+    let ack = Request::Ack {
+        delivery_ids: seen.clone(),
+        quiet: false,
+    };
+    assert_eq!(watcher.call(ack).await, Ok(Reply::Done));
+    drop(watcher);
+    let mut again = Raw::connect(&server).await;
+    again
+        .login(&watcher_id, &DeviceSigner::from_secret(&[13; 32]))
+        .await;
+    match again.next().await {
+        Some(ServerMessage::Push(Push::Synced)) => {}
+        other => panic!("expected an empty backlog, got {other:?}"),
+    }
+}
