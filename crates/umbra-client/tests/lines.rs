@@ -10,7 +10,7 @@ use umbra_client::{DistributorSession, ErrorCode, ManualClock};
 const DAY: u64 = 86_400;
 
 async fn activate_with(activation: &str) -> Device {
-    Device::activate_with(&activation.parse().unwrap(), common::options()).await
+    Device::activate_untimed(&activation.parse().unwrap(), common::options()).await
 }
 
 fn config(server: &TestServer) -> umbra_server::Config {

@@ -260,6 +260,20 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
     outsider
         .expect_error(submission(0, &first), ErrorCode::NotAMember)
         .await;
+    // Nor send into it, even a genuine message of the group: the server's
+    // check, not a client's own, keeps an outsider out.
+    let genuine = group.encrypt(&provider, &signer, b"overheard").unwrap();
+    outsider
+        .expect_error(
+            Request::SendMessage {
+                group_id: group_id.clone(),
+                message: genuine,
+                kind: umbra_proto::DeliveryKind::Application,
+                ttl_seconds: 0,
+            },
+            ErrorCode::NotAMember,
+        )
+        .await;
     // Nor may it fetch the group's GroupInfo (to rejoin what it never was in).
     outsider
         .expect_error(

@@ -242,8 +242,19 @@ pub struct Device {
 }
 
 impl Device {
+    /// A device on the real clock, with disappearing messages off by
+    /// default (a 30-second timer on the real clock would be a hidden time
+    /// limit on every test on a busy machine; tests about timers use a
+    /// `ManualClock` and [`Device::activate_with`]).
     pub async fn activate(server: &TestServer) -> Device {
-        Device::activate_with(&server.activation().await, options()).await
+        Device::activate_untimed(&server.activation().await, options()).await
+    }
+
+    /// [`Device::activate_with`], then the default timer turned off.
+    pub async fn activate_untimed(activation: &ActivationString, options: ClientOptions) -> Device {
+        let device = Device::activate_with(activation, options).await;
+        device.client.set_default_disappearing(None).unwrap();
+        device
     }
 
     /// Activates a device from an activation string with these options.
