@@ -544,6 +544,10 @@ pub struct SoakResult {
     pub server: Usage,
     pub reconnects: u64,
     pub errors: u64,
+    /// The server's RSS at the end of each minute of traffic: flat once
+    /// every connection's buffers reached their working size (the first
+    /// minute), or growing.
+    pub rss_per_minute_kib: Vec<u64>,
 }
 
 /// soak: seeded random traffic at `rate` messages per second (Poisson
@@ -597,8 +601,16 @@ pub async fn soak(
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut rss_per_minute_kib = Vec::new();
+    let mut next_minute = Duration::from_secs(60);
     while start.elapsed() < duration {
         tick.tick().await;
+        if start.elapsed() >= next_minute {
+            next_minute += Duration::from_secs(60);
+            if let Ok(now) = crate::sampler::sample(system.server_pid()) {
+                rss_per_minute_kib.push(now.rss_kib);
+            }
+        }
         while let Ok((device, endpoint)) = returning_rx.try_recv() {
             if let Some(slot) = endpoints.get_mut(device as usize) {
                 *slot = Some(endpoint);
@@ -716,5 +728,6 @@ pub async fn soak(
         observed,
         server,
         reconnects,
+        rss_per_minute_kib,
     })
 }

@@ -127,3 +127,41 @@ impl Group {
         Ok((group, to_bytes(&commit)?))
     }
 }
+
+/// A KeyPackage an honest device never makes: a credential naming
+/// `identity` byte for byte (say, an account ID in lower case), and leaf
+/// capabilities that list no extension at all if `bare`.
+pub fn odd_key_package(
+    provider: &Provider<'_>,
+    signer: &DeviceSigner,
+    identity: &str,
+    bare: bool,
+) -> Result<Vec<u8>> {
+    use openmls::prelude::{
+        BasicCredential, Capabilities, CredentialWithKey, KeyPackage, MlsMessageOut,
+    };
+    let mut builder = KeyPackage::builder();
+    if !bare {
+        builder = builder.leaf_node_capabilities(
+            Capabilities::builder()
+                .extensions(vec![
+                    openmls::prelude::ExtensionType::LastResort,
+                    openmls::prelude::ExtensionType::Unknown(crate::DISAPPEARING_EXTENSION),
+                ])
+                .build(),
+        );
+    }
+    let credential = CredentialWithKey {
+        credential: BasicCredential::new(identity.as_bytes().to_vec()).into(),
+        signature_key: signer.identity_key().as_bytes().to_vec().into(),
+    };
+    let bundle = builder
+        .build(
+            crate::Suite::default().ciphersuite(),
+            provider,
+            signer,
+            credential,
+        )
+        .map_err(|e| protocol("creating a KeyPackage", e))?;
+    to_bytes(&MlsMessageOut::from(bundle.key_package().clone()))
+}

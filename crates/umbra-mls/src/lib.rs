@@ -12,6 +12,8 @@
 //! has no transaction boundary of its own).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod group;
 #[cfg(feature = "hostile")]
 mod hostile;
@@ -23,6 +25,8 @@ mod signer;
 pub use group::{
     CommitOutput, DISAPPEARING_EXTENSION, Group, GroupConfig, Incoming, MemberInfo, new_key_package,
 };
+#[cfg(feature = "hostile")]
+pub use hostile::odd_key_package;
 /// The cryptography and randomness provider (RustCrypto); one per device.
 pub use openmls_rust_crypto::RustCrypto as Crypto;
 pub use provider::{Provider, init_storage};

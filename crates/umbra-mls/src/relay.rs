@@ -4,7 +4,7 @@
 //! (group, epoch, content type) of a handshake or application message.
 
 use openmls::prelude::{
-    BasicCredential, ContentType, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion,
+    BasicCredential, ContentType, ExtensionType, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion,
 };
 use openmls_rust_crypto::RustCrypto;
 use tls_codec::Deserialize as _;
@@ -39,12 +39,33 @@ pub fn validate_key_package(bytes: &[u8]) -> Result<ValidKeyPackage> {
     let leaf = key_package.leaf_node();
     let credential = BasicCredential::try_from(leaf.credential().clone())
         .map_err(|_| MlsError::InvalidKeyPackage("credential is not a basic credential".into()))?;
+    // Exactly the account ID's canonical form (upper case, no spaces):
+    // members compare credentials byte for byte.
     let account = std::str::from_utf8(credential.identity())
         .ok()
-        .and_then(|text| AccountId::parse(text).ok())
+        .and_then(|text| AccountId::parse(text).ok().filter(|id| id.as_str() == text))
         .ok_or_else(|| {
-            MlsError::InvalidKeyPackage("credential is not an Umbra account ID".into())
+            MlsError::InvalidKeyPackage(
+                "credential is not an Umbra account ID in its canonical (upper-case) form".into(),
+            )
         })?;
+    // Members need both to add the device to a group (the timer is a
+    // required group-context extension), so a package without them would
+    // only fail later, at the one who fetched it.
+    let extensions = leaf.capabilities().extensions();
+    for (needed, name) in [
+        (ExtensionType::LastResort, "last_resort (0x000A)"),
+        (
+            ExtensionType::Unknown(crate::DISAPPEARING_EXTENSION),
+            "the disappearing timer (0xF0D5)",
+        ),
+    ] {
+        if !extensions.contains(&needed) {
+            return Err(MlsError::InvalidKeyPackage(format!(
+                "the leaf's capabilities do not list the {name} extension"
+            )));
+        }
+    }
     let identity_key = IdentityKey::from_slice(leaf.signature_key().as_slice())
         .map_err(|e| MlsError::InvalidKeyPackage(e.to_string()))?;
     Ok(ValidKeyPackage {

@@ -110,3 +110,30 @@ fn proposals_for_others_changes_are_not_stored() {
     ));
     assert!(bobs.has_pending_proposals(), "a member leaving is kept");
 }
+
+/// What the server checks of an uploaded KeyPackage beyond its signature:
+/// the credential is the account ID byte for byte (it was parsed, so a
+/// lower-case one passed and members comparing bytes saw another name),
+/// and the leaf can take the extensions every Umbra group requires (a
+/// package without them passed, to fail at whoever fetched it).
+#[test]
+fn key_packages_with_a_loose_credential_or_no_capabilities_are_refused() {
+    let device = Device::new("KKKKKKKK", 9);
+    let provider = device.provider();
+    let valid = umbra_mls::odd_key_package(&provider, &device.signer, "KKKKKKKK", false).unwrap();
+    let checked = umbra_mls::validate_key_package(&valid).unwrap();
+    assert_eq!(checked.account, device.account);
+    for (identity, bare, why) in [
+        ("kkkkkkkk", false, "canonical"),
+        (" KKKKKKKK", false, "canonical"),
+        ("KKKKKKKK", true, "capabilities"),
+    ] {
+        let odd = umbra_mls::odd_key_package(&provider, &device.signer, identity, bare).unwrap();
+        match umbra_mls::validate_key_package(&odd) {
+            Err(MlsError::InvalidKeyPackage(message)) => {
+                assert!(message.contains(why), "{identity:?}: {message}")
+            }
+            other => panic!("{identity:?} bare={bare}: {other:?}"),
+        }
+    }
+}

@@ -308,6 +308,23 @@ fn delivery_kind(field: &'static str, value: i32) -> Result<DeliveryKind, Decode
     }
 }
 
+/// The request id of a client frame that [`decode_client`] refused, when
+/// the frame's envelope can still be read: so that the error answers that
+/// request rather than id 0. Only the id field is decoded (any other field,
+/// however malformed, is skipped).
+pub fn refused_frame_id(bytes: &[u8]) -> Option<u64> {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct IdOnly {
+        #[prost(uint64, tag = "1")]
+        id: u64,
+    }
+    let body = frame_body(bytes, MAX_FRAME_BYTES).ok()?;
+    IdOnly::decode(body)
+        .ok()
+        .map(|frame| frame.id)
+        .filter(|id| *id != 0)
+}
+
 /// Decodes and validates one client frame.
 pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
     let raw = wire::ClientFrame::decode(frame_body(bytes, MAX_FRAME_BYTES)?).map_err(protobuf)?;

@@ -17,7 +17,7 @@ pub mod wire;
 pub use activation::{ActivationString, CertFingerprint, DistributorCredential, WipeCode};
 pub use frame::{
     ClientFrame, Delivery, DeliveryKind, ErrorCode, ErrorReply, Push, Reply, Request,
-    ServerMessage, decode_client, decode_server, encode_client, encode_server,
+    ServerMessage, decode_client, decode_server, encode_client, encode_server, refused_frame_id,
 };
 pub use ids::{AccountId, ActivationCode, GroupId, IdentityKey, Nonce, Signature};
 

@@ -31,6 +31,34 @@ async fn malformed_frames_get_typed_errors_and_the_server_keeps_serving() {
         let (id, result) = attacker.response().await.unwrap();
         assert_eq!((id, result.unwrap_err().code), (0, code));
     }
+    // A frame whose envelope is readable but whose request is invalid (an
+    // account ID with a character not in the alphabet) is answered under
+    // its own id, so the client can tell which request failed.
+    let login = umbra_proto::encode_client(&umbra_proto::ClientFrame {
+        id: 77,
+        request: Request::Login {
+            account_id: AccountId::parse("AAAAAAAA").unwrap(),
+            signature: Signature::from_slice(&[0; 64]).unwrap(),
+        },
+    });
+    let invalid: Vec<u8> = {
+        let at = login
+            .windows(8)
+            .position(|w| w == b"AAAAAAAA")
+            .expect("the account ID in the frame");
+        let mut bytes = login.clone();
+        bytes[at] = b'1';
+        bytes
+    };
+    attacker.send_raw(Message::Binary(invalid.into())).await;
+    let (id, result) = attacker.response().await.unwrap();
+    let error = result.unwrap_err();
+    assert_eq!(
+        (id, error.code),
+        (77, ErrorCode::MalformedFrame),
+        "{}",
+        error.message
+    );
     attacker.send_raw(Message::Text("hello".into())).await;
     let (_, result) = attacker.response().await.unwrap();
     assert!(result.unwrap_err().message.contains("text frames"));
