@@ -104,6 +104,7 @@ impl ServerProcess {
             // per-connection limits meant for real clients are lifted.
             .env("UMBRA_MAX_CONNECTIONS_PER_ADDRESS", "60000")
             .env("UMBRA_REQUESTS_PER_SECOND", "10000000")
+            .env("UMBRA_DELIVERY_BYTES_PER_HOUR", "1000000000000000")
             .env("UMBRA_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

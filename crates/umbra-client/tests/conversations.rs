@@ -590,3 +590,49 @@ async fn a_full_store_refuses_writes_serves_reads_and_recovers() {
     assert!(again.is_ok(), "the server never took writes again");
     assert_eq!(bob.next_text().await, (alice.id(), "room again".into()));
 }
+
+/// One account cannot fill the store for everyone: beyond its hourly
+/// delivery budget its sends are refused with QUOTA_EXCEEDED, while
+/// another account goes on sending to the same recipient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_over_its_delivery_budget_is_refused_and_others_go_on() {
+    let server = TestServer::start_configured(|c| c.delivery_bytes_per_hour = 64 * 1024).await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let mut carol = Device::activate(&server).await;
+    let (alice_to_bob, _) = befriend(&mut alice, &mut bob).await;
+    let (carol_to_bob, _) = befriend(&mut carol, &mut bob).await;
+    let filler = "y".repeat(8 * 1024);
+    let mut sent = 0;
+    let refusal = loop {
+        match alice.client.send_text(&alice_to_bob, &filler).await {
+            Ok(_) => sent += 1,
+            Err(error) => break error,
+        }
+        assert!(sent < 20, "the budget never ran out");
+    };
+    assert_eq!(
+        refusal.server_code(),
+        Some(ErrorCode::QuotaExceeded),
+        "{refusal}"
+    );
+    assert!(refusal.to_string().contains("this hour"), "{refusal}");
+    assert!(
+        (4..=8).contains(&sent),
+        "{sent} messages of 8 KiB fit 64 KiB"
+    );
+    carol
+        .client
+        .send_text(&carol_to_bob, "still served")
+        .await
+        .unwrap();
+    let (from, _) = bob
+        .wait_for(|e| match e {
+            Event::MessageReceived { message } if message.body == "still served" => {
+                Some((message.sender.clone(), ()))
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(from, carol.id());
+}

@@ -71,6 +71,10 @@ pub struct Config {
     pub max_groups_per_account: u32,
     /// Most contact requests one account may send per hour. Default 60.
     pub contact_requests_per_hour: u32,
+    /// Bytes of deliveries one account may put into others' mailboxes per
+    /// hour (a message's size times its recipients; commits and Welcomes
+    /// count too). Default 268435456 (256 MiB).
+    pub delivery_bytes_per_hour: u64,
     /// Devices are told to upload KeyPackages when fewer than this many
     /// one-time ones remain at the server. Default 10.
     pub key_package_low_water: u32,
@@ -110,6 +114,7 @@ impl Default for Config {
             max_key_packages: 200,
             max_groups_per_account: 1000,
             contact_requests_per_hour: 60,
+            delivery_bytes_per_hour: 256 * 1024 * 1024,
             key_package_low_water: 10,
             max_malformed_frames: 16,
             subscription_grace: Duration::from_secs(30 * 86_400),
@@ -123,7 +128,8 @@ impl Default for Config {
 pub const DEFAULT_CONFIG_TEXT: &str = r#"# Umbra server configuration. Every field is optional; shown are the defaults.
 # Environment variables override the file: UMBRA_LISTEN, UMBRA_PUBLIC_ADDRESS,
 # UMBRA_TLS, UMBRA_MAILBOX_TTL, UMBRA_MAX_CONNECTIONS,
-# UMBRA_MAX_CONNECTIONS_PER_ADDRESS, UMBRA_REQUESTS_PER_SECOND.
+# UMBRA_MAX_CONNECTIONS_PER_ADDRESS, UMBRA_REQUESTS_PER_SECOND,
+# UMBRA_DELIVERY_BYTES_PER_HOUR.
 
 # Address and port to listen on.
 listen = "0.0.0.0:7443"
@@ -177,6 +183,11 @@ request_burst = 2000
 max_key_packages = 200
 max_groups_per_account = 1000
 contact_requests_per_hour = 60
+
+# Bytes of deliveries one account may put into others' mailboxes per hour (a
+# message's size times its recipients), so that no account can fill the
+# store for everyone. Beyond it: QUOTA_EXCEEDED until the hour refills it.
+delivery_bytes_per_hour = 268435456
 
 # Devices are asked to upload KeyPackages below this many one-time ones.
 key_package_low_water = 10
@@ -264,6 +275,9 @@ impl Config {
         }
         if let Some(v) = get("UMBRA_MAX_CONNECTIONS_PER_ADDRESS") {
             self.max_connections_per_address = parse("UMBRA_MAX_CONNECTIONS_PER_ADDRESS", v)?;
+        }
+        if let Some(v) = get("UMBRA_DELIVERY_BYTES_PER_HOUR") {
+            self.delivery_bytes_per_hour = parse("UMBRA_DELIVERY_BYTES_PER_HOUR", v)?;
         }
         if let Some(v) = get("UMBRA_REQUESTS_PER_SECOND") {
             self.requests_per_second = parse("UMBRA_REQUESTS_PER_SECOND", v)?;

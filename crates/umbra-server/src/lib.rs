@@ -183,6 +183,7 @@ pub async fn run(
         store,
         registry: Registry::default(),
         delivery_ids,
+        send_budget: limits::SendBudget::new(config.delivery_bytes_per_hour),
         clock: options.clock,
         limits: Limits::from_config(
             &config,
@@ -305,6 +306,7 @@ async fn sweep_expired(services: Arc<Services>, every: Duration, shutdown: Cance
             Ok(removed) => info!(removed, "expired undelivered messages"),
             Err(error) => warn!(%error, "expiring mailboxes failed"),
         }
+        services.send_budget.prune(tokio::time::Instant::now());
         match services.purge_lapsed_lines().await {
             Ok(0) => {}
             Ok(ended) => info!(ended, "ended lines whose subscription lapsed"),

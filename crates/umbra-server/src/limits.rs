@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -99,10 +100,71 @@ impl RateLimit {
     }
 }
 
+/// Bytes of deliveries each account may put into others' mailboxes per
+/// hour (a message's size times its recipients), as a bucket that refills
+/// continuously: what keeps one account from filling the store for
+/// everyone. Kept in memory (a restart forgets it); only accounts that
+/// sent recently are remembered.
+#[derive(Debug)]
+pub struct SendBudget {
+    per_hour: f64,
+    accounts: Mutex<HashMap<umbra_proto::AccountId, (f64, Instant)>>,
+}
+
+impl SendBudget {
+    pub fn new(bytes_per_hour: u64) -> SendBudget {
+        SendBudget {
+            per_hour: (bytes_per_hour.max(1)) as f64,
+            accounts: Mutex::default(),
+        }
+    }
+
+    fn refilled(&self, (left, at): (f64, Instant), now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(at).as_secs_f64();
+        (left + elapsed * self.per_hour / 3600.0).min(self.per_hour)
+    }
+
+    /// Whether `account` may send now: its budget is not used up. If not,
+    /// how long until it is positive again.
+    pub fn check(&self, account: &umbra_proto::AccountId, now: Instant) -> Result<(), Duration> {
+        let accounts = self.lock();
+        let Some(&entry) = accounts.get(account) else {
+            return Ok(());
+        };
+        let left = self.refilled(entry, now);
+        if left > 0.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(-left * 3600.0 / self.per_hour))
+        }
+    }
+
+    /// Charges `account` for `bytes` delivered (the budget may go below
+    /// zero by the last message; the next waits until it is positive).
+    pub fn charge(&self, account: &umbra_proto::AccountId, bytes: u64, now: Instant) {
+        let mut accounts = self.lock();
+        let left = accounts
+            .get(account)
+            .map_or(self.per_hour, |&entry| self.refilled(entry, now));
+        accounts.insert(account.clone(), (left - bytes as f64, now));
+    }
+
+    /// Forgets the accounts whose budget has refilled completely.
+    pub fn prune(&self, now: Instant) {
+        let per_hour = self.per_hour;
+        self.lock()
+            .retain(|_, entry| self.refilled(*entry, now) < per_hour);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<umbra_proto::AccountId, (f64, Instant)>> {
+        // Every mutation is one insert or retain.
+        self.accounts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn an_address_gets_its_slots_back_when_connections_end() {
@@ -134,5 +196,28 @@ mod tests {
         // The bucket never holds more than the burst.
         let much_later = later + Duration::from_secs(60);
         assert_eq!((0..8).filter(|_| limit.allow(much_later)).count(), 5);
+    }
+
+    #[test]
+    fn a_send_budget_refills_over_the_hour_and_forgets_idle_accounts() {
+        let budget = SendBudget::new(3600);
+        let alice = umbra_proto::AccountId::parse("AAAAAAAA").unwrap_or_else(|e| panic!("{e}"));
+        let bob = umbra_proto::AccountId::parse("BBBBBBBB").unwrap_or_else(|e| panic!("{e}"));
+        let start = Instant::now();
+        assert!(budget.check(&alice, start).is_ok());
+        // One message may overdraw; the next waits for the refill.
+        budget.charge(&alice, 3700, start);
+        let wait = budget.check(&alice, start).err();
+        assert!(wait.is_some_and(|w| w > Duration::from_secs(99) && w <= Duration::from_secs(100)));
+        assert!(
+            budget.check(&bob, start).is_ok(),
+            "another account is not affected"
+        );
+        let later = start + Duration::from_secs(101);
+        assert!(budget.check(&alice, later).is_ok());
+        budget.prune(later);
+        assert_eq!(budget.lock().len(), 1, "alice is still refilling");
+        budget.prune(start + Duration::from_secs(3700));
+        assert!(budget.lock().is_empty());
     }
 }

@@ -57,6 +57,7 @@ pub struct Limits {
     pub max_key_packages: u32,
     pub max_groups_per_account: u32,
     pub contact_requests_per_hour: u32,
+    pub delivery_bytes_per_hour: u64,
 }
 
 impl Limits {
@@ -83,6 +84,7 @@ impl Limits {
             max_key_packages: config.max_key_packages,
             max_groups_per_account: config.max_groups_per_account,
             contact_requests_per_hour: config.contact_requests_per_hour,
+            delivery_bytes_per_hour: config.delivery_bytes_per_hour,
         }
     }
 }
@@ -93,6 +95,33 @@ impl Limits {
 fn nobody() -> umbra_proto::IdentityKey {
     static NOBODY: std::sync::OnceLock<umbra_proto::IdentityKey> = std::sync::OnceLock::new();
     *NOBODY.get_or_init(|| umbra_mls::DeviceSigner::from_secret(&[0x5a; 32]).identity_key())
+}
+
+impl Services {
+    /// Refuses a send while the account's delivery budget is used up.
+    fn within_budget(&self, me: &AccountId) -> Result<(), ErrorReply> {
+        self.send_budget
+            .check(me, tokio::time::Instant::now())
+            .map_err(|wait| {
+                refuse(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "this account delivered more than {} MiB this hour; try again in {} s",
+                        self.limits.delivery_bytes_per_hour / (1024 * 1024),
+                        wait.as_secs().max(1)
+                    ),
+                )
+            })
+    }
+
+    /// Charges `me` for `bytes` delivered to each of `recipients`.
+    fn charge(&self, me: &AccountId, bytes: usize, recipients: usize) {
+        let total = (bytes as u64).saturating_mul(recipients as u64);
+        if total > 0 {
+            self.send_budget
+                .charge(me, total, tokio::time::Instant::now());
+        }
+    }
 }
 
 /// What a session of a revoked line is told as it is closed.
@@ -136,6 +165,8 @@ pub struct Services {
     pub registry: Registry,
     /// What devices see of delivery IDs.
     pub delivery_ids: crate::delivery_ids::PublicIds,
+    /// Bytes each account may still deliver this hour.
+    pub send_budget: crate::limits::SendBudget,
     pub clock: Arc<dyn Clock>,
     pub limits: Limits,
 }
@@ -1020,6 +1051,7 @@ impl Services {
     }
 
     async fn send_commit(&self, me: &AccountId, commit: CommitSubmission) -> Outcome {
+        self.within_budget(me)?;
         check_deliverable("the commit", &commit.commit)?;
         if let Some(welcome) = &commit.welcome {
             check_deliverable("the Welcome", welcome)?;
@@ -1116,6 +1148,8 @@ impl Services {
             (added, removed, public_state, commit.group_info)
         };
         let now = self.now();
+        let welcome_bytes = commit.welcome.as_ref().map_or(0, Vec::len) * added.len();
+        let commit_bytes = commit.commit.len();
         let record = CommitRecord {
             group_id: commit.group_id,
             epoch: commit.epoch,
@@ -1134,6 +1168,8 @@ impl Services {
             .map_err(internal)?
         {
             CommitOutcome::Accepted { epoch, recipients } => {
+                self.charge(me, commit_bytes, recipients.len());
+                self.charge(me, welcome_bytes, 1);
                 self.registry.notify(&recipients);
                 Ok(Reply::CommitAccepted { epoch })
             }
@@ -1153,6 +1189,7 @@ impl Services {
         ttl_seconds: u32,
     ) -> Result<(Durable, Reply), ErrorReply> {
         check_deliverable("the message", &message)?;
+        self.within_budget(me)?;
         let header = umbra_mls::message_header(&message)
             .map_err(|e| refuse(ErrorCode::InvalidRequest, e.to_string()))?;
         let expected = match kind {
@@ -1188,6 +1225,7 @@ impl Services {
                 // "accepted" once each copy is on disk or acknowledged, and
                 // the copies no connection will acknowledge go to disk
                 // without waiting out the ack window.
+                self.charge(me, message.len(), deliveries.len());
                 let unread = self.registry.deliver(deliveries);
                 if !unread.is_empty() {
                     self.store.no_reader(&unread);
