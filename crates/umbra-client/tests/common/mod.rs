@@ -21,14 +21,14 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 /// Frames the server received or sent, in order.
 pub type Frames = Arc<Mutex<Vec<(Direction, Vec<u8>)>>>;
 
-/// A server running on its own runtime and thread, so that a test can kill
-/// it abruptly (dropping every task mid-flight) as well as stop it cleanly.
+/// A server running on its own runtime and thread, so that a test can stop
+/// it cleanly and start it again on the same data. (A test that kills a
+/// server uses [`ServerProcess`]: a real process, really killed.)
 pub struct TestServer {
     pub data: PathBuf,
     pub address: SocketAddr,
     pub frames: Frames,
     shutdown: CancellationToken,
-    kill: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     _dir: Option<TempDir>,
 }
@@ -122,7 +122,6 @@ impl TestServer {
             push_window,
         };
         let shutdown = CancellationToken::new();
-        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
         let (token, data_dir) = (shutdown.clone(), data.to_owned());
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -132,12 +131,10 @@ impl TestServer {
                 .unwrap();
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                tokio::select! {
-                    result = umbra_server::run(config, data_dir, listener, token, options) => result.unwrap(),
-                    _ = killed => {}
-                }
+                umbra_server::run(config, data_dir, listener, token, options)
+                    .await
+                    .unwrap();
             });
-            // Dropping the runtime drops every connection task wherever it is.
             runtime.shutdown_background();
         });
         TestServer {
@@ -145,7 +142,6 @@ impl TestServer {
             address,
             frames,
             shutdown,
-            kill: Some(kill),
             thread: Some(thread),
             _dir: None,
         }
@@ -161,16 +157,6 @@ impl TestServer {
     }
 
     /// Stops abruptly: every task is dropped wherever it is, as in a crash.
-    pub fn kill(mut self) -> (PathBuf, SocketAddr, Option<TempDir>) {
-        if let Some(kill) = self.kill.take() {
-            let _ = kill.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            thread.join().unwrap();
-        }
-        (self.data.clone(), self.address, self._dir.take())
-    }
-
     /// Stops cleanly: connections finish their request and close. Returns
     /// the temporary directory holding the data, if the server made one.
     pub fn stop(mut self) -> Option<TempDir> {
@@ -349,4 +335,86 @@ pub async fn befriend(a: &mut Device, b: &mut Device) -> (ConversationId, Conver
         .await;
     assert_eq!(a_side, b_side, "both see the same group");
     (a_side, b_side)
+}
+
+/// The real `umbra-server` binary as its own process, for tests that kill it
+/// (SIGKILL: no destructor, no flush, the store's writer thread stops
+/// wherever it is).
+pub struct ServerProcess {
+    pub data: PathBuf,
+    pub address: SocketAddr,
+    child: std::process::Child,
+}
+
+impl ServerProcess {
+    /// The binary, built beside the test binaries by a workspace build
+    /// (`./scripts/test` builds it).
+    fn binary() -> PathBuf {
+        let test = std::env::current_exe().unwrap();
+        let dir = test.parent().and_then(Path::parent).unwrap();
+        let binary = dir.join("umbra-server");
+        assert!(
+            binary.exists(),
+            "{} is missing: build the workspace (`cargo build --workspace`) or run ./scripts/test",
+            binary.display()
+        );
+        binary
+    }
+
+    /// Starts the server on `data` (initialised if new) on a free loopback
+    /// port, or on `address` again; returns once it accepts connections.
+    pub async fn start(data: &Path, address: Option<SocketAddr>) -> ServerProcess {
+        let address = address.unwrap_or_else(|| {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        });
+        umbra_server::init(data, &address.to_string()).unwrap();
+        let child = std::process::Command::new(ServerProcess::binary())
+            .arg("--data")
+            .arg(data)
+            .arg("run")
+            .env("UMBRA_LISTEN", address.to_string())
+            .env("UMBRA_PUBLIC_ADDRESS", address.to_string())
+            .env("UMBRA_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while tokio::net::TcpStream::connect(address).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the server process never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ServerProcess {
+            data: data.to_owned(),
+            address,
+            child,
+        }
+    }
+
+    pub async fn activation(&self) -> ActivationString {
+        let mut config = Config::load(&self.data).unwrap();
+        config.public_address = self.address.to_string();
+        let mut strings = umbra_server::admin::issue_codes(&self.data, &config, 30, 1, now())
+            .await
+            .unwrap();
+        strings.pop().unwrap()
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill(mut self) -> (PathBuf, SocketAddr) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        (self.data.clone(), self.address)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
