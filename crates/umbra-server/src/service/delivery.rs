@@ -1,0 +1,318 @@
+//! The MLS delivery service: validated commits, messages fanned out to a
+//! group's members, standalone proposals, and what each costs the sender's
+//! hourly delivery budget.
+
+use super::*;
+
+impl Services {
+    pub(super) async fn send_commit(&self, me: &AccountId, commit: CommitSubmission) -> Outcome {
+        self.within_budget(me)?;
+        check_deliverable("the commit", &commit.commit)?;
+        if let Some(welcome) = &commit.welcome {
+            check_deliverable("the Welcome", welcome)?;
+        }
+        let header = umbra_mls::message_header(&commit.commit)
+            .map_err(|e| refuse(ErrorCode::InvalidCommit, e.to_string()))?;
+        if header.kind != umbra_mls::MessageKind::Commit
+            || header.group_id != commit.group_id.as_bytes()
+            || header.epoch != commit.epoch
+        {
+            return Err(refuse(
+                ErrorCode::InvalidCommit,
+                "the commit's MLS header does not match the declared group, epoch or type",
+            ));
+        }
+        let group = self
+            .store
+            .group(&commit.group_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| unknown_group(&commit.group_id))?;
+        // Only members may have a commit validated (a rejoining member is
+        // still one here): anyone else learns nothing and costs nothing.
+        if !group.members.contains(me) {
+            return Err(not_a_member());
+        }
+        if commit.epoch > group.epoch {
+            return Err(stale(commit.epoch, group.epoch));
+        }
+        let (added, removed, public_state, group_info) = if commit.epoch < group.epoch {
+            // Too old to validate: the store answers a resubmission of the
+            // commit it accepted for that epoch as accepted, anything else
+            // as stale, and never applies it (the epoch only moves on).
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new())
+        } else {
+            let before = group.members.clone();
+            let (valid, public_state) = crate::handshake::validate_commit(
+                commit.group_id.clone(),
+                group,
+                commit.commit.clone(),
+                commit.welcome.clone(),
+                commit.group_info.clone(),
+            )
+            .await?;
+            if valid.sender != *me {
+                return Err(refuse(
+                    ErrorCode::InvalidCommit,
+                    "the commit is signed by another member's leaf",
+                ));
+            }
+            for member in &valid.added {
+                if !self
+                    .store
+                    .are_contacts(me, &member.account)
+                    .await
+                    .map_err(internal)?
+                {
+                    return Err(refuse(
+                        ErrorCode::NotAContact,
+                        format!(
+                            "{} has not accepted a contact request from you",
+                            member.account
+                        ),
+                    ));
+                }
+                let registered = self
+                    .store
+                    .account(&member.account)
+                    .await
+                    .map_err(internal)?;
+                if registered.map(|a| a.identity_key) != Some(member.identity_key) {
+                    return Err(refuse(
+                        ErrorCode::InvalidCommit,
+                        format!(
+                            "the KeyPackage added for {} is not that account's key",
+                            member.account
+                        ),
+                    ));
+                }
+            }
+            // Routing follows the tree: who is in it now and was not, and
+            // who was and is not (a rejoin replaces a leaf, not a member).
+            let added = valid
+                .members
+                .iter()
+                .filter(|account| !before.contains(account))
+                .cloned()
+                .collect();
+            let removed = before
+                .iter()
+                .filter(|account| !valid.members.contains(account))
+                .cloned()
+                .collect();
+            (added, removed, public_state, commit.group_info)
+        };
+        let now = self.now();
+        let welcome_bytes = commit.welcome.as_ref().map_or(0, Vec::len) * added.len();
+        let commit_bytes = commit.commit.len();
+        let record = CommitRecord {
+            group_id: commit.group_id,
+            epoch: commit.epoch,
+            sender: me.clone(),
+            commit: commit.commit,
+            welcome: commit.welcome,
+            added,
+            removed,
+            public_state,
+            group_info,
+        };
+        match self
+            .store
+            .accept_commit(&record, now, self.expires_at(now))
+            .await
+            .map_err(internal)?
+        {
+            CommitOutcome::Accepted { epoch, recipients } => {
+                self.charge(me, commit_bytes, recipients.len());
+                self.charge(me, welcome_bytes, 1);
+                self.registry.notify(&recipients);
+                Ok(Reply::CommitAccepted { epoch })
+            }
+            CommitOutcome::Duplicate { epoch } => Ok(Reply::CommitAccepted { epoch }),
+            CommitOutcome::Stale { current_epoch } => Err(stale(record.epoch, current_epoch)),
+            CommitOutcome::UnknownGroup => Err(unknown_group(&record.group_id)),
+            CommitOutcome::NotAMember => Err(not_a_member()),
+        }
+    }
+
+    pub(super) async fn send_message(
+        &self,
+        me: &AccountId,
+        group_id: GroupId,
+        message: Vec<u8>,
+        kind: DeliveryKind,
+        ttl_seconds: u32,
+    ) -> Result<(Durable, Reply), ErrorReply> {
+        check_deliverable("the message", &message)?;
+        self.within_budget(me)?;
+        let header = umbra_mls::message_header(&message)
+            .map_err(|e| refuse(ErrorCode::InvalidRequest, e.to_string()))?;
+        let expected = match kind {
+            DeliveryKind::Proposal => umbra_mls::MessageKind::Proposal,
+            _ => umbra_mls::MessageKind::Application,
+        };
+        if header.kind != expected || header.group_id != group_id.as_bytes() {
+            return Err(refuse(
+                ErrorCode::InvalidRequest,
+                "the message's MLS header does not match the declared group or kind",
+            ));
+        }
+        if kind == DeliveryKind::Proposal {
+            self.record_proposal(me, &group_id, &message).await?;
+        }
+        let now = self.now();
+        // A disappearing conversation may ask for less than the server's TTL.
+        let expires_at = match ttl_seconds {
+            0 => self.expires_at(now),
+            ttl => self.expires_at(now).min(now.saturating_add(u64::from(ttl))),
+        };
+        match self
+            .store
+            .fan_out(&group_id, me, kind, &message, now, expires_at)
+            .await
+            .map_err(internal)?
+        {
+            FanOutOutcome::Stored {
+                deliveries,
+                durable,
+            } => {
+                // Online recipients get their copies now; the sender hears
+                // "accepted" once each copy is on disk or acknowledged, and
+                // the copies no connection will acknowledge go to disk
+                // without waiting out the ack window.
+                self.charge(me, message.len(), deliveries.len());
+                let unread = self.registry.deliver(deliveries);
+                if !unread.is_empty() {
+                    self.store.no_reader(&unread);
+                }
+                Ok((durable, Reply::Accepted { accepted_at: now }))
+            }
+            FanOutOutcome::LineInactive {
+                status,
+                subscription_expires_at,
+            } => Err(
+                line_refusal(status, subscription_expires_at, now).unwrap_or_else(|| {
+                    refuse(
+                        ErrorCode::Internal,
+                        "the line check disagreed with the store",
+                    )
+                }),
+            ),
+            FanOutOutcome::UnknownGroup => Err(unknown_group(&group_id)),
+            FanOutOutcome::NotAMember => Err(not_a_member()),
+        }
+    }
+}
+
+impl Services {
+    /// A standalone proposal is validated against the group's state (only
+    /// a member's own leaving is accepted) and recorded for the epoch, so
+    /// that the commit which applies it can be validated too.
+    pub(super) async fn record_proposal(
+        &self,
+        me: &AccountId,
+        group_id: &GroupId,
+        message: &[u8],
+    ) -> Result<(), ErrorReply> {
+        let group = self
+            .store
+            .group(group_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| unknown_group(group_id))?;
+        if !group.members.contains(me) {
+            return Err(not_a_member());
+        }
+        // A line that may not send has nothing recorded either.
+        self.require_active(me).await?;
+        let epoch = group.epoch;
+        let leaving =
+            crate::handshake::validate_proposal(group_id.clone(), group, message.to_vec()).await?;
+        if leaving != *me {
+            return Err(refuse(
+                ErrorCode::InvalidProposal,
+                "the proposal is signed by another member's leaf",
+            ));
+        }
+        if !self
+            .store
+            .add_proposal(group_id, epoch, message)
+            .await
+            .map_err(internal)?
+        {
+            let current_epoch = match self.store.group(group_id).await.map_err(internal)? {
+                Some(group) => group.epoch,
+                None => return Err(unknown_group(group_id)),
+            };
+            return Err(ErrorReply {
+                code: ErrorCode::StaleEpoch,
+                message: format!(
+                    "the proposal was made in epoch {epoch}; the group is at epoch {current_epoch}: process what came before and propose again"
+                ),
+                current_epoch,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why a line may not send at `now`, if it may not
+/// ([`LineStatus::may_send`], the rule the store applies inside a
+/// fan-out's transaction).
+pub(super) fn line_refusal(status: LineStatus, expires: u64, now: u64) -> Option<ErrorReply> {
+    if status.may_send(expires, now) {
+        return None;
+    }
+    match status {
+        LineStatus::Revoked => Some(refuse(ErrorCode::LineRevoked, "this line was revoked")),
+        LineStatus::Suspended => Some(refuse(
+            ErrorCode::LineSuspended,
+            "this line is suspended; contact your distributor",
+        )),
+        LineStatus::Active => Some(refuse(
+            ErrorCode::SubscriptionExpired,
+            format!(
+                "subscription expired on {}, enter a renewal code",
+                date(expires)
+            ),
+        )),
+    }
+}
+
+pub(super) fn stale(epoch: u64, current_epoch: u64) -> ErrorReply {
+    ErrorReply {
+        code: ErrorCode::StaleEpoch,
+        message: format!(
+            "the commit was made in epoch {epoch}; the group is at epoch {current_epoch}: process what came before and retry"
+        ),
+        current_epoch,
+    }
+}
+
+pub(super) fn unknown_group(group: &GroupId) -> ErrorReply {
+    refuse(
+        ErrorCode::UnknownGroup,
+        format!("no group {} on this server", group.to_hex()),
+    )
+}
+
+pub(super) fn not_a_member() -> ErrorReply {
+    refuse(ErrorCode::NotAMember, "you are not a member of this group")
+}
+
+/// Refuses a message whose delivery would not fit in a frame a device
+/// accepts (it would block the recipient's mailbox for good).
+pub(super) fn check_deliverable(what: &str, message: &[u8]) -> Result<(), ErrorReply> {
+    if message.len() > umbra_proto::MAX_DELIVERY_PAYLOAD {
+        return Err(refuse(
+            ErrorCode::FrameTooLarge,
+            format!(
+                "{what} is {} bytes; at most {} can be delivered (a delivery carries it in a frame of at most {} bytes)",
+                message.len(),
+                umbra_proto::MAX_DELIVERY_PAYLOAD,
+                umbra_proto::MAX_FRAME_BYTES
+            ),
+        ));
+    }
+    Ok(())
+}
