@@ -357,6 +357,31 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
         (error.code, error.current_epoch),
         (ErrorCode::StaleEpoch, 1)
     );
+    // A member's message from an epoch the group never reached (its own
+    // fork, merged without the server) is refused: delivered, it would send
+    // every other member looking for commits that do not exist (and have
+    // them blame the server when it has none).
+    group.merge_pending_commit(&provider).unwrap();
+    group.self_update(&provider, &signer).unwrap();
+    group.merge_pending_commit(&provider).unwrap();
+    let ahead = group
+        .encrypt(&provider, &signer, b"from the future")
+        .unwrap();
+    let error = raw
+        .call(Request::SendMessage {
+            group_id: group_id.clone(),
+            message: ahead,
+            kind: umbra_proto::DeliveryKind::Application,
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (error.code, error.current_epoch),
+        (ErrorCode::InvalidRequest, 1),
+        "{}",
+        error.message
+    );
     raw.alive().await;
 }
 

@@ -239,8 +239,28 @@ async fn send(
     payload: &[u8],
     at: u64,
 ) -> Result<FanOutOutcome> {
+    send_in_epoch(store, g, sender, payload, 0, at).await
+}
+
+/// Like [`send`], from the MLS epoch `epoch`.
+async fn send_in_epoch(
+    store: &impl Store,
+    g: &GroupId,
+    sender: &AccountId,
+    payload: &[u8],
+    epoch: u64,
+    at: u64,
+) -> Result<FanOutOutcome> {
     store
-        .fan_out(g, sender, DeliveryKind::Application, payload, at, at + TTL)
+        .fan_out(
+            g,
+            sender,
+            DeliveryKind::Application,
+            payload,
+            epoch,
+            at,
+            at + TTL,
+        )
         .await
 }
 
@@ -525,6 +545,16 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
             .unwrap()
             > quick
     );
+    // The group is at epoch 1 (one commit): a message of epoch 1 goes, one
+    // of epoch 2 (which no member can have reached) is refused, both the
+    // first time (read from the database) and after (remembered).
+    settled(send_in_epoch(store, &g, &bob, b"now", 1, NOW).await).await;
+    for _ in 0..2 {
+        assert!(matches!(
+            send_in_epoch(store, &g, &bob, b"from the future", 2, NOW).await,
+            Ok(FanOutOutcome::AheadOfGroup { current_epoch: 1 })
+        ));
+    }
 }
 
 /// A "KeyPackages low" notice for `recipient`.

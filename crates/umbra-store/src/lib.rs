@@ -297,6 +297,10 @@ pub enum FanOutOutcome {
     },
     UnknownGroup,
     NotAMember,
+    /// The message names an epoch the group has not reached.
+    AheadOfGroup {
+        current_epoch: u64,
+    },
     /// The sender's line may not send (checked in the same transaction as
     /// the insert, so a suspension is never raced past).
     LineInactive {
@@ -380,12 +384,16 @@ pub trait Groups: Send + Sync {
     /// (or does not exist).
     async fn add_proposal(&self, group: &GroupId, epoch: u64, message: &[u8]) -> Result<bool>;
     /// Stores an application message or proposal for every other member.
+    /// `epoch` is the one its MLS header names: a message from an epoch
+    /// later than the group's is refused (`AheadOfGroup`).
+    #[allow(clippy::too_many_arguments)] // one message and its context
     async fn fan_out(
         &self,
         group: &GroupId,
         sender: &AccountId,
         kind: DeliveryKind,
         payload: &[u8],
+        epoch: u64,
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<FanOutOutcome>;

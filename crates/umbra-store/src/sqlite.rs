@@ -318,7 +318,8 @@ struct Tx<'c> {
 /// [`EXTERNAL_CHECK`] later, and then forgets everything.
 #[derive(Default)]
 struct Checked {
-    members: HashMap<GroupId, Arc<[AccountId]>>,
+    /// Each group's epoch and members.
+    members: HashMap<GroupId, Group>,
     lines: HashMap<AccountId, Line>,
     ids: IdBlock,
     /// The writer's open batch has used this (see [`Tx::checked`]), from
@@ -330,6 +331,9 @@ struct Checked {
     /// The database's `data_version` when the writer last looked.
     data_version: Option<i64>,
 }
+
+/// A group as a fan-out checks it: its epoch and its members.
+type Group = (u64, Arc<[AccountId]>);
 
 /// What decides whether a line may send.
 #[derive(Clone, Copy)]
@@ -372,25 +376,25 @@ impl Tx<'_> {
         checked
     }
 
-    /// `group`'s members, or `None` if there is no such group.
-    fn members_of(&self, group: &GroupId) -> Result<Option<Arc<[AccountId]>>> {
-        if let Some(members) = self.checked().members.get(group) {
-            return Ok(Some(Arc::clone(members)));
+    /// `group`'s epoch and members, or `None` if there is no such group.
+    fn members_of(&self, group: &GroupId) -> Result<Option<Group>> {
+        if let Some((epoch, members)) = self.checked().members.get(group) {
+            return Ok(Some((*epoch, Arc::clone(members))));
         }
-        let exists = self
-            .prepare_cached("SELECT 1 FROM groups WHERE group_id = ?1")
-            .and_then(|mut s| s.exists([group.as_bytes()]))
+        let epoch: Option<u64> = self
+            .prepare_cached("SELECT epoch FROM groups WHERE group_id = ?1")
+            .and_then(|mut s| s.query_row([group.as_bytes()], |row| row.get(0)).optional())
             .map_err(backend)?;
-        if !exists {
+        let Some(epoch) = epoch else {
             return Ok(None);
-        }
+        };
         let members: Arc<[AccountId]> = members(self, group)?.into();
         remember(
             &mut self.checked().members,
             group.clone(),
-            Arc::clone(&members),
+            (epoch, Arc::clone(&members)),
         );
-        Ok(Some(members))
+        Ok(Some((epoch, members)))
     }
 
     /// `group`'s membership is about to change.
@@ -1490,6 +1494,7 @@ impl Groups for SqliteStore {
         sender: &AccountId,
         kind: DeliveryKind,
         payload: &[u8],
+        epoch: u64,
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<FanOutOutcome> {
@@ -1498,6 +1503,7 @@ impl Groups for SqliteStore {
             sender: sender.clone(),
             kind,
             payload: payload.to_vec(),
+            epoch,
             now,
         };
         let message = match self.fan_out_now(message, expires_at) {
@@ -1509,10 +1515,10 @@ impl Groups for SqliteStore {
             move |tx| {
                 // Ok(Err(..)): refused; the copies are staged only after
                 // the commit (below).
-                let Some(members) = tx.members_of(&message.group)? else {
+                let Some((epoch, members)) = tx.members_of(&message.group)? else {
                     return Ok(Err(FanOutOutcome::UnknownGroup));
                 };
-                if let Err(refused) = check(&members, &message, tx.line(&message.sender)?) {
+                if let Err(refused) = check(epoch, &members, &message, tx.line(&message.sender)?) {
                     return Ok(Err(refused));
                 }
                 let count = members.len().saturating_sub(1);
@@ -1540,6 +1546,8 @@ struct Message {
     sender: AccountId,
     kind: DeliveryKind,
     payload: Vec<u8>,
+    /// The epoch its MLS header names.
+    epoch: u64,
     now: Timestamp,
 }
 
@@ -1569,12 +1577,21 @@ impl Message {
 /// Whether the sender may send to the group (`line` is `None` for an
 /// account that does not exist).
 fn check(
+    epoch: u64,
     members: &[AccountId],
     message: &Message,
     line: Option<Line>,
 ) -> std::result::Result<(), FanOutOutcome> {
     if !members.contains(&message.sender) {
         return Err(FanOutOutcome::NotAMember);
+    }
+    // No member can have reached an epoch the delivery service has not
+    // accepted a commit for; a message claiming one would only send the
+    // others looking for commits that do not exist.
+    if message.epoch > epoch {
+        return Err(FanOutOutcome::AheadOfGroup {
+            current_epoch: epoch,
+        });
     }
     match line {
         Some(line)
@@ -1610,13 +1627,13 @@ impl SqliteStore {
         if checked.writing {
             return Err(message);
         }
-        let (Some(members), Some(line)) = (
+        let (Some((epoch, members)), Some(line)) = (
             checked.members.get(&message.group).cloned(),
             checked.lines.get(&message.sender).copied(),
         ) else {
             return Err(message);
         };
-        if let Err(refused) = check(&members, &message, Some(line)) {
+        if let Err(refused) = check(epoch, &members, &message, Some(line)) {
             return Ok(refused);
         }
         let count = members.len().saturating_sub(1);

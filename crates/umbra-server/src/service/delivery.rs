@@ -168,7 +168,7 @@ impl Services {
         };
         match self
             .store
-            .fan_out(&group_id, me, kind, &message, now, expires_at)
+            .fan_out(&group_id, me, kind, &message, header.epoch, now, expires_at)
             .await
             .map_err(internal)?
         {
@@ -200,6 +200,16 @@ impl Services {
             ),
             FanOutOutcome::UnknownGroup => Err(unknown_group(&group_id)),
             FanOutOutcome::NotAMember => Err(not_a_member()),
+            FanOutOutcome::AheadOfGroup { current_epoch } => Err(ErrorReply {
+                current_epoch,
+                ..refuse(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "the message is from epoch {}, which the group has not reached (it is at {current_epoch})",
+                        header.epoch
+                    ),
+                )
+            }),
         }
     }
 }
