@@ -431,21 +431,27 @@ async fn a_quiet_ack_is_answered_only_when_it_fails() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    assert_eq!(stranger.call(wipe(now)).await, Ok(Reply::Done));
-    assert_eq!(stranger.call(wipe(now + 1)).await, Ok(Reply::Done));
+    // (Each waits for its delivery: a newer command replaces one still
+    // waiting in the mailbox.)
+    let mut delivered = Vec::new();
+    for issued_at in [now, now + 1] {
+        assert_eq!(stranger.call(wipe(issued_at)).await, Ok(Reply::Done));
+        loop {
+            match device.next().await.expect("connection closed") {
+                ServerMessage::Push(Push::Delivery(delivery)) => {
+                    delivered.push(delivery.id);
+                    break;
+                }
+                ServerMessage::Push(_) => {}
+                other => panic!("expected deliveries, got {other:?}"),
+            }
+        }
+    }
     // A command seen once cannot be replayed, nor an older or stale one.
     for replayed in [now + 1, now, now - 2 * 86_400] {
         stranger
             .expect_error(wipe(replayed), ErrorCode::StaleWipe)
             .await;
-    }
-    let mut delivered = Vec::new();
-    while delivered.len() < 2 {
-        match device.next().await.expect("connection closed") {
-            ServerMessage::Push(Push::Delivery(delivery)) => delivered.push(delivery.id),
-            ServerMessage::Push(_) => {}
-            other => panic!("expected deliveries, got {other:?}"),
-        }
     }
 
     // Acknowledged quietly: the next response is the Ping's, so the Ack

@@ -916,6 +916,13 @@ impl Accounts for SqliteStore {
             if newer != 1 {
                 return Ok(None);
             }
+            // One waiting command is enough, and they never expire: the
+            // newer replaces any still waiting, so they cannot pile up.
+            tx.execute(
+                "DELETE FROM mailbox WHERE recipient = ?1 AND kind = ?2",
+                params![notice.recipient.as_str(), notice.kind as i32],
+            )
+            .map_err(backend)?;
             enqueue(
                 tx,
                 &notice.recipient,
