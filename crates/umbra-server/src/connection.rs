@@ -464,6 +464,13 @@ impl Unacked {
                 ids.push(id);
             }
         }
+        // A map never shrinks by itself: after a drain (up to a window of
+        // deliveries in flight, ~50 KB of table) every connection that
+        // ever drained a backlog would keep that much for its whole life,
+        // and the server's memory grew with each reconnect in the soak.
+        if state.sizes.is_empty() && state.sizes.capacity() > SMALL_WINDOW {
+            state.sizes = HashMap::new();
+        }
         if state.waiting && state.has_room(self.window) {
             state.waiting = false;
             drop(state);
@@ -472,6 +479,10 @@ impl Unacked {
         ids
     }
 }
+
+/// Deliveries in flight that a connection's table of unacknowledged
+/// pushes keeps room for once they are all acknowledged.
+const SMALL_WINDOW: usize = 64;
 
 /// Why the writer stopped.
 struct Closed;
@@ -739,4 +750,31 @@ fn push_frame(public: u64, stored: StoredDelivery) -> Vec<u8> {
         payload: stored.payload,
         sent_at: stored.sent_at,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unacknowledged_table_gives_its_room_back_once_empty() {
+        let unacked = Unacked::new(PushWindow::default());
+        for id in 1..=1000 {
+            unacked.pushed(id + 5000, id, 100);
+        }
+        assert_eq!(unacked.lock().sizes.len(), 1000);
+        let internal = unacked.acked(&(5001..=5999).collect::<Vec<_>>());
+        assert_eq!(internal, (1..=999).collect::<Vec<_>>());
+        assert!(
+            unacked.lock().sizes.capacity() >= 1000,
+            "one still in flight"
+        );
+        assert_eq!(
+            unacked.acked(&[6000, 42]),
+            vec![1000],
+            "unknown IDs are ignored"
+        );
+        let state = unacked.lock();
+        assert_eq!((state.sizes.capacity(), state.bytes), (0, 0));
+    }
 }
