@@ -320,3 +320,191 @@ async fn per_account_quotas_for_key_packages_groups_and_contact_requests() {
     };
     assert_eq!(other.call(request).await, Ok(Reply::Done));
 }
+
+/// A member's device at the raw protocol, with its own MLS storage.
+struct Member {
+    raw: Raw,
+    account: AccountId,
+    signer: DeviceSigner,
+    crypto: Crypto,
+    db: rusqlite::Connection,
+}
+
+impl Member {
+    async fn register(server: &Server, seed: u8) -> Member {
+        let signer = signer(seed);
+        let mut raw = Raw::connect(server).await;
+        let account = raw.registered(server, &signer).await;
+        let mut db = rusqlite::Connection::open_in_memory().unwrap();
+        umbra_mls::init_storage(&mut db).unwrap();
+        Member {
+            raw,
+            account,
+            signer,
+            crypto: Crypto::default(),
+            db,
+        }
+    }
+
+    fn provider(&self) -> Provider<'_> {
+        Provider::new(&self.crypto, &self.db)
+    }
+
+    /// The next delivery of `kind` pushed to this member (others, such as
+    /// notices not acknowledged and so pushed again, are skipped).
+    async fn delivery(&mut self, kind: umbra_proto::DeliveryKind) -> umbra_proto::Delivery {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.raw.next().await.expect("connection closed") {
+                    ServerMessage::Push(umbra_proto::Push::Delivery(delivery))
+                        if delivery.kind == kind =>
+                    {
+                        return delivery;
+                    }
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .expect("no delivery came")
+    }
+}
+
+/// A message of the largest size the server accepts reaches its recipient
+/// online (pushed from memory) and offline (read back from the mailbox),
+/// and decrypts: its delivery fits in a frame the client reads.
+#[tokio::test]
+async fn the_largest_accepted_message_reaches_an_online_and_an_offline_recipient() {
+    let server = Server::start().await;
+    let mut alice = Member::register(&server, 30).await;
+    let mut bob = Member::register(&server, 31).await;
+    let key_package = umbra_mls::new_key_package(
+        &bob.provider(),
+        &bob.signer,
+        &bob.account,
+        Default::default(),
+        false,
+    )
+    .unwrap();
+    let upload = Request::UploadKeyPackages {
+        key_packages: vec![key_package],
+        last_resort: None,
+    };
+    assert!(bob.raw.call(upload).await.is_ok());
+    let request = Request::SendContactRequest {
+        to: bob.account.clone(),
+    };
+    assert_eq!(alice.raw.call(request).await, Ok(Reply::Done));
+    let accept = Request::AcceptContact {
+        from: alice.account.clone(),
+    };
+    assert_eq!(bob.raw.call(accept).await, Ok(Reply::Done));
+    let fetched = match alice
+        .raw
+        .call(Request::FetchKeyPackage {
+            account_id: bob.account.clone(),
+        })
+        .await
+    {
+        Ok(Reply::KeyPackage { key_package, .. }) => key_package,
+        other => panic!("{other:?}"),
+    };
+    let config = GroupConfig::default();
+    let mut group =
+        Group::create(&alice.provider(), &alice.signer, &alice.account, &config, 0).unwrap();
+    let group_id = GroupId::new(group.id()).unwrap();
+    let create = Request::CreateGroup {
+        group_id: group_id.clone(),
+        group_info: group.group_info(&alice.provider(), &alice.signer).unwrap(),
+    };
+    assert_eq!(alice.raw.call(create).await, Ok(Reply::Done));
+    let added = group
+        .add_members(&alice.provider(), &alice.signer, &[fetched])
+        .unwrap();
+    let commit = Request::SendCommit(umbra_proto::frame::CommitSubmission {
+        group_id: group_id.clone(),
+        epoch: 0,
+        commit: added.commit.clone(),
+        welcome: added.welcome.clone(),
+        group_info: added.group_info.clone(),
+    });
+    assert!(matches!(
+        alice.raw.call(commit).await,
+        Ok(Reply::CommitAccepted { epoch: 1 })
+    ));
+    group.merge_pending_commit(&alice.provider()).unwrap();
+    let welcome = bob
+        .delivery(umbra_proto::DeliveryKind::Welcome)
+        .await
+        .payload;
+    let (mut bobs, _) = Group::join(&bob.provider(), &welcome, &config).unwrap();
+
+    // The plaintext that makes the MLS message exactly as large as the
+    // server accepts (found by trying: length prefixes grow with the size).
+    let mut largest = umbra_proto::MAX_DELIVERY_PAYLOAD - 1000;
+    for _ in 0..5 {
+        let size = group
+            .encrypt(&alice.provider(), &alice.signer, &vec![0; largest])
+            .unwrap()
+            .len();
+        if size == umbra_proto::MAX_DELIVERY_PAYLOAD {
+            break;
+        }
+        largest = largest + umbra_proto::MAX_DELIVERY_PAYLOAD - size;
+    }
+    let send = |group: &mut Group, alice: &Member, plaintext: Vec<u8>| {
+        let message = group
+            .encrypt(&alice.provider(), &alice.signer, &plaintext)
+            .unwrap();
+        assert_eq!(message.len(), umbra_proto::MAX_DELIVERY_PAYLOAD);
+        Request::SendMessage {
+            group_id: group_id.clone(),
+            message,
+            kind: umbra_proto::DeliveryKind::Application,
+            ttl_seconds: 0,
+        }
+    };
+    let text = |mark: u8| {
+        let mut plaintext = vec![mark; largest];
+        plaintext[0] = b'!';
+        plaintext
+    };
+
+    // Online: pushed from memory.
+    let online = send(&mut group, &alice, text(1));
+    assert!(matches!(
+        alice.raw.call(online).await,
+        Ok(Reply::Accepted { .. })
+    ));
+    let delivery = bob.delivery(umbra_proto::DeliveryKind::Application).await;
+    assert_eq!(delivery.payload.len(), umbra_proto::MAX_DELIVERY_PAYLOAD);
+    match bobs.process(&bob.provider(), &delivery.payload).unwrap() {
+        umbra_mls::Incoming::Application { plaintext, .. } => assert_eq!(plaintext, text(1)),
+        other => panic!("{other:?}"),
+    }
+    let ack = Request::Ack {
+        delivery_ids: vec![delivery.id],
+        quiet: false,
+    };
+    assert_eq!(bob.raw.call(ack).await, Ok(Reply::Done));
+
+    // Offline: stored, then read from the mailbox at the next login.
+    drop(std::mem::replace(&mut bob.raw, Raw::connect(&server).await));
+    let offline = send(&mut group, &alice, text(2));
+    assert!(matches!(
+        alice.raw.call(offline).await,
+        Ok(Reply::Accepted { .. })
+    ));
+    let Member {
+        raw,
+        account,
+        signer,
+        ..
+    } = &mut bob;
+    raw.login(account, signer).await;
+    let delivery = bob.delivery(umbra_proto::DeliveryKind::Application).await;
+    match bobs.process(&bob.provider(), &delivery.payload).unwrap() {
+        umbra_mls::Incoming::Application { plaintext, .. } => assert_eq!(plaintext, text(2)),
+        other => panic!("{other:?}"),
+    }
+}
