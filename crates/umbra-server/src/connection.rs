@@ -184,13 +184,16 @@ impl Connection {
         let mut online: Option<(AccountId, Arc<Inbox>)> = None;
         let mut malformed = 0u32;
         let mut before_auth = 0u32;
-        let mut rate = RateLimit::new(limits.requests_per_second, limits.request_burst);
-        let auth_deadline = tokio::time::Instant::now() + limits.auth_timeout;
+        let mut rate = RateLimit::new(
+            limits.config.requests_per_second,
+            limits.config.request_burst,
+        );
+        let auth_deadline = tokio::time::Instant::now() + limits.config.auth_timeout;
         let mut last_heard = tokio::time::Instant::now();
         loop {
             let authenticated = !matches!(session, Session::AwaitingAuth { .. });
             let deadline = if authenticated {
-                last_heard + limits.idle_timeout
+                last_heard + limits.config.idle_timeout
             } else {
                 auth_deadline
             };
@@ -211,12 +214,12 @@ impl Connection {
                     let error = if authenticated {
                         ErrorReply::new(
                             ErrorCode::IdleTimeout,
-                            format!("nothing received for {} seconds; send Ping to keep a connection open", limits.idle_timeout.as_secs()),
+                            format!("nothing received for {} seconds; send Ping to keep a connection open", limits.config.idle_timeout.as_secs()),
                         )
                     } else {
                         ErrorReply::new(
                             ErrorCode::NotAuthenticated,
-                            format!("not authenticated within {} seconds", limits.auth_timeout.as_secs()),
+                            format!("not authenticated within {} seconds", limits.config.auth_timeout.as_secs()),
                         )
                     };
                     let _ = send(error_frame(0, error)).await;
@@ -227,12 +230,12 @@ impl Connection {
             last_heard = tokio::time::Instant::now();
             if !authenticated && matches!(next, Some(Ok(Message::Binary(_) | Message::Text(_)))) {
                 before_auth += 1;
-                if before_auth > limits.max_requests_before_auth {
+                if before_auth > limits.config.max_requests_before_auth {
                     let error = ErrorReply::new(
                         ErrorCode::NotAuthenticated,
                         format!(
                             "more than {} requests without authenticating",
-                            limits.max_requests_before_auth
+                            limits.config.max_requests_before_auth
                         ),
                     );
                     let _ = send(error_frame(0, error)).await;
@@ -294,7 +297,7 @@ impl Connection {
                     ErrorCode::RateLimited,
                     format!(
                         "more than {} requests per second on this connection; slow down",
-                        limits.requests_per_second
+                        limits.config.requests_per_second
                     ),
                 );
                 if send(error_frame(frame.id, error)).await.is_err() {
@@ -335,7 +338,7 @@ impl Connection {
                 let inbox = self.services.registry.register(
                     account,
                     self.id,
-                    limits.max_sessions_per_account,
+                    limits.config.max_sessions_per_account,
                 );
                 // A revocation that raced this login (read the line as live,
                 // then registered after the revocation ended the account's

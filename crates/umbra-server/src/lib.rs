@@ -185,11 +185,11 @@ pub async fn run(
         delivery_ids,
         send_budget: limits::SendBudget::new(config.delivery_bytes_per_hour),
         clock: options.clock,
-        limits: Limits::from_config(
-            &config,
-            tls::fingerprint(&data_dir.join(&config.cert)).unwrap_or(CertFingerprint([0; 32])),
-            options.push_window,
-        ),
+        limits: Limits {
+            pin: tls::fingerprint(&data_dir.join(&config.cert)).unwrap_or(CertFingerprint([0; 32])),
+            push_window: options.push_window,
+            config: config.clone(),
+        },
     });
     info!(%local, tls = config.tls, "umbra-server listening");
 

@@ -40,61 +40,16 @@ pub enum Session {
     Distributor { id: u64 },
 }
 
-/// Rules that the services apply, from the configuration.
+/// Rules that the services apply: the configuration (every limit and
+/// timeout is read from it where it applies), and what the configuration
+/// does not hold.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    pub mailbox_ttl_secs: u64,
-    pub key_package_low_water: u32,
-    /// How long after its subscription ended a line's state is kept.
-    pub subscription_grace_secs: u64,
-    /// Oldest signed age of a wipe command that is still relayed.
-    pub wipe_max_age_secs: u64,
-    /// What activation strings carry: where devices connect, and the pin.
-    pub public_address: String,
+    pub config: crate::Config,
+    /// The certificate pin activation strings carry.
     pub pin: umbra_proto::CertFingerprint,
     /// How far a connection's pushes may run ahead of its acknowledgements.
     pub push_window: PushWindow,
-    /// Connection limits (see [`crate::Config`] for each).
-    pub max_sessions_per_account: usize,
-    pub auth_timeout: std::time::Duration,
-    pub max_requests_before_auth: u32,
-    pub idle_timeout: std::time::Duration,
-    pub requests_per_second: u32,
-    pub request_burst: u32,
-    /// Per-account quotas.
-    pub max_key_packages: u32,
-    pub max_groups_per_account: u32,
-    pub contact_requests_per_hour: u32,
-    pub delivery_bytes_per_hour: u64,
-}
-
-impl Limits {
-    /// The limits a configuration sets, with the activation details.
-    pub fn from_config(
-        config: &crate::Config,
-        pin: umbra_proto::CertFingerprint,
-        push_window: PushWindow,
-    ) -> Limits {
-        Limits {
-            mailbox_ttl_secs: config.mailbox_ttl.as_secs(),
-            key_package_low_water: config.key_package_low_water,
-            subscription_grace_secs: config.subscription_grace.as_secs(),
-            wipe_max_age_secs: config.wipe_max_age.as_secs(),
-            public_address: config.public_address.clone(),
-            pin,
-            push_window,
-            max_sessions_per_account: config.max_sessions_per_account,
-            auth_timeout: config.auth_timeout,
-            max_requests_before_auth: config.max_requests_before_auth,
-            idle_timeout: config.idle_timeout,
-            requests_per_second: config.requests_per_second,
-            request_burst: config.request_burst,
-            max_key_packages: config.max_key_packages,
-            max_groups_per_account: config.max_groups_per_account,
-            contact_requests_per_hour: config.contact_requests_per_hour,
-            delivery_bytes_per_hour: config.delivery_bytes_per_hour,
-        }
-    }
 }
 
 /// A fixed key nobody holds: what an unauthenticated request's signature is
@@ -115,7 +70,7 @@ impl Services {
                     ErrorCode::QuotaExceeded,
                     format!(
                         "this account delivered more than {} MiB this hour; try again in {} s",
-                        self.limits.delivery_bytes_per_hour / (1024 * 1024),
+                        self.limits.config.delivery_bytes_per_hour / (1024 * 1024),
                         wait.as_secs().max(1)
                     ),
                 )
@@ -262,7 +217,7 @@ impl Services {
     }
 
     fn expires_at(&self, now: u64) -> u64 {
-        now.saturating_add(self.limits.mailbox_ttl_secs)
+        now.saturating_add(self.limits.config.mailbox_ttl.as_secs())
     }
 
     /// Handles one request, updating `session` on successful authentication;
@@ -405,7 +360,7 @@ impl Services {
                     subscription_expires_at: account.subscription_expires_at,
                     key_packages_remaining: stock.one_time,
                     has_last_resort: stock.has_last_resort,
-                    key_package_low_water: self.limits.key_package_low_water,
+                    key_package_low_water: self.limits.config.key_package_low_water,
                 })
             }
             (Session::Authenticated { .. }, Request::Register { .. } | Request::Login { .. }) => {
@@ -545,7 +500,7 @@ impl Services {
                     ));
                 }
                 let now = self.now();
-                let limit = self.limits.contact_requests_per_hour;
+                let limit = self.limits.config.contact_requests_per_hour;
                 let recent = self
                     .store
                     .contact_requests_since(me, now.saturating_sub(3600))
@@ -599,7 +554,7 @@ impl Services {
                 group_info,
             } => {
                 let account = self.require_active(me).await?;
-                let limit = self.limits.max_groups_per_account;
+                let limit = self.limits.config.max_groups_per_account;
                 if self.store.groups_created(me).await.map_err(internal)? >= u64::from(limit) {
                     return Err(refuse(
                         ErrorCode::QuotaExceeded,
@@ -722,7 +677,7 @@ impl Services {
             .key_package_stock(account)
             .await
             .map_err(internal)?;
-        let mark = self.limits.key_package_low_water;
+        let mark = self.limits.config.key_package_low_water;
         if stock.one_time + 1 == mark || (stock.one_time == 0 && mark > 1) {
             let now = self.now();
             let notice = Notice {
@@ -748,7 +703,7 @@ impl Services {
         last_resort: Option<Vec<u8>>,
     ) -> Outcome {
         let account = self.live_account(me).await?;
-        let limit = self.limits.max_key_packages;
+        let limit = self.limits.config.max_key_packages;
         let stock = self.store.key_package_stock(me).await.map_err(internal)?;
         if u64::from(stock.one_time) + key_packages.len() as u64 > u64::from(limit) {
             return Err(refuse(

@@ -148,15 +148,9 @@ impl TestServer {
     }
 
     pub async fn activation(&self) -> ActivationString {
-        let mut config = Config::load(&self.data).unwrap();
-        config.public_address = self.address.to_string();
-        let mut strings = umbra_server::admin::issue_codes(&self.data, &config, 30, 1, now())
-            .await
-            .unwrap();
-        strings.pop().unwrap()
+        activation_at(&self.data, self.address).await
     }
 
-    /// Stops abruptly: every task is dropped wherever it is, as in a crash.
     /// Stops cleanly: connections finish their request and close. Returns
     /// the temporary directory holding the data, if the server made one.
     pub fn stop(mut self) -> Option<TempDir> {
@@ -167,7 +161,6 @@ impl TestServer {
         self._dir.take()
     }
 
-    /// Every frame the server received or sent so far.
     /// Stops the server and opens its store, as an operator with the disk
     /// would (a hostile server's tests write into it); start it again with
     /// [`TestServer::start_in`] on the data directory and address returned.
@@ -186,6 +179,7 @@ impl TestServer {
         (data, address, store, dir)
     }
 
+    /// Every frame the server received or sent so far.
     pub fn frames(&self) -> Vec<(Direction, Vec<u8>)> {
         self.frames.lock().unwrap().clone()
     }
@@ -337,6 +331,17 @@ pub async fn befriend(a: &mut Device, b: &mut Device) -> (ConversationId, Conver
     (a_side, b_side)
 }
 
+/// A one-time activation string from the server whose data is at `data`,
+/// pointing devices at `address`.
+async fn activation_at(data: &Path, address: SocketAddr) -> ActivationString {
+    let mut config = Config::load(data).unwrap();
+    config.public_address = address.to_string();
+    let mut strings = umbra_server::admin::issue_codes(data, &config, 30, 1, now())
+        .await
+        .unwrap();
+    strings.pop().unwrap()
+}
+
 /// The real `umbra-server` binary as its own process, for tests that kill it
 /// (SIGKILL: no destructor, no flush, the store's writer thread stops
 /// wherever it is).
@@ -396,12 +401,7 @@ impl ServerProcess {
     }
 
     pub async fn activation(&self) -> ActivationString {
-        let mut config = Config::load(&self.data).unwrap();
-        config.public_address = self.address.to_string();
-        let mut strings = umbra_server::admin::issue_codes(&self.data, &config, 30, 1, now())
-            .await
-            .unwrap();
-        strings.pop().unwrap()
+        activation_at(&self.data, self.address).await
     }
 
     /// SIGKILL, and waits for the process to be gone.

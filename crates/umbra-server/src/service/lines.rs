@@ -27,14 +27,14 @@ impl Services {
         )
         .await?;
         let now = self.now();
-        if issued_at.saturating_add(self.limits.wipe_max_age_secs) < now
+        if issued_at.saturating_add(self.limits.config.wipe_max_age.as_secs()) < now
             || issued_at > now.saturating_add(WIPE_CLOCK_SKEW_SECS)
         {
             return Err(refuse(
                 ErrorCode::StaleWipe,
                 format!(
                     "the wipe command was signed at {issued_at} (Unix seconds); this server relays only commands signed in the last {} seconds",
-                    self.limits.wipe_max_age_secs
+                    self.limits.config.wipe_max_age.as_secs()
                 ),
             ));
         }
@@ -186,7 +186,7 @@ impl Services {
                     .into_iter()
                     .map(|code| match store_kind {
                         umbra_store::CodeKind::Activation => ActivationString {
-                            address: self.limits.public_address.clone(),
+                            address: self.limits.config.public_address.clone(),
                             pin: self.limits.pin,
                             code,
                         }
@@ -253,7 +253,7 @@ impl Services {
     pub async fn purge_lapsed_lines(&self) -> Result<usize, ErrorReply> {
         let cutoff = self
             .now()
-            .saturating_sub(self.limits.subscription_grace_secs);
+            .saturating_sub(self.limits.config.subscription_grace.as_secs());
         let now = self.now();
         let ended = self
             .store
