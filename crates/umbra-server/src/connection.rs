@@ -275,6 +275,22 @@ impl Connection {
             if let Some(tap) = &self.tap {
                 tap(Direction::Inbound, &bytes);
             }
+            // Before decoding: a request over the rate costs only the read
+            // of its id.
+            if !rate.allow(last_heard) {
+                let error = ErrorReply::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "more than {} requests per second on this connection; slow down",
+                        limits.config.requests_per_second
+                    ),
+                );
+                let id = refused_frame_id(&bytes).unwrap_or(0);
+                if send(error_frame(id, error)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             let frame = match decode_client(&bytes) {
                 Ok(frame) => frame,
                 Err(error) => {
@@ -292,19 +308,6 @@ impl Connection {
                     continue;
                 }
             };
-            if !rate.allow(last_heard) {
-                let error = ErrorReply::new(
-                    ErrorCode::RateLimited,
-                    format!(
-                        "more than {} requests per second on this connection; slow down",
-                        limits.config.requests_per_second
-                    ),
-                );
-                if send(error_frame(frame.id, error)).await.is_err() {
-                    break;
-                }
-                continue;
-            }
             let mut request = frame.request;
             if let Request::Ack { delivery_ids, .. } = &mut request {
                 // Public IDs of deliveries pushed here become the internal

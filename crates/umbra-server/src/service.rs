@@ -493,7 +493,10 @@ impl Services {
                 if &to == me {
                     return Err(refuse(ErrorCode::InvalidRequest, "you cannot add yourself"));
                 }
-                if self.store.account(&to).await.map_err(internal)?.is_none() {
+                // A revoked line is gone: answered like one that never was,
+                // and nothing is stored for it.
+                let target = self.store.account(&to).await.map_err(internal)?;
+                if target.is_none_or(|line| line.status == LineStatus::Revoked) {
                     return Err(refuse(
                         ErrorCode::UnknownAccount,
                         format!("no account {to} on this server"),

@@ -129,6 +129,14 @@ async fn a_revoked_lines_sessions_are_closed_at_once() {
     closed_with(&mut phone, ErrorCode::LineRevoked).await;
     closed_with(&mut laptop, ErrorCode::LineRevoked).await;
     bystander.alive().await;
+    // Nothing is stored for it any more, and it answers like a line that
+    // never was: a contact request to it is refused as to an unknown one.
+    let request = Request::SendContactRequest {
+        to: account.clone(),
+    };
+    bystander
+        .expect_error(request, ErrorCode::UnknownAccount)
+        .await;
     // And the line cannot come back.
     let mut again = Raw::connect(&server).await;
     let signature =

@@ -52,6 +52,24 @@ fn key(n: u8) -> IdentityKey {
     IdentityKey::from_bytes([n; 32])
 }
 
+/// Alice's group with Bob in it (epoch 1), for backend-specific tests.
+#[cfg(test)]
+pub(crate) async fn group_of_two(store: &impl Store) -> (GroupId, AccountId, AccountId) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    befriend(store, &alice, &bob).await;
+    let g = group(9);
+    store
+        .create_group(&g, &alice, &state_at(0), &info_at(0), NOW)
+        .await
+        .unwrap();
+    store
+        .accept_commit(&commit(&g, 0, &alice, b"add", &[&bob], &[]), NOW, NOW + TTL)
+        .await
+        .unwrap();
+    (g, alice, bob)
+}
+
 fn group(n: u8) -> GroupId {
     GroupId::new(vec![n; 16]).unwrap()
 }

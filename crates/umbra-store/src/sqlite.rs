@@ -638,6 +638,9 @@ fn run_batch<'g>(
         }
     };
     let (written, failed) = write_staged(&tx, due);
+    if let Some((_, error)) = failed.first() {
+        tx.failure.replace(Some(error.clone()));
+    }
     // SQLite may roll the whole transaction back on its own (SQLITE_FULL,
     // IOERR, NOMEM, some BUSY cases), savepoints and all. A write run after
     // that would run outside the batch, committed by its own RELEASE while
@@ -678,12 +681,23 @@ fn run_batch<'g>(
 fn write_staged(tx: &Transaction<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<(u64, StoreError)>) {
     let mut written = Vec::with_capacity(due.len());
     let mut failed = Vec::new();
+    let mut rolled_back: Option<StoreError> = None;
     for copy in due {
         let id = copy.delivery.id;
+        // After SQLite rolled the transaction back by itself, an insert
+        // would run outside it (and be committed at once while its sender
+        // is told the batch failed): the rest fail with the batch instead.
+        if let Some(error) = &rolled_back {
+            failed.push((id, error.clone()));
+            continue;
+        }
         match insert_staged(tx, &copy) {
             Ok(()) => written.push(id),
             Err(error) => {
                 tracing::warn!(%error, "writing a staged copy failed");
+                if tx.is_autocommit() {
+                    rolled_back = Some(error.clone());
+                }
                 failed.push((id, error));
             }
         }
@@ -2128,6 +2142,73 @@ mod tests {
             vec![3],
             "each caller is told what happened to its write"
         );
+    }
+
+    /// The same, when the rollback happens while the batch writes staged
+    /// copies (a copy's insert hits SQLITE_FULL, say; here a trigger raises
+    /// the rollback): the copies after it must not be inserted outside the
+    /// transaction while their senders are told they failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rollback_while_writing_staged_copies_tells_every_sender_the_truth() {
+        use crate::{FanOutOutcome, Mailboxes as _};
+        let store = SqliteStore::open_in_memory().unwrap_or_else(|e| panic!("{e}"));
+        let (g, alice, bob) = crate::conformance::group_of_two(&store).await;
+        store
+            .write(|tx| {
+                tx.execute_batch(
+                    "CREATE TEMP TRIGGER poison BEFORE INSERT ON mailbox
+                     WHEN NEW.payload = x'dead'
+                     BEGIN SELECT RAISE(ROLLBACK, 'simulated rollback'); END;",
+                )
+                .map_err(backend)
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let now = 1_800_000_000;
+        let mut sent = Vec::new();
+        for payload in [&b"one"[..], &[0xde, 0xad], b"three"] {
+            match store
+                .fan_out(
+                    &g,
+                    &bob,
+                    DeliveryKind::Application,
+                    payload,
+                    1,
+                    now,
+                    now + 3600,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+            {
+                FanOutOutcome::Stored {
+                    deliveries,
+                    durable,
+                } => sent.push((payload.to_vec(), deliveries[0].1.id, durable)),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Alice has no connection: the three are written at the next sweep,
+        // in one batch.
+        let ids: Vec<u64> = sent.iter().map(|(_, id, _)| *id).collect();
+        store.no_reader(&ids);
+        let mut told = Vec::new();
+        for (payload, _, durable) in sent {
+            told.push((payload, durable.wait().await.is_ok()));
+        }
+        let stored: Vec<Vec<u8>> = store
+            .pending(&alice, 0, 10, now)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .map(|delivery| delivery.payload)
+            .collect();
+        for (payload, accepted) in told {
+            assert_eq!(
+                accepted,
+                stored.contains(&payload),
+                "{payload:?}: told {accepted}, stored {stored:?}"
+            );
+        }
     }
 
     #[tokio::test]
