@@ -481,6 +481,12 @@ impl Out {
                     printable(reason)
                 )
             }
+            Event::MailboxOverflow { dropped } => {
+                println!(
+                    "WARNING: {dropped} message(s) sent to you were not kept: your mailbox on \
+                     the server was full while this device was away"
+                )
+            }
             _ => {}
         }
     }

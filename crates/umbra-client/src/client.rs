@@ -881,6 +881,14 @@ impl Client {
                     conversation: self.conversation_in(tx, provider, &gid)?,
                 });
             }
+            // The server's own word (it could drop messages without saying
+            // so anyway): only what it says is shown.
+            DeliveryKind::MailboxFull => {
+                let dropped = <[u8; 8]>::try_from(delivery.payload.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| ClientError::Invalid("a mailbox notice without a count".into()))?;
+                events.push(Event::MailboxOverflow { dropped });
+            }
             DeliveryKind::Unspecified => {}
         }
         Ok(None)

@@ -219,6 +219,13 @@ pub enum Event {
         from: AccountId,
         reason: String,
     },
+    /// The server reports that `dropped` messages for this device were not
+    /// kept because its mailbox there was full (the device was away while
+    /// more arrived than the server keeps for one device). Their senders
+    /// were not told.
+    MailboxOverflow {
+        dropped: u64,
+    },
     /// The server broke the protocol in a way that could exhaust this
     /// device (`what` says how); the connection was dropped. Nothing that
     /// was not applied was acknowledged, so reconnecting loses nothing.

@@ -597,6 +597,45 @@ async fn a_full_store_refuses_writes_serves_reads_and_recovers() {
     assert_eq!(bob.next_text().await, (alice.id(), "room again".into()));
 }
 
+/// A device's mailbox is capped in bytes: while its device is away,
+/// messages beyond the cap are not kept (their sender is not told, so it
+/// cannot learn how long the device has been away), the device is told how
+/// many it missed when it returns, and what fitted arrives in order.
+/// Afterwards messages flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_keeps_what_fits_and_tells_its_device_what_it_missed() {
+    let server = TestServer::start_configured(|c| c.max_mailbox_bytes = 64 * 1024).await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (to_bob, _) = befriend(&mut alice, &mut bob).await;
+    bob.client.disconnect();
+
+    // 16 KiB of text is a little more once encrypted: three fit in 64 KiB.
+    let filler = "z".repeat(16 * 1024);
+    let sent: Vec<String> = (0..8).map(|n| format!("{n} {filler}")).collect();
+    for text in &sent {
+        alice.client.send_text(&to_bob, text).await.unwrap();
+    }
+
+    let mut bob = bob.reopen().await;
+    for expected in &sent[..3] {
+        assert_eq!(bob.next_text().await, (alice.id(), expected.clone()));
+    }
+    let dropped = bob
+        .wait_for(|e| match e {
+            Event::MailboxOverflow { dropped } => Some(*dropped),
+            Event::MessageReceived { message } => {
+                panic!("a message beyond the cap arrived: {:.8}", message.body)
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(dropped, 5);
+
+    alice.client.send_text(&to_bob, "after").await.unwrap();
+    assert_eq!(bob.next_text().await, (alice.id(), "after".into()));
+}
+
 /// One account cannot fill the store for everyone: beyond its hourly
 /// delivery budget its sends are refused with QUOTA_EXCEEDED, while
 /// another account goes on sending to the same recipient.

@@ -485,6 +485,11 @@ pub enum DeliveryKind {
     KeyPackagesLow = 7,
     Wipe = 8,
     MemberRevoked = 9,
+    /// From the server: application messages for this device were not
+    /// kept because its mailbox was at its cap. The payload is how many
+    /// (a big-endian u64) since the device acknowledged the last such
+    /// notice.
+    MailboxFull = 10,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

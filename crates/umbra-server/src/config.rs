@@ -32,6 +32,13 @@ pub struct Config {
     /// refused with `STORAGE_FULL` while reads go on; they succeed again
     /// once delivered messages made room. Default 0.
     pub max_database_bytes: u64,
+    /// Most bytes of messages one device's mailbox holds while it is away.
+    /// Application messages beyond it are not kept (their senders are told
+    /// they were accepted, so nobody learns how long a device has been
+    /// away); the device is told how many it missed (`MailboxFull`) when it
+    /// returns. Commits, Welcomes, contact requests and notices are kept
+    /// past it. 0: no cap. Default 67108864 (64 MiB).
+    pub max_mailbox_bytes: u64,
     /// How long an undelivered message waits in a mailbox. Default `7d`.
     #[serde(with = "humantime_serde_compat")]
     pub mailbox_ttl: Duration,
@@ -101,6 +108,7 @@ impl Default for Config {
             key: PathBuf::from("tls/key.pem"),
             database: PathBuf::from("umbra.db"),
             max_database_bytes: 0,
+            max_mailbox_bytes: 64 * 1024 * 1024,
             mailbox_ttl: Duration::from_secs(7 * 86_400),
             expiry_sweep_interval: Duration::from_secs(60),
             max_connections: 20_000,
@@ -150,6 +158,12 @@ key = "tls/key.pem"
 # on; writes succeed again once delivered messages made room.
 database = "umbra.db"
 max_database_bytes = 0
+
+# Most bytes of messages one device's mailbox holds while it is away (0: no
+# cap). Messages beyond it are not kept, and the device is told how many it
+# missed when it returns; commits, Welcomes and contact requests are always
+# kept, so it can still follow its groups.
+max_mailbox_bytes = 67108864
 
 # How long an undelivered message waits in a mailbox, and how often expired
 # ones are swept away. Delivered messages are deleted as soon as the device

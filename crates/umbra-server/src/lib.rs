@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use umbra_proto::CertFingerprint;
-use umbra_store::Store;
 use umbra_store::sqlite::SqliteStore;
+use umbra_store::{Store, StoreLimits};
 
 pub use config::Config;
 pub use connection::websocket_config;
@@ -139,9 +139,13 @@ pub fn init(data_dir: &Path, public_address: &str) -> Result<CertFingerprint, Se
 
 /// Opens the data directory's SQLite store.
 pub fn open_store(data_dir: &Path, config: &Config) -> Result<SqliteStore, ServerError> {
+    let limits = StoreLimits {
+        database_bytes: config.max_database_bytes,
+        mailbox_bytes: config.max_mailbox_bytes,
+    };
     Ok(SqliteStore::open_limited(
         &data_dir.join(&config.database),
-        config.max_database_bytes,
+        limits,
     )?)
 }
 

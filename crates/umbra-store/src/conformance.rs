@@ -778,6 +778,122 @@ async fn lines_decide_each_send(store: &impl Store) {
 /// Two stores on one database, as the server and an admin command are: a
 /// line suspended through one stops its sends through the other within a
 /// few seconds, though the other has just let it send.
+/// Bytes of each application message in [`mailbox_cap`].
+const CAPPED_MESSAGE: usize = 1000;
+
+/// The `mailbox_bytes` limit a store given to [`mailbox_cap`] must be
+/// opened with: room for three of its messages, not four.
+pub const MAILBOX_CAP: u64 = 3 * CAPPED_MESSAGE as u64 + CAPPED_MESSAGE as u64 / 2;
+
+/// Every device's mailbox is capped in bytes: application messages beyond
+/// the cap are settled without being kept and the device is told how many
+/// it missed; handshake messages are kept past it; one full mailbox costs
+/// nobody else anything; acknowledging makes room again. `store` must be
+/// opened with `mailbox_bytes = MAILBOX_CAP`.
+pub async fn mailbox_cap(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    let carol = registered(store, "CCCCCCCC", 3).await;
+    befriend(store, &alice, &bob).await;
+    befriend(store, &alice, &carol).await;
+    let g = group(5);
+    store
+        .create_group(&g, &alice, &state_at(0), &info_at(0), NOW)
+        .await
+        .unwrap();
+    store
+        .accept_commit(
+            &commit(&g, 0, &alice, b"add", &[&bob, &carol], &[]),
+            NOW,
+            NOW + TTL,
+        )
+        .await
+        .unwrap();
+    let empty = |who: AccountId| async move {
+        let held = store.pending(&who, 0, 100, NOW).await.unwrap();
+        let ids: Vec<u64> = held.iter().map(|d| d.id).collect();
+        store.ack(&who, &ids).await.unwrap();
+        held
+    };
+    empty(bob.clone()).await;
+    empty(carol.clone()).await;
+    // Bob is away; Carol reads as messages come.
+    let mut carol_read = Vec::new();
+    for n in 0..5u8 {
+        let (_, durable) =
+            stored(send_in_epoch(store, &g, &alice, &[n; CAPPED_MESSAGE], 1, NOW).await);
+        durable.wait().await.unwrap();
+        carol_read.extend(empty(carol.clone()).await.iter().map(|d| d.payload[0]));
+    }
+    assert_eq!(
+        carol_read,
+        vec![0, 1, 2, 3, 4],
+        "a full mailbox costs others nothing"
+    );
+    let held = store.pending(&bob, 0, 100, NOW).await.unwrap();
+    let kinds: Vec<_> = held.iter().map(|d| (d.kind, d.payload[0])).collect();
+    assert_eq!(
+        kinds[..3],
+        [
+            (DeliveryKind::Application, 0),
+            (DeliveryKind::Application, 1),
+            (DeliveryKind::Application, 2)
+        ],
+        "what fits is kept, in order"
+    );
+    assert_eq!(held.len(), 4, "{kinds:?}");
+    assert_eq!(held[3].kind, DeliveryKind::MailboxFull);
+    assert_eq!(held[3].payload, 2u64.to_be_bytes(), "two were not kept");
+    assert_eq!(held[3].sender, bob, "a notice from the server, about bob");
+
+    // A commit is kept past the cap: without it Bob could not follow.
+    let outcome = store
+        .accept_commit(&commit(&g, 1, &alice, b"update", &[], &[]), NOW, NOW + TTL)
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, CommitOutcome::Accepted { epoch: 2, .. }),
+        "{outcome:?}"
+    );
+    let (_, durable) = stored(send_in_epoch(store, &g, &alice, &[5; CAPPED_MESSAGE], 2, NOW).await);
+    durable.wait().await.unwrap();
+    let held = store.pending(&bob, 0, 100, NOW).await.unwrap();
+    let kinds: Vec<_> = held.iter().map(|d| d.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            DeliveryKind::Application,
+            DeliveryKind::Application,
+            DeliveryKind::Application,
+            DeliveryKind::Commit,
+            DeliveryKind::MailboxFull
+        ],
+        "one notice, replaced, after everything it counts"
+    );
+    assert_eq!(held[4].payload, 3u64.to_be_bytes(), "the count goes on");
+
+    // Reading makes room; the count starts again after the notice is read.
+    let ids: Vec<u64> = held.iter().map(|d| d.id).collect();
+    assert_eq!(store.ack(&bob, &ids).await.unwrap(), 5);
+    for n in 6..10u8 {
+        let (_, durable) =
+            stored(send_in_epoch(store, &g, &alice, &[n; CAPPED_MESSAGE], 2, NOW).await);
+        durable.wait().await.unwrap();
+    }
+    let held = store.pending(&bob, 0, 100, NOW).await.unwrap();
+    let kinds: Vec<_> = held.iter().map(|d| (d.kind, d.payload[0])).collect();
+    assert_eq!(
+        kinds,
+        [
+            (DeliveryKind::Application, 6),
+            (DeliveryKind::Application, 7),
+            (DeliveryKind::Application, 8),
+            (DeliveryKind::MailboxFull, 0)
+        ]
+    );
+    assert_eq!(held[3].payload, 1u64.to_be_bytes());
+}
+
 pub async fn sees_another_writer(server: &impl Store, admin: &impl Store) {
     let g = group(2);
     let (alice, _bob) = pair_in_group(server, &g).await;

@@ -27,6 +27,21 @@ pub type Timestamp = u64;
 /// Seconds in a day, for subscription arithmetic.
 pub const DAY: u64 = 86_400;
 
+/// What a store may hold, set when it is opened. Zero means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Largest size of the whole store; a write beyond it fails with
+    /// [`StoreError::Full`], as on a full disk, and succeeds again once
+    /// deletions made room.
+    pub database_bytes: u64,
+    /// Most payload bytes one device's mailbox holds. An application
+    /// message for a mailbox at the cap is not kept (its sender is still
+    /// told it was accepted); the device gets one `MailboxFull` notice
+    /// counting those it missed. Handshake messages, Welcomes, contact
+    /// requests and notices are kept past the cap.
+    pub mailbox_bytes: u64,
+}
+
 /// A storage backend failed; the request cannot be completed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]

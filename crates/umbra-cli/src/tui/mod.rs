@@ -200,6 +200,12 @@ fn on_note(
                         crate::escape::printable(reason)
                     ));
                 }
+                Event::MailboxOverflow { dropped } => {
+                    app.banner = Some(format!(
+                        "{dropped} message(s) sent to you were not kept: your mailbox on the \
+                         server was full while this device was away"
+                    ));
+                }
                 Event::ContactRequest { from } => {
                     app.status = Some(format!("{from} wants to be your contact: r"));
                 }

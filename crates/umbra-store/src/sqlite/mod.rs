@@ -7,6 +7,9 @@
 //! in-memory database has just the one). Readers might gain from a pool;
 //! that can come when a benchmark shows it matters.
 
+mod mailbox_bytes;
+
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc::RecvTimeoutError;
@@ -22,19 +25,20 @@ use crate::{
     Account, Accounts, CodeHash, CodeKind, CommitOutcome, CommitRecord, ContactAcceptOutcome,
     ContactRequestOutcome, Contacts, DAY, Distributor, Distributors, FanOutOutcome, GroupState,
     Groups, KeyPackageStock, KeyPackages, LineStatus, Mailboxes, Notice, Registration, Renewal,
-    Result, StoreError, StoredDelivery, Timestamp,
+    Result, StoreError, StoreLimits, StoredDelivery, Timestamp,
 };
+use mailbox_bytes::MailboxBytes;
 
 /// Numbered migrations, applied in order; `PRAGMA user_version` records the
 /// last one applied.
 const MIGRATIONS: &[(u32, &str)] = &[
-    (1, include_str!("../migrations/0001_init.sql")),
-    (2, include_str!("../migrations/0002_lines.sql")),
-    (3, include_str!("../migrations/0003_delivery_ids.sql")),
-    (4, include_str!("../migrations/0004_public_state.sql")),
-    (5, include_str!("../migrations/0005_wipe_replay.sql")),
-    (6, include_str!("../migrations/0006_group_info.sql")),
-    (7, include_str!("../migrations/0007_quotas.sql")),
+    (1, include_str!("../../migrations/0001_init.sql")),
+    (2, include_str!("../../migrations/0002_lines.sql")),
+    (3, include_str!("../../migrations/0003_delivery_ids.sql")),
+    (4, include_str!("../../migrations/0004_public_state.sql")),
+    (5, include_str!("../../migrations/0005_wipe_replay.sql")),
+    (6, include_str!("../../migrations/0006_group_info.sql")),
+    (7, include_str!("../../migrations/0007_quotas.sql")),
 ];
 
 /// Most writes committed together by one fsync.
@@ -119,14 +123,12 @@ fn backend<E: std::fmt::Display + 'static>(error: E) -> StoreError {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_limited(path, 0)
+        Self::open_limited(path, StoreLimits::default())
     }
 
-    /// Like [`SqliteStore::open`], with the database file allowed to grow
-    /// to at most about `max_bytes` (0: as far as the disk allows); a write
-    /// beyond it fails with [`StoreError::Full`], as on a full disk, and
-    /// succeeds again once deletions made room.
-    pub fn open_limited(path: &Path, max_bytes: u64) -> Result<Self> {
+    /// Like [`SqliteStore::open`], within `limits`.
+    pub fn open_limited(path: &Path, limits: StoreLimits) -> Result<Self> {
+        let max_bytes = limits.database_bytes;
         let writer = Connection::open(path).map_err(backend)?;
         if max_bytes > 0 {
             let page_size: u64 = writer
@@ -137,7 +139,7 @@ impl SqliteStore {
                 .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
                 .map_err(backend)?;
         }
-        let store = Self::setup(writer)?;
+        let store = Self::setup(writer, limits)?;
         let reader = Connection::open(path).map_err(backend)?;
         reader
             .execute_batch("PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;")
@@ -150,10 +152,15 @@ impl SqliteStore {
 
     /// A private in-memory database, for tests.
     pub fn open_in_memory() -> Result<Self> {
-        Self::setup(Connection::open_in_memory().map_err(backend)?)
+        Self::open_in_memory_limited(StoreLimits::default())
     }
 
-    fn setup(mut connection: Connection) -> Result<Self> {
+    /// A private in-memory database within `limits`, for tests.
+    pub fn open_in_memory_limited(limits: StoreLimits) -> Result<Self> {
+        Self::setup(Connection::open_in_memory().map_err(backend)?, limits)
+    }
+
+    fn setup(mut connection: Connection, limits: StoreLimits) -> Result<Self> {
         connection
             .execute_batch(
                 "PRAGMA busy_timeout = 5000;
@@ -188,7 +195,17 @@ impl SqliteStore {
         let known = Arc::clone(&checked);
         std::thread::Builder::new()
             .name("umbra-store-writer".into())
-            .spawn(move || group_commit(&writer, &queue, &staged, &gate, &known))
+            .spawn(move || {
+                let mailboxes = RefCell::new(MailboxBytes::new(limits.mailbox_bytes));
+                let writer = Writer {
+                    connection: &writer,
+                    staging: &staged,
+                    visible: &gate,
+                    checked: &known,
+                    mailboxes: &mailboxes,
+                };
+                group_commit(writer, &queue)
+            })
             .map_err(backend)?;
         Ok(SqliteStore {
             reader: connection,
@@ -299,6 +316,8 @@ fn in_savepoint<T>(tx: &Tx<'_>, work: impl FnOnce(&Tx<'_>) -> Result<T>) -> Resu
 struct Tx<'c> {
     tx: Transaction<'c>,
     checked: &'c Mutex<Checked>,
+    /// Mailbox sizes, for the per-device cap (the writer's alone).
+    mailboxes: &'c RefCell<MailboxBytes>,
     /// The error of the batch's last failed write.
     failure: std::cell::RefCell<Option<StoreError>>,
 }
@@ -492,18 +511,28 @@ impl IdBlock {
     }
 }
 
+/// What the writer thread works with.
+#[derive(Clone, Copy)]
+struct Writer<'w> {
+    connection: &'w Mutex<Connection>,
+    staging: &'w Mutex<Staging>,
+    visible: &'w RwLock<()>,
+    checked: &'w Mutex<Checked>,
+    mailboxes: &'w RefCell<MailboxBytes>,
+}
+
 /// The writer thread: one transaction and one commit per batch of queued
 /// writes, until every [`SqliteStore`] handle is gone. Each batch first
 /// writes the staged copies whose sweep is due, then runs the queued
 /// writes; when nothing is queued it still wakes for a sweep, and at
 /// least every [`EXTERNAL_CHECK`] to notice another process's commit.
-fn group_commit(
-    connection: &Mutex<Connection>,
-    queue: &std::sync::mpsc::Receiver<Work>,
-    staging: &Mutex<Staging>,
-    visible: &RwLock<()>,
-    checked: &Mutex<Checked>,
-) {
+fn group_commit(writer: Writer<'_>, queue: &std::sync::mpsc::Receiver<Work>) {
+    let Writer {
+        staging,
+        checked,
+        mailboxes,
+        ..
+    } = writer;
     let mut open = true;
     // Writes a rolled-back batch did not run: first in the next one.
     let mut carried: Vec<Job> = Vec::new();
@@ -539,15 +568,9 @@ fn group_commit(
                 Err(_) => break,
             }
         }
-        let Some((committed, written, failed, completions, visibility)) = run_batch(
-            connection,
-            staging,
-            visible,
-            checked,
-            jobs,
-            &mut carried,
-            open,
-        ) else {
+        let Some((committed, written, failed, completions, visibility)) =
+            run_batch(writer, jobs, &mut carried, open)
+        else {
             lock(checked).writing = false;
             std::thread::sleep(std::time::Duration::from_millis(10));
             continue;
@@ -559,6 +582,7 @@ fn group_commit(
             let mut checked = lock(checked);
             checked.ids.forget();
             checked.forget_all();
+            mailboxes.borrow_mut().forget_all();
         }
         {
             let mut staging = lock(staging);
@@ -592,19 +616,24 @@ type Batch<'g> = (
 /// begun (nothing ran; dropping the jobs fails each caller's write, and
 /// staged copies stay staged for the next attempt).
 fn run_batch<'g>(
-    connection: &Mutex<Connection>,
-    staging: &Mutex<Staging>,
-    visible: &'g RwLock<()>,
-    checked: &Mutex<Checked>,
+    writer: Writer<'g>,
     jobs: Vec<Job>,
     carried: &mut Vec<Job>,
     open: bool,
 ) -> Option<Batch<'g>> {
+    let Writer {
+        connection,
+        staging,
+        visible,
+        checked,
+        mailboxes,
+    } = writer;
     let mut guard = lock(connection);
     let tx = match guard.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => Tx {
             tx,
             checked,
+            mailboxes,
             failure: std::cell::RefCell::new(None),
         },
         Err(error) => {
@@ -621,6 +650,7 @@ fn run_batch<'g>(
         let mut checked = lock(checked);
         if version.is_none() || checked.data_version != version {
             checked.forget_all();
+            mailboxes.borrow_mut().forget_all();
             checked.data_version = version;
         }
     }
@@ -676,12 +706,21 @@ fn run_batch<'g>(
 }
 
 /// Inserts the staged copies `due` inside the batch's transaction; returns
-/// the IDs written and those that failed (which fail their sender's write,
+/// the IDs settled and those that failed (which fail their sender's write,
 /// like a failed commit would).
-fn write_staged(tx: &Transaction<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<(u64, StoreError)>) {
+///
+/// An application message for a mailbox already at its cap is settled
+/// without being written: the mailbox's device is told how many it missed
+/// by one `MailboxFull` notice (which replaces the one before it, adding
+/// its count), and the sender is not told (that would say how long the
+/// recipient has been away). Handshake messages, notices and contact
+/// requests are always kept, past the cap: without them a device could not
+/// follow its groups.
+fn write_staged(tx: &Tx<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<(u64, StoreError)>) {
     let mut written = Vec::with_capacity(due.len());
     let mut failed = Vec::new();
     let mut rolled_back: Option<StoreError> = None;
+    let mut dropped: HashMap<AccountId, (u64, Timestamp, Timestamp)> = HashMap::new();
     for copy in due {
         let id = copy.delivery.id;
         // After SQLite rolled the transaction back by itself, an insert
@@ -691,7 +730,26 @@ fn write_staged(tx: &Transaction<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<(u64,
             failed.push((id, error.clone()));
             continue;
         }
-        match insert_staged(tx, &copy) {
+        let size = copy.delivery.payload.len() as u64;
+        let capped = copy.delivery.kind == DeliveryKind::Application;
+        let outcome = if capped {
+            tx.mailboxes
+                .borrow_mut()
+                .has_room(tx, &copy.recipient, size)
+        } else {
+            Ok(true)
+        };
+        let outcome = outcome.and_then(|room| {
+            if room {
+                insert_staged(tx, &copy)?;
+                tx.mailboxes.borrow_mut().grew(&copy.recipient, size);
+            } else {
+                let entry = dropped.entry(copy.recipient.clone()).or_default();
+                *entry = (entry.0 + 1, copy.delivery.sent_at, copy.expires_at);
+            }
+            Ok(())
+        });
+        match outcome {
             Ok(()) => written.push(id),
             Err(error) => {
                 tracing::warn!(%error, "writing a staged copy failed");
@@ -702,7 +760,52 @@ fn write_staged(tx: &Transaction<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<(u64,
             }
         }
     }
+    if rolled_back.is_none() {
+        for (recipient, (count, now, expires_at)) in dropped {
+            if let Err(error) = note_mailbox_full(tx, &recipient, count, now, expires_at) {
+                // The copies were not kept either way; only the notice of
+                // it is lost, and the next one counts from there.
+                tracing::warn!(%error, "noting a full mailbox failed");
+            }
+        }
+    }
     (written, failed)
+}
+
+/// Tells `recipient`'s device that `count` more messages were not kept
+/// because its mailbox was full: one notice carrying the total since the
+/// device last acknowledged one (a big-endian u64), under a new ID so that
+/// a device which already read the previous one reads this one too.
+fn note_mailbox_full(
+    tx: &Tx<'_>,
+    recipient: &AccountId,
+    count: u64,
+    now: Timestamp,
+    expires_at: Timestamp,
+) -> Result<()> {
+    let earlier: Option<Vec<u8>> = tx
+        .query_row(
+            "DELETE FROM mailbox WHERE recipient = ?1 AND kind = ?2 RETURNING payload",
+            params![recipient.as_str(), DeliveryKind::MailboxFull as i32],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(backend)?;
+    let earlier = earlier
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes);
+    let total = earlier.saturating_add(count);
+    enqueue(
+        tx,
+        recipient,
+        recipient,
+        DeliveryKind::MailboxFull,
+        None,
+        &total.to_be_bytes(),
+        now,
+        expires_at,
+    )
+    .map(drop)
 }
 
 fn insert_staged(tx: &Transaction<'_>, row: &DueCopy) -> Result<()> {
@@ -773,6 +876,9 @@ fn enqueue(
     insert_row(
         tx, id, recipient, sender, kind, group, payload, now, expires_at,
     )?;
+    tx.mailboxes
+        .borrow_mut()
+        .grew(recipient, payload.len() as u64);
     Ok(id)
 }
 
@@ -937,6 +1043,7 @@ impl Accounts for SqliteStore {
                 params![notice.recipient.as_str(), notice.kind as i32],
             )
             .map_err(backend)?;
+            tx.mailboxes.borrow_mut().forget(&notice.recipient);
             enqueue(
                 tx,
                 &notice.recipient,
@@ -1028,6 +1135,7 @@ fn revoke_in(
             told.push(member);
         }
     }
+    tx.mailboxes.borrow_mut().forget(id);
     for sql in [
         "DELETE FROM key_packages WHERE account_id = ?1",
         "DELETE FROM last_resort_key_packages WHERE account_id = ?1",
@@ -1780,14 +1888,22 @@ impl Mailboxes for SqliteStore {
         let deleted = self
             .write(move |tx| {
                 let mut delete = tx
-                    .prepare_cached("DELETE FROM mailbox WHERE id = ?1 AND recipient = ?2")
+                    .prepare_cached(
+                        "DELETE FROM mailbox WHERE id = ?1 AND recipient = ?2
+                         RETURNING length(payload)",
+                    )
                     .map_err(backend)?;
                 let mut removed = 0;
                 // IDs beyond SQLite's integer range name nothing stored.
                 for id in ids.into_iter().filter(|id| i64::try_from(*id).is_ok()) {
-                    removed += delete
-                        .execute(params![id, recipient.as_str()])
+                    let size: Option<u64> = delete
+                        .query_row(params![id, recipient.as_str()], |row| row.get(0))
+                        .optional()
                         .map_err(backend)?;
+                    if let Some(size) = size {
+                        tx.mailboxes.borrow_mut().shrank(&recipient, size);
+                        removed += 1;
+                    }
                 }
                 Ok(removed)
             })
@@ -1808,8 +1924,13 @@ impl Mailboxes for SqliteStore {
 
     async fn expire(&self, now: Timestamp) -> Result<usize> {
         self.write(move |tx| {
-            tx.execute("DELETE FROM mailbox WHERE expires_at <= ?1", [now])
-                .map_err(backend)
+            let removed = tx
+                .execute("DELETE FROM mailbox WHERE expires_at <= ?1", [now])
+                .map_err(backend)?;
+            if removed > 0 {
+                tx.mailboxes.borrow_mut().forget_all();
+            }
+            Ok(removed)
         })
         .await
     }
@@ -2063,6 +2184,16 @@ mod tests {
             SqliteStore::open_in_memory().unwrap_or_else(|e| panic!("{e}"))
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_caps_each_mailbox() {
+        let limits = StoreLimits {
+            mailbox_bytes: crate::conformance::MAILBOX_CAP,
+            ..StoreLimits::default()
+        };
+        let store = SqliteStore::open_in_memory_limited(limits).unwrap_or_else(|e| panic!("{e}"));
+        crate::conformance::mailbox_cap(&store).await;
     }
 
     /// SQLite may roll a whole transaction back on its own (disk full, I/O
