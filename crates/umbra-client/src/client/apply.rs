@@ -1,0 +1,658 @@
+//! Applying what the server delivers, in the order it accepted it: contact
+//! requests, Welcomes, commits, application messages and notices, each in
+//! one transaction with the record that it was applied; and checking the
+//! keys members present against the ones pinned for them.
+
+use std::sync::Arc;
+
+use rusqlite::{OptionalExtension, Transaction, params};
+use tracing::{debug, warn};
+use umbra_mls::{Group, Incoming, Provider};
+use umbra_proto::content::{Body, Content};
+use umbra_proto::frame::Delivery;
+use umbra_proto::{AccountId, DeliveryKind, GroupId, IdentityKey, Push, Request, Signature};
+
+use crate::error::{ClientError, Result};
+use crate::link::Link;
+
+use crate::types::{
+    ConnectionState, ContactState, ConversationId, DeliveryState, Direction, Event, Message,
+    Refusal,
+};
+
+use super::{Client, FollowUp, contact_state, list, pinned_key};
+
+impl Client {
+    pub(super) async fn apply_pushes(self, mut pushes: crate::link::Pushes, link: Arc<Link>) {
+        while let Some(first) = pushes.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = pushes.try_recv() {
+                batch.push(more);
+            }
+            let mut acks = Vec::new();
+            let mut synced = 0;
+            let mut stalled = false;
+            for (push, size) in batch {
+                match push {
+                    Push::Delivery(delivery) => {
+                        let id = delivery.id;
+                        let applied = self.apply_delivery(delivery).await;
+                        link.applied(size);
+                        match applied {
+                            Ok(()) => acks.push(id),
+                            Err(error) => {
+                                // Transient (the local store failed): stop
+                                // here, unacknowledged, so that this delivery
+                                // and everything after it come again in order
+                                // on the next connection.
+                                warn!(%error, id, "could not apply a delivery; disconnecting to retry");
+                                stalled = true;
+                                break;
+                            }
+                        }
+                    }
+                    Push::Synced => synced += 1,
+                    _ => {}
+                }
+            }
+            // Quiet: the server answers an Ack only if it fails, so reading
+            // never waits a round trip. An Ack lost with its connection costs
+            // a redelivery, which `processed_deliveries` recognises.
+            for chunk in acks.chunks(umbra_proto::frame::MAX_ACK_IDS) {
+                let ack = Request::Ack {
+                    delivery_ids: chunk.to_vec(),
+                    quiet: true,
+                };
+                if let Err(error) = link.notify(ack).await {
+                    debug!(%error, "acknowledgement not sent; the server will redeliver");
+                }
+            }
+            // `sync` promises the backlog is acknowledged, not only applied:
+            // the server handles a connection's requests in order, so the
+            // answer to this Ping means every Ack before it was applied.
+            if synced > 0
+                && let Err(error) = link.request(Request::Ping).await
+            {
+                debug!(%error, "acknowledgements not confirmed; the server will redeliver");
+            }
+            self.inner.progress.notify_waiters();
+            if stalled {
+                link.close();
+                break;
+            }
+            // A push task outliving its connection must not speak for the
+            // new one.
+            if synced > 0 && self.is_current(&link) {
+                self.inner.synced.send_modify(|count| *count += synced);
+                self.emit(Event::Synced);
+            }
+        }
+        self.report_flood(&link);
+        self.emit(Event::Connection {
+            state: ConnectionState::Disconnected,
+        });
+        self.inner.progress.notify_waiters();
+    }
+
+    /// Applies one delivery exactly once: the record that it was applied is
+    /// written in the same transaction as its effects.
+    pub(super) async fn apply_delivery(&self, delivery: Delivery) -> Result<()> {
+        let _ops = self.inner.ops.lock().await;
+        let mut events = Vec::new();
+        let mut follow_up = None;
+        let outcome = self.with_tx(|tx, provider| {
+            let seen = tx
+                .prepare_cached("SELECT 1 FROM processed_deliveries WHERE delivery_id = ?1")?
+                .exists([delivery.id])?;
+            if !seen {
+                follow_up = self.apply_in_tx(tx, provider, &delivery, &mut events)?;
+                // A genuine wipe is not marked as done until it is: if the
+                // wipe is interrupted, the command comes again.
+                if !matches!(follow_up, Some(FollowUp::Wipe)) {
+                    tx.execute(
+                        "INSERT INTO processed_deliveries (delivery_id, processed_at) VALUES (?1, ?2)",
+                        params![delivery.id, self.now()],
+                    )?;
+                }
+            }
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => {}
+            // The transaction rolled back. A failing local store is
+            // transient: retry later, in order.
+            Err(
+                error @ (ClientError::Store(_) | ClientError::Mls(umbra_mls::MlsError::Storage(_))),
+            ) => {
+                return Err(error);
+            }
+            // Anything else is about the message itself (malformed, not
+            // decryptable, not from a contact) and will never apply: record
+            // it as seen so that it is acknowledged rather than retried.
+            Err(error) => {
+                warn!(%error, id = delivery.id, kind = ?delivery.kind, "discarding a delivery that cannot be applied");
+                events.clear();
+                events.push(Event::Discarded {
+                    from: delivery.sender.clone(),
+                    reason: error.to_string(),
+                });
+                follow_up = None;
+                self.db().execute(
+                    "INSERT OR IGNORE INTO processed_deliveries (delivery_id, processed_at) VALUES (?1, ?2)",
+                    params![delivery.id, self.now()],
+                )?;
+            }
+        }
+        for event in events {
+            self.emit(event);
+        }
+        drop(_ops);
+        match follow_up {
+            // Spawned: the commit may have to wait for this very task to
+            // apply a competing commit.
+            Some(FollowUp::CommitProposals(group_id)) => {
+                let client = self.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = client.commit_pending_proposals(&group_id).await {
+                        debug!(%error, "committing a leave proposal");
+                    }
+                });
+            }
+            // Before the next delivery: a contact may be about to fetch one.
+            Some(FollowUp::ReplenishKeyPackages) => {
+                if let Err(error) = self
+                    .upload_key_packages(self.inner.options.key_package_batch, false)
+                    .await
+                {
+                    warn!(%error, "replenishing KeyPackages");
+                }
+            }
+            Some(FollowUp::RemoveMember(group_id, account)) => {
+                let client = self.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = client.remove_from_group(&group_id, &[account]).await {
+                        debug!(%error, "removing a revoked member");
+                    }
+                });
+            }
+            Some(FollowUp::Rejoin(group_id)) => self.spawn_rejoin(group_id),
+            Some(FollowUp::Wipe) => {
+                self.wipe_now("remote wipe").await?;
+            }
+            // Inline, before the next delivery: `recv` and `sync` then know
+            // that the receipts for what they applied have gone out.
+            Some(FollowUp::Receipt(group_id, uids)) => {
+                let conversation = ConversationId::from_group(&group_id);
+                if let Err(error) = self
+                    .send_receipt(
+                        &conversation,
+                        umbra_proto::content::ReceiptKind::Delivered,
+                        uids,
+                    )
+                    .await
+                {
+                    debug!(%error, "delivery receipt not sent");
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    pub(super) fn apply_in_tx(
+        &self,
+        tx: &Transaction<'_>,
+        provider: &Provider<'_>,
+        delivery: &Delivery,
+        events: &mut Vec<Event>,
+    ) -> Result<Option<FollowUp>> {
+        let sender = &delivery.sender;
+        match delivery.kind {
+            DeliveryKind::ContactRequest => {
+                // If we had asked them too, theirs is the request the server
+                // keeps: accepting it makes us contacts.
+                let state = contact_state(tx, sender)?;
+                if state != Some(ContactState::Accepted) {
+                    tx.execute(
+                        "INSERT INTO contacts (account_id, state, updated_at) VALUES (?1, 'incoming', ?2)
+                         ON CONFLICT (account_id) DO UPDATE SET state = 'incoming', updated_at = ?2",
+                        params![sender.as_str(), self.now()],
+                    )?;
+                    events.push(Event::ContactRequest {
+                        from: sender.clone(),
+                    });
+                }
+            }
+            DeliveryKind::ContactAccepted => {
+                // Only an answer to a request this device sent: the server
+                // alone must not be able to make someone a contact.
+                let accepted = tx.execute(
+                    "UPDATE contacts SET state = 'accepted', updated_at = ?2
+                     WHERE account_id = ?1 AND state = 'outgoing'",
+                    params![sender.as_str(), self.now()],
+                )?;
+                if accepted == 1 {
+                    events.push(Event::ContactAccepted { by: sender.clone() });
+                } else if contact_state(tx, sender)? != Some(ContactState::Accepted) {
+                    // (An acceptance crossing our own is no news.)
+                    warn!(%sender, "refusing an acceptance of a contact request this device did not send");
+                    events.push(Event::Refused {
+                        from: sender.clone(),
+                        reason: Refusal::UnaskedAcceptance,
+                    });
+                }
+            }
+            DeliveryKind::Welcome => self.apply_welcome(tx, provider, delivery, events)?,
+            DeliveryKind::Commit | DeliveryKind::Application | DeliveryKind::Proposal => {
+                let group_id = delivery
+                    .group_id
+                    .as_ref()
+                    .ok_or_else(|| ClientError::Invalid("group message without a group".into()))?;
+                return self.apply_group_message(tx, provider, group_id, delivery, events);
+            }
+            DeliveryKind::KeyPackagesLow => return Ok(Some(FollowUp::ReplenishKeyPackages)),
+            DeliveryKind::Wipe => {
+                let wipe_key: Option<Vec<u8>> =
+                    tx.query_row("SELECT wipe_public_key FROM device", [], |row| row.get(0))?;
+                let genuine = wipe_key
+                    .and_then(|key| IdentityKey::from_slice(&key).ok())
+                    .is_some_and(|key| {
+                        crate::wipe::verify_command(&key, &self.inner.account, &delivery.payload)
+                    });
+                if genuine {
+                    return Ok(Some(FollowUp::Wipe));
+                }
+                warn!("refusing a wipe command that is not signed with this device's wipe code");
+                events.push(Event::WipeRefused);
+            }
+            DeliveryKind::MemberRevoked => {
+                let group_id = delivery
+                    .group_id
+                    .as_ref()
+                    .ok_or_else(|| ClientError::Invalid("revocation without a group".into()))?;
+                let (account, proof) = delivery
+                    .payload
+                    .split_at(AccountId::LEN.min(delivery.payload.len()));
+                let revoked = std::str::from_utf8(account)
+                    .ok()
+                    .and_then(|text| AccountId::parse(text).ok())
+                    .ok_or_else(|| ClientError::Invalid("revocation without an account".into()))?;
+                let gid = group_id.as_bytes().to_vec();
+                let Some(group) = Group::load(provider, &gid)? else {
+                    return Ok(None);
+                };
+                // Only the member's own signed revocation makes us remove it:
+                // the server alone must not be able to have members removed.
+                let signed = Signature::from_slice(proof).ok().is_some_and(|signature| {
+                    group.members().iter().any(|member| {
+                        member.account == revoked
+                            && umbra_mls::verify(
+                                &member.identity_key,
+                                &umbra_proto::revoke_signing_payload(&revoked),
+                                &signature,
+                            )
+                    })
+                });
+                if signed {
+                    return Ok(Some(FollowUp::RemoveMember(gid, revoked)));
+                }
+                self.system_line(
+                    tx,
+                    &gid,
+                    &format!("The server reports that {revoked}'s line has ended"),
+                )?;
+                events.push(Event::ConversationChanged {
+                    conversation: self.conversation_in(tx, provider, &gid)?,
+                });
+            }
+            // The server's own word (it could drop messages without saying
+            // so anyway): only what it says is shown.
+            DeliveryKind::MailboxFull => {
+                let dropped = <[u8; 8]>::try_from(delivery.payload.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| ClientError::Invalid("a mailbox notice without a count".into()))?;
+                events.push(Event::MailboxOverflow { dropped });
+            }
+            DeliveryKind::Unspecified => {}
+        }
+        Ok(None)
+    }
+
+    pub(super) fn apply_welcome(
+        &self,
+        tx: &Transaction<'_>,
+        provider: &Provider<'_>,
+        delivery: &Delivery,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        let (group, inviter) = Group::join(provider, &delivery.payload, &self.inner.options.group)?;
+        if inviter != delivery.sender
+            || contact_state(tx, &inviter)? != Some(ContactState::Accepted)
+        {
+            // Not from a contact we accepted: leave no trace of the group.
+            warn!(inviter = %inviter, "ignoring a Welcome from someone who is not a contact");
+            group.delete(provider)?;
+            events.push(Event::Refused {
+                from: delivery.sender.clone(),
+                reason: Refusal::InvitationFromStranger,
+            });
+            return Ok(());
+        }
+        let pinned = pinned_key(tx, &inviter)?;
+        let inviter_key = group
+            .members()
+            .into_iter()
+            .find(|member| member.account == inviter)
+            .map(|member| member.identity_key);
+        if let Some(pinned) = pinned
+            && inviter_key.is_none_or(|key| key.as_bytes()[..] != pinned[..])
+        {
+            // A Welcome signed by another key than the one we know for
+            // this contact: someone (a server) stands in for them.
+            warn!(inviter = %inviter, "ignoring a Welcome whose inviter's key is not the one pinned");
+            group.delete(provider)?;
+            events.push(Event::Refused {
+                from: inviter,
+                reason: Refusal::InvitationUnderAnotherKey,
+            });
+            return Ok(());
+        }
+        let members: Vec<AccountId> = group.accounts();
+        self.check_keys(tx, &group, events)?;
+        // A conversation this device was removed from, and is now added to
+        // again: the same conversation goes on, history and all.
+        let again = tx.execute(
+            "UPDATE conversations SET active = 1, disappear_after = ?2 WHERE group_id = ?1 AND active = 0",
+            params![group.id(), group.disappear_after()],
+        )? == 1;
+        if again {
+            self.system_line(tx, &group.id(), &format!("{inviter} added you again"))?;
+            events.push(Event::ConversationChanged {
+                conversation: self.conversation_in(tx, provider, &group.id())?,
+            });
+            return Ok(());
+        }
+        let has_direct: bool = tx
+            .prepare_cached("SELECT 1 FROM conversations WHERE peer = ?1")?
+            .exists([inviter.as_str()])?;
+        let direct = members.len() == 2 && !has_direct;
+        tx.execute(
+            "INSERT INTO conversations (group_id, kind, peer, name, created_at, last_self_update, disappear_after)
+             VALUES (?1, ?2, ?3, '', ?4, ?4, ?5)",
+            params![
+                group.id(),
+                if direct { "direct" } else { "group" },
+                direct.then(|| inviter.as_str()),
+                self.now(),
+                group.disappear_after()
+            ],
+        )?;
+        if !direct {
+            self.system_line(tx, &group.id(), &format!("{inviter} added you"))?;
+        }
+        events.push(Event::ConversationStarted {
+            conversation: self.conversation_in(tx, provider, &group.id())?,
+        });
+        Ok(())
+    }
+
+    pub(super) fn apply_group_message(
+        &self,
+        tx: &Transaction<'_>,
+        provider: &Provider<'_>,
+        group_id: &GroupId,
+        delivery: &Delivery,
+        events: &mut Vec<Event>,
+    ) -> Result<Option<FollowUp>> {
+        let id = group_id.as_bytes().to_vec();
+        let Some(mut group) = Group::load(provider, &id)? else {
+            return Err(ClientError::UnknownConversation(group_id.to_hex()));
+        };
+        let before: Vec<AccountId> = group.accounts();
+        let had_pending = group.has_pending_commit();
+        let incoming = match group.process(provider, &delivery.payload) {
+            Ok(incoming) => incoming,
+            // From an epoch this device never reached (the commits that
+            // lead there expired, or were lost), or a commit of our own
+            // epoch that cannot be processed: the device is behind.
+            Err(error @ umbra_mls::MlsError::WrongEpoch { .. }) => {
+                warn!(%error, "this device is behind in a group; rejoining");
+                return Ok(Some(FollowUp::Rejoin(id)));
+            }
+            Err(error @ umbra_mls::MlsError::Protocol(_))
+                if group.is_active()
+                    && umbra_mls::message_header(&delivery.payload).is_ok_and(|header| {
+                        header.kind == umbra_mls::MessageKind::Commit
+                            && header.epoch == group.epoch()
+                    }) =>
+            {
+                warn!(%error, "a commit of this device's epoch cannot be processed; rejoining");
+                return Ok(Some(FollowUp::Rejoin(id)));
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if had_pending && !group.has_pending_commit() {
+            // Processing settled our own commit (merged or superseded).
+            tx.execute("DELETE FROM pending_commits WHERE group_id = ?1", [&id])?;
+        }
+        let conversation = ConversationId::from_group(&id);
+        match incoming {
+            Incoming::Application { sender, plaintext } => {
+                let content = Content::decode(&plaintext)?;
+                match content.body {
+                    Body::Text(body) => {
+                        let timestamp = self.now();
+                        // The shorter of the sender's timer and ours: a message
+                        // never outlives the timer it was sent under.
+                        let ttl = match (content.disappear_after, group.disappear_after()) {
+                            (0, ours) => ours,
+                            (theirs, 0) => theirs.min(crate::disappearing::MAX_TIMER),
+                            (theirs, ours) => theirs.min(ours),
+                        };
+                        // Counting starts when it is shown; one never shown
+                        // still goes after a backstop, not never.
+                        let backstop = (ttl > 0).then(|| {
+                            timestamp + crate::disappearing::UNSHOWN_BACKSTOP + u64::from(ttl)
+                        });
+                        tx.execute(
+                            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at, uid)
+                             VALUES (?1, ?2, 'in', ?3, 'received', ?4, ?5, ?6, ?7)",
+                            params![
+                                id,
+                                sender.as_str(),
+                                body,
+                                timestamp,
+                                ttl,
+                                backstop,
+                                content.message_id.map(|uid| uid.to_vec())
+                            ],
+                        )?;
+                        events.push(Event::MessageReceived {
+                            message: Message {
+                                id: tx.last_insert_rowid(),
+                                conversation,
+                                sender,
+                                direction: Direction::In,
+                                body,
+                                state: DeliveryState::Received,
+                                timestamp,
+                                expires_at: (ttl > 0).then(|| {
+                                    timestamp
+                                        + crate::disappearing::UNSHOWN_BACKSTOP
+                                        + u64::from(ttl)
+                                }),
+                                disappear_after: ttl,
+                            },
+                        });
+                        if let Some(uid) = content.message_id {
+                            return Ok(Some(FollowUp::Receipt(id.clone(), vec![uid])));
+                        }
+                    }
+                    Body::Receipt { kind, message_ids } => {
+                        self.apply_receipt(tx, &id, kind, &message_ids, events)?;
+                    }
+                    Body::GroupName(name) => {
+                        tx.execute(
+                            "UPDATE conversations SET name = ?2 WHERE group_id = ?1",
+                            params![id, name],
+                        )?;
+                        self.system_line(
+                            tx,
+                            &id,
+                            &format!("{sender} named the group \u{201c}{name}\u{201d}"),
+                        )?;
+                        events.push(Event::ConversationChanged {
+                            conversation: self.conversation_in(tx, provider, &id)?,
+                        });
+                    }
+                    _ => {}
+                }
+                Ok(None)
+            }
+            Incoming::Leaving { sender } => {
+                self.system_line(tx, &id, &format!("{sender} is leaving"))?;
+                Ok(Some(FollowUp::CommitProposals(id)))
+            }
+            Incoming::RefusedProposal { sender } => {
+                // Only the author of a change commits it, so the group
+                // always shows who made it; a proposal for anyone else's
+                // change is dropped (the server refuses them too).
+                self.system_line(
+                    tx,
+                    &id,
+                    &format!("{sender} proposed a change only they can make; ignored"),
+                )?;
+                Ok(None)
+            }
+            Incoming::Commit {
+                sender,
+                removed_self,
+                rejoined,
+                ..
+            } => {
+                tx.execute("DELETE FROM pending_commits WHERE group_id = ?1", [&id])?;
+                if rejoined {
+                    self.system_line(tx, &id, &format!("{sender} rejoined"))?;
+                    self.check_keys(tx, &group, events)?;
+                } else if removed_self {
+                    tx.execute(
+                        "UPDATE conversations SET active = 0 WHERE group_id = ?1",
+                        [&id],
+                    )?;
+                    self.system_line(tx, &id, &format!("{sender} removed you"))?;
+                } else {
+                    let after: Vec<AccountId> = group.accounts();
+                    self.membership_lines(tx, &id, &sender, &before, &after)?;
+                    self.check_keys(tx, &group, events)?;
+                    self.record_timer(tx, &id, sender.as_str(), group.disappear_after())?;
+                }
+                events.push(Event::ConversationChanged {
+                    conversation: self.conversation_in(tx, provider, &id)?,
+                });
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub(super) fn membership_lines(
+        &self,
+        tx: &Transaction<'_>,
+        group_id: &[u8],
+        by: &AccountId,
+        before: &[AccountId],
+        after: &[AccountId],
+    ) -> Result<()> {
+        let added: Vec<AccountId> = after
+            .iter()
+            .filter(|a| !before.contains(a))
+            .cloned()
+            .collect();
+        let removed: Vec<AccountId> = before
+            .iter()
+            .filter(|a| !after.contains(a))
+            .cloned()
+            .collect();
+        if !added.is_empty() {
+            self.system_line(tx, group_id, &format!("{by} added {}", list(&added)))?;
+        }
+        if !removed.is_empty() {
+            self.system_line(tx, group_id, &format!("{by} removed {}", list(&removed)))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn system_line(
+        &self,
+        tx: &Transaction<'_>,
+        group_id: &[u8],
+        text: &str,
+    ) -> Result<()> {
+        tx.execute(
+            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp)
+             VALUES (?1, ?2, 'system', ?3, 'received', ?4)",
+            params![group_id, self.inner.account.as_str(), text, self.now()],
+        )?;
+        Ok(())
+    }
+
+    /// Compares the identity keys in `group` with the ones first seen for
+    /// each contact, remembering new ones and flagging changed ones.
+    pub(super) fn check_keys(
+        &self,
+        tx: &Transaction<'_>,
+        group: &Group,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        for member in group.members() {
+            if member.account == self.inner.account {
+                continue;
+            }
+            self.check_key(tx, &member.account, &member.identity_key, events)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_key(
+        &self,
+        tx: &Transaction<'_>,
+        account: &AccountId,
+        key: &IdentityKey,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        let known: Option<Option<Vec<u8>>> = tx
+            .query_row(
+                "SELECT identity_key FROM contacts WHERE account_id = ?1",
+                [account.as_str()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        match known {
+            Some(None) => {
+                tx.execute(
+                    "UPDATE contacts SET identity_key = ?2 WHERE account_id = ?1",
+                    params![account.as_str(), &key.as_bytes()[..]],
+                )?;
+            }
+            Some(Some(old)) if old != key.as_bytes() => {
+                // A verified contact's new key is not written to until the
+                // user confirms it (Signal's rule); an unverified one's is,
+                // with a warning.
+                let sending_stopped: bool = tx.query_row(
+                    "UPDATE contacts SET identity_key = ?2, key_changed = 1,
+                         key_unconfirmed = (verified OR key_unconfirmed), verified = 0
+                     WHERE account_id = ?1 RETURNING key_unconfirmed",
+                    params![account.as_str(), &key.as_bytes()[..]],
+                    |row| row.get(0),
+                )?;
+                warn!(account = %account, sending_stopped, "identity key changed");
+                events.push(Event::KeyChanged {
+                    account: account.clone(),
+                    sending_stopped,
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,396 @@
+//! Conversations: creating groups, adding and removing members, renaming
+//! and leaving, and reading conversations and their history.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tracing::warn;
+use umbra_mls::{Group, Provider};
+use umbra_proto::content::Body;
+use umbra_proto::{AccountId, DeliveryKind, GroupId, Reply, Request};
+
+use crate::error::{ClientError, Result};
+use crate::types::{
+    ContactState, Conversation, ConversationId, ConversationKind, Event, Message, Refusal,
+};
+
+use super::{Client, check_group_name, contact_state, load_group, message_row, pinned_key};
+
+impl Client {
+    pub(super) fn direct_conversation(&self, peer: &AccountId) -> Result<Option<ConversationId>> {
+        let id: Option<Vec<u8>> = self
+            .db()
+            .query_row(
+                "SELECT group_id FROM conversations WHERE peer = ?1",
+                [peer.as_str()],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(id.map(|g| ConversationId::from_group(&g)))
+    }
+
+    /// The one-to-one conversation with `account`, or why there is none.
+    pub fn conversation_with(&self, account: &AccountId) -> Result<ConversationId> {
+        if let Some(id) = self.direct_conversation(account)? {
+            return Ok(id);
+        }
+        let state = contact_state(&self.db(), account)?;
+        match state {
+            None => Err(ClientError::NotAContact(account.clone())),
+            Some(ContactState::Incoming) => Err(ClientError::Invalid(format!(
+                "{account} asked to be your contact; accept with `contacts accept {account}` first"
+            ))),
+            Some(_) => Err(ClientError::NotAccepted(account.clone())),
+        }
+    }
+
+    pub(super) async fn fetch_key_packages(&self, accounts: &[AccountId]) -> Result<Vec<Vec<u8>>> {
+        let mut key_packages = Vec::with_capacity(accounts.len());
+        for account in accounts {
+            let state = contact_state(&self.db(), account)?;
+            match state {
+                Some(ContactState::Accepted) => {}
+                None => return Err(ClientError::NotAContact(account.clone())),
+                Some(_) => return Err(ClientError::NotAccepted(account.clone())),
+            }
+            let Reply::KeyPackage { key_package, .. } = self
+                .request(Request::FetchKeyPackage {
+                    account_id: account.clone(),
+                })
+                .await?
+            else {
+                return Err(ClientError::Invalid(
+                    "unexpected reply to FetchKeyPackage".into(),
+                ));
+            };
+            let valid = umbra_mls::validate_key_package(&key_package)?;
+            if &valid.account != account {
+                return Err(ClientError::Invalid(format!(
+                    "the server returned a KeyPackage for {} when asked for {account}",
+                    valid.account
+                )));
+            }
+            // An account's identity key does not change: a KeyPackage
+            // under another key than the one pinned for this contact is the
+            // server's own, and is refused without touching the pin (so a
+            // forged one cannot displace the real key or block the real
+            // conversation). The first one seen pins the key.
+            let mut events = Vec::new();
+            let foreign = self.with_tx(|tx, _| match pinned_key(tx, account)? {
+                Some(pinned) => Ok(pinned[..] != valid.identity_key.as_bytes()[..]),
+                None => {
+                    self.check_key(tx, account, &valid.identity_key, &mut events)?;
+                    Ok(false)
+                }
+            })?;
+            if foreign {
+                warn!(%account, "refusing a KeyPackage under another key than the pinned one");
+                self.emit(Event::Refused {
+                    from: account.clone(),
+                    reason: Refusal::KeyPackageUnderAnotherKey,
+                });
+                return Err(ClientError::ForeignKeyPackage(account.clone()));
+            }
+            for event in events {
+                self.emit(event);
+            }
+            key_packages.push(key_package);
+        }
+        Ok(key_packages)
+    }
+
+    /// Creates a conversation with `members` (all accepted contacts): a
+    /// direct one when `name` is None and there is one member.
+    pub(super) async fn new_conversation(
+        &self,
+        name: Option<&str>,
+        members: &[AccountId],
+    ) -> Result<ConversationId> {
+        let key_packages = self.fetch_key_packages(members).await?;
+        let group_id = {
+            let _ops = self.inner.ops.lock().await;
+            let timer = self.default_disappearing()?;
+            let group = self.with_tx(|_, provider| {
+                Group::create(
+                    provider,
+                    &self.inner.signer,
+                    &self.inner.account,
+                    &self.inner.options.group,
+                    timer,
+                )
+                .map_err(ClientError::from)
+            })?;
+            let group_id = group.id();
+            let group_info =
+                self.with_tx(|_, provider| Ok(group.group_info(provider, &self.inner.signer)?))?;
+            let registered = self
+                .request(Request::CreateGroup {
+                    group_id: GroupId::new(group_id.clone())?,
+                    group_info,
+                })
+                .await;
+            if let Err(error) = registered {
+                self.with_tx(|_, provider| Ok(group.delete(provider)?))?;
+                return Err(error);
+            }
+            let direct = name.is_none() && members.len() == 1;
+            self.db().execute(
+                "INSERT INTO conversations (group_id, kind, peer, name, created_at, last_self_update, disappear_after)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+                params![
+                    group_id,
+                    if direct { "direct" } else { "group" },
+                    direct.then(|| members.first().map(AccountId::as_str)).flatten(),
+                    name.unwrap_or_default(),
+                    self.now(),
+                    timer
+                ],
+            )?;
+            group_id
+        };
+        self.add_to_group(&group_id, members, key_packages).await?;
+        let conversation = ConversationId::from_group(&group_id);
+        if let Some(name) = name.filter(|n| !n.is_empty()) {
+            self.send_content(&conversation, Body::GroupName(name.to_owned()))
+                .await?;
+        }
+        let started = self.conversation(&conversation)?;
+        self.emit(Event::ConversationStarted {
+            conversation: started,
+        });
+        Ok(conversation)
+    }
+
+    pub(super) async fn add_to_group(
+        &self,
+        group_id: &[u8],
+        members: &[AccountId],
+        key_packages: Vec<Vec<u8>>,
+    ) -> Result<()> {
+        let signer = &self.inner.signer;
+        let mut events = Vec::new();
+        self.commit(group_id, |group, provider| {
+            let present: Vec<AccountId> = group.accounts();
+            let fresh: Vec<usize> = (0..members.len())
+                .filter(|i| members.get(*i).is_some_and(|m| !present.contains(m)))
+                .collect();
+            if fresh.is_empty() {
+                return Ok(None);
+            }
+            let kps: Vec<Vec<u8>> = fresh
+                .iter()
+                .filter_map(|i| key_packages.get(*i).cloned())
+                .collect();
+            let output = group.add_members(provider, signer, &kps)?;
+            Ok(Some(output))
+        })
+        .await?;
+        self.with_tx(|tx, provider| {
+            let group = load_group(provider, group_id)?;
+            self.check_keys(tx, &group, &mut events)
+        })?;
+        for event in events {
+            self.emit(event);
+        }
+        Ok(())
+    }
+
+    /// Creates a group conversation with accepted contacts.
+    pub async fn create_group(&self, name: &str, members: &[AccountId]) -> Result<ConversationId> {
+        check_group_name(name)?;
+        if members.is_empty() {
+            return Err(ClientError::Invalid(
+                "a group needs at least one other member".into(),
+            ));
+        }
+        self.new_conversation(Some(name), members).await
+    }
+
+    pub(crate) fn group_id_of(&self, conversation: &ConversationId) -> Result<Vec<u8>> {
+        let group_id = conversation
+            .group_id()
+            .ok_or_else(|| ClientError::UnknownConversation(conversation.to_string()))?;
+        let exists = self
+            .db()
+            .prepare_cached("SELECT 1 FROM conversations WHERE group_id = ?1")?
+            .exists([&group_id])?;
+        if !exists {
+            return Err(ClientError::UnknownConversation(conversation.to_string()));
+        }
+        Ok(group_id)
+    }
+
+    /// Adds accepted contacts to a group conversation.
+    pub async fn add_members(
+        &self,
+        conversation: &ConversationId,
+        members: &[AccountId],
+    ) -> Result<()> {
+        let group_id = self.group_id_of(conversation)?;
+        let key_packages = self.fetch_key_packages(members).await?;
+        self.add_to_group(&group_id, members, key_packages).await
+    }
+
+    /// Removes members; they cannot read anything sent afterwards.
+    pub async fn remove_members(
+        &self,
+        conversation: &ConversationId,
+        members: &[AccountId],
+    ) -> Result<()> {
+        let group_id = self.group_id_of(conversation)?;
+        self.remove_from_group(&group_id, members).await
+    }
+
+    pub(super) async fn remove_from_group(
+        &self,
+        group_id: &[u8],
+        members: &[AccountId],
+    ) -> Result<()> {
+        let signer = &self.inner.signer;
+        self.commit(group_id, |group, provider| {
+            let present: Vec<AccountId> = group.accounts();
+            let removed: Vec<AccountId> = members
+                .iter()
+                .filter(|m| present.contains(m))
+                .cloned()
+                .collect();
+            if removed.is_empty() {
+                return Ok(None);
+            }
+            let output = group.remove_members(provider, signer, &removed)?;
+            Ok(Some(output))
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Renames a group; every member sees the new name.
+    pub async fn rename_group(&self, conversation: &ConversationId, name: &str) -> Result<()> {
+        check_group_name(name)?;
+        self.send_content(conversation, Body::GroupName(name.to_owned()))
+            .await?;
+        let group_id = self.group_id_of(conversation)?;
+        self.db().execute(
+            "UPDATE conversations SET name = ?2 WHERE group_id = ?1",
+            params![group_id, name],
+        )?;
+        self.emit_changed(conversation)
+    }
+
+    /// Leaves a group: proposes our removal, which the next member online
+    /// commits. Nothing sent after that commit can be read here.
+    pub async fn leave_group(&self, conversation: &ConversationId) -> Result<()> {
+        let group_id = self.group_id_of(conversation)?;
+        let _ops = self.inner.ops.lock().await;
+        let proposal = self.with_tx(|_, provider| {
+            let mut group = load_group(provider, &group_id)?;
+            Ok(group.leave(provider, &self.inner.signer)?)
+        })?;
+        let sent = self
+            .request(Request::SendMessage {
+                group_id: GroupId::new(group_id.clone())?,
+                message: proposal,
+                kind: DeliveryKind::Proposal,
+                ttl_seconds: 0,
+            })
+            .await;
+        self.with_tx(|tx, provider| {
+            if sent.is_ok() {
+                tx.execute(
+                    "UPDATE conversations SET active = 0 WHERE group_id = ?1",
+                    [&group_id],
+                )?;
+                self.system_line(tx, &group_id, "You left")?;
+            } else {
+                // Not sent: forget the proposal, or the group would stay
+                // blocked on it.
+                load_group(provider, &group_id)?.clear_pending_proposals(provider)?;
+            }
+            Ok(())
+        })?;
+        sent?;
+        drop(_ops);
+        self.emit_changed(conversation)
+    }
+
+    pub(super) fn conversation_in(
+        &self,
+        tx: &Connection,
+        provider: &Provider<'_>,
+        group_id: &[u8],
+    ) -> Result<Conversation> {
+        let (kind, peer, name, active, disappear_after): (String, Option<String>, String, bool, u32) = tx
+            .query_row(
+                "SELECT kind, peer, name, active, disappear_after FROM conversations WHERE group_id = ?1",
+                [group_id],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+            )
+            .optional()?
+            .ok_or_else(|| ClientError::UnknownConversation(hex::encode(group_id)))?;
+        let members = match Group::load(provider, group_id)? {
+            Some(group) if group.is_active() => group.accounts(),
+            _ => vec![],
+        };
+        let kind = match (kind.as_str(), peer) {
+            ("direct", Some(peer)) => ConversationKind::Direct {
+                peer: AccountId::parse(&peer)?,
+            },
+            _ => ConversationKind::Group,
+        };
+        Ok(Conversation {
+            id: ConversationId::from_group(group_id),
+            kind,
+            name,
+            active,
+            disappear_after,
+            members,
+        })
+    }
+
+    pub fn conversation(&self, conversation: &ConversationId) -> Result<Conversation> {
+        let group_id = self.group_id_of(conversation)?;
+        let db = self.db();
+        let provider = Provider::new(&self.inner.crypto, &db);
+        self.conversation_in(&db, &provider, &group_id)
+    }
+
+    pub fn conversations(&self) -> Result<Vec<Conversation>> {
+        let db = self.db();
+        let ids: Vec<Vec<u8>> = {
+            let mut statement =
+                db.prepare("SELECT group_id FROM conversations ORDER BY created_at, group_id")?;
+            let rows = statement.query_map([], |row| row.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let provider = Provider::new(&self.inner.crypto, &db);
+        ids.iter()
+            .map(|id| self.conversation_in(&db, &provider, id))
+            .collect()
+    }
+
+    /// The last `limit` messages of a conversation, oldest first.
+    pub fn history(&self, conversation: &ConversationId, limit: usize) -> Result<Vec<Message>> {
+        let group_id = self.group_id_of(conversation)?;
+        let db = self.db();
+        let mut statement = db.prepare(
+            "SELECT id, sender, direction, body, state, timestamp, expires_at, ttl FROM (
+                 SELECT * FROM messages WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2
+             ) ORDER BY id",
+        )?;
+        let rows = statement.query_map(params![group_id, limit as i64], |row| {
+            message_row(row, conversation)
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// One message of a conversation, by its local ID.
+    pub(super) fn message(&self, conversation: &ConversationId, id: i64) -> Result<Message> {
+        self.db()
+            .query_row(
+                "SELECT id, sender, direction, body, state, timestamp, expires_at, ttl
+                 FROM messages WHERE id = ?1",
+                [id],
+                |row| message_row(row, conversation),
+            )
+            .optional()?
+            .ok_or_else(|| ClientError::Store("sent message vanished".into()))
+    }
+}

@@ -1,0 +1,122 @@
+//! Sending a message into a conversation.
+
+use rusqlite::params;
+use umbra_proto::content::{Body, Content};
+use umbra_proto::{DeliveryKind, GroupId, Request};
+
+use crate::error::{ClientError, Result};
+use crate::types::{ConversationId, DeliveryState, Event, Message};
+
+use super::{Client, load_group, now_ms, transit_ttl, unconfirmed_member};
+
+impl Client {
+    /// Sends a text message. Returns it once the server has stored it for
+    /// every recipient (state `Sent`); on failure it stays in the history as
+    /// `Failed`.
+    pub async fn send_text(&self, conversation: &ConversationId, text: &str) -> Result<Message> {
+        if text.trim().is_empty() {
+            return Err(ClientError::Invalid("empty message".into()));
+        }
+        let id = self
+            .send_content(conversation, Body::Text(text.to_owned()))
+            .await?;
+        self.emit(Event::DeliveryStateChanged {
+            message_id: id,
+            state: DeliveryState::Sent,
+        });
+        self.message(conversation, id)
+    }
+
+    /// Encrypts and sends one application message. Text is recorded locally
+    /// (MLS cannot decrypt one's own messages) in the same transaction as the
+    /// ratchet step. Returns the local message ID and whether it was accepted.
+    pub(crate) async fn send_content(
+        &self,
+        conversation: &ConversationId,
+        body: Body,
+    ) -> Result<i64> {
+        let group_id = self.group_id_of(conversation)?;
+        let ops = self.inner.ops.lock().await;
+        let text = match &body {
+            Body::Text(text) => Some(text.clone()),
+            _ => None,
+        };
+        let mut uid = [0u8; 16];
+        getrandom::getrandom(&mut uid).map_err(|e| ClientError::Store(e.to_string()))?;
+        let content = Content {
+            message_id: text.is_some().then_some(uid),
+            body,
+            disappear_after: 0,
+            sent_at_ms: now_ms(),
+        };
+        let (message_id, ciphertext, ttl) = self.with_tx(|tx, provider| {
+            let mut group = load_group(provider, &group_id)?;
+            if !group.is_active() {
+                return Err(ClientError::NotAMember);
+            }
+            if let Some(account) = unconfirmed_member(tx, &group)? {
+                return Err(ClientError::KeyUnconfirmed(account));
+            }
+            if Self::is_rejoining(tx, &group_id)? {
+                return Err(ClientError::Rejoining);
+            }
+            let content = Content {
+                disappear_after: group.disappear_after(),
+                ..content.clone()
+            };
+            let ciphertext = group.encrypt(provider, &self.inner.signer, &content.encode())?;
+            let mut message_id = 0;
+            let ttl = group.disappear_after();
+            if let Some(text) = &text {
+                let now = self.now();
+                tx.execute(
+                    "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at, uid)
+                     VALUES (?1, ?2, 'out', ?3, 'sending', ?4, ?5, ?6, ?7)",
+                    params![
+                        group_id,
+                        self.inner.account.as_str(),
+                        text,
+                        now,
+                        ttl,
+                        (ttl > 0).then(|| now + u64::from(ttl)),
+                        &uid[..]
+                    ],
+                )?;
+                message_id = tx.last_insert_rowid();
+            }
+            Ok((message_id, ciphertext, ttl))
+        })?;
+        drop(ops);
+        let sent = self
+            .request(Request::SendMessage {
+                group_id: GroupId::new(group_id)?,
+                message: ciphertext,
+                kind: DeliveryKind::Application,
+                ttl_seconds: transit_ttl(ttl),
+            })
+            .await;
+        let state = if sent.is_ok() {
+            DeliveryState::Sent
+        } else {
+            DeliveryState::Failed
+        };
+        if message_id != 0 {
+            self.db().execute(
+                "UPDATE messages SET state = ?2 WHERE id = ?1",
+                params![message_id, state.as_str()],
+            )?;
+        }
+        match sent {
+            Ok(_) => Ok(message_id),
+            Err(error) => {
+                if message_id != 0 {
+                    self.emit(Event::DeliveryStateChanged {
+                        message_id,
+                        state: DeliveryState::Failed,
+                    });
+                }
+                Err(error)
+            }
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The connection: opening it, logging in, keeping KeyPackages stocked,
+//! and closing it.
+
+use std::sync::Arc;
+
+use rusqlite::Connection;
+use tracing::debug;
+use umbra_mls::DeviceSigner;
+use umbra_proto::{IdentityKey, Push, Reply, Request, Signature, login_signing_payload};
+
+use crate::error::{ClientError, Result};
+use crate::link::{Link, REQUEST_TIMEOUT};
+
+use crate::types::{ConnectionState, Event};
+
+use super::{Client, Inner};
+
+impl Client {
+    pub(super) fn link(&self) -> Result<Arc<Link>> {
+        self.inner
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|link| link.is_alive())
+            .ok_or(ClientError::NotConnected)
+    }
+
+    /// Starts erasing messages as they expire, once per client, when an
+    /// async runtime is there to run it.
+    pub(crate) fn start_expiry_ticker(&self) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && !self
+                .inner
+                .ticking
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            runtime.spawn(crate::disappearing::expiry_ticker(Arc::downgrade(
+                &self.inner,
+            )));
+        }
+    }
+
+    pub(crate) fn signer(&self) -> &DeviceSigner {
+        &self.inner.signer
+    }
+
+    pub(crate) fn from_weak(inner: &std::sync::Weak<Inner>) -> Option<Client> {
+        inner.upgrade().map(|inner| Client { inner })
+    }
+
+    pub(crate) fn current_link(&self) -> Result<Arc<Link>> {
+        self.link()
+    }
+
+    pub(crate) fn sign(&self, payload: &[u8]) -> Signature {
+        self.inner.signer.sign_payload(payload)
+    }
+
+    pub(crate) fn emit_event(&self, event: Event) {
+        self.emit(event);
+    }
+
+    /// Closes the store file (replacing the connection with an empty
+    /// in-memory one), so that it can be overwritten and removed.
+    pub(crate) fn close_store(&self) {
+        if let Ok(empty) = Connection::open_in_memory() {
+            *self.db() = empty;
+        }
+    }
+
+    pub(super) fn is_current(&self, link: &Arc<Link>) -> bool {
+        self.inner
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, link))
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.link().is_ok()
+    }
+
+    pub(crate) async fn request(&self, request: Request) -> Result<Reply> {
+        self.link()?.request(request).await
+    }
+
+    /// Connects and authenticates, then applies what the server stored while
+    /// this device was away (in the background: see [`Client::sync`]).
+    pub async fn connect(&self) -> Result<()> {
+        let (link, hello, pushes) =
+            Link::connect(&self.inner.server_address, self.inner.server_pin).await?;
+        let link = Arc::new(link);
+        let started = self.start_session(&link, hello, pushes).await;
+        if started.is_err() {
+            self.report_flood(&link);
+        }
+        started
+    }
+
+    /// Tells the front end if `link` was dropped because the server flooded
+    /// it with pushes.
+    pub(super) fn report_flood(&self, link: &Link) {
+        if link.flooded() {
+            self.emit(Event::ServerMisbehaved {
+                what: "it pushed far more than the protocol's flow control allows; the connection was dropped".into(),
+            });
+        }
+    }
+
+    /// Logs in on a new link, then starts applying its pushes.
+    pub(super) async fn start_session(
+        &self,
+        link: &Arc<Link>,
+        hello: Push,
+        pushes: crate::link::Pushes,
+    ) -> Result<()> {
+        let Push::Hello { nonce, .. } = hello else {
+            return Err(ClientError::ConnectionLost);
+        };
+        let account = &self.inner.account;
+        let reply = link
+            .request(Request::Login {
+                account_id: account.clone(),
+                signature: self
+                    .inner
+                    .signer
+                    .sign_payload(&login_signing_payload(&nonce, account)),
+            })
+            .await?;
+        let Reply::LoggedIn {
+            subscription_expires_at,
+            key_packages_remaining,
+            has_last_resort,
+            key_package_low_water,
+        } = reply
+        else {
+            return Err(ClientError::Invalid("unexpected reply to Login".into()));
+        };
+        self.db().execute(
+            "UPDATE device SET subscription_expires_at = ?1",
+            [subscription_expires_at],
+        )?;
+        self.inner.synced.send_replace(0);
+        let previous = self
+            .inner
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(Arc::clone(link));
+        if let Some(previous) = previous {
+            previous.close();
+        }
+        // Register the wipe key again on every connection: cheap, and it
+        // repairs an activation whose first registration did not arrive.
+        let wipe_key: Option<Vec<u8>> =
+            self.db()
+                .query_row("SELECT wipe_public_key FROM device", [], |row| row.get(0))?;
+        if let Some(wipe_key) = wipe_key.and_then(|key| IdentityKey::from_slice(&key).ok()) {
+            link.request(Request::SetWipeKey { wipe_key }).await?;
+        }
+        // Settle commits whose verdict was lost before applying anything:
+        // the backlog may hold messages from the epoch after them.
+        self.resubmit_pending_commits().await?;
+        self.resume_rejoins()?;
+        tokio::spawn(self.clone().apply_pushes(pushes, Arc::clone(link)));
+        self.emit(Event::Connection {
+            state: ConnectionState::Connected,
+        });
+        if key_packages_remaining < key_package_low_water || !has_last_resort {
+            self.upload_key_packages(
+                self.inner.options.key_package_batch,
+                !has_last_resort || key_packages_remaining == 0,
+            )
+            .await?;
+        }
+        self.start_expiry_ticker();
+        // Once the backlog is applied, refresh our keys where they are due.
+        let client = self.clone();
+        tokio::spawn(async move {
+            if client.sync().await.is_ok()
+                && let Err(error) = client.update_keys_if_due().await
+            {
+                debug!(%error, "periodic key update");
+            }
+        });
+        Ok(())
+    }
+
+    /// Closes the connection.
+    pub fn disconnect(&self) {
+        let link = self
+            .inner
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(link) = link {
+            link.close();
+        }
+    }
+
+    /// Waits until everything the server held for this device when it
+    /// connected has been applied and acknowledged.
+    pub async fn sync(&self) -> Result<()> {
+        let mut synced = self.inner.synced.subscribe();
+        let wait = synced.wait_for(|count| *count > 0);
+        match tokio::time::timeout(REQUEST_TIMEOUT, wait).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(ClientError::ConnectionLost),
+            Err(_) => return Err(ClientError::Timeout(REQUEST_TIMEOUT.as_secs())),
+        }
+        if self.is_connected() {
+            Ok(())
+        } else {
+            Err(ClientError::ConnectionLost)
+        }
+    }
+
+    /// Uploads `batch` one-time KeyPackages and, if asked, a new
+    /// last-resort one.
+    pub(super) async fn upload_key_packages(
+        &self,
+        batch: usize,
+        with_last_resort: bool,
+    ) -> Result<()> {
+        let suite = self.inner.options.group.suite;
+        let (one_time, last_resort) = self.with_tx(|_, provider| {
+            let make = |last| {
+                umbra_mls::new_key_package(
+                    provider,
+                    &self.inner.signer,
+                    &self.inner.account,
+                    suite,
+                    last,
+                )
+            };
+            let one_time = (0..batch)
+                .map(|_| make(false))
+                .collect::<Result<Vec<_>, _>>()?;
+            let last_resort = with_last_resort.then(|| make(true)).transpose()?;
+            Ok((one_time, last_resort))
+        })?;
+        self.request(Request::UploadKeyPackages {
+            key_packages: one_time,
+            last_resort,
+        })
+        .await?;
+        debug!(batch, with_last_resort, "uploaded KeyPackages");
+        Ok(())
+    }
+
+    /// Replaces the last-resort KeyPackage, as an audit of openmls users
+    /// advised (a reused last-resort package weakens forward secrecy for
+    /// new conversations). The one-time pool is topped up when the server
+    /// says it runs low (it caps how many may wait there).
+    pub async fn rotate_key_packages(&self) -> Result<()> {
+        self.upload_key_packages(0, true).await
+    }
+}
