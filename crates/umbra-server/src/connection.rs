@@ -19,6 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::burst::Burst;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -53,27 +55,34 @@ const MAX_PUSHED_AHEAD: usize = 256;
 /// How long the WebSocket upgrade may take once TLS is up.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Bytes of frames tungstenite collects before it writes them to the
-/// socket. The writer feeds everything that is ready (queued responses,
-/// every answer a commit settled, the inbox) and flushes once per burst,
-/// so a burst shares one `send` (with TLS, fewer records). Against writing
-/// each frame as it is fed (0), `umbra-bench offline` (3 runs each, one
-/// session) went from 35-42k to 51-61k accepted msgs/s and the drain from
-/// 85-105k to 131-181k msgs/s; relay was unchanged within run-to-run noise.
-/// (A 4 KiB buffer tried earlier, when ready answers still went out one
-/// per wake-up, had measured a halved drain.) tungstenite's buffer keeps
-/// the capacity of the largest burst it collected (at most this plus one
-/// frame), so a connection that once drained a backlog holds up to ~16 KiB
-/// more than one that only authenticated.
+/// Bytes of frames collected before they are written to the socket
+/// ([`Burst`]). The writer feeds everything that is ready (queued
+/// responses, every answer a commit settled, the inbox) and flushes once
+/// per burst, so a burst shares one `send` (with TLS, fewer records).
+/// Against writing each frame as it is fed, `umbra-bench offline` (3 runs
+/// each, one session) went from 35-42k to 51-61k accepted msgs/s and the
+/// drain from 85-105k to 131-181k msgs/s; relay was unchanged within
+/// run-to-run noise. (Measured when tungstenite collected the burst
+/// itself; [`Burst`] collects it and frees its buffer after each burst.)
 const WRITE_BUFFER: usize = 16 * 1024;
 
+/// What tungstenite collects before handing frames to [`Burst`]. It keeps
+/// the capacity of the most it ever held (this plus one frame) for the
+/// connection's life, so it is small; handing on every frame singly (0)
+/// cost the drain a sixth of its rate (`umbra-bench offline`, 3 runs each,
+/// alternating with tungstenite collecting 16 KiB itself as before: with 0
+/// 114k, 113k, 126k msgs/s against 157k, 135k, 140k; with 4 KiB 148k,
+/// 137k, 132k against 139k, 138k, 149k; accept rates unchanged).
+const FRAME_BUFFER: usize = 4096;
+
 /// WebSocket settings: a small read buffer (tungstenite allocates it up
-/// front for every connection), writes collected per burst
-/// ([`WRITE_BUFFER`]), and the protocol's frame limit.
+/// front for every connection), frames handed on in small groups (to
+/// [`Burst`], which collects a burst without keeping memory between
+/// bursts), and the protocol's frame limit.
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4096)
-        .write_buffer_size(WRITE_BUFFER)
+        .write_buffer_size(FRAME_BUFFER)
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES))
 }
@@ -125,7 +134,7 @@ impl Connection {
         // Boxed, like the request handler below: the handshake's state is
         // large and needed once, not for the connection's whole life.
         let upgrade = Box::pin(tokio_tungstenite::accept_async_with_config(
-            stream,
+            Burst::new(stream, WRITE_BUFFER),
             Some(websocket_config()),
         ));
         let ws = match tokio::time::timeout(UPGRADE_TIMEOUT, upgrade).await {

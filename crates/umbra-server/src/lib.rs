@@ -11,6 +11,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod admin;
+mod burst;
 pub mod config;
 mod connection;
 pub mod delivery_ids;
