@@ -11,7 +11,8 @@
 //! keeps only a small buffer ([`crate::connection::websocket_config`]) and
 //! hands its frames on to this one, which collects up to its limit, writes
 //! when full, and gives its memory back on every flush: between bursts a
-//! connection holds no write buffer of its own.
+//! connection holds no burst buffer (tungstenite's own still keeps room for
+//! the largest single frame it was given).
 
 use std::io;
 use std::pin::Pin;

@@ -70,6 +70,35 @@ pub(crate) async fn group_of_two(store: &impl Store) -> (GroupId, AccountId, Acc
     (g, alice, bob)
 }
 
+/// Alice's group with Bob and Carol, at epoch 1, every mailbox read.
+#[cfg(test)]
+pub(crate) async fn group_of_three(store: &impl Store) -> (GroupId, [AccountId; 3]) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    let carol = registered(store, "CCCCCCCC", 3).await;
+    befriend(store, &alice, &bob).await;
+    befriend(store, &alice, &carol).await;
+    let g = group(3);
+    store
+        .create_group(&g, &alice, &state_at(0), &info_at(0), NOW)
+        .await
+        .unwrap();
+    store
+        .accept_commit(
+            &commit(&g, 0, &alice, b"add", &[&bob, &carol], &[]),
+            NOW,
+            NOW + TTL,
+        )
+        .await
+        .unwrap();
+    for who in [&alice, &bob, &carol] {
+        let held = store.pending(who, 0, 100, NOW).await.unwrap();
+        let ids: Vec<u64> = held.iter().map(|d| d.id).collect();
+        store.ack(who, &ids).await.unwrap();
+    }
+    (g, [alice, bob, carol])
+}
+
 fn group(n: u8) -> GroupId {
     GroupId::new(vec![n; 16]).unwrap()
 }
@@ -287,7 +316,7 @@ async fn settled(outcome: Result<FanOutOutcome>) {
     stored(outcome).1.wait().await.unwrap();
 }
 
-fn commit(
+pub(crate) fn commit(
     group_id: &GroupId,
     epoch: u64,
     sender: &AccountId,
@@ -775,9 +804,6 @@ async fn lines_decide_each_send(store: &impl Store) {
     ));
 }
 
-/// Two stores on one database, as the server and an admin command are: a
-/// line suspended through one stops its sends through the other within a
-/// few seconds, though the other has just let it send.
 /// Bytes of each application message in [`mailbox_cap`].
 const CAPPED_MESSAGE: usize = 1000;
 
@@ -892,8 +918,58 @@ pub async fn mailbox_cap(store: &impl Store) {
         ]
     );
     assert_eq!(held[3].payload, 1u64.to_be_bytes());
+
+    // A short-lived message dropped later does not shorten the notice's
+    // life: it lives as long as the longest-lived copy it counts.
+    let outcome = store
+        .fan_out(
+            &g,
+            &alice,
+            DeliveryKind::Application,
+            &[10; CAPPED_MESSAGE],
+            2,
+            NOW,
+            NOW + 60,
+        )
+        .await;
+    stored(outcome).1.wait().await.unwrap();
+    store.expire(NOW + 61).await.unwrap();
+    let held = store.pending(&bob, 0, 100, NOW + 61).await.unwrap();
+    let notice = held.last().unwrap();
+    assert_eq!(notice.kind, DeliveryKind::MailboxFull, "{held:?}");
+    assert_eq!(notice.payload, 2u64.to_be_bytes());
+
+    // Replacing the notice again and again leaves nothing counted behind:
+    // once everything is read, three messages fit again.
+    for _ in 0..70 {
+        let (_, durable) =
+            stored(send_in_epoch(store, &g, &alice, &[11; CAPPED_MESSAGE], 2, NOW).await);
+        durable.wait().await.unwrap();
+    }
+    let held = store.pending(&bob, 0, 100, NOW).await.unwrap();
+    assert_eq!(held.last().unwrap().payload, 72u64.to_be_bytes());
+    let ids: Vec<u64> = held.iter().map(|d| d.id).collect();
+    store.ack(&bob, &ids).await.unwrap();
+    for n in 12..15u8 {
+        let (_, durable) =
+            stored(send_in_epoch(store, &g, &alice, &[n; CAPPED_MESSAGE], 2, NOW).await);
+        durable.wait().await.unwrap();
+    }
+    let held = store.pending(&bob, 0, 100, NOW).await.unwrap();
+    let kinds: Vec<_> = held.iter().map(|d| (d.kind, d.payload[0])).collect();
+    assert_eq!(
+        kinds,
+        [
+            (DeliveryKind::Application, 12),
+            (DeliveryKind::Application, 13),
+            (DeliveryKind::Application, 14)
+        ]
+    );
 }
 
+/// Two stores on one database, as the server and an admin command are: a
+/// line suspended through one stops its sends through the other within a
+/// few seconds, though the other has just let it send.
 pub async fn sees_another_writer(server: &impl Store, admin: &impl Store) {
     let g = group(2);
     let (alice, _bob) = pair_in_group(server, &g).await;

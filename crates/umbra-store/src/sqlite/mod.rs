@@ -300,7 +300,9 @@ fn in_savepoint<T>(tx: &Tx<'_>, work: impl FnOnce(&Tx<'_>) -> Result<T>) -> Resu
         if run("ROLLBACK TO job").is_ok() {
             run("RELEASE job")?;
         }
-        // What the failed write changed is undone: forget what it read.
+        // What the failed write changed is undone: forget what it read,
+        // and the mailbox sizes it counted as it went.
+        tx.mailboxes.borrow_mut().forget_all();
         let mut checked = lock(tx.checked);
         checked.forget_all();
         if checked.ids.reservations != reservations {
@@ -388,7 +390,8 @@ impl Tx<'_> {
     /// The shared state, for a job that reads or changes it, or takes IDs:
     /// from now until the batch's copies are staged, fan-outs go through
     /// the writer. (A batch that only writes staged copies and deletes
-    /// acknowledged ones never calls this, so fan-outs go on meanwhile.)
+    /// acknowledged ones never calls this, unless a mailbox at its cap
+    /// needs a `MailboxFull` notice, so fan-outs go on meanwhile.)
     fn checked(&self) -> MutexGuard<'_, Checked> {
         let mut checked = lock(self.checked);
         checked.writing = true;
@@ -762,9 +765,12 @@ fn write_staged(tx: &Tx<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<(u64, StoreErr
     }
     if rolled_back.is_none() {
         for (recipient, (count, now, expires_at)) in dropped {
-            if let Err(error) = note_mailbox_full(tx, &recipient, count, now, expires_at) {
-                // The copies were not kept either way; only the notice of
-                // it is lost, and the next one counts from there.
+            let noted = in_savepoint(tx, |tx| {
+                note_mailbox_full(tx, &recipient, count, now, expires_at)
+            });
+            if let Err(error) = noted {
+                // The copies were not kept either way; the notice waiting
+                // (if any) stays as it was, without this count.
                 tracing::warn!(%error, "noting a full mailbox failed");
             }
         }
@@ -775,7 +781,10 @@ fn write_staged(tx: &Tx<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<(u64, StoreErr
 /// Tells `recipient`'s device that `count` more messages were not kept
 /// because its mailbox was full: one notice carrying the total since the
 /// device last acknowledged one (a big-endian u64), under a new ID so that
-/// a device which already read the previous one reads this one too.
+/// a device which already read the previous one reads this one too. It
+/// lives as long as the longest-lived copy it counts, so a short-lived
+/// message dropped later cannot make it expire early. Run in its own
+/// savepoint: the old notice is replaced or kept, never just lost.
 fn note_mailbox_full(
     tx: &Tx<'_>,
     recipient: &AccountId,
@@ -783,17 +792,24 @@ fn note_mailbox_full(
     now: Timestamp,
     expires_at: Timestamp,
 ) -> Result<()> {
-    let earlier: Option<Vec<u8>> = tx
+    let earlier: Option<(Vec<u8>, Timestamp)> = tx
         .query_row(
-            "DELETE FROM mailbox WHERE recipient = ?1 AND kind = ?2 RETURNING payload",
+            "DELETE FROM mailbox WHERE recipient = ?1 AND kind = ?2 RETURNING payload, expires_at",
             params![recipient.as_str(), DeliveryKind::MailboxFull as i32],
-            |row| row.get(0),
+            |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .optional()
         .map_err(backend)?;
-    let earlier = earlier
-        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-        .map_or(0, u64::from_be_bytes);
+    let (earlier, expires_at) = match earlier {
+        Some((payload, until)) => {
+            tx.mailboxes
+                .borrow_mut()
+                .shrank(recipient, payload.len() as u64);
+            let count = <[u8; 8]>::try_from(payload.as_slice()).map_or(0, u64::from_be_bytes);
+            (count, until.max(expires_at))
+        }
+        None => (0, expires_at),
+    };
     let total = earlier.saturating_add(count);
     enqueue(
         tx,
@@ -2272,6 +2288,83 @@ mod tests {
             rows,
             vec![3],
             "each caller is told what happened to its write"
+        );
+    }
+
+    /// A write that fails halfway (a commit whose copy for one member
+    /// cannot be inserted) is undone to its savepoint; the mailbox sizes it
+    /// counted for the members before must be undone with it, or their
+    /// mailboxes look fuller than they are and their messages are dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_leaves_no_mailbox_bytes_counted() {
+        use crate::{Groups as _, Mailboxes as _};
+        let limits = StoreLimits {
+            mailbox_bytes: 3500,
+            ..StoreLimits::default()
+        };
+        let store = SqliteStore::open_in_memory_limited(limits).unwrap_or_else(|e| panic!("{e}"));
+        let (g, [alice, bob, carol]) = crate::conformance::group_of_three(&store).await;
+        let now = 1_800_000_000;
+        let send = |n: u8| {
+            let (store, g, alice) = (store.clone(), g.clone(), alice.clone());
+            async move {
+                let outcome = store
+                    .fan_out(
+                        &g,
+                        &alice,
+                        DeliveryKind::Application,
+                        &[n; 1000],
+                        1,
+                        now,
+                        now + 3600,
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let crate::FanOutOutcome::Stored { durable, .. } = outcome else {
+                    panic!("{outcome:?}");
+                };
+                durable.wait().await.unwrap_or_else(|e| panic!("{e}"));
+            }
+        };
+        send(1).await;
+        send(2).await;
+        let poison = format!(
+            "CREATE TEMP TRIGGER poison BEFORE INSERT ON mailbox
+             WHEN NEW.recipient = '{}' AND NEW.kind = {}
+             BEGIN SELECT RAISE(ABORT, 'simulated failure'); END;",
+            carol.as_str(),
+            DeliveryKind::Commit as i32
+        );
+        store
+            .write(move |tx| tx.execute_batch(&poison).map_err(backend))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let failed = store
+            .accept_commit(
+                &crate::conformance::commit(&g, 1, &alice, &[0; 1000], &[], &[]),
+                now,
+                now + 3600,
+            )
+            .await;
+        assert!(failed.is_err(), "{failed:?}");
+        store
+            .write(|tx| tx.execute_batch("DROP TRIGGER poison").map_err(backend))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Bob holds 2,000 bytes, not 3,000: a third message fits.
+        send(3).await;
+        let held = store
+            .pending(&bob, 0, 100, now)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let kinds: Vec<_> = held.iter().map(|d| (d.kind, d.payload[0])).collect();
+        assert_eq!(
+            kinds,
+            [
+                (DeliveryKind::Application, 1),
+                (DeliveryKind::Application, 2),
+                (DeliveryKind::Application, 3)
+            ]
         );
     }
 
