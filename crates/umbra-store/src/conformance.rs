@@ -70,8 +70,15 @@ pub(crate) async fn group_of_two(store: &impl Store) -> (GroupId, AccountId, Acc
     (g, alice, bob)
 }
 
+/// Reads and acknowledges everything in `who`'s mailbox.
+async fn read_all(store: &impl Store, who: &AccountId) -> Vec<StoredDelivery> {
+    let held = store.pending(who, 0, 100, NOW).await.unwrap();
+    let ids: Vec<u64> = held.iter().map(|d| d.id).collect();
+    store.ack(who, &ids).await.unwrap();
+    held
+}
+
 /// Alice's group with Bob and Carol, at epoch 1, every mailbox read.
-#[cfg(test)]
 pub(crate) async fn group_of_three(store: &impl Store) -> (GroupId, [AccountId; 3]) {
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
@@ -92,9 +99,7 @@ pub(crate) async fn group_of_three(store: &impl Store) -> (GroupId, [AccountId; 
         .await
         .unwrap();
     for who in [&alice, &bob, &carol] {
-        let held = store.pending(who, 0, 100, NOW).await.unwrap();
-        let ids: Vec<u64> = held.iter().map(|d| d.id).collect();
-        store.ack(who, &ids).await.unwrap();
+        read_all(store, who).await;
     }
     (g, [alice, bob, carol])
 }
@@ -817,39 +822,14 @@ pub const MAILBOX_CAP: u64 = 3 * CAPPED_MESSAGE as u64 + CAPPED_MESSAGE as u64 /
 /// nobody else anything; acknowledging makes room again. `store` must be
 /// opened with `mailbox_bytes = MAILBOX_CAP`.
 pub async fn mailbox_cap(store: &impl Store) {
-    let alice = registered(store, "AAAAAAAA", 1).await;
-    let bob = registered(store, "BBBBBBBB", 2).await;
-    let carol = registered(store, "CCCCCCCC", 3).await;
-    befriend(store, &alice, &bob).await;
-    befriend(store, &alice, &carol).await;
-    let g = group(5);
-    store
-        .create_group(&g, &alice, &state_at(0), &info_at(0), NOW)
-        .await
-        .unwrap();
-    store
-        .accept_commit(
-            &commit(&g, 0, &alice, b"add", &[&bob, &carol], &[]),
-            NOW,
-            NOW + TTL,
-        )
-        .await
-        .unwrap();
-    let empty = |who: AccountId| async move {
-        let held = store.pending(&who, 0, 100, NOW).await.unwrap();
-        let ids: Vec<u64> = held.iter().map(|d| d.id).collect();
-        store.ack(&who, &ids).await.unwrap();
-        held
-    };
-    empty(bob.clone()).await;
-    empty(carol.clone()).await;
+    let (g, [alice, bob, carol]) = group_of_three(store).await;
     // Bob is away; Carol reads as messages come.
     let mut carol_read = Vec::new();
     for n in 0..5u8 {
         let (_, durable) =
             stored(send_in_epoch(store, &g, &alice, &[n; CAPPED_MESSAGE], 1, NOW).await);
         durable.wait().await.unwrap();
-        carol_read.extend(empty(carol.clone()).await.iter().map(|d| d.payload[0]));
+        carol_read.extend(read_all(store, &carol).await.iter().map(|d| d.payload[0]));
     }
     assert_eq!(
         carol_read,

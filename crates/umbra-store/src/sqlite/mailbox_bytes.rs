@@ -19,7 +19,7 @@ use super::{backend, remember};
 use crate::Result;
 
 /// Bytes of payload each known mailbox holds, and the cap (0: none).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct MailboxBytes {
     cap: u64,
     known: HashMap<AccountId, u64>,

@@ -747,8 +747,13 @@ fn write_staged(tx: &Tx<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<(u64, StoreErr
                 insert_staged(tx, &copy)?;
                 tx.mailboxes.borrow_mut().grew(&copy.recipient, size);
             } else {
+                // The notice lives as long as the longest-lived copy it counts.
                 let entry = dropped.entry(copy.recipient.clone()).or_default();
-                *entry = (entry.0 + 1, copy.delivery.sent_at, copy.expires_at);
+                *entry = (
+                    entry.0 + 1,
+                    copy.delivery.sent_at,
+                    entry.2.max(copy.expires_at),
+                );
             }
             Ok(())
         });
