@@ -28,8 +28,9 @@ mod exit {
 
 const AFTER_HELP: &str = "\
 Getting started:
-  umbra                            the full-screen chat (? lists its keys)
-  umbra activate 'umbra://HOST:PORT/CODE?pin=...'   (from your operator)
+  umbra                            the full-screen chat (? lists its keys);
+                                   on a new device it sets one up first
+  umbra activate 'umbra://HOST:PORT/CODE?pin=...'   the same, for scripts
   umbra whoami                     your account ID, to give to contacts
   umbra contacts add K7QD9XPM      ask someone to be your contact
   umbra recv                       fetch what arrived (requests, messages)
@@ -450,6 +451,11 @@ impl Out {
                 ConversationKind::Direct { peer } => {
                     println!("conversation with {peer} is ready")
                 }
+                // A group's name comes in its first message, after the
+                // Welcome: announced then, as a line of the group.
+                ConversationKind::Group if conversation.name.is_empty() => {
+                    println!("you are in a new group ({})", conversation.id)
+                }
                 ConversationKind::Group => println!(
                     "you are in group \u{201c}{}\u{201d} ({})",
                     printable(&conversation.name),
@@ -495,15 +501,24 @@ impl Out {
 /// One message on one line. The body is escaped whoever wrote it: theirs
 /// is someone else's text, and system lines quote group names.
 fn format_message(message: &Message) -> String {
-    let time = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(message.timestamp),
-    );
+    let time = rfc3339(message.timestamp);
     let body = printable(&message.body);
     match message.direction {
         Direction::System => format!("[{time}] * {body}"),
         Direction::Out => format!("[{time}] you: {body} ({:?})", message.state),
-        Direction::In => format!("[{time}] {}: {body}", message.sender),
+        Direction::In => match message.arrived_late() {
+            Some(at) => format!(
+                "[{time}] {}: {body} (received {})",
+                message.sender,
+                rfc3339(at)
+            ),
+            None => format!("[{time}] {}: {body}", message.sender),
+        },
     }
+}
+
+fn rfc3339(unix: u64) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
 }
 
 /// Opens the device in --home.
@@ -540,9 +555,7 @@ fn conversation(client: &Client, target: &str) -> anyhow::Result<ConversationId>
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = Out { json: cli.json };
     let Some(command) = &cli.command else {
-        if !umbra_client::device_exists(&cli.home) {
-            return Err(ClientError::NotActivated(cli.home.display().to_string()).into());
-        }
+        // With no device here yet, the app opens on its setup screen.
         return tui::run(cli.home.clone(), ClientOptions::default()).await;
     };
     match command {
@@ -618,7 +631,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client.sync().await?;
             let mut shown = Vec::new();
             while let Ok(event) = events.try_recv() {
-                if let Event::MessageReceived { message } = &event {
+                if let Event::MessageReceived { message } = &event
+                    && message.direction == Direction::In
+                {
                     shown.push(message.id);
                 }
                 out.event(&event);

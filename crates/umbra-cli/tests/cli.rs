@@ -159,10 +159,21 @@ async fn activate(server: &Server, home: &Path) -> String {
     activated[0]["account_id"].as_str().unwrap().to_owned()
 }
 
+/// The bodies of the messages in `events` (not the lines about a group).
 fn messages(events: &[Value]) -> Vec<String> {
+    bodies(events, |direction| direction != "system")
+}
+
+/// The lines about a group in `events`: who added whom, its name.
+fn system_lines(events: &[Value]) -> Vec<String> {
+    bodies(events, |direction| direction == "system")
+}
+
+fn bodies(events: &[Value], direction: impl Fn(&str) -> bool) -> Vec<String> {
     events
         .iter()
         .filter(|e| e["event"] == "message_received")
+        .filter(|e| direction(e["message"]["direction"].as_str().unwrap()))
         .map(|e| e["message"]["body"].as_str().unwrap().to_owned())
         .collect()
 }
@@ -240,9 +251,14 @@ async fn two_people_talk_through_the_cli() {
     .await;
     let group = created[0]["conversation"].as_str().unwrap().to_owned();
     ok(alice.path(), &["send", &group, "to the crew"]).await;
+    let received = ok(carol.path(), &["recv"]).await;
+    assert_eq!(messages(&received), vec!["to the crew"]);
     assert_eq!(
-        messages(&ok(carol.path(), &["recv"]).await),
-        vec!["to the crew"]
+        system_lines(&received),
+        vec![
+            format!("{a} added you"),
+            format!("{a} named the group \u{201c}Crew\u{201d}")
+        ]
     );
     assert_eq!(
         messages(&ok(bob.path(), &["recv"]).await),
@@ -339,6 +355,12 @@ async fn text_output_escapes_what_contacts_write() {
         assert!(line(&history, &shown_body).contains(&format!("] {b}: hi")));
         assert!(line(&groups, &shown_name).starts_with(&format!("{group}  \u{201c}Crew")));
         assert!(line(&group_history, &shown_name).contains(&format!("* {b} named the group")));
+        // Joining says so without an empty name; the name follows as a line
+        // of the group, as it arrives.
+        assert!(received.contains(&format!("you are in a new group ({group})")));
+        assert!(!received.contains("group \u{201c}\u{201d}"), "{received}");
+        assert!(line(&received, &format!("* {b} added you")).contains('*'));
+        assert!(line(&received, &shown_name).contains(&format!("* {b} named the group")));
 
         // JSON keeps the text exactly as written (serde_json escapes it).
         let bodies: Vec<Value> = ok(alice.path(), &["history", b]).await;
@@ -383,6 +405,32 @@ struct Tmux {
 }
 
 impl Tmux {
+    /// `umbra --home HOME` in a fresh `width`x`height` terminal, with no
+    /// passphrase in its environment.
+    fn start(name: &str, home: &Path, width: u16, height: u16) -> Tmux {
+        let tmux = Tmux {
+            socket: format!("umbra-{name}-{}", std::process::id()),
+        };
+        let command = format!(
+            "env -u UMBRA_PASSPHRASE {} --home {}",
+            env!("CARGO_BIN_EXE_umbra"),
+            home.display()
+        );
+        let (width, height) = (width.to_string(), height.to_string());
+        tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "chat",
+            "-x",
+            &width,
+            "-y",
+            &height,
+            &command,
+        ]);
+        tmux
+    }
+
     fn run(&self, args: &[&str]) -> String {
         let output = Command::new("tmux")
             .arg("-L")
@@ -442,25 +490,7 @@ async fn the_full_screen_chat_in_a_real_terminal() {
     ok(bob.path(), &["send", &a, "are you there?"]).await;
 
     // Alice opens the app in a real terminal (tmux), 100x30.
-    let tmux = Tmux {
-        socket: format!("umbra-test-{}", std::process::id()),
-    };
-    let command = format!(
-        "env -u UMBRA_PASSPHRASE {} --home {}",
-        env!("CARGO_BIN_EXE_umbra"),
-        alice.path().display()
-    );
-    tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "chat",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &command,
-    ]);
+    let tmux = Tmux::start("test", alice.path(), 100, 30);
     tmux.wait_for("Passphrase:").await;
     tmux.run(&["send-keys", "-t", "chat", "a long test passphrase"]);
     // One star per character typed, and never the characters themselves.
@@ -512,6 +542,64 @@ async fn the_full_screen_chat_in_a_real_terminal() {
     tmux.run(&["send-keys", "-t", "chat", "Escape"]);
     tmux.wait_for("loud and clear").await;
     tmux.run(&["send-keys", "-t", "chat", "q"]);
+}
+
+/// `umbra` where there is no device yet: the app sets one up on screen
+/// (activation string, passphrase twice, the wipe code once), then opens;
+/// the device it made is the one the scriptable commands then open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_user_sets_up_a_device_in_the_full_screen_app() {
+    let server = Server::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let tmux = Tmux::start("setup", home.path(), 100, 40);
+    tmux.wait_for("welcome to Umbra").await;
+    tmux.run(&["send-keys", "-t", "chat", "-l", "not a code"]);
+    tmux.run(&["send-keys", "-t", "chat", "Enter"]);
+    tmux.wait_for("Not an activation string").await;
+    for _ in 0.."not a code".len() {
+        tmux.run(&["send-keys", "-t", "chat", "BSpace"]);
+    }
+    tmux.run(&["send-keys", "-t", "chat", "-l", &server.activation().await]);
+    tmux.run(&["send-keys", "-t", "chat", "Enter"]);
+    tmux.wait_for("choose a passphrase").await;
+    for _ in 0..2 {
+        tmux.run(&["send-keys", "-t", "chat", "-l", "a long test passphrase"]);
+        tmux.wait_for("> **********************").await;
+        tmux.run(&["send-keys", "-t", "chat", "Enter"]);
+    }
+    let screen = tmux.wait_for("your wipe code").await;
+    assert!(!screen.contains("a long test"), "{screen}");
+    // (Its start: a long code wraps inside the box.)
+    let wipe_code = screen
+        .split(|c: char| c.is_whitespace() || c == '│')
+        .find(|word| word.starts_with("umbra-wipe://"))
+        .unwrap_or_else(|| panic!("no wipe code on screen:\n{screen}"))
+        .to_owned();
+    tmux.run(&["send-keys", "-t", "chat", "Enter"]);
+    tmux.wait_for(" · connected").await;
+    tmux.run(&["send-keys", "-t", "chat", "q"]);
+
+    // The device is there, under that passphrase, and the wipe code shown
+    // is its own.
+    let mut whoami = Vec::new();
+    for _ in 0..100 {
+        let output = Command::new(env!("CARGO_BIN_EXE_umbra"))
+            .arg("--home")
+            .arg(home.path())
+            .args(["--json", "whoami"])
+            .env("UMBRA_PASSPHRASE", "a long test passphrase")
+            .output()
+            .unwrap();
+        if output.status.success() {
+            whoami = output.stdout;
+            break;
+        }
+        // The app may still be closing the store.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let whoami: Value = serde_json::from_slice(&whoami).unwrap();
+    let account = whoami["account_id"].as_str().unwrap();
+    assert!(wipe_code.contains(&format!("/{account}/")), "{wipe_code}");
 }
 
 /// Copies the device in `from` into a fresh directory.

@@ -106,11 +106,15 @@ impl Client {
             Ok(Some(group.set_disappear_after(provider, signer, seconds)?))
         })
         .await?;
+        let mut events = Vec::new();
         let mut db = self.db();
         let tx = db.transaction()?;
-        self.record_timer(&tx, &group_id, "You", seconds)?;
+        self.record_timer(&tx, &group_id, "You", seconds, &mut events)?;
         tx.commit()?;
         drop(db);
+        for event in events {
+            self.emit_event(event);
+        }
         self.emit_changed(conversation)
     }
 
@@ -121,6 +125,7 @@ impl Client {
         group_id: &[u8],
         who: &str,
         seconds: u32,
+        events: &mut Vec<Event>,
     ) -> Result<()> {
         let current: u32 = tx.query_row(
             "SELECT disappear_after FROM conversations WHERE group_id = ?1",
@@ -142,7 +147,7 @@ impl Client {
                 describe(seconds)
             )
         };
-        self.system_line(tx, group_id, &line)
+        self.system_line(tx, group_id, &line, events)
     }
 
     /// Records that these messages were shown to the user: in a

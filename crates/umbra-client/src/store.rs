@@ -24,6 +24,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (5, include_str!("../migrations/0005_group_info.sql")),
     (6, include_str!("../migrations/0006_rejoins.sql")),
     (7, include_str!("../migrations/0007_shown_key.sql")),
+    (8, include_str!("../migrations/0008_sent_at.sql")),
 ];
 
 pub(crate) fn store_path(home: &Path) -> PathBuf {

@@ -141,13 +141,32 @@ pub struct Message {
     pub direction: Direction,
     pub body: String,
     pub state: DeliveryState,
-    /// Unix seconds: when sent (ours) or received (theirs).
+    /// Unix seconds: when it was sent. Theirs by the sender's clock (which
+    /// this device cannot check), never later than it arrived; system
+    /// lines when what they report happened here.
     pub timestamp: u64,
+    /// Theirs: when this device received it (Unix seconds). Later than
+    /// `timestamp` when the device was away or the message waited.
+    pub received_at: Option<u64>,
     /// When this copy disappears (Unix seconds), if it does: ours from when
     /// they were sent, theirs from when first shown.
     pub expires_at: Option<u64>,
     /// The conversation's timer when the message was sent, in seconds.
     pub disappear_after: u32,
+}
+
+/// How much later than it was sent a message must arrive for history to
+/// show both times.
+pub const SHOWN_DELAY: u64 = 60;
+
+impl Message {
+    /// When this message arrived, if that was [`SHOWN_DELAY`] or more after
+    /// it was sent (the device was away, or the message waited): worth
+    /// showing beside the time it was sent.
+    pub fn arrived_late(&self) -> Option<u64> {
+        self.received_at
+            .filter(|&at| at >= self.timestamp.saturating_add(SHOWN_DELAY))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -95,12 +95,7 @@ async fn delivery_and_read_receipts() {
             | umbra_client::DeliveryState::Read
     ));
     // Bob's device applies it and answers "delivered" by itself.
-    let received = bob
-        .wait_for(|e| match e {
-            Event::MessageReceived { message } => Some(message.clone()),
-            _ => None,
-        })
-        .await;
+    let received = bob.next_message().await;
     let id = sent.id;
     let delivered = alice
         .wait_for(|e| match e {
@@ -169,6 +164,14 @@ async fn group_of_five_add_and_remove() {
             })
             .await;
         assert_eq!(started, group);
+        // Told who added them and, when it comes, the group's name, as
+        // lines of the group.
+        for line in [
+            format!("{} added you", owner.id()),
+            format!("{} named the group \u{201c}Night shift\u{201d}", owner.id()),
+        ] {
+            member.wait_for(|e| system_line(e, &group, &line)).await;
+        }
     }
     owner.client.send_text(&group, "first").await.unwrap();
     for member in &mut others[..4] {
@@ -213,6 +216,9 @@ async fn group_of_five_add_and_remove() {
         .remove_members(&group, std::slice::from_ref(&removed))
         .await
         .unwrap();
+    // Told, not only shown it when next looking.
+    let told = format!("{} removed you", owner.id());
+    others[1].wait_for(|e| system_line(e, &group, &told)).await;
     others[1]
         .wait_for(|e| match e {
             Event::ConversationChanged { conversation } if !conversation.active => Some(()),
@@ -624,7 +630,7 @@ async fn a_full_mailbox_keeps_what_fits_and_tells_its_device_what_it_missed() {
     let dropped = bob
         .wait_for(|e| match e {
             Event::MailboxOverflow { dropped } => Some(*dropped),
-            Event::MessageReceived { message } => {
+            Event::MessageReceived { message } if message.direction == Direction::In => {
                 panic!("a message beyond the cap arrived: {:.8}", message.body)
             }
             _ => None,
@@ -680,4 +686,65 @@ async fn an_account_over_its_delivery_budget_is_refused_and_others_go_on() {
         })
         .await;
     assert_eq!(from, carol.id());
+}
+
+/// History dates a message by when it was sent, not when this device
+/// happened to receive it; a message that waited says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_shows_when_a_message_was_sent_and_when_it_arrived_late() {
+    let server = TestServer::start().await;
+    let clock = umbra_client::ManualClock::new(common::now());
+    let options = umbra_client::ClientOptions {
+        clock: std::sync::Arc::new(clock.clone()),
+        ..common::options()
+    };
+    let activation = server.activation().await;
+    let mut alice = Device::activate_untimed(&activation, options.clone()).await;
+    let mut bob = Device::activate_untimed(&server.activation().await, options).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+
+    bob.client.disconnect();
+    let sent = umbra_client::Clock::now(&clock);
+    alice
+        .client
+        .send_text(&conversation, "sent while you were away")
+        .await
+        .unwrap();
+    clock.advance(2 * 3600);
+    bob.client.connect().await.unwrap();
+    let message = bob.next_message().await;
+    assert_eq!(message.body, "sent while you were away");
+    assert_eq!(message.timestamp, sent);
+    assert_eq!(message.received_at, Some(sent + 2 * 3600));
+    assert_eq!(message.arrived_late(), Some(sent + 2 * 3600));
+    let stored = bob.client.history(&conversation, 10).unwrap();
+    let stored = stored.last().unwrap();
+    assert_eq!(
+        (stored.timestamp, stored.received_at),
+        (sent, Some(sent + 2 * 3600))
+    );
+
+    // One that arrives at once shows one time.
+    alice
+        .client
+        .send_text(&conversation, "and now")
+        .await
+        .unwrap();
+    let message = bob.next_message().await;
+    assert_eq!(message.timestamp, sent + 2 * 3600);
+    assert_eq!(message.arrived_late(), None);
+}
+
+/// Picks the event that tells the user `line` happened in `group`.
+fn system_line(event: &Event, group: &umbra_client::ConversationId, line: &str) -> Option<()> {
+    match event {
+        Event::MessageReceived { message }
+            if message.direction == Direction::System
+                && &message.conversation == group
+                && message.body == line =>
+        {
+            Some(())
+        }
+        _ => None,
+    }
 }

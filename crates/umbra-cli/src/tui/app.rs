@@ -21,14 +21,80 @@ pub enum Link {
     CertificateMismatch,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What fills the terminal. Its `Debug` shows no passphrase, activation
+/// string or wipe code.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Screen {
+    /// No device here yet: `umbra activate`'s steps, on screen.
+    Setup {
+        step: Setup,
+        input: String,
+        error: Option<String>,
+    },
+    /// Just activated: the wipe code, shown this once.
+    WipeCode {
+        account: String,
+        code: String,
+        qr: String,
+    },
     Unlock {
         input: String,
         error: Option<String>,
     },
     Main,
 }
+
+impl std::fmt::Debug for Screen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Screen::Setup { step, error, .. } => f
+                .debug_struct("Setup")
+                .field("step", step)
+                .field("error", error)
+                .finish_non_exhaustive(),
+            Screen::WipeCode { account, .. } => f
+                .debug_struct("WipeCode")
+                .field("account", account)
+                .finish_non_exhaustive(),
+            Screen::Unlock { error, .. } => f
+                .debug_struct("Unlock")
+                .field("error", error)
+                .finish_non_exhaustive(),
+            Screen::Main => f.write_str("Main"),
+        }
+    }
+}
+
+/// Where setting up a device is; what was entered so far goes along.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Setup {
+    /// Pasting the activation string (`umbra://…`) from the operator or
+    /// distributor.
+    Activation,
+    /// Choosing the passphrase that opens this device's store.
+    Passphrase { activation: String },
+    /// Typing it again.
+    Repeat {
+        activation: String,
+        passphrase: String,
+    },
+    /// Waiting for the server.
+    Activating,
+}
+
+impl std::fmt::Debug for Setup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Setup::Activation => "Activation",
+            Setup::Passphrase { .. } => "Passphrase",
+            Setup::Repeat { .. } => "Repeat",
+            Setup::Activating => "Activating",
+        })
+    }
+}
+
+/// Shortest passphrase a new device accepts (as `umbra activate`).
+pub const MIN_PASSPHRASE: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Focus {
@@ -64,10 +130,15 @@ pub enum Overlay {
     },
 }
 
-/// Work for the run loop.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Work for the run loop. Its `Debug` shows no passphrase or activation
+/// string.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Action {
     Unlock(String),
+    Activate {
+        activation: String,
+        passphrase: String,
+    },
     Send(ConversationId, String),
     Open(ConversationId),
     Accept(AccountId),
@@ -80,6 +151,27 @@ pub enum Action {
     ShowSafety(AccountId),
     MarkVerified(AccountId),
     Quit,
+}
+
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Unlock(_) => f.write_str("Unlock(..)"),
+            Action::Activate { .. } => f.write_str("Activate { .. }"),
+            Action::Send(id, _) => write!(f, "Send({id}, ..)"),
+            Action::Open(id) => write!(f, "Open({id})"),
+            Action::Accept(a) => write!(f, "Accept({a})"),
+            Action::Decline(a) => write!(f, "Decline({a})"),
+            Action::AddContact(a) => write!(f, "AddContact({a})"),
+            Action::CreateGroup(_, members) => write!(f, "CreateGroup(.., {members:?})"),
+            Action::AddMembers(id, members) => write!(f, "AddMembers({id}, {members:?})"),
+            Action::RemoveMembers(id, members) => write!(f, "RemoveMembers({id}, {members:?})"),
+            Action::SetTimer(id, timer) => write!(f, "SetTimer({id}, {timer:?})"),
+            Action::ShowSafety(a) => write!(f, "ShowSafety({a})"),
+            Action::MarkVerified(a) => write!(f, "MarkVerified({a})"),
+            Action::Quit => f.write_str("Quit"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -197,6 +289,15 @@ impl App {
         if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
             return Some(Action::Quit);
         }
+        if let Screen::Setup { .. } = self.screen {
+            return self.on_setup_key(key);
+        }
+        if let Screen::WipeCode { .. } = self.screen {
+            if key.code == KeyCode::Enter {
+                self.screen = Screen::Main;
+            }
+            return None;
+        }
         if let Screen::Unlock { input, error } = &mut self.screen {
             match key.code {
                 KeyCode::Enter if !input.is_empty() => {
@@ -223,6 +324,88 @@ impl App {
         match self.focus {
             Focus::Conversations => self.on_list_key(key),
             Focus::Compose => self.on_compose_key(key),
+        }
+    }
+
+    /// A new device, as `umbra activate` sets it up: the activation
+    /// string, a passphrase typed twice, then the server. Esc goes back a
+    /// step (and from the first, quits).
+    fn on_setup_key(&mut self, key: KeyEvent) -> Option<Action> {
+        let Screen::Setup { step, input, error } = &mut self.screen else {
+            return None;
+        };
+        match key.code {
+            KeyCode::Char(c)
+                if !key
+                    .modifiers
+                    .intersects(KeyModifiers::CONTROL | KeyModifiers::ALT) =>
+            {
+                input.push(c);
+                return None;
+            }
+            KeyCode::Backspace => {
+                input.pop();
+                return None;
+            }
+            KeyCode::Esc => {
+                *error = None;
+                input.clear();
+                *step = match std::mem::replace(step, Setup::Activation) {
+                    Setup::Activation => return Some(Action::Quit),
+                    Setup::Passphrase { .. } | Setup::Activating => Setup::Activation,
+                    Setup::Repeat { activation, .. } => Setup::Passphrase { activation },
+                };
+                return None;
+            }
+            KeyCode::Enter => {}
+            _ => return None,
+        }
+        let entered = std::mem::take(input);
+        *error = None;
+        match std::mem::replace(step, Setup::Activating) {
+            Setup::Activation => {
+                let activation = entered.trim().to_owned();
+                if let Err(problem) = activation.parse::<umbra_client::ActivationString>() {
+                    *step = Setup::Activation;
+                    *input = activation;
+                    *error = Some(format!(
+                        "Not an activation string ({problem}): it looks like \
+                         umbra://HOST:PORT/CODE?pin=…"
+                    ));
+                } else {
+                    *step = Setup::Passphrase { activation };
+                }
+                None
+            }
+            Setup::Passphrase { activation } => {
+                if entered.chars().count() < MIN_PASSPHRASE {
+                    *error = Some(format!(
+                        "Choose a passphrase of at least {MIN_PASSPHRASE} characters"
+                    ));
+                    *step = Setup::Passphrase { activation };
+                } else {
+                    *step = Setup::Repeat {
+                        activation,
+                        passphrase: entered,
+                    };
+                }
+                None
+            }
+            Setup::Repeat {
+                activation,
+                passphrase,
+            } => {
+                if entered != passphrase {
+                    *error = Some("The passphrases differ: choose it again".into());
+                    *step = Setup::Passphrase { activation };
+                    return None;
+                }
+                Some(Action::Activate {
+                    activation,
+                    passphrase,
+                })
+            }
+            Setup::Activating => None,
         }
     }
 
@@ -507,6 +690,114 @@ mod tests {
             app.on_key(key(KeyCode::Enter)),
             Some(Action::Unlock("secre".into()))
         );
+    }
+
+    fn setup() -> App {
+        App {
+            screen: Screen::Setup {
+                step: Setup::Activation,
+                input: String::new(),
+                error: None,
+            },
+            ..App::default()
+        }
+    }
+
+    fn setup_error(app: &App) -> Option<&str> {
+        match &app.screen {
+            Screen::Setup { error, .. } => error.as_deref(),
+            other => panic!("left setup: {other:?}"),
+        }
+    }
+
+    const ACTIVATION: &str = "umbra://127.0.0.1:7443/ABCD-EFGH-JKMN-PQRS?pin=\
+        0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn setup_takes_an_activation_string_and_a_passphrase_typed_twice() {
+        let mut app = setup();
+        // Not an activation string: said so, and kept for correcting.
+        typed(&mut app, "hello");
+        assert_eq!(app.on_key(key(KeyCode::Enter)), None);
+        assert!(setup_error(&app).is_some_and(|e| e.contains("umbra://")));
+        assert!(matches!(&app.screen, Screen::Setup { input, .. } if input == "hello"));
+        for _ in 0..5 {
+            app.on_key(key(KeyCode::Backspace));
+        }
+        typed(&mut app, ACTIVATION);
+        assert_eq!(app.on_key(key(KeyCode::Enter)), None);
+        assert_eq!(setup_error(&app), None);
+        // Too short, then two that differ: asked again each time.
+        typed(&mut app, "short");
+        app.on_key(key(KeyCode::Enter));
+        assert!(setup_error(&app).is_some_and(|e| e.contains("at least 8")));
+        typed(&mut app, "correct horse");
+        app.on_key(key(KeyCode::Enter));
+        typed(&mut app, "correct house");
+        assert_eq!(app.on_key(key(KeyCode::Enter)), None);
+        assert!(setup_error(&app).is_some_and(|e| e.contains("differ")));
+        typed(&mut app, "correct horse");
+        app.on_key(key(KeyCode::Enter));
+        typed(&mut app, "correct horse");
+        assert_eq!(
+            app.on_key(key(KeyCode::Enter)),
+            Some(Action::Activate {
+                activation: ACTIVATION.into(),
+                passphrase: "correct horse".into(),
+            })
+        );
+        assert!(matches!(
+            app.screen,
+            Screen::Setup {
+                step: Setup::Activating,
+                ..
+            }
+        ));
+        // What was typed never shows in a Debug string.
+        let action = Action::Activate {
+            activation: ACTIVATION.into(),
+            passphrase: "correct horse".into(),
+        };
+        let debug = format!("{:?} {action:?}", app.screen);
+        assert!(
+            !debug.contains("horse") && !debug.contains("ABCD"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn setup_goes_back_a_step_with_esc_and_quits_from_the_first() {
+        let mut app = setup();
+        typed(&mut app, ACTIVATION);
+        app.on_key(key(KeyCode::Enter));
+        typed(&mut app, "correct horse");
+        app.on_key(key(KeyCode::Enter));
+        app.on_key(key(KeyCode::Esc));
+        assert!(matches!(
+            &app.screen,
+            Screen::Setup { step: Setup::Passphrase { activation }, input, .. }
+                if activation == ACTIVATION && input.is_empty()
+        ));
+        app.on_key(key(KeyCode::Esc));
+        assert_eq!(app.on_key(key(KeyCode::Esc)), Some(Action::Quit));
+    }
+
+    #[test]
+    fn the_wipe_code_stays_until_enter() {
+        let mut app = App {
+            screen: Screen::WipeCode {
+                account: "K7QD9XPM".into(),
+                code: "umbra-wipe://secret".into(),
+                qr: String::new(),
+            },
+            ..App::default()
+        };
+        assert_eq!(app.on_key(key(KeyCode::Char('q'))), None);
+        assert_eq!(app.on_key(key(KeyCode::Esc)), None);
+        assert!(matches!(app.screen, Screen::WipeCode { .. }));
+        assert!(!format!("{:?}", app.screen).contains("secret"));
+        app.on_key(key(KeyCode::Enter));
+        assert_eq!(app.screen, Screen::Main);
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::time::Duration;
 use crossterm::event::{Event as TermEvent, EventStream, KeyEventKind};
 use futures_util::StreamExt;
 use tokio::sync::{broadcast, mpsc};
-use umbra_client::{Client, ClientError, ClientOptions, ConnectionState, Event, SystemClock};
+use umbra_client::{
+    Client, ClientError, ClientOptions, ConnectionState, Direction, Event, SystemClock,
+};
 
 use app::{Action, App, Link, Overlay, Screen};
 
@@ -22,6 +24,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// What background work reports to the drawing loop.
 enum Note {
     Unlocked(Box<Client>),
+    /// A new device: its client and the wipe code to show once.
+    Activated(Box<Client>, String),
+    /// Why, and the activation string to correct or try again.
+    ActivationFailed(String, String),
     UnlockFailed(String),
     Erased(String),
     Client(Event),
@@ -48,6 +54,15 @@ async fn event_loop(
     options: ClientOptions,
 ) -> anyhow::Result<Option<String>> {
     let mut app = App::default();
+    if !umbra_client::device_exists(&home) {
+        // What an interrupted erasure left goes first.
+        let _ = Client::finish_erasure(&home);
+        app.screen = Screen::Setup {
+            step: app::Setup::Activation,
+            input: String::new(),
+            error: None,
+        };
+    }
     let (notes, mut inbox) = mpsc::unbounded_channel::<Note>();
     let mut keys = EventStream::new();
     let mut ticks = tokio::time::interval(Duration::from_millis(250));
@@ -107,6 +122,20 @@ async fn event_loop(
                     let _ = notes.send(note);
                 });
             }
+            Some(Action::Activate {
+                activation,
+                passphrase,
+            }) => {
+                app.busy += 1;
+                let (home, options, notes) = (home.clone(), options.clone(), notes.clone());
+                tokio::spawn(async move {
+                    let note = match activate(&home, &activation, passphrase, options).await {
+                        Ok((client, wipe_code)) => Note::Activated(Box::new(client), wipe_code),
+                        Err(error) => Note::ActivationFailed(error, activation),
+                    };
+                    let _ = notes.send(note);
+                });
+            }
             Some(action) => {
                 if let Some(client) = &client {
                     perform(&mut app, client, &notes, action);
@@ -115,6 +144,32 @@ async fn event_loop(
         }
     }
     Ok(farewell)
+}
+
+/// `umbra activate`, for the setup screen: the error as the user should
+/// read it.
+async fn activate(
+    home: &std::path::Path,
+    activation: &str,
+    passphrase: String,
+    options: ClientOptions,
+) -> Result<(Client, String), String> {
+    let activation: umbra_client::ActivationString =
+        activation.parse().map_err(|e| format!("{e}"))?;
+    let passphrase = umbra_client::Passphrase::new(passphrase);
+    let (client, wipe_code) = Client::activate(home, &passphrase, &activation, options)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((client, wipe_code.to_string()))
+}
+
+/// The client is open: events flow to the screen and a task keeps it
+/// connected.
+fn start(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>) {
+    app.account = client.account().to_string();
+    forward_events(client.subscribe(), notes.clone());
+    tokio::spawn(supervise(client.clone(), notes.clone()));
+    refresh(app, client);
 }
 
 fn on_note(
@@ -129,11 +184,27 @@ fn on_note(
             app.busy = app.busy.saturating_sub(1);
             let unlocked = *unlocked;
             app.screen = Screen::Main;
-            app.account = unlocked.account().to_string();
-            forward_events(unlocked.subscribe(), notes.clone());
-            tokio::spawn(supervise(unlocked.clone(), notes.clone()));
-            refresh(app, &unlocked);
+            start(app, &unlocked, notes);
             *client = Some(unlocked);
+        }
+        Note::Activated(activated, code) => {
+            app.busy = app.busy.saturating_sub(1);
+            let activated = *activated;
+            app.screen = Screen::WipeCode {
+                account: activated.account().to_string(),
+                qr: umbra_client::qr_text(&code).unwrap_or_default(),
+                code,
+            };
+            start(app, &activated, notes);
+            *client = Some(activated);
+        }
+        Note::ActivationFailed(error, activation) => {
+            app.busy = app.busy.saturating_sub(1);
+            app.screen = Screen::Setup {
+                step: app::Setup::Activation,
+                input: activation,
+                error: Some(format!("Not activated: {error}")),
+            };
         }
         Note::UnlockFailed(error) => {
             app.busy = app.busy.saturating_sub(1);
@@ -157,6 +228,9 @@ fn on_note(
         Note::Client(event) => {
             let Some(client) = client else { return };
             match &event {
+                // A line about the group (who joined, a new name) is
+                // shown, not counted as unread.
+                Event::MessageReceived { message } if message.direction == Direction::System => {}
                 Event::MessageReceived { message } => {
                     let open = app.current().map(|c| &c.id) == Some(&message.conversation)
                         && app.conversation_visible();
@@ -436,6 +510,6 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
             app.banner = None;
             refresh(app, client);
         }
-        Action::Unlock(_) | Action::Quit => {}
+        Action::Unlock(_) | Action::Activate { .. } | Action::Quit => {}
     }
 }

@@ -7,7 +7,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, List, ListItem, ListState, Paragraph, Wrap};
 use umbra_client::{ConversationKind, DeliveryState, Direction};
 
-use super::app::{App, Focus, Link, NARROW, Overlay, Screen, TIMERS};
+use super::app::{App, Focus, Link, NARROW, Overlay, Screen, Setup, TIMERS};
 
 const SPINNER: [&str; 4] = ["|", "/", "-", "\\"];
 
@@ -31,9 +31,102 @@ pub const KEYS: &[(&str, &str)] = &[
 
 pub fn draw(frame: &mut Frame<'_>, app: &App) {
     match &app.screen {
+        Screen::Setup { step, input, error } => {
+            setup(frame, step, input, error.as_deref(), app.tick)
+        }
+        Screen::WipeCode { account, code, qr } => wipe_code(frame, account, code, qr),
         Screen::Unlock { input, error } => unlock(frame, input, error.as_deref()),
         Screen::Main => main(frame, app),
     }
+}
+
+/// A new device's first screen: `umbra activate`, step by step.
+fn setup(frame: &mut Frame<'_>, step: &Setup, input: &str, error: Option<&str>, tick: u64) {
+    let area = centered(frame.area(), 76, 9);
+    let masked = format!("> {}", "*".repeat(input.chars().count()));
+    let (title, prompt, shown, hint) = match step {
+        Setup::Activation => (
+            " welcome to Umbra ",
+            "Paste the activation string you were given (umbra://…):",
+            format!("> {input}"),
+            "Enter to go on, Esc to quit",
+        ),
+        Setup::Passphrase { .. } => (
+            " choose a passphrase ",
+            "A passphrase for this device (at least 8 characters). It \
+             encrypts everything Umbra keeps here; nobody can recover it.",
+            masked,
+            "Enter to go on, Esc to go back",
+        ),
+        Setup::Repeat { .. } => (
+            " choose a passphrase ",
+            "Type it again:",
+            masked,
+            "Enter to activate, Esc to go back",
+        ),
+        Setup::Activating => (
+            " activating ",
+            "Creating your account at the server…",
+            SPINNER[(tick % 4) as usize].to_owned(),
+            "",
+        ),
+    };
+    let mut lines = vec![
+        Line::from(prompt),
+        Line::from(""),
+        Line::from(shown),
+        Line::from(""),
+    ];
+    match error {
+        Some(error) => lines.push(Line::from(Span::styled(
+            error,
+            Style::default().fg(Color::Red),
+        ))),
+        None => lines.push(Line::from(hint)),
+    }
+    frame.render_widget(
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .block(Block::default().borders(Borders::ALL).title(title)),
+        area,
+    );
+}
+
+/// Shown once, right after activation, until Enter.
+fn wipe_code(frame: &mut Frame<'_>, account: &str, code: &str, qr: &str) {
+    let mut lines = vec![
+        Line::from(format!(
+            "Activated. Your account ID is {account}: give it to the people you want to talk to."
+        )),
+        Line::from(""),
+        Line::from(
+            "Your WIPE CODE, shown this once (write it down, or give it to someone you trust):",
+        ),
+        Line::from(""),
+        Line::from(Span::styled(
+            code.to_owned(),
+            Style::default().add_modifier(Modifier::BOLD),
+        )),
+        Line::from(""),
+        Line::from(
+            "Whoever holds it can erase this device from anywhere (`umbra wipe --code CODE`); \
+             nobody else can, not even the server's operator.",
+        ),
+        Line::from(""),
+        Line::from("Enter when you have it"),
+        Line::from(""),
+    ];
+    // Last: a short terminal cuts the QR code, not the words.
+    lines.extend(qr.lines().map(|l| Line::from(l.to_owned())));
+    let height = (lines.len() as u16).saturating_add(4);
+    frame.render_widget(
+        Paragraph::new(lines).wrap(Wrap { trim: false }).block(
+            Block::default()
+                .borders(Borders::ALL)
+                .title(" your wipe code "),
+        ),
+        centered(frame.area(), 96, height),
+    );
 }
 
 fn unlock(frame: &mut Frame<'_>, input: &str, error: Option<&str>) {
@@ -245,14 +338,23 @@ fn conversation(frame: &mut Frame<'_>, app: &App, area: Rect) {
                         Style::default().fg(Color::DarkGray),
                     ),
                 ]),
-                Direction::In => Line::from(vec![
-                    Span::styled(
-                        format!("{} {}: ", clock(message.timestamp), message.sender),
-                        Style::default().fg(Color::Cyan),
-                    ),
-                    Span::raw(message.body.clone()),
-                    Span::styled(countdown, Style::default().fg(Color::DarkGray)),
-                ]),
+                Direction::In => {
+                    let late = message
+                        .arrived_late()
+                        .map(|at| format!(" (received {})", clock(at)))
+                        .unwrap_or_default();
+                    Line::from(vec![
+                        Span::styled(
+                            format!("{} {}: ", clock(message.timestamp), message.sender),
+                            Style::default().fg(Color::Cyan),
+                        ),
+                        Span::raw(message.body.clone()),
+                        Span::styled(
+                            format!("{late}{countdown}"),
+                            Style::default().fg(Color::DarkGray),
+                        ),
+                    ])
+                }
             }
         })
         .collect();
@@ -489,6 +591,7 @@ mod tests {
                 _ => DeliveryState::Received,
             },
             timestamp: NOW - 600 + n as u64 * 60,
+            received_at: (direction == Direction::In).then_some(NOW - 600 + n as u64 * 60),
             expires_at: expires_in.map(|s| NOW + s),
             disappear_after: 30,
         }
@@ -618,6 +721,40 @@ mod tests {
             ..App::default()
         };
         check("unlock_error", render(&app, 80, 24));
+    }
+
+    #[test]
+    fn a_new_device_is_set_up_on_screen() {
+        use super::super::app::Setup;
+        let app = App {
+            screen: Screen::Setup {
+                step: Setup::Activation,
+                input: "umbra://relay.example:7443/".into(),
+                error: None,
+            },
+            ..App::default()
+        };
+        check("setup_activation", render(&app, 80, 24));
+        let app = App {
+            screen: Screen::Setup {
+                step: Setup::Passphrase {
+                    activation: "umbra://…".into(),
+                },
+                input: "secret".into(),
+                error: Some("The passphrases differ: choose it again".into()),
+            },
+            ..App::default()
+        };
+        check("setup_passphrase", render(&app, 80, 24));
+        let app = App {
+            screen: Screen::WipeCode {
+                account: "K7QD9XPM".into(),
+                code: "umbra-wipe://relay.example:7443/K7QD9XPM/0a1b-2c3d?pin=ab12".into(),
+                qr: "█▀▀▀█\n█ █ █\n▀▀▀▀▀".into(),
+            },
+            ..App::default()
+        };
+        check("wipe_code", render(&app, 100, 24));
     }
 
     #[test]

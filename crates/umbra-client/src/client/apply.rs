@@ -300,6 +300,7 @@ impl Client {
                     tx,
                     &gid,
                     &format!("The server reports that {revoked}'s line has ended"),
+                    events,
                 )?;
                 events.push(Event::ConversationChanged {
                     conversation: self.conversation_in(tx, provider, &gid)?,
@@ -366,7 +367,12 @@ impl Client {
             params![group.id(), group.disappear_after()],
         )? == 1;
         if again {
-            self.system_line(tx, &group.id(), &format!("{inviter} added you again"))?;
+            self.system_line(
+                tx,
+                &group.id(),
+                &format!("{inviter} added you again"),
+                events,
+            )?;
             events.push(Event::ConversationChanged {
                 conversation: self.conversation_in(tx, provider, &group.id())?,
             });
@@ -387,12 +393,13 @@ impl Client {
                 group.disappear_after()
             ],
         )?;
-        if !direct {
-            self.system_line(tx, &group.id(), &format!("{inviter} added you"))?;
-        }
+        // The conversation first, then what happens in it.
         events.push(Event::ConversationStarted {
             conversation: self.conversation_in(tx, provider, &group.id())?,
         });
+        if !direct {
+            self.system_line(tx, &group.id(), &format!("{inviter} added you"), events)?;
+        }
         Ok(())
     }
 
@@ -442,6 +449,7 @@ impl Client {
                 match content.body {
                     Body::Text(body) => {
                         let timestamp = self.now();
+                        let sent_at = sent_at(content.sent_at_ms, timestamp);
                         // The shorter of the sender's timer and ours: a message
                         // never outlives the timer it was sent under.
                         let ttl = match (content.disappear_after, group.disappear_after()) {
@@ -455,8 +463,8 @@ impl Client {
                             timestamp + crate::disappearing::UNSHOWN_BACKSTOP + u64::from(ttl)
                         });
                         tx.execute(
-                            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at, uid)
-                             VALUES (?1, ?2, 'in', ?3, 'received', ?4, ?5, ?6, ?7)",
+                            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at, uid, sent_at)
+                             VALUES (?1, ?2, 'in', ?3, 'received', ?4, ?5, ?6, ?7, ?8)",
                             params![
                                 id,
                                 sender.as_str(),
@@ -464,7 +472,8 @@ impl Client {
                                 timestamp,
                                 ttl,
                                 backstop,
-                                content.message_id.map(|uid| uid.to_vec())
+                                content.message_id.map(|uid| uid.to_vec()),
+                                sent_at
                             ],
                         )?;
                         events.push(Event::MessageReceived {
@@ -475,7 +484,8 @@ impl Client {
                                 direction: Direction::In,
                                 body,
                                 state: DeliveryState::Received,
-                                timestamp,
+                                timestamp: sent_at,
+                                received_at: Some(timestamp),
                                 expires_at: (ttl > 0).then(|| {
                                     timestamp
                                         + crate::disappearing::UNSHOWN_BACKSTOP
@@ -500,6 +510,7 @@ impl Client {
                             tx,
                             &id,
                             &format!("{sender} named the group \u{201c}{name}\u{201d}"),
+                            events,
                         )?;
                         events.push(Event::ConversationChanged {
                             conversation: self.conversation_in(tx, provider, &id)?,
@@ -510,7 +521,7 @@ impl Client {
                 Ok(None)
             }
             Incoming::Leaving { sender } => {
-                self.system_line(tx, &id, &format!("{sender} is leaving"))?;
+                self.system_line(tx, &id, &format!("{sender} is leaving"), events)?;
                 Ok(Some(FollowUp::CommitProposals(id)))
             }
             Incoming::RefusedProposal { sender } => {
@@ -521,6 +532,7 @@ impl Client {
                     tx,
                     &id,
                     &format!("{sender} proposed a change only they can make; ignored"),
+                    events,
                 )?;
                 Ok(None)
             }
@@ -532,19 +544,19 @@ impl Client {
             } => {
                 tx.execute("DELETE FROM pending_commits WHERE group_id = ?1", [&id])?;
                 if rejoined {
-                    self.system_line(tx, &id, &format!("{sender} rejoined"))?;
+                    self.system_line(tx, &id, &format!("{sender} rejoined"), events)?;
                     self.check_keys(tx, &group, events)?;
                 } else if removed_self {
                     tx.execute(
                         "UPDATE conversations SET active = 0 WHERE group_id = ?1",
                         [&id],
                     )?;
-                    self.system_line(tx, &id, &format!("{sender} removed you"))?;
+                    self.system_line(tx, &id, &format!("{sender} removed you"), events)?;
                 } else {
                     let after: Vec<AccountId> = group.accounts();
-                    self.membership_lines(tx, &id, &sender, &before, &after)?;
+                    self.membership_lines(tx, &id, &sender, &before, &after, events)?;
                     self.check_keys(tx, &group, events)?;
-                    self.record_timer(tx, &id, sender.as_str(), group.disappear_after())?;
+                    self.record_timer(tx, &id, sender.as_str(), group.disappear_after(), events)?;
                 }
                 events.push(Event::ConversationChanged {
                     conversation: self.conversation_in(tx, provider, &id)?,
@@ -562,6 +574,7 @@ impl Client {
         by: &AccountId,
         before: &[AccountId],
         after: &[AccountId],
+        events: &mut Vec<Event>,
     ) -> Result<()> {
         let added: Vec<AccountId> = after
             .iter()
@@ -574,25 +587,55 @@ impl Client {
             .cloned()
             .collect();
         if !added.is_empty() {
-            self.system_line(tx, group_id, &format!("{by} added {}", list(&added)))?;
+            self.system_line(
+                tx,
+                group_id,
+                &format!("{by} added {}", list(&added)),
+                events,
+            )?;
         }
         if !removed.is_empty() {
-            self.system_line(tx, group_id, &format!("{by} removed {}", list(&removed)))?;
+            self.system_line(
+                tx,
+                group_id,
+                &format!("{by} removed {}", list(&removed)),
+                events,
+            )?;
         }
         Ok(())
     }
 
+    /// Writes a line of the conversation's history that reports what
+    /// happened to it (who joined, left, renamed it, removed this device),
+    /// and tells the front end as it would of a message: a removed member
+    /// is told, not only shown it next time they look.
     pub(crate) fn system_line(
         &self,
         tx: &Transaction<'_>,
         group_id: &[u8],
         text: &str,
+        events: &mut Vec<Event>,
     ) -> Result<()> {
+        let now = self.now();
         tx.execute(
             "INSERT INTO messages (group_id, sender, direction, body, state, timestamp)
              VALUES (?1, ?2, 'system', ?3, 'received', ?4)",
-            params![group_id, self.inner.account.as_str(), text, self.now()],
+            params![group_id, self.inner.account.as_str(), text, now],
         )?;
+        events.push(Event::MessageReceived {
+            message: Message {
+                id: tx.last_insert_rowid(),
+                conversation: ConversationId::from_group(group_id),
+                sender: self.inner.account.clone(),
+                direction: Direction::System,
+                body: text.to_owned(),
+                state: DeliveryState::Received,
+                timestamp: now,
+                received_at: None,
+                expires_at: None,
+                disappear_after: 0,
+            },
+        });
         Ok(())
     }
 
@@ -654,5 +697,37 @@ impl Client {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Oldest a received message's sending time may be, before its arrival:
+/// longer than any server keeps a message.
+const OLDEST_SENT: u64 = 31 * 24 * 3600;
+
+/// When a message that arrived at `arrived` (Unix seconds) was sent, as its
+/// sender's clock says in `sent_at_ms`: never later than it arrived (a
+/// clock ahead cannot put it in the future) and never before a server
+/// could have kept it.
+pub(crate) fn sent_at(sent_at_ms: u64, arrived: u64) -> u64 {
+    (sent_at_ms / 1000).clamp(arrived.saturating_sub(OLDEST_SENT), arrived)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_dated_by_its_senders_clock_within_what_is_possible() {
+        let arrived = 1_800_000_000;
+        // Sent an hour before it arrived (the device was away).
+        assert_eq!(
+            sent_at((arrived - 3600) * 1000 + 999, arrived),
+            arrived - 3600
+        );
+        // A sender's clock ahead of ours cannot date it after its arrival.
+        assert_eq!(sent_at((arrived + 600) * 1000, arrived), arrived);
+        // Nor can one far behind (or lying) date it before any server
+        // could have kept it.
+        assert_eq!(sent_at(0, arrived), arrived - OLDEST_SENT);
     }
 }

@@ -125,6 +125,7 @@ impl Client {
 
     /// Merges (accepted) or discards (rejected) the pending commit.
     pub(super) fn finish_commit(&self, group_id: &[u8], accepted: bool) -> Result<()> {
+        let mut events = Vec::new();
         self.with_tx(|tx, provider| {
             let mut group = load_group(provider, group_id)?;
             if group.has_pending_commit() {
@@ -138,6 +139,7 @@ impl Client {
                         &self.inner.account.clone(),
                         &before,
                         &after,
+                        &mut events,
                     )?;
                     tx.execute(
                         "UPDATE conversations SET last_self_update = ?2 WHERE group_id = ?1",
@@ -152,7 +154,11 @@ impl Client {
                 [group_id],
             )?;
             Ok(())
-        })
+        })?;
+        for event in events {
+            self.emit(event);
+        }
+        Ok(())
     }
 
     pub(super) async fn wait_for_epoch(&self, group_id: &[u8], epoch: u64) -> Result<()> {

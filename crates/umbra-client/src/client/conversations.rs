@@ -292,13 +292,14 @@ impl Client {
                 ttl_seconds: 0,
             })
             .await;
+        let mut events = Vec::new();
         self.with_tx(|tx, provider| {
             if sent.is_ok() {
                 tx.execute(
                     "UPDATE conversations SET active = 0 WHERE group_id = ?1",
                     [&group_id],
                 )?;
-                self.system_line(tx, &group_id, "You left")?;
+                self.system_line(tx, &group_id, "You left", &mut events)?;
             } else {
                 // Not sent: forget the proposal, or the group would stay
                 // blocked on it.
@@ -308,6 +309,9 @@ impl Client {
         })?;
         sent?;
         drop(_ops);
+        for event in events {
+            self.emit_event(event);
+        }
         self.emit_changed(conversation)
     }
 
@@ -371,7 +375,7 @@ impl Client {
         let group_id = self.group_id_of(conversation)?;
         let db = self.db();
         let mut statement = db.prepare(
-            "SELECT id, sender, direction, body, state, timestamp, expires_at, ttl FROM (
+            "SELECT id, sender, direction, body, state, timestamp, expires_at, ttl, sent_at FROM (
                  SELECT * FROM messages WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2
              ) ORDER BY id",
         )?;
@@ -385,7 +389,7 @@ impl Client {
     pub(super) fn message(&self, conversation: &ConversationId, id: i64) -> Result<Message> {
         self.db()
             .query_row(
-                "SELECT id, sender, direction, body, state, timestamp, expires_at, ttl
+                "SELECT id, sender, direction, body, state, timestamp, expires_at, ttl, sent_at
                  FROM messages WHERE id = ?1",
                 [id],
                 |row| message_row(row, conversation),

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{Notify, broadcast, watch};
@@ -105,13 +105,6 @@ pub(crate) struct Inner {
     ticking: std::sync::atomic::AtomicBool,
     /// Groups this device is rejoining (see `rejoin.rs`).
     rejoining: Mutex<std::collections::HashSet<Vec<u8>>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn parse_account(text: &str) -> rusqlite::Result<AccountId> {
@@ -375,6 +368,11 @@ fn message_row(
         "out" => Direction::Out,
         _ => Direction::System,
     };
+    // The `timestamp` column is when the row was written: for theirs, when
+    // it arrived; `sent_at` their clock's time (absent before version 8).
+    let written: u64 = row.get(5)?;
+    let sent_at: Option<u64> = row.get(8)?;
+    let received = direction == Direction::In;
     Ok(Message {
         id: row.get(0)?,
         conversation: conversation.clone(),
@@ -382,7 +380,12 @@ fn message_row(
         direction,
         body: row.get(3)?,
         state: DeliveryState::parse(&row.get::<_, String>(4)?),
-        timestamp: row.get(5)?,
+        timestamp: if received {
+            sent_at.unwrap_or(written)
+        } else {
+            written
+        },
+        received_at: received.then_some(written),
         expires_at: row.get(6)?,
         disappear_after: row.get(7)?,
     })

@@ -118,15 +118,19 @@ impl Client {
                 }
                 Err(error) if error.server_code() == Some(ErrorCode::NotAMember) => {
                     // Removed while away (that commit expired too).
+                    let mut events = Vec::new();
                     self.with_tx(|tx, _| {
                         tx.execute("DELETE FROM rejoins WHERE group_id = ?1", [group_id])?;
                         tx.execute(
                             "UPDATE conversations SET active = 0 WHERE group_id = ?1",
                             [group_id],
                         )?;
-                        self.system_line(tx, group_id, "You were removed while away")
+                        self.system_line(tx, group_id, "You were removed while away", &mut events)
                     })?;
                     drop(ops);
+                    for event in events {
+                        self.emit_event(event);
+                    }
                     return self.emit_changed(&conversation);
                 }
                 Err(error) => return Err(error),
@@ -185,6 +189,7 @@ impl Client {
                             tx,
                             group_id,
                             "This device fell behind and rejoined; what was sent meanwhile cannot be read here",
+                            &mut events,
                         )
                     })?;
                     drop(ops);

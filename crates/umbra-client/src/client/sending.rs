@@ -7,7 +7,7 @@ use umbra_proto::{DeliveryKind, GroupId, Request};
 use crate::error::{ClientError, Result};
 use crate::types::{ConversationId, DeliveryState, Event, Message};
 
-use super::{Client, load_group, now_ms, transit_ttl, unconfirmed_member};
+use super::{Client, load_group, transit_ttl, unconfirmed_member};
 
 impl Client {
     /// Sends a text message. Returns it once the server has stored it for
@@ -47,7 +47,8 @@ impl Client {
             message_id: text.is_some().then_some(uid),
             body,
             disappear_after: 0,
-            sent_at_ms: now_ms(),
+            // The device's clock (a test's manual one), to the second.
+            sent_at_ms: self.now().saturating_mul(1000),
         };
         let (message_id, ciphertext, ttl) = self.with_tx(|tx, provider| {
             let mut group = load_group(provider, &group_id)?;

@@ -273,9 +273,17 @@ impl Device {
 
     /// Waits for the next text message and returns (sender, body).
     pub async fn next_text(&mut self) -> (AccountId, String) {
+        let message = self.next_message().await;
+        (message.sender, message.body)
+    }
+
+    /// Waits for the next text message (not a line about a group).
+    pub async fn next_message(&mut self) -> umbra_client::Message {
         self.wait_for(|event| match event {
-            Event::MessageReceived { message } => {
-                Some((message.sender.clone(), message.body.clone()))
+            Event::MessageReceived { message }
+                if message.direction == umbra_client::Direction::In =>
+            {
+                Some(message.clone())
             }
             _ => None,
         })
