@@ -100,7 +100,8 @@ enum Workload {
         backlog: u64,
     },
     /// Sky ECC's day at 100x: 6M messages/day is 69.4/s, so 6,944/s, with
-    /// 70% of devices online and churning; 864 s replays the whole day.
+    /// 70% of devices online at every moment and churning (one leaves and
+    /// another returns every 100 ms); 864 s replays the whole day.
     Soak {
         #[arg(long, default_value_t = 5000)]
         pairs: u32,

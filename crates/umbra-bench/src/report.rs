@@ -623,12 +623,12 @@ impl<'a> Report<'a> {
         }
         md.push_str(
             "Seeded Sky-ECC-shaped traffic (Poisson arrivals, mixed sizes, 70 % of devices \
-             online and churning). Latency is over deliveries to online recipients; \
-             *deferred* deliveries went to recipients that were offline when the message \
-             was sent. The server's RSS: at the start (before traffic), after the \
-             first minute (every connection's buffers at their working size), at the \
-             end and at its peak; flat memory is an end no higher than the first \
-             minute's.\n\n",
+             online at every moment: every 100 ms one online device leaves and one offline \
+             device comes back and drains what waited for it). Latency is over deliveries \
+             to online recipients; *deferred* deliveries went to recipients that were \
+             offline when the message was sent. The server's RSS: at the start (before \
+             traffic), after the first minute, at the end and at its peak; flat memory \
+             is an end no higher than the first minute's.\n\n",
         );
         md.push_str(
             "| system | rate/s | seconds | p50 ms | p99 ms | p999 ms | lost | errors \

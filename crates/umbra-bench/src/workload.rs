@@ -552,6 +552,15 @@ pub struct SoakResult {
 
 /// soak: seeded random traffic at `rate` messages per second (Poisson
 /// arrivals, sizes drawn from `sizes`) over 1:1 conversations, with
+/// A random device out of `devices` for which `wanted` holds, if one turns
+/// up within a few draws (both the online and the offline devices are a
+/// large share, so one nearly always does).
+fn draw(rng: &mut StdRng, devices: usize, mut wanted: impl FnMut(usize) -> bool) -> Option<usize> {
+    (0..64)
+        .map(|_| rng.gen_range(0..devices))
+        .find(|&d| wanted(d))
+}
+
 /// `online` of the devices connected at any time and devices churning
 /// (one leaves and another comes back every `churn_every`). Messages to an
 /// offline recipient are stored and drained when it returns; their latency
@@ -619,9 +628,15 @@ pub async fn soak(
         }
         if start.elapsed() >= next_churn {
             next_churn += churn_every;
-            // One online device leaves, one offline device comes back.
-            let leaving = rng.gen_range(0..devices);
-            if endpoints.get_mut(leaving).and_then(Option::take).is_some()
+            // One online device leaves, one offline device comes back: drawn
+            // from those online and those offline, so the share online stays
+            // where it started. (Drawing from all devices and skipping the
+            // misses let 70 % drift towards 50 %: the load was not steady.)
+            let leaving = draw(&mut rng, devices, |d| {
+                endpoints.get(d).is_some_and(Option::is_some)
+            });
+            if let Some(leaving) = leaving
+                && endpoints.get_mut(leaving).and_then(Option::take).is_some()
                 && let Some(flag) = is_online.get_mut(leaving)
             {
                 *flag = false;
@@ -629,15 +644,16 @@ pub async fn soak(
                     *at = Some(Instant::now());
                 }
             }
-            let returning = rng.gen_range(0..devices);
-            let rested = left_at
-                .get(returning)
-                .and_then(|at| *at)
-                .is_none_or(|at| at.elapsed() > Duration::from_secs(2));
-            if rested
-                && is_online.get(returning) == Some(&false)
-                && endpoints.get(returning).is_some_and(Option::is_none)
-            {
+            let returning = draw(&mut rng, devices, |d| {
+                let rested = left_at
+                    .get(d)
+                    .and_then(|at| *at)
+                    .is_none_or(|at| at.elapsed() > Duration::from_secs(2));
+                rested
+                    && is_online.get(d) == Some(&false)
+                    && endpoints.get(d).is_some_and(Option::is_none)
+            });
+            if let Some(returning) = returning {
                 if let Some(flag) = is_online.get_mut(returning) {
                     *flag = true;
                 }
