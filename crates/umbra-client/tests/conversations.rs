@@ -748,3 +748,36 @@ fn system_line(event: &Event, group: &umbra_client::ConversationId, line: &str) 
         _ => None,
     }
 }
+
+/// Connecting again replaces the connection without saying "disconnected":
+/// a front end that reconnects on that event (the full-screen app does)
+/// would otherwise replace the new one in turn, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_again_is_not_reported_as_a_disconnection() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    bob.client.connect().await.unwrap();
+    alice
+        .client
+        .send_text(&conversation, "through the new connection")
+        .await
+        .unwrap();
+    // Everything bob's device says until the message arrives.
+    let disconnected = bob
+        .wait_for(|e| match e {
+            Event::Connection {
+                state: umbra_client::ConnectionState::Disconnected,
+            } => Some(true),
+            Event::MessageReceived { message } if message.body == "through the new connection" => {
+                Some(false)
+            }
+            _ => None,
+        })
+        .await;
+    assert!(
+        !disconnected,
+        "the replaced connection was reported as lost"
+    );
+}

@@ -334,12 +334,15 @@ impl App {
         let Screen::Setup { step, input, error } = &mut self.screen else {
             return None;
         };
+        if *step == Setup::Activating {
+            // Waiting for the server: nothing typed now would mean anything
+            // (Ctrl-C still quits).
+            return None;
+        }
         match key.code {
-            KeyCode::Char(c)
-                if !key
-                    .modifiers
-                    .intersects(KeyModifiers::CONTROL | KeyModifiers::ALT) =>
-            {
+            // As on the unlock screen, whatever the modifiers: a character
+            // the passphrase was chosen with is one that unlocks it.
+            KeyCode::Char(c) => {
                 input.push(c);
                 return None;
             }
@@ -352,7 +355,12 @@ impl App {
                 input.clear();
                 *step = match std::mem::replace(step, Setup::Activation) {
                     Setup::Activation => return Some(Action::Quit),
-                    Setup::Passphrase { .. } | Setup::Activating => Setup::Activation,
+                    // Back to the string, to correct it.
+                    Setup::Passphrase { activation } => {
+                        *input = activation;
+                        Setup::Activation
+                    }
+                    Setup::Activating => Setup::Activating,
                     Setup::Repeat { activation, .. } => Setup::Passphrase { activation },
                 };
                 return None;
@@ -779,7 +787,32 @@ mod tests {
                 if activation == ACTIVATION && input.is_empty()
         ));
         app.on_key(key(KeyCode::Esc));
+        assert!(matches!(
+            &app.screen,
+            Screen::Setup { step: Setup::Activation, input, .. } if input == ACTIVATION
+        ));
         assert_eq!(app.on_key(key(KeyCode::Esc)), Some(Action::Quit));
+    }
+
+    #[test]
+    fn setup_ignores_keys_while_activating() {
+        let mut app = setup();
+        typed(&mut app, ACTIVATION);
+        app.on_key(key(KeyCode::Enter));
+        for _ in 0..2 {
+            typed(&mut app, "correct horse");
+            app.on_key(key(KeyCode::Enter));
+        }
+        for code in [KeyCode::Esc, KeyCode::Enter, KeyCode::Char('x')] {
+            assert_eq!(app.on_key(key(code)), None);
+            assert!(matches!(
+                app.screen,
+                Screen::Setup {
+                    step: Setup::Activating,
+                    ..
+                }
+            ));
+        }
     }
 
     #[test]

@@ -26,8 +26,9 @@ enum Note {
     Unlocked(Box<Client>),
     /// A new device: its client and the wipe code to show once.
     Activated(Box<Client>, String),
-    /// Why, and the activation string to correct or try again.
-    ActivationFailed(String, String),
+    /// Why, the activation string to correct or try again, and whether
+    /// the device was made all the same.
+    ActivationFailed(String, String, bool),
     UnlockFailed(String),
     Erased(String),
     Client(Event),
@@ -131,7 +132,11 @@ async fn event_loop(
                 tokio::spawn(async move {
                     let note = match activate(&home, &activation, passphrase, options).await {
                         Ok((client, wipe_code)) => Note::Activated(Box::new(client), wipe_code),
-                        Err(error) => Note::ActivationFailed(error, activation),
+                        Err(error) => Note::ActivationFailed(
+                            error,
+                            activation,
+                            umbra_client::device_exists(&home),
+                        ),
                     };
                     let _ = notes.send(note);
                 });
@@ -198,12 +203,23 @@ fn on_note(
             start(app, &activated, notes);
             *client = Some(activated);
         }
-        Note::ActivationFailed(error, activation) => {
+        Note::ActivationFailed(error, activation, device_made) => {
             app.busy = app.busy.saturating_sub(1);
-            app.screen = Screen::Setup {
-                step: app::Setup::Activation,
-                input: activation,
-                error: Some(format!("Not activated: {error}")),
+            app.screen = if device_made {
+                // The device was made, and only what followed failed (its
+                // first connection): it opens like any other.
+                Screen::Unlock {
+                    input: String::new(),
+                    error: Some(format!(
+                        "This device was set up, but then: {error}. Unlock it to go on."
+                    )),
+                }
+            } else {
+                Screen::Setup {
+                    step: app::Setup::Activation,
+                    input: activation,
+                    error: Some(format!("Not activated: {error}")),
+                }
             };
         }
         Note::UnlockFailed(error) => {

@@ -88,9 +88,22 @@ impl Client {
             }
         }
         self.report_flood(&link);
-        self.emit(Event::Connection {
-            state: ConnectionState::Disconnected,
-        });
+        // A link that a newer connection replaced says nothing: the client
+        // is still connected, through the new one (a front end that
+        // reconnects on this event would otherwise replace that one in
+        // turn, and so on for ever).
+        let replaced = self
+            .inner
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|current| !Arc::ptr_eq(current, &link));
+        if !replaced {
+            self.emit(Event::Connection {
+                state: ConnectionState::Disconnected,
+            });
+        }
         self.inner.progress.notify_waiters();
     }
 
@@ -709,6 +722,10 @@ const OLDEST_SENT: u64 = 31 * 24 * 3600;
 /// clock ahead cannot put it in the future) and never before a server
 /// could have kept it.
 pub(crate) fn sent_at(sent_at_ms: u64, arrived: u64) -> u64 {
+    if sent_at_ms == 0 {
+        // Not said (the field is optional): its arrival is all we know.
+        return arrived;
+    }
     (sent_at_ms / 1000).clamp(arrived.saturating_sub(OLDEST_SENT), arrived)
 }
 
@@ -728,6 +745,8 @@ mod tests {
         assert_eq!(sent_at((arrived + 600) * 1000, arrived), arrived);
         // Nor can one far behind (or lying) date it before any server
         // could have kept it.
-        assert_eq!(sent_at(0, arrived), arrived - OLDEST_SENT);
+        assert_eq!(sent_at(1000, arrived), arrived - OLDEST_SENT);
+        // Not said at all: dated by its arrival.
+        assert_eq!(sent_at(0, arrived), arrived);
     }
 }
