@@ -112,9 +112,7 @@ impl Client {
         self.record_timer(&tx, &group_id, "You", seconds, &mut events)?;
         tx.commit()?;
         drop(db);
-        for event in events {
-            self.emit_event(event);
-        }
+        self.emit_all(events);
         self.emit_changed(conversation)
     }
 

@@ -156,9 +156,7 @@ impl Client {
                 )?;
             }
         }
-        for event in events {
-            self.emit(event);
-        }
+        self.emit_all(events);
         drop(_ops);
         match follow_up {
             // Spawned: the commit may have to wait for this very task to

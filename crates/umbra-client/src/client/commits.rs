@@ -155,9 +155,7 @@ impl Client {
             )?;
             Ok(())
         })?;
-        for event in events {
-            self.emit(event);
-        }
+        self.emit_all(events);
         Ok(())
     }
 

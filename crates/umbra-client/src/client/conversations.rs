@@ -89,9 +89,7 @@ impl Client {
                 });
                 return Err(ClientError::ForeignKeyPackage(account.clone()));
             }
-            for event in events {
-                self.emit(event);
-            }
+            self.emit_all(events);
             key_packages.push(key_package);
         }
         Ok(key_packages)
@@ -187,9 +185,7 @@ impl Client {
             let group = load_group(provider, group_id)?;
             self.check_keys(tx, &group, &mut events)
         })?;
-        for event in events {
-            self.emit(event);
-        }
+        self.emit_all(events);
         Ok(())
     }
 
@@ -309,9 +305,7 @@ impl Client {
         })?;
         sent?;
         drop(_ops);
-        for event in events {
-            self.emit_event(event);
-        }
+        self.emit_all(events);
         self.emit_changed(conversation)
     }
 

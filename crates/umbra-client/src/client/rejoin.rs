@@ -128,9 +128,7 @@ impl Client {
                         self.system_line(tx, group_id, "You were removed while away", &mut events)
                     })?;
                     drop(ops);
-                    for event in events {
-                        self.emit_event(event);
-                    }
+                    self.emit_all(events);
                     return self.emit_changed(&conversation);
                 }
                 Err(error) => return Err(error),
@@ -193,9 +191,7 @@ impl Client {
                         )
                     })?;
                     drop(ops);
-                    for event in events {
-                        self.emit_event(event);
-                    }
+                    self.emit_all(events);
                     debug!(epoch, "rejoined a group");
                     return self.emit_changed(&conversation);
                 }

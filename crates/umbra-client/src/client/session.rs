@@ -61,6 +61,14 @@ impl Client {
         self.emit(event);
     }
 
+    /// Tells the front end everything a committed change produced, in
+    /// order.
+    pub(crate) fn emit_all(&self, events: Vec<Event>) {
+        for event in events {
+            self.emit(event);
+        }
+    }
+
     /// Closes the store file (replacing the connection with an empty
     /// in-memory one), so that it can be overwritten and removed.
     pub(crate) fn close_store(&self) {
