@@ -85,6 +85,10 @@ enum Command {
     /// Contacts: nothing can be exchanged until both sides agree.
     #[command(subcommand)]
     Contacts(ContactsCommand),
+    /// The devices of this account, or of a contact, as the account's
+    /// signed device list says (verified on this device).
+    #[command(subcommand)]
+    Devices(DevicesCommand),
     /// Send a text message to a contact (account ID) or a group
     /// (conversation ID from `groups list`).
     Send {
@@ -212,6 +216,14 @@ enum VaultCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// List the devices of this account, or of a contact (ACCOUNT), current
+    /// and removed. The list is signed with the account's key and checked
+    /// here: a device the server added on its own is refused, not shown.
+    List { account: Option<String> },
+}
+
+#[derive(Subcommand, Debug)]
 enum ContactsCommand {
     /// Send a contact request.
     Add { account: String },
@@ -618,6 +630,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Contacts(command) => contacts(&cli, &out, command).await?,
+        Command::Devices(DevicesCommand::List { account: whose }) => {
+            let whose = whose.as_deref().map(account).transpose()?;
+            let client = online(&cli).await?;
+            let devices = match &whose {
+                None => client.devices().await?,
+                Some(id) => client.contact_devices(id).await?,
+            };
+            if out.json {
+                for device in &devices {
+                    println!("{}", json!(device));
+                }
+            } else {
+                for d in &devices {
+                    let name = if d.name.is_empty() {
+                        "(no name)"
+                    } else {
+                        &d.name
+                    };
+                    let mut line = format!(
+                        "device {}  {name}  key {}…  added {}",
+                        d.id,
+                        d.key.get(..16).unwrap_or(&d.key),
+                        date(d.added_at)
+                    );
+                    if let (Some(at), Some(by)) = (d.removed_at, d.removed_by) {
+                        line.push_str(&format!("  removed {} by device {by}", date(at)));
+                    }
+                    if d.this_device {
+                        line.push_str("  (this device)");
+                    }
+                    println!("{line}");
+                }
+            }
+        }
         Command::Send { target, text } => {
             let client = online(&cli).await?;
             let id = conversation(&client, target)?;

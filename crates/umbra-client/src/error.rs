@@ -67,6 +67,14 @@ pub enum ClientError {
     Rejoining,
     #[error("you are no longer a member of this conversation")]
     NotAMember,
+    #[error(
+        "the server's device list for {account} fails verification ({error}); it may have been \
+         tampered with, so no device on it is trusted"
+    )]
+    DeviceLog {
+        account: AccountId,
+        error: umbra_mls::DeviceLogError,
+    },
     #[error("invalid input: {0}")]
     Invalid(String),
     #[error("group commit kept losing to other members' commits; try again")]

@@ -37,12 +37,14 @@ pub use secret::{KdfParams, Passphrase};
 pub use store::exists as device_exists;
 pub use types::{
     ConnectionState, Contact, ContactState, Conversation, ConversationId, ConversationKind,
-    DeliveryState, Direction, Event, Message, Refusal,
+    DeliveryState, Device, Direction, Event, Message, Refusal,
 };
 pub use umbra_mls::Suite;
 pub use umbra_proto::DistributorCredential;
 pub use umbra_proto::clock::{Clock, ManualClock, SystemClock};
 pub use umbra_proto::frame::LineInfo;
-pub use umbra_proto::{AccountId, ActivationString, CertFingerprint, ErrorCode, WipeCode};
+pub use umbra_proto::{
+    AccountId, ActivationString, CertFingerprint, DeviceId, ErrorCode, WipeCode,
+};
 pub use vault::Note;
 pub use wipe::{Revocation, send_wipe};

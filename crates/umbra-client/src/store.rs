@@ -25,6 +25,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (6, include_str!("../migrations/0006_rejoins.sql")),
     (7, include_str!("../migrations/0007_shown_key.sql")),
     (8, include_str!("../migrations/0008_sent_at.sql")),
+    (9, include_str!("../migrations/0009_device_log.sql")),
 ];
 
 pub(crate) fn store_path(home: &Path) -> PathBuf {

@@ -64,6 +64,25 @@ pub struct Contact {
     pub conversation: Option<ConversationId>,
 }
 
+/// One device of an account, as its verified device log lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Device {
+    pub id: umbra_proto::DeviceId,
+    /// The device's public key, hex (the account key for device 1).
+    pub key: String,
+    /// Chosen by whoever added it; the server and contacts see it.
+    pub name: String,
+    /// Unix seconds, by the adding device's clock.
+    pub added_at: u64,
+    pub added_by: umbra_proto::DeviceId,
+    /// Unix seconds (by the removing device's clock) and the device that
+    /// removed it; `None` for a current device.
+    pub removed_at: Option<u64>,
+    pub removed_by: Option<umbra_proto::DeviceId>,
+    /// This is the device asking.
+    pub this_device: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ConversationKind {

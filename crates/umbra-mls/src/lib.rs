@@ -12,6 +12,7 @@
 //! has no transaction boundary of its own).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod devices;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -23,6 +24,7 @@ mod public;
 mod relay;
 mod signer;
 
+pub use devices::{DeviceLog, DeviceLogError, DeviceRecord, FIRST_DEVICE};
 pub use group::{
     CommitOutput, DISAPPEARING_EXTENSION, Group, GroupConfig, Incoming, MemberInfo, new_key_package,
 };

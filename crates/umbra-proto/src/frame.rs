@@ -7,6 +7,7 @@
 
 use prost::Message;
 
+use crate::devices::DeviceEntry;
 use crate::ids::{AccountId, ActivationCode, GroupId, IdentityKey, Nonce, Signature};
 use crate::wire::{self, client_frame, push, response, server_frame};
 use crate::{DecodeError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
@@ -134,6 +135,16 @@ pub enum Request {
         account_id: AccountId,
         action: LineAction,
     },
+    /// Appends a signed entry to the caller's own device log.
+    AppendDeviceEntry {
+        entry: DeviceEntry,
+    },
+    /// An account's device log from position `from` on (the caller's own,
+    /// or a contact's).
+    FetchDeviceLog {
+        account_id: AccountId,
+        from: u64,
+    },
 }
 
 /// One line as its distributor sees it: never contacts, groups or messages.
@@ -195,6 +206,10 @@ pub enum Reply {
     },
     GroupInfo {
         group_info: Vec<u8>,
+    },
+    /// Device log entries, in order.
+    DeviceLog {
+        entries: Vec<DeviceEntry>,
     },
     Done,
     CommitAccepted {
@@ -415,6 +430,13 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
         client_frame::Request::FetchGroupInfo(r) => Request::FetchGroupInfo {
             group_id: GroupId::new(r.group_id)?,
         },
+        client_frame::Request::AppendDeviceEntry(r) => Request::AppendDeviceEntry {
+            entry: DeviceEntry::decode(&r.entry)?,
+        },
+        client_frame::Request::FetchDeviceLog(r) => Request::FetchDeviceLog {
+            account_id: account("account_id", &r.account_id)?,
+            from: r.from,
+        },
         client_frame::Request::SetWipeKey(r) => Request::SetWipeKey {
             wipe_key: IdentityKey::from_slice(&r.wipe_key)?,
         },
@@ -558,6 +580,17 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
                 group_id: group_id.as_bytes().to_vec(),
             })
         }
+        Request::AppendDeviceEntry { entry } => {
+            client_frame::Request::AppendDeviceEntry(wire::AppendDeviceEntry {
+                entry: entry.encode(),
+            })
+        }
+        Request::FetchDeviceLog { account_id, from } => {
+            client_frame::Request::FetchDeviceLog(wire::FetchDeviceLog {
+                account_id: account_id.to_string(),
+                from: *from,
+            })
+        }
         Request::SetWipeKey { wipe_key } => client_frame::Request::SetWipeKey(wire::SetWipeKey {
             wipe_key: wipe_key.as_bytes().to_vec(),
         }),
@@ -651,6 +684,9 @@ pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
                     last_resort: *last_resort,
                 }),
                 Ok(Reply::Done) => response::Result::Done(wire::Done {}),
+                Ok(Reply::DeviceLog { entries }) => response::Result::DeviceLog(wire::DeviceLog {
+                    entries: entries.iter().map(DeviceEntry::encode).collect(),
+                }),
                 Ok(Reply::GroupInfo { group_info }) => {
                     response::Result::GroupInfo(wire::GroupInfo {
                         group_info: group_info.clone(),
@@ -760,6 +796,13 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
                     last_resort: x.last_resort,
                 }),
                 response::Result::Done(_) => Ok(Reply::Done),
+                response::Result::DeviceLog(x) => Ok(Reply::DeviceLog {
+                    entries: x
+                        .entries
+                        .iter()
+                        .map(|e| DeviceEntry::decode(e))
+                        .collect::<Result<_, _>>()?,
+                }),
                 response::Result::GroupInfo(x) => Ok(Reply::GroupInfo {
                     group_info: x.group_info,
                 }),
@@ -850,6 +893,10 @@ mod tests {
             }),
             Request::FetchGroupInfo {
                 group_id: GroupId::new(vec![1, 2, 3]).unwrap_or_else(|e| panic!("{e}")),
+            },
+            Request::FetchDeviceLog {
+                account_id: alice(),
+                from: 3,
             },
             Request::Ack {
                 delivery_ids: vec![1, 2, 3],

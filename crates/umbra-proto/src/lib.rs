@@ -10,11 +10,13 @@
 pub mod activation;
 pub mod clock;
 pub mod content;
+pub mod devices;
 pub mod frame;
 pub mod ids;
 pub mod wire;
 
 pub use activation::{ActivationString, CertFingerprint, DistributorCredential, WipeCode};
+pub use devices::{DeviceChange, DeviceEntry, DeviceId};
 pub use frame::{
     ClientFrame, Delivery, DeliveryKind, ErrorCode, ErrorReply, Push, Reply, Request,
     ServerMessage, decode_client, decode_server, encode_client, encode_server, refused_frame_id,

@@ -10,7 +10,7 @@ pub struct ClientFrame {
     pub id: u64,
     #[prost(
         oneof = "client_frame::Request",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32"
     )]
     pub request: Option<client_frame::Request>,
 }
@@ -60,7 +60,67 @@ pub mod client_frame {
         SetLineStatus(super::SetLineStatus),
         #[prost(message, tag = "30")]
         FetchGroupInfo(super::FetchGroupInfo),
+        #[prost(message, tag = "31")]
+        AppendDeviceEntry(super::AppendDeviceEntry),
+        #[prost(message, tag = "32")]
+        FetchDeviceLog(super::FetchDeviceLog),
     }
+}
+
+/// Appends one signed entry (an encoded [`DeviceEntry`]) to the caller's
+/// own device log.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AppendDeviceEntry {
+    #[prost(bytes = "vec", tag = "1")]
+    pub entry: Vec<u8>,
+}
+
+/// The entries of an account's device log from position `from` on.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FetchDeviceLog {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+    #[prost(uint64, tag = "2")]
+    pub from: u64,
+}
+
+/// One entry of an account's device log (see `crate::devices`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeviceEntry {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub prev_hash: Vec<u8>,
+    #[prost(uint64, tag = "3")]
+    pub created_at: u64,
+    #[prost(uint32, tag = "4")]
+    pub by_device: u32,
+    #[prost(message, optional, tag = "5")]
+    pub add: Option<AddDevice>,
+    #[prost(message, optional, tag = "6")]
+    pub remove: Option<RemoveDevice>,
+    #[prost(bytes = "vec", tag = "7")]
+    pub account_signature: Vec<u8>,
+    #[prost(bytes = "vec", tag = "8")]
+    pub device_signature: Vec<u8>,
+    #[prost(bytes = "vec", tag = "9")]
+    pub added_signature: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AddDevice {
+    #[prost(uint32, tag = "1")]
+    pub device: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub key: Vec<u8>,
+    #[prost(string, tag = "3")]
+    pub name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RemoveDevice {
+    #[prost(uint32, tag = "1")]
+    pub device: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -264,7 +324,7 @@ pub struct Response {
     pub id: u64,
     #[prost(
         oneof = "response::Result",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
     )]
     pub result: Option<response::Result>,
 }
@@ -298,6 +358,8 @@ pub mod response {
         Renewed(super::Renewed),
         #[prost(message, tag = "14")]
         GroupInfo(super::GroupInfo),
+        #[prost(message, tag = "15")]
+        DeviceLog(super::DeviceLog),
     }
 }
 
@@ -347,6 +409,11 @@ pub enum ErrorCode {
     TooManyConnections = 30,
     SessionReplaced = 31,
     IdleTimeout = 32,
+    /// A device log entry breaks a rule of the log (the message says which).
+    InvalidDeviceEntry = 33,
+    /// Another device of the account appended to its device log first: fetch
+    /// the log and make the change again on top of it.
+    StaleDeviceLog = 34,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -390,6 +457,13 @@ pub struct Done {}
 pub struct GroupInfo {
     #[prost(bytes = "vec", tag = "1")]
     pub group_info: Vec<u8>,
+}
+
+/// Encoded [`DeviceEntry`]s, in log order.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeviceLog {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub entries: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

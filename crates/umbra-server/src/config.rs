@@ -78,6 +78,12 @@ pub struct Config {
     pub max_groups_per_account: u32,
     /// Most contact requests one account may send per hour. Default 60.
     pub contact_requests_per_hour: u32,
+    /// Most devices one account may have at once (removed ones do not
+    /// count; there is no lifetime count). Default 5.
+    pub max_devices_per_account: u32,
+    /// Most device log entries (adds and removes) one account may append
+    /// per day. Default 20.
+    pub device_changes_per_day: u32,
     /// Bytes of deliveries one account may put into others' mailboxes per
     /// hour (a message's size times its recipients; commits and Welcomes
     /// count too). Default 268435456 (256 MiB).
@@ -122,6 +128,8 @@ impl Default for Config {
             max_key_packages: 200,
             max_groups_per_account: 1000,
             contact_requests_per_hour: 60,
+            max_devices_per_account: 5,
+            device_changes_per_day: 20,
             delivery_bytes_per_hour: 256 * 1024 * 1024,
             key_package_low_water: 10,
             max_malformed_frames: 16,
@@ -197,6 +205,12 @@ request_burst = 2000
 max_key_packages = 200
 max_groups_per_account = 1000
 contact_requests_per_hour = 60
+
+# Devices one account may have at once (removed devices do not count, and
+# there is no lifetime count), and device changes (adds and removes) one
+# account may make per day. Beyond them: QUOTA_EXCEEDED.
+max_devices_per_account = 5
+device_changes_per_day = 20
 
 # Bytes of deliveries one account may put into others' mailboxes per hour (a
 # message's size times its recipients), so that no account can fill the

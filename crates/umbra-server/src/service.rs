@@ -2,8 +2,8 @@
 //! directory, contacts and the MLS delivery service. One call per request;
 //! the connection handler owns the socket, this owns the rules. This file
 //! dispatches requests and holds authentication, contacts and the
-//! directory; `delivery.rs` the delivery service, `lines.rs` wipes,
-//! revocation and distributors.
+//! directory; `delivery.rs` the delivery service, `devices.rs` device logs,
+//! `lines.rs` wipes, revocation and distributors.
 
 use std::sync::Arc;
 
@@ -24,6 +24,7 @@ use crate::registry::Registry;
 use umbra_proto::clock::Clock;
 
 mod delivery;
+mod devices;
 mod lines;
 
 use delivery::{line_refusal, not_a_member, unknown_group};
@@ -657,6 +658,10 @@ impl Services {
                         "this renewal code was sold for another distributor's lines",
                     )),
                 }
+            }
+            Request::AppendDeviceEntry { entry } => self.append_device_entry(me, entry).await,
+            Request::FetchDeviceLog { account_id, from } => {
+                self.fetch_device_log(me, &account_id, from).await
             }
             Request::SetWipeKey { wipe_key } => {
                 self.live_account(me).await?;

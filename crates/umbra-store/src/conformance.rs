@@ -34,6 +34,7 @@ where
     lines_decide_each_send(&make().await).await;
     distributors(&make().await).await;
     expiry(&make().await).await;
+    device_logs(&make().await).await;
 }
 
 fn account(text: &str) -> AccountId {
@@ -686,6 +687,12 @@ async fn revocation(store: &impl Store) {
         .add_key_packages(&alice, vec![b"kp".to_vec()], Some(b"last".to_vec()))
         .await
         .unwrap();
+    assert!(
+        store
+            .append_device_entry(&alice, 0, b"first", NOW)
+            .await
+            .unwrap()
+    );
     let g = group(3);
     store
         .create_group(&g, &bob, &state_at(0), &info_at(0), NOW)
@@ -714,6 +721,10 @@ async fn revocation(store: &impl Store) {
         "mailbox dropped"
     );
     assert!(!store.are_contacts(&alice, &bob).await.unwrap());
+    assert!(
+        store.device_log(&alice, 0, 10).await.unwrap().is_empty(),
+        "device log dropped"
+    );
     let state = store.group(&g).await.unwrap().unwrap();
     assert_eq!(state.members, vec![bob.clone(), carol.clone()]);
     let notice = store
@@ -734,6 +745,61 @@ async fn revocation(store: &impl Store) {
             alice.as_str().as_bytes()
         )
     );
+}
+
+/// Entries are kept in order, per account; a position is taken once; the
+/// count of recent appends uses the time of each append.
+async fn device_logs(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    assert!(store.device_log(&alice, 0, 10).await.unwrap().is_empty());
+    assert!(
+        !store
+            .append_device_entry(&alice, 1, b"gap", NOW)
+            .await
+            .unwrap(),
+        "a position past the end is refused"
+    );
+    for (seq, entry) in [b"zero", b"one!", b"two!"].iter().enumerate() {
+        let at = NOW + seq as u64 * DAY;
+        assert!(
+            store
+                .append_device_entry(&alice, seq as u64, *entry, at)
+                .await
+                .unwrap()
+        );
+    }
+    assert!(
+        !store
+            .append_device_entry(&alice, 1, b"race", NOW)
+            .await
+            .unwrap(),
+        "a taken position is refused"
+    );
+    assert!(
+        store
+            .append_device_entry(&bob, 0, b"bob", NOW)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.device_log(&alice, 0, 10).await.unwrap(),
+        vec![b"zero".to_vec(), b"one!".to_vec(), b"two!".to_vec()]
+    );
+    assert_eq!(
+        store.device_log(&alice, 1, 1).await.unwrap(),
+        vec![b"one!".to_vec()]
+    );
+    assert!(store.device_log(&alice, 3, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store.device_log(&bob, 0, 10).await.unwrap(),
+        vec![b"bob".to_vec()]
+    );
+    assert_eq!(
+        store.device_entries_since(&alice, NOW + DAY).await.unwrap(),
+        2
+    );
+    assert_eq!(store.device_entries_since(&alice, 0).await.unwrap(), 3);
 }
 
 /// Alice and Bob, registered, in a new group `g` that Alice created.

@@ -166,8 +166,8 @@ pub trait Accounts: Send + Sync {
     ) -> Result<Option<u64>>;
     /// Records a login on `day` (Unix day).
     async fn touch(&self, id: &AccountId, day: u64) -> Result<()>;
-    /// Ends a line: withdraws its KeyPackages, drops its mailbox and its
-    /// contacts, takes it out of every group and tells each remaining member
+    /// Ends a line: withdraws its KeyPackages, drops its mailbox, its
+    /// contacts and its device log, takes it out of every group and tells each remaining member
     /// (a `MemberRevoked` delivery per group, carrying the line's own signed
     /// revocation when it revoked itself), atomically. Returns the members
     /// told.
@@ -219,6 +219,29 @@ pub trait Contacts: Send + Sync {
     /// How many contact requests `from` sent at or after `since` that are
     /// still recorded (pending or accepted).
     async fn contact_requests_since(&self, from: &AccountId, since: Timestamp) -> Result<u64>;
+}
+
+/// Each account's device log: signed entries the server checked before
+/// storing them (`umbra_mls::DeviceLog`), kept in order and handed to the
+/// account's devices and its contacts, who check them again.
+#[async_trait]
+pub trait DeviceLogs: Send + Sync {
+    /// The entries of `account`'s log from position `from` on, at most
+    /// `limit` of them, in order.
+    async fn device_log(&self, account: &AccountId, from: u64, limit: u32) -> Result<Vec<Vec<u8>>>;
+    /// Stores `entry` at position `seq` if that is the log's next position;
+    /// `false` (nothing stored) if it is not, because another device of the
+    /// account appended first.
+    async fn append_device_entry(
+        &self,
+        account: &AccountId,
+        seq: u64,
+        entry: &[u8],
+        now: Timestamp,
+    ) -> Result<bool>;
+    /// How many entries were appended to `account`'s log at or after
+    /// `since` (the server's time of each append).
+    async fn device_entries_since(&self, account: &AccountId, since: Timestamp) -> Result<u64>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -556,10 +579,11 @@ pub trait Distributors: Send + Sync {
 
 /// Everything the server needs from storage.
 pub trait Store:
-    Accounts + Contacts + KeyPackages + Groups + Mailboxes + Distributors + 'static
+    Accounts + Contacts + KeyPackages + Groups + Mailboxes + Distributors + DeviceLogs + 'static
 {
 }
-impl<T: Accounts + Contacts + KeyPackages + Groups + Mailboxes + Distributors + 'static> Store
-    for T
+impl<
+    T: Accounts + Contacts + KeyPackages + Groups + Mailboxes + Distributors + DeviceLogs + 'static,
+> Store for T
 {
 }

@@ -30,6 +30,7 @@ mod apply;
 mod commits;
 mod contacts;
 mod conversations;
+mod devices;
 mod rejoin;
 mod sending;
 mod session;

@@ -172,6 +172,16 @@ impl Client {
         // the backlog may hold messages from the epoch after them.
         self.resubmit_pending_commits().await?;
         self.resume_rejoins()?;
+        // The account's device log: written on the first connection of a
+        // device whose account has none. A log that fails verification is
+        // the server's doing; the device still connects, and says so.
+        match self.ensure_device_log().await {
+            Ok(()) => {}
+            Err(ClientError::DeviceLog { account, error }) => self.emit(Event::ServerMisbehaved {
+                what: format!("the device list it keeps for {account} fails verification: {error}"),
+            }),
+            Err(error) => debug!(%error, "device log"),
+        }
         tokio::spawn(self.clone().apply_pushes(pushes, Arc::clone(link)));
         self.emit(Event::Connection {
             state: ConnectionState::Connected,

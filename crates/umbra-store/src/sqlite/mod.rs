@@ -7,6 +7,7 @@
 //! in-memory database has just the one). Readers might gain from a pool;
 //! that can come when a benchmark shows it matters.
 
+mod devices;
 mod mailbox_bytes;
 
 use std::cell::RefCell;
@@ -39,6 +40,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (5, include_str!("../../migrations/0005_wipe_replay.sql")),
     (6, include_str!("../../migrations/0006_group_info.sql")),
     (7, include_str!("../../migrations/0007_quotas.sql")),
+    (8, include_str!("../../migrations/0008_device_log.sql")),
 ];
 
 /// Most writes committed together by one fsync.
@@ -1162,6 +1164,7 @@ fn revoke_in(
         "DELETE FROM last_resort_key_packages WHERE account_id = ?1",
         "DELETE FROM mailbox WHERE recipient = ?1",
         "DELETE FROM contacts WHERE requester = ?1 OR addressee = ?1",
+        "DELETE FROM device_log WHERE account_id = ?1",
         "UPDATE accounts SET status = 'revoked', wipe_key = NULL WHERE account_id = ?1",
     ] {
         tx.forget_line(id);

@@ -1,0 +1,192 @@
+//! Device logs over the real protocol: the server stores only entries that
+//! follow the log's rules, within the device cap and the daily budget, and
+//! shows a log only to the account and its contacts.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use common::{Raw, Server};
+use umbra_mls::{DeviceLog, DeviceSigner, FIRST_DEVICE};
+use umbra_proto::{AccountId, DeviceId, ErrorCode, Reply, Request};
+
+struct Account {
+    raw: Raw,
+    id: AccountId,
+    key: DeviceSigner,
+    log: DeviceLog,
+}
+
+impl Account {
+    async fn new(server: &Server, seed: u8) -> Account {
+        let key = DeviceSigner::from_secret(&[seed; 32]);
+        let mut raw = Raw::connect(server).await;
+        let id = raw.registered(server, &key).await;
+        let log = DeviceLog::new(id.clone(), key.identity_key());
+        Account { raw, id, key, log }
+    }
+
+    /// Appends `entry` at the server and, if it was taken, here.
+    async fn append(&mut self, entry: umbra_proto::DeviceEntry) -> Result<(), ErrorCode> {
+        match self
+            .raw
+            .call(Request::AppendDeviceEntry {
+                entry: entry.clone(),
+            })
+            .await
+        {
+            Ok(Reply::Done) => {
+                self.log.append(entry, None).unwrap();
+                Ok(())
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(error) => Err(error.code),
+        }
+    }
+
+    async fn fetch(
+        &mut self,
+        whose: &AccountId,
+        from: u64,
+    ) -> Result<Vec<umbra_proto::DeviceEntry>, ErrorCode> {
+        match self
+            .raw
+            .call(Request::FetchDeviceLog {
+                account_id: whose.clone(),
+                from,
+            })
+            .await
+        {
+            Ok(Reply::DeviceLog { entries }) => Ok(entries),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(error) => Err(error.code),
+        }
+    }
+
+    fn first(&self) -> umbra_proto::DeviceEntry {
+        self.log.first_entry(&self.key, "phone", 1_800_000_000)
+    }
+
+    fn add(&self, by: (DeviceId, &DeviceSigner), new: &DeviceSigner) -> umbra_proto::DeviceEntry {
+        self.log
+            .add_entry(&self.key, by, new, "laptop", 1_800_000_000)
+    }
+}
+
+#[tokio::test]
+async fn only_entries_that_follow_the_rules_are_stored() {
+    let server = Server::start().await;
+    let mut alice = Account::new(&server, 1).await;
+    assert_eq!(alice.fetch(&alice.id.clone(), 0).await, Ok(vec![]));
+
+    // The first entry must be device 1 with the account key: another key
+    // as device 1 is refused.
+    let stranger = DeviceSigner::from_secret(&[9; 32]);
+    let wrong_first = alice.log.first_entry(&stranger, "x", 1);
+    assert_eq!(
+        alice.append(wrong_first).await,
+        Err(ErrorCode::InvalidDeviceEntry)
+    );
+    alice.append(alice.first()).await.unwrap();
+
+    // An add signed by a key that is not the account's is refused; one
+    // signed properly is stored; one made on an old head is stale.
+    let d2 = DeviceSigner::from_secret(&[2; 32]);
+    let forged = alice
+        .log
+        .add_entry(&stranger, (FIRST_DEVICE, &alice.key), &d2, "x", 1);
+    assert_eq!(
+        alice.append(forged).await,
+        Err(ErrorCode::InvalidDeviceEntry)
+    );
+    let stale = alice.add((FIRST_DEVICE, &alice.key), &d2);
+    alice
+        .append(alice.add((FIRST_DEVICE, &alice.key), &d2))
+        .await
+        .unwrap();
+    assert_eq!(
+        alice
+            .raw
+            .call(Request::AppendDeviceEntry { entry: stale })
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::StaleDeviceLog
+    );
+
+    // What the server holds verifies, from scratch, as the same log.
+    let id = alice.id.clone();
+    let stored = alice.fetch(&id, 0).await.unwrap();
+    let verified = DeviceLog::verify(id.clone(), alice.key.identity_key(), stored, None).unwrap();
+    assert_eq!(verified.head(), alice.log.head());
+    assert_eq!(alice.fetch(&id, 1).await.unwrap().len(), 1);
+    alice.raw.alive().await;
+}
+
+#[tokio::test]
+async fn devices_are_capped_and_changes_budgeted_per_account() {
+    let server = Server::start_with(|config| {
+        config.max_devices_per_account = 2;
+        config.device_changes_per_day = 4;
+    })
+    .await;
+    let mut alice = Account::new(&server, 1).await;
+    let mut bob = Account::new(&server, 5).await;
+    alice.append(alice.first()).await.unwrap();
+    let d2 = DeviceSigner::from_secret(&[2; 32]);
+    alice
+        .append(alice.add((FIRST_DEVICE, &alice.key), &d2))
+        .await
+        .unwrap();
+    let d3 = DeviceSigner::from_secret(&[3; 32]);
+    assert_eq!(
+        alice.append(alice.add((DeviceId(2), &d2), &d3)).await,
+        Err(ErrorCode::QuotaExceeded),
+        "a third device over a cap of two"
+    );
+    // Removing one makes room (no lifetime count)...
+    let remove = alice
+        .log
+        .remove_entry(&alice.key, (DeviceId(2), &d2), FIRST_DEVICE, 1);
+    alice.append(remove).await.unwrap();
+    alice
+        .append(alice.add((DeviceId(2), &d2), &d3))
+        .await
+        .unwrap();
+    // ...but four changes a day is the budget.
+    let remove = alice
+        .log
+        .remove_entry(&alice.key, (DeviceId(2), &d2), DeviceId(3), 1);
+    assert_eq!(alice.append(remove).await, Err(ErrorCode::QuotaExceeded));
+    // Another account is not held back by Alice's budget.
+    bob.append(bob.first()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_log_is_shown_to_the_account_and_its_contacts_only() {
+    let server = Server::start().await;
+    let mut alice = Account::new(&server, 1).await;
+    let mut bob = Account::new(&server, 2).await;
+    let mut carol = Account::new(&server, 3).await;
+    alice.append(alice.first()).await.unwrap();
+    let alice_id = alice.id.clone();
+    assert_eq!(carol.fetch(&alice_id, 0).await, Err(ErrorCode::NotAContact));
+    let bob_id = bob.id.clone();
+    bob.raw
+        .call(Request::SendContactRequest {
+            to: alice_id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        bob.fetch(&alice_id, 0).await,
+        Err(ErrorCode::NotAContact),
+        "a request is not enough"
+    );
+    alice
+        .raw
+        .call(Request::AcceptContact { from: bob_id })
+        .await
+        .unwrap();
+    assert_eq!(bob.fetch(&alice_id, 0).await.unwrap().len(), 1);
+    carol.raw.alive().await;
+}
