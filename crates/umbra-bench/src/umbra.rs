@@ -657,6 +657,7 @@ impl System for UmbraSystem {
         let signature = signer.sign_payload(&login_signing_payload(&conn.nonce, account));
         conn.request(Request::Login {
             account_id: account.clone(),
+            device: umbra_proto::DeviceId::FIRST,
             signature,
         })
         .await?;

@@ -643,10 +643,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             } else {
                 for d in &devices {
+                    // The name is the account's choice: shown escaped.
                     let name = if d.name.is_empty() {
-                        "(no name)"
+                        "(no name)".into()
                     } else {
-                        &d.name
+                        printable(&d.name)
                     };
                     let mut line = format!(
                         "device {}  {name}  key {}…  added {}",

@@ -16,9 +16,26 @@ async fn the_account_and_its_contacts_see_the_same_verified_device_list() {
     let mut bob = Device::activate(&server).await;
     befriend(&mut alice, &mut bob).await;
 
-    // Alice's first connection wrote her log's first entry: her device,
-    // under her account key.
+    // Alice's first connection wrote her log's first entry (beside the
+    // session, so it is waited for): her device, under her account key.
+    let db = rusqlite::Connection::open(server.data.join("umbra.db")).unwrap();
+    let written = || -> i64 {
+        db.query_row(
+            "SELECT COUNT(*) FROM device_log WHERE account_id = ?1",
+            [alice.id().as_str()],
+            |row| row.get(0),
+        )
+        .unwrap()
+    };
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while written() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the first connection wrote no device log");
     let hers = alice.client.devices().await.unwrap();
+    assert_eq!(written(), 1, "asking again wrote nothing more");
     assert_eq!(hers.len(), 1);
     let me = &hers[0];
     assert_eq!(
@@ -130,6 +147,60 @@ async fn a_server_that_rolls_a_device_list_back_is_caught() {
                 result,
                 Err(ClientError::DeviceLog {
                     error: DeviceLogError::RolledBack { pinned: 1 },
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_replaces_a_verified_entry_is_caught() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    befriend(&mut alice, &mut bob).await;
+    alice.client.devices().await.unwrap();
+    bob.client.contact_devices(&alice.id()).await.unwrap();
+    let alice_id = alice.id();
+
+    // The operator rewrites Alice's first entry: the same device and key,
+    // another date (its own replay of the log, which trusts what it
+    // stored, still accepts it; her signatures no longer match).
+    let (data, address, store, _dir) = server.seize();
+    drop(store);
+    let db = rusqlite::Connection::open(data.join("umbra.db")).unwrap();
+    let stored: Vec<u8> = db
+        .query_row(
+            "SELECT entry FROM device_log WHERE account_id = ?1 AND seq = 0",
+            [alice_id.as_str()],
+            |row| row.get(0),
+        )
+        .unwrap();
+    let mut entry = umbra_proto::DeviceEntry::decode(&stored).unwrap();
+    entry.created_at += 1;
+    let replaced = db
+        .execute(
+            "UPDATE device_log SET entry = ?2 WHERE account_id = ?1 AND seq = 0",
+            rusqlite::params![alice_id.as_str(), entry.encode()],
+        )
+        .unwrap();
+    assert_eq!(replaced, 1);
+    drop(db);
+    let _server = TestServer::start_in(&data, address).await;
+    let alice = alice.reopen().await;
+    let bob = bob.reopen().await;
+
+    for result in [
+        alice.client.devices().await,
+        bob.client.contact_devices(&alice_id).await,
+    ] {
+        assert!(
+            matches!(
+                result,
+                Err(ClientError::DeviceLog {
+                    error: DeviceLogError::Forked { seq: 0 },
                     ..
                 })
             ),

@@ -97,6 +97,7 @@ fn main() -> Result<(), Error> {
             "login",
             Request::Login {
                 account_id: alice.clone(),
+                device: umbra_proto::DeviceId::FIRST,
                 signature: Signature::from_slice(&[7; 64])?,
             },
         ),

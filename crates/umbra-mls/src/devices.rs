@@ -14,12 +14,13 @@
 
 use std::collections::BTreeMap;
 
+use umbra_proto::devices::MAX_DEVICE_NAME_BYTES;
 use umbra_proto::{AccountId, DeviceChange, DeviceEntry, DeviceId, IdentityKey, Signature};
 
 use crate::signer::{DeviceSigner, verify};
 
 /// The first device's number.
-pub const FIRST_DEVICE: DeviceId = DeviceId(1);
+pub const FIRST_DEVICE: DeviceId = DeviceId::FIRST;
 
 /// Why an entry or a log was refused. Each names the entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,8 +40,16 @@ pub enum DeviceLogError {
     AddedSignature { seq: u64, device: DeviceId },
     #[error("entry {seq}: device {device} made it, but is not a current device")]
     NotCurrent { seq: u64, device: DeviceId },
-    #[error("entry {seq}: device number {device} was used before")]
-    NumberReused { seq: u64, device: DeviceId },
+    #[error("entry {seq}: a new device gets number {expected}, not {device}")]
+    Number {
+        seq: u64,
+        device: DeviceId,
+        expected: DeviceId,
+    },
+    #[error(
+        "entry {seq}: a device name is at most {MAX_DEVICE_NAME_BYTES} bytes, without control or direction characters"
+    )]
+    Name { seq: u64 },
     #[error("entry {seq}: that key already belongs to a device of this account")]
     KeyReused { seq: u64 },
     #[error("entry {seq}: device {device} is not a current device")]
@@ -181,12 +190,17 @@ impl DeviceLog {
             }
         }
         match &entry.change {
-            DeviceChange::Add { device, key, .. } => {
-                if self.devices.contains_key(device) {
-                    return Err(DeviceLogError::NumberReused {
+            DeviceChange::Add { device, key, name } => {
+                let expected = self.next_device();
+                if *device != expected {
+                    return Err(DeviceLogError::Number {
                         seq,
                         device: *device,
+                        expected,
                     });
+                }
+                if !name_allowed(name) {
+                    return Err(DeviceLogError::Name { seq });
                 }
                 if self.devices.values().any(|d| d.key == *key) {
                     return Err(DeviceLogError::KeyReused { seq });
@@ -301,7 +315,9 @@ impl DeviceLog {
         &self.account
     }
 
-    /// The number an added device gets: one past the highest ever used.
+    /// The number an added device gets: one past the highest ever used
+    /// (numbers are given in order, so they never run out before the log's
+    /// daily budget would let them).
     pub fn next_device(&self) -> DeviceId {
         DeviceId(
             self.devices
@@ -380,6 +396,17 @@ impl DeviceLog {
             added_signature: None,
         }
     }
+}
+
+/// Whether `name` may name a device: short, and nothing that would move or
+/// hide text where it is shown (control and bidirectional-formatting
+/// characters).
+pub fn name_allowed(name: &str) -> bool {
+    name.len() <= MAX_DEVICE_NAME_BYTES
+        && !name.chars().any(|c| {
+            c.is_control()
+                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
 }
 
 #[cfg(test)]
@@ -532,9 +559,65 @@ mod tests {
             DeviceLog::verify(account(), a.identity_key(), forked, None),
             Err(DeviceLogError::Position { .. } | DeviceLogError::Chain { .. })
         ));
+        // The right position with the wrong previous hash is refused too.
+        let mut unchained = log.add_entry(&a, (DeviceId(2), &d2), &signer(12), "x", 4);
+        unchained.prev_hash = entries[1].hash(&account());
+        let signed = unchained.signed_bytes(&account());
+        unchained.account_signature = a.sign_payload(&signed);
+        unchained.device_signature = d2.sign_payload(&signed);
+        unchained.added_signature = Some(signer(12).sign_payload(&signed));
+        let mut again = log.clone();
+        assert_eq!(
+            again.append(unchained, None),
+            Err(DeviceLogError::Chain { seq: 3 })
+        );
         // Another account's log does not verify as this one's.
         let other = AccountId::parse("K7QD9XPN").unwrap();
         assert!(DeviceLog::verify(other, a.identity_key(), entries, None).is_err());
+    }
+
+    fn resign(
+        mut e: DeviceEntry,
+        a: &DeviceSigner,
+        by: &DeviceSigner,
+        added: &DeviceSigner,
+    ) -> DeviceEntry {
+        let signed = e.signed_bytes(&account());
+        e.account_signature = a.sign_payload(&signed);
+        e.device_signature = by.sign_payload(&signed);
+        e.added_signature = Some(added.sign_payload(&signed));
+        e
+    }
+
+    #[test]
+    fn numbers_come_in_order_and_names_cannot_hide_text() {
+        let (mut log, a, d2, _) = three();
+        let new = signer(8);
+        let mut far = log.add_entry(&a, (DeviceId(2), &d2), &new, "x", 4);
+        if let DeviceChange::Add { device, .. } = &mut far.change {
+            *device = DeviceId(u32::MAX);
+        }
+        assert_eq!(
+            log.append(resign(far, &a, &d2, &new), None),
+            Err(DeviceLogError::Number {
+                seq: 3,
+                device: DeviceId(u32::MAX),
+                expected: DeviceId(4)
+            })
+        );
+        for name in ["a\nb", "\u{202e}evil", "x".repeat(65).as_str()] {
+            let entry = log.add_entry(&a, (DeviceId(2), &d2), &new, name, 4);
+            assert_eq!(
+                log.append(entry, None),
+                Err(DeviceLogError::Name { seq: 3 }),
+                "{name:?}"
+            );
+        }
+        log.append(
+            log.add_entry(&a, (DeviceId(2), &d2), &new, "Ünïcode ok", 4),
+            None,
+        )
+        .unwrap();
     }
 
     #[test]

@@ -17,6 +17,10 @@ use crate::{DecodeError, wire};
 /// Longest device name, in bytes of UTF-8.
 pub const MAX_DEVICE_NAME_BYTES: usize = 64;
 
+/// Most entries one `DeviceLog` answer carries; a shorter answer is the
+/// log's end.
+pub const DEVICE_LOG_PAGE: usize = 500;
+
 /// Largest encoded entry a decoder accepts (an add with the longest name is
 /// about 300 bytes).
 pub const MAX_DEVICE_ENTRY_BYTES: usize = 1024;
@@ -25,6 +29,11 @@ pub const MAX_DEVICE_ENTRY_BYTES: usize = 1024;
 /// the device that adds one (never reused within the account).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct DeviceId(pub u32);
+
+impl DeviceId {
+    /// The account's first device, whose key is the account key.
+    pub const FIRST: DeviceId = DeviceId(1);
+}
 
 impl std::fmt::Display for DeviceId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -7,7 +7,7 @@
 
 use prost::Message;
 
-use crate::devices::DeviceEntry;
+use crate::devices::{DeviceEntry, DeviceId};
 use crate::ids::{AccountId, ActivationCode, GroupId, IdentityKey, Nonce, Signature};
 use crate::wire::{self, client_frame, push, response, server_frame};
 use crate::{DecodeError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
@@ -63,6 +63,8 @@ pub enum Request {
     Login {
         account_id: AccountId,
         signature: Signature,
+        /// Signed by this device's key (from the account's device log).
+        device: DeviceId,
     },
     UploadKeyPackages {
         key_packages: Vec<Vec<u8>>,
@@ -355,6 +357,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
         client_frame::Request::Login(r) => Request::Login {
             account_id: account("account_id", &r.account_id)?,
             signature: Signature::from_slice(&r.signature)?,
+            device: DeviceId(r.device.max(1)),
         },
         client_frame::Request::UploadKeyPackages(r) => {
             if r.key_packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
@@ -511,9 +514,11 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
         Request::Login {
             account_id,
             signature,
+            device,
         } => client_frame::Request::Login(wire::Login {
             account_id: account_id.to_string(),
             signature: signature.as_bytes().to_vec(),
+            device: device.0,
         }),
         Request::UploadKeyPackages {
             key_packages,
@@ -882,6 +887,7 @@ mod tests {
         let frames = vec![
             Request::Login {
                 account_id: alice(),
+                device: DeviceId::FIRST,
                 signature: Signature::from_bytes([7; 64]),
             },
             Request::SendCommit(CommitSubmission {

@@ -139,6 +139,9 @@ pub struct Login {
     pub account_id: String,
     #[prost(bytes = "vec", tag = "2")]
     pub signature: Vec<u8>,
+    /// The device logging in (0 is read as 1, the first device).
+    #[prost(uint32, tag = "3")]
+    pub device: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -414,6 +417,9 @@ pub enum ErrorCode {
     /// Another device of the account appended to its device log first: fetch
     /// the log and make the change again on top of it.
     StaleDeviceLog = 34,
+    /// This device was removed from its account: its sessions end (id 0)
+    /// and it can no longer log in.
+    DeviceRemoved = 35,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

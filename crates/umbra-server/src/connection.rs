@@ -346,16 +346,18 @@ impl Connection {
             if queued.is_err() {
                 break;
             }
-            if let (None, Session::Authenticated { account, .. }) = (&online, &session) {
+            if let (None, Session::Authenticated { account, device }) = (&online, &session) {
                 let inbox = self.services.registry.register(
                     account,
+                    *device,
                     self.id,
                     limits.config.max_sessions_per_account,
                 );
-                // A revocation that raced this login (read the line as live,
-                // then registered after the revocation ended the account's
-                // sessions) is caught here.
+                // A revocation or a device's removal that raced this login
+                // (read the line or device as live, then registered after
+                // the sessions were ended) is caught here.
                 self.services.end_if_revoked(account, &inbox).await;
+                self.services.end_if_removed(account, *device, &inbox).await;
                 let online_now = Outbound::Online(Box::new((account.clone(), Arc::clone(&inbox))));
                 online = Some((account.clone(), inbox));
                 if out_tx.send(online_now).await.is_err() {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use umbra_proto::{AccountId, ErrorCode, ErrorReply};
+use umbra_proto::{AccountId, DeviceId, ErrorCode, ErrorReply};
 use umbra_store::StoredDelivery;
 
 /// Deliveries, and bytes of their payloads, queued in memory per
@@ -127,6 +127,7 @@ impl Inbox {
 #[derive(Debug)]
 struct Entry {
     connection: u64,
+    device: DeviceId,
     inbox: Arc<Inbox>,
 }
 
@@ -142,6 +143,7 @@ impl Registry {
     pub fn register(
         &self,
         account: &AccountId,
+        device: DeviceId,
         connection: u64,
         max_sessions: usize,
     ) -> Arc<Inbox> {
@@ -159,6 +161,7 @@ impl Registry {
         }
         entries.push(Entry {
             connection,
+            device,
             inbox: Arc::clone(&inbox),
         });
         inbox
@@ -169,6 +172,24 @@ impl Registry {
         if let Some(entries) = self.lock().remove(account) {
             for entry in entries {
                 entry.inbox.end(reason.clone());
+            }
+        }
+    }
+
+    /// Ends the sessions of one device of `account` at once (it was
+    /// removed from the account), telling each `reason`.
+    pub fn end_device_sessions(&self, account: &AccountId, device: DeviceId, reason: &ErrorReply) {
+        let mut online = self.lock();
+        if let Some(entries) = online.get_mut(account) {
+            entries.retain(|entry| {
+                let ended = entry.device == device;
+                if ended {
+                    entry.inbox.end(reason.clone());
+                }
+                !ended
+            });
+            if entries.is_empty() {
+                online.remove(account);
             }
         }
     }
@@ -244,7 +265,7 @@ mod tests {
     fn copies_arrive_in_order_until_the_queue_overflows_then_only_the_flag() {
         let registry = Registry::default();
         let account = account("ABCDEFGH");
-        let inbox = registry.register(&account, 1, 8);
+        let inbox = registry.register(&account, DeviceId::FIRST, 1, 8);
         registry.deliver(
             (1..=INBOX as u64 + 2)
                 .map(|id| (account.clone(), delivery(id)))
@@ -271,7 +292,10 @@ mod tests {
         let registry = Registry::default();
         let a = account("ABCDEFGH");
         let b = account("HGFEDCBA");
-        let (ia, ib) = (registry.register(&a, 1, 8), registry.register(&b, 2, 8));
+        let (ia, ib) = (
+            registry.register(&a, DeviceId::FIRST, 1, 8),
+            registry.register(&b, DeviceId::FIRST, 2, 8),
+        );
         registry.notify([&a]);
         assert!(ia.take().read_mailbox);
         assert!(!ib.take().read_mailbox);

@@ -36,7 +36,10 @@ pub enum Session {
     AwaitingAuth { nonce: Nonce },
     /// Line status and subscription are read from the store on each send,
     /// so a suspension or renewal takes effect at once.
-    Authenticated { account: AccountId },
+    Authenticated {
+        account: AccountId,
+        device: umbra_proto::DeviceId,
+    },
     /// A distributor: manages its own lines, never sees content.
     Distributor { id: u64 },
 }
@@ -226,7 +229,7 @@ impl Services {
     pub async fn answer(&self, session: &mut Session, request: Request) -> Answer {
         match (&*session, request) {
             (
-                Session::Authenticated { account },
+                Session::Authenticated { account, .. },
                 Request::SendMessage {
                     group_id,
                     message,
@@ -287,6 +290,7 @@ impl Services {
                             info!(account = %account.id, "account registered");
                             *session = Session::Authenticated {
                                 account: account.id.clone(),
+                                device: umbra_proto::DeviceId::FIRST,
                             };
                             return Ok(Reply::Registered {
                                 account_id: account.id,
@@ -324,17 +328,12 @@ impl Services {
                 Request::Login {
                     account_id,
                     signature,
+                    device,
                 },
             ) => {
                 let payload = login_signing_payload(nonce, &account_id);
                 let account = self
-                    .signed_by_line(
-                        &account_id,
-                        |account| Some(account.identity_key),
-                        &payload,
-                        &signature,
-                        "login signature does not verify with the account's identity key",
-                    )
+                    .signed_by_device(&account_id, device, &payload, &signature)
                     .await?;
                 if account.status == LineStatus::Revoked {
                     return Err(refuse(ErrorCode::LineRevoked, "this line was revoked"));
@@ -356,6 +355,7 @@ impl Services {
                 debug!(account = %account_id, "logged in");
                 *session = Session::Authenticated {
                     account: account_id,
+                    device,
                 };
                 Ok(Reply::LoggedIn {
                     subscription_expires_at: account.subscription_expires_at,
@@ -421,9 +421,9 @@ impl Services {
                 ErrorCode::NotAuthenticated,
                 "authenticate with Register or Login first",
             )),
-            (Session::Authenticated { account, .. }, request) => {
-                let account = account.clone();
-                self.authenticated(&account, request).await
+            (Session::Authenticated { account, device }, request) => {
+                let (account, device) = (account.clone(), *device);
+                self.authenticated(&account, device, request).await
             }
         }
     }
@@ -444,7 +444,12 @@ impl Services {
         }
     }
 
-    async fn authenticated(&self, me: &AccountId, request: Request) -> Outcome {
+    async fn authenticated(
+        &self,
+        me: &AccountId,
+        device: umbra_proto::DeviceId,
+        request: Request,
+    ) -> Outcome {
         match request {
             Request::UploadKeyPackages {
                 key_packages,
@@ -659,7 +664,9 @@ impl Services {
                     )),
                 }
             }
-            Request::AppendDeviceEntry { entry } => self.append_device_entry(me, entry).await,
+            Request::AppendDeviceEntry { entry } => {
+                self.append_device_entry(me, device, entry).await
+            }
             Request::FetchDeviceLog { account_id, from } => {
                 self.fetch_device_log(me, &account_id, from).await
             }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Raw, Server};
+use common::{Raw, Server, closed_with};
 use umbra_mls::{DeviceLog, DeviceSigner, FIRST_DEVICE};
 use umbra_proto::{AccountId, DeviceId, ErrorCode, Reply, Request};
 
@@ -132,30 +132,31 @@ async fn devices_are_capped_and_changes_budgeted_per_account() {
     let mut alice = Account::new(&server, 1).await;
     let mut bob = Account::new(&server, 5).await;
     alice.append(alice.first()).await.unwrap();
+    let me = FIRST_DEVICE;
     let d2 = DeviceSigner::from_secret(&[2; 32]);
     alice
-        .append(alice.add((FIRST_DEVICE, &alice.key), &d2))
+        .append(alice.add((me, &alice.key), &d2))
         .await
         .unwrap();
     let d3 = DeviceSigner::from_secret(&[3; 32]);
     assert_eq!(
-        alice.append(alice.add((DeviceId(2), &d2), &d3)).await,
+        alice.append(alice.add((me, &alice.key), &d3)).await,
         Err(ErrorCode::QuotaExceeded),
         "a third device over a cap of two"
     );
     // Removing one makes room (no lifetime count)...
     let remove = alice
         .log
-        .remove_entry(&alice.key, (DeviceId(2), &d2), FIRST_DEVICE, 1);
+        .remove_entry(&alice.key, (me, &alice.key), DeviceId(2), 1);
     alice.append(remove).await.unwrap();
     alice
-        .append(alice.add((DeviceId(2), &d2), &d3))
+        .append(alice.add((me, &alice.key), &d3))
         .await
         .unwrap();
     // ...but four changes a day is the budget.
     let remove = alice
         .log
-        .remove_entry(&alice.key, (DeviceId(2), &d2), DeviceId(3), 1);
+        .remove_entry(&alice.key, (me, &alice.key), DeviceId(3), 1);
     assert_eq!(alice.append(remove).await, Err(ErrorCode::QuotaExceeded));
     // Another account is not held back by Alice's budget.
     bob.append(bob.first()).await.unwrap();
@@ -189,4 +190,97 @@ async fn a_log_is_shown_to_the_account_and_its_contacts_only() {
         .unwrap();
     assert_eq!(bob.fetch(&alice_id, 0).await.unwrap().len(), 1);
     carol.raw.alive().await;
+}
+
+#[tokio::test]
+async fn each_device_logs_in_with_its_own_key_and_a_removed_one_is_cut_off_at_once() {
+    let server = Server::start().await;
+    let mut alice = Account::new(&server, 1).await;
+    alice.append(alice.first()).await.unwrap();
+    let d2 = DeviceSigner::from_secret(&[2; 32]);
+    alice
+        .append(alice.add((FIRST_DEVICE, &alice.key), &d2))
+        .await
+        .unwrap();
+    let id = alice.id.clone();
+
+    // Device 2 logs in with its own key; not with the account key, and no
+    // device the log does not list logs in at all. The refusals are the
+    // one a bad signature gets.
+    let mut second = Raw::connect(&server).await;
+    assert!(matches!(
+        second.login_device(&id, DeviceId(2), &d2).await,
+        Ok(Reply::LoggedIn { .. })
+    ));
+    for (device, key) in [(DeviceId(2), &alice.key), (DeviceId(3), &d2)] {
+        let mut other = Raw::connect(&server).await;
+        let refused = other.login_device(&id, device, key).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::BadSignature, "{device}");
+    }
+
+    // Device 1 removes device 2: its session ends at once and it cannot
+    // log in again; device 1 goes on.
+    let remove = alice
+        .log
+        .remove_entry(&alice.key, (FIRST_DEVICE, &alice.key), DeviceId(2), 1);
+    alice.append(remove).await.unwrap();
+    closed_with(&mut second, ErrorCode::DeviceRemoved).await;
+    let mut again = Raw::connect(&server).await;
+    let refused = again.login_device(&id, DeviceId(2), &d2).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::BadSignature);
+    alice.raw.alive().await;
+}
+
+#[tokio::test]
+async fn a_removed_first_device_cannot_log_in_with_the_account_key() {
+    let server = Server::start().await;
+    let mut alice = Account::new(&server, 1).await;
+    alice.append(alice.first()).await.unwrap();
+    let d2 = DeviceSigner::from_secret(&[2; 32]);
+    alice
+        .append(alice.add((FIRST_DEVICE, &alice.key), &d2))
+        .await
+        .unwrap();
+    let id = alice.id.clone();
+    let mut second = Raw::connect(&server).await;
+    second.login_device(&id, DeviceId(2), &d2).await.unwrap();
+    // Device 2 removes device 1 (whose key is the account key).
+    let entry = alice
+        .log
+        .remove_entry(&alice.key, (DeviceId(2), &d2), FIRST_DEVICE, 1);
+    assert_eq!(
+        second
+            .call(Request::AppendDeviceEntry {
+                entry: entry.clone()
+            })
+            .await,
+        Ok(Reply::Done)
+    );
+    closed_with(&mut alice.raw, ErrorCode::DeviceRemoved).await;
+    let mut again = Raw::connect(&server).await;
+    let refused = again
+        .login_device(&id, FIRST_DEVICE, &alice.key)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::BadSignature);
+    second.alive().await;
+}
+
+#[tokio::test]
+async fn a_session_appends_only_entries_it_makes_itself() {
+    let server = Server::start().await;
+    let mut alice = Account::new(&server, 1).await;
+    alice.append(alice.first()).await.unwrap();
+    let d2 = DeviceSigner::from_secret(&[2; 32]);
+    alice
+        .append(alice.add((FIRST_DEVICE, &alice.key), &d2))
+        .await
+        .unwrap();
+    // Device 1's session hands in an entry device 2 made.
+    let d3 = DeviceSigner::from_secret(&[3; 32]);
+    let by_two = alice.add((DeviceId(2), &d2), &d3);
+    assert_eq!(
+        alice.append(by_two).await,
+        Err(ErrorCode::InvalidDeviceEntry)
+    );
 }

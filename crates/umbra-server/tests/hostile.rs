@@ -38,6 +38,7 @@ async fn malformed_frames_get_typed_errors_and_the_server_keeps_serving() {
         id: 77,
         request: Request::Login {
             account_id: AccountId::parse("AAAAAAAA").unwrap(),
+            device: umbra_proto::DeviceId::FIRST,
             signature: Signature::from_slice(&[0; 64]).unwrap(),
         },
     });
@@ -151,6 +152,7 @@ async fn authentication_refusals() {
     raw.expect_error(
         Request::Login {
             account_id: account_id.clone(),
+            device: umbra_proto::DeviceId::FIRST,
             signature: Signature::from_bytes([0; 64]),
         },
         ErrorCode::AlreadyAuthenticated,
@@ -174,6 +176,7 @@ async fn authentication_refusals() {
         .expect_error(
             Request::Login {
                 account_id: AccountId::parse("ZZZZZZZZ").unwrap(),
+                device: umbra_proto::DeviceId::FIRST,
                 signature: Signature::from_bytes([0; 64]),
             },
             // The same answer as a forged login: nobody learns from it
@@ -199,6 +202,7 @@ async fn authentication_refusals() {
         .expect_error(
             Request::Login {
                 account_id: account_id.clone(),
+                device: umbra_proto::DeviceId::FIRST,
                 signature: forged,
             },
             ErrorCode::BadSignature,
@@ -209,6 +213,7 @@ async fn authentication_refusals() {
         second
             .call(Request::Login {
                 account_id,
+                device: umbra_proto::DeviceId::FIRST,
                 signature: genuine,
             })
             .await,

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Raw, Server};
+use common::{Raw, Server, closed_with};
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Provider};
@@ -15,36 +15,6 @@ use umbra_proto::{
 
 /// How long a test waits for something that should happen promptly.
 const PATIENCE: Duration = Duration::from_secs(20);
-
-/// The next message on `raw` is an error with `code` (id 0: about the
-/// connection, not a request), then the connection closes.
-async fn closed_with(raw: &mut Raw, code: ErrorCode) -> String {
-    let message = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match raw.next().await {
-                Some(ServerMessage::Push(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("the server neither answered nor closed");
-    let text = match message {
-        Some(ServerMessage::Response {
-            id: 0,
-            result: Err(error),
-        }) => {
-            assert_eq!(error.code, code, "{}", error.message);
-            error.message
-        }
-        other => panic!("expected {code:?}, got {other:?}"),
-    };
-    let after = tokio::time::timeout(PATIENCE, raw.next())
-        .await
-        .expect("the connection stayed open");
-    assert!(after.is_none(), "the connection stayed open: {after:?}");
-    text
-}
 
 fn signer(n: u8) -> DeviceSigner {
     DeviceSigner::from_secret(&[n; 32])
@@ -145,6 +115,7 @@ async fn a_revoked_lines_sessions_are_closed_at_once() {
         .expect_error(
             Request::Login {
                 account_id: account.clone(),
+                device: umbra_proto::DeviceId::FIRST,
                 signature,
             },
             ErrorCode::LineRevoked,

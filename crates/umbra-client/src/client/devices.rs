@@ -12,10 +12,17 @@ use rusqlite::params;
 use umbra_mls::{DeviceLog, DeviceLogError};
 use umbra_proto::{AccountId, DeviceEntry, IdentityKey, Reply, Request};
 
+use umbra_proto::devices::DEVICE_LOG_PAGE;
+
 use crate::error::{ClientError, Result};
 use crate::types::Device;
 
 use super::{Client, pinned_key};
+
+/// Longest device log a device accepts (at the server's default budget of
+/// 20 changes a day, years of changes): a server that sends more is
+/// refused instead of filling memory.
+const MAX_DEVICE_LOG_ENTRIES: u64 = 20_000;
 
 impl Client {
     /// This account's devices, from its device log, verified. A device
@@ -47,6 +54,16 @@ impl Client {
             Some(key) => IdentityKey::from_slice(&key)?,
             None => return Err(ClientError::NotAccepted(account.clone())),
         };
+        // Not under a key the user has not confirmed (their safety number
+        // changed and was not compared or accepted yet).
+        let unconfirmed: bool = self.db().query_row(
+            "SELECT key_unconfirmed FROM contacts WHERE account_id = ?1",
+            [account.as_str()],
+            |row| row.get(0),
+        )?;
+        if unconfirmed {
+            return Err(ClientError::KeyUnconfirmed(account.clone()));
+        }
         let log = self.verified_device_log(account, key).await?;
         Ok(self.listed(&log))
     }
@@ -67,15 +84,31 @@ impl Client {
     }
 
     /// The log this device verified for `account`, brought up to date from
-    /// the server and verified again.
+    /// the server and verified again, page by page as it arrives.
     async fn verified_device_log(
         &self,
         account: &AccountId,
         key: IdentityKey,
     ) -> Result<DeviceLog> {
         let kept = self.kept_device_entries(account)?;
-        let mut log = DeviceLog::replay(account.clone(), key, kept)
-            .map_err(|e| ClientError::Store(format!("kept device log of {account}: {e}")))?;
+        let mut log = match DeviceLog::replay(account.clone(), key, kept) {
+            Ok(log) => log,
+            // What was kept was verified under another key: the contact's
+            // key changed since, and the user confirmed the new one (see
+            // `contact_devices`). Their list starts again under it.
+            Err(DeviceLogError::First { .. }) => {
+                self.db().execute(
+                    "DELETE FROM device_log WHERE account_id = ?1",
+                    [account.as_str()],
+                )?;
+                DeviceLog::new(account.clone(), key)
+            }
+            Err(e) => {
+                return Err(ClientError::Store(format!(
+                    "kept device log of {account}: {e}"
+                )));
+            }
+        };
         // Ask from the last entry already verified: the server must still
         // show it, unchanged, before anything new counts.
         let pinned = log.len();
@@ -93,29 +126,40 @@ impl Client {
                     "unexpected reply to FetchDeviceLog".into(),
                 ));
             };
-            if entries.is_empty() {
+            let short = entries.len() < DEVICE_LOG_PAGE;
+            let mut page = entries.into_iter();
+            if from + 1 == pinned {
+                let last = log.entries().last().map(|e| e.hash(account));
+                match page.next() {
+                    None => {
+                        return Err(self.log_error(account, DeviceLogError::RolledBack { pinned }));
+                    }
+                    Some(entry) if Some(entry.hash(account)) != last || entry.seq != from => {
+                        return Err(self.log_error(account, DeviceLogError::Forked { seq: from }));
+                    }
+                    Some(_) => from += 1,
+                }
+            }
+            for entry in page {
+                if log.len() >= MAX_DEVICE_LOG_ENTRIES {
+                    return Err(self.log_error(
+                        account,
+                        DeviceLogError::Malformed {
+                            seq: log.len(),
+                            reason: format!(
+                                "longer than the {MAX_DEVICE_LOG_ENTRIES} entries a device accepts"
+                            ),
+                        },
+                    ));
+                }
+                log.append(entry.clone(), None)
+                    .map_err(|error| self.log_error(account, error))?;
+                fresh.push(entry);
+                from += 1;
+            }
+            if short {
                 break;
             }
-            from += entries.len() as u64;
-            fresh.extend(entries);
-        }
-        let mut fresh = fresh.into_iter();
-        if pinned > 0 {
-            let last = log.entries().last().map(|e| e.hash(account));
-            match fresh.next() {
-                None => {
-                    return Err(self.log_error(account, DeviceLogError::RolledBack { pinned }));
-                }
-                Some(entry) if Some(entry.hash(account)) != last || entry.seq != pinned - 1 => {
-                    return Err(self.log_error(account, DeviceLogError::Forked { seq: pinned - 1 }));
-                }
-                Some(_) => {}
-            }
-        }
-        let fresh: Vec<DeviceEntry> = fresh.collect();
-        for entry in &fresh {
-            log.append(entry.clone(), None)
-                .map_err(|error| self.log_error(account, error))?;
         }
         self.keep_device_entries(account, pinned, &fresh)?;
         Ok(log)
@@ -150,7 +194,9 @@ impl Client {
         let tx = db.transaction()?;
         for (n, entry) in entries.iter().enumerate() {
             tx.execute(
-                "INSERT INTO device_log (account_id, seq, entry) VALUES (?1, ?2, ?3)",
+                // Another look at the same log may have kept these entries
+                // first: they are the same verified entries.
+                "INSERT OR IGNORE INTO device_log (account_id, seq, entry) VALUES (?1, ?2, ?3)",
                 params![account.as_str(), from + n as u64, entry.encode()],
             )?;
         }

@@ -131,6 +131,7 @@ impl Client {
         let reply = link
             .request(Request::Login {
                 account_id: account.clone(),
+                device: umbra_proto::DeviceId::FIRST,
                 signature: self
                     .inner
                     .signer
@@ -173,15 +174,23 @@ impl Client {
         self.resubmit_pending_commits().await?;
         self.resume_rejoins()?;
         // The account's device log: written on the first connection of a
-        // device whose account has none. A log that fails verification is
-        // the server's doing; the device still connects, and says so.
-        match self.ensure_device_log().await {
-            Ok(()) => {}
-            Err(ClientError::DeviceLog { account, error }) => self.emit(Event::ServerMisbehaved {
-                what: format!("the device list it keeps for {account} fails verification: {error}"),
-            }),
-            Err(error) => debug!(%error, "device log"),
-        }
+        // device whose account has none, beside the session (the server's
+        // answers cannot hold up connecting). A log that fails
+        // verification is the server's doing; the device says so.
+        let client = self.clone();
+        tokio::spawn(async move {
+            match client.ensure_device_log().await {
+                Ok(()) => {}
+                Err(ClientError::DeviceLog { account, error }) => {
+                    client.emit(Event::ServerMisbehaved {
+                        what: format!(
+                            "the device list it keeps for {account} fails verification: {error}"
+                        ),
+                    })
+                }
+                Err(error) => debug!(%error, "device log"),
+            }
+        });
         tokio::spawn(self.clone().apply_pushes(pushes, Arc::clone(link)));
         self.emit(Event::Connection {
             state: ConnectionState::Connected,

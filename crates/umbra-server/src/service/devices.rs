@@ -5,17 +5,31 @@
 //! one is caught by those verifiers, not by this code.
 
 use umbra_mls::{DeviceLog, DeviceLogError};
-use umbra_proto::DeviceEntry;
+use umbra_proto::{DeviceChange, DeviceEntry, DeviceId, IdentityKey};
 
 use super::*;
 
 /// Most entries one `FetchDeviceLog` answer carries; a device asks again
 /// from where the answer ended until one comes back shorter.
-pub(crate) const DEVICE_LOG_PAGE: u32 = 500;
+const DEVICE_LOG_PAGE: u32 = umbra_proto::devices::DEVICE_LOG_PAGE as u32;
 
 impl Services {
-    pub(super) async fn append_device_entry(&self, me: &AccountId, entry: DeviceEntry) -> Outcome {
+    pub(super) async fn append_device_entry(
+        &self,
+        me: &AccountId,
+        device: DeviceId,
+        entry: DeviceEntry,
+    ) -> Outcome {
         let account = self.live_account(me).await?;
+        if entry.by_device != device {
+            return Err(refuse(
+                ErrorCode::InvalidDeviceEntry,
+                format!(
+                    "the entry is made by device {}, but this session is device {device}",
+                    entry.by_device
+                ),
+            ));
+        }
         let now = self.now();
         let config = &self.limits.config;
         let budget = config.device_changes_per_day;
@@ -50,7 +64,69 @@ impl Services {
             return Err(stale(entry.seq + 1));
         }
         debug!(account = %me, seq = entry.seq, "device log entry appended");
+        if let DeviceChange::Remove { device: removed } = entry.change {
+            self.registry
+                .end_device_sessions(me, removed, &removed_session());
+        }
         Ok(Reply::Done)
+    }
+
+    /// Checks a `Login`'s signature with the key of `device` as the
+    /// account's device log lists it (device 1's is the account key while
+    /// the log is empty). An unknown account, a device that is not current
+    /// and a bad signature get one answer (`BAD_SIGNATURE`) after the same
+    /// work, so the answer tells nothing about which accounts or devices
+    /// exist.
+    pub(super) async fn signed_by_device(
+        &self,
+        account_id: &AccountId,
+        device: DeviceId,
+        payload: &[u8],
+        signature: &Signature,
+    ) -> Result<Account, ErrorReply> {
+        let account = self.store.account(account_id).await.map_err(internal)?;
+        let key = match &account {
+            Some(account) => self.device_key(account, device).await?,
+            None => None,
+        };
+        let verified = umbra_mls::verify(&key.unwrap_or_else(nobody), payload, signature);
+        match account {
+            Some(account) if verified && key.is_some() => Ok(account),
+            _ => Err(refuse(
+                ErrorCode::BadSignature,
+                "login signature does not verify with the key of that device of the account",
+            )),
+        }
+    }
+
+    /// The key of `account`'s current device `device`, if it is one.
+    async fn device_key(
+        &self,
+        account: &Account,
+        device: DeviceId,
+    ) -> Result<Option<IdentityKey>, ErrorReply> {
+        let log = self.stored_device_log(account).await?;
+        if log.is_empty() {
+            return Ok((device == DeviceId::FIRST).then_some(account.identity_key));
+        }
+        Ok(log.current(device).map(|d| d.key))
+    }
+
+    /// Ends the session behind `inbox` if `device` is no longer a current
+    /// device of `account` (checked after the session registered, so a
+    /// removal racing a login cannot leave the session open).
+    pub(crate) async fn end_if_removed(
+        &self,
+        account: &AccountId,
+        device: DeviceId,
+        inbox: &crate::registry::Inbox,
+    ) {
+        let Ok(Some(found)) = self.store.account(account).await else {
+            return;
+        };
+        if let Ok(None) = self.device_key(&found, device).await {
+            inbox.end(removed_session());
+        }
     }
 
     pub(super) async fn fetch_device_log(
@@ -72,6 +148,9 @@ impl Services {
                 format!("{account_id} is not one of your contacts"),
             ));
         }
+        // Positions past any real log's length read as its end (SQLite
+        // integers stop at 2^63).
+        let from = from.min(i64::MAX as u64);
         let entries = self
             .store
             .device_log(account_id, from, DEVICE_LOG_PAGE)
@@ -107,6 +186,13 @@ impl Services {
         DeviceLog::replay(account.id.clone(), account.identity_key, entries)
             .map_err(|e| internal(StoreError::Corrupt(format!("stored device log: {e}"))))
     }
+}
+
+fn removed_session() -> ErrorReply {
+    refuse(
+        ErrorCode::DeviceRemoved,
+        "this device was removed from its account; it can no longer log in",
+    )
 }
 
 fn stale(length: u64) -> ErrorReply {

@@ -184,14 +184,64 @@ impl Raw {
         let reply = self
             .call(Request::Login {
                 account_id: account_id.clone(),
+                device: umbra_proto::DeviceId::FIRST,
                 signature,
             })
             .await;
         assert!(matches!(reply, Ok(Reply::LoggedIn { .. })), "{reply:?}");
     }
 
+    /// Logs in as `device` of `account_id`, signing with `signer`.
+    pub async fn login_device(
+        &mut self,
+        account_id: &AccountId,
+        device: umbra_proto::DeviceId,
+        signer: &DeviceSigner,
+    ) -> Result<Reply, ErrorReply> {
+        let signature = signer.sign_payload(&login_signing_payload(&self.nonce, account_id));
+        self.call(Request::Login {
+            account_id: account_id.clone(),
+            signature,
+            device,
+        })
+        .await
+    }
+
     /// The server still answers on this connection.
     pub async fn alive(&mut self) {
         assert_eq!(self.call(Request::Ping).await, Ok(Reply::Done));
     }
+}
+
+/// How long a test waits for something that should happen promptly.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The next message on `raw` is an error with `code` (id 0: about the
+/// connection, not a request), then the connection closes.
+pub async fn closed_with(raw: &mut Raw, code: ErrorCode) -> String {
+    let message = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match raw.next().await {
+                Some(ServerMessage::Push(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the server neither answered nor closed");
+    let text = match message {
+        Some(ServerMessage::Response {
+            id: 0,
+            result: Err(error),
+        }) => {
+            assert_eq!(error.code, code, "{}", error.message);
+            error.message
+        }
+        other => panic!("expected {code:?}, got {other:?}"),
+    };
+    let after = tokio::time::timeout(PATIENCE, raw.next())
+        .await
+        .expect("the connection stayed open");
+    assert!(after.is_none(), "the connection stayed open: {after:?}");
+    text
 }
