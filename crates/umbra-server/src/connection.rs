@@ -21,6 +21,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::burst::Burst;
+use crate::reads::FrameReads;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -134,7 +135,7 @@ impl Connection {
         // Boxed, like the request handler below: the handshake's state is
         // large and needed once, not for the connection's whole life.
         let upgrade = Box::pin(tokio_tungstenite::accept_async_with_config(
-            Burst::new(stream, WRITE_BUFFER),
+            Burst::new(FrameReads::new(stream), WRITE_BUFFER),
             Some(websocket_config()),
         ));
         let ws = match tokio::time::timeout(UPGRADE_TIMEOUT, upgrade).await {

@@ -17,6 +17,7 @@ mod connection;
 pub mod delivery_ids;
 mod handshake;
 mod limits;
+mod reads;
 mod registry;
 pub mod service;
 pub mod tls;
