@@ -240,6 +240,30 @@ async fn two_people_talk_through_the_cli() {
         (Some(b), Some(true))
     );
 
+    // Device lists: her own (this device, under her account key), and
+    // Bob's as she verified it against the key she pinned for him; Carol,
+    // not a contact, gets none.
+    let mine = ok(alice.path(), &["devices", "list"]).await;
+    let her_key = ok(alice.path(), &["whoami"]).await[0]["identity_key"].clone();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(
+        (&mine[0]["id"], &mine[0]["key"], &mine[0]["this_device"]),
+        (&Value::from(1), &her_key, &Value::from(true))
+    );
+    let his = ok(alice.path(), &["devices", "list", b]).await;
+    let his_key = ok(bob.path(), &["whoami"]).await[0]["identity_key"].clone();
+    assert_eq!(
+        (his.len(), &his[0]["key"], &his[0]["this_device"]),
+        (1, &his_key, &Value::from(false))
+    );
+    assert!(
+        text(alice.path(), &["devices", "list"])
+            .await
+            .contains("device 1")
+    );
+    let stranger = umbra(carol.path(), &["devices", "list", a]).await;
+    assert!(!stranger.status.success());
+
     // A group with Carol.
     ok(alice.path(), &["contacts", "add", c]).await;
     ok(carol.path(), &["recv"]).await;

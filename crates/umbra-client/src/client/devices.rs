@@ -10,7 +10,7 @@
 
 use rusqlite::params;
 use umbra_mls::{DeviceLog, DeviceLogError};
-use umbra_proto::{AccountId, DeviceEntry, IdentityKey, Reply, Request};
+use umbra_proto::{AccountId, DeviceEntry, ErrorCode, IdentityKey, Reply, Request};
 
 use umbra_proto::devices::DEVICE_LOG_PAGE;
 
@@ -36,13 +36,26 @@ impl Client {
             .await?;
         if log.is_empty() {
             let first = log.first_entry(&self.inner.signer, "", self.now());
-            self.request(Request::AppendDeviceEntry {
-                entry: first.clone(),
-            })
-            .await?;
-            log.append(first.clone(), None)
-                .map_err(|error| self.log_error(&account, error))?;
-            self.keep_device_entries(&account, 0, &[first])?;
+            match self
+                .request(Request::AppendDeviceEntry {
+                    entry: first.clone(),
+                })
+                .await
+            {
+                Ok(_) => {
+                    log.append(first.clone(), None)
+                        .map_err(|error| self.log_error(&account, error))?;
+                    self.keep_device_entries(&account, 0, &[first])?;
+                }
+                // Another look of this device (the one each connection
+                // starts) wrote it first: read it back, verified.
+                Err(error) if error.server_code() == Some(ErrorCode::StaleDeviceLog) => {
+                    log = self
+                        .verified_device_log(&account, self.identity_key())
+                        .await?;
+                }
+                Err(error) => return Err(error),
+            }
         }
         Ok(self.listed(&log))
     }
