@@ -264,21 +264,6 @@ impl DeviceLog {
         self.entries.push(entry);
     }
 
-    /// Verifies entries a server sent after the ones this log holds (a
-    /// device's next look at a log it pinned). `fetched` is what the server
-    /// returned when asked from [`DeviceLog::len`] on.
-    pub fn extend(
-        &mut self,
-        fetched: impl IntoIterator<Item = DeviceEntry>,
-    ) -> Result<usize, DeviceLogError> {
-        let mut added = 0;
-        for entry in fetched {
-            self.append(entry, None)?;
-            added += 1;
-        }
-        Ok(added)
-    }
-
     /// A device that is listed and not removed.
     pub fn current(&self, device: DeviceId) -> Option<&DeviceRecord> {
         self.devices.get(&device).filter(|d| d.removed.is_none())

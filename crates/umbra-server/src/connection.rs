@@ -357,8 +357,7 @@ impl Connection {
                 // A revocation or a device's removal that raced this login
                 // (read the line or device as live, then registered after
                 // the sessions were ended) is caught here.
-                self.services.end_if_revoked(account, &inbox).await;
-                self.services.end_if_removed(account, *device, &inbox).await;
+                self.services.end_if_gone(account, *device, &inbox).await;
                 let online_now = Outbound::Online(Box::new((account.clone(), Arc::clone(&inbox))));
                 online = Some((account.clone(), inbox));
                 if out_tx.send(online_now).await.is_err() {

@@ -112,20 +112,24 @@ impl Services {
         Ok(log.current(device).map(|d| d.key))
     }
 
-    /// Ends the session behind `inbox` if `device` is no longer a current
-    /// device of `account` (checked after the session registered, so a
-    /// removal racing a login cannot leave the session open).
-    pub(crate) async fn end_if_removed(
+    /// Ends the session behind `inbox` if `account`'s line is gone or
+    /// revoked, or `device` is no longer one of its current devices
+    /// (checked after the session registered, so a revocation or a removal
+    /// racing a login cannot leave the session open).
+    pub(crate) async fn end_if_gone(
         &self,
         account: &AccountId,
         device: DeviceId,
         inbox: &crate::registry::Inbox,
     ) {
-        let Ok(Some(found)) = self.store.account(account).await else {
-            return;
-        };
-        if let Ok(None) = self.device_key(&found, device).await {
-            inbox.end(removed_session());
+        match self.store.account(account).await {
+            Ok(Some(line)) if line.status != LineStatus::Revoked => {
+                if let Ok(None) = self.device_key(&line, device).await {
+                    inbox.end(removed_session());
+                }
+            }
+            Ok(_) => inbox.end(revoked_session()),
+            Err(_) => {}
         }
     }
 

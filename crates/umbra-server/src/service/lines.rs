@@ -106,17 +106,6 @@ impl Services {
         Ok(())
     }
 
-    /// Ends the session behind `inbox` if `account`'s line is gone or
-    /// revoked (checked after the session registered, so a revocation
-    /// racing a login cannot leave the session open).
-    pub(crate) async fn end_if_revoked(&self, account: &AccountId, inbox: &crate::registry::Inbox) {
-        if let Ok(found) = self.store.account(account).await
-            && found.is_none_or(|line| line.status == LineStatus::Revoked)
-        {
-            inbox.end(revoked_session());
-        }
-    }
-
     /// Checks an unauthenticated request's `signature` over `payload` with
     /// the line's key (`key_of`). An unknown account, a line without that
     /// key and a bad signature get one answer (`BAD_SIGNATURE`, `refusal`)
