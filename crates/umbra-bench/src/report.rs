@@ -19,6 +19,8 @@ const HELD_DELIVERED: f64 = 0.99;
 const PLOT_FILE: &str = "benchmarks-relay-p99.svg";
 /// The payload size the bar is about.
 const DEFAULT_SIZE: u64 = 256;
+/// Sky ECC's day at 100×, in seconds: the soak the bar is about.
+const DAY_AT_100X_S: u64 = 864;
 /// Generator CPU above which the generator, not the server, may have been
 /// the limit.
 const GENERATOR_SATURATED_PERCENT: f64 = 90.0;
@@ -126,13 +128,25 @@ fn load(from: &Path) -> Result<Loaded> {
     Ok(loaded)
 }
 
-/// The runs of one (workload, system, payload size), oldest first.
+/// The runs of one (workload, system, payload size, soak length), oldest
+/// first. Soaks of different lengths are kept apart: their memory at the
+/// end is not comparable.
 #[derive(Debug)]
 struct Group<'a> {
     workload: String,
     system: String,
     size: u64,
+    /// A soak's length in whole seconds; 0 for the other workloads.
+    span: u64,
     runs: Vec<&'a Value>,
+}
+
+/// A soak's length in whole seconds (0 for any other workload).
+fn span(record: &Value, workload: &str) -> u64 {
+    if workload != "soak" {
+        return 0;
+    }
+    num(record, &["result", "seconds"]).map_or(0, |s| s.round() as u64)
 }
 
 fn workload_rank(workload: &str) -> usize {
@@ -174,28 +188,31 @@ struct Report<'a> {
 
 impl<'a> Report<'a> {
     fn new(records: &'a [Value]) -> Report<'a> {
-        type Key = (usize, String, usize, String, u64);
+        type Key = (usize, String, usize, String, u64, u64);
         let mut map: BTreeMap<Key, Vec<&Value>> = BTreeMap::new();
         for record in records {
             let workload = text(record, &["workload"]).unwrap_or("unknown").to_owned();
             let system = system_name(record);
             let size = record.get("size").and_then(Value::as_u64).unwrap_or(0);
+            let span = span(record, &workload);
             map.entry((
                 workload_rank(&workload),
                 workload,
                 system_rank(&system),
                 system,
                 size,
+                span,
             ))
             .or_default()
             .push(record);
         }
         let groups = map
             .into_iter()
-            .map(|((_, workload, _, system, size), runs)| Group {
+            .map(|((_, workload, _, system, size, span), runs)| Group {
                 workload,
                 system,
                 size,
+                span,
                 runs,
             })
             .collect();
@@ -210,28 +227,43 @@ impl<'a> Report<'a> {
     }
 
     /// The group the bar and the ratios are about: the default payload
-    /// size if it was measured, else the smallest.
+    /// size if it was measured, else the smallest; for soaks, the day at
+    /// 100× if it was measured, else the longest.
     fn find(&self, workload: &str, system: &str) -> Option<&Group<'a>> {
         let mut candidates: Vec<&Group<'a>> = self
             .groups
             .iter()
             .filter(|g| g.workload == workload && g.system == system)
             .collect();
-        candidates.sort_by_key(|g| (g.size != DEFAULT_SIZE, g.size));
+        candidates.sort_by_key(|g| {
+            (
+                g.size != DEFAULT_SIZE,
+                g.size,
+                g.span != DAY_AT_100X_S,
+                std::cmp::Reverse(g.span),
+            )
+        });
         candidates.first().copied()
     }
 
     /// The label of a group's rows: the system, plus the size when the
-    /// workload was measured at more than one.
+    /// workload was measured at more than one, plus the length when soaks
+    /// of more than one length were run.
     fn label(&self, group: &Group<'_>) -> String {
-        let mut sizes: Vec<u64> = self.of(&group.workload).iter().map(|g| g.size).collect();
-        sizes.sort_unstable();
-        sizes.dedup();
-        if sizes.len() > 1 {
-            format!("{}, {} B", group.system, group.size)
-        } else {
-            group.system.clone()
+        let distinct = |f: fn(&Group<'_>) -> u64| {
+            let mut seen: Vec<u64> = self.of(&group.workload).iter().map(|g| f(g)).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            seen.len() > 1
+        };
+        let mut label = group.system.clone();
+        if distinct(|g| g.size) {
+            let _ = write!(label, ", {} B", group.size);
         }
+        if distinct(|g| g.span) {
+            let _ = write!(label, ", {} s", group.span);
+        }
+        label
     }
 
     // -----------------------------------------------------------------------
@@ -627,14 +659,19 @@ impl<'a> Report<'a> {
              device comes back and drains what waited for it). Latency is over deliveries \
              to online recipients; *deferred* deliveries went to recipients that were \
              offline when the message was sent. The server's RSS: at the start (before \
-             traffic), after the first minute, at the end and at its peak; flat memory \
-             is an end no higher than the first minute's.\n\n",
+             traffic), after the first minute, at the end and at its peak; *last 10 min* \
+             is how much it rose over the run's last ten minutes, so flat memory is a \
+             value near zero there. Memory that grows with a connection's age rises \
+             until the population of connections has turned over (in this workload a \
+             connection lives about 700 s), which takes longer than the 864 s day: \
+             longer runs show where it levels off.\n\n",
         );
         md.push_str(
             "| system | rate/s | seconds | p50 ms | p99 ms | p999 ms | lost | errors \
-             | RSS start MiB | RSS 1 min MiB | RSS end MiB | RSS peak MiB | reconnects | deferred | n |\n",
+             | RSS start MiB | RSS 1 min MiB | RSS end MiB | RSS peak MiB | last 10 min MiB \
+             | reconnects | deferred | n |\n",
         );
-        md.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+        md.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
         let mut errors = Vec::new();
         for group in &groups {
             let mib = |key: &'static str| {
@@ -647,9 +684,15 @@ impl<'a> Report<'a> {
                     .and_then(Value::as_f64)
                     .map(|k| k / 1024.0)
             });
+            let last_ten = values(group, |r| {
+                let minutes = r.pointer("/result/rss_per_minute_kib")?.as_array()?;
+                let end = minutes.last()?.as_f64()?;
+                let before = minutes.get(minutes.len().checked_sub(11)?)?.as_f64()?;
+                Some((end - before) / 1024.0)
+            });
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 self.label(group),
                 cell(&values(group, |r| num(r, &["result", "rate_per_s"])), count),
                 cell(&values(group, |r| num(r, &["result", "seconds"])), count),
@@ -662,6 +705,7 @@ impl<'a> Report<'a> {
                 cell(&first_minute, real),
                 cell(&mib("rss_end_kib"), real),
                 cell(&mib("rss_peak_kib"), real),
+                cell(&last_ten, real),
                 cell(&values(group, |r| num(r, &["result", "reconnects"])), count),
                 cell(
                     &values(group, |r| num(r, &["result", "observed", "deferred"])),
@@ -677,6 +721,53 @@ impl<'a> Report<'a> {
         }
         md.push('\n');
         errors_list(md, &errors);
+        self.soak_memory(md, &groups);
+    }
+
+    /// The server's RSS minute by minute (every fifth minute, and the last),
+    /// so a reader sees whether memory levels off rather than only where
+    /// it ended.
+    fn soak_memory(&self, md: &mut String, groups: &[&Group<'_>]) {
+        let minutes = |r: &Value| {
+            r.pointer("/result/rss_per_minute_kib")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len)
+        };
+        let longest = groups
+            .iter()
+            .flat_map(|g| g.runs.iter().map(|r| minutes(r)))
+            .max()
+            .unwrap_or(0);
+        if longest == 0 {
+            return;
+        }
+        let mut shown: Vec<usize> = (1..=longest).filter(|m| *m == 1 || m % 5 == 0).collect();
+        if shown.last() != Some(&longest) {
+            shown.push(longest);
+        }
+        md.push_str(
+            "The server's RSS in MiB at the end of each minute (every fifth minute and \
+             the last; median and range over runs):\n\n| system |",
+        );
+        for m in &shown {
+            let _ = write!(md, " min {m} |");
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"--:|".repeat(shown.len()));
+        md.push('\n');
+        for group in groups {
+            let _ = write!(md, "| {} |", self.label(group));
+            for m in &shown {
+                let at = values(group, |r| {
+                    r.pointer(&format!("/result/rss_per_minute_kib/{}", m - 1))
+                        .and_then(Value::as_f64)
+                        .map(|k| k / 1024.0)
+                });
+                let _ = write!(md, " {} |", cell(&at, real));
+            }
+            md.push('\n');
+        }
+        md.push('\n');
     }
 
     // -----------------------------------------------------------------------
@@ -1635,6 +1726,45 @@ mod tests {
         assert!(spread(&[]).is_none());
         assert_eq!(utc(0), "1970-01-01 00:00 UTC");
         assert_eq!(utc(1_700_000_000), "2023-11-14 22:13 UTC");
+    }
+
+    #[test]
+    fn soaks_of_different_lengths_stay_apart() {
+        let soak = |seconds: f64, p99: f64, rss: &[u64]| {
+            json!({"workload": "soak", "system": "umbra", "size": 256, "finished_at": 1,
+                   "result": {"seconds": seconds, "rate_per_s": 6941.0, "lost": 0,
+                              "latency_ms": {"p99_ms": p99},
+                              "rss_per_minute_kib": rss}})
+        };
+        // Thirty minutes: +4 MiB a minute up to 260 at minute 20, then 261.
+        let long: Vec<u64> = (0..30u64)
+            .map(|m| if m < 20 { (188 + 4 * m).min(260) } else { 261 } * 1024)
+            .collect();
+        let records = vec![
+            soak(864.001, 60.0, &[190 * 1024, 250 * 1024]),
+            soak(1800.2, 77.0, &long),
+        ];
+        let report = Report::new(&records);
+        let groups = report.of("soak");
+        assert_eq!(groups.len(), 2, "one row per length");
+        assert_eq!(report.label(groups[0]), "umbra, 864 s");
+        assert_eq!(report.label(groups[1]), "umbra, 1800 s");
+        let bar = report.find("soak", "umbra").map(|g| g.span);
+        assert_eq!(bar, Some(DAY_AT_100X_S), "the bar is about the day at 100×");
+        let mut md = String::new();
+        report.soak(&mut md);
+        assert!(
+            md.contains("| min 1 | min 5 | min 10 | min 15 | min 20 | min 25 | min 30 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| umbra, 1800 s | 188 | 204 | 224 | 244 | 260 | 261 | 261 |"),
+            "{md}"
+        );
+        assert!(md.contains("| umbra, 864 s | 190 | – | – |"), "{md}");
+        // The rise over the last ten minutes: 261 - 260 for the long run,
+        // unknown for a run of two minutes.
+        assert!(md.contains("| – | 1.00 |"), "{md}");
     }
 
     #[test]
