@@ -429,6 +429,7 @@ async fn build_group(
                 .conn
                 .request(Request::FetchKeyPackage {
                     account_id: account.clone(),
+                    device: umbra_proto::DeviceId::FIRST,
                 })
                 .await?
             else {

@@ -146,6 +146,7 @@ impl Mallory {
         match self
             .call(Request::FetchKeyPackage {
                 account_id: account.clone(),
+                device: umbra_proto::DeviceId::FIRST,
             })
             .await
         {

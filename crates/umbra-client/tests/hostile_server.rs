@@ -150,7 +150,11 @@ async fn a_key_package_under_a_swapped_key_is_refused_and_the_pin_kept() {
 
     // The operator hands out KeyPackages "from Bob" under its own key.
     let (data, address, store, _dir) = server.seize();
-    while let Some((_, last_resort)) = store.take_key_package(&bob.id()).await.unwrap() {
+    while let Some((_, last_resort)) = store
+        .take_key_package(&bob.id(), umbra_proto::DeviceId::FIRST)
+        .await
+        .unwrap()
+    {
         if last_resort {
             break;
         }
@@ -160,7 +164,12 @@ async fn a_key_package_under_a_swapped_key_is_refused_and_the_pin_kept() {
         .map(|_| forger.key_package(&bob.id(), false))
         .collect();
     store
-        .add_key_packages(&bob.id(), forged, Some(forger.key_package(&bob.id(), true)))
+        .add_key_packages(
+            &bob.id(),
+            umbra_proto::DeviceId::FIRST,
+            forged,
+            Some(forger.key_package(&bob.id(), true)),
+        )
         .await
         .unwrap();
     drop(store);
@@ -228,7 +237,11 @@ async fn a_welcome_from_a_stranger_or_under_another_key_is_refused() {
     let (data, address, store, _dir) = server.seize();
     let forger = Forger::new(77);
     for inviter in [stranger.id(), bob.id()] {
-        let (key_package, _) = store.take_key_package(&alice.id()).await.unwrap().unwrap();
+        let (key_package, _) = store
+            .take_key_package(&alice.id(), umbra_proto::DeviceId::FIRST)
+            .await
+            .unwrap()
+            .unwrap();
         let (group_id, welcome) = forger.invite(&inviter, &key_package);
         let notice = Notice {
             recipient: alice.id(),
@@ -512,7 +525,11 @@ async fn a_verified_contact_under_a_new_key_in_a_group_gets_nothing_until_confir
     // The operator swaps that Welcome for one of its own "from Carol", of a
     // group where "Bob" has a key of the operator's.
     let (data, address, store, _dir) = server.seize();
-    let (alice_kp, _) = store.take_key_package(&alice.id()).await.unwrap().unwrap();
+    let (alice_kp, _) = store
+        .take_key_package(&alice.id(), umbra_proto::DeviceId::FIRST)
+        .await
+        .unwrap()
+        .unwrap();
     let eve = Forger::new(44);
     let fake_bob = Forger::new(45);
     let mut group = Group::create(

@@ -175,7 +175,11 @@ async fn a_replayed_welcome_does_not_bring_back_a_removed_member() {
     // Carol's one-time KeyPackages are used up, so the Welcome is for her
     // last-resort one, which stays usable: a replay can be opened.
     let (data, address, store, dir) = server.seize();
-    while let Some((_, last_resort)) = store.take_key_package(&carol.id()).await.unwrap() {
+    while let Some((_, last_resort)) = store
+        .take_key_package(&carol.id(), umbra_proto::DeviceId::FIRST)
+        .await
+        .unwrap()
+    {
         if last_resort {
             break;
         }

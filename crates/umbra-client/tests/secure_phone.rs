@@ -52,7 +52,13 @@ async fn remote_wipe_with_the_code_erases_the_device_and_ends_its_line() {
     let store = umbra_server::open_store(&server.data, &config).unwrap();
     let line = store.account(&alice.id()).await.unwrap().unwrap();
     assert_eq!(line.status, LineStatus::Revoked);
-    assert_eq!(store.take_key_package(&alice.id()).await.unwrap(), None);
+    assert_eq!(
+        store
+            .take_key_package(&alice.id(), umbra_proto::DeviceId::FIRST)
+            .await
+            .unwrap(),
+        None
+    );
 
     // Its groups were told, and a remaining member committed its removal.
     for device in [&mut bob, &mut carol] {

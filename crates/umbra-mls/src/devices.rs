@@ -394,6 +394,34 @@ pub fn name_allowed(name: &str) -> bool {
         })
 }
 
+/// Whether `entry` certifies `key` as a device of `account` whose account
+/// key is `account_key`: it adds exactly this key, and is signed by the
+/// account key and by the added key, over bytes that name the account. A
+/// device's MLS leaf carries the entry that added it, so a member can check
+/// the leaf when it arrives, offline, against the account key it pinned; a
+/// server, which holds no account key, cannot make one. The entry's place in
+/// the log is not checked here: a removed device's entry still certifies
+/// its key, and removal is what takes its leaf out of the groups.
+pub fn certifies(
+    entry: &DeviceEntry,
+    account: &AccountId,
+    account_key: &IdentityKey,
+    key: &IdentityKey,
+) -> bool {
+    let DeviceChange::Add { key: added, .. } = &entry.change else {
+        return false;
+    };
+    if added != key {
+        return false;
+    }
+    let signed = entry.signed_bytes(account);
+    verify(account_key, &signed, &entry.account_signature)
+        && entry
+            .added_signature
+            .as_ref()
+            .is_some_and(|signature| verify(key, &signed, signature))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
@@ -424,6 +452,36 @@ mod tests {
         )
         .unwrap();
         (log, a, d2, d3)
+    }
+
+    #[test]
+    fn an_add_entry_certifies_its_key_for_its_account_only() {
+        let (log, a, d2, d3) = three();
+        let add2 = log.entries()[1].clone();
+        let key = d2.identity_key();
+        assert!(certifies(&add2, &account(), &a.identity_key(), &key));
+        // Another key, another account, another account key: no.
+        assert!(!certifies(
+            &add2,
+            &account(),
+            &a.identity_key(),
+            &d3.identity_key()
+        ));
+        let other = AccountId::parse("K7QD9XPN").unwrap();
+        assert!(!certifies(&add2, &other, &a.identity_key(), &key));
+        assert!(!certifies(&add2, &account(), &d3.identity_key(), &key));
+        // An entry whose account signature is not the account key's (a
+        // server's own, signed with a key it holds) certifies nothing.
+        let mut forged = add2.clone();
+        forged.account_signature = d3.sign_payload(&forged.signed_bytes(&account()));
+        assert!(!certifies(&forged, &account(), &a.identity_key(), &key));
+        // Nor does one the added key did not sign.
+        let mut unaccepted = add2.clone();
+        unaccepted.added_signature = Some(d3.sign_payload(&add2.signed_bytes(&account())));
+        assert!(!certifies(&unaccepted, &account(), &a.identity_key(), &key));
+        // A remove entry certifies no key.
+        let remove = log.remove_entry(&a, (FIRST_DEVICE, &a), DeviceId(2), 4);
+        assert!(!certifies(&remove, &account(), &a.identity_key(), &key));
     }
 
     #[test]

@@ -24,7 +24,7 @@ mod public;
 mod relay;
 mod signer;
 
-pub use devices::{DeviceLog, DeviceLogError, DeviceRecord, FIRST_DEVICE};
+pub use devices::{DeviceLog, DeviceLogError, DeviceRecord, FIRST_DEVICE, certifies};
 pub use group::{
     CommitOutput, DISAPPEARING_EXTENSION, Group, GroupConfig, Incoming, MemberInfo, new_key_package,
 };

@@ -70,8 +70,11 @@ pub enum Request {
         key_packages: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
     },
+    /// One KeyPackage of `device` of `account_id` (a current device in
+    /// the account's log; absent on the wire: device 1).
     FetchKeyPackage {
         account_id: AccountId,
+        device: DeviceId,
     },
     /// The current GroupInfo of a group this account is a member of, to
     /// rejoin it by external commit.
@@ -381,6 +384,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
         }
         client_frame::Request::FetchKeyPackage(r) => Request::FetchKeyPackage {
             account_id: account("account_id", &r.account_id)?,
+            device: DeviceId(r.device.max(1)),
         },
         client_frame::Request::SendContactRequest(r) => Request::SendContactRequest {
             to: account("account_id", &r.account_id)?,
@@ -527,9 +531,10 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             key_packages: key_packages.clone(),
             last_resort: last_resort.clone().unwrap_or_default(),
         }),
-        Request::FetchKeyPackage { account_id } => {
+        Request::FetchKeyPackage { account_id, device } => {
             client_frame::Request::FetchKeyPackage(wire::FetchKeyPackage {
                 account_id: account_id.to_string(),
+                device: device.0,
             })
         }
         Request::SendContactRequest { to } => {
@@ -904,6 +909,10 @@ mod tests {
                 account_id: alice(),
                 from: 3,
             },
+            Request::FetchKeyPackage {
+                account_id: alice(),
+                device: DeviceId(3),
+            },
             Request::Ack {
                 delivery_ids: vec![1, 2, 3],
                 quiet: false,
@@ -953,6 +962,7 @@ mod tests {
             request: Some(client_frame::Request::FetchKeyPackage(
                 wire::FetchKeyPackage {
                     account_id: "nope".into(),
+                    device: 0,
                 },
             )),
         };

@@ -156,6 +156,8 @@ pub struct UploadKeyPackages {
 pub struct FetchKeyPackage {
     #[prost(string, tag = "1")]
     pub account_id: String,
+    #[prost(uint32, tag = "2")]
+    pub device: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -420,6 +422,9 @@ pub enum ErrorCode {
     /// This device was removed from its account: its sessions end (id 0)
     /// and it can no longer log in.
     DeviceRemoved = 35,
+    /// The device named is not one of the account's current devices: fetch
+    /// the account's device log again.
+    UnknownDevice = 36,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

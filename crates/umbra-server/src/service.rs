@@ -11,8 +11,8 @@ use tracing::{debug, info, warn};
 use umbra_proto::frame::CommitSubmission;
 use umbra_proto::frame::{CodeKind, LineAction, LineInfo};
 use umbra_proto::{
-    AccountId, ActivationCode, ActivationString, DeliveryKind, ErrorCode, ErrorReply, GroupId,
-    Nonce, Reply, Request, Signature, distributor_login_payload, login_signing_payload,
+    AccountId, ActivationCode, ActivationString, DeliveryKind, DeviceId, ErrorCode, ErrorReply,
+    GroupId, Nonce, Reply, Request, Signature, distributor_login_payload, login_signing_payload,
     register_signing_payload, revoke_signing_payload, wipe_signing_payload,
 };
 use umbra_store::{
@@ -349,7 +349,7 @@ impl Services {
                 }
                 let stock = self
                     .store
-                    .key_package_stock(&account_id)
+                    .key_package_stock(&account_id, device)
                     .await
                     .map_err(internal)?;
                 debug!(account = %account_id, "logged in");
@@ -455,10 +455,13 @@ impl Services {
                 key_packages,
                 last_resort,
             } => {
-                self.upload_key_packages(me, key_packages, last_resort)
+                self.upload_key_packages(me, device, key_packages, last_resort)
                     .await
             }
-            Request::FetchKeyPackage { account_id } => {
+            Request::FetchKeyPackage {
+                account_id,
+                device: of,
+            } => {
                 self.require_active(me).await?;
                 if !self
                     .store
@@ -471,15 +474,27 @@ impl Services {
                         format!("{account_id} has not accepted a contact request from you"),
                     ));
                 }
+                // A contact's line is there (contacts are deleted with a
+                // revoked one); only its current devices hand out packages.
+                let current = match self.store.account(&account_id).await.map_err(internal)? {
+                    Some(line) => self.device_key(&line, of).await?.is_some(),
+                    None => false,
+                };
+                if !current {
+                    return Err(refuse(
+                        ErrorCode::UnknownDevice,
+                        format!("device {of} is not one of {account_id}'s current devices"),
+                    ));
+                }
                 match self
                     .store
-                    .take_key_package(&account_id)
+                    .take_key_package(&account_id, of)
                     .await
                     .map_err(internal)?
                 {
                     Some((key_package, last_resort)) => {
                         if !last_resort {
-                            self.warn_if_low(&account_id).await?;
+                            self.warn_if_low(&account_id, of).await?;
                         }
                         Ok(Reply::KeyPackage {
                             key_package,
@@ -686,10 +701,10 @@ impl Services {
     /// ran below the low-water mark: once as a fetch takes the stock across
     /// the mark and once more as a fetch takes the last one; fetches served
     /// by the last-resort package tell nothing (the caller checks).
-    async fn warn_if_low(&self, account: &AccountId) -> Result<(), ErrorReply> {
+    async fn warn_if_low(&self, account: &AccountId, device: DeviceId) -> Result<(), ErrorReply> {
         let stock = self
             .store
-            .key_package_stock(account)
+            .key_package_stock(account, device)
             .await
             .map_err(internal)?;
         let mark = self.limits.config.key_package_low_water;
@@ -714,28 +729,41 @@ impl Services {
     async fn upload_key_packages(
         &self,
         me: &AccountId,
+        device: DeviceId,
         key_packages: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
     ) -> Outcome {
         let account = self.live_account(me).await?;
         let limit = self.limits.config.max_key_packages;
-        let stock = self.store.key_package_stock(me).await.map_err(internal)?;
+        let stock = self
+            .store
+            .key_package_stock(me, device)
+            .await
+            .map_err(internal)?;
         if u64::from(stock.one_time) + key_packages.len() as u64 > u64::from(limit) {
             return Err(refuse(
                 ErrorCode::QuotaExceeded,
                 format!(
-                    "at most {limit} one-time KeyPackages may wait at the server ({} do)",
+                    "at most {limit} one-time KeyPackages of one device may wait at the server ({} do)",
                     stock.one_time
                 ),
             ));
         }
+        // The session's device was current when it logged in; a removal
+        // since ends the session, so a missing key here is that race.
+        let device_key = self
+            .device_key(&account, device)
+            .await?
+            .ok_or_else(|| refuse(ErrorCode::DeviceRemoved, "this device was removed"))?;
         let check = |bytes: &[u8], want_last_resort: bool| -> Result<(), ErrorReply> {
             let valid = umbra_mls::validate_key_package(bytes)
                 .map_err(|e| refuse(ErrorCode::InvalidKeyPackage, e.to_string()))?;
-            if valid.account != *me || valid.identity_key != account.identity_key {
+            if valid.account != *me || valid.identity_key != device_key {
                 return Err(refuse(
                     ErrorCode::InvalidKeyPackage,
-                    "KeyPackage credential does not match this account and its identity key",
+                    format!(
+                        "KeyPackage credential does not match this account and the key of device {device}"
+                    ),
                 ));
             }
             if valid.last_resort != want_last_resort {
@@ -758,7 +786,7 @@ impl Services {
         }
         let stock = self
             .store
-            .add_key_packages(me, key_packages, last_resort)
+            .add_key_packages(me, device, key_packages, last_resort)
             .await
             .map_err(internal)?;
         Ok(Reply::KeyPackageCount {

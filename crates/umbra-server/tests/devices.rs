@@ -6,7 +6,7 @@
 mod common;
 
 use common::{Raw, Server, closed_with};
-use umbra_mls::{DeviceLog, DeviceSigner, FIRST_DEVICE};
+use umbra_mls::{Crypto, DeviceLog, DeviceSigner, FIRST_DEVICE, Provider};
 use umbra_proto::{AccountId, DeviceId, ErrorCode, Reply, Request};
 
 struct Account {
@@ -283,4 +283,127 @@ async fn a_session_appends_only_entries_it_makes_itself() {
         alice.append(by_two).await,
         Err(ErrorCode::InvalidDeviceEntry)
     );
+}
+
+/// KeyPackages belong to a device: each uploads its own (signed by its own
+/// key, checked against the log), a contact takes one of a named current
+/// device, and a removed device's are withdrawn.
+#[tokio::test]
+async fn key_packages_are_per_device_and_a_removed_devices_are_withdrawn() {
+    let server = Server::start().await;
+    let mut alice = Account::new(&server, 1).await;
+    let mut bob = Account::new(&server, 2).await;
+    alice.append(alice.first()).await.unwrap();
+    let d2 = DeviceSigner::from_secret(&[12; 32]);
+    alice
+        .append(alice.add((FIRST_DEVICE, &alice.key), &d2))
+        .await
+        .unwrap();
+    let id = alice.id.clone();
+    bob.raw
+        .call(Request::SendContactRequest { to: id.clone() })
+        .await
+        .unwrap();
+    alice
+        .raw
+        .call(Request::AcceptContact {
+            from: bob.id.clone(),
+        })
+        .await
+        .unwrap();
+
+    let crypto = Crypto::default();
+    let mut db = rusqlite::Connection::open_in_memory().unwrap();
+    umbra_mls::init_storage(&mut db).unwrap();
+    let provider = Provider::new(&crypto, &db);
+    let package = |signer: &DeviceSigner, last_resort: bool| {
+        umbra_mls::new_key_package(&provider, signer, &id, Default::default(), last_resort).unwrap()
+    };
+    let upload =
+        |key_packages: Vec<Vec<u8>>, last_resort: Option<Vec<u8>>| Request::UploadKeyPackages {
+            key_packages,
+            last_resort,
+        };
+
+    let mut second = Raw::connect(&server).await;
+    let Ok(Reply::LoggedIn {
+        key_packages_remaining: 0,
+        has_last_resort: false,
+        ..
+    }) = second.login_device(&id, DeviceId(2), &d2).await
+    else {
+        panic!("device 2 starts with no KeyPackages of its own");
+    };
+    // Each session uploads packages signed by its own device's key only.
+    let refused = second
+        .expect_error(
+            upload(vec![package(&alice.key, false)], None),
+            ErrorCode::InvalidKeyPackage,
+        )
+        .await;
+    assert!(refused.contains("device 2"), "{refused}");
+    alice
+        .raw
+        .expect_error(
+            upload(vec![package(&d2, false)], None),
+            ErrorCode::InvalidKeyPackage,
+        )
+        .await;
+    let two = [package(&d2, false), package(&d2, false)];
+    assert_eq!(
+        second
+            .call(upload(two.to_vec(), Some(package(&d2, true))))
+            .await,
+        Ok(Reply::KeyPackageCount { remaining: 2 })
+    );
+    assert_eq!(
+        alice
+            .raw
+            .call(upload(vec![package(&alice.key, false)], None))
+            .await,
+        Ok(Reply::KeyPackageCount { remaining: 1 }),
+        "device 1's stock is its own"
+    );
+
+    // A contact takes one of the device it names, signed by that device.
+    let fetch = |device| Request::FetchKeyPackage {
+        account_id: id.clone(),
+        device,
+    };
+    let key_of = |reply: Result<Reply, umbra_proto::ErrorReply>| match reply {
+        Ok(Reply::KeyPackage { key_package, .. }) => {
+            umbra_mls::validate_key_package(&key_package)
+                .unwrap()
+                .identity_key
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        key_of(bob.raw.call(fetch(DeviceId(2))).await),
+        d2.identity_key()
+    );
+    assert_eq!(
+        key_of(bob.raw.call(fetch(FIRST_DEVICE)).await),
+        alice.key.identity_key()
+    );
+    bob.raw
+        .expect_error(fetch(DeviceId(3)), ErrorCode::UnknownDevice)
+        .await;
+
+    // Device 1 removes device 2: its packages are not handed out again
+    // (the one-time one left and the last-resort one are withdrawn).
+    let remove = alice
+        .log
+        .remove_entry(&alice.key, (FIRST_DEVICE, &alice.key), DeviceId(2), 1);
+    alice.append(remove).await.unwrap();
+    bob.raw
+        .expect_error(fetch(DeviceId(2)), ErrorCode::UnknownDevice)
+        .await;
+    let store =
+        umbra_store::sqlite::SqliteStore::open(&server.data.path().join("umbra.db")).unwrap();
+    let stock = umbra_store::KeyPackages::key_package_stock(&store, &id, DeviceId(2))
+        .await
+        .unwrap();
+    assert_eq!((stock.one_time, stock.has_last_resort), (0, false));
+    alice.raw.alive().await;
 }

@@ -110,6 +110,7 @@ async fn authentication_refusals() {
     raw.expect_error(
         Request::FetchKeyPackage {
             account_id: AccountId::parse("AAAAAAAA").unwrap(),
+            device: umbra_proto::DeviceId::FIRST,
         },
         ErrorCode::NotAuthenticated,
     )

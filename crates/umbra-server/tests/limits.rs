@@ -382,6 +382,7 @@ async fn the_largest_accepted_message_reaches_an_online_and_an_offline_recipient
         .raw
         .call(Request::FetchKeyPackage {
             account_id: bob.account.clone(),
+            device: umbra_proto::DeviceId::FIRST,
         })
         .await
     {

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 
-use umbra_proto::{AccountId, ActivationCode, DeliveryKind, GroupId, IdentityKey};
+use umbra_proto::{AccountId, ActivationCode, DeliveryKind, DeviceId, GroupId, IdentityKey};
 
 use crate::{
     Account, CodeHash, CodeKind, CommitOutcome, CommitRecord, ContactAcceptOutcome,
@@ -25,6 +25,7 @@ where
 {
     registration(&make().await).await;
     key_packages(&make().await).await;
+    key_packages_per_device(&make().await).await;
     contacts(&make().await).await;
     commits_one_per_epoch(&make().await).await;
     fan_out_and_mailboxes(&make().await).await;
@@ -165,18 +166,20 @@ async fn registration(store: &impl Store) {
 
 async fn key_packages(store: &impl Store) {
     let alice = registered(store, "AAAAAAAA", 1).await;
-    assert_eq!(store.take_key_package(&alice).await.unwrap(), None);
+    let one = DeviceId::FIRST;
+    assert_eq!(store.take_key_package(&alice, one).await.unwrap(), None);
     let stock = store
         .add_key_packages(
             &alice,
+            one,
             vec![b"kp1".to_vec(), b"kp2".to_vec()],
             Some(b"last".to_vec()),
         )
         .await
         .unwrap();
     assert_eq!((stock.one_time, stock.has_last_resort), (2, true));
-    let first = store.take_key_package(&alice).await.unwrap();
-    let second = store.take_key_package(&alice).await.unwrap();
+    let first = store.take_key_package(&alice, one).await.unwrap();
+    let second = store.take_key_package(&alice, one).await.unwrap();
     assert_eq!(first, Some((b"kp1".to_vec(), false)), "oldest first");
     assert_eq!(
         second,
@@ -185,20 +188,84 @@ async fn key_packages(store: &impl Store) {
     );
     for _ in 0..2 {
         assert_eq!(
-            store.take_key_package(&alice).await.unwrap(),
+            store.take_key_package(&alice, one).await.unwrap(),
             Some((b"last".to_vec(), true)),
             "the last-resort package stays"
         );
     }
     let stock = store
-        .add_key_packages(&alice, vec![], Some(b"newer".to_vec()))
+        .add_key_packages(&alice, one, vec![], Some(b"newer".to_vec()))
         .await
         .unwrap();
     assert_eq!((stock.one_time, stock.has_last_resort), (0, true));
     assert_eq!(
-        store.take_key_package(&alice).await.unwrap(),
+        store.take_key_package(&alice, one).await.unwrap(),
         Some((b"newer".to_vec(), true)),
         "uploading a last-resort package replaces the old one"
+    );
+}
+
+async fn key_packages_per_device(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let (one, two) = (DeviceId::FIRST, DeviceId(2));
+    store
+        .add_key_packages(
+            &alice,
+            one,
+            vec![b"one-a".to_vec()],
+            Some(b"one-last".to_vec()),
+        )
+        .await
+        .unwrap();
+    let stock = store
+        .add_key_packages(
+            &alice,
+            two,
+            vec![b"two-a".to_vec(), b"two-b".to_vec()],
+            Some(b"two-last".to_vec()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (stock.one_time, stock.has_last_resort),
+        (2, true),
+        "a device's stock counts its own packages only"
+    );
+    let stock = store.key_package_stock(&alice, one).await.unwrap();
+    assert_eq!((stock.one_time, stock.has_last_resort), (1, true));
+    assert_eq!(
+        store.take_key_package(&alice, two).await.unwrap(),
+        Some((b"two-a".to_vec(), false)),
+        "each device hands out its own"
+    );
+    assert_eq!(
+        store.take_key_package(&alice, one).await.unwrap(),
+        Some((b"one-a".to_vec(), false))
+    );
+    assert_eq!(
+        store.take_key_package(&alice, one).await.unwrap(),
+        Some((b"one-last".to_vec(), true)),
+        "one device's last resort is not another's"
+    );
+    assert_eq!(
+        store.withdraw_key_packages(&alice, two).await.unwrap(),
+        2,
+        "one one-time package and the last-resort one"
+    );
+    assert_eq!(store.take_key_package(&alice, two).await.unwrap(), None);
+    let stock = store.key_package_stock(&alice, two).await.unwrap();
+    assert_eq!((stock.one_time, stock.has_last_resort), (0, false));
+    assert_eq!(
+        store.take_key_package(&alice, one).await.unwrap(),
+        Some((b"one-last".to_vec(), true)),
+        "withdrawing one device's packages leaves the others'"
+    );
+    assert_eq!(
+        store
+            .withdraw_key_packages(&alice, DeviceId(3))
+            .await
+            .unwrap(),
+        0
     );
 }
 
@@ -684,7 +751,12 @@ async fn revocation(store: &impl Store) {
         (Some(key(9)), Some(20_000), LineStatus::Active)
     );
     store
-        .add_key_packages(&alice, vec![b"kp".to_vec()], Some(b"last".to_vec()))
+        .add_key_packages(
+            &alice,
+            DeviceId(2),
+            vec![b"kp".to_vec()],
+            Some(b"last".to_vec()),
+        )
         .await
         .unwrap();
     assert!(
@@ -712,9 +784,9 @@ async fn revocation(store: &impl Store) {
     let row = store.account(&alice).await.unwrap().unwrap();
     assert_eq!((row.status, row.wipe_key), (LineStatus::Revoked, None));
     assert_eq!(
-        store.take_key_package(&alice).await.unwrap(),
+        store.take_key_package(&alice, DeviceId(2)).await.unwrap(),
         None,
-        "KeyPackages withdrawn"
+        "KeyPackages withdrawn, every device's"
     );
     assert!(
         store.pending(&alice, 0, 10, NOW).await.unwrap().is_empty(),

@@ -19,7 +19,7 @@ pub use staging::ACK_WINDOW;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use umbra_proto::{AccountId, ActivationCode, DeliveryKind, GroupId, IdentityKey};
+use umbra_proto::{AccountId, ActivationCode, DeliveryKind, DeviceId, GroupId, IdentityKey};
 
 /// Unix seconds. Passed in by the caller so that time is controllable.
 pub type Timestamp = u64;
@@ -250,20 +250,35 @@ pub struct KeyPackageStock {
     pub has_last_resort: bool,
 }
 
+/// KeyPackages belong to one device of an account: each device keeps its
+/// own stock of one-time packages and its own last-resort one.
 #[async_trait]
 pub trait KeyPackages: Send + Sync {
-    /// Adds one-time KeyPackages and, if given, replaces the last-resort one.
+    /// Adds one-time KeyPackages for `device` and, if given, replaces its
+    /// last-resort one.
     async fn add_key_packages(
         &self,
         account: &AccountId,
+        device: DeviceId,
         one_time: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
     ) -> Result<KeyPackageStock>;
-    /// Hands out one KeyPackage: a one-time one (deleted as it is handed
-    /// out, so never twice), or the last-resort one when none is left.
-    /// Returns the package and whether it is the last-resort one.
-    async fn take_key_package(&self, account: &AccountId) -> Result<Option<(Vec<u8>, bool)>>;
-    async fn key_package_stock(&self, account: &AccountId) -> Result<KeyPackageStock>;
+    /// Hands out one KeyPackage of `device`: a one-time one (deleted as it
+    /// is handed out, so never twice), or the last-resort one when none is
+    /// left. Returns the package and whether it is the last-resort one.
+    async fn take_key_package(
+        &self,
+        account: &AccountId,
+        device: DeviceId,
+    ) -> Result<Option<(Vec<u8>, bool)>>;
+    async fn key_package_stock(
+        &self,
+        account: &AccountId,
+        device: DeviceId,
+    ) -> Result<KeyPackageStock>;
+    /// Deletes every KeyPackage of `device` (a device removed from its
+    /// account); returns how many there were, the last-resort one included.
+    async fn withdraw_key_packages(&self, account: &AccountId, device: DeviceId) -> Result<u64>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -51,9 +51,13 @@ impl Client {
                 None => return Err(ClientError::NotAContact(account.clone())),
                 Some(_) => return Err(ClientError::NotAccepted(account.clone())),
             }
+            // Device 1's: a group holds one leaf per account until leaves
+            // per device are built (ARCHITECTURE.md, "Several devices per
+            // account"); its key is the account key pinned below.
             let Reply::KeyPackage { key_package, .. } = self
                 .request(Request::FetchKeyPackage {
                     account_id: account.clone(),
+                    device: umbra_proto::DeviceId::FIRST,
                 })
                 .await?
             else {

@@ -67,6 +67,12 @@ impl Services {
         if let DeviceChange::Remove { device: removed } = entry.change {
             self.registry
                 .end_device_sessions(me, removed, &removed_session());
+            // Not handed out any more (FetchKeyPackage asks for current
+            // devices only); deleting them is housekeeping, so a failure
+            // here does not undo the removal.
+            if let Err(error) = self.store.withdraw_key_packages(me, removed).await {
+                warn!(%error, "withdrawing a removed device's KeyPackages failed");
+            }
         }
         Ok(Reply::Done)
     }
@@ -100,7 +106,7 @@ impl Services {
     }
 
     /// The key of `account`'s current device `device`, if it is one.
-    async fn device_key(
+    pub(super) async fn device_key(
         &self,
         account: &Account,
         device: DeviceId,

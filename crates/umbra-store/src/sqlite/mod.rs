@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use umbra_proto::{AccountId, DeliveryKind, GroupId, IdentityKey};
+use umbra_proto::{AccountId, DeliveryKind, DeviceId, GroupId, IdentityKey};
 
 use crate::staging::{DueCopy, Staging};
 use crate::{
@@ -41,6 +41,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (6, include_str!("../../migrations/0006_group_info.sql")),
     (7, include_str!("../../migrations/0007_quotas.sql")),
     (8, include_str!("../../migrations/0008_device_log.sql")),
+    (
+        9,
+        include_str!("../../migrations/0009_key_packages_per_device.sql"),
+    ),
 ];
 
 /// Most writes committed together by one fsync.
@@ -1329,14 +1333,21 @@ impl Contacts for SqliteStore {
     }
 }
 
-fn stock(connection: &Connection, account: &AccountId) -> Result<KeyPackageStock> {
+fn stock(
+    connection: &Connection,
+    account: &AccountId,
+    device: DeviceId,
+) -> Result<KeyPackageStock> {
+    let device = device.0;
     let one_time: u32 = connection
-        .prepare_cached("SELECT COUNT(*) FROM key_packages WHERE account_id = ?1")
-        .and_then(|mut s| s.query_row([account.as_str()], |row| row.get(0)))
+        .prepare_cached("SELECT COUNT(*) FROM key_packages WHERE account_id = ?1 AND device = ?2")
+        .and_then(|mut s| s.query_row(params![account.as_str(), device], |row| row.get(0)))
         .map_err(backend)?;
     let has_last_resort = connection
-        .prepare_cached("SELECT 1 FROM last_resort_key_packages WHERE account_id = ?1")
-        .and_then(|mut s| s.exists([account.as_str()]))
+        .prepare_cached(
+            "SELECT 1 FROM last_resort_key_packages WHERE account_id = ?1 AND device = ?2",
+        )
+        .and_then(|mut s| s.exists(params![account.as_str(), device]))
         .map_err(backend)?;
     Ok(KeyPackageStock {
         one_time,
@@ -1349,6 +1360,7 @@ impl KeyPackages for SqliteStore {
     async fn add_key_packages(
         &self,
         account: &AccountId,
+        device: DeviceId,
         one_time: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
     ) -> Result<KeyPackageStock> {
@@ -1356,34 +1368,40 @@ impl KeyPackages for SqliteStore {
         self.write(move |tx| {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT INTO key_packages (account_id, key_package) VALUES (?1, ?2)",
+                    "INSERT INTO key_packages (account_id, device, key_package) VALUES (?1, ?2, ?3)",
                 )
                 .map_err(backend)?;
             for key_package in &one_time {
                 insert
-                    .execute(params![account.as_str(), key_package])
+                    .execute(params![account.as_str(), device.0, key_package])
                     .map_err(backend)?;
             }
             if let Some(key_package) = &last_resort {
                 tx.execute(
-                    "INSERT INTO last_resort_key_packages (account_id, key_package) VALUES (?1, ?2)
-                     ON CONFLICT (account_id) DO UPDATE SET key_package = excluded.key_package",
-                    params![account.as_str(), key_package],
+                    "INSERT INTO last_resort_key_packages (account_id, device, key_package)
+                     VALUES (?1, ?2, ?3)
+                     ON CONFLICT (account_id, device) DO UPDATE SET key_package = excluded.key_package",
+                    params![account.as_str(), device.0, key_package],
                 )
                 .map_err(backend)?;
             }
-            stock(tx, &account)
+            stock(tx, &account, device)
         })
         .await
     }
 
-    async fn take_key_package(&self, account: &AccountId) -> Result<Option<(Vec<u8>, bool)>> {
+    async fn take_key_package(
+        &self,
+        account: &AccountId,
+        device: DeviceId,
+    ) -> Result<Option<(Vec<u8>, bool)>> {
         let account = account.clone();
         self.write(move |tx| {
             let one_time: Option<(i64, Vec<u8>)> = tx
                 .query_row(
-                    "SELECT id, key_package FROM key_packages WHERE account_id = ?1 ORDER BY id LIMIT 1",
-                    [account.as_str()],
+                    "SELECT id, key_package FROM key_packages WHERE account_id = ?1 AND device = ?2
+                     ORDER BY id LIMIT 1",
+                    params![account.as_str(), device.0],
                     |row| Ok((row.get(0)?, row.get(1)?)),
                 )
                 .optional()
@@ -1395,8 +1413,9 @@ impl KeyPackages for SqliteStore {
             }
             let last_resort: Option<Vec<u8>> = tx
                 .query_row(
-                    "SELECT key_package FROM last_resort_key_packages WHERE account_id = ?1",
-                    [account.as_str()],
+                    "SELECT key_package FROM last_resort_key_packages
+                     WHERE account_id = ?1 AND device = ?2",
+                    params![account.as_str(), device.0],
                     |row| row.get(0),
                 )
                 .optional()
@@ -1406,10 +1425,31 @@ impl KeyPackages for SqliteStore {
         .await
     }
 
-    async fn key_package_stock(&self, account: &AccountId) -> Result<KeyPackageStock> {
+    async fn key_package_stock(
+        &self,
+        account: &AccountId,
+        device: DeviceId,
+    ) -> Result<KeyPackageStock> {
         let account = account.clone();
-        self.run(move |connection| stock(connection, &account))
+        self.run(move |connection| stock(connection, &account, device))
             .await
+    }
+
+    async fn withdraw_key_packages(&self, account: &AccountId, device: DeviceId) -> Result<u64> {
+        let account = account.clone();
+        self.write(move |tx| {
+            let mut withdrawn = 0;
+            for table in ["key_packages", "last_resort_key_packages"] {
+                withdrawn += tx
+                    .execute(
+                        &format!("DELETE FROM {table} WHERE account_id = ?1 AND device = ?2"),
+                        params![account.as_str(), device.0],
+                    )
+                    .map_err(backend)? as u64;
+            }
+            Ok(withdrawn)
+        })
+        .await
     }
 }
 
@@ -2208,6 +2248,51 @@ mod tests {
             SqliteStore::open_in_memory().unwrap_or_else(|e| panic!("{e}"))
         })
         .await;
+    }
+
+    /// A server upgraded from before KeyPackages were per device keeps
+    /// every account's packages, as device 1's (whose key is the account
+    /// key).
+    #[tokio::test]
+    async fn key_packages_stored_before_version_9_belong_to_device_1() {
+        let dir = std::env::temp_dir().join(format!("umbra-store-v9-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join("server.db");
+        {
+            let connection = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v <= 8) {
+                connection
+                    .execute_batch(sql)
+                    .unwrap_or_else(|e| panic!("migration {version}: {e}"));
+            }
+            connection
+                .execute_batch(
+                    "INSERT INTO accounts (account_id, identity_key, created_at, subscription_expires_at)
+                         VALUES ('AAAAAAAA', x'01', 0, 0);
+                     INSERT INTO key_packages (account_id, key_package) VALUES ('AAAAAAAA', x'0a');
+                     INSERT INTO last_resort_key_packages (account_id, key_package)
+                         VALUES ('AAAAAAAA', x'0b');
+                     PRAGMA user_version = 8;",
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let alice = AccountId::parse("AAAAAAAA").unwrap_or_else(|e| panic!("{e}"));
+        let taken = |device| {
+            let store = store.clone();
+            let alice = alice.clone();
+            async move {
+                store
+                    .take_key_package(&alice, device)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"))
+            }
+        };
+        assert_eq!(taken(DeviceId(2)).await, None);
+        assert_eq!(taken(DeviceId::FIRST).await, Some((vec![0x0a], false)));
+        assert_eq!(taken(DeviceId::FIRST).await, Some((vec![0x0b], true)));
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
