@@ -394,6 +394,44 @@ pub fn name_allowed(name: &str) -> bool {
         })
 }
 
+/// What a device's MLS leaf carries to show it belongs to its account (for
+/// every device but device 1, whose key is the account key): the account
+/// key and the log's add entry for the device. Encoded as the 32-byte
+/// account key followed by the entry's encoding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceCertificate {
+    pub account_key: IdentityKey,
+    pub entry: DeviceEntry,
+}
+
+impl DeviceCertificate {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.account_key.as_bytes().to_vec();
+        out.extend_from_slice(&self.entry.encode());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<DeviceCertificate, umbra_proto::DecodeError> {
+        let (key, entry) = bytes
+            .split_at_checked(32)
+            .ok_or(umbra_proto::DecodeError::Invalid {
+                field: "device certificate",
+                reason: "shorter than a key".into(),
+            })?;
+        Ok(DeviceCertificate {
+            account_key: IdentityKey::from_slice(key)?,
+            entry: DeviceEntry::decode(entry)?,
+        })
+    }
+
+    /// Whether it binds `key` to `account` under its account key (which
+    /// the one checking must still compare with the key it knows for the
+    /// account).
+    pub fn certifies(&self, account: &AccountId, key: &IdentityKey) -> bool {
+        certifies(&self.entry, account, &self.account_key, key)
+    }
+}
+
 /// Whether `entry` certifies `key` as a device of `account` whose account
 /// key is `account_key`: it adds exactly this key, and is signed by the
 /// account key and by the added key, over bytes that name the account. A

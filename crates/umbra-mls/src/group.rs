@@ -142,9 +142,16 @@ fn capabilities() -> Capabilities {
         .extensions(vec![
             ExtensionType::LastResort,
             ExtensionType::Unknown(DISAPPEARING_EXTENSION),
+            ExtensionType::Unknown(DEVICE_CERTIFICATE_EXTENSION),
         ])
         .build()
 }
+
+/// Umbra's leaf extension (private-use range): a device's certificate
+/// ([`crate::DeviceCertificate`]), carried by the leaves of every device
+/// but device 1 (whose key is the account key), so members can check that
+/// the leaf's key is one of the account's devices.
+pub const DEVICE_CERTIFICATE_EXTENSION: u16 = 0xF0D6;
 
 /// Umbra's group-context extension (private-use range): the disappearing
 /// timer every member enforces, 4 bytes big endian, in seconds; 0 is off.
@@ -188,7 +195,30 @@ pub fn new_key_package(
     suite: Suite,
     last_resort: bool,
 ) -> Result<Vec<u8>> {
+    new_device_key_package(provider, signer, account, suite, last_resort, None)
+}
+
+/// [`new_key_package`] for a device that carries a certificate in its
+/// leaf (every device but device 1).
+pub fn new_device_key_package(
+    provider: &Provider<'_>,
+    signer: &DeviceSigner,
+    account: &AccountId,
+    suite: Suite,
+    last_resort: bool,
+    certificate: Option<&crate::DeviceCertificate>,
+) -> Result<Vec<u8>> {
     let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities());
+    if let Some(certificate) = certificate {
+        let extension = Extension::Unknown(
+            DEVICE_CERTIFICATE_EXTENSION,
+            UnknownExtension(certificate.encode()),
+        );
+        builder = builder.leaf_node_extensions(
+            Extensions::single(extension)
+                .map_err(|e| protocol("adding the device certificate", e))?,
+        );
+    }
     if last_resort {
         builder = builder.mark_as_last_resort();
     }
@@ -469,6 +499,28 @@ impl Group {
     /// The members' account IDs, in leaf order.
     pub fn accounts(&self) -> Vec<AccountId> {
         self.members().into_iter().map(|m| m.account).collect()
+    }
+
+    /// The device certificate the leaf with signature key `key` carries
+    /// (`None` for a leaf without one, or no such leaf); a certificate
+    /// that does not decode is an error.
+    pub fn device_certificate(
+        &self,
+        key: &IdentityKey,
+    ) -> Result<Option<crate::DeviceCertificate>> {
+        let Some(index) = self
+            .inner
+            .members()
+            .find(|member| member.signature_key == key.as_bytes())
+            .map(|member| member.index)
+        else {
+            return Ok(None);
+        };
+        let Some(leaf) = self.inner.public_group().leaf(index) else {
+            return Ok(None);
+        };
+        crate::relay::leaf_certificate(leaf.extensions())
+            .map_err(|e| MlsError::Malformed(format!("a leaf's device certificate: {e}")))
     }
 
     pub(crate) fn leaf(&self, account: &AccountId) -> Option<LeafNodeIndex> {

@@ -24,9 +24,12 @@ mod public;
 mod relay;
 mod signer;
 
-pub use devices::{DeviceLog, DeviceLogError, DeviceRecord, FIRST_DEVICE, certifies};
+pub use devices::{
+    DeviceCertificate, DeviceLog, DeviceLogError, DeviceRecord, FIRST_DEVICE, certifies,
+};
 pub use group::{
-    CommitOutput, DISAPPEARING_EXTENSION, Group, GroupConfig, Incoming, MemberInfo, new_key_package,
+    CommitOutput, DEVICE_CERTIFICATE_EXTENSION, DISAPPEARING_EXTENSION, Group, GroupConfig,
+    Incoming, MemberInfo, new_device_key_package, new_key_package,
 };
 #[cfg(feature = "hostile")]
 pub use hostile::odd_key_package;

@@ -4,13 +4,14 @@
 //! (group, epoch, content type) of a handshake or application message.
 
 use openmls::prelude::{
-    BasicCredential, ContentType, ExtensionType, MlsMessageBodyIn, MlsMessageIn, ProtocolVersion,
+    BasicCredential, ContentType, Extension, ExtensionType, Extensions, LeafNode, MlsMessageBodyIn,
+    MlsMessageIn, ProtocolVersion, UnknownExtension,
 };
 use openmls_rust_crypto::RustCrypto;
 use tls_codec::Deserialize as _;
 use umbra_proto::{AccountId, IdentityKey};
 
-use crate::{MlsError, Result, Suite};
+use crate::{DeviceCertificate, MlsError, Result, Suite};
 
 /// A KeyPackage whose signature has been verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +20,9 @@ pub struct ValidKeyPackage {
     pub identity_key: IdentityKey,
     pub last_resort: bool,
     pub suite: Suite,
+    /// The device certificate its leaf carries, decoded but not checked
+    /// (checking needs the account key, which the caller knows).
+    pub certificate: Option<DeviceCertificate>,
 }
 
 /// Parses and verifies a KeyPackage (an MLSMessage carrying one).
@@ -68,12 +72,32 @@ pub fn validate_key_package(bytes: &[u8]) -> Result<ValidKeyPackage> {
     }
     let identity_key = IdentityKey::from_slice(leaf.signature_key().as_slice())
         .map_err(|e| MlsError::InvalidKeyPackage(e.to_string()))?;
+    let certificate = leaf_certificate(leaf.extensions())
+        .map_err(|e| MlsError::InvalidKeyPackage(format!("its device certificate: {e}")))?;
     Ok(ValidKeyPackage {
         account,
         identity_key,
         last_resort: key_package.last_resort(),
         suite,
+        certificate,
     })
+}
+
+/// The device certificate in a leaf's extensions, if it carries one.
+pub(crate) fn leaf_certificate(
+    extensions: &Extensions<LeafNode>,
+) -> std::result::Result<Option<DeviceCertificate>, umbra_proto::DecodeError> {
+    let found = extensions.iter().find_map(|extension| match extension {
+        Extension::Unknown(kind, UnknownExtension(bytes))
+            if *kind == crate::DEVICE_CERTIFICATE_EXTENSION =>
+        {
+            Some(bytes)
+        }
+        _ => None,
+    });
+    found
+        .map(|bytes| DeviceCertificate::decode(bytes))
+        .transpose()
 }
 
 /// What kind of MLS message a relayed message is.

@@ -218,3 +218,97 @@ fn garbage_is_a_typed_error() {
         Err(MlsError::InvalidKeyPackage(_))
     ));
 }
+
+/// A device other than an account's first carries its certificate (the
+/// account key and the log entry that added it) in its leaf: accepted by
+/// the delivery service's checks, readable by members, kept when the
+/// device updates its keys.
+#[test]
+fn a_device_certificate_travels_in_its_leaf() {
+    use umbra_mls::{DeviceCertificate, DeviceLog, FIRST_DEVICE, PublicState};
+    let alice = Device::new("AAAAAAAA", 1);
+    // Bob's second device: its own key, added to Bob's log by his first.
+    let bob_account = DeviceSigner::from_secret(&[2; 32]);
+    let bob2 = Device::new("BBBBBBBB", 22);
+    let mut log = DeviceLog::new(bob2.account.clone(), bob_account.identity_key());
+    log.append(log.first_entry(&bob_account, "phone", 1), None)
+        .unwrap();
+    let add = log.add_entry(
+        &bob_account,
+        (FIRST_DEVICE, &bob_account),
+        &bob2.signer,
+        "laptop",
+        2,
+    );
+    log.append(add.clone(), None).unwrap();
+    let certificate = DeviceCertificate {
+        account_key: bob_account.identity_key(),
+        entry: add,
+    };
+    let package = umbra_mls::new_device_key_package(
+        &bob2.provider(),
+        &bob2.signer,
+        &bob2.account,
+        Default::default(),
+        false,
+        Some(&certificate),
+    )
+    .unwrap();
+    let valid = umbra_mls::validate_key_package(&package).unwrap();
+    assert_eq!(valid.certificate.as_ref(), Some(&certificate));
+    assert!(certificate.certifies(&bob2.account, &bob2.signer.identity_key()));
+
+    let config = GroupConfig::default();
+    let mut group =
+        Group::create(&alice.provider(), &alice.signer, &alice.account, &config, 0).unwrap();
+    let id = group.id();
+    let public = PublicState::from_group_info(
+        &id,
+        &group.group_info(&alice.provider(), &alice.signer).unwrap(),
+        &alice.account,
+        &alice.signer.identity_key(),
+    )
+    .unwrap();
+    let out = group
+        .add_members(&alice.provider(), &alice.signer, &[package])
+        .unwrap();
+    let (valid, public) = public
+        .process_commit(&out.commit, &[], out.welcome.as_deref())
+        .unwrap();
+    assert_eq!(valid.added[0].identity_key, bob2.signer.identity_key());
+    group.merge_pending_commit(&alice.provider()).unwrap();
+    Group::join(&bob2.provider(), &out.welcome.unwrap(), &config).unwrap();
+    let bob2_key = bob2.signer.identity_key();
+    assert_eq!(
+        group.device_certificate(&bob2_key).unwrap(),
+        Some(certificate.clone())
+    );
+    assert_eq!(
+        group
+            .device_certificate(&alice.signer.identity_key())
+            .unwrap(),
+        None,
+        "a first device carries none"
+    );
+
+    // Bob's device updates its keys: its leaf keeps the certificate.
+    let mut bobs = bob2.group(&id);
+    let update = bobs.self_update(&bob2.provider(), &bob2.signer).unwrap();
+    public.process_commit(&update.commit, &[], None).unwrap();
+    bobs.merge_pending_commit(&bob2.provider()).unwrap();
+    assert!(matches!(
+        group.process(&alice.provider(), &update.commit).unwrap(),
+        Incoming::Commit { epoch: 2, .. }
+    ));
+    assert_eq!(
+        group.device_certificate(&bob2_key).unwrap(),
+        Some(certificate)
+    );
+    let hello = bobs
+        .encrypt(&bob2.provider(), &bob2.signer, b"from the laptop")
+        .unwrap();
+    assert_eq!(
+        text(group.process(&alice.provider(), &hello).unwrap()),
+        b"from the laptop"
+    );
+}

@@ -766,6 +766,30 @@ impl Services {
                     ),
                 ));
             }
+            // Every device but device 1 (whose key is the account key)
+            // carries the log's add entry for it, signed by the account
+            // key, so members can check its leaf without asking anyone.
+            let certified = match (&valid.certificate, device == DeviceId::FIRST) {
+                (None, true) => true,
+                (Some(certificate), false) => {
+                    certificate.account_key == account.identity_key
+                        && certificate.certifies(me, &device_key)
+                }
+                _ => false,
+            };
+            if !certified {
+                return Err(refuse(
+                    ErrorCode::InvalidKeyPackage,
+                    if device == DeviceId::FIRST {
+                        "device 1's KeyPackages carry no device certificate (its key is the account key)"
+                            .to_owned()
+                    } else {
+                        format!(
+                            "device {device}'s KeyPackages must carry its certificate: the account key and the log entry that added it"
+                        )
+                    },
+                ));
+            }
             if valid.last_resort != want_last_resort {
                 return Err(refuse(
                     ErrorCode::InvalidKeyPackage,

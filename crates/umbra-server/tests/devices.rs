@@ -6,7 +6,7 @@
 mod common;
 
 use common::{Raw, Server, closed_with};
-use umbra_mls::{Crypto, DeviceLog, DeviceSigner, FIRST_DEVICE, Provider};
+use umbra_mls::{Crypto, DeviceCertificate, DeviceLog, DeviceSigner, FIRST_DEVICE, Provider};
 use umbra_proto::{AccountId, DeviceId, ErrorCode, Reply, Request};
 
 struct Account {
@@ -316,8 +316,27 @@ async fn key_packages_are_per_device_and_a_removed_devices_are_withdrawn() {
     let mut db = rusqlite::Connection::open_in_memory().unwrap();
     umbra_mls::init_storage(&mut db).unwrap();
     let provider = Provider::new(&crypto, &db);
+    let certificate = |entry: usize| DeviceCertificate {
+        account_key: alice.key.identity_key(),
+        entry: alice.log.entries()[entry].clone(),
+    };
+    let certified =
+        |signer: &DeviceSigner, last_resort, certificate: Option<&DeviceCertificate>| {
+            umbra_mls::new_device_key_package(
+                &provider,
+                signer,
+                &id,
+                Default::default(),
+                last_resort,
+                certificate,
+            )
+            .unwrap()
+        };
+    // Device 2's packages carry the log's entry that added it.
+    let d2_certificate = certificate(1);
     let package = |signer: &DeviceSigner, last_resort: bool| {
-        umbra_mls::new_key_package(&provider, signer, &id, Default::default(), last_resort).unwrap()
+        let certificate = (signer.identity_key() == d2.identity_key()).then_some(&d2_certificate);
+        certified(signer, last_resort, certificate)
     };
     let upload =
         |key_packages: Vec<Vec<u8>>, last_resort: Option<Vec<u8>>| Request::UploadKeyPackages {
@@ -346,6 +365,32 @@ async fn key_packages_are_per_device_and_a_removed_devices_are_withdrawn() {
         .raw
         .expect_error(
             upload(vec![package(&d2, false)], None),
+            ErrorCode::InvalidKeyPackage,
+        )
+        .await;
+    // Without its certificate, or with one that does not bind its key
+    // (device 1's entry), or one under another account key, it is refused;
+    // device 1 carries none.
+    let forged = DeviceCertificate {
+        account_key: d2.identity_key(),
+        ..d2_certificate.clone()
+    };
+    for wrong in [None, Some(&certificate(0)), Some(&forged)] {
+        let refused = second
+            .expect_error(
+                upload(vec![certified(&d2, false, wrong)], None),
+                ErrorCode::InvalidKeyPackage,
+            )
+            .await;
+        assert!(refused.contains("certificate"), "{refused}");
+    }
+    alice
+        .raw
+        .expect_error(
+            upload(
+                vec![certified(&alice.key, false, Some(&d2_certificate))],
+                None,
+            ),
             ErrorCode::InvalidKeyPackage,
         )
         .await;
