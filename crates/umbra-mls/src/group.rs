@@ -4,10 +4,11 @@
 
 use openmls::prelude::{
     BasicCredential, Capabilities, ContentType, Credential, CredentialWithKey, Extension,
-    ExtensionType, Extensions, GroupContext, GroupId, KeyPackage, KeyPackageIn, LeafNodeIndex,
-    LeafNodeParameters, MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn,
-    MlsMessageIn, MlsMessageOut, PURE_PLAINTEXT_WIRE_FORMAT_POLICY, ProcessedMessageContent,
-    ProtocolVersion, RequiredCapabilitiesExtension, StagedWelcome, UnknownExtension,
+    ExtensionType, Extensions, GroupContext, GroupId, KeyPackage, KeyPackageIn, LeafNode,
+    LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig,
+    MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, PURE_PLAINTEXT_WIRE_FORMAT_POLICY,
+    ProcessedMessageContent, ProtocolVersion, RequiredCapabilitiesExtension, StagedWelcome,
+    UnknownExtension,
 };
 use openmls_traits::{OpenMlsProvider, random::OpenMlsRand};
 use tls_codec::Deserialize as _;
@@ -41,7 +42,15 @@ impl Default for GroupConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberInfo {
     pub account: AccountId,
+    /// The leaf's signature key: the device's key.
     pub identity_key: IdentityKey,
+    /// The account key the leaf claims: its device certificate's, or the
+    /// leaf's own key for a leaf without one (device 1, whose key is the
+    /// account key). A certificate is checked to bind the leaf's key to
+    /// its account under this key before the leaf is taken in; whether
+    /// this is the account's real key is for the one reading to compare
+    /// with the key it pinned.
+    pub account_key: IdentityKey,
 }
 
 /// A commit waiting for the delivery service's verdict, and the Welcome for
@@ -126,11 +135,31 @@ pub(crate) fn account_of(credential: &Credential) -> Result<AccountId> {
         .ok_or_else(|| MlsError::Malformed("credential is not an Umbra account ID".into()))
 }
 
-/// A leaf's account and identity key, if it is an Umbra leaf.
-pub(crate) fn member_info(credential: &Credential, signature_key: &[u8]) -> Option<MemberInfo> {
-    Some(MemberInfo {
-        account: account_of(credential).ok()?,
-        identity_key: IdentityKey::from_slice(signature_key).ok()?,
+/// A leaf's account, key and the account key it claims, if it is an Umbra
+/// leaf: its credential an account ID, and a device certificate it carries
+/// one that binds its key to that account.
+pub(crate) fn leaf_member(leaf: &LeafNode) -> std::result::Result<MemberInfo, String> {
+    let account = account_of(leaf.credential())
+        .map_err(|_| "a leaf's credential is not an Umbra account ID".to_owned())?;
+    let identity_key = IdentityKey::from_slice(leaf.signature_key().as_slice())
+        .map_err(|_| "a leaf's signature key is not an Ed25519 key".to_owned())?;
+    let account_key = match crate::relay::leaf_certificate(leaf.extensions())
+        .map_err(|e| format!("{account}'s leaf carries a malformed device certificate: {e}"))?
+    {
+        None => identity_key,
+        Some(certificate) if certificate.certifies(&account, &identity_key) => {
+            certificate.account_key
+        }
+        Some(_) => {
+            return Err(format!(
+                "{account}'s leaf carries a device certificate that does not bind its key to the account"
+            ));
+        }
+    };
+    Ok(MemberInfo {
+        account,
+        identity_key,
+        account_key,
     })
 }
 
@@ -344,7 +373,12 @@ impl Group {
         let inner = staged
             .into_group(provider)
             .map_err(|e| protocol("joining from a Welcome", e))?;
-        Ok((Group { inner }, inviter))
+        let group = Group { inner };
+        if let Err(error) = group.check_leaves() {
+            group.delete(provider)?;
+            return Err(error);
+        }
+        Ok((group, inviter))
     }
 
     /// Rejoins a group this device fell behind in (its commits expired or
@@ -398,6 +432,10 @@ impl Group {
         }
         old.delete(provider)?;
         let (group, bundle) = Self::external_commit(provider, signer, account, config, info)?;
+        if let Err(error) = group.check_leaves() {
+            group.delete(provider)?;
+            return Err(error);
+        }
         let own_key = signer.identity_key();
         if group
             .members()
@@ -490,10 +528,24 @@ impl Group {
 
     /// Members as the ratchet tree states them, in leaf order.
     pub fn members(&self) -> Vec<MemberInfo> {
+        // Every leaf was checked as it came in (a Welcome's tree, a
+        // commit's adds and path); one that does not read is left out.
         self.inner
+            .public_group()
             .members()
-            .filter_map(|member| member_info(&member.credential, &member.signature_key))
+            .filter_map(|member| self.inner.public_group().leaf(member.index))
+            .filter_map(|leaf| leaf_member(leaf).ok())
             .collect()
+    }
+
+    /// Checks every leaf of the tree (a group just joined or rejoined).
+    fn check_leaves(&self) -> Result<()> {
+        for member in self.inner.public_group().members() {
+            if let Some(leaf) = self.inner.public_group().leaf(member.index) {
+                leaf_member(leaf).map_err(MlsError::Protocol)?;
+            }
+        }
+        Ok(())
     }
 
     /// The members' account IDs, in leaf order.
@@ -747,6 +799,15 @@ impl Group {
                 // member nobody sees), and the committer keeps its own.
                 for credential in staged.credentials_to_verify() {
                     account_of(credential)?;
+                }
+                // And every leaf it brings in reads as an Umbra leaf, its
+                // device certificate (if any) binding its key.
+                if let Some(leaf) = staged.update_path_leaf_node() {
+                    leaf_member(leaf).map_err(MlsError::Protocol)?;
+                }
+                for add in staged.add_proposals() {
+                    leaf_member(add.add_proposal().key_package().leaf_node())
+                        .map_err(MlsError::Protocol)?;
                 }
                 if let Some(leaf) = staged.update_path_leaf_node()
                     && account_of(leaf.credential())? != sender

@@ -31,7 +31,7 @@ use openmls_rust_crypto::RustCrypto;
 use tls_codec::{Deserialize as _, Size as _};
 use umbra_proto::{AccountId, IdentityKey};
 
-use crate::group::{account_of, member_info};
+use crate::group::{account_of, leaf_member};
 use crate::{MemberInfo, MlsError, Result};
 
 /// Why the delivery service refused a handshake message.
@@ -279,11 +279,11 @@ impl PublicState {
         self.group
             .members()
             .map(|member| {
-                member_info(&member.credential, &member.signature_key).ok_or_else(|| {
-                    HandshakeError::InvalidCommit(
-                        "a leaf's credential is not an Umbra account and its key".into(),
-                    )
-                })
+                let leaf = self
+                    .group
+                    .leaf(member.index)
+                    .ok_or_else(|| HandshakeError::State("a member without a leaf".into()))?;
+                leaf_member(leaf).map_err(HandshakeError::InvalidCommit)
             })
             .collect()
     }
@@ -405,6 +405,7 @@ impl PublicState {
         }
         if let Some(leaf) = staged.update_path_leaf_node() {
             check_leaf_size(leaf)?;
+            leaf_member(leaf).map_err(refuse)?;
         }
         let before = self.leaves()?;
         let mut added = Vec::new();
@@ -413,8 +414,7 @@ impl PublicState {
             let key_package = add.add_proposal().key_package();
             let leaf = key_package.leaf_node();
             check_leaf_size(leaf)?;
-            let member = member_info(leaf.credential(), leaf.signature_key().as_slice())
-                .ok_or_else(|| refuse("it adds a leaf that is not an Umbra account".into()))?;
+            let member = leaf_member(leaf).map_err(refuse)?;
             let reference = key_package
                 .hash_ref(&crypto)
                 .map_err(|e| HandshakeError::State(format!("{e:?}")))?;

@@ -290,6 +290,24 @@ fn a_device_certificate_travels_in_its_leaf() {
         None,
         "a first device carries none"
     );
+    // Members see the account key the leaf claims: the certificate's for
+    // Bob's device, the leaf's own for a first device.
+    let claimed: Vec<_> = group
+        .members()
+        .into_iter()
+        .map(|m| (m.account, m.identity_key, m.account_key))
+        .collect();
+    assert_eq!(
+        claimed,
+        [
+            (
+                alice.account.clone(),
+                alice.signer.identity_key(),
+                alice.signer.identity_key()
+            ),
+            (bob2.account.clone(), bob2_key, bob_account.identity_key()),
+        ]
+    );
 
     // Bob's device updates its keys: its leaf keeps the certificate.
     let mut bobs = bob2.group(&id);
@@ -310,5 +328,80 @@ fn a_device_certificate_travels_in_its_leaf() {
     assert_eq!(
         text(group.process(&alice.provider(), &hello).unwrap()),
         b"from the laptop"
+    );
+}
+
+/// A leaf whose device certificate does not bind its key to its account is
+/// refused everywhere it could come in: by the delivery service's commit
+/// checks, by a member processing the commit, by the device joining.
+#[test]
+fn a_leaf_with_a_certificate_that_binds_nothing_is_refused() {
+    use umbra_mls::{DeviceCertificate, DeviceLog, HandshakeError, PublicState};
+    let alice = Device::new("AAAAAAAA", 1);
+    let carol = Device::new("CCCCCCCC", 3);
+    let bob_account = DeviceSigner::from_secret(&[2; 32]);
+    let bob2 = Device::new("BBBBBBBB", 22);
+    let log = DeviceLog::new(bob2.account.clone(), bob_account.identity_key());
+    // Device 1's entry: a real one, signed by Bob's account key, but it
+    // adds the account key, not this device's.
+    let certificate = DeviceCertificate {
+        account_key: bob_account.identity_key(),
+        entry: log.first_entry(&bob_account, "phone", 1),
+    };
+    let package = umbra_mls::new_device_key_package(
+        &bob2.provider(),
+        &bob2.signer,
+        &bob2.account,
+        Default::default(),
+        false,
+        Some(&certificate),
+    )
+    .unwrap();
+
+    let config = GroupConfig::default();
+    let mut group =
+        Group::create(&alice.provider(), &alice.signer, &alice.account, &config, 0).unwrap();
+    let id = group.id();
+    let public = PublicState::from_group_info(
+        &id,
+        &group.group_info(&alice.provider(), &alice.signer).unwrap(),
+        &alice.account,
+        &alice.signer.identity_key(),
+    )
+    .unwrap();
+    let with_carol = group
+        .add_members(&alice.provider(), &alice.signer, &[carol.key_package()])
+        .unwrap();
+    let (_, public) = public
+        .process_commit(&with_carol.commit, &[], with_carol.welcome.as_deref())
+        .unwrap();
+    group.merge_pending_commit(&alice.provider()).unwrap();
+    Group::join(&carol.provider(), &with_carol.welcome.unwrap(), &config).unwrap();
+
+    let out = group
+        .add_members(&alice.provider(), &alice.signer, &[package])
+        .unwrap();
+    match public.process_commit(&out.commit, &[], out.welcome.as_deref()) {
+        Err(HandshakeError::InvalidCommit(why)) => assert!(why.contains("does not bind"), "{why}"),
+        other => panic!("the delivery service took it: {other:?}"),
+    }
+    let mut carols = carol.group(&id);
+    match carols.process(&carol.provider(), &out.commit) {
+        Err(MlsError::Protocol(why)) => assert!(why.contains("does not bind"), "{why}"),
+        other => panic!("a member took it: {other:?}"),
+    }
+    assert_eq!(
+        carol.group(&id).epoch(),
+        1,
+        "the member's state did not move"
+    );
+    group.merge_pending_commit(&alice.provider()).unwrap();
+    match Group::join(&bob2.provider(), &out.welcome.unwrap(), &config) {
+        Err(MlsError::Protocol(why)) => assert!(why.contains("does not bind"), "{why}"),
+        other => panic!("the device joined: {other:?}"),
+    }
+    assert!(
+        Group::load(&bob2.provider(), &id).unwrap().is_none(),
+        "nothing of the group is left on the device"
     );
 }
