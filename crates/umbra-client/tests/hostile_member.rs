@@ -32,9 +32,77 @@ struct Mallory {
     signer: DeviceSigner,
     crypto: Crypto,
     db: rusqlite::Connection,
+    /// Set on a device other than its account's first.
+    certificate: Option<umbra_mls::DeviceCertificate>,
+}
+
+async fn connect(activation: &umbra_proto::ActivationString) -> Ws {
+    let tls = umbra_client::pinned_tls_config(activation.pin).unwrap();
+    let tcp = tokio::net::TcpStream::connect(&activation.address)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("umbra.invalid").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("wss://{}/", activation.address), tls)
+        .await
+        .unwrap();
+    ws
 }
 
 impl Mallory {
+    /// A second device of Mallory's account: added to its device log (the
+    /// first entry too), logged in with its own key, its packages carrying
+    /// its certificate.
+    async fn second_device(&mut self, server: &TestServer) -> Mallory {
+        use umbra_mls::{DeviceCertificate, DeviceLog, FIRST_DEVICE};
+        let d2 = DeviceSigner::from_secret(&[67; 32]);
+        let mut log = DeviceLog::new(self.account.clone(), self.signer.identity_key());
+        let first = log.first_entry(&self.signer, "phone", 1);
+        log.append(first.clone(), None).unwrap();
+        let add = log.add_entry(&self.signer, (FIRST_DEVICE, &self.signer), &d2, "laptop", 2);
+        for entry in [first, add.clone()] {
+            assert_eq!(
+                self.call(Request::AppendDeviceEntry { entry }).await,
+                Ok(Reply::Done)
+            );
+        }
+        let mut db = rusqlite::Connection::open_in_memory().unwrap();
+        umbra_mls::init_storage(&mut db).unwrap();
+        let mut second = Mallory {
+            ws: connect(&server.activation().await).await,
+            next_id: 1,
+            account: self.account.clone(),
+            signer: d2,
+            crypto: Crypto::default(),
+            db,
+            certificate: Some(DeviceCertificate {
+                account_key: self.signer.identity_key(),
+                entry: add,
+            }),
+        };
+        let nonce = loop {
+            if let ServerMessage::Push(Push::Hello { nonce, .. }) = second.next().await {
+                break nonce;
+            }
+        };
+        let signature = second
+            .signer
+            .sign_payload(&umbra_proto::login_signing_payload(&nonce, &second.account));
+        let login = Request::Login {
+            account_id: second.account.clone(),
+            signature,
+            device: umbra_proto::DeviceId(2),
+        };
+        assert!(matches!(
+            second.call(login).await,
+            Ok(Reply::LoggedIn { .. })
+        ));
+        second
+    }
+
     async fn activate(server: &TestServer) -> Mallory {
         let activation = server.activation().await;
         let tls = umbra_client::pinned_tls_config(activation.pin).unwrap();
@@ -59,6 +127,7 @@ impl Mallory {
             signer: DeviceSigner::from_secret(&[66; 32]),
             crypto: Crypto::default(),
             db,
+            certificate: None,
         };
         let nonce = loop {
             if let ServerMessage::Push(Push::Hello { nonce, .. }) = mallory.next().await {
@@ -158,12 +227,13 @@ impl Mallory {
     /// Creates a group (timer off) with these honest members in it;
     /// returns it and the commit that added them.
     async fn create_group(&mut self, members: &[AccountId]) -> (Group, Vec<u8>) {
-        let mut group = Group::create(
+        let mut group = Group::create_as_device(
             &self.provider(),
             &self.signer,
             &self.account,
             &GroupConfig::default(),
             0,
+            self.certificate.as_ref(),
         )
         .unwrap();
         let group_info = group.group_info(&self.provider(), &self.signer).unwrap();
@@ -606,4 +676,76 @@ async fn removing_and_adding_a_member_in_one_commit_is_refused() {
     scene
         .honest_members_carry_on("after a remove-and-add")
         .await;
+}
+
+/// A contact's device other than its first stands for the contact's account
+/// key: its Welcome is taken, the account key (from its certificate) is the
+/// one pinned, not the device's, so the contact's device list verifies, and
+/// the conversation works both ways.
+#[tokio::test]
+async fn a_contacts_second_device_stands_for_their_account_key() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut mallory = Mallory::activate(&server).await;
+    mallory
+        .call(Request::SendContactRequest { to: alice.id() })
+        .await
+        .unwrap();
+    alice
+        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+    alice.client.accept_contact(&mallory.account).await.unwrap();
+    let mut laptop = mallory.second_device(&server).await;
+    let (group, _) = laptop.create_group(&[alice.id()]).await;
+    let conversation = ConversationId::from_group(&group.id());
+    let wanted = conversation.clone();
+    alice
+        .wait_for(|e| match e {
+            Event::ConversationStarted { conversation } if conversation.id == wanted => Some(()),
+            _ => None,
+        })
+        .await;
+    let devices = alice
+        .client
+        .contact_devices(&mallory.account)
+        .await
+        .unwrap();
+    assert_eq!(
+        devices.iter().map(|d| d.id.0).collect::<Vec<_>>(),
+        [1, 2],
+        "the device list verifies under the key pinned from the certificate"
+    );
+    let contact = alice
+        .client
+        .contacts()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.account == mallory.account)
+        .unwrap();
+    assert!(!contact.key_changed, "no key change was seen");
+    alice
+        .client
+        .send_text(&conversation, "to the laptop")
+        .await
+        .unwrap();
+    let mut group = group;
+    let delivery = loop {
+        if let ServerMessage::Push(Push::Delivery(delivery)) = laptop.next().await
+            && delivery.kind == umbra_proto::DeliveryKind::Application
+        {
+            break delivery;
+        }
+    };
+    let provider = laptop.provider();
+    match group.process(&provider, &delivery.payload).unwrap() {
+        umbra_mls::Incoming::Application { sender, plaintext } => {
+            // The message envelope carries the text.
+            assert_eq!(sender, alice.id());
+            assert!(
+                plaintext.windows(13).any(|w| w == b"to the laptop"),
+                "{plaintext:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -215,6 +215,15 @@ pub(crate) fn parse_message(bytes: &[u8]) -> Result<MlsMessageIn> {
     MlsMessageIn::tls_deserialize_exact(bytes).map_err(|e| MlsError::Malformed(e.to_string()))
 }
 
+/// The leaf extension that carries a device certificate.
+fn certificate_extension(certificate: &crate::DeviceCertificate) -> Result<Extensions<LeafNode>> {
+    Extensions::single(Extension::Unknown(
+        DEVICE_CERTIFICATE_EXTENSION,
+        UnknownExtension(certificate.encode()),
+    ))
+    .map_err(|e| protocol("adding the device certificate", e))
+}
+
 /// Creates a KeyPackage for this device, ready to upload. Its private keys
 /// are written to the provider's storage, where a Welcome will find them.
 pub fn new_key_package(
@@ -239,14 +248,7 @@ pub fn new_device_key_package(
 ) -> Result<Vec<u8>> {
     let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities());
     if let Some(certificate) = certificate {
-        let extension = Extension::Unknown(
-            DEVICE_CERTIFICATE_EXTENSION,
-            UnknownExtension(certificate.encode()),
-        );
-        builder = builder.leaf_node_extensions(
-            Extensions::single(extension)
-                .map_err(|e| protocol("adding the device certificate", e))?,
-        );
+        builder = builder.leaf_node_extensions(certificate_extension(certificate)?);
     }
     if last_resort {
         builder = builder.mark_as_last_resort();
@@ -280,7 +282,27 @@ impl Group {
         config: &GroupConfig,
         disappear_after: u32,
     ) -> Result<Group> {
-        let create_config = MlsGroupCreateConfig::builder()
+        Self::create_as_device(provider, signer, account, config, disappear_after, None)
+    }
+
+    /// [`Group::create`] by a device whose leaf carries its certificate
+    /// (every device but device 1).
+    pub fn create_as_device(
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        account: &AccountId,
+        config: &GroupConfig,
+        disappear_after: u32,
+        certificate: Option<&crate::DeviceCertificate>,
+    ) -> Result<Group> {
+        let mut builder = MlsGroupCreateConfig::builder();
+        if let Some(certificate) = certificate {
+            builder = builder
+                .capabilities(capabilities())
+                .with_leaf_node_extensions(certificate_extension(certificate)?)
+                .map_err(|e| protocol("adding the device certificate", e))?;
+        }
+        let create_config = builder
             .ciphersuite(config.suite.ciphersuite())
             .use_ratchet_tree_extension(true)
             // Commits and proposals go out as signed PublicMessages, so the

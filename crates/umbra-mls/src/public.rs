@@ -103,12 +103,14 @@ fn parse(bytes: &[u8]) -> Result<MlsMessageIn, HandshakeError> {
 impl PublicState {
     /// Starts tracking a new group from its creator's signed GroupInfo at
     /// epoch 0 (with the ratchet tree extension). The group must have its
-    /// creator as its only member.
+    /// creator as its only member: the device whose key is `creator_key`,
+    /// of the account whose key is `account_key` (the same key for device
+    /// 1; another device's leaf carries a certificate under it).
     pub fn from_group_info(
         group_id: &[u8],
         group_info: &[u8],
         creator: &AccountId,
-        creator_key: &IdentityKey,
+        (creator_key, account_key): (&IdentityKey, &IdentityKey),
     ) -> Result<PublicState, HandshakeError> {
         if group_info.len() > MAX_NEW_GROUP_INFO_BYTES {
             return Err(HandshakeError::InvalidGroupInfo(format!(
@@ -124,7 +126,13 @@ impl PublicState {
             ));
         }
         match state.leaves()?.as_slice() {
-            [only] if only.account == *creator && only.identity_key == *creator_key => Ok(state),
+            [only]
+                if only.account == *creator
+                    && only.identity_key == *creator_key
+                    && only.account_key == *account_key =>
+            {
+                Ok(state)
+            }
             _ => Err(HandshakeError::InvalidGroupInfo(
                 "a new group has its creator (this account and its identity key) as only member"
                     .into(),
@@ -548,5 +556,5 @@ pub fn fuzz_group_info(bytes: &[u8]) -> bool {
     ) else {
         return false;
     };
-    PublicState::from_group_info(&[0; 16], bytes, &account, &key).is_ok()
+    PublicState::from_group_info(&[0; 16], bytes, &account, (&key, &key)).is_ok()
 }

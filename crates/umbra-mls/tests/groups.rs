@@ -266,7 +266,7 @@ fn a_device_certificate_travels_in_its_leaf() {
         &id,
         &group.group_info(&alice.provider(), &alice.signer).unwrap(),
         &alice.account,
-        &alice.signer.identity_key(),
+        (&alice.signer.identity_key(), &alice.signer.identity_key()),
     )
     .unwrap();
     let out = group
@@ -366,7 +366,7 @@ fn a_leaf_with_a_certificate_that_binds_nothing_is_refused() {
         &id,
         &group.group_info(&alice.provider(), &alice.signer).unwrap(),
         &alice.account,
-        &alice.signer.identity_key(),
+        (&alice.signer.identity_key(), &alice.signer.identity_key()),
     )
     .unwrap();
     let with_carol = group

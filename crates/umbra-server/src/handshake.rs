@@ -47,12 +47,17 @@ pub async fn validate_group_info(
     group_id: GroupId,
     group_info: Vec<u8>,
     creator: AccountId,
-    creator_key: IdentityKey,
+    (creator_key, account_key): (IdentityKey, IdentityKey),
 ) -> Result<Vec<u8>, ErrorReply> {
     blocking(move || {
-        PublicState::from_group_info(group_id.as_bytes(), &group_info, &creator, &creator_key)
-            .map(|state| state.to_bytes())
-            .map_err(|e| refusal(e, ErrorCode::InvalidRequest))
+        PublicState::from_group_info(
+            group_id.as_bytes(),
+            &group_info,
+            &creator,
+            (&creator_key, &account_key),
+        )
+        .map(|state| state.to_bytes())
+        .map_err(|e| refusal(e, ErrorCode::InvalidRequest))
     })
     .await
 }

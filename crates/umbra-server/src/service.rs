@@ -585,11 +585,16 @@ impl Services {
                         format!("an account may create at most {limit} groups"),
                     ));
                 }
+                // The creator's leaf is this session's device's.
+                let device_key = self
+                    .device_key(&account, device)
+                    .await?
+                    .ok_or_else(|| refuse(ErrorCode::DeviceRemoved, "this device was removed"))?;
                 let public_state = crate::handshake::validate_group_info(
                     group_id.clone(),
                     group_info.clone(),
                     me.clone(),
-                    account.identity_key,
+                    (device_key, account.identity_key),
                 )
                 .await?;
                 if self

@@ -452,3 +452,138 @@ async fn key_packages_are_per_device_and_a_removed_devices_are_withdrawn() {
     assert_eq!((stock.one_time, stock.has_last_resort), (0, false));
     alice.raw.alive().await;
 }
+
+/// A commit may bring in a leaf of any current device of an account (its
+/// certificate under the account's key), and a device creates groups under
+/// its own key; a leaf of a device removed since is refused.
+#[tokio::test]
+async fn groups_take_leaves_of_current_devices_only() {
+    use umbra_mls::{Group, GroupConfig};
+    use umbra_proto::GroupId;
+    use umbra_proto::frame::CommitSubmission;
+
+    let server = Server::start().await;
+    let mut alice = Account::new(&server, 1).await;
+    let mut bob = Account::new(&server, 2).await;
+    alice.append(alice.first()).await.unwrap();
+    let d2 = DeviceSigner::from_secret(&[32; 32]);
+    alice
+        .append(alice.add((FIRST_DEVICE, &alice.key), &d2))
+        .await
+        .unwrap();
+    let id = alice.id.clone();
+    bob.raw
+        .call(Request::SendContactRequest { to: id.clone() })
+        .await
+        .unwrap();
+    alice
+        .raw
+        .call(Request::AcceptContact {
+            from: bob.id.clone(),
+        })
+        .await
+        .unwrap();
+
+    let crypto = Crypto::default();
+    let mut db = rusqlite::Connection::open_in_memory().unwrap();
+    umbra_mls::init_storage(&mut db).unwrap();
+    let provider = Provider::new(&crypto, &db);
+    let certificate = DeviceCertificate {
+        account_key: alice.key.identity_key(),
+        entry: alice.log.entries()[1].clone(),
+    };
+    let package = |last_resort| {
+        umbra_mls::new_device_key_package(
+            &provider,
+            &d2,
+            &id,
+            Default::default(),
+            last_resort,
+            Some(&certificate),
+        )
+        .unwrap()
+    };
+    let mut second = Raw::connect(&server).await;
+    second.login_device(&id, DeviceId(2), &d2).await.unwrap();
+    assert!(matches!(
+        second
+            .call(Request::UploadKeyPackages {
+                key_packages: vec![package(false), package(false)],
+                last_resort: None,
+            })
+            .await,
+        Ok(Reply::KeyPackageCount { remaining: 2 })
+    ));
+
+    // Device 2 creates a group under its own key and certificate (not
+    // under the account key, which is device 1's, nor without its
+    // certificate).
+    let config = GroupConfig::default();
+    let own = Group::create_as_device(&provider, &d2, &id, &config, 0, Some(&certificate)).unwrap();
+    let uncertified = Group::create(&provider, &d2, &id, &config, 0).unwrap();
+    let create = |group: &Group, signer: &DeviceSigner| Request::CreateGroup {
+        group_id: GroupId::new(group.id()).unwrap(),
+        group_info: group.group_info(&provider, signer).unwrap(),
+    };
+    assert_eq!(second.call(create(&own, &d2)).await, Ok(Reply::Done));
+    let posing = Group::create(&provider, &alice.key, &id, &config, 0).unwrap();
+    second
+        .expect_error(create(&posing, &alice.key), ErrorCode::InvalidRequest)
+        .await;
+    second
+        .expect_error(create(&uncertified, &d2), ErrorCode::InvalidRequest)
+        .await;
+
+    // Bob adds Alice's device 2 from a package the server handed out.
+    let fetch = Request::FetchKeyPackage {
+        account_id: id.clone(),
+        device: DeviceId(2),
+    };
+    let mut fetched = Vec::new();
+    for _ in 0..2 {
+        match bob.raw.call(fetch.clone()).await {
+            Ok(Reply::KeyPackage { key_package, .. }) => fetched.push(key_package),
+            other => panic!("{other:?}"),
+        }
+    }
+    let bob_db = {
+        let mut db = rusqlite::Connection::open_in_memory().unwrap();
+        umbra_mls::init_storage(&mut db).unwrap();
+        db
+    };
+    let bobs = Provider::new(&crypto, &bob_db);
+    let add_in_new_group = |key_package: Vec<u8>| {
+        let mut group = Group::create(&bobs, &bob.key, &bob.id, &config, 0).unwrap();
+        let create = Request::CreateGroup {
+            group_id: GroupId::new(group.id()).unwrap(),
+            group_info: group.group_info(&bobs, &bob.key).unwrap(),
+        };
+        let added = group.add_members(&bobs, &bob.key, &[key_package]).unwrap();
+        let commit = Request::SendCommit(CommitSubmission {
+            group_id: GroupId::new(group.id()).unwrap(),
+            epoch: 0,
+            commit: added.commit,
+            welcome: added.welcome,
+            group_info: added.group_info,
+        });
+        (create, commit)
+    };
+    let (create, commit) = add_in_new_group(fetched.remove(0));
+    assert_eq!(bob.raw.call(create).await, Ok(Reply::Done));
+    assert_eq!(
+        bob.raw.call(commit).await,
+        Ok(Reply::CommitAccepted { epoch: 1 })
+    );
+
+    // Once device 2 is removed, its leaf is refused, even from a package
+    // handed out before.
+    let remove = alice
+        .log
+        .remove_entry(&alice.key, (FIRST_DEVICE, &alice.key), DeviceId(2), 1);
+    alice.append(remove).await.unwrap();
+    let (create, commit) = add_in_new_group(fetched.remove(0));
+    assert_eq!(bob.raw.call(create).await, Ok(Reply::Done));
+    let refused = bob.raw.expect_error(commit, ErrorCode::InvalidCommit).await;
+    assert!(refused.contains("current devices"), "{refused}");
+    alice.raw.alive().await;
+}

@@ -298,7 +298,7 @@ impl Client {
                     group.members().iter().any(|member| {
                         member.account == revoked
                             && umbra_mls::verify(
-                                &member.identity_key,
+                                &member.account_key,
                                 &umbra_proto::revoke_signing_payload(&revoked),
                                 &signature,
                             )
@@ -351,11 +351,13 @@ impl Client {
             return Ok(());
         }
         let pinned = pinned_key(tx, &inviter)?;
+        // The account key the inviter's leaf claims (its certificate's, for
+        // a device other than its first).
         let inviter_key = group
             .members()
             .into_iter()
             .find(|member| member.account == inviter)
-            .map(|member| member.identity_key);
+            .map(|member| member.account_key);
         if let Some(pinned) = pinned
             && inviter_key.is_none_or(|key| key.as_bytes()[..] != pinned[..])
         {
@@ -650,8 +652,9 @@ impl Client {
         Ok(())
     }
 
-    /// Compares the identity keys in `group` with the ones first seen for
-    /// each contact, remembering new ones and flagging changed ones.
+    /// Compares the account keys the leaves in `group` claim with the ones
+    /// first seen for each contact, remembering new ones and flagging
+    /// changed ones.
     pub(super) fn check_keys(
         &self,
         tx: &Transaction<'_>,
@@ -662,7 +665,9 @@ impl Client {
             if member.account == self.inner.account {
                 continue;
             }
-            self.check_key(tx, &member.account, &member.identity_key, events)?;
+            // The account key, not the device's: a contact's devices all
+            // stand for the one key their safety number covers.
+            self.check_key(tx, &member.account, &member.account_key, events)?;
         }
         Ok(())
     }

@@ -72,16 +72,26 @@ impl Services {
                         ),
                     ));
                 }
-                let registered = self
+                // A leaf of one of the account's current devices, under
+                // the account's own key (device 1's leaf is signed with
+                // it; another device's certificate is signed by it).
+                let current = match self
                     .store
                     .account(&member.account)
                     .await
-                    .map_err(internal)?;
-                if registered.map(|a| a.identity_key) != Some(member.identity_key) {
+                    .map_err(internal)?
+                {
+                    Some(line) if line.identity_key == member.account_key => {
+                        self.is_current_device_key(&line, &member.identity_key)
+                            .await?
+                    }
+                    _ => false,
+                };
+                if !current {
                     return Err(refuse(
                         ErrorCode::InvalidCommit,
                         format!(
-                            "the KeyPackage added for {} is not that account's key",
+                            "the KeyPackage added for {} is not one of that account's current devices",
                             member.account
                         ),
                     ));

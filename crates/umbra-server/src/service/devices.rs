@@ -118,6 +118,19 @@ impl Services {
         Ok(log.current(device).map(|d| d.key))
     }
 
+    /// Whether `key` is the key of one of `account`'s current devices.
+    pub(super) async fn is_current_device_key(
+        &self,
+        account: &Account,
+        key: &IdentityKey,
+    ) -> Result<bool, ErrorReply> {
+        let log = self.stored_device_log(account).await?;
+        if log.is_empty() {
+            return Ok(*key == account.identity_key);
+        }
+        Ok(log.current_devices().any(|device| device.key == *key))
+    }
+
     /// Ends the session behind `inbox` if `account`'s line is gone or
     /// revoked, or `device` is no longer one of its current devices
     /// (checked after the session registered, so a revocation or a removal
