@@ -34,6 +34,29 @@ impl Forger {
         Provider::new(&self.crypto, &self.db)
     }
 
+    /// A package "of a second device" of `claimed`, with a certificate
+    /// the forger made under its own key posing as the account key.
+    fn device_key_package(&self, claimed: &AccountId) -> Vec<u8> {
+        use umbra_mls::{DeviceCertificate, DeviceLog, FIRST_DEVICE};
+        let device = DeviceSigner::from_secret(&[0x42; 32]);
+        let mut log = DeviceLog::new(claimed.clone(), self.signer.identity_key());
+        log.append(log.first_entry(&self.signer, "phone", 1), None)
+            .unwrap();
+        let certificate = DeviceCertificate {
+            account_key: self.signer.identity_key(),
+            entry: log.add_entry(&self.signer, (FIRST_DEVICE, &self.signer), &device, "x", 2),
+        };
+        umbra_mls::new_device_key_package(
+            &self.provider(),
+            &device,
+            claimed,
+            Default::default(),
+            false,
+            Some(&certificate),
+        )
+        .unwrap()
+    }
+
     fn key_package(&self, claimed: &AccountId, last_resort: bool) -> Vec<u8> {
         umbra_mls::new_key_package(
             &self.provider(),
@@ -659,4 +682,58 @@ async fn an_oversized_delivery_is_set_aside_and_the_mailbox_goes_on() {
     })
     .await;
     assert!(again.is_err(), "the set-aside delivery came back");
+}
+
+/// Asked for a contact's first device, a server that hands out another
+/// device's package (one that carries a certificate, here under a key of
+/// its own) gets it refused, and no key is pinned for the contact from it:
+/// a device pins account keys only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certified_package_in_place_of_a_first_devices_is_refused_and_nothing_pinned() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let bob = Device::activate(&server).await;
+    // Bob asks; Alice, accepting, fetches his package and would pin his
+    // key from it (she has seen none of his yet).
+    bob.client.add_contact(&alice.id()).await.unwrap();
+    alice
+        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+
+    let (data, address, store, _dir) = server.seize();
+    while let Some((_, last_resort)) = store
+        .take_key_package(&bob.id(), umbra_proto::DeviceId::FIRST)
+        .await
+        .unwrap()
+    {
+        if last_resort {
+            break;
+        }
+    }
+    let forger = Forger::new(98);
+    store
+        .add_key_packages(
+            &bob.id(),
+            umbra_proto::DeviceId::FIRST,
+            vec![forger.device_key_package(&bob.id())],
+            None,
+        )
+        .await
+        .unwrap();
+    drop(store);
+    let _server = TestServer::start_in(&data, address).await;
+    let alice = alice.reopen().await;
+    let bob = bob.reopen().await;
+
+    let refused = alice.client.accept_contact(&bob.id()).await.unwrap_err();
+    assert!(
+        matches!(&refused, ClientError::ForeignKeyPackage(account) if *account == bob.id()),
+        "{refused}"
+    );
+    // Nothing was pinned from it.
+    let pinned = alice.client.safety_number(&bob.id());
+    assert!(
+        matches!(pinned, Err(ClientError::NotAccepted(_))),
+        "a key was pinned: {pinned:?}"
+    );
 }

@@ -560,11 +560,21 @@ impl Group {
             .collect()
     }
 
-    /// Checks every leaf of the tree (a group just joined or rejoined).
+    /// Checks every leaf of the tree (a group just joined or rejoined):
+    /// each an Umbra leaf, and no account holding two (as the delivery
+    /// service requires of every commit), so the one leaf of an account is
+    /// the one that speaks for it, a Welcome's sender included.
     fn check_leaves(&self) -> Result<()> {
+        let mut seen = std::collections::BTreeSet::new();
         for member in self.inner.public_group().members() {
             if let Some(leaf) = self.inner.public_group().leaf(member.index) {
-                leaf_member(leaf).map_err(MlsError::Protocol)?;
+                let member = leaf_member(leaf).map_err(MlsError::Protocol)?;
+                if !seen.insert(member.account.clone()) {
+                    return Err(MlsError::Protocol(format!(
+                        "the group holds two leaves of {}",
+                        member.account
+                    )));
+                }
             }
         }
         Ok(())

@@ -405,3 +405,35 @@ fn a_leaf_with_a_certificate_that_binds_nothing_is_refused() {
         "nothing of the group is left on the device"
     );
 }
+
+/// A Welcome into a tree where one account holds two leaves (a server's
+/// own "Bob" beside the real one, the forged one signing as inviter) is
+/// refused: the leaf a device checks for an account is then its only one.
+#[test]
+fn a_welcome_into_a_tree_with_two_leaves_of_one_account_is_refused() {
+    let alice = Device::new("AAAAAAAA", 1);
+    let bob = Device::new("BBBBBBBB", 2);
+    let forged_bob = Device::new("BBBBBBBB", 99);
+    let config = GroupConfig::default();
+    let mut group = Group::create(
+        &forged_bob.provider(),
+        &forged_bob.signer,
+        &forged_bob.account,
+        &config,
+        0,
+    )
+    .unwrap();
+    let out = group
+        .add_members(
+            &forged_bob.provider(),
+            &forged_bob.signer,
+            &[bob.key_package(), alice.key_package()],
+        )
+        .unwrap();
+    let id = group.id();
+    match Group::join(&alice.provider(), &out.welcome.unwrap(), &config) {
+        Err(MlsError::Protocol(why)) => assert!(why.contains("two leaves of BBBBBBBB"), "{why}"),
+        other => panic!("joined: {other:?}"),
+    }
+    assert!(Group::load(&alice.provider(), &id).unwrap().is_none());
+}

@@ -371,10 +371,18 @@ async fn key_packages_are_per_device_and_a_removed_devices_are_withdrawn() {
     // Without its certificate, or with one that does not bind its key
     // (device 1's entry), or one under another account key, it is refused;
     // device 1 carries none.
+    // A certificate that does bind device 2's key, under an account key
+    // of someone else's making: only the account key's check refuses it.
+    let stranger = DeviceSigner::from_secret(&[99; 32]);
+    let mut made_up = DeviceLog::new(id.clone(), stranger.identity_key());
+    made_up
+        .append(made_up.first_entry(&stranger, "phone", 1), None)
+        .unwrap();
     let forged = DeviceCertificate {
-        account_key: d2.identity_key(),
-        ..d2_certificate.clone()
+        account_key: stranger.identity_key(),
+        entry: made_up.add_entry(&stranger, (FIRST_DEVICE, &stranger), &d2, "laptop", 2),
     };
+    assert!(forged.certifies(&id, &d2.identity_key()));
     for wrong in [None, Some(&certificate(0)), Some(&forged)] {
         let refused = second
             .expect_error(

@@ -77,14 +77,19 @@ impl Client {
             // server's own, and is refused without touching the pin (so a
             // forged one cannot displace the real key or block the real
             // conversation). The first one seen pins the key.
+            // Device 1's package is signed with the account key itself and
+            // carries no certificate (the server refuses one that does): one
+            // that does is another device's, and its key is no account key
+            // to pin.
             let mut events = Vec::new();
-            let foreign = self.with_tx(|tx, _| match pinned_key(tx, account)? {
-                Some(pinned) => Ok(pinned[..] != valid.identity_key.as_bytes()[..]),
-                None => {
-                    self.check_key(tx, account, &valid.identity_key, &mut events)?;
-                    Ok(false)
-                }
-            })?;
+            let foreign = valid.certificate.is_some()
+                || self.with_tx(|tx, _| match pinned_key(tx, account)? {
+                    Some(pinned) => Ok(pinned[..] != valid.identity_key.as_bytes()[..]),
+                    None => {
+                        self.check_key(tx, account, &valid.identity_key, &mut events)?;
+                        Ok(false)
+                    }
+                })?;
             if foreign {
                 warn!(%account, "refusing a KeyPackage under another key than the pinned one");
                 self.emit(Event::Refused {
