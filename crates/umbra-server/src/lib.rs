@@ -115,7 +115,14 @@ impl std::fmt::Debug for ServerOptions {
 /// fingerprint, which activation strings carry.
 pub fn init(data_dir: &Path, public_address: &str) -> Result<CertFingerprint, ServerError> {
     let io = |context: String| move |source| ServerError::Io { context, source };
-    std::fs::create_dir_all(data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
+    // Readable by its owner only: it holds the TLS key, the delivery-ID
+    // key and the database.
+    let mut dir = std::fs::DirBuilder::new();
+    dir.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
+    dir.create(data_dir)
+        .map_err(io(format!("creating {}", data_dir.display())))?;
     let config_path = data_dir.join(config::CONFIG_FILE);
     if !config_path.exists() {
         let text = config::DEFAULT_CONFIG_TEXT.replace(
@@ -318,5 +325,22 @@ async fn sweep_expired(services: Arc<Services>, every: Duration, shutdown: Cance
             Ok(ended) => info!(ended, "ended lines whose subscription lapsed"),
             Err(error) => warn!(%error, "ending lapsed lines failed"),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    /// A new data directory is its owner's alone: it holds the TLS key,
+    /// the delivery-ID key and the database.
+    #[cfg(unix)]
+    #[test]
+    fn a_new_data_directory_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let parent = tempfile::tempdir().unwrap();
+        let data = parent.path().join("data");
+        super::init(&data, "127.0.0.1:0").unwrap();
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
     }
 }

@@ -110,7 +110,7 @@ fn group(n: u8) -> GroupId {
     GroupId::new(vec![n; 16]).unwrap()
 }
 
-async fn registered(store: &impl Store, id: &str, n: u8) -> AccountId {
+pub(crate) async fn registered(store: &impl Store, id: &str, n: u8) -> AccountId {
     store.issue_codes(&[code(n)], 30, NOW).await.unwrap();
     let id = account(id);
     let outcome = store.register(code(n), &id, &key(n), NOW).await.unwrap();

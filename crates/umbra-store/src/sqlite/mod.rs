@@ -167,9 +167,13 @@ impl SqliteStore {
     }
 
     fn setup(mut connection: Connection, limits: StoreLimits) -> Result<Self> {
+        // secure_delete: what is deleted (a delivered message, a handed-out
+        // KeyPackage) is overwritten with zeros in the file, not left in
+        // free space for whoever reads the disk later.
         connection
             .execute_batch(
-                "PRAGMA busy_timeout = 5000;
+                "PRAGMA secure_delete = ON;
+                 PRAGMA busy_timeout = 5000;
                  PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
                  PRAGMA foreign_keys = ON;",
@@ -2292,6 +2296,51 @@ mod tests {
         assert_eq!(taken(DeviceId::FIRST).await, Some((vec![0x0a], false)));
         assert_eq!(taken(DeviceId::FIRST).await, Some((vec![0x0b], true)));
         drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What the store deletes is gone from the files, not left in free
+    /// space: a KeyPackage handed out (deleted as it goes) leaves no byte
+    /// of itself in the database once the store is closed.
+    #[tokio::test]
+    async fn deleted_rows_leave_no_trace_in_the_files() {
+        let dir = std::env::temp_dir().join(format!("umbra-store-erase-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join("server.db");
+        let marker: Vec<u8> = b"umbra-secure-delete-marker-"
+            .iter()
+            .copied()
+            .chain((0..200u8).map(|i| i.wrapping_mul(37)))
+            .collect();
+        let found = |path: &Path| {
+            let bytes = std::fs::read(path).unwrap_or_default();
+            bytes.windows(27).any(|w| w == &marker[..27])
+        };
+        {
+            let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            let alice = crate::conformance::registered(&store, "AAAAAAAA", 1).await;
+            store
+                .add_key_packages(&alice, DeviceId::FIRST, vec![marker.clone()], None)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let taken = store
+                .take_key_package(&alice, DeviceId::FIRST)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(taken, Some((marker.clone(), false)));
+        }
+        // Closing the last connection checkpoints the WAL into the file.
+        let connection = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        connection
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(connection);
+        for file in ["server.db", "server.db-wal"] {
+            assert!(
+                !found(&dir.join(file)),
+                "{file} still holds the deleted KeyPackage"
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
