@@ -287,7 +287,8 @@ impl Services {
                         .map_err(internal)?
                     {
                         Registration::Registered(account) => {
-                            info!(account = %account.id, "account registered");
+                            info!("account registered");
+                            debug!(account = %account.id, "account registered");
                             *session = Session::Authenticated {
                                 account: account.id.clone(),
                                 device: umbra_proto::DeviceId::FIRST,

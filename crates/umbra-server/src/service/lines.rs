@@ -64,7 +64,8 @@ impl Services {
             ));
         }
         self.registry.notify([account_id]);
-        info!(account = %account_id, "wipe command relayed");
+        info!("wipe command relayed");
+        debug!(account = %account_id, "wipe command relayed");
         Ok(Reply::Done)
     }
 
@@ -102,7 +103,8 @@ impl Services {
             .map_err(internal)?;
         self.registry.notify(&told);
         self.registry.end_sessions(account_id, &revoked_session());
-        info!(account = %account_id, groups_told = told.len(), "line revoked");
+        info!(groups_told = told.len(), "line revoked");
+        debug!(account = %account_id, "line revoked");
         Ok(())
     }
 
@@ -226,7 +228,8 @@ impl Services {
                         .map_err(internal)?,
                     _ => self.end_line(&account_id, None).await?,
                 }
-                info!(distributor = id, line = %account_id, ?action, "line status changed");
+                info!(distributor = id, ?action, "line status changed");
+                debug!(line = %account_id, "line status changed");
                 Ok(Reply::Done)
             }
             Request::Ping => Ok(Reply::Done),
@@ -252,7 +255,8 @@ impl Services {
         for (line, told) in &ended {
             self.registry.notify(told);
             self.registry.end_sessions(line, &revoked_session());
-            info!(account = %line, "lapsed line ended");
+            info!("lapsed line ended");
+            debug!(account = %line, "lapsed line ended");
         }
         Ok(ended.len())
     }
