@@ -28,6 +28,7 @@ where
     key_packages_per_device(&make().await).await;
     contacts(&make().await).await;
     commits_one_per_epoch(&make().await).await;
+    commit_hashes_are_swept(&make().await).await;
     fan_out_and_mailboxes(&make().await).await;
     notices(&make().await).await;
     revocation(&make().await).await;
@@ -417,6 +418,42 @@ fn state_at(epoch: u64) -> Vec<u8> {
 
 fn info_at(epoch: u64) -> Vec<u8> {
     format!("group info at epoch {epoch}").into_bytes()
+}
+
+/// A commit's hash is kept for COMMIT_HASH_LIFETIME, so a resubmission is
+/// recognised as accepted; then it is swept, and a resubmission is only
+/// stale.
+async fn commit_hashes_are_swept(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    let g = group(1);
+    store
+        .create_group(&g, &alice, &state_at(0), &info_at(0), NOW)
+        .await
+        .unwrap();
+    let add = commit(&g, 0, &alice, b"add bob", &[&bob], &[]);
+    assert!(matches!(
+        store.accept_commit(&add, NOW, NOW + TTL).await.unwrap(),
+        CommitOutcome::Accepted { epoch: 1, .. }
+    ));
+    store
+        .expire(NOW + crate::COMMIT_HASH_LIFETIME - 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.accept_commit(&add, NOW, NOW + TTL).await.unwrap(),
+        CommitOutcome::Duplicate { epoch: 1 },
+        "kept until its lifetime has passed"
+    );
+    store
+        .expire(NOW + crate::COMMIT_HASH_LIFETIME)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.accept_commit(&add, NOW, NOW + TTL).await.unwrap(),
+        CommitOutcome::Stale { current_epoch: 1 },
+        "swept once its lifetime has passed"
+    );
 }
 
 async fn commits_one_per_epoch(store: &impl Store) {

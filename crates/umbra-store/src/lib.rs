@@ -27,6 +27,13 @@ pub type Timestamp = u64;
 /// Seconds in a day, for subscription arithmetic.
 pub const DAY: u64 = 86_400;
 
+/// How long the hash of an accepted commit is kept, so that the commit,
+/// resubmitted after a lost reply, is recognised as accepted: longer than
+/// any delivery lives (a device away longer has lost the group's commits
+/// anyway, and rejoins). Then it is deleted: the server keeps no record of
+/// a group's history beyond what devices may still need.
+pub const COMMIT_HASH_LIFETIME: u64 = 31 * DAY;
+
 /// What a store may hold, set when it is opened. Zero means no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreLimits {
@@ -495,7 +502,9 @@ pub trait Mailboxes: Send + Sync {
     fn no_reader(&self, ids: &[u64]) {
         let _ = ids;
     }
-    /// Deletes deliveries whose time to live has passed.
+    /// Deletes deliveries whose time to live has passed, and the hashes of
+    /// commits accepted [`COMMIT_HASH_LIFETIME`] or longer ago; returns
+    /// how many deliveries it deleted.
     async fn expire(&self, now: Timestamp) -> Result<usize>;
 }
 

@@ -45,6 +45,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         9,
         include_str!("../../migrations/0009_key_packages_per_device.sql"),
     ),
+    (
+        10,
+        include_str!("../../migrations/0010_commit_hash_age.sql"),
+    ),
 ];
 
 /// Most writes committed together by one fsync.
@@ -1625,8 +1629,9 @@ impl Groups for SqliteStore {
             )
             .map_err(backend)?;
             tx.execute(
-                "INSERT INTO group_commits (group_id, epoch, hash) VALUES (?1, ?2, ?3)",
-                params![commit.group_id.as_bytes(), epoch, &hash[..]],
+                "INSERT INTO group_commits (group_id, epoch, hash, committed_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![commit.group_id.as_bytes(), epoch, &hash[..], now],
             )
             .map_err(backend)?;
             let mut recipients = Vec::new();
@@ -1995,6 +2000,11 @@ impl Mailboxes for SqliteStore {
             let removed = tx
                 .execute("DELETE FROM mailbox WHERE expires_at <= ?1", [now])
                 .map_err(backend)?;
+            tx.execute(
+                "DELETE FROM group_commits WHERE committed_at <= ?1",
+                [now.saturating_sub(crate::COMMIT_HASH_LIFETIME)],
+            )
+            .map_err(backend)?;
             if removed > 0 {
                 tx.mailboxes.borrow_mut().forget_all();
             }
