@@ -83,11 +83,7 @@ impl Mallory {
                 entry: add,
             }),
         };
-        let nonce = loop {
-            if let ServerMessage::Push(Push::Hello { nonce, .. }) = second.next().await {
-                break nonce;
-            }
-        };
+        let nonce = second.hello().await;
         let signature = second
             .signer
             .sign_payload(&umbra_proto::login_signing_payload(&nonce, &second.account));
@@ -105,19 +101,7 @@ impl Mallory {
 
     async fn activate(server: &TestServer) -> Mallory {
         let activation = server.activation().await;
-        let tls = umbra_client::pinned_tls_config(activation.pin).unwrap();
-        let tcp = tokio::net::TcpStream::connect(&activation.address)
-            .await
-            .unwrap();
-        let name = rustls::pki_types::ServerName::try_from("umbra.invalid").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
-            .connect(name, tcp)
-            .await
-            .unwrap();
-        let (ws, _) =
-            tokio_tungstenite::client_async(format!("wss://{}/", activation.address), tls)
-                .await
-                .unwrap();
+        let ws = connect(&activation).await;
         let mut db = rusqlite::Connection::open_in_memory().unwrap();
         umbra_mls::init_storage(&mut db).unwrap();
         let mut mallory = Mallory {
@@ -129,11 +113,7 @@ impl Mallory {
             db,
             certificate: None,
         };
-        let nonce = loop {
-            if let ServerMessage::Push(Push::Hello { nonce, .. }) = mallory.next().await {
-                break nonce;
-            }
-        };
+        let nonce = mallory.hello().await;
         mallory.account = mallory.register(activation.code, &nonce).await;
         let key_packages = (0..4)
             .map(|_| {
@@ -176,6 +156,15 @@ impl Mallory {
         {
             Ok(Reply::Registered { account_id, .. }) => account_id,
             other => panic!("registration failed: {other:?}"),
+        }
+    }
+
+    /// The nonce of the server's Hello, the first frame on a connection.
+    async fn hello(&mut self) -> Nonce {
+        loop {
+            if let ServerMessage::Push(Push::Hello { nonce, .. }) = self.next().await {
+                return nonce;
+            }
         }
     }
 

@@ -173,15 +173,7 @@ async fn a_key_package_under_a_swapped_key_is_refused_and_the_pin_kept() {
 
     // The operator hands out KeyPackages "from Bob" under its own key.
     let (data, address, store, _dir) = server.seize();
-    while let Some((_, last_resort)) = store
-        .take_key_package(&bob.id(), umbra_proto::DeviceId::FIRST)
-        .await
-        .unwrap()
-    {
-        if last_resort {
-            break;
-        }
-    }
+    TestServer::use_up_key_packages(&store, &bob.id()).await;
     let forger = Forger::new(99);
     let forged = (0..3)
         .map(|_| forger.key_package(&bob.id(), false))
@@ -701,15 +693,7 @@ async fn a_certified_package_in_place_of_a_first_devices_is_refused_and_nothing_
         .await;
 
     let (data, address, store, _dir) = server.seize();
-    while let Some((_, last_resort)) = store
-        .take_key_package(&bob.id(), umbra_proto::DeviceId::FIRST)
-        .await
-        .unwrap()
-    {
-        if last_resort {
-            break;
-        }
-    }
+    TestServer::use_up_key_packages(&store, &bob.id()).await;
     let forger = Forger::new(98);
     store
         .add_key_packages(

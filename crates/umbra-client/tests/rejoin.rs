@@ -7,7 +7,7 @@ mod common;
 use common::{Device, TestServer, befriend};
 use umbra_client::{ConversationId, ConversationKind, Direction, Event, ManualClock};
 use umbra_proto::{DeliveryKind, GroupId, Push, ServerMessage};
-use umbra_store::{KeyPackages, Mailboxes, Notice};
+use umbra_store::{Mailboxes, Notice};
 
 const DAY: u64 = 86_400;
 
@@ -175,15 +175,7 @@ async fn a_replayed_welcome_does_not_bring_back_a_removed_member() {
     // Carol's one-time KeyPackages are used up, so the Welcome is for her
     // last-resort one, which stays usable: a replay can be opened.
     let (data, address, store, dir) = server.seize();
-    while let Some((_, last_resort)) = store
-        .take_key_package(&carol.id(), umbra_proto::DeviceId::FIRST)
-        .await
-        .unwrap()
-    {
-        if last_resort {
-            break;
-        }
-    }
+    TestServer::use_up_key_packages(&store, &carol.id()).await;
     drop(store);
     let server = TestServer::start_in(&data, address).await;
     let alice = alice.reopen().await;

@@ -440,7 +440,7 @@ impl DeviceCertificate {
 /// server, which holds no account key, cannot make one. The entry's place in
 /// the log is not checked here: a removed device's entry still certifies
 /// its key, and removal is what takes its leaf out of the groups.
-pub fn certifies(
+fn certifies(
     entry: &DeviceEntry,
     account: &AccountId,
     account_key: &IdentityKey,

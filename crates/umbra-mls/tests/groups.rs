@@ -40,6 +40,22 @@ impl Device {
         .unwrap()
     }
 
+    /// A new group of this device's (timer off), and the delivery
+    /// service's view of it.
+    fn watched_group(&self, config: &GroupConfig) -> (Group, umbra_mls::PublicState) {
+        let group =
+            Group::create(&self.provider(), &self.signer, &self.account, config, 0).unwrap();
+        let key = self.signer.identity_key();
+        let public = umbra_mls::PublicState::from_group_info(
+            &group.id(),
+            &group.group_info(&self.provider(), &self.signer).unwrap(),
+            &self.account,
+            (&key, &key),
+        )
+        .unwrap();
+        (group, public)
+    }
+
     fn group(&self, id: &[u8]) -> Group {
         Group::load(&self.provider(), id).unwrap().unwrap()
     }
@@ -225,7 +241,7 @@ fn garbage_is_a_typed_error() {
 /// device updates its keys.
 #[test]
 fn a_device_certificate_travels_in_its_leaf() {
-    use umbra_mls::{DeviceCertificate, DeviceLog, FIRST_DEVICE, PublicState};
+    use umbra_mls::{DeviceCertificate, DeviceLog, FIRST_DEVICE};
     let alice = Device::new("AAAAAAAA", 1);
     // Bob's second device: its own key, added to Bob's log by his first.
     let bob_account = DeviceSigner::from_secret(&[2; 32]);
@@ -259,16 +275,8 @@ fn a_device_certificate_travels_in_its_leaf() {
     assert!(certificate.certifies(&bob2.account, &bob2.signer.identity_key()));
 
     let config = GroupConfig::default();
-    let mut group =
-        Group::create(&alice.provider(), &alice.signer, &alice.account, &config, 0).unwrap();
+    let (mut group, public) = alice.watched_group(&config);
     let id = group.id();
-    let public = PublicState::from_group_info(
-        &id,
-        &group.group_info(&alice.provider(), &alice.signer).unwrap(),
-        &alice.account,
-        (&alice.signer.identity_key(), &alice.signer.identity_key()),
-    )
-    .unwrap();
     let out = group
         .add_members(&alice.provider(), &alice.signer, &[package])
         .unwrap();
@@ -336,7 +344,7 @@ fn a_device_certificate_travels_in_its_leaf() {
 /// checks, by a member processing the commit, by the device joining.
 #[test]
 fn a_leaf_with_a_certificate_that_binds_nothing_is_refused() {
-    use umbra_mls::{DeviceCertificate, DeviceLog, HandshakeError, PublicState};
+    use umbra_mls::{DeviceCertificate, DeviceLog, HandshakeError};
     let alice = Device::new("AAAAAAAA", 1);
     let carol = Device::new("CCCCCCCC", 3);
     let bob_account = DeviceSigner::from_secret(&[2; 32]);
@@ -359,16 +367,8 @@ fn a_leaf_with_a_certificate_that_binds_nothing_is_refused() {
     .unwrap();
 
     let config = GroupConfig::default();
-    let mut group =
-        Group::create(&alice.provider(), &alice.signer, &alice.account, &config, 0).unwrap();
+    let (mut group, public) = alice.watched_group(&config);
     let id = group.id();
-    let public = PublicState::from_group_info(
-        &id,
-        &group.group_info(&alice.provider(), &alice.signer).unwrap(),
-        &alice.account,
-        (&alice.signer.identity_key(), &alice.signer.identity_key()),
-    )
-    .unwrap();
     let with_carol = group
         .add_members(&alice.provider(), &alice.signer, &[carol.key_package()])
         .unwrap();

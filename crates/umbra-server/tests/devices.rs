@@ -72,6 +72,43 @@ impl Account {
     }
 }
 
+/// Alice with devices 1 and 2 (device 2's key from `seed`) in her log, and
+/// Bob, her contact.
+async fn alice_with_a_second_device_and_bob(
+    server: &Server,
+    seed: u8,
+) -> (Account, Account, DeviceSigner) {
+    let mut alice = Account::new(server, 1).await;
+    let mut bob = Account::new(server, 2).await;
+    alice.append(alice.first()).await.unwrap();
+    let d2 = DeviceSigner::from_secret(&[seed; 32]);
+    alice
+        .append(alice.add((FIRST_DEVICE, &alice.key), &d2))
+        .await
+        .unwrap();
+    bob.raw
+        .call(Request::SendContactRequest {
+            to: alice.id.clone(),
+        })
+        .await
+        .unwrap();
+    alice
+        .raw
+        .call(Request::AcceptContact {
+            from: bob.id.clone(),
+        })
+        .await
+        .unwrap();
+    (alice, bob, d2)
+}
+
+/// An empty MLS store for a test device.
+fn mls_storage() -> rusqlite::Connection {
+    let mut db = rusqlite::Connection::open_in_memory().unwrap();
+    umbra_mls::init_storage(&mut db).unwrap();
+    db
+}
+
 #[tokio::test]
 async fn only_entries_that_follow_the_rules_are_stored() {
     let server = Server::start().await;
@@ -291,30 +328,10 @@ async fn a_session_appends_only_entries_it_makes_itself() {
 #[tokio::test]
 async fn key_packages_are_per_device_and_a_removed_devices_are_withdrawn() {
     let server = Server::start().await;
-    let mut alice = Account::new(&server, 1).await;
-    let mut bob = Account::new(&server, 2).await;
-    alice.append(alice.first()).await.unwrap();
-    let d2 = DeviceSigner::from_secret(&[12; 32]);
-    alice
-        .append(alice.add((FIRST_DEVICE, &alice.key), &d2))
-        .await
-        .unwrap();
+    let (mut alice, mut bob, d2) = alice_with_a_second_device_and_bob(&server, 12).await;
     let id = alice.id.clone();
-    bob.raw
-        .call(Request::SendContactRequest { to: id.clone() })
-        .await
-        .unwrap();
-    alice
-        .raw
-        .call(Request::AcceptContact {
-            from: bob.id.clone(),
-        })
-        .await
-        .unwrap();
-
     let crypto = Crypto::default();
-    let mut db = rusqlite::Connection::open_in_memory().unwrap();
-    umbra_mls::init_storage(&mut db).unwrap();
+    let db = mls_storage();
     let provider = Provider::new(&crypto, &db);
     let certificate = |entry: usize| DeviceCertificate {
         account_key: alice.key.identity_key(),
@@ -471,30 +488,10 @@ async fn groups_take_leaves_of_current_devices_only() {
     use umbra_proto::frame::CommitSubmission;
 
     let server = Server::start().await;
-    let mut alice = Account::new(&server, 1).await;
-    let mut bob = Account::new(&server, 2).await;
-    alice.append(alice.first()).await.unwrap();
-    let d2 = DeviceSigner::from_secret(&[32; 32]);
-    alice
-        .append(alice.add((FIRST_DEVICE, &alice.key), &d2))
-        .await
-        .unwrap();
+    let (mut alice, mut bob, d2) = alice_with_a_second_device_and_bob(&server, 32).await;
     let id = alice.id.clone();
-    bob.raw
-        .call(Request::SendContactRequest { to: id.clone() })
-        .await
-        .unwrap();
-    alice
-        .raw
-        .call(Request::AcceptContact {
-            from: bob.id.clone(),
-        })
-        .await
-        .unwrap();
-
     let crypto = Crypto::default();
-    let mut db = rusqlite::Connection::open_in_memory().unwrap();
-    umbra_mls::init_storage(&mut db).unwrap();
+    let db = mls_storage();
     let provider = Provider::new(&crypto, &db);
     let certificate = DeviceCertificate {
         account_key: alice.key.identity_key(),
@@ -554,11 +551,7 @@ async fn groups_take_leaves_of_current_devices_only() {
             other => panic!("{other:?}"),
         }
     }
-    let bob_db = {
-        let mut db = rusqlite::Connection::open_in_memory().unwrap();
-        umbra_mls::init_storage(&mut db).unwrap();
-        db
-    };
+    let bob_db = mls_storage();
     let bobs = Provider::new(&crypto, &bob_db);
     let add_in_new_group = |key_package: Vec<u8>| {
         let mut group = Group::create(&bobs, &bob.key, &bob.id, &config, 0).unwrap();

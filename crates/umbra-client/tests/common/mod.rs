@@ -179,6 +179,25 @@ impl TestServer {
         (data, address, store, dir)
     }
 
+    /// Hands out every one-time KeyPackage of `account`'s device 1, from
+    /// a seized server's store, so the next fetch gets its last-resort one
+    /// (or, with nothing left, what a test plants).
+    pub async fn use_up_key_packages(
+        store: &umbra_store::sqlite::SqliteStore,
+        account: &umbra_client::AccountId,
+    ) {
+        use umbra_store::KeyPackages as _;
+        while let Some((_, last_resort)) = store
+            .take_key_package(account, umbra_proto::DeviceId::FIRST)
+            .await
+            .unwrap()
+        {
+            if last_resort {
+                break;
+            }
+        }
+    }
+
     /// Every frame the server received or sent so far.
     pub fn frames(&self) -> Vec<(Direction, Vec<u8>)> {
         self.frames.lock().unwrap().clone()
