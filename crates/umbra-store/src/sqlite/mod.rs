@@ -2309,6 +2309,43 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A commit hash kept before hashes had an age counts from the
+    /// upgrade: the first sweep after it (at the server's start, when
+    /// replies were just lost) keeps it.
+    #[tokio::test]
+    async fn commit_hashes_from_before_version_10_survive_the_first_sweep() {
+        let dir = std::env::temp_dir().join(format!("umbra-store-v10-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join("server.db");
+        {
+            let connection = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v <= 9) {
+                connection
+                    .execute_batch(sql)
+                    .unwrap_or_else(|e| panic!("migration {version}: {e}"));
+            }
+            connection
+                .execute_batch(
+                    "INSERT INTO groups (group_id, epoch, created_at) VALUES (x'01', 1, 0);
+                     INSERT INTO group_commits (group_id, epoch, hash) VALUES (x'01', 0, x'aa');
+                     PRAGMA user_version = 9;",
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .as_secs();
+        store.expire(now).await.unwrap_or_else(|e| panic!("{e}"));
+        drop(store);
+        let kept: i64 = Connection::open(&path)
+            .and_then(|c| c.query_row("SELECT COUNT(*) FROM group_commits", [], |r| r.get(0)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(kept, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// What the store deletes is gone from the files, not left in free
     /// space: a KeyPackage handed out (deleted as it goes) leaves no byte
     /// of itself in the database once the store is closed.
