@@ -106,6 +106,7 @@ async fn a_forged_contact_acceptance_is_refused() {
     for sender in [bob.id(), carol.id()] {
         let notice = Notice {
             recipient: alice.id(),
+            device: None,
             sender,
             kind: DeliveryKind::ContactAccepted,
             group_id: None,
@@ -260,6 +261,7 @@ async fn a_welcome_from_a_stranger_or_under_another_key_is_refused() {
         let (group_id, welcome) = forger.invite(&inviter, &key_package);
         let notice = Notice {
             recipient: alice.id(),
+            device: None,
             sender: inviter,
             kind: DeliveryKind::Welcome,
             group_id: Some(group_id),
@@ -326,6 +328,7 @@ async fn fill_mailbox(store: &SqliteStore, recipient: &AccountId) {
     for n in 0..BACKLOG {
         let notice = Notice {
             recipient: recipient.clone(),
+            device: None,
             sender: made_up_account(n),
             kind: DeliveryKind::ContactRequest,
             group_id: None,
@@ -462,6 +465,7 @@ async fn a_server_cannot_stand_in_for_a_member_by_external_commit() {
     ] {
         let notice = Notice {
             recipient: bob.id(),
+            device: None,
             sender: alice.id(),
             kind,
             group_id: Some(group_id.clone()),
@@ -637,6 +641,7 @@ async fn an_oversized_delivery_is_set_aside_and_the_mailbox_goes_on() {
     let now = common::now();
     let poison = Notice {
         recipient: bob.id(),
+        device: None,
         sender: alice.id(),
         kind: DeliveryKind::Application,
         group_id: None,

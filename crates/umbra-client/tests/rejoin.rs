@@ -214,6 +214,7 @@ async fn a_replayed_welcome_does_not_bring_back_a_removed_member() {
     let (_, _, store, dir2) = server.seize();
     let notice = Notice {
         recipient: carol.id(),
+        device: None,
         sender: alice.id(),
         kind: DeliveryKind::Welcome,
         group_id: Some(group_id),

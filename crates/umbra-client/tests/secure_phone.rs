@@ -113,6 +113,7 @@ async fn a_wipe_forged_by_the_server_or_without_the_code_is_refused() {
     let store = umbra_server::open_store(&server.data, &config).unwrap();
     let notice = Notice {
         recipient: alice.id(),
+        device: None,
         sender: alice.id(),
         kind: umbra_proto::DeliveryKind::Wipe,
         group_id: None,
@@ -166,7 +167,12 @@ async fn a_user_wipes_their_own_device_and_the_vault_goes_with_it() {
     );
     assert!(
         store
-            .pending(&alice.id(), 0, 10, common::now())
+            .pending(
+                &umbra_proto::DeviceAddr::first(alice.id()),
+                0,
+                10,
+                common::now(),
+            )
             .await
             .unwrap()
             .is_empty()

@@ -421,7 +421,10 @@ fn commit_validate(c: &mut Criterion, fixtures: &mut Fixtures) {
                                 .process_commit(black_box(&output.commit), &[], None)
                                 .expect("validating the commit");
                             after
-                                .check_group_info(black_box(&output.group_info), &valid.sender)
+                                .check_group_info(
+                                    black_box(&output.group_info),
+                                    &valid.sender.account,
+                                )
                                 .expect("checking the GroupInfo");
                             state = after.to_bytes();
                             black_box(valid);

@@ -12,7 +12,7 @@ use openmls::prelude::{
 };
 use openmls_traits::{OpenMlsProvider, random::OpenMlsRand};
 use tls_codec::Deserialize as _;
-use umbra_proto::{AccountId, IdentityKey};
+use umbra_proto::{AccountId, DeviceAddr, DeviceId, IdentityKey};
 
 use crate::{DeviceSigner, MlsError, Provider, Result, Suite, protocol};
 
@@ -51,6 +51,16 @@ pub struct MemberInfo {
     /// this is the account's real key is for the one reading to compare
     /// with the key it pinned.
     pub account_key: IdentityKey,
+    /// The device of the account the leaf is: its certificate's, or device
+    /// 1 for a leaf without one.
+    pub device: DeviceId,
+}
+
+impl MemberInfo {
+    /// The leaf as an address: the account's device.
+    pub fn address(&self) -> DeviceAddr {
+        DeviceAddr::new(self.account.clone(), self.device)
+    }
 }
 
 /// A commit waiting for the delivery service's verdict, and the Welcome for
@@ -143,12 +153,12 @@ pub(crate) fn leaf_member(leaf: &LeafNode) -> std::result::Result<MemberInfo, St
         .map_err(|_| "a leaf's credential is not an Umbra account ID".to_owned())?;
     let identity_key = IdentityKey::from_slice(leaf.signature_key().as_slice())
         .map_err(|_| "a leaf's signature key is not an Ed25519 key".to_owned())?;
-    let account_key = match crate::relay::leaf_certificate(leaf.extensions())
+    let (account_key, device) = match crate::relay::leaf_certificate(leaf.extensions())
         .map_err(|e| format!("{account}'s leaf carries a malformed device certificate: {e}"))?
     {
-        None => identity_key,
+        None => (identity_key, DeviceId::FIRST),
         Some(certificate) if certificate.certifies(&account, &identity_key) => {
-            certificate.account_key
+            (certificate.account_key, certificate.entry.device())
         }
         Some(_) => {
             return Err(format!(
@@ -160,6 +170,7 @@ pub(crate) fn leaf_member(leaf: &LeafNode) -> std::result::Result<MemberInfo, St
         account,
         identity_key,
         account_key,
+        device,
     })
 }
 

@@ -29,7 +29,7 @@ use openmls::prelude::{
 use openmls_memory_storage::MemoryStorage;
 use openmls_rust_crypto::RustCrypto;
 use tls_codec::{Deserialize as _, Size as _};
-use umbra_proto::{AccountId, IdentityKey};
+use umbra_proto::{AccountId, DeviceAddr, IdentityKey};
 
 use crate::group::{account_of, leaf_member};
 use crate::{MemberInfo, MlsError, Result};
@@ -57,13 +57,13 @@ pub enum HandshakeError {
 /// What a validated commit does, as the server derived it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidCommit {
-    /// The committer, from its leaf's credential (or the joiner's, for an
-    /// external commit).
-    pub sender: AccountId,
+    /// The committing device: its leaf's account and device after the
+    /// commit (the joiner's new leaf, for an external commit).
+    pub sender: DeviceAddr,
     /// The members its Add proposals add, with the keys their leaves carry.
     pub added: Vec<MemberInfo>,
-    /// Every member after the commit, in leaf order.
-    pub members: Vec<AccountId>,
+    /// Every leaf after the commit, in leaf order.
+    pub members: Vec<DeviceAddr>,
 }
 
 /// The public state of one group, as the delivery service keeps it.
@@ -458,7 +458,14 @@ impl PublicState {
                 )));
             }
         }
-        let members = after.into_iter().map(|member| member.account).collect();
+        // One leaf per account (checked above): the committer's is the
+        // one its account holds after the commit.
+        let sender = after
+            .iter()
+            .find(|member| member.account == sender)
+            .map(MemberInfo::address)
+            .ok_or_else(|| refuse(format!("after it {sender} holds no leaf")))?;
+        let members = after.iter().map(MemberInfo::address).collect();
         Ok((
             ValidCommit {
                 sender,

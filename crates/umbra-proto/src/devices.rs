@@ -41,6 +41,32 @@ impl std::fmt::Display for DeviceId {
     }
 }
 
+/// One device of one account: what has a mailbox, a session and a leaf in
+/// each of the account's groups. Shown as `ACCOUNT/DEVICE`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceAddr {
+    pub account: AccountId,
+    pub device: DeviceId,
+}
+
+impl DeviceAddr {
+    pub fn new(account: AccountId, device: DeviceId) -> Self {
+        DeviceAddr { account, device }
+    }
+
+    /// The account's first device (the only one of an account that never
+    /// added another).
+    pub fn first(account: AccountId) -> Self {
+        DeviceAddr::new(account, DeviceId::FIRST)
+    }
+}
+
+impl std::fmt::Display for DeviceAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.account, self.device)
+    }
+}
+
 /// What one entry changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceChange {

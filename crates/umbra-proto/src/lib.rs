@@ -16,7 +16,7 @@ pub mod ids;
 pub mod wire;
 
 pub use activation::{ActivationString, CertFingerprint, DistributorCredential, WipeCode};
-pub use devices::{DeviceChange, DeviceEntry, DeviceId};
+pub use devices::{DeviceAddr, DeviceChange, DeviceEntry, DeviceId};
 pub use frame::{
     ClientFrame, Delivery, DeliveryKind, ErrorCode, ErrorReply, Push, Reply, Request,
     ServerMessage, decode_client, decode_server, encode_client, encode_server, refused_frame_id,

@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use umbra_proto::frame::Delivery;
 use umbra_proto::{
-    AccountId, DecodeError, ErrorCode, ErrorReply, MAX_FRAME_BYTES, Nonce, PROTOCOL_VERSION, Push,
-    Request, ServerMessage, decode_client, encode_server, refused_frame_id,
+    AccountId, DecodeError, DeviceAddr, ErrorCode, ErrorReply, MAX_FRAME_BYTES, Nonce,
+    PROTOCOL_VERSION, Push, Request, ServerMessage, decode_client, encode_server, refused_frame_id,
 };
 
 use crate::limits::RateLimit;
@@ -106,7 +106,7 @@ enum Outbound {
     Later(LaterResponse),
     /// The device authenticated as this account: from now on, push its
     /// mailbox (after the responses queued before this).
-    Online(Box<(AccountId, Arc<Inbox>)>),
+    Online(Box<(DeviceAddr, Arc<Inbox>)>),
 }
 
 fn error_frame(id: u64, error: ErrorReply) -> Vec<u8> {
@@ -358,7 +358,10 @@ impl Connection {
                 // (read the line or device as live, then registered after
                 // the sessions were ended) is caught here.
                 self.services.end_if_gone(account, *device, &inbox).await;
-                let online_now = Outbound::Online(Box::new((account.clone(), Arc::clone(&inbox))));
+                let online_now = Outbound::Online(Box::new((
+                    DeviceAddr::new(account.clone(), *device),
+                    Arc::clone(&inbox),
+                )));
                 online = Some((account.clone(), inbox));
                 if out_tx.send(online_now).await.is_err() {
                     break;
@@ -391,7 +394,7 @@ struct Writer<S> {
 
 /// Where the writer stands in pushing one account's mailbox.
 struct Mailbox {
-    account: AccountId,
+    device: DeviceAddr,
     inbox: Arc<Inbox>,
     /// Every delivery up to `after` has been pushed (or acknowledged), as
     /// a mailbox read established.
@@ -589,9 +592,9 @@ where
                     .get_or_insert_with(FuturesOrdered::new)
                     .push_back(response),
                 Outbound::Online(online) => {
-                    let (account, inbox) = *online;
+                    let (device, inbox) = *online;
                     *mailbox = Some(Mailbox {
-                        account,
+                        device,
                         inbox,
                         after: 0,
                         pushed: BTreeSet::new(),
@@ -682,7 +685,7 @@ where
             let batch = match self
                 .services
                 .store
-                .pending(&mailbox.account, mailbox.after, MAILBOX_BATCH, now)
+                .pending(&mailbox.device, mailbox.after, MAILBOX_BATCH, now)
                 .await
             {
                 Ok(batch) => batch,

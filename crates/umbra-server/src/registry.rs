@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use umbra_proto::{AccountId, DeviceId, ErrorCode, ErrorReply};
+use umbra_proto::{AccountId, DeviceAddr, DeviceId, ErrorCode, ErrorReply};
 use umbra_store::StoredDelivery;
 
 /// Deliveries, and bytes of their payloads, queued in memory per
@@ -204,31 +204,42 @@ impl Registry {
         }
     }
 
-    /// Wakes every connection of these accounts: new mail is stored.
-    pub fn notify<'a>(&self, accounts: impl IntoIterator<Item = &'a AccountId>) {
+    /// Wakes every connection of these devices: new mail is stored.
+    pub fn notify<'a>(&self, devices: impl IntoIterator<Item = &'a DeviceAddr>) {
         let online = self.lock();
-        for account in accounts {
-            for entry in online.get(account).into_iter().flatten() {
-                entry.inbox.wake();
+        for device in devices {
+            for entry in online.get(&device.account).into_iter().flatten() {
+                if entry.device == device.device {
+                    entry.inbox.wake();
+                }
             }
         }
     }
 
-    /// Hands deliveries fresh in the mailbox to their recipients'
-    /// connections; returns the IDs of those whose recipient has none.
-    pub fn deliver(&self, deliveries: Vec<(AccountId, StoredDelivery)>) -> Vec<u64> {
+    /// Hands deliveries fresh in the mailbox to their recipient devices'
+    /// connections; returns the IDs of those whose device has none.
+    pub fn deliver(&self, deliveries: Vec<(DeviceAddr, StoredDelivery)>) -> Vec<u64> {
         let online = self.lock();
         let mut unread = Vec::new();
-        for (account, delivery) in deliveries {
-            let entries = online.get(&account).map(Vec::as_slice).unwrap_or(&[]);
-            match entries.split_last() {
-                Some((last, rest)) => {
-                    for entry in rest {
-                        entry.inbox.push(delivery.clone());
-                    }
-                    last.inbox.push(delivery);
+        for (to, delivery) in deliveries {
+            let mut connections = online
+                .get(&to.account)
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+                .iter()
+                .filter(|entry| entry.device == to.device)
+                .peekable();
+            if connections.peek().is_none() {
+                unread.push(delivery.id);
+                continue;
+            }
+            while let Some(entry) = connections.next() {
+                if connections.peek().is_some() {
+                    entry.inbox.push(delivery.clone());
+                } else {
+                    entry.inbox.push(delivery);
+                    break;
                 }
-                None => unread.push(delivery.id),
             }
         }
         unread
@@ -268,7 +279,7 @@ mod tests {
         let inbox = registry.register(&account, DeviceId::FIRST, 1, 8);
         registry.deliver(
             (1..=INBOX as u64 + 2)
-                .map(|id| (account.clone(), delivery(id)))
+                .map(|id| (DeviceAddr::first(account.clone()), delivery(id)))
                 .collect(),
         );
         let taken = inbox.take();
@@ -279,7 +290,7 @@ mod tests {
         let ids: Vec<u64> = taken.deliveries.iter().map(|d| d.id).collect();
         assert_eq!(ids, (1..=INBOX as u64).collect::<Vec<_>>());
         // Taken: the queue is open again and empty, with no buffer held.
-        registry.deliver(vec![(account.clone(), delivery(9999))]);
+        registry.deliver(vec![(DeviceAddr::first(account.clone()), delivery(9999))]);
         let taken = inbox.take();
         assert!(!taken.read_mailbox);
         assert_eq!(taken.deliveries.len(), 1);
@@ -288,24 +299,38 @@ mod tests {
     }
 
     #[test]
-    fn a_notice_wakes_only_that_account_and_unregistered_connections_get_nothing() {
+    fn a_notice_wakes_only_that_device_and_unregistered_connections_get_nothing() {
         let registry = Registry::default();
         let a = account("ABCDEFGH");
         let b = account("HGFEDCBA");
-        let (ia, ib) = (
+        let (a1, a2, b1) = (
+            DeviceAddr::first(a.clone()),
+            DeviceAddr::new(a.clone(), DeviceId(2)),
+            DeviceAddr::first(b.clone()),
+        );
+        let (ia, ia2, ib) = (
             registry.register(&a, DeviceId::FIRST, 1, 8),
+            registry.register(&a, DeviceId(2), 3, 8),
             registry.register(&b, DeviceId::FIRST, 2, 8),
         );
-        registry.notify([&a]);
+        registry.notify([&a1]);
         assert!(ia.take().read_mailbox);
+        assert!(!ia2.take().read_mailbox, "another device of the account");
         assert!(!ib.take().read_mailbox);
         registry.unregister(&a, 1);
         assert_eq!(
-            registry.deliver(vec![(a.clone(), delivery(1)), (b.clone(), delivery(2))]),
+            registry.deliver(vec![
+                (a1.clone(), delivery(1)),
+                (b1.clone(), delivery(2)),
+                (a2.clone(), delivery(3))
+            ]),
             vec![1],
-            "only the copy for the account with no connection is unread"
+            "only the copy for the device with no connection is unread"
         );
-        registry.notify([&a]);
+        let ids = |taken: Taken| taken.deliveries.iter().map(|d| d.id).collect::<Vec<_>>();
+        assert_eq!(ids(ia2.take()), [3], "each device gets its own copies");
+        assert_eq!(ids(ib.take()), [2]);
+        registry.notify([&a1]);
         let taken = ia.take();
         assert!(!taken.read_mailbox && taken.deliveries.is_empty());
     }

@@ -11,9 +11,9 @@ use tracing::{debug, info, warn};
 use umbra_proto::frame::CommitSubmission;
 use umbra_proto::frame::{CodeKind, LineAction, LineInfo};
 use umbra_proto::{
-    AccountId, ActivationCode, ActivationString, DeliveryKind, DeviceId, ErrorCode, ErrorReply,
-    GroupId, Nonce, Reply, Request, Signature, distributor_login_payload, login_signing_payload,
-    register_signing_payload, revoke_signing_payload, wipe_signing_payload,
+    AccountId, ActivationCode, ActivationString, DeliveryKind, DeviceAddr, DeviceId, ErrorCode,
+    ErrorReply, GroupId, Nonce, Reply, Request, Signature, distributor_login_payload,
+    login_signing_payload, register_signing_payload, revoke_signing_payload, wipe_signing_payload,
 };
 use umbra_store::{
     Account, CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome, ContactRequestOutcome,
@@ -229,7 +229,7 @@ impl Services {
     pub async fn answer(&self, session: &mut Session, request: Request) -> Answer {
         match (&*session, request) {
             (
-                Session::Authenticated { account, .. },
+                Session::Authenticated { account, device },
                 Request::SendMessage {
                     group_id,
                     message,
@@ -238,9 +238,9 @@ impl Services {
                 },
             ) => {
                 // The line is checked inside the store's transaction.
-                let account = account.clone();
+                let me = DeviceAddr::new(account.clone(), *device);
                 match self
-                    .send_message(&account, group_id, message, kind, ttl_seconds)
+                    .send_message(&me, group_id, message, kind, ttl_seconds)
                     .await
                 {
                     Ok((durable, reply)) => Answer::WhenDurable(durable, reply),
@@ -537,14 +537,14 @@ impl Services {
                         format!("at most {limit} contact requests an hour; try again later"),
                     ));
                 }
-                let (outcome, _) = self
+                let (outcome, told) = self
                     .store
                     .request_contact(me, &to, now, self.expires_at(now))
                     .await
                     .map_err(internal)?;
                 match outcome {
                     ContactRequestOutcome::Sent => {
-                        self.registry.notify([&to]);
+                        self.registry.notify(&told);
                         Ok(Reply::Done)
                     }
                     ContactRequestOutcome::AlreadyRequested => Ok(Reply::Done),
@@ -557,14 +557,14 @@ impl Services {
             Request::AcceptContact { from } => {
                 self.require_active(me).await?;
                 let now = self.now();
-                let (outcome, _) = self
+                let (outcome, told) = self
                     .store
                     .accept_contact(me, &from, now, self.expires_at(now))
                     .await
                     .map_err(internal)?;
                 match outcome {
                     ContactAcceptOutcome::Accepted => {
-                        self.registry.notify([&from]);
+                        self.registry.notify(&told);
                         Ok(Reply::Done)
                     }
                     ContactAcceptOutcome::AlreadyContacts => Ok(Reply::Done),
@@ -600,7 +600,13 @@ impl Services {
                 .await?;
                 if self
                     .store
-                    .create_group(&group_id, me, &public_state, &group_info, self.now())
+                    .create_group(
+                        &group_id,
+                        &DeviceAddr::new(me.clone(), device),
+                        &public_state,
+                        &group_info,
+                        self.now(),
+                    )
                     .await
                     .map_err(internal)?
                 {
@@ -614,7 +620,8 @@ impl Services {
             }
             Request::SendCommit(commit) => {
                 self.require_active(me).await?;
-                self.send_commit(me, commit).await
+                self.send_commit(&DeviceAddr::new(me.clone(), device), commit)
+                    .await
             }
             Request::FetchGroupInfo { group_id } => {
                 self.require_active(me).await?;
@@ -624,7 +631,8 @@ impl Services {
                     .await
                     .map_err(internal)?
                     .ok_or_else(|| unknown_group(&group_id))?;
-                if !group.members.contains(me) {
+                // A member device that fell behind rejoins its own leaf.
+                if !group.members.contains(&DeviceAddr::new(me.clone(), device)) {
                     return Err(not_a_member());
                 }
                 match self.store.group_info(&group_id).await.map_err(internal)? {
@@ -638,7 +646,10 @@ impl Services {
                 }
             }
             Request::Ack { delivery_ids, .. } => {
-                self.store.ack(me, &delivery_ids).await.map_err(internal)?;
+                self.store
+                    .ack(&DeviceAddr::new(me.clone(), device), &delivery_ids)
+                    .await
+                    .map_err(internal)?;
                 Ok(Reply::Done)
             }
             Request::LookupAccount { account_id } => {
@@ -718,16 +729,19 @@ impl Services {
             let now = self.now();
             let notice = Notice {
                 recipient: account.clone(),
+                device: Some(device),
                 sender: account.clone(),
                 kind: DeliveryKind::KeyPackagesLow,
                 group_id: None,
                 payload: Vec::new(),
             };
-            self.store
+            let stored = self
+                .store
                 .notice(notice, now, self.expires_at(now))
                 .await
                 .map_err(internal)?;
-            self.registry.notify([account]);
+            self.registry
+                .notify(stored.iter().map(|(device, _)| device));
         }
         Ok(())
     }

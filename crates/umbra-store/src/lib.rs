@@ -19,7 +19,9 @@ pub use staging::ACK_WINDOW;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use umbra_proto::{AccountId, ActivationCode, DeliveryKind, DeviceId, GroupId, IdentityKey};
+use umbra_proto::{
+    AccountId, ActivationCode, DeliveryKind, DeviceAddr, DeviceId, GroupId, IdentityKey,
+};
 
 /// Unix seconds. Passed in by the caller so that time is controllable.
 pub type Timestamp = u64;
@@ -160,23 +162,25 @@ pub trait Accounts: Send + Sync {
     async fn account(&self, id: &AccountId) -> Result<Option<Account>>;
     /// Records the public key that verifies this line's wipe commands.
     async fn set_wipe_key(&self, id: &AccountId, key: &IdentityKey) -> Result<()>;
-    /// Queues a wipe command (`notice`, for the line it names) if its
-    /// signed issue time is later than every one queued for the line
-    /// before, recording that time in the same step: the delivery ID, or
-    /// `None` for a replay or an older command (nothing is stored).
+    /// Queues a wipe command (`notice`, for the line it names, a copy
+    /// for each of its current devices) if its signed issue time is later
+    /// than every one queued for the line before, recording that time in
+    /// the same step: the devices it was queued for, or `None` for a
+    /// replay or an older command (nothing is stored).
     async fn queue_wipe_command(
         &self,
         notice: Notice,
         issued_at: u64,
         now: Timestamp,
         expires_at: Timestamp,
-    ) -> Result<Option<u64>>;
+    ) -> Result<Option<Vec<DeviceAddr>>>;
     /// Records a login on `day` (Unix day).
     async fn touch(&self, id: &AccountId, day: u64) -> Result<()>;
-    /// Ends a line: withdraws its KeyPackages, drops its mailbox, its
-    /// contacts and its device log, takes it out of every group and tells each remaining member
-    /// (a `MemberRevoked` delivery per group, carrying the line's own signed
-    /// revocation when it revoked itself), atomically. Returns the members
+    /// Ends a line: withdraws its KeyPackages, drops its devices'
+    /// mailboxes, its contacts and its device log, takes every leaf of it
+    /// out of every group and tells each remaining member device (a
+    /// `MemberRevoked` delivery per group, carrying the line's own signed
+    /// revocation when it revoked itself), atomically. Returns the devices
     /// told.
     async fn revoke(
         &self,
@@ -184,7 +188,7 @@ pub trait Accounts: Send + Sync {
         proof: Option<&umbra_proto::Signature>,
         now: Timestamp,
         expires_at: Timestamp,
-    ) -> Result<Vec<AccountId>>;
+    ) -> Result<Vec<DeviceAddr>>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,23 +209,25 @@ pub enum ContactAcceptOutcome {
 #[async_trait]
 pub trait Contacts: Send + Sync {
     /// Records a request from `from` to `to` and puts a contact-request
-    /// delivery in `to`'s mailbox, atomically.
+    /// delivery in the mailbox of each of `to`'s current devices,
+    /// atomically.
     async fn request_contact(
         &self,
         from: &AccountId,
         to: &AccountId,
         now: Timestamp,
         expires_at: Timestamp,
-    ) -> Result<(ContactRequestOutcome, Option<u64>)>;
+    ) -> Result<(ContactRequestOutcome, Vec<DeviceAddr>)>;
     /// `acceptor` accepts `requester`'s pending request; a contact-accepted
-    /// delivery goes to `requester`'s mailbox in the same step.
+    /// delivery goes to the mailbox of each of `requester`'s current
+    /// devices in the same step.
     async fn accept_contact(
         &self,
         acceptor: &AccountId,
         requester: &AccountId,
         now: Timestamp,
         expires_at: Timestamp,
-    ) -> Result<(ContactAcceptOutcome, Option<u64>)>;
+    ) -> Result<(ContactAcceptOutcome, Vec<DeviceAddr>)>;
     async fn are_contacts(&self, a: &AccountId, b: &AccountId) -> Result<bool>;
     /// How many contact requests `from` sent at or after `since` that are
     /// still recorded (pending or accepted).
@@ -249,6 +255,12 @@ pub trait DeviceLogs: Send + Sync {
     /// How many entries were appended to `account`'s log at or after
     /// `since` (the server's time of each append).
     async fn device_entries_since(&self, account: &AccountId, since: Timestamp) -> Result<u64>;
+    /// `account`'s current devices and their keys, in order: device 1
+    /// (whose key is the account key) from registration, then as the
+    /// entries appended add and remove them. Removing a device deletes its
+    /// mailbox in the same step, and no copy is stored for it afterwards
+    /// (its leaves stay in groups until a member commits their removal).
+    async fn devices(&self, account: &AccountId) -> Result<Vec<(DeviceId, IdentityKey)>>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,7 +303,9 @@ pub trait KeyPackages: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupState {
     pub epoch: u64,
-    pub members: Vec<AccountId>,
+    /// The group's leaves: each member device, ordered by account and
+    /// device.
+    pub members: Vec<DeviceAddr>,
     /// The group's public MLS state (opaque to the store), against which
     /// the delivery service validates handshake messages; `None` for a
     /// group registered before validation existed.
@@ -300,18 +314,26 @@ pub struct GroupState {
     pub proposals: Vec<Vec<u8>>,
 }
 
+impl GroupState {
+    /// Whether `account` has a leaf in the group.
+    pub fn has_account(&self, account: &AccountId) -> bool {
+        self.members.iter().any(|leaf| leaf.account == *account)
+    }
+}
+
 /// A commit as the delivery service records it.
 #[derive(Debug, Clone)]
 pub struct CommitRecord {
     pub group_id: GroupId,
     pub epoch: u64,
-    pub sender: AccountId,
+    /// The committing device.
+    pub sender: DeviceAddr,
     pub commit: Vec<u8>,
     pub welcome: Option<Vec<u8>>,
-    /// Membership changes, as the delivery service derived them from the
-    /// validated commit (never as a client declared them).
-    pub added: Vec<AccountId>,
-    pub removed: Vec<AccountId>,
+    /// Leaves added and removed, as the delivery service derived them from
+    /// the validated commit (never as a client declared them).
+    pub added: Vec<DeviceAddr>,
+    pub removed: Vec<DeviceAddr>,
     /// The group's public state after the commit.
     pub public_state: Vec<u8>,
     /// The GroupInfo of the epoch it starts, checked against that state.
@@ -326,10 +348,10 @@ impl CommitRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
-    /// The group moved to `epoch`; these accounts got deliveries.
+    /// The group moved to `epoch`; these devices got deliveries.
     Accepted {
         epoch: u64,
-        recipients: Vec<AccountId>,
+        recipients: Vec<DeviceAddr>,
     },
     /// The same commit was accepted before (a retry after a lost response).
     Duplicate {
@@ -352,7 +374,7 @@ pub enum FanOutOutcome {
     /// in memory for a moment in case they are acknowledged first (see
     /// [`Durable`]).
     Stored {
-        deliveries: Vec<(AccountId, StoredDelivery)>,
+        deliveries: Vec<(DeviceAddr, StoredDelivery)>,
         durable: Durable,
     },
     UnknownGroup,
@@ -412,13 +434,13 @@ impl std::fmt::Debug for Durable {
 
 #[async_trait]
 pub trait Groups: Send + Sync {
-    /// Registers a group at epoch 0 with `creator` as its only member, its
-    /// validated public state and its creator's GroupInfo. Returns false if
-    /// the group ID exists.
+    /// Registers a group at epoch 0 with `creator`'s device as its only
+    /// leaf, its validated public state and its creator's GroupInfo.
+    /// Returns false if the group ID exists.
     async fn create_group(
         &self,
         group: &GroupId,
-        creator: &AccountId,
+        creator: &DeviceAddr,
         public_state: &[u8],
         group_info: &[u8],
         now: Timestamp,
@@ -429,10 +451,11 @@ pub trait Groups: Send + Sync {
     /// The GroupInfo of the group's current epoch (empty if none was kept).
     async fn group_info(&self, group: &GroupId) -> Result<Option<Vec<u8>>>;
     /// Accepts `commit` if the group is still at `commit.epoch` and the
-    /// sender is a member: moves to the next epoch, stores its public state,
-    /// forgets the epoch's proposals, applies the membership change and
-    /// stores the commit for every other member (removed ones included, so
-    /// they learn of it) and the Welcome for every added one.
+    /// sending device has a leaf in it: moves to the next epoch, stores its
+    /// public state, forgets the epoch's proposals, applies the membership
+    /// change and stores the commit for every other current member device
+    /// (the sender's other devices and removed ones included, so they
+    /// learn of it) and the Welcome for every added one.
     async fn accept_commit(
         &self,
         commit: &CommitRecord,
@@ -443,14 +466,15 @@ pub trait Groups: Send + Sync {
     /// commit may reference it. False if the group is no longer at `epoch`
     /// (or does not exist).
     async fn add_proposal(&self, group: &GroupId, epoch: u64, message: &[u8]) -> Result<bool>;
-    /// Stores an application message or proposal for every other member.
-    /// `epoch` is the one its MLS header names: a message from an epoch
-    /// later than the group's is refused (`AheadOfGroup`).
+    /// Stores an application message or proposal for every other current
+    /// member device (the sender's other devices included). `epoch` is
+    /// the one its MLS header names: a message from an epoch later than
+    /// the group's is refused (`AheadOfGroup`).
     #[allow(clippy::too_many_arguments)] // one message and its context
     async fn fan_out(
         &self,
         group: &GroupId,
-        sender: &AccountId,
+        sender: &DeviceAddr,
         kind: DeliveryKind,
         payload: &[u8],
         epoch: u64,
@@ -463,6 +487,9 @@ pub trait Groups: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct Notice {
     pub recipient: AccountId,
+    /// The device it is for, or `None` for every current device of the
+    /// account (a copy each).
+    pub device: Option<DeviceId>,
     pub sender: AccountId,
     pub kind: DeliveryKind,
     pub group_id: Option<GroupId>,
@@ -482,19 +509,27 @@ pub struct StoredDelivery {
 
 #[async_trait]
 pub trait Mailboxes: Send + Sync {
-    /// Deliveries for `recipient` with an ID above `after`, oldest first.
+    /// Deliveries for `recipient`'s device with an ID above `after`, oldest
+    /// first.
     async fn pending(
         &self,
-        recipient: &AccountId,
+        recipient: &DeviceAddr,
         after: u64,
         limit: usize,
         now: Timestamp,
     ) -> Result<Vec<StoredDelivery>>;
-    /// Stores one delivery that the server itself originates (a notice, or
-    /// a wipe command it relays).
-    async fn notice(&self, notice: Notice, now: Timestamp, expires_at: Timestamp) -> Result<u64>;
-    /// Deletes acknowledged deliveries; returns how many existed.
-    async fn ack(&self, recipient: &AccountId, ids: &[u64]) -> Result<usize>;
+    /// Stores a delivery that the server itself originates, for the
+    /// device it names or each current device of its account; returns
+    /// each copy's device and delivery ID.
+    async fn notice(
+        &self,
+        notice: Notice,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<Vec<(DeviceAddr, u64)>>;
+    /// Deletes deliveries `recipient`'s device acknowledged; returns how
+    /// many existed.
+    async fn ack(&self, recipient: &DeviceAddr, ids: &[u64]) -> Result<usize>;
     /// The fan-out copies `ids` went to recipients with no connection open,
     /// so no acknowledgement will come for them soon: a backend that holds
     /// copies back for one (the SQLite store's ack window) writes these
@@ -592,13 +627,13 @@ pub trait Distributors: Send + Sync {
     async fn lapsed_lines(&self, cutoff: Timestamp) -> Result<Vec<AccountId>>;
     /// Revokes every line that lapsed before `cutoff`, choosing and revoking
     /// in one transaction (so a renewal cannot slip in between). Returns
-    /// each line with the members told.
+    /// each line with the member devices told.
     async fn revoke_lapsed(
         &self,
         cutoff: Timestamp,
         now: Timestamp,
         expires_at: Timestamp,
-    ) -> Result<Vec<(AccountId, Vec<AccountId>)>>;
+    ) -> Result<Vec<(AccountId, Vec<DeviceAddr>)>>;
 }
 
 /// Everything the server needs from storage.

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use umbra_proto::AccountId;
+use umbra_proto::{AccountId, DeviceAddr};
 
 use crate::{Durable, StoreError, StoredDelivery, Timestamp};
 
@@ -66,7 +66,7 @@ pub const SWEEP: Duration = Duration::from_millis(10);
 
 /// One staged copy.
 struct Staged {
-    recipient: AccountId,
+    recipient: DeviceAddr,
     delivery: StoredDelivery,
     expires_at: Timestamp,
     /// When its window ends.
@@ -83,7 +83,7 @@ struct Staged {
 /// A copy a sweep took, as the writer inserts it (cloned, so the insert
 /// runs without the staging lock).
 pub(crate) struct DueCopy {
-    pub recipient: AccountId,
+    pub recipient: DeviceAddr,
     pub delivery: StoredDelivery,
     pub expires_at: Timestamp,
 }
@@ -108,7 +108,7 @@ struct Window {
     written: VecDeque<(Instant, Vec<u64>)>,
     /// The same copies' recipients, by ID: only the recipient's own
     /// acknowledgement counts (anyone may send an Ack with any ID).
-    written_ids: HashMap<u64, AccountId>,
+    written_ids: HashMap<u64, DeviceAddr>,
 }
 
 impl Default for Window {
@@ -128,7 +128,7 @@ impl Default for Window {
 impl Window {
     /// Watched copies `ids` were written at `now`: an acknowledgement for
     /// one of them soon is late.
-    fn written(&mut self, copies: Vec<(u64, AccountId)>, now: Instant) {
+    fn written(&mut self, copies: Vec<(u64, DeviceAddr)>, now: Instant) {
         self.forget_written(now);
         if !copies.is_empty() {
             let ids = copies.iter().map(|(id, _)| *id).collect();
@@ -152,7 +152,7 @@ impl Window {
 
     /// Whether `recipient`'s acknowledgement for `id`, not found staged,
     /// is late.
-    fn acknowledged_after_writing(&mut self, id: u64, recipient: &AccountId) -> bool {
+    fn acknowledged_after_writing(&mut self, id: u64, recipient: &DeviceAddr) -> bool {
         if self.written_ids.get(&id) == Some(recipient) {
             self.written_ids.remove(&id);
             true
@@ -247,7 +247,7 @@ impl Staging {
     /// resolves once each is written or acknowledged.
     pub fn stage(
         &mut self,
-        copies: &[(AccountId, StoredDelivery)],
+        copies: &[(DeviceAddr, StoredDelivery)],
         expires_at: Timestamp,
         now: Instant,
     ) -> Durable {
@@ -279,7 +279,7 @@ impl Staging {
     /// Removes the staged copies among `ids` that belong to `recipient`
     /// (and are not being written); returns how many, and the IDs left
     /// for the database.
-    pub fn ack(&mut self, recipient: &AccountId, ids: &[u64], now: Instant) -> (usize, Vec<u64>) {
+    pub fn ack(&mut self, recipient: &DeviceAddr, ids: &[u64], now: Instant) -> (usize, Vec<u64>) {
         let mut removed = 0;
         let mut rest = Vec::new();
         for &id in ids {
@@ -332,7 +332,7 @@ impl Staging {
     /// `now`, in order.
     pub fn pending(
         &self,
-        recipient: &AccountId,
+        recipient: &DeviceAddr,
         after: u64,
         now: Timestamp,
     ) -> Vec<StoredDelivery> {
@@ -431,14 +431,18 @@ impl Staging {
         self.window.written(watched, now);
     }
 
-    /// Drops `recipient`'s staged copies (the line was revoked), settling
-    /// their senders: the copies were accepted, there is just no one left
-    /// to read them.
-    pub fn drop_recipient(&mut self, recipient: &AccountId) {
+    /// Drops the staged copies for `account`'s devices (the line was
+    /// revoked), or for one of them (`device`, removed from its account),
+    /// settling their senders: the copies were accepted, there is just no
+    /// one left to read them.
+    pub fn drop_recipient(&mut self, account: &AccountId, device: Option<umbra_proto::DeviceId>) {
         let ids: Vec<u64> = self
             .rows
             .iter()
-            .filter(|(_, row)| row.recipient == *recipient)
+            .filter(|(_, row)| {
+                row.recipient.account == *account
+                    && device.is_none_or(|device| row.recipient.device == device)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
@@ -461,7 +465,7 @@ mod tests {
     use super::*;
     use umbra_proto::DeliveryKind;
 
-    fn copy(id: u64) -> (AccountId, StoredDelivery) {
+    fn copy(id: u64) -> (DeviceAddr, StoredDelivery) {
         let account = |text: &str| AccountId::parse(text).expect("a valid account ID");
         let delivery = StoredDelivery {
             id,
@@ -471,7 +475,7 @@ mod tests {
             payload: vec![7; 16],
             sent_at: 0,
         };
-        (account("BBBBBBBB"), delivery)
+        (DeviceAddr::first(account("BBBBBBBB")), delivery)
     }
 
     #[test]
@@ -565,7 +569,7 @@ mod tests {
         // server is behind.
         let (mut staging, first_sweep) = first_copy_written();
         // Nor is someone else's Ack naming its ID.
-        let someone_else = copy(1).1.sender;
+        let someone_else = DeviceAddr::first(copy(1).1.sender);
         let _ = staging.ack(&someone_else, &[1], first_sweep);
         assert!(swept(&mut staging, first_sweep + ADJUST_EVERY).is_empty());
         assert_eq!(staging.window(), ACK_WINDOW);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use rusqlite::Connection;
 use tracing::debug;
 use umbra_mls::DeviceSigner;
-use umbra_proto::{IdentityKey, Push, Reply, Request, Signature, login_signing_payload};
+use umbra_proto::{ErrorCode, IdentityKey, Push, Reply, Request, Signature, login_signing_payload};
 
 use crate::error::{ClientError, Result};
 use crate::link::{Link, REQUEST_TIMEOUT};
@@ -196,11 +196,21 @@ impl Client {
             state: ConnectionState::Connected,
         });
         if key_packages_remaining < key_package_low_water || !has_last_resort {
-            self.upload_key_packages(
-                self.inner.options.key_package_batch,
-                !has_last_resort || key_packages_remaining == 0,
-            )
-            .await?;
+            let uploaded = self
+                .upload_key_packages(
+                    self.inner.options.key_package_batch,
+                    !has_last_resort || key_packages_remaining == 0,
+                )
+                .await;
+            match uploaded {
+                // A full server still serves reads: the device stays
+                // connected and reads its mailbox; the next connection (or
+                // the next "KeyPackages low" notice) uploads again.
+                Err(error) if error.server_code() == Some(ErrorCode::StorageFull) => {
+                    debug!(%error, "uploading KeyPackages deferred");
+                }
+                other => other?,
+            }
         }
         self.start_expiry_ticker();
         // Once the backlog is applied, refresh our keys where they are due.

@@ -5,8 +5,8 @@
 use super::*;
 
 impl Services {
-    pub(super) async fn send_commit(&self, me: &AccountId, commit: CommitSubmission) -> Outcome {
-        self.within_budget(me)?;
+    pub(super) async fn send_commit(&self, me: &DeviceAddr, commit: CommitSubmission) -> Outcome {
+        self.within_budget(&me.account)?;
         check_deliverable("the commit", &commit.commit)?;
         if let Some(welcome) = &commit.welcome {
             check_deliverable("the Welcome", welcome)?;
@@ -28,8 +28,9 @@ impl Services {
             .await
             .map_err(internal)?
             .ok_or_else(|| unknown_group(&commit.group_id))?;
-        // Only members may have a commit validated (a rejoining member is
-        // still one here): anyone else learns nothing and costs nothing.
+        // Only member devices may have a commit validated (a rejoining
+        // device is still one here): anyone else learns nothing and costs
+        // nothing.
         if !group.members.contains(me) {
             return Err(not_a_member());
         }
@@ -60,7 +61,7 @@ impl Services {
             for member in &valid.added {
                 if !self
                     .store
-                    .are_contacts(me, &member.account)
+                    .are_contacts(&me.account, &member.account)
                     .await
                     .map_err(internal)?
                 {
@@ -97,17 +98,18 @@ impl Services {
                     ));
                 }
             }
-            // Routing follows the tree: who is in it now and was not, and
-            // who was and is not (a rejoin replaces a leaf, not a member).
+            // Routing follows the tree: which devices are in it now and
+            // were not, and were and are not (a rejoin replaces a leaf of
+            // the same device).
             let added = valid
                 .members
                 .iter()
-                .filter(|account| !before.contains(account))
+                .filter(|leaf| !before.contains(leaf))
                 .cloned()
                 .collect();
             let removed = before
                 .iter()
-                .filter(|account| !valid.members.contains(account))
+                .filter(|leaf| !valid.members.contains(leaf))
                 .cloned()
                 .collect();
             (added, removed, public_state, commit.group_info)
@@ -133,8 +135,8 @@ impl Services {
             .map_err(internal)?
         {
             CommitOutcome::Accepted { epoch, recipients } => {
-                self.charge(me, commit_bytes, recipients.len());
-                self.charge(me, welcome_bytes, 1);
+                self.charge(&me.account, commit_bytes, recipients.len());
+                self.charge(&me.account, welcome_bytes, 1);
                 self.registry.notify(&recipients);
                 Ok(Reply::CommitAccepted { epoch })
             }
@@ -147,14 +149,14 @@ impl Services {
 
     pub(super) async fn send_message(
         &self,
-        me: &AccountId,
+        me: &DeviceAddr,
         group_id: GroupId,
         message: Vec<u8>,
         kind: DeliveryKind,
         ttl_seconds: u32,
     ) -> Result<(Durable, Reply), ErrorReply> {
         check_deliverable("the message", &message)?;
-        self.within_budget(me)?;
+        self.within_budget(&me.account)?;
         let header = umbra_mls::message_header(&message)
             .map_err(|e| refuse(ErrorCode::InvalidRequest, e.to_string()))?;
         let expected = match kind {
@@ -190,7 +192,7 @@ impl Services {
                 // "accepted" once each copy is on disk or acknowledged, and
                 // the copies no connection will acknowledge go to disk
                 // without waiting out the ack window.
-                self.charge(me, message.len(), deliveries.len());
+                self.charge(&me.account, message.len(), deliveries.len());
                 let unread = self.registry.deliver(deliveries);
                 if !unread.is_empty() {
                     self.store.no_reader(&unread);
@@ -230,7 +232,7 @@ impl Services {
     /// that the commit which applies it can be validated too.
     pub(super) async fn record_proposal(
         &self,
-        me: &AccountId,
+        me: &DeviceAddr,
         group_id: &GroupId,
         message: &[u8],
     ) -> Result<(), ErrorReply> {
@@ -244,11 +246,11 @@ impl Services {
             return Err(not_a_member());
         }
         // A line that may not send has nothing recorded either.
-        self.require_active(me).await?;
+        self.require_active(&me.account).await?;
         let epoch = group.epoch;
         let leaving =
             crate::handshake::validate_proposal(group_id.clone(), group, message.to_vec()).await?;
-        if leaving != *me {
+        if leaving != me.account {
             return Err(refuse(
                 ErrorCode::InvalidProposal,
                 "the proposal is signed by another member's leaf",

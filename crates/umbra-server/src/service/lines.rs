@@ -42,6 +42,7 @@ impl Services {
         command.extend_from_slice(signature.as_bytes());
         let notice = Notice {
             recipient: account_id.clone(),
+            device: None,
             sender: account_id.clone(),
             kind: DeliveryKind::Wipe,
             group_id: None,
@@ -51,19 +52,18 @@ impl Services {
         // lapsed past its grace: either deletes the mailbox), however long
         // the device stays offline: no expiry of its own.
         let expires_at = i64::MAX as u64;
-        if self
+        let Some(told) = self
             .store
             .queue_wipe_command(notice, issued_at, now, expires_at)
             .await
             .map_err(internal)?
-            .is_none()
-        {
+        else {
             return Err(refuse(
                 ErrorCode::StaleWipe,
                 "this wipe command, or a newer one, was relayed already",
             ));
-        }
-        self.registry.notify([account_id]);
+        };
+        self.registry.notify(&told);
         info!("wipe command relayed");
         debug!(account = %account_id, "wipe command relayed");
         Ok(Reply::Done)

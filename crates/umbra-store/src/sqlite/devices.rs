@@ -1,11 +1,105 @@
-//! Device logs in SQLite: one row per entry, keyed by account and position.
+//! Device logs in SQLite: one row per entry, keyed by account and position;
+//! and each account's current devices, kept as entries are appended.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use rusqlite::params;
-use umbra_proto::AccountId;
+use rusqlite::{Connection, params};
+use umbra_proto::{AccountId, DeviceAddr, DeviceChange, DeviceEntry, DeviceId, IdentityKey};
 
-use super::{SqliteStore, backend};
-use crate::{DeviceLogs, Result, Timestamp};
+use super::{SqliteStore, backend, lock};
+use crate::{DeviceLogs, Result, StoreError, Timestamp};
+
+/// `account`'s current devices, in order.
+pub(super) fn current(connection: &Connection, account: &AccountId) -> Result<Vec<DeviceAddr>> {
+    Ok(keys(connection, account)?
+        .into_iter()
+        .map(|(device, _)| DeviceAddr::new(account.clone(), device))
+        .collect())
+}
+
+fn keys(connection: &Connection, account: &AccountId) -> Result<Vec<(DeviceId, IdentityKey)>> {
+    let mut statement = connection
+        .prepare_cached(
+            "SELECT device, device_key FROM devices WHERE account_id = ?1 ORDER BY device",
+        )
+        .map_err(backend)?;
+    let rows = statement
+        .query_map([account.as_str()], |row| {
+            Ok((row.get::<_, u32>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })
+        .map_err(backend)?;
+    rows.map(|row| {
+        let (device, key) = row.map_err(backend)?;
+        let key = IdentityKey::from_slice(&key)
+            .map_err(|_| StoreError::Corrupt(format!("device {device}'s key")))?;
+        Ok((DeviceId(device), key))
+    })
+    .collect()
+}
+
+/// Records `device` of `account` as current.
+pub(super) fn add(
+    connection: &Connection,
+    account: &AccountId,
+    device: DeviceId,
+    key: &IdentityKey,
+) -> Result<()> {
+    connection
+        .prepare_cached(
+            "INSERT INTO devices (account_id, device, device_key) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO UPDATE SET device_key = excluded.device_key",
+        )
+        .and_then(|mut s| s.execute(params![account.as_str(), device.0, &key.as_bytes()[..]]))
+        .map(drop)
+        .map_err(backend)
+}
+
+/// Applies what a stored log entry changes to the account's devices: the
+/// device it removes is no longer current and its mailbox is deleted.
+/// Returns the device removed, if any.
+fn apply(connection: &Connection, account: &AccountId, entry: &[u8]) -> Result<Option<DeviceId>> {
+    let entry = DeviceEntry::decode(entry)
+        .map_err(|e| StoreError::Corrupt(format!("a device log entry: {e}")))?;
+    match entry.change {
+        DeviceChange::Add { device, key, .. } => {
+            add(connection, account, device, &key)?;
+            Ok(None)
+        }
+        DeviceChange::Remove { device } => {
+            for sql in [
+                "DELETE FROM devices WHERE account_id = ?1 AND device = ?2",
+                "DELETE FROM mailbox WHERE recipient = ?1 AND device = ?2",
+            ] {
+                connection
+                    .execute(sql, params![account.as_str(), device.0])
+                    .map_err(backend)?;
+            }
+            Ok(Some(device))
+        }
+    }
+}
+
+/// Migration 11: the devices that logs written before it added and
+/// removed (the migration itself recorded device 1 of every live line).
+pub(super) fn fill_in_devices(connection: &Connection) -> Result<()> {
+    let entries: Vec<(String, Vec<u8>)> = connection
+        .prepare(
+            "SELECT l.account_id, l.entry FROM device_log l
+             JOIN accounts a ON a.account_id = l.account_id
+             WHERE a.status != 'revoked' ORDER BY l.account_id, l.seq",
+        )
+        .and_then(|mut s| {
+            s.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()
+        })
+        .map_err(backend)?;
+    for (account, entry) in entries {
+        let account = super::account_id(account)?;
+        apply(connection, &account, &entry)?;
+    }
+    Ok(())
+}
 
 #[async_trait]
 impl DeviceLogs for SqliteStore {
@@ -34,7 +128,9 @@ impl DeviceLogs for SqliteStore {
         now: Timestamp,
     ) -> Result<bool> {
         let (account, entry) = (account.clone(), entry.to_vec());
-        self.write(move |tx| {
+        let staging = Arc::clone(&self.staging);
+        let removing = account.clone();
+        self.write_then(move |tx| {
             let next: u64 = tx
                 .query_row(
                     "SELECT COALESCE(MAX(seq) + 1, 0) FROM device_log WHERE account_id = ?1",
@@ -43,16 +139,34 @@ impl DeviceLogs for SqliteStore {
                 )
                 .map_err(backend)?;
             if next != seq {
-                return Ok(false);
+                return Ok((false, None));
             }
             tx.execute(
                 "INSERT INTO device_log (account_id, seq, entry, appended_at) VALUES (?1, ?2, ?3, ?4)",
                 params![account.as_str(), seq, entry, now],
             )
             .map_err(backend)?;
-            Ok(true)
+            let removed = apply(tx, &account, &entry)?;
+            if let Some(device) = removed {
+                // Its leaves no longer get copies, and its mailbox is gone.
+                tx.checked().members.clear();
+                tx.mailboxes
+                    .borrow_mut()
+                    .forget(&DeviceAddr::new(account.clone(), device));
+            }
+            Ok((true, removed))
+        }, move |(appended, removed)| {
+            if removed.is_some() {
+                lock(&staging).drop_recipient(&removing, removed);
+            }
+            appended
         })
         .await
+    }
+
+    async fn devices(&self, account: &AccountId) -> Result<Vec<(DeviceId, IdentityKey)>> {
+        let account = account.clone();
+        self.run(move |connection| keys(connection, &account)).await
     }
 
     async fn device_entries_since(&self, account: &AccountId, since: Timestamp) -> Result<u64> {

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use rusqlite::Connection;
-use umbra_proto::AccountId;
+use umbra_proto::{AccountId, DeviceAddr};
 
 use super::{backend, remember};
 use crate::Result;
@@ -22,7 +22,7 @@ use crate::Result;
 #[derive(Debug)]
 pub(super) struct MailboxBytes {
     cap: u64,
-    known: HashMap<AccountId, u64>,
+    known: HashMap<DeviceAddr, u64>,
 }
 
 impl MailboxBytes {
@@ -38,7 +38,7 @@ impl MailboxBytes {
     pub(super) fn has_room(
         &mut self,
         connection: &Connection,
-        recipient: &AccountId,
+        recipient: &DeviceAddr,
         bytes: u64,
     ) -> Result<bool> {
         if self.cap == 0 {
@@ -49,9 +49,15 @@ impl MailboxBytes {
             None => {
                 let held: u64 = connection
                     .prepare_cached(
-                        "SELECT COALESCE(SUM(length(payload)), 0) FROM mailbox WHERE recipient = ?1",
+                        "SELECT COALESCE(SUM(length(payload)), 0) FROM mailbox
+                         WHERE recipient = ?1 AND device = ?2",
                     )
-                    .and_then(|mut s| s.query_row([recipient.as_str()], |row| row.get(0)))
+                    .and_then(|mut s| {
+                        s.query_row(
+                            rusqlite::params![recipient.account.as_str(), recipient.device.0],
+                            |row| row.get(0),
+                        )
+                    })
                     .map_err(backend)?;
                 remember(&mut self.known, recipient.clone(), held);
                 held
@@ -61,22 +67,28 @@ impl MailboxBytes {
     }
 
     /// `bytes` were stored in `recipient`'s mailbox.
-    pub(super) fn grew(&mut self, recipient: &AccountId, bytes: u64) {
+    pub(super) fn grew(&mut self, recipient: &DeviceAddr, bytes: u64) {
         if let Some(held) = self.known.get_mut(recipient) {
             *held = held.saturating_add(bytes);
         }
     }
 
     /// `bytes` were deleted from `recipient`'s mailbox.
-    pub(super) fn shrank(&mut self, recipient: &AccountId, bytes: u64) {
+    pub(super) fn shrank(&mut self, recipient: &DeviceAddr, bytes: u64) {
         if let Some(held) = self.known.get_mut(recipient) {
             *held = held.saturating_sub(bytes);
         }
     }
 
     /// `recipient`'s mailbox changed in a way not counted here.
-    pub(super) fn forget(&mut self, recipient: &AccountId) {
+    pub(super) fn forget(&mut self, recipient: &DeviceAddr) {
         self.known.remove(recipient);
+    }
+
+    /// The mailboxes of every device of `account` changed in a way not
+    /// counted here.
+    pub(super) fn forget_account(&mut self, account: &AccountId) {
+        self.known.retain(|mailbox, _| mailbox.account != *account);
     }
 
     /// Mailboxes changed in bulk, or the changes counted may not have been
@@ -91,24 +103,46 @@ impl MailboxBytes {
 mod tests {
     use super::*;
 
-    fn account(text: &str) -> AccountId {
-        AccountId::parse(text).unwrap()
+    fn account(text: &str) -> DeviceAddr {
+        DeviceAddr::first(AccountId::parse(text).unwrap())
     }
 
-    fn mailbox(rows: &[(&AccountId, usize)]) -> Connection {
+    fn mailbox(rows: &[(&DeviceAddr, usize)]) -> Connection {
         let connection = Connection::open_in_memory().unwrap();
         connection
-            .execute_batch("CREATE TABLE mailbox (recipient TEXT NOT NULL, payload BLOB NOT NULL)")
+            .execute_batch(
+                "CREATE TABLE mailbox (recipient TEXT NOT NULL, device INTEGER NOT NULL,
+                                       payload BLOB NOT NULL)",
+            )
             .unwrap();
         for (recipient, size) in rows {
             connection
                 .execute(
-                    "INSERT INTO mailbox (recipient, payload) VALUES (?1, ?2)",
-                    rusqlite::params![recipient.as_str(), vec![0u8; *size]],
+                    "INSERT INTO mailbox (recipient, device, payload) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![
+                        recipient.account.as_str(),
+                        recipient.device.0,
+                        vec![0u8; *size]
+                    ],
                 )
                 .unwrap();
         }
         connection
+    }
+
+    #[test]
+    fn each_device_of_an_account_has_its_own_count() {
+        let first = account("AAAAAAAA");
+        let second = DeviceAddr::new(first.account.clone(), umbra_proto::DeviceId(2));
+        let connection = mailbox(&[(&first, 900), (&second, 100)]);
+        let mut bytes = MailboxBytes::new(1000);
+        assert!(!bytes.has_room(&connection, &first, 101).unwrap());
+        assert!(bytes.has_room(&connection, &second, 900).unwrap());
+        // Forgetting the account forgets both devices.
+        connection.execute("DELETE FROM mailbox", []).unwrap();
+        bytes.forget_account(&first.account);
+        assert!(bytes.has_room(&connection, &first, 1000).unwrap());
+        assert!(bytes.has_room(&connection, &second, 1000).unwrap());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use umbra_proto::{AccountId, DeliveryKind, DeviceId, GroupId, IdentityKey};
+use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceId, GroupId, IdentityKey};
 
 use crate::staging::{DueCopy, Staging};
 use crate::{
@@ -48,6 +48,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (
         10,
         include_str!("../../migrations/0010_commit_hash_age.sql"),
+    ),
+    (
+        11,
+        include_str!("../../migrations/0011_mailboxes_per_device.sql"),
     ),
 ];
 
@@ -194,6 +198,9 @@ impl SqliteStore {
             .map_err(backend)?;
         for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
             tx.execute_batch(sql).map_err(backend)?;
+            if *version == 11 {
+                devices::fill_in_devices(&tx)?;
+            }
             tx.pragma_update(None, "user_version", version)
                 .map_err(backend)?;
         }
@@ -353,7 +360,8 @@ struct Tx<'c> {
 /// [`EXTERNAL_CHECK`] later, and then forgets everything.
 #[derive(Default)]
 struct Checked {
-    /// Each group's epoch and members.
+    /// Each group's epoch and member devices (the leaves of current
+    /// devices: those a fan-out goes to).
     members: HashMap<GroupId, Group>,
     lines: HashMap<AccountId, Line>,
     ids: IdBlock,
@@ -367,8 +375,8 @@ struct Checked {
     data_version: Option<i64>,
 }
 
-/// A group as a fan-out checks it: its epoch and its members.
-type Group = (u64, Arc<[AccountId]>);
+/// A group as a fan-out checks it: its epoch and the leaves it goes to.
+type Group = (u64, Arc<[DeviceAddr]>);
 
 /// What decides whether a line may send.
 #[derive(Clone, Copy)]
@@ -424,7 +432,7 @@ impl Tx<'_> {
         let Some(epoch) = epoch else {
             return Ok(None);
         };
-        let members: Arc<[AccountId]> = members(self, group)?.into();
+        let members: Arc<[DeviceAddr]> = routable(self, group)?.into();
         remember(
             &mut self.checked().members,
             group.clone(),
@@ -737,7 +745,7 @@ fn write_staged(tx: &Tx<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<(u64, StoreErr
     let mut written = Vec::with_capacity(due.len());
     let mut failed = Vec::new();
     let mut rolled_back: Option<StoreError> = None;
-    let mut dropped: HashMap<AccountId, (u64, Timestamp, Timestamp)> = HashMap::new();
+    let mut dropped: HashMap<DeviceAddr, (u64, Timestamp, Timestamp)> = HashMap::new();
     for copy in due {
         let id = copy.delivery.id;
         // After SQLite rolled the transaction back by itself, an insert
@@ -806,15 +814,20 @@ fn write_staged(tx: &Tx<'_>, due: Vec<DueCopy>) -> (Vec<u64>, Vec<(u64, StoreErr
 /// savepoint: the old notice is replaced or kept, never just lost.
 fn note_mailbox_full(
     tx: &Tx<'_>,
-    recipient: &AccountId,
+    recipient: &DeviceAddr,
     count: u64,
     now: Timestamp,
     expires_at: Timestamp,
 ) -> Result<()> {
     let earlier: Option<(Vec<u8>, Timestamp)> = tx
         .query_row(
-            "DELETE FROM mailbox WHERE recipient = ?1 AND kind = ?2 RETURNING payload, expires_at",
-            params![recipient.as_str(), DeliveryKind::MailboxFull as i32],
+            "DELETE FROM mailbox WHERE recipient = ?1 AND device = ?2 AND kind = ?3
+             RETURNING payload, expires_at",
+            params![
+                recipient.account.as_str(),
+                recipient.device.0,
+                DeliveryKind::MailboxFull as i32
+            ],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .optional()
@@ -833,7 +846,7 @@ fn note_mailbox_full(
     enqueue(
         tx,
         recipient,
-        recipient,
+        &recipient.account,
         DeliveryKind::MailboxFull,
         None,
         &total.to_be_bytes(),
@@ -863,7 +876,7 @@ fn insert_staged(tx: &Transaction<'_>, row: &DueCopy) -> Result<()> {
 fn insert_row(
     tx: &Transaction<'_>,
     id: u64,
-    recipient: &AccountId,
+    recipient: &DeviceAddr,
     sender: &AccountId,
     kind: DeliveryKind,
     group: Option<&GroupId>,
@@ -872,13 +885,15 @@ fn insert_row(
     expires_at: Timestamp,
 ) -> Result<()> {
     tx.prepare_cached(
-        "INSERT INTO mailbox (id, recipient, sender, kind, group_id, payload, sent_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO mailbox (id, recipient, device, sender, kind, group_id, payload, sent_at,
+                              expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )
     .and_then(|mut statement| {
         statement.execute(params![
             id,
-            recipient.as_str(),
+            recipient.account.as_str(),
+            recipient.device.0,
             sender.as_str(),
             kind as i32,
             group.map(GroupId::as_bytes),
@@ -899,7 +914,7 @@ fn account_id(text: String) -> Result<AccountId> {
 #[allow(clippy::too_many_arguments)] // one row of the mailbox table, named field by field
 fn enqueue(
     tx: &Tx<'_>,
-    recipient: &AccountId,
+    recipient: &DeviceAddr,
     sender: &AccountId,
     kind: DeliveryKind,
     group: Option<&GroupId>,
@@ -917,16 +932,62 @@ fn enqueue(
     Ok(id)
 }
 
-fn members(tx: &Connection, group: &GroupId) -> Result<Vec<AccountId>> {
-    let mut statement = tx
-        .prepare_cached(
-            "SELECT account_id FROM group_members WHERE group_id = ?1 ORDER BY account_id",
-        )
-        .map_err(backend)?;
+/// Stores one delivery for each current device of `recipient`, with
+/// consecutive delivery IDs; returns the devices.
+#[allow(clippy::too_many_arguments)] // one row of the mailbox table, named field by field
+fn enqueue_for_account(
+    tx: &Tx<'_>,
+    recipient: &AccountId,
+    sender: &AccountId,
+    kind: DeliveryKind,
+    group: Option<&GroupId>,
+    payload: &[u8],
+    now: Timestamp,
+    expires_at: Timestamp,
+) -> Result<Vec<DeviceAddr>> {
+    let devices = devices::current(tx, recipient)?;
+    for device in &devices {
+        enqueue(tx, device, sender, kind, group, payload, now, expires_at)?;
+    }
+    Ok(devices)
+}
+
+/// Every leaf of the group: each member device, ordered by account and
+/// device.
+fn members(tx: &Connection, group: &GroupId) -> Result<Vec<DeviceAddr>> {
+    leaves(
+        tx,
+        group,
+        "SELECT account_id, device FROM group_members WHERE group_id = ?1
+         ORDER BY account_id, device",
+    )
+}
+
+/// The leaves a delivery to the group goes to: those of devices still
+/// current in their account (a removed device's leaf stays in the tree
+/// until a member commits its removal, but gets nothing meanwhile).
+fn routable(tx: &Connection, group: &GroupId) -> Result<Vec<DeviceAddr>> {
+    leaves(
+        tx,
+        group,
+        "SELECT m.account_id, m.device FROM group_members m
+         JOIN devices d ON d.account_id = m.account_id AND d.device = m.device
+         WHERE m.group_id = ?1 ORDER BY m.account_id, m.device",
+    )
+}
+
+fn leaves(tx: &Connection, group: &GroupId, sql: &str) -> Result<Vec<DeviceAddr>> {
+    let mut statement = tx.prepare_cached(sql).map_err(backend)?;
     let rows = statement
-        .query_map([group.as_bytes()], |row| row.get::<_, String>(0))
+        .query_map([group.as_bytes()], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?))
+        })
         .map_err(backend)?;
-    rows.map(|row| account_id(row.map_err(backend)?)).collect()
+    rows.map(|row| {
+        let (account, device) = row.map_err(backend)?;
+        Ok(DeviceAddr::new(account_id(account)?, DeviceId(device)))
+    })
+    .collect()
 }
 
 /// The group's current epoch, if the group exists.
@@ -940,10 +1001,18 @@ fn group_epoch(tx: &Connection, group: &GroupId) -> Result<Option<u64>> {
     .map_err(backend)
 }
 
-fn is_member(tx: &Connection, group: &GroupId, account: &AccountId) -> Result<bool> {
-    tx.prepare_cached("SELECT 1 FROM group_members WHERE group_id = ?1 AND account_id = ?2")
-        .and_then(|mut s| s.exists(params![group.as_bytes(), account.as_str()]))
-        .map_err(backend)
+fn is_member(tx: &Connection, group: &GroupId, leaf: &DeviceAddr) -> Result<bool> {
+    tx.prepare_cached(
+        "SELECT 1 FROM group_members WHERE group_id = ?1 AND account_id = ?2 AND device = ?3",
+    )
+    .and_then(|mut s| {
+        s.exists(params![
+            group.as_bytes(),
+            leaf.account.as_str(),
+            leaf.device.0
+        ])
+    })
+    .map_err(backend)
 }
 
 #[async_trait]
@@ -1016,6 +1085,7 @@ impl Accounts for SqliteStore {
                 params![id.as_str(), now, &code.0[..]],
             )
             .map_err(backend)?;
+            devices::add(tx, &id, DeviceId::FIRST, &identity_key)?;
             Ok(Registration::Registered(Account {
                 id,
                 identity_key,
@@ -1055,7 +1125,7 @@ impl Accounts for SqliteStore {
         issued_at: u64,
         now: Timestamp,
         expires_at: Timestamp,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<Vec<DeviceAddr>>> {
         self.write(move |tx| {
             let Ok(issued_at) = i64::try_from(issued_at) else {
                 return Ok(None);
@@ -1078,8 +1148,8 @@ impl Accounts for SqliteStore {
                 params![notice.recipient.as_str(), notice.kind as i32],
             )
             .map_err(backend)?;
-            tx.mailboxes.borrow_mut().forget(&notice.recipient);
-            enqueue(
+            tx.mailboxes.borrow_mut().forget_account(&notice.recipient);
+            enqueue_for_account(
                 tx,
                 &notice.recipient,
                 &notice.sender,
@@ -1113,7 +1183,7 @@ impl Accounts for SqliteStore {
         proof: Option<&umbra_proto::Signature>,
         now: Timestamp,
         expires_at: Timestamp,
-    ) -> Result<Vec<AccountId>> {
+    ) -> Result<Vec<DeviceAddr>> {
         let id = id.clone();
         let mut notice = id.as_str().as_bytes().to_vec();
         if let Some(proof) = proof {
@@ -1124,7 +1194,7 @@ impl Accounts for SqliteStore {
         self.write_then(
             move |tx| revoke_in(tx, &id, &notice, now, expires_at),
             move |told| {
-                lock(&staging).drop_recipient(&revoked);
+                lock(&staging).drop_recipient(&revoked, None);
                 told
             },
         )
@@ -1139,9 +1209,9 @@ fn revoke_in(
     notice: &[u8],
     now: Timestamp,
     expires_at: Timestamp,
-) -> Result<Vec<AccountId>> {
+) -> Result<Vec<DeviceAddr>> {
     let groups: Vec<Vec<u8>> = tx
-        .prepare("SELECT group_id FROM group_members WHERE account_id = ?1")
+        .prepare("SELECT DISTINCT group_id FROM group_members WHERE account_id = ?1")
         .and_then(|mut s| {
             s.query_map([id.as_str()], |row| row.get(0))?
                 .collect::<rusqlite::Result<_>>()
@@ -1156,7 +1226,7 @@ fn revoke_in(
             params![group.as_bytes(), id.as_str()],
         )
         .map_err(backend)?;
-        for member in members(tx, &group)? {
+        for member in routable(tx, &group)? {
             enqueue(
                 tx,
                 &member,
@@ -1170,8 +1240,9 @@ fn revoke_in(
             told.push(member);
         }
     }
-    tx.mailboxes.borrow_mut().forget(id);
+    tx.mailboxes.borrow_mut().forget_account(id);
     for sql in [
+        "DELETE FROM devices WHERE account_id = ?1",
         "DELETE FROM key_packages WHERE account_id = ?1",
         "DELETE FROM last_resort_key_packages WHERE account_id = ?1",
         "DELETE FROM mailbox WHERE recipient = ?1",
@@ -1263,17 +1334,17 @@ impl Contacts for SqliteStore {
         to: &AccountId,
         now: Timestamp,
         expires_at: Timestamp,
-    ) -> Result<(ContactRequestOutcome, Option<u64>)> {
+    ) -> Result<(ContactRequestOutcome, Vec<DeviceAddr>)> {
         let (from, to) = (from.clone(), to.clone());
         self.write(move |tx| {
             match contact_row(tx, &from, &to)? {
-                Some((_, true)) => return Ok((ContactRequestOutcome::AlreadyContacts, None)),
+                Some((_, true)) => return Ok((ContactRequestOutcome::AlreadyContacts, Vec::new())),
                 Some((requester, false)) if requester == from.as_str() => {
-                    return Ok((ContactRequestOutcome::AlreadyRequested, None));
+                    return Ok((ContactRequestOutcome::AlreadyRequested, Vec::new()));
                 }
                 // `to` had asked `from` already: the request stands as it is;
                 // `from` accepts it with AcceptContact.
-                Some(_) => return Ok((ContactRequestOutcome::AlreadyRequested, None)),
+                Some(_) => return Ok((ContactRequestOutcome::AlreadyRequested, Vec::new())),
                 None => {}
             }
             tx.execute(
@@ -1281,8 +1352,17 @@ impl Contacts for SqliteStore {
                 params![from.as_str(), to.as_str(), now],
             )
             .map_err(backend)?;
-            let id = enqueue(tx, &to, &from, DeliveryKind::ContactRequest, None, &[], now, expires_at)?;
-            Ok((ContactRequestOutcome::Sent, Some(id)))
+            let told = enqueue_for_account(
+                tx,
+                &to,
+                &from,
+                DeliveryKind::ContactRequest,
+                None,
+                &[],
+                now,
+                expires_at,
+            )?;
+            Ok((ContactRequestOutcome::Sent, told))
         })
         .await
     }
@@ -1293,20 +1373,20 @@ impl Contacts for SqliteStore {
         requester: &AccountId,
         now: Timestamp,
         expires_at: Timestamp,
-    ) -> Result<(ContactAcceptOutcome, Option<u64>)> {
+    ) -> Result<(ContactAcceptOutcome, Vec<DeviceAddr>)> {
         let (acceptor, requester) = (acceptor.clone(), requester.clone());
         self.write(move |tx| {
             match contact_row(tx, &acceptor, &requester)? {
-                Some((_, true)) => return Ok((ContactAcceptOutcome::AlreadyContacts, None)),
+                Some((_, true)) => return Ok((ContactAcceptOutcome::AlreadyContacts, Vec::new())),
                 Some((from, false)) if from == requester.as_str() => {}
-                _ => return Ok((ContactAcceptOutcome::NoRequest, None)),
+                _ => return Ok((ContactAcceptOutcome::NoRequest, Vec::new())),
             }
             tx.execute(
                 "UPDATE contacts SET accepted = 1 WHERE requester = ?1 AND addressee = ?2",
                 params![requester.as_str(), acceptor.as_str()],
             )
             .map_err(backend)?;
-            let id = enqueue(
+            let told = enqueue_for_account(
                 tx,
                 &requester,
                 &acceptor,
@@ -1316,7 +1396,7 @@ impl Contacts for SqliteStore {
                 now,
                 expires_at,
             )?;
-            Ok((ContactAcceptOutcome::Accepted, Some(id)))
+            Ok((ContactAcceptOutcome::Accepted, told))
         })
         .await
     }
@@ -1466,7 +1546,7 @@ impl Groups for SqliteStore {
     async fn create_group(
         &self,
         group: &GroupId,
-        creator: &AccountId,
+        creator: &DeviceAddr,
         public_state: &[u8],
         group_info: &[u8],
         now: Timestamp,
@@ -1479,7 +1559,13 @@ impl Groups for SqliteStore {
                     "INSERT INTO groups (group_id, epoch, created_at, public_state, group_info, created_by)
                      VALUES (?1, 0, ?2, ?3, ?4, ?5)
                      ON CONFLICT DO NOTHING",
-                    params![group.as_bytes(), now, public_state, group_info, creator.as_str()],
+                    params![
+                        group.as_bytes(),
+                        now,
+                        public_state,
+                        group_info,
+                        creator.account.as_str()
+                    ],
                 )
                 .map_err(backend)?;
             if inserted == 0 {
@@ -1487,8 +1573,8 @@ impl Groups for SqliteStore {
             }
             tx.forget_members(&group);
             tx.execute(
-                "INSERT INTO group_members (group_id, account_id) VALUES (?1, ?2)",
-                params![group.as_bytes(), creator.as_str()],
+                "INSERT INTO group_members (group_id, account_id, device) VALUES (?1, ?2, ?3)",
+                params![group.as_bytes(), creator.account.as_str(), creator.device.0],
             )
             .map_err(backend)?;
             Ok(true)
@@ -1596,20 +1682,20 @@ impl Groups for SqliteStore {
                     current_epoch: epoch,
                 });
             }
-            let before = members(tx, &commit.group_id)?;
+            let before = routable(tx, &commit.group_id)?;
             tx.forget_members(&commit.group_id);
-            for account in &commit.removed {
+            for leaf in &commit.removed {
                 tx.execute(
-                    "DELETE FROM group_members WHERE group_id = ?1 AND account_id = ?2",
-                    params![commit.group_id.as_bytes(), account.as_str()],
+                    "DELETE FROM group_members WHERE group_id = ?1 AND account_id = ?2 AND device = ?3",
+                    params![commit.group_id.as_bytes(), leaf.account.as_str(), leaf.device.0],
                 )
                 .map_err(backend)?;
             }
-            for account in &commit.added {
+            for leaf in &commit.added {
                 tx.execute(
-                    "INSERT INTO group_members (group_id, account_id) VALUES (?1, ?2)
+                    "INSERT INTO group_members (group_id, account_id, device) VALUES (?1, ?2, ?3)
                      ON CONFLICT DO NOTHING",
-                    params![commit.group_id.as_bytes(), account.as_str()],
+                    params![commit.group_id.as_bytes(), leaf.account.as_str(), leaf.device.0],
                 )
                 .map_err(backend)?;
             }
@@ -1639,7 +1725,7 @@ impl Groups for SqliteStore {
                 enqueue(
                     tx,
                     member,
-                    &commit.sender,
+                    &commit.sender.account,
                     DeliveryKind::Commit,
                     Some(&commit.group_id),
                     &commit.commit,
@@ -1653,7 +1739,7 @@ impl Groups for SqliteStore {
                     enqueue(
                         tx,
                         added,
-                        &commit.sender,
+                        &commit.sender.account,
                         DeliveryKind::Welcome,
                         Some(&commit.group_id),
                         welcome,
@@ -1693,7 +1779,7 @@ impl Groups for SqliteStore {
     async fn fan_out(
         &self,
         group: &GroupId,
-        sender: &AccountId,
+        sender: &DeviceAddr,
         kind: DeliveryKind,
         payload: &[u8],
         epoch: u64,
@@ -1720,7 +1806,9 @@ impl Groups for SqliteStore {
                 let Some((epoch, members)) = tx.members_of(&message.group)? else {
                     return Ok(Err(FanOutOutcome::UnknownGroup));
                 };
-                if let Err(refused) = check(epoch, &members, &message, tx.line(&message.sender)?) {
+                if let Err(refused) =
+                    check(epoch, &members, &message, tx.line(&message.sender.account)?)
+                {
                     return Ok(Err(refused));
                 }
                 let count = members.len().saturating_sub(1);
@@ -1745,7 +1833,9 @@ impl Groups for SqliteStore {
 /// A message to fan out.
 struct Message {
     group: GroupId,
-    sender: AccountId,
+    /// The sending device: its own leaf gets no copy; its account's other
+    /// devices do.
+    sender: DeviceAddr,
     kind: DeliveryKind,
     payload: Vec<u8>,
     /// The epoch its MLS header names.
@@ -1758,13 +1848,13 @@ impl Message {
     /// `first`. The copies are staged, not inserted; their IDs come from
     /// the mailbox's sequence, so they sort with everything else stored
     /// and are never handed out twice.
-    fn copies(self, members: &[AccountId], first: u64) -> Vec<(AccountId, StoredDelivery)> {
+    fn copies(self, members: &[DeviceAddr], first: u64) -> Vec<(DeviceAddr, StoredDelivery)> {
         (first..)
             .zip(members.iter().filter(|m| **m != self.sender))
             .map(|(id, recipient)| {
                 let delivery = StoredDelivery {
                     id,
-                    sender: self.sender.clone(),
+                    sender: self.sender.account.clone(),
                     kind: self.kind,
                     group_id: Some(self.group.clone()),
                     payload: self.payload.clone(),
@@ -1780,7 +1870,7 @@ impl Message {
 /// account that does not exist).
 fn check(
     epoch: u64,
-    members: &[AccountId],
+    members: &[DeviceAddr],
     message: &Message,
     line: Option<Line>,
 ) -> std::result::Result<(), FanOutOutcome> {
@@ -1831,7 +1921,7 @@ impl SqliteStore {
         }
         let (Some((epoch, members)), Some(line)) = (
             checked.members.get(&message.group).cloned(),
-            checked.lines.get(&message.sender).copied(),
+            checked.lines.get(&message.sender.account).copied(),
         ) else {
             return Err(message);
         };
@@ -1867,7 +1957,7 @@ impl SqliteStore {
 impl Mailboxes for SqliteStore {
     async fn pending(
         &self,
-        recipient: &AccountId,
+        recipient: &DeviceAddr,
         after: u64,
         limit: usize,
         now: Timestamp,
@@ -1886,13 +1976,19 @@ impl Mailboxes for SqliteStore {
                 let mut statement = connection
                     .prepare_cached(
                         "SELECT id, sender, kind, group_id, payload, sent_at FROM mailbox
-                     WHERE recipient = ?1 AND id > ?2 AND expires_at > ?3
-                     ORDER BY id LIMIT ?4",
+                     WHERE recipient = ?1 AND device = ?2 AND id > ?3 AND expires_at > ?4
+                     ORDER BY id LIMIT ?5",
                     )
                     .map_err(backend)?;
                 let rows = statement
                     .query_map(
-                        params![recipient.as_str(), after, now, limit as i64],
+                        params![
+                            recipient.account.as_str(),
+                            recipient.device.0,
+                            after,
+                            now,
+                            limit as i64
+                        ],
                         |row| {
                             Ok((
                                 row.get::<_, u64>(0)?,
@@ -1934,23 +2030,37 @@ impl Mailboxes for SqliteStore {
         Ok(stored)
     }
 
-    async fn notice(&self, notice: Notice, now: Timestamp, expires_at: Timestamp) -> Result<u64> {
+    async fn notice(
+        &self,
+        notice: Notice,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<Vec<(DeviceAddr, u64)>> {
         self.write(move |tx| {
-            enqueue(
-                tx,
-                &notice.recipient,
-                &notice.sender,
-                notice.kind,
-                notice.group_id.as_ref(),
-                &notice.payload,
-                now,
-                expires_at,
-            )
+            let devices = match notice.device {
+                Some(device) => vec![DeviceAddr::new(notice.recipient.clone(), device)],
+                None => devices::current(tx, &notice.recipient)?,
+            };
+            let mut stored = Vec::with_capacity(devices.len());
+            for recipient in devices {
+                let id = enqueue(
+                    tx,
+                    &recipient,
+                    &notice.sender,
+                    notice.kind,
+                    notice.group_id.as_ref(),
+                    &notice.payload,
+                    now,
+                    expires_at,
+                )?;
+                stored.push((recipient, id));
+            }
+            Ok(stored)
         })
         .await
     }
 
-    async fn ack(&self, recipient: &AccountId, ids: &[u64]) -> Result<usize> {
+    async fn ack(&self, recipient: &DeviceAddr, ids: &[u64]) -> Result<usize> {
         // A staged copy acknowledged in its window is simply forgotten:
         // never written, so nothing to delete.
         let (forgotten, ids) = lock(&self.staging).ack(recipient, ids, Instant::now());
@@ -1962,7 +2072,7 @@ impl Mailboxes for SqliteStore {
             .write(move |tx| {
                 let mut delete = tx
                     .prepare_cached(
-                        "DELETE FROM mailbox WHERE id = ?1 AND recipient = ?2
+                        "DELETE FROM mailbox WHERE id = ?1 AND recipient = ?2 AND device = ?3
                          RETURNING length(payload)",
                     )
                     .map_err(backend)?;
@@ -1970,7 +2080,10 @@ impl Mailboxes for SqliteStore {
                 // IDs beyond SQLite's integer range name nothing stored.
                 for id in ids.into_iter().filter(|id| i64::try_from(*id).is_ok()) {
                     let size: Option<u64> = delete
-                        .query_row(params![id, recipient.as_str()], |row| row.get(0))
+                        .query_row(
+                            params![id, recipient.account.as_str(), recipient.device.0],
+                            |row| row.get(0),
+                        )
                         .optional()
                         .map_err(backend)?;
                     if let Some(size) = size {
@@ -2210,7 +2323,7 @@ impl Distributors for SqliteStore {
         cutoff: Timestamp,
         now: Timestamp,
         expires_at: Timestamp,
-    ) -> Result<Vec<(AccountId, Vec<AccountId>)>> {
+    ) -> Result<Vec<(AccountId, Vec<DeviceAddr>)>> {
         let staging = Arc::clone(&self.staging);
         self.write_then(move |tx| {
             let ids: Vec<String> = tx
@@ -2227,10 +2340,10 @@ impl Distributors for SqliteStore {
                 ended.push((id, told));
             }
             Ok(ended)
-        }, move |ended: Vec<(AccountId, Vec<AccountId>)>| {
+        }, move |ended: Vec<(AccountId, Vec<DeviceAddr>)>| {
             let mut staging = lock(&staging);
             for (id, _) in &ended {
-                staging.drop_recipient(id);
+                staging.drop_recipient(id, None);
             }
             ended
         })
@@ -2255,6 +2368,7 @@ impl Distributors for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DeviceLogs;
 
     #[tokio::test]
     async fn sqlite_passes_the_conformance_suite() {
@@ -2343,6 +2457,91 @@ mod tests {
             .and_then(|c| c.query_row("SELECT COUNT(*) FROM group_commits", [], |r| r.get(0)))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(kept, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Version 11 gives each device its own mailbox and leaf: what was
+    /// stored before belongs to device 1, and the devices that logs
+    /// written before it added are current (read from the entries).
+    #[tokio::test]
+    async fn mailboxes_and_leaves_from_before_version_11_belong_to_device_1() {
+        let dir = std::env::temp_dir().join(format!("umbra-store-v11-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join("server.db");
+        {
+            let connection = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v <= 10) {
+                connection
+                    .execute_batch(sql)
+                    .unwrap_or_else(|e| panic!("migration {version}: {e}"));
+            }
+            connection
+                .execute_batch(&format!(
+                    "INSERT INTO accounts (account_id, identity_key, created_at, subscription_expires_at)
+                         VALUES ('AAAAAAAA', x'{a}', 0, 0), ('BBBBBBBB', x'{b}', 0, 0),
+                                ('CCCCCCCC', x'{c}', 0, 0);
+                     UPDATE accounts SET status = 'revoked' WHERE account_id = 'CCCCCCCC';
+                     INSERT INTO groups (group_id, epoch, created_at) VALUES (x'01', 1, 0);
+                     INSERT INTO group_members (group_id, account_id)
+                         VALUES (x'01', 'AAAAAAAA'), (x'01', 'BBBBBBBB');
+                     INSERT INTO mailbox (recipient, sender, kind, payload, sent_at, expires_at)
+                         VALUES ('BBBBBBBB', 'AAAAAAAA', 1, x'0c', 0, 9999999999);
+                     PRAGMA user_version = 10;",
+                    a = "01".repeat(32),
+                    b = "02".repeat(32),
+                    c = "03".repeat(32),
+                ))
+                .unwrap_or_else(|e| panic!("{e}"));
+            for (seq, device) in [(0u64, 1u32), (1, 2)] {
+                connection
+                    .execute(
+                        "INSERT INTO device_log (account_id, seq, entry, appended_at)
+                         VALUES ('AAAAAAAA', ?1, ?2, 0)",
+                        params![seq, crate::conformance::add_device(seq, device)],
+                    )
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let id = |text| AccountId::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        let (alice, bob) = (id("AAAAAAAA"), id("BBBBBBBB"));
+        let devices = |account: AccountId| {
+            let store = store.clone();
+            async move {
+                store
+                    .devices(&account)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .into_iter()
+                    .map(|(device, _)| device.0)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(devices(alice.clone()).await, [1, 2], "from her log");
+        assert_eq!(
+            devices(bob.clone()).await,
+            [1],
+            "device 1 of a line without a log"
+        );
+        assert!(
+            devices(id("CCCCCCCC")).await.is_empty(),
+            "none for a revoked line"
+        );
+        let group = GroupId::new(vec![1]).unwrap_or_else(|e| panic!("{e}"));
+        let state = store.group(&group).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            state.map(|state| state.members),
+            Some(vec![
+                DeviceAddr::first(alice.clone()),
+                DeviceAddr::first(bob.clone())
+            ])
+        );
+        let held = store
+            .pending(&DeviceAddr::first(bob.clone()), 0, 10, 0)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(held.len(), 1, "Bob's stored delivery is device 1's");
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -2500,7 +2699,7 @@ mod tests {
                 let outcome = store
                     .fan_out(
                         &g,
-                        &alice,
+                        &DeviceAddr::first(alice.clone()),
                         DeliveryKind::Application,
                         &[n; 1000],
                         1,
@@ -2543,7 +2742,7 @@ mod tests {
         // Bob holds 2,000 bytes, not 3,000: a third message fits.
         send(3).await;
         let held = store
-            .pending(&bob, 0, 100, now)
+            .pending(&DeviceAddr::first(bob.clone()), 0, 100, now)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let kinds: Vec<_> = held.iter().map(|d| (d.kind, d.payload[0])).collect();
@@ -2583,7 +2782,7 @@ mod tests {
             match store
                 .fan_out(
                     &g,
-                    &bob,
+                    &DeviceAddr::first(bob.clone()),
                     DeliveryKind::Application,
                     payload,
                     1,
@@ -2609,7 +2808,7 @@ mod tests {
             told.push((payload, durable.wait().await.is_ok()));
         }
         let stored: Vec<Vec<u8>> = store
-            .pending(&alice, 0, 10, now)
+            .pending(&DeviceAddr::first(alice.clone()), 0, 10, now)
             .await
             .unwrap_or_else(|e| panic!("{e}"))
             .into_iter()
