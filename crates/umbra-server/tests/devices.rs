@@ -7,7 +7,9 @@ mod common;
 
 use common::{Raw, Server, closed_with};
 use umbra_mls::{Crypto, DeviceCertificate, DeviceLog, DeviceSigner, FIRST_DEVICE, Provider};
-use umbra_proto::{AccountId, DeviceId, ErrorCode, Reply, Request};
+use umbra_proto::{
+    AccountId, DeliveryKind, DeviceId, ErrorCode, Push, Reply, Request, ServerMessage,
+};
 
 struct Account {
     raw: Raw,
@@ -587,4 +589,59 @@ async fn groups_take_leaves_of_current_devices_only() {
     let refused = bob.raw.expect_error(commit, ErrorCode::InvalidCommit).await;
     assert!(refused.contains("current devices"), "{refused}");
     alice.raw.alive().await;
+}
+
+/// The deliveries a freshly logged-in connection is handed, up to the
+/// `Synced` that says its mailbox was read to the end.
+async fn mailbox(raw: &mut Raw) -> Vec<umbra_proto::frame::Delivery> {
+    let mut held = Vec::new();
+    loop {
+        match raw.next().await.expect("connection closed") {
+            ServerMessage::Push(Push::Delivery(delivery)) => held.push(delivery),
+            ServerMessage::Push(Push::Synced) => return held,
+            _ => {}
+        }
+    }
+}
+
+/// Each device has its own mailbox: what is meant for the account (here
+/// a contact request) reaches every device, and one device's
+/// acknowledgement deletes its own copy only.
+#[tokio::test]
+async fn each_device_reads_and_acknowledges_its_own_mailbox() {
+    let server = Server::start().await;
+    let (alice, bob, d2) = alice_with_a_second_device_and_bob(&server, 2).await;
+    let request = |held: &[umbra_proto::frame::Delivery]| {
+        held.iter()
+            .map(|d| (d.kind, d.sender.clone()))
+            .collect::<Vec<_>>()
+    };
+    let expected = vec![(DeliveryKind::ContactRequest, bob.id.clone())];
+
+    let mut second = Raw::connect(&server).await;
+    second
+        .login_device(&alice.id, DeviceId(2), &d2)
+        .await
+        .unwrap();
+    let held = mailbox(&mut second).await;
+    assert_eq!(request(&held), expected, "device 2 has its copy");
+    second
+        .call(Request::Ack {
+            delivery_ids: vec![held[0].id],
+            quiet: false,
+        })
+        .await
+        .unwrap();
+
+    // Device 1's copy is still there; device 2's is gone.
+    let mut first = Raw::connect(&server).await;
+    first.login(&alice.id, &alice.key).await;
+    assert_eq!(request(&mailbox(&mut first).await), expected);
+    drop(second);
+    let mut second = Raw::connect(&server).await;
+    second
+        .login_device(&alice.id, DeviceId(2), &d2)
+        .await
+        .unwrap();
+    assert!(mailbox(&mut second).await.is_empty());
 }

@@ -111,11 +111,20 @@ impl Services {
         account: &Account,
         device: DeviceId,
     ) -> Result<Option<IdentityKey>, ErrorReply> {
-        let log = self.stored_device_log(account).await?;
-        if log.is_empty() {
+        if account.status == LineStatus::Revoked {
+            // Its devices went with it; device 1's key (the account key)
+            // still proves a login, which is then told the line is gone.
             return Ok((device == DeviceId::FIRST).then_some(account.identity_key));
         }
-        Ok(log.current(device).map(|d| d.key))
+        // The store keeps the current devices as the log's entries are
+        // appended: no replay of the log.
+        Ok(self
+            .store
+            .devices(&account.id)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .find_map(|(current, key)| (current == device).then_some(key)))
     }
 
     /// Whether `key` is the key of one of `account`'s current devices.
@@ -124,11 +133,13 @@ impl Services {
         account: &Account,
         key: &IdentityKey,
     ) -> Result<bool, ErrorReply> {
-        let log = self.stored_device_log(account).await?;
-        if log.is_empty() {
-            return Ok(*key == account.identity_key);
-        }
-        Ok(log.current_devices().any(|device| device.key == *key))
+        Ok(self
+            .store
+            .devices(&account.id)
+            .await
+            .map_err(internal)?
+            .iter()
+            .any(|(_, current)| current == key))
     }
 
     /// Ends the session behind `inbox` if `account`'s line is gone or
