@@ -421,10 +421,7 @@ fn commit_validate(c: &mut Criterion, fixtures: &mut Fixtures) {
                                 .process_commit(black_box(&output.commit), &[], None)
                                 .expect("validating the commit");
                             after
-                                .check_group_info(
-                                    black_box(&output.group_info),
-                                    &valid.sender.account,
-                                )
+                                .check_group_info(black_box(&output.group_info), &valid.sender)
                                 .expect("checking the GroupInfo");
                             state = after.to_bytes();
                             black_box(valid);

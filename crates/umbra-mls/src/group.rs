@@ -572,18 +572,22 @@ impl Group {
     }
 
     /// Checks every leaf of the tree (a group just joined or rejoined):
-    /// each an Umbra leaf, and no account holding two (as the delivery
-    /// service requires of every commit), so the one leaf of an account is
-    /// the one that speaks for it, a Welcome's sender included.
+    /// each an Umbra leaf, and no device of an account, and no key,
+    /// holding two (as the delivery service requires of every commit), so
+    /// the leaf of a device is the one that speaks for it, a Welcome's
+    /// sender included.
     fn check_leaves(&self) -> Result<()> {
-        let mut seen = std::collections::BTreeSet::new();
+        let mut devices = std::collections::BTreeSet::new();
+        let mut keys = std::collections::BTreeSet::new();
         for member in self.inner.public_group().members() {
             if let Some(leaf) = self.inner.public_group().leaf(member.index) {
                 let member = leaf_member(leaf).map_err(MlsError::Protocol)?;
-                if !seen.insert(member.account.clone()) {
+                if !devices.insert(member.address())
+                    || !keys.insert(*member.identity_key.as_bytes())
+                {
                     return Err(MlsError::Protocol(format!(
-                        "the group holds two leaves of {}",
-                        member.account
+                        "the group holds two leaves for {}",
+                        member.address()
                     )));
                 }
             }
@@ -591,9 +595,16 @@ impl Group {
         Ok(())
     }
 
-    /// The members' account IDs, in leaf order.
+    /// The member accounts, each once, in the order of their first leaf
+    /// (an account has a leaf per device in the group).
     pub fn accounts(&self) -> Vec<AccountId> {
-        self.members().into_iter().map(|m| m.account).collect()
+        let mut accounts: Vec<AccountId> = Vec::new();
+        for member in self.members() {
+            if !accounts.contains(&member.account) {
+                accounts.push(member.account);
+            }
+        }
+        accounts
     }
 
     /// The device certificate the leaf with signature key `key` carries
@@ -618,11 +629,19 @@ impl Group {
             .map_err(|e| MlsError::Malformed(format!("a leaf's device certificate: {e}")))
     }
 
+    /// `account`'s first leaf (the hostile test member's target).
+    #[cfg(feature = "hostile")]
     pub(crate) fn leaf(&self, account: &AccountId) -> Option<LeafNodeIndex> {
+        self.leaves_of(account).into_iter().next()
+    }
+
+    /// Every leaf of `account`: one per device of it in the group.
+    pub(crate) fn leaves_of(&self, account: &AccountId) -> Vec<LeafNodeIndex> {
         self.inner
             .members()
-            .find(|member| account_of(&member.credential).ok().as_ref() == Some(account))
+            .filter(|member| account_of(&member.credential).ok().as_ref() == Some(account))
             .map(|member| member.index)
+            .collect()
     }
 
     pub fn has_pending_commit(&self) -> bool {
@@ -669,20 +688,22 @@ impl Group {
         )
     }
 
-    /// Removes these accounts from the group (pending, as for adds).
+    /// Removes these accounts from the group, every device of each
+    /// (pending, as for adds).
     pub fn remove_members(
         &mut self,
         provider: &Provider<'_>,
         signer: &DeviceSigner,
         accounts: &[AccountId],
     ) -> Result<CommitOutput> {
-        let leaves = accounts
-            .iter()
-            .map(|account| {
-                self.leaf(account)
-                    .ok_or_else(|| MlsError::NotAMember(account.to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut leaves = Vec::new();
+        for account in accounts {
+            let of = self.leaves_of(account);
+            if of.is_empty() {
+                return Err(MlsError::NotAMember(account.to_string()));
+            }
+            leaves.extend(of);
+        }
         let epoch = self.epoch();
         let (commit, welcome, group_info) = self
             .inner
@@ -848,9 +869,12 @@ impl Group {
                 if let Some(leaf) = staged.update_path_leaf_node() {
                     leaf_member(leaf).map_err(MlsError::Protocol)?;
                 }
+                let mut added = Vec::new();
                 for add in staged.add_proposals() {
-                    leaf_member(add.add_proposal().key_package().leaf_node())
-                        .map_err(MlsError::Protocol)?;
+                    added.push(
+                        leaf_member(add.add_proposal().key_package().leaf_node())
+                            .map_err(MlsError::Protocol)?,
+                    );
                 }
                 if let Some(leaf) = staged.update_path_leaf_node()
                     && account_of(leaf.credential())? != sender
@@ -861,10 +885,10 @@ impl Group {
                 }
                 let rejoined = matches!(sender_kind, openmls::prelude::Sender::NewMemberCommit);
                 // An external commit is only a member rejoining with its
-                // own key (its new leaf replaces its old one); and nobody
-                // is added who is a member already, so no account holds two
-                // leaves. Otherwise a server could slip in a leaf of its own
-                // under a member's name.
+                // own key (its new leaf replaces its old one); and no
+                // device is added that has a leaf already (nor any key
+                // twice), so no device holds two leaves. Otherwise a server
+                // could slip in a leaf of its own under a member's name.
                 if rejoined {
                     let own_key = staged
                         .update_path_leaf_node()
@@ -879,13 +903,15 @@ impl Group {
                         )));
                     }
                 }
-                let members = self.accounts();
-                for add in staged.add_proposals() {
-                    let added =
-                        account_of(add.add_proposal().key_package().leaf_node().credential())?;
-                    if members.contains(&added) {
+                let members = self.members();
+                for (n, new) in added.iter().enumerate() {
+                    let taken = |old: &MemberInfo| {
+                        old.address() == new.address() || old.identity_key == new.identity_key
+                    };
+                    if members.iter().chain(added.iter().take(n)).any(taken) {
                         return Err(MlsError::Protocol(format!(
-                            "a commit that adds {added}, a member already"
+                            "a commit that adds {}, a member device already",
+                            new.address()
                         )));
                     }
                 }

@@ -183,7 +183,7 @@ impl PublicState {
     pub fn check_group_info(
         &self,
         group_info: &[u8],
-        committer: &AccountId,
+        committer: &DeviceAddr,
     ) -> Result<(), HandshakeError> {
         use openmls::prelude::{OpenMlsSignaturePublicKey, Verifiable as _};
         use tls_codec::Serialize as _;
@@ -212,11 +212,13 @@ impl PublicState {
                 "its GroupInfo's ratchet tree is not the group's after the commit",
             ));
         }
+        // The committing device's own leaf (its account may have others).
         let key = self
             .group
             .members()
             .find(|member| {
-                account_of(&member.credential).is_ok_and(|account| account == *committer)
+                self.member(member.index)
+                    .is_some_and(|leaf| leaf.address() == *committer)
             })
             .map(|member| member.signature_key)
             .ok_or_else(|| refuse("the committer has no leaf after its commit"))?;
@@ -323,10 +325,11 @@ impl PublicState {
         })
     }
 
-    fn member_account(&self, leaf: openmls::prelude::LeafNodeIndex) -> Option<AccountId> {
+    /// The Umbra member at `leaf`, if that leaf reads as one.
+    fn member(&self, leaf: openmls::prelude::LeafNodeIndex) -> Option<MemberInfo> {
         self.group
             .leaf(leaf)
-            .and_then(|leaf| account_of(leaf.credential()).ok())
+            .and_then(|leaf| leaf_member(leaf).ok())
     }
 
     /// Validates a standalone proposal for the current epoch: it must be
@@ -402,18 +405,50 @@ impl PublicState {
         }
         let processed = self.process(bytes)?;
         let sender = Self::sender_account(&processed)?;
-        let external = matches!(processed.sender(), Sender::NewMemberCommit);
+        let sender_leaf = match processed.sender() {
+            Sender::Member(index) => Some(*index),
+            _ => None,
+        };
+        let external = sender_leaf.is_none();
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(HandshakeError::InvalidCommit("not a commit".into()));
         };
         let refuse = |why: String| HandshakeError::InvalidCommit(why);
-        for queued in staged.queued_proposals() {
-            check_policy(queued, &sender, external, |leaf| self.member_account(leaf))
-                .map_err(refuse)?;
+        let path_leaf = match staged.update_path_leaf_node() {
+            Some(leaf) => {
+                check_leaf_size(leaf)?;
+                Some(leaf_member(leaf).map_err(refuse)?)
+            }
+            None => None,
+        };
+        // The committing device: its leaf's, or (joining from outside) the
+        // leaf it brings. A path keeps the committer's account and device.
+        let committer = match (sender_leaf, &path_leaf) {
+            (Some(index), _) => self.member(index).ok_or_else(|| {
+                refuse("the committer's leaf is not an Umbra member's".to_owned())
+            })?,
+            (None, Some(leaf)) => leaf.clone(),
+            (None, None) => {
+                return Err(refuse(
+                    "an external commit must bring the joiner's leaf".to_owned(),
+                ));
+            }
+        };
+        if committer.account != sender
+            || path_leaf
+                .as_ref()
+                .is_some_and(|leaf| leaf.address() != committer.address())
+        {
+            return Err(refuse(format!(
+                "{sender}'s commit gives its leaf another account or device"
+            )));
         }
-        if let Some(leaf) = staged.update_path_leaf_node() {
-            check_leaf_size(leaf)?;
-            leaf_member(leaf).map_err(refuse)?;
+        let committer = committer.address();
+        for queued in staged.queued_proposals() {
+            check_policy(queued, &committer, external, |leaf| {
+                self.member(leaf).map(|member| member.address())
+            })
+            .map_err(refuse)?;
         }
         let before = self.leaves()?;
         let mut added = Vec::new();
@@ -426,13 +461,15 @@ impl PublicState {
             let reference = key_package
                 .hash_ref(&crypto)
                 .map_err(|e| HandshakeError::State(format!("{e:?}")))?;
-            if before.iter().any(|old| old.account == member.account) {
+            if before.iter().chain(&added).any(|old| {
+                old.address() == member.address() || old.identity_key == member.identity_key
+            }) {
                 // Removed and added in one commit, its Welcome would go to
-                // an account the routing still counts as a member; the
+                // a device the routing still counts as a member; the
                 // others would see no change at all.
                 return Err(refuse(format!(
-                    "it adds {}, who is a member: remove first, add in a later commit",
-                    member.account
+                    "it adds {}, a member device already (or its key): remove first, add in a later commit",
+                    member.address()
                 )));
             }
             added_refs.insert(reference.as_slice().to_vec());
@@ -443,12 +480,13 @@ impl PublicState {
             .merge_commit(&self.storage, *staged)
             .map_err(|e| HandshakeError::State(format!("{e:?}")))?;
         let after = self.leaves()?;
-        let mut seen = BTreeSet::new();
+        let mut devices = BTreeSet::new();
+        let mut keys = BTreeSet::new();
         for member in &after {
-            if !seen.insert(&member.account) {
+            if !devices.insert(member.address()) || !keys.insert(*member.identity_key.as_bytes()) {
                 return Err(refuse(format!(
                     "after it {} would hold two leaves",
-                    member.account
+                    member.address()
                 )));
             }
             if !before.contains(member) && !added.contains(member) {
@@ -458,17 +496,10 @@ impl PublicState {
                 )));
             }
         }
-        // One leaf per account (checked above): the committer's is the
-        // one its account holds after the commit.
-        let sender = after
-            .iter()
-            .find(|member| member.account == sender)
-            .map(MemberInfo::address)
-            .ok_or_else(|| refuse(format!("after it {sender} holds no leaf")))?;
         let members = after.iter().map(MemberInfo::address).collect();
         Ok((
             ValidCommit {
-                sender,
+                sender: committer,
                 added,
                 members,
             },
@@ -480,9 +511,9 @@ impl PublicState {
 /// Umbra's rule for one proposal a commit carries.
 fn check_policy(
     queued: &QueuedProposal,
-    committer: &AccountId,
+    committer: &DeviceAddr,
     external: bool,
-    member: impl Fn(openmls::prelude::LeafNodeIndex) -> Option<AccountId>,
+    member: impl Fn(openmls::prelude::LeafNodeIndex) -> Option<DeviceAddr>,
 ) -> std::result::Result<(), String> {
     match queued.proposal_or_ref_type() {
         // Inline: the committer's own act.
@@ -494,7 +525,8 @@ fn check_policy(
             }
             Proposal::ExternalInit(_) if external => Ok(()),
             Proposal::Remove(remove) if external => {
-                // A rejoining device removes only its own old leaf.
+                // A rejoining device removes only its own old leaf (its
+                // account's other devices keep theirs).
                 if member(remove.removed()).as_ref() == Some(committer) {
                     Ok(())
                 } else {

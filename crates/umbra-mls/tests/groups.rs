@@ -432,8 +432,174 @@ fn a_welcome_into_a_tree_with_two_leaves_of_one_account_is_refused() {
         .unwrap();
     let id = group.id();
     match Group::join(&alice.provider(), &out.welcome.unwrap(), &config) {
-        Err(MlsError::Protocol(why)) => assert!(why.contains("two leaves of BBBBBBBB"), "{why}"),
+        Err(MlsError::Protocol(why)) => assert!(why.contains("two leaves for BBBBBBBB/1"), "{why}"),
         other => panic!("joined: {other:?}"),
     }
     assert!(Group::load(&alice.provider(), &id).unwrap().is_none());
+}
+
+/// Device 2 of the account whose device-1 key is `account_key`, added to
+/// the account's log by device 1, and a KeyPackage of it carrying its
+/// certificate.
+fn second_device(account_key: &DeviceSigner, id: &str, seed: u8) -> (Device, Vec<u8>) {
+    use umbra_mls::{DeviceCertificate, DeviceLog, FIRST_DEVICE};
+    let device = Device::new(id, seed);
+    let mut log = DeviceLog::new(device.account.clone(), account_key.identity_key());
+    log.append(log.first_entry(account_key, "phone", 1), None)
+        .unwrap();
+    let entry = log.add_entry(
+        account_key,
+        (FIRST_DEVICE, account_key),
+        &device.signer,
+        "laptop",
+        2,
+    );
+    let certificate = DeviceCertificate {
+        account_key: account_key.identity_key(),
+        entry,
+    };
+    let package = umbra_mls::new_device_key_package(
+        &device.provider(),
+        &device.signer,
+        &device.account,
+        Default::default(),
+        false,
+        Some(&certificate),
+    )
+    .unwrap();
+    (device, package)
+}
+
+/// An account has a leaf per device in a group: each device reads every
+/// member's messages and its own account's other devices' too; no device
+/// (and no key) gets two leaves; removing the account removes every leaf
+/// of it. The delivery service and the members agree on each step.
+#[test]
+fn each_device_of_an_account_has_its_own_leaf() {
+    use umbra_mls::HandshakeError;
+    use umbra_proto::{DeviceAddr, DeviceId};
+    let phone = Device::new("AAAAAAAA", 1);
+    let (laptop, laptop_package) = second_device(&phone.signer, "AAAAAAAA", 11);
+    let bob = Device::new("BBBBBBBB", 2);
+    let config = GroupConfig::default();
+    let (mut group, public) = phone.watched_group(&config);
+    let id = group.id();
+
+    let out = group
+        .add_members(
+            &phone.provider(),
+            &phone.signer,
+            &[laptop_package, bob.key_package()],
+        )
+        .unwrap();
+    let (valid, public) = public
+        .process_commit(&out.commit, &[], out.welcome.as_deref())
+        .unwrap();
+    let (alice_1, alice_2, bob_1) = (
+        DeviceAddr::first(phone.account.clone()),
+        DeviceAddr::new(phone.account.clone(), DeviceId(2)),
+        DeviceAddr::first(bob.account.clone()),
+    );
+    assert_eq!(valid.sender, alice_1);
+    assert_eq!(
+        valid.members,
+        [alice_1.clone(), alice_2.clone(), bob_1.clone()]
+    );
+    group.merge_pending_commit(&phone.provider()).unwrap();
+    let welcome = out.welcome.unwrap();
+    let (mut laptops, _) = Group::join(&laptop.provider(), &welcome, &config).unwrap();
+    let (mut bobs, _) = Group::join(&bob.provider(), &welcome, &config).unwrap();
+    assert_eq!(
+        bobs.accounts(),
+        [phone.account.clone(), bob.account.clone()]
+    );
+
+    // Bob's message reaches both of Alice's devices; the laptop's reaches
+    // her phone (and Bob), each telling which device sent it.
+    let hello = bobs
+        .encrypt(&bob.provider(), &bob.signer, b"hi Alice")
+        .unwrap();
+    for (device, group) in [(&phone, &mut group), (&laptop, &mut laptops)] {
+        assert_eq!(
+            text(group.process(&device.provider(), &hello).unwrap()),
+            b"hi Alice"
+        );
+    }
+    let own = laptops
+        .encrypt(&laptop.provider(), &laptop.signer, b"from my laptop")
+        .unwrap();
+    assert_eq!(
+        text(group.process(&phone.provider(), &own).unwrap()),
+        b"from my laptop"
+    );
+
+    // The laptop commits: the committer is its device, and its GroupInfo
+    // is checked against its own leaf, not its account's first.
+    let update = laptops
+        .self_update(&laptop.provider(), &laptop.signer)
+        .unwrap();
+    let (valid, public) = public.process_commit(&update.commit, &[], None).unwrap();
+    assert_eq!(valid.sender, alice_2);
+    public
+        .check_group_info(&update.group_info, &alice_2)
+        .unwrap();
+    assert!(
+        public
+            .check_group_info(&update.group_info, &alice_1)
+            .is_err(),
+        "signed by the laptop's leaf, not the phone's"
+    );
+    laptops.merge_pending_commit(&laptop.provider()).unwrap();
+    for (device, group) in [(&phone, &mut group), (&bob, &mut bobs)] {
+        assert!(matches!(
+            group.process(&device.provider(), &update.commit).unwrap(),
+            Incoming::Commit { .. }
+        ));
+    }
+
+    // Another leaf for device 2 (a certificate from a fork of the log,
+    // another key): refused by the delivery service and by the members.
+    // (openmls itself refuses a key already in the tree.)
+    let (_, forked) = second_device(&phone.signer, "AAAAAAAA", 12);
+    let again = group
+        .add_members(&phone.provider(), &phone.signer, &[forked])
+        .unwrap();
+    let kept = public.to_bytes();
+    match public.process_commit(&again.commit, &[], again.welcome.as_deref()) {
+        Err(HandshakeError::InvalidCommit(why)) => {
+            assert!(why.contains("a member device already"), "{why}")
+        }
+        other => panic!("the delivery service took it: {other:?}"),
+    }
+    match bobs.process(&bob.provider(), &again.commit) {
+        Err(MlsError::Protocol(why)) => assert!(why.contains("a member device already"), "{why}"),
+        other => panic!("a member took it: {other:?}"),
+    }
+    group.clear_pending_commit(&phone.provider()).unwrap();
+
+    // Bob removes Alice's account: both of her leaves go.
+    let removal = bobs
+        .remove_members(
+            &bob.provider(),
+            &bob.signer,
+            std::slice::from_ref(&phone.account),
+        )
+        .unwrap();
+    let (valid, _) = umbra_mls::PublicState::from_bytes(&id, &kept)
+        .unwrap()
+        .process_commit(&removal.commit, &[], None)
+        .unwrap();
+    assert_eq!(valid.sender, bob_1);
+    assert_eq!(valid.members, [bob_1]);
+    bobs.merge_pending_commit(&bob.provider()).unwrap();
+    assert_eq!(bobs.accounts(), std::slice::from_ref(&bob.account));
+    for (device, group) in [(&phone, &mut group), (&laptop, &mut laptops)] {
+        assert!(matches!(
+            group.process(&device.provider(), &removal.commit).unwrap(),
+            Incoming::Commit {
+                removed_self: true,
+                ..
+            }
+        ));
+    }
 }

@@ -79,7 +79,7 @@ pub async fn validate_commit(
             .process_commit(&commit, &state.proposals, welcome.as_deref())
             .map_err(|e| refusal(e, refused))?;
         after
-            .check_group_info(&group_info, &valid.sender.account)
+            .check_group_info(&group_info, &valid.sender)
             .map_err(|e| refusal(e, refused))?;
         Ok((valid, after.to_bytes()))
     })
