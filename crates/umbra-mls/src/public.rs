@@ -336,12 +336,12 @@ impl PublicState {
     /// signed by a member, propose that member's own removal, and be its
     /// first in this epoch (`stored` are the epoch's accepted proposals), so
     /// the proposals a commit replays stay at most one per member. Returns
-    /// the leaving member.
+    /// the leaving member device.
     pub fn check_proposal(
         &self,
         bytes: &[u8],
         stored: &[Vec<u8>],
-    ) -> Result<AccountId, HandshakeError> {
+    ) -> Result<DeviceAddr, HandshakeError> {
         let refuse = |why: &str| HandshakeError::InvalidProposal(why.to_owned());
         let processed = self.process(bytes).map_err(|error| match error {
             HandshakeError::InvalidCommit(why) => HandshakeError::InvalidProposal(why),
@@ -367,7 +367,10 @@ impl PublicState {
         if proposed_before {
             return Err(refuse("this member already proposed leaving in this epoch"));
         }
-        Ok(sender)
+        self.member(sender_leaf)
+            .filter(|member| member.account == sender)
+            .map(|member| member.address())
+            .ok_or_else(|| refuse("the proposer's leaf is not an Umbra member's"))
     }
 
     /// Validates a commit for the current epoch and returns what it does

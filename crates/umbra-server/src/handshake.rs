@@ -87,12 +87,12 @@ pub async fn validate_commit(
 }
 
 /// Validates a standalone proposal against the group's state; returns the
-/// member it is from (who is leaving).
+/// member device it is from (which is leaving).
 pub async fn validate_proposal(
     group_id: GroupId,
     state: GroupState,
     proposal: Vec<u8>,
-) -> Result<AccountId, ErrorReply> {
+) -> Result<umbra_proto::DeviceAddr, ErrorReply> {
     let refused = ErrorCode::InvalidProposal;
     blocking(move || {
         load(&group_id, &state, refused)?

@@ -578,6 +578,30 @@ async fn groups_take_leaves_of_current_devices_only() {
         Ok(Reply::CommitAccepted { epoch: 1 })
     );
 
+    // A leaf with a current device's key under a certificate naming
+    // another device number (an entry the log never took, signed by both
+    // keys) is refused: the pair must be the log's.
+    let unlogged = DeviceCertificate {
+        account_key: alice.key.identity_key(),
+        entry: alice
+            .log
+            .add_entry(&alice.key, (FIRST_DEVICE, &alice.key), &d2, "copy", 3),
+    };
+    assert_eq!(unlogged.entry.device(), DeviceId(3));
+    let renumbered = umbra_mls::new_device_key_package(
+        &provider,
+        &d2,
+        &id,
+        Default::default(),
+        false,
+        Some(&unlogged),
+    )
+    .unwrap();
+    let (create, commit) = add_in_new_group(renumbered);
+    assert_eq!(bob.raw.call(create).await, Ok(Reply::Done));
+    let refused = bob.raw.expect_error(commit, ErrorCode::InvalidCommit).await;
+    assert!(refused.contains("current devices"), "{refused}");
+
     // Once device 2 is removed, its leaf is refused, even from a package
     // handed out before.
     let remove = alice

@@ -887,7 +887,7 @@ async fn revocation(store: &impl Store) {
 /// count of recent appends uses the time of each append.
 /// An encoded device log entry at `seq` making `change` (the store checks
 /// no signature: the server did, before it stored the entry).
-fn entry(seq: u64, change: DeviceChange) -> Vec<u8> {
+pub(crate) fn entry(seq: u64, change: DeviceChange) -> Vec<u8> {
     let unsigned = Signature::from_bytes([0; 64]);
     DeviceEntry {
         seq,

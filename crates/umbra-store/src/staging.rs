@@ -478,6 +478,21 @@ mod tests {
         (DeviceAddr::first(account("BBBBBBBB")), delivery)
     }
 
+    /// A staged copy is its recipient device's: another device of the
+    /// same account neither acknowledges nor reads it.
+    #[test]
+    fn a_copy_is_its_devices_alone() {
+        let mut staging = Staging::default();
+        let start = Instant::now();
+        let (to, delivery) = copy(1);
+        let _durable = staging.stage(&[(to.clone(), delivery)], 100, start);
+        let other = DeviceAddr::new(to.account.clone(), umbra_proto::DeviceId(2));
+        assert!(staging.pending(&other, 0, 0).is_empty());
+        assert_eq!(staging.ack(&other, &[1], start).0, 0);
+        assert_eq!(staging.pending(&to, 0, 0).len(), 1);
+        assert_eq!(staging.ack(&to, &[1], start).0, 1);
+    }
+
     #[test]
     fn a_sweep_waits_past_the_oldest_window_and_takes_every_ended_one() {
         let mut staging = Staging::default();

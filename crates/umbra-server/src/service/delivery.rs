@@ -73,9 +73,10 @@ impl Services {
                         ),
                     ));
                 }
-                // A leaf of one of the account's current devices, under
-                // the account's own key (device 1's leaf is signed with
-                // it; another device's certificate is signed by it).
+                // A leaf of one of the account's current devices (that
+                // device's number and key), under the account's own key
+                // (device 1's leaf is signed with it; another device's
+                // certificate is signed by it).
                 let current = match self
                     .store
                     .account(&member.account)
@@ -83,8 +84,7 @@ impl Services {
                     .map_err(internal)?
                 {
                     Some(line) if line.identity_key == member.account_key => {
-                        self.is_current_device_key(&line, &member.identity_key)
-                            .await?
+                        self.device_key(&line, member.device).await? == Some(member.identity_key)
                     }
                     _ => false,
                 };
@@ -250,7 +250,7 @@ impl Services {
         let epoch = group.epoch;
         let leaving =
             crate::handshake::validate_proposal(group_id.clone(), group, message.to_vec()).await?;
-        if leaving != me.account {
+        if leaving != *me {
             return Err(refuse(
                 ErrorCode::InvalidProposal,
                 "the proposal is signed by another member's leaf",

@@ -118,28 +118,23 @@ impl Services {
         }
         // The store keeps the current devices as the log's entries are
         // appended: no replay of the log.
-        Ok(self
+        let key = self
             .store
             .devices(&account.id)
             .await
             .map_err(internal)?
             .into_iter()
-            .find_map(|(current, key)| (current == device).then_some(key)))
-    }
-
-    /// Whether `key` is the key of one of `account`'s current devices.
-    pub(super) async fn is_current_device_key(
-        &self,
-        account: &Account,
-        key: &IdentityKey,
-    ) -> Result<bool, ErrorReply> {
-        Ok(self
-            .store
-            .devices(&account.id)
-            .await
-            .map_err(internal)?
-            .iter()
-            .any(|(_, current)| current == key))
+            .find_map(|(current, key)| (current == device).then_some(key));
+        if key.is_none() && device == DeviceId::FIRST {
+            // Revoked since `account` was read (its devices went with it)?
+            // Then the login is told so, as above, not refused as forged.
+            if let Some(now) = self.store.account(&account.id).await.map_err(internal)?
+                && now.status == LineStatus::Revoked
+            {
+                return Ok(Some(now.identity_key));
+            }
+        }
+        Ok(key)
     }
 
     /// Ends the session behind `inbox` if `account`'s line is gone or

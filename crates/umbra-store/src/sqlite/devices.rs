@@ -38,6 +38,14 @@ fn keys(connection: &Connection, account: &AccountId) -> Result<Vec<(DeviceId, I
     .collect()
 }
 
+/// Whether `device` is one of its account's current devices.
+pub(super) fn is_current(connection: &Connection, device: &DeviceAddr) -> Result<bool> {
+    connection
+        .prepare_cached("SELECT 1 FROM devices WHERE account_id = ?1 AND device = ?2")
+        .and_then(|mut s| s.exists(params![device.account.as_str(), device.device.0]))
+        .map_err(backend)
+}
+
 /// Records `device` of `account` as current.
 pub(super) fn add(
     connection: &Connection,
@@ -56,9 +64,14 @@ pub(super) fn add(
 }
 
 /// Applies what a stored log entry changes to the account's devices: the
-/// device it removes is no longer current and its mailbox is deleted.
-/// Returns the device removed, if any.
-fn apply(connection: &Connection, account: &AccountId, entry: &[u8]) -> Result<Option<DeviceId>> {
+/// device it removes is no longer current and (with `delete_mail`) its
+/// mailbox is deleted. Returns the device removed, if any.
+fn apply(
+    connection: &Connection,
+    account: &AccountId,
+    entry: &[u8],
+    delete_mail: bool,
+) -> Result<Option<DeviceId>> {
     let entry = DeviceEntry::decode(entry)
         .map_err(|e| StoreError::Corrupt(format!("a device log entry: {e}")))?;
     match entry.change {
@@ -67,10 +80,11 @@ fn apply(connection: &Connection, account: &AccountId, entry: &[u8]) -> Result<O
             Ok(None)
         }
         DeviceChange::Remove { device } => {
-            for sql in [
-                "DELETE FROM devices WHERE account_id = ?1 AND device = ?2",
-                "DELETE FROM mailbox WHERE recipient = ?1 AND device = ?2",
-            ] {
+            let mut statements = vec!["DELETE FROM devices WHERE account_id = ?1 AND device = ?2"];
+            if delete_mail {
+                statements.push("DELETE FROM mailbox WHERE recipient = ?1 AND device = ?2");
+            }
+            for sql in statements {
                 connection
                     .execute(sql, params![account.as_str(), device.0])
                     .map_err(backend)?;
@@ -82,6 +96,9 @@ fn apply(connection: &Connection, account: &AccountId, entry: &[u8]) -> Result<O
 
 /// Migration 11: the devices that logs written before it added and
 /// removed (the migration itself recorded device 1 of every live line).
+/// The mail the account's devices shared stays: it was labelled device
+/// 1's, and an account whose device 1 was removed has it moved to its
+/// lowest current device, so nothing stored is lost.
 pub(super) fn fill_in_devices(connection: &Connection) -> Result<()> {
     let entries: Vec<(String, Vec<u8>)> = connection
         .prepare(
@@ -96,8 +113,19 @@ pub(super) fn fill_in_devices(connection: &Connection) -> Result<()> {
         .map_err(backend)?;
     for (account, entry) in entries {
         let account = super::account_id(account)?;
-        apply(connection, &account, &entry)?;
+        apply(connection, &account, &entry, false)?;
     }
+    connection
+        .execute(
+            "UPDATE mailbox SET device = (SELECT MIN(d.device) FROM devices d
+                                          WHERE d.account_id = mailbox.recipient)
+             WHERE device = 1
+               AND NOT EXISTS (SELECT 1 FROM devices d
+                               WHERE d.account_id = mailbox.recipient AND d.device = 1)
+               AND EXISTS (SELECT 1 FROM devices d WHERE d.account_id = mailbox.recipient)",
+            [],
+        )
+        .map_err(backend)?;
     Ok(())
 }
 
@@ -146,10 +174,11 @@ impl DeviceLogs for SqliteStore {
                 params![account.as_str(), seq, entry, now],
             )
             .map_err(backend)?;
-            let removed = apply(tx, &account, &entry)?;
+            let removed = apply(tx, &account, &entry, true)?;
+            // Which leaves get copies follows the current devices.
+            tx.checked().members.clear();
             if let Some(device) = removed {
-                // Its leaves no longer get copies, and its mailbox is gone.
-                tx.checked().members.clear();
+                // Its mailbox is gone.
                 tx.mailboxes
                     .borrow_mut()
                     .forget(&DeviceAddr::new(account.clone(), device));

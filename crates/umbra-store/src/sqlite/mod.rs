@@ -1736,6 +1736,11 @@ impl Groups for SqliteStore {
             }
             if let Some(welcome) = &commit.welcome {
                 for added in commit.added.iter().filter(|a| !before.contains(a)) {
+                    // A device removed since its leaf was checked gets
+                    // nothing (no one would read it).
+                    if !devices::is_current(tx, added)? {
+                        continue;
+                    }
                     enqueue(
                         tx,
                         added,
@@ -2043,6 +2048,10 @@ impl Mailboxes for SqliteStore {
             };
             let mut stored = Vec::with_capacity(devices.len());
             for recipient in devices {
+                // A device removed meanwhile gets nothing.
+                if !devices::is_current(tx, &recipient)? {
+                    continue;
+                }
                 let id = enqueue(
                     tx,
                     &recipient,
@@ -2462,7 +2471,9 @@ mod tests {
 
     /// Version 11 gives each device its own mailbox and leaf: what was
     /// stored before belongs to device 1, and the devices that logs
-    /// written before it added are current (read from the entries).
+    /// written before it added are current (read from the entries); an
+    /// account whose old log removed device 1 keeps its mail, on its
+    /// lowest current device.
     #[tokio::test]
     async fn mailboxes_and_leaves_from_before_version_11_belong_to_device_1() {
         let dir = std::env::temp_dir().join(format!("umbra-store-v11-{}", std::process::id()));
@@ -2479,25 +2490,39 @@ mod tests {
                 .execute_batch(&format!(
                     "INSERT INTO accounts (account_id, identity_key, created_at, subscription_expires_at)
                          VALUES ('AAAAAAAA', x'{a}', 0, 0), ('BBBBBBBB', x'{b}', 0, 0),
-                                ('CCCCCCCC', x'{c}', 0, 0);
+                                ('CCCCCCCC', x'{c}', 0, 0), ('DDDDDDDD', x'{c}04', 0, 0);
                      UPDATE accounts SET status = 'revoked' WHERE account_id = 'CCCCCCCC';
                      INSERT INTO groups (group_id, epoch, created_at) VALUES (x'01', 1, 0);
                      INSERT INTO group_members (group_id, account_id)
                          VALUES (x'01', 'AAAAAAAA'), (x'01', 'BBBBBBBB');
                      INSERT INTO mailbox (recipient, sender, kind, payload, sent_at, expires_at)
-                         VALUES ('BBBBBBBB', 'AAAAAAAA', 1, x'0c', 0, 9999999999);
+                         VALUES ('BBBBBBBB', 'AAAAAAAA', 1, x'0c', 0, 9999999999),
+                                ('DDDDDDDD', 'AAAAAAAA', 1, x'0d', 0, 9999999999);
                      PRAGMA user_version = 10;",
                     a = "01".repeat(32),
                     b = "02".repeat(32),
-                    c = "03".repeat(32),
+                    c = "03".repeat(31),
                 ))
                 .unwrap_or_else(|e| panic!("{e}"));
-            for (seq, device) in [(0u64, 1u32), (1, 2)] {
+            let remove_first = crate::conformance::entry(
+                2,
+                umbra_proto::DeviceChange::Remove {
+                    device: DeviceId::FIRST,
+                },
+            );
+            let logs = [
+                ("AAAAAAAA", 0u64, crate::conformance::add_device(0, 1)),
+                ("AAAAAAAA", 1, crate::conformance::add_device(1, 2)),
+                ("DDDDDDDD", 0, crate::conformance::add_device(0, 1)),
+                ("DDDDDDDD", 1, crate::conformance::add_device(1, 2)),
+                ("DDDDDDDD", 2, remove_first),
+            ];
+            for (account, seq, entry) in logs {
                 connection
                     .execute(
                         "INSERT INTO device_log (account_id, seq, entry, appended_at)
-                         VALUES ('AAAAAAAA', ?1, ?2, 0)",
-                        params![seq, crate::conformance::add_device(seq, device)],
+                         VALUES (?1, ?2, ?3, 0)",
+                        params![account, seq, entry],
                     )
                     .unwrap_or_else(|e| panic!("{e}"));
             }
@@ -2541,6 +2566,17 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(held.len(), 1, "Bob's stored delivery is device 1's");
+        let dave = id("DDDDDDDD");
+        assert_eq!(
+            devices(dave.clone()).await,
+            [2],
+            "device 1 removed in the old log"
+        );
+        let held = store
+            .pending(&DeviceAddr::new(dave, DeviceId(2)), 0, 10, 0)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(held.len(), 1, "the shared mail stays, on device 2");
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
