@@ -88,9 +88,16 @@ async fn a_device_the_server_adds_on_its_own_is_refused_by_the_account_and_its_c
     );
     assert!(
         store
-            .append_device_entry(&alice_id, 1, &planted.encode(), common::now())
+            .append_device_entry(
+                &alice_id,
+                1,
+                &planted.encode(),
+                common::now(),
+                common::now() + 3600
+            )
             .await
             .unwrap()
+            .is_some()
     );
     drop(store);
     let _server = TestServer::start_in(&data, address).await;

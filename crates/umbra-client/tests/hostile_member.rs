@@ -34,6 +34,8 @@ struct Mallory {
     db: rusqlite::Connection,
     /// Set on a device other than its account's first.
     certificate: Option<umbra_mls::DeviceCertificate>,
+    /// The account's device log, kept by the device that wrote it.
+    log: Option<umbra_mls::DeviceLog>,
 }
 
 async fn connect(activation: &umbra_proto::ActivationString) -> Ws {
@@ -69,6 +71,8 @@ impl Mallory {
                 Ok(Reply::Done)
             );
         }
+        log.append(add.clone(), None).unwrap();
+        self.log = Some(log);
         let mut db = rusqlite::Connection::open_in_memory().unwrap();
         umbra_mls::init_storage(&mut db).unwrap();
         let mut second = Mallory {
@@ -82,6 +86,7 @@ impl Mallory {
                 account_key: self.signer.identity_key(),
                 entry: add,
             }),
+            log: None,
         };
         let nonce = second.hello().await;
         let signature = second
@@ -112,6 +117,7 @@ impl Mallory {
             crypto: Crypto::default(),
             db,
             certificate: None,
+            log: None,
         };
         let nonce = mallory.hello().await;
         mallory.account = mallory.register(activation.code, &nonce).await;
@@ -737,4 +743,105 @@ async fn a_contacts_second_device_stands_for_their_account_key() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// A contact's device removed from its account is committed out of the
+/// groups it was in by another member, on the account's own signed remove
+/// entry, and the members are shown who removed it; the account stays a
+/// member through its other device.
+#[tokio::test]
+async fn a_removed_device_is_committed_out_of_its_groups() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut mallory = Mallory::activate(&server).await;
+    mallory
+        .call(Request::SendContactRequest { to: alice.id() })
+        .await
+        .unwrap();
+    alice
+        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+    alice.client.accept_contact(&mallory.account).await.unwrap();
+    // Mallory's laptop makes a group of Alice, itself and Mallory's phone.
+    let mut laptop = mallory.second_device(&server).await;
+    let (group, _) = laptop
+        .create_group(&[alice.id(), mallory.account.clone()])
+        .await;
+    let conversation = ConversationId::from_group(&group.id());
+    let wanted = conversation.clone();
+    alice
+        .wait_for(|e| match e {
+            Event::ConversationStarted { conversation } if conversation.id == wanted => Some(()),
+            _ => None,
+        })
+        .await;
+    let welcome = loop {
+        if let ServerMessage::Push(Push::Delivery(delivery)) = mallory.next().await
+            && delivery.kind == umbra_proto::DeliveryKind::Welcome
+        {
+            break delivery;
+        }
+    };
+    let (mut phones, _) = Group::join(
+        &mallory.provider(),
+        &welcome.payload,
+        &GroupConfig::default(),
+    )
+    .unwrap();
+    let laptop_leaf =
+        umbra_proto::DeviceAddr::new(mallory.account.clone(), umbra_proto::DeviceId(2));
+    assert!(phones.members().iter().any(|m| m.address() == laptop_leaf));
+
+    // The phone removes the laptop from the account.
+    let remove = mallory.log.as_ref().unwrap().remove_entry(
+        &mallory.signer,
+        (umbra_mls::FIRST_DEVICE, &mallory.signer),
+        umbra_proto::DeviceId(2),
+        3,
+    );
+    assert_eq!(
+        mallory
+            .call(Request::AppendDeviceEntry { entry: remove })
+            .await,
+        Ok(Reply::Done)
+    );
+
+    // Alice commits the laptop's leaf out; the phone applies her commit.
+    let commit = loop {
+        if let ServerMessage::Push(Push::Delivery(delivery)) = mallory.next().await
+            && delivery.kind == umbra_proto::DeliveryKind::Commit
+        {
+            break delivery;
+        }
+    };
+    assert_eq!(commit.sender, alice.id());
+    let provider = mallory.provider();
+    assert!(matches!(
+        phones.process(&provider, &commit.payload).unwrap(),
+        umbra_mls::Incoming::Commit { .. }
+    ));
+    let mut left: Vec<_> = phones.members().iter().map(|m| m.address()).collect();
+    left.sort();
+    let mut expected = vec![
+        umbra_proto::DeviceAddr::first(alice.id()),
+        umbra_proto::DeviceAddr::first(mallory.account.clone()),
+    ];
+    expected.sort();
+    assert_eq!(
+        left, expected,
+        "the laptop's leaf is gone, the phone's stays"
+    );
+    let shown = alice
+        .client
+        .history(&conversation, 100)
+        .unwrap()
+        .iter()
+        .any(|m| {
+            m.direction == umbra_client::Direction::System
+                && m.body
+                    .contains("removed their device 2 (from their device 1)")
+        });
+    assert!(shown, "Alice is shown who removed which device");
+    let members = alice.client.conversation(&conversation).unwrap().members;
+    assert!(members.contains(&mallory.account), "Mallory stays a member");
 }

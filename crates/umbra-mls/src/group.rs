@@ -712,6 +712,38 @@ impl Group {
         CommitOutput::new(epoch, commit, welcome, group_info.map(MlsMessageOut::from))
     }
 
+    /// Removes these devices' leaves (an account's others stay), pending
+    /// as for adds. Devices without a leaf are skipped; `None` if none
+    /// has one.
+    pub fn remove_devices(
+        &mut self,
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        devices: &[DeviceAddr],
+    ) -> Result<Option<CommitOutput>> {
+        let leaves: Vec<LeafNodeIndex> = self
+            .inner
+            .members()
+            .filter(|member| {
+                self.inner
+                    .public_group()
+                    .leaf(member.index)
+                    .and_then(|leaf| leaf_member(leaf).ok())
+                    .is_some_and(|leaf| devices.contains(&leaf.address()))
+            })
+            .map(|member| member.index)
+            .collect();
+        if leaves.is_empty() {
+            return Ok(None);
+        }
+        let epoch = self.epoch();
+        let (commit, welcome, group_info) = self
+            .inner
+            .remove_members(provider, signer, &leaves)
+            .map_err(|e| protocol("removing devices", e))?;
+        CommitOutput::new(epoch, commit, welcome, group_info.map(MlsMessageOut::from)).map(Some)
+    }
+
     /// Replaces this device's leaf keys (post-compromise security); also
     /// commits any proposals received so far.
     pub fn self_update(

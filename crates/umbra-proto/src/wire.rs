@@ -575,6 +575,12 @@ pub enum DeliveryKind {
     /// (a big-endian u64) since the device acknowledged the last such
     /// notice.
     MailboxFull = 10,
+    /// From the server, to each member device of a group in which a
+    /// device of `sender`'s account has a leaf, when that device is
+    /// removed from its account: the payload is the log's signed remove
+    /// entry (a `DeviceEntry`), on whose account signature members commit
+    /// the leaf's removal.
+    DeviceRemoved = 11,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -464,11 +464,14 @@ impl Services {
                 device: of,
             } => {
                 self.require_active(me).await?;
-                if !self
-                    .store
-                    .are_contacts(me, &account_id)
-                    .await
-                    .map_err(internal)?
+                // Its own account's other devices (to add them to its
+                // groups), or an account that accepted it as a contact.
+                if account_id != *me
+                    && !self
+                        .store
+                        .are_contacts(me, &account_id)
+                        .await
+                        .map_err(internal)?
                 {
                     return Err(refuse(
                         ErrorCode::NotAContact,

@@ -821,9 +821,10 @@ async fn revocation(store: &impl Store) {
         .unwrap();
     assert!(
         store
-            .append_device_entry(&alice, 0, &add_device(0, 1), NOW)
+            .append_device_entry(&alice, 0, &add_device(0, 1), NOW, NOW + TTL)
             .await
             .unwrap()
+            .is_some()
     );
     let g = group(3);
     store
@@ -923,10 +924,11 @@ async fn device_logs(store: &impl Store) {
         "an account starts with device 1, whose key is the account key"
     );
     assert!(
-        !store
-            .append_device_entry(&alice, 1, &add_device(1, 2), NOW)
+        store
+            .append_device_entry(&alice, 1, &add_device(1, 2), NOW, NOW + TTL)
             .await
-            .unwrap(),
+            .unwrap()
+            .is_none(),
         "a position past the end is refused"
     );
     let entries = [add_device(0, 1), add_device(1, 2), add_device(2, 3)];
@@ -934,23 +936,26 @@ async fn device_logs(store: &impl Store) {
         let at = NOW + seq as u64 * DAY;
         assert!(
             store
-                .append_device_entry(&alice, seq as u64, entry, at)
+                .append_device_entry(&alice, seq as u64, entry, at, at + TTL)
                 .await
                 .unwrap()
+                .is_some()
         );
     }
     assert!(
-        !store
-            .append_device_entry(&alice, 1, &add_device(1, 9), NOW)
+        store
+            .append_device_entry(&alice, 1, &add_device(1, 9), NOW, NOW + TTL)
             .await
-            .unwrap(),
+            .unwrap()
+            .is_none(),
         "a taken position is refused"
     );
     assert!(
         store
-            .append_device_entry(&bob, 0, &add_device(0, 1), NOW)
+            .append_device_entry(&bob, 0, &add_device(0, 1), NOW, NOW + TTL)
             .await
             .unwrap()
+            .is_some()
     );
     assert_eq!(store.device_log(&alice, 0, 10).await.unwrap(), entries);
     assert_eq!(
@@ -985,9 +990,10 @@ async fn device_logs(store: &impl Store) {
     );
     assert!(
         store
-            .append_device_entry(&alice, 3, &remove, NOW)
+            .append_device_entry(&alice, 3, &remove, NOW, NOW + TTL)
             .await
             .unwrap()
+            .is_some()
     );
     assert_eq!(
         store.devices(&alice).await.unwrap(),
@@ -1010,9 +1016,10 @@ async fn mailboxes_per_device(store: &impl Store) {
         let added = add_device(seq, device);
         assert!(
             store
-                .append_device_entry(&alice, seq, &added, NOW)
+                .append_device_entry(&alice, seq, &added, NOW, NOW + TTL)
                 .await
                 .unwrap()
+                .is_some()
         );
     }
     let [phone, laptop, tablet] = [1, 2, 3].map(|d| DeviceAddr::new(alice.clone(), DeviceId(d)));
@@ -1157,12 +1164,26 @@ async fn mailboxes_per_device(store: &impl Store) {
             device: DeviceId(2),
         },
     );
-    assert!(
-        store
-            .append_device_entry(&alice, 3, &remove, NOW)
-            .await
-            .unwrap()
+    let told = store
+        .append_device_entry(&alice, 3, &remove, NOW, NOW + TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        told,
+        Some(vec![phone.clone(), bob_phone.clone()]),
+        "the group's other member devices are told, to commit the removal"
     );
+    for device in [&phone, &bob_phone] {
+        let held = store.pending(device, 0, 10, NOW).await.unwrap();
+        let notices: Vec<_> = held
+            .iter()
+            .filter(|d| d.kind == DeliveryKind::DeviceRemoved)
+            .map(|d| (d.sender.clone(), d.group_id.clone(), d.payload.clone()))
+            .collect();
+        assert_eq!(notices, [(alice.clone(), Some(g.clone()), remove.clone())]);
+        let ids: Vec<u64> = held.iter().map(|d| d.id).collect();
+        store.ack(device, &ids).await.unwrap();
+    }
     assert!(store.pending(&laptop, 0, 10, NOW).await.unwrap().is_empty());
     let (to, durable) = stored(
         store

@@ -243,15 +243,20 @@ pub trait DeviceLogs: Send + Sync {
     /// `limit` of them, in order.
     async fn device_log(&self, account: &AccountId, from: u64, limit: u32) -> Result<Vec<Vec<u8>>>;
     /// Stores `entry` at position `seq` if that is the log's next position;
-    /// `false` (nothing stored) if it is not, because another device of the
-    /// account appended first.
+    /// `None` (nothing stored) if it is not, because another device of the
+    /// account appended first. An entry that removes a device also tells,
+    /// in the same step, every other current member device of each group
+    /// where the removed device has a leaf (a `DeviceRemoved` delivery
+    /// carrying the entry, kept until `expires_at`); returns the devices
+    /// told.
     async fn append_device_entry(
         &self,
         account: &AccountId,
         seq: u64,
         entry: &[u8],
         now: Timestamp,
-    ) -> Result<bool>;
+        expires_at: Timestamp,
+    ) -> Result<Option<Vec<DeviceAddr>>>;
     /// How many entries were appended to `account`'s log at or after
     /// `since` (the server's time of each append).
     async fn device_entries_since(&self, account: &AccountId, since: Timestamp) -> Result<u64>;

@@ -186,6 +186,15 @@ impl Client {
                     }
                 });
             }
+            Some(FollowUp::RemoveDevice(group_id, device)) => {
+                let client = self.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = client.remove_devices_from_group(&group_id, &[device]).await
+                    {
+                        debug!(%error, "removing a removed device's leaf");
+                    }
+                });
+            }
             Some(FollowUp::Rejoin(group_id)) => self.spawn_rejoin(group_id),
             Some(FollowUp::Wipe) => {
                 self.wipe_now("remote wipe").await?;
@@ -317,6 +326,9 @@ impl Client {
                     conversation: self.conversation_in(tx, provider, &gid)?,
                 });
             }
+            DeliveryKind::DeviceRemoved => {
+                return self.apply_device_removed(tx, provider, delivery, events);
+            }
             // The server's own word (it could drop messages without saying
             // so anyway): only what it says is shown.
             DeliveryKind::MailboxFull => {
@@ -328,6 +340,65 @@ impl Client {
             DeliveryKind::Unspecified => {}
         }
         Ok(None)
+    }
+
+    /// A member's device was removed from its account: commit its leaf's
+    /// removal, but only on the account's own signed remove entry (the
+    /// server alone must not be able to have a device removed); otherwise
+    /// only show what the server says.
+    fn apply_device_removed(
+        &self,
+        tx: &Transaction<'_>,
+        provider: &Provider<'_>,
+        delivery: &Delivery,
+        events: &mut Vec<Event>,
+    ) -> Result<Option<FollowUp>> {
+        let gid = delivery
+            .group_id
+            .as_ref()
+            .ok_or_else(|| ClientError::Invalid("a device removal without a group".into()))?
+            .as_bytes()
+            .to_vec();
+        let Some(group) = Group::load(provider, &gid)? else {
+            return Ok(None);
+        };
+        let account = &delivery.sender;
+        let entry = umbra_proto::DeviceEntry::decode(&delivery.payload).ok();
+        let removed = entry.as_ref().and_then(|entry| match entry.change {
+            umbra_proto::DeviceChange::Remove { device } => Some(device),
+            umbra_proto::DeviceChange::Add { .. } => None,
+        });
+        let (Some(entry), Some(device)) = (entry, removed) else {
+            return Err(ClientError::Invalid(
+                "a device removal that carries no remove entry".into(),
+            ));
+        };
+        // Signed by the account key its leaves stand for (which this device
+        // checked against the key it pinned as each leaf came in).
+        let members = group.members();
+        let signed = members.iter().any(|member| {
+            member.account == *account
+                && umbra_mls::verify(
+                    &member.account_key,
+                    &entry.signed_bytes(account),
+                    &entry.account_signature,
+                )
+        });
+        let leaf = umbra_proto::DeviceAddr::new(account.clone(), device);
+        let has_leaf = members.iter().any(|member| member.address() == leaf);
+        let line = if signed {
+            format!(
+                "{account} removed their device {device} (from their device {})",
+                entry.by_device
+            )
+        } else {
+            format!("The server reports that {account} removed their device {device}")
+        };
+        self.system_line(tx, &gid, &line, events)?;
+        events.push(Event::ConversationChanged {
+            conversation: self.conversation_in(tx, provider, &gid)?,
+        });
+        Ok((signed && has_leaf).then_some(FollowUp::RemoveDevice(gid, leaf)))
     }
 
     pub(super) fn apply_welcome(

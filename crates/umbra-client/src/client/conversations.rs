@@ -267,6 +267,21 @@ impl Client {
         Ok(())
     }
 
+    /// Commits the removal of these devices' leaves (a member's devices
+    /// removed from its account), if the group still holds any.
+    pub(super) async fn remove_devices_from_group(
+        &self,
+        group_id: &[u8],
+        devices: &[umbra_proto::DeviceAddr],
+    ) -> Result<()> {
+        let signer = &self.inner.signer;
+        self.commit(group_id, |group, provider| {
+            Ok(group.remove_devices(provider, signer, devices)?)
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Renames a group; every member sees the new name.
     pub async fn rename_group(&self, conversation: &ConversationId, name: &str) -> Result<()> {
         check_group_name(name)?;

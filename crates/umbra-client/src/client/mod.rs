@@ -130,6 +130,8 @@ enum FollowUp {
     ReplenishKeyPackages,
     /// A member's line was revoked: commit its removal.
     RemoveMember(Vec<u8>, AccountId),
+    /// A member removed one of its devices: commit its leaf's removal.
+    RemoveDevice(Vec<u8>, umbra_proto::DeviceAddr),
     /// A genuine wipe command arrived.
     Wipe,
     /// Tell the sender of these texts that they arrived.

@@ -59,11 +59,14 @@ impl Services {
                 ));
             }
             for member in &valid.added {
-                if !self
-                    .store
-                    .are_contacts(&me.account, &member.account)
-                    .await
-                    .map_err(internal)?
+                // A device adds its own account's other devices, and
+                // accounts that accepted it as a contact.
+                if member.account != me.account
+                    && !self
+                        .store
+                        .are_contacts(&me.account, &member.account)
+                        .await
+                        .map_err(internal)?
                 {
                     return Err(refuse(
                         ErrorCode::NotAContact,

@@ -55,14 +55,15 @@ impl Services {
                 DeviceLogError::Position { seq, expected } if seq < expected => stale(expected),
                 other => refuse(ErrorCode::InvalidDeviceEntry, other.to_string()),
             })?;
-        if !self
+        let Some(told) = self
             .store
-            .append_device_entry(me, entry.seq, &entry.encode(), now)
+            .append_device_entry(me, entry.seq, &entry.encode(), now, self.expires_at(now))
             .await
             .map_err(internal)?
-        {
+        else {
             return Err(stale(entry.seq + 1));
-        }
+        };
+        self.registry.notify(&told);
         debug!(account = %me, seq = entry.seq, "device log entry appended");
         if let DeviceChange::Remove { device: removed } = entry.change {
             self.registry

@@ -154,7 +154,8 @@ impl DeviceLogs for SqliteStore {
         seq: u64,
         entry: &[u8],
         now: Timestamp,
-    ) -> Result<bool> {
+        expires_at: Timestamp,
+    ) -> Result<Option<Vec<DeviceAddr>>> {
         let (account, entry) = (account.clone(), entry.to_vec());
         let staging = Arc::clone(&self.staging);
         let removing = account.clone();
@@ -167,7 +168,7 @@ impl DeviceLogs for SqliteStore {
                 )
                 .map_err(backend)?;
             if next != seq {
-                return Ok((false, None));
+                return Ok((None, None));
             }
             tx.execute(
                 "INSERT INTO device_log (account_id, seq, entry, appended_at) VALUES (?1, ?2, ?3, ?4)",
@@ -177,13 +178,43 @@ impl DeviceLogs for SqliteStore {
             let removed = apply(tx, &account, &entry, true)?;
             // Which leaves get copies follows the current devices.
             tx.checked().members.clear();
+            let mut told = Vec::new();
             if let Some(device) = removed {
+                let gone = DeviceAddr::new(account.clone(), device);
                 // Its mailbox is gone.
-                tx.mailboxes
-                    .borrow_mut()
-                    .forget(&DeviceAddr::new(account.clone(), device));
+                tx.mailboxes.borrow_mut().forget(&gone);
+                // The members of its groups commit its leaf's removal on
+                // the signed entry.
+                let groups: Vec<Vec<u8>> = tx
+                    .prepare_cached(
+                        "SELECT group_id FROM group_members WHERE account_id = ?1 AND device = ?2",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(params![account.as_str(), device.0], |row| row.get(0))?
+                            .collect::<rusqlite::Result<_>>()
+                    })
+                    .map_err(backend)?;
+                for group in groups {
+                    let group = umbra_proto::GroupId::new(group)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    for member in super::routable(tx, &group)? {
+                        super::enqueue(
+                            tx,
+                            &member,
+                            &account,
+                            umbra_proto::DeliveryKind::DeviceRemoved,
+                            Some(&group),
+                            &entry,
+                            now,
+                            expires_at,
+                        )?;
+                        told.push(member);
+                    }
+                }
+                told.sort();
+                told.dedup();
             }
-            Ok((true, removed))
+            Ok((Some(told), removed))
         }, move |(appended, removed)| {
             if removed.is_some() {
                 lock(&staging).drop_recipient(&removing, removed);
