@@ -143,6 +143,43 @@ impl Mallory {
         mallory
     }
 
+    /// Uploads one-time KeyPackages of this device (with its certificate,
+    /// if it has one).
+    async fn upload_key_packages(&mut self, count: usize) {
+        let key_packages = (0..count)
+            .map(|_| {
+                umbra_mls::new_device_key_package(
+                    &self.provider(),
+                    &self.signer,
+                    &self.account,
+                    Default::default(),
+                    false,
+                    self.certificate.as_ref(),
+                )
+                .unwrap()
+            })
+            .collect();
+        assert!(matches!(
+            self.call(Request::UploadKeyPackages {
+                key_packages,
+                last_resort: None,
+            })
+            .await,
+            Ok(Reply::KeyPackageCount { .. })
+        ));
+    }
+
+    /// The next delivery of `kind` pushed to this device.
+    async fn next_of(&mut self, kind: umbra_proto::DeliveryKind) -> umbra_proto::frame::Delivery {
+        loop {
+            if let ServerMessage::Push(Push::Delivery(delivery)) = self.next().await
+                && delivery.kind == kind
+            {
+                return delivery;
+            }
+        }
+    }
+
     fn provider(&self) -> Provider<'_> {
         Provider::new(&self.crypto, &self.db)
     }
@@ -844,4 +881,164 @@ async fn a_removed_device_is_committed_out_of_its_groups() {
     assert!(shown, "Alice is shown who removed which device");
     let members = alice.client.conversation(&conversation).unwrap().members;
     assert!(members.contains(&mallory.account), "Mallory stays a member");
+}
+
+/// A group gets a leaf for every current device of a member account: Alice
+/// adds Mallory, whose log lists a phone and a laptop, and both join.
+#[tokio::test]
+async fn adding_an_account_adds_each_of_its_devices() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut mallory = Mallory::activate(&server).await;
+    mallory
+        .call(Request::SendContactRequest { to: alice.id() })
+        .await
+        .unwrap();
+    alice
+        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+    alice.client.accept_contact(&mallory.account).await.unwrap();
+    let mut laptop = mallory.second_device(&server).await;
+    laptop.upload_key_packages(2).await;
+
+    let conversation = alice
+        .client
+        .create_group("both devices", std::slice::from_ref(&mallory.account))
+        .await
+        .unwrap();
+    let config = GroupConfig::default();
+    let phone_welcome = mallory.next_of(umbra_proto::DeliveryKind::Welcome).await;
+    let laptop_welcome = laptop.next_of(umbra_proto::DeliveryKind::Welcome).await;
+    let (phones, _) = Group::join(&mallory.provider(), &phone_welcome.payload, &config).unwrap();
+    let (mut laptops, _) =
+        Group::join(&laptop.provider(), &laptop_welcome.payload, &config).unwrap();
+    let mut leaves: Vec<_> = phones.members().iter().map(|m| m.address()).collect();
+    leaves.sort();
+    let mut expected = vec![
+        umbra_proto::DeviceAddr::first(alice.id()),
+        umbra_proto::DeviceAddr::first(mallory.account.clone()),
+        umbra_proto::DeviceAddr::new(mallory.account.clone(), umbra_proto::DeviceId(2)),
+    ];
+    expected.sort();
+    assert_eq!(leaves, expected);
+
+    // Alice's message reaches the laptop too.
+    alice
+        .client
+        .send_text(&conversation, "to both")
+        .await
+        .unwrap();
+    // (The group's name comes first.)
+    loop {
+        let delivery = laptop.next_of(umbra_proto::DeliveryKind::Application).await;
+        let provider = laptop.provider();
+        match laptops.process(&provider, &delivery.payload).unwrap() {
+            umbra_mls::Incoming::Application { plaintext, sender } => {
+                assert_eq!(sender, alice.id());
+                if plaintext.windows(7).any(|w| w == b"to both") {
+                    break;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// A device removal the account did not sign (here a server's own, under
+/// a key it made up) only shows what the server says: nobody commits the
+/// device's leaf out.
+#[tokio::test]
+async fn a_device_removal_the_account_did_not_sign_removes_nothing() {
+    use umbra_store::{Groups as _, Mailboxes as _};
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut mallory = Mallory::activate(&server).await;
+    mallory
+        .call(Request::SendContactRequest { to: alice.id() })
+        .await
+        .unwrap();
+    alice
+        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+    alice.client.accept_contact(&mallory.account).await.unwrap();
+    let mut laptop = mallory.second_device(&server).await;
+    let (group, _) = laptop.create_group(&[alice.id()]).await;
+    let conversation = ConversationId::from_group(&group.id());
+    let wanted = conversation.clone();
+    alice
+        .wait_for(|e| match e {
+            Event::ConversationStarted { conversation } if conversation.id == wanted => Some(()),
+            _ => None,
+        })
+        .await;
+
+    // The server's forged remove entry for the laptop.
+    let forger = DeviceSigner::from_secret(&[99; 32]);
+    let mut log = umbra_mls::DeviceLog::new(mallory.account.clone(), forger.identity_key());
+    log.append(log.first_entry(&forger, "phone", 1), None)
+        .unwrap();
+    let stand_in = DeviceSigner::from_secret(&[98; 32]);
+    let add = log.add_entry(
+        &forger,
+        (umbra_mls::FIRST_DEVICE, &forger),
+        &stand_in,
+        "x",
+        2,
+    );
+    log.append(add, None).unwrap();
+    let forged = log.remove_entry(
+        &forger,
+        (umbra_mls::FIRST_DEVICE, &forger),
+        umbra_proto::DeviceId(2),
+        3,
+    );
+    let mallory_id = mallory.account.clone();
+    drop((mallory, laptop));
+    let group_id = GroupId::new(group.id()).unwrap();
+    let (data, address, store, dir) = server.seize();
+    let notice = umbra_store::Notice {
+        recipient: alice.id(),
+        device: None,
+        sender: mallory_id,
+        kind: umbra_proto::DeliveryKind::DeviceRemoved,
+        group_id: Some(group_id.clone()),
+        payload: forged.encode(),
+    };
+    let now = common::now();
+    store.notice(notice, now, now + 3600).await.unwrap();
+    drop(store);
+    let server = TestServer::start_in(&data, address).await;
+    let alice = alice.reopen().await;
+    alice.client.sync().await.unwrap();
+    let shown = |alice: &Device| {
+        alice
+            .client
+            .history(&conversation, 100)
+            .unwrap()
+            .iter()
+            .any(|m| {
+                m.direction == umbra_client::Direction::System
+                    && m.body.contains("The server reports that")
+                    && m.body.contains("removed their device 2")
+            })
+    };
+    assert!(shown(&alice), "only the server's word is shown");
+    // A commit would have gone out by now (it follows the delivery at
+    // once, before the next request on the connection is answered).
+    alice
+        .client
+        .send_text(&conversation, "still here")
+        .await
+        .unwrap();
+    let (_, _, store, _dir2) = server.seize();
+    let state = store.group(&group_id).await.unwrap().unwrap();
+    assert!(
+        state
+            .members
+            .iter()
+            .any(|leaf| leaf.device == umbra_proto::DeviceId(2)),
+        "the laptop's leaf stays: {:?}",
+        state.members
+    );
+    drop(dir);
 }

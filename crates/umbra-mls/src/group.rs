@@ -469,14 +469,10 @@ impl Group {
             group.delete(provider)?;
             return Err(error);
         }
-        let own_key = signer.identity_key();
-        if group
-            .members()
-            .iter()
-            .any(|member| member.account == *account && member.identity_key != own_key)
-        {
-            return Err(refuse("the group holds another leaf under this account"));
-        }
+        // Any other leaf of this account is another of its devices: the
+        // tree holds no second leaf for this device, and every leaf of the
+        // account stands for the one account key this device's does
+        // (`check_leaves`), which only the account can certify under.
         let epoch = group.epoch().saturating_sub(1);
         let (commit, _, group_info) = bundle.into_messages();
         let output = CommitOutput::new(epoch, commit, None, group_info)?;
@@ -579,6 +575,7 @@ impl Group {
     fn check_leaves(&self) -> Result<()> {
         let mut devices = std::collections::BTreeSet::new();
         let mut keys = std::collections::BTreeSet::new();
+        let mut account_keys = std::collections::BTreeMap::new();
         for member in self.inner.public_group().members() {
             if let Some(leaf) = self.inner.public_group().leaf(member.index) {
                 let member = leaf_member(leaf).map_err(MlsError::Protocol)?;
@@ -588,6 +585,16 @@ impl Group {
                     return Err(MlsError::Protocol(format!(
                         "the group holds two leaves for {}",
                         member.address()
+                    )));
+                }
+                // All of an account's leaves stand for one account key.
+                let claimed = *account_keys
+                    .entry(member.account.clone())
+                    .or_insert(member.account_key);
+                if claimed != member.account_key {
+                    return Err(MlsError::Protocol(format!(
+                        "the group's leaves of {} stand for two account keys",
+                        member.account
                     )));
                 }
             }
@@ -898,8 +905,31 @@ impl Group {
                 }
                 // And every leaf it brings in reads as an Umbra leaf, its
                 // device certificate (if any) binding its key.
-                if let Some(leaf) = staged.update_path_leaf_node() {
-                    leaf_member(leaf).map_err(MlsError::Protocol)?;
+                let path_leaf = staged
+                    .update_path_leaf_node()
+                    .map(leaf_member)
+                    .transpose()
+                    .map_err(MlsError::Protocol)?;
+                let leaf_at = |index: LeafNodeIndex| {
+                    self.inner
+                        .public_group()
+                        .leaf(index)
+                        .and_then(|leaf| leaf_member(leaf).ok())
+                };
+                // A committer's path keeps its device and the account key
+                // it stands for (a removed device dropping its certificate
+                // would otherwise pass for device 1).
+                if let (openmls::prelude::Sender::Member(index), Some(new)) =
+                    (&sender_kind, &path_leaf)
+                {
+                    let same = leaf_at(*index).is_some_and(|old| {
+                        old.address() == new.address() && old.account_key == new.account_key
+                    });
+                    if !same {
+                        return Err(MlsError::Protocol(format!(
+                            "{sender}'s commit gives its leaf another device or account key"
+                        )));
+                    }
                 }
                 let mut added = Vec::new();
                 for add in staged.add_proposals() {
@@ -934,6 +964,20 @@ impl Group {
                             "an external commit under {sender}'s name from a key that was not theirs"
                         )));
                     }
+                    // It removes its own device's old leaf and nothing else.
+                    let removes: Vec<_> = staged.remove_proposals().collect();
+                    let own_only = removes.len() <= 1
+                        && removes.iter().all(|remove| {
+                            let old = leaf_at(remove.remove_proposal().removed());
+                            matches!((old, &path_leaf), (Some(old), Some(new))
+                                if old.address() == new.address()
+                                    && old.account_key == new.account_key)
+                        });
+                    if !own_only {
+                        return Err(MlsError::Protocol(format!(
+                            "{sender}'s rejoin removes another leaf than its own device's"
+                        )));
+                    }
                 }
                 let members = self.members();
                 for (n, new) in added.iter().enumerate() {
@@ -943,6 +987,17 @@ impl Group {
                     if members.iter().chain(added.iter().take(n)).any(taken) {
                         return Err(MlsError::Protocol(format!(
                             "a commit that adds {}, a member device already",
+                            new.address()
+                        )));
+                    }
+                    // Every leaf of an account stands for one account key: a
+                    // leaf certified under another key is someone else's.
+                    let other_key = members.iter().chain(added.iter().take(n)).any(|old| {
+                        old.account == new.account && old.account_key != new.account_key
+                    });
+                    if other_key {
+                        return Err(MlsError::Protocol(format!(
+                            "a commit that adds {} under another account key than its other leaves",
                             new.address()
                         )));
                     }

@@ -438,9 +438,9 @@ impl PublicState {
             }
         };
         if committer.account != sender
-            || path_leaf
-                .as_ref()
-                .is_some_and(|leaf| leaf.address() != committer.address())
+            || path_leaf.as_ref().is_some_and(|leaf| {
+                leaf.address() != committer.address() || leaf.account_key != committer.account_key
+            })
         {
             return Err(refuse(format!(
                 "{sender}'s commit gives its leaf another account or device"

@@ -373,17 +373,18 @@ impl Client {
                 "a device removal that carries no remove entry".into(),
             ));
         };
-        // Signed by the account key its leaves stand for (which this device
-        // checked against the key it pinned as each leaf came in).
-        let members = group.members();
-        let signed = members.iter().any(|member| {
-            member.account == *account
-                && umbra_mls::verify(
-                    &member.account_key,
-                    &entry.signed_bytes(account),
-                    &entry.account_signature,
-                )
+        // Signed by the account's key as this device knows it: the key it
+        // pinned for a contact, its own account key for its own account
+        // (never a key a leaf merely claims).
+        let known = if *account == self.inner.account {
+            Some(self.identity_key())
+        } else {
+            pinned_key(tx, account)?.and_then(|key| IdentityKey::from_slice(&key).ok())
+        };
+        let signed = known.is_some_and(|key| {
+            umbra_mls::verify(&key, &entry.signed_bytes(account), &entry.account_signature)
         });
+        let members = group.members();
         let leaf = umbra_proto::DeviceAddr::new(account.clone(), device);
         let has_leaf = members.iter().any(|member| member.address() == leaf);
         let line = if signed {

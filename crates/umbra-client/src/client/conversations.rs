@@ -2,10 +2,12 @@
 //! and leaving, and reading conversations and their history.
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tracing::warn;
+use tracing::{debug, warn};
 use umbra_mls::{Group, Provider};
 use umbra_proto::content::Body;
-use umbra_proto::{AccountId, DeliveryKind, GroupId, Reply, Request};
+use umbra_proto::{
+    AccountId, DeliveryKind, DeviceId, ErrorCode, GroupId, IdentityKey, Reply, Request,
+};
 
 use crate::error::{ClientError, Result};
 use crate::types::{
@@ -42,7 +44,12 @@ impl Client {
         }
     }
 
-    pub(super) async fn fetch_key_packages(&self, accounts: &[AccountId]) -> Result<Vec<Vec<u8>>> {
+    /// KeyPackages for these accounts: a leaf's worth for each current
+    /// device of each, paired with the account it is for.
+    pub(super) async fn fetch_key_packages(
+        &self,
+        accounts: &[AccountId],
+    ) -> Result<Vec<(AccountId, Vec<u8>)>> {
         let mut key_packages = Vec::with_capacity(accounts.len());
         for account in accounts {
             let state = contact_state(&self.db(), account)?;
@@ -51,9 +58,8 @@ impl Client {
                 None => return Err(ClientError::NotAContact(account.clone())),
                 Some(_) => return Err(ClientError::NotAccepted(account.clone())),
             }
-            // Device 1's: a group holds one leaf per account until leaves
-            // per device are built (ARCHITECTURE.md, "Several devices per
-            // account"); its key is the account key pinned below.
+            // Device 1's first: its key is the account key, pinned below;
+            // then the account's other devices', as its log lists them.
             let Reply::KeyPackage { key_package, .. } = self
                 .request(Request::FetchKeyPackage {
                     account_id: account.clone(),
@@ -99,9 +105,78 @@ impl Client {
                 return Err(ClientError::ForeignKeyPackage(account.clone()));
             }
             self.emit_all(events);
-            key_packages.push(key_package);
+            key_packages.push((account.clone(), key_package));
+            for package in self
+                .other_devices_packages(account, valid.identity_key)
+                .await?
+            {
+                key_packages.push((account.clone(), package));
+            }
         }
         Ok(key_packages)
+    }
+
+    /// One KeyPackage of each current device of `account` but device 1,
+    /// as the account's device log, verified under its account `key`,
+    /// lists them: a group holds a leaf per device. Each package must be
+    /// that device's (its key, its certificate under `key` for its number);
+    /// a device with none left is skipped (it can be added later).
+    async fn other_devices_packages(
+        &self,
+        account: &AccountId,
+        key: IdentityKey,
+    ) -> Result<Vec<Vec<u8>>> {
+        let log = self.verified_device_log(account, key).await?;
+        let mut packages = Vec::new();
+        let others: Vec<(DeviceId, IdentityKey)> = log
+            .current_devices()
+            .filter(|device| device.id != DeviceId::FIRST)
+            .map(|device| (device.id, device.key))
+            .collect();
+        for (device, device_key) in others {
+            let reply = self
+                .request(Request::FetchKeyPackage {
+                    account_id: account.clone(),
+                    device,
+                })
+                .await;
+            let key_package = match reply {
+                Ok(Reply::KeyPackage { key_package, .. }) => key_package,
+                Err(error)
+                    if matches!(
+                        error.server_code(),
+                        Some(ErrorCode::NoKeyPackage | ErrorCode::UnknownDevice)
+                    ) =>
+                {
+                    debug!(%account, %device, %error, "a device left out");
+                    continue;
+                }
+                Err(error) => return Err(error),
+                Ok(_) => {
+                    return Err(ClientError::Invalid(
+                        "unexpected reply to FetchKeyPackage".into(),
+                    ));
+                }
+            };
+            let valid = umbra_mls::validate_key_package(&key_package)?;
+            let genuine = valid.account == *account
+                && valid.identity_key == device_key
+                && valid.certificate.as_ref().is_some_and(|certificate| {
+                    certificate.account_key == key
+                        && certificate.entry.device() == device
+                        && certificate.certifies(account, &device_key)
+                });
+            if !genuine {
+                warn!(%account, %device, "refusing a KeyPackage that is not that device's");
+                self.emit(Event::Refused {
+                    from: account.clone(),
+                    reason: Refusal::KeyPackageUnderAnotherKey,
+                });
+                return Err(ClientError::ForeignKeyPackage(account.clone()));
+            }
+            packages.push(key_package);
+        }
+        Ok(packages)
     }
 
     /// Creates a conversation with `members` (all accepted contacts): a
@@ -153,7 +228,7 @@ impl Client {
             )?;
             group_id
         };
-        self.add_to_group(&group_id, members, key_packages).await?;
+        self.add_to_group(&group_id, key_packages).await?;
         let conversation = ConversationId::from_group(&group_id);
         if let Some(name) = name.filter(|n| !n.is_empty()) {
             self.send_content(&conversation, Body::GroupName(name.to_owned()))
@@ -169,23 +244,21 @@ impl Client {
     pub(super) async fn add_to_group(
         &self,
         group_id: &[u8],
-        members: &[AccountId],
-        key_packages: Vec<Vec<u8>>,
+        key_packages: Vec<(AccountId, Vec<u8>)>,
     ) -> Result<()> {
         let signer = &self.inner.signer;
         let mut events = Vec::new();
         self.commit(group_id, |group, provider| {
+            // Accounts already in the group keep the leaves they have.
             let present: Vec<AccountId> = group.accounts();
-            let fresh: Vec<usize> = (0..members.len())
-                .filter(|i| members.get(*i).is_some_and(|m| !present.contains(m)))
+            let kps: Vec<Vec<u8>> = key_packages
+                .iter()
+                .filter(|(account, _)| !present.contains(account))
+                .map(|(_, package)| package.clone())
                 .collect();
-            if fresh.is_empty() {
+            if kps.is_empty() {
                 return Ok(None);
             }
-            let kps: Vec<Vec<u8>> = fresh
-                .iter()
-                .filter_map(|i| key_packages.get(*i).cloned())
-                .collect();
             let output = group.add_members(provider, signer, &kps)?;
             Ok(Some(output))
         })
@@ -231,7 +304,7 @@ impl Client {
     ) -> Result<()> {
         let group_id = self.group_id_of(conversation)?;
         let key_packages = self.fetch_key_packages(members).await?;
-        self.add_to_group(&group_id, members, key_packages).await
+        self.add_to_group(&group_id, key_packages).await
     }
 
     /// Removes members; they cannot read anything sent afterwards.

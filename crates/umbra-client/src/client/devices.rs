@@ -98,7 +98,7 @@ impl Client {
 
     /// The log this device verified for `account`, brought up to date from
     /// the server and verified again, page by page as it arrives.
-    async fn verified_device_log(
+    pub(super) async fn verified_device_log(
         &self,
         account: &AccountId,
         key: IdentityKey,
