@@ -67,6 +67,26 @@ impl Group {
         CommitOutput::new(epoch, commit, None, group_info)
     }
 
+    /// A key update whose new leaf drops its device certificate: a
+    /// device other than 1 would then read as its account's device 1,
+    /// under its own key (what a removed device might try).
+    pub fn update_without_certificate(
+        &mut self,
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+    ) -> Result<CommitOutput> {
+        let epoch = self.epoch();
+        let parameters = LeafNodeParameters::builder()
+            .with_extensions(openmls::prelude::Extensions::empty())
+            .build();
+        let bundle = self
+            .inner
+            .self_update(provider, signer, parameters)
+            .map_err(|e| protocol("updating without a certificate", e))?;
+        let (commit, _, group_info) = bundle.into_messages();
+        CommitOutput::new(epoch, commit, None, group_info)
+    }
+
     /// One commit that removes a member and adds it again from a fresh
     /// KeyPackage: the member is cut off while the others see no change.
     pub fn remove_and_add(

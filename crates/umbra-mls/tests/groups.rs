@@ -603,3 +603,41 @@ fn each_device_of_an_account_has_its_own_leaf() {
         ));
     }
 }
+
+/// A device's key update that drops its certificate (it would then read
+/// as its account's device 1, under its own key, and a removal of device
+/// 2 would find no leaf) is refused by the delivery service and by the
+/// members.
+#[test]
+fn a_key_update_that_drops_its_certificate_is_refused() {
+    use umbra_mls::HandshakeError;
+    let bob = Device::new("BBBBBBBB", 2);
+    let mallory_phone = DeviceSigner::from_secret(&[5; 32]);
+    let (laptop, package) = second_device(&mallory_phone, "MMMMMMMM", 55);
+    let config = GroupConfig::default();
+    let (mut group, public) = bob.watched_group(&config);
+    let out = group
+        .add_members(&bob.provider(), &bob.signer, &[package])
+        .unwrap();
+    let (_, public) = public
+        .process_commit(&out.commit, &[], out.welcome.as_deref())
+        .unwrap();
+    group.merge_pending_commit(&bob.provider()).unwrap();
+    let (mut laptops, _) = Group::join(&laptop.provider(), &out.welcome.unwrap(), &config).unwrap();
+
+    let bare = laptops
+        .update_without_certificate(&laptop.provider(), &laptop.signer)
+        .unwrap();
+    match public.process_commit(&bare.commit, &[], None) {
+        Err(HandshakeError::InvalidCommit(why)) => {
+            assert!(why.contains("another account or device"), "{why}")
+        }
+        other => panic!("the delivery service took it: {other:?}"),
+    }
+    match group.process(&bob.provider(), &bare.commit) {
+        Err(MlsError::Protocol(why)) => {
+            assert!(why.contains("another device or account key"), "{why}")
+        }
+        other => panic!("a member took it: {other:?}"),
+    }
+}
