@@ -23,10 +23,17 @@ pub struct GroupConfig {
     /// Past epochs whose secrets are kept, so that an application message
     /// sent just before a commit still decrypts after it.
     pub max_past_epochs: usize,
+    /// Application messages are padded (inside the encryption) to a
+    /// multiple of this many bytes, so that their size says only which
+    /// bucket their content falls in (0: no padding).
+    pub padding: usize,
 }
 
 impl GroupConfig {
     pub const DEFAULT_MAX_PAST_EPOCHS: usize = 5;
+    /// A short text and its envelope fit in one block; a longer one says
+    /// its length only to the nearest 256 bytes.
+    pub const DEFAULT_PADDING: usize = 256;
 }
 
 impl Default for GroupConfig {
@@ -34,6 +41,7 @@ impl Default for GroupConfig {
         GroupConfig {
             suite: Suite::default(),
             max_past_epochs: Self::DEFAULT_MAX_PAST_EPOCHS,
+            padding: Self::DEFAULT_PADDING,
         }
     }
 }
@@ -281,6 +289,7 @@ impl Group {
             .use_ratchet_tree_extension(true)
             .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(config.max_past_epochs)
+            .padding_size(config.padding)
             .build()
     }
 
@@ -321,6 +330,7 @@ impl Group {
             // messages are always encrypted.
             .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
             .max_past_epochs(config.max_past_epochs)
+            .padding_size(config.padding)
             .capabilities(capabilities())
             .with_group_context_extensions(timer_extensions(disappear_after)?)
             .build();

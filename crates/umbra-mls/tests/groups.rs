@@ -641,3 +641,33 @@ fn a_key_update_that_drops_its_certificate_is_refused() {
         other => panic!("a member took it: {other:?}"),
     }
 }
+
+/// Application messages are padded inside the encryption: texts of 1 and
+/// 150 bytes give ciphertexts of one size, a longer one the next bucket
+/// up; the members read the texts unpadded.
+#[test]
+fn application_messages_are_padded_to_buckets() {
+    let alice = Device::new("AAAAAAAA", 1);
+    let bob = Device::new("BBBBBBBB", 2);
+    let config = GroupConfig::default();
+    let (mut group, _) = alice.watched_group(&config);
+    let out = group
+        .add_members(&alice.provider(), &alice.signer, &[bob.key_package()])
+        .unwrap();
+    group.merge_pending_commit(&alice.provider()).unwrap();
+    let (mut bobs, _) = Group::join(&bob.provider(), &out.welcome.unwrap(), &config).unwrap();
+    let mut sizes = Vec::new();
+    for plain in [vec![b'a'; 1], vec![b'b'; 150], vec![b'c'; 400]] {
+        let sealed = group
+            .encrypt(&alice.provider(), &alice.signer, &plain)
+            .unwrap();
+        sizes.push(sealed.len());
+        assert_eq!(text(bobs.process(&bob.provider(), &sealed).unwrap()), plain);
+    }
+    assert_eq!(sizes[0], sizes[1], "one bucket: {sizes:?}");
+    assert_eq!(
+        sizes[2] - sizes[0],
+        GroupConfig::DEFAULT_PADDING,
+        "the next bucket up: {sizes:?}"
+    );
+}
