@@ -326,6 +326,29 @@ impl Mallory {
     }
 }
 
+/// Mallory asks Alice to be a contact, and Alice accepts.
+async fn alice_accepts(alice: &mut Device, mallory: &mut Mallory) {
+    mallory
+        .call(Request::SendContactRequest { to: alice.id() })
+        .await
+        .unwrap();
+    alice
+        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+    alice.client.accept_contact(&mallory.account).await.unwrap();
+}
+
+/// Waits until `device` has joined `conversation`.
+async fn joined(device: &mut Device, conversation: &ConversationId) {
+    let wanted = conversation.clone();
+    device
+        .wait_for(|e| match e {
+            Event::ConversationStarted { conversation } if conversation.id == wanted => Some(()),
+            _ => None,
+        })
+        .await;
+}
+
 /// Mallory, and Alice and Bob in a group Mallory made.
 struct Scene {
     _server: TestServer,
@@ -719,24 +742,11 @@ async fn a_contacts_second_device_stands_for_their_account_key() {
     let server = TestServer::start().await;
     let mut alice = Device::activate(&server).await;
     let mut mallory = Mallory::activate(&server).await;
-    mallory
-        .call(Request::SendContactRequest { to: alice.id() })
-        .await
-        .unwrap();
-    alice
-        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
-        .await;
-    alice.client.accept_contact(&mallory.account).await.unwrap();
+    alice_accepts(&mut alice, &mut mallory).await;
     let mut laptop = mallory.second_device(&server).await;
     let (group, _) = laptop.create_group(&[alice.id()]).await;
     let conversation = ConversationId::from_group(&group.id());
-    let wanted = conversation.clone();
-    alice
-        .wait_for(|e| match e {
-            Event::ConversationStarted { conversation } if conversation.id == wanted => Some(()),
-            _ => None,
-        })
-        .await;
+    joined(&mut alice, &conversation).await;
     let devices = alice
         .client
         .contact_devices(&mallory.account)
@@ -791,27 +801,14 @@ async fn a_removed_device_is_committed_out_of_its_groups() {
     let server = TestServer::start().await;
     let mut alice = Device::activate(&server).await;
     let mut mallory = Mallory::activate(&server).await;
-    mallory
-        .call(Request::SendContactRequest { to: alice.id() })
-        .await
-        .unwrap();
-    alice
-        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
-        .await;
-    alice.client.accept_contact(&mallory.account).await.unwrap();
+    alice_accepts(&mut alice, &mut mallory).await;
     // Mallory's laptop makes a group of Alice, itself and Mallory's phone.
     let mut laptop = mallory.second_device(&server).await;
     let (group, _) = laptop
         .create_group(&[alice.id(), mallory.account.clone()])
         .await;
     let conversation = ConversationId::from_group(&group.id());
-    let wanted = conversation.clone();
-    alice
-        .wait_for(|e| match e {
-            Event::ConversationStarted { conversation } if conversation.id == wanted => Some(()),
-            _ => None,
-        })
-        .await;
+    joined(&mut alice, &conversation).await;
     let welcome = loop {
         if let ServerMessage::Push(Push::Delivery(delivery)) = mallory.next().await
             && delivery.kind == umbra_proto::DeliveryKind::Welcome
@@ -890,14 +887,7 @@ async fn adding_an_account_adds_each_of_its_devices() {
     let server = TestServer::start().await;
     let mut alice = Device::activate(&server).await;
     let mut mallory = Mallory::activate(&server).await;
-    mallory
-        .call(Request::SendContactRequest { to: alice.id() })
-        .await
-        .unwrap();
-    alice
-        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
-        .await;
-    alice.client.accept_contact(&mallory.account).await.unwrap();
+    alice_accepts(&mut alice, &mut mallory).await;
     let mut laptop = mallory.second_device(&server).await;
     laptop.upload_key_packages(2).await;
 
@@ -953,24 +943,11 @@ async fn a_device_removal_the_account_did_not_sign_removes_nothing() {
     let server = TestServer::start().await;
     let mut alice = Device::activate(&server).await;
     let mut mallory = Mallory::activate(&server).await;
-    mallory
-        .call(Request::SendContactRequest { to: alice.id() })
-        .await
-        .unwrap();
-    alice
-        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
-        .await;
-    alice.client.accept_contact(&mallory.account).await.unwrap();
+    alice_accepts(&mut alice, &mut mallory).await;
     let mut laptop = mallory.second_device(&server).await;
     let (group, _) = laptop.create_group(&[alice.id()]).await;
     let conversation = ConversationId::from_group(&group.id());
-    let wanted = conversation.clone();
-    alice
-        .wait_for(|e| match e {
-            Event::ConversationStarted { conversation } if conversation.id == wanted => Some(()),
-            _ => None,
-        })
-        .await;
+    joined(&mut alice, &conversation).await;
 
     // The server's forged remove entry for the laptop.
     let forger = DeviceSigner::from_secret(&[99; 32]);
