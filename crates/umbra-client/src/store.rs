@@ -26,6 +26,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (7, include_str!("../migrations/0007_shown_key.sql")),
     (8, include_str!("../migrations/0008_sent_at.sql")),
     (9, include_str!("../migrations/0009_device_log.sql")),
+    (10, include_str!("../migrations/0010_linked_device.sql")),
 ];
 
 pub(crate) fn store_path(home: &Path) -> PathBuf {

@@ -444,8 +444,22 @@ impl Group {
         signer: &DeviceSigner,
         account: &AccountId,
         config: &GroupConfig,
+        behind: (&[u8], u64),
+        group_info: &[u8],
+    ) -> Result<(Group, CommitOutput)> {
+        Self::rejoin_as_device(provider, signer, account, config, behind, group_info, None)
+    }
+
+    /// [`Group::rejoin`] by a device whose new leaf carries its certificate
+    /// (every device but device 1).
+    pub fn rejoin_as_device(
+        provider: &Provider<'_>,
+        signer: &DeviceSigner,
+        account: &AccountId,
+        config: &GroupConfig,
         (group_id, behind): (&[u8], u64),
         group_info: &[u8],
+        certificate: Option<&crate::DeviceCertificate>,
     ) -> Result<(Group, CommitOutput)> {
         use openmls::prelude::{OpenMlsSignaturePublicKey, Verifiable as _};
         let refuse = |why: &str| MlsError::UntrustedGroupInfo(why.to_owned());
@@ -474,7 +488,8 @@ impl Group {
             ));
         }
         old.delete(provider)?;
-        let (group, bundle) = Self::external_commit(provider, signer, account, config, info)?;
+        let (group, bundle) =
+            Self::external_commit(provider, signer, account, config, info, certificate)?;
         if let Err(error) = group.check_leaves() {
             group.delete(provider)?;
             return Err(error);
@@ -499,16 +514,17 @@ impl Group {
         account: &AccountId,
         config: &GroupConfig,
         info: openmls::messages::group_info::VerifiableGroupInfo,
+        certificate: Option<&crate::DeviceCertificate>,
     ) -> Result<(Group, openmls::prelude::CommitMessageBundle)> {
+        let mut leaf = LeafNodeParameters::builder().with_capabilities(capabilities());
+        if let Some(certificate) = certificate {
+            leaf = leaf.with_extensions(certificate_extension(certificate)?);
+        }
         let (inner, bundle) = MlsGroup::external_commit_builder()
             .with_config(Self::join_config(config))
             .build_group(provider, info, credential(signer, account))
             .map_err(|e| protocol("joining by external commit", e))?
-            .leaf_node_parameters(
-                LeafNodeParameters::builder()
-                    .with_capabilities(capabilities())
-                    .build(),
-            )
+            .leaf_node_parameters(leaf.build())
             .load_psks(provider.storage())
             .map_err(|e| protocol("loading PSKs", e))?
             .build(provider.rand(), provider.crypto(), signer, |_| true)

@@ -142,6 +142,7 @@ impl Group {
             claimed,
             &crate::GroupConfig::default(),
             info,
+            None,
         )?;
         let (commit, _, _) = bundle.into_messages();
         Ok((group, to_bytes(&commit)?))

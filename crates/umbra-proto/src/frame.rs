@@ -9,6 +9,7 @@ use prost::Message;
 
 use crate::devices::{DeviceEntry, DeviceId};
 use crate::ids::{AccountId, ActivationCode, GroupId, IdentityKey, Nonce, Signature};
+use crate::rendezvous::RendezvousId;
 use crate::wire::{self, client_frame, push, response, server_frame};
 use crate::{DecodeError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 
@@ -150,6 +151,23 @@ pub enum Request {
         account_id: AccountId,
         from: u64,
     },
+    /// Opens a rendezvous for linking a device (logged in, active line).
+    OpenRendezvous,
+    /// Writes a rendezvous slot, once (no login needed).
+    RendezvousPut {
+        rendezvous: RendezvousId,
+        slot: u32,
+        payload: Vec<u8>,
+    },
+    /// Reads a rendezvous slot (no login needed).
+    RendezvousGet {
+        rendezvous: RendezvousId,
+        slot: u32,
+    },
+    /// Deletes a rendezvous the caller's account opened.
+    CloseRendezvous {
+        rendezvous: RendezvousId,
+    },
 }
 
 /// One line as its distributor sees it: never contacts, groups or messages.
@@ -215,6 +233,14 @@ pub enum Reply {
     /// Device log entries, in order.
     DeviceLog {
         entries: Vec<DeviceEntry>,
+    },
+    RendezvousOpened {
+        rendezvous: RendezvousId,
+        expires_at: u64,
+    },
+    /// A rendezvous slot's payload, if it was written.
+    RendezvousSlot {
+        payload: Option<Vec<u8>>,
     },
     Done,
     CommitAccepted {
@@ -444,6 +470,19 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
             account_id: account("account_id", &r.account_id)?,
             from: r.from,
         },
+        client_frame::Request::OpenRendezvous(_) => Request::OpenRendezvous,
+        client_frame::Request::RendezvousPut(r) => Request::RendezvousPut {
+            rendezvous: RendezvousId::from_slice(&r.rendezvous)?,
+            slot: r.slot,
+            payload: r.payload,
+        },
+        client_frame::Request::RendezvousGet(r) => Request::RendezvousGet {
+            rendezvous: RendezvousId::from_slice(&r.rendezvous)?,
+            slot: r.slot,
+        },
+        client_frame::Request::CloseRendezvous(r) => Request::CloseRendezvous {
+            rendezvous: RendezvousId::from_slice(&r.rendezvous)?,
+        },
         client_frame::Request::SetWipeKey(r) => Request::SetWipeKey {
             wipe_key: IdentityKey::from_slice(&r.wipe_key)?,
         },
@@ -601,6 +640,27 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
                 from: *from,
             })
         }
+        Request::OpenRendezvous => client_frame::Request::OpenRendezvous(wire::OpenRendezvous {}),
+        Request::RendezvousPut {
+            rendezvous,
+            slot,
+            payload,
+        } => client_frame::Request::RendezvousPut(wire::RendezvousPut {
+            rendezvous: rendezvous.0.to_vec(),
+            slot: *slot,
+            payload: payload.clone(),
+        }),
+        Request::RendezvousGet { rendezvous, slot } => {
+            client_frame::Request::RendezvousGet(wire::RendezvousGet {
+                rendezvous: rendezvous.0.to_vec(),
+                slot: *slot,
+            })
+        }
+        Request::CloseRendezvous { rendezvous } => {
+            client_frame::Request::CloseRendezvous(wire::CloseRendezvous {
+                rendezvous: rendezvous.0.to_vec(),
+            })
+        }
         Request::SetWipeKey { wipe_key } => client_frame::Request::SetWipeKey(wire::SetWipeKey {
             wipe_key: wipe_key.as_bytes().to_vec(),
         }),
@@ -694,6 +754,19 @@ pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
                     last_resort: *last_resort,
                 }),
                 Ok(Reply::Done) => response::Result::Done(wire::Done {}),
+                Ok(Reply::RendezvousOpened {
+                    rendezvous,
+                    expires_at,
+                }) => response::Result::RendezvousOpened(wire::RendezvousOpened {
+                    rendezvous: rendezvous.0.to_vec(),
+                    expires_at: *expires_at,
+                }),
+                Ok(Reply::RendezvousSlot { payload }) => {
+                    response::Result::RendezvousSlot(wire::RendezvousSlot {
+                        written: payload.is_some(),
+                        payload: payload.clone().unwrap_or_default(),
+                    })
+                }
                 Ok(Reply::DeviceLog { entries }) => response::Result::DeviceLog(wire::DeviceLog {
                     entries: entries.iter().map(DeviceEntry::encode).collect(),
                 }),
@@ -806,6 +879,13 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
                     last_resort: x.last_resort,
                 }),
                 response::Result::Done(_) => Ok(Reply::Done),
+                response::Result::RendezvousOpened(x) => Ok(Reply::RendezvousOpened {
+                    rendezvous: RendezvousId::from_slice(&x.rendezvous)?,
+                    expires_at: x.expires_at,
+                }),
+                response::Result::RendezvousSlot(x) => Ok(Reply::RendezvousSlot {
+                    payload: x.written.then_some(x.payload),
+                }),
                 response::Result::DeviceLog(x) => Ok(Reply::DeviceLog {
                     entries: x
                         .entries
@@ -922,6 +1002,19 @@ mod tests {
                 quiet: true,
             },
             Request::Ping,
+            Request::OpenRendezvous,
+            Request::RendezvousPut {
+                rendezvous: RendezvousId([4; 16]),
+                slot: 3,
+                payload: vec![1, 2],
+            },
+            Request::RendezvousGet {
+                rendezvous: RendezvousId([4; 16]),
+                slot: 0,
+            },
+            Request::CloseRendezvous {
+                rendezvous: RendezvousId([4; 16]),
+            },
         ];
         for (n, request) in frames.into_iter().enumerate() {
             let frame = ClientFrame {
@@ -1010,6 +1103,23 @@ mod tests {
             ServerMessage::Response {
                 id: 4,
                 result: Ok(Reply::CommitAccepted { epoch: 8 }),
+            },
+            ServerMessage::Response {
+                id: 5,
+                result: Ok(Reply::RendezvousOpened {
+                    rendezvous: RendezvousId([6; 16]),
+                    expires_at: 600,
+                }),
+            },
+            ServerMessage::Response {
+                id: 6,
+                result: Ok(Reply::RendezvousSlot { payload: None }),
+            },
+            ServerMessage::Response {
+                id: 7,
+                result: Ok(Reply::RendezvousSlot {
+                    payload: Some(vec![]),
+                }),
             },
         ];
         for message in messages {

@@ -13,6 +13,7 @@ pub mod content;
 pub mod devices;
 pub mod frame;
 pub mod ids;
+pub mod rendezvous;
 pub mod wire;
 
 pub use activation::{ActivationString, CertFingerprint, DistributorCredential, WipeCode};
@@ -22,6 +23,7 @@ pub use frame::{
     ServerMessage, decode_client, decode_server, encode_client, encode_server, refused_frame_id,
 };
 pub use ids::{AccountId, ActivationCode, GroupId, IdentityKey, Nonce, Signature};
+pub use rendezvous::{LinkString, RendezvousId};
 
 /// The protocol version carried in the first byte of every frame.
 pub const PROTOCOL_VERSION: u8 = 1;

@@ -10,7 +10,7 @@ pub struct ClientFrame {
     pub id: u64,
     #[prost(
         oneof = "client_frame::Request",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36"
     )]
     pub request: Option<client_frame::Request>,
 }
@@ -64,7 +64,46 @@ pub mod client_frame {
         AppendDeviceEntry(super::AppendDeviceEntry),
         #[prost(message, tag = "32")]
         FetchDeviceLog(super::FetchDeviceLog),
+        #[prost(message, tag = "33")]
+        OpenRendezvous(super::OpenRendezvous),
+        #[prost(message, tag = "34")]
+        RendezvousPut(super::RendezvousPut),
+        #[prost(message, tag = "35")]
+        RendezvousGet(super::RendezvousGet),
+        #[prost(message, tag = "36")]
+        CloseRendezvous(super::CloseRendezvous),
     }
+}
+
+/// Opens a rendezvous for linking a device (see `crate::rendezvous`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OpenRendezvous {}
+
+/// Writes one slot of a rendezvous, once.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RendezvousPut {
+    #[prost(bytes = "vec", tag = "1")]
+    pub rendezvous: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub slot: u32,
+    #[prost(bytes = "vec", tag = "3")]
+    pub payload: Vec<u8>,
+}
+
+/// Reads one slot of a rendezvous (it stays until the rendezvous closes).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RendezvousGet {
+    #[prost(bytes = "vec", tag = "1")]
+    pub rendezvous: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub slot: u32,
+}
+
+/// Deletes a rendezvous the caller's account opened.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CloseRendezvous {
+    #[prost(bytes = "vec", tag = "1")]
+    pub rendezvous: Vec<u8>,
 }
 
 /// Appends one signed entry (an encoded [`DeviceEntry`]) to the caller's
@@ -329,7 +368,7 @@ pub struct Response {
     pub id: u64,
     #[prost(
         oneof = "response::Result",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
     )]
     pub result: Option<response::Result>,
 }
@@ -365,7 +404,28 @@ pub mod response {
         GroupInfo(super::GroupInfo),
         #[prost(message, tag = "15")]
         DeviceLog(super::DeviceLog),
+        #[prost(message, tag = "16")]
+        RendezvousOpened(super::RendezvousOpened),
+        #[prost(message, tag = "17")]
+        RendezvousSlot(super::RendezvousSlot),
     }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RendezvousOpened {
+    #[prost(bytes = "vec", tag = "1")]
+    pub rendezvous: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub expires_at: u64,
+}
+
+/// A slot's payload; `written` false for a slot nobody wrote yet.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RendezvousSlot {
+    #[prost(bool, tag = "1")]
+    pub written: bool,
+    #[prost(bytes = "vec", tag = "2")]
+    pub payload: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -425,6 +485,10 @@ pub enum ErrorCode {
     /// The device named is not one of the account's current devices: fetch
     /// the account's device log again.
     UnknownDevice = 36,
+    /// No such rendezvous: never opened, expired, or closed.
+    UnknownRendezvous = 37,
+    /// That rendezvous slot was already written.
+    SlotTaken = 38,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

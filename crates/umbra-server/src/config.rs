@@ -84,6 +84,9 @@ pub struct Config {
     /// Most device log entries (adds and removes) one account may append
     /// per day. Default 20.
     pub device_changes_per_day: u32,
+    /// Bytes all open rendezvous (for linking devices) may hold together,
+    /// in memory. Default 268435456 (256 MiB).
+    pub max_rendezvous_bytes: u64,
     /// Bytes of deliveries one account may put into others' mailboxes per
     /// hour (a message's size times its recipients; commits and Welcomes
     /// count too). Default 268435456 (256 MiB).
@@ -130,6 +133,7 @@ impl Default for Config {
             contact_requests_per_hour: 60,
             max_devices_per_account: 5,
             device_changes_per_day: 20,
+            max_rendezvous_bytes: 256 * 1024 * 1024,
             delivery_bytes_per_hour: 256 * 1024 * 1024,
             key_package_low_water: 10,
             max_malformed_frames: 16,
@@ -211,6 +215,11 @@ contact_requests_per_hour = 60
 # account may make per day. Beyond them: QUOTA_EXCEEDED.
 max_devices_per_account = 5
 device_changes_per_day = 20
+
+# Bytes all open rendezvous may hold together (in memory): where a device
+# being linked meets its account's existing device. Each lives ten minutes
+# and holds at most 24 MiB. Beyond it: SERVER_BUSY.
+max_rendezvous_bytes = 268435456
 
 # Bytes of deliveries one account may put into others' mailboxes per hour (a
 # message's size times its recipients), so that no account can fill the

@@ -19,6 +19,7 @@ mod handshake;
 mod limits;
 mod reads;
 mod registry;
+pub mod rendezvous;
 pub mod service;
 pub mod tls;
 
@@ -197,6 +198,7 @@ pub async fn run(
         registry: Registry::default(),
         delivery_ids,
         send_budget: limits::SendBudget::new(config.delivery_bytes_per_hour),
+        rendezvous: rendezvous::Rendezvous::new(config.max_rendezvous_bytes),
         clock: options.clock,
         limits: Limits {
             pin: tls::fingerprint(&data_dir.join(&config.cert)).unwrap_or(CertFingerprint([0; 32])),

@@ -134,6 +134,8 @@ pub struct Services {
     pub delivery_ids: crate::delivery_ids::PublicIds,
     /// Bytes each account may still deliver this hour.
     pub send_budget: crate::limits::SendBudget,
+    /// Where devices being linked meet their account's existing device.
+    pub rendezvous: crate::rendezvous::Rendezvous,
     pub clock: Arc<dyn Clock>,
     pub limits: Limits,
 }
@@ -418,6 +420,26 @@ impl Services {
                 self.distributor(id, request).await
             }
             (Session::AwaitingAuth { .. }, Request::Ping) => Ok(Reply::Done),
+            // A device being linked has no account yet: the rendezvous ID
+            // it was given is what lets it in.
+            (
+                Session::AwaitingAuth { .. } | Session::Authenticated { .. },
+                Request::RendezvousPut {
+                    rendezvous,
+                    slot,
+                    payload,
+                },
+            ) => self
+                .rendezvous
+                .put(&rendezvous, slot, payload, self.now())
+                .map(|()| Reply::Done),
+            (
+                Session::AwaitingAuth { .. } | Session::Authenticated { .. },
+                Request::RendezvousGet { rendezvous, slot },
+            ) => self
+                .rendezvous
+                .get(&rendezvous, slot, self.now())
+                .map(|payload| Reply::RendezvousSlot { payload }),
             (Session::AwaitingAuth { .. }, _) => Err(refuse(
                 ErrorCode::NotAuthenticated,
                 "authenticate with Register or Login first",
@@ -672,6 +694,17 @@ impl Services {
                 }
             }
             Request::Ping => Ok(Reply::Done),
+            Request::OpenRendezvous => {
+                self.require_active(me).await?;
+                let (rendezvous, expires_at) = self.rendezvous.open(me, self.now())?;
+                Ok(Reply::RendezvousOpened {
+                    rendezvous,
+                    expires_at,
+                })
+            }
+            Request::CloseRendezvous { rendezvous } => {
+                self.rendezvous.close(&rendezvous, me).map(|()| Reply::Done)
+            }
             Request::RedeemRenewal { code } => {
                 self.live_account(me).await?;
                 match self

@@ -191,12 +191,13 @@ impl Client {
             let _ops = self.inner.ops.lock().await;
             let timer = self.default_disappearing()?;
             let group = self.with_tx(|_, provider| {
-                Group::create(
+                Group::create_as_device(
                     provider,
                     &self.inner.signer,
                     &self.inner.account,
                     &self.inner.options.group,
                     timer,
+                    self.certificate(),
                 )
                 .map_err(ClientError::from)
             })?;

@@ -10,7 +10,7 @@
 
 use rusqlite::params;
 use umbra_mls::{DeviceLog, DeviceLogError};
-use umbra_proto::{AccountId, DeviceEntry, ErrorCode, IdentityKey, Reply, Request};
+use umbra_proto::{AccountId, DeviceEntry, DeviceId, ErrorCode, IdentityKey, Reply, Request};
 
 use umbra_proto::devices::DEVICE_LOG_PAGE;
 
@@ -35,6 +35,11 @@ impl Client {
             .verified_device_log(&account, self.identity_key())
             .await?;
         if log.is_empty() {
+            if self.inner.device != DeviceId::FIRST {
+                // A linked device was added by an entry: its log cannot be
+                // empty unless the server dropped it.
+                return Err(self.log_error(&account, DeviceLogError::RolledBack { pinned: 0 }));
+            }
             let first = log.first_entry(&self.inner.signer, "", self.now());
             match self
                 .request(Request::AppendDeviceEntry {
@@ -218,7 +223,7 @@ impl Client {
     }
 
     fn listed(&self, log: &DeviceLog) -> Vec<Device> {
-        let me = self.identity_key();
+        let me = self.inner.device;
         let mine = log.account() == &self.inner.account;
         log.all_devices()
             .map(|d| Device {
@@ -229,7 +234,7 @@ impl Client {
                 added_by: d.added_by,
                 removed_at: d.removed.map(|(at, _)| at),
                 removed_by: d.removed.map(|(_, by)| by),
-                this_device: mine && d.key == me,
+                this_device: mine && d.id == me,
             })
             .collect()
     }

@@ -14,12 +14,12 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::{Notify, broadcast, watch};
 use tracing::info;
-use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Provider};
+use umbra_mls::{Crypto, DeviceCertificate, DeviceSigner, Group, GroupConfig, Provider};
 use umbra_proto::clock::{Clock, SystemClock};
 use umbra_proto::content::MAX_GROUP_NAME_BYTES;
 use umbra_proto::{
-    AccountId, ActivationString, CertFingerprint, IdentityKey, Push, Reply, Request, WipeCode,
-    register_signing_payload,
+    AccountId, ActivationString, CertFingerprint, DeviceId, IdentityKey, Push, Reply, Request,
+    WipeCode, register_signing_payload,
 };
 use zeroize::Zeroizing;
 
@@ -89,7 +89,15 @@ impl std::fmt::Debug for Client {
 pub(crate) struct Inner {
     home: PathBuf,
     account: AccountId,
+    /// This device's own key: its MLS leaves, its logins.
     signer: DeviceSigner,
+    /// The account key, on a linked device (on device 1, `signer` is it).
+    account_signer: Option<DeviceSigner>,
+    /// This device's number within its account.
+    device: DeviceId,
+    /// What this device's leaves carry to show they are its account's
+    /// (none for device 1).
+    certificate: Option<DeviceCertificate>,
     server_address: String,
     server_pin: CertFingerprint,
     options: ClientOptions,
@@ -106,6 +114,16 @@ pub(crate) struct Inner {
     ticking: std::sync::atomic::AtomicBool,
     /// Groups this device is rejoining (see `rejoin.rs`).
     rejoining: Mutex<std::collections::HashSet<Vec<u8>>>,
+}
+
+/// A signing key from its 32 stored bytes (zeroised after use).
+fn signer_from(secret: Vec<u8>) -> Result<DeviceSigner> {
+    let secret = Zeroizing::new(secret);
+    let secret: &[u8; 32] = secret
+        .as_slice()
+        .try_into()
+        .map_err(|_| ClientError::Store("a stored key has the wrong length".into()))?;
+    Ok(DeviceSigner::from_secret(secret))
 }
 
 fn parse_account(text: &str) -> rusqlite::Result<AccountId> {
@@ -253,25 +271,49 @@ impl Client {
     }
 
     fn from_parts(home: &Path, connection: Connection, options: ClientOptions) -> Result<Client> {
-        let (account, secret, address, pin): (String, Vec<u8>, String, String) = connection
+        type Row = (
+            String,
+            Vec<u8>,
+            String,
+            String,
+            u32,
+            Option<Vec<u8>>,
+            Option<Vec<u8>>,
+        );
+        let (account, secret, address, pin, device, account_secret, certificate): Row = connection
             .query_row(
-                "SELECT account_id, identity_secret, server_address, server_pin FROM device",
+                "SELECT account_id, identity_secret, server_address, server_pin, device_number,
+                        account_secret, certificate
+                 FROM device",
                 [],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+                |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                        row.get(5)?,
+                        row.get(6)?,
+                    ))
+                },
             )
             .optional()?
             .ok_or_else(|| ClientError::NotActivated(home.display().to_string()))?;
-        let secret = Zeroizing::new(secret);
-        let secret: &[u8; 32] = secret
-            .as_slice()
-            .try_into()
-            .map_err(|_| ClientError::Store("identity key has the wrong length".into()))?;
+        let signer = signer_from(secret)?;
+        let account_signer = account_secret.map(signer_from).transpose()?;
+        let certificate = certificate
+            .map(|bytes| DeviceCertificate::decode(&bytes))
+            .transpose()?;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Ok(Client {
             inner: Arc::new(Inner {
                 home: home.to_owned(),
                 account: AccountId::parse(&account)?,
-                signer: DeviceSigner::from_secret(secret),
+                signer,
+                account_signer,
+                device: DeviceId(device),
+                certificate,
                 server_address: address,
                 server_pin: CertFingerprint::from_hex(&pin)?,
                 options,
@@ -292,8 +334,31 @@ impl Client {
         &self.inner.account
     }
 
+    /// The account key: what contacts pin and safety numbers cover (the
+    /// same on every device of the account).
     pub fn identity_key(&self) -> IdentityKey {
+        self.account_signer().identity_key()
+    }
+
+    /// This device's own key (device 1's is the account key).
+    pub fn device_key(&self) -> IdentityKey {
         self.inner.signer.identity_key()
+    }
+
+    /// This device's number within its account.
+    pub fn device(&self) -> DeviceId {
+        self.inner.device
+    }
+
+    pub(crate) fn account_signer(&self) -> &DeviceSigner {
+        self.inner
+            .account_signer
+            .as_ref()
+            .unwrap_or(&self.inner.signer)
+    }
+
+    pub(crate) fn certificate(&self) -> Option<&DeviceCertificate> {
+        self.inner.certificate.as_ref()
     }
 
     pub fn server_address(&self) -> &str {

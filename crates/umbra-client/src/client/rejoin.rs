@@ -147,13 +147,14 @@ impl Client {
                     Some(epoch) => epoch,
                     None => load_group(provider, group_id)?.epoch(),
                 };
-                let (_, output) = Group::rejoin(
+                let (_, output) = Group::rejoin_as_device(
                     provider,
                     &self.inner.signer,
                     &self.inner.account,
                     &self.inner.options.group,
                     (group_id, behind),
                     &group_info,
+                    self.certificate(),
                 )?;
                 tx.execute(
                     "INSERT OR REPLACE INTO rejoins (group_id, behind) VALUES (?1, ?2)",

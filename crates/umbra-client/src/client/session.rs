@@ -53,8 +53,10 @@ impl Client {
         self.link()
     }
 
+    /// Signs with the account key (what the server registered for the
+    /// line, and checks revocations against).
     pub(crate) fn sign(&self, payload: &[u8]) -> Signature {
-        self.inner.signer.sign_payload(payload)
+        self.account_signer().sign_payload(payload)
     }
 
     pub(crate) fn emit_event(&self, event: Event) {
@@ -131,7 +133,7 @@ impl Client {
         let reply = link
             .request(Request::Login {
                 account_id: account.clone(),
-                device: umbra_proto::DeviceId::FIRST,
+                device: self.inner.device,
                 signature: self
                     .inner
                     .signer
@@ -265,12 +267,13 @@ impl Client {
         let suite = self.inner.options.group.suite;
         let (one_time, last_resort) = self.with_tx(|_, provider| {
             let make = |last| {
-                umbra_mls::new_key_package(
+                umbra_mls::new_device_key_package(
                     provider,
                     &self.inner.signer,
                     &self.inner.account,
                     suite,
                     last,
+                    self.certificate(),
                 )
             };
             let one_time = (0..batch)
