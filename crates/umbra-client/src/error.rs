@@ -77,6 +77,8 @@ pub enum ClientError {
     },
     #[error("invalid input: {0}")]
     Invalid(String),
+    #[error("linking the device failed: {0}")]
+    LinkFailed(String),
     #[error("group commit kept losing to other members' commits; try again")]
     CommitContention,
     #[error(transparent)]

@@ -19,6 +19,7 @@ mod error;
 #[cfg(feature = "test-fixtures")]
 mod fixtures;
 mod link;
+mod pairing;
 mod receipts;
 mod safety;
 mod secret;
@@ -27,7 +28,7 @@ mod types;
 mod vault;
 mod wipe;
 
-pub use client::{Client, ClientOptions};
+pub use client::{Client, ClientOptions, JoinedAccount, LinkedDevice, PendingLink};
 pub use disappearing::{DEFAULT_TIMER, MAX_TIMER, MIN_TIMER, describe as describe_timer};
 pub use distributor::DistributorSession;
 pub use error::{ClientError, Result};
@@ -44,7 +45,7 @@ pub use umbra_proto::DistributorCredential;
 pub use umbra_proto::clock::{Clock, ManualClock, SystemClock};
 pub use umbra_proto::frame::LineInfo;
 pub use umbra_proto::{
-    AccountId, ActivationString, CertFingerprint, DeviceId, ErrorCode, WipeCode,
+    AccountId, ActivationString, CertFingerprint, DeviceId, ErrorCode, LinkString, WipeCode,
 };
 pub use vault::Note;
 pub use wipe::{Revocation, send_wipe};

@@ -340,16 +340,33 @@ impl DeviceLog {
         name: &str,
         now: u64,
     ) -> DeviceEntry {
+        let mut entry = self.add_entry_for(account, by, added.identity_key(), name, now);
+        entry.added_signature = Some(added.sign_payload(&entry.signed_bytes(&self.account)));
+        entry
+    }
+
+    /// An entry adding the device whose key is `key`, made by device `by`
+    /// and signed by the account key and `by`. The added device, which
+    /// holds its key elsewhere (linking), signs it itself before it is
+    /// appended: its `added_signature` is left blank (64 zero bytes).
+    pub fn add_entry_for(
+        &self,
+        account: &DeviceSigner,
+        by: (DeviceId, &DeviceSigner),
+        key: IdentityKey,
+        name: &str,
+        now: u64,
+    ) -> DeviceEntry {
         let change = DeviceChange::Add {
             device: self.next_device(),
-            key: added.identity_key(),
+            key,
             name: name.to_owned(),
         };
         let mut entry = self.unsigned(by.0, change, now);
         let signed = entry.signed_bytes(&self.account);
         entry.account_signature = account.sign_payload(&signed);
         entry.device_signature = by.1.sign_payload(&signed);
-        entry.added_signature = Some(added.sign_payload(&signed));
+        entry.added_signature = Some(Signature::from_bytes([0; 64]));
         entry
     }
 

@@ -24,7 +24,9 @@ mod public;
 mod relay;
 mod signer;
 
-pub use devices::{DeviceCertificate, DeviceLog, DeviceLogError, DeviceRecord, FIRST_DEVICE};
+pub use devices::{
+    DeviceCertificate, DeviceLog, DeviceLogError, DeviceRecord, FIRST_DEVICE, name_allowed,
+};
 pub use group::{
     CommitOutput, DEVICE_CERTIFICATE_EXTENSION, DISAPPEARING_EXTENSION, Group, GroupConfig,
     Incoming, MemberInfo, new_device_key_package, new_key_package,

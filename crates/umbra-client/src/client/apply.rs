@@ -410,8 +410,10 @@ impl Client {
         events: &mut Vec<Event>,
     ) -> Result<()> {
         let (group, inviter) = Group::join(provider, &delivery.payload, &self.inner.options.group)?;
+        // Another device of this account adds this one to its groups.
+        let own = inviter == self.inner.account;
         if inviter != delivery.sender
-            || contact_state(tx, &inviter)? != Some(ContactState::Accepted)
+            || (!own && contact_state(tx, &inviter)? != Some(ContactState::Accepted))
         {
             // Not from a contact we accepted: leave no trace of the group.
             warn!(inviter = %inviter, "ignoring a Welcome from someone who is not a contact");
@@ -422,7 +424,11 @@ impl Client {
             });
             return Ok(());
         }
-        let pinned = pinned_key(tx, &inviter)?;
+        let pinned = if own {
+            Some(self.identity_key().as_bytes().to_vec())
+        } else {
+            pinned_key(tx, &inviter)?
+        };
         // The account key the inviter's leaf claims (its certificate's, for
         // a device other than its first).
         let inviter_key = group
@@ -451,6 +457,14 @@ impl Client {
             "UPDATE conversations SET active = 1, disappear_after = ?2 WHERE group_id = ?1 AND active = 0",
             params![group.id(), group.disappear_after()],
         )? == 1;
+        if again && own {
+            // A conversation whose history came with this device's link:
+            // it goes on here now.
+            events.push(Event::ConversationChanged {
+                conversation: self.conversation_in(tx, provider, &group.id())?,
+            });
+            return Ok(());
+        }
         if again {
             self.system_line(
                 tx,
@@ -463,9 +477,16 @@ impl Client {
             });
             return Ok(());
         }
+        // The other account of a two-account conversation: the inviter,
+        // unless the inviter is this account's other device.
+        let peer = members
+            .iter()
+            .find(|account| **account != self.inner.account)
+            .cloned()
+            .unwrap_or_else(|| inviter.clone());
         let has_direct: bool = tx
             .prepare_cached("SELECT 1 FROM conversations WHERE peer = ?1")?
-            .exists([inviter.as_str()])?;
+            .exists([peer.as_str()])?;
         let direct = members.len() == 2 && !has_direct;
         tx.execute(
             "INSERT INTO conversations (group_id, kind, peer, name, created_at, last_self_update, disappear_after)
@@ -473,7 +494,7 @@ impl Client {
             params![
                 group.id(),
                 if direct { "direct" } else { "group" },
-                direct.then(|| inviter.as_str()),
+                direct.then(|| peer.as_str()),
                 self.now(),
                 group.disappear_after()
             ],
@@ -482,7 +503,7 @@ impl Client {
         events.push(Event::ConversationStarted {
             conversation: self.conversation_in(tx, provider, &group.id())?,
         });
-        if !direct {
+        if !direct && !own {
             self.system_line(tx, &group.id(), &format!("{inviter} added you"), events)?;
         }
         Ok(())
@@ -547,9 +568,17 @@ impl Client {
                         let backstop = (ttl > 0).then(|| {
                             timestamp + crate::disappearing::UNSHOWN_BACKSTOP + u64::from(ttl)
                         });
+                        // Sent by another device of this account: ours, as
+                        // it is on the device that sent it.
+                        let own = sender == self.inner.account;
+                        let (direction, state) = if own {
+                            (Direction::Out, DeliveryState::Sent)
+                        } else {
+                            (Direction::In, DeliveryState::Received)
+                        };
                         tx.execute(
                             "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at, uid, sent_at)
-                             VALUES (?1, ?2, 'in', ?3, 'received', ?4, ?5, ?6, ?7, ?8)",
+                             VALUES (?1, ?2, ?9, ?3, ?10, ?4, ?5, ?6, ?7, ?8)",
                             params![
                                 id,
                                 sender.as_str(),
@@ -558,7 +587,9 @@ impl Client {
                                 ttl,
                                 backstop,
                                 content.message_id.map(|uid| uid.to_vec()),
-                                sent_at
+                                sent_at,
+                                if own { "out" } else { "in" },
+                                state.as_str()
                             ],
                         )?;
                         events.push(Event::MessageReceived {
@@ -566,9 +597,9 @@ impl Client {
                                 id: tx.last_insert_rowid(),
                                 conversation,
                                 sender,
-                                direction: Direction::In,
+                                direction,
                                 body,
-                                state: DeliveryState::Received,
+                                state,
                                 timestamp: sent_at,
                                 received_at: Some(timestamp),
                                 expires_at: (ttl > 0).then(|| {
@@ -579,7 +610,9 @@ impl Client {
                                 disappear_after: ttl,
                             },
                         });
-                        if let Some(uid) = content.message_id {
+                        if let Some(uid) = content.message_id
+                            && !own
+                        {
                             return Ok(Some(FollowUp::Receipt(id.clone(), vec![uid])));
                         }
                     }

@@ -107,7 +107,7 @@ impl Client {
             self.emit_all(events);
             key_packages.push((account.clone(), key_package));
             for package in self
-                .other_devices_packages(account, valid.identity_key)
+                .other_devices_packages(account, valid.identity_key, DeviceId::FIRST)
                 .await?
             {
                 key_packages.push((account.clone(), package));
@@ -116,21 +116,23 @@ impl Client {
         Ok(key_packages)
     }
 
-    /// One KeyPackage of each current device of `account` but device 1,
-    /// as the account's device log, verified under its account `key`,
-    /// lists them: a group holds a leaf per device. Each package must be
-    /// that device's (its key, its certificate under `key` for its number);
-    /// a device with none left is skipped (it can be added later).
-    async fn other_devices_packages(
+    /// One KeyPackage of each current device of `account` but `skip`, as
+    /// the account's device log, verified under its account `key`, lists
+    /// them: a group holds a leaf per device. Each package must be that
+    /// device's (its key, and its certificate under `key` for its number,
+    /// or for device 1 none); a device with none left is skipped (it can be
+    /// added later).
+    pub(super) async fn other_devices_packages(
         &self,
         account: &AccountId,
         key: IdentityKey,
+        skip: DeviceId,
     ) -> Result<Vec<Vec<u8>>> {
         let log = self.verified_device_log(account, key).await?;
         let mut packages = Vec::new();
         let others: Vec<(DeviceId, IdentityKey)> = log
             .current_devices()
-            .filter(|device| device.id != DeviceId::FIRST)
+            .filter(|device| device.id != skip)
             .map(|device| (device.id, device.key))
             .collect();
         for (device, device_key) in others {
@@ -161,11 +163,14 @@ impl Client {
             let valid = umbra_mls::validate_key_package(&key_package)?;
             let genuine = valid.account == *account
                 && valid.identity_key == device_key
-                && valid.certificate.as_ref().is_some_and(|certificate| {
-                    certificate.account_key == key
-                        && certificate.entry.device() == device
-                        && certificate.certifies(account, &device_key)
-                });
+                && match valid.certificate.as_ref() {
+                    None => device == DeviceId::FIRST && device_key == key,
+                    Some(certificate) => {
+                        certificate.account_key == key
+                            && certificate.entry.device() == device
+                            && certificate.certifies(account, &device_key)
+                    }
+                };
             if !genuine {
                 warn!(%account, %device, "refusing a KeyPackage that is not that device's");
                 self.emit(Event::Refused {
@@ -186,7 +191,15 @@ impl Client {
         name: Option<&str>,
         members: &[AccountId],
     ) -> Result<ConversationId> {
-        let key_packages = self.fetch_key_packages(members).await?;
+        let mut key_packages = self.fetch_key_packages(members).await?;
+        // This account's other devices are members too.
+        let own = self.inner.account.clone();
+        for package in self
+            .other_devices_packages(&own, self.identity_key(), self.inner.device)
+            .await?
+        {
+            key_packages.push((own.clone(), package));
+        }
         let group_id = {
             let _ops = self.inner.ops.lock().await;
             let timer = self.default_disappearing()?;
@@ -250,11 +263,29 @@ impl Client {
         let signer = &self.inner.signer;
         let mut events = Vec::new();
         self.commit(group_id, |group, provider| {
-            // Accounts already in the group keep the leaves they have.
+            // Accounts already in the group keep the leaves they have; this
+            // account's own devices are added where they have none.
             let present: Vec<AccountId> = group.accounts();
+            let own_leaves: Vec<DeviceId> = group
+                .members()
+                .into_iter()
+                .filter(|member| member.account == self.inner.account)
+                .map(|member| member.device)
+                .collect();
             let kps: Vec<Vec<u8>> = key_packages
                 .iter()
-                .filter(|(account, _)| !present.contains(account))
+                .filter(|(account, package)| {
+                    if *account == self.inner.account {
+                        let device = umbra_mls::validate_key_package(package).ok().map(|valid| {
+                            valid
+                                .certificate
+                                .map_or(DeviceId::FIRST, |c| c.entry.device())
+                        });
+                        device.is_some_and(|device| !own_leaves.contains(&device))
+                    } else {
+                        !present.contains(account)
+                    }
+                })
                 .map(|(_, package)| package.clone())
                 .collect();
             if kps.is_empty() {

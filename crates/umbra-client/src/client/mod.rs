@@ -31,6 +31,8 @@ mod commits;
 mod contacts;
 mod conversations;
 mod devices;
+mod linking;
+pub use linking::{JoinedAccount, LinkedDevice, PendingLink};
 mod rejoin;
 mod sending;
 mod session;

@@ -1,0 +1,842 @@
+//! Linking a new device to this account, from either side.
+//!
+//! The existing device opens a rendezvous at the server and shows a link
+//! string ([`Client::start_link`], then [`PendingLink::finish`]); the new
+//! device, given the string, joins ([`Client::join_link`]). What they say
+//! and how it is sealed is `crate::pairing`. In short: the new device
+//! offers its fresh device key; the existing one answers with the log
+//! entry adding it (signed by the account key and itself); the new device
+//! adds its own signature; the existing one appends the entry and sends
+//! the bundle (the account key, contacts, settings, conversations and the
+//! unexpired history); the new device creates its store, logs in as
+//! itself and says it is ready; the existing one adds it to every
+//! conversation.
+//!
+//! Slots are read without being consumed, so a new device whose
+//! connection drops reconnects and carries on where it was; either side
+//! that waits longer than the rendezvous lives gives up with a clear error.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::params;
+use tracing::{debug, info, warn};
+use umbra_mls::{DeviceCertificate, DeviceSigner};
+use umbra_proto::rendezvous::RENDEZVOUS_TTL_SECS;
+use umbra_proto::{
+    AccountId, DeviceChange, DeviceEntry, DeviceId, ErrorCode, IdentityKey, LinkString, Reply,
+    Request, Signature,
+};
+use zeroize::Zeroizing;
+
+use crate::error::{ClientError, Result};
+use crate::link::Link;
+use crate::pairing::{self, Answer, Bundle, Joined, Manifest, Offer, Sealer, Table, Value};
+use crate::secret::Passphrase;
+use crate::store;
+
+use super::{Client, ClientOptions};
+
+/// How often a waiting side looks at the rendezvous.
+const POLL: Duration = Duration::from_millis(200);
+
+/// How long the existing device waits for the new one to read the last
+/// slot before it closes the rendezvous.
+const DONE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The tables a new device gets a copy of, in the order they are written.
+const COPIED: &[&str] = &["contacts", "settings", "conversations", "messages"];
+
+/// A link this device offered and is waiting to complete.
+pub struct PendingLink {
+    client: Client,
+    link: LinkString,
+    sealer: Sealer,
+    expires_at: u64,
+}
+
+impl std::fmt::Debug for PendingLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingLink")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A device added by [`PendingLink::finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkedDevice {
+    pub device: DeviceId,
+    pub name: String,
+    /// Conversations it was added to, and those it could not be (it has
+    /// their history, and can be added again from any device).
+    pub conversations: usize,
+    pub failed: usize,
+}
+
+/// What a new device got by [`Client::join_link`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinedAccount {
+    pub account: AccountId,
+    pub device: DeviceId,
+    pub contacts: usize,
+    pub messages: usize,
+    /// Conversations the existing device added this one to, once it said
+    /// so (None if it did not within the rendezvous's life).
+    pub conversations: Option<usize>,
+}
+
+impl PendingLink {
+    /// The string to show the new device (as text or a QR code).
+    pub fn link_string(&self) -> &LinkString {
+        &self.link
+    }
+
+    /// Unix seconds after which the link no longer works.
+    pub fn expires_at(&self) -> u64 {
+        self.expires_at
+    }
+
+    /// Waits for the new device and links it: appends the log entry that
+    /// adds it, hands it the account's keys, contacts and history, and
+    /// adds it to every conversation. Fails if it does not come before the
+    /// link expires.
+    pub async fn finish(self) -> Result<LinkedDevice> {
+        let result = self.run().await;
+        // Whatever happened, the rendezvous is no longer needed.
+        let _ = self
+            .client
+            .request(Request::CloseRendezvous {
+                rendezvous: self.link.rendezvous,
+            })
+            .await;
+        result
+    }
+
+    async fn run(&self) -> Result<LinkedDevice> {
+        let client = &self.client;
+        let offer: Offer = self.wait_for(pairing::OFFER).await?;
+        let key = IdentityKey::from_slice(
+            &hex::decode(&offer.device_key)
+                .map_err(|_| ClientError::LinkFailed("the new device's key is not hex".into()))?,
+        )?;
+        if !umbra_mls::name_allowed(&offer.name) {
+            self.put(
+                &Answer::Refused("that device name is not allowed".into()),
+                pairing::ANSWER,
+            )
+            .await?;
+            return Err(ClientError::LinkFailed(
+                "the new device's name is too long or holds control characters".into(),
+            ));
+        }
+        let account = client.account().clone();
+        let log = client
+            .verified_device_log(&account, client.identity_key())
+            .await?;
+        let mut entry = log.add_entry_for(
+            client.account_signer(),
+            (client.device(), &client.inner.signer),
+            key,
+            &offer.name,
+            client.now(),
+        );
+        let device = entry.device();
+        self.put(
+            &Answer::Entry {
+                account: account.to_string(),
+                entry: hex::encode(entry.encode()),
+            },
+            pairing::ANSWER,
+        )
+        .await?;
+        let signature: String = self.wait_for(pairing::SIGNATURE).await?;
+        entry.added_signature = Some(Signature::from_slice(&hex::decode(signature).map_err(
+            |_| ClientError::LinkFailed("the new device's signature is not hex".into()),
+        )?)?);
+        // Checked here first: a wrong signature is the new device's
+        // fault, not a reason to bother the server.
+        if let Err(error) = log.clone().append(entry.clone(), None) {
+            let why = format!("the new device's signature does not verify ({error})");
+            self.put(&Manifest::Refused(why.clone()), pairing::MANIFEST)
+                .await?;
+            return Err(ClientError::LinkFailed(why));
+        }
+        if let Err(error) = client
+            .request(Request::AppendDeviceEntry {
+                entry: entry.clone(),
+            })
+            .await
+        {
+            let why = match error.server_code() {
+                Some(ErrorCode::QuotaExceeded) => format!("the server refused: {error}"),
+                _ => error.to_string(),
+            };
+            self.put(&Manifest::Refused(why), pairing::MANIFEST).await?;
+            return Err(error);
+        }
+        info!(%device, "device added to this account's log");
+        // Keeps the new entry, verified, as part of this account's log.
+        client
+            .verified_device_log(&account, client.identity_key())
+            .await?;
+        let bundle = client.bundle(device)?;
+        let bytes = Zeroizing::new(
+            serde_json::to_vec(&bundle).map_err(|e| ClientError::Store(e.to_string()))?,
+        );
+        let (chunks, digest) = pairing::chunks(&bytes)?;
+        for (n, chunk) in chunks.iter().enumerate() {
+            self.put_bytes(pairing::FIRST_CHUNK + n as u32, chunk)
+                .await?;
+        }
+        self.put(
+            &Manifest::Bundle {
+                chunks: chunks.len() as u32,
+                sha256: hex::encode(digest),
+            },
+            pairing::MANIFEST,
+        )
+        .await?;
+        debug!(
+            bytes = bytes.len(),
+            chunks = chunks.len(),
+            "link bundle sent"
+        );
+        let () = self.wait_for(pairing::READY).await?;
+        let (conversations, failed) = client.add_own_device(device, key).await;
+        self.put(
+            &Joined {
+                conversations,
+                failed,
+            },
+            pairing::JOINED,
+        )
+        .await?;
+        // The rendezvous is closed once the new device has read that (or
+        // has had a while to).
+        let read = tokio::time::timeout(DONE_PATIENCE, self.wait_for::<()>(pairing::DONE)).await;
+        if !matches!(read, Ok(Ok(()))) {
+            debug!("the new device did not confirm the end of linking; closing anyway");
+        }
+        Ok(LinkedDevice {
+            device,
+            name: offer.name,
+            conversations,
+            failed,
+        })
+    }
+
+    async fn put<T: serde::Serialize>(&self, value: &T, slot: u32) -> Result<()> {
+        let bytes = Zeroizing::new(
+            serde_json::to_vec(value).map_err(|e| ClientError::Store(e.to_string()))?,
+        );
+        self.put_bytes(slot, &bytes).await
+    }
+
+    async fn put_bytes(&self, slot: u32, bytes: &[u8]) -> Result<()> {
+        self.client
+            .request(Request::RendezvousPut {
+                rendezvous: self.link.rendezvous,
+                slot,
+                payload: self.sealer.seal(slot, bytes)?,
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn wait_for<T: serde::de::DeserializeOwned>(&self, slot: u32) -> Result<T> {
+        loop {
+            if self.client.now() >= self.expires_at {
+                return Err(ClientError::LinkFailed(
+                    "the new device did not come in time; the link expired (start again)".into(),
+                ));
+            }
+            let reply = self
+                .client
+                .request(Request::RendezvousGet {
+                    rendezvous: self.link.rendezvous,
+                    slot,
+                })
+                .await?;
+            if let Reply::RendezvousSlot {
+                payload: Some(sealed),
+            } = reply
+            {
+                return parse(&self.sealer.open(slot, &sealed)?);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ClientError::LinkFailed(format!("a malformed link payload: {e}")))
+}
+
+impl Client {
+    /// Opens a link for adding a device to this account. Show
+    /// [`PendingLink::link_string`] to the new device, then
+    /// [`PendingLink::finish`].
+    pub async fn start_link(&self) -> Result<PendingLink> {
+        let Reply::RendezvousOpened {
+            rendezvous,
+            expires_at,
+        } = self.request(Request::OpenRendezvous).await?
+        else {
+            return Err(ClientError::Invalid(
+                "unexpected reply to OpenRendezvous".into(),
+            ));
+        };
+        let mut secret = [0u8; 32];
+        getrandom::getrandom(&mut secret).map_err(|e| ClientError::Store(e.to_string()))?;
+        let link = LinkString {
+            address: self.inner.server_address.clone(),
+            pin: self.inner.server_pin,
+            rendezvous,
+            secret,
+        };
+        // The server's clock set the expiry; this device waits by its own,
+        // for the rendezvous's life at most.
+        let expires_at =
+            self.now() + RENDEZVOUS_TTL_SECS.min(expires_at.saturating_sub(self.now()));
+        Ok(PendingLink {
+            sealer: Sealer::new(&link.secret, rendezvous),
+            client: self.clone(),
+            link,
+            expires_at,
+        })
+    }
+
+    /// What a new device (number `device`) gets: the account key and the
+    /// rows of [`COPIED`] (messages only while they have not expired, and
+    /// conversations not yet active there: they become active as this
+    /// device adds it to each).
+    fn bundle(&self, device: DeviceId) -> Result<Bundle> {
+        let db = self.db();
+        let (wipe, expires, version): (Option<Vec<u8>>, u64, u32) = db.query_row(
+            "SELECT wipe_public_key, subscription_expires_at, (SELECT user_version FROM pragma_user_version)
+             FROM device",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )?;
+        let mut tables = Vec::new();
+        for name in COPIED {
+            let columns: Vec<String> = db
+                .prepare(&format!("SELECT name FROM pragma_table_info('{name}')"))?
+                .query_map([], |row| row.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?
+                .into_iter()
+                // Row IDs are the new device's to give.
+                .filter(|column| !(*name == "messages" && column == "id"))
+                .collect();
+            let filter = match *name {
+                "messages" => "WHERE expires_at IS NULL OR expires_at > ?1 ORDER BY id",
+                _ => "WHERE ?1 IS NOT NULL",
+            };
+            let sql = format!("SELECT {} FROM {name} {filter}", columns.join(", "));
+            let mut statement = db.prepare(&sql)?;
+            let rows = statement
+                .query_map([self.now()], |row| {
+                    (0..columns.len())
+                        .map(|i| {
+                            Ok(match row.get_ref(i)? {
+                                rusqlite::types::ValueRef::Null => Value::Null,
+                                rusqlite::types::ValueRef::Integer(v) => Value::Integer(v),
+                                rusqlite::types::ValueRef::Real(v) => Value::Real(v),
+                                rusqlite::types::ValueRef::Text(v) => {
+                                    Value::Text(String::from_utf8_lossy(v).into_owned())
+                                }
+                                rusqlite::types::ValueRef::Blob(v) => Value::Blob(hex::encode(v)),
+                            })
+                        })
+                        .collect::<rusqlite::Result<Vec<Value>>>()
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            tables.push(Table {
+                name: (*name).to_owned(),
+                columns,
+                rows,
+            });
+        }
+        Ok(Bundle {
+            store_version: version,
+            account: self.inner.account.to_string(),
+            device: device.0,
+            account_secret: hex::encode(self.account_signer().secret_bytes()),
+            wipe_public_key: wipe.map(hex::encode),
+            subscription_expires_at: expires,
+            tables,
+        })
+    }
+
+    /// Adds this account's device `device` (key `key`) to every active
+    /// conversation: (added, failed).
+    async fn add_own_device(&self, device: DeviceId, key: IdentityKey) -> (usize, usize) {
+        let groups: Vec<Vec<u8>> = match self.active_groups() {
+            Ok(groups) => groups,
+            Err(error) => {
+                warn!(%error, "listing conversations to add the new device to");
+                return (0, 0);
+            }
+        };
+        let (mut added, mut failed) = (0, 0);
+        for group_id in groups {
+            let result = async {
+                let package = self.own_device_package(device, key).await?;
+                self.add_to_group(&group_id, vec![(self.inner.account.clone(), package)])
+                    .await
+            }
+            .await;
+            match result {
+                Ok(()) => added += 1,
+                Err(error) => {
+                    warn!(%error, "adding the new device to a conversation");
+                    failed += 1;
+                }
+            }
+        }
+        (added, failed)
+    }
+
+    fn active_groups(&self) -> Result<Vec<Vec<u8>>> {
+        let db = self.db();
+        let mut statement =
+            db.prepare("SELECT group_id FROM conversations WHERE active = 1 ORDER BY created_at")?;
+        let groups = statement
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<Vec<Vec<u8>>>>()?;
+        Ok(groups)
+    }
+
+    /// One KeyPackage of this account's device `device`, which must be
+    /// under `key` and carry its certificate.
+    async fn own_device_package(&self, device: DeviceId, key: IdentityKey) -> Result<Vec<u8>> {
+        let account = self.inner.account.clone();
+        let Reply::KeyPackage { key_package, .. } = self
+            .request(Request::FetchKeyPackage {
+                account_id: account.clone(),
+                device,
+            })
+            .await?
+        else {
+            return Err(ClientError::Invalid(
+                "unexpected reply to FetchKeyPackage".into(),
+            ));
+        };
+        let valid = umbra_mls::validate_key_package(&key_package)?;
+        let genuine = valid.account == account
+            && valid.identity_key == key
+            && valid.certificate.as_ref().is_some_and(|certificate| {
+                certificate.account_key == self.identity_key()
+                    && certificate.entry.device() == device
+                    && certificate.certifies(&account, &key)
+            });
+        if !genuine {
+            return Err(ClientError::ForeignKeyPackage(account));
+        }
+        Ok(key_package)
+    }
+
+    /// Becomes a new device of the account whose existing device shows
+    /// `link`: creates the store in `home` under `passphrase`, named
+    /// `name` in the account's device list, and connects. Returns once
+    /// the existing device has added it to its conversations (or the
+    /// rendezvous expired meanwhile: the device is linked either way).
+    pub async fn join_link(
+        home: &Path,
+        passphrase: &Passphrase,
+        link: &LinkString,
+        name: &str,
+        options: ClientOptions,
+    ) -> Result<(Client, JoinedAccount)> {
+        if store::exists(home) {
+            return Err(ClientError::AlreadyActivated(home.display().to_string()));
+        }
+        if !umbra_mls::name_allowed(name) {
+            return Err(ClientError::Invalid(format!(
+                "a device name has at most {} bytes and no control characters",
+                umbra_proto::devices::MAX_DEVICE_NAME_BYTES
+            )));
+        }
+        let started = options.clock.now();
+        let deadline = started + RENDEZVOUS_TTL_SECS;
+        let mut secret = Zeroizing::new([0u8; 32]);
+        getrandom::getrandom(secret.as_mut()).map_err(|e| ClientError::Store(e.to_string()))?;
+        let signer = DeviceSigner::from_secret(&secret);
+        let mut meeting = Meeting {
+            link,
+            sealer: Sealer::new(&link.secret, link.rendezvous),
+            connection: None,
+            clock: options.clock.clone(),
+            deadline,
+        };
+        meeting
+            .put(
+                pairing::OFFER,
+                &Offer {
+                    device_key: hex::encode(signer.identity_key().as_bytes()),
+                    name: name.to_owned(),
+                },
+            )
+            .await?;
+        let (account, mut entry) = match meeting.wait_for::<Answer>(pairing::ANSWER).await? {
+            Answer::Entry { account, entry } => (
+                AccountId::parse(&account)?,
+                DeviceEntry::decode(
+                    &hex::decode(entry)
+                        .map_err(|_| ClientError::LinkFailed("the entry is not hex".into()))?,
+                )?,
+            ),
+            Answer::Refused(why) => return Err(ClientError::LinkFailed(why)),
+        };
+        // The entry must add this device, under this name: nothing else is
+        // signed here.
+        let adds_me = matches!(&entry.change, DeviceChange::Add { key, name: n, .. }
+            if *key == signer.identity_key() && n == name);
+        if !adds_me {
+            return Err(ClientError::LinkFailed(
+                "the existing device answered with an entry that does not add this device".into(),
+            ));
+        }
+        let signature = signer.sign_payload(&entry.signed_bytes(&account));
+        meeting
+            .put(pairing::SIGNATURE, &hex::encode(signature.as_bytes()))
+            .await?;
+        entry.added_signature = Some(signature);
+        let bundle: Bundle = match meeting.wait_for::<Manifest>(pairing::MANIFEST).await? {
+            Manifest::Refused(why) => return Err(ClientError::LinkFailed(why)),
+            Manifest::Bundle { chunks, sha256 } => {
+                if chunks > pairing::MAX_CHUNKS {
+                    return Err(ClientError::LinkFailed(
+                        "the bundle has too many chunks".into(),
+                    ));
+                }
+                let mut bytes = Zeroizing::new(Vec::new());
+                for n in 0..chunks {
+                    let chunk = meeting
+                        .get(pairing::FIRST_CHUNK + n)
+                        .await?
+                        .ok_or_else(|| {
+                            ClientError::LinkFailed("a chunk of the bundle is missing".into())
+                        })?;
+                    bytes.extend_from_slice(&chunk);
+                }
+                let digest: [u8; 32] = sha2::Digest::finalize(
+                    <sha2::Sha256 as sha2::Digest>::new_with_prefix(bytes.as_slice()),
+                )
+                .into();
+                if hex::encode(digest) != sha256 {
+                    return Err(ClientError::LinkFailed(
+                        "the bundle does not match its digest".into(),
+                    ));
+                }
+                parse(&bytes)?
+            }
+        };
+        let account_signer = {
+            let secret = Zeroizing::new(
+                hex::decode(&bundle.account_secret)
+                    .map_err(|_| ClientError::LinkFailed("the account key is not hex".into()))?,
+            );
+            super::signer_from(secret.to_vec())?
+        };
+        let certificate = DeviceCertificate {
+            account_key: account_signer.identity_key(),
+            entry: entry.clone(),
+        };
+        // The entry, now signed three times, must bind this device to the
+        // account whose key came with it, as the number it was given.
+        if bundle.account != account.as_str()
+            || bundle.device != entry.device().0
+            || !certificate.certifies(&account, &signer.identity_key())
+        {
+            return Err(ClientError::LinkFailed(
+                "the account key sent does not sign the entry that adds this device".into(),
+            ));
+        }
+        let connection = store::create(home, passphrase, options.kdf)?;
+        let version: u32 =
+            connection.query_row("SELECT user_version FROM pragma_user_version", [], |row| {
+                row.get(0)
+            })?;
+        if version != bundle.store_version {
+            drop(connection);
+            let _ = store::shred(home);
+            return Err(ClientError::LinkFailed(format!(
+                "the existing device runs another version of Umbra (store version {} here, {} there); \
+                 update both",
+                version, bundle.store_version
+            )));
+        }
+        let (contacts, messages) = match fill(
+            &connection,
+            &bundle,
+            link,
+            &signer,
+            &account_signer,
+            &certificate,
+            started,
+        ) {
+            Ok(counts) => counts,
+            Err(error) => {
+                drop(connection);
+                let _ = store::shred(home);
+                return Err(error);
+            }
+        };
+        info!(account = %account, device = %entry.device(), "device linked");
+        let client = Client::from_parts(home, connection, options)?;
+        client.start_expiry_ticker();
+        client.connect().await?;
+        // Verifies this account's log, which now lists this device.
+        client.devices().await?;
+        client
+            .request(Request::RendezvousPut {
+                rendezvous: link.rendezvous,
+                slot: pairing::READY,
+                payload: meeting.sealer.seal(pairing::READY, b"null")?,
+            })
+            .await?;
+        meeting.connection = None;
+        let conversations = loop {
+            if client.now() >= deadline {
+                break None;
+            }
+            match client
+                .request(Request::RendezvousGet {
+                    rendezvous: link.rendezvous,
+                    slot: pairing::JOINED,
+                })
+                .await
+            {
+                Ok(Reply::RendezvousSlot {
+                    payload: Some(sealed),
+                }) => {
+                    let joined: Joined = parse(&meeting.sealer.open(pairing::JOINED, &sealed)?)?;
+                    let _ = client
+                        .request(Request::RendezvousPut {
+                            rendezvous: link.rendezvous,
+                            slot: pairing::DONE,
+                            payload: meeting.sealer.seal(pairing::DONE, b"null")?,
+                        })
+                        .await;
+                    break Some(joined.conversations);
+                }
+                Ok(_) => tokio::time::sleep(POLL).await,
+                // Closed or expired: the existing device is done or gone.
+                Err(error) if error.server_code() == Some(ErrorCode::UnknownRendezvous) => {
+                    break None;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        let joined = JoinedAccount {
+            account,
+            device: entry.device(),
+            contacts,
+            messages,
+            conversations,
+        };
+        Ok((client, joined))
+    }
+}
+
+/// Writes a linked device's store: its device row, then the copied rows.
+/// Returns how many contacts and messages it got.
+fn fill(
+    connection: &rusqlite::Connection,
+    bundle: &Bundle,
+    link: &LinkString,
+    signer: &DeviceSigner,
+    account_signer: &DeviceSigner,
+    certificate: &DeviceCertificate,
+    now: u64,
+) -> Result<(usize, usize)> {
+    let wipe = bundle
+        .wipe_public_key
+        .as_deref()
+        .map(hex::decode)
+        .transpose()
+        .map_err(|_| ClientError::LinkFailed("the wipe key is not hex".into()))?;
+    connection.execute(
+        "INSERT INTO device (singleton, account_id, identity_secret, server_address, server_pin,
+                             subscription_expires_at, created_at, wipe_public_key,
+                             device_number, account_secret, certificate)
+         VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            bundle.account,
+            &signer.secret_bytes()[..],
+            link.address,
+            link.pin.to_hex(),
+            bundle.subscription_expires_at,
+            now,
+            wipe,
+            bundle.device,
+            &account_signer.secret_bytes()[..],
+            certificate.encode(),
+        ],
+    )?;
+    let (mut contacts, mut messages) = (0, 0);
+    for table in &bundle.tables {
+        if !COPIED.contains(&table.name.as_str())
+            || table
+                .columns
+                .iter()
+                .any(|c| c.is_empty() || !c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_'))
+        {
+            return Err(ClientError::LinkFailed(format!(
+                "the bundle holds an unexpected table or column ({})",
+                table.name
+            )));
+        }
+        let placeholders: Vec<String> =
+            (1..=table.columns.len()).map(|i| format!("?{i}")).collect();
+        let sql = format!(
+            "INSERT OR REPLACE INTO {} ({}) VALUES ({})",
+            table.name,
+            table.columns.join(", "),
+            placeholders.join(", ")
+        );
+        let mut statement = connection.prepare(&sql)?;
+        for row in &table.rows {
+            let values = row
+                .iter()
+                .map(|value| {
+                    Ok(match value {
+                        Value::Null => rusqlite::types::Value::Null,
+                        Value::Integer(v) => rusqlite::types::Value::Integer(*v),
+                        Value::Real(v) => rusqlite::types::Value::Real(*v),
+                        Value::Text(v) => rusqlite::types::Value::Text(v.clone()),
+                        Value::Blob(v) => {
+                            rusqlite::types::Value::Blob(hex::decode(v).map_err(|_| {
+                                ClientError::LinkFailed("a copied value is not hex".into())
+                            })?)
+                        }
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            statement.execute(rusqlite::params_from_iter(values))?;
+        }
+        match table.name.as_str() {
+            "contacts" => contacts = table.rows.len(),
+            "messages" => messages = table.rows.len(),
+            _ => {}
+        }
+    }
+    // Not a member anywhere yet: each conversation becomes active as the
+    // existing device adds this one.
+    connection.execute("UPDATE conversations SET active = 0", [])?;
+    Ok((contacts, messages))
+}
+
+/// The new device's side of the rendezvous, before it has an account: a
+/// connection that does not log in (the server closes it after a few
+/// requests or seconds, so it is opened again as needed).
+struct Meeting<'a> {
+    link: &'a LinkString,
+    sealer: Sealer,
+    connection: Option<Link>,
+    clock: std::sync::Arc<dyn umbra_proto::clock::Clock>,
+    deadline: u64,
+}
+
+impl Meeting<'_> {
+    async fn request(&mut self, request: Request) -> Result<Reply> {
+        loop {
+            if self.clock.now() >= self.deadline {
+                return Err(ClientError::LinkFailed(
+                    "the existing device did not answer in time; start again from it".into(),
+                ));
+            }
+            let link = match self.connection.take().filter(Link::is_alive) {
+                Some(link) => link,
+                None => Link::connect(&self.link.address, self.link.pin).await?.0,
+            };
+            match link.request(request.clone()).await {
+                Ok(reply) => {
+                    self.connection = Some(link);
+                    return Ok(reply);
+                }
+                Err(error)
+                    if matches!(
+                        error.server_code(),
+                        Some(
+                            ErrorCode::UnknownRendezvous
+                                | ErrorCode::SlotTaken
+                                | ErrorCode::InvalidRequest
+                        )
+                    ) =>
+                {
+                    return Err(error);
+                }
+                // Closed for not logging in, or lost: a new connection.
+                Err(error) => {
+                    debug!(%error, "rendezvous connection dropped; reconnecting");
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+        }
+    }
+
+    async fn put<T: serde::Serialize>(&mut self, slot: u32, value: &T) -> Result<()> {
+        let payload = self.sealer.seal(
+            slot,
+            &serde_json::to_vec(value).map_err(|e| ClientError::Store(e.to_string()))?,
+        )?;
+        match self
+            .request(Request::RendezvousPut {
+                rendezvous: self.link.rendezvous,
+                slot,
+                payload,
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Written on an earlier connection whose answer was lost.
+            Err(error) if error.server_code() == Some(ErrorCode::SlotTaken) => Ok(()),
+            Err(error) if error.server_code() == Some(ErrorCode::UnknownRendezvous) => {
+                Err(expired())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn get(&mut self, slot: u32) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        match self
+            .request(Request::RendezvousGet {
+                rendezvous: self.link.rendezvous,
+                slot,
+            })
+            .await
+        {
+            Ok(Reply::RendezvousSlot { payload }) => payload
+                .map(|sealed| self.sealer.open(slot, &sealed))
+                .transpose(),
+            Ok(_) => Err(ClientError::Invalid(
+                "unexpected reply to RendezvousGet".into(),
+            )),
+            Err(error) if error.server_code() == Some(ErrorCode::UnknownRendezvous) => {
+                Err(expired())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn wait_for<T: serde::de::DeserializeOwned>(&mut self, slot: u32) -> Result<T> {
+        loop {
+            if let Some(bytes) = self.get(slot).await? {
+                return parse(&bytes);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+fn expired() -> ClientError {
+    ClientError::LinkFailed(
+        "the link is not (or no longer) open at the server: it expired, was used, or was \
+         mistyped; start again from the existing device"
+            .into(),
+    )
+}
