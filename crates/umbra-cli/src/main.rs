@@ -2,6 +2,7 @@
 //! messenger ([`tui`]); with one, a scriptable command over the
 //! `umbra-client` library, every one of which can print JSON.
 
+mod devices;
 mod escape;
 mod tui;
 
@@ -88,7 +89,18 @@ enum Command {
     /// The devices of this account, or of a contact, as the account's
     /// signed device list says (verified on this device).
     #[command(subcommand)]
-    Devices(DevicesCommand),
+    Devices(devices::DevicesCommand),
+    /// Make this device a new device of an existing account, from the
+    /// one-time link `umbra devices link` shows on one of its devices: it
+    /// gets the account's contacts and unexpired history and joins its
+    /// conversations. Sets this device's passphrase.
+    Link {
+        /// The `umbra-link://…` string.
+        link: String,
+        /// What to call this device in the account's device list.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
     /// Send a text message to a contact (account ID) or a group
     /// (conversation ID from `groups list`).
     Send {
@@ -213,14 +225,6 @@ enum VaultCommand {
     Show { id: i64 },
     /// Delete one note.
     Delete { id: i64 },
-}
-
-#[derive(Debug, Subcommand)]
-enum DevicesCommand {
-    /// List the devices of this account, or of a contact (ACCOUNT), current
-    /// and removed. The list is signed with the account's key and checked
-    /// here: a device the server added on its own is refused, not shown.
-    List { account: Option<String> },
 }
 
 #[derive(Subcommand, Debug)]
@@ -630,41 +634,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Contacts(command) => contacts(&cli, &out, command).await?,
-        Command::Devices(DevicesCommand::List { account: whose }) => {
-            let whose = whose.as_deref().map(account).transpose()?;
-            let client = online(&cli).await?;
-            let devices = match &whose {
-                None => client.devices().await?,
-                Some(id) => client.contact_devices(id).await?,
-            };
-            if out.json {
-                for device in &devices {
-                    println!("{}", json!(device));
-                }
-            } else {
-                for d in &devices {
-                    // The name is the account's choice: shown escaped.
-                    let name = if d.name.is_empty() {
-                        "(no name)".into()
-                    } else {
-                        printable(&d.name)
-                    };
-                    let mut line = format!(
-                        "device {}  {name}  key {}…  added {}",
-                        d.id,
-                        d.key.get(..16).unwrap_or(&d.key),
-                        date(d.added_at)
-                    );
-                    if let (Some(at), Some(by)) = (d.removed_at, d.removed_by) {
-                        line.push_str(&format!("  removed {} by device {by}", date(at)));
-                    }
-                    if d.this_device {
-                        line.push_str("  (this device)");
-                    }
-                    println!("{line}");
-                }
-            }
-        }
+        Command::Devices(command) => devices::devices(&cli, &out, command).await?,
+        Command::Link { link, name } => devices::link(&cli, &out, link, name).await?,
         Command::Send { target, text } => {
             let client = online(&cli).await?;
             let id = conversation(&client, target)?;

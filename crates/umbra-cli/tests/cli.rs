@@ -401,6 +401,100 @@ async fn text_output_escapes_what_contacts_write() {
     .expect("the test took over five minutes");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_is_linked_and_removed_through_the_cli() {
+    let server = Server::start().await;
+    let (phone, laptop, bob) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let a = activate(&server, phone.path()).await;
+    let b = activate(&server, bob.path()).await;
+    ok(phone.path(), &["contacts", "add", &b]).await;
+    ok(bob.path(), &["recv"]).await;
+    ok(bob.path(), &["contacts", "accept", &a]).await;
+    ok(bob.path(), &["send", &a, "before the laptop"]).await;
+    ok(phone.path(), &["recv"]).await;
+
+    // `devices link` prints the link, then waits for the new device.
+    let mut linking = std::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .arg("--json")
+        .arg("--home")
+        .arg(phone.path())
+        .args(["devices", "link"])
+        .env("UMBRA_PASSPHRASE", "a long test passphrase")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = linking.stdout.take().unwrap();
+    let (first, mut reader) = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        (line, reader)
+    })
+    .await
+    .unwrap();
+    let offered: Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    let link = offered["link"].as_str().unwrap().to_owned();
+    assert!(link.starts_with("umbra-link://"), "{offered}");
+
+    let joined = ok(laptop.path(), &["link", &link, "--name", "laptop"]).await;
+    assert_eq!(
+        (
+            joined[0]["account_id"].as_str(),
+            joined[0]["device"].as_u64(),
+            joined[0]["conversations"].as_u64()
+        ),
+        (Some(a.as_str()), Some(2), Some(1))
+    );
+    let finished = tokio::task::spawn_blocking(move || {
+        use std::io::Read as _;
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+        let status = linking.wait().unwrap();
+        (rest, status)
+    });
+    let (rest, status) = tokio::time::timeout(Duration::from_secs(60), finished)
+        .await
+        .expect("`devices link` did not finish")
+        .unwrap();
+    assert!(status.success(), "{rest}");
+    let linked: Value = serde_json::from_str(rest.trim()).unwrap_or_else(|e| panic!("{e}: {rest}"));
+    assert_eq!(
+        (linked["device"].as_u64(), linked["name"].as_str()),
+        (Some(2), Some("laptop"))
+    );
+
+    // The laptop has the history and talks as the account.
+    let history = ok(laptop.path(), &["history", &b]).await;
+    assert!(
+        history.iter().any(|m| m["body"] == "before the laptop"),
+        "{history:?}"
+    );
+    ok(laptop.path(), &["send", &b, "from the laptop"]).await;
+    let received = ok(bob.path(), &["recv"]).await;
+    assert_eq!(messages(&received), vec!["from the laptop"]);
+    assert!(
+        received
+            .iter()
+            .any(|e| e["event"] == "message_received" && e["message"]["sender"] == a.as_str())
+    );
+
+    // Removed from the phone: listed as removed, and it can no longer
+    // connect.
+    ok(phone.path(), &["devices", "remove", "2"]).await;
+    let listed = ok(phone.path(), &["devices", "list"]).await;
+    assert_eq!(listed.len(), 2);
+    assert!(listed[1]["removed_at"].is_u64(), "{listed:?}");
+    let refused = umbra(laptop.path(), &["recv"]).await;
+    assert!(!refused.status.success(), "a removed device still connects");
+}
+
 #[test]
 fn help_is_there_for_a_newcomer() {
     let output = Command::new(env!("CARGO_BIN_EXE_umbra"))
@@ -416,6 +510,8 @@ fn help_is_there_for_a_newcomer() {
         "listen",
         "groups",
         "history",
+        "devices",
+        "link",
         "UMBRA_PASSPHRASE",
         "Exit codes",
     ] {

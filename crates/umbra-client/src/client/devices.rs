@@ -65,6 +65,49 @@ impl Client {
         Ok(self.listed(&log))
     }
 
+    /// Removes `device` from this account, at once: the account's signed
+    /// log says so, the server withdraws its KeyPackages and mailbox and
+    /// ends its sessions, and the members of its conversations (this
+    /// device first) commit its leaves out, so it reads nothing sent
+    /// afterwards. Any device may remove any other; not itself (wipe it,
+    /// or remove it from another device).
+    pub async fn remove_device(&self, device: DeviceId) -> Result<()> {
+        if device == self.inner.device {
+            return Err(ClientError::Invalid(
+                "a device does not remove itself: remove it from another device of the account, \
+                 or wipe it"
+                    .into(),
+            ));
+        }
+        let account = self.inner.account.clone();
+        let log = self
+            .verified_device_log(&account, self.identity_key())
+            .await?;
+        if log.current(device).is_none() {
+            return Err(ClientError::Invalid(format!(
+                "device {device} is not a current device of this account (see `umbra devices list`)"
+            )));
+        }
+        let entry = log.remove_entry(
+            self.account_signer(),
+            (self.inner.device, &self.inner.signer),
+            device,
+            self.now(),
+        );
+        self.request(Request::AppendDeviceEntry { entry }).await?;
+        self.verified_device_log(&account, self.identity_key())
+            .await?;
+        let removed = [umbra_proto::DeviceAddr::new(account, device)];
+        for group_id in self.active_groups()? {
+            // Another member may commit it first: then there is nothing
+            // left to remove here.
+            if let Err(error) = self.remove_devices_from_group(&group_id, &removed).await {
+                tracing::warn!(%error, "committing a removed device out of a conversation");
+            }
+        }
+        Ok(())
+    }
+
     /// A contact's devices, from their device log, verified against the
     /// key pinned for them (the one their safety number stands for).
     pub async fn contact_devices(&self, account: &AccountId) -> Result<Vec<Device>> {

@@ -399,7 +399,7 @@ impl Client {
         (added, failed)
     }
 
-    fn active_groups(&self) -> Result<Vec<Vec<u8>>> {
+    pub(super) fn active_groups(&self) -> Result<Vec<Vec<u8>>> {
         let db = self.db();
         let mut statement =
             db.prepare("SELECT group_id FROM conversations WHERE active = 1 ORDER BY created_at")?;

@@ -1,0 +1,166 @@
+//! `umbra devices …` and `umbra link`: this account's devices, adding one
+//! by a one-time link, and removing one.
+
+use anyhow::Context;
+use clap::Subcommand;
+use serde_json::json;
+use umbra_client::{Client, ClientOptions, DeviceId, LinkString};
+
+use crate::escape::printable;
+use crate::{Cli, Out, account, date, online, passphrase, qr};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DevicesCommand {
+    /// List the devices of this account, or of a contact (ACCOUNT), current
+    /// and removed. The list is signed with the account's key and checked
+    /// here: a device the server added on its own is refused, not shown.
+    List { account: Option<String> },
+    /// Add a device to this account: shows a one-time link (text and QR
+    /// code) to give to `umbra link` on the new device, then waits for it
+    /// (ten minutes at most) and hands it the account's contacts and
+    /// unexpired history, and adds it to every conversation. Anyone who
+    /// sees the link before it is used can take the device's place: show
+    /// it only to the new device.
+    Link,
+    /// Remove a device (its number from `devices list`) from this account
+    /// at once: it can no longer log in, its conversations remove it, and
+    /// it reads nothing sent afterwards. Works from any other device of
+    /// the account.
+    Remove { device: u32 },
+}
+
+pub(crate) async fn devices(cli: &Cli, out: &Out, command: &DevicesCommand) -> anyhow::Result<()> {
+    match command {
+        DevicesCommand::List { account: whose } => {
+            let whose = whose.as_deref().map(account).transpose()?;
+            let client = online(cli).await?;
+            let devices = match &whose {
+                None => client.devices().await?,
+                Some(id) => client.contact_devices(id).await?,
+            };
+            if out.json {
+                for device in &devices {
+                    println!("{}", json!(device));
+                }
+            } else {
+                for d in &devices {
+                    // The name is the account's choice: shown escaped.
+                    let name = if d.name.is_empty() {
+                        "(no name)".into()
+                    } else {
+                        printable(&d.name)
+                    };
+                    let mut line = format!(
+                        "device {}  {name}  key {}…  added {}",
+                        d.id,
+                        d.key.get(..16).unwrap_or(&d.key),
+                        date(d.added_at)
+                    );
+                    if let (Some(at), Some(by)) = (d.removed_at, d.removed_by) {
+                        line.push_str(&format!("  removed {} by device {by}", date(at)));
+                    }
+                    if d.this_device {
+                        line.push_str("  (this device)");
+                    }
+                    println!("{line}");
+                }
+            }
+        }
+        DevicesCommand::Link => {
+            let client = online(cli).await?;
+            let pending = client.start_link().await?;
+            let link = pending.link_string().to_string();
+            out.value(
+                json!({ "link": link, "expires_at": pending.expires_at() }),
+                || {
+                    let mut text = format!(
+                        "On the new device, run:\n\n  umbra link '{link}'\n\n\
+                         This link works once, until {}. Show it to nobody else.",
+                        crate::rfc3339(pending.expires_at())
+                    );
+                    if let Some(qr) = qr(&link) {
+                        text.push_str(&format!("\n\n{qr}"));
+                    }
+                    text.push_str("\n\nWaiting for the new device…");
+                    text
+                },
+            );
+            let linked = pending.finish().await?;
+            out.value(
+                json!({
+                    "device": linked.device,
+                    "name": linked.name,
+                    "conversations": linked.conversations,
+                    "failed": linked.failed,
+                }),
+                || {
+                    let mut text = format!(
+                        "Linked device {} ({}). It is in {} conversation(s).",
+                        linked.device,
+                        printable(&linked.name),
+                        linked.conversations
+                    );
+                    if linked.failed > 0 {
+                        text.push_str(&format!(
+                            "\n{} conversation(s) could not add it yet; it has their history.",
+                            linked.failed
+                        ));
+                    }
+                    text
+                },
+            );
+        }
+        DevicesCommand::Remove { device } => {
+            let client = online(cli).await?;
+            client.remove_device(DeviceId(*device)).await?;
+            out.value(json!({ "removed": device }), || {
+                format!(
+                    "Removed device {device}. It can no longer log in, and reads nothing sent from now on."
+                )
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `umbra link STRING`: becomes a new device of the account that showed it.
+pub(crate) async fn link(cli: &Cli, out: &Out, link: &str, name: &str) -> anyhow::Result<()> {
+    let link: LinkString = link
+        .parse()
+        .context("this is not a valid link (it starts with umbra-link://)")?;
+    let passphrase = passphrase(true)?;
+    let (client, joined) = Client::join_link(
+        &cli.home,
+        &passphrase,
+        &link,
+        name,
+        ClientOptions::default(),
+    )
+    .await?;
+    // What the existing device sent meanwhile (the conversations' Welcomes).
+    client.sync().await?;
+    out.value(
+        json!({
+            "account_id": joined.account,
+            "device": joined.device,
+            "contacts": joined.contacts,
+            "messages": joined.messages,
+            "conversations": joined.conversations,
+            "home": cli.home,
+        }),
+        || {
+            let mut text = format!(
+                "Linked. This is device {} of account {}, with {} contact(s) and {} message(s) of history.",
+                joined.device, joined.account, joined.contacts, joined.messages
+            );
+            match joined.conversations {
+                Some(n) => text.push_str(&format!("\nIt is in {n} conversation(s).")),
+                None => text.push_str(
+                    "\nThe other device has not added it to the conversations yet; they appear when it does.",
+                ),
+            }
+            text
+        },
+    );
+    Ok(())
+}
