@@ -180,3 +180,140 @@ async fn a_link_under_another_secret_adds_no_device() {
     joining.abort();
     assert_eq!(phone.client.devices().await.unwrap().len(), 1);
 }
+
+/// Every device's history of `conversation`, messages only.
+fn histories(devices: &[&Device], conversation: &ConversationId) -> Vec<Vec<String>> {
+    devices
+        .iter()
+        .map(|d| {
+            texts(&d.client, conversation)
+                .into_iter()
+                .map(|(_, body)| body)
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn two_accounts_with_two_and_three_devices_see_every_message_in_one_order() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    let (alice_laptop, _) = link(&alice, "laptop").await;
+    let (bob_tablet, _) = link(&bob, "tablet").await;
+    // A device linked by a linked device: the entry is made and signed
+    // by device 2, and the history it hands on came by a link itself.
+    let (bob_laptop, linked) = link(&bob_tablet, "laptop").await;
+    assert_eq!(linked.device, DeviceId(3));
+    assert_eq!(bob.client.devices().await.unwrap().len(), 3);
+    let devices = [&alice, &alice_laptop, &bob, &bob_tablet, &bob_laptop];
+    for device in devices {
+        until("every device is in the conversation", || {
+            device
+                .client
+                .conversation(&conversation)
+                .is_ok_and(|c| c.active)
+        })
+        .await;
+    }
+
+    // Each device sends in turn; every device, the sender's other devices
+    // included, shows every message, in the same order.
+    let mut sent = Vec::new();
+    for (n, sender) in devices.iter().enumerate() {
+        let text = format!("message {n}");
+        sender.client.send_text(&conversation, &text).await.unwrap();
+        sent.push(text);
+        until("every device has the message", || {
+            histories(&devices, &conversation)
+                .iter()
+                .all(|h| h == &sent)
+        })
+        .await;
+    }
+    // Each message is the account's own on its account's devices: Alice
+    // sent 0 and 1, Bob 2 to 4.
+    let directions = |device: &Device| -> Vec<Direction> {
+        texts(&device.client, &conversation)
+            .into_iter()
+            .map(|(direction, _)| direction)
+            .collect()
+    };
+    use Direction::{In, Out};
+    assert_eq!(directions(&alice_laptop), vec![Out, Out, In, In, In]);
+    assert_eq!(directions(&bob_laptop), vec![In, In, Out, Out, Out]);
+
+    // A group a linked device creates holds every device of both
+    // accounts.
+    let group = alice_laptop
+        .client
+        .create_group("five devices", &[bob.id()])
+        .await
+        .unwrap();
+    for device in devices {
+        until("every device is in the new group", || {
+            device.client.conversation(&group).is_ok_and(|c| c.active)
+        })
+        .await;
+    }
+    bob_laptop
+        .client
+        .send_text(&group, "in the group")
+        .await
+        .unwrap();
+    until("every device has the group's message", || {
+        histories(&devices, &group)
+            .iter()
+            .all(|h| h == &vec!["in the group".to_owned()])
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_removed_device_is_cut_off_and_gets_nothing_sent_afterwards() {
+    let server = TestServer::start().await;
+    let mut phone = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, at_bob) = befriend(&mut phone, &mut bob).await;
+    let (laptop, _) = link(&phone, "laptop").await;
+    until("the laptop is in the conversation", || {
+        laptop
+            .client
+            .conversation(&conversation)
+            .is_ok_and(|c| c.active)
+    })
+    .await;
+    assert!(
+        phone
+            .client
+            .remove_device(phone.client.device())
+            .await
+            .is_err(),
+        "a device does not remove itself"
+    );
+    phone.client.remove_device(DeviceId(2)).await.unwrap();
+    let listed = phone.client.devices().await.unwrap();
+    assert!(listed[1].removed_at.is_some(), "{listed:?}");
+    // The laptop is cut off at once, and cannot come back.
+    until("the laptop is disconnected", || {
+        !laptop.client.is_connected()
+    })
+    .await;
+    assert!(laptop.client.connect().await.is_err());
+
+    // What Bob sends now reaches the phone and not the laptop (whose
+    // mailbox is gone; that its leaf leaves the tree, so later epochs'
+    // keys are not derived for it, is `hostile_member`'s
+    // `a_removed_device_is_committed_out_of_its_groups`).
+    bob.client
+        .send_text(&at_bob, "after the removal")
+        .await
+        .unwrap();
+    assert_eq!(phone.next_text().await.1, "after the removal");
+    assert!(
+        texts(&laptop.client, &conversation)
+            .iter()
+            .all(|(_, body)| body != "after the removal")
+    );
+}
