@@ -23,8 +23,11 @@ pub(crate) enum DevicesCommand {
     /// it only to the new device.
     Link,
     /// Remove a device (its number from `devices list`) from this account
-    /// at once: it can no longer log in, its conversations remove it, and
-    /// it reads nothing sent afterwards. Works from any other device of
+    /// at once: it can no longer log in as that device, its conversations
+    /// remove it, and it reads nothing sent to them afterwards. Works from
+    /// any other device of the account. A device that was linked holds the
+    /// account key: remove a stolen one at once, and know that until
+    /// account keys can be replaced, whoever holds it can still act as
     /// the account.
     Remove { device: u32 },
 }
@@ -74,8 +77,9 @@ pub(crate) async fn devices(cli: &Cli, out: &Out, command: &DevicesCommand) -> a
                 json!({ "link": link, "expires_at": pending.expires_at() }),
                 || {
                     let mut text = format!(
-                        "On the new device, run:\n\n  umbra link '{link}'\n\n\
-                         This link works once, until {}. Show it to nobody else.",
+                        "On the new device, run `umbra link` and paste this link (or scan the code):\n\n  {link}\n\n\
+                         It works once, until {}. Show it to nobody else: whoever uses it first \
+                         becomes a device of your account.",
                         crate::rfc3339(pending.expires_at())
                     );
                     if let Some(qr) = qr(&link) {
@@ -115,7 +119,7 @@ pub(crate) async fn devices(cli: &Cli, out: &Out, command: &DevicesCommand) -> a
             client.remove_device(DeviceId(*device)).await?;
             out.value(json!({ "removed": device }), || {
                 format!(
-                    "Removed device {device}. It can no longer log in, and reads nothing sent from now on."
+                    "Removed device {device}. It can no longer log in as that device, and reads nothing sent to your conversations from now on."
                 )
             });
         }
@@ -124,7 +128,25 @@ pub(crate) async fn devices(cli: &Cli, out: &Out, command: &DevicesCommand) -> a
 }
 
 /// `umbra link STRING`: becomes a new device of the account that showed it.
-pub(crate) async fn link(cli: &Cli, out: &Out, link: &str, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn link(
+    cli: &Cli,
+    out: &Out,
+    link: Option<&str>,
+    name: &str,
+) -> anyhow::Result<()> {
+    let typed;
+    let link = match link {
+        Some(link) => link,
+        None => {
+            eprint!("Paste the link from `umbra devices link` (umbra-link://…): ");
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the link")?;
+            typed = line;
+            typed.trim()
+        }
+    };
     let link: LinkString = link
         .parse()
         .context("this is not a valid link (it starts with umbra-link://)")?;

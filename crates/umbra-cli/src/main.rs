@@ -95,8 +95,10 @@ enum Command {
     /// gets the account's contacts and unexpired history and joins its
     /// conversations. Sets this device's passphrase.
     Link {
-        /// The `umbra-link://…` string.
-        link: String,
+        /// The `umbra-link://…` string. Without it, it is read from the
+        /// standard input (so it stays out of the shell's history and the
+        /// process list).
+        link: Option<String>,
         /// What to call this device in the account's device list.
         #[arg(long, default_value = "")]
         name: String,
@@ -635,7 +637,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Contacts(command) => contacts(&cli, &out, command).await?,
         Command::Devices(command) => devices::devices(&cli, &out, command).await?,
-        Command::Link { link, name } => devices::link(&cli, &out, link, name).await?,
+        Command::Link { link, name } => devices::link(&cli, &out, link.as_deref(), name).await?,
         Command::Send { target, text } => {
             let client = online(&cli).await?;
             let id = conversation(&client, target)?;

@@ -11,7 +11,7 @@
 //!
 //! | slot | from | what |
 //! |---|---|---|
-//! | 0 | new device | [`Offer`]: its device key and name |
+//! | 0 | new device | [`Offer`]: its device key, name and store version |
 //! | 1 | existing device | [`Answer`]: the add entry, signed by the account key and the existing device, or a refusal |
 //! | 2 | new device | its signature of the entry |
 //! | 3 | existing device | [`Manifest`]: how many chunks the bundle has and its digest, or a refusal |
@@ -24,7 +24,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use sha2::{Digest, Sha256};
 use umbra_proto::RendezvousId;
-use umbra_proto::rendezvous::RENDEZVOUS_SLOT_BYTES;
+use umbra_proto::rendezvous::{RENDEZVOUS_BYTES, RENDEZVOUS_SLOT_BYTES};
 use zeroize::Zeroizing;
 
 use crate::error::{ClientError, Result};
@@ -37,8 +37,18 @@ pub(crate) const FIRST_CHUNK: u32 = 4;
 pub(crate) const DONE: u32 = 61;
 pub(crate) const JOINED: u32 = 62;
 pub(crate) const READY: u32 = 63;
-/// Bundle chunks fit in the slots between the manifest and `DONE`.
-pub(crate) const MAX_CHUNKS: u32 = DONE - FIRST_CHUNK;
+/// Bundle chunks: as many whole slots as a rendezvous holds, less one for
+/// the small payloads (and no more than the slots between the manifest
+/// and `DONE`).
+pub(crate) const MAX_CHUNKS: u32 = {
+    let by_bytes = (RENDEZVOUS_BYTES / RENDEZVOUS_SLOT_BYTES) as u32 - 1;
+    let by_slots = DONE - FIRST_CHUNK;
+    if by_bytes < by_slots {
+        by_bytes
+    } else {
+        by_slots
+    }
+};
 /// Plaintext per chunk: a slot less the nonce and tag.
 pub(crate) const CHUNK_BYTES: usize = RENDEZVOUS_SLOT_BYTES - 64;
 
@@ -118,6 +128,8 @@ pub(crate) struct Offer {
     /// Its Ed25519 device key, hex.
     pub device_key: String,
     pub name: String,
+    /// Its store's version: the bundle's rows must fit it.
+    pub store_version: u32,
 }
 
 /// Slot 1: the add entry for the new device (its own signature blank), or

@@ -29,6 +29,9 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (10, include_str!("../migrations/0010_linked_device.sql")),
 ];
 
+/// The version a store is at once every migration has run.
+pub(crate) const VERSION: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
 pub(crate) fn store_path(home: &Path) -> PathBuf {
     home.join(STORE_FILE)
 }

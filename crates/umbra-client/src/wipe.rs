@@ -60,21 +60,33 @@ pub(crate) fn verify_command(
 }
 
 impl Client {
-    /// Wipes this device and ends its line at the server: the user's own
-    /// "wipe everything" from a device they hold.
+    /// Wipes this device. If it is its account's only device, the line
+    /// ends at the server too; otherwise this device is removed from the
+    /// account, and the others go on.
     pub async fn wipe_self(&self) -> Result<()> {
-        self.wipe_now("requested on this device").await
+        self.wipe_now("requested on this device", false).await
     }
 
     /// Destroys the local store first (nothing may stand between a genuine
-    /// wipe and the shredding), then revokes the line at the server with the
-    /// key still in memory (best effort, briefly). Afterwards this client can
-    /// do nothing more.
-    pub(crate) async fn wipe_now(&self, reason: &str) -> Result<()> {
+    /// wipe and the shredding), then tells the server with the keys still
+    /// in memory (best effort, briefly): the line is revoked if `whole_line`
+    /// (a remote wipe, meant for every device) or if this is the account's
+    /// only device as far as this device knows; otherwise this device
+    /// removes itself from the account's device log. Afterwards this client
+    /// can do nothing more.
+    pub(crate) async fn wipe_now(&self, reason: &str, whole_line: bool) -> Result<()> {
         let link = self.current_link().ok();
-        let revocation = Request::Revoke {
-            account_id: self.account().clone(),
-            signature: self.sign(&revoke_signing_payload(self.account())),
+        let farewell = if whole_line {
+            None
+        } else {
+            self.farewell_entry()
+        };
+        let revocation = match farewell {
+            Some(entry) => Request::AppendDeviceEntry { entry },
+            None => Request::Revoke {
+                account_id: self.account().clone(),
+                signature: self.sign(&revoke_signing_payload(self.account())),
+            },
         };
         self.close_store();
         let shredded = store::shred(self.home());
@@ -152,17 +164,23 @@ impl Client {
                 "the duress passphrase must differ from the real one".into(),
             ));
         }
-        let revocation = Revocation {
-            address: self.server_address().to_owned(),
-            pin: self.server_pin().to_hex(),
-            account: self.account().to_string(),
-            signature: hex::encode(
-                self.sign(&revoke_signing_payload(self.account()))
-                    .as_bytes(),
-            ),
+        // On an account with other devices, the duress passphrase destroys
+        // this device alone: no revocation of the line is kept (a removal
+        // signed now would be stale by the time it is used).
+        let sealed = if self.farewell_entry().is_some() {
+            Vec::new()
+        } else {
+            let revocation = Revocation {
+                address: self.server_address().to_owned(),
+                pin: self.server_pin().to_hex(),
+                account: self.account().to_string(),
+                signature: hex::encode(
+                    self.sign(&revoke_signing_payload(self.account()))
+                        .as_bytes(),
+                ),
+            };
+            serde_json::to_vec(&revocation).map_err(|e| ClientError::Store(e.to_string()))?
         };
-        let sealed =
-            serde_json::to_vec(&revocation).map_err(|e| ClientError::Store(e.to_string()))?;
         kdf.set_duress(&duress_key, &sealed)?;
         kdf.write(self.home())
     }

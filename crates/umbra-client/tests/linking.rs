@@ -317,3 +317,39 @@ async fn a_removed_device_is_cut_off_and_gets_nothing_sent_afterwards() {
             .all(|(_, body)| body != "after the removal")
     );
 }
+
+#[tokio::test]
+async fn wiping_a_linked_device_removes_it_and_leaves_the_account_alone() {
+    let server = TestServer::start().await;
+    let mut phone = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, at_bob) = befriend(&mut phone, &mut bob).await;
+    let (laptop, _) = link(&phone, "laptop").await;
+    until("the laptop is in the conversation", || {
+        laptop
+            .client
+            .conversation(&conversation)
+            .is_ok_and(|c| c.active)
+    })
+    .await;
+
+    // The laptop's own wipe (a thief's wrong guesses, a duress unlock, the
+    // user's choice) takes the laptop, not the line.
+    laptop.client.wipe_self().await.unwrap();
+    assert!(!umbra_client::device_exists(laptop.home.path()));
+    let listed = phone.client.devices().await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed[1].removed_at.is_some(), "{listed:?}");
+    assert_eq!(listed[1].removed_by, Some(DeviceId(2)), "it removed itself");
+
+    // The phone goes on: it reconnects, sends and receives.
+    let mut phone = phone.reopen().await;
+    phone
+        .client
+        .send_text(&conversation, "still here")
+        .await
+        .unwrap();
+    assert_eq!(bob.next_text().await.1, "still here");
+    bob.client.send_text(&at_bob, "good").await.unwrap();
+    assert_eq!(phone.next_text().await.1, "good");
+}

@@ -121,6 +121,15 @@ impl Rendezvous {
             ));
         }
         let mut open = self.lock();
+        // Expired ones give their bytes back before the budget is checked.
+        let Open { meetings, bytes } = &mut *open;
+        meetings.retain(|_, m| {
+            let live = m.expires_at > now;
+            if !live {
+                *bytes -= m.bytes;
+            }
+            live
+        });
         let total = open.bytes;
         let meeting = open
             .meetings
@@ -246,6 +255,7 @@ mod tests {
             ErrorCode::UnknownRendezvous
         );
         assert_eq!(rendezvous.lock().bytes, 0);
+        assert!(rendezvous.put(&second, 1, vec![0; 10], 3).is_ok());
         let (bobs, _) = rendezvous
             .open(&bob(), 2)
             .unwrap_or_else(|e| panic!("{e:?}"));
@@ -258,6 +268,8 @@ mod tests {
             code(rendezvous.put(&bobs, 0, vec![1], late)),
             ErrorCode::UnknownRendezvous
         );
+        // Expired, their bytes are free again.
+        assert_eq!(rendezvous.lock().bytes, 0);
     }
 
     #[test]

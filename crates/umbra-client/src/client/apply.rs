@@ -197,7 +197,7 @@ impl Client {
             }
             Some(FollowUp::Rejoin(group_id)) => self.spawn_rejoin(group_id),
             Some(FollowUp::Wipe) => {
-                self.wipe_now("remote wipe").await?;
+                self.wipe_now("remote wipe", true).await?;
             }
             // Inline, before the next delivery: `recv` and `sync` then know
             // that the receipts for what they applied have gone out.

@@ -108,6 +108,26 @@ impl Client {
         Ok(())
     }
 
+    /// The entry by which this device removes itself from its account, if
+    /// the account's log as this device last verified it (no network)
+    /// lists other current devices; `None` for an account's only device.
+    pub(crate) fn farewell_entry(&self) -> Option<DeviceEntry> {
+        let account = self.inner.account.clone();
+        let kept = self.kept_device_entries(&account).ok()?;
+        let log = DeviceLog::replay(account, self.identity_key(), kept).ok()?;
+        let others = log
+            .current_devices()
+            .any(|device| device.id != self.inner.device);
+        others.then(|| {
+            log.remove_entry(
+                self.account_signer(),
+                (self.inner.device, &self.inner.signer),
+                self.inner.device,
+                self.now(),
+            )
+        })
+    }
+
     /// A contact's devices, from their device log, verified against the
     /// key pinned for them (the one their safety number stands for).
     pub async fn contact_devices(&self, account: &AccountId) -> Result<Vec<Device>> {

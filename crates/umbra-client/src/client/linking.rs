@@ -45,7 +45,13 @@ const POLL: Duration = Duration::from_millis(200);
 const DONE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// The tables a new device gets a copy of, in the order they are written.
-const COPIED: &[&str] = &["contacts", "settings", "conversations", "messages"];
+const COPIED: &[&str] = &[
+    "contacts",
+    "settings",
+    "conversations",
+    "messages",
+    "device_log",
+];
 
 /// A link this device offered and is waiting to complete.
 pub struct PendingLink {
@@ -142,6 +148,28 @@ impl PendingLink {
             client.now(),
         );
         let device = entry.device();
+        // Everything that could stop the link is settled before the entry
+        // is offered: once it is appended, the device counts.
+        let bundle = match client.bundle(device, offer.store_version) {
+            Ok(bundle) => bundle,
+            Err(error) => {
+                self.put(&Answer::Refused(error.to_string()), pairing::ANSWER)
+                    .await?;
+                return Err(error);
+            }
+        };
+        let bytes = Zeroizing::new(
+            serde_json::to_vec(&bundle).map_err(|e| ClientError::Store(e.to_string()))?,
+        );
+        drop(bundle);
+        let (chunks, digest) = match pairing::chunks(&bytes) {
+            Ok(chunks) => chunks,
+            Err(error) => {
+                self.put(&Answer::Refused(error.to_string()), pairing::ANSWER)
+                    .await?;
+                return Err(error);
+            }
+        };
         self.put(
             &Answer::Entry {
                 account: account.to_string(),
@@ -180,11 +208,6 @@ impl PendingLink {
         client
             .verified_device_log(&account, client.identity_key())
             .await?;
-        let bundle = client.bundle(device)?;
-        let bytes = Zeroizing::new(
-            serde_json::to_vec(&bundle).map_err(|e| ClientError::Store(e.to_string()))?,
-        );
-        let (chunks, digest) = pairing::chunks(&bytes)?;
         for (n, chunk) in chunks.iter().enumerate() {
             self.put_bytes(pairing::FIRST_CHUNK + n as u32, chunk)
                 .await?;
@@ -308,11 +331,12 @@ impl Client {
         })
     }
 
-    /// What a new device (number `device`) gets: the account key and the
+    /// What a new device (number `device`, whose store is at version
+    /// `theirs`) gets: the account key and the
     /// rows of [`COPIED`] (messages only while they have not expired, and
     /// conversations not yet active there: they become active as this
     /// device adds it to each).
-    fn bundle(&self, device: DeviceId) -> Result<Bundle> {
+    fn bundle(&self, device: DeviceId, theirs: u32) -> Result<Bundle> {
         let db = self.db();
         let (wipe, expires, version): (Option<Vec<u8>>, u64, u32) = db.query_row(
             "SELECT wipe_public_key, subscription_expires_at, (SELECT user_version FROM pragma_user_version)
@@ -320,6 +344,12 @@ impl Client {
             [],
             |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
         )?;
+        if version != theirs {
+            return Err(ClientError::LinkFailed(format!(
+                "the two devices run different versions of Umbra (store version {version} here, \
+                 {theirs} on the new device); update both, then link again"
+            )));
+        }
         let mut tables = Vec::new();
         for name in COPIED {
             let columns: Vec<String> = db
@@ -459,6 +489,7 @@ impl Client {
                 umbra_proto::devices::MAX_DEVICE_NAME_BYTES
             )));
         }
+        let store_version = store::VERSION;
         let started = options.clock.now();
         let deadline = started + RENDEZVOUS_TTL_SECS;
         let mut secret = Zeroizing::new([0u8; 32]);
@@ -477,6 +508,7 @@ impl Client {
                 &Offer {
                     device_key: hex::encode(signer.identity_key().as_bytes()),
                     name: name.to_owned(),
+                    store_version,
                 },
             )
             .await?;
@@ -589,8 +621,18 @@ impl Client {
         let client = Client::from_parts(home, connection, options)?;
         client.start_expiry_ticker();
         client.connect().await?;
-        // Verifies this account's log, which now lists this device.
-        client.devices().await?;
+        // Verifies this account's log (from the entries the existing device
+        // verified), which must now list this device, under its key.
+        let listed = client.devices().await?;
+        let me = hex::encode(client.device_key().as_bytes());
+        if !listed
+            .iter()
+            .any(|d| d.this_device && d.key == me && d.removed_at.is_none())
+        {
+            return Err(ClientError::LinkFailed(
+                "the server's device list for this account does not list this device".into(),
+            ));
+        }
         client
             .request(Request::RendezvousPut {
                 rendezvous: link.rendezvous,
@@ -646,6 +688,22 @@ impl Client {
 /// Returns how many contacts and messages it got.
 fn fill(
     connection: &rusqlite::Connection,
+    bundle: &Bundle,
+    link: &LinkString,
+    signer: &DeviceSigner,
+    account_signer: &DeviceSigner,
+    certificate: &DeviceCertificate,
+    now: u64,
+) -> Result<(usize, usize)> {
+    // All of it or none of it.
+    let tx = connection.unchecked_transaction()?;
+    let counts = fill_rows(&tx, bundle, link, signer, account_signer, certificate, now)?;
+    tx.commit()?;
+    Ok(counts)
+}
+
+fn fill_rows(
+    connection: &rusqlite::Transaction<'_>,
     bundle: &Bundle,
     link: &LinkString,
     signer: &DeviceSigner,
@@ -758,15 +816,12 @@ impl Meeting<'_> {
                     self.connection = Some(link);
                     return Ok(reply);
                 }
+                // The server refused (the rendezvous, the slot, its limits):
+                // asking again would not change its answer.
                 Err(error)
-                    if matches!(
-                        error.server_code(),
-                        Some(
-                            ErrorCode::UnknownRendezvous
-                                | ErrorCode::SlotTaken
-                                | ErrorCode::InvalidRequest
-                        )
-                    ) =>
+                    if error
+                        .server_code()
+                        .is_some_and(|code| code != ErrorCode::NotAuthenticated) =>
                 {
                     return Err(error);
                 }
@@ -780,10 +835,10 @@ impl Meeting<'_> {
     }
 
     async fn put<T: serde::Serialize>(&mut self, slot: u32, value: &T) -> Result<()> {
-        let payload = self.sealer.seal(
-            slot,
-            &serde_json::to_vec(value).map_err(|e| ClientError::Store(e.to_string()))?,
-        )?;
+        let plaintext = Zeroizing::new(
+            serde_json::to_vec(value).map_err(|e| ClientError::Store(e.to_string()))?,
+        );
+        let payload = self.sealer.seal(slot, &plaintext)?;
         match self
             .request(Request::RendezvousPut {
                 rendezvous: self.link.rendezvous,
@@ -793,8 +848,17 @@ impl Meeting<'_> {
             .await
         {
             Ok(_) => Ok(()),
-            // Written on an earlier connection whose answer was lost.
-            Err(error) if error.server_code() == Some(ErrorCode::SlotTaken) => Ok(()),
+            // Written on an earlier connection whose answer was lost, or
+            // by someone else who has the link: only the first is ours.
+            Err(error) if error.server_code() == Some(ErrorCode::SlotTaken) => {
+                match self.get(slot).await {
+                    Ok(Some(written)) if *written == *plaintext => Ok(()),
+                    _ => Err(ClientError::LinkFailed(
+                        "someone else is using this link; start again from the existing device"
+                            .into(),
+                    )),
+                }
+            }
             Err(error) if error.server_code() == Some(ErrorCode::UnknownRendezvous) => {
                 Err(expired())
             }
