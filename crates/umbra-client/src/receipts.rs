@@ -4,6 +4,10 @@
 //! messages like any other: the server sees only that something was sent.
 //! In a group, the first member's receipt moves the state (it means "at
 //! least one has it / has seen it").
+//!
+//! An account's other devices are members too, so they get its read
+//! receipts: a text read on one device is read on all of them (its state
+//! becomes `Read` and its disappearing countdown starts, as if shown here).
 
 use rusqlite::{Transaction, params};
 use umbra_proto::content::{Body, MAX_RECEIPT_IDS, ReceiptKind};
@@ -23,15 +27,38 @@ fn rank(state: &str) -> Option<u8> {
 }
 
 impl Client {
-    /// Moves our own texts forward to `kind` (never backwards).
+    /// Moves our own texts forward to `kind` (never backwards); a read
+    /// receipt `from_own` account (another of its devices) marks the texts
+    /// it names read here too.
     pub(crate) fn apply_receipt(
         &self,
         tx: &Transaction<'_>,
         group_id: &[u8],
-        kind: ReceiptKind,
+        (kind, from_own): (ReceiptKind, bool),
         uids: &[[u8; 16]],
         events: &mut Vec<Event>,
     ) -> Result<()> {
+        if from_own {
+            if kind == ReceiptKind::Read {
+                for uid in uids {
+                    let id: Option<i64> = tx
+                        .prepare_cached(
+                            "SELECT id FROM messages
+                             WHERE uid = ?1 AND group_id = ?2 AND direction = 'in' AND shown_at IS NULL",
+                        )?
+                        .query_row(params![&uid[..], group_id], |row| row.get(0))
+                        .ok();
+                    if let Some(message_id) = id {
+                        Self::mark_row_read(tx, message_id, self.now())?;
+                        events.push(Event::DeliveryStateChanged {
+                            message_id,
+                            state: DeliveryState::Read,
+                        });
+                    }
+                }
+            }
+            return Ok(());
+        }
         let state = match kind {
             ReceiptKind::Read => DeliveryState::Read,
             _ => DeliveryState::Delivered,
@@ -91,6 +118,18 @@ impl Client {
         Ok(())
     }
 
+    /// Marks one received text read (state `read`), shown at `now`: its
+    /// disappearing countdown starts.
+    fn mark_row_read(tx: &Transaction<'_>, id: i64, now: u64) -> Result<()> {
+        tx.execute(
+            "UPDATE messages SET shown_at = ?2, state = 'read',
+                    expires_at = CASE WHEN ttl > 0 THEN MIN(?2 + ttl, expires_at) END
+             WHERE id = ?1",
+            params![id, now],
+        )?;
+        Ok(())
+    }
+
     /// Marks messages shown and returns, per conversation, the IDs of the
     /// texts that were newly shown (for read receipts).
     pub(crate) fn mark_shown_only(
@@ -113,12 +152,7 @@ impl Client {
             let Some((group_id, uid)) = row else {
                 continue;
             };
-            tx.execute(
-                "UPDATE messages SET shown_at = ?2,
-                        expires_at = CASE WHEN ttl > 0 THEN MIN(?2 + ttl, expires_at) END
-                 WHERE id = ?1",
-                params![id, now],
-            )?;
+            Self::mark_row_read(&tx, *id, now)?;
             if let Some(uid) = uid.and_then(|u| <[u8; 16]>::try_from(u.as_slice()).ok()) {
                 let conversation = ConversationId::from_group(&group_id);
                 match read.iter_mut().find(|(c, _)| *c == conversation) {

@@ -353,3 +353,54 @@ async fn wiping_a_linked_device_removes_it_and_leaves_the_account_alone() {
     bob.client.send_text(&at_bob, "good").await.unwrap();
     assert_eq!(phone.next_text().await.1, "good");
 }
+
+#[tokio::test]
+async fn read_on_one_device_is_read_on_the_others() {
+    let server = TestServer::start().await;
+    let mut phone = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, at_bob) = befriend(&mut phone, &mut bob).await;
+    let (laptop, _) = link(&phone, "laptop").await;
+    until("the laptop is in the conversation", || {
+        laptop
+            .client
+            .conversation(&conversation)
+            .is_ok_and(|c| c.active)
+    })
+    .await;
+    bob.client.send_text(&at_bob, "read me once").await.unwrap();
+    let on_phone = phone.next_message().await;
+    assert_eq!(on_phone.state, umbra_client::DeliveryState::Received);
+    let on_laptop = loop {
+        let found = laptop
+            .client
+            .history(&conversation, 10)
+            .unwrap()
+            .into_iter()
+            .find(|m| m.body == "read me once");
+        if let Some(message) = found {
+            break message;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    // Read on the laptop: the phone shows it read too, and Bob sees it
+    // read.
+    laptop.client.mark_read(&[on_laptop.id]).await.unwrap();
+    let state = |client: &Client, conversation: &ConversationId| {
+        client
+            .history(conversation, 10)
+            .unwrap()
+            .into_iter()
+            .find(|m| m.body == "read me once")
+            .map(|m| m.state)
+    };
+    until("the phone shows the message read", || {
+        state(&phone.client, &conversation) == Some(umbra_client::DeliveryState::Read)
+    })
+    .await;
+    until("Bob sees it read", || {
+        state(&bob.client, &at_bob) == Some(umbra_client::DeliveryState::Read)
+    })
+    .await;
+}

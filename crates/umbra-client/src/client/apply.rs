@@ -617,7 +617,8 @@ impl Client {
                         }
                     }
                     Body::Receipt { kind, message_ids } => {
-                        self.apply_receipt(tx, &id, kind, &message_ids, events)?;
+                        let own = sender == self.inner.account;
+                        self.apply_receipt(tx, &id, (kind, own), &message_ids, events)?;
                     }
                     Body::GroupName(name) => {
                         tx.execute(
