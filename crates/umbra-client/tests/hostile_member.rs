@@ -1019,3 +1019,48 @@ async fn a_device_removal_the_account_did_not_sign_removes_nothing() {
     );
     drop(dir);
 }
+
+#[tokio::test]
+async fn a_message_of_an_epoch_the_group_left_is_refused_for_its_sender_to_send_again() {
+    let mut scene = scene().await;
+    // Alice's key update moves the group on; Mallory has not applied it.
+    scene.alice.client.update_keys().await.unwrap();
+    let epoch = scene.group.epoch();
+    let stale = {
+        let provider = scene.mallory.provider();
+        let content = umbra_proto::content::Content {
+            message_id: Some([7; 16]),
+            body: umbra_proto::content::Body::Text("from the old epoch".into()),
+            disappear_after: 0,
+            sent_at_ms: 0,
+        };
+        scene
+            .group
+            .encrypt(&provider, &scene.mallory.signer, &content.encode())
+            .unwrap()
+    };
+    let refused = scene
+        .mallory
+        .call(Request::SendMessage {
+            group_id: GroupId::new(scene.group.id()).unwrap(),
+            message: stale,
+            kind: umbra_proto::DeliveryKind::Application,
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code, refused.current_epoch),
+        (ErrorCode::StaleEpoch, epoch + 1),
+        "{refused:?}"
+    );
+    scene.honest_members_carry_on("after the refusal").await;
+    let got_it = scene
+        .bob
+        .client
+        .history(&scene.conversation, 100)
+        .unwrap()
+        .iter()
+        .any(|m| m.body == "from the old epoch");
+    assert!(!got_it, "nothing of the refused message was delivered");
+}

@@ -360,8 +360,8 @@ fn stored(outcome: Result<FanOutOutcome>) -> (Vec<(DeviceAddr, StoredDelivery)>,
     }
 }
 
-/// An application message from `sender` to `g`, sent at `at` and kept
-/// for the TTL.
+/// An application message from `sender` to `g` in the group's current
+/// epoch, sent at `at` and kept for the TTL.
 async fn send(
     store: &impl Store,
     g: &GroupId,
@@ -369,7 +369,8 @@ async fn send(
     payload: &[u8],
     at: u64,
 ) -> Result<FanOutOutcome> {
-    send_in_epoch(store, g, sender, payload, 0, at).await
+    let epoch = store.group(g).await?.map_or(0, |group| group.epoch);
+    send_in_epoch(store, g, sender, payload, epoch, at).await
 }
 
 /// Like [`send`], from the MLS epoch `epoch`.
@@ -722,6 +723,12 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
     // of epoch 2 (which no member can have reached) is refused, both the
     // first time (read from the database) and after (remembered).
     settled(send_in_epoch(store, &g, &bob, b"now", 1, NOW).await).await;
+    // An application message of epoch 0, which the group has left, is
+    // refused: a member added in epoch 1 could not read it.
+    assert!(matches!(
+        send_in_epoch(store, &g, &bob, b"from the past", 0, NOW).await,
+        Ok(FanOutOutcome::BehindGroup { current_epoch: 1 })
+    ));
     for _ in 0..2 {
         assert!(matches!(
             send_in_epoch(store, &g, &bob, b"from the future", 2, NOW).await,

@@ -388,6 +388,12 @@ pub enum FanOutOutcome {
     AheadOfGroup {
         current_epoch: u64,
     },
+    /// An application message of an epoch the group has left: members
+    /// added since could not read it, so its sender must encrypt it again
+    /// in the current epoch.
+    BehindGroup {
+        current_epoch: u64,
+    },
     /// The sender's line may not send (checked in the same transaction as
     /// the insert, so a suspension is never raced past).
     LineInactive {
@@ -474,7 +480,8 @@ pub trait Groups: Send + Sync {
     /// Stores an application message or proposal for every other current
     /// member device (the sender's other devices included). `epoch` is
     /// the one its MLS header names: a message from an epoch later than
-    /// the group's is refused (`AheadOfGroup`).
+    /// the group's is refused (`AheadOfGroup`), and an application message
+    /// from an earlier one too (`BehindGroup`).
     #[allow(clippy::too_many_arguments)] // one message and its context
     async fn fan_out(
         &self,

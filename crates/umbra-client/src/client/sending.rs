@@ -2,12 +2,16 @@
 
 use rusqlite::params;
 use umbra_proto::content::{Body, Content};
-use umbra_proto::{DeliveryKind, GroupId, Request};
+use umbra_proto::{DeliveryKind, ErrorCode, GroupId, Request};
 
 use crate::error::{ClientError, Result};
 use crate::types::{ConversationId, DeliveryState, Event, Message};
 
 use super::{Client, load_group, transit_ttl, unconfirmed_member};
+
+/// How many times one message is sent before giving up on a group whose
+/// epoch keeps moving.
+const SEND_ATTEMPTS: usize = 4;
 
 impl Client {
     /// Sends a text message. Returns it once the server has stored it for
@@ -88,14 +92,44 @@ impl Client {
             Ok((message_id, ciphertext, ttl))
         })?;
         drop(ops);
-        let sent = self
-            .request(Request::SendMessage {
-                group_id: GroupId::new(group_id)?,
-                message: ciphertext,
-                kind: DeliveryKind::Application,
-                ttl_seconds: transit_ttl(ttl),
-            })
-            .await;
+        let mut ciphertext = ciphertext;
+        let mut attempts = 1;
+        let sent = loop {
+            let sent = self
+                .request(Request::SendMessage {
+                    group_id: GroupId::new(group_id.clone())?,
+                    message: ciphertext,
+                    kind: DeliveryKind::Application,
+                    ttl_seconds: transit_ttl(ttl),
+                })
+                .await;
+            // A commit moved the group on while this was on its way: once
+            // this device has applied it, the same message goes again in
+            // the new epoch (members it added could not read the old one).
+            match sent {
+                Err(ClientError::Server {
+                    code: ErrorCode::StaleEpoch,
+                    current_epoch,
+                    ..
+                }) if attempts < SEND_ATTEMPTS => {
+                    attempts += 1;
+                    self.wait_for_epoch(&group_id, current_epoch).await?;
+                    let _ops = self.inner.ops.lock().await;
+                    ciphertext = self.with_tx(|_, provider| {
+                        let mut group = load_group(provider, &group_id)?;
+                        if !group.is_active() {
+                            return Err(ClientError::NotAMember);
+                        }
+                        let content = Content {
+                            disappear_after: group.disappear_after(),
+                            ..content.clone()
+                        };
+                        Ok(group.encrypt(provider, &self.inner.signer, &content.encode())?)
+                    })?;
+                }
+                other => break other,
+            }
+        };
         let state = if sent.is_ok() {
             DeliveryState::Sent
         } else {

@@ -215,6 +215,17 @@ impl Services {
             ),
             FanOutOutcome::UnknownGroup => Err(unknown_group(&group_id)),
             FanOutOutcome::NotAMember => Err(not_a_member()),
+            FanOutOutcome::BehindGroup { current_epoch } => Err(ErrorReply {
+                current_epoch,
+                ..refuse(
+                    ErrorCode::StaleEpoch,
+                    format!(
+                        "the message is from epoch {}; the group is at epoch {current_epoch}: \
+                         process what came before and encrypt it again",
+                        header.epoch
+                    ),
+                )
+            }),
             FanOutOutcome::AheadOfGroup { current_epoch } => Err(ErrorReply {
                 current_epoch,
                 ..refuse(

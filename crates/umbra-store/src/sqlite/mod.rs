@@ -1890,6 +1890,13 @@ fn check(
             current_epoch: epoch,
         });
     }
+    // Every current member can read a message of the current epoch; one
+    // of an earlier epoch would reach members added since, who cannot.
+    if message.kind == DeliveryKind::Application && message.epoch < epoch {
+        return Err(FanOutOutcome::BehindGroup {
+            current_epoch: epoch,
+        });
+    }
     match line {
         Some(line)
             if line
