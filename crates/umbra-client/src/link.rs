@@ -328,6 +328,11 @@ impl Link {
         self.backlog.bytes.fetch_sub(size, Ordering::SeqCst);
     }
 
+    /// Deliveries received and not yet applied.
+    pub fn backlog(&self) -> usize {
+        self.backlog.deliveries.load(Ordering::SeqCst)
+    }
+
     /// Whether the connection was dropped because the server flooded it.
     pub fn flooded(&self) -> bool {
         self.backlog.flooded.load(Ordering::SeqCst)

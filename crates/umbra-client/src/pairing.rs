@@ -17,7 +17,7 @@
 //! | 3 | existing device | [`Manifest`]: how many chunks the bundle has and its digest, or a refusal |
 //! | 4.. | existing device | the [`Bundle`]'s chunks |
 //! | 61 | new device | done: it read slot 62 (the existing device then closes the rendezvous) |
-//! | 62 | existing device | [`Joined`]: the conversations it added the new device to |
+//! | 62 | existing device | [`Joined`]: the conversations it added the new device to, and the messages that came meanwhile |
 //! | 63 | new device | ready: logged in, KeyPackages uploaded |
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -157,6 +157,10 @@ pub(crate) enum Manifest {
 pub(crate) struct Joined {
     pub conversations: usize,
     pub failed: usize,
+    /// Messages that reached the existing device after it took the
+    /// history, before the new device was in the conversations.
+    #[serde(default)]
+    pub messages: Option<Table>,
 }
 
 /// One column's value in a copied row (SQLite's types).

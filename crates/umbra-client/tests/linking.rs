@@ -404,3 +404,51 @@ async fn read_on_one_device_is_read_on_the_others() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_linked_while_messages_flow_has_each_once_in_order() {
+    let server = TestServer::start().await;
+    let mut phone = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, at_bob) = befriend(&mut phone, &mut bob).await;
+
+    // Bob writes all along, before, during and after the link.
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sender = {
+        let (client, writing) = (bob.client.clone(), std::sync::Arc::clone(&writing));
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            while writing.load(std::sync::atomic::Ordering::SeqCst) || sent.len() < 5 {
+                let text = format!("flowing {}", sent.len());
+                client.send_text(&at_bob, &text).await.unwrap();
+                sent.push(text);
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            sent
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (laptop, _) = link(&phone, "laptop").await;
+    until("the laptop is in the conversation", || {
+        laptop
+            .client
+            .conversation(&conversation)
+            .is_ok_and(|c| c.active)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let sent = sender.await.unwrap();
+
+    let bodies = |device: &Device| -> Vec<String> {
+        texts(&device.client, &conversation)
+            .into_iter()
+            .map(|(_, body)| body)
+            .collect()
+    };
+    until("the phone has every message", || bodies(&phone) == sent).await;
+    until("the laptop has every message, once, in order", || {
+        bodies(&laptop) == sent
+    })
+    .await;
+}

@@ -24,6 +24,7 @@ use super::{Client, FollowUp, contact_state, list, pinned_key};
 
 impl Client {
     pub(super) async fn apply_pushes(self, mut pushes: crate::link::Pushes, link: Arc<Link>) {
+        let _ = self.inner.held.subscribe().wait_for(|held| !*held).await;
         while let Some(first) = pushes.recv().await {
             let mut batch = vec![first];
             while let Ok(more) = pushes.try_recv() {
@@ -568,6 +569,17 @@ impl Client {
                         let backstop = (ttl > 0).then(|| {
                             timestamp + crate::disappearing::UNSHOWN_BACKSTOP + u64::from(ttl)
                         });
+                        // Already here: it came with the history this device
+                        // got when it was linked.
+                        if let Some(uid) = content.message_id
+                            && tx
+                                .prepare_cached(
+                                    "SELECT 1 FROM messages WHERE uid = ?1 AND group_id = ?2",
+                                )?
+                                .exists(params![&uid[..], id])?
+                        {
+                            return Ok(None);
+                        }
                         // Sent by another device of this account: ours, as
                         // it is on the device that sent it.
                         let own = sender == self.inner.account;

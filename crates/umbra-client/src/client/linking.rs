@@ -150,7 +150,7 @@ impl PendingLink {
         let device = entry.device();
         // Everything that could stop the link is settled before the entry
         // is offered: once it is appended, the device counts.
-        let bundle = match client.bundle(device, offer.store_version) {
+        let (bundle, mark) = match client.bundle(device, offer.store_version) {
             Ok(bundle) => bundle,
             Err(error) => {
                 self.put(&Answer::Refused(error.to_string()), pairing::ANSWER)
@@ -227,10 +227,16 @@ impl PendingLink {
         );
         let () = self.wait_for(pairing::READY).await?;
         let (conversations, failed) = client.add_own_device(device, key).await;
+        // What arrived here since the history was taken, sent before the
+        // new device was in the conversations (after, it gets its own
+        // copies; it keeps one of each).
+        client.settle().await;
+        let messages = client.messages_after(mark)?;
         self.put(
             &Joined {
                 conversations,
                 failed,
+                messages: Some(messages),
             },
             pairing::JOINED,
         )
@@ -292,6 +298,43 @@ impl PendingLink {
     }
 }
 
+/// The rows of table `name` that `filter` (SQL after `FROM name`, with
+/// `?1` the time now) selects, every column but a message's row ID.
+fn copy_table(db: &rusqlite::Connection, name: &str, filter: &str, now: u64) -> Result<Table> {
+    let columns: Vec<String> = db
+        .prepare(&format!("SELECT name FROM pragma_table_info('{name}')"))?
+        .query_map([], |row| row.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?
+        .into_iter()
+        // Row IDs are the new device's to give.
+        .filter(|column| !(name == "messages" && column == "id"))
+        .collect();
+    let sql = format!("SELECT {} FROM {name} {filter}", columns.join(", "));
+    let mut statement = db.prepare(&sql)?;
+    let rows = statement
+        .query_map([now], |row| {
+            (0..columns.len())
+                .map(|i| {
+                    Ok(match row.get_ref(i)? {
+                        rusqlite::types::ValueRef::Null => Value::Null,
+                        rusqlite::types::ValueRef::Integer(v) => Value::Integer(v),
+                        rusqlite::types::ValueRef::Real(v) => Value::Real(v),
+                        rusqlite::types::ValueRef::Text(v) => {
+                            Value::Text(String::from_utf8_lossy(v).into_owned())
+                        }
+                        rusqlite::types::ValueRef::Blob(v) => Value::Blob(hex::encode(v)),
+                    })
+                })
+                .collect::<rusqlite::Result<Vec<Value>>>()
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Table {
+        name: name.to_owned(),
+        columns,
+        rows,
+    })
+}
+
 fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes)
         .map_err(|e| ClientError::LinkFailed(format!("a malformed link payload: {e}")))
@@ -335,8 +378,8 @@ impl Client {
     /// `theirs`) gets: the account key and the
     /// rows of [`COPIED`] (messages only while they have not expired, and
     /// conversations not yet active there: they become active as this
-    /// device adds it to each).
-    fn bundle(&self, device: DeviceId, theirs: u32) -> Result<Bundle> {
+    /// device adds it to each), and the last message ID it holds.
+    fn bundle(&self, device: DeviceId, theirs: u32) -> Result<(Bundle, i64)> {
         let db = self.db();
         let (wipe, expires, version): (Option<Vec<u8>>, u64, u32) = db.query_row(
             "SELECT wipe_public_key, subscription_expires_at, (SELECT user_version FROM pragma_user_version)
@@ -350,46 +393,18 @@ impl Client {
                  {theirs} on the new device); update both, then link again"
             )));
         }
+        let mark: i64 = db.query_row("SELECT COALESCE(MAX(id), 0) FROM messages", [], |row| {
+            row.get(0)
+        })?;
         let mut tables = Vec::new();
         for name in COPIED {
-            let columns: Vec<String> = db
-                .prepare(&format!("SELECT name FROM pragma_table_info('{name}')"))?
-                .query_map([], |row| row.get(0))?
-                .collect::<rusqlite::Result<Vec<String>>>()?
-                .into_iter()
-                // Row IDs are the new device's to give.
-                .filter(|column| !(*name == "messages" && column == "id"))
-                .collect();
             let filter = match *name {
                 "messages" => "WHERE expires_at IS NULL OR expires_at > ?1 ORDER BY id",
                 _ => "WHERE ?1 IS NOT NULL",
             };
-            let sql = format!("SELECT {} FROM {name} {filter}", columns.join(", "));
-            let mut statement = db.prepare(&sql)?;
-            let rows = statement
-                .query_map([self.now()], |row| {
-                    (0..columns.len())
-                        .map(|i| {
-                            Ok(match row.get_ref(i)? {
-                                rusqlite::types::ValueRef::Null => Value::Null,
-                                rusqlite::types::ValueRef::Integer(v) => Value::Integer(v),
-                                rusqlite::types::ValueRef::Real(v) => Value::Real(v),
-                                rusqlite::types::ValueRef::Text(v) => {
-                                    Value::Text(String::from_utf8_lossy(v).into_owned())
-                                }
-                                rusqlite::types::ValueRef::Blob(v) => Value::Blob(hex::encode(v)),
-                            })
-                        })
-                        .collect::<rusqlite::Result<Vec<Value>>>()
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            tables.push(Table {
-                name: (*name).to_owned(),
-                columns,
-                rows,
-            });
+            tables.push(copy_table(&db, name, filter, self.now())?);
         }
-        Ok(Bundle {
+        let bundle = Bundle {
             store_version: version,
             account: self.inner.account.to_string(),
             device: device.0,
@@ -397,7 +412,8 @@ impl Client {
             wipe_public_key: wipe.map(hex::encode),
             subscription_expires_at: expires,
             tables,
-        })
+        };
+        Ok((bundle, mark))
     }
 
     /// Adds this account's device `device` (key `key`) to every active
@@ -427,6 +443,36 @@ impl Client {
             }
         }
         (added, failed)
+    }
+
+    /// Waits (briefly, five seconds at most) until this device has applied
+    /// what the server pushed to it so far.
+    async fn settle(&self) {
+        let Ok(link) = self.link() else { return };
+        let _ = link.request(Request::Ping).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while link.backlog() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Messages (not lines about a group) after row `mark` that have not
+    /// expired, the newest that fit one rendezvous slot.
+    fn messages_after(&self, mark: i64) -> Result<Table> {
+        let db = self.db();
+        let filter = format!(
+            "WHERE id > {mark} AND direction != 'system' \
+             AND (expires_at IS NULL OR expires_at > ?1) ORDER BY id"
+        );
+        let mut table = copy_table(&db, "messages", &filter, self.now())?;
+        let budget = pairing::CHUNK_BYTES / 2;
+        while serde_json::to_vec(&table).map_or(0, |bytes| bytes.len()) > budget
+            && !table.rows.is_empty()
+        {
+            let drop = table.rows.len().div_ceil(4);
+            table.rows.drain(..drop);
+        }
+        Ok(table)
     }
 
     pub(super) fn active_groups(&self) -> Result<Vec<Vec<u8>>> {
@@ -619,6 +665,10 @@ impl Client {
         };
         info!(account = %account, device = %entry.device(), "device linked");
         let client = Client::from_parts(home, connection, options)?;
+        // Its deliveries wait until the messages the existing device got
+        // meanwhile are in, so that each conversation reads in order.
+        client.inner.held.send_replace(true);
+        let held = Held(client.clone());
         client.start_expiry_ticker();
         client.connect().await?;
         // Verifies this account's log (from the entries the existing device
@@ -656,6 +706,13 @@ impl Client {
                     payload: Some(sealed),
                 }) => {
                     let joined: Joined = parse(&meeting.sealer.open(pairing::JOINED, &sealed)?)?;
+                    if let Some(table) = &joined.messages {
+                        let mut db = client.db();
+                        let tx = db.transaction()?;
+                        let taken = insert_rows(&tx, table, true)?;
+                        tx.commit()?;
+                        debug!(taken, "messages that came while linking");
+                    }
                     let _ = client
                         .request(Request::RendezvousPut {
                             rendezvous: link.rendezvous,
@@ -673,6 +730,7 @@ impl Client {
                 Err(error) => return Err(error),
             }
         };
+        drop(held);
         let joined = JoinedAccount {
             account,
             device: entry.device(),
@@ -737,45 +795,7 @@ fn fill_rows(
     )?;
     let (mut contacts, mut messages) = (0, 0);
     for table in &bundle.tables {
-        if !COPIED.contains(&table.name.as_str())
-            || table
-                .columns
-                .iter()
-                .any(|c| c.is_empty() || !c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_'))
-        {
-            return Err(ClientError::LinkFailed(format!(
-                "the bundle holds an unexpected table or column ({})",
-                table.name
-            )));
-        }
-        let placeholders: Vec<String> =
-            (1..=table.columns.len()).map(|i| format!("?{i}")).collect();
-        let sql = format!(
-            "INSERT OR REPLACE INTO {} ({}) VALUES ({})",
-            table.name,
-            table.columns.join(", "),
-            placeholders.join(", ")
-        );
-        let mut statement = connection.prepare(&sql)?;
-        for row in &table.rows {
-            let values = row
-                .iter()
-                .map(|value| {
-                    Ok(match value {
-                        Value::Null => rusqlite::types::Value::Null,
-                        Value::Integer(v) => rusqlite::types::Value::Integer(*v),
-                        Value::Real(v) => rusqlite::types::Value::Real(*v),
-                        Value::Text(v) => rusqlite::types::Value::Text(v.clone()),
-                        Value::Blob(v) => {
-                            rusqlite::types::Value::Blob(hex::decode(v).map_err(|_| {
-                                ClientError::LinkFailed("a copied value is not hex".into())
-                            })?)
-                        }
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            statement.execute(rusqlite::params_from_iter(values))?;
-        }
+        insert_rows(connection, table, false)?;
         match table.name.as_str() {
             "contacts" => contacts = table.rows.len(),
             "messages" => messages = table.rows.len(),
@@ -786,6 +806,72 @@ fn fill_rows(
     // existing device adds this one.
     connection.execute("UPDATE conversations SET active = 0", [])?;
     Ok((contacts, messages))
+}
+
+/// Writes a copied table's rows; with `new_only`, a message whose ID
+/// (`uid`) is already here is left out. Returns how many were written.
+fn insert_rows(tx: &rusqlite::Transaction<'_>, table: &Table, new_only: bool) -> Result<usize> {
+    if !COPIED.contains(&table.name.as_str())
+        || table
+            .columns
+            .iter()
+            .any(|c| c.is_empty() || !c.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_'))
+    {
+        return Err(ClientError::LinkFailed(format!(
+            "the bundle holds an unexpected table or column ({})",
+            table.name
+        )));
+    }
+    let placeholders: Vec<String> = (1..=table.columns.len()).map(|i| format!("?{i}")).collect();
+    let sql = format!(
+        "INSERT OR REPLACE INTO {} ({}) VALUES ({})",
+        table.name,
+        table.columns.join(", "),
+        placeholders.join(", ")
+    );
+    let mut statement = tx.prepare(&sql)?;
+    let uid_column = table.columns.iter().position(|c| c == "uid");
+    let group_column = table.columns.iter().position(|c| c == "group_id");
+    let mut written = 0;
+    for row in &table.rows {
+        let values = row
+            .iter()
+            .map(|value| {
+                Ok(match value {
+                    Value::Null => rusqlite::types::Value::Null,
+                    Value::Integer(v) => rusqlite::types::Value::Integer(*v),
+                    Value::Real(v) => rusqlite::types::Value::Real(*v),
+                    Value::Text(v) => rusqlite::types::Value::Text(v.clone()),
+                    Value::Blob(v) => {
+                        rusqlite::types::Value::Blob(hex::decode(v).map_err(|_| {
+                            ClientError::LinkFailed("a copied value is not hex".into())
+                        })?)
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if new_only
+            && let (Some(uid), Some(group)) = (uid_column, group_column)
+            && let (Some(uid), Some(group)) = (values.get(uid), values.get(group))
+            && tx
+                .prepare_cached("SELECT 1 FROM messages WHERE uid = ?1 AND group_id = ?2")?
+                .exists(rusqlite::params![uid, group])?
+        {
+            continue;
+        }
+        statement.execute(rusqlite::params_from_iter(values))?;
+        written += 1;
+    }
+    Ok(written)
+}
+
+/// Holds a linked device's deliveries until dropped (see `Inner::held`).
+struct Held(Client);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.inner.held.send_replace(false);
+    }
 }
 
 /// The new device's side of the rendezvous, before it has an account: a

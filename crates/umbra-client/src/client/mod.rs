@@ -114,6 +114,9 @@ pub(crate) struct Inner {
     synced: watch::Sender<u64>,
     /// Whether the expiry ticker runs.
     ticking: std::sync::atomic::AtomicBool,
+    /// While true, deliveries wait before being applied (a device being
+    /// linked first takes in the history its account's other device sends).
+    held: watch::Sender<bool>,
     /// Groups this device is rejoining (see `rejoin.rs`).
     rejoining: Mutex<std::collections::HashSet<Vec<u8>>>,
 }
@@ -327,6 +330,7 @@ impl Client {
                 progress: Notify::new(),
                 synced: watch::channel(0).0,
                 ticking: std::sync::atomic::AtomicBool::new(false),
+                held: watch::channel(false).0,
                 rejoining: Mutex::default(),
             }),
         })
