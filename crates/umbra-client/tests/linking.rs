@@ -452,3 +452,43 @@ async fn a_device_linked_while_messages_flow_has_each_once_in_order() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_new_device_whose_existing_device_goes_away_gives_up_cleanly() {
+    let server = TestServer::start().await;
+    let phone = Device::activate(&server).await;
+    let pending = phone.client.start_link().await.unwrap();
+    let link_string = pending.link_string().clone();
+    // The phone goes offline before it answers (and never finishes).
+    drop(pending);
+    phone.client.disconnect();
+
+    let clock = umbra_client::ManualClock::new(common::now());
+    let home = tempfile::tempdir().unwrap();
+    let joining = {
+        let (home, clock) = (home.path().to_owned(), clock.clone());
+        tokio::spawn(async move {
+            let options = umbra_client::ClientOptions {
+                clock: std::sync::Arc::new(clock),
+                ..options()
+            };
+            Client::join_link(&home, &passphrase(), &link_string, "laptop", options).await
+        })
+    };
+    // It waits for an answer (its offer is at the rendezvous) until the
+    // link has expired by its clock, then says so and leaves nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!joining.is_finished(), "it gave up before the link expired");
+    clock.advance(601);
+    let given_up = tokio::time::timeout(PATIENCE, joining)
+        .await
+        .expect("the new device did not give up")
+        .unwrap();
+    assert!(
+        matches!(&given_up, Err(umbra_client::ClientError::LinkFailed(why)) if why.contains("in time")),
+        "{given_up:?}"
+    );
+    assert!(!umbra_client::device_exists(home.path()));
+    let phone = phone.reopen().await;
+    assert_eq!(phone.client.devices().await.unwrap().len(), 1);
+}
