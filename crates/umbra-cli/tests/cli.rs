@@ -401,6 +401,42 @@ async fn text_output_escapes_what_contacts_write() {
     .expect("the test took over five minutes");
 }
 
+/// `umbra --json devices link` in `home`, running: the link it printed,
+/// the process (waiting for the new device) and the rest of its output.
+async fn offer_link(
+    home: &Path,
+) -> (
+    String,
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    let mut linking = Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .arg("--json")
+        .arg("--home")
+        .arg(home)
+        .args(["devices", "link"])
+        .env("UMBRA_PASSPHRASE", "a long test passphrase")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = linking.stdout.take().unwrap();
+    let (first, reader) = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        (line, reader)
+    })
+    .await
+    .unwrap();
+    let offered: Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    let link = offered["link"].as_str().unwrap().to_owned();
+    assert!(link.starts_with("umbra-link://"), "{offered}");
+    (link, linking, reader)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_is_linked_and_removed_through_the_cli() {
     let server = Server::start().await;
@@ -417,31 +453,7 @@ async fn a_device_is_linked_and_removed_through_the_cli() {
     ok(bob.path(), &["send", &a, "before the laptop"]).await;
     ok(phone.path(), &["recv"]).await;
 
-    // `devices link` prints the link, then waits for the new device.
-    let mut linking = std::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
-        .arg("--json")
-        .arg("--home")
-        .arg(phone.path())
-        .args(["devices", "link"])
-        .env("UMBRA_PASSPHRASE", "a long test passphrase")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = linking.stdout.take().unwrap();
-    let (first, mut reader) = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead as _;
-        let mut reader = std::io::BufReader::new(stdout);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        (line, reader)
-    })
-    .await
-    .unwrap();
-    let offered: Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
-    let link = offered["link"].as_str().unwrap().to_owned();
-    assert!(link.starts_with("umbra-link://"), "{offered}");
+    let (link, mut linking, mut reader) = offer_link(phone.path()).await;
 
     let joined = ok(laptop.path(), &["link", &link, "--name", "laptop"]).await;
     assert_eq!(
@@ -662,6 +674,50 @@ async fn the_full_screen_chat_in_a_real_terminal() {
     tmux.run(&["send-keys", "-t", "chat", "Escape"]);
     tmux.wait_for("loud and clear").await;
     tmux.run(&["send-keys", "-t", "chat", "q"]);
+}
+
+/// `umbra` where there is no device yet, given a device link instead of an
+/// activation string: it becomes the account's second device, with its
+/// conversations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_is_linked_in_the_full_screen_app() {
+    let server = Server::start().await;
+    let (phone, bob, laptop) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let a = activate(&server, phone.path()).await;
+    let b = activate(&server, bob.path()).await;
+    ok(phone.path(), &["contacts", "add", &b]).await;
+    ok(bob.path(), &["recv"]).await;
+    ok(bob.path(), &["contacts", "accept", &a]).await;
+    ok(bob.path(), &["send", &a, "before the laptop"]).await;
+    ok(phone.path(), &["recv"]).await;
+    let (link, mut linking, _reader) = offer_link(phone.path()).await;
+
+    let tmux = Tmux::start("link", laptop.path(), 100, 40);
+    tmux.wait_for("welcome to Umbra").await;
+    tmux.run(&["send-keys", "-t", "chat", "-l", &link]);
+    tmux.run(&["send-keys", "-t", "chat", "Enter"]);
+    tmux.wait_for("choose a passphrase").await;
+    for _ in 0..2 {
+        tmux.run(&["send-keys", "-t", "chat", "-l", "a long test passphrase"]);
+        tmux.wait_for("> **********************").await;
+        tmux.run(&["send-keys", "-t", "chat", "Enter"]);
+    }
+    // No wipe code (the account's is the first device's): the
+    // conversations, with the history.
+    tmux.wait_for(" · connected").await;
+    tmux.run(&["send-keys", "-t", "chat", "Enter"]);
+    let screen = tmux.wait_for("before the laptop").await;
+    assert!(!screen.contains("umbra-wipe://"), "{screen}");
+    tmux.run(&["send-keys", "-t", "chat", "Escape"]);
+    tmux.run(&["send-keys", "-t", "chat", "q"]);
+    let status = tokio::task::spawn_blocking(move || linking.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success());
 }
 
 /// `umbra` where there is no device yet: the app sets one up on screen

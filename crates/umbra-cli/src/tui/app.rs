@@ -69,7 +69,8 @@ impl std::fmt::Debug for Screen {
 #[derive(Clone, PartialEq, Eq)]
 pub enum Setup {
     /// Pasting the activation string (`umbra://…`) from the operator or
-    /// distributor.
+    /// distributor, or a device link (`umbra-link://…`) from `umbra
+    /// devices link` on another device of the account.
     Activation,
     /// Choosing the passphrase that opens this device's store.
     Passphrase { activation: String },
@@ -373,13 +374,33 @@ impl App {
         match std::mem::replace(step, Setup::Activating) {
             Setup::Activation => {
                 let activation = entered.trim().to_owned();
-                if let Err(problem) = activation.parse::<umbra_client::ActivationString>() {
+                // A device link from the account's other device works too.
+                let link = activation.starts_with("umbra-link://");
+                let parsed = if link {
+                    activation
+                        .parse::<umbra_client::LinkString>()
+                        .map(|_| ())
+                        .map_err(|problem| {
+                            format!(
+                                "Not a device link ({problem}): it looks like \
+                                 umbra-link://HOST:PORT/…?pin=…"
+                            )
+                        })
+                } else {
+                    activation
+                        .parse::<umbra_client::ActivationString>()
+                        .map(|_| ())
+                        .map_err(|problem| {
+                            format!(
+                                "Not an activation string ({problem}): it looks like \
+                                 umbra://HOST:PORT/CODE?pin=…"
+                            )
+                        })
+                };
+                if let Err(problem) = parsed {
                     *step = Setup::Activation;
                     *input = activation;
-                    *error = Some(format!(
-                        "Not an activation string ({problem}): it looks like \
-                         umbra://HOST:PORT/CODE?pin=…"
-                    ));
+                    *error = Some(problem);
                 } else {
                     *step = Setup::Passphrase { activation };
                 }
@@ -771,6 +792,29 @@ mod tests {
             !debug.contains("horse") && !debug.contains("ABCD"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn setup_takes_a_device_link_too() {
+        let mut app = setup();
+        let link = format!(
+            "umbra-link://relay.example:7443/{}/{}?pin={}",
+            "ab".repeat(16),
+            "cd".repeat(32),
+            "00".repeat(32)
+        );
+        typed(&mut app, &link);
+        app.on_key(key(KeyCode::Enter));
+        assert!(matches!(
+            &app.screen,
+            Screen::Setup { step: Setup::Passphrase { activation }, .. } if *activation == link
+        ));
+        let mut app = setup();
+        typed(&mut app, "umbra-link://relay.example:7443/nothing");
+        app.on_key(key(KeyCode::Enter));
+        assert!(setup_error(&app).is_some_and(|e| e.contains("Not a device link")));
+        // Neither the link nor its secret shows in a Debug string.
+        assert!(!format!("{:?}", app.screen).contains("nothing"));
     }
 
     #[test]

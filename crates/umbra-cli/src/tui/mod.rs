@@ -131,7 +131,12 @@ async fn event_loop(
                 let (home, options, notes) = (home.clone(), options.clone(), notes.clone());
                 tokio::spawn(async move {
                     let note = match activate(&home, &activation, passphrase, options).await {
-                        Ok((client, wipe_code)) => Note::Activated(Box::new(client), wipe_code),
+                        Ok((client, Some(wipe_code))) => {
+                            Note::Activated(Box::new(client), wipe_code)
+                        }
+                        // Linked: the account's wipe code is the one its
+                        // first device showed.
+                        Ok((client, None)) => Note::Unlocked(Box::new(client)),
                         Err(error) => Note::ActivationFailed(
                             error,
                             activation,
@@ -151,21 +156,29 @@ async fn event_loop(
     Ok(farewell)
 }
 
-/// `umbra activate`, for the setup screen: the error as the user should
-/// read it.
+/// `umbra activate` (or `umbra link`, for a device link), for the setup
+/// screen: the wipe code to show once (none for a linked device), or the
+/// error as the user should read it.
 async fn activate(
     home: &std::path::Path,
     activation: &str,
     passphrase: String,
     options: ClientOptions,
-) -> Result<(Client, String), String> {
+) -> Result<(Client, Option<String>), String> {
+    let passphrase = umbra_client::Passphrase::new(passphrase);
+    if activation.starts_with("umbra-link://") {
+        let link: umbra_client::LinkString = activation.parse().map_err(|e| format!("{e}"))?;
+        let (client, _) = Client::join_link(home, &passphrase, &link, "", options)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok((client, None));
+    }
     let activation: umbra_client::ActivationString =
         activation.parse().map_err(|e| format!("{e}"))?;
-    let passphrase = umbra_client::Passphrase::new(passphrase);
     let (client, wipe_code) = Client::activate(home, &passphrase, &activation, options)
         .await
         .map_err(|e| e.to_string())?;
-    Ok((client, wipe_code.to_string()))
+    Ok((client, Some(wipe_code.to_string())))
 }
 
 /// The client is open: events flow to the screen and a task keeps it

@@ -47,7 +47,7 @@ fn setup(frame: &mut Frame<'_>, step: &Setup, input: &str, error: Option<&str>, 
     let (title, prompt, shown, hint) = match step {
         Setup::Activation => (
             " welcome to Umbra ",
-            "Paste the activation string you were given (umbra://…):",
+            "Paste your activation string (umbra://…) or device link (umbra-link://…):",
             format!("> {input}"),
             "Enter to go on, Esc to quit",
         ),
@@ -66,7 +66,7 @@ fn setup(frame: &mut Frame<'_>, step: &Setup, input: &str, error: Option<&str>, 
         ),
         Setup::Activating => (
             " activating ",
-            "Creating your account at the server…",
+            "Setting up this device at the server…",
             SPINNER[(tick % 4) as usize].to_owned(),
             "",
         ),
