@@ -94,13 +94,49 @@ impl Client {
         kind: ReceiptKind,
         message_ids: Vec<[u8; 16]>,
     ) -> Result<()> {
+        self.send_receipt_with(conversation, kind, message_ids, true)
+            .await
+    }
+
+    /// [`Client::send_receipt`] from the task that applies deliveries: a
+    /// receipt refused for an epoch the group has left goes again from a
+    /// task of its own, once the commit that waits behind it is applied.
+    pub(crate) async fn send_receipt_inline(
+        &self,
+        conversation: &ConversationId,
+        kind: ReceiptKind,
+        message_ids: Vec<[u8; 16]>,
+    ) -> Result<()> {
+        let sent = self
+            .send_receipt_with(conversation, kind, message_ids.clone(), false)
+            .await;
+        if let Err(error) = &sent
+            && error.server_code() == Some(umbra_proto::ErrorCode::StaleEpoch)
+        {
+            let (client, conversation) = (self.clone(), conversation.clone());
+            tokio::spawn(async move {
+                let _ = client.send_receipt(&conversation, kind, message_ids).await;
+            });
+            return Ok(());
+        }
+        sent
+    }
+
+    async fn send_receipt_with(
+        &self,
+        conversation: &ConversationId,
+        kind: ReceiptKind,
+        message_ids: Vec<[u8; 16]>,
+        catch_up: bool,
+    ) -> Result<()> {
         for chunk in message_ids.chunks(MAX_RECEIPT_IDS) {
-            self.send_content(
+            self.send_content_with(
                 conversation,
                 Body::Receipt {
                     kind,
                     message_ids: chunk.to_vec(),
                 },
+                catch_up,
             )
             .await?;
         }

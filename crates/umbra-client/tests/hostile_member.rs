@@ -1064,3 +1064,60 @@ async fn a_message_of_an_epoch_the_group_left_is_refused_for_its_sender_to_send_
         .any(|m| m.body == "from the old epoch");
     assert!(!got_it, "nothing of the refused message was delivered");
 }
+
+#[tokio::test]
+async fn a_member_cannot_hide_a_text_under_another_texts_id() {
+    let mut scene = scene().await;
+    scene
+        .alice
+        .client
+        .send_text(&scene.conversation, "alice's words")
+        .await
+        .unwrap();
+    assert_eq!(scene.bob.next_text().await.1, "alice's words");
+    // Mallory reads the text's ID and sends her own text under it.
+    let delivery = scene
+        .mallory
+        .next_of(umbra_proto::DeliveryKind::Application)
+        .await;
+    let uid = {
+        let provider = scene.mallory.provider();
+        match scene.group.process(&provider, &delivery.payload).unwrap() {
+            umbra_mls::Incoming::Application { plaintext, .. } => {
+                umbra_proto::content::Content::decode(&plaintext)
+                    .unwrap()
+                    .message_id
+                    .unwrap()
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let forged = {
+        let provider = scene.mallory.provider();
+        let content = umbra_proto::content::Content {
+            message_id: Some(uid),
+            body: umbra_proto::content::Body::Text("mallory's words".into()),
+            disappear_after: 0,
+            sent_at_ms: 0,
+        };
+        scene
+            .group
+            .encrypt(&provider, &scene.mallory.signer, &content.encode())
+            .unwrap()
+    };
+    scene
+        .mallory
+        .call(Request::SendMessage {
+            group_id: GroupId::new(scene.group.id()).unwrap(),
+            message: forged,
+            kind: umbra_proto::DeliveryKind::Application,
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap();
+    // Bob shows it, from Mallory: an ID is no one's to take.
+    assert_eq!(
+        scene.bob.next_text().await,
+        (scene.mallory.account.clone(), "mallory's words".to_owned())
+    );
+}

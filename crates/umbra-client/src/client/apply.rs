@@ -205,7 +205,7 @@ impl Client {
             Some(FollowUp::Receipt(group_id, uids)) => {
                 let conversation = ConversationId::from_group(&group_id);
                 if let Err(error) = self
-                    .send_receipt(
+                    .send_receipt_inline(
                         &conversation,
                         umbra_proto::content::ReceiptKind::Delivered,
                         uids,
@@ -569,14 +569,17 @@ impl Client {
                         let backstop = (ttl > 0).then(|| {
                             timestamp + crate::disappearing::UNSHOWN_BACKSTOP + u64::from(ttl)
                         });
-                        // Already here: it came with the history this device
-                        // got when it was linked.
+                        // Already here, the same text from the same sender:
+                        // it came with the history this device got when it
+                        // was linked. (Another text under a known ID is
+                        // stored: an ID is no one's to take.)
                         if let Some(uid) = content.message_id
                             && tx
                                 .prepare_cached(
-                                    "SELECT 1 FROM messages WHERE uid = ?1 AND group_id = ?2",
+                                    "SELECT 1 FROM messages
+                                     WHERE uid = ?1 AND group_id = ?2 AND sender = ?3 AND body = ?4",
                                 )?
-                                .exists(params![&uid[..], id])?
+                                .exists(params![&uid[..], id, sender.as_str(), body])?
                         {
                             return Ok(None);
                         }

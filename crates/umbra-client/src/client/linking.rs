@@ -830,8 +830,13 @@ fn insert_rows(tx: &rusqlite::Transaction<'_>, table: &Table, new_only: bool) ->
         placeholders.join(", ")
     );
     let mut statement = tx.prepare(&sql)?;
-    let uid_column = table.columns.iter().position(|c| c == "uid");
-    let group_column = table.columns.iter().position(|c| c == "group_id");
+    let column = |name: &str| table.columns.iter().position(|c| c == name);
+    let key = [
+        column("uid"),
+        column("group_id"),
+        column("sender"),
+        column("body"),
+    ];
     let mut written = 0;
     for row in &table.rows {
         let values = row
@@ -850,12 +855,16 @@ fn insert_rows(tx: &rusqlite::Transaction<'_>, table: &Table, new_only: bool) ->
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // A message already here (the same ID, group, sender and text).
         if new_only
-            && let (Some(uid), Some(group)) = (uid_column, group_column)
-            && let (Some(uid), Some(group)) = (values.get(uid), values.get(group))
+            && let [Some(uid), Some(group), Some(sender), Some(body)] =
+                key.map(|i| i.and_then(|i| values.get(i)))
             && tx
-                .prepare_cached("SELECT 1 FROM messages WHERE uid = ?1 AND group_id = ?2")?
-                .exists(rusqlite::params![uid, group])?
+                .prepare_cached(
+                    "SELECT 1 FROM messages
+                     WHERE uid = ?1 AND group_id = ?2 AND sender = ?3 AND body = ?4",
+                )?
+                .exists(rusqlite::params![uid, group, sender, body])?
         {
             continue;
         }

@@ -14,6 +14,26 @@ use super::{Client, load_group, transit_ttl, unconfirmed_member};
 const SEND_ATTEMPTS: usize = 4;
 
 impl Client {
+    /// `content` encrypted again, once this device has applied the group's
+    /// commits up to `epoch`, under the same checks as the first time.
+    async fn encrypt_again(
+        &self,
+        group_id: &[u8],
+        epoch: u64,
+        content: &Content,
+    ) -> Result<Vec<u8>> {
+        self.wait_for_epoch(group_id, epoch).await?;
+        let _ops = self.inner.ops.lock().await;
+        self.with_tx(|tx, provider| {
+            let mut group = self.sendable(tx, provider, group_id)?;
+            let content = Content {
+                disappear_after: group.disappear_after(),
+                ..content.clone()
+            };
+            Ok(group.encrypt(provider, &self.inner.signer, &content.encode())?)
+        })
+    }
+
     /// Sends a text message. Returns it once the server has stored it for
     /// every recipient (state `Sent`); on failure it stays in the history as
     /// `Failed`.
@@ -39,6 +59,41 @@ impl Client {
         conversation: &ConversationId,
         body: Body,
     ) -> Result<i64> {
+        self.send_content_with(conversation, body, true).await
+    }
+
+    /// The group `group_id` as far as this device may send to it now: a
+    /// member, no member's changed key unconfirmed, not rejoining. Checked
+    /// on every encryption, a message encrypted again included.
+    fn sendable(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        provider: &umbra_mls::Provider<'_>,
+        group_id: &[u8],
+    ) -> Result<umbra_mls::Group> {
+        let group = load_group(provider, group_id)?;
+        if !group.is_active() {
+            return Err(ClientError::NotAMember);
+        }
+        if let Some(account) = unconfirmed_member(tx, &group)? {
+            return Err(ClientError::KeyUnconfirmed(account));
+        }
+        if Self::is_rejoining(tx, group_id)? {
+            return Err(ClientError::Rejoining);
+        }
+        Ok(group)
+    }
+
+    /// [`Client::send_content`]; with `catch_up`, a message refused for an
+    /// epoch the group has left is encrypted again once this device has
+    /// applied the group's commits (never from the task that applies them:
+    /// it would wait on itself).
+    pub(crate) async fn send_content_with(
+        &self,
+        conversation: &ConversationId,
+        body: Body,
+        catch_up: bool,
+    ) -> Result<i64> {
         let group_id = self.group_id_of(conversation)?;
         let ops = self.inner.ops.lock().await;
         let text = match &body {
@@ -55,16 +110,7 @@ impl Client {
             sent_at_ms: self.now().saturating_mul(1000),
         };
         let (message_id, ciphertext, ttl) = self.with_tx(|tx, provider| {
-            let mut group = load_group(provider, &group_id)?;
-            if !group.is_active() {
-                return Err(ClientError::NotAMember);
-            }
-            if let Some(account) = unconfirmed_member(tx, &group)? {
-                return Err(ClientError::KeyUnconfirmed(account));
-            }
-            if Self::is_rejoining(tx, &group_id)? {
-                return Err(ClientError::Rejoining);
-            }
+            let mut group = self.sendable(tx, provider, &group_id)?;
             let content = Content {
                 disappear_after: group.disappear_after(),
                 ..content.clone()
@@ -111,21 +157,13 @@ impl Client {
                     code: ErrorCode::StaleEpoch,
                     current_epoch,
                     ..
-                }) if attempts < SEND_ATTEMPTS => {
+                }) if catch_up && attempts < SEND_ATTEMPTS => {
                     attempts += 1;
-                    self.wait_for_epoch(&group_id, current_epoch).await?;
-                    let _ops = self.inner.ops.lock().await;
-                    ciphertext = self.with_tx(|_, provider| {
-                        let mut group = load_group(provider, &group_id)?;
-                        if !group.is_active() {
-                            return Err(ClientError::NotAMember);
-                        }
-                        let content = Content {
-                            disappear_after: group.disappear_after(),
-                            ..content.clone()
-                        };
-                        Ok(group.encrypt(provider, &self.inner.signer, &content.encode())?)
-                    })?;
+                    match self.encrypt_again(&group_id, current_epoch, &content).await {
+                        Ok(again) => ciphertext = again,
+                        // Recorded as failed below, like any failed send.
+                        Err(error) => break Err(error),
+                    }
                 }
                 other => break other,
             }
