@@ -114,6 +114,13 @@ pub struct WipeCode {
 
 const WIPE_SCHEME: &str = "umbra-wipe://";
 
+// Whoever holds the seed can wipe the device: overwritten when dropped.
+impl Drop for WipeCode {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.seed);
+    }
+}
+
 impl fmt::Debug for WipeCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WipeCode")

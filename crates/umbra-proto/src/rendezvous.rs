@@ -62,6 +62,14 @@ pub struct LinkString {
 
 const LINK_SCHEME: &str = "umbra-link://";
 
+// The secret opens everything the two devices exchange: overwritten when
+// the link is dropped.
+impl Drop for LinkString {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.secret);
+    }
+}
+
 impl fmt::Debug for LinkString {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LinkString")
