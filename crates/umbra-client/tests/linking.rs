@@ -181,6 +181,17 @@ async fn a_link_under_another_secret_adds_no_device() {
     assert_eq!(phone.client.devices().await.unwrap().len(), 1);
 }
 
+/// Waits until `device` is a member of `conversation`.
+async fn joined(device: &Device, conversation: &ConversationId) {
+    until("the device is in the conversation", || {
+        device
+            .client
+            .conversation(conversation)
+            .is_ok_and(|c| c.active)
+    })
+    .await;
+}
+
 /// Every device's history of `conversation`, messages only.
 fn histories(devices: &[&Device], conversation: &ConversationId) -> Vec<Vec<String>> {
     devices
@@ -277,13 +288,7 @@ async fn a_removed_device_is_cut_off_and_gets_nothing_sent_afterwards() {
     let mut bob = Device::activate(&server).await;
     let (conversation, at_bob) = befriend(&mut phone, &mut bob).await;
     let (laptop, _) = link(&phone, "laptop").await;
-    until("the laptop is in the conversation", || {
-        laptop
-            .client
-            .conversation(&conversation)
-            .is_ok_and(|c| c.active)
-    })
-    .await;
+    joined(&laptop, &conversation).await;
     assert!(
         phone
             .client
@@ -325,13 +330,7 @@ async fn wiping_a_linked_device_removes_it_and_leaves_the_account_alone() {
     let mut bob = Device::activate(&server).await;
     let (conversation, at_bob) = befriend(&mut phone, &mut bob).await;
     let (laptop, _) = link(&phone, "laptop").await;
-    until("the laptop is in the conversation", || {
-        laptop
-            .client
-            .conversation(&conversation)
-            .is_ok_and(|c| c.active)
-    })
-    .await;
+    joined(&laptop, &conversation).await;
 
     // The laptop's own wipe (a thief's wrong guesses, a duress unlock, the
     // user's choice) takes the laptop, not the line.
@@ -361,13 +360,7 @@ async fn read_on_one_device_is_read_on_the_others() {
     let mut bob = Device::activate(&server).await;
     let (conversation, at_bob) = befriend(&mut phone, &mut bob).await;
     let (laptop, _) = link(&phone, "laptop").await;
-    until("the laptop is in the conversation", || {
-        laptop
-            .client
-            .conversation(&conversation)
-            .is_ok_and(|c| c.active)
-    })
-    .await;
+    joined(&laptop, &conversation).await;
     bob.client.send_text(&at_bob, "read me once").await.unwrap();
     let on_phone = phone.next_message().await;
     assert_eq!(on_phone.state, umbra_client::DeliveryState::Received);
@@ -429,13 +422,7 @@ async fn a_device_linked_while_messages_flow_has_each_once_in_order() {
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (laptop, _) = link(&phone, "laptop").await;
-    until("the laptop is in the conversation", || {
-        laptop
-            .client
-            .conversation(&conversation)
-            .is_ok_and(|c| c.active)
-    })
-    .await;
+    joined(&laptop, &conversation).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     writing.store(false, std::sync::atomic::Ordering::SeqCst);
     let sent = sender.await.unwrap();

@@ -742,8 +742,9 @@ impl Client {
     }
 }
 
-/// Writes a linked device's store: its device row, then the copied rows.
-/// Returns how many contacts and messages it got.
+/// Writes a linked device's store in one transaction (all of it or none
+/// of it): its device row, then the copied rows. Returns how many contacts
+/// and messages it got.
 fn fill(
     connection: &rusqlite::Connection,
     bundle: &Bundle,
@@ -753,22 +754,8 @@ fn fill(
     certificate: &DeviceCertificate,
     now: u64,
 ) -> Result<(usize, usize)> {
-    // All of it or none of it.
     let tx = connection.unchecked_transaction()?;
-    let counts = fill_rows(&tx, bundle, link, signer, account_signer, certificate, now)?;
-    tx.commit()?;
-    Ok(counts)
-}
-
-fn fill_rows(
-    connection: &rusqlite::Transaction<'_>,
-    bundle: &Bundle,
-    link: &LinkString,
-    signer: &DeviceSigner,
-    account_signer: &DeviceSigner,
-    certificate: &DeviceCertificate,
-    now: u64,
-) -> Result<(usize, usize)> {
+    let connection = &tx;
     let wipe = bundle
         .wipe_public_key
         .as_deref()
@@ -805,6 +792,7 @@ fn fill_rows(
     // Not a member anywhere yet: each conversation becomes active as the
     // existing device adds this one.
     connection.execute("UPDATE conversations SET active = 0", [])?;
+    tx.commit()?;
     Ok((contacts, messages))
 }
 
