@@ -21,15 +21,20 @@ pub(crate) enum DevicesCommand {
     /// unexpired history, and adds it to every conversation. Anyone who
     /// sees the link before it is used can take the device's place: show
     /// it only to the new device.
-    Link,
-    /// Remove a device (its number from `devices list`) from this account
-    /// at once: it can no longer log in as that device, its conversations
+    Link {
+        /// Send the vault's notes too (without it they stay on this
+        /// device only).
+        #[arg(long)]
+        with_vault: bool,
+    },
+    /// Remove a device (its number or its name from `devices list`) from
+    /// this account at once: it can no longer log in as that device, its conversations
     /// remove it, and it reads nothing sent to them afterwards. Works from
     /// any other device of the account. A device that was linked holds the
     /// account key: remove a stolen one at once, and know that until
     /// account keys can be replaced, whoever holds it can still act as
     /// the account.
-    Remove { device: u32 },
+    Remove { device: String },
 }
 
 pub(crate) async fn devices(cli: &Cli, out: &Out, command: &DevicesCommand) -> anyhow::Result<()> {
@@ -69,9 +74,12 @@ pub(crate) async fn devices(cli: &Cli, out: &Out, command: &DevicesCommand) -> a
                 }
             }
         }
-        DevicesCommand::Link => {
+        DevicesCommand::Link { with_vault } => {
             let client = online(cli).await?;
-            let pending = client.start_link().await?;
+            let mut pending = client.start_link().await?;
+            if *with_vault {
+                pending = pending.with_vault();
+            }
             let link = pending.link_string().to_string();
             out.value(
                 json!({ "link": link, "expires_at": pending.expires_at() }),
@@ -116,7 +124,8 @@ pub(crate) async fn devices(cli: &Cli, out: &Out, command: &DevicesCommand) -> a
         }
         DevicesCommand::Remove { device } => {
             let client = online(cli).await?;
-            client.remove_device(DeviceId(*device)).await?;
+            let device = which_device(&client, device).await?;
+            client.remove_device(device).await?;
             out.value(json!({ "removed": device }), || {
                 format!(
                     "Removed device {device}. It can no longer log in as that device, and reads nothing sent to your conversations from now on."
@@ -125,6 +134,33 @@ pub(crate) async fn devices(cli: &Cli, out: &Out, command: &DevicesCommand) -> a
         }
     }
     Ok(())
+}
+
+/// The current device of this account that `given` names: its number, or
+/// its name if exactly one current device has it.
+async fn which_device(client: &Client, given: &str) -> anyhow::Result<DeviceId> {
+    if let Ok(number) = given.parse::<u32>() {
+        return Ok(DeviceId(number));
+    }
+    let named: Vec<DeviceId> = client
+        .devices()
+        .await?
+        .into_iter()
+        .filter(|d| d.removed_at.is_none() && d.name == given)
+        .map(|d| d.id)
+        .collect();
+    match named.as_slice() {
+        [one] => Ok(*one),
+        [] => anyhow::bail!(
+            "no current device of this account is named {:?}; see `umbra devices list`",
+            printable(given)
+        ),
+        _ => anyhow::bail!(
+            "{} devices are named {:?}; remove one by its number (`umbra devices list`)",
+            named.len(),
+            printable(given)
+        ),
+    }
 }
 
 /// `umbra link STRING`: becomes a new device of the account that showed it.
@@ -167,6 +203,7 @@ pub(crate) async fn link(
             "device": joined.device,
             "contacts": joined.contacts,
             "messages": joined.messages,
+            "vault_notes": joined.vault_notes,
             "conversations": joined.conversations,
             "home": cli.home,
         }),
@@ -175,6 +212,12 @@ pub(crate) async fn link(
                 "Linked. This is device {} of account {}, with {} contact(s) and {} message(s) of history.",
                 joined.device, joined.account, joined.contacts, joined.messages
             );
+            if joined.vault_notes > 0 {
+                text.push_str(&format!(
+                    "\nThe vault came along: {} note(s).",
+                    joined.vault_notes
+                ));
+            }
             match joined.conversations {
                 Some(n) => text.push_str(&format!("\nIt is in {n} conversation(s).")),
                 None => text.push_str(

@@ -15,7 +15,7 @@ use escape::printable;
 use serde_json::json;
 use umbra_client::{
     AccountId, ActivationString, Client, ClientError, ClientOptions, ConversationId,
-    ConversationKind, Direction, Event, Message, Passphrase,
+    ConversationKind, Direction, DuressScope, Event, Message, Passphrase,
 };
 
 /// Exit codes, so scripts can tell failures apart.
@@ -194,10 +194,16 @@ enum DistributorCommand {
 #[derive(Debug, Subcommand)]
 enum SecurityCommand {
     /// Set a duress passphrase. Entered instead of the real one, at any
-    /// prompt, it silently destroys this device and ends its line; the
-    /// device then looks like a fresh install. Read from
-    /// UMBRA_DURESS_PASSPHRASE, or asked twice.
-    Duress,
+    /// prompt, it silently destroys this device; the device then looks like
+    /// a fresh install. On an account of one device it also ends the line.
+    /// On an account with several, it destroys this device alone, unless
+    /// --every-device. Read from UMBRA_DURESS_PASSPHRASE, or asked twice.
+    Duress {
+        /// Destroy every device of the account too: the line ends, and
+        /// each of its devices erases itself as it next connects.
+        #[arg(long)]
+        every_device: bool,
+    },
     /// Wipe this device after this many wrong passphrases in a row
     /// (default 10).
     WipeAfter { attempts: u32 },
@@ -406,6 +412,8 @@ fn exit_code(error: &anyhow::Error) -> u8 {
         ) => exit::NETWORK,
         Some(
             ClientError::Server { .. }
+            | ClientError::LineEnded { .. }
+            | ClientError::ErasedByAccount
             | ClientError::NotAContact(_)
             | ClientError::NotAccepted(_)
             | ClientError::NoRequest(_)
@@ -846,7 +854,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = open(&cli)?;
             let current = passphrase(false)?;
             match command {
-                SecurityCommand::Duress => {
+                SecurityCommand::Duress { every_device } => {
                     let duress = match std::env::var("UMBRA_DURESS_PASSPHRASE") {
                         Ok(text) => Passphrase::new(text),
                         Err(_) => {
@@ -858,11 +866,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             Passphrase::new(first)
                         }
                     };
-                    client.set_duress_passphrase(&current, &duress)?;
-                    out.value(json!({ "duress_set": true }), || {
-                        "Duress passphrase set. Entering it at any prompt erases this device."
-                            .into()
-                    });
+                    let scope = if *every_device {
+                        DuressScope::EveryDevice
+                    } else {
+                        DuressScope::ThisDevice
+                    };
+                    client.set_duress_passphrase(&current, &duress, scope)?;
+                    out.value(
+                        json!({ "duress_set": true, "every_device": every_device }),
+                        || {
+                            if *every_device {
+                                "Duress passphrase set. Entering it at any prompt erases this device \
+                                 and ends the line: every other device of the account erases \
+                                 itself as it next connects."
+                                    .into()
+                            } else {
+                                "Duress passphrase set. Entering it at any prompt erases this device."
+                                    .into()
+                            }
+                        },
+                    );
                 }
                 SecurityCommand::WipeAfter { attempts } => {
                     client.set_max_failed_unlocks(&current, *attempts)?;

@@ -405,6 +405,7 @@ async fn text_output_escapes_what_contacts_write() {
 /// the process (waiting for the new device) and the rest of its output.
 async fn offer_link(
     home: &Path,
+    extra: &[&str],
 ) -> (
     String,
     std::process::Child,
@@ -415,6 +416,7 @@ async fn offer_link(
         .arg("--home")
         .arg(home)
         .args(["devices", "link"])
+        .args(extra)
         .env("UMBRA_PASSPHRASE", "a long test passphrase")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -453,16 +455,18 @@ async fn a_device_is_linked_and_removed_through_the_cli() {
     ok(bob.path(), &["send", &a, "before the laptop"]).await;
     ok(phone.path(), &["recv"]).await;
 
-    let (link, mut linking, mut reader) = offer_link(phone.path()).await;
+    ok(phone.path(), &["vault", "add", "alarm", "4711"]).await;
+    let (link, mut linking, mut reader) = offer_link(phone.path(), &["--with-vault"]).await;
 
     let joined = ok(laptop.path(), &["link", &link, "--name", "laptop"]).await;
     assert_eq!(
         (
             joined[0]["account_id"].as_str(),
             joined[0]["device"].as_u64(),
-            joined[0]["conversations"].as_u64()
+            joined[0]["conversations"].as_u64(),
+            joined[0]["vault_notes"].as_u64()
         ),
-        (Some(a.as_str()), Some(2), Some(1))
+        (Some(a.as_str()), Some(2), Some(1), Some(1))
     );
     let finished = tokio::task::spawn_blocking(move || {
         use std::io::Read as _;
@@ -488,6 +492,9 @@ async fn a_device_is_linked_and_removed_through_the_cli() {
         history.iter().any(|m| m["body"] == "before the laptop"),
         "{history:?}"
     );
+    let notes = ok(laptop.path(), &["vault", "list"]).await;
+    assert_eq!(notes.len(), 1, "the vault came along: {notes:?}");
+    assert_eq!(notes[0]["title"], "alarm");
     ok(laptop.path(), &["send", &b, "from the laptop"]).await;
     let received = ok(bob.path(), &["recv"]).await;
     assert_eq!(messages(&received), vec!["from the laptop"]);
@@ -497,9 +504,15 @@ async fn a_device_is_linked_and_removed_through_the_cli() {
             .any(|e| e["event"] == "message_received" && e["message"]["sender"] == a.as_str())
     );
 
-    // Removed from the phone: listed as removed, and it can no longer
-    // connect.
-    ok(phone.path(), &["devices", "remove", "2"]).await;
+    // Removed from the phone, by its name: listed as removed, and it can
+    // no longer connect.
+    let unknown = umbra(phone.path(), &["devices", "remove", "tablet"]).await;
+    assert!(
+        !unknown.status.success()
+            && String::from_utf8_lossy(&unknown.stdout).contains("no current device"),
+        "{unknown:?}"
+    );
+    ok(phone.path(), &["devices", "remove", "laptop"]).await;
     let listed = ok(phone.path(), &["devices", "list"]).await;
     assert_eq!(listed.len(), 2);
     assert!(listed[1]["removed_at"].is_u64(), "{listed:?}");
@@ -694,7 +707,7 @@ async fn a_device_is_linked_in_the_full_screen_app() {
     ok(bob.path(), &["contacts", "accept", &a]).await;
     ok(bob.path(), &["send", &a, "before the laptop"]).await;
     ok(phone.path(), &["recv"]).await;
-    let (link, mut linking, _reader) = offer_link(phone.path()).await;
+    let (link, mut linking, _reader) = offer_link(phone.path(), &[]).await;
 
     let tmux = Tmux::start("link", laptop.path(), 100, 40);
     tmux.wait_for("welcome to Umbra").await;
@@ -919,7 +932,9 @@ async fn duress_answers_like_a_wrong_passphrase_on_a_large_store() {
     );
 
     // The detached half ended the line at the server: the real passphrase
-    // opens the original device, but the server no longer lets it in.
+    // opens the original device, but the server no longer lets it in, and
+    // shows it the line's own revocation: it erases itself too.
     let refused = umbra(alice.path(), &["recv"]).await;
     assert_eq!(refused.status.code(), Some(5), "{refused:?}");
+    assert!(!umbra_client::device_exists(alice.path()));
 }

@@ -37,6 +37,18 @@ pub enum ClientError {
         message: String,
         current_epoch: u64,
     },
+    /// The server says the line ended and shows the line's own revocation
+    /// (checked by the device against its account key before it acts).
+    #[error("this line was ended by its own account")]
+    LineEnded { revocation: umbra_proto::Signature },
+    /// The line was ended by its own account (a remote wipe, a duress
+    /// passphrase, the wipe of its last device), as the server proved with
+    /// the account key's signature: this device erased itself.
+    #[error(
+        "this line was ended by its own account (a wipe code, a duress passphrase or the wipe \
+         of its last device); this device has erased itself"
+    )]
+    ErasedByAccount,
     #[error("{0} is not a contact; add them with `contacts add` first")]
     NotAContact(AccountId),
     #[error("contact {0} has not accepted your request yet")]
@@ -91,6 +103,9 @@ pub enum ClientError {
 
 impl From<ErrorReply> for ClientError {
     fn from(reply: ErrorReply) -> Self {
+        if let (ErrorCode::LineRevoked, Some(revocation)) = (reply.code, reply.revocation) {
+            return ClientError::LineEnded { revocation };
+        }
         ClientError::Server {
             code: reply.code,
             message: reply.message,
@@ -110,6 +125,9 @@ impl ClientError {
     pub fn server_code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Server { code, .. } => Some(*code),
+            ClientError::LineEnded { .. } | ClientError::ErasedByAccount => {
+                Some(ErrorCode::LineRevoked)
+            }
             _ => None,
         }
     }

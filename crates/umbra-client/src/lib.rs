@@ -48,4 +48,4 @@ pub use umbra_proto::{
     AccountId, ActivationString, CertFingerprint, DeviceId, ErrorCode, LinkString, WipeCode,
 };
 pub use vault::Note;
-pub use wipe::{Revocation, send_wipe};
+pub use wipe::{DuressScope, Revocation, send_wipe};

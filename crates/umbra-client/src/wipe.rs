@@ -103,6 +103,37 @@ impl Client {
         self.emit_event(Event::Wiped);
         Ok(())
     }
+
+    /// The server says this line ended, showing `revocation`. If the
+    /// account key signed it, the account ended its own line (a wipe code,
+    /// a duress passphrase, the wipe of its last device: each meant for
+    /// every device, and one that was away when it happened finds its wipe
+    /// command gone with the line's mailboxes): this device erases itself.
+    /// Anything else is the server's claim alone: refused, and said so.
+    pub(crate) fn line_ended(&self, revocation: &Signature) -> ClientError {
+        let payload = revoke_signing_payload(self.account());
+        if !umbra_mls::verify(&self.identity_key(), &payload, revocation) {
+            warn!("refusing a line revocation that is not signed with the account key");
+            self.emit_event(Event::ServerMisbehaved {
+                what: "it said this line ended, with a revocation the account key did not sign"
+                    .into(),
+            });
+            return ClientError::Server {
+                code: umbra_proto::ErrorCode::LineRevoked,
+                message: "the server says this line was revoked, with a forged revocation".into(),
+                current_epoch: 0,
+            };
+        }
+        self.close_store();
+        let shredded = store::shred(self.home());
+        self.disconnect();
+        if let Err(error) = shredded {
+            warn!(%error, "erasing the device after its line ended");
+        }
+        info!("the account ended its line: device erased");
+        self.emit_event(Event::Wiped);
+        ClientError::ErasedByAccount
+    }
 }
 
 /// A revocation of a line signed in advance with its identity key, kept
@@ -147,15 +178,30 @@ impl Revocation {
     }
 }
 
+/// What a duress passphrase destroys besides the device it is entered on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DuressScope {
+    /// This device alone while the account has others. On an account of
+    /// one device the line ends with it (there is nothing else to keep),
+    /// and so does any device linked later, until the duress passphrase is
+    /// set again.
+    ThisDevice,
+    /// Every device of the account: the line ends, and each device, shown
+    /// the line's own revocation as it next connects, erases itself.
+    EveryDevice,
+}
+
 impl Client {
     /// Sets a duress passphrase: entered instead of the real one, it
-    /// destroys this device (and ends its line at the server when reachable)
-    /// with the same work and the same outward behaviour as an unlock.
-    /// `passphrase` is the real one, to confirm.
+    /// destroys this device (and, as `scope` says, the account's others,
+    /// by ending the line at the server when reachable) with the same work
+    /// and the same outward behaviour as an unlock. `passphrase` is the
+    /// real one, to confirm.
     pub fn set_duress_passphrase(
         &self,
         passphrase: &crate::Passphrase,
         duress: &crate::Passphrase,
+        scope: DuressScope,
     ) -> Result<()> {
         let (mut kdf, real_key) = store::derive_checked(self.home(), passphrase)?;
         let duress_key = kdf.derive(duress)?;
@@ -164,10 +210,12 @@ impl Client {
                 "the duress passphrase must differ from the real one".into(),
             ));
         }
-        // On an account with other devices, the duress passphrase destroys
-        // this device alone: no revocation of the line is kept (a removal
-        // signed now would be stale by the time it is used).
-        let sealed = if self.farewell_entry().is_some() {
+        // To destroy this device alone on an account with other devices,
+        // no revocation of the line is kept (and no removal either: one
+        // signed now would be stale by the time it is used). Otherwise
+        // the line's revocation is sealed: it ends the line, and every
+        // device of it erases itself on seeing it.
+        let sealed = if scope == DuressScope::ThisDevice && self.farewell_entry().is_some() {
             Vec::new()
         } else {
             let revocation = Revocation {

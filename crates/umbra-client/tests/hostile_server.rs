@@ -9,7 +9,7 @@ use umbra_client::{AccountId, ClientError, ContactState, Event, Refusal};
 use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Provider};
 use umbra_proto::{DeliveryKind, GroupId};
 use umbra_store::sqlite::SqliteStore;
-use umbra_store::{Groups, KeyPackages, Mailboxes, Notice};
+use umbra_store::{Accounts, Groups, KeyPackages, Mailboxes, Notice};
 
 /// An MLS identity the operator makes up: its own signing key, under
 /// whatever account ID it chooses to claim.
@@ -724,5 +724,50 @@ async fn a_certified_package_in_place_of_a_first_devices_is_refused_and_nothing_
     assert!(
         matches!(pinned, Err(ClientError::NotAccepted(_))),
         "a key was pinned: {pinned:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_line_revocation_the_account_did_not_sign_erases_nothing() {
+    let server = TestServer::start().await;
+    let alice = Device::activate(&server).await;
+    let alice = alice.reopen_offline();
+
+    // The operator ends Alice's line and shows, as its "own" revocation,
+    // a signature under a key it made up over the right payload.
+    let (data, address, store, _dir) = server.seize();
+    let forged = DeviceSigner::from_secret(&[9; 32])
+        .sign_payload(&umbra_proto::revoke_signing_payload(&alice.id()));
+    let now = common::now();
+    store
+        .revoke(&alice.id(), Some(&forged), now, now + 3600)
+        .await
+        .unwrap();
+    drop(store);
+    let _server = TestServer::start_in(&data, address).await;
+
+    let mut alice = alice;
+    let refused = alice.client.connect().await;
+    assert!(
+        matches!(
+            refused,
+            Err(ClientError::Server {
+                code: umbra_proto::ErrorCode::LineRevoked,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    alice
+        .wait_for(|e| matches!(e, Event::ServerMisbehaved { .. }).then_some(()))
+        .await;
+    assert!(
+        umbra_client::device_exists(alice.home.path()),
+        "the server's word alone erases no device"
+    );
+    drop(alice.client);
+    assert!(
+        umbra_client::Client::open(alice.home.path(), &common::passphrase(), common::options())
+            .is_ok()
     );
 }

@@ -8,7 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::{Device, PATIENCE, TestServer, befriend, options, passphrase};
-use umbra_client::{Client, ConversationId, DeviceId, Direction, Event, LinkString};
+use umbra_client::{
+    Client, ClientError, ConversationId, DeviceId, Direction, DuressScope, Event, LinkString,
+};
 
 /// Waits until `check` holds, or fails the test after [`PATIENCE`].
 async fn until(what: &str, mut check: impl FnMut() -> bool) {
@@ -34,7 +36,20 @@ fn texts(client: &Client, conversation: &ConversationId) -> Vec<(Direction, Stri
 
 /// Links a new device to `existing`'s account; returns it with its events.
 async fn link(existing: &Device, name: &str) -> (Device, umbra_client::LinkedDevice) {
-    let pending = existing.client.start_link().await.unwrap();
+    link_with(existing, name, false).await.0
+}
+
+/// [`link`], sending the vault if `vault`; also returns how many vault
+/// notes the new device got.
+async fn link_with(
+    existing: &Device,
+    name: &str,
+    vault: bool,
+) -> ((Device, umbra_client::LinkedDevice), usize) {
+    let mut pending = existing.client.start_link().await.unwrap();
+    if vault {
+        pending = pending.with_vault();
+    }
     let string = pending.link_string().to_string();
     let finishing = tokio::spawn(pending.finish());
     let home = tempfile::tempdir().unwrap();
@@ -53,7 +68,7 @@ async fn link(existing: &Device, name: &str) -> (Device, umbra_client::LinkedDev
         events,
         wipe_code: None,
     };
-    (device, linked)
+    ((device, linked), joined.vault_notes)
 }
 
 #[tokio::test]
@@ -70,8 +85,14 @@ async fn a_linked_device_has_the_history_and_sends_and_receives_as_the_account()
         .await
         .unwrap();
     assert_eq!(bob.next_text().await.1, "before two");
+    phone.client.vault_add("alarm", "4711").unwrap();
 
-    let (laptop, linked) = link(&phone, "laptop").await;
+    let ((laptop, linked), notes) = link_with(&phone, "laptop", false).await;
+    assert_eq!(notes, 0);
+    assert!(
+        laptop.client.vault_list().unwrap().is_empty(),
+        "the vault stays on the phone unless the user chose to send it"
+    );
     assert_eq!(
         (
             linked.device,
@@ -212,7 +233,16 @@ async fn two_accounts_with_two_and_three_devices_see_every_message_in_one_order(
     let mut bob = Device::activate(&server).await;
     let (conversation, _) = befriend(&mut alice, &mut bob).await;
     let (alice_laptop, _) = link(&alice, "laptop").await;
-    let (bob_tablet, _) = link(&bob, "tablet").await;
+    bob.client.vault_add("door", "2580").unwrap();
+    let ((bob_tablet, _), notes) = link_with(&bob, "tablet", true).await;
+    assert_eq!(notes, 1);
+    let note = bob_tablet.client.vault_list().unwrap();
+    assert_eq!(note.len(), 1);
+    assert_eq!(
+        bob_tablet.client.vault_get(note[0].id).unwrap().body,
+        "2580",
+        "the vault came along, as chosen"
+    );
     // A device linked by a linked device: the entry is made and signed
     // by device 2, and the history it hands on came by a link itself.
     let (bob_laptop, linked) = link(&bob_tablet, "laptop").await;
@@ -478,4 +508,77 @@ async fn a_new_device_whose_existing_device_goes_away_gives_up_cleanly() {
     assert!(!umbra_client::device_exists(home.path()));
     let phone = phone.reopen().await;
     assert_eq!(phone.client.devices().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn the_wipe_code_erases_a_device_that_was_away_when_it_was_used() {
+    let server = TestServer::start().await;
+    let mut phone = Device::activate(&server).await;
+    let (laptop, _) = link(&phone, "laptop").await;
+    // The laptop is closed (in a drawer, or in a thief's bag).
+    let mut laptop = laptop.reopen_offline();
+
+    let code = phone.wipe_code.clone().unwrap();
+    umbra_client::send_wipe(&code, &umbra_client::SystemClock)
+        .await
+        .unwrap();
+    phone
+        .wait_for(|e| matches!(e, Event::Wiped).then_some(()))
+        .await;
+    assert!(!umbra_client::device_exists(phone.home.path()));
+
+    // The phone ended the line, and the laptop's copy of the wipe command
+    // went with the line's mailboxes. Back online, it is shown the line's
+    // own revocation, checks it under the account key, and erases itself.
+    let back = laptop.client.connect().await;
+    assert!(
+        matches!(back, Err(ClientError::ErasedByAccount)),
+        "{back:?}"
+    );
+    laptop
+        .wait_for(|e| matches!(e, Event::Wiped).then_some(()))
+        .await;
+    assert!(!umbra_client::device_exists(laptop.home.path()));
+}
+
+#[tokio::test]
+async fn a_duress_passphrase_for_every_device_erases_the_others_too() {
+    let server = TestServer::start().await;
+    let mut phone = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut phone, &mut bob).await;
+    let (laptop, _) = link(&phone, "laptop").await;
+    joined(&laptop, &conversation).await;
+    let duress = umbra_client::Passphrase::new("they are watching");
+    laptop
+        .client
+        .set_duress_passphrase(&passphrase(), &duress, DuressScope::EveryDevice)
+        .unwrap();
+
+    // The laptop is opened with the duress passphrase: it looks like a
+    // typo, and hands the front end the line's revocation to send.
+    let Device { home, client, .. } = laptop;
+    client.disconnect();
+    drop(client);
+    let erased = Client::open(home.path(), &duress, options()).unwrap_err();
+    let ClientError::Erased {
+        revocation: Some(revocation),
+        ..
+    } = erased
+    else {
+        panic!("expected the sealed revocation, got {erased:?}");
+    };
+    Client::finish_erasure(home.path()).unwrap();
+    revocation.send().await.unwrap();
+
+    // The phone, online, is cut off; connecting again, it is shown the
+    // line's own revocation and erases itself.
+    until("the phone is disconnected", || !phone.client.is_connected()).await;
+    let back = phone.client.connect().await;
+    assert!(
+        matches!(back, Err(ClientError::ErasedByAccount)),
+        "{back:?}"
+    );
+    assert!(!umbra_client::device_exists(phone.home.path()));
+    assert!(!umbra_client::device_exists(home.path()));
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Device, TestServer, befriend};
-use umbra_client::{ClientError, ErrorCode, Event, SystemClock};
+use umbra_client::{ClientError, DuressScope, ErrorCode, Event, SystemClock};
 use umbra_store::{Accounts, KeyPackages, LineStatus, Mailboxes, Notice};
 
 fn device_files_gone(device: &Device) {
@@ -188,12 +188,16 @@ async fn the_duress_passphrase_destroys_the_device_and_ends_its_line() {
     let duress = umbra_client::Passphrase::new("open sesame, they are watching");
     let same = alice
         .client
-        .set_duress_passphrase(&common::passphrase(), &common::passphrase())
+        .set_duress_passphrase(
+            &common::passphrase(),
+            &common::passphrase(),
+            DuressScope::ThisDevice,
+        )
         .unwrap_err();
     assert!(matches!(same, ClientError::Invalid(_)), "{same}");
     alice
         .client
-        .set_duress_passphrase(&common::passphrase(), &duress)
+        .set_duress_passphrase(&common::passphrase(), &duress, DuressScope::ThisDevice)
         .unwrap();
     let account = alice.id();
     alice.client.disconnect();

@@ -273,6 +273,11 @@ pub struct ErrorReply {
     pub message: String,
     /// Set for [`ErrorCode::StaleEpoch`]: the group's epoch at the server.
     pub current_epoch: u64,
+    /// Set for [`ErrorCode::LineRevoked`] when the line ended itself: its
+    /// own revocation, the account key's signature over
+    /// [`crate::revoke_signing_payload`], which proves to each of its
+    /// devices that the account (not the server) ended it.
+    pub revocation: Option<Signature>,
 }
 
 impl ErrorReply {
@@ -281,6 +286,7 @@ impl ErrorReply {
             code,
             message: message.into(),
             current_epoch: 0,
+            revocation: None,
         }
     }
 }
@@ -722,6 +728,11 @@ pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
                     code: e.code as i32,
                     message: e.message.clone(),
                     current_epoch: e.current_epoch,
+                    revocation: e
+                        .revocation
+                        .as_ref()
+                        .map(|s| s.as_bytes().to_vec())
+                        .unwrap_or_default(),
                 }),
                 Ok(Reply::Registered {
                     account_id,
@@ -860,6 +871,11 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
                     code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
                     message: e.message,
                     current_epoch: e.current_epoch,
+                    revocation: if e.revocation.is_empty() {
+                        None
+                    } else {
+                        Some(Signature::from_slice(&e.revocation)?)
+                    },
                 }),
                 response::Result::Registered(x) => Ok(Reply::Registered {
                     account_id: account("account_id", &x.account_id)?,
@@ -1098,6 +1114,14 @@ mod tests {
                     code: ErrorCode::StaleEpoch,
                     message: "stale".into(),
                     current_epoch: 7,
+                    revocation: None,
+                }),
+            },
+            ServerMessage::Response {
+                id: 9,
+                result: Err(ErrorReply {
+                    revocation: Some(Signature::from_slice(&[3; 64]).unwrap_or_else(|e| panic!("{e}"))),
+                    ..ErrorReply::new(ErrorCode::LineRevoked, "ended")
                 }),
             },
             ServerMessage::Response {

@@ -339,7 +339,10 @@ impl Services {
                     .signed_by_device(&account_id, device, &payload, &signature)
                     .await?;
                 if account.status == LineStatus::Revoked {
-                    return Err(refuse(ErrorCode::LineRevoked, "this line was revoked"));
+                    return Err(ErrorReply {
+                        revocation: account.revocation.map(|proof| *proof),
+                        ..refuse(ErrorCode::LineRevoked, "this line was revoked")
+                    });
                 }
                 // Best effort: a device logs in (and reads its mailbox) even
                 // while the storage is full.

@@ -850,7 +850,11 @@ async fn revocation(store: &impl Store) {
     let told = store.revoke(&alice, None, NOW, NOW + TTL).await.unwrap();
     assert_eq!(told, vec![one(&bob), one(&carol)]);
     let row = store.account(&alice).await.unwrap().unwrap();
-    assert_eq!((row.status, row.wipe_key), (LineStatus::Revoked, None));
+    assert_eq!(
+        (row.status, row.wipe_key, row.revocation),
+        (LineStatus::Revoked, None, None),
+        "ended by someone else: no revocation of its own to show"
+    );
     assert_eq!(
         store.take_key_package(&alice, DeviceId(2)).await.unwrap(),
         None,
@@ -1235,9 +1239,18 @@ async fn mailboxes_per_device(store: &impl Store) {
         vec![phone.clone(), bob_phone.clone()]
     );
 
-    // Revoking the line takes every leaf of it out and drops every mailbox.
-    let told = store.revoke(&alice, None, NOW, NOW + TTL).await.unwrap();
+    // Revoking the line takes every leaf of it out and drops every mailbox;
+    // the line's own revocation is kept, to show its devices.
+    let proof = umbra_proto::Signature::from_slice(&[7; 64]).unwrap();
+    let told = store
+        .revoke(&alice, Some(&proof), NOW, NOW + TTL)
+        .await
+        .unwrap();
     assert_eq!(told, vec![bob_phone.clone()]);
+    assert_eq!(
+        store.account(&alice).await.unwrap().unwrap().revocation,
+        Some(Box::new(proof))
+    );
     assert!(store.devices(&alice).await.unwrap().is_empty());
     for device in [&phone, &tablet] {
         assert!(store.pending(device, 0, 10, NOW).await.unwrap().is_empty());

@@ -134,6 +134,9 @@ pub struct Account {
     pub distributor: Option<u64>,
     /// Unix day (seconds / 86400) of the last login.
     pub last_seen_day: Option<u64>,
+    /// For a line that ended itself: its own revocation (see
+    /// [`Accounts::revoke`]), shown to its devices as they log in.
+    pub revocation: Option<Box<umbra_proto::Signature>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

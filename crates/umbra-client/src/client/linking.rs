@@ -53,18 +53,24 @@ const COPIED: &[&str] = &[
     "device_log",
 ];
 
+/// The vault's table: copied only when the user chooses
+/// ([`PendingLink::with_vault`]).
+const VAULT: &str = "vault";
+
 /// A link this device offered and is waiting to complete.
 pub struct PendingLink {
     client: Client,
     link: LinkString,
     sealer: Sealer,
     expires_at: u64,
+    vault: bool,
 }
 
 impl std::fmt::Debug for PendingLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PendingLink")
             .field("expires_at", &self.expires_at)
+            .field("vault", &self.vault)
             .finish_non_exhaustive()
     }
 }
@@ -87,6 +93,8 @@ pub struct JoinedAccount {
     pub device: DeviceId,
     pub contacts: usize,
     pub messages: usize,
+    /// Vault notes, if the existing device chose to send the vault.
+    pub vault_notes: usize,
     /// Conversations the existing device added this one to, once it said
     /// so (None if it did not within the rendezvous's life).
     pub conversations: Option<usize>,
@@ -101,6 +109,13 @@ impl PendingLink {
     /// Unix seconds after which the link no longer works.
     pub fn expires_at(&self) -> u64 {
         self.expires_at
+    }
+
+    /// Sends the vault's notes to the new device too. Without it the
+    /// vault stays on this device alone.
+    pub fn with_vault(mut self) -> Self {
+        self.vault = true;
+        self
     }
 
     /// Waits for the new device and links it: appends the log entry that
@@ -150,7 +165,7 @@ impl PendingLink {
         let device = entry.device();
         // Everything that could stop the link is settled before the entry
         // is offered: once it is appended, the device counts.
-        let (bundle, mark) = match client.bundle(device, offer.store_version) {
+        let (bundle, mark) = match client.bundle(device, offer.store_version, self.vault) {
             Ok(bundle) => bundle,
             Err(error) => {
                 self.put(&Answer::Refused(error.to_string()), pairing::ANSWER)
@@ -371,6 +386,7 @@ impl Client {
             client: self.clone(),
             link,
             expires_at,
+            vault: false,
         })
     }
 
@@ -378,8 +394,9 @@ impl Client {
     /// `theirs`) gets: the account key and the
     /// rows of [`COPIED`] (messages only while they have not expired, and
     /// conversations not yet active there: they become active as this
-    /// device adds it to each), and the last message ID it holds.
-    fn bundle(&self, device: DeviceId, theirs: u32) -> Result<(Bundle, i64)> {
+    /// device adds it to each), with `vault` the vault's notes, and the
+    /// last message ID it holds.
+    fn bundle(&self, device: DeviceId, theirs: u32, vault: bool) -> Result<(Bundle, i64)> {
         let db = self.db();
         let (wipe, expires, version): (Option<Vec<u8>>, u64, u32) = db.query_row(
             "SELECT wipe_public_key, subscription_expires_at, (SELECT user_version FROM pragma_user_version)
@@ -403,6 +420,9 @@ impl Client {
                 _ => "WHERE ?1 IS NOT NULL",
             };
             tables.push(copy_table(&db, name, filter, self.now())?);
+        }
+        if vault {
+            tables.push(copy_table(&db, VAULT, "WHERE ?1 IS NOT NULL", self.now())?);
         }
         let bundle = Bundle {
             store_version: version,
@@ -647,7 +667,7 @@ impl Client {
                 version, bundle.store_version
             )));
         }
-        let (contacts, messages) = match fill(
+        let (contacts, messages, vault_notes) = match fill(
             &connection,
             &bundle,
             link,
@@ -736,6 +756,7 @@ impl Client {
             device: entry.device(),
             contacts,
             messages,
+            vault_notes,
             conversations,
         };
         Ok((client, joined))
@@ -743,8 +764,8 @@ impl Client {
 }
 
 /// Writes a linked device's store in one transaction (all of it or none
-/// of it): its device row, then the copied rows. Returns how many contacts
-/// and messages it got.
+/// of it): its device row, then the copied rows. Returns how many contacts,
+/// messages and vault notes it got.
 fn fill(
     connection: &rusqlite::Connection,
     bundle: &Bundle,
@@ -753,7 +774,7 @@ fn fill(
     account_signer: &DeviceSigner,
     certificate: &DeviceCertificate,
     now: u64,
-) -> Result<(usize, usize)> {
+) -> Result<(usize, usize, usize)> {
     let tx = connection.unchecked_transaction()?;
     let connection = &tx;
     let wipe = bundle
@@ -780,12 +801,13 @@ fn fill(
             certificate.encode(),
         ],
     )?;
-    let (mut contacts, mut messages) = (0, 0);
+    let (mut contacts, mut messages, mut notes) = (0, 0, 0);
     for table in &bundle.tables {
         insert_rows(connection, table, false)?;
         match table.name.as_str() {
             "contacts" => contacts = table.rows.len(),
             "messages" => messages = table.rows.len(),
+            VAULT => notes = table.rows.len(),
             _ => {}
         }
     }
@@ -793,13 +815,13 @@ fn fill(
     // existing device adds this one.
     connection.execute("UPDATE conversations SET active = 0", [])?;
     tx.commit()?;
-    Ok((contacts, messages))
+    Ok((contacts, messages, notes))
 }
 
 /// Writes a copied table's rows; with `new_only`, a message whose ID
 /// (`uid`) is already here is left out. Returns how many were written.
 fn insert_rows(tx: &rusqlite::Transaction<'_>, table: &Table, new_only: bool) -> Result<usize> {
-    if !COPIED.contains(&table.name.as_str())
+    if !(COPIED.contains(&table.name.as_str()) || table.name == VAULT)
         || table
             .columns
             .iter()

@@ -130,16 +130,30 @@ impl Client {
             return Err(ClientError::ConnectionLost);
         };
         let account = &self.inner.account;
-        let reply = link
-            .request(Request::Login {
-                account_id: account.clone(),
-                device: self.inner.device,
-                signature: self
-                    .inner
-                    .signer
-                    .sign_payload(&login_signing_payload(&nonce, account)),
-            })
-            .await?;
+        let login = |signer: &DeviceSigner| Request::Login {
+            account_id: account.clone(),
+            device: self.inner.device,
+            signature: signer.sign_payload(&login_signing_payload(&nonce, account)),
+        };
+        let reply = match link.request(login(&self.inner.signer)).await {
+            // A linked device that is not on its account's list any more:
+            // removed, or its line ended (and the devices with it). Only in
+            // the second case does the server take the account key for it,
+            // and then it shows why the line ended.
+            Err(ClientError::Server {
+                code: ErrorCode::BadSignature,
+                ..
+            }) if self.inner.account_signer.is_some() => {
+                link.request(login(self.account_signer())).await
+            }
+            other => other,
+        };
+        let reply = match reply {
+            Err(ClientError::LineEnded { revocation }) => {
+                return Err(self.line_ended(&revocation));
+            }
+            other => other?,
+        };
         let Reply::LoggedIn {
             subscription_expires_at,
             key_packages_remaining,

@@ -281,11 +281,13 @@ impl Services {
                 None => return Err(unknown_group(group_id)),
             };
             return Err(ErrorReply {
-                code: ErrorCode::StaleEpoch,
-                message: format!(
-                    "the proposal was made in epoch {epoch}; the group is at epoch {current_epoch}: process what came before and propose again"
-                ),
                 current_epoch,
+                ..refuse(
+                    ErrorCode::StaleEpoch,
+                    format!(
+                        "the proposal was made in epoch {epoch}; the group is at epoch {current_epoch}: process what came before and propose again"
+                    ),
+                )
             });
         }
         Ok(())
@@ -317,11 +319,13 @@ pub(super) fn line_refusal(status: LineStatus, expires: u64, now: u64) -> Option
 
 pub(super) fn stale(epoch: u64, current_epoch: u64) -> ErrorReply {
     ErrorReply {
-        code: ErrorCode::StaleEpoch,
-        message: format!(
-            "the commit was made in epoch {epoch}; the group is at epoch {current_epoch}: process what came before and retry"
-        ),
         current_epoch,
+        ..refuse(
+            ErrorCode::StaleEpoch,
+            format!(
+                "the commit was made in epoch {epoch}; the group is at epoch {current_epoch}: process what came before and retry"
+            ),
+        )
     }
 }
 

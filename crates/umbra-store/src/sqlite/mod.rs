@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceId, GroupId, IdentityKey};
+use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceId, GroupId, IdentityKey, Signature};
 
 use crate::staging::{DueCopy, Staging};
 use crate::{
@@ -52,6 +52,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (
         11,
         include_str!("../../migrations/0011_mailboxes_per_device.sql"),
+    ),
+    (
+        12,
+        include_str!("../../migrations/0012_revocation_proof.sql"),
     ),
 ];
 
@@ -1095,6 +1099,7 @@ impl Accounts for SqliteStore {
                 status: LineStatus::Active,
                 distributor,
                 last_seen_day: None,
+                revocation: None,
             }))
         })
         .await
@@ -1189,10 +1194,11 @@ impl Accounts for SqliteStore {
         if let Some(proof) = proof {
             notice.extend_from_slice(proof.as_bytes());
         }
+        let proof = proof.map(|p| p.as_bytes().to_vec());
         let staging = Arc::clone(&self.staging);
         let revoked = id.clone();
         self.write_then(
-            move |tx| revoke_in(tx, &id, &notice, now, expires_at),
+            move |tx| revoke_in(tx, &id, &notice, proof.as_deref(), now, expires_at),
             move |told| {
                 lock(&staging).drop_recipient(&revoked, None);
                 told
@@ -1207,6 +1213,7 @@ fn revoke_in(
     tx: &Tx<'_>,
     id: &AccountId,
     notice: &[u8],
+    proof: Option<&[u8]>,
     now: Timestamp,
     expires_at: Timestamp,
 ) -> Result<Vec<DeviceAddr>> {
@@ -1253,6 +1260,11 @@ fn revoke_in(
         tx.forget_line(id);
         tx.execute(sql, [id.as_str()]).map_err(backend)?;
     }
+    tx.execute(
+        "UPDATE accounts SET revocation = ?2 WHERE account_id = ?1",
+        params![id.as_str(), proof],
+    )
+    .map_err(backend)?;
     told.sort();
     told.dedup();
     Ok(told)
@@ -1267,11 +1279,12 @@ fn account_row(connection: &Connection, id: &AccountId) -> Result<Option<Account
         String,
         Option<u64>,
         Option<u64>,
+        Option<Vec<u8>>,
     );
     let row: Option<Row> = connection
         .prepare_cached(
             "SELECT identity_key, created_at, subscription_expires_at, wipe_key, status,
-                    distributor_id, last_seen_day
+                    distributor_id, last_seen_day, revocation
              FROM accounts WHERE account_id = ?1",
         )
         .and_then(|mut s| {
@@ -1284,6 +1297,7 @@ fn account_row(connection: &Connection, id: &AccountId) -> Result<Option<Account
                     row.get(4)?,
                     row.get(5)?,
                     row.get(6)?,
+                    row.get(7)?,
                 ))
             })
             .optional()
@@ -1291,7 +1305,7 @@ fn account_row(connection: &Connection, id: &AccountId) -> Result<Option<Account
         .map_err(backend)?;
     let corrupt = |e: umbra_proto::DecodeError| StoreError::Corrupt(e.to_string());
     row.map(
-        |(key, created_at, expires, wipe_key, status, distributor, last_seen_day)| {
+        |(key, created_at, expires, wipe_key, status, distributor, last_seen_day, revocation)| {
             Ok(Account {
                 id: id.clone(),
                 identity_key: IdentityKey::from_slice(&key).map_err(corrupt)?,
@@ -1304,6 +1318,9 @@ fn account_row(connection: &Connection, id: &AccountId) -> Result<Option<Account
                     .ok_or_else(|| StoreError::Corrupt(format!("line status {status:?}")))?,
                 distributor,
                 last_seen_day,
+                revocation: revocation
+                    .map(|s| Signature::from_slice(&s).map(Box::new).map_err(corrupt))
+                    .transpose()?,
             })
         },
     )
@@ -2352,7 +2369,7 @@ impl Distributors for SqliteStore {
             let mut ended = Vec::with_capacity(ids.len());
             for id in ids {
                 let id = account_id(id)?;
-                let told = revoke_in(tx, &id, id.as_str().as_bytes(), now, expires_at)?;
+                let told = revoke_in(tx, &id, id.as_str().as_bytes(), None, now, expires_at)?;
                 ended.push((id, told));
             }
             Ok(ended)
