@@ -878,6 +878,43 @@ async fn a_removed_device_is_committed_out_of_its_groups() {
     assert!(shown, "Alice is shown who removed which device");
     let members = alice.client.conversation(&conversation).unwrap().members;
     assert!(members.contains(&mallory.account), "Mallory stays a member");
+
+    // Alice writes after the removal. The phone reads it; the laptop,
+    // handed the message (and then the commit that removed it) by a server
+    // that kept them for it, reads nothing.
+    alice
+        .client
+        .send_text(&conversation, "after the laptop left")
+        .await
+        .unwrap();
+    let message = mallory
+        .next_of(umbra_proto::DeliveryKind::Application)
+        .await;
+    assert!(matches!(
+        phones.process(&mallory.provider(), &message.payload).unwrap(),
+        umbra_mls::Incoming::Application { ref sender, .. } if *sender == alice.id()
+    ));
+    let mut removed = group;
+    let removed_provider = laptop.provider();
+    assert!(
+        removed
+            .process(&removed_provider, &message.payload)
+            .is_err(),
+        "a message of the epoch after its removal"
+    );
+    assert!(matches!(
+        removed.process(&removed_provider, &commit.payload).unwrap(),
+        umbra_mls::Incoming::Commit {
+            removed_self: true,
+            ..
+        }
+    ));
+    assert!(
+        removed
+            .process(&removed_provider, &message.payload)
+            .is_err(),
+        "the commit that removed it gives it no key to the next epoch"
+    );
 }
 
 /// A group gets a leaf for every current device of a member account: Alice
