@@ -137,6 +137,17 @@ async fn a_linked_device_has_the_history_and_sends_and_receives_as_the_account()
     })
     .await;
 
+    // Bob is shown that the account added a device to the conversation.
+    let added = format!("{} added their device 2", phone.id());
+    until("Bob is shown the new device", || {
+        bob.client
+            .history(&at_bob, 100)
+            .unwrap()
+            .iter()
+            .any(|m| m.direction == Direction::System && m.body == added)
+    })
+    .await;
+
     // Bob's message reaches both devices; the laptop's reaches Bob, and
     // the phone shows it as sent by the account.
     bob.client.send_text(&at_bob, "after").await.unwrap();

@@ -630,6 +630,11 @@ impl Group {
 
     /// The member accounts, each once, in the order of their first leaf
     /// (an account has a leaf per device in the group).
+    /// Every member leaf as an address (account and device).
+    pub fn devices(&self) -> Vec<DeviceAddr> {
+        self.members().iter().map(MemberInfo::address).collect()
+    }
+
     pub fn accounts(&self) -> Vec<AccountId> {
         let mut accounts: Vec<AccountId> = Vec::new();
         for member in self.members() {

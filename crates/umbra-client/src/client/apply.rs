@@ -10,7 +10,9 @@ use tracing::{debug, warn};
 use umbra_mls::{Group, Incoming, Provider};
 use umbra_proto::content::{Body, Content};
 use umbra_proto::frame::Delivery;
-use umbra_proto::{AccountId, DeliveryKind, GroupId, IdentityKey, Push, Request, Signature};
+use umbra_proto::{
+    AccountId, DeliveryKind, DeviceAddr, GroupId, IdentityKey, Push, Request, Signature,
+};
 
 use crate::error::{ClientError, Result};
 use crate::link::Link;
@@ -522,7 +524,7 @@ impl Client {
         let Some(mut group) = Group::load(provider, &id)? else {
             return Err(ClientError::UnknownConversation(group_id.to_hex()));
         };
-        let before: Vec<AccountId> = group.accounts();
+        let before = group.devices();
         let had_pending = group.has_pending_commit();
         let incoming = match group.process(provider, &delivery.payload) {
             Ok(incoming) => incoming,
@@ -687,7 +689,7 @@ impl Client {
                     )?;
                     self.system_line(tx, &id, &format!("{sender} removed you"), events)?;
                 } else {
-                    let after: Vec<AccountId> = group.accounts();
+                    let after = group.devices();
                     self.membership_lines(tx, &id, &sender, &before, &after, events)?;
                     self.check_keys(tx, &group, events)?;
                     self.record_timer(tx, &id, sender.as_str(), group.disappear_after(), events)?;
@@ -701,15 +703,46 @@ impl Client {
         }
     }
 
+    /// The lines a commit by `by` that took the group's leaves from
+    /// `before` to `after` writes: accounts added and removed, and devices
+    /// added to an account that was already a member (a device removed
+    /// from one is shown from its account's signed entry instead, see
+    /// `apply_device_removed`).
     pub(super) fn membership_lines(
         &self,
         tx: &Transaction<'_>,
         group_id: &[u8],
         by: &AccountId,
-        before: &[AccountId],
-        after: &[AccountId],
+        before: &[DeviceAddr],
+        after: &[DeviceAddr],
         events: &mut Vec<Event>,
     ) -> Result<()> {
+        let accounts = |leaves: &[DeviceAddr]| {
+            let mut accounts: Vec<AccountId> = Vec::new();
+            for leaf in leaves {
+                if !accounts.contains(&leaf.account) {
+                    accounts.push(leaf.account.clone());
+                }
+            }
+            accounts
+        };
+        let (before_devices, after_devices) = (before, after);
+        let (before, after) = (accounts(before), accounts(after));
+        for leaf in after_devices {
+            if before.contains(&leaf.account) && !before_devices.contains(leaf) {
+                let whose = if leaf.account == *by {
+                    "their".to_owned()
+                } else {
+                    format!("{}'s", leaf.account)
+                };
+                self.system_line(
+                    tx,
+                    group_id,
+                    &format!("{by} added {whose} device {}", leaf.device),
+                    events,
+                )?;
+            }
+        }
         let added: Vec<AccountId> = after
             .iter()
             .filter(|a| !before.contains(a))

@@ -6,7 +6,7 @@ use rusqlite::params;
 use tracing::debug;
 use umbra_mls::{CommitOutput, Group, Provider};
 use umbra_proto::frame::CommitSubmission;
-use umbra_proto::{AccountId, ErrorCode, GroupId, Reply, Request};
+use umbra_proto::{ErrorCode, GroupId, Reply, Request};
 
 use crate::error::{ClientError, Result};
 use crate::link::REQUEST_TIMEOUT;
@@ -130,9 +130,9 @@ impl Client {
             let mut group = load_group(provider, group_id)?;
             if group.has_pending_commit() {
                 if accepted {
-                    let before: Vec<AccountId> = group.accounts();
+                    let before = group.devices();
                     group.merge_pending_commit(provider)?;
-                    let after: Vec<AccountId> = group.accounts();
+                    let after = group.devices();
                     self.membership_lines(
                         tx,
                         group_id,
