@@ -51,6 +51,39 @@ struct Common {
     /// Payload size in bytes.
     #[arg(long, global = true, default_value_t = 256)]
     size: usize,
+    /// Devices per account (relay and fanout, Umbra only): each account's
+    /// further devices are added to its device log and to every group it
+    /// is in, so each message also goes to them and to the sender's own
+    /// other devices. Group sizes stay counted in accounts.
+    #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    devices_per_account: u32,
+}
+
+impl Common {
+    /// Refuses more than one device per account where it means nothing:
+    /// workloads other than relay and fanout, and the peers (which have no
+    /// accounts of several devices).
+    fn single_device_only(&self, workload: &str) -> Result<()> {
+        if self.devices_per_account != 1 {
+            bail!(
+                "--devices-per-account {} is for the relay and fanout workloads; {workload} \
+                 runs with one device per account",
+                self.devices_per_account
+            );
+        }
+        Ok(())
+    }
+
+    fn several_devices_on_umbra_only(&self) -> Result<()> {
+        if self.devices_per_account != 1 && self.system != "umbra" {
+            bail!(
+                "--devices-per-account {}: accounts of several devices are Umbra's; {} has none",
+                self.devices_per_account,
+                self.system
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +116,7 @@ enum Workload {
     },
     /// Groups: one sender per group, deliveries per second and latency.
     Fanout {
+        /// Group sizes, in accounts (each of --devices-per-account devices).
         #[arg(long, value_delimiter = ',', default_values_t = [10, 100, 1000])]
         groups: Vec<u32>,
         /// Deliveries per second offered to each group.
@@ -188,6 +222,7 @@ async fn run(cli: Cli) -> Result<()> {
             return report::write(&from, &out);
         }
         Workload::Idle { devices } => {
+            common.single_device_only("idle")?;
             let devices = if quick { 200 } else { devices };
             let topology = Topology::idle(devices);
             let system = system_for(common, &topology, &[size]).await?;
@@ -214,12 +249,15 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 (pairs, rates, duration.into())
             };
-            let topology = Topology::pairs(pairs);
+            common.several_devices_on_umbra_only()?;
+            let per_account = common.devices_per_account;
+            let topology = Topology::pairs_with(pairs, per_account);
             let system = system_for(common, &topology, &[size]).await?;
             let points = workload::relay(&system, &topology, &rates, size, duration).await?;
             (
                 "relay",
-                json!({"system": system.name(), "durability": system.durability(), "pairs": pairs, "points": points}),
+                json!({"system": system.name(), "durability": system.durability(), "pairs": pairs,
+                       "devices_per_account": per_account, "points": points}),
             )
         }
         Workload::Offline {
@@ -227,6 +265,7 @@ async fn run(cli: Cli) -> Result<()> {
             per_sender,
             no_kill,
         } => {
+            common.single_device_only("offline")?;
             let (pairs, per_sender) = if quick { (10, 50) } else { (pairs, per_sender) };
             let topology = Topology::pairs(pairs);
             let system = system_for(common, &topology, &[size]).await?;
@@ -254,16 +293,20 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 (groups, deliveries_rate, duration.into())
             };
-            let topology = Topology::groups(&groups);
+            common.several_devices_on_umbra_only()?;
+            let per_account = common.devices_per_account;
+            let topology = Topology::groups_with(&groups, per_account);
             let system = system_for(common, &topology, &[size]).await?;
             let points =
                 workload::fanout(&system, &topology, deliveries_rate, size, duration).await?;
             (
                 "fanout",
-                json!({"system": system.name(), "durability": system.durability(), "groups": groups, "points": points}),
+                json!({"system": system.name(), "durability": system.durability(), "groups": groups,
+                       "devices_per_account": per_account, "points": points}),
             )
         }
         Workload::Storm { devices, backlog } => {
+            common.single_device_only("storm")?;
             let devices = if quick { 100 } else { devices };
             let topology = Topology::pairs(devices / 2);
             let system = system_for(common, &topology, &[size]).await?;
@@ -288,6 +331,7 @@ async fn run(cli: Cli) -> Result<()> {
             online,
             seed,
         } => {
+            common.single_device_only("soak")?;
             let (pairs, rate, duration) = if quick {
                 (50, 300.0, Duration::from_secs(5))
             } else {

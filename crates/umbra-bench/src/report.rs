@@ -66,6 +66,7 @@ pub fn write(from: &Path, out: &Path) -> Result<()> {
     report.durability(&mut md);
     report.relay(&mut md);
     report.fanout(&mut md);
+    report.device_cost(&mut md);
     report.idle(&mut md);
     report.offline(&mut md);
     report.storm(&mut md);
@@ -128,9 +129,10 @@ fn load(from: &Path) -> Result<Loaded> {
     Ok(loaded)
 }
 
-/// The runs of one (workload, system, payload size, soak length), oldest
-/// first. Soaks of different lengths are kept apart: their memory at the
-/// end is not comparable.
+/// The runs of one (workload, system, payload size, soak length, devices
+/// per account), oldest first. Soaks of different lengths are kept apart:
+/// their memory at the end is not comparable; so are runs with accounts of
+/// several devices (each message goes to more devices).
 #[derive(Debug)]
 struct Group<'a> {
     workload: String,
@@ -138,7 +140,18 @@ struct Group<'a> {
     size: u64,
     /// A soak's length in whole seconds; 0 for the other workloads.
     span: u64,
+    /// Devices per account (1 for results from before accounts had more).
+    devices: u64,
     runs: Vec<&'a Value>,
+}
+
+/// A record's devices per account (1 where it does not say).
+fn devices_per_account(record: &Value) -> u64 {
+    record
+        .get("devices_per_account")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// A soak's length in whole seconds (0 for any other workload).
@@ -188,7 +201,7 @@ struct Report<'a> {
 
 impl<'a> Report<'a> {
     fn new(records: &'a [Value]) -> Report<'a> {
-        type Key = (usize, String, usize, String, u64, u64);
+        type Key = (usize, String, usize, String, u64, u64, u64);
         let mut map: BTreeMap<Key, Vec<&Value>> = BTreeMap::new();
         for record in records {
             let workload = text(record, &["workload"]).unwrap_or("unknown").to_owned();
@@ -202,19 +215,23 @@ impl<'a> Report<'a> {
                 system,
                 size,
                 span,
+                devices_per_account(record),
             ))
             .or_default()
             .push(record);
         }
         let groups = map
             .into_iter()
-            .map(|((_, workload, _, system, size, span), runs)| Group {
-                workload,
-                system,
-                size,
-                span,
-                runs,
-            })
+            .map(
+                |((_, workload, _, system, size, span, devices), runs)| Group {
+                    workload,
+                    system,
+                    size,
+                    span,
+                    devices,
+                    runs,
+                },
+            )
             .collect();
         Report { records, groups }
     }
@@ -226,14 +243,14 @@ impl<'a> Report<'a> {
             .collect()
     }
 
-    /// The group the bar and the ratios are about: the default payload
-    /// size if it was measured, else the smallest; for soaks, the day at
-    /// 100× if it was measured, else the longest.
+    /// The group the bar and the ratios are about: one device per account;
+    /// the default payload size if it was measured, else the smallest; for
+    /// soaks, the day at 100× if it was measured, else the longest.
     fn find(&self, workload: &str, system: &str) -> Option<&Group<'a>> {
         let mut candidates: Vec<&Group<'a>> = self
             .groups
             .iter()
-            .filter(|g| g.workload == workload && g.system == system)
+            .filter(|g| g.workload == workload && g.system == system && g.devices == 1)
             .collect();
         candidates.sort_by_key(|g| {
             (
@@ -248,7 +265,8 @@ impl<'a> Report<'a> {
 
     /// The label of a group's rows: the system, plus the size when the
     /// workload was measured at more than one, plus the length when soaks
-    /// of more than one length were run.
+    /// of more than one length were run, plus the devices per account when
+    /// more than one.
     fn label(&self, group: &Group<'_>) -> String {
         let distinct = |f: fn(&Group<'_>) -> u64| {
             let mut seen: Vec<u64> = self.of(&group.workload).iter().map(|g| f(g)).collect();
@@ -262,6 +280,9 @@ impl<'a> Report<'a> {
         }
         if distinct(|g| g.span) {
             let _ = write!(label, ", {} s", group.span);
+        }
+        if group.devices != 1 {
+            let _ = write!(label, ", {} devices/account", group.devices);
         }
         label
     }
@@ -482,7 +503,9 @@ impl<'a> Report<'a> {
         sizes_line(md, &groups);
         md.push_str(
             "One sender per group; the offered message rate is chosen so that the group \
-             gets about the same deliveries per second at every size.\n\n",
+             gets about the same deliveries per second at every size. Group sizes count \
+             accounts; with several devices per account, every device of every member \
+             (the sender's own other devices included) gets each message.\n\n",
         );
         md.push_str(
             "| system | group size | offered msgs/s | deliveries/s | delivered % | p99 ms | lost | n |\n",
@@ -490,9 +513,7 @@ impl<'a> Report<'a> {
         md.push_str("|---|--:|--:|--:|--:|--:|--:|--:|\n");
         let mut errors = Vec::new();
         for group in &groups {
-            let by_size = points_by(group, |_, p| {
-                num(p, &["recipients_per_message"]).map(|r| r as i64 + 1)
-            });
+            let by_size = points_by(group, |_, p| fanout_key(p, group.devices));
             for (size, points) in by_size {
                 let got: Vec<&Value> = points.iter().flatten().copied().collect();
                 let column = |f: Metric| got.iter().map(|p| f(p)).collect::<Vec<_>>();
@@ -521,6 +542,100 @@ impl<'a> Report<'a> {
         }
         md.push('\n');
         errors_list(md, &errors);
+    }
+
+    /// Relay and fanout measured with one device per account and with
+    /// more, at the same offered rate (relay) or group size (fanout): the
+    /// figures side by side, and the server CPU each extra recipient device
+    /// adds to a message. Nothing is written unless both were measured.
+    fn device_cost(&self, md: &mut String) {
+        let mut rows = Vec::new();
+        for workload in ["relay", "fanout"] {
+            let groups = self.of(workload);
+            for one in groups.iter().filter(|g| g.devices == 1) {
+                let several = groups
+                    .iter()
+                    .filter(|g| g.devices > 1 && g.system == one.system && g.size == one.size);
+                for many in several {
+                    let key = |group: &Group<'a>| {
+                        let devices = group.devices;
+                        points_by(group, move |_, p| {
+                            if workload == "relay" {
+                                rate_key(0, p)
+                            } else {
+                                fanout_key(p, devices)
+                            }
+                        })
+                    };
+                    let theirs = key(many);
+                    for (at, ours) in key(one) {
+                        let Some(more) = theirs.get(&at) else {
+                            continue;
+                        };
+                        let at = if workload == "relay" {
+                            format!("{}/s", count(at as f64 / 1000.0))
+                        } else {
+                            format!("{at} accounts")
+                        };
+                        let both = |f: Metric| (median_of(&ours, f), median_of(more, f));
+                        let recipients = both(|p| num(p, &["recipients_per_message"]));
+                        let per_message = both(server_us_per_message);
+                        let extra = match (per_message, recipients) {
+                            ((Some(a), Some(b)), (Some(ra), Some(rb))) if rb > ra => {
+                                Some((b - a) / (rb - ra))
+                            }
+                            _ => None,
+                        };
+                        let (p50, p99) = (
+                            both(|p| latency(p, "p50_ms")),
+                            both(|p| latency(p, "p99_ms")),
+                        );
+                        let delivered = both(|p| num(p, &["delivered_per_s"]));
+                        let per_delivery = both(server_us);
+                        rows.push(format!(
+                            "| {workload} | {} | {at} | 1 → {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+                            one.system,
+                            many.devices,
+                            arrow(recipients.0, recipients.1, count),
+                            arrow(delivered.0, delivered.1, count),
+                            arrow(per_message.0, per_message.1, real),
+                            arrow(per_delivery.0, per_delivery.1, real),
+                            arrow(p50.0, p50.1, real),
+                            arrow(p99.0, p99.1, real),
+                            extra.map_or_else(|| "–".to_owned(), real),
+                            ours.iter().flatten().count(),
+                            more.iter().flatten().count(),
+                        ));
+                    }
+                }
+            }
+        }
+        if rows.is_empty() {
+            return;
+        }
+        md.push_str(
+            "## Cost per extra device
+
+",
+        );
+        md.push_str(
+            "The same relay rate or fanout group size with one device per account and with \
+             more (`--devices-per-account`): each account's further devices are in every \
+             group it is in, so a message also goes to them and to the sender's own other \
+             devices. Medians over the runs, `one device → several`. `server µs/msg` is the \
+             server's CPU time per message sent; `µs per extra recipient` is its growth \
+             divided by the extra recipient devices per message.\n\n",
+        );
+        md.push_str(
+            "| workload | system | at | devices/account | recipients/msg | deliveries/s \
+             | server µs/msg | server µs/delivery | p50 ms | p99 ms | µs per extra recipient | n |\n",
+        );
+        md.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+        for row in rows {
+            md.push_str(&row);
+            md.push('\n');
+        }
+        md.push('\n');
     }
 
     fn idle(&self, md: &mut String) {
@@ -1256,6 +1371,32 @@ fn rate_key(_index: usize, point: &Value) -> Option<i64> {
     num(point, &["offered_per_s"]).map(|r| (r * 1000.0).round() as i64)
 }
 
+/// Fanout points are matched across runs by group size in accounts (its
+/// recipient devices plus the sender, over the devices per account).
+fn fanout_key(point: &Value, devices: u64) -> Option<i64> {
+    num(point, &["recipients_per_message"]).map(|r| (r as i64 + 1) / devices.max(1) as i64)
+}
+
+/// The server's CPU time per message sent, where [`server_us`] means
+/// something.
+fn server_us_per_message(point: &Value) -> Option<f64> {
+    server_us(point)?;
+    let sent = num(point, &["observed", "sent"]).filter(|s| *s > 0.0)?;
+    num(point, &["server", "cpu_us"]).map(|cpu| cpu / sent)
+}
+
+/// The median of `f` over a point's runs.
+fn median_of(points: &[Option<&Value>], f: impl Fn(&Value) -> Option<f64>) -> Option<f64> {
+    let values: Vec<Option<f64>> = points.iter().map(|p| p.and_then(&f)).collect();
+    spread(&values).map(|s| s.median)
+}
+
+/// "a → b", each shown with `show` ("–" where missing).
+fn arrow(a: Option<f64>, b: Option<f64>, show: Show) -> String {
+    let one = |x: Option<f64>| x.map_or_else(|| "–".to_owned(), show);
+    format!("{} → {}", one(a), one(b))
+}
+
 /// A group's rate points by `key`, one slot per run (empty where that run
 /// lacks the point).
 fn points_by<'v>(
@@ -1765,6 +1906,59 @@ mod tests {
         // The rise over the last ten minutes: 261 - 260 for the long run,
         // unknown for a run of two minutes.
         assert!(md.contains("| – | 1.00 |"), "{md}");
+    }
+
+    #[test]
+    fn extra_devices_are_costed_side_by_side() {
+        let point = |rate: f64, recipients: u64, cpu_us: u64| {
+            let sent = 500;
+            let delivered = sent * recipients;
+            json!({"offered_per_s": rate, "seconds": 1.0, "recipients_per_message": recipients,
+                   "delivered_per_s": delivered as f64,
+                   "server_cpu_us_per_delivery": cpu_us as f64 / delivered as f64,
+                   "server": {"cpu_us": cpu_us},
+                   "observed": {"sent": sent, "delivered": delivered,
+                                "delivered_in_window": delivered, "p50_ms": 1.0, "p99_ms": 2.0}})
+        };
+        let record = |workload: &str, devices: Option<u64>, point: Value| {
+            let mut record = json!({"workload": workload, "system": "umbra", "size": 256,
+                                    "finished_at": 1, "points": [point]});
+            if let (Some(devices), Some(object)) = (devices, record.as_object_mut()) {
+                object.insert("devices_per_account".into(), json!(devices));
+            }
+            record
+        };
+        let records = vec![
+            // 20 µs per message to one device, 60 to five: 10 per extra one.
+            record("relay", None, point(500.0, 1, 10_000)),
+            record("relay", Some(3), point(500.0, 5, 30_000)),
+            // Groups of 5 accounts: 4 recipients, then 14.
+            record("fanout", Some(1), point(125.0, 4, 10_000)),
+            record("fanout", Some(3), point(35.7, 14, 25_000)),
+        ];
+        let report = Report::new(&records);
+        let relay = report.of("relay");
+        assert_eq!(relay.len(), 2, "one row per number of devices");
+        assert_eq!(report.label(relay[1]), "umbra, 3 devices/account");
+        assert_eq!(report.find("relay", "umbra").map(|g| g.devices), Some(1));
+        let mut md = String::new();
+        report.fanout(&mut md);
+        assert!(md.contains("| umbra, 3 devices/account | 5 |"), "{md}");
+        let mut md = String::new();
+        report.device_cost(&mut md);
+        assert!(md.contains("## Cost per extra device"), "{md}");
+        assert!(
+            md.contains("| relay | umbra | 500/s | 1 → 3 | 1 → 5 | 500 → 2,500 | 20.0 → 60.0 |"),
+            "{md}"
+        );
+        assert!(md.contains("| 10.0 | 1 / 1 |"), "{md}");
+        assert!(
+            md.contains("| fanout | umbra | 5 accounts | 1 → 3 | 4 → 14 |"),
+            "{md}"
+        );
+        let mut none = String::new();
+        Report::new(&records[..1]).device_cost(&mut none);
+        assert!(none.is_empty(), "no section without both: {none}");
     }
 
     #[test]

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
-use umbra_mls::{DeviceSigner, Group, GroupConfig, Provider, Suite};
+use umbra_mls::{DeviceCertificate, DeviceLog, DeviceSigner, Group, GroupConfig, Provider, Suite};
 use umbra_proto::frame::CommitSubmission;
 use umbra_proto::{
-    AccountId, CertFingerprint, DeliveryKind, GroupId, Reply, Request, login_signing_payload,
-    register_signing_payload,
+    AccountId, CertFingerprint, DeliveryKind, DeviceId, GroupId, Reply, Request,
+    login_signing_payload, register_signing_payload,
 };
 
 use crate::conn::{Conn, Dial};
@@ -153,9 +153,26 @@ impl Drop for ServerProcess {
 pub struct Fixture {
     pub topology: Topology,
     pub pin: String,
-    /// Per device: hex secret key and account ID.
-    pub devices: Vec<(String, String)>,
+    /// Per device index: its key, account and number.
+    pub devices: Vec<FixtureDevice>,
     pub channels: Vec<FixtureChannel>,
+}
+
+/// One device of a fixture. Fixtures written before accounts had several
+/// devices hold `[secret, account]` pairs: they read as device 1.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FixtureDevice {
+    /// Hex of the device's 32-byte Ed25519 secret (device 1's is the
+    /// account key).
+    pub secret: String,
+    pub account: String,
+    /// Its number in the account's device log.
+    #[serde(default = "first_device")]
+    pub device: u32,
+}
+
+fn first_device() -> u32 {
+    DeviceId::FIRST.0
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -169,6 +186,9 @@ pub struct FixtureChannel {
 struct SetupDevice {
     signer: DeviceSigner,
     account: AccountId,
+    device: DeviceId,
+    /// What its leaves carry (every device but device 1).
+    certificate: Option<DeviceCertificate>,
     conn: Conn,
 }
 
@@ -207,10 +227,229 @@ where
     Ok(())
 }
 
-/// Builds a fixture over the real protocol: registers every device with an
-/// activation code, uploads KeyPackages, makes contacts, creates each
-/// channel's MLS group and adds its members, and encrypts one message per
-/// payload size per channel. Leaves the server's data in `data_dir`.
+/// Unix seconds now.
+fn unix_now() -> u64 {
+    crate::stamp::now_ns() / 1_000_000_000
+}
+
+/// Uploads `count` KeyPackages of `device` (with its certificate, if it
+/// has one) on its own session.
+async fn upload_key_packages(device: &SetupDevice, count: usize) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    let packages = {
+        let crypto = umbra_mls::Crypto::default();
+        let storage = mls_storage()?;
+        let provider = Provider::new(&crypto, &storage);
+        (0..count)
+            .map(|_| {
+                umbra_mls::new_device_key_package(
+                    &provider,
+                    &device.signer,
+                    &device.account,
+                    Suite::default(),
+                    false,
+                    device.certificate.as_ref(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    for chunk in packages.chunks(umbra_proto::frame::MAX_KEY_PACKAGES_PER_UPLOAD) {
+        device
+            .conn
+            .request(Request::UploadKeyPackages {
+                key_packages: chunk.to_vec(),
+                last_resort: None,
+            })
+            .await
+            .with_context(|| {
+                format!(
+                    "uploading KeyPackages of device {} of {}",
+                    device.device, device.account
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Sets up one account over the real protocol: its device 1 (index
+/// `first_index`) registers with `code`; each further device (up to
+/// `per_account`, at the following indexes) gets a fresh key, is added to
+/// the account's device log by device 1 (entry 0 first: device 1 itself),
+/// signed by the account key, by device 1 and by the added key, as linking
+/// does, and logs in as its number on a session of its own. Returns the
+/// devices in order, logged in.
+async fn set_up_account(
+    dial: &Dial,
+    first_index: u32,
+    per_account: u32,
+    code: umbra_proto::ActivationCode,
+) -> Result<Vec<SetupDevice>> {
+    let signer = DeviceSigner::from_secret(&random_secret()?);
+    let conn = Conn::open(dial, first_index, Arc::new(Recorder::new())).await?;
+    let identity_key = signer.identity_key();
+    let signature = signer.sign_payload(&register_signing_payload(&conn.nonce, &identity_key));
+    let Reply::Registered { account_id, .. } = conn
+        .request(Request::Register {
+            activation_code: code,
+            identity_key,
+            signature,
+        })
+        .await
+        .context("registering an account")?
+    else {
+        bail!("unexpected reply to Register");
+    };
+    let mut devices = Vec::with_capacity(per_account as usize);
+    if per_account > 1 {
+        let mut log = DeviceLog::new(account_id.clone(), signer.identity_key());
+        let first = log.first_entry(&signer, "bench 1", unix_now());
+        conn.request(Request::AppendDeviceEntry {
+            entry: first.clone(),
+        })
+        .await
+        .with_context(|| format!("appending the first device log entry of {account_id}"))?;
+        log.append(first, None)
+            .context("the first device log entry does not verify")?;
+        for number in 2..=per_account {
+            let added = DeviceSigner::from_secret(&random_secret()?);
+            let entry = log.add_entry(
+                &signer,
+                (DeviceId::FIRST, &signer),
+                &added,
+                &format!("bench {number}"),
+                unix_now(),
+            );
+            if entry.device() != DeviceId(number) {
+                bail!(
+                    "{account_id}: the log gives the new device number {}, expected {number}",
+                    entry.device()
+                );
+            }
+            conn.request(Request::AppendDeviceEntry {
+                entry: entry.clone(),
+            })
+            .await
+            .with_context(|| format!("adding device {number} to {account_id}'s device log"))?;
+            log.append(entry.clone(), None)
+                .with_context(|| format!("{account_id}'s entry adding device {number}"))?;
+            let index = first_index + number - 1;
+            let device_conn = Conn::open(dial, index, Arc::new(Recorder::new())).await?;
+            device_conn
+                .request(Request::Login {
+                    account_id: account_id.clone(),
+                    device: entry.device(),
+                    signature: added
+                        .sign_payload(&login_signing_payload(&device_conn.nonce, &account_id)),
+                })
+                .await
+                .with_context(|| format!("logging in as device {number} of {account_id}"))?;
+            devices.push(SetupDevice {
+                signer: added,
+                account: account_id.clone(),
+                device: entry.device(),
+                certificate: Some(DeviceCertificate {
+                    account_key: signer.identity_key(),
+                    entry,
+                }),
+                conn: device_conn,
+            });
+        }
+        // The server's log must be the one built here, entry for entry.
+        let Reply::DeviceLog { entries } = conn
+            .request(Request::FetchDeviceLog {
+                account_id: account_id.clone(),
+                from: 0,
+            })
+            .await
+            .with_context(|| format!("fetching {account_id}'s device log"))?
+        else {
+            bail!("unexpected reply to FetchDeviceLog");
+        };
+        let served = DeviceLog::verify(account_id.clone(), signer.identity_key(), entries, None)
+            .with_context(|| format!("{account_id}'s device log as the server keeps it"))?;
+        if served.head() != log.head() {
+            bail!("{account_id}'s device log at the server differs from the one appended");
+        }
+    }
+    devices.insert(
+        0,
+        SetupDevice {
+            signer,
+            account: account_id,
+            device: DeviceId::FIRST,
+            certificate: None,
+            conn,
+        },
+    );
+    Ok(devices)
+}
+
+/// The contacts a fixture makes: each channel's creating account with each
+/// other member account, as (device 1 of one, device 1 of the other).
+fn contact_pairs(topology: &Topology) -> HashSet<(u32, u32)> {
+    let mut pairs = HashSet::new();
+    for members in &topology.channels {
+        if let Some((&creator, rest)) = members.split_first() {
+            let from = topology.account_of(creator);
+            for &member in rest {
+                let to = topology.account_of(member);
+                if to != from {
+                    pairs.insert((topology.first_device(from), topology.first_device(to)));
+                }
+            }
+        }
+    }
+    pairs
+}
+
+/// Writes the fixture server's configuration file before
+/// `umbra_server::init` (which keeps a file it finds): the defaults, with
+/// the limits meant for real clients that setting up the fixture would run
+/// into raised: contact requests per hour (a group's creator asks every
+/// member account at once), and devices, sessions and device log entries
+/// per account. Limits the fixture stays under keep their defaults.
+fn write_fixture_config(data_dir: &Path, per_account: u32, contact_requests: u32) -> Result<()> {
+    let defaults = umbra_server::Config::default();
+    let mut raised: Vec<(&str, u32)> = Vec::new();
+    if contact_requests > defaults.contact_requests_per_hour {
+        raised.push(("contact_requests_per_hour", contact_requests));
+    }
+    if per_account > defaults.max_devices_per_account {
+        raised.push(("max_devices_per_account", per_account));
+    }
+    // Device 1's entry and one per further device, all appended today.
+    if per_account > defaults.device_changes_per_day {
+        raised.push(("device_changes_per_day", per_account));
+    }
+    if per_account as usize > defaults.max_sessions_per_account {
+        raised.push(("max_sessions_per_account", per_account));
+    }
+    if raised.is_empty() {
+        return Ok(());
+    }
+    let mut text = String::new();
+    for line in umbra_server::config::DEFAULT_CONFIG_TEXT.lines() {
+        let key = line.split('=').next().unwrap_or_default().trim();
+        match raised.iter().find(|(name, _)| *name == key) {
+            Some((name, value)) => text.push_str(&format!("{name} = {value}")),
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let path = data_dir.join(umbra_server::config::CONFIG_FILE);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Builds a fixture over the real protocol: registers every account with an
+/// activation code (its device 1), adds its other devices to its device log
+/// as linking does, uploads KeyPackages (carrying their device certificates),
+/// makes contacts, creates each channel's MLS group and adds every member
+/// device, and encrypts one message per payload size per channel. Leaves the
+/// server's data in `data_dir`.
 pub async fn build_fixture(
     spec: &ServerSpec,
     data_dir: &Path,
@@ -218,11 +457,30 @@ pub async fn build_fixture(
     sizes: &[usize],
 ) -> Result<Fixture> {
     let started = Instant::now();
+    let per_account = topology.devices_per_account.max(1);
+    let pairs = contact_pairs(topology);
+    let mut asked: BTreeMap<u32, u32> = BTreeMap::new();
+    for (from, _) in &pairs {
+        *asked.entry(*from).or_default() += 1;
+    }
+    let contact_requests = asked.values().copied().max().unwrap_or(0);
+    write_fixture_config(data_dir, per_account, contact_requests)?;
     umbra_server::init(data_dir, "127.0.0.1:7443")?;
     let config = umbra_server::Config::load(data_dir)?;
-    let now = crate::stamp::now_ns() / 1_000_000_000;
+    if per_account > config.max_devices_per_account
+        || per_account > config.device_changes_per_day
+        || per_account as usize > config.max_sessions_per_account
+        || contact_requests > config.contact_requests_per_hour
+    {
+        bail!(
+            "the fixture server's configuration ({}) does not allow {per_account} devices per \
+             account and {contact_requests} contact requests from one account",
+            data_dir.join(umbra_server::config::CONFIG_FILE).display()
+        );
+    }
+    let accounts = topology.accounts();
     let codes =
-        umbra_server::admin::issue_codes(data_dir, &config, 3650, topology.devices as usize, now)
+        umbra_server::admin::issue_codes(data_dir, &config, 3650, accounts as usize, unix_now())
             .await?;
     let pin: CertFingerprint = codes.first().map_or(CertFingerprint([0; 32]), |c| c.pin);
     let mut server = ServerProcess::start(spec, data_dir).await?;
@@ -237,66 +495,31 @@ pub async fn build_fixture(
             }
         }
     }
+    let wanted = Arc::new(wanted);
 
-    // Register and upload.
+    // Register, add the further devices, upload.
     let slots: Arc<Vec<Mutex<Option<Arc<SetupDevice>>>>> =
         Arc::new((0..topology.devices).map(|_| Mutex::new(None)).collect());
-    let jobs: Vec<_> = codes.into_iter().zip(wanted).enumerate().collect();
+    let jobs: Vec<_> = codes
+        .into_iter()
+        .enumerate()
+        .map(|(account, code)| (topology.first_device(account as u32), code))
+        .collect();
     {
         let slots = Arc::clone(&slots);
         let dial = dial.clone();
-        parallel(jobs, move |(index, (code, key_packages))| {
+        parallel(jobs, move |(first_index, code)| {
             let slots = Arc::clone(&slots);
             let dial = dial.clone();
+            let wanted = Arc::clone(&wanted);
             async move {
-                let secret = random_secret()?;
-                let signer = DeviceSigner::from_secret(&secret);
-                let conn = Conn::open(&dial, index as u32, Arc::new(Recorder::new())).await?;
-                let identity_key = signer.identity_key();
-                let signature =
-                    signer.sign_payload(&register_signing_payload(&conn.nonce, &identity_key));
-                let Reply::Registered { account_id, .. } = conn
-                    .request(Request::Register {
-                        activation_code: code.code,
-                        identity_key,
-                        signature,
-                    })
-                    .await?
-                else {
-                    bail!("unexpected reply to Register");
-                };
-                if key_packages > 0 {
-                    let packages = {
-                        let crypto = umbra_mls::Crypto::default();
-                        let storage = mls_storage()?;
-                        let provider = Provider::new(&crypto, &storage);
-                        (0..key_packages)
-                            .map(|_| {
-                                umbra_mls::new_key_package(
-                                    &provider,
-                                    &signer,
-                                    &account_id,
-                                    Suite::default(),
-                                    false,
-                                )
-                            })
-                            .collect::<Result<Vec<_>, _>>()?
-                    };
-                    for chunk in packages.chunks(umbra_proto::frame::MAX_KEY_PACKAGES_PER_UPLOAD) {
-                        conn.request(Request::UploadKeyPackages {
-                            key_packages: chunk.to_vec(),
-                            last_resort: None,
-                        })
-                        .await?;
+                let devices = set_up_account(&dial, first_index, per_account, code.code).await?;
+                for (index, device) in (first_index..).zip(devices) {
+                    let count = wanted.get(index as usize).copied().unwrap_or(0);
+                    upload_key_packages(&device, count).await?;
+                    if let Some(slot) = slots.get(index as usize) {
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(device));
                     }
-                }
-                let device = SetupDevice {
-                    signer,
-                    account: account_id,
-                    conn,
-                };
-                if let Some(slot) = slots.get(index) {
-                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(device));
                 }
                 Ok(())
             }
@@ -311,20 +534,15 @@ pub async fn build_fixture(
             .context("a device was not registered")?,
     );
     eprintln!(
-        "  registered {} devices in {:.1?}",
+        "  registered {} accounts of {} devices each ({} devices) in {:.1?}",
+        accounts,
+        per_account,
         devices.len(),
         started.elapsed()
     );
 
-    // Contacts: each channel's creator and each other member.
-    let mut pairs = HashSet::new();
-    for members in &topology.channels {
-        if let Some((&creator, rest)) = members.split_first() {
-            for &member in rest {
-                pairs.insert((creator, member));
-            }
-        }
-    }
+    // Contacts: each channel's creating account and each other member
+    // account, between their devices 1.
     {
         let devices = Arc::clone(&devices);
         parallel(pairs.into_iter().collect(), move |(from, to)| {
@@ -379,7 +597,11 @@ pub async fn build_fixture(
         .context("a channel was not built")?;
     let devices_out = devices
         .iter()
-        .map(|d| (hex::encode(*d.signer.secret_bytes()), d.account.to_string()))
+        .map(|d| FixtureDevice {
+            secret: hex::encode(*d.signer.secret_bytes()),
+            account: d.account.to_string(),
+            device: d.device.0,
+        })
         .collect();
     drop(devices);
     server.stop()?;
@@ -392,6 +614,9 @@ pub async fn build_fixture(
     })
 }
 
+/// Creates one channel's group as its first member and adds every other
+/// member device: a KeyPackage of each (account, device) fetched by number,
+/// [`ADD_BATCH`] per commit.
 async fn build_group(
     devices: &[Arc<SetupDevice>],
     members: &[u32],
@@ -407,7 +632,14 @@ async fn build_group(
     let config = GroupConfig::default();
     let mut group = {
         let provider = Provider::new(&crypto, &storage);
-        Group::create(&provider, &creator.signer, &creator.account, &config, 0)?
+        Group::create_as_device(
+            &provider,
+            &creator.signer,
+            &creator.account,
+            &config,
+            0,
+            creator.certificate.as_ref(),
+        )?
     };
     let group_id = GroupId::new(group.id())?;
     let group_info = {
@@ -424,14 +656,20 @@ async fn build_group(
     for batch in rest.chunks(ADD_BATCH) {
         let mut key_packages = Vec::with_capacity(batch.len());
         for &member in batch {
-            let account = device(member)?.account.clone();
+            let member = device(member)?;
             let Reply::KeyPackage { key_package, .. } = creator
                 .conn
                 .request(Request::FetchKeyPackage {
-                    account_id: account.clone(),
-                    device: umbra_proto::DeviceId::FIRST,
+                    account_id: member.account.clone(),
+                    device: member.device,
                 })
-                .await?
+                .await
+                .with_context(|| {
+                    format!(
+                        "fetching a KeyPackage of device {} of {}",
+                        member.device, member.account
+                    )
+                })?
             else {
                 bail!("unexpected reply to FetchKeyPackage");
             };
@@ -441,6 +679,20 @@ async fn build_group(
             let provider = Provider::new(&crypto, &storage);
             group.add_members(&provider, &creator.signer, &key_packages)?
         };
+        // The server closes a connection that sends a larger frame; say why
+        // instead. (The Welcome and the GroupInfo carry the whole tree.)
+        let bytes = output.commit.len()
+            + output.welcome.as_ref().map_or(0, Vec::len)
+            + output.group_info.len();
+        if bytes > umbra_proto::MAX_FRAME_BYTES {
+            bail!(
+                "a group of {} member devices cannot be set up: a commit adding members to it, \
+                 with its Welcome and GroupInfo, is {bytes} bytes, over the {}-byte frame limit \
+                 (use smaller groups or fewer devices per account)",
+                members.len(),
+                umbra_proto::MAX_FRAME_BYTES
+            );
+        }
         creator
             .conn
             .request(Request::SendCommit(CommitSubmission {
@@ -450,7 +702,8 @@ async fn build_group(
                 welcome: output.welcome,
                 group_info: output.group_info,
             }))
-            .await?;
+            .await
+            .context("committing the addition of a group's members")?;
         let provider = Provider::new(&crypto, &storage);
         group.merge_pending_commit(&provider)?;
     }
@@ -503,7 +756,8 @@ pub struct UmbraSystem {
     pub server: Mutex<ServerProcess>,
     dial: Dial,
     tls: bool,
-    signers: Vec<(DeviceSigner, AccountId)>,
+    /// Per device index: its key, account and number.
+    signers: Vec<(DeviceSigner, AccountId, DeviceId)>,
     groups: Arc<Vec<GroupId>>,
     templates: Vec<BTreeMap<usize, Vec<u8>>>,
 }
@@ -537,7 +791,8 @@ impl UmbraSystem {
             }
             std::fs::create_dir_all(&dir)?;
             eprintln!(
-                "building an Umbra fixture: {} devices, {} channels",
+                "building an Umbra fixture: {} accounts, {} devices, {} channels",
+                topology.accounts(),
                 topology.devices,
                 topology.channels.len()
             );
@@ -558,13 +813,14 @@ impl UmbraSystem {
         let signers = fixture
             .devices
             .iter()
-            .map(|(secret, account)| {
-                let secret: [u8; 32] = hex::decode(secret)?
+            .map(|device| {
+                let secret: [u8; 32] = hex::decode(&device.secret)?
                     .try_into()
                     .map_err(|_| anyhow::anyhow!("bad secret in fixture"))?;
                 Ok((
                     DeviceSigner::from_secret(&secret),
-                    AccountId::parse(account)?,
+                    AccountId::parse(&device.account)?,
+                    DeviceId(device.device),
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -650,7 +906,7 @@ impl System for UmbraSystem {
     }
 
     async fn connect(&self, index: u32, recorder: Arc<Recorder>) -> Result<Box<dyn Endpoint>> {
-        let (signer, account) = self
+        let (signer, account, device) = self
             .signers
             .get(index as usize)
             .context("device index out of range")?;
@@ -658,10 +914,11 @@ impl System for UmbraSystem {
         let signature = signer.sign_payload(&login_signing_payload(&conn.nonce, account));
         conn.request(Request::Login {
             account_id: account.clone(),
-            device: umbra_proto::DeviceId::FIRST,
+            device: *device,
             signature,
         })
-        .await?;
+        .await
+        .with_context(|| format!("logging in as device {device} of {account}"))?;
         conn.wait_synced(SYNC_TIMEOUT).await?;
         Ok(Box::new(UmbraEndpoint {
             conn,
@@ -693,5 +950,42 @@ impl System for UmbraSystem {
          wait for the next sweep, is never written; a copy for a recipient with no connection \
          is written at the next sweep; devices acknowledge with quiet Acks)"
             .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixtures_from_before_several_devices_still_read() -> serde_json::Result<()> {
+        let old: Fixture = serde_json::from_str(
+            r#"{"topology": {"devices": 2, "channels": [[0, 1]]}, "pin": "00",
+                "devices": [["aa", "ABCDEFGH"], ["bb", "JKMNPQRS"]], "channels": []}"#,
+        )?;
+        assert_eq!(old.topology.devices_per_account, 1);
+        let numbers: Vec<u32> = old.devices.iter().map(|d| d.device).collect();
+        assert_eq!(numbers, vec![1, 1]);
+        assert_eq!(
+            old.devices.get(1).map(|d| d.account.as_str()),
+            Some("JKMNPQRS")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_fixture_server_lets_a_large_group_and_many_devices_be_set_up() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        write_fixture_config(dir.path(), 9, 999)?;
+        let config = umbra_server::Config::load(dir.path())?;
+        assert_eq!(config.contact_requests_per_hour, 999);
+        assert_eq!(config.max_devices_per_account, 9);
+        assert_eq!(config.device_changes_per_day, 20, "not lowered");
+        assert_eq!(config.max_sessions_per_account, 9);
+        // Within the defaults, no file: `umbra_server::init` writes its own.
+        let small = dir.path().join("small");
+        write_fixture_config(&small, 3, 19)?;
+        assert!(!small.exists());
+        Ok(())
     }
 }

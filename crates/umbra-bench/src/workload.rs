@@ -176,6 +176,10 @@ async fn wait_for_stragglers(system: &dyn System, recorder: &Recorder, recipient
     }
 }
 
+/// The senders of each channel: only its first member when `only_first`,
+/// else device 1 of each member account (every member when accounts have
+/// one device each; an account's other devices only receive, as a
+/// person's other devices show what they sent from one).
 fn senders_for<'a>(
     system: &Arc<dyn System>,
     topology: &Topology,
@@ -189,12 +193,16 @@ fn senders_for<'a>(
     for (channel, members) in topology.channels.iter().enumerate() {
         let channel = channel as u32;
         let template = system.payload(channel, size);
-        let members: &[u32] = if only_first {
-            members.get(..1).unwrap_or_default()
+        let members: Vec<u32> = if only_first {
+            members.iter().take(1).copied().collect()
         } else {
             members
+                .iter()
+                .copied()
+                .filter(|&m| topology.device_number(m) == 1)
+                .collect()
         };
-        for &member in members {
+        for member in members {
             if let Some(endpoint) = by_device.get(&member) {
                 senders.push(Sender {
                     device: member,
@@ -273,6 +281,13 @@ pub async fn relay(
     let all: Vec<u32> = (0..topology.devices).collect();
     let endpoints = connect_all(system, &all, &recorder, CONNECT_PARALLELISM).await?;
     let mut senders = senders_for(system, topology, &endpoints, size, false);
+    // Every conversation has as many devices: the peer's, and the sender's
+    // own other devices.
+    let recipients = (0..topology.channels.len())
+        .map(|channel| topology.recipients(channel))
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let mut points = Vec::new();
     for (run, &rate) in rates.iter().enumerate() {
         let point = open_loop(
@@ -282,14 +297,17 @@ pub async fn relay(
             run as u16 + 1,
             rate,
             duration,
-            1,
+            recipients,
         )
         .await?;
         eprintln!(
-            "  {}: offered {:.0}/s delivered {:.0}/s p99 {:.2} ms lost {} dup {} server {:.1} µs/msg",
+            "  {}: offered {:.0}/s delivered {:.0}/s ({:.2} per accepted message, {} devices/account) \
+             p99 {:.2} ms lost {} dup {} server {:.1} µs/delivery",
             system.name(),
             rate,
             point.delivered_per_s,
+            point.observed.delivered as f64 / point.observed.accepted.max(1) as f64,
+            topology.devices_per_account,
             point.observed.p99_ms,
             point.lost,
             point.observed.duplicates,
@@ -314,7 +332,7 @@ pub async fn fanout(
     let endpoints = connect_all(system, &all, &recorder, CONNECT_PARALLELISM).await?;
     let mut points = Vec::new();
     for (channel, members) in topology.channels.iter().enumerate() {
-        let recipients = (members.len() as u32).saturating_sub(1).max(1);
+        let recipients = topology.recipients(channel).max(1);
         let single = Topology {
             devices: topology.devices,
             channels: topology
@@ -323,6 +341,7 @@ pub async fn fanout(
                 .enumerate()
                 .map(|(i, m)| if i == channel { m.clone() } else { Vec::new() })
                 .collect(),
+            devices_per_account: topology.devices_per_account,
         };
         let mut senders = senders_for(system, &single, &endpoints, size, true);
         let rate = deliveries_per_s / f64::from(recipients);
@@ -337,14 +356,18 @@ pub async fn fanout(
         )
         .await?;
         eprintln!(
-            "  {}: group of {} at {:.0} msgs/s: {:.0} deliveries/s p99 {:.2} ms lost {} dup {}",
+            "  {}: group of {} accounts × {} devices at {:.0} msgs/s: {:.0} deliveries/s \
+             ({:.2} per accepted message) p99 {:.2} ms lost {} dup {} server {:.1} µs/delivery",
             system.name(),
-            members.len(),
+            members.len() as u32 / topology.devices_per_account.max(1),
+            topology.devices_per_account,
             rate,
             point.delivered_per_s,
+            point.observed.delivered as f64 / point.observed.accepted.max(1) as f64,
             point.observed.p99_ms,
             point.lost,
-            point.observed.duplicates
+            point.observed.duplicates,
+            point.server_cpu_us_per_delivery
         );
         points.push(point);
     }

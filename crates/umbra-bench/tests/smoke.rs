@@ -130,3 +130,43 @@ fn soak_with_churn_loses_nothing() {
     assert_eq!(number(outcome, "/errors"), 0.0);
     assert_exact(outcome, "");
 }
+
+#[test]
+fn every_device_of_every_account_gets_each_message() {
+    // Relay: the peer's three devices and the sender's two others.
+    let result = run(&["--devices-per-account", "3", "relay"]);
+    assert_eq!(number(&result, "/devices_per_account"), 3.0);
+    let point = result.pointer("/points/0").expect("one rate point");
+    assert_exact(point, "");
+    assert_eq!(number(point, "/recipients_per_message"), 5.0);
+    let accepted = number(point, "/observed/accepted");
+    assert!(accepted >= 1000.0, "500/s for 3 s: {point:#}");
+    assert_eq!(number(point, "/observed/delivered"), accepted * 5.0);
+    // Fanout: groups of 5 and 20 accounts, 3 devices each.
+    let result = run(&["--devices-per-account", "3", "fanout"]);
+    let points = result["points"].as_array().expect("points");
+    let recipients: Vec<f64> = points
+        .iter()
+        .map(|p| number(p, "/recipients_per_message"))
+        .collect();
+    assert_eq!(recipients, vec![14.0, 59.0]);
+    for point in points {
+        assert_exact(point, "");
+        let accepted = number(point, "/observed/accepted");
+        assert!(accepted > 0.0);
+        assert_eq!(
+            number(point, "/observed/delivered"),
+            accepted * number(point, "/recipients_per_message")
+        );
+    }
+}
+
+#[test]
+fn workloads_without_accounts_of_several_devices_refuse_them() {
+    let status = Command::new(env!("CARGO_BIN_EXE_umbra-bench"))
+        .args(["--quick", "--devices-per-account", "3", "storm"])
+        .output()
+        .expect("umbra-bench runs");
+    assert!(!status.status.success());
+    assert!(String::from_utf8_lossy(&status.stderr).contains("relay and fanout"));
+}

@@ -540,6 +540,7 @@ mod tests {
         let topology = Topology {
             devices: 6,
             channels: vec![vec![0, 1], vec![2, 3, 4, 5], vec![5]],
+            devices_per_account: 1,
         };
         let routes = Routes::new(&topology);
         assert_eq!(routes.target(0, 0), Some(Target::Device(1)));
