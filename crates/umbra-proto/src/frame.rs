@@ -1120,7 +1120,9 @@ mod tests {
             ServerMessage::Response {
                 id: 9,
                 result: Err(ErrorReply {
-                    revocation: Some(Signature::from_slice(&[3; 64]).unwrap_or_else(|e| panic!("{e}"))),
+                    revocation: Some(
+                        Signature::from_slice(&[3; 64]).unwrap_or_else(|e| panic!("{e}")),
+                    ),
                     ..ErrorReply::new(ErrorCode::LineRevoked, "ended")
                 }),
             },
