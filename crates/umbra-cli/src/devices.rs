@@ -27,13 +27,14 @@ pub(crate) enum DevicesCommand {
         #[arg(long)]
         with_vault: bool,
     },
-    /// Remove a device (its number or its name from `devices list`) from
-    /// this account at once: it can no longer log in as that device, its conversations
-    /// remove it, and it reads nothing sent to them afterwards. Works from
-    /// any other device of the account. A device that was linked holds the
-    /// account key: remove a stolen one at once, and know that until
-    /// account keys can be replaced, whoever holds it can still act as
-    /// the account.
+    /// Remove a device (its number, or its name, from `devices list`) from
+    /// this account at once: it can no longer log in as that device, its
+    /// conversations remove it, and it reads nothing sent to them
+    /// afterwards. Works from any other device of the account. A device
+    /// that was linked holds the account key: remove a stolen one at once,
+    /// and know that until account keys can be replaced, whoever holds it
+    /// can still act as the account (device 1) and end its line, though
+    /// not erase the other devices (only the wipe code does that).
     Remove { device: String },
 }
 

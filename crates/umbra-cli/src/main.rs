@@ -197,12 +197,19 @@ enum SecurityCommand {
     /// prompt, it silently destroys this device; the device then looks like
     /// a fresh install. On an account of one device it also ends the line.
     /// On an account with several, it destroys this device alone, unless
-    /// --every-device. Read from UMBRA_DURESS_PASSPHRASE, or asked twice.
+    /// --every-device. Read from UMBRA_DURESS_PASSPHRASE, or asked twice
+    /// (at least 8 characters).
     Duress {
-        /// Destroy every device of the account too: the line ends, and
-        /// each of its devices erases itself as it next connects.
+        /// Destroy every device of the account too, as the wipe code does:
+        /// the line ends, and each of its devices erases itself (one that
+        /// is away when it next connects). Needs the wipe code, which is
+        /// then kept sealed under the duress passphrase.
         #[arg(long)]
         every_device: bool,
+        /// The `umbra-wipe://…` code, for --every-device (asked for if
+        /// not given).
+        #[arg(long, requires = "every_device")]
+        wipe_code: Option<String>,
     },
     /// Wipe this device after this many wrong passphrases in a row
     /// (default 10).
@@ -854,7 +861,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = open(&cli)?;
             let current = passphrase(false)?;
             match command {
-                SecurityCommand::Duress { every_device } => {
+                SecurityCommand::Duress {
+                    every_device,
+                    wipe_code,
+                } => {
                     let duress = match std::env::var("UMBRA_DURESS_PASSPHRASE") {
                         Ok(text) => Passphrase::new(text),
                         Err(_) => {
@@ -863,25 +873,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             if first != again {
                                 bail!("the passphrases differ");
                             }
+                            if first.chars().count() < 8 {
+                                bail!("choose a duress passphrase of at least 8 characters");
+                            }
                             Passphrase::new(first)
                         }
                     };
                     let scope = if *every_device {
-                        DuressScope::EveryDevice
+                        let text = match wipe_code {
+                            Some(code) => code.clone(),
+                            None => rpassword::prompt_password("Wipe code (umbra-wipe://…): ")?,
+                        };
+                        DuressScope::EveryDevice(
+                            text.trim()
+                                .parse()
+                                .context("this is not a valid wipe code")?,
+                        )
                     } else {
                         DuressScope::ThisDevice
                     };
-                    client.set_duress_passphrase(&current, &duress, scope)?;
+                    let ends_line = client.set_duress_passphrase(&current, &duress, &scope)?;
                     out.value(
-                        json!({ "duress_set": true, "every_device": every_device }),
+                        json!({
+                            "duress_set": true,
+                            "every_device": every_device,
+                            "ends_line": ends_line,
+                        }),
                         || {
                             if *every_device {
                                 "Duress passphrase set. Entering it at any prompt erases this device \
-                                 and ends the line: every other device of the account erases \
-                                 itself as it next connects."
+                                 and wipes the account as the wipe code does: every other device \
+                                 erases itself (one that is away, when it next connects)."
+                                    .into()
+                            } else if ends_line {
+                                "Duress passphrase set. Entering it at any prompt erases this device \
+                                 and ends its line (it is the account's only device; a device \
+                                 linked later is then cut off, and keeps what it holds)."
                                     .into()
                             } else {
-                                "Duress passphrase set. Entering it at any prompt erases this device."
+                                "Duress passphrase set. Entering it at any prompt erases this device \
+                                 and removes nothing else: the account's other devices go on."
                                     .into()
                             }
                         },

@@ -37,16 +37,17 @@ pub enum ClientError {
         message: String,
         current_epoch: u64,
     },
-    /// The server says the line ended and shows the line's own revocation
-    /// (checked by the device against its account key before it acts).
-    #[error("this line was ended by its own account")]
-    LineEnded { revocation: umbra_proto::Signature },
-    /// The line was ended by its own account (a remote wipe, a duress
-    /// passphrase, the wipe of its last device), as the server proved with
-    /// the account key's signature: this device erased itself.
+    /// The server says the line was revoked and shows a wipe command
+    /// relayed for it (not yet checked: the device checks it against its
+    /// own wipe key before it acts).
+    #[error("the server says this line was revoked")]
+    LineEnded { wipe_command: Vec<u8> },
+    /// The line ended after a wipe command signed with its wipe code (from
+    /// the code's holder, or a duress passphrase set for every device), as
+    /// the server showed: this device erased itself.
     #[error(
-        "this line was ended by its own account (a wipe code, a duress passphrase or the wipe \
-         of its last device); this device has erased itself"
+        "this line was wiped with its wipe code (or a duress passphrase set for every device); \
+         this device has erased itself"
     )]
     ErasedByAccount,
     #[error("{0} is not a contact; add them with `contacts add` first")]
@@ -103,8 +104,10 @@ pub enum ClientError {
 
 impl From<ErrorReply> for ClientError {
     fn from(reply: ErrorReply) -> Self {
-        if let (ErrorCode::LineRevoked, Some(revocation)) = (reply.code, reply.revocation) {
-            return ClientError::LineEnded { revocation };
+        if reply.code == ErrorCode::LineRevoked && !reply.wipe_command.is_empty() {
+            return ClientError::LineEnded {
+                wipe_command: reply.wipe_command,
+            };
         }
         ClientError::Server {
             code: reply.code,

@@ -1,5 +1,7 @@
-//! The vault: encrypted notes that live only in the device store. They are
-//! never sent anywhere and go with everything else when the device is wiped.
+//! The vault: encrypted notes that live only in the device stores. They
+//! are never sent anywhere, except to a new device of the account when the
+//! user links it with the vault (`PendingLink::with_vault`), and go with
+//! everything else when the device is wiped.
 
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;

@@ -104,23 +104,32 @@ impl Client {
         Ok(())
     }
 
-    /// The server says this line ended, showing `revocation`. If the
-    /// account key signed it, the account ended its own line (a wipe code,
-    /// a duress passphrase, the wipe of its last device: each meant for
-    /// every device, and one that was away when it happened finds its wipe
-    /// command gone with the line's mailboxes): this device erases itself.
+    /// The server says this line was revoked, showing `command`, the
+    /// newest wipe command relayed for it. If this device's own wipe key
+    /// signed it, the holder of the wipe code wiped the account (meant for
+    /// every device; one that was away when another acted on it lost its
+    /// copy with the line's mailboxes): this device erases itself. The
+    /// account key alone, which every linked device holds and a removed
+    /// one may have kept, can end the line but never erases a device.
     /// Anything else is the server's claim alone: refused, and said so.
-    pub(crate) fn line_ended(&self, revocation: &Signature) -> ClientError {
-        let payload = revoke_signing_payload(self.account());
-        if !umbra_mls::verify(&self.identity_key(), &payload, revocation) {
-            warn!("refusing a line revocation that is not signed with the account key");
+    pub(crate) fn line_ended(&self, command: &[u8]) -> ClientError {
+        let wipe_key: Option<Vec<u8>> = self
+            .db()
+            .query_row("SELECT wipe_public_key FROM device", [], |row| row.get(0))
+            .unwrap_or(None);
+        let genuine = wipe_key
+            .and_then(|key| IdentityKey::from_slice(&key).ok())
+            .is_some_and(|key| verify_command(&key, self.account(), command));
+        if !genuine {
+            warn!("refusing a wipe command that is not signed with this device's wipe code");
             self.emit_event(Event::ServerMisbehaved {
-                what: "it said this line ended, with a revocation the account key did not sign"
+                what: "it said this line was wiped, with a command this device's wipe code did \
+                       not sign"
                     .into(),
             });
             return ClientError::Server {
                 code: umbra_proto::ErrorCode::LineRevoked,
-                message: "the server says this line was revoked, with a forged revocation".into(),
+                message: "the server says this line was revoked".into(),
                 current_epoch: 0,
             };
         }
@@ -128,9 +137,10 @@ impl Client {
         let shredded = store::shred(self.home());
         self.disconnect();
         if let Err(error) = shredded {
-            warn!(%error, "erasing the device after its line ended");
+            warn!(%error, "erasing the device after its line was wiped");
+            return error;
         }
-        info!("the account ended its line: device erased");
+        info!("the line was wiped: device erased");
         self.emit_event(Event::Wiped);
         ClientError::ErasedByAccount
     }
@@ -145,6 +155,10 @@ pub struct Revocation {
     pub pin: String,
     pub account: String,
     pub signature: String,
+    /// For a duress passphrase set for every device: the wipe code's seed
+    /// (hex), to sign a fresh wipe command when it is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wipe_seed: Option<String>,
 }
 
 impl std::fmt::Debug for Revocation {
@@ -156,10 +170,29 @@ impl std::fmt::Debug for Revocation {
 }
 
 impl Revocation {
-    /// Sends the revocation to the server.
+    /// Sends the revocation to the server; first, if it carries the wipe
+    /// code's seed, a fresh wipe command, which every device of the line
+    /// acts on (or, away meanwhile, is shown when it next logs in).
     pub async fn send(&self) -> Result<()> {
         let pin = umbra_proto::CertFingerprint::from_hex(&self.pin)?;
         let account_id = umbra_proto::AccountId::parse(&self.account)?;
+        if let Some(seed) = &self.wipe_seed {
+            let seed = zeroize::Zeroizing::new(
+                hex::decode(seed)
+                    .ok()
+                    .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
+                    .ok_or_else(|| ClientError::Invalid("damaged revocation".into()))?,
+            );
+            let code = WipeCode {
+                address: self.address.clone(),
+                pin,
+                account: account_id.clone(),
+                seed: *seed,
+            };
+            if let Err(error) = send_wipe(&code, &umbra_proto::clock::SystemClock).await {
+                warn!(%error, "the wipe command was not relayed");
+            }
+        }
         let signature = hex::decode(&self.signature)
             .ok()
             .and_then(|bytes| Signature::from_slice(&bytes).ok())
@@ -179,16 +212,17 @@ impl Revocation {
 }
 
 /// What a duress passphrase destroys besides the device it is entered on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum DuressScope {
     /// This device alone while the account has others. On an account of
-    /// one device the line ends with it (there is nothing else to keep),
-    /// and so does any device linked later, until the duress passphrase is
-    /// set again.
+    /// one device the line ends with it (there is nothing else to keep);
+    /// a device linked later is then cut off, not erased.
     ThisDevice,
-    /// Every device of the account: the line ends, and each device, shown
-    /// the line's own revocation as it next connects, erases itself.
-    EveryDevice,
+    /// Every device of the account, by a wipe command signed with the wipe
+    /// code given here (this device does not hold it otherwise): the line
+    /// ends, and each device erases itself, one that is away when it next
+    /// connects. The code's seed is sealed under the duress passphrase.
+    EveryDevice(WipeCode),
 }
 
 impl Client {
@@ -196,13 +230,15 @@ impl Client {
     /// destroys this device (and, as `scope` says, the account's others,
     /// by ending the line at the server when reachable) with the same work
     /// and the same outward behaviour as an unlock. `passphrase` is the
-    /// real one, to confirm.
+    /// real one, to confirm. Returns whether using it also ends the line
+    /// (for every device; or for this one, when it is the account's only
+    /// device as far as it knows).
     pub fn set_duress_passphrase(
         &self,
         passphrase: &crate::Passphrase,
         duress: &crate::Passphrase,
-        scope: DuressScope,
-    ) -> Result<()> {
+        scope: &DuressScope,
+    ) -> Result<bool> {
         let (mut kdf, real_key) = store::derive_checked(self.home(), passphrase)?;
         let duress_key = kdf.derive(duress)?;
         if *duress_key == *real_key {
@@ -210,12 +246,29 @@ impl Client {
                 "the duress passphrase must differ from the real one".into(),
             ));
         }
+        let wipe_seed = match scope {
+            DuressScope::ThisDevice => None,
+            DuressScope::EveryDevice(code) => {
+                let key: Option<Vec<u8>> =
+                    self.db()
+                        .query_row("SELECT wipe_public_key FROM device", [], |row| row.get(0))?;
+                let derived = DeviceSigner::from_wipe_seed(&code.seed).identity_key();
+                if code.account != *self.account()
+                    || key.as_deref() != Some(&derived.as_bytes()[..])
+                {
+                    return Err(ClientError::Invalid(
+                        "this is not the wipe code of this account".into(),
+                    ));
+                }
+                Some(hex::encode(code.seed))
+            }
+        };
         // To destroy this device alone on an account with other devices,
         // no revocation of the line is kept (and no removal either: one
         // signed now would be stale by the time it is used). Otherwise
-        // the line's revocation is sealed: it ends the line, and every
-        // device of it erases itself on seeing it.
-        let sealed = if scope == DuressScope::ThisDevice && self.farewell_entry().is_some() {
+        // the line's revocation is sealed, and for every device the wipe
+        // code's seed with it.
+        let sealed = if wipe_seed.is_none() && self.farewell_entry().is_some() {
             Vec::new()
         } else {
             let revocation = Revocation {
@@ -226,11 +279,13 @@ impl Client {
                     self.sign(&revoke_signing_payload(self.account()))
                         .as_bytes(),
                 ),
+                wipe_seed,
             };
             serde_json::to_vec(&revocation).map_err(|e| ClientError::Store(e.to_string()))?
         };
         kdf.set_duress(&duress_key, &sealed)?;
-        kdf.write(self.home())
+        kdf.write(self.home())?;
+        Ok(!sealed.is_empty())
     }
 
     /// How many wrong passphrases in a row wipe the device (default 10).

@@ -876,6 +876,23 @@ async fn a_removed_device_is_committed_out_of_its_groups() {
                     .contains("removed their device 2 (from their device 1)")
         });
     assert!(shown, "Alice is shown who removed which device");
+    // And who took its leaf out (once Alice has the server's answer to
+    // her commit, which may come after the phone got it).
+    let committed = format!("{} removed {}'s device 2", alice.id(), mallory.account);
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while !alice
+        .client
+        .history(&conversation, 100)
+        .unwrap()
+        .iter()
+        .any(|m| m.direction == umbra_client::Direction::System && m.body == committed)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Alice is not shown that she took the leaf out"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let members = alice.client.conversation(&conversation).unwrap().members;
     assert!(members.contains(&mallory.account), "Mallory stays a member");
 

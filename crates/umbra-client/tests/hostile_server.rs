@@ -728,19 +728,34 @@ async fn a_certified_package_in_place_of_a_first_devices_is_refused_and_nothing_
 }
 
 #[tokio::test]
-async fn a_line_revocation_the_account_did_not_sign_erases_nothing() {
+async fn a_wipe_command_the_wipe_code_did_not_sign_erases_nothing() {
     let server = TestServer::start().await;
     let alice = Device::activate(&server).await;
     let alice = alice.reopen_offline();
 
-    // The operator ends Alice's line and shows, as its "own" revocation,
-    // a signature under a key it made up over the right payload.
+    // The operator records a "wipe command" for Alice's line, signed with
+    // a key it made up over the right payload, and ends the line: her
+    // device, logging in, is shown it.
     let (data, address, store, _dir) = server.seize();
-    let forged = DeviceSigner::from_secret(&[9; 32])
-        .sign_payload(&umbra_proto::revoke_signing_payload(&alice.id()));
     let now = common::now();
+    let forged = DeviceSigner::from_wipe_seed(&[9; 16])
+        .sign_payload(&umbra_proto::wipe_signing_payload(&alice.id(), now));
+    let mut command = now.to_be_bytes().to_vec();
+    command.extend_from_slice(forged.as_bytes());
+    let notice = Notice {
+        recipient: alice.id(),
+        device: None,
+        sender: alice.id(),
+        kind: DeliveryKind::Wipe,
+        group_id: None,
+        payload: command,
+    };
     store
-        .revoke(&alice.id(), Some(&forged), now, now + 3600)
+        .queue_wipe_command(notice, now, now, now + 3600)
+        .await
+        .unwrap();
+    store
+        .revoke(&alice.id(), None, now, now + 3600)
         .await
         .unwrap();
     drop(store);

@@ -561,13 +561,19 @@ async fn a_duress_passphrase_for_every_device_erases_the_others_too() {
     let (laptop, _) = link(&phone, "laptop").await;
     joined(&laptop, &conversation).await;
     let duress = umbra_client::Passphrase::new("they are watching");
+    // Set on the laptop, with the account's wipe code (which its owner
+    // keeps; the laptop does not hold it).
+    let code = phone.wipe_code.clone().unwrap();
     laptop
         .client
-        .set_duress_passphrase(&passphrase(), &duress, DuressScope::EveryDevice)
+        .set_duress_passphrase(&passphrase(), &duress, &DuressScope::EveryDevice(code))
         .unwrap();
+    // The phone is away meanwhile.
+    let mut phone = phone.reopen_offline();
 
     // The laptop is opened with the duress passphrase: it looks like a
-    // typo, and hands the front end the line's revocation to send.
+    // typo, and hands the front end what to send (a fresh wipe command
+    // signed with the sealed code, and the line's revocation).
     let Device { home, client, .. } = laptop;
     client.disconnect();
     drop(client);
@@ -582,14 +588,67 @@ async fn a_duress_passphrase_for_every_device_erases_the_others_too() {
     Client::finish_erasure(home.path()).unwrap();
     revocation.send().await.unwrap();
 
-    // The phone, online, is cut off; connecting again, it is shown the
-    // line's own revocation and erases itself.
-    until("the phone is disconnected", || !phone.client.is_connected()).await;
+    // The phone comes back to a revoked line, is shown the wipe command,
+    // checks it under its wipe key and erases itself.
     let back = phone.client.connect().await;
     assert!(
         matches!(back, Err(ClientError::ErasedByAccount)),
         "{back:?}"
     );
+    phone
+        .wait_for(|e| matches!(e, Event::Wiped).then_some(()))
+        .await;
     assert!(!umbra_client::device_exists(phone.home.path()));
     assert!(!umbra_client::device_exists(home.path()));
+}
+
+#[tokio::test]
+async fn the_account_key_alone_ends_the_line_but_erases_no_device() {
+    let server = TestServer::start().await;
+    let phone = Device::activate(&server).await;
+    // Set while the phone is the account's only device: the duress
+    // passphrase ends the line, and carries no wipe command (as a removed
+    // device that kept the account key can end it too).
+    let duress = umbra_client::Passphrase::new("they are watching");
+    phone
+        .client
+        .set_duress_passphrase(&passphrase(), &duress, &DuressScope::ThisDevice)
+        .unwrap();
+    let (laptop, _) = link(&phone, "laptop").await;
+    let mut laptop = laptop.reopen_offline();
+
+    let Device { home, client, .. } = phone;
+    client.disconnect();
+    drop(client);
+    let erased = Client::open(home.path(), &duress, options()).unwrap_err();
+    let ClientError::Erased {
+        revocation: Some(revocation),
+        ..
+    } = erased
+    else {
+        panic!("expected the sealed revocation, got {erased:?}");
+    };
+    assert_eq!(revocation.wipe_seed, None);
+    Client::finish_erasure(home.path()).unwrap();
+    revocation.send().await.unwrap();
+
+    // The laptop is cut off, and keeps what it holds.
+    let back = laptop.client.connect().await;
+    assert!(
+        matches!(
+            back,
+            Err(ClientError::Server {
+                code: umbra_client::ErrorCode::LineRevoked,
+                ..
+            })
+        ),
+        "{back:?}"
+    );
+    assert!(umbra_client::device_exists(laptop.home.path()));
+    while let Ok(event) = laptop.events.try_recv() {
+        assert!(
+            !matches!(event, Event::Wiped | Event::ServerMisbehaved { .. }),
+            "{event:?}"
+        );
+    }
 }

@@ -191,13 +191,13 @@ async fn the_duress_passphrase_destroys_the_device_and_ends_its_line() {
         .set_duress_passphrase(
             &common::passphrase(),
             &common::passphrase(),
-            DuressScope::ThisDevice,
+            &DuressScope::ThisDevice,
         )
         .unwrap_err();
     assert!(matches!(same, ClientError::Invalid(_)), "{same}");
     alice
         .client
-        .set_duress_passphrase(&common::passphrase(), &duress, DuressScope::ThisDevice)
+        .set_duress_passphrase(&common::passphrase(), &duress, &DuressScope::ThisDevice)
         .unwrap();
     let account = alice.id();
     alice.client.disconnect();

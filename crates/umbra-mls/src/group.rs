@@ -628,13 +628,13 @@ impl Group {
         Ok(())
     }
 
-    /// The member accounts, each once, in the order of their first leaf
-    /// (an account has a leaf per device in the group).
     /// Every member leaf as an address (account and device).
     pub fn devices(&self) -> Vec<DeviceAddr> {
         self.members().iter().map(MemberInfo::address).collect()
     }
 
+    /// The member accounts, each once, in the order of their first leaf
+    /// (an account has a leaf per device in the group).
     pub fn accounts(&self) -> Vec<AccountId> {
         let mut accounts: Vec<AccountId> = Vec::new();
         for member in self.members() {

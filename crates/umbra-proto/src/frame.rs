@@ -273,11 +273,12 @@ pub struct ErrorReply {
     pub message: String,
     /// Set for [`ErrorCode::StaleEpoch`]: the group's epoch at the server.
     pub current_epoch: u64,
-    /// Set for [`ErrorCode::LineRevoked`] when the line ended itself: its
-    /// own revocation, the account key's signature over
-    /// [`crate::revoke_signing_payload`], which proves to each of its
-    /// devices that the account (not the server) ended it.
-    pub revocation: Option<Signature>,
+    /// Set for [`ErrorCode::LineRevoked`] answering `Login`, when a wipe
+    /// command was ever relayed for the line: the newest, as its devices
+    /// receive one (8-byte issue time, then the wipe key's signature). Each
+    /// device checks it against its own wipe key before it acts; empty
+    /// otherwise.
+    pub wipe_command: Vec<u8>,
 }
 
 impl ErrorReply {
@@ -286,7 +287,7 @@ impl ErrorReply {
             code,
             message: message.into(),
             current_epoch: 0,
-            revocation: None,
+            wipe_command: Vec::new(),
         }
     }
 }
@@ -728,11 +729,7 @@ pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
                     code: e.code as i32,
                     message: e.message.clone(),
                     current_epoch: e.current_epoch,
-                    revocation: e
-                        .revocation
-                        .as_ref()
-                        .map(|s| s.as_bytes().to_vec())
-                        .unwrap_or_default(),
+                    wipe_command: e.wipe_command.clone(),
                 }),
                 Ok(Reply::Registered {
                     account_id,
@@ -871,11 +868,7 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
                     code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
                     message: e.message,
                     current_epoch: e.current_epoch,
-                    revocation: if e.revocation.is_empty() {
-                        None
-                    } else {
-                        Some(Signature::from_slice(&e.revocation)?)
-                    },
+                    wipe_command: e.wipe_command,
                 }),
                 response::Result::Registered(x) => Ok(Reply::Registered {
                     account_id: account("account_id", &x.account_id)?,
@@ -1114,15 +1107,13 @@ mod tests {
                     code: ErrorCode::StaleEpoch,
                     message: "stale".into(),
                     current_epoch: 7,
-                    revocation: None,
+                    wipe_command: Vec::new(),
                 }),
             },
             ServerMessage::Response {
                 id: 9,
                 result: Err(ErrorReply {
-                    revocation: Some(
-                        Signature::from_slice(&[3; 64]).unwrap_or_else(|e| panic!("{e}")),
-                    ),
+                    wipe_command: vec![3; 72],
                     ..ErrorReply::new(ErrorCode::LineRevoked, "ended")
                 }),
             },

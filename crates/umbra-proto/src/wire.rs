@@ -437,7 +437,7 @@ pub struct Error {
     #[prost(uint64, tag = "3")]
     pub current_epoch: u64,
     #[prost(bytes = "vec", tag = "4")]
-    pub revocation: Vec<u8>,
+    pub wipe_command: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]

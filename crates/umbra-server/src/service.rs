@@ -340,7 +340,7 @@ impl Services {
                     .await?;
                 if account.status == LineStatus::Revoked {
                     return Err(ErrorReply {
-                        revocation: account.revocation.map(|proof| *proof),
+                        wipe_command: account.last_wipe_command.unwrap_or_default(),
                         ..refuse(ErrorCode::LineRevoked, "this line was revoked")
                     });
                 }

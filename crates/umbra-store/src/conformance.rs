@@ -803,6 +803,26 @@ async fn wipe_commands(store: &impl Store) {
         "only the newest command accepted waits in the mailbox (one is \
          enough, and they never expire, so they must not pile up)"
     );
+    // The newest is kept with the line, also once it is revoked (which
+    // drops the mailbox), to show its devices that were away.
+    let kept = || async {
+        store
+            .account(&alice)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_wipe_command
+    };
+    assert_eq!(kept().await, Some(101u64.to_be_bytes().to_vec()));
+    store.revoke(&alice, None, NOW, NOW + TTL).await.unwrap();
+    assert!(
+        store
+            .pending(&one(&alice), 0, 10, NOW)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(kept().await, Some(101u64.to_be_bytes().to_vec()));
 }
 
 async fn revocation(store: &impl Store) {
@@ -814,8 +834,13 @@ async fn revocation(store: &impl Store) {
     store.touch(&alice, 20_000).await.unwrap();
     let row = store.account(&alice).await.unwrap().unwrap();
     assert_eq!(
-        (row.wipe_key, row.last_seen_day, row.status),
-        (Some(key(9)), Some(20_000), LineStatus::Active)
+        (
+            row.wipe_key,
+            row.last_seen_day,
+            row.status,
+            row.last_wipe_command
+        ),
+        (Some(key(9)), Some(20_000), LineStatus::Active, None)
     );
     store
         .add_key_packages(
@@ -850,11 +875,7 @@ async fn revocation(store: &impl Store) {
     let told = store.revoke(&alice, None, NOW, NOW + TTL).await.unwrap();
     assert_eq!(told, vec![one(&bob), one(&carol)]);
     let row = store.account(&alice).await.unwrap().unwrap();
-    assert_eq!(
-        (row.status, row.wipe_key, row.revocation),
-        (LineStatus::Revoked, None, None),
-        "ended by someone else: no revocation of its own to show"
-    );
+    assert_eq!((row.status, row.wipe_key), (LineStatus::Revoked, None));
     assert_eq!(
         store.take_key_package(&alice, DeviceId(2)).await.unwrap(),
         None,
@@ -1239,18 +1260,9 @@ async fn mailboxes_per_device(store: &impl Store) {
         vec![phone.clone(), bob_phone.clone()]
     );
 
-    // Revoking the line takes every leaf of it out and drops every mailbox;
-    // the line's own revocation is kept, to show its devices.
-    let proof = umbra_proto::Signature::from_slice(&[7; 64]).unwrap();
-    let told = store
-        .revoke(&alice, Some(&proof), NOW, NOW + TTL)
-        .await
-        .unwrap();
+    // Revoking the line takes every leaf of it out and drops every mailbox.
+    let told = store.revoke(&alice, None, NOW, NOW + TTL).await.unwrap();
     assert_eq!(told, vec![bob_phone.clone()]);
-    assert_eq!(
-        store.account(&alice).await.unwrap().unwrap().revocation,
-        Some(Box::new(proof))
-    );
     assert!(store.devices(&alice).await.unwrap().is_empty());
     for device in [&phone, &tablet] {
         assert!(store.pending(device, 0, 10, NOW).await.unwrap().is_empty());

@@ -134,9 +134,11 @@ pub struct Account {
     pub distributor: Option<u64>,
     /// Unix day (seconds / 86400) of the last login.
     pub last_seen_day: Option<u64>,
-    /// For a line that ended itself: its own revocation (see
-    /// [`Accounts::revoke`]), shown to its devices as they log in.
-    pub revocation: Option<Box<umbra_proto::Signature>>,
+    /// The newest wipe command relayed for the line, as queued (issue time
+    /// and the wipe key's signature), kept for ever: shown to the line's
+    /// devices when they log in after it ended, so that one that was
+    /// offline erases itself too.
+    pub last_wipe_command: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,9 +169,10 @@ pub trait Accounts: Send + Sync {
     async fn set_wipe_key(&self, id: &AccountId, key: &IdentityKey) -> Result<()>;
     /// Queues a wipe command (`notice`, for the line it names, a copy
     /// for each of its current devices) if its signed issue time is later
-    /// than every one queued for the line before, recording that time in
-    /// the same step: the devices it was queued for, or `None` for a
-    /// replay or an older command (nothing is stored).
+    /// than every one queued for the line before, recording that time and
+    /// the command itself (`Account::last_wipe_command`, kept when the
+    /// line is revoked) in the same step: the devices it was queued for,
+    /// or `None` for a replay or an older command (nothing is stored).
     async fn queue_wipe_command(
         &self,
         notice: Notice,

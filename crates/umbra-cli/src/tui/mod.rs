@@ -416,6 +416,9 @@ async fn supervise(client: Client, notes: mpsc::UnboundedSender<Note>) {
             Err(ClientError::CertificateMismatch) => {
                 let _ = notes.send(Note::Link(Link::CertificateMismatch));
             }
+            // The line was wiped and this device erased itself (the app
+            // was told by `Event::Wiped`): nothing left to connect.
+            Err(ClientError::ErasedByAccount) => return,
             Err(_) => {}
         }
         if notes.is_closed() {

@@ -705,9 +705,10 @@ impl Client {
 
     /// The lines a commit by `by` that took the group's leaves from
     /// `before` to `after` writes: accounts added and removed, and devices
-    /// added to an account that was already a member (a device removed
-    /// from one is shown from its account's signed entry instead, see
-    /// `apply_device_removed`).
+    /// added to or removed from an account that stays a member (a removal
+    /// the account signed is also shown from its entry, see
+    /// `apply_device_removed`; this line says who committed it, so that no
+    /// member takes another's device out unseen).
     pub(super) fn membership_lines(
         &self,
         tx: &Transaction<'_>,
@@ -728,19 +729,23 @@ impl Client {
         };
         let (before_devices, after_devices) = (before, after);
         let (before, after) = (accounts(before), accounts(after));
+        let whose = |leaf: &DeviceAddr| {
+            if leaf.account == *by {
+                "their".to_owned()
+            } else {
+                format!("{}'s", leaf.account)
+            }
+        };
         for leaf in after_devices {
             if before.contains(&leaf.account) && !before_devices.contains(leaf) {
-                let whose = if leaf.account == *by {
-                    "their".to_owned()
-                } else {
-                    format!("{}'s", leaf.account)
-                };
-                self.system_line(
-                    tx,
-                    group_id,
-                    &format!("{by} added {whose} device {}", leaf.device),
-                    events,
-                )?;
+                let line = format!("{by} added {} device {}", whose(leaf), leaf.device);
+                self.system_line(tx, group_id, &line, events)?;
+            }
+        }
+        for leaf in before_devices {
+            if after.contains(&leaf.account) && !after_devices.contains(leaf) {
+                let line = format!("{by} removed {} device {}", whose(leaf), leaf.device);
+                self.system_line(tx, group_id, &line, events)?;
             }
         }
         let added: Vec<AccountId> = after

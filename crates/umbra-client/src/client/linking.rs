@@ -727,6 +727,13 @@ impl Client {
                 }) => {
                     let joined: Joined = parse(&meeting.sealer.open(pairing::JOINED, &sealed)?)?;
                     if let Some(table) = &joined.messages {
+                        // Messages only: nothing else may come this way.
+                        if table.name != "messages" {
+                            return Err(ClientError::LinkFailed(format!(
+                                "the catch-up holds an unexpected table ({})",
+                                table.name
+                            )));
+                        }
                         let mut db = client.db();
                         let tx = db.transaction()?;
                         let taken = insert_rows(&tx, table, true)?;

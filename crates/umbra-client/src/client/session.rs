@@ -139,7 +139,7 @@ impl Client {
             // A linked device that is not on its account's list any more:
             // removed, or its line ended (and the devices with it). Only in
             // the second case does the server take the account key for it,
-            // and then it shows why the line ended.
+            // and then it shows the wipe command that ended it, if any.
             Err(ClientError::Server {
                 code: ErrorCode::BadSignature,
                 ..
@@ -149,8 +149,8 @@ impl Client {
             other => other,
         };
         let reply = match reply {
-            Err(ClientError::LineEnded { revocation }) => {
-                return Err(self.line_ended(&revocation));
+            Err(ClientError::LineEnded { wipe_command }) => {
+                return Err(self.line_ended(&wipe_command));
             }
             other => other?,
         };

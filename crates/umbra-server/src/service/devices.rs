@@ -115,8 +115,8 @@ impl Services {
         if account.status == LineStatus::Revoked {
             // Its devices went with it; the account key (device 1's, and
             // held by every linked device) still proves a login as any of
-            // them, which is then told the line is gone, with the line's
-            // own revocation if it ended itself. No session follows.
+            // them, which is then told the line is gone, with the newest
+            // wipe command relayed for it, if any. No session follows.
             return Ok(Some(account.identity_key));
         }
         // The store keeps the current devices as the log's entries are

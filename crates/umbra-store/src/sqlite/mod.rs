@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceId, GroupId, IdentityKey, Signature};
+use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceId, GroupId, IdentityKey};
 
 use crate::staging::{DueCopy, Staging};
 use crate::{
@@ -53,10 +53,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
         11,
         include_str!("../../migrations/0011_mailboxes_per_device.sql"),
     ),
-    (
-        12,
-        include_str!("../../migrations/0012_revocation_proof.sql"),
-    ),
+    (12, include_str!("../../migrations/0012_wipe_command.sql")),
 ];
 
 /// Most writes committed together by one fsync.
@@ -1099,7 +1096,7 @@ impl Accounts for SqliteStore {
                 status: LineStatus::Active,
                 distributor,
                 last_seen_day: None,
-                revocation: None,
+                last_wipe_command: None,
             }))
         })
         .await
@@ -1137,10 +1134,10 @@ impl Accounts for SqliteStore {
             };
             let newer = tx
                 .execute(
-                    "UPDATE accounts SET last_wipe_issued_at = ?2
+                    "UPDATE accounts SET last_wipe_issued_at = ?2, last_wipe_command = ?3
                      WHERE account_id = ?1
                        AND (last_wipe_issued_at IS NULL OR last_wipe_issued_at < ?2)",
-                    params![notice.recipient.as_str(), issued_at],
+                    params![notice.recipient.as_str(), issued_at, &notice.payload],
                 )
                 .map_err(backend)?;
             if newer != 1 {
@@ -1194,11 +1191,10 @@ impl Accounts for SqliteStore {
         if let Some(proof) = proof {
             notice.extend_from_slice(proof.as_bytes());
         }
-        let proof = proof.map(|p| p.as_bytes().to_vec());
         let staging = Arc::clone(&self.staging);
         let revoked = id.clone();
         self.write_then(
-            move |tx| revoke_in(tx, &id, &notice, proof.as_deref(), now, expires_at),
+            move |tx| revoke_in(tx, &id, &notice, now, expires_at),
             move |told| {
                 lock(&staging).drop_recipient(&revoked, None);
                 told
@@ -1213,7 +1209,6 @@ fn revoke_in(
     tx: &Tx<'_>,
     id: &AccountId,
     notice: &[u8],
-    proof: Option<&[u8]>,
     now: Timestamp,
     expires_at: Timestamp,
 ) -> Result<Vec<DeviceAddr>> {
@@ -1260,11 +1255,6 @@ fn revoke_in(
         tx.forget_line(id);
         tx.execute(sql, [id.as_str()]).map_err(backend)?;
     }
-    tx.execute(
-        "UPDATE accounts SET revocation = ?2 WHERE account_id = ?1",
-        params![id.as_str(), proof],
-    )
-    .map_err(backend)?;
     told.sort();
     told.dedup();
     Ok(told)
@@ -1284,7 +1274,7 @@ fn account_row(connection: &Connection, id: &AccountId) -> Result<Option<Account
     let row: Option<Row> = connection
         .prepare_cached(
             "SELECT identity_key, created_at, subscription_expires_at, wipe_key, status,
-                    distributor_id, last_seen_day, revocation
+                    distributor_id, last_seen_day, last_wipe_command
              FROM accounts WHERE account_id = ?1",
         )
         .and_then(|mut s| {
@@ -1305,7 +1295,16 @@ fn account_row(connection: &Connection, id: &AccountId) -> Result<Option<Account
         .map_err(backend)?;
     let corrupt = |e: umbra_proto::DecodeError| StoreError::Corrupt(e.to_string());
     row.map(
-        |(key, created_at, expires, wipe_key, status, distributor, last_seen_day, revocation)| {
+        |(
+            key,
+            created_at,
+            expires,
+            wipe_key,
+            status,
+            distributor,
+            last_seen_day,
+            last_wipe_command,
+        )| {
             Ok(Account {
                 id: id.clone(),
                 identity_key: IdentityKey::from_slice(&key).map_err(corrupt)?,
@@ -1318,9 +1317,7 @@ fn account_row(connection: &Connection, id: &AccountId) -> Result<Option<Account
                     .ok_or_else(|| StoreError::Corrupt(format!("line status {status:?}")))?,
                 distributor,
                 last_seen_day,
-                revocation: revocation
-                    .map(|s| Signature::from_slice(&s).map(Box::new).map_err(corrupt))
-                    .transpose()?,
+                last_wipe_command,
             })
         },
     )
@@ -2369,7 +2366,7 @@ impl Distributors for SqliteStore {
             let mut ended = Vec::with_capacity(ids.len());
             for id in ids {
                 let id = account_id(id)?;
-                let told = revoke_in(tx, &id, id.as_str().as_bytes(), None, now, expires_at)?;
+                let told = revoke_in(tx, &id, id.as_str().as_bytes(), now, expires_at)?;
                 ended.push((id, told));
             }
             Ok(ended)
