@@ -866,6 +866,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     wipe_code,
                 } => {
                     let duress = match std::env::var("UMBRA_DURESS_PASSPHRASE") {
+                        Ok(text) if text.chars().count() < 8 => {
+                            bail!("choose a duress passphrase of at least 8 characters")
+                        }
                         Ok(text) => Passphrase::new(text),
                         Err(_) => {
                             let first = rpassword::prompt_password("Duress passphrase: ")?;

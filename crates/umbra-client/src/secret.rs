@@ -101,8 +101,10 @@ pub(crate) struct KdfFile {
     /// random bytes while none is set, so the file does not tell.
     #[serde(default)]
     pub duress_check: String,
-    /// A revocation of this line, sealed (ChaCha20-Poly1305) under a key
-    /// derived from the duress passphrase's key; random bytes while unset.
+    /// A revocation of this line (with the wipe code's seed, when the
+    /// duress passphrase is for every device), sealed (ChaCha20-Poly1305)
+    /// under a key derived from the duress passphrase's key; random bytes
+    /// while unset.
     #[serde(default)]
     pub duress_seal: String,
 }

@@ -5,7 +5,8 @@
 //! [`WipeCode`]. Whoever holds the code signs a wipe command; the server
 //! relays it; the device checks the signature against its own copy of the
 //! public key before wiping. The server cannot make a command that passes:
-//! it never had the seed.
+//! it never had the seed (nor does any device, unless its user sealed the
+//! code under a duress passphrase meant for every device).
 
 use std::time::Duration;
 
@@ -40,6 +41,48 @@ pub async fn send_wipe(code: &WipeCode, clock: &dyn Clock) -> Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// How far before a device was made a wipe command may be signed and still
+/// be for it (clocks differ; the server allows as much).
+const WIPE_SKEW_SECS: u64 = 300;
+
+/// What a wipe command shown to a device is for it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Command {
+    /// Signed with its wipe key, for its account, after it was made.
+    ForThisDevice,
+    /// Genuine, but signed before this device was made (linked later): a
+    /// wipe the line outlived is not an order to erase a newer device.
+    Older,
+    /// Not signed with its wipe key for its account.
+    Forged,
+}
+
+/// Checks a wipe command (issued_at || signature) shown to the device whose
+/// store `db` is: against its stored wipe key and account, and against the
+/// time it was made.
+pub(crate) fn check_command(
+    db: &rusqlite::Connection,
+    account: &umbra_proto::AccountId,
+    payload: &[u8],
+) -> Result<Command> {
+    let (wipe_key, created_at): (Option<Vec<u8>>, u64) = db.query_row(
+        "SELECT wipe_public_key, created_at FROM device",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    let genuine = wipe_key
+        .and_then(|key| IdentityKey::from_slice(&key).ok())
+        .is_some_and(|key| verify_command(&key, account, payload));
+    let issued_at = payload
+        .first_chunk::<8>()
+        .map_or(0, |bytes| u64::from_be_bytes(*bytes));
+    Ok(match genuine {
+        false => Command::Forged,
+        true if issued_at.saturating_add(WIPE_SKEW_SECS) < created_at => Command::Older,
+        true => Command::ForThisDevice,
+    })
 }
 
 /// Checks a relayed wipe command (issued_at || signature) against the
@@ -113,25 +156,26 @@ impl Client {
     /// one may have kept, can end the line but never erases a device.
     /// Anything else is the server's claim alone: refused, and said so.
     pub(crate) fn line_ended(&self, command: &[u8]) -> ClientError {
-        let wipe_key: Option<Vec<u8>> = self
-            .db()
-            .query_row("SELECT wipe_public_key FROM device", [], |row| row.get(0))
-            .unwrap_or(None);
-        let genuine = wipe_key
-            .and_then(|key| IdentityKey::from_slice(&key).ok())
-            .is_some_and(|key| verify_command(&key, self.account(), command));
-        if !genuine {
-            warn!("refusing a wipe command that is not signed with this device's wipe code");
-            self.emit_event(Event::ServerMisbehaved {
-                what: "it said this line was wiped, with a command this device's wipe code did \
-                       not sign"
-                    .into(),
-            });
-            return ClientError::Server {
-                code: umbra_proto::ErrorCode::LineRevoked,
-                message: "the server says this line was revoked".into(),
-                current_epoch: 0,
-            };
+        let revoked = || ClientError::Server {
+            code: umbra_proto::ErrorCode::LineRevoked,
+            message: "the server says this line was revoked".into(),
+            current_epoch: 0,
+        };
+        let checked = check_command(&self.db(), self.account(), command);
+        match checked {
+            Ok(Command::ForThisDevice) => {}
+            // The line outlived that wipe, and this device came after it.
+            Ok(Command::Older) => return revoked(),
+            Ok(Command::Forged) => {
+                warn!("refusing a wipe command that is not signed with this device's wipe code");
+                self.emit_event(Event::ServerMisbehaved {
+                    what: "it said this line was wiped, with a command this device's wipe code \
+                           did not sign"
+                        .into(),
+                });
+                return revoked();
+            }
+            Err(error) => return error,
         }
         self.close_store();
         let shredded = store::shred(self.home());
@@ -159,6 +203,15 @@ pub struct Revocation {
     /// (hex), to sign a fresh wipe command when it is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wipe_seed: Option<String>,
+}
+
+// The seed wipes every device of the account: overwritten when dropped.
+impl Drop for Revocation {
+    fn drop(&mut self) {
+        if let Some(seed) = &mut self.wipe_seed {
+            zeroize::Zeroize::zeroize(seed);
+        }
+    }
 }
 
 impl std::fmt::Debug for Revocation {

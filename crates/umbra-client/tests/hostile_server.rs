@@ -786,3 +786,54 @@ async fn a_wipe_command_the_wipe_code_did_not_sign_erases_nothing() {
             .is_ok()
     );
 }
+
+#[tokio::test]
+async fn a_wipe_command_older_than_the_device_erases_nothing() {
+    let server = TestServer::start().await;
+    let alice = Device::activate(&server).await;
+    let code = alice.wipe_code.clone().unwrap();
+    let alice = alice.reopen_offline();
+
+    // A genuine command, signed with Alice's own wipe code, but dated a day
+    // before her device was made (one the line outlived, kept by the
+    // server): shown when the line ends for another reason, it is no order
+    // to erase a device that came after it.
+    let (data, address, store, _dir) = server.seize();
+    let now = common::now();
+    let then = now - 86_400;
+    let signature = DeviceSigner::from_wipe_seed(&code.seed)
+        .sign_payload(&umbra_proto::wipe_signing_payload(&alice.id(), then));
+    let mut command = then.to_be_bytes().to_vec();
+    command.extend_from_slice(signature.as_bytes());
+    let notice = Notice {
+        recipient: alice.id(),
+        device: None,
+        sender: alice.id(),
+        kind: DeliveryKind::Wipe,
+        group_id: None,
+        payload: command,
+    };
+    store
+        .queue_wipe_command(notice, then, now, now + 3600)
+        .await
+        .unwrap();
+    store
+        .revoke(&alice.id(), None, now, now + 3600)
+        .await
+        .unwrap();
+    drop(store);
+    let _server = TestServer::start_in(&data, address).await;
+
+    let refused = alice.client.connect().await;
+    assert!(
+        matches!(
+            refused,
+            Err(ClientError::Server {
+                code: umbra_proto::ErrorCode::LineRevoked,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert!(umbra_client::device_exists(alice.home.path()));
+}

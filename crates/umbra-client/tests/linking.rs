@@ -539,8 +539,8 @@ async fn the_wipe_code_erases_a_device_that_was_away_when_it_was_used() {
     assert!(!umbra_client::device_exists(phone.home.path()));
 
     // The phone ended the line, and the laptop's copy of the wipe command
-    // went with the line's mailboxes. Back online, it is shown the line's
-    // own revocation, checks it under the account key, and erases itself.
+    // went with the line's mailboxes. Back online, it is shown the wipe
+    // command, checks it under its wipe key, and erases itself.
     let back = laptop.client.connect().await;
     assert!(
         matches!(back, Err(ClientError::ErasedByAccount)),

@@ -742,12 +742,23 @@ impl Services {
                 self.fetch_device_log(me, &account_id, from).await
             }
             Request::SetWipeKey { wipe_key } => {
-                self.live_account(me).await?;
-                self.store
-                    .set_wipe_key(me, &wipe_key)
-                    .await
-                    .map_err(internal)?;
-                Ok(Reply::Done)
+                // Set once: whoever holds the account key (every linked
+                // device, and a removed one that kept it) must not be able
+                // to swap the key that wipe commands are checked against.
+                let account = self.live_account(me).await?;
+                if account.wipe_key.is_none() {
+                    self.store
+                        .set_wipe_key(me, &wipe_key)
+                        .await
+                        .map_err(internal)?;
+                }
+                match self.store.account(me).await.map_err(internal)? {
+                    Some(now) if now.wipe_key == Some(wipe_key) => Ok(Reply::Done),
+                    _ => Err(refuse(
+                        ErrorCode::InvalidRequest,
+                        "this line's wipe key is set already, and cannot be replaced",
+                    )),
+                }
             }
             _ => Err(refuse(ErrorCode::InvalidRequest, "unsupported request")),
         }

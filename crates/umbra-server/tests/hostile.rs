@@ -427,7 +427,18 @@ async fn a_quiet_ack_is_answered_only_when_it_fails() {
     let set_key = Request::SetWipeKey {
         wipe_key: wiper.identity_key(),
     };
+    assert_eq!(device.call(set_key.clone()).await, Ok(Reply::Done));
+    // Set once: the same key again is fine, another is refused (whoever
+    // holds the account key must not swap the key wipes are checked with).
     assert_eq!(device.call(set_key).await, Ok(Reply::Done));
+    device
+        .expect_error(
+            Request::SetWipeKey {
+                wipe_key: DeviceSigner::from_secret(&[7; 32]).identity_key(),
+            },
+            ErrorCode::InvalidRequest,
+        )
+        .await;
     let wipe = |issued_at| Request::Wipe {
         account_id: account_id.clone(),
         issued_at,

@@ -790,6 +790,7 @@ async fn wipe_commands(store: &impl Store) {
     assert_eq!(queue(99).await.unwrap(), None, "nor an older one");
     assert_eq!(queue(u64::MAX).await.unwrap(), None);
     assert!(queue(101).await.unwrap().is_some());
+    assert_eq!(queue(99).await.unwrap(), None, "nor an older one later");
     let queued: Vec<Vec<u8>> = store
         .pending(&one(&alice), 0, 10, NOW)
         .await
@@ -831,6 +832,7 @@ async fn revocation(store: &impl Store) {
     let carol = registered(store, "CCCCCCCC", 3).await;
     befriend(store, &alice, &bob).await;
     store.set_wipe_key(&alice, &key(9)).await.unwrap();
+    store.set_wipe_key(&alice, &key(8)).await.unwrap();
     store.touch(&alice, 20_000).await.unwrap();
     let row = store.account(&alice).await.unwrap().unwrap();
     assert_eq!(

@@ -165,7 +165,8 @@ pub trait Accounts: Send + Sync {
         now: Timestamp,
     ) -> Result<Registration>;
     async fn account(&self, id: &AccountId) -> Result<Option<Account>>;
-    /// Records the public key that verifies this line's wipe commands.
+    /// Records the public key that verifies this line's wipe commands, if
+    /// it has none yet (it is set once, and never replaced).
     async fn set_wipe_key(&self, id: &AccountId, key: &IdentityKey) -> Result<()>;
     /// Queues a wipe command (`notice`, for the line it names, a copy
     /// for each of its current devices) if its signed issue time is later

@@ -275,17 +275,18 @@ impl Client {
             }
             DeliveryKind::KeyPackagesLow => return Ok(Some(FollowUp::ReplenishKeyPackages)),
             DeliveryKind::Wipe => {
-                let wipe_key: Option<Vec<u8>> =
-                    tx.query_row("SELECT wipe_public_key FROM device", [], |row| row.get(0))?;
-                let genuine = wipe_key
-                    .and_then(|key| IdentityKey::from_slice(&key).ok())
-                    .is_some_and(|key| {
-                        crate::wipe::verify_command(&key, &self.inner.account, &delivery.payload)
-                    });
-                if genuine {
-                    return Ok(Some(FollowUp::Wipe));
+                use crate::wipe::Command;
+                match crate::wipe::check_command(tx, &self.inner.account, &delivery.payload)? {
+                    Command::ForThisDevice => return Ok(Some(FollowUp::Wipe)),
+                    Command::Older => {
+                        warn!("ignoring a wipe command signed before this device was made");
+                    }
+                    Command::Forged => {
+                        warn!(
+                            "refusing a wipe command that is not signed with this device's wipe code"
+                        );
+                    }
                 }
-                warn!("refusing a wipe command that is not signed with this device's wipe code");
                 events.push(Event::WipeRefused);
             }
             DeliveryKind::MemberRevoked => {

@@ -183,7 +183,21 @@ impl Client {
             self.db()
                 .query_row("SELECT wipe_public_key FROM device", [], |row| row.get(0))?;
         if let Some(wipe_key) = wipe_key.and_then(|key| IdentityKey::from_slice(&key).ok()) {
-            link.request(Request::SetWipeKey { wipe_key }).await?;
+            match link.request(Request::SetWipeKey { wipe_key }).await {
+                // The server holds another wipe key for this line: this
+                // device's wipe code would not be relayed.
+                Err(ClientError::Server {
+                    code: ErrorCode::InvalidRequest,
+                    ..
+                }) => self.emit(Event::ServerMisbehaved {
+                    what: "it holds another wipe key for this line, so the wipe code would not \
+                           work"
+                        .into(),
+                }),
+                other => {
+                    other?;
+                }
+            }
         }
         // Settle commits whose verdict was lost before applying anything:
         // the backlog may hold messages from the epoch after them.

@@ -1112,7 +1112,7 @@ impl Accounts for SqliteStore {
         let (id, key) = (id.clone(), *key);
         self.write(move |tx| {
             tx.execute(
-                "UPDATE accounts SET wipe_key = ?2 WHERE account_id = ?1",
+                "UPDATE accounts SET wipe_key = ?2 WHERE account_id = ?1 AND wipe_key IS NULL",
                 params![id.as_str(), &key.as_bytes()[..]],
             )
             .map_err(backend)?;
