@@ -528,6 +528,102 @@ async fn a_device_is_linked_and_removed_through_the_cli() {
     );
 }
 
+/// `umbra security duress ARGS` in `home`, the duress passphrase `duress`.
+async fn set_duress(home: &Path, duress: &str, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_umbra"));
+    command
+        .arg("--json")
+        .arg("--home")
+        .arg(home)
+        .args(["security", "duress"])
+        .args(args)
+        .env("UMBRA_PASSPHRASE", "a long test passphrase")
+        .env("UMBRA_DURESS_PASSPHRASE", duress);
+    tokio::task::spawn_blocking(move || bounded(command))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duress_passphrase_for_every_device_through_the_cli() {
+    let server = Server::start().await;
+    let (phone, laptop, other) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let activated = ok(phone.path(), &["activate", &server.activation().await]).await;
+    let code = activated[0]["wipe_code"].as_str().unwrap().to_owned();
+    let others = ok(other.path(), &["activate", &server.activation().await]).await;
+    let other_code = others[0]["wipe_code"].as_str().unwrap().to_owned();
+    let (link, mut linking, _reader) = offer_link(phone.path(), &[]).await;
+    ok(laptop.path(), &["link", &link, "--name", "laptop"]).await;
+    tokio::task::spawn_blocking(move || linking.wait().unwrap())
+        .await
+        .unwrap();
+
+    // Refused: a short duress passphrase, and another account's wipe code.
+    let short = set_duress(phone.path(), "short", &[]).await;
+    assert!(
+        !short.status.success()
+            && String::from_utf8_lossy(&short.stdout).contains("at least 8 characters"),
+        "{short:?}"
+    );
+    let foreign = set_duress(
+        phone.path(),
+        "they are watching me",
+        &["--every-device", "--wipe-code", &other_code],
+    )
+    .await;
+    assert!(
+        !foreign.status.success()
+            && String::from_utf8_lossy(&foreign.stdout)
+                .contains("not the wipe code of this account"),
+        "{foreign:?}"
+    );
+    let set = set_duress(
+        phone.path(),
+        "they are watching me",
+        &["--every-device", "--wipe-code", &code],
+    )
+    .await;
+    assert!(set.status.success(), "{set:?}");
+    let said: Value = serde_json::from_slice(&set.stdout).unwrap();
+    assert_eq!(
+        (said["every_device"].as_bool(), said["ends_line"].as_bool()),
+        (Some(true), Some(true))
+    );
+
+    // Under duress: "wrong passphrase", and, unseen, the phone is erased and
+    // the wipe goes out.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_umbra"));
+    command
+        .arg("--home")
+        .arg(phone.path())
+        .arg("recv")
+        .env("UMBRA_PASSPHRASE", "they are watching me");
+    let under_duress = tokio::task::spawn_blocking(move || bounded(command))
+        .await
+        .unwrap();
+    assert_eq!(under_duress.status.code(), Some(3), "{under_duress:?}");
+
+    // The laptop erases itself when it next connects (whether the wipe
+    // push or the revoked line's login answer reaches it first).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let back = umbra(laptop.path(), &["recv"]).await;
+        if !umbra_client::device_exists(laptop.path()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the laptop was not erased: {back:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!umbra_client::device_exists(phone.path()));
+}
+
 #[test]
 fn help_is_there_for_a_newcomer() {
     let output = Command::new(env!("CARGO_BIN_EXE_umbra"))
