@@ -87,7 +87,7 @@ pub(crate) fn check_command(
 
 /// Checks a relayed wipe command (issued_at || signature) against the
 /// device's wipe key.
-pub(crate) fn verify_command(
+fn verify_command(
     wipe_key: &IdentityKey,
     account: &umbra_proto::AccountId,
     payload: &[u8],

@@ -727,52 +727,52 @@ async fn a_certified_package_in_place_of_a_first_devices_is_refused_and_nothing_
     );
 }
 
-#[tokio::test]
-async fn a_wipe_command_the_wipe_code_did_not_sign_erases_nothing() {
-    let server = TestServer::start().await;
-    let alice = Device::activate(&server).await;
-    let alice = alice.reopen_offline();
-
-    // The operator records a "wipe command" for Alice's line, signed with
-    // a key it made up over the right payload, and ends the line: her
-    // device, logging in, is shown it.
-    let (data, address, store, _dir) = server.seize();
+/// Stops `server`, records for `account` a wipe command signed with
+/// `seed`'s key and dated `issued_at` (as the server keeps the newest it
+/// relayed), ends the line, and starts the server again: the account's
+/// devices, logging in, are shown that command.
+async fn revoke_showing(
+    server: TestServer,
+    account: &AccountId,
+    seed: &[u8; 16],
+    issued_at: u64,
+) -> (TestServer, Option<tempfile::TempDir>) {
+    let (data, address, store, dir) = server.seize();
     let now = common::now();
-    let forged = DeviceSigner::from_wipe_seed(&[9; 16])
-        .sign_payload(&umbra_proto::wipe_signing_payload(&alice.id(), now));
-    let mut command = now.to_be_bytes().to_vec();
-    command.extend_from_slice(forged.as_bytes());
+    let signature = DeviceSigner::from_wipe_seed(seed)
+        .sign_payload(&umbra_proto::wipe_signing_payload(account, issued_at));
+    let mut command = issued_at.to_be_bytes().to_vec();
+    command.extend_from_slice(signature.as_bytes());
     let notice = Notice {
-        recipient: alice.id(),
+        recipient: account.clone(),
         device: None,
-        sender: alice.id(),
+        sender: account.clone(),
         kind: DeliveryKind::Wipe,
         group_id: None,
         payload: command,
     };
     store
-        .queue_wipe_command(notice, now, now, now + 3600)
+        .queue_wipe_command(notice, issued_at, now, now + 3600)
         .await
         .unwrap();
-    store
-        .revoke(&alice.id(), None, now, now + 3600)
-        .await
-        .unwrap();
+    store.revoke(account, None, now, now + 3600).await.unwrap();
     drop(store);
-    let _server = TestServer::start_in(&data, address).await;
+    (TestServer::start_in(&data, address).await, dir)
+}
 
-    let mut alice = alice;
+#[tokio::test]
+async fn a_wipe_command_the_wipe_code_did_not_sign_erases_nothing() {
+    let server = TestServer::start().await;
+    let alice = Device::activate(&server).await;
+    let mut alice = alice.reopen_offline();
+
+    // The operator records a "wipe command" for Alice's line, signed with
+    // a key it made up over the right payload, and ends the line: her
+    // device, logging in, is shown it.
+    let _server = revoke_showing(server, &alice.id(), &[9; 16], common::now()).await;
+
     let refused = alice.client.connect().await;
-    assert!(
-        matches!(
-            refused,
-            Err(ClientError::Server {
-                code: umbra_proto::ErrorCode::LineRevoked,
-                ..
-            })
-        ),
-        "{refused:?}"
-    );
+    assert!(common::refused_as_revoked(&refused), "{refused:?}");
     alice
         .wait_for(|e| matches!(e, Event::ServerMisbehaved { .. }).then_some(()))
         .await;
@@ -798,42 +798,10 @@ async fn a_wipe_command_older_than_the_device_erases_nothing() {
     // before her device was made (one the line outlived, kept by the
     // server): shown when the line ends for another reason, it is no order
     // to erase a device that came after it.
-    let (data, address, store, _dir) = server.seize();
-    let now = common::now();
-    let then = now - 86_400;
-    let signature = DeviceSigner::from_wipe_seed(&code.seed)
-        .sign_payload(&umbra_proto::wipe_signing_payload(&alice.id(), then));
-    let mut command = then.to_be_bytes().to_vec();
-    command.extend_from_slice(signature.as_bytes());
-    let notice = Notice {
-        recipient: alice.id(),
-        device: None,
-        sender: alice.id(),
-        kind: DeliveryKind::Wipe,
-        group_id: None,
-        payload: command,
-    };
-    store
-        .queue_wipe_command(notice, then, now, now + 3600)
-        .await
-        .unwrap();
-    store
-        .revoke(&alice.id(), None, now, now + 3600)
-        .await
-        .unwrap();
-    drop(store);
-    let _server = TestServer::start_in(&data, address).await;
+    let then = common::now() - 86_400;
+    let _server = revoke_showing(server, &alice.id(), &code.seed, then).await;
 
     let refused = alice.client.connect().await;
-    assert!(
-        matches!(
-            refused,
-            Err(ClientError::Server {
-                code: umbra_proto::ErrorCode::LineRevoked,
-                ..
-            })
-        ),
-        "{refused:?}"
-    );
+    assert!(common::refused_as_revoked(&refused), "{refused:?}");
     assert!(umbra_client::device_exists(alice.home.path()));
 }

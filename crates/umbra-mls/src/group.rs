@@ -131,6 +131,17 @@ pub enum Incoming {
     },
 }
 
+/// The accounts of `leaves`, each once, in the order of its first leaf.
+pub fn accounts_of(leaves: &[DeviceAddr]) -> Vec<AccountId> {
+    let mut accounts: Vec<AccountId> = Vec::new();
+    for leaf in leaves {
+        if !accounts.contains(&leaf.account) {
+            accounts.push(leaf.account.clone());
+        }
+    }
+    accounts
+}
+
 /// One MLS group held by this device.
 #[derive(Debug)]
 pub struct Group {
@@ -636,13 +647,7 @@ impl Group {
     /// The member accounts, each once, in the order of their first leaf
     /// (an account has a leaf per device in the group).
     pub fn accounts(&self) -> Vec<AccountId> {
-        let mut accounts: Vec<AccountId> = Vec::new();
-        for member in self.members() {
-            if !accounts.contains(&member.account) {
-                accounts.push(member.account);
-            }
-        }
-        accounts
+        accounts_of(&self.devices())
     }
 
     /// The device certificate the leaf with signature key `key` carries

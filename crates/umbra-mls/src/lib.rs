@@ -29,7 +29,7 @@ pub use devices::{
 };
 pub use group::{
     CommitOutput, DEVICE_CERTIFICATE_EXTENSION, DISAPPEARING_EXTENSION, Group, GroupConfig,
-    Incoming, MemberInfo, new_device_key_package, new_key_package,
+    Incoming, MemberInfo, accounts_of, new_device_key_package, new_key_package,
 };
 #[cfg(feature = "hostile")]
 pub use hostile::odd_key_package;

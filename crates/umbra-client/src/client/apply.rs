@@ -719,17 +719,11 @@ impl Client {
         after: &[DeviceAddr],
         events: &mut Vec<Event>,
     ) -> Result<()> {
-        let accounts = |leaves: &[DeviceAddr]| {
-            let mut accounts: Vec<AccountId> = Vec::new();
-            for leaf in leaves {
-                if !accounts.contains(&leaf.account) {
-                    accounts.push(leaf.account.clone());
-                }
-            }
-            accounts
-        };
         let (before_devices, after_devices) = (before, after);
-        let (before, after) = (accounts(before), accounts(after));
+        let (before, after) = (
+            umbra_mls::accounts_of(before),
+            umbra_mls::accounts_of(after),
+        );
         let whose = |leaf: &DeviceAddr| {
             if leaf.account == *by {
                 "their".to_owned()

@@ -337,6 +337,18 @@ impl Device {
     }
 }
 
+/// Whether `result` is the server's plain refusal of a revoked line (no
+/// erasure, nothing else).
+pub fn refused_as_revoked<T>(result: &Result<T, umbra_client::ClientError>) -> bool {
+    matches!(
+        result,
+        Err(umbra_client::ClientError::Server {
+            code: umbra_client::ErrorCode::LineRevoked,
+            ..
+        })
+    )
+}
+
 /// Makes `a` and `b` contacts; returns the conversation as each sees it.
 pub async fn befriend(a: &mut Device, b: &mut Device) -> (ConversationId, ConversationId) {
     a.client.add_contact(&b.id()).await.unwrap();
