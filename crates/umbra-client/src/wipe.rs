@@ -251,7 +251,7 @@ impl Revocation {
             .and_then(|bytes| Signature::from_slice(&bytes).ok())
             .ok_or_else(|| ClientError::Invalid("damaged revocation".into()))?;
         let (link, _, _) = Link::connect(&self.address, pin).await?;
-        tokio::time::timeout(
+        let revoked = tokio::time::timeout(
             REVOKE_TIMEOUT,
             link.request(Request::Revoke {
                 account_id,
@@ -259,8 +259,15 @@ impl Revocation {
             }),
         )
         .await
-        .map_err(|_| ClientError::Timeout(REVOKE_TIMEOUT.as_secs()))??;
-        Ok(())
+        .map_err(|_| ClientError::Timeout(REVOKE_TIMEOUT.as_secs()))?;
+        match revoked {
+            // A device that acted on the wipe command ended the line first.
+            Err(ClientError::Server {
+                code: umbra_proto::ErrorCode::LineRevoked,
+                ..
+            }) if self.wipe_seed.is_some() => Ok(()),
+            other => other.map(|_| ()),
+        }
     }
 }
 

@@ -110,3 +110,13 @@ pub fn login_signing_payload(nonce: &Nonce, account_id: &AccountId) -> Vec<u8> {
     payload.extend_from_slice(account_id.as_str().as_bytes());
     payload
 }
+
+/// What a linked device whose own key was refused signs with the account
+/// key to ask whether its line ended: a tag of its own, so that it is never
+/// a login as device 1 (whose key the account key is).
+pub fn ended_login_signing_payload(nonce: &Nonce, account_id: &AccountId) -> Vec<u8> {
+    let mut payload = b"umbra-login-ended-v1".to_vec();
+    payload.extend_from_slice(nonce.as_bytes());
+    payload.extend_from_slice(account_id.as_str().as_bytes());
+    payload
+}

@@ -13,7 +13,8 @@ use umbra_proto::frame::{CodeKind, LineAction, LineInfo};
 use umbra_proto::{
     AccountId, ActivationCode, ActivationString, DeliveryKind, DeviceAddr, DeviceId, ErrorCode,
     ErrorReply, GroupId, Nonce, Reply, Request, Signature, distributor_login_payload,
-    login_signing_payload, register_signing_payload, revoke_signing_payload, wipe_signing_payload,
+    ended_login_signing_payload, login_signing_payload, register_signing_payload,
+    revoke_signing_payload, wipe_signing_payload,
 };
 use umbra_store::{
     Account, CodeHash, CommitOutcome, CommitRecord, ContactAcceptOutcome, ContactRequestOutcome,
@@ -335,9 +336,27 @@ impl Services {
                 },
             ) => {
                 let payload = login_signing_payload(nonce, &account_id);
-                let account = self
+                let account = match self
                     .signed_by_device(&account_id, device, &payload, &signature)
-                    .await?;
+                    .await
+                {
+                    Ok(account) => account,
+                    // A linked device asking, with the account key, whether
+                    // its line ended (its own key went with the line). The
+                    // same work for every refused login.
+                    Err(refused) => {
+                        let line = self.store.account(&account_id).await.map_err(internal)?;
+                        let key = line
+                            .as_ref()
+                            .filter(|line| line.status == LineStatus::Revoked)
+                            .map_or_else(nobody, |line| line.identity_key);
+                        let ended = ended_login_signing_payload(nonce, &account_id);
+                        match line {
+                            Some(line) if umbra_mls::verify(&key, &ended, &signature) => line,
+                            _ => return Err(refused),
+                        }
+                    }
+                };
                 if account.status == LineStatus::Revoked {
                     return Err(ErrorReply {
                         wipe_command: account.last_wipe_command.unwrap_or_default(),

@@ -628,3 +628,37 @@ async fn delivery_ids_do_not_reveal_other_accounts_traffic() {
         other => panic!("expected an empty backlog, got {other:?}"),
     }
 }
+
+/// A linked device whose own key was refused asks, with the account key,
+/// whether its line ended. What it signs is never a login: not as device 1
+/// (whose key the account key is) while the line lives, so a server shown
+/// it cannot pass it on as one; once the line is revoked, it is answered.
+#[tokio::test]
+async fn asking_whether_a_line_ended_is_no_login() {
+    let server = Server::start().await;
+    let account_key = DeviceSigner::from_secret(&[21; 32]);
+    let mut first = Raw::connect(&server).await;
+    let account_id = first.registered(&server, &account_key).await;
+    let ask = |raw: &Raw, device| Request::Login {
+        account_id: account_id.clone(),
+        device,
+        signature: account_key.sign_payload(&umbra_proto::ended_login_signing_payload(
+            &raw.nonce,
+            &account_id,
+        )),
+    };
+    for device in [umbra_proto::DeviceId::FIRST, umbra_proto::DeviceId(2)] {
+        let mut raw = Raw::connect(&server).await;
+        let request = ask(&raw, device);
+        raw.expect_error(request, ErrorCode::BadSignature).await;
+    }
+
+    let revoke = Request::Revoke {
+        account_id: account_id.clone(),
+        signature: account_key.sign_payload(&umbra_proto::revoke_signing_payload(&account_id)),
+    };
+    assert_eq!(first.call(revoke).await, Ok(Reply::Done));
+    let mut raw = Raw::connect(&server).await;
+    let request = ask(&raw, umbra_proto::DeviceId(2));
+    raw.expect_error(request, ErrorCode::LineRevoked).await;
+}

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use rusqlite::Connection;
 use tracing::debug;
 use umbra_mls::DeviceSigner;
-use umbra_proto::{ErrorCode, IdentityKey, Push, Reply, Request, Signature, login_signing_payload};
+use umbra_proto::{
+    ErrorCode, IdentityKey, Push, Reply, Request, Signature, ended_login_signing_payload,
+    login_signing_payload,
+};
 
 use crate::error::{ClientError, Result};
 use crate::link::{Link, REQUEST_TIMEOUT};
@@ -130,21 +133,32 @@ impl Client {
             return Err(ClientError::ConnectionLost);
         };
         let account = &self.inner.account;
-        let login = |signer: &DeviceSigner| Request::Login {
+        let login = |signer: &DeviceSigner, payload: Vec<u8>| Request::Login {
             account_id: account.clone(),
             device: self.inner.device,
-            signature: signer.sign_payload(&login_signing_payload(&nonce, account)),
+            signature: signer.sign_payload(&payload),
         };
-        let reply = match link.request(login(&self.inner.signer)).await {
+        let reply = match link
+            .request(login(
+                &self.inner.signer,
+                login_signing_payload(&nonce, account),
+            ))
+            .await
+        {
             // A linked device that is not on its account's list any more:
-            // removed, or its line ended (and the devices with it). Only in
-            // the second case does the server take the account key for it,
-            // and then it shows the wipe command that ended it, if any.
+            // removed, or its line ended (and the devices with it). It asks
+            // with the account key, over a payload no login takes; only for
+            // an ended line does the server answer, with `LINE_REVOKED` and
+            // the wipe command that ended it, if any.
             Err(ClientError::Server {
                 code: ErrorCode::BadSignature,
                 ..
             }) if self.inner.account_signer.is_some() => {
-                link.request(login(self.account_signer())).await
+                link.request(login(
+                    self.account_signer(),
+                    ended_login_signing_payload(&nonce, account),
+                ))
+                .await
             }
             other => other,
         };

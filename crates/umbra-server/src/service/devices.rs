@@ -113,11 +113,10 @@ impl Services {
         device: DeviceId,
     ) -> Result<Option<IdentityKey>, ErrorReply> {
         if account.status == LineStatus::Revoked {
-            // Its devices went with it; the account key (device 1's, and
-            // held by every linked device) still proves a login as any of
-            // them, which is then told the line is gone, with the newest
-            // wipe command relayed for it, if any. No session follows.
-            return Ok(Some(account.identity_key));
+            // Its devices went with it; device 1's key (the account key)
+            // still proves a login, which is then told the line is gone
+            // (a linked device asks with `ended_login_signing_payload`).
+            return Ok((device == DeviceId::FIRST).then_some(account.identity_key));
         }
         // The store keeps the current devices as the log's entries are
         // appended: no replay of the log.
