@@ -1131,7 +1131,11 @@ async fn groups(cli: &Cli, out: &Out, command: &GroupsCommand) -> anyhow::Result
                         ),
                     };
                     let state = if conversation.active { "" } else { " (left)" };
-                    format!("{}  {what}{state}", conversation.id)
+                    let suite = conversation
+                        .suite
+                        .map(|suite| format!(", {}", suite.kind()))
+                        .unwrap_or_default();
+                    format!("{}  {what}{suite}{state}", conversation.id)
                 });
             }
         }

@@ -290,10 +290,15 @@ async fn two_people_talk_through_the_cli() {
     );
     let listed = ok(bob.path(), &["groups", "list"]).await;
     assert!(
-        listed
-            .iter()
-            .any(|g| g["id"] == group.as_str() && g["name"] == "Crew"),
-        "{listed:?}"
+        listed.iter().any(|g| g["id"] == group.as_str()
+            && g["name"] == "Crew"
+            && g["suite"] == "MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519"),
+        "new conversations are post-quantum: {listed:?}"
+    );
+    let text_list = text(bob.path(), &["groups", "list"]).await;
+    assert!(
+        text_list.contains("\u{201c}Crew\u{201d}, 3 members, post-quantum"),
+        "{text_list}"
     );
     let history = ok(alice.path(), &["history", b]).await;
     let bodies: Vec<&str> = history

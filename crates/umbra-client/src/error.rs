@@ -27,6 +27,14 @@ pub enum ClientError {
     Unreachable { address: String, reason: String },
     #[error("the connection to the server was lost")]
     ConnectionLost,
+    /// A request larger than one frame: nothing was sent. For a commit,
+    /// the group has grown past what one handshake can carry.
+    #[error(
+        "this request is {bytes} bytes and the server takes at most {limit} in one frame; \
+         nothing was sent (a group's commit, Welcome and GroupInfo grow with its members: \
+         a post-quantum group holds about 300 devices, a classical one about 1,200)"
+    )]
+    TooLarge { bytes: usize, limit: usize },
     #[error("not connected to the server")]
     NotConnected,
     #[error("the server did not answer within {0} seconds")]

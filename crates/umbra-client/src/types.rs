@@ -101,6 +101,21 @@ pub struct Conversation {
     /// The disappearing timer every member enforces, in seconds; 0 is off.
     pub disappear_after: u32,
     pub members: Vec<AccountId>,
+    /// The MLS ciphersuite the conversation uses (in JSON, its name, such
+    /// as MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519); None once this
+    /// device left it.
+    #[serde(serialize_with = "suite_name")]
+    pub suite: Option<umbra_mls::Suite>,
+}
+
+fn suite_name<S: serde::Serializer>(
+    suite: &Option<umbra_mls::Suite>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match suite {
+        Some(suite) => serializer.serialize_str(suite.name()),
+        None => serializer.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -415,7 +415,11 @@ async fn key_packages_are_replenished_when_they_run_low() {
     let config = umbra_server::Config::load(&server.data).unwrap();
     let store = umbra_server::open_store(&server.data, &config).unwrap();
     let stock = store
-        .key_package_stock(&hub.id(), umbra_proto::DeviceId::FIRST)
+        .key_package_stock(
+            &hub.id(),
+            umbra_proto::DeviceId::FIRST,
+            umbra_mls::Suite::default().code(),
+        )
         .await
         .unwrap();
     assert_eq!(

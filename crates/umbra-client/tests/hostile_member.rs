@@ -248,6 +248,7 @@ impl Mallory {
             .call(Request::FetchKeyPackage {
                 account_id: account.clone(),
                 device: umbra_proto::DeviceId::FIRST,
+                suites: vec![umbra_mls::Suite::default().code()],
             })
             .await
         {

@@ -183,6 +183,7 @@ async fn a_key_package_under_a_swapped_key_is_refused_and_the_pin_kept() {
         .add_key_packages(
             &bob.id(),
             umbra_proto::DeviceId::FIRST,
+            umbra_mls::Suite::default().code(),
             forged,
             Some(forger.key_package(&bob.id(), true)),
         )
@@ -254,7 +255,11 @@ async fn a_welcome_from_a_stranger_or_under_another_key_is_refused() {
     let forger = Forger::new(77);
     for inviter in [stranger.id(), bob.id()] {
         let (key_package, _) = store
-            .take_key_package(&alice.id(), umbra_proto::DeviceId::FIRST)
+            .take_key_package(
+                &alice.id(),
+                umbra_proto::DeviceId::FIRST,
+                umbra_mls::Suite::default().code(),
+            )
             .await
             .unwrap()
             .unwrap();
@@ -545,7 +550,11 @@ async fn a_verified_contact_under_a_new_key_in_a_group_gets_nothing_until_confir
     // group where "Bob" has a key of the operator's.
     let (data, address, store, _dir) = server.seize();
     let (alice_kp, _) = store
-        .take_key_package(&alice.id(), umbra_proto::DeviceId::FIRST)
+        .take_key_package(
+            &alice.id(),
+            umbra_proto::DeviceId::FIRST,
+            umbra_mls::Suite::default().code(),
+        )
         .await
         .unwrap()
         .unwrap();
@@ -704,6 +713,7 @@ async fn a_certified_package_in_place_of_a_first_devices_is_refused_and_nothing_
         .add_key_packages(
             &bob.id(),
             umbra_proto::DeviceId::FIRST,
+            umbra_mls::Suite::default().code(),
             vec![forger.device_key_package(&bob.id())],
             None,
         )

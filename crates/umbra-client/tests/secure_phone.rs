@@ -54,7 +54,11 @@ async fn remote_wipe_with_the_code_erases_the_device_and_ends_its_line() {
     assert_eq!(line.status, LineStatus::Revoked);
     assert_eq!(
         store
-            .take_key_package(&alice.id(), umbra_proto::DeviceId::FIRST)
+            .take_key_package(
+                &alice.id(),
+                umbra_proto::DeviceId::FIRST,
+                umbra_mls::Suite::default().code()
+            )
             .await
             .unwrap(),
         None

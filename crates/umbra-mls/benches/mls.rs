@@ -8,7 +8,10 @@
 //! `cargo bench -p umbra-mls --bench mls`; criterion compares each run with
 //! the last, so a regression shows as a change in these figures.
 //!
-//! Each group is built once per size and reused. Only three members hold
+//! Every figure is measured for both suites Umbra offers: the post-quantum
+//! default (`post-quantum/N`) and the classical one (`classical/N`).
+//!
+//! Each group is built once per suite and size and reused. Only three members hold
 //! real state (the creator, a sender and a receiver); the others contribute a
 //! KeyPackage made by their own signer and storage, and never join. As in
 //! Umbra, members are added by add-only commits, so the tree's parent nodes
@@ -26,11 +29,14 @@ use criterion::{
 };
 use rusqlite::Connection;
 use umbra_mls::{
-    Crypto, DeviceSigner, Group, GroupConfig, Incoming, Provider, PublicState, new_key_package,
+    Crypto, DeviceSigner, Group, GroupConfig, Incoming, Provider, PublicState, Suite,
+    new_key_package,
 };
 use umbra_proto::AccountId;
 
 const GROUP_SIZES: [usize; 3] = [2, 100, 1000];
+/// The post-quantum default and the classical fallback, side by side.
+const SUITES: [Suite; 2] = [Suite::MlKem768X25519Aes128GcmEd25519, Suite::CLASSICAL];
 /// Group sizes for the delivery service's cost per commit.
 const SERVER_GROUP_SIZES: [usize; 3] = [10, 100, 1000];
 /// Group sizes from which a benchmark is too slow for criterion's default
@@ -66,15 +72,9 @@ impl Device {
         Provider::new(&self.crypto, &self.db)
     }
 
-    fn key_package(&self) -> Vec<u8> {
-        new_key_package(
-            &self.provider(),
-            &self.signer,
-            &self.account,
-            Default::default(),
-            false,
-        )
-        .expect("creating a KeyPackage")
+    fn key_package(&self, suite: Suite) -> Vec<u8> {
+        new_key_package(&self.provider(), &self.signer, &self.account, suite, false)
+            .expect("creating a KeyPackage")
     }
 }
 
@@ -141,9 +141,12 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn build(size: usize) -> Fixture {
+    fn build(suite: Suite, size: usize) -> Fixture {
         assert!(size >= 2, "a fixture needs a sender and a receiver");
-        let config = GroupConfig::default();
+        let config = GroupConfig {
+            suite,
+            ..GroupConfig::default()
+        };
         let creator_device = Device::new(0);
         let mut group = Group::create(
             &creator_device.provider(),
@@ -161,7 +164,7 @@ impl Fixture {
         for batch in fillers.chunks(ADD_BATCH) {
             let key_packages: Vec<Vec<u8>> = batch
                 .iter()
-                .map(|&index| Device::new(index).key_package())
+                .map(|&index| Device::new(index).key_package(suite))
                 .collect();
             group
                 .add_members(
@@ -176,7 +179,10 @@ impl Fixture {
         }
 
         let joiners: Vec<Device> = (1..real_count).map(Device::new).collect();
-        let key_packages: Vec<Vec<u8>> = joiners.iter().map(Device::key_package).collect();
+        let key_packages: Vec<Vec<u8>> = joiners
+            .iter()
+            .map(|device| device.key_package(suite))
+            .collect();
         let added = group
             .add_members(
                 &creator_device.provider(),
@@ -227,32 +233,33 @@ impl Fixture {
     }
 }
 
-/// Fixtures by group size, built on first use so that a filtered run builds
-/// only the sizes it measures.
+/// Fixtures by suite (its number) and group size, built on first use so
+/// that a filtered run builds only what it measures.
 #[derive(Default)]
 struct Fixtures {
-    by_size: BTreeMap<usize, Fixture>,
+    by_size: BTreeMap<(u16, usize), Fixture>,
 }
 
 impl Fixtures {
-    /// The fixture for `size`, moved to a fresh epoch for a new benchmark.
-    fn fresh(&mut self, size: usize) -> &mut Fixture {
+    /// The fixture for `suite` and `size`, moved to a fresh epoch for a new
+    /// benchmark.
+    fn fresh(&mut self, suite: Suite, size: usize) -> &mut Fixture {
         let fixture = self
             .by_size
-            .entry(size)
-            .or_insert_with(|| Fixture::build(size));
+            .entry((suite.code(), size))
+            .or_insert_with(|| Fixture::build(suite, size));
         fixture.new_epoch();
         fixture
     }
 }
 
-/// Runs `routine` as the benchmark `group/size`, with the fixture made
-/// fresh once before criterion's first call (it calls the closure once per
-/// warm-up round and per sample).
+/// Runs `routine` as the benchmark `group/suite kind/size`, with the
+/// fixture made fresh once before criterion's first call (it calls the
+/// closure once per warm-up round and per sample).
 fn bench_size(
     group: &mut BenchmarkGroup<'_, WallTime>,
     fixtures: &mut Fixtures,
-    size: usize,
+    (suite, size): (Suite, usize),
     mut routine: impl FnMut(&mut criterion::Bencher<'_>, &mut Fixture),
 ) {
     if size >= LARGE_GROUP {
@@ -269,12 +276,15 @@ fn bench_size(
             .measurement_time(Duration::from_secs(3));
     }
     let mut fresh = false;
-    group.bench_function(BenchmarkId::from_parameter(size), |bencher| {
+    group.bench_function(BenchmarkId::new(suite.kind(), size), |bencher| {
         if !fresh {
-            fixtures.fresh(size);
+            fixtures.fresh(suite, size);
             fresh = true;
         }
-        let fixture = fixtures.by_size.get_mut(&size).expect("made fresh above");
+        let fixture = fixtures
+            .by_size
+            .get_mut(&(suite.code(), size))
+            .expect("made fresh above");
         routine(bencher, fixture);
     });
 }
@@ -282,8 +292,8 @@ fn bench_size(
 /// One member encrypts a 256-byte application message.
 fn encrypt(c: &mut Criterion, fixtures: &mut Fixtures) {
     let mut group = c.benchmark_group("encrypt");
-    for size in GROUP_SIZES {
-        bench_size(&mut group, fixtures, size, |bencher, fixture| {
+    for case in cases(&GROUP_SIZES) {
+        bench_size(&mut group, fixtures, case, |bencher, fixture| {
             let (sender, _, _) = fixture.roles();
             let provider = sender.device.provider();
             bencher.iter(|| {
@@ -301,8 +311,8 @@ fn encrypt(c: &mut Criterion, fixtures: &mut Fixtures) {
 /// outside the timing.
 fn decrypt(c: &mut Criterion, fixtures: &mut Fixtures) {
     let mut group = c.benchmark_group("decrypt");
-    for size in GROUP_SIZES {
-        bench_size(&mut group, fixtures, size, |bencher, fixture| {
+    for case in cases(&GROUP_SIZES) {
+        bench_size(&mut group, fixtures, case, |bencher, fixture| {
             let (sender, receiver, _) = fixture.roles();
             let sender_provider = sender.device.provider();
             let receiver_provider = receiver.device.provider();
@@ -332,8 +342,8 @@ fn decrypt(c: &mut Criterion, fixtures: &mut Fixtures) {
 /// timed.
 fn commit_create(c: &mut Criterion, fixtures: &mut Fixtures) {
     let mut group = c.benchmark_group("commit_create");
-    for size in GROUP_SIZES {
-        bench_size(&mut group, fixtures, size, |bencher, fixture| {
+    for case in cases(&GROUP_SIZES) {
+        bench_size(&mut group, fixtures, case, |bencher, fixture| {
             let creator = &mut fixture.creator;
             let provider = creator.device.provider();
             bencher.iter_custom(|iterations| {
@@ -364,8 +374,8 @@ fn commit_create(c: &mut Criterion, fixtures: &mut Fixtures) {
 /// processes the commits in the order they were made.
 fn commit_process(c: &mut Criterion, fixtures: &mut Fixtures) {
     let mut group = c.benchmark_group("commit_process");
-    for size in GROUP_SIZES {
-        bench_size(&mut group, fixtures, size, |bencher, fixture| {
+    for case in cases(&GROUP_SIZES) {
+        bench_size(&mut group, fixtures, case, |bencher, fixture| {
             let (sender, receiver, mut bystander) = fixture.roles();
             let receiver_provider = receiver.device.provider();
             bencher.iter_batched(
@@ -396,8 +406,8 @@ fn commit_process(c: &mut Criterion, fixtures: &mut Fixtures) {
 fn commit_validate(c: &mut Criterion, fixtures: &mut Fixtures) {
     for (name, full) in [("commit_validate", true), ("commit_header", false)] {
         let mut group = c.benchmark_group(name);
-        for size in SERVER_GROUP_SIZES {
-            bench_size(&mut group, fixtures, size, |bencher, fixture| {
+        for case in cases(&SERVER_GROUP_SIZES) {
+            bench_size(&mut group, fixtures, case, |bencher, fixture| {
                 let (sender, receiver, mut bystander) = fixture.roles();
                 let sender_provider = sender.device.provider();
                 let group_id = sender.group.id();
@@ -439,6 +449,13 @@ fn commit_validate(c: &mut Criterion, fixtures: &mut Fixtures) {
         }
         group.finish();
     }
+}
+
+/// Every suite at every one of `sizes`.
+fn cases(sizes: &[usize]) -> impl Iterator<Item = (Suite, usize)> + '_ {
+    SUITES
+        .into_iter()
+        .flat_map(move |suite| sizes.iter().map(move |&size| (suite, size)))
 }
 
 fn mls(c: &mut Criterion) {

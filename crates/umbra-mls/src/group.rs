@@ -198,6 +198,7 @@ pub(crate) fn leaf_member(leaf: &LeafNode) -> std::result::Result<MemberInfo, St
 /// must be listed in its leaf's capabilities).
 fn capabilities() -> Capabilities {
     Capabilities::builder()
+        .ciphersuites(Suite::ALL.map(Suite::ciphersuite).to_vec())
         .extensions(vec![
             ExtensionType::LastResort,
             ExtensionType::Unknown(DISAPPEARING_EXTENSION),

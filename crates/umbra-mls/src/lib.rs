@@ -47,23 +47,43 @@ use std::str::FromStr;
 
 use openmls::prelude::Ciphersuite;
 
-/// The MLS ciphersuites Umbra offers. Both use Ed25519 signatures, because a
+/// The MLS ciphersuites Umbra offers. All use Ed25519 signatures, because a
 /// device's MLS signature key is its Ed25519 identity key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum Suite {
-    /// MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519 (the default).
+    /// MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519 (the default for
+    /// new conversations): the hybrid X-Wing KEM, ML-KEM-768 with X25519,
+    /// so what is captured today stays closed to a quantum computer unless
+    /// both fall.
     #[default]
+    MlKem768X25519Aes128GcmEd25519,
+    /// MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519 (classical; the
+    /// fallback for a group one of whose devices offers no hybrid
+    /// KeyPackage).
     X25519ChaCha20Ed25519,
-    /// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519.
+    /// MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519 (classical).
     X25519Aes128GcmEd25519,
 }
 
 impl Suite {
-    pub const ALL: [Suite; 2] = [Suite::X25519ChaCha20Ed25519, Suite::X25519Aes128GcmEd25519];
+    /// Every suite, most preferred first.
+    pub const ALL: [Suite; 3] = [
+        Suite::MlKem768X25519Aes128GcmEd25519,
+        Suite::X25519ChaCha20Ed25519,
+        Suite::X25519Aes128GcmEd25519,
+    ];
+
+    /// The classical suite a conversation falls back to when one of its
+    /// devices offers no post-quantum KeyPackage (and the one the protocol
+    /// assumes where a request names no suite).
+    pub const CLASSICAL: Suite = Suite::X25519ChaCha20Ed25519;
 
     pub(crate) fn ciphersuite(self) -> Ciphersuite {
         match self {
+            Suite::MlKem768X25519Aes128GcmEd25519 => {
+                Ciphersuite::MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519
+            }
             Suite::X25519ChaCha20Ed25519 => {
                 Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519
             }
@@ -79,9 +99,36 @@ impl Suite {
             .find(|suite| suite.ciphersuite() == ciphersuite)
     }
 
-    /// The RFC 9420 name.
+    /// The suite's number in the MLS registry (what the protocol sends).
+    pub fn code(self) -> u16 {
+        u16::from(self.ciphersuite())
+    }
+
+    /// The suite with registry number `code`, if Umbra offers it.
+    pub fn from_code(code: u16) -> Option<Suite> {
+        Suite::ALL.into_iter().find(|suite| suite.code() == code)
+    }
+
+    /// Whether the suite's key exchange resists a quantum computer.
+    pub fn is_post_quantum(self) -> bool {
+        matches!(self, Suite::MlKem768X25519Aes128GcmEd25519)
+    }
+
+    /// A short label for people: "post-quantum" or "classical".
+    pub fn kind(self) -> &'static str {
+        if self.is_post_quantum() {
+            "post-quantum"
+        } else {
+            "classical"
+        }
+    }
+
+    /// The RFC 9420 (or draft) name.
     pub fn name(self) -> &'static str {
         match self {
+            Suite::MlKem768X25519Aes128GcmEd25519 => {
+                "MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519"
+            }
             Suite::X25519ChaCha20Ed25519 => "MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519",
             Suite::X25519Aes128GcmEd25519 => "MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519",
         }

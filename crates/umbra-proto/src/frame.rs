@@ -24,6 +24,12 @@ pub const MAX_CODE_DAYS: u32 = 3650;
 pub const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 100;
 /// Largest single KeyPackage accepted, in bytes.
 pub const MAX_KEY_PACKAGE_BYTES: usize = 16 * 1024;
+/// The MLS ciphersuite a request that names none means, and the one whose
+/// stock `LoggedIn`'s first fields count: 3,
+/// MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519.
+pub const CLASSICAL_SUITE: u16 = 0x0003;
+/// Most ciphersuites one FetchKeyPackage may name.
+pub const MAX_SUITES_PER_FETCH: usize = 8;
 /// Most delivery IDs in one Ack.
 pub const MAX_ACK_IDS: usize = 1024;
 /// Flow control of pushes: a server has at most this many deliveries
@@ -33,6 +39,16 @@ pub const PUSH_WINDOW_DELIVERIES: usize = 1024;
 /// one delivery, however large). A device may drop a connection on which
 /// the server exceeds either, so what it holds unapplied stays bounded.
 pub const PUSH_WINDOW_BYTES: usize = 8 << 20;
+
+/// How many KeyPackages of one ciphersuite a device has at the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuiteStock {
+    /// The MLS ciphersuite number.
+    pub suite: u16,
+    /// One-time KeyPackages waiting.
+    pub remaining: u32,
+    pub has_last_resort: bool,
+}
 
 /// One request from a device, with the id its response will carry.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,10 +88,13 @@ pub enum Request {
         last_resort: Option<Vec<u8>>,
     },
     /// One KeyPackage of `device` of `account_id` (a current device in
-    /// the account's log; absent on the wire: device 1).
+    /// the account's log; absent on the wire: device 1), of the first of
+    /// `suites` (MLS ciphersuite numbers, most wanted first; absent on the
+    /// wire: [`CLASSICAL_SUITE`]) the device has one of.
     FetchKeyPackage {
         account_id: AccountId,
         device: DeviceId,
+        suites: Vec<u16>,
     },
     /// The current GroupInfo of a group this account is a member of, to
     /// rejoin it by external commit.
@@ -219,9 +238,14 @@ pub enum Reply {
         key_packages_remaining: u32,
         has_last_resort: bool,
         key_package_low_water: u32,
+        /// The device's stock for every ciphersuite the server takes
+        /// (the two fields above repeat [`CLASSICAL_SUITE`]'s).
+        stocks: Vec<SuiteStock>,
     },
+    /// The uploaded suite's one-time stock after an upload.
     KeyPackageCount {
         remaining: u32,
+        suite: u16,
     },
     KeyPackage {
         key_package: Vec<u8>,
@@ -351,6 +375,31 @@ fn key_package(field: &'static str, bytes: Vec<u8>) -> Result<Vec<u8>, DecodeErr
     Ok(bytes)
 }
 
+/// An MLS ciphersuite number (RFC 9420's registry is 16 bits wide).
+fn suite(field: &'static str, value: u32) -> Result<u16, DecodeError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|&suite| suite != 0)
+        .ok_or_else(|| DecodeError::invalid(field, format!("{value} is no ciphersuite")))
+}
+
+/// A fetch's suites, most wanted first: none named means the classical one.
+fn suites(values: Vec<u32>) -> Result<Vec<u16>, DecodeError> {
+    if values.len() > MAX_SUITES_PER_FETCH {
+        return Err(DecodeError::invalid(
+            "suites",
+            format!("at most {MAX_SUITES_PER_FETCH}"),
+        ));
+    }
+    if values.is_empty() {
+        return Ok(vec![CLASSICAL_SUITE]);
+    }
+    values
+        .into_iter()
+        .map(|value| suite("suites", value))
+        .collect()
+}
+
 fn delivery_kind(field: &'static str, value: i32) -> Result<DeliveryKind, DecodeError> {
     match DeliveryKind::try_from(value) {
         Ok(DeliveryKind::Unspecified) | Err(_) => Err(DecodeError::invalid(
@@ -418,6 +467,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
         client_frame::Request::FetchKeyPackage(r) => Request::FetchKeyPackage {
             account_id: account("account_id", &r.account_id)?,
             device: DeviceId(r.device.max(1)),
+            suites: suites(r.suites)?,
         },
         client_frame::Request::SendContactRequest(r) => Request::SendContactRequest {
             to: account("account_id", &r.account_id)?,
@@ -577,12 +627,15 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             key_packages: key_packages.clone(),
             last_resort: last_resort.clone().unwrap_or_default(),
         }),
-        Request::FetchKeyPackage { account_id, device } => {
-            client_frame::Request::FetchKeyPackage(wire::FetchKeyPackage {
-                account_id: account_id.to_string(),
-                device: device.0,
-            })
-        }
+        Request::FetchKeyPackage {
+            account_id,
+            device,
+            suites,
+        } => client_frame::Request::FetchKeyPackage(wire::FetchKeyPackage {
+            account_id: account_id.to_string(),
+            device: device.0,
+            suites: suites.iter().map(|&suite| u32::from(suite)).collect(),
+        }),
         Request::SendContactRequest { to } => {
             client_frame::Request::SendContactRequest(wire::SendContactRequest {
                 account_id: to.to_string(),
@@ -743,15 +796,25 @@ pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
                     key_packages_remaining,
                     has_last_resort,
                     key_package_low_water,
+                    stocks,
                 }) => response::Result::LoggedIn(wire::LoggedIn {
                     subscription_expires_at: *subscription_expires_at,
                     key_packages_remaining: *key_packages_remaining,
                     has_last_resort: *has_last_resort,
                     key_package_low_water: *key_package_low_water,
+                    stocks: stocks
+                        .iter()
+                        .map(|stock| wire::SuiteStock {
+                            suite: u32::from(stock.suite),
+                            remaining: stock.remaining,
+                            has_last_resort: stock.has_last_resort,
+                        })
+                        .collect(),
                 }),
-                Ok(Reply::KeyPackageCount { remaining }) => {
+                Ok(Reply::KeyPackageCount { remaining, suite }) => {
                     response::Result::KeyPackageCount(wire::KeyPackageCount {
                         remaining: *remaining,
+                        suite: u32::from(*suite),
                     })
                 }
                 Ok(Reply::KeyPackage {
@@ -879,9 +942,25 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
                     key_packages_remaining: x.key_packages_remaining,
                     has_last_resort: x.has_last_resort,
                     key_package_low_water: x.key_package_low_water,
+                    stocks: x
+                        .stocks
+                        .into_iter()
+                        .map(|stock| {
+                            Ok(SuiteStock {
+                                suite: suite("stocks", stock.suite)?,
+                                remaining: stock.remaining,
+                                has_last_resort: stock.has_last_resort,
+                            })
+                        })
+                        .collect::<Result<_, DecodeError>>()?,
                 }),
                 response::Result::KeyPackageCount(x) => Ok(Reply::KeyPackageCount {
                     remaining: x.remaining,
+                    suite: if x.suite == 0 {
+                        CLASSICAL_SUITE
+                    } else {
+                        suite("suite", x.suite)?
+                    },
                 }),
                 response::Result::KeyPackage(x) => Ok(Reply::KeyPackage {
                     key_package: key_package("key_package", x.key_package)?,
@@ -1001,6 +1080,7 @@ mod tests {
             Request::FetchKeyPackage {
                 account_id: alice(),
                 device: DeviceId(3),
+                suites: vec![0x004F, CLASSICAL_SUITE],
             },
             Request::Ack {
                 delivery_ids: vec![1, 2, 3],
@@ -1065,6 +1145,7 @@ mod tests {
                 wire::FetchKeyPackage {
                     account_id: "nope".into(),
                     device: 0,
+                    suites: Vec::new(),
                 },
             )),
         };

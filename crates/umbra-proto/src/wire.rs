@@ -197,6 +197,9 @@ pub struct FetchKeyPackage {
     pub account_id: String,
     #[prost(uint32, tag = "2")]
     pub device: u32,
+    /// MLS ciphersuites the fetcher takes, most wanted first (empty: 3).
+    #[prost(uint32, repeated, tag = "3")]
+    pub suites: Vec<u32>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -511,12 +514,28 @@ pub struct LoggedIn {
     pub has_last_resort: bool,
     #[prost(uint32, tag = "4")]
     pub key_package_low_water: u32,
+    /// The device's stock per ciphersuite (fields 2 and 3 are suite 3's).
+    #[prost(message, repeated, tag = "5")]
+    pub stocks: Vec<SuiteStock>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SuiteStock {
+    #[prost(uint32, tag = "1")]
+    pub suite: u32,
+    #[prost(uint32, tag = "2")]
+    pub remaining: u32,
+    #[prost(bool, tag = "3")]
+    pub has_last_resort: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct KeyPackageCount {
     #[prost(uint32, tag = "1")]
     pub remaining: u32,
+    /// The ciphersuite the upload was of, whose stock `remaining` counts.
+    #[prost(uint32, tag = "2")]
+    pub suite: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

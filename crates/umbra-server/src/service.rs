@@ -372,11 +372,23 @@ impl Services {
                 {
                     debug!(%error, "recording the login day failed");
                 }
-                let stock = self
-                    .store
-                    .key_package_stock(&account_id, device)
-                    .await
-                    .map_err(internal)?;
+                let mut stocks = Vec::with_capacity(umbra_mls::Suite::ALL.len());
+                for suite in umbra_mls::Suite::ALL {
+                    let stock = self
+                        .store
+                        .key_package_stock(&account_id, device, suite.code())
+                        .await
+                        .map_err(internal)?;
+                    stocks.push(umbra_proto::SuiteStock {
+                        suite: suite.code(),
+                        remaining: stock.one_time,
+                        has_last_resort: stock.has_last_resort,
+                    });
+                }
+                let classical = stocks
+                    .iter()
+                    .find(|stock| stock.suite == umbra_proto::CLASSICAL_SUITE)
+                    .copied();
                 debug!(account = %account_id, "logged in");
                 *session = Session::Authenticated {
                     account: account_id,
@@ -384,9 +396,10 @@ impl Services {
                 };
                 Ok(Reply::LoggedIn {
                     subscription_expires_at: account.subscription_expires_at,
-                    key_packages_remaining: stock.one_time,
-                    has_last_resort: stock.has_last_resort,
+                    key_packages_remaining: classical.map_or(0, |stock| stock.remaining),
+                    has_last_resort: classical.is_some_and(|stock| stock.has_last_resort),
                     key_package_low_water: self.limits.config.key_package_low_water,
+                    stocks,
                 })
             }
             (Session::Authenticated { .. }, Request::Register { .. } | Request::Login { .. }) => {
@@ -506,6 +519,7 @@ impl Services {
             Request::FetchKeyPackage {
                 account_id,
                 device: of,
+                suites,
             } => {
                 self.require_active(me).await?;
                 // Its own account's other devices (to add them to its
@@ -534,28 +548,33 @@ impl Services {
                         format!("device {of} is not one of {account_id}'s current devices"),
                     ));
                 }
-                match self
-                    .store
-                    .take_key_package(&account_id, of)
-                    .await
-                    .map_err(internal)?
-                {
-                    Some((key_package, last_resort)) => {
+                // The first suite asked for that the device has a package
+                // of (one this server does not take has none).
+                for suite in suites {
+                    if umbra_mls::Suite::from_code(suite).is_none() {
+                        continue;
+                    }
+                    let taken = self
+                        .store
+                        .take_key_package(&account_id, of, suite)
+                        .await
+                        .map_err(internal)?;
+                    if let Some((key_package, last_resort)) = taken {
                         if !last_resort {
-                            self.warn_if_low(&account_id, of).await?;
+                            self.warn_if_low(&account_id, of, suite).await?;
                         }
-                        Ok(Reply::KeyPackage {
+                        return Ok(Reply::KeyPackage {
                             key_package,
                             last_resort,
-                        })
+                        });
                     }
-                    None => Err(refuse(
-                        ErrorCode::NoKeyPackage,
-                        format!(
-                            "{account_id} has no KeyPackage available; ask them to come online"
-                        ),
-                    )),
                 }
+                Err(refuse(
+                    ErrorCode::NoKeyPackage,
+                    format!(
+                        "{account_id} has no KeyPackage of the suites asked for; ask them to come online"
+                    ),
+                ))
             }
             Request::SendContactRequest { to } => {
                 self.require_active(me).await?;
@@ -784,13 +803,20 @@ impl Services {
     }
 
     /// Tells a device, through its mailbox, that its one-time KeyPackages
-    /// ran below the low-water mark: once as a fetch takes the stock across
-    /// the mark and once more as a fetch takes the last one; fetches served
-    /// by the last-resort package tell nothing (the caller checks).
-    async fn warn_if_low(&self, account: &AccountId, device: DeviceId) -> Result<(), ErrorReply> {
+    /// of `suite` ran below the low-water mark: once as a fetch takes the
+    /// stock across the mark and once more as a fetch takes the last one;
+    /// fetches served by the last-resort package tell nothing (the caller
+    /// checks). The notice's payload is the suite's number (2 bytes, big
+    /// endian).
+    async fn warn_if_low(
+        &self,
+        account: &AccountId,
+        device: DeviceId,
+        suite: u16,
+    ) -> Result<(), ErrorReply> {
         let stock = self
             .store
-            .key_package_stock(account, device)
+            .key_package_stock(account, device, suite)
             .await
             .map_err(internal)?;
         let mark = self.limits.config.key_package_low_water;
@@ -802,7 +828,7 @@ impl Services {
                 sender: account.clone(),
                 kind: DeliveryKind::KeyPackagesLow,
                 group_id: None,
-                payload: Vec::new(),
+                payload: suite.to_be_bytes().to_vec(),
             };
             let stored = self
                 .store
@@ -823,28 +849,15 @@ impl Services {
         last_resort: Option<Vec<u8>>,
     ) -> Outcome {
         let account = self.live_account(me).await?;
-        let limit = self.limits.config.max_key_packages;
-        let stock = self
-            .store
-            .key_package_stock(me, device)
-            .await
-            .map_err(internal)?;
-        if u64::from(stock.one_time) + key_packages.len() as u64 > u64::from(limit) {
-            return Err(refuse(
-                ErrorCode::QuotaExceeded,
-                format!(
-                    "at most {limit} one-time KeyPackages of one device may wait at the server ({} do)",
-                    stock.one_time
-                ),
-            ));
-        }
         // The session's device was current when it logged in; a removal
         // since ends the session, so a missing key here is that race.
         let device_key = self
             .device_key(&account, device)
             .await?
             .ok_or_else(|| refuse(ErrorCode::DeviceRemoved, "this device was removed"))?;
-        let check = |bytes: &[u8], want_last_resort: bool| -> Result<(), ErrorReply> {
+        let check = |bytes: &[u8],
+                     want_last_resort: bool|
+         -> Result<umbra_mls::Suite, ErrorReply> {
             let valid = umbra_mls::validate_key_package(bytes)
                 .map_err(|e| refuse(ErrorCode::InvalidKeyPackage, e.to_string()))?;
             if valid.account != *me || valid.identity_key != device_key {
@@ -889,21 +902,48 @@ impl Services {
                     },
                 ));
             }
-            Ok(())
+            Ok(valid.suite)
         };
-        for key_package in &key_packages {
-            check(key_package, false)?;
+        // One upload is one suite's: the stock, its cap and the last-resort
+        // slot are per suite (an empty upload asks for suite 3's count).
+        let mut suite = None;
+        for (key_package, want_last_resort) in key_packages
+            .iter()
+            .map(|kp| (kp, false))
+            .chain(last_resort.iter().map(|kp| (kp, true)))
+        {
+            let this = check(key_package, want_last_resort)?;
+            if *suite.get_or_insert(this) != this {
+                return Err(refuse(
+                    ErrorCode::InvalidKeyPackage,
+                    "the KeyPackages of one upload must all be of one ciphersuite",
+                ));
+            }
         }
-        if let Some(key_package) = &last_resort {
-            check(key_package, true)?;
+        let suite = suite.map_or(umbra_proto::CLASSICAL_SUITE, umbra_mls::Suite::code);
+        let limit = self.limits.config.max_key_packages;
+        let stock = self
+            .store
+            .key_package_stock(me, device, suite)
+            .await
+            .map_err(internal)?;
+        if u64::from(stock.one_time) + key_packages.len() as u64 > u64::from(limit) {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "at most {limit} one-time KeyPackages of one device and suite may wait at the server ({} do)",
+                    stock.one_time
+                ),
+            ));
         }
         let stock = self
             .store
-            .add_key_packages(me, device, key_packages, last_resort)
+            .add_key_packages(me, device, suite, key_packages, last_resort)
             .await
             .map_err(internal)?;
         Ok(Reply::KeyPackageCount {
             remaining: stock.one_time,
+            suite,
         })
     }
 }

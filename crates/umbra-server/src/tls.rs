@@ -57,12 +57,14 @@ pub fn fingerprint(cert: &Path) -> Result<CertFingerprint, TlsError> {
     Ok(CertFingerprint::of_der(&der))
 }
 
-/// A rustls server configuration (TLS 1.3 only, ring provider).
+/// A rustls server configuration: TLS 1.3 only, with aws-lc-rs's provider,
+/// which prefers the hybrid post-quantum key exchange X25519MLKEM768 and
+/// takes X25519 alone from a client that lacks it.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain = vec![CertificateDer::from_pem_file(cert).map_err(|e| read_error(cert, e))?];
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| read_error(key, e))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])
     .map_err(|e| TlsError::Config(e.to_string()))?

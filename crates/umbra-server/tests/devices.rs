@@ -426,14 +426,20 @@ async fn key_packages_are_per_device_and_a_removed_devices_are_withdrawn() {
         second
             .call(upload(two.to_vec(), Some(package(&d2, true))))
             .await,
-        Ok(Reply::KeyPackageCount { remaining: 2 })
+        Ok(Reply::KeyPackageCount {
+            remaining: 2,
+            suite: umbra_mls::Suite::default().code()
+        })
     );
     assert_eq!(
         alice
             .raw
             .call(upload(vec![package(&alice.key, false)], None))
             .await,
-        Ok(Reply::KeyPackageCount { remaining: 1 }),
+        Ok(Reply::KeyPackageCount {
+            remaining: 1,
+            suite: umbra_mls::Suite::default().code()
+        }),
         "device 1's stock is its own"
     );
 
@@ -441,6 +447,7 @@ async fn key_packages_are_per_device_and_a_removed_devices_are_withdrawn() {
     let fetch = |device| Request::FetchKeyPackage {
         account_id: id.clone(),
         device,
+        suites: vec![umbra_mls::Suite::default().code()],
     };
     let key_of = |reply: Result<Reply, umbra_proto::ErrorReply>| match reply {
         Ok(Reply::KeyPackage { key_package, .. }) => {
@@ -473,9 +480,14 @@ async fn key_packages_are_per_device_and_a_removed_devices_are_withdrawn() {
         .await;
     let store =
         umbra_store::sqlite::SqliteStore::open(&server.data.path().join("umbra.db")).unwrap();
-    let stock = umbra_store::KeyPackages::key_package_stock(&store, &id, DeviceId(2))
-        .await
-        .unwrap();
+    let stock = umbra_store::KeyPackages::key_package_stock(
+        &store,
+        &id,
+        DeviceId(2),
+        umbra_mls::Suite::default().code(),
+    )
+    .await
+    .unwrap();
     assert_eq!((stock.one_time, stock.has_last_resort), (0, false));
     alice.raw.alive().await;
 }
@@ -519,7 +531,7 @@ async fn groups_take_leaves_of_current_devices_only() {
                 last_resort: None,
             })
             .await,
-        Ok(Reply::KeyPackageCount { remaining: 2 })
+        Ok(Reply::KeyPackageCount { remaining: 2, .. })
     ));
 
     // Device 2 creates a group under its own key and certificate (not
@@ -545,6 +557,7 @@ async fn groups_take_leaves_of_current_devices_only() {
     let fetch = Request::FetchKeyPackage {
         account_id: id.clone(),
         device: DeviceId(2),
+        suites: vec![umbra_mls::Suite::default().code()],
     };
     let mut fetched = Vec::new();
     for _ in 0..2 {

@@ -111,6 +111,7 @@ async fn authentication_refusals() {
         Request::FetchKeyPackage {
             account_id: AccountId::parse("AAAAAAAA").unwrap(),
             device: umbra_proto::DeviceId::FIRST,
+            suites: vec![umbra_mls::Suite::default().code()],
         },
         ErrorCode::NotAuthenticated,
     )

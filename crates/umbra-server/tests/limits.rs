@@ -248,7 +248,7 @@ async fn per_account_quotas_for_key_packages_groups_and_contact_requests() {
     };
     assert!(matches!(
         raw.call(upload(key_packages(3))).await,
-        Ok(Reply::KeyPackageCount { remaining: 3 })
+        Ok(Reply::KeyPackageCount { remaining: 3, .. })
     ));
     let message = raw
         .expect_error(upload(key_packages(1)), ErrorCode::QuotaExceeded)
@@ -263,7 +263,7 @@ async fn per_account_quotas_for_key_packages_groups_and_contact_requests() {
             last_resort: Some(last_resort),
         })
         .await,
-        Ok(Reply::KeyPackageCount { remaining: 3 })
+        Ok(Reply::KeyPackageCount { remaining: 3, .. })
     ));
 
     let create = || {
@@ -383,6 +383,7 @@ async fn the_largest_accepted_message_reaches_an_online_and_an_offline_recipient
         .call(Request::FetchKeyPackage {
             account_id: bob.account.clone(),
             device: umbra_proto::DeviceId::FIRST,
+            suites: vec![umbra_mls::Suite::default().code()],
         })
         .await
     {

@@ -18,6 +18,10 @@ use crate::{
 
 const NOW: u64 = 1_800_000_000;
 const TTL: u64 = 7 * DAY;
+/// The classical MLS suite (3) and the post-quantum one (0x004F), as the
+/// server files KeyPackages under them.
+const C: u16 = 0x0003;
+const PQ: u16 = 0x004F;
 
 /// Runs every check, each against a fresh store from `make`.
 pub async fn run_all<S, F, Fut>(make: F)
@@ -29,6 +33,7 @@ where
     registration(&make().await).await;
     key_packages(&make().await).await;
     key_packages_per_device(&make().await).await;
+    key_packages_per_suite(&make().await).await;
     contacts(&make().await).await;
     commits_one_per_epoch(&make().await).await;
     commit_hashes_are_swept(&make().await).await;
@@ -177,19 +182,20 @@ async fn registration(store: &impl Store) {
 async fn key_packages(store: &impl Store) {
     let alice = registered(store, "AAAAAAAA", 1).await;
     let one = DeviceId::FIRST;
-    assert_eq!(store.take_key_package(&alice, one).await.unwrap(), None);
+    assert_eq!(store.take_key_package(&alice, one, C).await.unwrap(), None);
     let stock = store
         .add_key_packages(
             &alice,
             one,
+            C,
             vec![b"kp1".to_vec(), b"kp2".to_vec()],
             Some(b"last".to_vec()),
         )
         .await
         .unwrap();
     assert_eq!((stock.one_time, stock.has_last_resort), (2, true));
-    let first = store.take_key_package(&alice, one).await.unwrap();
-    let second = store.take_key_package(&alice, one).await.unwrap();
+    let first = store.take_key_package(&alice, one, C).await.unwrap();
+    let second = store.take_key_package(&alice, one, C).await.unwrap();
     assert_eq!(first, Some((b"kp1".to_vec(), false)), "oldest first");
     assert_eq!(
         second,
@@ -198,20 +204,88 @@ async fn key_packages(store: &impl Store) {
     );
     for _ in 0..2 {
         assert_eq!(
-            store.take_key_package(&alice, one).await.unwrap(),
+            store.take_key_package(&alice, one, C).await.unwrap(),
             Some((b"last".to_vec(), true)),
             "the last-resort package stays"
         );
     }
     let stock = store
-        .add_key_packages(&alice, one, vec![], Some(b"newer".to_vec()))
+        .add_key_packages(&alice, one, C, vec![], Some(b"newer".to_vec()))
         .await
         .unwrap();
     assert_eq!((stock.one_time, stock.has_last_resort), (0, true));
     assert_eq!(
-        store.take_key_package(&alice, one).await.unwrap(),
+        store.take_key_package(&alice, one, C).await.unwrap(),
         Some((b"newer".to_vec(), true)),
         "uploading a last-resort package replaces the old one"
+    );
+}
+
+async fn key_packages_per_suite(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let one = DeviceId::FIRST;
+    store
+        .add_key_packages(
+            &alice,
+            one,
+            C,
+            vec![b"c-a".to_vec()],
+            Some(b"c-last".to_vec()),
+        )
+        .await
+        .unwrap();
+    let stock = store
+        .add_key_packages(
+            &alice,
+            one,
+            PQ,
+            vec![b"pq-a".to_vec(), b"pq-b".to_vec()],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (stock.one_time, stock.has_last_resort),
+        (2, false),
+        "a suite's stock counts its own packages only"
+    );
+    let stock = store.key_package_stock(&alice, one, C).await.unwrap();
+    assert_eq!((stock.one_time, stock.has_last_resort), (1, true));
+    assert_eq!(
+        store.take_key_package(&alice, one, PQ).await.unwrap(),
+        Some((b"pq-a".to_vec(), false)),
+        "a fetch of one suite hands out that suite's, though the other's is older"
+    );
+    assert_eq!(
+        store.take_key_package(&alice, one, PQ).await.unwrap(),
+        Some((b"pq-b".to_vec(), false))
+    );
+    assert_eq!(
+        store.take_key_package(&alice, one, PQ).await.unwrap(),
+        None,
+        "one suite's last resort is not another's"
+    );
+    store
+        .add_key_packages(&alice, one, PQ, vec![], Some(b"pq-last".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.take_key_package(&alice, one, PQ).await.unwrap(),
+        Some((b"pq-last".to_vec(), true))
+    );
+    assert_eq!(
+        store.take_key_package(&alice, one, C).await.unwrap(),
+        Some((b"c-a".to_vec(), false))
+    );
+    assert_eq!(
+        store.take_key_package(&alice, one, C).await.unwrap(),
+        Some((b"c-last".to_vec(), true)),
+        "a last-resort package of one suite leaves the other's in place"
+    );
+    assert_eq!(
+        store.withdraw_key_packages(&alice, one).await.unwrap(),
+        2,
+        "withdrawing takes every suite's"
     );
 }
 
@@ -222,6 +296,7 @@ async fn key_packages_per_device(store: &impl Store) {
         .add_key_packages(
             &alice,
             one,
+            C,
             vec![b"one-a".to_vec()],
             Some(b"one-last".to_vec()),
         )
@@ -231,6 +306,7 @@ async fn key_packages_per_device(store: &impl Store) {
         .add_key_packages(
             &alice,
             two,
+            C,
             vec![b"two-a".to_vec(), b"two-b".to_vec()],
             Some(b"two-last".to_vec()),
         )
@@ -241,19 +317,19 @@ async fn key_packages_per_device(store: &impl Store) {
         (2, true),
         "a device's stock counts its own packages only"
     );
-    let stock = store.key_package_stock(&alice, one).await.unwrap();
+    let stock = store.key_package_stock(&alice, one, C).await.unwrap();
     assert_eq!((stock.one_time, stock.has_last_resort), (1, true));
     assert_eq!(
-        store.take_key_package(&alice, two).await.unwrap(),
+        store.take_key_package(&alice, two, C).await.unwrap(),
         Some((b"two-a".to_vec(), false)),
         "each device hands out its own"
     );
     assert_eq!(
-        store.take_key_package(&alice, one).await.unwrap(),
+        store.take_key_package(&alice, one, C).await.unwrap(),
         Some((b"one-a".to_vec(), false))
     );
     assert_eq!(
-        store.take_key_package(&alice, one).await.unwrap(),
+        store.take_key_package(&alice, one, C).await.unwrap(),
         Some((b"one-last".to_vec(), true)),
         "one device's last resort is not another's"
     );
@@ -262,11 +338,11 @@ async fn key_packages_per_device(store: &impl Store) {
         2,
         "one one-time package and the last-resort one"
     );
-    assert_eq!(store.take_key_package(&alice, two).await.unwrap(), None);
-    let stock = store.key_package_stock(&alice, two).await.unwrap();
+    assert_eq!(store.take_key_package(&alice, two, C).await.unwrap(), None);
+    let stock = store.key_package_stock(&alice, two, C).await.unwrap();
     assert_eq!((stock.one_time, stock.has_last_resort), (0, false));
     assert_eq!(
-        store.take_key_package(&alice, one).await.unwrap(),
+        store.take_key_package(&alice, one, C).await.unwrap(),
         Some((b"one-last".to_vec(), true)),
         "withdrawing one device's packages leaves the others'"
     );
@@ -848,6 +924,7 @@ async fn revocation(store: &impl Store) {
         .add_key_packages(
             &alice,
             DeviceId(2),
+            C,
             vec![b"kp".to_vec()],
             Some(b"last".to_vec()),
         )
@@ -879,7 +956,10 @@ async fn revocation(store: &impl Store) {
     let row = store.account(&alice).await.unwrap().unwrap();
     assert_eq!((row.status, row.wipe_key), (LineStatus::Revoked, None));
     assert_eq!(
-        store.take_key_package(&alice, DeviceId(2)).await.unwrap(),
+        store
+            .take_key_package(&alice, DeviceId(2), C)
+            .await
+            .unwrap(),
         None,
         "KeyPackages withdrawn, every device's"
     );

@@ -281,31 +281,36 @@ pub struct KeyPackageStock {
     pub has_last_resort: bool,
 }
 
-/// KeyPackages belong to one device of an account: each device keeps its
-/// own stock of one-time packages and its own last-resort one.
+/// KeyPackages belong to one device of an account and one MLS ciphersuite
+/// (`suite`, the registry number): each device keeps, per suite, its own
+/// stock of one-time packages and its own last-resort one.
 #[async_trait]
 pub trait KeyPackages: Send + Sync {
-    /// Adds one-time KeyPackages for `device` and, if given, replaces its
-    /// last-resort one.
+    /// Adds one-time KeyPackages of `suite` for `device` and, if given,
+    /// replaces its last-resort one of that suite.
     async fn add_key_packages(
         &self,
         account: &AccountId,
         device: DeviceId,
+        suite: u16,
         one_time: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
     ) -> Result<KeyPackageStock>;
-    /// Hands out one KeyPackage of `device`: a one-time one (deleted as it
-    /// is handed out, so never twice), or the last-resort one when none is
-    /// left. Returns the package and whether it is the last-resort one.
+    /// Hands out one KeyPackage of `suite` of `device`: a one-time one
+    /// (deleted as it is handed out, so never twice), or the last-resort
+    /// one when none is left. Returns the package and whether it is the
+    /// last-resort one.
     async fn take_key_package(
         &self,
         account: &AccountId,
         device: DeviceId,
+        suite: u16,
     ) -> Result<Option<(Vec<u8>, bool)>>;
     async fn key_package_stock(
         &self,
         account: &AccountId,
         device: DeviceId,
+        suite: u16,
     ) -> Result<KeyPackageStock>;
     /// Deletes every KeyPackage of `device` (a device removed from its
     /// account); returns how many there were, the last-resort one included.

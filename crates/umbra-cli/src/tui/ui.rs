@@ -310,6 +310,9 @@ fn conversation(frame: &mut Frame<'_>, app: &App, area: Rect) {
         title.push_str(&format!(" · {} members", current.members.len()));
     }
     title.push_str(&timer_mark(current.disappear_after));
+    if let Some(suite) = current.suite {
+        title.push_str(&format!(" · {}", suite.kind()));
+    }
     if !current.active {
         title.push_str(" · you left");
     }
@@ -607,6 +610,7 @@ mod tests {
             active: true,
             disappear_after: 30,
             members: vec![id("XX4H6VEU"), id("GUF8EA6B")],
+            suite: Some(umbra_client::Suite::default()),
         };
         let group = Conversation {
             id: ConversationId("bb".into()),
@@ -615,6 +619,7 @@ mod tests {
             active: true,
             disappear_after: 0,
             members: vec![id("XX4H6VEU"), id("GUF8EA6B"), id("K7QD9XPM")],
+            suite: Some(umbra_client::Suite::CLASSICAL),
         };
         App {
             screen: Screen::Main,

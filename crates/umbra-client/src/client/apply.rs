@@ -173,9 +173,11 @@ impl Client {
                 });
             }
             // Before the next delivery: a contact may be about to fetch one.
-            Some(FollowUp::ReplenishKeyPackages) => {
-                if let Err(error) = self
-                    .upload_key_packages(self.inner.options.key_package_batch, false)
+            Some(FollowUp::ReplenishKeyPackages(suite)) => {
+                if !self.offered_suites().contains(&suite) {
+                    debug!(%suite, "asked to replenish KeyPackages of a suite not offered");
+                } else if let Err(error) = self
+                    .upload_key_packages(suite, self.inner.options.key_package_batch, false)
                     .await
                 {
                     warn!(%error, "replenishing KeyPackages");
@@ -273,7 +275,15 @@ impl Client {
                     .ok_or_else(|| ClientError::Invalid("group message without a group".into()))?;
                 return self.apply_group_message(tx, provider, group_id, delivery, events);
             }
-            DeliveryKind::KeyPackagesLow => return Ok(Some(FollowUp::ReplenishKeyPackages)),
+            DeliveryKind::KeyPackagesLow => {
+                // The suite's number; none (an older server): the classical.
+                let suite = match delivery.payload[..] {
+                    [] => Some(umbra_mls::Suite::CLASSICAL),
+                    [high, low] => umbra_mls::Suite::from_code(u16::from_be_bytes([high, low])),
+                    _ => None,
+                };
+                return Ok(suite.map(FollowUp::ReplenishKeyPackages));
+            }
             DeliveryKind::Wipe => {
                 use crate::wipe::Command;
                 match crate::wipe::check_command(tx, &self.inner.account, &delivery.payload)? {

@@ -112,7 +112,9 @@ impl Client {
                         ..
                     },
                 ) => return Verdict::Unknown(error),
-                Err(error @ ClientError::Server { .. }) => return Verdict::Refused(error),
+                Err(error @ (ClientError::Server { .. } | ClientError::TooLarge { .. })) => {
+                    return Verdict::Refused(error);
+                }
                 Err(error @ ClientError::Timeout(_)) if self.is_connected() => {
                     last_error = error;
                     continue;

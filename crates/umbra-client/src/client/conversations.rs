@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tracing::{debug, warn};
-use umbra_mls::{Group, Provider};
+use umbra_mls::{Group, Provider, Suite};
 use umbra_proto::content::Body;
 use umbra_proto::{
     AccountId, DeliveryKind, DeviceId, ErrorCode, GroupId, IdentityKey, Reply, Request,
@@ -45,10 +45,12 @@ impl Client {
     }
 
     /// KeyPackages for these accounts: a leaf's worth for each current
-    /// device of each, paired with the account it is for.
+    /// device of each, paired with the account it is for, each of the
+    /// first of `suites` its device has one of.
     pub(super) async fn fetch_key_packages(
         &self,
         accounts: &[AccountId],
+        suites: &[Suite],
     ) -> Result<Vec<(AccountId, Vec<u8>)>> {
         let mut key_packages = Vec::with_capacity(accounts.len());
         for account in accounts {
@@ -64,6 +66,7 @@ impl Client {
                 .request(Request::FetchKeyPackage {
                     account_id: account.clone(),
                     device: umbra_proto::DeviceId::FIRST,
+                    suites: suite_codes(suites),
                 })
                 .await?
             else {
@@ -107,7 +110,7 @@ impl Client {
             self.emit_all(events);
             key_packages.push((account.clone(), key_package));
             for package in self
-                .other_devices_packages(account, valid.identity_key, DeviceId::FIRST)
+                .other_devices_packages(account, valid.identity_key, DeviceId::FIRST, suites)
                 .await?
             {
                 key_packages.push((account.clone(), package));
@@ -127,6 +130,7 @@ impl Client {
         account: &AccountId,
         key: IdentityKey,
         skip: DeviceId,
+        suites: &[Suite],
     ) -> Result<Vec<Vec<u8>>> {
         let log = self.verified_device_log(account, key).await?;
         let mut packages = Vec::new();
@@ -140,6 +144,7 @@ impl Client {
                 .request(Request::FetchKeyPackage {
                     account_id: account.clone(),
                     device,
+                    suites: suite_codes(suites),
                 })
                 .await;
             let key_package = match reply {
@@ -184,6 +189,33 @@ impl Client {
         Ok(packages)
     }
 
+    /// KeyPackages of `suites` for a new conversation with `members`: each
+    /// of their devices', and this account's other devices'.
+    async fn packages_for_new(
+        &self,
+        members: &[AccountId],
+        suites: &[Suite],
+    ) -> Result<Vec<(AccountId, Vec<u8>)>> {
+        let mut key_packages = self.fetch_key_packages(members, suites).await?;
+        let own = self.inner.account.clone();
+        for package in self
+            .other_devices_packages(&own, self.identity_key(), self.inner.device, suites)
+            .await?
+        {
+            key_packages.push((own.clone(), package));
+        }
+        Ok(key_packages)
+    }
+
+    /// The ciphersuite of this device's group `group_id`.
+    pub(super) fn group_suite(&self, group_id: &[u8]) -> Result<Suite> {
+        self.with_tx(|_, provider| {
+            load_group(provider, group_id)?.suite().ok_or_else(|| {
+                ClientError::Invalid("the conversation uses a suite Umbra no longer offers".into())
+            })
+        })
+    }
+
     /// Creates a conversation with `members` (all accepted contacts): a
     /// direct one when `name` is None and there is one member.
     pub(super) async fn new_conversation(
@@ -191,15 +223,25 @@ impl Client {
         name: Option<&str>,
         members: &[AccountId],
     ) -> Result<ConversationId> {
-        let mut key_packages = self.fetch_key_packages(members).await?;
-        // This account's other devices are members too.
-        let own = self.inner.account.clone();
-        for package in self
-            .other_devices_packages(&own, self.identity_key(), self.inner.device)
-            .await?
-        {
-            key_packages.push((own.clone(), package));
+        // The preferred suite (post-quantum) when every device offers it;
+        // otherwise the classical one, fetched again for every device (the
+        // preferred packages handed out meanwhile are spent: the server
+        // hands each out once).
+        let offered = self.offered_suites();
+        let mut suite = offered[0];
+        let mut key_packages = self.packages_for_new(members, &offered).await?;
+        let mixed = key_packages.iter().any(|(_, package)| {
+            umbra_mls::validate_key_package(package).map_or(true, |valid| valid.suite != suite)
+        });
+        if mixed && suite != Suite::CLASSICAL {
+            debug!(%suite, "a device offers no KeyPackage of the preferred suite; falling back");
+            suite = Suite::CLASSICAL;
+            key_packages = self.packages_for_new(members, &[suite]).await?;
         }
+        let config = umbra_mls::GroupConfig {
+            suite,
+            ..self.inner.options.group
+        };
         let group_id = {
             let _ops = self.inner.ops.lock().await;
             let timer = self.default_disappearing()?;
@@ -208,7 +250,7 @@ impl Client {
                     provider,
                     &self.inner.signer,
                     &self.inner.account,
-                    &self.inner.options.group,
+                    &config,
                     timer,
                     self.certificate(),
                 )
@@ -335,7 +377,8 @@ impl Client {
         members: &[AccountId],
     ) -> Result<()> {
         let group_id = self.group_id_of(conversation)?;
-        let key_packages = self.fetch_key_packages(members).await?;
+        let suite = self.group_suite(&group_id)?;
+        let key_packages = self.fetch_key_packages(members, &[suite]).await?;
         self.add_to_group(&group_id, key_packages).await
     }
 
@@ -452,9 +495,9 @@ impl Client {
             )
             .optional()?
             .ok_or_else(|| ClientError::UnknownConversation(hex::encode(group_id)))?;
-        let members = match Group::load(provider, group_id)? {
-            Some(group) if group.is_active() => group.accounts(),
-            _ => vec![],
+        let (members, suite) = match Group::load(provider, group_id)? {
+            Some(group) if group.is_active() => (group.accounts(), group.suite()),
+            _ => (vec![], None),
         };
         let kind = match (kind.as_str(), peer) {
             ("direct", Some(peer)) => ConversationKind::Direct {
@@ -469,6 +512,7 @@ impl Client {
             active,
             disappear_after,
             members,
+            suite,
         })
     }
 
@@ -520,4 +564,9 @@ impl Client {
             .optional()?
             .ok_or_else(|| ClientError::Store("sent message vanished".into()))
     }
+}
+
+/// Suites as the protocol numbers them, in the same order.
+fn suite_codes(suites: &[Suite]) -> Vec<u16> {
+    suites.iter().map(|suite| suite.code()).collect()
 }

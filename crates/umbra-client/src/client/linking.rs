@@ -449,7 +449,8 @@ impl Client {
         let (mut added, mut failed) = (0, 0);
         for group_id in groups {
             let result = async {
-                let package = self.own_device_package(device, key).await?;
+                let suite = self.group_suite(&group_id)?;
+                let package = self.own_device_package(device, key, suite).await?;
                 self.add_to_group(&group_id, vec![(self.inner.account.clone(), package)])
                     .await
             }
@@ -507,12 +508,18 @@ impl Client {
 
     /// One KeyPackage of this account's device `device`, which must be
     /// under `key` and carry its certificate.
-    async fn own_device_package(&self, device: DeviceId, key: IdentityKey) -> Result<Vec<u8>> {
+    async fn own_device_package(
+        &self,
+        device: DeviceId,
+        key: IdentityKey,
+        suite: umbra_mls::Suite,
+    ) -> Result<Vec<u8>> {
         let account = self.inner.account.clone();
         let Reply::KeyPackage { key_package, .. } = self
             .request(Request::FetchKeyPackage {
                 account_id: account.clone(),
                 device,
+                suites: vec![suite.code()],
             })
             .await?
         else {

@@ -48,7 +48,10 @@ const EVENT_BUFFER: usize = 1024;
 /// Choices a device makes once, at activation or when opening.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// Ciphersuite and past-epoch window for groups this device creates.
+    /// Groups this device creates and joins: its `suite` is the one new
+    /// conversations use when every device in them offers it (the
+    /// post-quantum suite by default; the classical suite otherwise, which
+    /// every device offers too), and the past-epoch window and padding.
     pub group: GroupConfig,
     /// Argon2id cost for a new store (an existing store keeps its own).
     pub kdf: KdfParams,
@@ -149,8 +152,9 @@ fn list(accounts: &[AccountId]) -> String {
 enum FollowUp {
     /// A member asked to leave: commit its removal.
     CommitProposals(Vec<u8>),
-    /// The server says our one-time KeyPackages are running out.
-    ReplenishKeyPackages,
+    /// The server says our one-time KeyPackages of this suite are running
+    /// out.
+    ReplenishKeyPackages(umbra_mls::Suite),
     /// A member's line was revoked: commit its removal.
     RemoveMember(Vec<u8>, AccountId),
     /// A member removed one of its devices: commit its leaf's removal.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rusqlite::Connection;
 use tracing::debug;
-use umbra_mls::DeviceSigner;
+use umbra_mls::{DeviceSigner, Suite};
 use umbra_proto::{
     ErrorCode, IdentityKey, Push, Reply, Request, Signature, ended_login_signing_payload,
     login_signing_payload,
@@ -173,6 +173,7 @@ impl Client {
             key_packages_remaining,
             has_last_resort,
             key_package_low_water,
+            stocks,
         } = reply
         else {
             return Err(ClientError::Invalid("unexpected reply to Login".into()));
@@ -239,11 +240,25 @@ impl Client {
         self.emit(Event::Connection {
             state: ConnectionState::Connected,
         });
-        if key_packages_remaining < key_package_low_water || !has_last_resort {
+        for suite in self.offered_suites() {
+            // A server that counts no stock per suite counts the classical
+            // suite's alone.
+            let (remaining, has_last_resort) =
+                match stocks.iter().find(|stock| stock.suite == suite.code()) {
+                    Some(stock) => (stock.remaining, stock.has_last_resort),
+                    None if suite.code() == umbra_proto::CLASSICAL_SUITE => {
+                        (key_packages_remaining, has_last_resort)
+                    }
+                    None => (0, false),
+                };
+            if remaining >= key_package_low_water && has_last_resort {
+                continue;
+            }
             let uploaded = self
                 .upload_key_packages(
+                    suite,
                     self.inner.options.key_package_batch,
-                    !has_last_resort || key_packages_remaining == 0,
+                    !has_last_resort || remaining == 0,
                 )
                 .await;
             match uploaded {
@@ -299,14 +314,27 @@ impl Client {
         }
     }
 
-    /// Uploads `batch` one-time KeyPackages and, if asked, a new
-    /// last-resort one.
+    /// The suites this device offers KeyPackages of, most preferred first:
+    /// the one its options prefer for new conversations (post-quantum by
+    /// default), and the classical one every Umbra device offers, so a
+    /// conversation with a device that offers nothing else still starts.
+    pub(super) fn offered_suites(&self) -> Vec<Suite> {
+        let preferred = self.inner.options.group.suite;
+        let mut suites = vec![preferred];
+        if preferred != Suite::CLASSICAL {
+            suites.push(Suite::CLASSICAL);
+        }
+        suites
+    }
+
+    /// Uploads `batch` one-time KeyPackages of `suite` and, if asked, a
+    /// new last-resort one.
     pub(super) async fn upload_key_packages(
         &self,
+        suite: Suite,
         batch: usize,
         with_last_resort: bool,
     ) -> Result<()> {
-        let suite = self.inner.options.group.suite;
         let (one_time, last_resort) = self.with_tx(|_, provider| {
             let make = |last| {
                 umbra_mls::new_device_key_package(
@@ -329,7 +357,7 @@ impl Client {
             last_resort,
         })
         .await?;
-        debug!(batch, with_last_resort, "uploaded KeyPackages");
+        debug!(batch, with_last_resort, %suite, "uploaded KeyPackages");
         Ok(())
     }
 
@@ -338,6 +366,9 @@ impl Client {
     /// new conversations). The one-time pool is topped up when the server
     /// says it runs low (it caps how many may wait there).
     pub async fn rotate_key_packages(&self) -> Result<()> {
-        self.upload_key_packages(0, true).await
+        for suite in self.offered_suites() {
+            self.upload_key_packages(suite, 0, true).await?;
+        }
+        Ok(())
     }
 }

@@ -188,7 +188,11 @@ impl TestServer {
     ) {
         use umbra_store::KeyPackages as _;
         while let Some((_, last_resort)) = store
-            .take_key_package(account, umbra_proto::DeviceId::FIRST)
+            .take_key_package(
+                account,
+                umbra_proto::DeviceId::FIRST,
+                umbra_mls::Suite::default().code(),
+            )
             .await
             .unwrap()
         {

@@ -54,6 +54,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         include_str!("../../migrations/0011_mailboxes_per_device.sql"),
     ),
     (12, include_str!("../../migrations/0012_wipe_command.sql")),
+    (
+        13,
+        include_str!("../../migrations/0013_key_packages_per_suite.sql"),
+    ),
 ];
 
 /// Most writes committed together by one fsync.
@@ -1439,17 +1443,23 @@ fn stock(
     connection: &Connection,
     account: &AccountId,
     device: DeviceId,
+    suite: u16,
 ) -> Result<KeyPackageStock> {
     let device = device.0;
     let one_time: u32 = connection
-        .prepare_cached("SELECT COUNT(*) FROM key_packages WHERE account_id = ?1 AND device = ?2")
-        .and_then(|mut s| s.query_row(params![account.as_str(), device], |row| row.get(0)))
+        .prepare_cached(
+            "SELECT COUNT(*) FROM key_packages WHERE account_id = ?1 AND device = ?2 AND suite = ?3",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![account.as_str(), device, suite], |row| row.get(0))
+        })
         .map_err(backend)?;
     let has_last_resort = connection
         .prepare_cached(
-            "SELECT 1 FROM last_resort_key_packages WHERE account_id = ?1 AND device = ?2",
+            "SELECT 1 FROM last_resort_key_packages
+             WHERE account_id = ?1 AND device = ?2 AND suite = ?3",
         )
-        .and_then(|mut s| s.exists(params![account.as_str(), device]))
+        .and_then(|mut s| s.exists(params![account.as_str(), device, suite]))
         .map_err(backend)?;
     Ok(KeyPackageStock {
         one_time,
@@ -1463,6 +1473,7 @@ impl KeyPackages for SqliteStore {
         &self,
         account: &AccountId,
         device: DeviceId,
+        suite: u16,
         one_time: Vec<Vec<u8>>,
         last_resort: Option<Vec<u8>>,
     ) -> Result<KeyPackageStock> {
@@ -1470,24 +1481,26 @@ impl KeyPackages for SqliteStore {
         self.write(move |tx| {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT INTO key_packages (account_id, device, key_package) VALUES (?1, ?2, ?3)",
+                    "INSERT INTO key_packages (account_id, device, suite, key_package)
+                     VALUES (?1, ?2, ?3, ?4)",
                 )
                 .map_err(backend)?;
             for key_package in &one_time {
                 insert
-                    .execute(params![account.as_str(), device.0, key_package])
+                    .execute(params![account.as_str(), device.0, suite, key_package])
                     .map_err(backend)?;
             }
             if let Some(key_package) = &last_resort {
                 tx.execute(
-                    "INSERT INTO last_resort_key_packages (account_id, device, key_package)
-                     VALUES (?1, ?2, ?3)
-                     ON CONFLICT (account_id, device) DO UPDATE SET key_package = excluded.key_package",
-                    params![account.as_str(), device.0, key_package],
+                    "INSERT INTO last_resort_key_packages (account_id, device, suite, key_package)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (account_id, device, suite)
+                     DO UPDATE SET key_package = excluded.key_package",
+                    params![account.as_str(), device.0, suite, key_package],
                 )
                 .map_err(backend)?;
             }
-            stock(tx, &account, device)
+            stock(tx, &account, device, suite)
         })
         .await
     }
@@ -1496,14 +1509,16 @@ impl KeyPackages for SqliteStore {
         &self,
         account: &AccountId,
         device: DeviceId,
+        suite: u16,
     ) -> Result<Option<(Vec<u8>, bool)>> {
         let account = account.clone();
         self.write(move |tx| {
             let one_time: Option<(i64, Vec<u8>)> = tx
                 .query_row(
-                    "SELECT id, key_package FROM key_packages WHERE account_id = ?1 AND device = ?2
+                    "SELECT id, key_package FROM key_packages
+                     WHERE account_id = ?1 AND device = ?2 AND suite = ?3
                      ORDER BY id LIMIT 1",
-                    params![account.as_str(), device.0],
+                    params![account.as_str(), device.0, suite],
                     |row| Ok((row.get(0)?, row.get(1)?)),
                 )
                 .optional()
@@ -1516,8 +1531,8 @@ impl KeyPackages for SqliteStore {
             let last_resort: Option<Vec<u8>> = tx
                 .query_row(
                     "SELECT key_package FROM last_resort_key_packages
-                     WHERE account_id = ?1 AND device = ?2",
-                    params![account.as_str(), device.0],
+                     WHERE account_id = ?1 AND device = ?2 AND suite = ?3",
+                    params![account.as_str(), device.0, suite],
                     |row| row.get(0),
                 )
                 .optional()
@@ -1531,9 +1546,10 @@ impl KeyPackages for SqliteStore {
         &self,
         account: &AccountId,
         device: DeviceId,
+        suite: u16,
     ) -> Result<KeyPackageStock> {
         let account = account.clone();
-        self.run(move |connection| stock(connection, &account, device))
+        self.run(move |connection| stock(connection, &account, device, suite))
             .await
     }
 
@@ -2441,7 +2457,7 @@ mod tests {
             let alice = alice.clone();
             async move {
                 store
-                    .take_key_package(&alice, device)
+                    .take_key_package(&alice, device, umbra_proto::CLASSICAL_SUITE)
                     .await
                     .unwrap_or_else(|e| panic!("{e}"))
             }
@@ -2623,11 +2639,17 @@ mod tests {
             let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
             let alice = crate::conformance::registered(&store, "AAAAAAAA", 1).await;
             store
-                .add_key_packages(&alice, DeviceId::FIRST, vec![marker.clone()], None)
+                .add_key_packages(
+                    &alice,
+                    DeviceId::FIRST,
+                    umbra_proto::CLASSICAL_SUITE,
+                    vec![marker.clone()],
+                    None,
+                )
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
             let taken = store
-                .take_key_package(&alice, DeviceId::FIRST)
+                .take_key_package(&alice, DeviceId::FIRST, umbra_proto::CLASSICAL_SUITE)
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(taken, Some((marker.clone(), false)));
