@@ -515,8 +515,12 @@ impl Out {
                 println!("REFUSED {reason}, \"from\" {from}: nothing of it was applied")
             }
             Event::Discarded { from, reason } => {
+                let from = from.as_ref().map_or_else(
+                    || "in a conversation".to_owned(),
+                    |from| format!("from {from}"),
+                );
                 println!(
-                    "A message from {from} could not be read and was set aside: {}",
+                    "A message {from} could not be read and was set aside: {}",
                     printable(reason)
                 )
             }

@@ -153,14 +153,23 @@ impl Client {
     /// senders are told they were read (in the background).
     pub fn mark_shown(&self, message_ids: &[i64]) -> Result<()> {
         let read = self.mark_shown_only(message_ids)?;
-        if !read.is_empty()
+        if self.receipts_wait() {
+            for (conversation, uids) in &read {
+                self.keep_receipts(conversation, umbra_proto::content::ReceiptKind::Read, uids)?;
+            }
+        } else if !read.is_empty()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let client = self.clone();
             runtime.spawn(async move {
                 for (conversation, uids) in read {
                     let _ = client
-                        .send_receipt(&conversation, umbra_proto::content::ReceiptKind::Read, uids)
+                        .receipt(
+                            &conversation,
+                            umbra_proto::content::ReceiptKind::Read,
+                            uids,
+                            false,
+                        )
                         .await;
                 }
             });
@@ -226,6 +235,9 @@ pub(crate) async fn expiry_ticker(inner: Weak<Inner>) {
         }
         if matches!(client.next_expiry_in(), Ok(Some(0))) {
             let _ = client.expire_messages();
+        }
+        if let Err(error) = client.flush_receipts().await {
+            tracing::debug!(%error, "sending receipts");
         }
     }
 }

@@ -32,7 +32,8 @@ pub enum ClientError {
     #[error(
         "this request is {bytes} bytes and the server takes at most {limit} in one frame; \
          nothing was sent (a group's commit, Welcome and GroupInfo grow with its members: \
-         a post-quantum group holds about 300 devices, a classical one about 1,200)"
+         a post-quantum group takes about 150 devices in its first commit and about 350 in all, \
+         a classical one about 1,200)"
     )]
     TooLarge { bytes: usize, limit: usize },
     #[error("not connected to the server")]
@@ -77,6 +78,24 @@ pub enum ClientError {
          add it (compare safety numbers with them)"
     )]
     ForeignKeyPackage(AccountId),
+    /// Asked for a post-quantum package first, the server handed out a
+    /// classical one of a device whose packages say it offers post-quantum
+    /// ones: it would have the conversation made classical.
+    #[error(
+        "the server handed out a classical KeyPackage of {0}, whose device offers post-quantum \
+         ones; nothing was created (the server withholds them, or the device could not upload \
+         them yet: try again later)"
+    )]
+    Downgraded(AccountId),
+    /// A package of another suite than any asked for.
+    #[error("the server handed out a KeyPackage of {0} of a suite that was not asked for")]
+    WrongSuite(AccountId),
+    /// More devices than one commit can add.
+    #[error(
+        "a conversation of {devices} devices is more than one commit can start (at most {limit}); \
+         start it with fewer members and add the others in a second step"
+    )]
+    TooManyDevices { devices: usize, limit: usize },
     #[error(
         "the safety number with {0} was not shown, or changed since it was; compare it \
          (again) first: `umbra contacts verify {0}`"

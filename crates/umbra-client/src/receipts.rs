@@ -8,12 +8,26 @@
 //! An account's other devices are members too, so they get its read
 //! receipts: a text read on one device is read on all of them (its state
 //! becomes `Read` and its disappearing countdown starts, as if shown here).
+//!
+//! Receipts do not leave as their message is applied or shown: that moment
+//! would tell the server which message a receipt answers, and so who talks
+//! to whom (the attack on Signal's sealed sender in "Improving Signal's
+//! Sealed Sender", NDSS 2021). They wait in the store (`pending_receipts`)
+//! until their conversation's batch is due, a random time within
+//! `ClientOptions::receipt_delay` after its first receipt, and then all of
+//! one kind go in one message. A device that was closed sends what is due
+//! when it next connects.
+
+use std::ops::RangeInclusive;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use rusqlite::{Transaction, params};
+use tracing::debug;
 use umbra_proto::content::{Body, MAX_RECEIPT_IDS, ReceiptKind};
 
 use crate::client::Client;
-use crate::error::Result;
+use crate::error::{ClientError, Result};
 use crate::types::{ConversationId, DeliveryState, Event};
 
 fn rank(state: &str) -> Option<u8> {
@@ -88,6 +102,138 @@ impl Client {
         Ok(())
     }
 
+    /// Receipts of `kind` for `uids` in `conversation`: kept for their
+    /// batch, or sent at once when the receipt delay is zero (`inline`:
+    /// from the task that applies deliveries).
+    pub(crate) async fn receipt(
+        &self,
+        conversation: &ConversationId,
+        kind: ReceiptKind,
+        uids: Vec<[u8; 16]>,
+        inline: bool,
+    ) -> Result<()> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        if self.inner_options().receipt_delay.end().is_zero() {
+            return if inline {
+                self.send_receipt_inline(conversation, kind, uids).await
+            } else {
+                self.send_receipt(conversation, kind, uids).await
+            };
+        }
+        self.keep_receipts(conversation, kind, &uids)
+    }
+
+    /// Whether receipts wait for a batch (a receipt delay is set).
+    pub(crate) fn receipts_wait(&self) -> bool {
+        !self.inner_options().receipt_delay.end().is_zero()
+    }
+
+    /// Keeps receipts for their conversation's batch.
+    pub(crate) fn keep_receipts(
+        &self,
+        conversation: &ConversationId,
+        kind: ReceiptKind,
+        uids: &[[u8; 16]],
+    ) -> Result<()> {
+        let delay = &self.inner_options().receipt_delay;
+        let group_id = conversation
+            .group_id()
+            .ok_or_else(|| ClientError::UnknownConversation(conversation.to_string()))?;
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        // A batch waiting in this conversation takes these along.
+        let due: Option<u64> = tx.query_row(
+            "SELECT MIN(due_at) FROM pending_receipts WHERE group_id = ?1 AND kind = ?2",
+            params![&group_id, kind as i32],
+            |row| row.get(0),
+        )?;
+        let due = match due {
+            Some(due) => due,
+            None => self.now() + random_delay(delay)?,
+        };
+        for uid in uids {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO pending_receipts (group_id, kind, uid, due_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![&group_id, kind as i32, &uid[..], due])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Sends every batch of receipts that is due: one message per
+    /// conversation and kind. A batch that cannot go now (the conversation
+    /// is blocked on a changed key, the connection dropped) waits another
+    /// random delay; one for a conversation that is gone is dropped.
+    pub(crate) async fn flush_receipts(&self) -> Result<()> {
+        if !self.is_connected() {
+            return Ok(());
+        }
+        let flushing = &self.receipts_flushing();
+        if flushing.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let flushed = self.flush_due_receipts().await;
+        flushing.store(false, Ordering::SeqCst);
+        flushed
+    }
+
+    async fn flush_due_receipts(&self) -> Result<()> {
+        let now = self.now();
+        let rows: Vec<(Vec<u8>, i32, Vec<u8>)> = {
+            let db = self.db();
+            let mut statement = db.prepare_cached(
+                "SELECT group_id, kind, uid FROM pending_receipts WHERE due_at <= ?1
+                 ORDER BY group_id, kind",
+            )?;
+            statement
+                .query_map([now], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        let mut batches: Vec<(Vec<u8>, i32, Vec<[u8; 16]>)> = Vec::new();
+        for (group_id, kind, uid) in rows {
+            let Ok(uid) = <[u8; 16]>::try_from(uid.as_slice()) else {
+                continue;
+            };
+            match batches.last_mut() {
+                Some((g, k, uids)) if *g == group_id && *k == kind => uids.push(uid),
+                _ => batches.push((group_id, kind, vec![uid])),
+            }
+        }
+        for (group_id, kind, uids) in batches {
+            let conversation = ConversationId::from_group(&group_id);
+            let receipt_kind = ReceiptKind::try_from(kind).unwrap_or(ReceiptKind::Delivered);
+            let sent = self.send_receipt(&conversation, receipt_kind, uids).await;
+            let db = self.db();
+            match sent {
+                Ok(()) | Err(ClientError::UnknownConversation(_) | ClientError::NotAMember) => {
+                    db.execute(
+                        "DELETE FROM pending_receipts
+                         WHERE group_id = ?1 AND kind = ?2 AND due_at <= ?3",
+                        params![&group_id, kind, now],
+                    )?;
+                }
+                Err(error) => {
+                    debug!(%error, "receipts wait for another try");
+                    db.execute(
+                        "UPDATE pending_receipts SET due_at = ?4
+                         WHERE group_id = ?1 AND kind = ?2 AND due_at <= ?3",
+                        params![
+                            &group_id,
+                            kind,
+                            now,
+                            self.now() + random_delay(&self.inner_options().receipt_delay)?
+                        ],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) async fn send_receipt(
         &self,
         conversation: &ConversationId,
@@ -144,11 +290,12 @@ impl Client {
     }
 
     /// Marks these messages shown (their disappearing countdown starts) and
-    /// tells their senders they were read, waiting until the receipts are
-    /// sent. [`Client::mark_shown`] does the same without waiting.
+    /// tells their senders they were read: the receipts are sent, or with
+    /// a receipt delay kept for their batch, before this returns.
+    /// [`Client::mark_shown`] does the same without waiting.
     pub async fn mark_read(&self, message_ids: &[i64]) -> Result<()> {
         for (conversation, uids) in self.mark_shown_only(message_ids)? {
-            self.send_receipt(&conversation, ReceiptKind::Read, uids)
+            self.receipt(&conversation, ReceiptKind::Read, uids, false)
                 .await?;
         }
         Ok(())
@@ -200,4 +347,15 @@ impl Client {
         tx.commit()?;
         Ok(read)
     }
+}
+
+/// A random whole number of seconds within `range`.
+fn random_delay(range: &RangeInclusive<Duration>) -> Result<u64> {
+    let (low, high) = (range.start().as_secs(), range.end().as_secs());
+    if high <= low {
+        return Ok(low);
+    }
+    let mut bytes = [0u8; 8];
+    getrandom::getrandom(&mut bytes).map_err(|e| ClientError::Store(e.to_string()))?;
+    Ok(low + u64::from_le_bytes(bytes) % (high - low + 1))
 }

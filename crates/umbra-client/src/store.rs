@@ -27,6 +27,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (8, include_str!("../migrations/0008_sent_at.sql")),
     (9, include_str!("../migrations/0009_device_log.sql")),
     (10, include_str!("../migrations/0010_linked_device.sql")),
+    (11, include_str!("../migrations/0011_pending_receipts.sql")),
 ];
 
 /// The version a store is at once every migration has run.

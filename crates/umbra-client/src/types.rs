@@ -264,12 +264,14 @@ pub enum Event {
         from: AccountId,
         reason: Refusal,
     },
-    /// A delivery from `from` could never be applied (malformed, not
-    /// decryptable, from an epoch that is gone); it was set aside and
-    /// acknowledged, so it does not hold up the ones after it. `reason`
-    /// says what was wrong with it.
+    /// A delivery could never be applied (malformed, not decryptable, from
+    /// an epoch that is gone); it was set aside and acknowledged, so it
+    /// does not hold up the ones after it. `from`: the account a server
+    /// notice named; `None` for a conversation's message, whose sender only
+    /// MLS could have told (the server does not say). `reason` says what
+    /// was wrong with it.
     Discarded {
-        from: AccountId,
+        from: Option<AccountId>,
         reason: String,
     },
     /// The server reports that `dropped` messages for this device were not

@@ -828,3 +828,103 @@ async fn a_member_added_while_another_was_away_reads_what_that_one_sends_on_retu
     assert_eq!(carol.next_text().await, (bob.id(), "back again".to_owned()));
     assert_eq!(alice.next_text().await, (bob.id(), "back again".to_owned()));
 }
+
+/// Receipts wait a random time within the receipt delay and then leave
+/// together: nothing answers a text as it arrives or is shown (its timing
+/// would link the two for the server), and three texts' receipts of one
+/// kind go out in one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_wait_and_leave_together() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use umbra_client::{DeliveryState, ManualClock};
+    use umbra_proto::{Request, decode_client};
+    let server = TestServer::start().await;
+    let clock = ManualClock::new(common::now());
+    let activation = server.activation().await;
+    let mut alice = Device::activate_untimed(
+        &activation,
+        umbra_client::ClientOptions {
+            clock: Arc::new(clock.clone()),
+            ..common::options()
+        },
+    )
+    .await;
+    let activation = server.activation().await;
+    let mut bob = Device::activate_untimed(
+        &activation,
+        umbra_client::ClientOptions {
+            clock: Arc::new(clock.clone()),
+            receipt_delay: Duration::from_secs(10)..=Duration::from_secs(10),
+            ..common::options()
+        },
+    )
+    .await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    let mut sent = Vec::new();
+    for text in ["one", "two", "three"] {
+        sent.push(
+            alice
+                .client
+                .send_text(&conversation, text)
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        received.push(bob.next_message().await.id);
+    }
+    let sends = || {
+        server
+            .frames()
+            .into_iter()
+            .filter(|(direction, _)| *direction == umbra_server::Direction::Inbound)
+            .filter(|(_, frame)| {
+                matches!(
+                    decode_client(frame),
+                    Ok(umbra_proto::ClientFrame {
+                        request: Request::SendMessage { .. },
+                        ..
+                    })
+                )
+            })
+            .count()
+    };
+    let states = |alice: &Device| -> Vec<DeliveryState> {
+        let history = alice.client.history(&conversation, 10).unwrap();
+        sent.iter()
+            .map(|id| history.iter().find(|m| m.id == *id).unwrap().state)
+            .collect()
+    };
+    let settle = Duration::from_millis(2500); // the ticker looks every second
+    async fn wait_for_states(alice: &mut Device, want: DeliveryState) {
+        for _ in 0..3 {
+            alice
+                .wait_for(|e| match e {
+                    Event::DeliveryStateChanged { state, .. } if *state == want => Some(()),
+                    _ => None,
+                })
+                .await;
+        }
+    }
+
+    // Applied, not yet answered.
+    tokio::time::sleep(settle).await;
+    assert_eq!(states(&alice), [DeliveryState::Sent; 3]);
+    let before = sends();
+    clock.advance(10);
+    wait_for_states(&mut alice, DeliveryState::Delivered).await;
+    assert_eq!(states(&alice), [DeliveryState::Delivered; 3]);
+    assert_eq!(sends(), before + 1, "three receipts in one message");
+
+    // Shown: the read receipts wait too.
+    bob.client.mark_read(&received).await.unwrap();
+    tokio::time::sleep(settle).await;
+    assert_eq!(states(&alice), [DeliveryState::Delivered; 3]);
+    clock.advance(10);
+    wait_for_states(&mut alice, DeliveryState::Read).await;
+    assert_eq!(states(&alice), [DeliveryState::Read; 3]);
+    assert_eq!(sends(), before + 2);
+}

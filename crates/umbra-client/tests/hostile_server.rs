@@ -385,7 +385,7 @@ async fn a_backlog_beyond_the_push_window_arrives_whole() {
             Ok(umbra_proto::ServerMessage::Push(umbra_proto::Push::Delivery(d)))
                 if d.kind == DeliveryKind::ContactRequest =>
             {
-                Some(d.sender)
+                d.sender
             }
             _ => None,
         })
@@ -667,7 +667,7 @@ async fn an_oversized_delivery_is_set_aside_and_the_mailbox_goes_on() {
             _ => None,
         })
         .await;
-    assert_eq!(from, alice.id());
+    assert_eq!(from, Some(alice.id()), "a notice names its sender");
     let alice = alice.reopen().await;
     alice
         .client

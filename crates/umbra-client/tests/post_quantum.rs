@@ -238,3 +238,87 @@ async fn a_post_quantum_group_of_a_hundred() {
     last.client.send_text(&group, "and one back").await.unwrap();
     assert_eq!(hub.next_text().await.1, "and one back");
 }
+
+/// A server that hands out a device's classical package when its
+/// post-quantum ones were asked for first, though the device's packages say
+/// it offers them, would have the conversation made classical: the device
+/// reports it and creates nothing. A package of a suite not asked for at
+/// all is refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_withholds_post_quantum_packages_is_caught() {
+    use umbra_client::{ClientError, Event};
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let bob = Device::activate(&server).await;
+    bob.client.add_contact(&alice.id()).await.unwrap();
+    alice
+        .wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+    // Bob stays away, so he uploads nothing meanwhile.
+    let bob = bob.reopen_offline();
+
+    // The operator deletes Bob's post-quantum packages.
+    let (data, address, store, _dir) = server.seize();
+    drop(store);
+    let withhold = |data: &std::path::Path| {
+        let db = rusqlite::Connection::open(data.join("umbra.db")).unwrap();
+        for table in ["key_packages", "last_resort_key_packages"] {
+            db.execute(
+                &format!("DELETE FROM {table} WHERE account_id = ?1 AND suite = ?2"),
+                rusqlite::params![bob.id().as_str(), POST_QUANTUM.code()],
+            )
+            .unwrap();
+        }
+    };
+    withhold(&data);
+    let server = TestServer::start_in(&data, address).await;
+    let mut alice = alice.reopen().await;
+    let refused = alice.client.accept_contact(&bob.id()).await;
+    assert!(
+        matches!(&refused, Err(ClientError::Downgraded(account)) if *account == bob.id()),
+        "{refused:?}"
+    );
+    alice
+        .wait_for(|e| matches!(e, Event::ServerMisbehaved { .. }).then_some(()))
+        .await;
+    assert!(alice.client.conversations().unwrap().is_empty());
+
+    // It plants a package of a suite nobody asked for under the
+    // post-quantum one.
+    let (data, address, store, _dir) = server.seize();
+    let mut db = rusqlite::Connection::open_in_memory().unwrap();
+    umbra_mls::init_storage(&mut db).unwrap();
+    let crypto = umbra_mls::Crypto::default();
+    let planted = umbra_mls::new_key_package(
+        &umbra_mls::Provider::new(&crypto, &db),
+        &umbra_mls::DeviceSigner::from_secret(&[9; 32]),
+        &bob.id(),
+        Suite::X25519Aes128GcmEd25519,
+        false,
+    )
+    .unwrap();
+    use umbra_store::KeyPackages as _;
+    store
+        .add_key_packages(
+            &bob.id(),
+            umbra_proto::DeviceId::FIRST,
+            POST_QUANTUM.code(),
+            vec![planted],
+            None,
+        )
+        .await
+        .unwrap();
+    drop(store);
+    let _server = TestServer::start_in(&data, address).await;
+    let mut alice = alice.reopen().await;
+    // Accepting again starts the conversation that failed.
+    let started = alice.client.accept_contact(&bob.id()).await;
+    assert!(
+        matches!(&started, Err(ClientError::WrongSuite(account)) if *account == bob.id()),
+        "{started:?}"
+    );
+    alice
+        .wait_for(|e| matches!(e, Event::ServerMisbehaved { .. }).then_some(()))
+        .await;
+    assert!(alice.client.conversations().unwrap().is_empty());
+}

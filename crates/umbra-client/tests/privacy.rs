@@ -117,3 +117,100 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// MLS authenticates who sent a group's message to its recipients; the
+/// server neither keeps the sender of an application message, commit,
+/// proposal or Welcome in its mailbox nor sends it with the delivery. Its
+/// own notices (a contact request here) still name theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_keeps_and_sends_no_sender_of_what_members_send() {
+    use umbra_proto::{DeliveryKind, Push, ServerMessage};
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let mut carol = Device::activate(&server).await;
+    let (direct, _) = befriend(&mut alice, &mut bob).await;
+    befriend(&mut alice, &mut carol).await;
+    bob.client.disconnect();
+    let dave = Device::activate(&server).await;
+    dave.client.add_contact(&bob.id()).await.unwrap();
+
+    // While Bob is away: a text, a group (Welcome), its name (a text), a
+    // commit (Carol added after), and Carol's text in it.
+    alice.client.send_text(&direct, "one").await.unwrap();
+    let group = alice
+        .client
+        .create_group("crew", &[bob.id()])
+        .await
+        .unwrap();
+    alice
+        .client
+        .add_members(&group, &[carol.id()])
+        .await
+        .unwrap();
+    carol
+        .wait_for(|e| matches!(e, Event::ConversationStarted { .. }).then_some(()))
+        .await;
+    carol.client.send_text(&group, "two").await.unwrap();
+
+    let (data, address, store, _dir) = server.seize();
+    drop(store);
+    let db = rusqlite::Connection::open(data.join("umbra.db")).unwrap();
+    let kinds: Vec<(i32, String)> = db
+        .prepare("SELECT kind, sender FROM mailbox WHERE recipient = ?1 ORDER BY id")
+        .unwrap()
+        .query_map([bob.id().as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    drop(db);
+    let group_traffic = [
+        DeliveryKind::Application,
+        DeliveryKind::Commit,
+        DeliveryKind::Welcome,
+        DeliveryKind::Proposal,
+    ]
+    .map(|kind| kind as i32);
+    let held: Vec<&(i32, String)> = kinds
+        .iter()
+        .filter(|(kind, _)| group_traffic.contains(kind))
+        .collect();
+    assert!(
+        held.len() >= 5,
+        "Bob's mailbox holds what was sent: {kinds:?}"
+    );
+    assert!(
+        held.iter().all(|(_, sender)| sender.is_empty()),
+        "no sender stored: {kinds:?}"
+    );
+    assert!(
+        kinds.contains(&(DeliveryKind::ContactRequest as i32, dave.id().to_string())),
+        "a contact request names its sender: {kinds:?}"
+    );
+
+    let server = TestServer::start_in(&data, address).await;
+    let mut bob = bob.reopen().await;
+    assert_eq!(bob.next_text().await.1, "one");
+    assert_eq!(bob.next_text().await, (carol.id(), "two".to_owned()));
+    let pushed: Vec<(DeliveryKind, Option<umbra_client::AccountId>)> = server
+        .frames()
+        .into_iter()
+        .filter(|(direction, _)| *direction == umbra_server::Direction::Outbound)
+        .filter_map(|(_, frame)| match umbra_proto::decode_server(&frame) {
+            Ok(ServerMessage::Push(Push::Delivery(delivery))) => {
+                Some((delivery.kind, delivery.sender))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(pushed.len() >= 5, "{pushed:?}");
+    for (kind, sender) in &pushed {
+        if group_traffic.contains(&(*kind as i32)) {
+            assert_eq!(sender, &None, "a {kind:?} was pushed with its sender");
+        }
+    }
+    assert!(
+        pushed.contains(&(DeliveryKind::ContactRequest, Some(dave.id()))),
+        "{pushed:?}"
+    );
+}

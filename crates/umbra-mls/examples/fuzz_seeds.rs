@@ -154,7 +154,7 @@ fn main() -> Result<(), Error> {
     let delivery = |kind, payload: &[u8]| {
         ServerMessage::Push(Push::Delivery(Delivery {
             id: 7,
-            sender: alice.clone(),
+            sender: Some(alice.clone()),
             kind,
             group_id: Some(group_id.clone()),
             payload: payload.to_vec(),

@@ -197,8 +197,16 @@ pub(crate) fn leaf_member(leaf: &LeafNode) -> std::result::Result<MemberInfo, St
 /// extension on top of openmls's defaults (an extension a KeyPackage carries
 /// must be listed in its leaf's capabilities).
 fn capabilities() -> Capabilities {
+    capabilities_offering(&Suite::ALL)
+}
+
+/// A leaf's capabilities: Umbra's extensions, and `offered` as the
+/// ciphersuites (what a KeyPackage's device offers; members read it to
+/// tell a device that has no post-quantum package from a server that
+/// withholds it).
+fn capabilities_offering(offered: &[Suite]) -> Capabilities {
     Capabilities::builder()
-        .ciphersuites(Suite::ALL.map(Suite::ciphersuite).to_vec())
+        .ciphersuites(offered.iter().map(|suite| suite.ciphersuite()).collect())
         .extensions(vec![
             ExtensionType::LastResort,
             ExtensionType::Unknown(DISAPPEARING_EXTENSION),
@@ -277,7 +285,27 @@ pub fn new_device_key_package(
     last_resort: bool,
     certificate: Option<&crate::DeviceCertificate>,
 ) -> Result<Vec<u8>> {
-    let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities());
+    new_offering_key_package(
+        provider,
+        signer,
+        account,
+        (suite, &Suite::ALL),
+        last_resort,
+        certificate,
+    )
+}
+
+/// [`new_device_key_package`] of `suite` from a device that offers the
+/// suites `offered` (its leaf's capabilities list them, and only them).
+pub fn new_offering_key_package(
+    provider: &Provider<'_>,
+    signer: &DeviceSigner,
+    account: &AccountId,
+    (suite, offered): (Suite, &[Suite]),
+    last_resort: bool,
+    certificate: Option<&crate::DeviceCertificate>,
+) -> Result<Vec<u8>> {
+    let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities_offering(offered));
     if let Some(certificate) = certificate {
         builder = builder.leaf_node_extensions(certificate_extension(certificate)?);
     }

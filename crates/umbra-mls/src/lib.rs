@@ -30,6 +30,7 @@ pub use devices::{
 pub use group::{
     CommitOutput, DEVICE_CERTIFICATE_EXTENSION, DISAPPEARING_EXTENSION, Group, GroupConfig,
     Incoming, MemberInfo, accounts_of, new_device_key_package, new_key_package,
+    new_offering_key_package,
 };
 #[cfg(feature = "hostile")]
 pub use hostile::odd_key_package;

@@ -20,6 +20,12 @@ pub struct ValidKeyPackage {
     pub identity_key: IdentityKey,
     pub last_resort: bool,
     pub suite: Suite,
+    /// The suites its leaf's capabilities list that Umbra knows: what its
+    /// device offers. A device that offers the post-quantum suite keeps a
+    /// package of it at the server (a last-resort one at least), so a
+    /// classical package of such a device, handed out when both were asked
+    /// for, is the server's choice, not the device's.
+    pub offers: Vec<Suite>,
     /// The device certificate its leaf carries, decoded but not checked
     /// (checking needs the account key, which the caller knows).
     pub certificate: Option<DeviceCertificate>,
@@ -74,11 +80,18 @@ pub fn validate_key_package(bytes: &[u8]) -> Result<ValidKeyPackage> {
         .map_err(|e| MlsError::InvalidKeyPackage(e.to_string()))?;
     let certificate = leaf_certificate(leaf.extensions())
         .map_err(|e| MlsError::InvalidKeyPackage(format!("its device certificate: {e}")))?;
+    let offers = leaf
+        .capabilities()
+        .ciphersuites()
+        .iter()
+        .filter_map(|suite| Suite::from_code(suite.value()))
+        .collect();
     Ok(ValidKeyPackage {
         account,
         identity_key,
         last_resort: key_package.last_resort(),
         suite,
+        offers,
         certificate,
     })
 }

@@ -206,7 +206,11 @@ pub use crate::wire::DeliveryKind;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     pub id: u64,
-    pub sender: AccountId,
+    /// The account a server notice is from (contact requests and
+    /// acceptances, revocations, device removals, wipes and the server's
+    /// own notices); `None` (empty on the wire) for what members send a
+    /// group, whose sender MLS authenticates and the server does not keep.
+    pub sender: Option<AccountId>,
     pub kind: DeliveryKind,
     pub group_id: Option<GroupId>,
     pub payload: Vec<u8>,
@@ -899,7 +903,11 @@ pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
                 }),
                 Push::Delivery(d) => push::Body::Delivery(wire::Delivery {
                     id: d.id,
-                    sender: d.sender.to_string(),
+                    sender: d
+                        .sender
+                        .as_ref()
+                        .map(AccountId::to_string)
+                        .unwrap_or_default(),
                     kind: d.kind as i32,
                     group_id: d
                         .group_id
@@ -1023,7 +1031,11 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
                 },
                 push::Body::Delivery(d) => Push::Delivery(Delivery {
                     id: d.id,
-                    sender: account("sender", &d.sender)?,
+                    sender: if d.sender.is_empty() {
+                        None
+                    } else {
+                        Some(account("sender", &d.sender)?)
+                    },
                     kind: delivery_kind("kind", d.kind)?,
                     group_id: if d.group_id.is_empty() {
                         None
@@ -1129,7 +1141,7 @@ mod tests {
     fn the_largest_delivery_fits_in_a_frame() {
         let frame = encode_server(&ServerMessage::Push(Push::Delivery(Delivery {
             id: u64::MAX,
-            sender: AccountId::parse("ZZZZZZZZ").unwrap_or_else(|e| panic!("{e}")),
+            sender: Some(AccountId::parse("ZZZZZZZZ").unwrap_or_else(|e| panic!("{e}"))),
             kind: DeliveryKind::Application,
             group_id: Some(
                 GroupId::new(vec![0xff; GroupId::MAX_LEN]).unwrap_or_else(|e| panic!("{e}")),
@@ -1176,10 +1188,18 @@ mod tests {
             }),
             ServerMessage::Push(Push::Delivery(Delivery {
                 id: 5,
-                sender: alice(),
+                sender: None,
                 kind: DeliveryKind::Application,
                 group_id: GroupId::new(vec![1]).ok(),
                 payload: vec![1, 2],
+                sent_at: 9,
+            })),
+            ServerMessage::Push(Push::Delivery(Delivery {
+                id: 6,
+                sender: Some(alice()),
+                kind: DeliveryKind::ContactRequest,
+                group_id: None,
+                payload: Vec::new(),
                 sent_at: 9,
             })),
             ServerMessage::Response {

@@ -264,7 +264,7 @@ mod tests {
     fn delivery(id: u64) -> StoredDelivery {
         StoredDelivery {
             id,
-            sender: account("ABCDEFGH"),
+            sender: None,
             kind: DeliveryKind::Application,
             group_id: None,
             payload: vec![0; 8],

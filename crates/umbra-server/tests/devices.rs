@@ -653,7 +653,7 @@ async fn each_device_reads_and_acknowledges_its_own_mailbox() {
             .map(|d| (d.kind, d.sender.clone()))
             .collect::<Vec<_>>()
     };
-    let expected = vec![(DeliveryKind::ContactRequest, bob.id.clone())];
+    let expected = vec![(DeliveryKind::ContactRequest, Some(bob.id.clone()))];
 
     let mut second = Raw::connect(&server).await;
     second

@@ -397,8 +397,8 @@ async fn contacts(store: &impl Store) {
     let inbox = store.pending(&one(&bob), 0, 10, NOW).await.unwrap();
     assert_eq!(inbox.len(), 1);
     assert_eq!(
-        (inbox[0].kind, &inbox[0].sender),
-        (DeliveryKind::ContactRequest, &alice)
+        (inbox[0].kind, inbox[0].sender.as_ref()),
+        (DeliveryKind::ContactRequest, Some(&alice))
     );
     assert_eq!(
         store
@@ -412,8 +412,8 @@ async fn contacts(store: &impl Store) {
     assert!(store.are_contacts(&bob, &alice).await.unwrap());
     let inbox = store.pending(&one(&alice), 0, 10, NOW).await.unwrap();
     assert_eq!(
-        (inbox[0].kind, &inbox[0].sender),
-        (DeliveryKind::ContactAccepted, &bob)
+        (inbox[0].kind, inbox[0].sender.as_ref()),
+        (DeliveryKind::ContactAccepted, Some(&bob))
     );
     assert_eq!(
         store
@@ -752,7 +752,10 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
         rest.iter().map(|d| d.payload[0]).collect::<Vec<_>>(),
         vec![3, 4]
     );
-    assert_eq!(rest[0].sender, bob);
+    assert_eq!(
+        rest[0].sender, None,
+        "the sender of a group's message is not kept (MLS tells the recipient)"
+    );
     assert_eq!(rest[0].sent_at, NOW + 3);
 
     // Bob cannot delete Alice's mail; Alice can.
@@ -843,8 +846,8 @@ async fn notices(store: &impl Store) {
         (id, DeliveryKind::KeyPackagesLow)
     );
     assert_eq!(
-        (&inbox[0].sender, inbox[0].group_id.as_ref()),
-        (&alice, None)
+        (inbox[0].sender.as_ref(), inbox[0].group_id.as_ref()),
+        (Some(&alice), None)
     );
 }
 
@@ -1259,7 +1262,7 @@ async fn mailboxes_per_device(store: &impl Store) {
     let phone_held = store.pending(&phone, 0, 10, NOW).await.unwrap();
     let payloads: Vec<&[u8]> = phone_held.iter().map(|d| d.payload.as_slice()).collect();
     assert_eq!(payloads, [&b"hi"[..], b"me"]);
-    assert_eq!(phone_held[1].sender, alice, "the sending account");
+    assert_eq!(phone_held[1].sender, None, "no sender is kept");
     let ids: Vec<u64> = phone_held.iter().map(|d| d.id).collect();
     assert_eq!(
         store.ack(&laptop, &ids).await.unwrap(),
@@ -1294,7 +1297,10 @@ async fn mailboxes_per_device(store: &impl Store) {
             .filter(|d| d.kind == DeliveryKind::DeviceRemoved)
             .map(|d| (d.sender.clone(), d.group_id.clone(), d.payload.clone()))
             .collect();
-        assert_eq!(notices, [(alice.clone(), Some(g.clone()), remove.clone())]);
+        assert_eq!(
+            notices,
+            [(Some(alice.clone()), Some(g.clone()), remove.clone())]
+        );
         let ids: Vec<u64> = held.iter().map(|d| d.id).collect();
         store.ack(device, &ids).await.unwrap();
     }
@@ -1469,7 +1475,11 @@ pub async fn mailbox_cap(store: &impl Store) {
     assert_eq!(held.len(), 4, "{kinds:?}");
     assert_eq!(held[3].kind, DeliveryKind::MailboxFull);
     assert_eq!(held[3].payload, 2u64.to_be_bytes(), "two were not kept");
-    assert_eq!(held[3].sender, bob, "a notice from the server, about bob");
+    assert_eq!(
+        held[3].sender,
+        Some(bob.clone()),
+        "a notice from the server, about bob"
+    );
 
     // A commit is kept past the cap: without it Bob could not follow.
     let outcome = store

@@ -524,7 +524,12 @@ pub struct Notice {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredDelivery {
     pub id: u64,
-    pub sender: AccountId,
+    /// The account a server notice is from (a contact request, an
+    /// acceptance, a device removal...). `None` for what members send a
+    /// group (application messages, commits, proposals, Welcomes): MLS
+    /// authenticates their sender to the recipients, so the server neither
+    /// stores nor sends it.
+    pub sender: Option<AccountId>,
     pub kind: DeliveryKind,
     pub group_id: Option<GroupId>,
     pub payload: Vec<u8>,

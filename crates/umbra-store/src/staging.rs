@@ -469,7 +469,7 @@ mod tests {
         let account = |text: &str| AccountId::parse(text).expect("a valid account ID");
         let delivery = StoredDelivery {
             id,
-            sender: account("AAAAAAAA"),
+            sender: None,
             kind: DeliveryKind::Application,
             group_id: None,
             payload: vec![7; 16],
@@ -584,7 +584,8 @@ mod tests {
         // server is behind.
         let (mut staging, first_sweep) = first_copy_written();
         // Nor is someone else's Ack naming its ID.
-        let someone_else = DeviceAddr::first(copy(1).1.sender);
+        let someone_else =
+            DeviceAddr::first(AccountId::parse("AAAAAAAA").expect("a valid account ID"));
         let _ = staging.ack(&someone_else, &[1], first_sweep);
         assert!(swept(&mut staging, first_sweep + ADJUST_EVERY).is_empty());
         assert_eq!(staging.window(), ACK_WINDOW);

@@ -298,8 +298,12 @@ fn on_note(
                     ));
                 }
                 Event::Discarded { from, reason } => {
+                    let from = from.as_ref().map_or_else(
+                        || "in a conversation".to_owned(),
+                        |from| format!("from {from}"),
+                    );
                     app.banner = Some(format!(
-                        "A message from {from} could not be read and was set aside: {}",
+                        "A message {from} could not be read and was set aside: {}",
                         crate::escape::printable(reason)
                     ));
                 }

@@ -209,10 +209,11 @@ impl Client {
             Some(FollowUp::Receipt(group_id, uids)) => {
                 let conversation = ConversationId::from_group(&group_id);
                 if let Err(error) = self
-                    .send_receipt_inline(
+                    .receipt(
                         &conversation,
                         umbra_proto::content::ReceiptKind::Delivered,
                         uids,
+                        true,
                     )
                     .await
                 {
@@ -231,9 +232,16 @@ impl Client {
         delivery: &Delivery,
         events: &mut Vec<Event>,
     ) -> Result<Option<FollowUp>> {
-        let sender = &delivery.sender;
+        // Only the server's notices name a sender; what members send a group
+        // names none (MLS authenticates it).
+        let notice_sender = || {
+            delivery.sender.as_ref().ok_or_else(|| {
+                ClientError::Invalid(format!("a {:?} delivery without its sender", delivery.kind))
+            })
+        };
         match delivery.kind {
             DeliveryKind::ContactRequest => {
+                let sender = notice_sender()?;
                 // If we had asked them too, theirs is the request the server
                 // keeps: accepting it makes us contacts.
                 let state = contact_state(tx, sender)?;
@@ -249,6 +257,7 @@ impl Client {
                 }
             }
             DeliveryKind::ContactAccepted => {
+                let sender = notice_sender()?;
                 // Only an answer to a request this device sent: the server
                 // alone must not be able to make someone a contact.
                 let accepted = tx.execute(
@@ -376,7 +385,10 @@ impl Client {
         let Some(group) = Group::load(provider, &gid)? else {
             return Ok(None);
         };
-        let account = &delivery.sender;
+        let account = delivery
+            .sender
+            .as_ref()
+            .ok_or_else(|| ClientError::Invalid("a device removal without its account".into()))?;
         let entry = umbra_proto::DeviceEntry::decode(&delivery.payload).ok();
         let removed = entry.as_ref().and_then(|entry| match entry.change {
             umbra_proto::DeviceChange::Remove { device } => Some(device),
@@ -426,14 +438,19 @@ impl Client {
         let (group, inviter) = Group::join(provider, &delivery.payload, &self.inner.options.group)?;
         // Another device of this account adds this one to its groups.
         let own = inviter == self.inner.account;
-        if inviter != delivery.sender
+        // The server no longer names a Welcome's sender; one that does must
+        // name the inviter the Welcome itself proves.
+        if delivery
+            .sender
+            .as_ref()
+            .is_some_and(|sender| *sender != inviter)
             || (!own && contact_state(tx, &inviter)? != Some(ContactState::Accepted))
         {
             // Not from a contact we accepted: leave no trace of the group.
             warn!(inviter = %inviter, "ignoring a Welcome from someone who is not a contact");
             group.delete(provider)?;
             events.push(Event::Refused {
-                from: delivery.sender.clone(),
+                from: inviter.clone(),
                 reason: Refusal::InvitationFromStranger,
             });
             return Ok(());

@@ -16,6 +16,15 @@ use crate::types::{
 
 use super::{Client, check_group_name, contact_state, load_group, message_row, pinned_key};
 
+/// Most devices a new conversation starts with in the post-quantum suite:
+/// the commit that adds them, its Welcome and GroupInfo share one frame
+/// (1 MiB), at about 6.7 KB per post-quantum device (figures in
+/// docs/benchmarks.md); more start classical.
+const MAX_POST_QUANTUM_START: usize = 128;
+/// Most devices a new conversation starts with at all (about 0.8 KB each in
+/// the classical suite, more with device certificates).
+const MAX_START: usize = 1000;
+
 impl Client {
     pub(super) fn direct_conversation(&self, peer: &AccountId) -> Result<Option<ConversationId>> {
         let id: Option<Vec<u8>> = self
@@ -75,6 +84,7 @@ impl Client {
                 ));
             };
             let valid = umbra_mls::validate_key_package(&key_package)?;
+            self.check_suite(account, &valid, suites)?;
             if &valid.account != account {
                 return Err(ClientError::Invalid(format!(
                     "the server returned a KeyPackage for {} when asked for {account}",
@@ -166,6 +176,7 @@ impl Client {
                 }
             };
             let valid = umbra_mls::validate_key_package(&key_package)?;
+            self.check_suite(account, &valid, suites)?;
             let genuine = valid.account == *account
                 && valid.identity_key == device_key
                 && match valid.certificate.as_ref() {
@@ -207,6 +218,27 @@ impl Client {
         Ok(key_packages)
     }
 
+    /// A fetched package must be of a suite asked for: another is the
+    /// server's doing.
+    pub(super) fn check_suite(
+        &self,
+        account: &AccountId,
+        valid: &umbra_mls::ValidKeyPackage,
+        suites: &[Suite],
+    ) -> Result<()> {
+        if suites.contains(&valid.suite) {
+            return Ok(());
+        }
+        warn!(%account, suite = %valid.suite, "a KeyPackage of a suite not asked for");
+        self.emit(Event::ServerMisbehaved {
+            what: format!(
+                "it handed out a KeyPackage of {account} of {}, which was not asked for",
+                valid.suite
+            ),
+        });
+        Err(ClientError::WrongSuite(account.clone()))
+    }
+
     /// The ciphersuite of this device's group `group_id`.
     pub(super) fn group_suite(&self, group_id: &[u8]) -> Result<Suite> {
         self.with_tx(|_, provider| {
@@ -223,20 +255,48 @@ impl Client {
         name: Option<&str>,
         members: &[AccountId],
     ) -> Result<ConversationId> {
-        // The preferred suite (post-quantum) when every device offers it;
-        // otherwise the classical one, fetched again for every device (the
-        // preferred packages handed out meanwhile are spent: the server
-        // hands each out once).
-        let offered = self.offered_suites();
+        // The preferred suite (post-quantum) when every device offers it
+        // and the first commit can carry it; otherwise the classical one.
+        let mut offered = self.offered_suites();
+        if members.len() + 1 > MAX_POST_QUANTUM_START {
+            offered.retain(|suite| !suite.is_post_quantum());
+        }
         let mut suite = offered[0];
         let mut key_packages = self.packages_for_new(members, &offered).await?;
-        let mixed = key_packages.iter().any(|(_, package)| {
-            umbra_mls::validate_key_package(package).map_or(true, |valid| valid.suite != suite)
-        });
-        if mixed && suite != Suite::CLASSICAL {
-            debug!(%suite, "a device offers no KeyPackage of the preferred suite; falling back");
-            suite = Suite::CLASSICAL;
-            key_packages = self.packages_for_new(members, &[suite]).await?;
+        if suite != Suite::CLASSICAL {
+            let mut classical_only = false;
+            for (account, package) in &key_packages {
+                let valid = umbra_mls::validate_key_package(package)?;
+                if valid.suite == suite {
+                    continue;
+                }
+                // A device that offers the suite keeps a package of it at
+                // the server (a last-resort one at least).
+                if valid.offers.contains(&suite) {
+                    warn!(%account, "a classical KeyPackage of a device that offers post-quantum ones");
+                    self.emit(Event::ServerMisbehaved {
+                        what: format!(
+                            "it handed out a classical KeyPackage of {account}, whose device \
+                             offers post-quantum ones"
+                        ),
+                    });
+                    return Err(ClientError::Downgraded(account.clone()));
+                }
+                classical_only = true;
+            }
+            // Fetched again, every device's (the packages handed out first
+            // are spent: the server hands each out once).
+            if classical_only || key_packages.len() + 1 > MAX_POST_QUANTUM_START {
+                debug!(%suite, "a device offers no post-quantum KeyPackage, or too many devices: classical");
+                suite = Suite::CLASSICAL;
+                key_packages = self.packages_for_new(members, &[suite]).await?;
+            }
+        }
+        if key_packages.len() + 1 > MAX_START {
+            return Err(ClientError::TooManyDevices {
+                devices: key_packages.len() + 1,
+                limit: MAX_START,
+            });
         }
         let config = umbra_mls::GroupConfig {
             suite,
@@ -284,8 +344,19 @@ impl Client {
             )?;
             group_id
         };
-        self.add_to_group(&group_id, key_packages).await?;
         let conversation = ConversationId::from_group(&group_id);
+        if let Err(error) = self.add_to_group(&group_id, key_packages).await {
+            // A commit too large to send was dropped: so is the conversation
+            // that nobody else could join.
+            if matches!(error, ClientError::TooLarge { .. }) {
+                self.with_tx(|tx, provider| {
+                    tx.execute("DELETE FROM conversations WHERE group_id = ?1", [&group_id])?;
+                    load_group(provider, &group_id)?.delete(provider)?;
+                    Ok(())
+                })?;
+            }
+            return Err(error);
+        }
         if let Some(name) = name.filter(|n| !n.is_empty()) {
             self.send_content(&conversation, Body::GroupName(name.to_owned()))
                 .await?;

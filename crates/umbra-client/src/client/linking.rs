@@ -528,6 +528,7 @@ impl Client {
             ));
         };
         let valid = umbra_mls::validate_key_package(&key_package)?;
+        self.check_suite(&account, &valid, &[suite])?;
         let genuine = valid.account == account
             && valid.identity_key == key
             && valid.certificate.as_ref().is_some_and(|certificate| {

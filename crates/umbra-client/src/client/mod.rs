@@ -42,6 +42,11 @@ use crate::types::{ContactState, ConversationId, DeliveryState, Direction, Event
 
 /// How many times a commit is retried after losing its epoch to another.
 const COMMIT_ATTEMPTS: usize = 5;
+/// How long receipts wait by default: long enough that several messages'
+/// receipts leave together and their timing links none of them to its
+/// message; short enough that "delivered" still means something.
+pub const DEFAULT_RECEIPT_DELAY: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(2)..=Duration::from_secs(20);
 /// Events buffered for slow subscribers before they start missing some.
 const EVENT_BUFFER: usize = 1024;
 
@@ -62,6 +67,11 @@ pub struct ClientOptions {
     pub self_update_interval: Duration,
     /// Where time comes from (tests use a `ManualClock`).
     pub clock: Arc<dyn Clock>,
+    /// Delivered and read receipts wait a random time within this range
+    /// (drawn for the first receipt of each conversation's batch; whole
+    /// seconds) and then go out together, so their timing does not link a
+    /// receipt to the message it answers. Zero sends each at once.
+    pub receipt_delay: std::ops::RangeInclusive<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -72,6 +82,7 @@ impl Default for ClientOptions {
             key_package_batch: 20,
             self_update_interval: Duration::from_secs(7 * 86_400),
             clock: Arc::new(SystemClock),
+            receipt_delay: DEFAULT_RECEIPT_DELAY,
         }
     }
 }
@@ -122,6 +133,11 @@ pub(crate) struct Inner {
     held: watch::Sender<bool>,
     /// Groups this device is rejoining (see `rejoin.rs`).
     rejoining: Mutex<std::collections::HashSet<Vec<u8>>>,
+    /// The MLS suites the server said at login it keeps KeyPackages of
+    /// (a server that reports none keeps the classical suite's only).
+    server_suites: Mutex<Vec<umbra_mls::Suite>>,
+    /// Whether a flush of due receipts is under way (see `receipts.rs`).
+    receipts_flushing: std::sync::atomic::AtomicBool,
 }
 
 /// A signing key from its 32 stored bytes (zeroised after use).
@@ -336,6 +352,8 @@ impl Client {
                 ticking: std::sync::atomic::AtomicBool::new(false),
                 held: watch::channel(false).0,
                 rejoining: Mutex::default(),
+                server_suites: Mutex::new(vec![umbra_mls::Suite::CLASSICAL]),
+                receipts_flushing: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use rusqlite::Connection;
-use tracing::debug;
+use tracing::{debug, warn};
 use umbra_mls::{DeviceSigner, Suite};
 use umbra_proto::{
     ErrorCode, IdentityKey, Push, Reply, Request, Signature, ended_login_signing_payload,
@@ -42,6 +42,14 @@ impl Client {
                 &self.inner,
             )));
         }
+    }
+
+    pub(crate) fn inner_options(&self) -> &super::ClientOptions {
+        &self.inner.options
+    }
+
+    pub(crate) fn receipts_flushing(&self) -> &std::sync::atomic::AtomicBool {
+        &self.inner.receipts_flushing
     }
 
     pub(crate) fn signer(&self) -> &DeviceSigner {
@@ -240,16 +248,27 @@ impl Client {
         self.emit(Event::Connection {
             state: ConnectionState::Connected,
         });
-        for suite in self.offered_suites() {
-            // A server that counts no stock per suite counts the classical
-            // suite's alone.
+        // A server that counts no stock per suite keeps the classical
+        // suite's alone: nothing else is uploaded to it, or asked of it.
+        let taken: Vec<Suite> = if stocks.is_empty() {
+            vec![Suite::CLASSICAL]
+        } else {
+            stocks
+                .iter()
+                .filter_map(|stock| Suite::from_code(stock.suite))
+                .collect()
+        };
+        *self
+            .inner
+            .server_suites
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = taken;
+        // The classical suite first: every conversation can fall back to it.
+        for suite in self.offered_suites().into_iter().rev() {
             let (remaining, has_last_resort) =
                 match stocks.iter().find(|stock| stock.suite == suite.code()) {
                     Some(stock) => (stock.remaining, stock.has_last_resort),
-                    None if suite.code() == umbra_proto::CLASSICAL_SUITE => {
-                        (key_packages_remaining, has_last_resort)
-                    }
-                    None => (0, false),
+                    None => (key_packages_remaining, has_last_resort),
                 };
             if remaining >= key_package_low_water && has_last_resort {
                 continue;
@@ -267,6 +286,11 @@ impl Client {
                 // the next "KeyPackages low" notice) uploads again.
                 Err(error) if error.server_code() == Some(ErrorCode::StorageFull) => {
                     debug!(%error, "uploading KeyPackages deferred");
+                }
+                // Another suite refused is not worth the session: the
+                // classical one is what every conversation can fall back to.
+                Err(error) if suite != Suite::CLASSICAL && error.server_code().is_some() => {
+                    warn!(%error, %suite, "uploading KeyPackages refused");
                 }
                 other => other?,
             }
@@ -298,7 +322,8 @@ impl Client {
     }
 
     /// Waits until everything the server held for this device when it
-    /// connected has been applied and acknowledged.
+    /// connected has been applied and acknowledged, and the receipts
+    /// already due (kept from earlier) have gone out.
     pub async fn sync(&self) -> Result<()> {
         let mut synced = self.inner.synced.subscribe();
         let wait = synced.wait_for(|count| *count > 0);
@@ -306,6 +331,9 @@ impl Client {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return Err(ClientError::ConnectionLost),
             Err(_) => return Err(ClientError::Timeout(REQUEST_TIMEOUT.as_secs())),
+        }
+        if let Err(error) = self.flush_receipts().await {
+            debug!(%error, "sending receipts");
         }
         if self.is_connected() {
             Ok(())
@@ -318,7 +346,22 @@ impl Client {
     /// the one its options prefer for new conversations (post-quantum by
     /// default), and the classical one every Umbra device offers, so a
     /// conversation with a device that offers nothing else still starts.
+    /// Only those the server keeps (as it said at login).
     pub(super) fn offered_suites(&self) -> Vec<Suite> {
+        let taken = self
+            .inner
+            .server_suites
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut suites = self.capable_suites();
+        suites.retain(|suite| *suite == Suite::CLASSICAL || taken.contains(suite));
+        suites
+    }
+
+    /// Every suite this device could offer (its KeyPackages' leaves list
+    /// them), whatever the server keeps.
+    fn capable_suites(&self) -> Vec<Suite> {
         let preferred = self.inner.options.group.suite;
         let mut suites = vec![preferred];
         if preferred != Suite::CLASSICAL {
@@ -335,13 +378,14 @@ impl Client {
         batch: usize,
         with_last_resort: bool,
     ) -> Result<()> {
+        let capable = self.capable_suites();
         let (one_time, last_resort) = self.with_tx(|_, provider| {
             let make = |last| {
-                umbra_mls::new_device_key_package(
+                umbra_mls::new_offering_key_package(
                     provider,
                     &self.inner.signer,
                     &self.inner.account,
-                    suite,
+                    (suite, &capable),
                     last,
                     self.certificate(),
                 )
@@ -366,7 +410,7 @@ impl Client {
     /// new conversations). The one-time pool is topped up when the server
     /// says it runs low (it caps how many may wait there).
     pub async fn rotate_key_packages(&self) -> Result<()> {
-        for suite in self.offered_suites() {
+        for suite in self.offered_suites().into_iter().rev() {
             self.upload_key_packages(suite, 0, true).await?;
         }
         Ok(())

@@ -228,6 +228,9 @@ pub fn options() -> ClientOptions {
     ClientOptions {
         kdf: KdfParams::insecure_for_tests(),
         key_package_batch: 5,
+        // Receipts at once: tests that wait for "delivered" need not wait
+        // out a random delay (`receipts_wait_and_leave_together` tests it).
+        receipt_delay: std::time::Duration::ZERO..=std::time::Duration::ZERO,
         ..ClientOptions::default()
     }
 }

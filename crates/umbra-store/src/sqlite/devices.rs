@@ -201,7 +201,7 @@ impl DeviceLogs for SqliteStore {
                         super::enqueue(
                             tx,
                             &member,
-                            &account,
+                            Some(&account),
                             umbra_proto::DeliveryKind::DeviceRemoved,
                             Some(&group),
                             &entry,

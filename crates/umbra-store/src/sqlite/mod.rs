@@ -58,6 +58,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         13,
         include_str!("../../migrations/0013_key_packages_per_suite.sql"),
     ),
+    (
+        14,
+        include_str!("../../migrations/0014_no_sender_of_group_traffic.sql"),
+    ),
 ];
 
 /// Most writes committed together by one fsync.
@@ -851,7 +855,7 @@ fn note_mailbox_full(
     enqueue(
         tx,
         recipient,
-        &recipient.account,
+        Some(&recipient.account),
         DeliveryKind::MailboxFull,
         None,
         &total.to_be_bytes(),
@@ -867,7 +871,7 @@ fn insert_staged(tx: &Transaction<'_>, row: &DueCopy) -> Result<()> {
         tx,
         delivery.id,
         &row.recipient,
-        &delivery.sender,
+        delivery.sender.as_ref(),
         delivery.kind,
         delivery.group_id.as_ref(),
         &delivery.payload,
@@ -876,13 +880,15 @@ fn insert_staged(tx: &Transaction<'_>, row: &DueCopy) -> Result<()> {
     )
 }
 
-/// The mailbox's one INSERT: a delivery row under a given ID.
+/// The mailbox's one INSERT: a delivery row under a given ID. A delivery
+/// without a sender (what members send a group) keeps the empty string
+/// in its place.
 #[allow(clippy::too_many_arguments)] // one row of the mailbox table, named field by field
 fn insert_row(
     tx: &Transaction<'_>,
     id: u64,
     recipient: &DeviceAddr,
-    sender: &AccountId,
+    sender: Option<&AccountId>,
     kind: DeliveryKind,
     group: Option<&GroupId>,
     payload: &[u8],
@@ -899,7 +905,7 @@ fn insert_row(
             id,
             recipient.account.as_str(),
             recipient.device.0,
-            sender.as_str(),
+            sender.map_or("", AccountId::as_str),
             kind as i32,
             group.map(GroupId::as_bytes),
             payload,
@@ -920,7 +926,7 @@ fn account_id(text: String) -> Result<AccountId> {
 fn enqueue(
     tx: &Tx<'_>,
     recipient: &DeviceAddr,
-    sender: &AccountId,
+    sender: Option<&AccountId>,
     kind: DeliveryKind,
     group: Option<&GroupId>,
     payload: &[u8],
@@ -952,7 +958,16 @@ fn enqueue_for_account(
 ) -> Result<Vec<DeviceAddr>> {
     let devices = devices::current(tx, recipient)?;
     for device in &devices {
-        enqueue(tx, device, sender, kind, group, payload, now, expires_at)?;
+        enqueue(
+            tx,
+            device,
+            Some(sender),
+            kind,
+            group,
+            payload,
+            now,
+            expires_at,
+        )?;
     }
     Ok(devices)
 }
@@ -1236,7 +1251,7 @@ fn revoke_in(
             enqueue(
                 tx,
                 &member,
-                id,
+                Some(id),
                 DeliveryKind::MemberRevoked,
                 Some(&group),
                 notice,
@@ -1755,7 +1770,7 @@ impl Groups for SqliteStore {
                 enqueue(
                     tx,
                     member,
-                    &commit.sender.account,
+                    None,
                     DeliveryKind::Commit,
                     Some(&commit.group_id),
                     &commit.commit,
@@ -1774,7 +1789,7 @@ impl Groups for SqliteStore {
                     enqueue(
                         tx,
                         added,
-                        &commit.sender.account,
+                        None,
                         DeliveryKind::Welcome,
                         Some(&commit.group_id),
                         welcome,
@@ -1889,7 +1904,7 @@ impl Message {
             .map(|(id, recipient)| {
                 let delivery = StoredDelivery {
                     id,
-                    sender: self.sender.account.clone(),
+                    sender: None,
                     kind: self.kind,
                     group_id: Some(self.group.clone()),
                     payload: self.payload.clone(),
@@ -2047,7 +2062,11 @@ impl Mailboxes for SqliteStore {
                     let (id, sender, kind, group, payload, sent_at) = row.map_err(backend)?;
                     Ok(StoredDelivery {
                         id,
-                        sender: account_id(sender)?,
+                        sender: if sender.is_empty() {
+                            None
+                        } else {
+                            Some(account_id(sender)?)
+                        },
                         kind: DeliveryKind::try_from(kind)
                             .map_err(|_| StoreError::Corrupt(format!("delivery kind {kind}")))?,
                         group_id: group
@@ -2092,7 +2111,7 @@ impl Mailboxes for SqliteStore {
                 let id = enqueue(
                     tx,
                     &recipient,
-                    &notice.sender,
+                    Some(&notice.sender),
                     notice.kind,
                     notice.group_id.as_ref(),
                     &notice.payload,
