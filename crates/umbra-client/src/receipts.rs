@@ -149,9 +149,12 @@ impl Client {
             params![&group_id, kind as i32],
             |row| row.get(0),
         )?;
+        // (A batch already due is being sent, or was just missed: these
+        // start a batch of their own rather than leave at once.)
+        let now = self.now();
         let due = match due {
-            Some(due) => due,
-            None => self.now() + random_delay(delay)?,
+            Some(due) if due > now => due,
+            _ => now + random_delay(delay)?,
         };
         for uid in uids {
             tx.prepare_cached(
@@ -206,30 +209,41 @@ impl Client {
         for (group_id, kind, uids) in batches {
             let conversation = ConversationId::from_group(&group_id);
             let receipt_kind = ReceiptKind::try_from(kind).unwrap_or(ReceiptKind::Delivered);
-            let sent = self.send_receipt(&conversation, receipt_kind, uids).await;
-            let db = self.db();
+            let sent = self
+                .send_receipt(&conversation, receipt_kind, uids.clone())
+                .await;
+            // Exactly the receipts of this batch: one kept meanwhile joined
+            // no batch that is being sent.
+            let mut db = self.db();
+            let tx = db.transaction()?;
             match sent {
                 Ok(()) | Err(ClientError::UnknownConversation(_) | ClientError::NotAMember) => {
-                    db.execute(
-                        "DELETE FROM pending_receipts
-                         WHERE group_id = ?1 AND kind = ?2 AND due_at <= ?3",
-                        params![&group_id, kind, now],
-                    )?;
+                    for uid in &uids {
+                        tx.prepare_cached(
+                            "DELETE FROM pending_receipts
+                             WHERE group_id = ?1 AND kind = ?2 AND uid = ?3",
+                        )?
+                        .execute(params![&group_id, kind, &uid[..]])?;
+                    }
                 }
                 Err(error) => {
                     debug!(%error, "receipts wait for another try");
-                    db.execute(
-                        "UPDATE pending_receipts SET due_at = ?4
-                         WHERE group_id = ?1 AND kind = ?2 AND due_at <= ?3",
-                        params![
+                    let later = self.now() + random_delay(&self.inner_options().receipt_delay)?;
+                    for uid in &uids {
+                        tx.prepare_cached(
+                            "UPDATE pending_receipts SET due_at = ?4
+                             WHERE group_id = ?1 AND kind = ?2 AND uid = ?3",
+                        )?
+                        .execute(params![
                             &group_id,
                             kind,
-                            now,
-                            self.now() + random_delay(&self.inner_options().receipt_delay)?
-                        ],
-                    )?;
+                            &uid[..],
+                            later
+                        ])?;
+                    }
                 }
             }
+            tx.commit()?;
         }
         Ok(())
     }

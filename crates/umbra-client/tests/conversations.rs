@@ -855,7 +855,7 @@ async fn receipts_wait_and_leave_together() {
         &activation,
         umbra_client::ClientOptions {
             clock: Arc::new(clock.clone()),
-            receipt_delay: Duration::from_secs(10)..=Duration::from_secs(10),
+            receipt_delay: Duration::from_secs(5)..=Duration::from_secs(15),
             ..common::options()
         },
     )
@@ -914,7 +914,7 @@ async fn receipts_wait_and_leave_together() {
     tokio::time::sleep(settle).await;
     assert_eq!(states(&alice), [DeliveryState::Sent; 3]);
     let before = sends();
-    clock.advance(10);
+    clock.advance(15);
     wait_for_states(&mut alice, DeliveryState::Delivered).await;
     assert_eq!(states(&alice), [DeliveryState::Delivered; 3]);
     assert_eq!(sends(), before + 1, "three receipts in one message");
@@ -923,7 +923,7 @@ async fn receipts_wait_and_leave_together() {
     bob.client.mark_read(&received).await.unwrap();
     tokio::time::sleep(settle).await;
     assert_eq!(states(&alice), [DeliveryState::Delivered; 3]);
-    clock.advance(10);
+    clock.advance(15);
     wait_for_states(&mut alice, DeliveryState::Read).await;
     assert_eq!(states(&alice), [DeliveryState::Read; 3]);
     assert_eq!(sends(), before + 2);

@@ -214,3 +214,169 @@ async fn the_server_keeps_and_sends_no_sender_of_what_members_send() {
         "{pushed:?}"
     );
 }
+
+/// The tables ARCHITECTURE.md's "What the server knows" lists: the names in
+/// the first column of its table.
+fn documented_tables() -> Vec<String> {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ARCHITECTURE.md"),
+    )
+    .unwrap();
+    let section = text
+        .split("\n## What the server knows")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("ARCHITECTURE.md has the section");
+    section
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|row| row.split(" | ").next())
+        .flat_map(|cell| {
+            cell.split('`')
+                .map(str::trim)
+                .filter(|name| !name.is_empty() && *name != ",")
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A day of traffic on a server whose clock the test moves (contacts asked,
+/// accepted and declined, a group and its commits, texts on disappearing
+/// timers to a device that is away), then a month: the server's database
+/// holds no table ARCHITECTURE.md does not list, no copy past its expiry
+/// and no sender of what members sent; after the month no commit hash, no
+/// contact request (answered or not) and no waiting copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_of_traffic_leaves_only_what_the_server_is_said_to_know() {
+    use std::sync::Arc;
+    use umbra_client::{ClientOptions, ManualClock};
+    const DAY: u64 = 86_400;
+    let clock = ManualClock::new(common::now());
+    let server = TestServer::start_with_clock(clock.clone()).await;
+    let options = || ClientOptions {
+        clock: Arc::new(clock.clone()),
+        ..common::options()
+    };
+    // Every conversation on the default 30-second timer.
+    let activation = server.activation().await;
+    let mut alice = Device::activate_with(&activation, options()).await;
+    let activation = server.activation().await;
+    let mut bob = Device::activate_with(&activation, options()).await;
+    let activation = server.activation().await;
+    let mut carol = Device::activate_with(&activation, options()).await;
+    let activation = server.activation().await;
+    let dave = Device::activate_with(&activation, options()).await;
+    let (direct, _) = befriend(&mut alice, &mut bob).await;
+    befriend(&mut alice, &mut carol).await;
+    // Dave asks Bob, who declines; Carol asks Dave, who never answers.
+    dave.client.add_contact(&bob.id()).await.unwrap();
+    bob.wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+    bob.client.decline_contact(&dave.id()).await.unwrap();
+    carol.client.add_contact(&dave.id()).await.unwrap();
+    let group = alice
+        .client
+        .create_group("day", &[bob.id(), carol.id()])
+        .await
+        .unwrap();
+    for hour in 0..24u64 {
+        alice
+            .client
+            .send_text(&direct, &format!("hour {hour}"))
+            .await
+            .unwrap();
+        carol
+            .client
+            .send_text(&group, &format!("group hour {hour}"))
+            .await
+            .unwrap();
+        if hour == 12 {
+            // Bob goes away: what follows waits for him.
+            bob.client.disconnect();
+        }
+        clock.advance(3600);
+    }
+    clock.advance(1);
+
+    let (data, address, store, _dir) = server.seize();
+    use umbra_store::Mailboxes as _;
+    store
+        .expire(umbra_client::Clock::now(&clock))
+        .await
+        .unwrap();
+    let db = rusqlite::Connection::open(data.join("umbra.db")).unwrap();
+    let tables: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let documented = documented_tables();
+    assert!(documented.len() >= 10, "{documented:?}");
+    for table in &tables {
+        assert!(
+            documented.contains(table),
+            "table {table} is not in ARCHITECTURE.md's \"What the server knows\""
+        );
+    }
+    let count = |sql: &str| -> i64 { db.query_row(sql, [], |row| row.get(0)).unwrap() };
+    let now = umbra_client::Clock::now(&clock);
+    assert_eq!(
+        count(&format!(
+            "SELECT COUNT(*) FROM mailbox WHERE expires_at <= {now}"
+        )),
+        0,
+        "copies past their expiry"
+    );
+    assert!(
+        count("SELECT COUNT(*) FROM mailbox WHERE kind = 1") > 0,
+        "Bob's waiting copies are there to look at"
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM mailbox WHERE kind IN (1, 2, 3, 4) AND sender != ''"),
+        0,
+        "a sender of what members send"
+    );
+    let pending = |requester: &Device, addressee: &Device| {
+        count(&format!(
+            "SELECT COUNT(*) FROM contacts WHERE requester = '{}' AND addressee = '{}' \
+             AND accepted = 0",
+            requester.id(),
+            addressee.id()
+        ))
+    };
+    let declined = count(&format!(
+        "SELECT COUNT(*) FROM contacts WHERE requester = '{}' AND declined = 1",
+        dave.id()
+    ));
+    assert_eq!(
+        (pending(&dave, &bob), declined),
+        (1, 1),
+        "a declined request is kept marked, for now"
+    );
+    assert_eq!(pending(&carol, &dave), 1, "an unanswered one, for now");
+    assert!(count("SELECT COUNT(*) FROM group_commits") > 0);
+    drop(db);
+
+    // A month later.
+    let later = now + 31 * DAY;
+    store.expire(later).await.unwrap();
+    drop(store);
+    let db = rusqlite::Connection::open(data.join("umbra.db")).unwrap();
+    let count = |sql: &str| -> i64 { db.query_row(sql, [], |row| row.get(0)).unwrap() };
+    assert_eq!(count("SELECT COUNT(*) FROM group_commits"), 0);
+    assert_eq!(count("SELECT COUNT(*) FROM contacts WHERE accepted = 0"), 0);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM mailbox"),
+        0,
+        "nothing waits a month"
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM contacts WHERE accepted = 1"),
+        2,
+        "contacts stay"
+    );
+    let _ = address;
+}

@@ -107,6 +107,10 @@ pub enum Request {
     AcceptContact {
         from: AccountId,
     },
+    /// Forget the pending request from `from` (the requester is not told).
+    DeclineContact {
+        from: AccountId,
+    },
     CreateGroup {
         group_id: GroupId,
         /// The group's signed GroupInfo at epoch 0, with its ratchet tree.
@@ -479,6 +483,9 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
         client_frame::Request::AcceptContact(r) => Request::AcceptContact {
             from: account("account_id", &r.account_id)?,
         },
+        client_frame::Request::DeclineContact(r) => Request::DeclineContact {
+            from: account("account_id", &r.account_id)?,
+        },
         client_frame::Request::CreateGroup(r) => Request::CreateGroup {
             group_id: GroupId::new(r.group_id)?,
             group_info: non_empty("group_info", r.group_info)?,
@@ -647,6 +654,11 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
         }
         Request::AcceptContact { from } => {
             client_frame::Request::AcceptContact(wire::AcceptContact {
+                account_id: from.to_string(),
+            })
+        }
+        Request::DeclineContact { from } => {
+            client_frame::Request::DeclineContact(wire::DeclineContact {
                 account_id: from.to_string(),
             })
         }
@@ -1094,6 +1106,7 @@ mod tests {
                 device: DeviceId(3),
                 suites: vec![0x004F, CLASSICAL_SUITE],
             },
+            Request::DeclineContact { from: alice() },
             Request::Ack {
                 delivery_ids: vec![1, 2, 3],
                 quiet: false,

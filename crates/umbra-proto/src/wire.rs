@@ -10,7 +10,7 @@ pub struct ClientFrame {
     pub id: u64,
     #[prost(
         oneof = "client_frame::Request",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37"
     )]
     pub request: Option<client_frame::Request>,
 }
@@ -30,6 +30,8 @@ pub mod client_frame {
         SendContactRequest(super::SendContactRequest),
         #[prost(message, tag = "15")]
         AcceptContact(super::AcceptContact),
+        #[prost(message, tag = "37")]
+        DeclineContact(super::DeclineContact),
         #[prost(message, tag = "16")]
         CreateGroup(super::CreateGroup),
         #[prost(message, tag = "17")]
@@ -210,6 +212,12 @@ pub struct SendContactRequest {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct AcceptContact {
+    #[prost(string, tag = "1")]
+    pub account_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeclineContact {
     #[prost(string, tag = "1")]
     pub account_id: String,
 }

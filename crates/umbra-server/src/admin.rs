@@ -132,3 +132,100 @@ pub async fn purge_lapsed_lines(
         .await?;
     Ok(ended.into_iter().map(|(line, _)| line).collect())
 }
+
+/// What a backup holds besides the database: the configuration, the TLS
+/// certificate and key (devices pin the certificate: a server restored
+/// without them would be refused by every device), and the key behind
+/// public delivery IDs (without it, IDs devices recorded as applied would
+/// change). Paths relative to the data directory.
+fn backed_up_files(config: &Config) -> Vec<std::path::PathBuf> {
+    vec![
+        std::path::PathBuf::from(crate::config::CONFIG_FILE),
+        config.cert.clone(),
+        config.key.clone(),
+        std::path::PathBuf::from(crate::delivery_ids::KEY_FILE),
+    ]
+}
+
+fn io_error(context: String) -> impl FnOnce(std::io::Error) -> ServerError {
+    move |source| ServerError::Io { context, source }
+}
+
+/// Copies a running (or stopped) server's data directory to `destination`,
+/// a directory that must not exist yet, created readable by its owner
+/// only: a consistent copy of the database taken while the server goes on
+/// (`SqliteStore::backup`), and the files it cannot run without. The copy
+/// holds the TLS private key: keep it as the data directory is kept.
+/// Returns what was copied, relative to `destination`.
+pub fn backup(
+    data_dir: &Path,
+    config: &Config,
+    destination: &Path,
+) -> Result<Vec<std::path::PathBuf>, ServerError> {
+    if destination.exists() {
+        return Err(ServerError::Io {
+            context: format!("backing up into {}", destination.display()),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "it exists already; name a new directory",
+            ),
+        });
+    }
+    let mut files = backed_up_files(config);
+    if let Some(absolute) = files.iter().find(|file| file.is_absolute()) {
+        return Err(ServerError::Io {
+            context: format!("backing up {}", absolute.display()),
+            source: std::io::Error::other(
+                "only paths inside the data directory are backed up; copy it yourself",
+            ),
+        });
+    }
+    crate::create_private_dir(destination)
+        .map_err(io_error(format!("creating {}", destination.display())))?;
+    for file in &files {
+        let (from, to) = (data_dir.join(file), destination.join(file));
+        if let Some(parent) = to.parent() {
+            crate::create_private_dir(parent)
+                .map_err(io_error(format!("creating {}", parent.display())))?;
+        }
+        std::fs::copy(&from, &to).map_err(io_error(format!("copying {}", from.display())))?;
+    }
+    umbra_store::sqlite::SqliteStore::backup(
+        &data_dir.join(&config.database),
+        &destination.join(&config.database),
+    )?;
+    files.push(config.database.clone());
+    Ok(files)
+}
+
+/// Makes `data_dir`, which must not hold a database yet, a copy of the
+/// backup at `backup` (made by [`backup`]); the server is then started on
+/// it as usual. Returns what was restored.
+pub fn restore(backup: &Path, data_dir: &Path) -> Result<Vec<std::path::PathBuf>, ServerError> {
+    let config = Config::load(backup)?;
+    let database = data_dir.join(&config.database);
+    if database.exists() {
+        return Err(ServerError::Io {
+            context: format!("restoring into {}", data_dir.display()),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "it holds a database already; stop its server and move it away first",
+            ),
+        });
+    }
+    let mut files = backed_up_files(&config);
+    files.push(config.database.clone());
+    crate::create_private_dir(data_dir)
+        .map_err(io_error(format!("creating {}", data_dir.display())))?;
+    for file in &files {
+        let (from, to) = (backup.join(file), data_dir.join(file));
+        if let Some(parent) = to.parent() {
+            crate::create_private_dir(parent)
+                .map_err(io_error(format!("creating {}", parent.display())))?;
+        }
+        std::fs::copy(&from, &to).map_err(io_error(format!("copying {}", from.display())))?;
+    }
+    // Opening it applies any migration a newer server needs.
+    drop(open_store(data_dir, &Config::load(data_dir)?)?);
+    Ok(files)
+}

@@ -111,6 +111,17 @@ impl std::fmt::Debug for ServerOptions {
     }
 }
 
+/// Creates `dir` (and its parents) readable by its owner only, as the data
+/// directory and its backups are: they hold the TLS key, the delivery-ID
+/// key and the database.
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
 /// Creates `data_dir` with a documented configuration file and a fresh
 /// self-signed certificate for `public_address`. Returns the certificate's
 /// fingerprint, which activation strings carry.
@@ -118,12 +129,7 @@ pub fn init(data_dir: &Path, public_address: &str) -> Result<CertFingerprint, Se
     let io = |context: String| move |source| ServerError::Io { context, source };
     // Readable by its owner only: it holds the TLS key, the delivery-ID
     // key and the database.
-    let mut dir = std::fs::DirBuilder::new();
-    dir.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut dir, 0o700);
-    dir.create(data_dir)
-        .map_err(io(format!("creating {}", data_dir.display())))?;
+    create_private_dir(data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
     let config_path = data_dir.join(config::CONFIG_FILE);
     if !config_path.exists() {
         let text = config::DEFAULT_CONFIG_TEXT.replace(

@@ -20,8 +20,19 @@ struct Cli {
     /// Data directory: configuration, TLS certificate and database.
     #[arg(long, global = true, env = "UMBRA_DATA", default_value = "umbra-data")]
     data: PathBuf,
+    /// How log lines are written to standard error: `text` for people
+    /// (coloured only on a terminal), `json` (one object per line) for a
+    /// log collector. The level comes from `UMBRA_LOG` (default `info`).
+    #[arg(long, global = true, env = "UMBRA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -54,6 +65,22 @@ enum AdminCommand {
     Distributors {
         #[command(subcommand)]
         command: DistributorsCommand,
+    },
+    /// Copy the data directory to a new directory while the server runs: a
+    /// consistent copy of the database (SQLite's VACUUM INTO, checked with
+    /// integrity_check), the configuration, the TLS certificate and key,
+    /// and the delivery-ID key. It holds secrets: keep it as the data
+    /// directory is kept.
+    Backup {
+        /// A directory that does not exist yet.
+        destination: PathBuf,
+    },
+    /// Make the data directory (which must hold no database) a copy of a
+    /// backup; then start the server on it with `run`. Devices keep
+    /// working: the certificate they pinned is restored with it.
+    Restore {
+        /// A directory made by `admin backup`.
+        backup: PathBuf,
     },
 }
 
@@ -101,13 +128,19 @@ fn main() -> ExitCode {
     #[cfg(target_os = "linux")]
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("UMBRA_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            logs.with_ansi(std::io::stderr().is_terminal()).init();
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -162,6 +195,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
         }
+        Command::Admin {
+            command: AdminCommand::Restore { backup },
+        } => {
+            let restored = admin::restore(&backup, &cli.data)?;
+            eprintln!(
+                "Restored {} files into {}; start the server with `umbra-server run`.",
+                restored.len(),
+                cli.data.display()
+            );
+        }
         Command::Admin { command } => {
             anyhow::ensure!(
                 cli.data.join(umbra_server::config::CONFIG_FILE).exists(),
@@ -181,6 +224,22 @@ async fn admin_command(
     command: AdminCommand,
 ) -> anyhow::Result<()> {
     match command {
+        AdminCommand::Backup { destination } => {
+            let copied = admin::backup(data, config, &destination)?;
+            for file in &copied {
+                println!("{}", destination.join(file).display());
+            }
+            eprintln!(
+                "Backed up {} files into {}. It holds the TLS key: keep it as the data directory is kept.",
+                copied.len(),
+                destination.display()
+            );
+        }
+        // Into a data directory that holds nothing yet: `run` handles it
+        // before checking for one.
+        AdminCommand::Restore { .. } => {
+            anyhow::bail!("restore into a new data directory (see `admin restore --help`)")
+        }
         AdminCommand::Distributors { command } => match command {
             DistributorsCommand::Add { name, quota } => {
                 let credential =

@@ -640,6 +640,14 @@ impl Services {
                     )),
                 }
             }
+            Request::DeclineContact { from } => {
+                self.live_account(me).await?;
+                self.store
+                    .decline_contact(me, &from)
+                    .await
+                    .map_err(internal)?;
+                Ok(Reply::Done)
+            }
             Request::CreateGroup {
                 group_id,
                 group_info,

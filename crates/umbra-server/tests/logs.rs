@@ -27,7 +27,7 @@ impl Write for Captured {
 }
 
 #[tokio::test]
-async fn info_logs_name_no_account() {
+async fn info_logs_name_no_account_and_no_address() {
     // The one test in this binary: the subscriber is global, so it sees
     // the server's tasks on every thread.
     let captured = Captured::default();
@@ -42,6 +42,7 @@ async fn info_logs_name_no_account() {
     let mut device = Raw::connect(&server).await;
     let signer = DeviceSigner::from_secret(&[5; 32]);
     let account = device.registered(&server, &signer).await;
+    let port = device.ws.get_ref().local_addr().unwrap().port();
     let wiper = DeviceSigner::from_secret(&[6; 32]);
     let set_key = Request::SetWipeKey {
         wipe_key: wiper.identity_key(),
@@ -71,5 +72,9 @@ async fn info_logs_name_no_account() {
     assert!(
         !text.contains(account.as_str()),
         "the account ID is in the info log:\n{text}"
+    );
+    assert!(
+        !text.contains(&format!(":{port}")),
+        "the device's address is in the info log:\n{text}"
     );
 }

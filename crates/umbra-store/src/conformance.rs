@@ -35,6 +35,7 @@ where
     key_packages_per_device(&make().await).await;
     key_packages_per_suite(&make().await).await;
     contacts(&make().await).await;
+    contact_requests_declined_and_pruned(&make().await).await;
     commits_one_per_epoch(&make().await).await;
     commit_hashes_are_swept(&make().await).await;
     fan_out_and_mailboxes(&make().await).await;
@@ -218,6 +219,115 @@ async fn key_packages(store: &impl Store) {
         store.take_key_package(&alice, one, C).await.unwrap(),
         Some((b"newer".to_vec(), true)),
         "uploading a last-resort package replaces the old one"
+    );
+}
+
+/// A declined request's waiting deliveries go at once, and the request
+/// with the unanswered ones after `CONTACT_REQUEST_LIFETIME`; meanwhile its
+/// requester is answered as if it were pending. Contacts stay.
+async fn contact_requests_declined_and_pruned(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    let carol = registered(store, "CCCCCCCC", 3).await;
+    let dave = registered(store, "DDDDDDDD", 4).await;
+    store
+        .request_contact(&alice, &bob, NOW, NOW + TTL)
+        .await
+        .unwrap();
+    assert!(store.decline_contact(&bob, &alice).await.unwrap());
+    assert!(
+        store
+            .pending(&one(&bob), 0, 10, NOW)
+            .await
+            .unwrap()
+            .is_empty(),
+        "its delivery went with it"
+    );
+    assert_eq!(
+        store
+            .accept_contact(&bob, &alice, NOW, NOW + TTL)
+            .await
+            .unwrap()
+            .0,
+        ContactAcceptOutcome::NoRequest
+    );
+    assert!(
+        !store.decline_contact(&bob, &alice).await.unwrap(),
+        "declined once"
+    );
+    // Alice cannot insist, nor tell it was declined, nor get her budget back.
+    assert_eq!(
+        store
+            .request_contact(&alice, &bob, NOW + 1, NOW + TTL)
+            .await
+            .unwrap(),
+        (ContactRequestOutcome::AlreadyRequested, Vec::new())
+    );
+    assert!(
+        store
+            .pending(&one(&bob), 0, 10, NOW)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.contact_requests_since(&alice, NOW).await.unwrap(), 1);
+    // Bob may change his mind and ask her himself.
+    assert_eq!(
+        store
+            .request_contact(&bob, &alice, NOW + 2, NOW + TTL)
+            .await
+            .unwrap()
+            .0,
+        ContactRequestOutcome::Sent
+    );
+    assert_eq!(
+        store
+            .accept_contact(&alice, &bob, NOW + 2, NOW + TTL)
+            .await
+            .unwrap()
+            .0,
+        ContactAcceptOutcome::Accepted
+    );
+    // Only the addressee's decline counts.
+    store
+        .request_contact(&carol, &bob, NOW, NOW + TTL)
+        .await
+        .unwrap();
+    assert!(!store.decline_contact(&carol, &bob).await.unwrap());
+    assert!(!store.decline_contact(&dave, &carol).await.unwrap());
+    // Carol's request, unanswered, and an accepted pair.
+    store
+        .request_contact(&dave, &alice, NOW, NOW + TTL)
+        .await
+        .unwrap();
+    store
+        .accept_contact(&alice, &dave, NOW, NOW + TTL)
+        .await
+        .unwrap();
+    let lifetime = crate::CONTACT_REQUEST_LIFETIME;
+    store.expire(NOW + lifetime - 1).await.unwrap();
+    assert_eq!(
+        store
+            .request_contact(&carol, &bob, NOW + lifetime - 1, NOW + TTL)
+            .await
+            .unwrap()
+            .0,
+        ContactRequestOutcome::AlreadyRequested,
+        "kept until its lifetime"
+    );
+    store.expire(NOW + lifetime).await.unwrap();
+    assert_eq!(
+        store
+            .accept_contact(&bob, &carol, NOW + lifetime, NOW + lifetime + TTL)
+            .await
+            .unwrap()
+            .0,
+        ContactAcceptOutcome::NoRequest,
+        "forgotten after it"
+    );
+    assert!(
+        store.are_contacts(&alice, &dave).await.unwrap(),
+        "contacts stay"
     );
 }
 

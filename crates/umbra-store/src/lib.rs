@@ -35,6 +35,11 @@ pub const DAY: u64 = 86_400;
 /// anyway, and rejoins). Then it is deleted: the server keeps no record of
 /// a group's history beyond what devices may still need.
 pub const COMMIT_HASH_LIFETIME: u64 = 31 * DAY;
+/// How long an unanswered contact request is kept: as long as its delivery
+/// can wait in a mailbox (at most `mailbox_ttl`'s 7 days by default), and
+/// some more for a device away longer; then the server forgets who asked
+/// whom.
+pub const CONTACT_REQUEST_LIFETIME: u64 = 30 * DAY;
 
 /// What a store may hold, set when it is opened. Zero means no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -236,6 +241,13 @@ pub trait Contacts: Send + Sync {
         expires_at: Timestamp,
     ) -> Result<(ContactAcceptOutcome, Vec<DeviceAddr>)>;
     async fn are_contacts(&self, a: &AccountId, b: &AccountId) -> Result<bool>;
+    /// `decliner` declines `requester`'s pending request: its deliveries
+    /// still waiting for `decliner`'s devices are deleted, and the request
+    /// is marked declined (it cannot be accepted; asked again, the requester
+    /// is answered as if it were pending, and nothing is sent) until it
+    /// goes with the unanswered ones after [`CONTACT_REQUEST_LIFETIME`].
+    /// Whether there was one pending.
+    async fn decline_contact(&self, decliner: &AccountId, requester: &AccountId) -> Result<bool>;
     /// How many contact requests `from` sent at or after `since` that are
     /// still recorded (pending or accepted).
     async fn contact_requests_since(&self, from: &AccountId, since: Timestamp) -> Result<u64>;
@@ -566,8 +578,9 @@ pub trait Mailboxes: Send + Sync {
     fn no_reader(&self, ids: &[u64]) {
         let _ = ids;
     }
-    /// Deletes deliveries whose time to live has passed, and the hashes of
-    /// commits accepted [`COMMIT_HASH_LIFETIME`] or longer ago; returns
+    /// Deletes deliveries whose time to live has passed, the hashes of
+    /// commits accepted [`COMMIT_HASH_LIFETIME`] or longer ago, and contact
+    /// requests left unanswered for [`CONTACT_REQUEST_LIFETIME`]; returns
     /// how many deliveries it deleted.
     async fn expire(&self, now: Timestamp) -> Result<usize>;
 }

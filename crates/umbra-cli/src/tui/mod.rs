@@ -521,13 +521,15 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
                     .map_err(|e| e.to_string())
             }),
         ),
-        Action::Decline(account) => {
-            app.status = Some(match client.decline_contact(&account) {
-                Ok(()) => format!("declined {account}"),
-                Err(error) => error.to_string(),
-            });
-            refresh(app, client);
-        }
+        Action::Decline(account) => spawn(
+            app,
+            Box::pin(async move {
+                c.decline_contact(&account)
+                    .await
+                    .map(|()| format!("declined {account}"))
+                    .map_err(|e| e.to_string())
+            }),
+        ),
         Action::ShowSafety(account) => match client.show_safety_number(&account) {
             Ok(number) => {
                 app.overlay = Overlay::Safety {

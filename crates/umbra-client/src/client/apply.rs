@@ -438,14 +438,9 @@ impl Client {
         let (group, inviter) = Group::join(provider, &delivery.payload, &self.inner.options.group)?;
         // Another device of this account adds this one to its groups.
         let own = inviter == self.inner.account;
-        // The server no longer names a Welcome's sender; one that does must
-        // name the inviter the Welcome itself proves.
-        if delivery
-            .sender
-            .as_ref()
-            .is_some_and(|sender| *sender != inviter)
-            || (!own && contact_state(tx, &inviter)? != Some(ContactState::Accepted))
-        {
+        // The inviter is the one the Welcome proves (its GroupInfo's
+        // signer); a `sender` the server adds is not looked at.
+        if !own && contact_state(tx, &inviter)? != Some(ContactState::Accepted) {
             // Not from a contact we accepted: leave no trace of the group.
             warn!(inviter = %inviter, "ignoring a Welcome from someone who is not a contact");
             group.delete(provider)?;

@@ -60,15 +60,26 @@ impl Client {
         Ok(conversation)
     }
 
-    /// Declines a contact request: it is forgotten on this device, and
-    /// nothing is sent (the requester is not told).
-    pub fn decline_contact(&self, account: &AccountId) -> Result<()> {
+    /// Declines a contact request: it is forgotten on this device, and,
+    /// when connected, the server is told to drop what still waits of it
+    /// and to answer the requester as if it were pending; the requester is
+    /// not told. The server forgets every request after 30 days.
+    pub async fn decline_contact(&self, account: &AccountId) -> Result<()> {
         let removed = self.db().execute(
             "DELETE FROM contacts WHERE account_id = ?1 AND state = 'incoming'",
             [account.as_str()],
         )?;
         if removed == 0 {
             return Err(ClientError::NoRequest(account.clone()));
+        }
+        if self.is_connected()
+            && let Err(error) = self
+                .request(Request::DeclineContact {
+                    from: account.clone(),
+                })
+                .await
+        {
+            tracing::debug!(%error, "telling the server of a declined request");
         }
         Ok(())
     }

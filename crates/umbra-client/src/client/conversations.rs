@@ -257,6 +257,13 @@ impl Client {
     ) -> Result<ConversationId> {
         // The preferred suite (post-quantum) when every device offers it
         // and the first commit can carry it; otherwise the classical one.
+        // At least a device each: refused before any package is spent.
+        if members.len() + 1 > MAX_START {
+            return Err(ClientError::TooManyDevices {
+                devices: members.len() + 1,
+                limit: MAX_START,
+            });
+        }
         let mut offered = self.offered_suites();
         if members.len() + 1 > MAX_POST_QUANTUM_START {
             offered.retain(|suite| !suite.is_post_quantum());

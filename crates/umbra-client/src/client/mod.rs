@@ -138,6 +138,9 @@ pub(crate) struct Inner {
     server_suites: Mutex<Vec<umbra_mls::Suite>>,
     /// Whether a flush of due receipts is under way (see `receipts.rs`).
     receipts_flushing: std::sync::atomic::AtomicBool,
+    /// Whether the server holds a post-quantum last-resort package of this
+    /// device (said at login, or uploaded since).
+    post_quantum_at_server: std::sync::atomic::AtomicBool,
 }
 
 /// A signing key from its 32 stored bytes (zeroised after use).
@@ -354,6 +357,7 @@ impl Client {
                 rejoining: Mutex::default(),
                 server_suites: Mutex::new(vec![umbra_mls::Suite::CLASSICAL]),
                 receipts_flushing: std::sync::atomic::AtomicBool::new(false),
+                post_quantum_at_server: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }

@@ -199,12 +199,6 @@ impl Client {
                 // Someone committed meanwhile: start again from the new
                 // GroupInfo.
                 Verdict::Stale(_) => continue,
-                // Too large to send: it would be again; the rejoin ends.
-                Verdict::Refused(error @ ClientError::TooLarge { .. }) => {
-                    self.db()
-                        .execute("DELETE FROM rejoins WHERE group_id = ?1", [group_id])?;
-                    return Err(error);
-                }
                 // The rejoin stays marked: resumed on the next connection.
                 Verdict::Refused(error) | Verdict::Unknown(error) => return Err(error),
             }

@@ -263,8 +263,17 @@ impl Client {
             .server_suites
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = taken;
-        // The classical suite first: every conversation can fall back to it.
-        for suite in self.offered_suites().into_iter().rev() {
+        // The post-quantum suite first: the classical packages say the
+        // device offers it only once the server holds some (else a peer
+        // would take the server for withholding them).
+        self.inner.post_quantum_at_server.store(
+            stocks.iter().any(|stock| {
+                Suite::from_code(stock.suite).is_some_and(Suite::is_post_quantum)
+                    && stock.has_last_resort
+            }),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        for suite in self.offered_suites() {
             let (remaining, has_last_resort) =
                 match stocks.iter().find(|stock| stock.suite == suite.code()) {
                     Some(stock) => (stock.remaining, stock.has_last_resort),
@@ -359,8 +368,21 @@ impl Client {
         suites
     }
 
-    /// Every suite this device could offer (its KeyPackages' leaves list
-    /// them), whatever the server keeps.
+    /// The suites a KeyPackage of `suite` says this device offers: its own,
+    /// and of the others those the server holds packages of (a classical
+    /// package listing the post-quantum suite while the server holds none
+    /// would have peers take the server for withholding them).
+    fn advertised_suites(&self, suite: Suite) -> Vec<Suite> {
+        let at_server = self
+            .inner
+            .post_quantum_at_server
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let mut suites = self.offered_suites();
+        suites.retain(|offered| *offered == suite || !offered.is_post_quantum() || at_server);
+        suites
+    }
+
+    /// Every suite this device could offer, whatever the server keeps.
     fn capable_suites(&self) -> Vec<Suite> {
         let preferred = self.inner.options.group.suite;
         let mut suites = vec![preferred];
@@ -378,7 +400,7 @@ impl Client {
         batch: usize,
         with_last_resort: bool,
     ) -> Result<()> {
-        let capable = self.capable_suites();
+        let capable = self.advertised_suites(suite);
         let (one_time, last_resort) = self.with_tx(|_, provider| {
             let make = |last| {
                 umbra_mls::new_offering_key_package(
@@ -401,6 +423,11 @@ impl Client {
             last_resort,
         })
         .await?;
+        if suite.is_post_quantum() && with_last_resort {
+            self.inner
+                .post_quantum_at_server
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         debug!(batch, with_last_resort, %suite, "uploaded KeyPackages");
         Ok(())
     }
@@ -410,7 +437,7 @@ impl Client {
     /// new conversations). The one-time pool is topped up when the server
     /// says it runs low (it caps how many may wait there).
     pub async fn rotate_key_packages(&self) -> Result<()> {
-        for suite in self.offered_suites().into_iter().rev() {
+        for suite in self.offered_suites() {
             self.upload_key_packages(suite, 0, true).await?;
         }
         Ok(())

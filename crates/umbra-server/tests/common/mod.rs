@@ -33,6 +33,11 @@ impl Server {
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Server {
         let data = tempfile::tempdir().unwrap();
         umbra_server::init(data.path(), "127.0.0.1:0").unwrap();
+        Server::start_on(data, adjust).await
+    }
+
+    /// A server on a data directory that exists already.
+    pub async fn start_on(data: tempfile::TempDir, adjust: impl FnOnce(&mut Config)) -> Server {
         let mut config = Config::load(data.path()).unwrap();
         config.tls = false; // loopback only: lets the test speak raw WebSocket
         adjust(&mut config);

@@ -62,6 +62,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         14,
         include_str!("../../migrations/0014_no_sender_of_group_traffic.sql"),
     ),
+    (
+        15,
+        include_str!("../../migrations/0015_declined_requests.sql"),
+    ),
 ];
 
 /// Most writes committed together by one fsync.
@@ -147,6 +151,43 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self> {
         Self::open_limited(path, StoreLimits::default())
+    }
+
+    /// Writes a consistent copy of the database at `source` to
+    /// `destination` (a file that must not exist yet) while the server
+    /// goes on reading and writing it: SQLite's `VACUUM INTO`, which reads
+    /// the whole database in one read transaction (the WAL lets writers go
+    /// on meanwhile) and writes a compacted copy. The copy is checked with
+    /// `PRAGMA integrity_check` before this returns.
+    pub fn backup(source: &Path, destination: &Path) -> Result<()> {
+        let destination = destination
+            .to_str()
+            .ok_or_else(|| StoreError::Backend("the backup path is not UTF-8".into()))?;
+        let connection = Connection::open_with_flags(
+            source,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(backend)?;
+        connection
+            .busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(backend)?;
+        connection
+            .execute("VACUUM INTO ?1", [destination])
+            .map_err(backend)?;
+        let copy = Connection::open_with_flags(
+            destination,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(backend)?;
+        let verdict: String = copy
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+            .map_err(backend)?;
+        if verdict != "ok" {
+            return Err(StoreError::Corrupt(format!(
+                "the backup fails SQLite's integrity check: {verdict}"
+            )));
+        }
+        Ok(())
     }
 
     /// Like [`SqliteStore::open`], within `limits`.
@@ -1345,14 +1386,20 @@ fn account_row(connection: &Connection, id: &AccountId) -> Result<Option<Account
 
 /// (accepted?) for the contact row between a and b in either direction,
 /// with the requester first.
-fn contact_row(tx: &Connection, a: &AccountId, b: &AccountId) -> Result<Option<(String, bool)>> {
+/// The row between `a` and `b`: its requester, whether accepted, and
+/// whether declined.
+fn contact_row(
+    tx: &Connection,
+    a: &AccountId,
+    b: &AccountId,
+) -> Result<Option<(String, bool, bool)>> {
     tx.prepare_cached(
-        "SELECT requester, accepted FROM contacts
+        "SELECT requester, accepted, declined FROM contacts
          WHERE (requester = ?1 AND addressee = ?2) OR (requester = ?2 AND addressee = ?1)",
     )
     .and_then(|mut s| {
         s.query_row(params![a.as_str(), b.as_str()], |row| {
-            Ok((row.get(0)?, row.get::<_, bool>(1)?))
+            Ok((row.get(0)?, row.get::<_, bool>(1)?, row.get::<_, bool>(2)?))
         })
         .optional()
     })
@@ -1371,9 +1418,22 @@ impl Contacts for SqliteStore {
         let (from, to) = (from.clone(), to.clone());
         self.write(move |tx| {
             match contact_row(tx, &from, &to)? {
-                Some((_, true)) => return Ok((ContactRequestOutcome::AlreadyContacts, Vec::new())),
-                Some((requester, false)) if requester == from.as_str() => {
+                Some((_, true, _)) => {
+                    return Ok((ContactRequestOutcome::AlreadyContacts, Vec::new()));
+                }
+                // Pending, or declined: the same answer, and nothing sent
+                // (a declined requester learns nothing, and cannot insist).
+                Some((requester, false, _)) if requester == from.as_str() => {
                     return Ok((ContactRequestOutcome::AlreadyRequested, Vec::new()));
+                }
+                // `from` had declined `to`'s request and now asks itself:
+                // the old request goes, this one is sent.
+                Some((_, false, true)) => {
+                    tx.execute(
+                        "DELETE FROM contacts WHERE requester = ?1 AND addressee = ?2",
+                        params![to.as_str(), from.as_str()],
+                    )
+                    .map_err(backend)?;
                 }
                 // `to` had asked `from` already: the request stands as it is;
                 // `from` accepts it with AcceptContact.
@@ -1410,8 +1470,10 @@ impl Contacts for SqliteStore {
         let (acceptor, requester) = (acceptor.clone(), requester.clone());
         self.write(move |tx| {
             match contact_row(tx, &acceptor, &requester)? {
-                Some((_, true)) => return Ok((ContactAcceptOutcome::AlreadyContacts, Vec::new())),
-                Some((from, false)) if from == requester.as_str() => {}
+                Some((_, true, _)) => {
+                    return Ok((ContactAcceptOutcome::AlreadyContacts, Vec::new()));
+                }
+                Some((from, false, false)) if from == requester.as_str() => {}
                 _ => return Ok((ContactAcceptOutcome::NoRequest, Vec::new())),
             }
             tx.execute(
@@ -1447,10 +1509,43 @@ impl Contacts for SqliteStore {
         .await
     }
 
+    async fn decline_contact(&self, decliner: &AccountId, requester: &AccountId) -> Result<bool> {
+        let (decliner, requester) = (decliner.clone(), requester.clone());
+        self.write(move |tx| {
+            let declined = tx
+                .execute(
+                    "UPDATE contacts SET declined = 1
+                     WHERE requester = ?1 AND addressee = ?2 AND accepted = 0 AND declined = 0",
+                    params![requester.as_str(), decliner.as_str()],
+                )
+                .map_err(backend)?;
+            let waiting = tx
+                .execute(
+                    "DELETE FROM mailbox WHERE recipient = ?1 AND kind = ?2 AND sender = ?3",
+                    params![
+                        decliner.as_str(),
+                        DeliveryKind::ContactRequest as i32,
+                        requester.as_str()
+                    ],
+                )
+                .map_err(backend)?;
+            if waiting > 0 {
+                tx.mailboxes.borrow_mut().forget_all();
+            }
+            Ok(declined > 0)
+        })
+        .await
+    }
+
     async fn are_contacts(&self, a: &AccountId, b: &AccountId) -> Result<bool> {
         let (a, b) = (a.clone(), b.clone());
-        self.run(move |connection| Ok(matches!(contact_row(connection, &a, &b)?, Some((_, true)))))
-            .await
+        self.run(move |connection| {
+            Ok(matches!(
+                contact_row(connection, &a, &b)?,
+                Some((_, true, _))
+            ))
+        })
+        .await
     }
 }
 
@@ -2181,6 +2276,11 @@ impl Mailboxes for SqliteStore {
             tx.execute(
                 "DELETE FROM group_commits WHERE committed_at <= ?1",
                 [now.saturating_sub(crate::COMMIT_HASH_LIFETIME)],
+            )
+            .map_err(backend)?;
+            tx.execute(
+                "DELETE FROM contacts WHERE accepted = 0 AND created_at <= ?1",
+                [now.saturating_sub(crate::CONTACT_REQUEST_LIFETIME)],
             )
             .map_err(backend)?;
             if removed > 0 {
