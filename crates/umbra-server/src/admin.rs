@@ -151,6 +151,22 @@ fn io_error(context: String) -> impl FnOnce(std::io::Error) -> ServerError {
     move |source| ServerError::Io { context, source }
 }
 
+/// Copies `files` (relative paths) from one directory to another, creating
+/// it and their folders readable by their owner only.
+fn copy_files(from: &Path, to: &Path, files: &[std::path::PathBuf]) -> Result<(), ServerError> {
+    crate::create_private_dir(to).map_err(io_error(format!("creating {}", to.display())))?;
+    for file in files {
+        let (source, target) = (from.join(file), to.join(file));
+        if let Some(parent) = target.parent() {
+            crate::create_private_dir(parent)
+                .map_err(io_error(format!("creating {}", parent.display())))?;
+        }
+        std::fs::copy(&source, &target)
+            .map_err(io_error(format!("copying {}", source.display())))?;
+    }
+    Ok(())
+}
+
 /// Copies a running (or stopped) server's data directory to `destination`,
 /// a directory that must not exist yet, created readable by its owner
 /// only: a consistent copy of the database taken while the server goes on
@@ -180,16 +196,7 @@ pub fn backup(
             ),
         });
     }
-    crate::create_private_dir(destination)
-        .map_err(io_error(format!("creating {}", destination.display())))?;
-    for file in &files {
-        let (from, to) = (data_dir.join(file), destination.join(file));
-        if let Some(parent) = to.parent() {
-            crate::create_private_dir(parent)
-                .map_err(io_error(format!("creating {}", parent.display())))?;
-        }
-        std::fs::copy(&from, &to).map_err(io_error(format!("copying {}", from.display())))?;
-    }
+    copy_files(data_dir, destination, &files)?;
     umbra_store::sqlite::SqliteStore::backup(
         &data_dir.join(&config.database),
         &destination.join(&config.database),
@@ -215,16 +222,7 @@ pub fn restore(backup: &Path, data_dir: &Path) -> Result<Vec<std::path::PathBuf>
     }
     let mut files = backed_up_files(&config);
     files.push(config.database.clone());
-    crate::create_private_dir(data_dir)
-        .map_err(io_error(format!("creating {}", data_dir.display())))?;
-    for file in &files {
-        let (from, to) = (backup.join(file), data_dir.join(file));
-        if let Some(parent) = to.parent() {
-            crate::create_private_dir(parent)
-                .map_err(io_error(format!("creating {}", parent.display())))?;
-        }
-        std::fs::copy(&from, &to).map_err(io_error(format!("copying {}", from.display())))?;
-    }
+    copy_files(backup, data_dir, &files)?;
     // Opening it applies any migration a newer server needs.
     drop(open_store(data_dir, &Config::load(data_dir)?)?);
     Ok(files)
