@@ -145,8 +145,9 @@ impl Client {
         let tx = db.transaction()?;
         // A batch waiting in this conversation takes these along.
         let due: Option<u64> = tx.query_row(
-            "SELECT MIN(due_at) FROM pending_receipts WHERE group_id = ?1 AND kind = ?2",
-            params![&group_id, kind as i32],
+            "SELECT MIN(due_at) FROM pending_receipts
+             WHERE group_id = ?1 AND kind = ?2 AND due_at > ?3",
+            params![&group_id, kind as i32, self.now()],
             |row| row.get(0),
         )?;
         // (A batch already due is being sent, or was just missed: these
@@ -175,13 +176,19 @@ impl Client {
         if !self.is_connected() {
             return Ok(());
         }
-        let flushing = &self.receipts_flushing();
+        let flushing = self.receipts_flushing();
         if flushing.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        let flushed = self.flush_due_receipts().await;
-        flushing.store(false, Ordering::SeqCst);
-        flushed
+        // Cleared however the flush ends, a cancelled one included.
+        struct Flushing<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Flushing<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let _flushing = Flushing(flushing);
+        self.flush_due_receipts().await
     }
 
     async fn flush_due_receipts(&self) -> Result<()> {

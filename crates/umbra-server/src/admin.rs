@@ -152,7 +152,8 @@ fn io_error(context: String) -> impl FnOnce(std::io::Error) -> ServerError {
 }
 
 /// Copies `files` (relative paths) from one directory to another, creating
-/// it and their folders readable by their owner only.
+/// it and their folders readable by their owner only, each file written
+/// under a temporary name, flushed to disk, then renamed into place.
 fn copy_files(from: &Path, to: &Path, files: &[std::path::PathBuf]) -> Result<(), ServerError> {
     crate::create_private_dir(to).map_err(io_error(format!("creating {}", to.display())))?;
     for file in files {
@@ -161,67 +162,115 @@ fn copy_files(from: &Path, to: &Path, files: &[std::path::PathBuf]) -> Result<()
             crate::create_private_dir(parent)
                 .map_err(io_error(format!("creating {}", parent.display())))?;
         }
-        std::fs::copy(&source, &target)
+        let mut partial = target.clone().into_os_string();
+        partial.push(".partial");
+        let partial = std::path::PathBuf::from(partial);
+        std::fs::copy(&source, &partial)
             .map_err(io_error(format!("copying {}", source.display())))?;
+        sync_file(&partial)?;
+        std::fs::rename(&partial, &target)
+            .map_err(io_error(format!("writing {}", target.display())))?;
     }
-    Ok(())
+    sync_tree(to, files)
+}
+
+/// Flushes a file to disk.
+fn sync_file(path: &Path) -> Result<(), ServerError> {
+    std::fs::File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(io_error(format!("flushing {}", path.display())))
+}
+
+/// Flushes the directories under `root` that hold `files`, and `root`, so
+/// that the names survive a power loss too.
+fn sync_tree(root: &Path, files: &[std::path::PathBuf]) -> Result<(), ServerError> {
+    let mut dirs: Vec<std::path::PathBuf> = files
+        .iter()
+        .filter_map(|file| root.join(file).parent().map(Path::to_path_buf))
+        .collect();
+    dirs.push(root.to_path_buf());
+    dirs.sort();
+    dirs.dedup();
+    dirs.iter().try_for_each(|dir| sync_file(dir))
+}
+
+/// Only plain relative paths inside the data directory are copied: an
+/// absolute one, or one that climbs out with `..`, is the operator's to
+/// copy (it could even be the very file being written).
+fn inside(files: &[std::path::PathBuf]) -> Result<(), ServerError> {
+    use std::path::Component;
+    match files.iter().find(|file| {
+        !file
+            .components()
+            .all(|part| matches!(part, Component::Normal(_)))
+    }) {
+        Some(outside) => Err(ServerError::Io {
+            context: format!("copying {}", outside.display()),
+            source: std::io::Error::other(
+                "only paths inside the data directory are backed up and restored; copy it yourself",
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn refuse_existing(what: &str, dir: &Path, reason: &str) -> ServerError {
+    ServerError::Io {
+        context: format!("{what} {}", dir.display()),
+        source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, reason.to_owned()),
+    }
 }
 
 /// Copies a running (or stopped) server's data directory to `destination`,
 /// a directory that must not exist yet, created readable by its owner
 /// only: a consistent copy of the database taken while the server goes on
-/// (`SqliteStore::backup`), and the files it cannot run without. The copy
-/// holds the TLS private key: keep it as the data directory is kept.
-/// Returns what was copied, relative to `destination`.
+/// (`SqliteStore::backup`), and the files it cannot run without, each
+/// flushed to disk. The copy holds the TLS private key: keep it as the data
+/// directory is kept. Returns what was copied, relative to `destination`.
 pub fn backup(
     data_dir: &Path,
     config: &Config,
     destination: &Path,
 ) -> Result<Vec<std::path::PathBuf>, ServerError> {
     if destination.exists() {
-        return Err(ServerError::Io {
-            context: format!("backing up into {}", destination.display()),
-            source: std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "it exists already; name a new directory",
-            ),
-        });
+        return Err(refuse_existing(
+            "backing up into",
+            destination,
+            "it exists already; name a new directory",
+        ));
     }
     let mut files = backed_up_files(config);
-    if let Some(absolute) = files.iter().find(|file| file.is_absolute()) {
-        return Err(ServerError::Io {
-            context: format!("backing up {}", absolute.display()),
-            source: std::io::Error::other(
-                "only paths inside the data directory are backed up; copy it yourself",
-            ),
-        });
-    }
-    copy_files(data_dir, destination, &files)?;
-    umbra_store::sqlite::SqliteStore::backup(
-        &data_dir.join(&config.database),
-        &destination.join(&config.database),
-    )?;
     files.push(config.database.clone());
+    inside(&files)?;
+    files.pop();
+    copy_files(data_dir, destination, &files)?;
+    let database = destination.join(&config.database);
+    umbra_store::sqlite::SqliteStore::backup(&data_dir.join(&config.database), &database)?;
+    sync_file(&database)?;
+    files.push(config.database.clone());
+    sync_tree(destination, &files)?;
     Ok(files)
 }
 
-/// Makes `data_dir`, which must not hold a database yet, a copy of the
-/// backup at `backup` (made by [`backup`]); the server is then started on
-/// it as usual. Returns what was restored.
+/// Makes `data_dir`, which must be empty or not exist, a copy of the backup
+/// at `backup` (made by [`backup`]); the server is then started on it as
+/// usual. Returns what was restored.
 pub fn restore(backup: &Path, data_dir: &Path) -> Result<Vec<std::path::PathBuf>, ServerError> {
     let config = Config::load(backup)?;
-    let database = data_dir.join(&config.database);
-    if database.exists() {
-        return Err(ServerError::Io {
-            context: format!("restoring into {}", data_dir.display()),
-            source: std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "it holds a database already; stop its server and move it away first",
-            ),
-        });
+    let occupied = std::fs::read_dir(data_dir)
+        .map(|mut entries| entries.next().is_some())
+        .unwrap_or(false);
+    if occupied {
+        return Err(refuse_existing(
+            "restoring into",
+            data_dir,
+            "it is not empty; stop its server, move the whole directory away, and restore into \
+             an empty or new one",
+        ));
     }
     let mut files = backed_up_files(&config);
     files.push(config.database.clone());
+    inside(&files)?;
     copy_files(backup, data_dir, &files)?;
     // Opening it applies any migration a newer server needs.
     drop(open_store(data_dir, &Config::load(data_dir)?)?);

@@ -138,7 +138,9 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => {
             use std::io::IsTerminal;
-            logs.with_ansi(std::io::stderr().is_terminal()).init();
+            // Colour on a terminal only, and never when NO_COLOR is set.
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            logs.with_ansi(colour).init();
         }
     }
     let runtime = match tokio::runtime::Runtime::new() {

@@ -52,6 +52,12 @@ async fn a_backup_taken_under_load_restores_into_a_server_that_serves() {
         })
     };
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let accounts = |path: &std::path::Path| -> i64 {
+        let db = rusqlite::Connection::open(path.join("umbra.db")).unwrap();
+        db.query_row("SELECT COUNT(*) FROM accounts", [], |row| row.get(0))
+            .unwrap()
+    };
+    let at_start = accounts(server.data.path());
     let destination = tempfile::tempdir().unwrap();
     let backup_dir = destination.path().join("backup");
     let (data, copy_config, target) = (
@@ -65,6 +71,13 @@ async fn a_backup_taken_under_load_restores_into_a_server_that_serves() {
     .await
     .unwrap()
     .unwrap();
+    let at_end = accounts(server.data.path());
+    // A snapshot taken between the two: not an older copy, not a later one.
+    let copied_accounts = accounts(&backup_dir);
+    assert!(
+        (at_start..=at_end).contains(&copied_accounts),
+        "{at_start} <= {copied_accounts} <= {at_end}"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     stop.store(true, Ordering::SeqCst);
     let written = load.await.unwrap();

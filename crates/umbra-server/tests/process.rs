@@ -61,6 +61,8 @@ fn first_log_line(extra: &[&str]) -> String {
         .arg("run")
         .env("UMBRA_LISTEN", "127.0.0.1:0")
         .env("UMBRA_LOG", "info")
+        .env_remove("UMBRA_LOG_FORMAT")
+        .env_remove("NO_COLOR")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -298,8 +298,15 @@ impl Client {
                 }
                 // Another suite refused is not worth the session: the
                 // classical one is what every conversation can fall back to.
+                // (It said at login it takes the suite: a refusal hides the
+                // device's post-quantum packages from its contacts, who
+                // would see only classical ones and take them as all it
+                // offers. Said, not hidden.)
                 Err(error) if suite != Suite::CLASSICAL && error.server_code().is_some() => {
                     warn!(%error, %suite, "uploading KeyPackages refused");
+                    self.emit(Event::ServerMisbehaved {
+                        what: format!("it refused this device's {suite} KeyPackages: {error}"),
+                    });
                 }
                 other => other?,
             }

@@ -160,6 +160,15 @@ impl SqliteStore {
     /// on meanwhile) and writes a compacted copy. The copy is checked with
     /// `PRAGMA integrity_check` before this returns.
     pub fn backup(source: &Path, destination: &Path) -> Result<()> {
+        // Readable by its owner only, like the database (VACUUM INTO
+        // writes into an empty file it is given).
+        let mut create = std::fs::OpenOptions::new();
+        create.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut create, 0o600);
+        create
+            .open(destination)
+            .map_err(|e| StoreError::Backend(format!("creating the backup: {e}")))?;
         let destination = destination
             .to_str()
             .ok_or_else(|| StoreError::Backend("the backup path is not UTF-8".into()))?;
