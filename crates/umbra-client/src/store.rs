@@ -28,6 +28,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (9, include_str!("../migrations/0009_device_log.sql")),
     (10, include_str!("../migrations/0010_linked_device.sql")),
     (11, include_str!("../migrations/0011_pending_receipts.sql")),
+    (12, include_str!("../migrations/0012_pending_declines.sql")),
 ];
 
 /// The version a store is at once every migration has run.

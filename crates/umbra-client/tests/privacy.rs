@@ -148,8 +148,12 @@ async fn the_server_keeps_and_sends_no_sender_of_what_members_send() {
         .add_members(&group, &[carol.id()])
         .await
         .unwrap();
+    // (Her own direct conversation with Alice started earlier: this one.)
     carol
-        .wait_for(|e| matches!(e, Event::ConversationStarted { .. }).then_some(()))
+        .wait_for(|e| match e {
+            Event::ConversationStarted { conversation } if conversation.id == group => Some(()),
+            _ => None,
+        })
         .await;
     carol.client.send_text(&group, "two").await.unwrap();
 
@@ -379,4 +383,32 @@ async fn a_day_of_traffic_leaves_only_what_the_server_is_said_to_know() {
         "contacts stay"
     );
     let _ = address;
+}
+
+/// A request declined while the device is offline is declined at the
+/// server when it next connects: its requester can no longer get it
+/// accepted or sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_declined_offline_is_declined_at_the_server_on_connecting() {
+    let server = TestServer::start().await;
+    let mut bob = Device::activate(&server).await;
+    let dave = Device::activate(&server).await;
+    dave.client.add_contact(&bob.id()).await.unwrap();
+    bob.wait_for(|e| matches!(e, Event::ContactRequest { .. }).then_some(()))
+        .await;
+    let bob = bob.reopen_offline();
+    bob.client.decline_contact(&dave.id()).await.unwrap();
+    let declined = |data: &std::path::Path| -> i64 {
+        let db = rusqlite::Connection::open(data.join("umbra.db")).unwrap();
+        db.query_row(
+            "SELECT COUNT(*) FROM contacts WHERE requester = ?1 AND declined = 1",
+            [dave.id().as_str()],
+            |row| row.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(declined(&server.data), 0, "the server has not heard yet");
+    bob.client.connect().await.unwrap();
+    bob.client.sync().await.unwrap();
+    assert_eq!(declined(&server.data), 1, "told on connecting");
 }

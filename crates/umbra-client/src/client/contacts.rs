@@ -22,6 +22,11 @@ impl Client {
             Some(ContactState::Accepted) => return Ok(()),
             _ => {}
         }
+        // Asking them after all: a decline not yet told is not told.
+        self.db().execute(
+            "DELETE FROM pending_declines WHERE account_id = ?1",
+            [account.as_str()],
+        )?;
         self.request(Request::SendContactRequest {
             to: account.clone(),
         })
@@ -60,28 +65,71 @@ impl Client {
         Ok(conversation)
     }
 
-    /// Declines a contact request: it is forgotten on this device, and,
-    /// when connected, the server is told to drop what still waits of it
-    /// and to answer the requester as if it were pending; the requester is
-    /// not told. The server forgets every request after 30 days.
+    /// Declines a contact request: it is forgotten on this device, and the
+    /// server is told (now, or on the next connection) to drop what still
+    /// waits of it and to answer the requester as if it were pending; the
+    /// requester is not told. The server forgets every request after 30
+    /// days.
     pub async fn decline_contact(&self, account: &AccountId) -> Result<()> {
-        let removed = self.db().execute(
-            "DELETE FROM contacts WHERE account_id = ?1 AND state = 'incoming'",
-            [account.as_str()],
-        )?;
-        if removed == 0 {
-            return Err(ClientError::NoRequest(account.clone()));
-        }
-        if self.is_connected()
-            && let Err(error) = self
-                .request(Request::DeclineContact {
-                    from: account.clone(),
-                })
-                .await
         {
-            tracing::debug!(%error, "telling the server of a declined request");
+            let mut db = self.db();
+            let tx = db.transaction()?;
+            let removed = tx.execute(
+                "DELETE FROM contacts WHERE account_id = ?1 AND state = 'incoming'",
+                [account.as_str()],
+            )?;
+            if removed == 0 {
+                return Err(ClientError::NoRequest(account.clone()));
+            }
+            tx.execute(
+                "INSERT OR IGNORE INTO pending_declines (account_id) VALUES (?1)",
+                [account.as_str()],
+            )?;
+            tx.commit()?;
+        }
+        if self.is_connected() {
+            self.send_pending_declines().await;
         }
         Ok(())
+    }
+
+    /// Tells the server of the declines it has not heard of; each is
+    /// forgotten here once the server answered (a failure keeps it for
+    /// the next connection).
+    pub(super) async fn send_pending_declines(&self) {
+        let pending: Vec<String> = match self
+            .db()
+            .prepare("SELECT account_id FROM pending_declines")
+            .and_then(|mut statement| {
+                statement
+                    .query_map([], |row| row.get(0))?
+                    .collect::<rusqlite::Result<_>>()
+            }) {
+            Ok(pending) => pending,
+            Err(error) => {
+                tracing::debug!(%error, "reading pending declines");
+                return;
+            }
+        };
+        for text in pending {
+            let Ok(from) = AccountId::parse(&text) else {
+                continue;
+            };
+            match self.request(Request::DeclineContact { from }).await {
+                Ok(_) => {
+                    if let Err(error) = self.db().execute(
+                        "DELETE FROM pending_declines WHERE account_id = ?1",
+                        [&text],
+                    ) {
+                        tracing::debug!(%error, "forgetting a sent decline");
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "telling the server of a declined request");
+                    return;
+                }
+            }
+        }
     }
 
     pub fn contacts(&self) -> Result<Vec<Contact>> {

@@ -226,6 +226,7 @@ impl Client {
         // the backlog may hold messages from the epoch after them.
         self.resubmit_pending_commits().await?;
         self.resume_rejoins()?;
+        self.send_pending_declines().await;
         // The account's device log: written on the first connection of a
         // device whose account has none, beside the session (the server's
         // answers cannot hold up connecting). A log that fails
