@@ -115,7 +115,7 @@ impl Client {
         if uids.is_empty() {
             return Ok(());
         }
-        if self.inner_options().receipt_delay.end().is_zero() {
+        if !self.receipts_wait() {
             return if inline {
                 self.send_receipt_inline(conversation, kind, uids).await
             } else {
@@ -143,19 +143,19 @@ impl Client {
             .ok_or_else(|| ClientError::UnknownConversation(conversation.to_string()))?;
         let mut db = self.db();
         let tx = db.transaction()?;
-        // A batch waiting in this conversation takes these along.
+        // A batch waiting in this conversation takes these along; one
+        // already due is being sent, or was just missed, so these start a
+        // batch of their own rather than leave at once.
+        let now = self.now();
         let due: Option<u64> = tx.query_row(
             "SELECT MIN(due_at) FROM pending_receipts
              WHERE group_id = ?1 AND kind = ?2 AND due_at > ?3",
-            params![&group_id, kind as i32, self.now()],
+            params![&group_id, kind as i32, now],
             |row| row.get(0),
         )?;
-        // (A batch already due is being sent, or was just missed: these
-        // start a batch of their own rather than leave at once.)
-        let now = self.now();
         let due = match due {
-            Some(due) if due > now => due,
-            _ => now + random_delay(delay)?,
+            Some(due) => due,
+            None => now + random_delay(delay)?,
         };
         for uid in uids {
             tx.prepare_cached(

@@ -371,7 +371,11 @@ impl Client {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let mut suites = self.capable_suites();
+        let preferred = self.inner.options.group.suite;
+        let mut suites = vec![preferred];
+        if preferred != Suite::CLASSICAL {
+            suites.push(Suite::CLASSICAL);
+        }
         suites.retain(|suite| *suite == Suite::CLASSICAL || taken.contains(suite));
         suites
     }
@@ -387,16 +391,6 @@ impl Client {
             .load(std::sync::atomic::Ordering::SeqCst);
         let mut suites = self.offered_suites();
         suites.retain(|offered| *offered == suite || !offered.is_post_quantum() || at_server);
-        suites
-    }
-
-    /// Every suite this device could offer, whatever the server keeps.
-    fn capable_suites(&self) -> Vec<Suite> {
-        let preferred = self.inner.options.group.suite;
-        let mut suites = vec![preferred];
-        if preferred != Suite::CLASSICAL {
-            suites.push(Suite::CLASSICAL);
-        }
         suites
     }
 
