@@ -660,6 +660,7 @@ async fn build_group(
         .request(Request::CreateGroup {
             group_id: group_id.clone(),
             group_info,
+            delivery_key: None,
         })
         .await?;
     for batch in rest.chunks(ADD_BATCH) {
@@ -711,6 +712,7 @@ async fn build_group(
                 commit: output.commit,
                 welcome: output.welcome,
                 group_info: output.group_info,
+                delivery_key: None,
             }))
             .await
             .context("committing the addition of a group's members")?;

@@ -29,6 +29,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (10, include_str!("../migrations/0010_linked_device.sql")),
     (11, include_str!("../migrations/0011_pending_receipts.sql")),
     (12, include_str!("../migrations/0012_pending_declines.sql")),
+    (13, include_str!("../migrations/0013_send_tokens.sql")),
 ];
 
 /// The version a store is at once every migration has run.

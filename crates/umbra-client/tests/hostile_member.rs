@@ -274,6 +274,7 @@ impl Mallory {
         self.call(Request::CreateGroup {
             group_id,
             group_info,
+            delivery_key: None,
         })
         .await
         .unwrap();
@@ -312,6 +313,7 @@ impl Mallory {
             commit,
             welcome,
             group_info,
+            delivery_key: None,
         }))
         .await
     }
@@ -494,6 +496,7 @@ async fn membership_declared_by_the_committer_is_not_believed() {
         commit: output.commit,
         welcome: None,
         group_info: output.group_info,
+        delivery_key: None,
     }));
     let mut lie = Vec::new();
     prost::encoding::string::encode(6, &scene.bob.id().to_string(), &mut lie);

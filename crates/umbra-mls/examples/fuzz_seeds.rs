@@ -113,6 +113,7 @@ fn main() -> Result<(), Error> {
             Request::CreateGroup {
                 group_id: group_id.clone(),
                 group_info: created_info.clone(),
+                delivery_key: Some([3; 32]),
             },
         ),
         (
@@ -123,7 +124,28 @@ fn main() -> Result<(), Error> {
                 commit: added.commit.clone(),
                 welcome: Some(welcome.clone()),
                 group_info: added.group_info.clone(),
+                delivery_key: Some([4; 32]),
             }),
+        ),
+        (
+            "anonymous",
+            Request::SendAnonymous(umbra_proto::AnonymousMessage {
+                group_id: group_id.clone(),
+                message: application.clone(),
+                ttl_seconds: 30,
+                signature: [5; 64],
+                token: umbra_proto::tokens::SendToken {
+                    key_id: [6; 32],
+                    nonce: [7; 32],
+                    authenticator: [8; 64],
+                },
+            }),
+        ),
+        (
+            "tokens",
+            Request::IssueTokens {
+                blinded: vec![vec![9; 32]; 3],
+            },
         ),
         (
             "message",

@@ -12,6 +12,7 @@ use openmls::prelude::{
 };
 use openmls_traits::{OpenMlsProvider, random::OpenMlsRand};
 use tls_codec::Deserialize as _;
+use umbra_proto::tokens::{DELIVERY_KEY_BYTES, DELIVERY_KEY_LABEL, DeliveryKey};
 use umbra_proto::{AccountId, DeviceAddr, DeviceId, IdentityKey};
 
 use crate::{DeviceSigner, MlsError, Provider, Result, Suite, protocol};
@@ -119,6 +120,10 @@ pub enum Incoming {
     /// only its own changes and members' departures, so that every change
     /// is shown as the act of whoever made it.
     RefusedProposal { sender: AccountId },
+    /// One of this device's own application messages, come back: an
+    /// anonymous send reaches every member device, the sender's too (the
+    /// server cannot tell which is the sender's). Nothing to apply.
+    Echo,
     /// A commit, merged: the group is now at `epoch`.
     Commit {
         sender: AccountId,
@@ -617,6 +622,39 @@ impl Group {
         CommitOutput::new(epoch, commit, welcome, group_info.map(MlsMessageOut::from))
     }
 
+    /// This epoch's delivery key: every member derives the same one from
+    /// the MLS exporter, nobody else can (see `umbra_proto::tokens`).
+    pub fn delivery_key(&self, provider: &Provider<'_>) -> Result<DeliveryKey> {
+        let seed = self
+            .inner
+            .export_secret(
+                provider.crypto(),
+                DELIVERY_KEY_LABEL,
+                self.inner.group_id().as_slice(),
+                DELIVERY_KEY_BYTES,
+            )
+            .map_err(|e| protocol("deriving the delivery key", e))?;
+        delivery_key(&seed)
+    }
+
+    /// The delivery key of the epoch this device's pending commit starts,
+    /// for the committer to state with the commit (`None`: no commit is
+    /// pending).
+    pub fn next_delivery_key(&self, provider: &Provider<'_>) -> Result<Option<DeliveryKey>> {
+        let Some(staged) = self.inner.pending_commit() else {
+            return Ok(None);
+        };
+        let seed = staged
+            .export_secret(
+                provider.crypto(),
+                DELIVERY_KEY_LABEL,
+                self.inner.group_id().as_slice(),
+                DELIVERY_KEY_BYTES,
+            )
+            .map_err(|e| protocol("deriving the next delivery key", e))?;
+        delivery_key(&seed).map(Some)
+    }
+
     pub fn suite(&self) -> Option<Suite> {
         Suite::from_ciphersuite(self.inner.ciphersuite())
     }
@@ -1078,6 +1116,7 @@ impl Group {
                     rejoined,
                 })
             }
+            ProcessedMessageContent::OwnPrivateMessage => Ok(Incoming::Echo),
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => Err(MlsError::Protocol(
                 "external join proposals are not accepted".into(),
             )),
@@ -1094,4 +1133,12 @@ impl Group {
             .delete(provider.storage())
             .map_err(|e| MlsError::Storage(e.to_string()))
     }
+}
+
+fn delivery_key(seed: &[u8]) -> Result<DeliveryKey> {
+    let seed =
+        zeroize::Zeroizing::new(<[u8; DELIVERY_KEY_BYTES]>::try_from(seed).map_err(|_| {
+            MlsError::Protocol("the exporter gave a seed of the wrong size".into())
+        })?);
+    Ok(DeliveryKey::from_seed(&seed))
 }

@@ -10,6 +10,9 @@ use prost::Message;
 use crate::devices::{DeviceEntry, DeviceId};
 use crate::ids::{AccountId, ActivationCode, GroupId, IdentityKey, Nonce, Signature};
 use crate::rendezvous::RendezvousId;
+use crate::tokens::{
+    DELIVERY_KEY_BYTES, MAX_TOKENS_PER_REQUEST, SendToken, TOKEN_KEY_ID_BYTES, fixed,
+};
 use crate::wire::{self, client_frame, push, response, server_frame};
 use crate::{DecodeError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 
@@ -67,6 +70,23 @@ pub struct CommitSubmission {
     pub welcome: Option<Vec<u8>>,
     /// The group's signed GroupInfo for the epoch the commit starts.
     pub group_info: Vec<u8>,
+    /// The public half of the new epoch's delivery key, for anonymous
+    /// sending in it (see [`crate::tokens`]).
+    pub delivery_key: Option<[u8; DELIVERY_KEY_BYTES]>,
+}
+
+/// An application message sent without logging in (see [`crate::tokens`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnonymousMessage {
+    pub group_id: GroupId,
+    /// An MLS application message of the group's current epoch.
+    pub message: Vec<u8>,
+    /// Hold undelivered copies at most this long (0: the server's TTL).
+    pub ttl_seconds: u32,
+    /// The epoch's delivery key's signature over
+    /// [`crate::tokens::anonymous_signed_bytes`].
+    pub signature: [u8; 64],
+    pub token: SendToken,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -115,6 +135,8 @@ pub enum Request {
         group_id: GroupId,
         /// The group's signed GroupInfo at epoch 0, with its ratchet tree.
         group_info: Vec<u8>,
+        /// The public half of epoch 0's delivery key.
+        delivery_key: Option<[u8; DELIVERY_KEY_BYTES]>,
     },
     SendCommit(CommitSubmission),
     SendMessage {
@@ -191,6 +213,14 @@ pub enum Request {
     CloseRendezvous {
         rendezvous: RendezvousId,
     },
+    /// Blinded token inputs (at most [`MAX_TOKENS_PER_REQUEST`]) for an
+    /// active line's daily allowance of anonymous sends.
+    IssueTokens {
+        blinded: Vec<Vec<u8>>,
+    },
+    /// An anonymous application message (no login needed; a logged-in
+    /// session may send one too, but then the server knows who sent it).
+    SendAnonymous(AnonymousMessage),
 }
 
 /// One line as its distributor sees it: never contacts, groups or messages.
@@ -273,6 +303,14 @@ pub enum Reply {
     /// A rendezvous slot's payload, if it was written.
     RendezvousSlot {
         payload: Option<Vec<u8>>,
+    },
+    /// Signed token inputs, in the order asked, and the proof that the key
+    /// named signed them all.
+    Tokens {
+        key_id: [u8; TOKEN_KEY_ID_BYTES],
+        public_key: Vec<u8>,
+        evaluated: Vec<Vec<u8>>,
+        proof: Vec<u8>,
     },
     Done,
     CommitAccepted {
@@ -363,6 +401,14 @@ fn account(field: &'static str, text: &str) -> Result<AccountId, DecodeError> {
         DecodeError::Invalid { reason, .. } => DecodeError::Invalid { field, reason },
         other => other,
     })
+}
+
+/// A key that is either absent (empty) or exactly 32 bytes.
+fn optional_key(bytes: &[u8]) -> Result<Option<[u8; DELIVERY_KEY_BYTES]>, DecodeError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    fixed("delivery_key", bytes).map(Some)
 }
 
 fn non_empty(field: &'static str, bytes: Vec<u8>) -> Result<Vec<u8>, DecodeError> {
@@ -489,6 +535,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
         client_frame::Request::CreateGroup(r) => Request::CreateGroup {
             group_id: GroupId::new(r.group_id)?,
             group_info: non_empty("group_info", r.group_info)?,
+            delivery_key: optional_key(&r.delivery_key)?,
         },
         client_frame::Request::SendCommit(r) => Request::SendCommit(CommitSubmission {
             group_id: GroupId::new(r.group_id)?,
@@ -496,6 +543,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
             commit: non_empty("commit", r.commit)?,
             welcome: (!r.welcome.is_empty()).then_some(r.welcome),
             group_info: r.group_info,
+            delivery_key: optional_key(&r.delivery_key)?,
         }),
         client_frame::Request::SendMessage(r) => {
             let kind = delivery_kind("kind", r.kind)?;
@@ -551,6 +599,26 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
         client_frame::Request::CloseRendezvous(r) => Request::CloseRendezvous {
             rendezvous: RendezvousId::from_slice(&r.rendezvous)?,
         },
+        client_frame::Request::IssueTokens(r) => {
+            if r.blinded.is_empty() || r.blinded.len() > MAX_TOKENS_PER_REQUEST {
+                return Err(DecodeError::invalid(
+                    "blinded",
+                    format!("expected 1 to {MAX_TOKENS_PER_REQUEST} token inputs"),
+                ));
+            }
+            Request::IssueTokens { blinded: r.blinded }
+        }
+        client_frame::Request::SendAnonymous(r) => Request::SendAnonymous(AnonymousMessage {
+            group_id: GroupId::new(r.group_id)?,
+            message: non_empty("message", r.message)?,
+            ttl_seconds: r.ttl_seconds,
+            signature: fixed("signature", &r.signature)?,
+            token: SendToken {
+                key_id: fixed("token_key_id", &r.token_key_id)?,
+                nonce: fixed("token_nonce", &r.token_nonce)?,
+                authenticator: fixed("token_authenticator", &r.token_authenticator)?,
+            },
+        }),
         client_frame::Request::SetWipeKey(r) => Request::SetWipeKey {
             wipe_key: IdentityKey::from_slice(&r.wipe_key)?,
         },
@@ -665,9 +733,11 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
         Request::CreateGroup {
             group_id,
             group_info,
+            delivery_key,
         } => client_frame::Request::CreateGroup(wire::CreateGroup {
             group_id: group_id.as_bytes().to_vec(),
             group_info: group_info.clone(),
+            delivery_key: delivery_key.map(|k| k.to_vec()).unwrap_or_default(),
         }),
         Request::SendCommit(c) => client_frame::Request::SendCommit(wire::SendCommit {
             group_id: c.group_id.as_bytes().to_vec(),
@@ -675,6 +745,7 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             commit: c.commit.clone(),
             welcome: c.welcome.clone().unwrap_or_default(),
             group_info: c.group_info.clone(),
+            delivery_key: c.delivery_key.map(|k| k.to_vec()).unwrap_or_default(),
         }),
         Request::SendMessage {
             group_id,
@@ -737,6 +808,18 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
                 rendezvous: rendezvous.0.to_vec(),
             })
         }
+        Request::IssueTokens { blinded } => client_frame::Request::IssueTokens(wire::IssueTokens {
+            blinded: blinded.clone(),
+        }),
+        Request::SendAnonymous(m) => client_frame::Request::SendAnonymous(wire::SendAnonymous {
+            group_id: m.group_id.as_bytes().to_vec(),
+            message: m.message.clone(),
+            ttl_seconds: m.ttl_seconds,
+            signature: m.signature.to_vec(),
+            token_key_id: m.token.key_id.to_vec(),
+            token_nonce: m.token.nonce.to_vec(),
+            token_authenticator: m.token.authenticator.to_vec(),
+        }),
         Request::SetWipeKey { wipe_key } => client_frame::Request::SetWipeKey(wire::SetWipeKey {
             wipe_key: wipe_key.as_bytes().to_vec(),
         }),
@@ -847,6 +930,17 @@ pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
                 }) => response::Result::RendezvousOpened(wire::RendezvousOpened {
                     rendezvous: rendezvous.0.to_vec(),
                     expires_at: *expires_at,
+                }),
+                Ok(Reply::Tokens {
+                    key_id,
+                    public_key,
+                    evaluated,
+                    proof,
+                }) => response::Result::Tokens(wire::Tokens {
+                    key_id: key_id.to_vec(),
+                    public_key: public_key.clone(),
+                    evaluated: evaluated.clone(),
+                    proof: proof.clone(),
                 }),
                 Ok(Reply::RendezvousSlot { payload }) => {
                     response::Result::RendezvousSlot(wire::RendezvousSlot {
@@ -994,6 +1088,12 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
                 response::Result::RendezvousSlot(x) => Ok(Reply::RendezvousSlot {
                     payload: x.written.then_some(x.payload),
                 }),
+                response::Result::Tokens(x) => Ok(Reply::Tokens {
+                    key_id: fixed("key_id", &x.key_id)?,
+                    public_key: x.public_key,
+                    evaluated: x.evaluated,
+                    proof: x.proof,
+                }),
                 response::Result::DeviceLog(x) => Ok(Reply::DeviceLog {
                     entries: x
                         .entries
@@ -1093,6 +1193,26 @@ mod tests {
                 commit: vec![9; 10],
                 welcome: Some(vec![8; 5]),
                 group_info: vec![7; 6],
+                delivery_key: Some([6; 32]),
+            }),
+            Request::CreateGroup {
+                group_id: GroupId::new(vec![1, 2, 3]).unwrap_or_else(|e| panic!("{e}")),
+                group_info: vec![7; 6],
+                delivery_key: None,
+            },
+            Request::IssueTokens {
+                blinded: vec![vec![1; 32], vec![2; 32]],
+            },
+            Request::SendAnonymous(AnonymousMessage {
+                group_id: GroupId::new(vec![1, 2, 3]).unwrap_or_else(|e| panic!("{e}")),
+                message: vec![5; 40],
+                ttl_seconds: 3600,
+                signature: [4; 64],
+                token: SendToken {
+                    key_id: [3; 32],
+                    nonce: [2; 32],
+                    authenticator: [1; 64],
+                },
             }),
             Request::FetchGroupInfo {
                 group_id: GroupId::new(vec![1, 2, 3]).unwrap_or_else(|e| panic!("{e}")),
@@ -1146,6 +1266,80 @@ mod tests {
         check_client(&[1, 0xff, 0xff, 0xff], Err("malformed protobuf"));
         check_client(&[1], Err("`id` is missing"));
         check_client(&vec![1; MAX_FRAME_BYTES + 1], Err("exceeds the maximum"));
+        let frame = |request| {
+            with_version(&wire::ClientFrame {
+                id: 1,
+                request: Some(request),
+            })
+        };
+        let anonymous = wire::SendAnonymous {
+            group_id: vec![1; 16],
+            message: vec![2; 10],
+            ttl_seconds: 0,
+            signature: vec![3; 64],
+            token_key_id: vec![4; 32],
+            token_nonce: vec![5; 32],
+            token_authenticator: vec![6; 64],
+        };
+        check_client(
+            &frame(client_frame::Request::SendAnonymous(anonymous.clone())),
+            Ok(()),
+        );
+        for (broken, field) in [
+            (
+                wire::SendAnonymous {
+                    signature: vec![3; 63],
+                    ..anonymous.clone()
+                },
+                "signature",
+            ),
+            (
+                wire::SendAnonymous {
+                    token_nonce: vec![],
+                    ..anonymous.clone()
+                },
+                "token_nonce",
+            ),
+            (
+                wire::SendAnonymous {
+                    token_authenticator: vec![6; 65],
+                    ..anonymous.clone()
+                },
+                "token_authenticator",
+            ),
+            (
+                wire::SendAnonymous {
+                    message: vec![],
+                    ..anonymous.clone()
+                },
+                "message",
+            ),
+        ] {
+            check_client(
+                &frame(client_frame::Request::SendAnonymous(broken)),
+                Err(field),
+            );
+        }
+        check_client(
+            &frame(client_frame::Request::IssueTokens(wire::IssueTokens {
+                blinded: vec![],
+            })),
+            Err("blinded"),
+        );
+        check_client(
+            &frame(client_frame::Request::IssueTokens(wire::IssueTokens {
+                blinded: vec![vec![1; 32]; crate::tokens::MAX_TOKENS_PER_REQUEST + 1],
+            })),
+            Err("blinded"),
+        );
+        check_client(
+            &frame(client_frame::Request::CreateGroup(wire::CreateGroup {
+                group_id: vec![1; 16],
+                group_info: vec![1],
+                delivery_key: vec![1; 31],
+            })),
+            Err("delivery_key"),
+        );
     }
 
     /// The largest deliverable message, in the largest envelope, still fits
@@ -1250,6 +1444,15 @@ mod tests {
                 id: 7,
                 result: Ok(Reply::RendezvousSlot {
                     payload: Some(vec![]),
+                }),
+            },
+            ServerMessage::Response {
+                id: 8,
+                result: Ok(Reply::Tokens {
+                    key_id: [9; 32],
+                    public_key: vec![8; 32],
+                    evaluated: vec![vec![7; 32]],
+                    proof: vec![6; 64],
                 }),
             },
         ];

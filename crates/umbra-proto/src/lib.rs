@@ -14,14 +14,15 @@ pub mod devices;
 pub mod frame;
 pub mod ids;
 pub mod rendezvous;
+pub mod tokens;
 pub mod wire;
 
 pub use activation::{ActivationString, CertFingerprint, DistributorCredential, WipeCode};
 pub use devices::{DeviceAddr, DeviceChange, DeviceEntry, DeviceId};
 pub use frame::{
-    CLASSICAL_SUITE, ClientFrame, Delivery, DeliveryKind, ErrorCode, ErrorReply, Push, Reply,
-    Request, ServerMessage, SuiteStock, decode_client, decode_server, encode_client, encode_server,
-    refused_frame_id,
+    AnonymousMessage, CLASSICAL_SUITE, ClientFrame, Delivery, DeliveryKind, ErrorCode, ErrorReply,
+    Push, Reply, Request, ServerMessage, SuiteStock, decode_client, decode_server, encode_client,
+    encode_server, refused_frame_id,
 };
 pub use ids::{AccountId, ActivationCode, GroupId, IdentityKey, Nonce, Signature};
 pub use rendezvous::{LinkString, RendezvousId};

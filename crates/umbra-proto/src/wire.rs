@@ -10,7 +10,7 @@ pub struct ClientFrame {
     pub id: u64,
     #[prost(
         oneof = "client_frame::Request",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39"
     )]
     pub request: Option<client_frame::Request>,
 }
@@ -74,6 +74,10 @@ pub mod client_frame {
         RendezvousGet(super::RendezvousGet),
         #[prost(message, tag = "36")]
         CloseRendezvous(super::CloseRendezvous),
+        #[prost(message, tag = "38")]
+        IssueTokens(super::IssueTokens),
+        #[prost(message, tag = "39")]
+        SendAnonymous(super::SendAnonymous),
     }
 }
 
@@ -228,6 +232,9 @@ pub struct CreateGroup {
     pub group_id: Vec<u8>,
     #[prost(bytes = "vec", tag = "2")]
     pub group_info: Vec<u8>,
+    /// The public half of epoch 0's delivery key (32 bytes), or empty.
+    #[prost(bytes = "vec", tag = "3")]
+    pub delivery_key: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -244,6 +251,36 @@ pub struct SendCommit {
     // the server derives membership from the validated commit.
     #[prost(bytes = "vec", tag = "7")]
     pub group_info: Vec<u8>,
+    /// The public half of the new epoch's delivery key (32 bytes), or empty.
+    #[prost(bytes = "vec", tag = "8")]
+    pub delivery_key: Vec<u8>,
+}
+
+/// Blinded token inputs for the server to sign (an active line's session).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IssueTokens {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub blinded: Vec<Vec<u8>>,
+}
+
+/// An application message for a group, on a connection that never logged
+/// in: signed with the epoch's delivery key, paid for with a token.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SendAnonymous {
+    #[prost(bytes = "vec", tag = "1")]
+    pub group_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub message: Vec<u8>,
+    #[prost(uint32, tag = "3")]
+    pub ttl_seconds: u32,
+    #[prost(bytes = "vec", tag = "4")]
+    pub signature: Vec<u8>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub token_key_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "6")]
+    pub token_nonce: Vec<u8>,
+    #[prost(bytes = "vec", tag = "7")]
+    pub token_authenticator: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -379,7 +416,7 @@ pub struct Response {
     pub id: u64,
     #[prost(
         oneof = "response::Result",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18"
     )]
     pub result: Option<response::Result>,
 }
@@ -419,6 +456,8 @@ pub mod response {
         RendezvousOpened(super::RendezvousOpened),
         #[prost(message, tag = "17")]
         RendezvousSlot(super::RendezvousSlot),
+        #[prost(message, tag = "18")]
+        Tokens(super::Tokens),
     }
 }
 
@@ -502,6 +541,24 @@ pub enum ErrorCode {
     UnknownRendezvous = 37,
     /// That rendezvous slot was already written.
     SlotTaken = 38,
+    /// The token was not issued by this server under a key it still
+    /// accepts.
+    InvalidToken = 39,
+    /// The token was spent already.
+    TokenSpent = 40,
+}
+
+/// Signed token inputs, in the order asked, under the key named.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Tokens {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub public_key: Vec<u8>,
+    #[prost(bytes = "vec", repeated, tag = "3")]
+    pub evaluated: Vec<Vec<u8>>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub proof: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

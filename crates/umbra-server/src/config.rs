@@ -84,6 +84,9 @@ pub struct Config {
     /// Most device log entries (adds and removes) one account may append
     /// per day. Default 20.
     pub device_changes_per_day: u32,
+    /// Anonymous-send tokens one line may be issued per day (each pays for
+    /// one message sent without logging in). Default 1000.
+    pub anonymous_sends_per_day: u32,
     /// Bytes all open rendezvous (for linking devices) may hold together,
     /// in memory. Default 268435456 (256 MiB).
     pub max_rendezvous_bytes: u64,
@@ -133,6 +136,7 @@ impl Default for Config {
             contact_requests_per_hour: 60,
             max_devices_per_account: 5,
             device_changes_per_day: 20,
+            anonymous_sends_per_day: 1000,
             max_rendezvous_bytes: 256 * 1024 * 1024,
             delivery_bytes_per_hour: 256 * 1024 * 1024,
             key_package_low_water: 10,
@@ -215,6 +219,10 @@ contact_requests_per_hour = 60
 # account may make per day. Beyond them: QUOTA_EXCEEDED.
 max_devices_per_account = 5
 device_changes_per_day = 20
+
+# Tokens one line may be issued per day for sending to its groups without
+# logging in (one token per message). Beyond it: QUOTA_EXCEEDED.
+anonymous_sends_per_day = 1000
 
 # Bytes all open rendezvous may hold together (in memory): where a device
 # being linked meets its account's existing device. Each lives ten minutes

@@ -211,6 +211,7 @@ pub async fn run(
             push_window: options.push_window,
             config: config.clone(),
         },
+        tokens: service::TokenKeys::default(),
     });
     info!(%local, tls = config.tls, "umbra-server listening");
 

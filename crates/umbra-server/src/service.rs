@@ -24,9 +24,12 @@ use umbra_store::{
 use crate::registry::Registry;
 use umbra_proto::clock::Clock;
 
+mod anonymous;
 mod delivery;
 mod devices;
 mod lines;
+
+pub use anonymous::{TOKEN_KEY_ROTATION, TokenKeys};
 
 use delivery::{line_refusal, not_a_member, unknown_group};
 
@@ -139,6 +142,8 @@ pub struct Services {
     pub rendezvous: crate::rendezvous::Rendezvous,
     pub clock: Arc<dyn Clock>,
     pub limits: Limits,
+    /// The keys that sign anonymous-send tokens.
+    pub tokens: TokenKeys,
 }
 
 impl std::fmt::Debug for Services {
@@ -250,6 +255,12 @@ impl Services {
                     Err(error) => Answer::Now(Err(error)),
                 }
             }
+            // Whether or not the connection logged in: a device sends these
+            // on one that did not, so the server cannot tell whose they are.
+            (_, Request::SendAnonymous(message)) => match self.send_anonymous(message).await {
+                Ok((durable, reply)) => Answer::WhenDurable(durable, reply),
+                Err(error) => Answer::Now(Err(error)),
+            },
             (_, request @ Request::Ack { quiet: true, .. }) => {
                 match self.handle(session, request).await {
                     Ok(_) => Answer::Quiet,
@@ -651,6 +662,7 @@ impl Services {
             Request::CreateGroup {
                 group_id,
                 group_info,
+                delivery_key,
             } => {
                 let account = self.require_active(me).await?;
                 let limit = self.limits.config.max_groups_per_account;
@@ -684,6 +696,12 @@ impl Services {
                     .await
                     .map_err(internal)?
                 {
+                    if let Some(key) = delivery_key {
+                        self.store
+                            .set_delivery_key(&group_id, 0, &key)
+                            .await
+                            .map_err(internal)?;
+                    }
                     Ok(Reply::Done)
                 } else {
                     Err(refuse(
@@ -692,6 +710,7 @@ impl Services {
                     ))
                 }
             }
+            Request::IssueTokens { blinded } => self.issue_tokens(me, blinded).await,
             Request::SendCommit(commit) => {
                 self.require_active(me).await?;
                 self.send_commit(&DeviceAddr::new(me.clone(), device), commit)

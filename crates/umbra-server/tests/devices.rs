@@ -543,6 +543,7 @@ async fn groups_take_leaves_of_current_devices_only() {
     let create = |group: &Group, signer: &DeviceSigner| Request::CreateGroup {
         group_id: GroupId::new(group.id()).unwrap(),
         group_info: group.group_info(&provider, signer).unwrap(),
+        delivery_key: None,
     };
     assert_eq!(second.call(create(&own, &d2)).await, Ok(Reply::Done));
     let posing = Group::create(&provider, &alice.key, &id, &config, 0).unwrap();
@@ -573,6 +574,7 @@ async fn groups_take_leaves_of_current_devices_only() {
         let create = Request::CreateGroup {
             group_id: GroupId::new(group.id()).unwrap(),
             group_info: group.group_info(&bobs, &bob.key).unwrap(),
+            delivery_key: None,
         };
         let added = group.add_members(&bobs, &bob.key, &[key_package]).unwrap();
         let commit = Request::SendCommit(CommitSubmission {
@@ -581,6 +583,7 @@ async fn groups_take_leaves_of_current_devices_only() {
             commit: added.commit,
             welcome: added.welcome,
             group_info: added.group_info,
+            delivery_key: None,
         });
         (create, commit)
     };

@@ -265,6 +265,7 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
         raw.call(Request::CreateGroup {
             group_id: group_id.clone(),
             group_info: group_info.clone(),
+            delivery_key: None,
         })
         .await,
         Ok(Reply::Done)
@@ -273,6 +274,7 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
         Request::CreateGroup {
             group_id: group_id.clone(),
             group_info: group_info.clone(),
+            delivery_key: None,
         },
         ErrorCode::GroupExists,
     )
@@ -284,6 +286,7 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
             commit: output.commit.clone(),
             welcome: None,
             group_info: output.group_info.clone(),
+            delivery_key: None,
         })
     };
     // Someone outside the group is refused before anything is validated.
@@ -326,6 +329,7 @@ async fn stale_and_forged_commits_and_foreign_key_packages() {
             Request::CreateGroup {
                 group_id: padded,
                 group_info: vec![0; 64 * 1024],
+                delivery_key: None,
             },
             ErrorCode::InvalidRequest,
         )

@@ -271,6 +271,7 @@ async fn per_account_quotas_for_key_packages_groups_and_contact_requests() {
         Request::CreateGroup {
             group_id: GroupId::new(group.id()).unwrap(),
             group_info: group.group_info(&provider, &signer).unwrap(),
+            delivery_key: None,
         }
     };
     assert_eq!(raw.call(create()).await, Ok(Reply::Done));
@@ -402,6 +403,7 @@ async fn the_largest_accepted_message_reaches_an_online_and_an_offline_recipient
     let create = Request::CreateGroup {
         group_id: group_id.clone(),
         group_info: group.group_info(&alice.provider(), &alice.signer).unwrap(),
+        delivery_key: None,
     };
     assert_eq!(alice.raw.call(create).await, Ok(Reply::Done));
     let added = group
@@ -413,6 +415,7 @@ async fn the_largest_accepted_message_reaches_an_online_and_an_offline_recipient
         commit: added.commit.clone(),
         welcome: added.welcome.clone(),
         group_info: added.group_info.clone(),
+        delivery_key: None,
     });
     assert!(matches!(
         alice.raw.call(commit).await,

@@ -13,7 +13,7 @@ use umbra_proto::{
 use crate::{
     Account, CodeHash, CodeKind, CommitOutcome, CommitRecord, ContactAcceptOutcome,
     ContactRequestOutcome, DAY, Durable, FanOutOutcome, LineStatus, Notice, Registration, Renewal,
-    Result, Store, StoredDelivery,
+    Result, Store, StoredDelivery, TokenKey,
 };
 
 const NOW: u64 = 1_800_000_000;
@@ -47,6 +47,8 @@ where
     expiry(&make().await).await;
     device_logs(&make().await).await;
     mailboxes_per_device(&make().await).await;
+    anonymous_fan_out_and_delivery_keys(&make().await).await;
+    tokens(&make().await).await;
 }
 
 fn account(text: &str) -> AccountId {
@@ -1936,4 +1938,174 @@ pub async fn survives_reopen_part_two(store: &impl Store, highest: u64) {
     // applied an ID would take a new delivery under it for a repeat.
     let notice = low_water(&bob, &bob);
     assert!(store.notice(notice, NOW, NOW + TTL).await.unwrap()[0].1 > highest);
+}
+
+/// An anonymous message reaches every member device, the sender's own
+/// included, and only in the epoch it names; the delivery key is the
+/// current epoch's, cleared by a commit and never set for another epoch.
+async fn anonymous_fan_out_and_delivery_keys(store: &impl Store) {
+    let (g, [alice, bob, carol]) = group_of_three(store).await;
+    assert_eq!(store.group(&g).await.unwrap().unwrap().delivery_key, None);
+    assert!(
+        !store.set_delivery_key(&g, 0, &[1; 32]).await.unwrap(),
+        "an epoch the group has left takes no key"
+    );
+    assert!(store.set_delivery_key(&g, 1, &[1; 32]).await.unwrap());
+    assert_eq!(
+        store.group(&g).await.unwrap().unwrap().delivery_key,
+        Some([1; 32])
+    );
+    assert!(
+        !store
+            .set_delivery_key(&group(99), 0, &[1; 32])
+            .await
+            .unwrap()
+    );
+
+    let FanOutOutcome::Stored {
+        deliveries,
+        durable,
+    } = store
+        .fan_out_anonymous(&g, b"whisper", 1, NOW, NOW + TTL)
+        .await
+        .unwrap()
+    else {
+        panic!("an anonymous message of the current epoch is stored");
+    };
+    durable.wait().await.unwrap();
+    let mut recipients: Vec<_> = deliveries.iter().map(|(r, _)| r.clone()).collect();
+    recipients.sort();
+    let mut everyone = vec![one(&alice), one(&bob), one(&carol)];
+    everyone.sort();
+    assert_eq!(
+        recipients, everyone,
+        "every member device, the sender's too"
+    );
+    for who in [&alice, &bob, &carol] {
+        let held = read_all(store, who).await;
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].payload, b"whisper");
+        assert_eq!(held[0].sender, None);
+        assert_eq!(held[0].kind, DeliveryKind::Application);
+    }
+    assert!(matches!(
+        store
+            .fan_out_anonymous(&g, b"old", 0, NOW, NOW + TTL)
+            .await
+            .unwrap(),
+        FanOutOutcome::BehindGroup { current_epoch: 1 }
+    ));
+    assert!(matches!(
+        store
+            .fan_out_anonymous(&g, b"future", 2, NOW, NOW + TTL)
+            .await
+            .unwrap(),
+        FanOutOutcome::AheadOfGroup { current_epoch: 1 }
+    ));
+    assert!(matches!(
+        store
+            .fan_out_anonymous(&group(99), b"x", 0, NOW, NOW + TTL)
+            .await
+            .unwrap(),
+        FanOutOutcome::UnknownGroup
+    ));
+
+    // A commit clears the key: the next epoch's is its committer's to state.
+    store
+        .accept_commit(
+            &commit(&g, 1, &alice, b"remove carol", &[], &[&carol]),
+            NOW,
+            NOW + TTL,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.group(&g).await.unwrap().unwrap().delivery_key, None);
+    for who in [&alice, &bob, &carol] {
+        read_all(store, who).await;
+    }
+    let FanOutOutcome::Stored {
+        deliveries,
+        durable,
+    } = store
+        .fan_out_anonymous(&g, b"after", 2, NOW, NOW + TTL)
+        .await
+        .unwrap()
+    else {
+        panic!("stored");
+    };
+    durable.wait().await.unwrap();
+    let mut recipients: Vec<_> = deliveries.iter().map(|(r, _)| r.clone()).collect();
+    recipients.sort();
+    let mut members = vec![one(&alice), one(&bob)];
+    members.sort();
+    assert_eq!(recipients, members, "a removed member gets none");
+    assert!(read_all(store, &carol).await.is_empty());
+}
+
+/// Token keys are kept newest first and retired with their spent tokens;
+/// a line's daily allowance is counted across requests; a token is spent
+/// once.
+async fn tokens(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    assert!(store.token_keys().await.unwrap().is_empty());
+    let old = TokenKey {
+        id: [1; 32],
+        secret: vec![11; 32],
+        created_at: NOW,
+    };
+    let new = TokenKey {
+        id: [2; 32],
+        secret: vec![22; 32],
+        created_at: NOW + 30 * DAY,
+    };
+    store.add_token_key(&old).await.unwrap();
+    store.add_token_key(&new).await.unwrap();
+    store.add_token_key(&new).await.unwrap();
+    assert_eq!(
+        store.token_keys().await.unwrap(),
+        vec![new.clone(), old.clone()]
+    );
+    assert!(
+        !format!("{old:?}").contains("11, 11"),
+        "a token key's Debug shows no secret"
+    );
+
+    let day = NOW / DAY;
+    assert_eq!(store.grant_tokens(&alice, day, 30, 50).await.unwrap(), 30);
+    assert_eq!(store.grant_tokens(&alice, day, 30, 50).await.unwrap(), 20);
+    assert_eq!(store.grant_tokens(&alice, day, 30, 50).await.unwrap(), 0);
+    assert_eq!(
+        store.grant_tokens(&bob, day, 30, 50).await.unwrap(),
+        30,
+        "per line"
+    );
+    assert_eq!(
+        store.grant_tokens(&alice, day + 1, 30, 50).await.unwrap(),
+        30,
+        "per day"
+    );
+
+    assert!(store.spend_token(&old.id, &[5; 32]).await.unwrap());
+    assert!(
+        !store.spend_token(&old.id, &[5; 32]).await.unwrap(),
+        "spent once"
+    );
+    assert!(
+        store.spend_token(&new.id, &[5; 32]).await.unwrap(),
+        "per key"
+    );
+    assert!(!store.spend_token(&new.id, &[5; 32]).await.unwrap());
+
+    assert_eq!(store.retire_token_keys(NOW).await.unwrap(), 1);
+    assert_eq!(store.token_keys().await.unwrap(), vec![new.clone()]);
+    assert!(
+        store.spend_token(&old.id, &[5; 32]).await.unwrap(),
+        "the tokens spent under a retired key are forgotten with it"
+    );
+    assert!(!store.spend_token(&new.id, &[5; 32]).await.unwrap());
+
+    // A past day's allowance is swept with the expired mail.
+    store.expire(NOW + 2 * DAY).await.unwrap();
+    assert_eq!(store.grant_tokens(&alice, day, 30, 50).await.unwrap(), 30);
 }

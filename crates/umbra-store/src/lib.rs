@@ -19,6 +19,7 @@ pub use staging::ACK_WINDOW;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
+use umbra_proto::tokens::DELIVERY_KEY_BYTES;
 use umbra_proto::{
     AccountId, ActivationCode, DeliveryKind, DeviceAddr, DeviceId, GroupId, IdentityKey,
 };
@@ -341,6 +342,9 @@ pub struct GroupState {
     pub public_state: Option<Vec<u8>>,
     /// Standalone proposals accepted in the current epoch, in order.
     pub proposals: Vec<Vec<u8>>,
+    /// The public half of the current epoch's delivery key, as the epoch's
+    /// committer (or the group's creator) stated it; `None` until stated.
+    pub delivery_key: Option<[u8; DELIVERY_KEY_BYTES]>,
 }
 
 impl GroupState {
@@ -501,6 +505,14 @@ pub trait Groups: Send + Sync {
     /// commit may reference it. False if the group is no longer at `epoch`
     /// (or does not exist).
     async fn add_proposal(&self, group: &GroupId, epoch: u64, message: &[u8]) -> Result<bool>;
+    /// Records the public half of `epoch`'s delivery key, if the group is
+    /// still at `epoch` (false otherwise). Every accepted commit clears it.
+    async fn set_delivery_key(
+        &self,
+        group: &GroupId,
+        epoch: u64,
+        key: &[u8; DELIVERY_KEY_BYTES],
+    ) -> Result<bool>;
     /// Stores an application message or proposal for every other current
     /// member device (the sender's other devices included). `epoch` is
     /// the one its MLS header names: a message from an epoch later than
@@ -517,6 +529,58 @@ pub trait Groups: Send + Sync {
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<FanOutOutcome>;
+    /// Stores an anonymous application message for every current member
+    /// device, if the group is at `epoch` (`AheadOfGroup` or `BehindGroup`
+    /// otherwise). The caller checked its delivery-key signature and token.
+    async fn fan_out_anonymous(
+        &self,
+        group: &GroupId,
+        payload: &[u8],
+        epoch: u64,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<FanOutOutcome>;
+}
+
+/// A key that signs send tokens. `secret` is the VOPRF private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenKey {
+    pub id: [u8; 32],
+    pub secret: Vec<u8>,
+    pub created_at: Timestamp,
+}
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenKey")
+            .field("id", &format_args!("{:02x?}", &self.id[..4]))
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Anonymous sending's tokens: the keys that sign them, the daily
+/// allowance of each line, and the tokens spent.
+#[async_trait]
+pub trait Tokens: Send + Sync {
+    /// Every token key kept, newest first.
+    async fn token_keys(&self) -> Result<Vec<TokenKey>>;
+    async fn add_token_key(&self, key: &TokenKey) -> Result<()>;
+    /// Forgets the keys created at or before `cutoff`, and the tokens
+    /// spent under them (which no longer verify). Returns how many keys.
+    async fn retire_token_keys(&self, cutoff: Timestamp) -> Result<u64>;
+    /// Grants `account` up to `wanted` tokens of its `per_day` on `day`,
+    /// and counts them: how many it may have now (0 once the day's
+    /// allowance is spent).
+    async fn grant_tokens(
+        &self,
+        account: &AccountId,
+        day: u64,
+        wanted: u32,
+        per_day: u32,
+    ) -> Result<u32>;
+    /// Marks a token spent: false if it was spent before.
+    async fn spend_token(&self, key_id: &[u8; 32], nonce: &[u8; 32]) -> Result<bool>;
 }
 
 /// A delivery the server originates rather than fans out.
@@ -680,11 +744,27 @@ pub trait Distributors: Send + Sync {
 
 /// Everything the server needs from storage.
 pub trait Store:
-    Accounts + Contacts + KeyPackages + Groups + Mailboxes + Distributors + DeviceLogs + 'static
+    Accounts
+    + Contacts
+    + KeyPackages
+    + Groups
+    + Mailboxes
+    + Distributors
+    + DeviceLogs
+    + Tokens
+    + 'static
 {
 }
 impl<
-    T: Accounts + Contacts + KeyPackages + Groups + Mailboxes + Distributors + DeviceLogs + 'static,
+    T: Accounts
+        + Contacts
+        + KeyPackages
+        + Groups
+        + Mailboxes
+        + Distributors
+        + DeviceLogs
+        + Tokens
+        + 'static,
 > Store for T
 {
 }

@@ -722,6 +722,9 @@ impl Client {
                 });
                 Ok(None)
             }
+            // This device's own anonymous message, which the server sent
+            // to every member device: recorded when it was sent.
+            Incoming::Echo => Ok(None),
             _ => Ok(None),
         }
     }

@@ -13,7 +13,7 @@ use crate::link::REQUEST_TIMEOUT;
 
 use crate::types::{ConversationId, Event};
 
-use super::{COMMIT_ATTEMPTS, Client, Verdict, load_group};
+use super::{COMMIT_ATTEMPTS, Client, Verdict, commit_delivery_key, load_group};
 
 impl Client {
     /// Makes a commit with `plan`, submits it, and merges it once the server
@@ -36,6 +36,7 @@ impl Client {
                 let Some(planned) = plan(&mut group, provider)? else {
                     return Ok(None);
                 };
+                let delivery_key = commit_delivery_key(&group, provider);
                 tx.execute(
                     "INSERT OR REPLACE INTO pending_commits (group_id, epoch, commit_, welcome, group_info)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -47,9 +48,9 @@ impl Client {
                         planned.group_info
                     ],
                 )?;
-                Ok(Some(planned))
+                Ok(Some((planned, delivery_key)))
             })?;
-            let Some(planned) = planned else {
+            let Some((planned, delivery_key)) = planned else {
                 return Ok(None);
             };
             let submission = CommitSubmission {
@@ -58,6 +59,7 @@ impl Client {
                 commit: planned.commit.clone(),
                 welcome: planned.welcome.clone(),
                 group_info: planned.group_info.clone(),
+                delivery_key,
             };
             match self.submit_commit(submission).await {
                 Verdict::Accepted(epoch) => {
@@ -203,6 +205,11 @@ impl Client {
         };
         for (group_id, epoch, commit, welcome, group_info) in pending {
             let _ops = self.inner.ops.lock().await;
+            let delivery_key = self.with_tx(|_, provider| {
+                Ok(load_group(provider, &group_id)
+                    .ok()
+                    .and_then(|group| commit_delivery_key(&group, provider)))
+            })?;
             let verdict = self
                 .submit_commit(CommitSubmission {
                     group_id: GroupId::new(group_id.clone())?,
@@ -210,6 +217,7 @@ impl Client {
                     commit,
                     welcome,
                     group_info,
+                    delivery_key,
                 })
                 .await;
             match verdict {

@@ -324,12 +324,17 @@ impl Client {
                 .map_err(ClientError::from)
             })?;
             let group_id = group.id();
-            let group_info =
-                self.with_tx(|_, provider| Ok(group.group_info(provider, &self.inner.signer)?))?;
+            let (group_info, delivery_key) = self.with_tx(|_, provider| {
+                Ok((
+                    group.group_info(provider, &self.inner.signer)?,
+                    group.delivery_key(provider)?.public(),
+                ))
+            })?;
             let registered = self
                 .request(Request::CreateGroup {
                     group_id: GroupId::new(group_id.clone())?,
                     group_info,
+                    delivery_key: Some(delivery_key),
                 })
                 .await;
             if let Err(error) = registered {

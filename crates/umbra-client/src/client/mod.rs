@@ -26,6 +26,7 @@ use zeroize::Zeroizing;
 use crate::error::{ClientError, Result};
 use crate::link::Link;
 
+mod anonymous;
 mod apply;
 mod commits;
 mod contacts;
@@ -489,6 +490,24 @@ fn message_row(
         expires_at: row.get(6)?,
         disappear_after: row.get(7)?,
     })
+}
+
+/// The public half of the delivery key of the epoch a commit starts (the
+/// pending commit's; after an external commit, the epoch the group is
+/// in), for the server to check anonymous messages of that epoch against.
+fn commit_delivery_key(group: &Group, provider: &Provider<'_>) -> Option<[u8; 32]> {
+    let key = match group.next_delivery_key(provider) {
+        Ok(Some(key)) => Ok(key),
+        Ok(None) => group.delivery_key(provider),
+        Err(error) => Err(error),
+    };
+    match key {
+        Ok(key) => Some(key.public()),
+        Err(error) => {
+            tracing::debug!(%error, "no delivery key for the commit; the epoch has no anonymous sending");
+            None
+        }
+    }
 }
 
 fn load_group(provider: &Provider<'_>, group_id: &[u8]) -> Result<Group> {

@@ -16,7 +16,7 @@ use umbra_mls::{Group, MlsError};
 use umbra_proto::frame::CommitSubmission;
 use umbra_proto::{ErrorCode, GroupId, Reply, Request};
 
-use super::{Client, Verdict, load_group};
+use super::{Client, Verdict, commit_delivery_key, load_group};
 use crate::error::{ClientError, Result};
 use crate::types::ConversationId;
 
@@ -147,7 +147,7 @@ impl Client {
                     Some(epoch) => epoch,
                     None => load_group(provider, group_id)?.epoch(),
                 };
-                let (_, output) = Group::rejoin_as_device(
+                let (group, output) = Group::rejoin_as_device(
                     provider,
                     &self.inner.signer,
                     &self.inner.account,
@@ -160,8 +160,9 @@ impl Client {
                     "INSERT OR REPLACE INTO rejoins (group_id, behind) VALUES (?1, ?2)",
                     params![group_id, behind],
                 )?;
-                Ok(output)
+                Ok((output, commit_delivery_key(&group, provider)))
             })?;
+            let (output, delivery_key) = output;
             let verdict = self
                 .submit_commit(CommitSubmission {
                     group_id: gid.clone(),
@@ -169,6 +170,7 @@ impl Client {
                     commit: output.commit,
                     welcome: None,
                     group_info: output.group_info,
+                    delivery_key,
                 })
                 .await;
             match verdict {

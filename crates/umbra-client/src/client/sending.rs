@@ -65,7 +65,7 @@ impl Client {
     /// The group `group_id` as far as this device may send to it now: a
     /// member, no member's changed key unconfirmed, not rejoining. Checked
     /// on every encryption, a message encrypted again included.
-    fn sendable(
+    pub(super) fn sendable(
         &self,
         tx: &rusqlite::Transaction<'_>,
         provider: &umbra_mls::Provider<'_>,

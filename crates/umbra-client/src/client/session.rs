@@ -227,6 +227,10 @@ impl Client {
         self.resubmit_pending_commits().await?;
         self.resume_rejoins()?;
         self.send_pending_declines().await;
+        // Beside the session: the tokens' request must not hold up
+        // connecting.
+        let client = self.clone();
+        tokio::spawn(async move { client.refill_tokens().await });
         // The account's device log: written on the first connection of a
         // device whose account has none, beside the session (the server's
         // answers cannot hold up connecting). A log that fails

@@ -118,6 +118,7 @@ impl Services {
             (added, removed, public_state, commit.group_info)
         };
         let now = self.now();
+        let delivery_key = commit.delivery_key;
         let welcome_bytes = commit.welcome.as_ref().map_or(0, Vec::len) * added.len();
         let commit_bytes = commit.commit.len();
         let record = CommitRecord {
@@ -138,6 +139,15 @@ impl Services {
             .map_err(internal)?
         {
             CommitOutcome::Accepted { epoch, recipients } => {
+                // The committer states the new epoch's delivery key (only
+                // on acceptance: a resubmission could come from any member,
+                // who saw the commit too).
+                if let Some(key) = delivery_key {
+                    self.store
+                        .set_delivery_key(&record.group_id, epoch, &key)
+                        .await
+                        .map_err(internal)?;
+                }
                 self.charge(&me.account, commit_bytes, recipients.len());
                 self.charge(&me.account, welcome_bytes, 1);
                 self.registry.notify(&recipients);
@@ -342,7 +352,7 @@ pub(super) fn not_a_member() -> ErrorReply {
 
 /// Refuses a message whose delivery would not fit in a frame a device
 /// accepts (it would block the recipient's mailbox for good).
-pub(super) fn check_deliverable(what: &str, message: &[u8]) -> Result<(), ErrorReply> {
+pub(crate) fn check_deliverable(what: &str, message: &[u8]) -> Result<(), ErrorReply> {
     if message.len() > umbra_proto::MAX_DELIVERY_PAYLOAD {
         return Err(refuse(
             ErrorCode::FrameTooLarge,

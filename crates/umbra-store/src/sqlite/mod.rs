@@ -9,6 +9,7 @@
 
 mod devices;
 mod mailbox_bytes;
+mod tokens;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use umbra_proto::tokens::DELIVERY_KEY_BYTES;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceId, GroupId, IdentityKey};
 
 use crate::staging::{DueCopy, Staging};
@@ -65,6 +67,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (
         15,
         include_str!("../../migrations/0015_declined_requests.sql"),
+    ),
+    (
+        16,
+        include_str!("../../migrations/0016_anonymous_sending.sql"),
     ),
 ];
 
@@ -1734,15 +1740,15 @@ impl Groups for SqliteStore {
     async fn group(&self, group: &GroupId) -> Result<Option<GroupState>> {
         let group = group.clone();
         self.run(move |connection| {
-            let row: Option<(u64, Option<Vec<u8>>)> = connection
+            let row: Option<(u64, Option<Vec<u8>>, Option<Vec<u8>>)> = connection
                 .query_row(
-                    "SELECT epoch, public_state FROM groups WHERE group_id = ?1",
+                    "SELECT epoch, public_state, delivery_key FROM groups WHERE group_id = ?1",
                     [group.as_bytes()],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
                 )
                 .optional()
                 .map_err(backend)?;
-            row.map(|(epoch, public_state)| {
+            row.map(|(epoch, public_state, delivery_key)| {
                 let proposals = connection
                     .prepare_cached(
                         "SELECT message FROM group_proposals
@@ -1759,6 +1765,7 @@ impl Groups for SqliteStore {
                     members: members(connection, &group)?,
                     public_state,
                     proposals,
+                    delivery_key: delivery_key.and_then(|key| key.try_into().ok()),
                 })
             })
             .transpose()
@@ -1849,7 +1856,8 @@ impl Groups for SqliteStore {
                 .map_err(backend)?;
             }
             tx.execute(
-                "UPDATE groups SET epoch = ?1, public_state = ?3, group_info = ?4 WHERE group_id = ?2",
+                "UPDATE groups SET epoch = ?1, public_state = ?3, group_info = ?4, delivery_key = NULL
+                 WHERE group_id = ?2",
                 params![
                     epoch + 1,
                     commit.group_id.as_bytes(),
@@ -1930,6 +1938,25 @@ impl Groups for SqliteStore {
         .await
     }
 
+    async fn set_delivery_key(
+        &self,
+        group: &GroupId,
+        epoch: u64,
+        key: &[u8; DELIVERY_KEY_BYTES],
+    ) -> Result<bool> {
+        let (group, key) = (group.clone(), *key);
+        self.write(move |tx| {
+            let updated = tx
+                .execute(
+                    "UPDATE groups SET delivery_key = ?3 WHERE group_id = ?1 AND epoch = ?2",
+                    params![group.as_bytes(), epoch, &key[..]],
+                )
+                .map_err(backend)?;
+            Ok(updated > 0)
+        })
+        .await
+    }
+
     async fn fan_out(
         &self,
         group: &GroupId,
@@ -1942,12 +1969,41 @@ impl Groups for SqliteStore {
     ) -> Result<FanOutOutcome> {
         let message = Message {
             group: group.clone(),
-            sender: sender.clone(),
+            sender: Some(sender.clone()),
             kind,
             payload: payload.to_vec(),
             epoch,
             now,
         };
+        self.fan_out_message(message, expires_at).await
+    }
+
+    async fn fan_out_anonymous(
+        &self,
+        group: &GroupId,
+        payload: &[u8],
+        epoch: u64,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<FanOutOutcome> {
+        let message = Message {
+            group: group.clone(),
+            sender: None,
+            kind: DeliveryKind::Application,
+            payload: payload.to_vec(),
+            epoch,
+            now,
+        };
+        self.fan_out_message(message, expires_at).await
+    }
+}
+
+impl SqliteStore {
+    async fn fan_out_message(
+        &self,
+        message: Message,
+        expires_at: Timestamp,
+    ) -> Result<FanOutOutcome> {
         let message = match self.fan_out_now(message, expires_at) {
             Ok(outcome) => return Ok(outcome),
             Err(message) => message,
@@ -1960,12 +2016,14 @@ impl Groups for SqliteStore {
                 let Some((epoch, members)) = tx.members_of(&message.group)? else {
                     return Ok(Err(FanOutOutcome::UnknownGroup));
                 };
-                if let Err(refused) =
-                    check(epoch, &members, &message, tx.line(&message.sender.account)?)
-                {
+                let line = match &message.sender {
+                    Some(sender) => Some(tx.line(&sender.account)?),
+                    None => None,
+                };
+                if let Err(refused) = check(epoch, &members, &message, line) {
                     return Ok(Err(refused));
                 }
-                let count = members.len().saturating_sub(1);
+                let count = message.copy_count(&members);
                 let first = tx.take_ids(count)?;
                 Ok(Ok(message.copies(&members, first)))
             },
@@ -1988,8 +2046,8 @@ impl Groups for SqliteStore {
 struct Message {
     group: GroupId,
     /// The sending device: its own leaf gets no copy; its account's other
-    /// devices do.
-    sender: DeviceAddr,
+    /// devices do. `None` for an anonymous message: every leaf gets one.
+    sender: Option<DeviceAddr>,
     kind: DeliveryKind,
     payload: Vec<u8>,
     /// The epoch its MLS header names.
@@ -2002,9 +2060,16 @@ impl Message {
     /// `first`. The copies are staged, not inserted; their IDs come from
     /// the mailbox's sequence, so they sort with everything else stored
     /// and are never handed out twice.
+    fn copy_count(&self, members: &[DeviceAddr]) -> usize {
+        match self.sender {
+            Some(_) => members.len().saturating_sub(1),
+            None => members.len(),
+        }
+    }
+
     fn copies(self, members: &[DeviceAddr], first: u64) -> Vec<(DeviceAddr, StoredDelivery)> {
         (first..)
-            .zip(members.iter().filter(|m| **m != self.sender))
+            .zip(members.iter().filter(|m| Some(*m) != self.sender.as_ref()))
             .map(|(id, recipient)| {
                 let delivery = StoredDelivery {
                     id,
@@ -2020,15 +2085,31 @@ impl Message {
     }
 }
 
-/// Whether the sender may send to the group (`line` is `None` for an
-/// account that does not exist).
+/// Whether the sender may send to the group. `line` is the sender's:
+/// `Some(None)` for an account that does not exist, `None` for an
+/// anonymous message (its token paid for it; the service checked its
+/// signature under the epoch's delivery key).
 fn check(
     epoch: u64,
     members: &[DeviceAddr],
     message: &Message,
-    line: Option<Line>,
+    line: Option<Option<Line>>,
 ) -> std::result::Result<(), FanOutOutcome> {
-    if !members.contains(&message.sender) {
+    let Some(line) = line else {
+        // Only the current epoch's delivery key signs, and only for it.
+        return if message.epoch == epoch {
+            Ok(())
+        } else if message.epoch > epoch {
+            Err(FanOutOutcome::AheadOfGroup {
+                current_epoch: epoch,
+            })
+        } else {
+            Err(FanOutOutcome::BehindGroup {
+                current_epoch: epoch,
+            })
+        };
+    };
+    if message.sender.as_ref().is_none_or(|s| !members.contains(s)) {
         return Err(FanOutOutcome::NotAMember);
     }
     // No member can have reached an epoch the delivery service has not
@@ -2080,16 +2161,20 @@ impl SqliteStore {
         if checked.writing {
             return Err(message);
         }
-        let (Some((epoch, members)), Some(line)) = (
-            checked.members.get(&message.group).cloned(),
-            checked.lines.get(&message.sender.account).copied(),
-        ) else {
+        let Some((epoch, members)) = checked.members.get(&message.group).cloned() else {
             return Err(message);
         };
-        if let Err(refused) = check(epoch, &members, &message, Some(line)) {
+        let line = match &message.sender {
+            Some(sender) => match checked.lines.get(&sender.account).copied() {
+                Some(line) => Some(Some(line)),
+                None => return Err(message),
+            },
+            None => None,
+        };
+        if let Err(refused) = check(epoch, &members, &message, line) {
             return Ok(refused);
         }
-        let count = members.len().saturating_sub(1);
+        let count = message.copy_count(&members);
         let Some(first) = checked.ids.take_reserved(count) else {
             return Err(message);
         };
@@ -2292,6 +2377,8 @@ impl Mailboxes for SqliteStore {
                 [now.saturating_sub(crate::CONTACT_REQUEST_LIFETIME)],
             )
             .map_err(backend)?;
+            tx.execute("DELETE FROM token_allowance WHERE day < ?1", [now / 86_400])
+                .map_err(backend)?;
             if removed > 0 {
                 tx.mailboxes.borrow_mut().forget_all();
             }
