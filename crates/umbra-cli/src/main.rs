@@ -110,6 +110,14 @@ enum Command {
         /// The message; several words are joined with spaces.
         #[arg(required = true, num_args = 1..)]
         text: Vec<String>,
+        /// Send it on a connection that does not log in, so the server
+        /// learns only that a member of the group sent it (the members
+        /// still see it is you). Uses one of this device's anonymous-send
+        /// tokens; refused in a group whose current epoch has no delivery
+        /// key (one made before anonymous sending: any change to the group
+        /// gives it one).
+        #[arg(long)]
+        anonymous: bool,
     },
     /// Fetch and print everything that arrived while away, then exit.
     Recv,
@@ -657,10 +665,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Contacts(command) => contacts(&cli, &out, command).await?,
         Command::Devices(command) => devices::devices(&cli, &out, command).await?,
         Command::Link { link, name } => devices::link(&cli, &out, link.as_deref(), name).await?,
-        Command::Send { target, text } => {
+        Command::Send {
+            target,
+            text,
+            anonymous,
+        } => {
             let client = online(&cli).await?;
             let id = conversation(&client, target)?;
-            let message = client.send_text(&id, &text.join(" ")).await?;
+            let message = if *anonymous {
+                client.send_text_anonymously(&id, &text.join(" ")).await?
+            } else {
+                client.send_text(&id, &text.join(" ")).await?
+            };
             out.message(&message);
         }
         Command::Recv => {

@@ -288,6 +288,21 @@ async fn two_people_talk_through_the_cli() {
         messages(&ok(bob.path(), &["recv"]).await),
         vec!["to the crew"]
     );
+    // Carol, without logging in: the members still see it is her.
+    let sent = ok(
+        carol.path(),
+        &["send", "--anonymous", &group, "from", "carol, unnamed"],
+    )
+    .await;
+    assert_eq!(sent[0]["body"], "from carol, unnamed");
+    let received = ok(bob.path(), &["recv"]).await;
+    assert_eq!(messages(&received), vec!["from carol, unnamed"]);
+    assert!(
+        received
+            .iter()
+            .any(|e| e["message"]["body"] == "from carol, unnamed" && e["message"]["sender"] == c),
+        "{received:?}"
+    );
     let listed = ok(bob.path(), &["groups", "list"]).await;
     assert!(
         listed.iter().any(|g| g["id"] == group.as_str()

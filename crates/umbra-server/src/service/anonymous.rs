@@ -41,10 +41,7 @@ impl TokenKeys {
     }
 
     /// Reads the keys from the store, newest first.
-    async fn load(
-        &self,
-        store: &dyn Store,
-    ) -> Result<Keys, ErrorReply> {
+    async fn load(&self, store: &dyn Store) -> Result<Keys, ErrorReply> {
         let mut keys = Vec::new();
         for key in store.token_keys().await.map_err(internal)? {
             let issuer = TokenIssuer::from_secret(&key.secret).map_err(|_| {
