@@ -117,6 +117,10 @@ pub enum ClientError {
     },
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// The server's anonymous-send tokens could let it tell who sent an
+    /// anonymous message; nothing was sent.
+    #[error("not sending anonymously: {0}")]
+    UntrustedTokens(String),
     #[error("linking the device failed: {0}")]
     LinkFailed(String),
     #[error("group commit kept losing to other members' commits; try again")]

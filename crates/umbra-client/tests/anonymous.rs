@@ -45,6 +45,34 @@ fn requests(server: &TestServer) -> Vec<Request> {
         .collect()
 }
 
+/// Waits until `device` holds at least `count` tokens (it asks for them when
+/// it connects, beside the session).
+async fn wait_for_tokens(device: &Device, count: u64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while device.client.token_stock().unwrap() < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no tokens after 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A group `creator` makes with `others`, once each of them has it.
+async fn group_of(creator: &Device, others: &mut [&mut Device]) -> umbra_client::ConversationId {
+    let ids: Vec<_> = others.iter().map(|d| d.id()).collect();
+    let group = creator.client.create_group("crew", &ids).await.unwrap();
+    for device in others.iter_mut() {
+        device
+            .wait_for(|e| match e {
+                Event::ConversationStarted { conversation } if conversation.id == group => Some(()),
+                _ => None,
+            })
+            .await;
+    }
+    group
+}
+
 /// Sends `request` on a fresh connection that never logs in; the answer.
 async fn send_unauthenticated(
     server: &TestServer,
@@ -95,19 +123,8 @@ async fn an_anonymous_message_reaches_the_members_and_not_the_senders_name_to_th
     let mut carol = Device::activate(&server).await;
     befriend(&mut alice, &mut bob).await;
     befriend(&mut alice, &mut carol).await;
-    let group = alice
-        .client
-        .create_group("crew", &[bob.id(), carol.id()])
-        .await
-        .unwrap();
-    for device in [&mut bob, &mut carol] {
-        device
-            .wait_for(|e| match e {
-                Event::ConversationStarted { conversation } if conversation.id == group => Some(()),
-                _ => None,
-            })
-            .await;
-    }
+    let group = group_of(&alice, &mut [&mut bob, &mut carol]).await;
+    wait_for_tokens(&bob, 32).await;
     let before = requests(&server).len();
 
     let sent = bob
@@ -142,10 +159,10 @@ async fn an_anonymous_message_reaches_the_members_and_not_the_senders_name_to_th
         "no login on the connection it came on"
     );
     assert!(
-        after
+        !after
             .iter()
-            .any(|r| matches!(r, Request::IssueTokens { blinded } if blinded.len() == 32)),
-        "Bob had no tokens, so he asked for them (on his logged-in connection)"
+            .any(|r| matches!(r, Request::IssueTokens { .. })),
+        "Bob's tokens came when he connected: asking for them as he sends would point at him"
     );
 
     // Bob's own copy came back to him too (the server cannot tell his
@@ -185,19 +202,7 @@ async fn forged_signatures_spent_or_forged_tokens_and_old_epochs_are_refused() {
     let mut carol = Device::activate(&server).await;
     befriend(&mut alice, &mut bob).await;
     befriend(&mut alice, &mut carol).await;
-    let group = alice
-        .client
-        .create_group("crew", &[bob.id(), carol.id()])
-        .await
-        .unwrap();
-    for device in [&mut bob, &mut carol] {
-        device
-            .wait_for(|e| match e {
-                Event::ConversationStarted { conversation } if conversation.id == group => Some(()),
-                _ => None,
-            })
-            .await;
-    }
+    let group = group_of(&alice, &mut [&mut bob, &mut carol]).await;
     bob.client
         .send_text_anonymously(&group, "the original")
         .await
@@ -246,7 +251,9 @@ async fn forged_signatures_spent_or_forged_tokens_and_old_epochs_are_refused() {
         .unwrap_err();
     assert_eq!(refused.code, ErrorCode::BadSignature, "{}", refused.message);
 
-    // A member removed keeps the old epoch's key, which signs nothing now.
+    // A member removed keeps the old epoch's key, which signs nothing now;
+    // the refusal is the same as for any other key (nobody who has not
+    // proved membership learns the group's epoch).
     alice
         .client
         .remove_members(&group, &[carol.id()])
@@ -255,7 +262,19 @@ async fn forged_signatures_spent_or_forged_tokens_and_old_epochs_are_refused() {
     let refused = send_unauthenticated(&server, Request::SendAnonymous(original.clone()))
         .await
         .unwrap_err();
-    assert_eq!(refused.code, ErrorCode::StaleEpoch, "{}", refused.message);
+    assert_eq!(refused.code, ErrorCode::BadSignature, "{}", refused.message);
+    assert_eq!(refused.current_epoch, 0, "no epoch is told");
+    let mut unknown = original.clone();
+    unknown.group_id = umbra_proto::GroupId::new(vec![7; 16]).unwrap();
+    let refused = send_unauthenticated(&server, Request::SendAnonymous(unknown))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code,
+        ErrorCode::InvalidRequest,
+        "the MLS header names another group: {}",
+        refused.message
+    );
 
     // None of this disturbed the group: members still send, anonymously
     // too, in the new epoch (its committer stated its key).
@@ -280,7 +299,8 @@ async fn forged_signatures_spent_or_forged_tokens_and_old_epochs_are_refused() {
 async fn a_lines_tokens_are_counted_against_its_daily_allowance() {
     let server = TestServer::start_configured(|config| config.anonymous_sends_per_day = 40).await;
     let alice = Device::activate(&server).await;
-    assert_eq!(alice.client.fetch_tokens().await.unwrap(), 32);
+    // Every device asks for 32 when it connects.
+    wait_for_tokens(&alice, 32).await;
     assert_eq!(
         alice.client.fetch_tokens().await.unwrap(),
         8,
@@ -298,4 +318,89 @@ async fn a_lines_tokens_are_counted_against_its_daily_allowance() {
         "{refused:?}"
     );
     assert_eq!(alice.client.token_stock().unwrap(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_announcing_more_token_keys_than_it_needs_is_not_sent_to() {
+    use umbra_store::Tokens as _;
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    befriend(&mut alice, &mut bob).await;
+    let group = group_of(&alice, &mut [&mut bob]).await;
+    wait_for_tokens(&bob, 32).await;
+
+    // The operator adds two keys beside the real one: enough to hand some
+    // lines keys of their own and tell their tokens apart.
+    let (data, address, store, _dir) = server.seize();
+    let now = common::now();
+    for n in 0..2u8 {
+        let issuer = umbra_proto::tokens::TokenIssuer::generate().unwrap();
+        store
+            .add_token_key(&umbra_store::TokenKey {
+                id: issuer.id(),
+                secret: issuer.secret().to_vec(),
+                created_at: now - u64::from(n),
+            })
+            .await
+            .unwrap();
+    }
+    drop(store);
+    let server = TestServer::start_in(&data, address).await;
+    bob.client.connect().await.unwrap();
+    let stock = bob.client.token_stock().unwrap();
+    let refused = bob
+        .client
+        .send_text_anonymously(&group, "never sent")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, ClientError::UntrustedTokens(_)),
+        "{refused:?}"
+    );
+    bob.wait_for(|e| matches!(e, Event::ServerMisbehaved { .. }).then_some(()))
+        .await;
+    assert!(anonymous_frames(&server).is_empty(), "nothing was sent");
+    assert_eq!(
+        bob.client.token_stock().unwrap(),
+        stock,
+        "the token goes back: it was never shown to the server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_flooding_uses_up_the_groups_anonymous_hour_not_its_traffic() {
+    let server =
+        TestServer::start_configured(|config| config.anonymous_bytes_per_group_hour = 1).await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    befriend(&mut alice, &mut bob).await;
+    let group = group_of(&alice, &mut [&mut bob]).await;
+    wait_for_tokens(&bob, 32).await;
+    bob.client
+        .send_text_anonymously(&group, "the first goes")
+        .await
+        .unwrap();
+    assert_eq!(alice.next_text().await.1, "the first goes");
+    let stock = bob.client.token_stock().unwrap();
+    let refused = bob
+        .client
+        .send_text_anonymously(&group, "the hour is used up")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.server_code(),
+        Some(ErrorCode::QuotaExceeded),
+        "{refused:?}"
+    );
+    assert_eq!(
+        bob.client.token_stock().unwrap(),
+        stock,
+        "refused before it was spent: the token goes back"
+    );
+    // Sending as oneself is not touched, for anyone in the group.
+    bob.client.send_text(&group, "as myself").await.unwrap();
+    assert_eq!(alice.next_text().await.1, "as myself");
+    alice.client.send_text(&group, "me too").await.unwrap();
+    assert_eq!(bob.next_text().await.1, "me too");
 }

@@ -191,6 +191,7 @@ fn main() -> Result<(), Error> {
                 nonce: Nonce::from_bytes([3; 32]),
                 server_time: 1_800_000_000,
                 max_frame_bytes: 1 << 20,
+                token_keys: vec![[4; 32]],
             }),
         ),
         ("welcome", delivery(DeliveryKind::Welcome, &welcome)),

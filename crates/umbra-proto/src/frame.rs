@@ -13,6 +13,10 @@ use crate::rendezvous::RendezvousId;
 use crate::tokens::{
     DELIVERY_KEY_BYTES, MAX_TOKENS_PER_REQUEST, SendToken, TOKEN_KEY_ID_BYTES, fixed,
 };
+
+/// Most token key IDs a Hello may carry at all (a device refuses to send
+/// anonymously past [`MAX_ANNOUNCED_TOKEN_KEYS`]).
+const MAX_TOKEN_KEYS_DECODED: usize = 64;
 use crate::wire::{self, client_frame, push, response, server_frame};
 use crate::{DecodeError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 
@@ -259,6 +263,11 @@ pub enum Push {
         nonce: Nonce,
         server_time: u64,
         max_frame_bytes: u32,
+        /// The IDs of the keys whose anonymous-send tokens the server
+        /// accepts, the same on every connection (at most
+        /// [`crate::tokens::MAX_ANNOUNCED_TOKEN_KEYS`] from an honest
+        /// server).
+        token_keys: Vec<[u8; TOKEN_KEY_ID_BYTES]>,
     },
     Delivery(Delivery),
     Synced,
@@ -1001,11 +1010,13 @@ pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
                     nonce,
                     server_time,
                     max_frame_bytes,
+                    token_keys,
                 } => push::Body::Hello(wire::Hello {
                     protocol_version: *protocol_version,
                     nonce: nonce.as_bytes().to_vec(),
                     server_time: *server_time,
                     max_frame_bytes: *max_frame_bytes,
+                    token_keys: token_keys.iter().map(|k| k.to_vec()).collect(),
                 }),
                 Push::Delivery(d) => push::Body::Delivery(wire::Delivery {
                     id: d.id,
@@ -1140,6 +1151,18 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
                     nonce: Nonce::from_slice(&h.nonce)?,
                     server_time: h.server_time,
                     max_frame_bytes: h.max_frame_bytes,
+                    token_keys: {
+                        if h.token_keys.len() > MAX_TOKEN_KEYS_DECODED {
+                            return Err(DecodeError::invalid(
+                                "token_keys",
+                                format!("more than {MAX_TOKEN_KEYS_DECODED}"),
+                            ));
+                        }
+                        h.token_keys
+                            .iter()
+                            .map(|k| fixed("token_keys", k))
+                            .collect::<Result<_, _>>()?
+                    },
                 },
                 push::Body::Delivery(d) => Push::Delivery(Delivery {
                     id: d.id,
@@ -1392,6 +1415,7 @@ mod tests {
                 nonce: Nonce::from_bytes([3; 32]),
                 server_time: 10,
                 max_frame_bytes: 100,
+                token_keys: vec![[4; 32], [5; 32]],
             }),
             ServerMessage::Push(Push::Delivery(Delivery {
                 id: 5,

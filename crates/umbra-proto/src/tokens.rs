@@ -40,8 +40,17 @@ pub const TOKEN_KEY_ID_BYTES: usize = 32;
 pub const DELIVERY_KEY_BYTES: usize = 32;
 /// Bytes of a VOPRF output (SHA-512).
 pub const TOKEN_AUTHENTICATOR_BYTES: usize = 64;
+/// Most token keys an honest server announces at once: the one issuing,
+/// and the one before it (its tokens are still accepted for a rotation
+/// period). A server that announces more could be handing lines keys of
+/// their own, to tell their tokens apart: a device does not send
+/// anonymously to it.
+pub const MAX_ANNOUNCED_TOKEN_KEYS: usize = 2;
 /// Bytes of a token key's secret (a ristretto255 scalar).
 const SECRET_BYTES: usize = 32;
+/// Largest MLS message sent anonymously (a text, padded, is far smaller):
+/// nobody can tell who sent one, so each is kept small.
+pub const MAX_ANONYMOUS_MESSAGE: usize = 64 * 1024;
 /// Most token inputs one `IssueTokens` may carry.
 pub const MAX_TOKENS_PER_REQUEST: usize = 64;
 
@@ -142,6 +151,15 @@ impl TokenIssuer {
 
     pub fn public_key(&self) -> &[u8] {
         &self.public_key
+    }
+
+    /// Whether every blinded input is a valid element (checked before the
+    /// line's allowance is charged for them).
+    pub fn check_blinded(blinded: &[Vec<u8>]) -> Result<(), TokenError> {
+        for b in blinded {
+            BlindedElement::<Ristretto255>::deserialize(b).map_err(|_| TokenError::BadElement)?;
+        }
+        Ok(())
     }
 
     /// Signs blinded token inputs: the evaluated elements, in order, and

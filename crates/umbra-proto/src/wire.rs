@@ -705,6 +705,9 @@ pub struct Hello {
     pub server_time: u64,
     #[prost(uint32, tag = "4")]
     pub max_frame_bytes: u32,
+    /// IDs of the keys whose anonymous-send tokens are accepted.
+    #[prost(bytes = "vec", repeated, tag = "5")]
+    pub token_keys: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]

@@ -87,6 +87,12 @@ pub struct Config {
     /// Anonymous-send tokens one line may be issued per day (each pays for
     /// one message sent without logging in). Default 1000.
     pub anonymous_sends_per_day: u32,
+    /// Bytes of anonymous messages one group may receive per hour (a
+    /// message's size times its recipients), shared by all its members:
+    /// nobody can tell whose they are, so one member flooding uses up the
+    /// group's anonymous sending, not its ordinary traffic. Default
+    /// 67108864 (64 MiB).
+    pub anonymous_bytes_per_group_hour: u64,
     /// Bytes all open rendezvous (for linking devices) may hold together,
     /// in memory. Default 268435456 (256 MiB).
     pub max_rendezvous_bytes: u64,
@@ -137,6 +143,7 @@ impl Default for Config {
             max_devices_per_account: 5,
             device_changes_per_day: 20,
             anonymous_sends_per_day: 1000,
+            anonymous_bytes_per_group_hour: 64 * 1024 * 1024,
             max_rendezvous_bytes: 256 * 1024 * 1024,
             delivery_bytes_per_hour: 256 * 1024 * 1024,
             key_package_low_water: 10,
@@ -223,6 +230,10 @@ device_changes_per_day = 20
 # Tokens one line may be issued per day for sending to its groups without
 # logging in (one token per message). Beyond it: QUOTA_EXCEEDED.
 anonymous_sends_per_day = 1000
+# Bytes of anonymous messages one group may receive per hour (size times
+# recipients), shared by its members. Beyond it: QUOTA_EXCEEDED (members
+# still send as themselves).
+anonymous_bytes_per_group_hour = 67108864
 
 # Bytes all open rendezvous may hold together (in memory): where a device
 # being linked meets its account's existing device. Each lives ten minutes

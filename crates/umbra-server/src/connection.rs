@@ -181,11 +181,18 @@ impl Connection {
             return;
         }
         let nonce = Nonce::from_bytes(nonce);
+        let now = self.services.clock.now();
+        let token_keys = self
+            .services
+            .tokens
+            .announced(&*self.services.store, now)
+            .await;
         let hello = ServerMessage::Push(Push::Hello {
             protocol_version: u32::from(PROTOCOL_VERSION),
             nonce,
-            server_time: self.services.clock.now(),
+            server_time: now,
             max_frame_bytes: MAX_FRAME_BYTES as u32,
+            token_keys,
         });
         let _ = send(encode_server(&hello)).await;
 

@@ -106,13 +106,13 @@ impl RateLimit {
 /// everyone. Kept in memory (a restart forgets it); only accounts that
 /// sent recently are remembered.
 #[derive(Debug)]
-pub struct SendBudget {
+pub struct SendBudget<K = umbra_proto::AccountId> {
     per_hour: f64,
-    accounts: Mutex<HashMap<umbra_proto::AccountId, (f64, Instant)>>,
+    accounts: Mutex<HashMap<K, (f64, Instant)>>,
 }
 
-impl SendBudget {
-    pub fn new(bytes_per_hour: u64) -> SendBudget {
+impl<K: std::hash::Hash + Eq + Clone> SendBudget<K> {
+    pub fn new(bytes_per_hour: u64) -> SendBudget<K> {
         SendBudget {
             per_hour: (bytes_per_hour.max(1)) as f64,
             accounts: Mutex::default(),
@@ -126,7 +126,7 @@ impl SendBudget {
 
     /// Whether `account` may send now: its budget is not used up. If not,
     /// how long until it is positive again.
-    pub fn check(&self, account: &umbra_proto::AccountId, now: Instant) -> Result<(), Duration> {
+    pub fn check(&self, account: &K, now: Instant) -> Result<(), Duration> {
         let accounts = self.lock();
         let Some(&entry) = accounts.get(account) else {
             return Ok(());
@@ -141,7 +141,7 @@ impl SendBudget {
 
     /// Charges `account` for `bytes` delivered (the budget may go below
     /// zero by the last message; the next waits until it is positive).
-    pub fn charge(&self, account: &umbra_proto::AccountId, bytes: u64, now: Instant) {
+    pub fn charge(&self, account: &K, bytes: u64, now: Instant) {
         let mut accounts = self.lock();
         let left = accounts
             .get(account)
@@ -156,7 +156,7 @@ impl SendBudget {
             .retain(|_, entry| self.refilled(*entry, now) < per_hour);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<umbra_proto::AccountId, (f64, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, (f64, Instant)>> {
         // Every mutation is one insert or retain.
         self.accounts.lock().unwrap_or_else(|p| p.into_inner())
     }

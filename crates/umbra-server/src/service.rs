@@ -138,6 +138,8 @@ pub struct Services {
     pub delivery_ids: crate::delivery_ids::PublicIds,
     /// Bytes each account may still deliver this hour.
     pub send_budget: crate::limits::SendBudget,
+    /// Bytes each group may still receive anonymously this hour.
+    pub anonymous_budget: crate::limits::SendBudget<GroupId>,
     /// Where devices being linked meet their account's existing device.
     pub rendezvous: crate::rendezvous::Rendezvous,
     pub clock: Arc<dyn Clock>,
@@ -691,17 +693,12 @@ impl Services {
                         &DeviceAddr::new(me.clone(), device),
                         &public_state,
                         &group_info,
+                        delivery_key.as_ref(),
                         self.now(),
                     )
                     .await
                     .map_err(internal)?
                 {
-                    if let Some(key) = delivery_key {
-                        self.store
-                            .set_delivery_key(&group_id, 0, &key)
-                            .await
-                            .map_err(internal)?;
-                    }
                     Ok(Reply::Done)
                 } else {
                     Err(refuse(

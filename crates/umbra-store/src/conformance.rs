@@ -80,7 +80,7 @@ pub(crate) async fn group_of_two(store: &impl Store) -> (GroupId, AccountId, Acc
     befriend(store, &alice, &bob).await;
     let g = group(9);
     store
-        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), NOW)
+        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
         .await
         .unwrap();
     store
@@ -107,7 +107,7 @@ pub(crate) async fn group_of_three(store: &impl Store) -> (GroupId, [AccountId; 
     befriend(store, &alice, &carol).await;
     let g = group(3);
     store
-        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), NOW)
+        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
         .await
         .unwrap();
     store
@@ -606,6 +606,7 @@ pub(crate) fn commit(
         removed: removed.iter().map(|a| one(a)).collect(),
         public_state: state_at(epoch.saturating_add(1)),
         group_info: info_at(epoch.saturating_add(1)),
+        delivery_key: None,
     }
 }
 
@@ -626,7 +627,7 @@ async fn commit_hashes_are_swept(store: &impl Store) {
     let bob = registered(store, "BBBBBBBB", 2).await;
     let g = group(1);
     store
-        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), NOW)
+        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
         .await
         .unwrap();
     let add = commit(&g, 0, &alice, b"add bob", &[&bob], &[]);
@@ -661,13 +662,13 @@ async fn commits_one_per_epoch(store: &impl Store) {
     let g = group(1);
     assert!(
         store
-            .create_group(&g, &one(&alice), &state_at(0), &info_at(0), NOW)
+            .create_group(&g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
             .await
             .unwrap()
     );
     assert!(
         !store
-            .create_group(&g, &one(&bob), &state_at(0), &info_at(0), NOW)
+            .create_group(&g, &one(&bob), &state_at(0), &info_at(0), None, NOW)
             .await
             .unwrap(),
         "IDs are unique"
@@ -821,7 +822,7 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
         .unwrap();
     let g = group(7);
     store
-        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), NOW)
+        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
         .await
         .unwrap();
     store
@@ -1054,7 +1055,7 @@ async fn revocation(store: &impl Store) {
     );
     let g = group(3);
     store
-        .create_group(&g, &one(&bob), &state_at(0), &info_at(0), NOW)
+        .create_group(&g, &one(&bob), &state_at(0), &info_at(0), None, NOW)
         .await
         .unwrap();
     store
@@ -1287,7 +1288,7 @@ async fn mailboxes_per_device(store: &impl Store) {
     // A group with Alice's phone and laptop and Bob's phone.
     let g = group(5);
     store
-        .create_group(&g, &phone, &state_at(0), &info_at(0), NOW)
+        .create_group(&g, &phone, &state_at(0), &info_at(0), None, NOW)
         .await
         .unwrap();
     let add = CommitRecord {
@@ -1478,7 +1479,7 @@ async fn pair_in_group(store: &impl Store, g: &GroupId) -> (AccountId, AccountId
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
     store
-        .create_group(g, &one(&alice), &state_at(0), &info_at(0), NOW)
+        .create_group(g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
         .await
         .unwrap();
     store
@@ -1896,7 +1897,7 @@ pub async fn survives_reopen_part_one(store: &impl Store) -> u64 {
         .unwrap();
     let g = group(1);
     store
-        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), NOW)
+        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
         .await
         .unwrap();
     store
@@ -1941,32 +1942,72 @@ pub async fn survives_reopen_part_two(store: &impl Store, highest: u64) {
 }
 
 /// An anonymous message reaches every member device, the sender's own
-/// included, and only in the epoch it names; the delivery key is the
-/// current epoch's, cleared by a commit and never set for another epoch.
+/// included, and only in the epoch it names. The delivery key comes with
+/// the commit that starts its epoch (or the group's creation) and only
+/// then; a revocation or a device's removal takes it away.
 async fn anonymous_fan_out_and_delivery_keys(store: &impl Store) {
     let (g, [alice, bob, carol]) = group_of_three(store).await;
-    assert_eq!(store.group(&g).await.unwrap().unwrap().delivery_key, None);
-    assert!(
-        !store.set_delivery_key(&g, 0, &[1; 32]).await.unwrap(),
-        "an epoch the group has left takes no key"
+    assert_eq!(store.delivery_key(&g).await.unwrap(), Some((1, None)));
+    assert_eq!(store.delivery_key(&group(99)).await.unwrap(), None);
+    let with_key = CommitRecord {
+        delivery_key: Some([1; 32]),
+        ..commit(&g, 1, &alice, b"update", &[], &[])
+    };
+    store
+        .accept_commit(&with_key, NOW, NOW + TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.delivery_key(&g).await.unwrap(),
+        Some((2, Some([1; 32])))
     );
-    assert!(store.set_delivery_key(&g, 1, &[1; 32]).await.unwrap());
     assert_eq!(
         store.group(&g).await.unwrap().unwrap().delivery_key,
         Some([1; 32])
     );
+    let resubmitted = CommitRecord {
+        delivery_key: Some([7; 32]),
+        ..with_key.clone()
+    };
+    assert!(matches!(
+        store
+            .accept_commit(&resubmitted, NOW, NOW + TTL)
+            .await
+            .unwrap(),
+        CommitOutcome::Duplicate { .. }
+    ));
+    assert_eq!(
+        store.delivery_key(&g).await.unwrap(),
+        Some((2, Some([1; 32]))),
+        "a resubmission (which any member could make) states nothing"
+    );
+    for who in [&alice, &bob, &carol] {
+        read_all(store, who).await;
+    }
+    let created = group(98);
     assert!(
-        !store
-            .set_delivery_key(&group(99), 0, &[1; 32])
+        store
+            .create_group(
+                &created,
+                &one(&alice),
+                &state_at(0),
+                &info_at(0),
+                Some(&[3; 32]),
+                NOW
+            )
             .await
             .unwrap()
+    );
+    assert_eq!(
+        store.delivery_key(&created).await.unwrap(),
+        Some((0, Some([3; 32])))
     );
 
     let FanOutOutcome::Stored {
         deliveries,
         durable,
     } = store
-        .fan_out_anonymous(&g, b"whisper", 1, NOW, NOW + TTL)
+        .fan_out_anonymous(&g, b"whisper", 2, NOW, NOW + TTL)
         .await
         .unwrap()
     else {
@@ -1990,17 +2031,17 @@ async fn anonymous_fan_out_and_delivery_keys(store: &impl Store) {
     }
     assert!(matches!(
         store
-            .fan_out_anonymous(&g, b"old", 0, NOW, NOW + TTL)
+            .fan_out_anonymous(&g, b"old", 1, NOW, NOW + TTL)
             .await
             .unwrap(),
-        FanOutOutcome::BehindGroup { current_epoch: 1 }
+        FanOutOutcome::BehindGroup { current_epoch: 2 }
     ));
     assert!(matches!(
         store
-            .fan_out_anonymous(&g, b"future", 2, NOW, NOW + TTL)
+            .fan_out_anonymous(&g, b"future", 3, NOW, NOW + TTL)
             .await
             .unwrap(),
-        FanOutOutcome::AheadOfGroup { current_epoch: 1 }
+        FanOutOutcome::AheadOfGroup { current_epoch: 2 }
     ));
     assert!(matches!(
         store
@@ -2010,16 +2051,17 @@ async fn anonymous_fan_out_and_delivery_keys(store: &impl Store) {
         FanOutOutcome::UnknownGroup
     ));
 
-    // A commit clears the key: the next epoch's is its committer's to state.
+    // A commit without a key leaves its epoch without one: the old key
+    // does not carry over.
     store
         .accept_commit(
-            &commit(&g, 1, &alice, b"remove carol", &[], &[&carol]),
+            &commit(&g, 2, &alice, b"remove carol", &[], &[&carol]),
             NOW,
             NOW + TTL,
         )
         .await
         .unwrap();
-    assert_eq!(store.group(&g).await.unwrap().unwrap().delivery_key, None);
+    assert_eq!(store.delivery_key(&g).await.unwrap(), Some((3, None)));
     for who in [&alice, &bob, &carol] {
         read_all(store, who).await;
     }
@@ -2027,7 +2069,7 @@ async fn anonymous_fan_out_and_delivery_keys(store: &impl Store) {
         deliveries,
         durable,
     } = store
-        .fan_out_anonymous(&g, b"after", 2, NOW, NOW + TTL)
+        .fan_out_anonymous(&g, b"after", 3, NOW, NOW + TTL)
         .await
         .unwrap()
     else {
@@ -2040,6 +2082,21 @@ async fn anonymous_fan_out_and_delivery_keys(store: &impl Store) {
     members.sort();
     assert_eq!(recipients, members, "a removed member gets none");
     assert!(read_all(store, &carol).await.is_empty());
+
+    // A line revoked takes the key of each of its groups with it: it knows
+    // that key, so nobody sends with it until a member commits (stating a
+    // new one).
+    let keyed = CommitRecord {
+        delivery_key: Some([4; 32]),
+        ..commit(&g, 3, &alice, b"update again", &[], &[])
+    };
+    store.accept_commit(&keyed, NOW, NOW + TTL).await.unwrap();
+    assert_eq!(
+        store.delivery_key(&g).await.unwrap(),
+        Some((4, Some([4; 32])))
+    );
+    store.revoke(&bob, None, NOW, NOW + TTL).await.unwrap();
+    assert_eq!(store.delivery_key(&g).await.unwrap(), Some((4, None)));
 }
 
 /// Token keys are kept newest first and retired with their spent tokens;
@@ -2100,8 +2157,12 @@ async fn tokens(store: &impl Store) {
     assert_eq!(store.retire_token_keys(NOW).await.unwrap(), 1);
     assert_eq!(store.token_keys().await.unwrap(), vec![new.clone()]);
     assert!(
-        store.spend_token(&old.id, &[5; 32]).await.unwrap(),
-        "the tokens spent under a retired key are forgotten with it"
+        !store.spend_token(&old.id, &[6; 32]).await.unwrap(),
+        "nothing is spent under a retired key (what was spent under it is forgotten)"
+    );
+    assert!(
+        !store.spend_token(&[9; 32], &[6; 32]).await.unwrap(),
+        "nor under an unknown one"
     );
     assert!(!store.spend_token(&new.id, &[5; 32]).await.unwrap());
 

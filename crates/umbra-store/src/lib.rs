@@ -371,6 +371,9 @@ pub struct CommitRecord {
     pub public_state: Vec<u8>,
     /// The GroupInfo of the epoch it starts, checked against that state.
     pub group_info: Vec<u8>,
+    /// The public half of the delivery key of the epoch it starts, as its
+    /// committer states it: recorded with the commit, or none.
+    pub delivery_key: Option<[u8; DELIVERY_KEY_BYTES]>,
 }
 
 impl CommitRecord {
@@ -474,16 +477,25 @@ impl std::fmt::Debug for Durable {
 #[async_trait]
 pub trait Groups: Send + Sync {
     /// Registers a group at epoch 0 with `creator`'s device as its only
-    /// leaf, its validated public state and its creator's GroupInfo.
-    /// Returns false if the group ID exists.
+    /// leaf, its validated public state, its creator's GroupInfo and the
+    /// epoch's delivery key (if stated). Returns false if the group ID
+    /// exists.
     async fn create_group(
         &self,
         group: &GroupId,
         creator: &DeviceAddr,
         public_state: &[u8],
         group_info: &[u8],
+        delivery_key: Option<&[u8; DELIVERY_KEY_BYTES]>,
         now: Timestamp,
     ) -> Result<bool>;
+    /// The group's epoch and that epoch's delivery key, if any; `None` for
+    /// a group that does not exist. (What an anonymous message is checked
+    /// against, without reading the members.)
+    async fn delivery_key(
+        &self,
+        group: &GroupId,
+    ) -> Result<Option<(u64, Option<[u8; DELIVERY_KEY_BYTES]>)>>;
     async fn group(&self, group: &GroupId) -> Result<Option<GroupState>>;
     /// How many existing groups `creator` created.
     async fn groups_created(&self, creator: &AccountId) -> Result<u64>;
@@ -491,7 +503,7 @@ pub trait Groups: Send + Sync {
     async fn group_info(&self, group: &GroupId) -> Result<Option<Vec<u8>>>;
     /// Accepts `commit` if the group is still at `commit.epoch` and the
     /// sending device has a leaf in it: moves to the next epoch, stores its
-    /// public state, forgets the epoch's proposals, applies the membership
+    /// public state and delivery key, forgets the epoch's proposals, applies the membership
     /// change and stores the commit for every other current member device
     /// (the sender's other devices and removed ones included, so they
     /// learn of it) and the Welcome for every added one.
@@ -505,14 +517,6 @@ pub trait Groups: Send + Sync {
     /// commit may reference it. False if the group is no longer at `epoch`
     /// (or does not exist).
     async fn add_proposal(&self, group: &GroupId, epoch: u64, message: &[u8]) -> Result<bool>;
-    /// Records the public half of `epoch`'s delivery key, if the group is
-    /// still at `epoch` (false otherwise). Every accepted commit clears it.
-    async fn set_delivery_key(
-        &self,
-        group: &GroupId,
-        epoch: u64,
-        key: &[u8; DELIVERY_KEY_BYTES],
-    ) -> Result<bool>;
     /// Stores an application message or proposal for every other current
     /// member device (the sender's other devices included). `epoch` is
     /// the one its MLS header names: a message from an epoch later than
@@ -579,7 +583,8 @@ pub trait Tokens: Send + Sync {
         wanted: u32,
         per_day: u32,
     ) -> Result<u32>;
-    /// Marks a token spent: false if it was spent before.
+    /// Marks a token spent: false if it was spent before, or if its key is
+    /// no longer kept (retired: what was spent under it is forgotten).
     async fn spend_token(&self, key_id: &[u8; 32], nonce: &[u8; 32]) -> Result<bool>;
 }
 

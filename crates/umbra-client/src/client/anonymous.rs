@@ -8,8 +8,8 @@
 use rusqlite::{OptionalExtension, params};
 use tracing::debug;
 use umbra_proto::content::{Body, Content};
-use umbra_proto::tokens::{SendToken, TokenRequest};
-use umbra_proto::{AnonymousMessage, ErrorCode, GroupId, Reply, Request};
+use umbra_proto::tokens::{MAX_ANNOUNCED_TOKEN_KEYS, SendToken, TokenRequest};
+use umbra_proto::{AnonymousMessage, ErrorCode, GroupId, Push, Reply, Request};
 
 use crate::error::{ClientError, Result};
 use crate::link::Link;
@@ -19,19 +19,23 @@ use super::{Client, transit_ttl};
 
 /// Tokens asked for at once.
 const TOKENS_PER_REQUEST: usize = 32;
-/// Below this many, a device that sends anonymously asks for more when it
-/// connects (not when it sends: the request, on its logged-in connection,
-/// would tell the server who was about to send).
+/// Below this many, a device asks for more when it connects (not when it
+/// sends: the request, on its logged-in connection, would tell the server
+/// who was about to send).
 const LOW_WATER: u64 = 8;
-/// The setting that marks a device that sends anonymously.
-const SETTING: &str = "anonymous_sending";
 /// Attempts at one message whose group's epoch keeps moving, or whose
 /// token turns out spent.
 const ATTEMPTS: usize = 4;
 
+/// How long a message refused for its epoch waits for a commit that
+/// would explain it.
+const COMMIT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// One anonymous message, encrypted, signed and paid for.
 struct Prepared {
     message: AnonymousMessage,
+    /// The epoch it was encrypted in.
+    epoch: u64,
 }
 
 impl Client {
@@ -50,13 +54,10 @@ impl Client {
             return Err(ClientError::Invalid("empty message".into()));
         }
         let group_id = self.group_id_of(conversation)?;
-        self.db().execute(
-            "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, '1')",
-            [SETTING],
-        )?;
         if self.token_stock()? == 0 {
-            // Nothing in stock: asking now is linkable by its timing, so a
-            // device keeps a stock (refilled when it connects).
+            // Nothing in stock (used up since connecting): asking now is
+            // linkable by its timing, which is why every device keeps a
+            // stock, topped up when it connects.
             self.fetch_tokens().await?;
         }
         let mut uid = [0u8; 16];
@@ -73,14 +74,44 @@ impl Client {
         let mut attempts = 1;
         let sent = loop {
             let sent = self.deliver_anonymously(&prepared).await;
+            let retry = attempts < ATTEMPTS;
             match sent {
+                Ok(reply) => break Ok(reply),
+                // Refused before the token was spent: the server answers
+                // this for any epoch but its current one (it tells nobody
+                // who has not proved membership which that is). When a
+                // commit arrives meanwhile, the message goes again in the
+                // new epoch.
+                Err(
+                    error @ ClientError::Server {
+                        code: ErrorCode::BadSignature,
+                        ..
+                    },
+                ) => {
+                    self.return_token(&prepared.message.token)?;
+                    let moved = tokio::time::timeout(
+                        COMMIT_PATIENCE,
+                        self.wait_for_epoch(&group_id, prepared.epoch + 1),
+                    )
+                    .await
+                    .is_ok_and(|waited| waited.is_ok());
+                    if !(retry && moved) {
+                        break Err(error);
+                    }
+                    attempts += 1;
+                    match self.prepare_anonymous(&group_id, &content, None).await {
+                        Ok((_, again)) => prepared = again,
+                        Err(error) => break Err(error),
+                    }
+                }
+                // A commit won the race after the token was spent: the
+                // message again in the new epoch, with another token.
                 Err(ClientError::Server {
                     code: ErrorCode::StaleEpoch,
                     current_epoch,
                     ..
-                }) if attempts < ATTEMPTS => {
+                }) if retry => {
                     attempts += 1;
-                    self.return_token(&prepared.message.token)?;
                     if let Err(error) = self.wait_for_epoch(&group_id, current_epoch).await {
                         break Err(error);
                     }
@@ -89,13 +120,12 @@ impl Client {
                         Err(error) => break Err(error),
                     }
                 }
+                // The token is gone (a key retired, or a token this device
+                // spent before a crash): the same message, with another.
                 Err(ClientError::Server {
                     code: ErrorCode::TokenSpent | ErrorCode::InvalidToken,
                     ..
-                }) if attempts < ATTEMPTS => {
-                    // The token is gone (a key retired, or a token this
-                    // device spent before a crash): the same message, with
-                    // another.
+                }) if retry => {
                     attempts += 1;
                     if self.token_stock()? == 0
                         && let Err(error) = self.fetch_tokens().await
@@ -110,16 +140,28 @@ impl Client {
                     }
                 }
                 Err(error) => {
-                    if !matches!(
-                        error.server_code(),
-                        Some(ErrorCode::TokenSpent | ErrorCode::InvalidToken)
-                    ) {
-                        // Refused before it was spent (or never sent).
+                    // A token goes back only when the server certainly did
+                    // not spend it: used twice, it would tell the server
+                    // that two messages came from one sender.
+                    let unspent = match &error {
+                        ClientError::UntrustedTokens(_)
+                        | ClientError::Unreachable { .. }
+                        | ClientError::CertificateMismatch => true,
+                        ClientError::Server { code, .. } => matches!(
+                            code,
+                            ErrorCode::QuotaExceeded
+                                | ErrorCode::InvalidRequest
+                                | ErrorCode::FrameTooLarge
+                                | ErrorCode::RateLimited
+                                | ErrorCode::TooManyConnections
+                        ),
+                        _ => false,
+                    };
+                    if unspent {
                         self.return_token(&prepared.message.token)?;
                     }
                     break Err(error);
                 }
-                Ok(reply) => break Ok(reply),
             }
         };
         let state = if sent.is_ok() {
@@ -185,6 +227,7 @@ impl Client {
             Ok((
                 message_id,
                 Prepared {
+                    epoch: group.epoch(),
                     message: AnonymousMessage {
                         group_id: gid.clone(),
                         message: ciphertext,
@@ -200,8 +243,32 @@ impl Client {
     /// Sends on a connection of its own, which never logs in and is closed
     /// once the server answered.
     async fn deliver_anonymously(&self, prepared: &Prepared) -> Result<Reply> {
-        let (link, _hello, _pushes) =
+        let (link, hello, _pushes) =
             Link::connect(&self.inner.server_address, self.inner.server_pin).await?;
+        // The token's key must be one the server announces to every
+        // connection, among few: a key made for one line would tell its
+        // tokens apart.
+        let announced = match &hello {
+            Push::Hello { token_keys, .. } => token_keys.clone(),
+            _ => Vec::new(),
+        };
+        let key = prepared.message.token.key_id;
+        if !announced.contains(&key) || announced.len() > MAX_ANNOUNCED_TOKEN_KEYS {
+            link.close();
+            let what = if announced.contains(&key) {
+                format!(
+                    "it announces {} token keys, where an honest server has at most {MAX_ANNOUNCED_TOKEN_KEYS}: \
+                     it could be giving lines keys of their own, to tell their anonymous messages apart",
+                    announced.len()
+                )
+            } else {
+                "it did not announce the key of the tokens it gave this device: \
+                 it could be telling this device's anonymous messages apart"
+                    .to_owned()
+            };
+            self.emit(Event::ServerMisbehaved { what: what.clone() });
+            return Err(ClientError::UntrustedTokens(what));
+        }
         let answer = link
             .request(Request::SendAnonymous(prepared.message.clone()))
             .await;
@@ -240,7 +307,7 @@ impl Client {
                 self.emit(Event::ServerMisbehaved {
                     what: format!("its anonymous-send tokens do not check out: {error}"),
                 });
-                ClientError::Invalid(format!("the server's tokens do not check out: {error}"))
+                ClientError::UntrustedTokens(format!("its tokens do not check out: {error}"))
             })?;
         let db = self.db();
         for token in &tokens {
@@ -252,22 +319,11 @@ impl Client {
         Ok(tokens.len())
     }
 
-    /// On connecting: a device that sends anonymously tops its stock up.
+    /// On connecting, every device tops its stock up (whether or not it
+    /// ever sent anonymously: asking only before sending would point the
+    /// server at the senders).
     pub(super) async fn refill_tokens(&self) {
-        let used: bool = match self
-            .db()
-            .query_row("SELECT 1 FROM settings WHERE key = ?1", [SETTING], |_| {
-                Ok(())
-            })
-            .optional()
-        {
-            Ok(used) => used.is_some(),
-            Err(error) => {
-                debug!(%error, "reading the anonymous-sending setting");
-                return;
-            }
-        };
-        if !used || self.token_stock().is_ok_and(|stock| stock >= LOW_WATER) {
+        if self.token_stock().is_ok_and(|stock| stock >= LOW_WATER) {
             return;
         }
         if let Err(error) = self.fetch_tokens().await {

@@ -36,7 +36,7 @@ impl Client {
                 let Some(planned) = plan(&mut group, provider)? else {
                     return Ok(None);
                 };
-                let delivery_key = commit_delivery_key(&group, provider);
+                let delivery_key = commit_delivery_key(&group, provider, false);
                 tx.execute(
                     "INSERT OR REPLACE INTO pending_commits (group_id, epoch, commit_, welcome, group_info)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -208,7 +208,7 @@ impl Client {
             let delivery_key = self.with_tx(|_, provider| {
                 Ok(load_group(provider, &group_id)
                     .ok()
-                    .and_then(|group| commit_delivery_key(&group, provider)))
+                    .and_then(|group| commit_delivery_key(&group, provider, false)))
             })?;
             let verdict = self
                 .submit_commit(CommitSubmission {

@@ -493,12 +493,15 @@ fn message_row(
 }
 
 /// The public half of the delivery key of the epoch a commit starts (the
-/// pending commit's; after an external commit, the epoch the group is
-/// in), for the server to check anonymous messages of that epoch against.
-fn commit_delivery_key(group: &Group, provider: &Provider<'_>) -> Option<[u8; 32]> {
+/// pending commit's; after an external commit, which openmls merges at
+/// once, the epoch the group is in: `merged`), for the server to check
+/// anonymous messages of that epoch against. Never the current epoch's for
+/// an ordinary commit: a member it removes knows that one.
+fn commit_delivery_key(group: &Group, provider: &Provider<'_>, merged: bool) -> Option<[u8; 32]> {
     let key = match group.next_delivery_key(provider) {
         Ok(Some(key)) => Ok(key),
-        Ok(None) => group.delivery_key(provider),
+        Ok(None) if merged => group.delivery_key(provider),
+        Ok(None) => return None,
         Err(error) => Err(error),
     };
     match key {

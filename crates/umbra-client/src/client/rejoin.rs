@@ -160,7 +160,7 @@ impl Client {
                     "INSERT OR REPLACE INTO rejoins (group_id, behind) VALUES (?1, ?2)",
                     params![group_id, behind],
                 )?;
-                Ok((output, commit_delivery_key(&group, provider)))
+                Ok((output, commit_delivery_key(&group, provider, true)))
             })?;
             let (output, delivery_key) = output;
             let verdict = self

@@ -284,8 +284,19 @@ impl Device {
     }
 
     /// Waits for the first event that `pick` maps to a value.
-    pub async fn wait_for<T>(&mut self, mut pick: impl FnMut(&Event) -> Option<T>) -> T {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+    pub async fn wait_for<T>(&mut self, pick: impl FnMut(&Event) -> Option<T>) -> T {
+        self.wait_for_within(PATIENCE, pick).await
+    }
+
+    /// [`Device::wait_for`], giving up after `patience` (for work that
+    /// takes long on a loaded machine, such as a hundred devices each
+    /// joining a post-quantum group at once).
+    pub async fn wait_for_within<T>(
+        &mut self,
+        patience: Duration,
+        mut pick: impl FnMut(&Event) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + patience;
         loop {
             let event = tokio::time::timeout_at(deadline, self.events.recv())
                 .await

@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex};
 
 use umbra_proto::AnonymousMessage;
-use umbra_proto::tokens::{SendToken, TOKEN_KEY_ID_BYTES, TokenIssuer, verify_anonymous};
+use umbra_proto::tokens::{
+    MAX_ANONYMOUS_MESSAGE, SendToken, TOKEN_KEY_ID_BYTES, TokenIssuer, verify_anonymous,
+};
 use umbra_store::{Timestamp, TokenKey};
 
 use super::*;
@@ -63,14 +65,18 @@ impl TokenKeys {
         store: &dyn Store,
         now: Timestamp,
     ) -> Result<Arc<TokenIssuer>, ErrorReply> {
-        let keys = match self.cached() {
-            Some(keys) => keys,
-            None => self.load(store).await?,
+        let fresh = |keys: &[(Timestamp, Arc<TokenIssuer>)]| {
+            keys.first()
+                .filter(|(created, _)| created.saturating_add(TOKEN_KEY_ROTATION) > now)
+                .map(|(_, issuer)| Arc::clone(issuer))
         };
-        if let Some((created, issuer)) = keys.first()
-            && created.saturating_add(TOKEN_KEY_ROTATION) > now
-        {
-            return Ok(Arc::clone(issuer));
+        if let Some(issuer) = self.cached().as_deref().and_then(fresh) {
+            return Ok(issuer);
+        }
+        // Read again before making one: another node may have (every key
+        // more is a way to tell lines apart).
+        if let Some(issuer) = fresh(&self.load(store).await?) {
+            return Ok(issuer);
         }
         let issuer = TokenIssuer::generate()
             .map_err(|_| refuse(ErrorCode::Internal, "could not make a token key"))?;
@@ -90,6 +96,27 @@ impl TokenKeys {
         keys.first()
             .map(|(_, issuer)| Arc::clone(issuer))
             .ok_or_else(|| refuse(ErrorCode::Internal, "the token key was not kept"))
+    }
+
+    /// The IDs of the keys that still verify tokens, newest first, as
+    /// every connection's Hello announces them (empty if the store cannot
+    /// be read: nobody can send anonymously then anyway).
+    pub async fn announced(
+        &self,
+        store: &dyn Store,
+        now: Timestamp,
+    ) -> Vec<[u8; TOKEN_KEY_ID_BYTES]> {
+        let keys = match self.cached() {
+            Some(keys) => keys,
+            None => match self.load(store).await {
+                Ok(keys) => keys,
+                Err(_) => return Vec::new(),
+            },
+        };
+        keys.iter()
+            .filter(|(created, _)| created.saturating_add(2 * TOKEN_KEY_ROTATION) > now)
+            .map(|(_, issuer)| issuer.id())
+            .collect()
     }
 
     /// The key `id` names, if it still verifies tokens.
@@ -119,6 +146,8 @@ impl Services {
     /// allowance.
     pub(super) async fn issue_tokens(&self, me: &AccountId, blinded: Vec<Vec<u8>>) -> Outcome {
         self.require_active(me).await?;
+        TokenIssuer::check_blinded(&blinded)
+            .map_err(|e| refuse(ErrorCode::InvalidRequest, format!("token inputs: {e}")))?;
         let now = self.now();
         let per_day = self.limits.config.anonymous_sends_per_day;
         let wanted = u32::try_from(blinded.len()).unwrap_or(u32::MAX);
@@ -166,6 +195,12 @@ impl Services {
             token,
         } = message;
         check_deliverable("the message", &message)?;
+        if message.len() > MAX_ANONYMOUS_MESSAGE {
+            return Err(refuse(
+                ErrorCode::FrameTooLarge,
+                format!("an anonymous message may be at most {MAX_ANONYMOUS_MESSAGE} bytes"),
+            ));
+        }
         let header = umbra_mls::message_header(&message)
             .map_err(|e| refuse(ErrorCode::InvalidRequest, e.to_string()))?;
         if header.kind != umbra_mls::MessageKind::Application
@@ -176,43 +211,45 @@ impl Services {
                 "only an application message of the group named may be sent anonymously",
             ));
         }
-        let group = self
+        // One answer for every way of not holding the epoch's key (no such
+        // group, no key stated, another epoch, another key): whoever has
+        // not proved membership learns nothing about the group.
+        let key = self
             .store
-            .group(&group_id)
+            .delivery_key(&group_id)
             .await
             .map_err(internal)?
-            .ok_or_else(|| unknown_group(&group_id))?;
-        if header.epoch != group.epoch {
-            return Err(ErrorReply {
-                current_epoch: group.epoch,
-                ..refuse(
-                    ErrorCode::StaleEpoch,
+            .and_then(|(epoch, key)| key.filter(|_| epoch == header.epoch));
+        if !key.is_some_and(|key| {
+            verify_anonymous(
+                &key,
+                &signature,
+                &group_id,
+                header.epoch,
+                ttl_seconds,
+                &message,
+            )
+        }) {
+            return Err(refuse(
+                ErrorCode::BadSignature,
+                "not signed with the delivery key of the group's current epoch",
+            ));
+        }
+        // Nobody can tell whose anonymous messages are whose, so they are
+        // counted against the group: a member flooding uses up the
+        // group's anonymous sending, not its other traffic.
+        self.anonymous_budget
+            .check(&group_id, tokio::time::Instant::now())
+            .map_err(|wait| {
+                refuse(
+                    ErrorCode::QuotaExceeded,
                     format!(
-                        "the message is from epoch {}; the group is at epoch {}",
-                        header.epoch, group.epoch
+                        "this group received its hour's anonymous messages; send as yourself, \
+                         or anonymously again in {} s",
+                        wait.as_secs().max(1)
                     ),
                 )
-            });
-        }
-        let Some(key) = group.delivery_key else {
-            return Err(refuse(
-                ErrorCode::BadSignature,
-                "no delivery key was stated for the group's current epoch; send as yourself",
-            ));
-        };
-        if !verify_anonymous(
-            &key,
-            &signature,
-            &group_id,
-            header.epoch,
-            ttl_seconds,
-            &message,
-        ) {
-            return Err(refuse(
-                ErrorCode::BadSignature,
-                "not signed with the group's delivery key of this epoch",
-            ));
-        }
+            })?;
         self.spend(&token).await?;
         let now = self.now();
         let expires_at = match ttl_seconds {
@@ -229,6 +266,9 @@ impl Services {
                 deliveries,
                 durable,
             } => {
+                let bytes = (message.len() as u64).saturating_mul(deliveries.len() as u64);
+                self.anonymous_budget
+                    .charge(&group_id, bytes, tokio::time::Instant::now());
                 let unread = self.registry.deliver(deliveries);
                 if !unread.is_empty() {
                     self.store.no_reader(&unread);
@@ -272,7 +312,10 @@ impl Services {
             .await
             .map_err(internal)?
         {
-            return Err(refuse(ErrorCode::TokenSpent, "the token was spent already"));
+            return Err(refuse(
+                ErrorCode::TokenSpent,
+                "the token was spent already (or its key was retired just now)",
+            ));
         }
         Ok(())
     }

@@ -131,6 +131,10 @@ impl Services {
             removed,
             public_state,
             group_info,
+            // The committer states the new epoch's delivery key; the store
+            // records it only if it accepts this commit now (a
+            // resubmission could come from any member, who saw it too).
+            delivery_key,
         };
         match self
             .store
@@ -139,15 +143,6 @@ impl Services {
             .map_err(internal)?
         {
             CommitOutcome::Accepted { epoch, recipients } => {
-                // The committer states the new epoch's delivery key (only
-                // on acceptance: a resubmission could come from any member,
-                // who saw the commit too).
-                if let Some(key) = delivery_key {
-                    self.store
-                        .set_delivery_key(&record.group_id, epoch, &key)
-                        .await
-                        .map_err(internal)?;
-                }
                 self.charge(&me.account, commit_bytes, recipients.len());
                 self.charge(&me.account, welcome_bytes, 1);
                 self.registry.notify(&recipients);

@@ -197,6 +197,14 @@ impl DeviceLogs for SqliteStore {
                 for group in groups {
                     let group = umbra_proto::GroupId::new(group)
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    // It knows the epoch's delivery key: nobody sends
+                    // anonymously with it until the members commit the
+                    // device's removal (stating a new one).
+                    tx.execute(
+                        "UPDATE groups SET delivery_key = NULL WHERE group_id = ?1",
+                        [group.as_bytes()],
+                    )
+                    .map_err(backend)?;
                     for member in super::routable(tx, &group)? {
                         super::enqueue(
                             tx,

@@ -1303,6 +1303,14 @@ fn revoke_in(
             params![group.as_bytes(), id.as_str()],
         )
         .map_err(backend)?;
+        // The line's devices know the epoch's delivery key: nobody sends
+        // anonymously with it once they are out (the members' next commit
+        // states a new one).
+        tx.execute(
+            "UPDATE groups SET delivery_key = NULL WHERE group_id = ?1",
+            [group.as_bytes()],
+        )
+        .map_err(backend)?;
         for member in routable(tx, &group)? {
             enqueue(
                 tx,
@@ -1704,22 +1712,25 @@ impl Groups for SqliteStore {
         creator: &DeviceAddr,
         public_state: &[u8],
         group_info: &[u8],
+        delivery_key: Option<&[u8; DELIVERY_KEY_BYTES]>,
         now: Timestamp,
     ) -> Result<bool> {
         let (group, creator) = (group.clone(), creator.clone());
         let (public_state, group_info) = (public_state.to_vec(), group_info.to_vec());
+        let delivery_key = delivery_key.map(|key| key.to_vec());
         self.write(move |tx| {
             let inserted = tx
                 .execute(
-                    "INSERT INTO groups (group_id, epoch, created_at, public_state, group_info, created_by)
-                     VALUES (?1, 0, ?2, ?3, ?4, ?5)
+                    "INSERT INTO groups (group_id, epoch, created_at, public_state, group_info, created_by, delivery_key)
+                     VALUES (?1, 0, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT DO NOTHING",
                     params![
                         group.as_bytes(),
                         now,
                         public_state,
                         group_info,
-                        creator.account.as_str()
+                        creator.account.as_str(),
+                        delivery_key
                     ],
                 )
                 .map_err(backend)?;
@@ -1769,6 +1780,24 @@ impl Groups for SqliteStore {
                 })
             })
             .transpose()
+        })
+        .await
+    }
+
+    async fn delivery_key(
+        &self,
+        group: &GroupId,
+    ) -> Result<Option<(u64, Option<[u8; DELIVERY_KEY_BYTES]>)>> {
+        let group = group.clone();
+        self.run(move |connection| {
+            let row: Option<(u64, Option<Vec<u8>>)> = connection
+                .prepare_cached("SELECT epoch, delivery_key FROM groups WHERE group_id = ?1")
+                .and_then(|mut s| {
+                    s.query_row([group.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+                        .optional()
+                })
+                .map_err(backend)?;
+            Ok(row.map(|(epoch, key)| (epoch, key.and_then(|key| key.try_into().ok()))))
         })
         .await
     }
@@ -1856,13 +1885,14 @@ impl Groups for SqliteStore {
                 .map_err(backend)?;
             }
             tx.execute(
-                "UPDATE groups SET epoch = ?1, public_state = ?3, group_info = ?4, delivery_key = NULL
+                "UPDATE groups SET epoch = ?1, public_state = ?3, group_info = ?4, delivery_key = ?5
                  WHERE group_id = ?2",
                 params![
                     epoch + 1,
                     commit.group_id.as_bytes(),
                     commit.public_state,
-                    commit.group_info
+                    commit.group_info,
+                    commit.delivery_key.map(|key| key.to_vec())
                 ],
             )
             .map_err(backend)?;
@@ -1934,25 +1964,6 @@ impl Groups for SqliteStore {
             )
             .map_err(backend)?;
             Ok(true)
-        })
-        .await
-    }
-
-    async fn set_delivery_key(
-        &self,
-        group: &GroupId,
-        epoch: u64,
-        key: &[u8; DELIVERY_KEY_BYTES],
-    ) -> Result<bool> {
-        let (group, key) = (group.clone(), *key);
-        self.write(move |tx| {
-            let updated = tx
-                .execute(
-                    "UPDATE groups SET delivery_key = ?3 WHERE group_id = ?1 AND epoch = ?2",
-                    params![group.as_bytes(), epoch, &key[..]],
-                )
-                .map_err(backend)?;
-            Ok(updated > 0)
         })
         .await
     }

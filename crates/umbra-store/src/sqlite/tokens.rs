@@ -112,7 +112,9 @@ impl Tokens for SqliteStore {
         self.write(move |tx| {
             let inserted = tx
                 .execute(
-                    "INSERT INTO spent_tokens (key_id, nonce) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                    "INSERT INTO spent_tokens (key_id, nonce)
+                     SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM token_keys WHERE key_id = ?1)
+                     ON CONFLICT DO NOTHING",
                     params![&key_id[..], &nonce[..]],
                 )
                 .map_err(backend)?;
