@@ -141,6 +141,8 @@ pub enum Action {
         passphrase: String,
     },
     Send(ConversationId, String),
+    /// To a group, on a connection that does not log in.
+    SendAnonymously(ConversationId, String),
     Open(ConversationId),
     Accept(AccountId),
     Decline(AccountId),
@@ -160,6 +162,7 @@ impl std::fmt::Debug for Action {
             Action::Unlock(_) => f.write_str("Unlock(..)"),
             Action::Activate { .. } => f.write_str("Activate { .. }"),
             Action::Send(id, _) => write!(f, "Send({id}, ..)"),
+            Action::SendAnonymously(id, _) => write!(f, "SendAnonymously({id}, ..)"),
             Action::Open(id) => write!(f, "Open({id})"),
             Action::Accept(a) => write!(f, "Accept({a})"),
             Action::Decline(a) => write!(f, "Decline({a})"),
@@ -204,6 +207,9 @@ pub struct App {
     pub showing_conversation: bool,
     /// Wide enough for both panes: the selected conversation is on screen.
     pub wide: bool,
+    /// What is written to a group goes without logging in (Ctrl-A while
+    /// writing turns it on and off).
+    pub anonymous: bool,
 }
 
 impl Default for App {
@@ -232,6 +238,7 @@ impl Default for App {
             now: 0,
             showing_conversation: false,
             wide: true,
+            anonymous: false,
         }
     }
 }
@@ -499,7 +506,28 @@ impl App {
         Some(Action::Open(id))
     }
 
+    /// Whether what is written now goes anonymously: turned on, and the
+    /// conversation is a group (in a one-to-one conversation the server
+    /// knows the other member anyway).
+    pub fn sending_anonymously(&self) -> bool {
+        self.anonymous
+            && self
+                .current()
+                .is_some_and(|c| matches!(c.kind, ConversationKind::Group))
+    }
+
     fn on_compose_key(&mut self, key: KeyEvent) -> Option<Action> {
+        if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('a') {
+            if self
+                .current()
+                .is_some_and(|c| matches!(c.kind, ConversationKind::Group))
+            {
+                self.anonymous = !self.anonymous;
+            } else {
+                self.status = Some("Anonymous sending is for groups".into());
+            }
+            return None;
+        }
         match key.code {
             KeyCode::Esc | KeyCode::Tab => {
                 self.focus = Focus::Conversations;
@@ -511,9 +539,14 @@ impl App {
                     return None;
                 }
                 let id = self.current()?.id.clone();
+                let anonymous = self.sending_anonymously();
                 self.compose.clear();
                 self.scroll = 0;
-                return Some(Action::Send(id, text));
+                return Some(if anonymous {
+                    Action::SendAnonymously(id, text)
+                } else {
+                    Action::Send(id, text)
+                });
             }
             KeyCode::Backspace => {
                 self.compose.pop();
@@ -718,6 +751,60 @@ mod tests {
         assert_eq!(
             app.on_key(key(KeyCode::Enter)),
             Some(Action::Unlock("secre".into()))
+        );
+    }
+
+    fn conversation(id: &str, kind: ConversationKind) -> Conversation {
+        Conversation {
+            id: ConversationId(id.into()),
+            kind,
+            name: String::new(),
+            active: true,
+            disappear_after: 0,
+            members: Vec::new(),
+            suite: None,
+        }
+    }
+
+    #[test]
+    fn ctrl_a_sends_to_a_group_anonymously_and_only_to_a_group() {
+        let peer = AccountId::parse("GUF8EA6B").unwrap();
+        let mut app = App {
+            screen: Screen::Main,
+            conversations: vec![
+                conversation("aa", ConversationKind::Direct { peer }),
+                conversation("bb", ConversationKind::Group),
+            ],
+            focus: Focus::Compose,
+            ..App::default()
+        };
+        let ctrl_a = KeyEvent::new(KeyCode::Char('a'), KeyModifiers::CONTROL);
+        // A one-to-one conversation: said so, and sent as oneself.
+        app.on_key(ctrl_a);
+        assert!(!app.sending_anonymously());
+        assert!(app.status.as_deref().is_some_and(|s| s.contains("groups")));
+        typed(&mut app, "hi");
+        assert_eq!(
+            app.on_key(key(KeyCode::Enter)),
+            Some(Action::Send(ConversationId("aa".into()), "hi".into()))
+        );
+        // The group: on, then off again.
+        app.selected = 1;
+        app.on_key(ctrl_a);
+        assert!(app.sending_anonymously());
+        typed(&mut app, "who has the keys?");
+        assert_eq!(
+            app.on_key(key(KeyCode::Enter)),
+            Some(Action::SendAnonymously(
+                ConversationId("bb".into()),
+                "who has the keys?".into()
+            ))
+        );
+        app.on_key(ctrl_a);
+        typed(&mut app, "me");
+        assert_eq!(
+            app.on_key(key(KeyCode::Enter)),
+            Some(Action::Send(ConversationId("bb".into()), "me".into()))
         );
     }
 

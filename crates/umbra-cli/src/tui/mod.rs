@@ -467,6 +467,15 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
                     })
             }),
         ),
+        Action::SendAnonymously(id, text) => spawn(
+            app,
+            Box::pin(async move {
+                c.send_text_anonymously(&id, &text)
+                    .await
+                    .map(|_| String::new())
+                    .map_err(|e| format!("Not sent anonymously: {e}"))
+            }),
+        ),
         Action::Accept(account) => spawn(
             app,
             Box::pin(async move {

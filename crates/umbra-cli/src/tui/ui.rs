@@ -18,6 +18,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("Enter (writing)", "send"),
     ("Up/Down, PgUp/PgDn (writing)", "scroll the conversation"),
     ("Esc, Tab (writing)", "back to the list"),
+    ("Ctrl-A (writing)", "to a group: send without logging in"),
     ("r", "contact requests (Enter accepts, d declines)"),
     ("n", "new contact (by account ID)"),
     ("g", "new group (name, Tab, members)"),
@@ -375,12 +376,17 @@ fn conversation(frame: &mut Frame<'_>, app: &App, area: Rect) {
     } else {
         Style::default()
     };
+    let title = if app.sending_anonymously() {
+        " ANONYMOUS: the server can't tell it's you · Ctrl-A as yourself "
+    } else {
+        " Enter to send · Esc back · ? help "
+    };
     frame.render_widget(
         Paragraph::new(format!("> {}", app.compose)).block(
             Block::default()
                 .borders(Borders::ALL)
                 .border_style(border)
-                .title(" Enter to send · Esc back · ? help "),
+                .title(title),
         ),
         compose,
     );
@@ -765,6 +771,20 @@ mod tests {
     #[test]
     fn two_panes() {
         check("main", render(&sample(), 100, 20));
+    }
+
+    #[test]
+    fn writing_anonymously_says_so() {
+        let mut app = sample();
+        app.selected = app
+            .conversations
+            .iter()
+            .position(|c| matches!(c.kind, umbra_client::ConversationKind::Group))
+            .unwrap();
+        app.focus = Focus::Compose;
+        app.anonymous = true;
+        app.compose = "who has the keys?".into();
+        check("anonymous", render(&app, 100, 20));
     }
 
     #[test]
