@@ -121,6 +121,10 @@ pub enum ClientError {
     /// anonymous message; nothing was sent.
     #[error("not sending anonymously: {0}")]
     UntrustedTokens(String),
+    /// The key of this device's anonymous-send tokens was retired: new
+    /// ones come when it next connects.
+    #[error("this device's anonymous-send tokens expired; new ones come when it next connects")]
+    TokenKeyRetired,
     #[error("linking the device failed: {0}")]
     LinkFailed(String),
     #[error("group commit kept losing to other members' commits; try again")]

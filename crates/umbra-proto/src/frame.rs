@@ -227,6 +227,45 @@ pub enum Request {
     SendAnonymous(AnonymousMessage),
 }
 
+impl Request {
+    /// The request's name as in `umbra.proto`, for logs and metrics (never
+    /// its contents).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Register { .. } => "Register",
+            Request::Login { .. } => "Login",
+            Request::UploadKeyPackages { .. } => "UploadKeyPackages",
+            Request::FetchKeyPackage { .. } => "FetchKeyPackage",
+            Request::FetchGroupInfo { .. } => "FetchGroupInfo",
+            Request::SendContactRequest { .. } => "SendContactRequest",
+            Request::AcceptContact { .. } => "AcceptContact",
+            Request::DeclineContact { .. } => "DeclineContact",
+            Request::CreateGroup { .. } => "CreateGroup",
+            Request::SendCommit(_) => "SendCommit",
+            Request::SendMessage { .. } => "SendMessage",
+            Request::Ack { .. } => "Ack",
+            Request::LookupAccount { .. } => "LookupAccount",
+            Request::Ping => "Ping",
+            Request::SetWipeKey { .. } => "SetWipeKey",
+            Request::Wipe { .. } => "Wipe",
+            Request::Revoke { .. } => "Revoke",
+            Request::RedeemRenewal { .. } => "RedeemRenewal",
+            Request::DistributorLogin { .. } => "DistributorLogin",
+            Request::IssueCodes { .. } => "IssueCodes",
+            Request::ListLines => "ListLines",
+            Request::SetLineStatus { .. } => "SetLineStatus",
+            Request::AppendDeviceEntry { .. } => "AppendDeviceEntry",
+            Request::FetchDeviceLog { .. } => "FetchDeviceLog",
+            Request::OpenRendezvous => "OpenRendezvous",
+            Request::RendezvousPut { .. } => "RendezvousPut",
+            Request::RendezvousGet { .. } => "RendezvousGet",
+            Request::CloseRendezvous { .. } => "CloseRendezvous",
+            Request::IssueTokens { .. } => "IssueTokens",
+            Request::SendAnonymous(_) => "SendAnonymous",
+        }
+    }
+}
+
 /// One line as its distributor sees it: never contacts, groups or messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LineInfo {

@@ -15,6 +15,10 @@ pub const CONFIG_FILE: &str = "umbra-server.toml";
 pub struct Config {
     /// Address and port to listen on. Default `0.0.0.0:7443`.
     pub listen: SocketAddr,
+    /// Where to serve Prometheus metrics (`/metrics`) and health checks
+    /// (`/health`, `/ready`) over plain HTTP, apart from the devices' port;
+    /// keep it off the public network. Default: not served.
+    pub metrics_listen: Option<SocketAddr>,
     /// `host:port` that devices connect to; activation strings carry it.
     /// Default `127.0.0.1:7443`.
     pub public_address: String,
@@ -121,6 +125,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             public_address: "127.0.0.1:7443".into(),
+            metrics_listen: None,
             tls: true,
             cert: PathBuf::from("tls/cert.pem"),
             key: PathBuf::from("tls/key.pem"),
@@ -160,10 +165,16 @@ pub const DEFAULT_CONFIG_TEXT: &str = r#"# Umbra server configuration. Every fie
 # Environment variables override the file: UMBRA_LISTEN, UMBRA_PUBLIC_ADDRESS,
 # UMBRA_TLS, UMBRA_MAILBOX_TTL, UMBRA_MAX_CONNECTIONS,
 # UMBRA_MAX_CONNECTIONS_PER_ADDRESS, UMBRA_REQUESTS_PER_SECOND,
-# UMBRA_DELIVERY_BYTES_PER_HOUR.
+# UMBRA_DELIVERY_BYTES_PER_HOUR, UMBRA_METRICS_LISTEN.
 
 # Address and port to listen on.
 listen = "0.0.0.0:7443"
+
+# Where to serve Prometheus metrics (GET /metrics) and health checks
+# (GET /health: the store answers; GET /ready: accepting connections), over
+# plain HTTP apart from the devices' port. Not served unless set; keep it on
+# a private address.
+# metrics_listen = "127.0.0.1:9464"
 
 # host:port that devices connect to. Activation strings carry it, so set it to
 # the name or address your users' devices can reach.
@@ -316,6 +327,9 @@ impl Config {
         }
         if let Some(v) = get("UMBRA_LISTEN") {
             self.listen = parse("UMBRA_LISTEN", v)?;
+        }
+        if let Some(v) = get("UMBRA_METRICS_LISTEN") {
+            self.metrics_listen = Some(parse("UMBRA_METRICS_LISTEN", v)?);
         }
         if let Some(v) = get("UMBRA_PUBLIC_ADDRESS") {
             self.public_address = v;

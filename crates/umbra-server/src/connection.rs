@@ -132,6 +132,7 @@ impl Connection {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let _open = crate::metrics::Open::new(&self.services.metrics);
         // Boxed, like the request handler below: the handshake's state is
         // large and needed once, not for the connection's whole life.
         let upgrade = Box::pin(tokio_tungstenite::accept_async_with_config(
@@ -672,6 +673,7 @@ where
         let public = self.services.delivery_ids.public(id);
         let frame = push_frame(public, delivery);
         mailbox.unacked.pushed(public, id, frame.len());
+        self.services.metrics.deliveries_pushed.inc();
         self.feed(frame).await
     }
 

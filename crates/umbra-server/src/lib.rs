@@ -17,6 +17,7 @@ mod connection;
 pub mod delivery_ids;
 mod handshake;
 mod limits;
+pub mod metrics;
 mod reads;
 mod registry;
 pub mod rendezvous;
@@ -90,6 +91,9 @@ pub struct ServerOptions {
     /// The protocol's push flow control; tests of devices against a
     /// misbehaving server lift it.
     pub push_window: PushWindow,
+    /// Told the address the metrics listener bound (`metrics_listen` may
+    /// name port 0).
+    pub metrics_bound: Option<Arc<std::sync::OnceLock<SocketAddr>>>,
 }
 
 impl Default for ServerOptions {
@@ -98,6 +102,7 @@ impl Default for ServerOptions {
             clock: Arc::new(SystemClock),
             tap: None,
             push_window: PushWindow::default(),
+            metrics_bound: None,
         }
     }
 }
@@ -213,6 +218,7 @@ pub async fn run(
             config: config.clone(),
         },
         tokens: service::TokenKeys::default(),
+        metrics: metrics::Metrics::default(),
     });
     info!(%local, tls = config.tls, "umbra-server listening");
 
@@ -222,6 +228,27 @@ pub async fn run(
         config.expiry_sweep_interval,
         shutdown.clone(),
     ));
+    if let Some(address) = config.metrics_listen {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| ServerError::Io {
+                context: format!("listening for metrics on {address}"),
+                source,
+            })?;
+        let bound = listener.local_addr().map_err(|source| ServerError::Io {
+            context: "reading the metrics address".into(),
+            source,
+        })?;
+        if let Some(slot) = &options.metrics_bound {
+            let _ = slot.set(bound);
+        }
+        info!(%bound, "metrics and health checks served over HTTP");
+        tracker.spawn(metrics::serve(
+            listener,
+            Arc::clone(&services),
+            shutdown.clone(),
+        ));
+    }
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let per_address = limits::AddressSlots::new(config.max_connections_per_address);
     let next_id = AtomicU64::new(1);

@@ -146,6 +146,8 @@ pub struct Services {
     pub limits: Limits,
     /// The keys that sign anonymous-send tokens.
     pub tokens: TokenKeys,
+    /// What the node counts, for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Services {
@@ -234,9 +236,38 @@ impl Services {
         now.saturating_add(self.limits.config.mailbox_ttl.as_secs())
     }
 
+    /// Whether the store answers a read (`/health`).
+    pub async fn store_answers(&self) -> bool {
+        match GroupId::new(vec![0]) {
+            Ok(group) => self.store.delivery_key(&group).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
     /// Handles one request, updating `session` on successful authentication;
-    /// see [`Answer`] for when to send the reply.
+    /// see [`Answer`] for when to send the reply. Counted in the metrics:
+    /// the time until the answer is ready (or waits only on the copies
+    /// becoming durable), and refusals by code.
     pub async fn answer(&self, session: &mut Session, request: Request) -> Answer {
+        let kind = request.kind();
+        let started = std::time::Instant::now();
+        let answer = self.answer_request(session, request).await;
+        self.metrics
+            .request_seconds
+            .get_or_create(&crate::metrics::RequestLabels { request: kind })
+            .observe(started.elapsed().as_secs_f64());
+        if let Answer::Now(Err(error)) = &answer {
+            self.metrics
+                .errors
+                .get_or_create(&crate::metrics::ErrorLabels {
+                    code: format!("{:?}", error.code),
+                })
+                .inc();
+        }
+        answer
+    }
+
+    async fn answer_request(&self, session: &mut Session, request: Request) -> Answer {
         match (&*session, request) {
             (
                 Session::Authenticated { account, device },

@@ -2116,9 +2116,18 @@ async fn tokens(store: &impl Store) {
         secret: vec![22; 32],
         created_at: NOW + 30 * DAY,
     };
-    store.add_token_key(&old).await.unwrap();
-    store.add_token_key(&new).await.unwrap();
-    store.add_token_key(&new).await.unwrap();
+    assert!(store.add_token_key(&old, 0).await.unwrap());
+    let racing = TokenKey {
+        id: [3; 32],
+        secret: vec![33; 32],
+        created_at: NOW + 1,
+    };
+    assert!(
+        !store.add_token_key(&racing, NOW - 1).await.unwrap(),
+        "not while a key made since is kept (another node made one)"
+    );
+    assert!(store.add_token_key(&new, NOW).await.unwrap());
+    assert!(!store.add_token_key(&new, NOW).await.unwrap());
     assert_eq!(
         store.token_keys().await.unwrap(),
         vec![new.clone(), old.clone()]

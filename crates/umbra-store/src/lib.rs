@@ -569,7 +569,9 @@ impl std::fmt::Debug for TokenKey {
 pub trait Tokens: Send + Sync {
     /// Every token key kept, newest first.
     async fn token_keys(&self) -> Result<Vec<TokenKey>>;
-    async fn add_token_key(&self, key: &TokenKey) -> Result<()>;
+    /// Keeps `key`, unless a key made after `fresh_since` is kept already
+    /// (another node made one meanwhile): whether it was kept.
+    async fn add_token_key(&self, key: &TokenKey, fresh_since: Timestamp) -> Result<bool>;
     /// Forgets the keys created at or before `cutoff`, and the tokens
     /// spent under them (which no longer verify). Returns how many keys.
     async fn retire_token_keys(&self, cutoff: Timestamp) -> Result<u64>;

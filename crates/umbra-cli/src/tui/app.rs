@@ -289,6 +289,8 @@ impl App {
         self.scroll = 0;
         self.showing_conversation = true;
         self.focus = Focus::Compose;
+        // Anonymous sending is chosen each time, for one conversation.
+        self.anonymous = false;
         Some(Action::Open(id))
     }
 
@@ -503,6 +505,7 @@ impl App {
         let id = self.current()?.id.clone();
         self.unread.retain(|(c, _)| *c != id);
         self.scroll = 0;
+        self.anonymous = false;
         Some(Action::Open(id))
     }
 
@@ -801,6 +804,12 @@ mod tests {
             ))
         );
         app.on_key(ctrl_a);
+        assert!(!app.sending_anonymously());
+        // On again, then another conversation is opened: off.
+        app.on_key(ctrl_a);
+        app.on_key(key(KeyCode::Esc));
+        app.on_key(key(KeyCode::Enter));
+        assert!(!app.sending_anonymously());
         typed(&mut app, "me");
         assert_eq!(
             app.on_key(key(KeyCode::Enter)),

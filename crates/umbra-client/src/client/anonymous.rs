@@ -8,7 +8,7 @@
 use rusqlite::{OptionalExtension, params};
 use tracing::debug;
 use umbra_proto::content::{Body, Content};
-use umbra_proto::tokens::{MAX_ANNOUNCED_TOKEN_KEYS, SendToken, TokenRequest};
+use umbra_proto::tokens::{MAX_ANNOUNCED_TOKEN_KEYS, SendToken, TOKEN_KEY_ID_BYTES, TokenRequest};
 use umbra_proto::{AnonymousMessage, ErrorCode, GroupId, Push, Reply, Request};
 
 use crate::error::{ClientError, Result};
@@ -19,6 +19,10 @@ use super::{Client, transit_ttl};
 
 /// Tokens asked for at once.
 const TOKENS_PER_REQUEST: usize = 32;
+/// A device stops asking for its daily batch above this many.
+const MAX_STOCK: u64 = 256;
+/// The setting that records the UTC day a device last asked for tokens.
+const TOKENS_DAY: &str = "tokens_asked_day";
 /// Below this many, a device asks for more when it connects (not when it
 /// sends: the request, on its logged-in connection, would tell the server
 /// who was about to send).
@@ -45,6 +49,10 @@ impl Client {
     /// failure it stays in the history as `Failed`. Refused with the
     /// server's `BAD_SIGNATURE` when nobody stated the epoch's delivery key
     /// (a group created before anonymous sending): send it as yourself.
+    ///
+    /// It carries no message ID, so no member answers it with a receipt:
+    /// receipts go as their senders, and the one member not sending one
+    /// would be the sender.
     pub async fn send_text_anonymously(
         &self,
         conversation: &ConversationId,
@@ -60,122 +68,110 @@ impl Client {
             // stock, topped up when it connects.
             self.fetch_tokens().await?;
         }
-        let mut uid = [0u8; 16];
-        getrandom::getrandom(&mut uid).map_err(|e| ClientError::Store(e.to_string()))?;
         let content = Content {
-            message_id: Some(uid),
+            message_id: None,
             body: Body::Text(text.to_owned()),
             disappear_after: 0,
             sent_at_ms: self.now().saturating_mul(1000),
         };
-        let (message_id, mut prepared) = self
+        let (message_id, prepared) = self
             .prepare_anonymous(&group_id, &content, Some(text))
             .await?;
-        let mut attempts = 1;
-        let sent = loop {
-            let sent = self.deliver_anonymously(&prepared).await;
-            let retry = attempts < ATTEMPTS;
-            match sent {
-                Ok(reply) => break Ok(reply),
-                // Refused before the token was spent: the server answers
-                // this for any epoch but its current one (it tells nobody
-                // who has not proved membership which that is). When a
-                // commit arrives meanwhile, the message goes again in the
-                // new epoch.
+        let sent = self.send_prepared(&group_id, &content, prepared).await;
+        let state = if sent.is_ok() {
+            DeliveryState::Sent
+        } else {
+            DeliveryState::Failed
+        };
+        // Only from `sending`: the answer comes on a connection of its
+        // own, after the copies went out.
+        let updated = self.db().execute(
+            "UPDATE messages SET state = ?2 WHERE id = ?1 AND state = 'sending'",
+            params![message_id, state.as_str()],
+        )?;
+        if updated > 0 {
+            self.emit(Event::DeliveryStateChanged { message_id, state });
+        }
+        sent?;
+        self.message(conversation, message_id)
+    }
+
+    /// Sends a prepared message, again in a new epoch or with another
+    /// token as the server's answers require.
+    async fn send_prepared(
+        &self,
+        group_id: &[u8],
+        content: &Content,
+        mut prepared: Prepared,
+    ) -> Result<Reply> {
+        for attempt in 1..=ATTEMPTS {
+            let last = attempt == ATTEMPTS;
+            match self.deliver_anonymously(&prepared).await {
+                Ok(reply) => return Ok(reply),
+                // The token never left the device: it goes back.
+                Err(
+                    error @ (ClientError::UntrustedTokens(_)
+                    | ClientError::Unreachable { .. }
+                    | ClientError::CertificateMismatch),
+                ) => {
+                    self.return_token(&prepared.message.token)?;
+                    return Err(error);
+                }
+                // Its key is no longer announced (retired): tokens under it
+                // are worth nothing; the same message with another.
+                Err(ClientError::Server {
+                    code: ErrorCode::InvalidToken | ErrorCode::TokenSpent,
+                    ..
+                })
+                | Err(ClientError::TokenKeyRetired)
+                    if !last =>
+                {
+                    self.db().execute(
+                        "DELETE FROM send_tokens WHERE key_id = ?1",
+                        [&prepared.message.token.key_id[..]],
+                    )?;
+                    if self.token_stock()? == 0 {
+                        self.fetch_tokens().await?;
+                    }
+                    prepared.message.token = self.take_token()?.ok_or_else(|| {
+                        ClientError::Invalid("no anonymous-send token left".into())
+                    })?;
+                }
+                // Refused for its epoch (the server tells nobody who has
+                // not proved membership which epoch the group is at): when
+                // a commit arrives meanwhile, the message goes again in
+                // the new one. The token may have been seen, so it is not
+                // offered again (a repeated nonce would link two messages).
                 Err(
                     error @ ClientError::Server {
                         code: ErrorCode::BadSignature,
                         ..
                     },
                 ) => {
-                    self.return_token(&prepared.message.token)?;
                     let moved = tokio::time::timeout(
                         COMMIT_PATIENCE,
-                        self.wait_for_epoch(&group_id, prepared.epoch + 1),
+                        self.wait_for_epoch(group_id, prepared.epoch + 1),
                     )
                     .await
                     .is_ok_and(|waited| waited.is_ok());
-                    if !(retry && moved) {
-                        break Err(error);
+                    if last || !moved {
+                        return Err(error);
                     }
-                    attempts += 1;
-                    match self.prepare_anonymous(&group_id, &content, None).await {
-                        Ok((_, again)) => prepared = again,
-                        Err(error) => break Err(error),
-                    }
+                    prepared = self.prepare_anonymous(group_id, content, None).await?.1;
                 }
-                // A commit won the race after the token was spent: the
-                // message again in the new epoch, with another token.
+                // A commit won the race after the token was spent.
                 Err(ClientError::Server {
                     code: ErrorCode::StaleEpoch,
                     current_epoch,
                     ..
-                }) if retry => {
-                    attempts += 1;
-                    if let Err(error) = self.wait_for_epoch(&group_id, current_epoch).await {
-                        break Err(error);
-                    }
-                    match self.prepare_anonymous(&group_id, &content, None).await {
-                        Ok((_, again)) => prepared = again,
-                        Err(error) => break Err(error),
-                    }
+                }) if !last => {
+                    self.wait_for_epoch(group_id, current_epoch).await?;
+                    prepared = self.prepare_anonymous(group_id, content, None).await?.1;
                 }
-                // The token is gone (a key retired, or a token this device
-                // spent before a crash): the same message, with another.
-                Err(ClientError::Server {
-                    code: ErrorCode::TokenSpent | ErrorCode::InvalidToken,
-                    ..
-                }) if retry => {
-                    attempts += 1;
-                    if self.token_stock()? == 0
-                        && let Err(error) = self.fetch_tokens().await
-                    {
-                        break Err(error);
-                    }
-                    match self.take_token()? {
-                        Some(token) => prepared.message.token = token,
-                        None => {
-                            break Err(ClientError::Invalid("no anonymous-send token left".into()));
-                        }
-                    }
-                }
-                Err(error) => {
-                    // A token goes back only when the server certainly did
-                    // not spend it: used twice, it would tell the server
-                    // that two messages came from one sender.
-                    let unspent = match &error {
-                        ClientError::UntrustedTokens(_)
-                        | ClientError::Unreachable { .. }
-                        | ClientError::CertificateMismatch => true,
-                        ClientError::Server { code, .. } => matches!(
-                            code,
-                            ErrorCode::QuotaExceeded
-                                | ErrorCode::InvalidRequest
-                                | ErrorCode::FrameTooLarge
-                                | ErrorCode::RateLimited
-                                | ErrorCode::TooManyConnections
-                        ),
-                        _ => false,
-                    };
-                    if unspent {
-                        self.return_token(&prepared.message.token)?;
-                    }
-                    break Err(error);
-                }
+                Err(error) => return Err(error),
             }
-        };
-        let state = if sent.is_ok() {
-            DeliveryState::Sent
-        } else {
-            DeliveryState::Failed
-        };
-        self.db().execute(
-            "UPDATE messages SET state = ?2 WHERE id = ?1",
-            params![message_id, state.as_str()],
-        )?;
-        self.emit(Event::DeliveryStateChanged { message_id, state });
-        sent?;
-        self.message(conversation, message_id)
+        }
+        Err(ClientError::CommitContention)
     }
 
     /// Encrypts `content` for the group's current epoch, signs it with the
@@ -252,22 +248,22 @@ impl Client {
             Push::Hello { token_keys, .. } => token_keys.clone(),
             _ => Vec::new(),
         };
-        let key = prepared.message.token.key_id;
-        if !announced.contains(&key) || announced.len() > MAX_ANNOUNCED_TOKEN_KEYS {
+        if announced.len() > MAX_ANNOUNCED_TOKEN_KEYS {
             link.close();
-            let what = if announced.contains(&key) {
-                format!(
-                    "it announces {} token keys, where an honest server has at most {MAX_ANNOUNCED_TOKEN_KEYS}: \
-                     it could be giving lines keys of their own, to tell their anonymous messages apart",
-                    announced.len()
-                )
-            } else {
-                "it did not announce the key of the tokens it gave this device: \
-                 it could be telling this device's anonymous messages apart"
-                    .to_owned()
-            };
+            let what = format!(
+                "it announces {} token keys, where an honest server has at most \
+                 {MAX_ANNOUNCED_TOKEN_KEYS}: it could be giving lines keys of their own, to tell \
+                 their anonymous messages apart",
+                announced.len()
+            );
             self.emit(Event::ServerMisbehaved { what: what.clone() });
             return Err(ClientError::UntrustedTokens(what));
+        }
+        if !announced.contains(&prepared.message.token.key_id) {
+            // Tokens are taken only under the newest key announced, so
+            // one no longer listed was retired.
+            link.close();
+            return Err(ClientError::TokenKeyRetired);
         }
         let answer = link
             .request(Request::SendAnonymous(prepared.message.clone()))
@@ -301,6 +297,27 @@ impl Client {
                 "unexpected reply to IssueTokens".into(),
             ));
         };
+        // Only under the key that issues now, the newest this connection's
+        // Hello announced (to every connection alike): a key for some lines
+        // only would tell their tokens apart. (A key made since this device
+        // connected is checked against a fresh Hello.)
+        let announced = self.announced_token_keys();
+        if announced.first().is_some_and(|newest| *newest != key_id) {
+            let (link, hello, _pushes) =
+                Link::connect(&self.inner.server_address, self.inner.server_pin).await?;
+            link.close();
+            let fresh = match hello {
+                Push::Hello { token_keys, .. } => token_keys,
+                _ => Vec::new(),
+            };
+            if fresh.first() != Some(&key_id) {
+                let what = "it issued anonymous-send tokens under a key it does not announce as \
+                            its newest: it could be giving this line a key of its own"
+                    .to_owned();
+                self.emit(Event::ServerMisbehaved { what: what.clone() });
+                return Err(ClientError::UntrustedTokens(what));
+            }
+        }
         let tokens = request
             .finish(&key_id, &public_key, &evaluated, &proof)
             .map_err(|error| {
@@ -319,16 +336,84 @@ impl Client {
         Ok(tokens.len())
     }
 
-    /// On connecting, every device tops its stock up (whether or not it
-    /// ever sent anonymously: asking only before sending would point the
-    /// server at the senders).
+    /// On connecting: tokens under keys the server no longer announces
+    /// (retired) are dropped, and every device asks for a batch on its
+    /// first connection of each UTC day while its stock is under
+    /// [`MAX_STOCK`], and whenever it is under [`LOW_WATER`]: whether it
+    /// ever sends anonymously or not, so that asking points at nobody.
     pub(super) async fn refill_tokens(&self) {
-        if self.token_stock().is_ok_and(|stock| stock >= LOW_WATER) {
+        let announced = self.announced_token_keys();
+        if announced.len() > MAX_ANNOUNCED_TOKEN_KEYS {
+            self.emit(Event::ServerMisbehaved {
+                what: format!(
+                    "it announces {} token keys, where an honest server has at most \
+                     {MAX_ANNOUNCED_TOKEN_KEYS}: it could be giving lines keys of their own",
+                    announced.len()
+                ),
+            });
             return;
         }
-        if let Err(error) = self.fetch_tokens().await {
-            debug!(%error, "topping up anonymous-send tokens");
+        if let Err(error) = self.drop_tokens_not_under(&announced) {
+            debug!(%error, "dropping retired tokens");
         }
+        let today = (self.now() / 86_400).to_string();
+        let asked_today = self
+            .db()
+            .query_row(
+                "SELECT value FROM settings WHERE key = ?1",
+                [TOKENS_DAY],
+                |row| row.get::<_, String>(0),
+            )
+            .optional()
+            .ok()
+            .flatten()
+            .is_some_and(|day| day == today);
+        let stock = self.token_stock().unwrap_or(0);
+        if stock >= MAX_STOCK || (asked_today && stock >= LOW_WATER) {
+            return;
+        }
+        match self.fetch_tokens().await {
+            Ok(_) => {
+                if let Err(error) = self.db().execute(
+                    "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
+                    params![TOKENS_DAY, today],
+                ) {
+                    debug!(%error, "recording the day tokens were asked for");
+                }
+            }
+            Err(error) => debug!(%error, "topping up anonymous-send tokens"),
+        }
+    }
+
+    /// The token keys the logged-in connection's Hello announced.
+    fn announced_token_keys(&self) -> Vec<[u8; TOKEN_KEY_ID_BYTES]> {
+        self.inner
+            .token_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Deletes the tokens under any key but `announced` (nothing when no
+    /// key is announced: a server that has not made one yet).
+    fn drop_tokens_not_under(&self, announced: &[[u8; TOKEN_KEY_ID_BYTES]]) -> Result<()> {
+        if announced.is_empty() {
+            return Ok(());
+        }
+        let db = self.db();
+        let tx = db.unchecked_transaction()?;
+        let keys: Vec<Vec<u8>> = {
+            let mut statement = tx.prepare("SELECT DISTINCT key_id FROM send_tokens")?;
+            let rows = statement.query_map([], |row| row.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for key in keys {
+            if !announced.iter().any(|a| a[..] == key[..]) {
+                tx.execute("DELETE FROM send_tokens WHERE key_id = ?1", [&key])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn take_token(&self) -> Result<Option<SendToken>> {

@@ -137,6 +137,8 @@ pub(crate) struct Inner {
     /// The MLS suites the server said at login it keeps KeyPackages of
     /// (a server that reports none keeps the classical suite's only).
     server_suites: Mutex<Vec<umbra_mls::Suite>>,
+    /// The token keys the logged-in connection's Hello announced.
+    token_keys: Mutex<Vec<[u8; umbra_proto::tokens::TOKEN_KEY_ID_BYTES]>>,
     /// Whether a flush of due receipts is under way (see `receipts.rs`).
     receipts_flushing: std::sync::atomic::AtomicBool,
     /// Whether the server holds a post-quantum last-resort package of this
@@ -357,6 +359,7 @@ impl Client {
                 held: watch::channel(false).0,
                 rejoining: Mutex::default(),
                 server_suites: Mutex::new(vec![umbra_mls::Suite::CLASSICAL]),
+                token_keys: Mutex::new(Vec::new()),
                 receipts_flushing: std::sync::atomic::AtomicBool::new(false),
                 post_quantum_at_server: std::sync::atomic::AtomicBool::new(false),
             }),

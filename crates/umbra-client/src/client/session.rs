@@ -137,9 +137,17 @@ impl Client {
         hello: Push,
         pushes: crate::link::Pushes,
     ) -> Result<()> {
-        let Push::Hello { nonce, .. } = hello else {
+        let Push::Hello {
+            nonce, token_keys, ..
+        } = hello
+        else {
             return Err(ClientError::ConnectionLost);
         };
+        *self
+            .inner
+            .token_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = token_keys;
         let account = &self.inner.account;
         let login = |signer: &DeviceSigner, payload: Vec<u8>| Request::Login {
             account_id: account.clone(),

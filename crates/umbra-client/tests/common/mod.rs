@@ -120,6 +120,7 @@ impl TestServer {
             })),
             clock,
             push_window,
+            metrics_bound: None,
         };
         let shutdown = CancellationToken::new();
         let (token, data_dir) = (shutdown.clone(), data.to_owned());

@@ -13,6 +13,11 @@ use umbra_store::{Timestamp, TokenKey};
 use super::*;
 use crate::service::delivery::check_deliverable;
 
+/// The public half of a delivery key no member holds (that of an all-zero
+/// seed), checked against when a group has none.
+static NOBODY: std::sync::LazyLock<[u8; 32]> =
+    std::sync::LazyLock::new(|| umbra_proto::tokens::DeliveryKey::from_seed(&[0; 32]).public());
+
 /// How long a token key issues tokens; tokens it issued are accepted for
 /// as long again, then the key and the record of what was spent under it
 /// are forgotten.
@@ -26,6 +31,9 @@ type Keys = Vec<(Timestamp, Arc<TokenIssuer>)>;
 #[derive(Default)]
 pub struct TokenKeys {
     keys: Mutex<Option<Keys>>,
+    /// Held while a key is made, so that requests racing each other make
+    /// one (every key more is a way to tell lines apart).
+    making: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for TokenKeys {
@@ -73,19 +81,24 @@ impl TokenKeys {
         if let Some(issuer) = self.cached().as_deref().and_then(fresh) {
             return Ok(issuer);
         }
-        // Read again before making one: another node may have (every key
-        // more is a way to tell lines apart).
+        let _making = self.making.lock().await;
+        // Read again before making one: another request, or another node,
+        // may have (every key more is a way to tell lines apart).
         if let Some(issuer) = fresh(&self.load(store).await?) {
             return Ok(issuer);
         }
         let issuer = TokenIssuer::generate()
             .map_err(|_| refuse(ErrorCode::Internal, "could not make a token key"))?;
+        // Kept only if no other node made a fresh one meanwhile.
         store
-            .add_token_key(&TokenKey {
-                id: issuer.id(),
-                secret: issuer.secret().to_vec(),
-                created_at: now,
-            })
+            .add_token_key(
+                &TokenKey {
+                    id: issuer.id(),
+                    secret: issuer.secret().to_vec(),
+                    created_at: now,
+                },
+                now.saturating_sub(TOKEN_KEY_ROTATION),
+            )
             .await
             .map_err(internal)?;
         store
@@ -106,13 +119,12 @@ impl TokenKeys {
         store: &dyn Store,
         now: Timestamp,
     ) -> Vec<[u8; TOKEN_KEY_ID_BYTES]> {
-        let keys = match self.cached() {
-            Some(keys) => keys,
-            None => match self.load(store).await {
-                Ok(keys) => keys,
-                Err(_) => return Vec::new(),
-            },
-        };
+        // The newest key announced is the one that issues: a device takes
+        // tokens only under it.
+        if self.current(store, now).await.is_err() {
+            return Vec::new();
+        }
+        let keys = self.cached().unwrap_or_default();
         keys.iter()
             .filter(|(created, _)| created.saturating_add(2 * TOKEN_KEY_ROTATION) > now)
             .map(|(_, issuer)| issuer.id())
@@ -149,6 +161,8 @@ impl Services {
         TokenIssuer::check_blinded(&blinded)
             .map_err(|e| refuse(ErrorCode::InvalidRequest, format!("token inputs: {e}")))?;
         let now = self.now();
+        // The key first: a failure to make one costs no allowance.
+        let issuer = self.tokens.current(&*self.store, now).await?;
         let per_day = self.limits.config.anonymous_sends_per_day;
         let wanted = u32::try_from(blinded.len()).unwrap_or(u32::MAX);
         let granted = self
@@ -164,7 +178,6 @@ impl Services {
                 ),
             ));
         }
-        let issuer = self.tokens.current(&*self.store, now).await?;
         let granted: Vec<Vec<u8>> = blinded
             .into_iter()
             .take(usize::try_from(granted).unwrap_or(usize::MAX))
@@ -220,16 +233,17 @@ impl Services {
             .await
             .map_err(internal)?
             .and_then(|(epoch, key)| key.filter(|_| epoch == header.epoch));
-        if !key.is_some_and(|key| {
-            verify_anonymous(
-                &key,
-                &signature,
-                &group_id,
-                header.epoch,
-                ttl_seconds,
-                &message,
-            )
-        }) {
+        // A signature is checked either way (against a key nobody holds
+        // when there is none), so the time taken does not tell either.
+        let verified = verify_anonymous(
+            &key.unwrap_or(*NOBODY),
+            &signature,
+            &group_id,
+            header.epoch,
+            ttl_seconds,
+            &message,
+        );
+        if key.is_none() || !verified {
             return Err(refuse(
                 ErrorCode::BadSignature,
                 "not signed with the delivery key of the group's current epoch",
@@ -269,6 +283,7 @@ impl Services {
                 let bytes = (message.len() as u64).saturating_mul(deliveries.len() as u64);
                 self.anonymous_budget
                     .charge(&group_id, bytes, tokio::time::Instant::now());
+                self.metrics.anonymous_accepted.inc();
                 let unread = self.registry.deliver(deliveries);
                 if !unread.is_empty() {
                     self.store.no_reader(&unread);

@@ -143,6 +143,7 @@ impl Services {
             .map_err(internal)?
         {
             CommitOutcome::Accepted { epoch, recipients } => {
+                self.metrics.commits_accepted.inc();
                 self.charge(&me.account, commit_bytes, recipients.len());
                 self.charge(&me.account, welcome_bytes, 1);
                 self.registry.notify(&recipients);
@@ -201,6 +202,7 @@ impl Services {
                 // the copies no connection will acknowledge go to disk
                 // without waiting out the ack window.
                 self.charge(&me.account, message.len(), deliveries.len());
+                self.metrics.messages_accepted.inc();
                 let unread = self.registry.deliver(deliveries);
                 if !unread.is_empty() {
                     self.store.no_reader(&unread);

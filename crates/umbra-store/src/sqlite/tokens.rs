@@ -43,16 +43,19 @@ impl Tokens for SqliteStore {
         .await
     }
 
-    async fn add_token_key(&self, key: &TokenKey) -> Result<()> {
+    async fn add_token_key(&self, key: &TokenKey, fresh_since: Timestamp) -> Result<bool> {
         let key = key.clone();
         self.write(move |tx| {
-            tx.execute(
-                "INSERT INTO token_keys (key_id, secret, created_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT DO NOTHING",
-                params![&key.id[..], key.secret, key.created_at],
-            )
-            .map_err(backend)?;
-            Ok(())
+            let inserted = tx
+                .execute(
+                    "INSERT INTO token_keys (key_id, secret, created_at)
+                     SELECT ?1, ?2, ?3
+                     WHERE NOT EXISTS (SELECT 1 FROM token_keys WHERE created_at > ?4)
+                     ON CONFLICT DO NOTHING",
+                    params![&key.id[..], key.secret, key.created_at, fresh_since],
+                )
+                .map_err(backend)?;
+            Ok(inserted > 0)
         })
         .await
     }

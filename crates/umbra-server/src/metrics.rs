@@ -1,0 +1,274 @@
+//! Prometheus metrics and health checks, on a listener of their own
+//! (`metrics_listen`), never on the devices' port: what an operator's
+//! monitoring scrapes says how the node is doing, and nothing about whom it
+//! serves (no account, group or address appears in a metric or label).
+//!
+//! `GET /metrics` answers the text exposition format; `GET /health` answers
+//! 200 when the store answers a read, 503 otherwise; `GET /ready` answers
+//! 200 while the node accepts connections. Anything else is 404.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::service::Services;
+
+/// Most scrapes served at once; more wait for a slot.
+const MAX_SCRAPES: usize = 8;
+/// Largest request head read from a scraper.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Time a scraper has to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The request's name, as in `umbra.proto`.
+    pub request: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// The error code's name, as in `umbra.proto` (`BadSignature`, ...).
+    pub code: String,
+}
+
+/// What the node counts. Cloning shares the counters.
+pub struct Metrics {
+    registry: Registry,
+    /// Connections open (TLS and WebSocket set up or under way).
+    pub connections: Gauge,
+    /// Messages accepted from logged-in devices (`SendMessage`).
+    pub messages_accepted: Counter,
+    /// Messages accepted on `SendAnonymous`.
+    pub anonymous_accepted: Counter,
+    /// Commits accepted.
+    pub commits_accepted: Counter,
+    /// Deliveries pushed to connected devices.
+    pub deliveries_pushed: Counter,
+    /// Requests answered with an error, by code.
+    pub errors: Family<ErrorLabels, Counter>,
+    /// Time from a request's arrival to its answer being ready (the store's
+    /// time included: most requests are a store read or write), by request.
+    pub request_seconds: Family<RequestLabels, Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("umbra");
+        let connections = Gauge::default();
+        registry.register("connections", "Connections open", connections.clone());
+        let messages_accepted = Counter::default();
+        registry.register(
+            "messages_accepted",
+            "Messages accepted from logged-in devices",
+            messages_accepted.clone(),
+        );
+        let anonymous_accepted = Counter::default();
+        registry.register(
+            "anonymous_messages_accepted",
+            "Messages accepted without a login (SendAnonymous)",
+            anonymous_accepted.clone(),
+        );
+        let commits_accepted = Counter::default();
+        registry.register(
+            "commits_accepted",
+            "Commits accepted",
+            commits_accepted.clone(),
+        );
+        let deliveries_pushed = Counter::default();
+        registry.register(
+            "deliveries_pushed",
+            "Deliveries pushed to connected devices",
+            deliveries_pushed.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "request_errors",
+            "Requests answered with an error, by code",
+            errors.clone(),
+        );
+        let request_seconds = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            // 50 µs to about 3 s.
+            Histogram::new(exponential_buckets(0.000_05, 3.0, 11))
+        });
+        registry.register(
+            "request_seconds",
+            "Time to answer a request (store included), by request",
+            request_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            connections,
+            messages_accepted,
+            anonymous_accepted,
+            commits_accepted,
+            deliveries_pushed,
+            errors,
+            request_seconds,
+        }
+    }
+}
+
+impl Metrics {
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Counts a connection while it lives.
+pub(crate) struct Open(Gauge);
+
+impl Open {
+    pub(crate) fn new(metrics: &Metrics) -> Open {
+        metrics.connections.inc();
+        Open(metrics.connections.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Serves scrapes on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, services: Arc<Services>, shutdown: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                warn!(%error, "accepting a metrics connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let services = Arc::clone(&services);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                answered = answer(stream, &services) => {
+                    if let Err(error) = answered {
+                        debug!(%error, "metrics request");
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, services: &Services) -> std::io::Result<()> {
+    let mut buffer = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let path = loop {
+        let n = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut chunk))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
+        if n == 0 {
+            return Ok(());
+        }
+        buffer.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buffer) {
+            Ok(httparse::Status::Complete(_)) => {
+                if request.method != Some("GET") {
+                    break None;
+                }
+                break request.path.map(str::to_owned);
+            }
+            Ok(httparse::Status::Partial) if buffer.len() < MAX_REQUEST_BYTES => continue,
+            _ => {
+                return respond(
+                    &mut stream,
+                    "400 Bad Request",
+                    "text/plain",
+                    "bad request\n",
+                )
+                .await;
+            }
+        }
+    };
+    match path.as_deref() {
+        Some("/metrics") => {
+            let body = services.metrics.render();
+            respond(
+                &mut stream,
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                &body,
+            )
+            .await
+        }
+        Some("/health") => {
+            if services.store_answers().await {
+                respond(&mut stream, "200 OK", "text/plain", "ok\n").await
+            } else {
+                respond(
+                    &mut stream,
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "the store does not answer\n",
+                )
+                .await
+            }
+        }
+        Some("/ready") => respond(&mut stream, "200 OK", "text/plain", "ready\n").await,
+        Some(_) => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
+        None => {
+            respond(
+                &mut stream,
+                "405 Method Not Allowed",
+                "text/plain",
+                "only GET\n",
+            )
+            .await
+        }
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
