@@ -87,6 +87,18 @@ impl std::fmt::Debug for SendToken {
     }
 }
 
+/// Bytes of a ristretto255 element's encoding.
+const ELEMENT_BYTES: usize = 32;
+
+/// A blinded input: exactly one element's encoding (the decoder reads the
+/// first 32 bytes of whatever it is given).
+fn blinded_element(bytes: &[u8]) -> Result<BlindedElement<Ristretto255>, TokenError> {
+    if bytes.len() != ELEMENT_BYTES {
+        return Err(TokenError::BadElement);
+    }
+    BlindedElement::<Ristretto255>::deserialize(bytes).map_err(|_| TokenError::BadElement)
+}
+
 fn token_input(nonce: &[u8; TOKEN_NONCE_BYTES]) -> Vec<u8> {
     let mut input = Vec::with_capacity(2 + TOKEN_NONCE_BYTES + 32);
     input.extend_from_slice(&TOKEN_TYPE.to_be_bytes());
@@ -157,7 +169,7 @@ impl TokenIssuer {
     /// line's allowance is charged for them).
     pub fn check_blinded(blinded: &[Vec<u8>]) -> Result<(), TokenError> {
         for b in blinded {
-            BlindedElement::<Ristretto255>::deserialize(b).map_err(|_| TokenError::BadElement)?;
+            blinded_element(b)?;
         }
         Ok(())
     }
@@ -167,9 +179,8 @@ impl TokenIssuer {
     pub fn issue(&self, blinded: &[Vec<u8>]) -> Result<(Vec<Vec<u8>>, Vec<u8>), TokenError> {
         let elements = blinded
             .iter()
-            .map(|b| BlindedElement::<Ristretto255>::deserialize(b))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| TokenError::BadElement)?;
+            .map(|b| blinded_element(b))
+            .collect::<Result<Vec<_>, _>>()?;
         let result = self
             .server
             .batch_blind_evaluate(&mut OsRng, &elements)
@@ -396,6 +407,25 @@ mod tests {
         let restored = TokenIssuer::from_secret(&issuer.secret()).unwrap();
         assert_eq!(restored.id(), issuer.id());
         assert!(restored.verify(&tokens[1]));
+    }
+
+    #[test]
+    fn a_blinded_input_is_exactly_one_element() {
+        let (_, blinded) = TokenRequest::new(1).unwrap();
+        assert!(TokenIssuer::check_blinded(&blinded).is_ok());
+        let mut longer = blinded.clone();
+        longer[0].push(0);
+        assert_eq!(
+            TokenIssuer::check_blinded(&longer),
+            Err(TokenError::BadElement)
+        );
+        let issuer = TokenIssuer::generate().unwrap();
+        assert_eq!(issuer.issue(&longer).unwrap_err(), TokenError::BadElement);
+        assert_eq!(
+            TokenIssuer::check_blinded(&[vec![0; 32]]),
+            Err(TokenError::BadElement),
+            "the identity"
+        );
     }
 
     #[test]
