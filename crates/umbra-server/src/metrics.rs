@@ -31,6 +31,11 @@ const MAX_SCRAPES: usize = 8;
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// Time a scraper has to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time one scrape may hold its slot in all (a scraper trickling bytes
+/// would otherwise hold it as long as each read came within the above).
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the store has to answer `/health`.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -178,9 +183,11 @@ pub async fn serve(listener: TcpListener, services: Arc<Services>, shutdown: Can
             let _slot = slot;
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                answered = answer(stream, &services) => {
-                    if let Err(error) = answered {
-                        debug!(%error, "metrics request");
+                answered = tokio::time::timeout(SCRAPE_TIMEOUT, answer(stream, &services)) => {
+                    match answered {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => debug!(%error, "metrics request"),
+                        Err(_) => debug!("metrics request took too long; closed"),
                     }
                 }
             }
@@ -232,7 +239,8 @@ async fn answer(mut stream: TcpStream, services: &Services) -> std::io::Result<(
             .await
         }
         Some("/health") => {
-            if services.store_answers().await {
+            let answers = tokio::time::timeout(HEALTH_TIMEOUT, services.store_answers()).await;
+            if answers.unwrap_or(false) {
                 respond(&mut stream, "200 OK", "text/plain", "ok\n").await
             } else {
                 respond(

@@ -1961,10 +1961,6 @@ async fn anonymous_fan_out_and_delivery_keys(store: &impl Store) {
         store.delivery_key(&g).await.unwrap(),
         Some((2, Some([1; 32])))
     );
-    assert_eq!(
-        store.group(&g).await.unwrap().unwrap().delivery_key,
-        Some([1; 32])
-    );
     let resubmitted = CommitRecord {
         delivery_key: Some([7; 32]),
         ..with_key.clone()

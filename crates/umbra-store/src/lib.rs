@@ -342,9 +342,6 @@ pub struct GroupState {
     pub public_state: Option<Vec<u8>>,
     /// Standalone proposals accepted in the current epoch, in order.
     pub proposals: Vec<Vec<u8>>,
-    /// The public half of the current epoch's delivery key, as the epoch's
-    /// committer (or the group's creator) stated it; `None` until stated.
-    pub delivery_key: Option<[u8; DELIVERY_KEY_BYTES]>,
 }
 
 impl GroupState {

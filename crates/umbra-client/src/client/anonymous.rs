@@ -196,30 +196,16 @@ impl Client {
                 .ok_or_else(|| ClientError::Invalid("no anonymous-send token left".into()))?;
             let ciphertext = group.encrypt(provider, &self.inner.signer, &content.encode())?;
             let ttl_seconds = transit_ttl(ttl);
-            let signature = group.delivery_key(provider)?.sign(
-                &gid,
-                group.epoch(),
-                ttl_seconds,
-                &ciphertext,
-            );
-            let mut message_id = 0;
-            if let Some(text) = text {
-                let now = self.now();
-                tx.execute(
-                    "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at, uid)
-                     VALUES (?1, ?2, 'out', ?3, 'sending', ?4, ?5, ?6, ?7)",
-                    params![
-                        group_id,
-                        self.inner.account.as_str(),
-                        text,
-                        now,
-                        ttl,
-                        (ttl > 0).then(|| now + u64::from(ttl)),
-                        content.message_id.as_ref().map(|uid| &uid[..])
-                    ],
-                )?;
-                message_id = tx.last_insert_rowid();
-            }
+            let signature =
+                group
+                    .delivery_key(provider)?
+                    .sign(&gid, group.epoch(), ttl_seconds, &ciphertext);
+            let message_id = match text {
+                Some(text) => {
+                    self.record_outgoing(tx, group_id, text, ttl, content.message_id.as_ref())?
+                }
+                None => 0,
+            };
             Ok((
                 message_id,
                 Prepared {

@@ -62,6 +62,33 @@ impl Client {
         self.send_content_with(conversation, body, true).await
     }
 
+    /// Records a text this device is sending, as `sending`, under the
+    /// group's timer `ttl`; its local ID.
+    pub(super) fn record_outgoing(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        group_id: &[u8],
+        text: &str,
+        ttl: u32,
+        uid: Option<&[u8; 16]>,
+    ) -> Result<i64> {
+        let now = self.now();
+        tx.execute(
+            "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at, uid)
+             VALUES (?1, ?2, 'out', ?3, 'sending', ?4, ?5, ?6, ?7)",
+            params![
+                group_id,
+                self.inner.account.as_str(),
+                text,
+                now,
+                ttl,
+                (ttl > 0).then(|| now + u64::from(ttl)),
+                uid.map(|uid| &uid[..])
+            ],
+        )?;
+        Ok(tx.last_insert_rowid())
+    }
+
     /// The group `group_id` as far as this device may send to it now: a
     /// member, no member's changed key unconfirmed, not rejoining. Checked
     /// on every encryption, a message encrypted again included.
@@ -116,25 +143,11 @@ impl Client {
                 ..content.clone()
             };
             let ciphertext = group.encrypt(provider, &self.inner.signer, &content.encode())?;
-            let mut message_id = 0;
             let ttl = group.disappear_after();
-            if let Some(text) = &text {
-                let now = self.now();
-                tx.execute(
-                    "INSERT INTO messages (group_id, sender, direction, body, state, timestamp, ttl, expires_at, uid)
-                     VALUES (?1, ?2, 'out', ?3, 'sending', ?4, ?5, ?6, ?7)",
-                    params![
-                        group_id,
-                        self.inner.account.as_str(),
-                        text,
-                        now,
-                        ttl,
-                        (ttl > 0).then(|| now + u64::from(ttl)),
-                        &uid[..]
-                    ],
-                )?;
-                message_id = tx.last_insert_rowid();
-            }
+            let message_id = match &text {
+                Some(text) => self.record_outgoing(tx, &group_id, text, ttl, Some(&uid))?,
+                None => 0,
+            };
             Ok((message_id, ciphertext, ttl))
         })?;
         drop(ops);

@@ -266,10 +266,7 @@ impl Services {
             })?;
         self.spend(&token).await?;
         let now = self.now();
-        let expires_at = match ttl_seconds {
-            0 => self.expires_at(now),
-            ttl => self.expires_at(now).min(now.saturating_add(u64::from(ttl))),
-        };
+        let expires_at = self.message_expiry(now, ttl_seconds);
         match self
             .store
             .fan_out_anonymous(&group_id, &message, header.epoch, now, expires_at)
@@ -284,10 +281,7 @@ impl Services {
                 self.anonymous_budget
                     .charge(&group_id, bytes, tokio::time::Instant::now());
                 self.metrics.anonymous_accepted.inc();
-                let unread = self.registry.deliver(deliveries);
-                if !unread.is_empty() {
-                    self.store.no_reader(&unread);
-                }
+                self.hand_over(deliveries);
                 Ok((durable, Reply::Accepted { accepted_at: now }))
             }
             FanOutOutcome::UnknownGroup => Err(unknown_group(&group_id)),

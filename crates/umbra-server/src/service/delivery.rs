@@ -182,11 +182,7 @@ impl Services {
             self.record_proposal(me, &group_id, &message).await?;
         }
         let now = self.now();
-        // A disappearing conversation may ask for less than the server's TTL.
-        let expires_at = match ttl_seconds {
-            0 => self.expires_at(now),
-            ttl => self.expires_at(now).min(now.saturating_add(u64::from(ttl))),
-        };
+        let expires_at = self.message_expiry(now, ttl_seconds);
         match self
             .store
             .fan_out(&group_id, me, kind, &message, header.epoch, now, expires_at)
@@ -203,10 +199,7 @@ impl Services {
                 // without waiting out the ack window.
                 self.charge(&me.account, message.len(), deliveries.len());
                 self.metrics.messages_accepted.inc();
-                let unread = self.registry.deliver(deliveries);
-                if !unread.is_empty() {
-                    self.store.no_reader(&unread);
-                }
+                self.hand_over(deliveries);
                 Ok((durable, Reply::Accepted { accepted_at: now }))
             }
             FanOutOutcome::LineInactive {
@@ -304,6 +297,26 @@ impl Services {
 /// Why a line may not send at `now`, if it may not
 /// ([`LineStatus::may_send`], the rule the store applies inside a
 /// fan-out's transaction).
+impl Services {
+    /// When a message's undelivered copies expire: the server's TTL, or
+    /// less if a disappearing conversation asks.
+    pub(super) fn message_expiry(&self, now: u64, ttl_seconds: u32) -> u64 {
+        match ttl_seconds {
+            0 => self.expires_at(now),
+            ttl => self.expires_at(now).min(now.saturating_add(u64::from(ttl))),
+        }
+    }
+
+    /// Online recipients get their copies now; those no connection will
+    /// acknowledge go to disk without waiting out the ack window.
+    pub(super) fn hand_over(&self, deliveries: Vec<(DeviceAddr, umbra_store::StoredDelivery)>) {
+        let unread = self.registry.deliver(deliveries);
+        if !unread.is_empty() {
+            self.store.no_reader(&unread);
+        }
+    }
+}
+
 pub(super) fn line_refusal(status: LineStatus, expires: u64, now: u64) -> Option<ErrorReply> {
     if status.may_send(expires, now) {
         return None;

@@ -1751,15 +1751,15 @@ impl Groups for SqliteStore {
     async fn group(&self, group: &GroupId) -> Result<Option<GroupState>> {
         let group = group.clone();
         self.run(move |connection| {
-            let row: Option<(u64, Option<Vec<u8>>, Option<Vec<u8>>)> = connection
+            let row: Option<(u64, Option<Vec<u8>>)> = connection
                 .query_row(
-                    "SELECT epoch, public_state, delivery_key FROM groups WHERE group_id = ?1",
+                    "SELECT epoch, public_state FROM groups WHERE group_id = ?1",
                     [group.as_bytes()],
-                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                    |row| Ok((row.get(0)?, row.get(1)?)),
                 )
                 .optional()
                 .map_err(backend)?;
-            row.map(|(epoch, public_state, delivery_key)| {
+            row.map(|(epoch, public_state)| {
                 let proposals = connection
                     .prepare_cached(
                         "SELECT message FROM group_proposals
@@ -1776,7 +1776,6 @@ impl Groups for SqliteStore {
                     members: members(connection, &group)?,
                     public_state,
                     proposals,
-                    delivery_key: delivery_key.and_then(|key| key.try_into().ok()),
                 })
             })
             .transpose()
