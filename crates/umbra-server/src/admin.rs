@@ -4,9 +4,9 @@
 use std::path::Path;
 
 use umbra_proto::{ActivationCode, ActivationString, DistributorCredential};
-use umbra_store::{Accounts, CodeHash, Distributors};
+use umbra_store::CodeHash;
 
-use crate::{Config, ServerError, open_store, tls};
+use crate::{Config, ServerError, connect_store, open_store, tls};
 
 /// Draws `count` one-time activation codes, each granting `days` of
 /// subscription, stores their hashes and returns the activation strings to
@@ -23,7 +23,7 @@ pub async fn issue_codes(
     for _ in 0..count {
         codes.push(random_code()?);
     }
-    let store = open_store(data_dir, config)?;
+    let store = connect_store(data_dir, config).await?;
     let hashes: Vec<CodeHash> = codes.iter().map(CodeHash::of).collect();
     store.issue_codes(&hashes, days, now).await?;
     Ok(codes
@@ -70,7 +70,7 @@ pub async fn issue_renewal_codes(
     for _ in 0..count {
         codes.push(random_code()?);
     }
-    let store = open_store(data_dir, config)?;
+    let store = connect_store(data_dir, config).await?;
     let hashes: Vec<CodeHash> = codes.iter().map(CodeHash::of).collect();
     store.issue_renewal_codes(&hashes, days, now).await?;
     Ok(codes)
@@ -91,7 +91,7 @@ pub async fn add_distributor(
         source: std::io::Error::other(e.to_string()),
     })?;
     let public_key = umbra_mls::DeviceSigner::from_secret(&secret).identity_key();
-    let store = open_store(data_dir, config)?;
+    let store = connect_store(data_dir, config).await?;
     let id = store
         .add_distributor(name, &public_key, quota, now)
         .await?
@@ -112,7 +112,10 @@ pub async fn distributors(
     data_dir: &Path,
     config: &Config,
 ) -> Result<Vec<umbra_store::Distributor>, ServerError> {
-    Ok(open_store(data_dir, config)?.distributors().await?)
+    Ok(connect_store(data_dir, config)
+        .await?
+        .distributors()
+        .await?)
 }
 
 /// Ends the lines whose subscription lapsed more than the grace period ago
@@ -122,7 +125,7 @@ pub async fn purge_lapsed_lines(
     config: &Config,
     now: u64,
 ) -> Result<Vec<umbra_proto::AccountId>, ServerError> {
-    let store = open_store(data_dir, config)?;
+    let store = connect_store(data_dir, config).await?;
     let ended = store
         .revoke_lapsed(
             now.saturating_sub(config.subscription_grace.as_secs()),
@@ -238,6 +241,14 @@ pub fn backup(
             destination,
             "it exists already; name a new directory",
         ));
+    }
+    if config.postgres_url().is_some() {
+        return Err(ServerError::Store(umbra_store::StoreError::Backend(
+            "the database is PostgreSQL: back it up with PostgreSQL's own tools (pg_dump, or \
+             pg_basebackup with WAL archiving; see docs/operations.md), and the data directory's \
+             files with this command's list"
+                .into(),
+        )));
     }
     let mut files = backed_up_files(config);
     files.push(config.database.clone());

@@ -29,7 +29,12 @@ pub struct Config {
     /// Defaults `tls/cert.pem` and `tls/key.pem`, made by `umbra-server init`.
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// SQLite database file, relative to the data directory. Default `umbra.db`.
+    /// Where the server keeps its state: an SQLite database file, relative
+    /// to the data directory (default `umbra.db`, the embedded store), or a
+    /// PostgreSQL database shared by the nodes of a cluster,
+    /// `postgres://user@host:port/dbname` (its password, if it needs one,
+    /// in the environment variable `UMBRA_DATABASE_PASSWORD`, never in
+    /// this file).
     pub database: PathBuf,
     /// Largest size the database may grow to, in bytes (0: as far as the
     /// disk allows). Writes beyond it, like writes on a full disk, are
@@ -165,7 +170,7 @@ pub const DEFAULT_CONFIG_TEXT: &str = r#"# Umbra server configuration. Every fie
 # Environment variables override the file: UMBRA_LISTEN, UMBRA_PUBLIC_ADDRESS,
 # UMBRA_TLS, UMBRA_MAILBOX_TTL, UMBRA_MAX_CONNECTIONS,
 # UMBRA_MAX_CONNECTIONS_PER_ADDRESS, UMBRA_REQUESTS_PER_SECOND,
-# UMBRA_DELIVERY_BYTES_PER_HOUR, UMBRA_METRICS_LISTEN.
+# UMBRA_DELIVERY_BYTES_PER_HOUR, UMBRA_METRICS_LISTEN, UMBRA_DATABASE.
 
 # Address and port to listen on.
 listen = "0.0.0.0:7443"
@@ -192,6 +197,10 @@ key = "tls/key.pem"
 # on; writes succeed again once delivered messages made room.
 database = "umbra.db"
 max_database_bytes = 0
+# Or a PostgreSQL database, which several nodes may share (see
+# docs/operations.md); its password, if any, goes in the environment
+# variable UMBRA_DATABASE_PASSWORD, and max_database_bytes stays 0:
+# database = "postgres://umbra@db.internal:5432/umbra"
 
 # Most bytes of messages one device's mailbox holds while it is away (0: no
 # cap). Messages beyond it are not kept, and the device is told how many it
@@ -294,6 +303,13 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The PostgreSQL database `database` names, if it is a `postgres://`
+    /// (or `postgresql://`) URL rather than a file.
+    pub fn postgres_url(&self) -> Option<&str> {
+        let text = self.database.to_str()?;
+        (text.starts_with("postgres://") || text.starts_with("postgresql://")).then_some(text)
+    }
+
     /// Reads `umbra-server.toml` from `data_dir` (defaults if absent), then
     /// applies environment overrides.
     pub fn load(data_dir: &Path) -> Result<Config, ConfigError> {
@@ -327,6 +343,9 @@ impl Config {
         }
         if let Some(v) = get("UMBRA_LISTEN") {
             self.listen = parse("UMBRA_LISTEN", v)?;
+        }
+        if let Some(v) = get("UMBRA_DATABASE") {
+            self.database = PathBuf::from(v);
         }
         if let Some(v) = get("UMBRA_METRICS_LISTEN") {
             self.metrics_listen = Some(parse("UMBRA_METRICS_LISTEN", v)?);

@@ -158,8 +158,14 @@ pub fn init(data_dir: &Path, public_address: &str) -> Result<CertFingerprint, Se
     Ok(tls::generate(&cert, &data_dir.join(&config.key), names)?)
 }
 
-/// Opens the data directory's SQLite store.
+/// Opens the data directory's SQLite store (refused when the
+/// configuration names a PostgreSQL database: see [`connect_store`]).
 pub fn open_store(data_dir: &Path, config: &Config) -> Result<SqliteStore, ServerError> {
+    if config.postgres_url().is_some() {
+        return Err(ServerError::Store(umbra_store::StoreError::Backend(
+            "the configured database is PostgreSQL, not an SQLite file".into(),
+        )));
+    }
     let limits = StoreLimits {
         database_bytes: config.max_database_bytes,
         mailbox_bytes: config.max_mailbox_bytes,
@@ -168,6 +174,38 @@ pub fn open_store(data_dir: &Path, config: &Config) -> Result<SqliteStore, Serve
         &data_dir.join(&config.database),
         limits,
     )?)
+}
+
+/// Environment variable holding the PostgreSQL password, kept out of the
+/// configuration file (and so out of backups of the data directory).
+pub const DATABASE_PASSWORD_ENV: &str = "UMBRA_DATABASE_PASSWORD";
+
+/// Opens the store the configuration names: the PostgreSQL database of a
+/// `postgres://` URL (migrating it, one node at a time), or the data
+/// directory's SQLite file.
+pub async fn connect_store(
+    data_dir: &Path,
+    config: &Config,
+) -> Result<Arc<dyn Store>, ServerError> {
+    let Some(url) = config.postgres_url() else {
+        return Ok(Arc::new(open_store(data_dir, config)?));
+    };
+    if config.max_database_bytes != 0 {
+        return Err(ServerError::Store(umbra_store::StoreError::Backend(
+            "max_database_bytes applies to the embedded SQLite store only: with PostgreSQL, \
+             size its disk (and watch it) instead, and set max_database_bytes = 0"
+                .into(),
+        )));
+    }
+    let limits = StoreLimits {
+        database_bytes: 0,
+        mailbox_bytes: config.max_mailbox_bytes,
+    };
+    let password = std::env::var(DATABASE_PASSWORD_ENV).ok();
+    Ok(Arc::new(
+        umbra_store::postgres::PgStore::connect_with_password(url, password.as_deref(), limits)
+            .await?,
+    ))
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then stops accepting,
@@ -195,7 +233,7 @@ pub async fn run(
     } else {
         None
     };
-    let store: Arc<dyn Store> = Arc::new(open_store(&data_dir, &config)?);
+    let store = connect_store(&data_dir, &config).await?;
     let delivery_ids =
         delivery_ids::PublicIds::load_or_create(&data_dir).map_err(|source| ServerError::Io {
             context: format!(

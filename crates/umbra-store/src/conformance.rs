@@ -871,8 +871,27 @@ async fn fan_out_and_mailboxes(store: &impl Store) {
     );
     assert_eq!(rest[0].sent_at, NOW + 3);
 
-    // Bob cannot delete Alice's mail; Alice can.
-    assert_eq!(store.ack(&one(&bob), &[page[0].id]).await.unwrap(), 0);
+    // Bob cannot delete Alice's mail; Alice can. (Delivery IDs may be
+    // numbered per mailbox: an ID of Alice's that also names something in
+    // Bob's own mailbox would be Bob's to acknowledge.)
+    let bobs: Vec<u64> = store
+        .pending(&one(&bob), 0, 100, NOW)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    let foreign = page.iter().find(|d| !bobs.contains(&d.id)).unwrap();
+    assert_eq!(store.ack(&one(&bob), &[foreign.id]).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .pending(&one(&alice), 0, 100, NOW)
+            .await
+            .unwrap()
+            .len(),
+        5,
+        "Alice's mail is all there"
+    );
     assert_eq!(
         store
             .ack(&one(&alice), &[page[0].id, page[1].id])
@@ -1377,8 +1396,23 @@ async fn mailboxes_per_device(store: &impl Store) {
     assert_eq!(payloads, [&b"hi"[..], b"me"]);
     assert_eq!(phone_held[1].sender, None, "no sender is kept");
     let ids: Vec<u64> = phone_held.iter().map(|d| d.id).collect();
+    // (IDs may be numbered per mailbox: one the laptop holds too would be
+    // its own to acknowledge.)
+    let laptops: Vec<u64> = store
+        .pending(&laptop, 0, 100, NOW)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    let foreign: Vec<u64> = ids
+        .iter()
+        .filter(|id| !laptops.contains(id))
+        .copied()
+        .collect();
+    assert!(!foreign.is_empty());
     assert_eq!(
-        store.ack(&laptop, &ids).await.unwrap(),
+        store.ack(&laptop, &foreign).await.unwrap(),
         0,
         "not the laptop's"
     );
@@ -2174,4 +2208,172 @@ async fn tokens(store: &impl Store) {
     // A past day's allowance is swept with the expired mail.
     store.expire(NOW + 2 * DAY).await.unwrap();
     assert_eq!(store.grant_tokens(&alice, day, 30, 50).await.unwrap(), 30);
+}
+
+/// Two stores on one database, as two nodes of a cluster are: what one
+/// node does is ordered with what the other does exactly as one node
+/// orders its own requests.
+///
+/// - Racing commits at one epoch: exactly one wins, the other is stale,
+///   and the epochs have no gap.
+/// - Concurrent fan-outs to one recipient: its delivery IDs are dense and
+///   increasing, a reader following the mailbox never sees an ID appear
+///   below one it has already seen, and no ID is used twice.
+/// - A commit is in every mailbox before any message of the epoch it
+///   starts.
+pub async fn two_nodes(a: &impl Store, b: &impl Store) {
+    let (g, [alice, bob, carol]) = group_of_three(a).await;
+
+    // Racing commits: Alice through one node, Bob through the other.
+    let mut epoch = 1;
+    for round in 0..20u8 {
+        let from_alice = commit(&g, epoch, &alice, &[b'a', round], &[], &[]);
+        let from_bob = commit(&g, epoch, &bob, &[b'b', round], &[], &[]);
+        let (first, second) = tokio::join!(
+            a.accept_commit(&from_alice, NOW, NOW + TTL),
+            b.accept_commit(&from_bob, NOW, NOW + TTL),
+        );
+        let outcomes = [first.unwrap(), second.unwrap()];
+        let won = outcomes
+            .iter()
+            .filter(|o| matches!(o, CommitOutcome::Accepted { epoch: e, .. } if *e == epoch + 1))
+            .count();
+        let lost = outcomes
+            .iter()
+            .filter(|o| matches!(o, CommitOutcome::Stale { current_epoch } if *current_epoch == epoch + 1))
+            .count();
+        assert_eq!((won, lost), (1, 1), "round {round}: {outcomes:?}");
+        epoch += 1;
+    }
+    assert_eq!(b.group(&g).await.unwrap().unwrap().epoch, epoch);
+    let commits = read_all(a, &carol).await;
+    assert_eq!(commits.len(), 20, "one commit per epoch reached Carol");
+    assert!(commits.iter().all(|d| d.kind == DeliveryKind::Commit));
+    for who in [&alice, &bob] {
+        read_all(b, who).await;
+    }
+
+    // Concurrent fan-outs to Carol from both nodes, while a reader follows
+    // her mailbox through each node in turn.
+    let last_before = a
+        .notice(low_water(&carol, &carol), NOW, NOW + TTL)
+        .await
+        .unwrap()[0]
+        .1;
+    read_all(a, &carol).await;
+    const SENDS: usize = 60;
+    let reader = async {
+        let mut seen = last_before;
+        let mut order = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while order.len() < 2 * SENDS {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Carol's copies never all came"
+            );
+            let node: &dyn Store = if order.len() % 2 == 0 { a } else { b };
+            for delivery in node.pending(&one(&carol), seen, 1000, NOW).await.unwrap() {
+                assert_eq!(
+                    delivery.id,
+                    seen + 1,
+                    "a reader that saw {seen} next finds {}: an ID appeared late or was skipped",
+                    delivery.id
+                );
+                seen = delivery.id;
+                order.push(delivery.id);
+            }
+            tokio::task::yield_now().await;
+        }
+        order
+    };
+    let (from_alice, from_bob, order) = tokio::join!(
+        send_many(a, &g, &alice, &carol, epoch, SENDS),
+        send_many(b, &g, &bob, &carol, epoch, SENDS),
+        reader
+    );
+    let mut handed: Vec<u64> = from_alice.into_iter().chain(from_bob).collect();
+    handed.sort_unstable();
+    assert_eq!(handed, order, "every ID handed out is in the mailbox, once");
+    let held = a
+        .pending(&one(&carol), last_before, 1000, NOW)
+        .await
+        .unwrap();
+    let ids: Vec<u64> = held.iter().map(|d| d.id).collect();
+    assert_eq!(ids, order);
+    b.ack(&one(&carol), &ids).await.unwrap();
+    let next = b
+        .notice(low_water(&carol, &carol), NOW, NOW + TTL)
+        .await
+        .unwrap()[0]
+        .1;
+    assert_eq!(
+        next,
+        order.last().unwrap() + 1,
+        "no ID reused after the acknowledgements"
+    );
+    read_all(a, &carol).await;
+
+    // A commit through one node while the other sends, as fast as it can,
+    // messages of the epoch that commit starts: none is stored before it.
+    let next_epoch = epoch + 1;
+    let eager = async {
+        let mut sent = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while sent < 5 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the commit never became visible"
+            );
+            match send_in_epoch(b, &g, &bob, b"early", next_epoch, NOW)
+                .await
+                .unwrap()
+            {
+                FanOutOutcome::AheadOfGroup { .. } => tokio::task::yield_now().await,
+                FanOutOutcome::Stored { durable, .. } => {
+                    durable.wait().await.unwrap();
+                    sent += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let next = commit(&g, epoch, &alice, b"next", &[], &[]);
+    let committing = async {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        a.accept_commit(&next, NOW, NOW + TTL).await.unwrap()
+    };
+    let ((), outcome) = tokio::join!(eager, committing);
+    assert!(
+        matches!(outcome, CommitOutcome::Accepted { .. }),
+        "{outcome:?}"
+    );
+    let held = a.pending(&one(&carol), 0, 100, NOW).await.unwrap();
+    let kinds: Vec<_> = held.iter().map(|d| d.kind).collect();
+    assert_eq!(kinds[0], DeliveryKind::Commit, "{kinds:?}");
+    assert_eq!(kinds.len(), 6, "{kinds:?}");
+}
+
+/// Sends `count` messages from `who` to `g` in `epoch`, one after the
+/// other, each durable before the next; returns the IDs of `to`'s copies.
+async fn send_many(
+    store: &impl Store,
+    g: &GroupId,
+    who: &AccountId,
+    to: &AccountId,
+    epoch: u64,
+    count: usize,
+) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let (deliveries, durable) =
+            stored(send_in_epoch(store, g, who, &[n as u8], epoch, NOW).await);
+        durable.wait().await.unwrap();
+        ids.extend(
+            deliveries
+                .iter()
+                .filter(|(device, _)| device.account == *to)
+                .map(|(_, d)| d.id),
+        );
+    }
+    ids
 }

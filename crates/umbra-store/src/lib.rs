@@ -5,13 +5,15 @@
 //! point of view are single trait methods: accepting a commit moves the group's
 //! epoch, updates its membership and stores the fan-out in one step, so a
 //! backend can make it one transaction. Every backend must pass
-//! [`conformance`]; [`sqlite::SqliteStore`] is the embedded default.
+//! [`conformance`]; [`sqlite::SqliteStore`] is the embedded default, and
+//! [`postgres::PgStore`] the one several nodes share.
 //!
 //! **Invariant:** the store holds ciphertext, public keys and routing
 //! metadata only. It has no column for a private key or a plaintext.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 mod staging;
 

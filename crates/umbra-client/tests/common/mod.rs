@@ -106,8 +106,11 @@ impl TestServer {
         umbra_server::init(data, "127.0.0.1:0").unwrap();
         let mut config = Config::load(data).unwrap();
         adjust(&mut config);
-        // Create and migrate the database before anything else opens it.
-        drop(umbra_server::open_store(data, &config).unwrap());
+        // Create and migrate the database before anything else opens it
+        // (a PostgreSQL one is migrated by the server as it starts).
+        if config.postgres_url().is_none() {
+            drop(umbra_server::open_store(data, &config).unwrap());
+        }
         let listener = std::net::TcpListener::bind(address).unwrap();
         listener.set_nonblocking(true).unwrap();
         let address = listener.local_addr().unwrap();
@@ -391,7 +394,7 @@ pub async fn befriend(a: &mut Device, b: &mut Device) -> (ConversationId, Conver
 
 /// A one-time activation string from the server whose data is at `data`,
 /// pointing devices at `address`.
-async fn activation_at(data: &Path, address: SocketAddr) -> ActivationString {
+pub async fn activation_at(data: &Path, address: SocketAddr) -> ActivationString {
     let mut config = Config::load(data).unwrap();
     config.public_address = address.to_string();
     let mut strings = umbra_server::admin::issue_codes(data, &config, 30, 1, now())

@@ -1,0 +1,532 @@
+//! Groups in PostgreSQL: one commit per epoch under the group's row lock,
+//! and fan-out to the members' mailboxes.
+
+use async_trait::async_trait;
+use deadpool_postgres::Transaction;
+use umbra_proto::tokens::DELIVERY_KEY_BYTES;
+use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, GroupId};
+
+use super::mailboxes::{Copy, is_current};
+use super::{Failure, PgStore, big, device_addr, transaction, unsigned};
+use crate::{
+    CommitOutcome, CommitRecord, Durable, FanOutOutcome, GroupState, Groups, LineStatus, Result,
+    StoredDelivery, Timestamp,
+};
+
+type Tx<'a> = Transaction<'a>;
+
+async fn leaves(
+    tx: &Tx<'_>,
+    group: &GroupId,
+    sql: &str,
+) -> std::result::Result<Vec<DeviceAddr>, Failure> {
+    let statement = tx.prepare_cached(sql).await?;
+    let mut leaves = Vec::new();
+    for row in tx.query(&statement, &[&group.as_bytes()]).await? {
+        leaves.push(device_addr(row.get(0), row.get(1))?);
+    }
+    Ok(leaves)
+}
+
+/// Leaves as the two arrays (accounts, devices) a statement unnests.
+fn columns(list: &[DeviceAddr]) -> (Vec<&str>, Vec<i64>) {
+    (
+        list.iter().map(|l| l.account.as_str()).collect(),
+        list.iter().map(|l| i64::from(l.device.0)).collect(),
+    )
+}
+
+/// Every leaf of the group, ordered by account and device.
+async fn members(tx: &Tx<'_>, group: &GroupId) -> std::result::Result<Vec<DeviceAddr>, Failure> {
+    leaves(
+        tx,
+        group,
+        "SELECT account_id, device FROM group_members WHERE group_id = $1
+         ORDER BY account_id, device",
+    )
+    .await
+}
+
+/// The leaves a delivery to the group goes to: those of devices still
+/// current in their account.
+pub(super) async fn routable(
+    tx: &Tx<'_>,
+    group: &GroupId,
+) -> std::result::Result<Vec<DeviceAddr>, Failure> {
+    leaves(
+        tx,
+        group,
+        "SELECT m.account_id, m.device FROM group_members m
+         JOIN devices d ON d.account_id = m.account_id AND d.device = m.device
+         WHERE m.group_id = $1 ORDER BY m.account_id, m.device",
+    )
+    .await
+}
+
+/// The group's epoch; with `lock`, its row stays locked (no commit moves
+/// it) to the end of the transaction.
+async fn epoch(
+    tx: &Tx<'_>,
+    group: &GroupId,
+    lock: bool,
+) -> std::result::Result<Option<u64>, Failure> {
+    let statement = tx
+        .prepare_cached(if lock {
+            "SELECT epoch FROM groups WHERE group_id = $1 FOR UPDATE"
+        } else {
+            "SELECT epoch FROM groups WHERE group_id = $1"
+        })
+        .await?;
+    match tx.query_opt(&statement, &[&group.as_bytes()]).await? {
+        Some(row) => Ok(Some(unsigned(row.get(0))?)),
+        None => Ok(None),
+    }
+}
+
+async fn is_member(
+    tx: &Tx<'_>,
+    group: &GroupId,
+    leaf: &DeviceAddr,
+) -> std::result::Result<bool, Failure> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT 1 FROM group_members WHERE group_id = $1 AND account_id = $2 AND device = $3",
+        )
+        .await?;
+    Ok(tx
+        .query_opt(
+            &statement,
+            &[
+                &group.as_bytes(),
+                &leaf.account.as_str(),
+                &i64::from(leaf.device.0),
+            ],
+        )
+        .await?
+        .is_some())
+}
+
+/// A line's state as a send checks it: `None` for no such account.
+async fn line(
+    tx: &Tx<'_>,
+    account: &AccountId,
+) -> std::result::Result<Option<(LineStatus, u64)>, Failure> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT status, subscription_expires_at FROM accounts WHERE account_id = $1",
+        )
+        .await?;
+    let Some(row) = tx.query_opt(&statement, &[&account.as_str()]).await? else {
+        return Ok(None);
+    };
+    let status: &str = row.get(0);
+    let status = LineStatus::parse(status)
+        .ok_or_else(|| crate::StoreError::Corrupt(format!("line status {status:?}")))?;
+    Ok(Some((status, unsigned(row.get(1))?)))
+}
+
+#[async_trait]
+impl Groups for PgStore {
+    async fn create_group(
+        &self,
+        group: &GroupId,
+        creator: &DeviceAddr,
+        public_state: &[u8],
+        group_info: &[u8],
+        delivery_key: Option<&[u8; DELIVERY_KEY_BYTES]>,
+        now: Timestamp,
+    ) -> Result<bool> {
+        transaction!(self, tx => {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO groups (group_id, epoch, created_at, public_state, group_info,
+                                         created_by, delivery_key)
+                     VALUES ($1, 0, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                    &[
+                        &group.as_bytes(),
+                        &big(now),
+                        &public_state,
+                        &group_info,
+                        &creator.account.as_str(),
+                        &delivery_key.map(|key| &key[..]),
+                    ],
+                )
+                .await?;
+            if inserted == 0 {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO group_members (group_id, account_id, device) VALUES ($1, $2, $3)",
+                &[
+                    &group.as_bytes(),
+                    &creator.account.as_str(),
+                    &i64::from(creator.device.0),
+                ],
+            )
+            .await?;
+            Ok::<_, Failure>(true)
+        })
+    }
+
+    async fn delivery_key(
+        &self,
+        group: &GroupId,
+    ) -> Result<Option<(u64, Option<[u8; DELIVERY_KEY_BYTES]>)>> {
+        transaction!(read self, tx => {
+            let statement = tx
+                .prepare_cached("SELECT epoch, delivery_key FROM groups WHERE group_id = $1")
+                .await?;
+            let Some(row) = tx.query_opt(&statement, &[&group.as_bytes()]).await? else {
+                return Ok(None);
+            };
+            let key: Option<Vec<u8>> = row.get(1);
+            Ok::<_, Failure>(Some((
+                unsigned(row.get(0))?,
+                key.and_then(|key| key.try_into().ok()),
+            )))
+        })
+    }
+
+    async fn group(&self, group: &GroupId) -> Result<Option<GroupState>> {
+        transaction!(read self, tx => {
+            let row = tx
+                .query_opt(
+                    "SELECT epoch, public_state FROM groups WHERE group_id = $1",
+                    &[&group.as_bytes()],
+                )
+                .await?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let epoch: i64 = row.get(0);
+            let proposals = tx
+                .query(
+                    "SELECT message FROM group_proposals
+                     WHERE group_id = $1 AND epoch = $2 ORDER BY seq",
+                    &[&group.as_bytes(), &epoch],
+                )
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            Ok::<_, Failure>(Some(GroupState {
+                epoch: unsigned(epoch)?,
+                members: members(&tx, group).await?,
+                public_state: row.get(1),
+                proposals,
+            }))
+        })
+    }
+
+    async fn groups_created(&self, creator: &AccountId) -> Result<u64> {
+        transaction!(read self, tx => {
+            let row = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM groups WHERE created_by = $1",
+                    &[&creator.as_str()],
+                )
+                .await?;
+            Ok::<_, Failure>(unsigned(row.get(0))?)
+        })
+    }
+
+    async fn group_info(&self, group: &GroupId) -> Result<Option<Vec<u8>>> {
+        transaction!(read self, tx => {
+            let row = tx
+                .query_opt(
+                    "SELECT group_info FROM groups WHERE group_id = $1",
+                    &[&group.as_bytes()],
+                )
+                .await?;
+            Ok::<_, Failure>(row.map(|row| row.get(0)))
+        })
+    }
+
+    async fn accept_commit(
+        &self,
+        commit: &CommitRecord,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<CommitOutcome> {
+        transaction!(self, tx => self.accept_commit_in(&tx, commit, now, expires_at).await)
+    }
+
+    async fn add_proposal(&self, group: &GroupId, at: u64, message: &[u8]) -> Result<bool> {
+        transaction!(self, tx => {
+            // Under the group's lock: a commit cannot move the epoch (and
+            // forget the epoch's proposals) between the check and the insert.
+            if epoch(&tx, group, true).await? != Some(at) {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO group_proposals (group_id, seq, epoch, message)
+                 VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM group_proposals
+                              WHERE group_id = $1), $2, $3)",
+                &[&group.as_bytes(), &big(at), &message],
+            )
+            .await?;
+            Ok::<_, Failure>(true)
+        })
+    }
+
+    async fn fan_out(
+        &self,
+        group: &GroupId,
+        sender: &DeviceAddr,
+        kind: DeliveryKind,
+        payload: &[u8],
+        epoch: u64,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<FanOutOutcome> {
+        let message = Message {
+            group,
+            sender: Some(sender),
+            kind,
+            payload,
+            epoch,
+            now,
+        };
+        transaction!(self, tx => self.fan_out_in(&tx, &message, expires_at).await)
+    }
+
+    async fn fan_out_anonymous(
+        &self,
+        group: &GroupId,
+        payload: &[u8],
+        epoch: u64,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<FanOutOutcome> {
+        let message = Message {
+            group,
+            sender: None,
+            kind: DeliveryKind::Application,
+            payload,
+            epoch,
+            now,
+        };
+        transaction!(self, tx => self.fan_out_in(&tx, &message, expires_at).await)
+    }
+}
+
+/// A message to fan out (see the embedded store's, which this follows).
+struct Message<'a> {
+    group: &'a GroupId,
+    /// `None` for an anonymous message: every leaf gets a copy.
+    sender: Option<&'a DeviceAddr>,
+    kind: DeliveryKind,
+    payload: &'a [u8],
+    epoch: u64,
+    now: Timestamp,
+}
+
+impl PgStore {
+    async fn accept_commit_in(
+        &self,
+        tx: &Tx<'_>,
+        commit: &CommitRecord,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> std::result::Result<CommitOutcome, Failure> {
+        let group = &commit.group_id;
+        // The group's row is locked until this transaction ends: a second
+        // commit for the same epoch waits here, then reads the epoch this
+        // one moved to, and is stale.
+        let Some(current) = epoch(tx, group, true).await? else {
+            return Ok(CommitOutcome::UnknownGroup);
+        };
+        let Ok(at) = i64::try_from(commit.epoch) else {
+            return Ok(CommitOutcome::Stale {
+                current_epoch: current,
+            });
+        };
+        let hash = commit.hash();
+        let accepted = tx
+            .query_opt(
+                "SELECT hash FROM group_commits WHERE group_id = $1 AND epoch = $2",
+                &[&group.as_bytes(), &at],
+            )
+            .await?;
+        if accepted.is_some_and(|row| row.get::<_, &[u8]>(0) == &hash[..]) {
+            return Ok(CommitOutcome::Duplicate {
+                epoch: commit.epoch.saturating_add(1),
+            });
+        }
+        if !is_member(tx, group, &commit.sender).await? {
+            return Ok(CommitOutcome::NotAMember);
+        }
+        if current != commit.epoch {
+            return Ok(CommitOutcome::Stale {
+                current_epoch: current,
+            });
+        }
+        let before = routable(tx, group).await?;
+        let (accounts, devices) = columns(&commit.removed);
+        tx.execute(
+            "DELETE FROM group_members m USING unnest($2::text[], $3::bigint[]) AS t(a, d)
+             WHERE m.group_id = $1 AND m.account_id = t.a AND m.device = t.d",
+            &[&group.as_bytes(), &accounts, &devices],
+        )
+        .await?;
+        let (accounts, devices) = columns(&commit.added);
+        tx.execute(
+            "INSERT INTO group_members (group_id, account_id, device)
+             SELECT $1, t.a, t.d FROM unnest($2::text[], $3::bigint[]) AS t(a, d)
+             ON CONFLICT DO NOTHING",
+            &[&group.as_bytes(), &accounts, &devices],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE groups SET epoch = $2, public_state = $3, group_info = $4, delivery_key = $5
+             WHERE group_id = $1",
+            &[
+                &group.as_bytes(),
+                &(at + 1),
+                &commit.public_state,
+                &commit.group_info,
+                &commit.delivery_key.as_ref().map(|key| &key[..]),
+            ],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM group_proposals WHERE group_id = $1",
+            &[&group.as_bytes()],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO group_commits (group_id, epoch, hash, committed_at)
+             VALUES ($1, $2, $3, $4)",
+            &[&group.as_bytes(), &at, &&hash[..], &big(now)],
+        )
+        .await?;
+        let told: Vec<DeviceAddr> = before
+            .iter()
+            .filter(|m| **m != commit.sender)
+            .cloned()
+            .collect();
+        let copy = Copy {
+            sender: None,
+            kind: DeliveryKind::Commit,
+            group: Some(group),
+            payload: &commit.commit,
+            now,
+            expires_at,
+        };
+        self.store_copies(tx, &told, &copy).await?;
+        let mut recipients = told;
+        if let Some(welcome) = &commit.welcome {
+            let mut welcomed = Vec::new();
+            for added in commit.added.iter().filter(|a| !before.contains(a)) {
+                // A device removed since its leaf was checked gets nothing.
+                if is_current(tx, added).await? && !welcomed.contains(added) {
+                    welcomed.push(added.clone());
+                }
+            }
+            let copy = Copy {
+                kind: DeliveryKind::Welcome,
+                payload: welcome,
+                ..copy
+            };
+            self.store_copies(tx, &welcomed, &copy).await?;
+            recipients.extend(welcomed);
+        }
+        Ok(CommitOutcome::Accepted {
+            epoch: commit.epoch + 1,
+            recipients,
+        })
+    }
+
+    /// Checks a message against the group and its sender's line, and
+    /// stores a copy for every other current member device, in one
+    /// transaction. The group's row is not locked: a commit racing the
+    /// message either committed first (the message is checked against the
+    /// new epoch and members) or commits after it (the message went to the
+    /// members of the epoch it was checked in); either way every member
+    /// sees the commit that starts an epoch before any message of that
+    /// epoch.
+    async fn fan_out_in(
+        &self,
+        tx: &Tx<'_>,
+        message: &Message<'_>,
+        expires_at: Timestamp,
+    ) -> std::result::Result<FanOutOutcome, Failure> {
+        let Some(current) = epoch(tx, message.group, false).await? else {
+            return Ok(FanOutOutcome::UnknownGroup);
+        };
+        let members = routable(tx, message.group).await?;
+        // The embedded store's checks, in its order.
+        if let Some(sender) = message.sender
+            && !members.contains(sender)
+        {
+            return Ok(FanOutOutcome::NotAMember);
+        }
+        // No member can have reached an epoch the delivery service has not
+        // accepted a commit for.
+        if message.epoch > current {
+            return Ok(FanOutOutcome::AheadOfGroup {
+                current_epoch: current,
+            });
+        }
+        // Members added since could not read an application message of an
+        // earlier epoch; an anonymous one is signed for the current epoch
+        // only.
+        let anonymous = message.sender.is_none();
+        if message.epoch < current && (anonymous || message.kind == DeliveryKind::Application) {
+            return Ok(FanOutOutcome::BehindGroup {
+                current_epoch: current,
+            });
+        }
+        if let Some(sender) = message.sender {
+            match line(tx, &sender.account).await? {
+                Some((status, until)) if status.may_send(until, message.now) => {}
+                Some((status, until)) => {
+                    return Ok(FanOutOutcome::LineInactive {
+                        status,
+                        subscription_expires_at: until,
+                    });
+                }
+                None => {
+                    return Ok(FanOutOutcome::LineInactive {
+                        status: LineStatus::Revoked,
+                        subscription_expires_at: 0,
+                    });
+                }
+            }
+        }
+        let recipients: Vec<DeviceAddr> = members
+            .into_iter()
+            .filter(|m| Some(m) != message.sender)
+            .collect();
+        let copy = Copy {
+            sender: None,
+            kind: message.kind,
+            group: Some(message.group),
+            payload: message.payload,
+            now: message.now,
+            expires_at,
+        };
+        let ids = self.store_copies(tx, &recipients, &copy).await?;
+        // A copy not kept (its mailbox full) has no ID, and is not handed
+        // over either.
+        let deliveries = recipients
+            .into_iter()
+            .zip(ids)
+            .filter_map(|(recipient, id)| {
+                let delivery = StoredDelivery {
+                    id: id?,
+                    sender: None,
+                    kind: message.kind,
+                    group_id: Some(message.group.clone()),
+                    payload: message.payload.to_vec(),
+                    sent_at: message.now,
+                };
+                Some((recipient, delivery))
+            })
+            .collect();
+        Ok(FanOutOutcome::Stored {
+            deliveries,
+            durable: Durable::ready(),
+        })
+    }
+}

@@ -1,0 +1,386 @@
+//! Mailboxes in PostgreSQL: copies stored under each mailbox's head row,
+//! read, acknowledged and expired.
+
+use async_trait::async_trait;
+use deadpool_postgres::Transaction;
+use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, GroupId};
+
+use super::{Failure, PgStore, big, device_addr, group_id, transaction, unsigned};
+use crate::{Mailboxes, Notice, Result, StoreError, StoredDelivery, Timestamp};
+
+type Tx<'a> = Transaction<'a>;
+
+/// One delivery to store for several mailboxes.
+pub(super) struct Copy<'a> {
+    pub sender: Option<&'a AccountId>,
+    pub kind: DeliveryKind,
+    pub group: Option<&'a GroupId>,
+    pub payload: &'a [u8],
+    pub now: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+impl PgStore {
+    /// Stores `copy` in the mailbox of each of `recipients` (distinct
+    /// devices), each under its mailbox's next ID; returns the IDs in the
+    /// order of `recipients`, `None` where an application message did not
+    /// fit under the mailbox cap (the device gets, instead, one
+    /// `MailboxFull` notice counting what it missed).
+    ///
+    /// The head rows are locked in sorted order and held to the end of the
+    /// transaction: two transactions storing for the same mailbox take
+    /// their IDs, and become visible, one after the other.
+    pub(super) async fn store_copies(
+        &self,
+        tx: &Tx<'_>,
+        recipients: &[DeviceAddr],
+        copy: &Copy<'_>,
+    ) -> std::result::Result<Vec<Option<u64>>, Failure> {
+        if recipients.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sorted: Vec<&DeviceAddr> = recipients.iter().collect();
+        sorted.sort();
+        let accounts: Vec<&str> = sorted.iter().map(|r| r.account.as_str()).collect();
+        let devices: Vec<i64> = sorted.iter().map(|r| i64::from(r.device.0)).collect();
+        let heads = tx
+            .prepare_cached(
+                "SELECT h.account_id, h.device, h.next_id, h.bytes
+                 FROM mailbox_heads h
+                 JOIN unnest($1::text[], $2::bigint[]) AS t(account_id, device)
+                   ON h.account_id = t.account_id AND h.device = t.device
+                 ORDER BY h.account_id, h.device
+                 FOR UPDATE OF h",
+            )
+            .await?;
+        let rows = tx.query(&heads, &[&accounts, &devices]).await?;
+        let mut known = std::collections::HashMap::with_capacity(rows.len());
+        for row in rows {
+            let address = device_addr(row.get(0), row.get(1))?;
+            known.insert(address, (row.get::<_, i64>(2), row.get::<_, i64>(3)));
+        }
+        let size = big(copy.payload.len() as u64);
+        let capped = copy.kind == DeliveryKind::Application && self.limits.mailbox_bytes > 0;
+        let cap = big(self.limits.mailbox_bytes);
+        let mut ids = Vec::with_capacity(recipients.len());
+        let (mut to, mut to_devices, mut to_ids) = (Vec::new(), Vec::new(), Vec::new());
+        let mut full = Vec::new();
+        for recipient in recipients {
+            // Every current device has a head row (made with the device);
+            // one without is no mailbox to store in.
+            let Some((next, bytes)) = known.get_mut(recipient) else {
+                ids.push(None);
+                continue;
+            };
+            if capped && bytes.saturating_add(size) > cap {
+                full.push(recipient);
+                ids.push(None);
+                continue;
+            }
+            ids.push(Some(unsigned(*next)?));
+            to.push(recipient.account.as_str());
+            to_devices.push(i64::from(recipient.device.0));
+            to_ids.push(*next);
+            *next += 1;
+            *bytes = bytes.saturating_add(size);
+        }
+        if !to.is_empty() {
+            let insert = tx
+                .prepare_cached(
+                    "INSERT INTO mailbox (account_id, device, id, sender, kind, group_id, payload,
+                                          sent_at, expires_at)
+                     SELECT t.a, t.d, t.i, $4, $5, $6, $7, $8, $9
+                     FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(a, d, i)",
+                )
+                .await?;
+            tx.execute(
+                &insert,
+                &[
+                    &to,
+                    &to_devices,
+                    &to_ids,
+                    &copy.sender.map(AccountId::as_str),
+                    &(copy.kind as i32),
+                    &copy.group.map(GroupId::as_bytes),
+                    &copy.payload,
+                    &big(copy.now),
+                    &big(copy.expires_at),
+                ],
+            )
+            .await?;
+            let advance = tx
+                .prepare_cached(
+                    "UPDATE mailbox_heads h SET next_id = h.next_id + 1, bytes = h.bytes + $3
+                     FROM unnest($1::text[], $2::bigint[]) AS t(a, d)
+                     WHERE h.account_id = t.a AND h.device = t.d",
+                )
+                .await?;
+            tx.execute(&advance, &[&to, &to_devices, &size]).await?;
+        }
+        for recipient in full {
+            note_mailbox_full(tx, recipient, copy.now, copy.expires_at).await?;
+        }
+        Ok(ids)
+    }
+}
+
+/// Tells `recipient`'s device that one more message was not kept because
+/// its mailbox was full: one notice carrying the total since the device
+/// last acknowledged one (a big-endian u64), under a new ID so that a
+/// device which already read the previous one reads this one too. It
+/// lives as long as the longest-lived copy it counts. (The embedded
+/// store's rule, one message at a time.)
+async fn note_mailbox_full(
+    tx: &Tx<'_>,
+    recipient: &DeviceAddr,
+    now: Timestamp,
+    expires_at: Timestamp,
+) -> std::result::Result<(), Failure> {
+    let (account, device) = (recipient.account.as_str(), i64::from(recipient.device.0));
+    let earlier = tx
+        .query_opt(
+            "DELETE FROM mailbox WHERE account_id = $1 AND device = $2 AND kind = $3
+             RETURNING payload, expires_at",
+            &[&account, &device, &(DeliveryKind::MailboxFull as i32)],
+        )
+        .await?;
+    let (count, expires_at, freed) = match earlier {
+        Some(row) => {
+            let payload: Vec<u8> = row.get(0);
+            let until: i64 = row.get(1);
+            let count = <[u8; 8]>::try_from(payload.as_slice()).map_or(0, u64::from_be_bytes);
+            (count, until.max(big(expires_at)), big(payload.len() as u64))
+        }
+        None => (0, big(expires_at), 0),
+    };
+    let total = count.saturating_add(1).to_be_bytes();
+    tx.execute(
+        "WITH head AS (
+             UPDATE mailbox_heads SET next_id = next_id + 1, bytes = bytes - $3 + $4
+             WHERE account_id = $1 AND device = $2
+             RETURNING next_id - 1 AS id
+         )
+         INSERT INTO mailbox (account_id, device, id, sender, kind, group_id, payload, sent_at,
+                              expires_at)
+         SELECT $1, $2, head.id, $1, $5, NULL, $6, $7, $8 FROM head",
+        &[
+            &account,
+            &device,
+            &freed,
+            &big(total.len() as u64),
+            &(DeliveryKind::MailboxFull as i32),
+            &&total[..],
+            &big(now),
+            &expires_at,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletes the mailbox rows `filter` selects (a condition on `mailbox`
+/// with parameters `params`) and takes their bytes off their mailboxes'
+/// counts; returns how many it deleted.
+pub(super) async fn delete_mail(
+    tx: &Tx<'_>,
+    filter: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> std::result::Result<u64, Failure> {
+    let sql = format!(
+        "WITH gone AS (
+             DELETE FROM mailbox WHERE {filter}
+             RETURNING account_id, device, octet_length(payload) AS n
+         ), sums AS (
+             SELECT account_id, device, SUM(n)::BIGINT AS s, COUNT(*) AS c
+             FROM gone GROUP BY account_id, device
+         ), counted AS (
+             UPDATE mailbox_heads h SET bytes = GREATEST(h.bytes - sums.s, 0)
+             FROM sums WHERE h.account_id = sums.account_id AND h.device = sums.device
+         )
+         SELECT COALESCE(SUM(c), 0)::BIGINT FROM sums"
+    );
+    let statement = tx.prepare_cached(&sql).await?;
+    let deleted: i64 = tx.query_one(&statement, params).await?.get(0);
+    Ok(unsigned(deleted)?)
+}
+
+/// Makes the mailbox of a device that just became current (its delivery
+/// IDs start at 1; a head row kept from before goes on where it was).
+pub(super) async fn open_mailbox(
+    tx: &Tx<'_>,
+    account: &AccountId,
+    device: i64,
+) -> std::result::Result<(), Failure> {
+    let statement = tx
+        .prepare_cached(
+            "INSERT INTO mailbox_heads (account_id, device, next_id) VALUES ($1, $2, 1)
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    tx.execute(&statement, &[&account.as_str(), &device])
+        .await?;
+    Ok(())
+}
+
+/// `account`'s current devices, in order.
+pub(super) async fn current_devices(
+    tx: &Tx<'_>,
+    account: &AccountId,
+) -> std::result::Result<Vec<DeviceAddr>, Failure> {
+    let statement = tx
+        .prepare_cached("SELECT device FROM devices WHERE account_id = $1 ORDER BY device")
+        .await?;
+    let mut devices = Vec::new();
+    for row in tx.query(&statement, &[&account.as_str()]).await? {
+        devices.push(device_addr(account.as_str(), row.get(0))?);
+    }
+    Ok(devices)
+}
+
+pub(super) async fn is_current(
+    tx: &Tx<'_>,
+    device: &DeviceAddr,
+) -> std::result::Result<bool, Failure> {
+    let statement = tx
+        .prepare_cached("SELECT 1 FROM devices WHERE account_id = $1 AND device = $2")
+        .await?;
+    Ok(tx
+        .query_opt(
+            &statement,
+            &[&device.account.as_str(), &i64::from(device.device.0)],
+        )
+        .await?
+        .is_some())
+}
+
+#[async_trait]
+impl Mailboxes for PgStore {
+    async fn pending(
+        &self,
+        recipient: &DeviceAddr,
+        after: u64,
+        limit: usize,
+        now: Timestamp,
+    ) -> Result<Vec<StoredDelivery>> {
+        let limit = big(limit as u64);
+        transaction!(read self, tx => {
+            let statement = tx
+                .prepare_cached(
+                    "SELECT id, sender, kind, group_id, payload, sent_at FROM mailbox
+                     WHERE account_id = $1 AND device = $2 AND id > $3 AND expires_at > $4
+                     ORDER BY id LIMIT $5",
+                )
+                .await?;
+            let rows = tx
+                .query(
+                    &statement,
+                    &[
+                        &recipient.account.as_str(),
+                        &i64::from(recipient.device.0),
+                        &big(after),
+                        &big(now),
+                        &limit,
+                    ],
+                )
+                .await?;
+            let mut held = Vec::with_capacity(rows.len());
+            for row in rows {
+                let kind: i32 = row.get(2);
+                held.push(StoredDelivery {
+                    id: unsigned(row.get(0))?,
+                    sender: row
+                        .get::<_, Option<&str>>(1)
+                        .map(super::account_id)
+                        .transpose()?,
+                    kind: DeliveryKind::try_from(kind)
+                        .map_err(|_| StoreError::Corrupt(format!("delivery kind {kind}")))?,
+                    group_id: row.get::<_, Option<Vec<u8>>>(3).map(group_id).transpose()?,
+                    payload: row.get(4),
+                    sent_at: unsigned(row.get(5))?,
+                });
+            }
+            Ok::<_, Failure>(held)
+        })
+    }
+
+    async fn notice(
+        &self,
+        notice: Notice,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<Vec<(DeviceAddr, u64)>> {
+        transaction!(self, tx => {
+            let devices = match notice.device {
+                Some(device) => {
+                    let device = DeviceAddr::new(notice.recipient.clone(), device);
+                    // A device removed meanwhile gets nothing.
+                    if is_current(&tx, &device).await? { vec![device] } else { Vec::new() }
+                }
+                None => current_devices(&tx, &notice.recipient).await?,
+            };
+            let copy = Copy {
+                sender: Some(&notice.sender),
+                kind: notice.kind,
+                group: notice.group_id.as_ref(),
+                payload: &notice.payload,
+                now,
+                expires_at,
+            };
+            let ids = self.store_copies(&tx, &devices, &copy).await?;
+            Ok::<_, Failure>(
+                devices
+                    .into_iter()
+                    .zip(ids)
+                    .filter_map(|(device, id)| Some((device, id?)))
+                    .collect(),
+            )
+        })
+    }
+
+    async fn ack(&self, recipient: &DeviceAddr, ids: &[u64]) -> Result<usize> {
+        // IDs beyond the column's range name nothing stored.
+        let ids: Vec<i64> = ids
+            .iter()
+            .filter_map(|id| i64::try_from(*id).ok())
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let deleted = transaction!(self, tx => {
+            delete_mail(
+                &tx,
+                "account_id = $1 AND device = $2 AND id = ANY($3)",
+                &[
+                    &recipient.account.as_str(),
+                    &i64::from(recipient.device.0),
+                    &ids,
+                ],
+            )
+            .await
+        })?;
+        Ok(deleted as usize)
+    }
+
+    async fn expire(&self, now: Timestamp) -> Result<usize> {
+        let deleted = transaction!(self, tx => {
+            let deleted = delete_mail(&tx, "expires_at <= $1", &[&big(now)]).await?;
+            tx.execute(
+                "DELETE FROM group_commits WHERE committed_at <= $1",
+                &[&big(now.saturating_sub(crate::COMMIT_HASH_LIFETIME))],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM contacts WHERE NOT accepted AND created_at <= $1",
+                &[&big(now.saturating_sub(crate::CONTACT_REQUEST_LIFETIME))],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM token_allowance WHERE day < $1",
+                &[&big(now / crate::DAY)],
+            )
+            .await?;
+            Ok::<_, Failure>(deleted)
+        })?;
+        Ok(deleted as usize)
+    }
+}

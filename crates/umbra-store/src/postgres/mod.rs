@@ -1,0 +1,381 @@
+//! The clustered backend: every store trait over one PostgreSQL database,
+//! which several server nodes may share.
+//!
+//! Each trait method is one transaction (READ COMMITTED), retried from the
+//! start when PostgreSQL aborts it for a deadlock, a serialization failure
+//! or a unique-key race with another node, so the outcome is always one
+//! that a single node could have produced. What must happen one at a time
+//! is serialised by a row lock, never by a lock the nodes keep themselves:
+//!
+//! - one commit per epoch: the group's row, `FOR UPDATE`;
+//! - a mailbox's delivery IDs: its row in `mailbox_heads`, updated in the
+//!   transaction that stores the copy, so each mailbox's IDs are dense,
+//!   increase in commit order and are never reused (a connection that has
+//!   seen ID n never later finds n - 1 appear). Transactions lock the head
+//!   rows they need in sorted order;
+//! - a device log's next position, a redeemed code, a line's state: their
+//!   rows, `FOR UPDATE`;
+//! - a contact pair and the token keys: transaction-scoped advisory locks.
+//!
+//! A node killed in the middle of a transaction leaves no lock behind:
+//! PostgreSQL aborts the transaction when its connection drops.
+//!
+//! There is no ack window here: every copy is written before its sender is
+//! told "accepted" ([`crate::Durable::ready`]).
+
+mod accounts;
+mod contacts;
+mod groups;
+mod keys;
+mod mailboxes;
+pub mod testing;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+use umbra_proto::{AccountId, DeviceAddr, DeviceId, GroupId};
+
+use crate::{Result, StoreError, StoreLimits};
+
+/// Numbered migrations, applied in order; `schema_migrations` records each.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+
+/// Connections each node keeps to the database at most.
+const POOL_SIZE: usize = 16;
+/// How long a request waits for a connection, or for one to be made,
+/// before it fails (with a retryable error) instead of hanging while the
+/// database is away.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one transaction may take, retries included. Past it the
+/// request fails; its connection is closed, so whatever it left open is
+/// rolled back by the database.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(15);
+/// Times a transaction is run again after a deadlock, serialization
+/// failure or unique-key race.
+const RETRIES: u32 = 8;
+/// Key of the advisory lock that serialises migrations across nodes.
+const MIGRATION_LOCK: i64 = 0x756d_6272_615f_6d67; // "umbra_mg"
+
+/// Server storage in a PostgreSQL database, shared by every node of a
+/// cluster.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    limits: StoreLimits,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: never shown.
+        f.write_str("PgStore")
+    }
+}
+
+/// A failure inside a transaction: a database error (which may be worth a
+/// retry) or the store's own.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    Db(tokio_postgres::Error),
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Failure::Db(error)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(error: StoreError) -> Self {
+        Failure::Store(error)
+    }
+}
+
+impl Failure {
+    /// Whether running the transaction again may succeed: PostgreSQL chose
+    /// it as a deadlock's or serialization's victim, or another node
+    /// inserted the same key first (run again, the transaction sees that
+    /// row and answers accordingly).
+    fn retryable(&self) -> bool {
+        let Failure::Db(error) = self else {
+            return false;
+        };
+        matches!(
+            error.code(),
+            Some(code) if *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::UNIQUE_VIOLATION
+        )
+    }
+
+    fn into_store(self) -> StoreError {
+        match self {
+            Failure::Store(error) => error,
+            Failure::Db(error) => backend(error),
+        }
+    }
+}
+
+/// A database error as the store reports it: a full disk is
+/// [`StoreError::Full`]. The text names the SQLSTATE and the server's
+/// message, never a parameter (which could be a ciphertext or a key).
+pub(crate) fn backend(error: tokio_postgres::Error) -> StoreError {
+    match error.code() {
+        Some(code) if *code == SqlState::DISK_FULL => StoreError::Full,
+        Some(code) => StoreError::Backend(format!(
+            "PostgreSQL refused ({}): {}",
+            code.code(),
+            error
+                .as_db_error()
+                .map_or_else(|| error.to_string(), |db| db.message().to_owned())
+        )),
+        None => StoreError::Backend(format!("PostgreSQL unavailable: {error}")),
+    }
+}
+
+fn pool_error(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("PostgreSQL unavailable: {error}"))
+}
+
+/// Runs `$body` in a transaction on a pooled connection, committing if it
+/// returns `Ok`, and runs it again (from a fresh transaction) when
+/// PostgreSQL aborted it for a reason a retry can cure. `$tx` names the
+/// transaction inside the body, whose `?` takes database and store errors
+/// alike. The whole, retries included, is bounded by
+/// [`TRANSACTION_TIMEOUT`].
+macro_rules! transaction {
+    ($store:expr, $tx:ident => $body:expr) => {
+        $crate::postgres::transaction!($store, ReadCommitted, false, $tx => $body)
+    };
+    (read $store:expr, $tx:ident => $body:expr) => {
+        $crate::postgres::transaction!($store, RepeatableRead, true, $tx => $body)
+    };
+    ($store:expr, $level:ident, $read_only:expr, $tx:ident => $body:expr) => {{
+        let store: &$crate::postgres::PgStore = $store;
+        let work = async {
+            let mut attempt = 0u32;
+            loop {
+                let mut client = store.client().await?;
+                let outcome: std::result::Result<_, $crate::postgres::Failure> = async {
+                    let $tx = client
+                        .build_transaction()
+                        .isolation_level(tokio_postgres::IsolationLevel::$level)
+                        .read_only($read_only)
+                        .start()
+                        .await?;
+                    let value = async { $body }.await?;
+                    $tx.commit().await?;
+                    Ok(value)
+                }
+                .await;
+                client.finished();
+                match outcome {
+                    Ok(value) => break Ok(value),
+                    Err(failure) if failure.retryable() && attempt < $crate::postgres::RETRIES => {
+                        attempt += 1;
+                        $crate::postgres::back_off(attempt).await;
+                    }
+                    Err(failure) => break Err(failure.into_store()),
+                }
+            }
+        };
+        match tokio::time::timeout($crate::postgres::TRANSACTION_TIMEOUT, work).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err($crate::StoreError::Backend(
+                "PostgreSQL did not answer in time".into(),
+            )),
+        }
+    }};
+}
+pub(crate) use transaction;
+
+/// A short random wait before a retry, growing with each attempt, so two
+/// transactions that deadlocked do not meet again at once.
+pub(crate) async fn back_off(attempt: u32) {
+    let mut noise = [0u8; 2];
+    let _ = getrandom::getrandom(&mut noise);
+    let micros = u64::from(u16::from_le_bytes(noise)) % (1000 << attempt.min(6));
+    tokio::time::sleep(Duration::from_micros(micros)).await;
+}
+
+/// A pooled connection that goes back to the pool only when the
+/// transaction on it finished: one dropped half way (its caller gave up,
+/// or the timeout fired) is closed instead, so the database rolls back
+/// whatever it left open and no later request inherits it.
+pub(crate) struct Pooled {
+    client: Option<deadpool_postgres::Object>,
+    finished: bool,
+}
+
+impl Pooled {
+    fn finished(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = deadpool_postgres::Object;
+    fn deref(&self) -> &Self::Target {
+        #[allow(clippy::expect_used)] // taken only in drop
+        self.client.as_ref().expect("a pooled connection")
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        #[allow(clippy::expect_used)] // taken only in drop
+        self.client.as_mut().expect("a pooled connection")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if !self.finished
+            && let Some(client) = self.client.take()
+        {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`)
+    /// and brings its schema up to date. Several nodes may do this at once:
+    /// migrations run one node at a time.
+    pub async fn connect(url: &str, limits: StoreLimits) -> Result<Self> {
+        Self::connect_with_password(url, None, limits).await
+    }
+
+    /// Like [`PgStore::connect`], with the password given apart: a URL
+    /// that carries one is refused, so that it is never written in a
+    /// configuration file or shown where the URL is.
+    pub async fn connect_with_password(
+        url: &str,
+        password: Option<&str>,
+        limits: StoreLimits,
+    ) -> Result<Self> {
+        // The parser's message may quote the URL: not repeated.
+        let mut config: tokio_postgres::Config = url.parse().map_err(|_| {
+            StoreError::Backend(
+                "the database URL is not a valid postgres://user@host:port/dbname".into(),
+            )
+        })?;
+        if config.get_password().is_some() {
+            return Err(StoreError::Backend(
+                "the database URL carries a password: remove it, and give it in the \
+                 environment variable UMBRA_DATABASE_PASSWORD instead"
+                    .into(),
+            ));
+        }
+        if let Some(password) = password {
+            config.password(password);
+        }
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.application_name("umbra-server");
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(pool_error)?;
+        let store = PgStore { pool, limits };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<Pooled> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        Ok(Pooled {
+            client: Some(client),
+            finished: false,
+        })
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        transaction!(self, tx => {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                     version INTEGER PRIMARY KEY,
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                 )",
+            )
+            .await?;
+            let applied: i32 = tx
+                .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+                .await?
+                .get(0);
+            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
+                tx.batch_execute(sql).await?;
+                tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version])
+                    .await?;
+            }
+            Ok::<_, Failure>(())
+        })
+    }
+
+    /// The newest schema version this build knows, and the one the
+    /// database is at.
+    pub async fn schema_versions(&self) -> Result<(i32, i32)> {
+        let newest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+        let at = transaction!(read self, tx => {
+            let row = tx
+                .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+                .await?;
+            Ok::<i32, Failure>(row.get(0))
+        })?;
+        Ok((newest, at))
+    }
+}
+
+/// A `u64` the protocol carries, as a BIGINT: values past its range are
+/// kept at its end (no stored time, count or epoch gets there).
+pub(crate) fn big(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// A BIGINT read back as the `u64` it was stored from.
+pub(crate) fn unsigned(value: i64) -> Result<u64> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("a negative count {value}")))
+}
+
+pub(crate) fn account_id(text: &str) -> Result<AccountId> {
+    AccountId::parse(text).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub(crate) fn group_id(bytes: Vec<u8>) -> Result<GroupId> {
+    GroupId::new(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub(crate) fn device_addr(account: &str, device: i64) -> Result<DeviceAddr> {
+    let device = u32::try_from(device)
+        .map_err(|_| StoreError::Corrupt(format!("device number {device}")))?;
+    Ok(DeviceAddr::new(account_id(account)?, DeviceId(device)))
+}
+
+/// The advisory-lock key for something named by `parts` (a contact pair,
+/// the token keys): the first 8 bytes of their SHA-256.
+pub(crate) fn lock_key(parts: &[&[u8]]) -> i64 {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    let digest = hash.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}

@@ -1,0 +1,292 @@
+//! A private PostgreSQL server for tests and benchmarks: `initdb` into a
+//! temporary directory and `postgres` on a random loopback port, shared
+//! with nothing else on the machine, stopped and deleted when dropped.
+//!
+//! The server binaries come from `UMBRA_PG_BIN` if set, else the newest
+//! `/usr/lib/postgresql/<version>/bin`, else the `PATH` (`.ci/run` installs
+//! Debian's `postgresql` when none is there). Run as root, the server runs
+//! as the `postgres` user, since PostgreSQL refuses to run as root.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Result, StoreError, StoreLimits};
+
+use super::PgStore;
+
+/// A PostgreSQL server of the test's own.
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+    bin: PathBuf,
+    owner: Option<(u32, u32)>,
+    databases: std::sync::atomic::AtomicU32,
+}
+
+impl std::fmt::Debug for PrivatePostgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrivatePostgres")
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+fn failed(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("the private PostgreSQL: {what}"))
+}
+
+/// Where the server binaries are.
+fn binaries() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("UMBRA_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("postgres").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .find(|dir| dir.join("postgres").exists() && dir.join("initdb").exists());
+    on_path.ok_or_else(|| {
+        failed(
+            "no PostgreSQL server binaries (initdb, postgres) found: install Debian's \
+             `postgresql` (.ci/run does) or set UMBRA_PG_BIN",
+        )
+    })
+}
+
+/// The `postgres` user's IDs, when running as root (`dir`, just made, is
+/// owned by whoever runs this).
+fn owner(dir: &Path) -> Result<Option<(u32, u32)>> {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata(dir).map_err(failed)?.uid() != 0 {
+        return Ok(None);
+    }
+    let id = |flag: &str| {
+        Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .ok()
+            .and_then(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            })
+    };
+    match (id("-u"), id("-g")) {
+        (Some(uid), Some(gid)) => Ok(Some((uid, gid))),
+        _ => Err(failed(
+            "running as root, and there is no `postgres` user to run the server as",
+        )),
+    }
+}
+
+fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(failed)?;
+    }
+    Ok(())
+}
+
+fn as_owner(command: &mut Command, owner: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = owner {
+        use std::os::unix::process::CommandExt;
+        command.uid(uid).gid(gid);
+    }
+}
+
+/// A loopback port free at the moment.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(failed)?;
+    Ok(listener.local_addr().map_err(failed)?.port())
+}
+
+impl PrivatePostgres {
+    /// Creates a cluster and starts its server, waiting until it accepts
+    /// connections. `durable: false` turns `fsync` off, for tests that do
+    /// not cut the machine's power.
+    pub fn start(durable: bool) -> Result<Self> {
+        let bin = binaries()?;
+        let dir = tempfile::Builder::new()
+            .prefix("umbra-pg-")
+            .tempdir()
+            .map_err(failed)?;
+        let owner = owner(dir.path())?;
+        chown(dir.path(), owner)?;
+        let data = dir.path().join("data");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "umbra",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        as_owner(&mut initdb, owner);
+        let output = initdb.output().map_err(failed)?;
+        if !output.status.success() {
+            return Err(failed(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        let mut server = PrivatePostgres {
+            dir,
+            port: 0,
+            child: None,
+            bin,
+            owner,
+            databases: std::sync::atomic::AtomicU32::new(0),
+        };
+        // A port found free may be taken before the server binds it: try
+        // a few.
+        let mut last = None;
+        for _ in 0..5 {
+            server.port = free_port()?;
+            match server.launch(durable) {
+                Ok(()) => return Ok(server),
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(last.unwrap_or_else(|| failed("could not start")))
+    }
+
+    fn launch(&mut self, durable: bool) -> Result<()> {
+        let data = self.dir.path().join("data");
+        let log = std::fs::File::create(self.dir.path().join("server.log")).map_err(failed)?;
+        chown(&self.dir.path().join("server.log"), self.owner)?;
+        let mut command = Command::new(self.bin.join("postgres"));
+        command
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
+            .args(["-c", "max_connections=200"])
+            .args(["-c", "shared_buffers=64MB"])
+            .args([
+                "-c",
+                &format!("fsync={}", if durable { "on" } else { "off" }),
+            ])
+            .args(["-c", "full_page_writes=off"])
+            .stdout(Stdio::null())
+            .stderr(log);
+        as_owner(&mut command, self.owner);
+        let mut child = command.spawn().map_err(failed)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+                return Err(failed(format!("the server exited ({status}): {log}")));
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                let ready = Command::new(self.bin.join("pg_isready"))
+                    .args([
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &self.port.to_string(),
+                        "-U",
+                        "umbra",
+                    ])
+                    .stdout(Stdio::null())
+                    .status();
+                if ready.is_ok_and(|s| s.success()) {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(failed("the server did not start within 30 s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process ID of the server (the postmaster), for fault tests.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// URL of database `name` on this server.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://umbra@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Creates a new, empty database; returns its URL.
+    pub async fn create_database(&self) -> Result<String> {
+        let n = self
+            .databases
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("umbra_{n}");
+        let (client, connection) =
+            tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+                .await
+                .map_err(super::backend)?;
+        let task = tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .map_err(super::backend)?;
+        drop(client);
+        let _ = task.await;
+        Ok(self.url(&name))
+    }
+
+    /// A store on a new, empty database of this server.
+    pub async fn fresh_store(&self, limits: StoreLimits) -> Result<PgStore> {
+        PgStore::connect(&self.create_database().await?, limits).await
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Immediate shutdown: SIGQUIT to the postmaster, which stops
+            // its backends; SIGKILL if it is still there after 5 s.
+            let _ = Command::new("kill")
+                .args(["-QUIT", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
