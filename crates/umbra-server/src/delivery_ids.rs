@@ -1,7 +1,7 @@
 //! Public delivery IDs: what a device sees of a delivery's ID.
 //!
-//! Inside the server, delivery IDs are one global sequence (they order
-//! every mailbox). Shown as they are, two IDs a device receives would tell
+//! Inside the server, delivery IDs are one global sequence on the embedded
+//! store (they order every mailbox), and each mailbox's own on PostgreSQL. Shown as they are, two IDs a device receives would tell
 //! it how many deliveries the server handled for everyone else in between:
 //! the server's traffic volume. So a device sees instead a keyed
 //! pseudo-random function of the ID (AES-128 under a key only the server

@@ -128,11 +128,18 @@ fn main() -> ExitCode {
     #[cfg(target_os = "linux")]
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = Cli::parse();
+    // The PostgreSQL driver logs every statement's parameters at debug
+    // level (ciphertexts, token keys): never below info, whatever UMBRA_LOG
+    // asks.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UMBRA_LOG")
+        .unwrap_or_else(|_| "info".into())
+        .add_directive(
+            "tokio_postgres=info"
+                .parse()
+                .unwrap_or_else(|_| tracing_subscriber::filter::LevelFilter::INFO.into()),
+        );
     let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("UMBRA_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => logs.json().init(),

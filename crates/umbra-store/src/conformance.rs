@@ -2351,6 +2351,51 @@ pub async fn two_nodes(a: &impl Store, b: &impl Store) {
     let kinds: Vec<_> = held.iter().map(|d| d.kind).collect();
     assert_eq!(kinds[0], DeliveryKind::Commit, "{kinds:?}");
     assert_eq!(kinds.len(), 6, "{kinds:?}");
+
+    // A member added on one node while the other stores a message of the
+    // epoch before: the message goes to the members of its epoch, never
+    // to the newcomer, who could not read it (and its sender would never
+    // know to send it again).
+    let dave = registered(a, "DDDDDDDD", 4).await;
+    for who in [&alice, &bob, &carol] {
+        read_all(a, who).await;
+    }
+    for round in 0..15u8 {
+        let at = a.group(&g).await.unwrap().unwrap().epoch;
+        let adding = commit(&g, at, &alice, &[b'+', round], &[&dave], &[]);
+        let (added, sent) = tokio::join!(
+            a.accept_commit(&adding, NOW, NOW + TTL),
+            send_in_epoch(b, &g, &bob, b"before dave", at, NOW),
+        );
+        assert!(matches!(added.unwrap(), CommitOutcome::Accepted { .. }));
+        match sent.unwrap() {
+            FanOutOutcome::Stored {
+                deliveries,
+                durable,
+            } => {
+                durable.wait().await.unwrap();
+                assert!(
+                    deliveries.iter().all(|(to, _)| to.account != dave),
+                    "round {round}: a message of the epoch before went to the newcomer"
+                );
+            }
+            FanOutOutcome::BehindGroup { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let held = read_all(a, &dave).await;
+        assert!(
+            held.iter().all(|d| d.kind != DeliveryKind::Application),
+            "round {round}: {:?}",
+            held.iter().map(|d| d.kind).collect::<Vec<_>>()
+        );
+        let removing = commit(&g, at + 1, &alice, &[b'-', round], &[], &[&dave]);
+        let removed = a.accept_commit(&removing, NOW, NOW + TTL).await.unwrap();
+        assert!(
+            matches!(removed, CommitOutcome::Accepted { .. }),
+            "{removed:?}"
+        );
+        read_all(b, &dave).await;
+    }
 }
 
 /// Sends `count` messages from `who` to `g` in `epoch`, one after the

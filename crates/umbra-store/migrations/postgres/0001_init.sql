@@ -111,12 +111,15 @@ CREATE TABLE group_proposals (
 -- One row per mailbox (device): the next delivery ID and the payload bytes
 -- held. A transaction storing a copy locks the row (in sorted order), so a
 -- mailbox's IDs are dense, increase in commit order and are never reused,
--- whichever node stores them.
+-- whichever node stores them. A removed device's or revoked line's row is
+-- closed (in the transaction that removes it): nothing is stored for it
+-- after, even by a transaction that read the device as current before.
 CREATE TABLE mailbox_heads (
     account_id TEXT NOT NULL,
     device     BIGINT NOT NULL,
     next_id    BIGINT NOT NULL,
     bytes      BIGINT NOT NULL DEFAULT 0,
+    closed     BOOLEAN NOT NULL DEFAULT FALSE,
     PRIMARY KEY (account_id, device)
 );
 
@@ -149,7 +152,7 @@ CREATE TABLE token_keys (
 );
 
 CREATE TABLE spent_tokens (
-    key_id BYTEA NOT NULL,
+    key_id BYTEA NOT NULL REFERENCES token_keys (key_id) ON DELETE CASCADE,
     nonce  BYTEA NOT NULL,
     PRIMARY KEY (key_id, nonce)
 );

@@ -6,7 +6,7 @@ use deadpool_postgres::Transaction;
 use tokio_postgres::Row;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceId, IdentityKey};
 
-use super::mailboxes::{Copy, current_devices, delete_mail, open_mailbox};
+use super::mailboxes::{Copy, close_mailboxes, current_devices, delete_mail, open_mailbox};
 use super::{Failure, PgStore, account_id, big, group_id, transaction, unsigned};
 use crate::{
     Account, Accounts, CodeHash, CodeKind, DAY, Distributor, Distributors, LineStatus, Notice,
@@ -331,7 +331,7 @@ impl PgStore {
             self.store_copies(tx, &members, &copy).await?;
             told.extend(members);
         }
-        delete_mail(tx, "account_id = $1", &[&id.as_str()]).await?;
+        close_mailboxes(tx, "account_id = $1", &[&id.as_str()]).await?;
         for sql in [
             "DELETE FROM devices WHERE account_id = $1",
             "DELETE FROM key_packages WHERE account_id = $1",

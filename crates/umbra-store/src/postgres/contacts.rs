@@ -5,7 +5,7 @@ use deadpool_postgres::Transaction;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceChange, DeviceEntry, IdentityKey};
 
 use super::accounts::add_device;
-use super::mailboxes::{Copy, current_devices, delete_mail};
+use super::mailboxes::{Copy, close_mailboxes, current_devices, delete_mail};
 use super::{Failure, PgStore, big, group_id, lock_key, transaction, unsigned};
 use crate::{
     ContactAcceptOutcome, ContactRequestOutcome, Contacts, DeviceLogs, Result, StoreError,
@@ -254,15 +254,10 @@ impl DeviceLogs for PgStore {
                 DeviceChange::Remove { device } => device,
             };
             let device = i64::from(removed.0);
-            tx.execute(
-                "DELETE FROM devices WHERE account_id = $1 AND device = $2",
-                &[&account.as_str(), &device],
-            )
-            .await?;
-            delete_mail(&tx, "account_id = $1 AND device = $2", &[&account.as_str(), &device])
-                .await?;
-            // The members of its groups commit its leaf's removal on the
-            // signed entry. It knows their delivery keys: nobody sends
+            // Its groups' rows first (the order every transaction locks
+            // in: account, groups, mailboxes), so no message to them is
+            // half way meanwhile. The members commit its leaf's removal on
+            // the signed entry. It knows their delivery keys: nobody sends
             // anonymously with them meanwhile.
             let groups = tx
                 .query(
@@ -272,6 +267,13 @@ impl DeviceLogs for PgStore {
                      ORDER BY g.group_id FOR UPDATE",
                     &[&account.as_str(), &device],
                 )
+                .await?;
+            tx.execute(
+                "DELETE FROM devices WHERE account_id = $1 AND device = $2",
+                &[&account.as_str(), &device],
+            )
+            .await?;
+            close_mailboxes(&tx, "account_id = $1 AND device = $2", &[&account.as_str(), &device])
                 .await?;
             let mut told = Vec::new();
             for row in groups {

@@ -63,18 +63,27 @@ pub(super) async fn routable(
     .await
 }
 
-/// The group's epoch; with `lock`, its row stays locked (no commit moves
-/// it) to the end of the transaction.
+/// How a transaction holds a group's row until it ends.
+#[derive(Clone, Copy)]
+enum Lock {
+    /// Alone: it may move the epoch (a commit, a proposal).
+    Update,
+    /// Beside other readers: no commit moves the epoch meanwhile (a
+    /// fan-out).
+    Share,
+}
+
+/// The group's epoch; its row stays locked as `lock` says to the end of
+/// the transaction.
 async fn epoch(
     tx: &Tx<'_>,
     group: &GroupId,
-    lock: bool,
+    lock: Lock,
 ) -> std::result::Result<Option<u64>, Failure> {
     let statement = tx
-        .prepare_cached(if lock {
-            "SELECT epoch FROM groups WHERE group_id = $1 FOR UPDATE"
-        } else {
-            "SELECT epoch FROM groups WHERE group_id = $1"
+        .prepare_cached(match lock {
+            Lock::Update => "SELECT epoch FROM groups WHERE group_id = $1 FOR UPDATE",
+            Lock::Share => "SELECT epoch FROM groups WHERE group_id = $1 FOR SHARE",
         })
         .await?;
     match tx.query_opt(&statement, &[&group.as_bytes()]).await? {
@@ -106,14 +115,17 @@ async fn is_member(
         .is_some())
 }
 
-/// A line's state as a send checks it: `None` for no such account.
+/// A line's state as a send checks it, its row locked to the end of the
+/// transaction (a suspension or revocation waits for the send, or the send
+/// for it): `None` for no such account.
 async fn line(
     tx: &Tx<'_>,
     account: &AccountId,
 ) -> std::result::Result<Option<(LineStatus, u64)>, Failure> {
     let statement = tx
         .prepare_cached(
-            "SELECT status, subscription_expires_at FROM accounts WHERE account_id = $1",
+            "SELECT status, subscription_expires_at FROM accounts WHERE account_id = $1
+             FOR SHARE",
         )
         .await?;
     let Some(row) = tx.query_opt(&statement, &[&account.as_str()]).await? else {
@@ -255,7 +267,7 @@ impl Groups for PgStore {
         transaction!(self, tx => {
             // Under the group's lock: a commit cannot move the epoch (and
             // forget the epoch's proposals) between the check and the insert.
-            if epoch(&tx, group, true).await? != Some(at) {
+            if epoch(&tx, group, Lock::Update).await? != Some(at) {
                 return Ok(false);
             }
             tx.execute(
@@ -333,7 +345,7 @@ impl PgStore {
         // The group's row is locked until this transaction ends: a second
         // commit for the same epoch waits here, then reads the epoch this
         // one moved to, and is stale.
-        let Some(current) = epoch(tx, group, true).await? else {
+        let Some(current) = epoch(tx, group, Lock::Update).await? else {
             return Ok(CommitOutcome::UnknownGroup);
         };
         let Ok(at) = i64::try_from(commit.epoch) else {
@@ -439,19 +451,23 @@ impl PgStore {
 
     /// Checks a message against the group and its sender's line, and
     /// stores a copy for every other current member device, in one
-    /// transaction. The group's row is not locked: a commit racing the
-    /// message either committed first (the message is checked against the
-    /// new epoch and members) or commits after it (the message went to the
-    /// members of the epoch it was checked in); either way every member
-    /// sees the commit that starts an epoch before any message of that
-    /// epoch.
+    /// transaction holding the line's and the group's rows (shared): no
+    /// commit, suspension or revocation lands between the check and the
+    /// copies, so a message is stored for exactly the members of the epoch
+    /// it was checked in, before the next commit, as on one node.
     async fn fan_out_in(
         &self,
         tx: &Tx<'_>,
         message: &Message<'_>,
         expires_at: Timestamp,
     ) -> std::result::Result<FanOutOutcome, Failure> {
-        let Some(current) = epoch(tx, message.group, false).await? else {
+        // Locks in the order every transaction takes them: the sender's
+        // line, then the group, then (storing) the mailboxes' heads.
+        let line = match message.sender {
+            Some(sender) => Some(line(tx, &sender.account).await?),
+            None => None,
+        };
+        let Some(current) = epoch(tx, message.group, Lock::Share).await? else {
             return Ok(FanOutOutcome::UnknownGroup);
         };
         let members = routable(tx, message.group).await?;
@@ -477,8 +493,8 @@ impl PgStore {
                 current_epoch: current,
             });
         }
-        if let Some(sender) = message.sender {
-            match line(tx, &sender.account).await? {
+        if let Some(line) = line {
+            match line {
                 Some((status, until)) if status.may_send(until, message.now) => {}
                 Some((status, until)) => {
                     return Ok(FanOutOutcome::LineInactive {

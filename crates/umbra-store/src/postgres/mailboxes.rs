@@ -49,6 +49,7 @@ impl PgStore {
                  FROM mailbox_heads h
                  JOIN unnest($1::text[], $2::bigint[]) AS t(account_id, device)
                    ON h.account_id = t.account_id AND h.device = t.device
+                 WHERE NOT h.closed
                  ORDER BY h.account_id, h.device
                  FOR UPDATE OF h",
             )
@@ -66,8 +67,9 @@ impl PgStore {
         let (mut to, mut to_devices, mut to_ids) = (Vec::new(), Vec::new(), Vec::new());
         let mut full = Vec::new();
         for recipient in recipients {
-            // Every current device has a head row (made with the device);
-            // one without is no mailbox to store in.
+            // Every current device has an open head row (opened with the
+            // device); one without (removed or revoked, perhaps after this
+            // transaction read it as current) is no mailbox to store in.
             let Some((next, bytes)) = known.get_mut(recipient) else {
                 ids.push(None);
                 continue;
@@ -183,7 +185,7 @@ async fn note_mailbox_full(
 /// counts; returns how many it deleted.
 pub(super) async fn delete_mail(
     tx: &Tx<'_>,
-    filter: &str,
+    filter: &'static str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> std::result::Result<u64, Failure> {
     let sql = format!(
@@ -204,6 +206,21 @@ pub(super) async fn delete_mail(
     Ok(unsigned(deleted)?)
 }
 
+/// Closes the mailboxes `filter` selects (a condition on
+/// `mailbox_heads`: a device removed, a line revoked) and deletes what
+/// they hold: nothing is stored in them after this transaction, even by
+/// one that read the device as current before it.
+pub(super) async fn close_mailboxes(
+    tx: &Tx<'_>,
+    filter: &'static str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> std::result::Result<(), Failure> {
+    let sql = format!("UPDATE mailbox_heads SET closed = TRUE WHERE {filter}");
+    tx.execute(&sql, params).await?;
+    delete_mail(tx, filter, params).await?;
+    Ok(())
+}
+
 /// Makes the mailbox of a device that just became current (its delivery
 /// IDs start at 1; a head row kept from before goes on where it was).
 pub(super) async fn open_mailbox(
@@ -214,7 +231,7 @@ pub(super) async fn open_mailbox(
     let statement = tx
         .prepare_cached(
             "INSERT INTO mailbox_heads (account_id, device, next_id) VALUES ($1, $2, 1)
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT (account_id, device) DO UPDATE SET closed = FALSE",
         )
         .await?;
     tx.execute(&statement, &[&account.as_str(), &device])

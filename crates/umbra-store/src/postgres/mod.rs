@@ -11,8 +11,10 @@
 //! - a mailbox's delivery IDs: its row in `mailbox_heads`, updated in the
 //!   transaction that stores the copy, so each mailbox's IDs are dense,
 //!   increase in commit order and are never reused (a connection that has
-//!   seen ID n never later finds n - 1 appear). Transactions lock the head
-//!   rows they need in sorted order;
+//!   seen ID n never later finds n - 1 appear). A statement locks the head
+//!   rows it needs in sorted order; a removed device's row is closed;
+//! - a message's check and copies: the sender's line and the group's row,
+//!   shared, so no commit or revocation lands between them;
 //! - a device log's next position, a redeemed code, a line's state: their
 //!   rows, `FOR UPDATE`;
 //! - a contact pair and the token keys: transaction-scoped advisory locks.
@@ -107,6 +109,7 @@ impl Failure {
             Some(code) if *code == SqlState::T_R_DEADLOCK_DETECTED
                 || *code == SqlState::T_R_SERIALIZATION_FAILURE
                 || *code == SqlState::UNIQUE_VIOLATION
+                || *code == SqlState::FOREIGN_KEY_VIOLATION
         )
     }
 
@@ -274,6 +277,14 @@ impl PgStore {
         }
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("umbra-server");
+        // The database gives up too, a little before the node does: a
+        // transaction whose node stopped waiting (or died) does not keep
+        // its locks while it waits behind another.
+        config.options(
+            "-c statement_timeout=14000 -c lock_timeout=14000 \
+             -c idle_in_transaction_session_timeout=15000",
+        );
+        config.keepalives_idle(Duration::from_secs(30));
         let manager = Manager::from_config(
             config,
             NoTls,

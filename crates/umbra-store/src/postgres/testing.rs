@@ -191,7 +191,10 @@ impl PrivatePostgres {
                 "-c",
                 &format!("fsync={}", if durable { "on" } else { "off" }),
             ])
-            .args(["-c", "full_page_writes=off"])
+            .args([
+                "-c",
+                &format!("full_page_writes={}", if durable { "on" } else { "off" }),
+            ])
             .stdout(Stdio::null())
             .stderr(log);
         as_owner(&mut command, self.owner);
