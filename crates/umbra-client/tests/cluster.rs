@@ -1,7 +1,8 @@
 //! Servers on PostgreSQL: real clients through a node whose state is in a
 //! private PostgreSQL server, and through two nodes sharing it (each
 //! node's data directory holding the same certificate and keys, as an
-//! operator deploys them).
+//! operator deploys them), without and with NATS between the nodes (a
+//! private nats-server on a random loopback port, killed and restarted).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -98,6 +99,129 @@ async fn devices_talk_through_nodes_sharing_one_postgres() {
     assert_eq!(alice.next_text().await, (bob.id(), "received".into()));
 
     drop((alice, bob, carol));
+    node_a.stop();
+    node_b.stop();
+}
+
+/// A nats-server of the test's own, on a loopback port.
+struct PrivateNats {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateNats {
+    fn start(port: Option<u16>) -> PrivateNats {
+        let port = port.unwrap_or_else(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        });
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server (Debian's nats-server package; .ci/run installs it)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        PrivateNats { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (SIGKILL); returns its port, to start it again there.
+    fn kill(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sets `nats` in the data directory's configuration.
+fn use_nats(data: &Path, url: &str) {
+    let path = data.join("umbra-server.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!("\nnats = \"{url}\"\n"));
+    std::fs::write(&path, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_wake_each_other_through_nats_and_poll_while_it_is_away() {
+    let pg = PrivatePostgres::start(false).unwrap();
+    let url = pg.create_database().await.unwrap();
+    let nats = PrivateNats::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    umbra_server::init(&a, "127.0.0.1:0").unwrap();
+    use_database(&a, &url);
+    use_nats(&a, &nats.url());
+    std::fs::write(a.join(umbra_server::delivery_ids::KEY_FILE), [7u8; 16]).unwrap();
+    second_node(&a, &b);
+    let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
+    let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
+
+    // Alice on node A, Bob on node B: everything live, as on one node.
+    let mut alice = Device::activate(&node_a).await;
+    let mut bob = Device::activate(&node_b).await;
+    let (to_bob, to_alice) = common::befriend(&mut alice, &mut bob).await;
+    alice
+        .client
+        .send_text(&to_bob, "across nodes, live")
+        .await
+        .unwrap();
+    assert_eq!(
+        bob.next_text().await,
+        (alice.id(), "across nodes, live".into())
+    );
+    bob.client
+        .send_text(&to_alice, "and back, live")
+        .await
+        .unwrap();
+    assert_eq!(alice.next_text().await, (bob.id(), "and back, live".into()));
+
+    // NATS dies: nothing is lost, and what is sent meanwhile still comes,
+    // found by the connections' polling of their mailboxes.
+    let port = nats.kill();
+    alice
+        .client
+        .send_text(&to_bob, "while NATS is away")
+        .await
+        .unwrap();
+    assert_eq!(
+        bob.next_text().await,
+        (alice.id(), "while NATS is away".into())
+    );
+
+    // NATS returns (on the same address): live again.
+    let nats = PrivateNats::start(Some(port));
+    for n in 0..3 {
+        bob.client
+            .send_text(&to_alice, &format!("after NATS came back {n}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            alice.next_text().await,
+            (bob.id(), format!("after NATS came back {n}"))
+        );
+    }
+    drop((alice, bob, nats));
     node_a.stop();
     node_b.stop();
 }

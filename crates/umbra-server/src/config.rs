@@ -36,6 +36,10 @@ pub struct Config {
     /// in the environment variable `UMBRA_DATABASE_PASSWORD`, never in
     /// this file).
     pub database: PathBuf,
+    /// NATS server through which the nodes of a cluster wake each other's
+    /// connections (`nats://host:4222`), when several nodes share a
+    /// PostgreSQL `database`. Default: none (one node).
+    pub nats: Option<String>,
     /// Largest size the database may grow to, in bytes (0: as far as the
     /// disk allows). Writes beyond it, like writes on a full disk, are
     /// refused with `STORAGE_FULL` while reads go on; they succeed again
@@ -135,6 +139,7 @@ impl Default for Config {
             cert: PathBuf::from("tls/cert.pem"),
             key: PathBuf::from("tls/key.pem"),
             database: PathBuf::from("umbra.db"),
+            nats: None,
             max_database_bytes: 0,
             max_mailbox_bytes: 64 * 1024 * 1024,
             mailbox_ttl: Duration::from_secs(7 * 86_400),
@@ -170,7 +175,8 @@ pub const DEFAULT_CONFIG_TEXT: &str = r#"# Umbra server configuration. Every fie
 # Environment variables override the file: UMBRA_LISTEN, UMBRA_PUBLIC_ADDRESS,
 # UMBRA_TLS, UMBRA_MAILBOX_TTL, UMBRA_MAX_CONNECTIONS,
 # UMBRA_MAX_CONNECTIONS_PER_ADDRESS, UMBRA_REQUESTS_PER_SECOND,
-# UMBRA_DELIVERY_BYTES_PER_HOUR, UMBRA_METRICS_LISTEN, UMBRA_DATABASE.
+# UMBRA_DELIVERY_BYTES_PER_HOUR, UMBRA_METRICS_LISTEN, UMBRA_DATABASE,
+# UMBRA_NATS.
 
 # Address and port to listen on.
 listen = "0.0.0.0:7443"
@@ -201,6 +207,9 @@ max_database_bytes = 0
 # docs/operations.md); its password, if any, goes in the environment
 # variable UMBRA_DATABASE_PASSWORD, and max_database_bytes stays 0:
 # database = "postgres://umbra@db.internal:5432/umbra"
+# Several nodes on one PostgreSQL database wake each other's connections
+# through NATS (the database stays the only truth; see docs/operations.md):
+# nats = "nats://127.0.0.1:4222"
 
 # Most bytes of messages one device's mailbox holds while it is away (0: no
 # cap). Messages beyond it are not kept, and the device is told how many it
@@ -346,6 +355,9 @@ impl Config {
         }
         if let Some(v) = get("UMBRA_DATABASE") {
             self.database = PathBuf::from(v);
+        }
+        if let Some(v) = get("UMBRA_NATS") {
+            self.nats = Some(v);
         }
         if let Some(v) = get("UMBRA_METRICS_LISTEN") {
             self.metrics_listen = Some(parse("UMBRA_METRICS_LISTEN", v)?);

@@ -366,6 +366,14 @@ impl Connection {
                 // (read the line or device as live, then registered after
                 // the sessions were ended) is caught here.
                 self.services.end_if_gone(account, *device, &inbox).await;
+                // In a cluster: woken by the other nodes from now on (before
+                // the first mailbox read), and ended where it was before.
+                if let Some(cluster) = self.services.registry.cluster() {
+                    let here = DeviceAddr::new(account.clone(), *device);
+                    cluster
+                        .follow(&here, Arc::clone(&inbox), stop.clone())
+                        .await;
+                }
                 let online_now = Outbound::Online(Box::new((
                     DeviceAddr::new(account.clone(), *device),
                     Arc::clone(&inbox),
@@ -647,17 +655,33 @@ where
         if mailbox.read {
             return Ok(());
         }
+        // In a cluster, another node may have stored a delivery below
+        // these (a commit) that this one has only been woken for: each
+        // mailbox's IDs are dense there, so a copy is pushed from memory
+        // only if it is the very next one; otherwise the mailbox is read,
+        // and pushes everything in order.
+        let dense = self.services.registry.cluster().is_some();
+        let mut next = mailbox.after + 1;
+        while mailbox.pushed.contains(&next) {
+            next += 1;
+        }
         for delivery in taken.deliveries {
-            if delivery.id > mailbox.after && !mailbox.pushed.contains(&delivery.id) {
-                if !mailbox.has_room() {
-                    // The window is full: this and what follows wait in
-                    // the mailbox, read once the device has caught up.
-                    mailbox.read = true;
-                    break;
-                }
-                mailbox.pushed.insert(delivery.id);
-                self.push(mailbox, delivery).await?;
+            if delivery.id <= mailbox.after || mailbox.pushed.contains(&delivery.id) {
+                continue;
             }
+            if (dense && delivery.id != next) || !mailbox.has_room() {
+                // A gap, or the window is full: this and what follows
+                // wait in the mailbox, read in order (once the device has
+                // caught up).
+                mailbox.read = true;
+                break;
+            }
+            mailbox.pushed.insert(delivery.id);
+            next = delivery.id + 1;
+            while mailbox.pushed.contains(&next) {
+                next += 1;
+            }
+            self.push(mailbox, delivery).await?;
         }
         mailbox.read |= mailbox.pushed.len() >= MAX_PUSHED_AHEAD;
         Ok(())

@@ -12,6 +12,7 @@
 
 pub mod admin;
 mod burst;
+pub mod cluster;
 pub mod config;
 mod connection;
 pub mod delivery_ids;
@@ -72,6 +73,8 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("cannot open the database: {0}")]
     Store(#[from] umbra_store::StoreError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     #[error(
         "refusing to serve plain ws:// on {0}: without TLS the server may listen on a loopback address only"
     )]
@@ -233,7 +236,18 @@ pub async fn run(
     } else {
         None
     };
+    if config.nats.is_some() && config.postgres_url().is_none() {
+        return Err(ServerError::Store(umbra_store::StoreError::Backend(
+            "nats is set, but the database is this node's own SQLite file: the nodes of a \
+             cluster share a PostgreSQL database (database = \"postgres://…\")"
+                .into(),
+        )));
+    }
     let store = connect_store(&data_dir, &config).await?;
+    let cluster = match &config.nats {
+        Some(url) => Some(cluster::Cluster::connect(url).await?),
+        None => None,
+    };
     let delivery_ids =
         delivery_ids::PublicIds::load_or_create(&data_dir).map_err(|source| ServerError::Io {
             context: format!(
@@ -261,6 +275,14 @@ pub async fn run(
     info!(%local, tls = config.tls, "umbra-server listening");
 
     let tracker = TaskTracker::new();
+    if let Some(cluster) = cluster {
+        services.registry.join(Arc::clone(&cluster));
+        tracker.spawn(poll_while_nats_is_away(
+            Arc::clone(&services),
+            cluster,
+            shutdown.clone(),
+        ));
+    }
     tracker.spawn(sweep_expired(
         Arc::clone(&services),
         config.expiry_sweep_interval,
@@ -380,6 +402,27 @@ pub(crate) fn random_string(len: usize) -> Result<String, getrandom::Error> {
         }
     }
     Ok(out)
+}
+
+/// While NATS is away (and once after), every connection on this node
+/// reads its mailbox every [`cluster::POLL_WHILE_AWAY`]: wake-ups from
+/// other nodes may be lost meanwhile, mail never is.
+async fn poll_while_nats_is_away(
+    services: Arc<Services>,
+    cluster: Arc<cluster::Cluster>,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(cluster::POLL_WHILE_AWAY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        if cluster.should_poll() {
+            services.registry.wake_all();
+        }
+    }
 }
 
 async fn sweep_expired(services: Arc<Services>, every: Duration, shutdown: CancellationToken) {

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use umbra_proto::{AccountId, DeviceAddr, DeviceId, ErrorCode, ErrorReply};
 use umbra_store::StoredDelivery;
 
+use crate::cluster::Cluster;
+
 /// Deliveries, and bytes of their payloads, queued in memory per
 /// connection before it falls back to reading its mailbox.
 const INBOX: usize = 1024;
@@ -95,7 +97,7 @@ impl Inbox {
         self.end.cancel();
     }
 
-    fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.lock().wake = true;
         self.signal.notify_one();
     }
@@ -131,13 +133,35 @@ struct Entry {
     inbox: Arc<Inbox>,
 }
 
-/// Maps online accounts to their connections.
+/// Maps online accounts to their connections; in a cluster, also tells
+/// the other nodes (through [`Cluster`]) what it cannot do here.
 #[derive(Debug, Default)]
 pub struct Registry {
     online: Mutex<HashMap<AccountId, Vec<Entry>>>,
+    cluster: std::sync::OnceLock<Arc<Cluster>>,
 }
 
 impl Registry {
+    /// Makes this node one of a cluster's: mail for devices with no
+    /// connection here, and sessions ended here, are announced to the
+    /// other nodes.
+    pub fn join(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The cluster this node is in, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Wakes every connection on this node: each reads its mailbox (after
+    /// wake-ups from other nodes may have been lost).
+    pub fn wake_all(&self) {
+        for entry in self.lock().values().flatten() {
+            entry.inbox.wake();
+        }
+    }
+
     /// Registers connection `connection` for `account`. An account has at
     /// most `max_sessions`: registering one more ends the oldest.
     pub fn register(
@@ -174,6 +198,9 @@ impl Registry {
                 entry.inbox.end(reason.clone());
             }
         }
+        if let Some(cluster) = self.cluster.get() {
+            cluster.end_account(account);
+        }
     }
 
     /// Ends the sessions of one device of `account` at once (it was
@@ -192,6 +219,9 @@ impl Registry {
                 online.remove(account);
             }
         }
+        if let Some(cluster) = self.cluster.get() {
+            cluster.end_device(&DeviceAddr::new(account.clone(), device));
+        }
     }
 
     pub fn unregister(&self, account: &AccountId, connection: u64) {
@@ -208,10 +238,16 @@ impl Registry {
     pub fn notify<'a>(&self, devices: impl IntoIterator<Item = &'a DeviceAddr>) {
         let online = self.lock();
         for device in devices {
+            let mut here = false;
             for entry in online.get(&device.account).into_iter().flatten() {
                 if entry.device == device.device {
                     entry.inbox.wake();
+                    here = true;
                 }
+            }
+            // Perhaps connected to another node.
+            if let (false, Some(cluster)) = (here, self.cluster.get()) {
+                cluster.wake(device);
             }
         }
     }
@@ -231,6 +267,10 @@ impl Registry {
                 .peekable();
             if connections.peek().is_none() {
                 unread.push(delivery.id);
+                // Perhaps connected to another node.
+                if let Some(cluster) = self.cluster.get() {
+                    cluster.wake(&to);
+                }
                 continue;
             }
             while let Some(entry) = connections.next() {

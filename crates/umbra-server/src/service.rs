@@ -27,6 +27,7 @@ use umbra_proto::clock::Clock;
 mod anonymous;
 mod delivery;
 mod devices;
+pub(crate) use devices::removed_session;
 mod lines;
 
 pub use anonymous::{TOKEN_KEY_ROTATION, TokenKeys};
@@ -96,7 +97,7 @@ impl Services {
 }
 
 /// What a session of a revoked line is told as it is closed.
-fn revoked_session() -> ErrorReply {
+pub(crate) fn revoked_session() -> ErrorReply {
     refuse(
         ErrorCode::LineRevoked,
         "this line was revoked; its sessions are closed",

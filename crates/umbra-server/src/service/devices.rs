@@ -219,7 +219,7 @@ impl Services {
     }
 }
 
-fn removed_session() -> ErrorReply {
+pub(crate) fn removed_session() -> ErrorReply {
     refuse(
         ErrorCode::DeviceRemoved,
         "this device was removed from its account; it can no longer log in",
