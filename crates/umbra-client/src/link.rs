@@ -175,10 +175,51 @@ fn unreachable_error(address: &str, reason: impl std::fmt::Display) -> ClientErr
     }
 }
 
+/// Which of a cluster's addresses the next connection tries first: each
+/// attempt starts one further along, so devices spread over the nodes and a
+/// dead node is not always tried first.
+static NEXT_ADDRESS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Link {
-    /// Connects to `address`, checks the certificate against `pin`, and
-    /// returns the link, the server's Hello, and the stream of later pushes.
+    /// Connects to the server at `address`, checks the certificate against
+    /// `pin`, and returns the link, the server's Hello, and the stream of
+    /// later pushes. `address` may name several nodes of one cluster,
+    /// separated by commas (`host1:7443,host2:7443`): each is tried in
+    /// turn until one answers (every node presents the certificate the pin
+    /// names). A certificate that does not match the pin is reported at
+    /// once.
     pub async fn connect(address: &str, pin: CertFingerprint) -> Result<(Link, Push, Pushes)> {
+        let nodes: Vec<&str> = address
+            .split(',')
+            .map(str::trim)
+            .filter(|node| !node.is_empty())
+            .collect();
+        if nodes.len() <= 1 {
+            return Link::connect_node(nodes.first().copied().unwrap_or(address), pin).await;
+        }
+        let start = NEXT_ADDRESS.fetch_add(1, Ordering::Relaxed);
+        let mut failure = None;
+        for offset in 0..nodes.len() {
+            let node = nodes[(start + offset) % nodes.len()];
+            match Link::connect_node(node, pin).await {
+                Ok(connected) => return Ok(connected),
+                // Someone answers for the server with another certificate:
+                // said at once, not passed over for the next node.
+                Err(ClientError::CertificateMismatch) => {
+                    return Err(ClientError::CertificateMismatch);
+                }
+                Err(error) => {
+                    debug!(%error, node, "a node of the cluster did not answer");
+                    if failure.is_none() {
+                        failure = Some(error);
+                    }
+                }
+            }
+        }
+        Err(failure.unwrap_or_else(|| unreachable_error(address, "no address to connect to")))
+    }
+
+    async fn connect_node(address: &str, pin: CertFingerprint) -> Result<(Link, Push, Pushes)> {
         let mismatch = Arc::new(AtomicBool::new(false));
         let tls_config =
             pinned_config(pin, Arc::clone(&mismatch)).map_err(|e| unreachable_error(address, e))?;

@@ -208,6 +208,20 @@ async fn nodes_wake_each_other_through_nats_and_poll_while_it_is_away() {
         bob.next_text().await,
         (alice.id(), "while NATS is away".into())
     );
+    // A device logging in meanwhile is served too (polled until NATS
+    // returns), and so is its mail.
+    let mut bob = tokio::time::timeout(common::PATIENCE, bob.reopen())
+        .await
+        .expect("a login while NATS is away completes");
+    alice
+        .client
+        .send_text(&to_bob, "to the new session")
+        .await
+        .unwrap();
+    assert_eq!(
+        bob.next_text().await,
+        (alice.id(), "to the new session".into())
+    );
 
     // NATS returns (on the same address): live again.
     let nats = PrivateNats::start(Some(port));

@@ -3,7 +3,9 @@
 //!
 //! Format: `umbra://HOST:PORT/CODE?pin=SHA256HEX`, where the pin is the
 //! SHA-256 of the server's TLS certificate (DER) in lower-case hex. A client
-//! that cannot match the pin refuses to talk to the server.
+//! that cannot match the pin refuses to talk to the server. A cluster's
+//! nodes may all be named, `HOST:PORT,HOST:PORT`: the device tries them in
+//! turn.
 
 use std::fmt;
 use std::str::FromStr;
@@ -50,7 +52,8 @@ impl fmt::Display for CertFingerprint {
 /// A parsed activation string.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct ActivationString {
-    /// `host:port` the device connects to (IPv6 hosts in brackets).
+    /// `host:port` the device connects to (IPv6 hosts in brackets), or
+    /// several, separated by commas (the nodes of a cluster).
     pub address: String,
     pub pin: CertFingerprint,
     pub code: ActivationCode,
@@ -84,10 +87,14 @@ impl FromStr for ActivationString {
         let (code, query) = rest
             .split_once("?pin=")
             .ok_or_else(|| DecodeError::invalid("activation", "missing ?pin=FINGERPRINT"))?;
-        if address.is_empty() || !address.contains(':') {
+        // One address, or several nodes of a cluster separated by commas.
+        if address
+            .split(',')
+            .any(|node| node.is_empty() || !node.contains(':'))
+        {
             return Err(DecodeError::invalid(
                 "activation",
-                "address must be HOST:PORT",
+                "address must be HOST:PORT, or several separated by commas",
             ));
         }
         Ok(ActivationString {
@@ -321,6 +328,19 @@ mod tests {
         );
         check(
             &format!("umbra://x/K7QD9XPM2HVART4N?pin={pin}"),
+            Err("HOST:PORT"),
+        );
+        // A cluster's nodes, each HOST:PORT.
+        check(
+            &format!("umbra://a.example:7443,[::1]:7443/K7QD9XPM2HVART4N?pin={pin}"),
+            Ok(("a.example:7443,[::1]:7443", "K7QD9XPM2HVART4N")),
+        );
+        check(
+            &format!("umbra://a.example:7443,b.example/K7QD9XPM2HVART4N?pin={pin}"),
+            Err("HOST:PORT"),
+        );
+        check(
+            &format!("umbra://a.example:7443,/K7QD9XPM2HVART4N?pin={pin}"),
             Err("HOST:PORT"),
         );
     }

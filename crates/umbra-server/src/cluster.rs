@@ -32,12 +32,33 @@ use crate::registry::Inbox;
 /// How often connections read their mailboxes while NATS is away.
 pub const POLL_WHILE_AWAY: Duration = Duration::from_secs(5);
 
+/// How often, in a cluster, every connection reads its mailbox whatever
+/// NATS says: the net under wake-ups lost with a node that died between
+/// storing mail and announcing it.
+pub const SAFETY_POLL: Duration = Duration::from_secs(60);
+
+/// How long a connection waits for NATS to confirm its subscriptions
+/// before going on without them (polled meanwhile, subscribed later).
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Wake-ups and announcements waiting for the publishing task at most;
+/// past that they are dropped (and every node told to poll once NATS
+/// takes them again).
+const OUTBOX: usize = 8192;
+
+/// Subject on which a node asks every node to read all its connections'
+/// mailboxes (after wake-ups may have been lost).
+pub const POLL_SUBJECT: &str = "umbra.v1.poll";
+
 /// This node's link to the others.
 pub struct Cluster {
     client: async_nats::Client,
     /// A random name for this node, to tell its own announcements apart.
     node: String,
-    /// NATS was away since the last poll: wake-ups may have been lost.
+    /// Announcements to publish, in order, by one task.
+    outbox: tokio::sync::mpsc::Sender<(String, bytes::Bytes)>,
+    /// Wake-ups may have been lost since the last look (NATS went away,
+    /// dropped messages for a slow consumer, or the outbox overflowed).
     missed: Arc<AtomicBool>,
 }
 
@@ -57,12 +78,13 @@ fn account_subject(account: &AccountId) -> String {
 
 /// The connection to NATS failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot reach NATS at the configured address: {0}")]
+#[error("cannot use NATS at the configured address: {0}")]
 pub struct ClusterError(String);
 
 impl Cluster {
-    /// Connects to NATS at `url` (`nats://host:port`). The client
-    /// reconnects by itself, and re-subscribes, after NATS goes away.
+    /// Connects to NATS at `url` (`nats://host:port`). A node starts even
+    /// while NATS is away (its connections poll until it comes); the
+    /// client reconnects, and re-subscribes, by itself.
     pub async fn connect(url: &str) -> Result<Arc<Cluster>, ClusterError> {
         let mut node = [0u8; 8];
         getrandom::getrandom(&mut node).map_err(|e| ClusterError(e.to_string()))?;
@@ -72,6 +94,7 @@ impl Cluster {
         let client = async_nats::ConnectOptions::new()
             .name(format!("umbra-server {node}"))
             .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
             .event_callback(move |event| {
                 let flag = Arc::clone(&flag);
                 async move {
@@ -80,9 +103,13 @@ impl Cluster {
                             warn!("NATS is away: connections poll their mailboxes meanwhile");
                             flag.store(true, Ordering::SeqCst);
                         }
-                        async_nats::Event::Connected => info!("NATS is back"),
+                        async_nats::Event::Connected => info!("connected to NATS"),
                         async_nats::Event::SlowConsumer(_) => {
-                            // A wake-up dropped: read every mailbox again.
+                            warn!("NATS dropped messages for this node: mailboxes are read again");
+                            flag.store(true, Ordering::SeqCst);
+                        }
+                        async_nats::Event::ServerError(error) => {
+                            warn!(%error, "NATS refused something: mailboxes are read again");
                             flag.store(true, Ordering::SeqCst);
                         }
                         other => debug!(%other, "NATS"),
@@ -92,24 +119,38 @@ impl Cluster {
             .connect(url)
             .await
             .map_err(|e| ClusterError(e.to_string()))?;
+        let (outbox, mut queued) = tokio::sync::mpsc::channel::<(String, bytes::Bytes)>(OUTBOX);
+        let (publisher, lost) = (client.clone(), Arc::clone(&missed));
+        tokio::spawn(async move {
+            while let Some((subject, payload)) = queued.recv().await {
+                // While NATS is away its client's queue is not drained:
+                // dropped here instead of piling up, and every node polls
+                // once NATS is back.
+                if publisher.connection_state() != async_nats::connection::State::Connected {
+                    lost.store(true, Ordering::SeqCst);
+                    continue;
+                }
+                if let Err(error) = publisher.publish(subject, payload).await {
+                    debug!(%error, "publishing to NATS");
+                    lost.store(true, Ordering::SeqCst);
+                }
+            }
+        });
         info!(%node, "routing between nodes over NATS");
         Ok(Arc::new(Cluster {
             client,
             node,
+            outbox,
             missed,
         }))
     }
 
+    /// Queues an announcement for the publishing task, in order; a lost
+    /// one costs latency, not mail (see the module's notes).
     fn publish(&self, subject: String, payload: impl Into<bytes::Bytes>) {
-        let client = self.client.clone();
-        let payload = payload.into();
-        // Publishing only queues the message for the client's connection;
-        // a lost one costs latency, not mail (see the module's notes).
-        tokio::spawn(async move {
-            if let Err(error) = client.publish(subject, payload).await {
-                debug!(%error, "publishing to NATS");
-            }
-        });
+        if self.outbox.try_send((subject, payload.into())).is_err() {
+            self.missed.store(true, Ordering::SeqCst);
+        }
     }
 
     /// New mail for `device`, which has no connection on this node.
@@ -127,40 +168,153 @@ impl Cluster {
         self.publish(account_subject(account), &b"revoked"[..]);
     }
 
+    /// Whether NATS is connected now.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Whether wake-ups may have been lost since the last call; resets.
+    pub fn take_missed(&self) -> bool {
+        self.missed.swap(false, Ordering::SeqCst)
+    }
+
+    /// Asks every node (this one too) to have its connections read their
+    /// mailboxes.
+    pub async fn ask_all_to_poll(&self) {
+        if let Err(error) = self.client.publish(POLL_SUBJECT, "poll".into()).await {
+            debug!(%error, "asking the nodes to poll");
+            self.missed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The requests of other nodes to read every mailbox.
+    pub async fn polls(&self) -> Result<async_nats::Subscriber, ClusterError> {
+        self.client
+            .subscribe(POLL_SUBJECT)
+            .await
+            .map_err(|e| ClusterError(e.to_string()))
+    }
+
     /// Follows `device`'s subjects for its connection on this node, until
-    /// `stop`: wake-ups wake `inbox`, an end ends it. Returns once the
-    /// subscriptions are in place at NATS (so a wake-up published after
-    /// this returns reaches the connection), having told the other nodes
-    /// that the device is here now (they end its sessions there).
+    /// `stop`: wake-ups wake `inbox`, an end ends it. When NATS is there,
+    /// returns once NATS has the subscriptions (this node's announcement
+    /// that the device is here, published after subscribing, came back on
+    /// them): a wake-up published after this returns reaches the
+    /// connection, and the device's sessions on other nodes end. When NATS
+    /// is away or slow, returns at once (at most [`SUBSCRIBE_TIMEOUT`])
+    /// and keeps trying in the background; the connection is polled
+    /// meanwhile.
     pub async fn follow(
         self: &Arc<Self>,
         device: &DeviceAddr,
         inbox: Arc<Inbox>,
         stop: CancellationToken,
     ) {
-        let subscribed = async {
-            let on_device = self.client.subscribe(device_subject(device)).await?;
-            let on_account = self
-                .client
-                .subscribe(account_subject(&device.account))
-                .await?;
-            self.client.flush().await.map_err(|e| e.to_string())?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((on_device, on_account))
-        };
-        let (mut on_device, mut on_account) = match subscribed.await {
-            Ok(subscriptions) => subscriptions,
-            Err(error) => {
-                // NATS is away: the connection is polled meanwhile.
-                warn!(%error, "subscribing to a device's subject");
-                self.missed.store(true, Ordering::SeqCst);
+        if self.connected() {
+            let attempt = self.subscribe(device, &inbox);
+            if let Ok(Some(subscriptions)) = tokio::time::timeout(SUBSCRIBE_TIMEOUT, attempt).await
+            {
+                self.forward(subscriptions, inbox, stop);
                 return;
             }
-        };
-        self.publish(
-            device_subject(device),
-            format!("replaced {}", self.node).into_bytes(),
-        );
-        let node = self.node.clone();
+        }
+        // Away, or too slow: polled until subscribed.
+        self.missed.store(true, Ordering::SeqCst);
+        let (cluster, device) = (Arc::clone(self), device.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(POLL_WHILE_AWAY) => {}
+                }
+                if !cluster.connected() {
+                    continue;
+                }
+                let attempt = cluster.subscribe(&device, &inbox);
+                if let Ok(Some(subscriptions)) =
+                    tokio::time::timeout(SUBSCRIBE_TIMEOUT, attempt).await
+                {
+                    // Anything stored before it took effect: read.
+                    inbox.wake();
+                    cluster.forward(subscriptions, inbox, stop);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Subscribes to `device`'s subjects and announces it here; returns
+    /// once the announcement came back (what arrives before it is acted
+    /// on), `None` if NATS failed.
+    async fn subscribe(
+        &self,
+        device: &DeviceAddr,
+        inbox: &Inbox,
+    ) -> Option<(async_nats::Subscriber, async_nats::Subscriber)> {
+        let mut on_device = self.client.subscribe(device_subject(device)).await.ok()?;
+        let on_account = self
+            .client
+            .subscribe(account_subject(&device.account))
+            .await
+            .ok()?;
+        let mut token = [0u8; 8];
+        getrandom::getrandom(&mut token).ok()?;
+        let announcement = format!("replaced {} {}", self.node, hex::encode(token));
+        self.client
+            .publish(device_subject(device), announcement.clone().into())
+            .await
+            .ok()?;
+        self.client.flush().await.ok()?;
+        while let Some(message) = on_device.next().await {
+            if message.payload == announcement.as_bytes() {
+                return Some((on_device, on_account));
+            }
+            if self.act_on(&message.payload, inbox) {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Acts on one message on a connection's subjects: whether it ended
+    /// the session.
+    fn act_on(&self, payload: &[u8], inbox: &Inbox) -> bool {
+        match payload {
+            b"wake" => {
+                inbox.wake();
+                false
+            }
+            b"removed" => {
+                inbox.end(crate::service::removed_session());
+                true
+            }
+            b"revoked" => {
+                inbox.end(crate::service::revoked_session());
+                true
+            }
+            other => {
+                let elsewhere = other
+                    .strip_prefix(b"replaced ")
+                    .and_then(|rest| rest.split(|b| *b == b' ').next())
+                    .is_some_and(|from| from != self.node.as_bytes());
+                if elsewhere {
+                    inbox.end(ErrorReply::new(
+                        ErrorCode::SessionReplaced,
+                        "this device connected to another node of the cluster",
+                    ));
+                }
+                elsewhere
+            }
+        }
+    }
+
+    fn forward(
+        self: &Arc<Self>,
+        (mut on_device, mut on_account): (async_nats::Subscriber, async_nats::Subscriber),
+        inbox: Arc<Inbox>,
+        stop: CancellationToken,
+    ) {
+        let cluster = Arc::clone(self);
         tokio::spawn(async move {
             loop {
                 let message = tokio::select! {
@@ -169,37 +323,10 @@ impl Cluster {
                     message = on_account.next() => message,
                 };
                 let Some(message) = message else { break };
-                match &message.payload[..] {
-                    b"wake" => inbox.wake(),
-                    b"removed" => {
-                        inbox.end(crate::service::removed_session());
-                        break;
-                    }
-                    b"revoked" => {
-                        inbox.end(crate::service::revoked_session());
-                        break;
-                    }
-                    other => {
-                        if let Some(from) = other.strip_prefix(b"replaced ")
-                            && from != node.as_bytes()
-                        {
-                            inbox.end(ErrorReply::new(
-                                ErrorCode::SessionReplaced,
-                                "this device connected to another node of the cluster",
-                            ));
-                            break;
-                        }
-                    }
+                if cluster.act_on(&message.payload, &inbox) {
+                    break;
                 }
             }
         });
-    }
-
-    /// Whether wake-ups may have been lost since the last call (NATS went
-    /// away, or dropped messages for a slow consumer), or NATS is away
-    /// now: then every connection should read its mailbox.
-    pub fn should_poll(&self) -> bool {
-        let away = self.client.connection_state() != async_nats::connection::State::Connected;
-        self.missed.swap(away, Ordering::SeqCst) || away
     }
 }

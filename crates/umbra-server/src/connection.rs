@@ -365,15 +365,17 @@ impl Connection {
                 // A revocation or a device's removal that raced this login
                 // (read the line or device as live, then registered after
                 // the sessions were ended) is caught here.
-                self.services.end_if_gone(account, *device, &inbox).await;
-                // In a cluster: woken by the other nodes from now on (before
-                // the first mailbox read), and ended where it was before.
+                // In a cluster: woken and ended by the other nodes from now
+                // on (before the first mailbox read, and before the check
+                // below, so a revocation on another node is either seen by
+                // the check or heard), and ended where it was before.
                 if let Some(cluster) = self.services.registry.cluster() {
                     let here = DeviceAddr::new(account.clone(), *device);
                     cluster
                         .follow(&here, Arc::clone(&inbox), stop.clone())
                         .await;
                 }
+                self.services.end_if_gone(account, *device, &inbox).await;
                 let online_now = Outbound::Online(Box::new((
                     DeviceAddr::new(account.clone(), *device),
                     Arc::clone(&inbox),
@@ -655,12 +657,12 @@ where
         if mailbox.read {
             return Ok(());
         }
-        // In a cluster, another node may have stored a delivery below
-        // these (a commit) that this one has only been woken for: each
-        // mailbox's IDs are dense there, so a copy is pushed from memory
-        // only if it is the very next one; otherwise the mailbox is read,
-        // and pushes everything in order.
-        let dense = self.services.registry.cluster().is_some();
+        // With a store several nodes share, another node may have stored
+        // a delivery below these (a commit) that this one has only been
+        // woken for: each mailbox's IDs are dense there, so a copy is
+        // pushed from memory only if it is the very next one; otherwise
+        // the mailbox is read, and pushes everything in order.
+        let dense = self.services.store.dense_ids();
         let mut next = mailbox.after + 1;
         while mailbox.pushed.contains(&next) {
             next += 1;

@@ -152,11 +152,20 @@ pub fn init(data_dir: &Path, public_address: &str) -> Result<CertFingerprint, Se
     if cert.exists() {
         return Ok(tls::fingerprint(&cert)?);
     }
-    let host = public_address
-        .rsplit_once(':')
-        .map(|(host, _)| host.trim_matches(['[', ']']).to_owned())
-        .unwrap_or_else(|| public_address.to_owned());
-    let mut names = vec![host, "localhost".to_owned()];
+    // One address, or a cluster's nodes separated by commas: the
+    // certificate (which every node presents) names each host.
+    let mut names: Vec<String> = public_address
+        .split(',')
+        .map(|address| {
+            let address = address.trim();
+            address
+                .rsplit_once(':')
+                .map(|(host, _)| host.trim_matches(['[', ']']).to_owned())
+                .unwrap_or_else(|| address.to_owned())
+        })
+        .collect();
+    names.push("localhost".to_owned());
+    names.sort();
     names.dedup();
     Ok(tls::generate(&cert, &data_dir.join(&config.key), names)?)
 }
@@ -277,7 +286,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     if let Some(cluster) = cluster {
         services.registry.join(Arc::clone(&cluster));
-        tracker.spawn(poll_while_nats_is_away(
+        tracker.spawn(keep_in_step(
             Arc::clone(&services),
             cluster,
             shutdown.clone(),
@@ -404,22 +413,52 @@ pub(crate) fn random_string(len: usize) -> Result<String, getrandom::Error> {
     Ok(out)
 }
 
-/// While NATS is away (and once after), every connection on this node
-/// reads its mailbox every [`cluster::POLL_WHILE_AWAY`]: wake-ups from
-/// other nodes may be lost meanwhile, mail never is.
-async fn poll_while_nats_is_away(
+/// Keeps this node's connections in step with the others': while NATS is
+/// away every connection reads its mailbox every
+/// [`cluster::POLL_WHILE_AWAY`]; once it is back (or after wake-ups may
+/// have been lost anywhere) every node is asked to have its connections
+/// read theirs; and every [`cluster::SAFETY_POLL`] they all read anyway,
+/// for wake-ups lost with a node that died before sending them.
+async fn keep_in_step(
     services: Arc<Services>,
     cluster: Arc<cluster::Cluster>,
     shutdown: CancellationToken,
 ) {
+    use futures_util::StreamExt;
+    match cluster.polls().await {
+        Ok(mut polls) => {
+            let (services, shutdown) = (Arc::clone(&services), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        poll = polls.next() => match poll {
+                            Some(_) => services.registry.wake_all(),
+                            None => return,
+                        },
+                    }
+                }
+            });
+        }
+        Err(error) => warn!(%error, "cannot hear the other nodes' requests to poll"),
+    }
     let mut every = tokio::time::interval(cluster::POLL_WHILE_AWAY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let safety = (cluster::SAFETY_POLL.as_secs() / cluster::POLL_WHILE_AWAY.as_secs()).max(1);
+    let (mut ticks, mut away) = (0u64, false);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        if cluster.should_poll() {
+        ticks += 1;
+        if !cluster.connected() {
+            away = true;
+            services.registry.wake_all();
+        } else if std::mem::take(&mut away) | cluster.take_missed() {
+            cluster.ask_all_to_poll().await;
+            services.registry.wake_all();
+        } else if ticks % safety == 0 {
             services.registry.wake_all();
         }
     }

@@ -648,6 +648,12 @@ pub trait Mailboxes: Send + Sync {
     fn no_reader(&self, ids: &[u64]) {
         let _ = ids;
     }
+    /// Whether each mailbox's delivery IDs are dense (1, 2, 3, ... with no
+    /// gap), as on a store several nodes share: then a gap means a
+    /// delivery stored elsewhere that this node has not seen yet.
+    fn dense_ids(&self) -> bool {
+        false
+    }
     /// Deletes deliveries whose time to live has passed, the hashes of
     /// commits accepted [`COMMIT_HASH_LIFETIME`] or longer ago, and contact
     /// requests left unanswered for [`CONTACT_REQUEST_LIFETIME`]; returns

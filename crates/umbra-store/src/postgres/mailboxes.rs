@@ -354,6 +354,10 @@ impl Mailboxes for PgStore {
         })
     }
 
+    fn dense_ids(&self) -> bool {
+        true
+    }
+
     async fn ack(&self, recipient: &DeviceAddr, ids: &[u64]) -> Result<usize> {
         // IDs beyond the column's range name nothing stored.
         let ids: Vec<i64> = ids
