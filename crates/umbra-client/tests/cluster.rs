@@ -239,3 +239,97 @@ async fn nodes_wake_each_other_through_nats_and_poll_while_it_is_away() {
     node_a.stop();
     node_b.stop();
 }
+
+/// Connects `device` again (to whichever node answers) until it is in.
+async fn reconnect(device: &Device) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    while !device.client.is_connected() {
+        assert!(started.elapsed() < common::PATIENCE, "never served again");
+        if device.client.connect().await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_devices_go_to_another_and_nothing_accepted_is_lost() {
+    let pg = PrivatePostgres::start(false).unwrap();
+    let url = pg.create_database().await.unwrap();
+    let nats = PrivateNats::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    umbra_server::init(&a, "127.0.0.1:0").unwrap();
+    use_database(&a, &url);
+    use_nats(&a, &nats.url());
+    std::fs::write(a.join(umbra_server::delivery_ids::KEY_FILE), [7u8; 16]).unwrap();
+    second_node(&a, &b);
+    // Real processes: the node is killed with SIGKILL. Node B starts only
+    // once both devices are in, so both are on node A, the one killed.
+    let address_b = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let node_a = common::ServerProcess::start(&a, None).await;
+    let mut activation = activation_at(&a, node_a.address).await;
+    activation.address = format!("{},{address_b}", node_a.address);
+    let mut alice = Device::activate_untimed(&activation, options()).await;
+    let mut activation = activation_at(&a, node_a.address).await;
+    activation.address = format!("{address_b},{}", node_a.address);
+    let mut bob = Device::activate_untimed(&activation, options()).await;
+    let (to_bob, _) = common::befriend(&mut alice, &mut bob).await;
+    let node_b = common::ServerProcess::start(&b, Some(address_b)).await;
+
+    // Alice sends; node A dies in the middle. Whatever her device was told
+    // was accepted reaches Bob exactly once, in order; what failed (its
+    // answer lost with the node) she sends again, as a new message.
+    let mut accepted = Vec::new();
+    let mut node_a = Some(node_a);
+    let mut served_again = None;
+    for n in 0..30 {
+        if n == 10 {
+            node_a.take().unwrap().kill();
+        }
+        let mut attempt = 0;
+        loop {
+            let text = format!("message {n} attempt {attempt}");
+            match alice.client.send_text(&to_bob, &text).await {
+                Ok(_) => {
+                    accepted.push(text);
+                    break;
+                }
+                Err(_) => {
+                    let took = reconnect(&alice).await;
+                    served_again.get_or_insert(took);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+    if !bob.client.is_connected() {
+        served_again.get_or_insert(reconnect(&bob).await);
+    }
+    let mut received = Vec::new();
+    while received.len() < accepted.len() || received.last() != accepted.last() {
+        let (from, text) = bob.next_text().await;
+        assert_eq!(from, alice.id());
+        received.push(text);
+    }
+    let kept: Vec<&String> = received.iter().filter(|t| accepted.contains(t)).collect();
+    assert_eq!(
+        kept,
+        accepted.iter().collect::<Vec<_>>(),
+        "every accepted message once, in order"
+    );
+    let mut unique = received.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), received.len(), "nothing twice: {received:?}");
+    let took = served_again.expect("the devices were on the node killed");
+    eprintln!("served again {took:?} after the node was killed");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "a killed node's device was served again after {took:?}"
+    );
+    drop((alice, bob, nats, node_b));
+}
