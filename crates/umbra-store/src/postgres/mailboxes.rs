@@ -383,8 +383,27 @@ impl Mailboxes for PgStore {
     }
 
     async fn expire(&self, now: Timestamp) -> Result<usize> {
-        let deleted = transaction!(self, tx => {
-            let deleted = delete_mail(&tx, "expires_at <= $1", &[&big(now)]).await?;
+        // In batches, each its own transaction: after a long stop the
+        // backlog may be large, and one transaction would outlast its time
+        // limit (and be rolled back) every time.
+        let mut deleted = 0;
+        loop {
+            let batch = transaction!(self, tx => {
+                delete_mail(
+                    &tx,
+                    "(account_id, device, id) IN (
+                         SELECT account_id, device, id FROM mailbox WHERE expires_at <= $1
+                         LIMIT $2)",
+                    &[&big(now), &big(EXPIRY_BATCH)],
+                )
+                .await
+            })?;
+            deleted += batch;
+            if batch < EXPIRY_BATCH {
+                break;
+            }
+        }
+        transaction!(self, tx => {
             tx.execute(
                 "DELETE FROM group_commits WHERE committed_at <= $1",
                 &[&big(now.saturating_sub(crate::COMMIT_HASH_LIFETIME))],
@@ -400,8 +419,11 @@ impl Mailboxes for PgStore {
                 &[&big(now / crate::DAY)],
             )
             .await?;
-            Ok::<_, Failure>(deleted)
+            Ok::<_, Failure>(())
         })?;
         Ok(deleted as usize)
     }
 }
+
+/// Expired copies deleted per transaction by `expire`.
+const EXPIRY_BATCH: u64 = 5000;
