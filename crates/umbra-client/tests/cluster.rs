@@ -39,17 +39,31 @@ fn second_node(first: &Path, second: &Path) {
     }
 }
 
+/// Two nodes' data directories (in the returned temporary directory) on
+/// database `url`, and NATS if given: the first initialised, the second
+/// its copy. (Any delivery-ID key will do: the first start would make
+/// one, but the copy needs it now.)
+fn data_directories(
+    url: &str,
+    nats: Option<&str>,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    umbra_server::init(&a, "127.0.0.1:0").unwrap();
+    use_database(&a, url);
+    if let Some(nats) = nats {
+        use_nats(&a, nats);
+    }
+    std::fs::write(a.join(umbra_server::delivery_ids::KEY_FILE), [7u8; 16]).unwrap();
+    second_node(&a, &b);
+    (dir, a, b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_talk_through_nodes_sharing_one_postgres() {
     let pg = PrivatePostgres::start(false).unwrap();
     let url = pg.create_database().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    umbra_server::init(&a, "127.0.0.1:0").unwrap();
-    use_database(&a, &url);
-    // Any delivery-ID key: the first start makes it; the copy needs it.
-    std::fs::write(a.join(umbra_server::delivery_ids::KEY_FILE), [7u8; 16]).unwrap();
-    second_node(&a, &b);
+    let (_dir, a, b) = data_directories(&url, None);
     let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
     let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
     assert!(
@@ -167,13 +181,7 @@ async fn nodes_wake_each_other_through_nats_and_poll_while_it_is_away() {
     let pg = PrivatePostgres::start(false).unwrap();
     let url = pg.create_database().await.unwrap();
     let nats = PrivateNats::start(None);
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    umbra_server::init(&a, "127.0.0.1:0").unwrap();
-    use_database(&a, &url);
-    use_nats(&a, &nats.url());
-    std::fs::write(a.join(umbra_server::delivery_ids::KEY_FILE), [7u8; 16]).unwrap();
-    second_node(&a, &b);
+    let (_dir, a, b) = data_directories(&url, Some(&nats.url()));
     let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
     let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
 
@@ -257,13 +265,7 @@ async fn a_killed_nodes_devices_go_to_another_and_nothing_accepted_is_lost() {
     let pg = PrivatePostgres::start(false).unwrap();
     let url = pg.create_database().await.unwrap();
     let nats = PrivateNats::start(None);
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    umbra_server::init(&a, "127.0.0.1:0").unwrap();
-    use_database(&a, &url);
-    use_nats(&a, &nats.url());
-    std::fs::write(a.join(umbra_server::delivery_ids::KEY_FILE), [7u8; 16]).unwrap();
-    second_node(&a, &b);
+    let (_dir, a, b) = data_directories(&url, Some(&nats.url()));
     // Real processes: the node is killed with SIGKILL. Node B starts only
     // once both devices are in, so both are on node A, the one killed.
     let address_b = std::net::TcpListener::bind("127.0.0.1:0")
