@@ -20,7 +20,8 @@ pub struct Config {
     /// keep it off the public network. Default: not served.
     pub metrics_listen: Option<SocketAddr>,
     /// `host:port` that devices connect to; activation strings carry it.
-    /// Default `127.0.0.1:7443`.
+    /// A cluster lists every node, separated by commas. Default
+    /// `127.0.0.1:7443`.
     pub public_address: String,
     /// Serve TLS (`wss://`). Default true. Plain `ws://` is refused unless
     /// `listen` is a loopback address: it exists for tests only.
@@ -188,7 +189,8 @@ listen = "0.0.0.0:7443"
 # metrics_listen = "127.0.0.1:9464"
 
 # host:port that devices connect to. Activation strings carry it, so set it to
-# the name or address your users' devices can reach.
+# the name or address your users' devices can reach. A cluster lists every
+# node, separated by commas ("n1.example:7443,n2.example:7443").
 public_address = "127.0.0.1:7443"
 
 # Serve TLS (wss://). Devices pin this server's certificate fingerprint.
