@@ -664,7 +664,7 @@ where
         // the mailbox is read, and pushes everything in order.
         let dense = self.services.store.dense_ids();
         let mut next = mailbox.after + 1;
-        while mailbox.pushed.contains(&next) {
+        while dense && mailbox.pushed.contains(&next) {
             next += 1;
         }
         for delivery in taken.deliveries {
@@ -680,7 +680,7 @@ where
             }
             mailbox.pushed.insert(delivery.id);
             next = delivery.id + 1;
-            while mailbox.pushed.contains(&next) {
+            while dense && mailbox.pushed.contains(&next) {
                 next += 1;
             }
             self.push(mailbox, delivery).await?;

@@ -545,6 +545,63 @@ pub trait Groups: Send + Sync {
     ) -> Result<FanOutOutcome>;
 }
 
+/// The delivery service's rules for a message fanned out to a group at
+/// `current` epoch, one function for every backend. `sender` is `None` for
+/// an anonymous message (its token paid for it; the service checked its
+/// signature under the epoch's delivery key), else whether the sending
+/// device has a routable leaf and its line (`None`: no such account).
+pub(crate) fn check_fan_out(
+    current: u64,
+    epoch: u64,
+    kind: DeliveryKind,
+    now: Timestamp,
+    sender: Option<(bool, Option<(LineStatus, Timestamp)>)>,
+) -> std::result::Result<(), FanOutOutcome> {
+    let Some((member, line)) = sender else {
+        // Only the current epoch's delivery key signs, and only for it.
+        return if epoch == current {
+            Ok(())
+        } else if epoch > current {
+            Err(FanOutOutcome::AheadOfGroup {
+                current_epoch: current,
+            })
+        } else {
+            Err(FanOutOutcome::BehindGroup {
+                current_epoch: current,
+            })
+        };
+    };
+    if !member {
+        return Err(FanOutOutcome::NotAMember);
+    }
+    // No member can have reached an epoch the delivery service has not
+    // accepted a commit for; a message claiming one would only send the
+    // others looking for commits that do not exist.
+    if epoch > current {
+        return Err(FanOutOutcome::AheadOfGroup {
+            current_epoch: current,
+        });
+    }
+    // Every current member can read a message of the current epoch; one
+    // of an earlier epoch would reach members added since, who cannot.
+    if kind == DeliveryKind::Application && epoch < current {
+        return Err(FanOutOutcome::BehindGroup {
+            current_epoch: current,
+        });
+    }
+    match line {
+        Some((status, until)) if status.may_send(until, now) => Ok(()),
+        Some((status, until)) => Err(FanOutOutcome::LineInactive {
+            status,
+            subscription_expires_at: until,
+        }),
+        None => Err(FanOutOutcome::LineInactive {
+            status: LineStatus::Revoked,
+            subscription_expires_at: 0,
+        }),
+    }
+}
+
 /// A key that signs send tokens. `secret` is the VOPRF private key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TokenKey {

@@ -471,44 +471,14 @@ impl PgStore {
             return Ok(FanOutOutcome::UnknownGroup);
         };
         let members = routable(tx, message.group).await?;
-        // The embedded store's checks, in its order.
-        if let Some(sender) = message.sender
-            && !members.contains(sender)
+        let sender = line.map(|line| {
+            let member = message.sender.is_some_and(|s| members.contains(s));
+            (member, line)
+        });
+        if let Err(refused) =
+            crate::check_fan_out(current, message.epoch, message.kind, message.now, sender)
         {
-            return Ok(FanOutOutcome::NotAMember);
-        }
-        // No member can have reached an epoch the delivery service has not
-        // accepted a commit for.
-        if message.epoch > current {
-            return Ok(FanOutOutcome::AheadOfGroup {
-                current_epoch: current,
-            });
-        }
-        // Members added since could not read an application message of an
-        // earlier epoch; an anonymous one is signed for the current epoch
-        // only.
-        let anonymous = message.sender.is_none();
-        if message.epoch < current && (anonymous || message.kind == DeliveryKind::Application) {
-            return Ok(FanOutOutcome::BehindGroup {
-                current_epoch: current,
-            });
-        }
-        if let Some(line) = line {
-            match line {
-                Some((status, until)) if status.may_send(until, message.now) => {}
-                Some((status, until)) => {
-                    return Ok(FanOutOutcome::LineInactive {
-                        status,
-                        subscription_expires_at: until,
-                    });
-                }
-                None => {
-                    return Ok(FanOutOutcome::LineInactive {
-                        status: LineStatus::Revoked,
-                        subscription_expires_at: 0,
-                    });
-                }
-            }
+            return Ok(refused);
         }
         let recipients: Vec<DeviceAddr> = members
             .into_iter()

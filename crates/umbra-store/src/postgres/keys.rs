@@ -179,12 +179,7 @@ impl Tokens for PgStore {
 
     async fn retire_token_keys(&self, cutoff: Timestamp) -> Result<u64> {
         transaction!(self, tx => {
-            tx.execute(
-                "DELETE FROM spent_tokens WHERE key_id IN
-                 (SELECT key_id FROM token_keys WHERE created_at <= $1)",
-                &[&big(cutoff)],
-            )
-            .await?;
+            // Their spent tokens go with them (ON DELETE CASCADE).
             let removed = tx
                 .execute("DELETE FROM token_keys WHERE created_at <= $1", &[&big(cutoff)])
                 .await?;

@@ -232,16 +232,6 @@ impl PrivatePostgres {
         }
     }
 
-    /// The server's port on 127.0.0.1.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The process ID of the server (the postmaster), for fault tests.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     /// URL of database `name` on this server.
     pub fn url(&self, name: &str) -> String {
         format!("postgres://umbra@127.0.0.1:{}/{name}", self.port)

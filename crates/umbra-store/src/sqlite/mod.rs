@@ -2095,65 +2095,20 @@ impl Message {
     }
 }
 
-/// Whether the sender may send to the group. `line` is the sender's:
-/// `Some(None)` for an account that does not exist, `None` for an
-/// anonymous message (its token paid for it; the service checked its
-/// signature under the epoch's delivery key).
+/// Whether the sender may send to the group ([`crate::check_fan_out`]).
+/// `line` is the sender's: `Some(None)` for an account that does not
+/// exist, `None` for an anonymous message.
 fn check(
     epoch: u64,
     members: &[DeviceAddr],
     message: &Message,
     line: Option<Option<Line>>,
 ) -> std::result::Result<(), FanOutOutcome> {
-    let Some(line) = line else {
-        // Only the current epoch's delivery key signs, and only for it.
-        return if message.epoch == epoch {
-            Ok(())
-        } else if message.epoch > epoch {
-            Err(FanOutOutcome::AheadOfGroup {
-                current_epoch: epoch,
-            })
-        } else {
-            Err(FanOutOutcome::BehindGroup {
-                current_epoch: epoch,
-            })
-        };
-    };
-    if message.sender.as_ref().is_none_or(|s| !members.contains(s)) {
-        return Err(FanOutOutcome::NotAMember);
-    }
-    // No member can have reached an epoch the delivery service has not
-    // accepted a commit for; a message claiming one would only send the
-    // others looking for commits that do not exist.
-    if message.epoch > epoch {
-        return Err(FanOutOutcome::AheadOfGroup {
-            current_epoch: epoch,
-        });
-    }
-    // Every current member can read a message of the current epoch; one
-    // of an earlier epoch would reach members added since, who cannot.
-    if message.kind == DeliveryKind::Application && message.epoch < epoch {
-        return Err(FanOutOutcome::BehindGroup {
-            current_epoch: epoch,
-        });
-    }
-    match line {
-        Some(line)
-            if line
-                .status
-                .may_send(line.subscription_expires_at, message.now) =>
-        {
-            Ok(())
-        }
-        Some(line) => Err(FanOutOutcome::LineInactive {
-            status: line.status,
-            subscription_expires_at: line.subscription_expires_at,
-        }),
-        None => Err(FanOutOutcome::LineInactive {
-            status: LineStatus::Revoked,
-            subscription_expires_at: 0,
-        }),
-    }
+    let sender = line.map(|line| {
+        let member = message.sender.as_ref().is_some_and(|s| members.contains(s));
+        (member, line.map(|l| (l.status, l.subscription_expires_at)))
+    });
+    crate::check_fan_out(epoch, message.epoch, message.kind, message.now, sender)
 }
 
 impl SqliteStore {
