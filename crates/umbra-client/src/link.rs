@@ -176,8 +176,8 @@ fn unreachable_error(address: &str, reason: impl std::fmt::Display) -> ClientErr
 }
 
 /// Which of a cluster's addresses the next connection tries first: each
-/// attempt starts one further along, so devices spread over the nodes and a
-/// dead node is not always tried first.
+/// attempt in this process starts one further along, so a dead node is not
+/// always tried first (a new process starts at the first).
 static NEXT_ADDRESS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Link {
@@ -195,13 +195,13 @@ impl Link {
             .filter(|node| !node.is_empty())
             .collect();
         if nodes.len() <= 1 {
-            return Link::connect_node(nodes.first().copied().unwrap_or(address), pin).await;
+            return Link::connect_within(nodes.first().copied().unwrap_or(address), pin).await;
         }
         let start = NEXT_ADDRESS.fetch_add(1, Ordering::Relaxed);
         let mut failure = None;
         for offset in 0..nodes.len() {
             let node = nodes[(start + offset) % nodes.len()];
-            match Link::connect_node(node, pin).await {
+            match Link::connect_within(node, pin).await {
                 Ok(connected) => return Ok(connected),
                 // Someone answers for the server with another certificate:
                 // said at once, not passed over for the next node.
@@ -217,6 +217,21 @@ impl Link {
             }
         }
         Err(failure.unwrap_or_else(|| unreachable_error(address, "no address to connect to")))
+    }
+
+    /// [`Link::connect_node`], given up after [`REQUEST_TIMEOUT`] in all:
+    /// a node that accepts the connection and then says nothing (full,
+    /// stopped, a tarpit on the way) does not hold the device there, and
+    /// the next node is tried.
+    async fn connect_within(address: &str, pin: CertFingerprint) -> Result<(Link, Push, Pushes)> {
+        tokio::time::timeout(REQUEST_TIMEOUT, Link::connect_node(address, pin))
+            .await
+            .unwrap_or_else(|_| {
+                Err(unreachable_error(
+                    address,
+                    "the server did not answer in time",
+                ))
+            })
     }
 
     async fn connect_node(address: &str, pin: CertFingerprint) -> Result<(Link, Push, Pushes)> {

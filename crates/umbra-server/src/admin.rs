@@ -245,8 +245,8 @@ pub fn backup(
     if config.postgres_url().is_some() {
         return Err(ServerError::Store(umbra_store::StoreError::Backend(
             "the database is PostgreSQL: back it up with PostgreSQL's own tools (pg_dump, or \
-             pg_basebackup with WAL archiving; see docs/operations.md), and the data directory's \
-             files with this command's list"
+             pg_basebackup with WAL archiving; see docs/operations.md), and copy the data \
+             directory's umbra-server.toml, tls/ and delivery-ids.key beside it"
                 .into(),
         )));
     }

@@ -129,15 +129,16 @@ fn main() -> ExitCode {
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = Cli::parse();
     // The PostgreSQL driver logs every statement's parameters at debug
-    // level (ciphertexts, token keys): never below info, whatever UMBRA_LOG
-    // asks.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("UMBRA_LOG")
-        .unwrap_or_else(|_| "info".into())
-        .add_directive(
-            "tokio_postgres=info"
-                .parse()
-                .unwrap_or_else(|_| tracing_subscriber::filter::LevelFilter::INFO.into()),
-        );
+    // level (ciphertexts, token keys), from its `query` module: never below
+    // info, whatever UMBRA_LOG asks (a directive for the same target is
+    // replaced, and these are the driver's and that module's own).
+    let mut filter =
+        tracing_subscriber::EnvFilter::try_from_env("UMBRA_LOG").unwrap_or_else(|_| "info".into());
+    for quiet in ["tokio_postgres=info", "tokio_postgres::query=info"] {
+        if let Ok(directive) = quiet.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
