@@ -42,7 +42,8 @@ Getting started:
 The passphrase is asked at a prompt, or read from UMBRA_PASSPHRASE.
 
 Exit codes: 0 success, 1 failure, 2 usage error, 3 wrong passphrase,
-4 server unreachable or not authentic, 5 refused by the server,
+4 server unreachable, not authentic or its database away (try again),
+5 refused by the server,
 6 no device in --home.";
 
 /// Umbra: end-to-end-encrypted messaging. All cryptography happens on
@@ -423,7 +424,11 @@ fn exit_code(error: &anyhow::Error) -> u8 {
             | ClientError::Unreachable { .. }
             | ClientError::ConnectionLost
             | ClientError::NotConnected
-            | ClientError::Timeout(_),
+            | ClientError::Timeout(_)
+            | ClientError::Server {
+                code: umbra_client::ErrorCode::Unavailable,
+                ..
+            },
         ) => exit::NETWORK,
         Some(
             ClientError::Server { .. }

@@ -335,3 +335,100 @@ async fn a_killed_nodes_devices_go_to_another_and_nothing_accepted_is_lost() {
     );
     drop((alice, bob, nats, node_b));
 }
+
+/// Sends `text` until it is accepted, within `patience`; every failure
+/// meanwhile must be the database's absence.
+async fn send_when_back(
+    device: &Device,
+    to: &umbra_client::ConversationId,
+    text: &str,
+    patience: std::time::Duration,
+) {
+    let started = std::time::Instant::now();
+    while let Err(error) = device.client.send_text(to, text).await {
+        assert_eq!(
+            error.server_code(),
+            Some(umbra_client::ErrorCode::Unavailable),
+            "{error}"
+        );
+        assert!(started.elapsed() < patience, "not served again: {error}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The cluster's database stopped where it is (SIGSTOP) and let go, then
+/// killed (SIGKILL) and started again: meanwhile a device's sends are
+/// refused as UNAVAILABLE, at once once the node knows; afterwards they
+/// are accepted again, and every message that was accepted arrives
+/// exactly once, in order, on the other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_are_refused_at_once_while_postgres_is_away_and_nothing_accepted_is_lost() {
+    let mut pg = PrivatePostgres::start(true).unwrap();
+    let url = pg.create_database().await.unwrap();
+    let nats = PrivateNats::start(None);
+    let (_dir, a, b) = data_directories(&url, Some(&nats.url()));
+    let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
+    let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
+    let mut alice = Device::activate(&node_a).await;
+    let mut bob = Device::activate(&node_b).await;
+    let (to_bob, _) = common::befriend(&mut alice, &mut bob).await;
+
+    let mut accepted = Vec::new();
+    for outage in ["paused", "killed"] {
+        for n in 0..3 {
+            let text = format!("before {outage} {n}");
+            alice.client.send_text(&to_bob, &text).await.unwrap();
+            accepted.push(text);
+        }
+        if outage == "paused" {
+            pg.pause().unwrap();
+        } else {
+            pg.kill().unwrap();
+        }
+        // The first send waits until the node finds the database away (a
+        // probe a second, patient for 3 s); those after it are refused at
+        // once.
+        let mut took = Vec::new();
+        for n in 0..5 {
+            let asked = std::time::Instant::now();
+            let refused = alice
+                .client
+                .send_text(&to_bob, &format!("while {outage} {n}"))
+                .await
+                .expect_err("nothing is stored while the database is away");
+            assert_eq!(
+                refused.server_code(),
+                Some(umbra_client::ErrorCode::Unavailable),
+                "{refused}"
+            );
+            took.push(asked.elapsed());
+        }
+        eprintln!("{outage}: sends refused after {took:?}");
+        assert!(took[0] < std::time::Duration::from_secs(8), "{took:?}");
+        assert!(
+            took[1..]
+                .iter()
+                .all(|t| *t < std::time::Duration::from_millis(500)),
+            "{took:?}"
+        );
+        if outage == "paused" {
+            pg.resume().unwrap();
+        } else {
+            pg.restart().unwrap();
+        }
+        let text = format!("after {outage}");
+        send_when_back(&alice, &to_bob, &text, std::time::Duration::from_secs(10)).await;
+        accepted.push(text);
+    }
+
+    let mut received = Vec::new();
+    while received.len() < accepted.len() {
+        let (from, text) = bob.next_text().await;
+        assert_eq!(from, alice.id());
+        received.push(text);
+    }
+    assert_eq!(received, accepted, "every accepted message once, in order");
+    drop((alice, bob, nats));
+    node_a.stop();
+    node_b.stop();
+}

@@ -53,6 +53,9 @@ const MAILBOX_BATCH: usize = 128;
 /// it costs one mailbox read per 256 deliveries pushed, which finds only
 /// the few not acknowledged yet.
 const MAX_PUSHED_AHEAD: usize = 256;
+/// How long after a failed mailbox read (the store away) it is tried
+/// again; the connection answers requests meanwhile.
+const READ_RETRY: Duration = Duration::from_secs(1);
 /// How long the WebSocket upgrade may take once TLS is up.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -160,8 +163,8 @@ impl Connection {
         }
         let (sink, mut source) = ws.split();
         let (out_tx, out_rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
-        // Cancelled when the reader stops, so a writer waiting out a store
-        // failure does not outlive its connection.
+        // Cancelled when the reader stops, so that what follows the
+        // device for the cluster does not outlive its connection.
         let stop = self.shutdown.child_token();
         let unacked = Arc::new(Unacked::new(self.services.limits.push_window));
         let writer = tokio::spawn(
@@ -169,7 +172,6 @@ impl Connection {
                 sink,
                 tap: self.tap.clone(),
                 services: Arc::clone(&self.services),
-                stop: stop.clone(),
                 unacked: Arc::clone(&unacked),
             }
             .run(out_rx),
@@ -406,7 +408,6 @@ struct Writer<S> {
     sink: SplitSink<WebSocketStream<S>, Message>,
     tap: Option<FrameTap>,
     services: Arc<Services>,
-    stop: CancellationToken,
     unacked: Arc<Unacked>,
 }
 
@@ -425,6 +426,8 @@ struct Mailbox {
     unacked: Arc<Unacked>,
     /// The mailbox must be read before waiting again.
     read: bool,
+    /// A read failed (the store away): the next is not before this.
+    retry_at: Option<tokio::time::Instant>,
     synced: bool,
 }
 
@@ -538,8 +541,13 @@ where
         // Created on first use: most connections never have one waiting.
         let mut later: Option<FuturesOrdered<LaterResponse>> = None;
         loop {
-            // (A full push window waits for acknowledgements first.)
-            if let Some(mailbox) = mailbox.as_mut().filter(|m| m.read && m.has_room()) {
+            // (A full push window waits for acknowledgements first, and a
+            // failed read for its time to try again.)
+            let now = tokio::time::Instant::now();
+            if let Some(mailbox) = mailbox
+                .as_mut()
+                .filter(|m| m.read && m.has_room() && m.retry_at.is_none_or(|at| at <= now))
+            {
                 // Boxed: a read's state is only needed while it runs.
                 if Box::pin(self.read_mailbox(mailbox)).await.is_err()
                     || self.sink.flush().await.is_err()
@@ -548,6 +556,13 @@ where
                 }
             }
             let inbox = mailbox.as_ref().map(|m| Arc::clone(&m.inbox));
+            let retry_at = mailbox.as_ref().and_then(|m| m.retry_at);
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let signalled = async {
                 match &inbox {
                     Some(inbox) => inbox.signalled().await,
@@ -577,6 +592,8 @@ where
                 // Acknowledgements made room in a full window: the loop
                 // reads the mailbox on.
                 () = self.unacked.room.notified() => Ok(()),
+                // Time to read again after a failed read.
+                () = retry => Ok(()),
             };
             if result.is_err() || self.sink.flush().await.is_err() {
                 break;
@@ -618,6 +635,7 @@ where
                         pushed: BTreeSet::new(),
                         unacked: Arc::clone(&self.unacked),
                         read: true,
+                        retry_at: None,
                         synced: false,
                     });
                 }
@@ -706,6 +724,7 @@ where
     /// Reads the mailbox until it has pushed everything stored, then tells
     /// the device it is synced (once).
     async fn read_mailbox(&mut self, mailbox: &mut Mailbox) -> Result<(), Closed> {
+        mailbox.retry_at = None;
         loop {
             // Copies queued before this point were in the mailbox (written
             // or staged) before the read begins, so it finds them; copies
@@ -725,12 +744,18 @@ where
             {
                 Ok(batch) => batch,
                 Err(error) => {
-                    warn!(%error, "reading a mailbox failed; retrying");
-                    self.sink.flush().await.map_err(|_| Closed)?;
-                    tokio::select! {
-                        _ = self.stop.cancelled() => return Err(Closed),
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    // Tried again in a second. Meanwhile the connection
+                    // answers requests (refused too, while the store is
+                    // away), and pushes nothing from memory: `read` stays
+                    // set, so the order holds.
+                    if let umbra_store::StoreError::Unavailable(_) = error {
+                        // The store says once that its database is away.
+                        debug!(%error, "reading a mailbox failed; trying again");
+                    } else {
+                        warn!(%error, "reading a mailbox failed; trying again");
                     }
+                    mailbox.retry_at = Some(tokio::time::Instant::now() + READ_RETRY);
+                    return Ok(());
                 }
             };
             let full = batch.len() == MAILBOX_BATCH;

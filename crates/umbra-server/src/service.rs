@@ -202,6 +202,16 @@ fn internal(error: StoreError) -> ErrorReply {
             "the server's storage is full; nothing was stored, try again later",
         );
     }
+    if let StoreError::Unavailable(_) = error {
+        // The store's probe says when the database goes and comes back;
+        // not repeated for every request refused meanwhile.
+        tracing::debug!(%error, "a request failed: the database does not answer");
+        return refuse(
+            ErrorCode::Unavailable,
+            "the server's database does not answer; send this again shortly \
+             (if it was cut off half way, it may have been stored)",
+        );
+    }
     warn!(%error, "storage failure");
     refuse(
         ErrorCode::Internal,

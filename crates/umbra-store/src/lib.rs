@@ -71,6 +71,12 @@ pub enum StoreError {
     Full,
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
+    /// The database cannot be reached (a clustered backend whose database
+    /// server is down, stopped or cut off): the request was given up at
+    /// once instead of waiting for it, and may be sent again. One cut off
+    /// half way may or may not have been stored.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

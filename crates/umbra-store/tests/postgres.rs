@@ -2,9 +2,11 @@
 //! PostgreSQL server each test starts on a random loopback port.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::time::{Duration, Instant};
+
 use umbra_store::postgres::PgStore;
 use umbra_store::postgres::testing::PrivatePostgres;
-use umbra_store::{Mailboxes, StoreLimits, conformance};
+use umbra_store::{Accounts, Mailboxes, StoreError, StoreLimits, conformance};
 
 fn server() -> PrivatePostgres {
     PrivatePostgres::start(false).unwrap_or_else(|e| panic!("{e}"))
@@ -94,4 +96,78 @@ async fn postgres_nodes_starting_together_migrate_once() {
         .unwrap()
         .is_empty()
     );
+}
+
+/// How long the store may take to notice that the database went away: the
+/// probe's period and its patience, with room for a loaded machine.
+const NOTICED_WITHIN: Duration = Duration::from_secs(8);
+/// How long a request may take to be refused once the outage is known.
+const AT_ONCE: Duration = Duration::from_millis(500);
+
+/// Reads and writes until both are refused as unavailable; returns how
+/// long the first refusal took, and checks that each later one is fast.
+async fn refused_while_away(store: &PgStore) -> Duration {
+    let started = Instant::now();
+    let who = umbra_proto::AccountId::parse("AAAAAAAA").unwrap();
+    loop {
+        let read = store.schema_versions().await;
+        if let Err(StoreError::Unavailable(_)) = read {
+            break;
+        }
+        assert!(started.elapsed() < NOTICED_WITHIN, "still {read:?}");
+    }
+    let noticed = started.elapsed();
+    for _ in 0..10 {
+        let asked = Instant::now();
+        let read = store.schema_versions().await;
+        assert!(matches!(read, Err(StoreError::Unavailable(_))), "{read:?}");
+        let write = store.touch(&who, 20_000).await;
+        assert!(
+            matches!(write, Err(StoreError::Unavailable(_))),
+            "{write:?}"
+        );
+        assert!(
+            asked.elapsed() < AT_ONCE,
+            "refused after {:?}",
+            asked.elapsed()
+        );
+    }
+    noticed
+}
+
+/// Asks until the store answers again; returns how long that took.
+async fn served_again(store: &PgStore, within: Duration) -> Duration {
+    let started = Instant::now();
+    while let Err(error) = store.schema_versions().await {
+        assert!(started.elapsed() < within, "not served again: {error}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
+}
+
+/// The database stopped where it is (SIGSTOP: connections open, nothing
+/// answers), let go, then killed and started again: while it is away every
+/// request is refused at once as unavailable, the store serves again on
+/// its own when it is back, and what it stored before is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_away_is_refused_at_once_and_served_again() {
+    let mut pg = PrivatePostgres::start(true).unwrap_or_else(|e| panic!("{e}"));
+    let url = pg.create_database().await.unwrap();
+    let store = PgStore::connect(&url, StoreLimits::default())
+        .await
+        .unwrap();
+    let highest = conformance::survives_reopen_part_one(&store).await;
+
+    pg.pause().unwrap();
+    let noticed = refused_while_away(&store).await;
+    pg.resume().unwrap();
+    let back = served_again(&store, NOTICED_WITHIN).await;
+    eprintln!("paused: refused after {noticed:?}, served {back:?} after it went on");
+
+    pg.kill().unwrap();
+    let noticed = refused_while_away(&store).await;
+    pg.restart().unwrap();
+    let back = served_again(&store, NOTICED_WITHIN).await;
+    eprintln!("killed: refused after {noticed:?}, served {back:?} after the restart");
+    conformance::survives_reopen_part_two(&store, highest).await;
 }

@@ -110,7 +110,7 @@ impl Client {
                 // The server could not decide; nothing is known.
                 Err(
                     error @ ClientError::Server {
-                        code: ErrorCode::Internal | ErrorCode::ServerBusy,
+                        code: ErrorCode::Internal | ErrorCode::ServerBusy | ErrorCode::Unavailable,
                         ..
                     },
                 ) => return Verdict::Unknown(error),

@@ -22,6 +22,12 @@
 //! A node killed in the middle of a transaction leaves no lock behind:
 //! PostgreSQL aborts the transaction when its connection drops.
 //!
+//! While the database does not answer (down, stopped, cut off), requests
+//! fail at once with [`StoreError::Unavailable`] instead of each waiting
+//! out [`TRANSACTION_TIMEOUT`]: a probe on a connection of its own asks the
+//! database every [`PROBE_INTERVAL`], and the store serves again as soon
+//! as it answers.
+//!
 //! There is no ack window here: every copy is written before its sender is
 //! told "accepted" ([`crate::Durable::ready`]).
 
@@ -57,6 +63,11 @@ const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(15);
 /// Times a transaction is run again after a deadlock, serialization
 /// failure or unique-key race.
 const RETRIES: u32 = 8;
+/// How often the probe asks the database whether it answers.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the probe waits for an answer (a connection made, `SELECT 1`
+/// answered) before it holds the database to be away.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Key of the advisory lock that serialises migrations across nodes.
 const MIGRATION_LOCK: i64 = 0x756d_6272_615f_6d67; // "umbra_mg"
 
@@ -66,6 +77,8 @@ const MIGRATION_LOCK: i64 = 0x756d_6272_615f_6d67; // "umbra_mg"
 pub struct PgStore {
     pool: Pool,
     limits: StoreLimits,
+    /// Whether the probe finds the database away (see [`probe`]).
+    away: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -122,8 +135,10 @@ impl Failure {
 }
 
 /// A database error as the store reports it: a full disk is
-/// [`StoreError::Full`]. The text names the SQLSTATE and the server's
-/// message, never a parameter (which could be a ciphertext or a key).
+/// [`StoreError::Full`], a connection that failed or closed
+/// [`StoreError::Unavailable`]. The text names the SQLSTATE and the
+/// server's message, never a parameter (which could be a ciphertext or a
+/// key).
 pub(crate) fn backend(error: tokio_postgres::Error) -> StoreError {
     match error.code() {
         Some(code) if *code == SqlState::DISK_FULL => StoreError::Full,
@@ -134,12 +149,17 @@ pub(crate) fn backend(error: tokio_postgres::Error) -> StoreError {
                 .as_db_error()
                 .map_or_else(|| error.to_string(), |db| db.message().to_owned())
         )),
-        None => StoreError::Backend(format!("PostgreSQL unavailable: {error}")),
+        None => StoreError::Unavailable(format!("PostgreSQL: {error}")),
     }
 }
 
 fn pool_error(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(format!("PostgreSQL unavailable: {error}"))
+    StoreError::Unavailable(format!("PostgreSQL: {error}"))
+}
+
+/// What a request is told while the probe finds the database away.
+pub(crate) fn away() -> StoreError {
+    StoreError::Unavailable("PostgreSQL does not answer".into())
 }
 
 /// Runs `$body` in a transaction on a pooled connection, committing if it
@@ -147,7 +167,8 @@ fn pool_error(error: impl std::fmt::Display) -> StoreError {
 /// PostgreSQL aborted it for a reason a retry can cure. `$tx` names the
 /// transaction inside the body, whose `?` takes database and store errors
 /// alike. The whole, retries included, is bounded by
-/// [`TRANSACTION_TIMEOUT`].
+/// [`TRANSACTION_TIMEOUT`], and given up at once (or not started) while
+/// the probe finds the database away.
 macro_rules! transaction {
     ($store:expr, $tx:ident => $body:expr) => {
         $crate::postgres::transaction!($store, ReadCommitted, false, $tx => $body)
@@ -184,11 +205,14 @@ macro_rules! transaction {
                 }
             }
         };
-        match tokio::time::timeout($crate::postgres::TRANSACTION_TIMEOUT, work).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err($crate::StoreError::Backend(
-                "PostgreSQL did not answer in time".into(),
-            )),
+        tokio::select! {
+            biased;
+            () = store.gone_away() => Err($crate::postgres::away()),
+            outcome = tokio::time::timeout($crate::postgres::TRANSACTION_TIMEOUT, work) => {
+                outcome.unwrap_or_else(|_| Err($crate::StoreError::Unavailable(
+                    "PostgreSQL did not answer in time".into(),
+                )))
+            }
         }
     }};
 }
@@ -286,7 +310,7 @@ impl PgStore {
         );
         config.keepalives_idle(Duration::from_secs(30));
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -300,9 +324,20 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(pool_error)?;
-        let store = PgStore { pool, limits };
+        let (state, away) = tokio::sync::watch::channel(false);
+        let store = PgStore { pool, limits, away };
         store.migrate().await?;
+        tokio::spawn(probe(config, state));
         Ok(store)
+    }
+
+    /// Resolves once the probe finds the database away (at once if it is
+    /// now); never if there is no probe.
+    async fn gone_away(&self) {
+        let mut away = self.away.clone();
+        if away.wait_for(|away| *away).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     async fn client(&self) -> Result<Pooled> {
@@ -389,4 +424,56 @@ pub(crate) fn lock_key(parts: &[&[u8]]) -> i64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(first)
+}
+
+/// Asks the database every [`PROBE_INTERVAL`], on a connection of its own
+/// (so a pool taken up by slow requests does not look like an outage),
+/// whether it answers, and tells the stores through `state`. Ends when the
+/// last store (clone) is dropped.
+async fn probe(config: tokio_postgres::Config, state: tokio::sync::watch::Sender<bool>) {
+    let mut link = None;
+    let mut tick = tokio::time::interval(PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if state.is_closed() {
+            return;
+        }
+        let answered = matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, ask(&config, &mut link)).await,
+            Ok(Ok(()))
+        );
+        if !answered && let Some((_, connection)) = link.take() {
+            // A connection that did not answer is given up (its socket
+            // closed), not kept waiting for a database that may never
+            // answer on it.
+            tokio::task::JoinHandle::abort(&connection);
+        }
+        let changed = state.send_if_modified(|away| std::mem::replace(away, !answered) == answered);
+        if changed && answered {
+            tracing::info!("PostgreSQL answers again: requests are served");
+        } else if changed {
+            tracing::warn!(
+                "PostgreSQL does not answer: requests fail at once (retryable) until it does"
+            );
+        }
+    }
+}
+
+/// One probe: a connection if there is none, then `SELECT 1`.
+async fn ask(
+    config: &tokio_postgres::Config,
+    link: &mut Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    if link.as_ref().is_none_or(|(client, _)| client.is_closed()) {
+        let (client, connection) = config.connect(NoTls).await?;
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        *link = Some((client, connection));
+    }
+    if let Some((client, _)) = link.as_ref() {
+        client.simple_query("SELECT 1").await?;
+    }
+    Ok(())
 }

@@ -22,6 +22,7 @@ pub struct PrivatePostgres {
     child: Option<Child>,
     bin: PathBuf,
     owner: Option<(u32, u32)>,
+    durable: bool,
     databases: std::sync::atomic::AtomicU32,
 }
 
@@ -109,6 +110,44 @@ fn as_owner(command: &mut Command, owner: Option<(u32, u32)>) {
     }
 }
 
+/// The processes whose parent is `parent`, from `/proc`.
+fn children(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // "pid (command) state ppid ...": the command may hold spaces
+            // and parentheses, so read after the last ')'.
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
+}
+
+/// `kill SIGNAL PID...` (processes already gone are no failure).
+fn send(signal: &str, pids: &[u32]) -> Result<()> {
+    if pids.is_empty() {
+        return Ok(());
+    }
+    Command::new("kill")
+        .arg(signal)
+        .args(pids.iter().map(u32::to_string))
+        .stderr(Stdio::null())
+        .status()
+        .map_err(failed)?;
+    Ok(())
+}
+
 /// A loopback port free at the moment.
 fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(failed)?;
@@ -155,6 +194,7 @@ impl PrivatePostgres {
             child: None,
             bin,
             owner,
+            durable,
             databases: std::sync::atomic::AtomicU32::new(0),
         };
         // A port found free may be taken before the server binds it: try
@@ -162,7 +202,7 @@ impl PrivatePostgres {
         let mut last = None;
         for _ in 0..5 {
             server.port = free_port()?;
-            match server.launch(durable) {
+            match server.launch() {
                 Ok(()) => return Ok(server),
                 Err(error) => last = Some(error),
             }
@@ -170,7 +210,8 @@ impl PrivatePostgres {
         Err(last.unwrap_or_else(|| failed("could not start")))
     }
 
-    fn launch(&mut self, durable: bool) -> Result<()> {
+    fn launch(&mut self) -> Result<()> {
+        let durable = self.durable;
         let data = self.dir.path().join("data");
         let log = std::fs::File::create(self.dir.path().join("server.log")).map_err(failed)?;
         chown(&self.dir.path().join("server.log"), self.owner)?;
@@ -257,6 +298,68 @@ impl PrivatePostgres {
         Ok(self.url(&name))
     }
 
+    /// Sends `signal` to the postmaster, then to every process it started
+    /// (its backends and helpers: each in a session of its own, so not
+    /// reached through a process group).
+    fn signal(&self, signal: &str) -> Result<()> {
+        let child = self.child.as_ref().ok_or_else(|| failed("not running"))?;
+        // The postmaster first: stopped or killed, it starts no process
+        // that the list below would miss.
+        send(signal, &[child.id()])?;
+        send(signal, &children(child.id()))
+    }
+
+    /// Stops every process of the server where it is (`SIGSTOP`):
+    /// connections stay open and nothing answers, as when the database's
+    /// machine hangs or the network drops its packets.
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a paused server go on (`SIGCONT`).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    /// Kills every process of the server (`SIGKILL`, paused or not),
+    /// leaving its data directory as a crash would.
+    pub fn kill(&mut self) -> Result<()> {
+        let child = self.child.as_ref().ok_or_else(|| failed("not running"))?;
+        // Listed while they are still the postmaster's children.
+        send("-STOP", &[child.id()])?;
+        let backends = children(child.id());
+        send("-KILL", &[child.id()])?;
+        send("-KILL", &backends)?;
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+        // Until the last backend is gone, its shared memory keeps a new
+        // server from starting.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while backends
+            .iter()
+            .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on its port and data directory (after
+    /// [`PrivatePostgres::kill`]: it recovers from its write-ahead log).
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            return Err(failed("still running"));
+        }
+        self.launch()
+    }
+
+    /// The server's log so far, to show when a test fails.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
     /// A store on a new, empty database of this server.
     pub async fn fresh_store(&self, limits: StoreLimits) -> Result<PgStore> {
         PgStore::connect(&self.create_database().await?, limits).await
@@ -265,9 +368,14 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            // A paused server goes on first, so that it can stop.
+            let _ = self.resume();
+        }
         if let Some(mut child) = self.child.take() {
             // Immediate shutdown: SIGQUIT to the postmaster, which stops
-            // its backends; SIGKILL if it is still there after 5 s.
+            // its backends; SIGKILL to them all if it is still there
+            // after 5 s.
             let _ = Command::new("kill")
                 .args(["-QUIT", &child.id().to_string()])
                 .status();
@@ -278,6 +386,7 @@ impl Drop for PrivatePostgres {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            let _ = send("-KILL", &children(child.id()));
             let _ = child.kill();
             let _ = child.wait();
         }
