@@ -3,6 +3,8 @@
 //! node's data directory holding the same certificate and keys, as an
 //! operator deploys them), without and with NATS between the nodes (a
 //! private nats-server on a random loopback port, killed and restarted).
+//! The faults: a node killed while a device sends and while members
+//! commit, PostgreSQL stopped and killed, a reconnect storm.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -429,6 +431,223 @@ async fn sends_are_refused_at_once_while_postgres_is_away_and_nothing_accepted_i
     }
     assert_eq!(received, accepted, "every accepted message once, in order");
     drop((alice, bob, nats));
+    node_a.stop();
+    node_b.stop();
+}
+
+/// Commits (key updates) until one goes through, connecting again (to
+/// whichever node answers) after a failure; a commit cut off by a dying
+/// node stays pending in the device and is settled on the next connection.
+/// Returns how many attempts failed.
+async fn update_keys_through(device: &Device) -> usize {
+    let started = std::time::Instant::now();
+    let mut failed = 0;
+    while let Err(error) = device.client.update_keys().await {
+        assert!(
+            started.elapsed() < common::PATIENCE,
+            "never committed: {error}"
+        );
+        eprintln!("a commit failed: {error}");
+        failed += 1;
+        reconnect(device).await;
+    }
+    failed
+}
+
+/// `rounds` key updates, one after the other, each counted in `done`;
+/// returns how many attempts failed.
+async fn commit_rounds(
+    device: &Device,
+    rounds: usize,
+    done: &std::sync::atomic::AtomicUsize,
+) -> usize {
+    let mut failed = 0;
+    for _ in 0..rounds {
+        failed += update_keys_through(device).await;
+        done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    failed
+}
+
+/// Every group's commits, as the database holds them, are one per epoch
+/// from its first to the one before its current epoch: no gap.
+async fn assert_no_epoch_gap(url: &str) {
+    let groups = umbra_store::postgres::testing::query(
+        url,
+        "SELECT encode(g.group_id, 'hex'), g.epoch, \
+                string_agg(c.epoch::text, ',' ORDER BY c.epoch) \
+         FROM groups g JOIN group_commits c ON c.group_id = g.group_id \
+         GROUP BY g.group_id, g.epoch",
+    )
+    .await
+    .unwrap();
+    assert!(!groups.is_empty());
+    for row in groups {
+        let [Some(group), Some(epoch), Some(commits)] = &row[..] else {
+            panic!("{row:?}");
+        };
+        let epoch: u64 = epoch.parse().unwrap();
+        let commits: Vec<u64> = commits.split(',').map(|e| e.parse().unwrap()).collect();
+        let first = commits[0];
+        assert_eq!(
+            commits,
+            (first..epoch).collect::<Vec<_>>(),
+            "group {group}: one commit per epoch up to {epoch}"
+        );
+    }
+}
+
+/// A node killed (SIGKILL) while two members commit through it, racing for
+/// the same epochs: their devices go to the other node, the commits cut off
+/// are settled, the database holds one commit per epoch with no gap, and
+/// the group is not stuck: everyone reads everyone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_in_the_middle_of_commits_leaves_no_gap_and_no_stuck_group() {
+    let pg = PrivatePostgres::start(false).unwrap();
+    let url = pg.create_database().await.unwrap();
+    let nats = PrivateNats::start(None);
+    let (_dir, a, b) = data_directories(&url, Some(&nats.url()));
+    let address_b = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let node_a = common::ServerProcess::start(&a, None).await;
+    let mut devices = Vec::new();
+    for _ in 0..3 {
+        let mut activation = activation_at(&a, node_a.address).await;
+        activation.address = format!("{},{address_b}", node_a.address);
+        devices.push(Device::activate_untimed(&activation, options()).await);
+    }
+    let [mut alice, mut bob, mut carol] = <[Device; 3]>::try_from(devices).ok().unwrap();
+    common::befriend(&mut alice, &mut bob).await;
+    common::befriend(&mut alice, &mut carol).await;
+    let group = alice
+        .client
+        .create_group("through a dying node", &[bob.id(), carol.id()])
+        .await
+        .unwrap();
+    for device in [&mut bob, &mut carol] {
+        device
+            .wait_for(|e| {
+                matches!(e, umbra_client::Event::ConversationStarted { .. }).then_some(())
+            })
+            .await;
+    }
+    let node_b = common::ServerProcess::start(&b, Some(address_b)).await;
+
+    // Bob and Carol commit at once, round after round; node A dies once
+    // four commits went through, with the next ones under way.
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let killer = async {
+        while done.load(std::sync::atomic::Ordering::SeqCst) < 4 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        node_a.kill();
+    };
+    let (bob_failed, carol_failed, ()) = tokio::join!(
+        commit_rounds(&bob, 6, &done),
+        commit_rounds(&carol, 6, &done),
+        killer
+    );
+    // The node died under commits in flight: at least one was cut off.
+    assert!(bob_failed + carol_failed > 0, "the kill cut no commit off");
+
+    assert_no_epoch_gap(&url).await;
+    if !alice.client.is_connected() {
+        reconnect(&alice).await;
+    }
+    for (from, text) in [
+        (&bob, "from bob"),
+        (&carol, "from carol"),
+        (&alice, "from alice"),
+    ] {
+        from.client.send_text(&group, text).await.unwrap();
+    }
+    for (device, expected) in [
+        (&mut alice, ["from bob", "from carol"]),
+        (&mut bob, ["from alice", "from carol"]),
+        (&mut carol, ["from alice", "from bob"]),
+    ] {
+        let mut got = vec![device.next_text().await.1, device.next_text().await.1];
+        got.sort();
+        assert_eq!(got, expected);
+    }
+    drop((alice, bob, carol, nats, node_b));
+}
+
+/// A reconnect storm spread over the nodes: sixteen pairs whose devices
+/// list both nodes; the receivers are away while their senders write,
+/// then all thirty-two devices connect again at the same moment (each
+/// attempt starting one node further along, so they land on both). Every
+/// device is served, every message stored meanwhile arrives exactly once
+/// and in order, and delivery is live again across the nodes after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_over_two_nodes_loses_nothing() {
+    const PAIRS: usize = 16;
+    const BACKLOG: usize = 5;
+    let pg = PrivatePostgres::start(false).unwrap();
+    let url = pg.create_database().await.unwrap();
+    let nats = PrivateNats::start(None);
+    let (_dir, a, b) = data_directories(&url, Some(&nats.url()));
+    let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
+    let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
+    let both = format!("{},{}", node_a.address, node_b.address);
+    let mut pairs = Vec::new();
+    for _ in 0..PAIRS {
+        let mut devices = Vec::new();
+        for _ in 0..2 {
+            let mut activation = activation_at(&a, node_a.address).await;
+            activation.address = both.clone();
+            devices.push(Device::activate_untimed(&activation, options()).await);
+        }
+        let (mut sender, mut receiver) = (devices.remove(0), devices.remove(0));
+        let (to_receiver, _) = common::befriend(&mut sender, &mut receiver).await;
+        pairs.push((sender, receiver, to_receiver));
+    }
+
+    for (sender, receiver, to_receiver) in &pairs {
+        receiver.client.disconnect();
+        for n in 0..BACKLOG {
+            sender
+                .client
+                .send_text(to_receiver, &format!("stored {n}"))
+                .await
+                .unwrap();
+        }
+        sender.client.disconnect();
+    }
+    let storm = std::time::Instant::now();
+    let all = pairs
+        .iter()
+        .flat_map(|(sender, receiver, _)| [sender, receiver]);
+    let connected = futures_util::future::join_all(all.map(|device| async move {
+        let started = std::time::Instant::now();
+        while let Err(error) = device.client.connect().await {
+            assert!(
+                started.elapsed() < common::PATIENCE,
+                "never served: {error}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }))
+    .await;
+    eprintln!(
+        "{} devices served again {:?} after the storm began",
+        connected.len(),
+        storm.elapsed()
+    );
+
+    for (sender, receiver, to_receiver) in &mut pairs {
+        for n in 0..BACKLOG {
+            assert_eq!(
+                receiver.next_text().await,
+                (sender.id(), format!("stored {n}"))
+            );
+        }
+        sender.client.send_text(to_receiver, "live").await.unwrap();
+        assert_eq!(receiver.next_text().await, (sender.id(), "live".into()));
+    }
+    drop((pairs, nats));
     node_a.stop();
     node_b.stop();
 }

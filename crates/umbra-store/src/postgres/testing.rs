@@ -366,6 +366,29 @@ impl PrivatePostgres {
     }
 }
 
+/// Runs `sql` on the database at `url` and returns its rows, each value as
+/// text (NULL as `None`): for tests that look at what the store wrote.
+pub async fn query(url: &str, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(super::backend)?;
+    let task = tokio::spawn(connection);
+    let messages = client.simple_query(sql).await.map_err(super::backend)?;
+    drop(client);
+    let _ = task.await;
+    Ok(messages
+        .into_iter()
+        .filter_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_owned))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect())
+}
+
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         if self.child.is_some() {
