@@ -81,6 +81,20 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Refuses a database whose schema is at `applied`, past the `newest`
+/// migration this build knows: a newer server migrated it (an upgrade
+/// rolled back, a newer backup restored), and this one would misread it.
+pub(crate) fn refuse_newer_schema(applied: i64, newest: i64) -> Result<()> {
+    if applied > newest {
+        return Err(StoreError::Backend(format!(
+            "the database's schema is at version {applied}, newer than this umbra-server \
+             knows ({newest}): a newer umbra-server upgraded it; run that version (going \
+             back needs a backup taken before the upgrade)"
+        )));
+    }
+    Ok(())
+}
+
 /// SHA-256 of an activation code's canonical form. Codes are stored hashed,
 /// so a copy of the database does not hand out unused codes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

@@ -98,6 +98,34 @@ async fn postgres_nodes_starting_together_migrate_once() {
     );
 }
 
+/// A database a newer server migrated is refused by an older one, which
+/// neither migrates it nor uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_from_a_newer_server_is_refused() {
+    let pg = server();
+    let url = pg.create_database().await.unwrap();
+    let store = PgStore::connect(&url, StoreLimits::default())
+        .await
+        .unwrap();
+    let (newest, _) = store.schema_versions().await.unwrap();
+    drop(store);
+    umbra_store::postgres::testing::query(
+        &url,
+        &format!(
+            "INSERT INTO schema_migrations (version) VALUES ({})",
+            newest + 1
+        ),
+    )
+    .await
+    .unwrap();
+    let refused = PgStore::connect(&url, StoreLimits::default()).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Backend(m)) if m.contains("newer")),
+        "{:?}",
+        refused.map(|_| ())
+    );
+}
+
 /// How long the store may take to notice that the database went away: the
 /// probe's period and its patience, with room for a loaded machine.
 const NOTICED_WITHIN: Duration = Duration::from_secs(8);

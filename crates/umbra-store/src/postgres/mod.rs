@@ -363,6 +363,10 @@ impl PgStore {
                 .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
                 .await?
                 .get(0);
+            crate::refuse_newer_schema(
+                i64::from(applied),
+                MIGRATIONS.last().map_or(0, |(v, _)| i64::from(*v)),
+            )?;
             for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
                 tx.batch_execute(sql).await?;
                 tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version])

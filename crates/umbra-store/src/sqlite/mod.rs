@@ -261,6 +261,10 @@ impl SqliteStore {
         let applied: u32 = tx
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .map_err(backend)?;
+        crate::refuse_newer_schema(
+            i64::from(applied),
+            MIGRATIONS.last().map_or(0, |(v, _)| i64::from(*v)),
+        )?;
         for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
             tx.execute_batch(sql).map_err(backend)?;
             if *version == 11 {
@@ -3100,5 +3104,24 @@ mod tests {
         let server = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
         let admin = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
         crate::conformance::sees_another_writer(&server, &admin).await;
+    }
+
+    /// A database a newer server migrated (an upgrade rolled back, or a
+    /// newer backup restored) is refused, not used with a schema this
+    /// build does not know.
+    #[test]
+    fn a_database_from_a_newer_server_is_refused() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("umbra.db");
+        drop(SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}")));
+        let newer = MIGRATIONS.last().map_or(0, |(v, _)| *v) + 1;
+        Connection::open(&path)
+            .and_then(|c| c.pragma_update(None, "user_version", newer))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let refused = SqliteStore::open(&path).map(|_| ());
+        assert!(
+            matches!(&refused, Err(StoreError::Backend(m)) if m.contains("newer")),
+            "{refused:?}"
+        );
     }
 }
