@@ -42,7 +42,7 @@ Getting started:
 The passphrase is asked at a prompt, or read from UMBRA_PASSPHRASE.
 
 Exit codes: 0 success, 1 failure, 2 usage error, 3 wrong passphrase,
-4 server unreachable, not authentic or its database away (try again),
+4 server unreachable, not authentic, or busy (try again later),
 5 refused by the server,
 6 no device in --home.";
 
@@ -426,7 +426,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
             | ClientError::NotConnected
             | ClientError::Timeout(_)
             | ClientError::Server {
-                code: umbra_client::ErrorCode::Unavailable,
+                code: umbra_client::ErrorCode::ServerBusy,
                 ..
             },
         ) => exit::NETWORK,

@@ -350,7 +350,7 @@ async fn send_when_back(
     while let Err(error) = device.client.send_text(to, text).await {
         assert_eq!(
             error.server_code(),
-            Some(umbra_client::ErrorCode::Unavailable),
+            Some(umbra_client::ErrorCode::ServerBusy),
             "{error}"
         );
         assert!(started.elapsed() < patience, "not served again: {error}");
@@ -360,7 +360,7 @@ async fn send_when_back(
 
 /// The cluster's database stopped where it is (SIGSTOP) and let go, then
 /// killed (SIGKILL) and started again: meanwhile a device's sends are
-/// refused as UNAVAILABLE, at once once the node knows; afterwards they
+/// refused as SERVER_BUSY, at once once the node knows; afterwards they
 /// are accepted again, and every message that was accepted arrives
 /// exactly once, in order, on the other node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,8 +388,9 @@ async fn sends_are_refused_at_once_while_postgres_is_away_and_nothing_accepted_i
             pg.kill().unwrap();
         }
         // The first send waits until the node finds the database away (a
-        // probe a second, patient for 3 s); those after it are refused at
-        // once.
+        // probe a second, two without an answer, each patient for 2 s);
+        // those after it are refused at once (about a millisecond; a
+        // transaction's own bound is 15 s).
         let mut took = Vec::new();
         for n in 0..5 {
             let asked = std::time::Instant::now();
@@ -400,7 +401,7 @@ async fn sends_are_refused_at_once_while_postgres_is_away_and_nothing_accepted_i
                 .expect_err("nothing is stored while the database is away");
             assert_eq!(
                 refused.server_code(),
-                Some(umbra_client::ErrorCode::Unavailable),
+                Some(umbra_client::ErrorCode::ServerBusy),
                 "{refused}"
             );
             took.push(asked.elapsed());
@@ -410,7 +411,7 @@ async fn sends_are_refused_at_once_while_postgres_is_away_and_nothing_accepted_i
         assert!(
             took[1..]
                 .iter()
-                .all(|t| *t < std::time::Duration::from_millis(500)),
+                .all(|t| *t < std::time::Duration::from_secs(2)),
             "{took:?}"
         );
         if outage == "paused" {

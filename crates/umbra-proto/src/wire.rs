@@ -546,10 +546,6 @@ pub enum ErrorCode {
     InvalidToken = 39,
     /// The token was spent already.
     TokenSpent = 40,
-    /// The server's database does not answer for now (a cluster's
-    /// database down or cut off): the request was given up at once. Send it
-    /// again later; one cut off half way may or may not have been stored.
-    Unavailable = 41,
 }
 
 /// Signed token inputs, in the order asked, under the key named.

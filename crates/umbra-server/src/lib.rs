@@ -292,6 +292,13 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    if let Some(away) = services.store.away() {
+        tracker.spawn(read_again_when_back(
+            Arc::clone(&services),
+            away,
+            shutdown.clone(),
+        ));
+    }
     tracker.spawn(sweep_expired(
         Arc::clone(&services),
         config.expiry_sweep_interval,
@@ -459,6 +466,29 @@ async fn keep_in_step(
             cluster.ask_all_to_poll().await;
             services.registry.wake_all();
         } else if ticks % safety == 0 {
+            services.registry.wake_all();
+        }
+    }
+}
+
+/// When the store's database returns after being away, every connection
+/// of this node reads its mailbox: a request cut off while the database
+/// went away may have stored copies nobody was told of.
+async fn read_again_when_back(
+    services: Arc<Services>,
+    mut away: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = away.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        if !*away.borrow_and_update() {
             services.registry.wake_all();
         }
     }

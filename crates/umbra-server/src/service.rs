@@ -204,12 +204,12 @@ fn internal(error: StoreError) -> ErrorReply {
     }
     if let StoreError::Unavailable(_) = error {
         // The store's probe says when the database goes and comes back;
-        // not repeated for every request refused meanwhile.
+        // not repeated for every request refused meanwhile. SERVER_BUSY,
+        // which every client already treats as "try again later".
         tracing::debug!(%error, "a request failed: the database does not answer");
         return refuse(
-            ErrorCode::Unavailable,
-            "the server's database does not answer; send this again shortly \
-             (if it was cut off half way, it may have been stored)",
+            ErrorCode::ServerBusy,
+            "the server's database does not answer; nothing was stored, send this again shortly",
         );
     }
     warn!(%error, "storage failure");

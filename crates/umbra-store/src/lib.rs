@@ -731,6 +731,12 @@ pub trait Mailboxes: Send + Sync {
     fn dense_ids(&self) -> bool {
         false
     }
+    /// For a store on a database server: whether it finds the database
+    /// away now (`true`), changing as it does, so that a node can read its
+    /// connections' mailboxes again when it returns.
+    fn away(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
     /// Deletes deliveries whose time to live has passed, the hashes of
     /// commits accepted [`COMMIT_HASH_LIFETIME`] or longer ago, and contact
     /// requests left unanswered for [`CONTACT_REQUEST_LIFETIME`]; returns

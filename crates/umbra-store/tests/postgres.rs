@@ -129,8 +129,9 @@ async fn postgres_from_a_newer_server_is_refused() {
 /// How long the store may take to notice that the database went away: the
 /// probe's period and its patience, with room for a loaded machine.
 const NOTICED_WITHIN: Duration = Duration::from_secs(8);
-/// How long a request may take to be refused once the outage is known.
-const AT_ONCE: Duration = Duration::from_millis(500);
+/// How long a request may take to be refused once the outage is known
+/// (about a millisecond; a transaction's own bound is 15 s).
+const AT_ONCE: Duration = Duration::from_secs(2);
 
 /// Reads and writes until both are refused as unavailable; returns how
 /// long the first refusal took, and checks that each later one is fast.
@@ -145,6 +146,7 @@ async fn refused_while_away(store: &PgStore) -> Duration {
         assert!(started.elapsed() < NOTICED_WITHIN, "still {read:?}");
     }
     let noticed = started.elapsed();
+    assert!(noticed < NOTICED_WITHIN, "refused only after {noticed:?}");
     for _ in 0..10 {
         let asked = Instant::now();
         let read = store.schema_versions().await;

@@ -110,7 +110,7 @@ impl Client {
                 // The server could not decide; nothing is known.
                 Err(
                     error @ ClientError::Server {
-                        code: ErrorCode::Internal | ErrorCode::ServerBusy | ErrorCode::Unavailable,
+                        code: ErrorCode::Internal | ErrorCode::ServerBusy,
                         ..
                     },
                 ) => return Verdict::Unknown(error),

@@ -358,6 +358,10 @@ impl Mailboxes for PgStore {
         true
     }
 
+    fn away(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.away.clone())
+    }
+
     async fn ack(&self, recipient: &DeviceAddr, ids: &[u64]) -> Result<usize> {
         // IDs beyond the column's range name nothing stored.
         let ids: Vec<i64> = ids

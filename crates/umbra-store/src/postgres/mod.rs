@@ -25,8 +25,10 @@
 //! While the database does not answer (down, stopped, cut off), requests
 //! fail at once with [`StoreError::Unavailable`] instead of each waiting
 //! out [`TRANSACTION_TIMEOUT`]: a probe on a connection of its own asks the
-//! database every [`PROBE_INTERVAL`], and the store serves again as soon
-//! as it answers.
+//! database every [`PROBE_INTERVAL`] and holds it away after two probes in
+//! a row without an answer; the store serves again as soon as it answers.
+//! A transaction already past its statements (sending COMMIT) is never
+//! cut off this way, so what the database commits is what the node says.
 //!
 //! There is no ack window here: every copy is written before its sender is
 //! told "accepted" ([`crate::Durable::ready`]).
@@ -66,8 +68,9 @@ const RETRIES: u32 = 8;
 /// How often the probe asks the database whether it answers.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the probe waits for an answer (a connection made, `SELECT 1`
-/// answered) before it holds the database to be away.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// answered). Two probes in a row without one (the second at once after
+/// the first) and the database is held to be away.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Key of the advisory lock that serialises migrations across nodes.
 const MIGRATION_LOCK: i64 = 0x756d_6272_615f_6d67; // "umbra_mg"
 
@@ -149,12 +152,31 @@ pub(crate) fn backend(error: tokio_postgres::Error) -> StoreError {
                 .as_db_error()
                 .map_or_else(|| error.to_string(), |db| db.message().to_owned())
         )),
-        None => StoreError::Unavailable(format!("PostgreSQL: {error}")),
+        None if error.is_closed() || io_error(&error) => {
+            StoreError::Unavailable(format!("PostgreSQL: {error}"))
+        }
+        None => StoreError::Backend(format!("PostgreSQL client: {error}")),
     }
 }
 
-fn pool_error(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(format!("PostgreSQL: {error}"))
+/// Whether `error` is a failure of the connection itself (refused, reset,
+/// timed out) rather than of something asked on it.
+fn io_error(error: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>())
+}
+
+/// A pool's failure: every connection busy is the node's own load, not an
+/// outage; a connection that cannot be made is.
+fn pool_error(error: deadpool_postgres::PoolError) -> StoreError {
+    match error {
+        deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+            StoreError::Backend(format!(
+                "PostgreSQL: {error} (every pooled connection busy)"
+            ))
+        }
+        deadpool_postgres::PoolError::Backend(error) => backend(error),
+        error => StoreError::Unavailable(format!("PostgreSQL: {error}")),
+    }
 }
 
 /// What a request is told while the probe finds the database away.
@@ -181,16 +203,45 @@ macro_rules! transaction {
         let work = async {
             let mut attempt = 0u32;
             loop {
-                let mut client = store.client().await?;
+                // While the database is away: refused at once, or let go
+                // while waiting for a connection.
+                let mut client = tokio::select! {
+                    biased;
+                    () = store.gone_away() => break Err($crate::postgres::away()),
+                    client = store.client() => client?,
+                };
                 let outcome: std::result::Result<_, $crate::postgres::Failure> = async {
-                    let $tx = client
-                        .build_transaction()
-                        .isolation_level(tokio_postgres::IsolationLevel::$level)
-                        .read_only($read_only)
-                        .start()
-                        .await?;
-                    let value = async { $body }.await?;
-                    $tx.commit().await?;
+                    // Let go if the database goes away before COMMIT is
+                    // sent (rolled back when the connection closes); from
+                    // COMMIT on, the answer is waited for (within the
+                    // bound below), so a commit the database made is never
+                    // reported as failed because of the probe.
+                    let ($tx, value) = tokio::select! {
+                        biased;
+                        () = store.gone_away() => {
+                            return Err($crate::postgres::Failure::Store($crate::postgres::away()));
+                        }
+                        done = async {
+                            let $tx = client
+                                .build_transaction()
+                                .isolation_level(tokio_postgres::IsolationLevel::$level)
+                                .read_only($read_only)
+                                .start()
+                                .await?;
+                            let value = async { $body }.await?;
+                            Ok::<_, $crate::postgres::Failure>(($tx, value))
+                        } => done?,
+                    };
+                    // A COMMIT the database refused (a serialization
+                    // failure) may be retried; one whose answer was lost
+                    // with the connection may have been applied, and is
+                    // reported as such, not as "nothing stored".
+                    $tx.commit().await.map_err(|error| match error.code() {
+                        Some(_) => $crate::postgres::Failure::Db(error),
+                        None => $crate::postgres::Failure::Store($crate::StoreError::Backend(
+                            format!("PostgreSQL did not confirm the commit: {error}"),
+                        )),
+                    })?;
                     Ok(value)
                 }
                 .await;
@@ -205,15 +256,11 @@ macro_rules! transaction {
                 }
             }
         };
-        tokio::select! {
-            biased;
-            () = store.gone_away() => Err($crate::postgres::away()),
-            outcome = tokio::time::timeout($crate::postgres::TRANSACTION_TIMEOUT, work) => {
-                outcome.unwrap_or_else(|_| Err($crate::StoreError::Unavailable(
-                    "PostgreSQL did not answer in time".into(),
-                )))
-            }
-        }
+        tokio::time::timeout($crate::postgres::TRANSACTION_TIMEOUT, work)
+            .await
+            .unwrap_or_else(|_| Err($crate::StoreError::Backend(
+                "PostgreSQL did not finish the transaction in time".into(),
+            )))
     }};
 }
 pub(crate) use transaction;
@@ -323,11 +370,11 @@ impl PgStore {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(pool_error)?;
+            .map_err(|error| StoreError::Backend(format!("PostgreSQL pool: {error}")))?;
         let (state, away) = tokio::sync::watch::channel(false);
         let store = PgStore { pool, limits, away };
         store.migrate().await?;
-        tokio::spawn(probe(config, state));
+        tokio::spawn(probe(config, state, store.pool.clone()));
         Ok(store)
     }
 
@@ -432,36 +479,69 @@ pub(crate) fn lock_key(parts: &[&[u8]]) -> i64 {
 
 /// Asks the database every [`PROBE_INTERVAL`], on a connection of its own
 /// (so a pool taken up by slow requests does not look like an outage),
-/// whether it answers, and tells the stores through `state`. Ends when the
+/// whether it answers, and tells the stores through `state`: away after
+/// two probes in a row without an answer, back at the first answer (then
+/// the pool's connections are dropped, since one cut off by a network
+/// fault may look open and cost a request its whole bound). Ends when the
 /// last store (clone) is dropped.
-async fn probe(config: tokio_postgres::Config, state: tokio::sync::watch::Sender<bool>) {
+async fn probe(
+    config: tokio_postgres::Config,
+    state: tokio::sync::watch::Sender<bool>,
+    pool: Pool,
+) {
     let mut link = None;
+    let mut silent = 0u32;
     let mut tick = tokio::time::interval(PROBE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        // After one probe without an answer, the next goes at once.
+        if silent != 1 {
+            tick.tick().await;
+        }
         if state.is_closed() {
             return;
         }
-        let answered = matches!(
-            tokio::time::timeout(PROBE_TIMEOUT, ask(&config, &mut link)).await,
-            Ok(Ok(()))
-        );
-        if !answered && let Some((_, connection)) = link.take() {
-            // A connection that did not answer is given up (its socket
-            // closed), not kept waiting for a database that may never
-            // answer on it.
-            tokio::task::JoinHandle::abort(&connection);
+        let silence = match tokio::time::timeout(PROBE_TIMEOUT, ask(&config, &mut link)).await {
+            Ok(Ok(())) => None,
+            // The database replied, if with an error (too many
+            // connections, a role refused): it is there, and requests get
+            // its own errors.
+            Ok(Err(error)) if replied(&error) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_) => Some(format!("no answer within {PROBE_TIMEOUT:?}")),
+        };
+        let Some(why) = silence else {
+            silent = 0;
+            if state.send_if_modified(|away| std::mem::replace(away, false)) {
+                pool.retain(|_, _| false);
+                tracing::info!("PostgreSQL answers again: requests are served");
+            }
+            continue;
+        };
+        // A connection that did not answer is given up (its socket
+        // closed), not kept waiting for a database that may never answer
+        // on it.
+        if let Some((_, connection)) = link.take() {
+            connection.abort();
         }
-        let changed = state.send_if_modified(|away| std::mem::replace(away, !answered) == answered);
-        if changed && answered {
-            tracing::info!("PostgreSQL answers again: requests are served");
-        } else if changed {
+        silent = silent.saturating_add(1);
+        if silent >= 2 && state.send_if_modified(|away| !std::mem::replace(away, true)) {
             tracing::warn!(
+                %why,
                 "PostgreSQL does not answer: requests fail at once (retryable) until it does"
             );
         }
     }
+}
+
+/// Whether the database itself sent `error` (so it is there), other than
+/// to say that it is shutting down or starting.
+fn replied(error: &tokio_postgres::Error) -> bool {
+    error.code().is_some_and(|code| {
+        *code != SqlState::ADMIN_SHUTDOWN
+            && *code != SqlState::CRASH_SHUTDOWN
+            && *code != SqlState::CANNOT_CONNECT_NOW
+    })
 }
 
 /// One probe: a connection if there is none, then `SELECT 1`.

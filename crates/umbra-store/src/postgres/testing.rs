@@ -134,6 +134,15 @@ fn children(parent: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Whether process `pid` is there and not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z")
+    })
+}
+
 /// `kill SIGNAL PID...` (processes already gone are no failure).
 fn send(signal: &str, pids: &[u32]) -> Result<()> {
     if pids.is_empty() {
@@ -213,7 +222,12 @@ impl PrivatePostgres {
     fn launch(&mut self) -> Result<()> {
         let durable = self.durable;
         let data = self.dir.path().join("data");
-        let log = std::fs::File::create(self.dir.path().join("server.log")).map_err(failed)?;
+        // Appended: a restart's log follows the one before it.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .map_err(failed)?;
         chown(&self.dir.path().join("server.log"), self.owner)?;
         let mut command = Command::new(self.bin.join("postgres"));
         command
@@ -325,22 +339,19 @@ impl PrivatePostgres {
     /// leaving its data directory as a crash would.
     pub fn kill(&mut self) -> Result<()> {
         let child = self.child.as_ref().ok_or_else(|| failed("not running"))?;
-        // Listed while they are still the postmaster's children.
+        // The postmaster stopped, its children listed and killed while it
+        // cannot reap them (so their PIDs are not reused), then it.
         send("-STOP", &[child.id()])?;
         let backends = children(child.id());
-        send("-KILL", &[child.id()])?;
         send("-KILL", &backends)?;
+        send("-KILL", &[child.id()])?;
         if let Some(mut child) = self.child.take() {
             let _ = child.wait();
         }
         // Until the last backend is gone, its shared memory keeps a new
         // server from starting.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while backends
-            .iter()
-            .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
-            && Instant::now() < deadline
-        {
+        while backends.iter().any(|pid| alive(*pid)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
@@ -353,6 +364,16 @@ impl PrivatePostgres {
             return Err(failed("still running"));
         }
         self.launch()
+    }
+
+    /// The server's processes now: its postmaster and every process it
+    /// started (to measure their CPU).
+    pub fn pids(&self) -> Vec<u32> {
+        self.child.as_ref().map_or_else(Vec::new, |child| {
+            let mut pids = vec![child.id()];
+            pids.extend(children(child.id()));
+            pids
+        })
     }
 
     /// The server's log so far, to show when a test fails.
