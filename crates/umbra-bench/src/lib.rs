@@ -4,12 +4,14 @@
 //!
 //! - [`system`]: what a system under test offers: devices that connect,
 //!   send on a channel and report what they receive.
-//! - [`umbra`]: Umbra as one, [`peers`]: nats-server, mosquitto, ejabberd.
+//! - [`umbra`]: Umbra as one, [`peers`]: nats-server, mosquitto, ejabberd;
+//!   [`cluster`]: Umbra as several nodes on a private PostgreSQL and NATS.
 //! - [`workload`]: idle, relay, offline, fanout, storm, soak.
 //! - [`recorder`], [`stamp`], [`sampler`]: latency, loss, duplicates, and
 //!   the server's CPU and memory from `/proc`.
 //! - [`report`]: `docs/benchmarks.md` and its plot from the JSON results.
 
+pub mod cluster;
 pub mod conn;
 pub mod peers;
 pub mod recorder;

@@ -57,6 +57,17 @@ struct Common {
     /// other devices. Group sizes stay counted in accounts.
     #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     devices_per_account: u32,
+    /// Umbra nodes (cluster mode, 2 or more): that many umbra-server
+    /// processes on one PostgreSQL and one NATS server the bench starts
+    /// for the run (PostgreSQL's server binaries and nats-server must be
+    /// installed); device i uses node i mod N, so a relay pair's two
+    /// devices are on different nodes.
+    #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    nodes: u32,
+    /// Umbra on a private PostgreSQL and NATS even with one node (implied
+    /// by --nodes 2 or more): the single-node figure beside a cluster's.
+    #[arg(long, global = true)]
+    postgres: bool,
 }
 
 impl Common {
@@ -207,8 +218,18 @@ async fn system_for(
             tls: common.tls,
             cpu: common.server_cpu,
         };
-        let system = UmbraSystem::prepare(&spec, &common.work, topology, sizes).await?;
+        let system = if common.nodes > 1 || common.postgres {
+            UmbraSystem::prepare_cluster(&spec, &common.work, topology, sizes, common.nodes).await?
+        } else {
+            UmbraSystem::prepare(&spec, &common.work, topology, sizes).await?
+        };
         return Ok(Arc::new(system));
+    }
+    if common.nodes > 1 || common.postgres {
+        bail!(
+            "--nodes and --postgres are for Umbra; {} runs as one server",
+            common.system
+        );
     }
     peers::start(&common.system, &common.work, common.server_cpu, topology).await
 }

@@ -138,6 +138,12 @@ pub trait System: Send + Sync {
     /// The server process, for CPU and memory sampling.
     fn server_pid(&self) -> u32;
 
+    /// Further processes whose CPU a run reports, by name (a cluster's
+    /// other nodes, its database, its message bus); none for one server.
+    fn components(&self) -> Vec<(String, Vec<u32>)> {
+        Vec::new()
+    }
+
     /// Connects (and logs in) device `index`. Everything it receives is
     /// reported to `recorder` as received by `index`. Resolves once the
     /// device is ready to send and its stored backlog has been delivered.

@@ -455,12 +455,15 @@ fn write_fixture_config(data_dir: &Path, per_account: u32, contact_requests: u32
 /// as linking does, uploads KeyPackages (carrying their device certificates),
 /// makes contacts, creates each channel's MLS group and adds every member
 /// device, and encrypts one message per payload size per channel. Leaves the
-/// server's data in `data_dir`.
+/// server's data in `data_dir`. `extra_config` (`key = value` lines: a
+/// cluster's database and NATS) replaces those keys in the server's
+/// configuration file.
 pub async fn build_fixture(
     spec: &ServerSpec,
     data_dir: &Path,
     topology: &Topology,
     sizes: &[usize],
+    extra_config: &str,
 ) -> Result<Fixture> {
     let started = Instant::now();
     let per_account = topology.devices_per_account.max(1);
@@ -472,6 +475,22 @@ pub async fn build_fixture(
     let contact_requests = asked.values().copied().max().unwrap_or(0);
     write_fixture_config(data_dir, per_account, contact_requests)?;
     umbra_server::init(data_dir, "127.0.0.1:7443")?;
+    if !extra_config.is_empty() {
+        let path = data_dir.join(umbra_server::config::CONFIG_FILE);
+        let key = |line: &str| line.split('=').next().unwrap_or_default().trim().to_owned();
+        let replaced: Vec<String> = extra_config
+            .lines()
+            .filter(|line| line.contains('='))
+            .map(key)
+            .collect();
+        let mut text: String = std::fs::read_to_string(&path)?
+            .lines()
+            .filter(|line| !replaced.contains(&key(line)))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        text.push_str(extra_config);
+        std::fs::write(&path, text)?;
+    }
     let config = umbra_server::Config::load(data_dir)?;
     if per_account > config.max_devices_per_account
         || per_account > config.device_changes_per_day
@@ -763,10 +782,16 @@ pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Umbra under test: a server started on a copy of a fixture's data.
+/// Umbra under test: a server started on a copy of a fixture's data (or,
+/// in cluster mode, several on one database).
 pub struct UmbraSystem {
     pub server: Mutex<ServerProcess>,
     dial: Dial,
+    /// A cluster's nodes after the first, and how to reach each node (the
+    /// first's included); device `i` uses `dials[i % dials.len()]`.
+    others: Vec<Mutex<ServerProcess>>,
+    dials: Vec<Dial>,
+    backing: Option<crate::cluster::Backing>,
     tls: bool,
     /// Per device index: its key, account and number.
     signers: Vec<(DeviceSigner, AccountId, DeviceId)>,
@@ -808,7 +833,7 @@ impl UmbraSystem {
                 topology.devices,
                 topology.channels.len()
             );
-            let fixture = build_fixture(spec, &pristine, topology, sizes).await?;
+            let fixture = build_fixture(spec, &pristine, topology, sizes, "").await?;
             std::fs::write(&fixture_file, serde_json::to_vec(&fixture)?)?;
         }
         let fixture: Fixture = serde_json::from_slice(&std::fs::read(&fixture_file)?)?;
@@ -816,6 +841,53 @@ impl UmbraSystem {
         copy_dir(&pristine, &run)?;
         let server = ServerProcess::start(spec, &run).await?;
         UmbraSystem::from_fixture(server, &fixture, spec.tls)
+    }
+
+    /// `nodes` servers on a PostgreSQL database and a NATS server of their
+    /// own ([`crate::cluster`]): the fixture is built through the first
+    /// (never cached: the database is new each time), and the others start
+    /// on copies of its data directory, as an operator deploys them.
+    pub async fn prepare_cluster(
+        spec: &ServerSpec,
+        work: &Path,
+        topology: &Topology,
+        sizes: &[usize],
+        nodes: u32,
+    ) -> Result<UmbraSystem> {
+        let dir = work.join(format!("umbra-cluster-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let backing = crate::cluster::Backing::start(&dir).await?;
+        eprintln!(
+            "building an Umbra fixture on {nodes} nodes, PostgreSQL and NATS: {} accounts, {} \
+             devices, {} channels",
+            topology.accounts(),
+            topology.devices,
+            topology.channels.len()
+        );
+        let first = dir.join("node-1");
+        let fixture = build_fixture(spec, &first, topology, sizes, &backing.config_lines()).await?;
+        let mut copies = Vec::new();
+        for n in 2..=nodes {
+            let data = dir.join(format!("node-{n}"));
+            copy_dir(&first, &data)?;
+            copies.push(data);
+        }
+        let server = ServerProcess::start(spec, &first).await?;
+        let mut system = UmbraSystem::from_fixture(server, &fixture, spec.tls)?;
+        let pin: [u8; 32] = hex::decode(&fixture.pin)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("bad pin in fixture"))?;
+        let pin = CertFingerprint(pin);
+        for data in copies {
+            let node = ServerProcess::start(spec, &data).await?;
+            system.dials.push(dial(node.address, spec.tls, pin)?);
+            system.others.push(Mutex::new(node));
+        }
+        system.backing = Some(backing);
+        Ok(system)
     }
 
     fn from_fixture(server: ServerProcess, fixture: &Fixture, tls: bool) -> Result<UmbraSystem> {
@@ -851,8 +923,12 @@ impl UmbraSystem {
                     .collect::<Result<BTreeMap<_, _>>>()
             })
             .collect::<Result<Vec<_>>>()?;
+        let first = dial(server.address, tls, CertFingerprint(pin))?;
         Ok(UmbraSystem {
-            dial: dial(server.address, tls, CertFingerprint(pin))?,
+            dials: vec![first.clone()],
+            dial: first,
+            others: Vec::new(),
+            backing: None,
             server: Mutex::new(server),
             tls,
             signers,
@@ -865,18 +941,27 @@ impl UmbraSystem {
         self.server.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// SIGKILL to every node.
     pub fn kill9(&self) -> Result<()> {
-        self.lock_server().kill9()
+        self.lock_server().kill9()?;
+        for node in &self.others {
+            node.lock().unwrap_or_else(|p| p.into_inner()).kill9()?;
+        }
+        Ok(())
     }
 
     pub async fn restart(&self) -> Result<()> {
-        let (spec, data_dir, address) = {
-            let server = self.lock_server();
-            (server.spec.clone(), server.data_dir.clone(), server.address)
-        };
-        let child = ServerProcess::spawn(&spec, &data_dir, address)?;
-        self.lock_server().child = child;
-        wait_listening(address, Duration::from_secs(60)).await
+        for node in std::iter::once(&self.server).chain(&self.others) {
+            let lock = || node.lock().unwrap_or_else(|p| p.into_inner());
+            let (spec, data_dir, address) = {
+                let server = lock();
+                (server.spec.clone(), server.data_dir.clone(), server.address)
+            };
+            let child = ServerProcess::spawn(&spec, &data_dir, address)?;
+            lock().child = child;
+            wait_listening(address, Duration::from_secs(60)).await?;
+        }
+        Ok(())
     }
 }
 
@@ -910,11 +995,31 @@ impl Endpoint for UmbraEndpoint {
 #[async_trait::async_trait]
 impl System for UmbraSystem {
     fn name(&self) -> String {
-        if self.tls { "umbra (TLS)" } else { "umbra" }.into()
+        let name = if self.tls { "umbra (TLS)" } else { "umbra" };
+        match self.dials.len() {
+            0 | 1 => name.into(),
+            nodes => format!("{name}, {nodes} nodes"),
+        }
     }
 
     fn server_pid(&self) -> u32 {
         self.lock_server().pid()
+    }
+
+    fn components(&self) -> Vec<(String, Vec<u32>)> {
+        let mut components: Vec<(String, Vec<u32>)> = self
+            .others
+            .iter()
+            .enumerate()
+            .map(|(n, node)| {
+                let pid = node.lock().unwrap_or_else(|p| p.into_inner()).pid();
+                (format!("node {}", n + 2), vec![pid])
+            })
+            .collect();
+        if let Some(backing) = &self.backing {
+            components.extend(backing.components());
+        }
+        components
     }
 
     async fn connect(&self, index: u32, recorder: Arc<Recorder>) -> Result<Box<dyn Endpoint>> {
@@ -922,7 +1027,11 @@ impl System for UmbraSystem {
             .signers
             .get(index as usize)
             .context("device index out of range")?;
-        let conn = Conn::open(&self.dial, index, recorder).await?;
+        let dial = self
+            .dials
+            .get(index as usize % self.dials.len().max(1))
+            .unwrap_or(&self.dial);
+        let conn = Conn::open(dial, index, recorder).await?;
         let signature = signer.sign_payload(&login_signing_payload(&conn.nonce, account));
         conn.request(Request::Login {
             account_id: account.clone(),

@@ -73,6 +73,63 @@ pub struct RatePoint {
     pub server: Usage,
     pub server_cpu_us_per_delivery: f64,
     pub generator_cpu_percent: f64,
+    /// The CPU of each further process the system names (a cluster's other
+    /// nodes, PostgreSQL, NATS) over the same window.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<ComponentCpu>,
+}
+
+/// One further process's (or group of processes') CPU over a run's window.
+#[derive(Debug, Clone, Serialize)]
+pub struct ComponentCpu {
+    pub name: String,
+    pub cpu_us_per_delivery: f64,
+    /// Of one core.
+    pub cpu_percent: f64,
+}
+
+/// CPU time so far of each process of each named component.
+fn component_cpu(components: &[(String, Vec<u32>)]) -> Vec<(String, Vec<(u32, u64)>)> {
+    components
+        .iter()
+        .map(|(name, pids)| {
+            let times = pids
+                .iter()
+                .filter_map(|&pid| sample(pid).ok().map(|s| (pid, s.cpu_us)))
+                .collect();
+            (name.clone(), times)
+        })
+        .collect()
+}
+
+/// What each component used between two readings (a process that appeared
+/// in between counts from zero; one gone by the end is not counted).
+fn component_usage(
+    before: &[(String, Vec<(u32, u64)>)],
+    after: &[(String, Vec<(u32, u64)>)],
+    deliveries: u64,
+    seconds: f64,
+) -> Vec<ComponentCpu> {
+    after
+        .iter()
+        .map(|(name, now)| {
+            let then = before.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+            let used: u64 = now
+                .iter()
+                .map(|(pid, cpu)| {
+                    let start = then
+                        .and_then(|t| t.iter().find(|(p, _)| p == pid))
+                        .map_or(0, |(_, c)| *c);
+                    cpu.saturating_sub(start)
+                })
+                .sum();
+            ComponentCpu {
+                name: name.clone(),
+                cpu_us_per_delivery: used as f64 / deliveries.max(1) as f64,
+                cpu_percent: used as f64 / (seconds * 1e4),
+            }
+        })
+        .collect()
 }
 
 /// Sends from `senders` round robin at `rate` messages per second for
@@ -96,6 +153,7 @@ async fn open_loop(
     let server = Sampler::start(system.server_pid(), SAMPLE_EVERY)?;
     let me = std::process::id();
     let generator_start = sample(me)?;
+    let components_start = component_cpu(&system.components());
     let total = (rate * duration.as_secs_f64()).round() as u64;
     let interval_ns = 1e9 / rate;
     let start = Instant::now();
@@ -129,8 +187,15 @@ async fn open_loop(
     recorder.close_window();
     let generator_end = sample(me)?;
     let server = server.finish()?;
+    let components_end = component_cpu(&system.components());
     wait_for_stragglers(system.as_ref(), recorder, recipients).await;
     let observed = recorder.observed();
+    let components = component_usage(
+        &components_start,
+        &components_end,
+        observed.delivered_in_window,
+        seconds,
+    );
     let expected = observed.accepted * u64::from(recipients);
     let delivered_per_s = observed.delivered_in_window as f64 / seconds;
     Ok(RatePoint {
@@ -145,6 +210,7 @@ async fn open_loop(
         delivered_per_s,
         observed,
         server,
+        components,
     })
 }
 
@@ -300,14 +366,20 @@ pub async fn relay(
             recipients,
         )
         .await?;
+        let others: String = point
+            .components
+            .iter()
+            .map(|c| format!(", {} {:.1} µs/delivery", c.name, c.cpu_us_per_delivery))
+            .collect();
         eprintln!(
             "  {}: offered {:.0}/s delivered {:.0}/s ({:.2} per accepted message, {} devices/account) \
-             p99 {:.2} ms lost {} dup {} server {:.1} µs/delivery",
+             p50 {:.2} ms p99 {:.2} ms lost {} dup {} server {:.1} µs/delivery{others}",
             system.name(),
             rate,
             point.delivered_per_s,
             point.observed.delivered as f64 / point.observed.accepted.max(1) as f64,
             topology.devices_per_account,
+            point.observed.p50_ms,
             point.observed.p99_ms,
             point.lost,
             point.observed.duplicates,
