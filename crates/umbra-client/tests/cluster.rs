@@ -170,6 +170,44 @@ impl Drop for PrivateNats {
     }
 }
 
+/// What the cluster tests run on: a private PostgreSQL with a new
+/// database (`url`), a private nats-server, and two nodes' data directories
+/// (in `dir`) on both.
+struct Cluster {
+    pg: PrivatePostgres,
+    url: String,
+    nats: PrivateNats,
+    dir: tempfile::TempDir,
+    a: std::path::PathBuf,
+    b: std::path::PathBuf,
+}
+
+impl Cluster {
+    /// `durable`: PostgreSQL with fsync on (for tests that kill it).
+    async fn start(durable: bool) -> Cluster {
+        let pg = PrivatePostgres::start(durable).unwrap();
+        let url = pg.create_database().await.unwrap();
+        let nats = PrivateNats::start(None);
+        let (dir, a, b) = data_directories(&url, Some(&nats.url()));
+        Cluster {
+            pg,
+            url,
+            nats,
+            dir,
+            a,
+            b,
+        }
+    }
+}
+
+/// A loopback address free at the moment (for a node started later).
+fn free_address() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// Sets `nats` in the data directory's configuration.
 fn use_nats(data: &Path, url: &str) {
     let path = data.join("umbra-server.toml");
@@ -180,10 +218,14 @@ fn use_nats(data: &Path, url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_wake_each_other_through_nats_and_poll_while_it_is_away() {
-    let pg = PrivatePostgres::start(false).unwrap();
-    let url = pg.create_database().await.unwrap();
-    let nats = PrivateNats::start(None);
-    let (_dir, a, b) = data_directories(&url, Some(&nats.url()));
+    let Cluster {
+        pg: _pg,
+        url: _,
+        nats,
+        dir: _dir,
+        a,
+        b,
+    } = Cluster::start(false).await;
     let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
     let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
 
@@ -264,16 +306,17 @@ async fn reconnect(device: &Device) -> std::time::Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_devices_go_to_another_and_nothing_accepted_is_lost() {
-    let pg = PrivatePostgres::start(false).unwrap();
-    let url = pg.create_database().await.unwrap();
-    let nats = PrivateNats::start(None);
-    let (_dir, a, b) = data_directories(&url, Some(&nats.url()));
+    let Cluster {
+        pg: _pg,
+        url: _,
+        nats,
+        dir: _dir,
+        a,
+        b,
+    } = Cluster::start(false).await;
     // Real processes: the node is killed with SIGKILL. Node B starts only
     // once both devices are in, so both are on node A, the one killed.
-    let address_b = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let address_b = free_address();
     let node_a = common::ServerProcess::start(&a, None).await;
     let mut activation = activation_at(&a, node_a.address).await;
     activation.address = format!("{},{address_b}", node_a.address);
@@ -365,10 +408,14 @@ async fn send_when_back(
 /// exactly once, in order, on the other node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_are_refused_at_once_while_postgres_is_away_and_nothing_accepted_is_lost() {
-    let mut pg = PrivatePostgres::start(true).unwrap();
-    let url = pg.create_database().await.unwrap();
-    let nats = PrivateNats::start(None);
-    let (_dir, a, b) = data_directories(&url, Some(&nats.url()));
+    let Cluster {
+        mut pg,
+        nats,
+        dir: _dir,
+        a,
+        b,
+        ..
+    } = Cluster::start(true).await;
     let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
     let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
     let mut alice = Device::activate(&node_a).await;
@@ -504,14 +551,15 @@ async fn assert_no_epoch_gap(url: &str) {
 /// the group is not stuck: everyone reads everyone afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_in_the_middle_of_commits_leaves_no_gap_and_no_stuck_group() {
-    let pg = PrivatePostgres::start(false).unwrap();
-    let url = pg.create_database().await.unwrap();
-    let nats = PrivateNats::start(None);
-    let (_dir, a, b) = data_directories(&url, Some(&nats.url()));
-    let address_b = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let Cluster {
+        pg: _pg,
+        url,
+        nats,
+        dir: _dir,
+        a,
+        b,
+    } = Cluster::start(false).await;
+    let address_b = free_address();
     let node_a = common::ServerProcess::start(&a, None).await;
     let mut devices = Vec::new();
     for _ in 0..3 {
@@ -586,10 +634,14 @@ async fn a_node_killed_in_the_middle_of_commits_leaves_no_gap_and_no_stuck_group
 async fn a_reconnect_storm_over_two_nodes_loses_nothing() {
     const PAIRS: usize = 16;
     const BACKLOG: usize = 5;
-    let pg = PrivatePostgres::start(false).unwrap();
-    let url = pg.create_database().await.unwrap();
-    let nats = PrivateNats::start(None);
-    let (_dir, a, b) = data_directories(&url, Some(&nats.url()));
+    let Cluster {
+        pg: _pg,
+        url: _,
+        nats,
+        dir: _dir,
+        a,
+        b,
+    } = Cluster::start(false).await;
     let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
     let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
     let both = format!("{},{}", node_a.address, node_b.address);
