@@ -424,8 +424,10 @@ pub(crate) fn random_string(len: usize) -> Result<String, getrandom::Error> {
 /// away every connection reads its mailbox every
 /// [`cluster::POLL_WHILE_AWAY`]; once it is back (or after wake-ups may
 /// have been lost anywhere) every node is asked to have its connections
-/// read theirs; and every [`cluster::SAFETY_POLL`] they all read anyway,
-/// for wake-ups lost with a node that died before sending them.
+/// read theirs; and every connection reads once every
+/// [`cluster::SAFETY_POLL`] anyway (a share of them at each tick, so the
+/// reads are spread), for wake-ups lost with a node that died before
+/// sending them.
 async fn keep_in_step(
     services: Arc<Services>,
     cluster: Arc<cluster::Cluster>,
@@ -465,8 +467,10 @@ async fn keep_in_step(
         } else if std::mem::take(&mut away) | cluster.take_missed() {
             cluster.ask_all_to_poll().await;
             services.registry.wake_all();
-        } else if ticks % safety == 0 {
-            services.registry.wake_all();
+        } else {
+            // A share each tick: every connection reads once a period,
+            // and a node's reads are spread over it.
+            services.registry.wake_share(ticks % safety, safety);
         }
     }
 }

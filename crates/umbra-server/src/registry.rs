@@ -162,6 +162,18 @@ impl Registry {
         }
     }
 
+    /// Wakes the connections numbered `part` modulo `parts`: `parts` calls
+    /// with each `part` wake every connection once (the cluster's safety
+    /// poll, spread over its period rather than one burst of reads).
+    pub fn wake_share(&self, part: u64, parts: u64) {
+        let parts = parts.max(1);
+        for entry in self.lock().values().flatten() {
+            if entry.connection % parts == part % parts {
+                entry.inbox.wake();
+            }
+        }
+    }
+
     /// Registers connection `connection` for `account`. An account has at
     /// most `max_sessions`: registering one more ends the oldest.
     pub fn register(
@@ -373,5 +385,40 @@ mod tests {
         registry.notify([&a1]);
         let taken = ia.take();
         assert!(!taken.read_mailbox && taken.deliveries.is_empty());
+    }
+
+    /// The safety poll's share: each call wakes every `parts`-th
+    /// connection, so `parts` calls wake each exactly once and a node's
+    /// mailbox reads are spread over the period, not all at one tick.
+    #[test]
+    fn a_share_of_the_connections_wakes_each_once_over_all_shares() {
+        let registry = Registry::default();
+        let inboxes: Vec<Arc<Inbox>> = (0..24u64)
+            .map(|n| {
+                let letters = b"ABCDEFGHJKMNPQRSTVWX";
+                let letter = letters.get((n % 20) as usize).copied().unwrap_or(b'A');
+                let id = format!("{}AAAAAAA", char::from(letter));
+                let device = DeviceId(u32::try_from(n / 20).unwrap_or(0) + 1);
+                registry.register(&account(&id), device, n, 8)
+            })
+            .collect();
+        let mut woken = vec![0; inboxes.len()];
+        for part in 0..12 {
+            registry.wake_share(part, 12);
+            let now: Vec<usize> = (0..inboxes.len())
+                .filter(|&i| {
+                    inboxes
+                        .get(i)
+                        .is_some_and(|inbox| inbox.take().read_mailbox)
+                })
+                .collect();
+            assert_eq!(now.len(), 2, "share {part} woke {now:?}");
+            for i in now {
+                if let Some(count) = woken.get_mut(i) {
+                    *count += 1;
+                }
+            }
+        }
+        assert!(woken.iter().all(|&n| n == 1), "{woken:?}");
     }
 }
