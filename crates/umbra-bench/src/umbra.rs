@@ -488,6 +488,8 @@ pub async fn build_fixture(
             .filter(|line| !replaced.contains(&key(line)))
             .map(|line| format!("{line}\n"))
             .collect();
+        // Appended at the end: the configuration has no `[table]`
+        // sections, so the keys stay top-level.
         text.push_str(extra_config);
         std::fs::write(&path, text)?;
     }
@@ -859,7 +861,7 @@ impl UmbraSystem {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
-        let backing = crate::cluster::Backing::start(&dir).await?;
+        let backing = crate::cluster::Backing::start().await?;
         eprintln!(
             "building an Umbra fixture on {nodes} nodes, PostgreSQL and NATS: {} accounts, {} \
              devices, {} channels",
@@ -941,13 +943,15 @@ impl UmbraSystem {
         self.server.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// SIGKILL to every node.
+    /// SIGKILL to every node (each tried, whatever the others did).
     pub fn kill9(&self) -> Result<()> {
-        self.lock_server().kill9()?;
-        for node in &self.others {
-            node.lock().unwrap_or_else(|p| p.into_inner()).kill9()?;
-        }
-        Ok(())
+        let first = self.lock_server().kill9();
+        let others: Vec<Result<()>> = self
+            .others
+            .iter()
+            .map(|node| node.lock().unwrap_or_else(|p| p.into_inner()).kill9())
+            .collect();
+        others.into_iter().fold(first, |all, one| all.and(one))
     }
 
     pub async fn restart(&self) -> Result<()> {
@@ -996,9 +1000,10 @@ impl Endpoint for UmbraEndpoint {
 impl System for UmbraSystem {
     fn name(&self) -> String {
         let name = if self.tls { "umbra (TLS)" } else { "umbra" };
-        match self.dials.len() {
-            0 | 1 => name.into(),
-            nodes => format!("{name}, {nodes} nodes"),
+        match (self.dials.len(), self.backing.is_some()) {
+            (0 | 1, false) => name.into(),
+            (0 | 1, true) => format!("{name}, PostgreSQL"),
+            (nodes, _) => format!("{name}, {nodes} nodes"),
         }
     }
 

@@ -12,6 +12,7 @@ mod common;
 use std::path::Path;
 
 use common::{Device, TestServer, activation_at, options};
+use umbra_server::cluster::testing::PrivateNats;
 use umbra_store::postgres::testing::PrivatePostgres;
 
 /// Points the data directory's configuration at `url`.
@@ -119,57 +120,6 @@ async fn devices_talk_through_nodes_sharing_one_postgres() {
     node_b.stop();
 }
 
-/// A nats-server of the test's own, on a loopback port.
-struct PrivateNats {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl PrivateNats {
-    fn start(port: Option<u16>) -> PrivateNats {
-        let port = port.unwrap_or_else(|| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        });
-        let child = std::process::Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nats-server (Debian's nats-server package; .ci/run installs it)");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nats-server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        PrivateNats { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Kills it (SIGKILL); returns its port, to start it again there.
-    fn kill(mut self) -> u16 {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.port
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// What the cluster tests run on: a private PostgreSQL with a new
 /// database (`url`), a private nats-server, and two nodes' data directories
 /// (in `dir`) on both.
@@ -187,7 +137,7 @@ impl Cluster {
     async fn start(durable: bool) -> Cluster {
         let pg = PrivatePostgres::start(durable).unwrap();
         let url = pg.create_database().await.unwrap();
-        let nats = PrivateNats::start(None);
+        let nats = PrivateNats::start(None).unwrap();
         let (dir, a, b) = data_directories(&url, Some(&nats.url()));
         Cluster {
             pg,
@@ -276,7 +226,7 @@ async fn nodes_wake_each_other_through_nats_and_poll_while_it_is_away() {
     );
 
     // NATS returns (on the same address): live again.
-    let nats = PrivateNats::start(Some(port));
+    let nats = PrivateNats::start(Some(port)).unwrap();
     for n in 0..3 {
         bob.client
             .send_text(&to_alice, &format!("after NATS came back {n}"))
@@ -454,7 +404,10 @@ async fn sends_are_refused_at_once_while_postgres_is_away_and_nothing_accepted_i
             took.push(asked.elapsed());
         }
         eprintln!("{outage}: sends refused after {took:?}");
-        assert!(took[0] < std::time::Duration::from_secs(8), "{took:?}");
+        // SERVER_BUSY (checked above) is the probe's answer: the
+        // transaction's own 15 s bound answers INTERNAL. Under a loaded
+        // machine the probes take longer than their nominal 5 s.
+        assert!(took[0] < std::time::Duration::from_secs(14), "{took:?}");
         assert!(
             took[1..]
                 .iter()
@@ -467,7 +420,7 @@ async fn sends_are_refused_at_once_while_postgres_is_away_and_nothing_accepted_i
             pg.restart().unwrap();
         }
         let text = format!("after {outage}");
-        send_when_back(&alice, &to_bob, &text, std::time::Duration::from_secs(10)).await;
+        send_when_back(&alice, &to_bob, &text, common::PATIENCE).await;
         accepted.push(text);
     }
 

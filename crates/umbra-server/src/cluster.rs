@@ -330,3 +330,77 @@ impl Cluster {
         });
     }
 }
+
+/// A nats-server of its own on a loopback port, for tests and the
+/// benchmark's cluster mode (Debian's `nats-server`; `.ci/run` installs
+/// it). Killed when dropped.
+pub mod testing {
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    pub struct PrivateNats {
+        child: Child,
+        port: u16,
+    }
+
+    impl std::fmt::Debug for PrivateNats {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("PrivateNats")
+                .field("port", &self.port)
+                .finish()
+        }
+    }
+
+    impl PrivateNats {
+        /// Starts one on `port` (a free one if `None`), and returns once
+        /// it accepts connections (within 20 s).
+        pub fn start(port: Option<u16>) -> std::io::Result<PrivateNats> {
+            let port = match port {
+                Some(port) => port,
+                None => std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port(),
+            };
+            let mut child = Command::new("nats-server")
+                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(std::io::Error::other(format!(
+                        "nats-server did not listen on port {port} within 20 s"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(PrivateNats { child, port })
+        }
+
+        /// `nats://127.0.0.1:PORT`.
+        pub fn url(&self) -> String {
+            format!("nats://127.0.0.1:{}", self.port)
+        }
+
+        /// Its process, to measure its CPU.
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+
+        /// Kills it (SIGKILL); returns its port, to start it again there.
+        pub fn kill(self) -> u16 {
+            self.port
+        }
+    }
+
+    impl Drop for PrivateNats {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
