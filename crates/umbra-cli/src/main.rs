@@ -421,6 +421,7 @@ fn exit_code(error: &anyhow::Error) -> u8 {
         Some(ClientError::NotActivated(_)) => exit::NOT_ACTIVATED,
         Some(
             ClientError::CertificateMismatch
+            | ClientError::CertificateOutOfDate
             | ClientError::Unreachable { .. }
             | ClientError::ConnectionLost
             | ClientError::NotConnected

@@ -23,6 +23,14 @@ pub enum ClientError {
     AlreadyActivated(String),
     #[error("server certificate does not match the pinned fingerprint; refusing to connect")]
     CertificateMismatch,
+    /// The server's certificate was issued by the pinned anchor but has
+    /// expired, or is not valid yet, by this device's clock.
+    #[error(
+        "the server's certificate has expired or is not yet valid by this device's clock; \
+         check the device's date and time, and if they are right, tell the server's operator \
+         (umbra-server admin rotate-tls)"
+    )]
+    CertificateOutOfDate,
     #[error("cannot reach the server at {address}: {reason}")]
     Unreachable { address: String, reason: String },
     #[error("the connection to the server was lost")]

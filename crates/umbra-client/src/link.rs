@@ -29,32 +29,45 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// ping; servers close connections idle for longer (3 minutes by default).
 pub const KEEPALIVE: Duration = Duration::from_secs(60);
 
-/// Accepts exactly one certificate: the one whose SHA-256 was pinned at
-/// activation. Names and CAs play no part; the handshake signature is still
-/// checked against that certificate's key.
+/// Accepts the server's certificate by the pin taken at activation, by the
+/// rule of [`umbra_proto::pin`]: the pinned certificate itself, or one the
+/// pinned anchor issued and that is valid now. Names and public CAs play no
+/// part; the handshake signature is still checked against the accepted
+/// certificate's key. Why a chain was refused is kept in `refusal`.
 #[derive(Debug)]
 struct PinnedCertificate {
     pin: CertFingerprint,
-    mismatch: Arc<AtomicBool>,
+    refusal: Refusal,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
+
+/// Why the last handshake's certificate was refused, if it was.
+type Refusal = Arc<Mutex<Option<umbra_proto::pin::PinError>>>;
 
 impl ServerCertVerifier for PinnedCertificate {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if CertFingerprint::of_der(end_entity) == self.pin {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            self.mismatch.store(true, Ordering::SeqCst);
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
+        match umbra_proto::pin::check(
+            self.pin,
+            end_entity,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        ) {
+            Ok(()) => Ok(ServerCertVerified::assertion()),
+            Err(refusal) => {
+                debug!(%refusal, "refused the server's certificate");
+                *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(refusal);
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::ApplicationVerificationFailure,
+                ))
+            }
         }
     }
 
@@ -93,11 +106,11 @@ impl ServerCertVerifier for PinnedCertificate {
     }
 }
 
-/// A TLS 1.3 client configuration that accepts only the certificate whose
-/// SHA-256 is `pin`; `mismatch` is set when the server shows another one.
+/// A TLS 1.3 client configuration that accepts only what `pin` accepts;
+/// `refusal` says why when the server's certificate is refused.
 fn pinned_config(
     pin: CertFingerprint,
-    mismatch: Arc<AtomicBool>,
+    refusal: Refusal,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
     // aws-lc-rs's provider offers the hybrid X25519MLKEM768 key exchange
     // first (and X25519 alone for a server without it), so what is captured
@@ -109,18 +122,18 @@ fn pinned_config(
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
                 pin,
-                mismatch,
+                refusal,
                 provider,
             }))
             .with_no_client_auth(),
     )
 }
 
-/// The TLS configuration devices use: TLS 1.3, and only the pinned
-/// certificate is accepted. Public so that other programs speaking the
-/// protocol (the load generator) connect exactly as devices do.
+/// The TLS configuration devices use: TLS 1.3, and only what the pin
+/// accepts. Public so that other programs speaking the protocol (the load
+/// generator) connect exactly as devices do.
 pub fn pinned_tls_config(pin: CertFingerprint) -> Result<rustls::ClientConfig, rustls::Error> {
-    pinned_config(pin, Arc::new(AtomicBool::new(false)))
+    pinned_config(pin, Refusal::default())
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ErrorReply>>>>>;
@@ -208,9 +221,12 @@ impl Link {
                 Err(ClientError::CertificateMismatch) => {
                     return Err(ClientError::CertificateMismatch);
                 }
+                // An out-of-date certificate may be one node an operator
+                // forgot to rotate: the others are tried, and it is what
+                // is reported if none answers.
                 Err(error) => {
                     debug!(%error, node, "a node of the cluster did not answer");
-                    if failure.is_none() {
+                    if failure.is_none() || matches!(error, ClientError::CertificateOutOfDate) {
                         failure = Some(error);
                     }
                 }
@@ -235,9 +251,9 @@ impl Link {
     }
 
     async fn connect_node(address: &str, pin: CertFingerprint) -> Result<(Link, Push, Pushes)> {
-        let mismatch = Arc::new(AtomicBool::new(false));
+        let refusal = Refusal::default();
         let tls_config =
-            pinned_config(pin, Arc::clone(&mismatch)).map_err(|e| unreachable_error(address, e))?;
+            pinned_config(pin, Arc::clone(&refusal)).map_err(|e| unreachable_error(address, e))?;
         let host = address
             .rsplit_once(':')
             .map(|(host, _)| host.trim_matches(['[', ']']))
@@ -255,13 +271,15 @@ impl Link {
         let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config))
             .connect(server_name, tcp)
             .await
-            .map_err(|e| {
-                if mismatch.load(Ordering::SeqCst) {
-                    ClientError::CertificateMismatch
-                } else {
-                    unreachable_error(address, e)
-                }
-            })?;
+            .map_err(
+                |e| match refusal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    Some(umbra_proto::pin::PinError::OutOfDate) => {
+                        ClientError::CertificateOutOfDate
+                    }
+                    Some(_) => ClientError::CertificateMismatch,
+                    None => unreachable_error(address, e),
+                },
+            )?;
         // The server never sends more than MAX_FRAME_BYTES; a little more
         // is read anyway, so that a delivery an older server accepted
         // (whose envelope took it just past the limit) arrives and is set

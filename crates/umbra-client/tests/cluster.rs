@@ -29,13 +29,15 @@ fn use_database(data: &Path, url: &str) {
 
 /// A second node's data directory: a copy of the first's files (the
 /// configuration naming the shared database, the TLS certificate and key
-/// devices pin, the key behind public delivery IDs).
+/// and the anchor devices pin, the key behind public delivery IDs). Not
+/// the anchor's key: a node never needs it.
 fn second_node(first: &Path, second: &Path) {
     std::fs::create_dir_all(second.join("tls")).unwrap();
     for file in [
         "umbra-server.toml",
         "tls/cert.pem",
         "tls/key.pem",
+        "tls/anchor.pem",
         umbra_server::delivery_ids::KEY_FILE,
     ] {
         std::fs::copy(first.join(file), second.join(file)).unwrap();

@@ -2,8 +2,10 @@
 //! needs to find the server, authenticate it and open an account.
 //!
 //! Format: `umbra://HOST:PORT/CODE?pin=SHA256HEX`, where the pin is the
-//! SHA-256 of the server's TLS certificate (DER) in lower-case hex. A client
-//! that cannot match the pin refuses to talk to the server. A cluster's
+//! SHA-256 of the server's anchor certificate (DER) in lower-case hex: the
+//! server presents certificates it issued (see [`crate::pin`] for what is
+//! accepted). A client that cannot match the pin refuses to talk to the
+//! server. A cluster's
 //! nodes may all be named, `HOST:PORT,HOST:PORT`: the device tries them in
 //! turn.
 
@@ -14,7 +16,8 @@ use sha2::{Digest, Sha256};
 
 use crate::{ActivationCode, DecodeError};
 
-/// SHA-256 of a server certificate's DER encoding: what clients pin.
+/// SHA-256 of a certificate's DER encoding: what clients pin (the server's
+/// anchor; see [`crate::pin`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CertFingerprint(pub [u8; 32]);
 

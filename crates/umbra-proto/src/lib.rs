@@ -13,6 +13,7 @@ pub mod content;
 pub mod devices;
 pub mod frame;
 pub mod ids;
+pub mod pin;
 pub mod rendezvous;
 pub mod tokens;
 pub mod wire;

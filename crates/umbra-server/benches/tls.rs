@@ -1,6 +1,7 @@
 //! What the post-quantum key exchange costs a TLS handshake: one full TLS
 //! 1.3 handshake between a client and the server's own configuration
-//! (`umbra_server::tls::server_config`, its self-signed certificate), in
+//! (`umbra_server::tls::server_config`, its certificate as `init` makes
+//! it, issued by its anchor), in
 //! memory, with the hybrid group X25519MLKEM768 that devices offer first,
 //! and with X25519 alone, as a client without ML-KEM gets. Both sides' CPU
 //! is in the figure. Run with `cargo bench -p umbra-server --bench tls`.
@@ -12,7 +13,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use rustls::{ClientConfig, ClientConnection, NamedGroup, ServerConfig, ServerConnection};
 
-/// A client that trusts the server's certificate and offers only `group`.
+/// A client that trusts the server's anchor and offers only `group`.
 fn client_config(cert: &CertificateDer<'static>, group: NamedGroup) -> Arc<ClientConfig> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.kx_groups.retain(|kx| kx.name() == group);
@@ -63,8 +64,10 @@ fn tls(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("umbra-tls-bench-{}", std::process::id()));
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     umbra_server::tls::generate(&cert, &key, vec!["localhost".into()]).expect("a certificate");
-    let server = umbra_server::tls::server_config(&cert, &key).expect("the server's config");
-    let der = CertificateDer::from_pem_file(&cert).expect("the certificate");
+    let identity = umbra_server::tls::Identity::load(&cert, &key).expect("the certificate");
+    let server = umbra_server::tls::server_config(identity).expect("the server's config");
+    let der = CertificateDer::from_pem_file(dir.join(umbra_server::tls::ANCHOR_CERT))
+        .expect("the anchor");
     let mut group = c.benchmark_group("tls_handshake");
     for kx in [NamedGroup::X25519MLKEM768, NamedGroup::X25519] {
         let client = client_config(&der, kx);

@@ -137,17 +137,25 @@ pub async fn purge_lapsed_lines(
 }
 
 /// What a backup holds besides the database: the configuration, the TLS
-/// certificate and key (devices pin the certificate: a server restored
-/// without them would be refused by every device), and the key behind
-/// public delivery IDs (without it, IDs devices recorded as applied would
-/// change). Paths relative to the data directory.
-fn backed_up_files(config: &Config) -> Vec<std::path::PathBuf> {
-    vec![
+/// certificate and key and the anchor that issued them, where `dir` holds
+/// it (devices pin the anchor: a server restored without it would be
+/// refused by every device, and without its key could not rotate), and
+/// the key behind public delivery IDs (without it, IDs devices recorded as
+/// applied would change). Paths relative to the data directory.
+fn backed_up_files(config: &Config, dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = vec![
         std::path::PathBuf::from(crate::config::CONFIG_FILE),
         config.cert.clone(),
         config.key.clone(),
         std::path::PathBuf::from(crate::delivery_ids::KEY_FILE),
-    ]
+    ];
+    let (anchor, anchor_key) = tls::anchor_paths(&config.cert);
+    files.extend(
+        [anchor, anchor_key]
+            .into_iter()
+            .filter(|f| dir.join(f).exists()),
+    );
+    files
 }
 
 fn io_error(context: String) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -250,7 +258,7 @@ pub fn backup(
                 .into(),
         )));
     }
-    let mut files = backed_up_files(config);
+    let mut files = backed_up_files(config, data_dir);
     files.push(config.database.clone());
     inside(&files)?;
     files.pop();
@@ -279,7 +287,7 @@ pub fn restore(backup: &Path, data_dir: &Path) -> Result<Vec<std::path::PathBuf>
              an empty or new one",
         ));
     }
-    let mut files = backed_up_files(&config);
+    let mut files = backed_up_files(&config, backup);
     files.push(config.database.clone());
     inside(&files)?;
     copy_files(backup, data_dir, &files)?;

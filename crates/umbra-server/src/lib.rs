@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use umbra_proto::CertFingerprint;
 use umbra_store::sqlite::SqliteStore;
 use umbra_store::{Store, StoreLimits};
@@ -97,6 +97,9 @@ pub struct ServerOptions {
     /// Told the address the metrics listener bound (`metrics_listen` may
     /// name port 0).
     pub metrics_bound: Option<Arc<std::sync::OnceLock<SocketAddr>>>,
+    /// Notified to read the TLS certificate and key again (`umbra-server
+    /// run` does on SIGHUP).
+    pub reload_tls: Arc<tokio::sync::Notify>,
 }
 
 impl Default for ServerOptions {
@@ -106,6 +109,7 @@ impl Default for ServerOptions {
             tap: None,
             push_window: PushWindow::default(),
             metrics_bound: None,
+            reload_tls: Arc::default(),
         }
     }
 }
@@ -130,9 +134,9 @@ pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     builder.create(dir)
 }
 
-/// Creates `data_dir` with a documented configuration file and a fresh
-/// self-signed certificate for `public_address`. Returns the certificate's
-/// fingerprint, which activation strings carry.
+/// Creates `data_dir` with a documented configuration file, a fresh anchor
+/// and a TLS certificate it issued for `public_address` (see [`tls`]).
+/// Returns the anchor's fingerprint, which activation strings carry.
 pub fn init(data_dir: &Path, public_address: &str) -> Result<CertFingerprint, ServerError> {
     let io = |context: String| move |source| ServerError::Io { context, source };
     // Readable by its owner only: it holds the TLS key, the delivery-ID
@@ -154,20 +158,8 @@ pub fn init(data_dir: &Path, public_address: &str) -> Result<CertFingerprint, Se
     }
     // One address, or a cluster's nodes separated by commas: the
     // certificate (which every node presents) names each host.
-    let mut names: Vec<String> = public_address
-        .split(',')
-        .map(|address| {
-            let address = address.trim();
-            address
-                .rsplit_once(':')
-                .map(|(host, _)| host.trim_matches(['[', ']']).to_owned())
-                .unwrap_or_else(|| address.to_owned())
-        })
-        .collect();
-    names.push("localhost".to_owned());
-    names.sort();
-    names.dedup();
-    Ok(tls::generate(&cert, &data_dir.join(&config.key), names)?)
+    let names = tls::names_for(public_address);
+    Ok(tls::generate(&cert, &data_dir.join(&config.key), names)?.pin)
 }
 
 /// Opens the data directory's SQLite store (refused when the
@@ -239,9 +231,10 @@ pub async fn run(
         return Err(ServerError::PlaintextOffLoopback(local));
     }
     let acceptor = if config.tls {
-        let server_config =
-            tls::server_config(&data_dir.join(&config.cert), &data_dir.join(&config.key))?;
-        Some(tokio_rustls::TlsAcceptor::from(server_config))
+        let identity =
+            tls::Identity::load(&data_dir.join(&config.cert), &data_dir.join(&config.key))?;
+        let server_config = tls::server_config(Arc::clone(&identity))?;
+        Some((tokio_rustls::TlsAcceptor::from(server_config), identity))
     } else {
         None
     };
@@ -296,6 +289,14 @@ pub async fn run(
         tracker.spawn(read_again_when_back(
             Arc::clone(&services),
             away,
+            shutdown.clone(),
+        ));
+    }
+    if let Some((_, identity)) = &acceptor {
+        tracker.spawn(present_tls(
+            Arc::clone(&services),
+            Arc::clone(identity),
+            Arc::clone(&options.reload_tls),
             shutdown.clone(),
         ));
     }
@@ -368,7 +369,7 @@ pub async fn run(
             tap: options.tap.clone(),
             max_malformed_frames: config.max_malformed_frames,
         };
-        let acceptor = acceptor.clone();
+        let acceptor = acceptor.as_ref().map(|(acceptor, _)| acceptor.clone());
         tracker.spawn(async move {
             let _permit = permit;
             let _slot = slot;
@@ -494,6 +495,56 @@ async fn read_again_when_back(
         }
         if !*away.borrow_and_update() {
             services.registry.wake_all();
+        }
+    }
+}
+
+/// Reads the TLS certificate again when told to, and says (in the log
+/// and the metrics) when the one presented expires: a warning from two
+/// weeks before, an error once it has, when devices refuse it.
+async fn present_tls(
+    services: Arc<Services>,
+    identity: Arc<tls::Identity>,
+    reload: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
+    const WARN_BEFORE: u64 = 14 * 86_400;
+    let mut daily = tokio::time::interval(Duration::from_secs(86_400));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = daily.tick() => {}
+            _ = reload.notified() => {
+                match identity.reload(services.clock.now()) {
+                    Ok(presented) => info!(
+                        not_after = presented.not_after,
+                        "read the TLS certificate again: new connections are shown the new one"
+                    ),
+                    Err(error) => error!(%error, "kept the TLS certificate presented so far"),
+                }
+            }
+        }
+        let Some(not_after) = identity.presented().not_after else {
+            continue;
+        };
+        services
+            .metrics
+            .tls_expiry
+            .set(i64::try_from(not_after).unwrap_or(i64::MAX));
+        let now = services.clock.now();
+        if not_after <= now {
+            error!(
+                not_after,
+                "the TLS certificate has expired and devices refuse it: \
+                 run `umbra-server admin rotate-tls`, then send this process SIGHUP"
+            );
+        } else if not_after - now < WARN_BEFORE {
+            warn!(
+                not_after,
+                days_left = (not_after - now) / 86_400,
+                "the TLS certificate expires soon: run `umbra-server admin rotate-tls`, \
+                 then send this process SIGHUP"
+            );
         }
     }
 }

@@ -37,8 +37,10 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create the data directory: a documented configuration file and a
-    /// self-signed TLS certificate whose fingerprint devices will pin.
+    /// Create the data directory: a documented configuration file, an
+    /// anchor certificate whose fingerprint devices will pin, and a TLS
+    /// certificate the anchor issued for 90 days (renew it with `admin
+    /// rotate-tls`).
     Init {
         /// host:port that devices will connect to.
         #[arg(long, default_value = "127.0.0.1:7443")]
@@ -74,6 +76,26 @@ enum AdminCommand {
     Backup {
         /// A directory that does not exist yet.
         destination: PathBuf,
+    },
+    /// Issue a new TLS certificate and key with the anchor devices pinned,
+    /// replacing the ones the server presents; then send the running server
+    /// SIGHUP (`systemctl reload umbra-server`) and it shows the new one to
+    /// every new connection. No device changes anything. Run it before the
+    /// certificate expires (the server warns two weeks ahead). It does not
+    /// revoke: a leaked TLS key stays usable until its certificate expires,
+    /// so keep --days short. For a cluster, copy the certificate and key
+    /// to every node (or point --anchor-key at a copy of the anchor's key
+    /// and run it on each node). A data directory made before rotation
+    /// existed turns its certificate into the anchor first, so its devices
+    /// keep their pin too.
+    RotateTls {
+        /// Validity of the new certificate, in days.
+        #[arg(long, default_value_t = umbra_server::tls::DEFAULT_DAYS)]
+        days: u32,
+        /// The anchor's private key, if it is kept outside the data
+        /// directory (default: tls/anchor.key beside the certificate).
+        #[arg(long)]
+        anchor_key: Option<PathBuf>,
     },
     /// Make the data directory (which must hold no database) a copy of a
     /// backup; then start the server on it with `run`. Devices keep
@@ -172,17 +194,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init { public_address } => {
             let pin = umbra_server::init(&cli.data, &public_address)?;
             println!("Initialised {}", cli.data.display());
-            println!("Certificate fingerprint (devices pin it): {pin}");
+            println!("Anchor fingerprint (devices pin it): {pin}");
             println!(
                 "Next: umbra-server --data {} admin codes issue --days 180",
                 cli.data.display()
             );
         }
         Command::Run => {
+            // Before anything else: SIGHUP's default action ends a process.
+            let options = ServerOptions::default();
+            reload_on_hangup(std::sync::Arc::clone(&options.reload_tls));
             if !cli.data.join(umbra_server::config::CONFIG_FILE).exists() {
                 let pin = umbra_server::init(&cli.data, "127.0.0.1:7443")?;
                 eprintln!(
-                    "Initialised a new data directory {} (certificate fingerprint {pin})",
+                    "Initialised a new data directory {} (devices pin {pin})",
                     cli.data.display()
                 );
             }
@@ -196,14 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 wait_for_signal().await;
                 on_signal.cancel();
             });
-            umbra_server::run(
-                config,
-                cli.data.clone(),
-                listener,
-                shutdown,
-                ServerOptions::default(),
-            )
-            .await?;
+            umbra_server::run(config, cli.data.clone(), listener, shutdown, options).await?;
         }
         Command::Admin {
             command: AdminCommand::Restore { backup },
@@ -243,6 +261,26 @@ async fn admin_command(
                 "Backed up {} files into {}. It holds the TLS key: keep it as the data directory is kept.",
                 copied.len(),
                 destination.display()
+            );
+        }
+        AdminCommand::RotateTls { days, anchor_key } => {
+            anyhow::ensure!(
+                (1..=825).contains(&days),
+                "--days must be 1 to 825 (a short life limits what a stolen key is worth)"
+            );
+            let issued = umbra_server::tls::rotate(
+                &data.join(&config.cert),
+                &data.join(&config.key),
+                anchor_key.as_deref(),
+                umbra_server::tls::names_for(&config.public_address),
+                days,
+                SystemClock.now(),
+            )?;
+            println!("{}", data.join(&config.cert).display());
+            eprintln!(
+                "Issued a new TLS certificate for {}, valid {days} days (until Unix time {}); \
+                 devices keep their pin {}. Send the running server SIGHUP to present it.",
+                config.public_address, issued.not_after, issued.pin
             );
         }
         // Into a data directory that holds nothing yet: `run` handles it
@@ -309,6 +347,27 @@ async fn admin_command(
         }
     }
     Ok(())
+}
+
+/// SIGHUP: read the TLS certificate and key again (after `admin
+/// rotate-tls`).
+fn reload_on_hangup(reload: std::sync::Arc<tokio::sync::Notify>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        reload.notify_one();
+                    }
+                });
+            }
+            Err(error) => tracing::warn!(%error, "cannot listen for SIGHUP"),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = reload;
 }
 
 async fn wait_for_signal() {

@@ -67,6 +67,9 @@ pub struct Metrics {
     /// Time from a request's arrival to its answer being ready (the store's
     /// time included: most requests are a store read or write), by request.
     pub request_seconds: Family<RequestLabels, Histogram>,
+    /// When the TLS certificate presented expires (Unix seconds); not
+    /// set for an older server's self-signed certificate.
+    pub tls_expiry: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -119,6 +122,12 @@ impl Default for Metrics {
             "Time to answer a request (store included), by request",
             request_seconds.clone(),
         );
+        let tls_expiry = Gauge::default();
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the TLS certificate presented expires (Unix time)",
+            tls_expiry.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -128,6 +137,7 @@ impl Default for Metrics {
             deliveries_pushed,
             errors,
             request_seconds,
+            tls_expiry,
         }
     }
 }

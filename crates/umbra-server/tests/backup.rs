@@ -82,7 +82,7 @@ async fn a_backup_taken_under_load_restores_into_a_server_that_serves() {
     stop.store(true, Ordering::SeqCst);
     let written = load.await.unwrap();
     assert!(written > 0, "the server took writes meanwhile");
-    assert_eq!(copied.len(), 5, "{copied:?}");
+    assert_eq!(copied.len(), 7, "{copied:?}");
 
     // Backing up into a directory that exists is refused.
     assert!(umbra_server::admin::backup(server.data.path(), &config, &backup_dir).is_err());
@@ -90,9 +90,12 @@ async fn a_backup_taken_under_load_restores_into_a_server_that_serves() {
     // Restored into a new data directory: the same certificate and keys.
     let restored = tempfile::tempdir().unwrap();
     umbra_server::admin::restore(&backup_dir, restored.path()).unwrap();
+    let (anchor, anchor_key) = umbra_server::tls::anchor_paths(&config.cert);
     for file in [
         config.cert.clone(),
         config.key.clone(),
+        anchor,
+        anchor_key,
         std::path::PathBuf::from(umbra_server::delivery_ids::KEY_FILE),
     ] {
         assert_eq!(
@@ -102,6 +105,25 @@ async fn a_backup_taken_under_load_restores_into_a_server_that_serves() {
             file.display()
         );
     }
+    // The anchor came back with its key: the copy can issue certificates
+    // devices accept under the pin they hold.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let rotated = umbra_server::tls::rotate(
+        &restored.path().join(&config.cert),
+        &restored.path().join(&config.key),
+        None,
+        umbra_server::tls::names_for("127.0.0.1:0"),
+        30,
+        now,
+    )
+    .unwrap();
+    assert_eq!(
+        rotated.pin,
+        umbra_server::tls::fingerprint(&server.data.path().join(&config.cert)).unwrap()
+    );
     assert!(
         umbra_server::admin::restore(&backup_dir, restored.path()).is_err(),
         "a data directory with a database is not overwritten"

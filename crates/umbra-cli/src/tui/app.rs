@@ -19,6 +19,9 @@ pub enum Link {
     Connected,
     Reconnecting,
     CertificateMismatch,
+    /// The server's certificate expired (or is not yet valid) by this
+    /// device's clock.
+    CertificateOutOfDate,
 }
 
 /// What fills the terminal. Its `Debug` shows no passphrase, activation

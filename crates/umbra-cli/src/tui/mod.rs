@@ -420,6 +420,9 @@ async fn supervise(client: Client, notes: mpsc::UnboundedSender<Note>) {
             Err(ClientError::CertificateMismatch) => {
                 let _ = notes.send(Note::Link(Link::CertificateMismatch));
             }
+            Err(ClientError::CertificateOutOfDate) => {
+                let _ = notes.send(Note::Link(Link::CertificateOutOfDate));
+            }
             // The line was wiped and this device erased itself (the app
             // was told by `Event::Wiped`): nothing left to connect.
             Err(ClientError::ErasedByAccount) => return,

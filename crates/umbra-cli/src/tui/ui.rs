@@ -398,6 +398,7 @@ fn status_bar(frame: &mut Frame<'_>, app: &App, area: Rect) {
         Link::Connected => "connected",
         Link::Reconnecting => "reconnecting…",
         Link::CertificateMismatch => "CERTIFICATE MISMATCH: not connecting",
+        Link::CertificateOutOfDate => "SERVER CERTIFICATE EXPIRED: check this device's clock",
     };
     let spinner = if app.busy > 0 {
         format!(" {}", SPINNER[(app.tick % 4) as usize])
@@ -409,7 +410,9 @@ fn status_bar(frame: &mut Frame<'_>, app: &App, area: Rect) {
         text.push_str(&format!(" · {status}"));
     }
     let style = match app.link {
-        Link::CertificateMismatch => Style::default().fg(Color::White).bg(Color::Red),
+        Link::CertificateMismatch | Link::CertificateOutOfDate => {
+            Style::default().fg(Color::White).bg(Color::Red)
+        }
         _ => Style::default().fg(Color::Black).bg(Color::Gray),
     };
     frame.render_widget(Paragraph::new(text).style(style), area);

@@ -112,7 +112,8 @@ impl Client {
                 Err(
                     error @ (ClientError::UntrustedTokens(_)
                     | ClientError::Unreachable { .. }
-                    | ClientError::CertificateMismatch),
+                    | ClientError::CertificateMismatch
+                    | ClientError::CertificateOutOfDate),
                 ) => {
                     self.return_token(&prepared.message.token)?;
                     return Err(error);

@@ -28,6 +28,9 @@ pub struct TestServer {
     pub data: PathBuf,
     pub address: SocketAddr,
     pub frames: Frames,
+    /// Notified, the server reads its TLS certificate again (SIGHUP to a
+    /// real process).
+    pub reload_tls: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
     _dir: Option<TempDir>,
@@ -116,6 +119,7 @@ impl TestServer {
         let address = listener.local_addr().unwrap();
         config.public_address = address.to_string();
         let frames: Frames = Arc::default();
+        let reload_tls = Arc::new(tokio::sync::Notify::new());
         let tap_frames = Arc::clone(&frames);
         let options = ServerOptions {
             tap: Some(Arc::new(move |direction, bytes: &[u8]| {
@@ -124,6 +128,7 @@ impl TestServer {
             clock,
             push_window,
             metrics_bound: None,
+            reload_tls: Arc::clone(&reload_tls),
         };
         let shutdown = CancellationToken::new();
         let (token, data_dir) = (shutdown.clone(), data.to_owned());
@@ -145,6 +150,7 @@ impl TestServer {
             data: data.to_owned(),
             address,
             frames,
+            reload_tls,
             shutdown,
             thread: Some(thread),
             _dir: None,
@@ -463,6 +469,35 @@ impl ServerProcess {
 
     pub async fn activation(&self) -> ActivationString {
         activation_at(&self.data, self.address).await
+    }
+
+    /// Sends the process `signal` (a name `kill` knows: `HUP`, ...).
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Runs the real `umbra-server` binary on this data directory with
+    /// `arguments` (an `admin` command, say) and returns its standard
+    /// output; panics with its error output if it fails.
+    pub fn command(&self, arguments: &[&str]) -> String {
+        let output = std::process::Command::new(ServerProcess::binary())
+            .arg("--data")
+            .arg(&self.data)
+            .args(arguments)
+            .env("UMBRA_PUBLIC_ADDRESS", self.address.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "umbra-server {arguments:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
     }
 
     /// SIGKILL, and waits for the process to be gone.
