@@ -210,6 +210,7 @@ macro_rules! transaction {
                     () = store.gone_away() => break Err($crate::postgres::away()),
                     client = store.client() => client?,
                 };
+                let mut abandoned = false;
                 let outcome: std::result::Result<_, $crate::postgres::Failure> = async {
                     // Let go if the database goes away before COMMIT is
                     // sent (rolled back when the connection closes); from
@@ -235,17 +236,41 @@ macro_rules! transaction {
                     // A COMMIT the database refused (a serialization
                     // failure) may be retried; one whose answer was lost
                     // with the connection may have been applied, and is
-                    // reported as such, not as "nothing stored".
-                    $tx.commit().await.map_err(|error| match error.code() {
-                        Some(_) => $crate::postgres::Failure::Db(error),
-                        None => $crate::postgres::Failure::Store($crate::StoreError::Backend(
-                            format!("PostgreSQL did not confirm the commit: {error}"),
-                        )),
-                    })?;
+                    // reported as such, not as "nothing stored". So is
+                    // one still unanswered when the probe finds the
+                    // database away: waiting out the whole bound would
+                    // hold the requests queued behind it for nothing.
+                    tokio::select! {
+                        biased;
+                        committed = $tx.commit() => {
+                            committed.map_err(|error| match error.code() {
+                                Some(_) => $crate::postgres::Failure::Db(error),
+                                None => $crate::postgres::Failure::Store(
+                                    $crate::StoreError::Backend(format!(
+                                        "PostgreSQL did not confirm the commit: {error}"
+                                    )),
+                                ),
+                            })?;
+                        }
+                        () = store.gone_away() => {
+                            abandoned = true;
+                            return Err($crate::postgres::Failure::Store(
+                                $crate::StoreError::Backend(
+                                    "PostgreSQL did not confirm the commit before it stopped \
+                                     answering (it may have been applied)"
+                                        .into(),
+                                ),
+                            ));
+                        }
+                    }
                     Ok(value)
                 }
                 .await;
-                client.finished();
+                // A connection whose COMMIT is still unanswered is closed,
+                // never handed to another request.
+                if !abandoned {
+                    client.finished();
+                }
                 match outcome {
                     Ok(value) => break Ok(value),
                     Err(failure) if failure.retryable() && attempt < $crate::postgres::RETRIES => {
@@ -560,4 +585,42 @@ async fn ask(
         client.simple_query("SELECT 1").await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// A transaction whose COMMIT went out just as the database stopped
+    /// answering is not held for the whole bound: once the probe finds the
+    /// database away, it ends as "not confirmed" (it may have been
+    /// applied), never as "refused"; meanwhile its connection's other
+    /// requests wait behind it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_unanswered_when_the_database_goes_away_ends_unconfirmed_without_the_whole_bound()
+     {
+        let pg = testing::PrivatePostgres::start(false).unwrap_or_else(|e| panic!("{e}"));
+        let store = pg.fresh_store(StoreLimits::default()).await.unwrap();
+        let asked = std::time::Instant::now();
+        let pause = || pg.pause().unwrap();
+        let outcome: Result<()> = transaction!(&store, tx => {
+            tx.execute("SELECT 1", &[]).await?;
+            // Stopped between the body and COMMIT: COMMIT is sent to a
+            // database that never answers it.
+            pause();
+            Ok::<(), Failure>(())
+        });
+        let took = asked.elapsed();
+        pg.resume().unwrap();
+        let error = outcome.expect_err("an unanswered COMMIT is not a success");
+        assert!(
+            matches!(&error, StoreError::Backend(reason) if reason.contains("did not confirm")),
+            "{error}"
+        );
+        assert!(
+            took < TRANSACTION_TIMEOUT - Duration::from_secs(3),
+            "held {took:?}, near the whole bound"
+        );
+    }
 }
