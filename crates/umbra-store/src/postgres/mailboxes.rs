@@ -39,68 +39,54 @@ impl PgStore {
         if recipients.is_empty() {
             return Ok(Vec::new());
         }
-        let mut sorted: Vec<&DeviceAddr> = recipients.iter().collect();
-        sorted.sort();
-        let accounts: Vec<&str> = sorted.iter().map(|r| r.account.as_str()).collect();
-        let devices: Vec<i64> = sorted.iter().map(|r| i64::from(r.device.0)).collect();
-        let heads = tx
-            .prepare_cached(
-                "SELECT h.account_id, h.device, h.next_id, h.bytes
-                 FROM mailbox_heads h
-                 JOIN unnest($1::text[], $2::bigint[]) AS t(account_id, device)
-                   ON h.account_id = t.account_id AND h.device = t.device
-                 WHERE NOT h.closed
-                 ORDER BY h.account_id, h.device
-                 FOR UPDATE OF h",
-            )
-            .await?;
-        let rows = tx.query(&heads, &[&accounts, &devices]).await?;
-        let mut known = std::collections::HashMap::with_capacity(rows.len());
-        for row in rows {
-            let address = device_addr(row.get(0), row.get(1))?;
-            known.insert(address, (row.get::<_, i64>(2), row.get::<_, i64>(3)));
-        }
+        let accounts: Vec<&str> = recipients.iter().map(|r| r.account.as_str()).collect();
+        let devices: Vec<i64> = recipients.iter().map(|r| i64::from(r.device.0)).collect();
         let size = big(copy.payload.len() as u64);
         let capped = copy.kind == DeliveryKind::Application && self.limits.mailbox_bytes > 0;
         let cap = big(self.limits.mailbox_bytes);
-        let mut ids = Vec::with_capacity(recipients.len());
-        let (mut to, mut to_devices, mut to_ids) = (Vec::new(), Vec::new(), Vec::new());
-        let mut full = Vec::new();
-        for recipient in recipients {
-            // Every current device has an open head row (opened with the
-            // device); one without (removed or revoked, perhaps after this
-            // transaction read it as current) is no mailbox to store in.
-            let Some((next, bytes)) = known.get_mut(recipient) else {
-                ids.push(None);
-                continue;
-            };
-            if capped && bytes.saturating_add(size) > cap {
-                full.push(recipient);
-                ids.push(None);
-                continue;
-            }
-            ids.push(Some(unsigned(*next)?));
-            to.push(recipient.account.as_str());
-            to_devices.push(i64::from(recipient.device.0));
-            to_ids.push(*next);
-            *next += 1;
-            *bytes = bytes.saturating_add(size);
-        }
-        if !to.is_empty() {
-            let insert = tx
-                .prepare_cached(
-                    "INSERT INTO mailbox (account_id, device, id, sender, kind, group_id, payload,
-                                          sent_at, expires_at)
-                     SELECT t.a, t.d, t.i, $4, $5, $6, $7, $8, $9
-                     FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(a, d, i)",
-                )
-                .await?;
-            tx.execute(
-                &insert,
+        // One statement: lock the open heads in sorted order, take each
+        // an ID and add the size where the copy fits under the cap, and
+        // store the copies under those IDs. Under READ COMMITTED the
+        // locked rows are the latest versions (a head another transaction
+        // moved meanwhile is read again), so the IDs are the heads' next.
+        // Returns every open head, with its copy's ID or NULL where the
+        // mailbox was full.
+        let store = tx
+            .prepare_cached(
+                "WITH locked AS (
+                     SELECT h.account_id, h.device, h.next_id, h.bytes
+                     FROM mailbox_heads h
+                     JOIN unnest($1::text[], $2::bigint[]) AS t(account_id, device)
+                       ON h.account_id = t.account_id AND h.device = t.device
+                     WHERE NOT h.closed
+                     ORDER BY h.account_id, h.device
+                     FOR UPDATE OF h
+                 ), taken AS (
+                     UPDATE mailbox_heads h SET next_id = l.next_id + 1, bytes = l.bytes + $3
+                     FROM locked l
+                     WHERE h.account_id = l.account_id AND h.device = l.device
+                       AND NOT ($4 AND l.bytes + $3 > $5)
+                     RETURNING h.account_id, h.device, l.next_id AS id
+                 ), stored AS (
+                     INSERT INTO mailbox (account_id, device, id, sender, kind, group_id,
+                                          payload, sent_at, expires_at)
+                     SELECT account_id, device, id, $6, $7, $8, $9, $10, $11 FROM taken
+                     RETURNING account_id, device, id
+                 )
+                 SELECT l.account_id, l.device, s.id
+                 FROM locked l LEFT JOIN stored s
+                   ON s.account_id = l.account_id AND s.device = l.device",
+            )
+            .await?;
+        let rows = tx
+            .query(
+                &store,
                 &[
-                    &to,
-                    &to_devices,
-                    &to_ids,
+                    &accounts,
+                    &devices,
+                    &size,
+                    &capped,
+                    &cap,
                     &copy.sender.map(AccountId::as_str),
                     &(copy.kind as i32),
                     &copy.group.map(GroupId::as_bytes),
@@ -110,14 +96,25 @@ impl PgStore {
                 ],
             )
             .await?;
-            let advance = tx
-                .prepare_cached(
-                    "UPDATE mailbox_heads h SET next_id = h.next_id + 1, bytes = h.bytes + $3
-                     FROM unnest($1::text[], $2::bigint[]) AS t(a, d)
-                     WHERE h.account_id = t.a AND h.device = t.d",
-                )
-                .await?;
-            tx.execute(&advance, &[&to, &to_devices, &size]).await?;
+        let mut heads = std::collections::HashMap::with_capacity(rows.len());
+        for row in rows {
+            let address = device_addr(row.get(0), row.get(1))?;
+            heads.insert(address, row.get::<_, Option<i64>>(2));
+        }
+        let mut ids = Vec::with_capacity(recipients.len());
+        let mut full = Vec::new();
+        for recipient in recipients {
+            // Every current device has an open head row (opened with the
+            // device); one without (removed or revoked, perhaps after this
+            // transaction read it as current) is no mailbox to store in.
+            match heads.get(recipient) {
+                None => ids.push(None),
+                Some(None) => {
+                    full.push(recipient);
+                    ids.push(None);
+                }
+                Some(Some(id)) => ids.push(Some(unsigned(*id)?)),
+            }
         }
         for recipient in full {
             note_mailbox_full(tx, recipient, copy.now, copy.expires_at).await?;
