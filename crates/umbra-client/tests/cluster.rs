@@ -659,3 +659,60 @@ async fn a_reconnect_storm_over_two_nodes_loses_nothing() {
     node_a.stop();
     node_b.stop();
 }
+
+/// However many requests to poll a node hears, its connections read their
+/// mailboxes at most once a second: after NATS returns every node asks
+/// every node, and N nodes must not make each connection read N times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_requests_to_poll_costs_one_read_a_second() {
+    let cluster = Cluster::start(false).await;
+    let node = TestServer::start_configured({
+        let a = cluster.a.clone();
+        move |config| {
+            let loaded = umbra_server::Config::load(&a).unwrap();
+            config.database = loaded.database;
+            config.nats = loaded.nats;
+            config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        }
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    let metrics = loop {
+        if let Some(address) = node.metrics.get() {
+            break *address;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no metrics listener"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(common::counter(metrics, "cluster_polls").await, 0);
+    // Another member of the cluster, as a node would speak.
+    let asker = umbra_server::cluster::Cluster::connect(&cluster.nats.url())
+        .await
+        .unwrap();
+    let asked = std::time::Instant::now();
+    for _ in 0..500 {
+        asker.ask_all_to_poll().await;
+    }
+    // The first is served at once, the rest as one more a second later.
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while common::counter(metrics, "cluster_polls").await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node never polled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // As long again as the requests took to send, and a second more:
+    // nothing else comes of them.
+    tokio::time::sleep(asked.elapsed() + std::time::Duration::from_secs(1)).await;
+    let polls = common::counter(metrics, "cluster_polls").await;
+    let allowed = 2 + asked.elapsed().as_secs();
+    assert!(
+        (2..=allowed).contains(&polls),
+        "{polls} polls for 500 requests in {:?}",
+        asked.elapsed()
+    );
+}

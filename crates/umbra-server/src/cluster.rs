@@ -50,6 +50,55 @@ const OUTBOX: usize = 8192;
 /// mailboxes (after wake-ups may have been lost).
 pub const POLL_SUBJECT: &str = "umbra.v1.poll";
 
+/// Requests to poll are acted on at most once in this long: after NATS
+/// returns, every node asks every node, and a cluster of N nodes would
+/// otherwise have each connection read its mailbox N times at once.
+pub const POLL_COALESCE: Duration = Duration::from_secs(1);
+
+/// Turns requests to poll, however many and however fast, into at most
+/// one poll each [`POLL_COALESCE`]: the first at once, those that come
+/// within the following period as one poll at its end (so none is lost:
+/// mail stored before the last request is read after it).
+#[derive(Debug)]
+pub struct Coalesce {
+    quiet_until: tokio::time::Instant,
+    owed: bool,
+}
+
+impl Default for Coalesce {
+    fn default() -> Self {
+        Coalesce {
+            quiet_until: tokio::time::Instant::now(),
+            owed: false,
+        }
+    }
+}
+
+impl Coalesce {
+    /// A request came: whether to poll now (else one is owed).
+    pub fn asked(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if now >= self.quiet_until {
+            self.quiet_until = now + POLL_COALESCE;
+            true
+        } else {
+            self.owed = true;
+            false
+        }
+    }
+
+    /// Resolves when an owed poll is due (never while none is owed);
+    /// then poll.
+    pub async fn due(&mut self) {
+        if !self.owed {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep_until(self.quiet_until).await;
+        self.owed = false;
+        self.quiet_until = tokio::time::Instant::now() + POLL_COALESCE;
+    }
+}
+
 /// This node's link to the others.
 pub struct Cluster {
     client: async_nats::Client,
@@ -402,5 +451,36 @@ pub mod testing {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flood of requests within a period is one poll at once and one at
+    /// its end; a request after a quiet period is served at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_requests_to_poll_is_one_poll_a_second() {
+        let mut coalesce = Coalesce::default();
+        let start = tokio::time::Instant::now();
+        let mut polls = Vec::new();
+        if coalesce.asked() {
+            polls.push(start.elapsed());
+        }
+        for _ in 0..1000 {
+            assert!(!coalesce.asked(), "within the period: owed, not done");
+        }
+        coalesce.due().await;
+        polls.push(start.elapsed());
+        // Nothing more is owed: `due` waits for ever.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), coalesce.due())
+                .await
+                .is_err()
+        );
+        assert_eq!(polls, [Duration::ZERO, POLL_COALESCE]);
+        // Quiet long enough: the next request is served at once.
+        assert!(coalesce.asked());
     }
 }

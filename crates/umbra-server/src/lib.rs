@@ -439,11 +439,23 @@ async fn keep_in_step(
         Ok(mut polls) => {
             let (services, shutdown) = (Arc::clone(&services), shutdown.clone());
             tokio::spawn(async move {
+                // However many nodes ask, and however often, every
+                // connection reads its mailbox at most once a second.
+                let mut coalesce = cluster::Coalesce::default();
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
+                        () = coalesce.due() => {
+                            services.metrics.cluster_polls.inc();
+                            services.registry.wake_all();
+                        }
                         poll = polls.next() => match poll {
-                            Some(_) => services.registry.wake_all(),
+                            Some(_) => {
+                                if coalesce.asked() {
+                                    services.metrics.cluster_polls.inc();
+                                    services.registry.wake_all();
+                                }
+                            }
                             None => return,
                         },
                     }

@@ -70,6 +70,9 @@ pub struct Metrics {
     /// When the TLS certificate presented expires (Unix seconds); not
     /// set for an older server's self-signed certificate.
     pub tls_expiry: Gauge,
+    /// Times every connection read its mailbox because a node asked
+    /// (`umbra.v1.poll`; at most one a second).
+    pub cluster_polls: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -128,6 +131,12 @@ impl Default for Metrics {
             "When the TLS certificate presented expires (Unix time)",
             tls_expiry.clone(),
         );
+        let cluster_polls = Counter::default();
+        registry.register(
+            "cluster_polls",
+            "Times every connection read its mailbox because a node of the cluster asked",
+            cluster_polls.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -138,6 +147,7 @@ impl Default for Metrics {
             errors,
             request_seconds,
             tls_expiry,
+            cluster_polls,
         }
     }
 }

@@ -31,6 +31,9 @@ pub struct TestServer {
     /// Notified, the server reads its TLS certificate again (SIGHUP to a
     /// real process).
     pub reload_tls: Arc<tokio::sync::Notify>,
+    /// Where metrics are served, once bound, when the configuration sets
+    /// `metrics_listen`.
+    pub metrics: Arc<std::sync::OnceLock<SocketAddr>>,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
     _dir: Option<TempDir>,
@@ -120,6 +123,7 @@ impl TestServer {
         config.public_address = address.to_string();
         let frames: Frames = Arc::default();
         let reload_tls = Arc::new(tokio::sync::Notify::new());
+        let metrics = Arc::new(std::sync::OnceLock::new());
         let tap_frames = Arc::clone(&frames);
         let options = ServerOptions {
             tap: Some(Arc::new(move |direction, bytes: &[u8]| {
@@ -127,7 +131,7 @@ impl TestServer {
             })),
             clock,
             push_window,
-            metrics_bound: None,
+            metrics_bound: Some(Arc::clone(&metrics)),
             reload_tls: Arc::clone(&reload_tls),
         };
         let shutdown = CancellationToken::new();
@@ -151,6 +155,7 @@ impl TestServer {
             address,
             frames,
             reload_tls,
+            metrics,
             shutdown,
             thread: Some(thread),
             _dir: None,
@@ -396,6 +401,26 @@ pub async fn befriend(a: &mut Device, b: &mut Device) -> (ConversationId, Conver
         .await;
     assert_eq!(a_side, b_side, "both see the same group");
     (a_side, b_side)
+}
+
+/// The value of counter `name` (without `_total`) in the metrics of the
+/// server whose metrics listener is at `address`.
+pub async fn counter(address: SocketAddr, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: umbra\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    let line = format!("umbra_{name}_total ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .unwrap_or_else(|| panic!("no {line} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// A one-time activation string from the server whose data is at `data`,
