@@ -68,6 +68,11 @@ struct Common {
     /// by --nodes 2 or more): the single-node figure beside a cluster's.
     #[arg(long, global = true)]
     postgres: bool,
+    /// With PostgreSQL: count where PostgreSQL spends its time
+    /// (pg_stat_statements) during the workload, and write the top
+    /// statements to this file when the run ends.
+    #[arg(long, global = true)]
+    pg_profile: Option<PathBuf>,
 }
 
 impl Common {
@@ -212,6 +217,9 @@ async fn system_for(
     sizes: &[usize],
 ) -> Result<Arc<dyn System>> {
     std::fs::create_dir_all(&common.work)?;
+    if common.pg_profile.is_some() && !(common.nodes > 1 || common.postgres) {
+        bail!("--pg-profile profiles the PostgreSQL of --postgres or --nodes N");
+    }
     if common.system == "umbra" {
         let spec = ServerSpec {
             bin: server_bin(common)?,
@@ -219,7 +227,15 @@ async fn system_for(
             cpu: common.server_cpu,
         };
         let system = if common.nodes > 1 || common.postgres {
-            UmbraSystem::prepare_cluster(&spec, &common.work, topology, sizes, common.nodes).await?
+            UmbraSystem::prepare_cluster(
+                &spec,
+                &common.work,
+                topology,
+                sizes,
+                common.nodes,
+                common.pg_profile.clone(),
+            )
+            .await?
         } else {
             UmbraSystem::prepare(&spec, &common.work, topology, sizes).await?
         };

@@ -855,13 +855,14 @@ impl UmbraSystem {
         topology: &Topology,
         sizes: &[usize],
         nodes: u32,
+        profile: Option<PathBuf>,
     ) -> Result<UmbraSystem> {
         let dir = work.join(format!("umbra-cluster-{}", std::process::id()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
-        let backing = crate::cluster::Backing::start().await?;
+        let backing = crate::cluster::Backing::start(profile).await?;
         eprintln!(
             "building an Umbra fixture on {nodes} nodes, PostgreSQL and NATS: {} accounts, {} \
              devices, {} channels",
@@ -888,6 +889,7 @@ impl UmbraSystem {
             system.dials.push(dial(node.address, spec.tls, pin)?);
             system.others.push(Mutex::new(node));
         }
+        backing.begin_profile().await?;
         system.backing = Some(backing);
         Ok(system)
     }

@@ -80,6 +80,8 @@ impl Coalesce {
         let now = tokio::time::Instant::now();
         if now >= self.quiet_until {
             self.quiet_until = now + POLL_COALESCE;
+            // This poll covers whatever was owed.
+            self.owed = false;
             true
         } else {
             self.owed = true;
@@ -482,5 +484,38 @@ mod tests {
         assert_eq!(polls, [Duration::ZERO, POLL_COALESCE]);
         // Quiet long enough: the next request is served at once.
         assert!(coalesce.asked());
+    }
+
+    /// Requests spread over time: each is followed by a poll no earlier
+    /// than itself, and polls stay a period apart.
+    #[tokio::test(start_paused = true)]
+    async fn every_request_is_followed_by_a_poll() {
+        let mut coalesce = Coalesce::default();
+        let start = tokio::time::Instant::now();
+        let mut polls = Vec::new();
+        // As the node's loop runs: requests arrive while `due` waits
+        // (and is dropped half way each time one does).
+        let mut requests = [0u64, 500, 1200].into_iter().peekable();
+        loop {
+            let next = requests.peek().map(|at| start + Duration::from_millis(*at));
+            tokio::select! {
+                () = coalesce.due() => polls.push(start.elapsed()),
+                () = tokio::time::sleep_until(next.unwrap_or(start)), if next.is_some() => {
+                    requests.next();
+                    if coalesce.asked() {
+                        polls.push(start.elapsed());
+                    }
+                }
+                () = tokio::time::sleep(Duration::from_secs(5)), if next.is_none() => break,
+            }
+        }
+        assert_eq!(
+            polls,
+            [
+                Duration::ZERO,
+                Duration::from_secs(1),
+                Duration::from_secs(2)
+            ]
+        );
     }
 }

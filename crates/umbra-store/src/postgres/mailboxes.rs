@@ -39,6 +39,14 @@ impl PgStore {
         if recipients.is_empty() {
             return Ok(Vec::new());
         }
+        debug_assert!(
+            {
+                let mut seen: Vec<&DeviceAddr> = recipients.iter().collect();
+                seen.sort();
+                seen.windows(2).all(|pair| pair.first() != pair.last())
+            },
+            "recipients are distinct devices"
+        );
         let accounts: Vec<&str> = recipients.iter().map(|r| r.account.as_str()).collect();
         let devices: Vec<i64> = recipients.iter().map(|r| i64::from(r.device.0)).collect();
         let size = big(copy.payload.len() as u64);

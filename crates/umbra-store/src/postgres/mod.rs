@@ -254,20 +254,25 @@ macro_rules! transaction {
                         }
                         () = store.gone_away() => {
                             abandoned = true;
-                            return Err($crate::postgres::Failure::Store(
+                            // A read-only transaction changed nothing: it
+                            // is simply refused, as before COMMIT.
+                            return Err($crate::postgres::Failure::Store(if $read_only {
+                                $crate::postgres::away()
+                            } else {
                                 $crate::StoreError::Backend(
                                     "PostgreSQL did not confirm the commit before it stopped \
                                      answering (it may have been applied)"
                                         .into(),
-                                ),
-                            ));
+                                )
+                            }));
                         }
                     }
                     Ok(value)
                 }
                 .await;
-                // A connection whose COMMIT is still unanswered is closed,
-                // never handed to another request.
+                // A connection whose COMMIT is still unanswered leaves the
+                // pool, never handed to another request (it closes once
+                // PostgreSQL answers or its socket fails).
                 if !abandoned {
                     client.finished();
                 }

@@ -23,6 +23,8 @@ pub struct PrivatePostgres {
     bin: PathBuf,
     owner: Option<(u32, u32)>,
     durable: bool,
+    /// Further server settings (`-c name=value`), for profiling.
+    settings: Vec<String>,
     databases: std::sync::atomic::AtomicU32,
 }
 
@@ -168,6 +170,12 @@ impl PrivatePostgres {
     /// connections. `durable: false` turns `fsync` off, for tests that do
     /// not cut the machine's power.
     pub fn start(durable: bool) -> Result<Self> {
+        PrivatePostgres::start_with(durable, &[])
+    }
+
+    /// [`PrivatePostgres::start`] with further server settings
+    /// (`name=value`, as `postgres -c` takes them).
+    pub fn start_with(durable: bool, settings: &[&str]) -> Result<Self> {
         let bin = binaries()?;
         let dir = tempfile::Builder::new()
             .prefix("umbra-pg-")
@@ -204,6 +212,7 @@ impl PrivatePostgres {
             bin,
             owner,
             durable,
+            settings: settings.iter().map(|s| (*s).to_owned()).collect(),
             databases: std::sync::atomic::AtomicU32::new(0),
         };
         // A port found free may be taken before the server binds it: try
@@ -252,6 +261,9 @@ impl PrivatePostgres {
             ])
             .stdout(Stdio::null())
             .stderr(log);
+        for setting in &self.settings {
+            command.arg("-c").arg(setting);
+        }
         as_owner(&mut command, self.owner);
         let mut child = command.spawn().map_err(failed)?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -285,6 +297,23 @@ impl PrivatePostgres {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Runs `sql` with `psql` (beside the server's binaries) against the
+    /// database at `url`, returning what it prints (unaligned, tab
+    /// separated): for use where no async runtime is at hand.
+    pub fn psql(&self, url: &str, sql: &str) -> Result<String> {
+        let output = Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-A", "-F", "\t", "-d", url, "-c", sql])
+            .output()
+            .map_err(failed)?;
+        if !output.status.success() {
+            return Err(failed(format!(
+                "psql failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// URL of database `name` on this server.
