@@ -73,6 +73,14 @@ pub struct Metrics {
     /// Times every connection read its mailbox because a node asked
     /// (`umbra.v1.poll`; at most one a second).
     pub cluster_polls: Counter,
+    /// Copies waiting in the mailboxes (the ack window's included), and
+    /// their bytes: read from the store at each scrape.
+    pub mailbox_copies: Gauge,
+    pub mailbox_bytes: Gauge,
+    /// The ack window's width now (seconds) and the copies in it (the
+    /// embedded store; absent on PostgreSQL, which has none).
+    pub ack_window_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub ack_window_copies: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -137,6 +145,30 @@ impl Default for Metrics {
             "Times every connection read its mailbox because a node of the cluster asked",
             cluster_polls.clone(),
         );
+        let mailbox_copies = Gauge::default();
+        registry.register(
+            "mailbox_copies",
+            "Copies waiting for their devices, the ack window's included",
+            mailbox_copies.clone(),
+        );
+        let mailbox_bytes = Gauge::default();
+        registry.register(
+            "mailbox_bytes",
+            "Payload bytes of the copies waiting for their devices",
+            mailbox_bytes.clone(),
+        );
+        let ack_window_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "ack_window_seconds",
+            "How long a copy waits for its acknowledgement before it is written",
+            ack_window_seconds.clone(),
+        );
+        let ack_window_copies = Gauge::default();
+        registry.register(
+            "ack_window_copies",
+            "Copies in the ack window (not written, perhaps never)",
+            ack_window_copies.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -148,6 +180,10 @@ impl Default for Metrics {
             request_seconds,
             tls_expiry,
             cluster_polls,
+            mailbox_copies,
+            mailbox_bytes,
+            ack_window_seconds,
+            ack_window_copies,
         }
     }
 }
@@ -249,6 +285,7 @@ async fn answer(mut stream: TcpStream, services: &Services) -> std::io::Result<(
     };
     match path.as_deref() {
         Some("/metrics") => {
+            read_store(services).await;
             let body = services.metrics.render();
             respond(
                 &mut stream,
@@ -283,6 +320,27 @@ async fn answer(mut stream: TcpStream, services: &Services) -> std::io::Result<(
             )
             .await
         }
+    }
+}
+
+/// Sets the gauges read from the store: the mailboxes' depth (left as
+/// it was if the store does not answer within the health check's time)
+/// and the ack window.
+async fn read_store(services: &Services) {
+    let metrics = &services.metrics;
+    if let Ok(Ok(depth)) = tokio::time::timeout(HEALTH_TIMEOUT, services.store.depth()).await {
+        metrics
+            .mailbox_copies
+            .set(i64::try_from(depth.copies).unwrap_or(i64::MAX));
+        metrics
+            .mailbox_bytes
+            .set(i64::try_from(depth.bytes).unwrap_or(i64::MAX));
+    }
+    if let Some(window) = services.store.ack_window() {
+        metrics.ack_window_seconds.set(window.width.as_secs_f64());
+        metrics
+            .ack_window_copies
+            .set(i64::try_from(window.copies).unwrap_or(i64::MAX));
     }
 }
 

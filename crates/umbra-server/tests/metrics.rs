@@ -84,6 +84,28 @@ async fn metrics_count_what_happens_and_name_nobody() {
 
     let before = metrics(metrics_at).await;
     assert_eq!(sample(&before, "umbra_connections"), Some(0.0), "{before}");
+    // Read from the store at the scrape: nothing waits yet, and the
+    // embedded store's ack window is at its narrowest.
+    assert_eq!(
+        sample(&before, "umbra_mailbox_copies"),
+        Some(0.0),
+        "{before}"
+    );
+    assert_eq!(
+        sample(&before, "umbra_mailbox_bytes"),
+        Some(0.0),
+        "{before}"
+    );
+    assert_eq!(
+        sample(&before, "umbra_ack_window_seconds"),
+        Some(umbra_store::ACK_WINDOW.as_secs_f64()),
+        "{before}"
+    );
+    assert_eq!(
+        sample(&before, "umbra_ack_window_copies"),
+        Some(0.0),
+        "{before}"
+    );
 
     let mut device = Raw::connect(&server).await;
     let signer = DeviceSigner::from_secret(&[5; 32]);

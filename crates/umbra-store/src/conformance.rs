@@ -49,6 +49,50 @@ where
     mailboxes_per_device(&make().await).await;
     anonymous_fan_out_and_delivery_keys(&make().await).await;
     tokens(&make().await).await;
+    mailbox_depth(&make().await).await;
+}
+
+/// What the operator's metrics read: every copy waiting, in the ack window
+/// or on disk, counted once; acknowledged ones gone.
+async fn mailbox_depth(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    befriend(store, &alice, &bob).await;
+    let g = group(7);
+    store
+        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
+        .await
+        .unwrap();
+    store
+        .accept_commit(&commit(&g, 0, &alice, b"add", &[&bob], &[]), NOW, NOW + TTL)
+        .await
+        .unwrap();
+    read_all(store, &alice).await;
+    read_all(store, &bob).await;
+    assert_eq!(store.depth().await.unwrap(), crate::MailboxDepth::default());
+    for n in 0..3u8 {
+        let (_, durable) = stored(send(store, &g, &bob, &[n; 10], NOW).await);
+        durable.wait().await.unwrap();
+    }
+    assert_eq!(
+        store.depth().await.unwrap(),
+        crate::MailboxDepth {
+            copies: 3,
+            bytes: 30
+        }
+    );
+    let held = store.pending(&one(&alice), 0, 2, NOW).await.unwrap();
+    store
+        .ack(&one(&alice), &held.iter().map(|d| d.id).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.depth().await.unwrap(),
+        crate::MailboxDepth {
+            copies: 1,
+            bytes: 10
+        }
+    );
 }
 
 fn account(text: &str) -> AccountId {

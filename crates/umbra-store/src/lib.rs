@@ -44,6 +44,25 @@ pub const COMMIT_HASH_LIFETIME: u64 = 31 * DAY;
 /// whom.
 pub const CONTACT_REQUEST_LIFETIME: u64 = 30 * DAY;
 
+/// What the mailboxes hold: see [`Mailboxes::depth`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MailboxDepth {
+    /// Copies waiting for their devices.
+    pub copies: u64,
+    /// Their payloads' bytes.
+    pub bytes: u64,
+}
+
+/// The ack window's state: see [`Mailboxes::ack_window`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckWindow {
+    /// How long a copy waits for its acknowledgement before it is written
+    /// (widened while acknowledgements come late).
+    pub width: std::time::Duration,
+    /// Copies waiting in it now.
+    pub copies: u64,
+}
+
 /// What a store may hold, set when it is opened. Zero means no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreLimits {
@@ -735,6 +754,14 @@ pub trait Mailboxes: Send + Sync {
     /// away now (`true`), changing as it does, so that a node can read its
     /// connections' mailboxes again when it returns.
     fn away(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
+    /// What waits in every mailbox now, copies in the ack window
+    /// included: for the operator's metrics (counted when asked, not kept
+    /// up to date, and not atomic with writes going on).
+    async fn depth(&self) -> Result<MailboxDepth>;
+    /// The ack window's state now, for a store that has one.
+    fn ack_window(&self) -> Option<AckWindow> {
         None
     }
     /// Deletes deliveries whose time to live has passed, the hashes of

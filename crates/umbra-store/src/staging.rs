@@ -323,9 +323,19 @@ impl Staging {
     }
 
     /// The current ack window.
-    #[cfg(test)]
     pub fn window(&self) -> Duration {
         self.window.length
+    }
+
+    /// Copies waiting here and not yet being written, and their payload
+    /// bytes.
+    pub fn staged(&self) -> (u64, u64) {
+        self.rows
+            .values()
+            .filter(|row| !row.persisting)
+            .fold((0, 0), |(copies, bytes), row| {
+                (copies + 1, bytes + row.delivery.payload.len() as u64)
+            })
     }
 
     /// `recipient`'s staged copies above `after` that have not expired at

@@ -367,6 +367,22 @@ impl Mailboxes for PgStore {
         Some(self.away.clone())
     }
 
+    async fn depth(&self) -> Result<crate::MailboxDepth> {
+        let (copies, bytes) = transaction!(read self, tx => {
+            let row = tx
+                .query_one(
+                    "SELECT COUNT(*), COALESCE(SUM(octet_length(payload)), 0)::BIGINT FROM mailbox",
+                    &[],
+                )
+                .await?;
+            Ok::<_, Failure>((row.get::<_, i64>(0), row.get::<_, i64>(1)))
+        })?;
+        Ok(crate::MailboxDepth {
+            copies: u64::try_from(copies).unwrap_or(0),
+            bytes: u64::try_from(bytes).unwrap_or(0),
+        })
+    }
+
     async fn ack(&self, recipient: &DeviceAddr, ids: &[u64]) -> Result<usize> {
         // IDs beyond the column's range name nothing stored.
         let ids: Vec<i64> = ids

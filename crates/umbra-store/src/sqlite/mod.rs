@@ -2170,6 +2170,33 @@ impl SqliteStore {
 
 #[async_trait]
 impl Mailboxes for SqliteStore {
+    async fn depth(&self) -> Result<crate::MailboxDepth> {
+        let staging = Arc::clone(&self.staging);
+        self.run(move |connection| {
+            let (copies, bytes): (i64, i64) = connection
+                .query_row(
+                    "SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) FROM mailbox",
+                    [],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .map_err(backend)?;
+            let (staged, staged_bytes) = lock(&staging).staged();
+            Ok(crate::MailboxDepth {
+                copies: u64::try_from(copies).unwrap_or(0) + staged,
+                bytes: u64::try_from(bytes).unwrap_or(0) + staged_bytes,
+            })
+        })
+        .await
+    }
+
+    fn ack_window(&self) -> Option<crate::AckWindow> {
+        let staging = lock(&self.staging);
+        Some(crate::AckWindow {
+            width: staging.window(),
+            copies: staging.staged().0,
+        })
+    }
+
     async fn pending(
         &self,
         recipient: &DeviceAddr,
