@@ -55,18 +55,7 @@ where
 /// What the operator's metrics read: every copy waiting, in the ack window
 /// or on disk, counted once; acknowledged ones gone.
 async fn mailbox_depth(store: &impl Store) {
-    let alice = registered(store, "AAAAAAAA", 1).await;
-    let bob = registered(store, "BBBBBBBB", 2).await;
-    befriend(store, &alice, &bob).await;
-    let g = group(7);
-    store
-        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
-        .await
-        .unwrap();
-    store
-        .accept_commit(&commit(&g, 0, &alice, b"add", &[&bob], &[]), NOW, NOW + TTL)
-        .await
-        .unwrap();
+    let (g, alice, bob) = group_of_two(store).await;
     read_all(store, &alice).await;
     read_all(store, &bob).await;
     assert_eq!(store.depth().await.unwrap(), crate::MailboxDepth::default());
@@ -117,7 +106,6 @@ fn key(n: u8) -> IdentityKey {
 }
 
 /// Alice's group with Bob in it (epoch 1), for backend-specific tests.
-#[cfg(test)]
 pub(crate) async fn group_of_two(store: &impl Store) -> (GroupId, AccountId, AccountId) {
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
