@@ -81,6 +81,8 @@ pub struct Metrics {
     /// embedded store; absent on PostgreSQL, which has none).
     pub ack_window_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub ack_window_copies: Gauge,
+    /// When the depth was last counted (held while counting).
+    depth_counted: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -184,6 +186,7 @@ impl Default for Metrics {
             mailbox_bytes,
             ack_window_seconds,
             ack_window_copies,
+            depth_counted: tokio::sync::Mutex::new(None),
         }
     }
 }
@@ -323,12 +326,27 @@ async fn answer(mut stream: TcpStream, services: &Services) -> std::io::Result<(
     }
 }
 
-/// Sets the gauges read from the store: the mailboxes' depth (left as
-/// it was if the store does not answer within the health check's time)
-/// and the ack window.
+/// How often the mailboxes' depth is counted at most: counting scans the
+/// whole mailbox table (on the embedded store, on the connection every
+/// mailbox read uses), so scrapers, however many and however frequent,
+/// must not set the pace.
+const DEPTH_EVERY: Duration = Duration::from_secs(30);
+
+/// Sets the gauges read from the store: the mailboxes' depth (at most
+/// every [`DEPTH_EVERY`], one count at a time; left as it was if the store
+/// does not answer within the health check's time) and the ack window.
 async fn read_store(services: &Services) {
     let metrics = &services.metrics;
-    if let Ok(Ok(depth)) = tokio::time::timeout(HEALTH_TIMEOUT, services.store.depth()).await {
+    let due = match metrics.depth_counted.try_lock() {
+        Ok(mut last) if last.is_none_or(|at| at.elapsed() >= DEPTH_EVERY) => {
+            *last = Some(tokio::time::Instant::now());
+            Some(last)
+        }
+        _ => None,
+    };
+    if let Some(_counting) = due
+        && let Ok(Ok(depth)) = tokio::time::timeout(HEALTH_TIMEOUT, services.store.depth()).await
+    {
         metrics
             .mailbox_copies
             .set(i64::try_from(depth.copies).unwrap_or(i64::MAX));

@@ -531,8 +531,13 @@ impl Identity {
         let current = Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()));
         let chain = &current.cert;
         let pin = self.pin;
-        let not_after = match chain.as_slice() {
-            [leaf, .., anchor] => umbra_proto::pin::expiry(
+        // The anchor is found by the pin, not by its place in the chain.
+        let anchor = chain
+            .iter()
+            .skip(1)
+            .find(|c| CertFingerprint::of_der(c) == pin);
+        let not_after = match (chain.first(), anchor) {
+            (Some(leaf), Some(anchor)) => umbra_proto::pin::expiry(
                 leaf,
                 anchor,
                 self.provider.signature_verification_algorithms.all,
