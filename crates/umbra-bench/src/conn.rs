@@ -23,6 +23,7 @@ use umbra_proto::{
 };
 
 use crate::recorder::Recorder;
+use crate::stamp::Stamp;
 
 /// Request ids with this bit are acknowledgements (their answers are not
 /// counted as answers to sends).
@@ -32,6 +33,8 @@ const ACK_BATCH: usize = 256;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, ErrorReply>>>>>;
+/// Fired sends not answered yet, by request id: which message each is.
+type Fired = Arc<Mutex<HashMap<u64, Stamp>>>;
 
 /// How to reach the server.
 #[derive(Clone, Debug)]
@@ -45,11 +48,26 @@ pub struct Dial {
 pub struct Conn {
     out: mpsc::UnboundedSender<Vec<u8>>,
     waiters: Waiters,
+    fired: Fired,
     next_id: AtomicU64,
     pub nonce: Nonce,
     synced: Arc<(AtomicBool, Notify)>,
-    alive: Arc<AtomicBool>,
+    alive: Arc<Alive>,
     closing: Arc<Notify>,
+}
+
+/// Whether the connection is up, and a way to wait for it to end.
+#[derive(Debug)]
+struct Alive {
+    up: AtomicBool,
+    ended: Notify,
+}
+
+impl Alive {
+    fn end(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.ended.notify_waiters();
+    }
 }
 
 impl Drop for Conn {
@@ -102,7 +120,10 @@ impl Conn {
     {
         let (mut sink, mut source) = ws.split();
         let (out, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let alive = Arc::new(AtomicBool::new(true));
+        let alive = Arc::new(Alive {
+            up: AtomicBool::new(true),
+            ended: Notify::new(),
+        });
         // Writes are batched: everything queued goes out before one flush.
         // The writer ends (closing the socket) when every sender is gone.
         {
@@ -114,7 +135,7 @@ impl Conn {
                     }
                     while let Ok(next) = out_rx.try_recv() {
                         if sink.feed(Message::Binary(next.into())).await.is_err() {
-                            alive.store(false, Ordering::SeqCst);
+                            alive.end();
                             return;
                         }
                     }
@@ -123,16 +144,18 @@ impl Conn {
                     }
                 }
                 let _ = sink.close().await;
-                alive.store(false, Ordering::SeqCst);
+                alive.end();
             });
         }
         let waiters: Waiters = Arc::default();
+        let fired: Fired = Arc::default();
         let synced = Arc::new((AtomicBool::new(false), Notify::new()));
         let (hello_tx, hello_rx) = oneshot::channel();
         let closing = Arc::new(Notify::new());
         {
             let closing = Arc::clone(&closing);
             let waiters = Arc::clone(&waiters);
+            let fired = Arc::clone(&fired);
             let synced = Arc::clone(&synced);
             let alive = Arc::clone(&alive);
             let out = out.clone();
@@ -172,8 +195,15 @@ impl Conn {
                             if let Some(waiter) = waiter {
                                 let _ = waiter.send(result);
                             } else if id & ACK_BIT == 0 {
+                                let stamp =
+                                    fired.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                                 match result {
-                                    Ok(_) => recorder.note_answer(true, None),
+                                    Ok(_) => {
+                                        if let Some(stamp) = stamp {
+                                            recorder.note_accepted(&stamp);
+                                        }
+                                        recorder.note_answer(true, None);
+                                    }
                                     Err(error) => recorder.note_answer(
                                         false,
                                         Some(format!("{:?}: {}", error.code, error.message)),
@@ -223,7 +253,7 @@ impl Conn {
                     let _ = tokio::time::timeout(Duration::from_secs(5), confirm).await;
                     drop(rx);
                 }
-                alive.store(false, Ordering::SeqCst);
+                alive.end();
                 waiters.lock().unwrap_or_else(|p| p.into_inner()).clear();
             });
         }
@@ -234,6 +264,7 @@ impl Conn {
         Ok(Conn {
             out,
             waiters,
+            fired,
             next_id: AtomicU64::new(1),
             nonce,
             synced,
@@ -243,7 +274,20 @@ impl Conn {
     }
 
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::SeqCst)
+        self.alive.up.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the connection has ended.
+    pub async fn closed(&self) {
+        loop {
+            let ended = self.alive.ended.notified();
+            let mut ended = std::pin::pin!(ended);
+            ended.as_mut().enable();
+            if !self.is_alive() {
+                return;
+            }
+            ended.await;
+        }
     }
 
     /// Sends a request and waits for its answer.
@@ -265,9 +309,16 @@ impl Conn {
         }
     }
 
-    /// Sends a request whose answer the recorder counts.
-    pub fn fire(&self, request: Request) {
+    /// Sends a request whose answer the recorder counts (and, for the
+    /// message `stamp` names, records as accepted).
+    pub fn fire(&self, request: Request, stamp: Option<Stamp>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(stamp) = stamp {
+            self.fired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, stamp);
+        }
         let _ = self.out.send(encode_client(&ClientFrame { id, request }));
     }
 

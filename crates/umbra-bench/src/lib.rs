@@ -6,13 +6,15 @@
 //!   send on a channel and report what they receive.
 //! - [`umbra`]: Umbra as one, [`peers`]: nats-server, mosquitto, ejabberd;
 //!   [`cluster`]: Umbra as several nodes on a private PostgreSQL and NATS.
-//! - [`workload`]: idle, relay, offline, fanout, storm, soak.
+//! - [`workload`]: idle, relay, offline, fanout, storm, soak;
+//!   [`failover`]: a cluster's node killed in the middle of a relay.
 //! - [`recorder`], [`stamp`], [`sampler`]: latency, loss, duplicates, and
 //!   the server's CPU and memory from `/proc`.
 //! - [`report`]: `docs/benchmarks.md` and its plot from the JSON results.
 
 pub mod cluster;
 pub mod conn;
+pub mod failover;
 pub mod peers;
 pub mod recorder;
 pub mod report;

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 use umbra_bench::system::{System, Topology};
 use umbra_bench::umbra::{ServerSpec, UmbraSystem};
-use umbra_bench::{peers, report, workload};
+use umbra_bench::{failover, peers, report, workload};
 
 /// Load generator for Umbra and its peers. Each workload starts the server
 /// under test itself (pinned to --server-cpu), sets up devices over the real
@@ -163,6 +163,23 @@ enum Workload {
         online: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+    /// Cluster mode only (--nodes 2 or more): relay across nodes at a fixed
+    /// rate while the last node is killed with SIGKILL; its devices move
+    /// to the next node at once, and the run reports how long until each
+    /// is served again (logged in, its backlog pushed) and whether any
+    /// accepted message was lost.
+    Failover {
+        #[arg(long, default_value_t = 200)]
+        pairs: u32,
+        /// Offered messages per second, across every sender.
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        #[arg(long, default_value = "20s")]
+        duration: humantime::Duration,
+        /// When the node is killed, from the start of sending.
+        #[arg(long, default_value = "5s")]
+        kill_after: humantime::Duration,
     },
     /// Regenerates docs/benchmarks.md and its plot from JSON results.
     Report {
@@ -359,6 +376,44 @@ async fn run(cli: Cli) -> Result<()> {
             (
                 "storm",
                 json!({"system": system.name(), "durability": system.durability(), "result": result}),
+            )
+        }
+        Workload::Failover {
+            pairs,
+            rate,
+            duration,
+            kill_after,
+        } => {
+            common.single_device_only("failover")?;
+            if common.nodes < 2 {
+                bail!("failover kills one node of a cluster: run it with --nodes 2 or more");
+            }
+            let (pairs, rate, duration, kill_after) = if quick {
+                (20, 200.0, Duration::from_secs(4), Duration::from_secs(1))
+            } else {
+                (pairs, rate, duration.into(), kill_after.into())
+            };
+            let topology = Topology::pairs(pairs);
+            let system = system_for(common, &topology, &[size]).await?;
+            let result =
+                failover::failover(&system, &topology, rate, size, duration, kill_after).await?;
+            eprintln!(
+                "  {}: {} devices moved, served again p50 {:.0} ms p99 {:.0} ms max {:.0} ms; \
+                 accepted {} lost {} dup {} unanswered {}; p99 {:.1} ms",
+                system.name(),
+                result.devices_moved,
+                result.served_again_p50_ms,
+                result.served_again_p99_ms,
+                result.served_again_max_ms,
+                result.observed.accepted,
+                result.lost,
+                result.observed.duplicates,
+                result.unanswered,
+                result.observed.p99_ms
+            );
+            (
+                "failover",
+                json!({"system": system.name(), "durability": system.durability(), "pairs": pairs, "result": result}),
             )
         }
         Workload::Soak {

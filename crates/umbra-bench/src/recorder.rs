@@ -25,6 +25,9 @@ struct Inner {
     deferred: Histogram<u64>,
     /// (receiver, sender) → bitmap of sequence numbers seen.
     seen: HashMap<(u32, u32), Vec<u64>>,
+    /// sender → bitmap of the sequence numbers the server accepted, where
+    /// the sender's connection tells which ([`Recorder::note_accepted`]).
+    accepted: HashMap<u32, Vec<u64>>,
     unique: u64,
     duplicates: u64,
     window_end_ns: u64,
@@ -81,6 +84,7 @@ impl Recorder {
                 latency: new_histogram(),
                 deferred: new_histogram(),
                 seen: HashMap::new(),
+                accepted: HashMap::new(),
                 unique: 0,
                 duplicates: 0,
                 window_end_ns: u64::MAX,
@@ -108,6 +112,7 @@ impl Recorder {
         inner.latency = new_histogram();
         inner.deferred = new_histogram();
         inner.seen.clear();
+        inner.accepted.clear();
         inner.unique = 0;
         inner.duplicates = 0;
         inner.window_end_ns = u64::MAX;
@@ -143,6 +148,37 @@ impl Recorder {
         }
     }
 
+    /// Records which message the server accepted (besides counting it
+    /// with [`Recorder::note_answer`]), for [`Recorder::missing`].
+    pub fn note_accepted(&self, stamp: &Stamp) {
+        let mut inner = self.lock();
+        if stamp.run & !DEFERRED != inner.run {
+            return;
+        }
+        let bits = inner.accepted.entry(stamp.sender).or_default();
+        set(bits, stamp.seq);
+    }
+
+    /// Messages the server accepted that have not reached every one of
+    /// their recipients (`recipients(sender)`) yet, counted once per
+    /// recipient: exact where [`Recorder::delivered`]'s count is not (a
+    /// message stored but never answered, its sender's connection cut,
+    /// arrives without having been counted as accepted).
+    pub fn missing(&self, recipients: impl Fn(u32) -> Vec<u32>) -> u64 {
+        let inner = self.lock();
+        let mut missing = 0u64;
+        for (sender, accepted) in &inner.accepted {
+            for recipient in recipients(*sender) {
+                let seen = inner.seen.get(&(recipient, *sender));
+                for (word, bits) in accepted.iter().enumerate() {
+                    let got = seen.and_then(|s| s.get(word)).copied().unwrap_or(0);
+                    missing += u64::from((bits & !got).count_ones());
+                }
+            }
+        }
+        missing
+    }
+
     /// Records a payload received by device `receiver`. Returns whether it
     /// belonged to the current run.
     pub fn delivered(&self, receiver: u32, payload: &[u8]) -> bool {
@@ -153,17 +189,7 @@ impl Recorder {
             return false;
         };
         let bits = inner.seen.entry((receiver, stamp.sender)).or_default();
-        let word = usize::try_from(stamp.seq / 64).unwrap_or(usize::MAX);
-        if bits.len() <= word {
-            bits.resize(word + 1, 0);
-        }
-        let mask = 1u64 << (stamp.seq % 64);
-        let fresh = bits.get_mut(word).is_some_and(|w| {
-            let fresh = *w & mask == 0;
-            *w |= mask;
-            fresh
-        });
-        if !fresh {
+        if !set(bits, stamp.seq) {
             inner.duplicates += 1;
             return true;
         }
@@ -216,6 +242,20 @@ impl Recorder {
     }
 }
 
+/// Sets bit `seq` of `bits`; returns whether it was clear.
+fn set(bits: &mut Vec<u64>, seq: u64) -> bool {
+    let word = usize::try_from(seq / 64).unwrap_or(usize::MAX);
+    if bits.len() <= word {
+        bits.resize(word + 1, 0);
+    }
+    let mask = 1u64 << (seq % 64);
+    bits.get_mut(word).is_some_and(|w| {
+        let fresh = *w & mask == 0;
+        *w |= mask;
+        fresh
+    })
+}
+
 fn new_histogram() -> Histogram<u64> {
     // 3 significant figures from 1 µs to 10 minutes.
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("constant, valid histogram bounds")
@@ -253,5 +293,32 @@ mod tests {
         assert_eq!((seen.delivered, seen.duplicates), (3, 1));
         recorder.begin(4);
         assert_eq!(recorder.observed().delivered, 0);
+    }
+
+    #[test]
+    fn missing_counts_accepted_messages_each_recipient_lacks() {
+        let recorder = Recorder::new();
+        recorder.begin(1);
+        let stamp = |seq| Stamp {
+            run: 1,
+            sender: 0,
+            seq,
+            due_ns: 0,
+        };
+        for seq in [0, 1, 70] {
+            recorder.note_accepted(&stamp(seq));
+        }
+        // Sequence 2 was stored but never answered: it arrives, uncounted.
+        for seq in [0, 2, 70] {
+            recorder.delivered(1, &stamped(1, 0, seq));
+        }
+        recorder.delivered(2, &stamped(1, 0, 1));
+        let recipients = |sender| if sender == 0 { vec![1, 2] } else { vec![] };
+        // Device 1 lacks 1; device 2 lacks 0 and 70.
+        assert_eq!(recorder.missing(recipients), 3);
+        recorder.delivered(1, &stamped(1, 0, 1));
+        assert_eq!(recorder.missing(recipients), 2);
+        recorder.begin(2);
+        assert_eq!(recorder.missing(recipients), 0);
     }
 }

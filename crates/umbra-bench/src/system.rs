@@ -127,6 +127,16 @@ pub trait Endpoint: Send + Sync {
 
     /// Whether the connection is still up.
     fn is_alive(&self) -> bool;
+
+    /// Resolves once the connection has ended (by default, found so by
+    /// looking every 10 ms).
+    fn closed(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            while self.is_alive() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+    }
 }
 
 /// A server under test.
@@ -148,6 +158,36 @@ pub trait System: Send + Sync {
     /// reported to `recorder` as received by `index`. Resolves once the
     /// device is ready to send and its stored backlog has been delivered.
     async fn connect(&self, index: u32, recorder: Arc<Recorder>) -> Result<Box<dyn Endpoint>>;
+
+    /// Servers (a cluster's nodes) devices may connect to: 1 but for an
+    /// Umbra cluster.
+    fn nodes(&self) -> usize {
+        1
+    }
+
+    /// The node [`System::connect`] connects device `index` to.
+    fn node_of(&self, _index: u32) -> usize {
+        0
+    }
+
+    /// Kills node `node` with SIGKILL, and leaves it dead.
+    fn kill_node(&self, _node: usize) -> Result<()> {
+        anyhow::bail!("{} runs as one server: no node to kill alone", self.name())
+    }
+
+    /// Connects (and logs in) device `index` through node `node`, as
+    /// [`System::connect`] does through its own.
+    async fn connect_to(
+        &self,
+        index: u32,
+        node: usize,
+        recorder: Arc<Recorder>,
+    ) -> Result<Box<dyn Endpoint>> {
+        if node != 0 {
+            anyhow::bail!("{} runs as one server: no node {node}", self.name());
+        }
+        self.connect(index, recorder).await
+    }
 
     /// A message of `size` bytes for `channel` that the generator stamps.
     fn payload(&self, channel: u32, size: usize) -> Vec<u8>;

@@ -21,6 +21,7 @@ use umbra_proto::{
 
 use crate::conn::{Conn, Dial};
 use crate::recorder::Recorder;
+use crate::stamp::Stamp;
 use crate::system::{Endpoint, System, Topology};
 
 /// The bench's groups use the classical suite, as they did before the
@@ -984,17 +985,25 @@ struct UmbraEndpoint {
 impl Endpoint for UmbraEndpoint {
     fn send(&self, channel: u32, payload: Vec<u8>) {
         if let Some(group_id) = self.groups.get(channel as usize) {
-            self.conn.fire(Request::SendMessage {
-                group_id: group_id.clone(),
-                message: payload,
-                kind: DeliveryKind::Application,
-                ttl_seconds: 0,
-            });
+            let stamp = Stamp::read(&payload);
+            self.conn.fire(
+                Request::SendMessage {
+                    group_id: group_id.clone(),
+                    message: payload,
+                    kind: DeliveryKind::Application,
+                    ttl_seconds: 0,
+                },
+                stamp,
+            );
         }
     }
 
     fn is_alive(&self) -> bool {
         self.conn.is_alive()
+    }
+
+    fn closed(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.conn.closed())
     }
 }
 
@@ -1030,14 +1039,41 @@ impl System for UmbraSystem {
     }
 
     async fn connect(&self, index: u32, recorder: Arc<Recorder>) -> Result<Box<dyn Endpoint>> {
+        self.connect_to(index, self.node_of(index), recorder).await
+    }
+
+    fn nodes(&self) -> usize {
+        self.dials.len().max(1)
+    }
+
+    fn node_of(&self, index: u32) -> usize {
+        index as usize % self.nodes()
+    }
+
+    fn kill_node(&self, node: usize) -> Result<()> {
+        match node.checked_sub(1) {
+            None => self.lock_server().kill9(),
+            Some(other) => self
+                .others
+                .get(other)
+                .context("no such node")?
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .kill9(),
+        }
+    }
+
+    async fn connect_to(
+        &self,
+        index: u32,
+        node: usize,
+        recorder: Arc<Recorder>,
+    ) -> Result<Box<dyn Endpoint>> {
         let (signer, account, device) = self
             .signers
             .get(index as usize)
             .context("device index out of range")?;
-        let dial = self
-            .dials
-            .get(index as usize % self.dials.len().max(1))
-            .unwrap_or(&self.dial);
+        let dial = self.dials.get(node).unwrap_or(&self.dial);
         let conn = Conn::open(dial, index, recorder).await?;
         let signature = signer.sign_payload(&login_signing_payload(&conn.nonce, account));
         conn.request(Request::Login {
