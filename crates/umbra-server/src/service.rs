@@ -419,27 +419,29 @@ impl Services {
                     });
                 }
                 // Best effort: a device logs in (and reads its mailbox) even
-                // while the storage is full.
-                if let Err(error) = self
-                    .store
-                    .touch(&account_id, self.now() / umbra_store::DAY)
-                    .await
+                // while the storage is full. Once a day: the line just read
+                // says whether today is recorded already (a reconnect storm
+                // writes nothing).
+                let today = self.now() / umbra_store::DAY;
+                if account.last_seen_day != Some(today)
+                    && let Err(error) = self.store.touch(&account_id, today).await
                 {
                     debug!(%error, "recording the login day failed");
                 }
-                let mut stocks = Vec::with_capacity(umbra_mls::Suite::ALL.len());
-                for suite in umbra_mls::Suite::ALL {
-                    let stock = self
-                        .store
-                        .key_package_stock(&account_id, device, suite.code())
-                        .await
-                        .map_err(internal)?;
-                    stocks.push(umbra_proto::SuiteStock {
-                        suite: suite.code(),
+                let suites: Vec<u16> = umbra_mls::Suite::ALL.iter().map(|s| s.code()).collect();
+                let stocks: Vec<umbra_proto::SuiteStock> = self
+                    .store
+                    .key_package_stocks(&account_id, device, &suites)
+                    .await
+                    .map_err(internal)?
+                    .into_iter()
+                    .zip(&suites)
+                    .map(|(stock, &suite)| umbra_proto::SuiteStock {
+                        suite,
                         remaining: stock.one_time,
                         has_last_resort: stock.has_last_resort,
-                    });
-                }
+                    })
+                    .collect();
                 let classical = stocks
                     .iter()
                     .find(|stock| stock.suite == umbra_proto::CLASSICAL_SUITE)

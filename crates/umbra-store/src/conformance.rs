@@ -395,6 +395,18 @@ async fn key_packages_per_suite(store: &impl Store) {
     );
     let stock = store.key_package_stock(&alice, one, C).await.unwrap();
     assert_eq!((stock.one_time, stock.has_last_resort), (1, true));
+    let stocks = store
+        .key_package_stocks(&alice, one, &[PQ, C, 0xfff0])
+        .await
+        .unwrap();
+    assert_eq!(
+        stocks
+            .iter()
+            .map(|s| (s.one_time, s.has_last_resort))
+            .collect::<Vec<_>>(),
+        vec![(2, false), (1, true), (0, false)],
+        "every suite's stock at once, in the order asked, none for a suite never uploaded"
+    );
     assert_eq!(
         store.take_key_package(&alice, one, PQ).await.unwrap(),
         Some((b"pq-a".to_vec(), false)),

@@ -366,6 +366,21 @@ pub trait KeyPackages: Send + Sync {
         device: DeviceId,
         suite: u16,
     ) -> Result<KeyPackageStock>;
+    /// The stock of each of `suites`, in that order, as
+    /// [`KeyPackages::key_package_stock`] gives it (what a login reports):
+    /// one suite after another here, in one read where a backend can.
+    async fn key_package_stocks(
+        &self,
+        account: &AccountId,
+        device: DeviceId,
+        suites: &[u16],
+    ) -> Result<Vec<KeyPackageStock>> {
+        let mut stocks = Vec::with_capacity(suites.len());
+        for &suite in suites {
+            stocks.push(self.key_package_stock(account, device, suite).await?);
+        }
+        Ok(stocks)
+    }
     /// Deletes every KeyPackage of `device` (a device removed from its
     /// account); returns how many there were, the last-resort one included.
     async fn withdraw_key_packages(&self, account: &AccountId, device: DeviceId) -> Result<u64>;

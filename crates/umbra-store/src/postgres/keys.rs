@@ -117,6 +117,22 @@ impl KeyPackages for PgStore {
         transaction!(read self, tx => stock(&tx, account, device, suite).await)
     }
 
+    /// One transaction for every suite: a login asks for them all.
+    async fn key_package_stocks(
+        &self,
+        account: &AccountId,
+        device: DeviceId,
+        suites: &[u16],
+    ) -> Result<Vec<KeyPackageStock>> {
+        transaction!(read self, tx => {
+            let mut stocks = Vec::with_capacity(suites.len());
+            for &suite in suites {
+                stocks.push(stock(&tx, account, device, suite).await?);
+            }
+            Ok::<_, Failure>(stocks)
+        })
+    }
+
     async fn withdraw_key_packages(&self, account: &AccountId, device: DeviceId) -> Result<u64> {
         transaction!(self, tx => {
             let mut withdrawn = 0;
