@@ -83,6 +83,33 @@ fn relay_delivers_every_accepted_message_once_with_and_without_tls() {
 }
 
 #[test]
+fn a_node_killed_in_the_middle_of_a_relay_loses_nothing() {
+    // Two nodes on a private PostgreSQL and nats-server; the second node
+    // is killed with SIGKILL a second into 4 s of relay at 200/s.
+    let result = run(&["--nodes", "2", "failover"]);
+    let outcome = result.pointer("/result").expect("result");
+    assert_eq!(number(outcome, "/lost"), 0.0, "lost: {outcome:#}");
+    assert_eq!(
+        number(outcome, "/devices_moved"),
+        20.0,
+        "half of the 40 devices were on the killed node: {outcome:#}"
+    );
+    let accepted = number(outcome, "/observed/accepted");
+    assert!(
+        accepted >= 600.0,
+        "most of the 800 sends are accepted, those after the kill included: {outcome:#}"
+    );
+    let delivered = number(outcome, "/observed/delivered");
+    assert!(delivered >= accepted, "{outcome:#}");
+    // The bound for a killed node's devices, not a measurement.
+    let served = number(outcome, "/served_again_max_ms");
+    assert!(
+        served > 0.0 && served < 10_000.0,
+        "every moved device served again within 10 s: {outcome:#}"
+    );
+}
+
+#[test]
 fn offline_messages_survive_a_sigkill_and_drain() {
     let result = run(&["offline"]);
     let outcome = result.pointer("/result").expect("result");
