@@ -462,24 +462,15 @@ impl PgStore {
         expires_at: Timestamp,
     ) -> std::result::Result<FanOutOutcome, Failure> {
         // Locks in the order every transaction takes them: the sender's
-        // line, then the group, then (storing) the mailboxes' heads. The
-        // three reads are pipelined: sent together, run by PostgreSQL in
-        // the order sent (as polled: line, epoch, members), answered
-        // together, one round trip instead of three.
-        let sender_line = async {
-            match message.sender {
-                Some(sender) => line(tx, &sender.account).await.map(Some),
-                None => Ok(None),
-            }
+        // line, then the group, then (storing) the mailboxes' heads.
+        let line = match message.sender {
+            Some(sender) => Some(line(tx, &sender.account).await?),
+            None => None,
         };
-        let (line, current, members) = tokio::try_join!(
-            sender_line,
-            epoch(tx, message.group, Lock::Share),
-            routable(tx, message.group),
-        )?;
-        let Some(current) = current else {
+        let Some(current) = epoch(tx, message.group, Lock::Share).await? else {
             return Ok(FanOutOutcome::UnknownGroup);
         };
+        let members = routable(tx, message.group).await?;
         let sender = line.map(|line| {
             let member = message.sender.is_some_and(|s| members.contains(s));
             (member, line)
