@@ -422,18 +422,28 @@ impl Services {
                 // while the storage is full. Once a day: the line just read
                 // says whether today is recorded already (a reconnect storm
                 // writes nothing).
+                // (A later day, written by a node whose clock is ahead, is
+                // left as it is.)
                 let today = self.now() / umbra_store::DAY;
-                if account.last_seen_day != Some(today)
+                if account.last_seen_day.is_none_or(|day| day < today)
                     && let Err(error) = self.store.touch(&account_id, today).await
                 {
                     debug!(%error, "recording the login day failed");
                 }
                 let suites: Vec<u16> = umbra_mls::Suite::ALL.iter().map(|s| s.code()).collect();
-                let stocks: Vec<umbra_proto::SuiteStock> = self
+                let stocks = self
                     .store
                     .key_package_stocks(&account_id, device, &suites)
                     .await
-                    .map_err(internal)?
+                    .map_err(internal)?;
+                if stocks.len() != suites.len() {
+                    return Err(internal(umbra_store::StoreError::Corrupt(format!(
+                        "{} KeyPackage stocks for {} suites",
+                        stocks.len(),
+                        suites.len()
+                    ))));
+                }
+                let stocks: Vec<umbra_proto::SuiteStock> = stocks
                     .into_iter()
                     .zip(&suites)
                     .map(|(stock, &suite)| umbra_proto::SuiteStock {

@@ -391,7 +391,9 @@ fn forward_events(mut events: broadcast::Receiver<Event>, notes: mpsc::Unbounded
 }
 
 /// Keeps the connection up: connects, waits for it to drop, and tries
-/// again with exponential backoff (1 s doubling to 30 s).
+/// again with exponential backoff (1 s doubling to 30 s), each wait drawn
+/// at random between half and all of it, so the devices of a node that
+/// died do not all come back to the next one in the same millisecond.
 async fn supervise(client: Client, notes: mpsc::UnboundedSender<Note>) {
     let mut backoff = Duration::from_secs(1);
     let mut first = true;
@@ -431,9 +433,20 @@ async fn supervise(client: Client, notes: mpsc::UnboundedSender<Note>) {
         if notes.is_closed() {
             return;
         }
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(jittered(backoff)).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// A wait between half of `backoff` and all of it, drawn at random.
+fn jittered(backoff: Duration) -> Duration {
+    let mut noise = [0u8; 4];
+    // Without randomness (never seen), the whole wait.
+    if getrandom::getrandom(&mut noise).is_err() {
+        return backoff;
+    }
+    let fraction = f64::from(u32::from_le_bytes(noise)) / f64::from(u32::MAX);
+    backoff.mul_f64(0.5 + fraction / 2.0)
 }
 
 /// Runs an action: local ones at once, network ones as tasks.
@@ -561,5 +574,24 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
             refresh(app, client);
         }
         Action::Unlock(_) | Action::Activate { .. } | Action::Quit => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_waits_are_spread_between_half_and_all_of_the_backoff() {
+        let backoff = Duration::from_secs(8);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(backoff)).collect();
+        assert!(
+            waits.iter().all(|w| *w >= backoff / 2 && *w <= backoff),
+            "{waits:?}"
+        );
+        let early = waits.iter().filter(|w| **w < backoff * 3 / 4).count();
+        // Half are expected in the lower half of the range; 200 draws all
+        // on one side would be a broken draw, not chance.
+        assert!((20..=180).contains(&early), "{early} of 200 early");
     }
 }
