@@ -54,6 +54,7 @@ pub struct Conn {
     synced: Arc<(AtomicBool, Notify)>,
     alive: Arc<Alive>,
     closing: Arc<Notify>,
+    recorder: Arc<Recorder>,
 }
 
 /// Whether the connection is up, and a way to wait for it to end.
@@ -159,6 +160,7 @@ impl Conn {
             let synced = Arc::clone(&synced);
             let alive = Arc::clone(&alive);
             let out = out.clone();
+            let recorder = Arc::clone(&recorder);
             tokio::spawn(async move {
                 let mut hello_tx = Some(hello_tx);
                 let mut acks: Vec<u64> = Vec::new();
@@ -255,6 +257,7 @@ impl Conn {
                 }
                 alive.end();
                 waiters.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                fired.lock().unwrap_or_else(|p| p.into_inner()).clear();
             });
         }
         let nonce = tokio::time::timeout(REQUEST_TIMEOUT, hello_rx)
@@ -270,6 +273,7 @@ impl Conn {
             synced,
             alive,
             closing,
+            recorder,
         })
     }
 
@@ -311,7 +315,12 @@ impl Conn {
 
     /// Sends a request whose answer the recorder counts (and, for the
     /// message `stamp` names, records as accepted).
+    /// A send on a connection that has ended is counted as cut off.
     pub fn fire(&self, request: Request, stamp: Option<Stamp>) {
+        if !self.is_alive() {
+            self.recorder.cut_off.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Some(stamp) = stamp {
             self.fired

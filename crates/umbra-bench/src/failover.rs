@@ -6,8 +6,8 @@
 //! timed until it is *served again*: logged in and its stored backlog
 //! pushed (the server's `Synced`). Loss is counted exactly, message by
 //! message: every message the server accepted must reach its recipient
-//! (sends cut off with their connection, never answered, are counted
-//! apart: their sender was not told "accepted").
+//! (sends never answered, their connection gone, are counted apart: their
+//! sender was not told "accepted").
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use crate::workload::{CONNECT_PARALLELISM, connect_all};
 const RECONNECT_FOR: Duration = Duration::from_secs(60);
 /// The wait for stragglers ends once nothing is missing and no answer
 /// came for this long, or after [`QUIET`] without any progress.
-const SETTLED: Duration = Duration::from_secs(1);
+const SETTLED: Duration = Duration::from_secs(3);
 const QUIET: Duration = Duration::from_secs(15);
 
 /// What a failover run observed.
@@ -48,8 +48,12 @@ pub struct FailoverResult {
     pub served_again_max_ms: f64,
     /// Connection attempts that failed before one succeeded (all devices).
     pub failed_attempts: u64,
-    /// Sends never answered: cut off with the killed node's connections.
+    /// Sends in flight when their connection ended: never answered (the
+    /// message may or may not have been stored).
     pub unanswered: u64,
+    /// Sends made on a connection that had already ended, before its
+    /// device moved: never sent at all.
+    pub cut_off: u64,
     /// Deliveries of accepted messages that never arrived (must be 0).
     pub lost: u64,
     pub observed: Observed,
@@ -104,6 +108,15 @@ pub async fn failover(
     }
     if senders.is_empty() {
         bail!("nothing to send");
+    }
+    let mut channels_of = std::collections::HashMap::<u32, usize>::new();
+    for sender in &senders {
+        *channels_of.entry(sender.device).or_default() += 1;
+    }
+    if channels_of.values().any(|&n| n > 1) {
+        // Sequence numbers are per sender and channel here; a device in
+        // two channels would number two streams alike.
+        bail!("failover runs on pairs: every device in one channel");
     }
     let recipients = recipients_of(topology);
     let moved: Vec<u32> = all
@@ -181,7 +194,17 @@ pub async fn failover(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // A connection that ended on a node that was not killed would make
+    // its deliveries look lost: the run is void then.
+    let ended = slots
+        .iter()
+        .filter(|slot| !slot.read().unwrap_or_else(|p| p.into_inner()).is_alive())
+        .count();
+    if ended > 0 {
+        bail!("{ended} connections ended besides the killed node's: the run proves nothing");
+    }
     let observed = recorder.observed();
+    let cut_off = recorder.cut_off.load(std::sync::atomic::Ordering::SeqCst);
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
     let mut served: Vec<f64> = moves.iter().map(|m| ms(&m.served)).collect();
     served.sort_by(f64::total_cmp);
@@ -201,7 +224,8 @@ pub async fn failover(
         failed_attempts: moves.iter().map(|m| m.failed_attempts).sum(),
         unanswered: observed
             .sent
-            .saturating_sub(observed.accepted + observed.refused),
+            .saturating_sub(observed.accepted + observed.refused + cut_off),
+        cut_off,
         lost,
         observed,
     };
@@ -241,7 +265,10 @@ async fn kill_and_move(
     nodes: usize,
 ) -> Result<Vec<Move>> {
     let killed = Instant::now();
-    system.kill_node(victim)?;
+    // Reaping the process blocks: off the runtime, which the generator
+    // shares with every device's connection.
+    let killer = Arc::clone(system);
+    tokio::task::spawn_blocking(move || killer.kill_node(victim)).await??;
     let target = (victim + 1) % nodes;
     let mut tasks = Vec::with_capacity(moved.len());
     for &device in moved {
@@ -264,10 +291,12 @@ async fn kill_and_move(
             let noticed = killed.elapsed();
             let mut failed_attempts = 0;
             loop {
-                match system
-                    .connect_to(device, target, Arc::clone(&recorder))
+                let within = RECONNECT_FOR.saturating_sub(killed.elapsed());
+                let attempt = system.connect_to(device, target, Arc::clone(&recorder));
+                let attempt = tokio::time::timeout(within, attempt)
                     .await
-                {
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("no login within {RECONNECT_FOR:?}")));
+                match attempt {
                     Ok(endpoint) => {
                         let served = killed.elapsed();
                         *slot.write().unwrap_or_else(|p| p.into_inner()) = Arc::from(endpoint);
@@ -289,8 +318,26 @@ async fn kill_and_move(
         }));
     }
     let mut moves = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        moves.push(task.await??);
+    let mut failure = None;
+    for task in &mut tasks {
+        match task.await {
+            Ok(Ok(moved)) => moves.push(moved),
+            Ok(Err(error)) => {
+                failure = Some(error);
+                break;
+            }
+            Err(error) => {
+                failure = Some(error.into());
+                break;
+            }
+        }
+    }
+    if let Some(error) = failure {
+        // The other movers are not left running behind the error.
+        for task in &tasks {
+            task.abort();
+        }
+        return Err(error);
     }
     Ok(moves)
 }

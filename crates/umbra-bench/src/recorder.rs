@@ -45,6 +45,8 @@ pub struct Recorder {
     pub answered: AtomicU64,
     pub accepted: AtomicU64,
     pub refused: AtomicU64,
+    /// Sends made on a connection that had already ended: never answered.
+    pub cut_off: AtomicU64,
     first_error: Mutex<Option<String>>,
 }
 
@@ -96,6 +98,7 @@ impl Recorder {
             answered: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            cut_off: AtomicU64::new(0),
             first_error: Mutex::new(None),
         }
     }
@@ -120,7 +123,13 @@ impl Recorder {
         inner.first_ns = 0;
         inner.last_ns = 0;
         drop(inner);
-        for counter in [&self.sent, &self.answered, &self.accepted, &self.refused] {
+        for counter in [
+            &self.sent,
+            &self.answered,
+            &self.accepted,
+            &self.refused,
+            &self.cut_off,
+        ] {
             counter.store(0, Ordering::SeqCst);
         }
         *self.first_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
