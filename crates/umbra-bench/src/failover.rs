@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::recorder::{Observed, Recorder};
 use crate::stamp::{Stamp, now_ns};
 use crate::system::{Endpoint, System, Topology};
-use crate::workload::{CONNECT_PARALLELISM, connect_all};
+use crate::workload::{CONNECT_PARALLELISM, connect_all, pace};
 
 /// How long a moved device keeps trying the next node before the run
 /// fails.
@@ -141,36 +141,29 @@ pub async fn failover(
 
     let total = (rate * duration.as_secs_f64()).round() as u64;
     let interval_ns = 1e9 / rate;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let count = senders.len() as u64;
-    let mut k = 0u64;
-    while k < total {
-        tick.tick().await;
-        let due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
-        while k < due {
-            let index = usize::try_from(k % count).unwrap_or(0);
-            if let Some(sender) = senders.get_mut(index) {
-                let mut payload = sender.template.clone();
-                Stamp {
-                    run: 1,
-                    sender: sender.device,
-                    seq: sender.seq,
-                    due_ns: start_ns + (k as f64 * interval_ns) as u64,
-                }
-                .write(&mut payload);
-                sender.seq += 1;
-                let endpoint = slots
-                    .get(sender.device as usize)
-                    .map(|slot| Arc::clone(&slot.read().unwrap_or_else(|p| p.into_inner())));
-                if let Some(endpoint) = endpoint {
-                    endpoint.send(sender.channel, payload);
-                }
-                recorder.note_sent();
+    pace(start, rate, total, |k| {
+        let index = usize::try_from(k % count).unwrap_or(0);
+        if let Some(sender) = senders.get_mut(index) {
+            let mut payload = sender.template.clone();
+            Stamp {
+                run: 1,
+                sender: sender.device,
+                seq: sender.seq,
+                due_ns: start_ns + (k as f64 * interval_ns) as u64,
             }
-            k += 1;
+            .write(&mut payload);
+            sender.seq += 1;
+            let endpoint = slots
+                .get(sender.device as usize)
+                .map(|slot| Arc::clone(&slot.read().unwrap_or_else(|p| p.into_inner())));
+            if let Some(endpoint) = endpoint {
+                endpoint.send(sender.channel, payload);
+            }
+            recorder.note_sent();
         }
-    }
+    })
+    .await;
     let seconds = start.elapsed().as_secs_f64();
     recorder.close_window();
     let moves = killer.await??;

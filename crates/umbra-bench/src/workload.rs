@@ -158,31 +158,24 @@ async fn open_loop(
     let interval_ns = 1e9 / rate;
     let start = Instant::now();
     let start_ns = now_ns();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut k = 0u64;
     let count = senders.len() as u64;
-    while k < total {
-        tick.tick().await;
-        let due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
-        while k < due {
-            let index = usize::try_from(k % count).unwrap_or(0);
-            if let Some(sender) = senders.get_mut(index) {
-                let mut payload = sender.template.clone();
-                Stamp {
-                    run,
-                    sender: sender.device,
-                    seq: sender.seq,
-                    due_ns: start_ns + (k as f64 * interval_ns) as u64,
-                }
-                .write(&mut payload);
-                sender.seq += 1;
-                sender.endpoint.send(sender.channel, payload);
-                recorder.note_sent();
+    pace(start, rate, total, |k| {
+        let index = usize::try_from(k % count).unwrap_or(0);
+        if let Some(sender) = senders.get_mut(index) {
+            let mut payload = sender.template.clone();
+            Stamp {
+                run,
+                sender: sender.device,
+                seq: sender.seq,
+                due_ns: start_ns + (k as f64 * interval_ns) as u64,
             }
-            k += 1;
+            .write(&mut payload);
+            sender.seq += 1;
+            sender.endpoint.send(sender.channel, payload);
+            recorder.note_sent();
         }
-    }
+    })
+    .await;
     let seconds = start.elapsed().as_secs_f64();
     recorder.close_window();
     let generator_end = sample(me)?;
@@ -212,6 +205,23 @@ async fn open_loop(
         server,
         components,
     })
+}
+
+/// Open-loop pacing: calls `send(k)` for k = 0 .. `total` at `rate` a
+/// second from `start`, each as soon as it is due (checked every
+/// millisecond; a late tick sends everything due since).
+pub(crate) async fn pace(start: Instant, rate: f64, total: u64, mut send: impl FnMut(u64)) {
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut k = 0u64;
+    while k < total {
+        tick.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
+        while k < due {
+            send(k);
+            k += 1;
+        }
+    }
 }
 
 /// Waits until every send was answered and every accepted message arrived

@@ -368,7 +368,7 @@ pub trait KeyPackages: Send + Sync {
     ) -> Result<KeyPackageStock>;
     /// The stock of each of `suites`, in that order, as
     /// [`KeyPackages::key_package_stock`] gives it (what a login reports):
-    /// one suite after another here, in one read where a backend can.
+    /// one suite after another here, in one transaction where a backend can.
     async fn key_package_stocks(
         &self,
         account: &AccountId,
