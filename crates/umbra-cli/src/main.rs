@@ -120,7 +120,31 @@ enum Command {
         #[arg(long)]
         anonymous: bool,
     },
-    /// Fetch and print everything that arrived while away, then exit.
+    /// Send a file (a photo, a document, any file up to the server's
+    /// limit, 100 MiB by default) to a contact or a group. It is sealed
+    /// on this device under a key of its own; the server stores only the
+    /// sealed bytes, padded so its size says little, until every
+    /// recipient fetched it. An upload a dropped connection interrupted is
+    /// finished first.
+    SendFile {
+        /// Account ID (one-to-one) or conversation ID (group).
+        target: String,
+        /// The file to send.
+        path: std::path::PathBuf,
+        /// Text shown with the file.
+        #[arg(long)]
+        caption: Option<String>,
+    },
+    /// Save a received (or sent) file to PATH, fetching it first if it is
+    /// not on this device yet. PATH must not exist. MESSAGE_ID is the
+    /// number `history --json` shows as `id`.
+    Save {
+        message_id: i64,
+        path: std::path::PathBuf,
+    },
+    /// Fetch and print everything that arrived while away (files
+    /// included: fetched and kept sealed on this device; `save` opens
+    /// one), then exit.
     Recv,
     /// Stay connected and print events as they arrive (Ctrl-C to stop).
     Listen,
@@ -549,11 +573,58 @@ impl Out {
     }
 }
 
+/// Shows transfer progress on standard error (text) while a command runs;
+/// `--json` output shows the `transfer` events themselves.
+fn show_transfers(
+    out: &Out,
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+) -> tokio::task::JoinHandle<()> {
+    let mut events = events.resubscribe();
+    let json = out.json;
+    tokio::spawn(async move {
+        while let Ok(event) = events.recv().await {
+            if let Event::Transfer {
+                name,
+                upload,
+                done,
+                total,
+                ..
+            } = &event
+            {
+                if json {
+                    println!("{}", json!(event));
+                } else {
+                    let verb = if *upload { "sending" } else { "fetching" };
+                    eprintln!(
+                        "{verb} {}: {} of {} KiB ({}%)",
+                        printable(name),
+                        done / 1024,
+                        total / 1024,
+                        done * 100 / (*total).max(1)
+                    );
+                }
+            }
+        }
+    })
+}
+
 /// One message on one line. The body is escaped whoever wrote it: theirs
 /// is someone else's text, and system lines quote group names.
 fn format_message(message: &Message) -> String {
     let time = rfc3339(message.timestamp);
-    let body = printable(&message.body);
+    let mut body = printable(&message.body).into_owned();
+    if let Some(file) = &message.attachment {
+        let caption = std::mem::take(&mut body);
+        body = format!(
+            "[file #{} {} ({}, {} bytes, {:?})]{}{caption}",
+            message.id,
+            printable(&file.name),
+            printable(&file.mime_type),
+            file.size,
+            file.state,
+            if caption.is_empty() { "" } else { " " }
+        );
+    }
     match message.direction {
         Direction::System => format!("[{time}] * {body}"),
         Direction::Out => format!("[{time}] you: {body} ({:?})", message.state),
@@ -685,11 +756,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             out.message(&message);
         }
+        Command::SendFile {
+            target,
+            path,
+            caption,
+        } => {
+            let client = online(&cli).await?;
+            let mut events = client.subscribe();
+            let progress = show_transfers(&out, &mut events);
+            for message in client.resume_uploads().await? {
+                out.message(&message);
+            }
+            let id = conversation(&client, target)?;
+            let message = client.send_file(&id, path, caption.as_deref()).await?;
+            progress.abort();
+            out.message(&message);
+        }
+        Command::Save { message_id, path } => {
+            let client = online(&cli).await?;
+            let mut events = client.subscribe();
+            let progress = show_transfers(&out, &mut events);
+            let size = client.save_attachment(*message_id, path).await?;
+            progress.abort();
+            out.value(
+                json!({ "saved": path.display().to_string(), "bytes": size }),
+                || format!("saved {size} bytes to {}", path.display()),
+            );
+        }
         Command::Recv => {
             let client = open(&cli)?;
             let mut events = client.subscribe();
             client.connect().await?;
             client.sync().await?;
+            client.fetch_attachments().await?;
             let mut shown = Vec::new();
             while let Ok(event) = events.try_recv() {
                 if let Event::MessageReceived { message } = &event

@@ -203,6 +203,10 @@ impl Client {
             db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
             ids
         };
+        // Their files' keys went with them; now the sealed files.
+        if let Err(error) = self.sweep_files() {
+            tracing::warn!(%error, "deleting the files of expired messages failed");
+        }
         let count = ids.len();
         self.emit_event(Event::MessagesExpired { message_ids: ids });
         Ok(count)

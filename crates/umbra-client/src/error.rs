@@ -160,6 +160,13 @@ impl From<ErrorReply> for ClientError {
     }
 }
 
+/// A file's read or write (attachments): reported as the local store's.
+impl From<std::io::Error> for ClientError {
+    fn from(error: std::io::Error) -> Self {
+        ClientError::Store(format!("file: {error}"))
+    }
+}
+
 impl From<rusqlite::Error> for ClientError {
     fn from(error: rusqlite::Error) -> Self {
         ClientError::Store(error.to_string())

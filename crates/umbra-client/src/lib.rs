@@ -22,6 +22,7 @@ mod link;
 mod pairing;
 mod receipts;
 mod safety;
+pub mod seal;
 mod secret;
 mod store;
 mod types;
@@ -37,8 +38,8 @@ pub use safety::{SafetyNumber, qr_text};
 pub use secret::{KdfParams, Passphrase};
 pub use store::exists as device_exists;
 pub use types::{
-    ConnectionState, Contact, ContactState, Conversation, ConversationId, ConversationKind,
-    DeliveryState, Device, Direction, Event, Message, Refusal,
+    AttachmentInfo, AttachmentState, ConnectionState, Contact, ContactState, Conversation,
+    ConversationId, ConversationKind, DeliveryState, Device, Direction, Event, Message, Refusal,
 };
 pub use umbra_mls::Suite;
 pub use umbra_proto::DistributorCredential;

@@ -30,6 +30,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (11, include_str!("../migrations/0011_pending_receipts.sql")),
     (12, include_str!("../migrations/0012_pending_declines.sql")),
     (13, include_str!("../migrations/0013_send_tokens.sql")),
+    (14, include_str!("../migrations/0014_attachments.sql")),
 ];
 
 /// The version a store is at once every migration has run.

@@ -187,6 +187,60 @@ pub struct Message {
     pub expires_at: Option<u64>,
     /// The conversation's timer when the message was sent, in seconds.
     pub disappear_after: u32,
+    /// The file it carries, if it carries one (`body` is then its caption).
+    pub attachment: Option<AttachmentInfo>,
+}
+
+/// What front ends show of a message's file. The name is the sender's:
+/// escape it before showing it, and never use it as a path unchecked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttachmentInfo {
+    pub name: String,
+    /// The file's size in bytes.
+    pub size: u64,
+    pub mime_type: String,
+    pub state: AttachmentState,
+    /// Voice notes: their length.
+    pub duration_ms: u32,
+}
+
+/// Where a message's file stands on this device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachmentState {
+    /// This device sent it; its sealed copy is here.
+    Sent,
+    /// Received; not fetched from the server yet.
+    Available,
+    /// Fetched; its sealed copy is here and can be saved.
+    Fetched,
+    /// The server no longer has it and this device never fetched it.
+    Gone,
+}
+
+impl AttachmentState {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            AttachmentState::Sent => "sent",
+            AttachmentState::Available => "available",
+            AttachmentState::Fetched => "fetched",
+            AttachmentState::Gone => "gone",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Self {
+        match text {
+            "sent" => AttachmentState::Sent,
+            "fetched" => AttachmentState::Fetched,
+            "available" => AttachmentState::Available,
+            _ => AttachmentState::Gone,
+        }
+    }
+
+    /// Whether its sealed copy is on this device.
+    pub fn is_here(self) -> bool {
+        matches!(self, AttachmentState::Sent | AttachmentState::Fetched)
+    }
 }
 
 /// How much later than it was sent a message must arrive for history to
@@ -217,6 +271,14 @@ pub enum ConnectionState {
 pub enum Event {
     MessageReceived {
         message: Message,
+    },
+    /// A file going up or coming down: `done` of `total` bytes (sealed).
+    Transfer {
+        message_id: Option<i64>,
+        name: String,
+        upload: bool,
+        done: u64,
+        total: u64,
     },
     DeliveryStateChanged {
         message_id: i64,

@@ -7,6 +7,7 @@
 
 use prost::Message;
 
+use crate::blobs::{BlobId, MAX_BLOB_CHUNK};
 use crate::devices::{DeviceEntry, DeviceId};
 use crate::ids::{AccountId, ActivationCode, GroupId, IdentityKey, Nonce, Signature};
 use crate::rendezvous::RendezvousId;
@@ -225,6 +226,30 @@ pub enum Request {
     /// An anonymous application message (no login needed; a logged-in
     /// session may send one too, but then the server knows who sent it).
     SendAnonymous(AnonymousMessage),
+    /// A blob of `size` bytes for an attachment in `group_id`.
+    CreateBlob {
+        group_id: GroupId,
+        size: u64,
+        ttl_seconds: u32,
+    },
+    /// Appends `data` (1 byte to [`MAX_BLOB_CHUNK`]) at `offset`.
+    PutBlob {
+        blob_id: BlobId,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    BlobStatus {
+        blob_id: BlobId,
+    },
+    /// Reads `length` bytes (1 to [`MAX_BLOB_CHUNK`]) at `offset`.
+    GetBlob {
+        blob_id: BlobId,
+        offset: u64,
+        length: u32,
+    },
+    BlobFetched {
+        blob_id: BlobId,
+    },
 }
 
 impl Request {
@@ -262,6 +287,11 @@ impl Request {
             Request::CloseRendezvous { .. } => "CloseRendezvous",
             Request::IssueTokens { .. } => "IssueTokens",
             Request::SendAnonymous(_) => "SendAnonymous",
+            Request::CreateBlob { .. } => "CreateBlob",
+            Request::PutBlob { .. } => "PutBlob",
+            Request::BlobStatus { .. } => "BlobStatus",
+            Request::GetBlob { .. } => "GetBlob",
+            Request::BlobFetched { .. } => "BlobFetched",
         }
     }
 }
@@ -361,6 +391,20 @@ pub enum Reply {
         proof: Vec<u8>,
     },
     Done,
+    BlobCreated {
+        blob_id: BlobId,
+        expires_at: u64,
+    },
+    /// `stored` bytes of `size` are durable.
+    BlobState {
+        size: u64,
+        stored: u64,
+        expires_at: u64,
+    },
+    BlobData {
+        data: Vec<u8>,
+        size: u64,
+    },
     CommitAccepted {
         epoch: u64,
     },
@@ -667,6 +711,43 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
                 authenticator: fixed("token_authenticator", &r.token_authenticator)?,
             },
         }),
+        client_frame::Request::CreateBlob(r) => Request::CreateBlob {
+            group_id: GroupId::new(r.group_id)?,
+            size: r.size,
+            ttl_seconds: r.ttl_seconds,
+        },
+        client_frame::Request::PutBlob(r) => {
+            if r.data.len() > MAX_BLOB_CHUNK {
+                return Err(DecodeError::invalid(
+                    "data",
+                    format!("at most {MAX_BLOB_CHUNK} bytes"),
+                ));
+            }
+            Request::PutBlob {
+                blob_id: BlobId::from_slice(&r.blob_id)?,
+                offset: r.offset,
+                data: non_empty("data", r.data)?,
+            }
+        }
+        client_frame::Request::BlobStatus(r) => Request::BlobStatus {
+            blob_id: BlobId::from_slice(&r.blob_id)?,
+        },
+        client_frame::Request::GetBlob(r) => {
+            if r.length == 0 || r.length as usize > MAX_BLOB_CHUNK {
+                return Err(DecodeError::invalid(
+                    "length",
+                    format!("1 to {MAX_BLOB_CHUNK} bytes"),
+                ));
+            }
+            Request::GetBlob {
+                blob_id: BlobId::from_slice(&r.blob_id)?,
+                offset: r.offset,
+                length: r.length,
+            }
+        }
+        client_frame::Request::BlobFetched(r) => Request::BlobFetched {
+            blob_id: BlobId::from_slice(&r.blob_id)?,
+        },
         client_frame::Request::SetWipeKey(r) => Request::SetWipeKey {
             wipe_key: IdentityKey::from_slice(&r.wipe_key)?,
         },
@@ -868,6 +949,39 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
             token_nonce: m.token.nonce.to_vec(),
             token_authenticator: m.token.authenticator.to_vec(),
         }),
+        Request::CreateBlob {
+            group_id,
+            size,
+            ttl_seconds,
+        } => client_frame::Request::CreateBlob(wire::CreateBlob {
+            group_id: group_id.as_bytes().to_vec(),
+            size: *size,
+            ttl_seconds: *ttl_seconds,
+        }),
+        Request::PutBlob {
+            blob_id,
+            offset,
+            data,
+        } => client_frame::Request::PutBlob(wire::PutBlob {
+            blob_id: blob_id.0.to_vec(),
+            offset: *offset,
+            data: data.clone(),
+        }),
+        Request::BlobStatus { blob_id } => client_frame::Request::BlobStatus(wire::BlobStatus {
+            blob_id: blob_id.0.to_vec(),
+        }),
+        Request::GetBlob {
+            blob_id,
+            offset,
+            length,
+        } => client_frame::Request::GetBlob(wire::GetBlob {
+            blob_id: blob_id.0.to_vec(),
+            offset: *offset,
+            length: *length,
+        }),
+        Request::BlobFetched { blob_id } => client_frame::Request::BlobFetched(wire::BlobFetched {
+            blob_id: blob_id.0.to_vec(),
+        }),
         Request::SetWipeKey { wipe_key } => client_frame::Request::SetWipeKey(wire::SetWipeKey {
             wipe_key: wipe_key.as_bytes().to_vec(),
         }),
@@ -972,6 +1086,26 @@ pub fn encode_server(message: &ServerMessage) -> Vec<u8> {
                     last_resort: *last_resort,
                 }),
                 Ok(Reply::Done) => response::Result::Done(wire::Done {}),
+                Ok(Reply::BlobCreated {
+                    blob_id,
+                    expires_at,
+                }) => response::Result::BlobCreated(wire::BlobCreated {
+                    blob_id: blob_id.0.to_vec(),
+                    expires_at: *expires_at,
+                }),
+                Ok(Reply::BlobState {
+                    size,
+                    stored,
+                    expires_at,
+                }) => response::Result::BlobState(wire::BlobState {
+                    size: *size,
+                    stored: *stored,
+                    expires_at: *expires_at,
+                }),
+                Ok(Reply::BlobData { data, size }) => response::Result::BlobData(wire::BlobData {
+                    data: data.clone(),
+                    size: *size,
+                }),
                 Ok(Reply::RendezvousOpened {
                     rendezvous,
                     expires_at,
@@ -1131,6 +1265,19 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMessage, DecodeError> {
                     last_resort: x.last_resort,
                 }),
                 response::Result::Done(_) => Ok(Reply::Done),
+                response::Result::BlobCreated(x) => Ok(Reply::BlobCreated {
+                    blob_id: BlobId::from_slice(&x.blob_id)?,
+                    expires_at: x.expires_at,
+                }),
+                response::Result::BlobState(x) => Ok(Reply::BlobState {
+                    size: x.size,
+                    stored: x.stored,
+                    expires_at: x.expires_at,
+                }),
+                response::Result::BlobData(x) => Ok(Reply::BlobData {
+                    data: x.data,
+                    size: x.size,
+                }),
                 response::Result::RendezvousOpened(x) => Ok(Reply::RendezvousOpened {
                     rendezvous: RendezvousId::from_slice(&x.rendezvous)?,
                     expires_at: x.expires_at,
@@ -1311,6 +1458,27 @@ mod tests {
             Request::CloseRendezvous {
                 rendezvous: RendezvousId([4; 16]),
             },
+            Request::CreateBlob {
+                group_id: GroupId::new(vec![1, 2]).unwrap_or_else(|e| panic!("{e}")),
+                size: 1 << 20,
+                ttl_seconds: 60,
+            },
+            Request::PutBlob {
+                blob_id: BlobId([5; 16]),
+                offset: 4096,
+                data: vec![9; MAX_BLOB_CHUNK],
+            },
+            Request::BlobStatus {
+                blob_id: BlobId([5; 16]),
+            },
+            Request::GetBlob {
+                blob_id: BlobId([5; 16]),
+                offset: 7,
+                length: 100,
+            },
+            Request::BlobFetched {
+                blob_id: BlobId([5; 16]),
+            },
         ];
         for (n, request) in frames.into_iter().enumerate() {
             let frame = ClientFrame {
@@ -1334,6 +1502,29 @@ mod tests {
                 request: Some(request),
             })
         };
+        let put = |data: Vec<u8>| {
+            frame(client_frame::Request::PutBlob(wire::PutBlob {
+                blob_id: vec![1; 16],
+                offset: 0,
+                data,
+            }))
+        };
+        check_client(&put(vec![0; MAX_BLOB_CHUNK + 1]), Err("`data`"));
+        check_client(&put(vec![]), Err("`data`"));
+        let get = |blob_id: Vec<u8>, length| {
+            frame(client_frame::Request::GetBlob(wire::GetBlob {
+                blob_id,
+                offset: 0,
+                length,
+            }))
+        };
+        check_client(&get(vec![1; 16], 0), Err("`length`"));
+        check_client(
+            &get(vec![1; 16], MAX_BLOB_CHUNK as u32 + 1),
+            Err("`length`"),
+        );
+        check_client(&get(vec![1; 15], 1), Err("`blob_id`"));
+        check_client(&get(vec![1; 16], MAX_BLOB_CHUNK as u32), Ok(()));
         let anonymous = wire::SendAnonymous {
             group_id: vec![1; 16],
             message: vec![2; 10],
@@ -1502,6 +1693,28 @@ mod tests {
             ServerMessage::Response {
                 id: 6,
                 result: Ok(Reply::RendezvousSlot { payload: None }),
+            },
+            ServerMessage::Response {
+                id: 9,
+                result: Ok(Reply::BlobCreated {
+                    blob_id: BlobId([1; 16]),
+                    expires_at: 86_400,
+                }),
+            },
+            ServerMessage::Response {
+                id: 10,
+                result: Ok(Reply::BlobState {
+                    size: 100,
+                    stored: 50,
+                    expires_at: 86_400,
+                }),
+            },
+            ServerMessage::Response {
+                id: 11,
+                result: Ok(Reply::BlobData {
+                    data: vec![3; 10],
+                    size: 100,
+                }),
             },
             ServerMessage::Response {
                 id: 7,

@@ -8,6 +8,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod activation;
+pub mod blobs;
 pub mod clock;
 pub mod content;
 pub mod devices;
@@ -19,6 +20,7 @@ pub mod tokens;
 pub mod wire;
 
 pub use activation::{ActivationString, CertFingerprint, DistributorCredential, WipeCode};
+pub use blobs::BlobId;
 pub use devices::{DeviceAddr, DeviceChange, DeviceEntry, DeviceId};
 pub use frame::{
     AnonymousMessage, CLASSICAL_SUITE, ClientFrame, Delivery, DeliveryKind, ErrorCode, ErrorReply,

@@ -10,7 +10,7 @@ pub struct ClientFrame {
     pub id: u64,
     #[prost(
         oneof = "client_frame::Request",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44"
     )]
     pub request: Option<client_frame::Request>,
 }
@@ -78,7 +78,90 @@ pub mod client_frame {
         IssueTokens(super::IssueTokens),
         #[prost(message, tag = "39")]
         SendAnonymous(super::SendAnonymous),
+        #[prost(message, tag = "40")]
+        CreateBlob(super::CreateBlob),
+        #[prost(message, tag = "41")]
+        PutBlob(super::PutBlob),
+        #[prost(message, tag = "42")]
+        BlobStatus(super::BlobStatus),
+        #[prost(message, tag = "43")]
+        GetBlob(super::GetBlob),
+        #[prost(message, tag = "44")]
+        BlobFetched(super::BlobFetched),
     }
+}
+
+/// Creates a blob for an attachment in a group.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateBlob {
+    #[prost(bytes = "vec", tag = "1")]
+    pub group_id: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
+    #[prost(uint32, tag = "3")]
+    pub ttl_seconds: u32,
+}
+
+/// Appends bytes to a blob the caller is uploading.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PutBlob {
+    #[prost(bytes = "vec", tag = "1")]
+    pub blob_id: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+    #[prost(bytes = "vec", tag = "3")]
+    pub data: Vec<u8>,
+}
+
+/// How much of a blob the caller uploads is stored.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BlobStatus {
+    #[prost(bytes = "vec", tag = "1")]
+    pub blob_id: Vec<u8>,
+}
+
+/// Reads part of a complete blob.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GetBlob {
+    #[prost(bytes = "vec", tag = "1")]
+    pub blob_id: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+    #[prost(uint32, tag = "3")]
+    pub length: u32,
+}
+
+/// The caller's device has the blob.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BlobFetched {
+    #[prost(bytes = "vec", tag = "1")]
+    pub blob_id: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BlobCreated {
+    #[prost(bytes = "vec", tag = "1")]
+    pub blob_id: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub expires_at: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BlobState {
+    #[prost(uint64, tag = "1")]
+    pub size: u64,
+    #[prost(uint64, tag = "2")]
+    pub stored: u64,
+    #[prost(uint64, tag = "3")]
+    pub expires_at: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BlobData {
+    #[prost(bytes = "vec", tag = "1")]
+    pub data: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
 }
 
 /// Opens a rendezvous for linking a device (see `crate::rendezvous`).
@@ -416,7 +499,7 @@ pub struct Response {
     pub id: u64,
     #[prost(
         oneof = "response::Result",
-        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18"
+        tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21"
     )]
     pub result: Option<response::Result>,
 }
@@ -458,6 +541,12 @@ pub mod response {
         RendezvousSlot(super::RendezvousSlot),
         #[prost(message, tag = "18")]
         Tokens(super::Tokens),
+        #[prost(message, tag = "19")]
+        BlobCreated(super::BlobCreated),
+        #[prost(message, tag = "20")]
+        BlobState(super::BlobState),
+        #[prost(message, tag = "21")]
+        BlobData(super::BlobData),
     }
 }
 
@@ -546,6 +635,13 @@ pub enum ErrorCode {
     InvalidToken = 39,
     /// The token was spent already.
     TokenSpent = 40,
+    /// No such blob for this caller: never issued, expired, deleted, or
+    /// not the caller's to read.
+    UnknownBlob = 41,
+    /// `PutBlob`'s offset is not where the blob's stored bytes end.
+    BlobOffset = 42,
+    /// Larger than the server's largest file.
+    BlobTooLarge = 43,
 }
 
 /// Signed token inputs, in the order asked, under the key named.
@@ -757,7 +853,7 @@ pub struct Synced {}
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Content {
-    #[prost(oneof = "content::Body", tags = "1, 2, 5")]
+    #[prost(oneof = "content::Body", tags = "1, 2, 5, 6")]
     pub body: Option<content::Body>,
     #[prost(bytes = "vec", tag = "4")]
     pub message_id: Vec<u8>,
@@ -776,7 +872,34 @@ pub mod content {
         GroupName(super::GroupName),
         #[prost(message, tag = "5")]
         Receipt(super::Receipt),
+        #[prost(message, tag = "6")]
+        Attachment(super::Attachment),
     }
+}
+
+/// A file: its blob and what opens it (see `proto/umbra.proto`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Attachment {
+    #[prost(bytes = "vec", tag = "1")]
+    pub blob_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub digest: Vec<u8>,
+    #[prost(uint64, tag = "4")]
+    pub size: u64,
+    #[prost(string, tag = "5")]
+    pub mime_type: String,
+    #[prost(string, tag = "6")]
+    pub name: String,
+    #[prost(string, tag = "7")]
+    pub caption: String,
+    #[prost(uint32, tag = "8")]
+    pub duration_ms: u32,
+    #[prost(bytes = "vec", tag = "9")]
+    pub waveform: Vec<u8>,
+    #[prost(bytes = "vec", tag = "10")]
+    pub thumbnail: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -114,6 +114,24 @@ pub struct Config {
     /// hour (a message's size times its recipients; commits and Welcomes
     /// count too). Default 268435456 (256 MiB).
     pub delivery_bytes_per_hour: u64,
+    /// Largest attachment a device may upload, in bytes (as padded by the
+    /// device); larger: `BLOB_TOO_LARGE`. Default 104857600 (100 MiB).
+    pub max_file_bytes: u64,
+    /// Bytes of unfinished uploads one line may have at once; more:
+    /// `QUOTA_EXCEEDED`. Default 268435456 (256 MiB).
+    pub blob_bytes_in_flight_per_line: u64,
+    /// Bytes of attachments one line may have at the server, finished or
+    /// not (each is deleted once its recipients fetched it); more:
+    /// `QUOTA_EXCEEDED`. Default 1073741824 (1 GiB).
+    pub blob_bytes_per_line: u64,
+    /// Longest an attachment is kept: its conversation's timer, at least a
+    /// day, at most this. Default `7d`.
+    #[serde(with = "humantime_serde_compat")]
+    pub blob_ttl: Duration,
+    /// An upload that receives no bytes for this long is deleted. Default
+    /// `1h`.
+    #[serde(with = "humantime_serde_compat")]
+    pub blob_upload_idle: Duration,
     /// Devices are told to upload KeyPackages when fewer than this many
     /// one-time ones remain at the server. Default 10.
     pub key_package_low_water: u32,
@@ -162,6 +180,11 @@ impl Default for Config {
             anonymous_bytes_per_group_hour: 64 * 1024 * 1024,
             max_rendezvous_bytes: 256 * 1024 * 1024,
             delivery_bytes_per_hour: 256 * 1024 * 1024,
+            max_file_bytes: 100 * 1024 * 1024,
+            blob_bytes_in_flight_per_line: 256 * 1024 * 1024,
+            blob_bytes_per_line: 1024 * 1024 * 1024,
+            blob_ttl: Duration::from_secs(7 * 86_400),
+            blob_upload_idle: Duration::from_secs(3600),
             key_package_low_water: 10,
             max_malformed_frames: 16,
             subscription_grace: Duration::from_secs(30 * 86_400),
@@ -275,6 +298,18 @@ max_rendezvous_bytes = 268435456
 # message's size times its recipients), so that no account can fill the
 # store for everyone. Beyond it: QUOTA_EXCEEDED until the hour refills it.
 delivery_bytes_per_hour = 268435456
+
+# Attachments (photos, voice notes, files): the largest file a device may
+# upload (BLOB_TOO_LARGE beyond it), the bytes of unfinished uploads and of
+# all attachments one line may have at the server (QUOTA_EXCEEDED beyond
+# them), how long an attachment is kept at most (its conversation's timer,
+# at least a day; it is deleted as soon as every recipient device fetched
+# it), and how long an upload may stay idle before it is deleted.
+max_file_bytes = 104857600
+blob_bytes_in_flight_per_line = 268435456
+blob_bytes_per_line = 1073741824
+blob_ttl = "7days"
+blob_upload_idle = "1h"
 
 # Devices are asked to upload KeyPackages below this many one-time ones.
 key_package_low_water = 10

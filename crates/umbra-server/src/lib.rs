@@ -573,6 +573,17 @@ async fn sweep_expired(services: Arc<Services>, every: Duration, shutdown: Cance
             Ok(removed) => info!(removed, "expired undelivered messages"),
             Err(error) => warn!(%error, "expiring mailboxes failed"),
         }
+        let now = services.clock.now();
+        let idle = services.limits.config.blob_upload_idle.as_secs();
+        match services
+            .store
+            .expire_blobs(now, now.saturating_sub(idle))
+            .await
+        {
+            Ok(0) => {}
+            Ok(removed) => info!(removed, "deleted expired or abandoned attachments"),
+            Err(error) => warn!(%error, "expiring attachments failed"),
+        }
         services.send_budget.prune(tokio::time::Instant::now());
         services.anonymous_budget.prune(tokio::time::Instant::now());
         match services.purge_lapsed_lines().await {

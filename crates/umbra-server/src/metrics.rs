@@ -81,6 +81,11 @@ pub struct Metrics {
     /// embedded store; absent on PostgreSQL, which has none).
     pub ack_window_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub ack_window_copies: Gauge,
+    /// Attachment blob bytes written (uploads) and read (downloads).
+    pub blob_bytes_written: Counter,
+    pub blob_bytes_read: Counter,
+    /// Blobs deleted because every recipient device fetched them.
+    pub blobs_deleted: Counter,
     /// When the depth was last counted (held while counting).
     depth_counted: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
@@ -171,6 +176,24 @@ impl Default for Metrics {
             "Copies in the ack window (not written, perhaps never)",
             ack_window_copies.clone(),
         );
+        let blob_bytes_written = Counter::default();
+        registry.register(
+            "blob_bytes_written",
+            "Attachment blob bytes uploaded and stored",
+            blob_bytes_written.clone(),
+        );
+        let blob_bytes_read = Counter::default();
+        registry.register(
+            "blob_bytes_read",
+            "Attachment blob bytes downloaded",
+            blob_bytes_read.clone(),
+        );
+        let blobs_deleted = Counter::default();
+        registry.register(
+            "blobs_fetched_by_all",
+            "Attachment blobs deleted because every recipient device fetched them",
+            blobs_deleted.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -186,6 +209,9 @@ impl Default for Metrics {
             mailbox_bytes,
             ack_window_seconds,
             ack_window_copies,
+            blob_bytes_written,
+            blob_bytes_read,
+            blobs_deleted,
             depth_counted: tokio::sync::Mutex::new(None),
         }
     }

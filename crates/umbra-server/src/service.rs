@@ -25,6 +25,7 @@ use crate::registry::Registry;
 use umbra_proto::clock::Clock;
 
 mod anonymous;
+mod blobs;
 mod delivery;
 mod devices;
 pub(crate) use devices::removed_session;
@@ -853,6 +854,38 @@ impl Services {
             }
             Request::AppendDeviceEntry { entry } => {
                 self.append_device_entry(me, device, entry).await
+            }
+            Request::CreateBlob {
+                group_id,
+                size,
+                ttl_seconds,
+            } => {
+                let me = DeviceAddr::new(me.clone(), device);
+                self.create_blob(&me, group_id, size, ttl_seconds).await
+            }
+            Request::PutBlob {
+                blob_id,
+                offset,
+                data,
+            } => {
+                let me = DeviceAddr::new(me.clone(), device);
+                self.put_blob(&me, blob_id, offset, data).await
+            }
+            Request::BlobStatus { blob_id } => {
+                self.blob_status(&DeviceAddr::new(me.clone(), device), blob_id)
+                    .await
+            }
+            Request::GetBlob {
+                blob_id,
+                offset,
+                length,
+            } => {
+                let me = DeviceAddr::new(me.clone(), device);
+                self.get_blob(&me, blob_id, offset, length).await
+            }
+            Request::BlobFetched { blob_id } => {
+                self.blob_fetched(&DeviceAddr::new(me.clone(), device), blob_id)
+                    .await
             }
             Request::FetchDeviceLog { account_id, from } => {
                 self.fetch_device_log(me, &account_id, from).await

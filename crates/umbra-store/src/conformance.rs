@@ -3,6 +3,8 @@
 //! gets its own. Checks panic with a description of what differed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod blobs;
+
 use std::future::Future;
 
 use umbra_proto::{
@@ -50,6 +52,7 @@ where
     anonymous_fan_out_and_delivery_keys(&make().await).await;
     tokens(&make().await).await;
     mailbox_depth(&make().await).await;
+    blobs::blobs(&make().await).await;
 }
 
 /// What the operator's metrics read: every copy waiting, in the ack window

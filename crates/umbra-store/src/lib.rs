@@ -12,11 +12,13 @@
 //! metadata only. It has no column for a private key or a plaintext.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+mod blobs;
 pub mod conformance;
 pub mod postgres;
 pub mod sqlite;
 mod staging;
 
+pub use blobs::{BlobCreation, BlobInfo, BlobQuota, BlobRead, BlobWrite, Blobs, NewBlob};
 pub use staging::ACK_WINDOW;
 
 use async_trait::async_trait;
@@ -889,6 +891,7 @@ pub trait Store:
     + Distributors
     + DeviceLogs
     + Tokens
+    + Blobs
     + 'static
 {
 }
@@ -901,6 +904,7 @@ impl<
         + Distributors
         + DeviceLogs
         + Tokens
+        + Blobs
         + 'static,
 > Store for T
 {

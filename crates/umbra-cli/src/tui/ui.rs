@@ -606,6 +606,7 @@ mod tests {
             received_at: (direction == Direction::In).then_some(NOW - 600 + n as u64 * 60),
             expires_at: expires_in.map(|s| NOW + s),
             disappear_after: 30,
+            attachment: None,
         }
     }
 

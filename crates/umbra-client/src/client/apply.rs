@@ -18,8 +18,8 @@ use crate::error::{ClientError, Result};
 use crate::link::Link;
 
 use crate::types::{
-    ConnectionState, ContactState, ConversationId, DeliveryState, Direction, Event, Message,
-    Refusal,
+    AttachmentState, ConnectionState, ContactState, ConversationId, DeliveryState, Direction,
+    Event, Message, Refusal,
 };
 
 use super::{Client, FollowUp, contact_state, list, pinned_key};
@@ -579,7 +579,15 @@ impl Client {
             Incoming::Application { sender, plaintext } => {
                 let content = Content::decode(&plaintext)?;
                 match content.body {
-                    Body::Text(body) => {
+                    body @ (Body::Text(_) | Body::Attachment(_)) => {
+                        // A file's message shows its caption as its text.
+                        let (body, attachment) = match body {
+                            Body::Attachment(attachment) => {
+                                (attachment.caption.clone(), Some(attachment))
+                            }
+                            Body::Text(body) => (body, None),
+                            _ => return Ok(None),
+                        };
                         let timestamp = self.now();
                         let sent_at = sent_at(content.sent_at_ms, timestamp);
                         // The shorter of the sender's timer and ours: a message
@@ -632,9 +640,20 @@ impl Client {
                                 state.as_str()
                             ],
                         )?;
+                        let message_id = tx.last_insert_rowid();
+                        // Its sender's other device has it already (this
+                        // account sent it): still fetched, as any.
+                        if let Some(attachment) = &attachment {
+                            super::attachments::record_attachment(
+                                tx,
+                                message_id,
+                                attachment,
+                                AttachmentState::Available,
+                            )?;
+                        }
                         events.push(Event::MessageReceived {
                             message: Message {
-                                id: tx.last_insert_rowid(),
+                                id: message_id,
                                 conversation,
                                 sender,
                                 direction,
@@ -648,6 +667,12 @@ impl Client {
                                         + u64::from(ttl)
                                 }),
                                 disappear_after: ttl,
+                                attachment: attachment.as_deref().map(|attachment| {
+                                    super::attachments::info_of(
+                                        attachment,
+                                        AttachmentState::Available,
+                                    )
+                                }),
                             },
                         });
                         if let Some(uid) = content.message_id
@@ -826,6 +851,7 @@ impl Client {
                 received_at: None,
                 expires_at: None,
                 disappear_after: 0,
+                attachment: None,
             },
         });
         Ok(())

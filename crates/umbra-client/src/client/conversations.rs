@@ -625,9 +625,10 @@ impl Client {
         let group_id = self.group_id_of(conversation)?;
         let db = self.db();
         let mut statement = db.prepare(
-            "SELECT id, sender, direction, body, state, timestamp, expires_at, ttl, sent_at FROM (
+            "SELECT m.id, m.sender, m.direction, m.body, m.state, m.timestamp, m.expires_at, m.ttl,
+                    m.sent_at, a.name, a.size, a.mime_type, a.state, a.duration_ms FROM (
                  SELECT * FROM messages WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2
-             ) ORDER BY id",
+             ) AS m LEFT JOIN attachments a ON a.message_id = m.id ORDER BY m.id",
         )?;
         let rows = statement.query_map(params![group_id, limit as i64], |row| {
             message_row(row, conversation)
@@ -639,8 +640,9 @@ impl Client {
     pub(super) fn message(&self, conversation: &ConversationId, id: i64) -> Result<Message> {
         self.db()
             .query_row(
-                "SELECT id, sender, direction, body, state, timestamp, expires_at, ttl, sent_at
-                 FROM messages WHERE id = ?1",
+                "SELECT m.id, m.sender, m.direction, m.body, m.state, m.timestamp, m.expires_at,
+                        m.ttl, m.sent_at, a.name, a.size, a.mime_type, a.state, a.duration_ms
+                 FROM messages m LEFT JOIN attachments a ON a.message_id = m.id WHERE m.id = ?1",
                 [id],
                 |row| message_row(row, conversation),
             )

@@ -28,6 +28,7 @@ use crate::link::Link;
 
 mod anonymous;
 mod apply;
+mod attachments;
 mod commits;
 mod contacts;
 mod conversations;
@@ -492,6 +493,16 @@ fn message_row(
         received_at: received.then_some(written),
         expires_at: row.get(6)?,
         disappear_after: row.get(7)?,
+        attachment: match row.get::<_, Option<String>>(9)? {
+            Some(name) => Some(crate::types::AttachmentInfo {
+                name,
+                size: row.get(10)?,
+                mime_type: row.get(11)?,
+                state: crate::types::AttachmentState::parse(&row.get::<_, String>(12)?),
+                duration_ms: row.get(13)?,
+            }),
+            None => None,
+        },
     })
 }
 

@@ -123,8 +123,10 @@ impl Client {
     ) -> Result<i64> {
         let group_id = self.group_id_of(conversation)?;
         let ops = self.inner.ops.lock().await;
+        // Recorded in the history: texts, and files (under their caption).
         let text = match &body {
             Body::Text(text) => Some(text.clone()),
+            Body::Attachment(attachment) => Some(attachment.caption.clone()),
             _ => None,
         };
         let mut uid = [0u8; 16];
@@ -148,6 +150,14 @@ impl Client {
                 Some(text) => self.record_outgoing(tx, &group_id, text, ttl, Some(&uid))?,
                 None => 0,
             };
+            if let Body::Attachment(attachment) = &content.body {
+                super::attachments::record_attachment(
+                    tx,
+                    message_id,
+                    attachment,
+                    crate::types::AttachmentState::Sent,
+                )?;
+            }
             Ok((message_id, ciphertext, ttl))
         })?;
         drop(ops);

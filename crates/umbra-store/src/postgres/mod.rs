@@ -34,6 +34,7 @@
 //! told "accepted" ([`crate::Durable::ready`]).
 
 mod accounts;
+mod blobs;
 mod contacts;
 mod groups;
 mod keys;
@@ -50,7 +51,10 @@ use umbra_proto::{AccountId, DeviceAddr, DeviceId, GroupId};
 use crate::{Result, StoreError, StoreLimits};
 
 /// Numbered migrations, applied in order; `schema_migrations` records each.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (2, include_str!("../../migrations/postgres/0002_blobs.sql")),
+];
 
 /// Connections each node keeps to the database at most.
 const POOL_SIZE: usize = 16;

@@ -7,6 +7,7 @@
 //! in-memory database has just the one). Readers might gain from a pool;
 //! that can come when a benchmark shows it matters.
 
+mod blobs;
 mod devices;
 mod mailbox_bytes;
 mod tokens;
@@ -72,6 +73,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
         16,
         include_str!("../../migrations/0016_anonymous_sending.sql"),
     ),
+    (17, include_str!("../../migrations/0017_blobs.sql")),
 ];
 
 /// Most writes committed together by one fsync.
@@ -128,6 +130,9 @@ pub struct SqliteStore {
     visible: Arc<RwLock<()>>,
     /// What the writer knows that lets a fan-out skip it.
     checked: Arc<Mutex<Checked>>,
+    /// Where blobs' bytes are: files beside the database (in memory for
+    /// an in-memory store).
+    blobs: Arc<blobs::BlobFiles>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -223,8 +228,10 @@ impl SqliteStore {
         reader
             .execute_batch("PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;")
             .map_err(backend)?;
+        let blobs = blobs::BlobFiles::beside(path)?;
         Ok(SqliteStore {
             reader: Arc::new(Mutex::new(reader)),
+            blobs: Arc::new(blobs),
             ..store
         })
     }
@@ -304,6 +311,7 @@ impl SqliteStore {
             staging,
             visible,
             checked,
+            blobs: Arc::new(blobs::BlobFiles::in_memory()),
         })
     }
 

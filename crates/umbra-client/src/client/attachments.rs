@@ -1,0 +1,645 @@
+//! Files in conversations: sealed on the device (`crate::seal`), uploaded
+//! as a blob in chunks, announced in an MLS application message that
+//! carries the blob's ID, key and digest; fetched by each recipient
+//! device, checked segment by segment as it arrives, and kept sealed under
+//! `files/` in the device directory with its key in the encrypted store.
+//! A file goes with its message: when the message expires or its
+//! conversation is deleted, the key row goes (cascade) and the sealed file
+//! with it (`sweep_files`). Plaintext is written only where the user saves
+//! a file to.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use rusqlite::{OptionalExtension, params};
+use umbra_proto::blobs::MAX_BLOB_CHUNK;
+use umbra_proto::content::{Attachment, Body, MAX_CAPTION_BYTES, MAX_FILE_NAME_BYTES};
+use umbra_proto::{BlobId, ErrorCode, GroupId, Reply, Request};
+
+use crate::error::{ClientError, Result};
+use crate::seal::{self, Checker, FileKey, SEALED_SEGMENT};
+use crate::types::{
+    AttachmentInfo, AttachmentState, ConversationId, DeliveryState, Event, Message,
+};
+
+use super::{Client, transit_ttl};
+
+/// Bytes per upload or download request: whole sealed segments, within a
+/// frame.
+const CHUNK: usize = (MAX_BLOB_CHUNK / SEALED_SEGMENT) * SEALED_SEGMENT;
+const _: () = assert!(CHUNK <= MAX_BLOB_CHUNK && CHUNK.is_multiple_of(SEALED_SEGMENT));
+
+/// Records `attachment` as message `message_id`'s file.
+pub(super) fn record_attachment(
+    tx: &rusqlite::Transaction<'_>,
+    message_id: i64,
+    attachment: &Attachment,
+    state: AttachmentState,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO attachments (message_id, blob_id, file_key, digest, size, mime_type, name,
+                                  duration_ms, state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            message_id,
+            &attachment.blob_id.0[..],
+            &attachment.key[..],
+            &attachment.digest[..],
+            attachment.size,
+            attachment.mime_type,
+            attachment.name,
+            attachment.duration_ms,
+            state.as_str()
+        ],
+    )?;
+    Ok(())
+}
+
+/// What front ends see of `attachment` in `state`.
+pub(super) fn info_of(attachment: &Attachment, state: AttachmentState) -> AttachmentInfo {
+    AttachmentInfo {
+        name: attachment.name.clone(),
+        size: attachment.size,
+        mime_type: attachment.mime_type.clone(),
+        state,
+        duration_ms: attachment.duration_ms,
+    }
+}
+
+/// A MIME type from a file name's extension (the common ones; anything
+/// else is `application/octet-stream`).
+pub fn mime_type_of(name: &str) -> &'static str {
+    let extension = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match extension.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "heic" => "image/heic",
+        "ogg" | "opus" => "audio/ogg",
+        "m4a" => "audio/mp4",
+        "mp3" => "audio/mpeg",
+        "wav" => "audio/wav",
+        "mp4" => "video/mp4",
+        "pdf" => "application/pdf",
+        "txt" => "text/plain",
+        "zip" => "application/zip",
+        _ => "application/octet-stream",
+    }
+}
+
+/// A sender's file name made safe to save under: its last component, no
+/// control characters, never empty, `.` or `..`.
+pub fn safe_file_name(name: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let cleaned: String = last
+        .chars()
+        .filter(|c| {
+            !c.is_control() && !matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect();
+    match cleaned.trim() {
+        "" | "." | ".." => "file".into(),
+        name => name.to_owned(),
+    }
+}
+
+/// One attachment row, as a download or a save needs it.
+struct Stored {
+    blob_id: BlobId,
+    key: FileKey,
+    digest: [u8; 32],
+    size: u64,
+    name: String,
+    state: AttachmentState,
+}
+
+/// An upload recorded before its first byte goes, so it can be resumed.
+struct Upload {
+    blob_id: BlobId,
+    group_id: Vec<u8>,
+    attachment: Attachment,
+}
+
+fn io(error: std::io::Error) -> ClientError {
+    ClientError::Store(format!("file: {error}"))
+}
+
+fn unexpected(request: &str) -> ClientError {
+    ClientError::Invalid(format!("unexpected reply to {request}"))
+}
+
+impl Client {
+    /// Where sealed files are kept.
+    fn files_dir(&self) -> Result<PathBuf> {
+        let dir = self.inner.home.join("files");
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(&dir).map_err(io)?;
+        Ok(dir)
+    }
+
+    fn sealed_path(&self, blob: &BlobId) -> Result<PathBuf> {
+        Ok(self.files_dir()?.join(blob.to_hex()))
+    }
+
+    /// Sends the file at `path` into `conversation`, with an optional
+    /// caption. Returns the message once the server stored the file and
+    /// the message for every recipient. If the connection drops during
+    /// the upload, [`Client::resume_uploads`] finishes it later.
+    pub async fn send_file(
+        &self,
+        conversation: &ConversationId,
+        path: &Path,
+        caption: Option<&str>,
+    ) -> Result<Message> {
+        let caption = caption.unwrap_or_default().to_owned();
+        if caption.len() > MAX_CAPTION_BYTES {
+            return Err(ClientError::Invalid(format!(
+                "a caption holds at most {MAX_CAPTION_BYTES} bytes"
+            )));
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(safe_file_name)
+            .ok_or_else(|| ClientError::Invalid("the path names no file".into()))?;
+        if name.len() > MAX_FILE_NAME_BYTES {
+            return Err(ClientError::Invalid(format!(
+                "a file name holds at most {MAX_FILE_NAME_BYTES} bytes"
+            )));
+        }
+        let group_id = self.group_id_of(conversation)?;
+        let timer = self.conversation(conversation)?.disappear_after;
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        // Sealed into a file of its own first: what is uploaded, and this
+        // device's own copy afterwards.
+        let key = FileKey::random()?;
+        let mut draft = [0u8; 8];
+        getrandom::getrandom(&mut draft).map_err(|e| ClientError::Store(e.to_string()))?;
+        let draft = self
+            .files_dir()?
+            .join(format!("draft-{}", hex::encode(draft)));
+        let sealing_key = key.clone();
+        let sealing_to = draft.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            let mut output =
+                std::io::BufWriter::new(std::fs::File::create(&sealing_to).map_err(io)?);
+            let sealed = seal::seal_file(
+                &sealing_key,
+                size,
+                &mut std::io::BufReader::new(&mut file),
+                &mut output,
+            )?;
+            output
+                .into_inner()
+                .map_err(|e| io(e.into_error()))?
+                .sync_all()
+                .map_err(io)?;
+            Ok::<_, ClientError>(sealed)
+        })
+        .await
+        .map_err(|e| ClientError::Store(e.to_string()))?;
+        let (digest, blob_size) = match sealed {
+            Ok(sealed) => sealed,
+            Err(error) => {
+                let _ = std::fs::remove_file(&draft);
+                return Err(error);
+            }
+        };
+        let created = self
+            .request(Request::CreateBlob {
+                group_id: GroupId::new(group_id.clone())?,
+                size: blob_size,
+                ttl_seconds: transit_ttl(timer),
+            })
+            .await;
+        let blob_id = match created {
+            Ok(Reply::BlobCreated { blob_id, .. }) => blob_id,
+            Ok(_) => {
+                let _ = std::fs::remove_file(&draft);
+                return Err(unexpected("CreateBlob"));
+            }
+            Err(error) => {
+                let _ = std::fs::remove_file(&draft);
+                return Err(error);
+            }
+        };
+        std::fs::rename(&draft, self.sealed_path(&blob_id)?).map_err(io)?;
+        let upload = Upload {
+            blob_id,
+            group_id,
+            attachment: Attachment {
+                blob_id,
+                key: *key.as_bytes(),
+                digest,
+                size,
+                mime_type: mime_type_of(&name).to_owned(),
+                name,
+                caption,
+                duration_ms: 0,
+                waveform: Vec::new(),
+                thumbnail: Vec::new(),
+            },
+        };
+        self.db().execute(
+            "INSERT INTO uploads (blob_id, group_id, file_key, digest, size, mime_type, name, caption)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                &blob_id.0[..],
+                upload.group_id,
+                &upload.attachment.key[..],
+                &digest[..],
+                size,
+                upload.attachment.mime_type,
+                upload.attachment.name,
+                upload.attachment.caption
+            ],
+        )?;
+        self.finish_upload(upload, 0).await
+    }
+
+    /// Uploads what the server lacks of `upload`'s blob from `offset` on,
+    /// then sends its message.
+    async fn finish_upload(&self, upload: Upload, mut offset: u64) -> Result<Message> {
+        let path = self.sealed_path(&upload.blob_id)?;
+        let mut file = std::fs::File::open(&path).map_err(io)?;
+        let total = file.metadata().map_err(io)?.len();
+        let mut chunk = vec![0u8; CHUNK];
+        while offset < total {
+            let length = usize::try_from((total - offset).min(CHUNK as u64)).unwrap_or(CHUNK);
+            file.seek(SeekFrom::Start(offset)).map_err(io)?;
+            file.read_exact(&mut chunk[..length]).map_err(io)?;
+            let put = self
+                .request(Request::PutBlob {
+                    blob_id: upload.blob_id,
+                    offset,
+                    data: chunk[..length].to_vec(),
+                })
+                .await;
+            offset = match put {
+                Ok(Reply::BlobState { stored, .. }) => stored,
+                Ok(_) => return Err(unexpected("PutBlob")),
+                // Another attempt got further (or less far) than this one
+                // thought: go on from where the server is.
+                Err(error) if error.server_code() == Some(ErrorCode::BlobOffset) => {
+                    self.stored_at_server(&upload.blob_id).await?
+                }
+                Err(error) => return Err(error),
+            };
+            self.emit(Event::Transfer {
+                message_id: None,
+                name: upload.attachment.name.clone(),
+                upload: true,
+                done: offset,
+                total,
+            });
+        }
+        let conversation = ConversationId::from_group(&upload.group_id);
+        let id = self
+            .send_content(&conversation, Body::Attachment(Box::new(upload.attachment)))
+            .await?;
+        self.db().execute(
+            "DELETE FROM uploads WHERE blob_id = ?1",
+            [&upload.blob_id.0[..]],
+        )?;
+        self.emit(Event::DeliveryStateChanged {
+            message_id: id,
+            state: DeliveryState::Sent,
+        });
+        self.message(&conversation, id)
+    }
+
+    async fn stored_at_server(&self, blob: &BlobId) -> Result<u64> {
+        match self.request(Request::BlobStatus { blob_id: *blob }).await? {
+            Reply::BlobState { stored, .. } => Ok(stored),
+            _ => Err(unexpected("BlobStatus")),
+        }
+    }
+
+    /// Finishes the uploads a dropped connection interrupted, from where
+    /// the server's copy ends, and sends their messages. An upload the
+    /// server no longer has (it stayed idle too long) is given up: its
+    /// sealed copy is deleted. Returns the messages sent.
+    pub async fn resume_uploads(&self) -> Result<Vec<Message>> {
+        let uploads: Vec<Upload> = {
+            let db = self.db();
+            let mut statement = db.prepare(
+                "SELECT blob_id, group_id, file_key, digest, size, mime_type, name, caption
+                 FROM uploads",
+            )?;
+            let rows = statement.query_map([], |row| {
+                Ok((
+                    row.get::<_, Vec<u8>>(0)?,
+                    row.get::<_, Vec<u8>>(1)?,
+                    row.get::<_, Vec<u8>>(2)?,
+                    row.get::<_, Vec<u8>>(3)?,
+                    row.get::<_, u64>(4)?,
+                    row.get::<_, String>(5)?,
+                    row.get::<_, String>(6)?,
+                    row.get::<_, String>(7)?,
+                ))
+            })?;
+            let mut uploads = Vec::new();
+            for row in rows {
+                let (blob, group_id, key, digest, size, mime_type, name, caption) = row?;
+                let blob_id = BlobId::from_slice(&blob)?;
+                let corrupt = |_| ClientError::Store("an upload's row".into());
+                uploads.push(Upload {
+                    blob_id,
+                    group_id,
+                    attachment: Attachment {
+                        blob_id,
+                        key: key.try_into().map_err(corrupt)?,
+                        digest: digest.try_into().map_err(corrupt)?,
+                        size,
+                        mime_type,
+                        name,
+                        caption,
+                        duration_ms: 0,
+                        waveform: Vec::new(),
+                        thumbnail: Vec::new(),
+                    },
+                });
+            }
+            uploads
+        };
+        let mut sent = Vec::new();
+        for upload in uploads {
+            match self.stored_at_server(&upload.blob_id).await {
+                Ok(stored) => sent.push(self.finish_upload(upload, stored).await?),
+                Err(error) if error.server_code() == Some(ErrorCode::UnknownBlob) => {
+                    self.db().execute(
+                        "DELETE FROM uploads WHERE blob_id = ?1",
+                        [&upload.blob_id.0[..]],
+                    )?;
+                    self.sweep_files()?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(sent)
+    }
+
+    fn stored_attachment(&self, message_id: i64) -> Result<Stored> {
+        let row = self
+            .db()
+            .query_row(
+                "SELECT blob_id, file_key, digest, size, name, state FROM attachments
+                 WHERE message_id = ?1",
+                [message_id],
+                |row| {
+                    Ok((
+                        row.get::<_, Vec<u8>>(0)?,
+                        row.get::<_, Vec<u8>>(1)?,
+                        row.get::<_, Vec<u8>>(2)?,
+                        row.get::<_, u64>(3)?,
+                        row.get::<_, String>(4)?,
+                        row.get::<_, String>(5)?,
+                    ))
+                },
+            )
+            .optional()?
+            .ok_or_else(|| ClientError::Invalid(format!("message {message_id} carries no file")))?;
+        let (blob, key, digest, size, name, state) = row;
+        let corrupt = |_| ClientError::Store("an attachment's row".into());
+        Ok(Stored {
+            blob_id: BlobId::from_slice(&blob)?,
+            key: FileKey::from_bytes(key.try_into().map_err(corrupt)?),
+            digest: digest.try_into().map_err(corrupt)?,
+            size,
+            name,
+            state: AttachmentState::parse(&state),
+        })
+    }
+
+    /// Fetches message `message_id`'s file from the server (resuming a
+    /// fetch that was cut off), checks every segment as it arrives and
+    /// the whole against the digest its sender signed into the message,
+    /// keeps it sealed on this device and tells the server this device
+    /// has it. Nothing to do if it is here already.
+    pub async fn fetch_attachment(&self, message_id: i64) -> Result<AttachmentState> {
+        let stored = self.stored_attachment(message_id)?;
+        if stored.state.is_here() {
+            return Ok(stored.state);
+        }
+        if stored.state == AttachmentState::Gone {
+            return Err(ClientError::Invalid(
+                "the server no longer has this file".into(),
+            ));
+        }
+        let expected = seal::sealed_len(stored.size);
+        let part = self
+            .files_dir()?
+            .join(format!("{}.part", stored.blob_id.to_hex()));
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&part)
+            .map_err(io)?;
+        // What an earlier attempt fetched is checked again from the start.
+        let mut checker = Checker::new(stored.key.clone(), stored.size);
+        let mut have = Vec::new();
+        file.read_to_end(&mut have).map_err(io)?;
+        let mut offset = (have.len() as u64).min(expected);
+        checker.update(&have[..usize::try_from(offset).unwrap_or(0)])?;
+        drop(have);
+        file.set_len(offset).map_err(io)?;
+        file.seek(SeekFrom::Start(offset)).map_err(io)?;
+        while offset < expected {
+            let length = u32::try_from((expected - offset).min(CHUNK as u64)).unwrap_or(0);
+            let got = self
+                .request(Request::GetBlob {
+                    blob_id: stored.blob_id,
+                    offset,
+                    length,
+                })
+                .await;
+            let data = match got {
+                Ok(Reply::BlobData { data, size }) => {
+                    if size != expected || data.is_empty() || data.len() as u64 > u64::from(length)
+                    {
+                        let _ = std::fs::remove_file(&part);
+                        return Err(ClientError::Invalid(format!(
+                            "the server's copy of this file is {size} bytes, not the {expected} its sender sealed"
+                        )));
+                    }
+                    data
+                }
+                Ok(_) => return Err(unexpected("GetBlob")),
+                Err(error) if error.server_code() == Some(ErrorCode::UnknownBlob) => {
+                    let _ = std::fs::remove_file(&part);
+                    self.db().execute(
+                        "UPDATE attachments SET state = 'gone' WHERE message_id = ?1",
+                        [message_id],
+                    )?;
+                    return Err(ClientError::Invalid(
+                        "the server no longer has this file (it expired, or was never complete)"
+                            .into(),
+                    ));
+                }
+                Err(error) => return Err(error),
+            };
+            if let Err(error) = checker.update(&data) {
+                let _ = std::fs::remove_file(&part);
+                return Err(error);
+            }
+            file.write_all(&data).map_err(io)?;
+            offset += data.len() as u64;
+            self.emit(Event::Transfer {
+                message_id: Some(message_id),
+                name: stored.name.clone(),
+                upload: false,
+                done: offset,
+                total: expected,
+            });
+        }
+        if let Err(error) = checker.finish(&stored.digest) {
+            let _ = std::fs::remove_file(&part);
+            return Err(error);
+        }
+        file.sync_all().map_err(io)?;
+        drop(file);
+        std::fs::rename(&part, self.sealed_path(&stored.blob_id)?).map_err(io)?;
+        self.db().execute(
+            "UPDATE attachments SET state = 'fetched' WHERE message_id = ?1",
+            [message_id],
+        )?;
+        // The server deletes it once every recipient device said so; a
+        // failure here only keeps it there until it expires.
+        if let Err(error) = self
+            .request(Request::BlobFetched {
+                blob_id: stored.blob_id,
+            })
+            .await
+        {
+            tracing::debug!(%error, "telling the server a file was fetched failed");
+        }
+        Ok(AttachmentState::Fetched)
+    }
+
+    /// Fetches every file received and not fetched yet; returns how many
+    /// came. One that fails is left for the next time (and reported).
+    pub async fn fetch_attachments(&self) -> Result<usize> {
+        let waiting: Vec<i64> = {
+            let db = self.db();
+            let mut statement =
+                db.prepare("SELECT message_id FROM attachments WHERE state = 'available'")?;
+            let rows = statement.query_map([], |row| row.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut fetched = 0;
+        for message_id in waiting {
+            match self.fetch_attachment(message_id).await {
+                Ok(_) => fetched += 1,
+                Err(error)
+                    if error.server_code().is_none()
+                        && !matches!(
+                            error,
+                            ClientError::ConnectionLost | ClientError::NotConnected
+                        ) =>
+                {
+                    tracing::warn!(%error, message_id, "a file could not be fetched");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(fetched)
+    }
+
+    /// Writes message `message_id`'s file, opened, to `destination` (a
+    /// new file: an existing one is not overwritten). Returns its size.
+    pub async fn save_attachment(&self, message_id: i64, destination: &Path) -> Result<u64> {
+        let mut stored = self.stored_attachment(message_id)?;
+        if !stored.state.is_here() {
+            self.fetch_attachment(message_id).await?;
+            stored = self.stored_attachment(message_id)?;
+        }
+        let sealed = self.sealed_path(&stored.blob_id)?;
+        let destination = destination.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut input = std::io::BufReader::new(std::fs::File::open(&sealed).map_err(io)?);
+            let output = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&destination)
+                .map_err(io)?;
+            let mut output = std::io::BufWriter::new(output);
+            let opened = seal::open_file(&stored.key, stored.size, &mut input, &mut output)
+                .and_then(|()| output.flush().map_err(io));
+            if opened.is_err() {
+                drop(output);
+                let _ = std::fs::remove_file(&destination);
+            }
+            opened.map(|()| stored.size)
+        })
+        .await
+        .map_err(|e| ClientError::Store(e.to_string()))?
+    }
+
+    /// Deletes every sealed file (and part of one) whose message is gone,
+    /// and drafts left by an interrupted send.
+    pub(crate) fn sweep_files(&self) -> Result<usize> {
+        let dir = self.inner.home.join("files");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(0);
+        };
+        let db = self.db();
+        let mut known = db.prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM attachments WHERE blob_id = ?1)
+                 OR EXISTS (SELECT 1 FROM uploads WHERE blob_id = ?1)",
+        )?;
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let blob = name.strip_suffix(".part").unwrap_or(&name);
+            let keep = match BlobId::from_hex(blob) {
+                Ok(id) => known.query_row([&id.0[..]], |row| row.get::<_, bool>(0))?,
+                // A draft belongs to a send under way in this process only
+                // while it runs; an old one was interrupted.
+                Err(_) => name.starts_with("draft-") && is_recent(&entry),
+            };
+            if !keep {
+                std::fs::remove_file(entry.path()).map_err(io)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Whether a file was modified in the last hour.
+fn is_recent(entry: &std::fs::DirEntry) -> bool {
+    entry
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|at| at.elapsed().ok())
+        .is_some_and(|age| age < std::time::Duration::from_secs(3600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn senders_file_names_cannot_name_a_path() {
+        assert_eq!(safe_file_name("../../etc/passwd"), "passwd");
+        assert_eq!(safe_file_name("C:\\x\\evil.exe"), "evil.exe");
+        assert_eq!(safe_file_name(".."), "file");
+        assert_eq!(safe_file_name("a\u{202e}gpj.exe"), "agpj.exe");
+        assert_eq!(safe_file_name("cat.png"), "cat.png");
+        assert_eq!(mime_type_of("Cat.PNG"), "image/png");
+        assert_eq!(mime_type_of("noext"), "application/octet-stream");
+    }
+}

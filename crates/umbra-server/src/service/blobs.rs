@@ -1,0 +1,206 @@
+//! Attachments' blobs (`docs/protocol.md`, "Attachments"): created by a
+//! member of the conversation's group on an active line, within the
+//! configured limits; uploaded in order by that device alone; read by the
+//! uploader and the group's current member devices; deleted once every
+//! recipient device said it fetched it, or at its expiry. The server never
+//! learns more than the blob's padded size, its group and who fetched it.
+
+use umbra_proto::frame::{ErrorReply, Reply};
+use umbra_proto::{BlobId, DeviceAddr, ErrorCode, GroupId};
+use umbra_store::{BlobCreation, BlobQuota, BlobRead, BlobWrite, NewBlob};
+
+use super::{Outcome, Services, internal, not_a_member, refuse, unknown_group};
+
+fn unknown_blob() -> ErrorReply {
+    refuse(
+        ErrorCode::UnknownBlob,
+        "no such blob for you: never issued, expired, already deleted, or not yours to read",
+    )
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes / (1024 * 1024)
+}
+
+impl Services {
+    /// When a blob created now for a conversation whose timer is
+    /// `ttl_seconds` (0: none) expires: its timer, but at least a day and
+    /// at most the server's `blob_ttl`.
+    fn blob_expiry(&self, now: u64, ttl_seconds: u32) -> u64 {
+        let most = self.limits.config.blob_ttl.as_secs();
+        let ttl = match ttl_seconds {
+            0 => most,
+            ttl => u64::from(ttl)
+                .max(umbra_proto::blobs::MIN_BLOB_TTL_SECS)
+                .min(most),
+        };
+        now.saturating_add(ttl)
+    }
+
+    pub(super) async fn create_blob(
+        &self,
+        me: &DeviceAddr,
+        group: GroupId,
+        size: u64,
+        ttl_seconds: u32,
+    ) -> Outcome {
+        self.require_active(&me.account).await?;
+        let config = &self.limits.config;
+        if size == 0 {
+            return Err(refuse(
+                ErrorCode::InvalidRequest,
+                "a blob holds at least one byte",
+            ));
+        }
+        if size > config.max_file_bytes {
+            return Err(refuse(
+                ErrorCode::BlobTooLarge,
+                format!(
+                    "{size} bytes is more than this server's largest file, {} MiB",
+                    mib(config.max_file_bytes)
+                ),
+            ));
+        }
+        let quota = BlobQuota {
+            in_flight: config.blob_bytes_in_flight_per_line,
+            stored: config.blob_bytes_per_line,
+        };
+        let now = self.now();
+        let expires_at = self.blob_expiry(now, ttl_seconds);
+        // An ID taken is a 2^-128 event; a second draw settles it.
+        for _ in 0..2 {
+            let mut id = [0u8; 16];
+            getrandom::getrandom(&mut id)
+                .map_err(|_| refuse(ErrorCode::Internal, "no randomness available"))?;
+            let blob = NewBlob {
+                id: BlobId(id),
+                owner: me.clone(),
+                group: group.clone(),
+                size,
+                now,
+                expires_at,
+            };
+            match self
+                .store
+                .create_blob(blob, quota)
+                .await
+                .map_err(internal)?
+            {
+                BlobCreation::Created => {
+                    return Ok(Reply::BlobCreated {
+                        blob_id: BlobId(id),
+                        expires_at,
+                    });
+                }
+                BlobCreation::IdTaken => continue,
+                BlobCreation::UnknownGroup => return Err(unknown_group(&group)),
+                BlobCreation::NotAMember => return Err(not_a_member()),
+                BlobCreation::InFlightQuota { used } => {
+                    return Err(refuse(
+                        ErrorCode::QuotaExceeded,
+                        format!(
+                            "this line has {} MiB of uploads unfinished; at most {} MiB may be \
+                             (finish or abandon one first)",
+                            mib(used),
+                            mib(quota.in_flight)
+                        ),
+                    ));
+                }
+                BlobCreation::StoredQuota { used } => {
+                    return Err(refuse(
+                        ErrorCode::QuotaExceeded,
+                        format!(
+                            "this line's files take {} MiB at the server, at most {} MiB may; \
+                             they are deleted as recipients fetch them",
+                            mib(used),
+                            mib(quota.stored)
+                        ),
+                    ));
+                }
+            }
+        }
+        Err(refuse(ErrorCode::Internal, "no free blob ID was drawn"))
+    }
+
+    pub(super) async fn put_blob(
+        &self,
+        me: &DeviceAddr,
+        blob: BlobId,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Outcome {
+        self.require_active(&me.account).await?;
+        let outcome = self
+            .store
+            .put_blob(&blob, me, offset, &data, self.now())
+            .await
+            .map_err(internal)?;
+        match outcome {
+            BlobWrite::Stored(info) => {
+                self.metrics.blob_bytes_written.inc_by(data.len() as u64);
+                Ok(Reply::BlobState {
+                    size: info.size,
+                    stored: info.stored,
+                    expires_at: info.expires_at,
+                })
+            }
+            BlobWrite::Unknown => Err(unknown_blob()),
+            BlobWrite::Offset { stored } => Err(refuse(
+                ErrorCode::BlobOffset,
+                format!("the blob's stored bytes end at {stored}, not at {offset}"),
+            )),
+            BlobWrite::PastEnd { size } => Err(refuse(
+                ErrorCode::InvalidRequest,
+                format!("these bytes run past the blob's size, {size}"),
+            )),
+        }
+    }
+
+    pub(super) async fn blob_status(&self, me: &DeviceAddr, blob: BlobId) -> Outcome {
+        match self
+            .store
+            .blob(&blob, me, self.now())
+            .await
+            .map_err(internal)?
+        {
+            Some(info) => Ok(Reply::BlobState {
+                size: info.size,
+                stored: info.stored,
+                expires_at: info.expires_at,
+            }),
+            None => Err(unknown_blob()),
+        }
+    }
+
+    pub(super) async fn get_blob(
+        &self,
+        me: &DeviceAddr,
+        blob: BlobId,
+        offset: u64,
+        length: u32,
+    ) -> Outcome {
+        match self
+            .store
+            .read_blob(&blob, me, offset, length, self.now())
+            .await
+            .map_err(internal)?
+        {
+            BlobRead::Data { data, size } => {
+                self.metrics.blob_bytes_read.inc_by(data.len() as u64);
+                Ok(Reply::BlobData { data, size })
+            }
+            BlobRead::Unknown => Err(unknown_blob()),
+            BlobRead::Incomplete => Err(refuse(
+                ErrorCode::InvalidRequest,
+                "this blob's upload is not complete",
+            )),
+        }
+    }
+
+    pub(super) async fn blob_fetched(&self, me: &DeviceAddr, blob: BlobId) -> Outcome {
+        if self.store.blob_fetched(&blob, me).await.map_err(internal)? {
+            self.metrics.blobs_deleted.inc();
+        }
+        Ok(Reply::Done)
+    }
+}

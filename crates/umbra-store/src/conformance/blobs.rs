@@ -1,0 +1,259 @@
+//! Blobs: created only by a member within the line's quota, written in
+//! order by their uploader alone, read whole by the group's devices once
+//! complete, deleted when the last recipient fetched them, when they
+//! expire, or when an upload stays idle.
+
+use umbra_proto::{BlobId, DeviceAddr};
+
+use super::{NOW, group, group_of_two, one, registered};
+use crate::{BlobCreation, BlobInfo, BlobQuota, BlobRead, BlobWrite, NewBlob, Store};
+
+const ROOMY: BlobQuota = BlobQuota {
+    in_flight: 1 << 30,
+    stored: 1 << 30,
+};
+
+fn new_blob(id: u8, owner: &DeviceAddr, group: &umbra_proto::GroupId, size: u64) -> NewBlob {
+    NewBlob {
+        id: BlobId([id; 16]),
+        owner: owner.clone(),
+        group: group.clone(),
+        size,
+        now: NOW,
+        expires_at: NOW + 100,
+    }
+}
+
+async fn read(
+    store: &impl Store,
+    id: u8,
+    reader: &DeviceAddr,
+    offset: u64,
+    length: u32,
+) -> BlobRead {
+    store
+        .read_blob(&BlobId([id; 16]), reader, offset, length, NOW)
+        .await
+        .unwrap()
+}
+
+async fn put(
+    store: &impl Store,
+    id: u8,
+    owner: &DeviceAddr,
+    offset: u64,
+    data: &[u8],
+) -> BlobWrite {
+    store
+        .put_blob(&BlobId([id; 16]), owner, offset, data, NOW)
+        .await
+        .unwrap()
+}
+
+pub(super) async fn blobs(store: &impl Store) {
+    let (g, alice, bob) = group_of_two(store).await;
+    let carol = registered(store, "CCCCCCCC", 3).await;
+    let (alice, bob, carol) = (one(&alice), one(&bob), one(&carol));
+    let create = |blob, quota| store.create_blob(blob, quota);
+
+    // Only a member of an existing group creates one.
+    assert_eq!(
+        create(new_blob(1, &carol, &g, 10), ROOMY).await.unwrap(),
+        BlobCreation::NotAMember
+    );
+    assert_eq!(
+        create(new_blob(1, &alice, &group(77), 10), ROOMY)
+            .await
+            .unwrap(),
+        BlobCreation::UnknownGroup
+    );
+    assert_eq!(
+        create(new_blob(1, &alice, &g, 10), ROOMY).await.unwrap(),
+        BlobCreation::Created
+    );
+    assert_eq!(
+        create(new_blob(1, &alice, &g, 5), ROOMY).await.unwrap(),
+        BlobCreation::IdTaken
+    );
+    let id = BlobId([1; 16]);
+    let fresh = BlobInfo {
+        owner: alice.clone(),
+        group: g.clone(),
+        size: 10,
+        stored: 0,
+        expires_at: NOW + 100,
+    };
+    assert_eq!(
+        store.blob(&id, &alice, NOW).await.unwrap(),
+        Some(fresh.clone())
+    );
+    assert_eq!(
+        store.blob(&id, &bob, NOW).await.unwrap(),
+        None,
+        "only its uploader sees it"
+    );
+
+    // Written in order, by its uploader alone, never past its size.
+    assert_eq!(read(store, 1, &bob, 0, 10).await, BlobRead::Incomplete);
+    assert_eq!(put(store, 1, &bob, 0, b"abc").await, BlobWrite::Unknown);
+    assert_eq!(
+        put(store, 1, &alice, 5, b"abc").await,
+        BlobWrite::Offset { stored: 0 }
+    );
+    assert_eq!(
+        put(store, 1, &alice, 0, b"012345").await,
+        BlobWrite::Stored(BlobInfo {
+            stored: 6,
+            ..fresh.clone()
+        })
+    );
+    assert_eq!(
+        put(store, 1, &alice, 0, b"xx").await,
+        BlobWrite::Offset { stored: 6 }
+    );
+    assert_eq!(
+        put(store, 1, &alice, 6, b"67890").await,
+        BlobWrite::PastEnd { size: 10 }
+    );
+    assert_eq!(read(store, 1, &bob, 0, 10).await, BlobRead::Incomplete);
+    assert_eq!(
+        put(store, 1, &alice, 6, b"6789").await,
+        BlobWrite::Stored(BlobInfo {
+            stored: 10,
+            ..fresh.clone()
+        })
+    );
+
+    // Read by the group's devices and its uploader, in ranges.
+    assert_eq!(
+        read(store, 1, &bob, 2, 5).await,
+        BlobRead::Data {
+            data: b"23456".to_vec(),
+            size: 10
+        }
+    );
+    assert_eq!(
+        read(store, 1, &alice, 8, 100).await,
+        BlobRead::Data {
+            data: b"89".to_vec(),
+            size: 10
+        }
+    );
+    assert_eq!(
+        read(store, 1, &bob, 10, 5).await,
+        BlobRead::Data {
+            data: vec![],
+            size: 10
+        }
+    );
+    assert_eq!(read(store, 1, &carol, 0, 10).await, BlobRead::Unknown);
+    assert_eq!(
+        read(store, 9, &bob, 0, 10).await,
+        BlobRead::Unknown,
+        "never issued"
+    );
+
+    // The line's quotas: bytes in flight, bytes stored (blob 1's 10 bytes
+    // count as stored only).
+    let tight = BlobQuota {
+        in_flight: 150,
+        stored: 1 << 30,
+    };
+    assert_eq!(
+        create(new_blob(2, &alice, &g, 100), tight).await.unwrap(),
+        BlobCreation::Created
+    );
+    assert_eq!(
+        create(new_blob(3, &alice, &g, 100), tight).await.unwrap(),
+        BlobCreation::InFlightQuota { used: 100 }
+    );
+    let full = BlobQuota {
+        in_flight: 1 << 30,
+        stored: 150,
+    };
+    assert_eq!(
+        create(new_blob(3, &alice, &g, 50), full).await.unwrap(),
+        BlobCreation::StoredQuota { used: 110 }
+    );
+    assert_eq!(
+        create(new_blob(3, &bob, &g, 50), full).await.unwrap(),
+        BlobCreation::Created,
+        "another line's quota is its own"
+    );
+
+    // Deleted once its last recipient fetched it, not before; a device
+    // that was never waited for changes nothing.
+    assert!(!store.blob_fetched(&id, &carol).await.unwrap());
+    assert!(
+        !store.blob_fetched(&id, &alice).await.unwrap(),
+        "its uploader is no recipient"
+    );
+    assert!(matches!(
+        read(store, 1, &bob, 0, 1).await,
+        BlobRead::Data { .. }
+    ));
+    assert!(store.blob_fetched(&id, &bob).await.unwrap());
+    assert!(!store.blob_fetched(&id, &bob).await.unwrap(), "once");
+    assert_eq!(read(store, 1, &alice, 0, 10).await, BlobRead::Unknown);
+    assert_eq!(store.blob(&id, &alice, NOW).await.unwrap(), None);
+
+    // Expiry: gone at its time whether swept or not; the sweep deletes the
+    // expired and the idle incomplete ones, and keeps the rest.
+    assert_eq!(
+        put(store, 3, &bob, 0, &[7; 50]).await,
+        BlobWrite::Stored(BlobInfo {
+            owner: bob.clone(),
+            group: g.clone(),
+            size: 50,
+            stored: 50,
+            expires_at: NOW + 100,
+        })
+    );
+    assert_eq!(
+        store
+            .read_blob(&BlobId([3; 16]), &alice, 0, 1, NOW + 100)
+            .await
+            .unwrap(),
+        BlobRead::Unknown
+    );
+    let mut later = new_blob(4, &alice, &g, 5);
+    later.now = NOW + 50;
+    later.expires_at = NOW + 1000;
+    assert_eq!(create(later, ROOMY).await.unwrap(), BlobCreation::Created);
+    let mut complete = new_blob(5, &alice, &g, 1);
+    complete.expires_at = NOW + 1000;
+    assert_eq!(
+        create(complete, ROOMY).await.unwrap(),
+        BlobCreation::Created
+    );
+    assert!(matches!(
+        put(store, 5, &alice, 0, b"x").await,
+        BlobWrite::Stored(_)
+    ));
+    // Blob 2 (incomplete, idle since NOW) and 3 (expired) go; 4 was
+    // created after the idle cut-off, 5 is complete.
+    assert_eq!(store.expire_blobs(NOW + 100, NOW + 1).await.unwrap(), 2);
+    assert_eq!(store.expire_blobs(NOW + 100, NOW + 1).await.unwrap(), 0);
+    assert!(
+        store
+            .blob(&BlobId([2; 16]), &alice, NOW)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .blob(&BlobId([4; 16]), &alice, NOW)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(matches!(
+        store
+            .read_blob(&BlobId([5; 16]), &bob, 0, 1, NOW + 100)
+            .await
+            .unwrap(),
+        BlobRead::Data { .. }
+    ));
+    assert_eq!(store.expire_blobs(NOW + 1000, NOW + 1).await.unwrap(), 2);
+}
