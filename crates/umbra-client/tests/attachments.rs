@@ -1,0 +1,205 @@
+//! Files over the real server with real clients: sealed on the sender's
+//! device, stored by the server as padded ciphertext only, fetched and
+//! checked by every recipient device, and deleted at the server once the
+//! last of them has it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Device, TestServer, befriend};
+use umbra_client::{AttachmentState, Event};
+
+/// `len` bytes no window of which repeats (a counter mixed by
+/// SplitMix64), so finding any 32 of them elsewhere means a leak.
+fn file_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Samples of the plaintext to look for: 32-byte windows across it.
+fn windows(data: &[u8]) -> Vec<&[u8]> {
+    let step = (data.len() / 16).max(1);
+    (0..16)
+        .map(|n| n * step)
+        .filter(|&at| at + 32 <= data.len())
+        .map(|at| &data[at..at + 32])
+        .collect()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Every file under `dir`, read.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                found.push((path, bytes));
+            }
+        }
+    }
+    found
+}
+
+fn assert_no_plaintext(dir: &Path, data: &[u8]) {
+    for (path, bytes) in files_under(dir) {
+        for window in windows(data) {
+            assert!(!contains(&bytes, window), "plaintext in {}", path.display());
+        }
+    }
+}
+
+fn blob_files(server: &TestServer) -> usize {
+    std::fs::read_dir(server.data.join("blobs"))
+        .map(|entries| entries.count())
+        .unwrap_or(0)
+}
+
+async fn next_file(device: &mut Device) -> umbra_client::Message {
+    device
+        .wait_for(|event| match event {
+            Event::MessageReceived { message } if message.attachment.is_some() => {
+                Some(message.clone())
+            }
+            _ => None,
+        })
+        .await
+}
+
+#[tokio::test]
+async fn a_file_to_a_contact_who_is_offline_arrives_whole_and_leaves_no_plaintext_behind() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    bob.client.disconnect();
+
+    let outside = tempfile::tempdir().unwrap();
+    let data = file_bytes(20 * 1024 * 1024 + 12_345, 1);
+    let path = outside.path().join("holiday.png");
+    std::fs::write(&path, &data).unwrap();
+    let sent = alice
+        .client
+        .send_file(&conversation, &path, Some("the view"))
+        .await
+        .unwrap();
+    let info = sent.attachment.clone().unwrap();
+    assert_eq!(
+        (info.name.as_str(), info.size),
+        ("holiday.png", data.len() as u64)
+    );
+    assert_eq!(info.mime_type, "image/png");
+    assert_eq!(info.state, AttachmentState::Sent);
+    assert_eq!(sent.body, "the view");
+
+    // The server holds one blob: padded, sealed, nothing of the file
+    // readable in it, its database or any frame it saw.
+    assert_eq!(blob_files(&server), 1);
+    let blob = files_under(&server.data.join("blobs")).remove(0).1;
+    assert_eq!(
+        blob.len() as u64,
+        umbra_client::seal::sealed_len(data.len() as u64)
+    );
+    assert!(blob.len() > data.len());
+    assert_no_plaintext(&server.data, &data);
+    for (_, frame) in server.frames() {
+        for window in windows(&data) {
+            assert!(!contains(&frame, window), "plaintext in a frame");
+        }
+    }
+
+    // Bob comes online: the message names the file; he fetches it, every
+    // segment checked, and it opens to the very bytes sent.
+    let mut bob = bob.reopen().await;
+    let received = next_file(&mut bob).await;
+    let file = received.attachment.clone().unwrap();
+    assert_eq!(file.state, AttachmentState::Available);
+    assert_eq!(
+        (file.name.as_str(), file.size),
+        ("holiday.png", data.len() as u64)
+    );
+    assert_eq!(received.body, "the view");
+    assert_eq!(
+        bob.client.fetch_attachment(received.id).await.unwrap(),
+        AttachmentState::Fetched
+    );
+    // He was its only recipient: the server deleted it.
+    assert_eq!(blob_files(&server), 0);
+    let saved = outside.path().join("saved.png");
+    assert_eq!(
+        bob.client
+            .save_attachment(received.id, &saved)
+            .await
+            .unwrap(),
+        data.len() as u64
+    );
+    assert_eq!(std::fs::read(&saved).unwrap(), data);
+    // Saving never overwrites a file.
+    assert!(
+        bob.client
+            .save_attachment(received.id, &saved)
+            .await
+            .is_err()
+    );
+    // Both devices keep it sealed: no plaintext under either directory.
+    assert_no_plaintext(bob.home.path(), &data);
+    assert_no_plaintext(alice.home.path(), &data);
+    // The sender opens her own copy too.
+    let mine = outside.path().join("mine.png");
+    alice.client.save_attachment(sent.id, &mine).await.unwrap();
+    assert_eq!(std::fs::read(&mine).unwrap(), data);
+}
+
+#[tokio::test]
+async fn a_photo_to_a_group_of_five_stays_until_the_last_member_fetched_it() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        let mut other = Device::activate(&server).await;
+        befriend(&mut alice, &mut other).await;
+        others.push(other);
+    }
+    let members: Vec<_> = others.iter().map(Device::id).collect();
+    let group = alice.client.create_group("trip", &members).await.unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let data = file_bytes(300_000, 2);
+    let path = outside.path().join("group.jpg");
+    std::fs::write(&path, &data).unwrap();
+    alice.client.send_file(&group, &path, None).await.unwrap();
+    assert_eq!(blob_files(&server), 1);
+
+    for (n, other) in others.iter_mut().enumerate() {
+        let message = next_file(other).await;
+        other.client.fetch_attachment(message.id).await.unwrap();
+        let saved = outside.path().join(format!("{n}.jpg"));
+        other
+            .client
+            .save_attachment(message.id, &saved)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&saved).unwrap(), data);
+        // Kept for those still to fetch it; gone after the last.
+        let expected = usize::from(n + 1 < 4);
+        assert_eq!(blob_files(&server), expected, "after {} fetched", n + 1);
+    }
+}

@@ -1,0 +1,232 @@
+//! Attachments' blobs over the real server, as a hostile or careless
+//! device would use them: every misuse gets a typed error, and the server
+//! goes on serving the device and everyone else.
+
+mod common;
+
+use common::{Raw, Server};
+use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Provider};
+use umbra_proto::blobs::MAX_BLOB_CHUNK;
+use umbra_proto::{BlobId, ErrorCode, GroupId, Reply, Request};
+
+const MIB: u64 = 1024 * 1024;
+
+/// A group of one created by `raw`'s account over the real protocol.
+async fn solo_group(
+    raw: &mut Raw,
+    signer: &DeviceSigner,
+    account: &umbra_proto::AccountId,
+) -> GroupId {
+    let crypto = Crypto::default();
+    let mut db = rusqlite::Connection::open_in_memory().unwrap();
+    umbra_mls::init_storage(&mut db).unwrap();
+    let provider = Provider::new(&crypto, &db);
+    let group = Group::create(&provider, signer, account, &GroupConfig::default(), 0).unwrap();
+    let group_id = GroupId::new(group.id()).unwrap();
+    let group_info = group.group_info(&provider, signer).unwrap();
+    assert_eq!(
+        raw.call(Request::CreateGroup {
+            group_id: group_id.clone(),
+            group_info,
+            delivery_key: None,
+        })
+        .await,
+        Ok(Reply::Done)
+    );
+    group_id
+}
+
+async fn create(
+    raw: &mut Raw,
+    group: &GroupId,
+    size: u64,
+) -> Result<BlobId, umbra_proto::ErrorReply> {
+    match raw
+        .call(Request::CreateBlob {
+            group_id: group.clone(),
+            size,
+            ttl_seconds: 0,
+        })
+        .await
+    {
+        Ok(Reply::BlobCreated {
+            blob_id,
+            expires_at,
+        }) => {
+            assert!(expires_at > 0);
+            Ok(blob_id)
+        }
+        Ok(other) => panic!("{other:?}"),
+        Err(error) => Err(error),
+    }
+}
+
+fn put(blob_id: BlobId, offset: u64, data: Vec<u8>) -> Request {
+    Request::PutBlob {
+        blob_id,
+        offset,
+        data,
+    }
+}
+
+fn get(blob_id: BlobId, offset: u64, length: u32) -> Request {
+    Request::GetBlob {
+        blob_id,
+        offset,
+        length,
+    }
+}
+
+#[tokio::test]
+async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_completes() {
+    let server = Server::start_with(|config| {
+        config.max_file_bytes = 2 * MIB;
+        config.blob_bytes_in_flight_per_line = 3 * MIB;
+        config.blob_bytes_per_line = 4 * MIB;
+    })
+    .await;
+    let alice_key = DeviceSigner::from_secret(&[1; 32]);
+    let mut alice = Raw::connect(&server).await;
+    let alice_id = alice.registered(&server, &alice_key).await;
+    let group = solo_group(&mut alice, &alice_key, &alice_id).await;
+    let carol_key = DeviceSigner::from_secret(&[2; 32]);
+    let mut carol = Raw::connect(&server).await;
+    let carol_id = carol.registered(&server, &carol_key).await;
+
+    // Creation: size bounds, membership, the group must exist.
+    let refused = alice
+        .call(Request::CreateBlob {
+            group_id: group.clone(),
+            size: 2 * MIB + 1,
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::BlobTooLarge, "{}", refused.message);
+    assert_eq!(
+        create(&mut alice, &group, 0).await.unwrap_err().code,
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        create(&mut carol, &group, 10).await.unwrap_err().code,
+        ErrorCode::NotAMember
+    );
+    let nowhere = GroupId::new(vec![9; 16]).unwrap();
+    assert_eq!(
+        create(&mut alice, &nowhere, 10).await.unwrap_err().code,
+        ErrorCode::UnknownGroup
+    );
+
+    // A blob of 1.5 chunks: written only in order, by its uploader, never
+    // past its size.
+    let size = MAX_BLOB_CHUNK as u64 * 3 / 2;
+    let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let blob = create(&mut alice, &group, size).await.unwrap();
+    let first = bytes[..MAX_BLOB_CHUNK].to_vec();
+    let rest = bytes[MAX_BLOB_CHUNK..].to_vec();
+    alice
+        .expect_error(put(blob, 10, first.clone()), ErrorCode::BlobOffset)
+        .await;
+    carol
+        .expect_error(put(blob, 0, first.clone()), ErrorCode::UnknownBlob)
+        .await;
+    carol
+        .expect_error(
+            Request::BlobStatus { blob_id: blob },
+            ErrorCode::UnknownBlob,
+        )
+        .await;
+    assert!(matches!(
+        alice.call(put(blob, 0, first.clone())).await,
+        Ok(Reply::BlobState { stored, .. }) if stored == MAX_BLOB_CHUNK as u64
+    ));
+    // The same chunk again (a retry after a lost answer), or overlapping.
+    alice
+        .expect_error(put(blob, 0, first.clone()), ErrorCode::BlobOffset)
+        .await;
+    alice
+        .expect_error(put(blob, 100, rest.clone()), ErrorCode::BlobOffset)
+        .await;
+    let mut past_end = rest.clone();
+    past_end.push(0);
+    alice
+        .expect_error(
+            put(blob, MAX_BLOB_CHUNK as u64, past_end),
+            ErrorCode::InvalidRequest,
+        )
+        .await;
+    alice
+        .expect_error(get(blob, 0, 10), ErrorCode::InvalidRequest)
+        .await;
+
+    // The connection drops half way; a new one finds where the server's
+    // copy ends and finishes it.
+    drop(alice);
+    let mut alice = Raw::connect(&server).await;
+    alice.login(&alice_id, &alice_key).await;
+    let stored = match alice.call(Request::BlobStatus { blob_id: blob }).await {
+        Ok(Reply::BlobState {
+            size: s, stored, ..
+        }) => {
+            assert_eq!(s, size);
+            stored
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(stored, MAX_BLOB_CHUNK as u64);
+    assert!(matches!(
+        alice.call(put(blob, stored, rest.clone())).await,
+        Ok(Reply::BlobState { stored, size: s, .. }) if stored == s
+    ));
+
+    // Read back in ranges by its uploader; nobody outside the group.
+    let mut read = Vec::new();
+    while (read.len() as u64) < size {
+        match alice.call(get(blob, read.len() as u64, 300_000)).await {
+            Ok(Reply::BlobData { data, size: s }) => {
+                assert_eq!(s, size);
+                assert!(!data.is_empty());
+                read.extend(data);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(read, bytes);
+    carol
+        .expect_error(get(blob, 0, 10), ErrorCode::UnknownBlob)
+        .await;
+    alice
+        .expect_error(get(BlobId([7; 16]), 0, 10), ErrorCode::UnknownBlob)
+        .await;
+    // A blob's file is its ciphertext as sent, under the data directory.
+    let file = server.data.path().join("blobs").join(blob.to_hex());
+    assert_eq!(std::fs::read(&file).unwrap(), bytes);
+
+    // A flood of unfinished uploads stops at the line's quota; the line's
+    // other requests and other lines go on.
+    let mut created = 0;
+    let refusal = loop {
+        match create(&mut alice, &group, MIB).await {
+            Ok(_) => created += 1,
+            Err(error) => break error,
+        }
+        assert!(created < 10, "the quota never stopped the flood");
+    };
+    assert_eq!(
+        refusal.code,
+        ErrorCode::QuotaExceeded,
+        "{}",
+        refusal.message
+    );
+    assert_eq!(created, 2, "4 MiB a line: 1.1 stored already, 2 more fit");
+    alice.alive().await;
+    let carols = solo_group(&mut carol, &carol_key, &carol_id).await;
+    assert!(create(&mut carol, &carols, MIB).await.is_ok());
+
+    // Fetched by a device that was never waited for: nothing happens.
+    assert_eq!(
+        carol.call(Request::BlobFetched { blob_id: blob }).await,
+        Ok(Reply::Done)
+    );
+    assert!(file.exists());
+}
