@@ -124,8 +124,8 @@ enum Command {
     /// limit, 100 MiB by default) to a contact or a group. It is sealed
     /// on this device under a key of its own; the server stores only the
     /// sealed bytes, padded so its size says little, until every
-    /// recipient fetched it. An upload a dropped connection interrupted is
-    /// finished first.
+    /// recipient fetched it. If the connection drops during the upload,
+    /// `umbra uploads resume` finishes it.
     SendFile {
         /// Account ID (one-to-one) or conversation ID (group).
         target: String,
@@ -141,6 +141,12 @@ enum Command {
     Save {
         message_id: i64,
         path: std::path::PathBuf,
+    },
+    /// Uploads a dropped connection interrupted: `list`, `resume` (finish
+    /// them and send their messages) or `cancel` (give them up).
+    Uploads {
+        #[arg(value_enum, default_value = "list")]
+        action: UploadsAction,
     },
     /// Fetch and print everything that arrived while away (files
     /// included: fetched and kept sealed on this device; `save` opens
@@ -573,6 +579,13 @@ impl Out {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UploadsAction {
+    List,
+    Resume,
+    Cancel,
+}
+
 /// Shows transfer progress on standard error (text) while a command runs;
 /// `--json` output shows the `transfer` events themselves.
 fn show_transfers(
@@ -764,9 +777,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = online(&cli).await?;
             let mut events = client.subscribe();
             let progress = show_transfers(&out, &mut events);
-            for message in client.resume_uploads().await? {
-                out.message(&message);
-            }
             let id = conversation(&client, target)?;
             let message = client.send_file(&id, path, caption.as_deref()).await?;
             progress.abort();
@@ -783,14 +793,66 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 || format!("saved {size} bytes to {}", path.display()),
             );
         }
+        Command::Uploads { action } => {
+            let client = open(&cli)?;
+            match action {
+                UploadsAction::List => {
+                    let names = client.pending_uploads()?;
+                    out.value(json!({ "uploads": names }), || {
+                        if names.is_empty() {
+                            "no interrupted uploads".into()
+                        } else {
+                            names
+                                .iter()
+                                .map(|n| printable(n).into_owned())
+                                .collect::<Vec<_>>()
+                                .join("\n")
+                        }
+                    });
+                }
+                UploadsAction::Cancel => {
+                    let cancelled = client.cancel_uploads()?;
+                    out.value(json!({ "cancelled": cancelled }), || {
+                        format!("{cancelled} upload(s) given up")
+                    });
+                }
+                UploadsAction::Resume => {
+                    client.connect().await?;
+                    client.sync().await?;
+                    let mut events = client.subscribe();
+                    let progress = show_transfers(&out, &mut events);
+                    let mut failed = 0;
+                    for (name, outcome) in client.resume_uploads().await? {
+                        match outcome {
+                            Ok(message) => out.message(&message),
+                            Err(error) => {
+                                failed += 1;
+                                eprintln!("{}: {error}", printable(&name));
+                            }
+                        }
+                    }
+                    progress.abort();
+                    if failed > 0 {
+                        bail!("{failed} upload(s) could not be finished");
+                    }
+                }
+            }
+        }
         Command::Recv => {
             let client = open(&cli)?;
             let mut events = client.subscribe();
             client.connect().await?;
             client.sync().await?;
-            client.fetch_attachments().await?;
             let mut shown = Vec::new();
-            while let Ok(event) = events.try_recv() {
+            loop {
+                let event = match events.try_recv() {
+                    Ok(event) => event,
+                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
+                        eprintln!("({n} events skipped: output too slow)");
+                        continue;
+                    }
+                    Err(_) => break,
+                };
                 if let Event::MessageReceived { message } = &event
                     && message.direction == Direction::In
                 {
@@ -799,6 +861,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.event(&event);
             }
             client.mark_read(&shown).await?;
+            // Files after the messages: one that cannot be fetched now is
+            // said, and left for the next time.
+            let progress = show_transfers(&out, &mut events);
+            if let Err(error) = client.fetch_attachments().await {
+                eprintln!("files not fetched: {error}");
+            }
+            progress.abort();
         }
         Command::Listen => {
             let client = open(&cli)?;

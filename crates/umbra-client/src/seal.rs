@@ -10,9 +10,8 @@
 //!
 //! Padding: the file is followed by zeros up to its bucket, at least 64 KiB
 //! (so short voice notes and small images all look alike) and above that
-//! the Padmé bucket (Nikitin et al., "Reducing Metadata Leakage from
-//! Encrypted Files and Communication with PURBs"): at most 12 % larger,
-//! leaking O(log log size) bits of the size instead of O(log size).
+//! the Padmé bucket ([`padded_len`], part of the protocol since the server
+//! bounds blobs by it).
 
 use chacha20poly1305::aead::stream::{NewStream, StreamBE32, StreamPrimitive};
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
@@ -21,13 +20,9 @@ use zeroize::Zeroizing;
 
 use crate::error::{ClientError, Result};
 
-/// Plaintext bytes per segment.
-pub const SEGMENT: usize = 64 * 1024;
-/// Bytes a segment takes sealed (its Poly1305 tag added).
-pub const SEALED_SEGMENT: usize = SEGMENT + TAG;
-const TAG: usize = 16;
-/// The smallest bucket.
-pub const MIN_PADDED: u64 = SEGMENT as u64;
+pub use umbra_proto::blobs::{
+    MIN_PADDED, SEALED_SEGMENT, SEGMENT, TAG, padded_len, sealed_len, segments,
+};
 
 /// A file's key: 32 random bytes, fresh for each file. Its `Debug` shows
 /// nothing of it.
@@ -61,30 +56,6 @@ impl FileKey {
         let aead = ChaCha20Poly1305::new(self.0.as_ref().into());
         StreamBE32::from_aead(aead, &Default::default())
     }
-}
-
-/// The bucket a file of `size` bytes is padded to.
-pub fn padded_len(size: u64) -> u64 {
-    if size <= MIN_PADDED {
-        return MIN_PADDED;
-    }
-    // Padmé: keep the top bits of the size that say its order of
-    // magnitude's order of magnitude, round the rest up.
-    let e = 63 - u64::from(size.leading_zeros()); // floor(log2 size)
-    let s = 64 - u64::from(e.leading_zeros()); // floor(log2 e) + 1
-    let mask = (1u64 << (e - s)) - 1;
-    size.saturating_add(mask) & !mask
-}
-
-/// How many segments a padded plaintext of `padded` bytes takes.
-pub fn segments(padded: u64) -> u64 {
-    padded.div_ceil(SEGMENT as u64).max(1)
-}
-
-/// The blob's size for a file of `size` bytes: what the server sees.
-pub fn sealed_len(size: u64) -> u64 {
-    let padded = padded_len(size);
-    padded + segments(padded) * TAG as u64
 }
 
 /// Seals segment `index` (`plaintext` is at most [`SEGMENT`] bytes).
@@ -164,15 +135,22 @@ impl Checker {
         }
     }
 
-    pub fn update(&mut self, bytes: &[u8]) -> Result<()> {
+    /// Takes the next bytes of the blob; refused as soon as a whole
+    /// segment does not open, or more arrives than the blob holds.
+    pub fn update(&mut self, mut bytes: &[u8]) -> Result<()> {
         self.digest.update(bytes);
-        self.pending.extend_from_slice(bytes);
-        // The last segment may be short: it is opened by `finish`.
-        while self.pending.len() >= SEALED_SEGMENT && self.next + 1 < self.count {
-            let rest = self.pending.split_off(SEALED_SEGMENT);
-            open_segment(&self.key, self.next, false, &self.pending)?;
-            self.pending = rest;
-            self.next += 1;
+        while !bytes.is_empty() {
+            let take = (SEALED_SEGMENT - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            // The last segment may be short: `finish` opens it.
+            if self.pending.len() == SEALED_SEGMENT && self.next + 1 < self.count {
+                open_segment(&self.key, self.next, false, &self.pending)?;
+                self.pending.clear();
+                self.next += 1;
+            } else if !bytes.is_empty() {
+                return Err(corrupt());
+            }
         }
         Ok(())
     }
@@ -243,25 +221,6 @@ mod tests {
     }
 
     #[test]
-    fn buckets_hide_small_differences_and_cost_little() {
-        assert_eq!(padded_len(0), MIN_PADDED);
-        assert_eq!(
-            padded_len(9_000),
-            padded_len(12_000),
-            "a 3 s and a 4 s voice note"
-        );
-        for size in [65_537u64, 1 << 20, 3_000_001, 20 << 20, 100 << 20] {
-            let padded = padded_len(size);
-            assert!(
-                padded >= size && padded - size <= size / 8,
-                "{size} -> {padded}"
-            );
-        }
-        // Sizes near each other share a bucket.
-        assert_eq!(padded_len(20_000_000), padded_len(20_100_000));
-    }
-
-    #[test]
     fn files_round_trip_in_any_size() {
         let key = FileKey::random().unwrap();
         for size in [
@@ -296,6 +255,17 @@ mod tests {
             checker.update(blob).and_then(|()| checker.finish(&digest))
         };
         assert!(check(&blob).is_ok());
+        let mut wrong = digest;
+        wrong[0] ^= 1;
+        let mut checker = Checker::new(key.clone(), data.len() as u64);
+        checker.update(&blob).unwrap();
+        assert!(
+            checker.finish(&wrong).is_err(),
+            "a digest its sender did not state"
+        );
+        let mut longer = blob.clone();
+        longer.push(0);
+        assert!(check(&longer).is_err(), "more than the blob holds");
         let mut flipped = blob.clone();
         flipped[SEALED_SEGMENT + 3] ^= 1;
         assert!(check(&flipped).is_err(), "altered");

@@ -255,8 +255,20 @@ fn device_files(home: &Path) -> Vec<PathBuf> {
     ]
     .iter()
     .map(|name| home.join(name))
+    // Attachments' sealed files (their keys are in the store, but their
+    // names, sizes and times would still say what the device held).
+    .chain(
+        std::fs::read_dir(home.join(FILES_DIR))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path()),
+    )
     .collect()
 }
+
+/// Where attachments' sealed files are kept, under the device directory.
+pub(crate) const FILES_DIR: &str = "files";
 
 /// Destroys the device in `home`: each file is overwritten with random
 /// bytes, flushed and removed, the key-derivation file first (without its
@@ -273,6 +285,12 @@ pub(crate) fn shred(home: &Path) -> Result<()> {
                 path.display()
             )));
         }
+    }
+    match std::fs::remove_dir(home.join(FILES_DIR)) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound && first_error.is_none() => {
+            first_error = Some(ClientError::Store(format!("wiping files: {error}")));
+        }
+        _ => {}
     }
     first_error.map_or(Ok(()), Err)
 }

@@ -216,6 +216,9 @@ pub enum AttachmentState {
     Fetched,
     /// The server no longer has it and this device never fetched it.
     Gone,
+    /// What the server gave did not open under its key or match its
+    /// digest; fetched again only when asked.
+    Invalid,
 }
 
 impl AttachmentState {
@@ -225,6 +228,7 @@ impl AttachmentState {
             AttachmentState::Available => "available",
             AttachmentState::Fetched => "fetched",
             AttachmentState::Gone => "gone",
+            AttachmentState::Invalid => "invalid",
         }
     }
 
@@ -233,6 +237,7 @@ impl AttachmentState {
             "sent" => AttachmentState::Sent,
             "fetched" => AttachmentState::Fetched,
             "available" => AttachmentState::Available,
+            "invalid" => AttachmentState::Invalid,
             _ => AttachmentState::Gone,
         }
     }

@@ -203,3 +203,142 @@ async fn a_photo_to_a_group_of_five_stays_until_the_last_member_fetched_it() {
         assert_eq!(blob_files(&server), expected, "after {} fetched", n + 1);
     }
 }
+
+/// The first transfer event on `device`'s stream: (upload, done).
+async fn first_transfer(events: &mut tokio::sync::broadcast::Receiver<Event>) -> (bool, u64) {
+    loop {
+        match events.recv().await {
+            Ok(Event::Transfer { upload, done, .. }) => return (upload, done),
+            Ok(_) => continue,
+            Err(error) => panic!("{error}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_upload_and_a_download_cut_off_in_the_middle_resume_where_they_stopped() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    let outside = tempfile::tempdir().unwrap();
+    let data = file_bytes(3 * 1024 * 1024, 3);
+    let path = outside.path().join("report.pdf");
+    std::fs::write(&path, &data).unwrap();
+
+    // The send stops (the app was closed) after its first chunk.
+    let mut events = alice.client.subscribe();
+    tokio::select! {
+        biased;
+        (upload, done) = first_transfer(&mut events) => assert!(upload && done > 0),
+        sent = alice.client.send_file(&conversation, &path, None) => {
+            panic!("the upload finished before it could be cut off: {sent:?}")
+        }
+    }
+    assert_eq!(
+        alice.client.pending_uploads().unwrap(),
+        vec!["report.pdf".to_owned()]
+    );
+    // Resumed: from where the server's copy ends, not from the start.
+    let mut events = alice.client.subscribe();
+    let resumed = alice.client.resume_uploads().await.unwrap();
+    assert_eq!(resumed.len(), 1);
+    let sent = resumed.into_iter().next().unwrap().1.unwrap();
+    assert_eq!(sent.attachment.unwrap().size, data.len() as u64);
+    let (_, first_done) = first_transfer(&mut events).await;
+    assert!(
+        first_done > 4 * 65_552,
+        "it started again from 0: {first_done}"
+    );
+    assert!(alice.client.pending_uploads().unwrap().is_empty());
+
+    // The fetch stops after its first chunk, and goes on from there.
+    let received = next_file(&mut bob).await;
+    let mut events = bob.client.subscribe();
+    tokio::select! {
+        biased;
+        (upload, done) = first_transfer(&mut events) => assert!(!upload && done > 0),
+        fetched = bob.client.fetch_attachment(received.id) => {
+            panic!("the fetch finished before it could be cut off: {fetched:?}")
+        }
+    }
+    let mut events = bob.client.subscribe();
+    bob.client.fetch_attachment(received.id).await.unwrap();
+    let (_, first_done) = first_transfer(&mut events).await;
+    assert!(
+        first_done > 4 * 65_552,
+        "it started again from 0: {first_done}"
+    );
+    let saved = outside.path().join("saved.pdf");
+    bob.client
+        .save_attachment(received.id, &saved)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&saved).unwrap(), data);
+    assert_eq!(blob_files(&server), 0);
+}
+
+#[tokio::test]
+async fn a_blob_altered_at_the_server_is_refused_and_not_fetched_again() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    let outside = tempfile::tempdir().unwrap();
+    let data = file_bytes(200_000, 4);
+    let path = outside.path().join("a.bin");
+    std::fs::write(&path, &data).unwrap();
+    alice
+        .client
+        .send_file(&conversation, &path, None)
+        .await
+        .unwrap();
+    // Whoever holds the server's disk flips one bit of the blob.
+    let (blob_path, mut blob) = files_under(&server.data.join("blobs")).remove(0);
+    blob[100_000] ^= 1;
+    std::fs::write(&blob_path, &blob).unwrap();
+
+    let received = next_file(&mut bob).await;
+    let refused = bob.client.fetch_attachment(received.id).await.unwrap_err();
+    assert!(refused.to_string().contains("altered"), "{refused}");
+    let history = bob.client.history(&received.conversation, 10).unwrap();
+    let file = history.iter().find(|m| m.id == received.id).unwrap();
+    assert_eq!(
+        file.attachment.as_ref().unwrap().state,
+        AttachmentState::Invalid
+    );
+    // Not fetched again behind the person's back; nothing of it kept.
+    assert_eq!(bob.client.fetch_attachments().await.unwrap(), 0);
+    assert!(files_under(&bob.home.path().join("files")).is_empty());
+    let saved = outside.path().join("never.bin");
+    assert!(
+        bob.client
+            .save_attachment(received.id, &saved)
+            .await
+            .is_err()
+    );
+    assert!(!saved.exists());
+}
+
+#[tokio::test]
+async fn a_wipe_leaves_no_file_behind() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    let outside = tempfile::tempdir().unwrap();
+    let path = outside.path().join("secret.txt");
+    std::fs::write(&path, file_bytes(70_000, 5)).unwrap();
+    alice
+        .client
+        .send_file(&conversation, &path, None)
+        .await
+        .unwrap();
+    assert_eq!(files_under(&alice.home.path().join("files")).len(), 1);
+    alice.client.wipe_self().await.unwrap();
+    let left: Vec<_> = std::fs::read_dir(alice.home.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

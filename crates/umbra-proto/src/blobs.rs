@@ -20,6 +20,44 @@ pub const MAX_BLOB_CHUNK: usize = 768 * 1024;
 /// recipient offline for a few hours still gets the file.
 pub const MIN_BLOB_TTL_SECS: u64 = 24 * 3600;
 
+/// Plaintext bytes per sealed segment of a file (`docs/protocol.md`,
+/// "Attachments").
+pub const SEGMENT: usize = 64 * 1024;
+/// The authentication tag each sealed segment carries.
+pub const TAG: usize = 16;
+/// Bytes a whole segment takes sealed.
+pub const SEALED_SEGMENT: usize = SEGMENT + TAG;
+/// The smallest bucket a file is padded to.
+pub const MIN_PADDED: u64 = SEGMENT as u64;
+
+/// The bucket a file of `size` bytes is padded to: at least
+/// [`MIN_PADDED`], above it the Padmé bucket (Nikitin et al., "Reducing
+/// Metadata Leakage from Encrypted Files and Communication with PURBs"),
+/// at most 1/32 larger, leaking O(log log size) bits of the size.
+pub fn padded_len(size: u64) -> u64 {
+    if size <= MIN_PADDED {
+        return MIN_PADDED;
+    }
+    // Keep the top bits of the size that say its order of magnitude's
+    // order of magnitude; round the rest up.
+    let e = 63 - u64::from(size.leading_zeros()); // floor(log2 size)
+    let s = 64 - u64::from(e.leading_zeros()); // floor(log2 e) + 1
+    let mask = (1u64 << (e - s)) - 1;
+    size.saturating_add(mask) & !mask
+}
+
+/// How many segments a padded plaintext of `padded` bytes takes (at
+/// least one).
+pub fn segments(padded: u64) -> u64 {
+    padded.div_ceil(SEGMENT as u64).max(1)
+}
+
+/// The blob's size for a file of `size` bytes: what the server sees.
+pub fn sealed_len(size: u64) -> u64 {
+    let padded = padded_len(size);
+    padded + segments(padded) * TAG as u64
+}
+
 /// A blob's random ID, drawn by the server. Knowing it is not enough to
 /// read the blob: only the uploader and the conversation's members may.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -61,5 +99,35 @@ mod tests {
         assert!(BlobId::from_slice(&[1; 15]).is_err());
         assert!(BlobId::from_hex("zz").is_err());
         assert_eq!(format!("{id:?}"), "BlobId(abab…)");
+    }
+
+    #[test]
+    fn buckets_hide_small_differences_and_cost_little() {
+        assert_eq!(padded_len(0), MIN_PADDED);
+        assert_eq!(
+            padded_len(9_000),
+            padded_len(12_000),
+            "a 3 s and a 4 s voice note"
+        );
+        for size in [
+            65_537u64,
+            1 << 20,
+            3_000_001,
+            20 << 20,
+            100 << 20,
+            (1 << 40) + 1,
+        ] {
+            let padded = padded_len(size);
+            assert!(
+                padded >= size && padded - size <= size / 32,
+                "{size} -> {padded}"
+            );
+        }
+        assert_eq!(padded_len(20_000_000), padded_len(20_100_000));
+        assert_eq!(
+            sealed_len(100_000),
+            100_352 + 2 * 16,
+            "protocol.md's example"
+        );
     }
 }

@@ -25,6 +25,9 @@ pub const MAX_CAPTION_BYTES: usize = 4096;
 pub const MAX_THUMBNAIL_BYTES: usize = 64 * 1024;
 /// Most waveform levels a voice note carries.
 pub const MAX_WAVEFORM_LEVELS: usize = 256;
+/// Largest file size an attachment may state (1 TiB: far above any
+/// server's limit, and within every store's integers).
+pub const MAX_ATTACHMENT_SIZE: u64 = 1 << 40;
 
 /// A file sent in a conversation: its blob at the server, the key that
 /// opens it and what describes it. Its `Debug` leaves out the key.
@@ -89,6 +92,9 @@ impl Attachment {
         bounded("caption", raw.caption.len(), MAX_CAPTION_BYTES)?;
         bounded("thumbnail", raw.thumbnail.len(), MAX_THUMBNAIL_BYTES)?;
         bounded("waveform", raw.waveform.len(), MAX_WAVEFORM_LEVELS)?;
+        if raw.size > MAX_ATTACHMENT_SIZE {
+            return Err(DecodeError::invalid("size", "at most 1 TiB"));
+        }
         Ok(Attachment {
             blob_id: BlobId::from_slice(&raw.blob_id)?,
             key: <[u8; 32]>::try_from(raw.key.as_slice())
@@ -264,6 +270,16 @@ mod tests {
             ..content.clone()
         };
         assert!(Content::decode(&long.encode()).is_err());
+        // A size no file has (a device would fail to record it, and retry
+        // the delivery for ever).
+        let huge = Content {
+            body: Body::Attachment(Box::new(Attachment {
+                size: MAX_ATTACHMENT_SIZE + 1,
+                ..attachment.clone()
+            })),
+            ..content.clone()
+        };
+        assert!(Content::decode(&huge.encode()).is_err());
         let mut raw = attachment.to_wire();
         raw.key.pop();
         let broken = wire::Content {

@@ -642,6 +642,8 @@ pub enum ErrorCode {
     BlobOffset = 42,
     /// Larger than the server's largest file.
     BlobTooLarge = 43,
+    /// `GetBlob` of a blob whose upload has not ended.
+    BlobIncomplete = 44,
 }
 
 /// Signed token inputs, in the order asked, under the key named.

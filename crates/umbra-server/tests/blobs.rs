@@ -81,8 +81,8 @@ fn get(blob_id: BlobId, offset: u64, length: u32) -> Request {
 async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_completes() {
     let server = Server::start_with(|config| {
         config.max_file_bytes = 2 * MIB;
-        config.blob_bytes_in_flight_per_line = 3 * MIB;
-        config.blob_bytes_per_line = 4 * MIB;
+        config.blob_bytes_in_flight_per_line = 4 * MIB;
+        config.blob_bytes_per_line = 8 * MIB;
     })
     .await;
     let alice_key = DeviceSigner::from_secret(&[1; 32]);
@@ -94,15 +94,19 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
     let carol_id = carol.registered(&server, &carol_key).await;
 
     // Creation: size bounds, membership, the group must exist.
+    // The limit is a file's: its blob, padded and sealed, is larger.
+    let largest = umbra_proto::blobs::sealed_len(2 * MIB);
+    assert!(largest > 2 * MIB);
     let refused = alice
         .call(Request::CreateBlob {
             group_id: group.clone(),
-            size: 2 * MIB + 1,
+            size: largest + 1,
             ttl_seconds: 0,
         })
         .await
         .unwrap_err();
     assert_eq!(refused.code, ErrorCode::BlobTooLarge, "{}", refused.message);
+    assert!(create(&mut alice, &group, largest).await.is_ok());
     assert_eq!(
         create(&mut alice, &group, 0).await.unwrap_err().code,
         ErrorCode::InvalidRequest
@@ -156,7 +160,7 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
         )
         .await;
     alice
-        .expect_error(get(blob, 0, 10), ErrorCode::InvalidRequest)
+        .expect_error(get(blob, 0, 10), ErrorCode::BlobIncomplete)
         .await;
 
     // The connection drops half way; a new one finds where the server's
@@ -218,7 +222,14 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
         "{}",
         refusal.message
     );
-    assert_eq!(created, 2, "4 MiB a line: 1.1 stored already, 2 more fit");
+    // 4 MiB unfinished at most: 2.0 are (the largest blob above), 1 more
+    // fits; the 8 MiB a line may store are not reached.
+    assert!(
+        refusal.message.contains("unfinished"),
+        "{}",
+        refusal.message
+    );
+    assert_eq!(created, 1);
     alice.alive().await;
     let carols = solo_group(&mut carol, &carol_key, &carol_id).await;
     assert!(create(&mut carol, &carols, MIB).await.is_ok());

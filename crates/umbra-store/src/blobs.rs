@@ -9,8 +9,9 @@ use umbra_proto::{BlobId, DeviceAddr, GroupId};
 
 use crate::{Result, Timestamp};
 
-/// A blob about to be created. Its recipients are not declared: the store
-/// takes them from the group's members (every member device but `owner`).
+/// A blob about to be created. Its recipients are not declared: when its
+/// upload ends, the store takes them from the group's members (every
+/// current member device but `owner`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewBlob {
     pub id: BlobId,
@@ -20,6 +21,8 @@ pub struct NewBlob {
     /// Its exact size in bytes, at least 1.
     pub size: u64,
     pub now: Timestamp,
+    /// When it expires if its upload ended at once: its lifetime
+    /// (`expires_at - now`) counts from the end of its upload.
     pub expires_at: Timestamp,
 }
 
@@ -102,7 +105,7 @@ pub trait Blobs: Send + Sync {
     /// Creates an empty blob, if its owner device is a member of the group
     /// and the owner's line stays within `quota`, checked and recorded in
     /// one step (two uploads racing cannot both pass a quota only one
-    /// fits). Its recipients are the group's other member devices now.
+    /// fits).
     async fn create_blob(&self, blob: NewBlob, quota: BlobQuota) -> Result<BlobCreation>;
 
     /// The blob, if it lives and `owner` uploads it.
@@ -115,7 +118,9 @@ pub trait Blobs: Send + Sync {
 
     /// Appends `data` at `offset`, which must be where the stored bytes
     /// end; durable when it returns `Stored`. Two writes to one blob at
-    /// once: one of them is refused (`Offset`), never interleaved.
+    /// once: one of them is refused (`Offset`), never interleaved. The
+    /// write that completes it starts its lifetime and makes the group's
+    /// other current member devices its recipients.
     async fn put_blob(
         &self,
         id: &BlobId,
@@ -140,7 +145,9 @@ pub trait Blobs: Send + Sync {
     /// deleted once no recipient is. Returns whether this deleted it.
     async fn blob_fetched(&self, id: &BlobId, device: &DeviceAddr) -> Result<bool>;
 
-    /// Deletes every blob expired at `now` and every incomplete one last
-    /// written (or created) before `idle_before`. Returns how many.
+    /// Deletes every blob expired at `now`, every incomplete one last
+    /// written (or created) before `idle_before`, and every complete one
+    /// no device is waiting for any more (recipients that left the group
+    /// or are no longer current devices are not). Returns how many.
     async fn expire_blobs(&self, now: Timestamp, idle_before: Timestamp) -> Result<u64>;
 }

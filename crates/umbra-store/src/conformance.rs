@@ -53,6 +53,7 @@ where
     tokens(&make().await).await;
     mailbox_depth(&make().await).await;
     blobs::blobs(&make().await).await;
+    blobs::blobs_wait_only_for_who_can_fetch(&make().await).await;
 }
 
 /// What the operator's metrics read: every copy waiting, in the ack window

@@ -24,10 +24,16 @@ use crate::types::{
 
 use super::{Client, transit_ttl};
 
-/// Bytes per upload or download request: whole sealed segments, within a
-/// frame.
-const CHUNK: usize = (MAX_BLOB_CHUNK / SEALED_SEGMENT) * SEALED_SEGMENT;
+/// Bytes per upload or download request: four whole sealed segments
+/// (256 KiB), so a request finishes within the link's 30 s on a link of
+/// 9 KB/s, and a cut-off download loses little.
+const CHUNK: usize = 4 * SEALED_SEGMENT;
 const _: () = assert!(CHUNK <= MAX_BLOB_CHUNK && CHUNK.is_multiple_of(SEALED_SEGMENT));
+
+/// How many times in a row an upload goes back to the server's offset
+/// without getting further before it gives up (a server that keeps
+/// answering "start again" would otherwise keep the device uploading).
+const MAX_OFFSET_RESETS: u32 = 8;
 
 /// Records `attachment` as message `message_id`'s file.
 pub(super) fn record_attachment(
@@ -121,7 +127,15 @@ struct Stored {
 struct Upload {
     blob_id: BlobId,
     group_id: Vec<u8>,
+    uid: [u8; 16],
     attachment: Attachment,
+}
+
+/// Why a fetch stopped: a failure to try again later, or a file that did
+/// not check out (wrong size, segment or digest).
+enum Fetch {
+    Failed(ClientError),
+    Refused(ClientError),
 }
 
 fn io(error: std::io::Error) -> ClientError {
@@ -178,8 +192,25 @@ impl Client {
         let timer = self.conversation(conversation)?.disappear_after;
         let mut file = std::fs::File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
-        // Sealed into a file of its own first: what is uploaded, and this
-        // device's own copy afterwards.
+        if size > umbra_proto::content::MAX_ATTACHMENT_SIZE {
+            return Err(ClientError::Invalid("the file is too large".into()));
+        }
+        // The blob's size follows from the file's: the server says now
+        // whether it takes it, before anything is sealed.
+        let blob_id = match self
+            .request(Request::CreateBlob {
+                group_id: GroupId::new(group_id.clone())?,
+                size: seal::sealed_len(size),
+                ttl_seconds: transit_ttl(timer),
+            })
+            .await?
+        {
+            Reply::BlobCreated { blob_id, .. } => blob_id,
+            _ => return Err(unexpected("CreateBlob")),
+        };
+        // Sealed into a draft first; it becomes `files/<blob>` (what is
+        // uploaded, and this device's own copy) once the upload is
+        // recorded, so the sweep never finds it without its record.
         let key = FileKey::random()?;
         let mut draft = [0u8; 8];
         getrandom::getrandom(&mut draft).map_err(|e| ClientError::Store(e.to_string()))?;
@@ -206,35 +237,19 @@ impl Client {
         })
         .await
         .map_err(|e| ClientError::Store(e.to_string()))?;
-        let (digest, blob_size) = match sealed {
-            Ok(sealed) => sealed,
+        let digest = match sealed {
+            Ok((digest, _)) => digest,
             Err(error) => {
                 let _ = std::fs::remove_file(&draft);
                 return Err(error);
             }
         };
-        let created = self
-            .request(Request::CreateBlob {
-                group_id: GroupId::new(group_id.clone())?,
-                size: blob_size,
-                ttl_seconds: transit_ttl(timer),
-            })
-            .await;
-        let blob_id = match created {
-            Ok(Reply::BlobCreated { blob_id, .. }) => blob_id,
-            Ok(_) => {
-                let _ = std::fs::remove_file(&draft);
-                return Err(unexpected("CreateBlob"));
-            }
-            Err(error) => {
-                let _ = std::fs::remove_file(&draft);
-                return Err(error);
-            }
-        };
-        std::fs::rename(&draft, self.sealed_path(&blob_id)?).map_err(io)?;
+        let mut uid = [0u8; 16];
+        getrandom::getrandom(&mut uid).map_err(|e| ClientError::Store(e.to_string()))?;
         let upload = Upload {
             blob_id,
             group_id,
+            uid,
             attachment: Attachment {
                 blob_id,
                 key: *key.as_bytes(),
@@ -249,10 +264,12 @@ impl Client {
             },
         };
         self.db().execute(
-            "INSERT INTO uploads (blob_id, group_id, file_key, digest, size, mime_type, name, caption)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO uploads (blob_id, uid, group_id, file_key, digest, size, mime_type, name,
+                                  caption)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 &blob_id.0[..],
+                &uid[..],
                 upload.group_id,
                 &upload.attachment.key[..],
                 &digest[..],
@@ -262,6 +279,7 @@ impl Client {
                 upload.attachment.caption
             ],
         )?;
+        std::fs::rename(&draft, self.sealed_path(&blob_id)?).map_err(io)?;
         self.finish_upload(upload, 0).await
     }
 
@@ -272,6 +290,7 @@ impl Client {
         let mut file = std::fs::File::open(&path).map_err(io)?;
         let total = file.metadata().map_err(io)?.len();
         let mut chunk = vec![0u8; CHUNK];
+        let mut resets = 0;
         while offset < total {
             let length = usize::try_from((total - offset).min(CHUNK as u64)).unwrap_or(CHUNK);
             file.seek(SeekFrom::Start(offset)).map_err(io)?;
@@ -283,16 +302,28 @@ impl Client {
                     data: chunk[..length].to_vec(),
                 })
                 .await;
-            offset = match put {
-                Ok(Reply::BlobState { stored, .. }) => stored,
+            let next = match put {
+                Ok(Reply::BlobState { stored, .. }) if stored == offset + length as u64 => stored,
                 Ok(_) => return Err(unexpected("PutBlob")),
                 // Another attempt got further (or less far) than this one
                 // thought: go on from where the server is.
                 Err(error) if error.server_code() == Some(ErrorCode::BlobOffset) => {
-                    self.stored_at_server(&upload.blob_id).await?
+                    self.stored_at_server(&upload.blob_id).await?.min(total)
                 }
                 Err(error) => return Err(error),
             };
+            if next <= offset {
+                resets += 1;
+                if resets > MAX_OFFSET_RESETS {
+                    return Err(ClientError::Invalid(
+                        "the server keeps refusing this upload's next bytes; try again later"
+                            .into(),
+                    ));
+                }
+            } else {
+                resets = 0;
+            }
+            offset = next;
             self.emit(Event::Transfer {
                 message_id: None,
                 name: upload.attachment.name.clone(),
@@ -301,9 +332,20 @@ impl Client {
                 total,
             });
         }
+        // A send made before (its answer lost) is replaced, under the
+        // same ID: recipients that got it keep one copy.
+        self.db().execute(
+            "DELETE FROM messages WHERE uid = ?1 AND direction = 'out' AND state = 'failed'",
+            [&upload.uid[..]],
+        )?;
         let conversation = ConversationId::from_group(&upload.group_id);
         let id = self
-            .send_content(&conversation, Body::Attachment(Box::new(upload.attachment)))
+            .send_content_as(
+                &conversation,
+                Body::Attachment(Box::new(upload.attachment)),
+                true,
+                upload.uid,
+            )
             .await?;
         self.db().execute(
             "DELETE FROM uploads WHERE blob_id = ?1",
@@ -323,16 +365,33 @@ impl Client {
         }
     }
 
-    /// Finishes the uploads a dropped connection interrupted, from where
-    /// the server's copy ends, and sends their messages. An upload the
-    /// server no longer has (it stayed idle too long) is given up: its
-    /// sealed copy is deleted. Returns the messages sent.
-    pub async fn resume_uploads(&self) -> Result<Vec<Message>> {
+    /// The uploads a dropped connection interrupted, by file name.
+    pub fn pending_uploads(&self) -> Result<Vec<String>> {
+        let db = self.db();
+        let mut statement = db.prepare("SELECT name FROM uploads ORDER BY rowid")?;
+        let rows = statement.query_map([], |row| row.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Gives up every interrupted upload: its record and sealed copy go
+    /// (the server deletes its part once it stays idle).
+    pub fn cancel_uploads(&self) -> Result<usize> {
+        let cancelled = self.db().execute("DELETE FROM uploads", [])?;
+        self.sweep_files()?;
+        Ok(cancelled)
+    }
+
+    /// Finishes the uploads a dropped connection interrupted, each from
+    /// where the server's copy ends, and sends their messages. Each is
+    /// reported on its own: one that failed does not stop the others. One
+    /// that can never go (the server no longer has it, or this device
+    /// cannot send to its conversation any more) is given up.
+    pub async fn resume_uploads(&self) -> Result<Vec<(String, Result<Message>)>> {
         let uploads: Vec<Upload> = {
             let db = self.db();
             let mut statement = db.prepare(
-                "SELECT blob_id, group_id, file_key, digest, size, mime_type, name, caption
-                 FROM uploads",
+                "SELECT blob_id, uid, group_id, file_key, digest, size, mime_type, name, caption
+                 FROM uploads ORDER BY rowid",
             )?;
             let rows = statement.query_map([], |row| {
                 Ok((
@@ -340,20 +399,22 @@ impl Client {
                     row.get::<_, Vec<u8>>(1)?,
                     row.get::<_, Vec<u8>>(2)?,
                     row.get::<_, Vec<u8>>(3)?,
-                    row.get::<_, u64>(4)?,
-                    row.get::<_, String>(5)?,
+                    row.get::<_, Vec<u8>>(4)?,
+                    row.get::<_, u64>(5)?,
                     row.get::<_, String>(6)?,
                     row.get::<_, String>(7)?,
+                    row.get::<_, String>(8)?,
                 ))
             })?;
             let mut uploads = Vec::new();
             for row in rows {
-                let (blob, group_id, key, digest, size, mime_type, name, caption) = row?;
+                let (blob, uid, group_id, key, digest, size, mime_type, name, caption) = row?;
                 let blob_id = BlobId::from_slice(&blob)?;
                 let corrupt = |_| ClientError::Store("an upload's row".into());
                 uploads.push(Upload {
                     blob_id,
                     group_id,
+                    uid: uid.try_into().map_err(corrupt)?,
                     attachment: Attachment {
                         blob_id,
                         key: key.try_into().map_err(corrupt)?,
@@ -370,21 +431,30 @@ impl Client {
             }
             uploads
         };
-        let mut sent = Vec::new();
+        let mut outcomes = Vec::new();
         for upload in uploads {
-            match self.stored_at_server(&upload.blob_id).await {
-                Ok(stored) => sent.push(self.finish_upload(upload, stored).await?),
-                Err(error) if error.server_code() == Some(ErrorCode::UnknownBlob) => {
-                    self.db().execute(
-                        "DELETE FROM uploads WHERE blob_id = ?1",
-                        [&upload.blob_id.0[..]],
-                    )?;
-                    self.sweep_files()?;
-                }
-                Err(error) => return Err(error),
+            let (blob_id, name) = (upload.blob_id, upload.attachment.name.clone());
+            let outcome = match self.stored_at_server(&blob_id).await {
+                Ok(stored) => self.finish_upload(upload, stored).await,
+                Err(error) => Err(error),
+            };
+            let hopeless = outcome.as_ref().is_err_and(|error| {
+                matches!(
+                    error.server_code(),
+                    Some(ErrorCode::UnknownBlob | ErrorCode::NotAMember | ErrorCode::UnknownGroup)
+                ) || matches!(
+                    error,
+                    ClientError::NotAMember | ClientError::UnknownConversation(_)
+                )
+            });
+            if hopeless {
+                self.db()
+                    .execute("DELETE FROM uploads WHERE blob_id = ?1", [&blob_id.0[..]])?;
+                self.sweep_files()?;
             }
+            outcomes.push((name, outcome));
         }
-        Ok(sent)
+        Ok(outcomes)
     }
 
     fn stored_attachment(&self, message_id: i64) -> Result<Stored> {
@@ -423,7 +493,8 @@ impl Client {
     /// fetch that was cut off), checks every segment as it arrives and
     /// the whole against the digest its sender signed into the message,
     /// keeps it sealed on this device and tells the server this device
-    /// has it. Nothing to do if it is here already.
+    /// has it. Nothing to do if it is here already. A file that does not
+    /// check out is marked `Invalid` (not fetched again unless asked).
     pub async fn fetch_attachment(&self, message_id: i64) -> Result<AttachmentState> {
         let stored = self.stored_attachment(message_id)?;
         if stored.state.is_here() {
@@ -434,80 +505,22 @@ impl Client {
                 "the server no longer has this file".into(),
             ));
         }
-        let expected = seal::sealed_len(stored.size);
         let part = self
             .files_dir()?
             .join(format!("{}.part", stored.blob_id.to_hex()));
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&part)
-            .map_err(io)?;
-        // What an earlier attempt fetched is checked again from the start.
-        let mut checker = Checker::new(stored.key.clone(), stored.size);
-        let mut have = Vec::new();
-        file.read_to_end(&mut have).map_err(io)?;
-        let mut offset = (have.len() as u64).min(expected);
-        checker.update(&have[..usize::try_from(offset).unwrap_or(0)])?;
-        drop(have);
-        file.set_len(offset).map_err(io)?;
-        file.seek(SeekFrom::Start(offset)).map_err(io)?;
-        while offset < expected {
-            let length = u32::try_from((expected - offset).min(CHUNK as u64)).unwrap_or(0);
-            let got = self
-                .request(Request::GetBlob {
-                    blob_id: stored.blob_id,
-                    offset,
-                    length,
-                })
-                .await;
-            let data = match got {
-                Ok(Reply::BlobData { data, size }) => {
-                    if size != expected || data.is_empty() || data.len() as u64 > u64::from(length)
-                    {
-                        let _ = std::fs::remove_file(&part);
-                        return Err(ClientError::Invalid(format!(
-                            "the server's copy of this file is {size} bytes, not the {expected} its sender sealed"
-                        )));
-                    }
-                    data
-                }
-                Ok(_) => return Err(unexpected("GetBlob")),
-                Err(error) if error.server_code() == Some(ErrorCode::UnknownBlob) => {
-                    let _ = std::fs::remove_file(&part);
-                    self.db().execute(
-                        "UPDATE attachments SET state = 'gone' WHERE message_id = ?1",
-                        [message_id],
-                    )?;
-                    return Err(ClientError::Invalid(
-                        "the server no longer has this file (it expired, or was never complete)"
-                            .into(),
-                    ));
-                }
-                Err(error) => return Err(error),
-            };
-            if let Err(error) = checker.update(&data) {
+        let fetched = self.fetch_into(message_id, &stored, &part).await;
+        match fetched {
+            Ok(()) => {}
+            Err(Fetch::Failed(error)) => return Err(error),
+            Err(Fetch::Refused(error)) => {
                 let _ = std::fs::remove_file(&part);
+                self.db().execute(
+                    "UPDATE attachments SET state = 'invalid' WHERE message_id = ?1",
+                    [message_id],
+                )?;
                 return Err(error);
             }
-            file.write_all(&data).map_err(io)?;
-            offset += data.len() as u64;
-            self.emit(Event::Transfer {
-                message_id: Some(message_id),
-                name: stored.name.clone(),
-                upload: false,
-                done: offset,
-                total: expected,
-            });
         }
-        if let Err(error) = checker.finish(&stored.digest) {
-            let _ = std::fs::remove_file(&part);
-            return Err(error);
-        }
-        file.sync_all().map_err(io)?;
-        drop(file);
         std::fs::rename(&part, self.sealed_path(&stored.blob_id)?).map_err(io)?;
         self.db().execute(
             "UPDATE attachments SET state = 'fetched' WHERE message_id = ?1",
@@ -526,8 +539,98 @@ impl Client {
         Ok(AttachmentState::Fetched)
     }
 
+    /// Fetches `stored`'s blob into `part`, from where an earlier attempt
+    /// left it, checked as it comes; durable when it returns.
+    async fn fetch_into(&self, message_id: i64, stored: &Stored, part: &Path) -> Result<(), Fetch> {
+        let expected = seal::sealed_len(stored.size);
+        // What an earlier attempt fetched is checked again from the start;
+        // if it does not check out (a crash mid-write), it starts over.
+        let (key, size, path) = (stored.key.clone(), stored.size, part.to_owned());
+        let resumed = tokio::task::spawn_blocking(move || {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)?;
+            let mut checker = Checker::new(key.clone(), size);
+            let mut have = file.metadata()?.len().min(expected);
+            let mut buffer = vec![0u8; SEALED_SEGMENT];
+            let mut read = 0;
+            while read < have {
+                let length = usize::try_from((have - read).min(SEALED_SEGMENT as u64))
+                    .unwrap_or(SEALED_SEGMENT);
+                file.read_exact(&mut buffer[..length])?;
+                if checker.update(&buffer[..length]).is_err() {
+                    checker = Checker::new(key, size);
+                    have = 0;
+                    break;
+                }
+                read += length as u64;
+            }
+            file.set_len(have)?;
+            file.seek(SeekFrom::Start(have))?;
+            Ok::<_, std::io::Error>((file, checker, have))
+        })
+        .await
+        .map_err(|e| Fetch::Failed(ClientError::Store(e.to_string())))?;
+        let (mut file, mut checker, mut offset) = resumed.map_err(|e| Fetch::Failed(io(e)))?;
+        while offset < expected {
+            let length = u32::try_from((expected - offset).min(CHUNK as u64)).unwrap_or(0);
+            let got = self
+                .request(Request::GetBlob {
+                    blob_id: stored.blob_id,
+                    offset,
+                    length,
+                })
+                .await;
+            let data = match got {
+                Ok(Reply::BlobData { data, size }) => {
+                    if size != expected {
+                        return Err(Fetch::Refused(ClientError::Invalid(format!(
+                            "the server's copy of this file is {size} bytes, not the {expected} its sender sealed"
+                        ))));
+                    }
+                    if data.is_empty() || data.len() as u64 > u64::from(length) {
+                        return Err(Fetch::Failed(unexpected("GetBlob")));
+                    }
+                    data
+                }
+                Ok(_) => return Err(Fetch::Failed(unexpected("GetBlob"))),
+                Err(error) if error.server_code() == Some(ErrorCode::UnknownBlob) => {
+                    let _ = std::fs::remove_file(part);
+                    self.db()
+                        .execute(
+                            "UPDATE attachments SET state = 'gone' WHERE message_id = ?1",
+                            [message_id],
+                        )
+                        .map_err(|e| Fetch::Failed(e.into()))?;
+                    return Err(Fetch::Failed(ClientError::Invalid(
+                        "the server no longer has this file (it expired, or its sender's upload was never finished)"
+                            .into(),
+                    )));
+                }
+                Err(error) => return Err(Fetch::Failed(error)),
+            };
+            checker.update(&data).map_err(Fetch::Refused)?;
+            file.write_all(&data).map_err(|e| Fetch::Failed(io(e)))?;
+            offset += data.len() as u64;
+            self.emit(Event::Transfer {
+                message_id: Some(message_id),
+                name: stored.name.clone(),
+                upload: false,
+                done: offset,
+                total: expected,
+            });
+        }
+        checker.finish(&stored.digest).map_err(Fetch::Refused)?;
+        file.sync_all().map_err(|e| Fetch::Failed(io(e)))?;
+        Ok(())
+    }
+
     /// Fetches every file received and not fetched yet; returns how many
-    /// came. One that fails is left for the next time (and reported).
+    /// came. One the server refuses or that does not check out is left
+    /// (and logged); only a lost connection stops the others.
     pub async fn fetch_attachments(&self) -> Result<usize> {
         let waiting: Vec<i64> = {
             let db = self.db();
@@ -540,16 +643,12 @@ impl Client {
         for message_id in waiting {
             match self.fetch_attachment(message_id).await {
                 Ok(_) => fetched += 1,
-                Err(error)
-                    if error.server_code().is_none()
-                        && !matches!(
-                            error,
-                            ClientError::ConnectionLost | ClientError::NotConnected
-                        ) =>
-                {
+                Err(error @ (ClientError::ConnectionLost | ClientError::NotConnected)) => {
+                    return Err(error);
+                }
+                Err(error) => {
                     tracing::warn!(%error, message_id, "a file could not be fetched");
                 }
-                Err(error) => return Err(error),
             }
         }
         Ok(fetched)
@@ -567,9 +666,13 @@ impl Client {
         let destination = destination.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut input = std::io::BufReader::new(std::fs::File::open(&sealed).map_err(io)?);
+            #[cfg(unix)]
+            use std::os::unix::fs::OpenOptionsExt;
+            // Readable by its owner only, as the device's own files are.
             let output = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&destination)
                 .map_err(io)?;
             let mut output = std::io::BufWriter::new(output);

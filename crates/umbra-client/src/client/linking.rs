@@ -53,6 +53,11 @@ const COPIED: &[&str] = &[
     "device_log",
 ];
 
+/// Messages' files: each message's attachment row, named by the message's
+/// ID, group and sender (row IDs differ between devices). The new device
+/// fetches the files from the server while they are there.
+const MESSAGE_FILES: &str = "message_files";
+
 /// The vault's table: copied only when the user chooses
 /// ([`PendingLink::with_vault`]).
 const VAULT: &str = "vault";
@@ -421,6 +426,7 @@ impl Client {
             };
             tables.push(copy_table(&db, name, filter, self.now())?);
         }
+        tables.push(copy_message_files(&db, self.now())?);
         if vault {
             tables.push(copy_table(&db, VAULT, "WHERE ?1 IS NOT NULL", self.now())?);
         }
@@ -818,6 +824,10 @@ fn fill(
     )?;
     let (mut contacts, mut messages, mut notes) = (0, 0, 0);
     for table in &bundle.tables {
+        if table.name == MESSAGE_FILES {
+            insert_message_files(connection, table)?;
+            continue;
+        }
         insert_rows(connection, table, false)?;
         match table.name.as_str() {
             "contacts" => contacts = table.rows.len(),
@@ -831,6 +841,105 @@ fn fill(
     connection.execute("UPDATE conversations SET active = 0", [])?;
     tx.commit()?;
     Ok((contacts, messages, notes))
+}
+
+/// The files of the unexpired messages [`copy_table`] copies.
+fn copy_message_files(db: &rusqlite::Connection, now: u64) -> Result<Table> {
+    let columns = [
+        "uid",
+        "group_id",
+        "sender",
+        "blob_id",
+        "file_key",
+        "digest",
+        "size",
+        "mime_type",
+        "name",
+        "duration_ms",
+    ];
+    let mut statement = db.prepare(
+        "SELECT m.uid, m.group_id, m.sender, a.blob_id, a.file_key, a.digest, a.size,
+                a.mime_type, a.name, a.duration_ms
+         FROM attachments a JOIN messages m ON m.id = a.message_id
+         WHERE m.uid IS NOT NULL AND (m.expires_at IS NULL OR m.expires_at > ?1)
+         ORDER BY m.id",
+    )?;
+    let rows = statement
+        .query_map([now], |row| {
+            Ok(vec![
+                Value::Blob(hex::encode(row.get::<_, Vec<u8>>(0)?)),
+                Value::Blob(hex::encode(row.get::<_, Vec<u8>>(1)?)),
+                Value::Text(row.get(2)?),
+                Value::Blob(hex::encode(row.get::<_, Vec<u8>>(3)?)),
+                Value::Blob(hex::encode(row.get::<_, Vec<u8>>(4)?)),
+                Value::Blob(hex::encode(row.get::<_, Vec<u8>>(5)?)),
+                Value::Integer(row.get(6)?),
+                Value::Text(row.get(7)?),
+                Value::Text(row.get(8)?),
+                Value::Integer(row.get(9)?),
+            ])
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Table {
+        name: MESSAGE_FILES.into(),
+        columns: columns.iter().map(|c| (*c).to_owned()).collect(),
+        rows,
+    })
+}
+
+/// Records the copied messages' files as there to fetch.
+fn insert_message_files(tx: &rusqlite::Transaction<'_>, table: &Table) -> Result<usize> {
+    let bad = || ClientError::LinkFailed("the bundle's message files are malformed".into());
+    let mut written = 0;
+    for row in &table.rows {
+        let values = row.iter().map(sql_value).collect::<Result<Vec<_>>>()?;
+        let [
+            uid,
+            group,
+            sender,
+            blob,
+            key,
+            digest,
+            size,
+            mime,
+            name,
+            duration,
+        ] = values.as_slice()
+        else {
+            return Err(bad());
+        };
+        let fits = |value: &rusqlite::types::Value, len: usize| matches!(value, rusqlite::types::Value::Blob(bytes) if bytes.len() == len);
+        let size_ok = matches!(size, rusqlite::types::Value::Integer(n)
+            if u64::try_from(*n).is_ok_and(|n| n <= umbra_proto::content::MAX_ATTACHMENT_SIZE));
+        if !(fits(blob, 16) && fits(key, 32) && fits(digest, 32) && size_ok) {
+            return Err(bad());
+        }
+        written += tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO attachments (message_id, blob_id, file_key, digest, size,
+                                                    mime_type, name, duration_ms, state)
+                 SELECT id, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'available' FROM messages
+                 WHERE uid = ?1 AND group_id = ?2 AND sender = ?3 ORDER BY id LIMIT 1",
+            )?
+            .execute(rusqlite::params![
+                uid, group, sender, blob, key, digest, size, mime, name, duration
+            ])?;
+    }
+    Ok(written)
+}
+
+/// A copied value as SQLite takes it (blobs travel as hex).
+fn sql_value(value: &Value) -> Result<rusqlite::types::Value> {
+    Ok(match value {
+        Value::Null => rusqlite::types::Value::Null,
+        Value::Integer(v) => rusqlite::types::Value::Integer(*v),
+        Value::Real(v) => rusqlite::types::Value::Real(*v),
+        Value::Text(v) => rusqlite::types::Value::Text(v.clone()),
+        Value::Blob(v) => rusqlite::types::Value::Blob(
+            hex::decode(v)
+                .map_err(|_| ClientError::LinkFailed("a copied value is not hex".into()))?,
+        ),
+    })
 }
 
 /// Writes a copied table's rows; with `new_only`, a message whose ID
@@ -864,22 +973,7 @@ fn insert_rows(tx: &rusqlite::Transaction<'_>, table: &Table, new_only: bool) ->
     ];
     let mut written = 0;
     for row in &table.rows {
-        let values = row
-            .iter()
-            .map(|value| {
-                Ok(match value {
-                    Value::Null => rusqlite::types::Value::Null,
-                    Value::Integer(v) => rusqlite::types::Value::Integer(*v),
-                    Value::Real(v) => rusqlite::types::Value::Real(*v),
-                    Value::Text(v) => rusqlite::types::Value::Text(v.clone()),
-                    Value::Blob(v) => {
-                        rusqlite::types::Value::Blob(hex::decode(v).map_err(|_| {
-                            ClientError::LinkFailed("a copied value is not hex".into())
-                        })?)
-                    }
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let values = row.iter().map(sql_value).collect::<Result<Vec<_>>>()?;
         // A message already here (the same ID, group, sender and text).
         if new_only
             && let [Some(uid), Some(group), Some(sender), Some(body)] =

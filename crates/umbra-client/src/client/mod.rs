@@ -279,6 +279,11 @@ impl Client {
                 let client = Client::from_parts(home, connection, options)?;
                 // Whatever came due while the device was closed goes first.
                 client.expire_messages()?;
+                // And files whose messages went while it was closed, or
+                // that a crash left half written.
+                if let Err(error) = client.sweep_files() {
+                    tracing::warn!(%error, "deleting leftover files failed");
+                }
                 client.start_expiry_ticker();
                 Ok(client)
             }

@@ -121,6 +121,22 @@ impl Client {
         body: Body,
         catch_up: bool,
     ) -> Result<i64> {
+        let mut uid = [0u8; 16];
+        getrandom::getrandom(&mut uid).map_err(|e| ClientError::Store(e.to_string()))?;
+        self.send_content_as(conversation, body, catch_up, uid)
+            .await
+    }
+
+    /// [`Client::send_content_with`] under the message ID `uid` (a send
+    /// made again after its answer was lost keeps its ID, so recipients
+    /// that got the first keep one copy).
+    pub(crate) async fn send_content_as(
+        &self,
+        conversation: &ConversationId,
+        body: Body,
+        catch_up: bool,
+        uid: [u8; 16],
+    ) -> Result<i64> {
         let group_id = self.group_id_of(conversation)?;
         let ops = self.inner.ops.lock().await;
         // Recorded in the history: texts, and files (under their caption).
@@ -129,8 +145,6 @@ impl Client {
             Body::Attachment(attachment) => Some(attachment.caption.clone()),
             _ => None,
         };
-        let mut uid = [0u8; 16];
-        getrandom::getrandom(&mut uid).map_err(|e| ClientError::Store(e.to_string()))?;
         let content = Content {
             message_id: text.is_some().then_some(uid),
             body,

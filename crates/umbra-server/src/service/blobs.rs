@@ -52,11 +52,13 @@ impl Services {
                 "a blob holds at least one byte",
             ));
         }
-        if size > config.max_file_bytes {
+        // The limit is on files; a blob is a file sealed and padded
+        // (`docs/protocol.md`), so the largest blob is the largest file's.
+        if size > umbra_proto::blobs::sealed_len(config.max_file_bytes) {
             return Err(refuse(
                 ErrorCode::BlobTooLarge,
                 format!(
-                    "{size} bytes is more than this server's largest file, {} MiB",
+                    "a blob of {size} bytes holds a file larger than this server's largest, {} MiB",
                     mib(config.max_file_bytes)
                 ),
             ));
@@ -130,6 +132,9 @@ impl Services {
         data: Vec<u8>,
     ) -> Outcome {
         self.require_active(&me.account).await?;
+        // Uploads count against the hour's delivery budget, as messages
+        // do: a line cannot churn the store without end.
+        self.within_budget(&me.account)?;
         let outcome = self
             .store
             .put_blob(&blob, me, offset, &data, self.now())
@@ -138,6 +143,7 @@ impl Services {
         match outcome {
             BlobWrite::Stored(info) => {
                 self.metrics.blob_bytes_written.inc_by(data.len() as u64);
+                self.charge(&me.account, data.len(), 1);
                 Ok(Reply::BlobState {
                     size: info.size,
                     stored: info.stored,
@@ -191,8 +197,8 @@ impl Services {
             }
             BlobRead::Unknown => Err(unknown_blob()),
             BlobRead::Incomplete => Err(refuse(
-                ErrorCode::InvalidRequest,
-                "this blob's upload is not complete",
+                ErrorCode::BlobIncomplete,
+                "this blob's upload has not ended",
             )),
         }
     }

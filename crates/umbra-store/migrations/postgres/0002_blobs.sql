@@ -7,13 +7,15 @@ CREATE TABLE blobs (
     size          BIGINT NOT NULL,
     stored        BIGINT NOT NULL DEFAULT 0,
     touched_at    BIGINT NOT NULL,
+    lifetime      BIGINT NOT NULL,  -- seconds it lives once complete
     expires_at    BIGINT NOT NULL
 );
 CREATE INDEX blobs_by_owner ON blobs (owner_account);
 CREATE INDEX blobs_by_expiry ON blobs (expires_at);
 
--- The devices a blob waits for: its group's other member devices when it
--- was created. It is deleted once none is left.
+-- The devices a complete blob waits for: its group's other current member
+-- devices when its upload ended, less those that fetched it or left the
+-- group since. It is deleted once none is left.
 CREATE TABLE blob_recipients (
     blob_id    BYTEA NOT NULL REFERENCES blobs (blob_id) ON DELETE CASCADE,
     account_id TEXT NOT NULL,

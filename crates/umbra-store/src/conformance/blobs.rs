@@ -257,3 +257,122 @@ pub(super) async fn blobs(store: &impl Store) {
     ));
     assert_eq!(store.expire_blobs(NOW + 1000, NOW + 1).await.unwrap(), 2);
 }
+
+/// A blob's lifetime counts from the end of its upload (its message is
+/// sent then); it waits for the devices in its group when the upload
+/// ends (one added meanwhile included), and not for those that can no
+/// longer fetch it: a member removed from the group, or nobody at all.
+pub(super) async fn blobs_wait_only_for_who_can_fetch(store: &impl Store) {
+    let (g, alice_id, bob_id) = group_of_two(store).await;
+    let carol_id = registered(store, "CCCCCCCC", 3).await;
+    let (alice, bob, carol) = (one(&alice_id), one(&bob_id), one(&carol_id));
+    let live = |id: u8, now| {
+        let alice = alice.clone();
+        async move {
+            store
+                .blob(&BlobId([id; 16]), &alice, now)
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+
+    // Created at NOW for 100 s, complete at NOW + 50: lives to NOW + 150.
+    assert_eq!(
+        store
+            .create_blob(new_blob(1, &alice, &g, 4), ROOMY)
+            .await
+            .unwrap(),
+        BlobCreation::Created
+    );
+    // Carol joins while it is uploaded.
+    store
+        .accept_commit(
+            &super::commit(&g, 1, &alice_id, b"add", &[&carol_id], &[]),
+            NOW,
+            NOW + 100,
+        )
+        .await
+        .unwrap();
+    let done = store
+        .put_blob(&BlobId([1; 16]), &alice, 0, b"data", NOW + 50)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&done, BlobWrite::Stored(info) if info.expires_at == NOW + 150),
+        "{done:?}"
+    );
+    assert!(matches!(
+        store
+            .read_blob(&BlobId([1; 16]), &bob, 0, 4, NOW + 120)
+            .await
+            .unwrap(),
+        BlobRead::Data { .. }
+    ));
+    assert!(live(1, NOW + 149).await && !live(1, NOW + 150).await);
+    assert!(
+        !store.blob_fetched(&BlobId([1; 16]), &bob).await.unwrap(),
+        "Carol has not"
+    );
+    assert!(store.blob_fetched(&BlobId([1; 16]), &carol).await.unwrap());
+
+    // Blob 2 waits for Bob and Carol; Bob is then removed from the group.
+    assert_eq!(
+        store
+            .create_blob(new_blob(2, &alice, &g, 4), ROOMY)
+            .await
+            .unwrap(),
+        BlobCreation::Created
+    );
+    assert!(matches!(
+        put(store, 2, &alice, 0, b"data").await,
+        BlobWrite::Stored(_)
+    ));
+    assert!(!store.blob_fetched(&BlobId([2; 16]), &carol).await.unwrap());
+    assert_eq!(
+        store.expire_blobs(NOW, NOW).await.unwrap(),
+        0,
+        "Bob is still waited for"
+    );
+    store
+        .accept_commit(
+            &super::commit(&g, 2, &alice_id, b"remove", &[], &[&bob_id]),
+            NOW,
+            NOW + 100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.expire_blobs(NOW, NOW).await.unwrap(), 1);
+    assert!(!live(2, NOW).await);
+
+    // Alone in a group: nobody to wait for once it is complete.
+    let solo = group(33);
+    store
+        .create_group(
+            &solo,
+            &alice,
+            &super::state_at(0),
+            &super::info_at(0),
+            None,
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .create_blob(new_blob(4, &alice, &solo, 4), ROOMY)
+            .await
+            .unwrap(),
+        BlobCreation::Created
+    );
+    assert_eq!(
+        store.expire_blobs(NOW, NOW).await.unwrap(),
+        0,
+        "not complete yet"
+    );
+    assert!(matches!(
+        put(store, 4, &alice, 0, b"data").await,
+        BlobWrite::Stored(_)
+    ));
+    assert_eq!(store.expire_blobs(NOW, NOW).await.unwrap(), 1);
+}

@@ -53,7 +53,10 @@ impl Blobs for PgStore {
             // The line's row orders its creations, so two racing ones see
             // each other's blob in the quota (lines before groups, as in
             // every transaction).
-            tx.execute("SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE", &[&account])
+            tx.execute(
+                "SELECT 1 FROM accounts WHERE account_id = $1 FOR NO KEY UPDATE",
+                &[&account],
+            )
                 .await?;
             if tx
                 .query_opt("SELECT 1 FROM groups WHERE group_id = $1 FOR SHARE", &[&group])
@@ -83,8 +86,8 @@ impl Blobs for PgStore {
             let inserted = tx
                 .execute(
                     "INSERT INTO blobs (blob_id, owner_account, owner_device, group_id, size,
-                                        touched_at, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                                        touched_at, expires_at, lifetime)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
                     &[
                         &&blob.id.0[..],
                         &account,
@@ -93,19 +96,13 @@ impl Blobs for PgStore {
                         &big(blob.size),
                         &big(blob.now),
                         &big(blob.expires_at),
+                        &big(blob.expires_at.saturating_sub(blob.now)),
                     ],
                 )
                 .await?;
             if inserted == 0 {
                 return Ok(BlobCreation::IdTaken);
             }
-            tx.execute(
-                "INSERT INTO blob_recipients (blob_id, account_id, device)
-                 SELECT $1, account_id, device FROM group_members
-                 WHERE group_id = $2 AND NOT (account_id = $3 AND device = $4)",
-                &[&&blob.id.0[..], &group, &account, &device],
-            )
-            .await?;
             Ok::<_, Failure>(BlobCreation::Created)
         })
     }
@@ -156,12 +153,37 @@ impl Blobs for PgStore {
                 &[&&id.0[..], &big(offset), &data],
             )
             .await?;
-            tx.execute(
-                "UPDATE blobs SET stored = $2, touched_at = $3 WHERE blob_id = $1",
-                &[&&id.0[..], &big(end), &big(now)],
-            )
-            .await?;
-            Ok::<_, Failure>(BlobWrite::Stored(BlobInfo { stored: end, ..blob }))
+            let complete = end == blob.size;
+            let expires_at: i64 = tx
+                .query_one(
+                    "UPDATE blobs SET stored = $2, touched_at = $3,
+                         expires_at = CASE WHEN $4 THEN $3 + lifetime ELSE expires_at END
+                     WHERE blob_id = $1 RETURNING expires_at",
+                    &[&&id.0[..], &big(end), &big(now), &complete],
+                )
+                .await?
+                .get(0);
+            if complete {
+                // Who is in the group as its message goes out.
+                tx.execute(
+                    "INSERT INTO blob_recipients (blob_id, account_id, device)
+                     SELECT $1, m.account_id, m.device FROM group_members m
+                     JOIN devices d ON d.account_id = m.account_id AND d.device = m.device
+                     WHERE m.group_id = $2 AND NOT (m.account_id = $3 AND m.device = $4)",
+                    &[
+                        &&id.0[..],
+                        &blob.group.as_bytes(),
+                        &owner.account.as_str(),
+                        &i64::from(owner.device.0),
+                    ],
+                )
+                .await?;
+            }
+            Ok::<_, Failure>(BlobWrite::Stored(BlobInfo {
+                stored: end,
+                expires_at: unsigned(expires_at)?,
+                ..blob
+            }))
         })
     }
 
@@ -244,10 +266,24 @@ impl Blobs for PgStore {
 
     async fn expire_blobs(&self, now: Timestamp, idle_before: Timestamp) -> Result<u64> {
         transaction!(self, tx => {
+            // Recipients that cannot fetch it any more: out of its group,
+            // or no longer a current device.
+            tx.execute(
+                "DELETE FROM blob_recipients r WHERE NOT EXISTS (
+                     SELECT 1 FROM blobs b
+                     JOIN group_members m ON m.group_id = b.group_id
+                     JOIN devices d ON d.account_id = m.account_id AND d.device = m.device
+                     WHERE b.blob_id = r.blob_id
+                       AND m.account_id = r.account_id AND m.device = r.device)",
+                &[],
+            )
+            .await?;
             Ok::<_, Failure>(tx
                 .execute(
                     "DELETE FROM blobs
-                     WHERE expires_at <= $1 OR (stored < size AND touched_at < $2)",
+                     WHERE expires_at <= $1 OR (stored < size AND touched_at < $2)
+                        OR (stored = size AND NOT EXISTS (
+                            SELECT 1 FROM blob_recipients r WHERE r.blob_id = blobs.blob_id))",
                     &[&big(now), &big(idle_before)],
                 )
                 .await?)

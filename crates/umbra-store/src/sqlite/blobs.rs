@@ -92,8 +92,10 @@ impl BlobFiles {
     }
 
     /// Writes `data` at `offset`, cutting off anything stored past it, and
-    /// makes it durable.
-    fn write_at(&self, id: &BlobId, offset: u64, data: &[u8]) -> Result<()> {
+    /// makes it durable; false (nothing written) if the bytes before
+    /// `offset` are not there (the data directory was restored without
+    /// them).
+    fn write_at(&self, id: &BlobId, offset: u64, data: &[u8]) -> Result<bool> {
         match &self.place {
             Place::Dir(dir) => {
                 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -104,6 +106,11 @@ impl BlobFiles {
                     .mode(0o600)
                     .open(Self::path(dir, id))
                     .map_err(io)?;
+                // Never filled with zeros: a file shorter than the row says
+                // lost bytes (a restore without it), and the blob is gone.
+                if file.metadata().map_err(io)?.len() < offset {
+                    return Ok(false);
+                }
                 file.set_len(offset).map_err(io)?;
                 file.write_all_at(data, offset).map_err(io)?;
                 file.sync_data().map_err(io)?;
@@ -113,39 +120,47 @@ impl BlobFiles {
                         .and_then(|d| d.sync_all())
                         .map_err(io)?;
                 }
-                Ok(())
+                Ok(true)
             }
             Place::Memory(blobs) => {
                 let mut blobs = lock(blobs);
                 let bytes = blobs.entry(*id).or_default();
                 bytes.truncate(usize::try_from(offset).unwrap_or(usize::MAX));
                 if bytes.len() as u64 != offset {
-                    return Err(StoreError::Corrupt("a blob's bytes are missing".into()));
+                    return Ok(false);
                 }
                 bytes.extend_from_slice(data);
-                Ok(())
+                Ok(true)
             }
         }
     }
 
-    fn read_at(&self, id: &BlobId, offset: u64, length: usize) -> Result<Vec<u8>> {
+    /// The bytes, or `None` if the file is gone (deleted since its row
+    /// was read).
+    fn read_at(&self, id: &BlobId, offset: u64, length: usize) -> Result<Option<Vec<u8>>> {
         match &self.place {
             Place::Dir(dir) => {
                 use std::os::unix::fs::FileExt;
-                let file = std::fs::File::open(Self::path(dir, id)).map_err(io)?;
+                let file = match std::fs::File::open(Self::path(dir, id)) {
+                    Ok(file) => file,
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(error) => return Err(io(error)),
+                };
                 let mut data = vec![0; length];
                 file.read_exact_at(&mut data, offset).map_err(|e| {
                     StoreError::Corrupt(format!("a blob's file is shorter than stored: {e}"))
                 })?;
-                Ok(data)
+                Ok(Some(data))
             }
             Place::Memory(blobs) => {
                 let blobs = lock(blobs);
-                let bytes = blobs.get(id).map(Vec::as_slice).unwrap_or_default();
+                let Some(bytes) = blobs.get(id) else {
+                    return Ok(None);
+                };
                 let start = usize::try_from(offset).unwrap_or(usize::MAX);
                 bytes
                     .get(start..start.saturating_add(length))
-                    .map(<[u8]>::to_vec)
+                    .map(|b| Some(b.to_vec()))
                     .ok_or_else(|| StoreError::Corrupt("a blob's bytes are missing".into()))
             }
         }
@@ -303,8 +318,8 @@ impl Blobs for SqliteStore {
             let inserted = tx
                 .prepare_cached(
                     "INSERT INTO blobs (blob_id, owner_account, owner_device, group_id, size,
-                                        touched_at, expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+                                        touched_at, lifetime, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?8, ?7) ON CONFLICT DO NOTHING",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -314,20 +329,14 @@ impl Blobs for SqliteStore {
                         group,
                         blob.size,
                         blob.now,
-                        blob.expires_at
+                        blob.expires_at,
+                        blob.expires_at.saturating_sub(blob.now)
                     ])
                 })
                 .map_err(backend)?;
             if inserted == 0 {
                 return Ok(BlobCreation::IdTaken);
             }
-            tx.prepare_cached(
-                "INSERT INTO blob_recipients (blob_id, account_id, device)
-                 SELECT ?1, account_id, device FROM group_members
-                 WHERE group_id = ?2 AND NOT (account_id = ?3 AND device = ?4)",
-            )
-            .and_then(|mut s| s.execute(params![&blob.id.0[..], group, account, device]))
-            .map_err(backend)?;
             Ok(BlobCreation::Created)
         })
         .await
@@ -356,12 +365,16 @@ impl Blobs for SqliteStore {
         data: &[u8],
         now: Timestamp,
     ) -> Result<BlobWrite> {
+        if self.blob(id, owner, now).await?.is_none() {
+            return Ok(BlobWrite::Unknown);
+        }
         let Some(_writing) = self.blobs.start_writing(*id) else {
             // Another write to it is under way: this one cannot know where
             // the stored bytes will end.
             let stored = self.blob(id, owner, now).await?.map_or(0, |b| b.stored);
             return Ok(BlobWrite::Offset { stored });
         };
+        // Read again under the guard: a write that just ended moved it.
         let Some(info) = self.blob(id, owner, now).await? else {
             return Ok(BlobWrite::Unknown);
         };
@@ -375,25 +388,66 @@ impl Blobs for SqliteStore {
             return Ok(BlobWrite::PastEnd { size: info.size });
         }
         let (file_id, bytes) = (*id, data.to_vec());
-        self.blocking(move |files| files.write_at(&file_id, offset, &bytes))
+        let written = self
+            .blocking(move |files| files.write_at(&file_id, offset, &bytes))
             .await?;
-        let row_id = *id;
-        let updated = self
-            .write(move |tx| {
-                tx.prepare_cached(
-                    "UPDATE blobs SET stored = ?2, touched_at = ?3
-                     WHERE blob_id = ?1 AND stored = ?4",
-                )
-                .and_then(|mut s| s.execute(params![&row_id.0[..], end, now, offset]))
-                .map_err(backend)
+        if !written {
+            // Its stored bytes are lost: so is the blob.
+            let row_id = *id;
+            self.write(move |tx| {
+                tx.execute("DELETE FROM blobs WHERE blob_id = ?1", [&row_id.0[..]])
+                    .map_err(backend)
             })
             .await?;
-        if updated == 0 {
-            // Deleted meanwhile (expired, or swept as idle).
+            self.remove_files(vec![*id]).await?;
             return Ok(BlobWrite::Unknown);
         }
+        let row_id = *id;
+        let complete = end == info.size;
+        let (group, owner) = (info.group.clone(), owner.clone());
+        let expires_at = self
+            .write(move |tx| {
+                let expires_at: Option<u64> = tx
+                    .prepare_cached(
+                        "UPDATE blobs SET stored = ?2, touched_at = ?3,
+                             expires_at = CASE WHEN ?5 THEN ?3 + lifetime ELSE expires_at END
+                         WHERE blob_id = ?1 AND stored = ?4 RETURNING expires_at",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![&row_id.0[..], end, now, offset, complete], |r| {
+                            r.get(0)
+                        })
+                        .optional()
+                    })
+                    .map_err(backend)?;
+                if complete && expires_at.is_some() {
+                    // Who is in the group as its message goes out.
+                    tx.prepare_cached(
+                        "INSERT INTO blob_recipients (blob_id, account_id, device)
+                         SELECT ?1, m.account_id, m.device FROM group_members m
+                         JOIN devices d ON d.account_id = m.account_id AND d.device = m.device
+                         WHERE m.group_id = ?2 AND NOT (m.account_id = ?3 AND m.device = ?4)",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            &row_id.0[..],
+                            group.as_bytes(),
+                            owner.account.as_str(),
+                            owner.device.0
+                        ])
+                    })
+                    .map_err(backend)?;
+                }
+                Ok(expires_at)
+            })
+            .await?;
+        let Some(expires_at) = expires_at else {
+            // Deleted meanwhile (expired, or swept as idle).
+            return Ok(BlobWrite::Unknown);
+        };
         Ok(BlobWrite::Stored(BlobInfo {
             stored: end,
+            expires_at,
             ..info
         }))
     }
@@ -447,14 +501,15 @@ impl Blobs for SqliteStore {
         let size = row.size;
         let file_id = *id;
         let data = if length == 0 {
-            Vec::new()
+            Some(Vec::new())
         } else {
             self.blocking(move |files| {
                 files.read_at(&file_id, offset, usize::try_from(length).unwrap_or(0))
             })
             .await?
         };
-        Ok(BlobRead::Data { data, size })
+        // Its file went after its row was read: deleted meanwhile.
+        Ok(data.map_or(BlobRead::Unknown, |data| BlobRead::Data { data, size }))
     }
 
     async fn blob_fetched(&self, id: &BlobId, device: &DeviceAddr) -> Result<bool> {
@@ -496,10 +551,24 @@ impl Blobs for SqliteStore {
     async fn expire_blobs(&self, now: Timestamp, idle_before: Timestamp) -> Result<u64> {
         let gone = self
             .write(move |tx| {
+                // Recipients that cannot fetch it any more: out of its
+                // group, or no longer a current device.
+                tx.prepare_cached(
+                    "DELETE FROM blob_recipients AS r WHERE NOT EXISTS (
+                         SELECT 1 FROM blobs b
+                         JOIN group_members m ON m.group_id = b.group_id
+                         JOIN devices d ON d.account_id = m.account_id AND d.device = m.device
+                         WHERE b.blob_id = r.blob_id
+                           AND m.account_id = r.account_id AND m.device = r.device)",
+                )
+                .and_then(|mut s| s.execute([]))
+                .map_err(backend)?;
                 let ids: Vec<Vec<u8>> = tx
                     .prepare_cached(
                         "DELETE FROM blobs
                          WHERE expires_at <= ?1 OR (stored < size AND touched_at < ?2)
+                            OR (stored = size AND NOT EXISTS (
+                                SELECT 1 FROM blob_recipients r WHERE r.blob_id = blobs.blob_id))
                          RETURNING blob_id",
                     )
                     .and_then(|mut s| {

@@ -2643,6 +2643,19 @@ mod tests {
         .await;
     }
 
+    /// On disk too: blobs' bytes are files then, not memory.
+    #[tokio::test]
+    async fn sqlite_on_disk_passes_the_conformance_suite() {
+        let dirs = Mutex::new(Vec::new());
+        crate::conformance::run_all(|| {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            let store = SqliteStore::open(&dir.path().join("umbra.db"));
+            lock(&dirs).push(dir);
+            async move { store.unwrap_or_else(|e| panic!("{e}")) }
+        })
+        .await;
+    }
+
     /// A server upgraded from before KeyPackages were per device keeps
     /// every account's packages, as device 1's (whose key is the account
     /// key).
