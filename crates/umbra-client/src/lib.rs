@@ -29,7 +29,9 @@ mod types;
 mod vault;
 mod wipe;
 
-pub use client::{Client, ClientOptions, JoinedAccount, LinkedDevice, PendingLink};
+pub use client::{
+    Client, ClientOptions, JoinedAccount, LinkedDevice, PendingLink, mime_type_of, safe_file_name,
+};
 pub use disappearing::{DEFAULT_TIMER, MAX_TIMER, MIN_TIMER, describe as describe_timer};
 pub use distributor::DistributorSession;
 pub use error::{ClientError, Result};

@@ -342,3 +342,76 @@ async fn a_wipe_leaves_no_file_behind() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_expire_with_their_messages_on_both_devices_and_at_the_server() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    let clock = umbra_client::ManualClock::new(common::now());
+    let server = TestServer::start_with_clock_configured(clock.clone(), |config| {
+        config.expiry_sweep_interval = Duration::from_secs(1);
+    })
+    .await;
+    let options = umbra_client::ClientOptions {
+        clock: Arc::new(clock.clone()),
+        ..common::options()
+    };
+    let mut alice = Device::activate_untimed(&server.activation().await, options.clone()).await;
+    let mut bob = Device::activate_untimed(&server.activation().await, options).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    alice
+        .client
+        .set_disappearing(&conversation, Some(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    bob.wait_for(|e| match e {
+        Event::ConversationChanged { conversation } if conversation.disappear_after == 3600 => {
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+    let outside = tempfile::tempdir().unwrap();
+    let (a, b) = (file_bytes(100_000, 6), file_bytes(100_000, 7));
+    for (name, data) in [("a.bin", &a), ("b.bin", &b)] {
+        std::fs::write(outside.path().join(name), data).unwrap();
+        alice
+            .client
+            .send_file(&conversation, &outside.path().join(name), None)
+            .await
+            .unwrap();
+    }
+    // Bob fetches the first (the server deletes it), not the second.
+    let first = next_file(&mut bob).await;
+    let second = next_file(&mut bob).await;
+    assert_eq!(first.attachment.as_ref().unwrap().name, "a.bin");
+    bob.client.fetch_attachment(first.id).await.unwrap();
+    assert_eq!(blob_files(&server), 1);
+    assert_eq!(files_under(&bob.home.path().join("files")).len(), 1);
+    assert_eq!(files_under(&alice.home.path().join("files")).len(), 2);
+
+    // An hour on: the sender's copies go, files and keys with them.
+    clock.advance(3601);
+    assert_eq!(alice.client.expire_messages().unwrap(), 2);
+    assert!(files_under(&alice.home.path().join("files")).is_empty());
+    // The recipient's go an hour after he saw them.
+    bob.client.mark_shown(&[first.id, second.id]).unwrap();
+    clock.advance(3601);
+    assert_eq!(bob.client.expire_messages().unwrap(), 2);
+    assert!(files_under(&bob.home.path().join("files")).is_empty());
+    assert_no_plaintext(bob.home.path(), &a);
+
+    // The server keeps the one nobody fetched a day at least (through
+    // sweeps, one a second), then not.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(blob_files(&server), 1);
+    clock.advance(86_400);
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while blob_files(&server) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the expired blob was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -132,6 +132,15 @@ pub enum Overlay {
         digits: String,
         qr: String,
     },
+    /// The path of a file to send into the open conversation.
+    AttachFile {
+        input: String,
+    },
+    /// Where to save message `message`'s file.
+    SaveFile {
+        message: i64,
+        input: String,
+    },
 }
 
 /// Work for the run loop. Its `Debug` shows no passphrase or activation
@@ -156,6 +165,8 @@ pub enum Action {
     SetTimer(ConversationId, Option<Duration>),
     ShowSafety(AccountId),
     MarkVerified(AccountId),
+    SendFile(ConversationId, std::path::PathBuf),
+    SaveFile(i64, std::path::PathBuf),
     Quit,
 }
 
@@ -176,6 +187,8 @@ impl std::fmt::Debug for Action {
             Action::SetTimer(id, timer) => write!(f, "SetTimer({id}, {timer:?})"),
             Action::ShowSafety(a) => write!(f, "ShowSafety({a})"),
             Action::MarkVerified(a) => write!(f, "MarkVerified({a})"),
+            Action::SendFile(id, _) => write!(f, "SendFile({id}, ..)"),
+            Action::SaveFile(message, _) => write!(f, "SaveFile({message}, ..)"),
             Action::Quit => f.write_str("Quit"),
         }
     }
@@ -243,6 +256,14 @@ impl Default for App {
             wide: true,
             anonymous: false,
         }
+    }
+}
+
+/// A path typed by the person, with a leading `~/` meaning their home.
+fn expand_home(path: &str) -> std::path::PathBuf {
+    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => std::path::PathBuf::from(home).join(rest),
+        _ => std::path::PathBuf::from(path),
     }
 }
 
@@ -522,7 +543,35 @@ impl App {
                 .is_some_and(|c| matches!(c.kind, ConversationKind::Group))
     }
 
+    /// The newest message of the open conversation that carries a file.
+    pub fn latest_file(&self) -> Option<&Message> {
+        self.messages.iter().rev().find(|m| m.attachment.is_some())
+    }
+
     fn on_compose_key(&mut self, key: KeyEvent) -> Option<Action> {
+        if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('f') {
+            self.overlay = Overlay::AttachFile {
+                input: String::new(),
+            };
+            return None;
+        }
+        if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('s') {
+            match self.latest_file() {
+                Some(message) => {
+                    let name = message
+                        .attachment
+                        .as_ref()
+                        .map(|file| umbra_client::safe_file_name(&file.name))
+                        .unwrap_or_default();
+                    self.overlay = Overlay::SaveFile {
+                        message: message.id,
+                        input: name,
+                    };
+                }
+                None => self.status = Some("No file in this conversation".into()),
+            }
+            return None;
+        }
         if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('a') {
             if self
                 .current()
@@ -716,6 +765,45 @@ impl App {
                     None
                 }
             },
+            Overlay::AttachFile { mut input } => match key.code {
+                KeyCode::Enter if !input.trim().is_empty() => {
+                    let id = self.current()?.id.clone();
+                    Some(Action::SendFile(id, expand_home(input.trim())))
+                }
+                KeyCode::Backspace => {
+                    input.pop();
+                    self.overlay = Overlay::AttachFile { input };
+                    None
+                }
+                KeyCode::Char(c) => {
+                    input.push(c);
+                    self.overlay = Overlay::AttachFile { input };
+                    None
+                }
+                _ => {
+                    self.overlay = Overlay::AttachFile { input };
+                    None
+                }
+            },
+            Overlay::SaveFile { message, mut input } => match key.code {
+                KeyCode::Enter if !input.trim().is_empty() => {
+                    Some(Action::SaveFile(message, expand_home(input.trim())))
+                }
+                KeyCode::Backspace => {
+                    input.pop();
+                    self.overlay = Overlay::SaveFile { message, input };
+                    None
+                }
+                KeyCode::Char(c) => {
+                    input.push(c);
+                    self.overlay = Overlay::SaveFile { message, input };
+                    None
+                }
+                _ => {
+                    self.overlay = Overlay::SaveFile { message, input };
+                    None
+                }
+            },
             Overlay::Safety {
                 account,
                 digits,
@@ -770,6 +858,67 @@ mod tests {
             members: Vec::new(),
             suite: None,
         }
+    }
+
+    #[test]
+    fn ctrl_f_sends_a_file_and_ctrl_s_saves_the_latest_one() {
+        let peer = AccountId::parse("GUF8EA6B").unwrap();
+        let mut app = App {
+            screen: Screen::Main,
+            conversations: vec![conversation(
+                "aa",
+                ConversationKind::Direct { peer: peer.clone() },
+            )],
+            focus: Focus::Compose,
+            ..App::default()
+        };
+        let ctrl = |c| KeyEvent::new(KeyCode::Char(c), KeyModifiers::CONTROL);
+        // Nothing to save yet: said so.
+        assert_eq!(app.on_key(ctrl('s')), None);
+        assert!(app.status.as_deref().is_some_and(|s| s.contains("No file")));
+        app.on_key(ctrl('f'));
+        typed(&mut app, "/tmp/a.jpg");
+        assert_eq!(
+            app.on_key(key(KeyCode::Enter)),
+            Some(Action::SendFile(
+                ConversationId("aa".into()),
+                "/tmp/a.jpg".into()
+            ))
+        );
+        // The latest file, under a name its sender cannot make a path of.
+        app.overlay = Overlay::None;
+        app.messages = vec![Message {
+            id: 9,
+            conversation: ConversationId("aa".into()),
+            sender: peer,
+            direction: umbra_client::Direction::In,
+            body: String::new(),
+            state: umbra_client::DeliveryState::Received,
+            timestamp: 0,
+            received_at: None,
+            expires_at: None,
+            disappear_after: 0,
+            attachment: Some(umbra_client::AttachmentInfo {
+                name: "../../.bashrc".into(),
+                size: 1,
+                mime_type: "text/plain".into(),
+                state: umbra_client::AttachmentState::Fetched,
+                duration_ms: 0,
+            }),
+        }];
+        app.on_key(ctrl('s'));
+        assert_eq!(
+            app.overlay,
+            Overlay::SaveFile {
+                message: 9,
+                input: ".bashrc".into()
+            }
+        );
+        typed(&mut app, ".txt");
+        assert_eq!(
+            app.on_key(key(KeyCode::Enter)),
+            Some(Action::SaveFile(9, ".bashrc.txt".into()))
+        );
     }
 
     #[test]

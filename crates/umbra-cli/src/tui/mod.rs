@@ -260,7 +260,41 @@ fn on_note(
                 // A line about the group (who joined, a new name) is
                 // shown, not counted as unread.
                 Event::MessageReceived { message } if message.direction == Direction::System => {}
+                Event::Transfer {
+                    name,
+                    upload,
+                    done,
+                    total,
+                    ..
+                } => {
+                    app.status = Some(format!(
+                        "{} {}: {}%",
+                        if *upload { "sending" } else { "fetching" },
+                        crate::escape::printable(name),
+                        done * 100 / (*total).max(1)
+                    ));
+                    // Progress only: nothing in the store changed.
+                    return;
+                }
                 Event::MessageReceived { message } => {
+                    // Files come as they are announced, kept sealed; a
+                    // failure shows on the message (and Ctrl-S tries again).
+                    if message
+                        .attachment
+                        .as_ref()
+                        .is_some_and(|f| f.state == umbra_client::AttachmentState::Available)
+                    {
+                        let (c, notes, id) = (client.clone(), notes.clone(), message.id);
+                        tokio::spawn(async move {
+                            let outcome = c.fetch_attachment(id).await;
+                            let _ = notes.send(Note::Done(
+                                outcome
+                                    .map(|_| String::new())
+                                    .map_err(|e| format!("A file could not be fetched: {e}")),
+                            ));
+                        });
+                        app.busy += 1;
+                    }
                     let open = app.current().map(|c| &c.id) == Some(&message.conversation)
                         && app.conversation_visible();
                     if open {
@@ -483,6 +517,33 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
                     })
             }),
         ),
+        Action::SendFile(id, path) => {
+            app.overlay = Overlay::None;
+            spawn(
+                app,
+                Box::pin(async move {
+                    c.send_file(&id, &path, None)
+                        .await
+                        .map(|m| {
+                            let name = m.attachment.map(|f| f.name).unwrap_or_default();
+                            format!("sent {}", crate::escape::printable(&name))
+                        })
+                        .map_err(|e| format!("Not sent: {e}"))
+                }),
+            )
+        }
+        Action::SaveFile(message, path) => {
+            app.overlay = Overlay::None;
+            spawn(
+                app,
+                Box::pin(async move {
+                    c.save_attachment(message, &path)
+                        .await
+                        .map(|size| format!("saved {size} bytes to {}", path.display()))
+                        .map_err(|e| format!("Not saved: {e}"))
+                }),
+            )
+        }
         Action::SendAnonymously(id, text) => spawn(
             app,
             Box::pin(async move {

@@ -5,7 +5,7 @@ use ratatui::layout::{Alignment, Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, List, ListItem, ListState, Paragraph, Wrap};
-use umbra_client::{ConversationKind, DeliveryState, Direction};
+use umbra_client::{AttachmentState, ConversationKind, DeliveryState, Direction};
 
 use super::app::{App, Focus, Link, NARROW, Overlay, Screen, Setup, TIMERS};
 
@@ -19,6 +19,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("Up/Down, PgUp/PgDn (writing)", "scroll the conversation"),
     ("Esc, Tab (writing)", "back to the list"),
     ("Ctrl-A (writing)", "to a group: send without logging in"),
+    ("Ctrl-F (writing)", "send a file (its path)"),
+    ("Ctrl-S (writing)", "save the conversation's latest file"),
     ("r", "contact requests (Enter accepts, d declines)"),
     ("n", "new contact (by account ID)"),
     ("g", "new group (name, Tab, members)"),
@@ -336,6 +338,7 @@ fn conversation(frame: &mut Frame<'_>, app: &App, area: Rect) {
                         format!("{} you: ", clock(message.timestamp)),
                         Style::default().fg(Color::Green),
                     ),
+                    file_mark(message),
                     Span::raw(message.body.clone()),
                     Span::styled(
                         format!(" {}{countdown}", state_mark(message.state)),
@@ -352,6 +355,7 @@ fn conversation(frame: &mut Frame<'_>, app: &App, area: Rect) {
                             format!("{} {}: ", clock(message.timestamp), message.sender),
                             Style::default().fg(Color::Cyan),
                         ),
+                        file_mark(message),
                         Span::raw(message.body.clone()),
                         Span::styled(
                             format!("{late}{countdown}"),
@@ -441,6 +445,49 @@ fn dialog(frame: &mut Frame<'_>, title: &str, lines: Vec<Line<'_>>, width: u16) 
         ),
         area,
     );
+}
+
+/// A message's file, before its caption: type, name, size, where it is.
+fn file_mark(message: &umbra_client::Message) -> Span<'static> {
+    let Some(file) = &message.attachment else {
+        return Span::raw("");
+    };
+    let kind = file.mime_type.split('/').next().unwrap_or("file");
+    let kind = match kind {
+        "image" => "photo",
+        "audio" => "audio",
+        "video" => "video",
+        _ => "file",
+    };
+    let state = match file.state {
+        AttachmentState::Sent | AttachmentState::Fetched => "Ctrl-S saves",
+        AttachmentState::Available => "fetching…",
+        AttachmentState::Gone => "no longer on the server",
+        AttachmentState::Invalid => "damaged: refused",
+    };
+    Span::styled(
+        format!(
+            "[{kind} {} · {} · {state}] ",
+            crate::escape::printable(&file.name),
+            human_size(file.size)
+        ),
+        Style::default().fg(Color::Yellow),
+    )
+}
+
+/// Bytes for people: 512 B, 1.5 KiB, 20.0 MiB.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 fn overlay(frame: &mut Frame<'_>, app: &App) {
@@ -543,6 +590,30 @@ fn overlay(frame: &mut Frame<'_>, app: &App) {
             lines.push(Line::from("Enter sets it for everyone · Esc"));
             dialog(frame, "messages disappear after", lines, 40);
         }
+        Overlay::AttachFile { input } => dialog(
+            frame,
+            "send a file",
+            vec![
+                Line::from("Path of the file (~/ for your home):"),
+                Line::from(format!("> {input}")),
+                Line::from(""),
+                Line::from("It is sealed on this device; the server keeps"),
+                Line::from("only ciphertext, until every recipient has it."),
+                Line::from("Enter sends · Esc cancels"),
+            ],
+            60,
+        ),
+        Overlay::SaveFile { input, .. } => dialog(
+            frame,
+            "save the file",
+            vec![
+                Line::from("Save it opened to (a new file; ~/ for your home):"),
+                Line::from(format!("> {input}")),
+                Line::from(""),
+                Line::from("Enter saves · Esc cancels"),
+            ],
+            60,
+        ),
         Overlay::Safety {
             account,
             digits,
@@ -834,6 +905,40 @@ mod tests {
             qr: "█▀▀▀█\n█ █ █\n▀▀▀▀▀".into(),
         };
         check("safety", render(&app, 100, 24));
+    }
+
+    #[test]
+    fn files_show_their_kind_name_size_and_state() {
+        let mut app = sample();
+        let mut sent = message(7, Direction::Out, "XX4H6VEU", "the view", None);
+        sent.attachment = Some(umbra_client::AttachmentInfo {
+            name: "harbour.jpg".into(),
+            size: 2_400_000,
+            mime_type: "image/jpeg".into(),
+            state: umbra_client::AttachmentState::Sent,
+            duration_ms: 0,
+        });
+        let mut received = message(8, Direction::In, "GUF8EA6B", "", None);
+        received.attachment = Some(umbra_client::AttachmentInfo {
+            name: "notes\u{202e}fdp.exe".into(),
+            size: 512,
+            mime_type: "application/pdf".into(),
+            state: umbra_client::AttachmentState::Available,
+            duration_ms: 0,
+        });
+        app.messages.push(sent);
+        app.messages.push(received);
+        app.focus = Focus::Compose;
+        check("files", render(&app, 100, 20));
+        app.overlay = Overlay::AttachFile {
+            input: "~/photos/harbour.jpg".into(),
+        };
+        check("attach_file", render(&app, 100, 20));
+        app.overlay = Overlay::SaveFile {
+            message: 7,
+            input: "harbour.jpg".into(),
+        };
+        check("save_file", render(&app, 100, 20));
     }
 
     #[test]

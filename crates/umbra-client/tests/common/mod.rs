@@ -80,6 +80,25 @@ impl TestServer {
         server
     }
 
+    /// A server on `clock` whose configuration `adjust` changed first.
+    pub async fn start_with_clock_configured(
+        clock: umbra_client::ManualClock,
+        adjust: impl FnOnce(&mut Config) + Send + 'static,
+    ) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("server");
+        let mut server = TestServer::start_full(
+            &data,
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(clock),
+            PushWindow::default(),
+            Box::new(adjust),
+        )
+        .await;
+        server._dir = Some(dir);
+        server
+    }
+
     /// Starts a server on `data` (initialised if new) at `address`.
     pub async fn start_in(data: &Path, address: SocketAddr) -> TestServer {
         TestServer::start_with_window(data, address, PushWindow::default()).await
