@@ -114,8 +114,9 @@ pub struct Config {
     /// hour (a message's size times its recipients; commits and Welcomes
     /// count too). Default 268435456 (256 MiB).
     pub delivery_bytes_per_hour: u64,
-    /// Largest attachment a device may upload, in bytes (as padded by the
-    /// device); larger: `BLOB_TOO_LARGE`. Default 104857600 (100 MiB).
+    /// Largest file a device may send, in bytes: a blob larger than such a
+    /// file's, padded and sealed (`docs/protocol.md`, "Attachments"), is
+    /// refused with `BLOB_TOO_LARGE`. Default 104857600 (100 MiB).
     pub max_file_bytes: u64,
     /// Bytes of unfinished uploads one line may have at once; more:
     /// `QUOTA_EXCEEDED`. Default 268435456 (256 MiB).
