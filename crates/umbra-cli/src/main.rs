@@ -586,36 +586,54 @@ enum UploadsAction {
     Cancel,
 }
 
-/// Shows transfer progress on standard error (text) while a command runs;
-/// `--json` output shows the `transfer` events themselves.
+/// Shows transfer progress while a command runs: a progress bar per file
+/// on standard error when it is a terminal (indicatif draws nothing
+/// otherwise); `--json` output gets the `transfer` events themselves.
 fn show_transfers(
     out: &Out,
     events: &mut tokio::sync::broadcast::Receiver<Event>,
 ) -> tokio::task::JoinHandle<()> {
+    use tokio::sync::broadcast::error::RecvError;
     let mut events = events.resubscribe();
     let json = out.json;
     tokio::spawn(async move {
-        while let Ok(event) = events.recv().await {
-            if let Event::Transfer {
+        let mut bars: std::collections::HashMap<(String, bool), indicatif::ProgressBar> =
+            std::collections::HashMap::new();
+        loop {
+            let event = match events.recv().await {
+                Ok(event) => event,
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => break,
+            };
+            let Event::Transfer {
                 name,
                 upload,
                 done,
                 total,
                 ..
             } = &event
-            {
-                if json {
-                    println!("{}", json!(event));
-                } else {
-                    let verb = if *upload { "sending" } else { "fetching" };
-                    eprintln!(
-                        "{verb} {}: {} of {} KiB ({}%)",
-                        printable(name),
-                        done / 1024,
-                        total / 1024,
-                        done * 100 / (*total).max(1)
-                    );
-                }
+            else {
+                continue;
+            };
+            if json {
+                println!("{}", json!(event));
+                continue;
+            }
+            let bar = bars.entry((name.clone(), *upload)).or_insert_with(|| {
+                let bar = indicatif::ProgressBar::new(*total);
+                let style = indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> ");
+                bar.set_style(style);
+                let verb = if *upload { "sending" } else { "fetching" };
+                bar.set_message(format!("{verb} {}", printable(name)));
+                bar
+            });
+            bar.set_position(*done);
+            if done >= total {
+                bar.finish();
             }
         }
     })

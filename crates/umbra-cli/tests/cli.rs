@@ -644,6 +644,66 @@ async fn a_duress_passphrase_for_every_device_through_the_cli() {
     assert!(!umbra_client::device_exists(phone.path()));
 }
 
+#[tokio::test]
+async fn a_file_goes_through_the_cli() {
+    let server = Server::start().await;
+    let (alice, bob, outside) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let a = activate(&server, alice.path()).await;
+    let b = activate(&server, bob.path()).await;
+    ok(alice.path(), &["contacts", "add", &b]).await;
+    ok(bob.path(), &["recv"]).await;
+    ok(bob.path(), &["contacts", "accept", &a]).await;
+    ok(alice.path(), &["recv"]).await;
+
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let path = outside.path().join("plan.pdf");
+    std::fs::write(&path, &data).unwrap();
+    let sent = ok(
+        alice.path(),
+        &[
+            "send-file",
+            &b,
+            path.to_str().unwrap(),
+            "--caption",
+            "the plan",
+        ],
+    )
+    .await;
+    // --json: progress events, then the message with its attachment.
+    assert!(
+        sent.iter()
+            .any(|e| e["event"] == "transfer" && e["upload"] == true)
+    );
+    let message = sent.last().unwrap();
+    assert_eq!(message["body"], "the plan");
+    assert_eq!(message["attachment"]["name"], "plan.pdf");
+    assert_eq!(message["attachment"]["size"], 300_000);
+    assert_eq!(message["attachment"]["mime_type"], "application/pdf");
+    assert_eq!(message["attachment"]["state"], "sent");
+
+    let received = ok(bob.path(), &["recv"]).await;
+    let file = received
+        .iter()
+        .find(|e| e["event"] == "message_received" && !e["message"]["attachment"].is_null())
+        .unwrap();
+    let id = file["message"]["id"].as_i64().unwrap().to_string();
+    let saved = outside.path().join("saved.pdf");
+    let answer = ok(bob.path(), &["save", &id, saved.to_str().unwrap()]).await;
+    assert_eq!(answer.last().unwrap()["bytes"], 300_000);
+    assert_eq!(std::fs::read(&saved).unwrap(), data);
+    // Never over an existing file.
+    let refused = umbra(bob.path(), &["save", &id, saved.to_str().unwrap()]).await;
+    assert!(!refused.status.success());
+    assert_eq!(
+        ok(alice.path(), &["uploads"]).await[0]["uploads"],
+        serde_json::json!([])
+    );
+}
+
 #[test]
 fn help_is_there_for_a_newcomer() {
     let output = Command::new(env!("CARGO_BIN_EXE_umbra"))
@@ -659,6 +719,9 @@ fn help_is_there_for_a_newcomer() {
         "listen",
         "groups",
         "history",
+        "send-file",
+        "save",
+        "uploads",
         "devices",
         "link",
         "UMBRA_PASSPHRASE",
