@@ -134,6 +134,11 @@ enum Command {
         /// Text shown with the file.
         #[arg(long)]
         caption: Option<String>,
+        /// Send a photo (JPEG, PNG, WebP) as it is. Without this, what its
+        /// camera or editor wrote into it (EXIF: where and when it was
+        /// taken, the phone; XMP; comments) is removed first.
+        #[arg(long)]
+        keep_metadata: bool,
     },
     /// Save a received (or sent) file to PATH, fetching it first if it is
     /// not on this device yet. PATH must not exist. MESSAGE_ID is the
@@ -791,12 +796,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             target,
             path,
             caption,
+            keep_metadata,
         } => {
             let client = online(&cli).await?;
             let mut events = client.subscribe();
             let progress = show_transfers(&out, &mut events);
             let id = conversation(&client, target)?;
-            let message = client.send_file(&id, path, caption.as_deref()).await?;
+            let options = umbra_client::FileOptions {
+                caption: caption.clone(),
+                keep_metadata: *keep_metadata,
+            };
+            let message = client.send_file_with(&id, path, options).await?;
             progress.abort();
             out.message(&message);
         }

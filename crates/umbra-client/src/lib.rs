@@ -19,6 +19,7 @@ mod error;
 #[cfg(feature = "test-fixtures")]
 mod fixtures;
 mod link;
+pub mod metadata;
 mod pairing;
 mod receipts;
 mod safety;
@@ -30,7 +31,8 @@ mod vault;
 mod wipe;
 
 pub use client::{
-    Client, ClientOptions, JoinedAccount, LinkedDevice, PendingLink, mime_type_of, safe_file_name,
+    Client, ClientOptions, FileOptions, JoinedAccount, LinkedDevice, PendingLink, mime_type_of,
+    safe_file_name,
 };
 pub use disappearing::{DEFAULT_TIMER, MAX_TIMER, MIN_TIMER, describe as describe_timer};
 pub use distributor::DistributorSession;

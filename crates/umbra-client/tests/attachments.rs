@@ -415,3 +415,76 @@ async fn files_expire_with_their_messages_on_both_devices_and_at_the_server() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A JPEG's structure with a camera's metadata around a (fake) scan.
+fn photo_with_metadata() -> Vec<u8> {
+    fn segment(marker: u8, contents: &[u8]) -> Vec<u8> {
+        let mut out = vec![0xFF, marker];
+        out.extend_from_slice(&u16::try_from(contents.len() + 2).unwrap().to_be_bytes());
+        out.extend_from_slice(contents);
+        out
+    }
+    let mut jpeg = vec![0xFF, 0xD8];
+    jpeg.extend(segment(0xE0, b"JFIF\0\x01\x01\0\0\x01\0\x01\0\0"));
+    jpeg.extend(segment(0xE1, b"Exif\0\0GPS 52.5200N 13.4050E"));
+    jpeg.extend(segment(0xFE, b"taken at home"));
+    jpeg.extend(segment(0xDA, &[1, 1, 0, 0, 0x3F, 0]));
+    jpeg.extend_from_slice(&[0x12, 0x34, 0x56, 0xFF, 0xD9]);
+    jpeg
+}
+
+#[tokio::test]
+async fn a_photo_arrives_without_where_it_was_taken_unless_asked() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    let outside = tempfile::tempdir().unwrap();
+    let path = outside.path().join("IMG_0001.JPG");
+    std::fs::write(&path, photo_with_metadata()).unwrap();
+
+    let sent = alice
+        .client
+        .send_file(&conversation, &path, None)
+        .await
+        .unwrap();
+    assert_eq!(sent.attachment.unwrap().mime_type, "image/jpeg");
+    let received = next_file(&mut bob).await;
+    let saved = outside.path().join("stripped.jpg");
+    bob.client
+        .save_attachment(received.id, &saved)
+        .await
+        .unwrap();
+    let stripped = std::fs::read(&saved).unwrap();
+    assert!(!contains(&stripped, b"GPS") && !contains(&stripped, b"taken at home"));
+    assert!(contains(&stripped, b"JFIF") && stripped.ends_with(&[0x12, 0x34, 0x56, 0xFF, 0xD9]));
+    assert_eq!(received.attachment.unwrap().size, stripped.len() as u64);
+
+    // Asked to keep it: sent byte for byte.
+    let options = umbra_client::FileOptions {
+        caption: None,
+        keep_metadata: true,
+    };
+    alice
+        .client
+        .send_file_with(&conversation, &path, options)
+        .await
+        .unwrap();
+    let received = next_file(&mut bob).await;
+    let kept = outside.path().join("kept.jpg");
+    bob.client
+        .save_attachment(received.id, &kept)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&kept).unwrap(), photo_with_metadata());
+
+    // Not a JPEG after all: refused, not sent with what it holds.
+    std::fs::write(&path, b"GPS 52.5200N, not an image").unwrap();
+    assert!(
+        alice
+            .client
+            .send_file(&conversation, &path, None)
+            .await
+            .is_err()
+    );
+}

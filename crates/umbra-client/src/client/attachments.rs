@@ -113,6 +113,15 @@ pub fn safe_file_name(name: &str) -> String {
     }
 }
 
+/// How a file is sent.
+#[derive(Debug, Clone, Default)]
+pub struct FileOptions {
+    /// Text shown with it.
+    pub caption: Option<String>,
+    /// Send a photo as it is, with what its camera wrote into it.
+    pub keep_metadata: bool,
+}
+
 /// One attachment row, as a download or a save needs it.
 struct Stored {
     blob_id: BlobId,
@@ -172,7 +181,23 @@ impl Client {
         path: &Path,
         caption: Option<&str>,
     ) -> Result<Message> {
-        let caption = caption.unwrap_or_default().to_owned();
+        let options = FileOptions {
+            caption: caption.map(str::to_owned),
+            keep_metadata: false,
+        };
+        self.send_file_with(conversation, path, options).await
+    }
+
+    /// [`Client::send_file`], with `options`: a photo's metadata (where
+    /// and when it was taken, the camera) is removed first unless
+    /// `keep_metadata` (`crate::metadata`).
+    pub async fn send_file_with(
+        &self,
+        conversation: &ConversationId,
+        path: &Path,
+        options: FileOptions,
+    ) -> Result<Message> {
+        let caption = options.caption.unwrap_or_default();
         if caption.len() > MAX_CAPTION_BYTES {
             return Err(ClientError::Invalid(format!(
                 "a caption holds at most {MAX_CAPTION_BYTES} bytes"
@@ -191,10 +216,25 @@ impl Client {
         let group_id = self.group_id_of(conversation)?;
         let timer = self.conversation(conversation)?.disappear_after;
         let mut file = std::fs::File::open(path).map_err(io)?;
-        let size = file.metadata().map_err(io)?.len();
+        let mut size = file.metadata().map_err(io)?.len();
         if size > umbra_proto::content::MAX_ATTACHMENT_SIZE {
             return Err(ClientError::Invalid("the file is too large".into()));
         }
+        let mime_type = mime_type_of(&name);
+        // A photo without what its camera wrote about it, read whole (an
+        // image's container is rewritten, not streamed).
+        let stripped = if crate::metadata::strips(mime_type) && !options.keep_metadata {
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes).map_err(io)?;
+            let bytes =
+                tokio::task::spawn_blocking(move || crate::metadata::strip(mime_type, bytes))
+                    .await
+                    .map_err(|e| ClientError::Store(e.to_string()))??;
+            size = bytes.len() as u64;
+            Some(bytes)
+        } else {
+            None
+        };
         // The blob's size follows from the file's: the server says now
         // whether it takes it, before anything is sealed.
         let blob_id = match self
@@ -222,12 +262,15 @@ impl Client {
         let sealed = tokio::task::spawn_blocking(move || {
             let mut output =
                 std::io::BufWriter::new(std::fs::File::create(&sealing_to).map_err(io)?);
-            let sealed = seal::seal_file(
-                &sealing_key,
-                size,
-                &mut std::io::BufReader::new(&mut file),
-                &mut output,
-            )?;
+            let sealed = match &stripped {
+                Some(bytes) => seal::seal_file(&sealing_key, size, &mut &bytes[..], &mut output)?,
+                None => seal::seal_file(
+                    &sealing_key,
+                    size,
+                    &mut std::io::BufReader::new(&mut file),
+                    &mut output,
+                )?,
+            };
             output
                 .into_inner()
                 .map_err(|e| io(e.into_error()))?
@@ -255,7 +298,7 @@ impl Client {
                 key: *key.as_bytes(),
                 digest,
                 size,
-                mime_type: mime_type_of(&name).to_owned(),
+                mime_type: mime_type.to_owned(),
                 name,
                 caption,
                 duration_ms: 0,

@@ -29,7 +29,7 @@ use crate::link::Link;
 mod anonymous;
 mod apply;
 mod attachments;
-pub use attachments::{mime_type_of, safe_file_name};
+pub use attachments::{FileOptions, mime_type_of, safe_file_name};
 mod commits;
 mod contacts;
 mod conversations;
