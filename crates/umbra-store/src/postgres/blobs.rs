@@ -278,15 +278,33 @@ impl Blobs for PgStore {
                 &[],
             )
             .await?;
-            Ok::<_, Failure>(tx
-                .execute(
-                    "DELETE FROM blobs
-                     WHERE expires_at <= $1 OR (stored < size AND touched_at < $2)
-                        OR (stored = size AND NOT EXISTS (
-                            SELECT 1 FROM blob_recipients r WHERE r.blob_id = blobs.blob_id))",
-                    &[&big(now), &big(idle_before)],
-                )
-                .await?)
-        })
+            Ok::<_, Failure>(())
+        })?;
+        // A few blobs a transaction (each may take a hundred MiB of chunks
+        // with it), so a backlog never outlasts a transaction's bound.
+        let mut deleted = 0;
+        loop {
+            let batch = transaction!(self, tx => {
+                Ok::<_, Failure>(tx
+                    .execute(
+                        "DELETE FROM blobs WHERE blob_id IN (
+                             SELECT blob_id FROM blobs
+                             WHERE expires_at <= $1 OR (stored < size AND touched_at < $2)
+                                OR (stored = size AND NOT EXISTS (
+                                    SELECT 1 FROM blob_recipients r
+                                    WHERE r.blob_id = blobs.blob_id))
+                             LIMIT $3)",
+                        &[&big(now), &big(idle_before), &big(EXPIRY_BATCH)],
+                    )
+                    .await?)
+            })?;
+            deleted += batch;
+            if batch < EXPIRY_BATCH {
+                return Ok(deleted);
+            }
+        }
     }
 }
+
+/// Blobs deleted per transaction by the expiry sweep.
+const EXPIRY_BATCH: u64 = 16;
