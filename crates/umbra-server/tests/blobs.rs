@@ -83,6 +83,7 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
         config.max_file_bytes = 2 * MIB;
         config.blob_bytes_in_flight_per_line = 4 * MIB;
         config.blob_bytes_per_line = 8 * MIB;
+        config.blob_read_bytes_per_hour = 4 * MIB;
     })
     .await;
     let alice_key = DeviceSigner::from_secret(&[1; 32]);
@@ -202,6 +203,27 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
     alice
         .expect_error(get(BlobId([7; 16]), 0, 10), ErrorCode::UnknownBlob)
         .await;
+    // Reading it over and over stops at the line's hourly budget (4 MiB;
+    // 1.1 read above), and the line goes on otherwise (below).
+    let mut refusal = None;
+    for _ in 0..8 {
+        if let Err(error) = alice.call(get(blob, 0, MAX_BLOB_CHUNK as u32)).await {
+            refusal = Some(error);
+            break;
+        }
+    }
+    let refusal = refusal.expect("the download budget never ran out");
+    assert_eq!(
+        refusal.code,
+        ErrorCode::QuotaExceeded,
+        "{}",
+        refusal.message
+    );
+    assert!(
+        refusal.message.contains("downloaded"),
+        "{}",
+        refusal.message
+    );
     // A blob's file is its ciphertext as sent, under the data directory.
     let file = server.data.path().join("blobs").join(blob.to_hex());
     assert_eq!(std::fs::read(&file).unwrap(), bytes);

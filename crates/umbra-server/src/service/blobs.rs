@@ -185,6 +185,19 @@ impl Services {
         offset: u64,
         length: u32,
     ) -> Outcome {
+        let now = tokio::time::Instant::now();
+        self.blob_read_budget
+            .check(&me.account, now)
+            .map_err(|wait| {
+                refuse(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "this line downloaded more than {} MiB of files this hour; try again in {} s",
+                        mib(self.limits.config.blob_read_bytes_per_hour),
+                        wait.as_secs().max(1)
+                    ),
+                )
+            })?;
         match self
             .store
             .read_blob(&blob, me, offset, length, self.now())
@@ -193,6 +206,8 @@ impl Services {
         {
             BlobRead::Data { data, size } => {
                 self.metrics.blob_bytes_read.inc_by(data.len() as u64);
+                self.blob_read_budget
+                    .charge(&me.account, data.len() as u64, now);
                 Ok(Reply::BlobData { data, size })
             }
             BlobRead::Unknown => Err(unknown_blob()),
