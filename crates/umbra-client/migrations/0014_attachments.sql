@@ -15,6 +15,8 @@ CREATE TABLE attachments (
     mime_type TEXT NOT NULL,
     name TEXT NOT NULL,
     duration_ms INTEGER NOT NULL DEFAULT 0,
+    -- A photo's thumbnail (a small JPEG from its sender), if any.
+    thumbnail BLOB,
     state TEXT NOT NULL
 );
 CREATE INDEX attachments_by_blob ON attachments(blob_id);
@@ -31,5 +33,6 @@ CREATE TABLE uploads (
     size INTEGER NOT NULL,
     mime_type TEXT NOT NULL,
     name TEXT NOT NULL,
-    caption TEXT NOT NULL
+    caption TEXT NOT NULL,
+    thumbnail BLOB
 );

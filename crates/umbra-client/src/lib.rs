@@ -26,6 +26,7 @@ mod safety;
 pub mod seal;
 mod secret;
 mod store;
+pub mod thumbnail;
 mod types;
 mod vault;
 mod wipe;

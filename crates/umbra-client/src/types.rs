@@ -202,6 +202,8 @@ pub struct AttachmentInfo {
     pub state: AttachmentState,
     /// Voice notes: their length.
     pub duration_ms: u32,
+    /// Photos: whether a thumbnail came with it (`Client::thumbnail`).
+    pub has_thumbnail: bool,
 }
 
 /// Where a message's file stands on this device.

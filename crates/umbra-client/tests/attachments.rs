@@ -95,7 +95,7 @@ async fn a_file_to_a_contact_who_is_offline_arrives_whole_and_leaves_no_plaintex
 
     let outside = tempfile::tempdir().unwrap();
     let data = file_bytes(20 * 1024 * 1024 + 12_345, 1);
-    let path = outside.path().join("holiday.png");
+    let path = outside.path().join("holiday.mp4");
     std::fs::write(&path, &data).unwrap();
     let sent = alice
         .client
@@ -105,9 +105,9 @@ async fn a_file_to_a_contact_who_is_offline_arrives_whole_and_leaves_no_plaintex
     let info = sent.attachment.clone().unwrap();
     assert_eq!(
         (info.name.as_str(), info.size),
-        ("holiday.png", data.len() as u64)
+        ("holiday.mp4", data.len() as u64)
     );
-    assert_eq!(info.mime_type, "image/png");
+    assert_eq!(info.mime_type, "video/mp4");
     assert_eq!(info.state, AttachmentState::Sent);
     assert_eq!(sent.body, "the view");
 
@@ -135,7 +135,7 @@ async fn a_file_to_a_contact_who_is_offline_arrives_whole_and_leaves_no_plaintex
     assert_eq!(file.state, AttachmentState::Available);
     assert_eq!(
         (file.name.as_str(), file.size),
-        ("holiday.png", data.len() as u64)
+        ("holiday.mp4", data.len() as u64)
     );
     assert_eq!(received.body, "the view");
     assert_eq!(
@@ -182,11 +182,18 @@ async fn a_photo_to_a_group_of_five_stays_until_the_last_member_fetched_it() {
     let members: Vec<_> = others.iter().map(Device::id).collect();
     let group = alice.client.create_group("trip", &members).await.unwrap();
     let outside = tempfile::tempdir().unwrap();
-    let data = file_bytes(300_000, 2);
+    // A real photo (noise, so it does not compress to nothing).
+    let noise = file_bytes(200 * 200 * 3, 2);
+    let photo = image::RgbImage::from_raw(200, 200, noise).unwrap();
     let path = outside.path().join("group.jpg");
-    std::fs::write(&path, &data).unwrap();
-    alice.client.send_file(&group, &path, None).await.unwrap();
+    photo.save(&path).unwrap();
+    let sent = alice.client.send_file(&group, &path, None).await.unwrap();
     assert_eq!(blob_files(&server), 1);
+    // What was sent (the photo without metadata), as its sender keeps it.
+    let mine = outside.path().join("mine.jpg");
+    alice.client.save_attachment(sent.id, &mine).await.unwrap();
+    let data = std::fs::read(&mine).unwrap();
+    assert!(data.len() > 10_000);
 
     for (n, other) in others.iter_mut().enumerate() {
         let message = next_file(other).await;
@@ -487,4 +494,53 @@ async fn a_photo_arrives_without_where_it_was_taken_unless_asked() {
             .await
             .is_err()
     );
+}
+
+#[tokio::test]
+async fn a_photo_shows_its_thumbnail_before_it_is_fetched() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    // A photo: left half red, right half blue.
+    let photo = image::RgbImage::from_fn(400, 200, |x, _| {
+        if x < 200 {
+            image::Rgb([255, 0, 0])
+        } else {
+            image::Rgb([0, 0, 255])
+        }
+    });
+    let outside = tempfile::tempdir().unwrap();
+    let path = outside.path().join("flag.jpg");
+    photo.save(&path).unwrap();
+    let sent = alice
+        .client
+        .send_file(&conversation, &path, None)
+        .await
+        .unwrap();
+    assert!(sent.attachment.unwrap().has_thumbnail);
+
+    let received = next_file(&mut bob).await;
+    let file = received.attachment.clone().unwrap();
+    assert!(file.has_thumbnail);
+    assert_eq!(file.state, AttachmentState::Available, "not fetched yet");
+    let thumbnail = bob.client.thumbnail(received.id).unwrap().unwrap();
+    assert!(thumbnail.len() <= umbra_proto::content::MAX_THUMBNAIL_BYTES);
+    let picture = umbra_client::thumbnail::picture(&thumbnail, 40, 40).unwrap();
+    assert_eq!((picture.width, picture.height), (40, 20));
+    let [r, _, b] = picture.at(5, 10);
+    assert!(r > 200 && b < 60, "left is red: {r} {b}");
+    let [r, _, b] = picture.at(35, 10);
+    assert!(b > 200 && r < 60, "right is blue: {r} {b}");
+    // A file that is not a photo has none.
+    let text = outside.path().join("notes.txt");
+    std::fs::write(&text, b"hello").unwrap();
+    alice
+        .client
+        .send_file(&conversation, &text, None)
+        .await
+        .unwrap();
+    let received = next_file(&mut bob).await;
+    assert!(!received.attachment.unwrap().has_thumbnail);
+    assert_eq!(bob.client.thumbnail(received.id).unwrap(), None);
 }

@@ -141,6 +141,11 @@ pub enum Overlay {
         message: i64,
         input: String,
     },
+    /// A photo's thumbnail, drawn with half blocks.
+    Picture {
+        name: String,
+        picture: umbra_client::thumbnail::Picture,
+    },
 }
 
 /// Work for the run loop. Its `Debug` shows no passphrase or activation
@@ -167,6 +172,7 @@ pub enum Action {
     MarkVerified(AccountId),
     SendFile(ConversationId, std::path::PathBuf),
     SaveFile(i64, std::path::PathBuf),
+    ShowPicture(i64),
     Quit,
 }
 
@@ -189,6 +195,7 @@ impl std::fmt::Debug for Action {
             Action::MarkVerified(a) => write!(f, "MarkVerified({a})"),
             Action::SendFile(id, _) => write!(f, "SendFile({id}, ..)"),
             Action::SaveFile(message, _) => write!(f, "SaveFile({message}, ..)"),
+            Action::ShowPicture(message) => write!(f, "ShowPicture({message})"),
             Action::Quit => f.write_str("Quit"),
         }
     }
@@ -572,6 +579,18 @@ impl App {
             }
             return None;
         }
+        if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('v') {
+            let photo = self
+                .messages
+                .iter()
+                .rev()
+                .find(|m| m.attachment.as_ref().is_some_and(|f| f.has_thumbnail));
+            match photo {
+                Some(message) => return Some(Action::ShowPicture(message.id)),
+                None => self.status = Some("No photo in this conversation".into()),
+            }
+            return None;
+        }
         if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('a') {
             if self
                 .current()
@@ -804,6 +823,8 @@ impl App {
                     None
                 }
             },
+            // Any key closes it.
+            Overlay::Picture { .. } => None,
             Overlay::Safety {
                 account,
                 digits,
@@ -904,6 +925,7 @@ mod tests {
                 mime_type: "text/plain".into(),
                 state: umbra_client::AttachmentState::Fetched,
                 duration_ms: 0,
+                has_thumbnail: false,
             }),
         }];
         app.on_key(ctrl('s'));
@@ -919,6 +941,18 @@ mod tests {
             app.on_key(key(KeyCode::Enter)),
             Some(Action::SaveFile(9, ".bashrc.txt".into()))
         );
+        // No photo with a thumbnail: said so; then one.
+        app.overlay = Overlay::None;
+        assert_eq!(app.on_key(ctrl('v')), None);
+        assert!(
+            app.status
+                .as_deref()
+                .is_some_and(|s| s.contains("No photo"))
+        );
+        if let Some(file) = app.messages[0].attachment.as_mut() {
+            file.has_thumbnail = true;
+        }
+        assert_eq!(app.on_key(ctrl('v')), Some(Action::ShowPicture(9)));
     }
 
     #[test]

@@ -532,6 +532,24 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
                 }),
             )
         }
+        Action::ShowPicture(message) => {
+            let name = app
+                .messages
+                .iter()
+                .find(|m| m.id == message)
+                .and_then(|m| m.attachment.as_ref())
+                .map(|f| f.name.clone())
+                .unwrap_or_default();
+            let picture = client
+                .thumbnail(message)
+                .ok()
+                .flatten()
+                .and_then(|bytes| umbra_client::thumbnail::picture(&bytes, 72, 40));
+            match picture {
+                Some(picture) => app.overlay = Overlay::Picture { name, picture },
+                None => app.status = Some("This photo's thumbnail cannot be shown".into()),
+            }
+        }
         Action::SaveFile(message, path) => {
             app.overlay = Overlay::None;
             spawn(

@@ -21,6 +21,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("Ctrl-A (writing)", "to a group: send without logging in"),
     ("Ctrl-F (writing)", "send a file (its path)"),
     ("Ctrl-S (writing)", "save the conversation's latest file"),
+    ("Ctrl-V (writing)", "show the conversation's latest photo"),
     ("r", "contact requests (Enter accepts, d declines)"),
     ("n", "new contact (by account ID)"),
     ("g", "new group (name, Tab, members)"),
@@ -590,6 +591,34 @@ fn overlay(frame: &mut Frame<'_>, app: &App) {
             lines.push(Line::from("Enter sets it for everyone · Esc"));
             dialog(frame, "messages disappear after", lines, 40);
         }
+        Overlay::Picture { name, picture } => {
+            // Two pixels a cell: the upper half block in the top pixel's
+            // colour on the bottom pixel's.
+            let mut lines: Vec<Line<'_>> = (0..picture.height.div_ceil(2))
+                .map(|row| {
+                    Line::from(
+                        (0..picture.width)
+                            .map(|x| {
+                                let [r, g, b] = picture.at(x, row * 2);
+                                let [r2, g2, b2] = picture.at(x, row * 2 + 1);
+                                Span::styled(
+                                    "▀",
+                                    Style::default()
+                                        .fg(Color::Rgb(r, g, b))
+                                        .bg(Color::Rgb(r2, g2, b2)),
+                                )
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                })
+                .collect();
+            lines.push(Line::from(""));
+            lines.push(Line::from(
+                "A thumbnail from its sender · Ctrl-S saves the photo · any key closes",
+            ));
+            let title = format!("{}", crate::escape::printable(name));
+            dialog(frame, &title, lines, 76);
+        }
         Overlay::AttachFile { input } => dialog(
             frame,
             "send a file",
@@ -917,6 +946,7 @@ mod tests {
             mime_type: "image/jpeg".into(),
             state: umbra_client::AttachmentState::Sent,
             duration_ms: 0,
+            has_thumbnail: true,
         });
         let mut received = message(8, Direction::In, "GUF8EA6B", "", None);
         received.attachment = Some(umbra_client::AttachmentInfo {
@@ -925,6 +955,7 @@ mod tests {
             mime_type: "application/pdf".into(),
             state: umbra_client::AttachmentState::Available,
             duration_ms: 0,
+            has_thumbnail: false,
         });
         app.messages.push(sent);
         app.messages.push(received);
@@ -939,6 +970,15 @@ mod tests {
             input: "harbour.jpg".into(),
         };
         check("save_file", render(&app, 100, 20));
+        app.overlay = Overlay::Picture {
+            name: "harbour.jpg".into(),
+            picture: umbra_client::thumbnail::Picture {
+                width: 8,
+                height: 4,
+                pixels: vec![[200, 10, 10]; 32],
+            },
+        };
+        check("picture", render(&app, 100, 20));
     }
 
     #[test]

@@ -44,8 +44,8 @@ pub(super) fn record_attachment(
 ) -> Result<()> {
     tx.execute(
         "INSERT INTO attachments (message_id, blob_id, file_key, digest, size, mime_type, name,
-                                  duration_ms, state)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                  duration_ms, state, thumbnail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             message_id,
             &attachment.blob_id.0[..],
@@ -55,7 +55,8 @@ pub(super) fn record_attachment(
             attachment.mime_type,
             attachment.name,
             attachment.duration_ms,
-            state.as_str()
+            state.as_str(),
+            (!attachment.thumbnail.is_empty()).then_some(&attachment.thumbnail)
         ],
     )?;
     Ok(())
@@ -69,6 +70,7 @@ pub(super) fn info_of(attachment: &Attachment, state: AttachmentState) -> Attach
         mime_type: attachment.mime_type.clone(),
         state,
         duration_ms: attachment.duration_ms,
+        has_thumbnail: !attachment.thumbnail.is_empty(),
     }
 }
 
@@ -221,19 +223,27 @@ impl Client {
             return Err(ClientError::Invalid("the file is too large".into()));
         }
         let mime_type = mime_type_of(&name);
-        // A photo without what its camera wrote about it, read whole (an
-        // image's container is rewritten, not streamed).
-        let stripped = if crate::metadata::strips(mime_type) && !options.keep_metadata {
+        // A photo is read whole: without what its camera wrote about it
+        // (its container rewritten, not streamed), and with a thumbnail.
+        let (stripped, thumbnail) = if crate::metadata::strips(mime_type) {
             let mut bytes = Vec::new();
             file.read_to_end(&mut bytes).map_err(io)?;
-            let bytes =
-                tokio::task::spawn_blocking(move || crate::metadata::strip(mime_type, bytes))
-                    .await
-                    .map_err(|e| ClientError::Store(e.to_string()))??;
+            let keep = options.keep_metadata;
+            let (bytes, thumbnail) = tokio::task::spawn_blocking(move || {
+                let bytes = if keep {
+                    bytes
+                } else {
+                    crate::metadata::strip(mime_type, bytes)?
+                };
+                let thumbnail = crate::thumbnail::make(&bytes).unwrap_or_default();
+                Ok::<_, ClientError>((bytes, thumbnail))
+            })
+            .await
+            .map_err(|e| ClientError::Store(e.to_string()))??;
             size = bytes.len() as u64;
-            Some(bytes)
+            (Some(bytes), thumbnail)
         } else {
-            None
+            (None, Vec::new())
         };
         // The blob's size follows from the file's: the server says now
         // whether it takes it, before anything is sealed.
@@ -303,13 +313,13 @@ impl Client {
                 caption,
                 duration_ms: 0,
                 waveform: Vec::new(),
-                thumbnail: Vec::new(),
+                thumbnail,
             },
         };
         self.db().execute(
             "INSERT INTO uploads (blob_id, uid, group_id, file_key, digest, size, mime_type, name,
-                                  caption)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                  caption, thumbnail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 &blob_id.0[..],
                 &uid[..],
@@ -319,7 +329,8 @@ impl Client {
                 size,
                 upload.attachment.mime_type,
                 upload.attachment.name,
-                upload.attachment.caption
+                upload.attachment.caption,
+                (!upload.attachment.thumbnail.is_empty()).then_some(&upload.attachment.thumbnail)
             ],
         )?;
         std::fs::rename(&draft, self.sealed_path(&blob_id)?).map_err(io)?;
@@ -433,7 +444,8 @@ impl Client {
         let uploads: Vec<Upload> = {
             let db = self.db();
             let mut statement = db.prepare(
-                "SELECT blob_id, uid, group_id, file_key, digest, size, mime_type, name, caption
+                "SELECT blob_id, uid, group_id, file_key, digest, size, mime_type, name, caption,
+                        thumbnail
                  FROM uploads ORDER BY rowid",
             )?;
             let rows = statement.query_map([], |row| {
@@ -447,11 +459,13 @@ impl Client {
                     row.get::<_, String>(6)?,
                     row.get::<_, String>(7)?,
                     row.get::<_, String>(8)?,
+                    row.get::<_, Option<Vec<u8>>>(9)?,
                 ))
             })?;
             let mut uploads = Vec::new();
             for row in rows {
-                let (blob, uid, group_id, key, digest, size, mime_type, name, caption) = row?;
+                let (blob, uid, group_id, key, digest, size, mime_type, name, caption, thumbnail) =
+                    row?;
                 let blob_id = BlobId::from_slice(&blob)?;
                 let corrupt = |_| ClientError::Store("an upload's row".into());
                 uploads.push(Upload {
@@ -468,7 +482,7 @@ impl Client {
                         caption,
                         duration_ms: 0,
                         waveform: Vec::new(),
-                        thumbnail: Vec::new(),
+                        thumbnail: thumbnail.unwrap_or_default(),
                     },
                 });
             }
@@ -729,6 +743,20 @@ impl Client {
         })
         .await
         .map_err(|e| ClientError::Store(e.to_string()))?
+    }
+
+    /// Message `message_id`'s thumbnail (a small JPEG from its sender, to
+    /// be read with `crate::thumbnail::picture`), if it came with one.
+    pub fn thumbnail(&self, message_id: i64) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db()
+            .query_row(
+                "SELECT thumbnail FROM attachments WHERE message_id = ?1",
+                [message_id],
+                |row| row.get::<_, Option<Vec<u8>>>(0),
+            )
+            .optional()?
+            .flatten())
     }
 
     /// Deletes every sealed file (and part of one) whose message is gone,

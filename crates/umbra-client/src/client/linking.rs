@@ -856,10 +856,11 @@ fn copy_message_files(db: &rusqlite::Connection, now: u64) -> Result<Table> {
         "mime_type",
         "name",
         "duration_ms",
+        "thumbnail",
     ];
     let mut statement = db.prepare(
         "SELECT m.uid, m.group_id, m.sender, a.blob_id, a.file_key, a.digest, a.size,
-                a.mime_type, a.name, a.duration_ms
+                a.mime_type, a.name, a.duration_ms, a.thumbnail
          FROM attachments a JOIN messages m ON m.id = a.message_id
          WHERE m.uid IS NOT NULL AND (m.expires_at IS NULL OR m.expires_at > ?1)
          ORDER BY m.id",
@@ -877,6 +878,8 @@ fn copy_message_files(db: &rusqlite::Connection, now: u64) -> Result<Table> {
                 Value::Text(row.get(7)?),
                 Value::Text(row.get(8)?),
                 Value::Integer(row.get(9)?),
+                row.get::<_, Option<Vec<u8>>>(10)?
+                    .map_or(Value::Null, |bytes| Value::Blob(hex::encode(bytes))),
             ])
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -904,6 +907,7 @@ fn insert_message_files(tx: &rusqlite::Transaction<'_>, table: &Table) -> Result
             mime,
             name,
             duration,
+            thumbnail,
         ] = values.as_slice()
         else {
             return Err(bad());
@@ -911,18 +915,26 @@ fn insert_message_files(tx: &rusqlite::Transaction<'_>, table: &Table) -> Result
         let fits = |value: &rusqlite::types::Value, len: usize| matches!(value, rusqlite::types::Value::Blob(bytes) if bytes.len() == len);
         let size_ok = matches!(size, rusqlite::types::Value::Integer(n)
             if u64::try_from(*n).is_ok_and(|n| n <= umbra_proto::content::MAX_ATTACHMENT_SIZE));
-        if !(fits(blob, 16) && fits(key, 32) && fits(digest, 32) && size_ok) {
+        let thumbnail_ok = match thumbnail {
+            rusqlite::types::Value::Null => true,
+            rusqlite::types::Value::Blob(bytes) => {
+                bytes.len() <= umbra_proto::content::MAX_THUMBNAIL_BYTES
+            }
+            _ => false,
+        };
+        if !(fits(blob, 16) && fits(key, 32) && fits(digest, 32) && size_ok && thumbnail_ok) {
             return Err(bad());
         }
         written += tx
             .prepare_cached(
                 "INSERT OR IGNORE INTO attachments (message_id, blob_id, file_key, digest, size,
-                                                    mime_type, name, duration_ms, state)
-                 SELECT id, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'available' FROM messages
+                                                    mime_type, name, duration_ms, thumbnail,
+                                                    state)
+                 SELECT id, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'available' FROM messages
                  WHERE uid = ?1 AND group_id = ?2 AND sender = ?3 ORDER BY id LIMIT 1",
             )?
             .execute(rusqlite::params![
-                uid, group, sender, blob, key, digest, size, mime, name, duration
+                uid, group, sender, blob, key, digest, size, mime, name, duration, thumbnail
             ])?;
     }
     Ok(written)

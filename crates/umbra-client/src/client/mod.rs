@@ -506,6 +506,7 @@ fn message_row(
                 mime_type: row.get(11)?,
                 state: crate::types::AttachmentState::parse(&row.get::<_, String>(12)?),
                 duration_ms: row.get(13)?,
+                has_thumbnail: row.get(14)?,
             }),
             None => None,
         },
