@@ -130,6 +130,10 @@ pub struct Config {
     /// member reading a large file over and over cannot monopolise the
     /// server's disk. Default 4294967296 (4 GiB).
     pub blob_read_bytes_per_hour: u64,
+    /// Bytes of attachments one line's devices may upload per hour (beyond
+    /// it: `QUOTA_EXCEEDED` until the hour refills it). Default 2147483648
+    /// (2 GiB: twenty of the largest files).
+    pub blob_upload_bytes_per_hour: u64,
     /// Longest an attachment is kept: its conversation's timer, at least a
     /// day, at most this. Default `7d`.
     #[serde(with = "humantime_serde_compat")]
@@ -190,6 +194,7 @@ impl Default for Config {
             blob_bytes_in_flight_per_line: 256 * 1024 * 1024,
             blob_bytes_per_line: 1024 * 1024 * 1024,
             blob_read_bytes_per_hour: 4 * 1024 * 1024 * 1024,
+            blob_upload_bytes_per_hour: 2 * 1024 * 1024 * 1024,
             blob_ttl: Duration::from_secs(7 * 86_400),
             blob_upload_idle: Duration::from_secs(3600),
             key_package_low_water: 10,
@@ -315,8 +320,9 @@ delivery_bytes_per_hour = 268435456
 max_file_bytes = 104857600
 blob_bytes_in_flight_per_line = 268435456
 blob_bytes_per_line = 1073741824
-# Bytes of attachments one line's devices may download per hour.
+# Bytes of attachments one line's devices may download, and upload, per hour.
 blob_read_bytes_per_hour = 4294967296
+blob_upload_bytes_per_hour = 2147483648
 blob_ttl = "7days"
 blob_upload_idle = "1h"
 

@@ -265,6 +265,7 @@ pub async fn run(
         send_budget: limits::SendBudget::new(config.delivery_bytes_per_hour),
         anonymous_budget: limits::SendBudget::new(config.anonymous_bytes_per_group_hour),
         blob_read_budget: limits::SendBudget::new(config.blob_read_bytes_per_hour),
+        blob_upload_budget: limits::SendBudget::new(config.blob_upload_bytes_per_hour),
         rendezvous: rendezvous::Rendezvous::new(config.max_rendezvous_bytes),
         clock: options.clock,
         limits: Limits {
@@ -588,6 +589,9 @@ async fn sweep_expired(services: Arc<Services>, every: Duration, shutdown: Cance
         services.send_budget.prune(tokio::time::Instant::now());
         services.anonymous_budget.prune(tokio::time::Instant::now());
         services.blob_read_budget.prune(tokio::time::Instant::now());
+        services
+            .blob_upload_budget
+            .prune(tokio::time::Instant::now());
         match services.purge_lapsed_lines().await {
             Ok(0) => {}
             Ok(ended) => info!(ended, "ended lines whose subscription lapsed"),

@@ -144,6 +144,8 @@ pub struct Services {
     pub anonymous_budget: crate::limits::SendBudget<GroupId>,
     /// Bytes of attachments each account may still download this hour.
     pub blob_read_budget: crate::limits::SendBudget,
+    /// Bytes of attachments each account may still upload this hour.
+    pub blob_upload_budget: crate::limits::SendBudget,
     /// Where devices being linked meet their account's existing device.
     pub rendezvous: crate::rendezvous::Rendezvous,
     pub clock: Arc<dyn Clock>,

@@ -84,6 +84,7 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
         config.blob_bytes_in_flight_per_line = 4 * MIB;
         config.blob_bytes_per_line = 8 * MIB;
         config.blob_read_bytes_per_hour = 4 * MIB;
+        config.blob_upload_bytes_per_hour = MIB;
     })
     .await;
     let alice_key = DeviceSigner::from_secret(&[1; 32]);
@@ -255,6 +256,24 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
     alice.alive().await;
     let carols = solo_group(&mut carol, &carol_key, &carol_id).await;
     assert!(create(&mut carol, &carols, MIB).await.is_ok());
+
+    // The line uploaded 1.1 MiB this hour (the chunk that crossed its
+    // 1 MiB went): the next upload waits for the hour to refill it.
+    let next = create(&mut carol, &carols, 10).await.unwrap();
+    assert!(
+        matches!(carol.call(put(next, 0, vec![1; 10])).await, Ok(_)),
+        "another line uploads"
+    );
+    let mine = alice.call(Request::BlobStatus { blob_id: blob }).await;
+    assert!(mine.is_ok());
+    let refused = alice.call(put(blob, 0, vec![1])).await.unwrap_err();
+    assert_eq!(
+        refused.code,
+        ErrorCode::QuotaExceeded,
+        "{}",
+        refused.message
+    );
+    assert!(refused.message.contains("uploaded"), "{}", refused.message);
 
     // Fetched by a device that was never waited for: nothing happens.
     assert_eq!(

@@ -132,9 +132,20 @@ impl Services {
         data: Vec<u8>,
     ) -> Outcome {
         self.require_active(&me.account).await?;
-        // Uploads count against the hour's delivery budget, as messages
-        // do: a line cannot churn the store without end.
-        self.within_budget(&me.account)?;
+        // Uploads have an hourly budget of their own (messages have
+        // theirs): a line cannot churn the store without end.
+        self.blob_upload_budget
+            .check(&me.account, tokio::time::Instant::now())
+            .map_err(|wait| {
+                refuse(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "this line uploaded more than {} MiB of files this hour; try again in {} s",
+                        mib(self.limits.config.blob_upload_bytes_per_hour),
+                        wait.as_secs().max(1)
+                    ),
+                )
+            })?;
         let outcome = self
             .store
             .put_blob(&blob, me, offset, &data, self.now())
@@ -143,7 +154,11 @@ impl Services {
         match outcome {
             BlobWrite::Stored(info) => {
                 self.metrics.blob_bytes_written.inc_by(data.len() as u64);
-                self.charge(&me.account, data.len(), 1);
+                self.blob_upload_budget.charge(
+                    &me.account,
+                    data.len() as u64,
+                    tokio::time::Instant::now(),
+                );
                 Ok(Reply::BlobState {
                     size: info.size,
                     stored: info.stored,
