@@ -261,7 +261,7 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
     // 1 MiB went): the next upload waits for the hour to refill it.
     let next = create(&mut carol, &carols, 10).await.unwrap();
     assert!(
-        matches!(carol.call(put(next, 0, vec![1; 10])).await, Ok(_)),
+        carol.call(put(next, 0, vec![1; 10])).await.is_ok(),
         "another line uploads"
     );
     let mine = alice.call(Request::BlobStatus { blob_id: blob }).await;
