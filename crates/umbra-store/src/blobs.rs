@@ -35,6 +35,21 @@ pub struct BlobQuota {
     pub stored: u64,
 }
 
+impl BlobQuota {
+    /// The refusal of a new blob of `size` for a line whose blobs take
+    /// `stored` bytes, `in_flight` of them unfinished; `None` if it fits.
+    /// The one rule every backend applies.
+    pub fn refusal(&self, size: u64, in_flight: u64, stored: u64) -> Option<BlobCreation> {
+        if in_flight.saturating_add(size) > self.in_flight {
+            return Some(BlobCreation::InFlightQuota { used: in_flight });
+        }
+        if stored.saturating_add(size) > self.stored {
+            return Some(BlobCreation::StoredQuota { used: stored });
+        }
+        None
+    }
+}
+
 /// How a [`Blobs::create_blob`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlobCreation {

@@ -66,18 +66,7 @@ impl TestServer {
 
     /// A server whose clock the test moves.
     pub async fn start_with_clock(clock: umbra_client::ManualClock) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("server");
-        let mut server = TestServer::start_full(
-            &data,
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::new(clock),
-            PushWindow::default(),
-            Box::new(|_| {}),
-        )
-        .await;
-        server._dir = Some(dir);
-        server
+        TestServer::start_with_clock_configured(clock, |_| {}).await
     }
 
     /// A server on `clock` whose configuration `adjust` changed first.

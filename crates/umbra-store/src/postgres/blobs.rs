@@ -77,11 +77,8 @@ impl Blobs for PgStore {
                 )
                 .await?;
             let (stored, in_flight) = (unsigned(usage.get(0))?, unsigned(usage.get(1))?);
-            if in_flight.saturating_add(blob.size) > quota.in_flight {
-                return Ok(BlobCreation::InFlightQuota { used: in_flight });
-            }
-            if stored.saturating_add(blob.size) > quota.stored {
-                return Ok(BlobCreation::StoredQuota { used: stored });
+            if let Some(refusal) = quota.refusal(blob.size, in_flight, stored) {
+                return Ok(refusal);
             }
             let inserted = tx
                 .execute(

@@ -309,11 +309,8 @@ impl Blobs for SqliteStore {
                     s.query_row(params![account, blob.now], |r| Ok((r.get(0)?, r.get(1)?)))
                 })
                 .map_err(backend)?;
-            if in_flight.saturating_add(blob.size) > quota.in_flight {
-                return Ok(BlobCreation::InFlightQuota { used: in_flight });
-            }
-            if stored.saturating_add(blob.size) > quota.stored {
-                return Ok(BlobCreation::StoredQuota { used: stored });
+            if let Some(refusal) = quota.refusal(blob.size, in_flight, stored) {
+                return Ok(refusal);
             }
             let inserted = tx
                 .prepare_cached(
