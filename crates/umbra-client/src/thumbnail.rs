@@ -62,6 +62,11 @@ fn decode(
     limits.max_alloc = Some(alloc);
     reader.limits(limits);
     let mut decoder = reader.into_decoder().ok()?;
+    // `image` enforces `max_alloc` only in `ImageReader::decode`: checked
+    // here, for the picture and the copy turning it may make.
+    if decoder.total_bytes().saturating_mul(2) > alloc {
+        return None;
+    }
     let orientation = decoder.orientation().ok()?;
     let mut image = DynamicImage::from_decoder(decoder).ok()?;
     image.apply_orientation(orientation);
@@ -113,6 +118,19 @@ mod tests {
             .encode_image(&image)
             .unwrap();
         out
+    }
+
+    #[test]
+    fn a_picture_larger_than_the_memory_allowed_is_not_decoded() {
+        // 1000 × 1000 RGB: 3 MB decoded, within the sides allowed.
+        let image = image::RgbImage::from_pixel(1000, 1000, image::Rgb([9, 9, 9]));
+        let mut png = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        assert!(png.len() < 100_000, "it compresses to little");
+        assert!(decode(&png, None, 20_000, 1 << 20).is_none());
+        assert!(decode(&png, None, 20_000, 8 << 20).is_some());
     }
 
     #[test]

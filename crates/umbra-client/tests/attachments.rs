@@ -485,6 +485,49 @@ async fn a_photo_arrives_without_where_it_was_taken_unless_asked() {
         .unwrap();
     assert_eq!(std::fs::read(&kept).unwrap(), photo_with_metadata());
 
+    // A photo's type is its bytes', whatever its name says: stripped all
+    // the same.
+    let unnamed = outside.path().join("photo");
+    std::fs::write(&unnamed, photo_with_metadata()).unwrap();
+    let sent = alice
+        .client
+        .send_file(&conversation, &unnamed, None)
+        .await
+        .unwrap();
+    assert_eq!(sent.attachment.unwrap().mime_type, "image/jpeg");
+    let received = next_file(&mut bob).await;
+    let saved = outside.path().join("unnamed.jpg");
+    bob.client
+        .save_attachment(received.id, &saved)
+        .await
+        .unwrap();
+    let stripped = std::fs::read(&saved).unwrap();
+    assert!(!contains(&stripped, b"GPS") && contains(&stripped, b"JFIF"));
+
+    // A format whose metadata cannot be removed (an iPhone's HEIC): not
+    // sent unless asked, however it is named.
+    let mut heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic".to_vec();
+    heic.extend_from_slice(b"Exif GPS 52.5200N");
+    let heic_path = outside.path().join("IMG_0002.jpg");
+    std::fs::write(&heic_path, &heic).unwrap();
+    let refused = alice
+        .client
+        .send_file(&conversation, &heic_path, None)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("HEIC"), "{refused}");
+    let options = umbra_client::FileOptions {
+        caption: None,
+        keep_metadata: true,
+    };
+    let sent = alice
+        .client
+        .send_file_with(&conversation, &heic_path, options)
+        .await
+        .unwrap();
+    assert_eq!(sent.attachment.unwrap().mime_type, "image/heic");
+    next_file(&mut bob).await;
+
     // Not a JPEG after all: refused, not sent with what it holds.
     std::fs::write(&path, b"GPS 52.5200N, not an image").unwrap();
     assert!(
@@ -543,4 +586,66 @@ async fn a_photo_shows_its_thumbnail_before_it_is_fetched() {
     let received = next_file(&mut bob).await;
     assert!(!received.attachment.unwrap().has_thumbnail);
     assert_eq!(bob.client.thumbnail(received.id).unwrap(), None);
+}
+
+/// A member who names one blob again in other messages, or under a false
+/// key, costs a recipient one download in all: a copy here serves every
+/// message that names it truly, and one that names it falsely is refused
+/// without a byte fetched.
+#[tokio::test]
+async fn a_blob_named_again_is_fetched_once() {
+    let server = TestServer::start().await;
+    let mut alice = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, _) = befriend(&mut alice, &mut bob).await;
+    let outside = tempfile::tempdir().unwrap();
+    let data = file_bytes(300_000, 7);
+    let path = outside.path().join("notes.bin");
+    std::fs::write(&path, &data).unwrap();
+    let sent = alice
+        .client
+        .send_file(&conversation, &path, None)
+        .await
+        .unwrap();
+    let first = next_file(&mut bob).await;
+    assert_eq!(
+        bob.client.fetch_attachment(first.id).await.unwrap(),
+        AttachmentState::Fetched
+    );
+    // Bob was its only recipient: the server has deleted it.
+    assert_eq!(blob_files(&server), 0);
+
+    // The same file named again: served from the copy here.
+    let attachment = alice.client.attachment_for_tests(sent.id).unwrap();
+    alice
+        .client
+        .send_attachment_for_tests(&conversation, attachment.clone())
+        .await
+        .unwrap();
+    let again = next_file(&mut bob).await;
+    assert_eq!(
+        bob.client.fetch_attachment(again.id).await.unwrap(),
+        AttachmentState::Fetched
+    );
+    let saved = outside.path().join("again.bin");
+    bob.client.save_attachment(again.id, &saved).await.unwrap();
+    assert_eq!(std::fs::read(&saved).unwrap(), data);
+
+    // Named under another key: refused, and refused again when asked.
+    let mut false_key = attachment;
+    false_key.key = [9; 32];
+    alice
+        .client
+        .send_attachment_for_tests(&conversation, false_key)
+        .await
+        .unwrap();
+    let forged = next_file(&mut bob).await;
+    for _ in 0..2 {
+        let refused = bob.client.fetch_attachment(forged.id).await.unwrap_err();
+        assert!(refused.to_string().contains("other contents"), "{refused}");
+    }
+    // The true copies are untouched.
+    let saved = outside.path().join("first.bin");
+    bob.client.save_attachment(first.id, &saved).await.unwrap();
+    assert_eq!(std::fs::read(&saved).unwrap(), data);
 }

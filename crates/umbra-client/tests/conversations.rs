@@ -290,8 +290,9 @@ async fn two_commits_in_one_epoch_one_wins_and_everyone_converges() {
     // Bob and Carol both commit at the same epoch, at the same time, until
     // the server has refused one of them as stale (the race this is about).
     // Whether a round has it depends on timing: on a fast machine ten
-    // rounds sometimes had none (twice in four full runs), so up to a
-    // hundred (a round takes some tens of milliseconds).
+    // rounds sometimes had none (twice in four full runs), and under the
+    // full suite's load on two cores a hundred once had none: so up to
+    // four hundred (a round takes some tens of milliseconds).
     let stale_refusals = || {
         server
             .frames()
@@ -307,7 +308,7 @@ async fn two_commits_in_one_epoch_one_wins_and_everyone_converges() {
             .count()
     };
     for round in 0.. {
-        assert!(round < 100, "a hundred rounds without a commit race");
+        assert!(round < 400, "four hundred rounds without a commit race");
         let (b, c) = tokio::join!(bob.client.update_keys(), carol.client.update_keys());
         assert_eq!(b.unwrap(), 2, "bob updated in both conversations");
         assert_eq!(c.unwrap(), 2);

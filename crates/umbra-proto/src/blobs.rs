@@ -58,6 +58,19 @@ pub fn sealed_len(size: u64) -> u64 {
     padded + segments(padded) * TAG as u64
 }
 
+/// Whether a blob of `size` bytes can hold a sealed file: some bucket
+/// [`padded_len`] gives, sealed. A server refuses any other size, so that
+/// no line can fill it with blobs smaller than a device ever makes.
+pub fn is_sealed_len(size: u64) -> bool {
+    // Every segment but the last is whole; the last holds 1 to SEGMENT
+    // bytes and its tag, so the segment count follows from the size.
+    let count = size.div_ceil(SEALED_SEGMENT as u64);
+    let Some(padded) = size.checked_sub(count.saturating_mul(TAG as u64)) else {
+        return false;
+    };
+    padded >= MIN_PADDED && padded_len(padded) == padded && sealed_len(padded) == size
+}
+
 /// A blob's random ID, drawn by the server. Knowing it is not enough to
 /// read the blob: only the uploader and the conversation's members may.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -129,5 +142,22 @@ mod tests {
             100_352 + 2 * 16,
             "protocol.md's example"
         );
+    }
+
+    #[test]
+    fn only_sealed_files_sizes_are_blob_sizes() {
+        let mut sizes = vec![0u64, 1, 65_536, 65_537, 100_000, 1 << 20, 3_000_001];
+        sizes.extend((0..400).map(|i| 60_000 + i * 7_919));
+        sizes.extend([100 << 20, (1 << 40) + 1]);
+        for size in sizes {
+            let sealed = sealed_len(size);
+            assert!(is_sealed_len(sealed), "{size} sealed is {sealed}");
+            assert!(!is_sealed_len(sealed - 1), "{sealed} - 1");
+            assert!(!is_sealed_len(sealed + 1), "{sealed} + 1");
+        }
+        for size in [0, 1, 10, 65_551, 65_553, u64::MAX] {
+            assert!(!is_sealed_len(size), "{size}");
+        }
+        assert!(is_sealed_len(SEALED_SEGMENT as u64), "one whole segment");
     }
 }

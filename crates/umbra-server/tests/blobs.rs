@@ -6,7 +6,7 @@ mod common;
 
 use common::{Raw, Server};
 use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Provider};
-use umbra_proto::blobs::MAX_BLOB_CHUNK;
+use umbra_proto::blobs::{MAX_BLOB_CHUNK, SEALED_SEGMENT, SEGMENT, sealed_len};
 use umbra_proto::{BlobId, ErrorCode, GroupId, Reply, Request};
 
 const MIB: u64 = 1024 * 1024;
@@ -114,22 +114,30 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
         ErrorCode::InvalidRequest
     );
     assert_eq!(
-        create(&mut carol, &group, 10).await.unwrap_err().code,
+        create(&mut carol, &group, sealed_len(0))
+            .await
+            .unwrap_err()
+            .code,
         ErrorCode::NotAMember
     );
     let nowhere = GroupId::new(vec![9; 16]).unwrap();
     assert_eq!(
-        create(&mut alice, &nowhere, 10).await.unwrap_err().code,
+        create(&mut alice, &nowhere, sealed_len(0))
+            .await
+            .unwrap_err()
+            .code,
         ErrorCode::UnknownGroup
     );
 
-    // A blob of 1.5 chunks: written only in order, by its uploader, never
-    // past its size.
-    let size = MAX_BLOB_CHUNK as u64 * 3 / 2;
+    // A blob of 20 sealed segments in two chunks: written only in order,
+    // by its uploader, never past its size.
+    let size = sealed_len(20 * SEGMENT as u64);
+    assert_eq!(size, 20 * SEALED_SEGMENT as u64);
     let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
     let blob = create(&mut alice, &group, size).await.unwrap();
-    let first = bytes[..MAX_BLOB_CHUNK].to_vec();
-    let rest = bytes[MAX_BLOB_CHUNK..].to_vec();
+    let split = 10 * SEALED_SEGMENT;
+    let first = bytes[..split].to_vec();
+    let rest = bytes[split..].to_vec();
     alice
         .expect_error(put(blob, 10, first.clone()), ErrorCode::BlobOffset)
         .await;
@@ -144,7 +152,7 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
         .await;
     assert!(matches!(
         alice.call(put(blob, 0, first.clone())).await,
-        Ok(Reply::BlobState { stored, .. }) if stored == MAX_BLOB_CHUNK as u64
+        Ok(Reply::BlobState { stored, .. }) if stored == split as u64
     ));
     // The same chunk again (a retry after a lost answer), or overlapping.
     alice
@@ -156,10 +164,7 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
     let mut past_end = rest.clone();
     past_end.push(0);
     alice
-        .expect_error(
-            put(blob, MAX_BLOB_CHUNK as u64, past_end),
-            ErrorCode::InvalidRequest,
-        )
+        .expect_error(put(blob, split as u64, past_end), ErrorCode::InvalidRequest)
         .await;
     alice
         .expect_error(get(blob, 0, 10), ErrorCode::BlobIncomplete)
@@ -179,7 +184,7 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
         }
         other => panic!("{other:?}"),
     };
-    assert_eq!(stored, MAX_BLOB_CHUNK as u64);
+    assert_eq!(stored, split as u64);
     assert!(matches!(
         alice.call(put(blob, stored, rest.clone())).await,
         Ok(Reply::BlobState { stored, size: s, .. }) if stored == s
@@ -205,7 +210,7 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
         .expect_error(get(BlobId([7; 16]), 0, 10), ErrorCode::UnknownBlob)
         .await;
     // Reading it over and over stops at the line's hourly budget (4 MiB;
-    // 1.1 read above), and the line goes on otherwise (below).
+    // 1.25 read above), and the line goes on otherwise (below).
     let mut refusal = None;
     for _ in 0..8 {
         if let Err(error) = alice.call(get(blob, 0, MAX_BLOB_CHUNK as u32)).await {
@@ -233,7 +238,7 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
     // other requests and other lines go on.
     let mut created = 0;
     let refusal = loop {
-        match create(&mut alice, &group, MIB).await {
+        match create(&mut alice, &group, sealed_len(MIB)).await {
             Ok(_) => created += 1,
             Err(error) => break error,
         }
@@ -255,18 +260,24 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
     assert_eq!(created, 1);
     alice.alive().await;
     let carols = solo_group(&mut carol, &carol_key, &carol_id).await;
-    assert!(create(&mut carol, &carols, MIB).await.is_ok());
+    assert!(create(&mut carol, &carols, sealed_len(MIB)).await.is_ok());
 
-    // The line uploaded 1.1 MiB this hour (the chunk that crossed its
+    // The line uploaded 1.25 MiB this hour (the chunk that crossed its
     // 1 MiB went): the next upload waits for the hour to refill it.
-    let next = create(&mut carol, &carols, 10).await.unwrap();
+    let next = create(&mut carol, &carols, sealed_len(0)).await.unwrap();
     assert!(
-        carol.call(put(next, 0, vec![1; 10])).await.is_ok(),
+        carol
+            .call(put(next, 0, vec![1; SEALED_SEGMENT]))
+            .await
+            .is_ok(),
         "another line uploads"
     );
     let mine = alice.call(Request::BlobStatus { blob_id: blob }).await;
     assert!(mine.is_ok());
-    let refused = alice.call(put(blob, 0, vec![1])).await.unwrap_err();
+    let refused = alice
+        .call(put(blob, 0, vec![1; SEALED_SEGMENT]))
+        .await
+        .unwrap_err();
     assert_eq!(
         refused.code,
         ErrorCode::QuotaExceeded,
@@ -281,4 +292,75 @@ async fn hostile_uploads_and_downloads_get_typed_errors_and_a_resumed_upload_com
         Ok(Reply::Done)
     );
     assert!(file.exists());
+}
+
+/// A blob is a sealed file's size, and is written in whole sealed segments
+/// but for its end: a line cannot fill the server with slivers (rows,
+/// files, chunks) nor make each read walk a million of them; a read of a
+/// sliver costs a segment of the hourly budget.
+#[tokio::test]
+async fn blobs_are_sealed_files_written_in_segments_and_slivers_cost_a_segment() {
+    let server = Server::start_with(|config| {
+        config.blob_read_bytes_per_hour = MIB;
+    })
+    .await;
+    let alice_key = DeviceSigner::from_secret(&[1; 32]);
+    let mut alice = Raw::connect(&server).await;
+    let alice_id = alice.registered(&server, &alice_key).await;
+    let group = solo_group(&mut alice, &alice_key, &alice_id).await;
+
+    for size in [1, 10, sealed_len(0) - 1, sealed_len(0) + 1, 1 << 20] {
+        let refused = create(&mut alice, &group, size).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::InvalidRequest, "{size}");
+        assert!(
+            refused.message.contains("sealed file"),
+            "{}",
+            refused.message
+        );
+    }
+
+    // 200,000 bytes sealed: 3 whole segments and 4,112 bytes.
+    let size = sealed_len(200_000);
+    let tail = size as usize - 3 * SEALED_SEGMENT;
+    assert_eq!(tail, 4_112);
+    let blob = create(&mut alice, &group, size).await.unwrap();
+    for sliver in [1, 10, SEALED_SEGMENT + SEALED_SEGMENT / 2, tail] {
+        let refused = alice.call(put(blob, 0, vec![7; sliver])).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::InvalidRequest, "{sliver} bytes");
+        assert!(
+            refused.message.contains("whole sealed segments"),
+            "{}",
+            refused.message
+        );
+    }
+    assert!(matches!(
+        alice.call(put(blob, 0, vec![7; 3 * SEALED_SEGMENT])).await,
+        Ok(Reply::BlobState { stored, .. }) if stored == 3 * SEALED_SEGMENT as u64
+    ));
+    // The end of the blob may be any length.
+    assert!(matches!(
+        alice.call(put(blob, 3 * SEALED_SEGMENT as u64, vec![7; tail])).await,
+        Ok(Reply::BlobState { stored, .. }) if stored == size
+    ));
+
+    // One-byte reads: each costs a segment of the 1 MiB hour, so the
+    // budget ends after 16 of them, not after a million.
+    let mut served = 0;
+    let refusal = loop {
+        match alice.call(get(blob, served, 1)).await {
+            Ok(Reply::BlobData { data, .. }) => assert_eq!(data, vec![7]),
+            Ok(other) => panic!("{other:?}"),
+            Err(error) => break error,
+        }
+        served += 1;
+        assert!(served < 40, "one-byte reads never ran out of budget");
+    };
+    assert_eq!(
+        refusal.code,
+        ErrorCode::QuotaExceeded,
+        "{}",
+        refusal.message
+    );
+    assert_eq!(served, 16);
+    alice.alive().await;
 }

@@ -933,13 +933,14 @@ mod tests {
             app.overlay,
             Overlay::SaveFile {
                 message: 9,
-                input: ".bashrc".into()
-            }
+                input: "bashrc".into()
+            },
+            "a hidden file (a shell's startup file) is never proposed"
         );
         typed(&mut app, ".txt");
         assert_eq!(
             app.on_key(key(KeyCode::Enter)),
-            Some(Action::SaveFile(9, ".bashrc.txt".into()))
+            Some(Action::SaveFile(9, "bashrc.txt".into()))
         );
         // No photo with a thumbnail: said so; then one.
         app.overlay = Overlay::None;

@@ -17,6 +17,7 @@ use umbra_proto::content::{Attachment, Body, MAX_CAPTION_BYTES, MAX_FILE_NAME_BY
 use umbra_proto::{BlobId, ErrorCode, GroupId, Reply, Request};
 
 use crate::error::{ClientError, Result};
+use crate::metadata::Sniffed;
 use crate::seal::{self, Checker, FileKey, SEALED_SEGMENT};
 use crate::types::{
     AttachmentInfo, AttachmentState, ConversationId, DeliveryState, Event, Message,
@@ -74,6 +75,9 @@ pub(super) fn info_of(attachment: &Attachment, state: AttachmentState) -> Attach
     }
 }
 
+/// The largest photo stripped of its metadata (it is read whole).
+const MAX_STRIPPED_BYTES: u64 = 128 << 20;
+
 /// A MIME type from a file name's extension (the common ones; anything
 /// else is `application/octet-stream`).
 pub fn mime_type_of(name: &str) -> &'static str {
@@ -100,17 +104,30 @@ pub fn mime_type_of(name: &str) -> &'static str {
 }
 
 /// A sender's file name made safe to save under: its last component, no
-/// control characters, never empty, `.` or `..`.
+/// control or invisible formatting characters (bidirectional overrides,
+/// zero-width characters), and no leading dot (a hidden file, such as a
+/// shell's startup file, is never proposed); never empty.
 pub fn safe_file_name(name: &str) -> String {
     let last = name.rsplit(['/', '\\']).next().unwrap_or_default();
     let cleaned: String = last
         .chars()
         .filter(|c| {
-            !c.is_control() && !matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            !c.is_control()
+                && !matches!(
+                    c,
+                    '\u{00ad}'
+                        | '\u{061c}'
+                        | '\u{180e}'
+                        | '\u{200b}'..='\u{200f}'
+                        | '\u{202a}'..='\u{202e}'
+                        | '\u{2060}'..='\u{2064}'
+                        | '\u{2066}'..='\u{2069}'
+                        | '\u{feff}'
+                )
         })
         .collect();
-    match cleaned.trim() {
-        "" | "." | ".." => "file".into(),
+    match cleaned.trim().trim_start_matches('.').trim() {
+        "" => "file".into(),
         name => name.to_owned(),
     }
 }
@@ -222,7 +239,30 @@ impl Client {
         if size > umbra_proto::content::MAX_ATTACHMENT_SIZE {
             return Err(ClientError::Invalid("the file is too large".into()));
         }
-        let mime_type = mime_type_of(&name);
+        // The type is the bytes', not the name's: a photo named anything
+        // is stripped, and one whose metadata cannot be is not sent
+        // unless asked.
+        let mut head = Vec::with_capacity(32);
+        (&mut file).take(32).read_to_end(&mut head).map_err(io)?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        let mime_type = match crate::metadata::sniff(&head) {
+            Sniffed::Strippable(mime) => mime,
+            Sniffed::Unstrippable(mime, _) if options.keep_metadata => mime,
+            Sniffed::Unstrippable(_, what) => {
+                return Err(ClientError::Invalid(format!(
+                    "{what} files carry where and when they were taken and the camera, and \
+                     Umbra cannot remove that from them: convert it to JPEG or PNG first, or \
+                     send it as it is (umbra send-file --keep-metadata)"
+                )));
+            }
+            Sniffed::Other => mime_type_of(&name),
+        };
+        if crate::metadata::strips(mime_type) && size > MAX_STRIPPED_BYTES {
+            return Err(ClientError::Invalid(format!(
+                "a photo is read whole to remove its metadata, and this one is larger than {} MiB",
+                MAX_STRIPPED_BYTES >> 20
+            )));
+        }
         // A photo is read whole: without what its camera wrote about it
         // (its container rewritten, not streamed), and with a thumbnail.
         let (stripped, thumbnail) = if crate::metadata::strips(mime_type) {
@@ -553,6 +593,9 @@ impl Client {
     /// has it. Nothing to do if it is here already. A file that does not
     /// check out is marked `Invalid` (not fetched again unless asked).
     pub async fn fetch_attachment(&self, message_id: i64) -> Result<AttachmentState> {
+        let blob = self.stored_attachment(message_id)?.blob_id;
+        let lock = self.fetch_lock(blob);
+        let _fetching = lock.lock().await;
         let stored = self.stored_attachment(message_id)?;
         if stored.state.is_here() {
             return Ok(stored.state);
@@ -561,6 +604,28 @@ impl Client {
             return Err(ClientError::Invalid(
                 "the server no longer has this file".into(),
             ));
+        }
+        // Another message named this blob: it is not fetched twice.
+        match self.named_before(message_id, &stored)? {
+            Some(AttachmentState::Fetched) => {
+                self.db().execute(
+                    "UPDATE attachments SET state = 'fetched' WHERE message_id = ?1",
+                    [message_id],
+                )?;
+                return Ok(AttachmentState::Fetched);
+            }
+            Some(_) => {
+                self.db().execute(
+                    "UPDATE attachments SET state = 'invalid' WHERE message_id = ?1",
+                    [message_id],
+                )?;
+                return Err(ClientError::Invalid(
+                    "another message named this file with other contents; it is not fetched \
+                     again"
+                        .into(),
+                ));
+            }
+            None => {}
         }
         let part = self
             .files_dir()?
@@ -594,6 +659,55 @@ impl Client {
             tracing::debug!(%error, "telling the server a file was fetched failed");
         }
         Ok(AttachmentState::Fetched)
+    }
+
+    /// The lock one fetch of `blob` holds.
+    fn fetch_lock(&self, blob: BlobId) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        let mut fetching = self
+            .inner
+            .fetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Locks nobody holds or waits for any more go.
+        fetching.retain(|_, lock| std::sync::Arc::strong_count(lock) > 1);
+        std::sync::Arc::clone(fetching.entry(blob).or_default())
+    }
+
+    /// What other messages that name `stored`'s blob say of it: a copy
+    /// here under the same key and digest is this one's too (`Fetched`);
+    /// a copy here under another, or a refusal under the same key, means
+    /// this reference is false (`Invalid`): a member repeating one blob
+    /// in many messages costs this device one download, not one each.
+    fn named_before(&self, message_id: i64, stored: &Stored) -> Result<Option<AttachmentState>> {
+        let db = self.db();
+        let mut statement = db.prepare_cached(
+            "SELECT file_key, digest, state FROM attachments
+             WHERE blob_id = ?1 AND message_id != ?2 AND state IN ('sent', 'fetched', 'invalid')",
+        )?;
+        let rows = statement.query_map(params![&stored.blob_id.0[..], message_id], |row| {
+            Ok((
+                row.get::<_, Vec<u8>>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                AttachmentState::parse(&row.get::<_, String>(2)?),
+            ))
+        })?;
+        let mut verdict = None;
+        for row in rows {
+            let (key, digest, state) = row?;
+            let same_key = key.as_slice() == stored.key.as_bytes();
+            let same = same_key && digest.as_slice() == stored.digest;
+            match state {
+                AttachmentState::Sent | AttachmentState::Fetched if same => {
+                    return Ok(Some(AttachmentState::Fetched));
+                }
+                AttachmentState::Sent | AttachmentState::Fetched => {
+                    verdict = Some(AttachmentState::Invalid);
+                }
+                AttachmentState::Invalid if same_key => verdict = Some(AttachmentState::Invalid),
+                _ => {}
+            }
+        }
+        Ok(verdict)
     }
 
     /// Fetches `stored`'s blob into `part`, from where an earlier attempt
@@ -813,6 +927,11 @@ mod tests {
         assert_eq!(safe_file_name(".."), "file");
         assert_eq!(safe_file_name("a\u{202e}gpj.exe"), "agpj.exe");
         assert_eq!(safe_file_name("cat.png"), "cat.png");
+        assert_eq!(safe_file_name(".zshenv"), "zshenv");
+        assert_eq!(safe_file_name("..bash_profile"), "bash_profile");
+        assert_eq!(safe_file_name("\u{200b}.profile"), "profile");
+        assert_eq!(safe_file_name("in\u{feff}voice.pdf"), "invoice.pdf");
+        assert_eq!(safe_file_name("..."), "file");
         assert_eq!(mime_type_of("Cat.PNG"), "image/png");
         assert_eq!(mime_type_of("noext"), "application/octet-stream");
     }

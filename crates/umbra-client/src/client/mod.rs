@@ -136,6 +136,9 @@ pub(crate) struct Inner {
     held: watch::Sender<bool>,
     /// Groups this device is rejoining (see `rejoin.rs`).
     rejoining: Mutex<std::collections::HashSet<Vec<u8>>>,
+    /// Blobs being fetched, one fetch each at a time (two messages may
+    /// name one blob, and its partial file is the blob's).
+    fetching: Mutex<std::collections::HashMap<umbra_proto::BlobId, Arc<tokio::sync::Mutex<()>>>>,
     /// The MLS suites the server said at login it keeps KeyPackages of
     /// (a server that reports none keeps the classical suite's only).
     server_suites: Mutex<Vec<umbra_mls::Suite>>,
@@ -365,6 +368,7 @@ impl Client {
                 ticking: std::sync::atomic::AtomicBool::new(false),
                 held: watch::channel(false).0,
                 rejoining: Mutex::default(),
+                fetching: Mutex::default(),
                 server_suites: Mutex::new(vec![umbra_mls::Suite::CLASSICAL]),
                 token_keys: Mutex::new(Vec::new()),
                 receipts_flushing: std::sync::atomic::AtomicBool::new(false),

@@ -5,6 +5,7 @@
 //! recipient device said it fetched it, or at its expiry. The server never
 //! learns more than the blob's padded size, its group and who fetched it.
 
+use umbra_proto::blobs::SEALED_SEGMENT;
 use umbra_proto::frame::{ErrorReply, Reply};
 use umbra_proto::{BlobId, DeviceAddr, ErrorCode, GroupId};
 use umbra_store::{BlobCreation, BlobQuota, BlobRead, BlobWrite, NewBlob};
@@ -46,12 +47,6 @@ impl Services {
     ) -> Outcome {
         self.require_active(&me.account).await?;
         let config = &self.limits.config;
-        if size == 0 {
-            return Err(refuse(
-                ErrorCode::InvalidRequest,
-                "a blob holds at least one byte",
-            ));
-        }
         // The limit is on files; a blob is a file sealed and padded
         // (`docs/protocol.md`), so the largest blob is the largest file's.
         if size > umbra_proto::blobs::sealed_len(config.max_file_bytes) {
@@ -60,6 +55,16 @@ impl Services {
                 format!(
                     "a blob of {size} bytes holds a file larger than this server's largest, {} MiB",
                     mib(config.max_file_bytes)
+                ),
+            ));
+        }
+        // Only a sealed file's size: no blob is smaller than the smallest
+        // bucket (64 KiB), so a line's quota bounds how many it holds.
+        if !umbra_proto::blobs::is_sealed_len(size) {
+            return Err(refuse(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "{size} bytes is not the size of a sealed file (docs/protocol.md, \"Attachments\")"
                 ),
             ));
         }
@@ -132,6 +137,29 @@ impl Services {
         data: Vec<u8>,
     ) -> Outcome {
         self.require_active(&me.account).await?;
+        // Chunks are whole sealed segments but for a blob's last, so a blob
+        // is never stored, nor read back, in a million slivers.
+        if !data.len().is_multiple_of(SEALED_SEGMENT) {
+            let ends_the_blob = match self
+                .store
+                .blob(&blob, me, self.now())
+                .await
+                .map_err(internal)?
+            {
+                Some(info) => offset.checked_add(data.len() as u64) == Some(info.size),
+                None => return Err(unknown_blob()),
+            };
+            if !ends_the_blob {
+                return Err(refuse(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "a chunk holds whole sealed segments ({SEALED_SEGMENT} bytes each) \
+                         unless it ends the blob; this one has {} bytes",
+                        data.len()
+                    ),
+                ));
+            }
+        }
         // Uploads have an hourly budget of their own (messages have
         // theirs): a line cannot churn the store without end.
         self.blob_upload_budget
@@ -221,8 +249,10 @@ impl Services {
         {
             BlobRead::Data { data, size } => {
                 self.metrics.blob_bytes_read.inc_by(data.len() as u64);
-                self.blob_read_budget
-                    .charge(&me.account, data.len() as u64, now);
+                // A read costs at least a segment's worth: slivers read
+                // one by one cost the store as much as whole chunks.
+                let charged = data.len().max(SEALED_SEGMENT) as u64;
+                self.blob_read_budget.charge(&me.account, charged, now);
                 Ok(Reply::BlobData { data, size })
             }
             BlobRead::Unknown => Err(unknown_blob()),

@@ -4,6 +4,7 @@
 //! of the offset to its chunk, so two writes to one blob never interleave.
 
 use async_trait::async_trait;
+use umbra_proto::blobs::MAX_BLOB_CHUNK;
 use umbra_proto::{BlobId, DeviceAddr};
 
 use super::{Failure, PgStore, big, device_addr, group_id, transaction, unsigned};
@@ -208,14 +209,23 @@ impl Blobs for PgStore {
             let end = offset.saturating_add(u64::from(length)).min(blob.size);
             let mut data = Vec::with_capacity(usize::try_from(end.saturating_sub(offset)).unwrap_or(0));
             if offset < end {
-                // The chunks that overlap [offset, end), in order.
+                // The chunks that overlap [offset, end), in order. None is
+                // longer than MAX_BLOB_CHUNK, so none that starts that far
+                // before `offset` can: the index range stays short however
+                // many chunks the blob has.
                 let chunks = tx
                     .query(
                         "SELECT \"offset\", data FROM blob_chunks
                          WHERE blob_id = $1 AND \"offset\" < $3
+                           AND \"offset\" > $4
                            AND \"offset\" + length(data) > $2
                          ORDER BY \"offset\"",
-                        &[&&id.0[..], &big(offset), &big(end)],
+                        &[
+                            &&id.0[..],
+                            &big(offset),
+                            &big(end),
+                            &big(offset).saturating_sub(MAX_BLOB_CHUNK as i64),
+                        ],
                     )
                     .await?;
                 for chunk in chunks {
@@ -278,9 +288,12 @@ impl Blobs for PgStore {
             Ok::<_, Failure>(())
         })?;
         // A few blobs a transaction (each may take a hundred MiB of chunks
-        // with it), so a backlog never outlasts a transaction's bound.
+        // with it), so a backlog never outlasts a transaction's bound; and
+        // a bounded number of them a sweep, so a backlog never holds up the
+        // sweeper's other work (what is left goes at the next sweep:
+        // expired blobs are unreadable and off every quota meanwhile).
         let mut deleted = 0;
-        loop {
+        for _ in 0..EXPIRY_BATCHES_PER_SWEEP {
             let batch = transaction!(self, tx => {
                 Ok::<_, Failure>(tx
                     .execute(
@@ -297,11 +310,14 @@ impl Blobs for PgStore {
             })?;
             deleted += batch;
             if batch < EXPIRY_BATCH {
-                return Ok(deleted);
+                break;
             }
         }
+        Ok(deleted)
     }
 }
 
 /// Blobs deleted per transaction by the expiry sweep.
 const EXPIRY_BATCH: u64 = 16;
+/// Transactions of the expiry sweep at most, each time it runs.
+const EXPIRY_BATCHES_PER_SWEEP: usize = 256;
