@@ -4,10 +4,12 @@
 //!
 //! - [`system`]: what a system under test offers: devices that connect,
 //!   send on a channel and report what they receive.
-//! - [`umbra`]: Umbra as one, [`peers`]: nats-server, mosquitto, ejabberd;
+//! - [`umbra`]: Umbra as one, [`peers`]: nats-server, mosquitto, ejabberd,
+//!   nginx;
 //!   [`cluster`]: Umbra as several nodes on a private PostgreSQL and NATS.
 //! - [`workload`]: idle, relay, offline, fanout, storm, soak;
-//!   [`failover`]: a cluster's node killed in the middle of a relay.
+//!   [`failover`]: a cluster's node killed in the middle of a relay;
+//!   [`files`]: attachments' upload and download, against nginx.
 //! - [`recorder`], [`stamp`], [`sampler`]: latency, loss, duplicates, and
 //!   the server's CPU and memory from `/proc`.
 //! - [`report`]: `docs/benchmarks.md` and its plot from the JSON results.
@@ -15,6 +17,7 @@
 pub mod cluster;
 pub mod conn;
 pub mod failover;
+pub mod files;
 pub mod peers;
 pub mod recorder;
 pub mod report;

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 use umbra_bench::system::{System, Topology};
 use umbra_bench::umbra::{ServerSpec, UmbraSystem};
-use umbra_bench::{failover, peers, report, workload};
+use umbra_bench::{failover, files, peers, report, workload};
 
 /// Load generator for Umbra and its peers. Each workload starts the server
 /// under test itself (pinned to --server-cpu), sets up devices over the real
@@ -180,6 +180,20 @@ enum Workload {
         /// When the node is killed, from the start of sending.
         #[arg(long, default_value = "5s")]
         kill_after: humantime::Duration,
+    },
+    /// Attachments: upload and download throughput and server CPU per MB
+    /// for files of each size, one transfer at a time, then many at once
+    /// and the server's memory meanwhile (--system umbra --tls, or nginx).
+    Files {
+        /// File sizes moved one at a time, in bytes.
+        #[arg(long, value_delimiter = ',', default_values_t = [1_048_576u64, 104_857_600])]
+        sizes: Vec<u64>,
+        /// Transfers at once.
+        #[arg(long, default_value_t = 100)]
+        concurrent: u32,
+        /// Size of each of those files, in bytes.
+        #[arg(long, default_value_t = 104_857_600)]
+        concurrent_size: u64,
     },
     /// Regenerates docs/benchmarks.md and its plot from JSON results.
     Report {
@@ -415,6 +429,50 @@ async fn run(cli: Cli) -> Result<()> {
                 "failover",
                 json!({"system": system.name(), "durability": system.durability(), "pairs": pairs, "result": result}),
             )
+        }
+        Workload::Files {
+            sizes,
+            concurrent,
+            concurrent_size,
+        } => {
+            common.single_device_only("files")?;
+            let plan = if quick {
+                files::Plan {
+                    sizes: vec![1 << 20, 8 << 20],
+                    concurrent: 4,
+                    concurrent_size: 4 << 20,
+                }
+            } else {
+                files::Plan {
+                    sizes,
+                    concurrent,
+                    concurrent_size,
+                }
+            };
+            let server: Box<dyn files::FileServer> = match common.system.as_str() {
+                "nginx" => {
+                    std::fs::create_dir_all(&common.work)?;
+                    Box::new(peers::nginx::start(&common.work, common.server_cpu).await?)
+                }
+                "umbra" => {
+                    if !common.tls {
+                        bail!("the files workload measures Umbra as devices reach it: pass --tls");
+                    }
+                    let topology = Topology::pairs(plan.slots());
+                    let spec = ServerSpec {
+                        bin: server_bin(common)?,
+                        tls: true,
+                        cpu: common.server_cpu,
+                    };
+                    std::fs::create_dir_all(&common.work)?;
+                    let system =
+                        UmbraSystem::prepare(&spec, &common.work, &topology, &[size]).await?;
+                    Box::new(files::UmbraFiles { system })
+                }
+                other => bail!("the files workload runs on umbra or nginx, not {other}"),
+            };
+            let result = files::files(server.as_ref(), &plan).await?;
+            ("files", json!({"system": server.name(), "result": result}))
         }
         Workload::Soak {
             pairs,

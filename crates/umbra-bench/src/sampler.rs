@@ -50,11 +50,24 @@ pub fn sample(pid: u32) -> Result<ProcSample> {
     Ok(ProcSample { cpu_us, rss_kib })
 }
 
-/// Samples a process every `every` in the background; the peak RSS and the
-/// CPU time between [`Sampler::start`] and [`Sampler::finish`].
+/// The sum of several processes' readings (a server of a master process
+/// and its workers counts as one).
+pub fn sample_all(pids: &[u32]) -> Result<ProcSample> {
+    let mut total = ProcSample::default();
+    for &pid in pids {
+        let one = sample(pid)?;
+        total.cpu_us += one.cpu_us;
+        total.rss_kib += one.rss_kib;
+    }
+    Ok(total)
+}
+
+/// Samples a process (or several, summed) every `every` in the
+/// background; the peak RSS and the CPU time between [`Sampler::start`]
+/// and [`Sampler::finish`].
 #[derive(Debug)]
 pub struct Sampler {
-    pid: u32,
+    pids: Vec<u32>,
     start: ProcSample,
     peak_rss: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -71,14 +84,20 @@ pub struct Usage {
 
 impl Sampler {
     pub fn start(pid: u32, every: Duration) -> Result<Sampler> {
-        let start = sample(pid)?;
+        Sampler::start_all(vec![pid], every)
+    }
+
+    /// Samples the sum of `pids`.
+    pub fn start_all(pids: Vec<u32>, every: Duration) -> Result<Sampler> {
+        let start = sample_all(&pids)?;
         let peak_rss = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(start.rss_kib));
         let peak = std::sync::Arc::clone(&peak_rss);
+        let watched = pids.clone();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                match sample(pid) {
+                match sample_all(&watched) {
                     Ok(now) => {
                         peak.fetch_max(now.rss_kib, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -87,7 +106,7 @@ impl Sampler {
             }
         });
         Ok(Sampler {
-            pid,
+            pids,
             start,
             peak_rss,
             task,
@@ -96,7 +115,7 @@ impl Sampler {
 
     pub fn finish(self) -> Result<Usage> {
         self.task.abort();
-        let end = sample(self.pid)?;
+        let end = sample_all(&self.pids)?;
         Ok(Usage {
             cpu_us: end.cpu_us.saturating_sub(self.start.cpu_us),
             rss_start_kib: self.start.rss_kib,

@@ -957,6 +957,33 @@ impl UmbraSystem {
         others.into_iter().fold(first, |all, one| all.and(one))
     }
 
+    /// Logs device `index` in through node `node` and returns its
+    /// connection once its stored backlog has been delivered: for workloads
+    /// that make requests of their own (the files workload's blobs).
+    pub async fn login(&self, index: u32, node: usize, recorder: Arc<Recorder>) -> Result<Conn> {
+        let (signer, account, device) = self
+            .signers
+            .get(index as usize)
+            .context("device index out of range")?;
+        let dial = self.dials.get(node).unwrap_or(&self.dial);
+        let conn = Conn::open(dial, index, recorder).await?;
+        let signature = signer.sign_payload(&login_signing_payload(&conn.nonce, account));
+        conn.request(Request::Login {
+            account_id: account.clone(),
+            device: *device,
+            signature,
+        })
+        .await
+        .with_context(|| format!("logging in as device {device} of {account}"))?;
+        conn.wait_synced(SYNC_TIMEOUT).await?;
+        Ok(conn)
+    }
+
+    /// The MLS group of channel `channel`.
+    pub fn group(&self, channel: u32) -> Option<&GroupId> {
+        self.groups.get(channel as usize)
+    }
+
     pub async fn restart(&self) -> Result<()> {
         for node in std::iter::once(&self.server).chain(&self.others) {
             let lock = || node.lock().unwrap_or_else(|p| p.into_inner());
@@ -1069,21 +1096,7 @@ impl System for UmbraSystem {
         node: usize,
         recorder: Arc<Recorder>,
     ) -> Result<Box<dyn Endpoint>> {
-        let (signer, account, device) = self
-            .signers
-            .get(index as usize)
-            .context("device index out of range")?;
-        let dial = self.dials.get(node).unwrap_or(&self.dial);
-        let conn = Conn::open(dial, index, recorder).await?;
-        let signature = signer.sign_payload(&login_signing_payload(&conn.nonce, account));
-        conn.request(Request::Login {
-            account_id: account.clone(),
-            device: *device,
-            signature,
-        })
-        .await
-        .with_context(|| format!("logging in as device {device} of {account}"))?;
-        conn.wait_synced(SYNC_TIMEOUT).await?;
+        let conn = self.login(index, node, recorder).await?;
         Ok(Box::new(UmbraEndpoint {
             conn,
             groups: Arc::clone(&self.groups),

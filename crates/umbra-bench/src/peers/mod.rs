@@ -5,6 +5,7 @@
 //!   relay reference.
 //! - [`mosquitto`]: MQTT 3.1.1, QoS 1, persistent sessions.
 //! - [`ejabberd`]: XMPP over WebSocket, offline storage.
+//! - [`nginx`]: HTTPS file uploads and downloads (the files workload only).
 //!
 //! The generator speaks each protocol with a small client of its own (the
 //! subset the workloads need), so that every system is driven the same way
@@ -21,6 +22,7 @@ use crate::system::{System, Topology};
 pub mod ejabberd;
 pub mod mosquitto;
 pub mod nats;
+pub mod nginx;
 
 /// Starts peer `name` in a working directory under `work` and returns it,
 /// ready for `topology`.

@@ -11,6 +11,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
+mod files;
+
 /// The latency bar of `BENCH.md`, in milliseconds.
 const P99_BAR_MS: f64 = 50.0;
 /// A rate is "held" when at least this share of what was sent arrived.
@@ -71,6 +73,7 @@ pub fn write(from: &Path, out: &Path) -> Result<()> {
     report.offline(&mut md);
     report.storm(&mut md);
     report.soak(&mut md);
+    report.files(&mut md);
     report.ratios(&mut md);
     report.bar(&mut md);
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -163,10 +166,12 @@ fn span(record: &Value, workload: &str) -> u64 {
 }
 
 fn workload_rank(workload: &str) -> usize {
-    ["relay", "fanout", "idle", "offline", "storm", "soak"]
-        .iter()
-        .position(|w| *w == workload)
-        .unwrap_or(usize::MAX)
+    [
+        "relay", "fanout", "idle", "offline", "storm", "soak", "files",
+    ]
+    .iter()
+    .position(|w| *w == workload)
+    .unwrap_or(usize::MAX)
 }
 
 fn system_rank(system: &str) -> usize {
@@ -177,6 +182,7 @@ fn system_rank(system: &str) -> usize {
         "mosquitto",
         "ejabberd",
         "prosody",
+        "nginx (TLS)",
     ]
     .iter()
     .position(|s| *s == system)
