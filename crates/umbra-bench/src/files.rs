@@ -7,8 +7,8 @@
 //! Umbra is driven as its devices drive it: a blob of the sealed file's
 //! size (`umbra_proto::blobs::sealed_len`), created in a group, uploaded
 //! in `PutBlob` requests of four sealed segments (256 KiB and 64 bytes)
-//! and read in `GetBlob` requests as large,
-//! one at a time, then `BlobFetched`. Its peer is nginx over TLS
+//! and read in `GetBlob` requests as large, four in flight, then
+//! `BlobFetched`. Its peer is nginx over TLS
 //! ([`crate::peers::nginx`]) moving the same number of bytes with `PUT` and
 //! `GET`. The bytes are random (sealed files look so); every download is
 //! checked against what was uploaded.
@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use serde::Serialize;
 use umbra_proto::blobs::{BlobId, sealed_len};
 use umbra_proto::{GroupId, Reply, Request};
@@ -29,6 +31,8 @@ use crate::umbra::UmbraSystem;
 /// Bytes per request, as Umbra's device sends and reads them: four sealed
 /// segments (256 KiB and 64 bytes).
 const CHUNK: usize = 4 * umbra_proto::blobs::SEALED_SEGMENT;
+/// Requests of one transfer in flight at once, as the device keeps them.
+const WINDOW: usize = 4;
 /// How often memory is read while transfers run.
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
@@ -125,20 +129,28 @@ impl Slot for UmbraSlot {
             Reply::BlobCreated { blob_id, .. } => blob_id,
             other => bail!("CreateBlob answered with {other:?}"),
         };
-        let mut offset = 0u64;
-        for chunk in bytes.chunks(CHUNK) {
-            let reply = self
-                .sender
-                .request(Request::PutBlob {
+        // As the device does: WINDOW requests in flight, answered in order.
+        let mut chunks = bytes.chunks(CHUNK);
+        let mut in_flight = FuturesOrdered::new();
+        let mut asked = 0u64;
+        loop {
+            while in_flight.len() < WINDOW {
+                let Some(chunk) = chunks.next() else { break };
+                let request = self.sender.request(Request::PutBlob {
                     blob_id,
-                    offset,
+                    offset: asked,
                     data: chunk.to_vec(),
-                })
-                .await?;
-            offset += chunk.len() as u64;
-            match reply {
-                Reply::BlobState { stored, .. } if stored == offset => {}
-                other => bail!("PutBlob at {offset} answered with {other:?}"),
+                });
+                asked += chunk.len() as u64;
+                let end = asked;
+                in_flight.push_back(async move { (end, request.await) });
+            }
+            let Some((end, reply)) = in_flight.next().await else {
+                break;
+            };
+            match reply? {
+                Reply::BlobState { stored, .. } if stored == end => {}
+                other => bail!("PutBlob to {end} answered with {other:?}"),
             }
         }
         Ok(Stored(blob_id.0.to_vec()))
@@ -146,18 +158,24 @@ impl Slot for UmbraSlot {
 
     async fn download(&mut self, stored: &Stored, expect: &[u8]) -> Result<()> {
         let blob_id = BlobId(stored.0.as_slice().try_into().context("not a blob ID")?);
+        let mut in_flight = FuturesOrdered::new();
+        let mut asked = 0usize;
         let mut offset = 0usize;
         while offset < expect.len() {
-            let length = (expect.len() - offset).min(CHUNK);
-            let data = match self
-                .receiver
-                .request(Request::GetBlob {
+            while in_flight.len() < WINDOW && asked < expect.len() {
+                let length = (expect.len() - asked).min(CHUNK);
+                let request = self.receiver.request(Request::GetBlob {
                     blob_id,
-                    offset: offset as u64,
+                    offset: asked as u64,
                     length: length as u32,
-                })
-                .await?
-            {
+                });
+                asked += length;
+                in_flight.push_back(request);
+            }
+            let Some(reply) = in_flight.next().await else {
+                break;
+            };
+            let data = match reply? {
                 Reply::BlobData { data, .. } => data,
                 other => bail!("GetBlob at {offset} answered with {other:?}"),
             };

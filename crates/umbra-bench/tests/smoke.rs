@@ -196,3 +196,20 @@ fn workloads_without_accounts_of_several_devices_refuse_them() {
     assert!(!status.status.success());
     assert!(String::from_utf8_lossy(&status.stderr).contains("relay and fanout"));
 }
+
+/// Attachments against Umbra over TLS: every download is checked byte for
+/// byte by the workload itself, so a completed run moved what it uploaded.
+#[test]
+fn files_go_up_and_come_back_whole() {
+    let result = run(&["--system", "umbra", "--tls", "files"]);
+    let points = result
+        .pointer("/result/one_at_a_time")
+        .and_then(Value::as_array)
+        .expect("one point per file size");
+    assert_eq!(points.len(), 2, "{result:#}");
+    for point in points {
+        assert!(number(point, "/files") >= 3.0, "{point:#}");
+        assert!(number(point, "/download_mb_s") > 0.0, "{point:#}");
+    }
+    assert_eq!(number(&result, "/result/concurrent/transfers"), 4.0);
+}

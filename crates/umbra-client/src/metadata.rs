@@ -398,10 +398,7 @@ mod tests {
         for gone in [&b"35.6762N"[..], b"Alice", b"vendor"] {
             assert!(!contains(&stripped, gone));
         }
-        let at = stripped
-            .windows(4)
-            .position(|w| w == b"VP8X")
-            .unwrap();
+        let at = stripped.windows(4).position(|w| w == b"VP8X").unwrap();
         assert_eq!(stripped[at + 8], 0x10, "alpha announced, EXIF and XMP not");
         assert!(contains(&stripped, b"ALPH") && contains(&stripped, b"VP8L"));
 

@@ -73,7 +73,7 @@ impl Report<'_> {
         md.push_str(
             "Attachments: Umbra's blob service against nginx over TLS. Umbra is driven as \
              its devices drive it (a blob of the sealed file's size, 256 KiB `PutBlob` and \
-             `GetBlob` requests one at a time, then `BlobFetched`); nginx moves the same bytes \
+             `GetBlob` requests, four in flight, then `BlobFetched`); nginx moves the same bytes \
              with WebDAV `PUT` and `GET` on kept-alive connections, its writes likewise 256 KiB. \
              Both run one process (nginx: one worker) pinned to the same core; every download \
              is checked byte for byte. MB is 10^6 bytes; CPU is the server's (nginx: master \
