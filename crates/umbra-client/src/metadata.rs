@@ -16,8 +16,10 @@
 //! - WebP: the picture's chunks, its animation and ICC profile; EXIF, XMP
 //!   and any unknown chunk go, and the header stops announcing them.
 //!
-//! A photo's EXIF orientation goes with the rest (a rotated photo may show
-//! on its side).
+//! A JPEG's EXIF orientation stays, alone: what goes back in its place is
+//! an EXIF block of that one tag (how to turn the picture says nothing of
+//! where, when or with what it was taken), so a photo taken sideways does
+//! not show on its side.
 //!
 //! The file's type is read from its first bytes, never from its name: a
 //! JPEG called `photo` or `IMG.jfif` is stripped like one called `.jpg`,
@@ -26,7 +28,7 @@
 //! person asks to send it as it is.
 
 use img_parts::Bytes;
-use img_parts::jpeg::{Jpeg, markers};
+use img_parts::jpeg::{Jpeg, JpegSegment, markers};
 use img_parts::png::Png;
 use img_parts::riff::RiffContent;
 use img_parts::webp::WebP;
@@ -120,12 +122,28 @@ fn strip_unguarded(mime_type: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
     let bytes = Bytes::from(bytes);
     let stripped = match mime_type {
         "image/jpeg" => {
+            let orientation = jpeg_orientation(&bytes);
             let mut jpeg = Jpeg::from_bytes(bytes).map_err(|_| unreadable())?;
             jpeg.segments_mut().retain(|segment| {
                 let marker = segment.marker();
                 let app = (markers::APP0..=markers::APP15).contains(&marker);
                 marker != markers::COM && (!app || kept_jpeg_app(marker, segment.contents()))
             });
+            if let Some(orientation) = orientation.filter(|o| (2..=8).contains(o)) {
+                let segments = jpeg.segments_mut();
+                let after_jfif = usize::from(
+                    segments
+                        .first()
+                        .is_some_and(|s| s.marker() == markers::APP0),
+                );
+                segments.insert(
+                    after_jfif,
+                    JpegSegment::new_with_contents(
+                        markers::APP1,
+                        Bytes::from(orientation_exif(orientation)),
+                    ),
+                );
+            }
             // img-parts keeps everything from the first scan on as it is.
             return jpeg_scans(&jpeg.encoder().bytes());
         }
@@ -158,6 +176,24 @@ fn strip_unguarded(mime_type: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
         _ => bytes,
     };
     Ok(stripped.to_vec())
+}
+
+/// The EXIF orientation (1 to 8) of a JPEG, if it states one.
+fn jpeg_orientation(jpeg: &[u8]) -> Option<u8> {
+    use image::ImageDecoder;
+    let mut decoder = image::codecs::jpeg::JpegDecoder::new(std::io::Cursor::new(jpeg)).ok()?;
+    decoder.orientation().ok().map(|o| o.to_exif())
+}
+
+/// An APP1 EXIF block of one tag, Orientation (0x0112, a SHORT), in a
+/// big-endian TIFF structure: the header, one directory of one entry, no
+/// next directory.
+fn orientation_exif(orientation: u8) -> Vec<u8> {
+    let mut exif = b"Exif\0\0MM\0\x2a\0\0\0\x08".to_vec();
+    exif.extend_from_slice(&[0, 1]); // one entry
+    exif.extend_from_slice(&[0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, orientation, 0, 0]);
+    exif.extend_from_slice(&[0, 0, 0, 0]); // no next directory
+    exif
 }
 
 /// A JPEG whose header is clean, with what follows its first scan cleaned
@@ -331,6 +367,37 @@ mod tests {
         odd.extend(segment(0xC0, &[8, 0, 1, 0, 1, 1, 1, 0x11, 0]));
         odd.extend_from_slice(&[0xFF, 0xD9]);
         assert!(strip("image/jpeg", odd).is_err());
+    }
+
+    #[test]
+    fn a_photos_orientation_stays_alone() {
+        // A real JPEG with an EXIF block: the orientation (6: turn 90°
+        // clockwise) beside a description that says where it was taken.
+        let picture = image::RgbImage::from_pixel(16, 8, image::Rgb([200, 10, 10]));
+        let mut real = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new(&mut real)
+            .encode_image(&picture)
+            .unwrap();
+        let mut tiff = b"MM\0\x2a\0\0\0\x08\0\x02".to_vec();
+        tiff.extend_from_slice(&[0x01, 0x0E, 0, 2, 0, 0, 0, 16, 0, 0, 0, 38]);
+        tiff.extend_from_slice(&[0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0]);
+        tiff.extend_from_slice(&[0, 0, 0, 0]);
+        tiff.extend_from_slice(b"GPS 51.5074N\0\0\0\0");
+        let mut exif = b"Exif\0\0".to_vec();
+        exif.extend(tiff);
+        let mut photo = real[..2].to_vec();
+        photo.extend(segment(0xE1, &exif));
+        photo.extend_from_slice(&real[2..]);
+        assert_eq!(jpeg_orientation(&photo), Some(6));
+
+        let stripped = strip("image/jpeg", photo).unwrap();
+        assert!(!contains(&stripped, b"51.5074N"));
+        assert_eq!(jpeg_orientation(&stripped), Some(6), "still turned");
+        let decoded = image::load_from_memory(&stripped).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (16, 8));
+        // Upright photos get no EXIF at all.
+        let upright = strip("image/jpeg", real.clone()).unwrap();
+        assert!(!contains(&upright, b"Exif"));
     }
 
     #[test]

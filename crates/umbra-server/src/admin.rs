@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use umbra_proto::{ActivationCode, ActivationString, DistributorCredential};
+use umbra_proto::{ActivationCode, ActivationString, BlobId, DistributorCredential};
 use umbra_store::CodeHash;
 
 use crate::{Config, ServerError, connect_store, open_store, tls};
@@ -267,8 +267,32 @@ pub fn backup(
     umbra_store::sqlite::SqliteStore::backup(&data_dir.join(&config.database), &database)?;
     sync_file(&database)?;
     files.push(config.database.clone());
+    // The bytes of the blobs the copy holds rows of, copied after it: a
+    // blob's file only grows until it is deleted, so each is at least as
+    // long as its row says (a file deleted meanwhile is missing, and the
+    // restored server deletes its row, as for any blob whose bytes it
+    // lost).
+    let blobs = blobs_dir(config);
+    let blob_files: Vec<std::path::PathBuf> =
+        umbra_store::sqlite::SqliteStore::blob_ids(&database)?
+            .iter()
+            .map(|id| blobs.join(id.to_hex()))
+            .filter(|file| data_dir.join(file).exists())
+            .collect();
+    copy_files(data_dir, destination, &blob_files)?;
+    files.extend(blob_files);
     sync_tree(destination, &files)?;
     Ok(files)
+}
+
+/// Where the embedded store keeps blob files, relative to the data
+/// directory: `blobs/` beside the database.
+fn blobs_dir(config: &Config) -> std::path::PathBuf {
+    config
+        .database
+        .parent()
+        .unwrap_or_else(|| Path::new(""))
+        .join("blobs")
 }
 
 /// Makes `data_dir`, which must be empty or not exist, a copy of the backup
@@ -289,6 +313,16 @@ pub fn restore(backup: &Path, data_dir: &Path) -> Result<Vec<std::path::PathBuf>
     }
     let mut files = backed_up_files(&config, backup);
     files.push(config.database.clone());
+    let blobs = blobs_dir(&config);
+    if let Ok(entries) = std::fs::read_dir(backup.join(&blobs)) {
+        for entry in entries {
+            let entry = entry.map_err(io_error(format!("reading {}", blobs.display())))?;
+            let name = entry.file_name();
+            if name.to_str().is_some_and(|n| BlobId::from_hex(n).is_ok()) {
+                files.push(blobs.join(name));
+            }
+        }
+    }
     inside(&files)?;
     copy_files(backup, data_dir, &files)?;
     // Opening it applies any migration a newer server needs.

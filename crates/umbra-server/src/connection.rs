@@ -22,7 +22,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::burst::Burst;
 use crate::reads::FrameReads;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use umbra_proto::frame::Delivery;
@@ -78,6 +80,9 @@ const WRITE_BUFFER: usize = 16 * 1024;
 /// 114k, 113k, 126k msgs/s against 157k, 135k, 140k; with 4 KiB 148k,
 /// 137k, 132k against 139k, 138k, 149k; accept rates unchanged).
 const FRAME_BUFFER: usize = 4096;
+/// Largest WebSocket frame the server writes: longer messages go in
+/// fragments of this size.
+const FRAGMENT: usize = 64 * 1024;
 
 /// WebSocket settings: a small read buffer (tungstenite allocates it up
 /// front for every connection), frames handed on in small groups (to
@@ -105,6 +110,11 @@ pub(crate) struct Connection {
 /// What the reader hands the writer.
 enum Outbound {
     Frame(Vec<u8>),
+    /// A file's bytes (a `GetBlob` answer): its connection reads no other
+    /// request for file bytes until this one is handed to the socket, so a
+    /// device that asks for many chunks at once, or reads slowly, holds
+    /// one chunk in the server's memory, not all it asked for.
+    FileBytes(Vec<u8>, tokio::sync::OwnedSemaphorePermit),
     /// A response to send once its request's effects are durable.
     Later(LaterResponse),
     /// The device authenticated as this account: from now on, push its
@@ -173,10 +183,12 @@ impl Connection {
                 tap: self.tap.clone(),
                 services: Arc::clone(&self.services),
                 unacked: Arc::clone(&unacked),
+                flushing: Vec::new(),
             }
             .run(out_rx),
         );
         let send = |bytes: Vec<u8>| out_tx.send(Outbound::Frame(bytes));
+        let file_bytes_slot = Arc::new(tokio::sync::Semaphore::new(1));
 
         let mut nonce = [0u8; 32];
         if getrandom::getrandom(&mut nonce).is_err() {
@@ -328,12 +340,24 @@ impl Connection {
                     continue;
                 }
             };
+            // The frame's bytes are decoded: not held while it is handled
+            // (a chunk of a file would be in memory twice).
+            drop(bytes);
             let mut request = frame.request;
             if let Request::Ack { delivery_ids, .. } = &mut request {
                 // Public IDs of deliveries pushed here become the internal
                 // ones they stand for; any other is ignored.
                 *delivery_ids = unacked.acked(delivery_ids);
             }
+            // One answer of file bytes at a time, until the socket has it.
+            let file_bytes = match &request {
+                Request::GetBlob { .. } => match Arc::clone(&file_bytes_slot).acquire_owned().await
+                {
+                    Ok(permit) => Some(permit),
+                    Err(_) => break,
+                },
+                _ => None,
+            };
             // Boxed: the handler's state is large and lives only while a
             // request is in flight, not in every idle connection's task.
             let answer = Box::pin(self.services.answer(&mut session, request)).await;
@@ -344,7 +368,12 @@ impl Connection {
                         id: frame.id,
                         result,
                     };
-                    send(encode_server(&response)).await
+                    let bytes = encode_server(&response);
+                    drop(response);
+                    match file_bytes {
+                        Some(permit) => out_tx.send(Outbound::FileBytes(bytes, permit)).await,
+                        None => send(bytes).await,
+                    }
                 }
                 // Answered by the writer when durable; meanwhile the next
                 // request (perhaps the acknowledgement it waits for) runs.
@@ -409,6 +438,9 @@ struct Writer<S> {
     tap: Option<FrameTap>,
     services: Arc<Services>,
     unacked: Arc<Unacked>,
+    /// Slots of answers of file bytes fed to the socket and not yet
+    /// flushed, released at the next flush.
+    flushing: Vec<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Where the writer stands in pushing one account's mailbox.
@@ -598,6 +630,7 @@ where
             if result.is_err() || self.sink.flush().await.is_err() {
                 break;
             }
+            self.flushing.clear();
         }
         // The reader is gone; answer what is still waiting, then close.
         if let Some(mut later) = later {
@@ -623,6 +656,11 @@ where
         while let Some(item) = next.take() {
             match item {
                 Outbound::Frame(bytes) => self.feed(bytes).await?,
+                Outbound::FileBytes(bytes, permit) => {
+                    self.feed(bytes).await?;
+                    // Released once flushed (below, in `run`).
+                    self.flushing.push(permit);
+                }
                 Outbound::Later(response) => later
                     .get_or_insert_with(FuturesOrdered::new)
                     .push_back(response),
@@ -813,10 +851,34 @@ where
         if let Some(tap) = &self.tap {
             tap(Direction::Outbound, &bytes);
         }
-        self.sink
-            .feed(Message::Binary(bytes.into()))
-            .await
-            .map_err(|_| Closed)
+        if bytes.len() <= FRAGMENT {
+            return self
+                .sink
+                .feed(Message::Binary(bytes.into()))
+                .await
+                .map_err(|_| Closed);
+        }
+        // A large message (a chunk of a file) goes in WebSocket fragments
+        // (RFC 6455, 5.4; every WebSocket library joins them again), so
+        // the buffers between here and the socket hold a fragment of it,
+        // not all of it, and keep no message-sized capacity afterwards.
+        let bytes = Bytes::from(bytes);
+        let mut at = 0;
+        while at < bytes.len() {
+            let end = (at + FRAGMENT).min(bytes.len());
+            let opcode = if at == 0 {
+                OpCode::Data(Data::Binary)
+            } else {
+                OpCode::Data(Data::Continue)
+            };
+            let fragment = Frame::message(bytes.slice(at..end), opcode, end == bytes.len());
+            self.sink
+                .feed(Message::Frame(fragment))
+                .await
+                .map_err(|_| Closed)?;
+            at = end;
+        }
+        Ok(())
     }
 }
 

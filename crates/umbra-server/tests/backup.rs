@@ -26,6 +26,34 @@ async fn a_backup_taken_under_load_restores_into_a_server_that_serves() {
         before.push((account, signer));
     }
 
+    // An upload half done: its bytes are in the backup, and it resumes
+    // from there on the restored server.
+    let blob_size = umbra_proto::blobs::sealed_len(65_537);
+    let segment = umbra_proto::blobs::SEALED_SEGMENT;
+    assert_eq!(blob_size, 67_616, "two segments, the second short");
+    let blob = {
+        let (account, signer) = &before[0];
+        let mut raw = Raw::connect(&server).await;
+        raw.login(account, signer).await;
+        let group = common::solo_group(&mut raw, signer, account).await;
+        let blob_id = match raw
+            .call(Request::CreateBlob {
+                group_id: group,
+                size: blob_size,
+                ttl_seconds: 0,
+            })
+            .await
+        {
+            Ok(Reply::BlobCreated { blob_id, .. }) => blob_id,
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(
+            raw.call(Request::PutBlob { blob_id, offset: 0, data: vec![5; segment] }).await,
+            Ok(Reply::BlobState { stored, .. }) if stored == segment as u64
+        ));
+        blob_id
+    };
+
     // Writes go on while the backup runs: registrations and KeyPackages.
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
@@ -82,7 +110,8 @@ async fn a_backup_taken_under_load_restores_into_a_server_that_serves() {
     stop.store(true, Ordering::SeqCst);
     let written = load.await.unwrap();
     assert!(written > 0, "the server took writes meanwhile");
-    assert_eq!(copied.len(), 7, "{copied:?}");
+    assert_eq!(copied.len(), 8, "{copied:?}");
+    assert!(copied.contains(&std::path::Path::new("blobs").join(blob.to_hex())));
 
     // Backing up into a directory that exists is refused.
     assert!(umbra_server::admin::backup(server.data.path(), &config, &backup_dir).is_err());
@@ -143,4 +172,17 @@ async fn a_backup_taken_under_load_restores_into_a_server_that_serves() {
         raw.login(account, signer).await;
         assert_eq!(raw.call(Request::Ping).await, Ok(Reply::Done));
     }
+    // ...and the upload goes on where the backup found it.
+    let (account, signer) = &before[0];
+    let mut raw = Raw::connect(&again).await;
+    raw.login(account, signer).await;
+    assert!(matches!(
+        raw.call(Request::BlobStatus { blob_id: blob }).await,
+        Ok(Reply::BlobState { stored, .. }) if stored == segment as u64
+    ));
+    let rest = vec![6; (blob_size - segment as u64) as usize];
+    assert!(matches!(
+        raw.call(Request::PutBlob { blob_id: blob, offset: segment as u64, data: rest }).await,
+        Ok(Reply::BlobState { stored, size, .. }) if stored == size
+    ));
 }

@@ -4,37 +4,12 @@
 
 mod common;
 
-use common::{Raw, Server};
-use umbra_mls::{Crypto, DeviceSigner, Group, GroupConfig, Provider};
+use common::{Raw, Server, solo_group};
+use umbra_mls::DeviceSigner;
 use umbra_proto::blobs::{MAX_BLOB_CHUNK, SEALED_SEGMENT, SEGMENT, sealed_len};
 use umbra_proto::{BlobId, ErrorCode, GroupId, Reply, Request};
 
 const MIB: u64 = 1024 * 1024;
-
-/// A group of one created by `raw`'s account over the real protocol.
-async fn solo_group(
-    raw: &mut Raw,
-    signer: &DeviceSigner,
-    account: &umbra_proto::AccountId,
-) -> GroupId {
-    let crypto = Crypto::default();
-    let mut db = rusqlite::Connection::open_in_memory().unwrap();
-    umbra_mls::init_storage(&mut db).unwrap();
-    let provider = Provider::new(&crypto, &db);
-    let group = Group::create(&provider, signer, account, &GroupConfig::default(), 0).unwrap();
-    let group_id = GroupId::new(group.id()).unwrap();
-    let group_info = group.group_info(&provider, signer).unwrap();
-    assert_eq!(
-        raw.call(Request::CreateGroup {
-            group_id: group_id.clone(),
-            group_info,
-            delivery_key: None,
-        })
-        .await,
-        Ok(Reply::Done)
-    );
-    group_id
-}
 
 async fn create(
     raw: &mut Raw,

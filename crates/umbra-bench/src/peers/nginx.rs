@@ -74,6 +74,8 @@ pub async fn start(work: &Path, cpu: Option<u32>) -> Result<Nginx> {
     for sub in ["www/files", "tmp", "logs"] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
+    // nginx takes relative paths from its prefix: every path is absolute.
+    let dir = dir.canonicalize()?;
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
         .context("generating nginx's certificate")?;
     std::fs::write(dir.join("cert.pem"), certified.cert.pem())?;

@@ -18,6 +18,10 @@ use umbra_client::{
 
 use app::{Action, App, Link, Overlay, Screen};
 
+/// Files the chat fetches at once: a burst of files waits its turn rather
+/// than opening as many transfers on the one connection.
+static FETCHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -286,6 +290,8 @@ fn on_note(
                     {
                         let (c, notes, id) = (client.clone(), notes.clone(), message.id);
                         tokio::spawn(async move {
+                            // (The semaphore is never closed.)
+                            let _turn = FETCHES.acquire().await;
                             let outcome = c.fetch_attachment(id).await;
                             let _ = notes.send(Note::Done(
                                 outcome

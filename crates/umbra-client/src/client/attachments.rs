@@ -832,7 +832,11 @@ impl Client {
             });
         }
         checker.finish(&stored.digest).map_err(Fetch::Refused)?;
-        file.sync_all().map_err(|e| Fetch::Failed(io(e)))?;
+        // Syncing up to a hundred MiB blocks: not on the runtime's threads.
+        tokio::task::spawn_blocking(move || file.sync_all())
+            .await
+            .map_err(|e| Fetch::Failed(ClientError::Store(e.to_string())))?
+            .map_err(|e| Fetch::Failed(io(e)))?;
         Ok(())
     }
 

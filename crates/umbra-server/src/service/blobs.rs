@@ -174,19 +174,17 @@ impl Services {
                     ),
                 )
             })?;
+        let length = data.len() as u64;
         let outcome = self
             .store
-            .put_blob(&blob, me, offset, &data, self.now())
+            .put_blob(&blob, me, offset, data, self.now())
             .await
             .map_err(internal)?;
         match outcome {
             BlobWrite::Stored(info) => {
-                self.metrics.blob_bytes_written.inc_by(data.len() as u64);
-                self.blob_upload_budget.charge(
-                    &me.account,
-                    data.len() as u64,
-                    tokio::time::Instant::now(),
-                );
+                self.metrics.blob_bytes_written.inc_by(length);
+                self.blob_upload_budget
+                    .charge(&me.account, length, tokio::time::Instant::now());
                 Ok(Reply::BlobState {
                     size: info.size,
                     stored: info.stored,

@@ -250,3 +250,29 @@ pub async fn closed_with(raw: &mut Raw, code: ErrorCode) -> String {
     assert!(after.is_none(), "the connection stayed open: {after:?}");
     text
 }
+
+/// A group of one created by `raw`'s account over the real protocol.
+pub async fn solo_group(
+    raw: &mut Raw,
+    signer: &DeviceSigner,
+    account: &umbra_proto::AccountId,
+) -> umbra_proto::GroupId {
+    use umbra_mls::{Crypto, Group, GroupConfig, Provider};
+    let crypto = Crypto::default();
+    let mut db = rusqlite::Connection::open_in_memory().unwrap();
+    umbra_mls::init_storage(&mut db).unwrap();
+    let provider = Provider::new(&crypto, &db);
+    let group = Group::create(&provider, signer, account, &GroupConfig::default(), 0).unwrap();
+    let group_id = umbra_proto::GroupId::new(group.id()).unwrap();
+    let group_info = group.group_info(&provider, signer).unwrap();
+    assert_eq!(
+        raw.call(Request::CreateGroup {
+            group_id: group_id.clone(),
+            group_info,
+            delivery_key: None,
+        })
+        .await,
+        Ok(Reply::Done)
+    );
+    group_id
+}

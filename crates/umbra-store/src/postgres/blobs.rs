@@ -125,7 +125,7 @@ impl Blobs for PgStore {
         id: &BlobId,
         owner: &DeviceAddr,
         offset: u64,
-        data: &[u8],
+        data: Vec<u8>,
         now: Timestamp,
     ) -> Result<BlobWrite> {
         transaction!(self, tx => {

@@ -25,7 +25,15 @@ use crate::{
 pub(super) struct BlobFiles {
     place: Place,
     writing: Mutex<HashSet<BlobId>>,
+    /// File work under way at once (see [`BLOB_IO_AT_ONCE`]).
+    io: tokio::sync::Semaphore,
 }
+
+/// Blob file reads and writes run on blocking threads, this many at once:
+/// the disk goes no faster with more, and each thread keeps memory of its
+/// own, so a hundred transfers at once on as many threads cost a hundred
+/// threads' worth of retained chunk buffers.
+const BLOB_IO_AT_ONCE: usize = 4;
 
 enum Place {
     Dir(PathBuf),
@@ -71,6 +79,7 @@ impl BlobFiles {
         Ok(BlobFiles {
             place: Place::Dir(dir),
             writing: Mutex::default(),
+            io: tokio::sync::Semaphore::new(BLOB_IO_AT_ONCE),
         })
     }
 
@@ -78,6 +87,7 @@ impl BlobFiles {
         BlobFiles {
             place: Place::Memory(Mutex::default()),
             writing: Mutex::default(),
+            io: tokio::sync::Semaphore::new(BLOB_IO_AT_ONCE),
         }
     }
 
@@ -264,6 +274,8 @@ impl SqliteStore {
         F: FnOnce(&BlobFiles) -> Result<T> + Send + 'static,
     {
         let files = std::sync::Arc::clone(&self.blobs);
+        // (The semaphore is never closed.)
+        let _turn = self.blobs.io.acquire().await;
         tokio::task::spawn_blocking(move || work(&files))
             .await
             .map_err(|e| failed(&e))?
@@ -359,7 +371,7 @@ impl Blobs for SqliteStore {
         id: &BlobId,
         owner: &DeviceAddr,
         offset: u64,
-        data: &[u8],
+        data: Vec<u8>,
         now: Timestamp,
     ) -> Result<BlobWrite> {
         if self.blob(id, owner, now).await?.is_none() {
@@ -384,7 +396,7 @@ impl Blobs for SqliteStore {
         if end > info.size {
             return Ok(BlobWrite::PastEnd { size: info.size });
         }
-        let (file_id, bytes) = (*id, data.to_vec());
+        let (file_id, bytes) = (*id, data);
         let written = self
             .blocking(move |files| files.write_at(&file_id, offset, &bytes))
             .await?;

@@ -210,6 +210,30 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// The IDs of the blobs a database (a backup, say) holds rows of:
+    /// their bytes are the files of the same names under `blobs/` beside
+    /// it.
+    pub fn blob_ids(database: &Path) -> Result<Vec<umbra_proto::BlobId>> {
+        let connection = Connection::open_with_flags(
+            database,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(backend)?;
+        let mut statement = connection
+            .prepare("SELECT blob_id FROM blobs")
+            .map_err(backend)?;
+        let ids = statement
+            .query_map([], |row| row.get::<_, Vec<u8>>(0))
+            .map_err(backend)?
+            .map(|id| {
+                let id = id.map_err(backend)?;
+                umbra_proto::BlobId::from_slice(&id)
+                    .map_err(|_| StoreError::Corrupt("a blob's ID".into()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ids)
+    }
+
     /// Like [`SqliteStore::open`], within `limits`.
     pub fn open_limited(path: &Path, limits: StoreLimits) -> Result<Self> {
         let max_bytes = limits.database_bytes;
