@@ -161,6 +161,10 @@ pub(crate) struct Joined {
     /// history, before the new device was in the conversations.
     #[serde(default)]
     pub messages: Option<Table>,
+    /// The files of those messages (the same rows as a bundle's
+    /// `message_files`).
+    #[serde(default)]
+    pub message_files: Option<Table>,
 }
 
 /// One column's value in a copied row (SQLite's types).

@@ -481,6 +481,62 @@ async fn a_device_linked_while_messages_flow_has_each_once_in_order() {
     .await;
 }
 
+/// Files sent all along a link: those that reached the existing device
+/// after it took the history, before the new one was in the conversation
+/// (the catch-up), come with their files too, ready to fetch.
+#[tokio::test]
+async fn a_device_linked_while_files_flow_can_fetch_each() {
+    let server = TestServer::start().await;
+    let mut phone = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, at_bob) = befriend(&mut phone, &mut bob).await;
+    let outside = tempfile::tempdir().unwrap();
+    let path = outside.path().join("note.txt");
+    std::fs::write(&path, b"a small file, sent over and over").unwrap();
+
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sender = {
+        let (client, writing) = (bob.client.clone(), std::sync::Arc::clone(&writing));
+        let path = path.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while writing.load(std::sync::atomic::Ordering::SeqCst) || sent < 5 {
+                client.send_file(&at_bob, &path, None).await.unwrap();
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            sent
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (laptop, _) = link(&phone, "laptop").await;
+    joined(&laptop, &conversation).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let sent = sender.await.unwrap();
+
+    let files = |device: &Device| -> Vec<Option<umbra_client::AttachmentInfo>> {
+        device
+            .client
+            .history(&conversation, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.direction != Direction::System)
+            .map(|m| m.attachment)
+            .collect()
+    };
+    until("the laptop has every message", || {
+        files(&laptop).len() == sent
+    })
+    .await;
+    let laptop_files = files(&laptop);
+    assert!(
+        laptop_files.iter().all(Option::is_some),
+        "a message came without its file: {laptop_files:?}"
+    );
+    assert_eq!(laptop.client.fetch_attachments().await.unwrap(), sent);
+}
+
 #[tokio::test]
 async fn a_new_device_whose_existing_device_goes_away_gives_up_cleanly() {
     let server = TestServer::start().await;

@@ -251,12 +251,13 @@ impl PendingLink {
         // new device was in the conversations (after, it gets its own
         // copies; it keeps one of each).
         client.settle().await;
-        let messages = client.messages_after(mark)?;
+        let (messages, message_files) = client.messages_after(mark)?;
         self.put(
             &Joined {
                 conversations,
                 failed,
                 messages: Some(messages),
+                message_files: Some(message_files),
             },
             pairing::JOINED,
         )
@@ -426,7 +427,7 @@ impl Client {
             };
             tables.push(copy_table(&db, name, filter, self.now())?);
         }
-        tables.push(copy_message_files(&db, self.now())?);
+        tables.push(copy_message_files(&db, self.now(), 0)?);
         if vault {
             tables.push(copy_table(&db, VAULT, "WHERE ?1 IS NOT NULL", self.now())?);
         }
@@ -485,21 +486,36 @@ impl Client {
 
     /// Messages (not lines about a group) after row `mark` that have not
     /// expired, the newest that fit one rendezvous slot.
-    fn messages_after(&self, mark: i64) -> Result<Table> {
+    /// The messages that came after `mark`, and their files: the newest
+    /// that fit one rendezvous slot (half of it for the messages; a
+    /// quarter for the files, thumbnails left out first).
+    fn messages_after(&self, mark: i64) -> Result<(Table, Table)> {
         let db = self.db();
         let filter = format!(
             "WHERE id > {mark} AND direction != 'system' \
              AND (expires_at IS NULL OR expires_at > ?1) ORDER BY id"
         );
         let mut table = copy_table(&db, "messages", &filter, self.now())?;
+        let size = |table: &Table| serde_json::to_vec(table).map_or(0, |bytes| bytes.len());
         let budget = pairing::CHUNK_BYTES / 2;
-        while serde_json::to_vec(&table).map_or(0, |bytes| bytes.len()) > budget
-            && !table.rows.is_empty()
-        {
+        while size(&table) > budget && !table.rows.is_empty() {
             let drop = table.rows.len().div_ceil(4);
             table.rows.drain(..drop);
         }
-        Ok(table)
+        let mut files = copy_message_files(&db, self.now(), mark)?;
+        let budget = pairing::CHUNK_BYTES / 4;
+        if size(&files) > budget {
+            for row in &mut files.rows {
+                if let Some(thumbnail) = row.last_mut() {
+                    *thumbnail = Value::Null;
+                }
+            }
+        }
+        while size(&files) > budget && !files.rows.is_empty() {
+            let drop = files.rows.len().div_ceil(4);
+            files.rows.drain(..drop);
+        }
+        Ok((table, files))
     }
 
     pub(super) fn active_groups(&self) -> Result<Vec<Vec<u8>>> {
@@ -751,8 +767,19 @@ impl Client {
                         let mut db = client.db();
                         let tx = db.transaction()?;
                         let taken = insert_rows(&tx, table, true)?;
+                        // Their files, to fetch as any.
+                        let files = match &joined.message_files {
+                            Some(files) if files.name != MESSAGE_FILES => {
+                                return Err(ClientError::LinkFailed(format!(
+                                    "the catch-up holds an unexpected table ({})",
+                                    files.name
+                                )));
+                            }
+                            Some(files) => insert_message_files(&tx, files)?,
+                            None => 0,
+                        };
                         tx.commit()?;
-                        debug!(taken, "messages that came while linking");
+                        debug!(taken, files, "messages that came while linking");
                     }
                     let _ = client
                         .request(Request::RendezvousPut {
@@ -843,8 +870,9 @@ fn fill(
     Ok((contacts, messages, notes))
 }
 
-/// The files of the unexpired messages [`copy_table`] copies.
-fn copy_message_files(db: &rusqlite::Connection, now: u64) -> Result<Table> {
+/// The files of the unexpired messages [`copy_table`] copies (those after
+/// message `after`).
+fn copy_message_files(db: &rusqlite::Connection, now: u64, after: i64) -> Result<Table> {
     let columns = [
         "uid",
         "group_id",
@@ -863,10 +891,11 @@ fn copy_message_files(db: &rusqlite::Connection, now: u64) -> Result<Table> {
                 a.mime_type, a.name, a.duration_ms, a.thumbnail
          FROM attachments a JOIN messages m ON m.id = a.message_id
          WHERE m.uid IS NOT NULL AND (m.expires_at IS NULL OR m.expires_at > ?1)
+           AND m.id > ?2
          ORDER BY m.id",
     )?;
     let rows = statement
-        .query_map([now], |row| {
+        .query_map(rusqlite::params![now, after], |row| {
             Ok(vec![
                 Value::Blob(hex::encode(row.get::<_, Vec<u8>>(0)?)),
                 Value::Blob(hex::encode(row.get::<_, Vec<u8>>(1)?)),
