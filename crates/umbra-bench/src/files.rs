@@ -8,7 +8,7 @@
 //! size (`umbra_proto::blobs::sealed_len`), created in a group, uploaded
 //! in `PutBlob` requests of four sealed segments (256 KiB and 64 bytes)
 //! and read in `GetBlob` requests as large, four in flight, then
-//! `BlobFetched`. Its peer is nginx over TLS
+//! `BlobFetched` (not waited for, as a device does not). Its peer is nginx over TLS
 //! ([`crate::peers::nginx`]) moving the same number of bytes with `PUT` and
 //! `GET`. The bytes are random (sealed files look so); every download is
 //! checked against what was uploaded.
@@ -185,9 +185,8 @@ impl Slot for UmbraSlot {
             );
             offset += data.len();
         }
-        self.receiver
-            .request(Request::BlobFetched { blob_id })
-            .await?;
+        // As the device does: said, not waited for.
+        self.receiver.fire(Request::BlobFetched { blob_id }, None);
         Ok(())
     }
 }

@@ -73,17 +73,31 @@ pub fn sniff(head: &[u8]) -> Sniffed {
             | b"mif1" | b"msf1" => Sniffed::Unstrippable("image/heic", "HEIC"),
             b"avif" | b"avis" => Sniffed::Unstrippable("image/avif", "AVIF"),
             b"qt  " => Sniffed::Unstrippable("video/quicktime", "QuickTime video"),
+            // Audio (AAC in MP4): no camera, no place; typed by its name.
+            b"M4A " | b"M4B " => Sniffed::Other,
             _ => Sniffed::Unstrippable("video/mp4", "MP4 video"),
         };
     }
     Sniffed::Other
 }
 
-/// The JPEG segments a picture needs, besides the ones that code it.
+/// The JPEG segments a picture needs, besides the ones that code it: the
+/// JFIF header (its embedded thumbnail, which may show the uncropped
+/// original, is cut by [`jfif_without_thumbnail`]; JFXX thumbnail
+/// segments go), ICC profiles and Adobe's colour transform.
 fn kept_jpeg_app(marker: u8, contents: &[u8]) -> bool {
-    marker == markers::APP0
+    (marker == markers::APP0 && contents.starts_with(b"JFIF\0"))
         || marker == markers::APP14
         || (marker == markers::APP2 && contents.starts_with(b"ICC_PROFILE\0"))
+}
+
+/// A JFIF header's 14 bytes, its thumbnail's size set to none and the
+/// thumbnail gone.
+fn jfif_without_thumbnail(contents: &[u8]) -> Option<Bytes> {
+    let mut header = contents.get(..14)?.to_vec();
+    header[12] = 0;
+    header[13] = 0;
+    Some(Bytes::from(header))
 }
 
 /// PNG chunks a picture needs: the critical ones, colour and display
@@ -129,6 +143,13 @@ fn strip_unguarded(mime_type: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
                 let app = (markers::APP0..=markers::APP15).contains(&marker);
                 marker != markers::COM && (!app || kept_jpeg_app(marker, segment.contents()))
             });
+            for segment in jpeg.segments_mut() {
+                if segment.marker() == markers::APP0 {
+                    let header =
+                        jfif_without_thumbnail(segment.contents()).ok_or_else(unreadable)?;
+                    *segment = JpegSegment::new_with_contents(markers::APP0, header);
+                }
+            }
             if let Some(orientation) = orientation.filter(|o| (2..=8).contains(o)) {
                 let segments = jpeg.segments_mut();
                 let after_jfif = usize::from(
@@ -401,6 +422,20 @@ mod tests {
     }
 
     #[test]
+    fn a_jfif_thumbnail_goes() {
+        // A JFIF header with a 1x1 thumbnail (3 bytes of RGB), and a JFXX
+        // thumbnail segment.
+        let mut jpeg = vec![0xFF, 0xD8];
+        jpeg.extend(segment(0xE0, b"JFIF\0\x01\x02\0\0\x01\0\x01\x01\x01THN"));
+        jpeg.extend(segment(0xE0, b"JFXX\0\x10uncropped original"));
+        jpeg.extend(segment(0xDA, &[1, 1, 0, 0, 0x3F, 0]));
+        jpeg.extend_from_slice(&[0x12, 0xFF, 0xD9]);
+        let stripped = strip("image/jpeg", jpeg).unwrap();
+        assert!(!contains(&stripped, b"THN") && !contains(&stripped, b"uncropped"));
+        assert!(contains(&stripped, b"JFIF\0\x01\x02\0\0\x01\0\x01\0\0"));
+    }
+
+    #[test]
     fn the_type_is_read_from_the_bytes_not_the_name() {
         assert_eq!(
             sniff(&jpeg_with_metadata()),
@@ -426,6 +461,11 @@ mod tests {
             sniff(b"\0\0\0\x20ftypisom\0\0\x02\0"),
             Sniffed::Unstrippable("video/mp4", _)
         ));
+        assert_eq!(
+            sniff(b"\0\0\0\x20ftypM4A \0\0\x02\0"),
+            Sniffed::Other,
+            "audio"
+        );
         assert_eq!(sniff(b"%PDF-1.7"), Sniffed::Other);
         assert_eq!(sniff(b""), Sniffed::Other);
     }

@@ -74,6 +74,20 @@ fn blob_files(server: &TestServer) -> usize {
         .unwrap_or(0)
 }
 
+/// Waits until the server holds `count` blob files (a device says it
+/// fetched a file without waiting for the server's answer).
+async fn until_blob_files(server: &TestServer, count: usize) {
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while blob_files(server) != count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} blob files at the server, not {count}",
+            blob_files(server)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 async fn next_file(device: &mut Device) -> umbra_client::Message {
     device
         .wait_for(|event| match event {
@@ -143,7 +157,7 @@ async fn a_file_to_a_contact_who_is_offline_arrives_whole_and_leaves_no_plaintex
         AttachmentState::Fetched
     );
     // He was its only recipient: the server deleted it.
-    assert_eq!(blob_files(&server), 0);
+    until_blob_files(&server, 0).await;
     let saved = outside.path().join("saved.png");
     assert_eq!(
         bob.client
@@ -207,7 +221,7 @@ async fn a_photo_to_a_group_of_five_stays_until_the_last_member_fetched_it() {
         assert_eq!(std::fs::read(&saved).unwrap(), data);
         // Kept for those still to fetch it; gone after the last.
         let expected = usize::from(n + 1 < 4);
-        assert_eq!(blob_files(&server), expected, "after {} fetched", n + 1);
+        until_blob_files(&server, expected).await;
     }
 }
 
@@ -282,7 +296,7 @@ async fn an_upload_and_a_download_cut_off_in_the_middle_resume_where_they_stoppe
         .await
         .unwrap();
     assert_eq!(std::fs::read(&saved).unwrap(), data);
-    assert_eq!(blob_files(&server), 0);
+    until_blob_files(&server, 0).await;
 }
 
 #[tokio::test]
@@ -393,7 +407,7 @@ async fn files_expire_with_their_messages_on_both_devices_and_at_the_server() {
     let second = next_file(&mut bob).await;
     assert_eq!(first.attachment.as_ref().unwrap().name, "a.bin");
     bob.client.fetch_attachment(first.id).await.unwrap();
-    assert_eq!(blob_files(&server), 1);
+    until_blob_files(&server, 1).await;
     assert_eq!(files_under(&bob.home.path().join("files")).len(), 1);
     assert_eq!(files_under(&alice.home.path().join("files")).len(), 2);
 
@@ -613,7 +627,7 @@ async fn a_blob_named_again_is_fetched_once() {
         AttachmentState::Fetched
     );
     // Bob was its only recipient: the server has deleted it.
-    assert_eq!(blob_files(&server), 0);
+    until_blob_files(&server, 0).await;
 
     // The same file named again: served from the copy here.
     let attachment = alice.client.attachment_for_tests(sent.id).unwrap();

@@ -168,21 +168,48 @@ fn io_error(context: String) -> impl FnOnce(std::io::Error) -> ServerError {
 fn copy_files(from: &Path, to: &Path, files: &[std::path::PathBuf]) -> Result<(), ServerError> {
     crate::create_private_dir(to).map_err(io_error(format!("creating {}", to.display())))?;
     for file in files {
-        let (source, target) = (from.join(file), to.join(file));
-        if let Some(parent) = target.parent() {
-            crate::create_private_dir(parent)
-                .map_err(io_error(format!("creating {}", parent.display())))?;
-        }
-        let mut partial = target.clone().into_os_string();
-        partial.push(".partial");
-        let partial = std::path::PathBuf::from(partial);
-        std::fs::copy(&source, &partial)
-            .map_err(io_error(format!("copying {}", source.display())))?;
-        sync_file(&partial)?;
-        std::fs::rename(&partial, &target)
-            .map_err(io_error(format!("writing {}", target.display())))?;
+        copy_file(from, to, file)?;
     }
     sync_tree(to, files)
+}
+
+/// Copies blob files as [`copy_files`] does, leaving out any deleted
+/// meanwhile (its recipients fetched it while the backup ran): returns
+/// those copied.
+fn copy_blob_files(
+    from: &Path,
+    to: &Path,
+    files: Vec<std::path::PathBuf>,
+) -> Result<Vec<std::path::PathBuf>, ServerError> {
+    let mut copied = Vec::with_capacity(files.len());
+    for file in files {
+        match copy_file(from, to, &file) {
+            Ok(()) => copied.push(file),
+            Err(ServerError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound && !from.join(&file).exists() => {}
+            Err(error) => return Err(error),
+        }
+    }
+    sync_tree(to, &copied)?;
+    Ok(copied)
+}
+
+/// Copies one file under a temporary name, flushes it, renames it.
+fn copy_file(from: &Path, to: &Path, file: &Path) -> Result<(), ServerError> {
+    let (source, target) = (from.join(file), to.join(file));
+    if let Some(parent) = target.parent() {
+        crate::create_private_dir(parent)
+            .map_err(io_error(format!("creating {}", parent.display())))?;
+    }
+    let mut partial = target.clone().into_os_string();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    if let Err(error) = std::fs::copy(&source, &partial) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(io_error(format!("copying {}", source.display()))(error));
+    }
+    sync_file(&partial)?;
+    std::fs::rename(&partial, &target).map_err(io_error(format!("writing {}", target.display())))
 }
 
 /// Flushes a file to disk.
@@ -269,18 +296,17 @@ pub fn backup(
     files.push(config.database.clone());
     // The bytes of the blobs the copy holds rows of, copied after it: a
     // blob's file only grows until it is deleted, so each is at least as
-    // long as its row says (a file deleted meanwhile is missing, and the
-    // restored server deletes its row, as for any blob whose bytes it
-    // lost).
+    // long as its row says. A file deleted meanwhile is left out: its
+    // recipients fetched it (a device still wanting it is told it is
+    // gone), and the restored server treats its row as a blob whose bytes
+    // it lost.
     let blobs = blobs_dir(config);
     let blob_files: Vec<std::path::PathBuf> =
         umbra_store::sqlite::SqliteStore::blob_ids(&database)?
             .iter()
             .map(|id| blobs.join(id.to_hex()))
-            .filter(|file| data_dir.join(file).exists())
             .collect();
-    copy_files(data_dir, destination, &blob_files)?;
-    files.extend(blob_files);
+    files.extend(copy_blob_files(data_dir, destination, blob_files)?);
     sync_tree(destination, &files)?;
     Ok(files)
 }
@@ -328,4 +354,26 @@ pub fn restore(backup: &Path, data_dir: &Path) -> Result<Vec<std::path::PathBuf>
     // Opening it applies any migration a newer server needs.
     drop(open_store(data_dir, &Config::load(data_dir)?)?);
     Ok(files)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blob_file_deleted_while_the_backup_runs_is_left_out() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::create_dir(from.path().join("blobs")).unwrap();
+        std::fs::write(from.path().join("blobs/aa"), b"kept").unwrap();
+        let files = vec![
+            std::path::PathBuf::from("blobs/aa"),
+            std::path::PathBuf::from("blobs/bb"),
+        ];
+        let target = to.path().join("backup");
+        let copied = copy_blob_files(from.path(), &target, files).unwrap();
+        assert_eq!(copied, vec![std::path::PathBuf::from("blobs/aa")]);
+        assert_eq!(std::fs::read(target.join("blobs/aa")).unwrap(), b"kept");
+        assert!(!target.join("blobs/bb.partial").exists());
+    }
 }

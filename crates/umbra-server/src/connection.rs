@@ -41,6 +41,9 @@ use umbra_store::StoredDelivery;
 
 /// Responses queued per connection before the reader waits.
 const OUTBOUND_QUEUE: usize = 64;
+/// `GetBlob`s of one connection waiting for their answer before the
+/// reader waits (a device keeps 4 in flight).
+const FILE_READS: usize = 8;
 /// Deliveries read from the store per mailbox read.
 const MAILBOX_BATCH: usize = 128;
 /// Deliveries pushed from memory before the writer reads its mailbox to
@@ -81,8 +84,9 @@ const WRITE_BUFFER: usize = 16 * 1024;
 /// 137k, 132k against 139k, 138k, 149k; accept rates unchanged).
 const FRAME_BUFFER: usize = 4096;
 /// Largest WebSocket frame the server writes: longer messages go in
-/// fragments of this size.
-const FRAGMENT: usize = 64 * 1024;
+/// fragments of this size (the write buffer, which never shrinks, grows
+/// to about one fragment on a connection that ever sent a file).
+const FRAGMENT: usize = 16 * 1024;
 
 /// WebSocket settings: a small read buffer (tungstenite allocates it up
 /// front for every connection), frames handed on in small groups (to
@@ -110,12 +114,8 @@ pub(crate) struct Connection {
 /// What the reader hands the writer.
 enum Outbound {
     Frame(Vec<u8>),
-    /// A file's bytes (a `GetBlob` answer): its connection reads no other
-    /// request for file bytes until this one is handed to the socket, so a
-    /// device that asks for many chunks at once, or reads slowly, holds
-    /// one chunk in the server's memory, not all it asked for.
-    FileBytes(Vec<u8>, tokio::sync::OwnedSemaphorePermit),
-    /// A response to send once its request's effects are durable.
+    /// A response to send once ready: a request's effects durable, or a
+    /// file's bytes read (see [`FILE_READS`]).
     Later(LaterResponse),
     /// The device authenticated as this account: from now on, push its
     /// mailbox (after the responses queued before this).
@@ -189,6 +189,7 @@ impl Connection {
         );
         let send = |bytes: Vec<u8>| out_tx.send(Outbound::Frame(bytes));
         let file_bytes_slot = Arc::new(tokio::sync::Semaphore::new(1));
+        let file_reads = Arc::new(tokio::sync::Semaphore::new(FILE_READS));
 
         let mut nonce = [0u8; 32];
         if getrandom::getrandom(&mut nonce).is_err() {
@@ -349,15 +350,43 @@ impl Connection {
                 // ones they stand for; any other is ignored.
                 *delivery_ids = unacked.acked(delivery_ids);
             }
-            // One answer of file bytes at a time, until the socket has it.
-            let file_bytes = match &request {
-                Request::GetBlob { .. } => match Arc::clone(&file_bytes_slot).acquire_owned().await
+            // File bytes are read and answered by the writer, in order,
+            // one chunk at a time, and a fetched blob crossed off there
+            // too: the reader goes on (acknowledgements, sends, the next
+            // file's reads) meanwhile.
+            if matches!(
+                request,
+                Request::GetBlob { .. } | Request::BlobFetched { .. }
+            ) {
+                let reads_bytes = matches!(request, Request::GetBlob { .. });
+                let Ok(outstanding) = Arc::clone(&file_reads).acquire_owned().await else {
+                    break;
+                };
+                let (services, slot) = (Arc::clone(&self.services), Arc::clone(&file_bytes_slot));
+                let (mut asking, id) = (session.clone(), frame.id);
+                let response = async move {
+                    // (Neither semaphore is ever closed.)
+                    let turn = match reads_bytes {
+                        true => slot.acquire_owned().await.ok(),
+                        false => None,
+                    };
+                    let result = match Box::pin(services.answer(&mut asking, request)).await {
+                        Answer::Now(result) => result,
+                        _ => Err(ErrorReply::new(ErrorCode::Internal, "unexpected answer")),
+                    };
+                    let bytes = encode_server(&ServerMessage::Response { id, result });
+                    drop(outstanding);
+                    (bytes, turn)
+                };
+                if out_tx
+                    .send(Outbound::Later(Box::pin(response)))
+                    .await
+                    .is_err()
                 {
-                    Ok(permit) => Some(permit),
-                    Err(_) => break,
-                },
-                _ => None,
-            };
+                    break;
+                }
+                continue;
+            }
             // Boxed: the handler's state is large and lives only while a
             // request is in flight, not in every idle connection's task.
             let answer = Box::pin(self.services.answer(&mut session, request)).await;
@@ -368,18 +397,17 @@ impl Connection {
                         id: frame.id,
                         result,
                     };
-                    let bytes = encode_server(&response);
-                    drop(response);
-                    match file_bytes {
-                        Some(permit) => out_tx.send(Outbound::FileBytes(bytes, permit)).await,
-                        None => send(bytes).await,
-                    }
+                    send(encode_server(&response)).await
                 }
                 // Answered by the writer when durable; meanwhile the next
                 // request (perhaps the acknowledgement it waits for) runs.
                 Answer::WhenDurable(durable, reply) => {
                     let response = Answer::response(durable, reply, frame.id);
-                    out_tx.send(Outbound::Later(Box::pin(response))).await
+                    out_tx
+                        .send(Outbound::Later(Box::pin(
+                            response.map(|bytes| (bytes, None)),
+                        )))
+                        .await
                 }
                 Answer::Quiet => Ok(()),
             };
@@ -561,7 +589,12 @@ const SMALL_WINDOW: usize = 64;
 struct Closed;
 
 /// A response frame that is ready once its request's effects are durable.
-type LaterResponse = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
+/// A response, and the turn it holds until it is flushed (a file's bytes:
+/// a connection holds one answer of them in memory at a time, so a device
+/// that asks for many chunks at once, or reads slowly, costs the server one
+/// chunk, not all it asked for).
+type LaterResponse =
+    Pin<Box<dyn Future<Output = (Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>)> + Send>>;
 
 impl<S> Writer<S>
 where
@@ -633,9 +666,14 @@ where
             self.flushing.clear();
         }
         // The reader is gone; answer what is still waiting, then close.
+        self.flushing.clear();
         if let Some(mut later) = later {
-            while let Some(frame) = later.next().await {
+            while let Some((frame, turn)) = later.next().await {
                 if self.feed(frame).await.is_err() {
+                    break;
+                }
+                // The next file read waits for this one's turn.
+                if turn.is_some() && self.sink.flush().await.is_err() {
                     break;
                 }
             }
@@ -656,11 +694,6 @@ where
         while let Some(item) = next.take() {
             match item {
                 Outbound::Frame(bytes) => self.feed(bytes).await?,
-                Outbound::FileBytes(bytes, permit) => {
-                    self.feed(bytes).await?;
-                    // Released once flushed (below, in `run`).
-                    self.flushing.push(permit);
-                }
                 Outbound::Later(response) => later
                     .get_or_insert_with(FuturesOrdered::new)
                     .push_back(response),
@@ -687,13 +720,16 @@ where
     /// ready too (a commit settles many at once), so they share a write.
     async fn answer(
         &mut self,
-        frame: Vec<u8>,
+        (frame, turn): (Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>),
         later: &mut Option<FuturesOrdered<LaterResponse>>,
     ) -> Result<(), Closed> {
         self.feed(frame).await?;
+        // Released once flushed (in `run`).
+        self.flushing.extend(turn);
         if let Some(later) = later.as_mut() {
-            while let Some(Some(frame)) = later.next().now_or_never() {
+            while let Some(Some((frame, turn))) = later.next().now_or_never() {
                 self.feed(frame).await?;
+                self.flushing.extend(turn);
             }
         }
         Ok(())

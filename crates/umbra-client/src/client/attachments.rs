@@ -676,16 +676,16 @@ impl Client {
             "UPDATE attachments SET state = 'fetched' WHERE message_id = ?1",
             [message_id],
         )?;
-        // The server deletes it once every recipient device said so; a
-        // failure here only keeps it there until it expires.
-        if let Err(error) = self
-            .request(Request::BlobFetched {
-                blob_id: stored.blob_id,
-            })
-            .await
-        {
-            tracing::debug!(%error, "telling the server a file was fetched failed");
-        }
+        // The server deletes it once every recipient device said so. Said
+        // without waiting for the answer, so the next file's download does
+        // not wait for the server's write; a failure only keeps it there
+        // until it expires.
+        let (client, blob_id) = (self.clone(), stored.blob_id);
+        tokio::spawn(async move {
+            if let Err(error) = client.request(Request::BlobFetched { blob_id }).await {
+                tracing::debug!(%error, "telling the server a file was fetched failed");
+            }
+        });
         Ok(AttachmentState::Fetched)
     }
 

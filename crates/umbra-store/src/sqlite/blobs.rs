@@ -26,7 +26,7 @@ pub(super) struct BlobFiles {
     place: Place,
     writing: Mutex<HashSet<BlobId>>,
     /// File work under way at once (see [`BLOB_IO_AT_ONCE`]).
-    io: tokio::sync::Semaphore,
+    io: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// Blob file reads and writes run on blocking threads, this many at once:
@@ -79,7 +79,7 @@ impl BlobFiles {
         Ok(BlobFiles {
             place: Place::Dir(dir),
             writing: Mutex::default(),
-            io: tokio::sync::Semaphore::new(BLOB_IO_AT_ONCE),
+            io: std::sync::Arc::new(tokio::sync::Semaphore::new(BLOB_IO_AT_ONCE)),
         })
     }
 
@@ -87,7 +87,7 @@ impl BlobFiles {
         BlobFiles {
             place: Place::Memory(Mutex::default()),
             writing: Mutex::default(),
-            io: tokio::sync::Semaphore::new(BLOB_IO_AT_ONCE),
+            io: std::sync::Arc::new(tokio::sync::Semaphore::new(BLOB_IO_AT_ONCE)),
         }
     }
 
@@ -274,11 +274,19 @@ impl SqliteStore {
         F: FnOnce(&BlobFiles) -> Result<T> + Send + 'static,
     {
         let files = std::sync::Arc::clone(&self.blobs);
-        // (The semaphore is never closed.)
-        let _turn = self.blobs.io.acquire().await;
-        tokio::task::spawn_blocking(move || work(&files))
+        // Held by the work itself: a caller that gives up does not free
+        // the turn while the work still runs.
+        let turn = std::sync::Arc::clone(&self.blobs.io)
+            .acquire_owned()
             .await
-            .map_err(|e| failed(&e))?
+            .map_err(|_| StoreError::Backend("the blob store is closing".into()))?;
+        tokio::task::spawn_blocking(move || {
+            let result = work(&files);
+            drop(turn);
+            result
+        })
+        .await
+        .map_err(|e| failed(&e))?
     }
 
     /// Removes the files of `ids`, whose rows are gone.
