@@ -1,8 +1,9 @@
-//! The files workload: what attachments cost the server. Upload and
-//! download throughput and server CPU per MB for files of each size, one
-//! transfer at a time; then many transfers at once (100 of 100 MiB by
-//! default) and the server's memory meanwhile, which must not grow with
-//! the files (the server streams; it never holds a file).
+//! The files workload: what attachments cost the server. First many
+//! transfers at once (100 of 100 MiB by default) and the server's memory
+//! meanwhile, which must not grow with the files (the server streams; it
+//! never holds a file), measured from a server that has moved nothing
+//! yet; then upload and download throughput and server CPU per MB for
+//! files of each size, one transfer at a time.
 //!
 //! Umbra is driven as its devices drive it: a blob of the sealed file's
 //! size (`umbra_proto::blobs::sealed_len`), created in a group, uploaded
@@ -276,6 +277,24 @@ pub async fn files(server: &dyn FileServer, plan: &Plan) -> Result<FilesResult> 
     }
     let pids = server.pids();
 
+    // All at once first, on a server that has moved nothing yet: its
+    // memory with the connections open is the baseline, with no buffer
+    // kept from earlier transfers in it.
+    let (concurrent, mut slots) = concurrent(plan, slots, &content, &pids).await?;
+    eprintln!(
+        "  {}: {} transfers of {} B at once: up {:.0} MB/s, down {:.0} MB/s; RSS {} KiB idle, \
+         peak {} KiB up, {} KiB down (+{} KiB)",
+        server.name(),
+        concurrent.transfers,
+        concurrent.file_bytes,
+        concurrent.upload_mb_s,
+        concurrent.download_mb_s,
+        concurrent.rss_idle_kib,
+        concurrent.rss_peak_upload_kib,
+        concurrent.rss_peak_download_kib,
+        concurrent.rss_growth_kib
+    );
+
     let mut one_at_a_time = Vec::new();
     for &size in &plan.sizes {
         let bytes = sealed_len(size);
@@ -330,20 +349,6 @@ pub async fn files(server: &dyn FileServer, plan: &Plan) -> Result<FilesResult> 
         one_at_a_time.push(point);
     }
 
-    let concurrent = concurrent(plan, slots, &content, &pids).await?;
-    eprintln!(
-        "  {}: {} transfers of {} B at once: up {:.0} MB/s, down {:.0} MB/s; RSS {} KiB idle, \
-         peak {} KiB up, {} KiB down (+{} KiB)",
-        server.name(),
-        concurrent.transfers,
-        concurrent.file_bytes,
-        concurrent.upload_mb_s,
-        concurrent.download_mb_s,
-        concurrent.rss_idle_kib,
-        concurrent.rss_peak_upload_kib,
-        concurrent.rss_peak_download_kib,
-        concurrent.rss_growth_kib
-    );
     Ok(FilesResult {
         one_at_a_time,
         concurrent,
@@ -351,13 +356,14 @@ pub async fn files(server: &dyn FileServer, plan: &Plan) -> Result<FilesResult> 
     })
 }
 
-/// Every slot uploads one file at once, then every slot downloads its own.
+/// Every slot uploads one file at once, then every slot downloads its own;
+/// the slots are handed back.
 async fn concurrent(
     plan: &Plan,
     slots: Vec<Box<dyn Slot>>,
     content: &Arc<Vec<u8>>,
     pids: &[u32],
-) -> Result<Concurrent> {
+) -> Result<(Concurrent, Vec<Box<dyn Slot>>)> {
     let bytes = sealed_len(plan.concurrent_size);
     let length = bytes as usize;
     ensure!(content.len() >= length, "content shorter than a file");
@@ -393,17 +399,19 @@ async fn concurrent(
         tasks.push(tokio::spawn(async move {
             slot.download(&stored, &content[..length])
                 .await
-                .with_context(|| format!("concurrent download {i}"))
+                .with_context(|| format!("concurrent download {i}"))?;
+            Ok::<_, anyhow::Error>(slot)
         }));
     }
+    let mut slots = Vec::with_capacity(tasks.len());
     for task in tasks {
-        task.await??;
+        slots.push(task.await??);
     }
     let download_s = started.elapsed().as_secs_f64();
     let down = sampler.finish()?;
 
     let total = (bytes * u64::from(plan.slots())) as f64;
-    Ok(Concurrent {
+    let result = Concurrent {
         transfers: plan.slots(),
         file_bytes: plan.concurrent_size,
         bytes,
@@ -418,7 +426,8 @@ async fn concurrent(
             .rss_peak_kib
             .max(down.rss_peak_kib)
             .saturating_sub(idle.rss_kib),
-    })
+    };
+    Ok((result, slots))
 }
 
 #[cfg(test)]

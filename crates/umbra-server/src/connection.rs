@@ -351,14 +351,9 @@ impl Connection {
                 *delivery_ids = unacked.acked(delivery_ids);
             }
             // File bytes are read and answered by the writer, in order,
-            // one chunk at a time, and a fetched blob crossed off there
-            // too: the reader goes on (acknowledgements, sends, the next
-            // file's reads) meanwhile.
-            if matches!(
-                request,
-                Request::GetBlob { .. } | Request::BlobFetched { .. }
-            ) {
-                let reads_bytes = matches!(request, Request::GetBlob { .. });
+            // one chunk at a time: the reader goes on (acknowledgements,
+            // sends) meanwhile.
+            if matches!(request, Request::GetBlob { .. }) {
                 let Ok(outstanding) = Arc::clone(&file_reads).acquire_owned().await else {
                     break;
                 };
@@ -366,10 +361,7 @@ impl Connection {
                 let (mut asking, id) = (session.clone(), frame.id);
                 let response = async move {
                     // (Neither semaphore is ever closed.)
-                    let turn = match reads_bytes {
-                        true => slot.acquire_owned().await.ok(),
-                        false => None,
-                    };
+                    let turn = slot.acquire_owned().await.ok();
                     let result = match Box::pin(services.answer(&mut asking, request)).await {
                         Answer::Now(result) => result,
                         _ => Err(ErrorReply::new(ErrorCode::Internal, "unexpected answer")),

@@ -261,10 +261,24 @@ impl Services {
         }
     }
 
+    /// Answered at once, the blob crossed off meanwhile: a device's next
+    /// download does not wait for the store's write, and a crossing-off
+    /// lost to a crash only keeps the blob until it expires.
     pub(super) async fn blob_fetched(&self, me: &DeviceAddr, blob: BlobId) -> Outcome {
-        if self.store.blob_fetched(&blob, me).await.map_err(internal)? {
-            self.metrics.blobs_deleted.inc();
-        }
+        let (store, deleted, me) = (
+            std::sync::Arc::clone(&self.store),
+            self.metrics.blobs_deleted.clone(),
+            me.clone(),
+        );
+        tokio::spawn(async move {
+            match store.blob_fetched(&blob, &me).await {
+                Ok(true) => {
+                    deleted.inc();
+                }
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "crossing off a fetched blob failed"),
+            }
+        });
         Ok(Reply::Done)
     }
 }
