@@ -266,6 +266,9 @@ pub async fn run(
         anonymous_budget: limits::SendBudget::new(config.anonymous_bytes_per_group_hour),
         blob_read_budget: limits::SendBudget::new(config.blob_read_bytes_per_hour),
         blob_upload_budget: limits::SendBudget::new(config.blob_upload_bytes_per_hour),
+        blob_fetched_in_flight: Arc::new(tokio::sync::Semaphore::new(
+            service::BLOB_FETCHED_IN_FLIGHT,
+        )),
         rendezvous: rendezvous::Rendezvous::new(config.max_rendezvous_bytes),
         clock: options.clock,
         limits: Limits {

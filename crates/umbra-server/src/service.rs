@@ -132,6 +132,11 @@ impl PushWindow {
     };
 }
 
+/// `BlobFetched` crossings-off that may run after their answer, server-wide:
+/// few, so that one account sending many cannot queue many writes ahead of
+/// everyone else's (past them, each is done before its answer, as all were).
+pub(crate) const BLOB_FETCHED_IN_FLIGHT: usize = 8;
+
 /// Shared by every connection.
 pub struct Services {
     pub store: Arc<dyn Store>,
@@ -146,6 +151,11 @@ pub struct Services {
     pub blob_read_budget: crate::limits::SendBudget,
     /// Bytes of attachments each account may still upload this hour.
     pub blob_upload_budget: crate::limits::SendBudget,
+    /// `BlobFetched` crossings-off under way after their answer (see
+    /// `service/blobs.rs`); past this many, the next is done before it is
+    /// answered, so a flood of them waits on the store instead of piling
+    /// up as tasks.
+    pub blob_fetched_in_flight: Arc<tokio::sync::Semaphore>,
     /// Where devices being linked meet their account's existing device.
     pub rendezvous: crate::rendezvous::Rendezvous,
     pub clock: Arc<dyn Clock>,

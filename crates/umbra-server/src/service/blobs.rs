@@ -263,14 +263,16 @@ impl Services {
 
     /// Answered at once, the blob crossed off meanwhile: a device's next
     /// download does not wait for the store's write, and a crossing-off
-    /// lost to a crash only keeps the blob until it expires.
+    /// lost to a crash only keeps the blob until it expires. At most
+    /// [`super::BLOB_FETCHED_IN_FLIGHT`] run so; past that one is done
+    /// before its answer (the connection waits, as it did for all).
     pub(super) async fn blob_fetched(&self, me: &DeviceAddr, blob: BlobId) -> Outcome {
         let (store, deleted, me) = (
             std::sync::Arc::clone(&self.store),
             self.metrics.blobs_deleted.clone(),
             me.clone(),
         );
-        tokio::spawn(async move {
+        let cross_off = async move {
             match store.blob_fetched(&blob, &me).await {
                 Ok(true) => {
                     deleted.inc();
@@ -278,7 +280,16 @@ impl Services {
                 Ok(false) => {}
                 Err(error) => tracing::warn!(%error, "crossing off a fetched blob failed"),
             }
-        });
+        };
+        match std::sync::Arc::clone(&self.blob_fetched_in_flight).try_acquire_owned() {
+            Ok(turn) => {
+                tokio::spawn(async move {
+                    cross_off.await;
+                    drop(turn);
+                });
+            }
+            Err(_) => cross_off.await,
+        }
         Ok(Reply::Done)
     }
 }
