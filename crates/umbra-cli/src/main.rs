@@ -5,6 +5,7 @@
 mod devices;
 mod escape;
 mod tui;
+mod voice;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -91,6 +92,10 @@ enum Command {
     /// signed device list says (verified on this device).
     #[command(subcommand)]
     Devices(devices::DevicesCommand),
+    /// Voice notes: `record` one (kept as a draft), `play` it or one
+    /// received (at 1x, 1.5x or 2x), `send` it; `drafts`, `discard`.
+    #[command(subcommand)]
+    Voice(voice::VoiceCommand),
     /// Make this device a new device of an existing account, from the
     /// one-time link `umbra devices link` shows on one of its devices: it
     /// gets the account's contacts and unexpired history and joins its
@@ -649,7 +654,19 @@ fn show_transfers(
 fn format_message(message: &Message) -> String {
     let time = rfc3339(message.timestamp);
     let mut body = printable(&message.body).into_owned();
-    if let Some(file) = &message.attachment {
+    if let Some(file) = &message.attachment
+        && file.duration_ms > 0
+    {
+        let caption = std::mem::take(&mut body);
+        body = format!(
+            "[voice note #{} {} {} ({:?})]{}{caption}",
+            message.id,
+            voice::minutes(file.duration_ms),
+            voice::bars(&file.waveform),
+            file.state,
+            if caption.is_empty() { "" } else { " " }
+        );
+    } else if let Some(file) = &message.attachment {
         let caption = std::mem::take(&mut body);
         body = format!(
             "[file #{} {} ({}, {} bytes, {:?})]{}{caption}",
@@ -777,6 +794,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Contacts(command) => contacts(&cli, &out, command).await?,
         Command::Devices(command) => devices::devices(&cli, &out, command).await?,
+        Command::Voice(command) => voice::voice(&cli, &out, command).await?,
         Command::Link { link, name } => devices::link(&cli, &out, link.as_deref(), name).await?,
         Command::Send {
             target,

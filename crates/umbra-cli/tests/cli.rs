@@ -153,6 +153,17 @@ async fn ok(home: &Path, args: &[&str]) -> Vec<Value> {
     lines(&output)
 }
 
+/// Two new devices that became each other's contacts: their account IDs.
+async fn contacts(server: &Server, alice: &Path, bob: &Path) -> (String, String) {
+    let a = activate(server, alice).await;
+    let b = activate(server, bob).await;
+    ok(alice, &["contacts", "add", &b]).await;
+    ok(bob, &["recv"]).await;
+    ok(bob, &["contacts", "accept", &a]).await;
+    ok(alice, &["recv"]).await;
+    (a, b)
+}
+
 /// `umbra activate` in `home` with a fresh code; returns the account ID.
 async fn activate(server: &Server, home: &Path) -> String {
     let activated = ok(home, &["activate", &server.activation().await]).await;
@@ -652,12 +663,7 @@ async fn a_file_goes_through_the_cli() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    let a = activate(&server, alice.path()).await;
-    let b = activate(&server, bob.path()).await;
-    ok(alice.path(), &["contacts", "add", &b]).await;
-    ok(bob.path(), &["recv"]).await;
-    ok(bob.path(), &["contacts", "accept", &a]).await;
-    ok(alice.path(), &["recv"]).await;
+    let (a, b) = contacts(&server, alice.path(), bob.path()).await;
 
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let path = outside.path().join("plan.pdf");
@@ -704,6 +710,175 @@ async fn a_file_goes_through_the_cli() {
     );
 }
 
+/// `umbra --json --home HOME ARGS` with no recorder or player on PATH
+/// (as on a machine without sound).
+async fn without_sound(home: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_umbra"));
+    command
+        .arg("--json")
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env("UMBRA_PASSPHRASE", "a long test passphrase")
+        .env("PATH", "/nonexistent");
+    tokio::task::spawn_blocking(move || bounded(command))
+        .await
+        .unwrap()
+}
+
+/// Samples of a WAV file Umbra wrote (mono, 16-bit, 48 kHz).
+fn wav_samples(path: &Path) -> usize {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..4], b"RIFF");
+    assert_eq!(
+        u32::from_le_bytes(bytes[24..28].try_into().unwrap()),
+        48_000
+    );
+    let declared = u32::from_le_bytes(bytes[40..44].try_into().unwrap()) as usize;
+    assert_eq!(declared, bytes.len() - 44);
+    declared / 2
+}
+
+#[tokio::test]
+async fn a_voice_note_recorded_through_the_cli_survives_a_kill_and_is_sent() {
+    let server = Server::start().await;
+    let (alice, bob, outside) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let (a, b) = contacts(&server, alice.path(), bob.path()).await;
+
+    // No microphone or speaker here: said so, and nothing is left behind.
+    let refused = without_sound(alice.path(), &["voice", "record"]).await;
+    assert!(!refused.status.success());
+    let why = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        why.contains("no audio device") && why.contains("--input"),
+        "{why}"
+    );
+    assert_eq!(
+        ok(alice.path(), &["voice", "drafts"]).await[0]["drafts"],
+        serde_json::json!([])
+    );
+
+    // A recording from standard input (a tone, as raw 16-bit samples),
+    // killed with -9 while the input is still open.
+    let mut recorder = std::process::Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(["--json", "--home"])
+        .arg(alice.path())
+        .args(["voice", "record", "--input", "-"])
+        .env("UMBRA_PASSPHRASE", "a long test passphrase")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = recorder.stdin.take().unwrap();
+    let tone: Vec<u8> = (0..96_000)
+        .flat_map(|i| {
+            let v = 0.5 * (2.0 * std::f32::consts::PI * 300.0 * i as f32 / 48_000.0).sin();
+            ((v * 32767.0) as i16).to_le_bytes()
+        })
+        .collect();
+    let stdout = recorder.stdout.take().unwrap();
+    let heard = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Write};
+        input.write_all(&tone).unwrap();
+        input.flush().unwrap();
+        // Until the recorder says it has 1.5 s (then at least 1.5 s is
+        // saved: every half second is).
+        for line in std::io::BufReader::new(stdout).lines() {
+            let event: Value = serde_json::from_str(&line.unwrap()).unwrap();
+            if event["duration_ms"].as_u64().unwrap_or(0) >= 1_500 {
+                return (true, input);
+            }
+        }
+        (false, input)
+    });
+    let (heard, input) = tokio::time::timeout(Duration::from_secs(60), heard)
+        .await
+        .expect("the recorder reports its progress")
+        .unwrap();
+    assert!(heard);
+    recorder.kill().unwrap();
+    recorder.wait().unwrap();
+    drop(input);
+    let drafts = ok(alice.path(), &["voice", "drafts"]).await;
+    let draft = &drafts[0]["drafts"][0];
+    assert_eq!(draft["finished"], false);
+    let duration = draft["duration_ms"].as_u64().unwrap();
+    assert!((1_400..=2_000).contains(&duration), "{draft}");
+    let id = draft["id"].as_i64().unwrap().to_string();
+
+    // Listened back to: as a WAV file here (no player on this machine).
+    let no_player = without_sound(alice.path(), &["voice", "play", "--draft", &id]).await;
+    assert!(!no_player.status.success());
+    assert!(String::from_utf8_lossy(&no_player.stdout).contains("--out"));
+    let back = outside.path().join("back.wav");
+    ok(
+        alice.path(),
+        &[
+            "voice",
+            "play",
+            "--draft",
+            &id,
+            "--out",
+            back.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let samples = wav_samples(&back);
+    assert_eq!(samples as u64 / 48, duration);
+
+    // Sent (the latest draft), and gone from the drafts.
+    let sent = ok(alice.path(), &["voice", "send", &b]).await;
+    let message = sent.last().unwrap();
+    assert_eq!(message["attachment"]["mime_type"], "audio/ogg");
+    assert_eq!(message["attachment"]["duration_ms"], duration);
+    assert_eq!(
+        ok(alice.path(), &["voice", "drafts"]).await[0]["drafts"],
+        serde_json::json!([])
+    );
+
+    // Bob sees a voice note, and plays it at twice the speed.
+    let received = ok(bob.path(), &["recv"]).await;
+    let note = received
+        .iter()
+        .find(|e| e["event"] == "message_received" && !e["message"]["attachment"].is_null())
+        .unwrap();
+    assert_eq!(note["message"]["attachment"]["duration_ms"], duration);
+    assert_eq!(
+        note["message"]["attachment"]["waveform"]
+            .as_array()
+            .unwrap()
+            .len(),
+        64
+    );
+    let note_id = note["message"]["id"].as_i64().unwrap().to_string();
+    let fast = outside.path().join("fast.wav");
+    ok(
+        bob.path(),
+        &[
+            "voice",
+            "play",
+            &note_id,
+            "--speed",
+            "2",
+            "--out",
+            fast.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(wav_samples(&fast), samples.div_ceil(2));
+    let history = text(bob.path(), &["history", &a]).await;
+    assert!(history.contains("[voice note #"), "{history}");
+}
+
 #[test]
 fn help_is_there_for_a_newcomer() {
     let output = Command::new(env!("CARGO_BIN_EXE_umbra"))
@@ -724,6 +899,7 @@ fn help_is_there_for_a_newcomer() {
         "uploads",
         "devices",
         "link",
+        "voice",
         "UMBRA_PASSPHRASE",
         "Exit codes",
     ] {

@@ -29,11 +29,12 @@ mod store;
 pub mod thumbnail;
 mod types;
 mod vault;
+pub mod voice;
 mod wipe;
 
 pub use client::{
-    Client, ClientOptions, FileOptions, JoinedAccount, LinkedDevice, PendingLink, mime_type_of,
-    safe_file_name,
+    Client, ClientOptions, FileOptions, JoinedAccount, LinkedDevice, PendingLink, Recording,
+    VoiceDraft, VoiceSource, mime_type_of, play_voice, safe_file_name,
 };
 pub use disappearing::{DEFAULT_TIMER, MAX_TIMER, MIN_TIMER, describe as describe_timer};
 pub use distributor::DistributorSession;

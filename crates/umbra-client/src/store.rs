@@ -31,6 +31,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (12, include_str!("../migrations/0012_pending_declines.sql")),
     (13, include_str!("../migrations/0013_send_tokens.sql")),
     (14, include_str!("../migrations/0014_attachments.sql")),
+    (15, include_str!("../migrations/0015_voice_notes.sql")),
 ];
 
 /// The version a store is at once every migration has run.

@@ -204,6 +204,8 @@ pub struct AttachmentInfo {
     pub duration_ms: u32,
     /// Photos: whether a thumbnail came with it (`Client::thumbnail`).
     pub has_thumbnail: bool,
+    /// Voice notes: one level (0-255) per slice of time, as sent.
+    pub waveform: Vec<u8>,
 }
 
 /// Where a message's file stands on this device.

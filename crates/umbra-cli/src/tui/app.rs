@@ -141,6 +141,13 @@ pub enum Overlay {
         message: i64,
         input: String,
     },
+    /// A voice note just recorded, kept as draft `draft`: send it,
+    /// listen to it, delete it, or keep it for later.
+    VoiceDraft {
+        conversation: ConversationId,
+        draft: i64,
+        duration_ms: u32,
+    },
     /// A photo's thumbnail, drawn with half blocks.
     Picture {
         name: String,
@@ -173,6 +180,15 @@ pub enum Action {
     SendFile(ConversationId, std::path::PathBuf),
     SaveFile(i64, std::path::PathBuf),
     ShowPicture(i64),
+    /// Start recording a voice note for the conversation.
+    RecordVoice(ConversationId),
+    /// End the recording under way (kept as a draft).
+    StopRecording,
+    /// Play a voice note at one of `SPEEDS`.
+    PlayVoice(umbra_client::VoiceSource, usize),
+    StopPlaying,
+    SendVoiceDraft(ConversationId, i64),
+    DiscardVoiceDraft(i64),
     Quit,
 }
 
@@ -196,6 +212,18 @@ impl std::fmt::Debug for Action {
             Action::SendFile(id, _) => write!(f, "SendFile({id}, ..)"),
             Action::SaveFile(message, _) => write!(f, "SaveFile({message}, ..)"),
             Action::ShowPicture(message) => write!(f, "ShowPicture({message})"),
+            Action::RecordVoice(id) => write!(f, "RecordVoice({id})"),
+            Action::StopRecording => f.write_str("StopRecording"),
+            Action::PlayVoice(source, speed) => {
+                write!(
+                    f,
+                    "PlayVoice({source:?}, {}x)",
+                    SPEEDS[*speed % SPEEDS.len()]
+                )
+            }
+            Action::StopPlaying => f.write_str("StopPlaying"),
+            Action::SendVoiceDraft(id, draft) => write!(f, "SendVoiceDraft({id}, {draft})"),
+            Action::DiscardVoiceDraft(draft) => write!(f, "DiscardVoiceDraft({draft})"),
             Action::Quit => f.write_str("Quit"),
         }
     }
@@ -233,7 +261,16 @@ pub struct App {
     /// What is written to a group goes without logging in (Ctrl-A while
     /// writing turns it on and off).
     pub anonymous: bool,
+    /// A voice note being recorded: its length so far and its level.
+    pub recording: Option<(u32, u8)>,
+    /// A voice note is playing.
+    pub playing: bool,
+    /// Which of `SPEEDS` voice notes play at (Ctrl-E changes it).
+    pub speed: usize,
 }
+
+/// The speeds voice notes play at.
+pub const SPEEDS: [f32; 3] = [1.0, 1.5, 2.0];
 
 impl Default for App {
     fn default() -> Self {
@@ -262,6 +299,9 @@ impl Default for App {
             showing_conversation: false,
             wide: true,
             anonymous: false,
+            recording: None,
+            playing: false,
+            speed: 0,
         }
     }
 }
@@ -591,6 +631,40 @@ impl App {
             }
             return None;
         }
+        if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('r') {
+            if self.recording.is_some() {
+                return Some(Action::StopRecording);
+            }
+            let id = self.current()?.id.clone();
+            self.recording = Some((0, 0));
+            return Some(Action::RecordVoice(id));
+        }
+        if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('p') {
+            if self.playing {
+                return Some(Action::StopPlaying);
+            }
+            let note = self.messages.iter().rev().find(|m| {
+                m.attachment
+                    .as_ref()
+                    .is_some_and(|f| f.duration_ms > 0 && f.mime_type.starts_with("audio/ogg"))
+            });
+            match note {
+                Some(message) => {
+                    self.playing = true;
+                    return Some(Action::PlayVoice(
+                        umbra_client::VoiceSource::Message(message.id),
+                        self.speed,
+                    ));
+                }
+                None => self.status = Some("No voice note in this conversation".into()),
+            }
+            return None;
+        }
+        if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('e') {
+            self.speed = (self.speed + 1) % SPEEDS.len();
+            self.status = Some(format!("Voice notes play at {}x", SPEEDS[self.speed]));
+            return None;
+        }
         if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('a') {
             if self
                 .current()
@@ -635,6 +709,11 @@ impl App {
 
     fn on_overlay_key(&mut self, overlay: Overlay, key: KeyEvent) -> Option<Action> {
         if key.code == KeyCode::Esc {
+            if let Overlay::VoiceDraft { draft, .. } = overlay {
+                self.status = Some(format!(
+                    "Voice note kept as draft {draft} (umbra voice send)"
+                ));
+            }
             return None;
         }
         match overlay {
@@ -823,6 +902,37 @@ impl App {
                     None
                 }
             },
+            Overlay::VoiceDraft {
+                conversation,
+                draft,
+                duration_ms,
+            } => match key.code {
+                KeyCode::Enter => Some(Action::SendVoiceDraft(conversation, draft)),
+                KeyCode::Char('d') => Some(Action::DiscardVoiceDraft(draft)),
+                KeyCode::Char('p') => {
+                    self.overlay = Overlay::VoiceDraft {
+                        conversation,
+                        draft,
+                        duration_ms,
+                    };
+                    if self.playing {
+                        return Some(Action::StopPlaying);
+                    }
+                    self.playing = true;
+                    Some(Action::PlayVoice(
+                        umbra_client::VoiceSource::Draft(draft),
+                        self.speed,
+                    ))
+                }
+                _ => {
+                    self.overlay = Overlay::VoiceDraft {
+                        conversation,
+                        draft,
+                        duration_ms,
+                    };
+                    None
+                }
+            },
             // Any key closes it.
             Overlay::Picture { .. } => None,
             Overlay::Safety {
@@ -926,6 +1036,7 @@ mod tests {
                 state: umbra_client::AttachmentState::Fetched,
                 duration_ms: 0,
                 has_thumbnail: false,
+                waveform: Vec::new(),
             }),
         }];
         app.on_key(ctrl('s'));
@@ -954,6 +1065,90 @@ mod tests {
             file.has_thumbnail = true;
         }
         assert_eq!(app.on_key(ctrl('v')), Some(Action::ShowPicture(9)));
+    }
+
+    #[test]
+    fn ctrl_r_records_a_voice_note_that_is_sent_or_kept_and_ctrl_p_plays_one() {
+        let peer = AccountId::parse("GUF8EA6B").unwrap();
+        let aa = ConversationId("aa".into());
+        let mut app = App {
+            screen: Screen::Main,
+            conversations: vec![conversation(
+                "aa",
+                ConversationKind::Direct { peer: peer.clone() },
+            )],
+            focus: Focus::Compose,
+            ..App::default()
+        };
+        let ctrl = |c| KeyEvent::new(KeyCode::Char(c), KeyModifiers::CONTROL);
+        assert_eq!(app.on_key(ctrl('r')), Some(Action::RecordVoice(aa.clone())));
+        assert!(app.recording.is_some());
+        assert_eq!(app.on_key(ctrl('r')), Some(Action::StopRecording));
+        // The run loop shows the draft: listen, then send.
+        app.recording = None;
+        app.overlay = Overlay::VoiceDraft {
+            conversation: aa.clone(),
+            draft: 4,
+            duration_ms: 7_000,
+        };
+        assert_eq!(
+            app.on_key(key(KeyCode::Char('p'))),
+            Some(Action::PlayVoice(umbra_client::VoiceSource::Draft(4), 0))
+        );
+        assert!(app.playing && matches!(app.overlay, Overlay::VoiceDraft { .. }));
+        assert_eq!(
+            app.on_key(key(KeyCode::Char('p'))),
+            Some(Action::StopPlaying)
+        );
+        app.playing = false;
+        assert_eq!(
+            app.on_key(key(KeyCode::Enter)),
+            Some(Action::SendVoiceDraft(aa.clone(), 4))
+        );
+        // Esc keeps it, and says where.
+        app.overlay = Overlay::VoiceDraft {
+            conversation: aa.clone(),
+            draft: 5,
+            duration_ms: 1_000,
+        };
+        assert_eq!(app.on_key(key(KeyCode::Esc)), None);
+        assert!(app.status.as_deref().is_some_and(|s| s.contains("draft 5")));
+        // No voice note yet: said so. Then one, at the chosen speed.
+        app.overlay = Overlay::None;
+        assert_eq!(app.on_key(ctrl('p')), None);
+        assert!(
+            app.status
+                .as_deref()
+                .is_some_and(|s| s.contains("No voice note"))
+        );
+        app.messages = vec![Message {
+            id: 12,
+            conversation: aa,
+            sender: peer,
+            direction: umbra_client::Direction::In,
+            body: String::new(),
+            state: umbra_client::DeliveryState::Received,
+            timestamp: 0,
+            received_at: None,
+            expires_at: None,
+            disappear_after: 0,
+            attachment: Some(umbra_client::AttachmentInfo {
+                name: "voice-note.opus".into(),
+                size: 9_000,
+                mime_type: "audio/ogg".into(),
+                state: umbra_client::AttachmentState::Fetched,
+                duration_ms: 3_000,
+                has_thumbnail: false,
+                waveform: vec![10, 200, 90],
+            }),
+        }];
+        app.on_key(ctrl('e'));
+        app.on_key(ctrl('e'));
+        assert_eq!(
+            app.on_key(ctrl('p')),
+            Some(Action::PlayVoice(umbra_client::VoiceSource::Message(12), 2))
+        );
+        assert_eq!(app.on_key(ctrl('p')), Some(Action::StopPlaying));
     }
 
     #[test]

@@ -7,6 +7,8 @@ pub mod app;
 pub mod ui;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossterm::event::{Event as TermEvent, EventStream, KeyEventKind};
@@ -21,6 +23,25 @@ use app::{Action, App, Link, Overlay, Screen};
 /// Files the chat fetches at once: a burst of files waits its turn rather
 /// than opening as many transfers on the one connection.
 static FETCHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// The recording and the playback under way: setting one stops it.
+static RECORDING: Mutex<Option<Arc<AtomicBool>>> = Mutex::new(None);
+static PLAYING: Mutex<Option<Arc<AtomicBool>>> = Mutex::new(None);
+
+/// Sets the flag in `slot`, if any, stopping what it belongs to.
+fn stop(slot: &Mutex<Option<Arc<AtomicBool>>>) {
+    if let Some(flag) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        flag.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A new flag in `slot` (stopping what held it before).
+fn begin(slot: &Mutex<Option<Arc<AtomicBool>>>) -> Arc<AtomicBool> {
+    stop(slot);
+    let flag = Arc::new(AtomicBool::new(false));
+    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(flag.clone());
+    flag
+}
 
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -39,6 +60,15 @@ enum Note {
     Link(Link),
     /// A finished action: a notice for the status bar, or an error.
     Done(Result<String, String>),
+    /// A recording's length so far and its level.
+    Recording(u32, u8),
+    /// A recording ended: its draft, for the conversation, or why not.
+    Recorded(
+        umbra_client::ConversationId,
+        Result<umbra_client::VoiceDraft, String>,
+    ),
+    /// A voice note stopped playing (at its end, or why).
+    Played(Result<(), String>),
 }
 
 /// Runs the app until the user quits.
@@ -100,7 +130,12 @@ async fn event_loop(
         }
         match action {
             None => {}
-            Some(Action::Quit) => break,
+            Some(Action::Quit) => {
+                // A recording keeps what was saved of it; the player stops.
+                stop(&RECORDING);
+                stop(&PLAYING);
+                break;
+            }
             Some(Action::Unlock(passphrase)) => {
                 app.busy += 1;
                 let (home, options, notes) = (home.clone(), options.clone(), notes.clone());
@@ -247,6 +282,30 @@ fn on_note(
             };
         }
         Note::Erased(message) => *farewell = Some(message),
+        Note::Recording(ms, level) => {
+            if app.recording.is_some() {
+                app.recording = Some((ms, level));
+            }
+        }
+        Note::Recorded(conversation, outcome) => {
+            app.recording = None;
+            match outcome {
+                Ok(draft) => {
+                    app.overlay = Overlay::VoiceDraft {
+                        conversation,
+                        draft: draft.id,
+                        duration_ms: draft.duration_ms,
+                    }
+                }
+                Err(error) => app.status = Some(error),
+            }
+        }
+        Note::Played(outcome) => {
+            app.playing = false;
+            if let Err(error) = outcome {
+                app.status = Some(error);
+            }
+        }
         Note::Link(link) => app.link = link,
         Note::Done(result) => {
             app.busy = app.busy.saturating_sub(1);
@@ -555,6 +614,62 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
                 Some(picture) => app.overlay = Overlay::Picture { name, picture },
                 None => app.status = Some("This photo's thumbnail cannot be shown".into()),
             }
+        }
+        Action::RecordVoice(id) => {
+            let flag = begin(&RECORDING);
+            let (c, notes) = (client.clone(), notes.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut shown = 0;
+                let outcome = crate::voice::Input::microphone().and_then(|input| {
+                    crate::voice::record_from(&c, input, &flag, None, |ms, level| {
+                        if ms >= shown + 100 {
+                            shown = ms;
+                            let _ = notes.send(Note::Recording(ms, level));
+                        }
+                    })
+                });
+                let _ = notes.send(Note::Recorded(id, outcome.map_err(|e| e.to_string())));
+            });
+        }
+        Action::StopRecording => stop(&RECORDING),
+        Action::PlayVoice(source, speed) => {
+            let speed = app::SPEEDS[speed % app::SPEEDS.len()];
+            let flag = begin(&PLAYING);
+            let notes = notes.clone();
+            tokio::spawn(async move {
+                let outcome = match c.voice_note(source).await {
+                    Ok(ogg) => tokio::task::spawn_blocking(move || {
+                        crate::voice::play_on_device(&ogg, speed, &flag).map(|_| ())
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|played| played),
+                    Err(error) => Err(error.into()),
+                };
+                let _ = notes.send(Note::Played(outcome.map_err(|e| e.to_string())));
+            });
+        }
+        Action::StopPlaying => stop(&PLAYING),
+        Action::SendVoiceDraft(id, draft) => {
+            app.overlay = Overlay::None;
+            stop(&PLAYING);
+            spawn(
+                app,
+                Box::pin(async move {
+                    c.send_voice_draft(&id, draft, None)
+                        .await
+                        .map(|_| "voice note sent".to_owned())
+                        .map_err(|e| format!("Not sent (kept as draft {draft}): {e}"))
+                }),
+            )
+        }
+        Action::DiscardVoiceDraft(draft) => {
+            app.overlay = Overlay::None;
+            stop(&PLAYING);
+            app.status = Some(match client.discard_voice_draft(draft) {
+                Ok(()) => "Voice note deleted".into(),
+                Err(error) => error.to_string(),
+            });
         }
         Action::SaveFile(message, path) => {
             app.overlay = Overlay::None;

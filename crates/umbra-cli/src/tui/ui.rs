@@ -22,6 +22,12 @@ pub const KEYS: &[(&str, &str)] = &[
     ("Ctrl-F (writing)", "send a file (its path)"),
     ("Ctrl-S (writing)", "save the conversation's latest file"),
     ("Ctrl-V (writing)", "show the conversation's latest photo"),
+    ("Ctrl-R (writing)", "record a voice note; again to stop"),
+    (
+        "Ctrl-P (writing)",
+        "play the latest voice note; again to stop",
+    ),
+    ("Ctrl-E (writing)", "voice notes at 1x, 1.5x, 2x"),
     ("r", "contact requests (Enter accepts, d declines)"),
     ("n", "new contact (by account ID)"),
     ("g", "new group (name, Tab, members)"),
@@ -411,6 +417,20 @@ fn status_bar(frame: &mut Frame<'_>, app: &App, area: Rect) {
         String::new()
     };
     let mut text = format!(" {} · {link}{spinner}", app.account);
+    if let Some((ms, level)) = app.recording {
+        let meter = usize::from(level) * 10 / 256;
+        text.push_str(&format!(
+            " · \u{25cf} REC {} [{:<10}] Ctrl-R stops",
+            crate::voice::minutes(ms),
+            "\u{2588}".repeat(meter)
+        ));
+    }
+    if app.playing {
+        text.push_str(&format!(
+            " · \u{25b6} playing at {}x, Ctrl-P stops",
+            crate::tui::app::SPEEDS[app.speed]
+        ));
+    }
     if let Some(status) = &app.status {
         text.push_str(&format!(" · {status}"));
     }
@@ -453,6 +473,22 @@ fn file_mark(message: &umbra_client::Message) -> Span<'static> {
     let Some(file) = &message.attachment else {
         return Span::raw("");
     };
+    if file.duration_ms > 0 && file.mime_type.starts_with("audio/ogg") {
+        let state = match file.state {
+            AttachmentState::Sent | AttachmentState::Fetched => "Ctrl-P plays",
+            AttachmentState::Available => "fetching…",
+            AttachmentState::Gone => "no longer on the server",
+            AttachmentState::Invalid => "damaged: refused",
+        };
+        return Span::styled(
+            format!(
+                "[voice {} {} · {state}] ",
+                crate::voice::minutes(file.duration_ms),
+                crate::voice::bars(&file.waveform)
+            ),
+            Style::default().fg(Color::Yellow),
+        );
+    }
     let kind = file.mime_type.split('/').next().unwrap_or("file");
     let kind = match kind {
         "image" => "photo",
@@ -629,6 +665,20 @@ fn overlay(frame: &mut Frame<'_>, app: &App) {
                 Line::from("It is sealed on this device; the server keeps"),
                 Line::from("only ciphertext, until every recipient has it."),
                 Line::from("Enter sends · Esc cancels"),
+            ],
+            60,
+        ),
+        Overlay::VoiceDraft { duration_ms, .. } => dialog(
+            frame,
+            "voice note",
+            vec![
+                Line::from(format!(
+                    "Recorded {} (kept encrypted on this device).",
+                    crate::voice::minutes(*duration_ms)
+                )),
+                Line::from(""),
+                Line::from("Enter sends · p listens · d deletes"),
+                Line::from("Esc keeps it as a draft"),
             ],
             60,
         ),
@@ -947,6 +997,7 @@ mod tests {
             state: umbra_client::AttachmentState::Sent,
             duration_ms: 0,
             has_thumbnail: true,
+            waveform: Vec::new(),
         });
         let mut received = message(8, Direction::In, "GUF8EA6B", "", None);
         received.attachment = Some(umbra_client::AttachmentInfo {
@@ -956,6 +1007,7 @@ mod tests {
             state: umbra_client::AttachmentState::Available,
             duration_ms: 0,
             has_thumbnail: false,
+            waveform: Vec::new(),
         });
         app.messages.push(sent);
         app.messages.push(received);
@@ -979,6 +1031,34 @@ mod tests {
             },
         };
         check("picture", render(&app, 100, 20));
+    }
+
+    #[test]
+    fn voice_notes_show_their_length_and_waveform_and_recording_its_meter() {
+        let mut app = sample();
+        let mut note = message(9, Direction::In, "GUF8EA6B", "", None);
+        note.attachment = Some(umbra_client::AttachmentInfo {
+            name: "voice-note.opus".into(),
+            size: 30_000,
+            mime_type: "audio/ogg".into(),
+            state: umbra_client::AttachmentState::Fetched,
+            duration_ms: 67_000,
+            has_thumbnail: false,
+            waveform: vec![0, 40, 90, 140, 200, 255, 200, 120, 60, 0],
+        });
+        app.messages.push(note);
+        app.focus = Focus::Compose;
+        app.recording = Some((7_300, 180));
+        check("voice", render(&app, 100, 20));
+        app.recording = None;
+        app.playing = true;
+        app.speed = 1;
+        app.overlay = Overlay::VoiceDraft {
+            conversation: ConversationId("aa".into()),
+            draft: 3,
+            duration_ms: 7_300,
+        };
+        check("voice_draft", render(&app, 100, 20));
     }
 
     #[test]

@@ -51,8 +51,8 @@ pub(super) fn record_attachment(
 ) -> Result<()> {
     tx.execute(
         "INSERT INTO attachments (message_id, blob_id, file_key, digest, size, mime_type, name,
-                                  duration_ms, state, thumbnail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                  duration_ms, state, thumbnail, waveform)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             message_id,
             &attachment.blob_id.0[..],
@@ -63,7 +63,8 @@ pub(super) fn record_attachment(
             attachment.name,
             attachment.duration_ms,
             state.as_str(),
-            (!attachment.thumbnail.is_empty()).then_some(&attachment.thumbnail)
+            (!attachment.thumbnail.is_empty()).then_some(&attachment.thumbnail),
+            (!attachment.waveform.is_empty()).then_some(&attachment.waveform)
         ],
     )?;
     Ok(())
@@ -78,6 +79,7 @@ pub(super) fn info_of(attachment: &Attachment, state: AttachmentState) -> Attach
         state,
         duration_ms: attachment.duration_ms,
         has_thumbnail: !attachment.thumbnail.is_empty(),
+        waveform: attachment.waveform.clone(),
     }
 }
 
@@ -145,6 +147,28 @@ pub struct FileOptions {
     pub caption: Option<String>,
     /// Send a photo as it is, with what its camera wrote into it.
     pub keep_metadata: bool,
+}
+
+/// A file ready to be sealed and sent.
+pub(super) struct Outgoing {
+    pub name: String,
+    pub mime_type: String,
+    pub caption: String,
+    /// The file's own size.
+    pub size: u64,
+    pub source: Source,
+    pub thumbnail: Vec<u8>,
+    pub duration_ms: u32,
+    pub waveform: Vec<u8>,
+}
+
+/// Where an outgoing file's bytes are read from.
+pub(super) enum Source {
+    /// Read whole already: a photo stripped of its metadata, a voice note
+    /// (never written to disk in the clear).
+    Bytes(Vec<u8>),
+    /// Streamed while it is sealed.
+    File(std::fs::File),
 }
 
 /// One attachment row, as a download or a save needs it.
@@ -238,8 +262,8 @@ impl Client {
                 "a file name holds at most {MAX_FILE_NAME_BYTES} bytes"
             )));
         }
-        let group_id = self.group_id_of(conversation)?;
-        let timer = self.conversation(conversation)?.disappear_after;
+        // An unknown conversation is refused before the file is read.
+        self.group_id_of(conversation)?;
         let mut file = std::fs::File::open(path).map_err(io)?;
         let mut size = file.metadata().map_err(io)?.len();
         if size > umbra_proto::content::MAX_ATTACHMENT_SIZE {
@@ -291,6 +315,41 @@ impl Client {
         } else {
             (None, Vec::new())
         };
+        let outgoing = Outgoing {
+            name,
+            mime_type: mime_type.to_owned(),
+            caption,
+            size,
+            source: match stripped {
+                Some(bytes) => Source::Bytes(bytes),
+                None => Source::File(file),
+            },
+            thumbnail,
+            duration_ms: 0,
+            waveform: Vec::new(),
+        };
+        self.send_outgoing(conversation, outgoing).await
+    }
+
+    /// Seals `outgoing`, uploads it and sends its message into
+    /// `conversation`.
+    pub(super) async fn send_outgoing(
+        &self,
+        conversation: &ConversationId,
+        outgoing: Outgoing,
+    ) -> Result<Message> {
+        let Outgoing {
+            name,
+            mime_type,
+            caption,
+            size,
+            source,
+            thumbnail,
+            duration_ms,
+            waveform,
+        } = outgoing;
+        let group_id = self.group_id_of(conversation)?;
+        let timer = self.conversation(conversation)?.disappear_after;
         // The blob's size follows from the file's: the server says now
         // whether it takes it, before anything is sealed.
         let blob_id = match self
@@ -318,9 +377,11 @@ impl Client {
         let sealed = tokio::task::spawn_blocking(move || {
             let mut output =
                 std::io::BufWriter::new(std::fs::File::create(&sealing_to).map_err(io)?);
-            let sealed = match &stripped {
-                Some(bytes) => seal::seal_file(&sealing_key, size, &mut &bytes[..], &mut output)?,
-                None => seal::seal_file(
+            let sealed = match source {
+                Source::Bytes(bytes) => {
+                    seal::seal_file(&sealing_key, size, &mut &bytes[..], &mut output)?
+                }
+                Source::File(mut file) => seal::seal_file(
                     &sealing_key,
                     size,
                     &mut std::io::BufReader::new(&mut file),
@@ -354,18 +415,18 @@ impl Client {
                 key: *key.as_bytes(),
                 digest,
                 size,
-                mime_type: mime_type.to_owned(),
+                mime_type,
                 name,
                 caption,
-                duration_ms: 0,
-                waveform: Vec::new(),
+                duration_ms,
+                waveform,
                 thumbnail,
             },
         };
         self.db().execute(
             "INSERT INTO uploads (blob_id, uid, group_id, file_key, digest, size, mime_type, name,
-                                  caption, thumbnail)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                  caption, thumbnail, duration_ms, waveform)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 &blob_id.0[..],
                 &uid[..],
@@ -376,7 +437,9 @@ impl Client {
                 upload.attachment.mime_type,
                 upload.attachment.name,
                 upload.attachment.caption,
-                (!upload.attachment.thumbnail.is_empty()).then_some(&upload.attachment.thumbnail)
+                (!upload.attachment.thumbnail.is_empty()).then_some(&upload.attachment.thumbnail),
+                upload.attachment.duration_ms,
+                (!upload.attachment.waveform.is_empty()).then_some(&upload.attachment.waveform)
             ],
         )?;
         std::fs::rename(&draft, self.sealed_path(&blob_id)?).map_err(io)?;
@@ -513,7 +576,7 @@ impl Client {
             let db = self.db();
             let mut statement = db.prepare(
                 "SELECT blob_id, uid, group_id, file_key, digest, size, mime_type, name, caption,
-                        thumbnail
+                        thumbnail, duration_ms, waveform
                  FROM uploads ORDER BY rowid",
             )?;
             let rows = statement.query_map([], |row| {
@@ -528,12 +591,26 @@ impl Client {
                     row.get::<_, String>(7)?,
                     row.get::<_, String>(8)?,
                     row.get::<_, Option<Vec<u8>>>(9)?,
+                    row.get::<_, u32>(10)?,
+                    row.get::<_, Option<Vec<u8>>>(11)?,
                 ))
             })?;
             let mut uploads = Vec::new();
             for row in rows {
-                let (blob, uid, group_id, key, digest, size, mime_type, name, caption, thumbnail) =
-                    row?;
+                let (
+                    blob,
+                    uid,
+                    group_id,
+                    key,
+                    digest,
+                    size,
+                    mime_type,
+                    name,
+                    caption,
+                    thumbnail,
+                    duration_ms,
+                    waveform,
+                ) = row?;
                 let blob_id = BlobId::from_slice(&blob)?;
                 let corrupt = |_| ClientError::Store("an upload's row".into());
                 uploads.push(Upload {
@@ -548,8 +625,8 @@ impl Client {
                         mime_type,
                         name,
                         caption,
-                        duration_ms: 0,
-                        waveform: Vec::new(),
+                        duration_ms,
+                        waveform: waveform.unwrap_or_default(),
                         thumbnail: thumbnail.unwrap_or_default(),
                     },
                 });
@@ -898,6 +975,42 @@ impl Client {
         })
         .await
         .map_err(|e| ClientError::Store(e.to_string()))?
+    }
+
+    /// Message `message_id`'s file, opened into memory (fetched first if
+    /// it is not here yet), if it is at most `max` bytes: a voice note to
+    /// play, never written to disk in the clear.
+    pub(super) async fn open_attachment(
+        &self,
+        message_id: i64,
+        max: u64,
+    ) -> Result<(String, zeroize::Zeroizing<Vec<u8>>)> {
+        let mut stored = self.stored_attachment(message_id)?;
+        if stored.size > max {
+            return Err(ClientError::Invalid(format!(
+                "message {message_id}'s file is larger than {} MiB",
+                max >> 20
+            )));
+        }
+        if !stored.state.is_here() {
+            self.fetch_attachment(message_id).await?;
+            stored = self.stored_attachment(message_id)?;
+        }
+        let mime_type: String = self.db().query_row(
+            "SELECT mime_type FROM attachments WHERE message_id = ?1",
+            [message_id],
+            |row| row.get(0),
+        )?;
+        let sealed = self.sealed_path(&stored.blob_id)?;
+        let bytes = tokio::task::spawn_blocking(move || {
+            let mut input = std::io::BufReader::new(std::fs::File::open(&sealed).map_err(io)?);
+            let mut output = zeroize::Zeroizing::new(Vec::with_capacity(stored.size as usize));
+            seal::open_file(&stored.key, stored.size, &mut input, &mut *output)?;
+            Ok::<_, ClientError>(output)
+        })
+        .await
+        .map_err(|e| ClientError::Store(e.to_string()))??;
+        Ok((mime_type, bytes))
     }
 
     /// Message `message_id`'s thumbnail (a small JPEG from its sender, to

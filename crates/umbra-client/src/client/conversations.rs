@@ -627,7 +627,7 @@ impl Client {
         let mut statement = db.prepare(
             "SELECT m.id, m.sender, m.direction, m.body, m.state, m.timestamp, m.expires_at, m.ttl,
                     m.sent_at, a.name, a.size, a.mime_type, a.state, a.duration_ms,
-                    a.thumbnail IS NOT NULL FROM (
+                    a.thumbnail IS NOT NULL, a.waveform FROM (
                  SELECT * FROM messages WHERE group_id = ?1 ORDER BY id DESC LIMIT ?2
              ) AS m LEFT JOIN attachments a ON a.message_id = m.id ORDER BY m.id",
         )?;
@@ -643,7 +643,7 @@ impl Client {
             .query_row(
                 "SELECT m.id, m.sender, m.direction, m.body, m.state, m.timestamp, m.expires_at,
                         m.ttl, m.sent_at, a.name, a.size, a.mime_type, a.state, a.duration_ms,
-                        a.thumbnail IS NOT NULL
+                        a.thumbnail IS NOT NULL, a.waveform
                  FROM messages m LEFT JOIN attachments a ON a.message_id = m.id WHERE m.id = ?1",
                 [id],
                 |row| message_row(row, conversation),

@@ -39,9 +39,11 @@ pub use linking::{JoinedAccount, LinkedDevice, PendingLink};
 mod rejoin;
 mod sending;
 mod session;
+mod voice;
 use crate::secret::{KdfParams, Passphrase};
 use crate::store;
 use crate::types::{ContactState, ConversationId, DeliveryState, Direction, Event, Message};
+pub use voice::{Recording, VoiceDraft, VoiceSource, play as play_voice};
 
 /// How many times a commit is retried after losing its epoch to another.
 const COMMIT_ATTEMPTS: usize = 5;
@@ -511,6 +513,7 @@ fn message_row(
                 state: crate::types::AttachmentState::parse(&row.get::<_, String>(12)?),
                 duration_ms: row.get(13)?,
                 has_thumbnail: row.get(14)?,
+                waveform: row.get::<_, Option<Vec<u8>>>(15)?.unwrap_or_default(),
             }),
             None => None,
         },

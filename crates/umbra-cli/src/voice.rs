@@ -1,0 +1,527 @@
+//! `umbra voice …`: record a voice note into a draft, listen back, send
+//! it; play the ones received. The microphone and the speaker are the
+//! machine's own recorder and player programs (PipeWire's, PulseAudio's
+//! or ALSA's), fed and read as raw 16-bit mono at 48 kHz: no audio library
+//! is built into `umbra`, and a machine without sound says so.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use serde_json::json;
+use umbra_client::voice::{SAMPLE_RATE, wav_header};
+use umbra_client::{Client, VoiceDraft, VoiceSource, play_voice};
+
+use crate::{Cli, Out, conversation, online, open};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum VoiceCommand {
+    /// Record a voice note into a draft, shown with the time and a level
+    /// meter. The draft is kept encrypted on this device as it is
+    /// recorded, so an interruption (Ctrl-C, a crash, the battery) loses
+    /// at most half a second of it. Records from the microphone through
+    /// the first of pw-record, parec or arecord found, or from --input.
+    /// Press Enter to stop. At most 15 minutes.
+    Record {
+        /// Record from this file instead of the microphone: a WAV file, or
+        /// raw signed 16-bit little-endian mono at 48 kHz; `-` reads raw
+        /// audio from standard input (for example
+        /// `arecord -f S16_LE -r 48000 -c 1 -t raw | umbra voice record --input -`).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        max_seconds: Option<u32>,
+    },
+    /// List this device's voice note drafts.
+    Drafts,
+    /// Listen to a voice note: a received (or sent) one by MESSAGE_ID, or
+    /// a draft (--draft). Plays through the first of pw-play, paplay or
+    /// aplay found, or writes a WAV file (--out).
+    Play {
+        /// The message carrying the note (`history --json` shows `id`).
+        message_id: Option<i64>,
+        /// A draft's number (`voice drafts`) instead of a message.
+        #[arg(long, conflicts_with = "message_id")]
+        draft: Option<i64>,
+        /// How fast: 1, 1.5 or 2 (faster keeps the voice's pitch).
+        #[arg(long, default_value = "1", value_parser = ["1", "1.5", "2"])]
+        speed: String,
+        /// Write the audio to this WAV file (`-`: standard output) instead
+        /// of playing it. The file is not encrypted.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Send a voice note to a contact or a group: the latest draft, the
+    /// one named by --draft, or an audio file (--file: WAV or Ogg Opus,
+    /// encoded here, without its tags). A sent draft is deleted.
+    Send {
+        /// Account ID (one-to-one) or conversation ID (group).
+        target: String,
+        #[arg(long, conflicts_with = "file")]
+        draft: Option<i64>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Text shown with the note.
+        #[arg(long)]
+        caption: Option<String>,
+    },
+    /// Delete a draft.
+    Discard { draft: i64 },
+}
+
+/// Recorders tried in turn: each prints raw s16le mono at 48 kHz.
+const RECORDERS: &[(&str, &[&str])] = &[
+    (
+        "pw-record",
+        &["--format", "s16", "--rate", "48000", "--channels", "1", "-"],
+    ),
+    (
+        "parec",
+        &["--raw", "--format=s16le", "--rate=48000", "--channels=1"],
+    ),
+    (
+        "arecord",
+        &["-q", "-f", "S16_LE", "-r", "48000", "-c", "1", "-t", "raw"],
+    ),
+];
+
+/// Players tried in turn: each reads raw s16le mono at 48 kHz.
+const PLAYERS: &[(&str, &[&str])] = &[
+    (
+        "pw-play",
+        &["--format", "s16", "--rate", "48000", "--channels", "1", "-"],
+    ),
+    (
+        "paplay",
+        &["--raw", "--format=s16le", "--rate=48000", "--channels=1"],
+    ),
+    (
+        "aplay",
+        &["-q", "-f", "S16_LE", "-r", "48000", "-c", "1", "-t", "raw"],
+    ),
+];
+
+/// The first of `programs` found on PATH.
+fn find(programs: &'static [(&'static str, &'static [&'static str])]) -> Option<Command> {
+    let path = std::env::var_os("PATH")?;
+    programs.iter().find_map(|(name, args)| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+            .map(|program| {
+                let mut command = Command::new(program);
+                command.args(*args);
+                command
+            })
+    })
+}
+
+pub(crate) fn minutes(ms: u32) -> String {
+    format!("{}:{:02}", ms / 60_000, ms / 1000 % 60)
+}
+
+/// A waveform drawn with block characters.
+pub(crate) fn bars(levels: &[u8]) -> String {
+    const BLOCKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    levels
+        .iter()
+        .map(|&l| BLOCKS[usize::from(l) * BLOCKS.len() / 256])
+        .collect()
+}
+
+fn describe(draft: &VoiceDraft) -> String {
+    format!(
+        "draft {}: {}{}",
+        draft.id,
+        minutes(draft.duration_ms),
+        if draft.finished { "" } else { " (cut off)" }
+    )
+}
+
+pub(crate) async fn voice(cli: &Cli, out: &Out, command: &VoiceCommand) -> anyhow::Result<()> {
+    match command {
+        VoiceCommand::Record { input, max_seconds } => {
+            let client = open(cli)?;
+            let max_ms = max_seconds.map(|s| s.saturating_mul(1000));
+            let input = input.clone();
+            let json = out.json;
+            let draft =
+                tokio::task::spawn_blocking(move || record(&client, input, max_ms, json)).await??;
+            out.value(json!({ "draft": draft }), || {
+                format!(
+                    "{}. Listen: `umbra voice play --draft {id}`; send: `umbra voice send CONTACT --draft {id}`",
+                    describe(&draft),
+                    id = draft.id
+                )
+            });
+        }
+        VoiceCommand::Drafts => {
+            let drafts = open(cli)?.voice_drafts()?;
+            out.value(json!({ "drafts": drafts }), || {
+                if drafts.is_empty() {
+                    "no voice note drafts".into()
+                } else {
+                    drafts.iter().map(describe).collect::<Vec<_>>().join("\n")
+                }
+            });
+        }
+        VoiceCommand::Play {
+            message_id,
+            draft,
+            speed,
+            out: path,
+        } => {
+            let (client, source) = match (message_id, draft) {
+                (Some(id), None) => (online(cli).await?, VoiceSource::Message(*id)),
+                (None, Some(id)) => (open(cli)?, VoiceSource::Draft(*id)),
+                _ => bail!("name a message (MESSAGE_ID) or a draft (--draft ID)"),
+            };
+            let speed: f32 = speed.parse().context("speed")?;
+            let ogg = client.voice_note(source).await?;
+            let to_stdout = path.as_deref() == Some(Path::new("-"));
+            let path = path.clone();
+            let samples =
+                tokio::task::spawn_blocking(move || play(&ogg, speed, path.as_deref())).await??;
+            let ms = (samples * 1000 / u64::from(SAMPLE_RATE)) as u32;
+            if to_stdout {
+                // Standard output carries the audio.
+                return Ok(());
+            }
+            out.value(json!({ "played_ms": ms }), || {
+                format!("played {}", minutes(ms))
+            });
+        }
+        VoiceCommand::Send {
+            target,
+            draft,
+            file,
+            caption,
+        } => {
+            let client = online(cli).await?;
+            let id = conversation(&client, target)?;
+            let message = match (file, draft) {
+                (Some(path), _) => {
+                    client
+                        .send_voice_file(&id, path, caption.as_deref())
+                        .await?
+                }
+                (None, Some(draft)) => {
+                    client
+                        .send_voice_draft(&id, *draft, caption.as_deref())
+                        .await?
+                }
+                (None, None) => {
+                    let Some(latest) = client.voice_drafts()?.pop() else {
+                        bail!("no voice note draft: record one with `umbra voice record`");
+                    };
+                    client
+                        .send_voice_draft(&id, latest.id, caption.as_deref())
+                        .await?
+                }
+            };
+            out.message(&message);
+        }
+        VoiceCommand::Discard { draft } => {
+            open(cli)?.discard_voice_draft(*draft)?;
+            out.value(json!({ "discarded": draft }), || {
+                format!("draft {draft} deleted")
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Where recorded audio comes from.
+pub(crate) enum Input {
+    /// Raw signed 16-bit little-endian mono at 48 kHz.
+    Raw(Box<dyn Read + Send>),
+    /// The machine's recorder program, printing the same.
+    Recorder(Child),
+}
+
+impl Input {
+    /// The machine's microphone, through the first recorder found.
+    pub(crate) fn microphone() -> anyhow::Result<Input> {
+        let Some(mut command) = find(RECORDERS) else {
+            bail!(no_microphone(
+                "no recorder program was found (pw-record, parec, arecord)"
+            ));
+        };
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start the recorder")?;
+        Ok(Input::Recorder(child))
+    }
+
+    /// A WAV file, a file of raw audio, or standard input (`-`).
+    fn from_path(path: &Path) -> anyhow::Result<Input> {
+        if path == Path::new("-") {
+            return Ok(Input::Raw(Box::new(std::io::stdin())));
+        }
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut head = [0u8; 12];
+        let got = read_full(&mut file, &mut head)?;
+        let rest = std::io::Read::chain(std::io::Cursor::new(head[..got].to_vec()), file);
+        if got == 12 && head.starts_with(b"RIFF") && head[8..12] == *b"WAVE" {
+            let pcm = umbra_client::voice::read_wav(rest)?;
+            let mut bytes = Vec::with_capacity(pcm.len() * 2);
+            umbra_client::voice::to_i16(&pcm, &mut bytes);
+            Ok(Input::Raw(Box::new(std::io::Cursor::new(bytes))))
+        } else {
+            Ok(Input::Raw(Box::new(rest)))
+        }
+    }
+}
+
+/// Records from the microphone or `input` into a new draft until the
+/// input ends, Enter is pressed, the time is up or Ctrl-C; shows the time
+/// and a level meter (or, with `--json`, `recording` events).
+fn record(
+    client: &Client,
+    input: Option<PathBuf>,
+    max_ms: Option<u32>,
+    json: bool,
+) -> anyhow::Result<VoiceDraft> {
+    let source = match input.as_deref() {
+        Some(path) => Input::from_path(path)?,
+        None => Input::microphone()?,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    // Enter stops, when standard input is a person's and not the audio.
+    if input.as_deref() != Some(Path::new("-")) && std::io::stdin().is_terminal() {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    // Ctrl-C ends the recording as Enter does (what was recorded is kept
+    // either way).
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        let stop = stop.clone();
+        handle.spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                stop.store(true, Ordering::SeqCst);
+            }
+        });
+    }
+    let meter = std::io::stderr().is_terminal() && !json;
+    let mut last_shown = 0;
+    let draft = record_from(client, source, &stop, max_ms, |ms, level| {
+        if ms < last_shown + 100 {
+            return;
+        }
+        last_shown = ms;
+        if meter {
+            let level = usize::from(level) * 20 / 256;
+            eprint!(
+                "\r\u{25cf} {}  [{:<20}]  Enter to stop ",
+                minutes(ms),
+                "\u{2588}".repeat(level)
+            );
+            let _ = std::io::stderr().flush();
+        } else if json && ms % 500 < 100 {
+            println!(
+                "{}",
+                json!({ "event": "recording", "duration_ms": ms, "level": level })
+            );
+        }
+    });
+    if meter {
+        eprintln!();
+    }
+    draft
+}
+
+/// Records from `source` into a new draft until it ends, `stop` is set,
+/// `max_ms` is reached or the note is as long as a note may be; `progress`
+/// is told the time and level as it goes. The draft is saved every half
+/// second along the way, and finished at the end.
+pub(crate) fn record_from(
+    client: &Client,
+    mut source: Input,
+    stop: &AtomicBool,
+    max_ms: Option<u32>,
+    mut progress: impl FnMut(u32, u8),
+) -> anyhow::Result<VoiceDraft> {
+    let mut recording = client.record_voice()?;
+    let mut buffer = vec![0u8; 960 * 2];
+    let mut pcm = Vec::with_capacity(960);
+    let mut got_any = false;
+    let outcome = loop {
+        if stop.load(Ordering::SeqCst)
+            || recording.is_full()
+            || max_ms.is_some_and(|max| recording.duration_ms() >= max)
+        {
+            break Ok(());
+        }
+        let read = match &mut source {
+            Input::Raw(reader) => read_full(reader.as_mut(), &mut buffer),
+            Input::Recorder(child) => match child.stdout.as_mut() {
+                Some(stdout) => read_full(stdout, &mut buffer),
+                None => Ok(0),
+            },
+        };
+        let read = match read {
+            Ok(read) if read >= 2 => read,
+            Ok(_) => break Ok(()),
+            Err(error) => break Err(anyhow::Error::from(error)),
+        };
+        got_any = true;
+        pcm.clear();
+        pcm.extend(
+            buffer[..read - read % 2]
+                .chunks_exact(2)
+                .map(|s| f32::from(i16::from_le_bytes([s[0], s[1]])) / 32768.0),
+        );
+        if let Err(error) = recording.push(&pcm) {
+            break Err(error.into());
+        }
+        progress(recording.duration_ms(), recording.level());
+    };
+    if let Input::Recorder(mut child) = source {
+        let _ = child.kill();
+        let status = child.wait()?;
+        if !got_any {
+            let mut why = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                let _ = stderr.read_to_string(&mut why);
+            }
+            client.discard_voice_draft(recording.draft_id())?;
+            let why = why.lines().next().unwrap_or("").trim().to_owned();
+            bail!(no_microphone(&format!(
+                "the recorder could not open a microphone ({status}{}{why})",
+                if why.is_empty() { "" } else { ": " }
+            )));
+        }
+    }
+    if !got_any {
+        client.discard_voice_draft(recording.draft_id())?;
+        bail!("nothing was recorded: the input was empty");
+    }
+    // What was saved stays a draft even if reading failed.
+    outcome?;
+    Ok(recording.finish()?)
+}
+
+fn no_microphone(why: &str) -> String {
+    format!(
+        "this machine has no audio device Umbra can record from: {why}. Record the note \
+         elsewhere and send the file (`umbra voice send CONTACT --file note.wav`), or pipe \
+         raw audio in (`umbra voice record --input -`, signed 16-bit mono at 48 kHz)"
+    )
+}
+
+/// Reads until `buffer` is full or the input ends.
+fn read_full(reader: &mut dyn Read, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Plays `ogg` at `speed` to the machine's player, or writes it as WAV to
+/// `path`. Returns the samples played.
+fn play(ogg: &[u8], speed: f32, path: Option<&Path>) -> anyhow::Result<u64> {
+    let mut bytes = Vec::new();
+    match path {
+        Some(path) => {
+            let mut output: Box<dyn Write> = if path == Path::new("-") {
+                Box::new(std::io::stdout().lock())
+            } else {
+                Box::new(
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
+                )
+            };
+            // The length is not known until the end: a stream's header
+            // says "as long as it goes", and a file's is written again.
+            output.write_all(&wav_header(None))?;
+            let samples = play_voice(ogg, speed, |pcm| {
+                bytes.clear();
+                umbra_client::voice::to_i16(pcm, &mut bytes);
+                output
+                    .write_all(&bytes)
+                    .map_err(|e| umbra_client::ClientError::Invalid(e.to_string()))
+            })?;
+            output.flush()?;
+            drop(output);
+            if path != Path::new("-") {
+                use std::io::Seek;
+                let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+                file.seek(std::io::SeekFrom::Start(0))?;
+                file.write_all(&wav_header(Some(samples)))?;
+            }
+            Ok(samples)
+        }
+        None => play_on_device(ogg, speed, &AtomicBool::new(false)),
+    }
+}
+
+/// Plays `ogg` at `speed` through the machine's player program until it
+/// ends or `stop` is set. Returns the samples played.
+pub(crate) fn play_on_device(ogg: &[u8], speed: f32, stop: &AtomicBool) -> anyhow::Result<u64> {
+    let Some(mut command) = find(PLAYERS) else {
+        bail!(
+            "this machine has no audio player Umbra can use (pw-play, paplay, aplay): \
+             write the note to a file with `umbra voice play … --out note.wav`"
+        );
+    };
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start the player")?;
+    let mut stdin = child.stdin.take().context("the player's input")?;
+    let mut bytes = Vec::new();
+    let played = play_voice(ogg, speed, |pcm| {
+        if stop.load(Ordering::SeqCst) {
+            return Err(umbra_client::ClientError::Invalid("stopped".into()));
+        }
+        bytes.clear();
+        umbra_client::voice::to_i16(pcm, &mut bytes);
+        stdin
+            .write_all(&bytes)
+            .map_err(|e| umbra_client::ClientError::Invalid(e.to_string()))
+    });
+    drop(stdin);
+    if stop.load(Ordering::SeqCst) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Ok(0);
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        let mut why = String::new();
+        if let Some(mut stderr) = child.stderr.take() {
+            let _ = stderr.read_to_string(&mut why);
+        }
+        let why = why.lines().next().unwrap_or("").trim().to_owned();
+        bail!(
+            "no audio device could play the note ({status}{}{why}): write it to a file \
+             with `umbra voice play … --out note.wav`",
+            if why.is_empty() { "" } else { ": " }
+        );
+    }
+    Ok(played?)
+}

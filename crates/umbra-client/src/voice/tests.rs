@@ -1,0 +1,169 @@
+use super::stretch::Stretch;
+use super::*;
+
+/// `seconds` of a sine at `hz`, amplitude `amplitude`, at 48 kHz.
+pub(crate) fn tone(hz: f32, seconds: f32, amplitude: f32) -> Vec<f32> {
+    let n = (seconds * SAMPLE_RATE as f32) as usize;
+    (0..n)
+        .map(|i| {
+            amplitude * (2.0 * std::f32::consts::PI * hz * i as f32 / SAMPLE_RATE as f32).sin()
+        })
+        .collect()
+}
+
+/// The pitch of a steady tone, from its zero crossings.
+fn pitch(pcm: &[f32]) -> f32 {
+    let crossings = pcm
+        .windows(2)
+        .filter(|w| (w[0] < 0.0) != (w[1] < 0.0))
+        .count();
+    crossings as f32 / 2.0 / (pcm.len() as f32 / SAMPLE_RATE as f32)
+}
+
+fn decoded(ogg: &[u8]) -> Vec<f32> {
+    let mut pcm = Vec::new();
+    decode(ogg, 60_000, |s| {
+        pcm.extend_from_slice(s);
+        Ok(())
+    })
+    .unwrap();
+    pcm
+}
+
+#[test]
+fn a_note_comes_back_as_long_and_at_the_pitch_it_was_made() {
+    let note = encode(&tone(440.0, 1.5, 0.5)).unwrap();
+    assert_eq!(note.duration_ms, 1500);
+    let pcm = decoded(&note.ogg);
+    // Gapless: the encoder's delay is trimmed, the padding cut off.
+    assert_eq!(pcm.len(), 72_000);
+    let middle = &pcm[4_800..67_200];
+    assert!((pitch(middle) - 440.0).abs() < 5.0, "{}", pitch(middle));
+    let rms = (middle.iter().map(|s| s * s).sum::<f32>() / middle.len() as f32).sqrt();
+    assert!((rms - 0.354).abs() < 0.05, "rms {rms}");
+    assert_eq!(inspect(&note.ogg).unwrap().0, 1500);
+}
+
+#[test]
+fn the_waveform_follows_the_sound() {
+    let mut pcm = vec![0.0; 48_000];
+    pcm.extend(tone(300.0, 1.0, 0.8));
+    let note = encode(&pcm).unwrap();
+    assert_eq!(note.waveform.len(), WAVEFORM_BARS);
+    let (quiet, loud) = note.waveform.split_at(WAVEFORM_BARS / 2);
+    assert!(quiet[..30].iter().all(|&l| l == 0), "{quiet:?}");
+    assert!(loud[2..].iter().all(|&l| l > 200), "{loud:?}");
+    // The sender's waveform and one read back from the stream agree.
+    let (_, read) = inspect(&note.ogg).unwrap();
+    let close = note
+        .waveform
+        .iter()
+        .zip(&read)
+        .filter(|(a, b)| a.abs_diff(**b) <= 16)
+        .count();
+    assert!(
+        close >= WAVEFORM_BARS - 4,
+        "{:?} vs {read:?}",
+        note.waveform
+    );
+}
+
+#[test]
+fn a_recording_cut_off_keeps_what_was_encoded() {
+    let mut encoder = Encoder::new().unwrap();
+    let mut frames = Vec::new();
+    encoder.push(&tone(200.0, 1.0, 0.5), &mut frames).unwrap();
+    // No `finish`: the process died here.
+    assert_eq!(frames.len(), 50);
+    let levels: Vec<u8> = frames.iter().map(|f| f.level).collect();
+    let note = assemble(
+        frames.iter().map(|f| f.packet.as_slice()),
+        &levels,
+        encoder.pre_skip(),
+        encoder.samples(),
+    )
+    .unwrap();
+    let expected = (48_000 - u64::from(encoder.pre_skip())) * 1000 / 48_000;
+    assert_eq!(u64::from(note.duration_ms), expected);
+    assert_eq!(
+        decoded(&note.ogg).len() as u64,
+        48_000 - u64::from(encoder.pre_skip())
+    );
+}
+
+#[test]
+fn faster_playback_is_shorter_and_keeps_the_pitch() {
+    let input = tone(250.0, 2.0, 0.5);
+    for speed in [1.5f32, 2.0] {
+        let mut stretch = Stretch::new(speed);
+        let mut out = Vec::new();
+        // In uneven pieces, as a decoder hands them over.
+        for piece in input.chunks(777) {
+            stretch.push(piece, &mut out);
+        }
+        stretch.finish(&mut out);
+        let expected = (input.len() as f32 / speed).round() as usize;
+        assert_eq!(out.len(), expected, "speed {speed}");
+        let middle = &out[4_800..out.len() - 4_800];
+        assert!(
+            (pitch(middle) - 250.0).abs() < 8.0,
+            "speed {speed}: {}",
+            pitch(middle)
+        );
+        // No seams: the level stays even through the note.
+        let levels: Vec<u8> = middle.chunks(960).map(level).collect();
+        let (low, high) = (levels.iter().min().unwrap(), levels.iter().max().unwrap());
+        assert!(high - low <= 12, "speed {speed}: {levels:?}");
+    }
+    let mut same = Stretch::new(1.0);
+    let mut out = Vec::new();
+    same.push(&input, &mut out);
+    same.finish(&mut out);
+    assert_eq!(out, input);
+}
+
+#[test]
+fn what_is_not_a_note_is_refused_without_a_crash() {
+    let note = encode(&tone(440.0, 0.5, 0.5)).unwrap();
+    let mut noise = vec![0u8; 4096];
+    getrandom::getrandom(&mut noise).unwrap();
+    assert!(decode(&noise[..], 60_000, |_| Ok(())).is_err());
+    assert!(decode(&b""[..], 60_000, |_| Ok(())).is_err());
+    // Every cut of a real note is refused or decodes; none panics.
+    for cut in (0..note.ogg.len()).step_by(7) {
+        let _ = decode(&note.ogg[..cut], 60_000, |_| Ok(()));
+    }
+    // Bytes flipped inside the audio pages: the page checksum refuses.
+    let mut flipped = note.ogg.clone();
+    let at = flipped.len() - 20;
+    flipped[at] ^= 0x55;
+    assert!(decode(&flipped[..], 60_000, |_| Ok(())).is_err());
+    // A note longer than asked for is refused, not decoded to the end.
+    assert!(decode(&note.ogg[..], 100, |_| Ok(())).is_err());
+}
+
+#[test]
+fn wav_files_of_any_common_shape_become_notes() {
+    let spec = hound::WavSpec {
+        channels: 2,
+        sample_rate: 16_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    {
+        let mut writer = hound::WavWriter::new(&mut bytes, spec).unwrap();
+        for i in 0..16_000 {
+            let v = (0.5
+                * (2.0 * std::f32::consts::PI * 440.0 * i as f32 / 16_000.0).sin()
+                * 32767.0) as i16;
+            writer.write_sample(v).unwrap();
+            writer.write_sample(v).unwrap();
+        }
+        writer.finalize().unwrap();
+    }
+    let pcm = read_wav(&bytes.get_ref()[..]).unwrap();
+    assert_eq!(pcm.len(), 48_000);
+    assert!((pitch(&pcm) - 440.0).abs() < 5.0);
+    assert!(read_wav(&b"RIFF\x00\x00\x00\x00WAVE"[..]).is_err());
+}
