@@ -663,7 +663,7 @@ async fn a_file_goes_through_the_cli() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    let (a, b) = contacts(&server, alice.path(), bob.path()).await;
+    let (_, b) = contacts(&server, alice.path(), bob.path()).await;
 
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let path = outside.path().join("plan.pdf");
