@@ -1049,6 +1049,24 @@ async fn the_full_screen_chat_in_a_real_terminal() {
     tmux.wait_for("keys (Esc closes)").await;
     tmux.run(&["send-keys", "-t", "chat", "Escape"]);
     tmux.wait_for("loud and clear").await;
+
+    // A photo from Bob is fetched as it comes and drawn whole with Ctrl-V
+    // (through the terminal's graphics protocol, or half blocks).
+    let outside = tempfile::tempdir().unwrap();
+    let photo = outside.path().join("harbour.png");
+    image::RgbImage::from_fn(400, 200, |x, _| {
+        image::Rgb(if x < 200 { [255, 0, 0] } else { [0, 0, 255] })
+    })
+    .save(&photo)
+    .unwrap();
+    ok(bob.path(), &["send-file", &a, photo.to_str().unwrap()]).await;
+    tmux.wait_for("harbour.png").await;
+    tmux.wait_for("Ctrl-S saves").await;
+    tmux.run(&["send-keys", "-t", "chat", "Enter"]);
+    tmux.run(&["send-keys", "-t", "chat", "C-v"]);
+    tmux.wait_for("harbour.png · any key closes").await;
+    tmux.run(&["send-keys", "-t", "chat", "x"]);
+    tmux.wait_for("loud and clear").await;
     tmux.run(&["send-keys", "-t", "chat", "q"]);
 }
 

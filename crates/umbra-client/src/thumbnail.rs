@@ -86,6 +86,24 @@ pub fn make(original: &[u8]) -> Option<Vec<u8>> {
     (out.len() <= MAX_THUMBNAIL_BYTES).then_some(out)
 }
 
+/// The longest side a photo is drawn at in the terminal (a terminal
+/// window is rarely wider than this in pixels).
+pub const PHOTO_SIDE: u32 = 1600;
+
+/// A whole photo (JPEG or PNG, someone else's bytes: decoded within the
+/// limits a thumbnail is made within), turned as its camera said and
+/// shrunk to fit [`PHOTO_SIDE`]; `None` if it cannot be decoded.
+pub fn photo(bytes: &[u8]) -> Option<DynamicImage> {
+    let image = decode(bytes, None, MAX_SIDE, MAX_ALLOC)?;
+    Some(
+        if image.width() > PHOTO_SIDE || image.height() > PHOTO_SIDE {
+            image.thumbnail(PHOTO_SIDE, PHOTO_SIDE)
+        } else {
+            image
+        },
+    )
+}
+
 /// A received thumbnail (someone else's bytes: a JPEG of at most 256
 /// pixels a side, decoded within a megabyte), scaled to fit `width` ×
 /// `height`; `None` if it is not one.

@@ -148,6 +148,11 @@ pub enum Overlay {
         draft: i64,
         duration_ms: u32,
     },
+    /// A whole photo (`App::photo`), drawn through the terminal's
+    /// graphics protocol or with half blocks.
+    Photo {
+        name: String,
+    },
     /// A photo's thumbnail, drawn with half blocks.
     Picture {
         name: String,
@@ -267,6 +272,18 @@ pub struct App {
     pub playing: bool,
     /// Which of `SPEEDS` voice notes play at (Ctrl-E changes it).
     pub speed: usize,
+    /// The photo `Overlay::Photo` shows, ready for the terminal.
+    pub photo: Option<PhotoView>,
+}
+
+/// A photo encoded for the terminal's graphics protocol, at the size of
+/// the screen when it was opened. Its `Debug` shows none of it.
+pub struct PhotoView(pub ratatui_image::protocol::Protocol);
+
+impl std::fmt::Debug for PhotoView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PhotoView(..)")
+    }
 }
 
 /// The speeds voice notes play at.
@@ -302,6 +319,7 @@ impl Default for App {
             recording: None,
             playing: false,
             speed: 0,
+            photo: None,
         }
     }
 }
@@ -620,11 +638,11 @@ impl App {
             return None;
         }
         if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('v') {
-            let photo = self
-                .messages
-                .iter()
-                .rev()
-                .find(|m| m.attachment.as_ref().is_some_and(|f| f.has_thumbnail));
+            let photo = self.messages.iter().rev().find(|m| {
+                m.attachment.as_ref().is_some_and(|f| {
+                    f.has_thumbnail || matches!(f.mime_type.as_str(), "image/jpeg" | "image/png")
+                })
+            });
             match photo {
                 Some(message) => return Some(Action::ShowPicture(message.id)),
                 None => self.status = Some("No photo in this conversation".into()),
@@ -709,6 +727,7 @@ impl App {
 
     fn on_overlay_key(&mut self, overlay: Overlay, key: KeyEvent) -> Option<Action> {
         if key.code == KeyCode::Esc {
+            self.photo = None;
             if let Overlay::VoiceDraft { draft, .. } = overlay {
                 self.status = Some(format!(
                     "Voice note kept as draft {draft} (umbra voice send)"
@@ -933,8 +952,12 @@ impl App {
                     None
                 }
             },
-            // Any key closes it.
+            // Any key closes them.
             Overlay::Picture { .. } => None,
+            Overlay::Photo { .. } => {
+                self.photo = None;
+                None
+            }
             Overlay::Safety {
                 account,
                 digits,

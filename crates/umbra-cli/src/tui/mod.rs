@@ -8,7 +8,7 @@ pub mod ui;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crossterm::event::{Event as TermEvent, EventStream, KeyEventKind};
@@ -43,6 +43,66 @@ fn begin(slot: &Mutex<Option<Arc<AtomicBool>>>) -> Arc<AtomicBool> {
     flag
 }
 
+/// How photos are drawn: chosen once at start (`graphics`).
+static PICKER: OnceLock<ratatui_image::picker::Picker> = OnceLock::new();
+
+/// The terminal's graphics protocol (kitty, sixel or iTerm2), from what
+/// the terminal says of itself in the environment, and its cell size in
+/// pixels from the kernel; half blocks where neither says anything.
+/// `UMBRA_GRAPHICS=halfblocks|kitty|sixel|iterm2` chooses instead. The
+/// terminal is never queried: a terminal that does not answer would leave
+/// the query reading what the person types next.
+fn graphics() -> ratatui_image::picker::Picker {
+    use ratatui_image::picker::{Picker, ProtocolType};
+    let protocol = protocol_of(|name| std::env::var(name).unwrap_or_default());
+    if protocol == ProtocolType::Halfblocks {
+        return Picker::halfblocks();
+    }
+    let cell = crossterm::terminal::window_size()
+        .ok()
+        .filter(|size| size.columns > 0 && size.rows > 0 && size.width > 0 && size.height > 0)
+        .map(|size| (size.width / size.columns, size.height / size.rows))
+        .filter(|&(width, height)| width > 0 && height > 0)
+        .unwrap_or((10, 20));
+    // (`from_fontsize` is deprecated in favour of querying the terminal,
+    // which is what this avoids.)
+    #[allow(deprecated)]
+    let mut picker = Picker::from_fontsize(ratatui_image::FontSize::new(cell.0, cell.1));
+    picker.set_protocol_type(protocol);
+    picker
+}
+
+/// The graphics protocol the environment `env` names (see `graphics`).
+fn protocol_of(env: impl Fn(&str) -> String) -> ratatui_image::picker::ProtocolType {
+    use ratatui_image::picker::ProtocolType;
+    match env("UMBRA_GRAPHICS").as_str() {
+        "halfblocks" => ProtocolType::Halfblocks,
+        "kitty" => ProtocolType::Kitty,
+        "sixel" => ProtocolType::Sixel,
+        "iterm2" => ProtocolType::Iterm2,
+        _ if env("TMUX").is_empty() && env("STY").is_empty() => {
+            let (term, program) = (env("TERM"), env("TERM_PROGRAM"));
+            if !env("KITTY_WINDOW_ID").is_empty()
+                || term.contains("kitty")
+                || term == "xterm-ghostty"
+            {
+                ProtocolType::Kitty
+            } else if matches!(program.as_str(), "iTerm.app" | "WezTerm")
+                || !env("WEZTERM_EXECUTABLE").is_empty()
+            {
+                ProtocolType::Iterm2
+            } else if term.contains("foot") || term.contains("mlterm") || term.contains("contour") {
+                ProtocolType::Sixel
+            } else {
+                ProtocolType::Halfblocks
+            }
+        }
+        // Inside tmux or screen, graphics need passthrough the multiplexer
+        // may not allow: half blocks always work.
+        _ => ProtocolType::Halfblocks,
+    }
+}
+
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -69,11 +129,14 @@ enum Note {
     ),
     /// A voice note stopped playing (at its end, or why).
     Played(Result<(), String>),
+    /// A photo ready to show, or (`None`) one to show as its thumbnail.
+    Photo(i64, String, Option<app::PhotoView>),
 }
 
 /// Runs the app until the user quits.
 pub async fn run(home: PathBuf, options: ClientOptions) -> anyhow::Result<()> {
     let mut terminal = ratatui::try_init()?;
+    let _ = PICKER.set(graphics());
     let result = event_loop(&mut terminal, home, options).await;
     ratatui::restore();
     // Said after the screen is restored, so that it stays visible.
@@ -107,6 +170,7 @@ async fn event_loop(
         app.now = umbra_client::Clock::now(&SystemClock);
         app.wide = terminal.size()?.width >= app::NARROW;
         terminal.draw(|frame| ui::draw(frame, &app))?;
+        let showing_photo = matches!(app.overlay, Overlay::Photo { .. });
         let action = tokio::select! {
             key = keys.next() => match key {
                 Some(Ok(TermEvent::Key(key))) if key.kind != KeyEventKind::Release => app.on_key(key),
@@ -127,6 +191,11 @@ async fn event_loop(
         };
         if farewell.is_some() {
             break;
+        }
+        if showing_photo && !matches!(app.overlay, Overlay::Photo { .. }) {
+            // Pixels a graphics protocol drew are not cells: redrawn whole.
+            app.photo = None;
+            terminal.clear()?;
         }
         match action {
             None => {}
@@ -300,6 +369,13 @@ fn on_note(
                 Err(error) => app.status = Some(error),
             }
         }
+        Note::Photo(message, name, view) => match view {
+            Some(view) => {
+                app.photo = Some(view);
+                app.overlay = Overlay::Photo { name };
+            }
+            None => show_thumbnail(app, client.as_ref(), message),
+        },
         Note::Played(outcome) => {
             app.playing = false;
             if let Err(error) = outcome {
@@ -548,6 +624,24 @@ fn jittered(backoff: Duration) -> Duration {
     backoff.mul_f64(0.5 + fraction / 2.0)
 }
 
+/// Shows message `message`'s thumbnail with half blocks, or says why not.
+fn show_thumbnail(app: &mut App, client: Option<&Client>, message: i64) {
+    let name = app
+        .messages
+        .iter()
+        .find(|m| m.id == message)
+        .and_then(|m| m.attachment.as_ref())
+        .map(|f| f.name.clone())
+        .unwrap_or_default();
+    let picture = client
+        .and_then(|c| c.thumbnail(message).ok().flatten())
+        .and_then(|bytes| umbra_client::thumbnail::picture(&bytes, 72, 40));
+    match picture {
+        Some(picture) => app.overlay = Overlay::Picture { name, picture },
+        None => app.status = Some("This photo cannot be shown".into()),
+    }
+}
+
 /// Runs an action: local ones at once, network ones as tasks.
 fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, action: Action) {
     let spawn = |app: &mut App,
@@ -598,22 +692,44 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
             )
         }
         Action::ShowPicture(message) => {
-            let name = app
+            let file = app
                 .messages
                 .iter()
                 .find(|m| m.id == message)
-                .and_then(|m| m.attachment.as_ref())
-                .map(|f| f.name.clone())
-                .unwrap_or_default();
-            let picture = client
-                .thumbnail(message)
-                .ok()
-                .flatten()
-                .and_then(|bytes| umbra_client::thumbnail::picture(&bytes, 72, 40));
-            match picture {
-                Some(picture) => app.overlay = Overlay::Picture { name, picture },
-                None => app.status = Some("This photo's thumbnail cannot be shown".into()),
+                .and_then(|m| m.attachment.clone());
+            // The whole photo once it is here; its thumbnail until then.
+            let whole = file.as_ref().is_some_and(|f| {
+                f.state.is_here() && matches!(f.mime_type.as_str(), "image/jpeg" | "image/png")
+            });
+            if !whole {
+                show_thumbnail(app, Some(client), message);
+                return;
             }
+            let name = file.map(|f| f.name).unwrap_or_default();
+            let area = crossterm::terminal::size()
+                .map(|(width, height)| {
+                    ui::photo_area(ratatui::layout::Rect::new(0, 0, width, height))
+                })
+                .unwrap_or_default();
+            let notes = notes.clone();
+            app.busy += 1;
+            tokio::spawn(async move {
+                let image = c.photo(message).await.ok().flatten();
+                let view = match (image, PICKER.get()) {
+                    (Some(image), Some(picker)) => tokio::task::spawn_blocking(move || {
+                        picker
+                            .new_protocol(image, area.as_size(), ratatui_image::Resize::Fit(None))
+                            .ok()
+                            .map(app::PhotoView)
+                    })
+                    .await
+                    .ok()
+                    .flatten(),
+                    _ => None,
+                };
+                let _ = notes.send(Note::Done(Ok(String::new())));
+                let _ = notes.send(Note::Photo(message, name, view));
+            });
         }
         Action::RecordVoice(id) => {
             let flag = begin(&RECORDING);
@@ -780,6 +896,41 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn photos_go_out_in_the_protocol_the_terminal_names_and_half_blocks_otherwise() {
+        use ratatui_image::picker::ProtocolType;
+        let of = |pairs: &[(&str, &str)]| {
+            let pairs: Vec<(String, String)> = pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            super::protocol_of(move |name| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            })
+        };
+        assert_eq!(of(&[("TERM", "xterm-kitty")]), ProtocolType::Kitty);
+        assert_eq!(of(&[("TERM_PROGRAM", "iTerm.app")]), ProtocolType::Iterm2);
+        assert_eq!(of(&[("TERM", "foot")]), ProtocolType::Sixel);
+        assert_eq!(of(&[("TERM", "xterm-256color")]), ProtocolType::Halfblocks);
+        // tmux may not pass graphics through; the person may say otherwise.
+        assert_eq!(
+            of(&[("TERM", "xterm-kitty"), ("TMUX", "/tmp/tmux-0/default,1,0")]),
+            ProtocolType::Halfblocks
+        );
+        assert_eq!(
+            of(&[("TMUX", "/tmp/x"), ("UMBRA_GRAPHICS", "sixel")]),
+            ProtocolType::Sixel
+        );
+        assert_eq!(
+            of(&[("TERM", "xterm-kitty"), ("UMBRA_GRAPHICS", "halfblocks")]),
+            ProtocolType::Halfblocks
+        );
+    }
 
     #[test]
     fn reconnect_waits_are_spread_between_half_and_all_of_the_backoff() {

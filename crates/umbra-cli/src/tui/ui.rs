@@ -21,7 +21,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("Ctrl-A (writing)", "to a group: send without logging in"),
     ("Ctrl-F (writing)", "send a file (its path)"),
     ("Ctrl-S (writing)", "save the conversation's latest file"),
-    ("Ctrl-V (writing)", "show the conversation's latest photo"),
+    ("Ctrl-V (writing)", "show the latest photo (whole once fetched)"),
     ("Ctrl-R (writing)", "record a voice note; again to stop"),
     (
         "Ctrl-P (writing)",
@@ -443,6 +443,12 @@ fn status_bar(frame: &mut Frame<'_>, app: &App, area: Rect) {
     frame.render_widget(Paragraph::new(text).style(style), area);
 }
 
+/// Where a whole photo is drawn on a screen of `screen`: inside a frame
+/// one cell in from the edges.
+pub fn photo_area(screen: Rect) -> Rect {
+    screen.inner(ratatui::layout::Margin::new(2, 2))
+}
+
 fn centered(area: Rect, width: u16, height: u16) -> Rect {
     let width = width.min(area.width);
     let height = height.min(area.height);
@@ -626,6 +632,18 @@ fn overlay(frame: &mut Frame<'_>, app: &App) {
             lines.push(Line::from(""));
             lines.push(Line::from("Enter sets it for everyone · Esc"));
             dialog(frame, "messages disappear after", lines, 40);
+        }
+        Overlay::Photo { name } => {
+            let area = frame.area().inner(ratatui::layout::Margin::new(1, 1));
+            frame.render_widget(Clear, area);
+            let block = Block::default().borders(Borders::ALL).title(format!(
+                " {} · any key closes ",
+                crate::escape::printable(name)
+            ));
+            frame.render_widget(block, area);
+            if let Some(view) = &app.photo {
+                frame.render_widget(ratatui_image::Image::new(&view.0), photo_area(frame.area()));
+            }
         }
         Overlay::Picture { name, picture } => {
             // Two pixels a cell: the upper half block in the top pixel's
@@ -1059,6 +1077,85 @@ mod tests {
             duration_ms: 7_300,
         };
         check("voice_draft", render(&app, 100, 20));
+    }
+
+    /// A photo, 400 × 200: left half red, right half blue.
+    fn two_halves() -> image::DynamicImage {
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(400, 200, |x, _| {
+            if x < 200 {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([0, 0, 255])
+            }
+        }))
+    }
+
+    fn photo_view(protocol: ratatui_image::picker::ProtocolType) -> super::super::app::PhotoView {
+        let mut picker = ratatui_image::picker::Picker::halfblocks();
+        picker.set_protocol_type(protocol);
+        let area = super::photo_area(ratatui::layout::Rect::new(0, 0, 60, 20));
+        super::super::app::PhotoView(
+            picker
+                .new_protocol(
+                    two_halves(),
+                    area.as_size(),
+                    ratatui_image::Resize::Fit(None),
+                )
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_whole_photo_is_drawn_in_half_blocks_where_the_terminal_has_no_graphics() {
+        let mut app = sample();
+        app.focus = Focus::Compose;
+        app.photo = Some(photo_view(ratatui_image::picker::ProtocolType::Halfblocks));
+        app.overlay = Overlay::Photo {
+            name: "harbour.jpg".into(),
+        };
+        let screen = render(&app, 60, 20);
+        check("photo", screen.clone());
+        // Red on the left, blue on the right: the cells' colours say so.
+        let backend = {
+            let mut terminal = Terminal::new(TestBackend::new(60, 20)).unwrap();
+            terminal.draw(|frame| draw(frame, &app)).unwrap();
+            terminal.backend().buffer().clone()
+        };
+        // (400 × 200 pixels at half blocks' 10 × 20 a cell: 40 × 10 cells
+        // from the frame's corner; a cell of one colour is a space on it.)
+        let row = 6;
+        let left = backend[(8, row)].bg;
+        let right = backend[(35, row)].bg;
+        assert_eq!(left, ratatui::style::Color::Rgb(255, 0, 0), "{screen}");
+        assert_eq!(right, ratatui::style::Color::Rgb(0, 0, 255), "{screen}");
+    }
+
+    #[test]
+    fn a_whole_photo_goes_out_in_the_terminals_own_graphics_protocol() {
+        use ratatui_image::picker::ProtocolType;
+        // What each protocol's escape sequence starts with: kitty's APC
+        // graphics command, sixel's DCS, iTerm2's OSC 1337.
+        for (protocol, start) in [
+            (ProtocolType::Kitty, "\u{1b}_G"),
+            (ProtocolType::Sixel, "\u{1b}P"),
+            (ProtocolType::Iterm2, "\u{1b}]1337;File="),
+        ] {
+            let mut app = sample();
+            app.photo = Some(photo_view(protocol));
+            app.overlay = Overlay::Photo {
+                name: "harbour.jpg".into(),
+            };
+            let mut terminal = Terminal::new(TestBackend::new(60, 20)).unwrap();
+            terminal.draw(|frame| draw(frame, &app)).unwrap();
+            let sent: String = terminal
+                .backend()
+                .buffer()
+                .content()
+                .iter()
+                .map(|cell| cell.symbol())
+                .collect();
+            assert!(sent.contains(start), "{protocol:?} sent no {start:?}");
+        }
     }
 
     #[test]

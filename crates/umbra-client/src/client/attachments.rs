@@ -1013,6 +1013,19 @@ impl Client {
         Ok((mime_type, bytes))
     }
 
+    /// Message `message_id`'s photo (JPEG or PNG), opened into memory and
+    /// decoded to be drawn (fetched first if it is not here yet); `None`
+    /// if its file is not a photo this device can decode.
+    pub async fn photo(&self, message_id: i64) -> Result<Option<image::DynamicImage>> {
+        let (mime_type, bytes) = self.open_attachment(message_id, MAX_STRIPPED_BYTES).await?;
+        if !matches!(mime_type.as_str(), "image/jpeg" | "image/png") {
+            return Ok(None);
+        }
+        tokio::task::spawn_blocking(move || crate::thumbnail::photo(&bytes))
+            .await
+            .map_err(|e| ClientError::Store(e.to_string()))
+    }
+
     /// Message `message_id`'s thumbnail (a small JPEG from its sender, to
     /// be read with `crate::thumbnail::picture`), if it came with one.
     pub fn thumbnail(&self, message_id: i64) -> Result<Option<Vec<u8>>> {
