@@ -378,7 +378,11 @@ fn main() -> ExitCode {
         }
     };
     let json = cli.json;
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    // A recorder or player thread that is still winding down (stopped,
+    // its program killed) is not waited for past this.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let code = exit_code(&error);
@@ -656,6 +660,7 @@ fn format_message(message: &Message) -> String {
     let mut body = printable(&message.body).into_owned();
     if let Some(file) = &message.attachment
         && file.duration_ms > 0
+        && file.mime_type.starts_with("audio/ogg")
     {
         let caption = std::mem::take(&mut body);
         body = format!(

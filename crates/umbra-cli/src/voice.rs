@@ -7,8 +7,8 @@
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
@@ -216,8 +216,14 @@ pub(crate) async fn voice(cli: &Cli, out: &Out, command: &VoiceCommand) -> anyho
                         .await?
                 }
                 (None, None) => {
-                    let Some(latest) = client.voice_drafts()?.pop() else {
-                        bail!("no voice note draft: record one with `umbra voice record`");
+                    // The latest that was ended: one cut off (or still
+                    // being recorded) goes only when named.
+                    let Some(latest) = client.voice_drafts()?.into_iter().rfind(|d| d.finished)
+                    else {
+                        bail!(
+                            "no finished voice note draft: record one with `umbra voice record` \
+                             (one cut off is sent with --draft N; `umbra voice drafts` lists them)"
+                        );
                     };
                     client
                         .send_voice_draft(&id, latest.id, caption.as_deref())
@@ -242,6 +248,46 @@ pub(crate) enum Input {
     Raw(Box<dyn Read + Send>),
     /// The machine's recorder program, printing the same.
     Recorder(Child),
+}
+
+/// A child program's standard error, read as it comes (so a chatty
+/// program never blocks on a full pipe); its last line kept to say why it
+/// stopped.
+fn drain_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+    let last = Arc::new(Mutex::new(String::new()));
+    if let Some(stderr) = child.stderr.take() {
+        let last = last.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if !line.trim().is_empty() {
+                    *last.lock().unwrap_or_else(|e| e.into_inner()) = line.trim().to_owned();
+                }
+            }
+        });
+    }
+    last
+}
+
+/// Kills `child` once `stop` is set (which ends a read or write blocked on
+/// it), or leaves it once it has exited.
+fn kill_on_stop(child: Arc<Mutex<Child>>, stop: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        loop {
+            {
+                let mut child = child.lock().unwrap_or_else(|e| e.into_inner());
+                if stop.load(Ordering::SeqCst) {
+                    let _ = child.kill();
+                    return;
+                }
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
 }
 
 impl Input {
@@ -349,30 +395,47 @@ fn record(
 /// second along the way, and finished at the end.
 pub(crate) fn record_from(
     client: &Client,
-    mut source: Input,
-    stop: &AtomicBool,
+    source: Input,
+    stop: &Arc<AtomicBool>,
     max_ms: Option<u32>,
     mut progress: impl FnMut(u32, u8),
 ) -> anyhow::Result<VoiceDraft> {
-    let mut recording = client.record_voice()?;
+    let (mut reader, recorder, why): (Box<dyn Read + Send>, _, _) = match source {
+        Input::Raw(reader) => (reader, None, None),
+        Input::Recorder(mut child) => {
+            let why = drain_stderr(&mut child);
+            let Some(stdout) = child.stdout.take() else {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the recorder's output could not be read");
+            };
+            let child = Arc::new(Mutex::new(child));
+            kill_on_stop(child.clone(), stop.clone());
+            (Box::new(stdout), Some(child), Some(why))
+        }
+    };
+    let recording = client.record_voice();
+    let mut recording = match recording {
+        Ok(recording) => recording,
+        Err(error) => {
+            stop.store(true, Ordering::SeqCst);
+            return Err(error.into());
+        }
+    };
     let mut buffer = vec![0u8; 960 * 2];
     let mut pcm = Vec::with_capacity(960);
     let mut got_any = false;
+    let mut asked_to_stop = false;
     let outcome = loop {
-        if stop.load(Ordering::SeqCst)
-            || recording.is_full()
-            || max_ms.is_some_and(|max| recording.duration_ms() >= max)
-        {
+        if stop.load(Ordering::SeqCst) {
+            asked_to_stop = true;
             break Ok(());
         }
-        let read = match &mut source {
-            Input::Raw(reader) => read_full(reader.as_mut(), &mut buffer),
-            Input::Recorder(child) => match child.stdout.as_mut() {
-                Some(stdout) => read_full(stdout, &mut buffer),
-                None => Ok(0),
-            },
-        };
-        let read = match read {
+        if recording.is_full() || max_ms.is_some_and(|max| recording.duration_ms() >= max) {
+            asked_to_stop = true;
+            break Ok(());
+        }
+        let read = match read_full(reader.as_mut(), &mut buffer) {
             Ok(read) if read >= 2 => read,
             Ok(_) => break Ok(()),
             Err(error) => break Err(anyhow::Error::from(error)),
@@ -389,29 +452,42 @@ pub(crate) fn record_from(
         }
         progress(recording.duration_ms(), recording.level());
     };
-    if let Input::Recorder(mut child) = source {
-        let _ = child.kill();
-        let status = child.wait()?;
-        if !got_any {
-            let mut why = String::new();
-            if let Some(mut stderr) = child.stderr.take() {
-                let _ = stderr.read_to_string(&mut why);
-            }
-            client.discard_voice_draft(recording.draft_id())?;
-            let why = why.lines().next().unwrap_or("").trim().to_owned();
+    // The recorder goes (it may be blocked writing to the pipe).
+    stop.store(true, Ordering::SeqCst);
+    drop(reader);
+    let status = recorder
+        .as_ref()
+        .map(|child| {
+            let mut child = child.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = child.kill();
+            child.wait()
+        })
+        .transpose()?;
+    if !got_any {
+        client.discard_voice_draft(recording.draft_id())?;
+        if asked_to_stop {
+            bail!("nothing was recorded: it was stopped before any sound arrived");
+        }
+        if let (Some(status), Some(why)) = (status, why) {
+            let why = why.lock().unwrap_or_else(|e| e.into_inner()).clone();
             bail!(no_microphone(&format!(
                 "the recorder could not open a microphone ({status}{}{why})",
                 if why.is_empty() { "" } else { ": " }
             )));
         }
-    }
-    if !got_any {
-        client.discard_voice_draft(recording.draft_id())?;
         bail!("nothing was recorded: the input was empty");
     }
-    // What was saved stays a draft even if reading failed.
-    outcome?;
-    Ok(recording.finish()?)
+    let draft = recording.draft_id();
+    let finished = recording.finish();
+    match (outcome, finished) {
+        (Ok(()), finished) => Ok(finished?),
+        (Err(error), Ok(_)) => Err(error.context(format!(
+            "the recording stopped; what was recorded is kept as draft {draft}"
+        ))),
+        (Err(error), Err(_)) => Err(error.context(format!(
+            "the recording stopped; what was saved of it is draft {draft}"
+        ))),
+    }
 }
 
 fn no_microphone(why: &str) -> String {
@@ -473,13 +549,17 @@ fn play(ogg: &[u8], speed: f32, path: Option<&Path>) -> anyhow::Result<u64> {
             }
             Ok(samples)
         }
-        None => play_on_device(ogg, speed, &AtomicBool::new(false)),
+        None => play_on_device(ogg, speed, &Arc::new(AtomicBool::new(false))),
     }
 }
 
 /// Plays `ogg` at `speed` through the machine's player program until it
 /// ends or `stop` is set. Returns the samples played.
-pub(crate) fn play_on_device(ogg: &[u8], speed: f32, stop: &AtomicBool) -> anyhow::Result<u64> {
+pub(crate) fn play_on_device(
+    ogg: &[u8],
+    speed: f32,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<u64> {
     let Some(mut command) = find(PLAYERS) else {
         bail!(
             "this machine has no audio player Umbra can use (pw-play, paplay, aplay): \
@@ -492,7 +572,28 @@ pub(crate) fn play_on_device(ogg: &[u8], speed: f32, stop: &AtomicBool) -> anyho
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot start the player")?;
-    let mut stdin = child.stdin.take().context("the player's input")?;
+    let why = drain_stderr(&mut child);
+    let Some(mut stdin) = child.stdin.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the player's input could not be written");
+    };
+    let child = Arc::new(Mutex::new(child));
+    // This playback's own flag: set when it ends, it lets the watcher go.
+    let done = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, done, child) = (stop.clone(), done.clone(), child.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                if stop.load(Ordering::SeqCst) {
+                    // Ends a write blocked on a player that stopped reading.
+                    let _ = child.lock().unwrap_or_else(|e| e.into_inner()).kill();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+    }
     let mut bytes = Vec::new();
     let played = play_voice(ogg, speed, |pcm| {
         if stop.load(Ordering::SeqCst) {
@@ -505,18 +606,14 @@ pub(crate) fn play_on_device(ogg: &[u8], speed: f32, stop: &AtomicBool) -> anyho
             .map_err(|e| umbra_client::ClientError::Invalid(e.to_string()))
     });
     drop(stdin);
-    if stop.load(Ordering::SeqCst) {
-        let _ = child.kill();
-        let _ = child.wait();
+    let stopped = stop.load(Ordering::SeqCst);
+    let status = child.lock().unwrap_or_else(|e| e.into_inner()).wait()?;
+    done.store(true, Ordering::SeqCst);
+    if stopped {
         return Ok(0);
     }
-    let status = child.wait()?;
     if !status.success() {
-        let mut why = String::new();
-        if let Some(mut stderr) = child.stderr.take() {
-            let _ = stderr.read_to_string(&mut why);
-        }
-        let why = why.lines().next().unwrap_or("").trim().to_owned();
+        let why = why.lock().unwrap_or_else(|e| e.into_inner()).clone();
         bail!(
             "no audio device could play the note ({status}{}{why}): write it to a file \
              with `umbra voice play … --out note.wav`",

@@ -835,8 +835,11 @@ async fn a_voice_note_recorded_through_the_cli_survives_a_kill_and_is_sent() {
     let samples = wav_samples(&back);
     assert_eq!(samples as u64 / 48, duration);
 
-    // Sent (the latest draft), and gone from the drafts.
-    let sent = ok(alice.path(), &["voice", "send", &b]).await;
+    // A draft cut off goes only when named; then it is sent and gone.
+    let refused = umbra(alice.path(), &["voice", "send", &b]).await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stdout).contains("--draft"));
+    let sent = ok(alice.path(), &["voice", "send", &b, "--draft", &id]).await;
     let message = sent.last().unwrap();
     assert_eq!(message["attachment"]["mime_type"], "audio/ogg");
     assert_eq!(message["attachment"]["duration_ms"], duration);

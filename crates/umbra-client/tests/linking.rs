@@ -538,6 +538,46 @@ async fn a_device_linked_while_files_flow_can_fetch_each() {
 }
 
 #[tokio::test]
+async fn a_linked_device_shows_voice_notes_with_their_length_and_waveform() {
+    let server = TestServer::start().await;
+    let mut phone = Device::activate(&server).await;
+    let mut bob = Device::activate(&server).await;
+    let (conversation, at_bob) = befriend(&mut phone, &mut bob).await;
+    let tone: Vec<f32> = (0..48_000)
+        .map(|i| 0.5 * (2.0 * std::f32::consts::PI * 300.0 * i as f32 / 48_000.0).sin())
+        .collect();
+    let mut recording = bob.client.record_voice().unwrap();
+    recording.push(&tone).unwrap();
+    let draft = recording.finish().unwrap();
+    bob.client
+        .send_voice_draft(&at_bob, draft.id, None)
+        .await
+        .unwrap();
+    let note = phone
+        .wait_for(|event| match event {
+            umbra_client::Event::MessageReceived { message } => message.attachment.clone(),
+            _ => None,
+        })
+        .await;
+    assert_eq!(note.duration_ms, 1_000);
+    assert!(!note.waveform.is_empty());
+
+    let (laptop, _) = link(&phone, "laptop").await;
+    joined(&laptop, &conversation).await;
+    let copied = laptop
+        .client
+        .history(&conversation, 100)
+        .unwrap()
+        .into_iter()
+        .find_map(|m| m.attachment)
+        .expect("the note came with the history");
+    assert_eq!(
+        (copied.duration_ms, copied.waveform),
+        (note.duration_ms, note.waveform)
+    );
+}
+
+#[tokio::test]
 async fn a_new_device_whose_existing_device_goes_away_gives_up_cleanly() {
     let server = TestServer::start().await;
     let phone = Device::activate(&server).await;

@@ -70,9 +70,10 @@ async fn a_recording_cut_off_is_kept_and_a_sent_note_plays_on_the_other_device()
     let mut bob = Device::activate(&server).await;
     let (conversation, _) = befriend(&mut alice, &mut bob).await;
 
-    // A recording, fed as a microphone would (20 ms at a time), then cut
-    // off: no `finish`, and the device closed.
-    let audio = tone_then_silence(300.0, 1.5);
+    // A recording of 3.3 s, fed as a microphone would (20 ms at a time),
+    // then cut off: no `finish`, and the device closed.
+    let mut audio = tone_then_silence(300.0, 1.5);
+    audio.resize(audio.len() + 14_400, 0.0);
     let mut recording = alice.client.record_voice().unwrap();
     let draft = recording.draft_id();
     for piece in audio.chunks(960) {
@@ -83,9 +84,10 @@ async fn a_recording_cut_off_is_kept_and_a_sent_note_plays_on_the_other_device()
     let drafts = alice.client.voice_drafts().unwrap();
     assert_eq!(drafts.len(), 1);
     assert!(!drafts[0].finished);
-    // Every whole half second was saved (3 s recorded: 150 frames).
+    // Every whole half second was saved: of 3.3 s, 3 s (less the
+    // encoder's delay); at most half a second is lost.
     assert!(
-        (2_900..=3_000).contains(&drafts[0].duration_ms),
+        (2_950..=3_000).contains(&drafts[0].duration_ms),
         "{drafts:?}"
     );
 
@@ -136,6 +138,26 @@ async fn a_recording_cut_off_is_kept_and_a_sent_note_plays_on_the_other_device()
     let heard = played(&ogg, 1.5);
     assert_eq!(heard.len(), (back.len() as f32 / 1.5).round() as usize);
     assert!((pitch(&heard[4_800..40_000]) - 300.0).abs() < 8.0);
+}
+
+#[tokio::test]
+async fn a_draft_deleted_while_it_is_recorded_stops_the_recording_with_a_clear_error() {
+    let server = common::TestServer::start().await;
+    let alice = Device::activate(&server).await;
+    // 1.2 s: the first 0.6 s is saved as it is pushed, the next would be.
+    let audio = tone_then_silence(300.0, 0.6);
+    let mut recording = alice.client.record_voice().unwrap();
+    recording.push(&audio[..28_800]).unwrap();
+    alice
+        .client
+        .discard_voice_draft(recording.draft_id())
+        .unwrap();
+    let refused = recording.push(&audio[28_800..]).unwrap_err();
+    assert!(
+        matches!(&refused, umbra_client::ClientError::Invalid(why) if why.contains("discarded")),
+        "{refused:?}"
+    );
+    assert!(alice.client.voice_drafts().unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -145,6 +145,8 @@ pub enum Overlay {
     /// listen to it, delete it, or keep it for later.
     VoiceDraft {
         conversation: ConversationId,
+        /// Who it goes to, as the list names them.
+        to: String,
         draft: i64,
         duration_ms: u32,
     },
@@ -923,6 +925,7 @@ impl App {
             },
             Overlay::VoiceDraft {
                 conversation,
+                to,
                 draft,
                 duration_ms,
             } => match key.code {
@@ -931,6 +934,7 @@ impl App {
                 KeyCode::Char('p') => {
                     self.overlay = Overlay::VoiceDraft {
                         conversation,
+                        to,
                         draft,
                         duration_ms,
                     };
@@ -946,6 +950,7 @@ impl App {
                 _ => {
                     self.overlay = Overlay::VoiceDraft {
                         conversation,
+                        to,
                         draft,
                         duration_ms,
                     };
@@ -1111,6 +1116,7 @@ mod tests {
         app.recording = None;
         app.overlay = Overlay::VoiceDraft {
             conversation: aa.clone(),
+            to: "GUF8EA6B".into(),
             draft: 4,
             duration_ms: 7_000,
         };
@@ -1131,6 +1137,7 @@ mod tests {
         // Esc keeps it, and says where.
         app.overlay = Overlay::VoiceDraft {
             conversation: aa.clone(),
+            to: "GUF8EA6B".into(),
             draft: 5,
             duration_ms: 1_000,
         };

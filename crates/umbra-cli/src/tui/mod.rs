@@ -136,6 +136,15 @@ enum Note {
 /// Runs the app until the user quits.
 pub async fn run(home: PathBuf, options: ClientOptions) -> anyhow::Result<()> {
     let mut terminal = ratatui::try_init()?;
+    // ratatui's hook restores the terminal on a panic; one inside the
+    // audio codec is caught and refused (someone else's note), and must
+    // leave the chat as it is.
+    let restore = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !umbra_client::voice::in_codec() {
+            restore(info);
+        }
+    }));
     let _ = PICKER.set(graphics());
     let result = event_loop(&mut terminal, home, options).await;
     ratatui::restore();
@@ -166,6 +175,16 @@ async fn event_loop(
     let mut ticks = tokio::time::interval(Duration::from_millis(250));
     let mut client: Option<Client> = None;
     let mut farewell: Option<String> = None;
+    // However the loop ends (quit, wipe, an error), a recording ends (what
+    // was saved of it kept) and the player stops.
+    struct StopVoice;
+    impl Drop for StopVoice {
+        fn drop(&mut self) {
+            stop(&RECORDING);
+            stop(&PLAYING);
+        }
+    }
+    let _stop_voice = StopVoice;
     loop {
         app.now = umbra_client::Clock::now(&SystemClock);
         app.wide = terminal.size()?.width >= app::NARROW;
@@ -359,9 +378,23 @@ fn on_note(
         Note::Recorded(conversation, outcome) => {
             app.recording = None;
             match outcome {
+                // What the person is doing in another dialog is left alone.
+                Ok(draft) if app.overlay != Overlay::None => {
+                    app.status = Some(format!(
+                        "Voice note kept as draft {} (umbra voice send)",
+                        draft.id
+                    ));
+                }
                 Ok(draft) => {
+                    let to = app
+                        .conversations
+                        .iter()
+                        .find(|c| c.id == conversation)
+                        .map(App::title)
+                        .unwrap_or_else(|| conversation.to_string());
                     app.overlay = Overlay::VoiceDraft {
                         conversation,
+                        to,
                         draft: draft.id,
                         duration_ms: draft.duration_ms,
                     }

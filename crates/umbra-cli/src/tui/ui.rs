@@ -21,7 +21,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("Ctrl-A (writing)", "to a group: send without logging in"),
     ("Ctrl-F (writing)", "send a file (its path)"),
     ("Ctrl-S (writing)", "save the conversation's latest file"),
-    ("Ctrl-V (writing)", "show the latest photo (whole once fetched)"),
+    (
+        "Ctrl-V (writing)",
+        "show the latest photo (whole once fetched)",
+    ),
     ("Ctrl-R (writing)", "record a voice note; again to stop"),
     (
         "Ctrl-P (writing)",
@@ -686,7 +689,9 @@ fn overlay(frame: &mut Frame<'_>, app: &App) {
             ],
             60,
         ),
-        Overlay::VoiceDraft { duration_ms, .. } => dialog(
+        Overlay::VoiceDraft {
+            to, duration_ms, ..
+        } => dialog(
             frame,
             "voice note",
             vec![
@@ -694,6 +699,7 @@ fn overlay(frame: &mut Frame<'_>, app: &App) {
                     "Recorded {} (kept encrypted on this device).",
                     crate::voice::minutes(*duration_ms)
                 )),
+                Line::from(format!("For {}.", crate::escape::printable(to))),
                 Line::from(""),
                 Line::from("Enter sends · p listens · d deletes"),
                 Line::from("Esc keeps it as a draft"),
@@ -1073,6 +1079,7 @@ mod tests {
         app.speed = 1;
         app.overlay = Overlay::VoiceDraft {
             conversation: ConversationId("aa".into()),
+            to: "GUF8EA6B".into(),
             draft: 3,
             duration_ms: 7_300,
         };

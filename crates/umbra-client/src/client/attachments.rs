@@ -160,6 +160,9 @@ pub(super) struct Outgoing {
     pub thumbnail: Vec<u8>,
     pub duration_ms: u32,
     pub waveform: Vec<u8>,
+    /// The voice note draft it was made from: deleted with the upload's
+    /// record, in one transaction.
+    pub draft: Option<i64>,
 }
 
 /// Where an outgoing file's bytes are read from.
@@ -327,6 +330,7 @@ impl Client {
             thumbnail,
             duration_ms: 0,
             waveform: Vec::new(),
+            draft: None,
         };
         self.send_outgoing(conversation, outgoing).await
     }
@@ -347,6 +351,7 @@ impl Client {
             thumbnail,
             duration_ms,
             waveform,
+            draft: from_draft,
         } = outgoing;
         let group_id = self.group_id_of(conversation)?;
         let timer = self.conversation(conversation)?.disappear_after;
@@ -423,25 +428,39 @@ impl Client {
                 thumbnail,
             },
         };
-        self.db().execute(
-            "INSERT INTO uploads (blob_id, uid, group_id, file_key, digest, size, mime_type, name,
-                                  caption, thumbnail, duration_ms, waveform)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![
-                &blob_id.0[..],
-                &uid[..],
-                upload.group_id,
-                &upload.attachment.key[..],
-                &digest[..],
-                size,
-                upload.attachment.mime_type,
-                upload.attachment.name,
-                upload.attachment.caption,
-                (!upload.attachment.thumbnail.is_empty()).then_some(&upload.attachment.thumbnail),
-                upload.attachment.duration_ms,
-                (!upload.attachment.waveform.is_empty()).then_some(&upload.attachment.waveform)
-            ],
-        )?;
+        // The upload is recorded (and its draft, if any, gone) at once.
+        {
+            let mut db = self.db();
+            let tx = db.transaction()?;
+            if let Some(id) = from_draft
+                && tx.execute("DELETE FROM voice_drafts WHERE id = ?1", [id])? == 0
+            {
+                let _ = std::fs::remove_file(&draft);
+                return Err(ClientError::Invalid(format!(
+                    "voice note draft {id} was sent or discarded meanwhile"
+                )));
+            }
+            tx.execute(
+                "INSERT INTO uploads (blob_id, uid, group_id, file_key, digest, size, mime_type, name,
+                                      caption, thumbnail, duration_ms, waveform)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    &blob_id.0[..],
+                    &uid[..],
+                    upload.group_id,
+                    &upload.attachment.key[..],
+                    &digest[..],
+                    size,
+                    upload.attachment.mime_type,
+                    upload.attachment.name,
+                    upload.attachment.caption,
+                    (!upload.attachment.thumbnail.is_empty()).then_some(&upload.attachment.thumbnail),
+                    upload.attachment.duration_ms,
+                    (!upload.attachment.waveform.is_empty()).then_some(&upload.attachment.waveform)
+                ],
+            )?;
+            tx.commit()?;
+        }
         std::fs::rename(&draft, self.sealed_path(&blob_id)?).map_err(io)?;
         self.finish_upload(upload, 0).await
     }

@@ -885,10 +885,11 @@ fn copy_message_files(db: &rusqlite::Connection, now: u64, after: i64) -> Result
         "name",
         "duration_ms",
         "thumbnail",
+        "waveform",
     ];
     let mut statement = db.prepare(
         "SELECT m.uid, m.group_id, m.sender, a.blob_id, a.file_key, a.digest, a.size,
-                a.mime_type, a.name, a.duration_ms, a.thumbnail
+                a.mime_type, a.name, a.duration_ms, a.thumbnail, a.waveform
          FROM attachments a JOIN messages m ON m.id = a.message_id
          WHERE m.uid IS NOT NULL AND (m.expires_at IS NULL OR m.expires_at > ?1)
            AND m.id > ?2
@@ -909,6 +910,8 @@ fn copy_message_files(db: &rusqlite::Connection, now: u64, after: i64) -> Result
                 Value::Integer(row.get(9)?),
                 row.get::<_, Option<Vec<u8>>>(10)?
                     .map_or(Value::Null, |bytes| Value::Blob(hex::encode(bytes))),
+                row.get::<_, Option<Vec<u8>>>(11)?
+                    .map_or(Value::Null, |bytes| Value::Blob(hex::encode(bytes))),
             ])
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -924,7 +927,11 @@ fn insert_message_files(tx: &rusqlite::Transaction<'_>, table: &Table) -> Result
     let bad = || ClientError::LinkFailed("the bundle's message files are malformed".into());
     let mut written = 0;
     for row in &table.rows {
-        let values = row.iter().map(sql_value).collect::<Result<Vec<_>>>()?;
+        let mut values = row.iter().map(sql_value).collect::<Result<Vec<_>>>()?;
+        // (A device from before voice notes sends no waveform.)
+        if values.len() == 11 {
+            values.push(rusqlite::types::Value::Null);
+        }
         let [
             uid,
             group,
@@ -937,6 +944,7 @@ fn insert_message_files(tx: &rusqlite::Transaction<'_>, table: &Table) -> Result
             name,
             duration,
             thumbnail,
+            waveform,
         ] = values.as_slice()
         else {
             return Err(bad());
@@ -951,19 +959,38 @@ fn insert_message_files(tx: &rusqlite::Transaction<'_>, table: &Table) -> Result
             }
             _ => false,
         };
-        if !(fits(blob, 16) && fits(key, 32) && fits(digest, 32) && size_ok && thumbnail_ok) {
+        let waveform_ok = match waveform {
+            rusqlite::types::Value::Null => true,
+            rusqlite::types::Value::Blob(bytes) => {
+                bytes.len() <= umbra_proto::content::MAX_WAVEFORM_LEVELS
+            }
+            _ => false,
+        };
+        let text_ok = |value: &rusqlite::types::Value, max: usize| matches!(value, rusqlite::types::Value::Text(text) if text.len() <= max);
+        let described = text_ok(mime, umbra_proto::content::MAX_MIME_TYPE_BYTES)
+            && text_ok(name, umbra_proto::content::MAX_FILE_NAME_BYTES)
+            && matches!(duration, rusqlite::types::Value::Integer(n) if u32::try_from(*n).is_ok());
+        if !(fits(blob, 16)
+            && fits(key, 32)
+            && fits(digest, 32)
+            && size_ok
+            && thumbnail_ok
+            && waveform_ok
+            && described)
+        {
             return Err(bad());
         }
         written += tx
             .prepare_cached(
                 "INSERT OR IGNORE INTO attachments (message_id, blob_id, file_key, digest, size,
                                                     mime_type, name, duration_ms, thumbnail,
-                                                    state)
-                 SELECT id, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'available' FROM messages
+                                                    waveform, state)
+                 SELECT id, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'available' FROM messages
                  WHERE uid = ?1 AND group_id = ?2 AND sender = ?3 ORDER BY id LIMIT 1",
             )?
             .execute(rusqlite::params![
-                uid, group, sender, blob, key, digest, size, mime, name, duration, thumbnail
+                uid, group, sender, blob, key, digest, size, mime, name, duration, thumbnail,
+                waveform
             ])?;
     }
     Ok(written)

@@ -21,8 +21,14 @@ use crate::voice::{self, Encoder, FRAME, Frame, MAX_VOICE_MS, Note, SAMPLE_RATE}
 /// Frames saved at a time while recording: half a second.
 const PIECE_FRAMES: usize = 25;
 
-/// The largest file played as a voice note (read whole into memory).
-const MAX_PLAYED_BYTES: u64 = 64 << 20;
+/// The largest file played as a voice note (read whole into memory):
+/// 15 minutes at 32 kbit/s are 3.6 MB.
+const MAX_PLAYED_BYTES: u64 = 8 << 20;
+
+/// The longest a note is played: the longest a note may be, and a minute
+/// for another client's rounding (a hostile note is cut off there, not
+/// decoded, or written out, for hours).
+const MAX_PLAYED_MS: u64 = MAX_VOICE_MS as u64 + 60_000;
 
 /// A recording kept on this device, not sent yet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -117,13 +123,6 @@ impl Recording {
         let count = self.unsaved.len() as u64;
         let mut db = self.client.db();
         let tx = db.transaction()?;
-        if count > 0 {
-            tx.execute(
-                "INSERT INTO voice_draft_pieces (draft_id, seq, frames, levels)
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![self.draft, self.seq, frames, levels],
-            )?;
-        }
         let updated = tx.execute(
             "UPDATE voice_drafts SET samples = ?2, frames = ?3, finished = ?4 WHERE id = ?1",
             params![
@@ -134,7 +133,16 @@ impl Recording {
             ],
         )?;
         if updated == 0 {
-            return Err(ClientError::Invalid("the draft was discarded".into()));
+            return Err(ClientError::Invalid(
+                "the draft was discarded or sent while it was recorded".into(),
+            ));
+        }
+        if count > 0 {
+            tx.execute(
+                "INSERT INTO voice_draft_pieces (draft_id, seq, frames, levels)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![self.draft, self.seq, frames, levels],
+            )?;
         }
         tx.commit()?;
         drop(db);
@@ -160,8 +168,7 @@ pub fn play(ogg: &[u8], speed: f32, mut sink: impl FnMut(&[f32]) -> Result<()>) 
     let mut stretch = voice::stretch::Stretch::new(speed);
     let mut out = Vec::new();
     let mut played = 0u64;
-    // A day: decoding is streamed, so only time bounds it.
-    voice::decode(ogg, 24 * 3_600_000, |pcm| {
+    voice::decode(ogg, MAX_PLAYED_MS, |pcm| {
         out.clear();
         stretch.push(pcm, &mut out);
         played += out.len() as u64;
@@ -246,7 +253,9 @@ impl Client {
 
     /// A draft as a note: its Ogg stream, length and waveform.
     fn draft_note(&self, id: i64) -> Result<Note> {
-        let db = self.db();
+        let mut db = self.db();
+        // One read of the draft, however far a recording has got.
+        let db = db.transaction()?;
         let (pre_skip, samples): (u16, u64) = db
             .query_row(
                 "SELECT pre_skip, samples FROM voice_drafts WHERE id = ?1",
@@ -278,7 +287,7 @@ impl Client {
             levels.extend_from_slice(&piece_levels);
         }
         drop(statement);
-        drop(db);
+        db.commit()?;
         voice::assemble(
             packets.iter().map(Vec::as_slice),
             &levels,
@@ -296,10 +305,7 @@ impl Client {
         caption: Option<&str>,
     ) -> Result<Message> {
         let note = self.draft_note(id)?;
-        let message = self.send_note(conversation, note, caption).await?;
-        self.db()
-            .execute("DELETE FROM voice_drafts WHERE id = ?1", [id])?;
-        Ok(message)
+        self.send_note(conversation, note, caption, Some(id)).await
     }
 
     /// Sends an audio file as a voice note: a WAV file (encoded here) or
@@ -316,14 +322,18 @@ impl Client {
         let note = tokio::task::spawn_blocking(move || note_of_file(&path))
             .await
             .map_err(|e| ClientError::Store(e.to_string()))??;
-        self.send_note(conversation, note, caption).await
+        self.send_note(conversation, note, caption, None).await
     }
 
+    /// Sends `note`; `draft`, if it came from one, goes when its upload is
+    /// recorded (from then on `resume_uploads` finishes it, never a second
+    /// send of the draft).
     async fn send_note(
         &self,
         conversation: &ConversationId,
         note: Note,
         caption: Option<&str>,
+        draft: Option<i64>,
     ) -> Result<Message> {
         let caption = caption.unwrap_or_default().to_owned();
         if caption.len() > MAX_CAPTION_BYTES {
@@ -345,6 +355,7 @@ impl Client {
             thumbnail: Vec::new(),
             duration_ms,
             waveform,
+            draft,
         };
         self.send_outgoing(conversation, outgoing).await
     }
@@ -358,12 +369,28 @@ impl Client {
                 Ok(Zeroizing::new(note.ogg))
             }
             VoiceSource::Message(id) => {
-                let (mime_type, bytes) = self.open_attachment(id, MAX_PLAYED_BYTES).await?;
-                if !mime_type.starts_with("audio/ogg") {
-                    return Err(ClientError::Invalid(format!(
-                        "message {id}'s file is not a voice note ({mime_type}): save it instead"
-                    )));
+                let mime_type: Option<String> = self
+                    .db()
+                    .query_row(
+                        "SELECT mime_type FROM attachments WHERE message_id = ?1",
+                        [id],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                match mime_type {
+                    Some(mime) if mime.starts_with("audio/ogg") => {}
+                    Some(mime) => {
+                        return Err(ClientError::Invalid(format!(
+                            "message {id}'s file is not a voice note ({mime}): save it instead"
+                        )));
+                    }
+                    None => {
+                        return Err(ClientError::Invalid(format!(
+                            "message {id} carries no file"
+                        )));
+                    }
                 }
+                let (_, bytes) = self.open_attachment(id, MAX_PLAYED_BYTES).await?;
                 Ok(bytes)
             }
         }

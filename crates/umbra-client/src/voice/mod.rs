@@ -44,9 +44,24 @@ fn invalid(what: impl std::fmt::Display) -> ClientError {
     ClientError::Invalid(format!("voice note: {what}"))
 }
 
+thread_local! {
+    static IN_CODEC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside codec work, whose panics are refusals: a
+/// front end's panic hook (one that restores the terminal) should let
+/// such a panic pass.
+pub fn in_codec() -> bool {
+    IN_CODEC.with(std::cell::Cell::get)
+}
+
 /// Runs codec work, turning a panic inside it into a refusal.
 fn guarded<T>(work: impl FnOnce() -> Result<T>) -> Result<T> {
-    catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|_| Err(invalid("the audio is malformed")))
+    let was = IN_CODEC.with(|flag| flag.replace(true));
+    let outcome = catch_unwind(AssertUnwindSafe(work))
+        .unwrap_or_else(|_| Err(invalid("the audio is malformed")));
+    IN_CODEC.with(|flag| flag.set(was));
+    outcome
 }
 
 /// A frame's level, 0 (silence, or below -60 dBFS) to 255 (full scale),
@@ -210,13 +225,19 @@ pub fn assemble<'a>(
     if frames.is_empty() {
         return Err(invalid("nothing was recorded"));
     }
+    let mut frames = frames;
     let encoded = frames.len() as u64 * FRAME as u64;
     let end = (u64::from(pre_skip) + samples).min(encoded);
     let audio = end.saturating_sub(u64::from(pre_skip));
     let duration_ms = audio * 1000 / u64::from(SAMPLE_RATE);
+    if duration_ms == 0 {
+        return Err(invalid("nothing was recorded"));
+    }
     if duration_ms > u64::from(MAX_VOICE_MS) {
         return Err(invalid("longer than 15 minutes: send it as a file"));
     }
+    // The frames that hold the audio (the last one cut to its end).
+    frames.truncate(end.div_ceil(FRAME as u64) as usize);
     let mut head = OpusHead::new(1, SAMPLE_RATE).map_err(invalid)?;
     head.pre_skip = pre_skip;
     let mut tags = OpusTags::new();
@@ -226,7 +247,7 @@ pub fn assemble<'a>(
     let last = frames.len() - 1;
     for (i, packet) in frames.into_iter().enumerate() {
         if i == last {
-            let duration = end - writer.granule() as u64;
+            let duration = end.saturating_sub(writer.granule() as u64).max(1);
             writer
                 .write_packet_with_duration(packet, duration as u32)
                 .map_err(invalid)?;
@@ -260,8 +281,10 @@ pub fn encode(pcm: &[f32]) -> Result<Note> {
 
 /// Decodes an Ogg Opus stream (mono or stereo, mixed to mono) to samples
 /// at 48 kHz, handing them to `sink` a packet's worth at a time; at most
-/// `max_ms` of audio is decoded (past it, an error). Returns the number of
-/// samples.
+/// `max_ms` of audio is decoded (past it, an error), counted as the
+/// decoder produces it, before the stream's own trimming (which a hostile
+/// stream could make keep nothing of hours of decoding). Returns the
+/// number of samples handed over.
 pub fn decode(
     ogg: impl Read,
     max_ms: u64,
@@ -280,11 +303,22 @@ pub fn decode(
         let mut block = vec![0.0f32; MAX_PACKET_SAMPLES * channels];
         let mut mono = Vec::with_capacity(MAX_PACKET_SAMPLES);
         let mut total = 0u64;
+        // What was decoded: the audio, its pre-skip, and a packet's worth
+        // of end trimming at most.
+        let budget = max_samples + u64::from(head.pre_skip) + MAX_PACKET_SAMPLES as u64;
+        let mut decoded = 0u64;
         for packet in reader.packets() {
             let packet = packet.map_err(invalid)?;
             let n = decoder
                 .decode(&packet.data, MAX_PACKET_SAMPLES, &mut block)
                 .map_err(invalid)?;
+            decoded += n as u64;
+            if decoded > budget {
+                return Err(invalid(format!(
+                    "longer than {} minutes",
+                    max_ms.div_ceil(60_000)
+                )));
+            }
             let kept = trim.keep(&packet, &block[..n * channels]);
             mono.clear();
             mono.extend(
@@ -293,7 +327,10 @@ pub fn decode(
             );
             total += mono.len() as u64;
             if total > max_samples {
-                return Err(invalid(format!("longer than {} minutes", max_ms / 60_000)));
+                return Err(invalid(format!(
+                    "longer than {} minutes",
+                    max_ms.div_ceil(60_000)
+                )));
             }
             sink(&mono)?;
         }
@@ -344,45 +381,113 @@ pub fn read_wav(input: impl Read) -> Result<Vec<f32>> {
     if frames * 1000 / u64::from(spec.sample_rate) > u64::from(MAX_VOICE_MS) {
         return Err(invalid("longer than 15 minutes: send it as a file"));
     }
-    let interleaved: Vec<f32> = match spec.sample_format {
-        hound::SampleFormat::Float => reader
-            .into_samples::<f32>()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| invalid(format!("WAV: {e}")))?,
-        hound::SampleFormat::Int => {
-            let scale = 1.0 / (1u64 << (spec.bits_per_sample.clamp(1, 32) - 1)) as f32;
-            reader
-                .into_samples::<i32>()
-                .map(|s| s.map(|s| s as f32 * scale))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|e| invalid(format!("WAV: {e}")))?
+    // Mixed to mono and brought to 48 kHz as it is read: only the result
+    // is held (at most 15 minutes at 48 kHz, 173 MB).
+    let mut resampler = Resampler::new(spec.sample_rate);
+    let mut out = Vec::with_capacity(frames.min(u64::from(SAMPLE_RATE) * 60) as usize);
+    let mut frame = 0.0f32;
+    let mut at = 0;
+    let mut add = |sample: f32| {
+        frame += sample;
+        at += 1;
+        if at == channels {
+            resampler.push(frame / channels as f32, &mut out);
+            (frame, at) = (0.0, 0);
         }
     };
-    let mono: Vec<f32> = interleaved
-        .chunks_exact(channels)
-        .map(|s| s.iter().sum::<f32>() / channels as f32)
-        .collect();
-    Ok(resample(&mono, spec.sample_rate))
+    let bad = |e: hound::Error| invalid(format!("WAV: {e}"));
+    match spec.sample_format {
+        hound::SampleFormat::Float => {
+            for sample in reader.into_samples::<f32>() {
+                add(sample.map_err(bad)?);
+            }
+        }
+        hound::SampleFormat::Int => {
+            let scale = 1.0 / (1u64 << (spec.bits_per_sample.clamp(1, 32) - 1)) as f32;
+            for sample in reader.into_samples::<i32>() {
+                add(sample.map_err(bad)? as f32 * scale);
+            }
+        }
+    }
+    resampler.finish(&mut out);
+    Ok(out)
 }
 
-/// `pcm` at `rate` brought to 48 kHz (linear interpolation: enough for
-/// speech, which the encoder keeps below 12 kHz at this bit rate).
-pub fn resample(pcm: &[f32], rate: u32) -> Vec<f32> {
-    if rate == SAMPLE_RATE || pcm.is_empty() {
-        return pcm.to_vec();
+/// Samples at one rate brought to 48 kHz as they come (linear
+/// interpolation: enough for speech, which the encoder keeps below 12 kHz
+/// at this bit rate).
+struct Resampler {
+    rate: u32,
+    /// Input samples per output sample.
+    step: f64,
+    /// Input not yet passed; `input[0]` is input sample `base`.
+    input: Vec<f32>,
+    base: u64,
+    /// Input samples seen, and output samples made.
+    seen: u64,
+    made: u64,
+}
+
+impl Resampler {
+    fn new(rate: u32) -> Self {
+        Resampler {
+            rate,
+            step: f64::from(rate.max(1)) / f64::from(SAMPLE_RATE),
+            input: Vec::new(),
+            base: 0,
+            seen: 0,
+            made: 0,
+        }
     }
-    let len = (pcm.len() as u64 * u64::from(SAMPLE_RATE) / u64::from(rate)) as usize;
-    let step = f64::from(rate) / f64::from(SAMPLE_RATE);
-    (0..len)
-        .map(|i| {
-            let at = i as f64 * step;
-            let j = at as usize;
-            let frac = (at - j as f64) as f32;
-            let a = pcm[j.min(pcm.len() - 1)];
-            let b = pcm[(j + 1).min(pcm.len() - 1)];
-            a + (b - a) * frac
-        })
-        .collect()
+
+    /// The output sample at input position `at`, the last input repeated
+    /// past the end.
+    fn at(&self, at: f64) -> f32 {
+        let j = (at as u64).saturating_sub(self.base) as usize;
+        let last = self.input.len().saturating_sub(1);
+        let a = self.input.get(j.min(last)).copied().unwrap_or(0.0);
+        let b = self.input.get((j + 1).min(last)).copied().unwrap_or(0.0);
+        a + (b - a) * (at - at.floor()) as f32
+    }
+
+    fn push(&mut self, sample: f32, out: &mut Vec<f32>) {
+        self.input.push(sample);
+        self.seen += 1;
+        loop {
+            let at = self.made as f64 * self.step;
+            if at as u64 + 1 >= self.seen {
+                break;
+            }
+            out.push(self.at(at));
+            self.made += 1;
+        }
+        if self.input.len() >= 8192 {
+            let keep_from = ((self.made as f64 * self.step) as u64).min(self.seen - 1);
+            let drop = (keep_from - self.base) as usize;
+            self.input.drain(..drop);
+            self.base = keep_from;
+        }
+    }
+
+    /// The rest: in all, the input's length at 48 kHz.
+    fn finish(&mut self, out: &mut Vec<f32>) {
+        let total = self.seen * u64::from(SAMPLE_RATE) / u64::from(self.rate.max(1));
+        while self.made < total {
+            out.push(self.at(self.made as f64 * self.step));
+            self.made += 1;
+        }
+    }
+}
+
+/// `pcm` at `rate` brought to 48 kHz.
+pub fn resample(pcm: &[f32], rate: u32) -> Vec<f32> {
+    let mut resampler = Resampler::new(rate);
+    let mut out = Vec::with_capacity(pcm.len());
+    for &sample in pcm {
+        resampler.push(sample, &mut out);
+    }
+    resampler.finish(&mut out);
+    out
 }
 
 /// Samples as 16-bit integers, for a player or a WAV file.

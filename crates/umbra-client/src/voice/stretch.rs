@@ -53,7 +53,11 @@ impl Stretch {
             })
             .collect();
         Stretch {
-            speed: f64::from(speed.clamp(0.5, 4.0)),
+            speed: f64::from(if speed.is_finite() {
+                speed.clamp(0.5, 4.0)
+            } else {
+                1.0
+            }),
             input: Vec::new(),
             base: 0,
             windows: 0,

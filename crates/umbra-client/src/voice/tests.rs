@@ -129,9 +129,17 @@ fn what_is_not_a_note_is_refused_without_a_crash() {
     getrandom::getrandom(&mut noise).unwrap();
     assert!(decode(&noise[..], 60_000, |_| Ok(())).is_err());
     assert!(decode(&b""[..], 60_000, |_| Ok(())).is_err());
-    // Every cut of a real note is refused or decodes; none panics.
+    // Every cut of a real note is refused or decodes what it holds.
     for cut in (0..note.ogg.len()).step_by(7) {
-        let _ = decode(&note.ogg[..cut], 60_000, |_| Ok(()));
+        let mut got = 0;
+        if decode(&note.ogg[..cut], 60_000, |pcm| {
+            got += pcm.len();
+            Ok(())
+        })
+        .is_ok()
+        {
+            assert!(got <= 24_000, "a cut note decodes to no more than the note");
+        }
     }
     // Bytes flipped inside the audio pages: the page checksum refuses.
     let mut flipped = note.ogg.clone();
@@ -166,4 +174,131 @@ fn wav_files_of_any_common_shape_become_notes() {
     assert_eq!(pcm.len(), 48_000);
     assert!((pitch(&pcm) - 440.0).abs() < 5.0);
     assert!(read_wav(&b"RIFF\x00\x00\x00\x00WAVE"[..]).is_err());
+}
+
+/// Ogg's CRC-32 (polynomial 0x04C11DB7, not reflected), over a page whose
+/// checksum field is zero.
+fn ogg_crc(page: &[u8]) -> u32 {
+    let mut crc = 0u32;
+    for &byte in page {
+        crc ^= u32::from(byte) << 24;
+        for _ in 0..8 {
+            crc = if crc & 0x8000_0000 != 0 {
+                (crc << 1) ^ 0x04C1_1DB7
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// `ogg` with every audio page's granule position set to `granule` (the
+/// checksums made right again): a stream that says it holds nothing.
+fn with_granules(ogg: &[u8], granule: i64) -> Vec<u8> {
+    let mut out = ogg.to_vec();
+    let mut at = 0;
+    let mut page = 0;
+    while at + 27 <= out.len() {
+        assert_eq!(&out[at..at + 4], b"OggS");
+        let segments = usize::from(out[at + 26]);
+        let body: usize = out[at + 27..at + 27 + segments]
+            .iter()
+            .map(|&l| usize::from(l))
+            .sum();
+        let end = at + 27 + segments + body;
+        if page >= 2 {
+            out[at + 6..at + 14].copy_from_slice(&granule.to_le_bytes());
+            out[at + 22..at + 26].fill(0);
+            let crc = ogg_crc(&out[at..end]);
+            out[at + 22..at + 26].copy_from_slice(&crc.to_le_bytes());
+        }
+        at = end;
+        page += 1;
+    }
+    out
+}
+
+#[test]
+fn a_stream_that_says_it_holds_nothing_is_still_bounded_by_what_is_decoded() {
+    let note = encode(&tone(440.0, 2.0, 0.5)).unwrap();
+    // The rewriting is right: unchanged granules decode as before.
+    let same = with_granules(&note.ogg, 0);
+    let mut kept = 0;
+    let refused = decode(&same[..], 1_000, |pcm| {
+        kept += pcm.len();
+        Ok(())
+    });
+    // Two seconds decoded, nothing kept: refused at the one second asked,
+    // not decoded to the end (the old count of kept samples never
+    // reached its limit).
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(kept, 0);
+    assert!(decode(&note.ogg[..], 3_000, |_| Ok(())).is_ok());
+}
+
+#[test]
+fn a_note_with_no_sound_is_not_made() {
+    let mut encoder = Encoder::new().unwrap();
+    let mut frames = Vec::new();
+    encoder.push(&[0.1; 40], &mut frames).unwrap();
+    encoder.finish(&mut frames).unwrap();
+    let levels: Vec<u8> = frames.iter().map(|f| f.level).collect();
+    let made = assemble(
+        frames.iter().map(|f| f.packet.as_slice()),
+        &levels,
+        encoder.pre_skip(),
+        encoder.samples(),
+    );
+    assert!(made.is_err(), "40 samples are under a millisecond");
+    assert!(encode(&[]).is_err());
+}
+
+#[test]
+fn a_nan_speed_plays_as_recorded() {
+    let input = tone(250.0, 0.5, 0.5);
+    let mut stretch = Stretch::new(f32::NAN);
+    let mut out = Vec::new();
+    stretch.push(&input, &mut out);
+    stretch.finish(&mut out);
+    assert_eq!(out, input);
+}
+
+#[test]
+fn wav_files_of_every_sample_format_are_read() {
+    for (bits, format) in [
+        (8, hound::SampleFormat::Int),
+        (24, hound::SampleFormat::Int),
+        (32, hound::SampleFormat::Int),
+        (32, hound::SampleFormat::Float),
+    ] {
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 44_100,
+            bits_per_sample: bits,
+            sample_format: format,
+        };
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        {
+            let mut writer = hound::WavWriter::new(&mut bytes, spec).unwrap();
+            for i in 0..44_100 {
+                let v = 0.5 * (2.0 * std::f32::consts::PI * 440.0 * i as f32 / 44_100.0).sin();
+                match (bits, format) {
+                    (_, hound::SampleFormat::Float) => writer.write_sample(v).unwrap(),
+                    (8, _) => writer.write_sample((v * 127.0) as i8).unwrap(),
+                    (24, _) => writer.write_sample((v * 8_388_607.0) as i32).unwrap(),
+                    _ => writer.write_sample((v * 2_147_483_647.0) as i32).unwrap(),
+                }
+            }
+            writer.finalize().unwrap();
+        }
+        let pcm = read_wav(&bytes.get_ref()[..]).unwrap();
+        assert_eq!(pcm.len(), 48_000, "{bits}-bit {format:?}");
+        assert!((pitch(&pcm) - 440.0).abs() < 5.0, "{bits}-bit {format:?}");
+        let rms = (pcm.iter().map(|s| s * s).sum::<f32>() / pcm.len() as f32).sqrt();
+        assert!(
+            (rms - 0.354).abs() < 0.02,
+            "{bits}-bit {format:?}: rms {rms}"
+        );
+    }
 }
