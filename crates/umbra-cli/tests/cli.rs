@@ -999,6 +999,12 @@ async fn the_full_screen_chat_in_a_real_terminal() {
     ok(bob.path(), &["recv"]).await;
     ok(bob.path(), &["contacts", "accept", &a]).await;
     ok(bob.path(), &["send", &a, "are you there?"]).await;
+    // A file sent while the app is closed arrives when it connects, and
+    // is fetched.
+    let outside = tempfile::tempdir().unwrap();
+    let away = outside.path().join("away.txt");
+    std::fs::write(&away, "sent while away").unwrap();
+    ok(bob.path(), &["send-file", &a, away.to_str().unwrap()]).await;
 
     // Alice opens the app in a real terminal (tmux), 100x30.
     let tmux = Tmux::start("test", alice.path(), 100, 30);
@@ -1020,6 +1026,7 @@ async fn the_full_screen_chat_in_a_real_terminal() {
 
     // Open the conversation, write, send.
     tmux.run(&["send-keys", "-t", "chat", "Enter"]);
+    tmux.wait_for("[file away.txt · 15 B · Ctrl-S saves]").await;
     tmux.run(&["send-keys", "-t", "chat", "-l", "hello from the terminal ✓"]);
     tmux.run(&["send-keys", "-t", "chat", "Enter"]);
     tmux.wait_for("you: hello from the terminal ✓").await;
@@ -1055,16 +1062,21 @@ async fn the_full_screen_chat_in_a_real_terminal() {
 
     // A photo from Bob is fetched as it comes and drawn whole with Ctrl-V
     // (through the terminal's graphics protocol, or half blocks).
-    let outside = tempfile::tempdir().unwrap();
     let photo = outside.path().join("harbour.png");
     image::RgbImage::from_fn(400, 200, |x, _| {
         image::Rgb(if x < 200 { [255, 0, 0] } else { [0, 0, 255] })
     })
     .save(&photo)
     .unwrap();
-    ok(bob.path(), &["send-file", &a, photo.to_str().unwrap()]).await;
-    tmux.wait_for("harbour.png").await;
-    tmux.wait_for("Ctrl-S saves").await;
+    let sent = ok(bob.path(), &["send-file", &a, photo.to_str().unwrap()]).await;
+    let size = sent.last().unwrap()["attachment"]["size"].as_u64().unwrap();
+    let size = if size < 1024 {
+        format!("{size} B")
+    } else {
+        format!("{:.1} KiB", size as f64 / 1024.0)
+    };
+    tmux.wait_for(&format!("harbour.png · {size} · Ctrl-S saves"))
+        .await;
     tmux.run(&["send-keys", "-t", "chat", "Enter"]);
     tmux.run(&["send-keys", "-t", "chat", "C-v"]);
     tmux.wait_for("harbour.png · any key closes").await;

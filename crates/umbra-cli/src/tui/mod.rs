@@ -129,6 +129,8 @@ enum Note {
     ),
     /// A voice note stopped playing (at its end, or why).
     Played(Result<(), String>),
+    /// Something in the store changed: the screen reads it again.
+    Refresh,
     /// A photo ready to show, or (`None`) one to show as its thumbnail.
     Photo(i64, String, Option<app::PhotoView>),
 }
@@ -402,6 +404,11 @@ fn on_note(
                 Err(error) => app.status = Some(error),
             }
         }
+        Note::Refresh => {
+            if let Some(client) = client {
+                refresh(app, client);
+            }
+        }
         Note::Photo(message, name, view) => match view {
             Some(view) => {
                 app.photo = Some(view);
@@ -617,6 +624,15 @@ async fn supervise(client: Client, notes: mpsc::UnboundedSender<Note>) {
             Ok(()) => {
                 let _ = notes.send(Note::Link(Link::Connected));
                 backoff = Duration::from_secs(1);
+                // Files whose fetch failed before (the connection dropped
+                // during it) are fetched again on each connection.
+                let (c, n) = (client.clone(), notes.clone());
+                tokio::spawn(async move {
+                    let _turn = FETCHES.acquire().await;
+                    if c.fetch_attachments().await.is_ok_and(|fetched| fetched > 0) {
+                        let _ = n.send(Note::Refresh);
+                    }
+                });
                 loop {
                     match events.recv().await {
                         Ok(Event::Connection {
@@ -786,6 +802,15 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
             let flag = begin(&PLAYING);
             let notes = notes.clone();
             tokio::spawn(async move {
+                // However this ends (a panic too), the app hears it stopped.
+                struct Ended(mpsc::UnboundedSender<Note>, Result<(), String>);
+                impl Drop for Ended {
+                    fn drop(&mut self) {
+                        let outcome = std::mem::replace(&mut self.1, Ok(()));
+                        let _ = self.0.send(Note::Played(outcome));
+                    }
+                }
+                let mut ended = Ended(notes.clone(), Ok(()));
                 let outcome = match c.voice_note(source).await {
                     Ok(ogg) => tokio::task::spawn_blocking(move || {
                         crate::voice::play_on_device(&ogg, speed, &flag).map(|_| ())
@@ -795,7 +820,7 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
                     .and_then(|played| played),
                     Err(error) => Err(error.into()),
                 };
-                let _ = notes.send(Note::Played(outcome.map_err(|e| e.to_string())));
+                ended.1 = outcome.map_err(|e| e.to_string());
             });
         }
         Action::StopPlaying => stop(&PLAYING),
