@@ -606,8 +606,15 @@ pub(crate) fn play_on_device(
             .map_err(|e| umbra_client::ClientError::Invalid(e.to_string()))
     });
     drop(stdin);
+    // Waited for without holding the lock, so a stop can still kill a
+    // player that hangs while it drains.
+    let status = loop {
+        if let Some(status) = child.lock().unwrap_or_else(|e| e.into_inner()).try_wait()? {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     let stopped = stop.load(Ordering::SeqCst);
-    let status = child.lock().unwrap_or_else(|e| e.into_inner()).wait()?;
     done.store(true, Ordering::SeqCst);
     if stopped {
         return Ok(0);

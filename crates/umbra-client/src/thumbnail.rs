@@ -90,11 +90,16 @@ pub fn make(original: &[u8]) -> Option<Vec<u8>> {
 /// window is rarely wider than this in pixels).
 pub const PHOTO_SIDE: u32 = 1600;
 
-/// A whole photo (JPEG or PNG, someone else's bytes: decoded within the
-/// limits a thumbnail is made within), turned as its camera said and
+/// A received photo's limits: pixels on a side, and bytes the decoder
+/// may allocate (a 40-megapixel photo fits; a bomb does not).
+const RECEIVED_SIDE: u32 = 16_384;
+const RECEIVED_ALLOC: u64 = 256 * 1024 * 1024;
+
+/// A whole photo (JPEG or PNG, someone else's bytes: decoded within
+/// tighter limits than one's own photos), turned as its camera said and
 /// shrunk to fit [`PHOTO_SIDE`]; `None` if it cannot be decoded.
 pub fn photo(bytes: &[u8]) -> Option<DynamicImage> {
-    let image = decode(bytes, None, MAX_SIDE, MAX_ALLOC)?;
+    let image = decode(bytes, None, RECEIVED_SIDE, RECEIVED_ALLOC)?;
     Some(
         if image.width() > PHOTO_SIDE || image.height() > PHOTO_SIDE {
             image.thumbnail(PHOTO_SIDE, PHOTO_SIDE)

@@ -43,6 +43,10 @@ fn begin(slot: &Mutex<Option<Arc<AtomicBool>>>) -> Arc<AtomicBool> {
     flag
 }
 
+/// A photo is being opened (one at a time: each can take a few hundred
+/// megabytes while it is decoded).
+static PHOTO_OPENING: AtomicBool = AtomicBool::new(false);
+
 /// How photos are drawn: chosen once at start (`graphics`).
 static PICKER: OnceLock<ratatui_image::picker::Picker> = OnceLock::new();
 
@@ -138,12 +142,14 @@ enum Note {
 /// Runs the app until the user quits.
 pub async fn run(home: PathBuf, options: ClientOptions) -> anyhow::Result<()> {
     let mut terminal = ratatui::try_init()?;
-    // ratatui's hook restores the terminal on a panic; one inside the
-    // audio codec is caught and refused (someone else's note), and must
-    // leave the chat as it is.
+    // ratatui's hook restores the terminal on a panic. Only the drawing
+    // loop's own panic ends the chat: one in a task (opening a photo,
+    // playing a note; the codec's are caught and refused) must leave the
+    // screen as it is.
     let restore = std::panic::take_hook();
+    let drawing = std::thread::current().id();
     std::panic::set_hook(Box::new(move |info| {
-        if !umbra_client::voice::in_codec() {
+        if std::thread::current().id() == drawing && !umbra_client::voice::in_codec() {
             restore(info);
         }
     }));
@@ -409,13 +415,20 @@ fn on_note(
                 refresh(app, client);
             }
         }
-        Note::Photo(message, name, view) => match view {
-            Some(view) => {
-                app.photo = Some(view);
-                app.overlay = Overlay::Photo { name };
+        Note::Photo(message, name, view) => {
+            PHOTO_OPENING.store(false, Ordering::SeqCst);
+            // Not over a dialog the person opened meanwhile.
+            if app.overlay != Overlay::None {
+                return;
             }
-            None => show_thumbnail(app, client.as_ref(), message),
-        },
+            match view {
+                Some(view) => {
+                    app.photo = Some(view);
+                    app.overlay = Overlay::Photo { name };
+                }
+                None => show_thumbnail(app, client.as_ref(), message),
+            }
+        }
         Note::Played(outcome) => {
             app.playing = false;
             if let Err(error) = outcome {
@@ -632,6 +645,17 @@ async fn supervise(client: Client, notes: mpsc::UnboundedSender<Note>) {
                     if c.fetch_attachments().await.is_ok_and(|fetched| fetched > 0) {
                         let _ = n.send(Note::Refresh);
                     }
+                    // Files (and voice notes) whose upload a dropped
+                    // connection interrupted go now, as they were asked to.
+                    if let Ok(outcomes) = c.resume_uploads().await
+                        && !outcomes.is_empty()
+                    {
+                        let sent = outcomes.iter().filter(|(_, o)| o.is_ok()).count();
+                        let _ = n.send(Note::Done(Ok(format!(
+                            "{sent} of {} interrupted upload(s) sent",
+                            outcomes.len()
+                        ))));
+                    }
                 });
                 loop {
                     match events.recv().await {
@@ -754,6 +778,10 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
                 show_thumbnail(app, Some(client), message);
                 return;
             }
+            if PHOTO_OPENING.swap(true, Ordering::SeqCst) {
+                app.status = Some("A photo is already opening".into());
+                return;
+            }
             let name = file.map(|f| f.name).unwrap_or_default();
             let area = crossterm::terminal::size()
                 .map(|(width, height)| {
@@ -833,7 +861,12 @@ fn perform(app: &mut App, client: &Client, notes: &mpsc::UnboundedSender<Note>, 
                     c.send_voice_draft(&id, draft, None)
                         .await
                         .map(|_| "voice note sent".to_owned())
-                        .map_err(|e| format!("Not sent (kept as draft {draft}): {e}"))
+                        .map_err(|e| {
+                            format!(
+                                "Not sent: {e} (an interrupted upload is finished when the \
+                                 app connects again)"
+                            )
+                        })
                 }),
             )
         }

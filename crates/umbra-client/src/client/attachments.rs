@@ -1036,10 +1036,18 @@ impl Client {
     /// decoded to be drawn (fetched first if it is not here yet); `None`
     /// if its file is not a photo this device can decode.
     pub async fn photo(&self, message_id: i64) -> Result<Option<image::DynamicImage>> {
-        let (mime_type, bytes) = self.open_attachment(message_id, MAX_STRIPPED_BYTES).await?;
-        if !matches!(mime_type.as_str(), "image/jpeg" | "image/png") {
+        let mime_type: Option<String> = self
+            .db()
+            .query_row(
+                "SELECT mime_type FROM attachments WHERE message_id = ?1",
+                [message_id],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if !mime_type.is_some_and(|m| matches!(m.as_str(), "image/jpeg" | "image/png")) {
             return Ok(None);
         }
+        let (_, bytes) = self.open_attachment(message_id, MAX_STRIPPED_BYTES).await?;
         tokio::task::spawn_blocking(move || crate::thumbnail::photo(&bytes))
             .await
             .map_err(|e| ClientError::Store(e.to_string()))
