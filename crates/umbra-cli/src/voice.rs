@@ -56,9 +56,11 @@ pub(crate) enum VoiceCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Send a voice note to a contact or a group: the latest draft, the
-    /// one named by --draft, or an audio file (--file: WAV or Ogg Opus,
-    /// encoded here, without its tags). A sent draft is deleted.
+    /// Send a voice note to a contact or a group: the latest finished
+    /// draft, the one named by --draft (a recording cut off is sent only
+    /// when named), or an audio file (--file: WAV or Ogg Opus, encoded
+    /// here, without its tags). A sent draft is deleted; if the upload is
+    /// interrupted, `umbra uploads resume` finishes it.
     Send {
         /// Account ID (one-to-one) or conversation ID (group).
         target: String,
