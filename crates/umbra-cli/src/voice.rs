@@ -523,10 +523,15 @@ fn play(ogg: &[u8], speed: f32, path: Option<&Path>) -> anyhow::Result<u64> {
             let mut output: Box<dyn Write> = if path == Path::new("-") {
                 Box::new(std::io::stdout().lock())
             } else {
+                #[cfg(unix)]
+                use std::os::unix::fs::OpenOptionsExt;
+                // The note in the clear: readable by its owner only, as
+                // `umbra save` writes a file.
                 Box::new(
                     std::fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
+                        .mode(0o600)
                         .open(path)
                         .with_context(|| format!("cannot create {}", path.display()))?,
                 )
@@ -534,13 +539,24 @@ fn play(ogg: &[u8], speed: f32, path: Option<&Path>) -> anyhow::Result<u64> {
             // The length is not known until the end: a stream's header
             // says "as long as it goes", and a file's is written again.
             output.write_all(&wav_header(None))?;
-            let samples = play_voice(ogg, speed, |pcm| {
+            let played = play_voice(ogg, speed, |pcm| {
                 bytes.clear();
                 umbra_client::voice::to_i16(pcm, &mut bytes);
                 output
                     .write_all(&bytes)
                     .map_err(|e| umbra_client::ClientError::Invalid(e.to_string()))
-            })?;
+            });
+            let samples = match played {
+                Ok(samples) => samples,
+                Err(error) => {
+                    // A note refused part way leaves no half of it behind.
+                    drop(output);
+                    if path != Path::new("-") {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(error.into());
+                }
+            };
             output.flush()?;
             drop(output);
             if path != Path::new("-") {

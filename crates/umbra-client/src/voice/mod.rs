@@ -339,8 +339,9 @@ pub fn decode(
 }
 
 /// What a note holds, read from its stream: its length and waveform
-/// (a file attached as a voice note is described by what is in it).
-pub fn inspect(ogg: &[u8]) -> Result<(u32, Vec<u8>)> {
+/// (the tests compare it with what the sender said).
+#[cfg(test)]
+pub(crate) fn inspect(ogg: &[u8]) -> Result<(u32, Vec<u8>)> {
     let mut levels = Vec::new();
     let mut pending = Vec::with_capacity(FRAME);
     let samples = decode(ogg, u64::from(MAX_VOICE_MS), |pcm| {
@@ -477,17 +478,6 @@ impl Resampler {
             self.made += 1;
         }
     }
-}
-
-/// `pcm` at `rate` brought to 48 kHz.
-pub fn resample(pcm: &[f32], rate: u32) -> Vec<f32> {
-    let mut resampler = Resampler::new(rate);
-    let mut out = Vec::with_capacity(pcm.len());
-    for &sample in pcm {
-        resampler.push(sample, &mut out);
-    }
-    resampler.finish(&mut out);
-    out
 }
 
 /// Samples as 16-bit integers, for a player or a WAV file.
