@@ -140,7 +140,7 @@ impl Slot for UmbraSlot {
                 let request = self.sender.request(Request::PutBlob {
                     blob_id,
                     offset: asked,
-                    data: chunk.to_vec(),
+                    data: chunk.to_vec().into(),
                 });
                 asked += chunk.len() as u64;
                 let end = asked;

@@ -5,6 +5,7 @@
 //! go the other way. Limits on counts and sizes live here so that both sides
 //! agree on them.
 
+use bytes::Bytes;
 use prost::Message;
 
 use crate::blobs::{BlobId, MAX_BLOB_CHUNK};
@@ -236,7 +237,9 @@ pub enum Request {
     PutBlob {
         blob_id: BlobId,
         offset: u64,
-        data: Vec<u8>,
+        /// A slice of the frame it came in ([`decode_client_bytes`]): a
+        /// chunk of a file is not copied out of it.
+        data: Bytes,
     },
     BlobStatus {
         blob_id: BlobId,
@@ -402,7 +405,8 @@ pub enum Reply {
         expires_at: u64,
     },
     BlobData {
-        data: Vec<u8>,
+        /// Sent as it was read ([`crate::encode_server_spliced`]).
+        data: Bytes,
         size: u64,
     },
     CommitAccepted {
@@ -575,7 +579,18 @@ pub fn refused_frame_id(bytes: &[u8]) -> Option<u64> {
 
 /// Decodes and validates one client frame.
 pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
-    let raw = wire::ClientFrame::decode(frame_body(bytes, MAX_FRAME_BYTES)?).map_err(protobuf)?;
+    client_frame(frame_body(bytes, MAX_FRAME_BYTES)?)
+}
+
+/// [`decode_client`] of a frame the caller owns: a file's chunk
+/// (`PutBlob`'s data) is a slice of it, not a copy.
+pub fn decode_client_bytes(bytes: Bytes) -> Result<ClientFrame, DecodeError> {
+    frame_body(&bytes, MAX_FRAME_BYTES)?;
+    client_frame(bytes.slice(1..))
+}
+
+fn client_frame(body: impl bytes::Buf) -> Result<ClientFrame, DecodeError> {
+    let raw = wire::ClientFrame::decode(body).map_err(protobuf)?;
     if raw.id == 0 {
         return Err(DecodeError::Missing("id"));
     }
@@ -723,10 +738,13 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
                     format!("at most {MAX_BLOB_CHUNK} bytes"),
                 ));
             }
+            if r.data.is_empty() {
+                return Err(DecodeError::Missing("data"));
+            }
             Request::PutBlob {
                 blob_id: BlobId::from_slice(&r.blob_id)?,
                 offset: r.offset,
-                data: non_empty("data", r.data)?,
+                data: r.data,
             }
         }
         client_frame::Request::BlobStatus(r) => Request::BlobStatus {
@@ -1466,7 +1484,7 @@ mod tests {
             Request::PutBlob {
                 blob_id: BlobId([5; 16]),
                 offset: 4096,
-                data: vec![9; MAX_BLOB_CHUNK],
+                data: vec![9; MAX_BLOB_CHUNK].into(),
             },
             Request::BlobStatus {
                 blob_id: BlobId([5; 16]),
@@ -1485,8 +1503,40 @@ mod tests {
                 id: n as u64 + 1,
                 request,
             };
-            assert_eq!(decode_client(&encode_client(&frame)), Ok(frame));
+            let encoded = encode_client(&frame);
+            assert_eq!(
+                decode_client_bytes(encoded.clone().into()),
+                Ok(frame.clone())
+            );
+            assert_eq!(decode_client(&encoded), Ok(frame));
         }
+    }
+
+    #[test]
+    fn a_file_chunk_is_a_slice_of_the_frame_it_came_in() {
+        let encoded = Bytes::from(encode_client(&ClientFrame {
+            id: 4,
+            request: Request::PutBlob {
+                blob_id: BlobId([5; 16]),
+                offset: 0,
+                data: vec![9; 4096].into(),
+            },
+        }));
+        let Ok(ClientFrame {
+            request: Request::PutBlob { data, .. },
+            ..
+        }) = decode_client_bytes(encoded.clone())
+        else {
+            panic!("not decoded");
+        };
+        let frame = encoded.as_ptr_range();
+        assert!(frame.contains(&data.as_ptr()), "the chunk was copied");
+        assert_eq!(data, vec![9; 4096]);
+        // Refused as the borrowed form refuses it.
+        assert_eq!(
+            decode_client_bytes(Bytes::from_static(&[2, 0])),
+            decode_client(&[2, 0])
+        );
     }
 
     #[test]
@@ -1506,7 +1556,7 @@ mod tests {
             frame(client_frame::Request::PutBlob(wire::PutBlob {
                 blob_id: vec![1; 16],
                 offset: 0,
-                data,
+                data: data.into(),
             }))
         };
         check_client(&put(vec![0; MAX_BLOB_CHUNK + 1]), Err("`data`"));
@@ -1712,7 +1762,7 @@ mod tests {
             ServerMessage::Response {
                 id: 11,
                 result: Ok(Reply::BlobData {
-                    data: vec![3; 10],
+                    data: vec![3; 10].into(),
                     size: 100,
                 }),
             },

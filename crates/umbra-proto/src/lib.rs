@@ -16,6 +16,7 @@ pub mod frame;
 pub mod ids;
 pub mod pin;
 pub mod rendezvous;
+pub mod spliced;
 pub mod tokens;
 pub mod wire;
 
@@ -24,11 +25,12 @@ pub use blobs::BlobId;
 pub use devices::{DeviceAddr, DeviceChange, DeviceEntry, DeviceId};
 pub use frame::{
     AnonymousMessage, CLASSICAL_SUITE, ClientFrame, Delivery, DeliveryKind, ErrorCode, ErrorReply,
-    Push, Reply, Request, ServerMessage, SuiteStock, decode_client, decode_server, encode_client,
-    encode_server, refused_frame_id,
+    Push, Reply, Request, ServerMessage, SuiteStock, decode_client, decode_client_bytes,
+    decode_server, encode_client, encode_server, refused_frame_id,
 };
 pub use ids::{AccountId, ActivationCode, GroupId, IdentityKey, Nonce, Signature};
 pub use rendezvous::{LinkString, RendezvousId};
+pub use spliced::{SplicedFrame, encode_server_spliced};
 
 /// The protocol version carried in the first byte of every frame.
 pub const PROTOCOL_VERSION: u8 = 1;

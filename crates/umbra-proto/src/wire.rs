@@ -109,8 +109,8 @@ pub struct PutBlob {
     pub blob_id: Vec<u8>,
     #[prost(uint64, tag = "2")]
     pub offset: u64,
-    #[prost(bytes = "vec", tag = "3")]
-    pub data: Vec<u8>,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub data: bytes::Bytes,
 }
 
 /// How much of a blob the caller uploads is stored.
@@ -158,8 +158,8 @@ pub struct BlobState {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct BlobData {
-    #[prost(bytes = "vec", tag = "1")]
-    pub data: Vec<u8>,
+    #[prost(bytes = "bytes", tag = "1")]
+    pub data: bytes::Bytes,
     #[prost(uint64, tag = "2")]
     pub size: u64,
 }

@@ -24,13 +24,14 @@ use crate::burst::Burst;
 use crate::reads::FrameReads;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use umbra_proto::frame::Delivery;
 use umbra_proto::{
     AccountId, DecodeError, DeviceAddr, ErrorCode, ErrorReply, MAX_FRAME_BYTES, Nonce,
-    PROTOCOL_VERSION, Push, Request, ServerMessage, decode_client, encode_server, refused_frame_id,
+    PROTOCOL_VERSION, Push, Request, ServerMessage, SplicedFrame, decode_client_bytes,
+    encode_server, encode_server_spliced, refused_frame_id,
 };
 
 use crate::limits::RateLimit;
@@ -324,7 +325,7 @@ impl Connection {
                 }
                 continue;
             }
-            let frame = match decode_client(&bytes) {
+            let frame = match decode_client_bytes(bytes.clone()) {
                 Ok(frame) => frame,
                 Err(error) => {
                     malformed += 1;
@@ -341,8 +342,8 @@ impl Connection {
                     continue;
                 }
             };
-            // The frame's bytes are decoded: not held while it is handled
-            // (a chunk of a file would be in memory twice).
+            // The frame's bytes are decoded: held on only as a file's
+            // chunk, which is a slice of them (not a second copy).
             drop(bytes);
             let mut request = frame.request;
             if let Request::Ack { delivery_ids, .. } = &mut request {
@@ -366,9 +367,10 @@ impl Connection {
                         Answer::Now(result) => result,
                         _ => Err(ErrorReply::new(ErrorCode::Internal, "unexpected answer")),
                     };
-                    let bytes = encode_server(&ServerMessage::Response { id, result });
+                    // The chunk goes out from the buffer it was read into.
+                    let frame = encode_server_spliced(ServerMessage::Response { id, result });
                     drop(outstanding);
-                    (bytes, turn)
+                    (frame, turn)
                 };
                 if out_tx
                     .send(Outbound::Later(Box::pin(response)))
@@ -397,7 +399,7 @@ impl Connection {
                     let response = Answer::response(durable, reply, frame.id);
                     out_tx
                         .send(Outbound::Later(Box::pin(
-                            response.map(|bytes| (bytes, None)),
+                            response.map(|bytes| (bytes.into(), None)),
                         )))
                         .await
                 }
@@ -586,7 +588,7 @@ struct Closed;
 /// that asks for many chunks at once, or reads slowly, costs the server one
 /// chunk, not all it asked for).
 type LaterResponse =
-    Pin<Box<dyn Future<Output = (Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>)> + Send>>;
+    Pin<Box<dyn Future<Output = (SplicedFrame, Option<tokio::sync::OwnedSemaphorePermit>)> + Send>>;
 
 impl<S> Writer<S>
 where
@@ -661,7 +663,7 @@ where
         self.flushing.clear();
         if let Some(mut later) = later {
             while let Some((frame, turn)) = later.next().await {
-                if self.feed(frame).await.is_err() {
+                if self.feed_spliced(frame).await.is_err() {
                     break;
                 }
                 // The next file read waits for this one's turn.
@@ -712,15 +714,15 @@ where
     /// ready too (a commit settles many at once), so they share a write.
     async fn answer(
         &mut self,
-        (frame, turn): (Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>),
+        (frame, turn): (SplicedFrame, Option<tokio::sync::OwnedSemaphorePermit>),
         later: &mut Option<FuturesOrdered<LaterResponse>>,
     ) -> Result<(), Closed> {
-        self.feed(frame).await?;
+        self.feed_spliced(frame).await?;
         // Released once flushed (in `run`).
         self.flushing.extend(turn);
         if let Some(later) = later.as_mut() {
             while let Some(Some((frame, turn))) = later.next().now_or_never() {
-                self.feed(frame).await?;
+                self.feed_spliced(frame).await?;
                 self.flushing.extend(turn);
             }
         }
@@ -876,35 +878,57 @@ where
     /// Hands one frame to the socket (written once [`WRITE_BUFFER`] bytes
     /// are collected); [`Writer::run`] flushes after each burst.
     async fn feed(&mut self, bytes: Vec<u8>) -> Result<(), Closed> {
-        if let Some(tap) = &self.tap {
-            tap(Direction::Outbound, &bytes);
-        }
         if bytes.len() <= FRAGMENT {
+            if let Some(tap) = &self.tap {
+                tap(Direction::Outbound, &bytes);
+            }
             return self
                 .sink
                 .feed(Message::Binary(bytes.into()))
                 .await
                 .map_err(|_| Closed);
         }
-        // A large message (a chunk of a file) goes in WebSocket fragments
-        // (RFC 6455, 5.4; every WebSocket library joins them again), so
-        // the buffers between here and the socket hold a fragment of it,
-        // not all of it, and keep no message-sized capacity afterwards.
-        let bytes = Bytes::from(bytes);
-        let mut at = 0;
-        while at < bytes.len() {
-            let end = (at + FRAGMENT).min(bytes.len());
-            let opcode = if at == 0 {
-                OpCode::Data(Data::Binary)
-            } else {
-                OpCode::Data(Data::Continue)
-            };
-            let fragment = Frame::message(bytes.slice(at..end), opcode, end == bytes.len());
-            self.sink
-                .feed(Message::Frame(fragment))
+        self.feed_spliced(bytes.into()).await
+    }
+
+    /// [`Writer::feed`] of a frame in pieces. A large message (a chunk of
+    /// a file) goes in WebSocket fragments (RFC 6455, 5.4; every WebSocket
+    /// library joins them again), each a slice of one piece, so the
+    /// buffers between here and the socket hold a fragment of it, not all
+    /// of it, keep no message-sized capacity afterwards, and the chunk is
+    /// not copied into a frame first.
+    async fn feed_spliced(&mut self, frame: SplicedFrame) -> Result<(), Closed> {
+        if let Some(tap) = &self.tap {
+            tap(Direction::Outbound, &frame.to_vec());
+        }
+        if frame.len() <= FRAGMENT {
+            return self
+                .sink
+                .feed(Message::Binary(frame.to_vec().into()))
                 .await
-                .map_err(|_| Closed)?;
-            at = end;
+                .map_err(|_| Closed);
+        }
+        let mut first = true;
+        let mut pieces = frame.pieces().peekable();
+        while let Some(piece) = pieces.next() {
+            let last_piece = pieces.peek().is_none();
+            let mut at = 0;
+            while at < piece.len() {
+                let end = (at + FRAGMENT).min(piece.len());
+                let opcode = if first {
+                    OpCode::Data(Data::Binary)
+                } else {
+                    OpCode::Data(Data::Continue)
+                };
+                first = false;
+                let fin = last_piece && end == piece.len();
+                let fragment = Frame::message(piece.slice(at..end), opcode, fin);
+                self.sink
+                    .feed(Message::Frame(fragment))
+                    .await
+                    .map_err(|_| Closed)?;
+                at = end;
+            }
         }
         Ok(())
     }

@@ -48,7 +48,7 @@ async fn a_backup_taken_under_load_restores_into_a_server_that_serves() {
             other => panic!("{other:?}"),
         };
         assert!(matches!(
-            raw.call(Request::PutBlob { blob_id, offset: 0, data: vec![5; segment] }).await,
+            raw.call(Request::PutBlob { blob_id, offset: 0, data: vec![5; segment].into() }).await,
             Ok(Reply::BlobState { stored, .. }) if stored == segment as u64
         ));
         blob_id
@@ -182,7 +182,7 @@ async fn a_backup_taken_under_load_restores_into_a_server_that_serves() {
     ));
     let rest = vec![6; (blob_size - segment as u64) as usize];
     assert!(matches!(
-        raw.call(Request::PutBlob { blob_id: blob, offset: segment as u64, data: rest }).await,
+        raw.call(Request::PutBlob { blob_id: blob, offset: segment as u64, data: rest.into() }).await,
         Ok(Reply::BlobState { stored, size, .. }) if stored == size
     ));
 }

@@ -40,7 +40,7 @@ fn put(blob_id: BlobId, offset: u64, data: Vec<u8>) -> Request {
     Request::PutBlob {
         blob_id,
         offset,
-        data,
+        data: data.into(),
     }
 }
 

@@ -136,14 +136,14 @@ pub trait Blobs: Send + Sync {
     /// once: one of them is refused (`Offset`), never interleaved. The
     /// write that completes it starts its lifetime and makes the group's
     /// other current member devices its recipients.
-    /// (`data` is taken, not borrowed: a chunk is not copied again on its
-    /// way to the disk.)
+    /// (`data` is taken, not borrowed: a chunk, a slice of the frame it
+    /// came in, is not copied again on its way to the disk.)
     async fn put_blob(
         &self,
         id: &BlobId,
         owner: &DeviceAddr,
         offset: u64,
-        data: Vec<u8>,
+        data: bytes::Bytes,
         now: Timestamp,
     ) -> Result<BlobWrite>;
 

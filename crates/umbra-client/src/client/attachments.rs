@@ -489,7 +489,7 @@ impl Client {
                     let request = self.request(Request::PutBlob {
                         blob_id: upload.blob_id,
                         offset: asked,
-                        data,
+                        data: data.into(),
                     });
                     let end = asked + length as u64;
                     in_flight.push_back(async move { (end, request.await) });

@@ -134,7 +134,7 @@ impl Services {
         me: &DeviceAddr,
         blob: BlobId,
         offset: u64,
-        data: Vec<u8>,
+        data: bytes::Bytes,
     ) -> Outcome {
         self.require_active(&me.account).await?;
         // Chunks are whole sealed segments but for a blob's last, so a blob
@@ -251,7 +251,10 @@ impl Services {
                 // one by one cost the store as much as whole chunks.
                 let charged = data.len().max(SEALED_SEGMENT) as u64;
                 self.blob_read_budget.charge(&me.account, charged, now);
-                Ok(Reply::BlobData { data, size })
+                Ok(Reply::BlobData {
+                    data: data.into(),
+                    size,
+                })
             }
             BlobRead::Unknown => Err(unknown_blob()),
             BlobRead::Incomplete => Err(refuse(

@@ -45,7 +45,13 @@ async fn put(
     data: &[u8],
 ) -> BlobWrite {
     store
-        .put_blob(&BlobId([id; 16]), owner, offset, data.to_vec(), NOW)
+        .put_blob(
+            &BlobId([id; 16]),
+            owner,
+            offset,
+            bytes::Bytes::copy_from_slice(data),
+            NOW,
+        )
         .await
         .unwrap()
 }
@@ -295,7 +301,13 @@ pub(super) async fn blobs_wait_only_for_who_can_fetch(store: &impl Store) {
         .await
         .unwrap();
     let done = store
-        .put_blob(&BlobId([1; 16]), &alice, 0, b"data".to_vec(), NOW + 50)
+        .put_blob(
+            &BlobId([1; 16]),
+            &alice,
+            0,
+            bytes::Bytes::from_static(b"data"),
+            NOW + 50,
+        )
         .await
         .unwrap();
     assert!(

@@ -125,7 +125,7 @@ impl Blobs for PgStore {
         id: &BlobId,
         owner: &DeviceAddr,
         offset: u64,
-        data: Vec<u8>,
+        data: bytes::Bytes,
         now: Timestamp,
     ) -> Result<BlobWrite> {
         transaction!(self, tx => {
@@ -148,7 +148,7 @@ impl Blobs for PgStore {
             }
             tx.execute(
                 "INSERT INTO blob_chunks (blob_id, \"offset\", data) VALUES ($1, $2, $3)",
-                &[&&id.0[..], &big(offset), &data],
+                &[&&id.0[..], &big(offset), &&data[..]],
             )
             .await?;
             let complete = end == blob.size;

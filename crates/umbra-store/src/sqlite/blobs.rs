@@ -150,16 +150,25 @@ impl BlobFiles {
     fn read_at(&self, id: &BlobId, offset: u64, length: usize) -> Result<Option<Vec<u8>>> {
         match &self.place {
             Place::Dir(dir) => {
-                use std::os::unix::fs::FileExt;
-                let file = match std::fs::File::open(Self::path(dir, id)) {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut file = match std::fs::File::open(Self::path(dir, id)) {
                     Ok(file) => file,
                     Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                     Err(error) => return Err(io(error)),
                 };
-                let mut data = vec![0; length];
-                file.read_exact_at(&mut data, offset).map_err(|e| {
-                    StoreError::Corrupt(format!("a blob's file is shorter than stored: {e}"))
-                })?;
+                file.seek(SeekFrom::Start(offset)).map_err(io)?;
+                // Read into the spare capacity: not zeroed first (that
+                // cost as much as a copy of every byte sent).
+                let mut data = Vec::with_capacity(length);
+                file.take(length as u64)
+                    .read_to_end(&mut data)
+                    .map_err(io)?;
+                if data.len() < length {
+                    return Err(StoreError::Corrupt(format!(
+                        "a blob's file is shorter than stored: {} of {length} bytes at {offset}",
+                        data.len()
+                    )));
+                }
                 Ok(Some(data))
             }
             Place::Memory(blobs) => {
@@ -379,7 +388,7 @@ impl Blobs for SqliteStore {
         id: &BlobId,
         owner: &DeviceAddr,
         offset: u64,
-        data: Vec<u8>,
+        data: bytes::Bytes,
         now: Timestamp,
     ) -> Result<BlobWrite> {
         if self.blob(id, owner, now).await?.is_none() {
