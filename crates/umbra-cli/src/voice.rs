@@ -4,7 +4,7 @@
 //! or ALSA's), fed and read as raw 16-bit mono at 48 kHz: no audio library
 //! is built into `umbra`, and a machine without sound says so.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -320,13 +320,48 @@ impl Input {
         let got = read_full(&mut file, &mut head)?;
         let rest = std::io::Read::chain(std::io::Cursor::new(head[..got].to_vec()), file);
         if got == 12 && head.starts_with(b"RIFF") && head[8..12] == *b"WAVE" {
-            let pcm = umbra_client::voice::read_wav(rest)?;
-            let mut bytes = Vec::with_capacity(pcm.len() * 2);
-            umbra_client::voice::to_i16(&pcm, &mut bytes);
-            Ok(Input::Raw(Box::new(std::io::Cursor::new(bytes))))
+            let wav = umbra_client::voice::WavPcm::new(rest)?;
+            Ok(Input::Raw(Box::new(WavAsRaw {
+                wav,
+                block: Vec::new(),
+                bytes: Vec::new(),
+                at: 0,
+            })))
         } else {
             Ok(Input::Raw(Box::new(rest)))
         }
+    }
+}
+
+/// A WAV file read as the recorder's raw audio (16-bit mono at 48 kHz),
+/// a block at a time.
+struct WavAsRaw<R: Read> {
+    wav: umbra_client::voice::WavPcm<R>,
+    block: Vec<f32>,
+    /// The block as raw audio, and how much of it was read.
+    bytes: Vec<u8>,
+    at: usize,
+}
+
+impl<R: Read> Read for WavAsRaw<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.bytes.len() {
+            self.block.clear();
+            let more = self
+                .wav
+                .next_block(&mut self.block)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+            if !more {
+                return Ok(0);
+            }
+            self.bytes.clear();
+            self.at = 0;
+            umbra_client::voice::to_i16(&self.block, &mut self.bytes);
+        }
+        let n = buffer.len().min(self.bytes.len() - self.at);
+        buffer[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
@@ -515,60 +550,65 @@ fn read_full(reader: &mut dyn Read, buffer: &mut [u8]) -> std::io::Result<usize>
 }
 
 /// Plays `ogg` at `speed` to the machine's player, or writes it as WAV to
-/// `path`. Returns the samples played.
+/// `path` (`-`: standard output). Returns the samples played.
 fn play(ogg: &[u8], speed: f32, path: Option<&Path>) -> anyhow::Result<u64> {
-    let mut bytes = Vec::new();
-    match path {
-        Some(path) => {
-            let mut output: Box<dyn Write> = if path == Path::new("-") {
-                Box::new(std::io::stdout().lock())
-            } else {
-                #[cfg(unix)]
-                use std::os::unix::fs::OpenOptionsExt;
-                // The note in the clear: readable by its owner only, as
-                // `umbra save` writes a file.
-                Box::new(
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(path)
-                        .with_context(|| format!("cannot create {}", path.display()))?,
-                )
-            };
-            // The length is not known until the end: a stream's header
-            // says "as long as it goes", and a file's is written again.
-            output.write_all(&wav_header(None))?;
-            let played = play_voice(ogg, speed, |pcm| {
-                bytes.clear();
-                umbra_client::voice::to_i16(pcm, &mut bytes);
-                output
-                    .write_all(&bytes)
-                    .map_err(|e| umbra_client::ClientError::Invalid(e.to_string()))
-            });
-            let samples = match played {
-                Ok(samples) => samples,
-                Err(error) => {
-                    // A note refused part way leaves no half of it behind.
-                    drop(output);
-                    if path != Path::new("-") {
-                        let _ = std::fs::remove_file(path);
-                    }
-                    return Err(error.into());
-                }
-            };
-            output.flush()?;
-            drop(output);
-            if path != Path::new("-") {
-                use std::io::Seek;
-                let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
-                file.seek(std::io::SeekFrom::Start(0))?;
-                file.write_all(&wav_header(Some(samples)))?;
-            }
-            Ok(samples)
+    let Some(path) = path else {
+        return play_on_device(ogg, speed, &Arc::new(AtomicBool::new(false)));
+    };
+    if path == Path::new("-") {
+        let stdout = std::io::stdout();
+        if stdout.is_terminal() {
+            bail!(
+                "standard output is a terminal, not a place for audio: pipe it                  (`umbra voice play … --out - | aplay`) or name a file (`--out note.wav`)"
+            );
         }
-        None => play_on_device(ogg, speed, &Arc::new(AtomicBool::new(false))),
+        // A stream's header says "as long as it goes": its length is not
+        // known until the end.
+        let mut output = stdout.lock();
+        output.write_all(&wav_header(None))?;
+        let samples = write_wav(ogg, speed, &mut output)?;
+        output.flush()?;
+        return Ok(samples);
     }
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    // The note in the clear: readable by its owner only, as `umbra save`
+    // writes a file.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let written = (|| {
+        file.write_all(&wav_header(None))?;
+        let samples = write_wav(ogg, speed, &mut file)?;
+        // The header again, now that the length is known: through the
+        // same handle, so it lands in the file that was created.
+        file.seek(std::io::SeekFrom::Start(0))?;
+        file.write_all(&wav_header(Some(samples)))?;
+        file.sync_all()?;
+        anyhow::Ok(samples)
+    })();
+    if written.is_err() {
+        // A note refused part way leaves no half of it behind.
+        drop(file);
+        let _ = std::fs::remove_file(path);
+    }
+    written
+}
+
+/// Decodes `ogg` at `speed` into `output` as 16-bit samples. Returns the
+/// samples written.
+fn write_wav(ogg: &[u8], speed: f32, output: &mut dyn Write) -> anyhow::Result<u64> {
+    let mut bytes = Vec::new();
+    Ok(play_voice(ogg, speed, |pcm| {
+        bytes.clear();
+        umbra_client::voice::to_i16(pcm, &mut bytes);
+        output
+            .write_all(&bytes)
+            .map_err(|e| umbra_client::ClientError::Invalid(e.to_string()))
+    })?)
 }
 
 /// Plays `ogg` at `speed` through the machine's player program until it
@@ -597,8 +637,10 @@ pub(crate) fn play_on_device(
         bail!("the player's input could not be written");
     };
     let child = Arc::new(Mutex::new(child));
-    // This playback's own flag: set when it ends, it lets the watcher go.
+    // This playback's own flag: set when it ends, however it ends (a
+    // guard), it lets the watcher go.
     let done = Arc::new(AtomicBool::new(false));
+    let _done = SetOnDrop(done.clone());
     {
         let (stop, done, child) = (stop.clone(), done.clone(), child.clone());
         std::thread::spawn(move || {
@@ -624,6 +666,20 @@ pub(crate) fn play_on_device(
             .map_err(|e| umbra_client::ClientError::Invalid(e.to_string()))
     });
     drop(stdin);
+    let played = match played {
+        Ok(played) => played,
+        Err(error) => {
+            // A note refused part way (or a stop): what reached the
+            // player is not played out.
+            let mut child = child.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = child.kill();
+            let _ = child.wait();
+            if stop.load(Ordering::SeqCst) {
+                return Ok(0);
+            }
+            return Err(error.into());
+        }
+    };
     // Waited for without holding the lock, so a stop can still kill a
     // player that hangs while it drains.
     let status = loop {
@@ -632,9 +688,7 @@ pub(crate) fn play_on_device(
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
-    let stopped = stop.load(Ordering::SeqCst);
-    done.store(true, Ordering::SeqCst);
-    if stopped {
+    if stop.load(Ordering::SeqCst) {
         return Ok(0);
     }
     if !status.success() {
@@ -645,5 +699,14 @@ pub(crate) fn play_on_device(
             if why.is_empty() { "" } else { ": " }
         );
     }
-    Ok(played?)
+    Ok(played)
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }

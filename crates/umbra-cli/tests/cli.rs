@@ -880,6 +880,18 @@ async fn a_voice_note_recorded_through_the_cli_survives_a_kill_and_is_sent() {
     assert_eq!(wav_samples(&fast), samples.div_ceil(2));
     let history = text(bob.path(), &["history", &a]).await;
     assert!(history.contains("[voice note #"), "{history}");
+
+    // A WAV file recorded from (read a block at a time) is all there.
+    let recorded = ok(
+        bob.path(),
+        &["voice", "record", "--input", fast.to_str().unwrap()],
+    )
+    .await;
+    let draft = &recorded.last().unwrap()["draft"];
+    assert_eq!(draft["finished"], true, "{draft}");
+    let expected = wav_samples(&fast) as u64 / 48;
+    let got = draft["duration_ms"].as_u64().unwrap();
+    assert!(got.abs_diff(expected) <= 20, "{got} ms of {expected}");
 }
 
 #[test]

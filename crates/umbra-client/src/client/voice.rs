@@ -413,8 +413,15 @@ fn note_of_file(path: &Path) -> Result<Note> {
     }
     let chained = std::io::Read::chain(&head[..got], input);
     if head.starts_with(b"RIFF") && head[8..12] == *b"WAVE" {
-        let pcm = voice::read_wav(chained)?;
-        return voice::encode(&pcm);
+        // Encoded as it is read: a block of the audio in memory at a time.
+        let mut wav = voice::WavPcm::new(chained)?;
+        let mut encoder = Encoder::new()?;
+        let (mut block, mut frames) = (Vec::new(), Vec::new());
+        while wav.next_block(&mut block)? {
+            encoder.push(&block, &mut frames)?;
+            block.clear();
+        }
+        return encoder.into_note(frames);
     }
     if head.starts_with(b"OggS") {
         let mut encoder = Encoder::new()?;
@@ -422,14 +429,7 @@ fn note_of_file(path: &Path) -> Result<Note> {
         voice::decode(chained, u64::from(MAX_VOICE_MS), |pcm| {
             encoder.push(pcm, &mut frames)
         })?;
-        encoder.finish(&mut frames)?;
-        let levels: Vec<u8> = frames.iter().map(|f| f.level).collect();
-        return voice::assemble(
-            frames.iter().map(|f| f.packet.as_slice()),
-            &levels,
-            encoder.pre_skip(),
-            encoder.samples(),
-        );
+        return encoder.into_note(frames);
     }
     Err(ClientError::Invalid(
         "a voice note is made from a WAV or an Ogg Opus file; send other audio with \

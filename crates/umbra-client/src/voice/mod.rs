@@ -194,6 +194,19 @@ impl Encoder {
         }
         Ok(())
     }
+
+    /// [`Encoder::finish`], and the note made of `frames`, every frame
+    /// this encoder made.
+    pub fn into_note(mut self, mut frames: Vec<Frame>) -> Result<Note> {
+        self.finish(&mut frames)?;
+        let levels: Vec<u8> = frames.iter().map(|f| f.level).collect();
+        assemble(
+            frames.iter().map(|f| f.packet.as_slice()),
+            &levels,
+            self.pre_skip(),
+            self.samples(),
+        )
+    }
 }
 
 /// A voice note ready to send: the Ogg stream and what describes it.
@@ -269,14 +282,7 @@ pub fn encode(pcm: &[f32]) -> Result<Note> {
     let mut encoder = Encoder::new()?;
     let mut frames = Vec::new();
     encoder.push(pcm, &mut frames)?;
-    encoder.finish(&mut frames)?;
-    let levels: Vec<u8> = frames.iter().map(|f| f.level).collect();
-    assemble(
-        frames.iter().map(|f| f.packet.as_slice()),
-        &levels,
-        encoder.pre_skip(),
-        encoder.samples(),
-    )
+    encoder.into_note(frames)
 }
 
 /// Decodes an Ogg Opus stream (mono or stereo, mixed to mono) to samples
@@ -367,51 +373,105 @@ pub(crate) fn inspect(ogg: &[u8]) -> Result<(u32, Vec<u8>)> {
 }
 
 /// Reads a WAV file (8 to 32-bit integer or 32-bit float, any rate, mono
-/// or stereo) as mono samples at 48 kHz; at most [`MAX_VOICE_MS`].
+/// or stereo) as mono samples at 48 kHz; at most [`MAX_VOICE_MS`]. All of
+/// it in memory: [`WavPcm`] reads it a block at a time.
 pub fn read_wav(input: impl Read) -> Result<Vec<f32>> {
-    let reader = hound::WavReader::new(input).map_err(|e| invalid(format!("WAV: {e}")))?;
-    let spec = reader.spec();
-    let channels = usize::from(spec.channels);
-    if !(1..=2).contains(&channels) {
-        return Err(invalid("only mono or stereo WAV files are read"));
-    }
-    if !(8_000..=192_000).contains(&spec.sample_rate) {
-        return Err(invalid("a WAV file's rate must be 8 to 192 kHz"));
-    }
-    let frames = u64::from(reader.duration());
-    if frames * 1000 / u64::from(spec.sample_rate) > u64::from(MAX_VOICE_MS) {
-        return Err(invalid("longer than 15 minutes: send it as a file"));
-    }
-    // Mixed to mono and brought to 48 kHz as it is read: only the result
-    // is held (at most 15 minutes at 48 kHz, 173 MB).
-    let mut resampler = Resampler::new(spec.sample_rate);
-    let mut out = Vec::with_capacity(frames.min(u64::from(SAMPLE_RATE) * 60) as usize);
-    let mut frame = 0.0f32;
-    let mut at = 0;
-    let mut add = |sample: f32| {
-        frame += sample;
-        at += 1;
-        if at == channels {
-            resampler.push(frame / channels as f32, &mut out);
-            (frame, at) = (0.0, 0);
-        }
-    };
-    let bad = |e: hound::Error| invalid(format!("WAV: {e}"));
-    match spec.sample_format {
-        hound::SampleFormat::Float => {
-            for sample in reader.into_samples::<f32>() {
-                add(sample.map_err(bad)?);
-            }
-        }
-        hound::SampleFormat::Int => {
-            let scale = 1.0 / (1u64 << (spec.bits_per_sample.clamp(1, 32) - 1)) as f32;
-            for sample in reader.into_samples::<i32>() {
-                add(sample.map_err(bad)? as f32 * scale);
-            }
-        }
-    }
-    resampler.finish(&mut out);
+    let mut wav = WavPcm::new(input)?;
+    let mut out = Vec::new();
+    while wav.next_block(&mut out)? {}
     Ok(out)
+}
+
+/// Samples a block holds (0.1 s at 48 kHz, give or take the resampler's).
+const WAV_BLOCK: usize = 4800;
+
+/// A WAV file's audio as mono samples at 48 kHz, mixed and resampled as
+/// it is read, a block at a time: only a block is held (a 15-minute file
+/// at 48 kHz would be 173 MB).
+pub struct WavPcm<R: Read> {
+    samples: WavSamples<R>,
+    channels: usize,
+    resampler: Resampler,
+    done: bool,
+}
+
+impl<R: Read> std::fmt::Debug for WavPcm<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WavPcm")
+            .field("channels", &self.channels)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+enum WavSamples<R: Read> {
+    Float(hound::WavIntoSamples<R, f32>),
+    Int(hound::WavIntoSamples<R, i32>, f32),
+}
+
+impl<R: Read> WavPcm<R> {
+    /// Reads the header: 8 to 32-bit integer or 32-bit float, 8 to
+    /// 192 kHz, mono or stereo, at most [`MAX_VOICE_MS`].
+    pub fn new(input: R) -> Result<Self> {
+        let reader = hound::WavReader::new(input).map_err(|e| invalid(format!("WAV: {e}")))?;
+        let spec = reader.spec();
+        let channels = usize::from(spec.channels);
+        if !(1..=2).contains(&channels) {
+            return Err(invalid("only mono or stereo WAV files are read"));
+        }
+        if !(8_000..=192_000).contains(&spec.sample_rate) {
+            return Err(invalid("a WAV file's rate must be 8 to 192 kHz"));
+        }
+        let frames = u64::from(reader.duration());
+        if frames * 1000 / u64::from(spec.sample_rate) > u64::from(MAX_VOICE_MS) {
+            return Err(invalid("longer than 15 minutes: send it as a file"));
+        }
+        let samples = match spec.sample_format {
+            hound::SampleFormat::Float => WavSamples::Float(reader.into_samples()),
+            hound::SampleFormat::Int => WavSamples::Int(
+                reader.into_samples(),
+                1.0 / (1u64 << (spec.bits_per_sample.clamp(1, 32) - 1)) as f32,
+            ),
+        };
+        Ok(WavPcm {
+            samples,
+            channels,
+            resampler: Resampler::new(spec.sample_rate),
+            done: false,
+        })
+    }
+
+    /// Appends the next block of samples to `out`; `false` once the file
+    /// has ended (and nothing was appended).
+    pub fn next_block(&mut self, out: &mut Vec<f32>) -> Result<bool> {
+        if self.done {
+            return Ok(false);
+        }
+        let bad = |e: hound::Error| invalid(format!("WAV: {e}"));
+        let start = out.len();
+        while out.len() - start < WAV_BLOCK {
+            let mut frame = 0.0f32;
+            for _ in 0..self.channels {
+                let sample = match &mut self.samples {
+                    WavSamples::Float(samples) => samples.next().map(|s| s.map_err(bad)),
+                    WavSamples::Int(samples, scale) => samples
+                        .next()
+                        .map(|s| s.map(|s| s as f32 * *scale).map_err(bad)),
+                };
+                match sample {
+                    Some(sample) => frame += sample?,
+                    // The end (a frame cut short by it is left out).
+                    None => {
+                        self.resampler.finish(out);
+                        self.done = true;
+                        return Ok(true);
+                    }
+                }
+            }
+            self.resampler.push(frame / self.channels as f32, out);
+        }
+        Ok(true)
+    }
 }
 
 /// Samples at one rate brought to 48 kHz as they come (linear

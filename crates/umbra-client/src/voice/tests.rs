@@ -176,6 +176,45 @@ fn wav_files_of_any_common_shape_become_notes() {
     assert!(read_wav(&b"RIFF\x00\x00\x00\x00WAVE"[..]).is_err());
 }
 
+#[test]
+fn a_wav_file_is_read_a_block_at_a_time() {
+    // 60 s of stereo at 44.1 kHz: 5 million samples in, 2.9 million out.
+    let spec = hound::WavSpec {
+        channels: 2,
+        sample_rate: 44_100,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    {
+        let mut writer = hound::WavWriter::new(&mut bytes, spec).unwrap();
+        for i in 0..44_100 * 60 {
+            let v = (0.5
+                * (2.0 * std::f32::consts::PI * 440.0 * i as f32 / 44_100.0).sin()
+                * 32767.0) as i16;
+            writer.write_sample(v).unwrap();
+            writer.write_sample(v).unwrap();
+        }
+        writer.finalize().unwrap();
+    }
+    let mut wav = WavPcm::new(&bytes.get_ref()[..]).unwrap();
+    let (mut block, mut all, mut blocks) = (Vec::new(), Vec::new(), 0);
+    while wav.next_block(&mut block).unwrap() {
+        assert!(
+            block.len() <= 4_800 + 2,
+            "a block of {} samples",
+            block.len()
+        );
+        all.extend_from_slice(&block);
+        block.clear();
+        blocks += 1;
+    }
+    assert!(!wav.next_block(&mut block).unwrap() && block.is_empty());
+    assert_eq!(all.len(), 48_000 * 60);
+    assert!(blocks >= 600, "{blocks} blocks");
+    assert_eq!(all, read_wav(&bytes.get_ref()[..]).unwrap());
+}
+
 /// Ogg's CRC-32 (polynomial 0x04C11DB7, not reflected), over a page whose
 /// checksum field is zero.
 fn ogg_crc(page: &[u8]) -> u32 {
