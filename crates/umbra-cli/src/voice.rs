@@ -184,8 +184,14 @@ pub(crate) async fn voice(cli: &Cli, out: &Out, command: &VoiceCommand) -> anyho
                 _ => bail!("name a message (MESSAGE_ID) or a draft (--draft ID)"),
             };
             let speed: f32 = speed.parse().context("speed")?;
-            let ogg = client.voice_note(source).await?;
             let to_stdout = path.as_deref() == Some(Path::new("-"));
+            if to_stdout && std::io::stdout().is_terminal() {
+                bail!(
+                    "standard output is a terminal, not a place for audio: pipe it \
+                     (`umbra voice play … --out - | aplay`) or name a file (`--out note.wav`)"
+                );
+            }
+            let ogg = client.voice_note(source).await?;
             let path = path.clone();
             let samples =
                 tokio::task::spawn_blocking(move || play(&ogg, speed, path.as_deref())).await??;
@@ -255,9 +261,9 @@ pub(crate) enum Input {
 /// A child program's standard error, read as it comes (so a chatty
 /// program never blocks on a full pipe); its last line kept to say why it
 /// stopped.
-fn drain_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+fn drain_stderr(child: &mut Child) -> Stderr {
     let last = Arc::new(Mutex::new(String::new()));
-    if let Some(stderr) = child.stderr.take() {
+    let reader = child.stderr.take().map(|stderr| {
         let last = last.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
@@ -267,9 +273,29 @@ fn drain_stderr(child: &mut Child) -> Arc<Mutex<String>> {
                     *last.lock().unwrap_or_else(|e| e.into_inner()) = line.trim().to_owned();
                 }
             }
-        });
+        })
+    });
+    Stderr { last, reader }
+}
+
+/// A program's standard error, read as it runs.
+struct Stderr {
+    last: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stderr {
+    /// The last line it wrote, once it has ended (after its program has
+    /// exited: waited for half a second at most).
+    fn last_line(&self) -> String {
+        if let Some(reader) = &self.reader {
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(500);
+            while !reader.is_finished() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
-    last
 }
 
 /// Kills `child` once `stop` is set (which ends a read or write blocked on
@@ -314,8 +340,10 @@ impl Input {
         if path == Path::new("-") {
             return Ok(Input::Raw(Box::new(std::io::stdin())));
         }
-        let mut file =
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // Buffered: hound reads a sample at a time.
+        let mut file = std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+        );
         let mut head = [0u8; 12];
         let got = read_full(&mut file, &mut head)?;
         let rest = std::io::Read::chain(std::io::Cursor::new(head[..got].to_vec()), file);
@@ -506,7 +534,7 @@ pub(crate) fn record_from(
             bail!("nothing was recorded: it was stopped before any sound arrived");
         }
         if let (Some(status), Some(why)) = (status, why) {
-            let why = why.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let why = why.last_line();
             bail!(no_microphone(&format!(
                 "the recorder could not open a microphone ({status}{}{why})",
                 if why.is_empty() { "" } else { ": " }
@@ -556,15 +584,9 @@ fn play(ogg: &[u8], speed: f32, path: Option<&Path>) -> anyhow::Result<u64> {
         return play_on_device(ogg, speed, &Arc::new(AtomicBool::new(false)));
     };
     if path == Path::new("-") {
-        let stdout = std::io::stdout();
-        if stdout.is_terminal() {
-            bail!(
-                "standard output is a terminal, not a place for audio: pipe it                  (`umbra voice play … --out - | aplay`) or name a file (`--out note.wav`)"
-            );
-        }
         // A stream's header says "as long as it goes": its length is not
         // known until the end.
-        let mut output = stdout.lock();
+        let mut output = std::io::stdout().lock();
         output.write_all(&wav_header(None))?;
         let samples = write_wav(ogg, speed, &mut output)?;
         output.flush()?;
@@ -669,13 +691,19 @@ pub(crate) fn play_on_device(
     let played = match played {
         Ok(played) => played,
         Err(error) => {
+            let mut child = child.lock().unwrap_or_else(|e| e.into_inner());
             // A note refused part way (or a stop): what reached the
             // player is not played out.
-            let mut child = child.lock().unwrap_or_else(|e| e.into_inner());
             let _ = child.kill();
-            let _ = child.wait();
+            let status = child.wait().ok();
             if stop.load(Ordering::SeqCst) {
                 return Ok(0);
+            }
+            // A player that ended by itself with an error (no device to
+            // open: it broke the pipe) rather than by the kill: its own
+            // words say why.
+            if let Some(status) = status.filter(|s| s.code().is_some_and(|code| code != 0)) {
+                return Err(no_player(status, &why));
             }
             return Err(error.into());
         }
@@ -692,14 +720,19 @@ pub(crate) fn play_on_device(
         return Ok(0);
     }
     if !status.success() {
-        let why = why.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        bail!(
-            "no audio device could play the note ({status}{}{why}): write it to a file \
-             with `umbra voice play … --out note.wav`",
-            if why.is_empty() { "" } else { ": " }
-        );
+        return Err(no_player(status, &why));
     }
     Ok(played)
+}
+
+/// A player that failed, and what it said.
+fn no_player(status: std::process::ExitStatus, why: &Stderr) -> anyhow::Error {
+    let why = why.last_line();
+    anyhow::anyhow!(
+        "no audio device could play the note ({status}{}{why}): write it to a file \
+         with `umbra voice play … --out note.wav`",
+        if why.is_empty() { "" } else { ": " }
+    )
 }
 
 /// Sets its flag when dropped.

@@ -713,6 +713,11 @@ async fn a_file_goes_through_the_cli() {
 /// `umbra --json --home HOME ARGS` with no recorder or player on PATH
 /// (as on a machine without sound).
 async fn without_sound(home: &Path, args: &[&str]) -> Output {
+    with_path(home, args, Path::new("/nonexistent")).await
+}
+
+/// `umbra --json --home HOME ARGS` with only the programs in `path`.
+async fn with_path(home: &Path, args: &[&str], path: &Path) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_umbra"));
     command
         .arg("--json")
@@ -720,7 +725,7 @@ async fn without_sound(home: &Path, args: &[&str]) -> Output {
         .arg(home)
         .args(args)
         .env("UMBRA_PASSPHRASE", "a long test passphrase")
-        .env("PATH", "/nonexistent");
+        .env("PATH", path);
     tokio::task::spawn_blocking(move || bounded(command))
         .await
         .unwrap()
@@ -819,6 +824,32 @@ async fn a_voice_note_recorded_through_the_cli_survives_a_kill_and_is_sent() {
     let no_player = without_sound(alice.path(), &["voice", "play", "--draft", &id]).await;
     assert!(!no_player.status.success());
     assert!(String::from_utf8_lossy(&no_player.stdout).contains("--out"));
+    // A player that cannot open a device, and says so as it gives up.
+    let programs = tempfile::tempdir().unwrap();
+    let aplay = programs.path().join("aplay");
+    std::fs::write(
+        &aplay,
+        "#!/bin/sh\necho 'cannot open audio device default' >&2\nexit 1\n",
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&aplay, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let failed = with_path(
+        alice.path(),
+        &["voice", "play", "--draft", &id],
+        programs.path(),
+    )
+    .await;
+    assert!(!failed.status.success());
+    let said = String::from_utf8_lossy(&failed.stdout);
+    assert!(
+        said.contains("no audio device could play the note")
+            && said.contains("cannot open audio device default")
+            && said.contains("--out"),
+        "{said}"
+    );
     let back = outside.path().join("back.wav");
     ok(
         alice.path(),

@@ -25,15 +25,25 @@ const RESPONSE_BLOB_DATA: u32 = 21;
 const BLOB_DATA_DATA: u32 = 1;
 const BLOB_DATA_SIZE: u32 = 2;
 
-/// One encoded server frame: `head`, then `data`, then `tail`.
+/// One encoded server frame: `head`, then `data`, then `tail` (made only
+/// here, so its lengths agree).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SplicedFrame {
-    pub head: Vec<u8>,
-    pub data: Bytes,
-    pub tail: Vec<u8>,
+    head: Vec<u8>,
+    data: Bytes,
+    tail: Vec<u8>,
 }
 
 impl SplicedFrame {
+    /// The frame as it is, if it is in one piece.
+    pub fn into_whole(self) -> Result<Vec<u8>, SplicedFrame> {
+        if self.data.is_empty() && self.tail.is_empty() {
+            Ok(self.head)
+        } else {
+            Err(self)
+        }
+    }
+
     /// The frame's length in bytes.
     pub fn len(&self) -> usize {
         self.head.len() + self.data.len() + self.tail.len()

@@ -24,7 +24,7 @@ use crate::burst::Burst;
 use crate::reads::FrameReads;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use umbra_proto::frame::Delivery;
@@ -325,6 +325,7 @@ impl Connection {
                 }
                 continue;
             }
+            let bytes = compact(bytes);
             let frame = match decode_client_bytes(bytes.clone()) {
                 Ok(frame) => frame,
                 Err(error) => {
@@ -878,60 +879,92 @@ where
     /// Hands one frame to the socket (written once [`WRITE_BUFFER`] bytes
     /// are collected); [`Writer::run`] flushes after each burst.
     async fn feed(&mut self, bytes: Vec<u8>) -> Result<(), Closed> {
-        if bytes.len() <= FRAGMENT {
-            if let Some(tap) = &self.tap {
-                tap(Direction::Outbound, &bytes);
-            }
-            return self
-                .sink
-                .feed(Message::Binary(bytes.into()))
-                .await
-                .map_err(|_| Closed);
-        }
         self.feed_spliced(bytes.into()).await
     }
 
-    /// [`Writer::feed`] of a frame in pieces. A large message (a chunk of
-    /// a file) goes in WebSocket fragments (RFC 6455, 5.4; every WebSocket
-    /// library joins them again), each a slice of one piece, so the
-    /// buffers between here and the socket hold a fragment of it, not all
-    /// of it, keep no message-sized capacity afterwards, and the chunk is
-    /// not copied into a frame first.
+    /// [`Writer::feed`] of a frame that may be in pieces (a chunk of a
+    /// file and the few bytes around it): a frame over [`FRAGMENT`] goes
+    /// in fragments ([`fragments`]), each a slice of one piece, and the
+    /// chunk is not copied into a frame first.
     async fn feed_spliced(&mut self, frame: SplicedFrame) -> Result<(), Closed> {
-        if let Some(tap) = &self.tap {
-            tap(Direction::Outbound, &frame.to_vec());
-        }
-        if frame.len() <= FRAGMENT {
-            return self
-                .sink
-                .feed(Message::Binary(frame.to_vec().into()))
-                .await
-                .map_err(|_| Closed);
-        }
-        let mut first = true;
-        let mut pieces = frame.pieces().peekable();
-        while let Some(piece) = pieces.next() {
-            let last_piece = pieces.peek().is_none();
-            let mut at = 0;
-            while at < piece.len() {
-                let end = (at + FRAGMENT).min(piece.len());
-                let opcode = if first {
-                    OpCode::Data(Data::Binary)
-                } else {
-                    OpCode::Data(Data::Continue)
-                };
-                first = false;
-                let fin = last_piece && end == piece.len();
-                let fragment = Frame::message(piece.slice(at..end), opcode, fin);
-                self.sink
-                    .feed(Message::Frame(fragment))
-                    .await
-                    .map_err(|_| Closed)?;
-                at = end;
+        let frame = match frame.into_whole() {
+            Ok(whole) => {
+                if let Some(tap) = &self.tap {
+                    tap(Direction::Outbound, &whole);
+                }
+                if whole.len() <= FRAGMENT {
+                    return self
+                        .sink
+                        .feed(Message::Binary(whole.into()))
+                        .await
+                        .map_err(|_| Closed);
+                }
+                SplicedFrame::from(whole)
             }
+            Err(spliced) => {
+                if let Some(tap) = &self.tap {
+                    tap(Direction::Outbound, &spliced.to_vec());
+                }
+                if spliced.len() <= FRAGMENT {
+                    return self
+                        .sink
+                        .feed(Message::Binary(spliced.to_vec().into()))
+                        .await
+                        .map_err(|_| Closed);
+                }
+                spliced
+            }
+        };
+        for fragment in fragments(frame) {
+            self.sink
+                .feed(Message::Frame(fragment))
+                .await
+                .map_err(|_| Closed)?;
         }
         Ok(())
     }
+}
+
+/// `message` in a buffer of its own size if the one it is in is much
+/// larger (tungstenite joins a fragmented message into a buffer that may
+/// have grown to twice it): a file's chunk decoded from it is a slice of
+/// it, held while it is written and synced. A message that is a slice of
+/// tungstenite's read buffer (not fragmented) is left alone: that buffer
+/// is the connection's anyway.
+fn compact(message: Bytes) -> Bytes {
+    match message.try_into_mut() {
+        Ok(buffer) if buffer.capacity() > buffer.len() + buffer.len() / 2 => {
+            Bytes::copy_from_slice(&buffer)
+        }
+        Ok(buffer) => buffer.freeze(),
+        Err(shared) => shared,
+    }
+}
+
+/// A large message in WebSocket fragments (RFC 6455, 5.4; every WebSocket
+/// library joins them again) of at most [`FRAGMENT`] bytes, each a slice
+/// of one of the frame's pieces: the buffers between here and the socket
+/// hold a fragment of it, not all of it, and keep no message-sized
+/// capacity afterwards.
+fn fragments(frame: SplicedFrame) -> Vec<Frame> {
+    let mut out = Vec::with_capacity(frame.len().div_ceil(FRAGMENT) + 2);
+    let mut pieces = frame.pieces().peekable();
+    while let Some(piece) = pieces.next() {
+        let last_piece = pieces.peek().is_none();
+        let mut at = 0;
+        while at < piece.len() {
+            let end = (at + FRAGMENT).min(piece.len());
+            let opcode = if out.is_empty() {
+                OpCode::Data(Data::Binary)
+            } else {
+                OpCode::Data(Data::Continue)
+            };
+            let fin = last_piece && end == piece.len();
+            out.push(Frame::message(piece.slice(at..end), opcode, fin));
+            at = end;
+        }
+    }
+    out
 }
 
 /// The push of `stored` under its public ID.
@@ -949,6 +982,59 @@ fn push_frame(public: u64, stored: StoredDelivery) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_chunk_goes_in_fragments_that_join_into_its_frame() {
+        use umbra_proto::{Reply, encode_server_spliced};
+        for len in [FRAGMENT - 20, FRAGMENT, 3 * FRAGMENT + 5, 262_144] {
+            let message = ServerMessage::Response {
+                id: 77,
+                result: Ok(Reply::BlobData {
+                    data: vec![0x5A; len].into(),
+                    size: 1 << 30,
+                }),
+            };
+            let whole = encode_server(&message);
+            let frame = encode_server_spliced(message);
+            assert_eq!(frame.len(), whole.len());
+            let fragments = fragments(frame);
+            let mut joined = Vec::new();
+            for (n, fragment) in fragments.iter().enumerate() {
+                let header = fragment.header();
+                let expected = if n == 0 {
+                    OpCode::Data(Data::Binary)
+                } else {
+                    OpCode::Data(Data::Continue)
+                };
+                assert_eq!(header.opcode, expected, "fragment {n} of {len} bytes");
+                assert_eq!(header.is_final, n + 1 == fragments.len(), "FIN of {n}");
+                assert!(!fragment.payload().is_empty() && fragment.payload().len() <= FRAGMENT);
+                joined.extend_from_slice(fragment.payload());
+            }
+            assert_eq!(joined, whole, "{len} bytes");
+        }
+        // A frame in one piece goes the same way.
+        let whole = vec![1u8; 2 * FRAGMENT + 1];
+        let finals: Vec<bool> = fragments(whole.into())
+            .iter()
+            .map(|f| f.header().is_final)
+            .collect();
+        assert_eq!(finals, [false, false, true]);
+    }
+
+    #[test]
+    fn a_message_in_a_much_larger_buffer_is_copied_into_one_its_size() {
+        let mut joined = bytes::BytesMut::with_capacity(2 << 20);
+        joined.extend_from_slice(&[3; 300_000]);
+        let compacted = compact(joined.freeze());
+        assert_eq!(compacted, vec![3u8; 300_000]);
+        let capacity = compacted.try_into_mut().map(|b| b.capacity()).ok();
+        assert!(capacity.is_some_and(|c| c < 400_000), "{capacity:?}");
+        // Shared (a slice of the read buffer): left where it is.
+        let read = Bytes::from(vec![4u8; 1 << 20]);
+        let message = read.slice(10..300_010);
+        assert_eq!(compact(message.clone()).as_ptr(), message.as_ptr());
+    }
 
     #[test]
     fn the_unacknowledged_table_gives_its_room_back_once_empty() {

@@ -212,6 +212,15 @@ fn a_wav_file_is_read_a_block_at_a_time() {
     assert!(!wav.next_block(&mut block).unwrap() && block.is_empty());
     assert_eq!(all.len(), 48_000 * 60);
     assert!(blocks >= 600, "{blocks} blocks");
+    // The tone at its pitch from the first second to the last, across
+    // every block's seam.
+    for second in [
+        &all[..48_000],
+        &all[30 * 48_000..31 * 48_000],
+        &all[59 * 48_000..],
+    ] {
+        assert!((pitch(second) - 440.0).abs() < 5.0);
+    }
     assert_eq!(all, read_wav(&bytes.get_ref()[..]).unwrap());
 }
 
