@@ -54,6 +54,7 @@ where
     mailbox_depth(&make().await).await;
     blobs::blobs(&make().await).await;
     blobs::blobs_wait_only_for_who_can_fetch(&make().await).await;
+    blobs::a_sweep_over_many_blobs_takes_exactly_the_ones_due(&make().await).await;
 }
 
 /// What the operator's metrics read: every copy waiting, in the ack window

@@ -264,6 +264,44 @@ pub(super) async fn blobs(store: &impl Store) {
     assert_eq!(store.expire_blobs(NOW + 1000, NOW + 1).await.unwrap(), 2);
 }
 
+/// The sweep goes through every blob however many there are (it works
+/// in chunks on some stores): each one due goes, no other.
+pub(super) async fn a_sweep_over_many_blobs_takes_exactly_the_ones_due(store: &impl Store) {
+    let (g, alice, _bob) = group_of_two(store).await;
+    let alice = one(&alice);
+    // 1,300 blobs, their IDs spread over the key space; every third
+    // expires at NOW + 10, the others at NOW + 1000.
+    let id = |n: u16| {
+        let mut id = [0u8; 16];
+        id[..2].copy_from_slice(&n.wrapping_mul(40_503).to_be_bytes());
+        id[15] = (n % 251) as u8;
+        BlobId(id)
+    };
+    for n in 0..1_300u16 {
+        let blob = NewBlob {
+            id: id(n),
+            owner: alice.clone(),
+            group: g.clone(),
+            size: 10,
+            now: NOW,
+            expires_at: if n % 3 == 0 { NOW + 10 } else { NOW + 1000 },
+        };
+        assert_eq!(
+            store.create_blob(blob, ROOMY).await.unwrap(),
+            BlobCreation::Created
+        );
+    }
+    // None idle yet (the cut-off is before they were made).
+    assert_eq!(store.expire_blobs(NOW + 10, NOW - 1).await.unwrap(), 434);
+    for n in 0..1_300u16 {
+        let kept = store.blob(&id(n), &alice, NOW).await.unwrap().is_some();
+        assert_eq!(kept, n % 3 != 0, "blob {n}");
+    }
+    assert_eq!(store.expire_blobs(NOW + 10, NOW - 1).await.unwrap(), 0);
+    // All the rest, as idle uploads.
+    assert_eq!(store.expire_blobs(NOW + 10, NOW + 1).await.unwrap(), 866);
+}
+
 /// A blob's lifetime counts from the end of its upload (its message is
 /// sent then); it waits for the devices in its group when the upload
 /// ends (one added meanwhile included), and not for those that can no

@@ -575,36 +575,22 @@ impl Blobs for SqliteStore {
     }
 
     async fn expire_blobs(&self, now: Timestamp, idle_before: Timestamp) -> Result<u64> {
-        let gone = self
-            .write(move |tx| {
-                // Recipients that cannot fetch it any more: out of its
-                // group, or no longer a current device.
-                tx.prepare_cached(
-                    "DELETE FROM blob_recipients AS r WHERE NOT EXISTS (
-                         SELECT 1 FROM blobs b
-                         JOIN group_members m ON m.group_id = b.group_id
-                         JOIN devices d ON d.account_id = m.account_id AND d.device = m.device
-                         WHERE b.blob_id = r.blob_id
-                           AND m.account_id = r.account_id AND m.device = r.device)",
-                )
-                .and_then(|mut s| s.execute([]))
-                .map_err(backend)?;
-                let ids: Vec<Vec<u8>> = tx
-                    .prepare_cached(
-                        "DELETE FROM blobs
-                         WHERE expires_at <= ?1 OR (stored < size AND touched_at < ?2)
-                            OR (stored = size AND NOT EXISTS (
-                                SELECT 1 FROM blob_recipients r WHERE r.blob_id = blobs.blob_id))
-                         RETURNING blob_id",
-                    )
-                    .and_then(|mut s| {
-                        s.query_map(params![now, idle_before], |r| r.get(0))?
-                            .collect::<rusqlite::Result<_>>()
-                    })
-                    .map_err(backend)?;
-                Ok(ids)
-            })
-            .await?;
+        // In chunks of the blobs in key order, each its own write: every
+        // live blob is looked at, and a whole pass at once held the writer
+        // (so every send) for about 320 ms with 100,000 blobs waiting.
+        let mut gone: Vec<Vec<u8>> = Vec::new();
+        let mut after: Vec<u8> = Vec::new();
+        loop {
+            let from = after.clone();
+            let (ids, last) = self
+                .write(move |tx| expire_chunk(tx, &from, now, idle_before))
+                .await?;
+            gone.extend(ids);
+            match last {
+                Some(last) => after = last,
+                None => break,
+            }
+        }
         let count = gone.len() as u64;
         let ids = gone
             .iter()
@@ -636,4 +622,60 @@ impl Blobs for SqliteStore {
         }
         Ok(count)
     }
+}
+
+/// A blob's key as the table holds it.
+type RawId = Vec<u8>;
+
+/// Blobs the expiry sweep looks at per write.
+const EXPIRY_CHUNK: i64 = 500;
+
+/// One chunk of the expiry sweep: the blobs after `after` in key order.
+/// Crosses off the recipients that cannot fetch their blob any more (out
+/// of its group, or no longer a current device), then deletes the blobs
+/// that expired, whose upload went idle, or that are complete with no
+/// recipient left. Returns the deleted IDs and the chunk's last key
+/// (`None`: no blob was left after `after`).
+fn expire_chunk(
+    tx: &rusqlite::Connection,
+    after: &[u8],
+    now: Timestamp,
+    idle_before: Timestamp,
+) -> Result<(Vec<RawId>, Option<RawId>)> {
+    let last: Option<Vec<u8>> = tx
+        .prepare_cached(
+            "SELECT MAX(blob_id) FROM (SELECT blob_id FROM blobs WHERE blob_id > ?1
+             ORDER BY blob_id LIMIT ?2)",
+        )
+        .and_then(|mut s| s.query_row(params![after, EXPIRY_CHUNK], |r| r.get(0)))
+        .map_err(backend)?;
+    let Some(last) = last else {
+        return Ok((Vec::new(), None));
+    };
+    tx.prepare_cached(
+        "DELETE FROM blob_recipients AS r
+         WHERE r.blob_id > ?1 AND r.blob_id <= ?2 AND NOT EXISTS (
+             SELECT 1 FROM blobs b
+             JOIN group_members m ON m.group_id = b.group_id
+             JOIN devices d ON d.account_id = m.account_id AND d.device = m.device
+             WHERE b.blob_id = r.blob_id
+               AND m.account_id = r.account_id AND m.device = r.device)",
+    )
+    .and_then(|mut s| s.execute(params![after, &last]))
+    .map_err(backend)?;
+    let ids = tx
+        .prepare_cached(
+            "DELETE FROM blobs
+             WHERE blob_id > ?1 AND blob_id <= ?2
+               AND (expires_at <= ?3 OR (stored < size AND touched_at < ?4)
+                    OR (stored = size AND NOT EXISTS (
+                        SELECT 1 FROM blob_recipients r WHERE r.blob_id = blobs.blob_id)))
+             RETURNING blob_id",
+        )
+        .and_then(|mut s| {
+            s.query_map(params![after, &last, now, idle_before], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()
+        })
+        .map_err(backend)?;
+    Ok((ids, Some(last)))
 }
