@@ -577,50 +577,64 @@ impl Blobs for SqliteStore {
     async fn expire_blobs(&self, now: Timestamp, idle_before: Timestamp) -> Result<u64> {
         // In chunks of the blobs in key order, each its own write: every
         // live blob is looked at, and a whole pass at once held the writer
-        // (so every send) for about 320 ms with 100,000 blobs waiting.
-        let mut gone: Vec<Vec<u8>> = Vec::new();
+        // (so every send) for about 320 ms with 100,000 blobs waiting. A
+        // chunk's files go as soon as its rows have: a chunk that fails
+        // later leaves none behind.
+        let mut count = 0;
         let mut after: Vec<u8> = Vec::new();
-        loop {
-            let from = after.clone();
-            let (ids, last) = self
-                .write(move |tx| expire_chunk(tx, &from, now, idle_before))
-                .await?;
-            gone.extend(ids);
-            match last {
-                Some(last) => after = last,
-                None => break,
+        let swept = async {
+            loop {
+                let from = after.clone();
+                let (ids, last) = self
+                    .write(move |tx| expire_chunk(tx, &from, now, idle_before))
+                    .await?;
+                count += ids.len() as u64;
+                let ids = ids
+                    .iter()
+                    .filter_map(|id| BlobId::from_slice(id).ok())
+                    .collect();
+                self.remove_files(ids).await?;
+                match last {
+                    Some(last) => after = last,
+                    None => return Ok::<_, StoreError>(()),
+                }
             }
         }
-        let count = gone.len() as u64;
-        let ids = gone
-            .iter()
-            .filter_map(|id| BlobId::from_slice(id).ok())
-            .collect();
-        self.remove_files(ids).await?;
-        // Files whose rows are gone without them (listed before the rows
-        // are read, so a blob created meanwhile is among the rows).
-        let listed = self.blocking(BlobFiles::listed).await?;
-        if !listed.is_empty() {
-            let orphans = self
-                .run(move |connection| {
-                    let mut statement = connection
-                        .prepare_cached("SELECT EXISTS (SELECT 1 FROM blobs WHERE blob_id = ?1)")
-                        .map_err(backend)?;
-                    let mut orphans = Vec::new();
-                    for id in listed {
-                        let known: bool = statement
-                            .query_row([&id.0[..]], |r| r.get(0))
-                            .map_err(backend)?;
-                        if !known {
-                            orphans.push(id);
-                        }
-                    }
-                    Ok(orphans)
-                })
-                .await?;
-            self.remove_files(orphans).await?;
-        }
+        .await;
+        // Whatever happened to the sweep.
+        let orphans = self.remove_orphan_files().await;
+        swept?;
+        orphans?;
         Ok(count)
+    }
+}
+
+impl SqliteStore {
+    /// Deletes the files whose rows are gone without them (listed before
+    /// the rows are read, so a blob created meanwhile is among the rows).
+    async fn remove_orphan_files(&self) -> Result<()> {
+        let listed = self.blocking(BlobFiles::listed).await?;
+        if listed.is_empty() {
+            return Ok(());
+        }
+        let orphans = self
+            .run(move |connection| {
+                let mut statement = connection
+                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM blobs WHERE blob_id = ?1)")
+                    .map_err(backend)?;
+                let mut orphans = Vec::new();
+                for id in listed {
+                    let known: bool = statement
+                        .query_row([&id.0[..]], |r| r.get(0))
+                        .map_err(backend)?;
+                    if !known {
+                        orphans.push(id);
+                    }
+                }
+                Ok(orphans)
+            })
+            .await?;
+        self.remove_files(orphans).await
     }
 }
 
