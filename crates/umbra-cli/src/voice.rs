@@ -530,6 +530,11 @@ pub(crate) fn record_from(
         .transpose()?;
     if !got_any {
         client.discard_voice_draft(recording.draft_id())?;
+        if let Err(error) = outcome {
+            // The input failed before it gave anything (a WAV file that
+            // is broken from its start): that, not "empty", is the news.
+            bail!("nothing was recorded: {error}");
+        }
         if asked_to_stop {
             bail!("nothing was recorded: it was stopped before any sound arrived");
         }

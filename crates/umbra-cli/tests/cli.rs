@@ -920,6 +920,19 @@ async fn a_voice_note_recorded_through_the_cli_survives_a_kill_and_is_sent() {
     .await;
     let draft = &recorded.last().unwrap()["draft"];
     assert_eq!(draft["finished"], true, "{draft}");
+    // A WAV file broken from its start says so, and leaves no draft.
+    let broken = outside.path().join("broken.wav");
+    let mut bytes = std::fs::read(&fast).unwrap();
+    bytes.truncate(44 + 1);
+    std::fs::write(&broken, &bytes).unwrap();
+    let refused = umbra(
+        bob.path(),
+        &["voice", "record", "--input", broken.to_str().unwrap()],
+    )
+    .await;
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stdout);
+    assert!(said.contains("WAV") && !said.contains("empty"), "{said}");
     let expected = wav_samples(&fast) as u64 / 48;
     let got = draft["duration_ms"].as_u64().unwrap();
     assert!(got.abs_diff(expected) <= 20, "{got} ms of {expected}");
