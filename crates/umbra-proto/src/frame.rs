@@ -1532,11 +1532,44 @@ mod tests {
         let frame = encoded.as_ptr_range();
         assert!(frame.contains(&data.as_ptr()), "the chunk was copied");
         assert_eq!(data, vec![9; 4096]);
-        // Refused as the borrowed form refuses it.
-        assert_eq!(
-            decode_client_bytes(Bytes::from_static(&[2, 0])),
-            decode_client(&[2, 0])
-        );
+        // Refused as the borrowed form refuses it, at each stage: version,
+        // protobuf, a field's own rule (an empty chunk, one too large).
+        let mut empty = encode_client(&ClientFrame {
+            id: 4,
+            request: Request::GetBlob {
+                blob_id: BlobId([5; 16]),
+                offset: 0,
+                length: 1,
+            },
+        });
+        empty.truncate(1);
+        let frame = |request| {
+            with_version(&wire::ClientFrame {
+                id: 1,
+                request: Some(request),
+            })
+        };
+        let too_large = frame(client_frame::Request::PutBlob(wire::PutBlob {
+            blob_id: vec![1; 16],
+            offset: 0,
+            data: vec![0; MAX_BLOB_CHUNK + 1].into(),
+        }));
+        let no_data = frame(client_frame::Request::PutBlob(wire::PutBlob {
+            blob_id: vec![1; 16],
+            offset: 0,
+            data: Bytes::new(),
+        }));
+        for hostile in [
+            vec![2, 0],
+            vec![1, 0xff, 0xff, 0xff],
+            empty,
+            too_large,
+            no_data,
+        ] {
+            let refused = decode_client(&hostile);
+            assert!(refused.is_err());
+            assert_eq!(decode_client_bytes(hostile.into()), refused);
+        }
     }
 
     #[test]

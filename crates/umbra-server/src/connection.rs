@@ -887,33 +887,27 @@ where
     /// in fragments ([`fragments`]), each a slice of one piece, and the
     /// chunk is not copied into a frame first.
     async fn feed_spliced(&mut self, frame: SplicedFrame) -> Result<(), Closed> {
+        // One buffer if it is one already, or small enough to join.
         let frame = match frame.into_whole() {
-            Ok(whole) => {
-                if let Some(tap) = &self.tap {
-                    tap(Direction::Outbound, &whole);
-                }
-                if whole.len() <= FRAGMENT {
-                    return self
-                        .sink
-                        .feed(Message::Binary(whole.into()))
-                        .await
-                        .map_err(|_| Closed);
-                }
-                SplicedFrame::from(whole)
+            Err(spliced) if spliced.len() <= FRAGMENT => Ok(spliced.to_vec()),
+            other => other,
+        };
+        if let Some(tap) = &self.tap {
+            match &frame {
+                Ok(whole) => tap(Direction::Outbound, whole),
+                Err(spliced) => tap(Direction::Outbound, &spliced.to_vec()),
             }
-            Err(spliced) => {
-                if let Some(tap) = &self.tap {
-                    tap(Direction::Outbound, &spliced.to_vec());
-                }
-                if spliced.len() <= FRAGMENT {
-                    return self
-                        .sink
-                        .feed(Message::Binary(spliced.to_vec().into()))
-                        .await
-                        .map_err(|_| Closed);
-                }
-                spliced
+        }
+        let frame = match frame {
+            Ok(whole) if whole.len() <= FRAGMENT => {
+                return self
+                    .sink
+                    .feed(Message::Binary(whole.into()))
+                    .await
+                    .map_err(|_| Closed);
             }
+            Ok(whole) => SplicedFrame::from(whole),
+            Err(spliced) => spliced,
         };
         for fragment in fragments(frame) {
             self.sink

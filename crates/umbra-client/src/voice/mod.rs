@@ -372,16 +372,6 @@ pub(crate) fn inspect(ogg: &[u8]) -> Result<(u32, Vec<u8>)> {
     ))
 }
 
-/// Reads a WAV file (8 to 32-bit integer or 32-bit float, any rate, mono
-/// or stereo) as mono samples at 48 kHz; at most [`MAX_VOICE_MS`]. All of
-/// it in memory: [`WavPcm`] reads it a block at a time.
-pub fn read_wav(input: impl Read) -> Result<Vec<f32>> {
-    let mut wav = WavPcm::new(input)?;
-    let mut out = Vec::new();
-    while wav.next_block(&mut out)? {}
-    Ok(out)
-}
-
 /// Samples a block holds (0.1 s at 48 kHz, give or take the resampler's).
 const WAV_BLOCK: usize = 4800;
 
