@@ -3,7 +3,10 @@
 //! gets its own. Checks panic with a description of what differed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod batches;
 mod blobs;
+
+pub use batches::{a_batch_stores_as_one_after_another, many_senders_at_once};
 
 use std::future::Future;
 
@@ -55,6 +58,8 @@ where
     blobs::blobs(&make().await).await;
     blobs::blobs_wait_only_for_who_can_fetch(&make().await).await;
     blobs::a_sweep_over_many_blobs_takes_exactly_the_ones_due(&make().await).await;
+    let store = make().await;
+    batches::many_senders_at_once(&store, &store).await;
 }
 
 /// What the operator's metrics read: every copy waiting, in the ack window

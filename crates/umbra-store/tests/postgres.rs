@@ -203,3 +203,36 @@ async fn postgres_away_is_refused_at_once_and_served_again() {
     eprintln!("killed: refused after {noticed:?}, served {back:?} after the restart");
     conformance::survives_reopen_part_two(&store, highest).await;
 }
+
+/// Sixteen senders at once through two nodes: batched (more messages than
+/// transactions on each node), and stored as if one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_batches_many_senders_on_two_nodes() {
+    let pg = server();
+    let url = pg.create_database().await.unwrap();
+    let (a, b) = tokio::join!(
+        PgStore::connect(&url, StoreLimits::default()),
+        PgStore::connect(&url, StoreLimits::default())
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    conformance::many_senders_at_once(&a, &b).await;
+    for (name, store) in [("a", &a), ("b", &b)] {
+        let stats = store.fan_out_stats();
+        assert!(
+            stats.messages > stats.transactions,
+            "node {name} stored every message alone: {stats:?}"
+        );
+    }
+}
+
+/// A batch with every kind of refusal in it: each message's outcome, and
+/// every mailbox, as one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_batch_is_one_after_another() {
+    let pg = server();
+    let (batched, alone) = tokio::join!(
+        pg.fresh_store(StoreLimits::default()),
+        pg.fresh_store(StoreLimits::default())
+    );
+    conformance::a_batch_stores_as_one_after_another(&batched.unwrap(), &alone.unwrap()).await;
+}

@@ -1,11 +1,14 @@
 //! Groups in PostgreSQL: one commit per epoch under the group's row lock,
 //! and fan-out to the members' mailboxes.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use deadpool_postgres::Transaction;
 use umbra_proto::tokens::DELIVERY_KEY_BYTES;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, GroupId};
 
+use super::batch::FanOut;
 use super::mailboxes::{Copy, is_current};
 use super::{Failure, PgStore, big, device_addr, transaction, unsigned};
 use crate::{
@@ -113,6 +116,58 @@ async fn is_member(
         )
         .await?
         .is_some())
+}
+
+/// The lines of `accounts` (distinct) that exist, as [`line`] reads one,
+/// their rows locked (shared) in sorted order to the end of the
+/// transaction.
+pub(super) async fn lock_lines(
+    tx: &Tx<'_>,
+    accounts: &[&str],
+) -> std::result::Result<HashMap<String, (LineStatus, u64)>, Failure> {
+    let mut lines = HashMap::with_capacity(accounts.len());
+    if accounts.is_empty() {
+        return Ok(lines);
+    }
+    let statement = tx
+        .prepare_cached(
+            "SELECT account_id, status, subscription_expires_at FROM accounts
+             WHERE account_id = ANY($1::text[]) ORDER BY account_id FOR SHARE",
+        )
+        .await?;
+    for row in tx.query(&statement, &[&accounts]).await? {
+        let status: &str = row.get(1);
+        let status = LineStatus::parse(status)
+            .ok_or_else(|| crate::StoreError::Corrupt(format!("line status {status:?}")))?;
+        lines.insert(row.get::<_, String>(0), (status, unsigned(row.get(2))?));
+    }
+    Ok(lines)
+}
+
+/// [`routable`] for each of `groups`: a group with no routable leaf has
+/// no entry.
+pub(super) async fn routable_in(
+    tx: &Tx<'_>,
+    groups: &[&[u8]],
+) -> std::result::Result<HashMap<Vec<u8>, Vec<DeviceAddr>>, Failure> {
+    let mut members: HashMap<Vec<u8>, Vec<DeviceAddr>> = HashMap::with_capacity(groups.len());
+    if groups.is_empty() {
+        return Ok(members);
+    }
+    let statement = tx
+        .prepare_cached(
+            "SELECT m.group_id, m.account_id, m.device FROM group_members m
+             JOIN devices d ON d.account_id = m.account_id AND d.device = m.device
+             WHERE m.group_id = ANY($1::bytea[]) ORDER BY m.group_id, m.account_id, m.device",
+        )
+        .await?;
+    for row in tx.query(&statement, &[&groups]).await? {
+        members
+            .entry(row.get(0))
+            .or_default()
+            .push(device_addr(row.get(1), row.get(2))?);
+    }
+    Ok(members)
 }
 
 /// A line's state as a send checks it, its row locked to the end of the
@@ -291,15 +346,16 @@ impl Groups for PgStore {
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<FanOutOutcome> {
-        let message = Message {
-            group,
-            sender: Some(sender),
+        self.fan_out_queued(FanOut {
+            group: group.clone(),
+            sender: Some(sender.clone()),
             kind,
-            payload,
+            payload: payload.to_vec(),
             epoch,
             now,
-        };
-        transaction!(self, tx => self.fan_out_in(&tx, &message, expires_at).await)
+            expires_at,
+        })
+        .await
     }
 
     async fn fan_out_anonymous(
@@ -310,27 +366,43 @@ impl Groups for PgStore {
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<FanOutOutcome> {
-        let message = Message {
-            group,
+        self.fan_out_queued(FanOut {
+            group: group.clone(),
             sender: None,
             kind: DeliveryKind::Application,
-            payload,
+            payload: payload.to_vec(),
             epoch,
             now,
-        };
-        transaction!(self, tx => self.fan_out_in(&tx, &message, expires_at).await)
+            expires_at,
+        })
+        .await
+    }
+}
+
+impl PgStore {
+    /// Through the node's batching queue, or alone on a handle without one.
+    async fn fan_out_queued(&self, fan_out: FanOut) -> Result<FanOutOutcome> {
+        match &self.fan_outs {
+            Some(queue) => queue.fan_out(fan_out).await,
+            None => {
+                let mut outcomes = self.fan_out_batch(std::slice::from_ref(&fan_out)).await?;
+                outcomes.pop().ok_or_else(|| {
+                    crate::StoreError::Backend("a fan-out came back without an outcome".into())
+                })
+            }
+        }
     }
 }
 
 /// A message to fan out (see the embedded store's, which this follows).
-struct Message<'a> {
-    group: &'a GroupId,
+pub(super) struct Message<'a> {
+    pub group: &'a GroupId,
     /// `None` for an anonymous message: every leaf gets a copy.
-    sender: Option<&'a DeviceAddr>,
-    kind: DeliveryKind,
-    payload: &'a [u8],
-    epoch: u64,
-    now: Timestamp,
+    pub sender: Option<&'a DeviceAddr>,
+    pub kind: DeliveryKind,
+    pub payload: &'a [u8],
+    pub epoch: u64,
+    pub now: Timestamp,
 }
 
 impl PgStore {
@@ -455,7 +527,7 @@ impl PgStore {
     /// commit, suspension or revocation lands between the check and the
     /// copies, so a message is stored for exactly the members of the epoch
     /// it was checked in, before the next commit, as on one node.
-    async fn fan_out_in(
+    pub(super) async fn fan_out_in(
         &self,
         tx: &Tx<'_>,
         message: &Message<'_>,
@@ -471,6 +543,23 @@ impl PgStore {
             return Ok(FanOutOutcome::UnknownGroup);
         };
         let members = routable(tx, message.group).await?;
+        self.store_checked(tx, message, current, &members, line, expires_at)
+            .await
+    }
+
+    /// The second half of a fan-out, once the sender's line (`line`: its
+    /// state, `None` for no such account; `None` itself for an anonymous
+    /// message) and the group (its epoch `current` and routable `members`)
+    /// were read and locked: the check, then the copies.
+    pub(super) async fn store_checked(
+        &self,
+        tx: &Tx<'_>,
+        message: &Message<'_>,
+        current: u64,
+        members: &[DeviceAddr],
+        line: Option<Option<(LineStatus, u64)>>,
+        expires_at: Timestamp,
+    ) -> std::result::Result<FanOutOutcome, Failure> {
         let sender = line.map(|line| {
             let member = message.sender.is_some_and(|s| members.contains(s));
             (member, line)
@@ -481,8 +570,9 @@ impl PgStore {
             return Ok(refused);
         }
         let recipients: Vec<DeviceAddr> = members
-            .into_iter()
-            .filter(|m| Some(m) != message.sender)
+            .iter()
+            .filter(|m| Some(*m) != message.sender)
+            .cloned()
             .collect();
         let copy = Copy {
             sender: None,

@@ -34,12 +34,15 @@
 //! told "accepted" ([`crate::Durable::ready`]).
 
 mod accounts;
+mod batch;
 mod blobs;
 mod contacts;
 mod groups;
 mod keys;
 mod mailboxes;
 pub mod testing;
+
+pub use batch::{BatchStats, FanOut};
 
 use std::time::Duration;
 
@@ -86,6 +89,9 @@ pub struct PgStore {
     limits: StoreLimits,
     /// Whether the probe finds the database away (see [`probe`]).
     away: tokio::sync::watch::Receiver<bool>,
+    /// The node's fan-outs, batched (see [`batch`]); `None` on the
+    /// dispatcher's own handle, which runs them.
+    fan_outs: Option<std::sync::Arc<batch::Queue>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -406,10 +412,23 @@ impl PgStore {
             .build()
             .map_err(|error| StoreError::Backend(format!("PostgreSQL pool: {error}")))?;
         let (state, away) = tokio::sync::watch::channel(false);
-        let store = PgStore { pool, limits, away };
+        let mut store = PgStore {
+            pool,
+            limits,
+            away,
+            fan_outs: None,
+        };
         store.migrate().await?;
         tokio::spawn(probe(config, state, store.pool.clone()));
+        store.fan_outs = Some(std::sync::Arc::new(batch::Queue::start(store.clone())));
         Ok(store)
+    }
+
+    /// How this node's fan-outs were batched into transactions so far.
+    pub fn fan_out_stats(&self) -> BatchStats {
+        self.fan_outs
+            .as_ref()
+            .map_or_else(BatchStats::default, |queue| queue.stats())
     }
 
     /// Resolves once the probe finds the database away (at once if it is

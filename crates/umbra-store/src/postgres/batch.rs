@@ -1,0 +1,325 @@
+//! Fan-outs batched per node: the messages a node's connections send at
+//! about the same moment are checked and stored in one transaction, as
+//! the embedded store's writer batches its writes in one commit.
+//!
+//! Most of what PostgreSQL spends on a message is per transaction and per
+//! statement, not per row (see `docs/benchmarks-postgres.md`): a batch of
+//! `n` messages takes seven round trips (begin, the senders' lines, the
+//! groups, their members, the mailbox heads, then one statement per
+//! message, commit) where `n` transactions took six each.
+//!
+//! A fan-out is queued; a dispatcher takes the first message waiting and
+//! every other one already queued behind it (up to [`MAX_BATCH`]) and runs
+//! them in one transaction, at most [`CONCURRENT_BATCHES`] at a time. A
+//! lone message runs as before, in a transaction of its own: at low load
+//! nothing waits for a batch to fill. Under load, messages queue while
+//! the batches in flight run, so the next batch is larger.
+//!
+//! Locks are taken in the order every transaction takes them (senders'
+//! lines, then groups, then mailbox heads), each kind at once for the
+//! whole batch, sorted: two batches, or a batch and a commit, cannot wait
+//! on each other in a cycle. What a batch stores is what its messages one
+//! after the other, each in its own transaction, would have: each message
+//! is checked against its group's epoch and members and its sender's line
+//! as they were when the batch locked them, and a mailbox gets the
+//! batch's copies under consecutive IDs in the order the messages were
+//! queued. A message refused (not a member, a stale epoch, a suspended
+//! line) is told so; the others in its batch are stored.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use deadpool_postgres::Transaction;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use umbra_proto::{DeliveryKind, DeviceAddr, GroupId};
+
+use super::groups::{Message, lock_lines, routable_in};
+use super::{Failure, PgStore, transaction, unsigned};
+use crate::{FanOutOutcome, Result, StoreError, Timestamp};
+
+type Tx<'a> = Transaction<'a>;
+
+/// Messages in one transaction at most.
+const MAX_BATCH: usize = 32;
+/// Payload bytes in one transaction at most (a batch stops growing once
+/// past it; a single message of any accepted size still runs).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Batches one node runs at once (each on a pooled connection).
+const CONCURRENT_BATCHES: usize = 4;
+/// Fan-outs waiting for a batch at most; past it a sender waits to queue.
+const QUEUE: usize = 4096;
+
+/// A message to fan out, owned: it waits in the queue.
+pub struct FanOut {
+    pub group: GroupId,
+    /// `None` for an anonymous message (signed with the group's delivery
+    /// key): every leaf gets a copy.
+    pub sender: Option<DeviceAddr>,
+    pub kind: DeliveryKind,
+    pub payload: Vec<u8>,
+    pub epoch: u64,
+    pub now: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+impl std::fmt::Debug for FanOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The payload's length, not its bytes.
+        f.debug_struct("FanOut")
+            .field("group", &self.group)
+            .field("sender", &self.sender)
+            .field("kind", &self.kind)
+            .field("payload_bytes", &self.payload.len())
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FanOut {
+    fn message(&self) -> Message<'_> {
+        Message {
+            group: &self.group,
+            sender: self.sender.as_ref(),
+            kind: self.kind,
+            payload: &self.payload,
+            epoch: self.epoch,
+            now: self.now,
+        }
+    }
+}
+
+/// How the node's fan-outs were batched since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Transactions that stored fan-outs (a lone message's included).
+    pub transactions: u64,
+    /// Fan-outs those transactions carried.
+    pub messages: u64,
+}
+
+struct Job {
+    fan_out: FanOut,
+    reply: oneshot::Sender<Result<FanOutOutcome>>,
+}
+
+/// The node's queue of fan-outs; the dispatcher ends when the last store
+/// handle holding it is dropped.
+pub(super) struct Queue {
+    jobs: mpsc::Sender<Job>,
+    transactions: Arc<AtomicU64>,
+    messages: Arc<AtomicU64>,
+}
+
+impl Queue {
+    /// Starts the dispatcher over `store` (a handle without a queue).
+    pub(super) fn start(store: PgStore) -> Self {
+        let (jobs, queued) = mpsc::channel(QUEUE);
+        let transactions = Arc::new(AtomicU64::new(0));
+        let messages = Arc::new(AtomicU64::new(0));
+        tokio::spawn(dispatch(
+            store,
+            queued,
+            Arc::clone(&transactions),
+            Arc::clone(&messages),
+        ));
+        Queue {
+            jobs,
+            transactions,
+            messages,
+        }
+    }
+
+    pub(super) fn stats(&self) -> BatchStats {
+        BatchStats {
+            transactions: self.transactions.load(Ordering::Relaxed),
+            messages: self.messages.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queues `fan_out` and waits for its batch's outcome.
+    pub(super) async fn fan_out(&self, fan_out: FanOut) -> Result<FanOutOutcome> {
+        let (reply, outcome) = oneshot::channel();
+        self.jobs
+            .send(Job { fan_out, reply })
+            .await
+            .map_err(|_| StoreError::Backend("the fan-out queue is closed".into()))?;
+        outcome.await.unwrap_or_else(|_| {
+            Err(StoreError::Backend(
+                "the fan-out batch ended without an answer".into(),
+            ))
+        })
+    }
+}
+
+async fn dispatch(
+    store: PgStore,
+    mut queued: mpsc::Receiver<Job>,
+    transactions: Arc<AtomicU64>,
+    messages: Arc<AtomicU64>,
+) {
+    let running = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
+    while let Some(first) = queued.recv().await {
+        // Waiting for a batch to finish lets the queue grow: the next
+        // batch takes what came meanwhile.
+        let Ok(permit) = Arc::clone(&running).acquire_owned().await else {
+            break;
+        };
+        let mut bytes = first.fan_out.payload.len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            let Ok(job) = queued.try_recv() else {
+                break;
+            };
+            bytes += job.fan_out.payload.len();
+            batch.push(job);
+        }
+        // A sender that stopped waiting (its connection closed) is not
+        // stored for: as when its own transaction was dropped.
+        batch.retain(|job| !job.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let store = store.clone();
+        let transactions = Arc::clone(&transactions);
+        let messages = Arc::clone(&messages);
+        tokio::spawn(async move {
+            let (fan_outs, replies): (Vec<FanOut>, Vec<_>) = batch
+                .into_iter()
+                .map(|job| (job.fan_out, job.reply))
+                .unzip();
+            let outcomes = store.fan_out_batch(&fan_outs).await;
+            transactions.fetch_add(1, Ordering::Relaxed);
+            messages.fetch_add(fan_outs.len() as u64, Ordering::Relaxed);
+            match outcomes {
+                Ok(outcomes) => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(Ok(outcome));
+                    }
+                }
+                Err(error) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+impl PgStore {
+    /// Checks and stores `fan_outs` in one transaction, as if each had run
+    /// in its own one after the other, in order; one outcome per message.
+    /// What the node's queue runs; a lone message takes the single path.
+    pub async fn fan_out_batch(&self, fan_outs: &[FanOut]) -> Result<Vec<FanOutOutcome>> {
+        match fan_outs {
+            [] => Ok(Vec::new()),
+            [one] => {
+                let message = one.message();
+                let outcome = transaction!(self, tx => {
+                    self.fan_out_in(&tx, &message, one.expires_at).await
+                })?;
+                Ok(vec![outcome])
+            }
+            several => transaction!(self, tx => self.fan_out_batch_in(&tx, several).await),
+        }
+    }
+
+    async fn fan_out_batch_in(
+        &self,
+        tx: &Tx<'_>,
+        fan_outs: &[FanOut],
+    ) -> std::result::Result<Vec<FanOutOutcome>, Failure> {
+        // The senders' lines, then the groups, then the mailbox heads:
+        // each kind locked at once, in sorted order.
+        let mut accounts: Vec<&str> = fan_outs
+            .iter()
+            .filter_map(|f| f.sender.as_ref().map(|s| s.account.as_str()))
+            .collect();
+        accounts.sort_unstable();
+        accounts.dedup();
+        let lines = lock_lines(tx, &accounts).await?;
+        let mut groups: Vec<&[u8]> = fan_outs.iter().map(|f| f.group.as_bytes()).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        let epochs = lock_groups(tx, &groups).await?;
+        let known: Vec<&[u8]> = groups
+            .into_iter()
+            .filter(|g| epochs.contains_key(*g))
+            .collect();
+        let members = routable_in(tx, &known).await?;
+        let mut heads: Vec<&DeviceAddr> = members.values().flatten().collect();
+        heads.sort_unstable();
+        heads.dedup();
+        lock_heads(tx, &heads).await?;
+        let mut outcomes = Vec::with_capacity(fan_outs.len());
+        for fan_out in fan_outs {
+            let group = fan_out.group.as_bytes();
+            let Some(current) = epochs.get(group) else {
+                outcomes.push(FanOutOutcome::UnknownGroup);
+                continue;
+            };
+            let line = fan_out
+                .sender
+                .as_ref()
+                .map(|s| lines.get(s.account.as_str()).copied());
+            let members = members.get(group).map_or(&[][..], Vec::as_slice);
+            outcomes.push(
+                self.store_checked(
+                    tx,
+                    &fan_out.message(),
+                    *current,
+                    members,
+                    line,
+                    fan_out.expires_at,
+                )
+                .await?,
+            );
+        }
+        Ok(outcomes)
+    }
+}
+
+/// The epochs of `groups` (distinct) that exist, their rows locked
+/// (shared) in sorted order to the end of the transaction.
+async fn lock_groups(
+    tx: &Tx<'_>,
+    groups: &[&[u8]],
+) -> std::result::Result<HashMap<Vec<u8>, u64>, Failure> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT group_id, epoch FROM groups WHERE group_id = ANY($1::bytea[])
+             ORDER BY group_id FOR SHARE",
+        )
+        .await?;
+    let mut epochs = HashMap::with_capacity(groups.len());
+    for row in tx.query(&statement, &[&groups]).await? {
+        epochs.insert(row.get::<_, Vec<u8>>(0), unsigned(row.get(1))?);
+    }
+    Ok(epochs)
+}
+
+/// Locks the open mailbox heads of `devices` (distinct, sorted) in the
+/// order `store_copies` locks them, to the end of the transaction: the
+/// batch's statements then store under heads it already holds, whatever
+/// order its messages name them in.
+async fn lock_heads(tx: &Tx<'_>, devices: &[&DeviceAddr]) -> std::result::Result<(), Failure> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let accounts: Vec<&str> = devices.iter().map(|d| d.account.as_str()).collect();
+    let numbers: Vec<i64> = devices.iter().map(|d| i64::from(d.device.0)).collect();
+    let statement = tx
+        .prepare_cached(
+            "SELECT 1 FROM mailbox_heads h
+             JOIN unnest($1::text[], $2::bigint[]) AS t(account_id, device)
+               ON h.account_id = t.account_id AND h.device = t.device
+             WHERE NOT h.closed
+             ORDER BY h.account_id, h.device
+             FOR UPDATE OF h",
+        )
+        .await?;
+    tx.query(&statement, &[&accounts, &numbers]).await?;
+    Ok(())
+}
