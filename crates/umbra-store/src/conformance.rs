@@ -6,7 +6,7 @@
 mod batches;
 mod blobs;
 
-pub use batches::{a_batch_stores_as_one_after_another, many_senders_at_once};
+pub use batches::{BATCH_CAP, a_batch_stores_as_one_after_another, many_senders_at_once};
 
 use std::future::Future;
 

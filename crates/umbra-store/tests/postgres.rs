@@ -234,5 +234,19 @@ async fn postgres_batch_is_one_after_another() {
         pg.fresh_store(StoreLimits::default()),
         pg.fresh_store(StoreLimits::default())
     );
-    conformance::a_batch_stores_as_one_after_another(&batched.unwrap(), &alone.unwrap()).await;
+    conformance::a_batch_stores_as_one_after_another(&batched.unwrap(), &alone.unwrap(), false)
+        .await;
+}
+
+/// The same with Carol's mailbox filling part way through the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_batch_meeting_a_full_mailbox_is_one_after_another() {
+    let pg = server();
+    let limits = StoreLimits {
+        mailbox_bytes: conformance::BATCH_CAP,
+        ..StoreLimits::default()
+    };
+    let (batched, alone) = tokio::join!(pg.fresh_store(limits), pg.fresh_store(limits));
+    conformance::a_batch_stores_as_one_after_another(&batched.unwrap(), &alone.unwrap(), true)
+        .await;
 }

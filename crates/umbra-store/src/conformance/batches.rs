@@ -12,6 +12,11 @@ use super::{
 use crate::postgres::{FanOut, PgStore};
 use crate::{Distributors, FanOutOutcome, LineStatus, Mailboxes, Store};
 
+/// The `mailbox_bytes` of the stores given to
+/// [`a_batch_stores_as_one_after_another`] with `capped`: room in Carol's
+/// mailbox for "one" and "two" but not "anonymous" besides them.
+pub const BATCH_CAP: u64 = 12;
+
 /// Senders in [`many_senders_at_once`], each in a group of two with the
 /// one recipient.
 const SENDERS: u8 = 16;
@@ -156,7 +161,9 @@ async fn send(
 /// other, each in its own transaction, on two stores with the same
 /// history: the same outcome for each message (stored, or refused for
 /// the same reason) and the same mailboxes, copy for copy and ID for ID.
-pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgStore) {
+/// With `capped`, the stores' `mailbox_bytes` must be [`BATCH_CAP`]:
+/// Carol's mailbox fills part way through the batch.
+pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgStore, capped: bool) {
     let fan_outs = |g: &GroupId, [alice, bob, carol]: &[AccountId; 3], mallory: &AccountId| {
         let message = |sender: Option<&AccountId>, kind, payload: &[u8], epoch| FanOut {
             group: g.clone(),
@@ -228,12 +235,27 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
     // And those are what the rules say (so that the two cannot agree on
     // something wrong).
     let carol: Vec<&[u8]> = mailboxes[0][2].iter().map(|d| &d.payload[..]).collect();
-    assert_eq!(
-        carol,
-        [&b"one"[..], b"two", b"anonymous", b"three", b"proposal"]
-    );
+    if capped {
+        // "one" and "two" fit; "anonymous" does not, nor (the notice
+        // taking room) "three": one notice counting both; the proposal is
+        // kept past the cap.
+        assert_eq!(
+            carol,
+            [&b"one"[..], b"two", &2u64.to_be_bytes(), b"proposal"]
+        );
+        assert_eq!(mailboxes[0][2][2].kind, DeliveryKind::MailboxFull);
+    } else {
+        assert_eq!(
+            carol,
+            [&b"one"[..], b"two", b"anonymous", b"three", b"proposal"]
+        );
+    }
+    // IDs increase (dense but for a notice replaced by the next one).
     let ids: Vec<u64> = mailboxes[0][2].iter().map(|d| d.id).collect();
-    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+    assert!(ids.windows(2).all(|w| w[1] > w[0]), "{ids:?}");
+    if !capped {
+        assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+    }
     assert!(mailboxes[0][3].is_empty(), "Mallory is in no group");
     let refused = &batch_outcomes[1..6];
     assert!(

@@ -34,8 +34,9 @@ use deadpool_postgres::Transaction;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use umbra_proto::{DeliveryKind, DeviceAddr, GroupId};
 
-use super::groups::{Message, lock_lines, routable_in};
-use super::{Failure, PgStore, transaction, unsigned};
+use super::groups::{Message, checked, lock_lines, routable_in, stored};
+use super::mailboxes::Copy;
+use super::{Failure, PgStore, big, device_addr, transaction, unsigned};
 use crate::{FanOutOutcome, Result, StoreError, Timestamp};
 
 type Tx<'a> = Transaction<'a>;
@@ -249,36 +250,189 @@ impl PgStore {
             .filter(|g| epochs.contains_key(*g))
             .collect();
         let members = routable_in(tx, &known).await?;
-        let mut heads: Vec<&DeviceAddr> = members.values().flatten().collect();
-        heads.sort_unstable();
-        heads.dedup();
-        lock_heads(tx, &heads).await?;
-        let mut outcomes = Vec::with_capacity(fan_outs.len());
-        for fan_out in fan_outs {
-            let group = fan_out.group.as_bytes();
-            let Some(current) = epochs.get(group) else {
-                outcomes.push(FanOutOutcome::UnknownGroup);
+        // Each message checked: its recipients, or why it is refused.
+        let checks: Vec<std::result::Result<Vec<DeviceAddr>, FanOutOutcome>> = fan_outs
+            .iter()
+            .map(|fan_out| {
+                let group = fan_out.group.as_bytes();
+                let Some(current) = epochs.get(group) else {
+                    return Err(FanOutOutcome::UnknownGroup);
+                };
+                let line = fan_out
+                    .sender
+                    .as_ref()
+                    .map(|s| lines.get(s.account.as_str()).copied());
+                let members = members.get(group).map_or(&[][..], Vec::as_slice);
+                checked(&fan_out.message(), *current, members, line)
+            })
+            .collect();
+        let mut devices: Vec<&DeviceAddr> = checks.iter().flatten().flatten().collect();
+        devices.sort_unstable();
+        devices.dedup();
+        let mut heads = lock_heads(tx, &devices).await?;
+        // Each copy its mailbox's next ID, message after message, as one
+        // transaction each would give them; unless a copy meets a full
+        // mailbox, whose notice (one per mailbox, counting) the
+        // one-at-a-time path keeps.
+        let mut plan = Plan::default();
+        let mut ids_of = Vec::with_capacity(fan_outs.len());
+        for (n, (fan_out, check)) in fan_outs.iter().zip(&checks).enumerate() {
+            let Ok(recipients) = check else {
+                ids_of.push(Vec::new());
                 continue;
             };
-            let line = fan_out
-                .sender
-                .as_ref()
-                .map(|s| lines.get(s.account.as_str()).copied());
-            let members = members.get(group).map_or(&[][..], Vec::as_slice);
-            outcomes.push(
-                self.store_checked(
-                    tx,
-                    &fan_out.message(),
-                    *current,
-                    members,
-                    line,
-                    fan_out.expires_at,
-                )
-                .await?,
-            );
+            let size = big(fan_out.payload.len() as u64);
+            let capped = fan_out.kind == DeliveryKind::Application && self.limits.mailbox_bytes > 0;
+            let mut ids = Vec::with_capacity(recipients.len());
+            for recipient in recipients {
+                // No open head: removed or revoked since it was read as
+                // current; nothing is stored for it.
+                let Some(head) = heads.get_mut(recipient) else {
+                    ids.push(None);
+                    continue;
+                };
+                if capped && head.bytes.saturating_add(size) > big(self.limits.mailbox_bytes) {
+                    plan.full = true;
+                    break;
+                }
+                plan.copies.push((recipient, head.next_id, n));
+                ids.push(Some(unsigned(head.next_id)?));
+                head.next_id += 1;
+                head.bytes = head.bytes.saturating_add(size);
+            }
+            ids_of.push(ids);
+        }
+        if plan.full {
+            return self.store_one_after_another(tx, fan_outs, checks).await;
+        }
+        store_planned(tx, fan_outs, &plan.copies, &heads).await?;
+        Ok(fan_outs
+            .iter()
+            .zip(checks)
+            .zip(ids_of)
+            .map(|((fan_out, check), ids)| match check {
+                Ok(recipients) => stored(&fan_out.message(), recipients, ids),
+                Err(refused) => refused,
+            })
+            .collect())
+    }
+
+    /// The batch's checked messages stored one after the other (under
+    /// heads it already holds), each as its own transaction would: for a
+    /// batch in which some copy meets a full mailbox.
+    async fn store_one_after_another(
+        &self,
+        tx: &Tx<'_>,
+        fan_outs: &[FanOut],
+        checks: Vec<std::result::Result<Vec<DeviceAddr>, FanOutOutcome>>,
+    ) -> std::result::Result<Vec<FanOutOutcome>, Failure> {
+        let mut outcomes = Vec::with_capacity(fan_outs.len());
+        for (fan_out, check) in fan_outs.iter().zip(checks) {
+            let recipients = match check {
+                Ok(recipients) => recipients,
+                Err(refused) => {
+                    outcomes.push(refused);
+                    continue;
+                }
+            };
+            let message = fan_out.message();
+            let copy = Copy {
+                sender: None,
+                kind: fan_out.kind,
+                group: Some(&fan_out.group),
+                payload: &fan_out.payload,
+                now: fan_out.now,
+                expires_at: fan_out.expires_at,
+            };
+            let ids = self.store_copies(tx, &recipients, &copy).await?;
+            outcomes.push(stored(&message, recipients, ids));
         }
         Ok(outcomes)
     }
+}
+
+/// The copies a batch stores, each under the ID it was given.
+#[derive(Default)]
+struct Plan<'a> {
+    /// The recipient, the copy's ID, and the message's place in the batch.
+    copies: Vec<(&'a DeviceAddr, i64, usize)>,
+    /// Some copy met a full mailbox: the batch is stored one message after
+    /// the other instead.
+    full: bool,
+}
+
+/// A mailbox head as a batch holds it: locked, and moved in memory until
+/// the batch writes it back.
+struct Head {
+    next_id: i64,
+    bytes: i64,
+}
+
+/// Stores a batch's copies and moves their mailboxes' heads, in one
+/// statement: the heads are locked (by [`lock_heads`]) so the values
+/// written back are the ones this transaction read, moved on.
+async fn store_planned(
+    tx: &Tx<'_>,
+    fan_outs: &[FanOut],
+    copies: &[(&DeviceAddr, i64, usize)],
+    heads: &HashMap<&DeviceAddr, Head>,
+) -> std::result::Result<(), Failure> {
+    if copies.is_empty() {
+        return Ok(());
+    }
+    let head_accounts: Vec<&str> = heads.keys().map(|d| d.account.as_str()).collect();
+    let head_devices: Vec<i64> = heads.keys().map(|d| i64::from(d.device.0)).collect();
+    let next_ids: Vec<i64> = heads.values().map(|h| h.next_id).collect();
+    let bytes: Vec<i64> = heads.values().map(|h| h.bytes).collect();
+    let accounts: Vec<&str> = copies.iter().map(|c| c.0.account.as_str()).collect();
+    let devices: Vec<i64> = copies.iter().map(|c| i64::from(c.0.device.0)).collect();
+    let ids: Vec<i64> = copies.iter().map(|c| c.1).collect();
+    // WITH ORDINALITY counts from 1.
+    let messages: Vec<i64> = copies.iter().map(|c| c.2 as i64 + 1).collect();
+    let kinds: Vec<i32> = fan_outs.iter().map(|f| f.kind as i32).collect();
+    let groups: Vec<&[u8]> = fan_outs.iter().map(|f| f.group.as_bytes()).collect();
+    let payloads: Vec<&[u8]> = fan_outs.iter().map(|f| &f.payload[..]).collect();
+    let sent: Vec<i64> = fan_outs.iter().map(|f| big(f.now)).collect();
+    let expires: Vec<i64> = fan_outs.iter().map(|f| big(f.expires_at)).collect();
+    let statement = tx
+        .prepare_cached(
+            "WITH moved AS (
+                 UPDATE mailbox_heads h SET next_id = t.next_id, bytes = t.bytes
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
+                      AS t(account_id, device, next_id, bytes)
+                 WHERE h.account_id = t.account_id AND h.device = t.device
+             )
+             INSERT INTO mailbox (account_id, device, id, sender, kind, group_id, payload,
+                                  sent_at, expires_at)
+             SELECT c.account_id, c.device, c.id, NULL, m.kind, m.group_id, m.payload,
+                    m.sent_at, m.expires_at
+             FROM unnest($5::text[], $6::bigint[], $7::bigint[], $8::bigint[])
+                  AS c(account_id, device, id, message)
+             JOIN unnest($9::int[], $10::bytea[], $11::bytea[], $12::bigint[], $13::bigint[])
+                  WITH ORDINALITY AS m(kind, group_id, payload, sent_at, expires_at, n)
+               ON m.n = c.message",
+        )
+        .await?;
+    tx.execute(
+        &statement,
+        &[
+            &head_accounts,
+            &head_devices,
+            &next_ids,
+            &bytes,
+            &accounts,
+            &devices,
+            &ids,
+            &messages,
+            &kinds,
+            &groups,
+            &payloads,
+            &sent,
+            &expires,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// The epochs of `groups` (distinct) that exist, their rows locked
@@ -301,18 +455,21 @@ async fn lock_groups(
 }
 
 /// Locks the open mailbox heads of `devices` (distinct, sorted) in the
-/// order `store_copies` locks them, to the end of the transaction: the
-/// batch's statements then store under heads it already holds, whatever
-/// order its messages name them in.
-async fn lock_heads(tx: &Tx<'_>, devices: &[&DeviceAddr]) -> std::result::Result<(), Failure> {
+/// order `store_copies` locks them, to the end of the transaction, and
+/// reads them. A device with no open head (removed, revoked) has no entry.
+async fn lock_heads<'a>(
+    tx: &Tx<'_>,
+    devices: &[&'a DeviceAddr],
+) -> std::result::Result<HashMap<&'a DeviceAddr, Head>, Failure> {
+    let mut heads = HashMap::with_capacity(devices.len());
     if devices.is_empty() {
-        return Ok(());
+        return Ok(heads);
     }
     let accounts: Vec<&str> = devices.iter().map(|d| d.account.as_str()).collect();
     let numbers: Vec<i64> = devices.iter().map(|d| i64::from(d.device.0)).collect();
     let statement = tx
         .prepare_cached(
-            "SELECT 1 FROM mailbox_heads h
+            "SELECT h.account_id, h.device, h.next_id, h.bytes FROM mailbox_heads h
              JOIN unnest($1::text[], $2::bigint[]) AS t(account_id, device)
                ON h.account_id = t.account_id AND h.device = t.device
              WHERE NOT h.closed
@@ -320,6 +477,19 @@ async fn lock_heads(tx: &Tx<'_>, devices: &[&DeviceAddr]) -> std::result::Result
              FOR UPDATE OF h",
         )
         .await?;
-    tx.query(&statement, &[&accounts, &numbers]).await?;
-    Ok(())
+    let by_address: HashMap<DeviceAddr, &'a DeviceAddr> =
+        devices.iter().map(|d| ((*d).clone(), *d)).collect();
+    for row in tx.query(&statement, &[&accounts, &numbers]).await? {
+        let address = device_addr(row.get(0), row.get(1))?;
+        if let Some(device) = by_address.get(&address) {
+            heads.insert(
+                *device,
+                Head {
+                    next_id: row.get(2),
+                    bytes: row.get(3),
+                },
+            );
+        }
+    }
+    Ok(heads)
 }

@@ -547,10 +547,9 @@ impl PgStore {
             .await
     }
 
-    /// The second half of a fan-out, once the sender's line (`line`: its
-    /// state, `None` for no such account; `None` itself for an anonymous
-    /// message) and the group (its epoch `current` and routable `members`)
-    /// were read and locked: the check, then the copies.
+    /// The second half of a fan-out, once the sender's line and the
+    /// group were read and locked (see [`checked`]): the check, then the
+    /// copies.
     pub(super) async fn store_checked(
         &self,
         tx: &Tx<'_>,
@@ -560,20 +559,10 @@ impl PgStore {
         line: Option<Option<(LineStatus, u64)>>,
         expires_at: Timestamp,
     ) -> std::result::Result<FanOutOutcome, Failure> {
-        let sender = line.map(|line| {
-            let member = message.sender.is_some_and(|s| members.contains(s));
-            (member, line)
-        });
-        if let Err(refused) =
-            crate::check_fan_out(current, message.epoch, message.kind, message.now, sender)
-        {
-            return Ok(refused);
-        }
-        let recipients: Vec<DeviceAddr> = members
-            .iter()
-            .filter(|m| Some(*m) != message.sender)
-            .cloned()
-            .collect();
+        let recipients = match checked(message, current, members, line) {
+            Ok(recipients) => recipients,
+            Err(refused) => return Ok(refused),
+        };
         let copy = Copy {
             sender: None,
             kind: message.kind,
@@ -583,26 +572,58 @@ impl PgStore {
             expires_at,
         };
         let ids = self.store_copies(tx, &recipients, &copy).await?;
-        // A copy not kept (its mailbox full) has no ID, and is not handed
-        // over either.
-        let deliveries = recipients
-            .into_iter()
-            .zip(ids)
-            .filter_map(|(recipient, id)| {
-                let delivery = StoredDelivery {
-                    id: id?,
-                    sender: None,
-                    kind: message.kind,
-                    group_id: Some(message.group.clone()),
-                    payload: message.payload.to_vec(),
-                    sent_at: message.now,
-                };
-                Some((recipient, delivery))
-            })
-            .collect();
-        Ok(FanOutOutcome::Stored {
-            deliveries,
-            durable: Durable::ready(),
+        Ok(stored(message, recipients, ids))
+    }
+}
+
+/// A fan-out's check, once the sender's line (`line`: its state, `None`
+/// for no such account; `None` itself for an anonymous message) and the
+/// group (its epoch `current` and routable `members`) were read and
+/// locked: the devices to store a copy for, or the outcome that refuses
+/// the message.
+pub(super) fn checked(
+    message: &Message<'_>,
+    current: u64,
+    members: &[DeviceAddr],
+    line: Option<Option<(LineStatus, u64)>>,
+) -> std::result::Result<Vec<DeviceAddr>, FanOutOutcome> {
+    let sender = line.map(|line| {
+        let member = message.sender.is_some_and(|s| members.contains(s));
+        (member, line)
+    });
+    crate::check_fan_out(current, message.epoch, message.kind, message.now, sender)?;
+    Ok(members
+        .iter()
+        .filter(|m| Some(*m) != message.sender)
+        .cloned()
+        .collect())
+}
+
+/// A stored fan-out's outcome: a delivery for each of `recipients` whose
+/// copy has an ID in `ids` (a copy not kept, its mailbox full, has none,
+/// and is not handed over either).
+pub(super) fn stored(
+    message: &Message<'_>,
+    recipients: Vec<DeviceAddr>,
+    ids: Vec<Option<u64>>,
+) -> FanOutOutcome {
+    let deliveries = recipients
+        .into_iter()
+        .zip(ids)
+        .filter_map(|(recipient, id)| {
+            let delivery = StoredDelivery {
+                id: id?,
+                sender: None,
+                kind: message.kind,
+                group_id: Some(message.group.clone()),
+                payload: message.payload.to_vec(),
+                sent_at: message.now,
+            };
+            Some((recipient, delivery))
         })
+        .collect();
+    FanOutOutcome::Stored {
+        deliveries,
+        durable: Durable::ready(),
     }
 }
