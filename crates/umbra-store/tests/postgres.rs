@@ -219,10 +219,24 @@ async fn postgres_batches_many_senders_on_two_nodes() {
     for (name, store) in [("a", &a), ("b", &b)] {
         let stats = store.fan_out_stats();
         assert!(
-            stats.messages > stats.transactions,
+            stats.items > stats.transactions,
             "node {name} stored every message alone: {stats:?}"
         );
+        let stats = store.ack_stats();
+        assert!(
+            stats.items > stats.transactions,
+            "node {name} ran every acknowledgement alone: {stats:?}"
+        );
     }
+    // Every mailbox is empty, and so is its count of bytes (what the cap
+    // is checked against).
+    let heads = umbra_store::postgres::testing::query(
+        &url,
+        "SELECT COUNT(*) FROM mailbox_heads WHERE bytes <> 0",
+    )
+    .await
+    .unwrap();
+    assert_eq!(heads, vec![vec![Some("0".to_owned())]]);
 }
 
 /// A batch with every kind of refusal in it: each message's outcome, and

@@ -133,6 +133,45 @@ pub async fn many_senders_at_once(a: &impl Store, b: &impl Store) {
             .unwrap()
             .is_empty()
     );
+
+    // Back the other way: Carol writes in every group, and the sixteen
+    // acknowledge at once, each copy on its own and each twice at the
+    // same moment, through both stores (as a device reconnecting to
+    // another node may): every copy is deleted, and counted, once.
+    const BACK: u8 = 5;
+    for (sender, g) in &senders {
+        read_all(a, sender).await;
+        for m in 0..BACK {
+            let (_, durable) = stored(Ok(send(a, g, &carol, &[m], 1).await));
+            durable.wait().await.unwrap();
+        }
+    }
+    let acknowledge = |n: usize| {
+        let device = one(&senders[n].0);
+        async move {
+            let held = a.pending(&device, 0, 100, NOW).await.unwrap();
+            assert_eq!(held.len(), usize::from(BACK), "sender {n}'s mailbox");
+            for delivery in &held {
+                let id = [delivery.id];
+                let (first, second) = tokio::join!(a.ack(&device, &id), b.ack(&device, &id));
+                assert_eq!(
+                    first.unwrap() + second.unwrap(),
+                    1,
+                    "sender {n}'s copy {} deleted once",
+                    delivery.id
+                );
+            }
+        }
+    };
+    futures_util::future::join_all((0..usize::from(SENDERS)).map(acknowledge)).await;
+    for (sender, _) in &senders {
+        assert!(
+            b.pending(&one(sender), 0, 10, NOW)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
 }
 
 /// An application message from `sender` to `g` in `epoch`.

@@ -1,19 +1,9 @@
-//! Fan-outs batched per node: the messages a node's connections send at
-//! about the same moment are checked and stored in one transaction, as
-//! the embedded store's writer batches its writes in one commit.
-//!
-//! Most of what PostgreSQL spends on a message is per transaction and per
-//! statement, not per row (see `docs/benchmarks-postgres.md`): a batch of
-//! `n` messages takes seven round trips (begin, the senders' lines, the
-//! groups, their members, the mailbox heads, then one statement per
-//! message, commit) where `n` transactions took six each.
-//!
-//! A fan-out is queued; a dispatcher takes the first message waiting and
-//! every other one already queued behind it (up to [`MAX_BATCH`]) and runs
-//! them in one transaction, at most [`CONCURRENT_BATCHES`] at a time. A
-//! lone message runs as before, in a transaction of its own: at low load
-//! nothing waits for a batch to fill. Under load, messages queue while
-//! the batches in flight run, so the next batch is larger.
+//! Fan-outs batched per node (through the node's [`super::queue`]): the
+//! messages its connections send at about the same moment are checked
+//! and stored in one transaction of six round trips (begin, the senders'
+//! lines, the groups, their members, the mailbox heads, every copy in one
+//! statement; then commit) where each message alone took six. A lone
+//! message runs as before, in a transaction of its own.
 //!
 //! Locks are taken in the order every transaction takes them (senders'
 //! lines, then groups, then mailbox heads), each kind at once for the
@@ -24,32 +14,24 @@
 //! as they were when the batch locked them, and a mailbox gets the
 //! batch's copies under consecutive IDs in the order the messages were
 //! queued. A message refused (not a member, a stale epoch, a suspended
-//! line) is told so; the others in its batch are stored.
+//! line) is told so; the others in its batch are stored. A batch in which
+//! a copy meets a full mailbox stores its messages one after the other
+//! (under the heads it holds), so that the one notice per full mailbox
+//! counts as it does for messages sent one at a time.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
 
 use deadpool_postgres::Transaction;
-use tokio::sync::{Semaphore, mpsc, oneshot};
 use umbra_proto::{DeliveryKind, DeviceAddr, GroupId};
 
 use super::groups::{Message, checked, lock_lines, routable_in, stored};
 use super::mailboxes::Copy;
+use super::queue::Work;
 use super::{Failure, PgStore, big, device_addr, transaction, unsigned};
-use crate::{FanOutOutcome, Result, StoreError, Timestamp};
+use crate::{FanOutOutcome, Result, Timestamp};
 
 type Tx<'a> = Transaction<'a>;
-
-/// Messages in one transaction at most.
-const MAX_BATCH: usize = 32;
-/// Payload bytes in one transaction at most (a batch stops growing once
-/// past it; a single message of any accepted size still runs).
-const MAX_BATCH_BYTES: usize = 4 << 20;
-/// Batches one node runs at once (each on a pooled connection).
-const CONCURRENT_BATCHES: usize = 4;
-/// Fan-outs waiting for a batch at most; past it a sender waits to queue.
-const QUEUE: usize = 4096;
 
 /// A message to fan out, owned: it waits in the queue.
 pub struct FanOut {
@@ -90,122 +72,19 @@ impl FanOut {
     }
 }
 
-/// How the node's fan-outs were batched since it started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BatchStats {
-    /// Transactions that stored fan-outs (a lone message's included).
-    pub transactions: u64,
-    /// Fan-outs those transactions carried.
-    pub messages: u64,
-}
+impl Work for FanOut {
+    type Outcome = FanOutOutcome;
+    const NAME: &'static str = "fan-out";
 
-struct Job {
-    fan_out: FanOut,
-    reply: oneshot::Sender<Result<FanOutOutcome>>,
-}
-
-/// The node's queue of fan-outs; the dispatcher ends when the last store
-/// handle holding it is dropped.
-pub(super) struct Queue {
-    jobs: mpsc::Sender<Job>,
-    transactions: Arc<AtomicU64>,
-    messages: Arc<AtomicU64>,
-}
-
-impl Queue {
-    /// Starts the dispatcher over `store` (a handle without a queue).
-    pub(super) fn start(store: PgStore) -> Self {
-        let (jobs, queued) = mpsc::channel(QUEUE);
-        let transactions = Arc::new(AtomicU64::new(0));
-        let messages = Arc::new(AtomicU64::new(0));
-        tokio::spawn(dispatch(
-            store,
-            queued,
-            Arc::clone(&transactions),
-            Arc::clone(&messages),
-        ));
-        Queue {
-            jobs,
-            transactions,
-            messages,
-        }
+    fn bytes(&self) -> usize {
+        self.payload.len()
     }
 
-    pub(super) fn stats(&self) -> BatchStats {
-        BatchStats {
-            transactions: self.transactions.load(Ordering::Relaxed),
-            messages: self.messages.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Queues `fan_out` and waits for its batch's outcome.
-    pub(super) async fn fan_out(&self, fan_out: FanOut) -> Result<FanOutOutcome> {
-        let (reply, outcome) = oneshot::channel();
-        self.jobs
-            .send(Job { fan_out, reply })
-            .await
-            .map_err(|_| StoreError::Backend("the fan-out queue is closed".into()))?;
-        outcome.await.unwrap_or_else(|_| {
-            Err(StoreError::Backend(
-                "the fan-out batch ended without an answer".into(),
-            ))
-        })
-    }
-}
-
-async fn dispatch(
-    store: PgStore,
-    mut queued: mpsc::Receiver<Job>,
-    transactions: Arc<AtomicU64>,
-    messages: Arc<AtomicU64>,
-) {
-    let running = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
-    while let Some(first) = queued.recv().await {
-        // Waiting for a batch to finish lets the queue grow: the next
-        // batch takes what came meanwhile.
-        let Ok(permit) = Arc::clone(&running).acquire_owned().await else {
-            break;
-        };
-        let mut bytes = first.fan_out.payload.len();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-            let Ok(job) = queued.try_recv() else {
-                break;
-            };
-            bytes += job.fan_out.payload.len();
-            batch.push(job);
-        }
-        // A sender that stopped waiting (its connection closed) is not
-        // stored for: as when its own transaction was dropped.
-        batch.retain(|job| !job.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
-        let store = store.clone();
-        let transactions = Arc::clone(&transactions);
-        let messages = Arc::clone(&messages);
-        tokio::spawn(async move {
-            let (fan_outs, replies): (Vec<FanOut>, Vec<_>) = batch
-                .into_iter()
-                .map(|job| (job.fan_out, job.reply))
-                .unzip();
-            let outcomes = store.fan_out_batch(&fan_outs).await;
-            transactions.fetch_add(1, Ordering::Relaxed);
-            messages.fetch_add(fan_outs.len() as u64, Ordering::Relaxed);
-            match outcomes {
-                Ok(outcomes) => {
-                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                        let _ = reply.send(Ok(outcome));
-                    }
-                }
-                Err(error) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                }
-            }
-            drop(permit);
-        });
+    fn run<'a>(
+        store: &'a PgStore,
+        batch: &'a [Self],
+    ) -> impl Future<Output = Result<Vec<FanOutOutcome>>> + Send + 'a {
+        store.fan_out_batch(batch)
     }
 }
 

@@ -382,8 +382,8 @@ impl Groups for PgStore {
 impl PgStore {
     /// Through the node's batching queue, or alone on a handle without one.
     async fn fan_out_queued(&self, fan_out: FanOut) -> Result<FanOutOutcome> {
-        match &self.fan_outs {
-            Some(queue) => queue.fan_out(fan_out).await,
+        match &self.queues {
+            Some(queues) => queues.fan_outs.run(fan_out).await,
             None => {
                 let mut outcomes = self.fan_out_batch(std::slice::from_ref(&fan_out)).await?;
                 outcomes.pop().ok_or_else(|| {

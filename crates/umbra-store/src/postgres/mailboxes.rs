@@ -1,10 +1,14 @@
 //! Mailboxes in PostgreSQL: copies stored under each mailbox's head row,
 //! read, acknowledged and expired.
 
+use std::collections::HashMap;
+use std::future::Future;
+
 use async_trait::async_trait;
 use deadpool_postgres::Transaction;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, GroupId};
 
+use super::queue::Work;
 use super::{Failure, PgStore, big, device_addr, group_id, transaction, unsigned};
 use crate::{Mailboxes, Notice, Result, StoreError, StoredDelivery, Timestamp};
 
@@ -392,19 +396,18 @@ impl Mailboxes for PgStore {
         if ids.is_empty() {
             return Ok(0);
         }
-        let deleted = transaction!(self, tx => {
-            delete_mail(
-                &tx,
-                "account_id = $1 AND device = $2 AND id = ANY($3)",
-                &[
-                    &recipient.account.as_str(),
-                    &i64::from(recipient.device.0),
-                    &ids,
-                ],
-            )
-            .await
-        })?;
-        Ok(deleted as usize)
+        let ack = Ack {
+            recipient: recipient.clone(),
+            ids,
+        };
+        match &self.queues {
+            Some(queues) => queues.acks.run(ack).await,
+            None => Ok(self
+                .ack_batch(std::slice::from_ref(&ack))
+                .await?
+                .pop()
+                .unwrap_or(0)),
+        }
     }
 
     async fn expire(&self, now: Timestamp) -> Result<usize> {
@@ -452,3 +455,116 @@ impl Mailboxes for PgStore {
 
 /// Expired copies deleted per transaction by `expire`.
 const EXPIRY_BATCH: u64 = 5000;
+
+/// One device's acknowledgement of the copies it was handed.
+pub(super) struct Ack {
+    recipient: DeviceAddr,
+    ids: Vec<i64>,
+}
+
+impl Work for Ack {
+    type Outcome = usize;
+    const NAME: &'static str = "acknowledgement";
+
+    fn bytes(&self) -> usize {
+        self.ids.len() * 8
+    }
+
+    fn run<'a>(
+        store: &'a PgStore,
+        batch: &'a [Self],
+    ) -> impl Future<Output = Result<Vec<usize>>> + Send + 'a {
+        store.ack_batch(batch)
+    }
+}
+
+impl PgStore {
+    /// Deletes what each of `acks` acknowledges, in one transaction; how
+    /// many copies each deleted (a copy two of them name counts for the
+    /// first). A lone acknowledgement runs as before batching.
+    async fn ack_batch(&self, acks: &[Ack]) -> Result<Vec<usize>> {
+        match acks {
+            [] => Ok(Vec::new()),
+            [ack] => {
+                let deleted = transaction!(self, tx => {
+                    delete_mail(
+                        &tx,
+                        "account_id = $1 AND device = $2 AND id = ANY($3)",
+                        &[
+                            &ack.recipient.account.as_str(),
+                            &i64::from(ack.recipient.device.0),
+                            &ack.ids,
+                        ],
+                    )
+                    .await
+                })?;
+                Ok(vec![deleted as usize])
+            }
+            several => transaction!(self, tx => ack_together(&tx, several).await),
+        }
+    }
+}
+
+/// Several acknowledgements in one transaction: the copies deleted in one
+/// statement, then their mailboxes' byte counts lowered in another, which
+/// locks the heads in sorted order as a fan-out does (an `UPDATE … FROM`
+/// locks them in whatever order its join meets them, and two batches
+/// meeting them the other way round would deadlock).
+async fn ack_together(tx: &Tx<'_>, acks: &[Ack]) -> std::result::Result<Vec<usize>, Failure> {
+    let mut accounts = Vec::new();
+    let mut devices = Vec::new();
+    let mut ids = Vec::new();
+    for ack in acks {
+        for id in &ack.ids {
+            accounts.push(ack.recipient.account.as_str());
+            devices.push(i64::from(ack.recipient.device.0));
+            ids.push(*id);
+        }
+    }
+    let delete = tx
+        .prepare_cached(
+            "DELETE FROM mailbox m
+             USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(account_id, device, id)
+             WHERE m.account_id = t.account_id AND m.device = t.device AND m.id = t.id
+             RETURNING m.account_id, m.device, m.id, octet_length(m.payload)",
+        )
+        .await?;
+    let mut counts = vec![0usize; acks.len()];
+    let mut freed: HashMap<DeviceAddr, i64> = HashMap::new();
+    for row in tx.query(&delete, &[&accounts, &devices, &ids]).await? {
+        let address = device_addr(row.get(0), row.get(1))?;
+        let id: i64 = row.get(2);
+        let size: i32 = row.get(3);
+        if let Some(n) = acks
+            .iter()
+            .position(|a| a.recipient == address && a.ids.contains(&id))
+            && let Some(count) = counts.get_mut(n)
+        {
+            *count += 1;
+        }
+        *freed.entry(address).or_default() += i64::from(size);
+    }
+    if !freed.is_empty() {
+        let accounts: Vec<&str> = freed.keys().map(|d| d.account.as_str()).collect();
+        let devices: Vec<i64> = freed.keys().map(|d| i64::from(d.device.0)).collect();
+        let sizes: Vec<i64> = freed.values().copied().collect();
+        let lower = tx
+            .prepare_cached(
+                "WITH locked AS (
+                     SELECT h.account_id, h.device FROM mailbox_heads h
+                     JOIN unnest($1::text[], $2::bigint[]) AS t(account_id, device)
+                       ON h.account_id = t.account_id AND h.device = t.device
+                     ORDER BY h.account_id, h.device
+                     FOR UPDATE OF h
+                 )
+                 UPDATE mailbox_heads h SET bytes = GREATEST(h.bytes - t.n, 0)
+                 FROM locked l
+                 JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(account_id, device, n)
+                   ON l.account_id = t.account_id AND l.device = t.device
+                 WHERE h.account_id = l.account_id AND h.device = l.device",
+            )
+            .await?;
+        tx.execute(&lower, &[&accounts, &devices, &sizes]).await?;
+    }
+    Ok(counts)
+}

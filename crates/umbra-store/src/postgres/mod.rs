@@ -40,9 +40,11 @@ mod contacts;
 mod groups;
 mod keys;
 mod mailboxes;
+mod queue;
 pub mod testing;
 
-pub use batch::{BatchStats, FanOut};
+pub use batch::FanOut;
+pub use queue::BatchStats;
 
 use std::time::Duration;
 
@@ -89,9 +91,9 @@ pub struct PgStore {
     limits: StoreLimits,
     /// Whether the probe finds the database away (see [`probe`]).
     away: tokio::sync::watch::Receiver<bool>,
-    /// The node's fan-outs, batched (see [`batch`]); `None` on the
-    /// dispatcher's own handle, which runs them.
-    fan_outs: Option<std::sync::Arc<batch::Queue>>,
+    /// The node's fan-outs and acknowledgements, batched (see [`queue`]);
+    /// `None` on the dispatchers' own handle, which runs them.
+    queues: Option<std::sync::Arc<Queues>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -99,6 +101,12 @@ impl std::fmt::Debug for PgStore {
         // The URL may carry a password: never shown.
         f.write_str("PgStore")
     }
+}
+
+/// A node's batching queues.
+struct Queues {
+    fan_outs: queue::Queue<batch::FanOut>,
+    acks: queue::Queue<mailboxes::Ack>,
 }
 
 /// A failure inside a transaction: a database error (which may be worth a
@@ -416,19 +424,30 @@ impl PgStore {
             pool,
             limits,
             away,
-            fan_outs: None,
+            queues: None,
         };
         store.migrate().await?;
         tokio::spawn(probe(config, state, store.pool.clone()));
-        store.fan_outs = Some(std::sync::Arc::new(batch::Queue::start(store.clone())));
+        store.queues = Some(std::sync::Arc::new(Queues {
+            fan_outs: queue::Queue::start(store.clone()),
+            acks: queue::Queue::start(store.clone()),
+        }));
         Ok(store)
     }
 
     /// How this node's fan-outs were batched into transactions so far.
     pub fn fan_out_stats(&self) -> BatchStats {
-        self.fan_outs
+        self.queues
             .as_ref()
-            .map_or_else(BatchStats::default, |queue| queue.stats())
+            .map_or_else(BatchStats::default, |queues| queues.fan_outs.stats())
+    }
+
+    /// How this node's acknowledgements were batched into transactions so
+    /// far.
+    pub fn ack_stats(&self) -> BatchStats {
+        self.queues
+            .as_ref()
+            .map_or_else(BatchStats::default, |queues| queues.acks.stats())
     }
 
     /// Resolves once the probe finds the database away (at once if it is
