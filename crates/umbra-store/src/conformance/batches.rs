@@ -240,7 +240,12 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
             .set_line_status(&members[2], LineStatus::Suspended)
             .await
             .unwrap();
-        let list = fan_outs(&g, &members, &mallory);
+        let mut list = fan_outs(&g, &members, &mallory);
+        // Each message its own times, so that a mix-up between them shows.
+        for (n, fan_out) in (0u64..).zip(&mut list) {
+            fan_out.now = NOW + n;
+            fan_out.expires_at = NOW + TTL + 10 * n;
+        }
         let results = if together {
             store.fan_out_batch(&list).await.unwrap()
         } else {

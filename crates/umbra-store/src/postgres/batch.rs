@@ -1,9 +1,9 @@
 //! Fan-outs batched per node (through the node's [`super::queue`]): the
 //! messages its connections send at about the same moment are checked
-//! and stored in one transaction of six round trips (begin, the senders'
-//! lines, the groups, their members, the mailbox heads, every copy in one
-//! statement; then commit) where each message alone took six. A lone
-//! message runs as before, in a transaction of its own.
+//! and stored in one transaction of seven round trips (begin, the
+//! senders' lines, the groups, their members, the mailbox heads, every
+//! copy in one statement, commit) where each message alone took six. A
+//! lone message runs as before, in a transaction of its own.
 //!
 //! Locks are taken in the order every transaction takes them (senders'
 //! lines, then groups, then mailbox heads), each kind at once for the
@@ -49,9 +49,10 @@ pub struct FanOut {
 impl std::fmt::Debug for FanOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The payload's length, not its bytes.
+        // Neither the payload nor the sender: the schema keeps no link
+        // from a group message to its sender, and no log should either.
         f.debug_struct("FanOut")
             .field("group", &self.group)
-            .field("sender", &self.sender)
             .field("kind", &self.kind)
             .field("payload_bytes", &self.payload.len())
             .field("epoch", &self.epoch)
@@ -176,7 +177,9 @@ impl PgStore {
                 }
                 plan.copies.push((recipient, head.next_id, n));
                 ids.push(Some(unsigned(head.next_id)?));
-                head.next_id += 1;
+                head.next_id = head.next_id.checked_add(1).ok_or_else(|| {
+                    crate::StoreError::Corrupt("a mailbox ran out of delivery IDs".into())
+                })?;
                 head.bytes = head.bytes.saturating_add(size);
             }
             ids_of.push(ids);
@@ -259,10 +262,16 @@ async fn store_planned(
     if copies.is_empty() {
         return Ok(());
     }
-    let head_accounts: Vec<&str> = heads.keys().map(|d| d.account.as_str()).collect();
-    let head_devices: Vec<i64> = heads.keys().map(|d| i64::from(d.device.0)).collect();
-    let next_ids: Vec<i64> = heads.values().map(|h| h.next_id).collect();
-    let bytes: Vec<i64> = heads.values().map(|h| h.bytes).collect();
+    let mut head_accounts = Vec::with_capacity(heads.len());
+    let mut head_devices = Vec::with_capacity(heads.len());
+    let mut next_ids = Vec::with_capacity(heads.len());
+    let mut bytes = Vec::with_capacity(heads.len());
+    for (device, head) in heads {
+        head_accounts.push(device.account.as_str());
+        head_devices.push(i64::from(device.device.0));
+        next_ids.push(head.next_id);
+        bytes.push(head.bytes);
+    }
     let accounts: Vec<&str> = copies.iter().map(|c| c.0.account.as_str()).collect();
     let devices: Vec<i64> = copies.iter().map(|c| i64::from(c.0.device.0)).collect();
     let ids: Vec<i64> = copies.iter().map(|c| c.1).collect();

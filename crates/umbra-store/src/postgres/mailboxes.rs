@@ -487,6 +487,9 @@ impl PgStore {
             [] => Ok(Vec::new()),
             [ack] => {
                 let deleted = transaction!(self, tx => {
+                    // The head first, as a batch locks it (see
+                    // `ack_together`).
+                    lock_head(&tx, &ack.recipient).await?;
                     delete_mail(
                         &tx,
                         "account_id = $1 AND device = $2 AND id = ANY($3)",
@@ -505,12 +508,44 @@ impl PgStore {
     }
 }
 
-/// Several acknowledgements in one transaction: the copies deleted in one
-/// statement, then their mailboxes' byte counts lowered in another, which
-/// locks the heads in sorted order as a fan-out does (an `UPDATE … FROM`
-/// locks them in whatever order its join meets them, and two batches
-/// meeting them the other way round would deadlock).
+/// Locks `device`'s mailbox head to the end of the transaction.
+async fn lock_head(tx: &Tx<'_>, device: &DeviceAddr) -> std::result::Result<(), Failure> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT 1 FROM mailbox_heads WHERE account_id = $1 AND device = $2 FOR UPDATE",
+        )
+        .await?;
+    tx.query(
+        &statement,
+        &[&device.account.as_str(), &i64::from(device.device.0)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Several acknowledgements in one transaction: their mailboxes' heads
+/// locked first, in sorted order, as a fan-out batch locks them (before
+/// any copy is deleted: a fan-out meeting a full mailbox deletes its
+/// notice while holding the head, and an acknowledgement deleting that
+/// notice first and then waiting for the head would close a cycle); then
+/// the copies deleted in one statement and the byte counts lowered in
+/// another.
 async fn ack_together(tx: &Tx<'_>, acks: &[Ack]) -> std::result::Result<Vec<usize>, Failure> {
+    let mut recipients: Vec<&DeviceAddr> = acks.iter().map(|a| &a.recipient).collect();
+    recipients.sort_unstable();
+    recipients.dedup();
+    let lock = tx
+        .prepare_cached(
+            "SELECT 1 FROM mailbox_heads h
+             JOIN unnest($1::text[], $2::bigint[]) AS t(account_id, device)
+               ON h.account_id = t.account_id AND h.device = t.device
+             ORDER BY h.account_id, h.device
+             FOR UPDATE OF h",
+        )
+        .await?;
+    let accounts: Vec<&str> = recipients.iter().map(|r| r.account.as_str()).collect();
+    let devices: Vec<i64> = recipients.iter().map(|r| i64::from(r.device.0)).collect();
+    tx.query(&lock, &[&accounts, &devices]).await?;
     let mut accounts = Vec::new();
     let mut devices = Vec::new();
     let mut ids = Vec::new();
@@ -545,23 +580,19 @@ async fn ack_together(tx: &Tx<'_>, acks: &[Ack]) -> std::result::Result<Vec<usiz
         *freed.entry(address).or_default() += i64::from(size);
     }
     if !freed.is_empty() {
-        let accounts: Vec<&str> = freed.keys().map(|d| d.account.as_str()).collect();
-        let devices: Vec<i64> = freed.keys().map(|d| i64::from(d.device.0)).collect();
-        let sizes: Vec<i64> = freed.values().copied().collect();
+        let mut accounts = Vec::with_capacity(freed.len());
+        let mut devices = Vec::with_capacity(freed.len());
+        let mut sizes = Vec::with_capacity(freed.len());
+        for (device, size) in &freed {
+            accounts.push(device.account.as_str());
+            devices.push(i64::from(device.device.0));
+            sizes.push(*size);
+        }
         let lower = tx
             .prepare_cached(
-                "WITH locked AS (
-                     SELECT h.account_id, h.device FROM mailbox_heads h
-                     JOIN unnest($1::text[], $2::bigint[]) AS t(account_id, device)
-                       ON h.account_id = t.account_id AND h.device = t.device
-                     ORDER BY h.account_id, h.device
-                     FOR UPDATE OF h
-                 )
-                 UPDATE mailbox_heads h SET bytes = GREATEST(h.bytes - t.n, 0)
-                 FROM locked l
-                 JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(account_id, device, n)
-                   ON l.account_id = t.account_id AND l.device = t.device
-                 WHERE h.account_id = l.account_id AND h.device = l.device",
+                "UPDATE mailbox_heads h SET bytes = GREATEST(h.bytes - t.n, 0)
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(account_id, device, n)
+                 WHERE h.account_id = t.account_id AND h.device = t.device",
             )
             .await?;
         tx.execute(&lower, &[&accounts, &devices, &sizes]).await?;

@@ -31,6 +31,13 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 const CONCURRENT_BATCHES: usize = 4;
 /// Items waiting for a batch at most; past it a caller waits to queue.
 const QUEUE: usize = 4096;
+/// How long an item may wait for its batch to start. One that waited
+/// longer (the batches before it stuck behind a lock, the database slow)
+/// is refused unrun, retryable, as a request that found every pooled
+/// connection busy was before batching: a caller is answered within this
+/// and the transaction's own bound, before a device gives up and sends
+/// again (which would store the message twice).
+const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Work a queue batches: one item, and how a batch of them runs.
 pub(super) trait Work: Send + Sync + Sized + 'static {
@@ -59,6 +66,7 @@ pub struct BatchStats {
 struct Job<W: Work> {
     item: W,
     reply: oneshot::Sender<Result<W::Outcome>>,
+    queued_at: tokio::time::Instant,
 }
 
 #[derive(Default)]
@@ -94,7 +102,11 @@ impl<W: Work> Queue<W> {
     pub(super) async fn run(&self, item: W) -> Result<W::Outcome> {
         let (reply, outcome) = oneshot::channel();
         self.jobs
-            .send(Job { item, reply })
+            .send(Job {
+                item,
+                reply,
+                queued_at: tokio::time::Instant::now(),
+            })
             .await
             .map_err(|_| StoreError::Backend(format!("the {} queue is closed", W::NAME)))?;
         outcome.await.unwrap_or_else(|_| {
@@ -127,9 +139,22 @@ async fn dispatch<W: Work>(
             bytes += job.item.bytes();
             batch.push(job);
         }
-        // A caller that stopped waiting (its connection closed) is not
-        // served: as when its own transaction was dropped.
-        batch.retain(|job| !job.reply.is_closed());
+        // A caller that stopped waiting before its batch started (its
+        // task was cancelled) is not served; one that stops later is (its
+        // batch commits without it knowing). One that waited too long is
+        // told so, nothing done.
+        let now = tokio::time::Instant::now();
+        let (batch, late): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .filter(|job| !job.reply.is_closed())
+            .partition(|job| now.duration_since(job.queued_at) <= QUEUE_WAIT);
+        for job in late {
+            let _ = job.reply.send(Err(StoreError::Unavailable(format!(
+                "PostgreSQL is too busy: the {} waited {} s for a transaction and was not run",
+                W::NAME,
+                QUEUE_WAIT.as_secs()
+            ))));
+        }
         if batch.is_empty() {
             continue;
         }
