@@ -7,7 +7,7 @@ use umbra_proto::{AccountId, DeliveryKind, GroupId};
 
 use super::{
     NOW, TTL, befriend, commit, group, group_of_three, info_at, one, read_all, registered,
-    state_at, stored,
+    send_in_epoch, state_at, stored,
 };
 use crate::postgres::{FanOut, PgStore};
 use crate::{Distributors, FanOutOutcome, LineStatus, Mailboxes, Store};
@@ -174,7 +174,7 @@ pub async fn many_senders_at_once(a: &impl Store, b: &impl Store) {
     }
 }
 
-/// An application message from `sender` to `g` in `epoch`.
+/// An application message from `sender` to `g` in `epoch`, sent now.
 async fn send(
     store: &impl Store,
     g: &GroupId,
@@ -182,16 +182,7 @@ async fn send(
     payload: &[u8],
     epoch: u64,
 ) -> FanOutOutcome {
-    store
-        .fan_out(
-            g,
-            &one(sender),
-            DeliveryKind::Application,
-            payload,
-            epoch,
-            NOW,
-            NOW + TTL,
-        )
+    send_in_epoch(store, g, sender, payload, epoch, NOW)
         .await
         .unwrap()
 }
