@@ -26,7 +26,6 @@ use deadpool_postgres::Transaction;
 use umbra_proto::{DeliveryKind, DeviceAddr, GroupId};
 
 use super::groups::{Message, checked, lock_lines, routable_in, stored};
-use super::mailboxes::Copy;
 use super::queue::Work;
 use super::{Failure, PgStore, big, device_addr, transaction, unsigned};
 use crate::{FanOutOutcome, Result, Timestamp};
@@ -210,24 +209,13 @@ impl PgStore {
     ) -> std::result::Result<Vec<FanOutOutcome>, Failure> {
         let mut outcomes = Vec::with_capacity(fan_outs.len());
         for (fan_out, check) in fan_outs.iter().zip(checks) {
-            let recipients = match check {
-                Ok(recipients) => recipients,
-                Err(refused) => {
-                    outcomes.push(refused);
-                    continue;
+            outcomes.push(match check {
+                Ok(recipients) => {
+                    self.store_for(tx, &fan_out.message(), recipients, fan_out.expires_at)
+                        .await?
                 }
-            };
-            let message = fan_out.message();
-            let copy = Copy {
-                sender: None,
-                kind: fan_out.kind,
-                group: Some(&fan_out.group),
-                payload: &fan_out.payload,
-                now: fan_out.now,
-                expires_at: fan_out.expires_at,
-            };
-            let ids = self.store_copies(tx, &recipients, &copy).await?;
-            outcomes.push(stored(&message, recipients, ids));
+                Err(refused) => refused,
+            });
         }
         Ok(outcomes)
     }
