@@ -301,3 +301,32 @@ async fn postgres_batch_meeting_a_full_mailbox_is_one_after_another() {
     };
     batch_against_one_after_another(limits, true).await;
 }
+
+/// Expiry and an acknowledgement meeting on two mailboxes' heads and
+/// copies: neither waits for the other in a cycle (PostgreSQL's log shows
+/// none broken), each copy is deleted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_expiry_and_acknowledgements_take_heads_in_one_order() {
+    let pg = server();
+    let url = pg.create_database().await.unwrap();
+    let store = PgStore::connect(&url, StoreLimits::default())
+        .await
+        .unwrap();
+    conformance::expiry_meets_an_acknowledgement(&store, &url).await;
+    assert!(!pg.log().contains("deadlock detected"), "{}", pg.log());
+}
+
+/// Fan-out batches on two nodes racing commits with Welcomes, a
+/// revocation, acknowledgements and expiry: no transaction waits for
+/// another in a cycle, and every copy is where the rules put it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_batches_race_commits_and_revocations() {
+    let pg = server();
+    let url = pg.create_database().await.unwrap();
+    let (a, b) = tokio::join!(
+        PgStore::connect(&url, StoreLimits::default()),
+        PgStore::connect(&url, StoreLimits::default())
+    );
+    conformance::commits_and_revocations_race_batches(&a.unwrap(), &b.unwrap()).await;
+    assert!(!pg.log().contains("deadlock detected"), "{}", pg.log());
+}

@@ -6,11 +6,11 @@
 use umbra_proto::{AccountId, DeliveryKind, GroupId};
 
 use super::{
-    NOW, TTL, befriend, commit, group, group_of_three, info_at, one, read_all, registered,
-    send_in_epoch, state_at, stored,
+    NOW, TTL, befriend, commit, group, group_of_three, info_at, low_water, one, read_all,
+    registered, send_in_epoch, state_at, stored,
 };
 use crate::postgres::{FanOut, PgStore};
-use crate::{Distributors, FanOutOutcome, LineStatus, Mailboxes, Store};
+use crate::{Distributors, FanOutOutcome, LineStatus, Mailboxes, Store, StoredDelivery};
 
 /// The `mailbox_bytes` of the stores given to
 /// [`a_batch_stores_as_one_after_another`] with `capped`: room in Carol's
@@ -174,6 +174,27 @@ pub async fn many_senders_at_once(a: &impl Store, b: &impl Store) {
     }
 }
 
+/// `list` checked and stored by `store`'s batch at once (`together`), or
+/// one message after the other.
+async fn run(store: &PgStore, list: &[FanOut], together: bool) -> Vec<FanOutOutcome> {
+    let results = if together {
+        store.fan_out_batch(list).await.unwrap()
+    } else {
+        let mut results = Vec::new();
+        for fan_out in list {
+            results.extend(
+                store
+                    .fan_out_batch(std::slice::from_ref(fan_out))
+                    .await
+                    .unwrap(),
+            );
+        }
+        results
+    };
+    assert_eq!(results.len(), list.len());
+    results
+}
+
 /// An application message from `sender` to `g` in `epoch`, sent now.
 async fn send(
     store: &impl Store,
@@ -192,19 +213,23 @@ async fn send(
 /// history: the same outcome for each message (stored, or refused for
 /// the same reason) and the same mailboxes, copy for copy and ID for ID.
 /// With `capped`, the stores' `mailbox_bytes` must be [`BATCH_CAP`]:
-/// Carol's mailbox fills part way through the batch.
+/// Carol's mailbox fills part way through the batch, and two more
+/// batches follow: one whose copies for her meet the notice stored
+/// before it, and, once she has read and acknowledged everything, one
+/// that fills her mailbox again.
 pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgStore, capped: bool) {
+    let message = |g: &GroupId, sender: Option<&AccountId>, kind, payload: &[u8], epoch| FanOut {
+        group: g.clone(),
+        sender: sender.map(one),
+        kind,
+        payload: payload.to_vec(),
+        epoch,
+        now: NOW,
+        expires_at: NOW + TTL,
+    };
+    let app = DeliveryKind::Application;
     let fan_outs = |g: &GroupId, [alice, bob, carol]: &[AccountId; 3], mallory: &AccountId| {
-        let message = |sender: Option<&AccountId>, kind, payload: &[u8], epoch| FanOut {
-            group: g.clone(),
-            sender: sender.map(one),
-            kind,
-            payload: payload.to_vec(),
-            epoch,
-            now: NOW,
-            expires_at: NOW + TTL,
-        };
-        let app = DeliveryKind::Application;
+        let message = |sender, kind, payload, epoch| message(g, sender, kind, payload, epoch);
         vec![
             message(Some(alice), app, b"one", 1),
             message(Some(mallory), app, b"not a member", 1),
@@ -224,6 +249,7 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
     let mut outcomes = Vec::new();
     let mut mailboxes = Vec::new();
     let mut batch_outcomes = Vec::new();
+    let mut carol_before_reading = Vec::new();
     for (store, together) in [(batched, true), (alone, false)] {
         let (g, members) = group_of_three(store).await;
         let mallory = registered(store, "MMMMMMMM", 13).await;
@@ -231,27 +257,33 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
             .set_line_status(&members[2], LineStatus::Suspended)
             .await
             .unwrap();
-        let mut list = fan_outs(&g, &members, &mallory);
+        let [alice, bob, carol] = &members;
+        let mut times = 0u64..;
         // Each message its own times, so that a mix-up between them shows.
-        for (n, fan_out) in (0u64..).zip(&mut list) {
-            fan_out.now = NOW + n;
-            fan_out.expires_at = NOW + TTL + 10 * n;
-        }
-        let results = if together {
-            store.fan_out_batch(&list).await.unwrap()
-        } else {
-            let mut results = Vec::new();
-            for fan_out in &list {
-                results.extend(
-                    store
-                        .fan_out_batch(std::slice::from_ref(fan_out))
-                        .await
-                        .unwrap(),
-                );
+        let mut timed = |mut list: Vec<FanOut>| {
+            for (n, fan_out) in times.by_ref().zip(&mut list) {
+                fan_out.now = NOW + n;
+                fan_out.expires_at = NOW + TTL + 10 * n;
             }
-            results
+            list
         };
-        assert_eq!(results.len(), list.len());
+        let list = timed(fan_outs(&g, &members, &mallory));
+        let mut results = run(store, &list, together).await;
+        if capped {
+            let (a, b) = (Some(alice), Some(bob));
+            let more = timed(vec![
+                message(&g, a, app, b"four", 1),
+                message(&g, b, app, b"five", 1),
+            ]);
+            results.extend(run(store, &more, together).await);
+            carol_before_reading.push(read_all(store, carol).await);
+            let last = timed(vec![
+                message(&g, a, app, b"six", 1),
+                message(&g, b, app, b"seven", 1),
+                message(&g, a, app, b"eight", 1),
+            ]);
+            results.extend(run(store, &last, together).await);
+        }
         outcomes.push(format!("{results:?}"));
         if together {
             batch_outcomes = results;
@@ -271,13 +303,27 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
     // something wrong).
     let carol: Vec<&[u8]> = mailboxes[0][2].iter().map(|d| &d.payload[..]).collect();
     if capped {
+        assert_eq!(
+            carol_before_reading[0], carol_before_reading[1],
+            "the same mailbox before Carol read it"
+        );
         // "one" and "two" fit; "anonymous" does not, nor (the notice
         // taking room) "three": one notice counting both; the proposal is
-        // kept past the cap.
+        // kept past the cap. The next batch's "four" and "five" do not
+        // fit either: the notice stored before it is replaced by one
+        // counting four.
+        let before: Vec<&[u8]> = carol_before_reading[0]
+            .iter()
+            .map(|d| &d.payload[..])
+            .collect();
         assert_eq!(
-            carol,
-            [&b"one"[..], b"two", &2u64.to_be_bytes(), b"proposal"]
+            before,
+            [&b"one"[..], b"two", b"proposal", &4u64.to_be_bytes()]
         );
+        assert_eq!(carol_before_reading[0][3].kind, DeliveryKind::MailboxFull);
+        // Read and acknowledged, notice included: room for "six" and
+        // "seven", not "eight", and the count starts over.
+        assert_eq!(carol, [&b"six"[..], b"seven", &1u64.to_be_bytes()]);
         assert_eq!(mailboxes[0][2][2].kind, DeliveryKind::MailboxFull);
     } else {
         assert_eq!(
@@ -308,5 +354,252 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
             ]
         ),
         "{refused:?}"
+    );
+}
+
+/// Expiry against an acknowledgement, in the order that closed a cycle
+/// when expiry deleted copies before locking their heads: Alice and Bob
+/// each hold a copy that has expired; a third transaction (on `url`, the
+/// store's database) holds one of their mailbox heads; expiry starts and
+/// waits for it; then the other device acknowledges its copy; then the
+/// head is let go. Both orders of the two heads, since the order in
+/// which expiry reached them was the planner's. Each copy is deleted
+/// once and every byte count is back to 0; whether PostgreSQL had to
+/// break a deadlock is in its log, which the caller reads.
+pub async fn expiry_meets_an_acknowledgement(store: &PgStore, url: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    for (round, (held, acking)) in (0u64..).zip([(&alice, &bob), (&bob, &alice)]) {
+        let at = NOW + 100 * round;
+        for who in [&alice, &bob] {
+            store.notice(low_water(who, who), at, at + 1).await.unwrap();
+        }
+        let id = store.pending(&one(acking), 0, 10, at).await.unwrap()[0].id;
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let connection = tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "BEGIN; SELECT 1 FROM mailbox_heads WHERE account_id = '{}' FOR UPDATE",
+                held.as_str()
+            ))
+            .await
+            .unwrap();
+        let acked = AtomicBool::new(false);
+        let expire = store.expire(at + 10);
+        let ack = async {
+            waiting_for_locks(url, 1).await;
+            let deleted = store.ack(&one(acking), &[id]).await;
+            acked.store(true, Ordering::SeqCst);
+            deleted
+        };
+        let release = async {
+            waiting_for_locks(url, 1).await;
+            // The acknowledgement done, or waiting too.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !acked.load(Ordering::SeqCst)
+                && locks_waited_for(url).await < 2
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            client.batch_execute("COMMIT").await.unwrap();
+        };
+        let (expired, acked, ()) = tokio::join!(expire, ack, release);
+        let (expired, acked) = (expired.unwrap(), acked.unwrap());
+        assert_eq!(expired + acked, 2, "each copy deleted once");
+        drop(client);
+        connection.await.unwrap().unwrap();
+        for who in [&alice, &bob] {
+            assert!(
+                store
+                    .pending(&one(who), 0, 10, at)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+        let bytes = crate::postgres::testing::query(url, "SELECT bytes FROM mailbox_heads")
+            .await
+            .unwrap();
+        assert!(
+            bytes.iter().all(|row| row[0].as_deref() == Some("0")),
+            "{bytes:?}"
+        );
+    }
+}
+
+/// How many of the database's backends wait for a lock.
+async fn locks_waited_for(url: &str) -> usize {
+    let rows = crate::postgres::testing::query(
+        url,
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE wait_event_type = 'Lock' AND datname = current_database()",
+    )
+    .await
+    .unwrap();
+    rows[0][0].as_deref().unwrap().parse().unwrap()
+}
+
+/// Waits (up to 10 s) until at least `n` backends wait for a lock.
+async fn waiting_for_locks(url: &str, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while locks_waited_for(url).await < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing waits for the lock held"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Batches racing everything else that stores or deletes copies, through
+/// two stores on one database: each of eight senders writes in two
+/// groups with one recipient (in one group a leaver and, as commits add
+/// her, a newcomer too), while each first group's commit adds the
+/// newcomer with a Welcome, the leaver's line is revoked, the recipient
+/// acknowledges what she read and expiry runs. Each transaction takes
+/// the mailbox heads it stores under or deletes from at once, so none of
+/// them waits for another in a cycle (the caller reads PostgreSQL's log
+/// for deadlocks it had to break); and what was stored is what the rules
+/// say: every message the recipient was sent once, in each sender's
+/// order, a Welcome for the newcomer in every group, nothing for the
+/// revoked line.
+pub async fn commits_and_revocations_race_batches(a: &PgStore, b: &PgStore) {
+    use crate::{Accounts, CommitOutcome, Groups};
+    const RACERS: u8 = 8;
+    const MESSAGES: u8 = 12;
+    let recipient = registered(a, &account_of(17), 17).await;
+    let leaver = registered(a, &account_of(11), 11).await;
+    let newcomer = registered(a, &account_of(12), 12).await;
+    let mut senders = Vec::new();
+    for n in 0..RACERS {
+        let sender = registered(a, &account_of(n), n).await;
+        let (shared, private) = (group(100 + n), group(200 + n));
+        for (g, with) in [
+            (&shared, vec![&recipient, &leaver]),
+            (&private, vec![&recipient]),
+        ] {
+            a.create_group(g, &one(&sender), &state_at(0), &info_at(0), None, NOW)
+                .await
+                .unwrap();
+            let added = commit(g, 0, &sender, b"add", &with, &[]);
+            a.accept_commit(&added, NOW, NOW + TTL).await.unwrap();
+        }
+        senders.push((sender, shared, private));
+    }
+    for who in [&recipient, &leaver] {
+        read_all(a, who).await;
+    }
+    // A copy that has expired in every mailbox, for expiry to delete.
+    for who in [&recipient, &leaver, &newcomer] {
+        a.notice(low_water(who, who), NOW, NOW + 1).await.unwrap();
+    }
+
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let write = |n: usize| {
+        let (sender, shared, private) = senders[n].clone();
+        let done = &done;
+        async move {
+            for m in 0..MESSAGES {
+                for (k, g) in [&shared, &private].into_iter().enumerate() {
+                    let store = if (n + k).is_multiple_of(2) { a } else { b };
+                    let payload = [n as u8, k as u8, m];
+                    let mut epoch = 1;
+                    loop {
+                        match send_in_epoch(store, g, &sender, &payload, epoch, NOW).await {
+                            Ok(FanOutOutcome::BehindGroup { current_epoch }) => {
+                                epoch = current_epoch;
+                            }
+                            outcome => {
+                                stored(outcome).1.wait().await.unwrap();
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    };
+    let senders_done = || done.load(std::sync::atomic::Ordering::SeqCst) == senders.len();
+    let add_newcomer = |n: usize| {
+        let (sender, shared, _) = senders[n].clone();
+        let newcomer = &newcomer;
+        async move {
+            let store = if n.is_multiple_of(2) { b } else { a };
+            loop {
+                let epoch = store.group(&shared).await.unwrap().unwrap().epoch;
+                let added = commit(&shared, epoch, &sender, b"add", &[newcomer], &[]);
+                match store.accept_commit(&added, NOW, NOW + TTL).await.unwrap() {
+                    CommitOutcome::Accepted { .. } => break,
+                    CommitOutcome::Stale { .. } => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    };
+    let revoke = async {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        b.revoke(&leaver, None, NOW, NOW + TTL).await.unwrap();
+    };
+    let mut received = Vec::new();
+    let read = async {
+        let mut turn = 0usize;
+        loop {
+            let finished = senders_done();
+            let store = if turn.is_multiple_of(2) { a } else { b };
+            turn += 1;
+            let held = store.pending(&one(&recipient), 0, 1000, NOW).await.unwrap();
+            let ids: Vec<u64> = held.iter().map(|d| d.id).collect();
+            store.ack(&one(&recipient), &ids).await.unwrap();
+            store.expire(NOW + 5).await.unwrap();
+            received.extend(held);
+            if finished {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    let writers = futures_util::future::join_all((0..senders.len()).map(write));
+    let commits = futures_util::future::join_all((0..senders.len()).map(add_newcomer));
+    tokio::join!(writers, commits, revoke, read);
+
+    let messages: Vec<&StoredDelivery> = received
+        .iter()
+        .filter(|d| d.kind == DeliveryKind::Application)
+        .collect();
+    for n in 0..RACERS {
+        for k in 0..2u8 {
+            let order: Vec<u8> = messages
+                .iter()
+                .filter(|d| d.payload[..2] == [n, k])
+                .map(|d| d.payload[2])
+                .collect();
+            assert_eq!(
+                order,
+                (0..MESSAGES).collect::<Vec<_>>(),
+                "sender {n}'s messages in group {k}, each once, in order"
+            );
+        }
+    }
+    let ids: Vec<u64> = received.iter().map(|d| d.id).collect();
+    assert!(ids.windows(2).all(|w| w[1] > w[0]), "{ids:?}");
+    let welcomes = a
+        .pending(&one(&newcomer), 0, 1000, NOW)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.kind == DeliveryKind::Welcome)
+        .count();
+    assert_eq!(welcomes, senders.len(), "a Welcome from every group");
+    assert!(
+        a.pending(&one(&leaver), 0, 1000, NOW)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing kept for the revoked line"
     );
 }

@@ -6,7 +6,9 @@ use deadpool_postgres::Transaction;
 use tokio_postgres::Row;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceId, IdentityKey};
 
-use super::mailboxes::{Copy, close_mailboxes, current_devices, delete_mail, open_mailbox};
+use super::mailboxes::{
+    Copy, close_mailboxes, current_devices, delete_mail, lock_heads_where, open_mailbox,
+};
 use super::{Failure, PgStore, account_id, big, group_id, transaction, unsigned};
 use crate::{
     Account, Accounts, CodeHash, CodeKind, DAY, Distributor, Distributors, LineStatus, Notice,
@@ -233,7 +235,9 @@ impl Accounts for PgStore {
                 return Ok(None);
             }
             // One waiting command is enough: the newer replaces any still
-            // waiting, so they cannot pile up.
+            // waiting, so they cannot pile up. The account's heads first
+            // (see `lock_heads_where`).
+            lock_heads_where(&tx, "account_id = $1", &[&notice.recipient.as_str()]).await?;
             delete_mail(
                 &tx,
                 "account_id = $1 AND kind = $2",
@@ -292,7 +296,10 @@ impl PgStore {
     ) -> std::result::Result<Vec<DeviceAddr>, Failure> {
         // The line's row first (a renewal or another revocation waits),
         // then its groups' rows in order (so no commit moves them
-        // meanwhile), then the mailboxes told.
+        // meanwhile), then its contacts (before any mailbox head: a
+        // contact's acceptance holds its row while it stores a notice),
+        // then every mailbox head it touches at once: its own and its
+        // groups' members' (see `lock_heads_where`).
         if account_row(tx, id, true).await?.is_none() {
             return Ok(Vec::new());
         }
@@ -304,6 +311,19 @@ impl PgStore {
                 &[&id.as_str()],
             )
             .await?;
+        tx.execute(
+            "DELETE FROM contacts WHERE requester = $1 OR addressee = $1",
+            &[&id.as_str()],
+        )
+        .await?;
+        let ids: Vec<&[u8]> = groups.iter().map(|row| row.get(0)).collect();
+        lock_heads_where(
+            tx,
+            "account_id = $1 OR (account_id, device) IN (
+                 SELECT account_id, device FROM group_members WHERE group_id = ANY($2))",
+            &[&id.as_str(), &ids],
+        )
+        .await?;
         let mut told = Vec::new();
         for row in groups {
             let group = group_id(row.get(0))?;
@@ -336,7 +356,6 @@ impl PgStore {
             "DELETE FROM devices WHERE account_id = $1",
             "DELETE FROM key_packages WHERE account_id = $1",
             "DELETE FROM last_resort_key_packages WHERE account_id = $1",
-            "DELETE FROM contacts WHERE requester = $1 OR addressee = $1",
             "DELETE FROM device_log WHERE account_id = $1",
             "UPDATE accounts SET status = 'revoked', wipe_key = NULL WHERE account_id = $1",
         ] {

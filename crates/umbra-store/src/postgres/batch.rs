@@ -14,10 +14,11 @@
 //! as they were when the batch locked them, and a mailbox gets the
 //! batch's copies under consecutive IDs in the order the messages were
 //! queued. A message refused (not a member, a stale epoch, a suspended
-//! line) is told so; the others in its batch are stored. A batch in which
-//! a copy meets a full mailbox stores its messages one after the other
-//! (under the heads it holds), so that the one notice per full mailbox
-//! counts as it does for messages sent one at a time.
+//! line) is told so; the others in its batch are stored. A copy that
+//! meets a full mailbox is not kept, and the mailbox's one `MailboxFull`
+//! notice is replaced by one counting it, planned in memory too: what a
+//! device does with its own mailbox changes nothing for the other
+//! messages of a batch.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,6 +27,7 @@ use deadpool_postgres::Transaction;
 use umbra_proto::{DeliveryKind, DeviceAddr, GroupId};
 
 use super::groups::{Message, checked, lock_lines, routable_in, stored};
+use super::mailboxes::{FullNotice, stored_notice};
 use super::queue::Work;
 use super::{Failure, PgStore, big, device_addr, transaction, unsigned};
 use crate::{FanOutOutcome, Result, Timestamp};
@@ -150,9 +152,8 @@ impl PgStore {
         devices.dedup();
         let mut heads = lock_heads(tx, &devices).await?;
         // Each copy its mailbox's next ID, message after message, as one
-        // transaction each would give them; unless a copy meets a full
-        // mailbox, whose notice (one per mailbox, counting) the
-        // one-at-a-time path keeps.
+        // transaction each would give them; a copy meeting a full mailbox
+        // its notice instead.
         let mut plan = Plan::default();
         let mut ids_of = Vec::with_capacity(fan_outs.len());
         for (n, (fan_out, check)) in fan_outs.iter().zip(&checks).enumerate() {
@@ -171,22 +172,29 @@ impl PgStore {
                     continue;
                 };
                 if capped && head.bytes.saturating_add(size) > big(self.limits.mailbox_bytes) {
-                    plan.full = true;
-                    break;
+                    if let Noted::Unread = head.notice {
+                        head.notice = Noted::Stored(stored_notice(tx, recipient).await?);
+                    }
+                    plan.note_full(recipient, head, fan_out)?;
+                    ids.push(None);
+                    continue;
                 }
-                plan.copies.push((recipient, head.next_id, n));
-                ids.push(Some(unsigned(head.next_id)?));
-                head.next_id = head.next_id.checked_add(1).ok_or_else(|| {
-                    crate::StoreError::Corrupt("a mailbox ran out of delivery IDs".into())
-                })?;
+                let id = head.take_id()?;
+                plan.copies.push((recipient, id, n));
+                ids.push(Some(unsigned(id)?));
                 head.bytes = head.bytes.saturating_add(size);
             }
             ids_of.push(ids);
         }
-        if plan.full {
-            return self.store_one_after_another(tx, fan_outs, checks).await;
+        let noted = heads
+            .values()
+            .any(|h| matches!(h.notice, Noted::Planned(_)));
+        if noted {
+            store_notices(tx, &plan.dropped, &heads).await?;
         }
-        store_planned(tx, fan_outs, &plan.copies, &heads).await?;
+        if noted || !plan.copies.is_empty() {
+            store_planned(tx, fan_outs, &plan.copies, &heads).await?;
+        }
         Ok(fan_outs
             .iter()
             .zip(checks)
@@ -197,45 +205,153 @@ impl PgStore {
             })
             .collect())
     }
-
-    /// The batch's checked messages stored one after the other (under
-    /// heads it already holds), each as its own transaction would: for a
-    /// batch in which some copy meets a full mailbox.
-    async fn store_one_after_another(
-        &self,
-        tx: &Tx<'_>,
-        fan_outs: &[FanOut],
-        checks: Vec<std::result::Result<Vec<DeviceAddr>, FanOutOutcome>>,
-    ) -> std::result::Result<Vec<FanOutOutcome>, Failure> {
-        let mut outcomes = Vec::with_capacity(fan_outs.len());
-        for (fan_out, check) in fan_outs.iter().zip(checks) {
-            outcomes.push(match check {
-                Ok(recipients) => {
-                    self.store_for(tx, &fan_out.message(), recipients, fan_out.expires_at)
-                        .await?
-                }
-                Err(refused) => refused,
-            });
-        }
-        Ok(outcomes)
-    }
 }
 
-/// The copies a batch stores, each under the ID it was given.
+/// What a batch stores and deletes, each copy under the ID it was given.
 #[derive(Default)]
 struct Plan<'a> {
     /// The recipient, the copy's ID, and the message's place in the batch.
     copies: Vec<(&'a DeviceAddr, i64, usize)>,
-    /// Some copy met a full mailbox: the batch is stored one message after
-    /// the other instead.
-    full: bool,
+    /// `MailboxFull` notices stored before the batch and replaced in it.
+    dropped: Vec<(&'a DeviceAddr, i64)>,
 }
+
+impl<'a> Plan<'a> {
+    /// A copy of `fan_out` met `device`'s mailbox (`head`) full: its
+    /// notice is replaced by one counting this copy too, under the next
+    /// ID (so that a device which read the old one reads the new one),
+    /// living as long as the longest-lived copy it counts; as the
+    /// one-at-a-time path does (`note_mailbox_full`). The head's notice
+    /// must have been read.
+    fn note_full(
+        &mut self,
+        device: &'a DeviceAddr,
+        head: &mut Head,
+        fan_out: &FanOut,
+    ) -> std::result::Result<(), Failure> {
+        let earlier = match std::mem::replace(&mut head.notice, Noted::Unread) {
+            Noted::Unread => {
+                return Err(crate::StoreError::Corrupt(
+                    "a full mailbox's notice was not read".into(),
+                )
+                .into());
+            }
+            Noted::Stored(stored) => {
+                if let Some(notice) = &stored {
+                    self.dropped.push((device, notice.id));
+                }
+                stored
+            }
+            Noted::Planned(planned) => Some(planned),
+        };
+        let expires_at = big(fan_out.expires_at);
+        let (count, expires_at, freed) = match earlier {
+            Some(notice) => (notice.count, notice.expires_at.max(expires_at), notice.size),
+            None => (0, expires_at, 0),
+        };
+        let notice = FullNotice {
+            id: head.take_id()?,
+            count: count.saturating_add(1),
+            sent_at: big(fan_out.now),
+            expires_at,
+            size: NOTICE_BYTES,
+        };
+        head.bytes = head.bytes.saturating_sub(freed).saturating_add(notice.size);
+        head.notice = Noted::Planned(notice);
+        Ok(())
+    }
+}
+
+/// A `MailboxFull` notice's size: the count, a u64.
+const NOTICE_BYTES: i64 = 8;
 
 /// A mailbox head as a batch holds it: locked, and moved in memory until
 /// the batch writes it back.
 struct Head {
     next_id: i64,
     bytes: i64,
+    notice: Noted,
+}
+
+impl Head {
+    /// The head's next ID, moving it on.
+    fn take_id(&mut self) -> std::result::Result<i64, Failure> {
+        let id = self.next_id;
+        self.next_id = id.checked_add(1).ok_or_else(|| {
+            crate::StoreError::Corrupt("a mailbox ran out of delivery IDs".into())
+        })?;
+        Ok(id)
+    }
+}
+
+/// What a batch knows of a mailbox's `MailboxFull` notice.
+enum Noted {
+    /// Nothing: no copy of the batch met the mailbox full (yet).
+    Unread,
+    /// The notice stored before the batch, if any.
+    Stored(Option<FullNotice>),
+    /// The notice the batch stores, replacing any before it.
+    Planned(FullNotice),
+}
+
+/// Replaces the notices a batch replaced: deletes `dropped` and stores
+/// every head's planned notice, in one statement.
+async fn store_notices(
+    tx: &Tx<'_>,
+    dropped: &[(&DeviceAddr, i64)],
+    heads: &HashMap<&DeviceAddr, Head>,
+) -> std::result::Result<(), Failure> {
+    let gone_accounts: Vec<&str> = dropped.iter().map(|d| d.0.account.as_str()).collect();
+    let gone_devices: Vec<i64> = dropped.iter().map(|d| i64::from(d.0.device.0)).collect();
+    let gone_ids: Vec<i64> = dropped.iter().map(|d| d.1).collect();
+    let mut accounts = Vec::new();
+    let mut devices = Vec::new();
+    let mut ids = Vec::new();
+    let mut payloads = Vec::new();
+    let mut sent = Vec::new();
+    let mut expires = Vec::new();
+    for (device, head) in heads {
+        if let Noted::Planned(notice) = &head.notice {
+            accounts.push(device.account.as_str());
+            devices.push(i64::from(device.device.0));
+            ids.push(notice.id);
+            payloads.push(notice.count.to_be_bytes().to_vec());
+            sent.push(notice.sent_at);
+            expires.push(notice.expires_at);
+        }
+    }
+    let statement = tx
+        .prepare_cached(
+            "WITH dropped AS (
+                 DELETE FROM mailbox m
+                 USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS d(account_id, device, id)
+                 WHERE m.account_id = d.account_id AND m.device = d.device AND m.id = d.id
+             )
+             INSERT INTO mailbox (account_id, device, id, sender, kind, group_id, payload,
+                                  sent_at, expires_at)
+             SELECT account_id, device, id, account_id, $4, NULL, payload, sent_at, expires_at
+             FROM unnest($5::text[], $6::bigint[], $7::bigint[], $8::bytea[], $9::bigint[],
+                         $10::bigint[])
+                  AS n(account_id, device, id, payload, sent_at, expires_at)",
+        )
+        .await?;
+    tx.execute(
+        &statement,
+        &[
+            &gone_accounts,
+            &gone_devices,
+            &gone_ids,
+            &(DeliveryKind::MailboxFull as i32),
+            &accounts,
+            &devices,
+            &ids,
+            &payloads,
+            &sent,
+            &expires,
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Stores a batch's copies and moves their mailboxes' heads, in one
@@ -247,9 +363,6 @@ async fn store_planned(
     copies: &[(&DeviceAddr, i64, usize)],
     heads: &HashMap<&DeviceAddr, Head>,
 ) -> std::result::Result<(), Failure> {
-    if copies.is_empty() {
-        return Ok(());
-    }
     let mut head_accounts = Vec::with_capacity(heads.len());
     let mut head_devices = Vec::with_capacity(heads.len());
     let mut next_ids = Vec::with_capacity(heads.len());
@@ -363,6 +476,7 @@ async fn lock_heads<'a>(
                 Head {
                     next_id: row.get(2),
                     bytes: row.get(3),
+                    notice: Noted::Unread,
                 },
             );
         }

@@ -5,7 +5,7 @@ use deadpool_postgres::Transaction;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceChange, DeviceEntry, IdentityKey};
 
 use super::accounts::add_device;
-use super::mailboxes::{Copy, close_mailboxes, current_devices, delete_mail};
+use super::mailboxes::{Copy, close_mailboxes, current_devices, delete_mail, lock_heads_where};
 use super::{Failure, PgStore, big, group_id, lock_key, transaction, unsigned};
 use crate::{
     ContactAcceptOutcome, ContactRequestOutcome, Contacts, DeviceLogs, Result, StoreError,
@@ -171,6 +171,7 @@ impl Contacts for PgStore {
                     &[&requester.as_str(), &decliner.as_str()],
                 )
                 .await?;
+            lock_heads_where(&tx, "account_id = $1", &[&decliner.as_str()]).await?;
             delete_mail(
                 &tx,
                 "account_id = $1 AND kind = $2 AND sender = $3",
@@ -268,6 +269,16 @@ impl DeviceLogs for PgStore {
                     &[&account.as_str(), &device],
                 )
                 .await?;
+            // Then every mailbox head it touches, at once: the device's and
+            // its groups' members' (see `lock_heads_where`).
+            let ids: Vec<&[u8]> = groups.iter().map(|row| row.get(0)).collect();
+            lock_heads_where(
+                &tx,
+                "(account_id = $1 AND device = $2) OR (account_id, device) IN (
+                     SELECT account_id, device FROM group_members WHERE group_id = ANY($3))",
+                &[&account.as_str(), &device, &ids],
+            )
+            .await?;
             tx.execute(
                 "DELETE FROM devices WHERE account_id = $1 AND device = $2",
                 &[&account.as_str(), &device],

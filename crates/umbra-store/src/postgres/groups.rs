@@ -9,7 +9,7 @@ use umbra_proto::tokens::DELIVERY_KEY_BYTES;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, GroupId};
 
 use super::batch::FanOut;
-use super::mailboxes::{Copy, is_current};
+use super::mailboxes::{Copy, is_current, lock_heads_of};
 use super::{Failure, PgStore, big, device_addr, transaction, unsigned};
 use crate::{
     CommitOutcome, CommitRecord, Durable, FanOutOutcome, GroupState, Groups, LineStatus, Result,
@@ -489,6 +489,19 @@ impl PgStore {
             .filter(|m| **m != commit.sender)
             .cloned()
             .collect();
+        let mut welcomed = Vec::new();
+        if commit.welcome.is_some() {
+            for added in commit.added.iter().filter(|a| !before.contains(a)) {
+                // A device removed since its leaf was checked gets nothing.
+                if is_current(tx, added).await? && !welcomed.contains(added) {
+                    welcomed.push(added.clone());
+                }
+            }
+        }
+        // Every head the commit stores under, at once (see
+        // `lock_heads_where`).
+        let heads: Vec<&DeviceAddr> = told.iter().chain(&welcomed).collect();
+        lock_heads_of(tx, &heads).await?;
         let copy = Copy {
             sender: None,
             kind: DeliveryKind::Commit,
@@ -500,13 +513,6 @@ impl PgStore {
         self.store_copies(tx, &told, &copy).await?;
         let mut recipients = told;
         if let Some(welcome) = &commit.welcome {
-            let mut welcomed = Vec::new();
-            for added in commit.added.iter().filter(|a| !before.contains(a)) {
-                // A device removed since its leaf was checked gets nothing.
-                if is_current(tx, added).await? && !welcomed.contains(added) {
-                    welcomed.push(added.clone());
-                }
-            }
             let copy = Copy {
                 kind: DeliveryKind::Welcome,
                 payload: welcome,

@@ -159,8 +159,11 @@ async fn note_mailbox_full(
         Some(row) => {
             let payload: Vec<u8> = row.get(0);
             let until: i64 = row.get(1);
-            let count = <[u8; 8]>::try_from(payload.as_slice()).map_or(0, u64::from_be_bytes);
-            (count, until.max(big(expires_at)), big(payload.len() as u64))
+            (
+                notice_count(&payload),
+                until.max(big(expires_at)),
+                big(payload.len() as u64),
+            )
         }
         None => (0, big(expires_at), 0),
     };
@@ -189,9 +192,101 @@ async fn note_mailbox_full(
     Ok(())
 }
 
+/// The count a `MailboxFull` notice carries (0 for a payload that is no
+/// count).
+pub(super) fn notice_count(payload: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(payload).map_or(0, u64::from_be_bytes)
+}
+
+/// A device's `MailboxFull` notice.
+#[derive(Clone, Copy)]
+pub(super) struct FullNotice {
+    pub id: i64,
+    /// How many messages it counts.
+    pub count: u64,
+    pub sent_at: i64,
+    pub expires_at: i64,
+    /// Its payload's size.
+    pub size: i64,
+}
+
+/// `device`'s `MailboxFull` notice as stored (there is one at most).
+pub(super) async fn stored_notice(
+    tx: &Tx<'_>,
+    device: &DeviceAddr,
+) -> std::result::Result<Option<FullNotice>, Failure> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT id, payload, sent_at, expires_at FROM mailbox
+             WHERE account_id = $1 AND device = $2 AND kind = $3",
+        )
+        .await?;
+    let row = tx
+        .query_opt(
+            &statement,
+            &[
+                &device.account.as_str(),
+                &i64::from(device.device.0),
+                &(DeliveryKind::MailboxFull as i32),
+            ],
+        )
+        .await?;
+    Ok(row.map(|row| {
+        let payload: &[u8] = row.get(1);
+        FullNotice {
+            id: row.get(0),
+            count: notice_count(payload),
+            sent_at: row.get(2),
+            expires_at: row.get(3),
+            size: big(payload.len() as u64),
+        }
+    }))
+}
+
+/// Locks the mailbox heads `filter` selects (a condition on
+/// `mailbox_heads` with parameters `params`), in sorted order, to the end
+/// of the transaction.
+///
+/// Every transaction that stores or deletes copies takes all the heads
+/// it will touch this way, at once and before deleting any copy: two
+/// transactions then never each hold a head (or a copy) the other waits
+/// for. (Heads locked in two steps, or a copy deleted before its head is
+/// locked, closed cycles PostgreSQL could only break by aborting one.)
+pub(super) async fn lock_heads_where(
+    tx: &Tx<'_>,
+    filter: &'static str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> std::result::Result<(), Failure> {
+    let sql = format!(
+        "SELECT 1 FROM mailbox_heads WHERE {filter} ORDER BY account_id, device FOR UPDATE"
+    );
+    let statement = tx.prepare_cached(&sql).await?;
+    tx.query(&statement, params).await?;
+    Ok(())
+}
+
+/// Locks the mailbox heads of `devices` (see [`lock_heads_where`]).
+pub(super) async fn lock_heads_of(
+    tx: &Tx<'_>,
+    devices: &[&DeviceAddr],
+) -> std::result::Result<(), Failure> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let accounts: Vec<&str> = devices.iter().map(|d| d.account.as_str()).collect();
+    let numbers: Vec<i64> = devices.iter().map(|d| i64::from(d.device.0)).collect();
+    lock_heads_where(
+        tx,
+        "(account_id, device) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))",
+        &[&accounts, &numbers],
+    )
+    .await
+}
+
 /// Deletes the mailbox rows `filter` selects (a condition on `mailbox`
 /// with parameters `params`) and takes their bytes off their mailboxes'
-/// counts; returns how many it deleted.
+/// counts; returns how many it deleted. The caller has locked their
+/// heads ([`lock_heads_where`]).
 pub(super) async fn delete_mail(
     tx: &Tx<'_>,
     filter: &'static str,
@@ -224,6 +319,7 @@ pub(super) async fn close_mailboxes(
     filter: &'static str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> std::result::Result<(), Failure> {
+    lock_heads_where(tx, filter, params).await?;
     let sql = format!("UPDATE mailbox_heads SET closed = TRUE WHERE {filter}");
     tx.execute(&sql, params).await?;
     delete_mail(tx, filter, params).await?;
@@ -416,18 +512,41 @@ impl Mailboxes for PgStore {
         // limit (and be rolled back) every time.
         let mut deleted = 0;
         loop {
-            let batch = transaction!(self, tx => {
-                delete_mail(
+            let (found, batch) = transaction!(self, tx => {
+                let rows = tx
+                    .query(
+                        "SELECT account_id, device, id FROM mailbox WHERE expires_at <= $1
+                         LIMIT $2",
+                        &[&big(now), &big(EXPIRY_BATCH)],
+                    )
+                    .await?;
+                let mut accounts = Vec::with_capacity(rows.len());
+                let mut devices = Vec::with_capacity(rows.len());
+                let mut ids = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    accounts.push(row.get::<_, &str>(0));
+                    devices.push(row.get::<_, i64>(1));
+                    ids.push(row.get::<_, i64>(2));
+                }
+                // Their heads first (see `lock_heads_where`); a copy
+                // acknowledged meanwhile is simply not there to delete.
+                lock_heads_where(
+                    &tx,
+                    "(account_id, device) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))",
+                    &[&accounts, &devices],
+                )
+                .await?;
+                let deleted = delete_mail(
                     &tx,
                     "(account_id, device, id) IN (
-                         SELECT account_id, device, id FROM mailbox WHERE expires_at <= $1
-                         LIMIT $2)",
-                    &[&big(now), &big(EXPIRY_BATCH)],
+                         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]))",
+                    &[&accounts, &devices, &ids],
                 )
-                .await
+                .await?;
+                Ok::<_, Failure>((rows.len() as u64, deleted))
             })?;
             deleted += batch;
-            if batch < EXPIRY_BATCH {
+            if found < EXPIRY_BATCH {
                 break;
             }
         }
@@ -487,9 +606,7 @@ impl PgStore {
             [] => Ok(Vec::new()),
             [ack] => {
                 let deleted = transaction!(self, tx => {
-                    // The head first, as a batch locks it (see
-                    // `ack_together`).
-                    lock_head(&tx, &ack.recipient).await?;
+                    lock_heads_of(&tx, &[&ack.recipient]).await?;
                     delete_mail(
                         &tx,
                         "account_id = $1 AND device = $2 AND id = ANY($3)",
@@ -508,21 +625,6 @@ impl PgStore {
     }
 }
 
-/// Locks `device`'s mailbox head to the end of the transaction.
-async fn lock_head(tx: &Tx<'_>, device: &DeviceAddr) -> std::result::Result<(), Failure> {
-    let statement = tx
-        .prepare_cached(
-            "SELECT 1 FROM mailbox_heads WHERE account_id = $1 AND device = $2 FOR UPDATE",
-        )
-        .await?;
-    tx.query(
-        &statement,
-        &[&device.account.as_str(), &i64::from(device.device.0)],
-    )
-    .await?;
-    Ok(())
-}
-
 /// Several acknowledgements in one transaction: their mailboxes' heads
 /// locked first, in sorted order, as a fan-out batch locks them (before
 /// any copy is deleted: a fan-out meeting a full mailbox deletes its
@@ -534,18 +636,7 @@ async fn ack_together(tx: &Tx<'_>, acks: &[Ack]) -> std::result::Result<Vec<usiz
     let mut recipients: Vec<&DeviceAddr> = acks.iter().map(|a| &a.recipient).collect();
     recipients.sort_unstable();
     recipients.dedup();
-    let lock = tx
-        .prepare_cached(
-            "SELECT 1 FROM mailbox_heads h
-             JOIN unnest($1::text[], $2::bigint[]) AS t(account_id, device)
-               ON h.account_id = t.account_id AND h.device = t.device
-             ORDER BY h.account_id, h.device
-             FOR UPDATE OF h",
-        )
-        .await?;
-    let accounts: Vec<&str> = recipients.iter().map(|r| r.account.as_str()).collect();
-    let devices: Vec<i64> = recipients.iter().map(|r| i64::from(r.device.0)).collect();
-    tx.query(&lock, &[&accounts, &devices]).await?;
+    lock_heads_of(tx, &recipients).await?;
     let mut accounts = Vec::new();
     let mut devices = Vec::new();
     let mut ids = Vec::new();

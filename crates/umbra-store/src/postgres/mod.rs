@@ -11,8 +11,10 @@
 //! - a mailbox's delivery IDs: its row in `mailbox_heads`, updated in the
 //!   transaction that stores the copy, so each mailbox's IDs are dense,
 //!   increase in commit order and are never reused (a connection that has
-//!   seen ID n never later finds n - 1 appear). A statement locks the head
-//!   rows it needs in sorted order; a removed device's row is closed;
+//!   seen ID n never later finds n - 1 appear). A transaction locks every
+//!   head row it will touch in one sorted statement, before it deletes
+//!   any copy (`mailboxes::lock_heads_where`); a removed device's row is
+//!   closed;
 //! - a message's check and copies: the sender's line and the group's row,
 //!   shared, so no commit or revocation lands between them;
 //! - a device log's next position, a redeemed code, a line's state: their
