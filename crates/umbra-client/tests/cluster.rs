@@ -69,6 +69,15 @@ async fn devices_talk_through_nodes_sharing_one_postgres() {
     let pg = PrivatePostgres::start(false).unwrap();
     let url = pg.create_database().await.unwrap();
     let (_dir, a, b) = data_directories(&url, None);
+    let config = a.join("umbra-server.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let listen = "\n# metrics_listen = \"127.0.0.1:9464\"";
+    assert_eq!(text.matches(listen).count(), 1);
+    std::fs::write(
+        &config,
+        text.replace(listen, "\nmetrics_listen = \"127.0.0.1:0\""),
+    )
+    .unwrap();
     let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
     let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
     assert!(
@@ -116,6 +125,21 @@ async fn devices_talk_through_nodes_sharing_one_postgres() {
     bob.client.send_text(&to_alice, "received").await.unwrap();
     let mut alice = alice.reopen().await;
     assert_eq!(alice.next_text().await, (bob.id(), "received".into()));
+
+    // Node A's store queued what its devices sent and acknowledged, and
+    // its metrics count the transactions that ran them and what they
+    // carried.
+    let metrics = *node_a.metrics.get().expect("node A serves metrics");
+    for kind in ["fan_out", "ack"] {
+        let series = |name: &str| format!("umbra_store_{name}_total{{kind=\"{kind}\"}}");
+        let transactions = common::sample(metrics, &series("batch_transactions")).await;
+        let items = common::sample(metrics, &series("batched_items")).await;
+        assert!(
+            transactions >= 1 && items >= transactions,
+            "{kind}: {items} items in {transactions} transactions"
+        );
+        assert_eq!(common::sample(metrics, &series("batch_refused")).await, 0);
+    }
 
     drop((alice, bob, carol));
     node_a.stop();

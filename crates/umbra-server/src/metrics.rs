@@ -43,6 +43,12 @@ pub struct RequestLabels {
     pub request: &'static str,
 }
 
+/// The kind of work a store batched: `fan_out` or `ack`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BatchLabels {
+    pub kind: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// The error code's name, as in `umbra.proto` (`BadSignature`, ...).
@@ -81,6 +87,12 @@ pub struct Metrics {
     /// embedded store; absent on PostgreSQL, which has none).
     pub ack_window_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub ack_window_copies: Gauge,
+    /// The clustered store's batching, by kind: transactions run, items
+    /// they carried, items refused unrun; read from the store at each
+    /// scrape.
+    pub batch_transactions: Family<BatchLabels, Counter>,
+    pub batched_items: Family<BatchLabels, Counter>,
+    pub batch_refused: Family<BatchLabels, Counter>,
     /// Attachment blob bytes written (uploads) and read (downloads).
     pub blob_bytes_written: Counter,
     pub blob_bytes_read: Counter,
@@ -88,6 +100,8 @@ pub struct Metrics {
     pub blobs_deleted: Counter,
     /// When the depth was last counted (held while counting).
     depth_counted: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Held while the batching counters catch up with the store's.
+    batches_read: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -176,6 +190,24 @@ impl Default for Metrics {
             "Copies in the ack window (not written, perhaps never)",
             ack_window_copies.clone(),
         );
+        let batch_transactions = Family::<BatchLabels, Counter>::default();
+        registry.register(
+            "store_batch_transactions",
+            "Transactions the clustered store ran for queued fan-outs or acknowledgements",
+            batch_transactions.clone(),
+        );
+        let batched_items = Family::<BatchLabels, Counter>::default();
+        registry.register(
+            "store_batched_items",
+            "Fan-outs or acknowledgements those transactions carried",
+            batched_items.clone(),
+        );
+        let batch_refused = Family::<BatchLabels, Counter>::default();
+        registry.register(
+            "store_batch_refused",
+            "Fan-outs or acknowledgements refused unrun (retryable): they waited too long for a transaction",
+            batch_refused.clone(),
+        );
         let blob_bytes_written = Counter::default();
         registry.register(
             "blob_bytes_written",
@@ -209,10 +241,14 @@ impl Default for Metrics {
             mailbox_bytes,
             ack_window_seconds,
             ack_window_copies,
+            batch_transactions,
+            batched_items,
+            batch_refused,
             blob_bytes_written,
             blob_bytes_read,
             blobs_deleted,
             depth_counted: tokio::sync::Mutex::new(None),
+            batches_read: std::sync::Mutex::new(()),
         }
     }
 }
@@ -385,6 +421,25 @@ async fn read_store(services: &Services) {
         metrics
             .ack_window_copies
             .set(i64::try_from(window.copies).unwrap_or(i64::MAX));
+    }
+    if let Some(batching) = services.store.batching() {
+        // The store counts; the counters catch up with it (one scrape at
+        // a time, so that none is counted twice).
+        let _one = metrics
+            .batches_read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (kind, stats) in [("fan_out", batching.fan_outs), ("ack", batching.acks)] {
+            let labels = BatchLabels { kind };
+            for (counter, value) in [
+                (&metrics.batch_transactions, stats.transactions),
+                (&metrics.batched_items, stats.items),
+                (&metrics.batch_refused, stats.refused),
+            ] {
+                let counter = counter.get_or_create(&labels);
+                counter.inc_by(value.saturating_sub(counter.get()));
+            }
+        }
     }
 }
 

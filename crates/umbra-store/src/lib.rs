@@ -65,6 +65,27 @@ pub struct AckWindow {
     pub copies: u64,
 }
 
+/// How a node's items of one kind were batched into transactions since it
+/// started: see [`Mailboxes::batching`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Transactions that ran them (a lone item's included).
+    pub transactions: u64,
+    /// Items those transactions carried.
+    pub items: u64,
+    /// Items refused unrun (`Unavailable`): they waited longer for a
+    /// transaction than the queue allows.
+    pub refused: u64,
+}
+
+/// A store's batching of fan-outs and acknowledgements, for one that
+/// batches them itself (the clustered store).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Batching {
+    pub fan_outs: BatchStats,
+    pub acks: BatchStats,
+}
+
 /// What a store may hold, set when it is opened. Zero means no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreLimits {
@@ -779,6 +800,11 @@ pub trait Mailboxes: Send + Sync {
     async fn depth(&self) -> Result<MailboxDepth>;
     /// The ack window's state now, for a store that has one.
     fn ack_window(&self) -> Option<AckWindow> {
+        None
+    }
+    /// How fan-outs and acknowledgements were batched so far, for a store
+    /// that batches them in a queue of its own.
+    fn batching(&self) -> Option<Batching> {
         None
     }
     /// Deletes deliveries whose time to live has passed, the hashes of

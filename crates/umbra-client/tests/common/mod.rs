@@ -414,6 +414,12 @@ pub async fn befriend(a: &mut Device, b: &mut Device) -> (ConversationId, Conver
 /// The value of counter `name` (without `_total`) in the metrics of the
 /// server whose metrics listener is at `address`.
 pub async fn counter(address: SocketAddr, name: &str) -> u64 {
+    sample(address, &format!("umbra_{name}_total")).await
+}
+
+/// The value of `series` (a metric's full name, with its labels) in the
+/// metrics of the server whose metrics listener is at `address`.
+pub async fn sample(address: SocketAddr, series: &str) -> u64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     stream
@@ -422,7 +428,7 @@ pub async fn counter(address: SocketAddr, name: &str) -> u64 {
         .unwrap();
     let mut text = String::new();
     stream.read_to_string(&mut text).await.unwrap();
-    let line = format!("umbra_{name}_total ");
+    let line = format!("{series} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&line))
         .unwrap_or_else(|| panic!("no {line} in {text}"))

@@ -467,6 +467,13 @@ impl Mailboxes for PgStore {
         Some(self.away.clone())
     }
 
+    fn batching(&self) -> Option<crate::Batching> {
+        self.queues.is_some().then(|| crate::Batching {
+            fan_outs: self.fan_out_stats(),
+            acks: self.ack_stats(),
+        })
+    }
+
     async fn depth(&self) -> Result<crate::MailboxDepth> {
         let (copies, bytes) = transaction!(read self, tx => {
             let row = tx

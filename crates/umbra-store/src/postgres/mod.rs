@@ -45,8 +45,8 @@ mod mailboxes;
 mod queue;
 pub mod testing;
 
+pub use crate::BatchStats;
 pub use batch::FanOut;
-pub use queue::BatchStats;
 
 use std::time::Duration;
 

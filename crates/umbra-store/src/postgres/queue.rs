@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::PgStore;
-use crate::{Result, StoreError};
+use crate::{BatchStats, Result, StoreError};
 
 /// Items in one transaction at most.
 const MAX_BATCH: usize = 32;
@@ -54,15 +54,6 @@ pub(super) trait Work: Send + Sync + Sized + 'static {
     ) -> impl Future<Output = Result<Vec<Self::Outcome>>> + Send + 'a;
 }
 
-/// How a node's items of one kind were batched since it started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BatchStats {
-    /// Transactions that ran them (a lone item's included).
-    pub transactions: u64,
-    /// Items those transactions carried.
-    pub items: u64,
-}
-
 struct Job<W: Work> {
     item: W,
     reply: oneshot::Sender<Result<W::Outcome>>,
@@ -73,6 +64,7 @@ struct Job<W: Work> {
 struct Counts {
     transactions: AtomicU64,
     items: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// A node's queue of one kind of work; its dispatcher ends when the last
@@ -95,6 +87,7 @@ impl<W: Work> Queue<W> {
         BatchStats {
             transactions: self.counts.transactions.load(Ordering::Relaxed),
             items: self.counts.items.load(Ordering::Relaxed),
+            refused: self.counts.refused.load(Ordering::Relaxed),
         }
     }
 
@@ -148,6 +141,9 @@ async fn dispatch<W: Work>(
             .into_iter()
             .filter(|job| !job.reply.is_closed())
             .partition(|job| now.duration_since(job.queued_at) <= QUEUE_WAIT);
+        counts
+            .refused
+            .fetch_add(late.len() as u64, Ordering::Relaxed);
         for job in late {
             let _ = job.reply.send(Err(StoreError::Unavailable(format!(
                 "PostgreSQL is too busy: the {} waited {} s for a transaction and was not run",
