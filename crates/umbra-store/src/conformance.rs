@@ -7,7 +7,7 @@ mod batches;
 mod blobs;
 
 pub use batches::{
-    BATCH_CAP, a_batch_stores_as_one_after_another, commits_and_revocations_race_batches,
+    BATCH_CAP, RACE_CAP, a_batch_stores_as_one_after_another, commits_and_revocations_race_batches,
     expiry_meets_an_acknowledgement, many_senders_at_once,
 };
 

@@ -896,9 +896,9 @@ pub trait Distributors: Send + Sync {
     ) -> Result<Renewal>;
     /// Lines whose subscription ended before `cutoff` and are not revoked.
     async fn lapsed_lines(&self, cutoff: Timestamp) -> Result<Vec<AccountId>>;
-    /// Revokes every line that lapsed before `cutoff`, choosing and revoking
-    /// in one transaction (so a renewal cannot slip in between). Returns
-    /// each line with the member devices told.
+    /// Revokes every line that lapsed before `cutoff`, each checked again
+    /// and revoked in one transaction (so a renewal cannot slip in
+    /// between). Returns each line with the member devices told.
     async fn revoke_lapsed(
         &self,
         cutoff: Timestamp,

@@ -323,10 +323,14 @@ async fn postgres_expiry_and_acknowledgements_take_heads_in_one_order() {
 async fn postgres_batches_race_commits_and_revocations() {
     let pg = server();
     let url = pg.create_database().await.unwrap();
+    let limits = StoreLimits {
+        mailbox_bytes: conformance::RACE_CAP,
+        ..StoreLimits::default()
+    };
     let (a, b) = tokio::join!(
-        PgStore::connect(&url, StoreLimits::default()),
-        PgStore::connect(&url, StoreLimits::default())
+        PgStore::connect(&url, limits),
+        PgStore::connect(&url, limits)
     );
-    conformance::commits_and_revocations_race_batches(&a.unwrap(), &b.unwrap()).await;
+    conformance::commits_and_revocations_race_batches(&a.unwrap(), &b.unwrap(), &url).await;
     assert!(!pg.log().contains("deadlock detected"), "{}", pg.log());
 }

@@ -6,6 +6,7 @@ use deadpool_postgres::Transaction;
 use tokio_postgres::Row;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceId, IdentityKey};
 
+use super::contacts::delete_contacts;
 use super::mailboxes::{
     Copy, close_mailboxes, current_devices, delete_mail, lock_heads_where, open_mailbox,
 };
@@ -311,16 +312,13 @@ impl PgStore {
                 &[&id.as_str()],
             )
             .await?;
-        tx.execute(
-            "DELETE FROM contacts WHERE requester = $1 OR addressee = $1",
-            &[&id.as_str()],
-        )
-        .await?;
+        delete_contacts(tx, "requester = $1 OR addressee = $1", &[&id.as_str()]).await?;
         let ids: Vec<&[u8]> = groups.iter().map(|row| row.get(0)).collect();
         lock_heads_where(
             tx,
-            "account_id = $1 OR (account_id, device) IN (
-                 SELECT account_id, device FROM group_members WHERE group_id = ANY($2))",
+            "(account_id, device) IN (
+                 SELECT account_id, device FROM mailbox_heads WHERE account_id = $1
+                 UNION SELECT account_id, device FROM group_members WHERE group_id = ANY($2))",
             &[&id.as_str(), &ids],
         )
         .await?;
@@ -536,23 +534,30 @@ impl Distributors for PgStore {
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<Vec<(AccountId, Vec<DeviceAddr>)>> {
-        transaction!(self, tx => {
-            let mut ended = Vec::new();
-            for id in lapsed(&tx, cutoff).await? {
+        // Each line in a transaction of its own: one revocation takes the
+        // line, its groups, its contacts and then the mailbox heads it
+        // touches, and a second in the same transaction would take a line
+        // and groups after heads, against every other transaction's order.
+        let mut ended = Vec::new();
+        for id in self.lapsed_lines(cutoff).await? {
+            let told = transaction!(self, tx => {
                 // Locked and read again: a renewal that committed meanwhile
                 // keeps the line.
                 match account_row(&tx, &id, true).await? {
                     Some(line)
                         if line.subscription_expires_at < cutoff
                             && line.status != LineStatus::Revoked => {}
-                    _ => continue,
+                    _ => return Ok(None),
                 }
                 let told = self
                     .revoke_in(&tx, &id, id.as_str().as_bytes(), now, expires_at)
                     .await?;
+                Ok::<_, Failure>(Some(told))
+            })?;
+            if let Some(told) = told {
                 ended.push((id, told));
             }
-            Ok::<_, Failure>(ended)
-        })
+        }
+        Ok(ended)
     }
 }

@@ -380,7 +380,14 @@ async fn store_planned(
     let messages: Vec<i64> = copies.iter().map(|c| c.2 as i64 + 1).collect();
     let kinds: Vec<i32> = fan_outs.iter().map(|f| f.kind as i32).collect();
     let groups: Vec<&[u8]> = fan_outs.iter().map(|f| f.group.as_bytes()).collect();
-    let payloads: Vec<&[u8]> = fan_outs.iter().map(|f| &f.payload[..]).collect();
+    // A message with no copy stored (refused, or every copy not kept)
+    // sends no payload.
+    let mut payloads: Vec<&[u8]> = vec![&[]; fan_outs.len()];
+    for (_, _, n) in copies {
+        if let (Some(payload), Some(fan_out)) = (payloads.get_mut(*n), fan_outs.get(*n)) {
+            *payload = &fan_out.payload;
+        }
+    }
     let sent: Vec<i64> = fan_outs.iter().map(|f| big(f.now)).collect();
     let expires: Vec<i64> = fan_outs.iter().map(|f| big(f.expires_at)).collect();
     let statement = tx

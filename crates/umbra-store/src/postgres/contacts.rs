@@ -50,6 +50,42 @@ async fn contact_row(
         .map(|row| (row.get(0), row.get(1), row.get(2))))
 }
 
+/// Deletes the contacts `filter` selects (a condition on `contacts` with
+/// parameters `params`), their rows locked in sorted order first: a
+/// revocation and the sweep of old requests may delete the same rows, and
+/// must not each hold one the other waits for.
+pub(super) async fn delete_contacts(
+    tx: &Tx<'_>,
+    filter: &'static str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> std::result::Result<(), Failure> {
+    let sql = format!(
+        "DELETE FROM contacts WHERE (requester, addressee) IN (
+             SELECT requester, addressee FROM contacts WHERE {filter}
+             ORDER BY requester, addressee FOR UPDATE)"
+    );
+    let statement = tx.prepare_cached(&sql).await?;
+    tx.execute(&statement, params).await?;
+    Ok(())
+}
+
+/// Locks the rows of lines `a` and `b` (shared, in sorted order): a
+/// contact's transaction takes them before anything else, as every
+/// transaction takes lines first, so a revocation holding one is waited
+/// for here rather than met half way (inserting a contact row takes them
+/// anyway, for its foreign keys, after the pair's other row).
+async fn lock_pair(tx: &Tx<'_>, a: &AccountId, b: &AccountId) -> std::result::Result<(), Failure> {
+    let statement = tx
+        .prepare_cached(
+            "SELECT 1 FROM accounts WHERE account_id = ANY($1::text[])
+             ORDER BY account_id FOR KEY SHARE",
+        )
+        .await?;
+    tx.query(&statement, &[&vec![a.as_str(), b.as_str()]])
+        .await?;
+    Ok(())
+}
+
 impl PgStore {
     /// Stores a contact notice from `from` for each current device of `to`.
     async fn tell_account(
@@ -85,6 +121,7 @@ impl Contacts for PgStore {
         expires_at: Timestamp,
     ) -> Result<(ContactRequestOutcome, Vec<DeviceAddr>)> {
         transaction!(self, tx => {
+            lock_pair(&tx, from, to).await?;
             match contact_row(&tx, from, to, true).await? {
                 Some((_, true, _)) => {
                     return Ok((ContactRequestOutcome::AlreadyContacts, Vec::new()));
@@ -126,6 +163,7 @@ impl Contacts for PgStore {
         expires_at: Timestamp,
     ) -> Result<(ContactAcceptOutcome, Vec<DeviceAddr>)> {
         transaction!(self, tx => {
+            lock_pair(&tx, acceptor, requester).await?;
             match contact_row(&tx, acceptor, requester, true).await? {
                 Some((_, true, _)) => {
                     return Ok((ContactAcceptOutcome::AlreadyContacts, Vec::new()));
@@ -163,6 +201,7 @@ impl Contacts for PgStore {
 
     async fn decline_contact(&self, decliner: &AccountId, requester: &AccountId) -> Result<bool> {
         transaction!(self, tx => {
+            lock_pair(&tx, decliner, requester).await?;
             contact_row(&tx, decliner, requester, true).await?;
             let declined = tx
                 .execute(
@@ -274,8 +313,9 @@ impl DeviceLogs for PgStore {
             let ids: Vec<&[u8]> = groups.iter().map(|row| row.get(0)).collect();
             lock_heads_where(
                 &tx,
-                "(account_id = $1 AND device = $2) OR (account_id, device) IN (
-                     SELECT account_id, device FROM group_members WHERE group_id = ANY($3))",
+                "(account_id, device) IN (
+                     SELECT $1::text, $2::bigint
+                     UNION SELECT account_id, device FROM group_members WHERE group_id = ANY($3))",
                 &[&account.as_str(), &device, &ids],
             )
             .await?;

@@ -499,9 +499,12 @@ impl PgStore {
             }
         }
         // Every head the commit stores under, at once (see
-        // `lock_heads_where`).
-        let heads: Vec<&DeviceAddr> = told.iter().chain(&welcomed).collect();
-        lock_heads_of(tx, &heads).await?;
+        // `lock_heads_where`): with a Welcome, two sets of them (without,
+        // storing the commit locks its one set).
+        if !welcomed.is_empty() {
+            let heads: Vec<&DeviceAddr> = told.iter().chain(&welcomed).collect();
+            lock_heads_of(tx, &heads).await?;
+        }
         let copy = Copy {
             sender: None,
             kind: DeliveryKind::Commit,

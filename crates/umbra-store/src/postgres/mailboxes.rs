@@ -313,13 +313,13 @@ pub(super) async fn delete_mail(
 /// Closes the mailboxes `filter` selects (a condition on
 /// `mailbox_heads`: a device removed, a line revoked) and deletes what
 /// they hold: nothing is stored in them after this transaction, even by
-/// one that read the device as current before it.
+/// one that read the device as current before it. The caller has locked
+/// their heads ([`lock_heads_where`]).
 pub(super) async fn close_mailboxes(
     tx: &Tx<'_>,
     filter: &'static str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> std::result::Result<(), Failure> {
-    lock_heads_where(tx, filter, params).await?;
     let sql = format!("UPDATE mailbox_heads SET closed = TRUE WHERE {filter}");
     tx.execute(&sql, params).await?;
     delete_mail(tx, filter, params).await?;
@@ -563,8 +563,9 @@ impl Mailboxes for PgStore {
                 &[&big(now.saturating_sub(crate::COMMIT_HASH_LIFETIME))],
             )
             .await?;
-            tx.execute(
-                "DELETE FROM contacts WHERE NOT accepted AND created_at <= $1",
+            super::contacts::delete_contacts(
+                &tx,
+                "NOT accepted AND created_at <= $1",
                 &[&big(now.saturating_sub(crate::CONTACT_REQUEST_LIFETIME))],
             )
             .await?;
