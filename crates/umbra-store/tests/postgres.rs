@@ -334,3 +334,21 @@ async fn postgres_batches_race_commits_and_revocations() {
     conformance::commits_and_revocations_race_batches(&a.unwrap(), &b.unwrap(), &url).await;
     assert!(!pg.log().contains("deadlock detected"), "{}", pg.log());
 }
+
+/// A device's `MailboxFull` notice is found through the notices' own
+/// index, not by reading its mailbox: a full mailbox holds as many copies
+/// as its cap allows, and every message to its groups looks the notice up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_finds_a_full_mailbox_notice_without_reading_the_mailbox() {
+    let pg = server();
+    let url = pg.create_database().await.unwrap();
+    PgStore::connect(&url, StoreLimits::default())
+        .await
+        .unwrap();
+    for plan in umbra_store::postgres::testing::notice_plans(&url)
+        .await
+        .unwrap()
+    {
+        assert!(plan.contains("mailbox_full_notices"), "{plan}");
+    }
+}

@@ -148,13 +148,7 @@ async fn note_mailbox_full(
     expires_at: Timestamp,
 ) -> std::result::Result<(), Failure> {
     let (account, device) = (recipient.account.as_str(), i64::from(recipient.device.0));
-    let earlier = tx
-        .query_opt(
-            "DELETE FROM mailbox WHERE account_id = $1 AND device = $2 AND kind = $3
-             RETURNING payload, expires_at",
-            &[&account, &device, &(DeliveryKind::MailboxFull as i32)],
-        )
-        .await?;
+    let earlier = tx.query_opt(DELETE_NOTICE, &[&account, &device]).await?;
     let (count, expires_at, freed) = match earlier {
         Some(row) => {
             let payload: Vec<u8> = row.get(0);
@@ -210,25 +204,30 @@ pub(super) struct FullNotice {
     pub size: i64,
 }
 
+/// Reads a device's `MailboxFull` notice. The kind is written out, as the
+/// partial index `mailbox_full_notices` names it: a full mailbox holds as
+/// many copies as its cap allows, and a parameter would leave PostgreSQL's
+/// generic plan reading them all.
+pub(super) const STORED_NOTICE: &str = "SELECT id, payload, sent_at, expires_at FROM mailbox
+                                        WHERE account_id = $1 AND device = $2 AND kind = 10";
+
+/// Deletes a device's `MailboxFull` notice, returning it (the kind written
+/// out, as in [`STORED_NOTICE`]).
+pub(super) const DELETE_NOTICE: &str = "DELETE FROM mailbox
+                                        WHERE account_id = $1 AND device = $2 AND kind = 10
+                                        RETURNING payload, expires_at";
+const _: () = assert!(DeliveryKind::MailboxFull as i32 == 10);
+
 /// `device`'s `MailboxFull` notice as stored (there is one at most).
 pub(super) async fn stored_notice(
     tx: &Tx<'_>,
     device: &DeviceAddr,
 ) -> std::result::Result<Option<FullNotice>, Failure> {
-    let statement = tx
-        .prepare_cached(
-            "SELECT id, payload, sent_at, expires_at FROM mailbox
-             WHERE account_id = $1 AND device = $2 AND kind = $3",
-        )
-        .await?;
+    let statement = tx.prepare_cached(STORED_NOTICE).await?;
     let row = tx
         .query_opt(
             &statement,
-            &[
-                &device.account.as_str(),
-                &i64::from(device.device.0),
-                &(DeliveryKind::MailboxFull as i32),
-            ],
+            &[&device.account.as_str(), &i64::from(device.device.0)],
         )
         .await?;
     Ok(row.map(|row| {

@@ -61,6 +61,10 @@ use crate::{Result, StoreError, StoreLimits};
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
     (2, include_str!("../../migrations/postgres/0002_blobs.sql")),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_mailbox_full_notices.sql"),
+    ),
 ];
 
 /// Connections each node keeps to the database at most.

@@ -465,3 +465,32 @@ impl Drop for PrivatePostgres {
         }
     }
 }
+
+/// PostgreSQL's generic plans (the ones a prepared statement settles on)
+/// for the statements that look a device's `MailboxFull` notice up, with
+/// sequential scans ruled out (a table as small as a test's is read whole
+/// otherwise): whether they use the notices' own index, not the mailbox's.
+pub async fn notice_plans(url: &str) -> Result<Vec<String>> {
+    let mut plans = Vec::new();
+    for sql in [
+        super::mailboxes::STORED_NOTICE,
+        super::mailboxes::DELETE_NOTICE,
+    ] {
+        let rows = query(
+            url,
+            &format!(
+                "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off;
+                 PREPARE notice(text, bigint) AS {sql};
+                 EXPLAIN EXECUTE notice('AAAAAAAA', 1)"
+            ),
+        )
+        .await?;
+        plans.push(
+            rows.into_iter()
+                .filter_map(|row| row.into_iter().next().flatten())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+    }
+    Ok(plans)
+}

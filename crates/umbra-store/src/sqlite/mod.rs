@@ -74,6 +74,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         include_str!("../../migrations/0016_anonymous_sending.sql"),
     ),
     (17, include_str!("../../migrations/0017_blobs.sql")),
+    (
+        18,
+        include_str!("../../migrations/0018_mailbox_full_notices.sql"),
+    ),
 ];
 
 /// Most writes committed together by one fsync.
@@ -922,13 +926,8 @@ fn note_mailbox_full(
 ) -> Result<()> {
     let earlier: Option<(Vec<u8>, Timestamp)> = tx
         .query_row(
-            "DELETE FROM mailbox WHERE recipient = ?1 AND device = ?2 AND kind = ?3
-             RETURNING payload, expires_at",
-            params![
-                recipient.account.as_str(),
-                recipient.device.0,
-                DeliveryKind::MailboxFull as i32
-            ],
+            DELETE_FULL_NOTICE,
+            params![recipient.account.as_str(), recipient.device.0],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .optional()
@@ -956,6 +955,13 @@ fn note_mailbox_full(
     )
     .map(drop)
 }
+
+/// Deletes a device's `MailboxFull` notice, returning it. The kind is
+/// written out (SQLite uses the partial index `mailbox_full_notices` only
+/// for a query that names its kind as the index does, not a parameter).
+const DELETE_FULL_NOTICE: &str = "DELETE FROM mailbox WHERE recipient = ?1 AND device = ?2
+                                  AND kind = 10 RETURNING payload, expires_at";
+const _: () = assert!(DeliveryKind::MailboxFull as i32 == 10);
 
 fn insert_staged(tx: &Transaction<'_>, row: &DueCopy) -> Result<()> {
     let delivery = &row.delivery;
@@ -2678,6 +2684,30 @@ mod tests {
             async move { store.unwrap_or_else(|e| panic!("{e}")) }
         })
         .await;
+    }
+
+    /// A device's `MailboxFull` notice is found through the notices' own
+    /// index, not by reading its mailbox: a full mailbox holds as many
+    /// copies as its cap allows, and every write that meets it full looks
+    /// the notice up (on the one writer every other write waits for).
+    #[tokio::test]
+    async fn a_full_mailbox_notice_is_found_without_reading_the_mailbox() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("umbra.db");
+        let _store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let connection = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let mut plan = connection
+            .prepare(&format!("EXPLAIN QUERY PLAN {DELETE_FULL_NOTICE}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let steps: Vec<String> = plan
+            .query_map(params!["AAAAAAAA", 1], |row| row.get(3))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .collect::<std::result::Result<_, _>>()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            steps.iter().any(|s| s.contains("mailbox_full_notices")),
+            "{steps:?}"
+        );
     }
 
     /// A server upgraded from before KeyPackages were per device keeps
