@@ -2094,7 +2094,7 @@ async fn anonymous_fan_out_and_delivery_keys(store: &impl Store) {
         deliveries,
         durable,
     } = store
-        .fan_out_anonymous(&g, b"whisper", 2, NOW, NOW + TTL)
+        .fan_out_anonymous(&g, b"whisper", 2, &[1; 32], NOW, NOW + TTL)
         .await
         .unwrap()
     else {
@@ -2118,21 +2118,21 @@ async fn anonymous_fan_out_and_delivery_keys(store: &impl Store) {
     }
     assert!(matches!(
         store
-            .fan_out_anonymous(&g, b"old", 1, NOW, NOW + TTL)
+            .fan_out_anonymous(&g, b"old", 1, &[1; 32], NOW, NOW + TTL)
             .await
             .unwrap(),
         FanOutOutcome::BehindGroup { current_epoch: 2 }
     ));
     assert!(matches!(
         store
-            .fan_out_anonymous(&g, b"future", 3, NOW, NOW + TTL)
+            .fan_out_anonymous(&g, b"future", 3, &[1; 32], NOW, NOW + TTL)
             .await
             .unwrap(),
         FanOutOutcome::AheadOfGroup { current_epoch: 2 }
     ));
     assert!(matches!(
         store
-            .fan_out_anonymous(&group(99), b"x", 0, NOW, NOW + TTL)
+            .fan_out_anonymous(&group(99), b"x", 0, &[1; 32], NOW, NOW + TTL)
             .await
             .unwrap(),
         FanOutOutcome::UnknownGroup
@@ -2152,23 +2152,16 @@ async fn anonymous_fan_out_and_delivery_keys(store: &impl Store) {
     for who in [&alice, &bob, &carol] {
         read_all(store, who).await;
     }
-    let FanOutOutcome::Stored {
-        deliveries,
-        durable,
-    } = store
-        .fan_out_anonymous(&g, b"after", 3, NOW, NOW + TTL)
-        .await
-        .unwrap()
-    else {
-        panic!("stored");
-    };
-    durable.wait().await.unwrap();
-    let mut recipients: Vec<_> = deliveries.iter().map(|(r, _)| r.clone()).collect();
-    recipients.sort();
-    let mut members = vec![one(&alice), one(&bob)];
-    members.sort();
-    assert_eq!(recipients, members, "a removed member gets none");
-    assert!(read_all(store, &carol).await.is_empty());
+    assert!(
+        matches!(
+            store
+                .fan_out_anonymous(&g, b"old key", 3, &[1; 32], NOW, NOW + TTL)
+                .await
+                .unwrap(),
+            FanOutOutcome::KeyWithdrawn
+        ),
+        "a key is checked with the copies' storing, not only before"
+    );
 
     // A line revoked takes the key of each of its groups with it: it knows
     // that key, so nobody sends with it until a member commits (stating a
@@ -2182,8 +2175,43 @@ async fn anonymous_fan_out_and_delivery_keys(store: &impl Store) {
         store.delivery_key(&g).await.unwrap(),
         Some((4, Some([4; 32])))
     );
+    for who in [&alice, &bob] {
+        read_all(store, who).await;
+    }
+    let FanOutOutcome::Stored {
+        deliveries,
+        durable,
+    } = store
+        .fan_out_anonymous(&g, b"after", 4, &[4; 32], NOW, NOW + TTL)
+        .await
+        .unwrap()
+    else {
+        panic!("stored");
+    };
+    durable.wait().await.unwrap();
+    let mut recipients: Vec<_> = deliveries.iter().map(|(r, _)| r.clone()).collect();
+    recipients.sort();
+    let mut members = vec![one(&alice), one(&bob)];
+    members.sort();
+    assert_eq!(recipients, members, "a removed member gets none");
+    assert!(read_all(store, &carol).await.is_empty());
     store.revoke(&bob, None, NOW, NOW + TTL).await.unwrap();
     assert_eq!(store.delivery_key(&g).await.unwrap(), Some((4, None)));
+    // A message whose signature was checked with the key just before (the
+    // caller read it then) is refused: the key is gone when it is stored.
+    assert!(matches!(
+        store
+            .fan_out_anonymous(&g, b"raced", 4, &[4; 32], NOW, NOW + TTL)
+            .await
+            .unwrap(),
+        FanOutOutcome::KeyWithdrawn
+    ));
+    assert!(
+        read_all(store, &alice)
+            .await
+            .iter()
+            .all(|d| d.payload != b"raced")
+    );
 }
 
 /// Token keys are kept newest first and retired with their spent tokens;

@@ -507,6 +507,10 @@ pub enum FanOutOutcome {
         status: LineStatus,
         subscription_expires_at: Timestamp,
     },
+    /// An anonymous message signed with a delivery key the group no longer
+    /// has: withdrawn (a revocation or device removal) since the caller
+    /// checked the signature, in the same epoch.
+    KeyWithdrawn,
 }
 
 /// Resolves once each copy of a fan-out is safe: written durably, or
@@ -611,12 +615,17 @@ pub trait Groups: Send + Sync {
     ) -> Result<FanOutOutcome>;
     /// Stores an anonymous application message for every current member
     /// device, if the group is at `epoch` (`AheadOfGroup` or `BehindGroup`
-    /// otherwise). The caller checked its delivery-key signature and token.
+    /// otherwise) and its delivery key is still `delivery_key`
+    /// (`KeyWithdrawn` otherwise): checked with the copies' storing, so a
+    /// key withdrawn after the caller checked the signature with it is
+    /// never raced past. The caller checked the signature and token.
+    #[allow(clippy::too_many_arguments)] // one message and its context
     async fn fan_out_anonymous(
         &self,
         group: &GroupId,
         payload: &[u8],
         epoch: u64,
+        delivery_key: &[u8; DELIVERY_KEY_BYTES],
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<FanOutOutcome>;

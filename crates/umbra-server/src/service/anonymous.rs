@@ -243,12 +243,9 @@ impl Services {
             ttl_seconds,
             &message,
         );
-        if key.is_none() || !verified {
-            return Err(refuse(
-                ErrorCode::BadSignature,
-                "not signed with the delivery key of the group's current epoch",
-            ));
-        }
+        let Some(key) = key.filter(|_| verified) else {
+            return Err(not_signed_with_the_key());
+        };
         // Nobody can tell whose anonymous messages are whose, so they are
         // counted against the group: a member flooding uses up the
         // group's anonymous sending, not its other traffic.
@@ -269,7 +266,7 @@ impl Services {
         let expires_at = self.message_expiry(now, ttl_seconds);
         match self
             .store
-            .fan_out_anonymous(&group_id, &message, header.epoch, now, expires_at)
+            .fan_out_anonymous(&group_id, &message, header.epoch, &key, now, expires_at)
             .await
             .map_err(internal)?
         {
@@ -296,6 +293,9 @@ impl Services {
                     format!("the group moved to epoch {current_epoch}"),
                 )
             }),
+            // Withdrawn (a revocation, a device removed) since it was read
+            // above: the same answer as a key never held.
+            FanOutOutcome::KeyWithdrawn => Err(not_signed_with_the_key()),
             FanOutOutcome::NotAMember | FanOutOutcome::LineInactive { .. } => Err(refuse(
                 ErrorCode::Internal,
                 "the store checked a sender of an anonymous message",
@@ -328,4 +328,13 @@ impl Services {
         }
         Ok(())
     }
+}
+
+/// The refusal of an anonymous message not signed with the delivery key
+/// its group has now.
+fn not_signed_with_the_key() -> ErrorReply {
+    refuse(
+        ErrorCode::BadSignature,
+        "not signed with the delivery key of the group's current epoch",
+    )
 }

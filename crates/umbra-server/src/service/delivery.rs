@@ -215,6 +215,10 @@ impl Services {
             ),
             FanOutOutcome::UnknownGroup => Err(unknown_group(&group_id)),
             FanOutOutcome::NotAMember => Err(not_a_member()),
+            FanOutOutcome::KeyWithdrawn => Err(refuse(
+                ErrorCode::Internal,
+                "the store checked a delivery key of a member's message",
+            )),
             FanOutOutcome::BehindGroup { current_epoch } => Err(ErrorReply {
                 current_epoch,
                 ..refuse(

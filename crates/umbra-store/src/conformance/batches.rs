@@ -226,6 +226,7 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
         epoch,
         now: NOW,
         expires_at: NOW + TTL,
+        delivery_key: None,
     };
     let app = DeliveryKind::Application;
     let fan_outs = |g: &GroupId, [alice, bob, carol]: &[AccountId; 3], mallory: &AccountId| {

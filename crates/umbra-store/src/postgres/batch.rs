@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::future::Future;
 
 use deadpool_postgres::Transaction;
+use umbra_proto::tokens::DELIVERY_KEY_BYTES;
 use umbra_proto::{DeliveryKind, DeviceAddr, GroupId};
 
 use super::groups::{Message, checked, lock_lines, routable_in, stored};
@@ -45,6 +46,9 @@ pub struct FanOut {
     pub epoch: u64,
     pub now: Timestamp,
     pub expires_at: Timestamp,
+    /// For an anonymous message, the delivery key its signature was checked
+    /// with: the group must still have it (`KeyWithdrawn` otherwise).
+    pub delivery_key: Option<[u8; DELIVERY_KEY_BYTES]>,
 }
 
 impl std::fmt::Debug for FanOut {
@@ -70,6 +74,7 @@ impl FanOut {
             payload: &self.payload,
             epoch: self.epoch,
             now: self.now,
+            delivery_key: self.delivery_key.as_ref(),
         }
     }
 }
@@ -136,7 +141,7 @@ impl PgStore {
             .iter()
             .map(|fan_out| {
                 let group = fan_out.group.as_bytes();
-                let Some(current) = epochs.get(group) else {
+                let Some((current, key)) = epochs.get(group) else {
                     return Err(FanOutOutcome::UnknownGroup);
                 };
                 let line = fan_out
@@ -144,7 +149,7 @@ impl PgStore {
                     .as_ref()
                     .map(|s| lines.get(s.account.as_str()).copied());
                 let members = members.get(group).map_or(&[][..], Vec::as_slice);
-                checked(&fan_out.message(), *current, members, line)
+                checked(&fan_out.message(), *current, members, line, key.as_deref())
             })
             .collect();
         let mut devices: Vec<&DeviceAddr> = checks.iter().flatten().flatten().collect();
@@ -431,21 +436,24 @@ async fn store_planned(
     Ok(())
 }
 
-/// The epochs of `groups` (distinct) that exist, their rows locked
-/// (shared) in sorted order to the end of the transaction.
+/// The epochs and delivery keys of `groups` (distinct) that exist, their
+/// rows locked (shared) in sorted order to the end of the transaction.
 async fn lock_groups(
     tx: &Tx<'_>,
     groups: &[&[u8]],
-) -> std::result::Result<HashMap<Vec<u8>, u64>, Failure> {
+) -> std::result::Result<HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>, Failure> {
     let statement = tx
         .prepare_cached(
-            "SELECT group_id, epoch FROM groups WHERE group_id = ANY($1::bytea[])
+            "SELECT group_id, epoch, delivery_key FROM groups WHERE group_id = ANY($1::bytea[])
              ORDER BY group_id FOR SHARE",
         )
         .await?;
     let mut epochs = HashMap::with_capacity(groups.len());
     for row in tx.query(&statement, &[&groups]).await? {
-        epochs.insert(row.get::<_, Vec<u8>>(0), unsigned(row.get(1))?);
+        epochs.insert(
+            row.get::<_, Vec<u8>>(0),
+            (unsigned(row.get(1))?, row.get(2)),
+        );
     }
     Ok(epochs)
 }

@@ -354,6 +354,7 @@ impl Groups for PgStore {
             epoch,
             now,
             expires_at,
+            delivery_key: None,
         })
         .await
     }
@@ -363,6 +364,7 @@ impl Groups for PgStore {
         group: &GroupId,
         payload: &[u8],
         epoch: u64,
+        delivery_key: &[u8; DELIVERY_KEY_BYTES],
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<FanOutOutcome> {
@@ -374,6 +376,7 @@ impl Groups for PgStore {
             epoch,
             now,
             expires_at,
+            delivery_key: Some(*delivery_key),
         })
         .await
     }
@@ -403,6 +406,9 @@ pub(super) struct Message<'a> {
     pub payload: &'a [u8],
     pub epoch: u64,
     pub now: Timestamp,
+    /// For an anonymous message, the delivery key its signature was checked
+    /// with: the group (`key` in [`checked`]) must still have it.
+    pub delivery_key: Option<&'a [u8; DELIVERY_KEY_BYTES]>,
 }
 
 impl PgStore {
@@ -551,24 +557,20 @@ impl PgStore {
         let Some(current) = epoch(tx, message.group, Lock::Share).await? else {
             return Ok(FanOutOutcome::UnknownGroup);
         };
+        // An anonymous message's key, read under the group's lock: no
+        // revocation withdraws it before the copies are stored.
+        let key: Option<Vec<u8>> = match message.delivery_key {
+            Some(_) => tx
+                .query_one(
+                    "SELECT delivery_key FROM groups WHERE group_id = $1",
+                    &[&message.group.as_bytes()],
+                )
+                .await?
+                .get(0),
+            None => None,
+        };
         let members = routable(tx, message.group).await?;
-        self.store_checked(tx, message, current, &members, line, expires_at)
-            .await
-    }
-
-    /// The second half of a fan-out, once the sender's line and the
-    /// group were read and locked (see [`checked`]): the check, then the
-    /// copies.
-    pub(super) async fn store_checked(
-        &self,
-        tx: &Tx<'_>,
-        message: &Message<'_>,
-        current: u64,
-        members: &[DeviceAddr],
-        line: Option<Option<(LineStatus, u64)>>,
-        expires_at: Timestamp,
-    ) -> std::result::Result<FanOutOutcome, Failure> {
-        match checked(message, current, members, line) {
+        match checked(message, current, &members, line, key.as_deref()) {
             Ok(recipients) => self.store_for(tx, message, recipients, expires_at).await,
             Err(refused) => Ok(refused),
         }
@@ -606,12 +608,18 @@ pub(super) fn checked(
     current: u64,
     members: &[DeviceAddr],
     line: Option<Option<(LineStatus, u64)>>,
+    key: Option<&[u8]>,
 ) -> std::result::Result<Vec<DeviceAddr>, FanOutOutcome> {
     let sender = line.map(|line| {
         let member = message.sender.is_some_and(|s| members.contains(s));
         (member, line)
     });
     crate::check_fan_out(current, message.epoch, message.kind, message.now, sender)?;
+    if let Some(expected) = message.delivery_key
+        && key != Some(&expected[..])
+    {
+        return Err(FanOutOutcome::KeyWithdrawn);
+    }
     Ok(members
         .iter()
         .filter(|m| Some(*m) != message.sender)

@@ -2026,6 +2026,7 @@ impl Groups for SqliteStore {
             payload: payload.to_vec(),
             epoch,
             now,
+            delivery_key: None,
         };
         self.fan_out_message(message, expires_at).await
     }
@@ -2035,6 +2036,7 @@ impl Groups for SqliteStore {
         group: &GroupId,
         payload: &[u8],
         epoch: u64,
+        delivery_key: &[u8; DELIVERY_KEY_BYTES],
         now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<FanOutOutcome> {
@@ -2045,6 +2047,7 @@ impl Groups for SqliteStore {
             payload: payload.to_vec(),
             epoch,
             now,
+            delivery_key: Some(Box::new(*delivery_key)),
         };
         self.fan_out_message(message, expires_at).await
     }
@@ -2056,9 +2059,15 @@ impl SqliteStore {
         message: Message,
         expires_at: Timestamp,
     ) -> Result<FanOutOutcome> {
-        let message = match self.fan_out_now(message, expires_at) {
-            Ok(outcome) => return Ok(outcome),
-            Err(message) => message,
+        // An anonymous message's key is checked by the writer, in order
+        // with the writes that withdraw keys (the remembered state does
+        // not hold keys).
+        let message = match message.delivery_key {
+            Some(_) => message,
+            None => match self.fan_out_now(message, expires_at) {
+                Ok(outcome) => return Ok(outcome),
+                Err(message) => message,
+            },
         };
         let staging = Arc::clone(&self.staging);
         self.write_then(
@@ -2074,6 +2083,15 @@ impl SqliteStore {
                 };
                 if let Err(refused) = check(epoch, &members, &message, line) {
                     return Ok(Err(refused));
+                }
+                if let Some(key) = &message.delivery_key {
+                    let current: Option<Vec<u8>> = tx
+                        .prepare_cached("SELECT delivery_key FROM groups WHERE group_id = ?1")
+                        .and_then(|mut s| s.query_row([message.group.as_bytes()], |row| row.get(0)))
+                        .map_err(backend)?;
+                    if current.as_deref() != Some(&key[..][..]) {
+                        return Ok(Err(FanOutOutcome::KeyWithdrawn));
+                    }
                 }
                 let count = message.copy_count(&members);
                 let first = tx.take_ids(count)?;
@@ -2105,6 +2123,10 @@ struct Message {
     /// The epoch its MLS header names.
     epoch: u64,
     now: Timestamp,
+    /// For an anonymous message, the delivery key its signature was checked
+    /// with: the group must still have it. (Boxed: a message is handed
+    /// back whole when the writer must check it.)
+    delivery_key: Option<Box<[u8; DELIVERY_KEY_BYTES]>>,
 }
 
 impl Message {
