@@ -907,7 +907,9 @@ pub trait Distributors: Send + Sync {
     async fn lapsed_lines(&self, cutoff: Timestamp) -> Result<Vec<AccountId>>;
     /// Revokes every line that lapsed before `cutoff`, each checked again
     /// and revoked in one transaction (so a renewal cannot slip in
-    /// between). Returns each line with the member devices told.
+    /// between). Returns each line with the member devices told. A line
+    /// that could not be revoked now is left for the next sweep (an error
+    /// only when no line was revoked).
     async fn revoke_lapsed(
         &self,
         cutoff: Timestamp,

@@ -245,6 +245,11 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
             message(None, app, b"anonymous", 1),
             message(Some(bob), app, b"three", 1),
             message(Some(bob), DeliveryKind::Proposal, b"proposal", 0),
+            // Anonymous, with a key the group does not have (withdrawn).
+            FanOut {
+                delivery_key: Some([9; 32]),
+                ..message(None, app, b"key withdrawn", 1)
+            },
         ]
     };
     let mut outcomes = Vec::new();
@@ -343,6 +348,11 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
         assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
     }
     assert!(mailboxes[0][3].is_empty(), "Mallory is in no group");
+    assert!(
+        matches!(batch_outcomes[10], FanOutOutcome::KeyWithdrawn),
+        "{:?}",
+        batch_outcomes[10]
+    );
     let refused = &batch_outcomes[1..6];
     assert!(
         matches!(

@@ -956,9 +956,10 @@ fn note_mailbox_full(
     .map(drop)
 }
 
-/// Deletes a device's `MailboxFull` notice, returning it. The kind is
-/// written out (SQLite uses the partial index `mailbox_full_notices` only
-/// for a query that names its kind as the index does, not a parameter).
+/// Deletes a device's `MailboxFull` notice, returning it, through the
+/// partial index `mailbox_full_notices`. The kind is written out as the
+/// index names it (as the PostgreSQL store must: its generic plans use a
+/// partial index only then), so the plan cannot depend on a binding.
 const DELETE_FULL_NOTICE: &str = "DELETE FROM mailbox WHERE recipient = ?1 AND device = ?2
                                   AND kind = 10 RETURNING payload, expires_at";
 const _: () = assert!(DeliveryKind::MailboxFull as i32 == 10);
