@@ -57,6 +57,25 @@ use umbra_proto::{AccountId, DeviceAddr, DeviceId, GroupId};
 
 use crate::{Result, StoreError, StoreLimits};
 
+/// The migrations run outside a transaction, statement by statement (an
+/// index built `CONCURRENTLY`, without stopping the writes of the old
+/// nodes still serving, cannot be built inside one). Each must be safe to
+/// run again from the start: a node may die half way.
+const ALONE: &[i32] = &[3];
+
+/// How often a node starting while another migrates tries for the lock.
+const MIGRATION_POLL: Duration = Duration::from_millis(100);
+
+/// The statements of a migration to run alone: split at semicolons (such
+/// a migration has none inside a statement), comment lines dropped.
+fn statements(sql: &str) -> impl Iterator<Item = &str> {
+    sql.split(';').map(str::trim).filter(|statement| {
+        statement
+            .lines()
+            .any(|line| !line.trim().is_empty() && !line.trim().starts_with("--"))
+    })
+}
+
 /// Numbered migrations, applied in order; `schema_migrations` records each.
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_init.sql")),
@@ -473,32 +492,80 @@ impl PgStore {
         })
     }
 
+    /// Applies the migrations the database lacks, one node at a time:
+    /// under the migration lock, held by a connection of its own for its
+    /// session (closed after, never pooled, so the lock goes with it
+    /// whatever happened). The lock is taken by trying, not by waiting: a
+    /// node waiting in a statement holds a snapshot, and an index built
+    /// `CONCURRENTLY` waits for every older snapshot, so the two would
+    /// wait for each other.
     async fn migrate(&self) -> Result<()> {
-        transaction!(self, tx => {
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-                .await?;
-            tx.batch_execute(
+        let mut client = self.client().await?;
+        loop {
+            let locked: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK])
+                .await
+                .map_err(backend)?
+                .get(0);
+            if locked {
+                break;
+            }
+            tokio::time::sleep(MIGRATION_POLL).await;
+        }
+        client
+            .batch_execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (
                      version INTEGER PRIMARY KEY,
                      applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
                  )",
             )
-            .await?;
-            let applied: i32 = tx
-                .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
-                .await?
-                .get(0);
-            crate::refuse_newer_schema(
-                i64::from(applied),
-                MIGRATIONS.last().map_or(0, |(v, _)| i64::from(*v)),
-            )?;
-            for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
-                tx.batch_execute(sql).await?;
-                tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version])
-                    .await?;
+            .await
+            .map_err(backend)?;
+        let applied: i32 = client
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(backend)?
+            .get(0);
+        crate::refuse_newer_schema(
+            i64::from(applied),
+            MIGRATIONS.last().map_or(0, |(v, _)| i64::from(*v)),
+        )?;
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
+            if ALONE.contains(version) {
+                // No time limit: the index is built from the whole table
+                // while the old nodes' writes go on.
+                client
+                    .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
+                    .await
+                    .map_err(backend)?;
+                for statement in statements(sql) {
+                    client.batch_execute(statement).await.map_err(backend)?;
+                }
+                client
+                    .execute(
+                        "INSERT INTO schema_migrations (version) VALUES ($1)",
+                        &[version],
+                    )
+                    .await
+                    .map_err(backend)?;
+            } else {
+                let tx = client.transaction().await.map_err(backend)?;
+                tx.batch_execute(sql).await.map_err(backend)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version) VALUES ($1)",
+                    &[version],
+                )
+                .await
+                .map_err(backend)?;
+                tx.commit().await.map_err(backend)?;
             }
-            Ok::<_, Failure>(())
-        })
+        }
+        // Dropped unfinished: the connection closes, the lock with it.
+        drop(client);
+        Ok(())
     }
 
     /// The newest schema version this build knows, and the one the
