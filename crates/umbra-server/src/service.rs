@@ -696,6 +696,11 @@ impl Services {
                         Ok(Reply::Done)
                     }
                     ContactRequestOutcome::AlreadyRequested => Ok(Reply::Done),
+                    // Revoked since it was looked up: as above.
+                    ContactRequestOutcome::LineGone => Err(refuse(
+                        ErrorCode::UnknownAccount,
+                        format!("no account {to} on this server"),
+                    )),
                     ContactRequestOutcome::AlreadyContacts => Err(refuse(
                         ErrorCode::InvalidRequest,
                         format!("{to} is already a contact"),

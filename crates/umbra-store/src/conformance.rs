@@ -527,6 +527,28 @@ async fn key_packages_per_device(store: &impl Store) {
 async fn contacts(store: &impl Store) {
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
+    // A line revoked after the caller looked (as a server does before it
+    // asks) neither sends nor receives a request: the store looks again.
+    let gone = registered(store, "GGGGGGGG", 7).await;
+    store.revoke(&gone, None, NOW, NOW + TTL).await.unwrap();
+    for (from, to) in [(&alice, &gone), (&gone, &alice)] {
+        assert_eq!(
+            store
+                .request_contact(from, to, NOW, NOW + TTL)
+                .await
+                .unwrap(),
+            (ContactRequestOutcome::LineGone, Vec::new())
+        );
+    }
+    assert!(read_all(store, &alice).await.is_empty());
+    assert_eq!(
+        store
+            .accept_contact(&alice, &gone, NOW, NOW + TTL)
+            .await
+            .unwrap()
+            .0,
+        ContactAcceptOutcome::NoRequest
+    );
     assert!(!store.are_contacts(&alice, &bob).await.unwrap());
     assert_eq!(
         store

@@ -274,6 +274,9 @@ pub enum ContactRequestOutcome {
     /// A request was already pending; it was not sent again.
     AlreadyRequested,
     AlreadyContacts,
+    /// One of the two lines does not exist or was revoked (perhaps since
+    /// the caller checked): nothing recorded, nothing sent.
+    LineGone,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

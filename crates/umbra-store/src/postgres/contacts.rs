@@ -73,17 +73,27 @@ pub(super) async fn delete_contacts(
 /// contact's transaction takes them before anything else, as every
 /// transaction takes lines first, so a revocation holding one is waited
 /// for here rather than met half way (inserting a contact row takes them
-/// anyway, for its foreign keys, after the pair's other row).
-async fn lock_pair(tx: &Tx<'_>, a: &AccountId, b: &AccountId) -> std::result::Result<(), Failure> {
+/// anyway, for its foreign keys, after the pair's other row). Whether
+/// both lines exist and are not revoked, as they are now.
+async fn lock_pair(
+    tx: &Tx<'_>,
+    a: &AccountId,
+    b: &AccountId,
+) -> std::result::Result<bool, Failure> {
     let statement = tx
         .prepare_cached(
-            "SELECT 1 FROM accounts WHERE account_id = ANY($1::text[])
+            "SELECT status FROM accounts WHERE account_id = ANY($1::text[])
              ORDER BY account_id FOR KEY SHARE",
         )
         .await?;
-    tx.query(&statement, &[&vec![a.as_str(), b.as_str()]])
+    let rows = tx
+        .query(&statement, &[&vec![a.as_str(), b.as_str()]])
         .await?;
-    Ok(())
+    let live = rows
+        .iter()
+        .filter(|row| row.get::<_, &str>(0) != "revoked")
+        .count();
+    Ok(live == if a == b { 1 } else { 2 })
 }
 
 impl PgStore {
@@ -121,7 +131,12 @@ impl Contacts for PgStore {
         expires_at: Timestamp,
     ) -> Result<(ContactRequestOutcome, Vec<DeviceAddr>)> {
         transaction!(self, tx => {
-            lock_pair(&tx, from, to).await?;
+            // Checked again under the lines' locks: a revocation since the
+            // caller looked deletes its line's contacts, and no request may
+            // come after it.
+            if !lock_pair(&tx, from, to).await? {
+                return Ok((ContactRequestOutcome::LineGone, Vec::new()));
+            }
             match contact_row(&tx, from, to, true).await? {
                 Some((_, true, _)) => {
                     return Ok((ContactRequestOutcome::AlreadyContacts, Vec::new()));

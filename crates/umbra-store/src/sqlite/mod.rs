@@ -1483,6 +1483,19 @@ impl Contacts for SqliteStore {
     ) -> Result<(ContactRequestOutcome, Vec<DeviceAddr>)> {
         let (from, to) = (from.clone(), to.clone());
         self.write(move |tx| {
+            // Checked again in the writer, in order with revocations: a
+            // revoked line's contacts are gone, and none may come after.
+            let live: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM accounts
+                     WHERE account_id IN (?1, ?2) AND status != 'revoked'",
+                    params![from.as_str(), to.as_str()],
+                    |row| row.get(0),
+                )
+                .map_err(backend)?;
+            if live != if from == to { 1 } else { 2 } {
+                return Ok((ContactRequestOutcome::LineGone, Vec::new()));
+            }
             match contact_row(tx, &from, &to)? {
                 Some((_, true, _)) => {
                     return Ok((ContactRequestOutcome::AlreadyContacts, Vec::new()));
