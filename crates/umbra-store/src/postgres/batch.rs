@@ -177,10 +177,7 @@ impl PgStore {
                     continue;
                 };
                 if capped && head.bytes.saturating_add(size) > big(self.limits.mailbox_bytes) {
-                    if let Noted::Unread = head.notice {
-                        head.notice = Noted::Stored(stored_notice(tx, recipient).await?);
-                    }
-                    plan.note_full(recipient, head, fan_out)?;
+                    plan.note_full(tx, recipient, head, fan_out).await?;
                     ids.push(None);
                     continue;
                 }
@@ -191,9 +188,7 @@ impl PgStore {
             }
             ids_of.push(ids);
         }
-        let noted = heads
-            .values()
-            .any(|h| matches!(h.notice, Noted::Planned(_)));
+        let noted = heads.values().any(|h| h.notice.is_some());
         if noted {
             store_notices(tx, &plan.dropped, &heads).await?;
         }
@@ -226,28 +221,24 @@ impl<'a> Plan<'a> {
     /// notice is replaced by one counting this copy too, under the next
     /// ID (so that a device which read the old one reads the new one),
     /// living as long as the longest-lived copy it counts; as the
-    /// one-at-a-time path does (`note_mailbox_full`). The head's notice
-    /// must have been read.
-    fn note_full(
+    /// one-at-a-time path does (`note_mailbox_full`). The notice stored
+    /// before the batch is read (under the held head) the first time.
+    async fn note_full(
         &mut self,
+        tx: &Tx<'_>,
         device: &'a DeviceAddr,
         head: &mut Head,
         fan_out: &FanOut,
     ) -> std::result::Result<(), Failure> {
-        let earlier = match std::mem::replace(&mut head.notice, Noted::Unread) {
-            Noted::Unread => {
-                return Err(crate::StoreError::Corrupt(
-                    "a full mailbox's notice was not read".into(),
-                )
-                .into());
-            }
-            Noted::Stored(stored) => {
+        let earlier = match head.notice.take() {
+            Some(planned) => Some(planned),
+            None => {
+                let stored = stored_notice(tx, device).await?;
                 if let Some(notice) = &stored {
                     self.dropped.push((device, notice.id));
                 }
                 stored
             }
-            Noted::Planned(planned) => Some(planned),
         };
         let expires_at = big(fan_out.expires_at);
         let (count, expires_at, freed) = match earlier {
@@ -262,7 +253,7 @@ impl<'a> Plan<'a> {
             size: NOTICE_BYTES,
         };
         head.bytes = head.bytes.saturating_sub(freed).saturating_add(notice.size);
-        head.notice = Noted::Planned(notice);
+        head.notice = Some(notice);
         Ok(())
     }
 }
@@ -275,7 +266,9 @@ const NOTICE_BYTES: i64 = 8;
 struct Head {
     next_id: i64,
     bytes: i64,
-    notice: Noted,
+    /// The `MailboxFull` notice the batch stores for it (replacing any
+    /// stored before), once a copy met it full.
+    notice: Option<FullNotice>,
 }
 
 impl Head {
@@ -287,16 +280,6 @@ impl Head {
         })?;
         Ok(id)
     }
-}
-
-/// What a batch knows of a mailbox's `MailboxFull` notice.
-enum Noted {
-    /// Nothing: no copy of the batch met the mailbox full (yet).
-    Unread,
-    /// The notice stored before the batch, if any.
-    Stored(Option<FullNotice>),
-    /// The notice the batch stores, replacing any before it.
-    Planned(FullNotice),
 }
 
 /// Replaces the notices a batch replaced: deletes `dropped` and stores
@@ -316,7 +299,7 @@ async fn store_notices(
     let mut sent = Vec::new();
     let mut expires = Vec::new();
     for (device, head) in heads {
-        if let Noted::Planned(notice) = &head.notice {
+        if let Some(notice) = &head.notice {
             accounts.push(device.account.as_str());
             devices.push(i64::from(device.device.0));
             ids.push(notice.id);
@@ -491,7 +474,7 @@ async fn lock_heads<'a>(
                 Head {
                     next_id: row.get(2),
                     bytes: row.get(3),
-                    notice: Noted::Unread,
+                    notice: None,
                 },
             );
         }

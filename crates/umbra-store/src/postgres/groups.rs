@@ -570,21 +570,10 @@ impl PgStore {
             None => None,
         };
         let members = routable(tx, message.group).await?;
-        match checked(message, current, &members, line, key.as_deref()) {
-            Ok(recipients) => self.store_for(tx, message, recipients, expires_at).await,
-            Err(refused) => Ok(refused),
-        }
-    }
-
-    /// Stores a checked message's copies for `recipients`, one statement
-    /// (see `store_copies`), and gives its outcome.
-    pub(super) async fn store_for(
-        &self,
-        tx: &Tx<'_>,
-        message: &Message<'_>,
-        recipients: Vec<DeviceAddr>,
-        expires_at: Timestamp,
-    ) -> std::result::Result<FanOutOutcome, Failure> {
+        let recipients = match checked(message, current, &members, line, key.as_deref()) {
+            Ok(recipients) => recipients,
+            Err(refused) => return Ok(refused),
+        };
         let copy = Copy {
             sender: None,
             kind: message.kind,
