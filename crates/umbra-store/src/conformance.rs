@@ -145,6 +145,14 @@ async fn read_all(store: &impl Store, who: &AccountId) -> Vec<StoredDelivery> {
 
 /// Alice's group with Bob and Carol, at epoch 1, every mailbox read.
 pub(crate) async fn group_of_three(store: &impl Store) -> (GroupId, [AccountId; 3]) {
+    keyed_group_of_three(store, None).await
+}
+
+/// [`group_of_three`] whose epoch 1 has the delivery key `key`.
+pub(crate) async fn keyed_group_of_three(
+    store: &impl Store,
+    key: Option<[u8; 32]>,
+) -> (GroupId, [AccountId; 3]) {
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
     let carol = registered(store, "CCCCCCCC", 3).await;
@@ -157,7 +165,10 @@ pub(crate) async fn group_of_three(store: &impl Store) -> (GroupId, [AccountId; 
         .unwrap();
     store
         .accept_commit(
-            &commit(&g, 0, &alice, b"add", &[&bob, &carol], &[]),
+            &CommitRecord {
+                delivery_key: key,
+                ..commit(&g, 0, &alice, b"add", &[&bob, &carol], &[])
+            },
             NOW,
             NOW + TTL,
         )

@@ -634,6 +634,29 @@ pub trait Groups: Send + Sync {
     ) -> Result<FanOutOutcome>;
 }
 
+/// Who a message to fan out is from, as every backend checks it.
+#[derive(Clone)]
+pub(crate) enum Sender {
+    /// A member device: its line must be active and it a member of the
+    /// group's current epoch; it gets no copy of its own message (its
+    /// account's other devices do).
+    Device(DeviceAddr),
+    /// Anonymous, its signature checked with this delivery key: the group
+    /// must still have the key (`KeyWithdrawn` otherwise); every leaf
+    /// gets a copy.
+    Anonymous([u8; DELIVERY_KEY_BYTES]),
+}
+
+impl Sender {
+    /// The sending device, `None` for an anonymous message.
+    pub(crate) fn device(&self) -> Option<&DeviceAddr> {
+        match self {
+            Sender::Device(device) => Some(device),
+            Sender::Anonymous(_) => None,
+        }
+    }
+}
+
 /// The delivery service's rules for a message fanned out to a group at
 /// `current` epoch, one function for every backend. `sender` is `None` for
 /// an anonymous message (its token paid for it; the service checked its
@@ -912,7 +935,9 @@ pub trait Distributors: Send + Sync {
     /// and revoked in one transaction (so a renewal cannot slip in
     /// between). Returns each line with the member devices told. A line
     /// that could not be revoked now is left for the next sweep (an error
-    /// only when no line was revoked).
+    /// only when no line was revoked). The embedded store revokes them all
+    /// in one write: its one writer waits for no lock, and what fails that
+    /// write (the disk) fails every line alike.
     async fn revoke_lapsed(
         &self,
         cutoff: Timestamp,

@@ -98,6 +98,60 @@ async fn postgres_nodes_starting_together_migrate_once() {
     );
 }
 
+/// Migration 3 run again after a node died in it without recording it:
+/// an index whose build finished is kept (not built again from the whole
+/// mailbox table); one its build left invalid is dropped and built again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migration_run_again_keeps_a_finished_index() {
+    let pg = server();
+    let url = pg.create_database().await.unwrap();
+    let index = |url: String| async move {
+        let rows = query(
+            &url,
+            "SELECT i.indexrelid::bigint, i.indisvalid FROM pg_index i
+             WHERE i.indexrelid = 'mailbox_full_notices'::regclass",
+        )
+        .await
+        .unwrap();
+        (rows[0][0].clone().unwrap(), rows[0][1].clone().unwrap())
+    };
+    let connect = || async {
+        let store = PgStore::connect(&url, StoreLimits::default())
+            .await
+            .unwrap();
+        let (newest, at) = store.schema_versions().await.unwrap();
+        assert_eq!(newest, at);
+    };
+    connect().await;
+    let (built, valid) = index(url.clone()).await;
+    assert_eq!(valid, "t");
+
+    // Died after the build, before recording it.
+    query(&url, "DELETE FROM schema_migrations WHERE version = 3")
+        .await
+        .unwrap();
+    connect().await;
+    assert_eq!(
+        index(url.clone()).await,
+        (built.clone(), "t".into()),
+        "kept"
+    );
+
+    // Died during the build: the index is there, invalid.
+    query(
+        &url,
+        "UPDATE pg_index SET indisvalid = false
+           WHERE indexrelid = 'mailbox_full_notices'::regclass;
+         DELETE FROM schema_migrations WHERE version = 3",
+    )
+    .await
+    .unwrap();
+    connect().await;
+    let (rebuilt, valid) = index(url.clone()).await;
+    assert_ne!(rebuilt, built, "built again");
+    assert_eq!(valid, "t");
+}
+
 /// A database a newer server migrated is refused by an older one, which
 /// neither migrates it nor uses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

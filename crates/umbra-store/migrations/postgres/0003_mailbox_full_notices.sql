@@ -3,9 +3,9 @@
 -- as its cap allows, and a message to its device's groups looks its
 -- notice up. Only notices are in the index, so storing a copy costs it
 -- nothing. Built CONCURRENTLY, outside a transaction (ALONE in
--- postgres/mod.rs), so the old nodes' writes go on meanwhile. An index an
--- attempt left behind without recording the version (finished or not) is
--- dropped first. No semicolon
--- may stand in a comment here: the statements are split at them.
-DROP INDEX CONCURRENTLY IF EXISTS mailbox_full_notices;
-CREATE INDEX CONCURRENTLY mailbox_full_notices ON mailbox (account_id, device) WHERE kind = 10;
+-- postgres/mod.rs), so the old nodes' writes go on meanwhile. An attempt
+-- that died before recording the version left the index finished (kept
+-- here) or invalid (dropped by the runner before this runs again). No
+-- semicolon may stand in a comment here: the statements are split at them.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS mailbox_full_notices
+    ON mailbox (account_id, device) WHERE kind = 10;

@@ -6,11 +6,13 @@
 use umbra_proto::{AccountId, DeliveryKind, GroupId};
 
 use super::{
-    NOW, TTL, befriend, commit, group, group_of_three, info_at, low_water, one, read_all,
+    NOW, TTL, befriend, commit, group, info_at, keyed_group_of_three, low_water, one, read_all,
     registered, send_in_epoch, state_at, stored,
 };
-use crate::postgres::{FanOut, PgStore};
-use crate::{Distributors, FanOutOutcome, LineStatus, Mailboxes, Notice, Store, StoredDelivery};
+use crate::postgres::{Ack, FanOut, PgStore};
+use crate::{
+    Distributors, FanOutOutcome, LineStatus, Mailboxes, Notice, Sender, Store, StoredDelivery,
+};
 
 /// The `mailbox_bytes` of the stores given to
 /// [`a_batch_stores_as_one_after_another`] with `capped`: room in Carol's
@@ -218,15 +220,16 @@ async fn send(
 /// before it, and, once she has read and acknowledged everything, one
 /// that fills her mailbox again.
 pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgStore, capped: bool) {
+    // The group's key, and one it does not have (withdrawn).
+    let (key, withdrawn) = ([5; 32], [9; 32]);
     let message = |g: &GroupId, sender: Option<&AccountId>, kind, payload: &[u8], epoch| FanOut {
         group: g.clone(),
-        sender: sender.map(one),
+        sender: sender.map_or(Sender::Anonymous(key), |s| Sender::Device(one(s))),
         kind,
         payload: payload.to_vec(),
         epoch,
         now: NOW,
         expires_at: NOW + TTL,
-        delivery_key: None,
     };
     let app = DeliveryKind::Application;
     let fan_outs = |g: &GroupId, [alice, bob, carol]: &[AccountId; 3], mallory: &AccountId| {
@@ -245,9 +248,8 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
             message(None, app, b"anonymous", 1),
             message(Some(bob), app, b"three", 1),
             message(Some(bob), DeliveryKind::Proposal, b"proposal", 0),
-            // Anonymous, with a key the group does not have (withdrawn).
             FanOut {
-                delivery_key: Some([9; 32]),
+                sender: Sender::Anonymous(withdrawn),
                 ..message(None, app, b"key withdrawn", 1)
             },
         ]
@@ -257,7 +259,7 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
     let mut batch_outcomes = Vec::new();
     let mut carol_before_reading = Vec::new();
     for (store, together) in [(batched, true), (alone, false)] {
-        let (g, members) = group_of_three(store).await;
+        let (g, members) = keyed_group_of_three(store, Some(key)).await;
         let mallory = registered(store, "MMMMMMMM", 13).await;
         store
             .set_line_status(&members[2], LineStatus::Suspended)
@@ -348,6 +350,12 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
         assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
     }
     assert!(mailboxes[0][3].is_empty(), "Mallory is in no group");
+    // Signed with the group's key: stored for every leaf (capped, only
+    // Alice's copy fits: Bob's and Carol's mailboxes hold "one" and "two").
+    let FanOutOutcome::Stored { deliveries, .. } = &batch_outcomes[7] else {
+        panic!("{:?}", batch_outcomes[7]);
+    };
+    assert_eq!(deliveries.len(), if capped { 1 } else { 3 });
     assert!(
         matches!(batch_outcomes[10], FanOutOutcome::KeyWithdrawn),
         "{:?}",
@@ -378,14 +386,22 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
 /// store's database) holds one of their mailbox heads; expiry starts and
 /// waits for it; then the other device acknowledges its copy; then the
 /// head is let go. Both orders of the two heads, since the order in
-/// which expiry reached them was the planner's. Each copy is deleted
-/// once and every byte count is back to 0; whether PostgreSQL had to
-/// break a deadlock is in its log, which the caller reads.
+/// which expiry reached them was the planner's, each with the
+/// acknowledgement alone and in a batch (the two statements that take
+/// the head). Each copy is deleted once and every byte count is back to
+/// its copies' sum; whether PostgreSQL had to break a deadlock is in its
+/// log, which the caller reads.
 pub async fn expiry_meets_an_acknowledgement(store: &PgStore, url: &str) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
-    for (round, (held, acking)) in (0u64..).zip([(&alice, &bob), (&bob, &alice)]) {
+    let rounds = [
+        (&alice, &bob, false),
+        (&bob, &alice, false),
+        (&alice, &bob, true),
+        (&bob, &alice, true),
+    ];
+    for (round, (held, acking, batched)) in (0u64..).zip(rounds) {
         let at = NOW + 100 * round;
         // In each mailbox a copy that lives on and one that has expired,
         // of sizes all different: a byte count lowered wrongly shows.
@@ -419,7 +435,20 @@ pub async fn expiry_meets_an_acknowledgement(store: &PgStore, url: &str) {
         let expire = store.expire(at + 10);
         let ack = async {
             waiting_for_locks(url, 1).await;
-            let deleted = store.ack(&one(acking), &[id]).await;
+            let deleted = if batched {
+                // With a second acknowledgement, of a copy not there, so
+                // the batch's statement runs.
+                let acks = [
+                    Ack::new(one(acking), vec![i64::try_from(id).unwrap()]),
+                    Ack::new(one(acking), vec![i64::MAX]),
+                ];
+                store.ack_batch(&acks).await.map(|counts| {
+                    assert_eq!(counts[1], 0);
+                    counts[0]
+                })
+            } else {
+                store.ack(&one(acking), &[id]).await
+            };
             acked.store(true, Ordering::SeqCst);
             deleted
         };

@@ -24,31 +24,25 @@ use std::collections::HashMap;
 use std::future::Future;
 
 use deadpool_postgres::Transaction;
-use umbra_proto::tokens::DELIVERY_KEY_BYTES;
 use umbra_proto::{DeliveryKind, DeviceAddr, GroupId};
 
 use super::groups::{Message, checked, lock_lines, routable_in, stored};
 use super::mailboxes::{FullNotice, stored_notice};
 use super::queue::Work;
 use super::{Failure, PgStore, big, device_addr, transaction, unsigned};
-use crate::{FanOutOutcome, Result, Timestamp};
+use crate::{FanOutOutcome, Result, Sender, Timestamp};
 
 type Tx<'a> = Transaction<'a>;
 
 /// A message to fan out, owned: it waits in the queue.
-pub struct FanOut {
+pub(crate) struct FanOut {
     pub group: GroupId,
-    /// `None` for an anonymous message (signed with the group's delivery
-    /// key): every leaf gets a copy.
-    pub sender: Option<DeviceAddr>,
+    pub sender: Sender,
     pub kind: DeliveryKind,
     pub payload: Vec<u8>,
     pub epoch: u64,
     pub now: Timestamp,
     pub expires_at: Timestamp,
-    /// For an anonymous message, the delivery key its signature was checked
-    /// with: the group must still have it (`KeyWithdrawn` otherwise).
-    pub delivery_key: Option<[u8; DELIVERY_KEY_BYTES]>,
 }
 
 impl std::fmt::Debug for FanOut {
@@ -69,12 +63,11 @@ impl FanOut {
     fn message(&self) -> Message<'_> {
         Message {
             group: &self.group,
-            sender: self.sender.as_ref(),
+            sender: &self.sender,
             kind: self.kind,
             payload: &self.payload,
             epoch: self.epoch,
             now: self.now,
-            delivery_key: self.delivery_key.as_ref(),
         }
     }
 }
@@ -99,7 +92,7 @@ impl PgStore {
     /// Checks and stores `fan_outs` in one transaction, as if each had run
     /// in its own one after the other, in order; one outcome per message.
     /// What the node's queue runs; a lone message takes the single path.
-    pub async fn fan_out_batch(&self, fan_outs: &[FanOut]) -> Result<Vec<FanOutOutcome>> {
+    pub(crate) async fn fan_out_batch(&self, fan_outs: &[FanOut]) -> Result<Vec<FanOutOutcome>> {
         match fan_outs {
             [] => Ok(Vec::new()),
             [one] => {
@@ -122,7 +115,7 @@ impl PgStore {
         // each kind locked at once, in sorted order.
         let mut accounts: Vec<&str> = fan_outs
             .iter()
-            .filter_map(|f| f.sender.as_ref().map(|s| s.account.as_str()))
+            .filter_map(|f| f.sender.device().map(|s| s.account.as_str()))
             .collect();
         accounts.sort_unstable();
         accounts.dedup();
@@ -146,7 +139,7 @@ impl PgStore {
                 };
                 let line = fan_out
                     .sender
-                    .as_ref()
+                    .device()
                     .map(|s| lines.get(s.account.as_str()).copied());
                 let members = members.get(group).map_or(&[][..], Vec::as_slice);
                 checked(&fan_out.message(), *current, members, line, key.as_deref())

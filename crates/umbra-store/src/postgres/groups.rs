@@ -11,6 +11,7 @@ use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, GroupId};
 use super::batch::FanOut;
 use super::mailboxes::{Copy, is_current, lock_heads_of};
 use super::{Failure, PgStore, big, device_addr, transaction, unsigned};
+use crate::Sender;
 use crate::{
     CommitOutcome, CommitRecord, Durable, FanOutOutcome, GroupState, Groups, LineStatus, Result,
     StoredDelivery, Timestamp,
@@ -66,31 +67,30 @@ pub(super) async fn routable(
     .await
 }
 
-/// How a transaction holds a group's row until it ends.
-#[derive(Clone, Copy)]
-enum Lock {
-    /// Alone: it may move the epoch (a commit, a proposal).
-    Update,
-    /// Beside other readers: no commit moves the epoch meanwhile (a
-    /// fan-out).
-    Share,
-}
-
-/// The group's epoch; its row stays locked as `lock` says to the end of
-/// the transaction.
-async fn epoch(
-    tx: &Tx<'_>,
-    group: &GroupId,
-    lock: Lock,
-) -> std::result::Result<Option<u64>, Failure> {
+/// The group's epoch, its row locked to the end of the transaction to
+/// move it (a commit, a proposal); `None` for no such group.
+async fn epoch(tx: &Tx<'_>, group: &GroupId) -> std::result::Result<Option<u64>, Failure> {
     let statement = tx
-        .prepare_cached(match lock {
-            Lock::Update => "SELECT epoch FROM groups WHERE group_id = $1 FOR UPDATE",
-            Lock::Share => "SELECT epoch FROM groups WHERE group_id = $1 FOR SHARE",
-        })
+        .prepare_cached("SELECT epoch FROM groups WHERE group_id = $1 FOR UPDATE")
         .await?;
     match tx.query_opt(&statement, &[&group.as_bytes()]).await? {
         Some(row) => Ok(Some(unsigned(row.get(0))?)),
+        None => Ok(None),
+    }
+}
+
+/// The group's epoch and delivery key, its row locked shared to the end
+/// of the transaction (beside other readers: no commit moves the epoch
+/// meanwhile; a fan-out); `None` for no such group.
+async fn epoch_and_key(
+    tx: &Tx<'_>,
+    group: &GroupId,
+) -> std::result::Result<Option<(u64, Option<Vec<u8>>)>, Failure> {
+    let statement = tx
+        .prepare_cached("SELECT epoch, delivery_key FROM groups WHERE group_id = $1 FOR SHARE")
+        .await?;
+    match tx.query_opt(&statement, &[&group.as_bytes()]).await? {
+        Some(row) => Ok(Some((unsigned(row.get(0))?, row.get(1)))),
         None => Ok(None),
     }
 }
@@ -322,7 +322,7 @@ impl Groups for PgStore {
         transaction!(self, tx => {
             // Under the group's lock: a commit cannot move the epoch (and
             // forget the epoch's proposals) between the check and the insert.
-            if epoch(&tx, group, Lock::Update).await? != Some(at) {
+            if epoch(&tx, group).await? != Some(at) {
                 return Ok(false);
             }
             tx.execute(
@@ -348,13 +348,12 @@ impl Groups for PgStore {
     ) -> Result<FanOutOutcome> {
         self.fan_out_queued(FanOut {
             group: group.clone(),
-            sender: Some(sender.clone()),
+            sender: Sender::Device(sender.clone()),
             kind,
             payload: payload.to_vec(),
             epoch,
             now,
             expires_at,
-            delivery_key: None,
         })
         .await
     }
@@ -370,13 +369,12 @@ impl Groups for PgStore {
     ) -> Result<FanOutOutcome> {
         self.fan_out_queued(FanOut {
             group: group.clone(),
-            sender: None,
+            sender: Sender::Anonymous(*delivery_key),
             kind: DeliveryKind::Application,
             payload: payload.to_vec(),
             epoch,
             now,
             expires_at,
-            delivery_key: Some(*delivery_key),
         })
         .await
     }
@@ -400,15 +398,11 @@ impl PgStore {
 /// A message to fan out (see the embedded store's, which this follows).
 pub(super) struct Message<'a> {
     pub group: &'a GroupId,
-    /// `None` for an anonymous message: every leaf gets a copy.
-    pub sender: Option<&'a DeviceAddr>,
+    pub sender: &'a Sender,
     pub kind: DeliveryKind,
     pub payload: &'a [u8],
     pub epoch: u64,
     pub now: Timestamp,
-    /// For an anonymous message, the delivery key its signature was checked
-    /// with: the group (`key` in [`checked`]) must still have it.
-    pub delivery_key: Option<&'a [u8; DELIVERY_KEY_BYTES]>,
 }
 
 impl PgStore {
@@ -423,7 +417,7 @@ impl PgStore {
         // The group's row is locked until this transaction ends: a second
         // commit for the same epoch waits here, then reads the epoch this
         // one moved to, and is stale.
-        let Some(current) = epoch(tx, group, Lock::Update).await? else {
+        let Some(current) = epoch(tx, group).await? else {
             return Ok(CommitOutcome::UnknownGroup);
         };
         let Ok(at) = i64::try_from(commit.epoch) else {
@@ -550,24 +544,14 @@ impl PgStore {
     ) -> std::result::Result<FanOutOutcome, Failure> {
         // Locks in the order every transaction takes them: the sender's
         // line, then the group, then (storing) the mailboxes' heads.
-        let line = match message.sender {
+        let line = match message.sender.device() {
             Some(sender) => Some(line(tx, &sender.account).await?),
             None => None,
         };
-        let Some(current) = epoch(tx, message.group, Lock::Share).await? else {
-            return Ok(FanOutOutcome::UnknownGroup);
-        };
-        // An anonymous message's key, read under the group's lock: no
+        // The group's key read with its epoch, under its lock: no
         // revocation withdraws it before the copies are stored.
-        let key: Option<Vec<u8>> = match message.delivery_key {
-            Some(_) => tx
-                .query_one(
-                    "SELECT delivery_key FROM groups WHERE group_id = $1",
-                    &[&message.group.as_bytes()],
-                )
-                .await?
-                .get(0),
-            None => None,
+        let Some((current, key)) = epoch_and_key(tx, message.group).await? else {
+            return Ok(FanOutOutcome::UnknownGroup);
         };
         let members = routable(tx, message.group).await?;
         let recipients = match checked(message, current, &members, line, key.as_deref()) {
@@ -599,19 +583,20 @@ pub(super) fn checked(
     line: Option<Option<(LineStatus, u64)>>,
     key: Option<&[u8]>,
 ) -> std::result::Result<Vec<DeviceAddr>, FanOutOutcome> {
+    let device = message.sender.device();
     let sender = line.map(|line| {
-        let member = message.sender.is_some_and(|s| members.contains(s));
+        let member = device.is_some_and(|s| members.contains(s));
         (member, line)
     });
     crate::check_fan_out(current, message.epoch, message.kind, message.now, sender)?;
-    if let Some(expected) = message.delivery_key
+    if let Sender::Anonymous(expected) = message.sender
         && key != Some(&expected[..])
     {
         return Err(FanOutOutcome::KeyWithdrawn);
     }
     Ok(members
         .iter()
-        .filter(|m| Some(*m) != message.sender)
+        .filter(|m| Some(*m) != device)
         .cloned()
         .collect())
 }

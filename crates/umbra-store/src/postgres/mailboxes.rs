@@ -1,7 +1,6 @@
 //! Mailboxes in PostgreSQL: copies stored under each mailbox's head row,
 //! read, acknowledged and expired.
 
-use std::collections::HashMap;
 use std::future::Future;
 
 use async_trait::async_trait;
@@ -583,9 +582,16 @@ impl Mailboxes for PgStore {
 const EXPIRY_BATCH: u64 = 5000;
 
 /// One device's acknowledgement of the copies it was handed.
-pub(super) struct Ack {
+pub(crate) struct Ack {
     recipient: DeviceAddr,
     ids: Vec<i64>,
+}
+
+impl Ack {
+    /// `recipient`'s acknowledgement of the copies `ids` (as stored).
+    pub(crate) fn new(recipient: DeviceAddr, ids: Vec<i64>) -> Self {
+        Ack { recipient, ids }
+    }
 }
 
 impl Work for Ack {
@@ -608,22 +614,23 @@ impl PgStore {
     /// Deletes what each of `acks` acknowledges, in one transaction; how
     /// many copies each deleted (a copy two of them name counts for the
     /// first). A lone acknowledgement runs as before batching.
-    async fn ack_batch(&self, acks: &[Ack]) -> Result<Vec<usize>> {
+    pub(crate) async fn ack_batch(&self, acks: &[Ack]) -> Result<Vec<usize>> {
         match acks {
             [] => Ok(Vec::new()),
             [ack] => {
                 let deleted = transaction!(self, tx => {
-                    lock_heads_of(&tx, &[&ack.recipient]).await?;
-                    delete_mail(
-                        &tx,
-                        "account_id = $1 AND device = $2 AND id = ANY($3)",
-                        &[
-                            &ack.recipient.account.as_str(),
-                            &i64::from(ack.recipient.device.0),
-                            &ack.ids,
-                        ],
-                    )
-                    .await
+                    let statement = tx.prepare_cached(ACK_ALONE).await?;
+                    let row = tx
+                        .query_one(
+                            &statement,
+                            &[
+                                &ack.recipient.account.as_str(),
+                                &i64::from(ack.recipient.device.0),
+                                &ack.ids,
+                            ],
+                        )
+                        .await?;
+                    Ok::<_, Failure>(unsigned(row.get(0))?)
                 })?;
                 Ok(vec![deleted as usize])
             }
@@ -632,18 +639,38 @@ impl PgStore {
     }
 }
 
-/// Several acknowledgements in one transaction: their mailboxes' heads
-/// locked first, in sorted order, as a fan-out batch locks them (before
-/// any copy is deleted: a fan-out meeting a full mailbox deletes its
-/// notice while holding the head, and an acknowledgement deleting that
-/// notice first and then waiting for the head would close a cycle); then
-/// the copies deleted in one statement and the byte counts lowered in
-/// another.
+/// A lone acknowledgement, in one statement (one round trip where a
+/// lock and then a delete took two): the head is locked first, as every
+/// transaction deleting copies locks it (see [`lock_heads_where`]). Its
+/// lock is the delete's gate, a condition on no row, which PostgreSQL
+/// evaluates once before the delete reads any copy; then the copies go and
+/// their bytes come off the head's count.
+const ACK_ALONE: &str = "WITH head AS MATERIALIZED (
+         SELECT 1 FROM mailbox_heads WHERE account_id = $1 AND device = $2 FOR UPDATE
+     ), gone AS (
+         DELETE FROM mailbox
+         WHERE (SELECT COUNT(*) FROM head) >= 0
+           AND account_id = $1 AND device = $2 AND id = ANY($3)
+         RETURNING octet_length(payload) AS n
+     ), counted AS (
+         UPDATE mailbox_heads h SET bytes = GREATEST(h.bytes - (SELECT SUM(n) FROM gone), 0)
+         WHERE h.account_id = $1 AND h.device = $2 AND EXISTS (SELECT 1 FROM gone)
+     )
+     SELECT COUNT(*) FROM gone";
+
+/// Several acknowledgements in one transaction, in one statement as a
+/// lone one ([`ACK_ALONE`]): their mailboxes' heads locked first, in
+/// sorted order, as a fan-out batch locks them (before any copy is
+/// deleted: a fan-out meeting a full mailbox deletes its notice while
+/// holding the head, and an acknowledgement deleting that notice first
+/// and then waiting for the head would close a cycle); then every copy
+/// named is deleted and the byte counts lowered.
 async fn ack_together(tx: &Tx<'_>, acks: &[Ack]) -> std::result::Result<Vec<usize>, Failure> {
     let mut recipients: Vec<&DeviceAddr> = acks.iter().map(|a| &a.recipient).collect();
     recipients.sort_unstable();
     recipients.dedup();
-    lock_heads_of(tx, &recipients).await?;
+    let head_accounts: Vec<&str> = recipients.iter().map(|d| d.account.as_str()).collect();
+    let head_devices: Vec<i64> = recipients.iter().map(|d| i64::from(d.device.0)).collect();
     let mut accounts = Vec::new();
     let mut devices = Vec::new();
     let mut ids = Vec::new();
@@ -654,20 +681,17 @@ async fn ack_together(tx: &Tx<'_>, acks: &[Ack]) -> std::result::Result<Vec<usiz
             ids.push(*id);
         }
     }
-    let delete = tx
-        .prepare_cached(
-            "DELETE FROM mailbox m
-             USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(account_id, device, id)
-             WHERE m.account_id = t.account_id AND m.device = t.device AND m.id = t.id
-             RETURNING m.account_id, m.device, m.id, octet_length(m.payload)",
+    let statement = tx.prepare_cached(ACKS_TOGETHER).await?;
+    let mut counts = vec![0usize; acks.len()];
+    let rows = tx
+        .query(
+            &statement,
+            &[&head_accounts, &head_devices, &accounts, &devices, &ids],
         )
         .await?;
-    let mut counts = vec![0usize; acks.len()];
-    let mut freed: HashMap<DeviceAddr, i64> = HashMap::new();
-    for row in tx.query(&delete, &[&accounts, &devices, &ids]).await? {
+    for row in rows {
         let address = device_addr(row.get(0), row.get(1))?;
         let id: i64 = row.get(2);
-        let size: i32 = row.get(3);
         if let Some(n) = acks
             .iter()
             .position(|a| a.recipient == address && a.ids.contains(&id))
@@ -675,25 +699,28 @@ async fn ack_together(tx: &Tx<'_>, acks: &[Ack]) -> std::result::Result<Vec<usiz
         {
             *count += 1;
         }
-        *freed.entry(address).or_default() += i64::from(size);
-    }
-    if !freed.is_empty() {
-        let mut accounts = Vec::with_capacity(freed.len());
-        let mut devices = Vec::with_capacity(freed.len());
-        let mut sizes = Vec::with_capacity(freed.len());
-        for (device, size) in &freed {
-            accounts.push(device.account.as_str());
-            devices.push(i64::from(device.device.0));
-            sizes.push(*size);
-        }
-        let lower = tx
-            .prepare_cached(
-                "UPDATE mailbox_heads h SET bytes = GREATEST(h.bytes - t.n, 0)
-                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS t(account_id, device, n)
-                 WHERE h.account_id = t.account_id AND h.device = t.device",
-            )
-            .await?;
-        tx.execute(&lower, &[&accounts, &devices, &sizes]).await?;
     }
     Ok(counts)
 }
+
+/// [`ack_together`]'s statement: the heads (`$1`, `$2`) locked in sorted
+/// order, the gate of the delete as in [`ACK_ALONE`]; the copies (`$3`,
+/// `$4`, `$5`) deleted, their bytes taken off their heads; the copies
+/// deleted returned.
+const ACKS_TOGETHER: &str = "WITH heads AS MATERIALIZED (
+         SELECT 1 FROM mailbox_heads
+         WHERE (account_id, device) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))
+         ORDER BY account_id, device FOR UPDATE
+     ), gone AS (
+         DELETE FROM mailbox m
+         USING unnest($3::text[], $4::bigint[], $5::bigint[]) AS t(account_id, device, id)
+         WHERE (SELECT COUNT(*) FROM heads) >= 0
+           AND m.account_id = t.account_id AND m.device = t.device AND m.id = t.id
+         RETURNING m.account_id, m.device, m.id, octet_length(m.payload) AS n
+     ), sums AS (
+         SELECT account_id, device, SUM(n)::BIGINT AS n FROM gone GROUP BY account_id, device
+     ), counted AS (
+         UPDATE mailbox_heads h SET bytes = GREATEST(h.bytes - sums.n, 0)
+         FROM sums WHERE h.account_id = sums.account_id AND h.device = sums.device
+     )
+     SELECT account_id, device, id FROM gone";

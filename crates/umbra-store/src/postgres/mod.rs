@@ -46,7 +46,8 @@ mod queue;
 pub mod testing;
 
 pub use crate::BatchStats;
-pub use batch::FanOut;
+pub(crate) use batch::FanOut;
+pub(crate) use mailboxes::Ack;
 
 use std::time::Duration;
 
@@ -59,12 +60,21 @@ use crate::{Result, StoreError, StoreLimits};
 
 /// The migrations run outside a transaction, statement by statement (an
 /// index built `CONCURRENTLY`, without stopping the writes of the old
-/// nodes still serving, cannot be built inside one). Each must be safe to
-/// run again from the start: a node may die half way.
-const ALONE: &[i32] = &[3];
+/// nodes still serving, cannot be built inside one), with the indexes
+/// each builds. Each must be safe to run again from the start: a node may
+/// die half way. An index its attempt finished is kept (it is built with
+/// `IF NOT EXISTS`); one it left invalid, its build cut short, is dropped
+/// before the migration runs again.
+const ALONE: &[(i32, &[&str])] = &[(3, &["mailbox_full_notices"])];
 
 /// How often a node starting while another migrates tries for the lock.
 const MIGRATION_POLL: Duration = Duration::from_millis(100);
+/// How often a node waiting for another's migration says so in its log.
+const MIGRATION_NOTE: Duration = Duration::from_secs(10);
+/// How often the database checks, during a migration's long statement,
+/// that the node running it is still there: a node killed while it builds
+/// an index would otherwise hold the migration lock until the build ends.
+const MIGRATION_ALIVE: &str = "1s";
 
 /// The statements of a migration to run alone: split at semicolons (such
 /// a migration has none inside a statement), comment lines dropped.
@@ -501,6 +511,8 @@ impl PgStore {
     /// wait for each other.
     async fn migrate(&self) -> Result<()> {
         let mut client = self.client().await?;
+        let waiting = std::time::Instant::now();
+        let mut noted = waiting;
         loop {
             let locked: bool = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK])
@@ -510,8 +522,33 @@ impl PgStore {
             if locked {
                 break;
             }
+            if noted.elapsed() >= MIGRATION_NOTE {
+                noted = std::time::Instant::now();
+                // Which session holds it, for the operator to look at (or
+                // end): a node's, or one an operator opened.
+                let holder: Option<i32> = client
+                    .query_opt(
+                        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+                           AND objsubid = 1 AND (classid::bigint << 32 | objid::bigint) = $1",
+                        &[&MIGRATION_LOCK],
+                    )
+                    .await
+                    .map_err(backend)?
+                    .map(|row| row.get(0));
+                tracing::warn!(
+                    waited_secs = waiting.elapsed().as_secs(),
+                    holder_pid = holder,
+                    "another session is migrating the database schema; waiting for it"
+                );
+            }
             tokio::time::sleep(MIGRATION_POLL).await;
         }
+        client
+            .batch_execute(&format!(
+                "SET client_connection_check_interval = '{MIGRATION_ALIVE}'"
+            ))
+            .await
+            .map_err(backend)?;
         client
             .batch_execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -534,13 +571,14 @@ impl PgStore {
             MIGRATIONS.last().map_or(0, |(v, _)| i64::from(*v)),
         )?;
         for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
-            if ALONE.contains(version) {
+            if let Some((_, indexes)) = ALONE.iter().find(|(v, _)| v == version) {
                 // No time limit: the index is built from the whole table
                 // while the old nodes' writes go on.
                 client
                     .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
                     .await
                     .map_err(backend)?;
+                drop_invalid(&client, indexes).await?;
                 for statement in statements(sql) {
                     client.batch_execute(statement).await.map_err(backend)?;
                 }
@@ -580,6 +618,33 @@ impl PgStore {
         })?;
         Ok((newest, at))
     }
+}
+
+/// Drops those of `indexes` that an attempt at their migration left
+/// invalid (its build cut short: the node died, or the database went
+/// away); a valid one, its build finished, is kept.
+async fn drop_invalid(client: &Pooled, indexes: &[&str]) -> Result<()> {
+    let rows = client
+        .query(
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE NOT i.indisvalid AND c.relname = ANY($1)
+               AND c.relnamespace = current_schema()::regnamespace",
+            &[&indexes],
+        )
+        .await
+        .map_err(backend)?;
+    for row in rows {
+        let name: &str = row.get(0);
+        tracing::info!(
+            index = name,
+            "dropping an index an earlier migration left unfinished"
+        );
+        client
+            .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS \"{name}\""))
+            .await
+            .map_err(backend)?;
+    }
+    Ok(())
 }
 
 /// A `u64` the protocol carries, as a BIGINT: values past its range are

@@ -29,7 +29,7 @@ use crate::{
     Account, Accounts, CodeHash, CodeKind, CommitOutcome, CommitRecord, ContactAcceptOutcome,
     ContactRequestOutcome, Contacts, DAY, Distributor, Distributors, FanOutOutcome, GroupState,
     Groups, KeyPackageStock, KeyPackages, LineStatus, Mailboxes, Notice, Registration, Renewal,
-    Result, StoreError, StoreLimits, StoredDelivery, Timestamp,
+    Result, Sender, StoreError, StoreLimits, StoredDelivery, Timestamp,
 };
 use mailbox_bytes::MailboxBytes;
 
@@ -2035,12 +2035,11 @@ impl Groups for SqliteStore {
     ) -> Result<FanOutOutcome> {
         let message = Message {
             group: group.clone(),
-            sender: Some(sender.clone()),
+            sender: Sender::Device(sender.clone()),
             kind,
             payload: payload.to_vec(),
             epoch,
             now,
-            delivery_key: None,
         };
         self.fan_out_message(message, expires_at).await
     }
@@ -2056,12 +2055,11 @@ impl Groups for SqliteStore {
     ) -> Result<FanOutOutcome> {
         let message = Message {
             group: group.clone(),
-            sender: None,
+            sender: Sender::Anonymous(*delivery_key),
             kind: DeliveryKind::Application,
             payload: payload.to_vec(),
             epoch,
             now,
-            delivery_key: Some(Box::new(*delivery_key)),
         };
         self.fan_out_message(message, expires_at).await
     }
@@ -2076,9 +2074,9 @@ impl SqliteStore {
         // An anonymous message's key is checked by the writer, in order
         // with the writes that withdraw keys (the remembered state does
         // not hold keys).
-        let message = match message.delivery_key {
-            Some(_) => message,
-            None => match self.fan_out_now(message, expires_at) {
+        let message = match message.sender {
+            Sender::Anonymous(_) => message,
+            Sender::Device(_) => match self.fan_out_now(message, expires_at) {
                 Ok(outcome) => return Ok(outcome),
                 Err(message) => message,
             },
@@ -2091,19 +2089,19 @@ impl SqliteStore {
                 let Some((epoch, members)) = tx.members_of(&message.group)? else {
                     return Ok(Err(FanOutOutcome::UnknownGroup));
                 };
-                let line = match &message.sender {
+                let line = match message.sender.device() {
                     Some(sender) => Some(tx.line(&sender.account)?),
                     None => None,
                 };
                 if let Err(refused) = check(epoch, &members, &message, line) {
                     return Ok(Err(refused));
                 }
-                if let Some(key) = &message.delivery_key {
+                if let Sender::Anonymous(key) = &message.sender {
                     let current: Option<Vec<u8>> = tx
                         .prepare_cached("SELECT delivery_key FROM groups WHERE group_id = ?1")
                         .and_then(|mut s| s.query_row([message.group.as_bytes()], |row| row.get(0)))
                         .map_err(backend)?;
-                    if current.as_deref() != Some(&key[..][..]) {
+                    if current.as_deref() != Some(&key[..]) {
                         return Ok(Err(FanOutOutcome::KeyWithdrawn));
                     }
                 }
@@ -2129,18 +2127,12 @@ impl SqliteStore {
 /// A message to fan out.
 struct Message {
     group: GroupId,
-    /// The sending device: its own leaf gets no copy; its account's other
-    /// devices do. `None` for an anonymous message: every leaf gets one.
-    sender: Option<DeviceAddr>,
+    sender: Sender,
     kind: DeliveryKind,
     payload: Vec<u8>,
     /// The epoch its MLS header names.
     epoch: u64,
     now: Timestamp,
-    /// For an anonymous message, the delivery key its signature was checked
-    /// with: the group must still have it. (Boxed: a message is handed
-    /// back whole when the writer must check it.)
-    delivery_key: Option<Box<[u8; DELIVERY_KEY_BYTES]>>,
 }
 
 impl Message {
@@ -2150,14 +2142,14 @@ impl Message {
     /// and are never handed out twice.
     fn copy_count(&self, members: &[DeviceAddr]) -> usize {
         match self.sender {
-            Some(_) => members.len().saturating_sub(1),
-            None => members.len(),
+            Sender::Device(_) => members.len().saturating_sub(1),
+            Sender::Anonymous(_) => members.len(),
         }
     }
 
     fn copies(self, members: &[DeviceAddr], first: u64) -> Vec<(DeviceAddr, StoredDelivery)> {
         (first..)
-            .zip(members.iter().filter(|m| Some(*m) != self.sender.as_ref()))
+            .zip(members.iter().filter(|m| Some(*m) != self.sender.device()))
             .map(|(id, recipient)| {
                 let delivery = StoredDelivery {
                     id,
@@ -2183,7 +2175,7 @@ fn check(
     line: Option<Option<Line>>,
 ) -> std::result::Result<(), FanOutOutcome> {
     let sender = line.map(|line| {
-        let member = message.sender.as_ref().is_some_and(|s| members.contains(s));
+        let member = message.sender.device().is_some_and(|s| members.contains(s));
         (member, line.map(|l| (l.status, l.subscription_expires_at)))
     });
     crate::check_fan_out(epoch, message.epoch, message.kind, message.now, sender)
@@ -2207,7 +2199,7 @@ impl SqliteStore {
         let Some((epoch, members)) = checked.members.get(&message.group).cloned() else {
             return Err(message);
         };
-        let line = match &message.sender {
+        let line = match message.sender.device() {
             Some(sender) => match checked.lines.get(&sender.account).copied() {
                 Some(line) => Some(Some(line)),
                 None => return Err(message),
