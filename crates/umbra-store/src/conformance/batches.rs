@@ -386,22 +386,27 @@ pub async fn a_batch_stores_as_one_after_another(batched: &PgStore, alone: &PgSt
 /// store's database) holds one of their mailbox heads; expiry starts and
 /// waits for it; then the other device acknowledges its copy; then the
 /// head is let go. Both orders of the two heads, since the order in
-/// which expiry reached them was the planner's, each with the
-/// acknowledgement alone and in a batch (the two statements that take
-/// the head). Each copy is deleted once and every byte count is back to
-/// its copies' sum; whether PostgreSQL had to break a deadlock is in its
-/// log, which the caller reads.
+/// which expiry reached them was the planner's; the acknowledgement alone
+/// and in a batch that also acknowledges a copy of the held mailbox (the
+/// two statements that take heads); and the copy acknowledged the
+/// expired one (expiry deletes it first, or the acknowledgement does) or
+/// one that lives on (its head's count lowered after expiry changed it).
+/// Each copy is deleted once and every byte count is its copies' sum;
+/// whether PostgreSQL had to break a deadlock is in its log, which the
+/// caller reads.
 pub async fn expiry_meets_an_acknowledgement(store: &PgStore, url: &str) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
-    let rounds = [
-        (&alice, &bob, false),
-        (&bob, &alice, false),
-        (&alice, &bob, true),
-        (&bob, &alice, true),
-    ];
-    for (round, (held, acking, batched)) in (0u64..).zip(rounds) {
+    let mut rounds = Vec::new();
+    for batched in [false, true] {
+        for (held, acking) in [(&alice, &bob), (&bob, &alice)] {
+            for live in [false, true] {
+                rounds.push((held, acking, batched, live));
+            }
+        }
+    }
+    for (round, (held, acking, batched, live)) in (0u64..).zip(rounds) {
         let at = NOW + 100 * round;
         // In each mailbox a copy that lives on and one that has expired,
         // of sizes all different: a byte count lowered wrongly shows.
@@ -413,13 +418,21 @@ pub async fn expiry_meets_an_acknowledgement(store: &PgStore, url: &str) {
             store.notice(notice(3 + n), at, at + TTL).await.unwrap();
             store.notice(notice(5 + 2 * n), at, at + 1).await.unwrap();
         }
-        let id = store
-            .pending(&one(acking), 0, 10, at)
-            .await
-            .unwrap()
-            .last()
-            .unwrap()
-            .id;
+        // This round's two copies: the last two in the mailbox, the one
+        // that lives on first.
+        let this_round = |who: &AccountId| {
+            let who = one(who);
+            async move {
+                let held = store.pending(&who, 0, 1000, at).await.unwrap();
+                let [.., lives, dead] = &held[..] else {
+                    panic!("{held:?}");
+                };
+                (lives.id, dead.id)
+            }
+        };
+        let (lives, dead) = this_round(acking).await;
+        let id = if live { lives } else { dead };
+        let (held_lives, _) = this_round(held).await;
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .unwrap();
@@ -436,15 +449,15 @@ pub async fn expiry_meets_an_acknowledgement(store: &PgStore, url: &str) {
         let ack = async {
             waiting_for_locks(url, 1).await;
             let deleted = if batched {
-                // With a second acknowledgement, of a copy not there, so
-                // the batch's statement runs.
+                // With the held mailbox's copy that lives on: the batch
+                // takes both heads.
                 let acks = [
                     Ack::new(one(acking), vec![i64::try_from(id).unwrap()]),
-                    Ack::new(one(acking), vec![i64::MAX]),
+                    Ack::new(one(held), vec![i64::try_from(held_lives).unwrap()]),
                 ];
                 store.ack_batch(&acks).await.map(|counts| {
-                    assert_eq!(counts[1], 0);
-                    counts[0]
+                    assert_eq!(counts[1], 1, "the held mailbox's copy");
+                    counts[0] + counts[1]
                 })
             } else {
                 store.ack(&one(acking), &[id]).await
@@ -466,13 +479,21 @@ pub async fn expiry_meets_an_acknowledgement(store: &PgStore, url: &str) {
         };
         let (expired, acked, ()) = tokio::join!(expire, ack, release);
         let (expired, acked) = (expired.unwrap(), acked.unwrap());
-        assert_eq!(expired + acked, 2, "each copy deleted once");
+        // Both expired copies, and those acknowledged that live on.
+        let gone = 2 + usize::from(live) + usize::from(batched);
+        assert_eq!(expired + acked, gone, "each copy deleted once");
         drop(client);
         connection.await.unwrap().unwrap();
         for who in [&alice, &bob] {
-            let held = store.pending(&one(who), 0, 10, at).await.unwrap();
+            let held = store.pending(&one(who), 0, 1000, at).await.unwrap();
             assert!(held.iter().all(|d| d.payload.len() < 5), "{held:?}");
         }
+        let kept = store.pending(&one(acking), 0, 1000, at).await.unwrap();
+        assert_eq!(
+            kept.iter().any(|d| d.id == lives),
+            !live,
+            "the copy that lives on, gone only if acknowledged"
+        );
         heads_count_their_copies(url).await;
     }
 }

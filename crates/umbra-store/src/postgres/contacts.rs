@@ -178,6 +178,9 @@ impl Contacts for PgStore {
         expires_at: Timestamp,
     ) -> Result<(ContactAcceptOutcome, Vec<DeviceAddr>)> {
         transaction!(self, tx => {
+            // Whether both lines are live is not needed here: a revocation
+            // deletes its line's contacts, so the request read next (after
+            // the lines' locks) is gone with the line.
             lock_pair(&tx, acceptor, requester).await?;
             match contact_row(&tx, acceptor, requester, true).await? {
                 Some((_, true, _)) => {
@@ -216,6 +219,7 @@ impl Contacts for PgStore {
 
     async fn decline_contact(&self, decliner: &AccountId, requester: &AccountId) -> Result<bool> {
         transaction!(self, tx => {
+            // As in accepting: a revoked line's requests are gone already.
             lock_pair(&tx, decliner, requester).await?;
             contact_row(&tx, decliner, requester, true).await?;
             let declined = tx

@@ -60,12 +60,13 @@ use crate::{Result, StoreError, StoreLimits};
 
 /// The migrations run outside a transaction, statement by statement (an
 /// index built `CONCURRENTLY`, without stopping the writes of the old
-/// nodes still serving, cannot be built inside one), with the indexes
-/// each builds. Each must be safe to run again from the start: a node may
-/// die half way. An index its attempt finished is kept (it is built with
-/// `IF NOT EXISTS`); one it left invalid, its build cut short, is dropped
-/// before the migration runs again.
-const ALONE: &[(i32, &[&str])] = &[(3, &["mailbox_full_notices"])];
+/// nodes still serving, cannot be built inside one), with the table each
+/// indexes and the indexes it builds. Each must be safe to run again from
+/// the start: a node may die half way. An index its attempt finished is
+/// kept (it is built with `IF NOT EXISTS`); one it left invalid, its
+/// build cut short, is dropped before the migration runs again; and the
+/// version is recorded only once every index is there and valid.
+const ALONE: &[(i32, &str, &[&str])] = &[(3, "mailbox", &["mailbox_full_notices"])];
 
 /// How often a node starting while another migrates tries for the lock.
 const MIGRATION_POLL: Duration = Duration::from_millis(100);
@@ -526,15 +527,20 @@ impl PgStore {
                 noted = std::time::Instant::now();
                 // Which session holds it, for the operator to look at (or
                 // end): a node's, or one an operator opened.
+                // Best effort: the log line matters, not the pid.
                 let holder: Option<i32> = client
                     .query_opt(
                         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
-                           AND objsubid = 1 AND (classid::bigint << 32 | objid::bigint) = $1",
+                           AND objsubid = 1 AND (classid::bigint << 32 | objid::bigint) = $1
+                           AND database = (SELECT oid FROM pg_database
+                                           WHERE datname = current_database())
+                         LIMIT 1",
                         &[&MIGRATION_LOCK],
                     )
                     .await
-                    .map_err(backend)?
-                    .map(|row| row.get(0));
+                    .ok()
+                    .flatten()
+                    .and_then(|row| row.try_get(0).ok().flatten());
                 tracing::warn!(
                     waited_secs = waiting.elapsed().as_secs(),
                     holder_pid = holder,
@@ -543,12 +549,6 @@ impl PgStore {
             }
             tokio::time::sleep(MIGRATION_POLL).await;
         }
-        client
-            .batch_execute(&format!(
-                "SET client_connection_check_interval = '{MIGRATION_ALIVE}'"
-            ))
-            .await
-            .map_err(backend)?;
         client
             .batch_execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -570,17 +570,31 @@ impl PgStore {
             i64::from(applied),
             MIGRATIONS.last().map_or(0, |(v, _)| i64::from(*v)),
         )?;
+        let mut watched = false;
         for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
-            if let Some((_, indexes)) = ALONE.iter().find(|(v, _)| v == version) {
+            if let Some((_, table, indexes)) = ALONE.iter().find(|(v, _, _)| v == version) {
                 // No time limit: the index is built from the whole table
                 // while the old nodes' writes go on.
                 client
                     .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
                     .await
                     .map_err(backend)?;
-                drop_invalid(&client, indexes).await?;
+                if !watched {
+                    watched = true;
+                    watch_client(&client).await;
+                }
+                drop_invalid(&client, table, indexes).await?;
                 for statement in statements(sql) {
                     client.batch_execute(statement).await.map_err(backend)?;
+                }
+                let valid = valid_indexes(&client, table, indexes).await?;
+                if valid != indexes.len() {
+                    return Err(StoreError::Backend(format!(
+                        "migration {version} left {} of its {} indexes on {table} missing or \
+                         invalid; not recorded (the next start builds them again)",
+                        indexes.len() - valid,
+                        indexes.len()
+                    )));
                 }
                 client
                     .execute(
@@ -620,17 +634,37 @@ impl PgStore {
     }
 }
 
-/// Drops those of `indexes` that an attempt at their migration left
-/// invalid (its build cut short: the node died, or the database went
-/// away); a valid one, its build finished, is kept.
-async fn drop_invalid(client: &Pooled, indexes: &[&str]) -> Result<()> {
+/// Asks PostgreSQL to check, during the migration's long statements,
+/// that this node is still there ([`MIGRATION_ALIVE`]): a node killed
+/// while it builds an index then lets the migration lock go within about
+/// a second instead of when the build ends. Not every server can (before
+/// PostgreSQL 14, or where the platform cannot tell a closed socket): it
+/// is then only said in the log.
+async fn watch_client(client: &Pooled) {
+    let set = format!("SET client_connection_check_interval = '{MIGRATION_ALIVE}'");
+    if let Err(error) = client.batch_execute(&set).await {
+        tracing::warn!(
+            %error,
+            "PostgreSQL cannot watch the migrating node's connection: a node killed during \
+             the migration holds its lock until the statement ends"
+        );
+    }
+}
+
+/// The indexes of `table` among `names` (as the table's own schema holds
+/// them, wherever the search path points), schema-qualified and quoted by
+/// PostgreSQL; `$3` picks those whose build finished, or the others.
+const INDEXES_OF: &str = "SELECT format('%I.%I', n.nspname, c.relname)
+     FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+     JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE i.indrelid = $1::text::regclass AND c.relname = ANY($2) AND i.indisvalid = $3";
+
+/// Drops those of `indexes` on `table` that an attempt at their migration
+/// left invalid (its build cut short: the node died, or the database
+/// went away); a valid one, its build finished, is kept.
+async fn drop_invalid(client: &Pooled, table: &str, indexes: &[&str]) -> Result<()> {
     let rows = client
-        .query(
-            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-             WHERE NOT i.indisvalid AND c.relname = ANY($1)
-               AND c.relnamespace = current_schema()::regnamespace",
-            &[&indexes],
-        )
+        .query(INDEXES_OF, &[&table, &indexes, &false])
         .await
         .map_err(backend)?;
     for row in rows {
@@ -640,11 +674,20 @@ async fn drop_invalid(client: &Pooled, indexes: &[&str]) -> Result<()> {
             "dropping an index an earlier migration left unfinished"
         );
         client
-            .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS \"{name}\""))
+            .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
             .await
             .map_err(backend)?;
     }
     Ok(())
+}
+
+/// How many of `indexes` on `table` are there and valid.
+async fn valid_indexes(client: &Pooled, table: &str, indexes: &[&str]) -> Result<usize> {
+    Ok(client
+        .query(INDEXES_OF, &[&table, &indexes, &true])
+        .await
+        .map_err(backend)?
+        .len())
 }
 
 /// A `u64` the protocol carries, as a BIGINT: values past its range are
