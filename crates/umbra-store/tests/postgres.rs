@@ -406,3 +406,52 @@ async fn postgres_finds_a_full_mailbox_notice_without_reading_the_mailbox() {
         assert!(plan.contains("mailbox_full_notices"), "{plan}");
     }
 }
+
+/// An acknowledgement's statement reads no copy before it holds the
+/// mailbox heads: the gate on the heads' lock is a one-time filter above
+/// every read of the mailbox in the delete, in the generic plan a
+/// prepared statement settles on. (The expiry test shows what reading
+/// first does: a deadlock; this one says where PostgreSQL put the gate,
+/// should a later version plan it otherwise.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_acknowledgements_lock_heads_before_reading_copies() {
+    let pg = server();
+    let url = pg.create_database().await.unwrap();
+    PgStore::connect(&url, StoreLimits::default())
+        .await
+        .unwrap();
+    for plan in umbra_store::postgres::testing::ack_plans(&url)
+        .await
+        .unwrap()
+    {
+        let lines: Vec<&str> = plan.lines().collect();
+        let depth = |line: &str| line.len() - line.trim_start().len();
+        // The delete, and the gate somewhere below it.
+        let delete = lines
+            .iter()
+            .position(|l| l.contains("Delete on mailbox"))
+            .unwrap_or_else(|| panic!("{plan}"));
+        let gate = lines
+            .iter()
+            .position(|l| l.contains("One-Time Filter"))
+            .unwrap_or_else(|| panic!("no one-time filter: {plan}"));
+        assert!(gate > delete, "{plan}");
+        // The node the gate filters (the line above it) holds every read
+        // of the mailbox in the delete: each such scan lies below it.
+        let gated = depth(lines[gate - 1]);
+        let subtree_end = (gate..lines.len())
+            .find(|&n| n > gate && depth(lines[n]) <= gated)
+            .unwrap_or(lines.len());
+        for (n, line) in lines.iter().enumerate().skip(delete) {
+            let reads_copies = line.contains(" on mailbox ")
+                || line.contains(" on mailbox_pkey")
+                || line.ends_with(" on mailbox");
+            if reads_copies && !line.contains("Delete on") {
+                assert!(
+                    n > gate && n < subtree_end,
+                    "a read of the mailbox outside the gate, line {n}: {plan}"
+                );
+            }
+        }
+    }
+}

@@ -645,7 +645,7 @@ impl PgStore {
 /// lock is the delete's gate, a condition on no row, which PostgreSQL
 /// evaluates once before the delete reads any copy; then the copies go and
 /// their bytes come off the head's count.
-const ACK_ALONE: &str = "WITH head AS MATERIALIZED (
+pub(super) const ACK_ALONE: &str = "WITH head AS MATERIALIZED (
          SELECT 1 FROM mailbox_heads WHERE account_id = $1 AND device = $2 FOR UPDATE
      ), gone AS (
          DELETE FROM mailbox
@@ -707,7 +707,7 @@ async fn ack_together(tx: &Tx<'_>, acks: &[Ack]) -> std::result::Result<Vec<usiz
 /// order, the gate of the delete as in [`ACK_ALONE`]; the copies (`$3`,
 /// `$4`, `$5`) deleted, their bytes taken off their heads; the copies
 /// deleted returned.
-const ACKS_TOGETHER: &str = "WITH heads AS MATERIALIZED (
+pub(super) const ACKS_TOGETHER: &str = "WITH heads AS MATERIALIZED (
          SELECT 1 FROM mailbox_heads
          WHERE (account_id, device) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))
          ORDER BY account_id, device FOR UPDATE

@@ -494,3 +494,41 @@ pub async fn notice_plans(url: &str) -> Result<Vec<String>> {
     }
     Ok(plans)
 }
+
+/// PostgreSQL's generic plans (as a prepared statement gets after its
+/// fifth run) for the acknowledgements' statements, alone and batched,
+/// with sequential scans ruled out as in [`notice_plans`]: whether the
+/// head lock's gate is a one-time filter above the delete's read of the
+/// mailbox (evaluated, locking the heads, before any copy is read).
+pub async fn ack_plans(url: &str) -> Result<Vec<String>> {
+    let mut plans = Vec::new();
+    for (sql, types, args) in [
+        (
+            super::mailboxes::ACK_ALONE,
+            "text, bigint, bigint[]",
+            "'AAAAAAAA', 1, '{1,2}'",
+        ),
+        (
+            super::mailboxes::ACKS_TOGETHER,
+            "text[], bigint[], text[], bigint[], bigint[]",
+            "'{AAAAAAAA}', '{1}', '{AAAAAAAA,AAAAAAAA}', '{1,1}', '{1,2}'",
+        ),
+    ] {
+        let rows = query(
+            url,
+            &format!(
+                "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off;
+                 PREPARE ack({types}) AS {sql};
+                 EXPLAIN EXECUTE ack({args})"
+            ),
+        )
+        .await?;
+        plans.push(
+            rows.into_iter()
+                .filter_map(|row| row.into_iter().next().flatten())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+    }
+    Ok(plans)
+}
