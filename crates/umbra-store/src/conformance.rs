@@ -3,7 +3,7 @@
 //! gets its own. Checks panic with a description of what differed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod batches;
+pub mod batches;
 mod blobs;
 
 pub use batches::{

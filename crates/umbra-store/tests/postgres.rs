@@ -455,3 +455,21 @@ async fn postgres_acknowledgements_lock_heads_before_reading_copies() {
         }
     }
 }
+
+/// A commit on a group two nodes' fan-outs never leave alone is served
+/// in its turn, not starved until its time limit (14 s, then refused,
+/// before the groups' turns).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_commit_amid_fan_outs_gets_its_turn() {
+    let pg = server();
+    let url = pg.create_database().await.unwrap();
+    let (a, b) = tokio::join!(
+        PgStore::connect(&url, StoreLimits::default()),
+        PgStore::connect(&url, StoreLimits::default())
+    );
+    let took = conformance::batches::commit_amid_fan_outs(&a.unwrap(), &b.unwrap()).await;
+    // Its turn comes once the fan-outs already in finish: milliseconds;
+    // seconds on a loaded machine.
+    assert!(took < Duration::from_secs(5), "the commit waited {took:?}");
+    assert!(!pg.log().contains("deadlock detected"), "{}", pg.log());
+}

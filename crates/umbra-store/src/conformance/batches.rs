@@ -739,3 +739,70 @@ pub async fn commits_and_revocations_race_batches(a: &PgStore, b: &PgStore, url:
         "nothing kept for the revoked line"
     );
 }
+
+/// A commit on a group that sixteen senders on two nodes keep sending to,
+/// some fan-out holding the group's row at every moment: the commit gets
+/// its turn (see `TAKE_TURN` in `postgres/groups.rs`) and is accepted;
+/// returns how long it took. (With row locks alone it waited out its
+/// time limit and failed.)
+pub async fn commit_amid_fan_outs(a: &PgStore, b: &PgStore) -> std::time::Duration {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let (g, [alice, bob, _carol]) = keyed_group_of_three(a, None).await;
+    let stop = AtomicBool::new(false);
+    let sent = AtomicU64::new(0);
+    let mut senders = Vec::new();
+    for k in 0..16 {
+        let store = if k % 2 == 0 { a } else { b };
+        let who = if k % 3 == 0 { &alice } else { &bob };
+        let (g, stop, sent) = (&g, &stop, &sent);
+        senders.push(async move {
+            while !stop.load(Ordering::SeqCst) {
+                match send(store, g, who, b"busy", 1).await {
+                    FanOutOutcome::Stored { .. } => {
+                        sent.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // Behind the group once the commit is in.
+                    _ => break,
+                }
+            }
+        });
+    }
+    let committer = async {
+        // The senders at full speed first.
+        while sent.load(Ordering::SeqCst) < 500 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let started = std::time::Instant::now();
+        let outcome = crate::Groups::accept_commit(
+            a,
+            &commit(&g, 1, &alice, b"update", &[], &[]),
+            NOW,
+            NOW + TTL,
+        )
+        .await;
+        let took = started.elapsed();
+        stop.store(true, Ordering::SeqCst);
+        assert!(
+            matches!(outcome, Ok(crate::CommitOutcome::Accepted { .. })),
+            "{outcome:?} after {took:?}"
+        );
+        took
+    };
+    let ((), took) = tokio::join!(join_all(senders), committer);
+    assert!(sent.load(Ordering::SeqCst) >= 500);
+    took
+}
+
+/// Runs `list` together, on this task, to the end of each.
+async fn join_all<F: std::future::Future<Output = ()>>(list: Vec<F>) {
+    let mut list: Vec<_> = list.into_iter().map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        list.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if list.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}

@@ -306,8 +306,16 @@ impl PgStore {
         }
         let groups = tx
             .query(
-                "SELECT g.group_id FROM groups g
-                 WHERE g.group_id IN (SELECT group_id FROM group_members WHERE account_id = $1)
+                "WITH mine AS MATERIALIZED (
+                     SELECT DISTINCT group_id FROM group_members WHERE account_id = $1
+                 ), turns AS MATERIALIZED (
+                     SELECT pg_advisory_xact_lock(1970104178, k)
+                     FROM (SELECT DISTINCT hashtext(encode(group_id, 'hex')) AS k FROM mine) AS keys
+                     ORDER BY k
+                 )
+                 SELECT g.group_id FROM groups g
+                 WHERE (SELECT COUNT(*) FROM turns) >= 0
+                   AND g.group_id IN (SELECT group_id FROM mine)
                  ORDER BY g.group_id FOR UPDATE",
                 &[&id.as_str()],
             )

@@ -413,14 +413,24 @@ async fn store_planned(
 }
 
 /// The epochs and delivery keys of `groups` (distinct) that exist, their
-/// rows locked (shared) in sorted order to the end of the transaction.
+/// turns and rows locked (shared) in sorted order to the end of the
+/// transaction.
 async fn lock_groups(
     tx: &Tx<'_>,
     groups: &[&[u8]],
 ) -> std::result::Result<HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>, Failure> {
+    // Their turns first (shared, in the order of their keys: see
+    // `TAKE_TURN`), then their rows.
     let statement = tx
         .prepare_cached(
-            "SELECT group_id, epoch, delivery_key FROM groups WHERE group_id = ANY($1::bytea[])
+            "WITH turns AS MATERIALIZED (
+                 SELECT pg_advisory_xact_lock_shared(1970104178, k)
+                 FROM (SELECT DISTINCT hashtext(encode(g, 'hex')) AS k
+                       FROM unnest($1::bytea[]) AS g) AS keys
+                 ORDER BY k
+             )
+             SELECT group_id, epoch, delivery_key FROM groups
+             WHERE (SELECT COUNT(*) FROM turns) >= 0 AND group_id = ANY($1::bytea[])
              ORDER BY group_id FOR SHARE",
         )
         .await?;

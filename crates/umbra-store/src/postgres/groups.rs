@@ -67,11 +67,35 @@ pub(super) async fn routable(
     .await
 }
 
+/// A group's *turn*: a transaction-scoped advisory lock (class
+/// 1970104178, "umgr"; key the hash of the group's ID) taken just before
+/// the group's row, shared by fan-outs and alone by whatever moves the
+/// epoch or the members (a commit, a proposal, a revocation, a device
+/// removed). PostgreSQL queues these fairly: once a commit waits, the
+/// fan-outs that come after wait behind it. Row locks alone are not fair:
+/// a fan-out's `FOR SHARE` joins the others already on the row without
+/// waiting for a `FOR UPDATE` queued before it, so on a group that some
+/// fan-out always held, a commit waited until its time limit (14 s with
+/// sixteen senders on two nodes; a test holds it to seconds now). Several
+/// turns in one statement are taken in the order of their keys. Each
+/// statement taking turns gates its row locks on them, as the
+/// acknowledgements do (a one-time filter, evaluated first).
+const TAKE_TURN: &str =
+    "SELECT pg_advisory_xact_lock(1970104178, hashtext(encode($1::bytea, 'hex')))";
+/// A fan-out's turn: shared with the other fan-outs (see [`TAKE_TURN`]).
+const SHARE_TURN: &str =
+    "SELECT pg_advisory_xact_lock_shared(1970104178, hashtext(encode($1::bytea, 'hex')))";
+
 /// The group's epoch, its row locked to the end of the transaction to
-/// move it (a commit, a proposal); `None` for no such group.
+/// move it (a commit, a proposal), its turn taken first; `None` for no
+/// such group.
 async fn epoch(tx: &Tx<'_>, group: &GroupId) -> std::result::Result<Option<u64>, Failure> {
     let statement = tx
-        .prepare_cached("SELECT epoch FROM groups WHERE group_id = $1 FOR UPDATE")
+        .prepare_cached(&format!(
+            "WITH turn AS MATERIALIZED ({TAKE_TURN})
+             SELECT epoch FROM groups
+             WHERE (SELECT COUNT(*) FROM turn) = 1 AND group_id = $1 FOR UPDATE"
+        ))
         .await?;
     match tx.query_opt(&statement, &[&group.as_bytes()]).await? {
         Some(row) => Ok(Some(unsigned(row.get(0))?)),
@@ -81,13 +105,18 @@ async fn epoch(tx: &Tx<'_>, group: &GroupId) -> std::result::Result<Option<u64>,
 
 /// The group's epoch and delivery key, its row locked shared to the end
 /// of the transaction (beside other readers: no commit moves the epoch
-/// meanwhile; a fan-out); `None` for no such group.
+/// meanwhile; a fan-out), its turn shared first; `None` for no such
+/// group.
 async fn epoch_and_key(
     tx: &Tx<'_>,
     group: &GroupId,
 ) -> std::result::Result<Option<(u64, Option<Vec<u8>>)>, Failure> {
     let statement = tx
-        .prepare_cached("SELECT epoch, delivery_key FROM groups WHERE group_id = $1 FOR SHARE")
+        .prepare_cached(&format!(
+            "WITH turn AS MATERIALIZED ({SHARE_TURN})
+             SELECT epoch, delivery_key FROM groups
+             WHERE (SELECT COUNT(*) FROM turn) = 1 AND group_id = $1 FOR SHARE"
+        ))
         .await?;
     match tx.query_opt(&statement, &[&group.as_bytes()]).await? {
         Some(row) => Ok(Some((unsigned(row.get(0))?, row.get(1)))),
