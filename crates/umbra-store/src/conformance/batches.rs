@@ -742,7 +742,7 @@ pub async fn commits_and_revocations_race_batches(a: &PgStore, b: &PgStore, url:
 
 /// A commit on a group that sixteen senders on two nodes keep sending to,
 /// some fan-out holding the group's row at every moment: the commit gets
-/// its turn (see `TAKE_TURN` in `postgres/groups.rs`) and is accepted;
+/// its turn (see `turns` in `postgres/groups.rs`) and is accepted;
 /// returns how long it took. (With row locks alone it waited out its
 /// time limit and failed.)
 pub async fn commit_amid_fan_outs(a: &PgStore, b: &PgStore) -> std::time::Duration {
@@ -788,21 +788,7 @@ pub async fn commit_amid_fan_outs(a: &PgStore, b: &PgStore) -> std::time::Durati
         );
         took
     };
-    let ((), took) = tokio::join!(join_all(senders), committer);
+    let (_, took) = tokio::join!(futures_util::future::join_all(senders), committer);
     assert!(sent.load(Ordering::SeqCst) >= 500);
     took
-}
-
-/// Runs `list` together, on this task, to the end of each.
-async fn join_all<F: std::future::Future<Output = ()>>(list: Vec<F>) {
-    let mut list: Vec<_> = list.into_iter().map(Box::pin).collect();
-    std::future::poll_fn(|cx| {
-        list.retain_mut(|f| f.as_mut().poll(cx).is_pending());
-        if list.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
 }

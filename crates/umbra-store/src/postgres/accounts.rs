@@ -7,6 +7,7 @@ use tokio_postgres::Row;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceId, IdentityKey};
 
 use super::contacts::delete_contacts;
+use super::groups::lock_groups_where;
 use super::mailboxes::{
     Copy, close_mailboxes, current_devices, delete_mail, lock_heads_where, open_mailbox,
 };
@@ -304,24 +305,13 @@ impl PgStore {
         if account_row(tx, id, true).await?.is_none() {
             return Ok(Vec::new());
         }
-        let groups = tx
-            .query(
-                "WITH mine AS MATERIALIZED (
-                     SELECT DISTINCT group_id FROM group_members WHERE account_id = $1
-                 ), turns AS MATERIALIZED (
-                     SELECT pg_advisory_xact_lock(1970104178, k)
-                     FROM (SELECT DISTINCT hashtext(encode(group_id, 'hex')) AS k FROM mine) AS keys
-                     ORDER BY k
-                 )
-                 SELECT g.group_id FROM groups g
-                 WHERE (SELECT COUNT(*) FROM turns) >= 0
-                   AND g.group_id IN (SELECT group_id FROM mine)
-                 ORDER BY g.group_id FOR UPDATE",
-                &[&id.as_str()],
-            )
-            .await?;
+        let ids = lock_groups_where(
+            tx,
+            "SELECT DISTINCT group_id FROM group_members WHERE account_id = $1",
+            &[&id.as_str()],
+        )
+        .await?;
         delete_contacts(tx, "requester = $1 OR addressee = $1", &[&id.as_str()]).await?;
-        let ids: Vec<&[u8]> = groups.iter().map(|row| row.get(0)).collect();
         lock_heads_where(
             tx,
             "(account_id, device) IN (
@@ -331,8 +321,8 @@ impl PgStore {
         )
         .await?;
         let mut told = Vec::new();
-        for row in groups {
-            let group = group_id(row.get(0))?;
+        for group in ids {
+            let group = group_id(group)?;
             tx.execute(
                 "DELETE FROM group_members WHERE group_id = $1 AND account_id = $2",
                 &[&group.as_bytes(), &id.as_str()],

@@ -26,7 +26,7 @@ use std::future::Future;
 use deadpool_postgres::Transaction;
 use umbra_proto::{DeliveryKind, DeviceAddr, GroupId};
 
-use super::groups::{Message, checked, lock_lines, routable_in, stored};
+use super::groups::{GROUPS_SHARED, Message, checked, lock_lines, routable_in, stored};
 use super::mailboxes::{FullNotice, stored_notice};
 use super::queue::Work;
 use super::{Failure, PgStore, big, device_addr, transaction, unsigned};
@@ -420,20 +420,8 @@ async fn lock_groups(
     groups: &[&[u8]],
 ) -> std::result::Result<HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>, Failure> {
     // Their turns first (shared, in the order of their keys: see
-    // `TAKE_TURN`), then their rows.
-    let statement = tx
-        .prepare_cached(
-            "WITH turns AS MATERIALIZED (
-                 SELECT pg_advisory_xact_lock_shared(1970104178, k)
-                 FROM (SELECT DISTINCT hashtext(encode(g, 'hex')) AS k
-                       FROM unnest($1::bytea[]) AS g) AS keys
-                 ORDER BY k
-             )
-             SELECT group_id, epoch, delivery_key FROM groups
-             WHERE (SELECT COUNT(*) FROM turns) >= 0 AND group_id = ANY($1::bytea[])
-             ORDER BY group_id FOR SHARE",
-        )
-        .await?;
+    // `turns`), then their rows.
+    let statement = tx.prepare_cached(&GROUPS_SHARED).await?;
     let mut epochs = HashMap::with_capacity(groups.len());
     for row in tx.query(&statement, &[&groups]).await? {
         epochs.insert(

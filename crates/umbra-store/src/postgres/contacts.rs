@@ -5,6 +5,7 @@ use deadpool_postgres::Transaction;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceChange, DeviceEntry, IdentityKey};
 
 use super::accounts::add_device;
+use super::groups::lock_groups_where;
 use super::mailboxes::{Copy, close_mailboxes, current_devices, delete_mail, lock_heads_where};
 use super::{Failure, PgStore, big, group_id, lock_key, transaction, unsigned};
 use crate::{
@@ -318,27 +319,14 @@ impl DeviceLogs for PgStore {
             // half way meanwhile. The members commit its leaf's removal on
             // the signed entry. It knows their delivery keys: nobody sends
             // anonymously with them meanwhile.
-            let groups = tx
-                .query(
-                    "WITH mine AS MATERIALIZED (
-                         SELECT DISTINCT group_id FROM group_members
-                         WHERE account_id = $1 AND device = $2
-                     ), turns AS MATERIALIZED (
-                         SELECT pg_advisory_xact_lock(1970104178, k)
-                         FROM (SELECT DISTINCT hashtext(encode(group_id, 'hex')) AS k
-                               FROM mine) AS keys
-                         ORDER BY k
-                     )
-                     SELECT g.group_id FROM groups g
-                     WHERE (SELECT COUNT(*) FROM turns) >= 0
-                       AND g.group_id IN (SELECT group_id FROM mine)
-                     ORDER BY g.group_id FOR UPDATE",
-                    &[&account.as_str(), &device],
-                )
-                .await?;
+            let ids = lock_groups_where(
+                &tx,
+                "SELECT DISTINCT group_id FROM group_members WHERE account_id = $1 AND device = $2",
+                &[&account.as_str(), &device],
+            )
+            .await?;
             // Then every mailbox head it touches, at once: the device's and
             // its groups' members' (see `lock_heads_where`).
-            let ids: Vec<&[u8]> = groups.iter().map(|row| row.get(0)).collect();
             lock_heads_where(
                 &tx,
                 "(account_id, device) IN (
@@ -355,8 +343,8 @@ impl DeviceLogs for PgStore {
             close_mailboxes(&tx, "account_id = $1 AND device = $2", &[&account.as_str(), &device])
                 .await?;
             let mut told = Vec::new();
-            for row in groups {
-                let group = group_id(row.get(0))?;
+            for group in ids {
+                let group = group_id(group)?;
                 tx.execute(
                     "UPDATE groups SET delivery_key = NULL WHERE group_id = $1",
                     &[&group.as_bytes()],

@@ -79,24 +79,81 @@ pub(super) async fn routable(
 /// sixteen senders on two nodes; a test holds it to seconds now). Several
 /// turns in one statement are taken in the order of their keys. Each
 /// statement taking turns gates its row locks on them, as the
-/// acknowledgements do (a one-time filter, evaluated first).
-const TAKE_TURN: &str =
-    "SELECT pg_advisory_xact_lock(1970104178, hashtext(encode($1::bytea, 'hex')))";
-/// A fan-out's turn: shared with the other fan-outs (see [`TAKE_TURN`]).
-const SHARE_TURN: &str =
-    "SELECT pg_advisory_xact_lock_shared(1970104178, hashtext(encode($1::bytea, 'hex')))";
+/// acknowledgements do (a one-time filter, evaluated first). This is the
+/// CTE `turns` taking those of the groups `groups` (a query yielding
+/// `group_id`), `shared` by fan-outs or alone.
+fn turns(groups: &str, shared: bool) -> String {
+    let lock = if shared {
+        "pg_advisory_xact_lock_shared"
+    } else {
+        "pg_advisory_xact_lock"
+    };
+    format!(
+        "turns AS MATERIALIZED (
+             SELECT {lock}(1970104178, k)
+             FROM (SELECT DISTINCT hashtext(encode(group_id, 'hex')) AS k
+                   FROM ({groups}) AS chosen) AS keys
+             ORDER BY k
+         )"
+    )
+}
+
+/// A commit's or proposal's read of its group (see [`epoch`]).
+static EPOCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH {} SELECT epoch FROM groups
+         WHERE (SELECT COUNT(*) FROM turns) >= 0 AND group_id = $1 FOR UPDATE",
+        turns("SELECT $1::bytea AS group_id", false)
+    )
+});
+/// A fan-out's read of its group (see [`epoch_and_key`]).
+static EPOCH_AND_KEY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH {} SELECT epoch, delivery_key FROM groups
+         WHERE (SELECT COUNT(*) FROM turns) >= 0 AND group_id = $1 FOR SHARE",
+        turns("SELECT $1::bytea AS group_id", true)
+    )
+});
+/// A fan-out batch's read of its groups (`$1`, distinct).
+pub(super) static GROUPS_SHARED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH {} SELECT group_id, epoch, delivery_key FROM groups
+         WHERE (SELECT COUNT(*) FROM turns) >= 0 AND group_id = ANY($1::bytea[])
+         ORDER BY group_id FOR SHARE",
+        turns("SELECT unnest($1::bytea[]) AS group_id", true)
+    )
+});
+
+/// Locks the groups `mine` selects (a query yielding `group_id`, with
+/// parameters `params`): their turns alone, then their rows, sorted, to
+/// the end of the transaction; returns their IDs. What a revocation or a
+/// device's removal takes before it changes the groups' members.
+pub(super) async fn lock_groups_where(
+    tx: &Tx<'_>,
+    mine: &'static str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> std::result::Result<Vec<Vec<u8>>, Failure> {
+    let sql = format!(
+        "WITH mine AS MATERIALIZED ({mine}), {}
+         SELECT g.group_id FROM groups g
+         WHERE (SELECT COUNT(*) FROM turns) >= 0 AND g.group_id IN (SELECT group_id FROM mine)
+         ORDER BY g.group_id FOR UPDATE",
+        turns("SELECT group_id FROM mine", false)
+    );
+    let statement = tx.prepare_cached(&sql).await?;
+    Ok(tx
+        .query(&statement, params)
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
+}
 
 /// The group's epoch, its row locked to the end of the transaction to
 /// move it (a commit, a proposal), its turn taken first; `None` for no
 /// such group.
 async fn epoch(tx: &Tx<'_>, group: &GroupId) -> std::result::Result<Option<u64>, Failure> {
-    let statement = tx
-        .prepare_cached(&format!(
-            "WITH turn AS MATERIALIZED ({TAKE_TURN})
-             SELECT epoch FROM groups
-             WHERE (SELECT COUNT(*) FROM turn) = 1 AND group_id = $1 FOR UPDATE"
-        ))
-        .await?;
+    let statement = tx.prepare_cached(&EPOCH).await?;
     match tx.query_opt(&statement, &[&group.as_bytes()]).await? {
         Some(row) => Ok(Some(unsigned(row.get(0))?)),
         None => Ok(None),
@@ -111,13 +168,7 @@ async fn epoch_and_key(
     tx: &Tx<'_>,
     group: &GroupId,
 ) -> std::result::Result<Option<(u64, Option<Vec<u8>>)>, Failure> {
-    let statement = tx
-        .prepare_cached(&format!(
-            "WITH turn AS MATERIALIZED ({SHARE_TURN})
-             SELECT epoch, delivery_key FROM groups
-             WHERE (SELECT COUNT(*) FROM turn) = 1 AND group_id = $1 FOR SHARE"
-        ))
-        .await?;
+    let statement = tx.prepare_cached(&EPOCH_AND_KEY).await?;
     match tx.query_opt(&statement, &[&group.as_bytes()]).await? {
         Some(row) => Ok(Some((unsigned(row.get(0))?, row.get(1)))),
         None => Ok(None),

@@ -476,59 +476,51 @@ pub async fn notice_plans(url: &str) -> Result<Vec<String>> {
         super::mailboxes::STORED_NOTICE,
         super::mailboxes::DELETE_NOTICE,
     ] {
-        let rows = query(
-            url,
-            &format!(
-                "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off;
-                 PREPARE notice(text, bigint) AS {sql};
-                 EXPLAIN EXECUTE notice('AAAAAAAA', 1)"
-            ),
-        )
-        .await?;
-        plans.push(
-            rows.into_iter()
-                .filter_map(|row| row.into_iter().next().flatten())
-                .collect::<Vec<_>>()
-                .join("\n"),
-        );
+        plans.push(generic_plan(url, sql, "text, bigint", "'AAAAAAAA', 1").await?);
     }
     Ok(plans)
 }
 
+/// The plan PostgreSQL settles on for `sql` prepared with parameters of
+/// `types`, run with `args`: the generic one, sequential scans ruled out
+/// (a table as small as a test's is read whole otherwise).
+async fn generic_plan(url: &str, sql: &str, types: &str, args: &str) -> Result<String> {
+    let rows = query(
+        url,
+        &format!(
+            "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off;
+             PREPARE planned({types}) AS {sql};
+             EXPLAIN EXECUTE planned({args})"
+        ),
+    )
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| row.into_iter().next().flatten())
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
 /// PostgreSQL's generic plans (as a prepared statement gets after its
 /// fifth run) for the acknowledgements' statements, alone and batched,
-/// with sequential scans ruled out as in [`notice_plans`]: whether the
+/// ([`generic_plan`]): whether the
 /// head lock's gate is a one-time filter above the delete's read of the
 /// mailbox (evaluated, locking the heads, before any copy is read).
 pub async fn ack_plans(url: &str) -> Result<Vec<String>> {
-    let mut plans = Vec::new();
-    for (sql, types, args) in [
-        (
+    Ok(vec![
+        generic_plan(
+            url,
             super::mailboxes::ACK_ALONE,
             "text, bigint, bigint[]",
             "'AAAAAAAA', 1, '{1,2}'",
-        ),
-        (
+        )
+        .await?,
+        generic_plan(
+            url,
             super::mailboxes::ACKS_TOGETHER,
             "text[], bigint[], text[], bigint[], bigint[]",
             "'{AAAAAAAA}', '{1}', '{AAAAAAAA,AAAAAAAA}', '{1,1}', '{1,2}'",
-        ),
-    ] {
-        let rows = query(
-            url,
-            &format!(
-                "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off;
-                 PREPARE ack({types}) AS {sql};
-                 EXPLAIN EXECUTE ack({args})"
-            ),
         )
-        .await?;
-        plans.push(
-            rows.into_iter()
-                .filter_map(|row| row.into_iter().next().flatten())
-                .collect::<Vec<_>>()
-                .join("\n"),
-        );
-    }
-    Ok(plans)
+        .await?,
+    ])
 }
