@@ -60,7 +60,7 @@ impl Blobs for PgStore {
             )
                 .await?;
             if tx
-                .query_opt("SELECT 1 FROM groups WHERE group_id = $1 FOR SHARE", &[&group])
+                .query_opt(&**super::groups::GROUP_SHARED, &[&group])
                 .await?
                 .is_none()
             {

@@ -114,6 +114,15 @@ static EPOCH_AND_KEY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
         turns("SELECT $1::bytea AS group_id", true)
     )
 });
+/// A group's row shared by a blob's creation (it must not hold a
+/// waiting commit off either: any line may name any group here).
+pub(super) static GROUP_SHARED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH {} SELECT 1 FROM groups
+         WHERE (SELECT COUNT(*) FROM turns) >= 0 AND group_id = $1 FOR SHARE",
+        turns("SELECT $1::bytea AS group_id", true)
+    )
+});
 /// A fan-out batch's read of its groups (`$1`, distinct).
 pub(super) static GROUPS_SHARED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
