@@ -45,6 +45,7 @@ where
     contacts(&make().await).await;
     contact_requests_declined_and_pruned(&make().await).await;
     commits_one_per_epoch(&make().await).await;
+    commits_add_only_current_devices(&make().await).await;
     commit_hashes_are_swept(&make().await).await;
     fan_out_and_mailboxes(&make().await).await;
     notices(&make().await).await;
@@ -1221,6 +1222,92 @@ async fn revocation(store: &impl Store) {
             alice.as_str().as_bytes()
         )
     );
+}
+
+/// A commit checked by the server while the devices it adds were current,
+/// stored after one was removed or its line revoked: refused, nothing of it
+/// kept (the removal's and revocation's notices went out before the leaf
+/// was in the group, so nobody would ever take it out).
+async fn commits_add_only_current_devices(store: &impl Store) {
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    let carol = registered(store, "CCCCCCCC", 3).await;
+    befriend(store, &alice, &bob).await;
+    befriend(store, &alice, &carol).await;
+    let g = group(4);
+    store
+        .create_group(&g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
+        .await
+        .unwrap();
+    for (seq, change) in [
+        (0, add_device(0, 1)),
+        (1, add_device(1, 2)),
+        (
+            2,
+            entry(
+                2,
+                DeviceChange::Remove {
+                    device: DeviceId(2),
+                },
+            ),
+        ),
+    ] {
+        assert!(
+            store
+                .append_device_entry(&bob, seq, &change, NOW, NOW + TTL)
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+    let bob_two = DeviceAddr {
+        account: bob.clone(),
+        device: DeviceId(2),
+    };
+    let adds_bob_two = CommitRecord {
+        added: vec![one(&bob), bob_two.clone()],
+        ..commit(&g, 0, &alice, b"add", &[], &[])
+    };
+    assert_eq!(
+        store
+            .accept_commit(&adds_bob_two, NOW, NOW + TTL)
+            .await
+            .unwrap(),
+        CommitOutcome::AddsFormerDevice { device: bob_two }
+    );
+    store.revoke(&carol, None, NOW, NOW + TTL).await.unwrap();
+    assert_eq!(
+        store
+            .accept_commit(
+                &commit(&g, 0, &alice, b"add", &[&bob, &carol], &[]),
+                NOW,
+                NOW + TTL
+            )
+            .await
+            .unwrap(),
+        CommitOutcome::AddsFormerDevice {
+            device: one(&carol)
+        }
+    );
+    let state = store.group(&g).await.unwrap().unwrap();
+    assert_eq!((state.epoch, state.members), (0, vec![one(&alice)]));
+    assert!(
+        store
+            .pending(&one(&bob), 0, 10, NOW)
+            .await
+            .unwrap()
+            .iter()
+            .all(|d| d.kind != DeliveryKind::Welcome),
+        "no Welcome for a refused commit"
+    );
+    // The same commit without the former devices is accepted.
+    assert!(matches!(
+        store
+            .accept_commit(&commit(&g, 0, &alice, b"add", &[&bob], &[]), NOW, NOW + TTL)
+            .await
+            .unwrap(),
+        CommitOutcome::Accepted { epoch: 1, .. }
+    ));
 }
 
 /// Entries are kept in order, per account; a position is taken once; the

@@ -478,6 +478,15 @@ pub enum CommitOutcome {
     },
     UnknownGroup,
     NotAMember,
+    /// A device the commit adds is no longer one of its account's current
+    /// devices: removed, or its line ended, after the server checked the
+    /// commit and before it came to be stored. Nothing is stored; the
+    /// group stays at its epoch (its members would never be told to take
+    /// the leaf out: the device's removal or the line's revocation was
+    /// announced before it was in the group).
+    AddsFormerDevice {
+        device: DeviceAddr,
+    },
 }
 
 #[derive(Debug)]

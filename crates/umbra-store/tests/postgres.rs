@@ -4,8 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use umbra_proto::GroupId;
 use umbra_store::postgres::PgStore;
-use umbra_store::postgres::testing::{PrivatePostgres, query};
+use umbra_store::postgres::testing::{PrivatePostgres, commit_in_progress, query};
 use umbra_store::{Accounts, Mailboxes, StoreError, StoreLimits, conformance};
 
 fn server() -> PrivatePostgres {
@@ -459,6 +460,55 @@ async fn postgres_acknowledgements_lock_heads_before_reading_copies() {
 /// A commit on a group two nodes' fan-outs never leave alone is served
 /// in its turn, not starved until its time limit (14 s, then refused,
 /// before the groups' turns).
+/// A line sending from sixteen connections on two nodes is revoked in its
+/// turn, not held off by its own sends until the revocation's time limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_revocation_amid_own_sends_gets_its_turn() {
+    let pg = server();
+    let url = pg.create_database().await.unwrap();
+    let (a, b) = tokio::join!(
+        PgStore::connect(&url, StoreLimits::default()),
+        PgStore::connect(&url, StoreLimits::default())
+    );
+    let took = conformance::batches::revocation_amid_own_sends(&a.unwrap(), &b.unwrap()).await;
+    assert!(
+        took < Duration::from_secs(5),
+        "the revocation waited {took:?}"
+    );
+    assert!(!pg.log().contains("deadlock detected"), "{}", pg.log());
+}
+
+/// Two groups whose IDs give the same 32-bit `hashtext`, the key the
+/// groups' turns first had (public and cheap: anyone could choose a group
+/// ID matching another group's): a commit in progress on one holds no
+/// commit on the other up. (With that key the second waited for the
+/// first to end, here until its own time limit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_group_turn_is_the_group_own() {
+    let pg = server();
+    let url = pg.create_database().await.unwrap();
+    let store = PgStore::connect(&url, StoreLimits::default())
+        .await
+        .unwrap();
+    // About ten such pairs among 300,000 IDs (a birthday bound on 32 bits).
+    let pair = query(
+        &url,
+        "SELECT min(i), max(i) FROM generate_series(1, 300000) AS i
+         GROUP BY hashtext(encode(int8send(i), 'hex')) HAVING count(*) > 1 LIMIT 1",
+    )
+    .await
+    .unwrap();
+    let [held, other] = [0, 1].map(|column| {
+        let n: i64 = pair[0][column].as_deref().unwrap().parse().unwrap();
+        GroupId::new(n.to_be_bytes().to_vec()).unwrap()
+    });
+    let took = conformance::batches::commit_beside_another(&store, &held, &other, async {
+        commit_in_progress(&url, &held).await.unwrap()
+    })
+    .await;
+    assert!(took < Duration::from_secs(5), "the commit waited {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_commit_amid_fan_outs_gets_its_turn() {
     let pg = server();

@@ -92,13 +92,7 @@ impl Services {
                     _ => false,
                 };
                 if !current {
-                    return Err(refuse(
-                        ErrorCode::InvalidCommit,
-                        format!(
-                            "the KeyPackage added for {} is not one of that account's current devices",
-                            member.account
-                        ),
-                    ));
+                    return Err(not_current(&member.account));
                 }
             }
             // Routing follows the tree: which devices are in it now and
@@ -153,6 +147,7 @@ impl Services {
             CommitOutcome::Stale { current_epoch } => Err(stale(record.epoch, current_epoch)),
             CommitOutcome::UnknownGroup => Err(unknown_group(&record.group_id)),
             CommitOutcome::NotAMember => Err(not_a_member()),
+            CommitOutcome::AddsFormerDevice { device } => Err(not_current(&device.account)),
         }
     }
 
@@ -379,4 +374,12 @@ pub(crate) fn check_deliverable(what: &str, message: &[u8]) -> Result<(), ErrorR
         ));
     }
     Ok(())
+}
+
+/// A commit adds a device its account no longer has (or never had).
+fn not_current(account: &AccountId) -> ErrorReply {
+    refuse(
+        ErrorCode::InvalidCommit,
+        format!("the KeyPackage added for {account} is not one of that account's current devices"),
+    )
 }

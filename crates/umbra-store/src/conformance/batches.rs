@@ -740,55 +740,141 @@ pub async fn commits_and_revocations_race_batches(a: &PgStore, b: &PgStore, url:
     );
 }
 
-/// A commit on a group that sixteen senders on two nodes keep sending to,
-/// some fan-out holding the group's row at every moment: the commit gets
-/// its turn (see `turns` in `postgres/groups.rs`) and is accepted;
-/// returns how long it took. (With row locks alone it waited out its
-/// time limit and failed.)
-pub async fn commit_amid_fan_outs(a: &PgStore, b: &PgStore) -> std::time::Duration {
+/// Runs `act` once sixteen senders on two nodes (`a` and `b`) are sending
+/// to `g` at full speed (every third as `first`, the others as `second`),
+/// each until it is refused or `act` ends; returns what `act` returned
+/// and how long it took.
+async fn amid_sends<T>(
+    a: &PgStore,
+    b: &PgStore,
+    g: &GroupId,
+    [first, second]: [&AccountId; 2],
+    act: impl std::future::Future<Output = T>,
+) -> (T, std::time::Duration) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let (g, [alice, bob, _carol]) = keyed_group_of_three(a, None).await;
     let stop = AtomicBool::new(false);
     let sent = AtomicU64::new(0);
-    let mut senders = Vec::new();
-    for k in 0..16 {
+    let senders = (0..16).map(|k| {
         let store = if k % 2 == 0 { a } else { b };
-        let who = if k % 3 == 0 { &alice } else { &bob };
-        let (g, stop, sent) = (&g, &stop, &sent);
-        senders.push(async move {
+        let who = if k % 3 == 0 { first } else { second };
+        let (stop, sent) = (&stop, &sent);
+        async move {
             while !stop.load(Ordering::SeqCst) {
                 match send(store, g, who, b"busy", 1).await {
                     FanOutOutcome::Stored { .. } => {
                         sent.fetch_add(1, Ordering::SeqCst);
                     }
-                    // Behind the group once the commit is in.
                     _ => break,
                 }
             }
-        });
-    }
-    let committer = async {
-        // The senders at full speed first.
+        }
+    });
+    let timed = async {
         while sent.load(Ordering::SeqCst) < 500 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let started = std::time::Instant::now();
-        let outcome = crate::Groups::accept_commit(
-            a,
-            &commit(&g, 1, &alice, b"update", &[], &[]),
-            NOW,
-            NOW + TTL,
-        )
-        .await;
+        let outcome = act.await;
         let took = started.elapsed();
         stop.store(true, Ordering::SeqCst);
-        assert!(
-            matches!(outcome, Ok(crate::CommitOutcome::Accepted { .. })),
-            "{outcome:?} after {took:?}"
-        );
-        took
+        (outcome, took)
     };
-    let (_, took) = tokio::join!(futures_util::future::join_all(senders), committer);
-    assert!(sent.load(Ordering::SeqCst) >= 500);
+    let (_, timed) = tokio::join!(futures_util::future::join_all(senders), timed);
+    timed
+}
+
+/// A commit on a group that sixteen senders on two nodes keep sending to,
+/// some fan-out holding the group's row at every moment: the commit gets
+/// its turn (see `postgres/turns.rs`) and is accepted; returns how long
+/// it took. (With row locks alone it waited out its time limit and
+/// failed.)
+pub async fn commit_amid_fan_outs(a: &PgStore, b: &PgStore) -> std::time::Duration {
+    let (g, [alice, bob, _carol]) = keyed_group_of_three(a, None).await;
+    let update = commit(&g, 1, &alice, b"update", &[], &[]);
+    let (outcome, took) = amid_sends(
+        a,
+        b,
+        &g,
+        [&alice, &bob],
+        crate::Groups::accept_commit(a, &update, NOW, NOW + TTL),
+    )
+    .await;
+    assert!(
+        matches!(outcome, Ok(crate::CommitOutcome::Accepted { .. })),
+        "{outcome:?} after {took:?}"
+    );
+    took
+}
+
+/// Two groups of Alice's alone, `held` and `other`, and a commit in
+/// progress on `held` (what `hold` starts, kept until this returns): a
+/// commit on `other` is accepted without waiting for it; returns how long
+/// it took.
+pub async fn commit_beside_another<H, F>(
+    store: &PgStore,
+    held: &GroupId,
+    other: &GroupId,
+    hold: F,
+) -> std::time::Duration
+where
+    F: std::future::Future<Output = H>,
+{
+    let alice = super::registered(store, "AAAAAAAA", 1).await;
+    for g in [held, other] {
+        assert!(
+            crate::Groups::create_group(
+                store,
+                g,
+                &super::one(&alice),
+                &super::state_at(0),
+                &super::info_at(0),
+                None,
+                NOW,
+            )
+            .await
+            .unwrap()
+        );
+    }
+    let _held = hold.await;
+    let started = std::time::Instant::now();
+    let outcome = crate::Groups::accept_commit(
+        store,
+        &commit(other, 0, &alice, b"update", &[], &[]),
+        NOW,
+        NOW + TTL,
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        matches!(outcome, Ok(crate::CommitOutcome::Accepted { epoch: 1, .. })),
+        "{outcome:?} after {took:?}"
+    );
+    took
+}
+
+/// A line whose devices send from sixteen connections on two nodes at
+/// once, some send holding the line's row at every moment, is revoked: the
+/// revocation gets its turn (see `postgres/turns.rs`) and ends the line;
+/// returns how long it took. (With row locks alone the line's own sends
+/// held its revocation off until the revocation's time limit.)
+pub async fn revocation_amid_own_sends(a: &PgStore, b: &PgStore) -> std::time::Duration {
+    let (g, [alice, _bob, _carol]) = keyed_group_of_three(a, None).await;
+    let (told, took) = amid_sends(
+        a,
+        b,
+        &g,
+        [&alice, &alice],
+        crate::Accounts::revoke(a, &alice, None, NOW, NOW + TTL),
+    )
+    .await;
+    assert!(told.is_ok(), "{told:?} after {took:?}");
+    assert_eq!(
+        crate::Accounts::account(a, &alice)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        LineStatus::Revoked
+    );
     took
 }

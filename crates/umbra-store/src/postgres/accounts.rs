@@ -19,6 +19,10 @@ use crate::{
 
 type Tx<'a> = Transaction<'a>;
 
+/// An account's row locked to change it (see [`account_row`]).
+static LINE_ALONE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| super::turns::line_alone(ACCOUNT_COLUMNS));
+
 const ACCOUNT_COLUMNS: &str = "account_id, identity_key, created_at, subscription_expires_at,
      wipe_key, status, distributor_id, last_seen_day, last_wipe_command";
 
@@ -42,18 +46,21 @@ fn account_from(row: &Row) -> Result<Account> {
     })
 }
 
-/// `id`'s account; with `lock`, its row stays locked to the end of the
-/// transaction.
+/// `id`'s account; with `lock`, its turn taken alone and its row locked
+/// to the end of the transaction.
 pub(super) async fn account_row(
     tx: &Tx<'_>,
     id: &AccountId,
     lock: bool,
 ) -> std::result::Result<Option<Account>, Failure> {
-    let sql = format!(
-        "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1{}",
-        if lock { " FOR UPDATE" } else { "" }
-    );
-    let statement = tx.prepare_cached(&sql).await?;
+    let statement = if lock {
+        tx.prepare_cached(&LINE_ALONE).await?
+    } else {
+        tx.prepare_cached(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1"
+        ))
+        .await?
+    };
     match tx.query_opt(&statement, &[&id.as_str()]).await? {
         Some(row) => Ok(Some(account_from(&row)?)),
         None => Ok(None),

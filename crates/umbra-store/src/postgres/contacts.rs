@@ -15,6 +15,10 @@ use crate::{
 
 type Tx<'a> = Transaction<'a>;
 
+/// An account's row locked to append to its device log.
+static LINE_ALONE: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| super::turns::line_alone("1"));
+
 /// The row between `a` and `b`, in either direction: its requester,
 /// whether accepted, and whether declined. With `lock`, the pair is
 /// locked first (an advisory lock on the pair, whichever asks), so two
@@ -282,12 +286,10 @@ impl DeviceLogs for PgStore {
         expires_at: Timestamp,
     ) -> Result<Option<Vec<DeviceAddr>>> {
         transaction!(self, tx => {
-            // The account's row, locked, orders appends from several nodes.
-            tx.execute(
-                "SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE",
-                &[&account.as_str()],
-            )
-            .await?;
+            // The account's row, locked (its turn first), orders appends
+            // from several nodes.
+            let statement = tx.prepare_cached(&LINE_ALONE).await?;
+            tx.execute(&statement, &[&account.as_str()]).await?;
             let next: i64 = tx
                 .query_one(
                     "SELECT COALESCE(MAX(seq) + 1, 0) FROM device_log WHERE account_id = $1",

@@ -9,7 +9,8 @@ use umbra_proto::tokens::DELIVERY_KEY_BYTES;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, GroupId};
 
 use super::batch::FanOut;
-use super::mailboxes::{Copy, is_current, lock_heads_of};
+use super::mailboxes::{Copy, lock_heads_of};
+use super::turns::{LINE_SHARED, LINES_SHARED, Turn, turns};
 use super::{Failure, PgStore, big, device_addr, transaction, unsigned};
 use crate::Sender;
 use crate::{
@@ -67,43 +68,12 @@ pub(super) async fn routable(
     .await
 }
 
-/// A group's *turn*: a transaction-scoped advisory lock (class
-/// 1970104178, "umgr"; key the hash of the group's ID) taken just before
-/// the group's row, shared by fan-outs and alone by whatever moves the
-/// epoch or the members (a commit, a proposal, a revocation, a device
-/// removed). PostgreSQL queues these fairly: once a commit waits, the
-/// fan-outs that come after wait behind it. Row locks alone are not fair:
-/// a fan-out's `FOR SHARE` joins the others already on the row without
-/// waiting for a `FOR UPDATE` queued before it, so on a group that some
-/// fan-out always held, a commit waited until its time limit (14 s with
-/// sixteen senders on two nodes; a test holds it to seconds now). Several
-/// turns in one statement are taken in the order of their keys. Each
-/// statement taking turns gates its row locks on them, as the
-/// acknowledgements do (a one-time filter, evaluated first). This is the
-/// CTE `turns` taking those of the groups `groups` (a query yielding
-/// `group_id`), `shared` by fan-outs or alone.
-fn turns(groups: &str, shared: bool) -> String {
-    let lock = if shared {
-        "pg_advisory_xact_lock_shared"
-    } else {
-        "pg_advisory_xact_lock"
-    };
-    format!(
-        "turns AS MATERIALIZED (
-             SELECT {lock}(1970104178, k)
-             FROM (SELECT DISTINCT hashtext(encode(group_id, 'hex')) AS k
-                   FROM ({groups}) AS chosen) AS keys
-             ORDER BY k
-         )"
-    )
-}
-
 /// A commit's or proposal's read of its group (see [`epoch`]).
-static EPOCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+pub(super) static EPOCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH {} SELECT epoch FROM groups
          WHERE (SELECT COUNT(*) FROM turns) >= 0 AND group_id = $1 FOR UPDATE",
-        turns("SELECT $1::bytea AS group_id", false)
+        turns(Turn::Group, "SELECT $1::bytea AS group_id", false)
     )
 });
 /// A fan-out's read of its group (see [`epoch_and_key`]).
@@ -111,7 +81,7 @@ static EPOCH_AND_KEY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
     format!(
         "WITH {} SELECT epoch, delivery_key FROM groups
          WHERE (SELECT COUNT(*) FROM turns) >= 0 AND group_id = $1 FOR SHARE",
-        turns("SELECT $1::bytea AS group_id", true)
+        turns(Turn::Group, "SELECT $1::bytea AS group_id", true)
     )
 });
 /// A group's row shared by a blob's creation (it must not hold a
@@ -120,7 +90,7 @@ pub(super) static GROUP_SHARED: std::sync::LazyLock<String> = std::sync::LazyLoc
     format!(
         "WITH {} SELECT 1 FROM groups
          WHERE (SELECT COUNT(*) FROM turns) >= 0 AND group_id = $1 FOR SHARE",
-        turns("SELECT $1::bytea AS group_id", true)
+        turns(Turn::Group, "SELECT $1::bytea AS group_id", true)
     )
 });
 /// A fan-out batch's read of its groups (`$1`, distinct).
@@ -129,7 +99,7 @@ pub(super) static GROUPS_SHARED: std::sync::LazyLock<String> = std::sync::LazyLo
         "WITH {} SELECT group_id, epoch, delivery_key FROM groups
          WHERE (SELECT COUNT(*) FROM turns) >= 0 AND group_id = ANY($1::bytea[])
          ORDER BY group_id FOR SHARE",
-        turns("SELECT unnest($1::bytea[]) AS group_id", true)
+        turns(Turn::Group, "SELECT unnest($1::bytea[]) AS group_id", true)
     )
 });
 
@@ -147,7 +117,7 @@ pub(super) async fn lock_groups_where(
          SELECT g.group_id FROM groups g
          WHERE (SELECT COUNT(*) FROM turns) >= 0 AND g.group_id IN (SELECT group_id FROM mine)
          ORDER BY g.group_id FOR UPDATE",
-        turns("SELECT group_id FROM mine", false)
+        turns(Turn::Group, "SELECT group_id FROM mine", false)
     );
     let statement = tx.prepare_cached(&sql).await?;
     Ok(tx
@@ -207,9 +177,32 @@ async fn is_member(
         .is_some())
 }
 
+/// The first of `devices` that is not one of its account's current
+/// devices, if any (one statement).
+async fn first_former(
+    tx: &Tx<'_>,
+    devices: &[DeviceAddr],
+) -> std::result::Result<Option<DeviceAddr>, Failure> {
+    if devices.is_empty() {
+        return Ok(None);
+    }
+    let (accounts, numbers) = columns(devices);
+    let statement = tx
+        .prepare_cached(
+            "SELECT t.a, t.d FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS t(a, d, n)
+             WHERE NOT EXISTS (SELECT 1 FROM devices WHERE account_id = t.a AND device = t.d)
+             ORDER BY t.n LIMIT 1",
+        )
+        .await?;
+    match tx.query_opt(&statement, &[&accounts, &numbers]).await? {
+        Some(row) => Ok(Some(device_addr(row.get(0), row.get(1))?)),
+        None => Ok(None),
+    }
+}
+
 /// The lines of `accounts` (distinct) that exist, as [`line`] reads one,
-/// their rows locked (shared) in sorted order to the end of the
-/// transaction.
+/// their turns shared and then their rows locked (shared) in sorted order
+/// to the end of the transaction.
 pub(super) async fn lock_lines(
     tx: &Tx<'_>,
     accounts: &[&str],
@@ -218,12 +211,7 @@ pub(super) async fn lock_lines(
     if accounts.is_empty() {
         return Ok(lines);
     }
-    let statement = tx
-        .prepare_cached(
-            "SELECT account_id, status, subscription_expires_at FROM accounts
-             WHERE account_id = ANY($1::text[]) ORDER BY account_id FOR SHARE",
-        )
-        .await?;
+    let statement = tx.prepare_cached(&LINES_SHARED).await?;
     for row in tx.query(&statement, &[&accounts]).await? {
         let status: &str = row.get(1);
         let status = LineStatus::parse(status)
@@ -259,19 +247,14 @@ pub(super) async fn routable_in(
     Ok(members)
 }
 
-/// A line's state as a send checks it, its row locked to the end of the
-/// transaction (a suspension or revocation waits for the send, or the send
-/// for it): `None` for no such account.
+/// A line's state as a send checks it, its turn shared and its row locked
+/// to the end of the transaction (a suspension or revocation waits for the
+/// send, or the send for it): `None` for no such account.
 async fn line(
     tx: &Tx<'_>,
     account: &AccountId,
 ) -> std::result::Result<Option<(LineStatus, u64)>, Failure> {
-    let statement = tx
-        .prepare_cached(
-            "SELECT status, subscription_expires_at FROM accounts WHERE account_id = $1
-             FOR SHARE",
-        )
-        .await?;
+    let statement = tx.prepare_cached(&LINE_SHARED).await?;
     let Some(row) = tx.query_opt(&statement, &[&account.as_str()]).await? else {
         return Ok(None);
     };
@@ -503,6 +486,16 @@ impl PgStore {
         expires_at: Timestamp,
     ) -> std::result::Result<CommitOutcome, Failure> {
         let group = &commit.group_id;
+        // The lines it adds first, shared (in the order every transaction
+        // locks: lines, then groups): a revocation or a device's removal
+        // waits for this commit, or this commit for it, and then finds it
+        // a former device (below). Without, a line revoked meanwhile kept
+        // its new leaf's membership, and the group's members were never
+        // told.
+        let mut lines: Vec<&str> = commit.added.iter().map(|a| a.account.as_str()).collect();
+        lines.sort_unstable();
+        lines.dedup();
+        lock_lines(tx, &lines).await?;
         // The group's row is locked until this transaction ends: a second
         // commit for the same epoch waits here, then reads the epoch this
         // one moved to, and is stale.
@@ -535,6 +528,15 @@ impl PgStore {
             });
         }
         let before = routable(tx, group).await?;
+        let new: Vec<DeviceAddr> = commit
+            .added
+            .iter()
+            .filter(|a| !before.contains(a))
+            .cloned()
+            .collect();
+        if let Some(device) = first_former(tx, &new).await? {
+            return Ok(CommitOutcome::AddsFormerDevice { device });
+        }
         let (accounts, devices) = columns(&commit.removed);
         tx.execute(
             "DELETE FROM group_members m USING unnest($2::text[], $3::bigint[]) AS t(a, d)
@@ -581,8 +583,7 @@ impl PgStore {
         let mut welcomed = Vec::new();
         if commit.welcome.is_some() {
             for added in commit.added.iter().filter(|a| !before.contains(a)) {
-                // A device removed since its leaf was checked gets nothing.
-                if is_current(tx, added).await? && !welcomed.contains(added) {
+                if !welcomed.contains(added) {
                     welcomed.push(added.clone());
                 }
             }

@@ -21,6 +21,9 @@
 //!   rows, `FOR UPDATE`;
 //! - a contact pair and the token keys: transaction-scoped advisory locks.
 //!
+//! A group's row and a line's are taken after their *turns* (`turns.rs`),
+//! advisory locks that PostgreSQL queues fairly, where row locks are not.
+//!
 //! A node killed in the middle of a transaction leaves no lock behind:
 //! PostgreSQL aborts the transaction when its connection drops.
 //!
@@ -44,6 +47,7 @@ mod keys;
 mod mailboxes;
 mod queue;
 pub mod testing;
+mod turns;
 
 pub use crate::BatchStats;
 pub(crate) use batch::FanOut;

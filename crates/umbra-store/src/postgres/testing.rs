@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use umbra_proto::GroupId;
+
 use crate::{Result, StoreError, StoreLimits};
 
 use super::PgStore;
@@ -437,6 +439,37 @@ pub async fn query(url: &str, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
             _ => None,
         })
         .collect())
+}
+
+/// A commit on a group in progress on a connection of its own: its
+/// transaction has taken the group's turn and row, as a commit's first
+/// statement does, and holds them until this is dropped (the connection
+/// closes, the transaction is rolled back).
+pub struct CommitInProgress {
+    _client: tokio_postgres::Client,
+}
+
+impl std::fmt::Debug for CommitInProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitInProgress")
+    }
+}
+
+/// Starts a [`CommitInProgress`] on `group` on the database at `url`.
+pub async fn commit_in_progress(url: &str, group: &GroupId) -> Result<CommitInProgress> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(super::backend)?;
+    tokio::spawn(connection);
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(super::backend)?;
+    client
+        .query(super::groups::EPOCH.as_str(), &[&group.as_bytes()])
+        .await
+        .map_err(super::backend)?;
+    Ok(CommitInProgress { _client: client })
 }
 
 impl Drop for PrivatePostgres {

@@ -1923,6 +1923,15 @@ impl Groups for SqliteStore {
                 });
             }
             let before = routable(tx, &commit.group_id)?;
+            // Checked again here, where no removal or revocation can come
+            // between the check and the leaf's membership.
+            for added in commit.added.iter().filter(|a| !before.contains(a)) {
+                if !devices::is_current(tx, added)? {
+                    return Ok(CommitOutcome::AddsFormerDevice {
+                        device: added.clone(),
+                    });
+                }
+            }
             tx.forget_members(&commit.group_id);
             for leaf in &commit.removed {
                 tx.execute(
@@ -1978,11 +1987,6 @@ impl Groups for SqliteStore {
             }
             if let Some(welcome) = &commit.welcome {
                 for added in commit.added.iter().filter(|a| !before.contains(a)) {
-                    // A device removed since its leaf was checked gets
-                    // nothing (no one would read it).
-                    if !devices::is_current(tx, added)? {
-                        continue;
-                    }
                     enqueue(
                         tx,
                         added,

@@ -1,0 +1,97 @@
+//! Turns: transaction-scoped advisory locks taken, in PostgreSQL's fair
+//! queue, just before a row whose lock would otherwise not be fair.
+//!
+//! A group's turn comes before the group's row: fan-outs share it, and
+//! whatever moves the epoch or the members (a commit, a proposal, a
+//! revocation, a device removed) takes it alone. A line's turn comes
+//! before the line's row in `accounts`: sends share it (the sender's line,
+//! a commit's added lines), and whatever changes the line (a revocation,
+//! a lapsed line's end, a renewal, a device log's append) takes it alone.
+//!
+//! PostgreSQL queues advisory locks fairly: once a commit waits, the
+//! fan-outs that come after wait behind it. Row locks are not fair: a
+//! fan-out's `FOR SHARE` joins the others already on the row without
+//! waiting for a `FOR UPDATE` queued before it, so on a group some fan-out
+//! always held, a commit waited until its time limit (14 s with sixteen
+//! senders on two nodes), and a line sending from many connections at
+//! once held its own revocation off the same way. Several turns in one
+//! statement are taken in the order of their keys. Each statement taking
+//! turns gates its row locks on them, as the acknowledgements do (a
+//! one-time filter, evaluated first).
+
+use std::sync::LazyLock;
+
+/// Whose turn a statement takes.
+#[derive(Clone, Copy)]
+pub(super) enum Turn {
+    /// Groups: the query chosen yields `group_id`.
+    Group,
+    /// Lines: the query chosen yields `account_id`.
+    Line,
+}
+
+/// The CTE `turns` taking the turns of what `chosen` (a query) yields,
+/// `shared` or alone.
+pub(super) fn turns(of: Turn, chosen: &str, shared: bool) -> String {
+    let lock = if shared {
+        "pg_advisory_xact_lock_shared"
+    } else {
+        "pg_advisory_xact_lock"
+    };
+    let key = match of {
+        Turn::Group => turn_key("756d6772", "group_id"),
+        Turn::Line => turn_key("756d6c6e", "convert_to(account_id, 'UTF8')"),
+    };
+    format!(
+        "turns AS MATERIALIZED (
+             SELECT {lock}(k)
+             FROM (SELECT DISTINCT {key} AS k FROM ({chosen}) AS chosen) AS keys
+             ORDER BY k
+         )"
+    )
+}
+
+/// The SQL for the key of a turn: the first 64 bits of SHA-256 over a
+/// four-byte domain (`domain`, hex: "umgr" for groups, "umln" for lines)
+/// and the ID (`id`, an expression of type `bytea`). A group's ID is the
+/// client's choice, so its key must be one nobody can aim at another
+/// group's: the 32-bit `hashtext` the groups' turns first used is public
+/// and cheap (a matching ID is a few seconds' search), and a group whose
+/// key matched would hold up the other's commits with its own. Matching
+/// 64 bits of SHA-256 takes about 2^64 tries. The keys share
+/// PostgreSQL's 64-bit advisory lock space with [`super::lock_key`]'s,
+/// which hashes a length first, never these domains.
+fn turn_key(domain: &str, id: &str) -> String {
+    format!(
+        "('x' || encode(substr(sha256('\\x{domain}'::bytea || {id}), 1, 8), 'hex'))::bit(64)::bigint"
+    )
+}
+
+/// A send's read of its sender's line (`$1`), shared.
+pub(super) static LINE_SHARED: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {} SELECT status, subscription_expires_at FROM accounts
+         WHERE (SELECT COUNT(*) FROM turns) >= 0 AND account_id = $1 FOR SHARE",
+        turns(Turn::Line, "SELECT $1::text AS account_id", true)
+    )
+});
+
+/// A batch's read of its senders' lines (`$1`), shared.
+pub(super) static LINES_SHARED: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {} SELECT account_id, status, subscription_expires_at FROM accounts
+         WHERE (SELECT COUNT(*) FROM turns) >= 0 AND account_id = ANY($1::text[])
+         ORDER BY account_id FOR SHARE",
+        turns(Turn::Line, "SELECT unnest($1::text[]) AS account_id", true)
+    )
+});
+
+/// The line `$1`'s row with `columns`, locked to change it, its turn taken
+/// alone first.
+pub(super) fn line_alone(columns: &str) -> String {
+    format!(
+        "WITH {} SELECT {columns} FROM accounts
+         WHERE (SELECT COUNT(*) FROM turns) >= 0 AND account_id = $1 FOR UPDATE",
+        turns(Turn::Line, "SELECT $1::text AS account_id", false)
+    )
+}
