@@ -10,6 +10,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::{Device, TestServer, activation_at, options};
 use umbra_server::cluster::testing::PrivateNats;
@@ -69,15 +70,7 @@ async fn devices_talk_through_nodes_sharing_one_postgres() {
     let pg = PrivatePostgres::start(false).unwrap();
     let url = pg.create_database().await.unwrap();
     let (_dir, a, b) = data_directories(&url, None);
-    let config = a.join("umbra-server.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    let listen = "\n# metrics_listen = \"127.0.0.1:9464\"";
-    assert_eq!(text.matches(listen).count(), 1);
-    std::fs::write(
-        &config,
-        text.replace(listen, "\nmetrics_listen = \"127.0.0.1:0\""),
-    )
-    .unwrap();
+    use_metrics(&a, "127.0.0.1:0".parse().unwrap());
     let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
     let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
     assert!(
@@ -268,13 +261,98 @@ async fn nodes_wake_each_other_through_nats_and_poll_while_it_is_away() {
     node_b.stop();
 }
 
+/// Sets `metrics_listen` in the data directory's configuration.
+fn use_metrics(data: &Path, address: std::net::SocketAddr) {
+    let path = data.join("umbra-server.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let listen = "\n# metrics_listen = \"127.0.0.1:9464\"";
+    assert_eq!(text.matches(listen).count(), 1);
+    let text = text.replace(listen, &format!("\nmetrics_listen = \"{address}\""));
+    std::fs::write(&path, text).unwrap();
+}
+
+/// Whether the node whose metrics listener is at `metrics` is connected
+/// to NATS, once that has held for `within` or it is so.
+async fn nats_connected_within(metrics: std::net::SocketAddr, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        // (Its metrics listener may not listen yet.)
+        if common::scrape(metrics)
+            .await
+            .is_ok_and(|text| text.lines().any(|l| l == "umbra_nats_connected 1"))
+        {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A NATS that admits only the cluster's user: a node given its password
+/// (`UMBRA_NATS_PASSWORD`, the user named in `nats`) logs in and routes;
+/// one given another is refused, and its connections poll meanwhile
+/// (nothing lost); given the right one, it logs in too. (Before, a node
+/// could not log in to a NATS that asked for credentials at all, so NATS
+/// had to admit anyone who could reach it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_log_in_to_nats_with_the_cluster_password() {
+    let pg = PrivatePostgres::start(false).unwrap();
+    let url = pg.create_database().await.unwrap();
+    let mut secret = [0u8; 16];
+    getrandom::getrandom(&mut secret).unwrap();
+    let password = hex::encode(secret);
+    let nats = PrivateNats::start_with(None, Some(("umbra", &password))).unwrap();
+    assert!(nats.url().starts_with("nats://umbra@127.0.0.1:"));
+    let (_dir, a, b) = data_directories(&url, Some(&nats.url()));
+    let (metrics_a, metrics_b) = (free_address(), free_address());
+    use_metrics(&a, metrics_a);
+    use_metrics(&b, metrics_b);
+    let right = [("UMBRA_NATS_PASSWORD", password.as_str())];
+    let node_a = common::ServerProcess::start_with_env(&a, None, &right).await;
+    let started = tokio::time::Instant::now();
+    assert!(nats_connected_within(metrics_a, common::PATIENCE).await);
+    let took = started.elapsed();
+    let wrong = [("UMBRA_NATS_PASSWORD", "not the password")];
+    let node_b = common::ServerProcess::start_with_env(&b, None, &wrong).await;
+    assert!(
+        !nats_connected_within(metrics_b, (took * 10).max(Duration::from_secs(3))).await,
+        "a node with the wrong password is not let in"
+    );
+
+    // Alice on A, Bob on B (polling): everything still arrives.
+    let mut alice = Device::activate_untimed(&node_a.activation().await, options()).await;
+    let mut bob = Device::activate_untimed(&node_b.activation().await, options()).await;
+    let (to_bob, to_alice) = common::befriend(&mut alice, &mut bob).await;
+    alice
+        .client
+        .send_text(&to_bob, "to a node that polls")
+        .await
+        .unwrap();
+    assert_eq!(
+        bob.next_text().await,
+        (alice.id(), "to a node that polls".into())
+    );
+
+    // B again, with the password: in, and live both ways.
+    let address_b = node_b.address;
+    drop(node_b);
+    let node_b = common::ServerProcess::start_with_env(&b, Some(address_b), &right).await;
+    assert!(nats_connected_within(metrics_b, common::PATIENCE).await);
+    let bob = bob.reopen().await;
+    bob.client.send_text(&to_alice, "and back").await.unwrap();
+    assert_eq!(alice.next_text().await, (bob.id(), "and back".into()));
+    drop((alice, bob, node_a, node_b, nats));
+}
+
 /// Connects `device` again (to whichever node answers) until it is in.
-async fn reconnect(device: &Device) -> std::time::Duration {
+async fn reconnect(device: &Device) -> Duration {
     let started = std::time::Instant::now();
     while !device.client.is_connected() {
         assert!(started.elapsed() < common::PATIENCE, "never served again");
         if device.client.connect().await.is_err() {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     started.elapsed()
@@ -351,7 +429,7 @@ async fn a_killed_nodes_devices_go_to_another_and_nothing_accepted_is_lost() {
     let took = served_again.expect("the devices were on the node killed");
     eprintln!("served again {took:?} after the node was killed");
     assert!(
-        took < std::time::Duration::from_secs(10),
+        took < Duration::from_secs(10),
         "a killed node's device was served again after {took:?}"
     );
     drop((alice, bob, nats, node_b));
@@ -363,7 +441,7 @@ async fn send_when_back(
     device: &Device,
     to: &umbra_client::ConversationId,
     text: &str,
-    patience: std::time::Duration,
+    patience: Duration,
 ) {
     let started = std::time::Instant::now();
     while let Err(error) = device.client.send_text(to, text).await {
@@ -373,7 +451,7 @@ async fn send_when_back(
             "{error}"
         );
         assert!(started.elapsed() < patience, "not served again: {error}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -433,11 +511,9 @@ async fn sends_are_refused_at_once_while_postgres_is_away_and_nothing_accepted_i
         // SERVER_BUSY (checked above) is the probe's answer: the
         // transaction's own 15 s bound answers INTERNAL. Under a loaded
         // machine the probes take longer than their nominal 5 s.
-        assert!(took[0] < std::time::Duration::from_secs(14), "{took:?}");
+        assert!(took[0] < Duration::from_secs(14), "{took:?}");
         assert!(
-            took[1..]
-                .iter()
-                .all(|t| *t < std::time::Duration::from_secs(2)),
+            took[1..].iter().all(|t| *t < Duration::from_secs(2)),
             "{took:?}"
         );
         if outage == "paused" {
@@ -568,7 +644,7 @@ async fn a_node_killed_in_the_middle_of_commits_leaves_no_gap_and_no_stuck_group
     let done = std::sync::atomic::AtomicUsize::new(0);
     let killer = async {
         while done.load(std::sync::atomic::Ordering::SeqCst) < 4 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         node_a.kill();
     };
@@ -659,7 +735,7 @@ async fn a_reconnect_storm_over_two_nodes_loses_nothing() {
                 started.elapsed() < common::PATIENCE,
                 "never served: {error}"
             );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }))
     .await;
@@ -709,12 +785,12 @@ async fn a_flood_of_requests_to_poll_costs_one_read_a_second() {
             tokio::time::Instant::now() < deadline,
             "no metrics listener"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     // Another member of the cluster, as a node would speak. Asked once at
     // a time until the node hears (its subscription reaches NATS after it
     // starts listening: a request before that is heard by nobody).
-    let asker = umbra_server::cluster::Cluster::connect(&cluster.nats.url())
+    let asker = umbra_server::cluster::Cluster::connect(&cluster.nats.url(), None)
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + common::PATIENCE;
@@ -724,10 +800,10 @@ async fn a_flood_of_requests_to_poll_costs_one_read_a_second() {
             "the node never heard"
         );
         asker.ask_all_to_poll().await;
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Quiet for longer than a period; then the flood.
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let base = common::counter(metrics, "cluster_polls").await;
     let asked = std::time::Instant::now();
     for _ in 0..500 {
@@ -740,11 +816,11 @@ async fn a_flood_of_requests_to_poll_costs_one_read_a_second() {
             tokio::time::Instant::now() < deadline,
             "the node never polled"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // As long again as the requests took to send, and a second more:
     // nothing else comes of them.
-    tokio::time::sleep(asked.elapsed() + std::time::Duration::from_secs(1)).await;
+    tokio::time::sleep(asked.elapsed() + Duration::from_secs(1)).await;
     let polls = common::counter(metrics, "cluster_polls").await - base;
     let allowed = 2 + asked.elapsed().as_secs();
     assert!(

@@ -133,16 +133,42 @@ fn account_subject(account: &AccountId) -> String {
 pub struct ClusterError(String);
 
 impl Cluster {
-    /// Connects to NATS at `url` (`nats://host:port`). A node starts even
-    /// while NATS is away (its connections poll until it comes); the
+    /// Connects to NATS at `url` (`nats://host:port`, or
+    /// `nats://user@host:port`), with `password` (from
+    /// [`crate::NATS_PASSWORD_ENV`]): the user's password when the address
+    /// names a user, else a token. A password in the address itself is
+    /// refused (it would sit in the configuration file and its backups). A
+    /// node starts even while NATS is away (its connections poll until it
+    /// comes), or refuses it (its credentials wrong: the log says so); the
     /// client reconnects, and re-subscribes, by itself.
-    pub async fn connect(url: &str) -> Result<Arc<Cluster>, ClusterError> {
+    pub async fn connect(url: &str, password: Option<&str>) -> Result<Arc<Cluster>, ClusterError> {
+        let address: async_nats::ServerAddr = url
+            .parse()
+            .map_err(|e: std::io::Error| ClusterError(e.to_string()))?;
+        if address.password().is_some() {
+            return Err(ClusterError(format!(
+                "the address names a password: give it in {} instead",
+                crate::NATS_PASSWORD_ENV
+            )));
+        }
+        let options = match (address.username(), password) {
+            (Some(user), Some(password)) => async_nats::ConnectOptions::new()
+                .user_and_password(user.to_owned(), password.to_owned()),
+            (Some(user), None) => {
+                return Err(ClusterError(format!(
+                    "the address names the user {user:?}: give its password in {}",
+                    crate::NATS_PASSWORD_ENV
+                )));
+            }
+            (None, Some(token)) => async_nats::ConnectOptions::new().token(token.to_owned()),
+            (None, None) => async_nats::ConnectOptions::new(),
+        };
         let mut node = [0u8; 8];
         getrandom::getrandom(&mut node).map_err(|e| ClusterError(e.to_string()))?;
         let node = hex::encode(node);
         let missed = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&missed);
-        let client = async_nats::ConnectOptions::new()
+        let client = options
             .name(format!("umbra-server {node}"))
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
@@ -159,6 +185,18 @@ impl Cluster {
                             warn!("NATS dropped messages for this node: mailboxes are read again");
                             flag.store(true, Ordering::SeqCst);
                         }
+                        // A failed attempt to connect (a refused login
+                        // among them); the client tries again by itself.
+                        async_nats::Event::ClientError(error) => {
+                            warn!(
+                                %error,
+                                "cannot connect to NATS (if it refuses the login: the user in \
+                                 `nats`, its password or token in {}); connections poll \
+                                 their mailboxes meanwhile",
+                                crate::NATS_PASSWORD_ENV
+                            );
+                            flag.store(true, Ordering::SeqCst);
+                        }
                         async_nats::Event::ServerError(error) => {
                             warn!(%error, "NATS refused something: mailboxes are read again");
                             flag.store(true, Ordering::SeqCst);
@@ -167,7 +205,7 @@ impl Cluster {
                     }
                 }
             })
-            .connect(url)
+            .connect(address)
             .await
             .map_err(|e| ClusterError(e.to_string()))?;
         let (outbox, mut queued) = tokio::sync::mpsc::channel::<(String, bytes::Bytes)>(OUTBOX);
@@ -392,6 +430,7 @@ pub mod testing {
     pub struct PrivateNats {
         child: Child,
         port: u16,
+        user: Option<String>,
     }
 
     impl std::fmt::Debug for PrivateNats {
@@ -406,14 +445,27 @@ pub mod testing {
         /// Starts one on `port` (a free one if `None`), and returns once
         /// it accepts connections (within 20 s).
         pub fn start(port: Option<u16>) -> std::io::Result<PrivateNats> {
+            PrivateNats::start_with(port, None)
+        }
+
+        /// [`PrivateNats::start`], admitting only `user` with `password`
+        /// if given.
+        pub fn start_with(
+            port: Option<u16>,
+            credentials: Option<(&str, &str)>,
+        ) -> std::io::Result<PrivateNats> {
             let port = match port {
                 Some(port) => port,
                 None => std::net::TcpListener::bind("127.0.0.1:0")?
                     .local_addr()?
                     .port(),
             };
-            let mut child = Command::new("nats-server")
-                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            let mut command = Command::new("nats-server");
+            command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+            if let Some((user, password)) = credentials {
+                command.args(["--user", user, "--pass", password]);
+            }
+            let mut child = command
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -429,12 +481,20 @@ pub mod testing {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Ok(PrivateNats { child, port })
+            Ok(PrivateNats {
+                child,
+                port,
+                user: credentials.map(|(user, _)| user.to_owned()),
+            })
         }
 
-        /// `nats://127.0.0.1:PORT`.
+        /// `nats://127.0.0.1:PORT`, or `nats://USER@127.0.0.1:PORT` for
+        /// one that admits only its user.
         pub fn url(&self) -> String {
-            format!("nats://127.0.0.1:{}", self.port)
+            match &self.user {
+                Some(user) => format!("nats://{user}@127.0.0.1:{}", self.port),
+                None => format!("nats://127.0.0.1:{}", self.port),
+            }
         }
 
         /// Its process, to measure its CPU.

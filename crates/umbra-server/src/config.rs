@@ -38,8 +38,11 @@ pub struct Config {
     /// this file).
     pub database: PathBuf,
     /// NATS server through which the nodes of a cluster wake each other's
-    /// connections (`nats://host:4222`), when several nodes share a
-    /// PostgreSQL `database`. Default: none (one node).
+    /// connections (`nats://host:4222`, or `nats://user@host:4222` for a
+    /// NATS that admits only that user; its password, or a token for a
+    /// NATS that asks for one, in the environment variable
+    /// `UMBRA_NATS_PASSWORD`, never in this file), when several nodes
+    /// share a PostgreSQL `database`. Default: none (one node).
     pub nats: Option<String>,
     /// Largest size the database may grow to, in bytes (0: as far as the
     /// disk allows). Writes beyond it, like writes on a full disk, are
@@ -245,8 +248,9 @@ max_database_bytes = 0
 # variable UMBRA_DATABASE_PASSWORD, and max_database_bytes stays 0:
 # database = "postgres://umbra@db.internal:5432/umbra"
 # Several nodes on one PostgreSQL database wake each other's connections
-# through NATS (the database stays the only truth; see docs/operations.md):
-# nats = "nats://127.0.0.1:4222"
+# through NATS (the database stays the only truth; see docs/operations.md);
+# a user named here logs in with the password in UMBRA_NATS_PASSWORD:
+# nats = "nats://umbra@127.0.0.1:4222"
 
 # Most bytes of messages one device's mailbox holds while it is away (0: no
 # cap). Messages beyond it are not kept, and the device is told how many it

@@ -184,6 +184,10 @@ pub fn open_store(data_dir: &Path, config: &Config) -> Result<SqliteStore, Serve
 /// configuration file (and so out of backups of the data directory).
 pub const DATABASE_PASSWORD_ENV: &str = "UMBRA_DATABASE_PASSWORD";
 
+/// Environment variable holding the password (or token) this node gives
+/// NATS, kept out of the configuration file as the database's is.
+pub const NATS_PASSWORD_ENV: &str = "UMBRA_NATS_PASSWORD";
+
 /// Opens the store the configuration names: the PostgreSQL database of a
 /// `postgres://` URL (migrating it, one node at a time), or the data
 /// directory's SQLite file.
@@ -247,7 +251,10 @@ pub async fn run(
     }
     let store = connect_store(&data_dir, &config).await?;
     let cluster = match &config.nats {
-        Some(url) => Some(cluster::Cluster::connect(url).await?),
+        Some(url) => {
+            let password = std::env::var(NATS_PASSWORD_ENV).ok();
+            Some(cluster::Cluster::connect(url, password.as_deref()).await?)
+        }
         None => None,
     };
     let delivery_ids =

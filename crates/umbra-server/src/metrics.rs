@@ -79,6 +79,9 @@ pub struct Metrics {
     /// Times every connection read its mailbox because a node asked
     /// (`umbra.v1.poll`; at most one a second).
     pub cluster_polls: Counter,
+    /// Whether NATS is connected, read at each scrape (a node of a
+    /// cluster only).
+    pub nats_connected: Gauge,
     /// Copies waiting in the mailboxes (the ack window's included), and
     /// their bytes: read from the store at each scrape.
     pub mailbox_copies: Gauge,
@@ -160,6 +163,12 @@ impl Default for Metrics {
             "When the TLS certificate presented expires (Unix time)",
             tls_expiry.clone(),
         );
+        let nats_connected = Gauge::default();
+        registry.register(
+            "nats_connected",
+            "Whether this node is connected to the cluster's NATS (1) or not (0: its connections poll meanwhile; always 0 on a node without NATS)",
+            nats_connected.clone(),
+        );
         let cluster_polls = Counter::default();
         registry.register(
             "cluster_polls",
@@ -237,6 +246,7 @@ impl Default for Metrics {
             request_seconds,
             tls_expiry,
             cluster_polls,
+            nats_connected,
             mailbox_copies,
             mailbox_bytes,
             ack_window_seconds,
@@ -415,6 +425,9 @@ async fn read_store(services: &Services) {
         metrics
             .mailbox_bytes
             .set(i64::try_from(depth.bytes).unwrap_or(i64::MAX));
+    }
+    if let Some(cluster) = services.registry.cluster() {
+        metrics.nats_connected.set(i64::from(cluster.connected()));
     }
     if let Some(window) = services.store.ack_window() {
         metrics.ack_window_seconds.set(window.width.as_secs_f64());

@@ -694,6 +694,7 @@ pub(crate) fn commit(
         commit: body.to_vec(),
         welcome: (!added.is_empty()).then(|| b"welcome".to_vec()),
         added: added.iter().map(|a| one(a)).collect(),
+        adds: added.iter().map(|a| one(a)).collect(),
         removed: removed.iter().map(|a| one(a)).collect(),
         public_state: state_at(epoch.saturating_add(1)),
         group_info: info_at(epoch.saturating_add(1)),
@@ -1224,10 +1225,13 @@ async fn revocation(store: &impl Store) {
     );
 }
 
-/// A commit checked by the server while the devices it adds were current,
-/// stored after one was removed or its line revoked: refused, nothing of it
-/// kept (the removal's and revocation's notices went out before the leaf
-/// was in the group, so nobody would ever take it out).
+/// A commit checked by the server while the devices its Adds bring in
+/// were current, stored after one was removed or its line revoked: refused,
+/// nothing of it kept (the removal's and revocation's notices went out
+/// before the leaf was in the group, so nobody would ever take it out). A
+/// leaf of a revoked line that stayed in the tree (the revocation was not
+/// the line's own signed one, so members do not take it out on the
+/// server's word) is no Add: commits that keep it go on being accepted.
 async fn commits_add_only_current_devices(store: &impl Store) {
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
@@ -1239,18 +1243,24 @@ async fn commits_add_only_current_devices(store: &impl Store) {
         .create_group(&g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
         .await
         .unwrap();
+    store
+        .accept_commit(
+            &commit(&g, 0, &alice, b"add", &[&carol], &[]),
+            NOW,
+            NOW + TTL,
+        )
+        .await
+        .unwrap();
+    let remove_two = entry(
+        2,
+        DeviceChange::Remove {
+            device: DeviceId(2),
+        },
+    );
     for (seq, change) in [
         (0, add_device(0, 1)),
         (1, add_device(1, 2)),
-        (
-            2,
-            entry(
-                2,
-                DeviceChange::Remove {
-                    device: DeviceId(2),
-                },
-            ),
-        ),
+        (2, remove_two),
     ] {
         assert!(
             store
@@ -1266,7 +1276,8 @@ async fn commits_add_only_current_devices(store: &impl Store) {
     };
     let adds_bob_two = CommitRecord {
         added: vec![one(&bob), bob_two.clone()],
-        ..commit(&g, 0, &alice, b"add", &[], &[])
+        adds: vec![one(&bob), bob_two.clone()],
+        ..commit(&g, 1, &alice, b"add", &[&bob], &[])
     };
     assert_eq!(
         store
@@ -1275,22 +1286,11 @@ async fn commits_add_only_current_devices(store: &impl Store) {
             .unwrap(),
         CommitOutcome::AddsFormerDevice { device: bob_two }
     );
-    store.revoke(&carol, None, NOW, NOW + TTL).await.unwrap();
-    assert_eq!(
-        store
-            .accept_commit(
-                &commit(&g, 0, &alice, b"add", &[&bob, &carol], &[]),
-                NOW,
-                NOW + TTL
-            )
-            .await
-            .unwrap(),
-        CommitOutcome::AddsFormerDevice {
-            device: one(&carol)
-        }
-    );
     let state = store.group(&g).await.unwrap().unwrap();
-    assert_eq!((state.epoch, state.members), (0, vec![one(&alice)]));
+    assert_eq!(
+        (state.epoch, state.members),
+        (1, vec![one(&alice), one(&carol)])
+    );
     assert!(
         store
             .pending(&one(&bob), 0, 10, NOW)
@@ -1300,14 +1300,40 @@ async fn commits_add_only_current_devices(store: &impl Store) {
             .all(|d| d.kind != DeliveryKind::Welcome),
         "no Welcome for a refused commit"
     );
-    // The same commit without the former devices is accepted.
-    assert!(matches!(
+
+    // Carol's line ends by the distributor's word: her leaf stays in the
+    // tree, so the server derives it as added by every commit keeping it.
+    store.revoke(&carol, None, NOW, NOW + TTL).await.unwrap();
+    let keeps_carol = CommitRecord {
+        added: vec![one(&bob), one(&carol)],
+        ..commit(&g, 1, &alice, b"add", &[&bob], &[])
+    };
+    let outcome = store
+        .accept_commit(&keeps_carol, NOW, NOW + TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        CommitOutcome::Accepted {
+            epoch: 2,
+            recipients: vec![one(&bob)]
+        }
+    );
+    // An Add of her device, checked before her line ended, is refused.
+    let adds_carol = CommitRecord {
+        added: vec![one(&carol)],
+        adds: vec![one(&carol)],
+        ..commit(&g, 2, &alice, b"update", &[], &[])
+    };
+    assert_eq!(
         store
-            .accept_commit(&commit(&g, 0, &alice, b"add", &[&bob], &[]), NOW, NOW + TTL)
+            .accept_commit(&adds_carol, NOW, NOW + TTL)
             .await
             .unwrap(),
-        CommitOutcome::Accepted { epoch: 1, .. }
-    ));
+        CommitOutcome::AddsFormerDevice {
+            device: one(&carol)
+        }
+    );
 }
 
 /// Entries are kept in order, per account; a position is taken once; the

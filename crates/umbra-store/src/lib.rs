@@ -446,6 +446,13 @@ pub struct CommitRecord {
     /// the validated commit (never as a client declared them).
     pub added: Vec<DeviceAddr>,
     pub removed: Vec<DeviceAddr>,
+    /// The devices the commit's Add proposals bring in, each checked by
+    /// the server to be current. Not `added`: a leaf of a line revoked
+    /// without its own signature stays in the tree (members do not take
+    /// it out on the server's word) and is in `added` of every commit
+    /// that keeps it. The store refuses the commit if one of these is no
+    /// longer current ([`CommitOutcome::AddsFormerDevice`]).
+    pub adds: Vec<DeviceAddr>,
     /// The group's public state after the commit.
     pub public_state: Vec<u8>,
     /// The GroupInfo of the epoch it starts, checked against that state.
@@ -478,9 +485,10 @@ pub enum CommitOutcome {
     },
     UnknownGroup,
     NotAMember,
-    /// A device the commit adds is no longer one of its account's current
-    /// devices: removed, or its line ended, after the server checked the
-    /// commit and before it came to be stored. Nothing is stored; the
+    /// A device the commit's Adds bring in (`CommitRecord::adds`) is no
+    /// longer one of its account's current devices: removed, or its line
+    /// ended, after the server checked the commit and before it came to be
+    /// stored. Nothing is stored; the
     /// group stays at its epoch (its members would never be told to take
     /// the leaf out: the device's removal or the line's revocation was
     /// announced before it was in the group).

@@ -457,9 +457,6 @@ async fn postgres_acknowledgements_lock_heads_before_reading_copies() {
     }
 }
 
-/// A commit on a group two nodes' fan-outs never leave alone is served
-/// in its turn, not starved until its time limit (14 s, then refused,
-/// before the groups' turns).
 /// A line sending from sixteen connections on two nodes is revoked in its
 /// turn, not held off by its own sends until the revocation's time limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,6 +506,9 @@ async fn postgres_a_group_turn_is_the_group_own() {
     assert!(took < Duration::from_secs(5), "the commit waited {took:?}");
 }
 
+/// A commit on a group two nodes' fan-outs never leave alone is served
+/// in its turn, not starved until its time limit (14 s, then refused,
+/// before the groups' turns).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_commit_amid_fan_outs_gets_its_turn() {
     let pg = server();

@@ -420,14 +420,7 @@ pub async fn counter(address: SocketAddr, name: &str) -> u64 {
 /// The value of `series` (a metric's full name, with its labels) in the
 /// metrics of the server whose metrics listener is at `address`.
 pub async fn sample(address: SocketAddr, series: &str) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: umbra\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
+    let text = scrape(address).await.unwrap();
     let line = format!("{series} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&line))
@@ -435,6 +428,19 @@ pub async fn sample(address: SocketAddr, series: &str) -> u64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+/// The metrics text of the server whose metrics listener is at `address`
+/// (an error if it does not listen, yet or any more).
+pub async fn scrape(address: SocketAddr) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: umbra\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text)
 }
 
 /// A one-time activation string from the server whose data is at `data`,
@@ -475,6 +481,15 @@ impl ServerProcess {
     /// Starts the server on `data` (initialised if new) on a free loopback
     /// port, or on `address` again; returns once it accepts connections.
     pub async fn start(data: &Path, address: Option<SocketAddr>) -> ServerProcess {
+        ServerProcess::start_with_env(data, address, &[]).await
+    }
+
+    /// [`ServerProcess::start`] with these environment variables set.
+    pub async fn start_with_env(
+        data: &Path,
+        address: Option<SocketAddr>,
+        env: &[(&str, &str)],
+    ) -> ServerProcess {
         let address = address.unwrap_or_else(|| {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             probe.local_addr().unwrap()
@@ -487,6 +502,7 @@ impl ServerProcess {
             .env("UMBRA_LISTEN", address.to_string())
             .env("UMBRA_PUBLIC_ADDRESS", address.to_string())
             .env("UMBRA_LOG", "warn")
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .spawn()

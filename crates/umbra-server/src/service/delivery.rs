@@ -37,11 +37,11 @@ impl Services {
         if commit.epoch > group.epoch {
             return Err(stale(commit.epoch, group.epoch));
         }
-        let (added, removed, public_state, group_info) = if commit.epoch < group.epoch {
+        let (added, adds, removed, public_state, group_info) = if commit.epoch < group.epoch {
             // Too old to validate: the store answers a resubmission of the
             // commit it accepted for that epoch as accepted, anything else
             // as stale, and never applies it (the epoch only moves on).
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new())
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new())
         } else {
             let before = group.members.clone();
             let (valid, public_state) = crate::handshake::validate_commit(
@@ -109,7 +109,14 @@ impl Services {
                 .filter(|leaf| !valid.members.contains(leaf))
                 .cloned()
                 .collect();
-            (added, removed, public_state, commit.group_info)
+            // What its Adds bring in, each checked current above: the
+            // store checks them again where nothing can come between.
+            let adds = valid
+                .added
+                .iter()
+                .map(|member| DeviceAddr::new(member.account.clone(), member.device))
+                .collect();
+            (added, adds, removed, public_state, commit.group_info)
         };
         let now = self.now();
         let delivery_key = commit.delivery_key;
@@ -122,6 +129,7 @@ impl Services {
             commit: commit.commit,
             welcome: commit.welcome,
             added,
+            adds,
             removed,
             public_state,
             group_info,

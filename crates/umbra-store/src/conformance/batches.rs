@@ -770,7 +770,12 @@ async fn amid_sends<T>(
         }
     });
     let timed = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while sent.load(Ordering::SeqCst) < 500 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the senders stopped before 500 sends"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let started = std::time::Instant::now();

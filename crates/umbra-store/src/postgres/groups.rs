@@ -9,7 +9,7 @@ use umbra_proto::tokens::DELIVERY_KEY_BYTES;
 use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, GroupId};
 
 use super::batch::FanOut;
-use super::mailboxes::{Copy, lock_heads_of};
+use super::mailboxes::{Copy, is_current, lock_heads_of};
 use super::turns::{LINE_SHARED, LINES_SHARED, Turn, turns};
 use super::{Failure, PgStore, big, device_addr, transaction, unsigned};
 use crate::Sender;
@@ -492,7 +492,7 @@ impl PgStore {
         // a former device (below). Without, a line revoked meanwhile kept
         // its new leaf's membership, and the group's members were never
         // told.
-        let mut lines: Vec<&str> = commit.added.iter().map(|a| a.account.as_str()).collect();
+        let mut lines: Vec<&str> = commit.adds.iter().map(|a| a.account.as_str()).collect();
         lines.sort_unstable();
         lines.dedup();
         lock_lines(tx, &lines).await?;
@@ -527,16 +527,10 @@ impl PgStore {
                 current_epoch: current,
             });
         }
-        let before = routable(tx, group).await?;
-        let new: Vec<DeviceAddr> = commit
-            .added
-            .iter()
-            .filter(|a| !before.contains(a))
-            .cloned()
-            .collect();
-        if let Some(device) = first_former(tx, &new).await? {
+        if let Some(device) = first_former(tx, &commit.adds).await? {
             return Ok(CommitOutcome::AddsFormerDevice { device });
         }
+        let before = routable(tx, group).await?;
         let (accounts, devices) = columns(&commit.removed);
         tx.execute(
             "DELETE FROM group_members m USING unnest($2::text[], $3::bigint[]) AS t(a, d)
@@ -583,7 +577,9 @@ impl PgStore {
         let mut welcomed = Vec::new();
         if commit.welcome.is_some() {
             for added in commit.added.iter().filter(|a| !before.contains(a)) {
-                if !welcomed.contains(added) {
+                // A leaf left in the tree by a line that ended (or a
+                // removed device) gets nothing: no one would read it.
+                if is_current(tx, added).await? && !welcomed.contains(added) {
                     welcomed.push(added.clone());
                 }
             }

@@ -63,7 +63,7 @@ pub(super) fn turns(of: Turn, chosen: &str, shared: bool) -> String {
 /// which hashes a length first, never these domains.
 fn turn_key(domain: &str, id: &str) -> String {
     format!(
-        "('x' || encode(substr(sha256('\\x{domain}'::bytea || {id}), 1, 8), 'hex'))::bit(64)::bigint"
+        "('x' || encode(substr(sha256(decode('{domain}', 'hex') || {id}), 1, 8), 'hex'))::bit(64)::bigint"
     )
 }
 

@@ -1925,7 +1925,7 @@ impl Groups for SqliteStore {
             let before = routable(tx, &commit.group_id)?;
             // Checked again here, where no removal or revocation can come
             // between the check and the leaf's membership.
-            for added in commit.added.iter().filter(|a| !before.contains(a)) {
+            for added in &commit.adds {
                 if !devices::is_current(tx, added)? {
                     return Ok(CommitOutcome::AddsFormerDevice {
                         device: added.clone(),
@@ -1987,6 +1987,11 @@ impl Groups for SqliteStore {
             }
             if let Some(welcome) = &commit.welcome {
                 for added in commit.added.iter().filter(|a| !before.contains(a)) {
+                    // A leaf left in the tree by a line that ended (or a
+                    // removed device) gets nothing: no one would read it.
+                    if !devices::is_current(tx, added)? {
+                        continue;
+                    }
                     enqueue(
                         tx,
                         added,
