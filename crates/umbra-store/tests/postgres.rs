@@ -467,11 +467,47 @@ async fn postgres_revocation_amid_own_sends_gets_its_turn() {
         PgStore::connect(&url, StoreLimits::default()),
         PgStore::connect(&url, StoreLimits::default())
     );
-    let took = conformance::batches::revocation_amid_own_sends(&a.unwrap(), &b.unwrap()).await;
+    let took = conformance::batches::line_change_amid_own_sends(
+        &a.unwrap(),
+        &b.unwrap(),
+        umbra_store::LineStatus::Revoked,
+    )
+    .await;
     assert!(
         took < Duration::from_secs(5),
         "the revocation waited {took:?}"
     );
+    assert!(!pg.log().contains("deadlock detected"), "{}", pg.log());
+}
+
+/// A line sending from sixteen connections on two nodes is suspended in
+/// its turn, and one whose lines a stranger names from sixteen connections
+/// is revoked in its turn (neither waits until its time limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_line_changes_amid_others_get_their_turn() {
+    let pg = server();
+    for change in 0..2 {
+        let url = pg.create_database().await.unwrap();
+        let (a, b) = tokio::join!(
+            PgStore::connect(&url, StoreLimits::default()),
+            PgStore::connect(&url, StoreLimits::default())
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let took = if change == 0 {
+            conformance::batches::line_change_amid_own_sends(
+                &a,
+                &b,
+                umbra_store::LineStatus::Suspended,
+            )
+            .await
+        } else {
+            conformance::batches::revocation_amid_a_strangers_answers(&a, &b).await
+        };
+        assert!(
+            took < Duration::from_secs(5),
+            "change {change} waited {took:?}"
+        );
+    }
     assert!(!pg.log().contains("deadlock detected"), "{}", pg.log());
 }
 

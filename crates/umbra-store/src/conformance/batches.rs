@@ -740,41 +740,38 @@ pub async fn commits_and_revocations_race_batches(a: &PgStore, b: &PgStore, url:
     );
 }
 
-/// Runs `act` once sixteen senders on two nodes (`a` and `b`) are sending
-/// to `g` at full speed (every third as `first`, the others as `second`),
-/// each until it is refused or `act` ends; returns what `act` returned
+/// Runs `act` once sixteen loops on two nodes (`a` and `b`) are running
+/// `each` (given its node and its number) at full speed, each loop until
+/// `each` says it was refused or `act` ends; returns what `act` returned
 /// and how long it took.
-async fn amid_sends<T>(
-    a: &PgStore,
-    b: &PgStore,
-    g: &GroupId,
-    [first, second]: [&AccountId; 2],
+async fn amid<'s, T, F, Fut>(
+    a: &'s PgStore,
+    b: &'s PgStore,
+    each: F,
     act: impl std::future::Future<Output = T>,
-) -> (T, std::time::Duration) {
+) -> (T, std::time::Duration)
+where
+    F: Fn(&'s PgStore, usize) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let stop = AtomicBool::new(false);
-    let sent = AtomicU64::new(0);
-    let senders = (0..16).map(|k| {
+    let done = AtomicU64::new(0);
+    let loops = (0..16).map(|k| {
         let store = if k % 2 == 0 { a } else { b };
-        let who = if k % 3 == 0 { first } else { second };
-        let (stop, sent) = (&stop, &sent);
+        let (stop, done, each) = (&stop, &done, &each);
         async move {
-            while !stop.load(Ordering::SeqCst) {
-                match send(store, g, who, b"busy", 1).await {
-                    FanOutOutcome::Stored { .. } => {
-                        sent.fetch_add(1, Ordering::SeqCst);
-                    }
-                    _ => break,
-                }
+            while !stop.load(Ordering::SeqCst) && each(store, k).await {
+                done.fetch_add(1, Ordering::SeqCst);
             }
         }
     });
     let timed = async {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while sent.load(Ordering::SeqCst) < 500 {
+        while done.load(Ordering::SeqCst) < 500 {
             assert!(
                 std::time::Instant::now() < deadline,
-                "the senders stopped before 500 sends"
+                "the loops stopped before 500 rounds"
             );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
@@ -784,8 +781,29 @@ async fn amid_sends<T>(
         stop.store(true, Ordering::SeqCst);
         (outcome, took)
     };
-    let (_, timed) = tokio::join!(futures_util::future::join_all(senders), timed);
+    let (_, timed) = tokio::join!(futures_util::future::join_all(loops), timed);
     timed
+}
+
+/// [`amid`] sixteen senders sending to `g` (every third as `first`, the
+/// others as `second`), each until it is refused.
+async fn amid_sends<T>(
+    a: &PgStore,
+    b: &PgStore,
+    g: &GroupId,
+    [first, second]: [&AccountId; 2],
+    act: impl std::future::Future<Output = T>,
+) -> (T, std::time::Duration) {
+    let each = |store, k: usize| {
+        let who = if k.is_multiple_of(3) { first } else { second };
+        async move {
+            matches!(
+                send(store, g, who, b"busy", 1).await,
+                FanOutOutcome::Stored { .. }
+            )
+        }
+    };
+    amid(a, b, each, act).await
 }
 
 /// A commit on a group that sixteen senders on two nodes keep sending to,
@@ -858,28 +876,62 @@ where
 }
 
 /// A line whose devices send from sixteen connections on two nodes at
-/// once, some send holding the line's row at every moment, is revoked: the
-/// revocation gets its turn (see `postgres/turns.rs`) and ends the line;
+/// once, some send holding the line's row at every moment, is revoked or
+/// suspended (`to`): the change gets its turn (see `postgres/turns.rs`);
 /// returns how long it took. (With row locks alone the line's own sends
-/// held its revocation off until the revocation's time limit.)
-pub async fn revocation_amid_own_sends(a: &PgStore, b: &PgStore) -> std::time::Duration {
+/// held it off until its time limit.)
+pub async fn line_change_amid_own_sends(
+    a: &PgStore,
+    b: &PgStore,
+    to: LineStatus,
+) -> std::time::Duration {
     let (g, [alice, _bob, _carol]) = keyed_group_of_three(a, None).await;
-    let (told, took) = amid_sends(
-        a,
-        b,
-        &g,
-        [&alice, &alice],
-        crate::Accounts::revoke(a, &alice, None, NOW, NOW + TTL),
-    )
-    .await;
-    assert!(told.is_ok(), "{told:?} after {took:?}");
-    assert_eq!(
-        crate::Accounts::account(a, &alice)
-            .await
-            .unwrap()
-            .unwrap()
-            .status,
-        LineStatus::Revoked
-    );
+    let change = async {
+        match to {
+            LineStatus::Revoked => crate::Accounts::revoke(a, &alice, None, NOW, NOW + TTL)
+                .await
+                .map(drop),
+            _ => crate::Distributors::set_line_status(a, &alice, to).await,
+        }
+    };
+    let (done, took) = amid_sends(a, b, &g, [&alice, &alice], change).await;
+    changed(a, &alice, done, took, to).await
+}
+
+/// Checks that a change of `line` to `status` succeeded (`done`, after
+/// `took`) and holds; returns `took`.
+async fn changed<T: std::fmt::Debug>(
+    store: &PgStore,
+    line: &AccountId,
+    done: crate::Result<T>,
+    took: std::time::Duration,
+    status: LineStatus,
+) -> std::time::Duration {
+    assert!(done.is_ok(), "{done:?} after {took:?}");
+    let account = crate::Accounts::account(store, line)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(account.status, status);
     took
+}
+
+/// A stranger's line answering a contact request of Alice's from sixteen
+/// connections on two nodes, over and over (any line may name any other
+/// here), does not hold Alice's revocation off: it gets her line's turn;
+/// returns how long it took.
+pub async fn revocation_amid_a_strangers_answers(a: &PgStore, b: &PgStore) -> std::time::Duration {
+    let alice = registered(a, "AAAAAAAA", 1).await;
+    let mallory = registered(a, "MMMMMMMM", 4).await;
+    let each = |store, _| {
+        let (alice, mallory) = (&alice, &mallory);
+        async move {
+            crate::Contacts::decline_contact(store, mallory, alice)
+                .await
+                .is_ok()
+        }
+    };
+    let revocation = crate::Accounts::revoke(a, &alice, None, NOW, NOW + TTL);
+    let (told, took) = amid(a, b, each, revocation).await;
+    changed(a, &alice, told, took, LineStatus::Revoked).await
 }

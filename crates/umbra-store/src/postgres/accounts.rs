@@ -11,6 +11,7 @@ use super::groups::lock_groups_where;
 use super::mailboxes::{
     Copy, close_mailboxes, current_devices, delete_mail, lock_heads_where, open_mailbox,
 };
+use super::turns::lock_line;
 use super::{Failure, PgStore, account_id, big, group_id, transaction, unsigned};
 use crate::{
     Account, Accounts, CodeHash, CodeKind, DAY, Distributor, Distributors, LineStatus, Notice,
@@ -212,6 +213,7 @@ impl Accounts for PgStore {
 
     async fn set_wipe_key(&self, id: &AccountId, key: &IdentityKey) -> Result<()> {
         transaction!(self, tx => {
+            lock_line(&tx, id.as_str()).await?;
             tx.execute(
                 "UPDATE accounts SET wipe_key = $2 WHERE account_id = $1 AND wipe_key IS NULL",
                 &[&id.as_str(), &&key.as_bytes()[..]],
@@ -232,6 +234,9 @@ impl Accounts for PgStore {
             return Ok(None);
         };
         transaction!(self, tx => {
+            // The line's turn first: a stolen device sending from many
+            // connections must not hold its own wipe off.
+            lock_line(&tx, notice.recipient.as_str()).await?;
             let newer = tx
                 .execute(
                     "UPDATE accounts SET last_wipe_issued_at = $2, last_wipe_command = $3
@@ -269,6 +274,7 @@ impl Accounts for PgStore {
 
     async fn touch(&self, id: &AccountId, day: u64) -> Result<()> {
         transaction!(self, tx => {
+            lock_line(&tx, id.as_str()).await?;
             tx.execute(
                 "UPDATE accounts SET last_seen_day = $2 WHERE account_id = $1",
                 &[&id.as_str(), &big(day)],
@@ -475,6 +481,7 @@ impl Distributors for PgStore {
 
     async fn set_line_status(&self, account: &AccountId, status: LineStatus) -> Result<()> {
         transaction!(self, tx => {
+            lock_line(&tx, account.as_str()).await?;
             tx.execute(
                 "UPDATE accounts SET status = $2 WHERE account_id = $1 AND status <> 'revoked'",
                 &[&account.as_str(), &status.as_str()],

@@ -7,6 +7,7 @@ use umbra_proto::{AccountId, DeliveryKind, DeviceAddr, DeviceChange, DeviceEntry
 use super::accounts::add_device;
 use super::groups::lock_groups_where;
 use super::mailboxes::{Copy, close_mailboxes, current_devices, delete_mail, lock_heads_where};
+use super::turns::{LINES_KEY_SHARED, lock_line};
 use super::{Failure, PgStore, big, group_id, lock_key, transaction, unsigned};
 use crate::{
     ContactAcceptOutcome, ContactRequestOutcome, Contacts, DeviceLogs, Result, StoreError,
@@ -14,10 +15,6 @@ use crate::{
 };
 
 type Tx<'a> = Transaction<'a>;
-
-/// An account's row locked to append to its device log.
-static LINE_ALONE: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| super::turns::line_alone("1"));
 
 /// The row between `a` and `b`, in either direction: its requester,
 /// whether accepted, and whether declined. With `lock`, the pair is
@@ -74,7 +71,8 @@ pub(super) async fn delete_contacts(
     Ok(())
 }
 
-/// Locks the rows of lines `a` and `b` (shared, in sorted order): a
+/// Locks the rows of lines `a` and `b` (their turns shared, then the rows
+/// key-shared, in sorted order): a
 /// contact's transaction takes them before anything else, as every
 /// transaction takes lines first, so a revocation holding one is waited
 /// for here rather than met half way (inserting a contact row takes them
@@ -85,12 +83,7 @@ async fn lock_pair(
     a: &AccountId,
     b: &AccountId,
 ) -> std::result::Result<bool, Failure> {
-    let statement = tx
-        .prepare_cached(
-            "SELECT status FROM accounts WHERE account_id = ANY($1::text[])
-             ORDER BY account_id FOR KEY SHARE",
-        )
-        .await?;
+    let statement = tx.prepare_cached(&LINES_KEY_SHARED).await?;
     let rows = tx
         .query(&statement, &[&vec![a.as_str(), b.as_str()]])
         .await?;
@@ -288,8 +281,7 @@ impl DeviceLogs for PgStore {
         transaction!(self, tx => {
             // The account's row, locked (its turn first), orders appends
             // from several nodes.
-            let statement = tx.prepare_cached(&LINE_ALONE).await?;
-            tx.execute(&statement, &[&account.as_str()]).await?;
+            lock_line(&tx, account.as_str()).await?;
             let next: i64 = tx
                 .query_one(
                     "SELECT COALESCE(MAX(seq) + 1, 0) FROM device_log WHERE account_id = $1",

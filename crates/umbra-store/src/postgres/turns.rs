@@ -5,8 +5,11 @@
 //! whatever moves the epoch or the members (a commit, a proposal, a
 //! revocation, a device removed) takes it alone. A line's turn comes
 //! before the line's row in `accounts`: sends share it (the sender's line,
-//! a commit's added lines), and whatever changes the line (a revocation,
-//! a lapsed line's end, a renewal, a device log's append) takes it alone.
+//! a commit's added lines, a contact's two lines), and whatever changes
+//! the line's row (a revocation, a lapsed line's end, a suspension, a
+//! renewal, a device log's append, a wipe command, the day it was seen)
+//! takes it alone. (A line's own KeyPackage uploads and blob creations
+//! lock its row without a turn: they can delay only its own changes.)
 //!
 //! PostgreSQL queues advisory locks fairly: once a commit waits, the
 //! fan-outs that come after wait behind it. Row locks are not fair: a
@@ -85,6 +88,30 @@ pub(super) static LINES_SHARED: LazyLock<String> = LazyLock::new(|| {
         turns(Turn::Line, "SELECT unnest($1::text[]) AS account_id", true)
     )
 });
+
+/// A contact's read of its two lines (`$1`), their turns shared and rows
+/// locked `FOR KEY SHARE` (all a contact row's foreign keys need): any line
+/// may name any other here, and must not hold off its revocation.
+pub(super) static LINES_KEY_SHARED: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {} SELECT status FROM accounts
+         WHERE (SELECT COUNT(*) FROM turns) >= 0 AND account_id = ANY($1::text[])
+         ORDER BY account_id FOR KEY SHARE",
+        turns(Turn::Line, "SELECT unnest($1::text[]) AS account_id", true)
+    )
+});
+
+/// The row of the line `account`, locked to change it, its turn taken
+/// alone first (what any statement changing the line's row takes first).
+pub(super) async fn lock_line(
+    tx: &deadpool_postgres::Transaction<'_>,
+    account: &str,
+) -> std::result::Result<(), super::Failure> {
+    static LOCK: LazyLock<String> = LazyLock::new(|| line_alone("1"));
+    let statement = tx.prepare_cached(&LOCK).await?;
+    tx.execute(&statement, &[&account]).await?;
+    Ok(())
+}
 
 /// The line `$1`'s row with `columns`, locked to change it, its turn taken
 /// alone first.
