@@ -290,12 +290,12 @@ async fn nats_connected_within(metrics: std::net::SocketAddr, within: Duration) 
     }
 }
 
-/// A NATS that admits only the cluster's user: a node given its password
-/// (`UMBRA_NATS_PASSWORD`, the user named in `nats`) logs in and routes;
-/// one given another is refused, and its connections poll meanwhile
-/// (nothing lost); given the right one, it logs in too. (Before, a node
-/// could not log in to a NATS that asked for credentials at all, so NATS
-/// had to admit anyone who could reach it.)
+/// A NATS that admits only the cluster's user: nodes given its password
+/// (`UMBRA_NATS_PASSWORD`, the user named in `nats`) log in and route; a
+/// node given another is refused, and its connections poll meanwhile
+/// (what is sent to its devices still comes); given the right one again,
+/// it logs in. (Before, a node could not log in to a NATS that asked for
+/// credentials at all, so NATS had to admit anyone who could reach it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_log_in_to_nats_with_the_cluster_password() {
     let pg = PrivatePostgres::start(false).unwrap();
@@ -310,21 +310,31 @@ async fn nodes_log_in_to_nats_with_the_cluster_password() {
     use_metrics(&a, metrics_a);
     use_metrics(&b, metrics_b);
     let right = [("UMBRA_NATS_PASSWORD", password.as_str())];
+    let wrong = [("UMBRA_NATS_PASSWORD", "not the password")];
     let node_a = common::ServerProcess::start_with_env(&a, None, &right).await;
+    let node_b = common::ServerProcess::start_with_env(&b, None, &right).await;
     let started = tokio::time::Instant::now();
     assert!(nats_connected_within(metrics_a, common::PATIENCE).await);
+    assert!(nats_connected_within(metrics_b, common::PATIENCE).await);
     let took = started.elapsed();
-    let wrong = [("UMBRA_NATS_PASSWORD", "not the password")];
-    let node_b = common::ServerProcess::start_with_env(&b, None, &wrong).await;
+
+    // Alice on A, Bob on B, live both ways.
+    let mut alice = Device::activate_untimed(&node_a.activation().await, options()).await;
+    let mut bob = Device::activate_untimed(&node_b.activation().await, options()).await;
+    let (to_bob, to_alice) = common::befriend(&mut alice, &mut bob).await;
+
+    // B again with a wrong password: refused (for ten times as long as the
+    // logins took, at least 3 s, its metrics answering), and what Alice
+    // sends Bob still comes, found by B's polling.
+    let address_b = node_b.address;
+    drop(node_b);
+    let node_b = common::ServerProcess::start_with_env(&b, Some(address_b), &wrong).await;
     assert!(
         !nats_connected_within(metrics_b, (took * 10).max(Duration::from_secs(3))).await,
         "a node with the wrong password is not let in"
     );
-
-    // Alice on A, Bob on B (polling): everything still arrives.
-    let mut alice = Device::activate_untimed(&node_a.activation().await, options()).await;
-    let mut bob = Device::activate_untimed(&node_b.activation().await, options()).await;
-    let (to_bob, to_alice) = common::befriend(&mut alice, &mut bob).await;
+    assert_eq!(common::sample(metrics_b, "umbra_nats_connected").await, 0);
+    let mut bob = bob.reopen().await;
     alice
         .client
         .send_text(&to_bob, "to a node that polls")
@@ -335,14 +345,15 @@ async fn nodes_log_in_to_nats_with_the_cluster_password() {
         (alice.id(), "to a node that polls".into())
     );
 
-    // B again, with the password: in, and live both ways.
-    let address_b = node_b.address;
+    // B again with the password: in, and live both ways.
     drop(node_b);
     let node_b = common::ServerProcess::start_with_env(&b, Some(address_b), &right).await;
     assert!(nats_connected_within(metrics_b, common::PATIENCE).await);
-    let bob = bob.reopen().await;
+    let mut bob = bob.reopen().await;
     bob.client.send_text(&to_alice, "and back").await.unwrap();
     assert_eq!(alice.next_text().await, (bob.id(), "and back".into()));
+    alice.client.send_text(&to_bob, "and there").await.unwrap();
+    assert_eq!(bob.next_text().await, (alice.id(), "and there".into()));
     drop((alice, bob, node_a, node_b, nats));
 }
 

@@ -154,9 +154,12 @@ impl Cluster {
         let options = match (address.username(), password) {
             (Some(user), Some(password)) => async_nats::ConnectOptions::new()
                 .user_and_password(user.to_owned(), password.to_owned()),
-            (Some(user), None) => {
+            // (The user is not repeated: a token written where NATS's
+            // own tools put it, `nats://TOKEN@host`, reads as one.)
+            (Some(_), None) => {
                 return Err(ClusterError(format!(
-                    "the address names the user {user:?}: give its password in {}",
+                    "the address names a user: give its password in {} (or, for a token, \
+                     leave the address without one and give the token there)",
                     crate::NATS_PASSWORD_ENV
                 )));
             }

@@ -249,7 +249,8 @@ pub async fn run(
                 .into(),
         )));
     }
-    let store = connect_store(&data_dir, &config).await?;
+    // NATS first: a wrong address is refused before the database is
+    // touched (connecting does not wait for NATS to answer).
     let cluster = match &config.nats {
         Some(url) => {
             let password = std::env::var(NATS_PASSWORD_ENV).ok();
@@ -257,6 +258,7 @@ pub async fn run(
         }
         None => None,
     };
+    let store = connect_store(&data_dir, &config).await?;
     let delivery_ids =
         delivery_ids::PublicIds::load_or_create(&data_dir).map_err(|source| ServerError::Io {
             context: format!(

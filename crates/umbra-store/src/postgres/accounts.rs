@@ -22,7 +22,7 @@ type Tx<'a> = Transaction<'a>;
 
 /// An account's row locked to change it (see [`account_row`]).
 static LINE_ALONE: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| super::turns::line_alone(ACCOUNT_COLUMNS));
+    std::sync::LazyLock::new(|| super::turns::line_alone(ACCOUNT_COLUMNS, "UPDATE"));
 
 const ACCOUNT_COLUMNS: &str = "account_id, identity_key, created_at, subscription_expires_at,
      wipe_key, status, distributor_id, last_seen_day, last_wipe_command";

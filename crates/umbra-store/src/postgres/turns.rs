@@ -107,18 +107,20 @@ pub(super) async fn lock_line(
     tx: &deadpool_postgres::Transaction<'_>,
     account: &str,
 ) -> std::result::Result<(), super::Failure> {
-    static LOCK: LazyLock<String> = LazyLock::new(|| line_alone("1"));
+    static LOCK: LazyLock<String> = LazyLock::new(|| line_alone("1", "NO KEY UPDATE"));
     let statement = tx.prepare_cached(&LOCK).await?;
     tx.execute(&statement, &[&account]).await?;
     Ok(())
 }
 
-/// The line `$1`'s row with `columns`, locked to change it, its turn taken
+/// The line `$1`'s row with `columns`, locked (`strength`: `UPDATE` to
+/// delete what hangs on it, `NO KEY UPDATE` to change it, which leaves the
+/// line's own KeyPackage uploads, key-sharing it, alone), its turn taken
 /// alone first.
-pub(super) fn line_alone(columns: &str) -> String {
+pub(super) fn line_alone(columns: &str, strength: &str) -> String {
     format!(
         "WITH {} SELECT {columns} FROM accounts
-         WHERE (SELECT COUNT(*) FROM turns) >= 0 AND account_id = $1 FOR UPDATE",
+         WHERE (SELECT COUNT(*) FROM turns) >= 0 AND account_id = $1 FOR {strength}",
         turns(Turn::Line, "SELECT $1::text AS account_id", false)
     )
 }
