@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use umbra_proto::GroupId;
 use umbra_store::postgres::PgStore;
-use umbra_store::postgres::testing::{PrivatePostgres, commit_in_progress, query};
+use umbra_store::postgres::testing::{
+    PrivatePostgres, commit_in_progress, line_change_in_progress, query,
+};
 use umbra_store::{Accounts, Mailboxes, StoreError, StoreLimits, conformance};
 
 fn server() -> PrivatePostgres {
@@ -509,6 +511,34 @@ async fn postgres_line_changes_amid_others_get_their_turn() {
         );
     }
     assert!(!pg.log().contains("deadlock detected"), "{}", pg.log());
+}
+
+/// A commit adding a device that a removal in progress takes away waits
+/// for the removal and is refused, not stored with the removed device a
+/// member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The removal starts in the first future and ends with the one it yields.
+#[allow(clippy::async_yields_async)]
+async fn postgres_commit_racing_a_device_removal_is_refused() {
+    let pg = server();
+    let url = pg.create_database().await.unwrap();
+    let store = PgStore::connect(&url, StoreLimits::default())
+        .await
+        .unwrap();
+    conformance::batches::commit_racing_a_device_removal(&store, |bob| {
+        let url = url.clone();
+        async move {
+            let removal = line_change_in_progress(
+                &url,
+                bob.as_str(),
+                &format!("DELETE FROM devices WHERE account_id = '{bob}' AND device = 2"),
+            )
+            .await
+            .unwrap();
+            removal.commit()
+        }
+    })
+    .await;
 }
 
 /// Two groups whose IDs give the same 32-bit `hashtext`, the key the

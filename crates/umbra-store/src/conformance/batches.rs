@@ -935,3 +935,65 @@ pub async fn revocation_amid_a_strangers_answers(a: &PgStore, b: &PgStore) -> st
     let (told, took) = amid(a, b, each, revocation).await;
     changed(a, &alice, told, took, LineStatus::Revoked).await
 }
+
+/// Bob's device 2, current when a commit adding it was checked, is being
+/// removed (`remove` starts the removal, holding Bob's line, and returns a
+/// future that ends it) while the commit is stored: the commit waits for
+/// the removal's end, then finds the device gone and is refused. (A
+/// commit that did not take the lines it adds read the device as still
+/// current and was accepted, leaving the removed device a member.)
+pub async fn commit_racing_a_device_removal<H, R, E>(
+    store: &PgStore,
+    remove: impl FnOnce(AccountId) -> H,
+) where
+    H: std::future::Future<Output = R>,
+    R: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Debug,
+{
+    let alice = registered(store, "AAAAAAAA", 1).await;
+    let bob = registered(store, "BBBBBBBB", 2).await;
+    befriend(store, &alice, &bob).await;
+    let g = group(5);
+    assert!(
+        crate::Groups::create_group(
+            store,
+            &g,
+            &one(&alice),
+            &state_at(0),
+            &info_at(0),
+            None,
+            NOW
+        )
+        .await
+        .unwrap()
+    );
+    for (seq, entry) in [(0, super::add_device(0, 1)), (1, super::add_device(1, 2))] {
+        assert!(
+            crate::DeviceLogs::append_device_entry(store, &bob, seq, &entry, NOW, NOW + TTL)
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+    let bob_two = umbra_proto::DeviceAddr {
+        account: bob.clone(),
+        device: umbra_proto::DeviceId(2),
+    };
+    let adds = crate::CommitRecord {
+        added: vec![bob_two.clone()],
+        adds: vec![bob_two.clone()],
+        ..commit(&g, 0, &alice, b"add", &[], &[])
+    };
+    let ending = remove(bob.clone()).await;
+    let committing = crate::Groups::accept_commit(store, &adds, NOW, NOW + TTL);
+    let ended = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        ending.await
+    };
+    let (outcome, ended) = tokio::join!(committing, ended);
+    ended.unwrap();
+    assert_eq!(
+        outcome.unwrap(),
+        crate::CommitOutcome::AddsFormerDevice { device: bob_two }
+    );
+}

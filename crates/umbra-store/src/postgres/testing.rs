@@ -441,6 +441,19 @@ pub async fn query(url: &str, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
         .collect())
 }
 
+/// A connection of its own to the database at `url`, in a transaction.
+async fn begin(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(super::backend)?;
+    tokio::spawn(connection);
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(super::backend)?;
+    Ok(client)
+}
+
 /// A commit on a group in progress on a connection of its own: its
 /// transaction has taken the group's turn and row, as a commit's first
 /// statement does, and holds them until this is dropped (the connection
@@ -457,19 +470,52 @@ impl std::fmt::Debug for CommitInProgress {
 
 /// Starts a [`CommitInProgress`] on `group` on the database at `url`.
 pub async fn commit_in_progress(url: &str, group: &GroupId) -> Result<CommitInProgress> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .map_err(super::backend)?;
-    tokio::spawn(connection);
-    client
-        .batch_execute("BEGIN")
-        .await
-        .map_err(super::backend)?;
+    let client = begin(url).await?;
     client
         .query(super::groups::EPOCH.as_str(), &[&group.as_bytes()])
         .await
         .map_err(super::backend)?;
     Ok(CommitInProgress { _client: client })
+}
+
+/// A change of a line in progress on a connection of its own: its
+/// transaction has taken the line's turn and row, as a change's first
+/// statement does, and run more statements; it ends with
+/// [`LineChangeInProgress::commit`] (or is rolled back when dropped).
+pub struct LineChangeInProgress {
+    client: tokio_postgres::Client,
+}
+
+impl std::fmt::Debug for LineChangeInProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LineChangeInProgress")
+    }
+}
+
+impl LineChangeInProgress {
+    /// Commits the change.
+    pub async fn commit(self) -> Result<()> {
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(super::backend)
+    }
+}
+
+/// Starts a [`LineChangeInProgress`] on `account`'s line on the database
+/// at `url`, running `then` (statements) after taking the line.
+pub async fn line_change_in_progress(
+    url: &str,
+    account: &str,
+    then: &str,
+) -> Result<LineChangeInProgress> {
+    let client = begin(url).await?;
+    client
+        .query(&super::turns::line_alone("1", "NO KEY UPDATE"), &[&account])
+        .await
+        .map_err(super::backend)?;
+    client.batch_execute(then).await.map_err(super::backend)?;
+    Ok(LineChangeInProgress { client })
 }
 
 impl Drop for PrivatePostgres {
