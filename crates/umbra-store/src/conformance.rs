@@ -149,16 +149,22 @@ pub(crate) async fn group_of_three(store: &impl Store) -> (GroupId, [AccountId; 
     keyed_group_of_three(store, None).await
 }
 
-/// [`group_of_three`] whose epoch 1 has the delivery key `key`.
-pub(crate) async fn keyed_group_of_three(
-    store: &impl Store,
-    key: Option<[u8; 32]>,
-) -> (GroupId, [AccountId; 3]) {
+/// Alice, Bob and Carol registered, Bob and Carol Alice's contacts.
+async fn alice_and_friends(store: &impl Store) -> [AccountId; 3] {
     let alice = registered(store, "AAAAAAAA", 1).await;
     let bob = registered(store, "BBBBBBBB", 2).await;
     let carol = registered(store, "CCCCCCCC", 3).await;
     befriend(store, &alice, &bob).await;
     befriend(store, &alice, &carol).await;
+    [alice, bob, carol]
+}
+
+/// [`group_of_three`] whose epoch 1 has the delivery key `key`.
+pub(crate) async fn keyed_group_of_three(
+    store: &impl Store,
+    key: Option<[u8; 32]>,
+) -> (GroupId, [AccountId; 3]) {
+    let [alice, bob, carol] = alice_and_friends(store).await;
     let g = group(3);
     store
         .create_group(&g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
@@ -1233,11 +1239,7 @@ async fn revocation(store: &impl Store) {
 /// the line's own signed one, so members do not take it out on the
 /// server's word) is no Add: commits that keep it go on being accepted.
 async fn commits_add_only_current_devices(store: &impl Store) {
-    let alice = registered(store, "AAAAAAAA", 1).await;
-    let bob = registered(store, "BBBBBBBB", 2).await;
-    let carol = registered(store, "CCCCCCCC", 3).await;
-    befriend(store, &alice, &bob).await;
-    befriend(store, &alice, &carol).await;
+    let [alice, bob, carol] = alice_and_friends(store).await;
     let g = group(4);
     store
         .create_group(&g, &one(&alice), &state_at(0), &info_at(0), None, NOW)
