@@ -1081,18 +1081,22 @@ async fn notices(store: &impl Store) {
     );
 }
 
+/// A wipe command for `line` (from itself), issued at `issued_at`.
+fn wipe_command(line: &AccountId, issued_at: u64) -> Notice {
+    Notice {
+        recipient: line.clone(),
+        device: None,
+        sender: line.clone(),
+        kind: DeliveryKind::Wipe,
+        group_id: None,
+        payload: issued_at.to_be_bytes().to_vec(),
+    }
+}
+
 async fn wipe_commands(store: &impl Store) {
     let alice = registered(store, "AAAAAAAA", 1).await;
     let queue = |issued_at: u64| {
-        let notice = Notice {
-            recipient: alice.clone(),
-            device: None,
-            sender: alice.clone(),
-            kind: DeliveryKind::Wipe,
-            group_id: None,
-            payload: issued_at.to_be_bytes().to_vec(),
-        };
-        store.queue_wipe_command(notice, issued_at, NOW, NOW + TTL)
+        store.queue_wipe_command(wipe_command(&alice, issued_at), issued_at, NOW, NOW + TTL)
     };
     assert!(queue(100).await.unwrap().is_some());
     assert_eq!(queue(100).await.unwrap(), None, "a command is queued once");

@@ -513,6 +513,24 @@ async fn postgres_line_changes_amid_others_get_their_turn() {
     assert!(!pg.log().contains("deadlock detected"), "{}", pg.log());
 }
 
+/// A line sending from sixteen connections on two nodes sets its wipe
+/// key, is sent a wipe command and is seen logging in, each in its turn
+/// (none waits until its time limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_line_writes_amid_own_sends_get_their_turn() {
+    let pg = server();
+    let url = pg.create_database().await.unwrap();
+    let (a, b) = tokio::join!(
+        PgStore::connect(&url, StoreLimits::default()),
+        PgStore::connect(&url, StoreLimits::default())
+    );
+    let took = conformance::batches::line_writes_amid_own_sends(&a.unwrap(), &b.unwrap()).await;
+    for (write, took) in ["wipe key", "wipe command", "last seen"].iter().zip(took) {
+        assert!(took < Duration::from_secs(5), "the {write} waited {took:?}");
+    }
+    assert!(!pg.log().contains("deadlock detected"), "{}", pg.log());
+}
+
 /// A commit adding a device that a removal in progress takes away waits
 /// for the removal and is refused, not stored with the removed device a
 /// member.

@@ -6,8 +6,8 @@
 use umbra_proto::{AccountId, DeliveryKind, GroupId};
 
 use super::{
-    NOW, TTL, befriend, commit, group, info_at, keyed_group_of_three, low_water, one, read_all,
-    registered, send_in_epoch, state_at, stored,
+    NOW, TTL, befriend, commit, group, info_at, key, keyed_group_of_three, low_water, one,
+    read_all, registered, send_in_epoch, state_at, stored, wipe_command,
 };
 use crate::postgres::{Ack, FanOut, PgStore};
 use crate::{
@@ -896,6 +896,39 @@ pub async fn line_change_amid_own_sends(
     };
     let (done, took) = amid_sends(a, b, &g, [&alice, &alice], change).await;
     changed(a, &alice, done, took, to).await
+}
+
+/// A line sending from sixteen connections on two nodes gets its own
+/// other writes in their turn (each takes the line alone, as a change of
+/// its status does): its wipe key, a wipe command for it and the day it
+/// was last seen; returns how long each took, in that order.
+pub async fn line_writes_amid_own_sends(a: &PgStore, b: &PgStore) -> [std::time::Duration; 3] {
+    let (g, [alice, _bob, _carol]) = keyed_group_of_three(a, None).await;
+    let sends = [&alice, &alice];
+    let nine = key(9);
+    let wipe_key = crate::Accounts::set_wipe_key(a, &alice, &nine);
+    let (done, key_took) = amid_sends(a, b, &g, sends, wipe_key).await;
+    assert!(done.is_ok(), "{done:?} after {key_took:?}");
+    let command =
+        crate::Accounts::queue_wipe_command(a, wipe_command(&alice, 100), 100, NOW, NOW + TTL);
+    let (queued, command_took) = amid_sends(a, b, &g, sends, command).await;
+    assert!(
+        queued.as_ref().is_ok_and(|told| told.is_some()),
+        "{queued:?} after {command_took:?}"
+    );
+    let touch = crate::Accounts::touch(a, &alice, 20_000);
+    let (touched, touch_took) = amid_sends(a, b, &g, sends, touch).await;
+    assert!(touched.is_ok(), "{touched:?} after {touch_took:?}");
+    let row = crate::Accounts::account(a, &alice).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            row.wipe_key,
+            row.last_seen_day,
+            row.last_wipe_command.is_some()
+        ),
+        (Some(key(9)), Some(20_000), true)
+    );
+    [key_took, command_took, touch_took]
 }
 
 /// Checks that a change of `line` to `status` succeeded (`done`, after
