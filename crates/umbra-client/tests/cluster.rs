@@ -303,8 +303,10 @@ async fn nodes_log_in_to_nats_with_the_cluster_password() {
     let mut secret = [0u8; 16];
     getrandom::getrandom(&mut secret).unwrap();
     let password = hex::encode(secret);
-    let nats = PrivateNats::start_with(None, Some(("umbra", &password))).unwrap();
-    assert!(nats.url().starts_with("nats://umbra@127.0.0.1:"));
+    // A user name with characters a URL escapes: the node logs in with
+    // the name, not its escaped form.
+    let nats = PrivateNats::start_with(None, Some(("umbra@cluster", &password))).unwrap();
+    assert!(nats.url().starts_with("nats://umbra%40cluster@127.0.0.1:"));
     let (_dir, a, b) = data_directories(&url, Some(&nats.url()));
     let (metrics_a, metrics_b) = (free_address(), free_address());
     use_metrics(&a, metrics_a);
@@ -355,6 +357,184 @@ async fn nodes_log_in_to_nats_with_the_cluster_password() {
     alice.client.send_text(&to_bob, "and there").await.unwrap();
     assert_eq!(bob.next_text().await, (alice.id(), "and there".into()));
     drop((alice, bob, node_a, node_b, nats));
+}
+
+/// Sets `key`, which the data directory's configuration sets once, to
+/// `value`.
+fn configure(data: &Path, key: &str, value: &str) {
+    let path = data.join("umbra-server.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{key} = ")))
+        .unwrap_or_else(|| panic!("{key} is not set in {}", path.display()))
+        .to_owned();
+    std::fs::write(&path, text.replace(&line, &format!("{key} = {value}"))).unwrap();
+}
+
+/// The address `node`'s metrics listener was bound to, once it is.
+async fn metrics_of(node: &TestServer) -> std::net::SocketAddr {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(address) = node.metrics.get() {
+            return *address;
+        }
+        assert!(started.elapsed() < common::PATIENCE, "no metrics listener");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An account's hourly delivery budget is the cluster's, not each node's:
+/// the nodes tell each other over NATS what they charged, so an account
+/// that spent its budget through one node is refused by the next it
+/// connects to (before, it got a fresh budget on every node), while
+/// another account there goes on sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_spends_one_budget_across_the_nodes() {
+    let Cluster {
+        pg: _pg,
+        url: _,
+        nats,
+        dir: _dir,
+        a,
+        b,
+    } = Cluster::start(false).await;
+    for data in [&a, &b] {
+        configure(data, "delivery_bytes_per_hour", "65536");
+        use_metrics(data, "127.0.0.1:0".parse().unwrap());
+    }
+    // Both devices list both nodes; node B starts only once both are in,
+    // so both are on node A.
+    let address_b = free_address();
+    let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
+    let both = format!("{},{address_b}", node_a.address);
+    let mut devices = Vec::new();
+    for _ in 0..2 {
+        let mut activation = activation_at(&a, node_a.address).await;
+        activation.address = both.clone();
+        devices.push(Device::activate_untimed(&activation, options()).await);
+    }
+    let (mut alice, mut bob) = (devices.remove(0), devices.remove(0));
+    let (to_bob, to_alice) = common::befriend(&mut alice, &mut bob).await;
+    let node_b = TestServer::start_in(&b, address_b).await;
+    let (metrics_a, metrics_b) = (metrics_of(&node_a).await, metrics_of(&node_b).await);
+    let told = || common::counter(metrics_a, "cluster_charges_told_bytes");
+    let heard = || common::counter(metrics_b, "cluster_charges_heard_bytes");
+
+    // Node B hears what node A charges (Bob's small messages, until it
+    // does: it may subscribe after the first are told). What A told before
+    // B listened never reaches B, so the counts are compared from a
+    // moment when both have stood still since.
+    let started = std::time::Instant::now();
+    while heard().await == 0 {
+        assert!(started.elapsed() < common::PATIENCE, "node B never heard");
+        bob.client.send_text(&to_alice, "small").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut before = (told().await, heard().await);
+    loop {
+        assert!(
+            started.elapsed() < common::PATIENCE,
+            "the counts never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let now = (told().await, heard().await);
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    let (told_before, heard_before) = before;
+
+    // Alice spends her budget on node A, a message every 300 ms (longer
+    // than a node takes to tell, so what A tells comes back to it between
+    // her messages).
+    let filler = "y".repeat(8 * 1024);
+    let mut sent = 0;
+    let refusal = loop {
+        match alice.client.send_text(&to_bob, &filler).await {
+            Ok(_) => sent += 1,
+            Err(error) => break error,
+        }
+        assert!(sent < 20, "the budget never ran out");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(
+        refusal.server_code(),
+        Some(umbra_client::ErrorCode::QuotaExceeded),
+        "{refusal}"
+    );
+    assert!(refusal.to_string().contains("this hour"), "{refusal}");
+    // (Node A counts its own charges once: told back to itself, they
+    // would have refused her after about half as many.)
+    assert!((7..=8).contains(&sent), "{sent} of 8 KiB fit 64 KiB");
+    // Node B has heard all node A told since.
+    let started = std::time::Instant::now();
+    loop {
+        let (t, h) = (told().await - told_before, heard().await - heard_before);
+        if t >= (sent as u64) * 8 * 1024 && t == h {
+            break;
+        }
+        assert!(started.elapsed() < common::PATIENCE, "told {t}, heard {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Node A goes; both devices move to node B. Alice's budget is spent
+    // there too (one more message at most, had the last charge not been
+    // told yet); Bob's is not.
+    node_a.stop();
+    let mut accepted_on_b = 0;
+    let refusal = loop {
+        match send_on_any_node(&alice, &to_bob, &filler).await {
+            Ok(()) => accepted_on_b += 1,
+            Err(error) => break error,
+        }
+        assert!(accepted_on_b < 20, "node B never refused");
+    };
+    assert_eq!(
+        refusal.server_code(),
+        Some(umbra_client::ErrorCode::QuotaExceeded),
+        "{refusal}"
+    );
+    assert!(refusal.to_string().contains("this hour"), "{refusal}");
+    assert!(
+        accepted_on_b <= 1,
+        "node B accepted {accepted_on_b} more of 8 KiB after node A had refused"
+    );
+    send_on_any_node(&bob, &to_alice, "still served")
+        .await
+        .unwrap();
+    let (from, text) = loop {
+        let (from, text) = alice.next_text().await;
+        if text != "small" {
+            break (from, text);
+        }
+    };
+    assert_eq!((from, text.as_str()), (bob.id(), "still served"));
+    drop((alice, bob, nats));
+    node_b.stop();
+}
+
+/// Sends `text` from `device`, connecting it again (to whichever node
+/// answers) while the send fails for want of a server; the server's own
+/// refusal is returned.
+async fn send_on_any_node(
+    device: &Device,
+    to: &umbra_client::ConversationId,
+    text: &str,
+) -> Result<(), umbra_client::ClientError> {
+    let started = std::time::Instant::now();
+    loop {
+        match device.client.send_text(to, text).await {
+            Ok(_) => return Ok(()),
+            Err(error) if error.server_code().is_some() => return Err(error),
+            Err(error) => {
+                assert!(started.elapsed() < common::PATIENCE, "never sent: {error}");
+                reconnect(device).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// Connects `device` again (to whichever node answers) until it is in.

@@ -16,7 +16,11 @@
 //!   device was removed: end its session), `replaced <node>` (the device
 //!   connected to node `<node>`: end its session anywhere else);
 //! - `umbra.v1.acct.<account>`: `revoked` (the line ended: end every
-//!   session of it).
+//!   session of it);
+//! - `umbra.v1.poll`: read every connection's mailbox (after wake-ups may
+//!   have been lost);
+//! - `umbra.v1.spent`: what a node charged to the hourly budgets
+//!   ([`crate::spending`]), so that they hold for the cluster.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -152,8 +156,21 @@ impl Cluster {
             )));
         }
         let options = match (address.username(), password) {
-            (Some(user), Some(password)) => async_nats::ConnectOptions::new()
-                .user_and_password(user.to_owned(), password.to_owned()),
+            (Some(user), Some(password)) => {
+                // An address gives its user %-escaped, as URLs do (a user
+                // named `a@b` is written `a%40b`); NATS is given the name.
+                let user = percent_encoding::percent_decode_str(user)
+                    .decode_utf8()
+                    .map_err(|_| {
+                        ClusterError(
+                            "the user named in the address is not UTF-8 once its %-escapes \
+                             are decoded"
+                                .into(),
+                        )
+                    })?;
+                async_nats::ConnectOptions::new()
+                    .user_and_password(user.into_owned(), password.to_owned())
+            }
             // (The user is not repeated: a token written where NATS's
             // own tools put it, `nats://TOKEN@host`, reads as one.)
             (Some(_), None) => {
@@ -281,8 +298,38 @@ impl Cluster {
 
     /// The requests of other nodes to read every mailbox.
     pub async fn polls(&self) -> Result<async_nats::Subscriber, ClusterError> {
+        self.hear(POLL_SUBJECT).await
+    }
+
+    /// This node's name in the cluster: random, new at each start.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Publishes `payload` on `subject` to every node (this one too), if
+    /// NATS is there now; whether it was handed to NATS.
+    pub async fn tell_all(&self, subject: &'static str, payload: Vec<u8>) -> bool {
+        if !self.connected() {
+            return false;
+        }
+        match self.client.publish(subject, payload.into()).await {
+            Ok(()) => true,
+            Err(error) => {
+                debug!(%error, subject, "publishing to NATS");
+                false
+            }
+        }
+    }
+
+    /// What every node publishes on `subject` (this one's too), for as
+    /// long as the subscriber is kept (NATS subscribes it again after it
+    /// was away).
+    pub async fn hear(
+        &self,
+        subject: &'static str,
+    ) -> Result<async_nats::Subscriber, ClusterError> {
         self.client
-            .subscribe(POLL_SUBJECT)
+            .subscribe(subject)
             .await
             .map_err(|e| ClusterError(e.to_string()))
     }
@@ -492,10 +539,15 @@ pub mod testing {
         }
 
         /// `nats://127.0.0.1:PORT`, or `nats://USER@127.0.0.1:PORT` for
-        /// one that admits only its user.
+        /// one that admits only its user (%-escaped but for letters and
+        /// digits).
         pub fn url(&self) -> String {
             match &self.user {
-                Some(user) => format!("nats://{user}@127.0.0.1:{}", self.port),
+                Some(user) => format!(
+                    "nats://{}@127.0.0.1:{}",
+                    percent_encoding::utf8_percent_encode(user, percent_encoding::NON_ALPHANUMERIC),
+                    self.port
+                ),
                 None => format!("nats://127.0.0.1:{}", self.port),
             }
         }

@@ -20,6 +20,35 @@ use aes::cipher::{BlockEncrypt, KeyInit};
 /// File in the data directory holding the key (16 random bytes).
 pub const KEY_FILE: &str = "delivery-ids.key";
 
+/// The key in `data_dir` ([`KEY_FILE`]), made (readable by the owner
+/// only) the first time. Every node of a cluster holds the same (a copy of
+/// the first node's data directory); besides public delivery IDs, it keys
+/// the names the nodes share budgets under (`crate::spending`).
+pub fn load_or_create_key(data_dir: &Path) -> std::io::Result<[u8; 16]> {
+    let path = data_dir.join(KEY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => bytes.as_slice().try_into().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} must hold exactly 16 bytes", path.display()),
+            )
+        }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 16];
+            getrandom::getrandom(&mut key).map_err(std::io::Error::other)?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&path)?;
+            file.write_all(&key)?;
+            file.sync_all()?;
+            Ok(key)
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// The keyed function from internal to public delivery IDs.
 pub struct PublicIds {
     cipher: Aes128,
@@ -41,31 +70,7 @@ impl PublicIds {
     /// Reads the key from `data_dir`, making one (readable by the owner
     /// only) the first time.
     pub fn load_or_create(data_dir: &Path) -> std::io::Result<PublicIds> {
-        let path = data_dir.join(KEY_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let key: [u8; 16] = bytes.as_slice().try_into().map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{} must hold exactly 16 bytes", path.display()),
-                    )
-                })?;
-                Ok(PublicIds::new(key))
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 16];
-                getrandom::getrandom(&mut key).map_err(std::io::Error::other)?;
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).create_new(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                let mut file = options.open(&path)?;
-                file.write_all(&key)?;
-                file.sync_all()?;
-                Ok(PublicIds::new(key))
-            }
-            Err(error) => Err(error),
-        }
+        load_or_create_key(data_dir).map(PublicIds::new)
     }
 
     /// The public ID of internal delivery ID `id`: non-zero, below 2^63.

@@ -23,6 +23,7 @@ mod reads;
 mod registry;
 pub mod rendezvous;
 pub mod service;
+mod spending;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -259,14 +260,15 @@ pub async fn run(
         None => None,
     };
     let store = connect_store(&data_dir, &config).await?;
-    let delivery_ids =
-        delivery_ids::PublicIds::load_or_create(&data_dir).map_err(|source| ServerError::Io {
+    let cluster_key =
+        delivery_ids::load_or_create_key(&data_dir).map_err(|source| ServerError::Io {
             context: format!(
                 "reading or making {}",
                 data_dir.join(delivery_ids::KEY_FILE).display()
             ),
             source,
         })?;
+    let delivery_ids = delivery_ids::PublicIds::new(cluster_key);
     let services = Arc::new(Services {
         store,
         registry: Registry::default(),
@@ -275,6 +277,7 @@ pub async fn run(
         anonymous_budget: limits::SendBudget::new(config.anonymous_bytes_per_group_hour),
         blob_read_budget: limits::SendBudget::new(config.blob_read_bytes_per_hour),
         blob_upload_budget: limits::SendBudget::new(config.blob_upload_bytes_per_hour),
+        payers: spending::Pseudonyms::new(&cluster_key),
         blob_fetched_in_flight: Arc::new(tokio::sync::Semaphore::new(
             service::BLOB_FETCHED_IN_FLIGHT,
         )),
@@ -293,6 +296,11 @@ pub async fn run(
     let tracker = TaskTracker::new();
     if let Some(cluster) = cluster {
         services.registry.join(Arc::clone(&cluster));
+        tracker.spawn(spending::share(
+            Arc::clone(&services),
+            Arc::clone(&cluster),
+            shutdown.clone(),
+        ));
         tracker.spawn(keep_in_step(
             Arc::clone(&services),
             cluster,

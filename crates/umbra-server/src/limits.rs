@@ -1,8 +1,10 @@
-//! Limits one connection or one source address may not exceed, so that no
-//! single client can exhaust the node for everyone else: connections per
-//! IP address, and requests per second per connection. (Per-account
-//! quotas are checked by the services against the store; the session cap
-//! lives in the [`crate::registry::Registry`].)
+//! Limits one connection, one source address or one account may not
+//! exceed, so that no single client can exhaust the node for everyone
+//! else: connections per IP address, requests per second per connection,
+//! and the hourly budgets' buckets (checked and charged by the services;
+//! shared between a cluster's nodes by [`crate::spending`]). (Quotas
+//! counted in the store are checked by the services against it; the
+//! session cap lives in the [`crate::registry::Registry`].)
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -104,11 +106,16 @@ impl RateLimit {
 /// hour (a message's size times its recipients), as a bucket that refills
 /// continuously: what keeps one account from filling the store for
 /// everyone. Kept in memory (a restart forgets it); only accounts that
-/// sent recently are remembered.
+/// sent recently are remembered. In a cluster every node charges its
+/// buckets with what the others charged too (`crate::spending`), so the
+/// budget is the cluster's, not each node's.
 #[derive(Debug)]
 pub struct SendBudget<K = umbra_proto::AccountId> {
     per_hour: f64,
     accounts: Mutex<HashMap<K, (f64, Instant)>>,
+    /// What this node charged since the other nodes were last told; kept
+    /// only once [`SendBudget::share`] was called.
+    untold: Mutex<Option<HashMap<K, u64>>>,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> SendBudget<K> {
@@ -116,7 +123,41 @@ impl<K: std::hash::Hash + Eq + Clone> SendBudget<K> {
         SendBudget {
             per_hour: (bytes_per_hour.max(1)) as f64,
             accounts: Mutex::default(),
+            untold: Mutex::default(),
         }
+    }
+
+    /// From now on, keeps what this node charges for
+    /// [`SendBudget::take_untold`].
+    pub fn share(&self) {
+        self.lock_untold().get_or_insert_with(HashMap::new);
+    }
+
+    /// What this node charged since the last call, per key (empty unless
+    /// [`SendBudget::share`] was called).
+    pub fn take_untold(&self) -> Vec<(K, u64)> {
+        match self.lock_untold().as_mut() {
+            Some(untold) => untold.drain().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Charges `account` for `bytes` another node charged it, leaving it
+    /// at most an hour's refill below zero (whatever another node says, it
+    /// cannot refuse the account for longer than an hour).
+    pub fn charge_elsewhere(&self, account: &K, bytes: u64, now: Instant) {
+        let mut accounts = self.lock();
+        let left = accounts
+            .get(account)
+            .map_or(self.per_hour, |&entry| self.refilled(entry, now));
+        // (A bucket this node overdrew further itself stays as it is.)
+        let floor = left.min(-self.per_hour);
+        accounts.insert(account.clone(), ((left - bytes as f64).max(floor), now));
+    }
+
+    fn lock_untold(&self) -> std::sync::MutexGuard<'_, Option<HashMap<K, u64>>> {
+        // Every mutation is one insert or drain.
+        self.untold.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn refilled(&self, (left, at): (f64, Instant), now: Instant) -> f64 {
@@ -142,6 +183,14 @@ impl<K: std::hash::Hash + Eq + Clone> SendBudget<K> {
     /// Charges `account` for `bytes` delivered (the budget may go below
     /// zero by the last message; the next waits until it is positive).
     pub fn charge(&self, account: &K, bytes: u64, now: Instant) {
+        self.spend(account, bytes, now);
+        if let Some(untold) = self.lock_untold().as_mut() {
+            let entry = untold.entry(account.clone()).or_default();
+            *entry = entry.saturating_add(bytes);
+        }
+    }
+
+    fn spend(&self, account: &K, bytes: u64, now: Instant) {
         let mut accounts = self.lock();
         let left = accounts
             .get(account)
@@ -219,5 +268,40 @@ mod tests {
         assert_eq!(budget.lock().len(), 1, "alice is still refilling");
         budget.prune(start + Duration::from_secs(3700));
         assert!(budget.lock().is_empty());
+    }
+
+    #[test]
+    fn a_shared_budget_keeps_what_to_tell_and_counts_what_it_hears() {
+        let budget = SendBudget::new(3600);
+        let alice = umbra_proto::AccountId::parse("AAAAAAAA").unwrap_or_else(|e| panic!("{e}"));
+        let start = Instant::now();
+        budget.charge(&alice, 100, start);
+        assert!(
+            budget.take_untold().is_empty(),
+            "nothing is kept before sharing"
+        );
+        budget.share();
+        budget.charge(&alice, 100, start);
+        budget.charge(&alice, 200, start);
+        // What another node charged counts here, and is not told back.
+        budget.charge_elsewhere(&alice, 3200, start);
+        assert_eq!(budget.take_untold(), vec![(alice.clone(), 300)]);
+        assert!(budget.take_untold().is_empty(), "told once");
+        assert!(
+            budget.check(&alice, start).is_err(),
+            "3,600 bytes of 3,600 spent, here and elsewhere"
+        );
+        // Another node's word refuses an account for an hour at most.
+        budget.charge_elsewhere(&alice, u64::MAX, start);
+        let wait = budget.check(&alice, start).err();
+        assert!(
+            wait.is_some_and(|w| w <= Duration::from_secs(3600)),
+            "{wait:?}"
+        );
+        assert!(
+            budget
+                .check(&alice, start + Duration::from_secs(3601))
+                .is_ok()
+        );
     }
 }

@@ -79,6 +79,12 @@ pub struct Metrics {
     /// Times every connection read its mailbox because a node asked
     /// (`umbra.v1.poll`; at most one a second).
     pub cluster_polls: Counter,
+    /// Bytes this node charged to the hourly budgets and told the other
+    /// nodes, and bytes they told it they charged (`umbra.v1.spent`).
+    pub cluster_charges_told: Counter,
+    pub cluster_charges_heard: Counter,
+    /// Bytes this node charged and could not tell (NATS away).
+    pub cluster_charges_untold: Counter,
     /// Whether NATS is connected, read at each scrape (a node of a
     /// cluster only).
     pub nats_connected: Gauge,
@@ -175,6 +181,24 @@ impl Default for Metrics {
             "Times every connection read its mailbox because a node of the cluster asked",
             cluster_polls.clone(),
         );
+        let cluster_charges_told = Counter::default();
+        registry.register(
+            "cluster_charges_told_bytes",
+            "Bytes this node charged to the hourly budgets (deliveries, anonymous messages, attachments) and told the other nodes",
+            cluster_charges_told.clone(),
+        );
+        let cluster_charges_heard = Counter::default();
+        registry.register(
+            "cluster_charges_heard_bytes",
+            "Bytes the other nodes told this node they charged to the hourly budgets",
+            cluster_charges_heard.clone(),
+        );
+        let cluster_charges_untold = Counter::default();
+        registry.register(
+            "cluster_charges_untold_bytes",
+            "Bytes this node charged to the hourly budgets and could not tell the other nodes (NATS away)",
+            cluster_charges_untold.clone(),
+        );
         let mailbox_copies = Gauge::default();
         registry.register(
             "mailbox_copies",
@@ -246,6 +270,9 @@ impl Default for Metrics {
             request_seconds,
             tls_expiry,
             cluster_polls,
+            cluster_charges_told,
+            cluster_charges_heard,
+            cluster_charges_untold,
             nats_connected,
             mailbox_copies,
             mailbox_bytes,

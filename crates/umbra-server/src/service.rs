@@ -22,6 +22,7 @@ use umbra_store::{
 };
 
 use crate::registry::Registry;
+use crate::spending::Payer;
 use umbra_proto::clock::Clock;
 
 mod anonymous;
@@ -74,7 +75,7 @@ impl Services {
     /// Refuses a send while the account's delivery budget is used up.
     fn within_budget(&self, me: &AccountId) -> Result<(), ErrorReply> {
         self.send_budget
-            .check(me, tokio::time::Instant::now())
+            .check(&self.payers.account(me), tokio::time::Instant::now())
             .map_err(|wait| {
                 refuse(
                     ErrorCode::QuotaExceeded,
@@ -92,7 +93,7 @@ impl Services {
         let total = (bytes as u64).saturating_mul(recipients as u64);
         if total > 0 {
             self.send_budget
-                .charge(me, total, tokio::time::Instant::now());
+                .charge(&self.payers.account(me), total, tokio::time::Instant::now());
         }
     }
 }
@@ -144,13 +145,16 @@ pub struct Services {
     /// What devices see of delivery IDs.
     pub delivery_ids: crate::delivery_ids::PublicIds,
     /// Bytes each account may still deliver this hour.
-    pub send_budget: crate::limits::SendBudget,
+    pub send_budget: crate::limits::SendBudget<Payer>,
     /// Bytes each group may still receive anonymously this hour.
-    pub anonymous_budget: crate::limits::SendBudget<GroupId>,
+    pub anonymous_budget: crate::limits::SendBudget<Payer>,
     /// Bytes of attachments each account may still download this hour.
-    pub blob_read_budget: crate::limits::SendBudget,
+    pub blob_read_budget: crate::limits::SendBudget<Payer>,
     /// Bytes of attachments each account may still upload this hour.
-    pub blob_upload_budget: crate::limits::SendBudget,
+    pub blob_upload_budget: crate::limits::SendBudget<Payer>,
+    /// Whom the budgets are kept under (keyed hashes of account and group
+    /// IDs, the same on every node of a cluster).
+    pub payers: crate::spending::Pseudonyms,
     /// `BlobFetched` crossings-off under way after their answer (see
     /// `service/blobs.rs`); past this many, the next is done before it is
     /// answered, so a flood of them waits on the store instead of piling

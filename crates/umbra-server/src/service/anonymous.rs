@@ -250,7 +250,7 @@ impl Services {
         // counted against the group: a member flooding uses up the
         // group's anonymous sending, not its other traffic.
         self.anonymous_budget
-            .check(&group_id, tokio::time::Instant::now())
+            .check(&self.payers.group(&group_id), tokio::time::Instant::now())
             .map_err(|wait| {
                 refuse(
                     ErrorCode::QuotaExceeded,
@@ -275,8 +275,11 @@ impl Services {
                 durable,
             } => {
                 let bytes = (message.len() as u64).saturating_mul(deliveries.len() as u64);
-                self.anonymous_budget
-                    .charge(&group_id, bytes, tokio::time::Instant::now());
+                self.anonymous_budget.charge(
+                    &self.payers.group(&group_id),
+                    bytes,
+                    tokio::time::Instant::now(),
+                );
                 self.metrics.anonymous_accepted.inc();
                 self.hand_over(deliveries);
                 Ok((durable, Reply::Accepted { accepted_at: now }))

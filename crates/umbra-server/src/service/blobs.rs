@@ -163,7 +163,10 @@ impl Services {
         // Uploads have an hourly budget of their own (messages have
         // theirs): a line cannot churn the store without end.
         self.blob_upload_budget
-            .check(&me.account, tokio::time::Instant::now())
+            .check(
+                &self.payers.account(&me.account),
+                tokio::time::Instant::now(),
+            )
             .map_err(|wait| {
                 refuse(
                     ErrorCode::QuotaExceeded,
@@ -183,8 +186,11 @@ impl Services {
         match outcome {
             BlobWrite::Stored(info) => {
                 self.metrics.blob_bytes_written.inc_by(length);
-                self.blob_upload_budget
-                    .charge(&me.account, length, tokio::time::Instant::now());
+                self.blob_upload_budget.charge(
+                    &self.payers.account(&me.account),
+                    length,
+                    tokio::time::Instant::now(),
+                );
                 Ok(Reply::BlobState {
                     size: info.size,
                     stored: info.stored,
@@ -228,7 +234,7 @@ impl Services {
     ) -> Outcome {
         let now = tokio::time::Instant::now();
         self.blob_read_budget
-            .check(&me.account, now)
+            .check(&self.payers.account(&me.account), now)
             .map_err(|wait| {
                 refuse(
                     ErrorCode::QuotaExceeded,
@@ -250,7 +256,8 @@ impl Services {
                 // A read costs at least a segment's worth: slivers read
                 // one by one cost the store as much as whole chunks.
                 let charged = data.len().max(SEALED_SEGMENT) as u64;
-                self.blob_read_budget.charge(&me.account, charged, now);
+                self.blob_read_budget
+                    .charge(&self.payers.account(&me.account), charged, now);
                 Ok(Reply::BlobData {
                     data: data.into(),
                     size,
