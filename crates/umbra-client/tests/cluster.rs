@@ -471,11 +471,15 @@ async fn an_account_spends_one_budget_across_the_nodes() {
     // Node B has heard all node A told since.
     let started = std::time::Instant::now();
     loop {
-        let (t, h) = (told().await - told_before, heard().await - heard_before);
-        if t >= (sent as u64) * 8 * 1024 && t == h {
+        let told_since = told().await - told_before;
+        let heard_since = heard().await - heard_before;
+        if told_since >= (sent as u64) * 8 * 1024 && told_since == heard_since {
             break;
         }
-        assert!(started.elapsed() < common::PATIENCE, "told {t}, heard {h}");
+        assert!(
+            started.elapsed() < common::PATIENCE,
+            "told {told_since}, heard {heard_since}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 

@@ -16,6 +16,7 @@ pub mod frame;
 pub mod ids;
 pub mod pin;
 pub mod rendezvous;
+pub mod spent;
 pub mod spliced;
 pub mod tokens;
 pub mod wire;

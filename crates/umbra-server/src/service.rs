@@ -22,8 +22,8 @@ use umbra_store::{
 };
 
 use crate::registry::Registry;
-use crate::spending::Payer;
 use umbra_proto::clock::Clock;
+use umbra_proto::spent::Payer;
 
 mod anonymous;
 mod blobs;

@@ -20,18 +20,7 @@
 //! payer for an hour at most, and NATS admits only the cluster's nodes
 //! (`docs/operations.md`).
 //!
-//! A message on the subject:
-//!
-//! ```text
-//! message := version (1 byte: 1) node (16 bytes: the teller's name)
-//!            charge*
-//! charge  := budget (1 byte: 1 delivery, 2 anonymous, 3 downloads,
-//!            4 uploads; another is skipped) payer (16 bytes)
-//!            bytes (8 bytes, big-endian)
-//! ```
-//!
-//! A message in another version, or whose length does not fit, is
-//! ignored whole.
+//! The message's format is `umbra_proto::spent`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +29,7 @@ use futures_util::StreamExt;
 use hmac::Mac;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+use umbra_proto::spent::{Budget, Charge, Payer, decode, encode};
 use umbra_proto::{AccountId, GroupId};
 
 use crate::cluster::Cluster;
@@ -50,23 +40,6 @@ pub const SUBJECT: &str = "umbra.v1.spent";
 
 /// How often a node tells the others what it charged.
 pub const SHARE_EVERY: Duration = Duration::from_millis(250);
-
-const VERSION: u8 = 1;
-
-/// A node's name as it is told (8 random bytes in hex).
-const NODE_LEN: usize = 16;
-
-/// One charge's length on the wire.
-const CHARGE_LEN: usize = 1 + 16 + 8;
-
-/// Past this, what a node tells goes in several messages (NATS's own
-/// default limit is 1 MiB).
-const MAX_MESSAGE: usize = 60 * 1024;
-
-/// Whom a budget's bucket belongs to: a keyed hash of an account or group
-/// ID (see [`Pseudonyms`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Payer([u8; 16]);
 
 /// The keyed hash from account and group IDs to [`Payer`]s: HMAC-SHA-256,
 /// truncated to 128 bits, under a key derived (HKDF-SHA-256) from the
@@ -115,101 +88,14 @@ impl Pseudonyms {
     }
 }
 
-/// Which budget a charge is to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Budget {
-    /// Bytes an account delivered to others' mailboxes.
-    Delivery = 1,
-    /// Bytes a group received anonymously.
-    Anonymous = 2,
-    /// Bytes of attachments an account downloaded.
-    Downloads = 3,
-    /// Bytes of attachments an account uploaded.
-    Uploads = 4,
-}
-
-impl Budget {
-    const ALL: [Budget; 4] = [
-        Budget::Delivery,
-        Budget::Anonymous,
-        Budget::Downloads,
-        Budget::Uploads,
-    ];
-
-    fn of(services: &Services, budget: Budget) -> &crate::limits::SendBudget<Payer> {
-        match budget {
-            Budget::Delivery => &services.send_budget,
-            Budget::Anonymous => &services.anonymous_budget,
-            Budget::Downloads => &services.blob_read_budget,
-            Budget::Uploads => &services.blob_upload_budget,
-        }
+/// The bucket of `budget`.
+fn bucket(services: &Services, budget: Budget) -> &crate::limits::SendBudget<Payer> {
+    match budget {
+        Budget::Delivery => &services.send_budget,
+        Budget::Anonymous => &services.anonymous_budget,
+        Budget::Downloads => &services.blob_read_budget,
+        Budget::Uploads => &services.blob_upload_budget,
     }
-}
-
-/// One charge to one budget.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Charge {
-    pub budget: Budget,
-    pub payer: Payer,
-    pub bytes: u64,
-}
-
-/// A message on [`SUBJECT`] that is not one this node can read.
-#[derive(Debug, thiserror::Error)]
-#[error("a budget message on NATS that is not well formed: {0}")]
-pub struct Malformed(&'static str);
-
-/// `charges`, told by `node`, as messages of at most [`MAX_MESSAGE`]
-/// bytes (none if there is nothing to tell).
-pub fn encode(node: &str, charges: &[Charge]) -> Vec<Vec<u8>> {
-    let per_message = (MAX_MESSAGE - 1 - NODE_LEN) / CHARGE_LEN;
-    charges
-        .chunks(per_message)
-        .map(|chunk| {
-            let mut message = Vec::with_capacity(1 + NODE_LEN + chunk.len() * CHARGE_LEN);
-            message.push(VERSION);
-            let mut name = [b'0'; NODE_LEN];
-            for (to, from) in name.iter_mut().zip(node.bytes()) {
-                *to = from;
-            }
-            message.extend_from_slice(&name);
-            for charge in chunk {
-                message.push(charge.budget as u8);
-                message.extend_from_slice(&charge.payer.0);
-                message.extend_from_slice(&charge.bytes.to_be_bytes());
-            }
-            message
-        })
-        .collect()
-}
-
-/// The teller's name and its charges (those to a budget this node does
-/// not know skipped).
-pub fn decode(message: &[u8]) -> Result<(&[u8], Vec<Charge>), Malformed> {
-    let (&version, rest) = message.split_first().ok_or(Malformed("empty"))?;
-    if version != VERSION {
-        return Err(Malformed("another version"));
-    }
-    let (node, rest) = rest
-        .split_at_checked(NODE_LEN)
-        .ok_or(Malformed("too short for a node's name"))?;
-    let entries = rest.chunks_exact(CHARGE_LEN);
-    if !entries.remainder().is_empty() {
-        return Err(Malformed("cut short"));
-    }
-    let charges = entries
-        .filter_map(|entry| {
-            let (&budget, rest) = entry.split_first()?;
-            let budget = *Budget::ALL.iter().find(|b| **b as u8 == budget)?;
-            let (payer, bytes) = rest.split_at_checked(16)?;
-            Some(Charge {
-                budget,
-                payer: Payer(payer.try_into().ok()?),
-                bytes: u64::from_be_bytes(bytes.try_into().ok()?),
-            })
-        })
-        .collect();
-    Ok((node, charges))
 }
 
 /// Shares this node's budgets with the other nodes' until `shutdown`:
@@ -218,7 +104,7 @@ pub fn decode(message: &[u8]) -> Result<(&[u8], Vec<Charge>), Malformed> {
 /// killed lets that much more be spent, as NATS away does.)
 pub async fn share(services: Arc<Services>, cluster: Arc<Cluster>, shutdown: CancellationToken) {
     for budget in Budget::ALL {
-        Budget::of(&services, budget).share();
+        bucket(&services, budget).share();
     }
     let mut heard = match cluster.hear(SUBJECT).await {
         Ok(subscriber) => Some(subscriber),
@@ -256,7 +142,7 @@ async fn tell(services: &Services, cluster: &Cluster) {
     let mut charges: Vec<Charge> = Vec::new();
     for budget in Budget::ALL {
         charges.extend(
-            Budget::of(services, budget)
+            bucket(services, budget)
                 .take_untold()
                 .into_iter()
                 .filter(|&(_, bytes)| bytes > 0)
@@ -294,7 +180,7 @@ fn hear(services: &Services, me: &str, message: &[u8]) {
     }
     let now = tokio::time::Instant::now();
     for charge in charges.iter().filter(|charge| charge.bytes > 0) {
-        Budget::of(services, charge.budget).charge_elsewhere(&charge.payer, charge.bytes, now);
+        bucket(services, charge.budget).charge_elsewhere(&charge.payer, charge.bytes, now);
         services.metrics.cluster_charges_heard.inc_by(charge.bytes);
     }
 }
@@ -302,80 +188,6 @@ fn hear(services: &Services, me: &str, message: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn payer(n: u8) -> Payer {
-        Payer([n; 16])
-    }
-
-    fn set(message: &[u8], at: usize, value: u8) -> Vec<u8> {
-        let mut changed = message.to_vec();
-        if let Some(byte) = changed.get_mut(at) {
-            *byte = value;
-        }
-        changed
-    }
-
-    #[test]
-    fn charges_come_out_as_they_went_in() {
-        let charges: Vec<Charge> = Budget::ALL
-            .iter()
-            .zip([8_300, u64::MAX, 0, 1])
-            .map(|(&budget, bytes)| Charge {
-                budget,
-                payer: payer(bytes as u8),
-                bytes,
-            })
-            .collect();
-        let messages = encode("0123456789abcdef", &charges);
-        assert_eq!(messages.len(), 1);
-        let message = messages.first().map_or(&[][..], Vec::as_slice);
-        let (node, heard) = decode(message).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(node, b"0123456789abcdef");
-        assert_eq!(heard, charges);
-        assert!(encode("0123456789abcdef", &[]).is_empty());
-    }
-
-    #[test]
-    fn many_charges_are_told_in_several_messages() {
-        let charge = Charge {
-            budget: Budget::Delivery,
-            payer: payer(7),
-            bytes: 1,
-        };
-        let charges = vec![charge; 10_000];
-        let messages = encode("0123456789abcdef", &charges);
-        assert!(messages.len() > 1);
-        let mut heard = Vec::new();
-        for message in &messages {
-            assert!(message.len() <= MAX_MESSAGE);
-            heard.extend(decode(message).unwrap_or_else(|e| panic!("{e}")).1);
-        }
-        assert_eq!(heard, charges);
-    }
-
-    #[test]
-    fn a_message_not_well_formed_is_refused_whole_and_an_unknown_budget_skipped() {
-        let charge = Charge {
-            budget: Budget::Uploads,
-            payer: payer(5),
-            bytes: 5,
-        };
-        let good = encode("0123456789abcdef", &[charge.clone(), charge.clone()]).concat();
-        assert_eq!(decode(&good).map(|(_, c)| c.len()).ok(), Some(2));
-        // Every cut but at a charge's end (the header alone is a message
-        // with no charge in it), and another version.
-        for cut in (0..good.len())
-            .filter(|&cut| cut <= NODE_LEN || !(cut - 1 - NODE_LEN).is_multiple_of(CHARGE_LEN))
-        {
-            let part = good.get(..cut).unwrap_or_default();
-            assert!(decode(part).is_err(), "cut at {cut}");
-        }
-        assert!(decode(&set(&good, 0, 2)).is_err(), "another version");
-        // A budget a newer node knows and this one does not: that charge
-        // alone is skipped.
-        let newer = set(&good, 1 + NODE_LEN, 9);
-        assert_eq!(decode(&newer).map(|(_, c)| c).ok(), Some(vec![charge]));
-    }
 
     #[test]
     fn payers_are_keyed_and_apart() {
