@@ -10,8 +10,9 @@
 //!
 //! A bucket is kept under a [`Payer`], a keyed hash of the account or
 //! group ID ([`Pseudonyms`], keyed from `delivery-ids.key`, which every
-//! node of a cluster shares), never the ID itself: what NATS carries
-//! names no account or group, and nothing on NATS maps a payer to one.
+//! node of a cluster shares), never the ID itself: no account or group ID
+//! is on `umbra.v1.spent` (timing can still tie a payer's charges to the
+//! wake-ups its sends caused, which name the recipients' accounts).
 //!
 //! What is told is only counted, never trusted for anything else: a lost
 //! message (NATS away, a node stopped or killed before it told) lets an
@@ -124,7 +125,11 @@ pub async fn share(services: Arc<Services>, cluster: Arc<Cluster>, shutdown: Can
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = every.tick() => tell(&services, &cluster).await,
+            // (NATS that takes no message holds neither this task nor the
+            // node's stop: what it does not take in time is not told.)
+            _ = every.tick() => {
+                let _ = tokio::time::timeout(4 * SHARE_EVERY, tell(&services, &cluster)).await;
+            }
             message = next => match message {
                 Some(message) => hear(&services, cluster.node(), &message.payload),
                 None => {
