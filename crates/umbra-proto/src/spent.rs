@@ -18,7 +18,7 @@ use crate::DecodeError;
 const VERSION: u8 = 1;
 
 /// A node's name as it is told (8 random bytes in hex).
-const NODE_LEN: usize = 16;
+pub const NODE_LEN: usize = 16;
 
 /// One charge's length on the wire.
 const CHARGE_LEN: usize = 1 + 16 + 8;
@@ -62,6 +62,16 @@ pub struct Charge {
     pub bytes: u64,
 }
 
+/// `node`'s name as a message carries it: its first 16 bytes, padded
+/// with `0` (compare a message's teller with this, not with the name).
+pub fn node_name(node: &str) -> [u8; NODE_LEN] {
+    let mut name = [b'0'; NODE_LEN];
+    for (to, from) in name.iter_mut().zip(node.bytes()) {
+        *to = from;
+    }
+    name
+}
+
 /// `charges`, told by `node`, as messages of at most [`MAX_MESSAGE`]
 /// bytes (none if there is nothing to tell).
 pub fn encode(node: &str, charges: &[Charge]) -> Vec<Vec<u8>> {
@@ -71,11 +81,7 @@ pub fn encode(node: &str, charges: &[Charge]) -> Vec<Vec<u8>> {
         .map(|chunk| {
             let mut message = Vec::with_capacity(1 + NODE_LEN + chunk.len() * CHARGE_LEN);
             message.push(VERSION);
-            let mut name = [b'0'; NODE_LEN];
-            for (to, from) in name.iter_mut().zip(node.bytes()) {
-                *to = from;
-            }
-            message.extend_from_slice(&name);
+            message.extend_from_slice(&node_name(node));
             for charge in chunk {
                 message.push(charge.budget as u8);
                 message.extend_from_slice(&charge.payer.0);

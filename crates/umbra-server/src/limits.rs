@@ -303,5 +303,15 @@ mod tests {
                 .check(&alice, start + Duration::from_secs(3601))
                 .is_ok()
         );
+        // A bucket this node overdrew further itself is not raised by
+        // another node's charge.
+        let bob = umbra_proto::AccountId::parse("BBBBBBBB").unwrap_or_else(|e| panic!("{e}"));
+        budget.charge(&bob, 4 * 3600, start);
+        budget.charge_elsewhere(&bob, 1, start);
+        let wait = budget.check(&bob, start).err();
+        assert!(
+            wait.is_some_and(|w| w >= Duration::from_secs(3 * 3600)),
+            "{wait:?}"
+        );
     }
 }

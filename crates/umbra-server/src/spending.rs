@@ -180,7 +180,7 @@ fn hear(services: &Services, me: &str, message: &[u8]) {
             return;
         }
     };
-    if node == me.as_bytes() {
+    if node == umbra_proto::spent::node_name(me) {
         return;
     }
     let now = tokio::time::Instant::now();
