@@ -454,20 +454,7 @@ async fn an_account_spends_one_budget_across_the_nodes() {
 
     // Alice spends her budget on node A.
     let filler = "y".repeat(8 * 1024);
-    let mut sent = 0;
-    let refusal = loop {
-        match alice.client.send_text(&to_bob, &filler).await {
-            Ok(_) => sent += 1,
-            Err(error) => break error,
-        }
-        assert!(sent < 20, "the budget never ran out");
-    };
-    assert_eq!(
-        refusal.server_code(),
-        Some(umbra_client::ErrorCode::QuotaExceeded),
-        "{refusal}"
-    );
-    assert!(refusal.to_string().contains("this hour"), "{refusal}");
+    let sent = sent_until_over_budget(&alice, &to_bob, &filler).await;
     assert!((7..=8).contains(&sent), "{sent} of 8 KiB fit 64 KiB");
     // Node B has heard all node A told since.
     let started = std::time::Instant::now();
@@ -495,20 +482,7 @@ async fn an_account_spends_one_budget_across_the_nodes() {
     // there too (one more message at most, had the last charge not been
     // told yet); Bob's is not.
     node_a.stop();
-    let mut accepted_on_b = 0;
-    let refusal = loop {
-        match send_on_any_node(&alice, &to_bob, &filler).await {
-            Ok(()) => accepted_on_b += 1,
-            Err(error) => break error,
-        }
-        assert!(accepted_on_b < 20, "node B never refused");
-    };
-    assert_eq!(
-        refusal.server_code(),
-        Some(umbra_client::ErrorCode::QuotaExceeded),
-        "{refusal}"
-    );
-    assert!(refusal.to_string().contains("this hour"), "{refusal}");
+    let accepted_on_b = sent_until_over_budget(&alice, &to_bob, &filler).await;
     assert!(
         accepted_on_b <= 1,
         "node B accepted {accepted_on_b} more of 8 KiB after node A had refused"
@@ -519,6 +493,30 @@ async fn an_account_spends_one_budget_across_the_nodes() {
     assert_eq!(alice.next_text().await, (bob.id(), "still served".into()));
     drop((alice, bob, carol, nats));
     node_b.stop();
+}
+
+/// Sends `filler` from `device` (through whichever node answers) until it
+/// is refused for its account's hourly budget; how many were accepted.
+async fn sent_until_over_budget(
+    device: &Device,
+    to: &umbra_client::ConversationId,
+    filler: &str,
+) -> usize {
+    let mut sent = 0;
+    let refusal = loop {
+        match send_on_any_node(device, to, filler).await {
+            Ok(()) => sent += 1,
+            Err(error) => break error,
+        }
+        assert!(sent < 20, "the budget never ran out");
+    };
+    assert_eq!(
+        refusal.server_code(),
+        Some(umbra_client::ErrorCode::QuotaExceeded),
+        "{refusal}"
+    );
+    assert!(refusal.to_string().contains("this hour"), "{refusal}");
+    sent
 }
 
 /// Sends `text` from `device`, connecting it again (to whichever node
