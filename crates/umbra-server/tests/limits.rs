@@ -358,39 +358,7 @@ async fn the_largest_accepted_message_reaches_an_online_and_an_offline_recipient
     let server = Server::start().await;
     let mut alice = Member::register(&server, 30).await;
     let mut bob = Member::register(&server, 31).await;
-    let key_package = umbra_mls::new_key_package(
-        &bob.provider(),
-        &bob.signer,
-        &bob.account,
-        Default::default(),
-        false,
-    )
-    .unwrap();
-    let upload = Request::UploadKeyPackages {
-        key_packages: vec![key_package],
-        last_resort: None,
-    };
-    assert!(bob.raw.call(upload).await.is_ok());
-    let request = Request::SendContactRequest {
-        to: bob.account.clone(),
-    };
-    assert_eq!(alice.raw.call(request).await, Ok(Reply::Done));
-    let accept = Request::AcceptContact {
-        from: alice.account.clone(),
-    };
-    assert_eq!(bob.raw.call(accept).await, Ok(Reply::Done));
-    let fetched = match alice
-        .raw
-        .call(Request::FetchKeyPackage {
-            account_id: bob.account.clone(),
-            device: umbra_proto::DeviceId::FIRST,
-            suites: vec![umbra_mls::Suite::default().code()],
-        })
-        .await
-    {
-        Ok(Reply::KeyPackage { key_package, .. }) => key_package,
-        other => panic!("{other:?}"),
-    };
+    let fetched = alice.befriend(&mut bob).await;
     // Unpadded, so that a message can be made exactly as large as the
     // server accepts (padding would round it to a bucket).
     let config = GroupConfig {
@@ -496,4 +464,152 @@ async fn the_largest_accepted_message_reaches_an_online_and_an_offline_recipient
         umbra_mls::Incoming::Application { plaintext, .. } => assert_eq!(plaintext, text(2)),
         other => panic!("{other:?}"),
     }
+}
+
+impl Member {
+    /// `self` and `other` become contacts (`other` accepts), and `other`
+    /// uploads a key package; the package, as `self` fetches it.
+    async fn befriend(&mut self, other: &mut Member) -> Vec<u8> {
+        let key_package = umbra_mls::new_key_package(
+            &other.provider(),
+            &other.signer,
+            &other.account,
+            Default::default(),
+            false,
+        )
+        .unwrap();
+        let upload = Request::UploadKeyPackages {
+            key_packages: vec![key_package],
+            last_resort: None,
+        };
+        assert!(other.raw.call(upload).await.is_ok());
+        let request = Request::SendContactRequest {
+            to: other.account.clone(),
+        };
+        assert_eq!(self.raw.call(request).await, Ok(Reply::Done));
+        let accept = Request::AcceptContact {
+            from: self.account.clone(),
+        };
+        assert_eq!(other.raw.call(accept).await, Ok(Reply::Done));
+        let fetch = Request::FetchKeyPackage {
+            account_id: other.account.clone(),
+            device: umbra_proto::DeviceId::FIRST,
+            suites: vec![umbra_mls::Suite::default().code()],
+        };
+        match self.raw.call(fetch).await {
+            Ok(Reply::KeyPackage { key_package, .. }) => key_package,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// The wait a budget refusal names, in seconds.
+fn wait_named(refusal: &str) -> u64 {
+    refusal
+        .split("try again in ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|seconds| seconds.parse().ok())
+        .unwrap_or_else(|| panic!("no wait in {refusal:?}"))
+}
+
+/// A committer's delivery budget pays for each copy the server stores, at
+/// that copy's size: the commit once per member it goes to, the Welcome
+/// once per device it brings in. Before, every recipient was charged the
+/// commit's size (a Welcome's included), and the Welcome was charged once
+/// more for each leaf a line that ended left in the tree, though none is
+/// stored for it. Read from the wait the refusal names: at 100 bytes an
+/// hour's second, it tells the overdraft to within 100 bytes.
+#[tokio::test]
+async fn a_committer_pays_for_the_copies_stored_and_no_more() {
+    const PER_HOUR: u64 = 360_000;
+    const PER_SECOND: u64 = PER_HOUR / 3600;
+    let server = Server::start_with(|c| c.delivery_bytes_per_hour = PER_HOUR).await;
+    let mut alice = Member::register(&server, 40).await;
+    let mut bob = Member::register(&server, 41).await;
+    let mut carol = Member::register(&server, 42).await;
+    let mut dave = Member::register(&server, 43).await;
+    let for_bob = alice.befriend(&mut bob).await;
+    let for_carol = alice.befriend(&mut carol).await;
+    let for_dave = alice.befriend(&mut dave).await;
+    let config = GroupConfig {
+        padding: 0,
+        ..GroupConfig::default()
+    };
+    let mut group =
+        Group::create(&alice.provider(), &alice.signer, &alice.account, &config, 0).unwrap();
+    let group_id = GroupId::new(group.id()).unwrap();
+    let create = Request::CreateGroup {
+        group_id: group_id.clone(),
+        group_info: group.group_info(&alice.provider(), &alice.signer).unwrap(),
+        delivery_key: None,
+    };
+    assert_eq!(alice.raw.call(create).await, Ok(Reply::Done));
+    let started = std::time::Instant::now();
+    let commit = async |alice: &mut Member, group: &mut Group, key_package: &[Vec<u8>]| {
+        let added = group
+            .add_members(&alice.provider(), &alice.signer, key_package)
+            .unwrap();
+        let welcome = added.welcome.clone().unwrap();
+        let request = Request::SendCommit(umbra_proto::frame::CommitSubmission {
+            group_id: group_id.clone(),
+            epoch: added.epoch,
+            commit: added.commit.clone(),
+            welcome: added.welcome,
+            group_info: added.group_info,
+            delivery_key: None,
+        });
+        assert!(matches!(
+            alice.raw.call(request).await,
+            Ok(Reply::CommitAccepted { .. })
+        ));
+        group.merge_pending_commit(&alice.provider()).unwrap();
+        (added.commit.len() as u64, welcome.len() as u64)
+    };
+
+    // Bob and Carol in: two Welcomes, no commit (Alice was alone).
+    let (_, welcome) = commit(&mut alice, &mut group, &[for_bob, for_carol]).await;
+    let mut charged = 2 * welcome;
+    // Carol's line ends by its own word; her leaf stays in the tree. Dave
+    // in: the commit to Bob, a Welcome to Dave, nothing for Carol's leaf.
+    let revoke = Request::Revoke {
+        account_id: carol.account.clone(),
+        signature: carol
+            .signer
+            .sign_payload(&revoke_signing_payload(&carol.account)),
+    };
+    let mut anywhere = Raw::connect(&server).await;
+    assert_eq!(anywhere.call(revoke).await, Ok(Reply::Done));
+    let (to_bob, welcome) = commit(&mut alice, &mut group, &[for_dave]).await;
+    charged += to_bob + welcome;
+
+    // Messages to Bob and Dave until the budget is spent.
+    let refusal = loop {
+        let message = group
+            .encrypt(&alice.provider(), &alice.signer, &[7; 50_000])
+            .unwrap();
+        let length = message.len() as u64;
+        let send = Request::SendMessage {
+            group_id: group_id.clone(),
+            message,
+            kind: umbra_proto::DeliveryKind::Application,
+            ttl_seconds: 0,
+        };
+        match alice.raw.call(send).await {
+            Ok(Reply::Accepted { .. }) => charged += 2 * length,
+            Err(refusal) if refusal.code == ErrorCode::QuotaExceeded => break refusal.message,
+            other => panic!("{other:?}"),
+        }
+        assert!(charged < 2 * PER_HOUR, "the budget never ran out");
+    };
+    // The bucket refilled for at most the time since the first charge.
+    let refilled = PER_SECOND * (started.elapsed().as_secs() + 1);
+    let overdrawn = charged.saturating_sub(PER_HOUR);
+    let named = wait_named(&refusal);
+    assert!(
+        (overdrawn.saturating_sub(refilled) / PER_SECOND..=(overdrawn / PER_SECOND).max(1))
+            .contains(&named),
+        "overdrawn by {overdrawn} bytes (less up to {refilled} refilled): {refusal}"
+    );
+    drop((bob, carol, dave));
 }

@@ -794,6 +794,7 @@ async fn commits_one_per_epoch(store: &impl Store) {
     let CommitOutcome::Accepted {
         epoch: 1,
         mut recipients,
+        welcomed: 2,
     } = outcome
     else {
         panic!("{outcome:?}");
@@ -1322,7 +1323,8 @@ async fn commits_add_only_current_devices(store: &impl Store) {
         outcome,
         CommitOutcome::Accepted {
             epoch: 2,
-            recipients: vec![one(&bob)]
+            recipients: vec![one(&bob)],
+            welcomed: 1,
         }
     );
     // An Add of her device, checked before her line ended, is refused.

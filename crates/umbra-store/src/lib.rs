@@ -470,10 +470,14 @@ impl CommitRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
-    /// The group moved to `epoch`; these devices got deliveries.
+    /// The group moved to `epoch`; these devices got deliveries: the
+    /// commit, but the last `welcomed` of them the Welcome instead (the
+    /// current devices the commit brings in; a leaf left by a line that
+    /// ended gets nothing).
     Accepted {
         epoch: u64,
         recipients: Vec<DeviceAddr>,
+        welcomed: usize,
     },
     /// The same commit was accepted before (a retry after a lost response).
     Duplicate {

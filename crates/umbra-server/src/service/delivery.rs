@@ -120,7 +120,7 @@ impl Services {
         };
         let now = self.now();
         let delivery_key = commit.delivery_key;
-        let welcome_bytes = commit.welcome.as_ref().map_or(0, Vec::len) * added.len();
+        let welcome_bytes = commit.welcome.as_ref().map_or(0, Vec::len);
         let commit_bytes = commit.commit.len();
         let record = CommitRecord {
             group_id: commit.group_id,
@@ -144,10 +144,18 @@ impl Services {
             .await
             .map_err(internal)?
         {
-            CommitOutcome::Accepted { epoch, recipients } => {
+            CommitOutcome::Accepted {
+                epoch,
+                recipients,
+                welcomed,
+            } => {
+                // Each copy stored, at its size: the commit to the members
+                // it had, the Welcome to the devices it brings in (not to
+                // a leaf a line that ended left in the tree).
                 self.metrics.commits_accepted.inc();
-                self.charge(&me.account, commit_bytes, recipients.len());
-                self.charge(&me.account, welcome_bytes, 1);
+                let told = recipients.len().saturating_sub(welcomed);
+                self.charge(&me.account, commit_bytes, told);
+                self.charge(&me.account, welcome_bytes, welcomed);
                 self.registry.notify(&recipients);
                 Ok(Reply::CommitAccepted { epoch })
             }

@@ -601,6 +601,7 @@ impl PgStore {
         };
         self.store_copies(tx, &told, &copy).await?;
         let mut recipients = told;
+        let welcomed_count = welcomed.len();
         if let Some(welcome) = &commit.welcome {
             let copy = Copy {
                 kind: DeliveryKind::Welcome,
@@ -613,6 +614,7 @@ impl PgStore {
         Ok(CommitOutcome::Accepted {
             epoch: commit.epoch + 1,
             recipients,
+            welcomed: welcomed_count,
         })
     }
 

@@ -1972,6 +1972,7 @@ impl Groups for SqliteStore {
             )
             .map_err(backend)?;
             let mut recipients = Vec::new();
+            let mut welcomed = 0;
             for member in before.iter().filter(|m| **m != commit.sender) {
                 enqueue(
                     tx,
@@ -2003,11 +2004,13 @@ impl Groups for SqliteStore {
                         expires_at,
                     )?;
                     recipients.push(added.clone());
+                    welcomed += 1;
                 }
             }
             Ok(CommitOutcome::Accepted {
                 epoch: epoch + 1,
                 recipients,
+                welcomed,
             })
         })
         .await
