@@ -495,6 +495,120 @@ async fn an_account_spends_one_budget_across_the_nodes() {
     node_b.stop();
 }
 
+/// A node whose `delivery-ids.key` is not the cluster's (an operator's
+/// copying mistake) shares no budget, and says so: what the others tell it
+/// fails its tag check, is counted as forged in its metrics and charges
+/// nothing. (Before, such a node silently kept budgets of its own, and
+/// anyone able to publish on NATS could charge any budget it could name.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_key_is_told_nothing_and_says_so() {
+    let Cluster {
+        pg: _pg,
+        url: _,
+        nats,
+        dir: _dir,
+        a,
+        b,
+    } = Cluster::start(false).await;
+    std::fs::write(b.join(umbra_server::delivery_ids::KEY_FILE), [8u8; 16]).unwrap();
+    for data in [&a, &b] {
+        use_metrics(data, "127.0.0.1:0".parse().unwrap());
+    }
+    let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
+    let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
+    let (metrics_a, metrics_b) = (metrics_of(&node_a).await, metrics_of(&node_b).await);
+    let mut alice =
+        Device::activate_untimed(&activation_at(&a, node_a.address).await, options()).await;
+    let mut bob =
+        Device::activate_untimed(&activation_at(&a, node_a.address).await, options()).await;
+    let (to_bob, _) = common::befriend(&mut alice, &mut bob).await;
+
+    // Alice sends through node A, which tells what it charges, until node
+    // B has refused a message of it.
+    let forged = "umbra_cluster_spent_refused_total{reason=\"forged\"} ";
+    let started = std::time::Instant::now();
+    loop {
+        alice.client.send_text(&to_bob, "charged").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let refused = common::scrape(metrics_b).await.unwrap();
+        if refused.lines().any(|l| l.starts_with(forged)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < common::PATIENCE,
+            "node B never refused a message: {refused}"
+        );
+    }
+    assert!(common::counter(metrics_a, "cluster_charges_told_bytes").await > 0);
+    assert_eq!(
+        common::counter(metrics_b, "cluster_charges_heard_bytes").await,
+        0,
+        "node B counted what was not under its key"
+    );
+    drop((alice, bob, nats));
+    node_a.stop();
+    node_b.stop();
+}
+
+/// A device is linked through whichever node it reaches: the rendezvous
+/// is held by the node the account's device opened it on, and the other
+/// forwards the new device's puts and gets to it over NATS. (Before, the
+/// new device was told the rendezvous did not exist unless it happened to
+/// reach the same node, and devices try the nodes in turn.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_links_through_another_node_than_its_accounts() {
+    let Cluster {
+        pg: _pg,
+        url: _,
+        nats,
+        dir: _dir,
+        a,
+        b,
+    } = Cluster::start(false).await;
+    let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
+    let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
+    let mut phone = Device::activate(&node_a).await;
+    let mut bob = Device::activate(&node_a).await;
+    let (to_bob, _) = common::befriend(&mut phone, &mut bob).await;
+    phone
+        .client
+        .send_text(&to_bob, "before the laptop")
+        .await
+        .unwrap();
+    assert_eq!(bob.next_text().await.1, "before the laptop");
+
+    // The phone opens the rendezvous on node A; the laptop reaches node B.
+    let pending = phone.client.start_link().await.unwrap();
+    let mut link: umbra_client::LinkString = pending.link_string().to_string().parse().unwrap();
+    link.address = node_b.address.to_string();
+    let finishing = tokio::spawn(pending.finish());
+    let home = tempfile::tempdir().unwrap();
+    let (laptop, joined) = umbra_client::Client::join_link(
+        home.path(),
+        &common::passphrase(),
+        &link,
+        "laptop",
+        options(),
+    )
+    .await
+    .unwrap();
+    let linked = finishing.await.unwrap().unwrap();
+    assert_eq!(joined.account, phone.id());
+    assert_eq!(joined.device, linked.device);
+    assert_eq!(joined.conversations, Some(linked.conversations));
+
+    // The laptop, on node B, speaks as the account to Bob on node A.
+    let to_bob = laptop.conversation_with(&bob.id()).unwrap();
+    laptop.send_text(&to_bob, "from the laptop").await.unwrap();
+    assert_eq!(
+        bob.next_text().await,
+        (phone.id(), "from the laptop".into())
+    );
+    drop((phone, bob, laptop, nats));
+    node_a.stop();
+    node_b.stop();
+}
+
 /// Sends `filler` from `device` (through whichever node answers) until it
 /// is refused for its account's hourly budget; how many were accepted.
 async fn sent_until_over_budget(

@@ -3,25 +3,37 @@
 //! why). Node to node only: no device sends or reads it.
 //!
 //! ```text
-//! message := version (1 byte: 1) node (16 bytes: the teller's name)
-//!            charge*
-//! charge  := budget (1 byte: 1 delivery, 2 anonymous, 3 downloads,
-//!            4 uploads; another is skipped) payer (16 bytes)
-//!            bytes (8 bytes, big-endian)
+//! message  := version (1 byte: 2) node (16 bytes: the teller's name)
+//!             sent_at (8 bytes: Unix milliseconds) sequence (8 bytes)
+//!             charge* tag (32 bytes)
+//! charge   := budget (1 byte: 1 delivery, 2 anonymous, 3 downloads,
+//!             4 uploads; another is skipped) payer (16 bytes)
+//!             bytes (8 bytes)
 //! ```
+//!
+//! Integers are big-endian. `sequence` counts the teller's messages from 1
+//! at each of its starts (its name is new at each). `tag` is
+//! HMAC-SHA-256 of everything before it under a key only the cluster's
+//! nodes hold; this codec leaves making and checking it to the caller.
 //!
 //! A message in another version, or whose length does not fit, is
 //! refused whole.
 
 use crate::DecodeError;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// A node's name as it is told (8 random bytes in hex).
 pub const NODE_LEN: usize = 16;
 
 /// One charge's length on the wire.
 const CHARGE_LEN: usize = 1 + 16 + 8;
+
+/// The tag's length: HMAC-SHA-256's, untruncated.
+pub const TAG_LEN: usize = 32;
+
+/// What comes before the charges.
+const HEADER_LEN: usize = 1 + NODE_LEN + 8 + 8;
 
 /// Past this, what a node tells goes in several messages (NATS's own
 /// default limit is 1 MiB).
@@ -72,36 +84,100 @@ pub fn node_name(node: &str) -> [u8; NODE_LEN] {
     name
 }
 
-/// `charges`, told by `node`, as messages of at most [`MAX_MESSAGE`]
-/// bytes (none if there is nothing to tell).
-pub fn encode(node: &str, charges: &[Charge]) -> Vec<Vec<u8>> {
-    let per_message = (MAX_MESSAGE - 1 - NODE_LEN) / CHARGE_LEN;
+/// Who told a message, when, and its place among the teller's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The teller's name ([`node_name`]).
+    pub node: [u8; NODE_LEN],
+    /// When it was told, in Unix milliseconds by the teller's clock.
+    pub sent_at: u64,
+    /// Its place among the teller's messages, from 1.
+    pub sequence: u64,
+}
+
+/// One message to tell, and the bytes its charges add up to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Telling {
+    pub message: Vec<u8>,
+    pub charged: u64,
+}
+
+/// `charges`, told by `node` at `sent_at`, as messages of at most
+/// [`MAX_MESSAGE`] bytes numbered from `first_sequence` (none if there is
+/// nothing to tell); `tag` makes each message's tag from what comes
+/// before it.
+pub fn encode(
+    node: &str,
+    sent_at: u64,
+    first_sequence: u64,
+    charges: &[Charge],
+    tag: impl Fn(&[u8]) -> [u8; TAG_LEN],
+) -> Vec<Telling> {
+    let per_message = (MAX_MESSAGE - HEADER_LEN - TAG_LEN) / CHARGE_LEN;
     charges
         .chunks(per_message)
-        .map(|chunk| {
-            let mut message = Vec::with_capacity(1 + NODE_LEN + chunk.len() * CHARGE_LEN);
+        .zip(first_sequence..)
+        .map(|(chunk, sequence)| {
+            let mut message = Vec::with_capacity(HEADER_LEN + chunk.len() * CHARGE_LEN + TAG_LEN);
             message.push(VERSION);
             message.extend_from_slice(&node_name(node));
+            message.extend_from_slice(&sent_at.to_be_bytes());
+            message.extend_from_slice(&sequence.to_be_bytes());
+            let mut charged = 0u64;
             for charge in chunk {
                 message.push(charge.budget as u8);
                 message.extend_from_slice(&charge.payer.0);
                 message.extend_from_slice(&charge.bytes.to_be_bytes());
+                charged = charged.saturating_add(charge.bytes);
             }
-            message
+            let tag = tag(&message);
+            message.extend_from_slice(&tag);
+            Telling { message, charged }
         })
         .collect()
 }
 
-/// The teller's name and its charges (those to a budget this node does
-/// not know skipped).
-pub fn decode(message: &[u8]) -> Result<(&[u8], Vec<Charge>), DecodeError> {
-    let (&version, rest) = message.split_first().ok_or(DecodeError::Empty)?;
+/// A message as decoded: not yet checked against its tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Told<'a> {
+    pub header: Header,
+    /// The charges, those to a budget this node does not know skipped.
+    pub charges: Vec<Charge>,
+    /// What the tag was made over.
+    pub tagged: &'a [u8],
+    pub tag: &'a [u8],
+}
+
+/// A message's parts (charges to a budget this node does not know
+/// skipped); its tag is for the caller to check.
+pub fn decode(message: &[u8]) -> Result<Told<'_>, DecodeError> {
+    let (&version, _) = message.split_first().ok_or(DecodeError::Empty)?;
     if version != VERSION {
         return Err(DecodeError::UnsupportedVersion { got: version });
     }
-    let (node, rest) = rest
-        .split_at_checked(NODE_LEN)
-        .ok_or(DecodeError::Missing("node"))?;
+    let (tagged, tag) = message
+        .len()
+        .checked_sub(TAG_LEN)
+        .filter(|&at| at >= HEADER_LEN)
+        .and_then(|at| message.split_at_checked(at))
+        .ok_or(DecodeError::Missing("header or tag"))?;
+    let (header, rest) = tagged
+        .split_at_checked(HEADER_LEN)
+        .ok_or(DecodeError::Missing("header"))?;
+    let u64_at = |at: usize| {
+        header
+            .get(at..at + 8)
+            .and_then(|bytes| bytes.try_into().ok())
+            .map(u64::from_be_bytes)
+    };
+    let header = Header {
+        node: header
+            .get(1..1 + NODE_LEN)
+            .and_then(|node| node.try_into().ok())
+            .ok_or(DecodeError::Missing("node"))?,
+        sent_at: u64_at(1 + NODE_LEN).ok_or(DecodeError::Missing("sent_at"))?,
+        sequence: u64_at(1 + NODE_LEN + 8).ok_or(DecodeError::Missing("sequence"))?,
+    };
     let entries = rest.chunks_exact(CHARGE_LEN);
     if !entries.remainder().is_empty() {
         return Err(DecodeError::invalid(
@@ -121,15 +197,31 @@ pub fn decode(message: &[u8]) -> Result<(&[u8], Vec<Charge>), DecodeError> {
             })
         })
         .collect();
-    Ok((node, charges))
+    Ok(Told {
+        header,
+        charges,
+        tagged,
+        tag,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const NODE: &str = "0123456789abcdef";
+
     fn payer(n: u8) -> Payer {
         Payer([n; 16])
+    }
+
+    /// A stand-in for the caller's HMAC: the tagged bytes' length and
+    /// first byte, so a test sees what the tag was made over.
+    fn tag(tagged: &[u8]) -> [u8; TAG_LEN] {
+        let mut tag = [0u8; TAG_LEN];
+        tag[..8].copy_from_slice(&(tagged.len() as u64).to_be_bytes());
+        tag[8] = tagged.first().copied().unwrap_or(0);
+        tag
     }
 
     fn set(message: &[u8], at: usize, value: u8) -> Vec<u8> {
@@ -151,29 +243,42 @@ mod tests {
                 bytes,
             })
             .collect();
-        let messages = encode("0123456789abcdef", &charges);
-        assert_eq!(messages.len(), 1);
-        let message = messages.first().map_or(&[][..], Vec::as_slice);
-        let (node, heard) = decode(message).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(node, b"0123456789abcdef");
-        assert_eq!(heard, charges);
-        assert!(encode("0123456789abcdef", &[]).is_empty());
+        let told = encode(NODE, 1_700_000_000_123, 41, &charges, tag);
+        assert_eq!(told.len(), 1);
+        let telling = told.first().cloned().unwrap_or_else(|| panic!("none"));
+        assert_eq!(telling.charged, u64::MAX, "saturated");
+        let heard = decode(&telling.message).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            heard.header,
+            Header {
+                node: *b"0123456789abcdef",
+                sent_at: 1_700_000_000_123,
+                sequence: 41,
+            }
+        );
+        assert_eq!(heard.charges, charges);
+        assert_eq!(heard.tagged.len() + TAG_LEN, telling.message.len());
+        assert_eq!(heard.tag, tag(heard.tagged), "made over all before it");
+        assert!(encode(NODE, 0, 1, &[], tag).is_empty());
     }
 
     #[test]
-    fn many_charges_are_told_in_several_messages() {
+    fn many_charges_are_told_in_several_numbered_messages() {
         let charge = Charge {
             budget: Budget::Delivery,
             payer: payer(7),
             bytes: 1,
         };
         let charges = vec![charge; 10_000];
-        let messages = encode("0123456789abcdef", &charges);
-        assert!(messages.len() > 1);
+        let told = encode(NODE, 5, 1, &charges, tag);
+        assert!(told.len() > 1);
         let mut heard = Vec::new();
-        for message in &messages {
-            assert!(message.len() <= MAX_MESSAGE);
-            heard.extend(decode(message).unwrap_or_else(|e| panic!("{e}")).1);
+        for (telling, sequence) in told.iter().zip(1..) {
+            assert!(telling.message.len() <= MAX_MESSAGE);
+            let decoded = decode(&telling.message).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(decoded.header.sequence, sequence);
+            assert_eq!(telling.charged, decoded.charges.len() as u64);
+            heard.extend(decoded.charges);
         }
         assert_eq!(heard, charges);
     }
@@ -185,20 +290,22 @@ mod tests {
             payer: payer(5),
             bytes: 5,
         };
-        let good = encode("0123456789abcdef", &[charge.clone(), charge.clone()]).concat();
-        assert_eq!(decode(&good).map(|(_, c)| c.len()).ok(), Some(2));
-        // Every cut but at a charge's end (the header alone is a message
-        // with no charge in it), and another version.
-        for cut in (0..good.len())
-            .filter(|&cut| cut <= NODE_LEN || !(cut - 1 - NODE_LEN).is_multiple_of(CHARGE_LEN))
-        {
+        let told = encode(NODE, 5, 1, &[charge.clone(), charge.clone()], tag);
+        let good = told.first().map(|t| t.message.clone()).unwrap_or_default();
+        assert_eq!(decode(&good).map(|t| t.charges.len()).ok(), Some(2));
+        // Every cut but one that leaves whole charges before a tag's
+        // length (the cut message is then read as fewer charges and a tag
+        // that will not check).
+        for cut in (0..good.len()).filter(|&cut| {
+            cut < HEADER_LEN + TAG_LEN || !(cut - HEADER_LEN - TAG_LEN).is_multiple_of(CHARGE_LEN)
+        }) {
             let part = good.get(..cut).unwrap_or_default();
             assert!(decode(part).is_err(), "cut at {cut}");
         }
-        assert!(decode(&set(&good, 0, 2)).is_err(), "another version");
+        assert!(decode(&set(&good, 0, 1)).is_err(), "another version");
         // A budget a newer node knows and this one does not: that charge
         // alone is skipped.
-        let newer = set(&good, 1 + NODE_LEN, 9);
-        assert_eq!(decode(&newer).map(|(_, c)| c).ok(), Some(vec![charge]));
+        let newer = set(&good, HEADER_LEN, 9);
+        assert_eq!(decode(&newer).map(|t| t.charges).ok(), Some(vec![charge]));
     }
 }

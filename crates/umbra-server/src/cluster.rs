@@ -131,6 +131,16 @@ fn account_subject(account: &AccountId) -> String {
     format!("umbra.v1.acct.{account}")
 }
 
+/// What asking the node that listens on a subject gave.
+#[derive(Debug)]
+pub enum Asked {
+    Answered(bytes::Bytes),
+    /// No node listens there (or NATS is away).
+    NoOne,
+    /// One listens and did not answer in time.
+    NoAnswer,
+}
+
 /// The connection to NATS failed.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot use NATS at the configured address: {0}")]
@@ -332,6 +342,44 @@ impl Cluster {
             .subscribe(subject)
             .await
             .map_err(|e| ClusterError(e.to_string()))
+    }
+
+    /// What every node publishes on `subject`, one not fixed in advance
+    /// (see [`Cluster::hear`]).
+    pub async fn listen(&self, subject: String) -> Result<async_nats::Subscriber, ClusterError> {
+        self.client
+            .subscribe(subject)
+            .await
+            .map_err(|e| ClusterError(e.to_string()))
+    }
+
+    /// Asks the node that listens on `subject` (request and reply),
+    /// waiting at most `within` for its answer.
+    pub async fn ask(&self, subject: String, payload: Vec<u8>, within: Duration) -> Asked {
+        if !self.connected() {
+            return Asked::NoOne;
+        }
+        let request = async_nats::Request::new()
+            .payload(payload.into())
+            .timeout(Some(within));
+        match self.client.send_request(subject, request).await {
+            Ok(message) => Asked::Answered(message.payload),
+            Err(error) => match error.kind() {
+                async_nats::RequestErrorKind::NoResponders => Asked::NoOne,
+                async_nats::RequestErrorKind::TimedOut => Asked::NoAnswer,
+                _ => {
+                    debug!(%error, "asking through NATS");
+                    Asked::NoOne
+                }
+            },
+        }
+    }
+
+    /// Answers a request heard on NATS (at `reply`, its reply subject).
+    pub async fn reply(&self, reply: async_nats::Subject, payload: Vec<u8>) {
+        if let Err(error) = self.client.publish(reply, payload.into()).await {
+            debug!(%error, "answering through NATS");
+        }
     }
 
     /// Follows `device`'s subjects for its connection on this node, until

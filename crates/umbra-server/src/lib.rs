@@ -260,15 +260,18 @@ pub async fn run(
         None => None,
     };
     let store = connect_store(&data_dir, &config).await?;
-    let cluster_key =
+    // (This copy is wiped when the node stops; what is derived from it
+    // below keeps its own.)
+    let cluster_key = zeroize::Zeroizing::new(
         delivery_ids::load_or_create_key(&data_dir).map_err(|source| ServerError::Io {
             context: format!(
                 "reading or making {}",
                 data_dir.join(delivery_ids::KEY_FILE).display()
             ),
             source,
-        })?;
-    let delivery_ids = delivery_ids::PublicIds::new(cluster_key);
+        })?,
+    );
+    let delivery_ids = delivery_ids::PublicIds::new(*cluster_key);
     let services = Arc::new(Services {
         store,
         registry: Registry::default(),
@@ -281,7 +284,7 @@ pub async fn run(
         blob_fetched_in_flight: Arc::new(tokio::sync::Semaphore::new(
             service::BLOB_FETCHED_IN_FLIGHT,
         )),
-        rendezvous: rendezvous::Rendezvous::new(config.max_rendezvous_bytes),
+        rendezvous: Arc::new(rendezvous::Rendezvous::new(config.max_rendezvous_bytes)),
         clock: options.clock,
         limits: Limits {
             pin: tls::fingerprint(&data_dir.join(&config.cert)).unwrap_or(CertFingerprint([0; 32])),
@@ -299,6 +302,7 @@ pub async fn run(
         tracker.spawn(spending::share(
             Arc::clone(&services),
             Arc::clone(&cluster),
+            Arc::new(spending::Seals::new(&cluster_key)),
             shutdown.clone(),
         ));
         tracker.spawn(keep_in_step(

@@ -49,6 +49,13 @@ pub struct BatchLabels {
     pub kind: &'static str,
 }
 
+/// Why a message on `umbra.v1.spent` was not counted: `malformed`,
+/// `forged`, `replayed` or `stale`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// The error code's name, as in `umbra.proto` (`BadSignature`, ...).
@@ -85,6 +92,8 @@ pub struct Metrics {
     pub cluster_charges_heard: Counter,
     /// Bytes this node charged and could not tell (NATS away).
     pub cluster_charges_untold: Counter,
+    /// Messages on `umbra.v1.spent` not counted, by reason.
+    pub cluster_spent_refused: Family<RefusalLabels, Counter>,
     /// Whether NATS is connected, read at each scrape (a node of a
     /// cluster only).
     pub nats_connected: Gauge,
@@ -199,6 +208,12 @@ impl Default for Metrics {
             "Bytes this node charged to the hourly budgets and could not tell the other nodes (NATS away)",
             cluster_charges_untold.clone(),
         );
+        let cluster_spent_refused = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "cluster_spent_refused",
+            "Messages on umbra.v1.spent not counted, by reason: malformed, forged (not under this cluster's key: another delivery-ids.key, or not a node), replayed, stale (more than a minute from this node's clock)",
+            cluster_spent_refused.clone(),
+        );
         let mailbox_copies = Gauge::default();
         registry.register(
             "mailbox_copies",
@@ -273,6 +288,7 @@ impl Default for Metrics {
             cluster_charges_told,
             cluster_charges_heard,
             cluster_charges_untold,
+            cluster_spent_refused,
             nats_connected,
             mailbox_copies,
             mailbox_bytes,

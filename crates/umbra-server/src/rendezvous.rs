@@ -6,10 +6,16 @@
 //! restart costs the user a new link, never a message. An account has at
 //! most one open (opening another closes the first); all of them together
 //! hold at most `max_rendezvous_bytes`. Expired ones are dropped when the
-//! next is opened, and refused as unknown before that.
+//! next is opened, and refused as unknown before that. In a cluster the
+//! node that holds a rendezvous answers for it to the others
+//! ([`across`]): the device being linked may reach any node.
+
+pub mod across;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+
+use tokio_util::sync::CancellationToken;
 
 use umbra_proto::rendezvous::{
     RENDEZVOUS_BYTES, RENDEZVOUS_SLOT_BYTES, RENDEZVOUS_SLOTS, RENDEZVOUS_TTL_SECS,
@@ -21,6 +27,15 @@ struct Meeting {
     expires_at: u64,
     slots: BTreeMap<u32, Vec<u8>>,
     bytes: usize,
+    /// Cancelled when the meeting goes (closed, replaced, expired): what
+    /// answers for it elsewhere stops.
+    gone: CancellationToken,
+}
+
+impl Drop for Meeting {
+    fn drop(&mut self) {
+        self.gone.cancel();
+    }
 }
 
 /// Every open rendezvous of this node.
@@ -89,9 +104,32 @@ impl Rendezvous {
                 expires_at,
                 slots: BTreeMap::new(),
                 bytes: 0,
+                gone: CancellationToken::new(),
             },
         );
         Ok((id, expires_at))
+    }
+
+    /// Whether this node holds rendezvous `id`, open at `now`.
+    pub fn holds(&self, id: &RendezvousId, now: u64) -> bool {
+        self.lock()
+            .meetings
+            .get(id)
+            .is_some_and(|m| m.expires_at > now)
+    }
+
+    /// Cancelled once rendezvous `id` is gone from this node (at once if
+    /// it is not here).
+    pub fn gone(&self, id: &RendezvousId) -> CancellationToken {
+        self.lock()
+            .meetings
+            .get(id)
+            .map(|m| m.gone.clone())
+            .unwrap_or_else(|| {
+                let gone = CancellationToken::new();
+                gone.cancel();
+                gone
+            })
     }
 
     /// Writes `slot` of rendezvous `id`, once.

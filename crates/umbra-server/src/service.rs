@@ -23,7 +23,7 @@ use umbra_store::{
 
 use crate::registry::Registry;
 use umbra_proto::clock::Clock;
-use umbra_proto::spent::Payer;
+use umbra_proto::spent::{Budget, Payer};
 
 mod anonymous;
 mod blobs;
@@ -75,7 +75,10 @@ impl Services {
     /// Refuses a send while the account's delivery budget is used up.
     fn within_budget(&self, me: &AccountId) -> Result<(), ErrorReply> {
         self.send_budget
-            .check(&self.payers.account(me), tokio::time::Instant::now())
+            .check(
+                &self.payers.account(Budget::Delivery, me),
+                tokio::time::Instant::now(),
+            )
             .map_err(|wait| {
                 refuse(
                     ErrorCode::QuotaExceeded,
@@ -92,8 +95,45 @@ impl Services {
     fn charge(&self, me: &AccountId, bytes: usize, recipients: usize) {
         let total = (bytes as u64).saturating_mul(recipients as u64);
         if total > 0 {
-            self.send_budget
-                .charge(&self.payers.account(me), total, tokio::time::Instant::now());
+            self.send_budget.charge(
+                &self.payers.account(Budget::Delivery, me),
+                total,
+                tokio::time::Instant::now(),
+            );
+        }
+    }
+}
+
+impl Services {
+    /// A put or a get at a rendezvous: here if this node holds it, else at
+    /// the node of the cluster that does.
+    async fn at_rendezvous(&self, request: Request) -> Outcome {
+        let now = self.now();
+        let (Request::RendezvousPut { rendezvous, .. } | Request::RendezvousGet { rendezvous, .. }) =
+            &request
+        else {
+            return Err(refuse(ErrorCode::Internal, "not a rendezvous request"));
+        };
+        if !self.rendezvous.holds(rendezvous, now)
+            && let Some(cluster) = self.registry.cluster()
+            && let Some(answer) = crate::rendezvous::across::ask(cluster, request.clone()).await
+        {
+            return answer;
+        }
+        match request {
+            Request::RendezvousPut {
+                rendezvous,
+                slot,
+                payload,
+            } => self
+                .rendezvous
+                .put(&rendezvous, slot, payload, now)
+                .map(|()| Reply::Done),
+            Request::RendezvousGet { rendezvous, slot } => self
+                .rendezvous
+                .get(&rendezvous, slot, now)
+                .map(|payload| Reply::RendezvousSlot { payload }),
+            _ => Err(refuse(ErrorCode::Internal, "not a rendezvous request")),
         }
     }
 }
@@ -161,7 +201,7 @@ pub struct Services {
     /// up as tasks.
     pub blob_fetched_in_flight: Arc<tokio::sync::Semaphore>,
     /// Where devices being linked meet their account's existing device.
-    pub rendezvous: crate::rendezvous::Rendezvous,
+    pub rendezvous: Arc<crate::rendezvous::Rendezvous>,
     pub clock: Arc<dyn Clock>,
     pub limits: Limits,
     /// The keys that sign anonymous-send tokens.
@@ -545,22 +585,8 @@ impl Services {
             // it was given is what lets it in.
             (
                 Session::AwaitingAuth { .. } | Session::Authenticated { .. },
-                Request::RendezvousPut {
-                    rendezvous,
-                    slot,
-                    payload,
-                },
-            ) => self
-                .rendezvous
-                .put(&rendezvous, slot, payload, self.now())
-                .map(|()| Reply::Done),
-            (
-                Session::AwaitingAuth { .. } | Session::Authenticated { .. },
-                Request::RendezvousGet { rendezvous, slot },
-            ) => self
-                .rendezvous
-                .get(&rendezvous, slot, self.now())
-                .map(|payload| Reply::RendezvousSlot { payload }),
+                request @ (Request::RendezvousPut { .. } | Request::RendezvousGet { .. }),
+            ) => self.at_rendezvous(request).await,
             (Session::AwaitingAuth { .. }, _) => Err(refuse(
                 ErrorCode::NotAuthenticated,
                 "authenticate with Register or Login first",
@@ -840,6 +866,15 @@ impl Services {
             Request::OpenRendezvous => {
                 self.require_active(me).await?;
                 let (rendezvous, expires_at) = self.rendezvous.open(me, self.now())?;
+                if let Some(cluster) = self.registry.cluster() {
+                    crate::rendezvous::across::hold(
+                        Arc::clone(&self.rendezvous),
+                        Arc::clone(&self.clock),
+                        Arc::clone(cluster),
+                        rendezvous,
+                    )
+                    .await;
+                }
                 Ok(Reply::RendezvousOpened {
                     rendezvous,
                     expires_at,

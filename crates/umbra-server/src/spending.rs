@@ -8,21 +8,31 @@
 //! on `umbra.v1.spent`, what it charged since it last told, and each node
 //! charges its own buckets with what it hears.
 //!
-//! A bucket is kept under a [`Payer`], a keyed hash of the account or
-//! group ID ([`Pseudonyms`], keyed from `delivery-ids.key`, which every
-//! node of a cluster shares), never the ID itself: no account or group ID
-//! is on `umbra.v1.spent` (timing can still tie a payer's charges to the
+//! A bucket is kept under a [`Payer`], a keyed hash of the budget and the
+//! account or group ID ([`Pseudonyms`], keyed from `delivery-ids.key`,
+//! which every node of a cluster shares), never the ID itself: no account
+//! or group ID is on `umbra.v1.spent`, and one account's four budgets are
+//! four unrelated payers (timing can still tie a payer's charges to the
 //! wake-ups its sends caused, which name the recipients' accounts).
+//!
+//! Each message carries a tag ([`Seals`]: HMAC-SHA-256 under another key
+//! derived from `delivery-ids.key`), its teller's clock and a sequence
+//! number. A node counts a message only if the tag is the cluster's, the
+//! clock is within [`MAX_SKEW`] of its own and the number is past the
+//! last it counted from that teller ([`Hearing`]): holding NATS
+//! credentials is not enough to charge a budget, nor is a message seen
+//! once enough to charge it again, and a node whose `delivery-ids.key` is
+//! another's is refused and reported (a metric, a warning) rather than
+//! silently sharing nothing.
 //!
 //! What is told is only counted, never trusted for anything else: a lost
 //! message (NATS away, a node stopped or killed before it told) lets an
-//! account spend that much more, as on a node alone. Whoever can publish
-//! on NATS can charge any payer it can name; one message refuses a
-//! payer for an hour at most, and NATS admits only the cluster's nodes
-//! (`docs/operations.md`).
+//! account spend that much more, as on a node alone. One message refuses
+//! a payer for an hour at most.
 //!
 //! The message's format is `umbra_proto::spent`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,8 +40,9 @@ use futures_util::StreamExt;
 use hmac::Mac;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use umbra_proto::spent::{Budget, Charge, Payer, decode, encode};
+use umbra_proto::spent::{Budget, Charge, NODE_LEN, Payer, TAG_LEN, decode, encode, node_name};
 use umbra_proto::{AccountId, GroupId};
+use zeroize::Zeroizing;
 
 use crate::cluster::Cluster;
 use crate::service::Services;
@@ -42,9 +53,29 @@ pub const SUBJECT: &str = "umbra.v1.spent";
 /// How often a node tells the others what it charged.
 pub const SHARE_EVERY: Duration = Duration::from_millis(250);
 
-/// The keyed hash from account and group IDs to [`Payer`]s: HMAC-SHA-256,
-/// truncated to 128 bits, under a key derived (HKDF-SHA-256) from the
-/// cluster's `delivery-ids.key`.
+/// How far a message's time may be from the hearer's clock, either way:
+/// the nodes' clocks must agree within this (NTP does), and a message
+/// older than this is not counted.
+pub const MAX_SKEW: Duration = Duration::from_secs(60);
+
+/// How often at most a refused message is logged as a warning (the others
+/// are counted, and logged at debug level).
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// HMAC-SHA-256 under the key HKDF-SHA-256 derives from the cluster's key
+/// for `purpose` (the derived key is wiped once HMAC has taken it).
+fn keyed(cluster_key: &[u8; 16], purpose: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    hkdf::Hkdf::<sha2::Sha256>::new(None, cluster_key)
+        .expand(purpose, key.as_mut())
+        .unwrap_or_else(|_| unreachable!("32 bytes is a valid HKDF-SHA-256 length"));
+    <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key.as_ref())
+        .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"))
+}
+
+/// The keyed hash from budgets and account or group IDs to [`Payer`]s:
+/// HMAC-SHA-256, truncated to 128 bits, under a key derived (HKDF-SHA-256)
+/// from the cluster's `delivery-ids.key`.
 pub struct Pseudonyms {
     mac: hmac::Hmac<sha2::Sha256>,
 }
@@ -57,28 +88,25 @@ impl std::fmt::Debug for Pseudonyms {
 
 impl Pseudonyms {
     pub fn new(cluster_key: &[u8; 16]) -> Pseudonyms {
-        let mut key = [0u8; 32];
-        hkdf::Hkdf::<sha2::Sha256>::new(None, cluster_key)
-            .expand(b"umbra.v1.spent payers", &mut key)
-            .unwrap_or_else(|_| unreachable!("32 bytes is a valid HKDF-SHA-256 length"));
-        let mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
-        Pseudonyms { mac }
+        Pseudonyms {
+            mac: keyed(cluster_key, b"umbra.v1.spent payers"),
+        }
     }
 
-    /// The payer for `account`'s budgets.
-    pub fn account(&self, account: &AccountId) -> Payer {
-        self.of(b'a', account.as_str().as_bytes())
+    /// The payer for `account`'s `budget` (deliveries, downloads or
+    /// uploads).
+    pub fn account(&self, budget: Budget, account: &AccountId) -> Payer {
+        self.of(budget, b'a', account.as_str().as_bytes())
     }
 
     /// The payer for `group`'s budget of anonymous messages.
     pub fn group(&self, group: &GroupId) -> Payer {
-        self.of(b'g', group.as_bytes())
+        self.of(Budget::Anonymous, b'g', group.as_bytes())
     }
 
-    fn of(&self, kind: u8, id: &[u8]) -> Payer {
+    fn of(&self, budget: Budget, kind: u8, id: &[u8]) -> Payer {
         let mut mac = self.mac.clone();
-        mac.update(&[kind]);
+        mac.update(&[budget as u8, kind]);
         mac.update(id);
         let tag = mac.finalize().into_bytes();
         let mut payer = [0u8; 16];
@@ -87,6 +115,123 @@ impl Pseudonyms {
         }
         Payer(payer)
     }
+}
+
+/// The tags on what the nodes tell: HMAC-SHA-256 under a key derived
+/// (HKDF-SHA-256) from the cluster's `delivery-ids.key`, apart from the
+/// payers' key.
+pub struct Seals {
+    mac: hmac::Hmac<sha2::Sha256>,
+}
+
+impl std::fmt::Debug for Seals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Seals")
+    }
+}
+
+impl Seals {
+    pub fn new(cluster_key: &[u8; 16]) -> Seals {
+        Seals {
+            mac: keyed(cluster_key, b"umbra.v1.spent tags"),
+        }
+    }
+
+    fn tag(&self, tagged: &[u8]) -> [u8; TAG_LEN] {
+        let mut mac = self.mac.clone();
+        mac.update(tagged);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is this cluster's for `tagged` (compared in constant
+    /// time).
+    fn check(&self, tagged: &[u8], tag: &[u8]) -> bool {
+        let mut mac = self.mac.clone();
+        mac.update(tagged);
+        mac.verify_slice(tag).is_ok()
+    }
+}
+
+/// Why a message on `umbra.v1.spent` was not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Not a message this node reads (another version, a bad length).
+    Malformed,
+    /// Its tag is not under this cluster's key: a node with another
+    /// `delivery-ids.key`, or not a node at all.
+    Forged,
+    /// Its number is not past the last counted from its teller.
+    Replayed,
+    /// Its time is more than [`MAX_SKEW`] from this node's clock.
+    Stale,
+}
+
+impl Refused {
+    /// The metric label.
+    fn reason(self) -> &'static str {
+        match self {
+            Refused::Malformed => "malformed",
+            Refused::Forged => "forged",
+            Refused::Replayed => "replayed",
+            Refused::Stale => "stale",
+        }
+    }
+}
+
+/// What this node heard from each teller: the check a message passes
+/// before it is counted.
+struct Hearing {
+    /// This node's name as messages carry it.
+    me: [u8; NODE_LEN],
+    seals: Arc<Seals>,
+    /// Each teller's last counted message: its number and its time.
+    /// Forgotten once its time is [`MAX_SKEW`] old: a copy of any of its
+    /// messages is stale by then.
+    last: HashMap<[u8; NODE_LEN], (u64, u64)>,
+}
+
+impl Hearing {
+    fn new(me: &str, seals: Arc<Seals>) -> Hearing {
+        Hearing {
+            me: node_name(me),
+            seals,
+            last: HashMap::new(),
+        }
+    }
+
+    /// The charges to count from `message`, heard at `now` (Unix
+    /// milliseconds): none if this node told it.
+    fn hear(&mut self, message: &[u8], now: u64) -> Result<Vec<Charge>, Refused> {
+        let told = decode(message).map_err(|_| Refused::Malformed)?;
+        if !self.seals.check(told.tagged, told.tag) {
+            return Err(Refused::Forged);
+        }
+        let header = told.header;
+        if header.node == self.me {
+            return Ok(Vec::new());
+        }
+        let skew = MAX_SKEW.as_millis() as u64;
+        if header.sent_at.abs_diff(now) > skew {
+            return Err(Refused::Stale);
+        }
+        self.last
+            .retain(|_, &mut (_, sent_at)| now.saturating_sub(sent_at) <= skew);
+        match self.last.get(&header.node) {
+            Some(&(sequence, _)) if header.sequence <= sequence => Err(Refused::Replayed),
+            _ => {
+                self.last
+                    .insert(header.node, (header.sequence, header.sent_at));
+                Ok(told.charges)
+            }
+        }
+    }
+}
+
+/// Now, in Unix milliseconds (0 before 1970).
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }
 
 /// The bucket of `budget`.
@@ -103,10 +248,18 @@ fn bucket(services: &Services, budget: Budget) -> &crate::limits::SendBudget<Pay
 /// tells what it charges every [`SHARE_EVERY`], and charges what it hears.
 /// (What it charged in its last period is not told: a node stopped or
 /// killed lets that much more be spent, as NATS away does.)
-pub async fn share(services: Arc<Services>, cluster: Arc<Cluster>, shutdown: CancellationToken) {
+pub async fn share(
+    services: Arc<Services>,
+    cluster: Arc<Cluster>,
+    seals: Arc<Seals>,
+    shutdown: CancellationToken,
+) {
     for budget in Budget::ALL {
         bucket(&services, budget).share();
     }
+    let mut hearing = Hearing::new(cluster.node(), Arc::clone(&seals));
+    let mut next_sequence = 1u64;
+    let mut warned: Option<tokio::time::Instant> = None;
     let mut heard = match cluster.hear(SUBJECT).await {
         Ok(subscriber) => Some(subscriber),
         Err(error) => {
@@ -128,10 +281,33 @@ pub async fn share(services: Arc<Services>, cluster: Arc<Cluster>, shutdown: Can
             // (NATS that takes no message holds neither this task nor the
             // node's stop: what it does not take in time is not told.)
             _ = every.tick() => {
-                let _ = tokio::time::timeout(4 * SHARE_EVERY, tell(&services, &cluster)).await;
+                let told = tell(&services, &cluster, &seals, &mut next_sequence);
+                let _ = tokio::time::timeout(4 * SHARE_EVERY, told).await;
             }
             message = next => match message {
-                Some(message) => hear(&services, cluster.node(), &message.payload),
+                Some(message) => match hearing.hear(&message.payload, unix_millis()) {
+                    Ok(charges) => charge(&services, &charges),
+                    Err(refused) => {
+                        services
+                            .metrics
+                            .cluster_spent_refused
+                            .get_or_create(&crate::metrics::RefusalLabels {
+                                reason: refused.reason(),
+                            })
+                            .inc();
+                        if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                            warned = Some(tokio::time::Instant::now());
+                            warn!(
+                                reason = refused.reason(),
+                                "a message on {SUBJECT} was not counted (forged: a node \
+                                 whose delivery-ids.key is not this one's, or not a node; \
+                                 stale: clocks apart by more than a minute)"
+                            );
+                        } else {
+                            debug!(reason = refused.reason(), "not counted");
+                        }
+                    }
+                },
                 None => {
                     warn!("no longer hearing what the other nodes charge: budgets hold per node");
                     heard = None;
@@ -143,7 +319,7 @@ pub async fn share(services: Arc<Services>, cluster: Arc<Cluster>, shutdown: Can
 
 /// Tells the other nodes what this one charged since it last did; while
 /// NATS is away, that is not told (the budgets hold per node meanwhile).
-async fn tell(services: &Services, cluster: &Cluster) {
+async fn tell(services: &Services, cluster: &Cluster, seals: &Seals, next_sequence: &mut u64) {
     let mut charges: Vec<Charge> = Vec::new();
     for budget in Budget::ALL {
         charges.extend(
@@ -158,31 +334,31 @@ async fn tell(services: &Services, cluster: &Cluster) {
                 }),
         );
     }
-    for message in encode(cluster.node(), &charges) {
-        let total = decode(&message).map_or(0, |(_, told)| {
-            told.iter()
-                .fold(0u64, |sum, charge| sum.saturating_add(charge.bytes))
-        });
-        if cluster.tell_all(SUBJECT, message).await {
-            services.metrics.cluster_charges_told.inc_by(total);
+    let told = encode(
+        cluster.node(),
+        unix_millis(),
+        *next_sequence,
+        &charges,
+        |tagged| seals.tag(tagged),
+    );
+    *next_sequence += told.len() as u64;
+    for telling in told {
+        if cluster.tell_all(SUBJECT, telling.message).await {
+            services
+                .metrics
+                .cluster_charges_told
+                .inc_by(telling.charged);
         } else {
-            services.metrics.cluster_charges_untold.inc_by(total);
+            services
+                .metrics
+                .cluster_charges_untold
+                .inc_by(telling.charged);
         }
     }
 }
 
 /// Charges this node's budgets with what another node told.
-fn hear(services: &Services, me: &str, message: &[u8]) {
-    let (node, charges) = match decode(message) {
-        Ok(decoded) => decoded,
-        Err(error) => {
-            debug!(%error, "ignored");
-            return;
-        }
-    };
-    if node == umbra_proto::spent::node_name(me) {
-        return;
-    }
+fn charge(services: &Services, charges: &[Charge]) {
     let now = tokio::time::Instant::now();
     for charge in charges.iter().filter(|charge| charge.bytes > 0) {
         bucket(services, charge.budget).charge_elsewhere(&charge.payer, charge.bytes, now);
@@ -199,13 +375,132 @@ mod tests {
         let alice = AccountId::parse("AAAAAAAA").unwrap_or_else(|e| panic!("{e}"));
         let group = GroupId::new(b"AAAAAAAA".to_vec()).unwrap_or_else(|e| panic!("{e}"));
         let (one, other) = (Pseudonyms::new(&[1; 16]), Pseudonyms::new(&[2; 16]));
-        assert_eq!(one.account(&alice), one.account(&alice));
-        assert_ne!(one.account(&alice), other.account(&alice), "keyed");
+        let sends = one.account(Budget::Delivery, &alice);
+        assert_eq!(sends, one.account(Budget::Delivery, &alice));
+        assert_ne!(sends, other.account(Budget::Delivery, &alice), "keyed");
+        assert_ne!(sends, one.group(&group), "an account is no group");
         assert_ne!(
-            one.account(&alice),
-            one.group(&group),
-            "an account is no group"
+            sends,
+            one.account(Budget::Uploads, &alice),
+            "an account's budgets are not linked"
         );
-        assert!(!one.account(&alice).0.windows(8).any(|w| w == b"AAAAAAAA"));
+        assert!(!sends.0.windows(8).any(|w| w == b"AAAAAAAA"));
+    }
+
+    const NOW: u64 = 1_800_000_000_000;
+    const SKEW: u64 = MAX_SKEW.as_millis() as u64;
+
+    fn charges(bytes: u64) -> Vec<Charge> {
+        vec![Charge {
+            budget: Budget::Delivery,
+            payer: Payer([3; 16]),
+            bytes,
+        }]
+    }
+
+    /// A message from `node`, numbered `sequence`, told at `sent_at`,
+    /// tagged under `key`.
+    fn told(key: u8, node: &str, sent_at: u64, sequence: u64, bytes: u64) -> Vec<u8> {
+        let seals = Seals::new(&[key; 16]);
+        encode(node, sent_at, sequence, &charges(bytes), |t| seals.tag(t))
+            .pop()
+            .map(|telling| telling.message)
+            .unwrap_or_default()
+    }
+
+    fn hearing() -> Hearing {
+        Hearing::new("me", Arc::new(Seals::new(&[1; 16])))
+    }
+
+    #[test]
+    fn a_message_is_counted_once_from_a_node_of_the_cluster() {
+        let mut hearing = hearing();
+        let first = told(1, "other", NOW, 1, 8);
+        assert_eq!(hearing.hear(&first, NOW), Ok(charges(8)));
+        assert_eq!(hearing.hear(&first, NOW), Err(Refused::Replayed));
+        assert_eq!(
+            hearing.hear(&told(1, "other", NOW, 3, 9), NOW + 1),
+            Ok(charges(9)),
+            "a gap (a message lost) is no replay"
+        );
+        assert_eq!(
+            hearing.hear(&told(1, "other", NOW, 2, 8), NOW + 1),
+            Err(Refused::Replayed),
+            "nor is a message older than the last counted counted"
+        );
+        assert_eq!(
+            hearing.hear(&told(1, "third", NOW, 1, 7), NOW + 1),
+            Ok(charges(7)),
+            "each teller is numbered apart"
+        );
+        assert_eq!(
+            hearing.hear(&told(1, "me", NOW, 1, 8), NOW),
+            Ok(Vec::new()),
+            "what this node told"
+        );
+    }
+
+    #[test]
+    fn a_message_not_under_the_clusters_key_is_forged() {
+        let mut hearing = hearing();
+        assert_eq!(
+            hearing.hear(&told(2, "other", NOW, 1, 8), NOW),
+            Err(Refused::Forged),
+            "another delivery-ids.key"
+        );
+        let mut changed = told(1, "other", NOW, 1, 8);
+        for at in 0..changed.len() {
+            if let Some(byte) = changed.get_mut(at) {
+                *byte ^= 1;
+            }
+            let heard = hearing.hear(&changed, NOW);
+            assert!(
+                matches!(heard, Err(Refused::Forged | Refused::Malformed)),
+                "byte {at} changed: {heard:?}"
+            );
+            if let Some(byte) = changed.get_mut(at) {
+                *byte ^= 1;
+            }
+        }
+        assert_eq!(hearing.hear(&changed, NOW), Ok(charges(8)));
+        assert_eq!(hearing.hear(b"\x02", NOW), Err(Refused::Malformed));
+    }
+
+    #[test]
+    fn a_message_from_too_far_in_the_past_or_future_is_stale() {
+        let mut hearing = hearing();
+        assert_eq!(
+            hearing.hear(&told(1, "other", NOW - SKEW - 1, 1, 8), NOW),
+            Err(Refused::Stale)
+        );
+        assert_eq!(
+            hearing.hear(&told(1, "other", NOW + SKEW + 1, 1, 8), NOW),
+            Err(Refused::Stale)
+        );
+        assert_eq!(
+            hearing.hear(&told(1, "other", NOW - SKEW, 1, 8), NOW),
+            Ok(charges(8))
+        );
+    }
+
+    #[test]
+    fn a_teller_is_forgotten_only_once_its_messages_are_stale() {
+        let mut hearing = hearing();
+        let message = told(1, "other", NOW, 5, 8);
+        assert_eq!(hearing.hear(&message, NOW), Ok(charges(8)));
+        // Another teller's message makes this node forget what is old.
+        let later = NOW + SKEW;
+        assert_eq!(
+            hearing.hear(&told(1, "third", later, 1, 1), later),
+            Ok(charges(1))
+        );
+        assert_eq!(hearing.hear(&message, later), Err(Refused::Replayed));
+        let past = later + 1;
+        assert_eq!(
+            hearing.hear(&told(1, "third", past, 2, 1), past),
+            Ok(charges(1))
+        );
+        assert_eq!(hearing.last.len(), 1, "\"other\" forgotten");
+        assert_eq!(hearing.hear(&message, past), Err(Refused::Stale));
     }
 }

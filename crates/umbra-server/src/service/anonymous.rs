@@ -249,8 +249,9 @@ impl Services {
         // Nobody can tell whose anonymous messages are whose, so they are
         // counted against the group: a member flooding uses up the
         // group's anonymous sending, not its other traffic.
+        let payer = self.payers.group(&group_id);
         self.anonymous_budget
-            .check(&self.payers.group(&group_id), tokio::time::Instant::now())
+            .check(&payer, tokio::time::Instant::now())
             .map_err(|wait| {
                 refuse(
                     ErrorCode::QuotaExceeded,
@@ -275,11 +276,8 @@ impl Services {
                 durable,
             } => {
                 let bytes = (message.len() as u64).saturating_mul(deliveries.len() as u64);
-                self.anonymous_budget.charge(
-                    &self.payers.group(&group_id),
-                    bytes,
-                    tokio::time::Instant::now(),
-                );
+                self.anonymous_budget
+                    .charge(&payer, bytes, tokio::time::Instant::now());
                 self.metrics.anonymous_accepted.inc();
                 self.hand_over(deliveries);
                 Ok((durable, Reply::Accepted { accepted_at: now }))

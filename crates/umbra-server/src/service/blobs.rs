@@ -7,6 +7,7 @@
 
 use umbra_proto::blobs::SEALED_SEGMENT;
 use umbra_proto::frame::{ErrorReply, Reply};
+use umbra_proto::spent::Budget;
 use umbra_proto::{BlobId, DeviceAddr, ErrorCode, GroupId};
 use umbra_store::{BlobCreation, BlobQuota, BlobRead, BlobWrite, NewBlob};
 
@@ -162,11 +163,9 @@ impl Services {
         }
         // Uploads have an hourly budget of their own (messages have
         // theirs): a line cannot churn the store without end.
+        let payer = self.payers.account(Budget::Uploads, &me.account);
         self.blob_upload_budget
-            .check(
-                &self.payers.account(&me.account),
-                tokio::time::Instant::now(),
-            )
+            .check(&payer, tokio::time::Instant::now())
             .map_err(|wait| {
                 refuse(
                     ErrorCode::QuotaExceeded,
@@ -186,11 +185,8 @@ impl Services {
         match outcome {
             BlobWrite::Stored(info) => {
                 self.metrics.blob_bytes_written.inc_by(length);
-                self.blob_upload_budget.charge(
-                    &self.payers.account(&me.account),
-                    length,
-                    tokio::time::Instant::now(),
-                );
+                self.blob_upload_budget
+                    .charge(&payer, length, tokio::time::Instant::now());
                 Ok(Reply::BlobState {
                     size: info.size,
                     stored: info.stored,
@@ -233,18 +229,17 @@ impl Services {
         length: u32,
     ) -> Outcome {
         let now = tokio::time::Instant::now();
-        self.blob_read_budget
-            .check(&self.payers.account(&me.account), now)
-            .map_err(|wait| {
-                refuse(
-                    ErrorCode::QuotaExceeded,
-                    format!(
-                        "this line downloaded more than {} MiB of files this hour; try again in {} s",
-                        mib(self.limits.config.blob_read_bytes_per_hour),
-                        wait.as_secs().max(1)
-                    ),
-                )
-            })?;
+        let payer = self.payers.account(Budget::Downloads, &me.account);
+        self.blob_read_budget.check(&payer, now).map_err(|wait| {
+            refuse(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "this line downloaded more than {} MiB of files this hour; try again in {} s",
+                    mib(self.limits.config.blob_read_bytes_per_hour),
+                    wait.as_secs().max(1)
+                ),
+            )
+        })?;
         match self
             .store
             .read_blob(&blob, me, offset, length, self.now())
@@ -256,8 +251,7 @@ impl Services {
                 // A read costs at least a segment's worth: slivers read
                 // one by one cost the store as much as whole chunks.
                 let charged = data.len().max(SEALED_SEGMENT) as u64;
-                self.blob_read_budget
-                    .charge(&self.payers.account(&me.account), charged, now);
+                self.blob_read_budget.charge(&payer, charged, now);
                 Ok(Reply::BlobData {
                     data: data.into(),
                     size,
