@@ -36,8 +36,8 @@ pub const TAG_LEN: usize = 32;
 const HEADER_LEN: usize = 1 + NODE_LEN + 8 + 8;
 
 /// Past this, what a node tells goes in several messages (NATS's own
-/// default limit is 1 MiB).
-const MAX_MESSAGE: usize = 60 * 1024;
+/// default limit is 1 MiB); a longer message is not one a node told.
+pub const MAX_MESSAGE: usize = 60 * 1024;
 
 /// Whom a budget's bucket belongs to: a keyed hash of an account or group
 /// ID (the server keys it).

@@ -131,16 +131,6 @@ fn account_subject(account: &AccountId) -> String {
     format!("umbra.v1.acct.{account}")
 }
 
-/// What asking the node that listens on a subject gave.
-#[derive(Debug)]
-pub enum Asked {
-    Answered(bytes::Bytes),
-    /// No node listens there (or NATS is away).
-    NoOne,
-    /// One listens and did not answer in time.
-    NoAnswer,
-}
-
 /// The connection to NATS failed.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot use NATS at the configured address: {0}")]
@@ -353,25 +343,27 @@ impl Cluster {
             .map_err(|e| ClusterError(e.to_string()))
     }
 
-    /// Asks the node that listens on `subject` (request and reply),
-    /// waiting at most `within` for its answer.
-    pub async fn ask(&self, subject: String, payload: Vec<u8>, within: Duration) -> Asked {
+    /// A new subject for answers to this node.
+    pub fn inbox(&self) -> String {
+        self.client.new_inbox()
+    }
+
+    /// Publishes `payload` on `subject`, to be answered on `reply`, if NATS
+    /// is there now; whether it was handed to NATS.
+    pub async fn tell_with_reply(&self, subject: String, reply: String, payload: Vec<u8>) -> bool {
         if !self.connected() {
-            return Asked::NoOne;
+            return false;
         }
-        let request = async_nats::Request::new()
-            .payload(payload.into())
-            .timeout(Some(within));
-        match self.client.send_request(subject, request).await {
-            Ok(message) => Asked::Answered(message.payload),
-            Err(error) => match error.kind() {
-                async_nats::RequestErrorKind::NoResponders => Asked::NoOne,
-                async_nats::RequestErrorKind::TimedOut => Asked::NoAnswer,
-                _ => {
-                    debug!(%error, "asking through NATS");
-                    Asked::NoOne
-                }
-            },
+        match self
+            .client
+            .publish_with_reply(subject, reply, payload.into())
+            .await
+        {
+            Ok(()) => true,
+            Err(error) => {
+                debug!(%error, "publishing to NATS");
+                false
+            }
         }
     }
 

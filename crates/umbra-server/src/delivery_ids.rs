@@ -49,6 +49,18 @@ pub fn load_or_create_key(data_dir: &Path) -> std::io::Result<[u8; 16]> {
     }
 }
 
+/// HMAC-SHA-256 under the key HKDF-SHA-256 derives from the cluster's key
+/// (this file's) for `purpose`: what the nodes of a cluster key their
+/// messages to each other with (the derived key is wiped once HMAC has taken it).
+pub fn derived_mac(cluster_key: &[u8; 16], purpose: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    hkdf::Hkdf::<sha2::Sha256>::new(None, cluster_key)
+        .expand(purpose, key.as_mut())
+        .unwrap_or_else(|_| unreachable!("32 bytes is a valid HKDF-SHA-256 length"));
+    <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key.as_ref())
+        .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"))
+}
+
 /// The keyed function from internal to public delivery IDs.
 pub struct PublicIds {
     cipher: Aes128,

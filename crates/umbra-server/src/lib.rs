@@ -260,8 +260,8 @@ pub async fn run(
         None => None,
     };
     let store = connect_store(&data_dir, &config).await?;
-    // (This copy is wiped when the node stops; what is derived from it
-    // below keeps its own.)
+    // (This copy is wiped when the node stops. Not every copy is: the one
+    // the file was read into, the AES and HMAC states derived from it.)
     let cluster_key = zeroize::Zeroizing::new(
         delivery_ids::load_or_create_key(&data_dir).map_err(|source| ServerError::Io {
             context: format!(
@@ -285,6 +285,7 @@ pub async fn run(
             service::BLOB_FETCHED_IN_FLIGHT,
         )),
         rendezvous: Arc::new(rendezvous::Rendezvous::new(config.max_rendezvous_bytes)),
+        rendezvous_keys: Arc::new(rendezvous::across::Keys::new(&cluster_key)),
         clock: options.clock,
         limits: Limits {
             pin: tls::fingerprint(&data_dir.join(&config.cert)).unwrap_or(CertFingerprint([0; 32])),

@@ -140,24 +140,7 @@ impl Rendezvous {
         payload: Vec<u8>,
         now: u64,
     ) -> Result<(), ErrorReply> {
-        if slot >= RENDEZVOUS_SLOTS {
-            return Err(ErrorReply::new(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "rendezvous slots are numbered 0 to {}",
-                    RENDEZVOUS_SLOTS - 1
-                ),
-            ));
-        }
-        if payload.len() > RENDEZVOUS_SLOT_BYTES {
-            return Err(ErrorReply::new(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "a rendezvous slot holds at most {RENDEZVOUS_SLOT_BYTES} bytes, not {}",
-                    payload.len()
-                ),
-            ));
-        }
+        check_put(slot, payload.len())?;
         let mut open = self.lock();
         // Expired ones give their bytes back before the budget is checked.
         let Open { meetings, bytes } = &mut *open;
@@ -228,6 +211,30 @@ impl Rendezvous {
             _ => Err(unknown()),
         }
     }
+}
+
+/// Refuses a put no rendezvous takes: a slot past the last, a payload
+/// larger than a slot.
+pub fn check_put(slot: u32, len: usize) -> Result<(), ErrorReply> {
+    if slot >= RENDEZVOUS_SLOTS {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "rendezvous slots are numbered 0 to {}",
+                RENDEZVOUS_SLOTS - 1
+            ),
+        ));
+    }
+    if len > RENDEZVOUS_SLOT_BYTES {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "a rendezvous slot holds at most {RENDEZVOUS_SLOT_BYTES} bytes, not {}",
+                len
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

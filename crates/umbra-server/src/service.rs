@@ -105,18 +105,33 @@ impl Services {
 }
 
 impl Services {
-    /// A put or a get at a rendezvous: here if this node holds it, else at
-    /// the node of the cluster that does.
-    async fn at_rendezvous(&self, request: Request) -> Outcome {
+    /// A put or a get at a rendezvous, or its close by `opener`: here if
+    /// this node holds it, else at the node of the cluster that does.
+    async fn at_rendezvous(&self, request: Request, opener: Option<&AccountId>) -> Outcome {
         let now = self.now();
-        let (Request::RendezvousPut { rendezvous, .. } | Request::RendezvousGet { rendezvous, .. }) =
-            &request
-        else {
-            return Err(refuse(ErrorCode::Internal, "not a rendezvous request"));
+        let rendezvous = match &request {
+            Request::RendezvousPut {
+                rendezvous,
+                slot,
+                payload,
+            } => {
+                crate::rendezvous::check_put(*slot, payload.len())?;
+                rendezvous
+            }
+            Request::RendezvousGet { rendezvous, .. } | Request::CloseRendezvous { rendezvous } => {
+                rendezvous
+            }
+            _ => return Err(refuse(ErrorCode::Internal, "not a rendezvous request")),
         };
         if !self.rendezvous.holds(rendezvous, now)
             && let Some(cluster) = self.registry.cluster()
-            && let Some(answer) = crate::rendezvous::across::ask(cluster, request.clone()).await
+            && let Some(answer) = crate::rendezvous::across::ask(
+                cluster,
+                &self.rendezvous_keys,
+                request.clone(),
+                opener,
+            )
+            .await
         {
             return answer;
         }
@@ -133,6 +148,13 @@ impl Services {
                 .rendezvous
                 .get(&rendezvous, slot, now)
                 .map(|payload| Reply::RendezvousSlot { payload }),
+            Request::CloseRendezvous { rendezvous } => match opener {
+                Some(opener) => self
+                    .rendezvous
+                    .close(&rendezvous, opener)
+                    .map(|()| Reply::Done),
+                None => Err(refuse(ErrorCode::Internal, "a close names its opener")),
+            },
             _ => Err(refuse(ErrorCode::Internal, "not a rendezvous request")),
         }
     }
@@ -202,6 +224,8 @@ pub struct Services {
     pub blob_fetched_in_flight: Arc<tokio::sync::Semaphore>,
     /// Where devices being linked meet their account's existing device.
     pub rendezvous: Arc<crate::rendezvous::Rendezvous>,
+    /// What the nodes of a cluster tag their talk of rendezvous with.
+    pub rendezvous_keys: Arc<crate::rendezvous::across::Keys>,
     pub clock: Arc<dyn Clock>,
     pub limits: Limits,
     /// The keys that sign anonymous-send tokens.
@@ -586,7 +610,7 @@ impl Services {
             (
                 Session::AwaitingAuth { .. } | Session::Authenticated { .. },
                 request @ (Request::RendezvousPut { .. } | Request::RendezvousGet { .. }),
-            ) => self.at_rendezvous(request).await,
+            ) => self.at_rendezvous(request, None).await,
             (Session::AwaitingAuth { .. }, _) => Err(refuse(
                 ErrorCode::NotAuthenticated,
                 "authenticate with Register or Login first",
@@ -871,6 +895,7 @@ impl Services {
                         Arc::clone(&self.rendezvous),
                         Arc::clone(&self.clock),
                         Arc::clone(cluster),
+                        Arc::clone(&self.rendezvous_keys),
                         rendezvous,
                     )
                     .await;
@@ -880,8 +905,8 @@ impl Services {
                     expires_at,
                 })
             }
-            Request::CloseRendezvous { rendezvous } => {
-                self.rendezvous.close(&rendezvous, me).map(|()| Reply::Done)
+            request @ Request::CloseRendezvous { .. } => {
+                self.at_rendezvous(request, Some(me)).await
             }
             Request::RedeemRenewal { code } => {
                 self.live_account(me).await?;

@@ -11,8 +11,8 @@
 //! A bucket is kept under a [`Payer`], a keyed hash of the budget and the
 //! account or group ID ([`Pseudonyms`], keyed from `delivery-ids.key`,
 //! which every node of a cluster shares), never the ID itself: no account
-//! or group ID is on `umbra.v1.spent`, and one account's four budgets are
-//! four unrelated payers (timing can still tie a payer's charges to the
+//! or group ID is on `umbra.v1.spent`, and one account's three budgets are
+//! unrelated payers (timing can still tie a payer's charges to the
 //! wake-ups its sends caused, which name the recipients' accounts).
 //!
 //! Each message carries a tag ([`Seals`]: HMAC-SHA-256 under another key
@@ -40,9 +40,10 @@ use futures_util::StreamExt;
 use hmac::Mac;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use umbra_proto::spent::{Budget, Charge, NODE_LEN, Payer, TAG_LEN, decode, encode, node_name};
+use umbra_proto::spent::{
+    Budget, Charge, MAX_MESSAGE, NODE_LEN, Payer, TAG_LEN, decode, encode, node_name,
+};
 use umbra_proto::{AccountId, GroupId};
-use zeroize::Zeroizing;
 
 use crate::cluster::Cluster;
 use crate::service::Services;
@@ -62,17 +63,6 @@ pub const MAX_SKEW: Duration = Duration::from_secs(60);
 /// are counted, and logged at debug level).
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// HMAC-SHA-256 under the key HKDF-SHA-256 derives from the cluster's key
-/// for `purpose` (the derived key is wiped once HMAC has taken it).
-fn keyed(cluster_key: &[u8; 16], purpose: &[u8]) -> hmac::Hmac<sha2::Sha256> {
-    let mut key = Zeroizing::new([0u8; 32]);
-    hkdf::Hkdf::<sha2::Sha256>::new(None, cluster_key)
-        .expand(purpose, key.as_mut())
-        .unwrap_or_else(|_| unreachable!("32 bytes is a valid HKDF-SHA-256 length"));
-    <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key.as_ref())
-        .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"))
-}
-
 /// The keyed hash from budgets and account or group IDs to [`Payer`]s:
 /// HMAC-SHA-256, truncated to 128 bits, under a key derived (HKDF-SHA-256)
 /// from the cluster's `delivery-ids.key`.
@@ -89,7 +79,7 @@ impl std::fmt::Debug for Pseudonyms {
 impl Pseudonyms {
     pub fn new(cluster_key: &[u8; 16]) -> Pseudonyms {
         Pseudonyms {
-            mac: keyed(cluster_key, b"umbra.v1.spent payers"),
+            mac: crate::delivery_ids::derived_mac(cluster_key, b"umbra.v1.spent payers"),
         }
     }
 
@@ -133,7 +123,7 @@ impl std::fmt::Debug for Seals {
 impl Seals {
     pub fn new(cluster_key: &[u8; 16]) -> Seals {
         Seals {
-            mac: keyed(cluster_key, b"umbra.v1.spent tags"),
+            mac: crate::delivery_ids::derived_mac(cluster_key, b"umbra.v1.spent tags"),
         }
     }
 
@@ -202,6 +192,9 @@ impl Hearing {
     /// The charges to count from `message`, heard at `now` (Unix
     /// milliseconds): none if this node told it.
     fn hear(&mut self, message: &[u8], now: u64) -> Result<Vec<Charge>, Refused> {
+        if message.len() > MAX_MESSAGE {
+            return Err(Refused::Malformed);
+        }
         let told = decode(message).map_err(|_| Refused::Malformed)?;
         if !self.seals.check(told.tagged, told.tag) {
             return Err(Refused::Forged);
@@ -218,9 +211,12 @@ impl Hearing {
             .retain(|_, &mut (_, sent_at)| now.saturating_sub(sent_at) <= skew);
         match self.last.get(&header.node) {
             Some(&(sequence, _)) if header.sequence <= sequence => Err(Refused::Replayed),
-            _ => {
-                self.last
-                    .insert(header.node, (header.sequence, header.sent_at));
+            last => {
+                // (The latest time heard from it: a teller whose clock
+                // stepped back is not forgotten while a message it sent
+                // before could still be counted.)
+                let latest = last.map_or(header.sent_at, |&(_, at)| at.max(header.sent_at));
+                self.last.insert(header.node, (header.sequence, latest));
                 Ok(told.charges)
             }
         }
@@ -259,7 +255,9 @@ pub async fn share(
     }
     let mut hearing = Hearing::new(cluster.node(), Arc::clone(&seals));
     let mut next_sequence = 1u64;
-    let mut warned: Option<tokio::time::Instant> = None;
+    // When each reason was last warned of (one reason's flood, an old
+    // node's messages in an upgrade, hides no other's).
+    let mut warned: HashMap<&'static str, tokio::time::Instant> = HashMap::new();
     let mut heard = match cluster.hear(SUBJECT).await {
         Ok(subscriber) => Some(subscriber),
         Err(error) => {
@@ -295,8 +293,9 @@ pub async fn share(
                                 reason: refused.reason(),
                             })
                             .inc();
-                        if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-                            warned = Some(tokio::time::Instant::now());
+                        let last = warned.get(refused.reason());
+                        if last.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                            warned.insert(refused.reason(), tokio::time::Instant::now());
                             warn!(
                                 reason = refused.reason(),
                                 "a message on {SUBJECT} was not counted (forged: a node \
@@ -481,6 +480,39 @@ mod tests {
             hearing.hear(&told(1, "other", NOW - SKEW, 1, 8), NOW),
             Ok(charges(8))
         );
+    }
+
+    #[test]
+    fn a_teller_whose_clock_stepped_back_is_remembered_from_its_latest_time() {
+        let mut hearing = hearing();
+        let ahead = told(1, "other", NOW + SKEW, 1, 8);
+        assert_eq!(hearing.hear(&ahead, NOW), Ok(charges(8)));
+        // Its clock steps back a minute; its next message is not what
+        // keeps it in mind.
+        assert_eq!(
+            hearing.hear(&told(1, "other", NOW, 2, 1), NOW),
+            Ok(charges(1))
+        );
+        let later = NOW + SKEW + 1;
+        assert_eq!(
+            hearing.hear(&told(1, "third", later, 1, 1), later),
+            Ok(charges(1))
+        );
+        assert_eq!(
+            hearing.hear(&ahead, later),
+            Err(Refused::Replayed),
+            "its first message, still within a minute, is no longer counted"
+        );
+    }
+
+    #[test]
+    fn a_message_longer_than_any_told_is_not_read() {
+        let mut hearing = hearing();
+        let long = told(1, "other", NOW, 1, 8);
+        let mut longer = long.clone();
+        longer.resize(MAX_MESSAGE + 1, 0);
+        assert_eq!(hearing.hear(&longer, NOW), Err(Refused::Malformed));
+        assert_eq!(hearing.hear(&long, NOW), Ok(charges(8)));
     }
 
     #[test]

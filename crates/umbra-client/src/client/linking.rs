@@ -1101,11 +1101,19 @@ impl Meeting<'_> {
                 // The server refused (the rendezvous, the slot, its limits):
                 // asking again would not change its answer.
                 Err(error)
-                    if error
-                        .server_code()
-                        .is_some_and(|code| code != ErrorCode::NotAuthenticated) =>
+                    if error.server_code().is_some_and(|code| {
+                        !matches!(code, ErrorCode::NotAuthenticated | ErrorCode::ServerBusy)
+                    }) =>
                 {
                     return Err(error);
+                }
+                // Busy (its room for rendezvous full, or, in a cluster, the
+                // node holding the rendezvous out of reach for a moment):
+                // again after a pause, while there is time.
+                Err(error) if error.server_code() == Some(ErrorCode::ServerBusy) => {
+                    self.connection = Some(link);
+                    debug!(%error, "the server is busy; asking again");
+                    tokio::time::sleep(POLL).await;
                 }
                 // Closed for not logging in, or lost: a new connection.
                 Err(error) => {

@@ -2,175 +2,447 @@
 //!
 //! Devices try a cluster's nodes in turn, so the device being linked may
 //! reach another node than the one its account's device opened the
-//! rendezvous on. The node that holds a rendezvous answers for it on NATS
-//! (request and reply) for as long as it is open, on a subject named
-//! after a hash of its ID (`umbra.v1.rdv.<hash>`); a node asked about a
+//! rendezvous on, and the opener may have moved by the time it closes it.
+//! The node that holds a rendezvous answers for it on NATS for as long as
+//! it is open, on a subject named after a keyed hash of its ID
+//! (`umbra.v1.rdv.<hash>`); a node asked to put, get or close at a
 //! rendezvous it does not hold asks there, and answers as the holder did.
-//! The ID, the capability to read and write the slots, never goes on
-//! NATS: the subject carries the first half of its SHA-256 (the ID is 16
-//! random bytes, so the hash gives nothing away), the forwarded request a
-//! zeroed ID. The payloads are sealed by the devices
-//! (`umbra_client::pairing`): NATS sees their sizes and timing.
 //!
-//! NATS away, or the holder stopped: the rendezvous is unknown to the
-//! other nodes, as one lost to a restart (the user links again).
+//! Every request and answer carries a tag (HMAC-SHA-256 under a key
+//! derived from `delivery-ids.key`) over the rendezvous ID, the asker's
+//! reply subject and the content: only a node of the cluster that knows
+//! the ID can ask, and only the holder can answer, so holding NATS
+//! credentials is not enough to read, write or close a rendezvous, nor to
+//! answer for one. The ID itself never goes on NATS (requests carry a
+//! zeroed one). The slots are sealed by the devices
+//! (`umbra_client::pairing`); NATS sees their sizes and timing, and the
+//! sealed bytes of what is forwarded.
+//!
+//! NATS away or the holder stopped: the rendezvous is unknown to the other
+//! nodes (`SERVER_BUSY` while NATS is away), as one lost to a restart.
+//!
+//! ```text
+//! request := tag (32) opener_len (1) opener (the closing account's ID;
+//!            none for a put or a get) frame (a client frame: a put, a
+//!            get or a close, its rendezvous zeroed)
+//! answer  := tag (32) message (a server frame: the response)
+//! tag     := HMAC(key, "ask" | "answer", ID, reply subject, the rest)
+//! ```
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use sha2::{Digest, Sha256};
+use hmac::Mac;
 use tracing::{debug, warn};
 use umbra_proto::clock::Clock;
 use umbra_proto::frame::ClientFrame;
 use umbra_proto::rendezvous::RENDEZVOUS_TTL_SECS;
 use umbra_proto::{
-    ErrorCode, ErrorReply, RendezvousId, Reply, Request, ServerMessage, decode_client,
+    AccountId, ErrorCode, ErrorReply, RendezvousId, Reply, Request, ServerMessage, decode_client,
     decode_server, encode_client, encode_server,
 };
 
 use super::Rendezvous;
-use crate::cluster::{Asked, Cluster};
+use crate::cluster::Cluster;
 
 /// How long a node waits for the holder's answer.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long opening a rendezvous waits for NATS to route to its holder
-/// (past this, only this node serves it).
+/// How long opening a rendezvous waits, at most, for a request through
+/// NATS to reach its holder (past this, only this node serves it).
 const HOLD_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The subject rendezvous `id`'s holder answers on.
-pub fn subject(id: &RendezvousId) -> String {
-    let digest = Sha256::digest(id.0);
-    let half: String = hex::encode(digest).chars().take(32).collect();
-    format!("umbra.v1.rdv.{half}")
+const TAG_LEN: usize = 32;
+
+/// The key the nodes tag what they say about rendezvous with.
+pub struct Keys {
+    mac: hmac::Hmac<sha2::Sha256>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("rendezvous::across::Keys")
+    }
+}
+
+impl Keys {
+    pub fn new(cluster_key: &[u8; 16]) -> Keys {
+        Keys {
+            mac: crate::delivery_ids::derived_mac(cluster_key, b"umbra.v1.rdv"),
+        }
+    }
+
+    /// HMAC of `parts`, each preceded by its length.
+    fn keyed(&self, parts: &[&[u8]]) -> hmac::Hmac<sha2::Sha256> {
+        let mut mac = self.mac.clone();
+        for part in parts {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac
+    }
+
+    fn tag(&self, parts: &[&[u8]]) -> [u8; TAG_LEN] {
+        self.keyed(parts).finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the tag of `parts` (compared in constant time).
+    fn check(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        self.keyed(parts).verify_slice(tag).is_ok()
+    }
+
+    /// The subject rendezvous `id`'s holder answers on.
+    fn subject(&self, id: &RendezvousId) -> String {
+        let tag = self.tag(&[b"subject", &id.0]);
+        let half: String = hex::encode(tag).chars().take(32).collect();
+        format!("umbra.v1.rdv.{half}")
+    }
+}
+
+/// A message's tag and what follows it.
+fn split_tagged(message: &[u8]) -> Option<(&[u8], &[u8])> {
+    message.split_at_checked(TAG_LEN)
 }
 
 /// Answers for rendezvous `id` on NATS until it is gone from `rendezvous`
-/// (closed, replaced, expired) or NATS ends the subscription. Returns
-/// once a request to it reaches this node through NATS, or after
-/// [`HOLD_TIMEOUT`].
+/// (closed, replaced, expired), its time is up, or NATS ends the
+/// subscription. Returns once a request through NATS reaches it, or after
+/// [`HOLD_TIMEOUT`] at most; at once while NATS is away (this node alone
+/// serves it then).
 pub async fn hold(
     rendezvous: Arc<Rendezvous>,
     clock: Arc<dyn Clock>,
     cluster: Arc<Cluster>,
+    keys: Arc<Keys>,
     id: RendezvousId,
 ) {
-    let gone = rendezvous.gone(&id);
-    let subject = subject(&id);
-    let mut subscriber = match tokio::time::timeout(HOLD_TIMEOUT, cluster.listen(subject)).await {
-        Ok(Ok(subscriber)) => subscriber,
-        Ok(Err(error)) => {
-            warn!(%error, "a rendezvous is served by this node only");
-            return;
-        }
-        Err(_) => {
-            warn!(
-                "NATS did not take a rendezvous's subscription in time: this node only serves it"
-            );
-            return;
-        }
-    };
-    let serving = Arc::clone(&cluster);
-    tokio::spawn(async move {
-        let expiry = tokio::time::sleep(Duration::from_secs(RENDEZVOUS_TTL_SECS));
-        tokio::pin!(expiry);
-        loop {
-            tokio::select! {
-                _ = gone.cancelled() => break,
-                _ = &mut expiry => break,
-                message = subscriber.next() => match message {
-                    Some(message) => {
-                        answer(&rendezvous, clock.as_ref(), &serving, &id, message).await;
-                    }
-                    None => break,
-                },
-            }
-        }
-        let _ = subscriber.unsubscribe().await;
-    });
-    // Asks itself through NATS: once that is answered, so is a device
-    // that comes through another node.
-    let started = tokio::time::Instant::now();
-    let probe = Request::RendezvousGet {
-        rendezvous: id,
-        slot: 0,
-    };
-    while started.elapsed() < HOLD_TIMEOUT {
-        if ask(&cluster, probe.clone()).await.is_some() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if !cluster.connected() {
+        return;
     }
-    warn!("NATS did not route to a rendezvous in time: other nodes may not find it yet");
+    let gone = rendezvous.gone(&id);
+    let held = tokio::time::timeout(HOLD_TIMEOUT, async {
+        let mut subscriber = match cluster.listen(keys.subject(&id)).await {
+            Ok(subscriber) => subscriber,
+            Err(error) => {
+                warn!(%error, "a rendezvous is served by this node only");
+                return true;
+            }
+        };
+        let (serving, keys_serving) = (Arc::clone(&cluster), Arc::clone(&keys));
+        tokio::spawn(async move {
+            let expiry = tokio::time::sleep(Duration::from_secs(RENDEZVOUS_TTL_SECS));
+            tokio::pin!(expiry);
+            loop {
+                tokio::select! {
+                    _ = gone.cancelled() => break,
+                    _ = &mut expiry => break,
+                    message = subscriber.next() => match message {
+                        Some(message) => {
+                            let answer = answer(&rendezvous, clock.as_ref(), &keys_serving, &id, message);
+                            if let Some((reply, answer)) = answer {
+                                let _ = tokio::time::timeout(ASK_TIMEOUT, serving.reply(reply, answer)).await;
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+            let _ = subscriber.unsubscribe().await;
+        });
+        // Asks itself through NATS, as another node would: once that is
+        // answered, so is a device that comes through another node.
+        let probe = Request::RendezvousGet {
+            rendezvous: id,
+            slot: 0,
+        };
+        loop {
+            if ask(&cluster, &keys, probe.clone(), None).await.is_some() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if held.is_err() {
+        warn!("NATS did not route to a rendezvous in time: other nodes may not find it yet");
+    }
 }
 
-/// Runs a put or a get a node forwarded to rendezvous `id`, and replies.
-async fn answer(
+/// Runs a put, get or close another node forwarded to rendezvous `id`:
+/// where to answer, and the answer (none for what this node does not
+/// take: no reply subject, a tag that does not check, not such a
+/// request).
+fn answer(
     rendezvous: &Rendezvous,
     clock: &dyn Clock,
-    cluster: &Cluster,
+    keys: &Keys,
     id: &RendezvousId,
     message: async_nats::Message,
-) {
-    let Some(reply) = message.reply else {
-        return;
-    };
+) -> Option<(async_nats::Subject, Vec<u8>)> {
+    let reply = message.reply?;
+    let (tag, rest) = split_tagged(&message.payload)?;
+    if !keys.check(&[b"ask", &id.0, reply.as_bytes(), rest], tag) {
+        debug!("a rendezvous request whose tag does not check: ignored");
+        return None;
+    }
+    let (&opener_len, rest) = rest.split_first()?;
+    let (opener, frame) = rest.split_at_checked(usize::from(opener_len))?;
     let now = clock.now();
-    let result = match decode_client(&message.payload).map(|frame| frame.request) {
-        Ok(Request::RendezvousPut { slot, payload, .. }) => {
+    let result = match decode_client(frame).ok()?.request {
+        Request::RendezvousPut { slot, payload, .. } => {
             rendezvous.put(id, slot, payload, now).map(|()| Reply::Done)
         }
-        Ok(Request::RendezvousGet { slot, .. }) => rendezvous
+        Request::RendezvousGet { slot, .. } => rendezvous
             .get(id, slot, now)
             .map(|payload| Reply::RendezvousSlot { payload }),
-        Ok(_) | Err(_) => Err(ErrorReply::new(
-            ErrorCode::MalformedFrame,
-            "a node forwards only a rendezvous's puts and gets",
-        )),
-    };
-    let response = encode_server(&ServerMessage::Response { id: 0, result });
-    cluster.reply(reply, response).await;
-}
-
-/// Runs `request` (a put or a get) at the node holding its rendezvous:
-/// its answer, or none if no node holds it (or NATS is away).
-pub async fn ask(cluster: &Cluster, request: Request) -> Option<Result<Reply, ErrorReply>> {
-    let (Request::RendezvousPut { rendezvous, .. } | Request::RendezvousGet { rendezvous, .. }) =
-        &request
-    else {
-        return None;
-    };
-    let subject = subject(rendezvous);
-    let request = match request {
-        Request::RendezvousPut { slot, payload, .. } => Request::RendezvousPut {
-            rendezvous: RendezvousId([0; 16]),
-            slot,
-            payload,
-        },
-        Request::RendezvousGet { slot, .. } => Request::RendezvousGet {
-            rendezvous: RendezvousId([0; 16]),
-            slot,
-        },
+        Request::CloseRendezvous { .. } => {
+            let opener = AccountId::parse(std::str::from_utf8(opener).ok()?).ok()?;
+            rendezvous.close(id, &opener).map(|()| Reply::Done)
+        }
         _ => return None,
     };
-    let bytes = encode_client(&ClientFrame { id: 1, request });
-    match cluster.ask(subject, bytes, ASK_TIMEOUT).await {
-        Asked::Answered(answer) => match decode_server(&answer) {
-            Ok(ServerMessage::Response { result, .. }) => Some(result),
-            other => {
-                debug!(?other, "a rendezvous's holder answered what is no response");
-                Some(Err(busy()))
-            }
-        },
-        Asked::NoOne => None,
-        Asked::NoAnswer => Some(Err(busy())),
-    }
+    let response = encode_server(&ServerMessage::Response { id: 1, result });
+    let tag = keys.tag(&[b"answer", &id.0, reply.as_bytes(), &response]);
+    Some((reply, [&tag[..], &response].concat()))
 }
 
-fn busy() -> ErrorReply {
-    ErrorReply::new(
-        ErrorCode::ServerBusy,
-        "the node holding this rendezvous did not answer in time; try again",
-    )
+/// Runs `request` (a put, a get, or a close by `opener`) at the node
+/// holding its rendezvous: its answer; none if no node holds it.
+/// `SERVER_BUSY` while NATS is away, or when the holder does not answer
+/// within [`ASK_TIMEOUT`].
+pub async fn ask(
+    cluster: &Cluster,
+    keys: &Keys,
+    request: Request,
+    opener: Option<&AccountId>,
+) -> Option<Result<Reply, ErrorReply>> {
+    if !cluster.connected() {
+        return Some(Err(busy("the other nodes cannot be reached now")));
+    }
+    let inbox = cluster.inbox();
+    let (id, message) = request_message(keys, &inbox, request, opener)?;
+    let asked = tokio::time::timeout(ASK_TIMEOUT, async {
+        let mut answers = cluster.listen(inbox.clone()).await.ok()?;
+        let subject = keys.subject(&id);
+        if !cluster
+            .tell_with_reply(subject, inbox.clone(), message)
+            .await
+        {
+            return Some(Err(busy("the other nodes cannot be reached now")));
+        }
+        while let Some(message) = answers.next().await {
+            if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                return None;
+            }
+            match read_answer(keys, &id, &inbox, &message.payload) {
+                Some(result) => return Some(result),
+                None => debug!("a rendezvous answer whose tag does not check: ignored"),
+            }
+        }
+        Some(Err(busy("the other nodes cannot be reached now")))
+    })
+    .await;
+    asked.unwrap_or_else(|_| {
+        Some(Err(busy(
+            "the node holding this rendezvous did not answer in time",
+        )))
+    })
+}
+
+/// The rendezvous `request` is for, and the message that asks its holder
+/// to run it (answers to `inbox`; `opener` closes).
+fn request_message(
+    keys: &Keys,
+    inbox: &str,
+    request: Request,
+    opener: Option<&AccountId>,
+) -> Option<(RendezvousId, Vec<u8>)> {
+    let zeroed = RendezvousId([0; 16]);
+    let (id, request) = match request {
+        Request::RendezvousPut {
+            rendezvous,
+            slot,
+            payload,
+        } => (
+            rendezvous,
+            Request::RendezvousPut {
+                rendezvous: zeroed,
+                slot,
+                payload,
+            },
+        ),
+        Request::RendezvousGet { rendezvous, slot } => (
+            rendezvous,
+            Request::RendezvousGet {
+                rendezvous: zeroed,
+                slot,
+            },
+        ),
+        Request::CloseRendezvous { rendezvous } => {
+            (rendezvous, Request::CloseRendezvous { rendezvous: zeroed })
+        }
+        _ => return None,
+    };
+    let opener = opener.map_or(&[][..], |account| account.as_str().as_bytes());
+    let opener_len = u8::try_from(opener.len()).ok()?;
+    let rest = [
+        &[opener_len][..],
+        opener,
+        &encode_client(&ClientFrame { id: 1, request }),
+    ]
+    .concat();
+    let tag = keys.tag(&[b"ask", &id.0, inbox.as_bytes(), &rest]);
+    Some((id, [&tag[..], &rest].concat()))
+}
+
+/// The holder's answer in `payload`, if its tag checks.
+fn read_answer(
+    keys: &Keys,
+    id: &RendezvousId,
+    inbox: &str,
+    payload: &[u8],
+) -> Option<Result<Reply, ErrorReply>> {
+    let (tag, response) = split_tagged(payload)?;
+    if !keys.check(&[b"answer", &id.0, inbox.as_bytes(), response], tag) {
+        return None;
+    }
+    Some(match decode_server(response) {
+        Ok(ServerMessage::Response { result, .. }) => result,
+        _ => Err(busy("the node holding this rendezvous answered nonsense")),
+    })
+}
+
+fn busy(why: &str) -> ErrorReply {
+    ErrorReply::new(ErrorCode::ServerBusy, format!("{why}; try again"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alice() -> AccountId {
+        AccountId::parse("AAAAAAAA").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn bob() -> AccountId {
+        AccountId::parse("BBBBBBBB").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[derive(Debug)]
+    struct Fixed;
+    impl Clock for Fixed {
+        fn now(&self) -> u64 {
+            100
+        }
+    }
+
+    /// A message as NATS hands it to the holder.
+    fn heard(payload: Vec<u8>, reply: &str) -> async_nats::Message {
+        async_nats::Message {
+            subject: "umbra.v1.rdv.x".into(),
+            reply: Some(reply.into()),
+            payload: payload.into(),
+            headers: None,
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    /// What the holder of `id` answers to `request` asked under `asker`'s
+    /// key, read under the cluster's.
+    fn run(
+        holder: &Rendezvous,
+        id: &RendezvousId,
+        asker: &Keys,
+        request: Request,
+        opener: Option<&AccountId>,
+    ) -> Option<Result<Reply, ErrorReply>> {
+        let keys = Keys::new(&[1; 16]);
+        let (asked, message) = request_message(asker, "_INBOX.a", request, opener)?;
+        assert_eq!(&asked, id);
+        let (reply, answer) = super::answer(holder, &Fixed, &keys, id, heard(message, "_INBOX.a"))?;
+        assert_eq!(reply.as_str(), "_INBOX.a");
+        read_answer(&keys, id, "_INBOX.a", &answer)
+    }
+
+    #[test]
+    fn the_holder_answers_only_the_clusters_nodes_and_only_to_the_asker() {
+        let holder = Rendezvous::new(1 << 20);
+        let (id, _) = holder
+            .open(&alice(), 100)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let cluster = Keys::new(&[1; 16]);
+        let put = Request::RendezvousPut {
+            rendezvous: id,
+            slot: 3,
+            payload: b"sealed".to_vec(),
+        };
+        assert_eq!(
+            run(&holder, &id, &cluster, put.clone(), None),
+            Some(Ok(Reply::Done))
+        );
+        let get = Request::RendezvousGet {
+            rendezvous: id,
+            slot: 3,
+        };
+        assert_eq!(
+            run(&holder, &id, &cluster, get.clone(), None),
+            Some(Ok(Reply::RendezvousSlot {
+                payload: Some(b"sealed".to_vec())
+            }))
+        );
+        // Under another key (a node of another cluster, or not a node):
+        // nothing is run, nothing answered.
+        let stranger = Keys::new(&[2; 16]);
+        let slot_9 = Request::RendezvousPut {
+            rendezvous: id,
+            slot: 9,
+            payload: b"squat".to_vec(),
+        };
+        assert_eq!(run(&holder, &id, &stranger, slot_9, None), None);
+        assert_eq!(holder.get(&id, 9, 100).ok(), Some(None), "not written");
+        // A request heard again with another reply subject (to read what
+        // it answers) does not check either.
+        let (_, message) =
+            request_message(&cluster, "_INBOX.a", get, None).unwrap_or_else(|| panic!("a get"));
+        assert!(
+            super::answer(&holder, &Fixed, &cluster, &id, heard(message, "_INBOX.b")).is_none()
+        );
+        // An answer under another key is not taken for the holder's.
+        let (_, message) =
+            request_message(&stranger, "_INBOX.a", put, None).unwrap_or_else(|| panic!("a put"));
+        let (_, answer) =
+            super::answer(&holder, &Fixed, &stranger, &id, heard(message, "_INBOX.a"))
+                .unwrap_or_else(|| panic!("answered under its own key"));
+        assert_eq!(read_answer(&cluster, &id, "_INBOX.a", &answer), None);
+    }
+
+    #[test]
+    fn only_its_opener_closes_a_rendezvous_from_another_node() {
+        let holder = Rendezvous::new(1 << 20);
+        let (id, _) = holder
+            .open(&alice(), 100)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let cluster = Keys::new(&[1; 16]);
+        let close = Request::CloseRendezvous { rendezvous: id };
+        let gone = holder.gone(&id);
+        let by_bob = run(&holder, &id, &cluster, close.clone(), Some(&bob()));
+        assert!(matches!(by_bob, Some(Err(ref e)) if e.code == ErrorCode::UnknownRendezvous));
+        assert!(holder.holds(&id, 100));
+        assert!(!gone.is_cancelled());
+        let by_alice = run(&holder, &id, &cluster, close, Some(&alice()));
+        assert_eq!(by_alice, Some(Ok(Reply::Done)));
+        assert!(!holder.holds(&id, 100));
+        assert!(gone.is_cancelled(), "what answers for it on NATS stops");
+    }
+
+    #[test]
+    fn a_subject_names_no_rendezvous_id() {
+        let id = RendezvousId([0xab; 16]);
+        let subject = Keys::new(&[1; 16]).subject(&id);
+        assert!(!subject.contains(&hex::encode(id.0)));
+        assert_ne!(subject, Keys::new(&[2; 16]).subject(&id), "keyed");
+    }
 }
