@@ -604,6 +604,28 @@ async fn a_device_links_through_another_node_than_its_accounts() {
         bob.next_text().await,
         (phone.id(), "from the laptop".into())
     );
+
+    // A rendezvous no node holds is unknown at once through node B (no
+    // node listens for it; a holder would have 5 s to answer).
+    let mut unheld = link.clone();
+    unheld.rendezvous = umbra_proto::RendezvousId([0x5a; 16]);
+    let other_home = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let refused = umbra_client::Client::join_link(
+        other_home.path(),
+        &common::passphrase(),
+        &unheld,
+        "tablet",
+        options(),
+    )
+    .await;
+    let error = refused.err().expect("an unknown rendezvous links nothing");
+    assert!(error.to_string().contains("start again"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "refused after {:?}",
+        started.elapsed()
+    );
     drop((phone, bob, laptop, nats));
     node_a.stop();
     node_b.stop();
