@@ -39,6 +39,8 @@ use super::{Client, ClientOptions};
 
 /// How often a waiting side looks at the rendezvous.
 const POLL: Duration = Duration::from_millis(200);
+/// How many times a request answered `SERVER_BUSY` is asked again.
+const BUSY_TRIES: u32 = 14;
 
 /// How long the existing device waits for the new one to read the last
 /// slot before it closes the rendezvous.
@@ -1083,6 +1085,7 @@ struct Meeting<'a> {
 
 impl Meeting<'_> {
     async fn request(&mut self, request: Request) -> Result<Reply> {
+        let mut busy = 0u32;
         loop {
             if self.clock.now() >= self.deadline {
                 return Err(ClientError::LinkFailed(
@@ -1109,11 +1112,15 @@ impl Meeting<'_> {
                 }
                 // Busy (its room for rendezvous full, or, in a cluster, the
                 // node holding the rendezvous out of reach for a moment):
-                // again after a pause, while there is time.
+                // again, through the next node listed, after a growing
+                // pause (about 45 s in all before giving up).
                 Err(error) if error.server_code() == Some(ErrorCode::ServerBusy) => {
-                    self.connection = Some(link);
+                    busy += 1;
+                    if busy > BUSY_TRIES {
+                        return Err(error);
+                    }
                     debug!(%error, "the server is busy; asking again");
-                    tokio::time::sleep(POLL).await;
+                    tokio::time::sleep(POLL * 2u32.pow(busy.min(4))).await;
                 }
                 // Closed for not logging in, or lost: a new connection.
                 Err(error) => {

@@ -49,6 +49,10 @@ use crate::cluster::Cluster;
 /// How long a node waits for the holder's answer.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a node waits, after NATS said no node holds a rendezvous, for
+/// an answer that says otherwise.
+const NO_ONE_GRACE: Duration = Duration::from_millis(250);
+
 /// How long opening a rendezvous waits, at most, for a request through
 /// NATS to reach its holder (past this, only this node serves it).
 const HOLD_TIMEOUT: Duration = Duration::from_secs(2);
@@ -133,14 +137,21 @@ pub async fn hold(
         tokio::spawn(async move {
             let expiry = tokio::time::sleep(Duration::from_secs(RENDEZVOUS_TTL_SECS));
             tokio::pin!(expiry);
+            // Every ask has an inbox of its own: one heard again is a copy
+            // (to read a slot again, or to be answered in bulk), not run.
+            let mut answered: std::collections::HashSet<String> = std::collections::HashSet::new();
             loop {
                 tokio::select! {
                     _ = gone.cancelled() => break,
                     _ = &mut expiry => break,
                     message = subscriber.next() => match message {
+                        Some(message) if message.reply.as_ref().is_some_and(|r| answered.contains(r.as_str())) => {
+                            debug!("a rendezvous request heard again: not run");
+                        }
                         Some(message) => {
                             let answer = answer(&rendezvous, clock.as_ref(), &keys_serving, &id, message);
                             if let Some((reply, answer)) = answer {
+                                answered.insert(reply.to_string());
                                 let _ = tokio::time::timeout(ASK_TIMEOUT, serving.reply(reply, answer)).await;
                             }
                         }
@@ -231,9 +242,21 @@ pub async fn ask(
         {
             return Some(Err(busy("the other nodes cannot be reached now")));
         }
-        while let Some(message) = answers.next().await {
+        // NATS's "no responders" is not tagged (anyone on NATS could send
+        // one to this inbox): taken only if no tagged answer follows soon.
+        let mut no_one_until = None;
+        loop {
+            let next = match no_one_until {
+                Some(until) => match tokio::time::timeout_at(until, answers.next()).await {
+                    Ok(next) => next,
+                    Err(_) => return None,
+                },
+                None => answers.next().await,
+            };
+            let Some(message) = next else { break };
             if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-                return None;
+                no_one_until.get_or_insert(tokio::time::Instant::now() + NO_ONE_GRACE);
+                continue;
             }
             match read_answer(keys, &id, &inbox, &message.payload) {
                 Some(result) => return Some(result),
