@@ -49,16 +49,54 @@ pub fn load_or_create_key(data_dir: &Path) -> std::io::Result<[u8; 16]> {
     }
 }
 
-/// HMAC-SHA-256 under the key HKDF-SHA-256 derives from the cluster's key
-/// (this file's) for `purpose`: what the nodes of a cluster key their
-/// messages to each other with (the derived key is wiped once HMAC has taken it).
-pub fn derived_mac(cluster_key: &[u8; 16], purpose: &[u8]) -> hmac::Hmac<sha2::Sha256> {
-    let mut key = zeroize::Zeroizing::new([0u8; 32]);
-    hkdf::Hkdf::<sha2::Sha256>::new(None, cluster_key)
-        .expand(purpose, key.as_mut())
-        .unwrap_or_else(|_| unreachable!("32 bytes is a valid HKDF-SHA-256 length"));
-    <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key.as_ref())
-        .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"))
+/// HMAC-SHA-256 under a key HKDF-SHA-256 derives from the cluster's key
+/// (this file's) for one purpose: what the nodes of a cluster name things
+/// and tag what they say to each other with. Its `Debug` shows nothing.
+pub struct ClusterMac {
+    mac: hmac::Hmac<sha2::Sha256>,
+}
+
+impl std::fmt::Debug for ClusterMac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterMac")
+    }
+}
+
+impl ClusterMac {
+    /// The derived key is wiped once HMAC has taken it (HMAC's own state
+    /// is not).
+    pub fn new(cluster_key: &[u8; 16], purpose: &[u8]) -> ClusterMac {
+        let mut key = zeroize::Zeroizing::new([0u8; 32]);
+        hkdf::Hkdf::<sha2::Sha256>::new(None, cluster_key)
+            .expand(purpose, key.as_mut())
+            .unwrap_or_else(|_| unreachable!("32 bytes is a valid HKDF-SHA-256 length"));
+        let mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key.as_ref())
+            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+        ClusterMac { mac }
+    }
+
+    /// HMAC of `parts`, each preceded by its length.
+    fn of(&self, parts: &[&[u8]]) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        let mut mac = self.mac.clone();
+        for part in parts {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac
+    }
+
+    /// The tag of `parts`.
+    pub fn tag(&self, parts: &[&[u8]]) -> [u8; 32] {
+        use hmac::Mac;
+        self.of(parts).finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the tag of `parts` (compared in constant time).
+    pub fn check(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        use hmac::Mac;
+        self.of(parts).verify_slice(tag).is_ok()
+    }
 }
 
 /// The keyed function from internal to public delivery IDs.

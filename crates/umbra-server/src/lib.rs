@@ -303,7 +303,7 @@ pub async fn run(
         tracker.spawn(spending::share(
             Arc::clone(&services),
             Arc::clone(&cluster),
-            Arc::new(spending::Seals::new(&cluster_key)),
+            Arc::new(spending::seals(&cluster_key)),
             shutdown.clone(),
         ));
         tracker.spawn(keep_in_step(

@@ -15,7 +15,7 @@
 //! unrelated payers (timing can still tie a payer's charges to the
 //! wake-ups its sends caused, which name the recipients' accounts).
 //!
-//! Each message carries a tag ([`Seals`]: HMAC-SHA-256 under another key
+//! Each message carries a tag ([`seals`]: HMAC-SHA-256 under another key
 //! derived from `delivery-ids.key`), its teller's clock and a sequence
 //! number. A node counts a message only if the tag is the cluster's, the
 //! clock is within [`MAX_SKEW`] of its own and the number is past the
@@ -37,15 +37,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use hmac::Mac;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use umbra_proto::spent::{
-    Budget, Charge, MAX_MESSAGE, NODE_LEN, Payer, TAG_LEN, decode, encode, node_name,
-};
+use umbra_proto::spent::{Budget, Charge, MAX_MESSAGE, NODE_LEN, Payer, decode, encode, node_name};
 use umbra_proto::{AccountId, GroupId};
 
 use crate::cluster::Cluster;
+use crate::delivery_ids::ClusterMac;
 use crate::service::Services;
 
 /// The subject budgets are shared on.
@@ -64,23 +62,14 @@ pub const MAX_SKEW: Duration = Duration::from_secs(60);
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The keyed hash from budgets and account or group IDs to [`Payer`]s:
-/// HMAC-SHA-256, truncated to 128 bits, under a key derived (HKDF-SHA-256)
-/// from the cluster's `delivery-ids.key`.
-pub struct Pseudonyms {
-    mac: hmac::Hmac<sha2::Sha256>,
-}
-
-impl std::fmt::Debug for Pseudonyms {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Pseudonyms")
-    }
-}
+/// HMAC-SHA-256, truncated to 128 bits, under a key derived from the
+/// cluster's `delivery-ids.key`.
+#[derive(Debug)]
+pub struct Pseudonyms(ClusterMac);
 
 impl Pseudonyms {
     pub fn new(cluster_key: &[u8; 16]) -> Pseudonyms {
-        Pseudonyms {
-            mac: crate::delivery_ids::derived_mac(cluster_key, b"umbra.v1.spent payers"),
-        }
+        Pseudonyms(ClusterMac::new(cluster_key, b"umbra.v1.spent payers"))
     }
 
     /// The payer for `account`'s `budget` (deliveries, downloads or
@@ -95,10 +84,7 @@ impl Pseudonyms {
     }
 
     fn of(&self, budget: Budget, kind: u8, id: &[u8]) -> Payer {
-        let mut mac = self.mac.clone();
-        mac.update(&[budget as u8, kind]);
-        mac.update(id);
-        let tag = mac.finalize().into_bytes();
+        let tag = self.0.tag(&[&[budget as u8, kind], id]);
         let mut payer = [0u8; 16];
         for (to, from) in payer.iter_mut().zip(tag) {
             *to = from;
@@ -107,39 +93,10 @@ impl Pseudonyms {
     }
 }
 
-/// The tags on what the nodes tell: HMAC-SHA-256 under a key derived
-/// (HKDF-SHA-256) from the cluster's `delivery-ids.key`, apart from the
-/// payers' key.
-pub struct Seals {
-    mac: hmac::Hmac<sha2::Sha256>,
-}
-
-impl std::fmt::Debug for Seals {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Seals")
-    }
-}
-
-impl Seals {
-    pub fn new(cluster_key: &[u8; 16]) -> Seals {
-        Seals {
-            mac: crate::delivery_ids::derived_mac(cluster_key, b"umbra.v1.spent tags"),
-        }
-    }
-
-    fn tag(&self, tagged: &[u8]) -> [u8; TAG_LEN] {
-        let mut mac = self.mac.clone();
-        mac.update(tagged);
-        mac.finalize().into_bytes().into()
-    }
-
-    /// Whether `tag` is this cluster's for `tagged` (compared in constant
-    /// time).
-    fn check(&self, tagged: &[u8], tag: &[u8]) -> bool {
-        let mut mac = self.mac.clone();
-        mac.update(tagged);
-        mac.verify_slice(tag).is_ok()
-    }
+/// The tags on what the nodes tell, under a key of their own (not the
+/// payers').
+pub fn seals(cluster_key: &[u8; 16]) -> ClusterMac {
+    ClusterMac::new(cluster_key, b"umbra.v1.spent tags")
 }
 
 /// Why a message on `umbra.v1.spent` was not counted.
@@ -173,7 +130,7 @@ impl Refused {
 struct Hearing {
     /// This node's name as messages carry it.
     me: [u8; NODE_LEN],
-    seals: Arc<Seals>,
+    seals: Arc<ClusterMac>,
     /// Each teller's last counted message: its number and its time.
     /// Forgotten once its time is [`MAX_SKEW`] old: a copy of any of its
     /// messages is stale by then.
@@ -181,7 +138,7 @@ struct Hearing {
 }
 
 impl Hearing {
-    fn new(me: &str, seals: Arc<Seals>) -> Hearing {
+    fn new(me: &str, seals: Arc<ClusterMac>) -> Hearing {
         Hearing {
             me: node_name(me),
             seals,
@@ -196,7 +153,7 @@ impl Hearing {
             return Err(Refused::Malformed);
         }
         let told = decode(message).map_err(|_| Refused::Malformed)?;
-        if !self.seals.check(told.tagged, told.tag) {
+        if !self.seals.check(&[told.tagged], told.tag) {
             return Err(Refused::Forged);
         }
         let header = told.header;
@@ -247,7 +204,7 @@ fn bucket(services: &Services, budget: Budget) -> &crate::limits::SendBudget<Pay
 pub async fn share(
     services: Arc<Services>,
     cluster: Arc<Cluster>,
-    seals: Arc<Seals>,
+    seals: Arc<ClusterMac>,
     shutdown: CancellationToken,
 ) {
     for budget in Budget::ALL {
@@ -318,7 +275,7 @@ pub async fn share(
 
 /// Tells the other nodes what this one charged since it last did; while
 /// NATS is away, that is not told (the budgets hold per node meanwhile).
-async fn tell(services: &Services, cluster: &Cluster, seals: &Seals, next_sequence: &mut u64) {
+async fn tell(services: &Services, cluster: &Cluster, seals: &ClusterMac, next_sequence: &mut u64) {
     let mut charges: Vec<Charge> = Vec::new();
     for budget in Budget::ALL {
         charges.extend(
@@ -338,7 +295,7 @@ async fn tell(services: &Services, cluster: &Cluster, seals: &Seals, next_sequen
         unix_millis(),
         *next_sequence,
         &charges,
-        |tagged| seals.tag(tagged),
+        |tagged| seals.tag(&[tagged]),
     );
     *next_sequence += told.len() as u64;
     for telling in told {
@@ -400,15 +357,17 @@ mod tests {
     /// A message from `node`, numbered `sequence`, told at `sent_at`,
     /// tagged under `key`.
     fn told(key: u8, node: &str, sent_at: u64, sequence: u64, bytes: u64) -> Vec<u8> {
-        let seals = Seals::new(&[key; 16]);
-        encode(node, sent_at, sequence, &charges(bytes), |t| seals.tag(t))
-            .pop()
-            .map(|telling| telling.message)
-            .unwrap_or_default()
+        let seals = seals(&[key; 16]);
+        encode(node, sent_at, sequence, &charges(bytes), |t| {
+            seals.tag(&[t])
+        })
+        .pop()
+        .map(|telling| telling.message)
+        .unwrap_or_default()
     }
 
     fn hearing() -> Hearing {
-        Hearing::new("me", Arc::new(Seals::new(&[1; 16])))
+        Hearing::new("me", Arc::new(seals(&[1; 16])))
     }
 
     #[test]

@@ -33,7 +33,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use hmac::Mac;
 use tracing::{debug, warn};
 use umbra_proto::clock::Clock;
 use umbra_proto::frame::ClientFrame;
@@ -45,6 +44,7 @@ use umbra_proto::{
 
 use super::Rendezvous;
 use crate::cluster::Cluster;
+use crate::delivery_ids::ClusterMac;
 
 /// How long a node waits for the holder's answer.
 pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,45 +60,17 @@ const HOLD_TIMEOUT: Duration = Duration::from_secs(2);
 const TAG_LEN: usize = 32;
 
 /// The key the nodes tag what they say about rendezvous with.
-pub struct Keys {
-    mac: hmac::Hmac<sha2::Sha256>,
-}
-
-impl std::fmt::Debug for Keys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("rendezvous::across::Keys")
-    }
-}
+#[derive(Debug)]
+pub struct Keys(ClusterMac);
 
 impl Keys {
     pub fn new(cluster_key: &[u8; 16]) -> Keys {
-        Keys {
-            mac: crate::delivery_ids::derived_mac(cluster_key, b"umbra.v1.rdv"),
-        }
-    }
-
-    /// HMAC of `parts`, each preceded by its length.
-    fn keyed(&self, parts: &[&[u8]]) -> hmac::Hmac<sha2::Sha256> {
-        let mut mac = self.mac.clone();
-        for part in parts {
-            mac.update(&(part.len() as u64).to_be_bytes());
-            mac.update(part);
-        }
-        mac
-    }
-
-    fn tag(&self, parts: &[&[u8]]) -> [u8; TAG_LEN] {
-        self.keyed(parts).finalize().into_bytes().into()
-    }
-
-    /// Whether `tag` is the tag of `parts` (compared in constant time).
-    fn check(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
-        self.keyed(parts).verify_slice(tag).is_ok()
+        Keys(ClusterMac::new(cluster_key, b"umbra.v1.rdv"))
     }
 
     /// The subject rendezvous `id`'s holder answers on.
     fn subject(&self, id: &RendezvousId) -> String {
-        let tag = self.tag(&[b"subject", &id.0]);
+        let tag = self.0.tag(&[b"subject", &id.0]);
         let half: String = hex::encode(tag).chars().take(32).collect();
         format!("umbra.v1.rdv.{half}")
     }
@@ -130,7 +102,7 @@ pub async fn hold(
             Ok(subscriber) => subscriber,
             Err(error) => {
                 warn!(%error, "a rendezvous is served by this node only");
-                return true;
+                return;
             }
         };
         let (serving, keys_serving) = (Arc::clone(&cluster), Arc::clone(&keys));
@@ -169,7 +141,7 @@ pub async fn hold(
         };
         loop {
             if ask(&cluster, &keys, probe.clone(), None).await.is_some() {
-                return true;
+                return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -193,7 +165,7 @@ fn answer(
 ) -> Option<(async_nats::Subject, Vec<u8>)> {
     let reply = message.reply?;
     let (tag, rest) = split_tagged(&message.payload)?;
-    if !keys.check(&[b"ask", &id.0, reply.as_bytes(), rest], tag) {
+    if !keys.0.check(&[b"ask", &id.0, reply.as_bytes(), rest], tag) {
         debug!("a rendezvous request whose tag does not check: ignored");
         return None;
     }
@@ -214,7 +186,7 @@ fn answer(
         _ => return None,
     };
     let response = encode_server(&ServerMessage::Response { id: 1, result });
-    let tag = keys.tag(&[b"answer", &id.0, reply.as_bytes(), &response]);
+    let tag = keys.0.tag(&[b"answer", &id.0, reply.as_bytes(), &response]);
     Some((reply, [&tag[..], &response].concat()))
 }
 
@@ -315,7 +287,7 @@ fn request_message(
         &encode_client(&ClientFrame { id: 1, request }),
     ]
     .concat();
-    let tag = keys.tag(&[b"ask", &id.0, inbox.as_bytes(), &rest]);
+    let tag = keys.0.tag(&[b"ask", &id.0, inbox.as_bytes(), &rest]);
     Some((id, [&tag[..], &rest].concat()))
 }
 
@@ -327,7 +299,10 @@ fn read_answer(
     payload: &[u8],
 ) -> Option<Result<Reply, ErrorReply>> {
     let (tag, response) = split_tagged(payload)?;
-    if !keys.check(&[b"answer", &id.0, inbox.as_bytes(), response], tag) {
+    if !keys
+        .0
+        .check(&[b"answer", &id.0, inbox.as_bytes(), response], tag)
+    {
         return None;
     }
     Some(match decode_server(response) {
