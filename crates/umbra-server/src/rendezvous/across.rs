@@ -59,6 +59,11 @@ const HOLD_TIMEOUT: Duration = Duration::from_secs(2);
 
 const TAG_LEN: usize = 32;
 
+/// Most requests a holder answers for one rendezvous (the inboxes it
+/// remembers, to run none twice): a link takes a few thousand at most,
+/// one new device polling through another node for ten minutes.
+const MAX_ANSWERED: usize = 16_384;
+
 /// The key the nodes tag what they say about rendezvous with.
 #[derive(Debug)]
 pub struct Keys(ClusterMac);
@@ -112,7 +117,7 @@ pub async fn hold(
             // Every ask has an inbox of its own: one heard again is a copy
             // (to read a slot again, or to be answered in bulk), not run.
             let mut answered: std::collections::HashSet<String> = std::collections::HashSet::new();
-            loop {
+            while answered.len() < MAX_ANSWERED {
                 tokio::select! {
                     _ = gone.cancelled() => break,
                     _ = &mut expiry => break,
@@ -130,6 +135,9 @@ pub async fn hold(
                         None => break,
                     },
                 }
+            }
+            if answered.len() >= MAX_ANSWERED {
+                warn!("a rendezvous was asked about too often: served by this node only from now");
             }
             let _ = subscriber.unsubscribe().await;
         });
