@@ -10,6 +10,7 @@
 mod common;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Device, TestServer, activation_at, options};
@@ -579,23 +580,8 @@ async fn a_device_links_through_another_node_than_its_accounts() {
 
     // The phone opens the rendezvous on node A; the laptop reaches node B.
     let pending = phone.client.start_link().await.unwrap();
-    let mut link: umbra_client::LinkString = pending.link_string().to_string().parse().unwrap();
-    link.address = node_b.address.to_string();
-    let finishing = tokio::spawn(pending.finish());
     let home = tempfile::tempdir().unwrap();
-    let (laptop, joined) = umbra_client::Client::join_link(
-        home.path(),
-        &common::passphrase(),
-        &link,
-        "laptop",
-        options(),
-    )
-    .await
-    .unwrap();
-    let linked = finishing.await.unwrap().unwrap();
-    assert_eq!(joined.account, phone.id());
-    assert_eq!(joined.device, linked.device);
-    assert_eq!(joined.conversations, Some(linked.conversations));
+    let (laptop, link) = link_laptop_through(&phone, pending, &node_b, home.path()).await;
 
     // The laptop, on node B, speaks as the account to Bob on node A.
     let to_bob = laptop.conversation_with(&bob.id()).unwrap();
@@ -629,6 +615,111 @@ async fn a_device_links_through_another_node_than_its_accounts() {
         started.elapsed()
     );
     drop((phone, bob, laptop, nats));
+    node_a.stop();
+    node_b.stop();
+}
+
+/// Links a laptop, kept in `home`, to `phone`'s account through `node`
+/// (`pending`: the phone's link, opened on its own node): the laptop, and
+/// the link string it was given.
+async fn link_laptop_through(
+    phone: &Device,
+    pending: umbra_client::PendingLink,
+    node: &TestServer,
+    home: &Path,
+) -> (umbra_client::Client, umbra_client::LinkString) {
+    let mut link: umbra_client::LinkString = pending.link_string().to_string().parse().unwrap();
+    link.address = node.address.to_string();
+    let finishing = tokio::spawn(pending.finish());
+    let (laptop, joined) =
+        umbra_client::Client::join_link(home, &common::passphrase(), &link, "laptop", options())
+            .await
+            .expect("the laptop links");
+    let linked = finishing.await.unwrap().unwrap();
+    assert_eq!(joined.account, phone.id());
+    assert_eq!(joined.device, linked.device);
+    assert_eq!(joined.conversations, Some(linked.conversations));
+    (laptop, link)
+}
+
+/// A rendezvous opened while NATS is away is found through another node
+/// once NATS is back: its holder's subscription waits for NATS, as the
+/// node's others do, and the device being linked, told `SERVER_BUSY`
+/// meanwhile, asks again. (Before, a node opening a rendezvous while NATS
+/// was away never answered for it on NATS: the laptop was told it did not
+/// exist.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rendezvous_opened_while_nats_is_away_is_found_once_it_is_back() {
+    let Cluster {
+        pg: _pg,
+        url: _,
+        nats,
+        dir: _dir,
+        a,
+        b,
+    } = Cluster::start(false).await;
+    let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
+    let node_b = TestServer::start_in(&b, "127.0.0.1:0".parse().unwrap()).await;
+    let phone = Device::activate(&node_a).await;
+
+    let port = nats.kill();
+    let pending = phone.client.start_link().await.unwrap();
+    let nats = PrivateNats::start(Some(port)).unwrap();
+    let home = tempfile::tempdir().unwrap();
+    link_laptop_through(&phone, pending, &node_b, home.path()).await;
+    drop((phone, nats));
+    node_a.stop();
+    node_b.stop();
+}
+
+/// The device being linked rides out `SERVER_BUSY` after its login too:
+/// NATS is killed the moment the laptop logs in on node B (so its next
+/// steps, forwarded to node A which holds the rendezvous, are answered
+/// busy) and started again 3 s later; the link completes. (Before, the
+/// steps after the login gave up at the first busy answer, leaving the
+/// laptop in the account's device list and no device.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_being_linked_rides_out_a_busy_node_after_its_login() {
+    let Cluster {
+        pg: _pg,
+        url: _,
+        nats,
+        dir: _dir,
+        a,
+        b,
+    } = Cluster::start(false).await;
+    let port: u16 = nats.url().rsplit(':').next().unwrap().parse().unwrap();
+    let nats = Arc::new(std::sync::Mutex::new(Some(nats)));
+    let node_a = TestServer::start_in(&a, "127.0.0.1:0".parse().unwrap()).await;
+    let watched = Arc::clone(&nats);
+    let watch: common::Watch = Arc::new(move |direction, bytes: &[u8]| {
+        let login = matches!(
+            umbra_proto::decode_client(bytes),
+            Ok(umbra_proto::frame::ClientFrame {
+                request: umbra_proto::Request::Login { .. },
+                ..
+            })
+        );
+        if direction == umbra_server::Direction::Inbound && login {
+            // Killed (SIGKILL) before node B acts on the login.
+            drop(watched.lock().unwrap().take());
+        }
+    });
+    let node_b = TestServer::start_in_watched(&b, "127.0.0.1:0".parse().unwrap(), watch).await;
+    let phone = Device::activate(&node_a).await;
+
+    let pending = phone.client.start_link().await.unwrap();
+    let restarting = tokio::spawn(async move {
+        while nats.lock().unwrap().is_some() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        PrivateNats::start(Some(port)).unwrap()
+    });
+    let home = tempfile::tempdir().unwrap();
+    link_laptop_through(&phone, pending, &node_b, home.path()).await;
+    let nats = restarting.await.unwrap();
+    drop((phone, nats));
     node_a.stop();
     node_b.stop();
 }

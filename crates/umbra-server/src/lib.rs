@@ -272,6 +272,7 @@ pub async fn run(
         })?,
     );
     let delivery_ids = delivery_ids::PublicIds::new(*cluster_key);
+    let tracker = TaskTracker::new();
     let services = Arc::new(Services {
         store,
         registry: Registry::default(),
@@ -286,6 +287,10 @@ pub async fn run(
         )),
         rendezvous: Arc::new(rendezvous::Rendezvous::new(config.max_rendezvous_bytes)),
         rendezvous_keys: Arc::new(rendezvous::across::Keys::new(&cluster_key)),
+        rendezvous_holders: rendezvous::across::Holders {
+            tasks: tracker.clone(),
+            stop: shutdown.clone(),
+        },
         clock: options.clock,
         limits: Limits {
             pin: tls::fingerprint(&data_dir.join(&config.cert)).unwrap_or(CertFingerprint([0; 32])),
@@ -297,7 +302,6 @@ pub async fn run(
     });
     info!(%local, tls = config.tls, "umbra-server listening");
 
-    let tracker = TaskTracker::new();
     if let Some(cluster) = cluster {
         services.registry.join(Arc::clone(&cluster));
         tracker.spawn(spending::share(

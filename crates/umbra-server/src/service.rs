@@ -226,6 +226,8 @@ pub struct Services {
     pub rendezvous: Arc<crate::rendezvous::Rendezvous>,
     /// What the nodes of a cluster tag their talk of rendezvous with.
     pub rendezvous_keys: Arc<crate::rendezvous::across::Keys>,
+    /// Where the tasks that answer for this node's rendezvous on NATS run.
+    pub rendezvous_holders: crate::rendezvous::across::Holders,
     pub clock: Arc<dyn Clock>,
     pub limits: Limits,
     /// The keys that sign anonymous-send tokens.
@@ -897,6 +899,7 @@ impl Services {
                         Arc::clone(cluster),
                         Arc::clone(&self.rendezvous_keys),
                         rendezvous,
+                        &self.rendezvous_holders,
                     )
                     .await;
                 }

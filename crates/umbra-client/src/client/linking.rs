@@ -132,12 +132,13 @@ impl PendingLink {
     pub async fn finish(self) -> Result<LinkedDevice> {
         let result = self.run().await;
         // Whatever happened, the rendezvous is no longer needed.
-        let _ = self
-            .client
-            .request(Request::CloseRendezvous {
+        let _ = ask_at_rendezvous(
+            &self.client,
+            Request::CloseRendezvous {
                 rendezvous: self.link.rendezvous,
-            })
-            .await;
+            },
+        )
+        .await;
         result
     }
 
@@ -286,14 +287,14 @@ impl PendingLink {
     }
 
     async fn put_bytes(&self, slot: u32, bytes: &[u8]) -> Result<()> {
-        self.client
-            .request(Request::RendezvousPut {
-                rendezvous: self.link.rendezvous,
-                slot,
-                payload: self.sealer.seal(slot, bytes)?,
-            })
-            .await?;
-        Ok(())
+        put_through(
+            &self.client,
+            &self.sealer,
+            self.link.rendezvous,
+            slot,
+            bytes,
+        )
+        .await
     }
 
     async fn wait_for<T: serde::de::DeserializeOwned>(&self, slot: u32) -> Result<T> {
@@ -303,18 +304,9 @@ impl PendingLink {
                     "the new device did not come in time; the link expired (start again)".into(),
                 ));
             }
-            let reply = self
-                .client
-                .request(Request::RendezvousGet {
-                    rendezvous: self.link.rendezvous,
-                    slot,
-                })
-                .await?;
-            if let Reply::RendezvousSlot {
-                payload: Some(sealed),
-            } = reply
-            {
-                return parse(&self.sealer.open(slot, &sealed)?);
+            let got = get_through(&self.client, &self.sealer, self.link.rendezvous, slot).await?;
+            if let Some(bytes) = got {
+                return parse(&bytes);
             }
             tokio::time::sleep(POLL).await;
         }
@@ -735,29 +727,22 @@ impl Client {
                 "the server's device list for this account does not list this device".into(),
             ));
         }
-        client
-            .request(Request::RendezvousPut {
-                rendezvous: link.rendezvous,
-                slot: pairing::READY,
-                payload: meeting.sealer.seal(pairing::READY, b"null")?,
-            })
-            .await?;
+        put_through(
+            &client,
+            &meeting.sealer,
+            link.rendezvous,
+            pairing::READY,
+            b"null",
+        )
+        .await?;
         meeting.connection = None;
         let conversations = loop {
             if client.now() >= deadline {
                 break None;
             }
-            match client
-                .request(Request::RendezvousGet {
-                    rendezvous: link.rendezvous,
-                    slot: pairing::JOINED,
-                })
-                .await
-            {
-                Ok(Reply::RendezvousSlot {
-                    payload: Some(sealed),
-                }) => {
-                    let joined: Joined = parse(&meeting.sealer.open(pairing::JOINED, &sealed)?)?;
+            match get_through(&client, &meeting.sealer, link.rendezvous, pairing::JOINED).await {
+                Ok(Some(bytes)) => {
+                    let joined: Joined = parse(&bytes)?;
                     if let Some(table) = &joined.messages {
                         // Messages only: nothing else may come this way.
                         if table.name != "messages" {
@@ -783,16 +768,17 @@ impl Client {
                         tx.commit()?;
                         debug!(taken, files, "messages that came while linking");
                     }
-                    let _ = client
-                        .request(Request::RendezvousPut {
-                            rendezvous: link.rendezvous,
-                            slot: pairing::DONE,
-                            payload: meeting.sealer.seal(pairing::DONE, b"null")?,
-                        })
-                        .await;
+                    let _ = put_through(
+                        &client,
+                        &meeting.sealer,
+                        link.rendezvous,
+                        pairing::DONE,
+                        b"null",
+                    )
+                    .await;
                     break Some(joined.conversations);
                 }
-                Ok(_) => tokio::time::sleep(POLL).await,
+                Ok(None) => tokio::time::sleep(POLL).await,
                 // Closed or expired: the existing device is done or gone.
                 Err(error) if error.server_code() == Some(ErrorCode::UnknownRendezvous) => {
                     break None;
@@ -1113,14 +1099,9 @@ impl Meeting<'_> {
                 // Busy (its room for rendezvous full, or, in a cluster, the
                 // node holding the rendezvous out of reach for a moment):
                 // again, through the next node listed, after a growing
-                // pause (about 45 s in all before giving up).
+                // pause.
                 Err(error) if error.server_code() == Some(ErrorCode::ServerBusy) => {
-                    busy += 1;
-                    if busy > BUSY_TRIES {
-                        return Err(error);
-                    }
-                    debug!(%error, "the server is busy; asking again");
-                    tokio::time::sleep(POLL * 2u32.pow(busy.min(4))).await;
+                    after_busy(&mut busy, error).await?;
                 }
                 // Closed for not logging in, or lost: a new connection.
                 Err(error) => {
@@ -1150,10 +1131,7 @@ impl Meeting<'_> {
             Err(error) if error.server_code() == Some(ErrorCode::SlotTaken) => {
                 match self.get(slot).await {
                     Ok(Some(written)) if *written == *plaintext => Ok(()),
-                    _ => Err(ClientError::LinkFailed(
-                        "someone else is using this link; start again from the existing device"
-                            .into(),
-                    )),
+                    _ => Err(someone_else()),
                 }
             }
             Err(error) if error.server_code() == Some(ErrorCode::UnknownRendezvous) => {
@@ -1192,6 +1170,88 @@ impl Meeting<'_> {
             tokio::time::sleep(POLL).await;
         }
     }
+}
+
+/// After a request was answered `SERVER_BUSY` (`busy` times in a row
+/// before this one, counted here): waits a growing pause, 0.4 s doubling
+/// up to 3.2 s (40 s to 2 min in all with the requests' own time), or
+/// gives `error` back once [`BUSY_TRIES`] are spent.
+async fn after_busy(busy: &mut u32, error: ClientError) -> Result<()> {
+    *busy += 1;
+    if *busy > BUSY_TRIES {
+        return Err(error);
+    }
+    debug!(%error, "the server is busy; asking again");
+    tokio::time::sleep(POLL * 2u32.pow((*busy).min(4))).await;
+    Ok(())
+}
+
+/// Runs a rendezvous request through `client`'s session (either device,
+/// once logged in), asking again while the server answers `SERVER_BUSY`:
+/// its room for rendezvous full, or, in a cluster, the node holding the
+/// rendezvous out of reach for a moment. A request answered busy may
+/// have been run: [`put_through`] allows for that.
+async fn ask_at_rendezvous(client: &Client, request: Request) -> Result<Reply> {
+    let mut busy = 0u32;
+    loop {
+        match client.request(request.clone()).await {
+            Err(error) if error.server_code() == Some(ErrorCode::ServerBusy) => {
+                after_busy(&mut busy, error).await?;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Puts `plaintext`, sealed, in `slot` of `rendezvous` through `client`'s
+/// session. A slot found written already is ours (written by an earlier
+/// ask whose answer was lost) only if it holds the same.
+async fn put_through(
+    client: &Client,
+    sealer: &Sealer,
+    rendezvous: umbra_proto::RendezvousId,
+    slot: u32,
+    plaintext: &[u8],
+) -> Result<()> {
+    let payload = sealer.seal(slot, plaintext)?;
+    let put = Request::RendezvousPut {
+        rendezvous,
+        slot,
+        payload,
+    };
+    match ask_at_rendezvous(client, put).await {
+        Ok(_) => Ok(()),
+        Err(error) if error.server_code() == Some(ErrorCode::SlotTaken) => {
+            match get_through(client, sealer, rendezvous, slot).await {
+                Ok(Some(written)) if *written == *plaintext => Ok(()),
+                _ => Err(someone_else()),
+            }
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// What `slot` of `rendezvous` holds, opened, through `client`'s session.
+async fn get_through(
+    client: &Client,
+    sealer: &Sealer,
+    rendezvous: umbra_proto::RendezvousId,
+    slot: u32,
+) -> Result<Option<Zeroizing<Vec<u8>>>> {
+    match ask_at_rendezvous(client, Request::RendezvousGet { rendezvous, slot }).await? {
+        Reply::RendezvousSlot { payload } => {
+            payload.map(|sealed| sealer.open(slot, &sealed)).transpose()
+        }
+        _ => Err(ClientError::Invalid(
+            "unexpected reply to RendezvousGet".into(),
+        )),
+    }
+}
+
+fn someone_else() -> ClientError {
+    ClientError::LinkFailed(
+        "someone else is using this link; start again from the existing device".into(),
+    )
 }
 
 fn expired() -> ClientError {

@@ -21,6 +21,9 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 /// Frames the server received or sent, in order.
 pub type Frames = Arc<Mutex<Vec<(Direction, Vec<u8>)>>>;
 
+/// What a test is shown of each frame (see [`TestServer::start_in_watched`]).
+pub type Watch = Arc<dyn Fn(Direction, &[u8]) + Send + Sync>;
+
 /// A server running on its own runtime and thread, so that a test can stop
 /// it cleanly and start it again on the same data. (A test that kills a
 /// server uses [`ServerProcess`]: a real process, really killed.)
@@ -58,6 +61,7 @@ impl TestServer {
             Arc::new(umbra_server::SystemClock),
             PushWindow::default(),
             Box::new(adjust),
+            None,
         )
         .await;
         server._dir = Some(dir);
@@ -82,6 +86,7 @@ impl TestServer {
             Arc::new(clock),
             PushWindow::default(),
             Box::new(adjust),
+            None,
         )
         .await;
         server._dir = Some(dir);
@@ -91,6 +96,20 @@ impl TestServer {
     /// Starts a server on `data` (initialised if new) at `address`.
     pub async fn start_in(data: &Path, address: SocketAddr) -> TestServer {
         TestServer::start_with_window(data, address, PushWindow::default()).await
+    }
+
+    /// Starts a server on `data` at `address` that shows `watch` every
+    /// frame it receives or sends, as it comes and before it is acted on.
+    pub async fn start_in_watched(data: &Path, address: SocketAddr, watch: Watch) -> TestServer {
+        TestServer::start_full(
+            data,
+            address,
+            Arc::new(umbra_server::SystemClock),
+            PushWindow::default(),
+            Box::new(|_| {}),
+            Some(watch),
+        )
+        .await
     }
 
     /// Starts a server on `data` at `address` with this push window
@@ -106,6 +125,7 @@ impl TestServer {
             Arc::new(umbra_server::SystemClock),
             window,
             Box::new(|_| {}),
+            None,
         )
         .await
     }
@@ -116,6 +136,7 @@ impl TestServer {
         clock: Arc<dyn umbra_server::Clock>,
         push_window: PushWindow,
         adjust: Box<dyn FnOnce(&mut Config) + Send>,
+        watch: Option<Watch>,
     ) -> TestServer {
         umbra_server::init(data, "127.0.0.1:0").unwrap();
         let mut config = Config::load(data).unwrap();
@@ -135,6 +156,9 @@ impl TestServer {
         let tap_frames = Arc::clone(&frames);
         let options = ServerOptions {
             tap: Some(Arc::new(move |direction, bytes: &[u8]| {
+                if let Some(watch) = &watch {
+                    watch(direction, bytes);
+                }
                 tap_frames.lock().unwrap().push((direction, bytes.to_vec()));
             })),
             clock,

@@ -18,8 +18,10 @@
 //! (`umbra_client::pairing`); NATS sees their sizes and timing, and the
 //! sealed bytes of what is forwarded.
 //!
-//! NATS away or the holder stopped: the rendezvous is unknown to the other
-//! nodes (`SERVER_BUSY` while NATS is away), as one lost to a restart.
+//! NATS away: the other nodes answer `SERVER_BUSY`, and find the
+//! rendezvous once NATS is back (one opened meanwhile too). The holder
+//! stopped: the rendezvous is unknown to the other nodes, as one lost to a
+//! restart.
 //!
 //! ```text
 //! request := tag (32) opener_len (1) opener (the closing account's ID;
@@ -33,6 +35,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 use umbra_proto::clock::Clock;
 use umbra_proto::frame::ClientFrame;
@@ -86,21 +90,27 @@ fn split_tagged(message: &[u8]) -> Option<(&[u8], &[u8])> {
     message.split_at_checked(TAG_LEN)
 }
 
+/// Where a node's holders run: on its task tracker, until it stops.
+#[derive(Clone, Debug, Default)]
+pub struct Holders {
+    pub tasks: TaskTracker,
+    pub stop: CancellationToken,
+}
+
 /// Answers for rendezvous `id` on NATS until it is gone from `rendezvous`
-/// (closed, replaced, expired), its time is up, or NATS ends the
-/// subscription. Returns once a request through NATS reaches it, or after
-/// [`HOLD_TIMEOUT`] at most; at once while NATS is away (this node alone
-/// serves it then).
+/// (closed, replaced, expired), its time is up, the node stops, or NATS
+/// ends the subscription. Returns once a request through NATS reaches it,
+/// or after [`HOLD_TIMEOUT`] at most; at once while NATS is away (the
+/// subscription waits for NATS, as the node's others do: the other nodes
+/// find the rendezvous once it is back).
 pub async fn hold(
     rendezvous: Arc<Rendezvous>,
     clock: Arc<dyn Clock>,
     cluster: Arc<Cluster>,
     keys: Arc<Keys>,
     id: RendezvousId,
+    holders: &Holders,
 ) {
-    if !cluster.connected() {
-        return;
-    }
     let gone = rendezvous.gone(&id);
     let held = tokio::time::timeout(HOLD_TIMEOUT, async {
         let mut subscriber = match cluster.listen(keys.subject(&id)).await {
@@ -111,36 +121,36 @@ pub async fn hold(
             }
         };
         let (serving, keys_serving) = (Arc::clone(&cluster), Arc::clone(&keys));
-        tokio::spawn(async move {
+        let stop = holders.stop.clone();
+        holders.tasks.spawn(async move {
             let expiry = tokio::time::sleep(Duration::from_secs(RENDEZVOUS_TTL_SECS));
             tokio::pin!(expiry);
-            // Every ask has an inbox of its own: one heard again is a copy
-            // (to read a slot again, or to be answered in bulk), not run.
-            let mut answered: std::collections::HashSet<String> = std::collections::HashSet::new();
-            while answered.len() < MAX_ANSWERED {
+            let mut answered = Answered::default();
+            while !answered.full() {
                 tokio::select! {
                     _ = gone.cancelled() => break,
+                    _ = stop.cancelled() => break,
                     _ = &mut expiry => break,
                     message = subscriber.next() => match message {
-                        Some(message) if message.reply.as_ref().is_some_and(|r| answered.contains(r.as_str())) => {
-                            debug!("a rendezvous request heard again: not run");
-                        }
-                        Some(message) => {
-                            let answer = answer(&rendezvous, clock.as_ref(), &keys_serving, &id, message);
-                            if let Some((reply, answer)) = answer {
-                                answered.insert(reply.to_string());
+                        Some(message) => match answered.hear(&rendezvous, clock.as_ref(), &keys_serving, &id, message) {
+                            Heard::Answer(reply, answer) => {
                                 let _ = tokio::time::timeout(ASK_TIMEOUT, serving.reply(reply, answer)).await;
                             }
-                        }
+                            Heard::Again => debug!("a rendezvous request heard again: not run"),
+                            Heard::Ignored => {}
+                        },
                         None => break,
                     },
                 }
             }
-            if answered.len() >= MAX_ANSWERED {
+            if answered.full() {
                 warn!("a rendezvous was asked about too often: served by this node only from now");
             }
             let _ = subscriber.unsubscribe().await;
         });
+        if !cluster.connected() {
+            return;
+        }
         // Asks itself through NATS, as another node would: once that is
         // answered, so is a device that comes through another node.
         let probe = Request::RendezvousGet {
@@ -157,6 +167,54 @@ pub async fn hold(
     .await;
     if held.is_err() {
         warn!("NATS did not route to a rendezvous in time: other nodes may not find it yet");
+    }
+}
+
+/// What a holder makes of a request heard on NATS.
+#[derive(Debug)]
+enum Heard {
+    /// Run: the answer, and where it goes.
+    Answer(async_nats::Subject, Vec<u8>),
+    /// Heard before on the same inbox: a copy (to read a slot again, or
+    /// to be answered in bulk), not run.
+    Again,
+    /// Not the cluster's, or not a request a holder runs.
+    Ignored,
+}
+
+/// The inboxes a holder answered for one rendezvous: every ask has one of
+/// its own, so a request heard again on one is not run again.
+#[derive(Debug, Default)]
+struct Answered(std::collections::HashSet<String>);
+
+impl Answered {
+    fn hear(
+        &mut self,
+        rendezvous: &Rendezvous,
+        clock: &dyn Clock,
+        keys: &Keys,
+        id: &RendezvousId,
+        message: async_nats::Message,
+    ) -> Heard {
+        if message
+            .reply
+            .as_ref()
+            .is_some_and(|reply| self.0.contains(reply.as_str()))
+        {
+            return Heard::Again;
+        }
+        match answer(rendezvous, clock, keys, id, message) {
+            Some((reply, answer)) => {
+                self.0.insert(reply.to_string());
+                Heard::Answer(reply, answer)
+            }
+            None => Heard::Ignored,
+        }
+    }
+
+    /// Whether it answered [`MAX_ANSWERED`] requests: the holder stops.
+    fn full(&self) -> bool {
+        self.0.len() >= MAX_ANSWERED
     }
 }
 
@@ -442,6 +500,48 @@ mod tests {
         assert_eq!(by_alice, Some(Ok(Reply::Done)));
         assert!(!holder.holds(&id, 100));
         assert!(gone.is_cancelled(), "what answers for it on NATS stops");
+    }
+
+    #[test]
+    fn a_request_heard_again_on_its_inbox_is_not_run_again() {
+        let holder = Rendezvous::new(1 << 20);
+        let (id, _) = holder
+            .open(&alice(), 100)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let keys = Keys::new(&[1; 16]);
+        let get = |inbox: &str| {
+            let request = Request::RendezvousGet {
+                rendezvous: id,
+                slot: 3,
+            };
+            let (_, message) =
+                request_message(&keys, inbox, request, None).unwrap_or_else(|| panic!("a get"));
+            heard(message, inbox)
+        };
+        let mut answered = Answered::default();
+        let hear =
+            |answered: &mut Answered, message| answered.hear(&holder, &Fixed, &keys, &id, message);
+        assert!(
+            matches!(hear(&mut answered, get("_INBOX.a")), Heard::Answer(reply, _) if reply.as_str() == "_INBOX.a")
+        );
+        assert!(
+            matches!(hear(&mut answered, get("_INBOX.a")), Heard::Again),
+            "a copy is not run"
+        );
+        assert!(
+            matches!(hear(&mut answered, get("_INBOX.b")), Heard::Answer(..)),
+            "a new ask is"
+        );
+        // Past the most it remembers, the holder stops (its node alone
+        // serves the rendezvous).
+        for n in 2..MAX_ANSWERED {
+            assert!(!answered.full());
+            assert!(matches!(
+                hear(&mut answered, get(&format!("_INBOX.{n}"))),
+                Heard::Answer(..)
+            ));
+        }
+        assert!(answered.full());
     }
 
     #[test]
